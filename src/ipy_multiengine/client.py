@@ -78,8 +78,13 @@ class MultiEngineClient:
             engines = {e["id"]: e["connection"] for e in spec["engines"]}
             _controller = Controller(engines, liveness_probes(spec), timeout=timeout)
             self.cluster_file = str(path)
+            self._meta = {e["id"]: {"group": e.get("group", e.get("kernel_name")), "kernel_name": e.get("kernel_name"),
+                                    "pid": e.get("pid"), "host": e.get("host", spec.get("host"))}
+                          for e in spec["engines"]}
         else:
             self.cluster_file = getattr(_cluster, "cluster_file", None)
+            meta = getattr(_cluster, "engine_meta", None)
+            self._meta = meta() if callable(meta) else {}
         self._controller = _controller
         self._block = True
         self._targets: str | int | list[int] = "all"
@@ -93,13 +98,19 @@ class MultiEngineClient:
 
     @property
     def engines(self) -> list[dict]:
-        """One dict per engine: id, language, pid, host, state."""
-        out = []
+        """One dict per engine: id, group, kernelspec, language, version, host, pid, state, dead."""
+        from .status import engine_rows
+
+        return engine_rows(self)
+
+    @property
+    def groups(self) -> dict[str, list[int]]:
+        """Group name (the kernelspec an engine was started from) -> engine ids."""
+        out: dict[str, list[int]] = {}
         for eid in self._controller.ids:
-            conn = self._controller.engine(eid)
-            out.append({"id": eid, "language": conn.language, "state": conn.state,
-                        "pid": conn.engine_info.get("pid"), "host": conn.engine_info.get("host"),
-                        "dead": conn.dead})
+            group = (self._meta.get(eid) or {}).get("group")
+            if group:
+                out.setdefault(group, []).append(eid)
         return out
 
     @property
@@ -125,18 +136,26 @@ class MultiEngineClient:
         ids = self._controller.ids
         if targets is None:
             targets = self._targets
+        groups = self.groups
         if isinstance(targets, str):
             if targets == "all":
                 return list(ids)
-            raise ValueError(f"targets must be 'all', an engine id or a list of ids, not {targets!r}; "
+            if targets in groups:
+                return list(groups[targets])
+            names = f"'all', a group name ({', '.join(map(repr, groups))})" if groups else "'all'"
+            raise ValueError(f"targets must be {names}, an engine id or a list of ids, not {targets!r}; "
                              f"valid ids: {ids}")
         if isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
             chosen = [int(targets)]
         elif isinstance(targets, (list, tuple, range)):
             chosen = []
             for t in targets:
+                if isinstance(t, str) and t in groups:
+                    chosen.extend(groups[t])
+                    continue
                 if not isinstance(t, numbers.Integral) or isinstance(t, bool):
-                    raise TypeError(f"engine ids must be ints, not {t!r} ({type(t).__name__}); valid ids: {ids}")
+                    raise TypeError(f"engine ids must be ints or group names, not {t!r} ({type(t).__name__}); "
+                                    f"valid ids: {ids}, groups: {list(groups)}")
                 chosen.append(int(t))
             if not chosen:
                 raise ValueError(f"targets is an empty list; valid ids: {ids}")

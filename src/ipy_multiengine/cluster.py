@@ -197,11 +197,19 @@ class Cluster:
         startup_timeout: float = 60.0,
         env: dict[str, str] | None = None,
         write_file: bool = True,
+        engines: dict[str, int] | None = None,
     ) -> None:
+        # engines={'python3': 2, 'bash': 3}: engines from several kernelspecs, ids in that order;
+        # each kernelspec name is also a group name usable as targets
+        if engines is not None:
+            kernel_names = _engine_groups(engines)
+            n = len(kernel_names)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive int, not {n!r}")
         self.n = n
         self.kernel_name = kernel_name
+        #: engine id -> kernelspec name (= its group)
+        self.kernel_names: dict[int, str] = kernel_names if engines is not None else dict.fromkeys(range(n), kernel_name)
         self.profile = profile
         self.startup_timeout = startup_timeout
         self.env = env
@@ -265,7 +273,7 @@ class Cluster:
         directory = cluster_dir()
         tag = f"{self.profile}-{os.getpid()}"
         for eid in range(self.n):
-            km = AsyncKernelManager(kernel_name=self.kernel_name,
+            km = AsyncKernelManager(kernel_name=self.kernel_names[eid],
                                     connection_file=str(directory / f"engine-{tag}-{eid}.json"))
             km.session.key = self._key.encode()
             km.shutdown_wait_time = 3.0
@@ -273,7 +281,7 @@ class Cluster:
         logs = {eid: open(directory / f"engine-{tag}-{eid}.log", "wb") for eid in self.managers}
         try:
             results = await asyncio.gather(
-                *(km.start_kernel(extra_arguments=KERNEL_ARGS, env=env, stdout=logs[eid], stderr=logs[eid])
+                *(km.start_kernel(extra_arguments=_kernel_args(km), env=env, stdout=logs[eid], stderr=logs[eid])
                   for eid, km in self.managers.items()),
                 return_exceptions=True,
             )
@@ -285,7 +293,7 @@ class Cluster:
                 from jupyter_client.kernelspec import KernelSpecManager
 
                 names = sorted(KernelSpecManager().find_kernel_specs())
-                raise ValueError(f"no kernelspec named {self.kernel_name!r}; available: {names}") from None
+                raise ValueError(f"no kernelspec named {self.kernel_names[eid]!r}; available: {names}") from None
             if isinstance(res, BaseException):
                 raise EngineError(f"engine {eid} failed to start: {res}\n{self._log_tail(eid)}", eid) from res
         # an engine that dies while we wait for it: report its own stderr
@@ -294,6 +302,14 @@ class Cluster:
             reason = self._probe(eid)()
             if reason:
                 raise EngineError(f"engine {eid} {reason} during startup; its output:\n{self._log_tail(eid)}", eid)
+
+    def engine_meta(self) -> dict[int, dict]:
+        """Per engine id: group, kernel_name, pid and host, as far as this cluster knows them."""
+        host = socket.gethostname()
+        return {eid: {"group": self.kernel_names.get(eid, self.kernel_name),
+                      "kernel_name": self.kernel_names.get(eid, self.kernel_name),
+                      "pid": getattr(km.provisioner, "pid", None), "host": host}
+                for eid, km in self.managers.items()}
 
     def log_file(self, eid: int) -> Path:
         return cluster_dir() / f"engine-{self.profile}-{os.getpid()}-{eid}.log"
@@ -310,7 +326,8 @@ class Cluster:
             "profile": self.profile, "owner_pid": os.getpid(), "host": host, "created": time.time(),
             "engines": [
                 {"id": eid, "pid": getattr(km.provisioner, "pid", None), "host": host,
-                 "kernel_name": self.kernel_name, "connection": engines[eid],
+                 "kernel_name": self.kernel_names[eid], "group": self.kernel_names[eid],
+                 "connection": engines[eid],
                  "connection_file": km.connection_file, "log_file": str(self.log_file(eid))}
                 for eid, km in self.managers.items()
             ],
@@ -342,6 +359,30 @@ class Cluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _engine_groups(engines: Any) -> dict[int, str]:
+    """``{'python3': 2, 'bash': 1}`` -> ``{0: 'python3', 1: 'python3', 2: 'bash'}`` (checked)."""
+    if not isinstance(engines, dict) or not engines:
+        raise ValueError(f"engines must be a non-empty dict of kernelspec name to count, not {engines!r}")
+    out: dict[int, str] = {}
+    for name, count in engines.items():
+        if not isinstance(name, str) or not name or name == "all":
+            raise ValueError(f"invalid kernelspec/group name {name!r} in engines")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"engines[{name!r}] must be a positive int, not {count!r}")
+        for _ in range(count):
+            out[len(out)] = name
+    return out
+
+
+def _kernel_args(km: AsyncKernelManager) -> list[str]:
+    """``KERNEL_ARGS`` for ipykernel-based kernels only (others may reject unknown options)."""
+    try:
+        argv = " ".join(km.kernel_spec.argv)
+    except Exception:
+        return []
+    return list(KERNEL_ARGS) if ("ipykernel" in argv or "bash_kernel" in argv) else []
 
 
 def _stop_managers(managers: dict[int, AsyncKernelManager], extra_files: list[Path]) -> None:
