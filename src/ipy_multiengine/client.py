@@ -10,9 +10,10 @@ import concurrent.futures as cf
 import numbers
 import os
 import sys
+import time
 from typing import Any, Callable, Iterable, Sequence
 
-from . import partition, serialize
+from . import partition, serialize, stdin
 from .controller import CommReply, Controller, Listener
 from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client import CompositeError`)
     CompositeError,
@@ -197,7 +198,7 @@ class MultiEngineClient:
         if after is None:
             return
         first = after if timeout is None else min(after, timeout)
-        done, todo = cf.wait(pr.futures, timeout=first)
+        done, todo = stdin.wait(pr.futures, timeout=first)
         if not todo or not _interactive() or (timeout is not None and timeout <= after):
             return
         from tqdm.auto import tqdm
@@ -205,11 +206,13 @@ class MultiEngineClient:
         left = None if timeout is None else max(timeout - after, 0)
         with tqdm(total=len(pr.futures), desc=pr.method, unit="engine", leave=False) as bar:
             bar.update(len(done))
-            try:
-                for _ in cf.as_completed(todo, timeout=left):
-                    bar.update(1)
-            except cf.TimeoutError:
-                pass
+            deadline = None if left is None else time.monotonic() + left
+            while todo:  # stdin.wait, not as_completed: engines may ask for input meanwhile
+                rest = None if deadline is None else deadline - time.monotonic()
+                if rest is not None and rest <= 0:
+                    break
+                finished, todo = stdin.wait(todo, timeout=rest, return_when=cf.FIRST_COMPLETED)
+                bar.update(len(finished))
 
     # ------------------------------------------------------------------ running code
     def execute(self, code: str, targets: Any = None, block: bool | None = None,
@@ -355,6 +358,28 @@ class MultiEngineClient:
             return ParallelFunction(Mapper(self, targets, block), f)
 
         return decorate
+
+    # ------------------------------------------------------------------ inspecting engines
+    def status(self, live: bool = False, interval: float = 1.0) -> Any:
+        """A table of the engines: id, group, host, pid, idle/busy/dead, what runs and for how
+        long, queued requests, RSS and CPU. Text in a terminal, HTML in a notebook; ``live=True``
+        in a notebook keeps it updated in place until ``.stop()`` (see ``status.py``)."""
+        from . import status
+
+        return status.show(self, live=live, interval=interval)
+
+    def pull_table(self, names: str | Sequence[str], targets: Any = None, timeout: float | None = None) -> Any:
+        """``names`` on each engine as a table indexed by engine id (pandas DataFrame if available,
+        else a list of dicts). Default targets skip engines without data operations."""
+        from . import compare
+
+        return compare.pull_table(self, names, targets=targets, timeout=timeout)
+
+    def diff(self, name: str, targets: Any = None, timeout: float | None = None) -> Any:
+        """Which engines hold differing values of ``name`` (what ``%pxdiff`` shows)."""
+        from . import compare
+
+        return compare.diff(self, name, targets=targets, timeout=timeout)
 
     # ------------------------------------------------------------------ control
     def barrier(self, pending_results: Iterable[PendingResult], timeout: float | None = None) -> None:

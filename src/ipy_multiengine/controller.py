@@ -160,7 +160,8 @@ class Controller:
 
     async def _connect(self, conn: EngineConn, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        for channel, kind in (("iopub", zmq.SUB), ("shell", zmq.DEALER), ("control", zmq.DEALER)):
+        for channel, kind in (("iopub", zmq.SUB), ("shell", zmq.DEALER), ("control", zmq.DEALER),
+                              ("stdin", zmq.DEALER)):
             sock = self._socket(conn, channel, kind)
             conn.tasks.append(asyncio.ensure_future(self._reader(conn, channel, sock)))
         # The SUB socket misses messages until its subscription reaches the kernel: ask for
@@ -276,6 +277,10 @@ class Controller:
         mtype = msg["msg_type"]
         content = msg["content"]
         parent = msg["parent_header"].get("msg_id", "")
+        if channel == "stdin":
+            if mtype == "input_request":
+                self._on_input_request(conn, msg)
+            return
         if channel != "iopub":
             req = conn.requests.get(parent)
             if req is not None:
@@ -295,6 +300,9 @@ class Controller:
             if state in ("busy", "idle") and not conn.dead:
                 conn.state = state
                 conn.busy_since = time.monotonic() if state == "busy" else None
+                busy_with = conn.requests.get(parent) if state == "busy" else None
+                conn.running = (busy_with.code or busy_with.op or busy_with.kind) if busy_with else (
+                    "(a request from another client)" if state == "busy" else "")
             req = conn.requests.get(parent)
             if req is not None and state == "idle":
                 req.idle = True
@@ -348,6 +356,26 @@ class Controller:
             self._finish(conn, req, exc=RemoteError(
                 content.get("ename", "Error"), content.get("evalue", ""), content.get("traceback", []),
                 conn.eid, "execute", result=result))
+
+    def _on_input_request(self, conn: EngineConn, msg: dict) -> None:
+        """An engine asks for input: hand it to the user's waiting thread (see ``stdin.py``)."""
+        from . import stdin
+
+        req = conn.requests.get(msg["parent_header"].get("msg_id", ""))
+        header = msg["header"]
+
+        def reply(value: str) -> None:
+            def send() -> None:
+                if "stdin" in conn.sockets and not conn.dead:
+                    self._send(conn, "stdin", conn.session.msg("input_reply", {"value": value}, parent=header))
+            _loop.call_soon(send)
+
+        item = stdin.InputRequest(
+            eid=conn.eid, prompt=str(msg["content"].get("prompt", "")),
+            password=bool(msg["content"].get("password")), reply=reply,
+            interrupt=lambda: self.interrupt([conn.eid]), request=req)
+        # the engine flushed its output to IOPub just before asking: let that arrive first
+        asyncio.get_running_loop().call_later(0.02, stdin.post, item)
 
     def _idle_overdue(self, conn: EngineConn, req: Request) -> None:
         if conn.requests.get(req.msg_id) is req and not req.idle:
@@ -443,10 +471,13 @@ class Controller:
         return self._engines[eid].dead
 
     def submit_execute(self, eids: list[int], code: str, listener: Listener | None = None,
-                       silent: bool = False) -> list[Future]:
-        """Send ``code`` to each engine; one Future per engine resolving to a result dict."""
+                       silent: bool = False, allow_stdin: bool = True) -> list[Future]:
+        """Send ``code`` to each engine; one Future per engine resolving to a result dict.
+
+        With ``allow_stdin``, ``input()``/``getpass()`` on an engine ask the user (``stdin.py``).
+        """
         content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
-                   "allow_stdin": False, "stop_on_error": False}
+                   "allow_stdin": allow_stdin, "stop_on_error": False}
         batch = []
         for eid in eids:
             conn = self._engines[eid]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 from typing import Any, Callable
 
+from . import stdin
 from .errors import CompositeError, EngineError, MultiEngineError, RemoteError, TimeoutError
 
 _UNSET = object()
@@ -75,7 +76,7 @@ class PendingResult:
         try:
             if self._progress is not None and not self.ready():
                 self._progress(self, timeout)
-            done, not_done = cf.wait(self.futures, timeout=timeout)
+            done, not_done = stdin.wait(self.futures, timeout=timeout)  # answers engines' input()
         except KeyboardInterrupt:
             running = [e for e, f in zip(self.eids, self.futures) if not f.done()]
             if self._on_interrupt is not None and running:

@@ -1,0 +1,157 @@
+"""Forwarding ``input()``/``getpass()`` (and debugger prompts) from engines to the user.
+
+Engines run their code with ``allow_stdin=True``; an engine that calls ``input(prompt)`` sends an
+``input_request`` on its stdin channel. The controller's loop thread cannot ask the user itself
+(it must keep routing messages, and in a notebook only the kernel's main thread may ask the
+frontend), so it *posts* an ``InputRequest`` to a process-wide mailbox. Whichever user thread
+is waiting for results (``PendingResult.wait`` uses ``wait`` below) takes items from the
+mailbox one at a time, asks the user with the engine id in front of the prompt
+(``[3] name? ``) through the ordinary ``input``/``getpass`` of that process (so it works the
+same in a terminal, in a notebook through the kernel's own stdin channel, and under pexpect),
+and sends the answer back as an ``input_reply``.
+
+Consequences worth knowing:
+
+- One prompt at a time, even when several engines ask at once; they are answered in order.
+- An engine waiting for input waits until someone waits for a result (``get_result``,
+  ``barrier``, a blocking call); ``mec.interrupt()`` releases it.
+- End of input locally (Ctrl-D, a closed stdin) makes ``input()`` raise ``EOFError`` on the
+  engine; Ctrl-C at the prompt interrupts that engine and is re-raised here.
+
+The mailbox also carries plain callables (``post(fn)``) so that other parts, e.g. live output
+of ``%pxdebug``, can run in the user's thread in order with the prompts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import getpass
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+__all__ = ["InputRequest", "post", "wait", "serve_pending"]
+
+_lock = threading.Lock()
+_items: deque = deque()
+_wake: cf.Future = cf.Future()
+_serving = threading.Lock()
+
+
+@dataclass
+class InputRequest:
+    """An engine waiting for a line of input."""
+
+    eid: int
+    prompt: str
+    password: bool
+    reply: Callable[[str], None]
+    interrupt: Callable[[], None]
+    request: Any = None  # the controller's Request that asked, when known
+    posted: float = field(default_factory=time.monotonic)
+
+    @property
+    def stale(self) -> bool:
+        """True when the request that asked has finished meanwhile (engine died, interrupted)."""
+        fut = getattr(self.request, "future", None)
+        return fut is not None and fut.done()
+
+    def pending_output(self) -> str:
+        """Output of the asking request not shown yet (shown before the prompt, for context)."""
+        req = self.request
+        if req is None or getattr(req, "listener", None) is not None:
+            return ""  # someone already shows this request's output live
+        text = "".join(req.stdout) + "".join(req.stderr)
+        shown = getattr(req, "_stdin_shown", 0)
+        req._stdin_shown = len(text)
+        return text[shown:]
+
+
+def post(item: Any) -> None:
+    """Queue an ``InputRequest`` or a callable for the next waiting user thread (any thread)."""
+    global _wake
+    with _lock:
+        _items.append(item)
+        wake, _wake = _wake, cf.Future()
+    wake.set_result(None)
+
+
+def _next() -> Any:
+    with _lock:
+        return _items.popleft() if _items else None
+
+
+def _wake_future() -> cf.Future:
+    with _lock:
+        if _items and not _serving.locked():
+            return _done_future()  # posted after our last look: serve it now
+        return _wake
+
+
+def _done_future() -> cf.Future:
+    f: cf.Future = cf.Future()
+    f.set_result(None)
+    return f
+
+
+def serve_pending() -> None:
+    """Answer every queued item now, in this thread (a no-op if another thread is serving)."""
+    if not _serving.acquire(blocking=False):
+        return
+    try:
+        while True:
+            item = _next()
+            if item is None:
+                return
+            _serve(item)
+    finally:
+        _serving.release()
+
+
+def _serve(item: Any) -> None:
+    if not isinstance(item, InputRequest):
+        item()
+        return
+    if item.stale:
+        return
+    before = item.pending_output()
+    if before:
+        prefix = f"[{item.eid}] "
+        sys.stdout.write("".join(prefix + line for line in before.splitlines(True)))
+        if not before.endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+    prompt = f"[{item.eid}] {item.prompt}"
+    try:
+        value = getpass.getpass(prompt) if item.password else input(prompt)
+    except EOFError:
+        value = "\x04"  # ipykernel raises EOFError in the engine for this value
+    except KeyboardInterrupt:
+        item.interrupt()
+        raise
+    except Exception as exc:  # e.g. StdinNotImplementedError in a frontend without stdin
+        print(f"[{item.eid}] cannot ask for input here ({type(exc).__name__}: {exc}); "
+              "the engine gets end-of-file", file=sys.stderr)
+        value = "\x04"
+    item.reply(value)
+
+
+def wait(futures: Iterable[cf.Future], timeout: float | None = None,
+         return_when: str = cf.ALL_COMPLETED) -> tuple[set, set]:
+    """``concurrent.futures.wait`` that answers engines' input requests while it waits."""
+    futures = list(futures)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        serve_pending()
+        done = {f for f in futures if f.done()}
+        not_done = set(futures) - done
+        if not not_done or (return_when == cf.FIRST_COMPLETED and done):
+            return done, not_done
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return done, not_done
+        wake = _wake_future()
+        cf.wait(list(not_done) + [wake], timeout=left, return_when=cf.FIRST_COMPLETED)
