@@ -26,6 +26,29 @@ def register() -> None:
     """Register the comm target on the running kernel (idempotent)."""
     ip = get_ipython()
     ip.kernel.comm_manager.register_target(TARGET, _on_open)
+    if getattr(sys.breakpointhook, "__name__", "") != "_breakpointhook":
+        _original_hook[0] = sys.breakpointhook
+        sys.breakpointhook = _breakpointhook
+
+
+_original_hook: list = [None]
+
+
+def _breakpointhook(*args: Any, **kwargs: Any) -> Any:
+    """``breakpoint()`` on an engine: IPython's debugger over the stdin channel, so the prompt
+    reaches whoever runs the cell (ipykernel leaves debugpy's hook, which does nothing unless a
+    debug adapter client is attached; then that hook is used)."""
+    __tracebackhide__ = True  # noqa: F841  (IPython's debugger then does not stop in this frame)
+    try:
+        import debugpy
+
+        if debugpy.is_client_connected():
+            return _original_hook[0](*args, **kwargs)
+    except Exception:
+        pass
+    from IPython.core.debugger import Pdb
+
+    Pdb().set_trace(sys._getframe(1))
 
 
 def _namespace() -> dict:
