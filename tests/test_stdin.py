@@ -1,0 +1,224 @@
+"""input()/getpass() and debuggers on engines, answered by the user (issue 8).
+
+A real terminal ``ipython`` driven by pexpect starts two engines and runs code on them that asks
+for input; the prompts arrive prefixed with the engine id and the answers reach the engines. The
+same through a notebook kernel run by nbclient with ``allow_stdin`` and a scripted reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+from beyond_helpers import assert_gone  # noqa: E402
+
+pytestmark = pytest.mark.timeout(90)
+
+PROMPT = r"In \[(\d+)\]: "
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class Term:
+    """A terminal IPython session with two engines and the %px tools loaded."""
+
+    def __init__(self, tmp: Path) -> None:
+        env = dict(os.environ, TERM="dumb", JUPYTER_RUNTIME_DIR=str(tmp / "runtime"))
+        self.child = pexpect.spawn(
+            sys.executable, ["-m", "IPython", "--simple-prompt", "--no-banner", "--colors=NoColor",
+                             "--HistoryManager.hist_file=:memory:", "--no-confirm-exit"],
+            env=env, encoding="utf-8", timeout=45, echo=False, dimensions=(50, 200))
+        self.log: list[str] = []
+        self.expect(PROMPT)
+        self.run("from ipy_multiengine import Cluster, magics_tools; cl = Cluster(n=2, profile='stdin-term'); "
+                 "mec = cl.start().activate(); magics_tools.register(get_ipython()); "
+                 "print('PIDS', [e['pid'] for e in mec.engines])")
+        self.pids = [int(p) for p in re.findall(r"\d+", self.text.split("PIDS", 1)[1].split("]")[0])]
+
+    def expect(self, pattern: str) -> str:
+        self.child.expect(pattern)
+        raw = self.child.before + (self.child.after if isinstance(self.child.after, str) else "")
+        self.text = ANSI.sub("", raw)  # engines colour their tracebacks and debugger listings
+        self.log.append(self.text)
+        return self.text
+
+    def send(self, line: str) -> None:
+        self.child.sendline(line)
+
+    def run(self, line: str) -> str:
+        """Run one line and return what it printed before the next prompt."""
+        self.send(line)
+        return self.expect(PROMPT)
+
+    def close(self) -> None:
+        if self.child.isalive():
+            try:
+                self.child.sendintr()  # leave a debugger or prompt a failed test may have left open
+                self.child.sendline("")
+                self.child.timeout = 20
+                self.run("cl.stop()")
+                self.send("exit")
+                self.child.expect(pexpect.EOF)
+            except pexpect.ExceptionPexpect:
+                pass  # the engines exit with their parent below
+            finally:
+                self.child.close(force=True)
+        assert_gone(self.pids)
+
+
+@pytest.fixture(scope="module")
+def term(tmp_path_factory):
+    t = Term(tmp_path_factory.mktemp("term"))
+    yield t
+    t.close()
+
+
+def test_input_on_an_engine_is_asked_with_its_id(term):
+    term.send("mec.execute(\"print('before'); name = input('name? ')\", targets=1); mec.pull('name', targets=1)")
+    term.expect(r"\[1\] name\? ")
+    assert "[1] before" in term.text  # output so far is shown before the prompt
+    term.send("bob")
+    out = term.expect(PROMPT)
+    assert "['bob']" in out
+
+
+def test_getpass_on_an_engine_is_not_echoed(term):
+    term.child.setecho(False)
+    term.send("mec.execute(\"import getpass; pw = getpass.getpass('password: ')\", targets=0); "
+              "mec.pull('pw', targets=0)")
+    term.expect(r"\[0\] password: ")
+    term.send("s3cret")
+    out = term.expect(PROMPT)
+    assert "['s3cret']" in out
+    assert out.count("s3cret") == 1  # only the pulled value, never the typed text
+
+
+def test_engines_asking_together_are_asked_one_at_a_time(term):
+    term.send("mec.execute(\"v = input('value? ')\"); mec.pull('v')")
+    answered = []
+    for _ in range(2):
+        term.expect(r"\[(\d)\] value\? ")
+        eid = term.child.match.group(1)
+        answered.append(eid)
+        term.send(f"val{eid}")
+    out = term.expect(PROMPT)
+    assert sorted(answered) == ["0", "1"]
+    assert "['val0', 'val1']" in out
+
+
+def test_end_of_input_raises_eoferror_on_the_engine(term):
+    term.send("mec.execute(\"input('more? ')\", targets=0)")
+    term.expect(r"\[0\] more\? ")
+    term.child.sendeof()
+    out = term.expect(PROMPT)
+    assert "EOFError" in out and "CompositeError" in out
+
+
+def test_ctrl_c_at_a_prompt_interrupts_that_engine(term):
+    term.send("mec.execute(\"input('stuck? ')\", targets=1)")
+    term.expect(r"\[1\] stuck\? ")
+    term.child.sendintr()
+    out = term.expect(PROMPT)
+    assert "KeyboardInterrupt" in out
+    out = term.run("mec.execute('print(6 * 7)', targets=1)[0]['stdout']")
+    assert "'42\\n'" in out  # the engine is free again
+
+
+def test_pxdebug_post_mortem_on_an_engine(term):
+    term.run("mec.execute('def f(v):\\n    w = v * 2\\n    return 1 / (w - w)\\nf(21)', targets=0)")
+    term.send("%pxdebug 0")
+    term.expect(r"\[0\] ipdb> ")
+    assert "return 1 / (w - w)" in term.text
+    term.send("p w")
+    term.expect(r"\[0\] 42\s")
+    term.expect(r"\[0\] ipdb> ")
+    term.send("up")
+    term.expect(r"\[0\] ipdb> ")
+    assert "f(21)" in term.text
+    term.send("q")
+    term.expect(PROMPT)
+    out = term.run("mec.execute('print(\"alive\")', targets=0)[0]['stdout']")
+    assert "alive" in out
+
+
+def test_pxdebug_argument_errors(term):
+    out = term.run("%pxdebug 9")
+    assert "unknown engine id 9" in out
+    out = term.run("%pxdebug x")
+    assert "needs one engine id" in out
+
+
+def test_breakpoint_on_one_engine(term):
+    term.send("mec.execute('a = 5\\nbreakpoint()\\nb = a + 1', targets=0); mec.pull('b', targets=0)")
+    term.expect(r"\[0\] ipdb> ")
+    assert "breakpoint()" in term.text
+    term.send("!a = 10")
+    term.expect(r"\[0\] ipdb> ")
+    term.send("c")
+    out = term.expect(PROMPT)
+    assert "[11]" in out
+
+
+def test_breakpoint_under_px_cell_magic(term):
+    pytest.importorskip("ipy_multiengine.magics")
+    term.run("%load_ext ipy_multiengine")
+    term.send("get_ipython().run_cell_magic('px', '--targets 0', 'a = 1\\nbreakpoint()\\nb = a + 1')")
+    term.expect(r"\[0\] ipdb> ")
+    term.send("!a = 20")
+    term.expect(r"\[0\] ipdb> ")
+    term.send("c")
+    term.expect(PROMPT)
+    out = term.run("mec.pull('b', targets=0)")
+    assert "[21]" in out
+
+
+# ---------------------------------------------------------------------- through a notebook kernel
+def test_input_through_nbclient_with_a_scripted_reply(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+
+    class StdinClient(nbclient.NotebookClient):
+        """nbclient answering input requests from a script (nbclient itself disables stdin)."""
+
+        replies = ["scripted answer"]
+        prompts: list = []
+
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            kc.allow_stdin = True
+            self._stdin_task = asyncio.ensure_future(self._answer(kc))
+            return kc
+
+        async def _answer(self, kc):
+            while True:
+                msg = await kc.stdin_channel.get_msg()
+                if msg["msg_type"] == "input_request":
+                    self.prompts.append((msg["content"]["prompt"], msg["content"]["password"]))
+                    kc.input(self.replies.pop(0) if self.replies else "\x04")
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("from ipy_multiengine import Cluster\n"
+                                  "cl = Cluster(n=1, profile='stdin-nb')\nmec = cl.start()\n"
+                                  "pids = [e['pid'] for e in mec.engines]; print(pids)"),
+        nbformat.v4.new_code_cell("mec.execute(\"name = input('name? ')\")\nprint(mec.pull('name'))"),
+        nbformat.v4.new_code_cell("cl.stop()"),
+    ]
+    client = StdinClient(nb, timeout=60, kernel_name="python3",
+                         resources={"metadata": {"path": str(tmp_path)}})
+    try:
+        client.execute()
+    finally:
+        task = getattr(client, "_stdin_task", None)
+        if task is not None:
+            task.cancel()
+    pids = [int(p) for p in re.findall(r"\d+", nb.cells[0].outputs[0]["text"])]
+    assert StdinClient.prompts == [("[0] name? ", False)]
+    assert nb.cells[1].outputs[0]["text"] == "['scripted answer']\n"
+    assert_gone(pids)
