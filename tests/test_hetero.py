@@ -294,3 +294,25 @@ def test_magics_pxdiff_and_pxstatus(mec):
         ip.run_line_magic("pxdebug", "2")
     magics_tools.unregister(ip)
     assert "pxdiff" not in ip.magics_manager.magics["line"]
+
+
+def test_px_magics_on_bash_engines(mec, capsys):
+    """``%px uname -n; echo $RANDOM`` and ``%%px --targets bash`` (needs the magics branch)."""
+    pytest.importorskip("ipy_multiengine.magics")
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "ipy_multiengine")
+    mec.activate()
+    mec.targets = "bash"
+    try:
+        ip.run_line_magic("px", "uname -n; echo $RANDOM")
+        r = mec.get_result()
+        assert [x["id"] for x in r] == [2, 3, 4]
+        assert all(x["stdout"].split()[0] == socket.gethostname() for x in r)
+    finally:
+        mec.targets = "all"
+    ip.run_cell_magic("px", "--targets bash", "echo cell-$((6*7))")
+    r = mec.get_result()
+    assert [x["id"] for x in r] == [2, 3, 4] and all(x["stdout"] == "cell-42\n" for x in r)
+    assert "cell-42" in capsys.readouterr().out

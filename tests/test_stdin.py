@@ -186,7 +186,7 @@ def test_input_through_nbclient_with_a_scripted_reply(tmp_path):
     class StdinClient(nbclient.NotebookClient):
         """nbclient answering input requests from a script (nbclient itself disables stdin)."""
 
-        replies = ["scripted answer"]
+        replies = ["scripted answer", "p w", "q"]
         prompts: list = []
 
         async def async_start_new_kernel_client(self):
@@ -208,6 +208,11 @@ def test_input_through_nbclient_with_a_scripted_reply(tmp_path):
                                   "cl = Cluster(n=1, profile='stdin-nb')\nmec = cl.start()\n"
                                   "pids = [e['pid'] for e in mec.engines]; print(pids)"),
         nbformat.v4.new_code_cell("mec.execute(\"name = input('name? ')\")\nprint(mec.pull('name'))"),
+        nbformat.v4.new_code_cell("from ipy_multiengine import magics_tools, CompositeError\n"
+                                  "magics_tools.register(get_ipython()); mec.activate()\n"
+                                  "try:\n    mec.execute('w = 21 * 2\\n1 / (w - w)')\n"
+                                  "except CompositeError:\n    pass"),
+        nbformat.v4.new_code_cell("%pxdebug 0"),
         nbformat.v4.new_code_cell("cl.stop()"),
     ]
     client = StdinClient(nb, timeout=60, kernel_name="python3",
@@ -219,6 +224,30 @@ def test_input_through_nbclient_with_a_scripted_reply(tmp_path):
         if task is not None:
             task.cancel()
     pids = [int(p) for p in re.findall(r"\d+", nb.cells[0].outputs[0]["text"])]
-    assert StdinClient.prompts == [("[0] name? ", False)]
+    assert StdinClient.prompts == [("[0] name? ", False), ("[0] ipdb> ", False), ("[0] ipdb> ", False)]
     assert nb.cells[1].outputs[0]["text"] == "['scripted answer']\n"
+    debug_out = ANSI.sub("", "".join(o.get("text", "") for o in nb.cells[3].outputs))
+    assert "[0] ----> 2 1 / (w - w)" in debug_out and "[0] 42\n" in debug_out
+    assert_gone(pids)
+
+
+def test_input_in_a_notebook_without_stdin_gives_the_engine_eof(tmp_path):
+    """nbclient refuses stdin: the engine's input() gets EOFError and the user is told why."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("from ipy_multiengine import Cluster, CompositeError\n"
+                                  "cl = Cluster(n=1, profile='stdin-nb-none')\nmec = cl.start()\n"
+                                  "pids = [e['pid'] for e in mec.engines]; print(pids)"),
+        nbformat.v4.new_code_cell("try:\n    mec.execute(\"input('name? ')\")\n"
+                                  "except CompositeError as e:\n    print('ENGINE', e.elist[0].ename)"),
+        nbformat.v4.new_code_cell("cl.stop()"),
+    ]
+    nbclient.NotebookClient(nb, timeout=60, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    pids = [int(p) for p in re.findall(r"\d+", nb.cells[0].outputs[0]["text"])]
+    outs = nb.cells[1].outputs
+    assert any("cannot ask for input here" in o.get("text", "") for o in outs if o.get("name") == "stderr")
+    assert any(o.get("text") == "ENGINE EOFError\n" for o in outs)
     assert_gone(pids)
