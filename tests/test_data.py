@@ -260,3 +260,26 @@ def test_progress_off_when_not_interactive(mec, capsys):
     from ipy_multiengine import client as client_mod
 
     assert client_mod._interactive() is False  # pytest captures stderr: not a terminal
+
+
+def test_push_to_four_engines_does_not_copy_per_engine(tmp_path):
+    """Peak RSS of a fresh client process grows by far less than 4 x 100 MB when pushing 100 MB to 4."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, numpy as np\n"
+        "from ipy_multiengine import Cluster\n"
+        "with Cluster(n=4, profile='rss') as mec:\n"
+        "    a = np.ones(100_000_000 // 8)\n"
+        "    mec.execute('pass')\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "    mec.push({'a': a})\n"
+        "    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "    assert mec.apply(lambda: float(a.sum())) == [12_500_000.0] * 4\n"
+        "print((after - before) // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110)
+    assert out.returncode == 0, out.stderr
+    grew_mb = int(out.stdout.strip())
+    assert grew_mb < 100, f"client peak RSS grew by {grew_mb} MB while pushing 100 MB to 4 engines"
