@@ -10,9 +10,10 @@ import concurrent.futures as cf
 import numbers
 import os
 import sys
+import time
 from typing import Any, Callable, Iterable, Sequence
 
-from . import partition, serialize
+from . import _loop, partition, serialize
 from .controller import CommReply, Controller, Listener
 from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client import CompositeError`)
     CompositeError,
@@ -178,19 +179,24 @@ class MultiEngineClient:
         if after is None:
             return
         first = after if timeout is None else min(after, timeout)
-        done, todo = cf.wait(pr.futures, timeout=first)
-        if not todo or not _interactive() or (timeout is not None and timeout <= after):
+        _loop.wait(pr.futures, first)
+        done = sum(f.done() for f in pr.futures)
+        if done == len(pr.futures) or not _interactive() or (timeout is not None and timeout <= after):
             return
         from tqdm.auto import tqdm
 
-        left = None if timeout is None else max(timeout - after, 0)
+        deadline = None if timeout is None else time.monotonic() + max(timeout - after, 0)
         with tqdm(total=len(pr.futures), desc=pr.method, unit="engine", leave=False) as bar:
-            bar.update(len(done))
-            try:
-                for _ in cf.as_completed(todo, timeout=left):
-                    bar.update(1)
-            except cf.TimeoutError:
-                pass
+            bar.update(done)
+            while done < len(pr.futures):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                step = _loop.WAIT_SLICE if left is None else min(_loop.WAIT_SLICE, left)
+                cf.wait([f for f in pr.futures if not f.done()], step, return_when=cf.FIRST_COMPLETED)
+                now = sum(f.done() for f in pr.futures)
+                bar.update(now - done)
+                done = now
 
     # ------------------------------------------------------------------ running code
     def execute(self, code: str, targets: Any = None, block: bool | None = None,

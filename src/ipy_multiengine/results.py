@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 from typing import Any, Callable
 
+from . import _loop
 from .errors import CompositeError, EngineError, MultiEngineError, RemoteError, TimeoutError
 
 _UNSET = object()
@@ -75,13 +76,12 @@ class PendingResult:
         try:
             if self._progress is not None and not self.ready():
                 self._progress(self, timeout)
-            done, not_done = cf.wait(self.futures, timeout=timeout)
+            return _loop.wait(self.futures, timeout)
         except KeyboardInterrupt:
             running = [e for e, f in zip(self.eids, self.futures) if not f.done()]
             if self._on_interrupt is not None and running:
                 self._on_interrupt(running)
             raise
-        return not not_done
 
     def get_result(self, default: Any = None, block: bool = True, timeout: float | None = None) -> Any:
         """The combined result; raises ``CompositeError`` if any engine failed."""
