@@ -88,9 +88,12 @@ class MultiEngineClient:
         self.closed = False
 
     # ------------------------------------------------------------------ defaults and checks
-    def get_ids(self) -> list[int]:
-        """The ids of the engines, in order (dead ones included; see ``engines``)."""
-        return self._controller.ids
+    def get_ids(self) -> "EngineIds":
+        """The ids of the engines, in order; dead ones are included and flagged in the repr
+        (``[0, 1, 2, 3] (dead: 2 was killed by signal SIGKILL)``) and in ``.dead``."""
+        ids = EngineIds(self._controller.ids)
+        ids.dead = {e: self._controller.dead(e) for e in ids if self._controller.dead(e)}
+        return ids
 
     @property
     def engines(self) -> list[dict]:
@@ -100,7 +103,9 @@ class MultiEngineClient:
             conn = self._controller.engine(eid)
             out.append({"id": eid, "language": conn.language, "state": conn.state,
                         "pid": conn.engine_info.get("pid"), "host": conn.engine_info.get("host"),
-                        "dead": conn.dead})
+                        "dead": conn.dead, "ready": conn.ready,
+                        "encrypted": bool(conn.info.get("curve_publickey")),
+                        "watched_by": "heartbeat" if conn.heartbeat else ("process" if conn.liveness else None)})
         return out
 
     @property
@@ -158,15 +163,17 @@ class MultiEngineClient:
         if block is not None and not isinstance(block, bool):
             raise TypeError(f"block must be True, False or None, not {block!r}")
         eids = self._resolve_targets(targets)
-        dead = [f"{e} ({self._controller.dead(e)})" for e in eids if self._controller.dead(e)]
-        if dead:
-            raise EngineError(f"cannot send to dead engine{'s' if len(dead) > 1 else ''} {', '.join(dead)}; "
-                              "restart it or choose other targets")
+        bad = [(e, self._controller.unavailable(e)) for e in eids]
+        bad = [(e, why) for e, why in bad if why]
+        if bad:
+            what = "; ".join(f"engine {e} {why}" for e, why in bad)
+            raise EngineError(f"{what}: restart it with mec.restart({bad[0][0] if len(bad) == 1 else [e for e, _ in bad]}) "
+                              "or choose other targets", bad[0][0])
         return eids, self._block if block is None else block
 
     def _pending(self, futures: list[cf.Future], eids: list[int], method: str,
                  finish: Callable[[list[Any]], Any], progress: bool = False) -> PendingResult:
-        pr = PendingResult(futures, eids, method, finish, on_interrupt=self._controller.interrupt,
+        pr = PendingResult(futures, eids, method, finish, on_interrupt=self._interrupt_eids,
                            progress=self._show_progress if progress else None)
         self._last = pr
         return pr
@@ -353,7 +360,7 @@ class MultiEngineClient:
         futures = [f for pr in prs for f in pr.futures]
         eids = [e for pr in prs for e in pr.eids]
         waiter = PendingResult(futures, eids, "barrier", lambda rs: None,
-                               on_interrupt=self._controller.interrupt, progress=self._show_progress)
+                               on_interrupt=self._interrupt_eids, progress=self._show_progress)
         if not waiter.wait(timeout):
             raise TimeoutError(f"barrier not done after {timeout:g} s")
 
@@ -369,9 +376,71 @@ class MultiEngineClient:
         return self._last
 
     def interrupt(self, targets: Any = None) -> None:
-        """Interrupt what the target engines are running (like Ctrl-C in a kernel)."""
+        """Interrupt what the target engines are running (like Ctrl-C in a kernel).
+
+        Engines this process owns are interrupted through their kernel manager (a signal or an
+        interrupt message, as the kernelspec says); others with an ``interrupt_request``.
+        """
         eids = self._resolve_targets(targets)
-        self._controller.interrupt([e for e in eids if not self._controller.dead(e)])
+        self._interrupt_eids([e for e in eids if not self._controller.dead(e)])
+
+    def _interrupt_eids(self, eids: list[int]) -> None:
+        if self._cluster is not None:
+            self._cluster.interrupt(eids)
+        else:
+            self._controller.interrupt(eids)
+
+    def restart(self, targets: Any = None, timeout: float | None = 60.0) -> None:
+        """Restart engines, keeping their ids: each gets a fresh process and an empty namespace,
+        then runs the code recorded with ``on_start``. Dead engines can be restarted.
+
+        Engines owned by this process (a ``Cluster``) restart through their kernel managers;
+        for a cluster started with ``ipmulti start`` the owner process is asked to do it.
+        Requests in flight on these engines fail with ``EngineError``.
+        """
+        if self.closed:
+            raise EngineError("this MultiEngineClient is closed")
+        eids = self._resolve_targets(targets)
+        if self._cluster is not None:
+            self._cluster.restart(eids, timeout=timeout)
+        elif self.cluster_file:
+            from .cluster import liveness_probes, read_cluster, request_owner
+
+            self._controller.set_unavailable(eids, "restarting")
+            request_owner(self.cluster_file, "restart", eids, timeout=60.0 if timeout is None else timeout)
+            spec = read_cluster(self.cluster_file)
+            engines = {e["id"]: e["connection"] for e in spec["engines"] if e["id"] in eids}
+            probes = liveness_probes(spec)
+            self._controller.add_engines(engines, {e: p for e, p in probes.items() if e in eids},
+                                         timeout=60.0 if timeout is None else timeout)
+        else:
+            raise EngineError("cannot restart engines this client neither owns nor knows a cluster file for")
+        failed = [err for e in eids for err in self._controller.engine(e).init_errors]
+        if failed:
+            raise CompositeError("on_start", failed)
+
+    def on_start(self, code: str, timeout: float | None = None) -> ResultList:
+        """Run setup ``code`` on every engine now, and record it so that it runs again, first
+        thing, on every engine that is restarted or added later (``%%px --init``).
+
+        Returns the ``ResultList`` of running it now. If it fails on any engine it is not
+        recorded, and the ``CompositeError`` is raised.
+        """
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, not {type(code).__name__}")
+        live = [e for e in self._controller.ids if not self._controller.unavailable(e)]
+        result = self.execute(code, targets=live, block=True, timeout=timeout) if live else ResultList()
+        self._controller.init_code.append(code)
+        return result
+
+    @property
+    def on_start_code(self) -> list[str]:
+        """The setup code recorded by ``on_start``, in order (a copy)."""
+        return list(self._controller.init_code)
+
+    def clear_on_start(self) -> None:
+        """Forget all recorded ``on_start`` code."""
+        self._controller.init_code.clear()
 
     def activate(self) -> "MultiEngineClient":
         """Make this client the one the ``%px``/``%autopx``/``%result`` magics use."""
@@ -399,6 +468,18 @@ class MultiEngineClient:
 
     def __repr__(self) -> str:
         return f"<MultiEngineClient engines={self.get_ids()} targets={self._targets!r} block={self._block}>"
+
+
+class EngineIds(list):
+    """``get_ids()``: a plain list of ints whose repr also names the dead engines."""
+
+    dead: dict[int, str] = {}
+
+    def __repr__(self) -> str:
+        base = super().__repr__()
+        if not self.dead:
+            return base
+        return base + " (dead: " + "; ".join(f"{e} {why}" for e, why in self.dead.items()) + ")"
 
 
 class Mapper:
