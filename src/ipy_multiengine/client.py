@@ -9,8 +9,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import numbers
 import os
+import json
+import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from . import _loop, partition, serialize
@@ -31,6 +34,10 @@ __all__ = ["MultiEngineClient", "PendingResult", "ResultList", "CompositeError",
 Targets = "str | int | Sequence[int] | None"
 
 _active: "MultiEngineClient | None" = None
+log = logging.getLogger("ipy_multiengine")
+
+#: Seconds a client connected by cluster file watches for its owner to restart a dead engine.
+FOLLOW_RESTART_FOR = 60.0
 
 
 def get_active() -> "MultiEngineClient | None":
@@ -79,6 +86,7 @@ class MultiEngineClient:
             engines = {e["id"]: e["connection"] for e in spec["engines"]}
             _controller = Controller(engines, liveness_probes(spec), timeout=timeout)
             self.cluster_file = str(path)
+            _controller.on_dead = self._follow_restart
         else:
             self.cluster_file = getattr(_cluster, "cluster_file", None)
         self._controller = _controller
@@ -86,6 +94,44 @@ class MultiEngineClient:
         self._targets: str | int | list[int] = "all"
         self._last: PendingResult | None = None
         self.closed = False
+
+    def _follow_restart(self, eid: int, reason: str) -> None:
+        """(loop thread) An engine of a cluster we do not own died: if its owner restarts it
+        (``auto_restart``, ``ipmulti restart``, another client's ``restart``), reconnect to the
+        new process as soon as the cluster file lists it."""
+        import asyncio
+
+        from .cluster import liveness_probes
+
+        path, controller = self.cluster_file, self._controller
+        old = controller.engine(eid).info
+
+        async def follow() -> None:
+            deadline = time.monotonic() + FOLLOW_RESTART_FOR
+            while time.monotonic() < deadline and not self.closed:
+                await asyncio.sleep(0.25)
+                conn = controller.engine(eid)
+                if not conn.dead:
+                    return  # reconnected by someone else (mec.restart)
+                try:
+                    spec = json.loads(Path(path).read_text())
+                    entry = next(e for e in spec["engines"] if e["id"] == eid)
+                except Exception:
+                    continue
+                probe = liveness_probes(spec).get(eid)
+                if entry["connection"] != old or (probe is not None and entry.get("pid") and probe() is None
+                                                  and entry.get("pid") != conn.engine_info.get("pid")):
+                    if probe is not None and probe() is not None:
+                        continue
+                    try:
+                        await controller.add_engines_async({eid: entry["connection"]},
+                                                           {eid: probe} if probe else {}, timeout=30)
+                    except Exception as exc:
+                        log.warning("could not reconnect to restarted engine %s: %s", eid, exc)
+                    return
+
+        if path:
+            asyncio.ensure_future(follow())
 
     # ------------------------------------------------------------------ defaults and checks
     def get_ids(self) -> "EngineIds":

@@ -611,7 +611,7 @@ class Controller:
         if conn.dead:
             return f"is dead ({conn.dead})"
         if not conn.ready:
-            return f"is not ready ({conn.state})"
+            return f"is not ready yet ({'restarting' if conn.state == 'restarting' else 'connecting'})"
         return None
 
     def submit_execute(self, eids: list[int], code: str, listener: Listener | None = None,
