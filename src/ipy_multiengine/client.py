@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from . import _loop, partition, serialize
-from .controller import CommReply, Controller, Listener
+from .controller import HEARTBEAT_PERIOD, CommReply, Controller, Listener
 from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client import CompositeError`)
     CompositeError,
     EngineError,
@@ -63,6 +63,11 @@ class MultiEngineClient:
     ``MultiEngineClient()`` connects to the running cluster of the ``default`` profile,
     ``MultiEngineClient(path)`` to the cluster file at ``path``, ``MultiEngineClient(profile=P)``
     to profile ``P``'s. ``block`` and ``targets`` are the defaults of every call.
+
+    Engines on this host are watched by polling their process (a death is noticed within
+    0.5 s); others by heartbeats every ``heartbeat/3`` s, declared dead after ``heartbeat``
+    seconds of silence (``None`` turns heartbeats off). ``timeout`` bounds connecting;
+    ``max_message_size`` (bytes, default unlimited) refuses larger replies with an ``EngineError``.
     """
 
     #: Seconds a blocking map/gather/barrier runs before a progress bar appears (None: never).
@@ -74,6 +79,8 @@ class MultiEngineClient:
         profile: str | None = None,
         *,
         timeout: float = 60.0,
+        heartbeat: float | None = HEARTBEAT_PERIOD,
+        max_message_size: int | None = None,
         _controller: Controller | None = None,
         _cluster: Any = None,
     ) -> None:
@@ -84,7 +91,8 @@ class MultiEngineClient:
             path = resolve_cluster_file(cluster_file, profile)
             spec = read_cluster(path)
             engines = {e["id"]: e["connection"] for e in spec["engines"]}
-            _controller = Controller(engines, liveness_probes(spec), timeout=timeout)
+            _controller = Controller(engines, liveness_probes(spec), timeout=timeout, heartbeat=heartbeat,
+                                     max_message_size=max_message_size)
             self.cluster_file = str(path)
             _controller.on_dead = self._follow_restart
         else:

@@ -119,9 +119,24 @@ class PendingResult:
             errors.append(exc)
             results.append(getattr(exc, "result", None) if self.method == "execute" else None)
         if errors:
-            self._error = CompositeError(self.method, errors, results)
+            self._error = CompositeError(self.method, errors, [_partial(r) for r in results])
             return
         try:
             self._value = self._finish(results)
         except BaseException as exc:  # e.g. a value that cannot be unpickled here
             self._error = exc
+
+
+def _partial(result: Any) -> Any:
+    """A successful engine's value next to failed ones: comm replies are unpickled if possible."""
+    from .controller import CommReply
+    from .serialize import loads
+
+    if isinstance(result, CommReply):
+        if not result.frames:
+            return None
+        try:
+            return loads(result.frames)
+        except Exception:
+            return result
+    return result
