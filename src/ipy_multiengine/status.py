@@ -41,7 +41,8 @@ def _language_version(conn: Any) -> str:
 def engine_rows(client: Any) -> list[dict]:
     """One dict per engine: id, group, kernelspec, language, version, host, pid, state, dead."""
     ctl = client._controller
-    meta = getattr(client, "_meta", {}) or {}
+    fresh = getattr(getattr(client, "_cluster", None), "engine_meta", None)
+    meta = (fresh() if callable(fresh) else None) or getattr(client, "_meta", {}) or {}
     rows = []
     for eid in ctl.ids:
         conn = ctl.engine(eid)
@@ -57,6 +58,9 @@ def engine_rows(client: Any) -> list[dict]:
             "state": "dead" if conn.dead else conn.state,
             "dead": conn.dead,
             "data_ops": conn.data_ok,
+            "ready": getattr(conn, "ready", None),
+            "encrypted": bool(conn.info.get("curve_publickey")),
+            "watched_by": "heartbeat" if getattr(conn, "heartbeat", None) else ("process" if conn.liveness else None),
         })
     return rows
 

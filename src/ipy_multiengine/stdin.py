@@ -139,19 +139,23 @@ def _serve(item: Any) -> None:
     item.reply(value)
 
 
-def wait(futures: Iterable[cf.Future], timeout: float | None = None,
-         return_when: str = cf.ALL_COMPLETED) -> tuple[set, set]:
-    """``concurrent.futures.wait`` that answers engines' input requests while it waits."""
+def wait(futures: Iterable[cf.Future], timeout: float | None = None, first: bool = False) -> bool:
+    """Wait until every future (with ``first``: any) is done or ``timeout`` passes, answering
+    engines' input requests meanwhile; True when done. Like ``_loop.wait`` it waits in slices
+    of ``WAIT_SLICE`` so that Ctrl-C reaches the main thread promptly."""
+    from ._loop import WAIT_SLICE
+
     futures = list(futures)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
     while True:
         serve_pending()
-        done = {f for f in futures if f.done()}
-        not_done = set(futures) - done
-        if not not_done or (return_when == cf.FIRST_COMPLETED and done):
-            return done, not_done
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            return done, not_done
-        wake = _wake_future()
-        cf.wait(list(not_done) + [wake], timeout=left, return_when=cf.FIRST_COMPLETED)
+        todo = [f for f in futures if not f.done()]
+        if not todo or (first and len(todo) < len(futures)):
+            return True
+        step = WAIT_SLICE
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            step = min(step, left)
+        cf.wait(todo + [_wake_future()], timeout=step, return_when=cf.FIRST_COMPLETED)
