@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,35 @@ def test_px_magics_on_bash_engines(mec, capsys):
     r = mec.get_result()
     assert [x["id"] for x in r] == [2, 3, 4] and all(x["stdout"] == "cell-42\n" for x in r)
     assert "cell-42" in capsys.readouterr().out
+
+
+def test_dead_and_restarted_bash_engine_in_the_tables():
+    """A killed bash engine shows as dead in the status table; a restart keeps its kernelspec."""
+    import psutil
+
+    with private_kernelspecs():
+        cl = Cluster(engines={"bash": 1, "python3": 1}, profile="beyond-restart", write_file=False)
+        try:
+            mec = cl.start()
+            first = mec.engines[0]["pid"]
+            pids = family(first)
+            pause = threading.Event()
+            psutil.Process(first).kill()
+            deadline = time.monotonic() + 30
+            while not mec._controller.dead(0):  # the liveness poller notices within its period
+                assert time.monotonic() < deadline, "engine 0 never reported dead"
+                pause.wait(0.05)
+            row = mec.status().rows[0]
+            assert row["state"] == "dead" and row["rss"] is None and "dead (" in repr(mec.status())
+            assert mec.status().rows[1]["state"] == "idle"
+            with pytest.raises(EngineError, match="dead"):
+                mec.execute("echo hi", targets="bash")
+            mec.restart(targets="bash")
+            row = mec.engines[0]
+            assert row["state"] != "dead" and row["language"] == "bash" and row["group"] == "bash"
+            assert row["pid"] != first
+            pids += family(row["pid"])
+            assert mec.execute("echo back", targets="bash")[0]["stdout"] == "back\n"
+        finally:
+            cl.stop()
+    assert_gone(pids)
