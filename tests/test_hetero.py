@@ -317,6 +317,16 @@ def test_px_magics_on_bash_engines(mec, capsys):
     r = mec.get_result()
     assert [x["id"] for x in r] == [2, 3, 4] and all(x["stdout"] == "cell-42\n" for x in r)
     assert "cell-42" in capsys.readouterr().out
+    mec.targets = "bash"
+    try:
+        assert ip.run_cell("%autopx").success
+        res = ip.run_cell("X=auto; echo $X-$((6*7))")
+        assert ip.run_cell("%autopx").success
+    finally:
+        mec.targets = "all"
+    assert res.success
+    r = mec.get_result()
+    assert [x["id"] for x in r] == [2, 3, 4] and all(x["stdout"] == "auto-42\n" for x in r)
 
 
 def test_dead_and_restarted_bash_engine_in_the_tables():
