@@ -5,7 +5,6 @@ ids 0 = python3, 1 = other (same interpreter, IME_FLAVOUR=other), 2-4 = bash."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 import threading
