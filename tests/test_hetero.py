@@ -358,3 +358,40 @@ def test_dead_and_restarted_bash_engine_in_the_tables():
         finally:
             cl.stop()
     assert_gone(pids)
+
+
+def test_ipmulti_start_engines_option(tmp_path):
+    """``ipmulti start --engines python3=1,bash=2 --daemon``: groups reach clients of the file."""
+    import subprocess
+
+    import psutil
+
+    from ipy_multiengine.cli import parse_engines
+
+    assert parse_engines("python3=1, bash=2") == {"python3": 1, "bash": 2}
+    for bad in ("python3", "python3=x", "=2", "python3=2,"):
+        with pytest.raises(ValueError, match="KERNELSPEC=N"):
+            parse_engines(bad)
+    ipmulti = [sys.executable, "-m", "ipy_multiengine.cli"]
+    with private_kernelspecs():
+        out = subprocess.run(ipmulti + ["start", "--engines", "python3=1,bash=2", "--profile", "mixed", "--daemon"],
+                             capture_output=True, text=True, timeout=90)
+        assert out.returncode == 0, out.stderr
+        spec = json.loads(Path(out.stdout.strip()).read_text())
+        pids = [spec["owner_pid"]] + [p for e in spec["engines"] for p in family(e["pid"])]
+        try:
+            mec = MultiEngineClient(profile="mixed")
+            try:
+                assert mec.groups == {"python3": [0], "bash": [1, 2]}
+                assert [r["language"] for r in mec.engines] == ["python", "bash", "bash"]
+                assert [r["stdout"] for r in mec.execute("echo $((2+3))", targets="bash")] == ["5\n", "5\n"]
+            finally:
+                mec.close()
+        finally:
+            stopped = subprocess.run(ipmulti + ["stop", "--profile", "mixed"], capture_output=True, text=True,
+                                     timeout=60)
+        assert stopped.returncode == 0, stopped.stderr
+    assert_gone([p for p in pids if psutil.pid_exists(p)], timeout=20)
+    bad = subprocess.run(ipmulti + ["start", "--engines", "python3", "--profile", "mixed-bad"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "KERNELSPEC=N" in bad.stderr

@@ -14,13 +14,29 @@ import time
 from .cluster import Cluster, cluster_dir, cluster_file_path, list_clusters, pid_alive, _remove_files
 
 
+def parse_engines(text: str) -> dict[str, int]:
+    """``'python3=2,bash=3'`` -> ``{'python3': 2, 'bash': 3}``."""
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, count = part.strip().partition("=")
+        if not sep or not name.strip() or not count.strip().isdigit():
+            raise ValueError(f"--engines {text!r}: expected KERNELSPEC=N[,KERNELSPEC=N...], e.g. python3=2,bash=3")
+        out[name.strip()] = out.get(name.strip(), 0) + int(count)
+    return out
+
+
 def _start(args: argparse.Namespace) -> int:
     if args.daemon:
         return _start_daemon(args)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    cluster = Cluster(n=args.n, kernel_name=args.kernel, profile=args.profile,
-                      startup_timeout=args.timeout, auto_restart=args.auto_restart)
+    try:
+        engines = parse_engines(args.engines) if args.engines else None
+        cluster = Cluster(n=args.n, kernel_name=args.kernel, profile=args.profile,
+                          startup_timeout=args.timeout, auto_restart=args.auto_restart, engines=engines)
+    except ValueError as exc:
+        print(f"ipmulti: {exc}", file=sys.stderr)
+        return 2
     cluster.serves_requests = True  # `ipmulti restart` and mec.restart() from other processes
     try:
         mec = cluster.start()
@@ -48,6 +64,8 @@ def _start_daemon(args: argparse.Namespace) -> int:
            "--kernel", args.kernel, "--timeout", str(args.timeout), "--quiet"]
     if args.auto_restart:
         cmd.append("--auto-restart")
+    if args.engines:
+        cmd += ["--engines", args.engines]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -152,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=4, help="number of engines (default 4)")
     p.add_argument("--profile", default="default")
     p.add_argument("--kernel", default="python3", help="kernelspec name of the engines")
+    p.add_argument("--engines", metavar="SPEC=N,...", default=None,
+                   help="engines from several kernelspecs, e.g. python3=2,bash=3 (overrides -n/--kernel); "
+                        "each kernelspec name is a group usable as targets")
     p.add_argument("--daemon", action="store_true", help="detach once every engine is ready")
     p.add_argument("--timeout", type=float, default=60.0, help="startup timeout in seconds")
     p.add_argument("--auto-restart", action="store_true", help="restart engines that die")
