@@ -41,16 +41,16 @@ def plot_ratios(rows: list[dict], n: int, path: str) -> None:
         return
     peers = [p for p in PEERS if any(p in rat[s] for s in scen)]
     h = 0.8 / max(len(peers), 1)
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(scen) * max(2, len(peers) / 2) + 1.5))
+    fig, ax = plt.subplots(figsize=(10, 0.12 * len(scen) * len(peers) + 0.25 * len(scen) + 1.5))
     for i, p in enumerate(peers):
         ys = [k + i * h for k, s in enumerate(scen) if p in rat[s]]
         xs = [rat[s][p] for s in scen if p in rat[s]]
         ax.barh(ys, xs, height=h, label=p, color=COLORS.get(p))
     ax.axvline(1.0, color="black", lw=1)
     ax.set_xscale("log")
+    ax.set_ylim(len(scen) - 0.1, -0.3)
     ax.set_yticks([k + h * (len(peers) - 1) / 2 for k in range(len(scen))])
     ax.set_yticklabels(scen)
-    ax.invert_yaxis()
     ax.set_xlabel("ours / peer (median time; < 1: ipy_multiengine is faster)")
     ax.set_title(f"ipy_multiengine vs peers, {n} engines")
     ax.legend(loc="lower right", fontsize="small")
