@@ -158,6 +158,9 @@ class Runner:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.quick = args.quick
+        #: seconds one backend may spend repeating one scenario (after 3 reps), so that a
+        #: pathological peer (dask scattering lists item by item) cannot eat the run
+        self.budget = 6.0 if args.quick else 15.0
         self.rows: list[Row] = []
         self.running: dict[str, B.Backend] = {}
         self.failed: dict[str, str] = {}
@@ -284,6 +287,9 @@ class Runner:
                     except Exception as e:  # noqa: BLE001
                         row.note = f"error: {e!r}"[:120]
                         log(f"  {sc.key} {name} failed:\n{traceback.format_exc()}")
+                        del prepared[name]
+                    if name in prepared and len(row.times) >= 3 and sum(row.times) > self.budget:
+                        row.note = f"stopped after {len(row.times)} reps (time budget {self.budget:g} s)"
                         del prepared[name]
                 names = [x for x in names if x in prepared]
             if sc.check is not None and sc.warm is not None:
