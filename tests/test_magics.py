@@ -95,12 +95,13 @@ def test_tutorial_px_flow_and_automagic(ip, mec):
     mec.block = True
     cap, res = run(ip, "%px import numpy")
     assert res.success and isinstance(res.result, ResultList)
-    n = res.result[0]["number"]
-    assert repr(res.result).splitlines()[:2] == ["<Results List>", f"[0] In [{n}]: import numpy"]
+    n = [r["number"] for r in res.result]
+    assert repr(res.result).splitlines()[:2] == ["<Results List>", f"[0] In [{n[0]}]: import numpy"]
     run(ip, "%px a = numpy.ones((2, 2))")
     cap, res = run(ip, "%px print(numpy.linalg.eigvals(a))")
     text = repr(res.result)
-    assert f"[3] Out[{n + 2}]: [2. 0.]" in text and "<Results List>" in cap.stdout
+    assert f"[3] In [{n[3] + 2}]: print(numpy.linalg.eigvals(a))\n[3] Out[{n[3] + 2}]: [2. 0.]" in text
+    assert "<Results List>" in cap.stdout
     cap, res = run(ip, "%result")
     assert repr(res.result) == text
     mec.push_function(dict(f=lambda x: 2.0 * x**4))
