@@ -351,7 +351,7 @@ def test_notebook_rendering_updates_areas_in_place(ip):
     finals = {}
     for o in areas:
         finals[o.metadata["engine"]] = o.data["text/plain"]
-    assert finals == {0: "[stdout:0] step 0\nstep 1\nstep 2\n", 1: "[stdout:1] step 0\nstep 1\nstep 2\n"}
+    assert finals == {0: "[stdout:0] step 0\nstep 1\nstep 2", 1: "[stdout:1] step 0\nstep 1\nstep 2"}
     results = [o for o in cap.outputs if o.data.get("text/plain", "").startswith("Out[")]
     assert sorted(o.metadata["engine"] for o in results) == [0, 1]
 

@@ -220,6 +220,7 @@ class _Area:
     count: int = 0
 
     def bundle(self, text: str) -> tuple[dict, dict]:
+        text = text[:-1] if text.endswith("\n") else text  # a final newline adds no line
         return ({"text/plain": f"{self.label} {text}"},
                 {"engine": self.eid, "stream": self.name, "text/plain": {"engine": self.eid}})
 
@@ -391,6 +392,7 @@ class Renderer:
             if kind in ("stdout", "stderr"):
                 text = payload.rstrip("\n") if not self.notebook else payload
                 if self.notebook:
+                    text = text[:-1] if text.endswith("\n") else text
                     data = {"text/plain": f"[{kind}:{label}] {text}"}
                     _display(data, {"engine": eids[0] if len(eids) == 1 else eids, "stream": kind,
                                     "text/plain": {"engine": eids[0] if len(eids) == 1 else eids}})
