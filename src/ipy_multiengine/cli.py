@@ -20,7 +20,8 @@ def _start(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     cluster = Cluster(n=args.n, kernel_name=args.kernel, profile=args.profile,
-                      startup_timeout=args.timeout)
+                      startup_timeout=args.timeout, auto_restart=args.auto_restart)
+    cluster.serves_requests = True  # `ipmulti restart` and mec.restart() from other processes
     try:
         mec = cluster.start()
     except Exception as exc:
@@ -30,8 +31,8 @@ def _start(args: argparse.Namespace) -> int:
         print(f"{len(mec.get_ids())} engines ready, cluster file {cluster.cluster_file}", flush=True)
         if not args.quiet:
             print("Press Ctrl-C to stop.", flush=True)
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(0.2):
+            cluster.serve_requests()
     except KeyboardInterrupt:
         pass
     finally:
@@ -45,6 +46,8 @@ def _start_daemon(args: argparse.Namespace) -> int:
     log = cluster_dir() / f"daemon-{args.profile}.log"
     cmd = [sys.executable, "-m", "ipy_multiengine.cli", "start", "-n", str(args.n), "--profile", args.profile,
            "--kernel", args.kernel, "--timeout", str(args.timeout), "--quiet"]
+    if args.auto_restart:
+        cmd.append("--auto-restart")
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -93,7 +96,30 @@ def _stop(args: argparse.Namespace) -> int:
             except OSError:
                 pass
     _remove_files(spec, path)
+    (cluster_dir() / f"daemon-{args.profile}.log").unlink(missing_ok=True)
     print(f"stopped cluster {args.profile!r}")
+    return 0
+
+
+def _restart(args: argparse.Namespace) -> int:
+    from .cluster import read_cluster, request_owner
+    from .errors import MultiEngineError
+
+    path = cluster_file_path(args.profile)
+    try:
+        spec = read_cluster(path)
+        ids = args.ids or [e["id"] for e in spec["engines"]]
+        known = {e["id"] for e in spec["engines"]}
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            print(f"ipmulti: unknown engine ids {unknown}; valid ids: {sorted(known)}", file=sys.stderr)
+            return 2
+        answer = request_owner(path, "restart", ids, timeout=args.timeout)
+    except (MultiEngineError, ValueError) as exc:
+        print(f"ipmulti: {exc}", file=sys.stderr)
+        return 1
+    pids = answer.get("pids", {})
+    print(f"restarted engine{'s' if len(ids) > 1 else ''} " + ", ".join(f"{i} (pid {pids.get(str(i))})" for i in ids))
     return 0
 
 
@@ -105,9 +131,11 @@ def _list(args: argparse.Namespace) -> int:
     if not clusters:
         print("no clusters")
         return 0
-    print(f"{'profile':<16} {'state':<18} {'engines':<12} pids")
+    print(f"{'profile':<16} {'state':<18} {'engines':<8} {'dead':<10} pids")
     for c in clusters:
-        print(f"{c['profile']:<16} {c['state']:<18} {len(c['engines']):<12} {' '.join(map(str, c['pids']))}")
+        dead = [e for e, ok in zip(c["engines"], c.get("engines_alive", [])) if not ok]
+        print(f"{c['profile']:<16} {c['state']:<18} {len(c['engines']):<8} {','.join(map(str, dead)) or '-':<10} "
+              f"{' '.join(map(str, c['pids']))}")
     return 0
 
 
@@ -126,8 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", default="python3", help="kernelspec name of the engines")
     p.add_argument("--daemon", action="store_true", help="detach once every engine is ready")
     p.add_argument("--timeout", type=float, default=60.0, help="startup timeout in seconds")
+    p.add_argument("--auto-restart", action="store_true", help="restart engines that die")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_start)
+    p = sub.add_parser("restart", help="restart engines of a running cluster, keeping their ids")
+    p.add_argument("ids", nargs="*", type=int, help="engine ids (default: all)")
+    p.add_argument("--profile", default="default")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=_restart)
     p = sub.add_parser("stop", help="stop a running cluster and remove its files")
     p.add_argument("--profile", default="default")
     p.set_defaults(func=_stop)
