@@ -31,6 +31,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from . import client as _client_mod
+from . import stdin
 from .errors import CompositeError, NoClusterError
 from .errors import TimeoutError as MultiEngineTimeout
 
@@ -46,7 +47,7 @@ _DONE = object()
 
 
 # ---------------------------------------------------------------------- small helpers
-def parse_targets(spec: str, ids: list[int]) -> str | list[int]:
+def parse_targets(spec: str, ids: list[int], groups: Any = ()) -> str | list[int]:
     """Parse ``all``, ``0``, ``0,2``, ``1:3``, ``::2`` (and mixes like ``0,2:4``) without eval.
 
     Plain numbers are engine ids; slices select from the list of engine ids like Python
@@ -75,6 +76,9 @@ def parse_targets(spec: str, ids: list[int]) -> str | list[int]:
             else:
                 chosen.append(int(part))
         except ValueError:
+            if part in groups:  # a group name (kernelspec of a mixed cluster): the client resolves it
+                chosen.append(part)  # type: ignore[arg-type]
+                continue
             raise UsageError(f"--targets {spec!r}: {part!r} is not an engine id or a slice; "
                              "use all, 0, 0,2, 1:3 or ::2") from None
     out: list[int] = []
@@ -620,7 +624,7 @@ class ParallelMagics(Magics):
     def _run(self, code: str, args: Any, line_form: bool) -> Any:
         cfg = self.pxconfig_
         mec = self.client()
-        targets = cfg.targets if args.targets is None else parse_targets(args.targets, mec.get_ids())
+        targets = cfg.targets if args.targets is None else parse_targets(args.targets, mec.get_ids(), getattr(mec, "groups", ()))
         block = args.block if args.block is not None else (cfg.block if cfg.block is not None else mec.block)
         timeout = cfg.timeout if args.timeout is None else _timeout_value(args.timeout)
         progress_after = cfg.progress_after if args.progress_after is None else _timeout_value(args.progress_after)
@@ -690,6 +694,7 @@ class ParallelMagics(Magics):
               deadline: float | None) -> bool:
         """Render events until every engine is done (True) or ``deadline`` passes (False)."""
         while True:
+            stdin.serve_pending()  # engines' input()/breakpoint() prompts, one at a time
             ready = pr.ready()
             wait = 0.0 if ready else UPDATE_INTERVAL
             if deadline is not None and not ready:
@@ -758,7 +763,7 @@ class ParallelMagics(Magics):
                 ids = mec.get_ids() if mec is not None else []
                 if ":" in args.targets and mec is None:
                     raise UsageError("slices in --targets need an active client (to know the engine ids)")
-                cfg.targets = parse_targets(args.targets, ids)
+                cfg.targets = parse_targets(args.targets, ids, getattr(mec, "groups", ()))
             changed = True
         for name in ("block", "stream", "group_outputs", "collapse", "line_results"):
             value = getattr(args, name)
