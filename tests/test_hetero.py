@@ -303,6 +303,7 @@ def test_px_magics_on_bash_engines(mec, capsys):
 
     ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "ipy_multiengine")
+    assert {"pxstatus", "pxdebug", "pxdiff", "px"} <= set(ip.magics_manager.magics["line"])
     mec.activate()
     mec.targets = "bash"
     try:
