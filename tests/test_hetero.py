@@ -294,6 +294,7 @@ def test_magics_pxdiff_and_pxstatus(mec):
         ip.run_line_magic("pxdebug", "2")
     magics_tools.unregister(ip)
     assert "pxdiff" not in ip.magics_manager.magics["line"]
+    magics_tools.register(ip)  # leave the shared shell as %load_ext left it
 
 
 def test_px_magics_on_bash_engines(mec, capsys):
@@ -302,7 +303,9 @@ def test_px_magics_on_bash_engines(mec, capsys):
     from IPython.core.interactiveshell import InteractiveShell
 
     ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "ipy_multiengine")
+    import ipy_multiengine
+
+    ipy_multiengine.load_ipython_extension(ip)  # what %load_ext runs (idempotent)
     assert {"pxstatus", "pxdebug", "pxdiff", "px"} <= set(ip.magics_manager.magics["line"])
     mec.activate()
     mec.targets = "bash"
