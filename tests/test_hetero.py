@@ -17,7 +17,7 @@ from beyond_helpers import assert_gone, family, private_kernelspecs
 from ipy_multiengine import Cluster, MultiEngineClient
 from ipy_multiengine.errors import CompositeError, EngineError
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(150)  # fixture setup (5 kernels) counts too; the box may be loaded
 
 ENGINES = {"python3": 1, "other": 1, "bash": 3}
 
@@ -25,7 +25,7 @@ ENGINES = {"python3": 1, "other": 1, "bash": 3}
 @pytest.fixture(scope="module")
 def hetero():
     with private_kernelspecs():
-        cl = Cluster(engines=ENGINES, profile="beyond-hetero")
+        cl = Cluster(engines=ENGINES, profile="beyond-hetero", startup_timeout=120)
         try:
             mec = cl.start()
             pids = [p for e in mec.engines for p in family(e["pid"])]
