@@ -562,7 +562,15 @@ class ParallelFunction:
 
 
 def _values(replies: list[CommReply]) -> list[Any]:
-    return [serialize.loads(r.frames) for r in replies]
+    out = []
+    for r in replies:
+        try:
+            out.append(serialize.loads(r.frames))
+        except Exception as exc:
+            raise TypeError(f"a value sent back by an engine cannot be rebuilt in this process "
+                            f"({type(exc).__name__}: {exc}); define its class in a module both sides "
+                            "can import, or convert it to builtin types on the engine") from exc
+    return out
 
 
 def _nones(replies: list[Any]) -> list[None]:
