@@ -458,8 +458,9 @@ class MultiEngineClient:
         if self._cluster is not None:
             self._cluster.restart(eids, timeout=timeout)
         elif self.cluster_file:
-            from .cluster import liveness_probes, read_cluster, request_owner
+            from .cluster import check_owner, liveness_probes, read_cluster, request_owner
 
+            check_owner(Path(self.cluster_file), "restart")
             self._controller.set_unavailable(eids, "restarting")
             request_owner(self.cluster_file, "restart", eids, timeout=60.0 if timeout is None else timeout)
             spec = read_cluster(self.cluster_file)
@@ -542,8 +543,8 @@ class Mapper:
     def __init__(self, client: MultiEngineClient, targets: Any, block: bool | None) -> None:
         self.client, self.targets, self.block = client, targets, block
 
-    def map(self, f: Callable, *seqs: Iterable) -> Any:
-        return self.client.map(f, *seqs, targets=self.targets, block=self.block)
+    def map(self, f: Callable, *seqs: Iterable, timeout: float | None = None) -> Any:
+        return self.client.map(f, *seqs, targets=self.targets, block=self.block, timeout=timeout)
 
 
 class ParallelFunction:
@@ -557,8 +558,8 @@ class ParallelFunction:
     def __call__(self, *seqs: Iterable) -> Any:
         return self.mapper.map(self.func, *seqs)
 
-    def map(self, *seqs: Iterable) -> Any:
-        return self.mapper.map(self.func, *seqs)
+    def map(self, *seqs: Iterable, timeout: float | None = None) -> Any:
+        return self.mapper.map(self.func, *seqs, timeout=timeout)
 
 
 def _values(replies: list[CommReply]) -> list[Any]:

@@ -170,9 +170,8 @@ def _request_path(profile: str, rid: str) -> Path:
     return cluster_dir() / f"request-{profile}-{rid}.json"
 
 
-def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], timeout: float = 60.0) -> dict:
-    """Ask the owner of ``cluster_file`` to run ``op`` ('restart') on engines ``ids``; wait for its answer."""
-    path = Path(cluster_file)
+def check_owner(path: Path, op: str) -> dict:
+    """The cluster file's content if its owner takes requests, else an ``EngineError`` saying why."""
     spec = read_cluster(path)
     owner = spec.get("owner_pid")
     if "requests" not in spec.get("serves", []):
@@ -181,6 +180,14 @@ def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], time
             "clusters started with `ipmulti start` do); restart them from the process that owns them")
     if spec.get("host") != socket.gethostname():
         raise EngineError(f"cannot {op} engines of {path}: its owner runs on host {spec.get('host')!r}")
+    return spec
+
+
+def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], timeout: float = 60.0) -> dict:
+    """Ask the owner of ``cluster_file`` to run ``op`` ('restart') on engines ``ids``; wait for its answer."""
+    path = Path(cluster_file)
+    spec = check_owner(path, op)
+    owner = spec.get("owner_pid")
     rid = uuid.uuid4().hex
     req = _request_path(spec.get("profile", "default"), rid)
     write_private(req, json.dumps({"op": op, "ids": ids, "cluster_file": str(path)}))
@@ -359,6 +366,9 @@ class Cluster:
             self.restarts.setdefault(eid, []).append(time.time())
             with self._open_log(eid, "ab") as out:
                 await km.restart_kernel(now=True, stdout=out, stderr=out)
+            if self._stopped:  # stop() ran meanwhile: do not leave the new kernel behind
+                await km.shutdown_kernel(now=True)
+                raise EngineError(f"engine {eid}: the cluster was stopped during its restart", eid)
             try:
                 await controller.add_engines_async({eid: self._connection_info(eid)}, {eid: self._probe(eid)},
                                                    timeout)
