@@ -298,7 +298,7 @@ def test_forged_message_with_wrong_key_is_not_run(tmp_path):
     import zmq
     from jupyter_client.session import Session
 
-    with small_cluster(1) as (cluster, mec):
+    with small_cluster(1, transport_encryption="auto") as (cluster, mec):
         info = json.loads(Path(cluster.cluster_file).read_text())["engines"][0]["connection"]
         ctx = zmq.Context()
 

@@ -53,35 +53,45 @@ def test_private_files(cluster, mec):
         assert stat.S_IMODE(os.stat(e["connection_file"]).st_mode) == 0o600
 
 
-def test_transport_is_encrypted_by_default(cluster, mec):
-    assert all(e["encrypted"] for e in mec.engines)
-    engines = _spec(cluster)["engines"]
-    for e in engines:  # clients get the public key only; the secret stays in the kernel's file
+def test_loopback_engines_are_not_encrypted_by_default(cluster, mec):
+    """CurveZMQ copies every message per engine: the default leaves loopback-only engines plain."""
+    assert not any(e["encrypted"] for e in mec.engines)
+    assert all("curve_publickey" not in e["connection"] for e in _spec(cluster)["engines"])
+
+
+def test_transport_encryption_auto():
+    with small_cluster(1, transport_encryption="auto") as (c, mec):
+        assert [e["encrypted"] for e in mec.engines] == [True]
+        e = _spec(c)["engines"][0]
+        # clients get the public key only; the secret stays in the kernel's own connection file
         assert len(e["connection"]["curve_publickey"]) == 40 and "curve_secretkey" not in e["connection"]
         assert "curve_secretkey" in json.loads(Path(e["connection_file"]).read_text())
-    info = engines[0]["connection"]
-    ctx = zmq.Context()
-    try:
-        def kernel_info(curve: bool) -> bool:
-            sock = ctx.socket(zmq.DEALER)
-            sock.linger = 0
-            if curve:
-                sock.curve_serverkey = info["curve_publickey"].encode()
-                sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
-            sock.connect(f"tcp://127.0.0.1:{info['shell_port']}")
-            Session(key=info["key"].encode()).send(sock, "kernel_info_request", {})
-            answered = bool(sock.poll(1500 if not curve else 10000))
-            sock.close()
-            return answered
-
-        assert kernel_info(curve=True)  # the right key and the server's public key: answered
-        assert not kernel_info(curve=False)  # plaintext ZMQ, even with the HMAC key: no answer
-    finally:
-        ctx.term()
-
-
-def test_encryption_can_be_disabled():
-    with small_cluster(1, transport_encryption="disabled") as (c, mec):
-        assert [e["encrypted"] for e in mec.engines] == [False]
-        assert "curve_publickey" not in _spec(c)["engines"][0]["connection"]
         assert mec.execute("print(1)")[0]["stdout"] == "1\n"
+        info = e["connection"]
+        ctx = zmq.Context()
+        try:
+            def kernel_info(curve: bool) -> bool:
+                sock = ctx.socket(zmq.DEALER)
+                sock.linger = 0
+                if curve:
+                    sock.curve_serverkey = info["curve_publickey"].encode()
+                    sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+                sock.connect(f"tcp://127.0.0.1:{info['shell_port']}")
+                Session(key=info["key"].encode()).send(sock, "kernel_info_request", {})
+                answered = bool(sock.poll(1500 if not curve else 10000))
+                sock.close()
+                return answered
+
+            assert kernel_info(curve=True)  # the right key and the server's public key: answered
+            assert not kernel_info(curve=False)  # plaintext ZMQ, even with the HMAC key: no answer
+        finally:
+            ctx.term()
+
+
+def test_encryption_policy_default():
+    from ipy_multiengine.cluster import Cluster
+
+    c = Cluster(n=1, write_file=False)
+    assert c._encryption_policy("127.0.0.1") == "disabled"
+    assert c._encryption_policy("10.1.2.3") == "auto"
+    assert Cluster(n=1, transport_encryption="required")._encryption_policy("127.0.0.1") == "required"
