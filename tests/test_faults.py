@@ -150,7 +150,7 @@ def test_heartbeat_detects_engines_without_a_local_process(tmp_path):
             finally:
                 os.kill(pid, signal.SIGCONT)
             wait_for(lambda: not mec.get_ids().dead, 10, "engine 1 to answer heartbeats again")
-            owner.interrupt(1)
+            mec.interrupt(1)  # a non-owning client: an interrupt_request on the control channel
             assert mec.execute("print(3)", targets=1, timeout=10)[0]["stdout"] == "3\n"
             t0 = time.monotonic()
             os.kill(engine_pid(cluster, 0), signal.SIGKILL)

@@ -210,6 +210,10 @@ def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], time
 
 
 def _remove_files(spec: dict, path: Path) -> None:
+    profile = spec.get("profile")
+    if profile:  # unanswered requests and answers nobody collected
+        for f in cluster_dir().glob(f"request-{profile}-*"):
+            f.unlink(missing_ok=True)
     for e in spec.get("engines", []):
         for key in ("connection_file", "log_file"):
             if e.get(key):
@@ -531,6 +535,8 @@ class Cluster:
             self.client.close()
         if self.cluster_file:
             Path(self.cluster_file).unlink(missing_ok=True)
+            for f in cluster_dir().glob(f"request-{self.profile}-*"):
+                f.unlink(missing_ok=True)
         logs = [self.log_file(eid) for eid in self.managers]
         if self._finalizer is not None:
             atexit.unregister(self._finalizer)
