@@ -405,6 +405,9 @@ class Cluster:
         """Controller callback (loop thread): restart a dead engine when ``auto_restart`` is on."""
         if not self.auto_restart or self._stopped:
             return
+        lock = self._restart_locks.get(eid)
+        if lock is not None and lock.locked():
+            return  # being restarted already
         recent = [t for t in self.restarts.get(eid, []) if time.time() - t < 60]
         if len(recent) >= MAX_AUTO_RESTARTS:
             log.error("engine %s died %d times within a minute; not restarting it again", eid, len(recent))

@@ -336,7 +336,7 @@ class Controller:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             for conn in list(self._engines.values()):
-                if conn.dead or conn.liveness is None:
+                if conn.dead or conn.liveness is None or conn.state == "restarting":
                     continue
                 try:
                     reason = conn.liveness()
