@@ -464,3 +464,34 @@ def test_restart_needs_an_owner_that_serves_requests(cluster, mec):
         assert c.execute("print(1)", targets=0)[0]["stdout"] == "1\n"  # still usable
     finally:
         c.close()
+
+
+def test_restart_survives_a_port_taken_by_another_process():
+    """Restart reuses the engine's ports; if another process took one meanwhile (the classic
+    jupyter port race, also at startup), the engine is started again on new ports."""
+    import socket
+
+    with small_cluster(2) as (cluster, mec):
+        mec.execute("pass")
+        info = cluster.managers[1].get_connection_info()
+        os.kill(engine_pid(cluster, 1), signal.SIGKILL)
+        wait_for(lambda: 1 in mec.get_ids().dead, 5, "engine 1 to be seen dead")
+        thief = socket.socket()
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        wait_for(lambda: _try_bind(thief, info["shell_port"]), 10, "the dead engine's shell port to be free")
+        thief.listen()
+        try:
+            mec.restart(1, timeout=30)
+            cluster._remember()
+            assert cluster.managers[1].get_connection_info()["shell_port"] != info["shell_port"]
+            assert mec.execute("print(1)", targets=1)[0]["stdout"] == "1\n"
+        finally:
+            thief.close()
+
+
+def _try_bind(sock, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False

@@ -250,6 +250,10 @@ def _is_loopback(ip: str) -> bool:
         return ip == "localhost"
 
 
+#: Times an engine is started again on new ports when another process took one of its ports
+#: between jupyter_client choosing it and the kernel binding it.
+PORT_CLASH_RETRIES = 2
+
 #: Automatic restarts allowed per engine per minute before the Cluster gives up on it.
 MAX_AUTO_RESTARTS = 5
 
@@ -328,10 +332,19 @@ class Cluster:
             _loop.run(self._start_kernels(), timeout=self.startup_timeout + 10)
             liveness = {eid: self._probe(eid) for eid in self.managers}
             engines = {eid: self._connection_info(eid) for eid in self.managers}
-            try:
-                controller = Controller(engines, liveness, timeout=self.startup_timeout)
-            except EngineError as exc:
-                raise self._with_output(exc) from None
+            for attempt in range(PORT_CLASH_RETRIES + 1):
+                try:
+                    controller = Controller(engines, liveness, timeout=self.startup_timeout)
+                    break
+                except EngineError as exc:
+                    eid = exc.engine_id
+                    if attempt < PORT_CLASH_RETRIES and eid in self.managers and self._port_clash(eid):
+                        log.warning("engine %s lost a port to another process while starting; "
+                                    "starting it again on new ports", eid)
+                        _loop.run(self._fresh_manager(eid), timeout=self.startup_timeout + 10)
+                        engines[eid], liveness[eid] = self._connection_info(eid), self._probe(eid)
+                        continue
+                    raise self._with_output(exc) from None
         except BaseException:
             self.stop()
             raise
@@ -392,14 +405,21 @@ class Cluster:
             self.restarts.setdefault(eid, []).append(time.time())
             with self._open_log(eid, "ab") as out:
                 await km.restart_kernel(now=True, stdout=out, stderr=out)
-            if self._stopped:  # stop() ran meanwhile: do not leave the new kernel behind
-                await km.shutdown_kernel(now=True)
-                raise EngineError(f"engine {eid}: the cluster was stopped during its restart", eid)
-            try:
-                await controller.add_engines_async({eid: self._connection_info(eid)}, {eid: self._probe(eid)},
-                                                   timeout)
-            except EngineError as exc:
-                raise self._with_output(exc) from None
+            for attempt in range(PORT_CLASH_RETRIES + 1):
+                if self._stopped:  # stop() ran meanwhile: do not leave the new kernel behind
+                    await self.managers[eid].shutdown_kernel(now=True)
+                    raise EngineError(f"engine {eid}: the cluster was stopped during its restart", eid)
+                try:
+                    await controller.add_engines_async({eid: self._connection_info(eid)},
+                                                       {eid: self._probe(eid)}, timeout)
+                    break
+                except EngineError as exc:
+                    if attempt < PORT_CLASH_RETRIES and self._port_clash(eid):
+                        log.warning("engine %s lost a port to another process while restarting; "
+                                    "starting it on new ports", eid)
+                        await self._fresh_manager(eid)
+                        continue
+                    raise self._with_output(exc) from None
 
     def _on_dead(self, eid: int, reason: str) -> None:
         """Controller callback (loop thread): restart a dead engine when ``auto_restart`` is on."""
@@ -460,18 +480,9 @@ class Cluster:
     async def _start_kernels(self) -> None:
         from jupyter_client.kernelspec import NoSuchKernel
 
-        env = dict(os.environ if self.env is None else self.env)
-        env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-        env.pop("JPY_PARENT_PID", None)
-        directory = cluster_dir()
-        tag = f"{self.profile}-{os.getpid()}"
+        env = self._env()
         for eid in range(self.n):
-            km = AsyncKernelManager(kernel_name=self.kernel_name,
-                                    connection_file=str(directory / f"engine-{tag}-{eid}.json"))
-            km.session.key = self._key.encode()
-            km.shutdown_wait_time = self.shutdown_wait
-            km.transport_encryption = self._encryption_policy(km.ip)
-            self.managers[eid] = km
+            self._new_manager(eid)
         logs = {eid: self._open_log(eid, "wb") for eid in self.managers}
         try:
             results = await asyncio.gather(
@@ -496,6 +507,37 @@ class Cluster:
             reason = self._probe(eid)()
             if reason:
                 raise EngineError(f"engine {eid} {reason} during startup; its output:\n{self._log_tail(eid)}", eid)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+        env.pop("JPY_PARENT_PID", None)  # jupyter_client sets ours: engines die with this process
+        return env
+
+    def _new_manager(self, eid: int) -> AsyncKernelManager:
+        tag = f"{self.profile}-{os.getpid()}"
+        km = AsyncKernelManager(kernel_name=self.kernel_name,
+                                connection_file=str(cluster_dir() / f"engine-{tag}-{eid}.json"))
+        km.session.key = self._key.encode()
+        km.shutdown_wait_time = self.shutdown_wait
+        km.transport_encryption = self._encryption_policy(km.ip)
+        self.managers[eid] = km
+        return km
+
+    def _port_clash(self, eid: int) -> bool:
+        """Did engine ``eid`` die because another process took one of its ports meanwhile?"""
+        return "Address already in use" in self._log_tail(eid, 40)
+
+    async def _fresh_manager(self, eid: int) -> None:
+        """Replace engine ``eid``'s kernel by a new one on new ports (after a port clash)."""
+        old = self.managers[eid]
+        try:
+            await old.shutdown_kernel(now=True)
+        except Exception as exc:
+            log.debug("engine %s: shutting down the old kernel: %s", eid, exc)
+        km = self._new_manager(eid)
+        with self._open_log(eid, "wb") as out:
+            await km.start_kernel(extra_arguments=KERNEL_ARGS, env=self._env(), stdout=out, stderr=out)
 
     def _open_log(self, eid: int, mode: str) -> Any:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
