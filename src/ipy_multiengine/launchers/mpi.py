@@ -1,0 +1,241 @@
+"""``launcher='mpi'``: all engines are the ranks of one ``mpiexec -n N`` job.
+
+Engine id = MPI rank. Every rank runs ``python -m ipy_multiengine.engine_main``, which
+initialises MPI (mpi4py) before the kernel starts, so code sent with ``%px`` can use
+``MPI.COMM_WORLD`` collectives between engines.
+
+The job is one group: ``interrupt()`` interrupts every rank (interrupting only some ranks of
+a collective would leave the others blocked in it), and ``stop()`` ends the whole job
+(SIGTERM to ``mpiexec``, which takes its ranks down; SIGKILL to its process group after the
+timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable
+
+from .base import (
+    Launcher,
+    LauncherError,
+    engine_environment,
+    engine_file,
+    find_executable,
+    interrupt_via_control,
+    make_work_dir,
+    wait_for_engines,
+    write_engine_files,
+)
+
+
+def _is_local(hostname: str | None) -> bool:
+    return hostname in (None, socket.gethostname())
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    return _signal_group(pgid, 0)
+
+
+class MPILauncher(Launcher):
+    """Start ``n`` engines as one MPI job.
+
+    Options: ``mpiexec`` (path or name; default: the ``mpiexec`` next to this Python, else
+    on PATH), ``mpiexec_args`` (extra arguments, e.g. ``['-hosts', 'a,b']`` or Open MPI's
+    ``['--oversubscribe']``), ``python`` (the engines' interpreter), ``ip`` (the address
+    the kernels bind: ``'127.0.0.1'`` for one machine, ``'*'`` when ranks run on other
+    hosts), ``env`` (extra environment), ``work_dir`` (for the connection files; shared by
+    all hosts), ``kernel_args`` (extra IPKernelApp arguments).
+    """
+
+    name = "mpi"
+
+    def __init__(
+        self,
+        n: int | None = None,
+        *,
+        mpiexec: str | None = None,
+        mpiexec_args: Iterable[str] = (),
+        python: str | None = None,
+        ip: str = "127.0.0.1",
+        env: dict | None = None,
+        work_dir: str | None = None,
+        kernel_args: Iterable[str] = (),
+        startup_timeout: float | None = 60.0,
+        **kw,
+    ):
+        kw.pop("kernel_name", None)  # engines are always IPython kernels here
+        super().__init__(n, startup_timeout=startup_timeout, **kw)
+        if n is None or n < 1:
+            raise ValueError("the mpi launcher needs n >= 1 engines")
+        self.python = python or sys.executable
+        self.mpiexec = mpiexec or "mpiexec"
+        self.mpiexec_args = list(mpiexec_args)
+        self.ip = ip
+        self.env = dict(env or {})
+        self.work_dir_base = work_dir
+        self.work_dir: str | None = None
+        self.kernel_args = list(kernel_args)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pid: int | None = None  # mpiexec, leader of its own process group
+        self.output_path: str | None = None
+
+    def command(self) -> list[str]:
+        mpiexec = find_executable(self.mpiexec, near=self.python)
+        if mpiexec is None:
+            raise LauncherError(
+                f"mpi launcher: {self.mpiexec!r} not found (install MPI, e.g. "
+                "`pip install mpich mpi4py`, or pass mpiexec='/path/to/mpiexec')"
+            )
+        return [
+            mpiexec,
+            "-n",
+            str(self.n),
+            *self.mpiexec_args,
+            self.python,
+            "-m",
+            "ipy_multiengine.engine_main",
+            "--connection-file",
+            engine_file(self.work_dir, "{engine_id}"),
+            "--mpi",
+            "yes",
+            *(["--", *self.kernel_args] if self.kernel_args else []),
+        ]
+
+    async def start(self) -> list[dict]:
+        self.work_dir = make_work_dir(self.work_dir_base, prefix="ipmulti-mpi-")
+        paths = write_engine_files(self.work_dir, self.n, self.ip)
+        env = engine_environment(self.env)
+        if os.geteuid() == 0:  # Open MPI refuses root without these; MPICH ignores them
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        self.output_path = os.path.join(self.work_dir, "mpiexec.log")
+        cmd = self.command()
+        with open(self.output_path, "ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        self.pid = self.proc.pid
+        try:
+            self.engines = await wait_for_engines(
+                paths, self.startup_timeout, alive=self._problem, what=f"mpi launcher ({cmd[0]})"
+            )
+        except BaseException:
+            await self.stop(timeout=2.0)
+            raise
+        return self.engines
+
+    def _output_tail(self, limit: int = 2000) -> str:
+        try:
+            with open(self.output_path, errors="replace") as f:
+                return f.read()[-limit:]
+        except (OSError, TypeError):
+            return ""
+
+    def _problem(self) -> str | None:
+        if self.proc is not None and self.proc.returncode is not None:
+            return f"mpiexec exited with {self.proc.returncode}:\n{self._output_tail()}"
+        return None
+
+    async def interrupt(self, ids: Iterable[int] | None = None) -> None:
+        """Interrupt every rank (the job is one group, whatever ``ids`` says)."""
+        tasks = []
+        for info in self.engines:
+            pid = info.get("pid")
+            if pid and _is_local(info.get("hostname")):
+                try:
+                    os.kill(pid, signal.SIGINT)
+                    continue
+                except ProcessLookupError:
+                    continue
+            tasks.append(interrupt_via_control(info))
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    async def poll(self) -> list[bool]:
+        running = self.pid is not None and (
+            self.proc.returncode is None if self.proc is not None else _group_alive(self.pid)
+        )
+        return [running] * len(self.engines or range(self.n))
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        if self.pid is None:
+            return
+        pgid = self.pid
+        _signal_group(pgid, signal.SIGTERM) if self.proc is None else _terminate(self.proc)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and _group_alive(pgid):
+            if self.proc is not None and self.proc.returncode is None:
+                try:
+                    await asyncio.wait_for(self.proc.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            # mpiexec is gone: take down whatever rank is left in its group
+            _signal_group(pgid, signal.SIGTERM)
+            await asyncio.sleep(0.05)
+        _signal_group(pgid, signal.SIGKILL)
+        if self.proc is not None and self.proc.returncode is None:
+            await self.proc.wait()
+        self.pid = None
+        self._remove_files()
+
+    def kill_now(self) -> None:
+        if self.pid is not None:
+            _signal_group(self.pid, signal.SIGKILL)
+            self.pid = None
+        self._remove_files()
+
+    def _remove_files(self) -> None:
+        if self.work_dir and os.path.isdir(self.work_dir):
+            import shutil
+
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def to_dict(self) -> dict:
+        return {
+            "launcher": self.name,
+            "n": self.n,
+            "pid": self.pid,
+            "hostname": socket.gethostname(),
+            "work_dir": self.work_dir,
+            "engines": self.engines,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MPILauncher:
+        self = cls(data["n"])
+        if data.get("hostname") == socket.gethostname():
+            self.pid = data.get("pid")
+        self.work_dir = data.get("work_dir")
+        self.engines = data.get("engines", [])
+        return self
+
+    def __repr__(self) -> str:
+        return f"<MPILauncher n={self.n} mpiexec pid={self.pid}>"
+
+
+def _terminate(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            proc.terminate()
+        except ProcessLookupError:
+            pass
