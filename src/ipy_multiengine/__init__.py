@@ -1,0 +1,30 @@
+"""ipy_multiengine: IPython's classic multiengine interface on ordinary Jupyter kernels.
+
+``from ipy_multiengine import Cluster`` to start engines, ``client.MultiEngineClient()`` to
+connect to running ones, ``%load_ext ipy_multiengine`` for the ``%px`` family of magics.
+"""
+
+from .client import MultiEngineClient, PendingResult, ResultList
+from .cluster import Cluster
+from .errors import CompositeError, EngineError, MultiEngineError, NoClusterError, RemoteError, TimeoutError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cluster", "MultiEngineClient", "PendingResult", "ResultList", "CompositeError", "EngineError",
+    "MultiEngineError", "NoClusterError", "RemoteError", "TimeoutError",
+]
+
+
+def load_ipython_extension(ip):  # noqa: ANN001
+    """``%load_ext ipy_multiengine``: register the parallel magics."""
+    from .magics import load
+
+    load(ip)
+
+
+def unload_ipython_extension(ip):  # noqa: ANN001
+    """``%unload_ext ipy_multiengine``: remove the magics and the ``%autopx`` transformer."""
+    from .magics import unload
+
+    unload(ip)

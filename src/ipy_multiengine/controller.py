@@ -1,0 +1,489 @@
+"""The controller: owns every engine's ZMQ channels on the background loop and routes replies.
+
+Each request sent to an engine gets a ``concurrent.futures.Future``. Replies and IOPub
+messages are routed by ``parent_header.msg_id`` (comm replies by their ``rid``) to the
+request that caused them, so any number of requests can be in flight on any number of
+engines. An ``execute`` completes when both its ``execute_reply`` and its ``status: idle``
+have arrived, so no output is lost; a comm operation completes on its explicit reply.
+
+The controller knows nothing of magics or result formatting: it hands back plain dicts
+(execute) and raw frames (comm operations).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+from jupyter_client.session import Session
+
+from . import _loop
+from .errors import EngineError, RemoteError
+
+log = logging.getLogger("ipy_multiengine")
+
+#: Seconds to wait for ``status: idle`` after a reply before declaring the output lost.
+IDLE_GRACE = 5.0
+#: Seconds between liveness polls of engines.
+POLL_INTERVAL = 0.5
+
+Listener = Callable[[int, str, dict], None]
+
+INSTALL_CODE = "import ipy_multiengine.engine as _ime_helper; _ime_helper.register(); del _ime_helper"
+
+
+@dataclass
+class Request:
+    """One message sent to one engine, and what came back for it."""
+
+    msg_id: str
+    eid: int
+    kind: str  # 'execute' | 'comm' | 'shell' | 'control'
+    future: Future
+    code: str = ""
+    op: str = ""
+    listener: Listener | None = None
+    reply: dict | None = None
+    idle: bool = False
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+    lost: bool = False
+    sent: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class CommReply:
+    """The reply to a comm operation: its JSON part and its binary frames."""
+
+    content: dict
+    frames: list[Any]
+
+
+class EngineConn:
+    """One engine's sockets, session and in-flight requests (used only on the loop thread)."""
+
+    def __init__(self, eid: int, info: dict, liveness: Callable[[], str | None] | None) -> None:
+        self.eid = eid
+        self.info = info
+        self.liveness = liveness
+        key = info.get("key", "")
+        self.session = Session(
+            key=key.encode() if isinstance(key, str) else key,
+            signature_scheme=info.get("signature_scheme", "hmac-sha256"),
+            username="ipy_multiengine",
+        )
+        self.comm_id = uuid.uuid4().hex
+        self.requests: dict[str, Request] = {}
+        self.state = "starting"
+        self.dead: str | None = None
+        self.data_ok = False
+        self.language = ""
+        self.kernel_info: dict = {}
+        self.engine_info: dict = {}
+        self.sockets: dict[str, zmq.asyncio.Socket] = {}
+        self.tasks: list[asyncio.Task] = []
+        self.iopub_seen = asyncio.Event()
+        self.busy_since: float | None = None
+        self.running: str = ""
+
+    def url(self, channel: str) -> str:
+        transport = self.info.get("transport", "tcp")
+        ip = self.info.get("ip", "127.0.0.1")
+        port = self.info[f"{channel}_port"]
+        return f"{transport}://{ip}:{port}" if transport == "tcp" else f"{transport}://{ip}-{port}"
+
+
+class Controller:
+    """Multiplexes the channels of a set of engines from one background loop thread.
+
+    ``engines`` maps engine id to connection info (the dict of a Jupyter connection file);
+    ``liveness`` optionally maps engine id to a callable returning a reason string when the
+    engine is dead (e.g. a process poll), ``None`` while it lives.
+    """
+
+    def __init__(
+        self,
+        engines: dict[int, dict],
+        liveness: dict[int, Callable[[], str | None]] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self._liveness = dict(liveness or {})
+        self._engines: dict[int, EngineConn] = {}
+        self._closed = False
+        self._poller: asyncio.Task | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        _loop.run(self._start(dict(engines), timeout))
+
+    # ---------------------------------------------------------------- lifecycle (loop)
+    async def _start(self, engines: dict[int, dict], timeout: float) -> None:
+        self._ctx = zmq.asyncio.Context()
+        await self._add_engines(engines, timeout)
+        self._poller = asyncio.ensure_future(self._poll_liveness())
+
+    async def _add_engines(self, engines: dict[int, dict], timeout: float) -> None:
+        conns = [EngineConn(eid, info, self._liveness.get(eid)) for eid, info in sorted(engines.items())]
+        for conn in conns:
+            old = self._engines.get(conn.eid)
+            if old is not None:
+                self._teardown(old, "engine was replaced")
+            self._engines[conn.eid] = conn
+        results = await asyncio.gather(
+            *(self._connect(c, timeout) for c in conns), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for conn in conns:
+                self._teardown(conn, "startup failed")
+                self._engines.pop(conn.eid, None)
+            raise errors[0]
+
+    def _socket(self, conn: EngineConn, channel: str, kind: int) -> zmq.asyncio.Socket:
+        assert self._ctx is not None
+        sock = self._ctx.socket(kind)
+        sock.linger = 0
+        if kind == zmq.DEALER:
+            sock.setsockopt(zmq.IDENTITY, conn.session.bsession)
+        if kind == zmq.SUB:
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+            sock.rcvhwm = 0  # never drop IOPub on our side
+        sock.connect(conn.url(channel))
+        conn.sockets[channel] = sock
+        return sock
+
+    async def _connect(self, conn: EngineConn, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for channel, kind in (("iopub", zmq.SUB), ("shell", zmq.DEALER), ("control", zmq.DEALER)):
+            sock = self._socket(conn, channel, kind)
+            conn.tasks.append(asyncio.ensure_future(self._reader(conn, channel, sock)))
+        # The SUB socket misses messages until its subscription reaches the kernel: ask for
+        # kernel_info until a reply has come *and* IOPub has delivered something.
+        info_fut: Future | None = None
+        while True:
+            if conn.dead:
+                raise EngineError(f"engine {conn.eid} died during startup: {conn.dead}", conn.eid)
+            if info_fut is None or info_fut.done():
+                if info_fut is not None and conn.iopub_seen.is_set():
+                    break
+                info_fut = self._send_shell(conn, "kernel_info_request", {}, kind="shell")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EngineError(
+                    f"engine {conn.eid} at {conn.url('shell')} did not answer kernel_info within {timeout:g} s",
+                    conn.eid,
+                )
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(info_fut)), min(0.25, left))
+            except asyncio.TimeoutError:
+                pass
+            if info_fut.done() and not conn.iopub_seen.is_set():
+                try:
+                    await asyncio.wait_for(conn.iopub_seen.wait(), min(0.25, max(left, 0.01)))
+                except asyncio.TimeoutError:
+                    info_fut = None
+        conn.kernel_info = info_fut.result().reply or {}
+        conn.language = conn.kernel_info.get("language_info", {}).get("name", "")
+        conn.state = "idle"
+        if conn.language != "python":
+            return
+        install = self._send_shell(
+            conn, "execute_request",
+            {"code": INSTALL_CODE, "silent": True, "store_history": False, "user_expressions": {},
+             "allow_stdin": False, "stop_on_error": False},
+            kind="execute", code=INSTALL_CODE,
+        )
+        opened = self._send_comm_open(conn)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(install), max(deadline - time.monotonic(), 1))
+        except RemoteError as err:
+            log.warning("engine %s: ipy_multiengine helper not importable (%s); execute only", conn.eid, err)
+            opened.cancel()
+            conn.requests.pop(getattr(opened, "msg_id", ""), None)
+            return
+        reply = await asyncio.wait_for(asyncio.wrap_future(opened), max(deadline - time.monotonic(), 1))
+        conn.engine_info = {k: v for k, v in reply.content.items() if k not in ("rid", "status")}
+        conn.data_ok = True
+
+    def _teardown(self, conn: EngineConn, reason: str) -> None:
+        self._fail_all(conn, reason)
+        for t in conn.tasks:
+            t.cancel()
+        for s in conn.sockets.values():
+            s.close(linger=0)
+        conn.sockets.clear()
+
+    async def _close(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+        for conn in self._engines.values():
+            self._teardown(conn, "the client was closed")
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+
+    async def _poll_liveness(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            for conn in list(self._engines.values()):
+                if conn.dead or conn.liveness is None:
+                    continue
+                try:
+                    reason = conn.liveness()
+                except Exception as exc:  # a broken probe must not stop the poller
+                    reason = None
+                    log.debug("liveness probe for engine %s failed: %s", conn.eid, exc)
+                if reason:
+                    self._mark_dead(conn, reason)
+
+    def _mark_dead(self, conn: EngineConn, reason: str) -> None:
+        conn.dead = reason
+        conn.state = "dead"
+        self._fail_all(conn, reason)
+
+    def _fail_all(self, conn: EngineConn, reason: str) -> None:
+        for req in list(conn.requests.values()):
+            what = f" while running {req.code or req.op or req.kind!r}" if (req.code or req.op) else ""
+            self._finish(conn, req, exc=EngineError(f"engine {conn.eid} {reason}{what}", conn.eid,
+                                                   _method(req)))
+
+    # ---------------------------------------------------------------- receiving (loop)
+    async def _reader(self, conn: EngineConn, channel: str, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                frames = await sock.recv_multipart(copy=False)
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError:
+                return
+            try:
+                _idents, msg_list = conn.session.feed_identities(frames, copy=False)
+                msg = conn.session.deserialize(msg_list, content=True, copy=False)
+            except Exception as exc:
+                log.warning("engine %s: dropped a bad message on %s: %s", conn.eid, channel, exc)
+                continue
+            try:
+                self._dispatch(conn, channel, msg)
+            except Exception:
+                log.exception("engine %s: error routing a %s message", conn.eid, msg.get("msg_type"))
+
+    def _dispatch(self, conn: EngineConn, channel: str, msg: dict) -> None:
+        mtype = msg["msg_type"]
+        content = msg["content"]
+        parent = msg["parent_header"].get("msg_id", "")
+        if channel != "iopub":
+            req = conn.requests.get(parent)
+            if req is not None:
+                req.reply = content
+                self._maybe_complete(conn, req)
+            return
+        conn.iopub_seen.set()
+        if mtype == "comm_msg":
+            if content.get("comm_id") == conn.comm_id:
+                data = content.get("data") or {}
+                req = conn.requests.get(data.get("rid", ""))
+                if req is not None:
+                    self._finish_comm(conn, req, data, msg.get("buffers") or [])
+            return
+        if mtype == "status":
+            state = content.get("execution_state")
+            if state in ("busy", "idle") and not conn.dead:
+                conn.state = state
+                conn.busy_since = time.monotonic() if state == "busy" else None
+            req = conn.requests.get(parent)
+            if req is not None and state == "idle":
+                req.idle = True
+                self._maybe_complete(conn, req)
+            return
+        req = conn.requests.get(parent)
+        if req is None:
+            return
+        if mtype == "stream":
+            (req.stderr if content.get("name") == "stderr" else req.stdout).append(content.get("text", ""))
+        elif mtype in ("display_data", "execute_result", "update_display_data", "error", "clear_output"):
+            req.outputs.append({"output_type": mtype, **content})
+        else:
+            return
+        if req.listener is not None:
+            try:
+                req.listener(conn.eid, mtype, content)
+            except Exception:
+                log.exception("output listener failed")
+
+    def _maybe_complete(self, conn: EngineConn, req: Request) -> None:
+        if req.reply is None:
+            return
+        if req.kind == "execute" and not req.idle:
+            asyncio.get_running_loop().call_later(IDLE_GRACE, self._idle_overdue, conn, req)
+            return
+        if req.kind == "comm":
+            return  # comm operations complete on their explicit reply
+        if req.kind != "execute":
+            self._finish(conn, req, value=req)
+            return
+        content = req.reply
+        result = {
+            "id": conn.eid,
+            "number": content.get("execution_count"),
+            "input": {"raw": req.code, "translated": req.code},
+            "stdout": "".join(req.stdout),
+            "stderr": "".join(req.stderr),
+            "outputs": req.outputs,
+            "result": next((o.get("data") for o in req.outputs if o["output_type"] == "execute_result"), None),
+            "status": content.get("status", "ok"),
+        }
+        if req.lost:
+            result["output_lost"] = True
+        if content.get("status") == "ok":
+            self._finish(conn, req, value=result)
+        elif content.get("status") == "aborted":
+            self._finish(conn, req, exc=RemoteError("Aborted", "the engine aborted this request",
+                                                    [], conn.eid, "execute", result=result))
+        else:
+            self._finish(conn, req, exc=RemoteError(
+                content.get("ename", "Error"), content.get("evalue", ""), content.get("traceback", []),
+                conn.eid, "execute", result=result))
+
+    def _idle_overdue(self, conn: EngineConn, req: Request) -> None:
+        if conn.requests.get(req.msg_id) is req and not req.idle:
+            log.warning("engine %s: no idle status %.0f s after the reply to %s: output may be lost",
+                        conn.eid, IDLE_GRACE, req.msg_id)
+            req.idle = req.lost = True
+            self._maybe_complete(conn, req)
+
+    def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
+        if data.get("status") == "ok":
+            self._finish(conn, req, value=CommReply(data, list(frames)))
+        else:
+            self._finish(conn, req, exc=RemoteError(
+                data.get("ename", "Error"), data.get("evalue", ""), data.get("traceback", []),
+                conn.eid, req.op or "comm", pickled=bytes(frames[0]) if frames else None,
+                result=data.get("item")))
+
+    def _finish(self, conn: EngineConn, req: Request, value: Any = None, exc: BaseException | None = None) -> None:
+        conn.requests.pop(req.msg_id, None)
+        if req.future.done():
+            return
+        if exc is not None:
+            req.future.set_exception(exc)
+        else:
+            req.future.set_result(value)
+
+    # ---------------------------------------------------------------- sending (loop)
+    def _new_request(self, conn: EngineConn, kind: str, msg_id: str, **kw: Any) -> Request:
+        fut: Future = Future()
+        fut.msg_id = msg_id  # type: ignore[attr-defined]
+        req = Request(msg_id=msg_id, eid=conn.eid, kind=kind, future=fut, **kw)
+        if conn.dead:
+            fut.set_exception(EngineError(f"engine {conn.eid} is dead: {conn.dead}", conn.eid, _method(req)))
+        return req
+
+    def _send_shell(self, conn: EngineConn, msg_type: str, content: dict, kind: str = "shell",
+                    channel: str = "shell", **kw: Any) -> Future:
+        msg = conn.session.msg(msg_type, content)
+        req = self._new_request(conn, kind, msg["msg_id"], **kw)
+        if not req.future.done():
+            conn.requests[req.msg_id] = req
+            conn.session.send(conn.sockets[channel], msg)
+        return req.future
+
+    def _send_comm_open(self, conn: EngineConn) -> Future:
+        msg = conn.session.msg("comm_open", {"comm_id": conn.comm_id, "target_name": "ipy_multiengine",
+                                              "data": {}})
+        msg["content"]["data"]["rid"] = msg["msg_id"]
+        req = self._new_request(conn, "comm", msg["msg_id"], op="open")
+        conn.requests[req.msg_id] = req
+        conn.session.send(conn.sockets["shell"], msg)
+        return req.future
+
+    def _send_batch(self, batch: list[tuple[EngineConn, dict, Request, list]]) -> None:
+        for conn, msg, req, buffers in batch:
+            if req.future.done():
+                continue
+            if conn.dead or "shell" not in conn.sockets:
+                self._finish(conn, req, exc=EngineError(
+                    f"engine {conn.eid} is {'dead: ' + conn.dead if conn.dead else 'not connected'}",
+                    conn.eid, _method(req)))
+                continue
+            conn.requests[req.msg_id] = req
+            try:
+                conn.session.send(conn.sockets["shell"], msg, buffers=buffers)
+            except Exception as exc:
+                self._finish(conn, req, exc=exc)
+
+    # ---------------------------------------------------------------- public, any thread
+    @property
+    def ids(self) -> list[int]:
+        return sorted(self._engines)
+
+    def engine(self, eid: int) -> EngineConn:
+        return self._engines[eid]
+
+    def dead(self, eid: int) -> str | None:
+        return self._engines[eid].dead
+
+    def submit_execute(self, eids: list[int], code: str, listener: Listener | None = None,
+                       silent: bool = False) -> list[Future]:
+        """Send ``code`` to each engine; one Future per engine resolving to a result dict."""
+        content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
+                   "allow_stdin": False, "stop_on_error": False}
+        batch = []
+        for eid in eids:
+            conn = self._engines[eid]
+            msg = conn.session.msg("execute_request", content)
+            req = self._new_request(conn, "execute", msg["msg_id"], code=code, listener=listener)
+            batch.append((conn, msg, req, []))
+        return self._submit(batch)
+
+    def submit_comm(self, eids: list[int], op: str, data: dict, frames: list[list[Any]],
+                    listener: Listener | None = None) -> list[Future]:
+        """Send one comm operation per engine (``frames[i]`` to ``eids[i]``); Futures of ``CommReply``."""
+        batch = []
+        for eid, fr in zip(eids, frames):
+            conn = self._engines[eid]
+            msg = conn.session.msg("comm_msg", {"comm_id": conn.comm_id, "data": dict(data, op=op)})
+            msg["content"]["data"]["rid"] = msg["msg_id"]
+            req = self._new_request(conn, "comm", msg["msg_id"], op=op, listener=listener)
+            if not conn.data_ok and not req.future.done():
+                req.future.set_exception(EngineError(
+                    f"engine {eid} ({conn.language or 'unknown language'}) cannot run {op!r}: data "
+                    "operations need a Python engine with ipy_multiengine installed", eid, op))
+            batch.append((conn, msg, req, fr))
+        return self._submit(batch)
+
+    def _submit(self, batch: list) -> list[Future]:
+        if self._closed:
+            raise EngineError("this client is closed")
+        _loop.call_soon(self._send_batch, batch)
+        return [req.future for _, _, req, _ in batch]
+
+    def interrupt(self, eids: list[int]) -> None:
+        """Ask each engine to interrupt what it runs (``interrupt_request`` on control)."""
+        def send() -> None:
+            for eid in eids:
+                conn = self._engines[eid]
+                if not conn.dead and "control" in conn.sockets:
+                    self._send_shell(conn, "interrupt_request", {}, kind="control", channel="control")
+        _loop.call_soon(send)
+
+    def pending(self, eid: int) -> int:
+        return len(self._engines[eid].requests)
+
+    def close(self) -> None:
+        """Close every channel; requests still in flight fail with ``EngineError``."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            _loop.run(self._close(), timeout=10)
+        except Exception as exc:  # closing must never raise or hang
+            log.debug("error while closing controller: %s", exc)
+
+
+def _method(req: Request) -> str:
+    return "execute" if req.kind == "execute" else (req.op or req.kind)

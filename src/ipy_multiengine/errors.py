@@ -1,0 +1,188 @@
+"""The exception tree of ipy_multiengine.
+
+::
+
+    Exception
+     ├── MultiEngineError            base of everything raised here
+     │    ├── CompositeError         one or more engines failed in one call
+     │    ├── RemoteError            one engine raised (type, value, traceback text)
+     │    ├── EngineError            an engine died or could not be reached
+     │    └── NoClusterError         no running cluster to connect to
+     └── TimeoutError (builtin)
+          └── TimeoutError           a blocking call ran past its ``timeout``
+
+Every error pickles (``__reduce__``), so it can cross processes, and
+``CompositeError`` renders the remote tracebacks in IPython through
+``_render_traceback_``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import pickle
+from typing import Any
+
+__all__ = [
+    "MultiEngineError",
+    "CompositeError",
+    "RemoteError",
+    "EngineError",
+    "NoClusterError",
+    "TimeoutError",
+]
+
+_builtin_timeout = builtins.TimeoutError
+
+
+class MultiEngineError(Exception):
+    """Base class of the errors raised by ipy_multiengine."""
+
+
+class TimeoutError(MultiEngineError, _builtin_timeout):  # noqa: A001
+    """A blocking call did not finish within its ``timeout``; the result can still be collected."""
+
+
+class NoClusterError(MultiEngineError):
+    """There is no running cluster to connect to."""
+
+
+class RemoteError(MultiEngineError):
+    """An exception raised on one engine.
+
+    ``ename``/``evalue`` are the remote type name and message, ``traceback`` the remote
+    traceback lines (possibly with ANSI colours), ``engine_id`` and ``method`` say where.
+    """
+
+    def __init__(
+        self,
+        ename: str,
+        evalue: str,
+        traceback: list[str] | None = None,
+        engine_id: int | None = None,
+        method: str = "execute",
+        pickled: bytes | None = None,
+        result: Any = None,
+    ) -> None:
+        super().__init__(ename, evalue)
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = list(traceback or [])
+        self.engine_id = engine_id
+        self.method = method
+        self.pickled = pickled
+        self.result = result
+
+    def __reduce__(self):
+        return (
+            type(self),
+            (self.ename, self.evalue, self.traceback, self.engine_id, self.method, self.pickled, self.result),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.ename}: {self.evalue}" if self.evalue else self.ename
+
+    def original(self) -> BaseException | None:
+        """Rebuild the original exception locally, or None if that is not possible."""
+        if self.pickled is not None:
+            try:
+                exc = pickle.loads(self.pickled)
+            except Exception:  # the type may not exist here
+                exc = None
+            if isinstance(exc, BaseException):
+                return exc
+        cls = getattr(builtins, self.ename, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            try:
+                return cls(self.evalue)
+            except Exception:
+                return None
+        return None
+
+    def render_traceback(self) -> list[str]:
+        """The remote traceback lines, or a one-line summary when there are none."""
+        return self.traceback or [str(self)]
+
+    def _render_traceback_(self) -> list[str]:
+        label = f"[{self.engine_id}:{self.method}]: " if self.engine_id is not None else ""
+        return [label + "Remote traceback:"] + self.render_traceback()
+
+
+class EngineError(MultiEngineError):
+    """An engine died, was stopped or could not be reached."""
+
+    def __init__(self, message: str, engine_id: int | None = None, method: str = "execute") -> None:
+        super().__init__(message)
+        self.engine_id = engine_id
+        self.method = method
+        self.ename = "EngineError"
+        self.evalue = message
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.engine_id, self.method))
+
+    def render_traceback(self) -> list[str]:
+        return [f"EngineError: {self.args[0]}"]
+
+
+class CompositeError(MultiEngineError):
+    """One or more engines raised during one call.
+
+    ``elist`` holds one ``RemoteError``/``EngineError`` per failing engine (in target order),
+    ``results`` the per-engine results of the engines that succeeded (``None`` where one failed).
+    """
+
+    def __init__(self, method: str, elist: list[MultiEngineError], results: list[Any] | None = None) -> None:
+        self.method = method
+        self.elist = list(elist)
+        self.results = list(results) if results is not None else []
+        super().__init__(self._message())
+
+    def __reduce__(self):
+        return (type(self), (self.method, self.elist, self.results))
+
+    def _message(self) -> str:
+        lines = [f"one or more exceptions from call to method: {self.method}"]
+        for e in self.elist:
+            lines.append(f"[{e.engine_id}:{e.method}]: {e.ename}: {e.evalue}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self._message()
+
+    def __getitem__(self, i: int) -> MultiEngineError:
+        return self.elist[i]
+
+    def __len__(self) -> int:
+        return len(self.elist)
+
+    def _tracebacks(self, excid: int | None = None) -> list[str]:
+        chosen = self.elist if excid is None else [self._pick(excid)]
+        lines: list[str] = []
+        for e in chosen:
+            lines.append(f"[{e.engine_id}:{e.method}]: ")
+            lines.extend(e.render_traceback())
+            lines.append("")
+        return lines
+
+    def _pick(self, excid: int) -> MultiEngineError:
+        try:
+            return self.elist[excid]
+        except IndexError:
+            raise IndexError(f"an exception with index {excid} does not exist (there are {len(self.elist)})") from None
+
+    def print_tracebacks(self, excid: int | None = None) -> None:
+        """Print the remote traceback of one failing engine (by index in ``elist``) or of all."""
+        print("\n".join(self._tracebacks(excid)))
+
+    def raise_exception(self, excid: int = 0) -> None:
+        """Re-raise exception ``excid`` as its original type when it can be rebuilt locally."""
+        err = self._pick(excid)
+        if isinstance(err, RemoteError):
+            original = err.original()
+            if original is not None:
+                raise original from err
+        raise err
+
+    def _render_traceback_(self) -> list[str]:
+        head = f"CompositeError: {self._message()}"
+        return [head, ""] + self._tracebacks()

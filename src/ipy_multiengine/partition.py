@@ -1,0 +1,56 @@
+"""Splitting sequences across engines and joining the parts back (scatter/gather/map)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def bounds(length: int, nparts: int) -> list[tuple[int, int]]:
+    """Contiguous ``(start, stop)`` ranges, in order, whose sizes differ by at most one."""
+    if nparts < 1:
+        raise ValueError("need at least one part")
+    base, extra = divmod(length, nparts)
+    out = []
+    start = 0
+    for i in range(nparts):
+        stop = start + base + (1 if i < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def _is_array(seq: Any) -> bool:
+    return type(seq).__module__ == "numpy" and hasattr(seq, "shape")
+
+
+def split(seq: Any, nparts: int) -> list[Any]:
+    """Split ``seq`` into ``nparts`` contiguous parts.
+
+    NumPy arrays are split along axis 0 into views, lists/tuples/ranges into lists,
+    strings into strings; any other iterable is materialised as a list first.
+    """
+    if _is_array(seq):
+        if seq.ndim == 0:
+            raise TypeError("cannot scatter a 0-d array")
+        return [seq[a:b] for a, b in bounds(len(seq), nparts)]
+    if isinstance(seq, str):
+        return [seq[a:b] for a, b in bounds(len(seq), nparts)]
+    if not isinstance(seq, (list, tuple, range)):
+        if isinstance(seq, (dict, set, frozenset)) or not hasattr(seq, "__iter__"):
+            raise TypeError(f"cannot scatter an object of type {type(seq).__name__}: need a sequence")
+        seq = list(seq)
+    return [list(seq[a:b]) for a, b in bounds(len(seq), nparts)]
+
+
+def join(parts: Sequence[Any]) -> Any:
+    """Concatenate parts in order: arrays into one array, strings into a string, else a list."""
+    if parts and all(_is_array(p) for p in parts):
+        import numpy
+
+        return numpy.concatenate(parts)
+    if parts and all(isinstance(p, str) for p in parts):
+        return "".join(parts)
+    out: list[Any] = []
+    for p in parts:
+        out.extend(p)
+    return out

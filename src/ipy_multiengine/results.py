@@ -1,0 +1,127 @@
+"""``PendingResult`` (a handle on a call in flight) and ``ResultList`` (what ``execute`` returns)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from typing import Any, Callable
+
+from .errors import CompositeError, EngineError, MultiEngineError, RemoteError, TimeoutError
+
+_UNSET = object()
+
+
+class ResultList(list):
+    """One dict per engine, in target order, with the tutorial's repr::
+
+        <Results List>
+        [0] In [4]: print(c)
+        [0] Out[4]: 15
+    """
+
+    def __repr__(self) -> str:
+        lines = ["<Results List>"]
+        for r in self:
+            eid, n = r.get("id"), r.get("number")
+            lines.append(f"[{eid}] In [{n}]: {r['input']['raw']}")
+            text = (r.get("stdout") or "").rstrip("\n")
+            result = r.get("result")
+            if result is not None:
+                plain = str(result.get("text/plain", ""))
+                text = f"{text}\n{plain}" if text else plain
+            if text:
+                lines.append(f"[{eid}] Out[{n}]: {text}")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+
+class PendingResult:
+    """The result of a non-blocking call, to be collected later.
+
+    ``get_result(default=None, block=True, timeout=None)`` waits (or, with ``block=False``,
+    returns ``default`` when not ready); ``r`` is ``get_result()``; ``ready()`` polls.
+    Errors from engines are raised as one ``CompositeError``.
+    """
+
+    def __init__(
+        self,
+        futures: list[cf.Future],
+        eids: list[int],
+        method: str,
+        finish: Callable[[list[Any]], Any],
+        on_interrupt: Callable[[list[int]], None] | None = None,
+        progress: Callable[["PendingResult", float | None], None] | None = None,
+    ) -> None:
+        self.futures = futures
+        self.eids = eids
+        self.method = method
+        self._finish = finish
+        self._on_interrupt = on_interrupt
+        self._progress = progress
+        self._value: Any = _UNSET
+        self._error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        state = "ready" if self.ready() else "pending"
+        return f"<PendingResult {self.method} on engines {self.eids}: {state}>"
+
+    def ready(self) -> bool:
+        """True once every engine has answered."""
+        return all(f.done() for f in self.futures)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until ready or ``timeout`` seconds pass; Ctrl-C interrupts the engines and re-raises."""
+        try:
+            if self._progress is not None and not self.ready():
+                self._progress(self, timeout)
+            done, not_done = cf.wait(self.futures, timeout=timeout)
+        except KeyboardInterrupt:
+            running = [e for e, f in zip(self.eids, self.futures) if not f.done()]
+            if self._on_interrupt is not None and running:
+                self._on_interrupt(running)
+            raise
+        return not not_done
+
+    def get_result(self, default: Any = None, block: bool = True, timeout: float | None = None) -> Any:
+        """The combined result; raises ``CompositeError`` if any engine failed."""
+        if self._value is _UNSET and self._error is None:
+            if not self.ready():
+                if not block:
+                    return default
+                if not self.wait(timeout):
+                    left = [e for e, f in zip(self.eids, self.futures) if not f.done()]
+                    raise TimeoutError(
+                        f"{self.method} not finished after {timeout:g} s on engines {left}; "
+                        "the result can still be collected later"
+                    )
+            self._collect()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    @property
+    def r(self) -> Any:
+        return self.get_result()
+
+    def _collect(self) -> None:
+        results: list[Any] = []
+        errors: list[MultiEngineError] = []
+        for eid, fut in zip(self.eids, self.futures):
+            exc = fut.exception()
+            if exc is None:
+                results.append(fut.result())
+                continue
+            if not isinstance(exc, (RemoteError, EngineError)):
+                exc = EngineError(f"engine {eid}: {type(exc).__name__}: {exc}", eid, self.method)
+            if exc.engine_id is None:
+                exc.engine_id = eid
+            errors.append(exc)
+            results.append(getattr(exc, "result", None) if self.method == "execute" else None)
+        if errors:
+            self._error = CompositeError(self.method, errors, results)
+            return
+        try:
+            self._value = self._finish(results)
+        except BaseException as exc:  # e.g. a value that cannot be unpickled here
+            self._error = exc

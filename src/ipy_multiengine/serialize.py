@@ -1,0 +1,51 @@
+"""Pickle protocol 5 (through cloudpickle) with out-of-band buffers.
+
+``dumps`` returns the pickle stream and the large contiguous buffers separately, so that
+NumPy arrays, bytes and memoryviews travel as their own message frames, never copied into
+the message body. ``loads`` rebuilds the object on top of the received frames.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import cloudpickle
+
+#: Buffers smaller than this travel inside the pickle stream; a frame costs more than a copy.
+OOB_THRESHOLD = 4096
+
+
+def dumps(obj: Any) -> list[Any]:
+    """Serialise ``obj``: ``[pickle_bytes, *out_of_band_buffers]``."""
+    buffers: list[memoryview] = []
+
+    def callback(pb: pickle.PickleBuffer) -> bool:
+        try:
+            view = pb.raw()
+        except BufferError:  # not contiguous: pickle copies it in-band
+            return True
+        if view.nbytes < OOB_THRESHOLD:
+            return True
+        buffers.append(view)
+        return False
+
+    data = cloudpickle.dumps(obj, protocol=5, buffer_callback=callback)
+    return [data, *buffers]
+
+
+def loads(frames: list[Any]) -> Any:
+    """Inverse of :func:`dumps`; arrays are rebuilt on the frames themselves (no copy)."""
+    if not frames:
+        raise ValueError("no frames to deserialise")
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
+def check_picklable(name: str, value: Any) -> list[Any]:
+    """Serialise ``value`` or raise a ``TypeError`` naming ``name`` and its type."""
+    try:
+        return dumps(value)
+    except Exception as exc:
+        raise TypeError(
+            f"cannot send {name!r}: object of type {type(value).__name__} cannot be pickled ({exc})"
+        ) from exc
