@@ -365,6 +365,9 @@ class MultiEngineClient:
     def interrupt(self, targets: Any = None) -> None:
         """Interrupt what the target engines are running (like Ctrl-C in a kernel)."""
         eids = self._resolve_targets(targets)
+        if getattr(self._cluster, "launcher", None) is not None:  # ssh, scancel, MPI job
+            self._cluster.interrupt(eids)
+            return
         self._controller.interrupt([e for e in eids if not self._controller.dead(e)])
 
     def activate(self) -> "MultiEngineClient":

@@ -191,13 +191,24 @@ class Cluster:
 
     def __init__(
         self,
-        n: int = 4,
+        n: int | None = None,
         kernel_name: str = "python3",
         profile: str = "default",
         startup_timeout: float = 60.0,
         env: dict[str, str] | None = None,
         write_file: bool = True,
+        launcher: Any = "local",
+        **launcher_options: Any,
     ) -> None:
+        # launcher='mpi'|'slurm'|'ssh'|a plugin name|a Launcher: engines started by it
+        self.launcher = None
+        if launcher != "local" or launcher_options:
+            from .launchers import make_launcher
+
+            self.launcher = make_launcher(launcher, n, kernel_name=kernel_name, env=env,
+                                          startup_timeout=startup_timeout, **launcher_options)
+            n = self.launcher.n if n is None else n
+        n = 4 if n is None else n
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive int, not {n!r}")
         self.n = n
@@ -230,14 +241,22 @@ class Cluster:
             else:
                 raise RuntimeError(f"a cluster for profile {self.profile!r} is already running ({path}); "
                                    "stop it with `ipmulti stop` or use another profile")
-        self._finalizer = weakref.finalize(self, _stop_managers, self.managers, [])
+        if self.launcher is not None:
+            self._finalizer = weakref.finalize(self, _stop_launcher, self.launcher)
+        else:
+            self._finalizer = weakref.finalize(self, _stop_managers, self.managers, [])
         atexit.register(self._finalizer)
         try:
-            _loop.run(self._start_kernels(), timeout=self.startup_timeout + 10)
-            liveness = {eid: self._probe(eid) for eid in self.managers}
-            engines = {eid: km.get_connection_info(session=False) for eid, km in self.managers.items()}
-            for info in engines.values():
-                info["key"] = self._key
+            if self.launcher is not None:
+                infos = _loop.run(self.launcher.start(), timeout=self.startup_timeout + 60)
+                engines = dict(enumerate(infos))
+                liveness = {eid: self.launcher.liveness(eid) for eid in engines}
+            else:
+                _loop.run(self._start_kernels(), timeout=self.startup_timeout + 10)
+                liveness = {eid: self._probe(eid) for eid in self.managers}
+                engines = {eid: km.get_connection_info(session=False) for eid, km in self.managers.items()}
+                for info in engines.values():
+                    info["key"] = self._key
             controller = Controller(engines, liveness, timeout=self.startup_timeout)
         except BaseException:
             self.stop()
@@ -306,6 +325,19 @@ class Cluster:
 
     def _write_cluster_file(self, path: Path, engines: dict[int, dict]) -> None:
         host = socket.gethostname()
+        if self.launcher is not None:
+            spec = {
+                "profile": self.profile, "owner_pid": os.getpid(), "host": host, "created": time.time(),
+                "launcher": self.launcher.to_dict(),
+                "engines": [{"id": eid, "pid": info.get("pid"), "host": info.get("hostname", host),
+                             "kernel_name": self.kernel_name, "connection": info}
+                            for eid, info in engines.items()],
+            }
+            write_private(path, json.dumps(spec, indent=1))
+            self.cluster_file = str(path)
+            if self.client is not None:
+                self.client.cluster_file = str(path)
+            return
         spec = {
             "profile": self.profile, "owner_pid": os.getpid(), "host": host, "created": time.time(),
             "engines": [
@@ -335,13 +367,28 @@ class Cluster:
         if self._finalizer is not None:
             atexit.unregister(self._finalizer)
             self._finalizer.detach()
+        if self.launcher is not None:
+            _stop_launcher(self.launcher)
         _stop_managers(self.managers, logs)
+
+    def interrupt(self, eids: list[int]) -> None:
+        """Interrupt engines through the launcher (over ssh, scancel, or the whole MPI job)."""
+        if self.launcher is not None:
+            _loop.run(self.launcher.interrupt(eids), timeout=30)
 
     def __enter__(self) -> Any:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _stop_launcher(launcher: Any) -> None:
+    """Stop a launcher's engines; never hangs (falls back to its synchronous kill)."""
+    try:
+        _loop.run(launcher.stop(), timeout=30)
+    except BaseException:
+        launcher.kill_now()
 
 
 def _stop_managers(managers: dict[int, AsyncKernelManager], extra_files: list[Path]) -> None:

@@ -48,6 +48,15 @@ def get_launcher_class(name: str | type[Launcher]) -> type[Launcher]:
     raise ValueError(f"unknown launcher {name!r}; available: {', '.join(available_launchers())}")
 
 
+def make_launcher(launcher, n: int | None = None, **options) -> Launcher:
+    """A launcher instance from a name, a class, or an instance (returned as is)."""
+    if isinstance(launcher, Launcher):
+        if options.get("startup_timeout") is not None:
+            launcher.startup_timeout = options["startup_timeout"]
+        return launcher
+    return get_launcher_class(launcher)(n, **options)
+
+
 def launcher_from_dict(data: dict) -> Launcher:
     """Rebuild a launcher from :meth:`Launcher.to_dict` (e.g. from a cluster file)."""
     return get_launcher_class(data["launcher"]).from_dict(data)
@@ -61,4 +70,5 @@ __all__ = [
     "available_launchers",
     "get_launcher_class",
     "launcher_from_dict",
+    "make_launcher",
 ]

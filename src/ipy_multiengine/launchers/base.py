@@ -240,12 +240,29 @@ class Launcher:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, n: int | None = None, *, startup_timeout: float | None = 60.0, **kw: Any):
+    def __init__(
+        self,
+        n: int | None = None,
+        *,
+        kernel_name: str | None = None,
+        env: dict | None = None,
+        startup_timeout: float | None = 60.0,
+        **kw: Any,
+    ):
         if kw:
             raise TypeError(f"{type(self).__name__}: unknown option(s) {sorted(kw)}")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"n must be a positive int, not {n!r}")
         self.n = n
+        self.kernel_name = kernel_name
+        self.env = dict(env or {})
         self.startup_timeout = startup_timeout
         self.engines: list[dict] = []  # connection info per engine after start()
+
+    def liveness(self, eid: int) -> Callable[[], str | None]:
+        """A cheap synchronous probe for the controller: a reason once engine ``eid`` is
+        known to be dead, else None. Must not block (it runs on the I/O loop)."""
+        return lambda: None
 
     async def start(self) -> list[dict]:
         raise NotImplementedError

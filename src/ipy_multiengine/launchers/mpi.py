@@ -70,21 +70,18 @@ class MPILauncher(Launcher):
         mpiexec_args: Iterable[str] = (),
         python: str | None = None,
         ip: str = "127.0.0.1",
-        env: dict | None = None,
         work_dir: str | None = None,
         kernel_args: Iterable[str] = (),
         startup_timeout: float | None = 60.0,
         **kw,
     ):
-        kw.pop("kernel_name", None)  # engines are always IPython kernels here
         super().__init__(n, startup_timeout=startup_timeout, **kw)
-        if n is None or n < 1:
+        if n is None:
             raise ValueError("the mpi launcher needs n >= 1 engines")
         self.python = python or sys.executable
         self.mpiexec = mpiexec or "mpiexec"
         self.mpiexec_args = list(mpiexec_args)
         self.ip = ip
-        self.env = dict(env or {})
         self.work_dir_base = work_dir
         self.work_dir: str | None = None
         self.kernel_args = list(kernel_args)
@@ -153,6 +150,14 @@ class MPILauncher(Launcher):
         if self.proc is not None and self.proc.returncode is not None:
             return f"mpiexec exited with {self.proc.returncode}:\n{self._output_tail()}"
         return None
+
+    def liveness(self, eid: int):
+        def probe() -> str | None:
+            if self.proc is not None and self.proc.returncode is not None:
+                return f"ended with its MPI job (mpiexec exited with {self.proc.returncode})"
+            return None
+
+        return probe
 
     async def interrupt(self, ids: Iterable[int] | None = None) -> None:
         """Interrupt every rank (the job is one group, whatever ``ids`` says)."""
