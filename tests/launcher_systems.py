@@ -245,3 +245,143 @@ class NetnsHost:
         subprocess.run(["ip", "link", "del", self.veth_host], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
         self.created = False
+
+
+# ---------------------------------------------------------------------- slurm
+class SlurmCluster:
+    """munged + slurmctld + slurmd on this machine, one node, everything under a temp dir.
+
+    Clients find it through ``env`` (``SLURM_CONF``); munge runs on a private socket named in
+    ``AuthInfo`` so the system's munge (if any) is untouched.
+    """
+
+    NODE = "ipmnode"
+    PARTITION = "ipmtest"
+
+    def __init__(self, cpus: int | None = None) -> None:
+        self.cpus = cpus or 8  # config_overrides: more CPUs than this 2-core box has
+        self.procs: list[subprocess.Popen] = []
+        self.dir: Path | None = None
+        self.env: dict[str, str] = {}
+
+    def start(self) -> SlurmCluster:
+        need_root("a private Slurm cluster")
+        munged = need_command("/usr/sbin/munged", "munge")
+        slurmctld = need_command("/usr/sbin/slurmctld", "slurmctld")
+        slurmd = need_command("/usr/sbin/slurmd", "slurmd")
+        need_command("sbatch", "slurm-client")
+        self.dir = d = Path(tempfile.mkdtemp(prefix="ipmulti-slurm-"))
+        os.chmod(d, 0o755)
+        try:
+            self._start(d, munged, slurmctld, slurmd)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.dir / f"{name}.out", "wb")
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=self._daemon_env(), start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def _daemon_env(self) -> dict:
+        env = dict(os.environ)
+        env.update(self.env)
+        return env
+
+    def _start(self, d: Path, munged: str, slurmctld: str, slurmd: str) -> None:
+        key = d / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        os.chmod(key, 0o400)
+        sock = d / "munge.socket"
+        for sub in ("state", "spool", "log"):
+            (d / sub).mkdir(mode=0o755)
+        self._spawn("munged", [munged, "-F", "--force", f"--socket={sock}", f"--key-file={key}",
+                               f"--pid-file={d}/munged.pid", f"--seed-file={d}/munged.seed",
+                               f"--log-file={d}/log/munged.log"])
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if time.monotonic() > deadline or self.procs[0].poll() is not None:
+                raise RuntimeError(f"munged did not start: {(d / 'munged.out').read_text(errors='replace')}")
+            time.sleep(0.05)
+        host = socket.gethostname()
+        ctld_port, d_port = free_port(), free_port()
+        mem = 1024
+        conf = d / "slurm.conf"
+        conf.write_text(
+            f"ClusterName=ipmtest\n"
+            f"SlurmctldHost={host}(127.0.0.1)\n"
+            f"SlurmctldPort={ctld_port}\n"
+            f"SlurmdPort={d_port}\n"
+            f"SlurmUser=root\nSlurmdUser=root\n"
+            f"AuthType=auth/munge\nCredType=cred/munge\n"
+            f"AuthInfo=socket={sock}\n"
+            f"StateSaveLocation={d}/state\n"
+            f"SlurmdSpoolDir={d}/spool\n"
+            f"SlurmctldPidFile={d}/slurmctld.pid\n"
+            f"SlurmdPidFile={d}/slurmd.pid\n"
+            f"SlurmctldLogFile={d}/log/slurmctld.log\n"
+            f"SlurmdLogFile={d}/log/slurmd.log\n"
+            "ProctrackType=proctrack/linuxproc\n"
+            "TaskPlugin=task/none\n"
+            "JobAcctGatherType=jobacct_gather/none\n"
+            "AccountingStorageType=accounting_storage/none\n"
+            "JobCompType=jobcomp/none\n"
+            "SwitchType=switch/none\n"
+            "MpiDefault=none\n"
+            "SchedulerType=sched/builtin\n"
+            "SelectType=select/cons_tres\nSelectTypeParameters=CR_Core\n"
+            "ReturnToService=2\n"
+            "SlurmctldTimeout=30\nSlurmdTimeout=30\nInactiveLimit=0\nMinJobAge=2\nKillWait=2\n"
+            "SlurmdParameters=config_overrides\n"
+            f"NodeName={self.NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={self.cpus} "
+            f"RealMemory={mem} State=UNKNOWN\n"
+            f"PartitionName={self.PARTITION} Nodes={self.NODE} Default=YES MaxTime=INFINITE "
+            "State=UP OverSubscribe=YES\n"
+        )
+        self.conf = conf
+        self.env = {"SLURM_CONF": str(conf)}
+        self._spawn("slurmctld", [slurmctld, "-D", "-i", "-f", str(conf)])
+        wait_port("127.0.0.1", ctld_port, 20, self.procs[-1])
+        self._spawn("slurmd", [slurmd, "-D", "-N", self.NODE, "-f", str(conf)])
+        deadline = time.monotonic() + 30
+        state = ""
+        while time.monotonic() < deadline:
+            r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                               env=self._daemon_env())
+            state = (r.stdout + r.stderr).strip()
+            if r.returncode == 0 and state.startswith("idle"):
+                return
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{p.args[0]} exited with {p.returncode}: {self.logs()}")
+            time.sleep(0.2)
+        raise RuntimeError(f"slurm node not idle after 30 s (state {state!r}): {self.logs()}")
+
+    def logs(self) -> str:
+        out = []
+        for f in sorted(self.dir.glob("*.out")) + sorted((self.dir / "log").glob("*.log")):
+            out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-1500:]}")
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        if self.env:
+            subprocess.run(["scancel", "--full", "-u", "root", "-p", self.PARTITION], capture_output=True,
+                           env=self._daemon_env(), timeout=30)
+        for proc in reversed(self.procs):  # slurmd, slurmctld, munged
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None

@@ -25,6 +25,7 @@ every engine has rewritten its file with the ports it bound.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import shutil
@@ -104,7 +105,7 @@ async def wait_for_engines(
     paths: list[str],
     timeout: float | None,
     *,
-    alive: Callable[[], str | None] | None = None,
+    alive: Callable[[], Any] | None = None,
     what: str = "engines",
     interval: float = 0.05,
 ) -> list[dict]:
@@ -128,6 +129,8 @@ async def wait_for_engines(
             return [reports[i] for i in range(len(paths))]
         if alive is not None and rounds % 10 == 0:
             problem = alive()
+            if inspect.isawaitable(problem):
+                problem = await problem
             if problem:
                 # the last engines may have reported just before the job ended
                 missing = [i for i in range(len(paths)) if i not in reports]
