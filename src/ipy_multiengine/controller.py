@@ -375,6 +375,21 @@ class Controller:
             req.future.set_result(value)
 
     # ---------------------------------------------------------------- sending (loop)
+    @staticmethod
+    def _send(conn: EngineConn, channel: str, msg: dict, buffers: list | None = None) -> None:
+        """Sign and send ``msg`` on the loop's own asyncio socket.
+
+        ``Session.send`` would go through a sync shadow of the socket, which can swallow the
+        edge-triggered readiness event our reader task waits on (replies then go unread).
+        """
+        frames: list[Any] = conn.session.serialize(msg)
+        if buffers:
+            frames.extend(buffers)
+            large = any(memoryview(b).nbytes >= 65536 for b in buffers)
+        else:
+            large = False
+        conn.sockets[channel].send_multipart(frames, copy=not large)
+
     def _new_request(self, conn: EngineConn, kind: str, msg_id: str, **kw: Any) -> Request:
         fut: Future = Future()
         fut.msg_id = msg_id  # type: ignore[attr-defined]
@@ -389,7 +404,7 @@ class Controller:
         req = self._new_request(conn, kind, msg["msg_id"], **kw)
         if not req.future.done():
             conn.requests[req.msg_id] = req
-            conn.session.send(conn.sockets[channel], msg)
+            self._send(conn, channel, msg)
         return req.future
 
     def _send_comm_open(self, conn: EngineConn) -> Future:
@@ -398,7 +413,7 @@ class Controller:
         msg["content"]["data"]["rid"] = msg["msg_id"]
         req = self._new_request(conn, "comm", msg["msg_id"], op="open")
         conn.requests[req.msg_id] = req
-        conn.session.send(conn.sockets["shell"], msg)
+        self._send(conn, "shell", msg)
         return req.future
 
     def _send_batch(self, batch: list[tuple[EngineConn, dict, Request, list]]) -> None:
@@ -412,7 +427,7 @@ class Controller:
                 continue
             conn.requests[req.msg_id] = req
             try:
-                conn.session.send(conn.sockets["shell"], msg, buffers=buffers)
+                self._send(conn, "shell", msg, buffers)
             except Exception as exc:
                 self._finish(conn, req, exc=exc)
 

@@ -1,0 +1,153 @@
+"""``ipmulti``: start, stop and list clusters, and run the demo tour."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from .cluster import Cluster, cluster_dir, cluster_file_path, list_clusters, pid_alive, _remove_files
+
+
+def _start(args: argparse.Namespace) -> int:
+    if args.daemon:
+        return _start_daemon(args)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    cluster = Cluster(n=args.n, kernel_name=args.kernel, profile=args.profile,
+                      startup_timeout=args.timeout)
+    try:
+        mec = cluster.start()
+    except Exception as exc:
+        print(f"ipmulti: could not start the cluster: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(f"{len(mec.get_ids())} engines ready, cluster file {cluster.cluster_file}", flush=True)
+        if not args.quiet:
+            print("Press Ctrl-C to stop.", flush=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+    print("cluster stopped", flush=True)
+    return 0
+
+
+def _start_daemon(args: argparse.Namespace) -> int:
+    path = cluster_file_path(args.profile)
+    log = cluster_dir() / f"daemon-{args.profile}.log"
+    cmd = [sys.executable, "-m", "ipy_multiengine.cli", "start", "-n", str(args.n), "--profile", args.profile,
+           "--kernel", args.kernel, "--timeout", str(args.timeout), "--quiet"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + args.timeout + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"ipmulti: the cluster process exited with code {proc.returncode}:\n{log.read_text()}",
+                  file=sys.stderr)
+            return 1
+        try:
+            spec = json.loads(path.read_text())
+            if spec.get("owner_pid") == proc.pid:
+                print(path)
+                return 0
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    proc.terminate()
+    print(f"ipmulti: engines not ready after {args.timeout:g} s; see {log}", file=sys.stderr)
+    return 1
+
+
+def _stop(args: argparse.Namespace) -> int:
+    path = cluster_file_path(args.profile)
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
+        print(f"ipmulti: no cluster for profile {args.profile!r} ({path} does not exist)", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"ipmulti: malformed cluster file {path} ({exc}); removing it", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return 1
+    owner = spec.get("owner_pid")
+    if owner and pid_alive(owner):
+        os.kill(owner, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while pid_alive(owner) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(owner):
+            os.kill(owner, signal.SIGKILL)
+    for e in spec.get("engines", []):
+        if pid_alive(e.get("pid")):
+            try:
+                os.kill(e["pid"], signal.SIGKILL)
+            except OSError:
+                pass
+    _remove_files(spec, path)
+    print(f"stopped cluster {args.profile!r}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    clusters = list_clusters(clean=True)
+    if args.json:
+        print(json.dumps(clusters, indent=1))
+        return 0
+    if not clusters:
+        print("no clusters")
+        return 0
+    print(f"{'profile':<16} {'state':<18} {'engines':<12} pids")
+    for c in clusters:
+        print(f"{c['profile']:<16} {c['state']:<18} {len(c['engines']):<12} {' '.join(map(str, c['pids']))}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import tour
+
+    return tour(n=args.n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipmulti", description="Manage ipy_multiengine clusters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("start", help="start N local engines (foreground until Ctrl-C, or --daemon)")
+    p.add_argument("-n", type=int, default=4, help="number of engines (default 4)")
+    p.add_argument("--profile", default="default")
+    p.add_argument("--kernel", default="python3", help="kernelspec name of the engines")
+    p.add_argument("--daemon", action="store_true", help="detach once every engine is ready")
+    p.add_argument("--timeout", type=float, default=60.0, help="startup timeout in seconds")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_start)
+    p = sub.add_parser("stop", help="stop a running cluster and remove its files")
+    p.add_argument("--profile", default="default")
+    p.set_defaults(func=_stop)
+    p = sub.add_parser("list", help="list clusters (stale ones are cleaned up)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_list)
+    p = sub.add_parser("demo", help="start 4 local engines, tour the API, stop them")
+    p.add_argument("-n", type=int, default=4)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "n", 1) < 1:
+        print("ipmulti: -n must be at least 1", file=sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

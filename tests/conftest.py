@@ -1,0 +1,60 @@
+"""Shared fixtures: one real 4-engine cluster per session, a clean namespace per test.
+
+Every engine is a real ipykernel process started through jupyter_client and reached over
+real ZMQ. Runtime files go to a private temporary directory, and the session fails if any
+kernel process outlives it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+_RUNTIME = tempfile.mkdtemp(prefix="ipme-test-runtime-")
+os.environ["JUPYTER_RUNTIME_DIR"] = _RUNTIME  # before ipy_multiengine computes any path
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+
+from ipy_multiengine import Cluster  # noqa: E402
+
+
+def kernel_children() -> list[psutil.Process]:
+    """Kernel processes started (directly or not) by this test process."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any("ipykernel" in part or "ipy_multiengine" in part for part in p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_kernels():
+    yield
+    left = kernel_children()
+    for p in left:
+        p.kill()
+    shutil.rmtree(_RUNTIME, ignore_errors=True)
+    assert not left, f"kernel processes outlived the test suite: {[p.pid for p in left]}"
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    c = Cluster(n=4, profile="tests")
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def mec(cluster):
+    """The session's 4-engine client, with default options and empty engine namespaces."""
+    client = cluster.client
+    client.block = True
+    client.targets = "all"
+    client.execute("%reset -f", block=True)
+    return client

@@ -1,0 +1,242 @@
+"""MultiEngineClient against real engines: the tutorial's 'Running Python commands' and
+'Parallel exceptions' sections, targets/block handling and argument checks."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import pytest
+
+from ipy_multiengine import client
+from ipy_multiengine.errors import CompositeError, EngineError, RemoteError, TimeoutError
+from ipy_multiengine.results import PendingResult, ResultList
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_get_ids(mec):
+    assert mec.get_ids() == [0, 1, 2, 3]
+
+
+def test_tutorial_abc_example(mec):
+    first = mec.execute("a=5")
+    assert isinstance(first, ResultList)
+    n = first[0]["number"]
+    assert [r["id"] for r in first] == [0, 1, 2, 3]
+    mec.execute("b=10")
+    r = mec.execute("c=a+b", targets=[0, 2])
+    assert [x["id"] for x in r] == [0, 2]
+    mec.execute("c=a-b", targets=[1, 3])
+    out = mec.execute("print(c)")
+    assert [x["stdout"] for x in out] == ["15\n", "-5\n", "15\n", "-5\n"]
+    assert out[0]["number"] == n + 3 and out[1]["number"] == n + 3
+    text = repr(out)
+    assert text.splitlines()[0] == "<Results List>"
+    assert f"[0] In [{n + 3}]: print(c)" in text
+    assert f"[0] Out[{n + 3}]: 15" in text
+    assert f"[1] Out[{n + 3}]: -5" in text
+
+
+def test_result_dict_keys_and_number_increments(mec):
+    before = mec.execute("pass")
+    result_dict = mec.execute("d=10; print(d)")
+    for b, r in zip(before, result_dict):
+        assert r["input"] == {"raw": "d=10; print(d)", "translated": "d=10; print(d)"}
+        assert r["number"] == b["number"] + 1
+        assert r["stdout"] == "10\n"
+        assert set(r) >= {"id", "number", "input", "stdout", "stderr", "outputs", "result"}
+
+
+def test_execute_result_and_rich_outputs(mec):
+    r = mec.execute("from IPython.display import display, HTML; display(HTML('<b>x</b>')); 6*7", targets=0)
+    assert r[0]["result"]["text/plain"] == "42"
+    kinds = [o["output_type"] for o in r[0]["outputs"]]
+    assert kinds == ["display_data", "execute_result"]
+    assert "text/html" in r[0]["outputs"][0]["data"]
+    assert "Out[" in repr(r) and "42" in repr(r)
+
+
+def test_stderr_is_collected(mec):
+    r = mec.execute("import sys; print('oops', file=sys.stderr)", targets=1)
+    assert r[0]["stderr"] == "oops\n" and r[0]["stdout"] == ""
+
+
+def test_non_blocking_returns_at_once_while_engines_sleep(mec):
+    t0 = time.perf_counter()
+    pr = mec.execute("import time; time.sleep(1.5)", block=False)
+    assert time.perf_counter() - t0 < 0.5
+    assert isinstance(pr, PendingResult)
+    assert not pr.ready()
+    assert pr.get_result(block=False) is None
+    assert pr.get_result(default="nope", block=False) == "nope"
+    res = pr.r
+    assert pr.ready()
+    assert [x["input"]["raw"] for x in res] == ["import time; time.sleep(1.5)"] * 4
+    assert pr.get_result() is res  # cached
+
+
+def test_timeout_then_collect_later(mec):
+    pr = mec.execute("import time; time.sleep(1)", block=False)
+    with pytest.raises(TimeoutError) as info:
+        pr.get_result(timeout=0.1)
+    assert isinstance(info.value, builtins_timeout())
+    assert len(pr.get_result(timeout=30)) == 4
+    with pytest.raises(TimeoutError):
+        mec.execute("import time; time.sleep(1)", timeout=0.1)
+    mec.get_result(timeout=30)  # the timed-out call's result is still there
+
+
+def builtins_timeout():
+    import builtins
+
+    return builtins.TimeoutError
+
+
+def test_barrier(mec):
+    mec.block = False
+    prs = [mec.execute("import time; time.sleep(0.2)") for _ in range(4)]
+    mec.barrier(prs)
+    assert all(pr.ready() for pr in prs)
+    numbers = [pr.r[0]["number"] for pr in prs]
+    assert numbers == sorted(numbers) and len(set(numbers)) == 4  # per-engine order kept
+    with pytest.raises(TypeError, match="PendingResult"):
+        mec.barrier([1])
+
+
+def test_block_and_targets_attributes(mec):
+    mec.targets = [0, 2]
+    mec.block = False
+    pr = mec.execute("a=5")
+    assert isinstance(pr, PendingResult)
+    assert [x["id"] for x in pr.r] == [0, 2]
+    mec.targets = "all"
+    mec.block = True
+    r = mec.execute("b=10; print(b)")
+    assert [x["stdout"] for x in r] == ["10\n"] * 4
+    assert [x["id"] for x in mec.execute("pass", targets=3)] == [3]
+
+
+@pytest.mark.parametrize(
+    "targets, exc, words",
+    [
+        (7, ValueError, ["unknown engine id 7", "valid ids: [0, 1, 2, 3]"]),
+        ([0, 9, 11], ValueError, ["9, 11"]),
+        ([], ValueError, ["empty"]),
+        ("some", ValueError, ["'some'"]),
+        (1.5, TypeError, ["1.5"]),
+        ([0, "1"], TypeError, ["'1'"]),
+        (True, TypeError, ["True"]),
+        ([1, 1], ValueError, ["twice"]),
+    ],
+)
+def test_bad_targets_are_rejected_before_sending(mec, targets, exc, words):
+    before = mec.execute("pass", targets=0)[0]["number"]
+    with pytest.raises(exc) as info:
+        mec.execute("x = 1", targets=targets)
+    for w in words:
+        assert w in str(info.value)
+    with pytest.raises(exc):
+        mec.targets = targets
+    assert mec.targets == "all"
+    assert mec.execute("pass", targets=0)[0]["number"] == before + 1  # nothing was sent
+
+
+def test_bad_block_and_code(mec):
+    with pytest.raises(TypeError, match="block"):
+        mec.execute("pass", block="yes")
+    with pytest.raises(TypeError, match="block"):
+        mec.block = 1
+    with pytest.raises(TypeError, match="str"):
+        mec.execute(42)
+
+
+def test_composite_error_blocking(mec):
+    with pytest.raises(CompositeError) as info:
+        mec.execute("1/0")
+    e = info.value
+    lines = str(e).splitlines()
+    assert lines[0] == "one or more exceptions from call to method: execute"
+    assert lines[1:] == [f"[{i}:execute]: ZeroDivisionError: division by zero" for i in range(4)]
+    assert len(e.elist) == 4 and all(isinstance(x, RemoteError) for x in e.elist)
+    with pytest.raises(ZeroDivisionError):
+        e.raise_exception()
+    with pytest.raises(IndexError, match="index 9"):
+        e.raise_exception(9)
+    rendered = e._render_traceback_()
+    assert any("ZeroDivisionError" in line for line in rendered)
+    # once in the summary, once heading engine 2's traceback
+    assert sum("[2:execute]" in line for line in rendered) == 2
+
+
+def test_composite_error_nonblocking_and_partial_results(mec):
+    mec.block = False
+    pr = mec.execute("1/0")
+    assert isinstance(pr, PendingResult)
+    with pytest.raises(CompositeError, match=r"\[3:execute\]: ZeroDivisionError"):
+        pr.r
+    mec.block = True
+    mec.push({"k": 0}, targets=[0, 1])
+    mec.push({"k": 1}, targets=[2, 3])
+    with pytest.raises(CompositeError) as info:
+        mec.execute("print('ok'); 1/k")
+    e = info.value
+    assert [x.engine_id for x in e.elist] == [0, 1]
+    assert e.results[2]["stdout"] == "ok\n" and e.results[3]["stdout"] == "ok\n"
+    assert e.results[0]["stdout"] == "ok\n"  # output before the error is kept
+
+
+def test_print_tracebacks(mec, capsys):
+    with pytest.raises(CompositeError) as info:
+        mec.execute("def boom():\n    raise KeyError('zz')\nboom()", targets=[1, 3])
+    info.value.print_tracebacks()
+    out = capsys.readouterr().out
+    assert "[1:execute]:" in out and "[3:execute]:" in out and "boom" in out
+    info.value.print_tracebacks(1)
+    out = capsys.readouterr().out
+    assert "[3:execute]:" in out and "[1:execute]:" not in out
+
+
+def test_errors_pickle(mec):
+    with pytest.raises(CompositeError) as info:
+        mec.execute("1/0", targets=[0, 1])
+    e2 = pickle.loads(pickle.dumps(info.value))
+    assert str(e2) == str(info.value)
+    assert e2.elist[0].traceback == info.value.elist[0].traceback
+    err = EngineError("engine 3 died", 3)
+    assert pickle.loads(pickle.dumps(err)).engine_id == 3
+
+
+def test_unknown_exception_type_reraises_remote_error(mec):
+    mec.execute("class Weird(Exception): pass", targets=0)
+    with pytest.raises(CompositeError) as info:
+        mec.execute("raise Weird('w')", targets=0)
+    with pytest.raises(RemoteError, match="Weird: w"):
+        info.value.raise_exception()
+
+
+def test_syntax_error_is_reported_and_engine_usable(mec):
+    with pytest.raises(CompositeError, match="SyntaxError"):
+        mec.execute("def (:", targets=0)
+    assert mec.execute("print(1)", targets=0)[0]["stdout"] == "1\n"
+
+
+def test_errors_importable_from_client_module():
+    assert client.CompositeError is CompositeError
+    assert client.MultiEngineClient.__name__ == "MultiEngineClient"
+
+
+def test_many_requests_in_flight_are_routed(mec):
+    prs = [mec.execute(f"print({i})", block=False) for i in range(40)]
+    for i, pr in enumerate(prs):
+        assert [x["stdout"] for x in pr.get_result(timeout=30)] == [f"{i}\n"] * 4
+
+
+def test_concurrent_threads_share_a_client(mec):
+    import concurrent.futures as cf
+
+    def work(i):
+        return mec.execute(f"print({i})", targets=i % 4)[0]["stdout"]
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(work, range(24))) == [f"{i}\n" for i in range(24)]
