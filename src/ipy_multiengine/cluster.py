@@ -121,6 +121,33 @@ def resolve_cluster_file(path: str | os.PathLike | None, profile: str | None) ->
     return candidate
 
 
+def read_connection_files(files: Any) -> dict[int, dict]:
+    """Engine id -> connection info for Jupyter connection files, ids 0.. in order."""
+    from jupyter_client.connect import find_connection_file
+
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    engines = {}
+    for eid, name in enumerate(files):
+        path = Path(name)
+        if not path.exists():
+            try:
+                path = Path(find_connection_file(str(name)))
+            except OSError:
+                raise FileNotFoundError(f"no connection file {name!r}") from None
+        try:
+            info = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a connection file: {exc}") from None
+        missing = [k for k in ("shell_port", "iopub_port", "control_port", "ip", "key") if k not in info]
+        if missing:
+            raise ValueError(f"{path} is not a kernel connection file: it lacks {', '.join(missing)}")
+        engines[eid] = info
+    if not engines:
+        raise ValueError("attach needs at least one connection file")
+    return engines
+
+
 def liveness_probes(spec: dict) -> dict[int, Callable[[], str | None]]:
     """Process polls for the engines of ``spec`` that run on this host."""
     here = socket.gethostname()
@@ -148,7 +175,7 @@ def list_clusters(clean: bool = True) -> list[dict]:
             continue
         owner_alive = pid_alive(spec.get("owner_pid")) if spec.get("host") == socket.gethostname() else True
         pids = [e.get("pid") for e in spec["engines"]]
-        alive = [pid_alive(p) for p in pids]
+        alive = [pid_alive(p) if p or not spec.get("attached") else True for p in pids]
         state = "running" if owner_alive and all(alive) else ("degraded" if owner_alive else "stale")
         entry.update(state=state, engines=[e["id"] for e in spec["engines"]], pids=pids,
                      owner_pid=spec.get("owner_pid"), engines_alive=alive)
