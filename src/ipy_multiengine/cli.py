@@ -131,7 +131,7 @@ def _attach(args: argparse.Namespace) -> int:
             print(f"ipmulti: cannot reach the kernels: {exc}", file=sys.stderr)
             return 1
     spec = {
-        "profile": args.profile, "attached": True, "host": socket.gethostname(), "created": time.time(),
+        "profile": args.profile, "attached": True, "attached_from": socket.gethostname(), "created": time.time(),
         "engines": [{"id": eid, "connection": info, "connection_file": None}
                     for eid, info in engines.items()],
     }

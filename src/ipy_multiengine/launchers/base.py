@@ -147,13 +147,14 @@ async def wait_for_engines(
 
 
 def find_executable(name: str, near: str | None = None) -> str | None:
-    """``name`` next to the Python ``near`` (a venv's bin) first, then on PATH."""
+    """``name`` next to the Python ``near`` (a venv's bin), next to ours, then on PATH."""
     if os.path.isabs(name):
         return name if os.access(name, os.X_OK) else None
-    near = near or sys.executable
-    candidate = os.path.join(os.path.dirname(near), name)
-    if os.access(candidate, os.X_OK):
-        return candidate
+    for python in (near, sys.executable):
+        if python:
+            candidate = os.path.join(os.path.dirname(python), name)
+            if os.access(candidate, os.X_OK):
+                return candidate
     return shutil.which(name)
 
 
