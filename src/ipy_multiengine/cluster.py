@@ -426,7 +426,7 @@ def _stop_managers(managers: dict[int, AsyncKernelManager], extra_files: list[Pa
             if await km.is_alive():
                 await asyncio.wait_for(km.shutdown_kernel(now=False), km.shutdown_wait_time + 2)
             else:
-                km.cleanup_resources()
+                await km.cleanup_resources()
         except Exception:
             try:
                 await km.shutdown_kernel(now=True)

@@ -360,10 +360,14 @@ class Controller:
         if data.get("status") == "ok":
             self._finish(conn, req, value=CommReply(data, list(frames)))
         else:
-            self._finish(conn, req, exc=RemoteError(
-                data.get("ename", "Error"), data.get("evalue", ""), data.get("traceback", []),
-                conn.eid, req.op or "comm", pickled=bytes(frames[0]) if frames else None,
-                result=data.get("item")))
+            item = data.get("item")
+            evalue = data.get("evalue", "")
+            if item is not None:
+                evalue = f"{evalue} (on item {item})"
+            err = RemoteError(data.get("ename", "Error"), evalue, data.get("traceback", []), conn.eid,
+                              req.op or "comm", pickled=bytes(frames[0]) if frames else None)
+            err.item = item
+            self._finish(conn, req, exc=err)
 
     def _finish(self, conn: EngineConn, req: Request, value: Any = None, exc: BaseException | None = None) -> None:
         conn.requests.pop(req.msg_id, None)

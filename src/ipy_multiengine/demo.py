@@ -20,8 +20,9 @@ def tour(n: int = 4) -> int:
         print(f"started {n} engines in {time.perf_counter() - t0:.2f} s: ids {mec.get_ids()}")
         _show("mec.execute('a=5')", mec.execute("a=5"))
         mec.execute("b=10")
-        _show("mec.execute('c=a+b', targets=[0, 2])", mec.execute("c=a+b", targets=[0, 2]))
-        mec.execute("c=a-b", targets=[1, 3] if n >= 4 else None)
+        evens, odds = mec.get_ids()[::2], mec.get_ids()[1::2] or mec.get_ids()[:1]
+        _show(f"mec.execute('c=a+b', targets={evens})", mec.execute("c=a+b", targets=evens))
+        mec.execute("c=a-b", targets=odds)
         _show("mec.execute('print(c)')", mec.execute("print(c)"))
         pr = mec.execute("import time; time.sleep(0.5)", block=False)
         _show("pr = mec.execute('time.sleep(0.5)', block=False); pr.ready()", pr.ready())

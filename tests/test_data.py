@@ -1,0 +1,285 @@
+"""Moving objects: the tutorial's push/pull, functions, dictionary interface, scatter/gather,
+parallel map and list comprehensions, plus zero-copy arrays and the error cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from ipy_multiengine.errors import CompositeError
+from ipy_multiengine.results import PendingResult
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_tutorial_push_pull(mec):
+    assert mec.push(dict(a=1.03234, b=3453)) == [None, None, None, None]
+    assert mec.pull("a") == [1.03234] * 4
+    assert mec.pull("b", targets=0) == [3453]
+    assert mec.pull(("a", "b")) == [[1.03234, 3453]] * 4
+    assert mec.zip_pull(("a", "b")) == [(1.03234,) * 4, (3453,) * 4]
+    assert mec.push(dict(c="speed")) == [None] * 4
+    assert [r["stdout"] for r in mec.execute("print(c)")] == ["speed\n"] * 4
+
+
+def test_nonblocking_push_pull(mec):
+    mec.block = False
+    pr = mec.push(dict(a=1.03234))
+    assert isinstance(pr, PendingResult)
+    assert pr.r == [None] * 4
+    pr = mec.pull("a")
+    assert isinstance(pr, PendingResult)
+    assert pr.r == [1.03234] * 4
+
+
+def test_push_and_pull_functions(mec):
+    def f(x):
+        return 2.0 * x**4
+
+    assert mec.push_function(dict(f=f)) == [None] * 4
+    mec.execute("y = f(4.0)")
+    assert [r["stdout"] for r in mec.execute("print(y)")] == ["512.0\n"] * 4
+    g = mec.pull_function("f", targets=1)[0]
+    assert g(2.0) == 32.0
+    with pytest.raises(TypeError, match="'v' is a int"):
+        mec.push_function(dict(v=3))
+
+
+def test_dictionary_interface(mec):
+    mec["a"] = ["foo", "bar"]
+    assert mec["a"] == [["foo", "bar"]] * 4
+
+
+def test_tutorial_scatter_gather(mec):
+    assert mec.scatter("a", range(16)) == [None] * 4
+    out = mec.execute("print(a)")
+    assert [r["stdout"] for r in out] == ["[0, 1, 2, 3]\n", "[4, 5, 6, 7]\n", "[8, 9, 10, 11]\n",
+                                           "[12, 13, 14, 15]\n"]
+    assert mec.gather("a") == list(range(16))
+
+
+def test_parallel_list_comprehension(mec):
+    mec.scatter("x", range(64))
+    mec.execute("y = [i**10 for i in x]")
+    assert mec.gather("y") == [i**10 for i in range(64)]
+
+
+def test_parallel_map_and_decorator(mec):
+    serial_result = list(map(lambda x: x**10, range(32)))
+    assert mec.map(lambda x: x**10, range(32)) == serial_result
+
+    @mec.parallel()
+    def f(x):
+        return 10.0 * x**4
+
+    assert f(range(32)) == [10.0 * x**4 for x in range(32)]
+    assert f.map(range(5)) == [10.0 * x**4 for x in range(5)]
+    assert mec.mapper(targets=[1, 2]).map(abs, [-1, -2, 3]) == [1, 2, 3]
+
+
+def test_map_several_sequences_generators_and_empty(mec):
+    assert mec.map(lambda a, b: a + b, [1, 2, 3], (10, 20, 30, 40)) == [11, 22, 33]
+    gen = (i for i in range(10))
+    assert mec.map(lambda x: -x, gen) == [-i for i in range(10)]
+    assert list(gen) == []  # consumed once
+    assert mec.map(lambda x: x, []) == []
+    assert mec.map(str, range(3)) == ["0", "1", "2"]  # fewer items than engines
+    pr = mec.map(lambda x: x + 1, range(8), block=False)
+    assert pr.get_result(timeout=30) == list(range(1, 9))
+
+
+def test_map_error_names_engine_and_item(mec):
+    with pytest.raises(CompositeError) as info:
+        mec.map(lambda x: 1 / (x - 5), range(12))
+    e = info.value
+    assert len(e.elist) == 1
+    assert e.elist[0].engine_id == 1 and e.elist[0].item == 5
+    assert "[1:map]: ZeroDivisionError: division by zero (on item 5)" in str(e)
+    with pytest.raises(ZeroDivisionError):
+        e.raise_exception()
+
+
+def test_apply(mec):
+    assert mec.apply(lambda a, b=1: a * b, 3, b=2) == [6] * 4
+    assert mec.apply(lambda: __import__("os").getpid(), targets=[0, 1])[0] != mec.apply(
+        lambda: __import__("os").getpid(), targets=[0, 1])[1]
+    pr = mec.apply(pow, 2, 10, block=False)
+    assert pr.r == [1024] * 4
+    with pytest.raises(TypeError, match="callable"):
+        mec.apply(3)
+
+
+def test_round_trips_of_functions_classes_containers(mec):
+    k = 7
+
+    def closure(x):
+        return x + k
+
+    class Point:
+        def __init__(self, x):
+            self.x = x
+
+        def __eq__(self, other):
+            return isinstance(other, Point) and other.x == self.x
+
+    nested = {"a": [1, (2, 3), {4, 5}], "b": {"c": b"\x00" * 10, "d": None}, "e": frozenset([1])}
+    mec.push(dict(closure=closure, Point=Point, nested=nested, lam=lambda s: s * 2), targets=0)
+    assert mec.execute("r = (closure(1), Point(3).x, lam('ab'))", targets=0)
+    assert mec.pull("r", targets=0) == [(8, 3, "abab")]
+    assert mec.pull("nested", targets=0) == [nested]
+    assert mec.apply(lambda p: p.x, Point(9), targets=0) == [9]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int32", "complex128", "uint8"])
+def test_array_round_trip(mec, dtype):
+    a = (np.arange(300_000) % 251).astype(dtype).reshape(600, 500)
+    mec.push({"a": a}, targets=[0, 1])
+    back = mec.pull("a", targets=[0, 1])
+    for b in back:
+        assert b.dtype == a.dtype and b.shape == a.shape
+        assert np.array_equal(a, b)
+        assert b.flags.writeable
+        b[0, 0] = 1  # writeable in place
+    assert mec.apply(lambda: a.flags.writeable, targets=0) == [True]
+
+
+def test_non_contiguous_array_and_big_bytes(mec):
+    a = np.arange(1000.0).reshape(100, 10)[:, ::3]
+    big = bytes(range(256)) * 40_000
+    mv = memoryview(bytearray(b"xyz" * 10_000))
+    mec.push(dict(a=a, big=big, mv=bytearray(mv)), targets=2)
+    pa, pbig, pmv = mec.pull(("a", "big", "mv"), targets=2)[0]
+    assert np.array_equal(pa, a) and pbig == big and bytes(pmv) == bytes(mv)
+
+
+def test_large_array_frames_are_out_of_band():
+    from ipy_multiengine import serialize
+
+    a = np.ones(1_000_000)
+    frames = serialize.dumps({"a": a})
+    assert len(frames) == 2 and len(frames[0]) < 1000
+    assert np.shares_memory(np.frombuffer(frames[1], dtype=a.dtype), a)  # no copy made
+    back = serialize.loads(frames)
+    assert np.shares_memory(back["a"], a)
+
+
+def test_scatter_numpy_views_and_types(mec):
+    a = np.arange(20).reshape(10, 2)
+    mec.scatter("p", a)
+    parts = mec.pull("p")
+    assert [len(p) for p in parts] == [3, 3, 2, 2]
+    g = mec.gather("p")
+    assert isinstance(g, np.ndarray) and np.array_equal(g, a)
+    mec.scatter("s", "abcdefg")
+    assert mec.pull("s") == ["ab", "cd", "ef", "g"]
+    assert mec.gather("s") == "abcdefg"
+    mec.scatter("t", (1, 2))
+    assert mec.pull("t") == [[1], [2], [], []]
+    assert mec.gather("t") == [1, 2]
+    with pytest.raises(TypeError, match="dict"):
+        mec.scatter("d", {"a": 1})
+    with pytest.raises(ValueError, match="distribution"):
+        mec.scatter("d", [1], dist="r")
+
+
+_seq = st.one_of(
+    st.lists(st.integers(), max_size=40),
+    st.lists(st.integers(), max_size=40).map(tuple),
+    st.integers(0, 40).map(range),
+    hnp.arrays(np.int64, st.integers(0, 40)),
+    hnp.arrays(np.float64, st.tuples(st.integers(0, 12), st.integers(1, 3)), elements=st.floats(-1e6, 1e6)),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seq=_seq, targets=st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True))
+def test_gather_of_scatter_is_identity(mec, seq, targets):
+    mec.scatter("hx", seq, targets=targets)
+    got = mec.gather("hx", targets=targets)
+    if isinstance(seq, np.ndarray):
+        assert isinstance(got, np.ndarray) and got.shape == seq.shape and np.array_equal(got, seq)
+    else:
+        assert got == list(seq)
+    sizes = [len(p) for p in mec.pull("hx", targets=targets)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_unpicklable_push_is_all_or_nothing(mec):
+    import threading
+
+    mec.push(dict(ok=1))
+    with pytest.raises(TypeError) as info:
+        mec.push(dict(ok=2, bad=threading.Lock()))
+    assert "'bad'" in str(info.value) and "lock" in str(info.value)
+    assert mec.pull("ok") == [1] * 4  # nothing was sent
+    with pytest.raises(TypeError, match="'bad'"):
+        mec.scatter("bad", [threading.Lock()] * 4)
+    with pytest.raises(ValueError, match="identifier"):
+        mec.push({"not a name": 1})
+
+
+def test_pull_undefined_name(mec):
+    with pytest.raises(CompositeError) as info:
+        mec.pull("nope_never_defined")
+    assert [type(e.original()) for e in info.value.elist] == [NameError] * 4
+    assert "[0:pull]: NameError: name 'nope_never_defined' is not defined" in str(info.value)
+    assert mec.pull("__name__", targets=0) == ["__main__"]  # still usable
+
+
+def test_unpicklable_result_gives_clear_error(mec):
+    with pytest.raises(CompositeError, match="pickle"):
+        mec.apply(lambda: __import__("threading").Lock(), targets=0)
+    assert mec.apply(lambda: 1, targets=0) == [1]
+
+
+def test_data_ops_keep_order_with_execute(mec):
+    mec.block = False
+    prs = [mec.execute("v = 1"), mec.push(dict(v=2)), mec.execute("v = v * 10"), mec.pull("v")]
+    assert prs[-1].r == [20] * 4
+
+
+def test_progress_bar_after_threshold(mec, monkeypatch, capsys):
+    # Interactivity is faked (pytest has no terminal); the bar itself is real tqdm output.
+    from ipy_multiengine import client as client_mod
+
+    monkeypatch.setattr(client_mod, "_interactive", lambda: True)
+    monkeypatch.setattr(mec, "progress_after", 0.2)
+    assert mec.map(lambda x: __import__("time").sleep(0.3 * x) or x, range(4)) == [0, 1, 2, 3]
+    err = capsys.readouterr().err
+    assert "map" in err and "engine" in err
+    monkeypatch.setattr(mec, "progress_after", None)
+    mec.map(lambda x: __import__("time").sleep(0.3) or x, range(4))
+    assert "map" not in capsys.readouterr().err
+
+
+def test_progress_off_when_not_interactive(mec, capsys):
+    assert mec.progress_after == 2.0
+    from ipy_multiengine import client as client_mod
+
+    assert client_mod._interactive() is False  # pytest captures stderr: not a terminal
+
+
+def test_push_to_four_engines_does_not_copy_per_engine(tmp_path):
+    """Peak RSS of a fresh client process grows by far less than 4 x 100 MB when pushing 100 MB to 4."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, numpy as np\n"
+        "from ipy_multiengine import Cluster\n"
+        "with Cluster(n=4, profile='rss') as mec:\n"
+        "    a = np.ones(100_000_000 // 8)\n"
+        "    mec.execute('pass')\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "    mec.push({'a': a})\n"
+        "    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "    assert mec.apply(lambda: float(a.sum())) == [12_500_000.0] * 4\n"
+        "print((after - before) // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110)
+    assert out.returncode == 0, out.stderr
+    grew_mb = int(out.stdout.strip())
+    assert grew_mb < 100, f"client peak RSS grew by {grew_mb} MB while pushing 100 MB to 4 engines"
