@@ -464,3 +464,20 @@ def test_attach_rejects_what_is_not_a_connection_file(tmp_path):
         MultiEngineClient.attach([str(bad)])
     with pytest.raises(FileNotFoundError):
         MultiEngineClient.attach([str(tmp_path / "missing.json")])
+
+
+@pytest.mark.timeout(180)
+def test_slurm_engines_as_an_mpi_job(slurm):
+    """srun --mpi=pmi2 (Slurm's PMI2 server, spoken by the mpich wheel): MPI between engines."""
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed")
+    c = Cluster(3, launcher="slurm", mpi="pmi2", profile="test-slurm-mpi", ip="127.0.0.1",
+                env={**slurm.env, **ENGINE_ENV}, startup_timeout=90)
+    mec = c.start()
+    work_dir = c.launcher.work_dir
+    try:
+        mec.execute("from mpi4py import MPI; comm = MPI.COMM_WORLD; r = comm.rank; s = comm.allreduce(r)")
+        assert mec.pull("r") == [0, 1, 2]
+        assert mec.pull("s") == [3, 3, 3]
+    finally:
+        c.stop()
+    wait_no_engines(work_dir)
