@@ -481,3 +481,41 @@ def test_slurm_engines_as_an_mpi_job(slurm):
     finally:
         c.stop()
     wait_no_engines(work_dir)
+
+
+# ---------------------------------------------------------------------- local, provisioners
+@pytest.mark.timeout(90)
+def test_local_launcher_through_the_launcher_interface():
+    c = Cluster(2, launcher="local", kernel_args=["--HistoryManager.hist_file=:memory:"],
+                profile="test-local-launcher")
+    mec = c.start()
+    try:
+        assert mec.get_ids() == [0, 1]
+        mec.execute("import os; pid = os.getpid()")
+        pids = mec.pull("pid")
+        assert pids == [e["pid"] for e in c.launcher.engines]
+        interrupt_sleep(mec)
+    finally:
+        c.stop()
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(p) for p in pids)
+
+
+@pytest.mark.timeout(90)
+def test_kernelspec_naming_a_provisioner_works_as_engines(tmp_path, monkeypatch):
+    """A kernelspec whose metadata names a jupyter_client kernel provisioner (here the
+    built-in local one, as the gateway provisioners for Docker/Kubernetes/YARN would be)."""
+    spec_dir = tmp_path / "kernels" / "ipm-provisioned"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "provisioned", "language": "python",
+        "env": {"IPM_PROVISIONED": "yes"},
+        "metadata": {"kernel_provisioner": {"provisioner_name": "local-provisioner", "config": {}}},
+    }))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    with Cluster(2, kernel_name="ipm-provisioned", profile="test-provisioner") as mec:
+        mec.execute("import os; flag = os.environ.get('IPM_PROVISIONED')")
+        assert mec.pull("flag") == ["yes", "yes"]

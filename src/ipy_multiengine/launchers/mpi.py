@@ -184,7 +184,10 @@ class MPILauncher(Launcher):
         if self.pid is None:
             return
         pgid = self.pid
-        _signal_group(pgid, signal.SIGTERM) if self.proc is None else _terminate(self.proc)
+        if self.proc is None:  # restored from a cluster file: signal the whole group
+            _signal_group(pgid, signal.SIGTERM)
+        else:
+            _terminate(self.proc)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline and _group_alive(pgid):
