@@ -201,9 +201,27 @@ class NetnsHost:
                     return f"{prefix}{fourth + 1}", f"{prefix}{fourth + 2}"
         raise RuntimeError("no unused test subnet in 10.213.200-255.0/24")
 
+    @staticmethod
+    def remove_stale() -> None:
+        """Namespaces of earlier runs whose test process died without cleaning up."""
+        r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+        for line in r.stdout.splitlines():
+            name = line.split()[0] if line.split() else ""
+            if name.startswith("ipmt") and name[4:].isdigit():
+                pid = int(name[4:])
+                if pid != os.getpid() % 100000 and not os.path.exists(f"/proc/{pid}"):
+                    for p in subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                                            text=True).stdout.split():
+                        try:
+                            os.kill(int(p), signal.SIGKILL)
+                        except (ProcessLookupError, ValueError):
+                            pass
+                    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
     def start(self) -> NetnsHost:
         need_root("a network namespace host")
         need_command("ip", "iproute2")
+        self.remove_stale()
         r = subprocess.run(["ip", "netns", "add", self.name], capture_output=True, text=True)
         if r.returncode != 0:
             raise Unavailable(f"cannot create a network namespace here: {r.stderr.strip()}")

@@ -519,3 +519,23 @@ def test_kernelspec_naming_a_provisioner_works_as_engines(tmp_path, monkeypatch)
     with Cluster(2, kernel_name="ipm-provisioned", profile="test-provisioner") as mec:
         mec.execute("import os; flag = os.environ.get('IPM_PROVISIONED')")
         assert mec.pull("flag") == ["yes", "yes"]
+
+
+@pytest.mark.timeout(90)
+def test_mpi_engines_of_a_killed_owner_are_stopped_by_ipmulti_stop():
+    env = dict(os.environ, PYTHONPATH=SRC)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    r = run("start", "--daemon", "--launcher", "mpi", "-n", "2", "--profile", "test-mpi-orphan")
+    assert r.returncode == 0, r.stderr
+    spec = json.loads(Path(r.stdout.strip()).read_text())
+    work_dir = spec["launcher"]["work_dir"]
+    assert len(engine_processes(work_dir)) == 3  # mpiexec + 2 ranks
+    os.kill(spec["owner_pid"], 9)  # the owner dies without stopping anything
+    time.sleep(0.5)
+    assert len(engine_processes(work_dir)) == 3  # mpiexec + 2 ranks
+    from ipy_multiengine.launchers import launcher_from_dict
+
+    launcher_from_dict(spec["launcher"]).kill_now()  # what `ipmulti stop` does then
+    wait_no_engines(work_dir, timeout=5)
+    assert run("stop", "--profile", "test-mpi-orphan").returncode == 0

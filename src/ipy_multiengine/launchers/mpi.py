@@ -201,15 +201,31 @@ class MPILauncher(Launcher):
             _signal_group(pgid, signal.SIGTERM)
             await asyncio.sleep(0.05)
         _signal_group(pgid, signal.SIGKILL)
+        self._kill_local_ranks()
         if self.proc is not None and self.proc.returncode is None:
             await self.proc.wait()
         self.pid = None
         self._remove_files()
 
+    def _kill_local_ranks(self) -> None:
+        """mpiexec's proxies put ranks in sessions of their own: SIGKILL those on this host
+        that are still there (checked by their connection file on the command line)."""
+        from ..engine_main import _pid_runs_engine
+
+        for info in self.engines:
+            pid = info.get("pid")
+            if pid and _is_local(info.get("hostname")) and self.work_dir:
+                if _pid_runs_engine(pid, engine_file(self.work_dir, "{engine_id}")):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
     def kill_now(self) -> None:
         if self.pid is not None:
             _signal_group(self.pid, signal.SIGKILL)
             self.pid = None
+        self._kill_local_ranks()
         self._remove_files()
 
     def _remove_files(self) -> None:
