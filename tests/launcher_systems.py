@@ -331,6 +331,8 @@ class SlurmCluster:
         conf = d / "slurm.conf"
         conf.write_text(
             f"ClusterName=ipmtest\n"
+            # job ids differ between runs: MPI names its shared memory after the job step
+            f"FirstJobId={int(time.time() * 10) % 50_000_000 + 1000}\n"
             f"SlurmctldHost={host}(127.0.0.1)\n"
             f"SlurmctldPort={ctld_port}\n"
             f"SlurmdPort={d_port}\n"

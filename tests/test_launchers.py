@@ -530,12 +530,19 @@ def test_mpi_engines_of_a_killed_owner_are_stopped_by_ipmulti_stop():
     assert r.returncode == 0, r.stderr
     spec = json.loads(Path(r.stdout.strip()).read_text())
     work_dir = spec["launcher"]["work_dir"]
-    assert len(engine_processes(work_dir)) == 3  # mpiexec + 2 ranks
-    os.kill(spec["owner_pid"], 9)  # the owner dies without stopping anything
-    time.sleep(0.5)
-    assert len(engine_processes(work_dir)) == 3  # mpiexec + 2 ranks
     from ipy_multiengine.launchers import launcher_from_dict
 
-    launcher_from_dict(spec["launcher"]).kill_now()  # what `ipmulti stop` does then
-    wait_no_engines(work_dir, timeout=5)
-    assert run("stop", "--profile", "test-mpi-orphan").returncode == 0
+    try:
+        assert len(engine_processes(work_dir)) == 3  # mpiexec + 2 ranks
+        mpiexec = psutil.Process(spec["launcher"]["pid"])
+        tree = [mpiexec, *mpiexec.children(recursive=True)]  # + hydra proxies
+        os.kill(spec["owner_pid"], 9)  # the owner dies without stopping anything
+        time.sleep(0.5)
+        assert len(engine_processes(work_dir)) == 3
+        launcher_from_dict(spec["launcher"]).kill_now()  # what `ipmulti stop` does then
+        wait_no_engines(work_dir, timeout=5)
+        gone, alive = psutil.wait_procs(tree, timeout=5)
+        assert not alive
+    finally:
+        launcher_from_dict(spec["launcher"]).kill_now()
+        assert run("stop", "--profile", "test-mpi-orphan").returncode == 0

@@ -237,6 +237,33 @@ async def interrupt_via_control(info: dict, timeout: float = 5.0) -> bool:
         sock.close()
 
 
+async def shutdown_via_control(info: dict, timeout: float = 5.0) -> bool:
+    """Send ``shutdown_request`` on an engine's control channel; True when it replied.
+
+    A kernel that shuts down this way exits normally (atexit handlers run: MPI_Finalize,
+    which removes MPI's shared-memory segments that a killed rank would leave behind).
+    """
+    import zmq
+    import zmq.asyncio
+    from jupyter_client.session import Session
+
+    ctx = zmq.asyncio.Context.instance()
+    session = Session(
+        key=info["key"].encode() if isinstance(info["key"], str) else info["key"],
+        signature_scheme=info.get("signature_scheme", "hmac-sha256"),
+    )
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(f"{info.get('transport', 'tcp')}://{info['ip']}:{info['control_port']}")
+        session.send(sock, session.msg("shutdown_request", {"restart": False}))
+        return bool(await sock.poll(timeout * 1000))
+    except (zmq.ZMQError, KeyError, OSError):
+        return False
+    finally:
+        sock.close()
+
+
 class Launcher:
     """Starts and stops one group of engines. Subclasses set ``name`` and implement
     ``start``, ``stop``, ``interrupt``, ``poll``, ``kill_now`` and ``to_dict``/``from_dict``.

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 
 from .base import (
@@ -28,6 +29,7 @@ from .base import (
     find_executable,
     interrupt_via_control,
     make_work_dir,
+    shutdown_via_control,
     wait_for_engines,
     write_engine_files,
 )
@@ -88,6 +90,7 @@ class MPILauncher(Launcher):
         self.proc: asyncio.subprocess.Process | None = None
         self.pid: int | None = None  # mpiexec, leader of its own process group
         self.output_path: str | None = None
+        self.started: float | None = None  # wall clock, for shared memory killed ranks leave
 
     def command(self) -> list[str]:
         mpiexec = find_executable(self.mpiexec, near=self.python)
@@ -119,6 +122,7 @@ class MPILauncher(Launcher):
             env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
             env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         self.output_path = os.path.join(self.work_dir, "mpiexec.log")
+        self.started = time.time()
         cmd = self.command()
         with open(self.output_path, "ab") as out:
             self.proc = await asyncio.create_subprocess_exec(
@@ -181,9 +185,18 @@ class MPILauncher(Launcher):
         return [running] * len(self.engines or range(self.n))
 
     async def stop(self, timeout: float = 5.0) -> None:
+        """Ask every rank to shut down (they exit normally, MPI_Finalize cleans up), wait for
+        mpiexec; after ``timeout``, SIGTERM to mpiexec, then SIGKILL to its group."""
         if self.pid is None:
+            self._remove_files()
             return
         pgid = self.pid
+        if self.engines and self.proc is not None and self.proc.returncode is None:
+            await asyncio.gather(*(shutdown_via_control(e, timeout) for e in self.engines))
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
         if self.proc is None:  # restored from a cluster file: signal the whole group
             _signal_group(pgid, signal.SIGTERM)
         else:
@@ -200,32 +213,47 @@ class MPILauncher(Launcher):
             # mpiexec is gone: take down whatever rank is left in its group
             _signal_group(pgid, signal.SIGTERM)
             await asyncio.sleep(0.05)
-        _signal_group(pgid, signal.SIGKILL)
-        self._kill_local_ranks()
+        self._kill_tree()
         if self.proc is not None and self.proc.returncode is None:
             await self.proc.wait()
         self.pid = None
         self._remove_files()
 
-    def _kill_local_ranks(self) -> None:
-        """mpiexec's proxies put ranks in sessions of their own: SIGKILL those on this host
-        that are still there (checked by their connection file on the command line)."""
+    def _kill_tree(self) -> None:
+        """SIGKILL mpiexec, its proxies and the ranks on this host. Hydra puts proxies and
+        ranks in sessions of their own, so signalling mpiexec's group is not enough."""
+        import psutil
+
         from ..engine_main import _pid_runs_engine
 
+        procs = []
+        if self.pid is not None:
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                pass
+            _signal_group(self.pid, signal.SIGKILL)
         for info in self.engines:
             pid = info.get("pid")
             if pid and _is_local(info.get("hostname")) and self.work_dir:
                 if _pid_runs_engine(pid, engine_file(self.work_dir, "{engine_id}")):
                     try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
+                        procs.append(psutil.Process(pid))
+                    except psutil.Error:
                         pass
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        if procs:
+            psutil.wait_procs(procs, timeout=2)
+            _remove_orphan_shm(self.started)
 
     def kill_now(self) -> None:
-        if self.pid is not None:
-            _signal_group(self.pid, signal.SIGKILL)
-            self.pid = None
-        self._kill_local_ranks()
+        self._kill_tree()
+        self.pid = None
         self._remove_files()
 
     def _remove_files(self) -> None:
@@ -241,6 +269,7 @@ class MPILauncher(Launcher):
             "pid": self.pid,
             "hostname": socket.gethostname(),
             "work_dir": self.work_dir,
+            "started": self.started,
             "engines": self.engines,
         }
 
@@ -250,11 +279,48 @@ class MPILauncher(Launcher):
         if data.get("hostname") == socket.gethostname():
             self.pid = data.get("pid")
         self.work_dir = data.get("work_dir")
+        self.started = data.get("started")
         self.engines = data.get("engines", [])
         return self
 
     def __repr__(self) -> str:
         return f"<MPILauncher n={self.n} mpiexec pid={self.pid}>"
+
+
+def _remove_orphan_shm(since: float | None, directory: str = "/dev/shm") -> None:
+    """Remove MPICH shared-memory segments created since ``since`` that no process maps.
+
+    Ranks that exit normally remove them in MPI_Finalize; killed ranks leave them behind
+    (several MB of memory each, and a later job with the same name would attach to them).
+    """
+    if since is None or not os.path.isdir(directory):
+        return
+    import glob
+
+    candidates = []
+    for path in glob.glob(os.path.join(directory, "mpich_shm_*")):
+        try:
+            if os.stat(path).st_mtime >= since - 1:
+                candidates.append(path)
+        except OSError:
+            pass
+    if not candidates:
+        return
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                for line in f:
+                    if "mpich_shm_" in line:
+                        mapped.add(line.split()[-1].replace(" (deleted)", ""))
+        except OSError:
+            pass
+    for path in candidates:
+        if path not in mapped:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def _terminate(proc: asyncio.subprocess.Process) -> None:

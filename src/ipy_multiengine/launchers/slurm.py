@@ -29,6 +29,7 @@ from .base import (
     interrupt_via_control,
     make_work_dir,
     run_command,
+    shutdown_via_control,
     wait_for_engines,
     write_engine_files,
 )
@@ -208,8 +209,16 @@ class SlurmLauncher(Launcher):
     async def stop(self, timeout: float = 5.0) -> None:
         if self.job_id is not None:
             env = self.env_for_commands()
-            await run_command([self.scancel, self.job_id], env=env, timeout=30, check=False)
             loop = asyncio.get_running_loop()
+            if self.engines:  # engines exit normally (MPI_Finalize), the job completes
+                await asyncio.gather(*(shutdown_via_control(e, timeout) for e in self.engines))
+                deadline = loop.time() + timeout
+                while loop.time() < deadline:
+                    state = await self.job_state()
+                    if state is None or state.split()[0] in TERMINAL_STATES:
+                        break
+                    await asyncio.sleep(0.2)
+            await run_command([self.scancel, self.job_id], env=env, timeout=30, check=False)
             deadline = loop.time() + timeout + 10
             while loop.time() < deadline:
                 state = await self.job_state()
