@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +26,8 @@ def _start(args: argparse.Namespace) -> int:
         print(f"ipmulti: {exc}", file=sys.stderr)
         return 2
     cluster = Cluster(n=args.n, kernel_name=args.kernel, profile=args.profile,
-                      startup_timeout=args.timeout, **options)
+                      startup_timeout=args.timeout, auto_restart=args.auto_restart, **options)
+    cluster.serves_requests = True  # `ipmulti restart` and mec.restart() from other processes
     try:
         mec = cluster.start()
     except Exception as exc:
@@ -35,8 +37,8 @@ def _start(args: argparse.Namespace) -> int:
         print(f"{len(mec.get_ids())} engines ready, cluster file {cluster.cluster_file}", flush=True)
         if not args.quiet:
             print("Press Ctrl-C to stop.", flush=True)
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(0.2):
+            cluster.serve_requests()
     except KeyboardInterrupt:
         pass
     finally:
@@ -54,6 +56,8 @@ def _start_daemon(args: argparse.Namespace) -> int:
     cmd += ["--hosts", args.hosts] if args.hosts else []
     for opt in args.launcher_option:
         cmd += ["-o", opt]
+    if args.auto_restart:
+        cmd.append("--auto-restart")
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -167,14 +171,38 @@ def _stop(args: argparse.Namespace) -> int:
         except Exception as exc:
             print(f"ipmulti: could not stop the {spec['launcher'].get('launcher')} engines: {exc}",
                   file=sys.stderr)
-    for e in spec.get("engines", []):
-        if pid_alive(e.get("pid")):
+    here = socket.gethostname()
+    for e in spec.get("engines", []):  # pids of engines on other hosts mean nothing here
+        if e.get("host", spec.get("host")) == here and pid_alive(e.get("pid")):
             try:
                 os.kill(e["pid"], signal.SIGKILL)
             except OSError:
                 pass
     _remove_files(spec, path)
+    (cluster_dir() / f"daemon-{args.profile}.log").unlink(missing_ok=True)
     print(f"stopped cluster {args.profile!r}")
+    return 0
+
+
+def _restart(args: argparse.Namespace) -> int:
+    from .cluster import read_cluster, request_owner
+    from .errors import MultiEngineError
+
+    path = cluster_file_path(args.profile)
+    try:
+        spec = read_cluster(path)
+        ids = args.ids or [e["id"] for e in spec["engines"]]
+        known = {e["id"] for e in spec["engines"]}
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            print(f"ipmulti: unknown engine ids {unknown}; valid ids: {sorted(known)}", file=sys.stderr)
+            return 2
+        answer = request_owner(path, "restart", ids, timeout=args.timeout)
+    except (MultiEngineError, ValueError) as exc:
+        print(f"ipmulti: {exc}", file=sys.stderr)
+        return 1
+    pids = answer.get("pids", {})
+    print(f"restarted engine{'s' if len(ids) > 1 else ''} " + ", ".join(f"{i} (pid {pids.get(str(i))})" for i in ids))
     return 0
 
 
@@ -186,9 +214,11 @@ def _list(args: argparse.Namespace) -> int:
     if not clusters:
         print("no clusters")
         return 0
-    print(f"{'profile':<16} {'state':<18} {'engines':<12} pids")
+    print(f"{'profile':<16} {'state':<18} {'engines':<8} {'dead':<10} pids")
     for c in clusters:
-        print(f"{c['profile']:<16} {c['state']:<18} {len(c['engines']):<12} {' '.join(map(str, c['pids']))}")
+        dead = [e for e, ok in zip(c["engines"], c.get("engines_alive", [])) if not ok]
+        print(f"{c['profile']:<16} {c['state']:<18} {len(c['engines']):<8} {','.join(map(str, dead)) or '-':<10} "
+              f"{' '.join(map(str, c['pids']))}")
     return 0
 
 
@@ -209,12 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--launcher-option", action="append", default=[], metavar="KEY=VALUE",
                    help="launcher option (VALUE as JSON if it parses), e.g. -o partition=gpu "
                         "-o 'mpiexec_args=[\"-hosts\", \"a,b\"]'")
+
     p.add_argument("--profile", default="default")
     p.add_argument("--kernel", default="python3", help="kernelspec name of the engines")
     p.add_argument("--daemon", action="store_true", help="detach once every engine is ready")
     p.add_argument("--timeout", type=float, default=60.0, help="startup timeout in seconds")
+    p.add_argument("--auto-restart", action="store_true", help="restart engines that die")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_start)
+    p = sub.add_parser("restart", help="restart engines of a running cluster, keeping their ids")
+    p.add_argument("ids", nargs="*", type=int, help="engine ids (default: all)")
+    p.add_argument("--profile", default="default")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=_restart)
     p = sub.add_parser("attach", help="make running kernels (connection files) the engines of a profile; "
                                       "they are not owned: `ipmulti stop` only forgets them")
     p.add_argument("files", nargs="+", help="kernel connection files (paths or kernel-*.json names)")

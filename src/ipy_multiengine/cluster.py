@@ -17,6 +17,7 @@ import secrets
 import signal
 import socket
 import time
+import uuid
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +27,8 @@ from jupyter_core.paths import jupyter_runtime_dir
 
 from . import _loop
 from .errors import EngineError, NoClusterError
+
+log = __import__("logging").getLogger("ipy_multiengine")
 
 KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:"]
 HOW_TO_START = "start one with `ipmulti start -n 4 --daemon`, or in Python: `with Cluster(n=4) as mec: ...`"
@@ -186,6 +189,46 @@ def list_clusters(clean: bool = True) -> list[dict]:
     return out
 
 
+# ---------------------------------------------------------------------- requests to an owner
+# A process that does not own a cluster (a client connected by its cluster file) asks the
+# owner (an `ipmulti start` process) to restart engines by dropping a request file next to
+# the cluster file; the owner polls for them and answers with a ``.done`` file.
+def _request_path(profile: str, rid: str) -> Path:
+    return cluster_dir() / f"request-{profile}-{rid}.json"
+
+
+def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], timeout: float = 60.0) -> dict:
+    """Ask the owner of ``cluster_file`` to run ``op`` ('restart') on engines ``ids``; wait for its answer."""
+    path = Path(cluster_file)
+    spec = read_cluster(path)
+    owner = spec.get("owner_pid")
+    if "requests" not in spec.get("serves", []):
+        raise EngineError(
+            f"cannot {op} engines of {path}: its owner process {owner} does not take requests (only "
+            "clusters started with `ipmulti start` do); restart them from the process that owns them")
+    if spec.get("host") != socket.gethostname():
+        raise EngineError(f"cannot {op} engines of {path}: its owner runs on host {spec.get('host')!r}")
+    rid = uuid.uuid4().hex
+    req = _request_path(spec.get("profile", "default"), rid)
+    write_private(req, json.dumps({"op": op, "ids": ids, "cluster_file": str(path)}))
+    done = req.with_suffix(".done")
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if done.exists():
+                answer = json.loads(done.read_text())
+                done.unlink(missing_ok=True)
+                if answer.get("error"):
+                    raise EngineError(f"the owner of {path} could not {op} engines {ids}: {answer['error']}")
+                return answer
+            if not pid_alive(owner):
+                raise EngineError(f"the owner process {owner} of {path} is gone")
+            time.sleep(0.05)
+    finally:
+        req.unlink(missing_ok=True)
+    raise EngineError(f"the owner process {owner} of {path} did not {op} engines {ids} within {timeout:g} s")
+
+
 def _remove_files(spec: dict, path: Path) -> None:
     for e in spec.get("engines", []):
         for key in ("connection_file", "log_file"):
@@ -207,6 +250,10 @@ def _exit_reason(code: int | None) -> str | None:
 
 
 # ---------------------------------------------------------------------- the Cluster
+#: Automatic restarts allowed per engine per minute before the Cluster gives up on it.
+MAX_AUTO_RESTARTS = 5
+
+
 class Cluster:
     """N local engines (ipykernel kernels) owned by this process.
 
@@ -224,10 +271,14 @@ class Cluster:
         startup_timeout: float = 60.0,
         env: dict[str, str] | None = None,
         write_file: bool = True,
+        auto_restart: bool = False,
+        transport_encryption: str = "auto",
+        shutdown_wait: float = 3.0,
         launcher: Any = "local",
         **launcher_options: Any,
     ) -> None:
         # launcher='mpi'|'slurm'|'ssh'|a plugin name|a Launcher: engines started by it
+        # (see ipy_multiengine.launchers); 'local' without options: the managers below
         self.launcher = None
         if launcher != "local" or launcher_options:
             from .launchers import make_launcher
@@ -244,6 +295,16 @@ class Cluster:
         self.startup_timeout = startup_timeout
         self.env = env
         self.write_file = write_file
+        #: restart engines that die, by themselves (at most ``MAX_AUTO_RESTARTS`` a minute each)
+        self.auto_restart = auto_restart
+        #: CurveZMQ: 'auto' (on where the kernelspec declares support), 'required' or 'disabled'
+        self.transport_encryption = transport_encryption
+        #: seconds a shutdown request gets before SIGTERM, then as long again before SIGKILL
+        self.shutdown_wait = shutdown_wait
+        #: answer restart requests from other processes (set by ``ipmulti start``)
+        self.serves_requests = False
+        self.restarts: dict[int, list[float]] = {}
+        self._restart_locks: dict[int, asyncio.Lock] = {}
         self.cluster_file: str | None = None
         self.managers: dict[int, AsyncKernelManager] = {}
         self.client: Any = None
@@ -260,6 +321,9 @@ class Cluster:
         if self.managers:
             raise RuntimeError("this Cluster is already started")
         path = cluster_file_path(self.profile)
+        if self.transport_encryption not in ("auto", "required", "disabled"):
+            raise ValueError(f"transport_encryption must be 'auto', 'required' or 'disabled', "
+                             f"not {self.transport_encryption!r}")
         if self.write_file and path.exists():
             try:
                 read_cluster(path)
@@ -269,29 +333,150 @@ class Cluster:
                 raise RuntimeError(f"a cluster for profile {self.profile!r} is already running ({path}); "
                                    "stop it with `ipmulti stop` or use another profile")
         if self.launcher is not None:
-            self._finalizer = weakref.finalize(self, _stop_launcher, self.launcher)
-        else:
-            self._finalizer = weakref.finalize(self, _stop_managers, self.managers, [])
+            return self._start_launcher(path)
+        self._files: list[Path] = [self.log_file(eid) for eid in range(self.n)]
+        self._finalizer = weakref.finalize(self, _stop_managers, self.managers, self._files)
         atexit.register(self._finalizer)
         try:
-            if self.launcher is not None:
-                infos = _loop.run(self.launcher.start(), timeout=self.startup_timeout + 60)
-                engines = dict(enumerate(infos))
-                liveness = {eid: self.launcher.liveness(eid) for eid in engines}
-            else:
-                _loop.run(self._start_kernels(), timeout=self.startup_timeout + 10)
-                liveness = {eid: self._probe(eid) for eid in self.managers}
-                engines = {eid: km.get_connection_info(session=False) for eid, km in self.managers.items()}
-                for info in engines.values():
-                    info["key"] = self._key
-            controller = Controller(engines, liveness, timeout=self.startup_timeout)
+            _loop.run(self._start_kernels(), timeout=self.startup_timeout + 10)
+            liveness = {eid: self._probe(eid) for eid in self.managers}
+            engines = {eid: self._connection_info(eid) for eid in self.managers}
+            try:
+                controller = Controller(engines, liveness, timeout=self.startup_timeout)
+            except EngineError as exc:
+                raise self._with_output(exc) from None
+        except BaseException:
+            self.stop()
+            raise
+        controller.on_dead = self._on_dead
+        self.client = MultiEngineClient(_controller=controller, _cluster=self)
+        if self.write_file:
+            self._write_cluster_file(path)
+        return self.client
+
+    def _start_launcher(self, path: Path) -> Any:
+        """Start the engines through ``self.launcher`` (mpi, slurm, ssh, a plugin)."""
+        from .client import MultiEngineClient
+        from .controller import Controller
+
+        self._finalizer = weakref.finalize(self, _stop_launcher, self.launcher)
+        atexit.register(self._finalizer)
+        try:
+            infos = _loop.run(self.launcher.start(), timeout=(self.startup_timeout or 3600) + 60)
+            self.engines_info = dict(enumerate(infos))
+            liveness = {eid: self.launcher.liveness(eid) for eid in self.engines_info}
+            controller = Controller(self.engines_info, liveness, timeout=self.startup_timeout)
         except BaseException:
             self.stop()
             raise
         self.client = MultiEngineClient(_controller=controller, _cluster=self)
         if self.write_file:
-            self._write_cluster_file(path, engines)
+            self._write_cluster_file(path)
         return self.client
+
+    def _connection_info(self, eid: int) -> dict:
+        """What a client needs to reach engine ``eid``: no CurveZMQ secret key (the kernel's alone)."""
+        info = self.managers[eid].get_connection_info(session=False)
+        info["key"] = self._key
+        info.pop("curve_secretkey", None)
+        if isinstance(info.get("curve_publickey"), bytes):
+            info["curve_publickey"] = info["curve_publickey"].decode("ascii")
+        return info
+
+    def _with_output(self, exc: EngineError) -> EngineError:
+        """``exc`` with the engine's own stdout/stderr appended (why it never became ready)."""
+        eid = exc.engine_id
+        if eid is None or eid not in self.managers:
+            return exc
+        return EngineError(f"{exc}\n--- engine {eid}'s own output (kernel {self.kernel_name!r}, "
+                           f"log {self.log_file(eid)}) ---\n{self._log_tail(eid)}", eid)
+
+    # -- restarting
+    def restart(self, eids: list[int], timeout: float | None = None) -> None:
+        """Restart engines ``eids`` keeping their ids and ports, with fresh namespaces."""
+        if self._stopped or self.client is None:
+            raise EngineError("this Cluster is not running")
+        if self.launcher is not None:
+            raise EngineError(f"engines started by the {self.launcher.name!r} launcher cannot be "
+                              "restarted one by one; stop the cluster and start a new one")
+        unknown = [e for e in eids if e not in self.managers]
+        if unknown:
+            raise ValueError(f"unknown engine ids {unknown}; valid ids: {sorted(self.managers)}")
+        timeout = self.startup_timeout if timeout is None else timeout
+        _loop.run(self.restart_async(list(eids), timeout), timeout=timeout + self.shutdown_wait + 10)
+
+    async def restart_async(self, eids: list[int], timeout: float) -> None:
+        await asyncio.gather(*(self._restart_one(eid, timeout) for eid in eids))
+        if self.write_file and self.cluster_file and not self._stopped:
+            self._write_cluster_file(Path(self.cluster_file))
+
+    async def _restart_one(self, eid: int, timeout: float) -> None:
+        controller = self.client._controller
+        lock = self._restart_locks.setdefault(eid, asyncio.Lock())
+        async with lock:
+            conn = controller.engine(eid)
+            conn.ready = False
+            if not conn.dead:
+                conn.state = "restarting"
+            controller._fail_all(conn, "was restarted")
+            km = self.managers[eid]
+            self.restarts.setdefault(eid, []).append(time.time())
+            with self._open_log(eid, "ab") as out:
+                await km.restart_kernel(now=True, stdout=out, stderr=out)
+            try:
+                await controller.add_engines_async({eid: self._connection_info(eid)}, {eid: self._probe(eid)},
+                                                   timeout)
+            except EngineError as exc:
+                raise self._with_output(exc) from None
+
+    def _on_dead(self, eid: int, reason: str) -> None:
+        """Controller callback (loop thread): restart a dead engine when ``auto_restart`` is on."""
+        if not self.auto_restart or self._stopped or self.launcher is not None:
+            return
+        recent = [t for t in self.restarts.get(eid, []) if time.time() - t < 60]
+        if len(recent) >= MAX_AUTO_RESTARTS:
+            log.error("engine %s died %d times within a minute; not restarting it again", eid, len(recent))
+            return
+        log.warning("engine %s %s; restarting it", eid, reason)
+
+        async def go() -> None:
+            try:
+                await self.restart_async([eid], self.startup_timeout)
+            except Exception as exc:
+                log.error("automatic restart of engine %s failed: %s", eid, exc)
+
+        asyncio.ensure_future(go())
+
+    def interrupt(self, eids: list[int]) -> None:
+        """Interrupt engines through their kernel managers (signal or message, as the kernelspec
+        says), or through the launcher: over ssh, ``scancel --signal=INT``, the whole MPI job."""
+        if self.launcher is not None:
+            _loop.run(self.launcher.interrupt(eids), timeout=60)
+            return
+
+        async def go() -> None:
+            await asyncio.gather(*(self.managers[e].interrupt_kernel() for e in eids if e in self.managers),
+                                 return_exceptions=True)
+        _loop.submit(go())
+
+    def serve_requests(self) -> None:
+        """Answer restart requests other processes left for this cluster (see ``request_owner``)."""
+        for req in sorted(cluster_dir().glob(f"request-{self.profile}-*.json")):
+            try:
+                ask = json.loads(req.read_text())
+                req.unlink(missing_ok=True)
+            except (OSError, ValueError):
+                continue
+            answer: dict[str, Any] = {"ok": True}
+            try:
+                if ask.get("op") != "restart":
+                    raise ValueError(f"unknown request {ask.get('op')!r}")
+                ids = [int(i) for i in ask.get("ids", [])]
+                self.restart(ids)
+                answer["pids"] = {str(e): getattr(self.managers[e].provisioner, "pid", None) for e in ids}
+            except Exception as exc:
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            write_private(req.with_suffix(".done"), json.dumps(answer))
 
     def _probe(self, eid: int) -> Callable[[], str | None]:
         km = self.managers[eid]
@@ -314,9 +499,10 @@ class Cluster:
             km = AsyncKernelManager(kernel_name=self.kernel_name,
                                     connection_file=str(directory / f"engine-{tag}-{eid}.json"))
             km.session.key = self._key.encode()
-            km.shutdown_wait_time = 3.0
+            km.shutdown_wait_time = self.shutdown_wait
+            km.transport_encryption = self.transport_encryption
             self.managers[eid] = km
-        logs = {eid: open(directory / f"engine-{tag}-{eid}.log", "wb") for eid in self.managers}
+        logs = {eid: self._open_log(eid, "wb") for eid in self.managers}
         try:
             results = await asyncio.gather(
                 *(km.start_kernel(extra_arguments=KERNEL_ARGS, env=env, stdout=logs[eid], stderr=logs[eid])
@@ -341,6 +527,10 @@ class Cluster:
             if reason:
                 raise EngineError(f"engine {eid} {reason} during startup; its output:\n{self._log_tail(eid)}", eid)
 
+    def _open_log(self, eid: int, mode: str) -> Any:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+        return os.fdopen(os.open(self.log_file(eid), flags, 0o600), mode)
+
     def log_file(self, eid: int) -> Path:
         return cluster_dir() / f"engine-{self.profile}-{os.getpid()}-{eid}.log"
 
@@ -350,7 +540,7 @@ class Cluster:
         except OSError:
             return "(no output)"
 
-    def _write_cluster_file(self, path: Path, engines: dict[int, dict]) -> None:
+    def _write_cluster_file(self, path: Path) -> None:
         host = socket.gethostname()
         if self.launcher is not None:
             spec = {
@@ -358,7 +548,7 @@ class Cluster:
                 "launcher": self.launcher.to_dict(),
                 "engines": [{"id": eid, "pid": info.get("pid"), "host": info.get("hostname", host),
                              "kernel_name": self.kernel_name, "connection": info}
-                            for eid, info in engines.items()],
+                            for eid, info in self.engines_info.items()],
             }
             write_private(path, json.dumps(spec, indent=1))
             self.cluster_file = str(path)
@@ -367,9 +557,10 @@ class Cluster:
             return
         spec = {
             "profile": self.profile, "owner_pid": os.getpid(), "host": host, "created": time.time(),
+            "serves": ["requests"] if self.serves_requests else [],
             "engines": [
                 {"id": eid, "pid": getattr(km.provisioner, "pid", None), "host": host,
-                 "kernel_name": self.kernel_name, "connection": engines[eid],
+                 "kernel_name": self.kernel_name, "connection": self._connection_info(eid),
                  "connection_file": km.connection_file, "log_file": str(self.log_file(eid))}
                 for eid, km in self.managers.items()
             ],
@@ -397,11 +588,6 @@ class Cluster:
         if self.launcher is not None:
             _stop_launcher(self.launcher)
         _stop_managers(self.managers, logs)
-
-    def interrupt(self, eids: list[int]) -> None:
-        """Interrupt engines through the launcher (over ssh, scancel, or the whole MPI job)."""
-        if self.launcher is not None:
-            _loop.run(self.launcher.interrupt(eids), timeout=30)
 
     def __enter__(self) -> Any:
         return self.start()
