@@ -298,7 +298,7 @@ def test_forged_message_with_wrong_key_is_not_run(tmp_path):
     import zmq
     from jupyter_client.session import Session
 
-    with small_cluster(1) as (cluster, mec):
+    with small_cluster(1, transport_encryption="required") as (cluster, mec):
         info = json.loads(Path(cluster.cluster_file).read_text())["engines"][0]["connection"]
         ctx = zmq.Context()
 
@@ -404,3 +404,14 @@ def test_200_mixed_operations_with_random_faults():
 def test_print_measurements():
     for name, values in MEASURED.items():
         print(f"[summary] {name}: min {min(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms, n={len(values)}")
+
+
+def test_curve_policy_auto_is_off_on_loopback_only():
+    from ipy_multiengine.cluster import _encryption_policy
+
+    assert _encryption_policy("auto", "127.0.0.1") == "disabled"
+    assert _encryption_policy("auto", "10.1.2.3") == "auto"
+    assert _encryption_policy("required", "127.0.0.1") == "required"
+    with small_cluster(1) as (cluster, mec):
+        info = json.loads(Path(cluster.cluster_file).read_text())["engines"][0]["connection"]
+        assert not info.get("curve_publickey")  # local engines: plain (signed) loopback

@@ -249,6 +249,19 @@ def _exit_reason(code: int | None) -> str | None:
     return f"exited with code {code}"
 
 
+def _encryption_policy(requested: str, ip: str) -> str:
+    """What 'auto' means for engines bound to ``ip``: no CurveZMQ on loopback."""
+    import ipaddress
+
+    if requested != "auto":
+        return requested
+    try:
+        loopback = ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        loopback = ip == "localhost"
+    return "disabled" if loopback else "auto"
+
+
 # ---------------------------------------------------------------------- the Cluster
 #: Automatic restarts allowed per engine per minute before the Cluster gives up on it.
 MAX_AUTO_RESTARTS = 5
@@ -297,7 +310,9 @@ class Cluster:
         self.write_file = write_file
         #: restart engines that die, by themselves (at most ``MAX_AUTO_RESTARTS`` a minute each)
         self.auto_restart = auto_restart
-        #: CurveZMQ: 'auto' (on where the kernelspec declares support), 'required' or 'disabled'
+        #: CurveZMQ: 'required', 'disabled', or 'auto': on for engines reached beyond loopback where
+        #: the kernel supports it, off on 127.0.0.1 (there it only costs a ciphertext copy per engine
+        #: and 2-3x the transfer time, and anyone able to read loopback traffic can read the key file).
         self.transport_encryption = transport_encryption
         #: seconds a shutdown request gets before SIGTERM, then as long again before SIGKILL
         self.shutdown_wait = shutdown_wait
@@ -500,7 +515,7 @@ class Cluster:
                                     connection_file=str(directory / f"engine-{tag}-{eid}.json"))
             km.session.key = self._key.encode()
             km.shutdown_wait_time = self.shutdown_wait
-            km.transport_encryption = self.transport_encryption
+            km.transport_encryption = _encryption_policy(self.transport_encryption, km.ip)
             self.managers[eid] = km
         logs = {eid: self._open_log(eid, "wb") for eid in self.managers}
         try:

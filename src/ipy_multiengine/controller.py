@@ -443,6 +443,8 @@ class Controller:
             req = conn.requests.get(parent)
             if req is not None:
                 req.reply = content
+                if channel == "shell":
+                    self._drop_skipped(conn, req, ("execute", "shell"))
                 self._maybe_complete(conn, req)
             return
         conn.iopub_seen.set()
@@ -461,6 +463,9 @@ class Controller:
             req = conn.requests.get(parent)
             if req is not None and state == "idle":
                 req.idle = True
+                self._drop_skipped(conn, req, ("comm",))
+                if req.reply is None and req.kind in ("execute", "comm"):
+                    asyncio.get_running_loop().call_later(IDLE_GRACE, self._reply_overdue, conn, req)
                 self._maybe_complete(conn, req)
             return
         req = conn.requests.get(parent)
@@ -511,6 +516,30 @@ class Controller:
             self._finish(conn, req, exc=RemoteError(
                 content.get("ename", "Error"), content.get("evalue", ""), content.get("traceback", []),
                 conn.eid, "execute", result=result))
+
+    def _drop_skipped(self, conn: EngineConn, later: Request, kinds: tuple[str, ...]) -> None:
+        """Fail earlier requests of ``kinds`` that the engine passed over without a reply.
+
+        An engine handles its shell messages in order and answers each on the same socket,
+        so once ``later`` is answered, an earlier one still unanswered was lost (e.g. an
+        interrupt hit the kernel between messages). Waiting for it would hang forever.
+        """
+        for req in list(conn.requests.values()):
+            if req is later:
+                return
+            if req.kind in kinds and req.reply is None and not req.future.done():
+                self._lost(conn, req)
+
+    def _reply_overdue(self, conn: EngineConn, req: Request) -> None:
+        if conn.requests.get(req.msg_id) is req and req.reply is None:
+            self._lost(conn, req)
+
+    def _lost(self, conn: EngineConn, req: Request) -> None:
+        what = req.code or req.op or req.kind
+        text = (f"engine {conn.eid} went on without replying to {what!r} (probably interrupted between "
+                "messages); the request was lost, the engine is usable")
+        log.warning(text)
+        self._finish(conn, req, exc=EngineError(text, conn.eid, _method(req)))
 
     def _idle_overdue(self, conn: EngineConn, req: Request) -> None:
         if conn.requests.get(req.msg_id) is req and not req.idle:
