@@ -546,3 +546,16 @@ def test_mpi_engines_of_a_killed_owner_are_stopped_by_ipmulti_stop():
     finally:
         launcher_from_dict(spec["launcher"]).kill_now()
         assert run("stop", "--profile", "test-mpi-orphan").returncode == 0
+
+
+@pytest.mark.timeout(90)
+def test_slurm_job_stuck_in_the_queue_times_out_with_its_state(slurm):
+    c = Cluster(2, launcher="slurm", profile="test-slurm-pending", ip="127.0.0.1",
+                env={**slurm.env, **ENGINE_ENV}, sbatch_lines=["#SBATCH --begin=now+1hour"],
+                startup_timeout=3)
+    with pytest.raises(EngineStartTimeout, match=r"engine\(s\) 0, 1 never reported.*PENDING \(BeginTime\)"):
+        c.start()
+    deadline = time.monotonic() + 20
+    while "PENDING" in squeue(slurm) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "PENDING" not in squeue(slurm)  # cancelled

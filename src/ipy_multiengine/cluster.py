@@ -178,7 +178,10 @@ def list_clusters(clean: bool = True) -> list[dict]:
             continue
         owner_alive = pid_alive(spec.get("owner_pid")) if spec.get("host") == socket.gethostname() else True
         pids = [e.get("pid") for e in spec["engines"]]
-        alive = [pid_alive(p) if p or not spec.get("attached") else True for p in pids]
+        here = socket.gethostname()
+        # engines on other hosts (ssh, slurm) or attached ones without a pid: not checkable here
+        alive = [pid_alive(e.get("pid")) if e.get("host", spec.get("host")) == here
+                 and (e.get("pid") or not spec.get("attached")) else True for e in spec["engines"]]
         state = "running" if owner_alive and all(alive) else ("degraded" if owner_alive else "stale")
         entry.update(state=state, engines=[e["id"] for e in spec["engines"]], pids=pids,
                      owner_pid=spec.get("owner_pid"), engines_alive=alive)

@@ -176,6 +176,7 @@ class SlurmLauncher(Launcher):
         if rc != 0 or not out:
             return None
         state, _, reason = out.partition(" ")
+        reason = reason.strip().strip("()")
         return f"{state} ({reason})" if state == "PENDING" and reason else state
 
     def _output_tail(self) -> str:
