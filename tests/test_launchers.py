@@ -559,3 +559,28 @@ def test_slurm_job_stuck_in_the_queue_times_out_with_its_state(slurm):
     while "PENDING" in squeue(slurm) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "PENDING" not in squeue(slurm)  # cancelled
+
+
+@pytest.mark.timeout(120)
+def test_cli_start_daemon_with_ssh_launcher(ssh_hosts):
+    keys, local, remote, ns = ssh_hosts
+    env = dict(os.environ, PYTHONPATH=SRC)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=90)
+    r = run("start", "--daemon", "--launcher", "ssh", "--profile", "test-cli-ssh",
+            "--hosts", f"{local.destination}=1,{remote.destination}=1",
+            "-o", f"python={sys.executable}", "-o", f"env={json.dumps(ENGINE_ENV)}",
+            "-o", f"known_hosts={keys.known_hosts}", "-o", f"identity_file={keys.user_key}",
+            "-o", 'ssh_args=["-F", "/dev/null"]')
+    assert r.returncode == 0, r.stderr
+    try:
+        mec = MultiEngineClient(profile="test-cli-ssh")
+        assert mec.get_ids() == [0, 1]
+        mec.execute("import subprocess; links = subprocess.run(['ip', '-br', 'link'], capture_output=True, "
+                    "text=True).stdout")
+        assert [ns.veth_ns in x for x in mec.pull("links")] == [False, True]
+        mec.close()
+    finally:
+        r = run("stop", "--profile", "test-cli-ssh")
+    assert r.returncode == 0, r.stderr
+    wait_no_engines(SSH_ENGINE_DIR)
