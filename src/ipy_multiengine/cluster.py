@@ -30,7 +30,9 @@ from .errors import EngineError, NoClusterError
 
 log = __import__("logging").getLogger("ipy_multiengine")
 
-KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:"]
+#: ``_execute_sleep=0``: ipykernel sleeps 0.5 ms after every execute so that clients which do
+#: not wait for ``status: idle`` see the output first; the controller always waits for idle.
+KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--IPythonKernel._execute_sleep=0"]
 HOW_TO_START = "start one with `ipmulti start -n 4 --daemon`, or in Python: `with Cluster(n=4) as mec: ...`"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from hmac import compare_digest
 import time
 import uuid
 from concurrent.futures import Future
@@ -409,7 +410,7 @@ class Controller:
                 return
             try:
                 _idents, msg_list = conn.session.feed_identities(frames, copy=False)
-                msg = conn.session.deserialize(msg_list, content=True, copy=False)
+                msg = _deserialize(conn.session, msg_list)
             except Exception as exc:
                 log.warning("engine %s: dropped a bad message on %s (%s: %s)", conn.eid, channel,
                             type(exc).__name__, exc)
@@ -707,6 +708,37 @@ class Controller:
 
 async def _acall(fn: Callable[[], Any]) -> Any:
     return fn()
+
+
+def _deserialize(session: Session, frames: list) -> dict:
+    """``Session.deserialize(frames, copy=False)`` without parsing dates or adapting versions.
+
+    Routing needs neither, and dateutil's parsing of the header and parent dates was ~15% of
+    the loop thread's CPU per message (py-spy). Signatures are checked exactly as Session does.
+    """
+    if len(frames) < 5:
+        raise TypeError(f"malformed message, must have at least 5 elements, not {len(frames)}")
+    head = [f.bytes if isinstance(f, zmq.Frame) else bytes(f) for f in frames[:5]]
+    if session.auth is not None:
+        signature = head[0]
+        if not signature:
+            raise ValueError("Unsigned Message")
+        if signature in session.digest_history:
+            raise ValueError(f"Duplicate Signature: {signature!r}")
+        session._add_digest(signature)
+        if not compare_digest(signature, session.sign(head[1:5])):
+            raise ValueError(f"Invalid Signature: {signature!r}")
+    unpack = session.unpack
+    header = unpack(head[1])
+    return {
+        "header": header,
+        "msg_id": header["msg_id"],
+        "msg_type": header["msg_type"],
+        "parent_header": unpack(head[2]),
+        "metadata": unpack(head[3]),
+        "content": unpack(head[4]),
+        "buffers": [memoryview(f) for f in frames[5:]],
+    }
 
 
 def _method(req: Request) -> str:

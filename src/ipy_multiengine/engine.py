@@ -118,9 +118,20 @@ def _on_msg(comm: Any, msg: dict) -> None:
     except BaseException as exc:  # noqa: BLE001 - every failure must produce a reply
         reply, frames = _error_reply(rid, exc, None)
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
+        _flush_pending_output()
     comm.send(reply, buffers=frames)
+
+
+def _flush_pending_output() -> None:
+    """Flush stdout/stderr so output precedes the reply, only when something was written.
+
+    An ipykernel ``OutStream.flush`` from the shell thread waits for a round trip through the
+    IOPub thread even when nothing is buffered: two of those were ~0.5 ms of every op.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "_flush_pending", True) is False and not getattr(stream, "_buffers", True):
+            continue  # an idle ipykernel OutStream: nothing to send
+        try:
+            stream.flush()
+        except Exception:
+            pass
