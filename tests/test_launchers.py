@@ -188,20 +188,30 @@ def test_mpi_scatter_between_engines(mpi_cluster):
 
 
 @pytest.mark.timeout(120)
-def test_mpi_from_px_magic(mpi_cluster):
-    try:
-        import ipy_multiengine.magics  # noqa: F401
-    except ImportError:
-        pytest.skip("the %px magics are not in this tree yet")
-    from IPython.testing.globalipapp import get_ipython
+def test_mpi_allreduce_and_scatter_from_px(mpi_cluster):
+    """The tutorial's promise: scatter/gather *between* engines with MPI, typed as %px."""
+    from IPython.core.interactiveshell import InteractiveShell
 
-    ip = get_ipython()
-    ip.run_line_magic("load_ext", "ipy_multiengine")
-    mpi_cluster.client.activate()
-    ip.run_line_magic("px", "from mpi4py import MPI; s = MPI.COMM_WORLD.allreduce(MPI.COMM_WORLD.rank)")
-    ip.run_cell_magic("px", "", "x = MPI.COMM_WORLD.scatter([i * i for i in range(4)] if MPI.COMM_WORLD.rank == 0 else None)")
-    assert mpi_cluster.client.pull("s") == [6] * 4
-    assert mpi_cluster.client.pull("x") == [0, 1, 4, 9]
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "ipy_multiengine")
+    mec = mpi_cluster.client
+    mec.activate()
+    try:
+        res = shell.run_cell("%px from mpi4py import MPI; comm = MPI.COMM_WORLD; s = comm.allreduce(comm.rank)")
+        assert res.success, res.error_in_exec
+        res = shell.run_cell(textwrap.dedent("""\
+            %%px
+            import numpy as np
+            chunk = comm.scatter([np.arange(3) + 10 * i for i in range(comm.size)] if comm.rank == 0 else None, root=0)
+            total = comm.reduce(chunk.sum(), root=0)
+            """))
+        assert res.success, res.error_in_exec
+    finally:
+        shell.run_line_magic("unload_ext", "ipy_multiengine")
+    assert mec.pull("s") == [6] * 4
+    for rank, chunk in enumerate(mec.pull("chunk")):
+        np.testing.assert_array_equal(chunk, np.arange(3) + 10 * rank)
+    assert mec.pull("total", targets=0) == [sum(3 + 30 * r for r in range(4))]
 
 
 @pytest.mark.timeout(120)
