@@ -140,6 +140,34 @@ def test_engine_main_binds_free_ports_and_reports_them(tmp_path):
         proc.wait()
 
 
+def test_engine_main_bound_to_all_interfaces_reports_a_reachable_address(tmp_path):
+    """ip='*' (multi-host MPI/Slurm): the kernel binds every interface and reports the address
+    others should use (the host's, or IPY_MULTIENGINE_ENGINE_ADDRESS)."""
+    from ipy_multiengine.launchers.base import new_connection_info
+    from ipy_multiengine.engine_main import read_json, write_json_atomic
+
+    path = tmp_path / "engine-0.json"
+    write_json_atomic(str(path), new_connection_info(ip="*"))
+    env = dict(os.environ, PYTHONPATH=SRC, IPY_MULTIENGINE_ENGINE_ADDRESS="127.0.0.1")
+    proc = subprocess.Popen([sys.executable, "-m", "ipy_multiengine.engine_main", "-f", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (read_json(str(path)) or {}).get("ipy_multiengine_ready"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        report = read_json(str(path))
+        assert report["ip"] == "127.0.0.1"
+        listening = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections() if c.status == "LISTEN"}
+        assert "0.0.0.0" in listening
+        mec = MultiEngineClient.attach([str(path)])
+        assert mec.execute("print(1)")[0]["stdout"] == "1\n"
+        mec.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # ---------------------------------------------------------------------- MPI
 @pytest.fixture(scope="module")
 def mpi_cluster():

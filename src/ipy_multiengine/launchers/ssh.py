@@ -76,7 +76,9 @@ class SSHLauncher(Launcher):
     Options: ``python`` (remote interpreter, default ``python3``), ``setup`` (shell code run
     before it, e.g. ``source env/bin/activate``), ``env`` (variables for the engines),
     ``ssh`` (the ssh executable), ``ssh_args`` (extra options for every ssh), ``known_hosts``
-    (a known_hosts file to use instead of the user's), ``identity_file``, ``kernel_args``.
+    (a known_hosts file to use instead of the user's), ``identity_file``, ``kernel_args``,
+    ``max_connections_per_host`` (ssh connections opened at once per host, default 8: sshd
+    drops unauthenticated connections beyond its ``MaxStartups``, 10 by default).
     """
 
     name = "ssh"
@@ -94,6 +96,7 @@ class SSHLauncher(Launcher):
         known_hosts: str | None = None,
         identity_file: str | None = None,
         kernel_args: Iterable[str] = (),
+        max_connections_per_host: int = 8,
         **kw: Any,
     ):
         if not hosts:
@@ -121,6 +124,10 @@ class SSHLauncher(Launcher):
         self.known_hosts = known_hosts
         self.identity_file = identity_file
         self.kernel_args = list(kernel_args)
+        # sshd drops unauthenticated connections beyond MaxStartups (default 10): open at most
+        # this many at once per host
+        self.max_connections_per_host = max_connections_per_host
+        self._gates: dict[str, asyncio.Semaphore] = {}
         # per engine: host, remote report (pid, connection_file, remote ports), forwarder
         self.placement: list[str] = [h for h, s in self.hosts.items() for _ in range(s["n"])]
         self.remote: list[dict | None] = [None] * total
@@ -157,7 +164,16 @@ class SSHLauncher(Launcher):
             raise
         return self.engines
 
+    def _gate(self, host: str) -> asyncio.Semaphore:
+        if host not in self._gates:
+            self._gates[host] = asyncio.Semaphore(self.max_connections_per_host)
+        return self._gates[host]
+
     async def _start_engine(self, eid: int) -> dict:
+        async with self._gate(self.placement[eid]):
+            return await self._start_engine_now(eid)
+
+    async def _start_engine_now(self, eid: int) -> dict:
         host = self.placement[eid]
         info = new_connection_info("127.0.0.1", self.kernel_name or "")
         timeout = self.startup_timeout or 3600.0
@@ -242,7 +258,8 @@ class SSHLauncher(Launcher):
             )
         ]
         try:
-            rc, out, err = await run_command(cmd, timeout=timeout, check=False)
+            async with self._gate(host):
+                rc, out, err = await run_command(cmd, timeout=timeout, check=False)
         except asyncio.TimeoutError:
             return -1, f"ssh to {host} timed out"
         return rc, (err or out).strip()
