@@ -143,6 +143,21 @@ class MultiEngineClient:
         if path:
             asyncio.ensure_future(follow())
 
+    @classmethod
+    def attach(cls, connection_files: Iterable[str | os.PathLike] | str | os.PathLike,
+               timeout: float = 60.0) -> "MultiEngineClient":
+        """Use already-running kernels as engines 0, 1, ... in the order given.
+
+        ``connection_files`` are Jupyter connection files (paths, or names that
+        ``jupyter_client.find_connection_file`` finds, e.g. ``kernel-1234.json``): a
+        colleague's notebook kernel, kernels started by hand. The client does not own them:
+        ``close()`` only disconnects, the kernels keep running.
+        """
+        from .cluster import read_connection_files
+
+        engines = read_connection_files(connection_files)
+        return cls(_controller=Controller(engines, None, timeout=timeout))
+
     # ------------------------------------------------------------------ defaults and checks
     def get_ids(self) -> "EngineIds":
         """The ids of the engines, in order; dead ones are included and flagged in the repr

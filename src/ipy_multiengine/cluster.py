@@ -126,6 +126,33 @@ def resolve_cluster_file(path: str | os.PathLike | None, profile: str | None) ->
     return candidate
 
 
+def read_connection_files(files: Any) -> dict[int, dict]:
+    """Engine id -> connection info for Jupyter connection files, ids 0.. in order."""
+    from jupyter_client.connect import find_connection_file
+
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    engines = {}
+    for eid, name in enumerate(files):
+        path = Path(name)
+        if not path.exists():
+            try:
+                path = Path(find_connection_file(str(name)))
+            except OSError:
+                raise FileNotFoundError(f"no connection file {name!r}") from None
+        try:
+            info = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a connection file: {exc}") from None
+        missing = [k for k in ("shell_port", "iopub_port", "control_port", "ip", "key") if k not in info]
+        if missing:
+            raise ValueError(f"{path} is not a kernel connection file: it lacks {', '.join(missing)}")
+        engines[eid] = info
+    if not engines:
+        raise ValueError("attach needs at least one connection file")
+    return engines
+
+
 def liveness_probes(spec: dict) -> dict[int, Callable[[], str | None]]:
     """Process polls for the engines of ``spec`` that run on this host."""
     here = socket.gethostname()
@@ -153,7 +180,10 @@ def list_clusters(clean: bool = True) -> list[dict]:
             continue
         owner_alive = pid_alive(spec.get("owner_pid")) if spec.get("host") == socket.gethostname() else True
         pids = [e.get("pid") for e in spec["engines"]]
-        alive = [pid_alive(p) for p in pids]
+        here = socket.gethostname()
+        # engines on other hosts (ssh, slurm) or attached ones without a pid: not checkable here
+        alive = [pid_alive(e.get("pid")) if e.get("host", spec.get("host")) == here
+                 and (e.get("pid") or not spec.get("attached")) else True for e in spec["engines"]]
         state = "running" if owner_alive and all(alive) else ("degraded" if owner_alive else "stale")
         entry.update(state=state, engines=[e["id"] for e in spec["engines"]], pids=pids,
                      owner_pid=spec.get("owner_pid"), engines_alive=alive)
@@ -271,7 +301,7 @@ class Cluster:
 
     def __init__(
         self,
-        n: int = 4,
+        n: int | None = None,
         kernel_name: str = "python3",
         profile: str = "default",
         startup_timeout: float = 60.0,
@@ -280,7 +310,19 @@ class Cluster:
         auto_restart: bool = False,
         transport_encryption: str | None = None,
         shutdown_wait: float = 3.0,
+        launcher: Any = "local",
+        **launcher_options: Any,
     ) -> None:
+        # launcher='mpi'|'slurm'|'ssh'|a plugin name|a Launcher: engines started by it
+        # (see ipy_multiengine.launchers); 'local' without options: the managers below
+        self.launcher = None
+        if launcher != "local" or launcher_options:
+            from .launchers import make_launcher
+
+            self.launcher = make_launcher(launcher, n, kernel_name=kernel_name, env=env,
+                                          startup_timeout=startup_timeout, **launcher_options)
+            n = self.launcher.n if n is None else n
+        n = 4 if n is None else n
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive int, not {n!r}")
         self.n = n
@@ -327,6 +369,8 @@ class Cluster:
             else:
                 raise RuntimeError(f"a cluster for profile {self.profile!r} is already running ({path}); "
                                    "stop it with `ipmulti stop` or use another profile")
+        if self.launcher is not None:
+            return self._start_launcher(path)
         self._files: list[Path] = [self.log_file(eid) for eid in range(self.n)]
         self._finalizer = weakref.finalize(self, _stop_managers, self.managers, self._files)
         atexit.register(self._finalizer)
@@ -361,6 +405,26 @@ class Cluster:
             return self.transport_encryption
         return "auto" if ENCRYPT_LOOPBACK or not _is_loopback(ip) else "disabled"
 
+    def _start_launcher(self, path: Path) -> Any:
+        """Start the engines through ``self.launcher`` (mpi, slurm, ssh, a plugin)."""
+        from .client import MultiEngineClient
+        from .controller import Controller
+
+        self._finalizer = weakref.finalize(self, _stop_launcher, self.launcher)
+        atexit.register(self._finalizer)
+        try:
+            infos = _loop.run(self.launcher.start(), timeout=(self.startup_timeout or 3600) + 60)
+            self.engines_info = dict(enumerate(infos))
+            liveness = {eid: self.launcher.liveness(eid) for eid in self.engines_info}
+            controller = Controller(self.engines_info, liveness, timeout=self.startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.client = MultiEngineClient(_controller=controller, _cluster=self)
+        if self.write_file:
+            self._write_cluster_file(path)
+        return self.client
+
     def _connection_info(self, eid: int) -> dict:
         """What a client needs to reach engine ``eid``: no CurveZMQ secret key (the kernel's alone)."""
         info = self.managers[eid].get_connection_info(session=False)
@@ -383,6 +447,9 @@ class Cluster:
         """Restart engines ``eids`` keeping their ids and ports, with fresh namespaces."""
         if self._stopped or self.client is None:
             raise EngineError("this Cluster is not running")
+        if self.launcher is not None:
+            raise EngineError(f"engines started by the {self.launcher.name!r} launcher cannot be "
+                              "restarted one by one; stop the cluster and start a new one")
         unknown = [e for e in eids if e not in self.managers]
         if unknown:
             raise ValueError(f"unknown engine ids {unknown}; valid ids: {sorted(self.managers)}")
@@ -425,7 +492,7 @@ class Cluster:
 
     def _on_dead(self, eid: int, reason: str) -> None:
         """Controller callback (loop thread): restart a dead engine when ``auto_restart`` is on."""
-        if not self.auto_restart or self._stopped:
+        if not self.auto_restart or self._stopped or self.launcher is not None:
             return
         lock = self._restart_locks.get(eid)
         if lock is not None and lock.locked():
@@ -445,7 +512,12 @@ class Cluster:
         asyncio.ensure_future(go())
 
     def interrupt(self, eids: list[int]) -> None:
-        """Interrupt engines through their kernel managers (signal or message, as the kernelspec says)."""
+        """Interrupt engines through their kernel managers (signal or message, as the kernelspec
+        says), or through the launcher: over ssh, ``scancel --signal=INT``, the whole MPI job."""
+        if self.launcher is not None:
+            _loop.run(self.launcher.interrupt(eids), timeout=60)
+            return
+
         async def go() -> None:
             await asyncio.gather(*(self.managers[e].interrupt_kernel() for e in eids if e in self.managers),
                                  return_exceptions=True)
@@ -556,6 +628,19 @@ class Cluster:
 
     def _write_cluster_file(self, path: Path) -> None:
         host = socket.gethostname()
+        if self.launcher is not None:
+            spec = {
+                "profile": self.profile, "owner_pid": os.getpid(), "host": host, "created": time.time(),
+                "launcher": self.launcher.to_dict(),
+                "engines": [{"id": eid, "pid": info.get("pid"), "host": info.get("hostname", host),
+                             "kernel_name": self.kernel_name, "connection": info}
+                            for eid, info in self.engines_info.items()],
+            }
+            write_private(path, json.dumps(spec, indent=1))
+            self.cluster_file = str(path)
+            if self.client is not None:
+                self.client.cluster_file = str(path)
+            return
         spec = {
             "profile": self.profile, "owner_pid": os.getpid(), "host": host, "created": time.time(),
             "serves": ["requests"] if self.serves_requests else [],
@@ -588,6 +673,8 @@ class Cluster:
         if self._finalizer is not None:
             atexit.unregister(self._finalizer)
             self._finalizer.detach()
+        if self.launcher is not None:
+            _stop_launcher(self.launcher)
         _stop_managers(self.managers, logs)
 
     def __enter__(self) -> Any:
@@ -595,6 +682,14 @@ class Cluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _stop_launcher(launcher: Any) -> None:
+    """Stop a launcher's engines; never hangs (falls back to its synchronous kill)."""
+    try:
+        _loop.run(launcher.stop(), timeout=30)
+    except BaseException:
+        launcher.kill_now()
 
 
 def _stop_managers(managers: dict[int, AsyncKernelManager], extra_files: list[Path]) -> None:
