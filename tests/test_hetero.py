@@ -399,3 +399,19 @@ def test_ipmulti_start_engines_option(tmp_path):
     bad = subprocess.run(ipmulti + ["start", "--engines", "python3", "--profile", "mixed-bad"],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "KERNELSPEC=N" in bad.stderr
+
+
+def test_connection_without_stdin_port_still_works(hetero, mec, tmp_path):
+    """A cluster file whose connection info lacks stdin_port: execute works, input() says why not."""
+    spec = json.loads(Path(hetero.cluster_file).read_text())
+    spec["engines"] = [e for e in spec["engines"] if e["id"] == 0]
+    del spec["engines"][0]["connection"]["stdin_port"]
+    path = tmp_path / "no-stdin.json"
+    path.write_text(json.dumps(spec))
+    other = MultiEngineClient(path)
+    try:
+        assert other.execute("print(6 * 7)")[0]["stdout"] == "42\n"
+        with pytest.raises(CompositeError, match="StdinNotImplementedError"):
+            other.execute("input('x? ')")
+    finally:
+        other.close()

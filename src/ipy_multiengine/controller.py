@@ -238,6 +238,8 @@ class Controller:
         deadline = time.monotonic() + timeout
         for channel, kind in (("iopub", zmq.SUB), ("shell", zmq.DEALER), ("control", zmq.DEALER),
                               ("stdin", zmq.DEALER)):
+            if channel == "stdin" and "stdin_port" not in conn.info:
+                continue  # connection info without stdin: input() there raises StdinNotImplementedError
             sock = self._socket(conn, channel, kind)
             conn.tasks.append(asyncio.ensure_future(self._reader(conn, channel, sock)))
         # The SUB socket misses messages until its subscription reaches the kernel: ask for
@@ -689,7 +691,7 @@ class Controller:
         batch = []
         for eid in eids:
             conn = self._engines[eid]
-            msg = conn.session.msg("execute_request", content)
+            msg = conn.session.msg("execute_request", dict(content, allow_stdin=allow_stdin and "stdin_port" in conn.info))
             req = self._new_request(conn, "execute", msg["msg_id"], code=code, listener=listener)
             batch.append((conn, msg, req, []))
         return self._submit(batch)
