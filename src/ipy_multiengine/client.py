@@ -229,8 +229,8 @@ class MultiEngineClient:
                     chosen.extend(groups[t])
                     continue
                 if not isinstance(t, numbers.Integral) or isinstance(t, bool):
-                    raise TypeError(f"engine ids must be ints or group names, not {t!r} ({type(t).__name__}); "
-                                    f"valid ids: {ids}, groups: {list(groups)}")
+                    raise TypeError(f"engine ids must be ints, not {t!r} ({type(t).__name__}), or group names "
+                                    f"({', '.join(map(repr, groups)) or 'none'}); valid ids: {ids}")
                 chosen.append(int(t))
             if not chosen:
                 raise ValueError(f"targets is an empty list; valid ids: {ids}")
