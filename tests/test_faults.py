@@ -401,11 +401,6 @@ def test_200_mixed_operations_with_random_faults():
     assert stats["ok"] + stats["failed_reported"] == stats["ops"]
 
 
-def test_print_measurements():
-    for name, values in MEASURED.items():
-        print(f"[summary] {name}: min {min(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms, n={len(values)}")
-
-
 # --------------------------------------------------------------------------- daemon clusters
 def _ipmulti(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *args], capture_output=True, text=True,
@@ -495,3 +490,9 @@ def _try_bind(sock, port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_print_measurements():
+    """Last in the file: a summary of what the tests above measured (run with -s to see it)."""
+    for name, values in MEASURED.items():
+        print(f"[summary] {name}: min {min(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms, n={len(values)}")
