@@ -214,4 +214,5 @@ def test_bad_options(mec):
         Cluster(n=1, transport_encryption="maybe", write_file=False).start()
     with pytest.raises(TypeError, match="code must be a str"):
         mec.on_start(42)
+    mec.wait_ready(timeout=1)  # all ready: returns at once
     usable(mec)
