@@ -214,4 +214,39 @@ def test_bad_options(mec):
         Cluster(n=1, transport_encryption="maybe", write_file=False).start()
     with pytest.raises(TypeError, match="code must be a str"):
         mec.on_start(42)
+    mec.wait_ready(timeout=1)  # all ready: returns at once
     usable(mec)
+
+
+def test_ctrl_c_while_engines_start(tmp_path, monkeypatch):
+    """Ctrl-C while waiting for engines that do not come up: KeyboardInterrupt within 2 s, and
+    the half-started engine is stopped."""
+    from faultlib import CtrlC
+
+    _kernelspec(tmp_path, "stuck2", "import sys, time; print('stuck', file=sys.stderr, flush=True); "
+                                    "time.sleep(600)")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    c = Cluster(n=1, kernel_name="stuck2", profile="stuck2", startup_timeout=60, shutdown_wait=1)
+
+    pids = []
+
+    def started() -> bool:
+        try:
+            if "stuck" in c.log_file(0).read_text():
+                pids.append(c.managers[0].provisioner.pid)
+                return True
+        except (OSError, KeyError, AttributeError):
+            pass
+        return False
+
+    ctrl_c = CtrlC(started)
+    raised_at = None
+    try:
+        c.start()
+    except KeyboardInterrupt:
+        raised_at = time.monotonic()
+    finally:
+        ctrl_c.cancel()
+    assert raised_at is not None and raised_at - ctrl_c.sent_at < 2.0 + 3 * c.shutdown_wait
+    assert not c.managers and not cluster_file_path("stuck2").exists()
+    wait_for(lambda: all(gone(p) for p in pids), 10, f"the stuck engine {pids} to exit")

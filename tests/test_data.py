@@ -283,3 +283,17 @@ def test_push_to_four_engines_does_not_copy_per_engine(tmp_path):
     assert out.returncode == 0, out.stderr
     grew_mb = int(out.stdout.strip())
     assert grew_mb < 100, f"client peak RSS grew by {grew_mb} MB while pushing 100 MB to 4 engines"
+
+
+def test_functions_see_the_engine_namespace(mec):
+    """A function typed at the prompt runs against the engine's names, like code sent by execute."""
+    mec.execute("import math; scale = 3")
+    offset = 100  # a client global the engines do not have: sent along, as push would
+
+    def f(x):
+        return math.floor(x * scale) + offset
+
+    assert mec.map(f, [0.5, 1.0]) == [101, 103]
+    assert mec.apply(lambda: scale * 2, targets=1) == [6]
+    mec.push({"scale": 10}, targets=0)
+    assert mec.apply(f, 1.0, targets=[0, 1]) == [110, 103]

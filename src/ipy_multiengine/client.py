@@ -534,6 +534,22 @@ class MultiEngineClient:
         if failed:
             raise CompositeError("on_start", failed)
 
+    def wait_ready(self, targets: Any = None, timeout: float | None = 60.0) -> None:
+        """Wait until the target engines are up and ready (e.g. while ``auto_restart`` or the
+        owner of the cluster restarts them); ``TimeoutError`` names the engines still not ready."""
+        if self.closed:
+            raise EngineError("this MultiEngineClient is closed")
+        eids = self._resolve_targets(targets)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            waiting = {e: why for e in eids if (why := self._controller.unavailable(e))}
+            if not waiting:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"engines not ready after {timeout:g} s: " +
+                                   "; ".join(f"engine {e} {why}" for e, why in waiting.items()))
+            time.sleep(0.05)
+
     def on_start(self, code: str, timeout: float | None = None) -> ResultList:
         """Run setup ``code`` on every engine now, and record it so that it runs again, first
         thing, on every engine that is restarted or added later (``%%px --init``).

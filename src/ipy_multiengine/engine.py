@@ -13,6 +13,7 @@ import os
 import pickle
 import socket
 import sys
+import types
 from typing import Any
 
 from IPython import get_ipython
@@ -93,8 +94,32 @@ def _check_sendable(what: str, value: Any) -> None:
                         f"cannot be pickled ({exc})") from exc
 
 
+def _in_namespace(f: Any) -> Any:
+    """Run a function sent by value (typed at the prompt, a lambda) against the engine's namespace.
+
+    cloudpickle rebuilds such a function with a private globals dict holding only the client
+    globals it references, so names the user set up on the engine (``%px import numpy``,
+    ``push``) would be invisible to it. The function is rebound to the user namespace; client
+    globals it references that the engine lacks are added there, as ``push`` would.
+    """
+    if not isinstance(f, types.FunctionType):
+        return f
+    module = sys.modules.get(f.__module__)
+    if module is not None and f.__globals__ is vars(module):
+        return f  # imported from a real module on the engine: keep that module's globals
+    ns = _namespace()
+    for name, value in f.__globals__.items():
+        if not name.startswith("__") and name not in ns:
+            ns[name] = value
+    g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    g.__dict__.update(f.__dict__)
+    return g
+
+
 def _op_apply(data: dict, frames: list) -> list:
     f, args, kwargs = serialize.loads(frames)
+    f = _in_namespace(f)
     result = f(*args, **kwargs)
     try:
         return serialize.dumps(result)
@@ -111,6 +136,7 @@ class _ItemError(Exception):
 
 def _op_map(data: dict, frames: list) -> list:
     f, items = serialize.loads(frames)
+    f = _in_namespace(f)
     out = []
     for i, args in enumerate(items):
         try:
