@@ -26,7 +26,8 @@ def _start(args: argparse.Namespace) -> int:
         print(f"ipmulti: {exc}", file=sys.stderr)
         return 2
     cluster = Cluster(n=args.n, kernel_name=args.kernel, profile=args.profile,
-                      startup_timeout=args.timeout, auto_restart=args.auto_restart, **options)
+                      startup_timeout=args.timeout, auto_restart=args.auto_restart,
+                      transport_encryption=args.encryption, **options)
     cluster.serves_requests = True  # `ipmulti restart` and mec.restart() from other processes
     try:
         mec = cluster.start()
@@ -58,6 +59,8 @@ def _start_daemon(args: argparse.Namespace) -> int:
         cmd += ["-o", opt]
     if args.auto_restart:
         cmd.append("--auto-restart")
+    if args.encryption:
+        cmd += ["--encryption", args.encryption]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -245,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon", action="store_true", help="detach once every engine is ready")
     p.add_argument("--timeout", type=float, default=60.0, help="startup timeout in seconds")
     p.add_argument("--auto-restart", action="store_true", help="restart engines that die")
+    p.add_argument("--encryption", choices=["auto", "required", "disabled"], default=None,
+                   help="CurveZMQ transport encryption: auto (where the kernelspec supports it), required, "
+                        "disabled (default: auto, except for engines listening on loopback only)")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_start)
     p = sub.add_parser("restart", help="restart engines of a running cluster, keeping their ids")

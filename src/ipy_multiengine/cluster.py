@@ -202,9 +202,8 @@ def _request_path(profile: str, rid: str) -> Path:
     return cluster_dir() / f"request-{profile}-{rid}.json"
 
 
-def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], timeout: float = 60.0) -> dict:
-    """Ask the owner of ``cluster_file`` to run ``op`` ('restart') on engines ``ids``; wait for its answer."""
-    path = Path(cluster_file)
+def check_owner(path: Path, op: str) -> dict:
+    """The cluster file's content if its owner takes requests, else an ``EngineError`` saying why."""
     spec = read_cluster(path)
     owner = spec.get("owner_pid")
     if "requests" not in spec.get("serves", []):
@@ -213,6 +212,14 @@ def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], time
             "clusters started with `ipmulti start` do); restart them from the process that owns them")
     if spec.get("host") != socket.gethostname():
         raise EngineError(f"cannot {op} engines of {path}: its owner runs on host {spec.get('host')!r}")
+    return spec
+
+
+def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], timeout: float = 60.0) -> dict:
+    """Ask the owner of ``cluster_file`` to run ``op`` ('restart') on engines ``ids``; wait for its answer."""
+    path = Path(cluster_file)
+    spec = check_owner(path, op)
+    owner = spec.get("owner_pid")
     rid = uuid.uuid4().hex
     req = _request_path(spec.get("profile", "default"), rid)
     write_private(req, json.dumps({"op": op, "ids": ids, "cluster_file": str(path)}))
@@ -235,6 +242,10 @@ def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], time
 
 
 def _remove_files(spec: dict, path: Path) -> None:
+    profile = spec.get("profile")
+    if profile:  # unanswered requests and answers nobody collected
+        for f in cluster_dir().glob(f"request-{profile}-*"):
+            f.unlink(missing_ok=True)
     for e in spec.get("engines", []):
         for key in ("connection_file", "log_file"):
             if e.get(key):
@@ -254,20 +265,27 @@ def _exit_reason(code: int | None) -> str | None:
     return f"exited with code {code}"
 
 
-def _encryption_policy(requested: str, ip: str) -> str:
-    """What 'auto' means for engines bound to ``ip``: no CurveZMQ on loopback."""
+# ---------------------------------------------------------------------- the Cluster
+#: Whether the default encryption policy (``transport_encryption=None``) encrypts engines that
+#: listen on loopback only. CurveZMQ encrypts every message once per connection: a 100 MB push
+#: to 4 engines then holds 4 ciphertext copies (+400 MB in the client) and runs several times
+#: slower, while on loopback only root, who can read the key files anyway, could sniff.
+ENCRYPT_LOOPBACK = False
+
+
+def _is_loopback(ip: str) -> bool:
     import ipaddress
 
-    if requested != "auto":
-        return requested
     try:
-        loopback = ipaddress.ip_address(ip).is_loopback
+        return ipaddress.ip_address(ip).is_loopback
     except ValueError:
-        loopback = ip == "localhost"
-    return "disabled" if loopback else "auto"
+        return ip == "localhost"
 
 
-# ---------------------------------------------------------------------- the Cluster
+#: Times an engine is started again on new ports when another process took one of its ports
+#: between jupyter_client choosing it and the kernel binding it.
+PORT_CLASH_RETRIES = 2
+
 #: Automatic restarts allowed per engine per minute before the Cluster gives up on it.
 MAX_AUTO_RESTARTS = 5
 
@@ -290,7 +308,7 @@ class Cluster:
         env: dict[str, str] | None = None,
         write_file: bool = True,
         auto_restart: bool = False,
-        transport_encryption: str = "auto",
+        transport_encryption: str | None = None,
         shutdown_wait: float = 3.0,
         launcher: Any = "local",
         **launcher_options: Any,
@@ -315,9 +333,8 @@ class Cluster:
         self.write_file = write_file
         #: restart engines that die, by themselves (at most ``MAX_AUTO_RESTARTS`` a minute each)
         self.auto_restart = auto_restart
-        #: CurveZMQ: 'required', 'disabled', or 'auto': on for engines reached beyond loopback where
-        #: the kernel supports it, off on 127.0.0.1 (there it only costs a ciphertext copy per engine
-        #: and 2-3x the transfer time, and anyone able to read loopback traffic can read the key file).
+        #: CurveZMQ: 'auto' (on where the kernelspec declares support), 'required', 'disabled', or
+        #: None (default): 'auto' unless the engines listen on loopback only (see ENCRYPT_LOOPBACK)
         self.transport_encryption = transport_encryption
         #: seconds a shutdown request gets before SIGTERM, then as long again before SIGKILL
         self.shutdown_wait = shutdown_wait
@@ -341,8 +358,8 @@ class Cluster:
         if self.managers:
             raise RuntimeError("this Cluster is already started")
         path = cluster_file_path(self.profile)
-        if self.transport_encryption not in ("auto", "required", "disabled"):
-            raise ValueError(f"transport_encryption must be 'auto', 'required' or 'disabled', "
+        if self.transport_encryption not in (None, "auto", "required", "disabled"):
+            raise ValueError(f"transport_encryption must be None, 'auto', 'required' or 'disabled', "
                              f"not {self.transport_encryption!r}")
         if self.write_file and path.exists():
             try:
@@ -361,10 +378,19 @@ class Cluster:
             _loop.run(self._start_kernels(), timeout=self.startup_timeout + 10)
             liveness = {eid: self._probe(eid) for eid in self.managers}
             engines = {eid: self._connection_info(eid) for eid in self.managers}
-            try:
-                controller = Controller(engines, liveness, timeout=self.startup_timeout)
-            except EngineError as exc:
-                raise self._with_output(exc) from None
+            for attempt in range(PORT_CLASH_RETRIES + 1):
+                try:
+                    controller = Controller(engines, liveness, timeout=self.startup_timeout)
+                    break
+                except EngineError as exc:
+                    eid = exc.engine_id
+                    if attempt < PORT_CLASH_RETRIES and eid in self.managers and self._port_clash(eid):
+                        log.warning("engine %s lost a port to another process while starting; "
+                                    "starting it again on new ports", eid)
+                        _loop.run(self._fresh_manager(eid), timeout=self.startup_timeout + 10)
+                        engines[eid], liveness[eid] = self._connection_info(eid), self._probe(eid)
+                        continue
+                    raise self._with_output(exc) from None
         except BaseException:
             self.stop()
             raise
@@ -373,6 +399,11 @@ class Cluster:
         if self.write_file:
             self._write_cluster_file(path)
         return self.client
+
+    def _encryption_policy(self, ip: str) -> str:
+        if self.transport_encryption is not None:
+            return self.transport_encryption
+        return "auto" if ENCRYPT_LOOPBACK or not _is_loopback(ip) else "disabled"
 
     def _start_launcher(self, path: Path) -> Any:
         """Start the engines through ``self.launcher`` (mpi, slurm, ssh, a plugin)."""
@@ -443,16 +474,29 @@ class Cluster:
             self.restarts.setdefault(eid, []).append(time.time())
             with self._open_log(eid, "ab") as out:
                 await km.restart_kernel(now=True, stdout=out, stderr=out)
-            try:
-                await controller.add_engines_async({eid: self._connection_info(eid)}, {eid: self._probe(eid)},
-                                                   timeout)
-            except EngineError as exc:
-                raise self._with_output(exc) from None
+            for attempt in range(PORT_CLASH_RETRIES + 1):
+                if self._stopped:  # stop() ran meanwhile: do not leave the new kernel behind
+                    await self.managers[eid].shutdown_kernel(now=True)
+                    raise EngineError(f"engine {eid}: the cluster was stopped during its restart", eid)
+                try:
+                    await controller.add_engines_async({eid: self._connection_info(eid)},
+                                                       {eid: self._probe(eid)}, timeout)
+                    break
+                except EngineError as exc:
+                    if attempt < PORT_CLASH_RETRIES and self._port_clash(eid):
+                        log.warning("engine %s lost a port to another process while restarting; "
+                                    "starting it on new ports", eid)
+                        await self._fresh_manager(eid)
+                        continue
+                    raise self._with_output(exc) from None
 
     def _on_dead(self, eid: int, reason: str) -> None:
         """Controller callback (loop thread): restart a dead engine when ``auto_restart`` is on."""
         if not self.auto_restart or self._stopped or self.launcher is not None:
             return
+        lock = self._restart_locks.get(eid)
+        if lock is not None and lock.locked():
+            return  # being restarted already
         recent = [t for t in self.restarts.get(eid, []) if time.time() - t < 60]
         if len(recent) >= MAX_AUTO_RESTARTS:
             log.error("engine %s died %d times within a minute; not restarting it again", eid, len(recent))
@@ -510,18 +554,9 @@ class Cluster:
     async def _start_kernels(self) -> None:
         from jupyter_client.kernelspec import NoSuchKernel
 
-        env = dict(os.environ if self.env is None else self.env)
-        env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-        env.pop("JPY_PARENT_PID", None)
-        directory = cluster_dir()
-        tag = f"{self.profile}-{os.getpid()}"
+        env = self._env()
         for eid in range(self.n):
-            km = AsyncKernelManager(kernel_name=self.kernel_name,
-                                    connection_file=str(directory / f"engine-{tag}-{eid}.json"))
-            km.session.key = self._key.encode()
-            km.shutdown_wait_time = self.shutdown_wait
-            km.transport_encryption = _encryption_policy(self.transport_encryption, km.ip)
-            self.managers[eid] = km
+            self._new_manager(eid)
         logs = {eid: self._open_log(eid, "wb") for eid in self.managers}
         try:
             results = await asyncio.gather(
@@ -546,6 +581,37 @@ class Cluster:
             reason = self._probe(eid)()
             if reason:
                 raise EngineError(f"engine {eid} {reason} during startup; its output:\n{self._log_tail(eid)}", eid)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+        env.pop("JPY_PARENT_PID", None)  # jupyter_client sets ours: engines die with this process
+        return env
+
+    def _new_manager(self, eid: int) -> AsyncKernelManager:
+        tag = f"{self.profile}-{os.getpid()}"
+        km = AsyncKernelManager(kernel_name=self.kernel_name,
+                                connection_file=str(cluster_dir() / f"engine-{tag}-{eid}.json"))
+        km.session.key = self._key.encode()
+        km.shutdown_wait_time = self.shutdown_wait
+        km.transport_encryption = self._encryption_policy(km.ip)
+        self.managers[eid] = km
+        return km
+
+    def _port_clash(self, eid: int) -> bool:
+        """Did engine ``eid`` die because another process took one of its ports meanwhile?"""
+        return "Address already in use" in self._log_tail(eid, 40)
+
+    async def _fresh_manager(self, eid: int) -> None:
+        """Replace engine ``eid``'s kernel by a new one on new ports (after a port clash)."""
+        old = self.managers[eid]
+        try:
+            await old.shutdown_kernel(now=True)
+        except Exception as exc:
+            log.debug("engine %s: shutting down the old kernel: %s", eid, exc)
+        km = self._new_manager(eid)
+        with self._open_log(eid, "wb") as out:
+            await km.start_kernel(extra_arguments=KERNEL_ARGS, env=self._env(), stdout=out, stderr=out)
 
     def _open_log(self, eid: int, mode: str) -> Any:
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
@@ -601,6 +667,8 @@ class Cluster:
             self.client.close()
         if self.cluster_file:
             Path(self.cluster_file).unlink(missing_ok=True)
+            for f in cluster_dir().glob(f"request-{self.profile}-*"):
+                f.unlink(missing_ok=True)
         logs = [self.log_file(eid) for eid in self.managers]
         if self._finalizer is not None:
             atexit.unregister(self._finalizer)

@@ -256,7 +256,9 @@ class Controller:
                     conn.eid,
                 )
             try:
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(info_fut)), min(0.25, left))
+                waiter = asyncio.wrap_future(info_fut)
+                waiter.add_done_callback(_retrieve)  # no "exception never retrieved" noise
+                await asyncio.wait_for(asyncio.shield(waiter), min(0.25, left))
             except asyncio.TimeoutError:
                 pass
             if info_fut.done() and not conn.iopub_seen.is_set():
@@ -335,7 +337,7 @@ class Controller:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             for conn in list(self._engines.values()):
-                if conn.dead or conn.liveness is None:
+                if conn.dead or conn.liveness is None or conn.state == "restarting":
                     continue
                 try:
                     reason = conn.liveness()
@@ -704,6 +706,11 @@ class Controller:
             _loop.run(self._close(), timeout=10)
         except Exception as exc:  # closing must never raise or hang
             log.debug("error while closing controller: %s", exc)
+
+
+def _retrieve(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _acall(fn: Callable[[], Any]) -> Any:
