@@ -170,10 +170,16 @@ def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], t
     import subprocess
     import uuid
 
-    directory = _private_dir()
-    path = os.path.join(directory, f"engine-{engine_id}-{uuid.uuid4().hex[:12]}.json")
     info = {k: v for k, v in info.items() if k != READY_KEY}
-    write_json_atomic(path, info)
+    for attempt in range(3):  # a concurrent --stop may remove the emptied directory
+        directory = _private_dir()
+        path = os.path.join(directory, f"engine-{engine_id}-{uuid.uuid4().hex[:12]}.json")
+        try:
+            write_json_atomic(path, info)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     log_path = path[: -len(".json")] + ".log"
     log = open(log_path, "ab")
     cmd = [
@@ -268,6 +274,13 @@ def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
         for p in (connection_file, connection_file[: -len(".json")] + ".log"):
             try:
                 os.unlink(p)
+            except OSError:
+                pass
+        directory = os.path.dirname(connection_file)
+        if directory == os.path.dirname(os.path.abspath(connection_file)) and \
+                directory.endswith(os.path.join("ipy_multiengine", "engines")):
+            try:  # our private directory goes when its last engine does
+                os.rmdir(directory)
             except OSError:
                 pass
     return 0
