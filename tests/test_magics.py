@@ -361,9 +361,10 @@ def test_ctrl_c_interrupts_engines_and_keeps_them_usable(ip, mec):
 
     class Watch(io.StringIO):
         def write(self, s):
-            if "[stdout:" in s and "started" in s:
-                started.set()
-            return super().write(s)
+            n = super().write(s)
+            if all(f"[stdout:{i}] started" in self.getvalue() for i in range(4)):
+                started.set()  # every engine is inside the cell
+            return n
 
     def interrupter():
         if started.wait(20):
