@@ -41,6 +41,8 @@ UPDATE_INTERVAL = 0.1
 AREA_LIMIT = 16384
 #: Seconds to wait for interrupted engines to stop before giving control back.
 INTERRUPT_GRACE = 5.0
+#: Seconds between repeated interrupts of engines that have not stopped yet.
+INTERRUPT_REPEAT = 1.0
 
 _DONE = object()
 
@@ -713,10 +715,18 @@ class ParallelMagics(Magics):
                      progress: _Progress) -> None:
         """Ctrl-C / notebook interrupt: interrupt the engines still running, show their output."""
         running = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
-        if running:
-            mec.interrupt(running)
+        end = time.monotonic() + INTERRUPT_GRACE
         try:
-            self._pump(pr, events, renderer, progress, time.monotonic() + INTERRUPT_GRACE)
+            # An engine that has not started running the code yet ignores an interrupt (a kernel
+            # only listens for SIGINT while it executes): repeat it for engines still busy with it.
+            while True:
+                still = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
+                if still:
+                    mec.interrupt(still)
+                if self._pump(pr, events, renderer, progress, min(end, time.monotonic() + INTERRUPT_REPEAT)):
+                    break
+                if time.monotonic() >= end:
+                    break
         except KeyboardInterrupt:
             pass  # a second Ctrl-C: stop waiting at once
         renderer.finish()
