@@ -416,3 +416,22 @@ def test_no_client_connects_to_running_default_cluster(ip, cluster, mec):
             other.close()
         mec.activate()
     json.loads(open(cluster.cluster_file).read())  # the session cluster is untouched
+
+
+def test_init_runs_now_and_is_recorded_for_restarts(ip, mec):
+    try:
+        cap, res = run(ip, "%%px --init\nINIT_VALUE = 5\nprint('set up')")
+        assert res.success, cap.stdout
+        assert cap.stdout.splitlines() == [f"[stdout:{i}] set up" for i in range(4)]
+        assert mec.on_start_code[-1] == "INIT_VALUE = 5\nprint('set up')"
+        assert mec.pull("INIT_VALUE") == [5] * 4
+        cap, res = run(ip, "%px --init INIT_OTHER = 1")
+        assert isinstance(res.result, ResultList) and mec.on_start_code[-1] == "INIT_OTHER = 1"
+        with pytest.raises(UsageError, match="no --targets"):
+            ip.run_cell_magic("px", "--init --targets 0", "x = 1")
+        n = len(mec.on_start_code)
+        with pytest.raises(CompositeError):
+            ip.run_cell_magic("px", "--init", "1/0")
+        assert len(mec.on_start_code) == n  # failing setup code is not recorded
+    finally:
+        mec.clear_on_start()

@@ -600,6 +600,9 @@ class ParallelMagics(Magics):
               help="store the ResultList (or PendingResult) in the user namespace as NAME")
     @argument("--local", dest="local", action="store_true", default=False,
               help="also run the code in the local namespace")
+    @argument("--init", dest="init", action="store_true", default=False,
+              help="setup code: run it on every engine now and again on every engine restarted later "
+                   "(mec.on_start)")
     @line_cell_magic
     def px(self, line: str, cell: str | None = None) -> Any:
         """Run code on the engines: ``%px CODE`` (one line) or a ``%%px`` cell.
@@ -633,6 +636,9 @@ class ParallelMagics(Magics):
         else:
             stream = cfg.stream if args.stream is None else args.stream
             mode = "stream" if stream else "collect"
+
+        if args.init:
+            return self._run_init(mec, code, args, mode, group, collapse, timeout)
 
         events: queue.Queue = queue.Queue()
         closed = threading.Event()
@@ -670,6 +676,7 @@ class ParallelMagics(Magics):
         if progress.shown is not None and progress.shown != len(pr.futures):
             progress.tick(pr.eids, pr.futures, final=True)
         if timed_out:
+            renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             renderer.finish()
             left = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
             raise _short(MultiEngineTimeout(
@@ -684,6 +691,39 @@ class ParallelMagics(Magics):
             if collapse:
                 err.collapse = True
             raise err from None
+        if args.out:
+            self.shell.user_ns[args.out] = result
+        return result if mode == "results" else None
+
+    def _run_init(self, mec: Any, code: str, args: Any, mode: str, group: str, collapse: bool,
+                  timeout: float | None) -> Any:
+        """``--init``: ``mec.on_start(code)``, then show its outputs like ``--no-stream``."""
+        if args.targets is not None:
+            raise UsageError("--init runs on every engine (and on every engine restarted later): "
+                             "it takes no --targets")
+        if not args.block and args.block is not None:
+            raise UsageError("--init always blocks: setup code must have run before anything else")
+        on_start = getattr(mec, "on_start", None)
+        if on_start is None:
+            raise UsageError("this client has no on_start(); --init needs a newer ipy_multiengine")
+        try:
+            result = on_start(code, timeout=timeout)
+        except CompositeError as err:
+            if args.out:
+                self.shell.user_ns[args.out] = err
+            if collapse:
+                err.collapse = True
+            raise err from None
+        self.last = mec.last
+        renderer = Renderer([r["id"] for r in result], "results" if mode == "results" else "collect",
+                            self.notebook, group, collapse)
+        for r in result:
+            for name in ("stdout", "stderr"):
+                if r.get(name):
+                    renderer.handle(r["id"], "stream", {"name": name, "text": r[name]})
+            for out in r.get("outputs") or []:
+                renderer.handle(r["id"], out.get("output_type", ""), out)
+        renderer.finish()
         if args.out:
             self.shell.user_ns[args.out] = result
         return result if mode == "results" else None
@@ -729,6 +769,8 @@ class ParallelMagics(Magics):
                     break
         except KeyboardInterrupt:
             pass  # a second Ctrl-C: stop waiting at once
+        if renderer.mode == "results":
+            renderer.mode = "collect"  # there will be no Results List: show everything printed
         renderer.finish()
         still = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
         msg = f"%px: interrupted engine{'s' if len(running) != 1 else ''} {engine_range(running) or '-'}"
