@@ -151,6 +151,8 @@ def test_autopx_blocking_streams_and_keeps_local_magics(ip, mec):
         assert magics_of(ip).pxconfig_.stream is False
         cap, res = run(ip, "%result")
         assert isinstance(res.result, ResultList)
+        cap, res = run(ip, "%%px --targets 0\nprint('own options')")  # not wrapped a second time
+        assert cap.stdout == "[stdout:0] own options\n"
     finally:
         run(ip, "%autopx")
     assert not magics_of(ip).transformer.enabled

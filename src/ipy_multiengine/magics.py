@@ -497,8 +497,9 @@ class AutoPxTransformer:
     """
 
     has_side_effects = True
-    #: Inputs starting with these stay local while ``%autopx`` is on.
-    local_magics = ("%autopx", "%pxconfig", "%result", "%pxresult")
+    #: Inputs starting with these stay local while ``%autopx`` is on (``%px``/``%%px`` go to
+    #: the engines anyway, with their own options).
+    local_magics = ("%autopx", "%pxconfig", "%result", "%pxresult", "%px", "%%px")
 
     def __init__(self) -> None:
         self.enabled = False
