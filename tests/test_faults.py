@@ -150,7 +150,7 @@ def test_heartbeat_detects_engines_without_a_local_process(tmp_path):
             finally:
                 os.kill(pid, signal.SIGCONT)
             wait_for(lambda: not mec.get_ids().dead, 10, "engine 1 to answer heartbeats again")
-            owner.interrupt(1)
+            mec.interrupt(1)  # a non-owning client: an interrupt_request on the control channel
             assert mec.execute("print(3)", targets=1, timeout=10)[0]["stdout"] == "3\n"
             t0 = time.monotonic()
             os.kill(engine_pid(cluster, 0), signal.SIGKILL)
@@ -298,7 +298,7 @@ def test_forged_message_with_wrong_key_is_not_run(tmp_path):
     import zmq
     from jupyter_client.session import Session
 
-    with small_cluster(1) as (cluster, mec):
+    with small_cluster(1, transport_encryption="auto") as (cluster, mec):
         info = json.loads(Path(cluster.cluster_file).read_text())["engines"][0]["connection"]
         ctx = zmq.Context()
 
@@ -404,3 +404,94 @@ def test_200_mixed_operations_with_random_faults():
 def test_print_measurements():
     for name, values in MEASURED.items():
         print(f"[summary] {name}: min {min(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms, n={len(values)}")
+
+
+# --------------------------------------------------------------------------- daemon clusters
+def _ipmulti(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *args], capture_output=True, text=True,
+                         timeout=60)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_daemon_cluster_restart_from_other_processes():
+    """`ipmulti start --daemon` owns the engines; a client connected by its cluster file sees a
+    killed engine as dead, `ipmulti restart` and `mec.restart` (both served by the owner) bring
+    it back with the same id, the client follows and re-runs its on_start code, and
+    `ipmulti stop` leaves no process or file behind."""
+    profile = f"daemon{os.getpid()}"
+    path = Path(_ipmulti("start", "-n", "2", "--daemon", "--profile", profile).stdout.strip())
+    spec = json.loads(path.read_text())
+    owner = spec["owner_pid"]
+    pids = {e["pid"] for e in spec["engines"]}
+    mec = MultiEngineClient(profile=profile)
+    try:
+        mec.on_start("SETUP = 'yes'")
+        os.kill(spec["engines"][0]["pid"], signal.SIGKILL)
+        wait_for(lambda: 0 in mec.get_ids().dead, 5, "the client to see engine 0 dead")
+        listing = _ipmulti("list").stdout
+        assert any(line.split()[:4] == [profile, "degraded", "2", "0"] for line in listing.splitlines()), listing
+        t0 = time.monotonic()
+        assert _ipmulti("restart", "0", "--profile", profile).stdout.startswith("restarted engine 0 (pid ")
+        wait_for(lambda: mec.engines[0]["ready"], 20, "the client to reconnect to the restarted engine 0")
+        measured("ipmulti restart, until a connected client follows", time.monotonic() - t0)
+        assert mec.pull("SETUP") == ["yes", "yes"]  # on_start re-ran on the new engine
+        mec.execute("x = 1")
+        t0 = time.monotonic()
+        mec.restart(1)  # a non-owning client asks the owner
+        measured("mec.restart from a non-owning client", time.monotonic() - t0)
+        assert mec.execute("print(SETUP)", targets=1)[0]["stdout"] == "yes\n"
+        with pytest.raises(CompositeError, match="NameError"):
+            mec.pull("x", targets=1)
+        pids |= {e["pid"] for e in json.loads(path.read_text())["engines"]}
+        bad = _ipmulti("restart", "7", "--profile", profile, check=False)
+        assert bad.returncode == 2 and "unknown engine ids [7]" in bad.stderr
+    finally:
+        mec.close()
+        _ipmulti("stop", "--profile", profile)
+    wait_for(lambda: all(gone(p) for p in pids | {owner}), 10, "the daemon and its engines to exit")
+    assert not path.exists() and not list(path.parent.glob(f"*{profile}*"))
+
+
+def test_restart_needs_an_owner_that_serves_requests(cluster, mec):
+    """A client of an embedded Cluster (owned by another process, here faked by a copy of the
+    file without the 'serves' marker) gets a precise error instead of a hang."""
+    c = MultiEngineClient(cluster.cluster_file)
+    try:
+        with pytest.raises(EngineError, match="does not take requests .*ipmulti start"):
+            c.restart(0)
+        assert c.execute("print(1)", targets=0)[0]["stdout"] == "1\n"  # still usable
+    finally:
+        c.close()
+
+
+def test_restart_survives_a_port_taken_by_another_process():
+    """Restart reuses the engine's ports; if another process took one meanwhile (the classic
+    jupyter port race, also at startup), the engine is started again on new ports."""
+    import socket
+
+    with small_cluster(2) as (cluster, mec):
+        mec.execute("pass")
+        info = cluster.managers[1].get_connection_info()
+        os.kill(engine_pid(cluster, 1), signal.SIGKILL)
+        wait_for(lambda: 1 in mec.get_ids().dead, 5, "engine 1 to be seen dead")
+        thief = socket.socket()
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        wait_for(lambda: _try_bind(thief, info["shell_port"]), 10, "the dead engine's shell port to be free")
+        thief.listen()
+        try:
+            mec.restart(1, timeout=30)
+            cluster._remember()
+            assert cluster.managers[1].get_connection_info()["shell_port"] != info["shell_port"]
+            assert mec.execute("print(1)", targets=1)[0]["stdout"] == "1\n"
+        finally:
+            thief.close()
+
+
+def _try_bind(sock, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False

@@ -101,6 +101,7 @@ class MultiEngineClient:
         self._block = True
         self._targets: str | int | list[int] = "all"
         self._last: PendingResult | None = None
+        self._restarting: set[int] = set()
         self.closed = False
 
     def _follow_restart(self, eid: int, reason: str) -> None:
@@ -112,15 +113,16 @@ class MultiEngineClient:
         from .cluster import liveness_probes
 
         path, controller = self.cluster_file, self._controller
-        old = controller.engine(eid).info
+        dead_conn = controller.engine(eid)
+        old = dead_conn.info
 
         async def follow() -> None:
             deadline = time.monotonic() + FOLLOW_RESTART_FOR
             while time.monotonic() < deadline and not self.closed:
                 await asyncio.sleep(0.25)
                 conn = controller.engine(eid)
-                if not conn.dead:
-                    return  # reconnected by someone else (mec.restart)
+                if conn is not dead_conn or not conn.dead or eid in self._restarting:
+                    return  # reconnected or being restarted by this client (mec.restart)
                 try:
                     spec = json.loads(Path(path).read_text())
                     entry = next(e for e in spec["engines"] if e["id"] == eid)
@@ -140,6 +142,21 @@ class MultiEngineClient:
 
         if path:
             asyncio.ensure_future(follow())
+
+    @classmethod
+    def attach(cls, connection_files: Iterable[str | os.PathLike] | str | os.PathLike,
+               timeout: float = 60.0) -> "MultiEngineClient":
+        """Use already-running kernels as engines 0, 1, ... in the order given.
+
+        ``connection_files`` are Jupyter connection files (paths, or names that
+        ``jupyter_client.find_connection_file`` finds, e.g. ``kernel-1234.json``): a
+        colleague's notebook kernel, kernels started by hand. The client does not own them:
+        ``close()`` only disconnects, the kernels keep running.
+        """
+        from .cluster import read_connection_files
+
+        engines = read_connection_files(connection_files)
+        return cls(_controller=Controller(engines, None, timeout=timeout))
 
     # ------------------------------------------------------------------ defaults and checks
     def get_ids(self) -> "EngineIds":
@@ -458,15 +475,20 @@ class MultiEngineClient:
         if self._cluster is not None:
             self._cluster.restart(eids, timeout=timeout)
         elif self.cluster_file:
-            from .cluster import liveness_probes, read_cluster, request_owner
+            from .cluster import check_owner, liveness_probes, read_cluster, request_owner
 
-            self._controller.set_unavailable(eids, "restarting")
-            request_owner(self.cluster_file, "restart", eids, timeout=60.0 if timeout is None else timeout)
-            spec = read_cluster(self.cluster_file)
-            engines = {e["id"]: e["connection"] for e in spec["engines"] if e["id"] in eids}
-            probes = liveness_probes(spec)
-            self._controller.add_engines(engines, {e: p for e, p in probes.items() if e in eids},
-                                         timeout=60.0 if timeout is None else timeout)
+            check_owner(Path(self.cluster_file), "restart")
+            self._restarting.update(eids)
+            try:
+                self._controller.set_unavailable(eids, "restarting")
+                request_owner(self.cluster_file, "restart", eids, timeout=60.0 if timeout is None else timeout)
+                spec = read_cluster(self.cluster_file)
+                engines = {e["id"]: e["connection"] for e in spec["engines"] if e["id"] in eids}
+                probes = liveness_probes(spec)
+                self._controller.add_engines(engines, {e: p for e, p in probes.items() if e in eids},
+                                             timeout=60.0 if timeout is None else timeout)
+            finally:
+                self._restarting.difference_update(eids)
         else:
             raise EngineError("cannot restart engines this client neither owns nor knows a cluster file for")
         failed = [err for e in eids for err in self._controller.engine(e).init_errors]
@@ -542,8 +564,8 @@ class Mapper:
     def __init__(self, client: MultiEngineClient, targets: Any, block: bool | None) -> None:
         self.client, self.targets, self.block = client, targets, block
 
-    def map(self, f: Callable, *seqs: Iterable) -> Any:
-        return self.client.map(f, *seqs, targets=self.targets, block=self.block)
+    def map(self, f: Callable, *seqs: Iterable, timeout: float | None = None) -> Any:
+        return self.client.map(f, *seqs, targets=self.targets, block=self.block, timeout=timeout)
 
 
 class ParallelFunction:
@@ -557,12 +579,20 @@ class ParallelFunction:
     def __call__(self, *seqs: Iterable) -> Any:
         return self.mapper.map(self.func, *seqs)
 
-    def map(self, *seqs: Iterable) -> Any:
-        return self.mapper.map(self.func, *seqs)
+    def map(self, *seqs: Iterable, timeout: float | None = None) -> Any:
+        return self.mapper.map(self.func, *seqs, timeout=timeout)
 
 
 def _values(replies: list[CommReply]) -> list[Any]:
-    return [serialize.loads(r.frames) for r in replies]
+    out = []
+    for r in replies:
+        try:
+            out.append(serialize.loads(r.frames))
+        except Exception as exc:
+            raise TypeError(f"a value sent back by an engine cannot be rebuilt in this process "
+                            f"({type(exc).__name__}: {exc}); define its class in a module both sides "
+                            "can import, or convert it to builtin types on the engine") from exc
+    return out
 
 
 def _nones(replies: list[Any]) -> list[None]:
