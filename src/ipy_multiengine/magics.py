@@ -31,7 +31,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from . import client as _client_mod
-from .errors import CompositeError, NoClusterError
+from .errors import CompositeError, MultiEngineError, NoClusterError
 from .errors import TimeoutError as MultiEngineTimeout
 
 #: Seconds between in-place updates of a notebook display area (output is coalesced).
@@ -652,6 +652,8 @@ class ParallelMagics(Magics):
             pr = mec.execute(code, targets=targets, block=False, listener=listener if block else None)
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
+        except MultiEngineError as exc:  # e.g. a dead target: the message says it all
+            raise _short(exc) from None
         self.last = pr
         if args.local:
             self._run_local(code)
@@ -763,7 +765,11 @@ class ParallelMagics(Magics):
             while True:
                 still = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
                 if still:
-                    mec.interrupt(still)
+                    try:
+                        mec.interrupt(still)
+                    except Exception as exc:  # e.g. an engine died meanwhile: keep collecting
+                        print(f"%px: could not interrupt engines {engine_range(still)}: {exc}",
+                              file=sys.stderr)
                 if self._pump(pr, events, renderer, progress, min(end, time.monotonic() + INTERRUPT_REPEAT)):
                     break
                 if time.monotonic() >= end:
