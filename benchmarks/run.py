@@ -399,7 +399,7 @@ def meta() -> dict[str, Any]:
 def memory_table(mem: dict[str, Any]) -> str:
     """Render the memory results."""
     lines = [f"{'backend':8} {'client+':>9} {'client Δ400MB':>13} {'push peak+':>10} {'engine idle':>11} "
-             f"{'engine after':>12} {'engine peak':>11} {'other procs':>11}"]
+             f"{'engine w/ 100MB':>15} {'engine peak':>11} {'engine after del':>16} {'other procs':>11}"]
     for name, m in mem.items():
         if "error" in m:
             lines.append(f"{name:8} error: {m['error'].strip().splitlines()[-1] if m['error'].strip() else ''}")
@@ -411,7 +411,8 @@ def memory_table(mem: dict[str, Any]) -> str:
         lines.append(
             f"{name:8} {mb(m.get('client_overhead')):>9} {mb(m.get('client_growth')):>13} "
             f"{mb(m.get('client_push_peak_extra')):>10} {mb(m.get('engine_idle_rss')):>11} "
-            f"{mb(m.get('engine_after_rss')):>12} {mb(m.get('engine_peak')):>11} {mb(m.get('other_rss')):>11}"
+            f"{mb(m.get('engine_after_rss')):>15} {mb(m.get('engine_peak')):>11} "
+            f"{mb(m.get('engine_after_delete_rss')):>16} {mb(m.get('other_rss')):>11}"
         )
     return "\n".join(lines)
 
