@@ -207,6 +207,7 @@ class Runner:
         ss = {k: Row(f"stop {n} engines", n, k) for k in names}
         self.rows += list(rs.values()) + list(ss.values())
         alive = list(names)
+        fails: dict[str, int] = {}
         for i in range(reps):
             k = i % len(alive) if alive else 0
             for name in alive[k:] + alive[:k]:
@@ -220,9 +221,11 @@ class Runner:
                     t2 = time.perf_counter()
                 except Exception as e:  # noqa: BLE001
                     log(f"  {name} start/stop failed:\n{traceback.format_exc()}")
-                    rs[name].note = ss[name].note = f"failed: {e!r}"[:120]
+                    fails[name] = fails.get(name, 0) + 1
+                    rs[name].note = f"{fails[name]} of {i + 1} starts FAILED, last: {e!r}"[:160]
                     self._safe_stop(b)
-                    alive.remove(name)
+                    if fails[name] >= 2:
+                        alive.remove(name)
                     continue
                 rs[name].times.append(t1 - t0)
                 ss[name].times.append(t2 - t1)
