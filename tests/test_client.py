@@ -30,12 +30,13 @@ def test_tutorial_abc_example(mec):
     mec.execute("c=a-b", targets=[1, 3])
     out = mec.execute("print(c)")
     assert [x["stdout"] for x in out] == ["15\n", "-5\n", "15\n", "-5\n"]
-    assert out[0]["number"] == n + 3 and out[1]["number"] == n + 3
+    n1 = first[1]["number"]  # engines' counts differ when earlier tests targeted some of them
+    assert out[0]["number"] == n + 3 and out[1]["number"] == n1 + 3
     text = repr(out)
     assert text.splitlines()[0] == "<Results List>"
     assert f"[0] In [{n + 3}]: print(c)" in text
     assert f"[0] Out[{n + 3}]: 15" in text
-    assert f"[1] Out[{n + 3}]: -5" in text
+    assert f"[1] Out[{n1 + 3}]: -5" in text
 
 
 def test_result_dict_keys_and_number_increments(mec):

@@ -7,11 +7,18 @@ a script and a notebook kernel (which has a loop of its own running).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Awaitable, Callable, TypeVar
 
 T = TypeVar("T")
+
+#: Longest single wait of the user's thread. A Ctrl-C that arrives while a blocked lock
+#: acquire is not woken by a real signal (``_thread.interrupt_main``, a signal delivered to
+#: another thread) is still noticed within this many seconds.
+WAIT_SLICE = 0.1
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -56,10 +63,32 @@ def run(coro: Awaitable[T], timeout: float | None = None) -> T:
         raise RuntimeError("ipy_multiengine: blocking call made from the I/O thread")
     fut = submit(coro)
     try:
-        return fut.result(timeout)
+        if not wait([fut], timeout):
+            raise cf.TimeoutError()
+        return fut.result()
     except BaseException:
         fut.cancel()
         raise
+
+
+def wait(futures: list[Future], timeout: float | None = None) -> bool:
+    """Wait until every future is done or ``timeout`` passes; True when all are done.
+
+    Waits in slices of ``WAIT_SLICE`` seconds so that a pending KeyboardInterrupt is raised
+    promptly in the calling (main) thread, whatever woke it or not.
+    """
+    deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
+    todo = [f for f in futures if not f.done()]
+    while todo:
+        step = WAIT_SLICE
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            step = min(step, left)
+        cf.wait(todo, timeout=step)
+        todo = [f for f in todo if not f.done()]
+    return True
 
 
 def call_soon(fn: Callable[..., Any], *args: Any) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,8 +20,15 @@ def _start(args: argparse.Namespace) -> int:
         return _start_daemon(args)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        options = _launcher_options(args)
+    except ValueError as exc:
+        print(f"ipmulti: {exc}", file=sys.stderr)
+        return 2
     cluster = Cluster(n=args.n, kernel_name=args.kernel, profile=args.profile,
-                      startup_timeout=args.timeout)
+                      startup_timeout=args.timeout, auto_restart=args.auto_restart,
+                      transport_encryption=args.encryption, **options)
+    cluster.serves_requests = True  # `ipmulti restart` and mec.restart() from other processes
     try:
         mec = cluster.start()
     except Exception as exc:
@@ -30,8 +38,8 @@ def _start(args: argparse.Namespace) -> int:
         print(f"{len(mec.get_ids())} engines ready, cluster file {cluster.cluster_file}", flush=True)
         if not args.quiet:
             print("Press Ctrl-C to stop.", flush=True)
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(0.2):
+            cluster.serve_requests()
     except KeyboardInterrupt:
         pass
     finally:
@@ -43,8 +51,16 @@ def _start(args: argparse.Namespace) -> int:
 def _start_daemon(args: argparse.Namespace) -> int:
     path = cluster_file_path(args.profile)
     log = cluster_dir() / f"daemon-{args.profile}.log"
-    cmd = [sys.executable, "-m", "ipy_multiengine.cli", "start", "-n", str(args.n), "--profile", args.profile,
-           "--kernel", args.kernel, "--timeout", str(args.timeout), "--quiet"]
+    cmd = [sys.executable, "-m", "ipy_multiengine.cli", "start", "--profile", args.profile,
+           "--kernel", args.kernel, "--timeout", str(args.timeout), "--quiet", "--launcher", args.launcher]
+    cmd += ["-n", str(args.n)] if args.n is not None else []
+    cmd += ["--hosts", args.hosts] if args.hosts else []
+    for opt in args.launcher_option:
+        cmd += ["-o", opt]
+    if args.auto_restart:
+        cmd.append("--auto-restart")
+    if args.encryption:
+        cmd += ["--encryption", args.encryption]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -67,6 +83,70 @@ def _start_daemon(args: argparse.Namespace) -> int:
     return 1
 
 
+def _launcher_options(args: argparse.Namespace) -> dict:
+    """``--launcher``, ``--hosts`` and ``-o KEY=VALUE`` as Cluster keyword arguments."""
+    if args.launcher == "local" and not args.hosts and not args.launcher_option:
+        return {}
+    options: dict = {"launcher": args.launcher}
+    if args.hosts:  # "host1=2,host2=2" or "host1,host2"
+        hosts: dict = {}
+        for item in args.hosts.split(","):
+            host, _, count = item.strip().rpartition("=") if "=" in item else (item.strip(), "", "1")
+            if not host or not count.isdigit():
+                raise ValueError(f"--hosts: expected HOST=N[,HOST=N...], got {item!r}")
+            hosts[host] = int(count)
+        options["hosts"] = hosts
+    for opt in args.launcher_option:
+        key, sep, value = opt.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"-o: expected KEY=VALUE, got {opt!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def _attach(args: argparse.Namespace) -> int:
+    """Register running kernels as the engines of a profile, without owning them."""
+    import socket
+
+    from .cluster import read_cluster, read_connection_files, write_private
+    from .errors import NoClusterError
+
+    path = cluster_file_path(args.profile)
+    if path.exists():
+        try:
+            read_cluster(path)
+        except (NoClusterError, ValueError):
+            path.unlink(missing_ok=True)
+        else:
+            print(f"ipmulti: profile {args.profile!r} already has a cluster ({path}); "
+                  "use another --profile or `ipmulti stop` it", file=sys.stderr)
+            return 1
+    try:
+        engines = read_connection_files(args.files)
+    except (OSError, ValueError) as exc:
+        print(f"ipmulti: {exc}", file=sys.stderr)
+        return 1
+    if args.check:
+        from .client import MultiEngineClient
+
+        try:
+            MultiEngineClient.attach(args.files, timeout=args.timeout).close()
+        except Exception as exc:
+            print(f"ipmulti: cannot reach the kernels: {exc}", file=sys.stderr)
+            return 1
+    spec = {
+        "profile": args.profile, "attached": True, "attached_from": socket.gethostname(), "created": time.time(),
+        "engines": [{"id": eid, "connection": info, "connection_file": None}
+                    for eid, info in engines.items()],
+    }
+    write_private(path, json.dumps(spec, indent=1))
+    print(path)
+    return 0
+
+
 def _stop(args: argparse.Namespace) -> int:
     path = cluster_file_path(args.profile)
     try:
@@ -86,14 +166,46 @@ def _stop(args: argparse.Namespace) -> int:
             time.sleep(0.05)
         if pid_alive(owner):
             os.kill(owner, signal.SIGKILL)
-    for e in spec.get("engines", []):
-        if pid_alive(e.get("pid")):
+    if spec.get("launcher") and path.exists():  # the owner did not stop its launcher's engines
+        from .launchers import launcher_from_dict
+
+        try:
+            launcher_from_dict(spec["launcher"]).kill_now()
+        except Exception as exc:
+            print(f"ipmulti: could not stop the {spec['launcher'].get('launcher')} engines: {exc}",
+                  file=sys.stderr)
+    here = socket.gethostname()
+    for e in spec.get("engines", []):  # pids of engines on other hosts mean nothing here
+        if e.get("host", spec.get("host")) == here and pid_alive(e.get("pid")):
             try:
                 os.kill(e["pid"], signal.SIGKILL)
             except OSError:
                 pass
     _remove_files(spec, path)
+    (cluster_dir() / f"daemon-{args.profile}.log").unlink(missing_ok=True)
     print(f"stopped cluster {args.profile!r}")
+    return 0
+
+
+def _restart(args: argparse.Namespace) -> int:
+    from .cluster import read_cluster, request_owner
+    from .errors import MultiEngineError
+
+    path = cluster_file_path(args.profile)
+    try:
+        spec = read_cluster(path)
+        ids = args.ids or [e["id"] for e in spec["engines"]]
+        known = {e["id"] for e in spec["engines"]}
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            print(f"ipmulti: unknown engine ids {unknown}; valid ids: {sorted(known)}", file=sys.stderr)
+            return 2
+        answer = request_owner(path, "restart", ids, timeout=args.timeout)
+    except (MultiEngineError, ValueError) as exc:
+        print(f"ipmulti: {exc}", file=sys.stderr)
+        return 1
+    pids = answer.get("pids", {})
+    print(f"restarted engine{'s' if len(ids) > 1 else ''} " + ", ".join(f"{i} (pid {pids.get(str(i))})" for i in ids))
     return 0
 
 
@@ -105,9 +217,11 @@ def _list(args: argparse.Namespace) -> int:
     if not clusters:
         print("no clusters")
         return 0
-    print(f"{'profile':<16} {'state':<18} {'engines':<12} pids")
+    print(f"{'profile':<16} {'state':<18} {'engines':<8} {'dead':<10} pids")
     for c in clusters:
-        print(f"{c['profile']:<16} {c['state']:<18} {len(c['engines']):<12} {' '.join(map(str, c['pids']))}")
+        dead = [e for e, ok in zip(c["engines"], c.get("engines_alive", [])) if not ok]
+        print(f"{c['profile']:<16} {c['state']:<18} {len(c['engines']):<8} {','.join(map(str, dead)) or '-':<10} "
+              f"{' '.join(map(str, c['pids']))}")
     return 0
 
 
@@ -120,14 +234,38 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipmulti", description="Manage ipy_multiengine clusters.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("start", help="start N local engines (foreground until Ctrl-C, or --daemon)")
-    p.add_argument("-n", type=int, default=4, help="number of engines (default 4)")
+    p = sub.add_parser("start", help="start N engines (foreground until Ctrl-C, or --daemon)")
+    p.add_argument("-n", type=int, default=None, help="number of engines (default 4; ssh: from --hosts)")
+    p.add_argument("--launcher", default="local",
+                   help="who starts the engines: local (default), mpi, slurm, ssh, or a plugin")
+    p.add_argument("--hosts", help="ssh launcher: HOST=N[,HOST=N...]")
+    p.add_argument("-o", "--launcher-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="launcher option (VALUE as JSON if it parses), e.g. -o partition=gpu "
+                        "-o 'mpiexec_args=[\"-hosts\", \"a,b\"]'")
+
     p.add_argument("--profile", default="default")
     p.add_argument("--kernel", default="python3", help="kernelspec name of the engines")
     p.add_argument("--daemon", action="store_true", help="detach once every engine is ready")
     p.add_argument("--timeout", type=float, default=60.0, help="startup timeout in seconds")
+    p.add_argument("--auto-restart", action="store_true", help="restart engines that die")
+    p.add_argument("--encryption", choices=["auto", "required", "disabled"], default=None,
+                   help="CurveZMQ transport encryption: auto (where the kernelspec supports it), required, "
+                        "disabled (default: auto, except for engines listening on loopback only)")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_start)
+    p = sub.add_parser("restart", help="restart engines of a running cluster, keeping their ids")
+    p.add_argument("ids", nargs="*", type=int, help="engine ids (default: all)")
+    p.add_argument("--profile", default="default")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=_restart)
+    p = sub.add_parser("attach", help="make running kernels (connection files) the engines of a profile; "
+                                      "they are not owned: `ipmulti stop` only forgets them")
+    p.add_argument("files", nargs="+", help="kernel connection files (paths or kernel-*.json names)")
+    p.add_argument("--profile", default="default")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="do not connect to the kernels first")
+    p.set_defaults(func=_attach)
     p = sub.add_parser("stop", help="stop a running cluster and remove its files")
     p.add_argument("--profile", default="default")
     p.set_defaults(func=_stop)
@@ -142,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "n", 1) < 1:
+    if (getattr(args, "n", 1) or 1) < 1:
         print("ipmulti: -n must be at least 1", file=sys.stderr)
         return 2
     return args.func(args)

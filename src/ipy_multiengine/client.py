@@ -9,11 +9,15 @@ from __future__ import annotations
 import concurrent.futures as cf
 import numbers
 import os
+import json
+import logging
 import sys
+import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from . import partition, serialize
-from .controller import CommReply, Controller, Listener
+from . import _loop, partition, serialize
+from .controller import HEARTBEAT_PERIOD, CommReply, Controller, Listener
 from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client import CompositeError`)
     CompositeError,
     EngineError,
@@ -30,6 +34,10 @@ __all__ = ["MultiEngineClient", "PendingResult", "ResultList", "CompositeError",
 Targets = "str | int | Sequence[int] | None"
 
 _active: "MultiEngineClient | None" = None
+log = logging.getLogger("ipy_multiengine")
+
+#: Seconds a client connected by cluster file watches for its owner to restart a dead engine.
+FOLLOW_RESTART_FOR = 60.0
 
 
 def get_active() -> "MultiEngineClient | None":
@@ -55,6 +63,11 @@ class MultiEngineClient:
     ``MultiEngineClient()`` connects to the running cluster of the ``default`` profile,
     ``MultiEngineClient(path)`` to the cluster file at ``path``, ``MultiEngineClient(profile=P)``
     to profile ``P``'s. ``block`` and ``targets`` are the defaults of every call.
+
+    Engines on this host are watched by polling their process (a death is noticed within
+    0.5 s); others by heartbeats every ``heartbeat/3`` s, declared dead after ``heartbeat``
+    seconds of silence (``None`` turns heartbeats off). ``timeout`` bounds connecting;
+    ``max_message_size`` (bytes, default unlimited) refuses larger replies with an ``EngineError``.
     """
 
     #: Seconds a blocking map/gather/barrier runs before a progress bar appears (None: never).
@@ -66,6 +79,8 @@ class MultiEngineClient:
         profile: str | None = None,
         *,
         timeout: float = 60.0,
+        heartbeat: float | None = HEARTBEAT_PERIOD,
+        max_message_size: int | None = None,
         _controller: Controller | None = None,
         _cluster: Any = None,
     ) -> None:
@@ -76,20 +91,80 @@ class MultiEngineClient:
             path = resolve_cluster_file(cluster_file, profile)
             spec = read_cluster(path)
             engines = {e["id"]: e["connection"] for e in spec["engines"]}
-            _controller = Controller(engines, liveness_probes(spec), timeout=timeout)
+            _controller = Controller(engines, liveness_probes(spec), timeout=timeout, heartbeat=heartbeat,
+                                     max_message_size=max_message_size)
             self.cluster_file = str(path)
+            _controller.on_dead = self._follow_restart
         else:
             self.cluster_file = getattr(_cluster, "cluster_file", None)
         self._controller = _controller
         self._block = True
         self._targets: str | int | list[int] = "all"
         self._last: PendingResult | None = None
+        self._restarting: set[int] = set()
         self.closed = False
 
+    def _follow_restart(self, eid: int, reason: str) -> None:
+        """(loop thread) An engine of a cluster we do not own died: if its owner restarts it
+        (``auto_restart``, ``ipmulti restart``, another client's ``restart``), reconnect to the
+        new process as soon as the cluster file lists it."""
+        import asyncio
+
+        from .cluster import liveness_probes
+
+        path, controller = self.cluster_file, self._controller
+        dead_conn = controller.engine(eid)
+        old = dead_conn.info
+
+        async def follow() -> None:
+            deadline = time.monotonic() + FOLLOW_RESTART_FOR
+            while time.monotonic() < deadline and not self.closed:
+                await asyncio.sleep(0.25)
+                conn = controller.engine(eid)
+                if conn is not dead_conn or not conn.dead or eid in self._restarting:
+                    return  # reconnected or being restarted by this client (mec.restart)
+                try:
+                    spec = json.loads(Path(path).read_text())
+                    entry = next(e for e in spec["engines"] if e["id"] == eid)
+                except Exception:
+                    continue
+                probe = liveness_probes(spec).get(eid)
+                if entry["connection"] != old or (probe is not None and entry.get("pid") and probe() is None
+                                                  and entry.get("pid") != conn.engine_info.get("pid")):
+                    if probe is not None and probe() is not None:
+                        continue
+                    try:
+                        await controller.add_engines_async({eid: entry["connection"]},
+                                                           {eid: probe} if probe else {}, timeout=30)
+                    except Exception as exc:
+                        log.warning("could not reconnect to restarted engine %s: %s", eid, exc)
+                    return
+
+        if path:
+            asyncio.ensure_future(follow())
+
+    @classmethod
+    def attach(cls, connection_files: Iterable[str | os.PathLike] | str | os.PathLike,
+               timeout: float = 60.0) -> "MultiEngineClient":
+        """Use already-running kernels as engines 0, 1, ... in the order given.
+
+        ``connection_files`` are Jupyter connection files (paths, or names that
+        ``jupyter_client.find_connection_file`` finds, e.g. ``kernel-1234.json``): a
+        colleague's notebook kernel, kernels started by hand. The client does not own them:
+        ``close()`` only disconnects, the kernels keep running.
+        """
+        from .cluster import read_connection_files
+
+        engines = read_connection_files(connection_files)
+        return cls(_controller=Controller(engines, None, timeout=timeout))
+
     # ------------------------------------------------------------------ defaults and checks
-    def get_ids(self) -> list[int]:
-        """The ids of the engines, in order (dead ones included; see ``engines``)."""
-        return self._controller.ids
+    def get_ids(self) -> "EngineIds":
+        """The ids of the engines, in order; dead ones are included and flagged in the repr
+        (``[0, 1, 2, 3] (dead: 2 was killed by signal SIGKILL)``) and in ``.dead``."""
+        ids = EngineIds(self._controller.ids)
+        ids.dead = {e: self._controller.dead(e) for e in ids if self._controller.dead(e)}
+        return ids
 
     @property
     def engines(self) -> list[dict]:
@@ -99,7 +174,9 @@ class MultiEngineClient:
             conn = self._controller.engine(eid)
             out.append({"id": eid, "language": conn.language, "state": conn.state,
                         "pid": conn.engine_info.get("pid"), "host": conn.engine_info.get("host"),
-                        "dead": conn.dead})
+                        "dead": conn.dead, "ready": conn.ready,
+                        "encrypted": bool(conn.info.get("curve_publickey")),
+                        "watched_by": "heartbeat" if conn.heartbeat else ("process" if conn.liveness else None)})
         return out
 
     @property
@@ -157,15 +234,17 @@ class MultiEngineClient:
         if block is not None and not isinstance(block, bool):
             raise TypeError(f"block must be True, False or None, not {block!r}")
         eids = self._resolve_targets(targets)
-        dead = [f"{e} ({self._controller.dead(e)})" for e in eids if self._controller.dead(e)]
-        if dead:
-            raise EngineError(f"cannot send to dead engine{'s' if len(dead) > 1 else ''} {', '.join(dead)}; "
-                              "restart it or choose other targets")
+        bad = [(e, self._controller.unavailable(e)) for e in eids]
+        bad = [(e, why) for e, why in bad if why]
+        if bad:
+            what = "; ".join(f"engine {e} {why}" for e, why in bad)
+            raise EngineError(f"{what}: restart it with mec.restart({bad[0][0] if len(bad) == 1 else [e for e, _ in bad]}) "
+                              "or choose other targets", bad[0][0])
         return eids, self._block if block is None else block
 
     def _pending(self, futures: list[cf.Future], eids: list[int], method: str,
                  finish: Callable[[list[Any]], Any], progress: bool = False) -> PendingResult:
-        pr = PendingResult(futures, eids, method, finish, on_interrupt=self._controller.interrupt,
+        pr = PendingResult(futures, eids, method, finish, on_interrupt=self._interrupt_eids,
                            progress=self._show_progress if progress else None)
         self._last = pr
         return pr
@@ -178,19 +257,24 @@ class MultiEngineClient:
         if after is None:
             return
         first = after if timeout is None else min(after, timeout)
-        done, todo = cf.wait(pr.futures, timeout=first)
-        if not todo or not _interactive() or (timeout is not None and timeout <= after):
+        _loop.wait(pr.futures, first)
+        done = sum(f.done() for f in pr.futures)
+        if done == len(pr.futures) or not _interactive() or (timeout is not None and timeout <= after):
             return
         from tqdm.auto import tqdm
 
-        left = None if timeout is None else max(timeout - after, 0)
+        deadline = None if timeout is None else time.monotonic() + max(timeout - after, 0)
         with tqdm(total=len(pr.futures), desc=pr.method, unit="engine", leave=False) as bar:
-            bar.update(len(done))
-            try:
-                for _ in cf.as_completed(todo, timeout=left):
-                    bar.update(1)
-            except cf.TimeoutError:
-                pass
+            bar.update(done)
+            while done < len(pr.futures):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                step = _loop.WAIT_SLICE if left is None else min(_loop.WAIT_SLICE, left)
+                cf.wait([f for f in pr.futures if not f.done()], step, return_when=cf.FIRST_COMPLETED)
+                now = sum(f.done() for f in pr.futures)
+                bar.update(now - done)
+                done = now
 
     # ------------------------------------------------------------------ running code
     def execute(self, code: str, targets: Any = None, block: bool | None = None,
@@ -347,7 +431,7 @@ class MultiEngineClient:
         futures = [f for pr in prs for f in pr.futures]
         eids = [e for pr in prs for e in pr.eids]
         waiter = PendingResult(futures, eids, "barrier", lambda rs: None,
-                               on_interrupt=self._controller.interrupt, progress=self._show_progress)
+                               on_interrupt=self._interrupt_eids, progress=self._show_progress)
         if not waiter.wait(timeout):
             raise TimeoutError(f"barrier not done after {timeout:g} s")
 
@@ -363,9 +447,76 @@ class MultiEngineClient:
         return self._last
 
     def interrupt(self, targets: Any = None) -> None:
-        """Interrupt what the target engines are running (like Ctrl-C in a kernel)."""
+        """Interrupt what the target engines are running (like Ctrl-C in a kernel).
+
+        Engines this process owns are interrupted through their kernel manager (a signal or an
+        interrupt message, as the kernelspec says); others with an ``interrupt_request``.
+        """
         eids = self._resolve_targets(targets)
-        self._controller.interrupt([e for e in eids if not self._controller.dead(e)])
+        self._interrupt_eids([e for e in eids if not self._controller.dead(e)])
+
+    def _interrupt_eids(self, eids: list[int]) -> None:
+        if self._cluster is not None:
+            self._cluster.interrupt(eids)
+        else:
+            self._controller.interrupt(eids)
+
+    def restart(self, targets: Any = None, timeout: float | None = 60.0) -> None:
+        """Restart engines, keeping their ids: each gets a fresh process and an empty namespace,
+        then runs the code recorded with ``on_start``. Dead engines can be restarted.
+
+        Engines owned by this process (a ``Cluster``) restart through their kernel managers;
+        for a cluster started with ``ipmulti start`` the owner process is asked to do it.
+        Requests in flight on these engines fail with ``EngineError``.
+        """
+        if self.closed:
+            raise EngineError("this MultiEngineClient is closed")
+        eids = self._resolve_targets(targets)
+        if self._cluster is not None:
+            self._cluster.restart(eids, timeout=timeout)
+        elif self.cluster_file:
+            from .cluster import check_owner, liveness_probes, read_cluster, request_owner
+
+            check_owner(Path(self.cluster_file), "restart")
+            self._restarting.update(eids)
+            try:
+                self._controller.set_unavailable(eids, "restarting")
+                request_owner(self.cluster_file, "restart", eids, timeout=60.0 if timeout is None else timeout)
+                spec = read_cluster(self.cluster_file)
+                engines = {e["id"]: e["connection"] for e in spec["engines"] if e["id"] in eids}
+                probes = liveness_probes(spec)
+                self._controller.add_engines(engines, {e: p for e, p in probes.items() if e in eids},
+                                             timeout=60.0 if timeout is None else timeout)
+            finally:
+                self._restarting.difference_update(eids)
+        else:
+            raise EngineError("cannot restart engines this client neither owns nor knows a cluster file for")
+        failed = [err for e in eids for err in self._controller.engine(e).init_errors]
+        if failed:
+            raise CompositeError("on_start", failed)
+
+    def on_start(self, code: str, timeout: float | None = None) -> ResultList:
+        """Run setup ``code`` on every engine now, and record it so that it runs again, first
+        thing, on every engine that is restarted or added later (``%%px --init``).
+
+        Returns the ``ResultList`` of running it now. If it fails on any engine it is not
+        recorded, and the ``CompositeError`` is raised.
+        """
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, not {type(code).__name__}")
+        live = [e for e in self._controller.ids if not self._controller.unavailable(e)]
+        result = self.execute(code, targets=live, block=True, timeout=timeout) if live else ResultList()
+        self._controller.init_code.append(code)
+        return result
+
+    @property
+    def on_start_code(self) -> list[str]:
+        """The setup code recorded by ``on_start``, in order (a copy)."""
+        return list(self._controller.init_code)
+
+    def clear_on_start(self) -> None:
+        """Forget all recorded ``on_start`` code."""
+        self._controller.init_code.clear()
 
     def activate(self) -> "MultiEngineClient":
         """Make this client the one the ``%px``/``%autopx``/``%result`` magics use."""
@@ -395,14 +546,26 @@ class MultiEngineClient:
         return f"<MultiEngineClient engines={self.get_ids()} targets={self._targets!r} block={self._block}>"
 
 
+class EngineIds(list):
+    """``get_ids()``: a plain list of ints whose repr also names the dead engines."""
+
+    dead: dict[int, str] = {}
+
+    def __repr__(self) -> str:
+        base = super().__repr__()
+        if not self.dead:
+            return base
+        return base + " (dead: " + "; ".join(f"{e} {why}" for e, why in self.dead.items()) + ")"
+
+
 class Mapper:
     """``map`` with targets and block fixed in advance."""
 
     def __init__(self, client: MultiEngineClient, targets: Any, block: bool | None) -> None:
         self.client, self.targets, self.block = client, targets, block
 
-    def map(self, f: Callable, *seqs: Iterable) -> Any:
-        return self.client.map(f, *seqs, targets=self.targets, block=self.block)
+    def map(self, f: Callable, *seqs: Iterable, timeout: float | None = None) -> Any:
+        return self.client.map(f, *seqs, targets=self.targets, block=self.block, timeout=timeout)
 
 
 class ParallelFunction:
@@ -416,12 +579,20 @@ class ParallelFunction:
     def __call__(self, *seqs: Iterable) -> Any:
         return self.mapper.map(self.func, *seqs)
 
-    def map(self, *seqs: Iterable) -> Any:
-        return self.mapper.map(self.func, *seqs)
+    def map(self, *seqs: Iterable, timeout: float | None = None) -> Any:
+        return self.mapper.map(self.func, *seqs, timeout=timeout)
 
 
 def _values(replies: list[CommReply]) -> list[Any]:
-    return [serialize.loads(r.frames) for r in replies]
+    out = []
+    for r in replies:
+        try:
+            out.append(serialize.loads(r.frames))
+        except Exception as exc:
+            raise TypeError(f"a value sent back by an engine cannot be rebuilt in this process "
+                            f"({type(exc).__name__}: {exc}); define its class in a module both sides "
+                            "can import, or convert it to builtin types on the engine") from exc
+    return out
 
 
 def _nones(replies: list[Any]) -> list[None]:

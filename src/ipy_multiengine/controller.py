@@ -34,6 +34,9 @@ log = logging.getLogger("ipy_multiengine")
 IDLE_GRACE = 5.0
 #: Seconds between liveness polls of engines.
 POLL_INTERVAL = 0.5
+#: Default heartbeat period (s) for engines without a local process to poll: an engine that
+#: has not echoed a beat for this long is declared dead. Beats go out every third of it.
+HEARTBEAT_PERIOD = 3.0
 
 Listener = Callable[[int, str, dict], None]
 
@@ -94,6 +97,12 @@ class EngineConn:
         self.iopub_seen = asyncio.Event()
         self.busy_since: float | None = None
         self.running: str = ""
+        self.ready = False  # connected, helper installed and on_start code run
+        self.heartbeat = False  # watched by heartbeats (no local process to poll)
+        self.last_beat = time.monotonic()
+        self.beats = 0
+        self.dead_by_heartbeat = False
+        self.init_errors: list[BaseException] = []
 
     def url(self, channel: str) -> str:
         transport = self.info.get("transport", "tcp")
@@ -115,41 +124,107 @@ class Controller:
         engines: dict[int, dict],
         liveness: dict[int, Callable[[], str | None]] | None = None,
         timeout: float = 60.0,
+        heartbeat: float | None = HEARTBEAT_PERIOD,
+        max_message_size: int | None = None,
     ) -> None:
+        if heartbeat is not None and not heartbeat > 0:
+            raise ValueError(f"heartbeat must be a positive number of seconds or None, not {heartbeat!r}")
         self._liveness = dict(liveness or {})
         self._engines: dict[int, EngineConn] = {}
         self._closed = False
         self._poller: asyncio.Task | None = None
+        self._beater: asyncio.Task | None = None
         self._ctx: zmq.asyncio.Context | None = None
+        #: seconds without an echoed heartbeat before an engine is declared dead (None: off)
+        self.heartbeat = heartbeat
+        #: replies whose binary frames exceed this many bytes are refused with an EngineError
+        self.max_message_size = max_message_size
+        #: code run (silently, in order) on every engine that connects after it was recorded
+        self.init_code: list[str] = []
+        #: called on the loop thread as ``on_dead(eid, reason)`` when an engine is found dead
+        self.on_dead: Callable[[int, str], None] | None = None
+        self._curve_keys = zmq.curve_keypair() if zmq.has("curve") else None
         _loop.run(self._start(dict(engines), timeout))
 
     # ---------------------------------------------------------------- lifecycle (loop)
     async def _start(self, engines: dict[int, dict], timeout: float) -> None:
         self._ctx = zmq.asyncio.Context()
-        await self._add_engines(engines, timeout)
+        # watch processes while they start too: an engine that dies at startup fails at once
         self._poller = asyncio.ensure_future(self._poll_liveness())
+        try:
+            await self._add_engines(engines, timeout)
+        except BaseException:
+            await self._close()
+            raise
+        if self.heartbeat:
+            self._beater = asyncio.ensure_future(self._heartbeats())
 
-    async def _add_engines(self, engines: dict[int, dict], timeout: float) -> None:
+    def add_engines(self, engines: dict[int, dict], liveness: dict[int, Callable[[], str | None]] | None = None,
+                    timeout: float = 60.0) -> None:
+        """Connect (or reconnect, replacing the old connection) engines by id; blocks until ready."""
+        if self._closed:
+            raise EngineError("this client is closed")
+        _loop.run(self.add_engines_async(engines, liveness, timeout))
+
+    async def add_engines_async(self, engines: dict[int, dict],
+                                liveness: dict[int, Callable[[], str | None]] | None = None,
+                                timeout: float = 60.0) -> None:
+        for eid in engines:
+            if liveness and eid in liveness:
+                self._liveness[eid] = liveness[eid]
+            elif eid in self._liveness and liveness is not None:
+                self._liveness.pop(eid)
+        await self._add_engines(dict(engines), timeout, keep_others=True)
+        if self.heartbeat and (self._beater is None or self._beater.done()):
+            self._beater = asyncio.ensure_future(self._heartbeats())
+
+    def set_unavailable(self, eids: list[int], reason: str) -> None:
+        """Mark engines as unavailable (e.g. being restarted): calls to them fail at once."""
+        def mark() -> None:
+            for eid in eids:
+                conn = self._engines.get(eid)
+                if conn is not None:
+                    conn.ready = False
+                    conn.state = reason
+                    self._fail_all(conn, reason)
+        _loop.run(_acall(mark))
+
+    async def _add_engines(self, engines: dict[int, dict], timeout: float, keep_others: bool = False) -> None:
         conns = [EngineConn(eid, info, self._liveness.get(eid)) for eid, info in sorted(engines.items())]
         for conn in conns:
             old = self._engines.get(conn.eid)
             if old is not None:
                 self._teardown(old, "engine was replaced")
             self._engines[conn.eid] = conn
-        results = await asyncio.gather(
-            *(self._connect(c, timeout) for c in conns), return_exceptions=True
-        )
+        async def connect(c: EngineConn) -> None:
+            await self._connect(c, timeout)
+            self._connected(c)
+
+        results = await asyncio.gather(*(connect(c) for c in conns), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for conn in conns:
-                self._teardown(conn, "startup failed")
-                self._engines.pop(conn.eid, None)
+                if keep_others:
+                    # keep the id known (as dead) so the client can report and restart it
+                    self._teardown(conn, "startup failed")
+                    conn.dead = f"failed to start: {errors[0]}"
+                    conn.state = "dead"
+                else:
+                    self._teardown(conn, "startup failed")
+                    self._engines.pop(conn.eid, None)
             raise errors[0]
 
     def _socket(self, conn: EngineConn, channel: str, kind: int) -> zmq.asyncio.Socket:
         assert self._ctx is not None
         sock = self._ctx.socket(kind)
         sock.linger = 0
+        server_key = conn.info.get("curve_publickey")
+        if server_key:
+            if self._curve_keys is None:
+                raise EngineError(f"engine {conn.eid} requires CurveZMQ encryption, which this pyzmq lacks",
+                                  conn.eid)
+            sock.curve_serverkey = server_key.encode() if isinstance(server_key, str) else server_key
+            sock.curve_publickey, sock.curve_secretkey = self._curve_keys
         if kind == zmq.DEALER:
             sock.setsockopt(zmq.IDENTITY, conn.session.bsession)
         if kind == zmq.SUB:
@@ -181,7 +256,9 @@ class Controller:
                     conn.eid,
                 )
             try:
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(info_fut)), min(0.25, left))
+                waiter = asyncio.wrap_future(info_fut)
+                waiter.add_done_callback(_retrieve)  # no "exception never retrieved" noise
+                await asyncio.wait_for(asyncio.shield(waiter), min(0.25, left))
             except asyncio.TimeoutError:
                 pass
             if info_fut.done() and not conn.iopub_seen.is_set():
@@ -192,6 +269,12 @@ class Controller:
         conn.kernel_info = info_fut.result().reply or {}
         conn.language = conn.kernel_info.get("language_info", {}).get("name", "")
         conn.state = "idle"
+        if self.heartbeat and conn.liveness is None and conn.info.get("hb_port"):
+            sock = self._socket(conn, "hb", zmq.DEALER)
+            sock.sndhwm = 10
+            conn.heartbeat = True
+            conn.last_beat = time.monotonic()
+            conn.tasks.append(asyncio.ensure_future(self._hb_reader(conn, sock)))
         if conn.language != "python":
             return
         install = self._send_shell(
@@ -211,6 +294,27 @@ class Controller:
         reply = await asyncio.wait_for(asyncio.wrap_future(opened), max(deadline - time.monotonic(), 1))
         conn.engine_info = {k: v for k, v in reply.content.items() if k not in ("rid", "status")}
         conn.data_ok = True
+        await self._run_init(conn, deadline)
+
+    async def _run_init(self, conn: EngineConn, deadline: float) -> None:
+        """Run the recorded on_start code on a fresh engine, before anything else reaches it."""
+        for code in list(self.init_code):
+            fut = self._send_shell(
+                conn, "execute_request",
+                {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                 "allow_stdin": False, "stop_on_error": False},
+                kind="execute", code=code)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(fut), max(deadline - time.monotonic(), 5))
+            except (RemoteError, EngineError) as err:
+                log.warning("engine %s: on_start code failed: %s", conn.eid, err)
+                conn.init_errors.append(err)
+
+    def _connected(self, conn: EngineConn) -> None:
+        conn.ready = True
+        conn.last_beat = time.monotonic()
+        if conn.state in ("starting", "idle"):
+            conn.state = "idle"
 
     def _teardown(self, conn: EngineConn, reason: str) -> None:
         self._fail_all(conn, reason)
@@ -221,8 +325,9 @@ class Controller:
         conn.sockets.clear()
 
     async def _close(self) -> None:
-        if self._poller:
-            self._poller.cancel()
+        for task in (self._poller, self._beater):
+            if task:
+                task.cancel()
         for conn in self._engines.values():
             self._teardown(conn, "the client was closed")
         if self._ctx is not None:
@@ -232,7 +337,7 @@ class Controller:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             for conn in list(self._engines.values()):
-                if conn.dead or conn.liveness is None:
+                if conn.dead or conn.liveness is None or conn.state == "restarting":
                     continue
                 try:
                     reason = conn.liveness()
@@ -242,10 +347,53 @@ class Controller:
                 if reason:
                     self._mark_dead(conn, reason)
 
+    async def _heartbeats(self) -> None:
+        """Send a beat to every heartbeat-watched engine each third of the period; one task for all."""
+        while self.heartbeat:
+            period = self.heartbeat
+            now = time.monotonic()
+            for conn in list(self._engines.values()):
+                if not conn.heartbeat or "hb" not in conn.sockets:
+                    continue
+                if not conn.dead and conn.ready and now - conn.last_beat > period:
+                    conn.dead_by_heartbeat = True
+                    self._mark_dead(conn, f"stopped answering heartbeats (none for {now - conn.last_beat:.1f} s)")
+                conn.beats += 1
+                try:
+                    conn.sockets["hb"].send(b"%d" % conn.beats, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # queue full while the engine is unreachable
+            await asyncio.sleep(period / 3)
+
+    async def _hb_reader(self, conn: EngineConn, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                await sock.recv_multipart()
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError:
+                return
+            conn.last_beat = time.monotonic()
+            if conn.dead and conn.dead_by_heartbeat:
+                log.warning("engine %s answers heartbeats again; marking it alive", conn.eid)
+                conn.dead = None
+                conn.dead_by_heartbeat = False
+                conn.state = "idle"
+                conn.ready = True
+
     def _mark_dead(self, conn: EngineConn, reason: str) -> None:
+        if conn.dead:
+            return
         conn.dead = reason
         conn.state = "dead"
+        conn.ready = False
+        log.warning("engine %s %s", conn.eid, reason)
         self._fail_all(conn, reason)
+        if self.on_dead is not None and not self._closed:
+            try:
+                self.on_dead(conn.eid, reason)
+            except Exception:
+                log.exception("on_dead callback failed")
 
     def _fail_all(self, conn: EngineConn, reason: str) -> None:
         for req in list(conn.requests.values()):
@@ -266,12 +414,29 @@ class Controller:
                 _idents, msg_list = conn.session.feed_identities(frames, copy=False)
                 msg = _deserialize(conn.session, msg_list)
             except Exception as exc:
-                log.warning("engine %s: dropped a bad message on %s: %s", conn.eid, channel, exc)
+                log.warning("engine %s: dropped a bad message on %s (%s: %s)", conn.eid, channel,
+                            type(exc).__name__, exc)
                 continue
+            limit = self.max_message_size
+            if limit is not None:
+                size = sum(memoryview(b).nbytes for b in msg.get("buffers") or [])
+                if size > limit:
+                    self._refuse_oversize(conn, channel, msg, size)
+                    continue
             try:
                 self._dispatch(conn, channel, msg)
             except Exception:
                 log.exception("engine %s: error routing a %s message", conn.eid, msg.get("msg_type"))
+
+    def _refuse_oversize(self, conn: EngineConn, channel: str, msg: dict, size: int) -> None:
+        content = msg.get("content") or {}
+        rid = (content.get("data") or {}).get("rid", "") if msg.get("msg_type") == "comm_msg" else ""
+        req = conn.requests.get(rid) or conn.requests.get(msg["parent_header"].get("msg_id", ""))
+        text = (f"engine {conn.eid} sent a {msg.get('msg_type')} of {size} bytes, more than "
+                f"max_message_size={self.max_message_size}; it was dropped")
+        log.warning(text)
+        if req is not None:
+            self._finish(conn, req, exc=EngineError(text, conn.eid, _method(req)))
 
     def _dispatch(self, conn: EngineConn, channel: str, msg: dict) -> None:
         mtype = msg["msg_type"]
@@ -281,6 +446,8 @@ class Controller:
             req = conn.requests.get(parent)
             if req is not None:
                 req.reply = content
+                if channel == "shell":
+                    self._drop_skipped(conn, req, ("execute", "shell"))
                 self._maybe_complete(conn, req)
             return
         conn.iopub_seen.set()
@@ -299,6 +466,9 @@ class Controller:
             req = conn.requests.get(parent)
             if req is not None and state == "idle":
                 req.idle = True
+                self._drop_skipped(conn, req, ("comm",))
+                if req.reply is None and req.kind in ("execute", "comm"):
+                    asyncio.get_running_loop().call_later(IDLE_GRACE, self._reply_overdue, conn, req)
                 self._maybe_complete(conn, req)
             return
         req = conn.requests.get(parent)
@@ -349,6 +519,30 @@ class Controller:
             self._finish(conn, req, exc=RemoteError(
                 content.get("ename", "Error"), content.get("evalue", ""), content.get("traceback", []),
                 conn.eid, "execute", result=result))
+
+    def _drop_skipped(self, conn: EngineConn, later: Request, kinds: tuple[str, ...]) -> None:
+        """Fail earlier requests of ``kinds`` that the engine passed over without a reply.
+
+        An engine handles its shell messages in order and answers each on the same socket,
+        so once ``later`` is answered, an earlier one still unanswered was lost (e.g. an
+        interrupt hit the kernel between messages). Waiting for it would hang forever.
+        """
+        for req in list(conn.requests.values()):
+            if req is later:
+                return
+            if req.kind in kinds and req.reply is None and not req.future.done():
+                self._lost(conn, req)
+
+    def _reply_overdue(self, conn: EngineConn, req: Request) -> None:
+        if conn.requests.get(req.msg_id) is req and req.reply is None:
+            self._lost(conn, req)
+
+    def _lost(self, conn: EngineConn, req: Request) -> None:
+        what = req.code or req.op or req.kind
+        text = (f"engine {conn.eid} went on without replying to {what!r} (probably interrupted between "
+                "messages); the request was lost, the engine is usable")
+        log.warning(text)
+        self._finish(conn, req, exc=EngineError(text, conn.eid, _method(req)))
 
     def _idle_overdue(self, conn: EngineConn, req: Request) -> None:
         if conn.requests.get(req.msg_id) is req and not req.idle:
@@ -447,6 +641,15 @@ class Controller:
     def dead(self, eid: int) -> str | None:
         return self._engines[eid].dead
 
+    def unavailable(self, eid: int) -> str | None:
+        """Why engine ``eid`` cannot take requests now (dead, restarting), or None."""
+        conn = self._engines[eid]
+        if conn.dead:
+            return f"is dead ({conn.dead})"
+        if not conn.ready:
+            return f"is not ready yet ({'restarting' if conn.state == 'restarting' else 'connecting'})"
+        return None
+
     def submit_execute(self, eids: list[int], code: str, listener: Listener | None = None,
                        silent: bool = False) -> list[Future]:
         """Send ``code`` to each engine; one Future per engine resolving to a result dict."""
@@ -503,6 +706,15 @@ class Controller:
             _loop.run(self._close(), timeout=10)
         except Exception as exc:  # closing must never raise or hang
             log.debug("error while closing controller: %s", exc)
+
+
+def _retrieve(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def _acall(fn: Callable[[], Any]) -> Any:
+    return fn()
 
 
 def _deserialize(session: Session, frames: list) -> dict:

@@ -54,12 +54,30 @@ def _op_pull(data: dict, frames: list) -> list:
             values.append(ns[name])
         except KeyError:
             raise NameError(f"name {name!r} is not defined") from None
-    return serialize.dumps(values[0] if data.get("single") else values)
+    try:
+        return serialize.dumps(values[0] if data.get("single") else values)
+    except Exception as exc:
+        for name, value in zip(data["names"], values):
+            _check_sendable(f"{name!r}", value)
+        raise TypeError(f"cannot send the pulled values back: {exc}") from exc
+
+
+def _check_sendable(what: str, value: Any) -> None:
+    try:
+        serialize.dumps(value)
+    except Exception as exc:
+        raise TypeError(f"cannot send {what} back to the client: a {type(value).__name__} "
+                        f"cannot be pickled ({exc})") from exc
 
 
 def _op_apply(data: dict, frames: list) -> list:
     f, args, kwargs = serialize.loads(frames)
-    return serialize.dumps(f(*args, **kwargs))
+    result = f(*args, **kwargs)
+    try:
+        return serialize.dumps(result)
+    except Exception:
+        _check_sendable(f"the return value of {getattr(f, '__name__', 'the function')}", result)
+        raise
 
 
 class _ItemError(Exception):

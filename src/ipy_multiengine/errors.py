@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import builtins
 import pickle
+import re
 from typing import Any
 
 __all__ = [
@@ -155,11 +156,23 @@ class CompositeError(MultiEngineError):
     def __len__(self) -> int:
         return len(self.elist)
 
+    #: When True, engines with identical tracebacks are shown once (``[0-3:execute]``).
+    collapse = False
+
     def _tracebacks(self, excid: int | None = None) -> list[str]:
         chosen = self.elist if excid is None else [self._pick(excid)]
-        lines: list[str] = []
+        groups: list[tuple[list[Any], MultiEngineError]] = []
+        seen: dict[tuple, int] = {}
         for e in chosen:
-            lines.append(f"[{e.engine_id}:{e.method}]: ")
+            key = (e.method, e.ename, e.evalue, tuple(_EXEC_COUNT.sub("In[]", t) for t in e.render_traceback()))
+            if self.collapse and key in seen:
+                groups[seen[key]][0].append(e.engine_id)
+                continue
+            seen[key] = len(groups)
+            groups.append(([e.engine_id], e))
+        lines: list[str] = []
+        for ids, e in groups:
+            lines.append(f"[{_id_range(ids)}:{e.method}]: ")
             lines.extend(e.render_traceback())
             lines.append("")
         return lines
@@ -186,3 +199,19 @@ class CompositeError(MultiEngineError):
     def _render_traceback_(self) -> list[str]:
         head = f"CompositeError: {self._message()}"
         return [head, ""] + self._tracebacks()
+
+
+_EXEC_COUNT = re.compile(r"In ?\[\d+\]")
+
+
+def _id_range(ids: list[Any]) -> str:
+    """``[0, 1, 2, 3]`` -> ``'0-3'``; ``[0, 2]`` -> ``'0,2'``; a single id as itself."""
+    if len(ids) == 1 or not all(isinstance(i, int) for i in ids):
+        return ",".join(str(i) for i in ids)
+    ids = sorted(ids)
+    parts, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            parts.append(str(ids[start]) if i - 1 == start else f"{ids[start]}-{ids[i - 1]}")
+            start = i
+    return ",".join(parts)

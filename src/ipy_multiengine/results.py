@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 from typing import Any, Callable
 
+from . import _loop
 from .errors import CompositeError, EngineError, MultiEngineError, RemoteError, TimeoutError
 
 _UNSET = object()
@@ -75,13 +76,12 @@ class PendingResult:
         try:
             if self._progress is not None and not self.ready():
                 self._progress(self, timeout)
-            done, not_done = cf.wait(self.futures, timeout=timeout)
+            return _loop.wait(self.futures, timeout)
         except KeyboardInterrupt:
             running = [e for e, f in zip(self.eids, self.futures) if not f.done()]
             if self._on_interrupt is not None and running:
                 self._on_interrupt(running)
             raise
-        return not not_done
 
     def get_result(self, default: Any = None, block: bool = True, timeout: float | None = None) -> Any:
         """The combined result; raises ``CompositeError`` if any engine failed."""
@@ -119,9 +119,24 @@ class PendingResult:
             errors.append(exc)
             results.append(getattr(exc, "result", None) if self.method == "execute" else None)
         if errors:
-            self._error = CompositeError(self.method, errors, results)
+            self._error = CompositeError(self.method, errors, [_partial(r) for r in results])
             return
         try:
             self._value = self._finish(results)
         except BaseException as exc:  # e.g. a value that cannot be unpickled here
             self._error = exc
+
+
+def _partial(result: Any) -> Any:
+    """A successful engine's value next to failed ones: comm replies are unpickled if possible."""
+    from .controller import CommReply
+    from .serialize import loads
+
+    if isinstance(result, CommReply):
+        if not result.frames:
+            return None
+        try:
+            return loads(result.frames)
+        except Exception:
+            return result
+    return result

@@ -1,0 +1,323 @@
+"""Start one engine: an ordinary IPython kernel, for launchers.
+
+    python -m ipy_multiengine.engine_main --connection-file DIR/engine-{engine_id}.json
+    python -m ipy_multiengine.engine_main --stdin --detach        # over ssh
+
+The launcher pre-writes the engine's connection file (key, transport, ip, every port 0,
+mode 0600, in a 0700 directory). This wrapper starts ``ipykernel``'s ``IPKernelApp`` on that
+file, so the kernel binds free ports on its own host, and then reports back by rewriting the
+connection file atomically with the bound ports plus ``engine_id``, ``pid``, ``hostname`` and
+``ipy_multiengine_ready: true``. A launcher waits for that key.
+
+The engine id comes from ``--engine-id``, else from the first of ``OMPI_COMM_WORLD_RANK``,
+``PMI_RANK``, ``PMIX_RANK``, ``SLURM_PROCID`` that is set, else 0; ``{engine_id}`` in the
+connection file name is replaced by it, so one command line serves every rank of an
+``mpiexec``/``srun`` job. When the process was started by MPI (an MPI rank variable is set),
+``mpi4py`` is imported and MPI initialised before the kernel starts, so
+``from mpi4py import MPI; MPI.COMM_WORLD.allreduce(...)`` works between engines.
+
+With ``--stdin`` the connection info is read as JSON from standard input (so it never
+appears on a command line), written to a private file, and with ``--detach`` the kernel is
+started in a new session that outlives the ssh connection; the report is then printed as one
+JSON line on stdout (prefixed by ``IPY_MULTIENGINE_READY ``) and this process exits.
+
+``--signal SIG --pid PID --connection-file F`` sends a signal to an engine started that way
+(after checking that PID really is the engine of F), ``--stop`` terminates it, waits, kills
+it if needed and removes its files; both are used by the ssh launcher.
+
+This module must stay cheap to import: nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+READY_KEY = "ipy_multiengine_ready"
+READY_PREFIX = "IPY_MULTIENGINE_READY "
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+BIND_ALL = ("*", "0.0.0.0", "")
+
+
+def rank_from_environment(environ=None) -> int | None:
+    """The engine id a process launcher assigned (MPI rank or Slurm task id), or None."""
+    environ = os.environ if environ is None else environ
+    for var in RANK_VARIABLES:
+        value = environ.get(var)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                continue
+    return None
+
+
+def launched_by_mpi(environ=None) -> bool:
+    environ = os.environ if environ is None else environ
+    return any(environ.get(v) not in (None, "") for v in MPI_RANK_VARIABLES)
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write JSON to ``path`` with mode 0600 so that readers never see a partial file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON object in ``path``, or None while it is missing or half written."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def report_address(bind_ip: str) -> str:
+    """The address other hosts use for a kernel bound to ``bind_ip``."""
+    if bind_ip not in BIND_ALL:
+        return bind_ip
+    override = os.environ.get("IPY_MULTIENGINE_ENGINE_ADDRESS")
+    if override:
+        return override
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _init_mpi(mode: str) -> None:
+    if mode == "no" or (mode == "auto" and not launched_by_mpi()):
+        return
+    try:
+        from mpi4py import MPI  # noqa: F401  (MPI_Init_thread happens at import)
+    except ImportError:
+        if mode == "yes":
+            raise
+        print(
+            "ipy_multiengine.engine_main: started by MPI but mpi4py is not installed; "
+            "engines run without MPI",
+            file=sys.stderr,
+        )
+
+
+def run_kernel(connection_file: str, engine_id: int, mpi: str, kernel_args: list[str]) -> None:
+    """Start IPKernelApp on ``connection_file``, report its ports, and serve until shutdown."""
+    info = read_json(connection_file)
+    if info is None:
+        raise SystemExit(f"engine_main: cannot read connection file {connection_file}")
+    bind_ip = info.get("ip", "127.0.0.1")
+    if bind_ip in BIND_ALL:
+        info["ip"] = "0.0.0.0"
+        write_json_atomic(connection_file, info)
+    _init_mpi(mpi)
+
+    from ipykernel.kernelapp import IPKernelApp
+
+    app = IPKernelApp.instance()
+    app.initialize(
+        [
+            "-f",
+            connection_file,
+            "--HistoryManager.hist_file=:memory:",
+            *kernel_args,
+        ]
+    )
+    # IPKernelApp has merged the bound ports into the file (not atomically); rewrite it
+    # whole with our report so a launcher never reads a half-written file as ready.
+    bound = dict(read_json(connection_file) or info)
+    bound.update(
+        ip=report_address(bind_ip),
+        transport=app.transport,
+        shell_port=app.shell_port,
+        iopub_port=app.iopub_port,
+        stdin_port=app.stdin_port,
+        control_port=app.control_port,
+        hb_port=app.hb_port,
+        engine_id=engine_id,
+        pid=os.getpid(),
+        hostname=socket.gethostname(),
+    )
+    bound[READY_KEY] = True
+    write_json_atomic(connection_file, bound)
+    app.start()
+
+
+def _private_dir() -> str:
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    path = os.path.join(jupyter_runtime_dir(), "ipy_multiengine", "engines")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], timeout: float) -> int:
+    """Write ``info`` privately, start the kernel in a new session, print its report."""
+    import subprocess
+    import uuid
+
+    directory = _private_dir()
+    path = os.path.join(directory, f"engine-{engine_id}-{uuid.uuid4().hex[:12]}.json")
+    info = {k: v for k, v in info.items() if k != READY_KEY}
+    write_json_atomic(path, info)
+    log_path = path[: -len(".json")] + ".log"
+    log = open(log_path, "ab")
+    cmd = [
+        sys.executable,
+        "-m",
+        "ipy_multiengine.engine_main",
+        "--connection-file",
+        path,
+        "--engine-id",
+        str(engine_id),
+        "--mpi",
+        mpi,
+        "--",
+        *kernel_args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        close_fds=True,
+    )
+    log.close()
+    deadline = time.monotonic() + timeout
+    while True:
+        report = read_json(path)
+        if report and report.get(READY_KEY):
+            report["connection_file"] = path
+            report["log_file"] = log_path
+            print(READY_PREFIX + json.dumps(report), flush=True)
+            return 0
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                with open(log_path, errors="replace") as f:
+                    tail = f.read()[-3000:]
+            except OSError:
+                tail = ""
+            print(
+                f"engine_main: engine {engine_id} on {socket.gethostname()} did not start "
+                f"(exit code {proc.poll()}):\n{tail}",
+                file=sys.stderr,
+            )
+            for p in (path, log_path):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            return 1
+        time.sleep(0.05)
+
+
+def _pid_runs_engine(pid: int, connection_file: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # no /proc (macOS): trust the pid
+    return os.fsencode(connection_file) in args
+
+
+def signal_engine(pid: int, connection_file: str, signame: str) -> int:
+    if not _pid_runs_engine(pid, connection_file):
+        print(f"engine_main: no engine with pid {pid} for {connection_file}", file=sys.stderr)
+        return 3
+    if signame != "0":  # signal 0: only check that the engine runs
+        os.kill(pid, getattr(signal, signame if signame.startswith("SIG") else "SIG" + signame))
+    return 0
+
+
+def stop_engine(pid: int, connection_file: str, timeout: float) -> int:
+    """SIGTERM, wait up to ``timeout``, SIGKILL; remove the engine's files."""
+    if _pid_runs_engine(pid, connection_file):
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _pid_runs_engine(pid, connection_file):
+                time.sleep(0.05)
+            if not _pid_runs_engine(pid, connection_file):
+                break
+    for p in (connection_file, connection_file[: -len(".json")] + ".log"):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ipy_multiengine.engine_main",
+        description="Start an ipy_multiengine engine (an IPython kernel) and report its ports.",
+    )
+    parser.add_argument("--connection-file", "-f", help="pre-written connection file; "
+                        "'{engine_id}' is replaced by the engine id")
+    parser.add_argument("--engine-id", type=int, default=None,
+                        help="engine id (default: MPI rank / SLURM_PROCID / 0)")
+    parser.add_argument("--stdin", action="store_true",
+                        help="read the connection info as JSON from standard input")
+    parser.add_argument("--detach", action="store_true",
+                        help="start the kernel in a new session, print its report, exit")
+    parser.add_argument("--mpi", choices=("auto", "yes", "no"), default="auto",
+                        help="initialise MPI before the kernel (auto: when started by MPI)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="with --detach: seconds to wait for the kernel")
+    parser.add_argument("--signal", dest="signame", help="send signal SIGNAME to --pid")
+    parser.add_argument("--stop", action="store_true", help="terminate the engine --pid")
+    parser.add_argument("--pid", type=int)
+    parser.add_argument("kernel_args", nargs="*", help="extra IPKernelApp arguments after --")
+    args = parser.parse_args(argv)
+
+    if args.signame or args.stop:
+        if args.pid is None or not args.connection_file:
+            parser.error("--signal/--stop need --pid and --connection-file")
+        if args.stop:
+            return stop_engine(args.pid, args.connection_file, args.timeout)
+        return signal_engine(args.pid, args.connection_file, args.signame.upper())
+
+    engine_id = args.engine_id
+    if engine_id is None:
+        engine_id = rank_from_environment()
+    if engine_id is None:
+        engine_id = 0
+
+    if args.stdin:
+        info = json.loads(sys.stdin.read())
+        if not args.detach:
+            path = os.path.join(_private_dir(), f"engine-{engine_id}-{os.getpid()}.json")
+            write_json_atomic(path, info)
+            run_kernel(path, engine_id, args.mpi, args.kernel_args)
+            return 0
+        return run_detached(info, engine_id, args.mpi, args.kernel_args, args.timeout)
+
+    if not args.connection_file:
+        parser.error("--connection-file or --stdin is required")
+    path = args.connection_file.replace("{engine_id}", str(engine_id))
+    run_kernel(path, engine_id, args.mpi, args.kernel_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Launchers: who starts the engines (local, mpi, slurm, ssh, or a plugin).
+
+A launcher is found by name through the entry-point group ``ipy_multiengine.launchers``
+(``name = "module:Class"``); the built-in ones are also registered directly so that a
+source checkout works without installation. See :mod:`ipy_multiengine.launchers.base`
+for the interface.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import entry_points
+
+from .base import EngineStartTimeout, Launcher, LauncherError
+
+ENTRY_POINT_GROUP = "ipy_multiengine.launchers"
+
+BUILTIN = {
+    "local": "ipy_multiengine.launchers.local:LocalLauncher",
+    "mpi": "ipy_multiengine.launchers.mpi:MPILauncher",
+    "slurm": "ipy_multiengine.launchers.slurm:SlurmLauncher",
+    "ssh": "ipy_multiengine.launchers.ssh:SSHLauncher",
+}
+
+
+def _load(spec: str):
+    module, _, attr = spec.partition(":")
+    return getattr(import_module(module), attr)
+
+
+def available_launchers() -> list[str]:
+    names = set(BUILTIN)
+    names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names)
+
+
+def get_launcher_class(name: str | type[Launcher]) -> type[Launcher]:
+    """The launcher class registered as ``name`` (or ``name`` itself if it is a class)."""
+    if isinstance(name, type):
+        return name
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    if name in BUILTIN:
+        return _load(BUILTIN[name])
+    if ":" in name:  # "package.module:Class"
+        return _load(name)
+    raise ValueError(f"unknown launcher {name!r}; available: {', '.join(available_launchers())}")
+
+
+def make_launcher(launcher, n: int | None = None, **options) -> Launcher:
+    """A launcher instance from a name, a class, or an instance (returned as is)."""
+    if isinstance(launcher, Launcher):
+        if options.get("startup_timeout") is not None:
+            launcher.startup_timeout = options["startup_timeout"]
+        return launcher
+    return get_launcher_class(launcher)(n, **options)
+
+
+def launcher_from_dict(data: dict) -> Launcher:
+    """Rebuild a launcher from :meth:`Launcher.to_dict` (e.g. from a cluster file)."""
+    return get_launcher_class(data["launcher"]).from_dict(data)
+
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "EngineStartTimeout",
+    "Launcher",
+    "LauncherError",
+    "available_launchers",
+    "get_launcher_class",
+    "launcher_from_dict",
+    "make_launcher",
+]

@@ -1,0 +1,137 @@
+"""Helpers for the fault-injection tests: small private clusters, polling with deadlines,
+engine-side code that signals when it has started, and a Ctrl-C from a timer thread."""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import itertools
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psutil
+
+from ipy_multiengine import Cluster
+
+_profiles = itertools.count()
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(step)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@contextlib.contextmanager
+def small_cluster(n: int = 2, **kw: Any) -> Iterator[tuple[Cluster, Any]]:
+    """A private cluster for one test; on exit it is stopped and every engine pid it ever had
+    (restarts included) must be gone."""
+    kw.setdefault("shutdown_wait", 1.0)
+    cluster = Cluster(n=n, profile=f"faults{os.getpid()}-{next(_profiles)}", **kw)
+    mec = cluster.start()
+    pids: set[int] = set()
+
+    def remember() -> None:
+        for km in list(cluster.managers.values()):
+            pid = getattr(km.provisioner, "pid", None)
+            if pid:
+                pids.add(pid)
+
+    remember()
+    cluster._remember = remember  # tests call it after restarts
+    try:
+        yield cluster, mec
+    finally:
+        remember()
+        t0 = time.monotonic()
+        cluster.stop()
+        took = time.monotonic() - t0
+        wait_for(lambda: all(gone(p) for p in pids), 10, f"engine pids {sorted(pids)} to exit")
+        assert took < 3 * cluster.shutdown_wait + 10, f"stop() took {took:.1f} s"
+
+
+def engine_pid(cluster: Cluster, eid: int) -> int:
+    return cluster.managers[eid].provisioner.pid
+
+
+def marker(tmp_path: Path, name: str, pid: int) -> Path:
+    """The file engine ``pid`` touches when the hanging code ``name`` has started on it."""
+    return tmp_path / f"{name}-{pid}.started"
+
+
+def _touch_expr(tmp_path: Path, name: str) -> str:
+    return f"__import__('pathlib').Path({str(tmp_path)!r} + '/{name}-%d.started' % __import__('os').getpid()).touch()"
+
+
+def hang_code(tmp_path: Path, name: str, seconds: float = 30, before: str = "") -> str:
+    """Engine code that prints, touches its marker and then sleeps."""
+    return f"{before}import time; print('before', flush=True); {_touch_expr(tmp_path, name)}; time.sleep({seconds})"
+
+
+def slow_pickle_code(tmp_path: Path, name: str, var: str = "slow") -> str:
+    """Engine code defining ``var``, whose pickling (a pull) touches the marker and sleeps."""
+    return (f"class Slow:\n def __reduce__(self):\n  {_touch_expr(tmp_path, name)}\n"
+            f"  __import__('time').sleep(30)\n{var} = Slow()")
+
+
+def make_hanger(tmp_path: Path, name: str, seconds: float = 30) -> Callable[..., Any]:
+    """A closure (pickled by value) that touches the marker then sleeps: for apply/map."""
+    expr = _touch_expr(tmp_path, name)
+
+    def hang(*args: Any) -> Any:
+        eval(expr)
+        __import__("time").sleep(seconds)
+        return args
+
+    return hang
+
+
+class SleepOnLoad:
+    """Unpickling this on an engine touches the marker and sleeps (a push that hangs in flight)."""
+
+    def __init__(self, tmp_path: Path, name: str, seconds: float = 30) -> None:
+        self.expr = f"({_touch_expr(tmp_path, name)}, __import__('time').sleep({seconds}))"
+
+    def __reduce__(self) -> Any:
+        return (eval, (self.expr,))
+
+
+class CtrlC:
+    """Simulate Ctrl-C in the main thread (``_thread.interrupt_main``) once ``ready()`` is true."""
+
+    def __init__(self, ready: Callable[[], Any], timeout: float = 20) -> None:
+        self.sent_at: float | None = None
+        self._ready, self._timeout = ready, timeout
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self._timeout
+        while not self._cancel.is_set() and time.monotonic() < deadline:
+            if self._ready():
+                self.sent_at = time.monotonic()
+                _thread.interrupt_main(signal.SIGINT)
+                return
+            self._cancel.wait(0.01)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self._thread.join(5)

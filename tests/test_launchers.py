@@ -1,0 +1,624 @@
+"""Launchers against real systems started by this suite: MPI (mpich from PyPI), a private
+Slurm (munge + slurmctld + slurmd), private sshd servers on 127.0.0.1 and in a network
+namespace, and kernels started by hand for attach.
+
+A system that cannot run here (not root, package missing) skips its tests with the reason,
+except under CI (``CI`` set), where that is a failure: CI installs everything with
+``.ci/install-system-deps``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from launcher_systems import NetnsHost, SlurmCluster, SSHKeys, SSHServer, Unavailable
+
+from ipy_multiengine import Cluster, CompositeError, MultiEngineClient
+from ipy_multiengine.engine_main import rank_from_environment
+from ipy_multiengine.launchers import (
+    EngineStartTimeout,
+    LauncherError,
+    available_launchers,
+    get_launcher_class,
+)
+from ipy_multiengine.launchers.mpi import MPILauncher
+from ipy_multiengine.launchers.ssh import SSHLauncher
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+RUNTIME = os.environ["JUPYTER_RUNTIME_DIR"]  # private, set by conftest
+# what every engine started over ssh or by slurm needs to import this tree and keep its
+# files in the suite's private runtime dir
+ENGINE_ENV = {"PYTHONPATH": SRC, "JUPYTER_RUNTIME_DIR": RUNTIME}
+
+
+def unavailable(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run this test, but: {reason}")
+    pytest.skip(reason)
+
+
+SSH_ENGINE_DIR = os.path.join(RUNTIME, "ipy_multiengine", "engines")  # engine_main --stdin files
+
+
+def engine_processes(marker: str = RUNTIME) -> list[psutil.Process]:
+    """The engine_main processes (whoever their parent is: sshd, slurmstepd, hydra...) whose
+    command line contains ``marker`` (a launcher's work dir; default: any of this suite)."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "ipy_multiengine.engine_main" in cmd and marker in cmd:
+            out.append(p)
+    return out
+
+
+def wait_no_engines(marker: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = []
+    for p in engine_processes(marker):
+        try:
+            left.append((p.pid, p.cmdline()))
+            p.kill()
+        except psutil.Error:
+            pass
+    assert not left, f"engine processes left behind: {left}"
+
+
+def interrupt_sleep(mec, wait: float = 20.0) -> None:
+    """Run a long sleep everywhere, interrupt it, and check every engine got KeyboardInterrupt."""
+    pr = mec.execute("import time; time.sleep(60)", block=False)
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    mec.interrupt()
+    with pytest.raises(CompositeError) as info:
+        pr.get_result(timeout=wait)
+    assert time.monotonic() - t0 < wait
+    assert len(info.value.elist) == len(mec.get_ids())
+    assert all("KeyboardInterrupt" in str(e) for e in info.value.elist), info.value
+    assert [r["stdout"] for r in mec.execute("print('alive')")] == ["alive\n"] * len(mec.get_ids())
+
+
+# ---------------------------------------------------------------------- units
+def test_rank_from_environment():
+    assert rank_from_environment({}) is None
+    assert rank_from_environment({"PMI_RANK": "3"}) == 3
+    assert rank_from_environment({"OMPI_COMM_WORLD_RANK": "2", "SLURM_PROCID": "5"}) == 2
+    assert rank_from_environment({"PMIX_RANK": "1"}) == 1
+    assert rank_from_environment({"SLURM_PROCID": "7"}) == 7
+
+
+def test_launchers_are_found_by_name_and_entry_point():
+    assert {"local", "mpi", "slurm", "ssh"} <= set(available_launchers())
+    assert get_launcher_class("mpi") is MPILauncher
+    assert get_launcher_class("ssh") is SSHLauncher
+    assert get_launcher_class("ipy_multiengine.launchers.mpi:MPILauncher") is MPILauncher
+    with pytest.raises(ValueError, match="unknown launcher 'nope'.*mpi"):
+        get_launcher_class("nope")
+    with pytest.raises(TypeError, match="unknown option"):
+        Cluster(2, launcher="mpi", no_such_option=1)
+    with pytest.raises(ValueError, match="hosts add up to 3"):
+        SSHLauncher(2, hosts={"a": 1, "b": 2})
+
+
+def test_engine_main_binds_free_ports_and_reports_them(tmp_path):
+    from ipy_multiengine.launchers.base import new_connection_info
+    from ipy_multiengine.engine_main import read_json, write_json_atomic
+
+    os.chmod(tmp_path, 0o700)
+    path = tmp_path / "engine-5.json"
+    write_json_atomic(str(path), new_connection_info())
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    env = dict(os.environ, PYTHONPATH=SRC, SLURM_PROCID="5")
+    proc = subprocess.Popen([sys.executable, "-m", "ipy_multiengine.engine_main", "--connection-file",
+                             str(tmp_path / "engine-{engine_id}.json")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (read_json(str(path)) or {}).get("ipy_multiengine_ready"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        report = read_json(str(path))
+        assert report["engine_id"] == 5 and report["pid"] == proc.pid
+        assert all(report[p] > 0 for p in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"))
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        mec = MultiEngineClient.attach([str(path)])
+        assert mec.execute("import os; print(os.getpid())")[0]["stdout"] == f"{proc.pid}\n"
+        mec.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_engine_main_bound_to_all_interfaces_reports_a_reachable_address(tmp_path):
+    """ip='*' (multi-host MPI/Slurm): the kernel binds every interface and reports the address
+    others should use (the host's, or IPY_MULTIENGINE_ENGINE_ADDRESS)."""
+    from ipy_multiengine.launchers.base import new_connection_info
+    from ipy_multiengine.engine_main import read_json, write_json_atomic
+
+    path = tmp_path / "engine-0.json"
+    write_json_atomic(str(path), new_connection_info(ip="*"))
+    env = dict(os.environ, PYTHONPATH=SRC, IPY_MULTIENGINE_ENGINE_ADDRESS="127.0.0.1")
+    proc = subprocess.Popen([sys.executable, "-m", "ipy_multiengine.engine_main", "-f", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (read_json(str(path)) or {}).get("ipy_multiengine_ready"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        report = read_json(str(path))
+        assert report["ip"] == "127.0.0.1"
+        listening = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections() if c.status == "LISTEN"}
+        assert "0.0.0.0" in listening
+        mec = MultiEngineClient.attach([str(path)])
+        assert mec.execute("print(1)")[0]["stdout"] == "1\n"
+        mec.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------------- MPI
+@pytest.fixture(scope="module")
+def mpi_cluster():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        unavailable("mpi4py is not installed (pip install mpi4py mpich)")
+    from ipy_multiengine.launchers.base import find_executable
+
+    if find_executable("mpiexec") is None:
+        unavailable("no mpiexec (pip install mpich)")
+    c = Cluster(4, launcher="mpi", profile="test-mpi", startup_timeout=90)
+    c.start()
+    yield c
+    work_dir = c.launcher.work_dir
+    c.stop()
+    wait_no_engines(work_dir)
+
+
+@pytest.mark.timeout(180)
+def test_mpi_engine_ids_are_ranks_and_allreduce_works(mpi_cluster):
+    mec = mpi_cluster.client
+    assert mec.get_ids() == [0, 1, 2, 3]
+    mec.execute("from mpi4py import MPI; comm = MPI.COMM_WORLD; rank = comm.rank")
+    assert mec.pull("rank") == [0, 1, 2, 3]
+    mec.execute("total = comm.allreduce(rank + 1)")
+    assert mec.pull("total") == [10] * 4
+
+
+@pytest.mark.timeout(120)
+def test_mpi_scatter_between_engines(mpi_cluster):
+    mec = mpi_cluster.client
+    mec.execute(textwrap.dedent("""\
+        import numpy as np
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        data = np.arange(16.0).reshape(4, 4) if comm.rank == 0 else None
+        part = np.empty(4)
+        comm.Scatter(data, part, root=0)
+        back = comm.gather(part.sum(), root=0)
+    """))
+    parts = mec.pull("part")
+    for rank, part in enumerate(parts):
+        np.testing.assert_array_equal(part, np.arange(4.0) + 4 * rank)
+    assert mec.pull("back", targets=0) == [[6.0, 22.0, 38.0, 54.0]]
+
+
+@pytest.mark.timeout(120)
+def test_mpi_allreduce_and_scatter_from_px(mpi_cluster):
+    """The tutorial's promise: scatter/gather *between* engines with MPI, typed as %px."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "ipy_multiengine")
+    mec = mpi_cluster.client
+    mec.activate()
+    try:
+        res = shell.run_cell("%px from mpi4py import MPI; comm = MPI.COMM_WORLD; s = comm.allreduce(comm.rank)")
+        assert res.success, res.error_in_exec
+        res = shell.run_cell(textwrap.dedent("""\
+            %%px
+            import numpy as np
+            chunk = comm.scatter([np.arange(3) + 10 * i for i in range(comm.size)] if comm.rank == 0 else None, root=0)
+            total = comm.reduce(chunk.sum(), root=0)
+            """))
+        assert res.success, res.error_in_exec
+    finally:
+        shell.run_line_magic("unload_ext", "ipy_multiengine")
+    assert mec.pull("s") == [6] * 4
+    for rank, chunk in enumerate(mec.pull("chunk")):
+        np.testing.assert_array_equal(chunk, np.arange(3) + 10 * rank)
+    assert mec.pull("total", targets=0) == [sum(3 + 30 * r for r in range(4))]
+
+
+@pytest.mark.timeout(120)
+def test_mpi_interrupt_is_one_group(mpi_cluster):
+    interrupt_sleep(mpi_cluster.client)
+
+
+@pytest.mark.timeout(120)
+def test_mpi_stop_leaves_no_process():
+    c = Cluster(2, launcher="mpi", profile="test-mpi-stop")
+    mec = c.start()
+    pids = [e["pid"] for e in c.launcher.engines]
+    mpiexec = c.launcher.pid
+    assert mec.execute("print(1)")[0]["stdout"] == "1\n"
+    work_dir = c.launcher.work_dir
+    c.stop()
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in [*pids, mpiexec])
+    assert not os.path.exists(work_dir)
+    assert not Path(RUNTIME, "ipy_multiengine", "cluster-test-mpi-stop.json").exists()
+
+
+@pytest.mark.timeout(60)
+def test_mpi_startup_timeout_names_missing_engines(tmp_path):
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    c = Cluster(2, launcher="mpi", python=str(fake), startup_timeout=2, profile="test-mpi-fail")
+    with pytest.raises(EngineStartTimeout, match=r"engine\(s\) 0, 1 never reported") as info:
+        c.start()
+    assert info.value.missing == [0, 1]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(fake) in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.timeout(60)
+def test_mpi_job_that_dies_is_reported(tmp_path):
+    c = Cluster(2, launcher="mpi", python="/bin/false", profile="test-mpi-fail2")
+    with pytest.raises(LauncherError, match="mpiexec exited"):
+        c.start()
+
+
+@pytest.mark.timeout(90)
+def test_cli_start_daemon_with_mpi_launcher_and_stop():
+    env = dict(os.environ, PYTHONPATH=SRC)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    r = run("start", "--daemon", "--launcher", "mpi", "-n", "2", "--profile", "test-cli-mpi")
+    assert r.returncode == 0, r.stderr
+    spec = json.loads(Path(r.stdout.strip()).read_text())
+    assert spec["launcher"]["launcher"] == "mpi" and [e["id"] for e in spec["engines"]] == [0, 1]
+    mec = MultiEngineClient(profile="test-cli-mpi")
+    mec.execute("from mpi4py import MPI; r = MPI.COMM_WORLD.rank")
+    assert mec.pull("r") == [0, 1]
+    mec.close()
+    r = run("stop", "--profile", "test-cli-mpi")
+    assert r.returncode == 0, r.stderr
+    wait_no_engines(spec["launcher"]["work_dir"])
+
+
+# ---------------------------------------------------------------------- Slurm
+@pytest.fixture(scope="module")
+def slurm():
+    system = SlurmCluster()
+    try:
+        system.start()
+    except Unavailable as exc:
+        unavailable(str(exc))
+    yield system
+    system.stop()
+
+
+def squeue(slurm) -> str:
+    return subprocess.run(["squeue", "-h", "-o", "%i %T"], env=dict(os.environ, **slurm.env),
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+@pytest.mark.timeout(180)
+def test_slurm_engines(slurm):
+    c = Cluster(2, launcher="slurm", profile="test-slurm", ip="127.0.0.1", env={**slurm.env, **ENGINE_ENV},
+                partition=slurm.PARTITION, time="10", sbatch_lines=["#SBATCH --comment=ipmulti-test"],
+                startup_timeout=90)
+    mec = c.start()
+    work_dir = c.launcher.work_dir
+    try:
+        job = c.launcher.job_id
+        assert job in squeue(slurm) and "RUNNING" in squeue(slurm)
+        assert mec.get_ids() == [0, 1]
+        mec.execute("import os; task = int(os.environ['SLURM_PROCID']); job = os.environ['SLURM_JOB_ID']")
+        assert mec.pull("task") == [0, 1]
+        assert mec.pull("job") == [job, job]
+        mec.scatter("a", np.arange(10))
+        np.testing.assert_array_equal(mec.gather("a"), np.arange(10))
+        interrupt_sleep(mec)
+        script = Path(c.launcher.work_dir, "engines.sbatch").read_text()
+        assert "#SBATCH --partition=ipmtest" in script and "#SBATCH --comment=ipmulti-test" in script
+        assert "srun" in script
+    finally:
+        c.stop()
+    deadline = time.monotonic() + 20
+    while job in squeue(slurm) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job not in squeue(slurm)
+    wait_no_engines(work_dir)
+
+
+# ---------------------------------------------------------------------- SSH
+@pytest.fixture(scope="module")
+def ssh_hosts():
+    """Two ssh 'hosts': sshd on 127.0.0.1 and sshd in a network namespace."""
+    started = []
+    try:
+        keys = SSHKeys()
+        started.append(keys)
+        local = SSHServer(keys).start()
+        started.append(local)
+        ns = NetnsHost().start()
+        started.append(ns)
+        remote = SSHServer(keys, address=ns.ns_ip, netns=ns.name).start()
+        started.append(remote)
+    except Unavailable as exc:
+        for s in reversed(started):
+            s.remove() if isinstance(s, SSHKeys) else s.stop()
+        unavailable(str(exc))
+    yield keys, local, remote, ns
+    for s in reversed(started):
+        s.remove() if isinstance(s, SSHKeys) else s.stop()
+
+
+def ssh_options(keys) -> dict:
+    return dict(python=sys.executable, env=ENGINE_ENV, known_hosts=str(keys.known_hosts),
+                identity_file=str(keys.user_key), ssh_args=["-F", "/dev/null"])
+
+
+@pytest.mark.timeout(180)
+def test_ssh_engines_on_two_hosts(ssh_hosts):
+    keys, local, remote, ns = ssh_hosts
+    c = Cluster(launcher="ssh", hosts={local.destination: 2, remote.destination: 1}, profile="test-ssh",
+                **ssh_options(keys))
+    mec = c.start()
+    try:
+        assert mec.get_ids() == [0, 1, 2]
+        # engines 0, 1 live on this host, engine 2 inside the namespace (it sees only its veth)
+        mec.execute("import subprocess; links = subprocess.run(['ip', '-br', 'link'], capture_output=True, "
+                    "text=True).stdout")
+        links = mec.pull("links")
+        assert all(ns.veth_ns not in x for x in links[:2]) and ns.veth_ns in links[2]
+        # the kernels listen on the remote loopback only; we reach them through ssh forwards
+        for e in c.launcher.engines:
+            assert e["ip"] == "127.0.0.1"
+        remote_files = [r["connection_file"] for r in c.launcher.remote]
+        for f in remote_files:
+            assert oct(os.stat(f).st_mode & 0o777) == "0o600"
+            assert json.loads(Path(f).read_text())["ip"] == "127.0.0.1"
+        # data round trip, 8 MB each way
+        data = np.random.default_rng(0).random(1_000_000)
+        mec.push({"x": data})
+        mec.execute("y = x * 2")
+        for y in mec.pull("y"):
+            np.testing.assert_array_equal(y, data * 2)
+        mec.scatter("s", list(range(9)))
+        assert mec.pull("s") == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+        assert mec.gather("s") == list(range(9))
+        interrupt_sleep(mec)
+        assert len(engine_processes(SSH_ENGINE_DIR)) == 3
+    finally:
+        c.stop()
+    wait_no_engines(SSH_ENGINE_DIR)
+    assert not any(os.path.exists(f) for f in remote_files)
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if "ExitOnForwardFailure=yes" in (p.info["cmdline"] or [])]
+
+
+@pytest.mark.timeout(60)
+def test_ssh_refuses_unknown_host_key(ssh_hosts, tmp_path):
+    keys, local, remote, ns = ssh_hosts
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    options = ssh_options(keys)
+    options["known_hosts"] = str(empty)
+    c = Cluster(launcher="ssh", hosts={local.destination: 1}, profile="test-ssh-key", **options)
+    with pytest.raises(LauncherError, match="(?i)host key verification failed"):
+        c.start()
+    wait_no_engines(SSH_ENGINE_DIR)
+
+
+@pytest.mark.timeout(60)
+def test_ssh_connection_info_never_on_a_command_line(ssh_hosts):
+    keys, local, remote, ns = ssh_hosts
+    launcher = SSHLauncher(hosts={local.destination: 1}, **ssh_options(keys))
+    cmd = launcher.ssh_command(local.destination) + [launcher.remote_command(local.destination, "--stdin")]
+    assert "StrictHostKeyChecking=yes" in cmd and "BatchMode=yes" in cmd
+    assert not any("key" in part and "hmac" in part for part in cmd)
+    c = Cluster(launcher=launcher, n=1, profile="test-ssh-argv")
+    mec = c.start()
+    try:
+        key = c.launcher.engines[0]["key"]
+        for p in psutil.process_iter(["cmdline"]):
+            assert key not in " ".join(p.info["cmdline"] or [])
+        assert mec.execute("print(2 + 2)")[0]["stdout"] == "4\n"
+    finally:
+        c.stop()
+    wait_no_engines(SSH_ENGINE_DIR)
+
+
+# ---------------------------------------------------------------------- attach
+@pytest.fixture
+def two_kernels(tmp_path):
+    from jupyter_client.manager import KernelManager
+
+    kms = []
+    for i in range(2):
+        km = KernelManager(kernel_name="python3", connection_file=str(tmp_path / f"kernel-{i}.json"))
+        km.start_kernel(extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        kms.append(km)
+    yield kms
+    for km in kms:
+        km.shutdown_kernel(now=True)
+
+
+@pytest.mark.timeout(90)
+def test_attach_hand_started_kernels_and_close_leaves_them_running(two_kernels):
+    files = [km.connection_file for km in two_kernels]
+    mec = MultiEngineClient.attach(files)
+    assert mec.get_ids() == [0, 1]
+    mec.execute("import os; pid = os.getpid()")
+    assert mec.pull("pid") == [km.provisioner.pid for km in two_kernels]
+    mec.scatter("a", [1, 2, 3, 4])
+    assert mec.pull("a") == [[1, 2], [3, 4]]
+    mec.close()
+    assert all(km.is_alive() for km in two_kernels)
+    # the kernels keep their state and serve the next client
+    again = MultiEngineClient.attach(files[::-1])
+    assert again.pull("a") == [[3, 4], [1, 2]]
+    again.close()
+    assert all(km.is_alive() for km in two_kernels)
+
+
+@pytest.mark.timeout(90)
+def test_cli_attach_then_stop_forgets_but_does_not_kill(two_kernels):
+    env = dict(os.environ, PYTHONPATH=SRC)
+    files = [km.connection_file for km in two_kernels]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    r = run("attach", *files, "--profile", "test-attach")
+    assert r.returncode == 0, r.stderr
+    mec = MultiEngineClient(profile="test-attach")
+    assert mec.execute("print('hi')")[0]["stdout"] == "hi\n"
+    mec.close()
+    assert "test-attach" in run("list").stdout
+    r = run("stop", "--profile", "test-attach")
+    assert r.returncode == 0, r.stderr
+    assert all(km.is_alive() for km in two_kernels)
+    assert all(os.path.exists(f) for f in files)
+
+
+def test_attach_rejects_what_is_not_a_connection_file(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="lacks"):
+        MultiEngineClient.attach([str(bad)])
+    with pytest.raises(FileNotFoundError):
+        MultiEngineClient.attach([str(tmp_path / "missing.json")])
+
+
+@pytest.mark.timeout(180)
+def test_slurm_engines_as_an_mpi_job(slurm):
+    """srun --mpi=pmi2 (Slurm's PMI2 server, spoken by the mpich wheel): MPI between engines."""
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed")
+    c = Cluster(3, launcher="slurm", mpi="pmi2", profile="test-slurm-mpi", ip="127.0.0.1",
+                env={**slurm.env, **ENGINE_ENV}, startup_timeout=90)
+    mec = c.start()
+    work_dir = c.launcher.work_dir
+    try:
+        mec.execute("from mpi4py import MPI; comm = MPI.COMM_WORLD; r = comm.rank; s = comm.allreduce(r)")
+        assert mec.pull("r") == [0, 1, 2]
+        assert mec.pull("s") == [3, 3, 3]
+    finally:
+        c.stop()
+    wait_no_engines(work_dir)
+
+
+# ---------------------------------------------------------------------- local, provisioners
+@pytest.mark.timeout(90)
+def test_local_launcher_through_the_launcher_interface():
+    c = Cluster(2, launcher="local", kernel_args=["--HistoryManager.hist_file=:memory:"],
+                profile="test-local-launcher")
+    mec = c.start()
+    try:
+        assert mec.get_ids() == [0, 1]
+        mec.execute("import os; pid = os.getpid()")
+        pids = mec.pull("pid")
+        assert pids == [e["pid"] for e in c.launcher.engines]
+        interrupt_sleep(mec)
+    finally:
+        c.stop()
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(p) for p in pids)
+
+
+@pytest.mark.timeout(90)
+def test_kernelspec_naming_a_provisioner_works_as_engines(tmp_path, monkeypatch):
+    """A kernelspec whose metadata names a jupyter_client kernel provisioner (here the
+    built-in local one, as the gateway provisioners for Docker/Kubernetes/YARN would be)."""
+    spec_dir = tmp_path / "kernels" / "ipm-provisioned"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "provisioned", "language": "python",
+        "env": {"IPM_PROVISIONED": "yes"},
+        "metadata": {"kernel_provisioner": {"provisioner_name": "local-provisioner", "config": {}}},
+    }))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    with Cluster(2, kernel_name="ipm-provisioned", profile="test-provisioner") as mec:
+        mec.execute("import os; flag = os.environ.get('IPM_PROVISIONED')")
+        assert mec.pull("flag") == ["yes", "yes"]
+
+
+@pytest.mark.timeout(90)
+def test_mpi_engines_of_a_killed_owner_are_stopped_by_ipmulti_stop():
+    env = dict(os.environ, PYTHONPATH=SRC)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    r = run("start", "--daemon", "--launcher", "mpi", "-n", "2", "--profile", "test-mpi-orphan")
+    assert r.returncode == 0, r.stderr
+    spec = json.loads(Path(r.stdout.strip()).read_text())
+    work_dir = spec["launcher"]["work_dir"]
+    from ipy_multiengine.launchers import launcher_from_dict
+
+    try:
+        assert len(engine_processes(work_dir)) == 3  # mpiexec + 2 ranks
+        mpiexec = psutil.Process(spec["launcher"]["pid"])
+        tree = [mpiexec, *mpiexec.children(recursive=True)]  # + hydra proxies
+        os.kill(spec["owner_pid"], 9)  # the owner dies without stopping anything
+        time.sleep(0.5)
+        assert len(engine_processes(work_dir)) == 3
+        launcher_from_dict(spec["launcher"]).kill_now()  # what `ipmulti stop` does then
+        wait_no_engines(work_dir, timeout=5)
+        gone, alive = psutil.wait_procs(tree, timeout=5)
+        assert not alive
+    finally:
+        launcher_from_dict(spec["launcher"]).kill_now()
+        assert run("stop", "--profile", "test-mpi-orphan").returncode == 0
+
+
+@pytest.mark.timeout(90)
+def test_slurm_job_stuck_in_the_queue_times_out_with_its_state(slurm):
+    c = Cluster(2, launcher="slurm", profile="test-slurm-pending", ip="127.0.0.1",
+                env={**slurm.env, **ENGINE_ENV}, sbatch_lines=["#SBATCH --begin=now+1hour"],
+                startup_timeout=3)
+    with pytest.raises(EngineStartTimeout, match=r"engine\(s\) 0, 1 never reported.*PENDING \(BeginTime\)"):
+        c.start()
+    deadline = time.monotonic() + 20
+    while "PENDING" in squeue(slurm) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "PENDING" not in squeue(slurm)  # cancelled
+
+
+@pytest.mark.timeout(120)
+def test_cli_start_daemon_with_ssh_launcher(ssh_hosts):
+    keys, local, remote, ns = ssh_hosts
+    env = dict(os.environ, PYTHONPATH=SRC)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=90)
+    r = run("start", "--daemon", "--launcher", "ssh", "--profile", "test-cli-ssh",
+            "--hosts", f"{local.destination}=1,{remote.destination}=1",
+            "-o", f"python={sys.executable}", "-o", f"env={json.dumps(ENGINE_ENV)}",
+            "-o", f"known_hosts={keys.known_hosts}", "-o", f"identity_file={keys.user_key}",
+            "-o", 'ssh_args=["-F", "/dev/null"]')
+    assert r.returncode == 0, r.stderr
+    try:
+        mec = MultiEngineClient(profile="test-cli-ssh")
+        assert mec.get_ids() == [0, 1]
+        mec.execute("import subprocess; links = subprocess.run(['ip', '-br', 'link'], capture_output=True, "
+                    "text=True).stdout")
+        assert [ns.veth_ns in x for x in mec.pull("links")] == [False, True]
+        mec.close()
+    finally:
+        r = run("stop", "--profile", "test-cli-ssh")
+    assert r.returncode == 0, r.stderr
+    wait_no_engines(SSH_ENGINE_DIR)

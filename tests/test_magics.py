@@ -1,0 +1,418 @@
+"""The parallel magics in a real ``InteractiveShell`` against the session's 4 real engines."""
+
+from __future__ import annotations
+
+import _thread
+import io
+import json
+import shutil
+import sys
+import threading
+import time
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from ipy_multiengine import client as client_mod
+from ipy_multiengine.errors import CompositeError, TimeoutError
+from ipy_multiengine.magics import _Lines, engine_range, parse_targets
+from ipy_multiengine.results import PendingResult, ResultList
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def ip(mec):
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "ipy_multiengine")
+    mec.activate()
+    magics = shell.magics_manager.registry["ParallelMagics"]
+    magics.pxconfig_.__init__()
+    magics.transformer.enabled = False
+    magics._notebook = None
+    yield shell
+    magics.pxconfig_.__init__()
+    magics.transformer.enabled = False
+    magics._notebook = None
+    mec.block = True
+    mec.targets = "all"
+
+
+def magics_of(ip):
+    return ip.magics_manager.registry["ParallelMagics"]
+
+
+def run(ip, cell):
+    """Run ``cell`` like a user would; return (captured output, ExecutionResult)."""
+    with capture_output() as cap:
+        res = ip.run_cell(cell)
+    return cap, res
+
+
+# ---------------------------------------------------------------------- parsing helpers
+def test_parse_targets_without_eval():
+    ids = [0, 1, 2, 3]
+    assert parse_targets("all", ids) == "all"
+    assert parse_targets("0", ids) == [0]
+    assert parse_targets("0,2", ids) == [0, 2]
+    assert parse_targets("1:3", ids) == [1, 2]
+    assert parse_targets("::2", ids) == [0, 2]
+    assert parse_targets("0, 2:4", ids) == [0, 2, 3]
+    assert parse_targets("-1:", ids) == [3]
+    for bad in ("__import__('os')", "1:2:3:4", "::0", "a", "5:9"):
+        with pytest.raises(UsageError):
+            parse_targets(bad, ids)
+
+
+def test_engine_range_and_carriage_returns():
+    assert engine_range([0, 1, 2, 3]) == "0-3"
+    assert engine_range([0, 2]) == "0,2"
+    assert engine_range([3, 0, 1]) == "0-1,3"
+    lines = _Lines()
+    for chunk in ["10%", "\r20%", "\r30%\n", "next\r\n", "a\x1b[31mred\x1b[0m"]:
+        lines.write(chunk)
+    assert lines.text() == "30%\nnext\na\x1b[31mred\x1b[0m"
+
+
+# ---------------------------------------------------------------------- extension
+def test_load_and_unload_extension(ip):
+    assert "px" in ip.magics_manager.magics["line"] and "px" in ip.magics_manager.magics["cell"]
+    transformer = magics_of(ip).transformer
+    assert transformer in ip.input_transformers_cleanup
+    ip.run_line_magic("unload_ext", "ipy_multiengine")
+    for name in ("px", "autopx", "result", "pxresult", "pxconfig"):
+        assert name not in ip.magics_manager.magics["line"]
+    assert "px" not in ip.magics_manager.magics["cell"]
+    assert transformer not in ip.input_transformers_cleanup
+    ip.run_line_magic("load_ext", "ipy_multiengine")
+    assert "px" in ip.magics_manager.magics["line"]
+
+
+# ---------------------------------------------------------------------- tutorial flow
+def test_tutorial_px_flow_and_automagic(ip, mec):
+    mec.block = True
+    cap, res = run(ip, "%px import numpy")
+    assert res.success and isinstance(res.result, ResultList)
+    n = [r["number"] for r in res.result]
+    assert repr(res.result).splitlines()[:2] == ["<Results List>", f"[0] In [{n[0]}]: import numpy"]
+    run(ip, "%px a = numpy.ones((2, 2))")
+    cap, res = run(ip, "%px print(numpy.linalg.eigvals(a))")
+    text = repr(res.result)
+    assert f"[3] In [{n[3] + 2}]: print(numpy.linalg.eigvals(a))\n[3] Out[{n[3] + 2}]: [2. 0.]" in text
+    assert "<Results List>" in cap.stdout
+    cap, res = run(ip, "%result")
+    assert repr(res.result) == text
+    mec.push_function(dict(f=lambda x: 2.0 * x**4))
+    mec.execute("y = f(4.0)")
+    assert ip.automagic
+    cap, res = run(ip, "px print(y)")
+    assert res.success
+    assert [r["stdout"] for r in res.result] == ["512.0\n"] * 4
+    assert "[0] Out[" in cap.stdout and "512.0" in cap.stdout
+    mec.scatter("x", range(64))
+    run(ip, "px y = [i**10 for i in x]")
+    assert mec.gather("y") == [i**10 for i in range(64)]
+
+
+def test_autopx_nonblocking_then_px(ip, mec):
+    """The tutorial's %autopx session: PendingResults while on, plain local code after."""
+    mec.block = False
+    run(ip, "%px import numpy")
+    cap, res = run(ip, "%autopx")
+    assert cap.stdout == "Auto Parallel Enabled\nType %autopx to disable\n"
+    # the terminal's completeness check must see plain Python, not a %%px cell
+    assert ip.input_transformer_manager.check_complete("max_evals = []") == ("complete", None)
+    assert ip.input_transformer_manager.check_complete("for i in range(3):")[0] == "incomplete"
+    cap, res = run(ip, "max_evals = []")
+    assert isinstance(res.result, PendingResult)
+    cap, res = run(ip, "for i in range(100):\n    a = numpy.random.rand(10,10)\n    a = a+a.transpose()\n"
+                       "    evals = numpy.linalg.eigvals(a)\n    max_evals.append(evals[0].real)\n")
+    assert isinstance(res.result, PendingResult)
+    assert "max_evals" not in ip.user_ns
+    cap, res = run(ip, "%autopx")
+    assert cap.stdout == "Auto Parallel Disabled\n"
+    mec.block = True
+    cap, res = run(ip, 'px print("Average max eigenvalue is: ", sum(max_evals)/len(max_evals))')
+    assert res.success
+    assert all(r["stdout"].startswith("Average max eigenvalue is: ") for r in res.result)
+    cap, res = run(ip, "local_only = 1")
+    assert ip.user_ns["local_only"] == 1
+
+
+def test_autopx_blocking_streams_and_keeps_local_magics(ip, mec):
+    run(ip, "%autopx")
+    try:
+        cap, res = run(ip, "print('remote', 7)")
+        assert res.result is None
+        assert sorted(cap.stdout.splitlines()) == [f"[stdout:{i}] remote 7" for i in range(4)]
+        cap, res = run(ip, "%pxconfig --no-stream")  # stays local while autopx is on
+        assert magics_of(ip).pxconfig_.stream is False
+        cap, res = run(ip, "%result")
+        assert isinstance(res.result, ResultList)
+    finally:
+        run(ip, "%autopx")
+    assert not magics_of(ip).transformer.enabled
+
+
+# ---------------------------------------------------------------------- %%px options
+def test_cell_streams_live_per_engine(ip):
+    stamps = []
+
+    class Recorder(io.StringIO):
+        def write(self, s):
+            stamps.append((time.monotonic(), s))
+            return super().write(s)
+
+    old, sys.stdout = sys.stdout, Recorder()
+    try:
+        ip.run_cell_magic("px", "--targets 0", "print('first', flush=True)\nimport time; time.sleep(1)\nprint('second')")
+        end = time.monotonic()
+    finally:
+        sys.stdout = old
+    first = next(t for t, s in stamps if "[stdout:0] first" in s)
+    assert end - first > 0.5, "the first line must appear while the engine still runs"
+    assert any("[stdout:0] second" in s for _, s in stamps)
+
+
+def test_cell_stdout_stderr_results(ip):
+    cap, res = run(ip, "%%px\nimport sys\nprint('out', 1)\nprint('err', 2, file=sys.stderr)\n6*7")
+    assert res.success and res.result is None
+    assert sorted(cap.stdout.splitlines()[i] for i in range(len(cap.stdout.splitlines()))
+                  if "stdout" in cap.stdout.splitlines()[i]) == [f"[stdout:{i}] out 1" for i in range(4)]
+    assert sorted(cap.stderr.splitlines()) == [f"[stderr:{i}] err 2" for i in range(4)]
+    results = [o for o in cap.outputs if "Out[" in o.data.get("text/plain", "")]
+    assert sorted(o.metadata["engine"] for o in results) == [0, 1, 2, 3]
+    assert all(o.data["text/plain"].startswith(f"Out[{o.metadata['engine']}:") and
+               o.data["text/plain"].endswith("]: 42") for o in results)
+
+
+@pytest.mark.parametrize("spec,expected", [("all", [0, 1, 2, 3]), ("0", [0]), ("0,2", [0, 2]),
+                                           ("1:3", [1, 2]), ("::2", [0, 2])])
+def test_targets_option(ip, spec, expected):
+    cap, res = run(ip, f"%%px --targets {spec}\nprint('here')")
+    assert res.success
+    assert sorted(cap.stdout.splitlines()) == [f"[stdout:{i}] here" for i in expected]
+    cap, res = run(ip, f"%px --targets={spec} x = 1")
+    assert [r["id"] for r in res.result] == expected
+
+
+def test_targets_errors_are_usage_errors(ip):
+    with pytest.raises(UsageError, match="not an engine id"):
+        ip.run_cell_magic("px", "--targets 'os.system'", "pass")
+    with pytest.raises(UsageError, match="unknown engine id 9"):
+        ip.run_line_magic("px", "--targets 9 pass")
+
+
+def test_client_targets_and_block_are_the_defaults(ip, mec):
+    mec.targets = [1, 3]
+    cap, res = run(ip, "%px z = 1")
+    assert [r["id"] for r in res.result] == [1, 3]
+    mec.targets = "all"
+    mec.block = False
+    cap, res = run(ip, "%px z = 2")
+    assert isinstance(res.result, PendingResult)
+    res.result.get_result()
+    cap, res = run(ip, "%px --block z = 3")
+    assert isinstance(res.result, ResultList)
+
+
+def test_noblock_out_and_result(ip, mec):
+    cap, res = run(ip, "%%px --noblock -o pr\nimport time; time.sleep(0.3); print('done')")
+    pr = ip.user_ns["pr"]
+    assert isinstance(pr, PendingResult) and res.result is pr
+    cap, res = run(ip, "%result")
+    assert [r["stdout"] for r in res.result] == ["done\n"] * 4
+    cap, res = run(ip, "%pxresult")
+    assert res.result is pr.get_result()
+    cap, res = run(ip, "%%px --out rl\nprint('x')")
+    assert isinstance(ip.user_ns["rl"], ResultList) and len(ip.user_ns["rl"]) == 4
+
+
+def test_no_stream_group_outputs(ip):
+    code = "import sys\nprint('o1')\nprint('e1', file=sys.stderr)\nprint('o2')\n5"
+    cap, res = run(ip, f"%%px --no-stream --group-outputs engine --targets 0,1\n{code}")
+    assert cap.stdout.splitlines() == ["[stdout:0] o1", "[stdout:0] o2", "[stdout:1] o1", "[stdout:1] o2"]
+    assert [o.metadata["engine"] for o in cap.outputs] == [0, 1]
+    cap, res = run(ip, f"%%px --no-stream --group-outputs type --targets 0,1\n{code}")
+    assert cap.stdout.splitlines() == ["[stdout:0] o1", "[stdout:0] o2", "[stdout:1] o1", "[stdout:1] o2"]
+    assert cap.stderr.splitlines() == ["[stderr:0] e1", "[stderr:1] e1"]
+    assert [o.data["text/plain"] for o in cap.outputs][0].startswith("Out[0:")
+    cap, res = run(ip, f"%%px --no-stream --group-outputs order --targets 0,1\n{code}")
+    assert sorted(cap.stdout.splitlines()) == sorted(["[stdout:0] o1", "[stdout:0] o2", "[stdout:1] o1",
+                                                      "[stdout:1] o2"])
+
+
+def test_no_stream_engine_grouping_is_in_target_order(ip):
+    cap, res = run(ip, "%%px --no-stream --group-outputs engine\nimport time, random\n"
+                       "time.sleep(random.random() / 5)\nprint('hi')")
+    assert cap.stdout.splitlines() == [f"[stdout:{i}] hi" for i in range(4)]
+
+
+def test_collapse_identical_output_and_tracebacks(ip):
+    cap, res = run(ip, "%%px --no-stream --collapse\nprint('same')")
+    assert cap.stdout.splitlines() == ["[stdout:0-3] same"]
+    cap, res = run(ip, "%%px --collapse\n1/0")
+    assert isinstance(res.error_in_exec, CompositeError)
+    assert "[0-3:execute]:" in cap.stdout and "[1:execute]: \n" not in cap.stdout
+    assert cap.stdout.count("ZeroDivisionError") >= 4  # the summary lists every engine
+
+
+def test_errors_one_block_per_engine_and_cell_fails(ip, mec):
+    cap, res = run(ip, "%%px\nprint('before')\n1/0")
+    assert not res.success and isinstance(res.error_in_exec, CompositeError)
+    out = cap.stdout
+    assert "CompositeError: one or more exceptions from call to method: execute" in out
+    for i in range(4):
+        assert f"[{i}:execute]: ZeroDivisionError: division by zero" in out
+        assert f"[{i}:execute]: \n" in out
+        assert f"[stdout:{i}] before" in out
+    assert "magics.py" not in out  # no local frames, only the remote tracebacks
+    with pytest.raises(CompositeError):
+        ip.run_cell_magic("px", "--targets 1", "raise ValueError('bad')")
+    assert mec.execute("1+1")  # engines still fine
+
+
+def test_rich_outputs_are_labelled(ip):
+    cap, res = run(ip, "%%px --targets 0,2\nfrom IPython.display import display, HTML, Latex\n"
+                       "display(HTML('<b>hi</b>'))\ndisplay(Latex('$x$'))")
+    html = [o for o in cap.outputs if "text/html" in o.data]
+    assert sorted(o.metadata["engine"] for o in html) == [0, 2]
+    for o in html:
+        assert "<b>hi</b>" in o.data["text/html"] and f"[output:{o.metadata['engine']}]" in o.data["text/html"]
+        assert o.metadata["text/html"]["engine"] == o.metadata["engine"]
+    latex = [o for o in cap.outputs if "text/latex" in o.data]
+    assert sorted(o.metadata["text/latex"]["engine"] for o in latex) == [0, 2]
+
+
+def test_progress_after(ip):
+    cap, res = run(ip, "%%px --progress-after 0.2\nimport time; time.sleep(0.8)")
+    lines = cap.stderr.splitlines()
+    assert lines[0].startswith("[progress] 0/4 engines done after")
+    assert lines[-1].startswith("[progress] 4/4 engines done after")
+    cap, res = run(ip, "%%px --progress-after 30\nx = 1")
+    assert "[progress]" not in cap.stderr
+
+
+def test_timeout_then_result(ip):
+    cap, res = run(ip, "%%px --timeout 0.2\nimport time; print('early', flush=True); time.sleep(1); print('late')")
+    assert isinstance(res.error_in_exec, TimeoutError)
+    assert "not done after 0.2 s" in cap.stdout
+    cap, res = run(ip, "%result --timeout 10")
+    assert [r["stdout"] for r in res.result] == ["early\nlate\n"] * 4
+
+
+def test_local_runs_here_too(ip):
+    cap, res = run(ip, "%%px --local\nboth = 21 * 2")
+    assert ip.user_ns["both"] == 42
+    cap, res = run(ip, "%px --local both2 = 3")
+    assert ip.user_ns["both2"] == 3
+    assert client_mod.get_active().pull("both") == [42] * 4
+
+
+def test_pxconfig_sets_defaults(ip):
+    cap, res = run(ip, "%pxconfig")
+    assert "stream: True" in cap.stdout and "targets: None" in cap.stdout
+    run(ip, "%pxconfig --targets ::2 --no-stream --collapse --timeout 30 --progress-after none")
+    cfg = magics_of(ip).pxconfig_
+    assert (cfg.targets, cfg.stream, cfg.collapse, cfg.timeout) == ([0, 2], False, True, 30.0)
+    cap, res = run(ip, "%%px\nprint('cfg')")
+    assert cap.stdout.splitlines() == ["[stdout:0,2] cfg"]
+    run(ip, "%pxconfig --no-line-results --noblock")
+    cap, res = run(ip, "%px print('p')")
+    assert isinstance(res.result, PendingResult)
+    res.result.get_result()
+    run(ip, "%pxconfig --reset")
+    assert magics_of(ip).pxconfig_.targets is None and magics_of(ip).pxconfig_.block is None
+    with pytest.raises(UsageError):
+        ip.run_line_magic("pxconfig", "--group-outputs nope")
+
+
+def test_line_form_options_and_code_verbatim(ip):
+    res = ip.run_line_magic("px", "--targets 0  s = 'a  --b   c'")
+    assert res[0]["input"]["raw"] == "s = 'a  --b   c'"
+    assert client_mod.get_active().pull("s", targets=0) == ["a  --b   c"]
+    with capture_output() as cap:
+        res = ip.run_line_magic("px", "--stream --targets 1 print('streamed')")
+    assert res is None and cap.stdout == "[stdout:1] streamed\n"
+    with pytest.raises(UsageError):
+        ip.run_line_magic("px", "--targets 0")
+
+
+def test_notebook_rendering_updates_areas_in_place(ip):
+    """With a kernel (forced here) each engine's stream is one display area updated in place."""
+    magics_of(ip)._notebook = True
+    with capture_output() as cap:
+        ip.run_cell_magic("px", "--targets 0,1", "import time\nfor i in range(3):\n"
+                          "    print(f'step {i}', flush=True); time.sleep(0.15)\n7")
+    areas = [o for o in cap.outputs if o.metadata.get("stream") == "stdout"]
+    # one area per engine, whatever the number of updates
+    finals = {}
+    for o in areas:
+        finals[o.metadata["engine"]] = o.data["text/plain"]
+    assert finals == {0: "[stdout:0] step 0\nstep 1\nstep 2", 1: "[stdout:1] step 0\nstep 1\nstep 2"}
+    results = [o for o in cap.outputs if o.data.get("text/plain", "").startswith("Out[")]
+    assert sorted(o.metadata["engine"] for o in results) == [0, 1]
+
+
+def test_ctrl_c_interrupts_engines_and_keeps_them_usable(ip, mec):
+    started = threading.Event()
+
+    class Watch(io.StringIO):
+        def write(self, s):
+            if "[stdout:" in s and "started" in s:
+                started.set()
+            return super().write(s)
+
+    def interrupter():
+        if started.wait(20):
+            _thread.interrupt_main()
+
+    old, sys.stdout = sys.stdout, Watch()
+    t = threading.Thread(target=interrupter)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ip.run_cell_magic("px", "", "import time\nprint('started', flush=True)\ntime.sleep(30)")
+        shown = sys.stdout.getvalue()
+    finally:
+        sys.stdout = old
+        t.join()
+    assert time.monotonic() - t0 < 15
+    assert "[stdout:0] started" in shown
+    res = mec.execute("print('alive')")
+    assert [r["stdout"] for r in res] == ["alive\n"] * 4
+
+
+def test_no_client_says_how_to_start_one(ip, mec):
+    client_mod._active = None
+    try:
+        with pytest.raises(UsageError, match="ipmulti start"):
+            ip.run_line_magic("px", "x = 1")
+    finally:
+        mec.activate()
+
+
+def test_no_client_connects_to_running_default_cluster(ip, cluster, mec):
+    from ipy_multiengine.cluster import cluster_file_path
+
+    default = cluster_file_path("default")
+    shutil.copy(cluster.cluster_file, default)
+    client_mod._active = None
+    try:
+        with capture_output() as cap:
+            res = ip.run_line_magic("px", "via_default = 1")
+        assert "connected to the running default cluster" in cap.stderr
+        active = client_mod.get_active()
+        assert active is not None and active is not mec
+        assert active.cluster_file == str(default)
+        assert len(res) == 4 and mec.pull("via_default") == [1] * 4
+    finally:
+        default.unlink(missing_ok=True)
+        other = client_mod.get_active()
+        if other is not None and other is not mec:
+            other.close()
+        mec.activate()
+    json.loads(open(cluster.cluster_file).read())  # the session cluster is untouched
