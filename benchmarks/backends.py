@@ -26,6 +26,12 @@ class Unsupported(Exception):
     """The backend has no such operation (the row is skipped with this message)."""
 
 
+def _del_code(name: str) -> str:
+    """Code deleting ``name`` on an engine: a statement, so that IPython's output cache
+    (``Out``, ``_``) keeps no reference to the value, as ``globals().pop(name)`` would."""
+    return f"if {name!r} in globals(): del globals()[{name!r}]"
+
+
 def _split(seq: Any, n: int) -> list:
     """Contiguous, nearly equal parts (for peers without a scatter of their own)."""
     if isinstance(seq, np.ndarray):
@@ -156,7 +162,7 @@ class Ours(Backend):
         return r[0] if one else r
 
     def delete(self, name: str) -> None:
-        self.mec.execute(f"globals().pop({name!r}, None)")
+        self.mec.execute(_del_code(name))
 
     def scatter(self, name: str, seq: Any) -> None:
         self.mec.scatter(name, seq)
@@ -344,7 +350,7 @@ class Ipp(Backend):
         return self.dv.pull(name)
 
     def delete(self, name: str) -> None:
-        self.dv.execute(f"globals().pop({name!r}, None)")
+        self.dv.execute(_del_code(name))
 
     def scatter(self, name: str, seq: Any) -> None:
         self.dv.scatter(name, seq)

@@ -207,6 +207,7 @@ class Runner:
         ss = {k: Row(f"stop {n} engines", n, k) for k in names}
         self.rows += list(rs.values()) + list(ss.values())
         alive = list(names)
+        fails: dict[str, int] = {}
         for i in range(reps):
             k = i % len(alive) if alive else 0
             for name in alive[k:] + alive[:k]:
@@ -220,9 +221,11 @@ class Runner:
                     t2 = time.perf_counter()
                 except Exception as e:  # noqa: BLE001
                     log(f"  {name} start/stop failed:\n{traceback.format_exc()}")
-                    rs[name].note = ss[name].note = f"failed: {e!r}"[:120]
+                    fails[name] = fails.get(name, 0) + 1
+                    rs[name].note = f"{fails[name]} of {i + 1} starts FAILED, last: {e!r}"[:160]
                     self._safe_stop(b)
-                    alive.remove(name)
+                    if fails[name] >= 2:
+                        alive.remove(name)
                     continue
                 rs[name].times.append(t1 - t0)
                 ss[name].times.append(t2 - t1)
@@ -399,7 +402,7 @@ def meta() -> dict[str, Any]:
 def memory_table(mem: dict[str, Any]) -> str:
     """Render the memory results."""
     lines = [f"{'backend':8} {'client+':>9} {'client Δ400MB':>13} {'push peak+':>10} {'engine idle':>11} "
-             f"{'engine after':>12} {'engine peak':>11} {'other procs':>11}"]
+             f"{'engine w/ 100MB':>15} {'engine peak':>11} {'engine after del':>16} {'other procs':>11}"]
     for name, m in mem.items():
         if "error" in m:
             lines.append(f"{name:8} error: {m['error'].strip().splitlines()[-1] if m['error'].strip() else ''}")
@@ -411,7 +414,8 @@ def memory_table(mem: dict[str, Any]) -> str:
         lines.append(
             f"{name:8} {mb(m.get('client_overhead')):>9} {mb(m.get('client_growth')):>13} "
             f"{mb(m.get('client_push_peak_extra')):>10} {mb(m.get('engine_idle_rss')):>11} "
-            f"{mb(m.get('engine_after_rss')):>12} {mb(m.get('engine_peak')):>11} {mb(m.get('other_rss')):>11}"
+            f"{mb(m.get('engine_after_rss')):>15} {mb(m.get('engine_peak')):>11} "
+            f"{mb(m.get('engine_after_delete_rss')):>16} {mb(m.get('other_rss')):>11}"
         )
     return "\n".join(lines)
 

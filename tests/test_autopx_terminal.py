@@ -113,3 +113,59 @@ def test_ctrl_c_interrupts_running_px_cell(term, mec):
     out = send(term, "%px print('alive')")
     assert re.search(r"\[0\] Out\[\d+\]: alive", out)
     assert [r["stdout"] for r in mec.execute("print('ok')")] == ["ok\n"] * 4
+
+
+PT_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
+
+
+def test_full_prompt_toolkit_terminal(cluster, mec):
+    """The same in IPython's real prompt_toolkit terminal UI (not --simple-prompt)."""
+    home = tempfile.mkdtemp(prefix="ipme-ipythondir-")
+    env = dict(os.environ, IPYTHONDIR=home, TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
+    child = pexpect.spawn(
+        str(Path(sys.executable).with_name("ipython")),
+        ["--no-banner", "--colors=NoColor", "--no-autoindent", "--no-confirm-exit",
+         "--HistoryManager.hist_file=:memory:"],
+        env=env, encoding="utf-8", timeout=30, dimensions=(50, 200),
+    )
+    try:
+        def line(text: str, n: int) -> str:
+            child.send(text + "\r")
+            child.expect(rf"In \[{n}\]")
+            return PT_ANSI.sub("", child.before)
+
+        child.expect(r"In \[1\]")
+        line(f"from ipy_multiengine import client; mec = client.MultiEngineClient({cluster.cluster_file!r})", 2)
+        line("mec.activate(); mec.block = True", 3)
+        line("%load_ext ipy_multiengine", 4)
+        assert "Auto Parallel Enabled" in line("%autopx", 5)
+        child.send("for i in range(2):\r")
+        child.expect(r"\.\.\.:")
+        child.send("    print('loop', i)\r")
+        child.expect(r"\.\.\.:")
+        child.send("\r")
+        child.expect(r"In \[6\]")
+        out = PT_ANSI.sub("", child.before)
+        assert all(f"[stdout:{e}] loop 1" in out for e in range(4))
+        assert "Auto Parallel Disabled" in line("%autopx", 7)
+        child.send("%%px\r")
+        child.expect(r"\.\.\.:")
+        child.send("import time; print('started', flush=True); time.sleep(60)\r")
+        child.expect(r"\.\.\.:")
+        child.send("\r")
+        child.expect(r"\.\.\.:")
+        child.send("\r")  # a cell magic ends at an empty line after a blank one
+        child.expect(r"\[stdout:\d\] started")
+        child.sendintr()
+        child.expect(r"In \[\d+\]")
+        out = PT_ANSI.sub("", child.before)
+        assert "KeyboardInterrupt" in out and "interrupted engines" in out
+        child.send("%px print('alive')\r")
+        child.expect(r"\n\[3\] Out\[\d+\]: alive")
+    finally:
+        child.sendintr()
+        child.send("exit\r")
+        try:
+            child.expect(pexpect.EOF, timeout=15)
+        finally:
+            child.close(force=True)

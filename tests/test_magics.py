@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import io
 import json
+import re
 import shutil
 import sys
 import threading
@@ -151,6 +152,8 @@ def test_autopx_blocking_streams_and_keeps_local_magics(ip, mec):
         assert magics_of(ip).pxconfig_.stream is False
         cap, res = run(ip, "%result")
         assert isinstance(res.result, ResultList)
+        cap, res = run(ip, "%%px --targets 0\nprint('own options')")  # not wrapped a second time
+        assert cap.stdout == "[stdout:0] own options\n"
     finally:
         run(ip, "%autopx")
     assert not magics_of(ip).transformer.enabled
@@ -361,9 +364,10 @@ def test_ctrl_c_interrupts_engines_and_keeps_them_usable(ip, mec):
 
     class Watch(io.StringIO):
         def write(self, s):
-            if "[stdout:" in s and "started" in s:
-                started.set()
-            return super().write(s)
+            n = super().write(s)
+            if all(f"[stdout:{i}] started" in self.getvalue() for i in range(4)):
+                started.set()  # every engine is inside the cell
+            return n
 
     def interrupter():
         if started.wait(20):
@@ -375,13 +379,15 @@ def test_ctrl_c_interrupts_engines_and_keeps_them_usable(ip, mec):
     t0 = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
-            ip.run_cell_magic("px", "", "import time\nprint('started', flush=True)\ntime.sleep(30)")
+            ip.run_cell_magic("px", "", "import time\nprint('started', flush=True)\ntime.sleep(30)\nprint('never')")
         shown = sys.stdout.getvalue()
     finally:
         sys.stdout = old
         t.join()
     assert time.monotonic() - t0 < 15
-    assert "[stdout:0] started" in shown
+    # what was printed before the interrupt is shown (an engine interrupted before its
+    # print() may have printed nothing)
+    assert re.search(r"\[stdout:\d\] started", shown) and "never" not in shown
     res = mec.execute("print('alive')")
     assert [r["stdout"] for r in res] == ["alive\n"] * 4
 
@@ -416,3 +422,22 @@ def test_no_client_connects_to_running_default_cluster(ip, cluster, mec):
             other.close()
         mec.activate()
     json.loads(open(cluster.cluster_file).read())  # the session cluster is untouched
+
+
+def test_init_runs_now_and_is_recorded_for_restarts(ip, mec):
+    try:
+        cap, res = run(ip, "%%px --init\nINIT_VALUE = 5\nprint('set up')")
+        assert res.success, cap.stdout
+        assert cap.stdout.splitlines() == [f"[stdout:{i}] set up" for i in range(4)]
+        assert mec.on_start_code[-1] == "INIT_VALUE = 5\nprint('set up')"
+        assert mec.pull("INIT_VALUE") == [5] * 4
+        cap, res = run(ip, "%px --init INIT_OTHER = 1")
+        assert isinstance(res.result, ResultList) and mec.on_start_code[-1] == "INIT_OTHER = 1"
+        with pytest.raises(UsageError, match="no --targets"):
+            ip.run_cell_magic("px", "--init --targets 0", "x = 1")
+        n = len(mec.on_start_code)
+        with pytest.raises(CompositeError):
+            ip.run_cell_magic("px", "--init", "1/0")
+        assert len(mec.on_start_code) == n  # failing setup code is not recorded
+    finally:
+        mec.clear_on_start()

@@ -23,7 +23,9 @@ JSON line on stdout (prefixed by ``IPY_MULTIENGINE_READY ``) and this process ex
 
 ``--signal SIG --pid PID --connection-file F`` sends a signal to an engine started that way
 (after checking that PID really is the engine of F), ``--stop`` terminates it, waits, kills
-it if needed and removes its files; both are used by the ssh launcher.
+it if needed and removes its files; both are used by the ssh launcher. With ``--stdin``
+instead of ``--pid``/``--connection-file`` they act on every ``[pid, file]`` pair of a JSON
+list read from standard input (one ssh per host for all its engines).
 
 This module must stay cheap to import: nothing heavy at module level.
 """
@@ -168,10 +170,16 @@ def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], t
     import subprocess
     import uuid
 
-    directory = _private_dir()
-    path = os.path.join(directory, f"engine-{engine_id}-{uuid.uuid4().hex[:12]}.json")
     info = {k: v for k, v in info.items() if k != READY_KEY}
-    write_json_atomic(path, info)
+    for attempt in range(3):  # a concurrent --stop may remove the emptied directory
+        directory = _private_dir()
+        path = os.path.join(directory, f"engine-{engine_id}-{uuid.uuid4().hex[:12]}.json")
+        try:
+            write_json_atomic(path, info)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     log_path = path[: -len(".json")] + ".log"
     log = open(log_path, "ab")
     cmd = [
@@ -246,24 +254,35 @@ def signal_engine(pid: int, connection_file: str, signame: str) -> int:
     return 0
 
 
-def stop_engine(pid: int, connection_file: str, timeout: float) -> int:
-    """SIGTERM, wait up to ``timeout``, SIGKILL; remove the engine's files."""
-    if _pid_runs_engine(pid, connection_file):
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
+    """SIGTERM every engine (pid, connection file), wait up to ``timeout``, SIGKILL those left;
+    remove their files."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        running = [(pid, f) for pid, f in engines if _pid_runs_engine(pid, f)]
+        for pid, _ in running:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _pid_runs_engine(pid, connection_file):
-                time.sleep(0.05)
-            if not _pid_runs_engine(pid, connection_file):
-                break
-    for p in (connection_file, connection_file[: -len(".json")] + ".log"):
-        try:
-            os.unlink(p)
-        except OSError:
-            pass
+                pass
+        deadline = time.monotonic() + wait
+        while running and time.monotonic() < deadline:
+            time.sleep(0.05)
+            running = [(pid, f) for pid, f in running if _pid_runs_engine(pid, f)]
+        if not running:
+            break
+    for _, connection_file in engines:
+        for p in (connection_file, connection_file[: -len(".json")] + ".log"):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        directory = os.path.dirname(connection_file)
+        if directory == os.path.dirname(os.path.abspath(connection_file)) and \
+                directory.endswith(os.path.join("ipy_multiengine", "engines")):
+            try:  # our private directory goes when its last engine does
+                os.rmdir(directory)
+            except OSError:
+                pass
     return 0
 
 
@@ -291,11 +310,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.signame or args.stop:
-        if args.pid is None or not args.connection_file:
-            parser.error("--signal/--stop need --pid and --connection-file")
+        if args.stdin:  # several engines: JSON [[pid, connection_file], ...] on stdin
+            engines = [(int(pid), str(f)) for pid, f in json.loads(sys.stdin.read())]
+        elif args.pid is not None and args.connection_file:
+            engines = [(args.pid, args.connection_file)]
+        else:
+            parser.error("--signal/--stop need --pid and --connection-file, or --stdin")
         if args.stop:
-            return stop_engine(args.pid, args.connection_file, args.timeout)
-        return signal_engine(args.pid, args.connection_file, args.signame.upper())
+            return stop_engines(engines, args.timeout)
+        codes = [signal_engine(pid, f, args.signame.upper()) for pid, f in engines]
+        return max(codes, default=0)
 
     engine_id = args.engine_id
     if engine_id is None:

@@ -32,7 +32,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from . import client as _client_mod
 from . import stdin
-from .errors import CompositeError, NoClusterError
+from .errors import CompositeError, MultiEngineError, NoClusterError
 from .errors import TimeoutError as MultiEngineTimeout
 
 #: Seconds between in-place updates of a notebook display area (output is coalesced).
@@ -42,6 +42,8 @@ UPDATE_INTERVAL = 0.1
 AREA_LIMIT = 16384
 #: Seconds to wait for interrupted engines to stop before giving control back.
 INTERRUPT_GRACE = 5.0
+#: Seconds between repeated interrupts of engines that have not stopped yet.
+INTERRUPT_REPEAT = 1.0
 
 _DONE = object()
 
@@ -499,8 +501,9 @@ class AutoPxTransformer:
     """
 
     has_side_effects = True
-    #: Inputs starting with these stay local while ``%autopx`` is on.
-    local_magics = ("%autopx", "%pxconfig", "%result", "%pxresult")
+    #: Inputs starting with these stay local while ``%autopx`` is on (``%px``/``%%px`` go to
+    #: the engines anyway, with their own options).
+    local_magics = ("%autopx", "%pxconfig", "%result", "%pxresult", "%px", "%%px")
 
     def __init__(self) -> None:
         self.enabled = False
@@ -602,6 +605,9 @@ class ParallelMagics(Magics):
               help="store the ResultList (or PendingResult) in the user namespace as NAME")
     @argument("--local", dest="local", action="store_true", default=False,
               help="also run the code in the local namespace")
+    @argument("--init", dest="init", action="store_true", default=False,
+              help="setup code: run it on every engine now and again on every engine restarted later "
+                   "(mec.on_start)")
     @line_cell_magic
     def px(self, line: str, cell: str | None = None) -> Any:
         """Run code on the engines: ``%px CODE`` (one line) or a ``%%px`` cell.
@@ -636,6 +642,9 @@ class ParallelMagics(Magics):
             stream = cfg.stream if args.stream is None else args.stream
             mode = "stream" if stream else "collect"
 
+        if args.init:
+            return self._run_init(mec, code, args, mode, group, collapse, timeout)
+
         events: queue.Queue = queue.Queue()
         closed = threading.Event()
 
@@ -647,6 +656,8 @@ class ParallelMagics(Magics):
             pr = mec.execute(code, targets=targets, block=False, listener=listener if block else None)
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
+        except MultiEngineError as exc:  # e.g. a dead target: the message says it all
+            raise _short(exc) from None
         self.last = pr
         if args.local:
             self._run_local(code)
@@ -672,6 +683,7 @@ class ParallelMagics(Magics):
         if progress.shown is not None and progress.shown != len(pr.futures):
             progress.tick(pr.eids, pr.futures, final=True)
         if timed_out:
+            renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             renderer.finish()
             left = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
             raise _short(MultiEngineTimeout(
@@ -686,6 +698,39 @@ class ParallelMagics(Magics):
             if collapse:
                 err.collapse = True
             raise err from None
+        if args.out:
+            self.shell.user_ns[args.out] = result
+        return result if mode == "results" else None
+
+    def _run_init(self, mec: Any, code: str, args: Any, mode: str, group: str, collapse: bool,
+                  timeout: float | None) -> Any:
+        """``--init``: ``mec.on_start(code)``, then show its outputs like ``--no-stream``."""
+        if args.targets is not None:
+            raise UsageError("--init runs on every engine (and on every engine restarted later): "
+                             "it takes no --targets")
+        if not args.block and args.block is not None:
+            raise UsageError("--init always blocks: setup code must have run before anything else")
+        on_start = getattr(mec, "on_start", None)
+        if on_start is None:
+            raise UsageError("this client has no on_start(); --init needs a newer ipy_multiengine")
+        try:
+            result = on_start(code, timeout=timeout)
+        except CompositeError as err:
+            if args.out:
+                self.shell.user_ns[args.out] = err
+            if collapse:
+                err.collapse = True
+            raise err from None
+        self.last = mec.last
+        renderer = Renderer([r["id"] for r in result], "results" if mode == "results" else "collect",
+                            self.notebook, group, collapse)
+        for r in result:
+            for name in ("stdout", "stderr"):
+                if r.get(name):
+                    renderer.handle(r["id"], "stream", {"name": name, "text": r[name]})
+            for out in r.get("outputs") or []:
+                renderer.handle(r["id"], out.get("output_type", ""), out)
+        renderer.finish()
         if args.out:
             self.shell.user_ns[args.out] = result
         return result if mode == "results" else None
@@ -718,12 +763,26 @@ class ParallelMagics(Magics):
                      progress: _Progress) -> None:
         """Ctrl-C / notebook interrupt: interrupt the engines still running, show their output."""
         running = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
-        if running:
-            mec.interrupt(running)
+        end = time.monotonic() + INTERRUPT_GRACE
         try:
-            self._pump(pr, events, renderer, progress, time.monotonic() + INTERRUPT_GRACE)
+            # An engine that has not started running the code yet ignores an interrupt (a kernel
+            # only listens for SIGINT while it executes): repeat it for engines still busy with it.
+            while True:
+                still = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
+                if still:
+                    try:
+                        mec.interrupt(still)
+                    except Exception as exc:  # e.g. an engine died meanwhile: keep collecting
+                        print(f"%px: could not interrupt engines {engine_range(still)}: {exc}",
+                              file=sys.stderr)
+                if self._pump(pr, events, renderer, progress, min(end, time.monotonic() + INTERRUPT_REPEAT)):
+                    break
+                if time.monotonic() >= end:
+                    break
         except KeyboardInterrupt:
             pass  # a second Ctrl-C: stop waiting at once
+        if renderer.mode == "results":
+            renderer.mode = "collect"  # there will be no Results List: show everything printed
         renderer.finish()
         still = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
         msg = f"%px: interrupted engine{'s' if len(running) != 1 else ''} {engine_range(running) or '-'}"

@@ -30,9 +30,7 @@ class LocalLauncher(Launcher):
 
     def __init__(self, n: int | None = None, *, work_dir: str | None = None,
                  kernel_args: Iterable[str] | None = None, **kw: Any):
-        super().__init__(n, **kw)
-        if n is None:
-            raise ValueError("the local launcher needs n >= 1 engines")
+        super().__init__(4 if n is None else n, **kw)  # 4 engines by default, like local
         self.kernel_name = self.kernel_name or "python3"
         self.work_dir_base = work_dir
         self.work_dir: str | None = None

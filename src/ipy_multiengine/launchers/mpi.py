@@ -77,9 +77,7 @@ class MPILauncher(Launcher):
         startup_timeout: float | None = 60.0,
         **kw,
     ):
-        super().__init__(n, startup_timeout=startup_timeout, **kw)
-        if n is None:
-            raise ValueError("the mpi launcher needs n >= 1 engines")
+        super().__init__(4 if n is None else n, startup_timeout=startup_timeout, **kw)  # 4 engines by default, like local
         self.python = python or sys.executable
         self.mpiexec = mpiexec or "mpiexec"
         self.mpiexec_args = list(mpiexec_args)

@@ -86,9 +86,7 @@ class SlurmLauncher(Launcher):
         kernel_args: Iterable[str] = (),
         **kw: Any,
     ):
-        super().__init__(n, **kw)
-        if n is None:
-            raise ValueError("the slurm launcher needs n >= 1 engines")
+        super().__init__(4 if n is None else n, **kw)  # 4 engines by default, like local
         self.partition, self.time, self.account = partition, time, account
         self.sbatch_lines = list(sbatch_lines)
         self.srun_args = list(srun_args)

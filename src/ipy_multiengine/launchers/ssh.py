@@ -247,46 +247,47 @@ class SSHLauncher(Launcher):
 
         return probe
 
-    async def _remote_helper(self, eid: int, *args: str, timeout: float = 30.0) -> tuple[int, str]:
-        report = self.remote[eid]
-        if not report:
-            return 0, ""
-        host = self.placement[eid]
-        cmd = self.ssh_command(host) + [
-            self.remote_command(
-                host, *args, "--pid", str(report["pid"]), "--connection-file", report["connection_file"]
-            )
-        ]
-        try:
-            async with self._gate(host):
-                rc, out, err = await run_command(cmd, timeout=timeout, check=False)
-        except asyncio.TimeoutError:
-            return -1, f"ssh to {host} timed out"
-        return rc, (err or out).strip()
+    async def _remote_helper(self, eids: Iterable[int], *args: str,
+                             timeout: float = 30.0) -> dict[str, tuple[int, str]]:
+        """Run ``engine_main ARGS --stdin`` once per host for its engines among ``eids``, the
+        [pid, connection file] pairs on stdin; returns host -> (exit code, message)."""
+        by_host: dict[str, list] = {}
+        for eid in eids:
+            report = self.remote[eid] if eid < len(self.remote) else None
+            if report:
+                by_host.setdefault(self.placement[eid], []).append([report["pid"], report["connection_file"]])
+
+        async def one(host: str, pairs: list) -> tuple[int, str]:
+            cmd = self.ssh_command(host) + [self.remote_command(host, *args, "--stdin")]
+            try:
+                async with self._gate(host):
+                    rc, out, err = await run_command(cmd, input=json.dumps(pairs).encode(),
+                                                     timeout=timeout, check=False)
+            except asyncio.TimeoutError:
+                return -1, f"ssh to {host} timed out"
+            return rc, (err or out).strip()
+
+        hosts = list(by_host)
+        results = await asyncio.gather(*(one(h, by_host[h]) for h in hosts))
+        return dict(zip(hosts, results))
 
     async def interrupt(self, ids: Iterable[int] | None = None) -> None:
-        """SIGINT to each engine, sent over ssh."""
+        """SIGINT to each engine, sent over ssh (one connection per host)."""
         targets = range(self.n) if ids is None else list(ids)
-        results = await asyncio.gather(*(self._remote_helper(i, "--signal", "INT") for i in targets))
-        failed = [f"engine {i}: {msg}" for i, (rc, msg) in zip(targets, results) if rc not in (0, 3)]
+        results = await self._remote_helper(targets, "--signal", "INT")
+        failed = [f"{host}: {msg}" for host, (rc, msg) in results.items() if rc not in (0, 3)]
         if failed:
             raise LauncherError("ssh launcher: interrupt failed: " + "; ".join(failed))
 
     async def poll(self) -> list[bool]:
         async def alive(eid: int) -> bool:
-            if not self.remote[eid]:
-                return False
-            rc, _ = await self._remote_helper(eid, "--signal", "0")
-            return rc == 0
+            results = await self._remote_helper([eid], "--signal", "0")
+            return bool(results) and all(rc == 0 for rc, _ in results.values())
 
         return list(await asyncio.gather(*(alive(i) for i in range(self.n))))
 
     async def stop(self, timeout: float = 5.0) -> None:
-        await asyncio.gather(
-            *(self._remote_helper(i, "--stop", "--timeout", str(timeout), timeout=timeout + 30)
-              for i in range(self.n)),
-            return_exceptions=True,
-        )
+        await self._remote_helper(range(self.n), "--stop", "--timeout", str(timeout), timeout=timeout + 30)
         self.remote = [None] * self.n
         for i, proc in enumerate(self.forwarders):
             if proc is not None and proc.returncode is None:
@@ -299,16 +300,16 @@ class SSHLauncher(Launcher):
             self.forwarders[i] = None
 
     def kill_now(self) -> None:
+        by_host: dict[str, list] = {}
         for eid, report in enumerate(self.remote):
             if report:
-                host = self.placement[eid]
-                cmd = self.ssh_command(host) + [self.remote_command(
-                    host, "--stop", "--timeout", "1", "--pid", str(report["pid"]),
-                    "--connection-file", report["connection_file"])]
-                try:
-                    subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
-                except (OSError, subprocess.SubprocessError):
-                    pass
+                by_host.setdefault(self.placement[eid], []).append([report["pid"], report["connection_file"]])
+        for host, pairs in by_host.items():
+            cmd = self.ssh_command(host) + [self.remote_command(host, "--stop", "--timeout", "1", "--stdin")]
+            try:
+                subprocess.run(cmd, input=json.dumps(pairs).encode(), capture_output=True, timeout=20)
+            except (OSError, subprocess.SubprocessError):
+                pass
         self.remote = [None] * self.n
         for proc in self.forwarders:
             if proc is not None and proc.returncode is None:
