@@ -207,34 +207,39 @@ async def run_command(
     return rc, out_s, err_s
 
 
+async def _control_request(info: dict, msg_type: str, content: dict, timeout: float) -> dict | None:
+    """Send one request on an engine's control channel; its reply content, or None if none came."""
+    import zmq
+    import zmq.asyncio
+    from jupyter_client.session import Session
+
+    session = Session(
+        key=info["key"].encode() if isinstance(info["key"], str) else info["key"],
+        signature_scheme=info.get("signature_scheme", "hmac-sha256"),
+    )
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(f"{info.get('transport', 'tcp')}://{info['ip']}:{info['control_port']}")
+        session.send(sock, session.msg(msg_type, content))
+        if not await sock.poll(timeout * 1000):
+            return None
+        _, parts = session.feed_identities(await sock.recv_multipart())
+        return session.deserialize(parts)["content"]
+    except (zmq.ZMQError, KeyError, OSError, ValueError):
+        return None
+    finally:
+        sock.close()
+
+
 async def interrupt_via_control(info: dict, timeout: float = 5.0) -> bool:
     """Send ``interrupt_request`` on an engine's control channel; True when it replied ok.
 
     Works for any kernel, wherever it runs, as long as its control port is reachable (the
     kernel interrupts itself with SIGINT). Used for engines we cannot signal directly.
     """
-    import zmq
-    import zmq.asyncio
-    from jupyter_client.session import Session
-
-    ctx = zmq.asyncio.Context.instance()
-    session = Session(
-        key=info["key"].encode() if isinstance(info["key"], str) else info["key"],
-        signature_scheme=info.get("signature_scheme", "hmac-sha256"),
-    )
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    try:
-        sock.connect(f"{info.get('transport', 'tcp')}://{info['ip']}:{info['control_port']}")
-        msg = session.msg("interrupt_request", {})
-        session.send(sock, msg)
-        if await sock.poll(timeout * 1000):
-            _, parts = session.feed_identities(await sock.recv_multipart())
-            reply = session.deserialize(parts)
-            return reply["content"].get("status") == "ok"
-        return False
-    finally:
-        sock.close()
+    reply = await _control_request(info, "interrupt_request", {}, timeout)
+    return reply is not None and reply.get("status") == "ok"
 
 
 async def shutdown_via_control(info: dict, timeout: float = 5.0) -> bool:
@@ -243,25 +248,7 @@ async def shutdown_via_control(info: dict, timeout: float = 5.0) -> bool:
     A kernel that shuts down this way exits normally (atexit handlers run: MPI_Finalize,
     which removes MPI's shared-memory segments that a killed rank would leave behind).
     """
-    import zmq
-    import zmq.asyncio
-    from jupyter_client.session import Session
-
-    ctx = zmq.asyncio.Context.instance()
-    session = Session(
-        key=info["key"].encode() if isinstance(info["key"], str) else info["key"],
-        signature_scheme=info.get("signature_scheme", "hmac-sha256"),
-    )
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    try:
-        sock.connect(f"{info.get('transport', 'tcp')}://{info['ip']}:{info['control_port']}")
-        session.send(sock, session.msg("shutdown_request", {"restart": False}))
-        return bool(await sock.poll(timeout * 1000))
-    except (zmq.ZMQError, KeyError, OSError):
-        return False
-    finally:
-        sock.close()
+    return await _control_request(info, "shutdown_request", {"restart": False}, timeout) is not None
 
 
 class Launcher:

@@ -23,7 +23,6 @@ from typing import Any
 from .base import (
     EngineStartTimeout,
     Launcher,
-    LauncherError,
     engine_environment,
     engine_file,
     interrupt_via_control,
