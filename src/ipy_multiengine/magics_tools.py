@@ -96,9 +96,9 @@ def pxdebug(line: str) -> None:
     mec = _client()
     if eid not in mec.get_ids():
         raise ValueError(f"unknown engine id {eid}; valid ids: {mec.get_ids()}")
-    conn = mec._controller.engine(eid)
-    if conn.language != "python":
-        raise ValueError(f"engine {eid} runs {conn.language or 'an unknown language'}: "
+    language = next(e["language"] for e in mec.engines if e["id"] == eid)
+    if language != "python":
+        raise ValueError(f"engine {eid} runs {language or 'an unknown language'}: "
                          "%pxdebug needs a Python engine")
     pr = mec.execute("%debug", targets=eid, block=False, listener=_live_printer(eid))
     try:
