@@ -383,7 +383,7 @@ class Dask(Backend):
         try:
             self.cluster = LocalCluster(
                 n_workers=n, threads_per_worker=1, processes=True,
-                dashboard_address=None, silence_logs=logging.ERROR,
+                dashboard_address=":0", silence_logs=logging.ERROR,
             )
             self.client = Client(self.cluster)
             self.client.wait_for_workers(n)
