@@ -127,6 +127,7 @@ class Ours(Backend):
         self.cm = Cluster(n=n, profile=f"bench-{os.getpid()}")
         self.mec = self.cm.__enter__()
         self.mec.block = True
+        self.mec.progress_after = None  # no tqdm bars in the middle of timings
         self.mec.execute("pass")
 
     def stop(self) -> None:
