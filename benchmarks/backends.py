@@ -127,6 +127,7 @@ class Ours(Backend):
         self.cm = Cluster(n=n, profile=f"bench-{os.getpid()}")
         self.mec = self.cm.__enter__()
         self.mec.block = True
+        self.mec.progress_after = None  # no tqdm bars in the middle of timings
         self.mec.execute("pass")
 
     def stop(self) -> None:
@@ -383,7 +384,7 @@ class Dask(Backend):
         try:
             self.cluster = LocalCluster(
                 n_workers=n, threads_per_worker=1, processes=True,
-                dashboard_address=None, silence_logs=logging.ERROR,
+                dashboard_address=":0", silence_logs=logging.ERROR,
             )
             self.client = Client(self.cluster)
             self.client.wait_for_workers(n)

@@ -330,16 +330,20 @@ class Runner:
                     log(f"  scale {name} n={n} failed:\n{traceback.format_exc()}")
                     self._safe_stop(b)
             log(f"  scale n={n} start: " + ", ".join(f"{k} {fmt_time(r.median)}" for k, r in starts.items()))
-            reps = 20 if n <= 8 else 10
+            reps = 15 if n <= 8 else 7
             for key, op in (("scale execute('pass')", lambda b: b.execute_pass()),
                             ("scale push 1MB all", lambda b: b.push("a", arr, False))):
-                rows = {k: Row(key, n, k, nbytes=arr.nbytes * n) for k in self.running}
+                rows = {k: Row(key, n, k, nbytes=arr.nbytes * n if "push" in key else 0) for k in self.running}
                 self.rows += list(rows.values())
-                live = list(self.running)
-                for k in live:
-                    op(self.running[k])  # warm-up
+                live = []
+                for k in list(self.running):
+                    try:
+                        op(self.running[k])  # warm-up
+                        live.append(k)
+                    except B.Unsupported as e:
+                        rows[k].note = str(e)
                 for i in range(reps):
-                    j = i % len(live)
+                    j = i % len(live) if live else 0
                     for k in live[j:] + live[:j]:
                         t0 = time.perf_counter()
                         op(self.running[k])
@@ -463,14 +467,21 @@ def main(argv: list[str] | None = None) -> int:
                 runner.stop_all()
         if scale_counts and not args.only:
             log("[scaling]")
-            runner.run_scaling(scale_counts, tuple(x for x in ("ours", "raw-jc", "ipp") if x in names),
-                               ipp_max=args.scale_ipp_max)
+            try:
+                runner.run_scaling(scale_counts, tuple(x for x in ("ours", "raw-jc", "ipp") if x in names),
+                                   ipp_max=args.scale_ipp_max)
+            except Exception:  # noqa: BLE001 - keep what was measured
+                log(f"scaling failed:\n{traceback.format_exc()}")
+            finally:
+                runner.stop_all()
         if not args.no_memory and not args.only:
             log("[memory]")
             mem_names = ("ours", "raw-jc") if args.quick else ("ours", "raw-jc", "ipp", "dask")
             mem = run_memory(tuple(x for x in mem_names if x in names), 4)
     except KeyboardInterrupt:
         log("interrupted: stopping everything")
+    except Exception:  # noqa: BLE001 - report what was measured before the failure
+        log(f"run failed:\n{traceback.format_exc()}")
     finally:
         runner.stop_all()
     elapsed = time.perf_counter() - t_all
