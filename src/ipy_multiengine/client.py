@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import _loop, partition, serialize, stdin
 from .controller import HEARTBEAT_PERIOD, CommReply, Controller, Listener
@@ -27,6 +27,9 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
     TimeoutError,
 )
 from .results import PendingResult, ResultList
+
+if TYPE_CHECKING:
+    from .balanced import BalancedMap
 
 __all__ = ["MultiEngineClient", "PendingResult", "ResultList", "CompositeError", "RemoteError",
            "EngineError", "TimeoutError", "get_active", "Targets"]
@@ -396,14 +399,28 @@ class MultiEngineClient:
 
     # ------------------------------------------------------------------ parallel map
     def map(self, f: Callable, *seqs: Iterable, targets: Any = None, block: bool | None = None,
-            timeout: float | None = None) -> Any:
-        """A parallel ``map(f, *seqs)``: items are split in contiguous blocks over the targets."""
+            timeout: float | None = None, balanced: bool = False, chunksize: int = 1,
+            ordered: bool = True, retries: int = 1) -> Any:
+        """A parallel ``map(f, *seqs)``.
+
+        By default items are split in contiguous blocks, one per target (the tutorial's map).
+        ``balanced=True`` sends chunks of ``chunksize`` items to whichever engine is free first,
+        re-sending a dead engine's chunks to others ``retries`` times; ``ordered=False`` returns
+        results in completion order.
+        """
         if not callable(f):
             raise TypeError(f"map needs a callable, not {type(f).__name__}")
         if not seqs:
             raise TypeError("map() needs at least one sequence")
         eids, block = self._prepare(targets, block)
         items = list(zip(*seqs))
+        if balanced:
+            bm = self._balanced(f, items, eids, chunksize, ordered, retries)
+            pr = PendingResult([bm.future], eids[:1], "map", lambda rs: rs[0],
+                               on_interrupt=lambda _running: self._stop_balanced(bm),
+                               progress=self._show_progress)
+            self._last = pr
+            return self._deliver(pr, block, timeout)
         if not items:
             done: cf.Future = cf.Future()
             done.set_result([])
@@ -419,6 +436,29 @@ class MultiEngineClient:
             futures += self._comm("map", [eid], [fr], {"offset": off})
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
         return self._deliver(self._pending(futures, eids, "map", finish, progress=True), block, timeout)
+
+    def imap(self, f: Callable, *seqs: Iterable, targets: Any = None, chunksize: int = 1,
+             ordered: bool = True, retries: int = 1) -> Iterator[Any]:
+        """A load-balanced map whose results are yielded as they arrive (``ordered=False``:
+        in completion order). Everything is submitted at once; Ctrl-C stops it."""
+        if not callable(f):
+            raise TypeError(f"imap needs a callable, not {type(f).__name__}")
+        if not seqs:
+            raise TypeError("imap() needs at least one sequence")
+        eids, _ = self._prepare(targets, None)
+        return self._balanced(f, list(zip(*seqs)), eids, chunksize, ordered, retries).iterate()
+
+    def _balanced(self, f: Callable, items: list, eids: list[int], chunksize: int, ordered: bool,
+                  retries: int) -> "BalancedMap":
+        from .balanced import BalancedMap
+
+        usable = [e for e in eids if self._controller.engine(e).data_ok] or eids
+        return BalancedMap(self._controller, usable, f, items, chunksize=chunksize, ordered=ordered,
+                           retries=retries).start()
+
+    def _stop_balanced(self, bm: "BalancedMap") -> None:
+        bm.cancel()
+        self._controller.interrupt([e for e in bm.eids if not self._controller.dead(e)])
 
     def mapper(self, dist: str = "b", targets: Any = None, block: bool | None = None) -> "Mapper":
         """A mapper with fixed options: ``mec.mapper(targets=[0, 1]).map(f, seq)``."""

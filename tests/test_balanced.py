@@ -1,0 +1,107 @@
+"""Load-balanced map and imap on real engines: order, completion order, errors, dead engines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from ipy_multiengine import Cluster
+from ipy_multiengine.errors import CompositeError
+from ipy_multiengine.results import PendingResult
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_balanced_map_keeps_input_order(mec):
+    assert mec.map(lambda x: x * x, range(200), balanced=True) == [x * x for x in range(200)]
+    assert mec.map(lambda a, b: a - b, range(50), range(0, 100, 2), balanced=True, chunksize=7) == [
+        -x for x in range(50)]
+    assert mec.map(abs, [], balanced=True) == []
+    pr = mec.map(lambda x: x + 1, range(10), balanced=True, block=False)
+    assert isinstance(pr, PendingResult) and pr.get_result(timeout=30) == list(range(1, 11))
+
+
+def test_balanced_map_spreads_work_to_free_engines(mec):
+    # item 0 is slow: with blocks, engine 0 would also own items 1..24; balanced, others take them
+    def work(x):
+        import os
+        import time
+
+        time.sleep(1.5 if x == 0 else 0.01)
+        return os.getpid()
+
+    t0 = time.monotonic()
+    pids = mec.map(work, range(100), balanced=True)
+    elapsed = time.monotonic() - t0
+    slow_pid = pids[0]
+    assert pids.count(slow_pid) < 10, "the engine busy with the slow item kept receiving items"
+    assert len(set(pids)) >= 3
+    assert elapsed < 10
+
+
+def test_unordered_map_and_imap_yield_in_completion_order(mec):
+    def nap(x):
+        import time
+
+        time.sleep(0.4 if x == 0 else 0.0)
+        return x
+
+    # (each engine holds two chunks, so item 1 waits behind the slow item 0 on its engine)
+    out = mec.map(nap, range(8), balanced=True, ordered=False)
+    assert sorted(out) == list(range(8)) and 0 in out[-2:]
+    got = list(mec.imap(nap, range(8), ordered=False))
+    assert sorted(got) == list(range(8)) and 0 in got[-2:]
+    assert list(mec.imap(nap, range(8))) == list(range(8))
+
+
+def test_imap_yields_before_everything_is_done(mec):
+    def slow(x):
+        import time
+
+        time.sleep(0.5 * x)
+        return x
+
+    it = mec.imap(slow, range(4), targets=[0, 1, 2, 3])
+    t0 = time.monotonic()
+    assert next(it) == 0
+    first = time.monotonic() - t0
+    assert first < 1.0, f"the first result took {first:.2f} s: imap waited for the slow items"
+    assert list(it) == [1, 2, 3]
+
+
+def test_balanced_error_names_the_item(mec):
+    with pytest.raises(CompositeError) as info:
+        mec.map(lambda x: 1 / (x - 37), range(60), balanced=True)
+    assert "ZeroDivisionError" in str(info.value) and "(on item 37)" in str(info.value)
+    with pytest.raises(CompositeError, match="on item 3"):
+        list(mec.imap(lambda x: [0, 1, 2][x], range(4), chunksize=1))
+    with pytest.raises(ValueError, match="chunksize"):
+        mec.map(abs, [1], balanced=True, chunksize=0)
+    assert mec.map(abs, [-1], balanced=True) == [1]  # still usable
+
+
+def test_dead_engine_items_are_resent_once():
+    with Cluster(n=3, profile="balanced-dead") as mec:
+        victim = mec.engines[1]["pid"]
+
+        def work(x, victim=victim):
+            import os
+            import signal
+            import time
+
+            if os.getpid() == victim and x >= 10:
+                os.kill(victim, signal.SIGKILL)
+            time.sleep(0.01)
+            return x * 3
+
+        assert mec.map(work, range(60), balanced=True) == [x * 3 for x in range(60)]
+        deadline = time.monotonic() + 10
+        while mec.engines[1]["state"] != "dead":  # the poller notices within 0.5 s
+            assert time.monotonic() < deadline, "engine 1 was never killed: nothing was re-sent"
+            time.sleep(0.05)
+        with pytest.raises(CompositeError, match="EngineError"):
+            mec.map(lambda x: os.kill(os.getpid(), signal.SIGKILL), range(6), targets=[0, 2],
+                    balanced=True, retries=0)
