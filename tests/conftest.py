@@ -21,9 +21,19 @@ from ipy_multiengine import Cluster  # noqa: E402
 
 
 def kernel_children() -> list[psutil.Process]:
-    """Kernel processes started (directly or not) by this test process."""
+    """Kernel and cluster processes started by this test session: our descendants, and detached
+    ones (daemons and their engines, reparented away from us) found by the session's private
+    JUPYTER_RUNTIME_DIR in their environment."""
+    me = psutil.Process()
+    candidates = {p.pid: p for p in me.children(recursive=True)}
+    for p in psutil.process_iter():
+        try:
+            if p.pid != me.pid and p.environ().get("JUPYTER_RUNTIME_DIR") == _RUNTIME:
+                candidates[p.pid] = p
+        except psutil.Error:
+            pass
     out = []
-    for p in psutil.Process().children(recursive=True):
+    for p in candidates.values():
         try:
             if any("ipykernel" in part or "ipy_multiengine" in part for part in p.cmdline()):
                 out.append(p)
