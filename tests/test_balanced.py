@@ -105,3 +105,21 @@ def test_dead_engine_items_are_resent_once():
         with pytest.raises(CompositeError, match="EngineError"):
             mec.map(lambda x: os.kill(os.getpid(), signal.SIGKILL), range(6), targets=[0, 2],
                     balanced=True, retries=0)
+
+
+def test_ctrl_c_stops_a_balanced_map_and_engines_stay_usable(mec):
+    import _thread
+    import threading
+
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    timer.start()
+    pr = None
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pr = mec.map(lambda x: __import__("time").sleep(0.2), range(200), balanced=True, block=False)
+            pr.get_result(timeout=60)
+    finally:
+        timer.cancel()
+    with pytest.raises(CompositeError, match="interrupted"):
+        pr.get_result(timeout=10)  # collectable afterwards, never hangs
+    assert mec.map(abs, [-1, -2], balanced=True) == [1, 2]

@@ -56,10 +56,11 @@ class BalancedMap:
         return self
 
     def cancel(self) -> None:
-        """Send nothing more (chunks in flight finish on their engines)."""
+        """Send nothing more (chunks in flight finish on their engines); the map fails."""
         with self._lock:
-            self._stopped = True
-            self._todo.clear()
+            if not self._stopped:
+                self._fail(EngineError("the load-balanced map was interrupted before it finished",
+                                       self.eids[0] if self.eids else None, "map"))
 
     # -- called with the lock held
     def _fill(self, eid: int) -> None:
