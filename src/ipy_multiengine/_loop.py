@@ -11,7 +11,7 @@ import concurrent.futures as cf
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 T = TypeVar("T")
 
@@ -71,24 +71,35 @@ def run(coro: Awaitable[T], timeout: float | None = None) -> T:
         raise
 
 
-def wait(futures: list[Future], timeout: float | None = None) -> bool:
-    """Wait until every future is done or ``timeout`` passes; True when all are done.
+def wait(
+    futures: Iterable[Future],
+    timeout: float | None = None,
+    first: bool = False,
+    tick: Callable[[], None] | None = None,
+    wake: Callable[[], Future] | None = None,
+) -> bool:
+    """Wait until every future (with ``first``: any) is done or ``timeout`` passes; True when done.
 
     Waits in slices of ``WAIT_SLICE`` seconds so that a pending KeyboardInterrupt is raised
-    promptly in the calling (main) thread, whatever woke it or not.
+    promptly in the calling (main) thread, whatever woke it or not. ``tick`` runs before each
+    slice and a future from ``wake`` ends a slice early (stdin forwarding uses both).
     """
+    futures = list(futures)
     deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
-    todo = [f for f in futures if not f.done()]
-    while todo:
+    while True:
+        if tick is not None:
+            tick()
+        todo = [f for f in futures if not f.done()]
+        if not todo or (first and len(todo) < len(futures)):
+            return True
         step = WAIT_SLICE
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             step = min(step, left)
-        cf.wait(todo, timeout=step)
-        todo = [f for f in todo if not f.done()]
-    return True
+        extra = [wake()] if wake is not None else []
+        cf.wait(todo + extra, timeout=step, return_when=cf.FIRST_COMPLETED)
 
 
 def call_soon(fn: Callable[..., Any], *args: Any) -> None:

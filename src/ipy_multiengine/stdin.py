@@ -141,21 +141,7 @@ def _serve(item: Any) -> None:
 
 def wait(futures: Iterable[cf.Future], timeout: float | None = None, first: bool = False) -> bool:
     """Wait until every future (with ``first``: any) is done or ``timeout`` passes, answering
-    engines' input requests meanwhile; True when done. Like ``_loop.wait`` it waits in slices
-    of ``WAIT_SLICE`` so that Ctrl-C reaches the main thread promptly."""
-    from ._loop import WAIT_SLICE
+    engines' input requests meanwhile; True when done (see ``_loop.wait``)."""
+    from ._loop import wait as loop_wait
 
-    futures = list(futures)
-    deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
-    while True:
-        serve_pending()
-        todo = [f for f in futures if not f.done()]
-        if not todo or (first and len(todo) < len(futures)):
-            return True
-        step = WAIT_SLICE
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            step = min(step, left)
-        cf.wait(todo + [_wake_future()], timeout=step, return_when=cf.FIRST_COMPLETED)
+    return loop_wait(futures, timeout, first=first, tick=serve_pending, wake=_wake_future)
