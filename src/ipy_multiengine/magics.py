@@ -693,14 +693,18 @@ class ParallelMagics(Magics):
         try:
             result = pr.get_result()
         except CompositeError as err:
-            if args.out:
-                self.shell.user_ns[args.out] = err
-            if collapse:
-                err.collapse = True
-            raise err from None
+            raise self._failed(err, args, collapse) from None
         if args.out:
             self.shell.user_ns[args.out] = result
         return result if mode == "results" else None
+
+    def _failed(self, err: CompositeError, args: Any, collapse: bool) -> CompositeError:
+        """The error a failing cell raises: stored under ``--out``, grouped with ``--collapse``."""
+        if args.out:
+            self.shell.user_ns[args.out] = err
+        if collapse:
+            err.collapse = True
+        return err
 
     def _run_init(self, mec: Any, code: str, args: Any, mode: str, group: str, collapse: bool,
                   timeout: float | None) -> Any:
@@ -710,17 +714,10 @@ class ParallelMagics(Magics):
                              "it takes no --targets")
         if not args.block and args.block is not None:
             raise UsageError("--init always blocks: setup code must have run before anything else")
-        on_start = getattr(mec, "on_start", None)
-        if on_start is None:
-            raise UsageError("this client has no on_start(); --init needs a newer ipy_multiengine")
         try:
-            result = on_start(code, timeout=timeout)
+            result = mec.on_start(code, timeout=timeout)
         except CompositeError as err:
-            if args.out:
-                self.shell.user_ns[args.out] = err
-            if collapse:
-                err.collapse = True
-            raise err from None
+            raise self._failed(err, args, collapse) from None
         self.last = mec.last
         renderer = Renderer([r["id"] for r in result], "results" if mode == "results" else "collect",
                             self.notebook, group, collapse)
