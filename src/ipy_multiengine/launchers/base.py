@@ -257,6 +257,8 @@ class Launcher:
     """
 
     name: ClassVar[str] = ""
+    #: the directory holding this group's connection files and logs (None until started)
+    work_dir: str | None = None
 
     def __init__(
         self,
@@ -310,6 +312,11 @@ class Launcher:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} n={self.n}>"
+
+    def _remove_files(self) -> None:
+        """Remove ``work_dir`` (connection files, logs) once the engines are gone."""
+        if self.work_dir and os.path.isdir(self.work_dir):
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 def dumps(data: dict) -> str:

@@ -120,12 +120,6 @@ class LocalLauncher(Launcher):
         self.managers = []
         self._remove_files()
 
-    def _remove_files(self) -> None:
-        if self.work_dir and os.path.isdir(self.work_dir):
-            import shutil
-
-            shutil.rmtree(self.work_dir, ignore_errors=True)
-
     def to_dict(self) -> dict:
         return {"launcher": self.name, "n": self.n, "kernel_name": self.kernel_name,
                 "pids": [e.get("pid") for e in self.engines], "hostname": socket.gethostname()}

@@ -254,12 +254,6 @@ class MPILauncher(Launcher):
         self.pid = None
         self._remove_files()
 
-    def _remove_files(self) -> None:
-        if self.work_dir and os.path.isdir(self.work_dir):
-            import shutil
-
-            shutil.rmtree(self.work_dir, ignore_errors=True)
-
     def to_dict(self) -> dict:
         return {
             "launcher": self.name,

@@ -241,12 +241,6 @@ class SlurmLauncher(Launcher):
             self.job_id = None
         self._remove_files()
 
-    def _remove_files(self) -> None:
-        if self.work_dir and os.path.isdir(self.work_dir):
-            import shutil
-
-            shutil.rmtree(self.work_dir, ignore_errors=True)
-
     def to_dict(self) -> dict:
         return {"launcher": self.name, "n": self.n, "job_id": self.job_id, "work_dir": self.work_dir,
                 "env": self.env, "scancel": self.scancel, "squeue": self.squeue, "engines": self.engines}
