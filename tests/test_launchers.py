@@ -41,6 +41,13 @@ RUNTIME = os.environ["JUPYTER_RUNTIME_DIR"]  # private, set by conftest
 ENGINE_ENV = {"PYTHONPATH": SRC, "JUPYTER_RUNTIME_DIR": RUNTIME}
 
 
+def ipmulti(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the ``ipmulti`` CLI of this checkout in a subprocess."""
+    env = dict(os.environ, PYTHONPATH=SRC) if env is None else env
+    return subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def unavailable(reason: str):
     if os.environ.get("CI"):
         pytest.fail(f"CI must run this test, but: {reason}")
@@ -283,9 +290,7 @@ def test_mpi_job_that_dies_is_reported(tmp_path):
 
 @pytest.mark.timeout(90)
 def test_cli_start_daemon_with_mpi_launcher_and_stop():
-    env = dict(os.environ, PYTHONPATH=SRC)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *a], env=env,  # noqa: E731
-                                    capture_output=True, text=True, timeout=60)
+    run = ipmulti
     r = run("start", "--daemon", "--launcher", "mpi", "-n", "2", "--profile", "test-cli-mpi")
     assert r.returncode == 0, r.stderr
     spec = json.loads(Path(r.stdout.strip()).read_text())
@@ -479,10 +484,8 @@ def test_attach_hand_started_kernels_and_close_leaves_them_running(two_kernels):
 
 @pytest.mark.timeout(90)
 def test_cli_attach_then_stop_forgets_but_does_not_kill(two_kernels):
-    env = dict(os.environ, PYTHONPATH=SRC)
     files = [km.connection_file for km in two_kernels]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *a], env=env,  # noqa: E731
-                                    capture_output=True, text=True, timeout=60)
+    run = ipmulti
     r = run("attach", *files, "--profile", "test-attach")
     assert r.returncode == 0, r.stderr
     mec = MultiEngineClient(profile="test-attach")
@@ -561,9 +564,7 @@ def test_kernelspec_naming_a_provisioner_works_as_engines(tmp_path, monkeypatch)
 
 @pytest.mark.timeout(90)
 def test_mpi_engines_of_a_killed_owner_are_stopped_by_ipmulti_stop():
-    env = dict(os.environ, PYTHONPATH=SRC)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *a], env=env,  # noqa: E731
-                                    capture_output=True, text=True, timeout=60)
+    run = ipmulti
     r = run("start", "--daemon", "--launcher", "mpi", "-n", "2", "--profile", "test-mpi-orphan")
     assert r.returncode == 0, r.stderr
     spec = json.loads(Path(r.stdout.strip()).read_text())
@@ -602,9 +603,7 @@ def test_slurm_job_stuck_in_the_queue_times_out_with_its_state(slurm):
 @pytest.mark.timeout(120)
 def test_cli_start_daemon_with_ssh_launcher(ssh_hosts):
     keys, local, remote, ns = ssh_hosts
-    env = dict(os.environ, PYTHONPATH=SRC)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *a], env=env,  # noqa: E731
-                                    capture_output=True, text=True, timeout=90)
+    run = lambda *a: ipmulti(*a, timeout=90)  # noqa: E731
     r = run("start", "--daemon", "--launcher", "ssh", "--profile", "test-cli-ssh",
             "--hosts", f"{local.destination}=1,{remote.destination}=1",
             "-o", f"python={sys.executable}", "-o", f"env={json.dumps(ENGINE_ENV)}",
