@@ -580,9 +580,9 @@ def _not_zombie(pid: int) -> bool:
 
 
 def env_for_children() -> None:
-    """Let engines/workers import ``benchmarks`` (tasks go by reference) and the core under test."""
+    """Let engines/workers import ``benchmarks`` (tasks go by reference) and the package under test."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parts = [root, os.path.join(root, "src")]
+    parts = [root]
     old = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join(parts + ([old] if old else []))
     for p in reversed(parts):

@@ -34,7 +34,7 @@ from ipy_multiengine.launchers import (
 from ipy_multiengine.launchers.mpi import MPILauncher
 from ipy_multiengine.launchers.ssh import SSHLauncher
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[1])
 RUNTIME = os.environ["JUPYTER_RUNTIME_DIR"]  # private, set by conftest
 # what every engine started over ssh or by slurm needs to import this tree and keep its
 # files in the suite's private runtime dir
