@@ -18,7 +18,9 @@ from IPython.utils.capture import capture_output
 
 from ipy_multiengine import client as client_mod
 from ipy_multiengine.errors import CompositeError, TimeoutError
-from ipy_multiengine.magics import _Lines, engine_range, parse_targets
+from ipy_multiengine.magics import parse_targets
+from ipy_multiengine.render import _Lines
+from ipy_multiengine.targets import engine_range
 from ipy_multiengine.results import PendingResult, ResultList
 
 pytestmark = pytest.mark.timeout(60)
