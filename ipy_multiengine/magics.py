@@ -1,4 +1,5 @@
-"""The parallel magics: ``%px``, ``%%px``, ``%pxconfig``, ``%autopx``, ``%result`` / ``%pxresult``.
+"""Every parallel magic: ``%px``, ``%%px``, ``%pxconfig``, ``%autopx``, ``%result`` / ``%pxresult``,
+``%pxstatus``, ``%pxdebug N``, ``%pxdiff NAME``.
 
 Loaded by ``%load_ext ipy_multiengine`` (``load(ip)``), removed by ``%unload_ext``
 (``unload(ip)``). The magics only parse options and call the active ``MultiEngineClient``;
@@ -97,6 +98,30 @@ def _in_notebook(shell: Any) -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
+def _live_printer(eid: int) -> Any:
+    """A listener that shows an engine's output as it arrives, in the user's thread (``stdin.post``)."""
+    prefix = f"[{eid}] "
+
+    def write(stream: Any, text: str) -> None:
+        stream.write("".join(prefix + line for line in text.splitlines(True)))
+        if not text.endswith("\n"):
+            stream.write("\n")
+        stream.flush()
+
+    def listener(_eid: int, mtype: str, content: dict) -> None:
+        if mtype == "stream":
+            stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
+            stdin.post(lambda: write(stream, content.get("text", "")))
+        elif mtype == "error":
+            stdin.post(lambda: write(sys.stderr, "\n".join(content.get("traceback", []))))
+        elif mtype in ("display_data", "execute_result"):
+            text = (content.get("data") or {}).get("text/plain")
+            if text:
+                stdin.post(lambda: write(sys.stdout, str(text)))
+
+    return listener
+
+
 # ---------------------------------------------------------------------- %autopx transformer
 class AutoPxTransformer:
     """``input_transformers_cleanup`` hook: prefix each cell with ``%%px`` while enabled.
@@ -172,7 +197,8 @@ def _px_options(f: Any) -> Any:
 
 @magics_class
 class ParallelMagics(Magics):
-    """``%px``, ``%%px``, ``%pxconfig``, ``%autopx``, ``%result``/``%pxresult``."""
+    """``%px``, ``%%px``, ``%pxconfig``, ``%autopx``, ``%result``/``%pxresult``, ``%pxstatus``,
+    ``%pxdebug``, ``%pxdiff``."""
 
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
@@ -201,7 +227,20 @@ class ParallelMagics(Magics):
 
     @property
     def notebook(self) -> bool:
+        """Render for a notebook (display areas) rather than a terminal; detected unless set."""
         return _in_notebook(self.shell) if self._notebook is None else self._notebook
+
+    @notebook.setter
+    def notebook(self, value: bool | None) -> None:
+        self._notebook = value
+
+    def reset(self) -> None:
+        """Back to the state right after ``%load_ext``: default ``%pxconfig``, ``%autopx`` off,
+        notebook rendering detected again, no last command."""
+        self.pxconfig_ = PxConfig()
+        self.transformer.enabled = False
+        self._notebook = None
+        self.last = None
 
     # -- %px / %%px
     @magic_arguments()
@@ -399,6 +438,57 @@ class ParallelMagics(Magics):
             self.shell.run_cell(code, store_history=False)
         finally:
             self.transformer.enabled = was
+
+    # -- %pxstatus / %pxdebug / %pxdiff
+    @magic_arguments()
+    @argument("--live", action="store_true", default=False,
+              help="in a notebook, keep the table updated in place (until .stop())")
+    @argument("--interval", type=float, default=1.0, metavar="S", help="seconds between live updates")
+    @line_magic
+    def pxstatus(self, line: str = "") -> Any:
+        """The engine table: id, group, host, pid, state, what runs, queue, memory, CPU."""
+        args = parse_argstring(self.pxstatus, line)
+        if args.interval <= 0:
+            raise UsageError(f"--interval must be positive, not {args.interval:g}")
+        return self.client().status(live=args.live, interval=args.interval)
+
+    @magic_arguments()
+    @argument("engine", help="the engine id whose last exception to debug")
+    @line_magic
+    def pxdebug(self, line: str = "") -> None:
+        """Post-mortem debugging of one engine's last exception, from here (``[N] ipdb>``)."""
+        try:
+            args = parse_argstring(self.pxdebug, line)
+            eid = int(args.engine)
+        except (UsageError, ValueError):
+            raise UsageError(f"%pxdebug needs one engine id, e.g. %pxdebug 0 (got {line.strip()!r})") from None
+        mec = self.client()
+        if eid not in mec.get_ids():
+            raise UsageError(f"unknown engine id {eid}; valid ids: {mec.get_ids()}")
+        language = next(e["language"] for e in mec.engines if e["id"] == eid)
+        if language != "python":
+            raise UsageError(f"engine {eid} runs {language or 'an unknown language'}: "
+                             "%pxdebug needs a Python engine")
+        pr = mec.execute("%debug", targets=eid, block=False, listener=_live_printer(eid))
+        try:
+            pr.get_result()
+        finally:
+            stdin.serve_pending()  # output that arrived with the end of the session
+
+    @magic_arguments()
+    @argument("name", nargs="?", default=None, help="the variable to compare across engines")
+    @argument("--targets", "-t", dest="targets", default=None,
+              help="engines to compare: all, 0, 0,2, 1:3, ::2 or a group name")
+    @line_magic
+    def pxdiff(self, line: str = "") -> Any:
+        """Which engines hold differing values of ``NAME``: ``%pxdiff NAME [--targets T]``."""
+        args = parse_argstring(self.pxdiff, line)
+        if not args.name:
+            raise UsageError("usage: %pxdiff NAME [--targets T]")
+        mec = self.client()
+        targets = None if args.targets is None else parse_targets(args.targets, mec.get_ids(), mec.groups)
+        return mec.diff(args.name, targets=targets)
+
 
     # -- %pxconfig
     @magic_arguments()

@@ -32,13 +32,9 @@ def ip(mec):
     shell.run_line_magic("load_ext", "ipy_multiengine")
     mec.activate()
     magics = shell.magics_manager.registry["ParallelMagics"]
-    magics.pxconfig_.__init__()
-    magics.transformer.enabled = False
-    magics._notebook = None
+    magics.reset()
     yield shell
-    magics.pxconfig_.__init__()
-    magics.transformer.enabled = False
-    magics._notebook = None
+    magics.reset()
     mec.block = True
     mec.targets = "all"
 
@@ -347,7 +343,7 @@ def test_line_form_options_and_code_verbatim(ip):
 
 def test_notebook_rendering_updates_areas_in_place(ip):
     """With a kernel (forced here) each engine's stream is one display area updated in place."""
-    magics_of(ip)._notebook = True
+    magics_of(ip).notebook = True
     with capture_output() as cap:
         ip.run_cell_magic("px", "--targets 0,1", "import time\nfor i in range(3):\n"
                           "    print(f'step {i}', flush=True); time.sleep(0.15)\n7")
