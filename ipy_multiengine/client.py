@@ -9,11 +9,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import numbers
 import os
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import _loop, partition, serialize, stdin
@@ -39,8 +37,6 @@ Targets = "str | int | Sequence[int] | None"
 _active: "MultiEngineClient | None" = None
 log = logging.getLogger("ipy_multiengine")
 
-#: Seconds a client connected by cluster file watches for its owner to restart a dead engine.
-FOLLOW_RESTART_FOR = 60.0
 
 
 def get_active() -> "MultiEngineClient | None":
@@ -87,69 +83,28 @@ class MultiEngineClient:
         _controller: Controller | None = None,
         _cluster: Any = None,
     ) -> None:
-        self._cluster = _cluster
         if _controller is None:
-            from .cluster import read_cluster, resolve_cluster_file, liveness_probes
+            from .clusterfile import FileOwner, engines_of, liveness_probes, read_cluster, resolve_cluster_file
 
             path = resolve_cluster_file(cluster_file, profile)
             spec = read_cluster(path)
-            engines = {e["id"]: e["connection"] for e in spec["engines"]}
-            _controller = Controller(engines, liveness_probes(spec), timeout=timeout, heartbeat=heartbeat,
+            _controller = Controller(engines_of(spec), liveness_probes(spec), timeout=timeout, heartbeat=heartbeat,
                                      max_message_size=max_message_size)
-            self.cluster_file = str(path)
-            _controller.on_dead = self._follow_restart
-            self._meta = {e["id"]: {"group": e.get("group", e.get("kernel_name")), "kernel_name": e.get("kernel_name"),
-                                    "pid": e.get("pid"), "host": e.get("host", spec.get("host"))}
-                          for e in spec["engines"]}
-        else:
-            self.cluster_file = getattr(_cluster, "cluster_file", None)
-            meta = getattr(_cluster, "engine_meta", None)
-            self._meta = meta() if callable(meta) else {}
+            _cluster = FileOwner(path, _controller, spec)
+            _controller.on_dead = _cluster.follow_restart
+        elif _cluster is None:
+            from .clusterfile import NoOwner
+
+            _cluster = NoOwner(_controller)
+        #: who owns the engines (an ``Owner``: a ``Cluster``, a proxy through the cluster file, or nobody)
+        self.owner = _cluster
+        self.cluster_file = _cluster.cluster_file
+        self._meta = _cluster.engine_meta()
         self._controller = _controller
         self._block = True
         self._targets: str | int | list[int] = "all"
         self._last: PendingResult | None = None
-        self._restarting: set[int] = set()
         self.closed = False
-
-    def _follow_restart(self, eid: int, reason: str) -> None:
-        """(loop thread) An engine of a cluster we do not own died: if its owner restarts it
-        (``auto_restart``, ``ipmulti restart``, another client's ``restart``), reconnect to the
-        new process as soon as the cluster file lists it."""
-        import asyncio
-
-        from .cluster import liveness_probes
-
-        path, controller = self.cluster_file, self._controller
-        dead_conn = controller.engine(eid)
-        old = dead_conn.info
-
-        async def follow() -> None:
-            deadline = time.monotonic() + FOLLOW_RESTART_FOR
-            while time.monotonic() < deadline and not self.closed:
-                await asyncio.sleep(0.25)
-                conn = controller.engine(eid)
-                if conn is not dead_conn or not conn.dead or eid in self._restarting:
-                    return  # reconnected or being restarted by this client (mec.restart)
-                try:
-                    spec = json.loads(Path(path).read_text())
-                    entry = next(e for e in spec["engines"] if e["id"] == eid)
-                except Exception:
-                    continue
-                probe = liveness_probes(spec).get(eid)
-                if entry["connection"] != old or (probe is not None and entry.get("pid") and probe() is None
-                                                  and entry.get("pid") != conn.engine_info.get("pid")):
-                    if probe is not None and probe() is not None:
-                        continue
-                    try:
-                        await controller.add_engines_async({eid: entry["connection"]},
-                                                           {eid: probe} if probe else {}, timeout=30)
-                    except Exception as exc:
-                        log.warning("could not reconnect to restarted engine %s: %s", eid, exc)
-                    return
-
-        if path:
-            asyncio.ensure_future(follow())
 
     @classmethod
     def attach(cls, connection_files: Iterable[str | os.PathLike] | str | os.PathLike,
@@ -161,7 +116,7 @@ class MultiEngineClient:
         colleague's notebook kernel, kernels started by hand. The client does not own them:
         ``close()`` only disconnects, the kernels keep running.
         """
-        from .cluster import read_connection_files
+        from .clusterfile import read_connection_files
 
         engines = read_connection_files(connection_files)
         return cls(_controller=Controller(engines, None, timeout=timeout))
@@ -535,10 +490,7 @@ class MultiEngineClient:
         self._interrupt_eids([e for e in eids if not self._controller.dead(e)])
 
     def _interrupt_eids(self, eids: list[int]) -> None:
-        if self._cluster is not None:
-            self._cluster.interrupt(eids)
-        else:
-            self._controller.interrupt(eids)
+        self.owner.interrupt(eids)
 
     def restart(self, targets: Any = None, timeout: float | None = 60.0) -> None:
         """Restart engines, keeping their ids: each gets a fresh process and an empty namespace,
@@ -551,25 +503,7 @@ class MultiEngineClient:
         if self.closed:
             raise EngineError("this MultiEngineClient is closed")
         eids = self._resolve_targets(targets)
-        if self._cluster is not None:
-            self._cluster.restart(eids, timeout=timeout)
-        elif self.cluster_file:
-            from .cluster import check_owner, liveness_probes, read_cluster, request_owner
-
-            check_owner(Path(self.cluster_file), "restart")
-            self._restarting.update(eids)
-            try:
-                self._controller.set_unavailable(eids, "restarting")
-                request_owner(self.cluster_file, "restart", eids, timeout=60.0 if timeout is None else timeout)
-                spec = read_cluster(self.cluster_file)
-                engines = {e["id"]: e["connection"] for e in spec["engines"] if e["id"] in eids}
-                probes = liveness_probes(spec)
-                self._controller.add_engines(engines, {e: p for e, p in probes.items() if e in eids},
-                                             timeout=60.0 if timeout is None else timeout)
-            finally:
-                self._restarting.difference_update(eids)
-        else:
-            raise EngineError("cannot restart engines this client neither owns nor knows a cluster file for")
+        self.owner.restart(eids, timeout=timeout)
         failed = [err for e in eids for err in self._controller.engine(e).init_errors]
         if failed:
             raise CompositeError("on_start", failed)
@@ -628,8 +562,10 @@ class MultiEngineClient:
         if _active is self:
             _active = None
         self._controller.close()
-        if self._cluster is not None:
-            self._cluster.stop()
+        if getattr(self.owner, "closed", None) is False:
+            self.owner.closed = True  # a FileOwner stops following restarts
+        if self.owner.owns_engines:
+            self.owner.stop()
 
     def __enter__(self) -> "MultiEngineClient":
         return self
