@@ -333,11 +333,18 @@ class ParallelMagics(Magics):
             raise _short(MultiEngineTimeout(
                 f"%px: engines {engine_range(left)} not done after {timeout:g} s; they keep running. "
                 "%result waits for the output; mec.interrupt() stops them"))
-        renderer.finish()
         try:
             result = pr.get_result()
         except CompositeError as err:
+            # no Results List will be shown: every engine's stdout and Out first, then the error
+            renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
+            renderer.finish()
             raise self._failed(err, args, collapse) from None
+        except BaseException:
+            renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
+            renderer.finish()
+            raise
+        renderer.finish()
         if args.out:
             self.shell.user_ns[args.out] = result
         return result if mode == "results" else None
@@ -360,21 +367,25 @@ class ParallelMagics(Magics):
             raise UsageError("--init always blocks: setup code must have run before anything else")
         try:
             result = mec.on_start(code, timeout=timeout)
-        except CompositeError as err:
+        except CompositeError as err:  # what the engines printed, then the error
+            self._show_records([r for r in err.results if isinstance(r, dict)], "collect", group, collapse)
             raise self._failed(err, args, collapse) from None
         self.last = mec.last
-        renderer = Renderer([r["id"] for r in result], "results" if mode == "results" else "collect",
-                            self.notebook, group, collapse)
-        for r in result:
+        self._show_records(result, "results" if mode == "results" else "collect", group, collapse)
+        if args.out:
+            self.shell.user_ns[args.out] = result
+        return result if mode == "results" else None
+
+    def _show_records(self, records: list[dict], mode: str, group: str, collapse: bool) -> None:
+        """Render finished execute records (stdout, stderr, rich outputs) like ``--no-stream``."""
+        renderer = Renderer([r["id"] for r in records], mode, self.notebook, group, collapse)
+        for r in records:
             for name in ("stdout", "stderr"):
                 if r.get(name):
                     renderer.handle(r["id"], "stream", {"name": name, "text": r[name]})
             for out in r.get("outputs") or []:
                 renderer.handle(r["id"], out.get("output_type", ""), out)
         renderer.finish()
-        if args.out:
-            self.shell.user_ns[args.out] = result
-        return result if mode == "results" else None
 
     def _pump(self, pr: Any, events: queue.Queue, renderer: Renderer, progress: _Progress,
               deadline: float | None) -> bool:

@@ -439,3 +439,32 @@ def test_init_runs_now_and_is_recorded_for_restarts(ip, mec):
         assert len(mec.on_start_code) == n  # failing setup code is not recorded
     finally:
         mec.clear_on_start()
+
+
+# ---------------------------------------------------------------------- issue 11 / 12 regressions
+def _shown(cap) -> str:
+    """Everything a user saw: printed text and the text/plain of every display."""
+    return cap.stdout + cap.stderr + "".join(o.data.get("text/plain", "") + "\n" for o in cap.outputs)
+
+
+def test_h09_one_line_px_shows_all_output_then_the_error(ip, mec):
+    mec.scatter("i", [0, 1, 2, 3])  # engine 0: i == [0] succeeds, engines 1-3 fail
+    cap, res = run(ip, "%px print('checkpoint', i); 1/0 if i[0] else 42")
+    assert isinstance(res.error_in_exec, CompositeError)
+    shown = _shown(cap)
+    for eid in range(4):
+        assert f"[stdout:{eid}] checkpoint [{eid}]" in shown, shown
+    assert re.search(r"Out\[0:\d+\]: 42", shown), shown
+    # the same for a --no-stream cell and for an engine that fails on the line form of %px -o
+    cap, res = run(ip, "%px -o err print('again', i); 1/0 if i[0] else 43")
+    assert isinstance(ip.user_ns["err"], CompositeError)
+    assert re.search(r"Out\[0:\d+\]: 43", _shown(cap)) and "[stdout:3] again [3]" in _shown(cap)
+
+
+def test_h09_failing_init_shows_what_the_engines_printed(ip, mec):
+    try:
+        cap, res = run(ip, "%%px --init\nprint('setting up')\n1/0")
+        assert isinstance(res.error_in_exec, CompositeError)
+        assert "[stdout:0] setting up" in _shown(cap) and "[stdout:3] setting up" in _shown(cap)
+    finally:
+        mec.clear_on_start()
