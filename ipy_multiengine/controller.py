@@ -79,6 +79,10 @@ class CommReply:
 
     content: dict
     frames: list[Any]
+    #: what the operation's function printed or displayed on the engine (kept for the user)
+    stdout: str = ""
+    stderr: str = ""
+    outputs: list[dict] = field(default_factory=list)
 
 
 class EngineConn:
@@ -739,15 +743,17 @@ class Controller:
             self._maybe_complete(conn, req)
 
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
+        out = {"stdout": "".join(req.stdout), "stderr": "".join(req.stderr), "outputs": req.outputs}
         if data.get("status") == "ok":
-            self._finish(conn, req, value=CommReply(data, list(frames)))
+            self._finish(conn, req, value=CommReply(data, list(frames), **out))
         else:
             item = data.get("item")
             evalue = data.get("evalue", "")
             if item is not None:
                 evalue = f"{evalue} (on item {item})"
             err = RemoteError(data.get("ename", "Error"), evalue, data.get("traceback", []), conn.eid,
-                              req.op or "comm", pickled=bytes(frames[0]) if frames else None)
+                              req.op or "comm", pickled=bytes(frames[0]) if frames else None,
+                              result={"id": conn.eid, **out})
             err.item = item
             self._finish(conn, req, exc=err)
 

@@ -365,3 +365,51 @@ class _Progress:
         else:
             print(text, file=sys.stderr, flush=True)
         self.shown = done
+
+
+def in_notebook() -> bool:
+    """True inside a notebook kernel (render display areas), False in a terminal or script."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        return False
+    shell = get_ipython()
+    return getattr(shell, "kernel", None) is not None
+
+
+class LiveOutput:
+    """Shows what a blocking call's functions print or display, labelled by engine, while the
+    caller waits (``apply``, ``map``, ``@parallel``; ``%%px`` has its own ``Renderer`` loop).
+
+    ``listener`` runs on the controller's loop thread: it only posts the event to the waiting
+    user thread (``stdin.post``), which renders it in order with engines' input prompts.
+    ``close`` shows what is left and stops posting (output after a timeout stays on the
+    ``PendingResult``).
+    """
+
+    def __init__(self, eids: list[int]) -> None:
+        self.renderer = Renderer(list(eids), "stream", in_notebook())
+        self.closed = False
+
+    def listener(self, eid: int, mtype: str, content: dict) -> None:
+        if self.closed:
+            return
+        from . import stdin
+
+        stdin.post(lambda: self._show(eid, mtype, content))
+
+    def _show(self, eid: int, mtype: str, content: dict) -> None:
+        if self.closed:
+            return
+        if mtype == "error":  # a failing function is reported by the CompositeError
+            return
+        self.renderer.handle(eid, mtype, content)
+        self.renderer.tick()
+
+    def close(self) -> None:
+        from . import stdin
+
+        stdin.serve_pending()  # events posted before the reply (engines flush before replying)
+        if not self.closed:
+            self.closed = True
+            self.renderer.finish()

@@ -468,3 +468,57 @@ def test_h09_failing_init_shows_what_the_engines_printed(ip, mec):
         assert "[stdout:0] setting up" in _shown(cap) and "[stdout:3] setting up" in _shown(cap)
     finally:
         mec.clear_on_start()
+
+
+def test_h10_output_of_apply_map_parallel_reaches_the_user_and_the_pending_result(ip, mec):
+    def f(x):
+        import warnings
+
+        print("processing", x)
+        warnings.warn(f"careful with {x}")
+        return x
+
+    with capture_output() as cap:
+        assert mec.map(f, range(4)) == [0, 1, 2, 3]
+    for x in range(4):  # engine x got item x (contiguous blocks)
+        assert f"[stdout:{x}] processing {x}" in cap.stdout, cap.stdout
+        assert re.search(rf"\[stderr:{x}\] .*UserWarning: careful with {x}", cap.stderr), cap.stderr
+    with capture_output() as cap:
+        assert mec.map(f, range(6), balanced=True) == list(range(6))
+    assert sorted(int(line.split()[-1]) for line in cap.stdout.splitlines()) == list(range(6)), cap.stdout
+    assert all(re.match(r"\[stdout:\d\] processing \d$", line) for line in cap.stdout.splitlines())
+    with capture_output() as cap:
+        assert mec.apply(lambda: print("hello from apply"), targets=[1, 2]) == [None, None]
+    assert sorted(cap.stdout.splitlines()) == ["[stdout:1] hello from apply", "[stdout:2] hello from apply"]
+
+    @mec.parallel()
+    def g(x):
+        from IPython.display import display
+
+        display({"answer": x}, raw=False)
+        return x * 2
+
+    with capture_output() as cap:
+        assert g(range(4)) == [0, 2, 4, 6]
+    shown = _shown(cap)
+    assert all(f"[output:{e}]" in shown for e in range(4)), shown
+
+    # kept on the PendingResult, per engine, blocking or not (nothing printed for block=False)
+    with capture_output() as cap:
+        pr = mec.apply(lambda: print("kept"), block=False)
+        pr.get_result()
+    assert pr.stdout == ["kept\n"] * 4 and pr.stderr == [""] * 4 and cap.stdout == ""
+    pr = mec.map(f, range(4), block=False)
+    pr.get_result()
+    assert pr.stdout == [f"processing {x}\n" for x in range(4)]
+    assert all("careful with" in s for s in pr.stderr)
+    pr = mec.apply(lambda: __import__("IPython.display").display.display("rich"), targets=0, block=False)
+    pr.get_result()
+    assert pr.outputs[0][0]["output_type"] == "display_data"
+    assert pr.outputs[0][0]["data"]["text/plain"] == "'rich'"
+    # a failing call keeps (and shows) what was printed before the error
+    with capture_output() as cap:
+        with pytest.raises(CompositeError):
+            mec.apply(lambda: (print("before the error"), 1 / 0), targets=[0, 3])
+    assert "[stdout:0] before the error" in cap.stdout and "[stdout:3] before the error" in cap.stdout
+    assert mec.last.stdout == ["before the error\n"] * 2
