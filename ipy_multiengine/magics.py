@@ -128,25 +128,45 @@ class AutoPxTransformer:
 
     ``has_side_effects`` keeps IPython's ``check_complete`` from applying it, so the
     terminal still decides whether an input is complete on the plain Python code.
+
+    What stays local while ``%autopx`` is on: every magic of this extension (``%px``,
+    ``%%px``, ``%autopx``, ``%pxconfig``, ``%result``, ``%pxstatus``, ...; ``%px`` goes to the
+    engines anyway, with its own options), recognised on the first line that is neither blank
+    nor a comment, with ``%``/``%%`` or as a bare word (automagic; not ``result``, a common
+    variable name, and not ``px = 1``-like code). ``exit``/``quit`` would
+    shut every engine down: they are refused with a message instead.
     """
 
     has_side_effects = True
-    #: Inputs starting with these stay local while ``%autopx`` is on (``%px``/``%%px`` go to
-    #: the engines anyway, with their own options).
-    local_magics = ("%autopx", "%pxconfig", "%result", "%pxresult", "%px", "%%px")
+    #: Words that end a session; typed under ``%autopx`` they are refused, not sent.
+    exit_words = ("exit", "quit", "%exit", "%quit", "exit()", "quit()")
 
-    def __init__(self) -> None:
+    def __init__(self, local_magics: Any = ()) -> None:
         self.enabled = False
+        self._local = local_magics  # names, or a callable returning them (the magics registered)
+
+    @property
+    def local_magics(self) -> set[str]:
+        names = self._local() if callable(self._local) else self._local
+        return set(names) | {"autopx"}
 
     def __call__(self, lines: list[str]) -> list[str]:
         if not self.enabled:
             return lines
-        first = next((ln.strip() for ln in lines if ln.strip()), "")
+        first = next((ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), "")
         if not first:
             return lines
-        word = first.split()[0]
-        if word in self.local_magics or first == "autopx":
-            return lines
+        if first.replace(" ", "") in self.exit_words or re.fullmatch(r"(exit|quit)\(\s*\d*\s*\)", first):
+            msg = ("%autopx: exit/quit not sent to the engines (it would shut every engine down); "
+                   "type %autopx to leave autopx mode, then exit to leave IPython")
+            return [f"print({msg!r}, file=__import__('sys').stderr)\n"]
+        word, _, rest = first.partition(" ")
+        rest = rest.lstrip()
+        if word.startswith("%"):
+            if word.lstrip("%") in self.local_magics:
+                return lines
+        elif word in self.local_magics - {"result"} and not re.match(r"[=(\[.,:+\-*/%<>!&|^~@]", rest):
+            return lines  # automagic: `autopx`, `pxstatus`, `px code` (not `px = 1`, `px(...)`)
         return ["%%px\n"] + lines
 
 
@@ -203,7 +223,8 @@ class ParallelMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self.pxconfig_ = PxConfig()
-        self.transformer = AutoPxTransformer()
+        self.transformer = AutoPxTransformer(
+            lambda: {name for names in self.magics.values() for name in names})
         self.last: Any = None
         self._own_client: Any = None
         self._notebook: bool | None = None  # None: detect (a kernel means notebook rendering)

@@ -522,3 +522,44 @@ def test_h10_output_of_apply_map_parallel_reaches_the_user_and_the_pending_resul
             mec.apply(lambda: (print("before the error"), 1 / 0), targets=[0, 3])
     assert "[stdout:0] before the error" in cap.stdout and "[stdout:3] before the error" in cap.stdout
     assert mec.last.stdout == ["before the error\n"] * 2
+
+
+def test_o10_autopx_keeps_every_extension_magic_local(ip, mec):
+    mec.execute("o10 = 1")
+    run(ip, "%autopx")
+    try:
+        for cell in ("%pxstatus", "%pxdiff o10", "pxstatus", "%pxconfig", "%%px --targets 0\no10 = 1"):
+            cap, res = run(ip, cell)
+            assert res.success, (cell, res.error_in_exec, cap.stdout)
+        cap, res = run(ip, "%pxdiff o10")
+        assert res.result.identical  # the local magic's value, not a PendingResult/ResultList
+        cap, res = run(ip, "  \n# a comment first\n\n%pxstatus")
+        assert res.success and not isinstance(res.result, (ResultList, PendingResult))
+        # a comment (and blank lines) before %autopx: it still turns autopx off
+        cap, res = run(ip, "# done with the engines\n\n%autopx")
+        assert "Auto Parallel Disabled" in cap.stdout
+        assert not magics_of(ip).transformer.enabled
+        run(ip, "%autopx")
+        # code whose first word is a magic's name stays Python code for the engines
+        cap, res = run(ip, "pxstatus = 5")
+        assert "pxstatus" not in ip.user_ns and mec.pull("pxstatus") == [5] * 4
+    finally:
+        if magics_of(ip).transformer.enabled:
+            run(ip, "%autopx")
+        mec.execute("del pxstatus")
+
+
+@pytest.mark.parametrize("typed", ["exit", "quit", "exit()", "quit()", "  exit  ", "# bye\nexit", "%exit"])
+def test_o10_exit_under_autopx_is_refused_with_a_message(ip, mec, typed):
+    ids = list(mec.get_ids())
+    numbers = [r["number"] for r in mec.execute("pass")]
+    run(ip, "%autopx")
+    try:
+        cap, res = run(ip, typed)
+        assert "not sent to the engines" in cap.stderr and "%autopx" in cap.stderr
+        assert not ip.exit_now
+    finally:
+        run(ip, "%autopx")
+    # nothing reached the engines: their execution counts moved by one (this execute) only
+    assert [r["number"] for r in mec.execute("pass")] == [n + 1 for n in numbers]
+    assert list(mec.get_ids()) == ids
