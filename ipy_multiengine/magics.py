@@ -340,7 +340,8 @@ class ParallelMagics(Magics):
         try:
             timed_out = not self._pump(pr, events, renderer, progress, deadline)
         except KeyboardInterrupt:
-            self._interrupted(mec, pr, events, renderer, progress)
+            with stdin.dropping(pr.futures):  # no more prompts of this call (one Ctrl-C is enough)
+                self._interrupted(mec, pr, events, renderer, progress)
             raise _short(KeyboardInterrupt()) from None
         finally:
             if not pr.ready():
