@@ -563,3 +563,50 @@ def test_o10_exit_under_autopx_is_refused_with_a_message(ip, mec, typed):
     # nothing reached the engines: their execution counts moved by one (this execute) only
     assert [r["number"] for r in mec.execute("pass")] == [n + 1 for n in numbers]
     assert list(mec.get_ids()) == ids
+
+
+def _cell_outputs(cap) -> list[dict]:
+    """What a notebook frontend keeps of captured displays: an update replaces every output
+    with its display_id; other displays are appended (the frontend's model, as in JupyterLab)."""
+    cell: list[tuple[str | None, dict]] = []
+    for o in cap.outputs:
+        did = (o.transient or {}).get("display_id")
+        if o.update:
+            cell = [(d, o.data if d == did else data) for d, data in cell]
+        else:
+            cell.append((did, o.data))
+    return [data for _, data in cell]
+
+
+UPDATED = "from IPython.display import display\nh = display('step 1', display_id=True)\nh.update('step 2 (final)')"
+
+
+@pytest.mark.parametrize("notebook", [True, False])
+def test_o12_collected_output_shows_a_display_s_final_content(ip, notebook):
+    magics_of(ip).notebook = notebook
+    for cell in (f"%%px --no-stream --targets 0,1\n{UPDATED}",
+                 "%px --targets 0,1 h = display('A', display_id=True); h.update('B (final)')"):
+        cap, res = run(ip, cell)
+        assert res.success, res.error_in_exec
+        texts = [d.get("text/plain", "") for d in _cell_outputs(cap)]
+        rich = [t for t in texts if t.startswith("[output:")]
+        assert len(rich) == 2 and all("final" in t for t in rich), texts
+        assert not any("step 1" in t or t.endswith("'A'") for t in texts), texts
+
+
+def test_o13_clear_output_wait_loop_keeps_one_output_updated_in_place(ip):
+    magics_of(ip).notebook = True
+    cap, res = run(ip, "%%px --targets 0,1\nfrom IPython.display import display, clear_output, HTML\n"
+                       "for i in range(5):\n    clear_output(wait=True)\n    display(HTML(f'<b>frame {i}</b>'))")
+    assert res.success, res.error_in_exec
+    added = [o for o in cap.outputs if not o.update]
+    assert len(added) == 2, [o.data for o in cap.outputs]  # one display per engine, never more
+    final = _cell_outputs(cap)
+    assert sorted(d["text/html"].rsplit(">", 2)[-2] for d in final) == ["<b>frame 4</b", "<b>frame 4</b"] or \
+        all("frame 4" in d["text/html"] for d in final), final
+    assert not any(d.get("text/plain") == "" for d in final)  # no blank outputs saved into the .ipynb
+    # clear_output(wait=True) with text: the engine's stream area shows only the last frame
+    cap, res = run(ip, "%%px --targets 0\nfrom IPython.display import clear_output\n"
+                       "for i in range(3):\n    clear_output(wait=True)\n    print('tick', i, flush=True)")
+    final = _cell_outputs(cap)
+    assert [d["text/plain"] for d in final] == ["[stdout:0] tick 2"], final
