@@ -151,6 +151,11 @@ class AutoPxTransformer:
         return set(names) | {"autopx"}
 
     def __call__(self, lines: list[str]) -> list[str]:
+        code = [ln for ln in lines if ln.strip()]
+        if len(code) == 1:
+            m = re.fullmatch(r"\s*%?px\s+(.*\?)\s*", code[0].rstrip("\n"))
+            if m:  # `%px len?`: IPython's help syntax would show the *local* len's help instead
+                return [f"get_ipython().run_line_magic('px', {m.group(1)!r})\n"]
         if not self.enabled:
             return lines
         first = next((ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), "")

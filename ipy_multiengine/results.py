@@ -29,6 +29,10 @@ class ResultList(list):
             if result is not None:
                 plain = str(result.get("text/plain", ""))
                 text = f"{text}\n{plain}" if text else plain
+            for out in r.get("outputs") or []:  # pager text (obj?, %pdoc): what a terminal shows
+                if (out.get("metadata") or {}).get("pager"):
+                    page = str((out.get("data") or {}).get("text/plain", "")).rstrip("\n")
+                    text = f"{text}\n{page}" if text else page
             if text:
                 lines.append(f"[{eid}] Out[{n}]: {text}")
         return "\n".join(lines)

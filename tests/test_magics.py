@@ -610,3 +610,23 @@ def test_o13_clear_output_wait_loop_keeps_one_output_updated_in_place(ip):
                        "for i in range(3):\n    clear_output(wait=True)\n    print('tick', i, flush=True)")
     final = _cell_outputs(cap)
     assert [d["text/plain"] for d in final] == ["[stdout:0] tick 2"], final
+
+
+def test_o14_pager_output_is_shown_labelled_by_engine(ip, mec):
+    doc = "Return the number of items"
+    res = mec.execute("len?", targets=[0, 1])
+    assert all((r["outputs"][0]["metadata"] or {}).get("pager") for r in res)
+    assert doc in res[0]["outputs"][0]["data"]["text/plain"]
+    assert re.search(rf"\[1\] Out\[\d+\]: .*{doc}", repr(res), re.S)
+    cap, res = run(ip, "%px --targets 0,1 len?")  # the Results List shows it once per engine
+    assert isinstance(res.result, ResultList) and repr(res.result).count(doc) == 2
+    for notebook in (False, True):
+        magics_of(ip).notebook = notebook
+        for cell in ("%%px --targets 0,1\n%pdoc len", "%%px --no-stream --targets 0,1\n%pdoc len"):
+            cap, res = run(ip, cell)
+            assert res.success, res.error_in_exec
+            pages = [o for o in cap.outputs if doc in o.data.get("text/plain", "")]
+            assert sorted(o.metadata["engine"] for o in pages) == [0, 1], (cell, cap.outputs)
+            assert all(o.data["text/plain"].startswith(f"[output:{o.metadata['engine']}]") for o in pages)
+    cap, res = run(ip, "%%px --targets 0\n%psource len")  # no Python source for a builtin: said so
+    assert res.success
