@@ -173,7 +173,9 @@ def same_process(ident: dict | None) -> tuple[psutil.Process | None, str]:
         return None, f"process {pid} has exited"
     except psutil.Error as exc:
         return None, f"process {pid} cannot be inspected ({type(exc).__name__})"
-    if not isinstance(ident.get("create_time"), (int, float)) or abs(created - ident["create_time"]) > 0.05:
+    if not isinstance(ident.get("create_time"), (int, float)):
+        return None, f"the file records no start time for pid {pid}, so it cannot be told from another process"
+    if abs(created - ident["create_time"]) > 0.05:
         return None, f"pid {pid} now belongs to another process (started at {time.ctime(created)})"
     if ident.get("cmdline") is not None and ident["cmdline"] != cmdline:
         return None, f"pid {pid} now runs another command ({' '.join(cmdline)[:80]!r})"
