@@ -227,29 +227,10 @@ class MultiEngineClient:
     def _deliver(self, pr: PendingResult, block: bool, timeout: float | None) -> Any:
         return pr.get_result(timeout=timeout) if block else pr
 
-    def _show_progress(self, pr: PendingResult, timeout: float | None) -> None:
-        after = self.progress_after
-        if after is None:
-            return
-        first = after if timeout is None else min(after, timeout)
-        stdin.wait(pr.futures, first)
-        done = sum(f.done() for f in pr.futures)
-        if done == len(pr.futures) or not _interactive() or (timeout is not None and timeout <= after):
-            return
-        from tqdm.auto import tqdm
-
-        deadline = None if timeout is None else time.monotonic() + max(timeout - after, 0)
-        with tqdm(total=len(pr.futures), desc=pr.method, unit="engine", leave=False) as bar:
-            bar.update(done)
-            while done < len(pr.futures):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                step = _loop.WAIT_SLICE if left is None else min(_loop.WAIT_SLICE, left)
-                stdin.wait([f for f in pr.futures if not f.done()], step, first=True)  # may ask for input
-                now = sum(f.done() for f in pr.futures)
-                bar.update(now - done)
-                done = now
+    def _show_progress(self, pr: PendingResult) -> "_ProgressBar":
+        """A progress bar for ``pr``'s wait: drawn by that wait's slices, shown only once the
+        call has taken ``progress_after`` seconds in an interactive session."""
+        return _ProgressBar(pr.method, self.progress_after)
 
     # ------------------------------------------------------------------ running code
     def execute(self, code: str, targets: Any = None, block: bool | None = None,
@@ -383,8 +364,10 @@ class MultiEngineClient:
         nparts = min(len(eids), len(items))
         eids = eids[:nparts]
         frames, datas = [], []
+        from .balanced import dumps_chunk
+
         for (a, b) in partition.bounds(len(items), nparts):
-            frames.append(serialize.check_picklable(getattr(f, "__name__", "function"), (f, items[a:b])))
+            frames.append(dumps_chunk(f, a, items[a:b]))  # a TypeError names the item
             datas.append(a)
         futures = []
         for eid, fr, off in zip(eids, frames, datas):
@@ -393,15 +376,18 @@ class MultiEngineClient:
         return self._deliver(self._pending(futures, eids, "map", finish, progress=True), block, timeout)
 
     def imap(self, f: Callable, *seqs: Iterable, targets: Any = None, chunksize: int = 1,
-             ordered: bool = True, retries: int = 1) -> Iterator[Any]:
+             ordered: bool = True, retries: int = 1, timeout: float | None = None) -> Iterator[Any]:
         """A load-balanced map whose results are yielded as they arrive (``ordered=False``:
-        in completion order). Everything is submitted at once; Ctrl-C stops it."""
+        in completion order). Everything is submitted at once; Ctrl-C stops it, and so does
+        ``timeout`` (seconds from this call for the whole iteration: ``TimeoutError``)."""
         if not callable(f):
             raise TypeError(f"imap needs a callable, not {type(f).__name__}")
         if not seqs:
             raise TypeError("imap() needs at least one sequence")
         eids, _ = self._prepare(targets, None)
-        return self._balanced(f, list(zip(*seqs)), eids, chunksize, ordered, retries).iterate()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bm = self._balanced(f, list(zip(*seqs)), eids, chunksize, ordered, retries)
+        return bm.iterate(None if deadline is None else max(deadline - time.monotonic(), 0))
 
     def _balanced(self, f: Callable, items: list, eids: list[int], chunksize: int, ordered: bool,
                   retries: int) -> "BalancedMap":
@@ -467,7 +453,8 @@ class MultiEngineClient:
         waiter = PendingResult(futures, eids, "barrier", lambda rs: None,
                                on_interrupt=self._interrupt_eids, progress=self._show_progress)
         if not waiter.wait(timeout):
-            raise TimeoutError(f"barrier not done after {timeout:g} s")
+            left = sorted({e for e, f in zip(eids, futures) if not f.done()})
+            raise TimeoutError(f"barrier not done after {timeout:g} s; still running on engines {left}")
 
     def get_result(self, default: Any = None, block: bool = True, timeout: float | None = None) -> Any:
         """The result of the last call made through this client (what ``%result`` shows)."""
@@ -514,15 +501,11 @@ class MultiEngineClient:
         if self.closed:
             raise EngineError("this MultiEngineClient is closed")
         eids = self._resolve_targets(targets)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+        ready = lambda: not any(self._controller.unavailable(e) for e in eids)  # noqa: E731
+        if not _loop.wait_until(ready, timeout, tick=stdin.serve_pending):
             waiting = {e: why for e in eids if (why := self._controller.unavailable(e))}
-            if not waiting:
-                return
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"engines not ready after {timeout:g} s: " +
-                                   "; ".join(f"engine {e} {why}" for e, why in waiting.items()))
-            time.sleep(0.05)
+            raise TimeoutError(f"engines not ready after {timeout:g} s: " +
+                               "; ".join(f"engine {e} {why}" for e, why in waiting.items()))
 
     def on_start(self, code: str, timeout: float | None = None) -> ResultList:
         """Run setup ``code`` on every engine now, and record it so that it runs again, first
@@ -575,6 +558,32 @@ class MultiEngineClient:
 
     def __repr__(self) -> str:
         return f"<MultiEngineClient engines={self.get_ids()} targets={self._targets!r} block={self._block}>"
+
+
+class _ProgressBar:
+    """``progress(done, total)`` for ``_loop.wait``: a tqdm bar after ``after`` seconds."""
+
+    def __init__(self, desc: str, after: float | None) -> None:
+        self.desc, self.after = desc, after
+        self.started = time.monotonic()
+        self.bar: Any = None
+        self.shown = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if (self.after is None or done >= total or time.monotonic() - self.started < self.after
+                    or not _interactive()):
+                return
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="engine", leave=False)
+        self.bar.update(done - self.shown)
+        self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class EngineIds(list):

@@ -55,7 +55,7 @@ from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tool
     write_cluster,
     write_private,
 )
-from .errors import EngineError, NoClusterError
+from .errors import EngineError, NoClusterError, TimeoutError
 
 log = __import__("logging").getLogger("ipy_multiengine")
 
@@ -460,7 +460,22 @@ class Cluster(Owner):
         if unknown:
             raise ValueError(f"unknown engine ids {unknown}; valid ids: {sorted(self.managers)}")
         timeout = self.startup_timeout if timeout is None else timeout
-        _loop.run(self.restart_async(list(eids), timeout), timeout=timeout + self.shutdown_wait + 10)
+        # a timeout is a promise (issue 11.3): raise at it, and let the restart go on rather
+        # than cancel it half way (the engine becomes ready by itself; wait_ready waits for it)
+        fut = _loop.submit(self.restart_async(list(eids), timeout))
+        try:
+            done = _loop.wait([fut], timeout)
+        except BaseException:
+            fut.cancel()
+            raise
+        if not done:
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or log.warning(
+                "restart of engines %s failed after its caller stopped waiting: %s", eids, f.exception()))
+            ctl = self.client._controller
+            why = "; ".join(f"engine {e} {ctl.unavailable(e) or 'is ready'}" for e in eids)
+            raise TimeoutError(f"restart of engines {list(eids)} not finished after {timeout:g} s ({why}); "
+                               "it goes on: mec.wait_ready() waits for it")
+        fut.result()
 
     async def restart_async(self, eids: list[int], timeout: float) -> None:
         await asyncio.gather(*(self._restart_one(eid, timeout) for eid in eids))

@@ -607,16 +607,18 @@ class FileOwner(Owner):
         return engine_meta_of(self._spec)
 
     def restart(self, eids: list[int], timeout: float | None = None) -> None:
-        timeout = 60.0 if timeout is None else timeout
         check_owner(Path(self.cluster_file), "restart")
+        # one deadline for asking the owner and reconnecting (a timeout is a promise)
+        deadline = time.monotonic() + (60.0 if timeout is None else timeout)
         self._restarting.update(eids)
         try:
             self._controller.set_unavailable(eids, "restarting")
-            request_owner(self.cluster_file, "restart", eids, timeout=timeout)
+            request_owner(self.cluster_file, "restart", eids, timeout=max(deadline - time.monotonic(), 0.01))
             spec = self._spec = read_cluster(self.cluster_file)
             engines = {e: info for e, info in engines_of(spec).items() if e in eids}
             probes = liveness_probes(spec)
-            self._controller.add_engines(engines, {e: p for e, p in probes.items() if e in eids}, timeout=timeout)
+            self._controller.add_engines(engines, {e: p for e, p in probes.items() if e in eids},
+                                         timeout=max(deadline - time.monotonic(), 0.01))
         finally:
             self._restarting.difference_update(eids)
 
