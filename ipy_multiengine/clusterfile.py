@@ -276,7 +276,7 @@ def resolve_cluster_file(path: str | os.PathLike | None, profile: str | None) ->
         return Path(path)
     candidate = cluster_file_path(profile or "default")
     if not candidate.exists():
-        raise NoClusterError(f"no running shared cluster for profile {profile or 'default'!r} "
+        raise NoClusterError(f"no running cluster for profile {profile or 'default'!r} "
                              f"(no {candidate}); {HOW_TO_START}")
     return candidate
 
