@@ -195,7 +195,9 @@ def stop_cluster_file(path: Path, timeout: float = 20.0) -> tuple[int, list[str]
             if problems:
                 return 1, problems
         return 0, []
-    # an embedded (or notebook) owner: stop its engines, never the process itself
+    # an embedded (or notebook) owner: stop its engines, never the process itself; the mark
+    # tells the owner first that the deaths to come are a stop (no auto-restart)
+    write_cluster(path, {**spec, "stopped_by": identity()})
     idents = [i for e in spec["engines"] if (i := engine_identity(e, spec))]
     problems, refused = [], []
     if spec.get("launcher"):
@@ -360,6 +362,25 @@ class Cluster(Owner):
                                f"`ipmulti stop --profile {self.profile}` it or use another profile")
         return path
 
+    def _stopped_from_outside(self) -> bool:
+        """Has another process (``ipmulti stop``) stopped our engines and removed our file? Then
+        do not bring them back, and free the profile for a new cluster."""
+        path = self._written.get("path")
+        if self._stopped or not path:
+            return False
+        try:
+            if "stopped_by" not in read_spec(path):
+                return False
+        except NoClusterError:
+            pass
+        except ValueError:
+            return False
+        if self._lock is not None and self._lock.held:
+            log.warning("another process stopped this cluster (ipmulti stop, %s): its engines "
+                        "are not restarted and profile %r is free again", path, self.profile)
+            self._lock.release()
+        return True
+
     # -- starting
     def start(self) -> Any:
         """Start the engines; returns a connected ``MultiEngineClient``."""
@@ -513,6 +534,8 @@ class Cluster(Owner):
 
     def _on_dead(self, eid: int, reason: str) -> None:
         """Controller callback (loop thread): restart a dead engine when ``auto_restart`` is on."""
+        if self._stopped_from_outside():
+            return
         if not self.auto_restart or self._stopped or self.launcher is not None:
             return
         lock = self._restart_locks.get(eid)

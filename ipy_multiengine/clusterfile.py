@@ -39,7 +39,8 @@ from .errors import EngineError, NoClusterError
 log = logging.getLogger(__name__)
 
 HOW_TO_START = ("start one with `ipmulti start -n 4 --daemon`, or in Python: "
-                "`with Cluster(n=4) as mec: ...` (embedded: found through mec only)")
+                "`Cluster(n=4, profile='default').start()` (shared; `with Cluster(n=4) as mec:` is "
+                "embedded: private to mec, never found by profile)")
 CONNECTION_KEYS = ("shell_port", "iopub_port", "control_port", "ip", "key")
 SHARED_PREFIX, EMBEDDED_PREFIX = "cluster-", "embedded-"
 #: Seconds a client connected by cluster file watches for its owner to restart a dead engine.

@@ -183,7 +183,7 @@ def test_h13_embedded_clusters_coexist_are_private_and_stop_from_outside_spares_
         assert m1.apply(os.getpid) != m2.apply(os.getpid)
         # neither is what a bare client (or %px) finds: only shared clusters are
         if not cluster_file_path("default").exists():
-            with pytest.raises(NoClusterError, match="shared"):
+            with pytest.raises(NoClusterError, match="embedded"):
                 MultiEngineClient()
         listed = ipmulti("list")
         assert listed.returncode == 0, listed.stderr
@@ -375,3 +375,32 @@ def test_o02_stale_mpi_cluster_cleanup_stops_mpiexec_and_ranks(tmp_path):
         for p in pids:
             if not process_gone(p):
                 psutil.Process(p).kill()
+
+
+def profile_free(profile: str) -> bool:
+    from ipy_multiengine.clusterfile import ProfileLock
+
+    lock = ProfileLock(profile)
+    try:
+        lock.acquire()
+    except RuntimeError:
+        return False
+    lock.release()
+    return True
+
+
+def test_h13_shared_cluster_of_a_user_process_stopped_from_outside_frees_its_profile():
+    """``ipmulti stop`` on a profile owned by a notebook/script stops the engines, not the
+    process; the owner does not auto-restart them and the profile can be started again."""
+    c = Cluster(n=1, profile="h13-out", auto_restart=True)
+    with c as mec:
+        pid = mec.engines[0]["pid"]
+        out = ipmulti("stop", "--profile", "h13-out")
+        assert out.returncode == 0, out.stderr
+        wait_until(lambda: process_gone(pid), 15, "the engine to exit")
+        wait_until(lambda: 0 in mec.get_ids().dead, 15, "the owner to notice")
+        wait_until(lambda: profile_free("h13-out"), 15, "the owner to free the profile")
+        assert not cluster_file_path("h13-out").exists()
+        with Cluster(n=1, profile="h13-out") as again:
+            assert again.apply(lambda: 3) == [3]
+        assert c.restarts == {}  # not brought back by auto_restart
