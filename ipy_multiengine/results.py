@@ -33,6 +33,10 @@ class ResultList(list):
             if result is not None:
                 plain = str(result.get("text/plain", ""))
                 text = f"{text}\n{plain}" if text else plain
+            for out in r.get("outputs") or []:  # pager text (obj?, %pdoc): what a terminal shows
+                if (out.get("metadata") or {}).get("pager"):
+                    page = str((out.get("data") or {}).get("text/plain", "")).rstrip("\n")
+                    text = f"{text}\n{page}" if text else page
             if text:
                 lines.append(f"[{eid}] Out[{n}]: {text}")
             err = (r.get("stderr") or "").rstrip("\n")
@@ -54,6 +58,8 @@ def _rich(out: dict) -> str:
     data = out.get("data") or {}
     if kind not in ("display_data", "update_display_data", "execute_result"):
         return ""
+    if (out.get("metadata") or {}).get("pager"):
+        return ""  # pager text: already on the Out line
     if kind == "execute_result" and set(data) <= {"text/plain"}:
         return ""  # already on the Out line
     head = "result " if kind == "execute_result" else ("update " if kind == "update_display_data" else "")
@@ -76,7 +82,7 @@ class PendingResult:
         method: str,
         finish: Callable[[list[Any]], Any],
         on_interrupt: Callable[[list[int]], None] | None = None,
-        progress: Callable[["PendingResult", float | None], None] | None = None,
+        progress: Callable[["PendingResult"], Any] | None = None,
     ) -> None:
         self.futures = futures
         self.eids = eids
@@ -97,15 +103,18 @@ class PendingResult:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until ready or ``timeout`` seconds pass; Ctrl-C interrupts the engines and re-raises."""
+        # one wait, one deadline: the progress bar is drawn by the same wait (issue 11.3)
+        bar = self._progress(self) if self._progress is not None and not self.ready() else None
         try:
-            if self._progress is not None and not self.ready():
-                self._progress(self, timeout)
-            return stdin.wait(self.futures, timeout)  # answers engines' input() while waiting
+            return stdin.wait(self.futures, timeout, progress=bar)  # answers engines' input() meanwhile
         except KeyboardInterrupt:
             running = [e for e, f in zip(self.eids, self.futures) if not f.done()]
             if self._on_interrupt is not None and running:
                 self._on_interrupt(running)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
 
     def get_result(self, default: Any = None, block: bool = True, timeout: float | None = None) -> Any:
         """The combined result; raises ``CompositeError`` if any engine failed."""
@@ -127,6 +136,23 @@ class PendingResult:
     @property
     def r(self) -> Any:
         return self.get_result()
+
+    # what each engine printed or displayed while running this call (execute, apply, map, ...),
+    # one entry per engine in ``eids`` order; empty for an engine not done yet
+    @property
+    def stdout(self) -> list[str]:
+        """Per engine, the text the call printed to stdout."""
+        return [_output(f, "stdout", "") for f in self.futures]
+
+    @property
+    def stderr(self) -> list[str]:
+        """Per engine, the text the call printed to stderr (warnings included)."""
+        return [_output(f, "stderr", "") for f in self.futures]
+
+    @property
+    def outputs(self) -> list[list[dict]]:
+        """Per engine, the rich outputs (``display_data``, ...) as Jupyter message contents."""
+        return [_output(f, "outputs", []) for f in self.futures]
 
     def _collect(self) -> None:
         results: list[Any] = []
@@ -161,6 +187,17 @@ def _release_frames(replies: list[Any]) -> None:
     for reply in replies:
         if isinstance(reply, CommReply):
             reply.frames = []
+
+
+def _output(fut: cf.Future, name: str, empty: Any) -> Any:
+    """``name`` (stdout/stderr/outputs) of a finished engine's reply, record or error record."""
+    if not fut.done() or fut.cancelled():
+        return empty
+    exc = fut.exception()
+    value = getattr(exc, "result", None) if exc is not None else fut.result()
+    if isinstance(value, dict):
+        return value.get(name) or empty
+    return getattr(value, name, empty) or empty
 
 
 def _partial(result: Any) -> Any:
