@@ -12,6 +12,7 @@ import os
 import logging
 import sys
 import time
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
@@ -25,7 +26,7 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
     RemoteError,
     TimeoutError,
 )
-from .results import PendingResult, ResultList
+from .results import PendingResult, ResultList, wait_sent
 
 if TYPE_CHECKING:
     from .balanced import BalancedMap
@@ -38,6 +39,9 @@ Targets = "str | int | Sequence[int] | None"
 
 _active: "MultiEngineClient | None" = None
 log = logging.getLogger("ipy_multiengine")
+
+#: Seconds a blocking call that failed or timed out still waits for its sends to leave.
+SEND_GRACE = 0.25
 
 
 
@@ -70,6 +74,11 @@ class MultiEngineClient:
     seconds of silence (``None`` turns heartbeats off). ``timeout`` bounds connecting;
     ``max_message_size`` (bytes, default unlimited) refuses larger replies with an ``EngineError``.
     """
+
+    #: Experts only: non-blocking push/scatter/apply/map return at once, while zmq still reads
+    #: the objects sent (zero copy). Call ``pr.wait_for_send()`` before changing them, or the
+    #: engines may receive the changed values. Default False: calls return once sent.
+    return_before_send: bool = False
 
     #: Seconds a blocking map/gather/barrier runs before a progress bar appears (None: never).
     progress_after: float | None = 2.0
@@ -245,7 +254,11 @@ class MultiEngineClient:
 
     def _deliver(self, pr: PendingResult, block: bool, timeout: float | None,
                  live: "LiveOutput | None" = None) -> Any:
+        """Wait for ``pr`` (``block``) or hand it back, and never before the objects it sends
+        have left: zero copy must not mean shared mutation (issue 11 item 2)."""
         if not block:
+            if not self.return_before_send:
+                pr.wait_for_send()  # zmq has the frames and released the zero-copy ones
             return pr
         try:
             return pr.get_result(timeout=timeout)
@@ -256,6 +269,13 @@ class MultiEngineClient:
         finally:
             if live is not None:
                 live.close()
+            # a reply means its engine had every frame; a timeout or Ctrl-C may come earlier
+            if not self.return_before_send and not pr.wait_for_send(SEND_GRACE):
+                unsent = wait_sent(pr.futures, 0)
+                engines = [e for e, f in zip(pr.eids, pr.futures) if any(f is u for u in unsent)]
+                warnings.warn(f"{pr.method}: engines {engines} are still receiving what this call sent; "
+                              "do not change those objects before mec.last.wait_for_send()",
+                              RuntimeWarning, stacklevel=3)
 
     @staticmethod
     def _live(eids: list[int], block: bool) -> "LiveOutput | None":
@@ -406,7 +426,7 @@ class MultiEngineClient:
         from .balanced import dumps_chunk
 
         for (a, b) in partition.bounds(len(items), nparts):
-            frames.append(dumps_chunk(f, a, items[a:b]))  # a TypeError names the item
+            frames.append(dumps_chunk(f, a, items[a:b], snapshot=False))  # a TypeError names the item
             datas.append(a)
         futures = []
         live = self._live(eids, block)
