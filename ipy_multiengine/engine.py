@@ -256,7 +256,7 @@ def _on_msg(comm: Any, msg: dict) -> None:
 
 
 #: Seconds an op waits for its reply's zero-copy buffers to leave before the engine goes on.
-SEND_WAIT = 30.0
+SEND_WAIT = 10.0
 
 
 def _send_reply(comm: Any, reply: dict, frames: list) -> None:

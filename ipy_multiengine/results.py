@@ -104,8 +104,8 @@ class PendingResult:
     def wait_for_send(self, timeout: float | None = None) -> bool:
         """Wait until the objects this call sends (push, scatter, apply/map arguments) are no
         longer read: zmq has the message and has released every zero-copy buffer. True when so,
-        False if ``timeout`` passed first. Calls return only once this holds unless the client's
-        ``return_before_send`` is set (then call this before changing what you sent)."""
+        False if ``timeout`` passed first. Only needed with the client's ``return_before_send``
+        (otherwise non-blocking calls send copies and blocking ones return after the send)."""
         return wait_sent(self.futures, timeout) == []
 
     @property

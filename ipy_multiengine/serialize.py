@@ -35,9 +35,9 @@ def dumps(obj: Any) -> list[Any]:
 
 
 def snapshot(frames: list[Any]) -> list[Any]:
-    """Copy the out-of-band buffers of ``dumps`` output: for frames sent *later* (a balanced
-    map's next chunks), which must carry the values of the time of the call, not whatever the
-    caller's arrays hold by then."""
+    """Copy the out-of-band buffers of ``dumps`` output: for frames sent after the call
+    returned (non-blocking calls, a balanced map's later chunks), which must carry the values
+    of the time of the call, not whatever the caller's arrays hold by then."""
     return [frames[0], *(bytes(b) for b in frames[1:])] if len(frames) > 1 else frames
 
 

@@ -422,3 +422,23 @@ def test_h02_expert_opt_out_returns_before_send(mec):
     finally:
         mec.return_before_send = False
     assert _engine_min(mec, "a", targets=0) == [(0.0, 3_999_999.0)]
+
+
+def test_h02_zero_copy_mutation_after_a_blocking_push_timed_out(mec):
+    """A blocking push that times out (the engine is busy) has still sent the caller's array
+    before raising: changing it afterwards does not change what the engine applies later."""
+    import warnings
+
+    from ipy_multiengine.errors import TimeoutError as MeTimeout
+
+    a = np.arange(12_500_000, dtype=float)  # 100 MB
+    busy = mec.execute("import time; time.sleep(2)", targets=0, block=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "still receiving" warning: the data had left
+        with pytest.raises(MeTimeout):
+            mec.push({"a": a}, targets=0, timeout=0.5)
+    a[:] = -1.0
+    assert mec.last.method == "push"  # kept, to collect later
+    mec.last.get_result(timeout=30)
+    busy.get_result(timeout=30)
+    assert _engine_min(mec, "a", targets=0) == [(0.0, 12_499_999.0)]
