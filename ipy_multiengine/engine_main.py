@@ -210,7 +210,17 @@ def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], t
         if report and report.get(READY_KEY):
             report["connection_file"] = path
             report["log_file"] = log_path
-            print(READY_PREFIX + json.dumps(report), flush=True)
+            try:
+                print(READY_PREFIX + json.dumps(report), flush=True)
+            except (BrokenPipeError, OSError):  # the launcher gave up (cancelled): no orphan
+                proc.kill()
+                proc.wait()
+                for p in (path, log_path):
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+                return 1
             return 0
         if proc.poll() is not None or time.monotonic() > deadline:
             if proc.poll() is None:
@@ -234,19 +244,21 @@ def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], t
         time.sleep(0.05)
 
 
-def _pid_runs_engine(pid: int, connection_file: str) -> bool:
+def pid_runs_engine(pid: int, connection_file: str) -> bool:
+    """Is process ``pid`` alive (not a zombie) and the engine of ``connection_file``?"""
+    import psutil
+
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-    except FileNotFoundError:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and connection_file in proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
-    except OSError:
-        return True  # no /proc (macOS): trust the pid
-    return os.fsencode(connection_file) in args
+    except psutil.AccessDenied:
+        return False  # not ours: never signal it
 
 
 def signal_engine(pid: int, connection_file: str, signame: str) -> int:
-    if not _pid_runs_engine(pid, connection_file):
+    if not pid_runs_engine(pid, connection_file):
         print(f"engine_main: no engine with pid {pid} for {connection_file}", file=sys.stderr)
         return 3
     if signame != "0":  # signal 0: only check that the engine runs
@@ -257,19 +269,31 @@ def signal_engine(pid: int, connection_file: str, signame: str) -> int:
 def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
     """SIGTERM every engine (pid, connection file), wait up to ``timeout``, SIGKILL those left;
     remove their files."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        running = [(pid, f) for pid, f in engines if _pid_runs_engine(pid, f)]
-        for pid, _ in running:
+    import psutil
+
+    procs = []
+    for pid, f in engines:
+        if pid_runs_engine(pid, f):
             try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
+                procs.append(psutil.Process(pid))
+            except psutil.Error:
                 pass
-        deadline = time.monotonic() + wait
-        while running and time.monotonic() < deadline:
-            time.sleep(0.05)
-            running = [(pid, f) for pid, f in running if _pid_runs_engine(pid, f)]
-        if not running:
-            break
+    for p in procs:  # psutil re-checks the process's identity (create time) before signalling
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5.0)
+    if alive:
+        print("engine_main: engine process(es) still running after SIGKILL: "
+              + ", ".join(str(p.pid) for p in alive), file=sys.stderr)
+        return 1
     for _, connection_file in engines:
         for p in (connection_file, connection_file[: -len(".json")] + ".log"):
             try:

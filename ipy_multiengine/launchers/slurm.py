@@ -140,7 +140,7 @@ class SlurmLauncher(Launcher):
         return self._env
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> list[dict]:
+    async def _start(self) -> list[dict]:
         self.work_dir = make_work_dir(self.work_dir_base, prefix="ipmulti-slurm-")
         paths = write_engine_files(self.work_dir, self.n, self.ip)
         script_path = os.path.join(self.work_dir, "engines.sbatch")
@@ -150,18 +150,13 @@ class SlurmLauncher(Launcher):
                                       env=self.env_for_commands(), timeout=60)
         self.job_id = out.strip().split(";")[0]
         try:
-            self.engines = await wait_for_engines(
+            return await wait_for_engines(
                 paths, self.startup_timeout, alive=self._problem, what=f"slurm job {self.job_id}"
             )
-        except EngineStartTimeout as exc:
+        except EngineStartTimeout as exc:  # the template then cancels the job
             state = await self.job_state()
-            await self.stop(timeout=2.0)
             raise EngineStartTimeout(f"{exc}; the job was {state or 'gone'} (now cancelled)",
                                      exc.missing) from None
-        except BaseException:
-            await self.stop(timeout=2.0)
-            raise
-        return self.engines
 
     async def job_state(self) -> str | None:
         """``squeue``'s state of the job (e.g. ``RUNNING``, ``PENDING (Resources)``), or None."""
@@ -188,11 +183,6 @@ class SlurmLauncher(Launcher):
         if state is None or state.split()[0] in TERMINAL_STATES:
             return f"the job ended ({state or 'no longer in squeue'}); its output:\n{self._output_tail()}"
         return None
-
-    async def poll(self) -> list[bool]:
-        state = await self.job_state()
-        running = state is not None and state.split()[0] in ("RUNNING", "COMPLETING")
-        return [running] * self.n
 
     async def interrupt(self, ids: Iterable[int] | None = None) -> None:
         """All engines: ``scancel --signal=INT`` (every task of the job); some: their
