@@ -200,6 +200,22 @@ async def wait_for_engines(
         await asyncio.sleep(interval)
 
 
+def remote_path_word(path: str, what: str = "python") -> str:
+    """``path`` as one shell word for the engines' host: a leading ``~``, ``$HOME`` or
+    ``${HOME}`` is that host's home directory (expanded by its shell, as a user expects), the
+    rest is quoted literally; any other ``~user``, ``$VAR`` or backquote is refused up front."""
+    import re
+    import shlex
+
+    m = re.fullmatch(r"(~|\$HOME|\$\{HOME\})(/.*)?", path)
+    if m:
+        return '"$HOME"' + (shlex.quote(m.group(2)) if m.group(2) else "")
+    if path.startswith("~") or "$" in path or "`" in path:
+        raise ValueError(f"{what}={path!r}: only a leading ~, $HOME or ${{HOME}} is expanded on the "
+                         "engines' host; give an absolute path")
+    return shlex.quote(path)
+
+
 def find_executable(name: str, near: str | None = None) -> str | None:
     """``name`` next to the Python ``near`` (a venv's bin), next to ours, then on PATH."""
     if os.path.isabs(name):

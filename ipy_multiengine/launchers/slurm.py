@@ -27,6 +27,7 @@ from .base import (
     engine_file,
     interrupt_via_control,
     make_work_dir,
+    remote_path_word,
     run_command,
     shutdown_via_control,
     wait_for_engines,
@@ -91,6 +92,7 @@ class SlurmLauncher(Launcher):
         self.srun_args = list(srun_args)
         self.mpi = mpi
         self.python = python or sys.executable
+        remote_path_word(self.python, "python")  # a clear error up front
         self.setup = setup
         self.ip = ip
         self.template = template or DEFAULT_TEMPLATE
@@ -108,12 +110,13 @@ class SlurmLauncher(Launcher):
         if self.mpi:
             args.append(f"--mpi={self.mpi}")
         args += self.srun_args
-        args += [self.python, "-m", "ipy_multiengine.engine_main",
-                 "--connection-file", engine_file(self.work_dir, "{engine_id}"),
-                 "--mpi", "yes" if self.mpi else "auto"]
+        rest = ["-m", "ipy_multiengine.engine_main",
+                "--connection-file", engine_file(self.work_dir, "{engine_id}"),
+                "--mpi", "yes" if self.mpi else "auto"]
         if self.kernel_args:
-            args += ["--", *self.kernel_args]
-        return " ".join(shlex.quote(a) for a in args)
+            rest += ["--", *self.kernel_args]
+        return " ".join([*(shlex.quote(a) for a in args), remote_path_word(self.python),
+                         *(shlex.quote(a) for a in rest)])
 
     def script(self) -> str:
         lines = []

@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..engine_main import READY_PREFIX
-from .base import Launcher, LauncherError, new_connection_info, run_command
+from .base import Launcher, LauncherError, new_connection_info, remote_path_word, run_command
 
 FORWARD_ATTEMPTS = 3
 
@@ -77,7 +77,8 @@ async def _port_open(port: int) -> bool:
 class SSHLauncher(Launcher):
     """Engines on the hosts of ``hosts`` (host -> count, or host -> options dict).
 
-    Options: ``python`` (remote interpreter, default ``python3``), ``setup`` (shell code run
+    Options: ``python`` (remote interpreter, default ``python3``; a leading ``~`` or ``$HOME``
+    is the remote home), ``setup`` (shell code run
     before it, e.g. ``source env/bin/activate``), ``env`` (variables for the engines),
     ``ssh`` (the ssh executable), ``ssh_args`` (extra options for every ssh), ``known_hosts``
     (a known_hosts file to use instead of the user's), ``identity_file``, ``kernel_args``,
@@ -116,6 +117,7 @@ class SSHLauncher(Launcher):
             if not isinstance(spec.get("n", 1), int) or spec.get("n", 1) < 1:
                 raise ValueError(f"ssh launcher: host {host!r} needs a positive engine count")
             spec.setdefault("n", 1)
+            remote_path_word(spec.get("python", python), "python")  # a clear error up front
             self.hosts[host] = spec
         total = sum(s["n"] for s in self.hosts.values())
         if n is not None and n != total:
@@ -155,7 +157,7 @@ class SSHLauncher(Launcher):
         env = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", **self.env, **spec.get("env", {})}
         line = " ".join(
             ["exec", "env", *(shlex.quote(f"{k}={v}") for k, v in env.items()),
-             shlex.quote(python), "-m", "ipy_multiengine.engine_main", *map(shlex.quote, args)]
+             remote_path_word(python), "-m", "ipy_multiengine.engine_main", *map(shlex.quote, args)]
         )
         return f"{setup}; {line}" if setup.strip() else line
 
