@@ -77,19 +77,29 @@ def wait(
     first: bool = False,
     tick: Callable[[], None] | None = None,
     wake: Callable[[], Future] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    deadline: float | None = None,
 ) -> bool:
     """Wait until every future (with ``first``: any) is done or ``timeout`` passes; True when done.
 
+    The one blocking wait of the package: the client, ``PendingResult``, ``barrier``,
+    ``wait_ready`` and the balanced map all come here, so that a timeout is one deadline
+    (``deadline``, a ``time.monotonic()`` value, may be given instead of ``timeout``).
     Waits in slices of ``WAIT_SLICE`` seconds so that a pending KeyboardInterrupt is raised
     promptly in the calling (main) thread, whatever woke it or not. ``tick`` runs before each
-    slice and a future from ``wake`` ends a slice early (stdin forwarding uses both).
+    slice and a future from ``wake`` ends a slice early (stdin forwarding uses both);
+    ``progress(done, total)`` is called after each slice (progress bars).
     """
     futures = list(futures)
-    deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
+    if timeout is not None:
+        end = time.monotonic() + max(timeout, 0)
+        deadline = end if deadline is None else min(deadline, end)
     while True:
         if tick is not None:
             tick()
         todo = [f for f in futures if not f.done()]
+        if progress is not None:
+            progress(len(futures) - len(todo), len(futures))
         if not todo or (first and len(todo) < len(futures)):
             return True
         step = WAIT_SLICE
@@ -100,6 +110,29 @@ def wait(
             step = min(step, left)
         extra = [wake()] if wake is not None else []
         cf.wait(todo + extra, timeout=step, return_when=cf.FIRST_COMPLETED)
+
+
+def wait_until(ready: Callable[[], bool], timeout: float | None = None,
+               deadline: float | None = None, tick: Callable[[], None] | None = None) -> bool:
+    """Poll ``ready()`` every ``WAIT_SLICE`` (or less) until it is true or the deadline passes;
+    True when ready. For conditions that are not futures (an engine becoming ready)."""
+    if timeout is not None:
+        end = time.monotonic() + max(timeout, 0)
+        deadline = end if deadline is None else min(deadline, end)
+    step = 0.02
+    while True:
+        if tick is not None:
+            tick()
+        if ready():
+            return True
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+        else:
+            left = step
+        time.sleep(min(step, left))  # a poll interval, not synchronisation
+        step = min(step * 2, WAIT_SLICE)
 
 
 def call_soon(fn: Callable[..., Any], *args: Any) -> None:

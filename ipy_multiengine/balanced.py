@@ -5,18 +5,42 @@ while it works. Dispatch happens in the done-callbacks of the controller's futur
 on the I/O thread: the user's thread only waits. A chunk whose engine died is sent to another
 engine (``retries`` times); an exception in the mapped function stops the map and names the
 item.
+
+Every chunk is serialised in the caller's thread before anything is sent, so an item that
+cannot be pickled is a ``TypeError`` naming it, raised by the call itself; and any exception in
+a done-callback fails the map with that error instead of being swallowed by
+``concurrent.futures`` (issue 11.5).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import queue
+import logging
 import threading
+import time
 from typing import Any, Callable, Iterator
 
-from . import serialize
-from .errors import CompositeError, EngineError, RemoteError
+from . import serialize, stdin
+from .errors import CompositeError, EngineError, RemoteError, TimeoutError
+
+log = logging.getLogger("ipy_multiengine")
+
+
+def dumps_chunk(f: Callable, offset: int, chunk: list[tuple]) -> list[Any]:
+    """Serialise ``(f, chunk)``, or raise a ``TypeError`` naming the item that cannot be sent."""
+    try:
+        return serialize.dumps((f, chunk))
+    except Exception as exc:
+        serialize.check_picklable(getattr(f, "__name__", "function"), f)
+        for k, item in enumerate(chunk):
+            value = item[0] if len(item) == 1 else item
+            try:
+                serialize.dumps(value)
+            except Exception as err:
+                raise TypeError(f"cannot send item {offset + k} of the map: object of type "
+                                f"{type(value).__name__} cannot be pickled ({err})") from err
+        raise TypeError(f"cannot send items {offset}..{offset + len(chunk) - 1} of the map: {exc}") from exc
 
 
 class BalancedMap:
@@ -36,8 +60,11 @@ class BalancedMap:
         self.retries = retries
         self.depth = depth
         self.chunks = [(i, items[i:i + chunksize]) for i in range(0, len(items), chunksize)]
+        # all of it now, in the caller's thread: nothing is sent if any item cannot be
+        self._frames: list[list[Any] | None] = [dumps_chunk(f, off, chunk) for off, chunk in self.chunks]
         self.future: cf.Future = cf.Future()
-        self.events: queue.Queue = queue.Queue()
+        self._events: collections.deque = collections.deque()
+        self._wake: cf.Future = cf.Future()
         self._todo = collections.deque(range(len(self.chunks)))
         self._results: list[Any] = [None] * len(self.chunks)
         self._order: list[int] = []
@@ -47,12 +74,22 @@ class BalancedMap:
         self._lock = threading.RLock()  # a future may complete inside _fill
         self._stopped = False
 
+    def _event(self, event: Any) -> None:
+        """Queue an event for ``iterate`` and wake its wait (any thread)."""
+        with self._lock:
+            self._events.append(event)
+            wake, self._wake = self._wake, cf.Future()
+        wake.set_result(None)
+
     def start(self) -> "BalancedMap":
         if not self.chunks:
             self.future.set_result([])
         with self._lock:
-            for eid in self.eids:
-                self._fill(eid)
+            try:
+                for eid in self.eids:
+                    self._fill(eid)
+            except Exception as exc:
+                self._fail(exc)
         return self
 
     def cancel(self) -> None:
@@ -66,21 +103,33 @@ class BalancedMap:
     def _fill(self, eid: int) -> None:
         while not self._stopped and eid in self._alive and self._inflight[eid] < self.depth and self._todo:
             ci = self._todo.popleft()
-            offset, chunk = self.chunks[ci]
-            frames = serialize.dumps((self.f, chunk))
-            fut = self.controller.submit_comm([eid], "map", {"offset": offset}, [frames])[0]
+            offset, _chunk = self.chunks[ci]
+            fut = self.controller.submit_comm([eid], "map", {"offset": offset}, [self._frames[ci]])[0]
             self._inflight[eid] += 1
             fut.add_done_callback(lambda fu, eid=eid, ci=ci: self._done(eid, ci, fu))
 
     def _fail(self, err: BaseException) -> None:
         self._stopped = True
         self._todo.clear()
+        self._frames = []
         if not self.future.done():
             self.future.set_exception(err)
-        self.events.put(err)
+        self._event(err)
 
     # -- done-callbacks (I/O thread, or the caller's thread if already done)
     def _done(self, eid: int, ci: int, fu: cf.Future) -> None:
+        """A chunk's future is done. Any exception here fails the map with it: raised in a
+        done-callback it would be logged and dropped by ``concurrent.futures``, and the map
+        would wait forever."""
+        try:
+            self._on_done(eid, ci, fu)
+        except BaseException as exc:
+            log.error("load-balanced map: handling chunk %s from engine %s failed", ci, eid, exc_info=exc)
+            with self._lock:
+                if not self._stopped:
+                    self._fail(exc)
+
+    def _on_done(self, eid: int, ci: int, fu: cf.Future) -> None:
         with self._lock:
             self._inflight[eid] -= 1
             if self._stopped:
@@ -93,8 +142,9 @@ class BalancedMap:
                     self._fail(RemoteError(type(err).__name__, str(err), [], eid, "map"))
                     return
                 self._results[ci] = values
+                self._frames[ci] = None  # sent and answered: free the serialised chunk
                 self._order.append(ci)
-                self.events.put((ci, values))
+                self._event((ci, values))
                 if len(self._order) == len(self.chunks):
                     order = range(len(self.chunks)) if self.ordered else self._order
                     self.future.set_result([v for c in order for v in self._results[c]])
@@ -112,18 +162,30 @@ class BalancedMap:
             else:
                 self._fail(exc)
 
+    def _next_event(self, deadline: float | None) -> Any:
+        """The next event, waiting (the package's one wait: Ctrl-C, engines' input) until the
+        deadline; raises ``TimeoutError`` past it."""
+        while True:
+            with self._lock:
+                if self._events:
+                    return self._events.popleft()
+                wake = self._wake
+            if not stdin.wait([wake], deadline=deadline):
+                done = len(self._order)
+                raise TimeoutError(f"imap not finished by its timeout: {done} of {len(self.chunks)} "
+                                   "chunks done; sending the others was stopped")
+
     # -- iteration (caller's thread)
-    def iterate(self, wait_slice: float = 0.1) -> Iterator[Any]:
-        """Yield results as chunks complete (input order when ``ordered``); Ctrl-C stops the map."""
+    def iterate(self, timeout: float | None = None) -> Iterator[Any]:
+        """Yield results as chunks complete (input order when ``ordered``); Ctrl-C stops the map,
+        and so does ``timeout`` (seconds for the whole iteration) with a ``TimeoutError``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         buffered: dict[int, list] = {}
         following = 0
         received = 0
         try:
             while received < len(self.chunks):
-                try:
-                    event = self.events.get(timeout=wait_slice)
-                except queue.Empty:
-                    continue
+                event = self._next_event(deadline)
                 if isinstance(event, BaseException):
                     raise _composite(event)
                 ci, values = event
@@ -135,6 +197,9 @@ class BalancedMap:
                 while following in buffered:
                     yield from buffered.pop(following)
                     following += 1
+        except TimeoutError:
+            self.cancel()
+            raise
         except KeyboardInterrupt:
             self.cancel()
             self.controller.interrupt([e for e in self.eids if self._inflight.get(e)])

@@ -9,11 +9,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import numbers
 import os
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import _loop, partition, serialize, stdin
@@ -39,8 +37,6 @@ Targets = "str | int | Sequence[int] | None"
 _active: "MultiEngineClient | None" = None
 log = logging.getLogger("ipy_multiengine")
 
-#: Seconds a client connected by cluster file watches for its owner to restart a dead engine.
-FOLLOW_RESTART_FOR = 60.0
 
 
 def get_active() -> "MultiEngineClient | None":
@@ -87,69 +83,28 @@ class MultiEngineClient:
         _controller: Controller | None = None,
         _cluster: Any = None,
     ) -> None:
-        self._cluster = _cluster
         if _controller is None:
-            from .cluster import read_cluster, resolve_cluster_file, liveness_probes
+            from .clusterfile import FileOwner, engines_of, liveness_probes, read_cluster, resolve_cluster_file
 
             path = resolve_cluster_file(cluster_file, profile)
             spec = read_cluster(path)
-            engines = {e["id"]: e["connection"] for e in spec["engines"]}
-            _controller = Controller(engines, liveness_probes(spec), timeout=timeout, heartbeat=heartbeat,
+            _controller = Controller(engines_of(spec), liveness_probes(spec), timeout=timeout, heartbeat=heartbeat,
                                      max_message_size=max_message_size)
-            self.cluster_file = str(path)
-            _controller.on_dead = self._follow_restart
-            self._meta = {e["id"]: {"group": e.get("group", e.get("kernel_name")), "kernel_name": e.get("kernel_name"),
-                                    "pid": e.get("pid"), "host": e.get("host", spec.get("host"))}
-                          for e in spec["engines"]}
-        else:
-            self.cluster_file = getattr(_cluster, "cluster_file", None)
-            meta = getattr(_cluster, "engine_meta", None)
-            self._meta = meta() if callable(meta) else {}
+            _cluster = FileOwner(path, _controller, spec)
+            _controller.on_dead = _cluster.follow_restart
+        elif _cluster is None:
+            from .clusterfile import NoOwner
+
+            _cluster = NoOwner(_controller)
+        #: who owns the engines (an ``Owner``: a ``Cluster``, a proxy through the cluster file, or nobody)
+        self.owner = _cluster
+        self.cluster_file = _cluster.cluster_file
+        self._meta = _cluster.engine_meta()
         self._controller = _controller
         self._block = True
         self._targets: str | int | list[int] = "all"
         self._last: PendingResult | None = None
-        self._restarting: set[int] = set()
         self.closed = False
-
-    def _follow_restart(self, eid: int, reason: str) -> None:
-        """(loop thread) An engine of a cluster we do not own died: if its owner restarts it
-        (``auto_restart``, ``ipmulti restart``, another client's ``restart``), reconnect to the
-        new process as soon as the cluster file lists it."""
-        import asyncio
-
-        from .cluster import liveness_probes
-
-        path, controller = self.cluster_file, self._controller
-        dead_conn = controller.engine(eid)
-        old = dead_conn.info
-
-        async def follow() -> None:
-            deadline = time.monotonic() + FOLLOW_RESTART_FOR
-            while time.monotonic() < deadline and not self.closed:
-                await asyncio.sleep(0.25)
-                conn = controller.engine(eid)
-                if conn is not dead_conn or not conn.dead or eid in self._restarting:
-                    return  # reconnected or being restarted by this client (mec.restart)
-                try:
-                    spec = json.loads(Path(path).read_text())
-                    entry = next(e for e in spec["engines"] if e["id"] == eid)
-                except Exception:
-                    continue
-                probe = liveness_probes(spec).get(eid)
-                if entry["connection"] != old or (probe is not None and entry.get("pid") and probe() is None
-                                                  and entry.get("pid") != conn.engine_info.get("pid")):
-                    if probe is not None and probe() is not None:
-                        continue
-                    try:
-                        await controller.add_engines_async({eid: entry["connection"]},
-                                                           {eid: probe} if probe else {}, timeout=30)
-                    except Exception as exc:
-                        log.warning("could not reconnect to restarted engine %s: %s", eid, exc)
-                    return
-
-        if path:
-            asyncio.ensure_future(follow())
 
     @classmethod
     def attach(cls, connection_files: Iterable[str | os.PathLike] | str | os.PathLike,
@@ -161,7 +116,7 @@ class MultiEngineClient:
         colleague's notebook kernel, kernels started by hand. The client does not own them:
         ``close()`` only disconnects, the kernels keep running.
         """
-        from .cluster import read_connection_files
+        from .clusterfile import read_connection_files
 
         engines = read_connection_files(connection_files)
         return cls(_controller=Controller(engines, None, timeout=timeout))
@@ -272,29 +227,10 @@ class MultiEngineClient:
     def _deliver(self, pr: PendingResult, block: bool, timeout: float | None) -> Any:
         return pr.get_result(timeout=timeout) if block else pr
 
-    def _show_progress(self, pr: PendingResult, timeout: float | None) -> None:
-        after = self.progress_after
-        if after is None:
-            return
-        first = after if timeout is None else min(after, timeout)
-        stdin.wait(pr.futures, first)
-        done = sum(f.done() for f in pr.futures)
-        if done == len(pr.futures) or not _interactive() or (timeout is not None and timeout <= after):
-            return
-        from tqdm.auto import tqdm
-
-        deadline = None if timeout is None else time.monotonic() + max(timeout - after, 0)
-        with tqdm(total=len(pr.futures), desc=pr.method, unit="engine", leave=False) as bar:
-            bar.update(done)
-            while done < len(pr.futures):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                step = _loop.WAIT_SLICE if left is None else min(_loop.WAIT_SLICE, left)
-                stdin.wait([f for f in pr.futures if not f.done()], step, first=True)  # may ask for input
-                now = sum(f.done() for f in pr.futures)
-                bar.update(now - done)
-                done = now
+    def _show_progress(self, pr: PendingResult) -> "_ProgressBar":
+        """A progress bar for ``pr``'s wait: drawn by that wait's slices, shown only once the
+        call has taken ``progress_after`` seconds in an interactive session."""
+        return _ProgressBar(pr.method, self.progress_after)
 
     # ------------------------------------------------------------------ running code
     def execute(self, code: str, targets: Any = None, block: bool | None = None,
@@ -428,8 +364,10 @@ class MultiEngineClient:
         nparts = min(len(eids), len(items))
         eids = eids[:nparts]
         frames, datas = [], []
+        from .balanced import dumps_chunk
+
         for (a, b) in partition.bounds(len(items), nparts):
-            frames.append(serialize.check_picklable(getattr(f, "__name__", "function"), (f, items[a:b])))
+            frames.append(dumps_chunk(f, a, items[a:b]))  # a TypeError names the item
             datas.append(a)
         futures = []
         for eid, fr, off in zip(eids, frames, datas):
@@ -438,15 +376,18 @@ class MultiEngineClient:
         return self._deliver(self._pending(futures, eids, "map", finish, progress=True), block, timeout)
 
     def imap(self, f: Callable, *seqs: Iterable, targets: Any = None, chunksize: int = 1,
-             ordered: bool = True, retries: int = 1) -> Iterator[Any]:
+             ordered: bool = True, retries: int = 1, timeout: float | None = None) -> Iterator[Any]:
         """A load-balanced map whose results are yielded as they arrive (``ordered=False``:
-        in completion order). Everything is submitted at once; Ctrl-C stops it."""
+        in completion order). Everything is submitted at once; Ctrl-C stops it, and so does
+        ``timeout`` (seconds from this call for the whole iteration: ``TimeoutError``)."""
         if not callable(f):
             raise TypeError(f"imap needs a callable, not {type(f).__name__}")
         if not seqs:
             raise TypeError("imap() needs at least one sequence")
         eids, _ = self._prepare(targets, None)
-        return self._balanced(f, list(zip(*seqs)), eids, chunksize, ordered, retries).iterate()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bm = self._balanced(f, list(zip(*seqs)), eids, chunksize, ordered, retries)
+        return bm.iterate(None if deadline is None else max(deadline - time.monotonic(), 0))
 
     def _balanced(self, f: Callable, items: list, eids: list[int], chunksize: int, ordered: bool,
                   retries: int) -> "BalancedMap":
@@ -512,7 +453,8 @@ class MultiEngineClient:
         waiter = PendingResult(futures, eids, "barrier", lambda rs: None,
                                on_interrupt=self._interrupt_eids, progress=self._show_progress)
         if not waiter.wait(timeout):
-            raise TimeoutError(f"barrier not done after {timeout:g} s")
+            left = sorted({e for e, f in zip(eids, futures) if not f.done()})
+            raise TimeoutError(f"barrier not done after {timeout:g} s; still running on engines {left}")
 
     def get_result(self, default: Any = None, block: bool = True, timeout: float | None = None) -> Any:
         """The result of the last call made through this client (what ``%result`` shows)."""
@@ -535,10 +477,7 @@ class MultiEngineClient:
         self._interrupt_eids([e for e in eids if not self._controller.dead(e)])
 
     def _interrupt_eids(self, eids: list[int]) -> None:
-        if self._cluster is not None:
-            self._cluster.interrupt(eids)
-        else:
-            self._controller.interrupt(eids)
+        self.owner.interrupt(eids)
 
     def restart(self, targets: Any = None, timeout: float | None = 60.0) -> None:
         """Restart engines, keeping their ids: each gets a fresh process and an empty namespace,
@@ -551,25 +490,7 @@ class MultiEngineClient:
         if self.closed:
             raise EngineError("this MultiEngineClient is closed")
         eids = self._resolve_targets(targets)
-        if self._cluster is not None:
-            self._cluster.restart(eids, timeout=timeout)
-        elif self.cluster_file:
-            from .cluster import check_owner, liveness_probes, read_cluster, request_owner
-
-            check_owner(Path(self.cluster_file), "restart")
-            self._restarting.update(eids)
-            try:
-                self._controller.set_unavailable(eids, "restarting")
-                request_owner(self.cluster_file, "restart", eids, timeout=60.0 if timeout is None else timeout)
-                spec = read_cluster(self.cluster_file)
-                engines = {e["id"]: e["connection"] for e in spec["engines"] if e["id"] in eids}
-                probes = liveness_probes(spec)
-                self._controller.add_engines(engines, {e: p for e, p in probes.items() if e in eids},
-                                             timeout=60.0 if timeout is None else timeout)
-            finally:
-                self._restarting.difference_update(eids)
-        else:
-            raise EngineError("cannot restart engines this client neither owns nor knows a cluster file for")
+        self.owner.restart(eids, timeout=timeout)
         failed = [err for e in eids for err in self._controller.engine(e).init_errors]
         if failed:
             raise CompositeError("on_start", failed)
@@ -580,15 +501,11 @@ class MultiEngineClient:
         if self.closed:
             raise EngineError("this MultiEngineClient is closed")
         eids = self._resolve_targets(targets)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+        ready = lambda: not any(self._controller.unavailable(e) for e in eids)  # noqa: E731
+        if not _loop.wait_until(ready, timeout, tick=stdin.serve_pending):
             waiting = {e: why for e in eids if (why := self._controller.unavailable(e))}
-            if not waiting:
-                return
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"engines not ready after {timeout:g} s: " +
-                                   "; ".join(f"engine {e} {why}" for e, why in waiting.items()))
-            time.sleep(0.05)
+            raise TimeoutError(f"engines not ready after {timeout:g} s: " +
+                               "; ".join(f"engine {e} {why}" for e, why in waiting.items()))
 
     def on_start(self, code: str, timeout: float | None = None) -> ResultList:
         """Run setup ``code`` on every engine now, and record it so that it runs again, first
@@ -628,8 +545,10 @@ class MultiEngineClient:
         if _active is self:
             _active = None
         self._controller.close()
-        if self._cluster is not None:
-            self._cluster.stop()
+        if getattr(self.owner, "closed", None) is False:
+            self.owner.closed = True  # a FileOwner stops following restarts
+        if self.owner.owns_engines:
+            self.owner.stop()
 
     def __enter__(self) -> "MultiEngineClient":
         return self
@@ -639,6 +558,32 @@ class MultiEngineClient:
 
     def __repr__(self) -> str:
         return f"<MultiEngineClient engines={self.get_ids()} targets={self._targets!r} block={self._block}>"
+
+
+class _ProgressBar:
+    """``progress(done, total)`` for ``_loop.wait``: a tqdm bar after ``after`` seconds."""
+
+    def __init__(self, desc: str, after: float | None) -> None:
+        self.desc, self.after = desc, after
+        self.started = time.monotonic()
+        self.bar: Any = None
+        self.shown = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if (self.after is None or done >= total or time.monotonic() - self.started < self.after
+                    or not _interactive()):
+                return
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="engine", leave=False)
+        self.bar.update(done - self.shown)
+        self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class EngineIds(list):

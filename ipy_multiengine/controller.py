@@ -37,8 +37,16 @@ POLL_INTERVAL = 0.5
 #: Default heartbeat period (s) for engines without a local process to poll: an engine that
 #: has not echoed a beat for this long is declared dead. Beats go out every third of it.
 HEARTBEAT_PERIOD = 3.0
+#: The loop notes the time every STALL_TICK s; a gap longer than STALL_LIMIT means it was not
+#: running (a user thread held the GIL, the process was stopped). Missed beats and overdue
+#: replies are judged on the time the loop has been awake since, never across a stall.
+STALL_TICK = 0.1
+STALL_LIMIT = 0.5
 
 Listener = Callable[[int, str, dict], None]
+
+#: Message types served on the control channel: their busy/idle says nothing of the shell.
+CONTROL_MSG_TYPES = frozenset({"interrupt_request", "shutdown_request", "debug_request", "usage_request"})
 
 INSTALL_CODE = "import ipy_multiengine.engine as _ime_helper; _ime_helper.register(); del _ime_helper"
 
@@ -51,6 +59,7 @@ class Request:
     eid: int
     kind: str  # 'execute' | 'comm' | 'shell' | 'control'
     future: Future
+    channel: str = "shell"  # the channel it was sent on: only shell requests are ordered
     code: str = ""
     op: str = ""
     listener: Listener | None = None
@@ -61,6 +70,7 @@ class Request:
     outputs: list[dict] = field(default_factory=list)
     lost: bool = False
     sent: float = field(default_factory=time.monotonic)
+    listener_error: BaseException | None = None
 
 
 @dataclass
@@ -103,6 +113,8 @@ class EngineConn:
         self.beats = 0
         self.dead_by_heartbeat = False
         self.init_errors: list[BaseException] = []
+        self.init_task: asyncio.Task | None = None  # the on_start code, while it runs
+        self.init_running: str = ""  # the on_start code running now
 
     def url(self, channel: str) -> str:
         transport = self.info.get("transport", "tcp")
@@ -144,20 +156,28 @@ class Controller:
         #: called on the loop thread as ``on_dead(eid, reason)`` when an engine is found dead
         self.on_dead: Callable[[int, str], None] | None = None
         self._curve_keys = zmq.curve_keypair() if zmq.has("curve") else None
+        self._stall_watch: asyncio.Task | None = None
+        self._last_tick = time.monotonic()
+        #: (loop thread) when the loop last came back from a stall, and what it saw of them
+        self._awake_since = 0.0
+        self.stalls = 0
+        self.longest_stall = 0.0
         _loop.run(self._start(dict(engines), timeout))
 
     # ---------------------------------------------------------------- lifecycle (loop)
     async def _start(self, engines: dict[int, dict], timeout: float) -> None:
         self._ctx = zmq.asyncio.Context()
+        self._last_tick = self._awake_since = time.monotonic()
+        self._stall_watch = self._spawn(self._watch_stalls())
         # watch processes while they start too: an engine that dies at startup fails at once
-        self._poller = asyncio.ensure_future(self._poll_liveness())
+        self._poller = self._spawn(self._poll_liveness())
         try:
             await self._add_engines(engines, timeout)
         except BaseException:
             await self._close()
             raise
         if self.heartbeat:
-            self._beater = asyncio.ensure_future(self._heartbeats())
+            self._beater = self._spawn(self._heartbeats())
 
     def add_engines(self, engines: dict[int, dict], liveness: dict[int, Callable[[], str | None]] | None = None,
                     timeout: float = 60.0) -> None:
@@ -176,7 +196,7 @@ class Controller:
                 self._liveness.pop(eid)
         await self._add_engines(dict(engines), timeout, keep_others=True)
         if self.heartbeat and (self._beater is None or self._beater.done()):
-            self._beater = asyncio.ensure_future(self._heartbeats())
+            self._beater = self._spawn(self._heartbeats())
 
     def set_unavailable(self, eids: list[int], reason: str) -> None:
         """Mark engines as unavailable (e.g. being restarted): calls to them fail at once."""
@@ -203,12 +223,21 @@ class Controller:
         results = await asyncio.gather(*(connect(c) for c in conns), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            for conn in conns:
+            for conn, res in zip(conns, results):
                 if keep_others:
+                    if conn.init_task is not None and not conn.init_task.done() and not conn.dead:
+                        continue  # alive, still running slow on_start code: it becomes ready by itself
+                    if conn.ready:
+                        continue  # this one connected; only the others failed
                     # keep the id known (as dead) so the client can report and restart it
+                    reason = res if isinstance(res, BaseException) else errors[0]
                     self._teardown(conn, "startup failed")
-                    conn.dead = f"failed to start: {errors[0]}"
+                    conn.dead = f"failed to start: {type(reason).__name__}: {reason}" if not str(reason) \
+                        else f"failed to start: {reason}"
                     conn.state = "dead"
+                    # the owner hears of it like of any death (auto_restart retries), after the
+                    # restart that failed has let go of the engine
+                    asyncio.get_running_loop().call_soon(self._notify_dead, conn)
                 else:
                     self._teardown(conn, "startup failed")
                     self._engines.pop(conn.eid, None)
@@ -241,7 +270,7 @@ class Controller:
             if channel == "stdin" and "stdin_port" not in conn.info:
                 continue  # connection info without stdin: input() there raises StdinNotImplementedError
             sock = self._socket(conn, channel, kind)
-            conn.tasks.append(asyncio.ensure_future(self._reader(conn, channel, sock)))
+            conn.tasks.append(self._spawn(self._reader(conn, channel, sock), conn))
         # The SUB socket misses messages until its subscription reaches the kernel: ask for
         # kernel_info until a reply has come *and* IOPub has delivered something.
         info_fut: Future | None = None
@@ -277,7 +306,7 @@ class Controller:
             sock.sndhwm = 10
             conn.heartbeat = True
             conn.last_beat = time.monotonic()
-            conn.tasks.append(asyncio.ensure_future(self._hb_reader(conn, sock)))
+            conn.tasks.append(self._spawn(self._hb_reader(conn, sock), conn))
         if conn.language != "python":
             return
         install = self._send_shell(
@@ -288,30 +317,58 @@ class Controller:
         )
         opened = self._send_comm_open(conn)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(install), max(deadline - time.monotonic(), 1))
+            await _wait_for(install, deadline, f"engine {conn.eid} did not install the ipy_multiengine "
+                            f"helper within {timeout:g} s", conn.eid)
         except RemoteError as err:
             log.warning("engine %s: ipy_multiengine helper not importable (%s); execute only", conn.eid, err)
             opened.cancel()
             conn.requests.pop(getattr(opened, "msg_id", ""), None)
             return
-        reply = await asyncio.wait_for(asyncio.wrap_future(opened), max(deadline - time.monotonic(), 1))
+        reply = await _wait_for(opened, deadline, f"engine {conn.eid} did not open the ipy_multiengine "
+                                f"comm within {timeout:g} s", conn.eid)
         conn.engine_info = {k: v for k, v in reply.content.items() if k not in ("rid", "status")}
         conn.data_ok = True
-        await self._run_init(conn, deadline)
+        await self._run_init(conn, deadline, timeout)
 
-    async def _run_init(self, conn: EngineConn, deadline: float) -> None:
-        """Run the recorded on_start code on a fresh engine, before anything else reaches it."""
-        for code in list(self.init_code):
+    async def _run_init(self, conn: EngineConn, deadline: float, timeout: float) -> None:
+        """Run the recorded on_start code on a fresh engine, before anything else reaches it.
+
+        Slow code is not an engine failure (issue 12.5): past the deadline an ``EngineError``
+        names the engine and the code, while the code goes on running; the engine stays
+        connected, is shown as running it, and becomes ready when it finishes.
+        """
+        codes = list(self.init_code)
+        if not codes:
+            return
+        conn.init_task = task = asyncio.ensure_future(self._init_all(conn, codes))
+        conn.tasks.append(task)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), max(deadline - time.monotonic(), 0))
+        except asyncio.TimeoutError:
+            raise EngineError(
+                f"engine {conn.eid}: its on_start code {_short(conn.init_running)!r} has not finished "
+                f"within {timeout:g} s; it goes on running and the engine becomes ready when it is "
+                "done (mec.wait_ready() waits for it; mec.interrupt() stops it)", conn.eid) from None
+
+    async def _init_all(self, conn: EngineConn, codes: list[str]) -> None:
+        for code in codes:
+            conn.init_running = code
             fut = self._send_shell(
                 conn, "execute_request",
                 {"code": code, "silent": False, "store_history": False, "user_expressions": {},
                  "allow_stdin": False, "stop_on_error": False},
                 kind="execute", code=code)
             try:
-                await asyncio.wait_for(asyncio.wrap_future(fut), max(deadline - time.monotonic(), 5))
+                await asyncio.wrap_future(fut)
             except (RemoteError, EngineError) as err:
                 log.warning("engine %s: on_start code failed: %s", conn.eid, err)
                 conn.init_errors.append(err)
+                if conn.dead:
+                    return
+        conn.init_running = ""
+        if conn.init_task is not None and self._engines.get(conn.eid) is conn and conn.sockets \
+                and not conn.ready and not conn.dead:
+            self._connected(conn)  # finished after its restart gave up waiting: ready now
 
     def _connected(self, conn: EngineConn) -> None:
         conn.ready = True
@@ -328,13 +385,78 @@ class Controller:
         conn.sockets.clear()
 
     async def _close(self) -> None:
-        for task in (self._poller, self._beater):
+        for task in (self._poller, self._beater, self._stall_watch):
             if task:
                 task.cancel()
         for conn in self._engines.values():
             self._teardown(conn, "the client was closed")
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
+
+    # ---------------------------------------------------------------- no lost exceptions (loop)
+    def _spawn(self, coro: Any, conn: EngineConn | None = None) -> asyncio.Task:
+        """A long-lived task whose unexpected end fails the requests it serves (never silent)."""
+        task = asyncio.ensure_future(coro)
+
+        def ended(t: asyncio.Task) -> None:
+            if t.cancelled() or t.exception() is None:
+                return
+            exc = t.exception()
+            log.error("ipy_multiengine I/O task %s failed", getattr(coro, "__name__", coro), exc_info=exc)
+            for c in ([conn] if conn is not None else list(self._engines.values())):
+                self._fail_requests(c, exc)
+
+        task.add_done_callback(ended)
+        return task
+
+    def _fail_requests(self, conn: EngineConn, exc: BaseException) -> None:
+        """Fail every request in flight on ``conn`` with ``exc`` (an error of our own I/O code)."""
+        for req in list(conn.requests.values()):
+            self._finish(conn, req, exc=exc)
+
+    def _guarded(self, fn: Callable[..., Any], conn: EngineConn, req: Request | None) -> Callable[..., None]:
+        """``fn`` for a loop callback: an exception fails ``req`` (or all of ``conn``'s) with it."""
+        def run(*args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:
+                log.error("engine %s: a callback on the I/O thread failed", conn.eid, exc_info=exc)
+                if req is not None:
+                    self._finish(conn, req, exc=exc)
+                else:
+                    self._fail_requests(conn, exc)
+        return run
+
+    def _call_later(self, delay: float, fn: Callable[..., None], conn: EngineConn, req: Request) -> None:
+        """``fn(conn, req)`` after ``delay`` seconds *of a running loop*: re-armed after a stall,
+        so that messages that arrived while the loop was stopped are read first; guarded."""
+        armed = time.monotonic()
+
+        def fire() -> None:
+            self._check_stall()
+            awake = time.monotonic() - max(armed, self._awake_since)
+            if awake < delay:
+                asyncio.get_running_loop().call_later(delay - awake, fire)
+                return
+            self._guarded(fn, conn, req)(conn, req)
+
+        asyncio.get_running_loop().call_later(delay, fire)
+
+    def _check_stall(self) -> None:
+        now = time.monotonic()
+        gap = now - self._last_tick
+        if gap > STALL_LIMIT:
+            self.stalls += 1
+            self.longest_stall = max(self.longest_stall, gap)
+            self._awake_since = now
+            log.info("the I/O loop did not run for %.1f s (GIL held by another thread, or the "
+                     "process was stopped); liveness is judged from now on", gap)
+        self._last_tick = now
+
+    async def _watch_stalls(self) -> None:
+        while True:
+            self._check_stall()
+            await asyncio.sleep(STALL_TICK)
 
     async def _poll_liveness(self) -> None:
         while True:
@@ -348,19 +470,31 @@ class Controller:
                     reason = None
                     log.debug("liveness probe for engine %s failed: %s", conn.eid, exc)
                 if reason:
-                    self._mark_dead(conn, reason)
+                    try:
+                        self._mark_dead(conn, reason)
+                    except Exception as exc:
+                        log.error("engine %s: marking it dead failed", conn.eid, exc_info=exc)
+                        self._fail_requests(conn, exc)
 
     async def _heartbeats(self) -> None:
         """Send a beat to every heartbeat-watched engine each third of the period; one task for all."""
         while self.heartbeat:
             period = self.heartbeat
+            self._check_stall()
             now = time.monotonic()
             for conn in list(self._engines.values()):
                 if not conn.heartbeat or "hb" not in conn.sockets:
                     continue
-                if not conn.dead and conn.ready and now - conn.last_beat > period:
+                # silence counts only while this loop was awake to hear (issue 11.7): a user
+                # thread holding the GIL, or a SIGSTOP, delays our reading, not the engine
+                silent = now - max(conn.last_beat, self._awake_since)
+                if not conn.dead and conn.ready and silent > period:
                     conn.dead_by_heartbeat = True
-                    self._mark_dead(conn, f"stopped answering heartbeats (none for {now - conn.last_beat:.1f} s)")
+                    try:
+                        self._mark_dead(conn, f"stopped answering heartbeats (none for {silent:.1f} s)")
+                    except Exception as exc:
+                        log.error("engine %s: marking it dead failed", conn.eid, exc_info=exc)
+                        self._fail_requests(conn, exc)
                 conn.beats += 1
                 try:
                     conn.sockets["hb"].send(b"%d" % conn.beats, zmq.NOBLOCK)
@@ -392,9 +526,12 @@ class Controller:
         conn.ready = False
         log.warning("engine %s %s", conn.eid, reason)
         self._fail_all(conn, reason)
-        if self.on_dead is not None and not self._closed:
+        self._notify_dead(conn)
+
+    def _notify_dead(self, conn: EngineConn) -> None:
+        if self.on_dead is not None and not self._closed and conn.dead and self._engines.get(conn.eid) is conn:
             try:
-                self.on_dead(conn.eid, reason)
+                self.on_dead(conn.eid, conn.dead)
             except Exception:
                 log.exception("on_dead callback failed")
 
@@ -428,13 +565,21 @@ class Controller:
                     continue
             try:
                 self._dispatch(conn, channel, msg)
-            except Exception:
-                log.exception("engine %s: error routing a %s message", conn.eid, msg.get("msg_type"))
+            except Exception as exc:
+                # the request this message belongs to fails with the real error (issue 11.5)
+                log.error("engine %s: error routing a %s message", conn.eid, msg.get("msg_type"), exc_info=exc)
+                req = self._request_of(conn, msg)
+                if req is not None:
+                    self._finish(conn, req, exc=exc)
 
-    def _refuse_oversize(self, conn: EngineConn, channel: str, msg: dict, size: int) -> None:
+    @staticmethod
+    def _request_of(conn: EngineConn, msg: dict) -> Request | None:
         content = msg.get("content") or {}
         rid = (content.get("data") or {}).get("rid", "") if msg.get("msg_type") == "comm_msg" else ""
-        req = conn.requests.get(rid) or conn.requests.get(msg["parent_header"].get("msg_id", ""))
+        return conn.requests.get(rid) or conn.requests.get((msg.get("parent_header") or {}).get("msg_id", ""))
+
+    def _refuse_oversize(self, conn: EngineConn, channel: str, msg: dict, size: int) -> None:
+        req = self._request_of(conn, msg)
         text = (f"engine {conn.eid} sent a {msg.get('msg_type')} of {size} bytes, more than "
                 f"max_message_size={self.max_message_size}; it was dropped")
         log.warning(text)
@@ -453,7 +598,7 @@ class Controller:
             req = conn.requests.get(parent)
             if req is not None:
                 req.reply = content
-                if channel == "shell":
+                if channel == "shell" and req.channel == "shell":
                     self._drop_skipped(conn, req, ("execute", "shell"))
                 self._maybe_complete(conn, req)
             return
@@ -467,18 +612,26 @@ class Controller:
             return
         if mtype == "status":
             state = content.get("execution_state")
-            if state in ("busy", "idle") and not conn.dead:
+            req = conn.requests.get(parent)
+            # The engine's state follows its shell channel only: a control request (interrupt,
+            # shutdown, debug) is busy/idle while the shell may still be busy (issue 11.8).
+            on_shell = req.channel == "shell" if req is not None else (
+                msg["parent_header"].get("msg_type") not in CONTROL_MSG_TYPES)
+            if state in ("busy", "idle") and not conn.dead and on_shell:
                 conn.state = state
                 conn.busy_since = time.monotonic() if state == "busy" else None
-                busy_with = conn.requests.get(parent) if state == "busy" else None
+                busy_with = req if state == "busy" else None
                 conn.running = (busy_with.code or busy_with.op or busy_with.kind) if busy_with else (
                     "(a request from another client)" if state == "busy" else "")
-            req = conn.requests.get(parent)
             if req is not None and state == "idle":
                 req.idle = True
-                self._drop_skipped(conn, req, ("comm",))
+                if req.channel == "shell":
+                    # the engine went past every earlier shell message: comm requests among them
+                    # that got no reply were lost. A control request says nothing about the
+                    # shell queue, so it never fails queued requests (issue 11.8).
+                    self._drop_skipped(conn, req, ("comm",))
                 if req.reply is None and req.kind in ("execute", "comm"):
-                    asyncio.get_running_loop().call_later(IDLE_GRACE, self._reply_overdue, conn, req)
+                    self._call_later(IDLE_GRACE, self._reply_overdue, conn, req)
                 self._maybe_complete(conn, req)
             return
         req = conn.requests.get(parent)
@@ -493,14 +646,18 @@ class Controller:
         if req.listener is not None:
             try:
                 req.listener(conn.eid, mtype, content)
-            except Exception:
-                log.exception("output listener failed")
+            except Exception as exc:
+                # the request fails with this error when it completes (its output is still
+                # collected); the listener is not called again
+                log.error("engine %s: output listener failed", conn.eid, exc_info=exc)
+                req.listener_error = exc
+                req.listener = None
 
     def _maybe_complete(self, conn: EngineConn, req: Request) -> None:
         if req.reply is None:
             return
         if req.kind == "execute" and not req.idle:
-            asyncio.get_running_loop().call_later(IDLE_GRACE, self._idle_overdue, conn, req)
+            self._call_later(IDLE_GRACE, self._idle_overdue, conn, req)
             return
         if req.kind == "comm":
             return  # comm operations complete on their explicit reply
@@ -541,14 +698,14 @@ class Controller:
             def send() -> None:
                 if "stdin" in conn.sockets and not conn.dead:
                     self._send(conn, "stdin", conn.session.msg("input_reply", {"value": value}, parent=header))
-            _loop.call_soon(send)
+            _loop.call_soon(self._guarded(send, conn, req))
 
         item = stdin.InputRequest(
             eid=conn.eid, prompt=str(msg["content"].get("prompt", "")),
             password=bool(msg["content"].get("password")), reply=reply,
             interrupt=lambda: self.interrupt([conn.eid]), request=req)
         # the engine flushed its output to IOPub just before asking: let that arrive first
-        asyncio.get_running_loop().call_later(0.02, stdin.post, item)
+        asyncio.get_running_loop().call_later(0.02, self._guarded(stdin.post, conn, req), item)
 
     def _drop_skipped(self, conn: EngineConn, later: Request, kinds: tuple[str, ...]) -> None:
         """Fail earlier requests of ``kinds`` that the engine passed over without a reply.
@@ -560,7 +717,7 @@ class Controller:
         for req in list(conn.requests.values()):
             if req is later:
                 return
-            if req.kind in kinds and req.reply is None and not req.future.done():
+            if req.channel == "shell" and req.kind in kinds and req.reply is None and not req.future.done():
                 self._lost(conn, req)
 
     def _reply_overdue(self, conn: EngineConn, req: Request) -> None:
@@ -598,6 +755,8 @@ class Controller:
         conn.requests.pop(req.msg_id, None)
         if req.future.done():
             return
+        if exc is None and req.listener_error is not None:
+            exc = req.listener_error
         if exc is not None:
             req.future.set_exception(exc)
         else:
@@ -630,7 +789,7 @@ class Controller:
     def _send_shell(self, conn: EngineConn, msg_type: str, content: dict, kind: str = "shell",
                     channel: str = "shell", **kw: Any) -> Future:
         msg = conn.session.msg(msg_type, content)
-        req = self._new_request(conn, kind, msg["msg_id"], **kw)
+        req = self._new_request(conn, kind, msg["msg_id"], channel=channel, **kw)
         if not req.future.done():
             conn.requests[req.msg_id] = req
             self._send(conn, channel, msg)
@@ -646,6 +805,14 @@ class Controller:
         return req.future
 
     def _send_batch(self, batch: list[tuple[EngineConn, dict, Request, list]]) -> None:
+        try:
+            self._send_each(batch)
+        except Exception as exc:  # nothing in the batch may be left waiting (issue 11.5)
+            log.error("sending a batch of requests failed", exc_info=exc)
+            for conn, _msg, req, _buffers in batch:
+                self._finish(conn, req, exc=exc)
+
+    def _send_each(self, batch: list[tuple[EngineConn, dict, Request, list]]) -> None:
         for conn, msg, req, buffers in batch:
             if req.future.done():
                 continue
@@ -677,6 +844,8 @@ class Controller:
         if conn.dead:
             return f"is dead ({conn.dead})"
         if not conn.ready:
+            if conn.init_running:
+                return f"is not ready yet (running its on_start code {_short(conn.init_running)!r})"
             return f"is not ready yet ({'restarting' if conn.state == 'restarting' else 'connecting'})"
         return None
 
@@ -741,6 +910,15 @@ class Controller:
             log.debug("error while closing controller: %s", exc)
 
 
+async def _wait_for(fut: Future, deadline: float, text: str, eid: int) -> Any:
+    """Await a request's future until ``deadline``; past it an ``EngineError`` saying ``text``
+    (never asyncio's bare, empty ``TimeoutError``)."""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(fut), max(deadline - time.monotonic(), 0))
+    except asyncio.TimeoutError:
+        raise EngineError(text, eid) from None
+
+
 def _retrieve(fut: "asyncio.Future[Any]") -> None:
     if not fut.cancelled():
         fut.exception()
@@ -779,6 +957,11 @@ def _deserialize(session: Session, frames: list) -> dict:
         "content": unpack(head[4]),
         "buffers": [memoryview(f) for f in frames[5:]],
     }
+
+
+def _short(code: str, width: int = 60) -> str:
+    code = " ".join(code.split())
+    return code if len(code) <= width else code[:width - 3] + "..."
 
 
 def _method(req: Request) -> str:

@@ -52,7 +52,7 @@ class PendingResult:
         method: str,
         finish: Callable[[list[Any]], Any],
         on_interrupt: Callable[[list[int]], None] | None = None,
-        progress: Callable[["PendingResult", float | None], None] | None = None,
+        progress: Callable[["PendingResult"], Any] | None = None,
     ) -> None:
         self.futures = futures
         self.eids = eids
@@ -73,15 +73,18 @@ class PendingResult:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until ready or ``timeout`` seconds pass; Ctrl-C interrupts the engines and re-raises."""
+        # one wait, one deadline: the progress bar is drawn by the same wait (issue 11.3)
+        bar = self._progress(self) if self._progress is not None and not self.ready() else None
         try:
-            if self._progress is not None and not self.ready():
-                self._progress(self, timeout)
-            return stdin.wait(self.futures, timeout)  # answers engines' input() while waiting
+            return stdin.wait(self.futures, timeout, progress=bar)  # answers engines' input() meanwhile
         except KeyboardInterrupt:
             running = [e for e, f in zip(self.eids, self.futures) if not f.done()]
             if self._on_interrupt is not None and running:
                 self._on_interrupt(running)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
 
     def get_result(self, default: Any = None, block: bool = True, timeout: float | None = None) -> Any:
         """The combined result; raises ``CompositeError`` if any engine failed."""

@@ -139,9 +139,11 @@ def _serve(item: Any) -> None:
     item.reply(value)
 
 
-def wait(futures: Iterable[cf.Future], timeout: float | None = None, first: bool = False) -> bool:
+def wait(futures: Iterable[cf.Future], timeout: float | None = None, first: bool = False,
+         progress: Callable[[int, int], None] | None = None, deadline: float | None = None) -> bool:
     """Wait until every future (with ``first``: any) is done or ``timeout`` passes, answering
     engines' input requests meanwhile; True when done (see ``_loop.wait``)."""
     from ._loop import wait as loop_wait
 
-    return loop_wait(futures, timeout, first=first, tick=serve_pending, wake=_wake_future)
+    return loop_wait(futures, timeout, first=first, tick=serve_pending, wake=_wake_future,
+                     progress=progress, deadline=deadline)

@@ -18,7 +18,9 @@ from IPython.utils.capture import capture_output
 
 from ipy_multiengine import client as client_mod
 from ipy_multiengine.errors import CompositeError, TimeoutError
-from ipy_multiengine.magics import _Lines, engine_range, parse_targets
+from ipy_multiengine.magics import parse_targets
+from ipy_multiengine.render import _Lines
+from ipy_multiengine.targets import engine_range
 from ipy_multiengine.results import PendingResult, ResultList
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,13 +32,9 @@ def ip(mec):
     shell.run_line_magic("load_ext", "ipy_multiengine")
     mec.activate()
     magics = shell.magics_manager.registry["ParallelMagics"]
-    magics.pxconfig_.__init__()
-    magics.transformer.enabled = False
-    magics._notebook = None
+    magics.reset()
     yield shell
-    magics.pxconfig_.__init__()
-    magics.transformer.enabled = False
-    magics._notebook = None
+    magics.reset()
     mec.block = True
     mec.targets = "all"
 
@@ -345,7 +343,7 @@ def test_line_form_options_and_code_verbatim(ip):
 
 def test_notebook_rendering_updates_areas_in_place(ip):
     """With a kernel (forced here) each engine's stream is one display area updated in place."""
-    magics_of(ip)._notebook = True
+    magics_of(ip).notebook = True
     with capture_output() as cap:
         ip.run_cell_magic("px", "--targets 0,1", "import time\nfor i in range(3):\n"
                           "    print(f'step {i}', flush=True); time.sleep(0.15)\n7")
