@@ -18,17 +18,13 @@ __all__ = [
 
 def load_ipython_extension(ip):  # noqa: ANN001
     """``%load_ext ipy_multiengine``: register the parallel magics."""
-    from . import magics_tools
     from .magics import load
 
     load(ip)
-    magics_tools.register(ip)  # %pxstatus, %pxdebug, %pxdiff
 
 
 def unload_ipython_extension(ip):  # noqa: ANN001
     """``%unload_ext ipy_multiengine``: remove the magics and the ``%autopx`` transformer."""
-    from . import magics_tools
     from .magics import unload
 
     unload(ip)
-    magics_tools.unregister(ip)

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
-from .cluster import Cluster, cluster_dir, cluster_file_path, list_clusters, pid_alive, _remove_files
+from .cluster import Cluster, list_clusters, stop_cluster_file
+from .clusterfile import (cluster_dir, cluster_file_path, owner_state, read_cluster, read_connection_files,
+                          read_spec, request_owner, write_cluster)
+from .errors import MultiEngineError, NoClusterError
+
+
+class UsageError(ValueError):
+    """A bad command-line argument: ``ipmulti: message`` and exit code 2."""
 
 
 def parse_engines(text: str) -> dict[str, int]:
@@ -20,8 +27,8 @@ def parse_engines(text: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in text.split(","):
         name, sep, count = part.strip().partition("=")
-        if not sep or not name.strip() or not count.strip().isdigit():
-            raise ValueError(f"--engines {text!r}: expected KERNELSPEC=N[,KERNELSPEC=N...], e.g. python3=2,bash=3")
+        if not sep or not name.strip() or not count.strip().isdigit() or int(count) < 1:
+            raise UsageError(f"--engines {text!r}: expected KERNELSPEC=N[,KERNELSPEC=N...], e.g. python3=2,bash=3")
         out[name.strip()] = out.get(name.strip(), 0) + int(count)
     return out
 
@@ -31,16 +38,9 @@ def _start(args: argparse.Namespace) -> int:
         return _start_daemon(args)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        options = _launcher_options(args)
-        engines = parse_engines(args.engines) if args.engines else None
-    except ValueError as exc:
-        print(f"ipmulti: {exc}", file=sys.stderr)
-        return 2
-    cluster = Cluster(n=args.n, kernel_name=args.kernel, profile=args.profile,
-                      startup_timeout=args.timeout, auto_restart=args.auto_restart,
-                      transport_encryption=args.encryption, engines=engines, **options)
+    cluster = _make_cluster(args)
     cluster.serves_requests = True  # `ipmulti restart` and mec.restart() from other processes
+    cluster.owner_kind = "ipmulti"  # `ipmulti stop` may SIGTERM this process (after identity checks)
     try:
         mec = cluster.start()
     except Exception as exc:
@@ -50,7 +50,7 @@ def _start(args: argparse.Namespace) -> int:
         print(f"{len(mec.get_ids())} engines ready, cluster file {cluster.cluster_file}", flush=True)
         if not args.quiet:
             print("Press Ctrl-C to stop.", flush=True)
-        while not stop.wait(0.2):
+        while not stop.wait(0.2) and not cluster.stop_requested:
             cluster.serve_requests()
     except KeyboardInterrupt:
         pass
@@ -60,7 +60,28 @@ def _start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_cluster(args: argparse.Namespace) -> Cluster:
+    """The ``Cluster`` ``ipmulti start`` arguments describe; ``UsageError`` for bad ones,
+    before anything starts."""
+    if args.hosts and args.launcher != "ssh":
+        raise UsageError(f"--hosts works with --launcher ssh only (not {args.launcher!r})")
+    options = _launcher_options(args)
+    engines = parse_engines(args.engines) if args.engines else None
+    try:
+        return Cluster(n=args.n, kernel_name=args.kernel, profile=args.profile,
+                       startup_timeout=args.timeout, auto_restart=args.auto_restart,
+                       transport_encryption=args.encryption, engines=engines, **options)
+    except (ValueError, TypeError, KeyError, LookupError) as exc:
+        raise UsageError(_one_line(exc)) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def _start_daemon(args: argparse.Namespace) -> int:
+    _make_cluster(args)  # check the arguments here, where the user sees the error
     path = cluster_file_path(args.profile)
     log = cluster_dir() / f"daemon-{args.profile}.log"
     cmd = [sys.executable, "-m", "ipy_multiengine.cli", "start", "--profile", args.profile,
@@ -85,11 +106,10 @@ def _start_daemon(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         try:
-            spec = json.loads(path.read_text())
-            if spec.get("owner_pid") == proc.pid:
+            if (read_spec(path).get("owner") or {}).get("pid") == proc.pid:
                 print(path)
                 return 0
-        except (OSError, ValueError):
+        except (NoClusterError, ValueError):
             pass
         time.sleep(0.1)
     proc.terminate()
@@ -107,13 +127,13 @@ def _launcher_options(args: argparse.Namespace) -> dict:
         for item in args.hosts.split(","):
             host, _, count = item.strip().rpartition("=") if "=" in item else (item.strip(), "", "1")
             if not host or not count.isdigit():
-                raise ValueError(f"--hosts: expected HOST=N[,HOST=N...], got {item!r}")
+                raise UsageError(f"--hosts: expected HOST=N[,HOST=N...], got {item!r}")
             hosts[host] = int(count)
         options["hosts"] = hosts
     for opt in args.launcher_option:
         key, sep, value = opt.partition("=")
         if not sep or not key.isidentifier():
-            raise ValueError(f"-o: expected KEY=VALUE, got {opt!r}")
+            raise UsageError(f"-o: expected KEY=VALUE, got {opt!r}")
         try:
             options[key] = json.loads(value)
         except ValueError:
@@ -123,21 +143,21 @@ def _launcher_options(args: argparse.Namespace) -> dict:
 
 def _attach(args: argparse.Namespace) -> int:
     """Register running kernels as the engines of a profile, without owning them."""
-    import socket
-
-    from .cluster import read_cluster, read_connection_files, write_private
-    from .errors import NoClusterError
-
     path = cluster_file_path(args.profile)
-    if path.exists():
-        try:
-            read_cluster(path)
-        except (NoClusterError, ValueError):
-            path.unlink(missing_ok=True)
-        else:
+    try:
+        spec = read_spec(path)
+    except NoClusterError:
+        pass
+    except ValueError:
+        path.unlink(missing_ok=True)  # malformed: nobody's
+    else:
+        if owner_state(spec)[0] != "gone":
             print(f"ipmulti: profile {args.profile!r} already has a cluster ({path}); "
                   "use another --profile or `ipmulti stop` it", file=sys.stderr)
             return 1
+        print(f"ipmulti: the cluster of {path} is stale; `ipmulti stop --profile {args.profile}` "
+              "cleans it up first", file=sys.stderr)
+        return 1
     try:
         engines = read_connection_files(args.files)
     except (OSError, ValueError) as exc:
@@ -152,60 +172,44 @@ def _attach(args: argparse.Namespace) -> int:
             print(f"ipmulti: cannot reach the kernels: {exc}", file=sys.stderr)
             return 1
     spec = {
-        "profile": args.profile, "attached": True, "attached_from": socket.gethostname(), "created": time.time(),
+        "cluster_id": args.profile, "profile": args.profile, "shared": True, "attached": True,
+        "attached_from": socket.gethostname(), "created": time.time(),
         "engines": [{"id": eid, "connection": info, "connection_file": None}
                     for eid, info in engines.items()],
     }
-    write_private(path, json.dumps(spec, indent=1))
+    write_cluster(path, spec)
     print(path)
     return 0
 
 
+def _target(args: argparse.Namespace) -> Path:
+    """The cluster file ``stop``/``restart`` act on: ``--file`` (e.g. an embedded cluster's, from
+    ``ipmulti list``) or the shared cluster of ``--profile``."""
+    return Path(args.file) if getattr(args, "file", None) else cluster_file_path(args.profile)
+
+
 def _stop(args: argparse.Namespace) -> int:
-    path = cluster_file_path(args.profile)
+    path = _target(args)
     try:
-        spec = json.loads(path.read_text())
-    except FileNotFoundError:
+        code, messages = stop_cluster_file(path)
+    except NoClusterError:
         print(f"ipmulti: no cluster for profile {args.profile!r} ({path} does not exist)", file=sys.stderr)
         return 1
     except ValueError as exc:
-        print(f"ipmulti: malformed cluster file {path} ({exc}); removing it", file=sys.stderr)
+        print(f"ipmulti: {_one_line(exc)}; removing it", file=sys.stderr)
         path.unlink(missing_ok=True)
         return 1
-    owner = spec.get("owner_pid")
-    if owner and pid_alive(owner):
-        os.kill(owner, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while pid_alive(owner) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(owner):
-            os.kill(owner, signal.SIGKILL)
-    if spec.get("launcher") and path.exists():  # the owner did not stop its launcher's engines
-        from .launchers import launcher_from_dict
-
-        try:
-            launcher_from_dict(spec["launcher"]).kill_now()
-        except Exception as exc:
-            print(f"ipmulti: could not stop the {spec['launcher'].get('launcher')} engines: {exc}",
-                  file=sys.stderr)
-    here = socket.gethostname()
-    for e in spec.get("engines", []):  # pids of engines on other hosts mean nothing here
-        if e.get("host", spec.get("host")) == here and pid_alive(e.get("pid")):
-            try:
-                os.kill(e["pid"], signal.SIGKILL)
-            except OSError:
-                pass
-    _remove_files(spec, path)
-    (cluster_dir() / f"daemon-{args.profile}.log").unlink(missing_ok=True)
-    print(f"stopped cluster {args.profile!r}")
-    return 0
+    for m in messages:
+        print(f"ipmulti: {m}", file=sys.stderr if code else sys.stdout)
+    if code == 0:
+        if not args.file:
+            (cluster_dir() / f"daemon-{args.profile}.log").unlink(missing_ok=True)
+        print(f"stopped cluster {args.profile if not args.file else path}")
+    return code
 
 
 def _restart(args: argparse.Namespace) -> int:
-    from .cluster import read_cluster, request_owner
-    from .errors import MultiEngineError
-
-    path = cluster_file_path(args.profile)
+    path = _target(args)
     try:
         spec = read_cluster(path)
         ids = args.ids or [e["id"] for e in spec["engines"]]
@@ -231,11 +235,18 @@ def _list(args: argparse.Namespace) -> int:
     if not clusters:
         print("no clusters")
         return 0
-    print(f"{'profile':<16} {'state':<18} {'engines':<8} {'dead':<10} pids")
+    print(f"{'profile':<16} {'state':<18} {'engines':<8} {'dead':<10} {'owner':<28} pids / file")
     for c in clusters:
         dead = [e for e, ok in zip(c["engines"], c.get("engines_alive", [])) if not ok]
-        print(f"{c['profile']:<16} {c['state']:<18} {len(c['engines']):<8} {','.join(map(str, dead)) or '-':<10} "
-              f"{' '.join(map(str, c['pids']))}")
+        name = c["profile"] if c["shared"] else f"{c['profile']}*"
+        where = " ".join(map(str, c["pids"])) if c["shared"] else c["file"]
+        print(f"{name:<16} {c['state']:<18} {len(c['engines']):<8} {','.join(map(str, dead)) or '-':<10} "
+              f"{c['owner']:<28} {where}")
+        for problem in c.get("problems", []):
+            print(f"    {problem}")
+    if any(not c["shared"] for c in clusters):
+        print("* embedded (private to its owner: reach it by its file, "
+              "`ipmulti stop --file FILE` stops its engines only)")
     return 0
 
 
@@ -273,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restart", help="restart engines of a running cluster, keeping their ids")
     p.add_argument("ids", nargs="*", type=int, help="engine ids (default: all)")
     p.add_argument("--profile", default="default")
+    p.add_argument("--file", default=None, help="the cluster file (instead of --profile)")
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=_restart)
     p = sub.add_parser("attach", help="make running kernels (connection files) the engines of a profile; "
@@ -285,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_attach)
     p = sub.add_parser("stop", help="stop a running cluster and remove its files")
     p.add_argument("--profile", default="default")
+    p.add_argument("--file", default=None, help="the cluster file (e.g. an embedded cluster's, from `ipmulti list`)")
     p.set_defaults(func=_stop)
     p = sub.add_parser("list", help="list clusters (stale ones are cleaned up)")
     p.add_argument("--json", action="store_true")
@@ -300,7 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     if (getattr(args, "n", 1) or 1) < 1:
         print("ipmulti: -n must be at least 1", file=sys.stderr)
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"ipmulti: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,11 +9,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import numbers
 import os
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import _loop, partition, serialize, stdin
@@ -30,6 +28,7 @@ from .results import PendingResult, ResultList
 
 if TYPE_CHECKING:
     from .balanced import BalancedMap
+    from .render import LiveOutput
 
 __all__ = ["MultiEngineClient", "PendingResult", "ResultList", "CompositeError", "RemoteError",
            "EngineError", "TimeoutError", "get_active", "Targets"]
@@ -39,8 +38,6 @@ Targets = "str | int | Sequence[int] | None"
 _active: "MultiEngineClient | None" = None
 log = logging.getLogger("ipy_multiengine")
 
-#: Seconds a client connected by cluster file watches for its owner to restart a dead engine.
-FOLLOW_RESTART_FOR = 60.0
 
 
 def get_active() -> "MultiEngineClient | None":
@@ -87,69 +84,28 @@ class MultiEngineClient:
         _controller: Controller | None = None,
         _cluster: Any = None,
     ) -> None:
-        self._cluster = _cluster
         if _controller is None:
-            from .cluster import read_cluster, resolve_cluster_file, liveness_probes
+            from .clusterfile import FileOwner, engines_of, liveness_probes, read_cluster, resolve_cluster_file
 
             path = resolve_cluster_file(cluster_file, profile)
             spec = read_cluster(path)
-            engines = {e["id"]: e["connection"] for e in spec["engines"]}
-            _controller = Controller(engines, liveness_probes(spec), timeout=timeout, heartbeat=heartbeat,
+            _controller = Controller(engines_of(spec), liveness_probes(spec), timeout=timeout, heartbeat=heartbeat,
                                      max_message_size=max_message_size)
-            self.cluster_file = str(path)
-            _controller.on_dead = self._follow_restart
-            self._meta = {e["id"]: {"group": e.get("group", e.get("kernel_name")), "kernel_name": e.get("kernel_name"),
-                                    "pid": e.get("pid"), "host": e.get("host", spec.get("host"))}
-                          for e in spec["engines"]}
-        else:
-            self.cluster_file = getattr(_cluster, "cluster_file", None)
-            meta = getattr(_cluster, "engine_meta", None)
-            self._meta = meta() if callable(meta) else {}
+            _cluster = FileOwner(path, _controller, spec)
+            _controller.on_dead = _cluster.follow_restart
+        elif _cluster is None:
+            from .clusterfile import NoOwner
+
+            _cluster = NoOwner(_controller)
+        #: who owns the engines (an ``Owner``: a ``Cluster``, a proxy through the cluster file, or nobody)
+        self.owner = _cluster
+        self.cluster_file = _cluster.cluster_file
+        self._meta = _cluster.engine_meta()
         self._controller = _controller
         self._block = True
         self._targets: str | int | list[int] = "all"
         self._last: PendingResult | None = None
-        self._restarting: set[int] = set()
         self.closed = False
-
-    def _follow_restart(self, eid: int, reason: str) -> None:
-        """(loop thread) An engine of a cluster we do not own died: if its owner restarts it
-        (``auto_restart``, ``ipmulti restart``, another client's ``restart``), reconnect to the
-        new process as soon as the cluster file lists it."""
-        import asyncio
-
-        from .cluster import liveness_probes
-
-        path, controller = self.cluster_file, self._controller
-        dead_conn = controller.engine(eid)
-        old = dead_conn.info
-
-        async def follow() -> None:
-            deadline = time.monotonic() + FOLLOW_RESTART_FOR
-            while time.monotonic() < deadline and not self.closed:
-                await asyncio.sleep(0.25)
-                conn = controller.engine(eid)
-                if conn is not dead_conn or not conn.dead or eid in self._restarting:
-                    return  # reconnected or being restarted by this client (mec.restart)
-                try:
-                    spec = json.loads(Path(path).read_text())
-                    entry = next(e for e in spec["engines"] if e["id"] == eid)
-                except Exception:
-                    continue
-                probe = liveness_probes(spec).get(eid)
-                if entry["connection"] != old or (probe is not None and entry.get("pid") and probe() is None
-                                                  and entry.get("pid") != conn.engine_info.get("pid")):
-                    if probe is not None and probe() is not None:
-                        continue
-                    try:
-                        await controller.add_engines_async({eid: entry["connection"]},
-                                                           {eid: probe} if probe else {}, timeout=30)
-                    except Exception as exc:
-                        log.warning("could not reconnect to restarted engine %s: %s", eid, exc)
-                    return
-
-        if path:
-            asyncio.ensure_future(follow())
 
     @classmethod
     def attach(cls, connection_files: Iterable[str | os.PathLike] | str | os.PathLike,
@@ -161,7 +117,7 @@ class MultiEngineClient:
         colleague's notebook kernel, kernels started by hand. The client does not own them:
         ``close()`` only disconnects, the kernels keep running.
         """
-        from .cluster import read_connection_files
+        from .clusterfile import read_connection_files
 
         engines = read_connection_files(connection_files)
         return cls(_controller=Controller(engines, None, timeout=timeout))
@@ -269,8 +225,22 @@ class MultiEngineClient:
         self._last = pr
         return pr
 
-    def _deliver(self, pr: PendingResult, block: bool, timeout: float | None) -> Any:
-        return pr.get_result(timeout=timeout) if block else pr
+    def _deliver(self, pr: PendingResult, block: bool, timeout: float | None,
+                 live: "LiveOutput | None" = None) -> Any:
+        if not block:
+            return pr
+        try:
+            return pr.get_result(timeout=timeout)
+        finally:
+            if live is not None:
+                live.close()
+
+    @staticmethod
+    def _live(eids: list[int], block: bool) -> "LiveOutput | None":
+        """For a blocking call: show its functions' prints and displays, labelled by engine."""
+        from .render import LiveOutput
+
+        return LiveOutput(eids) if block else None
 
     def _show_progress(self, pr: PendingResult) -> "_ProgressBar":
         """A progress bar for ``pr``'s wait: drawn by that wait's slices, shown only once the
@@ -298,8 +268,9 @@ class MultiEngineClient:
             raise TypeError(f"apply needs a callable, not {type(f).__name__}")
         eids, block = self._prepare(targets, block)
         frames = serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs))
-        futures = self._comm("apply", eids, [frames] * len(eids))
-        return self._deliver(self._pending(futures, eids, "apply", _values), block, timeout)
+        live = self._live(eids, block)
+        futures = self._comm("apply", eids, [frames] * len(eids), listener=live and live.listener)
+        return self._deliver(self._pending(futures, eids, "apply", _values), block, timeout, live)
 
     # ------------------------------------------------------------------ moving data
     def push(self, namespace: dict, targets: Any = None, block: bool | None = None,
@@ -396,12 +367,13 @@ class MultiEngineClient:
         eids, block = self._prepare(targets, block)
         items = list(zip(*seqs))
         if balanced:
-            bm = self._balanced(f, items, eids, chunksize, ordered, retries)
+            live = self._live(eids, block)
+            bm = self._balanced(f, items, eids, chunksize, ordered, retries, live and live.listener)
             pr = PendingResult([bm.future], eids[:1], "map", lambda rs: rs[0],
                                on_interrupt=lambda _running: self._stop_balanced(bm),
                                progress=self._show_progress)
             self._last = pr
-            return self._deliver(pr, block, timeout)
+            return self._deliver(pr, block, timeout, live)
         if not items:
             done: cf.Future = cf.Future()
             done.set_result([])
@@ -415,10 +387,11 @@ class MultiEngineClient:
             frames.append(dumps_chunk(f, a, items[a:b]))  # a TypeError names the item
             datas.append(a)
         futures = []
+        live = self._live(eids, block)
         for eid, fr, off in zip(eids, frames, datas):
-            futures += self._comm("map", [eid], [fr], {"offset": off})
+            futures += self._comm("map", [eid], [fr], {"offset": off}, listener=live and live.listener)
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
-        return self._deliver(self._pending(futures, eids, "map", finish, progress=True), block, timeout)
+        return self._deliver(self._pending(futures, eids, "map", finish, progress=True), block, timeout, live)
 
     def imap(self, f: Callable, *seqs: Iterable, targets: Any = None, chunksize: int = 1,
              ordered: bool = True, retries: int = 1, timeout: float | None = None) -> Iterator[Any]:
@@ -435,12 +408,12 @@ class MultiEngineClient:
         return bm.iterate(None if deadline is None else max(deadline - time.monotonic(), 0))
 
     def _balanced(self, f: Callable, items: list, eids: list[int], chunksize: int, ordered: bool,
-                  retries: int) -> "BalancedMap":
+                  retries: int, listener: Listener | None = None) -> "BalancedMap":
         from .balanced import BalancedMap
 
         usable = [e for e in eids if self._controller.engine(e).data_ok] or eids
         return BalancedMap(self._controller, usable, f, items, chunksize=chunksize, ordered=ordered,
-                           retries=retries).start()
+                           retries=retries, listener=listener).start()
 
     def _stop_balanced(self, bm: "BalancedMap") -> None:
         bm.cancel()
@@ -522,10 +495,7 @@ class MultiEngineClient:
         self._interrupt_eids([e for e in eids if not self._controller.dead(e)])
 
     def _interrupt_eids(self, eids: list[int]) -> None:
-        if self._cluster is not None:
-            self._cluster.interrupt(eids)
-        else:
-            self._controller.interrupt(eids)
+        self.owner.interrupt(eids)
 
     def restart(self, targets: Any = None, timeout: float | None = 60.0) -> None:
         """Restart engines, keeping their ids: each gets a fresh process and an empty namespace,
@@ -538,27 +508,7 @@ class MultiEngineClient:
         if self.closed:
             raise EngineError("this MultiEngineClient is closed")
         eids = self._resolve_targets(targets)
-        if self._cluster is not None:
-            self._cluster.restart(eids, timeout=timeout)
-        elif self.cluster_file:
-            from .cluster import check_owner, liveness_probes, read_cluster, request_owner
-
-            check_owner(Path(self.cluster_file), "restart")
-            # one deadline for asking the owner and reconnecting (a timeout is a promise)
-            deadline = time.monotonic() + (60.0 if timeout is None else timeout)
-            self._restarting.update(eids)
-            try:
-                self._controller.set_unavailable(eids, "restarting")
-                request_owner(self.cluster_file, "restart", eids, timeout=max(deadline - time.monotonic(), 0.01))
-                spec = read_cluster(self.cluster_file)
-                engines = {e["id"]: e["connection"] for e in spec["engines"] if e["id"] in eids}
-                probes = liveness_probes(spec)
-                self._controller.add_engines(engines, {e: p for e, p in probes.items() if e in eids},
-                                             timeout=max(deadline - time.monotonic(), 0.01))
-            finally:
-                self._restarting.difference_update(eids)
-        else:
-            raise EngineError("cannot restart engines this client neither owns nor knows a cluster file for")
+        self.owner.restart(eids, timeout=timeout)
         failed = [err for e in eids for err in self._controller.engine(e).init_errors]
         if failed:
             raise CompositeError("on_start", failed)
@@ -613,8 +563,10 @@ class MultiEngineClient:
         if _active is self:
             _active = None
         self._controller.close()
-        if self._cluster is not None:
-            self._cluster.stop()
+        if getattr(self.owner, "closed", None) is False:
+            self.owner.closed = True  # a FileOwner stops following restarts
+        if self.owner.owns_engines:
+            self.owner.stop()
 
     def __enter__(self) -> "MultiEngineClient":
         return self

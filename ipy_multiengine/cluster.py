@@ -1,31 +1,60 @@
-"""Starting and stopping local engines, and the cluster file other processes connect with.
+"""The owner of a set of engines: starts, restarts, interrupts and stops them, keeps their file.
 
-A cluster file is JSON, mode 0600, in ``jupyter_runtime_dir()/ipy_multiengine/`` (mode 0700)::
-
-    {"profile": "default", "owner_pid": 123, "host": "box", "created": 1700000000.0,
-     "engines": [{"id": 0, "pid": 456, "host": "box", "kernel_name": "python3",
-                  "connection": {... a Jupyter connection file's content ...}}, ...]}
+``Cluster`` is the owner inside the process that started the engines (an ``Owner``, see
+``clusterfile``); :func:`stop_cluster_file` and :func:`list_clusters` act on clusters other
+processes own, through their files, and never signal a process whose identity (host, psutil
+create time, command line) does not match the file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import os
 import secrets
 import signal
 import socket
 import time
-import uuid
 import weakref
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 from jupyter_client.manager import AsyncKernelManager
-from jupyter_core.paths import jupyter_runtime_dir
 
 from . import _loop
+from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tools import from here)
+    HOW_TO_START,
+    Owner,
+    ProfileLock,
+    answer_request,
+    check_owner,
+    check_profile,
+    in_kernel,
+    cluster_dir,
+    cluster_file_path,
+    describe,
+    embedded_file_path,
+    engine_identity,
+    identity,
+    liveness_probes,
+    new_embedded_id,
+    owner_of,
+    owner_state,
+    pending_requests,
+    pid_alive,
+    read_cluster,
+    read_connection_files,
+    read_spec,
+    remove_files,
+    remove_if_mine,
+    request_owner,
+    resolve_cluster_file,
+    same_process,
+    try_identity,
+    write_cluster,
+    write_private,
+)
 from .errors import EngineError, NoClusterError, TimeoutError
 
 log = __import__("logging").getLogger("ipy_multiengine")
@@ -33,224 +62,151 @@ log = __import__("logging").getLogger("ipy_multiengine")
 #: ``_execute_sleep=0``: ipykernel sleeps 0.5 ms after every execute so that clients which do
 #: not wait for ``status: idle`` see the output first; the controller always waits for idle.
 KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--IPythonKernel._execute_sleep=0"]
-HOW_TO_START = "start one with `ipmulti start -n 4 --daemon`, or in Python: `with Cluster(n=4) as mec: ...`"
 
 
-# ---------------------------------------------------------------------- cluster files
-def cluster_dir() -> Path:
-    """``jupyter_runtime_dir()/ipy_multiengine``, created with mode 0700."""
-    path = Path(jupyter_runtime_dir()) / "ipy_multiengine"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    return path
-
-
-def cluster_file_path(profile: str = "default") -> Path:
-    if not profile or "/" in profile or profile.startswith("."):
-        raise ValueError(f"invalid profile name {profile!r}")
-    return cluster_dir() / f"cluster-{profile}.json"
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, readable by its owner only (0600)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True when process ``pid`` exists on this host and is not a zombie."""
-    if not pid:
-        return False
-    try:
-        import psutil
-
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:
-        return False
-
-
-def read_cluster(path: str | os.PathLike) -> dict:
-    """Read and validate a cluster file; errors name the file and what is wrong with it."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise NoClusterError(f"cluster file {path} does not exist; {HOW_TO_START}") from None
-    try:
-        spec = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"malformed cluster file {path}: not valid JSON ({exc})") from None
-    problems = _validate(spec)
-    if problems:
-        raise ValueError(f"malformed cluster file {path}: {problems}")
-    if spec.get("host") == socket.gethostname() and spec.get("owner_pid") and not pid_alive(spec["owner_pid"]):
-        raise NoClusterError(
-            f"cluster file {path} is stale: its owner process {spec['owner_pid']} is gone; "
-            f"`ipmulti list` cleans it up; {HOW_TO_START}")
-    return spec
-
-
-def _validate(spec: Any) -> str:
-    if not isinstance(spec, dict):
-        return "the top level must be a JSON object"
-    engines = spec.get("engines")
-    if not isinstance(engines, list) or not engines:
-        return "'engines' must be a non-empty list"
-    seen = set()
-    for i, e in enumerate(engines):
-        if not isinstance(e, dict) or not isinstance(e.get("id"), int):
-            return f"engine #{i} needs an integer 'id'"
-        if e["id"] in seen:
-            return f"engine id {e['id']} appears twice"
-        seen.add(e["id"])
-        conn = e.get("connection")
-        if not isinstance(conn, dict):
-            return f"engine {e['id']} has no 'connection' object"
-        missing = [k for k in ("shell_port", "iopub_port", "control_port", "ip", "key") if k not in conn]
-        if missing:
-            return f"engine {e['id']} connection lacks {', '.join(missing)}"
-    return ""
-
-
-def resolve_cluster_file(path: str | os.PathLike | None, profile: str | None) -> Path:
-    """The cluster file to use: an explicit path, or the given (default: 'default') profile's."""
-    if path is not None:
-        return Path(path)
-    candidate = cluster_file_path(profile or "default")
-    if not candidate.exists():
-        raise NoClusterError(f"no running cluster for profile {profile or 'default'!r} "
-                             f"(no {candidate}); {HOW_TO_START}")
-    return candidate
-
-
-def read_connection_files(files: Any) -> dict[int, dict]:
-    """Engine id -> connection info for Jupyter connection files, ids 0.. in order."""
-    from jupyter_client.connect import find_connection_file
-
-    if isinstance(files, (str, os.PathLike)):
-        files = [files]
-    engines = {}
-    for eid, name in enumerate(files):
-        path = Path(name)
-        if not path.exists():
-            try:
-                path = Path(find_connection_file(str(name)))
-            except OSError:
-                raise FileNotFoundError(f"no connection file {name!r}") from None
+# ---------------------------------------------------------------------- clusters owned elsewhere
+def terminate_verified(idents: list[dict], timeout: float = 5.0,
+                       refused: list[str] | None = None) -> list[str]:
+    """SIGTERM, then after ``timeout`` SIGKILL, the processes ``idents`` describe, each only
+    if it still is that process (:func:`same_process`); the others are never signalled (why
+    is appended to ``refused``). Returns the processes that survived."""
+    procs = []
+    for ident in idents:
+        proc, why = same_process(ident)
+        if proc is None:
+            if refused is not None and "exited" not in why:
+                refused.append(f"not signalling pid {ident.get('pid')}: {why}")
+            continue
+        procs.append(proc)
+    for proc in procs:
         try:
-            info = json.loads(path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"{path} is not a connection file: {exc}") from None
-        missing = [k for k in ("shell_port", "iopub_port", "control_port", "ip", "key") if k not in info]
-        if missing:
-            raise ValueError(f"{path} is not a kernel connection file: it lacks {', '.join(missing)}")
-        engines[eid] = info
-    if not engines:
-        raise ValueError("attach needs at least one connection file")
-    return engines
+            proc.terminate()  # psutil re-checks the create time: no reused pid is signalled
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    return [f"process {p.pid} survived SIGKILL" for p in alive]
 
 
-def liveness_probes(spec: dict) -> dict[int, Callable[[], str | None]]:
-    """Process polls for the engines of ``spec`` that run on this host."""
+def _stop_launcher_record(spec: dict) -> list[str]:
+    """Stop what the file's launcher started (owner gone); what still runs, or []."""
+    from .launchers import launcher_from_dict
+
+    record = spec.get("launcher") or {}
     here = socket.gethostname()
-    probes = {}
+    # the launcher's own local process (mpiexec): signal its group only if it is still the one
+    ident = record.get("identity")
+    if record.get("pid") and record.get("hostname", here) == here:
+        if ident is None or same_process(ident)[0] is None:
+            if ident is not None and "exited" in same_process(ident)[1]:
+                record = {**record, "pid": None}  # gone already: nothing to signal by group
+            else:
+                why = same_process(ident)[1] if ident else "the file records no identity for it"
+                return [f"not stopping the {record.get('launcher')} job of pid {record['pid']}: {why}"]
+    try:
+        launcher = launcher_from_dict(record)
+        launcher.kill_now()
+    except Exception as exc:
+        return [f"could not stop the {record.get('launcher')} engines: {type(exc).__name__}: {exc}"]
+    still = []
     for e in spec["engines"]:
-        pid = e.get("pid")
-        if pid and e.get("host", spec.get("host")) == here:
-            probes[e["id"]] = (lambda p=pid: None if pid_alive(p) else f"exited (process {p} is gone)")
-    return probes
+        eid = engine_identity(e, spec)
+        if eid and eid.get("host") == here and isinstance(eid.get("create_time"), (int, float)) \
+                and same_process(eid)[0] is not None:
+            still.append(f"engine {e['id']} (pid {e['pid']})")
+    return [f"still running: {', '.join(still)}"] if still else []
+
+
+def clean_stale(path: Path, spec: dict, notes: list[str] | None = None) -> list[str]:
+    """A cluster whose owner is gone: stop what it started (by identity), then remove its
+    files. Returns what still runs (the file is then kept as the record of it), or [];
+    processes not signalled because they are not what the file says go to ``notes``."""
+    problems = []
+    if spec.get("launcher"):
+        problems += _stop_launcher_record(spec)
+    here = socket.gethostname()
+    engines = [i for e in spec["engines"] if (i := engine_identity(e, spec)) and i.get("host") == here]
+    problems += terminate_verified(engines, refused=notes)
+    if problems:
+        return problems
+    remove_files(spec, path)
+    return []
 
 
 def list_clusters(clean: bool = True) -> list[dict]:
-    """Every cluster file with its state; stale ones (owner gone) are removed when ``clean``."""
+    """Every cluster file (shared and embedded) with its owner and state; stale ones are
+    stopped and removed when ``clean`` (or kept, with what still runs, in ``problems``)."""
     out = []
-    for path in sorted(cluster_dir().glob("cluster-*.json")):
-        entry: dict[str, Any] = {"file": str(path), "profile": path.stem[len("cluster-"):]}
-        try:
-            spec = json.loads(path.read_text())
-            problem = _validate(spec)
-        except (OSError, json.JSONDecodeError) as exc:
-            spec, problem = {}, str(exc)
-        if problem:
-            entry.update(state=f"malformed ({problem})", engines=[], pids=[])
-            out.append(entry)
-            continue
-        owner_alive = pid_alive(spec.get("owner_pid")) if spec.get("host") == socket.gethostname() else True
-        pids = [e.get("pid") for e in spec["engines"]]
-        here = socket.gethostname()
-        # engines on other hosts (ssh, slurm) or attached ones without a pid: not checkable here
-        alive = [pid_alive(e.get("pid")) if e.get("host", spec.get("host")) == here
-                 and (e.get("pid") or not spec.get("attached")) else True for e in spec["engines"]]
-        state = "running" if owner_alive and all(alive) else ("degraded" if owner_alive else "stale")
-        entry.update(state=state, engines=[e["id"] for e in spec["engines"]], pids=pids,
-                     owner_pid=spec.get("owner_pid"), engines_alive=alive)
-        if state == "stale" and clean:
-            _remove_files(spec, path)
-            entry["state"] = "stale (removed)"
+    for path in _cluster_files():
+        entry = describe(path)
+        if entry["state"] == "stale" and clean:
+            try:
+                problems = clean_stale(path, read_spec(path))
+            except (NoClusterError, ValueError) as exc:
+                problems = [str(exc)]
+            if problems:
+                entry.update(state="stale (kept)", problems=problems)
+            else:
+                entry["state"] = "stale (removed)"
         out.append(entry)
     return out
 
 
-# ---------------------------------------------------------------------- requests to an owner
-# A process that does not own a cluster (a client connected by its cluster file) asks the
-# owner (an `ipmulti start` process) to restart engines by dropping a request file next to
-# the cluster file; the owner polls for them and answers with a ``.done`` file.
-def _request_path(profile: str, rid: str) -> Path:
-    return cluster_dir() / f"request-{profile}-{rid}.json"
+def _cluster_files() -> list[Path]:
+    from .clusterfile import cluster_files
+
+    return cluster_files()
 
 
-def check_owner(path: Path, op: str) -> dict:
-    """The cluster file's content if its owner takes requests, else an ``EngineError`` saying why."""
-    spec = read_cluster(path)
-    owner = spec.get("owner_pid")
-    if "requests" not in spec.get("serves", []):
-        raise EngineError(
-            f"cannot {op} engines of {path}: its owner process {owner} does not take requests (only "
-            "clusters started with `ipmulti start` do); restart them from the process that owns them")
-    if spec.get("host") != socket.gethostname():
-        raise EngineError(f"cannot {op} engines of {path}: its owner runs on host {spec.get('host')!r}")
-    return spec
+def stop_cluster_file(path: Path, timeout: float = 20.0) -> tuple[int, list[str]]:
+    """Stop the cluster of file ``path`` from another process: ``(exit code, messages)``.
 
-
-def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], timeout: float = 60.0) -> dict:
-    """Ask the owner of ``cluster_file`` to run ``op`` ('restart') on engines ``ids``; wait for its answer."""
-    path = Path(cluster_file)
-    spec = check_owner(path, op)
-    owner = spec.get("owner_pid")
-    rid = uuid.uuid4().hex
-    req = _request_path(spec.get("profile", "default"), rid)
-    write_private(req, json.dumps({"op": op, "ids": ids, "cluster_file": str(path)}))
-    done = req.with_suffix(".done")
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if done.exists():
-                answer = json.loads(done.read_text())
-                done.unlink(missing_ok=True)
-                if answer.get("error"):
-                    raise EngineError(f"the owner of {path} could not {op} engines {ids}: {answer['error']}")
-                return answer
-            if not pid_alive(owner):
-                raise EngineError(f"the owner process {owner} of {path} is gone")
-            time.sleep(0.05)
-    finally:
-        req.unlink(missing_ok=True)
-    raise EngineError(f"the owner process {owner} of {path} did not {op} engines {ids} within {timeout:g} s")
-
-
-def _remove_files(spec: dict, path: Path) -> None:
-    profile = spec.get("profile")
-    if profile:  # unanswered requests and answers nobody collected
-        for f in cluster_dir().glob(f"request-{profile}-*"):
-            f.unlink(missing_ok=True)
-    for e in spec.get("engines", []):
-        for key in ("connection_file", "log_file"):
-            if e.get(key):
-                Path(e[key]).unlink(missing_ok=True)
-    path.unlink(missing_ok=True)
+    An ``ipmulti start`` owner is asked to stop (SIGTERM, only after its identity checks);
+    an embedded or notebook owner is never signalled: its engines are stopped (by identity)
+    and its file removed. A stale file's engines are stopped by identity."""
+    messages: list[str] = []
+    spec = read_spec(path)
+    state, why = owner_state(spec)
+    owner = owner_of(spec) or {}
+    if state == "remote":
+        return 1, [f"not stopping {path}: its owner runs on host {owner.get('host')!r}; stop it there"]
+    if state == "none":  # attached kernels: not ours, only forgotten
+        remove_files(spec, path)
+        return 0, [f"forgot the attached kernels of {path} (they keep running)"]
+    if state == "gone":
+        if owner.get("pid") and "exited" not in why:
+            messages.append(f"not signalling the file's owner pid {owner.get('pid')}: {why}")
+        problems = clean_stale(path, spec, notes=messages)
+        if problems:
+            return 1, messages + problems + [f"kept {path} as the record of what still runs"]
+        return (1 if messages else 0), messages + [f"removed the stale cluster file {path}"]
+    if owner.get("kind") == "ipmulti":
+        refused: list[str] = []
+        left = terminate_verified([owner], timeout=timeout, refused=refused)
+        if left or refused:
+            return 1, refused + left
+        if path.exists():  # the owner did not clean up (killed): what it started may still run
+            problems = clean_stale(path, spec)
+            if problems:
+                return 1, problems
+        return 0, []
+    # an embedded (or notebook) owner: stop its engines, never the process itself; the mark
+    # tells the owner first that the deaths to come are a stop (no auto-restart)
+    write_cluster(path, {**spec, "stopped_by": identity()})
+    idents = [i for e in spec["engines"] if (i := engine_identity(e, spec))]
+    problems, refused = [], []
+    if spec.get("launcher"):
+        problems += _stop_launcher_record(spec)
+    problems += terminate_verified(idents, timeout=5.0, refused=refused)
+    if problems or refused:
+        return 1, refused + problems
+    remove_files(spec, path)
+    return 0, [f"stopped the engines of {path}; their owner process {owner.get('pid')} keeps running"]
 
 
 def _exit_reason(code: int | None) -> str | None:
@@ -290,7 +246,7 @@ PORT_CLASH_RETRIES = 2
 MAX_AUTO_RESTARTS = 5
 
 
-class Cluster:
+class Cluster(Owner):
     """N local engines (ipykernel kernels) owned by this process.
 
     ``start()`` launches them concurrently and returns a connected ``MultiEngineClient``;
@@ -303,7 +259,7 @@ class Cluster:
         self,
         n: int | None = None,
         kernel_name: str = "python3",
-        profile: str = "default",
+        profile: str | None = None,
         startup_timeout: float = 60.0,
         env: dict[str, str] | None = None,
         write_file: bool = True,
@@ -337,7 +293,13 @@ class Cluster:
         self.kernel_name = kernel_name
         #: engine id -> kernelspec name (= its group)
         self.kernel_names: dict[int, str] = kernel_names if engines is not None else dict.fromkeys(range(n), kernel_name)
-        self.profile = profile
+        #: a profile makes the cluster shared: ``MultiEngineClient(profile=...)`` (and for
+        #: 'default' a bare ``MultiEngineClient()`` / ``%px``) finds it, one per profile at a
+        #: time (an exclusive lock). Without one it is embedded: private to whoever holds it,
+        #: with a unique id, any number side by side.
+        self.profile = None if profile is None else check_profile(profile)
+        self.shared = profile is not None
+        self.cluster_id: str = profile if profile is not None else new_embedded_id()
         self.startup_timeout = startup_timeout
         self.env = env
         self.write_file = write_file
@@ -358,6 +320,66 @@ class Cluster:
         self._key = secrets.token_hex(32)
         self._stopped = False
         self._finalizer: Any = None
+        self._lock = ProfileLock(profile) if profile is not None else None
+        self._owner = identity()
+        #: removes this cluster's file (if still its own) and drops the profile lock: at stop(),
+        #: at exit, and when a notebook kernel shuts down
+        #: 'ipmulti' for an ``ipmulti start`` process (``ipmulti stop`` may SIGTERM it); otherwise
+        #: the owner is never signalled from outside, only its engines are stopped
+        self.owner_kind = "kernel" if in_kernel() else "process"
+        self._written: dict[str, str | None] = {"path": None}
+        self._file_finalizer = weakref.finalize(self, _release_file, self._written, self.cluster_id,
+                                                self._owner, self._lock)
+
+    #: a ``Cluster`` owns its engines: closing its client stops them
+    owns_engines = True
+
+    # -- the cluster file
+    def _claim(self) -> Path:
+        """The file this cluster writes. A shared profile is claimed first (its exclusive lock,
+        held until ``stop``); a stale file of it is cleaned up (what it started is stopped by
+        identity), a live one refuses."""
+        if not self.shared:
+            return embedded_file_path(self.cluster_id)
+        path = cluster_file_path(self.profile)
+        self._lock.acquire()
+        try:
+            spec = read_spec(path)
+        except NoClusterError:
+            return path
+        except ValueError:
+            path.unlink(missing_ok=True)  # malformed: nobody's
+            return path
+        state, why = owner_state(spec)
+        problems = clean_stale(path, spec) if state == "gone" else []
+        if state != "gone" or problems:
+            self._lock.release()
+            what = {"none": "attached kernels", "remote": "a cluster owned on another host"}.get(state, "a cluster")
+            if problems:
+                raise RuntimeError(f"profile {self.profile!r}: the owner of {path} is gone ({why}) but what it "
+                                   f"started could not be stopped: {'; '.join(problems)}")
+            raise RuntimeError(f"profile {self.profile!r} already has {what} ({path}); "
+                               f"`ipmulti stop --profile {self.profile}` it or use another profile")
+        return path
+
+    def _stopped_from_outside(self) -> bool:
+        """Has another process (``ipmulti stop``) stopped our engines and removed our file? Then
+        do not bring them back, and free the profile for a new cluster."""
+        path = self._written.get("path")
+        if self._stopped or not path:
+            return False
+        try:
+            if "stopped_by" not in read_spec(path):
+                return False
+        except NoClusterError:
+            pass
+        except ValueError:
+            return False
+        if self._lock is not None and self._lock.held:
+            log.warning("another process stopped this cluster (ipmulti stop, %s): its engines "
+                        "are not restarted and profile %r is free again", path, self.profile)
+            self._lock.release()
+        return True
 
     # -- starting
     def start(self) -> Any:
@@ -365,20 +387,15 @@ class Cluster:
         from .client import MultiEngineClient
         from .controller import Controller
 
-        if self.managers:
+        if self.managers or self.client is not None:
             raise RuntimeError("this Cluster is already started")
-        path = cluster_file_path(self.profile)
+        if self._stopped:
+            raise RuntimeError("this Cluster was stopped; create a new one")
         if self.transport_encryption not in (None, "auto", "required", "disabled"):
             raise ValueError(f"transport_encryption must be None, 'auto', 'required' or 'disabled', "
                              f"not {self.transport_encryption!r}")
-        if self.write_file and path.exists():
-            try:
-                read_cluster(path)
-            except (NoClusterError, ValueError):
-                path.unlink(missing_ok=True)  # stale or broken: ours to replace
-            else:
-                raise RuntimeError(f"a cluster for profile {self.profile!r} is already running ({path}); "
-                                   "stop it with `ipmulti stop` or use another profile")
+        path = self._claim() if self.write_file else cluster_file_path(self.cluster_id) if self.shared \
+            else embedded_file_path(self.cluster_id)
         if self.launcher is not None:
             return self._start_launcher(path)
         self._files: list[Path] = [self.log_file(eid) for eid in range(self.n)]
@@ -517,6 +534,8 @@ class Cluster:
 
     def _on_dead(self, eid: int, reason: str) -> None:
         """Controller callback (loop thread): restart a dead engine when ``auto_restart`` is on."""
+        if self._stopped_from_outside():
+            return
         if not self.auto_restart or self._stopped or self.launcher is not None:
             return
         lock = self._restart_locks.get(eid)
@@ -549,23 +568,27 @@ class Cluster:
         _loop.submit(go())
 
     def serve_requests(self) -> None:
-        """Answer restart requests other processes left for this cluster (see ``request_owner``)."""
-        for req in sorted(cluster_dir().glob(f"request-{self.profile}-*.json")):
-            try:
-                ask = json.loads(req.read_text())
-                req.unlink(missing_ok=True)
-            except (OSError, ValueError):
-                continue
+        """Answer the requests other processes left for exactly this cluster's file (see
+        ``clusterfile.request_owner``): 'restart' engines, or 'stop' (``stop_requested``)."""
+        if not self.cluster_file:
+            return
+        for req, ask in pending_requests(self.cluster_file):
             answer: dict[str, Any] = {"ok": True}
             try:
-                if ask.get("op") != "restart":
+                if ask.get("op") == "stop":
+                    self.stop_requested = True
+                elif ask.get("op") == "restart":
+                    ids = [int(i) for i in ask.get("ids", [])]
+                    self.restart(ids)
+                    answer["pids"] = {str(e): getattr(self.managers[e].provisioner, "pid", None) for e in ids}
+                else:
                     raise ValueError(f"unknown request {ask.get('op')!r}")
-                ids = [int(i) for i in ask.get("ids", [])]
-                self.restart(ids)
-                answer["pids"] = {str(e): getattr(self.managers[e].provisioner, "pid", None) for e in ids}
             except Exception as exc:
                 answer = {"error": f"{type(exc).__name__}: {exc}"}
-            write_private(req.with_suffix(".done"), json.dumps(answer))
+            answer_request(req, self.cluster_file, answer)
+
+    #: set when another process asked this cluster to stop (the ``ipmulti start`` loop stops it)
+    stop_requested = False
 
     def _probe(self, eid: int) -> Callable[[], str | None]:
         km = self.managers[eid]
@@ -622,7 +645,7 @@ class Cluster:
         return env
 
     def _new_manager(self, eid: int) -> AsyncKernelManager:
-        tag = f"{self.profile}-{os.getpid()}"
+        tag = f"{self.cluster_id}-{os.getpid()}"
         km = AsyncKernelManager(kernel_name=self.kernel_names.get(eid, self.kernel_name),
                                 connection_file=str(cluster_dir() / f"engine-{tag}-{eid}.json"))
         km.session.key = self._key.encode()
@@ -651,7 +674,7 @@ class Cluster:
         return os.fdopen(os.open(self.log_file(eid), flags, 0o600), mode)
 
     def log_file(self, eid: int) -> Path:
-        return cluster_dir() / f"engine-{self.profile}-{os.getpid()}-{eid}.log"
+        return cluster_dir() / f"engine-{self.cluster_id}-{os.getpid()}-{eid}.log"
 
     def _log_tail(self, eid: int, lines: int = 20) -> str:
         try:
@@ -661,32 +684,33 @@ class Cluster:
 
     def _write_cluster_file(self, path: Path) -> None:
         host = socket.gethostname()
-        if self.launcher is not None:
-            spec = {
-                "profile": self.profile, "owner_pid": os.getpid(), "host": host, "created": time.time(),
-                "launcher": self.launcher.to_dict(),
-                "engines": [{"id": eid, "pid": info.get("pid"), "host": info.get("hostname", host),
-                             "kernel_name": self.kernel_name, "connection": info}
-                            for eid, info in self.engines_info.items()],
-            }
-            write_private(path, json.dumps(spec, indent=1))
-            self.cluster_file = str(path)
-            if self.client is not None:
-                self.client.cluster_file = str(path)
-            return
-        spec = {
-            "profile": self.profile, "owner_pid": os.getpid(), "host": host, "created": time.time(),
+        spec: dict[str, Any] = {
+            "cluster_id": self.cluster_id, "profile": self.profile, "shared": self.shared,
+            "owner": {**self._owner, "kind": self.owner_kind},
+            "owner_pid": os.getpid(), "host": host, "created": time.time(),
             "serves": ["requests"] if self.serves_requests else [],
-            "engines": [
+        }
+        if self.launcher is not None:
+            record = self.launcher.to_dict()
+            if record.get("pid") and record.get("hostname", host) == host:
+                record["identity"] = try_identity(record["pid"])  # so a stale cleanup signals only it
+            spec["launcher"] = record
+            spec["engines"] = [{"id": eid, "pid": info.get("pid"), "host": info.get("hostname", host),
+                                "kernel_name": self.kernel_name, "connection": info}
+                               for eid, info in self.engines_info.items()]
+        else:
+            spec["engines"] = [
                 {"id": eid, "pid": getattr(km.provisioner, "pid", None), "host": host,
                  "kernel_name": self.kernel_names[eid], "group": self.kernel_names[eid],
                  "connection": self._connection_info(eid),
                  "connection_file": km.connection_file, "log_file": str(self.log_file(eid))}
                 for eid, km in self.managers.items()
-            ],
-        }
-        write_private(path, json.dumps(spec, indent=1))
-        self.cluster_file = str(path)
+            ]
+        for e in spec["engines"]:
+            if e.get("pid") and e.get("host") == host:
+                e["create_time"] = (try_identity(e["pid"]) or {}).get("create_time")
+        write_cluster(path, spec)
+        self._written["path"] = self.cluster_file = str(path)
         if self.client is not None:
             self.client.cluster_file = str(path)
 
@@ -697,12 +721,8 @@ class Cluster:
             return
         self._stopped = True
         if self.client is not None and not self.client.closed:
-            self.client._cluster = None
             self.client.close()
-        if self.cluster_file:
-            Path(self.cluster_file).unlink(missing_ok=True)
-            for f in cluster_dir().glob(f"request-{self.profile}-*"):
-                f.unlink(missing_ok=True)
+        self._file_finalizer()  # our file only (another cluster may own the profile by now)
         logs = [self.log_file(eid) for eid in self.managers]
         if self._finalizer is not None:
             atexit.unregister(self._finalizer)
@@ -716,6 +736,16 @@ class Cluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _release_file(written: dict, cluster_id: str, owner: dict, lock: ProfileLock | None) -> None:
+    """Remove the cluster file if it still is this owner's, then drop the profile lock."""
+    try:
+        if written.get("path"):
+            remove_if_mine(written["path"], cluster_id, owner)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _engine_groups(engines: Any) -> dict[int, str]:

@@ -1,8 +1,9 @@
-"""The parallel magics: ``%px``, ``%%px``, ``%pxconfig``, ``%autopx``, ``%result`` / ``%pxresult``.
+"""Every parallel magic: ``%px``, ``%%px``, ``%pxconfig``, ``%autopx``, ``%result`` / ``%pxresult``,
+``%pxstatus``, ``%pxdebug N``, ``%pxdiff NAME``.
 
 Loaded by ``%load_ext ipy_multiengine`` (``load(ip)``), removed by ``%unload_ext``
 (``unload(ip)``). The magics only parse options and call the active ``MultiEngineClient``;
-this module also renders what the engines send back while a command runs.
+``render.py`` shows what the engines send back while a command runs.
 
 Rendering (documented in ``docs/magics.md``):
 
@@ -23,7 +24,7 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -34,12 +35,10 @@ from . import client as _client_mod
 from . import stdin
 from .errors import CompositeError, MultiEngineError, NoClusterError
 from .errors import TimeoutError as MultiEngineTimeout
+from .render import UPDATE_INTERVAL, Renderer, _Progress, _short
+from .targets import TargetsError, engine_range
+from .targets import parse_targets as _parse_targets_raw
 
-#: Seconds between in-place updates of a notebook display area (output is coalesced).
-UPDATE_INTERVAL = 0.1
-#: Characters after which a notebook stream area is frozen and a new one started, so that
-#: in-place updates stay small however much an engine prints.
-AREA_LIMIT = 16384
 #: Seconds to wait for interrupted engines to stop before giving control back.
 INTERRUPT_GRACE = 5.0
 #: Seconds between repeated interrupts of engines that have not stopped yet.
@@ -50,58 +49,11 @@ _DONE = object()
 
 # ---------------------------------------------------------------------- small helpers
 def parse_targets(spec: str, ids: list[int], groups: Any = ()) -> str | list[int]:
-    """Parse ``all``, ``0``, ``0,2``, ``1:3``, ``::2`` (and mixes like ``0,2:4``) without eval.
-
-    Plain numbers are engine ids; slices select from the list of engine ids like Python
-    slicing (``::2`` is every other engine).
-    """
-    text = spec.strip()
-    if text in ("all", "*", ""):
-        if text == "":
-            raise UsageError("--targets needs a value: all, 0, 0,2, 1:3 or ::2")
-        return "all"
-    chosen: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if ":" in part:
-                bits = part.split(":")
-                if len(bits) > 3:
-                    raise ValueError
-                nums = [int(b) if b.strip() else None for b in bits]
-                if len(nums) == 3 and nums[2] == 0:
-                    raise UsageError(f"--targets {spec!r}: slice step cannot be zero")
-                picked = ids[slice(*nums)]
-                if not picked:
-                    raise UsageError(f"--targets {spec!r}: {part!r} selects no engine; engine ids: {ids}")
-                chosen.extend(picked)
-            else:
-                chosen.append(int(part))
-        except ValueError:
-            if part in groups:  # a group name (kernelspec of a mixed cluster): the client resolves it
-                chosen.append(part)  # type: ignore[arg-type]
-                continue
-            raise UsageError(f"--targets {spec!r}: {part!r} is not an engine id or a slice; "
-                             "use all, 0, 0,2, 1:3 or ::2") from None
-    out: list[int] = []
-    for t in chosen:
-        if t not in out:
-            out.append(t)
-    return out
-
-
-def engine_range(eids: list[int]) -> str:
-    """``[0, 1, 2, 3]`` -> ``'0-3'``, ``[0, 2]`` -> ``'0,2'``, ``[0, 1, 3]`` -> ``'0-1,3'``."""
-    eids = sorted(eids)
-    parts: list[str] = []
-    i = 0
-    while i < len(eids):
-        j = i
-        while j + 1 < len(eids) and eids[j + 1] == eids[j] + 1:
-            j += 1
-        parts.append(str(eids[i]) if i == j else f"{eids[i]}-{eids[j]}")
-        i = j + 1
-    return ",".join(parts)
+    """``targets.parse_targets`` with its errors as ``UsageError`` (shown in one line)."""
+    try:
+        return _parse_targets_raw(spec, ids, groups)
+    except TargetsError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _split_line(line: str, parser: Any) -> tuple[str, str]:
@@ -146,350 +98,28 @@ def _in_notebook(shell: Any) -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
-def _display(bundle: dict, metadata: dict, display_id: str | None = None, update: bool = False) -> Any:
-    from IPython.display import display, update_display
+def _live_printer(eid: int) -> Any:
+    """A listener that shows an engine's output as it arrives, in the user's thread (``stdin.post``)."""
+    prefix = f"[{eid}] "
 
-    if update:
-        update_display(bundle, raw=True, metadata=metadata, display_id=display_id)
-        return None
-    if display_id is not None:
-        return display(bundle, raw=True, metadata=metadata, display_id=display_id)
-    display(bundle, raw=True, metadata=metadata)
-    return None
+    def write(stream: Any, text: str) -> None:
+        stream.write("".join(prefix + line for line in text.splitlines(True)))
+        if not text.endswith("\n"):
+            stream.write("\n")
+        stream.flush()
 
-
-def _labelled(data: dict, metadata: dict | None, eid: Any, label: str) -> tuple[dict, dict]:
-    """A copy of a mime bundle labelled with its engine: ``metadata.engine`` at the top level
-    and in every mime type's metadata, and a visible ``label`` in text/plain and text/html."""
-    data = dict(data)
-    md = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (metadata or {}).items()}
-    md["engine"] = eid
-    for mime in data:
-        sub = md.get(mime)
-        md[mime] = dict(sub, engine=eid) if isinstance(sub, dict) else {"engine": eid}
-    plain = data.get("text/plain")
-    if isinstance(plain, str):
-        data["text/plain"] = f"{label} " + ("\n" if "\n" in plain else "") + plain
-    html = data.get("text/html")
-    if isinstance(html, str):
-        data["text/html"] = (f'<div class="ipy-multiengine-label" style="font-size:smaller;opacity:0.6">'
-                             f"{label}</div>\n{html}")
-    return data, md
-
-
-class _Lines:
-    """Terminal-like text: ``\\n`` starts a line, ``\\r`` makes the next text overwrite the line."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = [""]
-        self._cr = False
-
-    def write(self, text: str) -> None:
-        for piece in re.split(r"(\r\n|\n|\r)", text):
-            if piece in ("\n", "\r\n"):
-                self.lines.append("")
-                self._cr = False
-            elif piece == "\r":
-                self._cr = True
-            elif piece:
-                if self._cr:
-                    self.lines[-1] = ""
-                    self._cr = False
-                self.lines[-1] += piece
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def pop_complete(self) -> list[str]:
-        done, self.lines = self.lines[:-1], self.lines[-1:]
-        return done
-
-
-def _short(exc: BaseException) -> BaseException:
-    """Make IPython show ``exc`` as one line, without the magic's own frames."""
-    exc._render_traceback_ = lambda: [f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__]  # type: ignore[attr-defined]
-    return exc
-
-
-# ---------------------------------------------------------------------- rendering
-@dataclass
-class _Area:
-    """One engine's stdout or stderr display area in a notebook, updated in place."""
-
-    eid: int
-    name: str
-    label: str
-    lines: _Lines = field(default_factory=_Lines)
-    handle_id: str | None = None
-    shown: str = ""
-    last: float = 0.0
-    count: int = 0
-
-    def bundle(self, text: str) -> tuple[dict, dict]:
-        text = text[:-1] if text.endswith("\n") else text  # a final newline adds no line
-        return ({"text/plain": f"{self.label} {text}"},
-                {"engine": self.eid, "stream": self.name, "text/plain": {"engine": self.eid}})
-
-
-class Renderer:
-    """Shows one command's outputs: live (``stream``), grouped at the end, or tutorial-style.
-
-    ``handle`` is called in the user's thread for each (engine, msg_type, content) event;
-    ``tick`` flushes throttled notebook updates; ``finish`` shows whatever is left.
-    """
-
-    def __init__(self, eids: list[int], mode: str, notebook: bool, group: str = "engine",
-                 collapse: bool = False) -> None:
-        self.eids = eids
-        self.mode = mode  # 'stream' | 'collect' | 'results'
-        self.notebook = notebook
-        self.group = group
-        self.collapse = collapse
-        self.events: list[tuple[int, str, dict]] = []
-        self.areas: dict[tuple[int, str], _Area] = {}
-        self.partial: dict[tuple[int, str], _Lines] = {}
-        self.rich_ids: dict[int, list[str]] = {}
-        self._uid = f"ipme-{id(self):x}-{time.monotonic_ns():x}"
-
-    # -- events
-    def handle(self, eid: int, mtype: str, content: dict) -> None:
-        if self.mode != "stream":
-            self.events.append((eid, mtype, content))
-            return
+    def listener(_eid: int, mtype: str, content: dict) -> None:
         if mtype == "stream":
-            self._stream(eid, content.get("name", "stdout"), content.get("text", ""))
-        elif mtype in ("display_data", "update_display_data"):
-            self._rich(eid, content, update=mtype == "update_display_data")
-        elif mtype == "execute_result":
-            self._result(eid, content)
-        elif mtype == "clear_output":
-            self._clear(eid)
-        # 'error' messages are shown once, by the CompositeError raised at the end
+            stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
+            stdin.post(lambda: write(stream, content.get("text", "")))
+        elif mtype == "error":
+            stdin.post(lambda: write(sys.stderr, "\n".join(content.get("traceback", []))))
+        elif mtype in ("display_data", "execute_result"):
+            text = (content.get("data") or {}).get("text/plain")
+            if text:
+                stdin.post(lambda: write(sys.stdout, str(text)))
 
-    def tick(self, force: bool = False) -> None:
-        if not self.notebook:
-            return
-        now = time.monotonic()
-        for area in self.areas.values():
-            if force or now - area.last >= UPDATE_INTERVAL:
-                self._flush_area(area, now)
-
-    def finish(self) -> None:
-        """Show what is left: pending partial lines (stream), or every output (collect/results)."""
-        if self.mode == "stream":
-            self.tick(force=True)
-            for (eid, name), lines in self.partial.items():
-                if lines.lines[-1]:
-                    self._print_lines(eid, name, [lines.lines[-1]])
-                    lines.lines[-1] = ""
-            return
-        self._render_collected()
-
-    # -- live stream output
-    def _stream(self, eid: int, name: str, text: str) -> None:
-        if not text:
-            return
-        if self.notebook:
-            area = self.areas.get((eid, name))
-            if area is None:
-                area = self.areas[(eid, name)] = _Area(eid, name, f"[{name}:{eid}]")
-            area.lines.write(text)
-            if area.handle_id is None:
-                self._flush_area(area, time.monotonic())
-            return
-        lines = self.partial.setdefault((eid, name), _Lines())
-        lines.write(text)
-        self._print_lines(eid, name, lines.pop_complete())
-
-    def _print_lines(self, eid: Any, name: str, lines: list[str]) -> None:
-        if not lines:
-            return
-        out = sys.stderr if name == "stderr" else sys.stdout
-        label = f"[{name}:{eid}] "
-        out.write("".join(label + line + "\n" for line in lines))
-        out.flush()
-
-    def _flush_area(self, area: _Area, now: float) -> None:
-        text = area.lines.text()
-        if text == area.shown and area.handle_id is not None:
-            return
-        if len(text) > AREA_LIMIT and len(area.lines.lines) > 1:
-            # freeze the complete lines in the current area and continue in a fresh one
-            done = "\n".join(area.lines.lines[:-1]) + "\n"
-            data, md = area.bundle(done)
-            if area.handle_id is None:
-                _display(data, md)
-            else:
-                _display(data, md, area.handle_id, update=True)
-            area.lines.lines = area.lines.lines[-1:]
-            area.handle_id, area.shown = None, ""
-            text = area.lines.text()
-            if not text:
-                area.last = now
-                return
-        data, md = area.bundle(text)
-        if area.handle_id is None:
-            area.count += 1
-            area.handle_id = f"{self._uid}-{area.eid}-{area.name}-{area.count}"
-            _display(data, md, area.handle_id)
-        else:
-            _display(data, md, area.handle_id, update=True)
-        area.shown, area.last = text, now
-
-    # -- rich outputs
-    def _rich(self, eid: int, content: dict, update: bool = False) -> None:
-        data, md = _labelled(content.get("data") or {}, content.get("metadata"), eid, f"[output:{eid}]")
-        remote_id = (content.get("transient") or {}).get("display_id")
-        if not self.notebook:
-            if update:
-                return  # a terminal cannot update what it printed
-            self._flush_partial(eid)
-            _display(data, md)
-            return
-        self.tick(force=True)  # keep text printed before this display above it
-        if remote_id is not None:
-            local_id = f"{self._uid}-{eid}-d-{remote_id}"
-            if update:
-                _display(data, md, local_id, update=True)
-            else:
-                _display(data, md, local_id)
-                self.rich_ids.setdefault(eid, []).append(local_id)
-        elif not update:
-            local_id = f"{self._uid}-{eid}-r{len(self.rich_ids.get(eid, []))}"
-            _display(data, md, local_id)
-            self.rich_ids.setdefault(eid, []).append(local_id)
-
-    def _result(self, eid: int, content: dict) -> None:
-        count = content.get("execution_count")
-        data, md = _labelled(content.get("data") or {}, content.get("metadata"), eid, f"Out[{eid}:{count}]:")
-        md["execution_count"] = count
-        if not self.notebook:
-            self._flush_partial(eid)
-        else:
-            self.tick(force=True)
-        _display(data, md)
-
-    def _clear(self, eid: int) -> None:
-        """An engine's ``clear_output``: empty that engine's areas (others' stay)."""
-        if not self.notebook:
-            return
-        for (e, _name), area in self.areas.items():
-            if e == eid:
-                area.lines = _Lines()
-                self._flush_area(area, time.monotonic())
-        for local_id in self.rich_ids.pop(eid, []):
-            _display({"text/plain": ""}, {"engine": eid}, local_id, update=True)
-
-    def _flush_partial(self, eid: int) -> None:
-        for (e, name), lines in self.partial.items():
-            if e == eid and lines.lines[-1]:
-                self._print_lines(eid, name, [lines.lines[-1]])
-                lines.lines[-1] = ""
-
-    # -- grouped output at the end
-    def _render_collected(self) -> None:
-        blocks = self._blocks()
-        if self.mode == "results":  # stdout and results are in the returned Results List
-            blocks = [b for b in blocks if b[1] in ("stderr", "display_data")]
-        if self.collapse:
-            blocks = _collapse(blocks)
-        for eids, kind, payload in blocks:
-            label = engine_range(eids)
-            if kind in ("stdout", "stderr"):
-                text = payload.rstrip("\n") if not self.notebook else payload
-                if self.notebook:
-                    text = text[:-1] if text.endswith("\n") else text
-                    data = {"text/plain": f"[{kind}:{label}] {text}"}
-                    _display(data, {"engine": eids[0] if len(eids) == 1 else eids, "stream": kind,
-                                    "text/plain": {"engine": eids[0] if len(eids) == 1 else eids}})
-                else:
-                    lines = _Lines()
-                    lines.write(text)
-                    self._print_lines(label, kind, lines.lines)
-            elif kind == "display_data":
-                eid = eids[0] if len(eids) == 1 else eids
-                data, md = _labelled(payload.get("data") or {}, payload.get("metadata"), eid, f"[output:{label}]")
-                _display(data, md)
-            elif kind == "execute_result":
-                count = payload.get("execution_count")
-                eid = eids[0] if len(eids) == 1 else eids
-                data, md = _labelled(payload.get("data") or {}, payload.get("metadata"), eid,
-                                     f"Out[{label}:{count}]:")
-                md["execution_count"] = count
-                _display(data, md)
-
-    def _blocks(self) -> list[tuple[list[int], str, Any]]:
-        """Outputs as (engines, kind, payload), grouped by engine, arrival order or type."""
-        merged: list[list[Any]] = []  # [eid, kind, payload]
-        for eid, mtype, content in self.events:
-            if mtype == "stream":
-                kind = "stderr" if content.get("name") == "stderr" else "stdout"
-                text = content.get("text", "")
-                # merge with the last block of the same engine and stream unless something
-                # else of that engine came in between
-                for blk in reversed(merged):
-                    if blk[0] == eid:
-                        if blk[1] == kind:
-                            blk[2] += text
-                            text = None
-                        break
-                if text is not None:
-                    merged.append([eid, kind, text])
-            elif mtype in ("display_data", "execute_result"):
-                merged.append([eid, mtype, content])
-            elif mtype == "clear_output":
-                merged = [b for b in merged if b[0] != eid]
-        if self.group == "engine":
-            order = {e: i for i, e in enumerate(self.eids)}
-            merged.sort(key=lambda b: order.get(b[0], len(order)))  # stable: keeps arrival order
-        elif self.group == "type":
-            rank = {"stdout": 0, "stderr": 1, "display_data": 2, "execute_result": 3}
-            order = {e: i for i, e in enumerate(self.eids)}
-            merged.sort(key=lambda b: (rank[b[1]], order.get(b[0], len(order))))
-        return [([b[0]], b[1], b[2]) for b in merged]
-
-
-def _collapse(blocks: list[tuple[list[int], str, Any]]) -> list[tuple[list[int], str, Any]]:
-    """Merge identical stream blocks of different engines into one (``[stdout:0-3]``)."""
-    out: list[tuple[list[int], str, Any]] = []
-    index: dict[tuple[str, str], int] = {}
-    for eids, kind, payload in blocks:
-        if kind in ("stdout", "stderr"):
-            key = (kind, payload)
-            if key in index:
-                out[index[key]][0].extend(eids)
-                continue
-            index[key] = len(out)
-        out.append((list(eids), kind, payload))
-    return out
-
-
-class _Progress:
-    """After ``after`` seconds, shows how many engines are done (in place in a notebook)."""
-
-    def __init__(self, after: float | None, notebook: bool, started: float) -> None:
-        self.after, self.notebook, self.started = after, notebook, started
-        self.shown: int | None = None
-        self.display_id = f"ipme-progress-{id(self):x}-{time.monotonic_ns():x}"
-
-    def tick(self, eids: list[int], futures: list[Any], final: bool = False) -> None:
-        if self.after is None:
-            return
-        elapsed = time.monotonic() - self.started
-        if elapsed < self.after and self.shown is None:
-            return
-        done = sum(f.done() for f in futures)
-        if done == self.shown and not final:
-            return
-        waiting = [e for e, f in zip(eids, futures) if not f.done()]
-        text = f"[progress] {done}/{len(futures)} engines done after {elapsed:.1f} s"
-        if waiting:
-            text += f"; waiting for {engine_range(waiting)}"
-        if self.notebook:
-            _display({"text/plain": text}, {}, self.display_id, update=self.shown is not None)
-        else:
-            print(text, file=sys.stderr, flush=True)
-        self.shown = done
+    return listener
 
 
 # ---------------------------------------------------------------------- %autopx transformer
@@ -498,25 +128,50 @@ class AutoPxTransformer:
 
     ``has_side_effects`` keeps IPython's ``check_complete`` from applying it, so the
     terminal still decides whether an input is complete on the plain Python code.
+
+    What stays local while ``%autopx`` is on: every magic of this extension (``%px``,
+    ``%%px``, ``%autopx``, ``%pxconfig``, ``%result``, ``%pxstatus``, ...; ``%px`` goes to the
+    engines anyway, with its own options), recognised on the first line that is neither blank
+    nor a comment, with ``%``/``%%`` or as a bare word (automagic; not ``result``, a common
+    variable name, and not ``px = 1``-like code). ``exit``/``quit`` would
+    shut every engine down: they are refused with a message instead.
     """
 
     has_side_effects = True
-    #: Inputs starting with these stay local while ``%autopx`` is on (``%px``/``%%px`` go to
-    #: the engines anyway, with their own options).
-    local_magics = ("%autopx", "%pxconfig", "%result", "%pxresult", "%px", "%%px")
+    #: Words that end a session; typed under ``%autopx`` they are refused, not sent.
+    exit_words = ("exit", "quit", "%exit", "%quit", "exit()", "quit()")
 
-    def __init__(self) -> None:
+    def __init__(self, local_magics: Any = ()) -> None:
         self.enabled = False
+        self._local = local_magics  # names, or a callable returning them (the magics registered)
+
+    @property
+    def local_magics(self) -> set[str]:
+        names = self._local() if callable(self._local) else self._local
+        return set(names) | {"autopx"}
 
     def __call__(self, lines: list[str]) -> list[str]:
+        code = [ln for ln in lines if ln.strip()]
+        if len(code) == 1:
+            m = re.fullmatch(r"\s*%?px\s+(.*\?)\s*", code[0].rstrip("\n"))
+            if m:  # `%px len?`: IPython's help syntax would show the *local* len's help instead
+                return [f"get_ipython().run_line_magic('px', {m.group(1)!r})\n"]
         if not self.enabled:
             return lines
-        first = next((ln.strip() for ln in lines if ln.strip()), "")
+        first = next((ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), "")
         if not first:
             return lines
-        word = first.split()[0]
-        if word in self.local_magics or first == "autopx":
-            return lines
+        if first.replace(" ", "") in self.exit_words or re.fullmatch(r"(exit|quit)\(\s*\d*\s*\)", first):
+            msg = ("%autopx: exit/quit not sent to the engines (it would shut every engine down); "
+                   "type %autopx to leave autopx mode, then exit to leave IPython")
+            return [f"print({msg!r}, file=__import__('sys').stderr)\n"]
+        word, _, rest = first.partition(" ")
+        rest = rest.lstrip()
+        if word.startswith("%"):
+            if word.lstrip("%") in self.local_magics:
+                return lines
+        elif word in self.local_magics - {"result"} and not re.match(r"[=(\[.,:+\-*/%<>!&|^~@]", rest):
+            return lines  # automagic: `autopx`, `pxstatus`, `px code` (not `px = 1`, `px(...)`)
         return ["%%px\n"] + lines
 
 
@@ -567,12 +222,14 @@ def _px_options(f: Any) -> Any:
 
 @magics_class
 class ParallelMagics(Magics):
-    """``%px``, ``%%px``, ``%pxconfig``, ``%autopx``, ``%result``/``%pxresult``."""
+    """``%px``, ``%%px``, ``%pxconfig``, ``%autopx``, ``%result``/``%pxresult``, ``%pxstatus``,
+    ``%pxdebug``, ``%pxdiff``."""
 
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self.pxconfig_ = PxConfig()
-        self.transformer = AutoPxTransformer()
+        self.transformer = AutoPxTransformer(
+            lambda: {name for names in self.magics.values() for name in names})
         self.last: Any = None
         self._own_client: Any = None
         self._notebook: bool | None = None  # None: detect (a kernel means notebook rendering)
@@ -596,7 +253,20 @@ class ParallelMagics(Magics):
 
     @property
     def notebook(self) -> bool:
+        """Render for a notebook (display areas) rather than a terminal; detected unless set."""
         return _in_notebook(self.shell) if self._notebook is None else self._notebook
+
+    @notebook.setter
+    def notebook(self, value: bool | None) -> None:
+        self._notebook = value
+
+    def reset(self) -> None:
+        """Back to the state right after ``%load_ext``: default ``%pxconfig``, ``%autopx`` off,
+        notebook rendering detected again, no last command."""
+        self.pxconfig_ = PxConfig()
+        self.transformer.enabled = False
+        self._notebook = None
+        self.last = None
 
     # -- %px / %%px
     @magic_arguments()
@@ -675,7 +345,8 @@ class ParallelMagics(Magics):
         try:
             timed_out = not self._pump(pr, events, renderer, progress, deadline)
         except KeyboardInterrupt:
-            self._interrupted(mec, pr, events, renderer, progress)
+            with stdin.dropping(pr.futures):  # no more prompts of this call (one Ctrl-C is enough)
+                self._interrupted(mec, pr, events, renderer, progress)
             raise _short(KeyboardInterrupt()) from None
         finally:
             if not pr.ready():
@@ -689,11 +360,18 @@ class ParallelMagics(Magics):
             raise _short(MultiEngineTimeout(
                 f"%px: engines {engine_range(left)} not done after {timeout:g} s; they keep running. "
                 "%result waits for the output; mec.interrupt() stops them"))
-        renderer.finish()
         try:
             result = pr.get_result()
         except CompositeError as err:
+            # no Results List will be shown: every engine's stdout and Out first, then the error
+            renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
+            renderer.finish()
             raise self._failed(err, args, collapse) from None
+        except BaseException:
+            renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
+            renderer.finish()
+            raise
+        renderer.finish()
         if args.out:
             self.shell.user_ns[args.out] = result
         return result if mode == "results" else None
@@ -716,21 +394,25 @@ class ParallelMagics(Magics):
             raise UsageError("--init always blocks: setup code must have run before anything else")
         try:
             result = mec.on_start(code, timeout=timeout)
-        except CompositeError as err:
+        except CompositeError as err:  # what the engines printed, then the error
+            self._show_records([r for r in err.results if isinstance(r, dict)], "collect", group, collapse)
             raise self._failed(err, args, collapse) from None
         self.last = mec.last
-        renderer = Renderer([r["id"] for r in result], "results" if mode == "results" else "collect",
-                            self.notebook, group, collapse)
-        for r in result:
+        self._show_records(result, "results" if mode == "results" else "collect", group, collapse)
+        if args.out:
+            self.shell.user_ns[args.out] = result
+        return result if mode == "results" else None
+
+    def _show_records(self, records: list[dict], mode: str, group: str, collapse: bool) -> None:
+        """Render finished execute records (stdout, stderr, rich outputs) like ``--no-stream``."""
+        renderer = Renderer([r["id"] for r in records], mode, self.notebook, group, collapse)
+        for r in records:
             for name in ("stdout", "stderr"):
                 if r.get(name):
                     renderer.handle(r["id"], "stream", {"name": name, "text": r[name]})
             for out in r.get("outputs") or []:
                 renderer.handle(r["id"], out.get("output_type", ""), out)
         renderer.finish()
-        if args.out:
-            self.shell.user_ns[args.out] = result
-        return result if mode == "results" else None
 
     def _pump(self, pr: Any, events: queue.Queue, renderer: Renderer, progress: _Progress,
               deadline: float | None) -> bool:
@@ -794,6 +476,57 @@ class ParallelMagics(Magics):
             self.shell.run_cell(code, store_history=False)
         finally:
             self.transformer.enabled = was
+
+    # -- %pxstatus / %pxdebug / %pxdiff
+    @magic_arguments()
+    @argument("--live", action="store_true", default=False,
+              help="in a notebook, keep the table updated in place (until .stop())")
+    @argument("--interval", type=float, default=1.0, metavar="S", help="seconds between live updates")
+    @line_magic
+    def pxstatus(self, line: str = "") -> Any:
+        """The engine table: id, group, host, pid, state, what runs, queue, memory, CPU."""
+        args = parse_argstring(self.pxstatus, line)
+        if args.interval <= 0:
+            raise UsageError(f"--interval must be positive, not {args.interval:g}")
+        return self.client().status(live=args.live, interval=args.interval)
+
+    @magic_arguments()
+    @argument("engine", help="the engine id whose last exception to debug")
+    @line_magic
+    def pxdebug(self, line: str = "") -> None:
+        """Post-mortem debugging of one engine's last exception, from here (``[N] ipdb>``)."""
+        try:
+            args = parse_argstring(self.pxdebug, line)
+            eid = int(args.engine)
+        except (UsageError, ValueError):
+            raise UsageError(f"%pxdebug needs one engine id, e.g. %pxdebug 0 (got {line.strip()!r})") from None
+        mec = self.client()
+        if eid not in mec.get_ids():
+            raise UsageError(f"unknown engine id {eid}; valid ids: {mec.get_ids()}")
+        language = next(e["language"] for e in mec.engines if e["id"] == eid)
+        if language != "python":
+            raise UsageError(f"engine {eid} runs {language or 'an unknown language'}: "
+                             "%pxdebug needs a Python engine")
+        pr = mec.execute("%debug", targets=eid, block=False, listener=_live_printer(eid))
+        try:
+            pr.get_result()
+        finally:
+            stdin.serve_pending()  # output that arrived with the end of the session
+
+    @magic_arguments()
+    @argument("name", nargs="?", default=None, help="the variable to compare across engines")
+    @argument("--targets", "-t", dest="targets", default=None,
+              help="engines to compare: all, 0, 0,2, 1:3, ::2 or a group name")
+    @line_magic
+    def pxdiff(self, line: str = "") -> Any:
+        """Which engines hold differing values of ``NAME``: ``%pxdiff NAME [--targets T]``."""
+        args = parse_argstring(self.pxdiff, line)
+        if not args.name:
+            raise UsageError("usage: %pxdiff NAME [--targets T]")
+        mec = self.client()
+        targets = None if args.targets is None else parse_targets(args.targets, mec.get_ids(), mec.groups)
+        return mec.diff(args.name, targets=targets)
+
 
     # -- %pxconfig
     @magic_arguments()

@@ -41,7 +41,7 @@ def _language_version(conn: Any) -> str:
 def engine_rows(client: Any) -> list[dict]:
     """One dict per engine: id, group, kernelspec, language, version, host, pid, state, dead."""
     ctl = client._controller
-    fresh = getattr(getattr(client, "_cluster", None), "engine_meta", None)
+    fresh = getattr(getattr(client, "owner", None), "engine_meta", None)
     meta = (fresh() if callable(fresh) else None) or getattr(client, "_meta", {}) or {}
     rows = []
     for eid in ctl.ids:

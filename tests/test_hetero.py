@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from IPython.core.error import UsageError
 
 from beyond_helpers import assert_gone, family, private_kernelspecs
 from ipy_multiengine import Cluster, MultiEngineClient
@@ -272,10 +273,8 @@ def test_diff_groups_engines_by_value(mec):
 def test_magics_pxdiff_and_pxstatus(mec):
     from IPython.core.interactiveshell import InteractiveShell
 
-    from ipy_multiengine import magics_tools
-
     ip = InteractiveShell.instance()
-    magics_tools.register(ip)
+    ip.run_line_magic("load_ext", "ipy_multiengine")
     mec.activate()
     mec.execute("v = 1", targets=0)
     mec.execute("v = 2", targets=1)
@@ -288,13 +287,15 @@ def test_magics_pxdiff_and_pxstatus(mec):
     assert not d.identical
     table = ip.run_line_magic("pxstatus", "")
     assert [r["id"] for r in table.rows] == [0, 1, 2, 3, 4]
-    with pytest.raises(ValueError, match="usage"):
+    # bad input is a UsageError (magic_arguments, issue 13 item 4), shown by IPython in one line
+    with pytest.raises(UsageError, match="usage"):
         ip.run_line_magic("pxdiff", "")
-    with pytest.raises(ValueError, match="Python engine"):
+    with pytest.raises(UsageError, match="Python engine"):
         ip.run_line_magic("pxdebug", "2")
-    magics_tools.unregister(ip)
+    ip.run_line_magic("unload_ext", "ipy_multiengine")
     assert "pxdiff" not in ip.magics_manager.magics["line"]
-    magics_tools.register(ip)  # leave the shared shell as %load_ext left it
+    ip.run_line_magic("load_ext", "ipy_multiengine")  # leave the shared shell as %load_ext left it
+    mec.activate()
 
 
 def test_px_magics_on_bash_engines(mec, capsys):

@@ -36,8 +36,8 @@ class Term:
             env=env, encoding="utf-8", timeout=45, echo=False, dimensions=(50, 200))
         self.log: list[str] = []
         self.expect(PROMPT)
-        self.run("from ipy_multiengine import Cluster, magics_tools; cl = Cluster(n=2, profile='stdin-term'); "
-                 "mec = cl.start().activate(); magics_tools.register(get_ipython()); "
+        self.run("from ipy_multiengine import Cluster; cl = Cluster(n=2, profile='stdin-term'); "
+                 "mec = cl.start().activate(); get_ipython().run_line_magic('load_ext', 'ipy_multiengine'); "
                  "print('PIDS', [e['pid'] for e in mec.engines])")
         self.pids = [int(p) for p in re.findall(r"\d+", self.text.split("PIDS", 1)[1].split("]")[0])]
 
@@ -213,8 +213,8 @@ def test_input_through_nbclient_with_a_scripted_reply(tmp_path):
                                   "cl = Cluster(n=1, profile='stdin-nb')\nmec = cl.start()\n"
                                   "pids = [e['pid'] for e in mec.engines]; print(pids)"),
         nbformat.v4.new_code_cell("mec.execute(\"name = input('name? ')\")\nprint(mec.pull('name'))"),
-        nbformat.v4.new_code_cell("from ipy_multiengine import magics_tools, CompositeError\n"
-                                  "magics_tools.register(get_ipython()); mec.activate()\n"
+        nbformat.v4.new_code_cell("from ipy_multiengine import CompositeError\n"
+                                  "get_ipython().run_line_magic('load_ext', 'ipy_multiengine'); mec.activate()\n"
                                   "try:\n    mec.execute('w = 21 * 2\\n1 / (w - w)')\n"
                                   "except CompositeError:\n    pass"),
         nbformat.v4.new_code_cell("%pxdebug 0"),
@@ -256,3 +256,15 @@ def test_input_in_a_notebook_without_stdin_gives_the_engine_eof(tmp_path):
     assert any("cannot ask for input here" in o.get("text", "") for o in outs if o.get("name") == "stderr")
     assert any(o.get("text") == "ENGINE EOFError\n" for o in outs)
     assert_gone(pids)
+
+
+@pytest.mark.parametrize("how", ["execute", "px"])
+def test_o11_ctrl_c_at_one_prompt_drops_the_call_s_other_prompts(term, how):
+    code = "who = input('who? ')"
+    term.send(f"mec.execute({code!r})" if how == "execute" else f"%px {code}")
+    term.expect(r"\[(\d)\] who\? ")
+    term.child.sendintr()  # Ctrl-C at the first engine's prompt: the other's is not asked
+    out = term.expect(PROMPT)
+    assert "KeyboardInterrupt" in out and not re.search(r"\[\d\] who\? ", out), out
+    out = term.run("mec.execute('print(6 * 7)')[1]['stdout']")
+    assert "'42\\n'" in out and not re.search(r"\[\d\] who\? ", out)  # engines free, nothing queued

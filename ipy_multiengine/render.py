@@ -1,0 +1,448 @@
+"""Engine output -> terminal text or notebook displays, for the magics.
+
+``Renderer`` shows one command's outputs live (``stream``), grouped when every engine is done
+(``collect``), or next to the tutorial's Results List (``results``): ``[stdout:N]`` prefixed
+lines in a terminal, one display area per engine and stream, updated in place, in a notebook.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .targets import engine_range
+
+#: Seconds between in-place updates of a notebook display area (output is coalesced).
+UPDATE_INTERVAL = 0.1
+#: Characters after which a notebook stream area is frozen and a new one started, so that
+#: in-place updates stay small however much an engine prints.
+AREA_LIMIT = 16384
+
+def _display(bundle: dict, metadata: dict, display_id: str | None = None, update: bool = False) -> Any:
+    from IPython.display import display, update_display
+
+    if update:
+        update_display(bundle, raw=True, metadata=metadata, display_id=display_id)
+        return None
+    if display_id is not None:
+        return display(bundle, raw=True, metadata=metadata, display_id=display_id)
+    display(bundle, raw=True, metadata=metadata)
+    return None
+
+
+def _labelled(data: dict, metadata: dict | None, eid: Any, label: str) -> tuple[dict, dict]:
+    """A copy of a mime bundle labelled with its engine: ``metadata.engine`` at the top level
+    and in every mime type's metadata, and a visible ``label`` in text/plain and text/html."""
+    data = dict(data)
+    md = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (metadata or {}).items()}
+    md["engine"] = eid
+    for mime in data:
+        sub = md.get(mime)
+        md[mime] = dict(sub, engine=eid) if isinstance(sub, dict) else {"engine": eid}
+    plain = data.get("text/plain")
+    if isinstance(plain, str):
+        data["text/plain"] = f"{label} " + ("\n" if "\n" in plain else "") + plain
+    html = data.get("text/html")
+    if isinstance(html, str):
+        data["text/html"] = (f'<div class="ipy-multiengine-label" style="font-size:smaller;opacity:0.6">'
+                             f"{label}</div>\n{html}")
+    return data, md
+
+
+class _Lines:
+    """Terminal-like text: ``\\n`` starts a line, ``\\r`` makes the next text overwrite the line."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = [""]
+        self._cr = False
+
+    def write(self, text: str) -> None:
+        for piece in re.split(r"(\r\n|\n|\r)", text):
+            if piece in ("\n", "\r\n"):
+                self.lines.append("")
+                self._cr = False
+            elif piece == "\r":
+                self._cr = True
+            elif piece:
+                if self._cr:
+                    self.lines[-1] = ""
+                    self._cr = False
+                self.lines[-1] += piece
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def pop_complete(self) -> list[str]:
+        done, self.lines = self.lines[:-1], self.lines[-1:]
+        return done
+
+
+def _short(exc: BaseException) -> BaseException:
+    """Make IPython show ``exc`` as one line, without the magic's own frames."""
+    exc._render_traceback_ = lambda: [f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__]  # type: ignore[attr-defined]
+    return exc
+
+
+# ---------------------------------------------------------------------- rendering
+@dataclass
+class _Area:
+    """One engine's stdout or stderr display area in a notebook, updated in place."""
+
+    eid: int
+    name: str
+    label: str
+    lines: _Lines = field(default_factory=_Lines)
+    handle_id: str | None = None
+    shown: str = ""
+    last: float = 0.0
+    count: int = 0
+
+    def bundle(self, text: str) -> tuple[dict, dict]:
+        text = text[:-1] if text.endswith("\n") else text  # a final newline adds no line
+        return ({"text/plain": f"{self.label} {text}"},
+                {"engine": self.eid, "stream": self.name, "text/plain": {"engine": self.eid}})
+
+
+class Renderer:
+    """Shows one command's outputs: live (``stream``), grouped at the end, or tutorial-style.
+
+    ``handle`` is called in the user's thread for each (engine, msg_type, content) event;
+    ``tick`` flushes throttled notebook updates; ``finish`` shows whatever is left.
+    """
+
+    def __init__(self, eids: list[int], mode: str, notebook: bool, group: str = "engine",
+                 collapse: bool = False) -> None:
+        self.eids = eids
+        self.mode = mode  # 'stream' | 'collect' | 'results'
+        self.notebook = notebook
+        self.group = group
+        self.collapse = collapse
+        self.events: list[tuple[int, str, dict]] = []
+        self.areas: dict[tuple[int, str], _Area] = {}
+        self.partial: dict[tuple[int, str], _Lines] = {}
+        self.rich_ids: dict[int, list[str]] = {}  # an engine's displays shown now (local ids)
+        self.free: dict[int, list[str]] = {}  # an engine's cleared displays, reused in order
+        self.remote: dict[tuple[int, str], list[str]] = {}  # (engine, its display_id) -> local ids
+        self.clear_waiting: set[int] = set()  # engines whose clear_output(wait=True) is pending
+        self._uid = f"ipme-{id(self):x}-{time.monotonic_ns():x}"
+        self._count = 0
+
+    # -- events
+    def handle(self, eid: int, mtype: str, content: dict) -> None:
+        if self.mode != "stream":
+            self.events.append((eid, mtype, content))
+            return
+        if eid in self.clear_waiting and mtype in ("stream", "display_data", "execute_result"):
+            self._clear_now(eid, deferred=True, reuse=mtype == "display_data")
+        if mtype == "stream":
+            self._stream(eid, content.get("name", "stdout"), content.get("text", ""))
+        elif mtype in ("display_data", "update_display_data"):
+            self._rich(eid, content, update=mtype == "update_display_data")
+        elif mtype == "execute_result":
+            self._result(eid, content)
+        elif mtype == "clear_output":
+            self._clear(eid, bool(content.get("wait")))
+        # 'error' messages are shown once, by the CompositeError raised at the end
+
+    def tick(self, force: bool = False) -> None:
+        if not self.notebook:
+            return
+        now = time.monotonic()
+        for area in self.areas.values():
+            if force or now - area.last >= UPDATE_INTERVAL:
+                self._flush_area(area, now)
+
+    def finish(self) -> None:
+        """Show what is left: pending partial lines (stream), or every output (collect/results)."""
+        if self.mode == "stream":
+            self.tick(force=True)
+            for (eid, name), lines in self.partial.items():
+                if lines.lines[-1]:
+                    self._print_lines(eid, name, [lines.lines[-1]])
+                    lines.lines[-1] = ""
+            return
+        self._render_collected()
+
+    # -- live stream output
+    def _stream(self, eid: int, name: str, text: str) -> None:
+        if not text:
+            return
+        if self.notebook:
+            area = self.areas.get((eid, name))
+            if area is None:
+                area = self.areas[(eid, name)] = _Area(eid, name, f"[{name}:{eid}]")
+            area.lines.write(text)
+            if area.handle_id is None:
+                self._flush_area(area, time.monotonic())
+            return
+        lines = self.partial.setdefault((eid, name), _Lines())
+        lines.write(text)
+        self._print_lines(eid, name, lines.pop_complete())
+
+    def _print_lines(self, eid: Any, name: str, lines: list[str]) -> None:
+        if not lines:
+            return
+        out = sys.stderr if name == "stderr" else sys.stdout
+        label = f"[{name}:{eid}] "
+        out.write("".join(label + line + "\n" for line in lines))
+        out.flush()
+
+    def _flush_area(self, area: _Area, now: float) -> None:
+        text = area.lines.text()
+        if text == area.shown and area.handle_id is not None:
+            return
+        if len(text) > AREA_LIMIT and len(area.lines.lines) > 1:
+            # freeze the complete lines in the current area and continue in a fresh one
+            done = "\n".join(area.lines.lines[:-1]) + "\n"
+            data, md = area.bundle(done)
+            if area.handle_id is None:
+                _display(data, md)
+            else:
+                _display(data, md, area.handle_id, update=True)
+            area.lines.lines = area.lines.lines[-1:]
+            area.handle_id, area.shown = None, ""
+            text = area.lines.text()
+            if not text:
+                area.last = now
+                return
+        data, md = area.bundle(text)
+        if area.handle_id is None:
+            area.count += 1
+            area.handle_id = f"{self._uid}-{area.eid}-{area.name}-{area.count}"
+            _display(data, md, area.handle_id)
+        else:
+            _display(data, md, area.handle_id, update=True)
+        area.shown, area.last = text, now
+
+    # -- rich outputs
+    def _rich(self, eid: int, content: dict, update: bool = False) -> None:
+        data, md = _labelled(content.get("data") or {}, content.get("metadata"), eid, f"[output:{eid}]")
+        remote_id = (content.get("transient") or {}).get("display_id")
+        if not self.notebook:
+            if update:
+                return  # a terminal cannot update what it printed
+            self._flush_partial(eid)
+            _display(data, md)
+            return
+        self.tick(force=True)  # keep text printed before this display above it
+        if update:
+            for local_id in self.remote.get((eid, remote_id), []) if remote_id is not None else []:
+                _display(data, md, local_id, update=True)
+            return
+        free = self.free.get(eid)
+        if free:  # after clear_output: this display takes the place of a cleared one, in place
+            local_id = free.pop(0)
+            _display(data, md, local_id, update=True)
+        else:
+            self._count += 1
+            local_id = f"{self._uid}-{eid}-r{self._count}"
+            _display(data, md, local_id)
+        self.rich_ids.setdefault(eid, []).append(local_id)
+        if remote_id is not None:
+            self.remote.setdefault((eid, remote_id), []).append(local_id)
+
+    def _result(self, eid: int, content: dict) -> None:
+        count = content.get("execution_count")
+        data, md = _labelled(content.get("data") or {}, content.get("metadata"), eid, f"Out[{eid}:{count}]:")
+        md["execution_count"] = count
+        if not self.notebook:
+            self._flush_partial(eid)
+        else:
+            self.tick(force=True)
+        _display(data, md)
+
+    def _clear(self, eid: int, wait: bool = False) -> None:
+        """An engine's ``clear_output``: empty that engine's areas (others' stay). With
+        ``wait=True`` the clearing waits for that engine's next output, which then takes the
+        cleared output's place (a ``clear_output(wait=True)`` + ``display`` loop is one output)."""
+        if not self.notebook:
+            return
+        if wait:
+            self.clear_waiting.add(eid)
+        else:
+            self._clear_now(eid)
+
+    def _clear_now(self, eid: int, deferred: bool = False, reuse: bool = False) -> None:
+        self.clear_waiting.discard(eid)
+        for (e, _name), area in self.areas.items():
+            if e == eid:
+                area.lines = _Lines()
+                if not deferred:  # else the output that is arriving fills it at the next tick
+                    self._flush_area(area, time.monotonic())
+        for key in [k for k in self.remote if k[0] == eid]:
+            del self.remote[key]  # a cleared display cannot be updated any more
+        slots = self.free.setdefault(eid, [])
+        cleared = self.rich_ids.pop(eid, [])
+        for i, local_id in enumerate(cleared):
+            if not (reuse and i == 0 and not slots):  # the display arriving now reuses this one
+                _display({"text/plain": ""}, {"engine": eid}, local_id, update=True)
+        slots.extend(cleared)
+
+    def _flush_partial(self, eid: int) -> None:
+        for (e, name), lines in self.partial.items():
+            if e == eid and lines.lines[-1]:
+                self._print_lines(eid, name, [lines.lines[-1]])
+                lines.lines[-1] = ""
+
+    # -- grouped output at the end
+    def _render_collected(self) -> None:
+        blocks = self._blocks()
+        if self.mode == "results":  # stdout, results and pager text are in the returned Results List
+            blocks = [b for b in blocks if b[1] == "stderr" or
+                      (b[1] == "display_data" and not (b[2].get("metadata") or {}).get("pager"))]
+        if self.collapse:
+            blocks = _collapse(blocks)
+        for eids, kind, payload in blocks:
+            label = engine_range(eids)
+            if kind in ("stdout", "stderr"):
+                text = payload.rstrip("\n") if not self.notebook else payload
+                if self.notebook:
+                    text = text[:-1] if text.endswith("\n") else text
+                    data = {"text/plain": f"[{kind}:{label}] {text}"}
+                    _display(data, {"engine": eids[0] if len(eids) == 1 else eids, "stream": kind,
+                                    "text/plain": {"engine": eids[0] if len(eids) == 1 else eids}})
+                else:
+                    lines = _Lines()
+                    lines.write(text)
+                    self._print_lines(label, kind, lines.lines)
+            elif kind == "display_data":
+                eid = eids[0] if len(eids) == 1 else eids
+                data, md = _labelled(payload.get("data") or {}, payload.get("metadata"), eid, f"[output:{label}]")
+                _display(data, md)
+            elif kind == "execute_result":
+                count = payload.get("execution_count")
+                eid = eids[0] if len(eids) == 1 else eids
+                data, md = _labelled(payload.get("data") or {}, payload.get("metadata"), eid,
+                                     f"Out[{label}:{count}]:")
+                md["execution_count"] = count
+                _display(data, md)
+
+    def _blocks(self) -> list[tuple[list[int], str, Any]]:
+        """Outputs as (engines, kind, payload), grouped by engine, arrival order or type."""
+        merged: list[list[Any]] = []  # [eid, kind, payload]
+        for eid, mtype, content in self.events:
+            if mtype == "stream":
+                kind = "stderr" if content.get("name") == "stderr" else "stdout"
+                text = content.get("text", "")
+                # merge with the last block of the same engine and stream unless something
+                # else of that engine came in between
+                for blk in reversed(merged):
+                    if blk[0] == eid:
+                        if blk[1] == kind:
+                            blk[2] += text
+                            text = None
+                        break
+                if text is not None:
+                    merged.append([eid, kind, text])
+            elif mtype in ("display_data", "execute_result"):
+                merged.append([eid, mtype, content])
+            elif mtype == "update_display_data":  # collected output shows the final content
+                did = (content.get("transient") or {}).get("display_id")
+                for blk in merged:
+                    if (blk[0] == eid and blk[1] == "display_data" and did is not None
+                            and (blk[2].get("transient") or {}).get("display_id") == did):
+                        blk[2] = dict(blk[2], data=content.get("data"), metadata=content.get("metadata"))
+            elif mtype == "clear_output":
+                merged = [b for b in merged if b[0] != eid]
+        if self.group == "engine":
+            order = {e: i for i, e in enumerate(self.eids)}
+            merged.sort(key=lambda b: order.get(b[0], len(order)))  # stable: keeps arrival order
+        elif self.group == "type":
+            rank = {"stdout": 0, "stderr": 1, "display_data": 2, "execute_result": 3}
+            order = {e: i for i, e in enumerate(self.eids)}
+            merged.sort(key=lambda b: (rank[b[1]], order.get(b[0], len(order))))
+        return [([b[0]], b[1], b[2]) for b in merged]
+
+
+def _collapse(blocks: list[tuple[list[int], str, Any]]) -> list[tuple[list[int], str, Any]]:
+    """Merge identical stream blocks of different engines into one (``[stdout:0-3]``)."""
+    out: list[tuple[list[int], str, Any]] = []
+    index: dict[tuple[str, str], int] = {}
+    for eids, kind, payload in blocks:
+        if kind in ("stdout", "stderr"):
+            key = (kind, payload)
+            if key in index:
+                out[index[key]][0].extend(eids)
+                continue
+            index[key] = len(out)
+        out.append((list(eids), kind, payload))
+    return out
+
+
+class _Progress:
+    """After ``after`` seconds, shows how many engines are done (in place in a notebook)."""
+
+    def __init__(self, after: float | None, notebook: bool, started: float) -> None:
+        self.after, self.notebook, self.started = after, notebook, started
+        self.shown: int | None = None
+        self.display_id = f"ipme-progress-{id(self):x}-{time.monotonic_ns():x}"
+
+    def tick(self, eids: list[int], futures: list[Any], final: bool = False) -> None:
+        if self.after is None:
+            return
+        elapsed = time.monotonic() - self.started
+        if elapsed < self.after and self.shown is None:
+            return
+        done = sum(f.done() for f in futures)
+        if done == self.shown and not final:
+            return
+        waiting = [e for e, f in zip(eids, futures) if not f.done()]
+        text = f"[progress] {done}/{len(futures)} engines done after {elapsed:.1f} s"
+        if waiting:
+            text += f"; waiting for {engine_range(waiting)}"
+        if self.notebook:
+            _display({"text/plain": text}, {}, self.display_id, update=self.shown is not None)
+        else:
+            print(text, file=sys.stderr, flush=True)
+        self.shown = done
+
+
+def in_notebook() -> bool:
+    """True inside a notebook kernel (render display areas), False in a terminal or script."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        return False
+    shell = get_ipython()
+    return getattr(shell, "kernel", None) is not None
+
+
+class LiveOutput:
+    """Shows what a blocking call's functions print or display, labelled by engine, while the
+    caller waits (``apply``, ``map``, ``@parallel``; ``%%px`` has its own ``Renderer`` loop).
+
+    ``listener`` runs on the controller's loop thread: it only posts the event to the waiting
+    user thread (``stdin.post``), which renders it in order with engines' input prompts.
+    ``close`` shows what is left and stops posting (output after a timeout stays on the
+    ``PendingResult``).
+    """
+
+    def __init__(self, eids: list[int]) -> None:
+        self.renderer = Renderer(list(eids), "stream", in_notebook())
+        self.closed = False
+
+    def listener(self, eid: int, mtype: str, content: dict) -> None:
+        if self.closed:
+            return
+        from . import stdin
+
+        stdin.post(lambda: self._show(eid, mtype, content))
+
+    def _show(self, eid: int, mtype: str, content: dict) -> None:
+        if self.closed:
+            return
+        if mtype == "error":  # a failing function is reported by the CompositeError
+            return
+        self.renderer.handle(eid, mtype, content)
+        self.renderer.tick()
+
+    def close(self) -> None:
+        from . import stdin
+
+        stdin.serve_pending()  # events posted before the reply (engines flush before replying)
+        if not self.closed:
+            self.closed = True
+            self.renderer.finish()
