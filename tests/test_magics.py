@@ -630,3 +630,40 @@ def test_o14_pager_output_is_shown_labelled_by_engine(ip, mec):
             assert all(o.data["text/plain"].startswith(f"[output:{o.metadata['engine']}]") for o in pages)
     cap, res = run(ip, "%%px --targets 0\n%psource len")  # no Python source for a builtin: said so
     assert res.success
+
+
+@pytest.mark.timeout(120)
+def test_o15_compare_and_status_list_restarting_engines_as_skipped(ip):
+    import os
+
+    from ipy_multiengine import Cluster
+
+    with Cluster(n=2, profile=f"o15-{os.getpid()}") as mec2:
+        mec2.execute("x = 1")
+        mec2.on_start("import time; time.sleep(4)")  # keeps the restarting engine not ready a while
+        t = threading.Thread(target=mec2.restart, args=(1,), kwargs={"timeout": 60})
+        t.start()
+        try:
+            deadline = time.monotonic() + 20
+            while mec2.engines[1]["ready"] and time.monotonic() < deadline:
+                time.sleep(0.005)  # polling for the restart to begin, bounded by the deadline
+            assert not mec2.engines[1]["ready"], "the restart never began"
+            d = mec2.diff("x")
+            assert d.groups == [(1, [0])] and list(d.skipped) == [1], (d.groups, d.skipped)
+            text = repr(d)
+            assert "all 1 engines" not in text and "skipped" in text and "engine 1" in text, text
+            with capture_output() as cap:
+                table = mec2.pull_table("x")
+            skipped = table.attrs["skipped"] if hasattr(table, "attrs") else table.skipped
+            assert list(skipped) == [1] and "skipped engine 1" in cap.stderr
+            mec2.activate()
+            cap, res = run(ip, "%pxdiff x")
+            assert "skipped" in repr(res.result)
+            status = mec2.status()
+            row = next(r for r in status.cells() if r["id"] == "1")
+            assert row["rss"] == "-" and row["cpu"] == "-" and row["pid"] == "-", row
+        finally:
+            t.join()
+        assert mec2.diff("x").skipped == {}  # restarted: compared again (x is gone there: missing)
+        assert mec2.diff("x").missing == [1]
+
