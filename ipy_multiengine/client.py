@@ -10,7 +10,6 @@ import concurrent.futures as cf
 import numbers
 import os
 import logging
-import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
@@ -24,6 +23,7 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
     RemoteError,
     TimeoutError,
 )
+from .render import ProgressBar
 from .results import PendingResult, ResultList
 
 if TYPE_CHECKING:
@@ -43,18 +43,6 @@ log = logging.getLogger("ipy_multiengine")
 def get_active() -> "MultiEngineClient | None":
     """The client of the last ``activate()`` (the one the magics use), if still open."""
     return _active if _active is not None and not _active.closed else None
-
-
-def _interactive() -> bool:
-    try:
-        from IPython import get_ipython
-
-        ip = get_ipython()
-    except Exception:
-        ip = None
-    if ip is not None and getattr(ip, "kernel", None) is not None:
-        return True
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 class MultiEngineClient:
@@ -242,10 +230,10 @@ class MultiEngineClient:
 
         return LiveOutput(eids) if block else None
 
-    def _show_progress(self, pr: PendingResult) -> "_ProgressBar":
+    def _show_progress(self, pr: PendingResult) -> ProgressBar:
         """A progress bar for ``pr``'s wait: drawn by that wait's slices, shown only once the
         call has taken ``progress_after`` seconds in an interactive session."""
-        return _ProgressBar(pr.method, self.progress_after)
+        return ProgressBar(pr.method, self.progress_after)
 
     # ------------------------------------------------------------------ running code
     def execute(self, code: str, targets: Any = None, block: bool | None = None,
@@ -576,32 +564,6 @@ class MultiEngineClient:
 
     def __repr__(self) -> str:
         return f"<MultiEngineClient engines={self.get_ids()} targets={self._targets!r} block={self._block}>"
-
-
-class _ProgressBar:
-    """``progress(done, total)`` for ``_loop.wait``: a tqdm bar after ``after`` seconds."""
-
-    def __init__(self, desc: str, after: float | None) -> None:
-        self.desc, self.after = desc, after
-        self.started = time.monotonic()
-        self.bar: Any = None
-        self.shown = 0
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            if (self.after is None or done >= total or time.monotonic() - self.started < self.after
-                    or not _interactive()):
-                return
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=self.desc, unit="engine", leave=False)
-        self.bar.update(done - self.shown)
-        self.shown = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 class EngineIds(list):

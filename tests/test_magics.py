@@ -288,12 +288,14 @@ def test_rich_outputs_are_labelled(ip):
 
 
 def test_progress_after(ip):
+    # one progress mechanism for every call (issue 13.4): the tqdm bar mec.map shows, which
+    # replaced the "[progress] n/4 engines done" lines of before
     cap, res = run(ip, "%%px --progress-after 0.2\nimport time; time.sleep(0.8)")
-    lines = cap.stderr.splitlines()
-    assert lines[0].startswith("[progress] 0/4 engines done after")
-    assert lines[-1].startswith("[progress] 4/4 engines done after")
+    frames = cap.stderr.replace("\r", "\n").splitlines()
+    assert any(f.startswith("%px:") and "0/4" in f and "waiting for 0-3" in f for f in frames), frames
+    assert any(f.startswith("%px:") and "4/4" in f for f in frames), frames
     cap, res = run(ip, "%%px --progress-after 30\nx = 1")
-    assert "[progress]" not in cap.stderr
+    assert "%px:" not in cap.stderr
 
 
 def test_timeout_then_result(ip):
