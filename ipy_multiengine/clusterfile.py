@@ -39,7 +39,8 @@ from .errors import EngineError, NoClusterError
 log = logging.getLogger(__name__)
 
 HOW_TO_START = ("start one with `ipmulti start -n 4 --daemon`, or in Python: "
-                "`with Cluster(n=4) as mec: ...` (embedded: found through mec only)")
+                "`Cluster(n=4, profile='default').start()` (shared; `with Cluster(n=4) as mec:` is "
+                "embedded: private to mec, never found by profile)")
 CONNECTION_KEYS = ("shell_port", "iopub_port", "control_port", "ip", "key")
 SHARED_PREFIX, EMBEDDED_PREFIX = "cluster-", "embedded-"
 #: Seconds a client connected by cluster file watches for its owner to restart a dead engine.
@@ -173,7 +174,9 @@ def same_process(ident: dict | None) -> tuple[psutil.Process | None, str]:
         return None, f"process {pid} has exited"
     except psutil.Error as exc:
         return None, f"process {pid} cannot be inspected ({type(exc).__name__})"
-    if not isinstance(ident.get("create_time"), (int, float)) or abs(created - ident["create_time"]) > 0.05:
+    if not isinstance(ident.get("create_time"), (int, float)):
+        return None, f"the file records no start time for pid {pid}, so it cannot be told from another process"
+    if abs(created - ident["create_time"]) > 0.05:
         return None, f"pid {pid} now belongs to another process (started at {time.ctime(created)})"
     if ident.get("cmdline") is not None and ident["cmdline"] != cmdline:
         return None, f"pid {pid} now runs another command ({' '.join(cmdline)[:80]!r})"
@@ -274,7 +277,7 @@ def resolve_cluster_file(path: str | os.PathLike | None, profile: str | None) ->
         return Path(path)
     candidate = cluster_file_path(profile or "default")
     if not candidate.exists():
-        raise NoClusterError(f"no running shared cluster for profile {profile or 'default'!r} "
+        raise NoClusterError(f"no running cluster for profile {profile or 'default'!r} "
                              f"(no {candidate}); {HOW_TO_START}")
     return candidate
 

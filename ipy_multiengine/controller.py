@@ -982,7 +982,7 @@ def _deserialize(session: Session, frames: list) -> dict:
     }
 
 
-def _short(code: str, width: int = 60) -> str:
+def _short(code: str, width: int = 80) -> str:
     code = " ".join(code.split())
     return code if len(code) <= width else code[:width - 3] + "..."
 

@@ -234,42 +234,59 @@ def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], t
         time.sleep(0.05)
 
 
-def _pid_runs_engine(pid: int, connection_file: str) -> bool:
+def _engine_process(pid: int, connection_file: str):
+    """The ``psutil.Process`` with ``pid`` if it is the engine of ``connection_file`` (its
+    command line names that file), else None. Never trust a bare pid: it may belong to
+    anybody by now; a process we may not inspect is not ours to signal either."""
+    import psutil
+
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # no /proc (macOS): trust the pid
-    return os.fsencode(connection_file) in args
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        args = proc.cmdline()
+    except psutil.Error:
+        return None
+    return proc if connection_file in args else None
+
+
+def _pid_runs_engine(pid: int, connection_file: str) -> bool:
+    return _engine_process(pid, connection_file) is not None
 
 
 def signal_engine(pid: int, connection_file: str, signame: str) -> int:
-    if not _pid_runs_engine(pid, connection_file):
+    proc = _engine_process(pid, connection_file)
+    if proc is None:
         print(f"engine_main: no engine with pid {pid} for {connection_file}", file=sys.stderr)
         return 3
     if signame != "0":  # signal 0: only check that the engine runs
-        os.kill(pid, getattr(signal, signame if signame.startswith("SIG") else "SIG" + signame))
+        import psutil
+
+        try:  # psutil checks the create time again: a pid reused meanwhile is not signalled
+            proc.send_signal(getattr(signal, signame if signame.startswith("SIG") else "SIG" + signame))
+        except psutil.NoSuchProcess:
+            return 3
     return 0
 
 
 def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
-    """SIGTERM every engine (pid, connection file), wait up to ``timeout``, SIGKILL those left;
-    remove their files."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        running = [(pid, f) for pid, f in engines if _pid_runs_engine(pid, f)]
-        for pid, _ in running:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while running and time.monotonic() < deadline:
-            time.sleep(0.05)
-            running = [(pid, f) for pid, f in running if _pid_runs_engine(pid, f)]
-        if not running:
-            break
+    """SIGTERM every engine (pid, connection file) that still is that engine, wait up to
+    ``timeout``, SIGKILL those left; remove their files."""
+    import psutil
+
+    procs = [p for pid, f in engines if (p := _engine_process(pid, f)) is not None]
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5.0)
     for _, connection_file in engines:
         for p in (connection_file, connection_file[: -len(".json")] + ".log"):
             try:
