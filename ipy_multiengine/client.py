@@ -7,7 +7,6 @@ engine on the controller, and either waits (``block=True``) or returns a ``Pendi
 from __future__ import annotations
 
 import concurrent.futures as cf
-import numbers
 import os
 import logging
 import time
@@ -25,6 +24,7 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
 )
 from .render import ProgressBar
 from .results import PendingResult, ResultList
+from .targets import resolve as resolve_targets
 
 if TYPE_CHECKING:
     from .balanced import BalancedMap
@@ -155,42 +155,7 @@ class MultiEngineClient:
         self._targets = list(value) if isinstance(value, (list, tuple, range)) else value
 
     def _resolve_targets(self, targets: Any) -> list[int]:
-        ids = self._controller.ids
-        if targets is None:
-            targets = self._targets
-        groups = self.groups
-        if isinstance(targets, str):
-            if targets == "all":
-                return list(ids)
-            if targets in groups:
-                return list(groups[targets])
-            names = f"'all', a group name ({', '.join(map(repr, groups))})" if groups else "'all'"
-            raise ValueError(f"targets must be {names}, an engine id or a list of ids, not {targets!r}; "
-                             f"valid ids: {ids}")
-        if isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
-            chosen = [int(targets)]
-        elif isinstance(targets, (list, tuple, range)):
-            chosen = []
-            for t in targets:
-                if isinstance(t, str) and t in groups:
-                    chosen.extend(groups[t])
-                    continue
-                if not isinstance(t, numbers.Integral) or isinstance(t, bool):
-                    raise TypeError(f"engine ids must be ints, not {t!r} ({type(t).__name__}), or group names "
-                                    f"({', '.join(map(repr, groups)) or 'none'}); valid ids: {ids}")
-                chosen.append(int(t))
-            if not chosen:
-                raise ValueError(f"targets is an empty list; valid ids: {ids}")
-        else:
-            raise TypeError(f"targets must be 'all', an int or a list of ints, not {targets!r} "
-                            f"({type(targets).__name__}); valid ids: {ids}")
-        unknown = [t for t in chosen if t not in ids]
-        if unknown:
-            raise ValueError(f"unknown engine id{'s' if len(unknown) > 1 else ''} "
-                             f"{', '.join(map(str, unknown))}; valid ids: {ids}")
-        if len(set(chosen)) != len(chosen):
-            raise ValueError(f"targets lists an engine twice: {chosen}")
-        return chosen
+        return resolve_targets(self._targets if targets is None else targets, self._controller.ids, self.groups)
 
     def _prepare(self, targets: Any, block: bool | None) -> tuple[list[int], bool]:
         if self.closed:

@@ -669,3 +669,17 @@ def test_o15_compare_and_status_list_restarting_engines_as_skipped(ip):
         assert mec2.diff("x").skipped == {}  # restarted: compared again (x is gone there: missing)
         assert mec2.diff("x").missing == [1]
 
+
+
+def test_targets_module_is_the_one_resolver(mec):
+    from ipy_multiengine import targets
+
+    assert targets.resolve("all", [0, 1, 2]) == [0, 1, 2]
+    assert targets.resolve([2, "g"], [0, 1, 2], {"g": [0]}) == [2, 0]
+    with pytest.raises(ValueError, match="unknown engine id 7; valid ids"):
+        targets.resolve(7, [0, 1])
+    with pytest.raises(ValueError, match="unknown engine id 7"):
+        mec.execute("pass", targets=7)  # the client resolves through it
+    assert targets.parse_targets("::2", [0, 1, 2, 3]) == [0, 2]
+    with pytest.raises(targets.TargetsError):
+        targets.parse_targets("1:2:3:4", [0, 1])
