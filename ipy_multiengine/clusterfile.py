@@ -169,7 +169,8 @@ def same_process(ident: dict | None) -> tuple[psutil.Process | None, str]:
         with proc.oneshot():
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None, f"process {pid} has exited"
-            created, cmdline = proc.create_time(), proc.cmdline()
+            created = proc.create_time()
+            cmdline = proc.cmdline() if ident.get("cmdline") is not None else None
     except psutil.NoSuchProcess:
         return None, f"process {pid} has exited"
     except psutil.Error as exc:
