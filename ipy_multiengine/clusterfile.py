@@ -198,7 +198,7 @@ def pid_alive(pid: int | None) -> bool:
 def owner_of(spec: dict) -> dict | None:
     """The owner identity a cluster file records (None for attached kernels: no owner)."""
     owner = spec.get("owner")
-    if isinstance(owner, dict):
+    if isinstance(owner, dict) and spec.get("owner_pid", owner.get("pid")) == owner.get("pid"):
         return owner
     if spec.get("owner_pid"):  # a file without identity: can never be verified
         return {"pid": spec.get("owner_pid"), "host": spec.get("host")}
@@ -244,7 +244,8 @@ def read_cluster(path: str | os.PathLike) -> dict:
     spec = read_spec(path)
     state, why = owner_state(spec)
     if state == "gone":
-        raise NoClusterError(f"cluster file {path} is stale: its owner is gone ({why}); "
+        raise NoClusterError(f"cluster file {path} is stale: its owner process "
+                             f"{(owner_of(spec) or {}).get('pid')} is gone ({why}); "
                              f"`ipmulti list` cleans it up; {HOW_TO_START}")
     return spec
 
