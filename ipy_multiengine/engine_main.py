@@ -157,12 +157,9 @@ def run_kernel(connection_file: str, engine_id: int, mpi: str, kernel_args: list
 
 
 def _private_dir() -> str:
-    from jupyter_core.paths import jupyter_runtime_dir
+    from .clusterfile import runtime_dir
 
-    path = os.path.join(jupyter_runtime_dir(), "ipy_multiengine", "engines")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
+    return str(runtime_dir("engines"))
 
 
 def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], timeout: float) -> int:
