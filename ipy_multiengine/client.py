@@ -7,10 +7,8 @@ engine on the controller, and either waits (``block=True``) or returns a ``Pendi
 from __future__ import annotations
 
 import concurrent.futures as cf
-import numbers
 import os
 import logging
-import sys
 import time
 import warnings
 import weakref
@@ -26,7 +24,9 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
     RemoteError,
     TimeoutError,
 )
+from .render import ProgressBar
 from .results import PendingResult, ResultList, wait_sent
+from .targets import resolve as resolve_targets
 
 if TYPE_CHECKING:
     from .balanced import BalancedMap
@@ -48,18 +48,6 @@ SEND_GRACE = 0.25
 def get_active() -> "MultiEngineClient | None":
     """The client of the last ``activate()`` (the one the magics use), if still open."""
     return _active if _active is not None and not _active.closed else None
-
-
-def _interactive() -> bool:
-    try:
-        from IPython import get_ipython
-
-        ip = get_ipython()
-    except Exception:
-        ip = None
-    if ip is not None and getattr(ip, "kernel", None) is not None:
-        return True
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 class MultiEngineClient:
@@ -186,42 +174,7 @@ class MultiEngineClient:
         self._targets = list(value) if isinstance(value, (list, tuple, range)) else value
 
     def _resolve_targets(self, targets: Any) -> list[int]:
-        ids = self._controller.ids
-        if targets is None:
-            targets = self._targets
-        groups = self.groups
-        if isinstance(targets, str):
-            if targets == "all":
-                return list(ids)
-            if targets in groups:
-                return list(groups[targets])
-            names = f"'all', a group name ({', '.join(map(repr, groups))})" if groups else "'all'"
-            raise ValueError(f"targets must be {names}, an engine id or a list of ids, not {targets!r}; "
-                             f"valid ids: {ids}")
-        if isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
-            chosen = [int(targets)]
-        elif isinstance(targets, (list, tuple, range)):
-            chosen = []
-            for t in targets:
-                if isinstance(t, str) and t in groups:
-                    chosen.extend(groups[t])
-                    continue
-                if not isinstance(t, numbers.Integral) or isinstance(t, bool):
-                    raise TypeError(f"engine ids must be ints, not {t!r} ({type(t).__name__}), or group names "
-                                    f"({', '.join(map(repr, groups)) or 'none'}); valid ids: {ids}")
-                chosen.append(int(t))
-            if not chosen:
-                raise ValueError(f"targets is an empty list; valid ids: {ids}")
-        else:
-            raise TypeError(f"targets must be 'all', an int or a list of ints, not {targets!r} "
-                            f"({type(targets).__name__}); valid ids: {ids}")
-        unknown = [t for t in chosen if t not in ids]
-        if unknown:
-            raise ValueError(f"unknown engine id{'s' if len(unknown) > 1 else ''} "
-                             f"{', '.join(map(str, unknown))}; valid ids: {ids}")
-        if len(set(chosen)) != len(chosen):
-            raise ValueError(f"targets lists an engine twice: {chosen}")
-        return chosen
+        return resolve_targets(self._targets if targets is None else targets, self._controller.ids, self.groups)
 
     def _prepare(self, targets: Any, block: bool | None) -> tuple[list[int], bool]:
         if self.closed:
@@ -294,10 +247,10 @@ class MultiEngineClient:
 
         return LiveOutput(eids) if block else None
 
-    def _show_progress(self, pr: PendingResult) -> "_ProgressBar":
+    def _show_progress(self, pr: PendingResult) -> ProgressBar:
         """A progress bar for ``pr``'s wait: drawn by that wait's slices, shown only once the
         call has taken ``progress_after`` seconds in an interactive session."""
-        return _ProgressBar(pr.method, self.progress_after)
+        return ProgressBar(pr.method, self.progress_after)
 
     # ------------------------------------------------------------------ running code
     def execute(self, code: str, targets: Any = None, block: bool | None = None,
@@ -650,33 +603,6 @@ class MultiEngineClient:
 def _close_controller(controller: Controller) -> None:
     """Finalizer of a client: close its channels and its comms on the engines."""
     controller.close()
-
-
-
-class _ProgressBar:
-    """``progress(done, total)`` for ``_loop.wait``: a tqdm bar after ``after`` seconds."""
-
-    def __init__(self, desc: str, after: float | None) -> None:
-        self.desc, self.after = desc, after
-        self.started = time.monotonic()
-        self.bar: Any = None
-        self.shown = 0
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            if (self.after is None or done >= total or time.monotonic() - self.started < self.after
-                    or not _interactive()):
-                return
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=self.desc, unit="engine", leave=False)
-        self.bar.update(done - self.shown)
-        self.shown = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 class EngineIds(list):
