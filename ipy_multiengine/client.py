@@ -601,7 +601,15 @@ class MultiEngineClient:
 
 
 def _close_controller(controller: Controller) -> None:
-    """Finalizer of a client: close its channels and its comms on the engines."""
+    """Finalizer of a client: close its channels and its comms on the engines.
+
+    The last reference may drop on the I/O thread (in a callback), which cannot wait for
+    its own loop: then the close runs from a short-lived thread."""
+    if _loop.in_loop_thread():
+        import threading
+
+        threading.Thread(target=controller.close, name="ipy_multiengine-finalize", daemon=True).start()
+        return
     controller.close()
 
 
