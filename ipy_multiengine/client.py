@@ -107,8 +107,8 @@ class MultiEngineClient:
         # 11); a blocking call that did not deliver (timeout, Ctrl-C) is kept, to collect later
         self._last_ref: Callable[[], PendingResult | None] | None = None
         self._kept: PendingResult | None = None
-        # %result: the last execute on each engine (engine id -> its PendingResult and index)
-        self._executed: dict[int, tuple[PendingResult, int]] = {}
+        # %result: the last command executed (execute, %px), kept: output text, not data
+        self._last_execute: PendingResult | None = None
         self.closed = False
         # a client that is dropped without close() still closes its channels and engine comms;
         # the finalizer holds the controller only (nothing that leads back to this client)
@@ -203,8 +203,7 @@ class MultiEngineClient:
         self._last_ref = weakref.ref(pr)
         self._kept = None
         if pr.method == "execute":
-            for i, eid in enumerate(pr.eids):
-                self._executed[eid] = (pr, i)
+            self._last_execute = pr
 
     def _outgoing(self, frames: list[Any], block: bool, timeout: float | None) -> list[Any]:
         """The frames a data call sends. Zero copy must not mean shared mutation (issue 11
@@ -480,23 +479,16 @@ class MultiEngineClient:
             raise TimeoutError(f"barrier not done after {timeout:g} s; still running on engines {left}")
 
     def get_result(self, default: Any = None, block: bool = True, timeout: float | None = None) -> Any:
-        """The ``ResultList`` of the last command executed on each engine (what ``%result``
+        """The ``ResultList`` of the last command executed on the engines (what ``%result``
         shows): ``execute``/``%px`` only, later ``push``/``pull``/``map`` calls do not replace it.
         Waits for it (``block``, ``timeout``) like ``PendingResult.get_result``."""
         return self.last_executed().get_result(default=default, block=block, timeout=timeout)
 
     def last_executed(self) -> PendingResult:
-        """A ``PendingResult`` over the last command executed on each engine, in engine order."""
-        entries = [(eid, self._executed[eid]) for eid in self._controller.ids if eid in self._executed]
-        if not entries:
+        """The ``PendingResult`` of the last command executed (``execute``, ``%px``)."""
+        if self._last_execute is None:
             raise ValueError("no command has been executed on the engines yet")
-        prs = {id(pr): pr for _, (pr, _) in entries}
-        if len(prs) == 1:
-            pr = next(iter(prs.values()))
-            if pr.eids == [eid for eid, _ in entries]:
-                return pr  # the common case: the last execute ran on all these engines
-        return PendingResult([pr.futures[i] for _, (pr, i) in entries], [eid for eid, _ in entries],
-                             "execute", ResultList, on_interrupt=self._interrupt_eids)
+        return self._last_execute
 
     @property
     def last(self) -> PendingResult | None:

@@ -46,13 +46,13 @@ def test_h04_result_shows_last_execute_not_older_magic(ip, mec):
     assert mec.get_result() is res.result
 
 
-def test_h04_result_is_per_engine(ip, mec):
+def test_h04_result_shows_each_engine_of_the_last_execute(ip, mec):
     run(ip, "%px a = 1")
     mec.execute("b = 2", targets=[1, 3])
     mec.map(lambda v: v, range(4))
+    mec.pull("a")
     cap, res = run(ip, "%result")
-    assert [(r["id"], r["input"]["raw"]) for r in res.result] == [
-        (0, "a = 1"), (1, "b = 2"), (2, "a = 1"), (3, "b = 2")]
+    assert [(r["id"], r["input"]["raw"]) for r in res.result] == [(1, "b = 2"), (3, "b = 2")]
     assert "[1] In [" in repr(res.result) and "]: b = 2" in repr(res.result)
 
 
