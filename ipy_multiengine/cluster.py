@@ -88,7 +88,8 @@ def terminate_verified(idents: list[dict], timeout: float = 5.0,
 
 
 def _stop_launcher_record(spec: dict) -> list[str]:
-    """Stop what the file's launcher started (owner gone); what still runs, or []."""
+    """Stop what the file's launcher started (an mpiexec, a Slurm job...); what could not be
+    stopped, or []. The engines are then stopped by identity by the caller."""
     from .launchers import launcher_from_dict
 
     record = spec.get("launcher") or {}
@@ -107,13 +108,7 @@ def _stop_launcher_record(spec: dict) -> list[str]:
         launcher.kill_now()
     except Exception as exc:
         return [f"could not stop the {record.get('launcher')} engines: {type(exc).__name__}: {exc}"]
-    still = []
-    for e in spec["engines"]:
-        eid = engine_identity(e, spec)
-        if eid and eid.get("host") == here and isinstance(eid.get("create_time"), (int, float)) \
-                and same_process(eid)[0] is not None:
-            still.append(f"engine {e['id']} (pid {e['pid']})")
-    return [f"still running: {', '.join(still)}"] if still else []
+    return []  # the engines themselves: terminate_verified, by identity, reports survivors
 
 
 def clean_stale(path: Path, spec: dict, notes: list[str] | None = None) -> list[str]:
