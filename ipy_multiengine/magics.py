@@ -35,7 +35,7 @@ from . import client as _client_mod
 from . import stdin
 from .errors import CompositeError, MultiEngineError, NoClusterError
 from .errors import TimeoutError as MultiEngineTimeout
-from .render import UPDATE_INTERVAL, ProgressBar, Renderer, _short
+from .render import UPDATE_INTERVAL, ProgressBar, Renderer, _short, in_notebook
 from .targets import TargetsError, engine_range
 from .targets import parse_targets as _parse_targets_raw
 
@@ -92,10 +92,6 @@ def _timeout_value(text: str) -> float | None:
     if value < 0:
         raise UsageError(f"seconds must not be negative, not {text!r}")
     return value
-
-
-def _in_notebook(shell: Any) -> bool:
-    return getattr(shell, "kernel", None) is not None
 
 
 def _tick_progress(progress: ProgressBar, pr: Any) -> None:
@@ -259,7 +255,7 @@ class ParallelMagics(Magics):
     @property
     def notebook(self) -> bool:
         """Render for a notebook (display areas) rather than a terminal; detected unless set."""
-        return _in_notebook(self.shell) if self._notebook is None else self._notebook
+        return in_notebook(self.shell) if self._notebook is None else self._notebook
 
     @notebook.setter
     def notebook(self, value: bool | None) -> None:
@@ -636,3 +632,6 @@ def unload(ip: Any) -> None:
             if table[kind].get(name) is not None and getattr(table[kind][name], "__self__", None) is magics:
                 del table[kind][name]
     ip.magics_manager.registry.pop(type(magics).__name__, None)
+    own, magics._own_client = magics._own_client, None
+    if own is not None:  # the client %px connected by itself: nobody else holds it
+        own.close()

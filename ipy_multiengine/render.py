@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -410,13 +411,15 @@ class ProgressBar:
             self.bar = None
 
 
-def in_notebook() -> bool:
-    """True inside a notebook kernel (render display areas), False in a terminal or script."""
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython is a dependency
-        return False
-    shell = get_ipython()
+def in_notebook(shell: Any = None) -> bool:
+    """True inside a notebook kernel (render display areas), False in a terminal or script:
+    the one "in a kernel?" check (``shell`` defaults to the running IPython, if any)."""
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:  # pragma: no cover - IPython is a dependency
+            return False
+        shell = get_ipython()
     return getattr(shell, "kernel", None) is not None
 
 
@@ -433,6 +436,7 @@ class LiveOutput:
     def __init__(self, eids: list[int]) -> None:
         self.renderer = Renderer(list(eids), "stream", in_notebook())
         self.closed = False
+        self._lock = threading.Lock()  # any waiting thread may serve the posted events
 
     def listener(self, eid: int, mtype: str, content: dict) -> None:
         if self.closed:
@@ -442,17 +446,18 @@ class LiveOutput:
         stdin.post(lambda: self._show(eid, mtype, content))
 
     def _show(self, eid: int, mtype: str, content: dict) -> None:
-        if self.closed:
-            return
         if mtype == "error":  # a failing function is reported by the CompositeError
             return
-        self.renderer.handle(eid, mtype, content)
-        self.renderer.tick()
+        with self._lock:
+            if not self.closed:
+                self.renderer.handle(eid, mtype, content)
+                self.renderer.tick()
 
     def close(self) -> None:
         from . import stdin
 
         stdin.serve_pending()  # events posted before the reply (engines flush before replying)
-        if not self.closed:
-            self.closed = True
-            self.renderer.finish()
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                self.renderer.finish()

@@ -415,6 +415,10 @@ def test_no_client_connects_to_running_default_cluster(ip, cluster, mec):
         assert active is not None and active is not mec
         assert active.cluster_file == str(default)
         assert len(res) == 4 and mec.pull("via_default") == [1] * 4
+        # %unload_ext closes the client %px connected by itself (nobody else holds it)
+        ip.run_line_magic("unload_ext", "ipy_multiengine")
+        assert active.closed
+        ip.run_line_magic("load_ext", "ipy_multiengine")
     finally:
         default.unlink(missing_ok=True)
         other = client_mod.get_active()
