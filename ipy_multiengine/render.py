@@ -413,13 +413,11 @@ class ProgressBar:
 
 def in_notebook(shell: Any = None) -> bool:
     """True inside a notebook kernel (render display areas), False in a terminal or script:
-    the one "in a kernel?" check (``shell`` defaults to the running IPython, if any)."""
+    ``clusterfile.in_kernel`` for this process, or the same question about ``shell``."""
     if shell is None:
-        try:
-            from IPython import get_ipython
-        except ImportError:  # pragma: no cover - IPython is a dependency
-            return False
-        shell = get_ipython()
+        from .clusterfile import in_kernel
+
+        return in_kernel()
     return getattr(shell, "kernel", None) is not None
 
 
