@@ -349,8 +349,8 @@ class ParallelMagics(Magics):
             if progress.bar is not None:
                 _tick_progress(progress, pr)  # the final count
         except KeyboardInterrupt:
-            with stdin.dropping(pr.futures):  # no more prompts of this call (one Ctrl-C is enough)
-                self._interrupted(mec, pr, events, renderer, progress)
+            stdin.drop(pr.futures)  # no more prompts of this call: one Ctrl-C is enough
+            self._interrupted(mec, pr, events, renderer, progress)
             raise _short(KeyboardInterrupt()) from None
         finally:
             progress.close()
