@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import os
 import logging
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import _loop, partition, serialize, stdin
@@ -92,8 +93,16 @@ class MultiEngineClient:
         self._controller = _controller
         self._block = True
         self._targets: str | int | list[int] = "all"
-        self._last: PendingResult | None = None
+        # mec.last: a weak reference, so that whatever the user drops is freed (issue 11 item
+        # 11); a blocking call that did not deliver (timeout, Ctrl-C) is kept, to collect later
+        self._last_ref: Callable[[], PendingResult | None] | None = None
+        self._kept: PendingResult | None = None
+        # %result: the last execute on each engine (engine id -> its PendingResult and index)
+        self._executed: dict[int, tuple[PendingResult, int]] = {}
         self.closed = False
+        # a client that is dropped without close() still closes its channels and engine comms;
+        # the finalizer holds the controller only (nothing that leads back to this client)
+        self._finalizer = weakref.finalize(self, _close_controller, _controller)
 
     @classmethod
     def attach(cls, connection_files: Iterable[str | os.PathLike] | str | os.PathLike,
@@ -175,8 +184,17 @@ class MultiEngineClient:
                  finish: Callable[[list[Any]], Any], progress: bool = False) -> PendingResult:
         pr = PendingResult(futures, eids, method, finish, on_interrupt=self._interrupt_eids,
                            progress=self._show_progress if progress else None)
-        self._last = pr
+        self._remember(pr)
         return pr
+
+    def _remember(self, pr: PendingResult) -> None:
+        """Make ``pr`` what ``mec.last`` names; an execute also becomes each of its engines'
+        last command (what ``%result`` shows). Data results are not kept alive by this."""
+        self._last_ref = weakref.ref(pr)
+        self._kept = None
+        if pr.method == "execute":
+            for i, eid in enumerate(pr.eids):
+                self._executed[eid] = (pr, i)
 
     def _deliver(self, pr: PendingResult, block: bool, timeout: float | None,
                  live: "LiveOutput | None" = None) -> Any:
@@ -184,6 +202,10 @@ class MultiEngineClient:
             return pr
         try:
             return pr.get_result(timeout=timeout)
+        except BaseException:
+            if not pr.ready() and self.last is pr:
+                self._kept = pr  # timed out or interrupted: mec.last.get_result() collects it later
+            raise
         finally:
             if live is not None:
                 live.close()
@@ -325,7 +347,7 @@ class MultiEngineClient:
             pr = PendingResult([bm.future], eids[:1], "map", lambda rs: rs[0],
                                on_interrupt=lambda _running: self._stop_balanced(bm),
                                progress=self._show_progress)
-            self._last = pr
+            self._remember(pr)
             return self._deliver(pr, block, timeout, live)
         if not items:
             done: cf.Future = cf.Future()
@@ -428,15 +450,32 @@ class MultiEngineClient:
             raise TimeoutError(f"barrier not done after {timeout:g} s; still running on engines {left}")
 
     def get_result(self, default: Any = None, block: bool = True, timeout: float | None = None) -> Any:
-        """The result of the last call made through this client (what ``%result`` shows)."""
-        if self._last is None:
-            raise ValueError("no command has been run yet")
-        return self._last.get_result(default=default, block=block, timeout=timeout)
+        """The ``ResultList`` of the last command executed on each engine (what ``%result``
+        shows): ``execute``/``%px`` only, later ``push``/``pull``/``map`` calls do not replace it.
+        Waits for it (``block``, ``timeout``) like ``PendingResult.get_result``."""
+        return self.last_executed().get_result(default=default, block=block, timeout=timeout)
+
+    def last_executed(self) -> PendingResult:
+        """A ``PendingResult`` over the last command executed on each engine, in engine order."""
+        entries = [(eid, self._executed[eid]) for eid in self._controller.ids if eid in self._executed]
+        if not entries:
+            raise ValueError("no command has been executed on the engines yet")
+        prs = {id(pr): pr for _, (pr, _) in entries}
+        if len(prs) == 1:
+            pr = next(iter(prs.values()))
+            if pr.eids == [eid for eid, _ in entries]:
+                return pr  # the common case: the last execute ran on all these engines
+        return PendingResult([pr.futures[i] for _, (pr, i) in entries], [eid for eid, _ in entries],
+                             "execute", ResultList, on_interrupt=self._interrupt_eids)
 
     @property
     def last(self) -> PendingResult | None:
-        """The ``PendingResult`` of the last call."""
-        return self._last
+        """The ``PendingResult`` of the last call, while its result is referenced somewhere (by
+        you, or by ``%result`` for an execute), or while a blocking call that timed out or was
+        interrupted can still be collected. Data you dropped is never kept alive by it."""
+        if self._kept is not None:
+            return self._kept
+        return self._last_ref() if self._last_ref is not None else None
 
     def interrupt(self, targets: Any = None) -> None:
         """Interrupt what the target engines are running (like Ctrl-C in a kernel).
@@ -515,7 +554,7 @@ class MultiEngineClient:
         self.closed = True
         if _active is self:
             _active = None
-        self._controller.close()
+        self._finalizer()  # closes the controller (once)
         if getattr(self.owner, "closed", None) is False:
             self.owner.closed = True  # a FileOwner stops following restarts
         if self.owner.owns_engines:
@@ -529,6 +568,11 @@ class MultiEngineClient:
 
     def __repr__(self) -> str:
         return f"<MultiEngineClient engines={self.get_ids()} targets={self._targets!r} block={self._block}>"
+
+
+def _close_controller(controller: Controller) -> None:
+    """Finalizer of a client: close its channels and its comms on the engines."""
+    controller.close()
 
 
 class EngineIds(list):

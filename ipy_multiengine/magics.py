@@ -592,9 +592,10 @@ class ParallelMagics(Magics):
         """The Results List of the last command run on the engines (waits if it is still running)."""
         args = parse_argstring(self.result, line)
         mec = self.client()
-        pr = mec.last if mec.last is not None and mec.last.method == "execute" else self.last
-        if pr is None:
-            raise UsageError("no command has been run on the engines yet")
+        try:
+            pr = mec.last_executed()  # the last command executed on each engine
+        except ValueError:
+            raise UsageError("no command has been run on the engines yet") from None
         timeout = None if args.timeout is None else _timeout_value(args.timeout)
         return pr.get_result(timeout=timeout)
 
@@ -624,6 +625,10 @@ def unload(ip: Any) -> None:
     magics = _LOADED.pop(id(ip), None)
     if magics is None:
         return
+    own = magics._own_client  # the client %px connected by itself: nobody else can close it
+    magics._own_client = None
+    if own is not None and not own.closed:
+        own.close()
     if magics.transformer in ip.input_transformers_cleanup:
         ip.input_transformers_cleanup.remove(magics.transformer)
     table = ip.magics_manager.magics
