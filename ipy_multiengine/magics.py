@@ -35,7 +35,7 @@ from . import client as _client_mod
 from . import stdin
 from .errors import CompositeError, MultiEngineError, NoClusterError
 from .errors import TimeoutError as MultiEngineTimeout
-from .render import UPDATE_INTERVAL, ProgressBar, Renderer, _short, in_notebook
+from .render import UPDATE_INTERVAL, ProgressBar, Renderer, _short, in_notebook, live_printer
 from .targets import TargetsError, engine_range
 from .targets import parse_targets as _parse_targets_raw
 
@@ -97,30 +97,6 @@ def _timeout_value(text: str) -> float | None:
 def _tick_progress(progress: ProgressBar, pr: Any) -> None:
     waiting = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
     progress(len(pr.futures) - len(waiting), len(pr.futures), waiting)
-
-
-def _live_printer(eid: int) -> Any:
-    """A listener that shows an engine's output as it arrives, in the user's thread (``stdin.post``)."""
-    prefix = f"[{eid}] "
-
-    def write(stream: Any, text: str) -> None:
-        stream.write("".join(prefix + line for line in text.splitlines(True)))
-        if not text.endswith("\n"):
-            stream.write("\n")
-        stream.flush()
-
-    def listener(_eid: int, mtype: str, content: dict) -> None:
-        if mtype == "stream":
-            stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
-            stdin.post(lambda: write(stream, content.get("text", "")))
-        elif mtype == "error":
-            stdin.post(lambda: write(sys.stderr, "\n".join(content.get("traceback", []))))
-        elif mtype in ("display_data", "execute_result"):
-            text = (content.get("data") or {}).get("text/plain")
-            if text:
-                stdin.post(lambda: write(sys.stdout, str(text)))
-
-    return listener
 
 
 # ---------------------------------------------------------------------- %autopx transformer
@@ -510,7 +486,7 @@ class ParallelMagics(Magics):
         if language != "python":
             raise UsageError(f"engine {eid} runs {language or 'an unknown language'}: "
                              "%pxdebug needs a Python engine")
-        pr = mec.execute("%debug", targets=eid, block=False, listener=_live_printer(eid))
+        pr = mec.execute("%debug", targets=eid, block=False, listener=live_printer(eid))
         try:
             pr.get_result()
         finally:

@@ -459,3 +459,30 @@ class LiveOutput:
             if not self.closed:
                 self.closed = True
                 self.renderer.finish()
+
+
+def live_printer(eid: int) -> Any:
+    """A listener (``%pxdebug``) that shows one engine's output as it arrives, ``[N] `` before each
+    line, in the user's thread (``stdin.post``, in order with the debugger's prompts)."""
+    from . import stdin
+
+    prefix = f"[{eid}] "
+
+    def write(stream: Any, text: str) -> None:
+        stream.write("".join(prefix + line for line in text.splitlines(True)))
+        if not text.endswith("\n"):
+            stream.write("\n")
+        stream.flush()
+
+    def listener(_eid: int, mtype: str, content: dict) -> None:
+        if mtype == "stream":
+            stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
+            stdin.post(lambda: write(stream, content.get("text", "")))
+        elif mtype == "error":
+            stdin.post(lambda: write(sys.stderr, "\n".join(content.get("traceback", []))))
+        elif mtype in ("display_data", "execute_result"):
+            text = (content.get("data") or {}).get("text/plain")
+            if text:
+                stdin.post(lambda: write(sys.stdout, str(text)))
+
+    return listener
