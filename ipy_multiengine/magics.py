@@ -9,7 +9,9 @@ Rendering (documented in ``docs/magics.md``):
 
 * ``%px CODE`` on one line is the tutorial's shortcut for ``mec.execute(CODE)``: blocking, its
   value is the ``ResultList`` (shown as ``<Results List>`` / ``[id] In [n]:`` / ``[id] Out[n]:``).
-  Rich displays and stderr are shown before it, since the Results List holds text only.
+  Rich displays are shown before it (the Results List names them, with stdout, stderr and
+  pager text in its lines). When an engine fails there is no Results List: every engine's
+  output is shown, then the ``CompositeError``.
 * ``%%px`` cells (and ``%px --stream`` / ``--no-stream`` / ``--group-outputs``) show each
   engine's output as it comes: ``[stdout:N]``/``[stderr:N]`` prefixed lines in a terminal, one
   display area per engine and stream, updated in place, in a notebook; rich outputs carry

@@ -291,9 +291,9 @@ class Renderer:
     # -- grouped output at the end
     def _render_collected(self) -> None:
         blocks = self._blocks()
-        if self.mode == "results":  # stdout, results and pager text are in the returned Results List
-            blocks = [b for b in blocks if b[1] == "stderr" or
-                      (b[1] == "display_data" and not (b[2].get("metadata") or {}).get("pager"))]
+        if self.mode == "results":  # stdout, stderr, results, pager text: in the Results List
+            blocks = [b for b in blocks
+                      if b[1] == "display_data" and not (b[2].get("metadata") or {}).get("pager")]
         if self.collapse:
             blocks = _collapse(blocks)
         for eids, kind, payload in blocks:
