@@ -820,19 +820,30 @@ class Controller:
 
     # ---------------------------------------------------------------- sending (loop)
     @staticmethod
-    def _send(conn: EngineConn, channel: str, msg: dict, buffers: list | None = None) -> None:
-        """Sign and send ``msg`` on the loop's own asyncio socket.
+    def _send(conn: EngineConn, channel: str, msg: dict, buffers: list | None = None) -> tuple[Any, Any]:
+        """Sign and send ``msg`` on the loop's own asyncio socket; returns the socket's send
+        future (done once zmq holds the message) and a ``MessageTracker`` of zero-copy buffers.
 
         ``Session.send`` would go through a sync shadow of the socket, which can swallow the
         edge-triggered readiness event our reader task waits on (replies then go unread).
         """
         frames: list[Any] = conn.session.serialize(msg)
+        tracker = None
         if buffers:
-            frames.extend(buffers)
             large = any(memoryview(b).nbytes >= 65536 for b in buffers)
+            if large:
+                # zero copy: zmq reads the caller's memory until it releases these frames;
+                # the tracker tells the caller when its objects may change again (issue 11.2)
+                tracked = [b if isinstance(b, zmq.Frame) else zmq.Frame(b, track=True) for b in buffers]
+                tracker = zmq.MessageTracker(*(f.tracker for f in tracked if f.tracker is not None))
+                frames.extend(tracked)
+                del tracked
+            else:
+                frames.extend(buffers)
         else:
             large = False
-        conn.sockets[channel].send_multipart(frames, copy=not large)
+        sending = conn.sockets[channel].send_multipart(frames, copy=not large)
+        return sending, tracker
 
     def _new_request(self, conn: EngineConn, kind: str, msg_id: str, **kw: Any) -> Request:
         fut: Future = Future()
@@ -867,6 +878,10 @@ class Controller:
             log.error("sending a batch of requests failed", exc_info=exc)
             for conn, _msg, req, _buffers in batch:
                 self._finish(conn, req, exc=exc)
+        finally:
+            for _conn, _msg, req, _buffers in batch:
+                if not getattr(req, "sent_chained", False):
+                    _set_sent(req, None)  # nothing was handed to zmq for this one
 
     def _send_each(self, batch: list[tuple[EngineConn, dict, Request, list]]) -> None:
         for conn, msg, req, buffers in batch:
@@ -879,9 +894,15 @@ class Controller:
                 continue
             conn.requests[req.msg_id] = req
             try:
-                self._send(conn, "shell", msg, buffers)
+                sending, tracker = self._send(conn, "shell", msg, buffers)
             except Exception as exc:
                 self._finish(conn, req, exc=exc)
+                continue
+            if getattr(req.future, "sent", None) is not None:
+                # the caller's buffers are read until zmq has the message (a queued send) and,
+                # for zero-copy frames, until zmq releases them
+                req.sent_chained = True  # type: ignore[attr-defined]
+                sending.add_done_callback(lambda _s, req=req, tracker=tracker: _set_sent(req, tracker))
 
     # ---------------------------------------------------------------- public, any thread
     @property
@@ -930,6 +951,9 @@ class Controller:
             msg = conn.session.msg("comm_msg", {"comm_id": conn.comm_id, "data": dict(data, op=op)})
             msg["content"]["data"]["rid"] = msg["msg_id"]
             req = self._new_request(conn, "comm", msg["msg_id"], op=op, listener=listener)
+            if fr:
+                # resolved on the loop with a MessageTracker (or None) once zmq holds the frames
+                req.future.sent = Future()  # type: ignore[attr-defined]
             if not conn.data_ok and not req.future.done():
                 req.future.set_exception(EngineError(
                     f"engine {eid} ({conn.language or 'unknown language'}) cannot run {op!r}: data "
@@ -973,6 +997,13 @@ async def _wait_for(fut: Future, deadline: float, text: str, eid: int) -> Any:
         return await asyncio.wait_for(asyncio.wrap_future(fut), max(deadline - time.monotonic(), 0))
     except asyncio.TimeoutError:
         raise EngineError(text, eid) from None
+
+
+def _set_sent(req: Request, tracker: Any) -> None:
+    """Resolve a request's ``sent`` future (once): its buffers are in zmq's hands now."""
+    sent = getattr(req.future, "sent", None)
+    if sent is not None and not sent.done():
+        sent.set_result(tracker)
 
 
 def _retrieve(fut: "asyncio.Future[Any]") -> None:
