@@ -173,11 +173,15 @@ def test_engine_main_signal_and_stop_refuse_a_pid_that_is_not_the_engine(sleeper
     assert sleeper.poll() is None  # neither signalled the unrelated process
     # a process that does run that engine's command line is stopped
     engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", conn])
+    reaper = threading.Thread(target=engine.wait)  # like a real engine's parent, reap it at once
+    reaper.start()
     try:
         out = subprocess.run(cmd + ["--stop", "--stdin", "--timeout", "5"], input=json.dumps([[engine.pid, conn]]),
                              capture_output=True, text=True, timeout=30)
-        assert out.returncode == 0 and engine.wait(10) is not None
+        assert out.returncode == 0, out.stderr
+        reaper.join(10)
+        assert engine.returncode is not None
     finally:
         engine.kill()
-        engine.wait()
+        reaper.join(10)
     assert os.path.isdir(tmp_path)
