@@ -469,7 +469,7 @@ class Cluster(Owner):
 
     async def restart_async(self, eids: list[int], timeout: float) -> None:
         await asyncio.gather(*(self._restart_one(eid, timeout) for eid in eids))
-        if self.write_file and self.cluster_file and not self._stopped:
+        if self.write_file and self.cluster_file and not self._stopped and not self._stopped_from_outside():
             self._write_cluster_file(Path(self.cluster_file))
 
     async def _restart_one(self, eid: int, timeout: float) -> None:

@@ -426,3 +426,24 @@ def test_o03_two_concurrent_ipmulti_start_daemons_of_one_profile():
     assert not path.exists()
     wait_until(lambda: all(process_gone(p) for p in [spec["owner_pid"]] + [e["pid"] for e in spec["engines"]]),
                20, "the daemon and its engine to exit")
+
+
+@pytest.mark.timeout(120)
+def test_file_owner_stop_asks_an_ipmulti_start_owner_to_stop():
+    """The owner interface's ``stop`` for a cluster reached through its file: a 'stop' request
+    the ``ipmulti start`` loop answers by stopping (no signal involved)."""
+    proc = subprocess.Popen(IPMULTI + ["start", "-n", "1", "--profile", "fo-stop", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "engines ready" in proc.stdout.readline()
+        with MultiEngineClient(profile="fo-stop") as mec:
+            pid = mec.engines[0]["pid"]
+            mec.owner.stop()
+        assert proc.wait(30) == 0
+        assert "cluster stopped" in proc.stdout.read()
+        assert not cluster_file_path("fo-stop").exists()
+        wait_until(lambda: process_gone(pid), 15, "the engine to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
