@@ -27,7 +27,6 @@ from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tool
     answer_request,
     check_owner,
     check_profile,
-    in_kernel,
     cluster_dir,
     cluster_file_path,
     describe,
@@ -53,6 +52,7 @@ from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tool
     write_private,
 )
 from .errors import EngineError, NoClusterError, TimeoutError
+from .render import in_notebook  # the one "in a kernel?" check
 
 log = __import__("logging").getLogger("ipy_multiengine")
 
@@ -323,7 +323,7 @@ class Cluster(Owner):
         #: at exit, and when a notebook kernel shuts down
         #: 'ipmulti' for an ``ipmulti start`` process (``ipmulti stop`` may SIGTERM it); otherwise
         #: the owner is never signalled from outside, only its engines are stopped
-        self.owner_kind = "kernel" if in_kernel() else "process"
+        self.owner_kind = "kernel" if in_notebook() else "process"
         self._written: dict[str, str | None] = {"path": None}
         self._file_finalizer = weakref.finalize(self, _release_file, self._written, self.cluster_id,
                                                 self._owner, self._lock)

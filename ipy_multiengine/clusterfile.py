@@ -48,17 +48,6 @@ SHARED_PREFIX, EMBEDDED_PREFIX = "cluster-", "embedded-"
 FOLLOW_RESTART_FOR = 60.0
 
 
-def in_kernel() -> bool:
-    """True when this process is a Jupyter kernel (an IPython shell with a ``kernel``)."""
-    import sys
-
-    if "IPython" not in sys.modules:
-        return False
-    from IPython import get_ipython
-
-    return getattr(get_ipython(), "kernel", None) is not None
-
-
 # ---------------------------------------------------------------------- paths
 def runtime_dir(*parts: str) -> Path:
     """``jupyter_runtime_dir()/ipy_multiengine[/parts...]``, each level created with mode 0700."""
