@@ -27,7 +27,6 @@ from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tool
     answer_request,
     check_owner,
     check_profile,
-    in_kernel,
     cluster_dir,
     cluster_file_path,
     describe,
@@ -53,6 +52,7 @@ from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tool
     write_private,
 )
 from .errors import EngineError, NoClusterError, TimeoutError
+from .render import in_notebook  # the one "in a kernel?" check
 
 log = __import__("logging").getLogger("ipy_multiengine")
 
@@ -63,7 +63,8 @@ def terminate_verified(idents: list[dict], timeout: float = 5.0,
                        refused: list[str] | None = None) -> list[str]:
     """SIGTERM, then after ``timeout`` SIGKILL, the processes ``idents`` describe, each only
     if it still is that process (:func:`same_process`); the others are never signalled (why
-    is appended to ``refused``). Returns the processes that survived."""
+    is appended to ``refused``). Returns the processes that survived (zombies count as gone:
+    their parent, not us, reaps them)."""
     procs = []
     for ident in idents:
         proc, why = same_process(ident)
@@ -72,27 +73,47 @@ def terminate_verified(idents: list[dict], timeout: float = 5.0,
                 refused.append(f"not signalling pid {ident.get('pid')}: {why}")
             continue
         procs.append(proc)
-    for proc in procs:
-        try:
-            proc.terminate()  # psutil re-checks the create time: no reused pid is signalled
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=5)
-    return [f"process {p.pid} survived SIGKILL" for p in alive]
+    for sig_name, wait in (("terminate", timeout), ("kill", 5.0)):
+        for proc in procs:
+            try:
+                getattr(proc, sig_name)()  # psutil re-checks the create time: no reused pid is signalled
+            except psutil.Error:
+                pass
+        deadline = time.monotonic() + wait
+        while procs:
+            procs = [p for p in procs if _running(p)]
+            if not procs or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if not procs:
+            break
+    return [f"process {p.pid} survived SIGKILL" for p in procs]
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _still_running(spec: dict) -> list[str]:
+    """The file's local engines that still run (by identity), as one message, or []."""
+    here = socket.gethostname()
+    still = [f"engine {e['id']} (pid {e['pid']})" for e in spec["engines"]
+             if (i := engine_identity(e, spec)) and i.get("host") == here
+             and isinstance(i.get("create_time"), (int, float)) and same_process(i)[0] is not None]
+    return [f"still running: {', '.join(still)}"] if still else []
 
 
 def _stop_launcher_record(spec: dict) -> list[str]:
-    """Stop what the file's launcher started (an mpiexec, a Slurm job...); what could not be
-    stopped, or []. The engines are then stopped by identity by the caller."""
+    """Stop what the file's launcher started (the MPI job, the Slurm job, remote engines);
+    what could not be stopped, or []. Local engines are stopped by their own entries."""
     from .launchers import launcher_from_dict
 
     record = spec.get("launcher") or {}
+    if record.get("launcher") in (None, "local"):
+        return []
     here = socket.gethostname()
     # the launcher's own local process (mpiexec): signal its group only if it is still the one
     ident = record.get("identity")
@@ -108,7 +129,7 @@ def _stop_launcher_record(spec: dict) -> list[str]:
         launcher.kill_now()
     except Exception as exc:
         return [f"could not stop the {record.get('launcher')} engines: {type(exc).__name__}: {exc}"]
-    return []  # the engines themselves: terminate_verified, by identity, reports survivors
+    return []
 
 
 def clean_stale(path: Path, spec: dict, notes: list[str] | None = None) -> list[str]:
@@ -121,6 +142,7 @@ def clean_stale(path: Path, spec: dict, notes: list[str] | None = None) -> list[
     here = socket.gethostname()
     engines = [i for e in spec["engines"] if (i := engine_identity(e, spec)) and i.get("host") == here]
     problems += terminate_verified(engines, refused=notes)
+    problems = problems or _still_running(spec)
     if problems:
         return problems
     remove_files(spec, path)
@@ -192,6 +214,7 @@ def stop_cluster_file(path: Path, timeout: float = 20.0) -> tuple[int, list[str]
     if spec.get("launcher"):
         problems += _stop_launcher_record(spec)
     problems += terminate_verified(idents, timeout=5.0, refused=refused)
+    problems = problems or _still_running(spec)
     if problems or refused:
         return 1, refused + problems
     remove_files(spec, path)
@@ -300,7 +323,7 @@ class Cluster(Owner):
         #: at exit, and when a notebook kernel shuts down
         #: 'ipmulti' for an ``ipmulti start`` process (``ipmulti stop`` may SIGTERM it); otherwise
         #: the owner is never signalled from outside, only its engines are stopped
-        self.owner_kind = "kernel" if in_kernel() else "process"
+        self.owner_kind = "kernel" if in_notebook() else "process"
         self._written: dict[str, str | None] = {"path": None}
         self._file_finalizer = weakref.finalize(self, _release_file, self._written, self.cluster_id,
                                                 self._owner, self._lock)
@@ -446,7 +469,7 @@ class Cluster(Owner):
 
     async def restart_async(self, eids: list[int], timeout: float) -> None:
         await asyncio.gather(*(self._restart_one(eid, timeout) for eid in eids))
-        if self.write_file and self.cluster_file and not self._stopped:
+        if self.write_file and self.cluster_file and not self._stopped and not self._stopped_from_outside():
             self._write_cluster_file(Path(self.cluster_file))
 
     async def _restart_one(self, eid: int, timeout: float) -> None:
