@@ -47,7 +47,8 @@ class BalancedMap:
     """One load-balanced map in flight; ``future`` resolves to the list of results."""
 
     def __init__(self, controller: Any, eids: list[int], f: Callable, items: list[tuple],
-                 chunksize: int = 1, ordered: bool = True, retries: int = 1, depth: int = 2) -> None:
+                 chunksize: int = 1, ordered: bool = True, retries: int = 1, depth: int = 2,
+                 listener: Callable[[int, str, dict], None] | None = None) -> None:
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
         if not isinstance(retries, int) or retries < 0:
@@ -59,6 +60,7 @@ class BalancedMap:
         self.ordered = ordered
         self.retries = retries
         self.depth = depth
+        self.listener = listener  # sees each chunk's prints and displays (the caller shows them)
         self.chunks = [(i, items[i:i + chunksize]) for i in range(0, len(items), chunksize)]
         # all of it now, in the caller's thread: nothing is sent if any item cannot be
         self._frames: list[list[Any] | None] = [dumps_chunk(f, off, chunk) for off, chunk in self.chunks]
@@ -104,7 +106,8 @@ class BalancedMap:
         while not self._stopped and eid in self._alive and self._inflight[eid] < self.depth and self._todo:
             ci = self._todo.popleft()
             offset, _chunk = self.chunks[ci]
-            fut = self.controller.submit_comm([eid], "map", {"offset": offset}, [self._frames[ci]])[0]
+            fut = self.controller.submit_comm([eid], "map", {"offset": offset}, [self._frames[ci]],
+                                             listener=self.listener)[0]
             self._inflight[eid] += 1
             fut.add_done_callback(lambda fu, eid=eid, ci=ci: self._done(eid, ci, fu))
 

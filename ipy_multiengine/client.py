@@ -28,6 +28,7 @@ from .results import PendingResult, ResultList
 
 if TYPE_CHECKING:
     from .balanced import BalancedMap
+    from .render import LiveOutput
 
 __all__ = ["MultiEngineClient", "PendingResult", "ResultList", "CompositeError", "RemoteError",
            "EngineError", "TimeoutError", "get_active", "Targets"]
@@ -224,8 +225,22 @@ class MultiEngineClient:
         self._last = pr
         return pr
 
-    def _deliver(self, pr: PendingResult, block: bool, timeout: float | None) -> Any:
-        return pr.get_result(timeout=timeout) if block else pr
+    def _deliver(self, pr: PendingResult, block: bool, timeout: float | None,
+                 live: "LiveOutput | None" = None) -> Any:
+        if not block:
+            return pr
+        try:
+            return pr.get_result(timeout=timeout)
+        finally:
+            if live is not None:
+                live.close()
+
+    @staticmethod
+    def _live(eids: list[int], block: bool) -> "LiveOutput | None":
+        """For a blocking call: show its functions' prints and displays, labelled by engine."""
+        from .render import LiveOutput
+
+        return LiveOutput(eids) if block else None
 
     def _show_progress(self, pr: PendingResult) -> "_ProgressBar":
         """A progress bar for ``pr``'s wait: drawn by that wait's slices, shown only once the
@@ -253,8 +268,9 @@ class MultiEngineClient:
             raise TypeError(f"apply needs a callable, not {type(f).__name__}")
         eids, block = self._prepare(targets, block)
         frames = serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs))
-        futures = self._comm("apply", eids, [frames] * len(eids))
-        return self._deliver(self._pending(futures, eids, "apply", _values), block, timeout)
+        live = self._live(eids, block)
+        futures = self._comm("apply", eids, [frames] * len(eids), listener=live and live.listener)
+        return self._deliver(self._pending(futures, eids, "apply", _values), block, timeout, live)
 
     # ------------------------------------------------------------------ moving data
     def push(self, namespace: dict, targets: Any = None, block: bool | None = None,
@@ -351,12 +367,13 @@ class MultiEngineClient:
         eids, block = self._prepare(targets, block)
         items = list(zip(*seqs))
         if balanced:
-            bm = self._balanced(f, items, eids, chunksize, ordered, retries)
+            live = self._live(eids, block)
+            bm = self._balanced(f, items, eids, chunksize, ordered, retries, live and live.listener)
             pr = PendingResult([bm.future], eids[:1], "map", lambda rs: rs[0],
                                on_interrupt=lambda _running: self._stop_balanced(bm),
                                progress=self._show_progress)
             self._last = pr
-            return self._deliver(pr, block, timeout)
+            return self._deliver(pr, block, timeout, live)
         if not items:
             done: cf.Future = cf.Future()
             done.set_result([])
@@ -370,10 +387,11 @@ class MultiEngineClient:
             frames.append(dumps_chunk(f, a, items[a:b]))  # a TypeError names the item
             datas.append(a)
         futures = []
+        live = self._live(eids, block)
         for eid, fr, off in zip(eids, frames, datas):
-            futures += self._comm("map", [eid], [fr], {"offset": off})
+            futures += self._comm("map", [eid], [fr], {"offset": off}, listener=live and live.listener)
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
-        return self._deliver(self._pending(futures, eids, "map", finish, progress=True), block, timeout)
+        return self._deliver(self._pending(futures, eids, "map", finish, progress=True), block, timeout, live)
 
     def imap(self, f: Callable, *seqs: Iterable, targets: Any = None, chunksize: int = 1,
              ordered: bool = True, retries: int = 1, timeout: float | None = None) -> Iterator[Any]:
@@ -390,12 +408,12 @@ class MultiEngineClient:
         return bm.iterate(None if deadline is None else max(deadline - time.monotonic(), 0))
 
     def _balanced(self, f: Callable, items: list, eids: list[int], chunksize: int, ordered: bool,
-                  retries: int) -> "BalancedMap":
+                  retries: int, listener: Listener | None = None) -> "BalancedMap":
         from .balanced import BalancedMap
 
         usable = [e for e in eids if self._controller.engine(e).data_ok] or eids
         return BalancedMap(self._controller, usable, f, items, chunksize=chunksize, ordered=ordered,
-                           retries=retries).start()
+                           retries=retries, listener=listener).start()
 
     def _stop_balanced(self, bm: "BalancedMap") -> None:
         bm.cancel()

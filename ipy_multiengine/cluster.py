@@ -59,20 +59,22 @@ log = __import__("logging").getLogger("ipy_multiengine")
 
 
 # ---------------------------------------------------------------------- clusters owned elsewhere
-def terminate_verified(idents: list[dict], timeout: float = 5.0) -> list[str]:
+def terminate_verified(idents: list[dict], timeout: float = 5.0,
+                       refused: list[str] | None = None) -> list[str]:
     """SIGTERM, then after ``timeout`` SIGKILL, the processes ``idents`` describe, each only
-    if it still is that process (:func:`same_process`). Returns what was refused or survived."""
-    procs, refused = [], []
+    if it still is that process (:func:`same_process`); the others are never signalled (why
+    is appended to ``refused``). Returns the processes that survived."""
+    procs = []
     for ident in idents:
         proc, why = same_process(ident)
         if proc is None:
-            if "exited" not in why:
+            if refused is not None and "exited" not in why:
                 refused.append(f"not signalling pid {ident.get('pid')}: {why}")
             continue
         procs.append(proc)
     for proc in procs:
         try:
-            proc.terminate()
+            proc.terminate()  # psutil re-checks the create time: no reused pid is signalled
         except psutil.Error:
             pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
@@ -82,7 +84,7 @@ def terminate_verified(idents: list[dict], timeout: float = 5.0) -> list[str]:
         except psutil.Error:
             pass
     _, alive = psutil.wait_procs(alive, timeout=5)
-    return refused + [f"process {p.pid} survived SIGKILL" for p in alive]
+    return [f"process {p.pid} survived SIGKILL" for p in alive]
 
 
 def _stop_launcher_record(spec: dict) -> list[str]:
@@ -114,15 +116,16 @@ def _stop_launcher_record(spec: dict) -> list[str]:
     return [f"still running: {', '.join(still)}"] if still else []
 
 
-def clean_stale(path: Path, spec: dict) -> list[str]:
+def clean_stale(path: Path, spec: dict, notes: list[str] | None = None) -> list[str]:
     """A cluster whose owner is gone: stop what it started (by identity), then remove its
-    files. Returns what still runs (the file is then kept as the record of it), or []."""
+    files. Returns what still runs (the file is then kept as the record of it), or [];
+    processes not signalled because they are not what the file says go to ``notes``."""
     problems = []
     if spec.get("launcher"):
         problems += _stop_launcher_record(spec)
     here = socket.gethostname()
     engines = [i for e in spec["engines"] if (i := engine_identity(e, spec)) and i.get("host") == here]
-    problems += terminate_verified([i for i in engines if isinstance(i.get("create_time"), (int, float))])
+    problems += terminate_verified(engines, refused=notes)
     if problems:
         return problems
     remove_files(spec, path)
@@ -172,27 +175,30 @@ def stop_cluster_file(path: Path, timeout: float = 20.0) -> tuple[int, list[str]
     if state == "gone":
         if owner.get("pid") and "exited" not in why:
             messages.append(f"not signalling the file's owner pid {owner.get('pid')}: {why}")
-        problems = clean_stale(path, spec)
+        problems = clean_stale(path, spec, notes=messages)
         if problems:
             return 1, messages + problems + [f"kept {path} as the record of what still runs"]
         return (1 if messages else 0), messages + [f"removed the stale cluster file {path}"]
     if owner.get("kind") == "ipmulti":
-        left = terminate_verified([owner], timeout=timeout)
-        if left:
-            return 1, left
+        refused: list[str] = []
+        left = terminate_verified([owner], timeout=timeout, refused=refused)
+        if left or refused:
+            return 1, refused + left
         if path.exists():  # the owner did not clean up (killed): what it started may still run
             problems = clean_stale(path, spec)
             if problems:
                 return 1, problems
         return 0, []
-    # an embedded (or notebook) owner: stop its engines, never the process itself
+    # an embedded (or notebook) owner: stop its engines, never the process itself; the mark
+    # tells the owner first that the deaths to come are a stop (no auto-restart)
+    write_cluster(path, {**spec, "stopped_by": identity()})
     idents = [i for e in spec["engines"] if (i := engine_identity(e, spec))]
-    problems = []
+    problems, refused = [], []
     if spec.get("launcher"):
         problems += _stop_launcher_record(spec)
-    problems += terminate_verified(idents, timeout=5.0)
-    if problems:
-        return 1, problems
+    problems += terminate_verified(idents, timeout=5.0, refused=refused)
+    if problems or refused:
+        return 1, refused + problems
     remove_files(spec, path)
     return 0, [f"stopped the engines of {path}; their owner process {owner.get('pid')} keeps running"]
 
@@ -344,6 +350,25 @@ class Cluster(Owner):
                                f"`ipmulti stop --profile {self.profile}` it or use another profile")
         return path
 
+    def _stopped_from_outside(self) -> bool:
+        """Has another process (``ipmulti stop``) stopped our engines and removed our file? Then
+        do not bring them back, and free the profile for a new cluster."""
+        path = self._written.get("path")
+        if self._stopped or not path:
+            return False
+        try:
+            if "stopped_by" not in read_spec(path):
+                return False
+        except NoClusterError:
+            pass
+        except ValueError:
+            return False
+        if self._lock is not None and self._lock.held:
+            log.warning("another process stopped this cluster (ipmulti stop, %s): its engines "
+                        "are not restarted and profile %r is free again", path, self.profile)
+            self._lock.release()
+        return True
+
     # -- starting
     def start(self) -> Any:
         """Start the engines; returns a connected ``MultiEngineClient``."""
@@ -457,6 +482,8 @@ class Cluster(Owner):
 
     def _on_dead(self, eid: int, reason: str) -> None:
         """Controller callback (loop thread): restart a dead engine when ``auto_restart`` is on."""
+        if self._stopped_from_outside():
+            return
         if not self.auto_restart or self._stopped or not self.launcher.can_restart:
             return
         lock = self._restart_locks.get(eid)
@@ -521,10 +548,11 @@ class Cluster(Owner):
             "owner_pid": os.getpid(), "host": host, "created": time.time(),
             "serves": ["requests"] if self.serves_requests else [],
         }
-        record = self.launcher.to_dict()
-        if record.get("pid") and record.get("hostname", host) == host:
-            record["identity"] = try_identity(record["pid"])  # so a stale cleanup signals only it
-        spec["launcher"] = record
+        if self.launcher.name != "local":  # local engines: their own entries say all (pid, identity)
+            record = self.launcher.to_dict()
+            if record.get("pid") and record.get("hostname", host) == host:
+                record["identity"] = try_identity(record["pid"])  # so a stale cleanup signals only it
+            spec["launcher"] = record
         meta = self.launcher.engine_meta()
         spec["engines"] = []
         for eid, info in self.engines_info.items():

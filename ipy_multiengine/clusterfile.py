@@ -39,7 +39,8 @@ from .errors import EngineError, NoClusterError
 log = logging.getLogger(__name__)
 
 HOW_TO_START = ("start one with `ipmulti start -n 4 --daemon`, or in Python: "
-                "`with Cluster(n=4) as mec: ...` (embedded: found through mec only)")
+                "`Cluster(n=4, profile='default').start()` (shared; `with Cluster(n=4) as mec:` is "
+                "embedded: private to mec, never found by profile)")
 CONNECTION_KEYS = ("shell_port", "iopub_port", "control_port", "ip", "key")
 SHARED_PREFIX, EMBEDDED_PREFIX = "cluster-", "embedded-"
 #: Seconds a client connected by cluster file watches for its owner to restart a dead engine.
@@ -173,7 +174,9 @@ def same_process(ident: dict | None) -> tuple[psutil.Process | None, str]:
         return None, f"process {pid} has exited"
     except psutil.Error as exc:
         return None, f"process {pid} cannot be inspected ({type(exc).__name__})"
-    if not isinstance(ident.get("create_time"), (int, float)) or abs(created - ident["create_time"]) > 0.05:
+    if not isinstance(ident.get("create_time"), (int, float)):
+        return None, f"the file records no start time for pid {pid}, so it cannot be told from another process"
+    if abs(created - ident["create_time"]) > 0.05:
         return None, f"pid {pid} now belongs to another process (started at {time.ctime(created)})"
     if ident.get("cmdline") is not None and ident["cmdline"] != cmdline:
         return None, f"pid {pid} now runs another command ({' '.join(cmdline)[:80]!r})"
@@ -274,7 +277,7 @@ def resolve_cluster_file(path: str | os.PathLike | None, profile: str | None) ->
         return Path(path)
     candidate = cluster_file_path(profile or "default")
     if not candidate.exists():
-        raise NoClusterError(f"no running shared cluster for profile {profile or 'default'!r} "
+        raise NoClusterError(f"no running cluster for profile {profile or 'default'!r} "
                              f"(no {candidate}); {HOW_TO_START}")
     return candidate
 
@@ -403,6 +406,9 @@ def remove_files(spec: dict, path: Path) -> None:
                 Path(e[key]).unlink(missing_ok=True)
     remove_requests(path)
     Path(path).unlink(missing_ok=True)
+    name = Path(path).name
+    if name.startswith(SHARED_PREFIX) and name.endswith(".json"):
+        ProfileLock.remove_stale(name[len(SHARED_PREFIX):-len(".json")])
 
 
 def remove_requests(path: str | os.PathLike) -> None:
@@ -442,13 +448,7 @@ class ProfileLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        import fcntl
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by children
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if not self._try_acquire():
             holder = ""
             try:
                 spec = read_spec(cluster_file_path(self.profile))
@@ -457,13 +457,41 @@ class ProfileLock:
                 holder = " (it is still starting)"
             raise RuntimeError(f"a cluster for profile {self.profile!r} is already running{holder}; "
                                "stop it with `ipmulti stop --profile "
-                               f"{self.profile}`, or use another profile, or no profile (embedded)") from None
-        self._fd = fd
+                               f"{self.profile}`, or use another profile, or no profile (embedded)")
+
+    def _try_acquire(self) -> bool:
+        """Take the lock without waiting. The lock file is unlinked by whoever releases it, so
+        after locking, check that the file locked is still the one at the path (else retry)."""
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by children
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)  # released and unlinked meanwhile: lock the new file instead
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # releases the flock; the lock file itself stays (harmless)
+            self.path.unlink(missing_ok=True)  # while still holding it: see _try_acquire
+            os.close(self._fd)
             self._fd = None
+
+    @classmethod
+    def remove_stale(cls, profile: str) -> None:
+        """Remove the lock file of a profile nobody holds (its owner is gone)."""
+        lock = cls(profile)
+        if lock._try_acquire():
+            lock.release()
 
     @property
     def held(self) -> bool:

@@ -79,6 +79,10 @@ class CommReply:
 
     content: dict
     frames: list[Any]
+    #: what the operation's function printed or displayed on the engine (kept for the user)
+    stdout: str = ""
+    stderr: str = ""
+    outputs: list[dict] = field(default_factory=list)
 
 
 class EngineConn:
@@ -598,6 +602,8 @@ class Controller:
             req = conn.requests.get(parent)
             if req is not None:
                 req.reply = content
+                if req.kind == "execute":
+                    self._page_outputs(conn, req, content)
                 if channel == "shell" and req.channel == "shell":
                     self._drop_skipped(conn, req, ("execute", "shell"))
                 self._maybe_complete(conn, req)
@@ -652,6 +658,21 @@ class Controller:
                 log.error("engine %s: output listener failed", conn.eid, exc_info=exc)
                 req.listener_error = exc
                 req.listener = None
+
+    @staticmethod
+    def _page_outputs(conn: EngineConn, req: Request, content: dict) -> None:
+        """Pager text (``obj?``, ``%pdoc``, ``%psource``) comes as an execute_reply ``page``
+        payload: make it an output of the request (``metadata.pager``), like any display."""
+        for payload in content.get("payload") or []:
+            if payload.get("source") != "page" or not payload.get("data"):
+                continue
+            out = {"data": dict(payload["data"]), "metadata": {"pager": True}, "transient": {}}
+            req.outputs.append({"output_type": "display_data", **out})
+            if req.listener is not None:
+                try:
+                    req.listener(conn.eid, "display_data", out)
+                except Exception:
+                    log.exception("output listener failed")
 
     def _maybe_complete(self, conn: EngineConn, req: Request) -> None:
         if req.reply is None:
@@ -739,15 +760,17 @@ class Controller:
             self._maybe_complete(conn, req)
 
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
+        out = {"stdout": "".join(req.stdout), "stderr": "".join(req.stderr), "outputs": req.outputs}
         if data.get("status") == "ok":
-            self._finish(conn, req, value=CommReply(data, list(frames)))
+            self._finish(conn, req, value=CommReply(data, list(frames), **out))
         else:
             item = data.get("item")
             evalue = data.get("evalue", "")
             if item is not None:
                 evalue = f"{evalue} (on item {item})"
             err = RemoteError(data.get("ename", "Error"), evalue, data.get("traceback", []), conn.eid,
-                              req.op or "comm", pickled=bytes(frames[0]) if frames else None)
+                              req.op or "comm", pickled=bytes(frames[0]) if frames else None,
+                              result={"id": conn.eid, **out})
             err.item = item
             self._finish(conn, req, exc=err)
 
@@ -959,7 +982,7 @@ def _deserialize(session: Session, frames: list) -> dict:
     }
 
 
-def _short(code: str, width: int = 60) -> str:
+def _short(code: str, width: int = 80) -> str:
     code = " ".join(code.split())
     return code if len(code) <= width else code[:width - 3] + "..."
 

@@ -14,7 +14,7 @@ import pickle
 import socket
 import sys
 import types
-from typing import Any
+from typing import Any, Callable
 
 from IPython import get_ipython
 
@@ -66,7 +66,13 @@ def _on_open(comm: Any, msg: dict) -> None:
 
 
 def _op_push(data: dict, frames: list) -> list:
-    _namespace().update(serialize.loads(frames))
+    values = serialize.loads(frames)
+    for name, value in values.items():
+        if isinstance(value, types.FunctionType):
+            # a pushed function keeps the caller's values of push time and also sees the
+            # engine's names (the same precedence as apply/map)
+            values[name] = _in_namespace(value)[0]
+    _namespace().update(values)
     return []
 
 
@@ -94,33 +100,90 @@ def _check_sendable(what: str, value: Any) -> None:
                         f"cannot be pickled ({exc})") from exc
 
 
-def _in_namespace(f: Any) -> Any:
-    """Run a function sent by value (typed at the prompt, a lambda) against the engine's namespace.
+class _CallerGlobals(dict):
+    """The globals of a function sent by value: the caller's globals it references (as
+    cloudpickle shipped them with this call), falling back to the engine's namespace.
 
-    cloudpickle rebuilds such a function with a private globals dict holding only the client
-    globals it references, so names the user set up on the engine (``%px import numpy``,
-    ``push``) would be invisible to it. The function is rebound to the user namespace; client
-    globals it references that the engine lacks are added there, as ``push`` would.
+    ``LOAD_GLOBAL`` on a dict subclass goes through ``__getitem__``, so a missing name is looked
+    up in the engine namespace at the moment of use, then in builtins.
     """
-    if not isinstance(f, types.FunctionType):
-        return f
+
+    def __init__(self, shipped: dict, engine_ns: dict) -> None:
+        super().__init__(shipped)
+        self.engine_ns = engine_ns
+
+    def __missing__(self, name: str) -> Any:
+        return self.engine_ns[name]  # KeyError: Python then tries builtins
+
+
+def _is_module_function(f: types.FunctionType) -> bool:
     module = sys.modules.get(f.__module__)
-    if module is not None and f.__globals__ is vars(module):
-        return f  # imported from a real module on the engine: keep that module's globals
+    return module is not None and f.__globals__ is vars(module)
+
+
+def _in_namespace(f: Any) -> tuple[Any, Callable[[], None]]:
+    """Rebind a function sent by value (typed at the prompt, a lambda) for one call.
+
+    The precedence rule (docs/engines.md, "Functions sent by value"): a name the function
+    reads resolves first to the caller's value *sent with this call* (cloudpickle ships the
+    client globals the code references, freshly on every call), then to the engine's
+    namespace (``%px import numpy``, ``push``), then to builtins. The caller's globals are not
+    copied into the engine namespace; a ``global`` the function assigns is written there.
+    Helpers the function reaches through its globals or closure get the same treatment.
+
+    Returns the rebound function and a ``commit`` to call after the call(s), which writes the
+    globals the function assigned into the engine namespace.
+    """
+    if not isinstance(f, types.FunctionType) or _is_module_function(f):
+        return f, lambda: None  # imported from a real module on the engine: keep its globals
     ns = _namespace()
-    for name, value in f.__globals__.items():
-        if not name.startswith("__") and name not in ns:
-            ns[name] = value
-    g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
-    g.__kwdefaults__ = f.__kwdefaults__
-    g.__dict__.update(f.__dict__)
-    return g
+    overlays: dict[int, _CallerGlobals] = {}
+    rebound: dict[int, types.FunctionType] = {}
+
+    def rebind(fn: types.FunctionType) -> types.FunctionType:
+        if id(fn) in rebound:
+            return rebound[id(fn)]
+        if _is_module_function(fn) or isinstance(fn.__globals__, _CallerGlobals):
+            return fn
+        first = id(fn.__globals__) not in overlays
+        g = overlays.setdefault(id(fn.__globals__), _CallerGlobals(fn.__globals__, ns))
+        new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+        new.__kwdefaults__ = fn.__kwdefaults__
+        new.__qualname__ = fn.__qualname__
+        new.__dict__.update(fn.__dict__)
+        rebound[id(fn)] = new
+        if first:
+            for name, value in list(g.items()):
+                if isinstance(value, types.FunctionType):
+                    g[name] = rebind(value)
+        for cell in fn.__closure__ or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(value, types.FunctionType):
+                cell.cell_contents = rebind(value)
+        return new
+
+    g = rebind(f)
+    sent = [(o, dict(o)) for o in overlays.values()]
+
+    def commit() -> None:
+        for overlay, before in sent:
+            for name, value in overlay.items():
+                if not name.startswith("__") and (name not in before or before[name] is not value):
+                    ns[name] = value
+
+    return g, commit
 
 
 def _op_apply(data: dict, frames: list) -> list:
     f, args, kwargs = serialize.loads(frames)
-    f = _in_namespace(f)
-    result = f(*args, **kwargs)
+    f, commit = _in_namespace(f)
+    try:
+        result = f(*args, **kwargs)
+    finally:
+        commit()
     try:
         return serialize.dumps(result)
     except Exception:
@@ -136,13 +199,16 @@ class _ItemError(Exception):
 
 def _op_map(data: dict, frames: list) -> list:
     f, items = serialize.loads(frames)
-    f = _in_namespace(f)
+    f, commit = _in_namespace(f)
     out = []
-    for i, args in enumerate(items):
-        try:
-            out.append(f(*args))
-        except Exception as exc:
-            raise _ItemError(data.get("offset", 0) + i, exc) from exc
+    try:
+        for i, args in enumerate(items):
+            try:
+                out.append(f(*args))
+            except Exception as exc:
+                raise _ItemError(data.get("offset", 0) + i, exc) from exc
+    finally:
+        commit()
     return serialize.dumps(out)
 
 

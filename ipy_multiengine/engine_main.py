@@ -244,56 +244,73 @@ def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], t
         time.sleep(0.05)
 
 
-def pid_runs_engine(pid: int, connection_file: str) -> bool:
-    """Is process ``pid`` alive (not a zombie) and the engine of ``connection_file``?"""
+def engine_process(pid: int, connection_file: str):
+    """The ``psutil.Process`` with ``pid`` if it is the engine of ``connection_file`` (its
+    command line names that file), else None. Never trust a bare pid: it may belong to
+    anybody by now; a process we may not inspect is not ours to signal either."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and connection_file in proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
-    except psutil.AccessDenied:
-        return False  # not ours: never signal it
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        args = proc.cmdline()
+    except psutil.Error:
+        return None
+    return proc if connection_file in args else None
+
+
+def pid_runs_engine(pid: int, connection_file: str) -> bool:
+    return engine_process(pid, connection_file) is not None
 
 
 def signal_engine(pid: int, connection_file: str, signame: str) -> int:
-    if not pid_runs_engine(pid, connection_file):
+    proc = engine_process(pid, connection_file)
+    if proc is None:
         print(f"engine_main: no engine with pid {pid} for {connection_file}", file=sys.stderr)
         return 3
     if signame != "0":  # signal 0: only check that the engine runs
-        os.kill(pid, getattr(signal, signame if signame.startswith("SIG") else "SIG" + signame))
+        import psutil
+
+        try:  # psutil checks the create time again: a pid reused meanwhile is not signalled
+            proc.send_signal(getattr(signal, signame if signame.startswith("SIG") else "SIG" + signame))
+        except psutil.NoSuchProcess:
+            return 3
     return 0
 
 
-def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
-    """SIGTERM every engine (pid, connection file), wait up to ``timeout``, SIGKILL those left;
-    remove their files."""
+def _running(proc) -> bool:
     import psutil
 
-    procs = []
-    for pid, f in engines:
-        if pid_runs_engine(pid, f):
-            try:
-                procs.append(psutil.Process(pid))
-            except psutil.Error:
-                pass
-    for p in procs:  # psutil re-checks the process's identity (create time) before signalling
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
+    """SIGTERM every engine (pid, connection file) that still is that engine, wait up to
+    ``timeout``, SIGKILL those left; remove their files."""
+    import psutil
+
+    procs = [p for pid, f in engines if (p := engine_process(pid, f)) is not None]
+    for proc in procs:
         try:
-            p.terminate()
-        except psutil.Error:
+            proc.terminate()
+        except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
+    for proc in alive:
         try:
-            p.kill()
-        except psutil.Error:
+            proc.kill()
+        except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(alive, timeout=5.0)
+    alive = [p for p in alive if _running(p)]  # a zombie is gone (its parent reaps it)
     if alive:
         print("engine_main: engine process(es) still running after SIGKILL: "
               + ", ".join(str(p.pid) for p in alive), file=sys.stderr)
-        return 1
+        return 1  # their files stay: the record of what still runs
     for _, connection_file in engines:
         for p in (connection_file, connection_file[: -len(".json")] + ".log"):
             try:

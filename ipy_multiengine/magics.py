@@ -128,25 +128,50 @@ class AutoPxTransformer:
 
     ``has_side_effects`` keeps IPython's ``check_complete`` from applying it, so the
     terminal still decides whether an input is complete on the plain Python code.
+
+    What stays local while ``%autopx`` is on: every magic of this extension (``%px``,
+    ``%%px``, ``%autopx``, ``%pxconfig``, ``%result``, ``%pxstatus``, ...; ``%px`` goes to the
+    engines anyway, with its own options), recognised on the first line that is neither blank
+    nor a comment, with ``%``/``%%`` or as a bare word (automagic; not ``result``, a common
+    variable name, and not ``px = 1``-like code). ``exit``/``quit`` would
+    shut every engine down: they are refused with a message instead.
     """
 
     has_side_effects = True
-    #: Inputs starting with these stay local while ``%autopx`` is on (``%px``/``%%px`` go to
-    #: the engines anyway, with their own options).
-    local_magics = ("%autopx", "%pxconfig", "%result", "%pxresult", "%px", "%%px")
+    #: Words that end a session; typed under ``%autopx`` they are refused, not sent.
+    exit_words = ("exit", "quit", "%exit", "%quit", "exit()", "quit()")
 
-    def __init__(self) -> None:
+    def __init__(self, local_magics: Any = ()) -> None:
         self.enabled = False
+        self._local = local_magics  # names, or a callable returning them (the magics registered)
+
+    @property
+    def local_magics(self) -> set[str]:
+        names = self._local() if callable(self._local) else self._local
+        return set(names) | {"autopx"}
 
     def __call__(self, lines: list[str]) -> list[str]:
+        code = [ln for ln in lines if ln.strip()]
+        if len(code) == 1:
+            m = re.fullmatch(r"\s*%?px\s+(.*\?)\s*", code[0].rstrip("\n"))
+            if m:  # `%px len?`: IPython's help syntax would show the *local* len's help instead
+                return [f"get_ipython().run_line_magic('px', {m.group(1)!r})\n"]
         if not self.enabled:
             return lines
-        first = next((ln.strip() for ln in lines if ln.strip()), "")
+        first = next((ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), "")
         if not first:
             return lines
-        word = first.split()[0]
-        if word in self.local_magics or first == "autopx":
-            return lines
+        if first.replace(" ", "") in self.exit_words or re.fullmatch(r"(exit|quit)\(\s*\d*\s*\)", first):
+            msg = ("%autopx: exit/quit not sent to the engines (it would shut every engine down); "
+                   "type %autopx to leave autopx mode, then exit to leave IPython")
+            return [f"print({msg!r}, file=__import__('sys').stderr)\n"]
+        word, _, rest = first.partition(" ")
+        rest = rest.lstrip()
+        if word.startswith("%"):
+            if word.lstrip("%") in self.local_magics:
+                return lines
+        elif word in self.local_magics - {"result"} and not re.match(r"[=(\[.,:+\-*/%<>!&|^~@]", rest):
+            return lines  # automagic: `autopx`, `pxstatus`, `px code` (not `px = 1`, `px(...)`)
         return ["%%px\n"] + lines
 
 
@@ -203,7 +228,8 @@ class ParallelMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self.pxconfig_ = PxConfig()
-        self.transformer = AutoPxTransformer()
+        self.transformer = AutoPxTransformer(
+            lambda: {name for names in self.magics.values() for name in names})
         self.last: Any = None
         self._own_client: Any = None
         self._notebook: bool | None = None  # None: detect (a kernel means notebook rendering)
@@ -319,7 +345,8 @@ class ParallelMagics(Magics):
         try:
             timed_out = not self._pump(pr, events, renderer, progress, deadline)
         except KeyboardInterrupt:
-            self._interrupted(mec, pr, events, renderer, progress)
+            with stdin.dropping(pr.futures):  # no more prompts of this call (one Ctrl-C is enough)
+                self._interrupted(mec, pr, events, renderer, progress)
             raise _short(KeyboardInterrupt()) from None
         finally:
             if not pr.ready():
@@ -333,11 +360,18 @@ class ParallelMagics(Magics):
             raise _short(MultiEngineTimeout(
                 f"%px: engines {engine_range(left)} not done after {timeout:g} s; they keep running. "
                 "%result waits for the output; mec.interrupt() stops them"))
-        renderer.finish()
         try:
             result = pr.get_result()
         except CompositeError as err:
+            # no Results List will be shown: every engine's stdout and Out first, then the error
+            renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
+            renderer.finish()
             raise self._failed(err, args, collapse) from None
+        except BaseException:
+            renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
+            renderer.finish()
+            raise
+        renderer.finish()
         if args.out:
             self.shell.user_ns[args.out] = result
         return result if mode == "results" else None
@@ -360,21 +394,25 @@ class ParallelMagics(Magics):
             raise UsageError("--init always blocks: setup code must have run before anything else")
         try:
             result = mec.on_start(code, timeout=timeout)
-        except CompositeError as err:
+        except CompositeError as err:  # what the engines printed, then the error
+            self._show_records([r for r in err.results if isinstance(r, dict)], "collect", group, collapse)
             raise self._failed(err, args, collapse) from None
         self.last = mec.last
-        renderer = Renderer([r["id"] for r in result], "results" if mode == "results" else "collect",
-                            self.notebook, group, collapse)
-        for r in result:
+        self._show_records(result, "results" if mode == "results" else "collect", group, collapse)
+        if args.out:
+            self.shell.user_ns[args.out] = result
+        return result if mode == "results" else None
+
+    def _show_records(self, records: list[dict], mode: str, group: str, collapse: bool) -> None:
+        """Render finished execute records (stdout, stderr, rich outputs) like ``--no-stream``."""
+        renderer = Renderer([r["id"] for r in records], mode, self.notebook, group, collapse)
+        for r in records:
             for name in ("stdout", "stderr"):
                 if r.get(name):
                     renderer.handle(r["id"], "stream", {"name": name, "text": r[name]})
             for out in r.get("outputs") or []:
                 renderer.handle(r["id"], out.get("output_type", ""), out)
         renderer.finish()
-        if args.out:
-            self.shell.user_ns[args.out] = result
-        return result if mode == "results" else None
 
     def _pump(self, pr: Any, events: queue.Queue, renderer: Renderer, progress: _Progress,
               deadline: float | None) -> bool:

@@ -123,14 +123,20 @@ class Renderer:
         self.events: list[tuple[int, str, dict]] = []
         self.areas: dict[tuple[int, str], _Area] = {}
         self.partial: dict[tuple[int, str], _Lines] = {}
-        self.rich_ids: dict[int, list[str]] = {}
+        self.rich_ids: dict[int, list[str]] = {}  # an engine's displays shown now (local ids)
+        self.free: dict[int, list[str]] = {}  # an engine's cleared displays, reused in order
+        self.remote: dict[tuple[int, str], list[str]] = {}  # (engine, its display_id) -> local ids
+        self.clear_waiting: set[int] = set()  # engines whose clear_output(wait=True) is pending
         self._uid = f"ipme-{id(self):x}-{time.monotonic_ns():x}"
+        self._count = 0
 
     # -- events
     def handle(self, eid: int, mtype: str, content: dict) -> None:
         if self.mode != "stream":
             self.events.append((eid, mtype, content))
             return
+        if eid in self.clear_waiting and mtype in ("stream", "display_data", "execute_result"):
+            self._clear_now(eid, deferred=True, reuse=mtype == "display_data")
         if mtype == "stream":
             self._stream(eid, content.get("name", "stdout"), content.get("text", ""))
         elif mtype in ("display_data", "update_display_data"):
@@ -138,7 +144,7 @@ class Renderer:
         elif mtype == "execute_result":
             self._result(eid, content)
         elif mtype == "clear_output":
-            self._clear(eid)
+            self._clear(eid, bool(content.get("wait")))
         # 'error' messages are shown once, by the CompositeError raised at the end
 
     def tick(self, force: bool = False) -> None:
@@ -222,17 +228,21 @@ class Renderer:
             _display(data, md)
             return
         self.tick(force=True)  # keep text printed before this display above it
-        if remote_id is not None:
-            local_id = f"{self._uid}-{eid}-d-{remote_id}"
-            if update:
+        if update:
+            for local_id in self.remote.get((eid, remote_id), []) if remote_id is not None else []:
                 _display(data, md, local_id, update=True)
-            else:
-                _display(data, md, local_id)
-                self.rich_ids.setdefault(eid, []).append(local_id)
-        elif not update:
-            local_id = f"{self._uid}-{eid}-r{len(self.rich_ids.get(eid, []))}"
+            return
+        free = self.free.get(eid)
+        if free:  # after clear_output: this display takes the place of a cleared one, in place
+            local_id = free.pop(0)
+            _display(data, md, local_id, update=True)
+        else:
+            self._count += 1
+            local_id = f"{self._uid}-{eid}-r{self._count}"
             _display(data, md, local_id)
-            self.rich_ids.setdefault(eid, []).append(local_id)
+        self.rich_ids.setdefault(eid, []).append(local_id)
+        if remote_id is not None:
+            self.remote.setdefault((eid, remote_id), []).append(local_id)
 
     def _result(self, eid: int, content: dict) -> None:
         count = content.get("execution_count")
@@ -244,16 +254,32 @@ class Renderer:
             self.tick(force=True)
         _display(data, md)
 
-    def _clear(self, eid: int) -> None:
-        """An engine's ``clear_output``: empty that engine's areas (others' stay)."""
+    def _clear(self, eid: int, wait: bool = False) -> None:
+        """An engine's ``clear_output``: empty that engine's areas (others' stay). With
+        ``wait=True`` the clearing waits for that engine's next output, which then takes the
+        cleared output's place (a ``clear_output(wait=True)`` + ``display`` loop is one output)."""
         if not self.notebook:
             return
+        if wait:
+            self.clear_waiting.add(eid)
+        else:
+            self._clear_now(eid)
+
+    def _clear_now(self, eid: int, deferred: bool = False, reuse: bool = False) -> None:
+        self.clear_waiting.discard(eid)
         for (e, _name), area in self.areas.items():
             if e == eid:
                 area.lines = _Lines()
-                self._flush_area(area, time.monotonic())
-        for local_id in self.rich_ids.pop(eid, []):
-            _display({"text/plain": ""}, {"engine": eid}, local_id, update=True)
+                if not deferred:  # else the output that is arriving fills it at the next tick
+                    self._flush_area(area, time.monotonic())
+        for key in [k for k in self.remote if k[0] == eid]:
+            del self.remote[key]  # a cleared display cannot be updated any more
+        slots = self.free.setdefault(eid, [])
+        cleared = self.rich_ids.pop(eid, [])
+        for i, local_id in enumerate(cleared):
+            if not (reuse and i == 0 and not slots):  # the display arriving now reuses this one
+                _display({"text/plain": ""}, {"engine": eid}, local_id, update=True)
+        slots.extend(cleared)
 
     def _flush_partial(self, eid: int) -> None:
         for (e, name), lines in self.partial.items():
@@ -264,8 +290,9 @@ class Renderer:
     # -- grouped output at the end
     def _render_collected(self) -> None:
         blocks = self._blocks()
-        if self.mode == "results":  # stdout and results are in the returned Results List
-            blocks = [b for b in blocks if b[1] in ("stderr", "display_data")]
+        if self.mode == "results":  # stdout, results and pager text are in the returned Results List
+            blocks = [b for b in blocks if b[1] == "stderr" or
+                      (b[1] == "display_data" and not (b[2].get("metadata") or {}).get("pager"))]
         if self.collapse:
             blocks = _collapse(blocks)
         for eids, kind, payload in blocks:
@@ -312,6 +339,12 @@ class Renderer:
                     merged.append([eid, kind, text])
             elif mtype in ("display_data", "execute_result"):
                 merged.append([eid, mtype, content])
+            elif mtype == "update_display_data":  # collected output shows the final content
+                did = (content.get("transient") or {}).get("display_id")
+                for blk in merged:
+                    if (blk[0] == eid and blk[1] == "display_data" and did is not None
+                            and (blk[2].get("transient") or {}).get("display_id") == did):
+                        blk[2] = dict(blk[2], data=content.get("data"), metadata=content.get("metadata"))
             elif mtype == "clear_output":
                 merged = [b for b in merged if b[0] != eid]
         if self.group == "engine":
@@ -365,3 +398,51 @@ class _Progress:
         else:
             print(text, file=sys.stderr, flush=True)
         self.shown = done
+
+
+def in_notebook() -> bool:
+    """True inside a notebook kernel (render display areas), False in a terminal or script."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        return False
+    shell = get_ipython()
+    return getattr(shell, "kernel", None) is not None
+
+
+class LiveOutput:
+    """Shows what a blocking call's functions print or display, labelled by engine, while the
+    caller waits (``apply``, ``map``, ``@parallel``; ``%%px`` has its own ``Renderer`` loop).
+
+    ``listener`` runs on the controller's loop thread: it only posts the event to the waiting
+    user thread (``stdin.post``), which renders it in order with engines' input prompts.
+    ``close`` shows what is left and stops posting (output after a timeout stays on the
+    ``PendingResult``).
+    """
+
+    def __init__(self, eids: list[int]) -> None:
+        self.renderer = Renderer(list(eids), "stream", in_notebook())
+        self.closed = False
+
+    def listener(self, eid: int, mtype: str, content: dict) -> None:
+        if self.closed:
+            return
+        from . import stdin
+
+        stdin.post(lambda: self._show(eid, mtype, content))
+
+    def _show(self, eid: int, mtype: str, content: dict) -> None:
+        if self.closed:
+            return
+        if mtype == "error":  # a failing function is reported by the CompositeError
+            return
+        self.renderer.handle(eid, mtype, content)
+        self.renderer.tick()
+
+    def close(self) -> None:
+        from . import stdin
+
+        stdin.serve_pending()  # events posted before the reply (engines flush before replying)
+        if not self.closed:
+            self.closed = True
+            self.renderer.finish()

@@ -29,6 +29,10 @@ class ResultList(list):
             if result is not None:
                 plain = str(result.get("text/plain", ""))
                 text = f"{text}\n{plain}" if text else plain
+            for out in r.get("outputs") or []:  # pager text (obj?, %pdoc): what a terminal shows
+                if (out.get("metadata") or {}).get("pager"):
+                    page = str((out.get("data") or {}).get("text/plain", "")).rstrip("\n")
+                    text = f"{text}\n{page}" if text else page
             if text:
                 lines.append(f"[{eid}] Out[{n}]: {text}")
         return "\n".join(lines)
@@ -107,6 +111,23 @@ class PendingResult:
     def r(self) -> Any:
         return self.get_result()
 
+    # what each engine printed or displayed while running this call (execute, apply, map, ...),
+    # one entry per engine in ``eids`` order; empty for an engine not done yet
+    @property
+    def stdout(self) -> list[str]:
+        """Per engine, the text the call printed to stdout."""
+        return [_output(f, "stdout", "") for f in self.futures]
+
+    @property
+    def stderr(self) -> list[str]:
+        """Per engine, the text the call printed to stderr (warnings included)."""
+        return [_output(f, "stderr", "") for f in self.futures]
+
+    @property
+    def outputs(self) -> list[list[dict]]:
+        """Per engine, the rich outputs (``display_data``, ...) as Jupyter message contents."""
+        return [_output(f, "outputs", []) for f in self.futures]
+
     def _collect(self) -> None:
         results: list[Any] = []
         errors: list[MultiEngineError] = []
@@ -128,6 +149,17 @@ class PendingResult:
             self._value = self._finish(results)
         except BaseException as exc:  # e.g. a value that cannot be unpickled here
             self._error = exc
+
+
+def _output(fut: cf.Future, name: str, empty: Any) -> Any:
+    """``name`` (stdout/stderr/outputs) of a finished engine's reply, record or error record."""
+    if not fut.done() or fut.cancelled():
+        return empty
+    exc = fut.exception()
+    value = getattr(exc, "result", None) if exc is not None else fut.result()
+    if isinstance(value, dict):
+        return value.get(name) or empty
+    return getattr(value, name, empty) or empty
 
 
 def _partial(result: Any) -> Any:

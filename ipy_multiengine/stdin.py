@@ -16,7 +16,8 @@ Consequences worth knowing:
 - An engine waiting for input waits until someone waits for a result (``get_result``,
   ``barrier``, a blocking call); ``mec.interrupt()`` releases it.
 - End of input locally (Ctrl-D, a closed stdin) makes ``input()`` raise ``EOFError`` on the
-  engine; Ctrl-C at the prompt interrupts that engine and is re-raised here.
+  engine; Ctrl-C at the prompt interrupts that engine and is re-raised here, and the other
+  queued prompts of the same call are dropped (their engines are interrupted too).
 
 The mailbox also carries plain callables (``post(fn)``) so that other parts, e.g. live output
 of ``%pxdebug``, can run in the user's thread in order with the prompts.
@@ -29,16 +30,19 @@ import getpass
 import sys
 import threading
 import time
+import weakref
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["InputRequest", "post", "wait", "serve_pending"]
+__all__ = ["InputRequest", "post", "wait", "serve_pending", "drop", "dropping"]
 
 _lock = threading.Lock()
 _items: deque = deque()
 _wake: cf.Future = cf.Future()
 _serving = threading.Lock()
+_dropping: "weakref.WeakSet[cf.Future]" = weakref.WeakSet()  # calls being interrupted
 
 
 @dataclass
@@ -55,9 +59,10 @@ class InputRequest:
 
     @property
     def stale(self) -> bool:
-        """True when the request that asked has finished meanwhile (engine died, interrupted)."""
+        """True when the request that asked has finished meanwhile (engine died, interrupted),
+        or its call is being interrupted (``dropping``)."""
         fut = getattr(self.request, "future", None)
-        return fut is not None and fut.done()
+        return fut is not None and (fut.done() or fut in _dropping)
 
     def pending_output(self) -> str:
         """Output of the asking request not shown yet (shown before the prompt, for context)."""
@@ -68,6 +73,32 @@ class InputRequest:
         shown = getattr(req, "_stdin_shown", 0)
         req._stdin_shown = len(text)
         return text[shown:]
+
+
+def drop(futures: Iterable[cf.Future]) -> None:
+    """Forget the queued prompts of the requests behind ``futures`` (a call the user interrupted:
+    one Ctrl-C must not bring up the next engine's prompt). Those engines are being interrupted,
+    which ends their ``input()``."""
+    futs = set(futures)
+    with _lock:
+        keep = [it for it in _items
+                if not (isinstance(it, InputRequest) and getattr(it.request, "future", None) in futs)]
+        _items.clear()
+        _items.extend(keep)
+
+
+@contextmanager
+def dropping(futures: Iterable[cf.Future]) -> Iterator[None]:
+    """While interrupting a call: its queued prompts, and those that arrive meanwhile, are dropped."""
+    futs = list(futures)
+    for f in futs:
+        _dropping.add(f)
+    drop(futs)
+    try:
+        yield
+    finally:
+        for f in futs:
+            _dropping.discard(f)
 
 
 def post(item: Any) -> None:
@@ -145,5 +176,10 @@ def wait(futures: Iterable[cf.Future], timeout: float | None = None, first: bool
     engines' input requests meanwhile; True when done (see ``_loop.wait``)."""
     from ._loop import wait as loop_wait
 
-    return loop_wait(futures, timeout, first=first, tick=serve_pending, wake=_wake_future,
-                     progress=progress, deadline=deadline)
+    futures = list(futures)
+    try:
+        return loop_wait(futures, timeout, first=first, tick=serve_pending, wake=_wake_future,
+                         progress=progress, deadline=deadline)
+    except KeyboardInterrupt:
+        drop(futures)  # one Ctrl-C: the other engines' prompts of this call are not asked
+        raise

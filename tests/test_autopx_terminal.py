@@ -169,3 +169,17 @@ def test_full_prompt_toolkit_terminal(cluster, mec):
             child.expect(pexpect.EOF, timeout=15)
         finally:
             child.close(force=True)
+
+
+def test_o10_exit_and_extension_magics_under_autopx_in_a_terminal(term, mec):
+    numbers = [r["number"] for r in mec.execute("pass")]
+    send(term, "%autopx")
+    out = send(term, "exit")
+    assert "not sent to the engines" in out
+    out = send(term, "%pxstatus")
+    assert "Line magic function" not in out and "idle" in out
+    out = send(term, "%autopx")
+    assert "Auto Parallel Disabled" in out
+    assert term.isalive()
+    # the engines saw nothing but our own execute
+    assert [r["number"] for r in mec.execute("pass")] == [n + 1 for n in numbers]

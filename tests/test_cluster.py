@@ -159,3 +159,248 @@ def test_demo_command_runs():
     out = subprocess.run(IPMULTI + ["demo", "-n", "2"], capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr
     assert "<Results List>" in out.stdout and "CompositeError" in out.stdout and "stopped" in out.stdout
+
+
+# ---------------------------------------------------------------------- h13: embedded clusters are private
+def ipmulti(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(IPMULTI + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_h13_embedded_clusters_coexist_are_private_and_stop_from_outside_spares_the_owner():
+    from ipy_multiengine.clusterfile import embedded_file_path
+
+    one, two = Cluster(n=1), Cluster(n=1)
+    with one as m1, two as m2:
+        assert one.cluster_id != two.cluster_id
+        assert Path(one.cluster_file) == embedded_file_path(one.cluster_id) and Path(two.cluster_file).exists()
+        assert m1.apply(os.getpid) != m2.apply(os.getpid)
+        # neither is what a bare client (or %px) finds: only shared clusters are
+        if not cluster_file_path("default").exists():
+            with pytest.raises(NoClusterError, match="embedded"):
+                MultiEngineClient()
+        listed = ipmulti("list")
+        assert listed.returncode == 0, listed.stderr
+        for c in (one, two):
+            row = next(line for line in listed.stdout.splitlines() if c.cluster_file in line)
+            assert f"pid {os.getpid()}" in row and "running" in row
+        # stopping an embedded cluster from outside stops its engines, never the owner
+        pid1 = m1.engines[0]["pid"]
+        out = ipmulti("stop", "--file", one.cluster_file)
+        assert out.returncode == 0, out.stderr
+        assert "keeps running" in out.stdout
+        wait_until(lambda: process_gone(pid1), 15, "the embedded cluster's engine to exit")
+        assert not Path(one.cluster_file).exists()
+        assert m2.apply(lambda: 7) == [7]  # the other cluster (and this process) carry on
+    assert not Path(two.cluster_file).exists()
+
+
+def test_h13_shared_profile_found_by_bare_client_embedded_not(cluster):
+    # the session cluster is shared under profile 'tests'; an embedded one beside it is not found
+    with Cluster(n=1) as mine:
+        with MultiEngineClient(profile="tests") as other:
+            assert other.get_ids() == [0, 1, 2, 3]
+        assert mine.get_ids() == [0]
+
+
+@pytest.mark.timeout(180)
+def test_h13_kernel_shutdown_leaves_no_cluster_file():
+    """A notebook kernel that owns an embedded cluster and shuts down (the notebook closed,
+    the kernel restarted) removes its cluster file and stops its engines."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env=dict(os.environ))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        out: list[str] = []
+
+        def hook(msg):
+            if msg["msg_type"] == "stream":
+                out.append(msg["content"]["text"])
+
+        reply = kc.execute_interactive(
+            "from ipy_multiengine import Cluster\n"
+            "c = Cluster(n=1)\nmec = c.start()\n"
+            "print(c.cluster_file, mec.engines[0]['pid'], c.owner_kind)\n", timeout=90, output_hook=hook)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        path, pid, kind = "".join(out).split()
+        assert Path(path).exists() and kind == "kernel"
+        km.shutdown_kernel(now=False)
+        assert not Path(path).exists(), "the kernel's cluster file outlived the kernel"
+        wait_until(lambda: process_gone(int(pid)), 15, "the kernel's engine to exit")
+    finally:
+        kc.stop_channels()
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+
+
+# ---------------------------------------------------------------------- o03: one profile, one cluster
+def test_o03_concurrent_starts_of_one_profile_one_wins_and_only_own_file_is_removed():
+    import threading
+
+    clusters = [Cluster(n=1, profile="o03"), Cluster(n=1, profile="o03")]
+    barrier = threading.Barrier(2)
+    results: list = [None, None]
+
+    def start(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = clusters[i].start()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    try:
+        won = [i for i in range(2) if not isinstance(results[i], Exception)]
+        assert len(won) == 1, results
+        winner, loser = clusters[won[0]], clusters[1 - won[0]]
+        assert "already running" in str(results[1 - won[0]])
+        path = cluster_file_path("o03")
+        assert json.loads(path.read_text())["cluster_id"] == "o03"
+        loser.stop()
+        assert path.exists(), "the cluster that lost the race removed the winner's file"
+        with MultiEngineClient(profile="o03") as other:
+            assert other.apply(lambda: 1) == [1]
+        # a file that is no longer this cluster's (another owner wrote it) is left alone
+        spec = json.loads(path.read_text())
+        spec["owner"] = {**spec["owner"], "create_time": 1.0}
+        from ipy_multiengine.clusterfile import write_cluster
+
+        write_cluster(path, spec)
+        winner.stop()
+        assert path.exists()
+        path.unlink()
+        # the profile is free again once its owner stopped
+        with Cluster(n=1, profile="o03") as again:
+            assert again.get_ids() == [0]
+    finally:
+        for c in clusters:
+            c.stop()
+
+
+# ---------------------------------------------------------------------- o01: requests reach their cluster
+def _serving(c: Cluster):
+    """Serve ``c``'s owner requests from a thread, as the ``ipmulti start`` loop does."""
+    import threading
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(0.05):
+            c.serve_requests()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return stop, t
+
+
+@pytest.mark.timeout(180)
+def test_o01_restart_request_reaches_exactly_the_cluster_it_names():
+    a, b = Cluster(n=1, profile="o01-a"), Cluster(n=1, profile="o01-a-b")
+    odd = Cluster(n=1, profile="o01[x]*")
+    for c in (a, b, odd):
+        c.serves_requests = True
+    with a as ma, b as mb, odd as mo:
+        pa, pb, po = ma.apply(os.getpid)[0], mb.apply(os.getpid)[0], mo.apply(os.getpid)[0]
+        stop_a, ta = _serving(a)
+        try:
+            with MultiEngineClient(profile="o01-a-b") as other:
+                with pytest.raises(Exception, match="restart"):  # nobody serves o01-a-b yet
+                    other.restart(timeout=2)
+            assert ma.apply(os.getpid) == [pa], "the owner of 'o01-a' took a request meant for 'o01-a-b'"
+            stop_b, tb = _serving(b)
+            stop_o, to = _serving(odd)
+            try:
+                with MultiEngineClient(profile="o01-a-b") as other:
+                    other.restart(timeout=60)
+                    assert other.apply(os.getpid) != [pb]
+                with MultiEngineClient(profile="o01[x]*") as other:  # glob characters in a profile
+                    other.restart(timeout=60)
+                    assert other.apply(os.getpid) != [po]
+                assert ma.apply(os.getpid) == [pa]
+            finally:
+                stop_b.set(), stop_o.set()
+                tb.join(10), to.join(10)
+        finally:
+            stop_a.set()
+            ta.join(10)
+
+
+# ---------------------------------------------------------------------- o02: stale cleanup stops what ran
+@pytest.mark.timeout(240)
+def test_o02_stale_mpi_cluster_cleanup_stops_mpiexec_and_ranks(tmp_path):
+    from ipy_multiengine.launchers.base import find_executable
+
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pytest.skip("mpi4py is not installed")
+    if find_executable("mpiexec") is None:
+        pytest.skip("no mpiexec")
+    script = tmp_path / "owner.py"
+    script.write_text("import time\nfrom ipy_multiengine import Cluster\n"
+                      "mec = Cluster(n=1, launcher='mpi', profile='o02', startup_timeout=90).start()\n"
+                      "print('ready', flush=True)\ntime.sleep(600)\n")
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        path = cluster_file_path("o02")
+        spec = json.loads(path.read_text())
+        pids = [spec["engines"][0]["pid"], spec["launcher"]["pid"]]
+        assert all(not process_gone(p) for p in pids)
+        owner.kill()
+        owner.wait(10)
+        listed = ipmulti("list", timeout=90)
+        assert listed.returncode == 0, listed.stderr
+        assert "stale (removed)" in listed.stdout, listed.stdout
+        wait_until(lambda: all(process_gone(p) for p in pids), 15, "mpiexec and its rank to be stopped")
+        assert not path.exists()
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        for p in pids:
+            if not process_gone(p):
+                psutil.Process(p).kill()
+
+
+def profile_free(profile: str) -> bool:
+    from ipy_multiengine.clusterfile import ProfileLock
+
+    lock = ProfileLock(profile)
+    try:
+        lock.acquire()
+    except RuntimeError:
+        return False
+    lock.release()
+    return True
+
+
+def test_h13_shared_cluster_of_a_user_process_stopped_from_outside_frees_its_profile():
+    """``ipmulti stop`` on a profile owned by a notebook/script stops the engines, not the
+    process; the owner does not auto-restart them and the profile can be started again."""
+    c = Cluster(n=1, profile="h13-out", auto_restart=True)
+    with c as mec:
+        pid = mec.engines[0]["pid"]
+        out = ipmulti("stop", "--profile", "h13-out")
+        assert out.returncode == 0, out.stderr
+        wait_until(lambda: process_gone(pid), 15, "the engine to exit")
+        wait_until(lambda: 0 in mec.get_ids().dead, 15, "the owner to notice")
+        wait_until(lambda: profile_free("h13-out"), 15, "the owner to free the profile")
+        assert not cluster_file_path("h13-out").exists()
+        with Cluster(n=1, profile="h13-out") as again:
+            assert again.apply(lambda: 3) == [3]
+        assert c.restarts == {}  # not brought back by auto_restart

@@ -297,3 +297,63 @@ def test_functions_see_the_engine_namespace(mec):
     assert mec.apply(lambda: scale * 2, targets=1) == [6]
     mec.push({"scale": 10}, targets=0)
     assert mec.apply(f, 1.0, targets=[0, 1]) == [110, 103]
+
+
+# -- issue 11 item 1: functions sent by value see the caller's current globals
+def _as_typed_at_the_prompt(mec, code: str) -> dict:
+    """Run ``code`` the way a user types it: functions defined there belong to ``__main__``, so
+    cloudpickle sends them by value with the globals they reference."""
+    ns = {"__name__": "__main__", "mec": mec}
+    exec(code, ns)
+    return ns
+
+
+def test_h01_stale_caller_globals_every_call_sees_current_values(mec):
+    ns = _as_typed_at_the_prompt(mec, (
+        "offset = 1\n"
+        "f = lambda x: x + offset\n"
+        "first = mec.map(f, [0, 0])\n"
+        "offset = 50\n"
+        "second = mec.map(f, [0, 0])\n"
+        "third = mec.apply(f, 0, targets=0)\n"
+        "def helper():\n    return 'v1'\n"
+        "g = lambda: helper()\n"
+        "r1 = mec.apply(g)\n"
+        "def helper():\n    return 'v2'\n"
+        "r2 = mec.apply(g)\n"))
+    assert ns["first"] == [1, 1]
+    assert ns["second"] == [50, 50] == list(map(ns["f"], [0, 0]))
+    assert ns["third"] == [50]
+    assert ns["r1"] == ["v1"] * 4
+    assert ns["r2"] == ["v2"] * 4
+
+
+def test_h01_stale_caller_globals_engine_only_names_resolve(mec):
+    mec.execute("import math; scale = 3")
+    ns = _as_typed_at_the_prompt(mec, (
+        "def helper():\n    return math.floor(scale * 2.5)\n"  # math, scale: engine-only names
+        "g = lambda: helper() + 1\n"
+        "r = mec.apply(g)\n"
+        "mec.push_function({'h': helper})\n"))
+    assert ns["r"] == [8] * 4
+    mec.execute("from_h = h()")
+    assert mec.pull("from_h") == [7] * 4
+    mec.push({"scale": 10}, targets=0)  # an engine name changed later is seen at once
+    assert mec.apply(ns["g"], targets=[0, 1]) == [26, 8]
+
+
+def test_h01_stale_caller_globals_precedence_and_nothing_left_behind(mec):
+    mec.push({"offset": 7})
+    ns = _as_typed_at_the_prompt(mec, (
+        "offset = 50\n"
+        "only_here = 'client'\n"
+        "f = lambda: (offset, only_here)\n"
+        "r = mec.apply(f)\n"
+        "def bump():\n    global counter\n    counter = offset + 1\n    return counter\n"
+        "b = mec.apply(bump, targets=0)\n"))
+    assert ns["r"] == [(50, "client")] * 4  # the caller's value wins over the engine's
+    mec.execute("left = ('only_here' in globals(), offset, globals().get('counter'))")
+    # the caller's globals were not copied into the engine namespace (offset is still the
+    # engine's own 7); a global the function assigned is written there (the documented rule)
+    assert mec.pull("left") == [(False, 7, 51), (False, 7, None), (False, 7, None), (False, 7, None)]
+    assert ns["b"] == [51]

@@ -439,3 +439,194 @@ def test_init_runs_now_and_is_recorded_for_restarts(ip, mec):
         assert len(mec.on_start_code) == n  # failing setup code is not recorded
     finally:
         mec.clear_on_start()
+
+
+# ---------------------------------------------------------------------- issue 11 / 12 regressions
+def _shown(cap) -> str:
+    """Everything a user saw: printed text and the text/plain of every display."""
+    return cap.stdout + cap.stderr + "".join(o.data.get("text/plain", "") + "\n" for o in cap.outputs)
+
+
+def test_h09_one_line_px_shows_all_output_then_the_error(ip, mec):
+    mec.scatter("i", [0, 1, 2, 3])  # engine 0: i == [0] succeeds, engines 1-3 fail
+    cap, res = run(ip, "%px print('checkpoint', i); 1/0 if i[0] else 42")
+    assert isinstance(res.error_in_exec, CompositeError)
+    shown = _shown(cap)
+    for eid in range(4):
+        assert f"[stdout:{eid}] checkpoint [{eid}]" in shown, shown
+    assert re.search(r"Out\[0:\d+\]: 42", shown), shown
+    # the same for a --no-stream cell and for an engine that fails on the line form of %px -o
+    cap, res = run(ip, "%px -o err print('again', i); 1/0 if i[0] else 43")
+    assert isinstance(ip.user_ns["err"], CompositeError)
+    assert re.search(r"Out\[0:\d+\]: 43", _shown(cap)) and "[stdout:3] again [3]" in _shown(cap)
+
+
+def test_h09_failing_init_shows_what_the_engines_printed(ip, mec):
+    try:
+        cap, res = run(ip, "%%px --init\nprint('setting up')\n1/0")
+        assert isinstance(res.error_in_exec, CompositeError)
+        assert "[stdout:0] setting up" in _shown(cap) and "[stdout:3] setting up" in _shown(cap)
+    finally:
+        mec.clear_on_start()
+
+
+def test_h10_output_of_apply_map_parallel_reaches_the_user_and_the_pending_result(ip, mec):
+    def f(x):
+        import warnings
+
+        print("processing", x)
+        warnings.warn(f"careful with {x}")
+        return x
+
+    with capture_output() as cap:
+        assert mec.map(f, range(4)) == [0, 1, 2, 3]
+    for x in range(4):  # engine x got item x (contiguous blocks)
+        assert f"[stdout:{x}] processing {x}" in cap.stdout, cap.stdout
+        assert re.search(rf"\[stderr:{x}\] .*UserWarning: careful with {x}", cap.stderr), cap.stderr
+    with capture_output() as cap:
+        assert mec.map(f, range(6), balanced=True) == list(range(6))
+    assert sorted(int(line.split()[-1]) for line in cap.stdout.splitlines()) == list(range(6)), cap.stdout
+    assert all(re.match(r"\[stdout:\d\] processing \d$", line) for line in cap.stdout.splitlines())
+    with capture_output() as cap:
+        assert mec.apply(lambda: print("hello from apply"), targets=[1, 2]) == [None, None]
+    assert sorted(cap.stdout.splitlines()) == ["[stdout:1] hello from apply", "[stdout:2] hello from apply"]
+
+    @mec.parallel()
+    def g(x):
+        from IPython.display import display
+
+        display({"answer": x}, raw=False)
+        return x * 2
+
+    with capture_output() as cap:
+        assert g(range(4)) == [0, 2, 4, 6]
+    shown = _shown(cap)
+    assert all(f"[output:{e}]" in shown for e in range(4)), shown
+
+    # kept on the PendingResult, per engine, blocking or not (nothing printed for block=False)
+    with capture_output() as cap:
+        pr = mec.apply(lambda: print("kept"), block=False)
+        pr.get_result()
+    assert pr.stdout == ["kept\n"] * 4 and pr.stderr == [""] * 4 and cap.stdout == ""
+    pr = mec.map(f, range(4), block=False)
+    pr.get_result()
+    assert pr.stdout == [f"processing {x}\n" for x in range(4)]
+    assert all("careful with" in s for s in pr.stderr)
+    pr = mec.apply(lambda: __import__("IPython.display").display.display("rich"), targets=0, block=False)
+    pr.get_result()
+    assert pr.outputs[0][0]["output_type"] == "display_data"
+    assert pr.outputs[0][0]["data"]["text/plain"] == "'rich'"
+    # a failing call keeps (and shows) what was printed before the error
+    with capture_output() as cap:
+        with pytest.raises(CompositeError):
+            mec.apply(lambda: (print("before the error"), 1 / 0), targets=[0, 3])
+    assert "[stdout:0] before the error" in cap.stdout and "[stdout:3] before the error" in cap.stdout
+    assert mec.last.stdout == ["before the error\n"] * 2
+
+
+def test_o10_autopx_keeps_every_extension_magic_local(ip, mec):
+    mec.execute("o10 = 1")
+    run(ip, "%autopx")
+    try:
+        for cell in ("%pxstatus", "%pxdiff o10", "pxstatus", "%pxconfig", "%%px --targets 0\no10 = 1"):
+            cap, res = run(ip, cell)
+            assert res.success, (cell, res.error_in_exec, cap.stdout)
+        cap, res = run(ip, "%pxdiff o10")
+        assert res.result.identical  # the local magic's value, not a PendingResult/ResultList
+        cap, res = run(ip, "  \n# a comment first\n\n%pxstatus")
+        assert res.success and not isinstance(res.result, (ResultList, PendingResult))
+        # a comment (and blank lines) before %autopx: it still turns autopx off
+        cap, res = run(ip, "# done with the engines\n\n%autopx")
+        assert "Auto Parallel Disabled" in cap.stdout
+        assert not magics_of(ip).transformer.enabled
+        run(ip, "%autopx")
+        # code whose first word is a magic's name stays Python code for the engines
+        cap, res = run(ip, "pxstatus = 5")
+        assert "pxstatus" not in ip.user_ns and mec.pull("pxstatus") == [5] * 4
+    finally:
+        if magics_of(ip).transformer.enabled:
+            run(ip, "%autopx")
+        mec.execute("del pxstatus")
+
+
+@pytest.mark.parametrize("typed", ["exit", "quit", "exit()", "quit()", "  exit  ", "# bye\nexit", "%exit"])
+def test_o10_exit_under_autopx_is_refused_with_a_message(ip, mec, typed):
+    ids = list(mec.get_ids())
+    numbers = [r["number"] for r in mec.execute("pass")]
+    run(ip, "%autopx")
+    try:
+        cap, res = run(ip, typed)
+        assert "not sent to the engines" in cap.stderr and "%autopx" in cap.stderr
+        assert not ip.exit_now
+    finally:
+        run(ip, "%autopx")
+    # nothing reached the engines: their execution counts moved by one (this execute) only
+    assert [r["number"] for r in mec.execute("pass")] == [n + 1 for n in numbers]
+    assert list(mec.get_ids()) == ids
+
+
+def _cell_outputs(cap) -> list[dict]:
+    """What a notebook frontend keeps of captured displays: an update replaces every output
+    with its display_id; other displays are appended (the frontend's model, as in JupyterLab)."""
+    cell: list[tuple[str | None, dict]] = []
+    for o in cap.outputs:
+        did = (o.transient or {}).get("display_id")
+        if o.update:
+            cell = [(d, o.data if d == did else data) for d, data in cell]
+        else:
+            cell.append((did, o.data))
+    return [data for _, data in cell]
+
+
+UPDATED = "from IPython.display import display\nh = display('step 1', display_id=True)\nh.update('step 2 (final)')"
+
+
+@pytest.mark.parametrize("notebook", [True, False])
+def test_o12_collected_output_shows_a_display_s_final_content(ip, notebook):
+    magics_of(ip).notebook = notebook
+    for cell in (f"%%px --no-stream --targets 0,1\n{UPDATED}",
+                 "%px --targets 0,1 h = display('A', display_id=True); h.update('B (final)')"):
+        cap, res = run(ip, cell)
+        assert res.success, res.error_in_exec
+        texts = [d.get("text/plain", "") for d in _cell_outputs(cap)]
+        rich = [t for t in texts if t.startswith("[output:")]
+        assert len(rich) == 2 and all("final" in t for t in rich), texts
+        assert not any("step 1" in t or t.endswith("'A'") for t in texts), texts
+
+
+def test_o13_clear_output_wait_loop_keeps_one_output_updated_in_place(ip):
+    magics_of(ip).notebook = True
+    cap, res = run(ip, "%%px --targets 0,1\nfrom IPython.display import display, clear_output, HTML\n"
+                       "for i in range(5):\n    clear_output(wait=True)\n    display(HTML(f'<b>frame {i}</b>'))")
+    assert res.success, res.error_in_exec
+    added = [o for o in cap.outputs if not o.update]
+    assert len(added) == 2, [o.data for o in cap.outputs]  # one display per engine, never more
+    final = _cell_outputs(cap)
+    assert sorted(d["text/html"].rsplit(">", 2)[-2] for d in final) == ["<b>frame 4</b", "<b>frame 4</b"] or \
+        all("frame 4" in d["text/html"] for d in final), final
+    assert not any(d.get("text/plain") == "" for d in final)  # no blank outputs saved into the .ipynb
+    # clear_output(wait=True) with text: the engine's stream area shows only the last frame
+    cap, res = run(ip, "%%px --targets 0\nfrom IPython.display import clear_output\n"
+                       "for i in range(3):\n    clear_output(wait=True)\n    print('tick', i, flush=True)")
+    final = _cell_outputs(cap)
+    assert [d["text/plain"] for d in final] == ["[stdout:0] tick 2"], final
+
+
+def test_o14_pager_output_is_shown_labelled_by_engine(ip, mec):
+    doc = "Return the number of items"
+    res = mec.execute("len?", targets=[0, 1])
+    assert all((r["outputs"][0]["metadata"] or {}).get("pager") for r in res)
+    assert doc in res[0]["outputs"][0]["data"]["text/plain"]
+    assert re.search(rf"\[1\] Out\[\d+\]: .*{doc}", repr(res), re.S)
+    cap, res = run(ip, "%px --targets 0,1 len?")  # the Results List shows it once per engine
+    assert isinstance(res.result, ResultList) and repr(res.result).count(doc) == 2
+    for notebook in (False, True):
+        magics_of(ip).notebook = notebook
+        for cell in ("%%px --targets 0,1\n%pdoc len", "%%px --no-stream --targets 0,1\n%pdoc len"):
+            cap, res = run(ip, cell)
+            assert res.success, res.error_in_exec
+            pages = [o for o in cap.outputs if doc in o.data.get("text/plain", "")]
+            assert sorted(o.metadata["engine"] for o in pages) == [0, 1], (cell, cap.outputs)
+            assert all(o.data["text/plain"].startswith(f"[output:{o.metadata['engine']}]") for o in pages)
+    cap, res = run(ip, "%%px --targets 0\n%psource len")  # no Python source for a builtin: said so
+    assert res.success

@@ -256,3 +256,15 @@ def test_input_in_a_notebook_without_stdin_gives_the_engine_eof(tmp_path):
     assert any("cannot ask for input here" in o.get("text", "") for o in outs if o.get("name") == "stderr")
     assert any(o.get("text") == "ENGINE EOFError\n" for o in outs)
     assert_gone(pids)
+
+
+@pytest.mark.parametrize("how", ["execute", "px"])
+def test_o11_ctrl_c_at_one_prompt_drops_the_call_s_other_prompts(term, how):
+    code = "who = input('who? ')"
+    term.send(f"mec.execute({code!r})" if how == "execute" else f"%px {code}")
+    term.expect(r"\[(\d)\] who\? ")
+    term.child.sendintr()  # Ctrl-C at the first engine's prompt: the other's is not asked
+    out = term.expect(PROMPT)
+    assert "KeyboardInterrupt" in out and not re.search(r"\[\d\] who\? ", out), out
+    out = term.run("mec.execute('print(6 * 7)')[1]['stdout']")
+    assert "'42\\n'" in out and not re.search(r"\[\d\] who\? ", out)  # engines free, nothing queued

@@ -161,11 +161,16 @@ class MPILauncher(Launcher):
         tasks = []
         for info in self.engines:
             pid = info.get("pid")
-            if pid and _is_local(info.get("hostname")):
-                try:
-                    os.kill(pid, signal.SIGINT)
-                    continue
-                except ProcessLookupError:
+            if pid and _is_local(info.get("hostname")) and self.work_dir:
+                from ..engine_main import engine_process
+
+                # only if the pid still runs this job's engine (never by pid alone)
+                proc = engine_process(pid, engine_file(self.work_dir, "{engine_id}"))
+                if proc is not None:
+                    try:
+                        proc.send_signal(signal.SIGINT)
+                    except Exception:  # psutil.NoSuchProcess: gone meanwhile
+                        pass
                     continue
             tasks.append(interrupt_via_control(info))
         if tasks:

@@ -1,0 +1,364 @@
+"""The controller's loop under stress: exceptions on the I/O thread (11.5), no false deaths
+while the loop cannot run (11.7), interrupts that must not fail queued requests (11.8), and
+8 threads sharing one client with interrupts and a kill -9.
+
+Real engines over real ZMQ throughout. Where a failure of our own I/O code has to be provoked,
+an internal function is monkeypatched to raise (there is no real way to make it fail on
+purpose); each such test says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ipy_multiengine import MultiEngineClient, _loop, stdin
+from ipy_multiengine.balanced import BalancedMap
+from ipy_multiengine.controller import Controller, Request
+from ipy_multiengine.errors import CompositeError, EngineError, MultiEngineError, TimeoutError
+
+from faultlib import engine_pid, small_cluster, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _remote_view(cluster, tmp_path: Path) -> Path:
+    """The session cluster's file, rewritten as if its engines ran on another host: a client
+    of it cannot poll their processes and watches them by heartbeats."""
+    spec = json.loads(Path(cluster.cluster_file).read_text())
+    for e in spec["engines"]:
+        e["host"] = "elsewhere"
+    spec["host"] = "elsewhere"
+    path = tmp_path / "remote.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _settle(mec) -> None:
+    mec.interrupt()
+    for _ in range(3):
+        try:
+            mec.execute("pass", timeout=10)
+            return
+        except (CompositeError, TimeoutError):
+            mec.interrupt()
+    mec.execute("pass", timeout=10)
+
+
+# --------------------------------------------------------------------------- 11.5
+def test_h05_unpicklable_item_is_named_before_anything_is_sent(mec, tmp_path):
+    touched = tmp_path / "touched"
+
+    def f(x, path=str(touched)):
+        open(path, "a").write("x")
+        return x
+
+    items = [1] * 10 + [threading.Lock()]
+    t0 = time.monotonic()
+    with pytest.raises(TypeError, match=r"item 10 of the map.*lock"):
+        mec.map(f, items, balanced=True, timeout=20)
+    with pytest.raises(TypeError, match=r"item 1 of the map.*lock"):
+        mec.map(f, [1, threading.Lock()], timeout=20)
+    with pytest.raises(TypeError, match=r"item 3 of the map"):
+        list(mec.imap(f, [1, 2, 3, threading.Lock()], timeout=20))
+    assert time.monotonic() - t0 < 5
+    assert not touched.exists(), "items were sent although one of them cannot be"
+    assert mec.map(abs, [-1, -2, -3], balanced=True) == [1, 2, 3]  # usable after
+
+
+def test_h05_failure_in_a_balanced_map_done_callback_fails_the_map(mec, monkeypatch):
+    # monkeypatched: dispatching the next chunk (done-callback, I/O thread) raises
+    real = BalancedMap._fill
+
+    def fill(self, eid):
+        if _loop.in_loop_thread():
+            raise RuntimeError("injected failure in _fill")
+        return real(self, eid)
+
+    monkeypatch.setattr(BalancedMap, "_fill", fill)
+    t0 = time.monotonic()
+    with pytest.raises(CompositeError, match="injected failure in _fill"):
+        mec.map(abs, range(40), balanced=True, timeout=20)
+    assert time.monotonic() - t0 < 10
+    monkeypatch.undo()
+    assert mec.map(abs, [-5], balanced=True) == [5]
+
+
+@pytest.mark.parametrize("where", ["_finish_comm", "_maybe_complete", "_send"])
+def test_h05_failure_routing_a_reply_fails_its_request(mec, monkeypatch, where):
+    # monkeypatched: a routing step on the I/O thread raises for one message
+    real = getattr(Controller, where)
+    calls = {"n": 0}
+
+    def broken(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError(f"injected failure in {where}")
+        return real(*args, **kw) if where == "_send" else real(self, *args, **kw)  # _send: static
+
+    monkeypatch.setattr(Controller, where, broken)
+    if where == "_send":
+        monkeypatch.setattr(Controller, where, staticmethod(lambda *a, **k: broken(None, *a, **k)))
+    t0 = time.monotonic()
+    with pytest.raises(CompositeError, match=f"injected failure in {where}"):
+        if where == "_maybe_complete":
+            mec.execute("1", targets=0, timeout=20)
+        else:
+            mec.pull("__name__", targets=0, timeout=20)
+    assert time.monotonic() - t0 < 10
+    monkeypatch.undo()
+    assert mec.pull("__name__", targets=0) == ["__main__"]
+    mec.execute("pass", timeout=20)
+
+
+def test_h05_failing_output_listener_fails_the_request(mec):
+    def listener(eid, mtype, content):
+        raise RuntimeError("injected failure in a listener")
+
+    with pytest.raises(CompositeError, match="injected failure in a listener"):
+        mec.execute("print('hi')", targets=0, listener=listener, timeout=20)
+    assert mec.execute("print(1)", targets=0)[0]["stdout"] == "1\n"
+
+
+def test_h05_failing_input_forwarding_fails_the_request(mec, monkeypatch):
+    # monkeypatched: handing an engine's input request to the user's thread raises
+    def post(item):
+        raise RuntimeError("injected failure posting an input request")
+
+    monkeypatch.setattr(stdin, "post", post)
+    try:
+        with pytest.raises(CompositeError, match="injected failure posting an input request"):
+            mec.execute("x = input('name? ')", targets=0, timeout=20)
+    finally:
+        monkeypatch.undo()
+        _settle(mec)  # the engine still waits in input(): interrupt it
+
+
+def test_h05_failing_liveness_handling_fails_the_requests(mec, monkeypatch):
+    # monkeypatched: the poller's death handling raises (a probe says engine 0 is dead)
+    conn = mec._controller.engine(0)
+    probe = conn.liveness
+
+    def mark_dead(self, conn, reason):
+        raise RuntimeError("injected failure in _mark_dead")
+
+    monkeypatch.setattr(Controller, "_mark_dead", mark_dead)
+    pr = mec.execute("import time; time.sleep(2)", targets=0, block=False)
+    conn.liveness = lambda: "said dead by the test"
+    try:
+        with pytest.raises(CompositeError, match="injected failure in _mark_dead"):
+            pr.get_result(timeout=10)
+    finally:
+        conn.liveness = probe
+        monkeypatch.undo()
+    pr2 = mec.execute("import time; time.sleep(2)", targets=0, block=False)
+    time.sleep(0)  # nothing to synchronise: the poller must still run (next line proves it)
+    wait_for(lambda: pr2.ready(), 10, "the next request on engine 0")
+    assert not mec.get_ids().dead
+
+
+# --------------------------------------------------------------------------- 11.7
+def _hold_gil(seconds: float) -> None:
+    """Sleep in C with the GIL held (a PyDLL call keeps it): no other Python thread runs."""
+    libc = ctypes.PyDLL(None)
+    libc.usleep.argtypes = [ctypes.c_uint]
+    libc.usleep(int(seconds * 1e6))
+
+
+def test_h07_gil_held_longer_than_heartbeat_is_not_a_death(cluster, mec, tmp_path):
+    c = MultiEngineClient(_remote_view(cluster, tmp_path), heartbeat=1.0)
+    try:
+        assert {e["watched_by"] for e in c.engines} == {"heartbeat"}
+        pr = c.execute("import time; time.sleep(3); print('done')", block=False)
+        time.sleep(0.3)  # let the request reach the engines (not synchronisation of results)
+        _hold_gil(2.5)   # 2.5 heartbeat periods without the loop running
+        out = pr.get_result(timeout=15)
+        assert [r["stdout"] for r in out] == ["done\n"] * 4
+        assert not c.get_ids().dead
+        assert c._controller.longest_stall >= 2.0, "the loop did not see its own stall"
+    finally:
+        c.close()
+
+
+def test_h07_client_sigstopped_longer_than_heartbeat_is_not_a_death(cluster, mec, tmp_path):
+    path = _remote_view(cluster, tmp_path)
+    script = textwrap.dedent(f"""
+        import sys
+        from ipy_multiengine import MultiEngineClient
+        c = MultiEngineClient({str(path)!r}, heartbeat=1.0)
+        pr = c.execute("import time; time.sleep(4); print('done')", block=False)
+        print("sent", flush=True)
+        try:
+            out = pr.get_result(timeout=30)
+            print("ok", [r["stdout"] for r in out], "dead:", dict(c.get_ids().dead),
+                  "stalls:", c._controller.stalls, flush=True)
+        except Exception as e:
+            print("error", type(e).__name__, e, flush=True)
+        c.close()
+    """)
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "sent"
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(2.5)  # the fault itself: 2.5 heartbeat periods stopped
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out.startswith("ok ['done\\n', 'done\\n', 'done\\n', 'done\\n'] dead: {}"), out + err
+    assert "stalls: 0" not in out
+
+
+# --------------------------------------------------------------------------- 11.8
+def test_h08_control_idle_before_interrupt_reply_fails_nothing_queued(cluster, mec):
+    """Deterministic form of the race: a control request's idle arrives (before its reply)
+    while comm requests are queued behind a running one; none of them may fail and the
+    engine stays busy. Run on the loop thread, as the real message would be."""
+    c = MultiEngineClient(cluster.cluster_file)
+    try:
+        ctl = c._controller
+        prs = [c.apply(time.sleep, 0.5, targets=0, block=False) for _ in range(3)]
+        wait_for(lambda: c.engines[0]["state"] == "busy", 5, "engine 0 to be busy")
+
+        async def race() -> list:
+            conn = ctl.engine(0)
+            fake = ctl._new_request(conn, "control", "fake-interrupt", channel="control")
+            conn.requests[fake.msg_id] = fake
+            msg = {"msg_type": "status", "content": {"execution_state": "busy"},
+                   "parent_header": {"msg_id": fake.msg_id, "msg_type": "interrupt_request"}, "header": {}}
+            ctl._dispatch(conn, "iopub", msg)
+            msg = dict(msg, content={"execution_state": "idle"})
+            ctl._dispatch(conn, "iopub", msg)
+            conn.requests.pop(fake.msg_id, None)
+            return [conn.state, [f.done() for pr in prs for f in pr.futures]]
+
+        state, done = _loop.run(race(), timeout=5)
+        assert state == "busy", "a control channel idle overwrote the engine's (shell) state"
+        assert done == [False, False, False], "queued requests were failed by a control idle"
+        assert [pr.get_result(timeout=10) for pr in prs] == [[None]] * 3
+    finally:
+        c.close()
+
+
+def test_h08_interrupt_over_control_never_fails_queued_requests(cluster, mec):
+    """The repro in a loop: a non-owner client (interrupts go over the control channel)
+    interrupts a running apply with two queued behind it; the queued ones must succeed."""
+    c = MultiEngineClient(cluster.cluster_file)
+    try:
+        for trial in range(12):
+            prs = [c.apply(time.sleep, 0.3, targets=0, block=False) for _ in range(3)]
+            wait_for(lambda: c.engines[0]["state"] == "busy", 5, "engine 0 to be busy")
+            c.interrupt(0)
+            errors = []
+            for pr in prs:
+                try:
+                    pr.get_result(timeout=15)
+                except CompositeError as e:
+                    errors.append(str(e))
+            lost = [e for e in errors if "went on without replying" in e]
+            assert not lost, f"trial {trial}: queued requests reported lost: {lost}"
+            c.barrier([c.execute("pass", targets=0, block=False)], timeout=15)
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------- stress
+def test_stress_8_threads_one_client_interrupts_and_a_kill9():
+    """8 threads share one client of a dedicated 3-engine cluster: executes, push/pull round
+    trips, maps and balanced maps, random interrupts, and one engine killed with SIGKILL half
+    way. Every completed call is checked; every failure must be one of the package's errors;
+    nothing may hang (each thread has a deadline)."""
+    rng = random.Random(11)
+    stats = {"ok": 0, "remote": 0, "engine": 0, "timeout": 0}
+    bad: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 25
+
+    with small_cluster(3) as (cluster, mec):
+        victim = engine_pid(cluster, 2)
+
+        def worker(n: int) -> None:
+            r = random.Random(n)
+            k = 0
+            while time.monotonic() < stop_at:
+                k += 1
+                live = [e for e in mec.get_ids() if e not in mec.get_ids().dead]
+                if not live:
+                    return
+                targets = r.sample(live, r.randint(1, len(live)))
+                op = r.choice(["execute", "push_pull", "map", "balanced", "sleep"])
+                try:
+                    if op == "execute":
+                        out = mec.execute(f"print({n} * 1000 + {k})", targets=targets, timeout=20)
+                        assert [x["stdout"] for x in out] == [f"{n * 1000 + k}\n"] * len(targets)
+                    elif op == "push_pull":
+                        name = f"v{n}"
+                        mec.push({name: (n, k)}, targets=targets, timeout=20)
+                        assert mec.pull(name, targets=targets, timeout=20) == [(n, k)] * len(targets)
+                    elif op == "map":
+                        assert mec.map(lambda x: x * 2, range(k % 7 + 1), targets=targets, timeout=20) == [
+                            x * 2 for x in range(k % 7 + 1)]
+                    elif op == "balanced":
+                        assert mec.map(lambda x: -x, range(20), targets=targets, balanced=True,
+                                       timeout=20) == [-x for x in range(20)]
+                    else:
+                        mec.execute("import time; time.sleep(0.2)", targets=targets, timeout=20)
+                    with lock:
+                        stats["ok"] += 1
+                except CompositeError as e:
+                    kinds = {type(x).__name__ for x in e.elist}
+                    with lock:
+                        stats["engine" if "EngineError" in kinds else "remote"] += 1
+                except TimeoutError:
+                    with lock:
+                        stats["timeout"] += 1
+                except MultiEngineError:
+                    with lock:
+                        stats["engine"] += 1
+                except AssertionError as e:
+                    with lock:
+                        bad.append(f"thread {n} {op}: wrong result: {e}")
+                except Exception as e:
+                    with lock:
+                        bad.append(f"thread {n} {op}: {type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(8)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        killed = False
+        while any(t.is_alive() for t in threads) and time.monotonic() < stop_at:
+            time.sleep(rng.uniform(0.3, 1.0))  # pacing of the faults, not synchronisation
+            if not killed and time.monotonic() - t0 > 8:
+                os.kill(victim, signal.SIGKILL)
+                killed = True
+            else:
+                mec.interrupt(rng.choice([e for e in mec.get_ids() if e not in mec.get_ids().dead]))
+        for t in threads:
+            t.join(timeout=max(stop_at + 45 - time.monotonic(), 1))
+        hung = [t.name for t in threads if t.is_alive()]
+        took = time.monotonic() - t0
+        print(f"\nstress: 8 threads, {sum(stats.values())} calls in {took:.1f} s: {stats['ok']} ok, "
+              f"{stats['remote']} remote errors (interrupts), {stats['engine']} engine errors (kill -9), "
+              f"{stats['timeout']} timeouts, {len(bad)} wrong, {len(hung)} hung")
+        assert not hung, f"threads hung: {hung}"
+        assert not bad, bad
+        assert killed and 2 in mec.get_ids().dead
+        assert stats["ok"] > 50
+        assert mec.execute("print('alive')", targets=[0, 1], timeout=20)[0]["stdout"] == "alive\n"

@@ -1,0 +1,148 @@
+"""A timeout is a promise (issue 11.3): every blocking call raises within ``timeout`` + 0.3 s.
+
+The slow work is a ``time.sleep`` on the engines (that is what makes the call wait); each test
+measures the call against a deadline, then interrupts the engines and waits until they are
+free again, so the next test finds them idle. Slow ``on_start`` code (issue 12.5) is here too:
+restart and ``wait_ready`` honour their timeouts while it runs, and it is not an engine death.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from ipy_multiengine.errors import CompositeError, TimeoutError
+
+from faultlib import engine_pid, small_cluster, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+TIMEOUT = 0.6
+SLACK = 0.3
+BUSY = "import time; time.sleep(4)"
+
+
+def _settle(mec) -> None:
+    """Interrupt whatever still runs and wait (bounded) until every engine answers again."""
+    mec.interrupt()
+    for _ in range(3):  # an interrupt may land between two queued requests: repeat
+        try:
+            mec.execute("pass", timeout=10)
+            return
+        except (CompositeError, TimeoutError):
+            mec.interrupt()
+    mec.execute("pass", timeout=10)
+
+
+@pytest.fixture
+def busy(mec):
+    """Every engine sleeping for 4 s, so that whatever comes next waits; settled afterwards."""
+    pr = mec.execute(BUSY, block=False)
+    yield pr
+    _settle(mec)
+
+
+def _raises_in_time(call, *args, timeout=TIMEOUT, **kw):
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        out = call(*args, timeout=timeout, **kw)
+        if hasattr(out, "__next__"):
+            list(out)
+    took = time.monotonic() - t0
+    assert took < timeout + SLACK, f"{getattr(call, '__name__', call)} raised after {took:.2f} s (timeout {timeout} s)"
+    assert took >= timeout - 0.05, f"raised after {took:.2f} s, before its timeout"
+    return info.value
+
+
+def test_h03_execute_timeout(mec):
+    _raises_in_time(mec.execute, BUSY)
+    _settle(mec)
+
+
+def test_h03_push_timeout(mec, busy):
+    _raises_in_time(mec.push, {"a": 1})
+
+
+def test_h03_pull_timeout(mec, busy):
+    _raises_in_time(mec.pull, "a")
+
+
+def test_h03_scatter_timeout(mec, busy):
+    _raises_in_time(mec.scatter, "x", list(range(8)))
+
+
+def test_h03_gather_timeout(mec, busy):
+    _raises_in_time(mec.gather, "x")
+
+
+def test_h03_map_timeout(mec):
+    # the repro: the progress wait ran first, then the full timeout again (5 s for timeout=3)
+    _raises_in_time(mec.map, time.sleep, [4, 4, 4, 4], timeout=2.5)
+    _settle(mec)
+
+
+def test_h03_balanced_map_timeout(mec):
+    _raises_in_time(mec.map, time.sleep, [4] * 8, balanced=True, timeout=2.5)
+    _settle(mec)
+
+
+def test_h03_imap_timeout(mec):
+    err = _raises_in_time(mec.imap, time.sleep, [4] * 8)
+    assert "imap" in str(err)
+    _settle(mec)
+
+
+def test_h03_barrier_timeout(mec, busy):
+    err = _raises_in_time(mec.barrier, [busy])
+    assert "barrier" in str(err)
+
+
+def test_h03_get_result_timeout(mec, busy):
+    _raises_in_time(busy.get_result)
+    _raises_in_time(mec.get_result)
+
+
+def test_h03_apply_timeout(mec, busy):
+    _raises_in_time(mec.apply, abs, -1)
+
+
+def test_h03_o05_restart_and_wait_ready_timeouts_with_slow_on_start(tmp_path):
+    """Issue 11.3 for restart/wait_ready, and 12.5: slow on_start code makes restart raise at its
+    timeout with an error naming the engine and the code; the engine is not dead (its kernel
+    runs the code), becomes ready when the code is done, and auto_restart still restarts it."""
+    flag = tmp_path / "slow"
+    with small_cluster(1, auto_restart=True, startup_timeout=30) as (cluster, mec):
+        t0 = time.monotonic()
+        mec.restart(0)  # how long a plain restart takes on this machine now
+        plain = time.monotonic() - t0
+        limit = plain + 2.5  # enough to restart, not enough for the code
+        code = (f"import os, time; time.sleep({limit + 3:.1f} if os.path.exists({str(flag)!r}) else 0)\n"
+                "ready = True")
+        mec.on_start(code)
+        flag.write_text("1")
+        err = _raises_in_time(mec.restart, 0, timeout=limit)
+        text = str(err)
+        assert "engine 0" in text and "on_start" in text and "time.sleep(" in text, text
+        assert mec.engines[0]["state"] != "dead" and not mec.get_ids().dead
+        err = _raises_in_time(mec.wait_ready, 0, timeout=0.5)
+        assert "on_start code" in str(err) and "time.sleep(" in str(err)
+        mec.wait_ready(timeout=20)
+        assert mec.pull("ready") == [True]
+        wait_for(lambda: mec.engines[0]["state"] == "idle", 5, "engine 0 to be idle")
+
+        # restart without a timeout of its own: the cluster's startup_timeout; it waits for the code
+        flag.unlink()
+        mec.restart(0)
+        assert mec.pull("ready") == [True]
+
+        # auto_restart still works after a slow restart: kill -9, the engine comes back by itself
+        flag.write_text("1")
+        old = engine_pid(cluster, 0)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: engine_pid(cluster, 0) != old, 20, "engine 0 to be restarted")
+        cluster._remember()
+        mec.wait_ready(timeout=30)
+        assert mec.pull("ready") == [True]
