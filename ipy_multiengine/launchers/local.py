@@ -54,20 +54,17 @@ class LocalLauncher(Launcher):
 
     def __init__(self, n: int | None = None, *, kernel_names: dict[int, str] | None = None,
                  work_dir: str | os.PathLike | None = None, tag: str | None = None,
-                 kernel_args: Iterable[str] | None = None, transport_encryption: str | None = None,
-                 shutdown_wait: float = 3.0, **kw: Any):
+                 kernel_args: Iterable[str] | None = None, shutdown_wait: float = 3.0, **kw: Any):
         env = kw.pop("env", None)
         if kernel_names:
             n = len(kernel_names)
         super().__init__(4 if n is None else n, **kw)  # 4 engines by default
-        encryption_policy(transport_encryption, "127.0.0.1")  # checks the value
         self.kernel_name = self.kernel_name or "python3"
         self.kernel_names = dict(kernel_names) if kernel_names else dict.fromkeys(range(self.n), self.kernel_name)
         self.base_env = None if env is None else dict(env)
         self.work_dir_base = None if work_dir is None else str(work_dir)
         self.tag = tag or f"local-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.kernel_args = None if kernel_args is None else list(kernel_args)
-        self.transport_encryption = transport_encryption
         self.shutdown_wait = shutdown_wait
         self.key = secrets.token_hex(32)
         self.managers: dict[int, Any] = {}
