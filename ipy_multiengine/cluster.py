@@ -248,7 +248,7 @@ class Cluster(Owner):
         # each kernelspec name is also a group name usable as targets
         kernel_names = None
         if engines is not None:
-            if launcher != "local" or launcher_options:
+            if launcher != "local":
                 raise ValueError("engines={kernelspec: n, ...} works with the local launcher only")
             kernel_names = _engine_groups(engines)
             n = len(kernel_names)

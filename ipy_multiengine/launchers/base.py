@@ -73,6 +73,13 @@ class EngineStartTimeout(LauncherError, TimeoutError):
         return (type(self), (self.args[0], self.missing))
 
 
+def endpoint(info: dict, port_name: str) -> str:
+    """The ZMQ address of one of an engine's channels: ``tcp://IP:PORT`` or ``ipc://PATH-N``."""
+    transport = info.get("transport", "tcp")
+    sep = ":" if transport == "tcp" else "-"
+    return f"{transport}://{info['ip']}{sep}{info[port_name]}"
+
+
 def is_loopback(ip: str) -> bool:
     """True for 127.0.0.0/8, ::1 and 'localhost'."""
     import ipaddress
@@ -326,7 +333,7 @@ async def _control_request(info: dict, msg_type: str, content: dict, timeout: fl
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     try:
-        sock.connect(f"{info.get('transport', 'tcp')}://{info['ip']}:{info['control_port']}")
+        sock.connect(endpoint(info, "control_port"))
         session.send(sock, session.msg(msg_type, content))
         if not await sock.poll(timeout * 1000):
             return None
