@@ -28,7 +28,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import inspect
-import json
 import os
 import shutil
 import socket
@@ -473,7 +472,3 @@ class Launcher(abc.ABC):
         """Remove ``work_dir`` (connection files, logs) once the engines are gone."""
         if self.work_dir and os.path.isdir(self.work_dir):
             shutil.rmtree(self.work_dir, ignore_errors=True)
-
-
-def dumps(data: dict) -> str:
-    return json.dumps(data, sort_keys=True)

@@ -303,6 +303,6 @@ class LocalLauncher(Launcher):
 
     @classmethod
     def from_dict(cls, data: dict) -> LocalLauncher:
-        self = cls(data["n"], kernel_name=data.get("kernel_name"))
-        self._foreign_pids = data.get("pids", []) if data.get("hostname") == socket.gethostname() else []
-        return self
+        """A launcher without kernel managers: another process stops these engines by their
+        identities in the cluster file (see ``cluster.clean_stale``), not through it."""
+        return cls(data["n"], kernel_name=data.get("kernel_name"))

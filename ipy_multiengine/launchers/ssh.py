@@ -32,7 +32,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 from collections.abc import Iterable
 from typing import Any
@@ -57,17 +56,11 @@ class _NotStarted(Exception):
 
 
 def _free_ports(k: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        for _ in range(k):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+    """``k`` free loopback ports from jupyter_client's port cache (never handed out twice)."""
+    from jupyter_client.provisioning.local_provisioner import LocalPortCache
+
+    cache = LocalPortCache.instance()
+    return [cache.find_available_port("127.0.0.1") for _ in range(k)]
 
 
 async def _port_open(port: int) -> bool:
