@@ -702,10 +702,11 @@ FAKE_SSH = str(Path(__file__).with_name("fake_ssh.py"))  # runs the remote comma
 
 
 def forwarders() -> list[psutil.Process]:
+    """Port forwarders (``fake_ssh -N``) of this suite's fake_ssh, nobody else's."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "-N" in cmd and any("fake_ssh" in c or c == "ssh" for c in cmd[:2]):
+        if "-N" in cmd and FAKE_SSH in cmd[:2]:
             out.append(p)
     return out
 
@@ -734,6 +735,9 @@ def test_o04_failed_remote_stop_is_reported_with_what_is_left():
     mec = c.start()
     try:
         assert mec.execute("print(1)")[0]["stdout"] == "1\n"
+        with pytest.raises(LauncherError, match="'ssh' launcher cannot be restarted one by one"):
+            mec.restart(0)  # a clear refusal, before anything is touched
+        assert mec.execute("print(2)", targets=0)[0]["stdout"] == "2\n"
         pids = [e["pid"] for e in launcher.engines]
         launcher.ssh = "/bin/false"  # the host cannot be reached any more
         with pytest.raises(LauncherError, match=r"could not stop engine\(s\) 0, 1: good"):
