@@ -204,12 +204,9 @@ def run_kernel(connection_file: str, engine_id: int, mpi: str, kernel_args: list
 
 
 def _private_dir() -> str:
-    from jupyter_core.paths import jupyter_runtime_dir
+    from .clusterfile import runtime_dir
 
-    path = os.path.join(jupyter_runtime_dir(), "ipy_multiengine", "engines")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
+    return str(runtime_dir("engines"))
 
 
 def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], timeout: float) -> int:
@@ -308,6 +305,7 @@ def engine_process(pid: int, connection_file: str):
 
 
 def pid_runs_engine(pid: int, connection_file: str) -> bool:
+    """Is process ``pid`` alive (not a zombie) and the engine of ``connection_file``?"""
     return engine_process(pid, connection_file) is not None
 
 
@@ -344,13 +342,13 @@ def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
     for proc in procs:
         try:
             proc.terminate()
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
         try:
             proc.kill()
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
     _, alive = psutil.wait_procs(alive, timeout=5.0)
     alive = [p for p in alive if _running(p)]  # a zombie is gone (its parent reaps it)

@@ -109,7 +109,10 @@ def status_rows(client: Any) -> list[dict]:
         row["busy_for"] = (now - conn.busy_since) if busy and conn.busy_since else None
         in_flight = ctl.pending(row["id"])
         row["queued"] = max(in_flight - (1 if busy and conn.running and "another client" not in conn.running else 0), 0)
-        row["rss"], row["cpu"] = _usage(row["pid"], row["host"]) if not row["dead"] else (None, None)
+        if row["dead"] or row["ready"] is False:  # restarting/starting: the old pid says nothing
+            row["pid"] = row["rss"] = row["cpu"] = None  # shown as "-"
+        else:
+            row["rss"], row["cpu"] = _usage(row["pid"], row["host"])
     return rows
 
 

@@ -150,9 +150,9 @@ def make_work_dir(base: str | None = None, prefix: str = "ipmulti-") -> str:
     engines run on other hosts (Slurm) it must be on a file system those hosts share.
     """
     if base is None:
-        from jupyter_core.paths import jupyter_runtime_dir
+        from ..clusterfile import runtime_dir
 
-        base = os.path.join(jupyter_runtime_dir(), "ipy_multiengine")
+        base = str(runtime_dir())
     os.makedirs(base, mode=0o700, exist_ok=True)
     path = tempfile.mkdtemp(prefix=prefix, dir=base)
     os.chmod(path, 0o700)
