@@ -266,7 +266,7 @@ class Cluster(Owner):
         # each kernelspec name is also a group name usable as targets
         kernel_names = None
         if engines is not None:
-            if launcher != "local" or launcher_options:
+            if launcher != "local":
                 raise ValueError("engines={kernelspec: n, ...} works with the local launcher only")
             kernel_names = _engine_groups(engines)
             n = len(kernel_names)
@@ -566,10 +566,11 @@ class Cluster(Owner):
             "owner_pid": os.getpid(), "host": host, "created": time.time(),
             "serves": ["requests"] if self.serves_requests else [],
         }
-        record = self.launcher.to_dict()
-        if record.get("pid") and record.get("hostname", host) == host:
-            record["identity"] = try_identity(record["pid"])  # so a stale cleanup signals only it
-        spec["launcher"] = record
+        if self.launcher.name != "local":  # local engines: their own entries say all (pid, identity)
+            record = self.launcher.to_dict()
+            if record.get("pid") and record.get("hostname", host) == host:
+                record["identity"] = try_identity(record["pid"])  # so a stale cleanup signals only it
+            spec["launcher"] = record
         meta = self.launcher.engine_meta()
         spec["engines"] = []
         for eid, info in self.engines_info.items():

@@ -42,7 +42,8 @@ def test_cluster_file_contents_and_permissions(cluster):
     assert len(keys) == 1 and len(keys.pop()) >= 32  # one fresh key per cluster
     for e in spec["engines"]:
         assert e["kernel_name"] == "python3" and psutil.pid_exists(e["pid"])
-        assert e["connection"]["ip"] == "127.0.0.1"
+        # unix sockets in the private runtime dir since issue 11.16 (loopback TCP before)
+        assert e["connection"]["transport"] == "ipc" and e["connection"]["ip"].startswith(str(cluster_dir()))
         assert stat.S_IMODE(Path(e["connection_file"]).stat().st_mode) == 0o600
 
 

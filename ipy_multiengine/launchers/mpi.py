@@ -114,7 +114,7 @@ class MPILauncher(Launcher):
 
     async def _start(self) -> list[dict]:
         self.work_dir = make_work_dir(self.work_dir_base, prefix="ipmulti-mpi-")
-        paths = write_engine_files(self.work_dir, self.n, self.ip)
+        paths = write_engine_files(self.work_dir, self.n, self.ip, self.transport_encryption)
         env = engine_environment(self.env)
         if os.geteuid() == 0:  # Open MPI refuses root without these; MPICH ignores them
             env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
