@@ -412,12 +412,14 @@ class ProgressBar:
 
 
 def in_notebook(shell: Any = None) -> bool:
-    """True inside a notebook kernel (render display areas), False in a terminal or script:
-    ``clusterfile.in_kernel`` for this process, or the same question about ``shell``."""
+    """True inside a Jupyter kernel (render display areas), False in a terminal or script:
+    the one "in a kernel?" check, for this process or for ``shell``."""
     if shell is None:
-        from .clusterfile import in_kernel
+        if "IPython" not in sys.modules:
+            return False
+        from IPython import get_ipython
 
-        return in_kernel()
+        shell = get_ipython()
     return getattr(shell, "kernel", None) is not None
 
 
