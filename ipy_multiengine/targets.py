@@ -7,8 +7,7 @@ import numbers
 from typing import Any
 
 
-class TargetsError(ValueError):
-    """A targets specification that names no engine or cannot be parsed."""
+from .errors import TargetsError  # noqa: F401  (re-exported: part of the package's error tree)
 
 
 def parse_targets(spec: str, ids: list[int], groups: Any = ()) -> str | list[int]:

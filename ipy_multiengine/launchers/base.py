@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 from ..engine_main import READY_KEY, read_json, write_json_atomic
-from ..errors import EngineError
+from ..errors import EngineError, EngineStartTimeout, LauncherError  # noqa: F401  (re-exported)
 
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
@@ -48,28 +48,6 @@ PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port
 #: to 4 engines then holds 4 ciphertext copies (+400 MB in the client) and runs several times
 #: slower, while on loopback only root, who can read the key files anyway, could sniff.
 ENCRYPT_LOOPBACK = False
-
-
-class LauncherError(EngineError):
-    """A launcher could not start, reach, restart or stop its engines.
-
-    Part of the package's error tree (an :class:`~ipy_multiengine.errors.EngineError`);
-    ``engine_id`` names the engine when one engine is at fault. Survives pickling.
-    """
-
-    def __init__(self, message: str, engine_id: int | None = None, method: str = "start") -> None:
-        super().__init__(message, engine_id, method)
-
-
-class EngineStartTimeout(LauncherError, TimeoutError):
-    """Some engines never reported within the startup timeout (``missing`` lists them)."""
-
-    def __init__(self, message: str, missing: list[int]):
-        super().__init__(message, missing[0] if len(missing) == 1 else None)
-        self.missing = list(missing)
-
-    def __reduce__(self):
-        return (type(self), (self.args[0], self.missing))
 
 
 def endpoint(info: dict, port_name: str) -> str:
