@@ -24,6 +24,7 @@ from traitlets import Bool, Dict, Enum, Float, Integer, TraitError, Unicode
 from traitlets.config import Config, Configurable
 
 from . import _loop
+from .client import CONFIGURED, config_error, shell_config
 from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tools import from here)
     HOW_TO_START,
     Owner,
@@ -55,7 +56,7 @@ from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tool
     write_cluster,
     write_private,
 )
-from .errors import ConfigError, EngineError, NoClusterError, TimeoutError
+from .errors import EngineError, NoClusterError, TimeoutError
 from .render import in_notebook  # the one "in a kernel?" check
 
 log = __import__("logging").getLogger("ipy_multiengine")
@@ -234,28 +235,6 @@ PORT_CLASH_RETRIES = 2
 MAX_AUTO_RESTARTS = 5
 
 
-class _Configured:
-    """The default of a ``Cluster`` argument that is not given: the configured trait."""
-
-    def __repr__(self) -> str:
-        return "<configured>"
-
-
-#: ``Cluster(n=CONFIGURED)``: take the value from the config (ipython_config.py), else the trait's default
-CONFIGURED: Any = _Configured()
-
-
-def shell_config() -> Config | None:
-    """The config of the running IPython shell (its profile's ``ipython_config.py`` and
-    ``%config`` lines merged in), or None outside IPython."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
-    ip = get_ipython()
-    return None if ip is None else ip.config
-
-
 class _OwnerConfigurableMeta(type(Owner), type(Configurable)):
     """``Owner`` is an ABC, ``Configurable`` a ``HasTraits``: one metaclass for both."""
 
@@ -341,9 +320,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         try:
             Configurable.__init__(self, config=shell_config() if config is None else config, **given)
         except TraitError as exc:
-            name = next((t for t in self.trait_names(config=True) if f"'{t}' trait" in str(exc)), None)
-            option = f"Cluster.{name}" if name else "Cluster"
-            raise ConfigError(f"{option}: {exc}", option) from None
+            raise config_error(type(self), exc) from None
         n, kernel_name, profile = self.n, self.kernel_name, self.profile
         startup_timeout, env, write_file, engines = self.startup_timeout, self.env, self.write_file, self.engines
         auto_restart, transport_encryption = self.auto_restart, self.transport_encryption
@@ -512,7 +489,11 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             self.stop()
             raise
         controller.on_dead = self._on_dead
-        self.client = MultiEngineClient(_controller=controller, _cluster=self)
+        try:  # a bad configured client value (MultiEngineClient.targets...) stops what started
+            self.client = MultiEngineClient(_controller=controller, _cluster=self, config=self.config)
+        except BaseException:
+            self.stop()
+            raise
         if self.write_file:
             self._write_cluster_file(path)
         return self.client
