@@ -77,7 +77,8 @@ def shell_config() -> Config | None:
 def config_error(cls: type, exc: BaseException) -> ConfigError:
     """A ``TraitError`` (or a validator's error) as a ``ConfigError`` naming ``Class.option``."""
     text = str(exc)
-    name = next((t for t in cls.class_trait_names(config=True) if f"'{t}' trait" in text), None)
+    name = next((t for t in cls.class_trait_names(config=True)
+                 if f"'{t}' trait" in text or text.startswith(f"{t} ")), None)
     option = f"{cls.__name__}.{name}" if name else cls.__name__
     return ConfigError(f"{option}: {text}", option)
 
