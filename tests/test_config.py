@@ -211,3 +211,16 @@ def test_config_outside_ipython_no_config_applies(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "N 4 4 3" in proc.stdout, proc.stdout  # ipython_config.py said n=1: not applied
+
+
+def test_config_every_trait_is_documented():
+    from pathlib import Path
+
+    from ipy_multiengine.magics import PX_DEFAULTS, ParallelMagics
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    for cls, names in [(Cluster, Cluster.class_trait_names(config=True)),
+                       (MultiEngineClient, MultiEngineClient.class_trait_names(config=True)),
+                       (ParallelMagics, PX_DEFAULTS)]:
+        for name in names:
+            assert f"| `{cls.__name__}.{name}` |" in page, f"docs/configuration.md does not list {cls.__name__}.{name}"
