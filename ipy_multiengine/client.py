@@ -116,7 +116,7 @@ class MultiEngineClient(Configurable):
                                           "reads it; call pr.wait_for_send() before changing them."
                               ).tag(config=True)
     timeout = Float(60.0, min=0.0, help="Seconds connecting to each engine may take (clients that "
-                                        "connect through a cluster file, and attach()).").tag(config=True)
+                                        "connect through a cluster file).").tag(config=True)
     heartbeat = Float(HEARTBEAT_PERIOD, allow_none=True,
                       help="Seconds of silence after which an engine without a local process to poll is "
                            "declared dead (beats every third of it); None: no heartbeats. For clients "

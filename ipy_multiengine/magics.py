@@ -668,6 +668,8 @@ def unload(ip: Any) -> None:
             if table[kind].get(name) is not None and getattr(table[kind][name], "__self__", None) is magics:
                 del table[kind][name]
     ip.magics_manager.registry.pop(type(magics).__name__, None)
+    if magics in getattr(ip, "configurables", []):  # %config ParallelMagics: the loaded one only
+        ip.configurables.remove(magics)
     own, magics._own_client = magics._own_client, None
     if own is not None:  # the client %px connected by itself: nobody else holds it
         own.close()

@@ -4,6 +4,7 @@ keyword arguments still win, bad values name the option, ``%pxconfig`` overrides
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import subprocess
@@ -29,8 +30,17 @@ def ip(mec):
     mec.activate()
     magics = shell.magics_manager.registry["ParallelMagics"]
     defaults = {name: magics.trait_defaults(name) for name in ("stream", "collapse", "timeout", "group_outputs")}
+    # %config also merges its lines into the shell's config (what a reloaded extension or a new
+    # Cluster reads): keep the sections as found
+    sections = ("ParallelMagics", "Cluster", "MultiEngineClient")
+    saved = {name: copy.deepcopy(shell.config[name]) for name in sections if name in shell.config}
     magics.reset()
     yield shell
+    for name in sections:
+        shell.config.pop(name, None)
+        if name in saved:
+            shell.config[name] = saved[name]
+    magics = shell.magics_manager.registry["ParallelMagics"]  # a test may have reloaded the extension
     for name, value in defaults.items():  # the traits are the shell's: leave them as found
         setattr(magics, name, value)
     magics.reset()
@@ -224,3 +234,23 @@ def test_config_every_trait_is_documented():
                        (ParallelMagics, PX_DEFAULTS)]:
         for name in names:
             assert f"| `{cls.__name__}.{name}` |" in page, f"docs/configuration.md does not list {cls.__name__}.{name}"
+
+
+def test_config_reloaded_extension_is_the_one_percent_config_sets(ip):
+    from ipy_multiengine.magics import ParallelMagics
+
+    ip.run_line_magic("unload_ext", "ipy_multiengine")
+    ip.run_line_magic("load_ext", "ipy_multiengine")
+    assert len([c for c in ip.configurables if isinstance(c, ParallelMagics)]) == 1
+    ip.run_line_magic("config", "ParallelMagics.collapse = True")
+    assert _magics(ip).collapse is True and _magics(ip).pxconfig_.collapse is True
+    assert ip.run_line_magic("config", "ParallelMagics.collapse") is True
+
+
+def test_config_percent_config_reaches_clusters_created_later(ip):
+    # %config merges into the shell's config, which a Cluster created in IPython reads
+    ip.run_line_magic("config", "Cluster.n = 2")
+    ip.run_line_magic("config", "Cluster.shutdown_wait = 0.5")
+    c = Cluster()  # not started
+    assert (c.n, c.launcher.n, c.shutdown_wait) == (2, 2, 0.5)
+    assert Cluster(n=1).n == 1
