@@ -178,7 +178,7 @@ class MultiEngineClient(Configurable):
         self._controller = _controller
         try:  # configured targets are checked against the engines, now that there are engines
             self._resolve_targets(self.targets)
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             _controller.close()
             raise ConfigError(f"MultiEngineClient.targets: {exc}", "MultiEngineClient.targets") from None
         # mec.last: a weak reference, so that whatever the user drops is freed (issue 11 item

@@ -151,7 +151,7 @@ def test_config_client_takes_a_config_and_keywords_win(cluster):
 
 
 def test_config_client_bad_configured_value_names_the_option(cluster):
-    for option, value in [("targets", [99]), ("heartbeat", "often"), ("block", "yes")]:
+    for option, value in [("targets", [99]), ("targets", [0, "1"]), ("heartbeat", "often"), ("block", "yes")]:
         cfg = Config()
         cfg.MultiEngineClient[option] = value
         with pytest.raises(ConfigError, match=f"MultiEngineClient.{option}") as info:

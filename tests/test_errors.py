@@ -155,3 +155,32 @@ def test_map_item_is_a_constructor_argument_and_survives_pickling(mec):
     back = pickle.loads(pickle.dumps(info.value))
     assert back.elist[0].item == 5 and back.elist[0].engine_id == 1
     assert "(on item 5)" in str(back)
+
+
+def test_launcher_option_errors_are_config_errors_naming_the_option():
+    from ipy_multiengine.launchers import make_launcher
+    from ipy_multiengine.launchers.base import encryption_policy
+    from ipy_multiengine.launchers.local import LocalLauncher
+    from ipy_multiengine.launchers.ssh import SSHLauncher
+
+    cases = [
+        (lambda: make_launcher("no-such-launcher", 2), "launcher"),
+        (lambda: encryption_policy("maybe", "127.0.0.1"), "transport_encryption"),
+        (lambda: LocalLauncher(2, transport="udp"), "transport"),
+        (lambda: LocalLauncher(0), "n"),
+        (lambda: SSHLauncher(2), "hosts"),
+        (lambda: SSHLauncher(3, hosts={"a": 1}), "n"),
+    ]
+    for make, option in cases:
+        with pytest.raises(ConfigError) as info:
+            make()
+        assert info.value.option == option and isinstance(info.value, ValueError)
+        assert pickle.loads(pickle.dumps(info.value)).option == option
+
+
+def test_bad_targets_raise_targets_error(mec):
+    with pytest.raises(TargetsError, match="unknown engine id 9"):
+        mec.execute("x = 1", targets=9)
+    with pytest.raises(ValueError):  # still a ValueError, as documented
+        mec.execute("x = 1", targets=[])
+    assert mec.execute("x = 1", targets=0)[0]["id"] == 0
