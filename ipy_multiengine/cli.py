@@ -18,7 +18,7 @@ from .clusterfile import (cluster_dir, cluster_file_path, owner_state, read_clus
 from .errors import MultiEngineError, NoClusterError
 
 
-class UsageError(ValueError):
+class UsageError(MultiEngineError, ValueError):
     """A bad command-line argument: ``ipmulti: message`` and exit code 2."""
 
 

@@ -14,10 +14,15 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
+from traitlets import Any as AnyTrait
+from traitlets import Bool, Float, Integer, TraitError, validate
+from traitlets.config import Config, Configurable
+
 from . import _loop, partition, serialize, stdin
 from .controller import HEARTBEAT_PERIOD, CommReply, Controller, Listener
 from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client import CompositeError`)
     CompositeError,
+    ConfigError,
     EngineError,
     MultiEngineError,
     NoClusterError,
@@ -45,12 +50,45 @@ SEND_GRACE = 0.25
 
 
 
+class _Configured:
+    """The default of an argument that is not given: the configured trait applies."""
+
+    def __repr__(self) -> str:
+        return "<configured>"
+
+
+#: ``Cluster(n=CONFIGURED)``, ``MultiEngineClient(timeout=CONFIGURED)``: the argument is not given,
+#: its value comes from the config (ipython_config.py), else the trait's default
+CONFIGURED: Any = _Configured()
+
+
+def shell_config() -> Config | None:
+    """The config of the running IPython shell (its profile's ``ipython_config.py`` and
+    ``%config`` lines merged in), or None outside IPython: what ``Cluster`` and
+    ``MultiEngineClient`` are configured from when no ``config=`` is given."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    ip = get_ipython()
+    return None if ip is None else ip.config
+
+
+def config_error(cls: type, exc: BaseException) -> ConfigError:
+    """A ``TraitError`` (or a validator's error) as a ``ConfigError`` naming ``Class.option``."""
+    text = str(exc)
+    name = next((t for t in cls.class_trait_names(config=True)
+                 if f"'{t}' trait" in text or text.startswith(f"{t} ")), None)
+    option = f"{cls.__name__}.{name}" if name else cls.__name__
+    return ConfigError(f"{option}: {text}", option)
+
+
 def get_active() -> "MultiEngineClient | None":
     """The client of the last ``activate()`` (the one the magics use), if still open."""
     return _active if _active is not None and not _active.closed else None
 
 
-class MultiEngineClient:
+class MultiEngineClient(Configurable):
     """Drive a set of engines: ``execute``, ``push``/``pull``, ``scatter``/``gather``, ``map``...
 
     ``MultiEngineClient()`` connects to the running cluster of the ``default`` profile,
@@ -61,28 +99,65 @@ class MultiEngineClient:
     0.5 s); others by heartbeats every ``heartbeat/3`` s, declared dead after ``heartbeat``
     seconds of silence (``None`` turns heartbeats off). ``timeout`` bounds connecting;
     ``max_message_size`` (bytes, default unlimited) refuses larger replies with an ``EngineError``.
+
+    These tunables are configurable traits (``c.MultiEngineClient.progress_after = 5`` in
+    ``ipython_config.py``; inside IPython the shell's config applies unless ``config=`` is given).
     """
 
-    #: Experts only: non-blocking push/scatter/apply/map send your objects' memory as it is
-    #: (no copy) and return while zmq still reads it. Call ``pr.wait_for_send()`` before
-    #: changing them, or the engines may receive the changed values. Default False: a
-    #: non-blocking call sends a copy of its large buffers, a blocking one waits for the send.
-    return_before_send: bool = False
+    block = AnyTrait(True, help="Default of every call's block= (and of the magics): wait for the "
+                                "engines (True) or return a PendingResult (False).").tag(config=True)
+    targets = AnyTrait("all", help="Default of every call's targets= (and of the magics): 'all', a group "
+                                   "name, an engine id or a list of ids.").tag(config=True)
+    progress_after = Float(2.0, allow_none=True, min=0.0,
+                           help="Seconds a blocking map/gather/barrier runs before a progress bar appears; "
+                                "None: never.").tag(config=True)
+    return_before_send = Bool(False, help="Experts only: non-blocking push/scatter/apply/map send your "
+                                          "objects' memory as it is (no copy) and return while zmq still "
+                                          "reads it; call pr.wait_for_send() before changing them."
+                              ).tag(config=True)
+    timeout = Float(60.0, min=0.0, help="Seconds connecting to each engine may take (clients that "
+                                        "connect through a cluster file).").tag(config=True)
+    heartbeat = Float(HEARTBEAT_PERIOD, allow_none=True,
+                      help="Seconds of silence after which an engine without a local process to poll is "
+                           "declared dead (beats every third of it); None: no heartbeats. For clients "
+                           "that connect through a cluster file.").tag(config=True)
+    max_message_size = Integer(None, allow_none=True, min=1,
+                               help="Bytes; larger replies are refused with an EngineError; None: "
+                                    "unlimited.").tag(config=True)
 
-    #: Seconds a blocking map/gather/barrier runs before a progress bar appears (None: never).
-    progress_after: float | None = 2.0
+    @validate("block")
+    def _check_block(self, proposal: Any) -> bool:
+        if not isinstance(proposal["value"], bool):
+            raise TypeError(f"block must be True or False, not {proposal['value']!r}")
+        return proposal["value"]
+
+    @validate("targets")
+    def _check_targets(self, proposal: Any) -> Any:
+        value = proposal["value"]
+        if "_controller" in self.__dict__:  # validate now, not at the next call
+            self._resolve_targets(value)
+        return list(value) if isinstance(value, (list, tuple, range)) else value
 
     def __init__(
         self,
         cluster_file: str | os.PathLike | None = None,
         profile: str | None = None,
         *,
-        timeout: float = 60.0,
-        heartbeat: float | None = HEARTBEAT_PERIOD,
-        max_message_size: int | None = None,
+        timeout: float = CONFIGURED,
+        heartbeat: float | None = CONFIGURED,
+        max_message_size: int | None = CONFIGURED,
+        config: Config | None = None,
         _controller: Controller | None = None,
         _cluster: Any = None,
     ) -> None:
+        # keyword arguments as before; not given (their defaults), the configured traits apply
+        given = {k: v for k, v in dict(timeout=timeout, heartbeat=heartbeat,
+                                       max_message_size=max_message_size).items() if v is not CONFIGURED}
+        try:
+            super().__init__(config=shell_config() if config is None else config, **given)
+        except (TraitError, TypeError, ValueError) as exc:
+            raise config_error(type(self), exc) from None
+        timeout, heartbeat, max_message_size = self.timeout, self.heartbeat, self.max_message_size
         if _controller is None:
             from .clusterfile import FileOwner, engines_of, liveness_probes, read_cluster, resolve_cluster_file
 
@@ -101,8 +176,11 @@ class MultiEngineClient:
         self.cluster_file = _cluster.cluster_file
         self._meta = _cluster.engine_meta()
         self._controller = _controller
-        self._block = True
-        self._targets: str | int | list[int] = "all"
+        try:  # configured targets are checked against the engines, now that there are engines
+            self._resolve_targets(self.targets)
+        except (TypeError, ValueError) as exc:
+            _controller.close()
+            raise ConfigError(f"MultiEngineClient.targets: {exc}", "MultiEngineClient.targets") from None
         # mec.last: a weak reference, so that whatever the user drops is freed (issue 11 item
         # 11); a blocking call that did not deliver (timeout, Ctrl-C) is kept, to collect later
         self._last_ref: Callable[[], PendingResult | None] | None = None
@@ -154,27 +232,8 @@ class MultiEngineClient:
                 out.setdefault(group, []).append(eid)
         return out
 
-    @property
-    def block(self) -> bool:
-        return self._block
-
-    @block.setter
-    def block(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"block must be True or False, not {value!r}")
-        self._block = value
-
-    @property
-    def targets(self) -> str | int | list[int]:
-        return self._targets
-
-    @targets.setter
-    def targets(self, value: Any) -> None:
-        self._resolve_targets(value)  # validate now, not at the next call
-        self._targets = list(value) if isinstance(value, (list, tuple, range)) else value
-
     def _resolve_targets(self, targets: Any) -> list[int]:
-        return resolve_targets(self._targets if targets is None else targets, self._controller.ids, self.groups)
+        return resolve_targets(self.targets if targets is None else targets, self._controller.ids, self.groups)
 
     def _prepare(self, targets: Any, block: bool | None) -> tuple[list[int], bool]:
         if self.closed:
@@ -188,7 +247,7 @@ class MultiEngineClient:
             what = "; ".join(f"engine {e} {why}" for e, why in bad)
             raise EngineError(f"{what}: restart it with mec.restart({bad[0][0] if len(bad) == 1 else [e for e, _ in bad]}) "
                               "or choose other targets", bad[0][0])
-        return eids, self._block if block is None else block
+        return eids, self.block if block is None else block
 
     def _pending(self, futures: list[cf.Future], eids: list[int], method: str,
                  finish: Callable[[list[Any]], Any], progress: bool = False) -> PendingResult:
@@ -589,7 +648,7 @@ class MultiEngineClient:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<MultiEngineClient engines={self.get_ids()} targets={self._targets!r} block={self._block}>"
+        return f"<MultiEngineClient engines={self.get_ids()} targets={self.targets!r} block={self.block}>"
 
 
 def _close_controller(controller: Controller) -> None:

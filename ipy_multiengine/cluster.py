@@ -14,12 +14,17 @@ import os
 import socket
 import time
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import psutil
+from traitlets import Any as AnyTrait
+from traitlets import Bool, Dict, Enum, Float, Integer, TraitError, Unicode
+from traitlets.config import Config, Configurable
 
 from . import _loop
+from .client import CONFIGURED, config_error, shell_config
 from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tools import from here)
     HOW_TO_START,
     Owner,
@@ -230,7 +235,11 @@ PORT_CLASH_RETRIES = 2
 MAX_AUTO_RESTARTS = 5
 
 
-class Cluster(Owner):
+class _OwnerConfigurableMeta(type(Owner), type(Configurable)):
+    """``Owner`` is an ABC, ``Configurable`` a ``HasTraits``: one metaclass for both."""
+
+
+class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
     """The owner of one launcher's engines: N local engines (ipykernel kernels) by default.
 
     ``start()`` launches them concurrently through the launcher (``LocalLauncher`` unless
@@ -238,30 +247,85 @@ class Cluster(Owner):
     shuts them down (shutdown request, then SIGTERM, then SIGKILL) and removes their files.
     ``with Cluster(n=4) as mec:`` does both. Local engines exit by themselves when this
     process dies, even by SIGKILL (ipykernel's parent polling).
+
+    Every argument is a configurable trait: an argument not given takes the value of
+    ``config`` (default: inside IPython the shell's config, i.e. ``c.Cluster.n = 8`` in
+    ``ipython_config.py``; outside IPython none), else the trait's default. See
+    ``docs/configuration.md``.
     """
+
+    n = Integer(None, allow_none=True, min=1,
+                help="Number of engines; None: 4 for the local launcher, the launcher's own count "
+                     "otherwise (ssh hosts, ...).").tag(config=True)
+    kernel_name = Unicode("python3", help="Kernelspec of the engines (any Python kernelspec with "
+                                          "ipy_multiengine importable; other kernels can execute only)."
+                          ).tag(config=True)
+    profile = Unicode(None, allow_none=True,
+                      help="Shared cluster of that profile (found by MultiEngineClient(profile=...), one "
+                           "at a time); None: embedded (private, found by its file only).").tag(config=True)
+    startup_timeout = Float(60.0, min=0.0, help="Seconds to wait for every engine to be ready.").tag(config=True)
+    env = Dict(default_value=None, allow_none=True, help="Environment of the engines; None: this process's.").tag(config=True)
+    write_file = Bool(True, help="Write a cluster file others can connect with.").tag(config=True)
+    engines = Dict(default_value=None, allow_none=True,
+                   help="Engines from several kernelspecs, {kernelspec: n, ...} (local launcher only); "
+                        "ids in that order, each kernelspec also a group name.").tag(config=True)
+    auto_restart = Bool(False, help="Restart engines that die (at most MAX_AUTO_RESTARTS a minute each)."
+                        ).tag(config=True)
+    transport_encryption = Enum(("auto", "required", "disabled"), default_value=None, allow_none=True,
+                                help="CurveZMQ: 'auto' (where the kernelspec supports it), 'required', "
+                                     "'disabled'; None: on unless the engines listen on loopback only."
+                                ).tag(config=True)
+    shutdown_wait = Float(3.0, min=0.0, help="Seconds a stopping engine gets before it is terminated "
+                                             "(SIGTERM, then as long again before SIGKILL).").tag(config=True)
+    launcher = AnyTrait("local", help="The launcher: 'local', 'mpi', 'slurm', 'ssh', a plugin name or a "
+                                      "Launcher instance (after construction: the Launcher itself)."
+                        ).tag(config=True)
+    launcher_options = Dict(help="Options of the launcher (hosts=..., python=..., ip=...); keyword "
+                                 "arguments of Cluster(...) are added to them.").tag(config=True)
 
     def __init__(
         self,
-        n: int | None = None,
-        kernel_name: str = "python3",
-        profile: str | None = None,
-        startup_timeout: float = 60.0,
-        env: dict[str, str] | None = None,
-        write_file: bool = True,
-        engines: dict[str, int] | None = None,
-        auto_restart: bool = False,
-        transport_encryption: str | None = None,
-        shutdown_wait: float = 3.0,
-        launcher: Any = "local",
+        n: int | None = CONFIGURED,
+        kernel_name: str = CONFIGURED,
+        profile: str | None = CONFIGURED,
+        startup_timeout: float = CONFIGURED,
+        env: dict[str, str] | None = CONFIGURED,
+        write_file: bool = CONFIGURED,
+        engines: dict[str, int] | None = CONFIGURED,
+        auto_restart: bool = CONFIGURED,
+        transport_encryption: str | None = CONFIGURED,
+        shutdown_wait: float = CONFIGURED,
+        launcher: Any = CONFIGURED,
+        *,
+        config: Config | None = None,
         **launcher_options: Any,
     ) -> None:
         from .launchers import make_launcher
         from .launchers.base import encryption_policy
         from .launchers.local import LocalLauncher
 
-        encryption_policy(transport_encryption, "127.0.0.1")  # checks the value
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        given = {k: v for k, v in dict(
+            n=n, kernel_name=kernel_name, profile=profile, startup_timeout=startup_timeout, env=env,
+            write_file=write_file, engines=engines, auto_restart=auto_restart,
+            transport_encryption=transport_encryption, shutdown_wait=shutdown_wait, launcher=launcher,
+        ).items() if v is not CONFIGURED}
+        for key in ("env", "engines"):  # any mapping, as before (os.environ, ...)
+            if isinstance(given.get(key), Mapping) and not isinstance(given[key], dict):
+                given[key] = dict(given[key])
+        # arguments are checked as before (the same ValueError), configured values by their traits
+        if "transport_encryption" in given:
+            encryption_policy(transport_encryption, "127.0.0.1")  # checks the value
+        if n is not None and n is not CONFIGURED and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise ValueError(f"n must be a positive int, not {n!r}")
+        try:
+            Configurable.__init__(self, config=shell_config() if config is None else config, **given)
+        except TraitError as exc:
+            raise config_error(type(self), exc) from None
+        n, kernel_name, profile = self.n, self.kernel_name, self.profile
+        startup_timeout, env, write_file, engines = self.startup_timeout, self.env, self.write_file, self.engines
+        auto_restart, transport_encryption = self.auto_restart, self.transport_encryption
+        shutdown_wait, launcher = self.shutdown_wait, self.launcher
+        launcher_options = {**self.launcher_options, **launcher_options}
         # engines={'python3': 2, 'bash': 3}: engines from several kernelspecs, ids in that order;
         # each kernelspec name is also a group name usable as targets
         kernel_names = None
@@ -425,7 +489,11 @@ class Cluster(Owner):
             self.stop()
             raise
         controller.on_dead = self._on_dead
-        self.client = MultiEngineClient(_controller=controller, _cluster=self)
+        try:  # a bad configured client value (MultiEngineClient.targets...) stops what started
+            self.client = MultiEngineClient(_controller=controller, _cluster=self, config=self.config)
+        except BaseException:
+            self.stop()
+            raise
         if self.write_file:
             self._write_cluster_file(path)
         return self.client

@@ -803,8 +803,7 @@ class Controller:
                 evalue = f"{evalue} (on item {item})"
             err = RemoteError(data.get("ename", "Error"), evalue, data.get("traceback", []), conn.eid,
                               req.op or "comm", pickled=bytes(frames[0]) if frames else None,
-                              result={"id": conn.eid, **out})
-            err.item = item
+                              result={"id": conn.eid, **out}, item=item)
             self._finish(conn, req, exc=err)
 
     def _finish(self, conn: EngineConn, req: Request, value: Any = None, exc: BaseException | None = None) -> None:

@@ -1,18 +1,23 @@
-"""The exception tree of ipy_multiengine.
+"""The exception tree of ipy_multiengine: every error the package raises derives from
+``MultiEngineError``.
 
 ::
 
     Exception
-     ├── MultiEngineError            base of everything raised here
-     │    ├── CompositeError         one or more engines failed in one call
-     │    ├── RemoteError            one engine raised (type, value, traceback text)
-     │    ├── EngineError            an engine died or could not be reached
-     │    └── NoClusterError         no running cluster to connect to
-     └── TimeoutError (builtin)
-          └── TimeoutError           a blocking call ran past its ``timeout``
+     ├── MultiEngineError               base of everything raised here
+     │    ├── CompositeError            one or more engines failed in one call (elist, results)
+     │    ├── RemoteError               one engine raised (type, value, traceback; engine_id, item)
+     │    ├── EngineError               an engine died or could not be reached (engine_id)
+     │    │    └── LauncherError        a launcher could not start/reach/restart/stop engines
+     │    │         └── EngineStartTimeout  (also a TimeoutError) engines never reported (missing)
+     │    ├── NoClusterError            no running cluster to connect to
+     │    ├── ConfigError (ValueError)  a bad configuration value (option names the trait)
+     │    ├── TargetsError (ValueError) a targets specification that names no engine
+     │    └── TimeoutError (builtin TimeoutError)  a blocking call ran past its ``timeout``
 
-Every error pickles (``__reduce__``), so it can cross processes, and
-``CompositeError`` renders the remote tracebacks in IPython through
+Context (the failing engine, item, option) is a constructor argument, never an attribute set
+afterwards, and every error pickles with its type, message and context (``__reduce__``), so it
+can cross processes. ``CompositeError`` renders the remote tracebacks in IPython through
 ``_render_traceback_``.
 """
 
@@ -30,13 +35,21 @@ __all__ = [
     "EngineError",
     "NoClusterError",
     "TimeoutError",
+    "LauncherError",
+    "EngineStartTimeout",
+    "ConfigError",
+    "TargetsError",
 ]
 
 _builtin_timeout = builtins.TimeoutError
 
 
 class MultiEngineError(Exception):
-    """Base class of the errors raised by ipy_multiengine."""
+    """Base class of the errors raised by ipy_multiengine.
+
+    A subclass with context takes it as constructor arguments and gives ``__reduce__`` those
+    arguments, so that ``pickle.loads(pickle.dumps(e))`` keeps type, message and context.
+    """
 
 
 class TimeoutError(MultiEngineError, _builtin_timeout):  # noqa: A001
@@ -45,6 +58,21 @@ class TimeoutError(MultiEngineError, _builtin_timeout):  # noqa: A001
 
 class NoClusterError(MultiEngineError):
     """There is no running cluster to connect to."""
+
+
+class ConfigError(MultiEngineError, ValueError):
+    """A configuration value that is not allowed; ``option`` names it (``Cluster.n``)."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.option))
+
+
+class TargetsError(MultiEngineError, ValueError):
+    """A targets specification that names no engine or cannot be parsed."""
 
 
 class RemoteError(MultiEngineError):
@@ -63,8 +91,11 @@ class RemoteError(MultiEngineError):
         method: str = "execute",
         pickled: bytes | None = None,
         result: Any = None,
+        item: int | None = None,
     ) -> None:
         super().__init__(ename, evalue)
+        #: the index of the failing item of a ``map``/``apply`` over items, when one failed
+        self.item = item
         self.ename = ename
         self.evalue = evalue
         self.traceback = list(traceback or [])
@@ -76,8 +107,14 @@ class RemoteError(MultiEngineError):
     def __reduce__(self):
         return (
             type(self),
-            (self.ename, self.evalue, self.traceback, self.engine_id, self.method, self.pickled, self.result),
+            (self.ename, self.evalue, self.traceback, self.engine_id, self.method, self.pickled, self.result,
+             self.item),
         )
+
+    def for_engine(self, engine_id: int) -> "RemoteError":
+        """This error with ``engine_id`` set (a copy: context is given at construction)."""
+        return type(self)(self.ename, self.evalue, self.traceback, engine_id, self.method, self.pickled,
+                          self.result, self.item)
 
     def __str__(self) -> str:
         return f"{self.ename}: {self.evalue}" if self.evalue else self.ename
@@ -121,8 +158,37 @@ class EngineError(MultiEngineError):
     def __reduce__(self):
         return (type(self), (self.args[0], self.engine_id, self.method))
 
+    def for_engine(self, engine_id: int) -> "EngineError":
+        """This error with ``engine_id`` set (a copy: context is given at construction)."""
+        return type(self)(self.args[0], engine_id, self.method)
+
     def render_traceback(self) -> list[str]:
         return [f"EngineError: {self.args[0]}"]
+
+
+class LauncherError(EngineError):
+    """A launcher could not start, reach, restart or stop its engines.
+
+    ``engine_id`` names the engine when one engine is at fault.
+    """
+
+    def __init__(self, message: str, engine_id: int | None = None, method: str = "start") -> None:
+        super().__init__(message, engine_id, method)
+
+
+class EngineStartTimeout(LauncherError, TimeoutError):
+    """Some engines never reported within the startup timeout (``missing`` lists them)."""
+
+    def __init__(self, message: str, missing: list[int]) -> None:
+        super().__init__(message, missing[0] if len(missing) == 1 else None)
+        self.missing = list(missing)
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.missing))
+
+    def for_engine(self, engine_id: int) -> "EngineStartTimeout":
+        """Itself: its engine is the one of ``missing`` (when only one is)."""
+        return self
 
 
 class CompositeError(MultiEngineError):

@@ -26,12 +26,13 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Enum, Float, Integer, List, Unicode, Union, observe
 
 from . import client as _client_mod
 from . import stdin
@@ -155,9 +156,15 @@ class AutoPxTransformer:
 
 
 # ---------------------------------------------------------------------- the magics
+#: The ``%px`` defaults: the ``ParallelMagics`` traits, and the fields of ``PxConfig``.
+PX_DEFAULTS = ("targets", "block", "stream", "group_outputs", "collapse", "progress_after", "timeout",
+               "line_results")
+
+
 @dataclass
 class PxConfig:
-    """Defaults of ``%px``/``%%px``, set by ``%pxconfig``. ``None`` means: use the client's."""
+    """The session's ``%px``/``%%px`` defaults: the ``ParallelMagics`` traits, overridden by
+    ``%pxconfig``. ``None`` targets/block mean: use the client's."""
 
     targets: Any = None
     block: bool | None = None
@@ -167,9 +174,21 @@ class PxConfig:
     progress_after: float | None = None
     timeout: float | None = None
     line_results: bool = True
+    #: the names set by ``%pxconfig`` this session (a configured trait no longer changes them)
+    overridden: set = field(default_factory=set, repr=False, compare=False)
+
+    @classmethod
+    def from_traits(cls, magics: Any) -> "PxConfig":
+        """The configured defaults: the traits of ``magics`` (ipython_config.py, ``%config``)."""
+        return cls(**{name: getattr(magics, name) for name in PX_DEFAULTS})
+
+    def override(self, name: str, value: Any) -> None:
+        """``%pxconfig``: set ``name`` for this session, whatever the trait says."""
+        setattr(self, name, value)
+        self.overridden.add(name)
 
     def describe(self) -> str:
-        return "\n".join(f"{k}: {v!r}" for k, v in self.__dict__.items())
+        return "\n".join(f"{k}: {getattr(self, k)!r}" for k in PX_DEFAULTS)
 
 
 def _px_options(f: Any) -> Any:
@@ -202,11 +221,38 @@ def _px_options(f: Any) -> Any:
 @magics_class
 class ParallelMagics(Magics):
     """``%px``, ``%%px``, ``%pxconfig``, ``%autopx``, ``%result``/``%pxresult``, ``%pxstatus``,
-    ``%pxdebug``, ``%pxdiff``."""
+    ``%pxdebug``, ``%pxdiff``.
+
+    The defaults of ``%px``/``%%px`` are traits: ``c.ParallelMagics.stream = False`` in
+    ``ipython_config.py``, or ``%config ParallelMagics.stream = False`` in a session.
+    ``%pxconfig`` overrides them for the session; ``%pxconfig --reset`` returns to them.
+    """
+
+    targets = Union([Unicode(), Integer(), List(Integer())], default_value=None, allow_none=True,
+                    help="Engines %px runs on: None (the client's targets), 'all', a group name, an "
+                         "engine id or a list of ids.").tag(config=True)
+    block = Bool(None, allow_none=True,
+                 help="Whether %px waits for the engines: None (the client's block), True or False."
+                 ).tag(config=True)
+    stream = Bool(True, help="%%px shows each engine's output live, as it is printed; False: when "
+                             "every engine is done, grouped by group_outputs.").tag(config=True)
+    group_outputs = Enum(("engine", "order", "type"), default_value="engine",
+                         help="With stream=False, group the outputs by engine, in arrival order, or by "
+                              "type (stdout, stderr, displays, results).").tag(config=True)
+    collapse = Bool(False, help="Show identical output of several engines once ([stdout:0-3]) and "
+                                "group identical tracebacks.").tag(config=True)
+    progress_after = Float(None, allow_none=True, min=0.0,
+                           help="Seconds after which %px shows how many engines are done; None: never."
+                           ).tag(config=True)
+    timeout = Float(None, allow_none=True, min=0.0,
+                    help="Seconds %px waits before it stops waiting (the engines keep running; %result "
+                         "collects later); None: forever.").tag(config=True)
+    line_results = Bool(True, help="A one-line %px returns the tutorial's Results List; False: it "
+                                   "renders like a %%px cell.").tag(config=True)
 
     def __init__(self, shell: Any) -> None:
-        super().__init__(shell)
-        self.pxconfig_ = PxConfig()
+        super().__init__(shell)  # loads the shell's config (ipython_config.py) into the traits
+        self.pxconfig_ = PxConfig.from_traits(self)
         self.transformer = AutoPxTransformer(
             lambda: {name for names in self.magics.values() for name in names})
         self.last: Any = None
@@ -239,10 +285,17 @@ class ParallelMagics(Magics):
     def notebook(self, value: bool | None) -> None:
         self._notebook = value
 
+    @observe(*PX_DEFAULTS)
+    def _default_changed(self, change: Any) -> None:
+        # %config ParallelMagics.NAME = ...: the session follows, unless %pxconfig set NAME
+        cfg = getattr(self, "pxconfig_", None)
+        if cfg is not None and change["name"] not in cfg.overridden:
+            setattr(cfg, change["name"], change["new"])
+
     def reset(self) -> None:
-        """Back to the state right after ``%load_ext``: default ``%pxconfig``, ``%autopx`` off,
-        notebook rendering detected again, no last command."""
-        self.pxconfig_ = PxConfig()
+        """Back to the state right after ``%load_ext``: the configured ``%pxconfig`` defaults,
+        ``%autopx`` off, notebook rendering detected again, no last command."""
+        self.pxconfig_ = PxConfig.from_traits(self)
         self.transformer.enabled = False
         self._notebook = None
         self.last = None
@@ -516,35 +569,35 @@ class ParallelMagics(Magics):
               help="one-line %%px returns the tutorial's Results List (default)")
     @argument("--no-line-results", dest="line_results", action="store_const", const=False,
               help="one-line %%px renders like a %%%%px cell")
-    @argument("--reset", action="store_true", default=False, help="restore every default")
+    @argument("--reset", action="store_true", default=False, help="back to the configured defaults (the ParallelMagics traits: ipython_config.py, %%config)")
     @line_magic
     def pxconfig(self, line: str) -> None:
         """Set the defaults of ``%px``/``%%px``; with no options, print them."""
         args = parse_argstring(self.pxconfig, line)
         cfg = self.pxconfig_
-        if args.reset:
-            self.pxconfig_ = cfg = PxConfig()
+        if args.reset:  # back to the configured defaults (the traits)
+            self.pxconfig_ = cfg = PxConfig.from_traits(self)
         changed = False
         if args.targets is not None:
             if args.targets.strip() in ("default", "none"):
-                cfg.targets = None
+                cfg.override("targets", None)
             else:
                 mec = _client_mod.get_active()
                 ids = mec.get_ids() if mec is not None else []
                 if ":" in args.targets and mec is None:
                     raise UsageError("slices in --targets need an active client (to know the engine ids)")
-                cfg.targets = parse_targets(args.targets, ids, getattr(mec, "groups", ()))
+                cfg.override("targets", parse_targets(args.targets, ids, getattr(mec, "groups", ())))
             changed = True
         for name in ("block", "stream", "group_outputs", "collapse", "line_results"):
             value = getattr(args, name)
             if value is not None:
-                setattr(cfg, name, value)
+                cfg.override(name, value)
                 changed = True
         if args.progress_after is not None:
-            cfg.progress_after = _timeout_value(args.progress_after)
+            cfg.override("progress_after", _timeout_value(args.progress_after))
             changed = True
         if args.timeout is not None:
-            cfg.timeout = _timeout_value(args.timeout)
+            cfg.override("timeout", _timeout_value(args.timeout))
             changed = True
         if not changed and not args.reset:
             print(cfg.describe())
@@ -615,6 +668,8 @@ def unload(ip: Any) -> None:
             if table[kind].get(name) is not None and getattr(table[kind][name], "__self__", None) is magics:
                 del table[kind][name]
     ip.magics_manager.registry.pop(type(magics).__name__, None)
+    if magics in getattr(ip, "configurables", []):  # %config ParallelMagics: the loaded one only
+        ip.configurables.remove(magics)
     own, magics._own_client = magics._own_client, None
     if own is not None:  # the client %px connected by itself: nobody else holds it
         own.close()

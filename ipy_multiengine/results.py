@@ -177,7 +177,7 @@ class PendingResult:
             if not isinstance(exc, (RemoteError, EngineError)):
                 exc = EngineError(f"engine {eid}: {type(exc).__name__}: {exc}", eid, self.method)
             if exc.engine_id is None:
-                exc.engine_id = eid
+                exc = exc.for_engine(eid)
             errors.append(exc)
             results.append(getattr(exc, "result", None) if self.method == "execute" else None)
         if errors:

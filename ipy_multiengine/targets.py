@@ -6,9 +6,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-
-class TargetsError(ValueError):
-    """A targets specification that names no engine or cannot be parsed."""
+from .errors import TargetsError  # noqa: F401  (re-exported: part of the package's error tree)
 
 
 def parse_targets(spec: str, ids: list[int], groups: Any = ()) -> str | list[int]:
@@ -79,7 +77,7 @@ def resolve(targets: Any, ids: list[int], groups: dict[str, list[int]] | None = 
         if targets in groups:
             return list(groups[targets])
         names = f"'all', a group name ({', '.join(map(repr, groups))})" if groups else "'all'"
-        raise ValueError(f"targets must be {names}, an engine id or a list of ids, not {targets!r}; "
+        raise TargetsError(f"targets must be {names}, an engine id or a list of ids, not {targets!r}; "
                          f"valid ids: {ids}")
     if isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
         chosen = [int(targets)]
@@ -94,14 +92,14 @@ def resolve(targets: Any, ids: list[int], groups: dict[str, list[int]] | None = 
                                 f"({', '.join(map(repr, groups)) or 'none'}); valid ids: {ids}")
             chosen.append(int(t))
         if not chosen:
-            raise ValueError(f"targets is an empty list; valid ids: {ids}")
+            raise TargetsError(f"targets is an empty list; valid ids: {ids}")
     else:
         raise TypeError(f"targets must be 'all', an int or a list of ints, not {targets!r} "
                         f"({type(targets).__name__}); valid ids: {ids}")
     unknown = [t for t in chosen if t not in ids]
     if unknown:
-        raise ValueError(f"unknown engine id{'s' if len(unknown) > 1 else ''} "
+        raise TargetsError(f"unknown engine id{'s' if len(unknown) > 1 else ''} "
                          f"{', '.join(map(str, unknown))}; valid ids: {ids}")
     if len(set(chosen)) != len(chosen):
-        raise ValueError(f"targets lists an engine twice: {chosen}")
+        raise TargetsError(f"targets lists an engine twice: {chosen}")
     return chosen

@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 from importlib.metadata import entry_points
 
+from ..errors import ConfigError
 from .base import EngineStartTimeout, Launcher, LauncherError
 
 ENTRY_POINT_GROUP = "ipy_multiengine.launchers"
@@ -33,7 +34,7 @@ def get_launcher_class(name: str | type[Launcher]) -> type[Launcher]:
             return ep.load()
     if ":" in name:  # "package.module:Class"
         return _load(name)
-    raise ValueError(f"unknown launcher {name!r}; available: {', '.join(available_launchers())}")
+    raise ConfigError(f"unknown launcher {name!r}; available: {', '.join(available_launchers())}", "launcher")
 
 
 def make_launcher(launcher, n: int | None = None, **options) -> Launcher:

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 from ..engine_main import READY_KEY, read_json, write_json_atomic
-from ..errors import EngineError
+from ..errors import ConfigError, EngineError, EngineStartTimeout, LauncherError  # noqa: F401  (re-exported)
 
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
@@ -48,28 +48,6 @@ PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port
 #: to 4 engines then holds 4 ciphertext copies (+400 MB in the client) and runs several times
 #: slower, while on loopback only root, who can read the key files anyway, could sniff.
 ENCRYPT_LOOPBACK = False
-
-
-class LauncherError(EngineError):
-    """A launcher could not start, reach, restart or stop its engines.
-
-    Part of the package's error tree (an :class:`~ipy_multiengine.errors.EngineError`);
-    ``engine_id`` names the engine when one engine is at fault. Survives pickling.
-    """
-
-    def __init__(self, message: str, engine_id: int | None = None, method: str = "start") -> None:
-        super().__init__(message, engine_id, method)
-
-
-class EngineStartTimeout(LauncherError, TimeoutError):
-    """Some engines never reported within the startup timeout (``missing`` lists them)."""
-
-    def __init__(self, message: str, missing: list[int]):
-        super().__init__(message, missing[0] if len(missing) == 1 else None)
-        self.missing = list(missing)
-
-    def __reduce__(self):
-        return (type(self), (self.args[0], self.missing))
 
 
 def endpoint(info: dict, port_name: str) -> str:
@@ -93,7 +71,8 @@ def encryption_policy(setting: str | None, ip: str) -> str:
     """jupyter_client's ``transport_encryption`` for engines bound to ``ip``: ``setting`` when
     given, else 'auto' for engines listening beyond loopback and 'disabled' on loopback."""
     if setting not in (None, "auto", "required", "disabled"):
-        raise ValueError(f"transport_encryption must be None, 'auto', 'required' or 'disabled', not {setting!r}")
+        raise ConfigError(f"transport_encryption must be None, 'auto', 'required' or 'disabled', not {setting!r}",
+                          "transport_encryption")
     if setting is not None:
         return setting
     return "auto" if ENCRYPT_LOOPBACK or not is_loopback(ip) else "disabled"
@@ -238,8 +217,8 @@ def remote_path_word(path: str, what: str = "python") -> str:
     if m:
         return '"$HOME"' + (shlex.quote(m.group(2)) if m.group(2) else "")
     if path.startswith("~") or "$" in path or "`" in path:
-        raise ValueError(f"{what}={path!r}: only a leading ~, $HOME or ${{HOME}} is expanded on the "
-                         "engines' host; give an absolute path")
+        raise ConfigError(f"{what}={path!r}: only a leading ~, $HOME or ${{HOME}} is expanded on the "
+                          "engines' host; give an absolute path", what)
     return shlex.quote(path)
 
 
@@ -394,7 +373,7 @@ class Launcher(abc.ABC):
         #: engines that listen beyond loopback)
         self.transport_encryption = transport_encryption
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise ValueError(f"n must be a positive int, not {n!r}")
+            raise ConfigError(f"n must be a positive int, not {n!r}", "n")
         self.n = n
         self.kernel_name = kernel_name
         self.env = dict(env or {})
@@ -463,7 +442,7 @@ class Launcher(abc.ABC):
 
     @classmethod
     def from_dict(cls, data: dict) -> Launcher:
-        raise NotImplementedError(f"launcher {cls.name!r} cannot be restored from a cluster file")
+        raise LauncherError(f"launcher {cls.name!r} cannot be restored from a cluster file", method="restore")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} n={self.n}>"

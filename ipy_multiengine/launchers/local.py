@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, TargetsError
 from .base import Launcher, LauncherError, encryption_policy, engine_environment, exit_reason, make_work_dir
 
 #: ``_execute_sleep=0``: ipykernel sleeps 0.5 ms after every execute so that clients which do
@@ -73,7 +74,7 @@ class LocalLauncher(Launcher):
         self.kernel_args = None if kernel_args is None else list(kernel_args)
         self.shutdown_wait = shutdown_wait
         if transport not in (None, "ipc", "tcp"):
-            raise ValueError(f"transport must be None, 'ipc' or 'tcp', not {transport!r}")
+            raise ConfigError(f"transport must be None, 'ipc' or 'tcp', not {transport!r}", "transport")
         #: 'ipc': unix sockets in the 0700 directory, so no other local user can connect (a
         #: TCP port on loopback, IOPub above all, is open to every user of the machine); None
         #: (default): 'ipc' where unix sockets exist and the paths fit, else 'tcp'
@@ -167,7 +168,8 @@ class LocalLauncher(Launcher):
         for eid, res in zip(list(self.managers), results):
             if isinstance(res, NoSuchKernel):
                 names = sorted(KernelSpecManager().find_kernel_specs())
-                raise ValueError(f"no kernelspec named {self.kernel_names[eid]!r}; available: {names}") from None
+                raise ConfigError(f"no kernelspec named {self.kernel_names[eid]!r}; available: {names}",
+                                  "kernel_name") from None
             if isinstance(res, BaseException):
                 raise LauncherError(f"engine {eid} failed to start: {res}\n{self.log_tail(eid)}", eid) from res
         await asyncio.sleep(0)
@@ -209,7 +211,7 @@ class LocalLauncher(Launcher):
         ids = list(ids)
         unknown = [e for e in ids if e not in self.managers]
         if unknown:
-            raise ValueError(f"unknown engine ids {unknown}; valid ids: {sorted(self.managers)}")
+            raise TargetsError(f"unknown engine ids {unknown}; valid ids: {sorted(self.managers)}")
 
         async def one(eid: int) -> None:
             with self._open_log(eid, "ab") as out:

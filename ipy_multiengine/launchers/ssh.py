@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..engine_main import READY_PREFIX
+from ..errors import ConfigError
 from .base import (
     Launcher,
     LauncherError,
@@ -107,7 +108,7 @@ class SSHLauncher(Launcher):
         **kw: Any,
     ):
         if not hosts:
-            raise ValueError("the ssh launcher needs hosts={'host': n_engines, ...}")
+            raise ConfigError("the ssh launcher needs hosts={'host': n_engines, ...}", "hosts")
         if not isinstance(hosts, dict):
             hosts = {h: 1 for h in hosts}
         self.hosts: dict[str, dict] = {}
@@ -115,15 +116,15 @@ class SSHLauncher(Launcher):
             spec = {"n": spec} if isinstance(spec, int) else dict(spec)
             unknown = set(spec) - {"n", "python", "setup", "ssh_args", "env"}
             if unknown:
-                raise ValueError(f"ssh launcher: unknown option(s) {sorted(unknown)} for host {host!r}")
+                raise ConfigError(f"ssh launcher: unknown option(s) {sorted(unknown)} for host {host!r}", "hosts")
             if not isinstance(spec.get("n", 1), int) or spec.get("n", 1) < 1:
-                raise ValueError(f"ssh launcher: host {host!r} needs a positive engine count")
+                raise ConfigError(f"ssh launcher: host {host!r} needs a positive engine count", "hosts")
             spec.setdefault("n", 1)
             remote_path_word(spec.get("python", python), "python")  # a clear error up front
             self.hosts[host] = spec
         total = sum(s["n"] for s in self.hosts.values())
         if n is not None and n != total:
-            raise ValueError(f"ssh launcher: n={n} but hosts add up to {total} engines")
+            raise ConfigError(f"ssh launcher: n={n} but hosts add up to {total} engines", "n")
         super().__init__(total, **kw)
         self.python = python
         self.setup = setup
