@@ -332,6 +332,22 @@ def test_pxconfig_sets_defaults(ip):
         ip.run_line_magic("pxconfig", "--group-outputs nope")
 
 
+def test_pxconfig_bad_value_sets_nothing_and_unknown_targets_are_refused(ip, mec):
+    """A bad value in %pxconfig is a UsageError that leaves every default as it was (not the
+    options before it applied), and an engine id the client does not have is refused there,
+    not stored to make every later %px fail."""
+    before = magics_of(ip).pxconfig_.describe()
+    for bad in ("--block --timeout abc", "--no-stream --progress-after -1", "--collapse --targets 9",
+                "--noblock --targets 0,7", "--reset --no-stream --timeout x"):
+        with pytest.raises(UsageError) as info:
+            ip.run_line_magic("pxconfig", bad)
+        assert magics_of(ip).pxconfig_.describe() == before, bad
+    with pytest.raises(UsageError, match=r"unknown engine id 9.*valid ids: \[0, 1, 2, 3\]"):
+        ip.run_line_magic("pxconfig", "--targets 9")
+    ip.run_line_magic("pxconfig", "--targets 1,3")
+    assert magics_of(ip).pxconfig_.targets == [1, 3]
+
+
 def test_line_form_options_and_code_verbatim(ip):
     res = ip.run_line_magic("px", "--targets 0  s = 'a  --b   c'")
     assert res[0]["input"]["raw"] == "s = 'a  --b   c'"
