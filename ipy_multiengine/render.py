@@ -11,6 +11,7 @@ import re
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,32 @@ UPDATE_INTERVAL = 0.1
 #: Characters after which a notebook stream area is frozen and a new one started, so that
 #: in-place updates stay small however much an engine prints.
 AREA_LIMIT = 16384
+#: Engines' display ids remembered for updates from later cells (the oldest are forgotten).
+SHOWN_LIMIT = 1024
+
+#: (engine, the engine's display_id) -> the local display ids showing it, in any cell so far:
+#: ``h = display(x, display_id=True)`` in one cell and ``h.update(y)`` in a later one updates
+#: that engine's output, as in a notebook kernel. Used in the user's thread only.
+_shown: "OrderedDict[tuple[Any, str], list[str]]" = OrderedDict()
+
+
+def _remember(eid: Any, remote_id: str, local_id: str) -> None:
+    ids = _shown.setdefault((eid, remote_id), [])
+    ids.append(local_id)
+    _shown.move_to_end((eid, remote_id))
+    while len(_shown) > SHOWN_LIMIT:
+        _shown.popitem(last=False)
+
+
+def _forget(eid: Any, prefix: str) -> None:
+    """``clear_output`` of ``eid`` in the cell whose local ids start with ``prefix``: those
+    displays are gone and cannot be updated; the engine's displays in other cells stay."""
+    for key in [k for k in _shown if k[0] == eid]:
+        kept = [i for i in _shown[key] if not i.startswith(prefix)]
+        if kept:
+            _shown[key] = kept
+        else:
+            del _shown[key]
 
 def _display(bundle: dict, metadata: dict, display_id: str | None = None, update: bool = False) -> Any:
     from IPython.display import display, update_display
@@ -126,7 +153,6 @@ class Renderer:
         self.partial: dict[tuple[int, str], _Lines] = {}
         self.rich_ids: dict[int, list[str]] = {}  # an engine's displays shown now (local ids)
         self.free: dict[int, list[str]] = {}  # an engine's cleared displays, reused in order
-        self.remote: dict[tuple[int, str], list[str]] = {}  # (engine, its display_id) -> local ids
         self.clear_waiting: set[int] = set()  # engines whose clear_output(wait=True) is pending
         self._uid = f"ipme-{id(self):x}-{time.monotonic_ns():x}"
         self._count = 0
@@ -230,7 +256,7 @@ class Renderer:
             return
         self.tick(force=True)  # keep text printed before this display above it
         if update:
-            for local_id in self.remote.get((eid, remote_id), []) if remote_id is not None else []:
+            for local_id in list(_shown.get((eid, remote_id), [])) if remote_id is not None else []:
                 _display(data, md, local_id, update=True)
             return
         free = self.free.get(eid)
@@ -243,7 +269,7 @@ class Renderer:
             _display(data, md, local_id)
         self.rich_ids.setdefault(eid, []).append(local_id)
         if remote_id is not None:
-            self.remote.setdefault((eid, remote_id), []).append(local_id)
+            _remember(eid, remote_id, local_id)
 
     def _result(self, eid: int, content: dict) -> None:
         count = content.get("execution_count")
@@ -273,8 +299,7 @@ class Renderer:
                 area.lines = _Lines()
                 if not deferred:  # else the output that is arriving fills it at the next tick
                     self._flush_area(area, time.monotonic())
-        for key in [k for k in self.remote if k[0] == eid]:
-            del self.remote[key]  # a cleared display cannot be updated any more
+        _forget(eid, self._uid)  # a cleared display cannot be updated any more
         slots = self.free.setdefault(eid, [])
         cleared = self.rich_ids.pop(eid, [])
         for i, local_id in enumerate(cleared):
@@ -292,8 +317,8 @@ class Renderer:
     def _render_collected(self) -> None:
         blocks = self._blocks()
         if self.mode == "results":  # stdout, stderr, results, pager text: in the Results List
-            blocks = [b for b in blocks
-                      if b[1] == "display_data" and not (b[2].get("metadata") or {}).get("pager")]
+            blocks = [b for b in blocks if b[1] in ("display_data", "update_display_data")
+                      and not (b[2].get("metadata") or {}).get("pager")]
         if self.collapse:
             blocks = _collapse(blocks)
         for eids, kind, payload in blocks:
@@ -309,10 +334,21 @@ class Renderer:
                     lines = _Lines()
                     lines.write(text)
                     self._print_lines(label, kind, lines.lines)
-            elif kind == "display_data":
+            elif kind in ("display_data", "update_display_data"):
                 eid = eids[0] if len(eids) == 1 else eids
                 data, md = _labelled(payload.get("data") or {}, payload.get("metadata"), eid, f"[output:{label}]")
-                _display(data, md)
+                remote_id = (payload.get("transient") or {}).get("display_id")
+                if kind == "update_display_data":  # of a display shown in an earlier cell
+                    if self.notebook and remote_id is not None:
+                        for local_id in list(_shown.get((eid, remote_id), [])):
+                            _display(data, md, local_id, update=True)
+                elif self.notebook and remote_id is not None and len(eids) == 1:
+                    self._count += 1
+                    local_id = f"{self._uid}-{eid}-r{self._count}"
+                    _display(data, md, local_id)
+                    _remember(eid, remote_id, local_id)
+                else:
+                    _display(data, md)
             elif kind == "execute_result":
                 count = payload.get("execution_count")
                 eid = eids[0] if len(eids) == 1 else eids
@@ -342,17 +378,24 @@ class Renderer:
                 merged.append([eid, mtype, content])
             elif mtype == "update_display_data":  # collected output shows the final content
                 did = (content.get("transient") or {}).get("display_id")
+                found = False
                 for blk in merged:
                     if (blk[0] == eid and blk[1] == "display_data" and did is not None
                             and (blk[2].get("transient") or {}).get("display_id") == did):
                         blk[2] = dict(blk[2], data=content.get("data"), metadata=content.get("metadata"))
+                        found = True
+                if not found and did is not None:  # a display of an earlier cell
+                    merged = [b for b in merged if not (b[0] == eid and b[1] == mtype
+                                                         and (b[2].get("transient") or {}).get("display_id") == did)]
+                    merged.append([eid, mtype, content])
             elif mtype == "clear_output":
-                merged = [b for b in merged if b[0] != eid]
+                # (an update of an earlier cell's display is not undone by clearing this one)
+                merged = [b for b in merged if b[0] != eid or b[1] == "update_display_data"]
         if self.group == "engine":
             order = {e: i for i, e in enumerate(self.eids)}
             merged.sort(key=lambda b: order.get(b[0], len(order)))  # stable: keeps arrival order
         elif self.group == "type":
-            rank = {"stdout": 0, "stderr": 1, "display_data": 2, "execute_result": 3}
+            rank = {"stdout": 0, "stderr": 1, "display_data": 2, "update_display_data": 2, "execute_result": 3}
             order = {e: i for i, e in enumerate(self.eids)}
             merged.sort(key=lambda b: (rank[b[1]], order.get(b[0], len(order))))
         return [([b[0]], b[1], b[2]) for b in merged]

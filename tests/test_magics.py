@@ -616,6 +616,22 @@ def test_o12_collected_output_shows_a_display_s_final_content(ip, notebook):
         assert not any("step 1" in t or t.endswith("'A'") for t in texts), texts
 
 
+@pytest.mark.parametrize("shown", ["%%px --targets 0,1\n", "%%px --no-stream --targets 0,1\n", "%px --targets 0,1 "])
+def test_o12_display_updated_from_a_later_cell_on_its_engine_only(ip, shown):
+    """As in a notebook kernel, a display handle updated in a later cell updates the output it
+    made, on that engine only (both engines used the same display_id)."""
+    magics_of(ip).notebook = True
+    cap1, res = run(ip, shown + "from IPython.display import display; h = display('A', display_id='same')")
+    assert res.success, res.error_in_exec
+    cap2, res = run(ip, shown.replace("0,1", "0") + "h.update('B (updated)')")
+    assert res.success, res.error_in_exec
+
+    class Both:
+        outputs = cap1.outputs + cap2.outputs
+    texts = sorted(d.get("text/plain", "") for d in _cell_outputs(Both) if "[output:" in d.get("text/plain", ""))
+    assert texts == ["[output:0] 'B (updated)'", "[output:1] 'A'"], texts
+
+
 def test_o13_clear_output_wait_loop_keeps_one_output_updated_in_place(ip):
     magics_of(ip).notebook = True
     cap, res = run(ip, "%%px --targets 0,1\nfrom IPython.display import display, clear_output, HTML\n"
