@@ -678,6 +678,3 @@ def unload(ip: Any) -> None:
     ip.magics_manager.registry.pop(type(magics).__name__, None)
     if magics in getattr(ip, "configurables", []):  # %config ParallelMagics: the loaded one only
         ip.configurables.remove(magics)
-    own, magics._own_client = magics._own_client, None
-    if own is not None:  # the client %px connected by itself: nobody else holds it
-        own.close()
