@@ -411,7 +411,7 @@ class MultiEngineClient:
                   retries: int, listener: Listener | None = None) -> "BalancedMap":
         from .balanced import BalancedMap
 
-        usable = [e for e in eids if self._controller.engine(e).data_ok] or eids
+        usable = [e for e in eids if self._controller.state(e).data_ok] or eids
         return BalancedMap(self._controller, usable, f, items, chunksize=chunksize, ordered=ordered,
                            retries=retries, listener=listener).start()
 
@@ -509,7 +509,7 @@ class MultiEngineClient:
             raise EngineError("this MultiEngineClient is closed")
         eids = self._resolve_targets(targets)
         self.owner.restart(eids, timeout=timeout)
-        failed = [err for e in eids for err in self._controller.engine(e).init_errors]
+        failed = [err for e in eids for err in self._controller.state(e).init_errors]
         if failed:
             raise CompositeError("on_start", failed)
 

@@ -507,11 +507,7 @@ class Cluster(Owner):
         controller = self.client._controller
         lock = self._restart_locks.setdefault(eid, asyncio.Lock())
         async with lock:
-            conn = controller.engine(eid)
-            conn.ready = False
-            if not conn.dead:
-                conn.state = "restarting"
-            controller._fail_all(conn, "was restarted")
+            await controller.begin_restart(eid, "was restarted")
             km = self.managers[eid]
             self.restarts.setdefault(eid, []).append(time.time())
             with self._open_log(eid, "ab") as out:

@@ -23,7 +23,7 @@ def lookup(names: list[str]) -> dict:
 def _python_targets(client: Any, targets: Any) -> list[int]:
     eids = client._resolve_targets(targets)
     if targets is None:  # default targets: leave out engines without data operations (e.g. bash)
-        eids = [e for e in eids if client._controller.engine(e).data_ok and not client._controller.dead(e)]
+        eids = [e for e in eids if client._controller.state(e).data_ok and not client._controller.dead(e)]
     return eids
 
 

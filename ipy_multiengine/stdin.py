@@ -54,25 +54,20 @@ class InputRequest:
     password: bool
     reply: Callable[[str], None]
     interrupt: Callable[[], None]
-    request: Any = None  # the controller's Request that asked, when known
+    future: cf.Future | None = None  # the future of the request that asked, when known
+    before: str = ""  # its output not shown yet (the controller takes it on its loop thread)
     posted: float = field(default_factory=time.monotonic)
 
     @property
     def stale(self) -> bool:
         """True when the request that asked has finished meanwhile (engine died, interrupted),
         or its call is being interrupted (``dropping``)."""
-        fut = getattr(self.request, "future", None)
+        fut = self.future
         return fut is not None and (fut.done() or fut in _dropping)
 
     def pending_output(self) -> str:
         """Output of the asking request not shown yet (shown before the prompt, for context)."""
-        req = self.request
-        if req is None or getattr(req, "listener", None) is not None:
-            return ""  # someone already shows this request's output live
-        text = "".join(req.stdout) + "".join(req.stderr)
-        shown = getattr(req, "_stdin_shown", 0)
-        req._stdin_shown = len(text)
-        return text[shown:]
+        return self.before
 
 
 def drop(futures: Iterable[cf.Future]) -> None:
@@ -82,7 +77,7 @@ def drop(futures: Iterable[cf.Future]) -> None:
     futs = set(futures)
     with _lock:
         keep = [it for it in _items
-                if not (isinstance(it, InputRequest) and getattr(it.request, "future", None) in futs)]
+                if not (isinstance(it, InputRequest) and it.future in futs)]
         _items.clear()
         _items.extend(keep)
 
