@@ -90,7 +90,7 @@ class MultiEngineClient:
             path = resolve_cluster_file(cluster_file, profile)
             spec = read_cluster(path)
             _controller = Controller(engines_of(spec), liveness_probes(spec), timeout=timeout, heartbeat=heartbeat,
-                                     max_message_size=max_message_size)
+                                     max_message_size=max_message_size).connect()
             _cluster = FileOwner(path, _controller, spec)
             _controller.on_dead = _cluster.follow_restart
         elif _cluster is None:
@@ -120,7 +120,7 @@ class MultiEngineClient:
         from .clusterfile import read_connection_files
 
         engines = read_connection_files(connection_files)
-        return cls(_controller=Controller(engines, None, timeout=timeout))
+        return cls(_controller=Controller(engines, None, timeout=timeout).connect())
 
     # ------------------------------------------------------------------ defaults and checks
     def get_ids(self) -> "EngineIds":

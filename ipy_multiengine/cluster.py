@@ -407,7 +407,7 @@ class Cluster(Owner):
             engines = {eid: self._connection_info(eid) for eid in self.managers}
             for attempt in range(PORT_CLASH_RETRIES + 1):
                 try:
-                    controller = Controller(engines, liveness, timeout=self.startup_timeout)
+                    controller = Controller(engines, liveness, timeout=self.startup_timeout).connect()
                     break
                 except EngineError as exc:
                     eid = exc.engine_id
@@ -443,7 +443,7 @@ class Cluster(Owner):
             infos = _loop.run(self.launcher.start(), timeout=(self.startup_timeout or 3600) + 60)
             self.engines_info = dict(enumerate(infos))
             liveness = {eid: self.launcher.liveness(eid) for eid in self.engines_info}
-            controller = Controller(self.engines_info, liveness, timeout=self.startup_timeout)
+            controller = Controller(self.engines_info, liveness, timeout=self.startup_timeout).connect()
         except BaseException:
             self.stop()
             raise

@@ -227,7 +227,17 @@ class Controller:
         self._awake_since = 0.0
         self.stalls = 0
         self.longest_stall = 0.0
-        _loop.run(self._start(dict(engines), timeout))
+        self._to_connect: tuple[dict[int, dict], float] | None = (dict(engines), timeout)
+
+    def connect(self) -> "Controller":
+        """Connect to the engines given to the constructor (blocks until each is ready, or
+        raises naming the one that is not); an explicit step: constructing does no I/O."""
+        if self._to_connect is None:
+            raise RuntimeError("this Controller is connected already")
+        engines, timeout = self._to_connect
+        self._to_connect = None
+        _loop.run(self._start(engines, timeout))
+        return self
 
     # ---------------------------------------------------------------- lifecycle (loop)
     async def _start(self, engines: dict[int, dict], timeout: float) -> None:
@@ -1040,8 +1050,8 @@ class Controller:
         """Ask each engine to interrupt what it runs (``interrupt_request`` on control)."""
         def send() -> None:
             for eid in eids:
-                conn = self._engines[eid]
-                if not conn.dead and "control" in conn.sockets:
+                conn = self._engines.get(eid)
+                if conn is not None and not conn.dead and "control" in conn.sockets:
                     self._send_shell(conn, "interrupt_request", {}, kind="control", channel="control")
         _loop.call_soon(send)
 
