@@ -7,11 +7,10 @@ engine on the controller, and either waits (``block=True``) or returns a ``Pendi
 from __future__ import annotations
 
 import concurrent.futures as cf
-import numbers
 import os
 import logging
-import sys
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from . import _loop, partition, serialize, stdin
@@ -24,7 +23,9 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
     RemoteError,
     TimeoutError,
 )
+from .render import ProgressBar
 from .results import PendingResult, ResultList
+from .targets import resolve as resolve_targets
 
 if TYPE_CHECKING:
     from .balanced import BalancedMap
@@ -43,18 +44,6 @@ log = logging.getLogger("ipy_multiengine")
 def get_active() -> "MultiEngineClient | None":
     """The client of the last ``activate()`` (the one the magics use), if still open."""
     return _active if _active is not None and not _active.closed else None
-
-
-def _interactive() -> bool:
-    try:
-        from IPython import get_ipython
-
-        ip = get_ipython()
-    except Exception:
-        ip = None
-    if ip is not None and getattr(ip, "kernel", None) is not None:
-        return True
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 class MultiEngineClient:
@@ -104,8 +93,16 @@ class MultiEngineClient:
         self._controller = _controller
         self._block = True
         self._targets: str | int | list[int] = "all"
-        self._last: PendingResult | None = None
+        # mec.last: a weak reference, so that whatever the user drops is freed (issue 11 item
+        # 11); a blocking call that did not deliver (timeout, Ctrl-C) is kept, to collect later
+        self._last_ref: Callable[[], PendingResult | None] | None = None
+        self._kept: PendingResult | None = None
+        # %result: the last execute on each engine (engine id -> its PendingResult and index)
+        self._executed: dict[int, tuple[PendingResult, int]] = {}
         self.closed = False
+        # a client that is dropped without close() still closes its channels and engine comms;
+        # the finalizer holds the controller only (nothing that leads back to this client)
+        self._finalizer = weakref.finalize(self, _close_controller, _controller)
 
     @classmethod
     def attach(cls, connection_files: Iterable[str | os.PathLike] | str | os.PathLike,
@@ -167,42 +164,7 @@ class MultiEngineClient:
         self._targets = list(value) if isinstance(value, (list, tuple, range)) else value
 
     def _resolve_targets(self, targets: Any) -> list[int]:
-        ids = self._controller.ids
-        if targets is None:
-            targets = self._targets
-        groups = self.groups
-        if isinstance(targets, str):
-            if targets == "all":
-                return list(ids)
-            if targets in groups:
-                return list(groups[targets])
-            names = f"'all', a group name ({', '.join(map(repr, groups))})" if groups else "'all'"
-            raise ValueError(f"targets must be {names}, an engine id or a list of ids, not {targets!r}; "
-                             f"valid ids: {ids}")
-        if isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
-            chosen = [int(targets)]
-        elif isinstance(targets, (list, tuple, range)):
-            chosen = []
-            for t in targets:
-                if isinstance(t, str) and t in groups:
-                    chosen.extend(groups[t])
-                    continue
-                if not isinstance(t, numbers.Integral) or isinstance(t, bool):
-                    raise TypeError(f"engine ids must be ints, not {t!r} ({type(t).__name__}), or group names "
-                                    f"({', '.join(map(repr, groups)) or 'none'}); valid ids: {ids}")
-                chosen.append(int(t))
-            if not chosen:
-                raise ValueError(f"targets is an empty list; valid ids: {ids}")
-        else:
-            raise TypeError(f"targets must be 'all', an int or a list of ints, not {targets!r} "
-                            f"({type(targets).__name__}); valid ids: {ids}")
-        unknown = [t for t in chosen if t not in ids]
-        if unknown:
-            raise ValueError(f"unknown engine id{'s' if len(unknown) > 1 else ''} "
-                             f"{', '.join(map(str, unknown))}; valid ids: {ids}")
-        if len(set(chosen)) != len(chosen):
-            raise ValueError(f"targets lists an engine twice: {chosen}")
-        return chosen
+        return resolve_targets(self._targets if targets is None else targets, self._controller.ids, self.groups)
 
     def _prepare(self, targets: Any, block: bool | None) -> tuple[list[int], bool]:
         if self.closed:
@@ -222,8 +184,17 @@ class MultiEngineClient:
                  finish: Callable[[list[Any]], Any], progress: bool = False) -> PendingResult:
         pr = PendingResult(futures, eids, method, finish, on_interrupt=self._interrupt_eids,
                            progress=self._show_progress if progress else None)
-        self._last = pr
+        self._remember(pr)
         return pr
+
+    def _remember(self, pr: PendingResult) -> None:
+        """Make ``pr`` what ``mec.last`` names; an execute also becomes each of its engines'
+        last command (what ``%result`` shows). Data results are not kept alive by this."""
+        self._last_ref = weakref.ref(pr)
+        self._kept = None
+        if pr.method == "execute":
+            for i, eid in enumerate(pr.eids):
+                self._executed[eid] = (pr, i)
 
     def _deliver(self, pr: PendingResult, block: bool, timeout: float | None,
                  live: "LiveOutput | None" = None) -> Any:
@@ -231,6 +202,10 @@ class MultiEngineClient:
             return pr
         try:
             return pr.get_result(timeout=timeout)
+        except BaseException:
+            if not pr.ready() and self.last is pr:
+                self._kept = pr  # timed out or interrupted: mec.last.get_result() collects it later
+            raise
         finally:
             if live is not None:
                 live.close()
@@ -242,10 +217,10 @@ class MultiEngineClient:
 
         return LiveOutput(eids) if block else None
 
-    def _show_progress(self, pr: PendingResult) -> "_ProgressBar":
+    def _show_progress(self, pr: PendingResult) -> ProgressBar:
         """A progress bar for ``pr``'s wait: drawn by that wait's slices, shown only once the
         call has taken ``progress_after`` seconds in an interactive session."""
-        return _ProgressBar(pr.method, self.progress_after)
+        return ProgressBar(pr.method, self.progress_after)
 
     # ------------------------------------------------------------------ running code
     def execute(self, code: str, targets: Any = None, block: bool | None = None,
@@ -372,7 +347,7 @@ class MultiEngineClient:
             pr = PendingResult([bm.future], eids[:1], "map", lambda rs: rs[0],
                                on_interrupt=lambda _running: self._stop_balanced(bm),
                                progress=self._show_progress)
-            self._last = pr
+            self._remember(pr)
             return self._deliver(pr, block, timeout, live)
         if not items:
             done: cf.Future = cf.Future()
@@ -475,15 +450,32 @@ class MultiEngineClient:
             raise TimeoutError(f"barrier not done after {timeout:g} s; still running on engines {left}")
 
     def get_result(self, default: Any = None, block: bool = True, timeout: float | None = None) -> Any:
-        """The result of the last call made through this client (what ``%result`` shows)."""
-        if self._last is None:
-            raise ValueError("no command has been run yet")
-        return self._last.get_result(default=default, block=block, timeout=timeout)
+        """The ``ResultList`` of the last command executed on each engine (what ``%result``
+        shows): ``execute``/``%px`` only, later ``push``/``pull``/``map`` calls do not replace it.
+        Waits for it (``block``, ``timeout``) like ``PendingResult.get_result``."""
+        return self.last_executed().get_result(default=default, block=block, timeout=timeout)
+
+    def last_executed(self) -> PendingResult:
+        """A ``PendingResult`` over the last command executed on each engine, in engine order."""
+        entries = [(eid, self._executed[eid]) for eid in self._controller.ids if eid in self._executed]
+        if not entries:
+            raise ValueError("no command has been executed on the engines yet")
+        prs = {id(pr): pr for _, (pr, _) in entries}
+        if len(prs) == 1:
+            pr = next(iter(prs.values()))
+            if pr.eids == [eid for eid, _ in entries]:
+                return pr  # the common case: the last execute ran on all these engines
+        return PendingResult([pr.futures[i] for _, (pr, i) in entries], [eid for eid, _ in entries],
+                             "execute", ResultList, on_interrupt=self._interrupt_eids)
 
     @property
     def last(self) -> PendingResult | None:
-        """The ``PendingResult`` of the last call."""
-        return self._last
+        """The ``PendingResult`` of the last call, while its result is referenced somewhere (by
+        you, or by ``%result`` for an execute), or while a blocking call that timed out or was
+        interrupted can still be collected. Data you dropped is never kept alive by it."""
+        if self._kept is not None:
+            return self._kept
+        return self._last_ref() if self._last_ref is not None else None
 
     def interrupt(self, targets: Any = None) -> None:
         """Interrupt what the target engines are running (like Ctrl-C in a kernel).
@@ -562,7 +554,7 @@ class MultiEngineClient:
         self.closed = True
         if _active is self:
             _active = None
-        self._controller.close()
+        self._finalizer()  # closes the controller (once)
         if getattr(self.owner, "closed", None) is False:
             self.owner.closed = True  # a FileOwner stops following restarts
         if self.owner.owns_engines:
@@ -578,30 +570,9 @@ class MultiEngineClient:
         return f"<MultiEngineClient engines={self.get_ids()} targets={self._targets!r} block={self._block}>"
 
 
-class _ProgressBar:
-    """``progress(done, total)`` for ``_loop.wait``: a tqdm bar after ``after`` seconds."""
-
-    def __init__(self, desc: str, after: float | None) -> None:
-        self.desc, self.after = desc, after
-        self.started = time.monotonic()
-        self.bar: Any = None
-        self.shown = 0
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            if (self.after is None or done >= total or time.monotonic() - self.started < self.after
-                    or not _interactive()):
-                return
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=self.desc, unit="engine", leave=False)
-        self.bar.update(done - self.shown)
-        self.shown = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+def _close_controller(controller: Controller) -> None:
+    """Finalizer of a client: close its channels and its comms on the engines."""
+    controller.close()
 
 
 class EngineIds(list):

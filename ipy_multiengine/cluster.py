@@ -11,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
-import secrets
-import signal
 import socket
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
-from jupyter_client.manager import AsyncKernelManager
 
 from . import _loop
 from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tools import from here)
@@ -59,9 +56,6 @@ from .errors import EngineError, NoClusterError, TimeoutError
 
 log = __import__("logging").getLogger("ipy_multiengine")
 
-#: ``_execute_sleep=0``: ipykernel sleeps 0.5 ms after every execute so that clients which do
-#: not wait for ``status: idle`` see the output first; the controller always waits for idle.
-KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--IPythonKernel._execute_sleep=0"]
 
 
 # ---------------------------------------------------------------------- clusters owned elsewhere
@@ -209,35 +203,7 @@ def stop_cluster_file(path: Path, timeout: float = 20.0) -> tuple[int, list[str]
     return 0, [f"stopped the engines of {path}; their owner process {owner.get('pid')} keeps running"]
 
 
-def _exit_reason(code: int | None) -> str | None:
-    if code is None:
-        return None
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = str(-code)
-        return f"was killed by signal {name}"
-    return f"exited with code {code}"
-
-
 # ---------------------------------------------------------------------- the Cluster
-#: Whether the default encryption policy (``transport_encryption=None``) encrypts engines that
-#: listen on loopback only. CurveZMQ encrypts every message once per connection: a 100 MB push
-#: to 4 engines then holds 4 ciphertext copies (+400 MB in the client) and runs several times
-#: slower, while on loopback only root, who can read the key files anyway, could sniff.
-ENCRYPT_LOOPBACK = False
-
-
-def _is_loopback(ip: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return ip == "localhost"
-
-
 #: Times an engine is started again on new ports when another process took one of its ports
 #: between jupyter_client choosing it and the kernel binding it.
 PORT_CLASH_RETRIES = 2
@@ -247,11 +213,12 @@ MAX_AUTO_RESTARTS = 5
 
 
 class Cluster(Owner):
-    """N local engines (ipykernel kernels) owned by this process.
+    """The owner of one launcher's engines: N local engines (ipykernel kernels) by default.
 
-    ``start()`` launches them concurrently and returns a connected ``MultiEngineClient``;
-    ``stop()`` shuts them down (shutdown request, then SIGTERM, then SIGKILL) and removes their
-    files. ``with Cluster(n=4) as mec:`` does both. Engines exit by themselves when this
+    ``start()`` launches them concurrently through the launcher (``LocalLauncher`` unless
+    ``launcher=`` names another) and returns a connected ``MultiEngineClient``; ``stop()``
+    shuts them down (shutdown request, then SIGTERM, then SIGKILL) and removes their files.
+    ``with Cluster(n=4) as mec:`` does both. Local engines exit by themselves when this
     process dies, even by SIGKILL (ipykernel's parent polling).
     """
 
@@ -270,29 +237,21 @@ class Cluster(Owner):
         launcher: Any = "local",
         **launcher_options: Any,
     ) -> None:
+        from .launchers import make_launcher
+        from .launchers.base import encryption_policy
+        from .launchers.local import LocalLauncher
+
+        encryption_policy(transport_encryption, "127.0.0.1")  # checks the value
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"n must be a positive int, not {n!r}")
         # engines={'python3': 2, 'bash': 3}: engines from several kernelspecs, ids in that order;
         # each kernelspec name is also a group name usable as targets
+        kernel_names = None
         if engines is not None:
             if launcher != "local" or launcher_options:
                 raise ValueError("engines={kernelspec: n, ...} works with the local launcher only")
             kernel_names = _engine_groups(engines)
             n = len(kernel_names)
-        # launcher='mpi'|'slurm'|'ssh'|a plugin name|a Launcher: engines started by it
-        # (see ipy_multiengine.launchers); 'local' without options: the managers below
-        self.launcher = None
-        if launcher != "local" or launcher_options:
-            from .launchers import make_launcher
-
-            self.launcher = make_launcher(launcher, n, kernel_name=kernel_name, env=env,
-                                          startup_timeout=startup_timeout, **launcher_options)
-            n = self.launcher.n if n is None else n
-        n = 4 if n is None else n
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be a positive int, not {n!r}")
-        self.n = n
-        self.kernel_name = kernel_name
-        #: engine id -> kernelspec name (= its group)
-        self.kernel_names: dict[int, str] = kernel_names if engines is not None else dict.fromkeys(range(n), kernel_name)
         #: a profile makes the cluster shared: ``MultiEngineClient(profile=...)`` (and for
         #: 'default' a bare ``MultiEngineClient()`` / ``%px``) finds it, one per profile at a
         #: time (an exclusive lock). Without one it is embedded: private to whoever holds it,
@@ -300,13 +259,32 @@ class Cluster(Owner):
         self.profile = None if profile is None else check_profile(profile)
         self.shared = profile is not None
         self.cluster_id: str = profile if profile is not None else new_embedded_id()
+        # the one launcher this cluster owns: 'local' (kernel managers on this machine), or
+        # 'mpi'|'slurm'|'ssh'|a plugin name|a Launcher instance (see ipy_multiengine.launchers)
+        if launcher == "local":
+            self.launcher = LocalLauncher(
+                4 if n is None else n, kernel_name=kernel_name, kernel_names=kernel_names, env=env,
+                startup_timeout=startup_timeout, transport_encryption=transport_encryption,
+                shutdown_wait=shutdown_wait, work_dir=cluster_dir(), tag=f"{self.cluster_id}-{os.getpid()}",
+                **launcher_options)
+        else:
+            if transport_encryption is not None:
+                launcher_options.setdefault("transport_encryption", transport_encryption)
+            self.launcher = make_launcher(launcher, n, kernel_name=kernel_name, env=env,
+                                          startup_timeout=startup_timeout, **launcher_options)
+        n = self.launcher.n if n is None else n
+        self.n = n
+        self.kernel_name = kernel_name
+        #: engine id -> kernelspec name (= its group)
+        self.kernel_names: dict[int, str] = dict(getattr(self.launcher, "kernel_names", None)
+                                                 or dict.fromkeys(range(n), kernel_name))
         self.startup_timeout = startup_timeout
         self.env = env
         self.write_file = write_file
         #: restart engines that die, by themselves (at most ``MAX_AUTO_RESTARTS`` a minute each)
         self.auto_restart = auto_restart
         #: CurveZMQ: 'auto' (on where the kernelspec declares support), 'required', 'disabled', or
-        #: None (default): 'auto' unless the engines listen on loopback only (see ENCRYPT_LOOPBACK)
+        #: None (default): on unless the engines listen on loopback only (launchers.base.ENCRYPT_LOOPBACK)
         self.transport_encryption = transport_encryption
         #: seconds a shutdown request gets before SIGTERM, then as long again before SIGKILL
         self.shutdown_wait = shutdown_wait
@@ -315,9 +293,10 @@ class Cluster(Owner):
         self.restarts: dict[int, list[float]] = {}
         self._restart_locks: dict[int, asyncio.Lock] = {}
         self.cluster_file: str | None = None
-        self.managers: dict[int, AsyncKernelManager] = {}
         self.client: Any = None
-        self._key = secrets.token_hex(32)
+        #: connection info per engine id, as the launcher reported it
+        self.engines_info: dict[int, dict] = {}
+        self._started = False
         self._stopped = False
         self._finalizer: Any = None
         self._lock = ProfileLock(profile) if profile is not None else None
@@ -333,6 +312,15 @@ class Cluster(Owner):
 
     #: a ``Cluster`` owns its engines: closing its client stops them
     owns_engines = True
+
+    @property
+    def managers(self) -> dict[int, Any]:
+        """The local launcher's kernel managers by engine id (empty for other launchers)."""
+        return getattr(self.launcher, "managers", {})
+
+    def log_file(self, eid: int) -> Path:
+        """Engine ``eid``'s own stdout/stderr (local engines)."""
+        return self.launcher.log_file(eid)
 
     # -- the cluster file
     def _claim(self) -> Path:
@@ -387,37 +375,34 @@ class Cluster(Owner):
         from .client import MultiEngineClient
         from .controller import Controller
 
-        if self.managers or self.client is not None:
+        if self._started or self.client is not None:
             raise RuntimeError("this Cluster is already started")
         if self._stopped:
             raise RuntimeError("this Cluster was stopped; create a new one")
-        if self.transport_encryption not in (None, "auto", "required", "disabled"):
-            raise ValueError(f"transport_encryption must be None, 'auto', 'required' or 'disabled', "
-                             f"not {self.transport_encryption!r}")
         path = self._claim() if self.write_file else cluster_file_path(self.cluster_id) if self.shared \
             else embedded_file_path(self.cluster_id)
-        if self.launcher is not None:
-            return self._start_launcher(path)
-        self._files: list[Path] = [self.log_file(eid) for eid in range(self.n)]
-        self._finalizer = weakref.finalize(self, _stop_managers, self.managers, self._files)
+        self._started = True
+        self._finalizer = weakref.finalize(self, _stop_launcher, self.launcher)
         atexit.register(self._finalizer)
         try:
-            _loop.run(self._start_kernels(), timeout=self.startup_timeout + 10)
-            liveness = {eid: self._probe(eid) for eid in self.managers}
-            engines = {eid: self._connection_info(eid) for eid in self.managers}
+            infos = _loop.run(self.launcher.start(), timeout=(self.startup_timeout or 3600) + 60)
+            self.engines_info = dict(enumerate(infos))
+            liveness = {eid: self.launcher.liveness(eid) for eid in self.engines_info}
             for attempt in range(PORT_CLASH_RETRIES + 1):
                 try:
-                    controller = Controller(engines, liveness, timeout=self.startup_timeout).connect()
+                    controller = Controller(self.engines_info, liveness, timeout=self.startup_timeout).connect()
                     break
                 except EngineError as exc:
                     eid = exc.engine_id
-                    if attempt < PORT_CLASH_RETRIES and eid in self.managers and self._port_clash(eid):
-                        log.warning("engine %s lost a port to another process while starting; "
-                                    "starting it again on new ports", eid)
-                        _loop.run(self._fresh_manager(eid), timeout=self.startup_timeout + 10)
-                        engines[eid], liveness[eid] = self._connection_info(eid), self._probe(eid)
-                        continue
-                    raise self._with_output(exc) from None
+                    info = None
+                    if attempt < PORT_CLASH_RETRIES and eid is not None:
+                        info = _loop.run(self.launcher.retry_after_clash(eid),
+                                         timeout=(self.startup_timeout or 3600) + 10)
+                    if info is None:
+                        raise self._with_output(exc) from None
+                    log.warning("engine %s lost a port to another process while starting; "
+                                "started it again on new ports", eid)
+                    self.engines_info[eid], liveness[eid] = info, self.launcher.liveness(eid)
         except BaseException:
             self.stop()
             raise
@@ -427,59 +412,25 @@ class Cluster(Owner):
             self._write_cluster_file(path)
         return self.client
 
-    def _encryption_policy(self, ip: str) -> str:
-        if self.transport_encryption is not None:
-            return self.transport_encryption
-        return "auto" if ENCRYPT_LOOPBACK or not _is_loopback(ip) else "disabled"
-
-    def _start_launcher(self, path: Path) -> Any:
-        """Start the engines through ``self.launcher`` (mpi, slurm, ssh, a plugin)."""
-        from .client import MultiEngineClient
-        from .controller import Controller
-
-        self._finalizer = weakref.finalize(self, _stop_launcher, self.launcher)
-        atexit.register(self._finalizer)
-        try:
-            infos = _loop.run(self.launcher.start(), timeout=(self.startup_timeout or 3600) + 60)
-            self.engines_info = dict(enumerate(infos))
-            liveness = {eid: self.launcher.liveness(eid) for eid in self.engines_info}
-            controller = Controller(self.engines_info, liveness, timeout=self.startup_timeout).connect()
-        except BaseException:
-            self.stop()
-            raise
-        self.client = MultiEngineClient(_controller=controller, _cluster=self)
-        if self.write_file:
-            self._write_cluster_file(path)
-        return self.client
-
-    def _connection_info(self, eid: int) -> dict:
-        """What a client needs to reach engine ``eid``: no CurveZMQ secret key (the kernel's alone)."""
-        info = self.managers[eid].get_connection_info(session=False)
-        info["key"] = self._key
-        info.pop("curve_secretkey", None)
-        if isinstance(info.get("curve_publickey"), bytes):
-            info["curve_publickey"] = info["curve_publickey"].decode("ascii")
-        return info
-
     def _with_output(self, exc: EngineError) -> EngineError:
         """``exc`` with the engine's own stdout/stderr appended (why it never became ready)."""
         eid = exc.engine_id
-        if eid is None or eid not in self.managers:
+        tail = getattr(self.launcher, "log_tail", None)
+        if eid is None or tail is None or eid not in self.managers:
             return exc
-        return EngineError(f"{exc}\n--- engine {eid}'s own output (kernel {self.kernel_name!r}, "
-                           f"log {self.log_file(eid)}) ---\n{self._log_tail(eid)}", eid)
+        return EngineError(f"{exc}\n--- engine {eid}'s own output (kernel {self.kernel_names.get(eid)!r}, "
+                           f"log {self.log_file(eid)}) ---\n{tail(eid)}", eid)
 
     # -- restarting
     def restart(self, eids: list[int], timeout: float | None = None) -> None:
         """Restart engines ``eids`` keeping their ids and ports, with fresh namespaces."""
         if self._stopped or self.client is None:
             raise EngineError("this Cluster is not running")
-        if self.launcher is not None:
-            raise EngineError(f"engines started by the {self.launcher.name!r} launcher cannot be "
-                              "restarted one by one; stop the cluster and start a new one")
-        unknown = [e for e in eids if e not in self.managers]
+        if not self.launcher.can_restart:
+            _loop.run(self.launcher.restart(list(eids)), timeout=60)  # raises, saying why not
+        unknown = [e for e in eids if e not in self.engines_info]
         if unknown:
-            raise ValueError(f"unknown engine ids {unknown}; valid ids: {sorted(self.managers)}")
+            raise ValueError(f"unknown engine ids {unknown}; valid ids: {sorted(self.engines_info)}")
         timeout = self.startup_timeout if timeout is None else timeout
         # a timeout is a promise (issue 11.3): raise at it, and let the restart go on rather
         # than cancel it half way (the engine becomes ready by itself; wait_ready waits for it)
@@ -508,31 +459,28 @@ class Cluster(Owner):
         lock = self._restart_locks.setdefault(eid, asyncio.Lock())
         async with lock:
             await controller.begin_restart(eid, "was restarted")
-            km = self.managers[eid]
             self.restarts.setdefault(eid, []).append(time.time())
-            with self._open_log(eid, "ab") as out:
-                await km.restart_kernel(now=True, stdout=out, stderr=out)
+            info = (await self.launcher.restart([eid]))[eid]
             for attempt in range(PORT_CLASH_RETRIES + 1):
-                if self._stopped:  # stop() ran meanwhile: do not leave the new kernel behind
-                    await self.managers[eid].shutdown_kernel(now=True)
+                if self._stopped:  # stop() ran meanwhile; it stops the launcher's new kernel too
                     raise EngineError(f"engine {eid}: the cluster was stopped during its restart", eid)
                 try:
-                    await controller.add_engines_async({eid: self._connection_info(eid)},
-                                                       {eid: self._probe(eid)}, timeout)
+                    await controller.add_engines_async({eid: info}, {eid: self.launcher.liveness(eid)}, timeout)
+                    self.engines_info[eid] = info
                     break
                 except EngineError as exc:
-                    if attempt < PORT_CLASH_RETRIES and self._port_clash(eid):
-                        log.warning("engine %s lost a port to another process while restarting; "
-                                    "starting it on new ports", eid)
-                        await self._fresh_manager(eid)
-                        continue
-                    raise self._with_output(exc) from None
+                    fresh = await self.launcher.retry_after_clash(eid) if attempt < PORT_CLASH_RETRIES else None
+                    if fresh is None:
+                        raise self._with_output(exc) from None
+                    log.warning("engine %s lost a port to another process while restarting; "
+                                "started it on new ports", eid)
+                    info = fresh
 
     def _on_dead(self, eid: int, reason: str) -> None:
         """Controller callback (loop thread): restart a dead engine when ``auto_restart`` is on."""
         if self._stopped_from_outside():
             return
-        if not self.auto_restart or self._stopped or self.launcher is not None:
+        if not self.auto_restart or self._stopped or not self.launcher.can_restart:
             return
         lock = self._restart_locks.get(eid)
         if lock is not None and lock.locked():
@@ -552,16 +500,12 @@ class Cluster(Owner):
         asyncio.ensure_future(go())
 
     def interrupt(self, eids: list[int]) -> None:
-        """Interrupt engines through their kernel managers (signal or message, as the kernelspec
-        says), or through the launcher: over ssh, ``scancel --signal=INT``, the whole MPI job."""
-        if self.launcher is not None:
-            _loop.run(self.launcher.interrupt(eids), timeout=60)
+        """Interrupt engines through the launcher: kernel managers (signal or message, as the
+        kernelspec says) for local engines; over ssh, ``scancel --signal=INT``, the whole MPI job."""
+        if self.launcher.can_restart:  # local: the kernel managers answer at once, do not wait
+            _loop.submit(self.launcher.interrupt(eids))
             return
-
-        async def go() -> None:
-            await asyncio.gather(*(self.managers[e].interrupt_kernel() for e in eids if e in self.managers),
-                                 return_exceptions=True)
-        _loop.submit(go())
+        _loop.run(self.launcher.interrupt(eids), timeout=60)
 
     def serve_requests(self) -> None:
         """Answer the requests other processes left for exactly this cluster's file (see
@@ -576,7 +520,8 @@ class Cluster(Owner):
                 elif ask.get("op") == "restart":
                     ids = [int(i) for i in ask.get("ids", [])]
                     self.restart(ids)
-                    answer["pids"] = {str(e): getattr(self.managers[e].provisioner, "pid", None) for e in ids}
+                    meta = self.engine_meta()
+                    answer["pids"] = {str(e): meta.get(e, {}).get("pid") for e in ids}
                 else:
                     raise ValueError(f"unknown request {ask.get('op')!r}")
             except Exception as exc:
@@ -586,97 +531,10 @@ class Cluster(Owner):
     #: set when another process asked this cluster to stop (the ``ipmulti start`` loop stops it)
     stop_requested = False
 
-    def _probe(self, eid: int) -> Callable[[], str | None]:
-        km = self.managers[eid]
-
-        def probe() -> str | None:
-            proc = getattr(km.provisioner, "process", None)
-            return _exit_reason(proc.poll()) if proc is not None else "has no process"
-
-        return probe
-
-    async def _start_kernels(self) -> None:
-        from jupyter_client.kernelspec import NoSuchKernel
-
-        env = self._env()
-        for eid in range(self.n):
-            self._new_manager(eid)
-        logs = {eid: self._open_log(eid, "wb") for eid in self.managers}
-        try:
-            results = await asyncio.gather(
-                *(km.start_kernel(extra_arguments=_kernel_args(km), env=env, stdout=logs[eid], stderr=logs[eid])
-                  for eid, km in self.managers.items()),
-                return_exceptions=True,
-            )
-        finally:
-            for f in logs.values():
-                f.close()
-        for eid, res in zip(self.managers, results):
-            if isinstance(res, NoSuchKernel):
-                from jupyter_client.kernelspec import KernelSpecManager
-
-                names = sorted(KernelSpecManager().find_kernel_specs())
-                raise ValueError(f"no kernelspec named {self.kernel_names[eid]!r}; available: {names}") from None
-            if isinstance(res, BaseException):
-                raise EngineError(f"engine {eid} failed to start: {res}\n{self._log_tail(eid)}", eid) from res
-        # an engine that dies while we wait for it: report its own stderr
-        await asyncio.sleep(0)
-        for eid in self.managers:
-            reason = self._probe(eid)()
-            if reason:
-                raise EngineError(f"engine {eid} {reason} during startup; its output:\n{self._log_tail(eid)}", eid)
-
     def engine_meta(self) -> dict[int, dict]:
         """Per engine id: group, kernel_name, pid and host, as far as this cluster knows them."""
-        host = socket.gethostname()
-        return {eid: {"group": self.kernel_names.get(eid, self.kernel_name),
-                      "kernel_name": self.kernel_names.get(eid, self.kernel_name),
-                      "pid": getattr(km.provisioner, "pid", None), "host": host}
-                for eid, km in self.managers.items()}
-
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ if self.env is None else self.env)
-        env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-        env.pop("JPY_PARENT_PID", None)  # jupyter_client sets ours: engines die with this process
-        return env
-
-    def _new_manager(self, eid: int) -> AsyncKernelManager:
-        tag = f"{self.cluster_id}-{os.getpid()}"
-        km = AsyncKernelManager(kernel_name=self.kernel_names.get(eid, self.kernel_name),
-                                connection_file=str(cluster_dir() / f"engine-{tag}-{eid}.json"))
-        km.session.key = self._key.encode()
-        km.shutdown_wait_time = self.shutdown_wait
-        km.transport_encryption = self._encryption_policy(km.ip)
-        self.managers[eid] = km
-        return km
-
-    def _port_clash(self, eid: int) -> bool:
-        """Did engine ``eid`` die because another process took one of its ports meanwhile?"""
-        return "Address already in use" in self._log_tail(eid, 40)
-
-    async def _fresh_manager(self, eid: int) -> None:
-        """Replace engine ``eid``'s kernel by a new one on new ports (after a port clash)."""
-        old = self.managers[eid]
-        try:
-            await old.shutdown_kernel(now=True)
-        except Exception as exc:
-            log.debug("engine %s: shutting down the old kernel: %s", eid, exc)
-        km = self._new_manager(eid)
-        with self._open_log(eid, "wb") as out:
-            await km.start_kernel(extra_arguments=_kernel_args(km), env=self._env(), stdout=out, stderr=out)
-
-    def _open_log(self, eid: int, mode: str) -> Any:
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
-        return os.fdopen(os.open(self.log_file(eid), flags, 0o600), mode)
-
-    def log_file(self, eid: int) -> Path:
-        return cluster_dir() / f"engine-{self.cluster_id}-{os.getpid()}-{eid}.log"
-
-    def _log_tail(self, eid: int, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_file(eid).read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no output)"
+        return {eid: {k: m.get(k) for k in ("group", "kernel_name", "pid", "host")}
+                for eid, m in self.launcher.engine_meta().items()}
 
     def _write_cluster_file(self, path: Path) -> None:
         host = socket.gethostname()
@@ -686,22 +544,19 @@ class Cluster(Owner):
             "owner_pid": os.getpid(), "host": host, "created": time.time(),
             "serves": ["requests"] if self.serves_requests else [],
         }
-        if self.launcher is not None:
-            record = self.launcher.to_dict()
-            if record.get("pid") and record.get("hostname", host) == host:
-                record["identity"] = try_identity(record["pid"])  # so a stale cleanup signals only it
-            spec["launcher"] = record
-            spec["engines"] = [{"id": eid, "pid": info.get("pid"), "host": info.get("hostname", host),
-                                "kernel_name": self.kernel_name, "connection": info}
-                               for eid, info in self.engines_info.items()]
-        else:
-            spec["engines"] = [
-                {"id": eid, "pid": getattr(km.provisioner, "pid", None), "host": host,
-                 "kernel_name": self.kernel_names[eid], "group": self.kernel_names[eid],
-                 "connection": self._connection_info(eid),
-                 "connection_file": km.connection_file, "log_file": str(self.log_file(eid))}
-                for eid, km in self.managers.items()
-            ]
+        record = self.launcher.to_dict()
+        if record.get("pid") and record.get("hostname", host) == host:
+            record["identity"] = try_identity(record["pid"])  # so a stale cleanup signals only it
+        spec["launcher"] = record
+        meta = self.launcher.engine_meta()
+        spec["engines"] = []
+        for eid, info in self.engines_info.items():
+            m = meta.get(eid, {})
+            e = {"id": eid, "pid": m.get("pid", info.get("pid")), "host": m.get("host") or host,
+                 "kernel_name": self.kernel_names.get(eid, self.kernel_name),
+                 "group": self.kernel_names.get(eid, self.kernel_name), "connection": info}
+            e.update({k: m[k] for k in ("connection_file", "log_file") if m.get(k)})
+            spec["engines"].append(e)
         for e in spec["engines"]:
             if e.get("pid") and e.get("host") == host:
                 e["create_time"] = (try_identity(e["pid"]) or {}).get("create_time")
@@ -719,13 +574,10 @@ class Cluster(Owner):
         if self.client is not None and not self.client.closed:
             self.client.close()
         self._file_finalizer()  # our file only (another cluster may own the profile by now)
-        logs = [self.log_file(eid) for eid in self.managers]
         if self._finalizer is not None:
             atexit.unregister(self._finalizer)
             self._finalizer.detach()
-        if self.launcher is not None:
-            _stop_launcher(self.launcher)
-        _stop_managers(self.managers, logs)
+        _stop_launcher(self.launcher)
 
     def __enter__(self) -> Any:
         return self.start()
@@ -759,53 +611,14 @@ def _engine_groups(engines: Any) -> dict[int, str]:
     return out
 
 
-def _kernel_args(km: AsyncKernelManager) -> list[str]:
-    """``KERNEL_ARGS`` for ipykernel-based kernels only (others may reject unknown options)."""
-    try:
-        argv = " ".join(km.kernel_spec.argv)
-    except Exception:
-        return []
-    return list(KERNEL_ARGS) if ("ipykernel" in argv or "bash_kernel" in argv) else []
-
-
 def _stop_launcher(launcher: Any) -> None:
-    """Stop a launcher's engines; never hangs (falls back to its synchronous kill)."""
+    """Stop a launcher's engines; never hangs (falls back to its synchronous kill). A stop that
+    fails is logged with what the launcher says is left running."""
     try:
         _loop.run(launcher.stop(), timeout=30)
+    except Exception as exc:
+        log.error("stopping the engines of %r failed: %s", launcher, exc)
+        launcher.kill_now()
     except BaseException:
         launcher.kill_now()
-
-
-def _stop_managers(managers: dict[int, AsyncKernelManager], extra_files: list[Path]) -> None:
-    """Shut kernels down concurrently: shutdown request, then SIGTERM/SIGKILL if they linger."""
-
-    async def shutdown(km: AsyncKernelManager) -> None:
-        try:
-            if await km.is_alive():
-                await asyncio.wait_for(km.shutdown_kernel(now=False), km.shutdown_wait_time + 2)
-            else:
-                await km.cleanup_resources()
-        except Exception:
-            try:
-                await km.shutdown_kernel(now=True)
-            except Exception:
-                proc = getattr(km.provisioner, "process", None)
-                if proc is not None and proc.poll() is None:
-                    proc.kill()
-
-    async def all_down() -> None:
-        await asyncio.gather(*(shutdown(km) for km in managers.values()), return_exceptions=True)
-
-    if managers:
-        try:
-            _loop.run(all_down(), timeout=15)
-        except BaseException:
-            for km in managers.values():
-                proc = getattr(km.provisioner, "process", None)
-                if proc is not None and proc.poll() is None:
-                    proc.kill()
-        for km in managers.values():
-            Path(km.connection_file).unlink(missing_ok=True)
-    for f in extra_files:
-        Path(f).unlink(missing_ok=True)
-    managers.clear()
+        raise

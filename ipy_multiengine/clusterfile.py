@@ -169,7 +169,8 @@ def same_process(ident: dict | None) -> tuple[psutil.Process | None, str]:
         with proc.oneshot():
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None, f"process {pid} has exited"
-            created, cmdline = proc.create_time(), proc.cmdline()
+            created = proc.create_time()
+            cmdline = proc.cmdline() if ident.get("cmdline") is not None else None
     except psutil.NoSuchProcess:
         return None, f"process {pid} has exited"
     except psutil.Error as exc:
@@ -197,7 +198,7 @@ def pid_alive(pid: int | None) -> bool:
 def owner_of(spec: dict) -> dict | None:
     """The owner identity a cluster file records (None for attached kernels: no owner)."""
     owner = spec.get("owner")
-    if isinstance(owner, dict):
+    if isinstance(owner, dict) and spec.get("owner_pid", owner.get("pid")) == owner.get("pid"):
         return owner
     if spec.get("owner_pid"):  # a file without identity: can never be verified
         return {"pid": spec.get("owner_pid"), "host": spec.get("host")}
@@ -243,7 +244,8 @@ def read_cluster(path: str | os.PathLike) -> dict:
     spec = read_spec(path)
     state, why = owner_state(spec)
     if state == "gone":
-        raise NoClusterError(f"cluster file {path} is stale: its owner is gone ({why}); "
+        raise NoClusterError(f"cluster file {path} is stale: its owner process "
+                             f"{(owner_of(spec) or {}).get('pid')} is gone ({why}); "
                              f"`ipmulti list` cleans it up; {HOW_TO_START}")
     return spec
 

@@ -1,15 +1,19 @@
 """Comparing a variable across engines: ``mec.pull_table(names)`` and ``%pxdiff NAME``.
 
 Values are fetched with one ``apply`` per engine that returns only the names defined there, so
-an engine lacking a name shows as missing instead of failing the whole call.
+an engine lacking a name shows as missing instead of failing the whole call. With default
+targets, engines that cannot answer now (dead, restarting, not Python) are skipped and listed
+as skipped (``Diff.skipped``, ``pull_table(...).attrs['skipped']`` / ``.skipped``), never
+dropped silently.
 """
 
 from __future__ import annotations
 
 import pickle
+import sys
 from typing import Any, Sequence
 
-__all__ = ["lookup", "pull_table", "diff", "Diff"]
+__all__ = ["lookup", "pull_table", "diff", "Diff", "Rows"]
 
 
 def lookup(names: list[str]) -> dict:
@@ -20,22 +24,58 @@ def lookup(names: list[str]) -> dict:
     return {n: ns[n] for n in names if n in ns}
 
 
-def _python_targets(client: Any, targets: Any) -> list[int]:
+def _skip_reason(row: dict) -> str | None:
+    """Why an engine (a row of ``mec.engines``) cannot be compared now, or None."""
+    if row.get("dead"):
+        return f"dead: {row['dead']}"
+    if row.get("ready") is False:
+        return str(row.get("state") or "not ready")
+    if not row.get("data_ops"):
+        return f"{row.get('language') or 'unknown language'}: no data operations"
+    return None
+
+
+def _python_targets(client: Any, targets: Any) -> tuple[list[int], dict[int, str]]:
+    """The engines to compare, and the skipped ones with the reason. Default targets leave out
+    engines that cannot answer now (dead, restarting, without data operations, e.g. bash);
+    explicit targets are used as given (a bad one is a clear error from the call)."""
     eids = client._resolve_targets(targets)
-    if targets is None:  # default targets: leave out engines without data operations (e.g. bash)
-        eids = [e for e in eids if client._controller.state(e).data_ok and not client._controller.dead(e)]
-    return eids
+    if targets is not None:
+        return eids, {}
+    rows = {r["id"]: r for r in client.engines}
+    skipped = {e: why for e in eids if (why := _skip_reason(rows.get(e, {})))}
+    return [e for e in eids if e not in skipped], skipped
 
 
-def _fetch(client: Any, names: list[str], targets: Any, timeout: float | None) -> tuple[list[int], list[dict]]:
+def _fetch(client: Any, names: list[str], targets: Any, timeout: float | None
+           ) -> tuple[list[int], list[dict], dict[int, str]]:
+    from .errors import CompositeError, EngineError, RemoteError
+
     for n in names:
         if not isinstance(n, str):
             raise TypeError(f"names must be str, not {n!r}")
-    eids = _python_targets(client, targets)
-    if not eids:
-        return [], []
-    values = client.apply(lookup, list(names), targets=eids, block=True, timeout=timeout)
-    return eids, values
+    for attempt in range(3):
+        eids, skipped = _python_targets(client, targets)
+        if not eids:
+            return [], [], skipped
+        try:
+            values = client.apply(lookup, list(names), targets=eids, block=True, timeout=timeout)
+            return eids, values, skipped
+        except EngineError:  # an engine became unavailable (restart) between the look and the call
+            if targets is not None or attempt == 2:
+                raise
+        except CompositeError as err:
+            if targets is not None or any(isinstance(e, RemoteError) for e in err.elist):
+                raise
+            # engines that died or began restarting during the call are skipped, with the reason
+            lost = {e.engine_id: str(e) for e in err.elist}
+            keep = [(e, v) for e, v in zip(eids, err.results) if e not in lost]
+            return [e for e, _ in keep], [v for _, v in keep], {**skipped, **lost}
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _skipped_text(skipped: dict[int, str]) -> str:
+    return "; ".join(f"engine {e} ({why})" for e, why in sorted(skipped.items()))
 
 
 def pull_table(client: Any, names: str | Sequence[str], targets: Any = None, timeout: float | None = None) -> Any:
@@ -43,13 +83,25 @@ def pull_table(client: Any, names: str | Sequence[str], targets: Any = None, tim
     installed, otherwise a list of dicts ``{'engine': id, name: value, ...}`` (a name missing on
     an engine is missing from its dict, NaN in the DataFrame)."""
     names = [names] if isinstance(names, str) else list(names)
-    eids, values = _fetch(client, names, targets, timeout)
+    eids, values, skipped = _fetch(client, names, targets, timeout)
+    if skipped:  # never dropped silently: said here, and kept on the table
+        print(f"pull_table: skipped {_skipped_text(skipped)}", file=sys.stderr)
     rows = [{"engine": eid, **{n: v[n] for n in names if n in v}} for eid, v in zip(eids, values)]
     try:
         import pandas as pd
     except ImportError:
-        return rows
-    return pd.DataFrame.from_records(rows, index="engine", columns=["engine", *names])
+        return Rows(rows, skipped)
+    df = pd.DataFrame.from_records(rows, index="engine", columns=["engine", *names])
+    df.attrs["skipped"] = dict(skipped)
+    return df
+
+
+class Rows(list):
+    """``pull_table`` without pandas: a list of dicts; ``skipped`` maps engine id -> reason."""
+
+    def __init__(self, rows: list[dict], skipped: dict[int, str]) -> None:
+        super().__init__(rows)
+        self.skipped = dict(skipped)
 
 
 def same(a: Any, b: Any) -> bool:
@@ -77,18 +129,29 @@ def same(a: Any, b: Any) -> bool:
 class Diff:
     """Engines grouped by the value they hold for one name; ``missing`` lacks it."""
 
-    def __init__(self, name: str, groups: list[tuple[Any, list[int]]], missing: list[int]) -> None:
+    def __init__(self, name: str, groups: list[tuple[Any, list[int]]], missing: list[int],
+                 skipped: dict[int, str] | None = None) -> None:
         self.name, self.groups, self.missing = name, groups, missing
+        self.skipped: dict[int, str] = dict(skipped or {})  # engine id -> why it was not compared
 
     @property
     def identical(self) -> bool:
         return len(self.groups) <= 1 and not self.missing
 
     def __repr__(self) -> str:
+        text = self._compared()
+        if self.skipped:
+            text += f"\n  skipped: {_skipped_text(self.skipped)}"
+        return text
+
+    def _compared(self) -> str:
         if not self.groups and not self.missing:
             return f"{self.name}: no engines to compare"
         if self.identical:
             eids = self.groups[0][1]
+            if self.skipped:
+                return (f"{self.name}: the same on the {len(eids)} engine{'s' if len(eids) != 1 else ''} "
+                        f"compared {eids}: {_short_repr(self.groups[0][0])}")
             return f"{self.name}: the same on all {len(eids)} engines {eids}: {_short_repr(self.groups[0][0])}"
         n = len(self.groups)
         lines = [f"{self.name}: {n} different value{'s' if n != 1 else ''}"
@@ -116,7 +179,7 @@ def diff(client: Any, name: str, targets: Any = None, timeout: float | None = No
     """Group the target engines by the value of ``name`` they hold."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"{name!r} is not a variable name")
-    eids, values = _fetch(client, [name], targets, timeout)
+    eids, values, skipped = _fetch(client, [name], targets, timeout)
     groups: list[tuple[Any, list[int]]] = []
     missing = []
     for eid, v in zip(eids, values):
@@ -129,4 +192,4 @@ def diff(client: Any, name: str, targets: Any = None, timeout: float | None = No
                 break
         else:
             groups.append((v[name], [eid]))
-    return Diff(name, groups, missing)
+    return Diff(name, groups, missing, skipped)

@@ -16,6 +16,7 @@ import asyncio
 import enum
 import itertools
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import Future
@@ -35,6 +36,8 @@ log = logging.getLogger("ipy_multiengine")
 
 #: Seconds to wait for ``status: idle`` after a reply before declaring the output lost.
 IDLE_GRACE = 5.0
+#: Milliseconds a closing client waits for its comm_close messages to leave.
+CLOSE_LINGER_MS = 500
 #: Seconds between liveness polls of engines.
 POLL_INTERVAL = 0.5
 #: Default heartbeat period (s) for engines without a local process to poll: an engine that
@@ -503,10 +506,37 @@ class Controller:
         for task in (self._poller, self._beater, self._stall_watch):
             if task:
                 task.cancel()
+        flushing = False
         for conn in self._engines.values():
+            shell = conn.sockets.get("shell")
+            if conn.data_ok and not conn.dead and shell is not None:
+                # close our comm on the engine, or every client ever connected leaves one behind
+                try:
+                    self._send(conn, "shell", conn.session.msg("comm_close", {"comm_id": conn.comm_id,
+                                                                               "data": {}}))
+                    conn.sockets.pop("shell").close(linger=CLOSE_LINGER_MS)  # let it leave
+                    flushing = True
+                except Exception as exc:
+                    log.debug("engine %s: could not send comm_close: %s", conn.eid, exc)
             self._teardown(conn, "the client was closed")
         if self._ctx is not None:
-            self._ctx.destroy(linger=0)
+            ctx, self._ctx = self._ctx, None
+            if not flushing:
+                ctx.destroy(linger=0)
+                return
+            # term() waits (at most CLOSE_LINGER_MS) for the comm_close messages to leave: in a
+            # short-lived thread, not on the loop every client shares
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+
+            def term() -> None:
+                try:
+                    ctx.destroy(linger=0)
+                finally:
+                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+            threading.Thread(target=term, name="ipy_multiengine-close", daemon=True).start()
+            await asyncio.wait_for(done, CLOSE_LINGER_MS / 1000 + 2)
 
     # ---------------------------------------------------------------- no lost exceptions (loop)
     def _spawn(self, coro: Any, conn: EngineConn | None = None) -> asyncio.Task:
@@ -689,6 +719,9 @@ class Controller:
                 req = self._request_of(conn, msg)
                 if req is not None:
                     self._finish(conn, req, exc=exc)
+            # do not keep the last message's frames alive until the next one arrives: once the
+            # user drops a result, its memory must be freed (issue 11 item 11)
+            frames = msg_list = msg = None  # type: ignore[assignment]
 
     @staticmethod
     def _request_of(conn: EngineConn, msg: dict) -> Request | None:

@@ -157,12 +157,9 @@ def run_kernel(connection_file: str, engine_id: int, mpi: str, kernel_args: list
 
 
 def _private_dir() -> str:
-    from jupyter_core.paths import jupyter_runtime_dir
+    from .clusterfile import runtime_dir
 
-    path = os.path.join(jupyter_runtime_dir(), "ipy_multiengine", "engines")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
+    return str(runtime_dir("engines"))
 
 
 def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], timeout: float) -> int:
@@ -210,7 +207,17 @@ def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], t
         if report and report.get(READY_KEY):
             report["connection_file"] = path
             report["log_file"] = log_path
-            print(READY_PREFIX + json.dumps(report), flush=True)
+            try:
+                print(READY_PREFIX + json.dumps(report), flush=True)
+            except (BrokenPipeError, OSError):  # the launcher gave up (cancelled): no orphan
+                proc.kill()
+                proc.wait()
+                for p in (path, log_path):
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+                return 1
             return 0
         if proc.poll() is not None or time.monotonic() > deadline:
             if proc.poll() is None:
@@ -234,7 +241,7 @@ def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], t
         time.sleep(0.05)
 
 
-def _engine_process(pid: int, connection_file: str):
+def engine_process(pid: int, connection_file: str):
     """The ``psutil.Process`` with ``pid`` if it is the engine of ``connection_file`` (its
     command line names that file), else None. Never trust a bare pid: it may belong to
     anybody by now; a process we may not inspect is not ours to signal either."""
@@ -250,12 +257,13 @@ def _engine_process(pid: int, connection_file: str):
     return proc if connection_file in args else None
 
 
-def _pid_runs_engine(pid: int, connection_file: str) -> bool:
-    return _engine_process(pid, connection_file) is not None
+def pid_runs_engine(pid: int, connection_file: str) -> bool:
+    """Is process ``pid`` alive (not a zombie) and the engine of ``connection_file``?"""
+    return engine_process(pid, connection_file) is not None
 
 
 def signal_engine(pid: int, connection_file: str, signame: str) -> int:
-    proc = _engine_process(pid, connection_file)
+    proc = engine_process(pid, connection_file)
     if proc is None:
         print(f"engine_main: no engine with pid {pid} for {connection_file}", file=sys.stderr)
         return 3
@@ -274,19 +282,23 @@ def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
     ``timeout``, SIGKILL those left; remove their files."""
     import psutil
 
-    procs = [p for pid, f in engines if (p := _engine_process(pid, f)) is not None]
+    procs = [p for pid, f in engines if (p := engine_process(pid, f)) is not None]
     for proc in procs:
         try:
             proc.terminate()
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
         try:
             proc.kill()
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=5.0)
+    _, alive = psutil.wait_procs(alive, timeout=5.0)
+    if alive:
+        print("engine_main: engine process(es) still running after SIGKILL: "
+              + ", ".join(str(p.pid) for p in alive), file=sys.stderr)
+        return 1
     for _, connection_file in engines:
         for p in (connection_file, connection_file[: -len(".json")] + ".log"):
             try:

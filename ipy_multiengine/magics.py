@@ -35,7 +35,7 @@ from . import client as _client_mod
 from . import stdin
 from .errors import CompositeError, MultiEngineError, NoClusterError
 from .errors import TimeoutError as MultiEngineTimeout
-from .render import UPDATE_INTERVAL, Renderer, _Progress, _short
+from .render import UPDATE_INTERVAL, ProgressBar, Renderer, _short
 from .targets import TargetsError, engine_range
 from .targets import parse_targets as _parse_targets_raw
 
@@ -96,6 +96,11 @@ def _timeout_value(text: str) -> float | None:
 
 def _in_notebook(shell: Any) -> bool:
     return getattr(shell, "kernel", None) is not None
+
+
+def _tick_progress(progress: ProgressBar, pr: Any) -> None:
+    waiting = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
+    progress(len(pr.futures) - len(waiting), len(pr.futures), waiting)
 
 
 def _live_printer(eid: int) -> Any:
@@ -340,19 +345,21 @@ class ParallelMagics(Magics):
             fut.add_done_callback(lambda _f: events.put(_DONE))
         renderer = Renderer(pr.eids, mode, self.notebook, group, collapse)
         started = time.monotonic()
-        progress = _Progress(progress_after, self.notebook, started)
+        # the one progress display of every call (tqdm.auto), shown when asked: --progress-after S
+        progress = ProgressBar("%px", progress_after, force=True)
         deadline = None if timeout is None else started + timeout
         try:
             timed_out = not self._pump(pr, events, renderer, progress, deadline)
+            if progress.bar is not None:
+                _tick_progress(progress, pr)  # the final count
         except KeyboardInterrupt:
             with stdin.dropping(pr.futures):  # no more prompts of this call (one Ctrl-C is enough)
                 self._interrupted(mec, pr, events, renderer, progress)
             raise _short(KeyboardInterrupt()) from None
         finally:
+            progress.close()
             if not pr.ready():
                 closed.set()
-        if progress.shown is not None and progress.shown != len(pr.futures):
-            progress.tick(pr.eids, pr.futures, final=True)
         if timed_out:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             renderer.finish()
@@ -414,7 +421,7 @@ class ParallelMagics(Magics):
                 renderer.handle(r["id"], out.get("output_type", ""), out)
         renderer.finish()
 
-    def _pump(self, pr: Any, events: queue.Queue, renderer: Renderer, progress: _Progress,
+    def _pump(self, pr: Any, events: queue.Queue, renderer: Renderer, progress: ProgressBar,
               deadline: float | None) -> bool:
         """Render events until every engine is done (True) or ``deadline`` passes (False)."""
         while True:
@@ -434,12 +441,12 @@ class ParallelMagics(Magics):
             renderer.tick()
             if ready:
                 return True
-            progress.tick(pr.eids, pr.futures)
+            _tick_progress(progress, pr)
             if deadline is not None and time.monotonic() >= deadline and not pr.ready():
                 return False
 
     def _interrupted(self, mec: Any, pr: Any, events: queue.Queue, renderer: Renderer,
-                     progress: _Progress) -> None:
+                     progress: ProgressBar) -> None:
         """Ctrl-C / notebook interrupt: interrupt the engines still running, show their output."""
         running = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
         end = time.monotonic() + INTERRUPT_GRACE
@@ -589,9 +596,10 @@ class ParallelMagics(Magics):
         """The Results List of the last command run on the engines (waits if it is still running)."""
         args = parse_argstring(self.result, line)
         mec = self.client()
-        pr = mec.last if mec.last is not None and mec.last.method == "execute" else self.last
-        if pr is None:
-            raise UsageError("no command has been run on the engines yet")
+        try:
+            pr = mec.last_executed()  # the last command executed on each engine
+        except ValueError:
+            raise UsageError("no command has been run on the engines yet") from None
         timeout = None if args.timeout is None else _timeout_value(args.timeout)
         return pr.get_result(timeout=timeout)
 
@@ -621,6 +629,10 @@ def unload(ip: Any) -> None:
     magics = _LOADED.pop(id(ip), None)
     if magics is None:
         return
+    own = magics._own_client  # the client %px connected by itself: nobody else can close it
+    magics._own_client = None
+    if own is not None and not own.closed:
+        own.close()
     if magics.transformer in ip.input_transformers_cleanup:
         ip.input_transformers_cleanup.remove(magics.transformer)
     table = ip.magics_manager.magics

@@ -372,32 +372,42 @@ def _collapse(blocks: list[tuple[list[int], str, Any]]) -> list[tuple[list[int],
     return out
 
 
-class _Progress:
-    """After ``after`` seconds, shows how many engines are done (in place in a notebook)."""
+def interactive() -> bool:
+    """Someone watches: a notebook kernel, or stderr is a terminal (progress bars only then)."""
+    return in_notebook() or bool(getattr(sys.stderr, "isatty", lambda: False)())
 
-    def __init__(self, after: float | None, notebook: bool, started: float) -> None:
-        self.after, self.notebook, self.started = after, notebook, started
-        self.shown: int | None = None
-        self.display_id = f"ipme-progress-{id(self):x}-{time.monotonic_ns():x}"
 
-    def tick(self, eids: list[int], futures: list[Any], final: bool = False) -> None:
-        if self.after is None:
-            return
-        elapsed = time.monotonic() - self.started
-        if elapsed < self.after and self.shown is None:
-            return
-        done = sum(f.done() for f in futures)
-        if done == self.shown and not final:
-            return
-        waiting = [e for e, f in zip(eids, futures) if not f.done()]
-        text = f"[progress] {done}/{len(futures)} engines done after {elapsed:.1f} s"
-        if waiting:
-            text += f"; waiting for {engine_range(waiting)}"
-        if self.notebook:
-            _display({"text/plain": text}, {}, self.display_id, update=self.shown is not None)
-        else:
-            print(text, file=sys.stderr, flush=True)
+class ProgressBar:
+    """The one progress display of every blocking call (``map``, ``gather``, ``barrier``,
+    ``%px --progress-after``): a ``tqdm.auto`` bar of engines done, shown once the call has
+    taken ``after`` seconds, in an interactive session (or always with ``force``, when the user
+    asked for it). ``progress(done, total)`` is what ``_loop.wait`` calls each slice;
+    ``waiting(eids)`` names the engines still running (the bar's postfix)."""
+
+    def __init__(self, desc: str, after: float | None, force: bool = False) -> None:
+        self.desc, self.after, self.force = desc, after, force
+        self.started = time.monotonic()
+        self.bar: Any = None
+        self.shown = 0
+
+    def __call__(self, done: int, total: int, waiting: list[int] | None = None) -> None:
+        if self.bar is None:
+            if (self.after is None or done >= total or time.monotonic() - self.started < self.after
+                    or not (self.force or interactive())):
+                return
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="engine", leave=self.force,
+                            file=sys.stderr)
+        if waiting is not None:
+            self.bar.set_postfix_str(f"waiting for {engine_range(waiting)}" if waiting else "", refresh=False)
+        self.bar.update(done - self.shown)
         self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def in_notebook() -> bool:

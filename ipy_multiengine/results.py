@@ -17,6 +17,10 @@ class ResultList(list):
         <Results List>
         [0] In [4]: print(c)
         [0] Out[4]: 15
+
+    Beyond the tutorial's lines: stderr as ``[0] Err[4]: ...`` and every rich output named by
+    its MIME types, ``[0] Display[4]: <image/png, text/plain> <Figure ...>`` (a result whose
+    bundle holds more than ``text/plain`` also gets such a line, ``Display[4]: result <...>``).
     """
 
     def __repr__(self) -> str:
@@ -35,10 +39,32 @@ class ResultList(list):
                     text = f"{text}\n{page}" if text else page
             if text:
                 lines.append(f"[{eid}] Out[{n}]: {text}")
+            err = (r.get("stderr") or "").rstrip("\n")
+            if err:
+                lines.append(f"[{eid}] Err[{n}]: {err}")
+            for out in r.get("outputs") or []:
+                named = _rich(out)
+                if named:
+                    lines.append(f"[{eid}] Display[{n}]: {named}")
         return "\n".join(lines)
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(repr(self))
+
+
+def _rich(out: dict) -> str:
+    """Name a display/result output by its MIME types (``''`` for a plain-text result)."""
+    kind = out.get("output_type")
+    data = out.get("data") or {}
+    if kind not in ("display_data", "update_display_data", "execute_result"):
+        return ""
+    if (out.get("metadata") or {}).get("pager"):
+        return ""  # pager text: already on the Out line
+    if kind == "execute_result" and set(data) <= {"text/plain"}:
+        return ""  # already on the Out line
+    head = "result " if kind == "execute_result" else ("update " if kind == "update_display_data" else "")
+    plain = "" if kind == "execute_result" else str(data.get("text/plain", ""))
+    return f"{head}<{', '.join(sorted(data)) or 'empty'}>" + (f" {plain}" if plain else "")
 
 
 class PendingResult:
@@ -149,6 +175,18 @@ class PendingResult:
             self._value = self._finish(results)
         except BaseException as exc:  # e.g. a value that cannot be unpickled here
             self._error = exc
+            return
+        _release_frames(results)
+
+
+def _release_frames(replies: list[Any]) -> None:
+    """Drop the raw reply frames once the value is built: values rebuilt zero-copy keep their
+    own buffers alive, and e.g. ``gather``'s concatenated parts are freed at once."""
+    from .controller import CommReply
+
+    for reply in replies:
+        if isinstance(reply, CommReply):
+            reply.frames = []
 
 
 def _output(fut: cf.Future, name: str, empty: Any) -> Any:

@@ -107,7 +107,10 @@ def status_rows(client: Any) -> list[dict]:
         row["running"] = conn.running if busy else ""
         row["busy_for"] = (now - conn.busy_since) if busy and conn.busy_since else None
         row["queued"] = conn.queued
-        row["rss"], row["cpu"] = _usage(row["pid"], row["host"]) if not row["dead"] else (None, None)
+        if row["dead"] or row["ready"] is False:  # restarting/starting: the old pid says nothing
+            row["pid"] = row["rss"] = row["cpu"] = None  # shown as "-"
+        else:
+            row["rss"], row["cpu"] = _usage(row["pid"], row["host"])
     return rows
 
 

@@ -1,7 +1,9 @@
-"""Engine targets: the one parser of ``--targets`` text and the id-range formatter."""
+"""Engine targets: the one parser of ``--targets`` text, the one resolver of ``targets=`` values,
+and the id-range formatter."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 
@@ -64,3 +66,42 @@ def engine_range(eids: list[int]) -> str:
         parts.append(str(eids[i]) if i == j else f"{eids[i]}-{eids[j]}")
         i = j + 1
     return ",".join(parts)
+
+
+def resolve(targets: Any, ids: list[int], groups: dict[str, list[int]] | None = None) -> list[int]:
+    """A ``targets=`` value (``'all'``, an id, a list of ids, group names) -> the engine ids, in
+    order; ``ValueError``/``TypeError`` naming the offending value and the valid ids otherwise."""
+    ids = list(ids)
+    groups = groups or {}
+    if isinstance(targets, str):
+        if targets == "all":
+            return list(ids)
+        if targets in groups:
+            return list(groups[targets])
+        names = f"'all', a group name ({', '.join(map(repr, groups))})" if groups else "'all'"
+        raise ValueError(f"targets must be {names}, an engine id or a list of ids, not {targets!r}; "
+                         f"valid ids: {ids}")
+    if isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
+        chosen = [int(targets)]
+    elif isinstance(targets, (list, tuple, range)):
+        chosen = []
+        for t in targets:
+            if isinstance(t, str) and t in groups:
+                chosen.extend(groups[t])
+                continue
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+                raise TypeError(f"engine ids must be ints, not {t!r} ({type(t).__name__}), or group names "
+                                f"({', '.join(map(repr, groups)) or 'none'}); valid ids: {ids}")
+            chosen.append(int(t))
+        if not chosen:
+            raise ValueError(f"targets is an empty list; valid ids: {ids}")
+    else:
+        raise TypeError(f"targets must be 'all', an int or a list of ints, not {targets!r} "
+                        f"({type(targets).__name__}); valid ids: {ids}")
+    unknown = [t for t in chosen if t not in ids]
+    if unknown:
+        raise ValueError(f"unknown engine id{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(str, unknown))}; valid ids: {ids}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"targets lists an engine twice: {chosen}")
+    return chosen

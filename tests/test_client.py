@@ -241,3 +241,78 @@ def test_concurrent_threads_share_a_client(mec):
 
     with cf.ThreadPoolExecutor(4) as pool:
         assert list(pool.map(work, range(24))) == [f"{i}\n" for i in range(24)]
+
+
+# -- issue 11 item 12: clients that are not closed leak; engine comms are never closed
+def _engine_comms(mec) -> list[int]:
+    mec.execute("_n_comms = len(get_ipython().kernel.comm_manager.comms)")
+    return mec.pull("_n_comms")
+
+
+def _process_counts() -> tuple[int, int]:
+    import os
+
+    return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
+
+
+def _settled(expected, measure, within: float = 5.0):
+    """Poll ``measure()`` until it equals ``expected`` or ``within`` seconds pass; the last value."""
+    deadline = time.monotonic() + within
+    value = measure()
+    while value != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = measure()
+    return value
+
+
+@pytest.mark.timeout(120)
+def test_h12_unclosed_client_leaks_50_cycles_stay_flat(mec, cluster):
+    import gc
+
+    path = cluster.cluster_file
+    for _ in range(2):  # warm up: first-use allocations, the loop thread
+        client.MultiEngineClient(path).close()
+    gc.collect()
+    comms = _engine_comms(mec)
+    counts = _process_counts()
+    for i in range(50):
+        c = client.MultiEngineClient(path)
+        assert c.execute("pass", targets=0)[0]["status"] == "ok"
+        if i % 2:
+            c.close()  # explicit close ...
+        else:
+            del c  # ... or just dropped: the finalizer closes it
+            gc.collect()
+    assert _settled(comms, lambda: _engine_comms(mec)) == comms
+    assert _settled(counts, _process_counts) == counts
+
+
+def test_h12_close_closes_the_engine_comm_and_finalizer_runs(mec, cluster):
+    import gc
+    import weakref
+
+    before = _engine_comms(mec)
+    c = client.MultiEngineClient(cluster.cluster_file)
+    assert _engine_comms(mec) == [n + 1 for n in before]
+    ref = weakref.ref(c)
+    del c
+    gc.collect()
+    assert ref() is None  # nothing (the controller's callbacks) keeps a dropped client alive
+    assert _settled(before, lambda: _engine_comms(mec)) == before
+
+
+def test_h12_unload_ext_closes_the_client_px_created(mec, cluster):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "ipy_multiengine")
+    magics = ip.magics_manager.registry["ParallelMagics"]
+    own = client.MultiEngineClient(cluster.cluster_file).activate()
+    magics._own_client = own  # what %px does when no client is active (magics.client())
+    try:
+        ip.run_line_magic("unload_ext", "ipy_multiengine")
+        assert own.closed
+        assert client.get_active() is None
+    finally:
+        ip.run_line_magic("load_ext", "ipy_multiengine")
+        mec.activate()

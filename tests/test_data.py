@@ -243,9 +243,9 @@ def test_data_ops_keep_order_with_execute(mec):
 
 def test_progress_bar_after_threshold(mec, monkeypatch, capsys):
     # Interactivity is faked (pytest has no terminal); the bar itself is real tqdm output.
-    from ipy_multiengine import client as client_mod
+    from ipy_multiengine import render
 
-    monkeypatch.setattr(client_mod, "_interactive", lambda: True)
+    monkeypatch.setattr(render, "interactive", lambda: True)
     monkeypatch.setattr(mec, "progress_after", 0.2)
     assert mec.map(lambda x: __import__("time").sleep(0.3 * x) or x, range(4)) == [0, 1, 2, 3]
     err = capsys.readouterr().err
@@ -257,9 +257,9 @@ def test_progress_bar_after_threshold(mec, monkeypatch, capsys):
 
 def test_progress_off_when_not_interactive(mec, capsys):
     assert mec.progress_after == 2.0
-    from ipy_multiengine import client as client_mod
+    from ipy_multiengine import render
 
-    assert client_mod._interactive() is False  # pytest captures stderr: not a terminal
+    assert render.interactive() is False  # pytest captures stderr: not a terminal
 
 
 def test_push_to_four_engines_does_not_copy_per_engine(tmp_path):

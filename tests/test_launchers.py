@@ -175,6 +175,67 @@ def test_engine_main_bound_to_all_interfaces_reports_a_reachable_address(tmp_pat
         proc.wait()
 
 
+def test_13_launcher_errors_are_package_errors_and_pickle():
+    import pickle
+
+    from ipy_multiengine.errors import EngineError, MultiEngineError
+
+    err = LauncherError("engine 3 failed to start", 3)
+    assert isinstance(err, MultiEngineError) and isinstance(err, EngineError)
+    back = pickle.loads(pickle.dumps(err))
+    assert (type(back), str(back), back.engine_id) == (LauncherError, str(err), 3)
+    t = EngineStartTimeout("engines 1, 2 never reported", [1, 2])
+    assert isinstance(t, TimeoutError) and isinstance(t, MultiEngineError)
+    back = pickle.loads(pickle.dumps(t))
+    assert (type(back), str(back), back.missing) == (EngineStartTimeout, str(t), [1, 2])
+
+
+def test_13_launcher_interface_is_abstract_and_restart_says_why_not():
+    import asyncio
+
+    from ipy_multiengine.launchers.base import Launcher
+    from ipy_multiengine.launchers.local import LocalLauncher
+    from ipy_multiengine.launchers.slurm import SlurmLauncher
+
+    class Half(Launcher):
+        async def stop(self, timeout=5.0):
+            pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half(1)
+    assert not hasattr(Launcher, "poll")
+    assert LocalLauncher.can_restart
+    for launcher in (MPILauncher(2), SlurmLauncher(2), SSHLauncher(hosts={"h": 2})):
+        assert not launcher.can_restart
+        with pytest.raises(LauncherError, match=f"{launcher.name}.*cannot be restarted one by one"):
+            asyncio.run(launcher.restart([0]))
+
+
+@pytest.mark.timeout(120)
+def test_13_local_engines_start_and_restart_through_the_local_launcher():
+    from ipy_multiengine.launchers.local import KERNEL_ARGS, LocalLauncher
+
+    c = Cluster(n=2, profile="test-13-local", write_file=False)
+    assert isinstance(c.launcher, LocalLauncher) and c.managers is c.launcher.managers
+    mec = c.start()
+    try:
+        old = c.engine_meta()[1]["pid"]
+        # the fast kernel arguments (the old LocalLauncher lacked _execute_sleep=0) reach every kernel
+        for km in c.managers.values():
+            cmd = psutil.Process(km.provisioner.pid).cmdline()
+            assert all(a in cmd for a in KERNEL_ARGS), cmd
+        mec.execute("a = 5")
+        mec.restart(1)
+        assert c.engine_meta()[1]["pid"] != old and not psutil.pid_exists(old)
+        assert mec.execute("print('a' in dir())")[1]["stdout"] == "False\n"
+        assert mec.execute("print(a)", targets=0)[0]["stdout"] == "5\n"
+        files = [km.connection_file for km in c.managers.values()] + [str(c.log_file(e)) for e in (0, 1)]
+        assert all(os.path.exists(f) for f in files)
+    finally:
+        c.stop()
+    assert not c.managers and not any(os.path.exists(f) for f in files)
+
+
 # ---------------------------------------------------------------------- MPI
 @pytest.fixture(scope="module")
 def mpi_cluster():
@@ -447,6 +508,96 @@ def test_ssh_connection_info_never_on_a_command_line(ssh_hosts):
     finally:
         c.stop()
     wait_no_engines(SSH_ENGINE_DIR)
+
+
+# ---------------------------------------------------------------------- ssh without sshd
+FAKE_SSH = str(Path(__file__).with_name("fake_ssh.py"))  # runs the remote command locally
+
+
+def forwarders() -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "-N" in cmd and any("fake_ssh" in c or c == "ssh" for c in cmd[:2]):
+            out.append(p)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_o04_failing_ssh_host_leaves_no_engines_of_the_other_hosts():
+    # 'bad' refuses the connection at once while 'good' is still starting its two engines:
+    # the start must fail, and nothing it started (kernels, port forwarders) may outlive it
+    c = Cluster(launcher="ssh", hosts={"good": 2, "bad": 1}, ssh=FAKE_SSH, python=sys.executable,
+                env=ENGINE_ENV, profile="test-o04")
+    with pytest.raises(LauncherError, match="engine 2 on bad failed to start.*Connection refused"):
+        c.start()
+    assert not engine_processes(SSH_ENGINE_DIR) and not forwarders()
+    # and none comes up late (the bug: they finished starting after start() had given up)
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        assert not engine_processes(SSH_ENGINE_DIR), "an engine came up after the failed start"
+        time.sleep(0.2)
+    assert not os.path.exists(SSH_ENGINE_DIR) or not os.listdir(SSH_ENGINE_DIR)
+
+
+@pytest.mark.timeout(120)
+def test_o04_failed_remote_stop_is_reported_with_what_is_left():
+    launcher = SSHLauncher(hosts={"good": 2}, ssh=FAKE_SSH, python=sys.executable, env=ENGINE_ENV)
+    c = Cluster(launcher=launcher, profile="test-o04-stop")
+    mec = c.start()
+    try:
+        assert mec.execute("print(1)")[0]["stdout"] == "1\n"
+        pids = [e["pid"] for e in launcher.engines]
+        launcher.ssh = "/bin/false"  # the host cannot be reached any more
+        with pytest.raises(LauncherError, match=r"could not stop engine\(s\) 0, 1: good"):
+            from ipy_multiengine import _loop
+            _loop.run(launcher.stop(timeout=1.0), timeout=60)
+        assert all(psutil.pid_exists(p) for p in pids)  # really still there, and still recorded
+    finally:
+        launcher.ssh = FAKE_SSH
+        c.stop()  # the second stop reaches the host and takes them down
+    wait_no_engines(SSH_ENGINE_DIR)
+
+
+@pytest.fixture
+def home_python(tmp_path, monkeypatch):
+    """A fake home with ``venv/bin/python`` (a wrapper for this interpreter); HOME points there
+    (fake_ssh's remote shell inherits it, as a remote login shell has its own HOME)."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    wrapper = bin_dir / "python"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return wrapper
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("python", ["~/venv/bin/python", "$HOME/venv/bin/python", "${HOME}/venv/bin/python"])
+def test_o07_ssh_python_in_home(home_python, python):
+    c = Cluster(launcher="ssh", hosts={"good": 1}, ssh=FAKE_SSH, python=python, env=ENGINE_ENV,
+                profile="test-o07")
+    mec = c.start()
+    try:
+        assert mec.execute("import sys; print(sys.executable)")[0]["stdout"] == sys.executable + "\n"
+    finally:
+        c.stop()
+    wait_no_engines(SSH_ENGINE_DIR)
+
+
+def test_o07_home_python_in_slurm_script_and_bad_forms_refused(home_python):
+    from ipy_multiengine.launchers.slurm import SlurmLauncher
+
+    launcher = SlurmLauncher(1, python="~/venv/bin/python")
+    launcher.work_dir = "/tmp/x"
+    line = launcher.srun_command()
+    word = line.split()[1]
+    out = subprocess.run(["sh", "-c", f"echo {word}"], capture_output=True, text=True).stdout.strip()
+    assert out == str(home_python)
+    for bad in ("$VENV/bin/python", "~other user/python", "/opt/`id`/python"):
+        for cls in (SSHLauncher, SlurmLauncher):
+            with pytest.raises(ValueError, match="python="):
+                cls(1, python=bad, **({"hosts": {"h": 1}} if cls is SSHLauncher else {}))
 
 
 # ---------------------------------------------------------------------- attach

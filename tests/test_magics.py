@@ -288,12 +288,14 @@ def test_rich_outputs_are_labelled(ip):
 
 
 def test_progress_after(ip):
+    # one progress mechanism for every call (issue 13.4): the tqdm bar mec.map shows, which
+    # replaced the "[progress] n/4 engines done" lines of before
     cap, res = run(ip, "%%px --progress-after 0.2\nimport time; time.sleep(0.8)")
-    lines = cap.stderr.splitlines()
-    assert lines[0].startswith("[progress] 0/4 engines done after")
-    assert lines[-1].startswith("[progress] 4/4 engines done after")
+    frames = cap.stderr.replace("\r", "\n").splitlines()
+    assert any(f.startswith("%px:") and "0/4" in f and "waiting for 0-3" in f for f in frames), frames
+    assert any(f.startswith("%px:") and "4/4" in f for f in frames), frames
     cap, res = run(ip, "%%px --progress-after 30\nx = 1")
-    assert "[progress]" not in cap.stderr
+    assert "%px:" not in cap.stderr
 
 
 def test_timeout_then_result(ip):
@@ -630,3 +632,54 @@ def test_o14_pager_output_is_shown_labelled_by_engine(ip, mec):
             assert all(o.data["text/plain"].startswith(f"[output:{o.metadata['engine']}]") for o in pages)
     cap, res = run(ip, "%%px --targets 0\n%psource len")  # no Python source for a builtin: said so
     assert res.success
+
+
+@pytest.mark.timeout(120)
+def test_o15_compare_and_status_list_restarting_engines_as_skipped(ip):
+    import os
+
+    from ipy_multiengine import Cluster
+
+    with Cluster(n=2, profile=f"o15-{os.getpid()}") as mec2:
+        mec2.execute("x = 1")
+        mec2.on_start("import time; time.sleep(4)")  # keeps the restarting engine not ready a while
+        t = threading.Thread(target=mec2.restart, args=(1,), kwargs={"timeout": 60})
+        t.start()
+        try:
+            deadline = time.monotonic() + 20
+            while mec2.engines[1]["ready"] and time.monotonic() < deadline:
+                time.sleep(0.005)  # polling for the restart to begin, bounded by the deadline
+            assert not mec2.engines[1]["ready"], "the restart never began"
+            d = mec2.diff("x")
+            assert d.groups == [(1, [0])] and list(d.skipped) == [1], (d.groups, d.skipped)
+            text = repr(d)
+            assert "all 1 engines" not in text and "skipped" in text and "engine 1" in text, text
+            with capture_output() as cap:
+                table = mec2.pull_table("x")
+            skipped = table.attrs["skipped"] if hasattr(table, "attrs") else table.skipped
+            assert list(skipped) == [1] and "skipped engine 1" in cap.stderr
+            mec2.activate()
+            cap, res = run(ip, "%pxdiff x")
+            assert "skipped" in repr(res.result)
+            status = mec2.status()
+            row = next(r for r in status.cells() if r["id"] == "1")
+            assert row["rss"] == "-" and row["cpu"] == "-" and row["pid"] == "-", row
+        finally:
+            t.join()
+        assert mec2.diff("x").skipped == {}  # restarted: compared again (x is gone there: missing)
+        assert mec2.diff("x").missing == [1]
+
+
+
+def test_targets_module_is_the_one_resolver(mec):
+    from ipy_multiengine import targets
+
+    assert targets.resolve("all", [0, 1, 2]) == [0, 1, 2]
+    assert targets.resolve([2, "g"], [0, 1, 2], {"g": [0]}) == [2, 0]
+    with pytest.raises(ValueError, match="unknown engine id 7; valid ids"):
+        targets.resolve(7, [0, 1])
+    with pytest.raises(ValueError, match="unknown engine id 7"):
+        mec.execute("pass", targets=7)  # the client resolves through it
+    assert targets.parse_targets("::2", [0, 1, 2, 3]) == [0, 2]
+    with pytest.raises(targets.TargetsError):
+        targets.parse_targets("1:2:3:4", [0, 1])

@@ -89,9 +89,11 @@ def test_transport_encryption_auto():
 
 
 def test_encryption_policy_default():
-    from ipy_multiengine.cluster import Cluster
+    # the policy moved from Cluster._encryption_policy to the launchers' one public function
+    from ipy_multiengine.launchers.base import encryption_policy
 
-    c = Cluster(n=1, write_file=False)
-    assert c._encryption_policy("127.0.0.1") == "disabled"
-    assert c._encryption_policy("10.1.2.3") == "auto"
-    assert Cluster(n=1, transport_encryption="required")._encryption_policy("127.0.0.1") == "required"
+    assert encryption_policy(None, "127.0.0.1") == "disabled"
+    assert encryption_policy(None, "10.1.2.3") == "auto"
+    assert encryption_policy("required", "127.0.0.1") == "required"
+    with pytest.raises(ValueError, match="transport_encryption"):
+        encryption_policy("sometimes", "127.0.0.1")

@@ -1,9 +1,8 @@
 """Launchers: who starts the engines (local, mpi, slurm, ssh, or a plugin).
 
 A launcher is found by name through the entry-point group ``ipy_multiengine.launchers``
-(``name = "module:Class"``); the built-in ones are also registered directly so that a
-source checkout works without installation. See :mod:`ipy_multiengine.launchers.base`
-for the interface.
+(``name = "module:Class"``; the built-in ones are registered in ``pyproject.toml``), or given as
+``"package.module:Class"``. See :mod:`ipy_multiengine.launchers.base` for the interface.
 """
 
 from __future__ import annotations
@@ -15,23 +14,14 @@ from .base import EngineStartTimeout, Launcher, LauncherError
 
 ENTRY_POINT_GROUP = "ipy_multiengine.launchers"
 
-BUILTIN = {
-    "local": "ipy_multiengine.launchers.local:LocalLauncher",
-    "mpi": "ipy_multiengine.launchers.mpi:MPILauncher",
-    "slurm": "ipy_multiengine.launchers.slurm:SlurmLauncher",
-    "ssh": "ipy_multiengine.launchers.ssh:SSHLauncher",
-}
-
-
 def _load(spec: str):
     module, _, attr = spec.partition(":")
     return getattr(import_module(module), attr)
 
 
 def available_launchers() -> list[str]:
-    names = set(BUILTIN)
-    names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-    return sorted(names)
+    """The names of the registered launchers."""
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 def get_launcher_class(name: str | type[Launcher]) -> type[Launcher]:
@@ -41,8 +31,6 @@ def get_launcher_class(name: str | type[Launcher]) -> type[Launcher]:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
             return ep.load()
-    if name in BUILTIN:
-        return _load(BUILTIN[name])
     if ":" in name:  # "package.module:Class"
         return _load(name)
     raise ValueError(f"unknown launcher {name!r}; available: {', '.join(available_launchers())}")

@@ -11,7 +11,8 @@ Protocol (see :class:`Launcher`):
   such as ``engine_id``, ``pid``, ``hostname``).
 - ``await launcher.stop()`` stops every engine it started; idempotent.
 - ``await launcher.interrupt(ids=None)`` sends SIGINT-like interrupts.
-- ``await launcher.poll()`` -> list of bools, one per engine: still running?
+- ``await launcher.restart(ids)`` -> {id: new connection info}: fresh kernels for those engines
+  (local engines; the others raise :class:`LauncherError` saying why they cannot).
 - ``launcher.kill_now()`` synchronous best effort for finalizers and atexit.
 - ``launcher.to_dict()`` / ``Launcher.from_dict(d)``: a JSON description stored in the
   cluster file, so another process (``ipmulti stop``) can stop the engines.
@@ -24,6 +25,7 @@ every engine has rewritten its file with the ports it bound.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import inspect
 import json
@@ -37,20 +39,72 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 from ..engine_main import READY_KEY, read_json, write_json_atomic
+from ..errors import EngineError
 
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
+#: Whether the default encryption policy (``transport_encryption=None``) encrypts engines that
+#: listen on loopback only. CurveZMQ encrypts every message once per connection: a 100 MB push
+#: to 4 engines then holds 4 ciphertext copies (+400 MB in the client) and runs several times
+#: slower, while on loopback only root, who can read the key files anyway, could sniff.
+ENCRYPT_LOOPBACK = False
 
-class LauncherError(RuntimeError):
-    """A launcher could not start, reach or stop its engines."""
+
+class LauncherError(EngineError):
+    """A launcher could not start, reach, restart or stop its engines.
+
+    Part of the package's error tree (an :class:`~ipy_multiengine.errors.EngineError`);
+    ``engine_id`` names the engine when one engine is at fault. Survives pickling.
+    """
+
+    def __init__(self, message: str, engine_id: int | None = None, method: str = "start") -> None:
+        super().__init__(message, engine_id, method)
 
 
 class EngineStartTimeout(LauncherError, TimeoutError):
     """Some engines never reported within the startup timeout (``missing`` lists them)."""
 
     def __init__(self, message: str, missing: list[int]):
-        super().__init__(message)
-        self.missing = missing
+        super().__init__(message, missing[0] if len(missing) == 1 else None)
+        self.missing = list(missing)
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.missing))
+
+
+def is_loopback(ip: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return ip == "localhost"
+
+
+def encryption_policy(setting: str | None, ip: str) -> str:
+    """jupyter_client's ``transport_encryption`` for engines bound to ``ip``: ``setting`` when
+    given, else 'auto' for engines listening beyond loopback and 'disabled' on loopback."""
+    if setting not in (None, "auto", "required", "disabled"):
+        raise ValueError(f"transport_encryption must be None, 'auto', 'required' or 'disabled', not {setting!r}")
+    if setting is not None:
+        return setting
+    return "auto" if ENCRYPT_LOOPBACK or not is_loopback(ip) else "disabled"
+
+
+def exit_reason(code: int | None) -> str | None:
+    """'exited with code N' / 'was killed by signal SIGKILL' for a return code, None if running."""
+    import signal
+
+    if code is None:
+        return None
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"was killed by signal {name}"
+    return f"exited with code {code}"
 
 
 def new_connection_info(ip: str = "127.0.0.1", kernel_name: str = "") -> dict:
@@ -73,9 +127,9 @@ def make_work_dir(base: str | None = None, prefix: str = "ipmulti-") -> str:
     engines run on other hosts (Slurm) it must be on a file system those hosts share.
     """
     if base is None:
-        from jupyter_core.paths import jupyter_runtime_dir
+        from ..clusterfile import runtime_dir
 
-        base = os.path.join(jupyter_runtime_dir(), "ipy_multiengine")
+        base = str(runtime_dir())
     os.makedirs(base, mode=0o700, exist_ok=True)
     path = tempfile.mkdtemp(prefix=prefix, dir=base)
     os.chmod(path, 0o700)
@@ -146,6 +200,22 @@ async def wait_for_engines(
         await asyncio.sleep(interval)
 
 
+def remote_path_word(path: str, what: str = "python") -> str:
+    """``path`` as one shell word for the engines' host: a leading ``~``, ``$HOME`` or
+    ``${HOME}`` is that host's home directory (expanded by its shell, as a user expects), the
+    rest is quoted literally; any other ``~user``, ``$VAR`` or backquote is refused up front."""
+    import re
+    import shlex
+
+    m = re.fullmatch(r"(~|\$HOME|\$\{HOME\})(/.*)?", path)
+    if m:
+        return '"$HOME"' + (shlex.quote(m.group(2)) if m.group(2) else "")
+    if path.startswith("~") or "$" in path or "`" in path:
+        raise ValueError(f"{what}={path!r}: only a leading ~, $HOME or ${{HOME}} is expanded on the "
+                         "engines' host; give an absolute path")
+    return shlex.quote(path)
+
+
 def find_executable(name: str, near: str | None = None) -> str | None:
     """``name`` next to the Python ``near`` (a venv's bin), next to ours, then on PATH."""
     if os.path.isabs(name):
@@ -158,10 +228,13 @@ def find_executable(name: str, near: str | None = None) -> str | None:
     return shutil.which(name)
 
 
-def engine_environment(extra: dict | None = None) -> dict:
-    """Environment for engine processes: ours, plus malloc tunables that speed up receives."""
-    env = dict(os.environ)
+def engine_environment(extra: dict | None = None, base: dict | None = None) -> dict:
+    """The one environment for engine processes: ``base`` (default: ours) plus malloc tunables
+    that speed up receives, this package importable, and ``extra``. Never our
+    ``JPY_PARENT_PID`` (jupyter_client sets its own, so engines die with this process)."""
+    env = dict(os.environ if base is None else base)
     env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    env.pop("JPY_PARENT_PID", None)
     # the engines must import this very package, also when it runs from a source tree
     src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -251,12 +324,17 @@ async def shutdown_via_control(info: dict, timeout: float = 5.0) -> bool:
     return await _control_request(info, "shutdown_request", {"restart": False}, timeout) is not None
 
 
-class Launcher:
-    """Starts and stops one group of engines. Subclasses set ``name`` and implement
-    ``start``, ``stop``, ``interrupt``, ``poll``, ``kill_now`` and ``to_dict``/``from_dict``.
+class Launcher(abc.ABC):
+    """Starts and stops one group of engines.
+
+    Subclasses set ``name`` and implement ``_start`` (the template :meth:`start` stops what was
+    started when it fails), ``stop``, ``kill_now`` and ``to_dict``/``from_dict``; they may
+    override ``interrupt``, ``liveness`` and ``restart``.
     """
 
     name: ClassVar[str] = ""
+    #: whether :meth:`restart` works (local kernels); the others raise :class:`LauncherError`
+    can_restart: ClassVar[bool] = False
     #: the directory holding this group's connection files and logs (None until started)
     work_dir: str | None = None
 
@@ -279,31 +357,64 @@ class Launcher:
         self.startup_timeout = startup_timeout
         self.engines: list[dict] = []  # connection info per engine after start()
 
-    def liveness(self, eid: int) -> Callable[[], str | None]:
-        """A cheap synchronous probe for the controller: a reason once engine ``eid`` is
-        known to be dead, else None. Must not block (it runs on the I/O loop)."""
-        return lambda: None
+    def liveness(self, eid: int) -> Callable[[], str | None] | None:
+        """A cheap synchronous probe for the controller: a reason once engine ``eid`` is known
+        to be dead, else None; must not block (it runs on the I/O loop). None (the default):
+        this client cannot poll the engine's process, so the controller watches it by
+        heartbeats instead."""
+        return None
 
     async def start(self) -> list[dict]:
-        raise NotImplementedError
+        """Start every engine; on any failure (Ctrl-C included) stop what was started, then raise."""
+        try:
+            self.engines = list(await self._start())
+        except BaseException as exc:
+            try:
+                await asyncio.shield(self.stop(timeout=2.0))
+            except BaseException as stop_exc:
+                self.kill_now()
+                exc.add_note(f"stopping the engines that had started failed too: {stop_exc}")
+            raise
+        return self.engines
 
+    @abc.abstractmethod
+    async def _start(self) -> list[dict]:
+        """Start the engines; connection info per engine, index = engine id."""
+
+    @abc.abstractmethod
     async def stop(self, timeout: float = 5.0) -> None:
-        raise NotImplementedError
+        """Stop every engine started; idempotent. Raises :class:`LauncherError` naming what is
+        left running when it could not."""
+
+    async def restart(self, ids: Iterable[int]) -> dict[int, dict]:
+        """Fresh kernels for engines ``ids``; their new connection info by id."""
+        raise LauncherError(f"engines started by the {self.name!r} launcher cannot be restarted one "
+                            "by one; stop the cluster and start a new one", method="restart")
+
+    async def retry_after_clash(self, eid: int) -> dict | None:
+        """When engine ``eid`` died because another process took one of its ports, start it
+        again on new ports and return its new connection info; else None."""
+        return None
 
     async def interrupt(self, ids: Iterable[int] | None = None) -> None:
         """Default: interrupt_request on each engine's control channel."""
         targets = range(len(self.engines)) if ids is None else ids
         await asyncio.gather(*(interrupt_via_control(self.engines[i]) for i in targets))
 
-    async def poll(self) -> list[bool]:
-        raise NotImplementedError
+    def engine_meta(self) -> dict[int, dict]:
+        """Per engine id: kernel_name (= group), pid and host, as far as the launcher knows."""
+        return {i: {"group": info.get("kernel_name") or self.kernel_name or "python3",
+                    "kernel_name": info.get("kernel_name") or self.kernel_name or "python3",
+                    "pid": info.get("pid"), "host": info.get("hostname") or info.get("ssh_host")}
+                for i, info in enumerate(self.engines)}
 
+    @abc.abstractmethod
     def kill_now(self) -> None:
         """Synchronous best-effort stop (finalizers, atexit, Ctrl-C during start)."""
 
     def to_dict(self) -> dict:
-        """JSON-able state that :meth:`from_dict` turns back into a launcher able to stop,
-        interrupt and poll the same engines from another process."""
+        """JSON-able state that :meth:`from_dict` turns back into a launcher able to stop and
+        interrupt the same engines from another process."""
         return {"launcher": self.name}
 
     @classmethod

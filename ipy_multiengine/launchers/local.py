@@ -1,9 +1,10 @@
 """``launcher='local'``: kernels on this machine through jupyter_client's kernel managers.
 
-``Cluster(n, kernel_name=...)`` without a launcher does the same with its own built-in code
-(and is what ``ipmulti start`` uses); this class exposes it through the launcher interface
-so that programs driving launchers (or plugins extending one) can treat local engines like
-any other group.
+The one way local engines start: ``Cluster(n=4)`` (and ``ipmulti start``) own a
+``LocalLauncher``. Each engine is an ``AsyncKernelManager`` with its own connection file and
+log (mode 0600) in the launcher's directory; engines restart through :meth:`restart`, keeping
+their ids and ports; an engine that lost a port to another process between jupyter_client
+choosing it and the kernel binding it is started again on new ports.
 
 Because engines are started by ``AsyncKernelManager`` from a kernelspec, any kernelspec whose
 metadata names a jupyter_client *kernel provisioner* (Docker, Kubernetes, YARN... from the
@@ -14,110 +15,261 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
-from .base import Launcher, LauncherError, make_work_dir
+from .base import Launcher, LauncherError, encryption_policy, engine_environment, exit_reason, make_work_dir
 
-KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:"]
+#: ``_execute_sleep=0``: ipykernel sleeps 0.5 ms after every execute so that clients which do
+#: not wait for ``status: idle`` see the output first; the controller always waits for idle.
+KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--IPythonKernel._execute_sleep=0"]
+
+
+def kernel_args(km: Any) -> list[str]:
+    """``KERNEL_ARGS`` for ipykernel-based kernels only (others may reject unknown options)."""
+    try:
+        argv = " ".join(km.kernel_spec.argv)
+    except Exception:
+        return []
+    return list(KERNEL_ARGS) if ("ipykernel" in argv or "bash_kernel" in argv) else []
 
 
 class LocalLauncher(Launcher):
-    """``n`` kernels of kernelspec ``kernel_name`` (default ``python3``), started concurrently."""
+    """``n`` kernels of kernelspec ``kernel_name`` (default ``python3``), started concurrently.
+
+    ``kernel_names`` (engine id -> kernelspec) mixes kernelspecs; ``work_dir`` is the 0700
+    directory for connection files and logs (default: a fresh one under the runtime dir, removed
+    on stop), ``tag`` names the files in it; ``env`` is the engines' whole environment (default:
+    this process's); ``kernel_args`` replaces :data:`KERNEL_ARGS`; ``transport_encryption`` as
+    jupyter_client's (None: on unless the kernels listen on loopback only); ``shutdown_wait``:
+    seconds a shutdown request gets before SIGTERM, then as long again before SIGKILL.
+    """
 
     name = "local"
+    can_restart = True
 
-    def __init__(self, n: int | None = None, *, work_dir: str | None = None,
-                 kernel_args: Iterable[str] | None = None, **kw: Any):
-        super().__init__(4 if n is None else n, **kw)  # 4 engines by default, like local
+    def __init__(self, n: int | None = None, *, kernel_names: dict[int, str] | None = None,
+                 work_dir: str | os.PathLike | None = None, tag: str | None = None,
+                 kernel_args: Iterable[str] | None = None, transport_encryption: str | None = None,
+                 shutdown_wait: float = 3.0, **kw: Any):
+        env = kw.pop("env", None)
+        if kernel_names:
+            n = len(kernel_names)
+        super().__init__(4 if n is None else n, **kw)  # 4 engines by default
+        encryption_policy(transport_encryption, "127.0.0.1")  # checks the value
         self.kernel_name = self.kernel_name or "python3"
-        self.work_dir_base = work_dir
-        self.work_dir: str | None = None
-        self.kernel_args = list(KERNEL_ARGS if kernel_args is None else kernel_args)
-        self.managers: list[Any] = []
+        self.kernel_names = dict(kernel_names) if kernel_names else dict.fromkeys(range(self.n), self.kernel_name)
+        self.base_env = None if env is None else dict(env)
+        self.work_dir_base = None if work_dir is None else str(work_dir)
+        self.tag = tag or f"local-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.kernel_args = None if kernel_args is None else list(kernel_args)
+        self.transport_encryption = transport_encryption
+        self.shutdown_wait = shutdown_wait
+        self.key = secrets.token_hex(32)
+        self.managers: dict[int, Any] = {}
 
-    async def start(self) -> list[dict]:
+    # ------------------------------------------------------------------ files
+    def log_file(self, eid: int) -> Path:
+        """Engine ``eid``'s stdout and stderr (the kernel's own, e.g. why it died)."""
+        return Path(self._dir(), f"engine-{self.tag}-{eid}.log")
+
+    def log_tail(self, eid: int, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file(eid).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no output)"
+
+    def _dir(self) -> str:
+        if self.work_dir is None:
+            if self.work_dir_base is not None:
+                os.makedirs(self.work_dir_base, mode=0o700, exist_ok=True)
+                self.work_dir = self.work_dir_base
+            else:
+                self.work_dir = make_work_dir(prefix="ipmulti-local-")
+        return self.work_dir
+
+    def _open_log(self, eid: int, mode: str) -> Any:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+        return os.fdopen(os.open(self.log_file(eid), flags, 0o600), mode)
+
+    def _remove_files(self) -> None:
+        if self.work_dir_base is None:
+            super()._remove_files()  # our own directory
+            return
+        for eid in self.kernel_names:  # a shared directory: only our files
+            self.log_file(eid).unlink(missing_ok=True)
+            Path(self._dir(), f"engine-{self.tag}-{eid}.json").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ starting
+    def environment(self) -> dict[str, str]:
+        """The engines' environment (see :func:`~.base.engine_environment`)."""
+        return engine_environment(self.env, base=self.base_env)
+
+    def _new_manager(self, eid: int) -> Any:
         from jupyter_client.manager import AsyncKernelManager
 
-        self.work_dir = make_work_dir(self.work_dir_base, prefix="ipmulti-local-")
-        env = dict(os.environ)
-        env.update(self.env)
-        env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-        env.pop("JPY_PARENT_PID", None)
-        self.managers = [
-            AsyncKernelManager(kernel_name=self.kernel_name,
-                               connection_file=os.path.join(self.work_dir, f"engine-{i}.json"))
-            for i in range(self.n)
-        ]
-        try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*(km.start_kernel(extra_arguments=self.kernel_args, env=env)
-                                 for km in self.managers), return_exceptions=True),
-                self.startup_timeout,
-            )
-        except asyncio.TimeoutError:
-            await self.stop(timeout=2.0)
-            raise LauncherError(f"local launcher: kernels not started within {self.startup_timeout:g} s") from None
-        failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
-        if failed:
-            await self.stop(timeout=2.0)
-            raise LauncherError("local launcher: " + "; ".join(f"engine {i} failed: {r}" for i, r in failed))
-        host = socket.gethostname()
-        self.engines = []
-        for i, km in enumerate(self.managers):
-            info = km.get_connection_info(session=False)
-            if isinstance(info.get("key"), bytes):
-                info["key"] = info["key"].decode()
-            info.update(engine_id=i, pid=getattr(km.provisioner, "pid", None), hostname=host)
-            self.engines.append(info)
-        return self.engines
+        km = AsyncKernelManager(kernel_name=self.kernel_names[eid],
+                                connection_file=os.path.join(self._dir(), f"engine-{self.tag}-{eid}.json"))
+        km.session.key = self.key.encode()
+        km.shutdown_wait_time = self.shutdown_wait
+        km.transport_encryption = encryption_policy(self.transport_encryption, km.ip)
+        self.managers[eid] = km
+        return km
 
-    def liveness(self, eid: int):
+    def _args(self, km: Any) -> list[str]:
+        return kernel_args(km) if self.kernel_args is None else list(self.kernel_args)
+
+    async def _start_kernel(self, eid: int, km: Any, env: dict, log_mode: str = "wb") -> None:
+        with self._open_log(eid, log_mode) as out:
+            await km.start_kernel(extra_arguments=self._args(km), env=env, stdout=out, stderr=out)
+
+    async def _start(self) -> list[dict]:
+        from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+        env = self.environment()
+        for eid in self.kernel_names:
+            self._new_manager(eid)
+        start = asyncio.gather(*(self._start_kernel(eid, km, env) for eid, km in self.managers.items()),
+                               return_exceptions=True)
+        try:
+            results = await asyncio.wait_for(start, self.startup_timeout)
+        except asyncio.TimeoutError:
+            raise LauncherError(f"local launcher: kernels not started within {self.startup_timeout:g} s") from None
+        for eid, res in zip(list(self.managers), results):
+            if isinstance(res, NoSuchKernel):
+                names = sorted(KernelSpecManager().find_kernel_specs())
+                raise ValueError(f"no kernelspec named {self.kernel_names[eid]!r}; available: {names}") from None
+            if isinstance(res, BaseException):
+                raise LauncherError(f"engine {eid} failed to start: {res}\n{self.log_tail(eid)}", eid) from res
+        await asyncio.sleep(0)
+        for eid in self.managers:  # an engine that died at once: report its own stderr
+            reason = self.liveness(eid)()
+            if reason:
+                raise LauncherError(f"engine {eid} {reason} during startup; its output:\n{self.log_tail(eid)}", eid)
+        return [self.connection_info(eid) for eid in sorted(self.managers)]
+
+    def connection_info(self, eid: int) -> dict:
+        """What a client needs to reach engine ``eid``: no CurveZMQ secret key (the kernel's alone)."""
+        km = self.managers[eid]
+        info = km.get_connection_info(session=False)
+        info["key"] = self.key
+        info.pop("curve_secretkey", None)
+        if isinstance(info.get("curve_publickey"), bytes):
+            info["curve_publickey"] = info["curve_publickey"].decode("ascii")
+        info.update(engine_id=eid, pid=getattr(km.provisioner, "pid", None), hostname=socket.gethostname(),
+                    kernel_name=self.kernel_names[eid])
+        return info
+
+    def _refresh(self, eid: int) -> dict:
+        info = self.connection_info(eid)
+        if eid < len(self.engines):
+            self.engines[eid] = info
+        return info
+
+    # ------------------------------------------------------------------ control
+    def liveness(self, eid: int) -> Callable[[], str | None]:
         def probe() -> str | None:
-            km = self.managers[eid] if eid < len(self.managers) else None
+            km = self.managers.get(eid)
             proc = getattr(getattr(km, "provisioner", None), "process", None)
-            if proc is not None and proc.poll() is not None:
-                return f"exited with code {proc.poll()}"
-            return None
+            return exit_reason(proc.poll()) if proc is not None else "has no process"
 
         return probe
 
+    async def restart(self, ids: Iterable[int]) -> dict[int, dict]:
+        """Restart engines ``ids`` on their ports (jupyter_client's restart), fresh namespaces."""
+        ids = list(ids)
+        unknown = [e for e in ids if e not in self.managers]
+        if unknown:
+            raise ValueError(f"unknown engine ids {unknown}; valid ids: {sorted(self.managers)}")
+
+        async def one(eid: int) -> None:
+            with self._open_log(eid, "ab") as out:
+                await self.managers[eid].restart_kernel(now=True, stdout=out, stderr=out)
+
+        await asyncio.gather(*(one(e) for e in ids))
+        return {eid: self._refresh(eid) for eid in ids}
+
+    def port_clash(self, eid: int) -> bool:
+        """Did engine ``eid`` die because another process took one of its ports meanwhile?"""
+        return "Address already in use" in self.log_tail(eid, 40)
+
+    async def retry_after_clash(self, eid: int) -> dict | None:
+        if eid not in self.managers or not self.port_clash(eid):
+            return None
+        try:
+            await self.managers[eid].shutdown_kernel(now=True)
+        except Exception:
+            pass
+        km = self._new_manager(eid)
+        await self._start_kernel(eid, km, self.environment())
+        return self._refresh(eid)
+
     async def interrupt(self, ids: Iterable[int] | None = None) -> None:
-        targets = range(len(self.managers)) if ids is None else ids
-        await asyncio.gather(*(self.managers[i].interrupt_kernel() for i in targets))
+        """Through the kernel managers: a signal or a message, as each kernelspec says."""
+        targets = list(self.managers) if ids is None else [i for i in ids if i in self.managers]
+        await asyncio.gather(*(self.managers[i].interrupt_kernel() for i in targets), return_exceptions=True)
 
-    async def poll(self) -> list[bool]:
-        return list(await asyncio.gather(*(km.is_alive() for km in self.managers)))
+    def engine_meta(self) -> dict[int, dict]:
+        host = socket.gethostname()
+        return {eid: {"group": self.kernel_names[eid], "kernel_name": self.kernel_names[eid],
+                      "pid": getattr(km.provisioner, "pid", None), "host": host,
+                      "connection_file": km.connection_file, "log_file": str(self.log_file(eid))}
+                for eid, km in self.managers.items()}
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    # ------------------------------------------------------------------ stopping
+    async def stop(self, timeout: float | None = None) -> None:
+        """Shut kernels down concurrently: a shutdown request, then SIGTERM/SIGKILL if they
+        linger; every manager's resources (ports, connection file) are cleaned up."""
+        wait = self.shutdown_wait if timeout is None else timeout
+
         async def down(km: Any) -> None:
             try:
-                km.shutdown_wait_time = timeout
+                km.shutdown_wait_time = wait
                 if await km.is_alive():
-                    await asyncio.wait_for(km.shutdown_kernel(now=False), timeout + 2)
+                    await asyncio.wait_for(km.shutdown_kernel(now=False), wait + 2)
                 else:
-                    km.cleanup_resources()
+                    await km.cleanup_resources()
             except Exception:
                 try:
                     await km.shutdown_kernel(now=True)
                 except Exception:
                     self._kill(km)
 
-        await asyncio.gather(*(down(km) for km in self.managers), return_exceptions=True)
-        self.managers = []
+        managers = list(self.managers.values())
+        await asyncio.gather(*(down(km) for km in managers), return_exceptions=True)
+        left = [km for km in managers if self._running(km)]
+        for km in managers:
+            Path(km.connection_file).unlink(missing_ok=True)
+        self.managers.clear()
         self._remove_files()
+        if left:
+            raise LauncherError("local launcher: kernels still running after stop: pids "
+                                + ", ".join(str(km.provisioner.pid) for km in left), method="stop")
+
+    @staticmethod
+    def _running(km: Any) -> bool:
+        proc = getattr(getattr(km, "provisioner", None), "process", None)
+        return proc is not None and proc.poll() is None
 
     @staticmethod
     def _kill(km: Any) -> None:
         proc = getattr(getattr(km, "provisioner", None), "process", None)
         if proc is not None and proc.poll() is None:
             proc.kill()
+            try:
+                proc.wait(timeout=5)
+            except Exception:
+                pass
 
     def kill_now(self) -> None:
-        for km in self.managers:
+        for km in self.managers.values():
             self._kill(km)
-        self.managers = []
+            Path(km.connection_file).unlink(missing_ok=True)
+        self.managers.clear()
         self._remove_files()
 
     def to_dict(self) -> dict:

@@ -112,7 +112,7 @@ class MPILauncher(Launcher):
             *(["--", *self.kernel_args] if self.kernel_args else []),
         ]
 
-    async def start(self) -> list[dict]:
+    async def _start(self) -> list[dict]:
         self.work_dir = make_work_dir(self.work_dir_base, prefix="ipmulti-mpi-")
         paths = write_engine_files(self.work_dir, self.n, self.ip)
         env = engine_environment(self.env)
@@ -132,14 +132,9 @@ class MPILauncher(Launcher):
                 start_new_session=True,
             )
         self.pid = self.proc.pid
-        try:
-            self.engines = await wait_for_engines(
-                paths, self.startup_timeout, alive=self._problem, what=f"mpi launcher ({cmd[0]})"
-            )
-        except BaseException:
-            await self.stop(timeout=2.0)
-            raise
-        return self.engines
+        return await wait_for_engines(
+            paths, self.startup_timeout, alive=self._problem, what=f"mpi launcher ({cmd[0]})"
+        )
 
     def _output_tail(self, limit: int = 2000) -> str:
         try:
@@ -167,10 +162,10 @@ class MPILauncher(Launcher):
         for info in self.engines:
             pid = info.get("pid")
             if pid and _is_local(info.get("hostname")) and self.work_dir:
-                from ..engine_main import _engine_process
+                from ..engine_main import engine_process
 
                 # only if the pid still runs this job's engine (never by pid alone)
-                proc = _engine_process(pid, engine_file(self.work_dir, "{engine_id}"))
+                proc = engine_process(pid, engine_file(self.work_dir, "{engine_id}"))
                 if proc is not None:
                     try:
                         proc.send_signal(signal.SIGINT)
@@ -180,12 +175,6 @@ class MPILauncher(Launcher):
             tasks.append(interrupt_via_control(info))
         if tasks:
             await asyncio.gather(*tasks)
-
-    async def poll(self) -> list[bool]:
-        running = self.pid is not None and (
-            self.proc.returncode is None if self.proc is not None else _group_alive(self.pid)
-        )
-        return [running] * len(self.engines or range(self.n))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Ask every rank to shut down (they exit normally, MPI_Finalize cleans up), wait for
@@ -227,7 +216,7 @@ class MPILauncher(Launcher):
         ranks in sessions of their own, so signalling mpiexec's group is not enough."""
         import psutil
 
-        from ..engine_main import _pid_runs_engine
+        from ..engine_main import pid_runs_engine
 
         procs = []
         if self.pid is not None:
@@ -240,7 +229,7 @@ class MPILauncher(Launcher):
         for info in self.engines:
             pid = info.get("pid")
             if pid and _is_local(info.get("hostname")) and self.work_dir:
-                if _pid_runs_engine(pid, engine_file(self.work_dir, "{engine_id}")):
+                if pid_runs_engine(pid, engine_file(self.work_dir, "{engine_id}")):
                     try:
                         procs.append(psutil.Process(pid))
                     except psutil.Error:

@@ -27,6 +27,7 @@ from .base import (
     engine_file,
     interrupt_via_control,
     make_work_dir,
+    remote_path_word,
     run_command,
     shutdown_via_control,
     wait_for_engines,
@@ -91,6 +92,7 @@ class SlurmLauncher(Launcher):
         self.srun_args = list(srun_args)
         self.mpi = mpi
         self.python = python or sys.executable
+        remote_path_word(self.python, "python")  # a clear error up front
         self.setup = setup
         self.ip = ip
         self.template = template or DEFAULT_TEMPLATE
@@ -108,12 +110,13 @@ class SlurmLauncher(Launcher):
         if self.mpi:
             args.append(f"--mpi={self.mpi}")
         args += self.srun_args
-        args += [self.python, "-m", "ipy_multiengine.engine_main",
-                 "--connection-file", engine_file(self.work_dir, "{engine_id}"),
-                 "--mpi", "yes" if self.mpi else "auto"]
+        rest = ["-m", "ipy_multiengine.engine_main",
+                "--connection-file", engine_file(self.work_dir, "{engine_id}"),
+                "--mpi", "yes" if self.mpi else "auto"]
         if self.kernel_args:
-            args += ["--", *self.kernel_args]
-        return " ".join(shlex.quote(a) for a in args)
+            rest += ["--", *self.kernel_args]
+        return " ".join([*(shlex.quote(a) for a in args), remote_path_word(self.python),
+                         *(shlex.quote(a) for a in rest)])
 
     def script(self) -> str:
         lines = []
@@ -140,7 +143,7 @@ class SlurmLauncher(Launcher):
         return self._env
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> list[dict]:
+    async def _start(self) -> list[dict]:
         self.work_dir = make_work_dir(self.work_dir_base, prefix="ipmulti-slurm-")
         paths = write_engine_files(self.work_dir, self.n, self.ip)
         script_path = os.path.join(self.work_dir, "engines.sbatch")
@@ -150,18 +153,13 @@ class SlurmLauncher(Launcher):
                                       env=self.env_for_commands(), timeout=60)
         self.job_id = out.strip().split(";")[0]
         try:
-            self.engines = await wait_for_engines(
+            return await wait_for_engines(
                 paths, self.startup_timeout, alive=self._problem, what=f"slurm job {self.job_id}"
             )
-        except EngineStartTimeout as exc:
+        except EngineStartTimeout as exc:  # the template then cancels the job
             state = await self.job_state()
-            await self.stop(timeout=2.0)
             raise EngineStartTimeout(f"{exc}; the job was {state or 'gone'} (now cancelled)",
                                      exc.missing) from None
-        except BaseException:
-            await self.stop(timeout=2.0)
-            raise
-        return self.engines
 
     async def job_state(self) -> str | None:
         """``squeue``'s state of the job (e.g. ``RUNNING``, ``PENDING (Resources)``), or None."""
@@ -188,11 +186,6 @@ class SlurmLauncher(Launcher):
         if state is None or state.split()[0] in TERMINAL_STATES:
             return f"the job ended ({state or 'no longer in squeue'}); its output:\n{self._output_tail()}"
         return None
-
-    async def poll(self) -> list[bool]:
-        state = await self.job_state()
-        running = state is not None and state.split()[0] in ("RUNNING", "COMPLETING")
-        return [running] * self.n
 
     async def interrupt(self, ids: Iterable[int] | None = None) -> None:
         """All engines: ``scancel --signal=INT`` (every task of the job); some: their

@@ -38,9 +38,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..engine_main import READY_PREFIX
-from .base import Launcher, LauncherError, new_connection_info, run_command
+from .base import Launcher, LauncherError, new_connection_info, remote_path_word, run_command
 
 FORWARD_ATTEMPTS = 3
+
+
+class _NotStarted(Exception):
+    """An engine not started because another engine of the group had failed first."""
 
 
 def _free_ports(k: int) -> list[int]:
@@ -73,7 +77,8 @@ async def _port_open(port: int) -> bool:
 class SSHLauncher(Launcher):
     """Engines on the hosts of ``hosts`` (host -> count, or host -> options dict).
 
-    Options: ``python`` (remote interpreter, default ``python3``), ``setup`` (shell code run
+    Options: ``python`` (remote interpreter, default ``python3``; a leading ``~`` or ``$HOME``
+    is the remote home), ``setup`` (shell code run
     before it, e.g. ``source env/bin/activate``), ``env`` (variables for the engines),
     ``ssh`` (the ssh executable), ``ssh_args`` (extra options for every ssh), ``known_hosts``
     (a known_hosts file to use instead of the user's), ``identity_file``, ``kernel_args``,
@@ -112,6 +117,7 @@ class SSHLauncher(Launcher):
             if not isinstance(spec.get("n", 1), int) or spec.get("n", 1) < 1:
                 raise ValueError(f"ssh launcher: host {host!r} needs a positive engine count")
             spec.setdefault("n", 1)
+            remote_path_word(spec.get("python", python), "python")  # a clear error up front
             self.hosts[host] = spec
         total = sum(s["n"] for s in self.hosts.values())
         if n is not None and n != total:
@@ -151,26 +157,42 @@ class SSHLauncher(Launcher):
         env = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", **self.env, **spec.get("env", {})}
         line = " ".join(
             ["exec", "env", *(shlex.quote(f"{k}={v}") for k, v in env.items()),
-             shlex.quote(python), "-m", "ipy_multiengine.engine_main", *map(shlex.quote, args)]
+             remote_path_word(python), "-m", "ipy_multiengine.engine_main", *map(shlex.quote, args)]
         )
         return f"{setup}; {line}" if setup.strip() else line
 
     # ------------------------------------------------------------------ starting
-    async def start(self) -> list[dict]:
-        try:
-            self.engines = list(await asyncio.gather(*(self._start_engine(i) for i in range(self.n))))
-        except BaseException:
-            await self.stop(timeout=2.0)
-            raise
-        return self.engines
+    async def _start(self) -> list[dict]:
+        """Start every engine; after the first failure no further engine starts, the ones under
+        way finish (so each is known and stopped by identity, never left detached), then the
+        template's ``stop`` takes down everything that did start."""
+        failed = asyncio.Event()
+
+        async def one(eid: int) -> dict:
+            try:
+                return await self._start_engine(eid, failed)
+            except BaseException:
+                failed.set()
+                raise
+
+        results = await asyncio.gather(*(one(i) for i in range(self.n)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, _NotStarted)]
+        if errors:
+            for r in errors:
+                if not isinstance(r, Exception):
+                    raise r  # Ctrl-C, cancellation
+            raise errors[0]
+        return list(results)
 
     def _gate(self, host: str) -> asyncio.Semaphore:
         if host not in self._gates:
             self._gates[host] = asyncio.Semaphore(self.max_connections_per_host)
         return self._gates[host]
 
-    async def _start_engine(self, eid: int) -> dict:
+    async def _start_engine(self, eid: int, failed: asyncio.Event) -> dict:
         async with self._gate(self.placement[eid]):
+            if failed.is_set():
+                raise _NotStarted(eid)
             return await self._start_engine_now(eid)
 
     async def _start_engine_now(self, eid: int) -> dict:
@@ -279,16 +301,16 @@ class SSHLauncher(Launcher):
         if failed:
             raise LauncherError("ssh launcher: interrupt failed: " + "; ".join(failed))
 
-    async def poll(self) -> list[bool]:
-        async def alive(eid: int) -> bool:
-            results = await self._remote_helper([eid], "--signal", "0")
-            return bool(results) and all(rc == 0 for rc, _ in results.values())
-
-        return list(await asyncio.gather(*(alive(i) for i in range(self.n))))
-
     async def stop(self, timeout: float = 5.0) -> None:
-        await self._remote_helper(range(self.n), "--stop", "--timeout", str(timeout), timeout=timeout + 30)
-        self.remote = [None] * self.n
+        """Stop every engine over ssh (one connection per host) and end the forwarders; raises
+        :class:`LauncherError` naming the hosts and engines that may still run when a remote
+        stop failed (they stay recorded, so a second ``stop`` tries again)."""
+        results = await self._remote_helper(range(self.n), "--stop", "--timeout", str(timeout),
+                                             timeout=timeout + 30)
+        failed_hosts = {host: msg for host, (rc, msg) in results.items() if rc != 0}
+        left = [eid for eid, report in enumerate(self.remote)
+                if report and self.placement[eid] in failed_hosts]
+        self.remote = [r if i in left else None for i, r in enumerate(self.remote)]
         for i, proc in enumerate(self.forwarders):
             if proc is not None and proc.returncode is None:
                 proc.terminate()
@@ -298,6 +320,11 @@ class SSHLauncher(Launcher):
                     proc.kill()
                     await proc.wait()
             self.forwarders[i] = None
+        if left:
+            raise LauncherError(
+                "ssh launcher: could not stop engine(s) " + ", ".join(map(str, left)) + ": "
+                + "; ".join(f"{host}: {msg or 'no answer'}" for host, msg in failed_hosts.items())
+                + " (they may still be running there)", method="stop")
 
     def kill_now(self) -> None:
         by_host: dict[str, list] = {}
