@@ -176,5 +176,11 @@ def wait(futures: Iterable[cf.Future], timeout: float | None = None, first: bool
         return loop_wait(futures, timeout, first=first, tick=serve_pending, wake=_wake_future,
                          progress=progress, deadline=deadline)
     except KeyboardInterrupt:
-        drop(futures)  # one Ctrl-C: the other engines' prompts of this call are not asked
+        # one Ctrl-C: the other engines' prompts of this call are not asked, neither those
+        # queued now nor those that arrive later (whoever serves the mailbox next, e.g. the
+        # live output's last look): the call's futures stay marked (weakly) as dropped
+        for f in futures:
+            if not f.done():
+                _dropping.add(f)
+        drop(futures)
         raise
