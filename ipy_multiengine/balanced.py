@@ -27,10 +27,14 @@ from .errors import CompositeError, EngineError, RemoteError, TimeoutError
 log = logging.getLogger("ipy_multiengine")
 
 
-def dumps_chunk(f: Callable, offset: int, chunk: list[tuple]) -> list[Any]:
-    """Serialise ``(f, chunk)``, or raise a ``TypeError`` naming the item that cannot be sent."""
+def dumps_chunk(f: Callable, offset: int, chunk: list[tuple], snapshot: bool = True) -> list[Any]:
+    """Serialise ``(f, chunk)``, or raise a ``TypeError`` naming the item that cannot be sent.
+
+    ``snapshot``: copy large items now, for chunks sent later from the I/O thread, when the
+    caller may have changed them (issue 11 item 2); a chunk sent at once is tracked instead."""
     try:
-        return serialize.dumps((f, chunk))
+        frames = serialize.dumps((f, chunk))
+        return serialize.snapshot(frames) if snapshot else frames
     except Exception as exc:
         serialize.check_picklable(getattr(f, "__name__", "function"), f)
         for k, item in enumerate(chunk):

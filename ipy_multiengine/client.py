@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import os
 import logging
 import time
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
@@ -24,7 +25,7 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
     TimeoutError,
 )
 from .render import ProgressBar
-from .results import PendingResult, ResultList
+from .results import PendingResult, ResultList, wait_sent
 from .targets import resolve as resolve_targets
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ Targets = "str | int | Sequence[int] | None"
 
 _active: "MultiEngineClient | None" = None
 log = logging.getLogger("ipy_multiengine")
+
+#: Seconds a blocking call that failed or timed out still waits for its sends to leave.
+SEND_GRACE = 0.25
 
 
 
@@ -58,6 +62,12 @@ class MultiEngineClient:
     seconds of silence (``None`` turns heartbeats off). ``timeout`` bounds connecting;
     ``max_message_size`` (bytes, default unlimited) refuses larger replies with an ``EngineError``.
     """
+
+    #: Experts only: non-blocking push/scatter/apply/map send your objects' memory as it is
+    #: (no copy) and return while zmq still reads it. Call ``pr.wait_for_send()`` before
+    #: changing them, or the engines may receive the changed values. Default False: a
+    #: non-blocking call sends a copy of its large buffers, a blocking one waits for the send.
+    return_before_send: bool = False
 
     #: Seconds a blocking map/gather/barrier runs before a progress bar appears (None: never).
     progress_after: float | None = 2.0
@@ -196,10 +206,22 @@ class MultiEngineClient:
             for i, eid in enumerate(pr.eids):
                 self._executed[eid] = (pr, i)
 
+    def _outgoing(self, frames: list[Any], block: bool, timeout: float | None) -> list[Any]:
+        """The frames a data call sends. Zero copy must not mean shared mutation (issue 11
+        item 2): a blocking call without timeout sends the caller's buffers as they are and
+        does not return before zmq released them; a call that may return earlier (non-blocking,
+        or a timeout: a busy engine takes its data only when it reads it) sends a copy of its
+        large buffers (unless ``return_before_send``: then ``pr.wait_for_send()``)."""
+        if (block and timeout is None) or self.return_before_send:
+            return frames
+        return serialize.snapshot(frames)
+
     def _deliver(self, pr: PendingResult, block: bool, timeout: float | None,
                  live: "LiveOutput | None" = None) -> Any:
+        """Wait for ``pr`` (``block``) or hand it back. A blocking call returns (or raises) only
+        once zmq has released the caller's zero-copy buffers."""
         if not block:
-            return pr
+            return pr  # its large buffers were copied (``_outgoing``)
         try:
             return pr.get_result(timeout=timeout)
         except BaseException:
@@ -209,6 +231,14 @@ class MultiEngineClient:
         finally:
             if live is not None:
                 live.close()
+            # a reply means its engine had every frame; Ctrl-C may come earlier (with a
+            # timeout, the frames were copies: _outgoing)
+            if timeout is None and not self.return_before_send and not pr.wait_for_send(SEND_GRACE):
+                unsent = wait_sent(pr.futures, 0)
+                engines = [e for e, f in zip(pr.eids, pr.futures) if any(f is u for u in unsent)]
+                warnings.warn(f"{pr.method}: engines {engines} are still receiving what this call sent; "
+                              "do not change those objects before mec.last.wait_for_send()",
+                              RuntimeWarning, stacklevel=3)
 
     @staticmethod
     def _live(eids: list[int], block: bool) -> "LiveOutput | None":
@@ -242,7 +272,7 @@ class MultiEngineClient:
         if not callable(f):
             raise TypeError(f"apply needs a callable, not {type(f).__name__}")
         eids, block = self._prepare(targets, block)
-        frames = serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs))
+        frames = self._outgoing(serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs)), block, timeout)
         live = self._live(eids, block)
         futures = self._comm("apply", eids, [frames] * len(eids), listener=live and live.listener)
         return self._deliver(self._pending(futures, eids, "apply", _values), block, timeout, live)
@@ -257,7 +287,7 @@ class MultiEngineClient:
             if not isinstance(key, str) or not key.isidentifier():
                 raise ValueError(f"cannot push to {key!r}: names must be valid Python identifiers")
         eids, block = self._prepare(targets, block)
-        frames = _dumps_namespace(namespace)
+        frames = self._outgoing(_dumps_namespace(namespace), block, timeout)
         futures = self._comm("push", eids, [frames] * len(eids))
         return self._deliver(self._pending(futures, eids, "push", _nones), block, timeout)
 
@@ -312,7 +342,7 @@ class MultiEngineClient:
             raise ValueError(f"cannot scatter to {name!r}: not a valid Python identifier")
         eids, block = self._prepare(targets, block)
         parts = partition.split(seq, len(eids))
-        frames = [serialize.check_picklable(name, {name: p}) for p in parts]
+        frames = [self._outgoing(serialize.check_picklable(name, {name: p}), block, timeout) for p in parts]
         futures = self._comm("push", eids, frames)
         return self._deliver(self._pending(futures, eids, "scatter", _nones), block, timeout)
 
@@ -359,7 +389,7 @@ class MultiEngineClient:
         from .balanced import dumps_chunk
 
         for (a, b) in partition.bounds(len(items), nparts):
-            frames.append(dumps_chunk(f, a, items[a:b]))  # a TypeError names the item
+            frames.append(self._outgoing(dumps_chunk(f, a, items[a:b], snapshot=False), block, timeout))  # a TypeError names the item
             datas.append(a)
         futures = []
         live = self._live(eids, block)
@@ -571,7 +601,15 @@ class MultiEngineClient:
 
 
 def _close_controller(controller: Controller) -> None:
-    """Finalizer of a client: close its channels and its comms on the engines."""
+    """Finalizer of a client: close its channels and its comms on the engines.
+
+    The last reference may drop on the I/O thread (in a callback), which cannot wait for
+    its own loop: then the close runs from a short-lived thread."""
+    if _loop.in_loop_thread():
+        import threading
+
+        threading.Thread(target=controller.close, name="ipy_multiengine-finalize", daemon=True).start()
+        return
     controller.close()
 
 

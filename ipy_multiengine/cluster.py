@@ -27,7 +27,6 @@ from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tool
     answer_request,
     check_owner,
     check_profile,
-    in_kernel,
     cluster_dir,
     cluster_file_path,
     describe,
@@ -53,6 +52,7 @@ from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tool
     write_private,
 )
 from .errors import EngineError, NoClusterError, TimeoutError
+from .render import in_notebook  # the one "in a kernel?" check
 
 log = __import__("logging").getLogger("ipy_multiengine")
 
@@ -63,7 +63,8 @@ def terminate_verified(idents: list[dict], timeout: float = 5.0,
                        refused: list[str] | None = None) -> list[str]:
     """SIGTERM, then after ``timeout`` SIGKILL, the processes ``idents`` describe, each only
     if it still is that process (:func:`same_process`); the others are never signalled (why
-    is appended to ``refused``). Returns the processes that survived."""
+    is appended to ``refused``). Returns the processes that survived (zombies count as gone:
+    their parent, not us, reaps them)."""
     procs = []
     for ident in idents:
         proc, why = same_process(ident)
@@ -72,26 +73,47 @@ def terminate_verified(idents: list[dict], timeout: float = 5.0,
                 refused.append(f"not signalling pid {ident.get('pid')}: {why}")
             continue
         procs.append(proc)
-    for proc in procs:
-        try:
-            proc.terminate()  # psutil re-checks the create time: no reused pid is signalled
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=5)
-    return [f"process {p.pid} survived SIGKILL" for p in alive]
+    for sig_name, wait in (("terminate", timeout), ("kill", 5.0)):
+        for proc in procs:
+            try:
+                getattr(proc, sig_name)()  # psutil re-checks the create time: no reused pid is signalled
+            except psutil.Error:
+                pass
+        deadline = time.monotonic() + wait
+        while procs:
+            procs = [p for p in procs if _running(p)]
+            if not procs or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if not procs:
+            break
+    return [f"process {p.pid} survived SIGKILL" for p in procs]
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _still_running(spec: dict) -> list[str]:
+    """The file's local engines that still run (by identity), as one message, or []."""
+    here = socket.gethostname()
+    still = [f"engine {e['id']} (pid {e['pid']})" for e in spec["engines"]
+             if (i := engine_identity(e, spec)) and i.get("host") == here
+             and isinstance(i.get("create_time"), (int, float)) and same_process(i)[0] is not None]
+    return [f"still running: {', '.join(still)}"] if still else []
 
 
 def _stop_launcher_record(spec: dict) -> list[str]:
-    """Stop what the file's launcher started (owner gone); what still runs, or []."""
+    """Stop what the file's launcher started (the MPI job, the Slurm job, remote engines);
+    what could not be stopped, or []. Local engines are stopped by their own entries."""
     from .launchers import launcher_from_dict
 
     record = spec.get("launcher") or {}
+    if record.get("launcher") in (None, "local"):
+        return []
     here = socket.gethostname()
     # the launcher's own local process (mpiexec): signal its group only if it is still the one
     ident = record.get("identity")
@@ -107,13 +129,7 @@ def _stop_launcher_record(spec: dict) -> list[str]:
         launcher.kill_now()
     except Exception as exc:
         return [f"could not stop the {record.get('launcher')} engines: {type(exc).__name__}: {exc}"]
-    still = []
-    for e in spec["engines"]:
-        eid = engine_identity(e, spec)
-        if eid and eid.get("host") == here and isinstance(eid.get("create_time"), (int, float)) \
-                and same_process(eid)[0] is not None:
-            still.append(f"engine {e['id']} (pid {e['pid']})")
-    return [f"still running: {', '.join(still)}"] if still else []
+    return []
 
 
 def clean_stale(path: Path, spec: dict, notes: list[str] | None = None) -> list[str]:
@@ -126,6 +142,7 @@ def clean_stale(path: Path, spec: dict, notes: list[str] | None = None) -> list[
     here = socket.gethostname()
     engines = [i for e in spec["engines"] if (i := engine_identity(e, spec)) and i.get("host") == here]
     problems += terminate_verified(engines, refused=notes)
+    problems = problems or _still_running(spec)
     if problems:
         return problems
     remove_files(spec, path)
@@ -197,6 +214,7 @@ def stop_cluster_file(path: Path, timeout: float = 20.0) -> tuple[int, list[str]
     if spec.get("launcher"):
         problems += _stop_launcher_record(spec)
     problems += terminate_verified(idents, timeout=5.0, refused=refused)
+    problems = problems or _still_running(spec)
     if problems or refused:
         return 1, refused + problems
     remove_files(spec, path)
@@ -248,7 +266,7 @@ class Cluster(Owner):
         # each kernelspec name is also a group name usable as targets
         kernel_names = None
         if engines is not None:
-            if launcher != "local" or launcher_options:
+            if launcher != "local":
                 raise ValueError("engines={kernelspec: n, ...} works with the local launcher only")
             kernel_names = _engine_groups(engines)
             n = len(kernel_names)
@@ -305,7 +323,7 @@ class Cluster(Owner):
         #: at exit, and when a notebook kernel shuts down
         #: 'ipmulti' for an ``ipmulti start`` process (``ipmulti stop`` may SIGTERM it); otherwise
         #: the owner is never signalled from outside, only its engines are stopped
-        self.owner_kind = "kernel" if in_kernel() else "process"
+        self.owner_kind = "kernel" if in_notebook() else "process"
         self._written: dict[str, str | None] = {"path": None}
         self._file_finalizer = weakref.finalize(self, _release_file, self._written, self.cluster_id,
                                                 self._owner, self._lock)
@@ -451,7 +469,7 @@ class Cluster(Owner):
 
     async def restart_async(self, eids: list[int], timeout: float) -> None:
         await asyncio.gather(*(self._restart_one(eid, timeout) for eid in eids))
-        if self.write_file and self.cluster_file and not self._stopped:
+        if self.write_file and self.cluster_file and not self._stopped and not self._stopped_from_outside():
             self._write_cluster_file(Path(self.cluster_file))
 
     async def _restart_one(self, eid: int, timeout: float) -> None:
@@ -544,10 +562,11 @@ class Cluster(Owner):
             "owner_pid": os.getpid(), "host": host, "created": time.time(),
             "serves": ["requests"] if self.serves_requests else [],
         }
-        record = self.launcher.to_dict()
-        if record.get("pid") and record.get("hostname", host) == host:
-            record["identity"] = try_identity(record["pid"])  # so a stale cleanup signals only it
-        spec["launcher"] = record
+        if self.launcher.name != "local":  # local engines: their own entries say all (pid, identity)
+            record = self.launcher.to_dict()
+            if record.get("pid") and record.get("hostname", host) == host:
+                record["identity"] = try_identity(record["pid"])  # so a stale cleanup signals only it
+            spec["launcher"] = record
         meta = self.launcher.engine_meta()
         spec["engines"] = []
         for eid, info in self.engines_info.items():

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -45,17 +46,6 @@ CONNECTION_KEYS = ("shell_port", "iopub_port", "control_port", "ip", "key")
 SHARED_PREFIX, EMBEDDED_PREFIX = "cluster-", "embedded-"
 #: Seconds a client connected by cluster file watches for its owner to restart a dead engine.
 FOLLOW_RESTART_FOR = 60.0
-
-
-def in_kernel() -> bool:
-    """True when this process is a Jupyter kernel (an IPython shell with a ``kernel``)."""
-    import sys
-
-    if "IPython" not in sys.modules:
-        return False
-    from IPython import get_ipython
-
-    return getattr(get_ipython(), "kernel", None) is not None
 
 
 # ---------------------------------------------------------------------- paths
@@ -448,6 +438,7 @@ class ProfileLock:
         self.profile = profile
         self.path = lock_path(profile)
         self._fd: int | None = None
+        self._guard = threading.Lock()  # release() runs on the loop thread and at stop()
 
     def acquire(self) -> None:
         if not self._try_acquire():
@@ -483,10 +474,11 @@ class ProfileLock:
             os.close(fd)  # released and unlinked meanwhile: lock the new file instead
 
     def release(self) -> None:
-        if self._fd is not None:
-            self.path.unlink(missing_ok=True)  # while still holding it: see _try_acquire
-            os.close(self._fd)
-            self._fd = None
+        with self._guard:
+            if self._fd is not None:
+                self.path.unlink(missing_ok=True)  # while still holding it: see _try_acquire
+                os.close(self._fd)
+                self._fd = None
 
     @classmethod
     def remove_stale(cls, profile: str) -> None:
@@ -522,7 +514,7 @@ def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], time
     owner = owner_of(spec) or {}
     rid = uuid.uuid4().hex
     req = request_dir(path) / f"{rid}.json"
-    write_private(req, json.dumps({"op": op, "ids": ids, "cluster_file": str(path),
+    write_private(req, json.dumps({"op": op, "ids": ids, "cluster_file": _canonical(path),
                                    "cluster_id": spec.get("cluster_id")}))
     done = req.with_suffix(".done")
     deadline = time.monotonic() + timeout
@@ -531,7 +523,7 @@ def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], time
             if done.exists():
                 answer = json.loads(done.read_text())
                 done.unlink(missing_ok=True)
-                if answer.get("cluster_file") != str(path):
+                if answer.get("cluster_file") != _canonical(path):
                     raise EngineError(f"the answer to a request for {path} came from the owner of "
                                       f"{answer.get('cluster_file')!r}")
                 if answer.get("error"):
@@ -559,7 +551,7 @@ def pending_requests(cluster_file: str | os.PathLike) -> Iterator[tuple[Path, di
             continue
         finally:
             req.unlink(missing_ok=True)
-        if not isinstance(ask, dict) or ask.get("cluster_file") != str(cluster_file):
+        if not isinstance(ask, dict) or ask.get("cluster_file") != _canonical(cluster_file):
             answer_request(req, cluster_file, {"error": "the request names another cluster file"})
             continue
         yield req, ask
@@ -567,7 +559,12 @@ def pending_requests(cluster_file: str | os.PathLike) -> Iterator[tuple[Path, di
 
 def answer_request(req: Path, cluster_file: str | os.PathLike, answer: dict) -> None:
     """(owner side) Answer request ``req``, naming this cluster file."""
-    write_private(req.with_suffix(".done"), json.dumps({**answer, "cluster_file": str(cluster_file)}))
+    write_private(req.with_suffix(".done"), json.dumps({**answer, "cluster_file": _canonical(cluster_file)}))
+
+
+def _canonical(path: str | os.PathLike) -> str:
+    """One spelling per cluster file (relative paths, symlinks), for addressing requests."""
+    return os.path.realpath(path)
 
 
 # ---------------------------------------------------------------------- the owner interface

@@ -39,7 +39,9 @@ def _python_targets(client: Any, targets: Any) -> tuple[list[int], dict[int, str
     """The engines to compare, and the skipped ones with the reason. Default targets leave out
     engines that cannot answer now (dead, restarting, without data operations, e.g. bash);
     explicit targets are used as given (a bad one is a clear error from the call)."""
-    eids = client._resolve_targets(targets)
+    from .targets import resolve
+
+    eids = resolve(client.targets if targets is None else targets, list(client.get_ids()), client.groups)
     if targets is not None:
         return eids, {}
     rows = {r["id"]: r for r in client.engines}

@@ -933,19 +933,30 @@ class Controller:
 
     # ---------------------------------------------------------------- sending (loop)
     @staticmethod
-    def _send(conn: EngineConn, channel: str, msg: dict, buffers: list | None = None) -> None:
-        """Sign and send ``msg`` on the loop's own asyncio socket.
+    def _send(conn: EngineConn, channel: str, msg: dict, buffers: list | None = None) -> tuple[Any, Any]:
+        """Sign and send ``msg`` on the loop's own asyncio socket; returns the socket's send
+        future (done once zmq holds the message) and a ``MessageTracker`` of zero-copy buffers.
 
         ``Session.send`` would go through a sync shadow of the socket, which can swallow the
         edge-triggered readiness event our reader task waits on (replies then go unread).
         """
         frames: list[Any] = conn.session.serialize(msg)
+        tracker = None
         if buffers:
-            frames.extend(buffers)
             large = any(memoryview(b).nbytes >= 65536 for b in buffers)
+            if large:
+                # zero copy: zmq reads the caller's memory until it releases these frames;
+                # the tracker tells the caller when its objects may change again (issue 11.2)
+                tracked = [b if isinstance(b, zmq.Frame) else zmq.Frame(b, track=True) for b in buffers]
+                tracker = zmq.MessageTracker(*(f.tracker for f in tracked if f.tracker is not None))
+                frames.extend(tracked)
+                del tracked
+            else:
+                frames.extend(buffers)
         else:
             large = False
-        conn.sockets[channel].send_multipart(frames, copy=not large)
+        sending = conn.sockets[channel].send_multipart(frames, copy=not large)
+        return sending, tracker
 
     def _new_request(self, conn: EngineConn, kind: str, msg_id: str, future: Future | None = None,
                      **kw: Any) -> Request:
@@ -980,6 +991,10 @@ class Controller:
             log.error("sending a batch of requests failed", exc_info=exc)
             for conn, _msg, req, _buffers in batch:
                 self._finish(conn, req, exc=exc)
+        finally:
+            for _conn, _msg, req, _buffers in batch:
+                if not getattr(req, "sent_chained", False):
+                    _set_sent(req, None)  # nothing was handed to zmq for this one
 
     def _send_each(self, batch: list[tuple[EngineConn, dict, Request, list]]) -> None:
         for conn, msg, req, buffers in batch:
@@ -992,9 +1007,15 @@ class Controller:
                 continue
             conn.requests[req.msg_id] = req
             try:
-                self._send(conn, "shell", msg, buffers)
+                sending, tracker = self._send(conn, "shell", msg, buffers)
             except Exception as exc:
                 self._finish(conn, req, exc=exc)
+                continue
+            if getattr(req.future, "sent", None) is not None:
+                # the caller's buffers are read until zmq has the message (a queued send) and,
+                # for zero-copy frames, until zmq releases them
+                req.sent_chained = True  # type: ignore[attr-defined]
+                sending.add_done_callback(lambda _s, req=req, tracker=tracker: _set_sent(req, tracker))
         for conn in {id(c): c for c, _m, _r, _b in batch}.values():
             self._publish(conn)
 
@@ -1048,15 +1069,21 @@ class Controller:
                     f"engine {conn.eid} ({conn.language or 'unknown language'}) cannot run {op!r}: data "
                     "operations need a Python engine with ipy_multiengine installed", conn.eid, op))
             return msg, req
-        return self._submit(build, list(eids), list(frames))
+        return self._submit(build, list(eids), list(frames), track=True)
 
     def _submit(self, build: Callable[[EngineConn, list, Future], tuple[dict, Request]], eids: list[int],
-                frames: list[list[Any]]) -> list[Future]:
+                frames: list[list[Any]], track: bool = False) -> list[Future]:
         """Futures now (caller's thread); the messages are built and sent on the loop, which
-        alone touches the engines' connections."""
+        alone touches the engines' connections. With ``track``, a future with frames gets a
+        ``sent`` future, resolved on the loop with a MessageTracker (or None) once zmq holds
+        the frames (issue 11.2)."""
         if self._closed:
             raise EngineError("this client is closed")
         futures = [Future() for _ in eids]
+        if track:
+            for fut, fr in zip(futures, frames):
+                if fr:
+                    fut.sent = Future()  # type: ignore[attr-defined]
 
         def send() -> None:
             batch = []
@@ -1110,6 +1137,13 @@ async def _wait_for(fut: Future, deadline: float, text: str, eid: int) -> Any:
         return await asyncio.wait_for(asyncio.wrap_future(fut), max(deadline - time.monotonic(), 0))
     except asyncio.TimeoutError:
         raise EngineError(text, eid) from None
+
+
+def _set_sent(req: Request, tracker: Any) -> None:
+    """Resolve a request's ``sent`` future (once): its buffers are in zmq's hands now."""
+    sent = getattr(req.future, "sent", None)
+    if sent is not None and not sent.done():
+        sent.set_result(tracker)
 
 
 def _retrieve(fut: "asyncio.Future[Any]") -> None:

@@ -252,7 +252,38 @@ def _on_msg(comm: Any, msg: dict) -> None:
         reply, frames = _error_reply(rid, exc, None)
     finally:
         _flush_pending_output()
-    comm.send(reply, buffers=frames)
+    _send_reply(comm, reply, frames)
+
+
+#: Seconds an op waits for its reply's zero-copy buffers to leave before the engine goes on.
+SEND_WAIT = 10.0
+
+
+def _send_reply(comm: Any, reply: dict, frames: list) -> None:
+    """Send a reply whose out-of-band buffers are views of user objects, and return only once
+    zmq has released them.
+
+    ipykernel's IOPub thread sends the message later, zero copy: without the wait, the next
+    request (``b[:] = 1``) could change ``b`` while its pull reply is still being read, and the
+    client would get a torn array (issue 11 item 2). Tracked frames cost no copy; the wait is
+    the transfer itself (the client receives at the same time).
+    """
+    if len(frames) <= 1:
+        comm.send(reply, buffers=frames)
+        return
+    import zmq
+
+    tracked = [frames[0], *(zmq.Frame(b, track=True) for b in frames[1:])]
+    tracker = zmq.MessageTracker(*(f.tracker for f in tracked[1:]))
+    comm.send(reply, buffers=tracked)
+    del tracked, frames  # only zmq may hold the frames now, or the tracker never completes
+    try:
+        tracker.wait(SEND_WAIT)
+    except zmq.NotDone:  # a stalled subscriber: do not hang the engine for it
+        import logging
+
+        logging.getLogger("ipy_multiengine").warning(
+            "a reply was still being sent after %.0f s; the engine goes on", SEND_WAIT)
 
 
 def _flush_pending_output() -> None:

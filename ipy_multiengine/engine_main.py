@@ -86,17 +86,64 @@ def read_json(path: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def report_address(bind_ip: str) -> str:
-    """The address other hosts use for a kernel bound to ``bind_ip``."""
+def report_address(bind_ip: str, environ=None) -> str:
+    """The address the controller uses for a kernel bound to ``bind_ip``.
+
+    A specific address is reported as is. For a wide bind (``*``), never a loopback address
+    (``gethostbyname(gethostname())`` is 127.0.1.1 on stock Debian): the address of the
+    interface that routes to the controller (``IPY_MULTIENGINE_CONTROLLER_HOST``, addresses
+    the launcher sets, else Slurm's ``SLURM_SUBMIT_HOST``), else of the default route, else
+    the first non-loopback interface address. ``IPY_MULTIENGINE_ENGINE_ADDRESS`` overrides.
+    """
+    environ = os.environ if environ is None else environ
     if bind_ip not in BIND_ALL:
         return bind_ip
-    override = os.environ.get("IPY_MULTIENGINE_ENGINE_ADDRESS")
+    override = environ.get("IPY_MULTIENGINE_ENGINE_ADDRESS")
     if override:
         return override
+    targets = [h for h in environ.get("IPY_MULTIENGINE_CONTROLLER_HOST", "").split(",") if h.strip()]
+    if environ.get("SLURM_SUBMIT_HOST"):
+        targets.append(environ["SLURM_SUBMIT_HOST"])
+    targets.append("192.0.2.1")  # TEST-NET-1: only to pick the default route; nothing is sent
+    for target in targets:
+        address = _route_to(target.strip())
+        if address and not _loopback(address):
+            return address
     try:
-        return socket.gethostbyname(socket.gethostname())
+        import psutil
+
+        for addrs in psutil.net_if_addrs().values():
+            for a in addrs:
+                if a.family == socket.AF_INET and not _loopback(a.address):
+                    return a.address
+    except Exception:
+        pass
+    return "127.0.0.1"  # no other interface: nothing but this host can reach the kernel anyway
+
+
+def _loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("::1", "0.0.0.0")
+
+
+def _route_to(host: str) -> str | None:
+    """The local address the kernel's routing table uses toward ``host`` (a UDP connect sends
+    nothing), or None when ``host`` is unknown or unreachable."""
+    try:
+        infos = socket.getaddrinfo(host, 9, socket.AF_INET, socket.SOCK_DGRAM)
     except OSError:
-        return "127.0.0.1"
+        return None
+    for *_, sockaddr in infos:
+        if _loopback(sockaddr[0]):
+            continue
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.connect(sockaddr)
+            return s.getsockname()[0]
+        except OSError:
+            continue
+        finally:
+            s.close()
+    return None
 
 
 def _init_mpi(mode: str) -> None:
@@ -277,6 +324,15 @@ def signal_engine(pid: int, connection_file: str, signame: str) -> int:
     return 0
 
 
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
     """SIGTERM every engine (pid, connection file) that still is that engine, wait up to
     ``timeout``, SIGKILL those left; remove their files."""
@@ -295,10 +351,11 @@ def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
         except psutil.Error:
             pass
     _, alive = psutil.wait_procs(alive, timeout=5.0)
+    alive = [p for p in alive if _running(p)]  # a zombie is gone (its parent reaps it)
     if alive:
         print("engine_main: engine process(es) still running after SIGKILL: "
               + ", ".join(str(p.pid) for p in alive), file=sys.stderr)
-        return 1
+        return 1  # their files stay: the record of what still runs
     for _, connection_file in engines:
         for p in (connection_file, connection_file[: -len(".json")] + ".log"):
             try:

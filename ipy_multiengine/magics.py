@@ -9,7 +9,9 @@ Rendering (documented in ``docs/magics.md``):
 
 * ``%px CODE`` on one line is the tutorial's shortcut for ``mec.execute(CODE)``: blocking, its
   value is the ``ResultList`` (shown as ``<Results List>`` / ``[id] In [n]:`` / ``[id] Out[n]:``).
-  Rich displays and stderr are shown before it, since the Results List holds text only.
+  Rich displays are shown before it (the Results List names them, with stdout, stderr and
+  pager text in its lines). When an engine fails there is no Results List: every engine's
+  output is shown, then the ``CompositeError``.
 * ``%%px`` cells (and ``%px --stream`` / ``--no-stream`` / ``--group-outputs``) show each
   engine's output as it comes: ``[stdout:N]``/``[stderr:N]`` prefixed lines in a terminal, one
   display area per engine and stream, updated in place, in a notebook; rich outputs carry
@@ -35,7 +37,7 @@ from . import client as _client_mod
 from . import stdin
 from .errors import CompositeError, MultiEngineError, NoClusterError
 from .errors import TimeoutError as MultiEngineTimeout
-from .render import UPDATE_INTERVAL, ProgressBar, Renderer, _short
+from .render import UPDATE_INTERVAL, ProgressBar, Renderer, _short, in_notebook, live_printer
 from .targets import TargetsError, engine_range
 from .targets import parse_targets as _parse_targets_raw
 
@@ -94,37 +96,9 @@ def _timeout_value(text: str) -> float | None:
     return value
 
 
-def _in_notebook(shell: Any) -> bool:
-    return getattr(shell, "kernel", None) is not None
-
-
 def _tick_progress(progress: ProgressBar, pr: Any) -> None:
     waiting = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
     progress(len(pr.futures) - len(waiting), len(pr.futures), waiting)
-
-
-def _live_printer(eid: int) -> Any:
-    """A listener that shows an engine's output as it arrives, in the user's thread (``stdin.post``)."""
-    prefix = f"[{eid}] "
-
-    def write(stream: Any, text: str) -> None:
-        stream.write("".join(prefix + line for line in text.splitlines(True)))
-        if not text.endswith("\n"):
-            stream.write("\n")
-        stream.flush()
-
-    def listener(_eid: int, mtype: str, content: dict) -> None:
-        if mtype == "stream":
-            stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
-            stdin.post(lambda: write(stream, content.get("text", "")))
-        elif mtype == "error":
-            stdin.post(lambda: write(sys.stderr, "\n".join(content.get("traceback", []))))
-        elif mtype in ("display_data", "execute_result"):
-            text = (content.get("data") or {}).get("text/plain")
-            if text:
-                stdin.post(lambda: write(sys.stdout, str(text)))
-
-    return listener
 
 
 # ---------------------------------------------------------------------- %autopx transformer
@@ -259,7 +233,7 @@ class ParallelMagics(Magics):
     @property
     def notebook(self) -> bool:
         """Render for a notebook (display areas) rather than a terminal; detected unless set."""
-        return _in_notebook(self.shell) if self._notebook is None else self._notebook
+        return in_notebook(self.shell) if self._notebook is None else self._notebook
 
     @notebook.setter
     def notebook(self, value: bool | None) -> None:
@@ -353,8 +327,8 @@ class ParallelMagics(Magics):
             if progress.bar is not None:
                 _tick_progress(progress, pr)  # the final count
         except KeyboardInterrupt:
-            with stdin.dropping(pr.futures):  # no more prompts of this call (one Ctrl-C is enough)
-                self._interrupted(mec, pr, events, renderer, progress)
+            stdin.drop(pr.futures)  # no more prompts of this call: one Ctrl-C is enough
+            self._interrupted(mec, pr, events, renderer, progress)
             raise _short(KeyboardInterrupt()) from None
         finally:
             progress.close()
@@ -514,7 +488,7 @@ class ParallelMagics(Magics):
         if language != "python":
             raise UsageError(f"engine {eid} runs {language or 'an unknown language'}: "
                              "%pxdebug needs a Python engine")
-        pr = mec.execute("%debug", targets=eid, block=False, listener=_live_printer(eid))
+        pr = mec.execute("%debug", targets=eid, block=False, listener=live_printer(eid))
         try:
             pr.get_result()
         finally:
@@ -641,3 +615,6 @@ def unload(ip: Any) -> None:
             if table[kind].get(name) is not None and getattr(table[kind][name], "__self__", None) is magics:
                 del table[kind][name]
     ip.magics_manager.registry.pop(type(magics).__name__, None)
+    own, magics._own_client = magics._own_client, None
+    if own is not None:  # the client %px connected by itself: nobody else holds it
+        own.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -290,9 +291,9 @@ class Renderer:
     # -- grouped output at the end
     def _render_collected(self) -> None:
         blocks = self._blocks()
-        if self.mode == "results":  # stdout, results and pager text are in the returned Results List
-            blocks = [b for b in blocks if b[1] == "stderr" or
-                      (b[1] == "display_data" and not (b[2].get("metadata") or {}).get("pager"))]
+        if self.mode == "results":  # stdout, stderr, results, pager text: in the Results List
+            blocks = [b for b in blocks
+                      if b[1] == "display_data" and not (b[2].get("metadata") or {}).get("pager")]
         if self.collapse:
             blocks = _collapse(blocks)
         for eids, kind, payload in blocks:
@@ -410,13 +411,15 @@ class ProgressBar:
             self.bar = None
 
 
-def in_notebook() -> bool:
-    """True inside a notebook kernel (render display areas), False in a terminal or script."""
-    try:
+def in_notebook(shell: Any = None) -> bool:
+    """True inside a Jupyter kernel (render display areas), False in a terminal or script:
+    the one "in a kernel?" check, for this process or for ``shell``."""
+    if shell is None:
+        if "IPython" not in sys.modules:
+            return False
         from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython is a dependency
-        return False
-    shell = get_ipython()
+
+        shell = get_ipython()
     return getattr(shell, "kernel", None) is not None
 
 
@@ -433,6 +436,7 @@ class LiveOutput:
     def __init__(self, eids: list[int]) -> None:
         self.renderer = Renderer(list(eids), "stream", in_notebook())
         self.closed = False
+        self._lock = threading.Lock()  # any waiting thread may serve the posted events
 
     def listener(self, eid: int, mtype: str, content: dict) -> None:
         if self.closed:
@@ -442,17 +446,45 @@ class LiveOutput:
         stdin.post(lambda: self._show(eid, mtype, content))
 
     def _show(self, eid: int, mtype: str, content: dict) -> None:
-        if self.closed:
-            return
         if mtype == "error":  # a failing function is reported by the CompositeError
             return
-        self.renderer.handle(eid, mtype, content)
-        self.renderer.tick()
+        with self._lock:
+            if not self.closed:
+                self.renderer.handle(eid, mtype, content)
+                self.renderer.tick()
 
     def close(self) -> None:
         from . import stdin
 
         stdin.serve_pending()  # events posted before the reply (engines flush before replying)
-        if not self.closed:
-            self.closed = True
-            self.renderer.finish()
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                self.renderer.finish()
+
+
+def live_printer(eid: int) -> Any:
+    """A listener (``%pxdebug``) that shows one engine's output as it arrives, ``[N] `` before each
+    line, in the user's thread (``stdin.post``, in order with the debugger's prompts)."""
+    from . import stdin
+
+    prefix = f"[{eid}] "
+
+    def write(stream: Any, text: str) -> None:
+        stream.write("".join(prefix + line for line in text.splitlines(True)))
+        if not text.endswith("\n"):
+            stream.write("\n")
+        stream.flush()
+
+    def listener(_eid: int, mtype: str, content: dict) -> None:
+        if mtype == "stream":
+            stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
+            stdin.post(lambda: write(stream, content.get("text", "")))
+        elif mtype == "error":
+            stdin.post(lambda: write(sys.stderr, "\n".join(content.get("traceback", []))))
+        elif mtype in ("display_data", "execute_result"):
+            text = (content.get("data") or {}).get("text/plain")
+            if text:
+                stdin.post(lambda: write(sys.stdout, str(text)))
+
+    return listener

@@ -101,6 +101,18 @@ class PendingResult:
         """True once every engine has answered."""
         return all(f.done() for f in self.futures)
 
+    def wait_for_send(self, timeout: float | None = None) -> bool:
+        """Wait until the objects this call sends (push, scatter, apply/map arguments) are no
+        longer read: zmq has the message and has released every zero-copy buffer. True when so,
+        False if ``timeout`` passed first. Only needed with the client's ``return_before_send``
+        (otherwise non-blocking calls send copies and blocking ones return after the send)."""
+        return wait_sent(self.futures, timeout) == []
+
+    @property
+    def sent(self) -> bool:
+        """True once nothing this call sends is read from your objects any more."""
+        return wait_sent(self.futures, 0) == []
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until ready or ``timeout`` seconds pass; Ctrl-C interrupts the engines and re-raises."""
         # one wait, one deadline: the progress bar is drawn by the same wait (issue 11.3)
@@ -213,3 +225,45 @@ def _partial(result: Any) -> Any:
         except Exception:
             return result
     return result
+
+
+def wait_sent(futures: list[cf.Future], timeout: float | None) -> list[cf.Future]:
+    """Wait until every request's outgoing buffers are out of zmq's hands (or the request
+    failed: nothing more will be sent for it); the futures still sending when ``timeout``
+    passes. Ctrl-C interrupts the wait (waits run in short slices)."""
+    import time
+
+    import zmq
+
+    from ._loop import WAIT_SLICE
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = [f for f in futures if getattr(f, "sent", None) is not None]
+    while pending:
+        still = []
+        for fut in pending:
+            sent = fut.sent  # type: ignore[attr-defined]
+            if sent.done():
+                tracker = sent.result()
+                if tracker is None or tracker.done:
+                    continue
+            if fut.done() and fut.exception() is not None:
+                continue  # the request failed (engine dead, client closed): nothing reads on
+            still.append(fut)
+        pending = still
+        if not pending:
+            break
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        step = WAIT_SLICE if left is None else min(WAIT_SLICE, left)
+        fut = pending[0]
+        sent = fut.sent  # type: ignore[attr-defined]
+        if not sent.done():
+            cf.wait([sent, fut], step, return_when=cf.FIRST_COMPLETED)
+            continue
+        try:
+            sent.result().wait(step)
+        except zmq.NotDone:
+            pass
+    return pending

@@ -34,6 +34,13 @@ def dumps(obj: Any) -> list[Any]:
     return [data, *buffers]
 
 
+def snapshot(frames: list[Any]) -> list[Any]:
+    """Copy the out-of-band buffers of ``dumps`` output: for frames sent after the call
+    returned (non-blocking calls, a balanced map's later chunks), which must carry the values
+    of the time of the call, not whatever the caller's arrays hold by then."""
+    return [frames[0], *(bytes(b) for b in frames[1:])] if len(frames) > 1 else frames
+
+
 def loads(frames: list[Any]) -> Any:
     """Inverse of :func:`dumps`; arrays are rebuilt on the frames themselves (no copy)."""
     if not frames:

@@ -246,15 +246,8 @@ class LiveStatus:
 
 def show(client: Any, live: bool = False, interval: float = 1.0) -> Any:
     """``mec.status()``: a ``StatusTable``; with ``live`` in a notebook, a ``LiveStatus``."""
-    if live and _in_kernel():
+    from .render import in_notebook
+
+    if live and in_notebook():
         return LiveStatus(client, interval)
     return status(client)
-
-
-def _in_kernel() -> bool:
-    try:
-        from IPython import get_ipython
-
-        return getattr(get_ipython(), "kernel", None) is not None
-    except Exception:
-        return False

@@ -32,17 +32,16 @@ import threading
 import time
 import weakref
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
-__all__ = ["InputRequest", "post", "wait", "serve_pending", "drop", "dropping"]
+__all__ = ["InputRequest", "post", "wait", "serve_pending", "drop"]
 
 _lock = threading.Lock()
 _items: deque = deque()
 _wake: cf.Future = cf.Future()
 _serving = threading.Lock()
-_dropping: "weakref.WeakSet[cf.Future]" = weakref.WeakSet()  # calls being interrupted
+_dropped: "weakref.WeakSet[cf.Future]" = weakref.WeakSet()  # requests of calls the user interrupted
 
 
 @dataclass
@@ -61,9 +60,9 @@ class InputRequest:
     @property
     def stale(self) -> bool:
         """True when the request that asked has finished meanwhile (engine died, interrupted),
-        or its call is being interrupted (``dropping``)."""
+"""
         fut = self.future
-        return fut is not None and (fut.done() or fut in _dropping)
+        return fut is not None and fut.done()
 
     def pending_output(self) -> str:
         """Output of the asking request not shown yet (shown before the prompt, for context)."""
@@ -71,29 +70,34 @@ class InputRequest:
 
 
 def drop(futures: Iterable[cf.Future]) -> None:
-    """Forget the queued prompts of the requests behind ``futures`` (a call the user interrupted:
-    one Ctrl-C must not bring up the next engine's prompt). Those engines are being interrupted,
-    which ends their ``input()``."""
+    """The user interrupted the call behind ``futures`` (Ctrl-C): its prompts are not asked any
+    more, neither the queued ones nor those still to come (an engine may ask after the call's
+    interrupt reached it). Each dropped prompt interrupts its engine instead, which ends that
+    ``input()`` there; the call's futures are remembered weakly, until they are dropped."""
     futs = set(futures)
+    for f in futs:
+        _dropped.add(f)
     with _lock:
-        keep = [it for it in _items
-                if not (isinstance(it, InputRequest) and it.future in futs)]
+        gone = [it for it in _items if isinstance(it, InputRequest) and _call_of(it) in futs]
+        keep = [it for it in _items if not any(it is g for g in gone)]
         _items.clear()
         _items.extend(keep)
+    for item in gone:
+        _release(item)
 
 
-@contextmanager
-def dropping(futures: Iterable[cf.Future]) -> Iterator[None]:
-    """While interrupting a call: its queued prompts, and those that arrive meanwhile, are dropped."""
-    futs = list(futures)
-    for f in futs:
-        _dropping.add(f)
-    drop(futs)
-    try:
-        yield
-    finally:
-        for f in futs:
-            _dropping.discard(f)
+def _call_of(item: "InputRequest") -> Any:
+    return item.future
+
+
+def _release(item: "InputRequest") -> None:
+    """A dropped prompt: interrupt the engine waiting in ``input()`` (unless it is done)."""
+    fut = _call_of(item)
+    if fut is not None and not fut.done():
+        try:
+            item.interrupt()
+        except Exception:  # e.g. the engine died meanwhile: nothing left to release
+            pass
 
 
 def post(item: Any) -> None:
@@ -143,6 +147,9 @@ def _serve(item: Any) -> None:
         return
     if item.stale:
         return
+    if _call_of(item) in _dropped:  # a prompt of a call the user interrupted: not asked
+        _release(item)
+        return
     before = item.pending_output()
     if before:
         prefix = f"[{item.eid}] "
@@ -176,11 +183,5 @@ def wait(futures: Iterable[cf.Future], timeout: float | None = None, first: bool
         return loop_wait(futures, timeout, first=first, tick=serve_pending, wake=_wake_future,
                          progress=progress, deadline=deadline)
     except KeyboardInterrupt:
-        # one Ctrl-C: the other engines' prompts of this call are not asked, neither those
-        # queued now nor those that arrive later (whoever serves the mailbox next, e.g. the
-        # live output's last look): the call's futures stay marked (weakly) as dropped
-        for f in futures:
-            if not f.done():
-                _dropping.add(f)
-        drop(futures)
+        drop(futures)  # one Ctrl-C: the other engines' prompts of this call are not asked
         raise

@@ -316,3 +316,21 @@ def test_h12_unload_ext_closes_the_client_px_created(mec, cluster):
     finally:
         ip.run_line_magic("load_ext", "ipy_multiengine")
         mec.activate()
+
+
+def test_h12_finalizer_on_the_io_thread_still_closes(cluster):
+    """A client whose last reference drops on the I/O thread (a done-callback) is closed too."""
+    from ipy_multiengine import _loop
+
+    c = client.MultiEngineClient(cluster.cluster_file)
+    controller = c._controller
+
+    async def drop_there():
+        client._close_controller(controller)  # what the finalizer runs, on the loop thread
+
+    _loop.run(drop_there())
+    deadline = time.monotonic() + 10
+    while not controller._closed and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert controller._closed
+    c.close()

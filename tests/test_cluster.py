@@ -42,7 +42,8 @@ def test_cluster_file_contents_and_permissions(cluster):
     assert len(keys) == 1 and len(keys.pop()) >= 32  # one fresh key per cluster
     for e in spec["engines"]:
         assert e["kernel_name"] == "python3" and psutil.pid_exists(e["pid"])
-        assert e["connection"]["ip"] == "127.0.0.1"
+        # unix sockets in the private runtime dir since issue 11.16 (loopback TCP before)
+        assert e["connection"]["transport"] == "ipc" and e["connection"]["ip"].startswith(str(cluster_dir()))
         assert stat.S_IMODE(Path(e["connection_file"]).stat().st_mode) == 0o600
 
 
@@ -404,3 +405,46 @@ def test_h13_shared_cluster_of_a_user_process_stopped_from_outside_frees_its_pro
         with Cluster(n=1, profile="h13-out") as again:
             assert again.apply(lambda: 3) == [3]
         assert c.restarts == {}  # not brought back by auto_restart
+
+
+@pytest.mark.timeout(180)
+def test_o03_two_concurrent_ipmulti_start_daemons_of_one_profile():
+    procs = [subprocess.Popen(IPMULTI + ["start", "-n", "1", "--profile", "o03d", "--daemon"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    path = cluster_file_path("o03d")
+    try:
+        assert codes == [0, 1], outs
+        loser_err = next(err for p, (_, err) in zip(procs, outs) if p.returncode == 1)
+        assert "already running" in loser_err
+        spec = json.loads(path.read_text())
+        with MultiEngineClient(profile="o03d") as mec:
+            assert mec.apply(lambda: 5) == [5]
+    finally:
+        stopped = ipmulti("stop", "--profile", "o03d")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not path.exists()
+    wait_until(lambda: all(process_gone(p) for p in [spec["owner_pid"]] + [e["pid"] for e in spec["engines"]]),
+               20, "the daemon and its engine to exit")
+
+
+@pytest.mark.timeout(120)
+def test_file_owner_stop_asks_an_ipmulti_start_owner_to_stop():
+    """The owner interface's ``stop`` for a cluster reached through its file: a 'stop' request
+    the ``ipmulti start`` loop answers by stopping (no signal involved)."""
+    proc = subprocess.Popen(IPMULTI + ["start", "-n", "1", "--profile", "fo-stop", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "engines ready" in proc.stdout.readline()
+        with MultiEngineClient(profile="fo-stop") as mec:
+            pid = mec.engines[0]["pid"]
+            mec.owner.stop()
+        assert proc.wait(30) == 0
+        assert "cluster stopped" in proc.stdout.read()
+        assert not cluster_file_path("fo-stop").exists()
+        wait_until(lambda: process_gone(pid), 15, "the engine to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

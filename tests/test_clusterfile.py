@@ -91,11 +91,12 @@ def test_o01_requests_go_to_the_directory_of_exactly_one_cluster_file():
     a, ab, odd = (cluster_file_path(p) for p in ("cf-a", "cf-a-b", "cf[x]*"))
     dirs = {request_dir(p) for p in (a, ab, odd)}
     assert len(dirs) == 3 and all(d.is_dir() for d in dirs)
-    write_private(request_dir(ab) / "r1.json", json.dumps({"op": "restart", "ids": [0], "cluster_file": str(ab)}))
-    write_private(request_dir(odd) / "r2.json", json.dumps({"op": "restart", "ids": [0], "cluster_file": str(odd)}))
+    for path, name in ((ab, "r1.json"), (odd, "r2.json")):
+        write_private(request_dir(path) / name,
+                      json.dumps({"op": "restart", "ids": [0], "cluster_file": os.path.realpath(path)}))
     assert list(pending_requests(a)) == []  # 'cf-a' never sees what is meant for 'cf-a-b'
-    assert [ask["cluster_file"] for _, ask in pending_requests(ab)] == [str(ab)]
-    assert [ask["cluster_file"] for _, ask in pending_requests(odd)] == [str(odd)]
+    assert [ask["cluster_file"] for _, ask in pending_requests(ab)] == [os.path.realpath(ab)]
+    assert [ask["cluster_file"] for _, ask in pending_requests(odd)] == [os.path.realpath(odd)]
     assert list(pending_requests(ab)) == []  # each request is taken once
 
 
@@ -105,7 +106,7 @@ def test_o01_a_request_file_naming_another_cluster_is_refused_by_the_owner():
     write_private(req, json.dumps({"op": "restart", "ids": [0], "cluster_file": str(ab)}))
     assert list(pending_requests(a)) == []
     answer = json.loads(req.with_suffix(".done").read_text())
-    assert "another cluster file" in answer["error"] and answer["cluster_file"] == str(a)
+    assert "another cluster file" in answer["error"] and answer["cluster_file"] == os.path.realpath(a)
 
 
 def test_o01_an_answer_from_another_cluster_is_not_accepted():
@@ -173,11 +174,37 @@ def test_engine_main_signal_and_stop_refuse_a_pid_that_is_not_the_engine(sleeper
     assert sleeper.poll() is None  # neither signalled the unrelated process
     # a process that does run that engine's command line is stopped
     engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", conn])
+    reaper = threading.Thread(target=engine.wait)  # like a real engine's parent, reap it at once
+    reaper.start()
     try:
         out = subprocess.run(cmd + ["--stop", "--stdin", "--timeout", "5"], input=json.dumps([[engine.pid, conn]]),
                              capture_output=True, text=True, timeout=30)
-        assert out.returncode == 0 and engine.wait(10) is not None
+        assert out.returncode == 0, out.stderr
+        reaper.join(10)
+        assert engine.returncode is not None
     finally:
         engine.kill()
-        engine.wait()
+        reaper.join(10)
     assert os.path.isdir(tmp_path)
+
+
+def test_a_request_through_a_relative_path_reaches_the_owner(monkeypatch):
+    """Clients may name the cluster file by a relative path; the owner knows its absolute one."""
+    path = cluster_file_path("cf5")
+    write_cluster(path, spec_for("cf5", {**identity(), "kind": "ipmulti"}))
+    monkeypatch.chdir(path.parent)
+    stop = threading.Event()
+
+    def owner() -> None:
+        while not stop.wait(0.02):
+            for req, ask in pending_requests(path):
+                answer_request(req, path, {"ok": True, "ids": ask["ids"]})
+
+    t = threading.Thread(target=owner)
+    t.start()
+    try:
+        assert request_owner(path.name, "restart", [0], timeout=10)["ids"] == [0]
+    finally:
+        stop.set()
+        t.join()
+        path.unlink()

@@ -357,3 +357,88 @@ def test_h01_stale_caller_globals_precedence_and_nothing_left_behind(mec):
     # engine's own 7); a global the function assigned is written there (the documented rule)
     assert mec.pull("left") == [(False, 7, 51), (False, 7, None), (False, 7, None), (False, 7, None)]
     assert ns["b"] == [51]
+
+
+# -- issue 11 item 2: what engines receive, and what a pull returns, is the value at the call
+def _engine_min(mec, name: str, targets="all") -> list[tuple[float, float]]:
+    mec.execute(f"_m = float({name}.min()), float({name}.max())", targets=targets)
+    return mec.pull("_m", targets=targets)
+
+
+def test_h02_zero_copy_mutation_nonblocking_push_and_scatter(mec):
+    a = np.arange(1_000_000, dtype=float)
+    pr = mec.push({"a": a}, block=False)
+    a[:] = -1.0  # at once, as a user would: the engines must still get 0..n-1
+    pr.r
+    assert _engine_min(mec, "a") == [(0.0, 999_999.0)] * 4
+    s = np.ones(4 * 500_000)
+    pr = mec.scatter("s", s, block=False)
+    s[:] = -1.0
+    pr.r
+    assert _engine_min(mec, "s") == [(1.0, 1.0)] * 4
+
+
+def test_h02_zero_copy_mutation_nonblocking_apply_and_map_arguments(mec):
+    x = np.ones(1_000_000)
+    pr = mec.apply(lambda v: (float(v.min()), float(v.max())), x, block=False)
+    x[:] = -1.0
+    assert pr.r == [(1.0, 1.0)] * 4
+    parts = [np.full(300_000, float(i)) for i in range(8)]
+    pr = mec.map(lambda v: float(v.sum()), parts, block=False)
+    for p in parts:
+        p[:] = -1.0
+    assert pr.r == [300_000.0 * i for i in range(8)]
+    parts = [np.full(300_000, float(i)) for i in range(8)]
+    pr = mec.map(lambda v: float(v.sum()), parts, block=False, balanced=True)
+    for p in parts:  # later chunks leave from the I/O thread after the call returned
+        p[:] = -1.0
+    assert pr.r == [300_000.0 * i for i in range(8)]
+
+
+def test_h02_zero_copy_mutation_pull_reply_not_torn_by_next_request(mec):
+    """The engine sends a pull's reply zero copy from its IOPub thread; the next queued
+    request must not change the array while that reply is still being read."""
+    mec.execute("import numpy as np; b = np.zeros(12_500_000)", targets=0)  # 100 MB
+    for _ in range(2):
+        mec.execute("b[:] = 0", targets=0)
+        pr = mec.pull("b", targets=0, block=False)
+        pa = mec.apply(lambda: b, targets=0, block=False)  # a returned global: the same hazard
+        mec.execute("b[:] = 1", targets=0, block=False)
+        got, returned = pr.r[0], pa.r[0]
+        assert got.max() == 0.0 and got.min() == 0.0
+        assert returned.max() == 0.0
+        del got, returned, pr, pa
+
+
+def test_h02_expert_opt_out_returns_before_send(mec):
+    a = np.arange(4_000_000, dtype=float)
+    mec.return_before_send = True
+    try:
+        pr = mec.push({"a": a}, block=False, targets=0)
+        assert pr.wait_for_send(timeout=30)  # the documented way to know a can change again
+        assert pr.sent
+        a[:] = -1.0
+        pr.r
+    finally:
+        mec.return_before_send = False
+    assert _engine_min(mec, "a", targets=0) == [(0.0, 3_999_999.0)]
+
+
+def test_h02_zero_copy_mutation_after_a_blocking_push_timed_out(mec):
+    """A blocking push that times out (the engine is busy) has still sent the caller's array
+    before raising: changing it afterwards does not change what the engine applies later."""
+    import warnings
+
+    from ipy_multiengine.errors import TimeoutError as MeTimeout
+
+    a = np.arange(12_500_000, dtype=float)  # 100 MB
+    busy = mec.execute("import time; time.sleep(2)", targets=0, block=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "still receiving" warning: the data had left
+        with pytest.raises(MeTimeout):
+            mec.push({"a": a}, targets=0, timeout=0.5)
+    a[:] = -1.0
+    assert mec.last.method == "push"  # kept, to collect later
+    mec.last.get_result(timeout=30)
+    busy.get_result(timeout=30)
+    assert _engine_min(mec, "a", targets=0) == [(0.0, 12_499_999.0)]

@@ -299,7 +299,7 @@ def test_forged_message_with_wrong_key_is_not_run(tmp_path):
     import zmq
     from jupyter_client.session import Session
 
-    with small_cluster(1, transport_encryption="auto") as (cluster, mec):
+    with small_cluster(1, transport_encryption="auto", transport="tcp") as (cluster, mec):  # a TCP test
         info = json.loads(Path(cluster.cluster_file).read_text())["engines"][0]["connection"]
         ctx = zmq.Context()
 
@@ -467,7 +467,7 @@ def test_restart_survives_a_port_taken_by_another_process():
     jupyter port race, also at startup), the engine is started again on new ports."""
     import socket
 
-    with small_cluster(2) as (cluster, mec):
+    with small_cluster(2, transport="tcp") as (cluster, mec):  # ports exist with TCP only
         mec.execute("pass")
         info = cluster.managers[1].get_connection_info()
         os.kill(engine_pid(cluster, 1), signal.SIGKILL)

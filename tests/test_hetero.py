@@ -312,14 +312,13 @@ def test_px_magics_on_bash_engines(mec, capsys):
     mec.targets = "bash"
     try:
         ip.run_line_magic("px", "uname -n; echo $RANDOM")
-        r = mec.get_result()
-        assert [x["id"] for x in r] == [2, 3, 4]
+        r = _last_on_bash(mec, "uname -n; echo $RANDOM")
         assert all(x["stdout"].split()[0] == socket.gethostname() for x in r)
     finally:
         mec.targets = "all"
     ip.run_cell_magic("px", "--targets bash", "echo cell-$((6*7))")
-    r = mec.get_result()
-    assert [x["id"] for x in r] == [2, 3, 4] and all(x["stdout"] == "cell-42\n" for x in r)
+    r = _last_on_bash(mec, "echo cell-$((6*7))")
+    assert all(x["stdout"] == "cell-42\n" for x in r)
     assert "cell-42" in capsys.readouterr().out
     mec.targets = "bash"
     try:
@@ -329,8 +328,18 @@ def test_px_magics_on_bash_engines(mec, capsys):
     finally:
         mec.targets = "all"
     assert res.success
+    r = _last_on_bash(mec, "X=auto; echo $X-$((6*7))")
+    assert all(x["stdout"] == "auto-42\n" for x in r)
+
+
+def _last_on_bash(mec, code: str) -> list:
+    """``mec.get_result()`` is the last command executed on *each* engine (issue 11 item 4):
+    the bash engines' entries are ``code``, in engine order; the Python engines' are older."""
     r = mec.get_result()
-    assert [x["id"] for x in r] == [2, 3, 4] and all(x["stdout"] == "auto-42\n" for x in r)
+    assert [x["id"] for x in r] == sorted(x["id"] for x in r)
+    mine = [x for x in r if x["input"]["raw"].strip() == code]
+    assert [x["id"] for x in mine] == [2, 3, 4], [(x["id"], x["input"]["raw"]) for x in r]
+    return mine
 
 
 def test_dead_and_restarted_bash_engine_in_the_tables():

@@ -175,6 +175,85 @@ def test_engine_main_bound_to_all_interfaces_reports_a_reachable_address(tmp_pat
         proc.wait()
 
 
+def answers_kernel_info(info: dict, curve: bool, wait: float = 2.0) -> bool:
+    """Does the engine of ``info`` answer a kernel_info_request on its shell socket (right HMAC
+    key), sent in plaintext or with CurveZMQ?"""
+    import zmq
+    from jupyter_client.session import Session
+
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        if curve:
+            sock.curve_serverkey = info["curve_publickey"].encode()
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+        sock.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+        Session(key=info["key"].encode()).send(sock, "kernel_info_request", {})
+        answered = bool(sock.poll(int((wait if not curve else 10 * wait) * 1000)))
+        sock.close()
+        return answered
+    finally:
+        ctx.term()
+
+
+def assert_encrypted(c, mec) -> None:
+    """Every engine of ``c`` is encrypted: the client got the public key only, a CurveZMQ
+    client is answered, a plaintext one (even with the HMAC key) is refused."""
+    assert all(e["encrypted"] for e in mec.engines)
+    for info in c.engines_info.values():
+        assert len(info["curve_publickey"]) == 40 and "curve_secretkey" not in info
+        assert answers_kernel_info(info, curve=True)
+        assert not answers_kernel_info(info, curve=False)
+    spec = json.loads(Path(c.cluster_file).read_text()) if c.cluster_file else {}
+    assert "curve_secretkey" not in json.dumps(spec)
+
+
+@pytest.mark.timeout(120)
+def test_o06_engine_bound_wide_in_a_netns_host_reports_its_routable_address(ssh_hosts, tmp_path):
+    """ip='*' on a host whose name resolves to loopback (as 127.0.1.1 on Debian): the engine
+    reports the address of its interface toward the controller, never loopback."""
+    from ipy_multiengine.engine_main import read_json
+    from ipy_multiengine.launchers.base import write_engine_files
+
+    keys, local, remote, ns = ssh_hosts
+    in_ns = ["ip", "netns", "exec", ns.name, sys.executable]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPY_MULTIENGINE_")}
+    env["PYTHONPATH"] = SRC
+    probe = "import socket; from ipy_multiengine.engine_main import report_address as r; " \
+            "print(socket.gethostbyname(socket.gethostname()), r('*', {}))"
+    naive, fallback = subprocess.run([*in_ns, "-c", probe], env=env, capture_output=True, text=True,
+                                     check=True).stdout.split()
+    assert naive.startswith("127.")  # what the old code reported
+    assert fallback == ns.ns_ip  # no controller named, no default route: the interface's address
+    os.chmod(tmp_path, 0o700)
+    [path] = write_engine_files(str(tmp_path), 1, ip="*")
+    env["IPY_MULTIENGINE_CONTROLLER_HOST"] = ns.host_ip
+    proc = subprocess.Popen([*in_ns, "-m", "ipy_multiengine.engine_main", "-f", path], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (read_json(path) or {}).get("ipy_multiengine_ready"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        report = read_json(path)
+        assert report["ip"] == ns.ns_ip
+        # bound wide: encrypted by default, and reachable from here at the reported address
+        assert "curve_publickey" in report
+        from ipy_multiengine.launchers.base import connection_info
+
+        info = connection_info(report)
+        assert answers_kernel_info(info, curve=True) and not answers_kernel_info(info, curve=False)
+        mec = MultiEngineClient.attach([path])
+        try:
+            assert mec.execute("print(1)")[0]["stdout"] == "1\n"
+        finally:
+            mec.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_13_launcher_errors_are_package_errors_and_pickle():
     import pickle
 
@@ -365,6 +444,31 @@ def test_cli_start_daemon_with_mpi_launcher_and_stop():
     wait_no_engines(spec["launcher"]["work_dir"])
 
 
+@pytest.mark.timeout(120)
+def test_h15_mpi_engines_bound_wide_are_encrypted_by_default():
+    c = Cluster(2, launcher="mpi", ip="*", env=ENGINE_ENV, profile="test-h15-mpi")
+    mec = c.start()
+    work_dir = c.launcher.work_dir
+    try:
+        assert_encrypted(c, mec)
+        assert [r["stdout"] for r in mec.execute("print(7)")] == ["7\n", "7\n"]
+    finally:
+        c.stop()
+    wait_no_engines(work_dir)
+
+
+@pytest.mark.timeout(120)
+def test_h15_mpi_honours_transport_encryption_on_loopback():
+    c = Cluster(1, launcher="mpi", transport_encryption="required", env=ENGINE_ENV, profile="test-h15-mpi2")
+    mec = c.start()
+    work_dir = c.launcher.work_dir
+    try:
+        assert_encrypted(c, mec)
+    finally:
+        c.stop()
+    wait_no_engines(work_dir)
+
+
 # ---------------------------------------------------------------------- Slurm
 @pytest.fixture(scope="module")
 def slurm():
@@ -408,6 +512,56 @@ def test_slurm_engines(slurm):
     while job in squeue(slurm) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert job not in squeue(slurm)
+    wait_no_engines(work_dir)
+
+
+def wait_engine_error(pr, started: float, bound: float) -> float:
+    """``pr`` fails with EngineError (the engine died); seconds from ``started`` until it did."""
+    from ipy_multiengine.errors import EngineError
+
+    with pytest.raises((EngineError, CompositeError)) as info:
+        pr.get_result(timeout=bound + 30)
+    took = time.monotonic() - started
+    assert "EngineError" in repr(info.value) or isinstance(info.value, EngineError), info.value
+    return took
+
+
+#: the documented detection bound for heartbeat-watched engines: 4/3 x the period (3 s)
+HEARTBEAT_BOUND = 4 / 3 * 3.0
+
+
+@pytest.mark.timeout(180)
+def test_h06_slurm_engine_killed_is_noticed_by_heartbeats(slurm):
+    c = Cluster(2, launcher="slurm", profile="test-h06-slurm", ip="127.0.0.1", env={**slurm.env, **ENGINE_ENV},
+                partition=slurm.PARTITION, time="10", startup_timeout=90)
+    mec = c.start()
+    work_dir = c.launcher.work_dir
+    try:
+        assert c.launcher.liveness(1) is None  # no process this client can poll: heartbeats
+        pid = c.launcher.engines[1]["pid"]
+        pr = mec.execute("import time; time.sleep(60)", targets=1, block=False)
+        t0 = time.monotonic()
+        os.kill(pid, 9)
+        took = wait_engine_error(pr, t0, HEARTBEAT_BOUND)
+        assert took < HEARTBEAT_BOUND + 1.5, f"noticed after {took:.1f} s"
+        assert mec.execute("print('ok')", targets=0)[0]["stdout"] == "ok\n"
+    finally:
+        c.stop()
+    wait_no_engines(work_dir)
+
+
+@pytest.mark.timeout(180)
+def test_h15_slurm_engines_listen_wide_encrypted_by_default(slurm):
+    c = Cluster(2, launcher="slurm", profile="test-h15-slurm", env={**slurm.env, **ENGINE_ENV},
+                partition=slurm.PARTITION, time="10", startup_timeout=90)
+    mec = c.start()
+    work_dir = c.launcher.work_dir
+    try:
+        assert all(not e["ip"].startswith("127.") for e in c.engines_info.values())
+        assert_encrypted(c, mec)
+        assert mec.execute("print(3)")[1]["stdout"] == "3\n"
+    finally:
+        c.stop()
     wait_no_engines(work_dir)
 
 
@@ -510,15 +664,49 @@ def test_ssh_connection_info_never_on_a_command_line(ssh_hosts):
     wait_no_engines(SSH_ENGINE_DIR)
 
 
+@pytest.mark.timeout(180)
+def test_h06_ssh_engine_killed_in_the_netns_host_is_noticed_by_heartbeats(ssh_hosts):
+    keys, local, remote, ns = ssh_hosts
+    c = Cluster(launcher="ssh", hosts={remote.destination: 2}, profile="test-h06-ssh", **ssh_options(keys))
+    mec = c.start()
+    try:
+        assert c.launcher.liveness(0) is None  # the forwarder outlives the kernel: heartbeats
+        pid = c.launcher.remote[0]["pid"]
+        pr = mec.execute("import time; time.sleep(60)", targets=0, block=False)
+        t0 = time.monotonic()
+        os.kill(pid, 9)  # the kernel only; its ssh port forward stays up
+        took = wait_engine_error(pr, t0, HEARTBEAT_BOUND)
+        assert took < HEARTBEAT_BOUND + 1.5, f"noticed after {took:.1f} s"
+        assert mec.execute("print('ok')", targets=1)[0]["stdout"] == "ok\n"
+    finally:
+        c.stop()
+    wait_no_engines(SSH_ENGINE_DIR)
+
+
+@pytest.mark.timeout(180)
+def test_h15_ssh_honours_transport_encryption(ssh_hosts):
+    keys, local, remote, ns = ssh_hosts
+    c = Cluster(launcher="ssh", hosts={remote.destination: 1}, profile="test-h15-ssh",
+                transport_encryption="required", **ssh_options(keys))
+    mec = c.start()
+    try:
+        assert_encrypted(c, mec)  # through the forward: plaintext refused by the kernel itself
+        assert all("curve_secretkey" not in (r or {}) for r in c.launcher.remote)
+    finally:
+        c.stop()
+    wait_no_engines(SSH_ENGINE_DIR)
+
+
 # ---------------------------------------------------------------------- ssh without sshd
 FAKE_SSH = str(Path(__file__).with_name("fake_ssh.py"))  # runs the remote command locally
 
 
 def forwarders() -> list[psutil.Process]:
+    """Port forwarders (``fake_ssh -N``) of this suite's fake_ssh, nobody else's."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "-N" in cmd and any("fake_ssh" in c or c == "ssh" for c in cmd[:2]):
+        if "-N" in cmd and FAKE_SSH in cmd[:2]:
             out.append(p)
     return out
 
@@ -547,6 +735,9 @@ def test_o04_failed_remote_stop_is_reported_with_what_is_left():
     mec = c.start()
     try:
         assert mec.execute("print(1)")[0]["stdout"] == "1\n"
+        with pytest.raises(LauncherError, match="'ssh' launcher cannot be restarted one by one"):
+            mec.restart(0)  # a clear refusal, before anything is touched
+        assert mec.execute("print(2)", targets=0)[0]["stdout"] == "2\n"
         pids = [e["pid"] for e in launcher.engines]
         launcher.ssh = "/bin/false"  # the host cannot be reached any more
         with pytest.raises(LauncherError, match=r"could not stop engine\(s\) 0, 1: good"):

@@ -415,6 +415,10 @@ def test_no_client_connects_to_running_default_cluster(ip, cluster, mec):
         assert active is not None and active is not mec
         assert active.cluster_file == str(default)
         assert len(res) == 4 and mec.pull("via_default") == [1] * 4
+        # %unload_ext closes the client %px connected by itself (nobody else holds it)
+        ip.run_line_magic("unload_ext", "ipy_multiengine")
+        assert active.closed
+        ip.run_line_magic("load_ext", "ipy_multiengine")
     finally:
         default.unlink(missing_ok=True)
         other = client_mod.get_active()
@@ -683,3 +687,25 @@ def test_targets_module_is_the_one_resolver(mec):
     assert targets.parse_targets("::2", [0, 1, 2, 3]) == [0, 2]
     with pytest.raises(targets.TargetsError):
         targets.parse_targets("1:2:3:4", [0, 1])
+
+
+def test_h10_output_after_a_timeout_stays_on_the_pending_result(ip, mec):
+    from ipy_multiengine.errors import TimeoutError as METimeout
+
+    def slow():
+        import time
+
+        print("early", flush=True)
+        time.sleep(1.0)
+        print("late")
+
+    with capture_output() as cap:
+        with pytest.raises(METimeout):
+            mec.apply(slow, targets=0, timeout=0.4)
+    assert "[stdout:0] early" in cap.stdout and "late" not in cap.stdout
+    pr = mec.last
+    with capture_output() as cap:
+        pr.get_result(timeout=10)
+        mec.execute("pass")  # an unrelated wait does not print the timed-out call's output
+    assert "late" not in cap.stdout
+    assert pr.stdout == ["early\nlate\n"]

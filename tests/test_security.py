@@ -25,12 +25,21 @@ def _spec(cluster) -> dict:
     return json.loads(Path(cluster.cluster_file).read_text())
 
 
-def test_engines_listen_on_loopback_only(cluster, mec):
+def test_engines_listen_on_no_network_port(cluster, mec):
+    # changed on purpose by issue 11.16: local engines use unix sockets inside the 0700 runtime
+    # dir (no other user can connect), not loopback TCP; with transport='tcp', loopback only
     for e in _spec(cluster)["engines"]:
-        assert e["connection"]["ip"] == "127.0.0.1"
-        listening = [c.laddr.ip for c in psutil.Process(e["pid"]).net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN]
-        assert len(listening) >= 5 and set(listening) == {"127.0.0.1"}, listening
+        assert e["connection"]["transport"] == "ipc" and e["connection"]["ip"].startswith(str(cluster_dir()))
+        listening = [c for c in psutil.Process(e["pid"]).net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        # at most ipykernel's own IOPub fork pipe (a loopback PULL that drops every message
+        # without its random uuid): nothing readable, no channel of the engine
+        assert len(listening) <= 1 and all(c.laddr.ip == "127.0.0.1" for c in listening), listening
+    with small_cluster(1, transport="tcp") as (c, _):
+        for e in _spec(c)["engines"]:
+            assert e["connection"]["ip"] == "127.0.0.1"
+            listening = [c.laddr.ip for c in psutil.Process(e["pid"]).net_connections("tcp")
+                         if c.status == psutil.CONN_LISTEN]
+            assert len(listening) >= 5 and set(listening) == {"127.0.0.1"}, listening
 
 
 def test_fresh_key_per_cluster(cluster, mec):
@@ -47,6 +56,8 @@ def test_private_files(cluster, mec):
     files = list(d.rglob("*"))
     assert any(f.name.startswith("cluster-") for f in files) and any(f.suffix == ".log" for f in files)
     for f in files:
+        if stat.S_ISSOCK(f.stat().st_mode):
+            continue  # the engines' unix sockets: the kernel's umask, behind the 0700 directory
         want = 0o700 if f.is_dir() else 0o600  # (a sticky bit on a directory is fine)
         assert stat.S_IMODE(f.stat().st_mode) & 0o777 == want, f"{f} is {oct(f.stat().st_mode)}"
     for e in _spec(cluster)["engines"]:  # the kernels' own connection files hold the keys
@@ -60,7 +71,7 @@ def test_loopback_engines_are_not_encrypted_by_default(cluster, mec):
 
 
 def test_transport_encryption_auto():
-    with small_cluster(1, transport_encryption="auto") as (c, mec):
+    with small_cluster(1, transport_encryption="auto", transport="tcp") as (c, mec):
         assert [e["encrypted"] for e in mec.engines] == [True]
         e = _spec(c)["engines"][0]
         # clients get the public key only; the secret stays in the kernel's own connection file
@@ -97,3 +108,55 @@ def test_encryption_policy_default():
     assert encryption_policy("required", "127.0.0.1") == "required"
     with pytest.raises(ValueError, match="transport_encryption"):
         encryption_policy("sometimes", "127.0.0.1")
+
+
+#: runs as root, imports zmq, then becomes ``nobody`` and counts the IOPub messages it can read
+_SNOOP = r"""
+import os, sys, time, zmq
+ctx = zmq.Context()
+sub = ctx.socket(zmq.SUB)
+sub.setsockopt(zmq.SUBSCRIBE, b"")
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+assert os.getuid() == 65534
+sub.connect(sys.argv[1])
+print("ready", flush=True)
+n, deadline = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    if sub.poll(100):
+        sub.recv_multipart()
+        n += 1
+print(n, flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("transport", ["default", "tcp"])
+def test_h16_another_user_cannot_read_an_engines_output(transport):
+    """Local engines use unix sockets in the 0700 runtime dir by default: ``nobody`` cannot
+    subscribe to IOPub. (With transport='tcp', the old default, it reads every message.)"""
+    import subprocess
+    import sys
+
+    from ipy_multiengine.launchers.base import endpoint
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user (nobody)")
+    kw = {} if transport == "default" else {"transport": "tcp"}
+    with small_cluster(1, **kw) as (c, mec):
+        info = c.engines_info[0]
+        assert info["transport"] == ("ipc" if transport == "default" else "tcp")
+        snoop = subprocess.Popen([sys.executable, "-c", _SNOOP, endpoint(info, "iopub_port"), "4"],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert snoop.stdout.readline().strip() == "ready"
+            pr = mec.execute("import time\nfor i in range(30):\n    print(i, flush=True); time.sleep(0.1)",
+                             block=False)
+            assert pr.get_result(timeout=30)[0]["stdout"].split() == [str(i) for i in range(30)]
+            seen = int(snoop.stdout.readline())
+        finally:
+            snoop.kill()
+            snoop.wait()
+        if transport == "default":
+            assert seen == 0, f"another user read {seen} IOPub messages"
+        else:
+            assert seen > 0  # the hole the unix sockets close

@@ -112,11 +112,12 @@ def test_status_table_updates_in_place_during_a_long_px(notebook, tmp_path):
 
 def test_status_live_outside_a_kernel_is_a_plain_table():
     from ipy_multiengine import status
+    from ipy_multiengine.render import in_notebook
 
     class FakeClient:  # status.show only needs a client for the snapshot
         pass
 
-    assert status._in_kernel() is False
+    assert in_notebook() is False
     calls = []
     orig = status.status
     status.status = lambda c: calls.append(c) or "table"
@@ -125,3 +126,49 @@ def test_status_live_outside_a_kernel_is_a_plain_table():
     finally:
         status.status = orig
     assert len(calls) == 1
+
+
+def test_h10_o13_o14_notebook_rendering_in_a_real_kernel(notebook):
+    """In a real notebook kernel: apply/map output shows as labelled display areas, a
+    clear_output(wait=True) + display loop is one output per engine updated in place, and
+    pager text is a labelled display."""
+    msgs = notebook.run(
+        "from ipy_multiengine import Cluster\n"
+        "cl = Cluster(n=2, profile='nb-render')\nmec = cl.start().activate()\n"
+        "print('PIDS', [e['pid'] for e in mec.engines])\n"
+        "%load_ext ipy_multiengine")
+    pids = [int(p) for m in msgs if m["msg_type"] == "stream" and "PIDS" in m["content"]["text"]
+            for p in re.findall(r"\d+", m["content"]["text"].split("PIDS", 1)[1])]
+    try:
+        def final_outputs(msgs):
+            """The cell's outputs as a frontend keeps them (updates replace by display_id)."""
+            cell = []
+            for m in msgs:
+                c = m["content"]
+                did = (c.get("transient") or {}).get("display_id")
+                if m["msg_type"] == "display_data":
+                    cell.append([did, c])
+                elif m["msg_type"] == "update_display_data":
+                    for entry in cell:
+                        if entry[0] == did:
+                            entry[1] = c
+            return [c for _, c in cell]
+
+        msgs = notebook.run("r = mec.map(lambda x: print('item', x) or x, range(2))")
+        texts = sorted(c["data"]["text/plain"] for c in final_outputs(msgs))
+        assert texts == ["[stdout:0] item 0", "[stdout:1] item 1"], texts
+        assert all(c["metadata"]["engine"] in (0, 1) for c in final_outputs(msgs))
+
+        msgs = notebook.run("%%px\nfrom IPython.display import display, clear_output, HTML\n"
+                            "for i in range(5):\n    clear_output(wait=True)\n    display(HTML(f'<b>frame {i}</b>'))")
+        added = [m for m in msgs if m["msg_type"] == "display_data"]
+        assert len(added) == 2, [m["content"]["data"] for m in added]
+        assert all("frame 4" in c["data"]["text/html"] for c in final_outputs(msgs))
+
+        msgs = notebook.run("%%px --targets 0\n%pdoc len")
+        pages = [c for c in final_outputs(msgs) if "Return the number of items" in c["data"].get("text/plain", "")]
+        assert len(pages) == 1 and pages[0]["metadata"]["engine"] == 0
+        assert pages[0]["data"]["text/plain"].startswith("[output:0]")
+    finally:
+        notebook.run("cl.stop()")
+    assert_gone(pids)

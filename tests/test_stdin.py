@@ -260,11 +260,16 @@ def test_input_in_a_notebook_without_stdin_gives_the_engine_eof(tmp_path):
 
 @pytest.mark.parametrize("how", ["execute", "px"])
 def test_o11_ctrl_c_at_one_prompt_drops_the_call_s_other_prompts(term, how):
-    code = "who = input('who? ')"
-    term.send(f"mec.execute({code!r})" if how == "execute" else f"%px {code}")
+    # engine 0 asks at once; engine 1 asks later, after the interrupt of the call reached it
+    # (it swallows that KeyboardInterrupt): its prompt must not be asked either
+    term.run("mec.scatter('k', [0, 1])")
+    code = ("import time\ntry:\n    time.sleep(1.5 * k[0])\nexcept KeyboardInterrupt:\n    pass\n"
+            "who = input('who? ')")
+    term.send(f"mec.execute({code!r})" if how == "execute" else f"%px exec({code!r})")
     term.expect(r"\[(\d)\] who\? ")
+    assert term.child.match.group(1) == "0"
     term.child.sendintr()  # Ctrl-C at the first engine's prompt: the other's is not asked
     out = term.expect(PROMPT)
     assert "KeyboardInterrupt" in out and not re.search(r"\[\d\] who\? ", out), out
-    out = term.run("mec.execute('print(6 * 7)')[1]['stdout']")
+    out = term.run("mec.execute('print(6 * 7)')[1]['stdout']")  # waits for engine 1's late prompt too
     assert "'42\\n'" in out and not re.search(r"\[\d\] who\? ", out)  # engines free, nothing queued

@@ -28,9 +28,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import inspect
-import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -70,6 +70,13 @@ class EngineStartTimeout(LauncherError, TimeoutError):
 
     def __reduce__(self):
         return (type(self), (self.args[0], self.missing))
+
+
+def endpoint(info: dict, port_name: str) -> str:
+    """The ZMQ address of one of an engine's channels: ``tcp://IP:PORT`` or ``ipc://PATH-N``."""
+    transport = info.get("transport", "tcp")
+    sep = ":" if transport == "tcp" else "-"
+    return f"{transport}://{info['ip']}{sep}{info[port_name]}"
 
 
 def is_loopback(ip: str) -> bool:
@@ -120,6 +127,22 @@ def new_connection_info(ip: str = "127.0.0.1", kernel_name: str = "") -> dict:
     return info
 
 
+def add_curve_keys(info: dict, policy: str) -> dict:
+    """Give ``info`` a fresh CurveZMQ key pair when ``policy`` ('auto', 'required') asks for
+    encryption: the kernel (ipykernel) reads both from its connection file; clients get the
+    public key only (:func:`connection_info` drops the secret)."""
+    import zmq
+
+    if policy in ("auto", "required"):
+        if not zmq.has("curve"):
+            if policy == "required":
+                raise LauncherError("transport_encryption='required' but this libzmq has no CurveZMQ")
+            return info
+        public, secret = zmq.curve_keypair()
+        info.update(curve_publickey=public.decode("ascii"), curve_secretkey=secret.decode("ascii"))
+    return info
+
+
 def make_work_dir(base: str | None = None, prefix: str = "ipmulti-") -> str:
     """A fresh 0700 directory for the connection files of one cluster.
 
@@ -140,19 +163,23 @@ def engine_file(work_dir: str, engine_id: int | str) -> str:
     return os.path.join(work_dir, f"engine-{engine_id}.json")
 
 
-def write_engine_files(work_dir: str, n: int, ip: str = "127.0.0.1") -> list[str]:
-    """Pre-write ``engine-{i}.json`` for i in range(n): fresh key, ports 0, mode 0600."""
+def write_engine_files(work_dir: str, n: int, ip: str = "127.0.0.1",
+                       transport_encryption: str | None = None) -> list[str]:
+    """Pre-write ``engine-{i}.json`` for i in range(n): fresh key, ports 0, mode 0600, and a
+    CurveZMQ key pair when the encryption policy for ``ip`` asks for one."""
+    policy = encryption_policy(transport_encryption, "0.0.0.0" if ip in ("*", "") else ip)
     paths = []
     for i in range(n):
         path = engine_file(work_dir, i)
-        write_json_atomic(path, new_connection_info(ip))
+        write_json_atomic(path, add_curve_keys(new_connection_info(ip), policy))
         paths.append(path)
     return paths
 
 
 def connection_info(report: dict) -> dict:
-    """The connection-info part of an engine report (drops our bookkeeping keys)."""
-    return {k: v for k, v in report.items() if k != READY_KEY}
+    """What a client needs from an engine report: no bookkeeping keys, no CurveZMQ secret key
+    (the kernel's alone)."""
+    return {k: v for k, v in report.items() if k not in (READY_KEY, "curve_secretkey")}
 
 
 async def wait_for_engines(
@@ -240,9 +267,21 @@ def engine_environment(extra: dict | None = None, base: dict | None = None) -> d
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if src not in paths and not _installed_elsewhere(src):
         env["PYTHONPATH"] = os.pathsep.join([src, *paths])
+    env.setdefault("IPY_MULTIENGINE_CONTROLLER_HOST", controller_addresses())
     if extra:
         env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def controller_addresses() -> str:
+    """This host's non-loopback IPv4 addresses, comma-separated: engines bound wide report the
+    address of their interface that routes to one of them (``IPY_MULTIENGINE_CONTROLLER_HOST``)."""
+    import psutil
+
+    out = []
+    for addrs in psutil.net_if_addrs().values():
+        out += [a.address for a in addrs if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    return ",".join(out)
 
 
 def _installed_elsewhere(src: str) -> bool:
@@ -293,7 +332,7 @@ async def _control_request(info: dict, msg_type: str, content: dict, timeout: fl
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     try:
-        sock.connect(f"{info.get('transport', 'tcp')}://{info['ip']}:{info['control_port']}")
+        sock.connect(endpoint(info, "control_port"))
         session.send(sock, session.msg(msg_type, content))
         if not await sock.poll(timeout * 1000):
             return None
@@ -345,10 +384,15 @@ class Launcher(abc.ABC):
         kernel_name: str | None = None,
         env: dict | None = None,
         startup_timeout: float | None = 60.0,
+        transport_encryption: str | None = None,
         **kw: Any,
     ):
         if kw:
             raise TypeError(f"{type(self).__name__}: unknown option(s) {sorted(kw)}")
+        encryption_policy(transport_encryption, "127.0.0.1")  # checks the value
+        #: CurveZMQ as jupyter_client's setting: 'auto', 'required', 'disabled', or None (on for
+        #: engines that listen beyond loopback)
+        self.transport_encryption = transport_encryption
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise ValueError(f"n must be a positive int, not {n!r}")
         self.n = n
@@ -428,7 +472,3 @@ class Launcher(abc.ABC):
         """Remove ``work_dir`` (connection files, logs) once the engines are gone."""
         if self.work_dir and os.path.isdir(self.work_dir):
             shutil.rmtree(self.work_dir, ignore_errors=True)
-
-
-def dumps(data: dict) -> str:
-    return json.dumps(data, sort_keys=True)

@@ -38,6 +38,10 @@ def kernel_args(km: Any) -> list[str]:
     return list(KERNEL_ARGS) if ("ipykernel" in argv or "bash_kernel" in argv) else []
 
 
+#: the longest unix socket path Linux accepts (sun_path is 108 bytes with its NUL)
+UNIX_PATH_MAX = 107
+
+
 class LocalLauncher(Launcher):
     """``n`` kernels of kernelspec ``kernel_name`` (default ``python3``), started concurrently.
 
@@ -45,7 +49,8 @@ class LocalLauncher(Launcher):
     directory for connection files and logs (default: a fresh one under the runtime dir, removed
     on stop), ``tag`` names the files in it; ``env`` is the engines' whole environment (default:
     this process's); ``kernel_args`` replaces :data:`KERNEL_ARGS`; ``transport_encryption`` as
-    jupyter_client's (None: on unless the kernels listen on loopback only); ``shutdown_wait``:
+    jupyter_client's (None: on unless the kernels listen beyond loopback); ``transport``: 'ipc'
+    (unix sockets in the 0700 directory: the default where possible) or 'tcp'; ``shutdown_wait``:
     seconds a shutdown request gets before SIGTERM, then as long again before SIGKILL.
     """
 
@@ -54,21 +59,25 @@ class LocalLauncher(Launcher):
 
     def __init__(self, n: int | None = None, *, kernel_names: dict[int, str] | None = None,
                  work_dir: str | os.PathLike | None = None, tag: str | None = None,
-                 kernel_args: Iterable[str] | None = None, transport_encryption: str | None = None,
-                 shutdown_wait: float = 3.0, **kw: Any):
+                 kernel_args: Iterable[str] | None = None, shutdown_wait: float = 3.0,
+                 transport: str | None = None, **kw: Any):
         env = kw.pop("env", None)
         if kernel_names:
             n = len(kernel_names)
         super().__init__(4 if n is None else n, **kw)  # 4 engines by default
-        encryption_policy(transport_encryption, "127.0.0.1")  # checks the value
         self.kernel_name = self.kernel_name or "python3"
         self.kernel_names = dict(kernel_names) if kernel_names else dict.fromkeys(range(self.n), self.kernel_name)
         self.base_env = None if env is None else dict(env)
         self.work_dir_base = None if work_dir is None else str(work_dir)
         self.tag = tag or f"local-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.kernel_args = None if kernel_args is None else list(kernel_args)
-        self.transport_encryption = transport_encryption
         self.shutdown_wait = shutdown_wait
+        if transport not in (None, "ipc", "tcp"):
+            raise ValueError(f"transport must be None, 'ipc' or 'tcp', not {transport!r}")
+        #: 'ipc': unix sockets in the 0700 directory, so no other local user can connect (a
+        #: TCP port on loopback, IOPub above all, is open to every user of the machine); None
+        #: (default): 'ipc' where unix sockets exist and the paths fit, else 'tcp'
+        self.transport = transport
         self.key = secrets.token_hex(32)
         self.managers: dict[int, Any] = {}
 
@@ -116,9 +125,25 @@ class LocalLauncher(Launcher):
                                 connection_file=os.path.join(self._dir(), f"engine-{self.tag}-{eid}.json"))
         km.session.key = self.key.encode()
         km.shutdown_wait_time = self.shutdown_wait
-        km.transport_encryption = encryption_policy(self.transport_encryption, km.ip)
+        ipc = self._ipc_prefix(eid)
+        if ipc is not None:
+            km.transport, km.ip = "ipc", ipc
+        km.transport_encryption = encryption_policy(self.transport_encryption, "127.0.0.1" if ipc else km.ip)
         self.managers[eid] = km
         return km
+
+    def _ipc_prefix(self, eid: int) -> str | None:
+        """The unix-socket path prefix of engine ``eid`` (``PREFIX-1`` .. ``PREFIX-5``), or None
+        for TCP (asked for, no unix sockets, or a path too long for one)."""
+        if self.transport == "tcp" or not hasattr(socket, "AF_UNIX"):
+            return None
+        prefix = os.path.join(self._dir(), f"ipc-{self.tag}-{eid}")
+        if len(os.fsencode(prefix)) + 8 > UNIX_PATH_MAX:
+            if self.transport == "ipc":
+                raise LauncherError(f"transport='ipc': the socket path {prefix!r} is too long for a unix "
+                                    "socket; set JUPYTER_RUNTIME_DIR to a shorter directory", eid)
+            return None
+        return prefix
 
     def _args(self, km: Any) -> list[str]:
         return kernel_args(km) if self.kernel_args is None else list(self.kernel_args)
@@ -278,6 +303,6 @@ class LocalLauncher(Launcher):
 
     @classmethod
     def from_dict(cls, data: dict) -> LocalLauncher:
-        self = cls(data["n"], kernel_name=data.get("kernel_name"))
-        self._foreign_pids = data.get("pids", []) if data.get("hostname") == socket.gethostname() else []
-        return self
+        """A launcher without kernel managers: another process stops these engines by their
+        identities in the cluster file (see ``cluster.clean_stale``), not through it."""
+        return cls(data["n"], kernel_name=data.get("kernel_name"))

@@ -114,7 +114,7 @@ class MPILauncher(Launcher):
 
     async def _start(self) -> list[dict]:
         self.work_dir = make_work_dir(self.work_dir_base, prefix="ipmulti-mpi-")
-        paths = write_engine_files(self.work_dir, self.n, self.ip)
+        paths = write_engine_files(self.work_dir, self.n, self.ip, self.transport_encryption)
         env = engine_environment(self.env)
         if os.geteuid() == 0:  # Open MPI refuses root without these; MPICH ignores them
             env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -261,8 +261,12 @@ class MPILauncher(Launcher):
 
     @classmethod
     def from_dict(cls, data: dict) -> MPILauncher:
+        from ..clusterfile import same_process
+
         self = cls(data["n"])
-        if data.get("hostname") == socket.gethostname():
+        # mpiexec's group is signalled only if the pid still is that mpiexec (never by pid alone;
+        # the cluster file records its identity); otherwise only ranks verified by command line
+        if data.get("hostname") == socket.gethostname() and same_process(data.get("identity"))[0] is not None:
             self.pid = data.get("pid")
         self.work_dir = data.get("work_dir")
         self.started = data.get("started")

@@ -145,7 +145,7 @@ class SlurmLauncher(Launcher):
     # ------------------------------------------------------------------ lifecycle
     async def _start(self) -> list[dict]:
         self.work_dir = make_work_dir(self.work_dir_base, prefix="ipmulti-slurm-")
-        paths = write_engine_files(self.work_dir, self.n, self.ip)
+        paths = write_engine_files(self.work_dir, self.n, self.ip, self.transport_encryption)
         script_path = os.path.join(self.work_dir, "engines.sbatch")
         with open(script_path, "w") as f:
             f.write(self.script())

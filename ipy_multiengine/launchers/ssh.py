@@ -32,13 +32,21 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 from collections.abc import Iterable
 from typing import Any
 
 from ..engine_main import READY_PREFIX
-from .base import Launcher, LauncherError, new_connection_info, remote_path_word, run_command
+from .base import (
+    Launcher,
+    LauncherError,
+    add_curve_keys,
+    connection_info,
+    encryption_policy,
+    new_connection_info,
+    remote_path_word,
+    run_command,
+)
 
 FORWARD_ATTEMPTS = 3
 
@@ -48,17 +56,11 @@ class _NotStarted(Exception):
 
 
 def _free_ports(k: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        for _ in range(k):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+    """``k`` free loopback ports from jupyter_client's port cache (never handed out twice)."""
+    from jupyter_client.provisioning.local_provisioner import LocalPortCache
+
+    cache = LocalPortCache.instance()
+    return [cache.find_available_port("127.0.0.1") for _ in range(k)]
 
 
 async def _port_open(port: int) -> bool:
@@ -197,7 +199,9 @@ class SSHLauncher(Launcher):
 
     async def _start_engine_now(self, eid: int) -> dict:
         host = self.placement[eid]
-        info = new_connection_info("127.0.0.1", self.kernel_name or "")
+        # the kernel listens on the remote loopback (reached through ssh): encrypted when asked
+        info = add_curve_keys(new_connection_info("127.0.0.1", self.kernel_name or ""),
+                              encryption_policy(self.transport_encryption, "127.0.0.1"))
         timeout = self.startup_timeout or 3600.0
         args = ["--stdin", "--detach", "--engine-id", str(eid), "--mpi", "no", "--timeout", str(timeout)]
         if self.kernel_args:
@@ -220,8 +224,8 @@ class SSHLauncher(Launcher):
                 f"ssh launcher: engine {eid} on {host} failed to start (ssh exit code {rc}): "
                 f"{(err or out).strip()[-2000:]}"
             )
-        self.remote[eid] = report
-        local = {k: v for k, v in report.items() if k not in ("connection_file", "log_file")}
+        self.remote[eid] = {k: v for k, v in report.items() if k != "curve_secretkey"}
+        local = {k: v for k, v in connection_info(report).items() if k not in ("connection_file", "log_file")}
         local.update(await self._forward(eid, host, report))
         local["ip"] = "127.0.0.1"
         local["ssh_host"] = host
@@ -260,14 +264,11 @@ class SSHLauncher(Launcher):
         raise LauncherError(f"ssh launcher: cannot forward the ports of engine {eid} on {host}: {last_error}")
 
     # ------------------------------------------------------------------ control
-    def liveness(self, eid: int):
-        def probe() -> str | None:
-            proc = self.forwarders[eid] if eid < len(self.forwarders) else None
-            if proc is not None and proc.returncode is not None:
-                return f"is unreachable: its ssh port forward to {self.placement[eid]} exited"
-            return None
-
-        return probe
+    def liveness(self, eid: int) -> None:
+        """None: this client cannot poll a remote kernel (the port forwarder stays up when the
+        kernel dies), so the controller watches every ssh engine by heartbeats, which go
+        through the forwarder and so also notice when it exits."""
+        return None
 
     async def _remote_helper(self, eids: Iterable[int], *args: str,
                              timeout: float = 30.0) -> dict[str, tuple[int, str]]:
