@@ -11,7 +11,7 @@ import re
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -470,39 +470,47 @@ class LiveOutput:
     """Shows what a blocking call's functions print or display, labelled by engine, while the
     caller waits (``apply``, ``map``, ``@parallel``; ``%%px`` has its own ``Renderer`` loop).
 
-    ``listener`` runs on the controller's loop thread: it only posts the event to the waiting
-    user thread (``stdin.post``), which renders it in order with engines' input prompts.
-    ``close`` shows what is left and stops posting (output after a timeout stays on the
-    ``PendingResult``).
+    ``listener`` runs on the controller's loop thread: it only queues the event (on this
+    object) and posts a drain to the waiting user thread (``stdin.post``), which renders the
+    events in order with engines' input prompts. ``close`` shows what is left, itself, even
+    when another thread is busy serving the mailbox, and stops listening (output after a
+    timeout stays on the ``PendingResult``).
     """
 
     def __init__(self, eids: list[int]) -> None:
         self.renderer = Renderer(list(eids), "stream", in_notebook())
         self.closed = False
-        self._lock = threading.Lock()  # any waiting thread may serve the posted events
+        self._events: deque = deque()  # appended on the loop thread, taken in user threads
+        self._lock = threading.Lock()  # any waiting thread may serve the posted drains
 
     def listener(self, eid: int, mtype: str, content: dict) -> None:
-        if self.closed:
+        if self.closed or mtype == "error":  # a failing function is reported by the CompositeError
             return
         from . import stdin
 
-        stdin.post(lambda: self._show(eid, mtype, content))
+        self._events.append((eid, mtype, content))
+        stdin.post(self._drain)
 
-    def _show(self, eid: int, mtype: str, content: dict) -> None:
-        if mtype == "error":  # a failing function is reported by the CompositeError
-            return
+    def _drain(self) -> None:
         with self._lock:
+            while not self.closed:
+                try:
+                    event = self._events.popleft()
+                except IndexError:
+                    break
+                self.renderer.handle(*event)
             if not self.closed:
-                self.renderer.handle(eid, mtype, content)
                 self.renderer.tick()
 
     def close(self) -> None:
         from . import stdin
 
-        stdin.serve_pending()  # events posted before the reply (engines flush before replying)
+        stdin.serve_pending()  # prompts and output posted before the reply (engines flush first)
+        self._drain()  # this call's events, also if another thread holds the mailbox now
         with self._lock:
             if not self.closed:
                 self.closed = True
+                self._events.clear()
                 self.renderer.finish()
 
 

@@ -741,3 +741,28 @@ def test_h10_output_after_a_timeout_stays_on_the_pending_result(ip, mec):
         mec.execute("pass")  # an unrelated wait does not print the timed-out call's output
     assert "late" not in cap.stdout
     assert pr.stdout == ["early\nlate\n"]
+
+
+def test_h10_apply_output_shown_while_another_thread_serves_the_mailbox(mec):
+    """A blocking apply's output is shown even when another thread is busy serving the shared
+    mailbox of engines' prompts and output when the call ends (it is not dropped at close)."""
+    from ipy_multiengine import stdin
+
+    busy, release = threading.Event(), threading.Event()
+
+    def occupied():  # another thread's served item (e.g. a prompt being answered there)
+        busy.set()
+        release.wait(20)
+
+    stdin.post(occupied)
+    server = threading.Thread(target=stdin.serve_pending)
+    server.start()
+    assert busy.wait(10)
+    try:
+        with capture_output() as cap:
+            assert mec.apply(lambda: print("from the engine") or 7, targets=[0, 1]) == [7, 7]
+    finally:
+        release.set()
+        server.join(10)
+    assert sorted(ln for ln in cap.stdout.splitlines() if "from the engine" in ln) == \
+        ["[stdout:0] from the engine", "[stdout:1] from the engine"], cap.stdout
