@@ -221,15 +221,20 @@ class Renderer:
         text = area.lines.text()
         if text == area.shown and area.handle_id is not None:
             return
-        if len(text) > AREA_LIMIT and len(area.lines.lines) > 1:
-            # freeze the complete lines in the current area and continue in a fresh one
-            done = "\n".join(area.lines.lines[:-1]) + "\n"
+        if len(text) > AREA_LIMIT:
+            # freeze the complete lines in the current area and continue in a fresh one; one
+            # long line without a newline (dots printed with end='') is cut there, else each
+            # update would send the whole line again
+            if len(area.lines.lines) > 1:
+                done = "\n".join(area.lines.lines[:-1]) + "\n"
+                area.lines.lines = area.lines.lines[-1:]
+            else:
+                done, area.lines = text, _Lines()
             data, md = area.bundle(done)
             if area.handle_id is None:
                 _display(data, md)
             else:
                 _display(data, md, area.handle_id, update=True)
-            area.lines.lines = area.lines.lines[-1:]
             area.handle_id, area.shown = None, ""
             text = area.lines.text()
             if not text:

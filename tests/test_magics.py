@@ -632,6 +632,22 @@ def test_o12_display_updated_from_a_later_cell_on_its_engine_only(ip, shown):
     assert texts == ["[output:0] 'B (updated)'", "[output:1] 'A'"], texts
 
 
+def test_notebook_long_line_without_newline_is_not_resent_whole_at_each_update(ip):
+    """An engine printing one ever longer line (dots with end='') fills areas of at most about
+    AREA_LIMIT characters: no update carries the whole line so far, and nothing is lost."""
+    from ipy_multiengine.render import AREA_LIMIT
+
+    magics_of(ip).notebook = True
+    cap, res = run(ip, "%%px --targets 0\nimport time\nfor i in range(60):\n"
+                       "    print('x' * 1000, end='', flush=True); time.sleep(0.005)")
+    assert res.success, res.error_in_exec
+    sizes = [len(o.data.get("text/plain", "")) for o in cap.outputs]
+    assert max(sizes) <= AREA_LIMIT + 2000, sizes
+    final = [d["text/plain"] for d in _cell_outputs(cap)]
+    assert all(t.startswith("[stdout:0] ") for t in final), final
+    assert "".join(t[len("[stdout:0] "):] for t in final) == "x" * 60000
+
+
 def test_o13_clear_output_wait_loop_keeps_one_output_updated_in_place(ip):
     magics_of(ip).notebook = True
     cap, res = run(ip, "%%px --targets 0,1\nfrom IPython.display import display, clear_output, HTML\n"
