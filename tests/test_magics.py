@@ -326,6 +326,16 @@ def test_timeout_then_result(ip):
     assert [r["stdout"] for r in res.result] == ["early\nlate\n"] * 4
 
 
+def test_result_timeout_is_one_line_like_px_timeout(ip):
+    """%result --timeout S on a command still running: a one-line TimeoutError (as %px
+    --timeout gives), not a traceback through the magic's frames."""
+    cap, res = run(ip, "%px --noblock import time; time.sleep(1.5)")
+    cap, res = run(ip, "%result --timeout 0.2")
+    assert isinstance(res.error_in_exec, TimeoutError)
+    assert "not finished after 0.2 s" in cap.stdout and "magics.py" not in cap.stdout, cap.stdout
+    run(ip, "%result --timeout 10")
+
+
 def test_local_runs_here_too(ip):
     cap, res = run(ip, "%%px --local\nboth = 21 * 2")
     assert ip.user_ns["both"] == 42
