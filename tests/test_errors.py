@@ -74,8 +74,9 @@ def test_timeout_error_is_also_the_builtin():
     assert isinstance(e, builtins.TimeoutError) and isinstance(e, MultiEngineError)
 
 
-def test_no_cluster_error_pickles():
+def test_no_cluster_error_and_the_root_pickle():
     _roundtrip(NoClusterError("no running cluster of profile 'x'"))
+    _roundtrip(MultiEngineError("anything the package raises"))
 
 
 def test_remote_error_context_survives_pickling():
