@@ -396,11 +396,35 @@ def remove_files(spec: dict, path: Path) -> None:
         for key in ("connection_file", "log_file"):
             if e.get(key):
                 Path(e[key]).unlink(missing_ok=True)
+        remove_sockets(e.get("connection"))
     remove_requests(path)
     Path(path).unlink(missing_ok=True)
     name = Path(path).name
     if name.startswith(SHARED_PREFIX) and name.endswith(".json"):
         ProfileLock.remove_stale(name[len(SHARED_PREFIX):-len(".json")])
+
+
+def remove_sockets(conn: Any) -> None:
+    """Remove the unix sockets a dead engine's connection info names (``transport='ipc'``):
+    a killed kernel leaves them behind. Only sockets are removed, and their directory when it
+    is a launcher's own private socket directory (``ipme-*``) and now empty."""
+    if not isinstance(conn, dict) or conn.get("transport") != "ipc" or not conn.get("ip"):
+        return
+    import stat
+
+    for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+        sock = Path(f"{conn['ip']}-{conn.get(name)}")
+        try:
+            if stat.S_ISSOCK(sock.lstat().st_mode):
+                sock.unlink()
+        except OSError:
+            pass
+    parent = Path(conn["ip"]).parent
+    if parent.name.startswith("ipme-") and parent != cluster_dir():
+        try:
+            parent.rmdir()
+        except OSError:
+            pass
 
 
 def remove_requests(path: str | os.PathLike) -> None:

@@ -448,3 +448,33 @@ def test_file_owner_stop_asks_an_ipmulti_start_owner_to_stop():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("profile", ["sockets", "s" * 80])
+def test_stale_cleanup_after_owner_sigkill_removes_the_unix_sockets(profile, tmp_path):
+    """A SIGKILLed owner's engines exit, but their unix sockets stay; `ipmulti list` removed the
+    stale cluster file, connection files and logs and left every socket (5 per engine) behind."""
+    script = tmp_path / "owner.py"
+    script.write_text("import sys\nfrom ipy_multiengine import Cluster\n"
+                      f"Cluster(n=2, profile={profile!r}).start()\nprint('up', flush=True)\nsys.stdin.read()\n")
+    owner = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "up"
+        spec = json.loads(cluster_file_path(profile).read_text())
+        socks = [Path(f"{e['connection']['ip']}-{e['connection'][k]}") for e in spec["engines"]
+                 for k in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
+        assert all(stat.S_ISSOCK(s.stat().st_mode) for s in socks)
+        pids = [e["pid"] for e in spec["engines"]]
+        owner.kill()
+        owner.wait(10)
+        wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids),
+                   15, "orphaned engines to exit")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    listed = subprocess.run(IPMULTI + ["list"], capture_output=True, text=True, timeout=30)
+    assert "stale (removed)" in listed.stdout, listed.stdout
+    assert not cluster_file_path(profile).exists()
+    assert [s for s in socks if os.path.lexists(s)] == []
+    sock_dirs = {s.parent for s in socks} - {cluster_dir()}
+    assert all(not d.exists() for d in sock_dirs), sock_dirs
