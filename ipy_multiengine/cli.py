@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 from .cluster import Cluster, list_clusters, stop_cluster_file
-from .clusterfile import (cluster_dir, cluster_file_path, owner_state, read_cluster, read_connection_files,
-                          read_spec, request_owner, write_cluster)
+from .clusterfile import (EMBEDDED_PREFIX, SHARED_PREFIX, check_profile, cluster_dir, cluster_file_path,
+                          owner_state, read_cluster, read_connection_files, read_spec, request_owner,
+                          write_cluster)
 from .errors import MultiEngineError, NoClusterError
 
 
@@ -193,11 +194,15 @@ def _stop(args: argparse.Namespace) -> int:
     try:
         code, messages = stop_cluster_file(path)
     except NoClusterError:
-        print(f"ipmulti: no cluster for profile {args.profile!r} ({path} does not exist)", file=sys.stderr)
+        print(f"ipmulti: no cluster file {path} (it does not exist)" if args.file else
+              f"ipmulti: no cluster for profile {args.profile!r} ({path} does not exist)", file=sys.stderr)
         return 1
     except ValueError as exc:
-        print(f"ipmulti: {_one_line(exc)}; removing it", file=sys.stderr)
-        path.unlink(missing_ok=True)
+        if _is_cluster_file(path):  # malformed, in our own directory: nobody's
+            print(f"ipmulti: {_one_line(exc)}; removing it", file=sys.stderr)
+            path.unlink(missing_ok=True)
+        else:  # --file naming something else: not ours to delete
+            print(f"ipmulti: {_one_line(exc)}; not a cluster file, left as it is", file=sys.stderr)
         return 1
     for m in messages:
         print(f"ipmulti: {m}", file=sys.stderr if code else sys.stdout)
@@ -206,6 +211,15 @@ def _stop(args: argparse.Namespace) -> int:
             (cluster_dir() / f"daemon-{args.profile}.log").unlink(missing_ok=True)
         print(f"stopped cluster {args.profile if not args.file else path}")
     return code
+
+
+def _is_cluster_file(path: Path) -> bool:
+    """Is ``path`` a cluster file in the cluster directory (``cluster-*.json``, ``embedded-*.json``)?"""
+    try:
+        return path.resolve().parent == cluster_dir().resolve() and path.suffix == ".json" \
+            and path.name.startswith((SHARED_PREFIX, EMBEDDED_PREFIX))
+    except OSError:
+        return False
 
 
 def _restart(args: argparse.Namespace) -> int:
@@ -313,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     if (getattr(args, "n", 1) or 1) < 1:
         print("ipmulti: -n must be at least 1", file=sys.stderr)
         return 2
+    if getattr(args, "profile", None) is not None:
+        try:
+            check_profile(args.profile)
+        except ValueError as exc:
+            print(f"ipmulti: --profile: {exc}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except UsageError as exc:

@@ -159,3 +159,30 @@ def test_stop_refuses_a_cluster_owned_on_another_host():
         assert Path(path).exists()
     finally:
         path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- exit codes and messages
+@pytest.mark.parametrize("command", [["stop"], ["restart"], ["attach", "/dev/null"], ["start"]])
+def test_an_invalid_profile_is_a_usage_error_not_a_traceback(command):
+    assert_usage_error(ipmulti(*command, "--profile", "a/b"), "invalid profile name 'a/b'")
+
+
+def test_stop_file_never_deletes_a_file_that_is_not_a_cluster_file(tmp_path):
+    """`ipmulti stop --file notes.json` on a file that is no cluster file said 'removing it' and
+    deleted it: the user's file, anywhere. Only a malformed file in the cluster directory is removed."""
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "data"}')
+    out = ipmulti("stop", "--file", str(mine))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert mine.read_text() == '{"my": "data"}'
+    assert "not a cluster file" in out.stderr and str(mine) in out.stderr
+    ours = cluster_dir() / "cluster-o10bad.json"
+    ours.write_text("{not json")
+    out = ipmulti("stop", "--profile", "o10bad")
+    assert out.returncode == 1 and "removing it" in out.stderr and not ours.exists(), out.stderr
+
+
+def test_stop_file_that_does_not_exist_names_the_file_not_a_profile(tmp_path):
+    out = ipmulti("stop", "--file", str(tmp_path / "gone.json"))
+    assert out.returncode == 1 and str(tmp_path / "gone.json") in out.stderr
+    assert "profile" not in out.stderr, out.stderr
