@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -44,6 +45,9 @@ def _start(args: argparse.Namespace) -> int:
     cluster.owner_kind = "ipmulti"  # `ipmulti stop` may SIGTERM this process (after identity checks)
     try:
         mec = cluster.start()
+    except KeyboardInterrupt:  # start() stopped whatever had started
+        print("ipmulti: interrupted while starting; the engines that had started are stopped", file=sys.stderr)
+        return 130
     except Exception as exc:
         print(f"ipmulti: could not start the cluster: {exc}", file=sys.stderr)
         return 1
@@ -97,7 +101,8 @@ def _start_daemon(args: argparse.Namespace) -> int:
         cmd += ["--engines", args.engines]
     if args.encryption:
         cmd += ["--encryption", args.encryption]
-    with open(log, "wb") as out:
+    with os.fdopen(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        os.fchmod(out.fileno(), 0o600)  # an older log may have been created with other modes
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + args.timeout + 15

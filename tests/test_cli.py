@@ -186,3 +186,40 @@ def test_stop_file_that_does_not_exist_names_the_file_not_a_profile(tmp_path):
     out = ipmulti("stop", "--file", str(tmp_path / "gone.json"))
     assert out.returncode == 1 and str(tmp_path / "gone.json") in out.stderr
     assert "profile" not in out.stderr, out.stderr
+
+
+def test_ctrl_c_while_ipmulti_start_starts_engines_stops_them_with_a_message():
+    """Ctrl-C during `ipmulti start` stopped the engines but ended in a KeyboardInterrupt traceback
+    (killed by SIGINT); now one line, exit code 130, nothing left behind."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(IPMULTI + ["start", "-n", "2", "--profile", "ctrlc"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        kids: list[psutil.Process] = []
+        while len(kids) < 2:  # both kernels spawned: the start is under way
+            assert time.monotonic() < deadline and proc.poll() is None, "kernels never started"
+            kids = [k for k in psutil.Process(proc.pid).children(recursive=True)
+                    if "ipykernel" in " ".join(k.cmdline())]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert "Traceback" not in err and "interrupted while starting" in err, err
+    psutil.wait_procs(kids, timeout=15)
+    assert not [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+    assert not cluster_file_path("ctrlc").exists()
+
+
+def test_daemon_log_is_private():
+    """`ipmulti start --daemon` wrote its log with the umask's mode (0644)."""
+    out = ipmulti("start", "--daemon", "--profile", "logmode", "--kernel", "no-such-kernelspec", "--timeout", "20")
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    log = cluster_dir() / "daemon-logmode.log"
+    assert log.exists() and (log.stat().st_mode & 0o777) == 0o600, oct(log.stat().st_mode)
