@@ -391,17 +391,36 @@ def _owner_text(owner: dict | None, state: str, why: str) -> str:
 
 
 def remove_files(spec: dict, path: Path) -> None:
-    """Remove a cluster file and the files it names (connection files, logs, its requests)."""
+    """Remove a cluster file and the files it names (connection files, logs, its requests).
+
+    ``spec`` was read some time ago (seconds: stale engines get SIGTERM and time to exit); the
+    file at ``path`` is removed only if it still is that cluster's, never a new owner's file
+    of the same profile written meanwhile."""
     for e in spec.get("engines", []):
         for key in ("connection_file", "log_file"):
             if e.get(key):
                 Path(e[key]).unlink(missing_ok=True)
         remove_sockets(e.get("connection"))
+    try:
+        now = read_spec(path)
+    except (NoClusterError, ValueError):
+        now = None  # gone, or malformed: nobody's
+    if now is not None and _file_identity(now) != _file_identity(spec):
+        log.info("not removing %s: another cluster wrote it meanwhile", path)
+        return
     remove_requests(path)
     Path(path).unlink(missing_ok=True)
     name = Path(path).name
     if name.startswith(SHARED_PREFIX) and name.endswith(".json"):
         ProfileLock.remove_stale(name[len(SHARED_PREFIX):-len(".json")])
+
+
+def _file_identity(spec: dict) -> tuple:
+    """What tells one cluster's file from a later one at the same path: its id and its owner
+    (attached kernels have none: when the file was written)."""
+    owner = owner_of(spec)
+    key = (owner.get("pid"), owner.get("host"), owner.get("create_time")) if owner else spec.get("created")
+    return spec.get("cluster_id"), key
 
 
 def remove_sockets(conn: Any) -> None:
