@@ -164,7 +164,7 @@ class MultiEngineClient(Configurable):
             path = resolve_cluster_file(cluster_file, profile)
             spec = read_cluster(path)
             _controller = Controller(engines_of(spec), liveness_probes(spec), timeout=timeout, heartbeat=heartbeat,
-                                     max_message_size=max_message_size)
+                                     max_message_size=max_message_size).connect()
             _cluster = FileOwner(path, _controller, spec)
             _controller.on_dead = _cluster.follow_restart
         elif _cluster is None:
@@ -205,7 +205,7 @@ class MultiEngineClient(Configurable):
         from .clusterfile import read_connection_files
 
         engines = read_connection_files(connection_files)
-        return cls(_controller=Controller(engines, None, timeout=timeout))
+        return cls(_controller=Controller(engines, None, timeout=timeout).connect())
 
     # ------------------------------------------------------------------ defaults and checks
     def get_ids(self) -> "EngineIds":
@@ -474,7 +474,7 @@ class MultiEngineClient(Configurable):
                   retries: int, listener: Listener | None = None) -> "BalancedMap":
         from .balanced import BalancedMap
 
-        usable = [e for e in eids if self._controller.engine(e).data_ok] or eids
+        usable = [e for e in eids if self._controller.state(e).data_ok] or eids
         return BalancedMap(self._controller, usable, f, items, chunksize=chunksize, ordered=ordered,
                            retries=retries, listener=listener).start()
 
@@ -582,7 +582,7 @@ class MultiEngineClient(Configurable):
             raise EngineError("this MultiEngineClient is closed")
         eids = self._resolve_targets(targets)
         self.owner.restart(eids, timeout=timeout)
-        failed = [err for e in eids for err in self._controller.engine(e).init_errors]
+        failed = [err for e in eids for err in self._controller.state(e).init_errors]
         if failed:
             raise CompositeError("on_start", failed)
 

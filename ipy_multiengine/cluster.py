@@ -472,7 +472,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             liveness = {eid: self.launcher.liveness(eid) for eid in self.engines_info}
             for attempt in range(PORT_CLASH_RETRIES + 1):
                 try:
-                    controller = Controller(self.engines_info, liveness, timeout=self.startup_timeout)
+                    controller = Controller(self.engines_info, liveness, timeout=self.startup_timeout).connect()
                     break
                 except EngineError as exc:
                     eid = exc.engine_id
@@ -544,11 +544,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         controller = self.client._controller
         lock = self._restart_locks.setdefault(eid, asyncio.Lock())
         async with lock:
-            conn = controller.engine(eid)
-            conn.ready = False
-            if not conn.dead:
-                conn.state = "restarting"
-            controller._fail_all(conn, "was restarted")
+            await controller.begin_restart(eid, "was restarted")
             self.restarts.setdefault(eid, []).append(time.time())
             info = (await self.launcher.restart([eid]))[eid]
             for attempt in range(PORT_CLASH_RETRIES + 1):

@@ -700,15 +700,15 @@ class FileOwner(Owner):
         import asyncio
 
         controller = self._controller
-        dead_conn = controller.engine(eid)
-        old = dead_conn.info
+        dead = controller.state(eid)  # an immutable snapshot: its generation names this connection
+        old = dict(dead.connection)
 
         async def follow() -> None:
             deadline = time.monotonic() + FOLLOW_RESTART_FOR
             while time.monotonic() < deadline and not self.closed:
                 await asyncio.sleep(0.25)
-                conn = controller.engine(eid)
-                if conn is not dead_conn or not conn.dead or eid in self._restarting:
+                conn = controller.state(eid)
+                if conn.generation != dead.generation or not conn.dead or eid in self._restarting:
                     return  # reconnected or being restarted by this client (mec.restart)
                 try:
                     spec = read_spec(self.cluster_file)

@@ -13,21 +13,24 @@ The controller knows nothing of magics or result formatting: it hands back plain
 from __future__ import annotations
 
 import asyncio
+import enum
+import itertools
 import logging
-from hmac import compare_digest
 import threading
 import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import zmq
 import zmq.asyncio
 from jupyter_client.session import Session
 
-from . import _loop
+from . import _loop, wire
 from .errors import EngineError, RemoteError
+from .wire import CONTROL_MSG_TYPES, INSTALL_CODE  # noqa: F401  (re-exported)
 
 log = logging.getLogger("ipy_multiengine")
 
@@ -48,10 +51,59 @@ STALL_LIMIT = 0.5
 
 Listener = Callable[[int, str, dict], None]
 
-#: Message types served on the control channel: their busy/idle says nothing of the shell.
-CONTROL_MSG_TYPES = frozenset({"interrupt_request", "shutdown_request", "debug_request", "usage_request"})
 
-INSTALL_CODE = "import ipy_multiengine.engine as _ime_helper; _ime_helper.register(); del _ime_helper"
+class EngineStatus(str, enum.Enum):
+    """What an engine is doing, as its shell channel says (a ``str``: compares to "idle")."""
+
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    RESTARTING = "restarting"
+    DEAD = "dead"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """An immutable snapshot of one engine, published by the loop thread at every change.
+
+    Any thread may read it; only the controller's loop changes engines (rule: loop state
+    stays on the loop). ``generation`` grows by one each time the engine is (re)connected.
+    """
+
+    id: int
+    state: EngineStatus
+    language: str = ""
+    busy_since: float | None = None
+    running: str = ""
+    in_flight: int = 0
+    queued: int = 0
+    pid: int | None = None
+    host: str = ""
+    dead: str | None = None
+    ready: bool = False
+    data_ok: bool = False
+    encrypted: bool = False
+    watched_by: str | None = None
+    init_running: str = ""
+    init_errors: tuple = ()
+    kernel_info: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    engine_info: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    connection: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    generation: int = 0
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why this engine cannot take requests now (dead, restarting, starting), or None."""
+        if self.dead:
+            return f"is dead ({self.dead})"
+        if not self.ready:
+            if self.init_running:
+                return f"is not ready yet (running its on_start code {_short(self.init_running)!r})"
+            return f"is not ready yet ({'restarting' if self.state == 'restarting' else 'connecting'})"
+        return None
 
 
 @dataclass
@@ -74,6 +126,7 @@ class Request:
     lost: bool = False
     sent: float = field(default_factory=time.monotonic)
     listener_error: BaseException | None = None
+    stdin_shown: int = 0  # how much of its output an input prompt has shown already
 
 
 @dataclass
@@ -88,8 +141,12 @@ class CommReply:
     outputs: list[dict] = field(default_factory=list)
 
 
+_generations = itertools.count(1)
+
+
 class EngineConn:
-    """One engine's sockets, session and in-flight requests (used only on the loop thread)."""
+    """One engine's sockets, session and in-flight requests (used only on the loop thread;
+    other threads read its ``EngineState`` snapshots)."""
 
     def __init__(self, eid: int, info: dict, liveness: Callable[[], str | None] | None) -> None:
         self.eid = eid
@@ -122,6 +179,8 @@ class EngineConn:
         self.init_errors: list[BaseException] = []
         self.init_task: asyncio.Task | None = None  # the on_start code, while it runs
         self.init_running: str = ""  # the on_start code running now
+        self.generation = next(_generations)
+        self.shell_idle = asyncio.Event()  # set at a shell idle, cleared at busy
 
     def url(self, channel: str) -> str:
         transport = self.info.get("transport", "tcp")
@@ -150,6 +209,8 @@ class Controller:
             raise ValueError(f"heartbeat must be a positive number of seconds or None, not {heartbeat!r}")
         self._liveness = dict(liveness or {})
         self._engines: dict[int, EngineConn] = {}
+        #: engine id -> its latest snapshot; replaced as a whole (copy on write) on the loop
+        self._published: Mapping[int, EngineState] = MappingProxyType({})
         self._closed = False
         self._poller: asyncio.Task | None = None
         self._beater: asyncio.Task | None = None
@@ -169,7 +230,17 @@ class Controller:
         self._awake_since = 0.0
         self.stalls = 0
         self.longest_stall = 0.0
-        _loop.run(self._start(dict(engines), timeout))
+        self._to_connect: tuple[dict[int, dict], float] | None = (dict(engines), timeout)
+
+    def connect(self) -> "Controller":
+        """Connect to the engines given to the constructor (blocks until each is ready, or
+        raises naming the one that is not); an explicit step: constructing does no I/O."""
+        if self._to_connect is None:
+            raise RuntimeError("this Controller is connected already")
+        engines, timeout = self._to_connect
+        self._to_connect = None
+        _loop.run(self._start(engines, timeout))
+        return self
 
     # ---------------------------------------------------------------- lifecycle (loop)
     async def _start(self, engines: dict[int, dict], timeout: float) -> None:
@@ -209,12 +280,23 @@ class Controller:
         """Mark engines as unavailable (e.g. being restarted): calls to them fail at once."""
         def mark() -> None:
             for eid in eids:
-                conn = self._engines.get(eid)
-                if conn is not None:
-                    conn.ready = False
-                    conn.state = reason
-                    self._fail_all(conn, reason)
+                self._set_unavailable(eid, reason, reason)
         _loop.run(_acall(mark))
+
+    async def begin_restart(self, eid: int, reason: str = "was restarted") -> None:
+        """(coroutine, for owners) Engine ``eid`` is being restarted: not ready, shown as
+        restarting (unless dead), its requests in flight fail with ``EngineError`` (``reason``)."""
+        self._set_unavailable(eid, "restarting", reason)
+
+    def _set_unavailable(self, eid: int, state: str, reason: str) -> None:
+        conn = self._engines.get(eid)
+        if conn is None:
+            return
+        conn.ready = False
+        if not conn.dead:
+            conn.state = state
+        self._fail_all(conn, reason)
+        self._publish(conn)
 
     async def _add_engines(self, engines: dict[int, dict], timeout: float, keep_others: bool = False) -> None:
         conns = [EngineConn(eid, info, self._liveness.get(eid)) for eid, info in sorted(engines.items())]
@@ -223,6 +305,7 @@ class Controller:
             if old is not None:
                 self._teardown(old, "engine was replaced")
             self._engines[conn.eid] = conn
+            self._publish(conn)
         async def connect(c: EngineConn) -> None:
             await self._connect(c, timeout)
             self._connected(c)
@@ -242,12 +325,15 @@ class Controller:
                     conn.dead = f"failed to start: {type(reason).__name__}: {reason}" if not str(reason) \
                         else f"failed to start: {reason}"
                     conn.state = "dead"
+                    self._publish(conn)
                     # the owner hears of it like of any death (auto_restart retries), after the
                     # restart that failed has let go of the engine
                     asyncio.get_running_loop().call_soon(self._notify_dead, conn)
                 else:
                     self._teardown(conn, "startup failed")
                     self._engines.pop(conn.eid, None)
+                    self._published = MappingProxyType(
+                        {e: st for e, st in self._published.items() if e != conn.eid})
             raise errors[0]
 
     def _socket(self, conn: EngineConn, channel: str, kind: int) -> zmq.asyncio.Socket:
@@ -316,25 +402,28 @@ class Controller:
             conn.tasks.append(self._spawn(self._hb_reader(conn, sock), conn))
         if conn.language != "python":
             return
-        install = self._send_shell(
-            conn, "execute_request",
-            {"code": INSTALL_CODE, "silent": True, "store_history": False, "user_expressions": {},
-             "allow_stdin": False, "stop_on_error": False},
-            kind="execute", code=INSTALL_CODE,
-        )
-        opened = self._send_comm_open(conn)
+        install = self._send_shell(conn, "execute_request", wire.execute_content(INSTALL_CODE, silent=True),
+                                   kind="execute", code=INSTALL_CODE)
+        opened_id, opened = self._send_comm_open(conn)
         try:
             await _wait_for(install, deadline, f"engine {conn.eid} did not install the ipy_multiengine "
                             f"helper within {timeout:g} s", conn.eid)
         except RemoteError as err:
             log.warning("engine %s: ipy_multiengine helper not importable (%s); execute only", conn.eid, err)
             opened.cancel()
-            conn.requests.pop(getattr(opened, "msg_id", ""), None)
+            conn.requests.pop(opened_id, None)
             return
         reply = await _wait_for(opened, deadline, f"engine {conn.eid} did not open the ipy_multiengine "
                                 f"comm within {timeout:g} s", conn.eid)
         conn.engine_info = {k: v for k, v in reply.content.items() if k not in ("rid", "status")}
         conn.data_ok = True
+        # the comm_open's own idle follows its reply: wait for it (briefly), so that a fresh
+        # engine is shown idle, not busy, once it is ready
+        if conn.state == "busy":
+            try:
+                await asyncio.wait_for(conn.shell_idle.wait(), min(1.0, max(deadline - time.monotonic(), 0.01)))
+            except asyncio.TimeoutError:
+                pass
         await self._run_init(conn, deadline, timeout)
 
     async def _run_init(self, conn: EngineConn, deadline: float, timeout: float) -> None:
@@ -360,11 +449,8 @@ class Controller:
     async def _init_all(self, conn: EngineConn, codes: list[str]) -> None:
         for code in codes:
             conn.init_running = code
-            fut = self._send_shell(
-                conn, "execute_request",
-                {"code": code, "silent": False, "store_history": False, "user_expressions": {},
-                 "allow_stdin": False, "stop_on_error": False},
-                kind="execute", code=code)
+            fut = self._send_shell(conn, "execute_request", wire.init_content(code), kind="execute", code=code)
+            self._publish(conn)
             try:
                 await asyncio.wrap_future(fut)
             except (RemoteError, EngineError) as err:
@@ -373,6 +459,7 @@ class Controller:
                 if conn.dead:
                     return
         conn.init_running = ""
+        self._publish(conn)
         if conn.init_task is not None and self._engines.get(conn.eid) is conn and conn.sockets \
                 and not conn.ready and not conn.dead:
             self._connected(conn)  # finished after its restart gave up waiting: ready now
@@ -382,6 +469,29 @@ class Controller:
         conn.last_beat = time.monotonic()
         if conn.state in ("starting", "idle"):
             conn.state = "idle"
+        self._publish(conn)
+
+    def _publish(self, conn: EngineConn) -> None:
+        """(loop) Publish ``conn``'s snapshot: a new immutable ``EngineState`` in a new mapping."""
+        if self._engines.get(conn.eid) is not conn:
+            return  # replaced meanwhile: its successor speaks for the id
+        busy = conn.state == "busy" and not conn.dead
+        in_flight = len(conn.requests)
+        ours = busy and conn.running and not conn.running.startswith("(a request from another")
+        state = EngineStatus.DEAD if conn.dead else (
+            EngineStatus(conn.state) if conn.state in EngineStatus._value2member_map_ else EngineStatus.RESTARTING)
+        snap = EngineState(
+            id=conn.eid, state=state, language=conn.language,
+            busy_since=conn.busy_since if busy else None, running=conn.running if busy else "",
+            in_flight=in_flight, queued=max(in_flight - (1 if ours else 0), 0),
+            pid=conn.engine_info.get("pid"), host=conn.engine_info.get("host") or "",
+            dead=conn.dead, ready=conn.ready, data_ok=conn.data_ok,
+            encrypted=bool(conn.info.get("curve_publickey")),
+            watched_by="heartbeat" if conn.heartbeat else ("process" if conn.liveness else None),
+            init_running=conn.init_running, init_errors=tuple(conn.init_errors),
+            kernel_info=MappingProxyType(conn.kernel_info), engine_info=MappingProxyType(conn.engine_info),
+            connection=MappingProxyType(conn.info), generation=conn.generation)
+        self._published = MappingProxyType({**self._published, conn.eid: snap})
 
     def _teardown(self, conn: EngineConn, reason: str) -> None:
         self._fail_all(conn, reason)
@@ -390,6 +500,7 @@ class Controller:
         for s in conn.sockets.values():
             s.close(linger=0)
         conn.sockets.clear()
+        self._publish(conn)
 
     async def _close(self) -> None:
         for task in (self._poller, self._beater, self._stall_watch):
@@ -551,6 +662,7 @@ class Controller:
                 conn.dead_by_heartbeat = False
                 conn.state = "idle"
                 conn.ready = True
+                self._publish(conn)
 
     def _mark_dead(self, conn: EngineConn, reason: str) -> None:
         if conn.dead:
@@ -560,6 +672,7 @@ class Controller:
         conn.ready = False
         log.warning("engine %s %s", conn.eid, reason)
         self._fail_all(conn, reason)
+        self._publish(conn)
         self._notify_dead(conn)
 
     def _notify_dead(self, conn: EngineConn) -> None:
@@ -586,7 +699,7 @@ class Controller:
                 return
             try:
                 _idents, msg_list = conn.session.feed_identities(frames, copy=False)
-                msg = _deserialize(conn.session, msg_list)
+                msg = wire.deserialize(conn.session, msg_list)
             except Exception as exc:
                 log.warning("engine %s: dropped a bad message on %s (%s: %s)", conn.eid, channel,
                             type(exc).__name__, exc)
@@ -599,6 +712,7 @@ class Controller:
                     continue
             try:
                 self._dispatch(conn, channel, msg)
+                self._publish(conn)
             except Exception as exc:
                 # the request this message belongs to fails with the real error (issue 11.5)
                 log.error("engine %s: error routing a %s message", conn.eid, msg.get("msg_type"), exc_info=exc)
@@ -611,9 +725,8 @@ class Controller:
 
     @staticmethod
     def _request_of(conn: EngineConn, msg: dict) -> Request | None:
-        content = msg.get("content") or {}
-        rid = (content.get("data") or {}).get("rid", "") if msg.get("msg_type") == "comm_msg" else ""
-        return conn.requests.get(rid) or conn.requests.get((msg.get("parent_header") or {}).get("msg_id", ""))
+        rid, parent = wire.request_id(msg)
+        return conn.requests.get(rid) or conn.requests.get(parent)
 
     def _refuse_oversize(self, conn: EngineConn, channel: str, msg: dict, size: int) -> None:
         req = self._request_of(conn, msg)
@@ -662,6 +775,7 @@ class Controller:
                 busy_with = req if state == "busy" else None
                 conn.running = (busy_with.code or busy_with.op or busy_with.kind) if busy_with else (
                     "(a request from another client)" if state == "busy" else "")
+                (conn.shell_idle.set if state == "idle" else conn.shell_idle.clear)()
             if req is not None and state == "idle":
                 req.idle = True
                 if req.channel == "shell":
@@ -719,16 +833,7 @@ class Controller:
             self._finish(conn, req, value=req)
             return
         content = req.reply
-        result = {
-            "id": conn.eid,
-            "number": content.get("execution_count"),
-            "input": {"raw": req.code, "translated": req.code},
-            "stdout": "".join(req.stdout),
-            "stderr": "".join(req.stderr),
-            "outputs": req.outputs,
-            "result": next((o.get("data") for o in req.outputs if o["output_type"] == "execute_result"), None),
-            "status": content.get("status", "ok"),
-        }
+        result = wire.execute_record(conn.eid, req.code, content, req.stdout, req.stderr, req.outputs)
         if req.lost:
             result["output_lost"] = True
         if content.get("status") == "ok":
@@ -754,12 +859,19 @@ class Controller:
                     self._send(conn, "stdin", conn.session.msg("input_reply", {"value": value}, parent=header))
             _loop.call_soon(self._guarded(send, conn, req))
 
-        item = stdin.InputRequest(
-            eid=conn.eid, prompt=str(msg["content"].get("prompt", "")),
-            password=bool(msg["content"].get("password")), reply=reply,
-            interrupt=lambda: self.interrupt([conn.eid]), request=req)
+        def post() -> None:
+            before = ""
+            if req is not None and req.listener is None:  # else someone shows its output live
+                text = "".join(req.stdout) + "".join(req.stderr)
+                before, req.stdin_shown = text[req.stdin_shown:], len(text)
+            stdin.post(stdin.InputRequest(
+                eid=conn.eid, prompt=str(msg["content"].get("prompt", "")),
+                password=bool(msg["content"].get("password")), reply=reply,
+                interrupt=lambda: self.interrupt([conn.eid]),
+                future=req.future if req is not None else None, before=before))
+
         # the engine flushed its output to IOPub just before asking: let that arrive first
-        asyncio.get_running_loop().call_later(0.02, self._guarded(stdin.post, conn, req), item)
+        asyncio.get_running_loop().call_later(0.02, self._guarded(post, conn, req))
 
     def _drop_skipped(self, conn: EngineConn, later: Request, kinds: tuple[str, ...]) -> None:
         """Fail earlier requests of ``kinds`` that the engine passed over without a reply.
@@ -807,7 +919,8 @@ class Controller:
             self._finish(conn, req, exc=err)
 
     def _finish(self, conn: EngineConn, req: Request, value: Any = None, exc: BaseException | None = None) -> None:
-        conn.requests.pop(req.msg_id, None)
+        if conn.requests.pop(req.msg_id, None) is not None:
+            self._publish(conn)
         if req.future.done():
             return
         if exc is None and req.listener_error is not None:
@@ -844,11 +957,11 @@ class Controller:
         sending = conn.sockets[channel].send_multipart(frames, copy=not large)
         return sending, tracker
 
-    def _new_request(self, conn: EngineConn, kind: str, msg_id: str, **kw: Any) -> Request:
-        fut: Future = Future()
-        fut.msg_id = msg_id  # type: ignore[attr-defined]
+    def _new_request(self, conn: EngineConn, kind: str, msg_id: str, future: Future | None = None,
+                     **kw: Any) -> Request:
+        fut: Future = Future() if future is None else future
         req = Request(msg_id=msg_id, eid=conn.eid, kind=kind, future=fut, **kw)
-        if conn.dead:
+        if conn.dead and not fut.done():
             fut.set_exception(EngineError(f"engine {conn.eid} is dead: {conn.dead}", conn.eid, _method(req)))
         return req
 
@@ -859,16 +972,16 @@ class Controller:
         if not req.future.done():
             conn.requests[req.msg_id] = req
             self._send(conn, channel, msg)
+            self._publish(conn)
         return req.future
 
-    def _send_comm_open(self, conn: EngineConn) -> Future:
-        msg = conn.session.msg("comm_open", {"comm_id": conn.comm_id, "target_name": "ipy_multiengine",
-                                              "data": {}})
-        msg["content"]["data"]["rid"] = msg["msg_id"]
+    def _send_comm_open(self, conn: EngineConn) -> tuple[str, Future]:
+        msg = wire.with_rid(conn.session.msg("comm_open", wire.comm_open_content(conn.comm_id)))
         req = self._new_request(conn, "comm", msg["msg_id"], op="open")
         conn.requests[req.msg_id] = req
         self._send(conn, "shell", msg)
-        return req.future
+        self._publish(conn)
+        return req.msg_id, req.future
 
     def _send_batch(self, batch: list[tuple[EngineConn, dict, Request, list]]) -> None:
         try:
@@ -902,28 +1015,32 @@ class Controller:
                 # for zero-copy frames, until zmq releases them
                 req.sent_chained = True  # type: ignore[attr-defined]
                 sending.add_done_callback(lambda _s, req=req, tracker=tracker: _set_sent(req, tracker))
+        for conn in {id(c): c for c, _m, _r, _b in batch}.values():
+            self._publish(conn)
 
     # ---------------------------------------------------------------- public, any thread
     @property
     def ids(self) -> list[int]:
-        return sorted(self._engines)
+        return sorted(self._published)
 
-    def engine(self, eid: int) -> EngineConn:
+    def state(self, eid: int) -> EngineState:
+        """The latest immutable snapshot of engine ``eid`` (any thread)."""
+        return self._published[eid]
+
+    def states(self) -> Mapping[int, EngineState]:
+        """Every engine's latest snapshot, by id (an immutable mapping; any thread)."""
+        return self._published
+
+    def _conn(self, eid: int) -> EngineConn:
+        """(loop thread only) the live connection object of engine ``eid``."""
         return self._engines[eid]
 
     def dead(self, eid: int) -> str | None:
-        return self._engines[eid].dead
+        return self._published[eid].dead
 
     def unavailable(self, eid: int) -> str | None:
         """Why engine ``eid`` cannot take requests now (dead, restarting), or None."""
-        conn = self._engines[eid]
-        if conn.dead:
-            return f"is dead ({conn.dead})"
-        if not conn.ready:
-            if conn.init_running:
-                return f"is not ready yet (running its on_start code {_short(conn.init_running)!r})"
-            return f"is not ready yet ({'restarting' if conn.state == 'restarting' else 'connecting'})"
-        return None
+        return self._published[eid].unavailable
 
     def submit_execute(self, eids: list[int], code: str, listener: Listener | None = None,
                        silent: bool = False, allow_stdin: bool = True) -> list[Future]:
@@ -931,52 +1048,75 @@ class Controller:
 
         With ``allow_stdin``, ``input()``/``getpass()`` on an engine ask the user (``stdin.py``).
         """
-        content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
-                   "allow_stdin": allow_stdin, "stop_on_error": False}
-        batch = []
-        for eid in eids:
-            conn = self._engines[eid]
-            msg = conn.session.msg("execute_request", dict(content, allow_stdin=allow_stdin and "stdin_port" in conn.info))
-            req = self._new_request(conn, "execute", msg["msg_id"], code=code, listener=listener)
-            batch.append((conn, msg, req, []))
-        return self._submit(batch)
+        content = wire.execute_content(code, silent=silent, allow_stdin=allow_stdin)
+
+        def build(conn: EngineConn, _frames: list, fut: Future) -> tuple[dict, Request]:
+            msg = conn.session.msg("execute_request",
+                                   dict(content, allow_stdin=allow_stdin and "stdin_port" in conn.info))
+            return msg, self._new_request(conn, "execute", msg["msg_id"], future=fut, code=code,
+                                          listener=listener)
+        return self._submit(build, list(eids), [[]] * len(eids))
 
     def submit_comm(self, eids: list[int], op: str, data: dict, frames: list[list[Any]],
                     listener: Listener | None = None) -> list[Future]:
         """Send one comm operation per engine (``frames[i]`` to ``eids[i]``); Futures of ``CommReply``."""
-        batch = []
-        for eid, fr in zip(eids, frames):
-            conn = self._engines[eid]
-            msg = conn.session.msg("comm_msg", {"comm_id": conn.comm_id, "data": dict(data, op=op)})
-            msg["content"]["data"]["rid"] = msg["msg_id"]
-            req = self._new_request(conn, "comm", msg["msg_id"], op=op, listener=listener)
-            if fr:
-                # resolved on the loop with a MessageTracker (or None) once zmq holds the frames
-                req.future.sent = Future()  # type: ignore[attr-defined]
-            if not conn.data_ok and not req.future.done():
-                req.future.set_exception(EngineError(
-                    f"engine {eid} ({conn.language or 'unknown language'}) cannot run {op!r}: data "
-                    "operations need a Python engine with ipy_multiengine installed", eid, op))
-            batch.append((conn, msg, req, fr))
-        return self._submit(batch)
+        def build(conn: EngineConn, _frames: list, fut: Future) -> tuple[dict, Request]:
+            msg = wire.with_rid(conn.session.msg("comm_msg", wire.comm_op_content(conn.comm_id, op, data)))
+            req = self._new_request(conn, "comm", msg["msg_id"], future=fut, op=op, listener=listener)
+            if not conn.data_ok and not fut.done():
+                fut.set_exception(EngineError(
+                    f"engine {conn.eid} ({conn.language or 'unknown language'}) cannot run {op!r}: data "
+                    "operations need a Python engine with ipy_multiengine installed", conn.eid, op))
+            return msg, req
+        return self._submit(build, list(eids), list(frames), track=True)
 
-    def _submit(self, batch: list) -> list[Future]:
+    def _submit(self, build: Callable[[EngineConn, list, Future], tuple[dict, Request]], eids: list[int],
+                frames: list[list[Any]], track: bool = False) -> list[Future]:
+        """Futures now (caller's thread); the messages are built and sent on the loop, which
+        alone touches the engines' connections. With ``track``, a future with frames gets a
+        ``sent`` future, resolved on the loop with a MessageTracker (or None) once zmq holds
+        the frames (issue 11.2)."""
         if self._closed:
             raise EngineError("this client is closed")
-        _loop.call_soon(self._send_batch, batch)
-        return [req.future for _, _, req, _ in batch]
+        futures = [Future() for _ in eids]
+        if track:
+            for fut, fr in zip(futures, frames):
+                if fr:
+                    fut.sent = Future()  # type: ignore[attr-defined]
+
+        def send() -> None:
+            batch = []
+            try:
+                for eid, fr, fut in zip(eids, frames, futures):
+                    conn = self._engines.get(eid)
+                    if conn is None:
+                        fut.set_exception(EngineError(f"no engine {eid}", eid))
+                        continue
+                    msg, req = build(conn, fr, fut)
+                    batch.append((conn, msg, req, fr))
+            except Exception as exc:  # nothing may be left waiting (issue 11.5)
+                log.error("building requests failed", exc_info=exc)
+                for fut in futures:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return
+            self._send_batch(batch)
+
+        _loop.call_soon(send)
+        return futures
 
     def interrupt(self, eids: list[int]) -> None:
         """Ask each engine to interrupt what it runs (``interrupt_request`` on control)."""
         def send() -> None:
             for eid in eids:
-                conn = self._engines[eid]
-                if not conn.dead and "control" in conn.sockets:
+                conn = self._engines.get(eid)
+                if conn is not None and not conn.dead and "control" in conn.sockets:
                     self._send_shell(conn, "interrupt_request", {}, kind="control", channel="control")
         _loop.call_soon(send)
 
     def pending(self, eid: int) -> int:
-        return len(self._engines[eid].requests)
+        """Requests of this client in flight on engine ``eid``."""
+        return self._published[eid].in_flight
 
     def close(self) -> None:
         """Close every channel; requests still in flight fail with ``EngineError``."""
@@ -1012,37 +1152,6 @@ def _retrieve(fut: "asyncio.Future[Any]") -> None:
 
 async def _acall(fn: Callable[[], Any]) -> Any:
     return fn()
-
-
-def _deserialize(session: Session, frames: list) -> dict:
-    """``Session.deserialize(frames, copy=False)`` without parsing dates or adapting versions.
-
-    Routing needs neither, and dateutil's parsing of the header and parent dates was ~15% of
-    the loop thread's CPU per message (py-spy). Signatures are checked exactly as Session does.
-    """
-    if len(frames) < 5:
-        raise TypeError(f"malformed message, must have at least 5 elements, not {len(frames)}")
-    head = [f.bytes if isinstance(f, zmq.Frame) else bytes(f) for f in frames[:5]]
-    if session.auth is not None:
-        signature = head[0]
-        if not signature:
-            raise ValueError("Unsigned Message")
-        if signature in session.digest_history:
-            raise ValueError(f"Duplicate Signature: {signature!r}")
-        session._add_digest(signature)
-        if not compare_digest(signature, session.sign(head[1:5])):
-            raise ValueError(f"Invalid Signature: {signature!r}")
-    unpack = session.unpack
-    header = unpack(head[1])
-    return {
-        "header": header,
-        "msg_id": header["msg_id"],
-        "msg_type": header["msg_type"],
-        "parent_header": unpack(head[2]),
-        "metadata": unpack(head[3]),
-        "content": unpack(head[4]),
-        "buffers": [memoryview(f) for f in frames[5:]],
-    }
 
 
 def _short(code: str, width: int = 80) -> str:

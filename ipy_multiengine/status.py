@@ -44,8 +44,7 @@ def engine_rows(client: Any) -> list[dict]:
     fresh = getattr(getattr(client, "owner", None), "engine_meta", None)
     meta = (fresh() if callable(fresh) else None) or getattr(client, "_meta", {}) or {}
     rows = []
-    for eid in ctl.ids:
-        conn = ctl.engine(eid)
+    for eid, conn in sorted(ctl.states().items()):  # immutable EngineState snapshots
         m = meta.get(eid) or {}
         rows.append({
             "id": eid,
@@ -55,12 +54,12 @@ def engine_rows(client: Any) -> list[dict]:
             "version": _language_version(conn),
             "host": conn.engine_info.get("host") or m.get("host") or "",
             "pid": conn.engine_info.get("pid") or m.get("pid"),
-            "state": "dead" if conn.dead else conn.state,
+            "state": str(conn.state),
             "dead": conn.dead,
             "data_ops": conn.data_ok,
-            "ready": getattr(conn, "ready", None),
-            "encrypted": bool(conn.info.get("curve_publickey")),
-            "watched_by": "heartbeat" if getattr(conn, "heartbeat", None) else ("process" if conn.liveness else None),
+            "ready": conn.ready,
+            "encrypted": conn.encrypted,
+            "watched_by": conn.watched_by,
         })
     return rows
 
@@ -103,12 +102,11 @@ def status_rows(client: Any) -> list[dict]:
     rows = engine_rows(client)
     now = time.monotonic()
     for row in rows:
-        conn = ctl.engine(row["id"])
+        conn = ctl.state(row["id"])
         busy = row["state"] == "busy"
         row["running"] = conn.running if busy else ""
         row["busy_for"] = (now - conn.busy_since) if busy and conn.busy_since else None
-        in_flight = ctl.pending(row["id"])
-        row["queued"] = max(in_flight - (1 if busy and conn.running and "another client" not in conn.running else 0), 0)
+        row["queued"] = conn.queued
         if row["dead"] or row["ready"] is False:  # restarting/starting: the old pid says nothing
             row["pid"] = row["rss"] = row["cpu"] = None  # shown as "-"
         else:

@@ -53,25 +53,20 @@ class InputRequest:
     password: bool
     reply: Callable[[str], None]
     interrupt: Callable[[], None]
-    request: Any = None  # the controller's Request that asked, when known
+    future: cf.Future | None = None  # the future of the request that asked, when known
+    before: str = ""  # its output not shown yet (the controller takes it on its loop thread)
     posted: float = field(default_factory=time.monotonic)
 
     @property
     def stale(self) -> bool:
         """True when the request that asked has finished meanwhile (engine died, interrupted),
 """
-        fut = getattr(self.request, "future", None)
+        fut = self.future
         return fut is not None and fut.done()
 
     def pending_output(self) -> str:
         """Output of the asking request not shown yet (shown before the prompt, for context)."""
-        req = self.request
-        if req is None or getattr(req, "listener", None) is not None:
-            return ""  # someone already shows this request's output live
-        text = "".join(req.stdout) + "".join(req.stderr)
-        shown = getattr(req, "_stdin_shown", 0)
-        req._stdin_shown = len(text)
-        return text[shown:]
+        return self.before
 
 
 def drop(futures: Iterable[cf.Future]) -> None:
@@ -92,7 +87,7 @@ def drop(futures: Iterable[cf.Future]) -> None:
 
 
 def _call_of(item: "InputRequest") -> Any:
-    return getattr(item.request, "future", None)
+    return item.future
 
 
 def _release(item: "InputRequest") -> None:

@@ -147,7 +147,7 @@ def test_h05_failing_input_forwarding_fails_the_request(mec, monkeypatch):
 
 def test_h05_failing_liveness_handling_fails_the_requests(mec, monkeypatch):
     # monkeypatched: the poller's death handling raises (a probe says engine 0 is dead)
-    conn = mec._controller.engine(0)
+    conn = mec._controller._conn(0)  # white-box: the probe is swapped for the test
     probe = conn.liveness
 
     def mark_dead(self, conn, reason):
@@ -237,7 +237,7 @@ def test_h08_control_idle_before_interrupt_reply_fails_nothing_queued(cluster, m
         wait_for(lambda: c.engines[0]["state"] == "busy", 5, "engine 0 to be busy")
 
         async def race() -> list:
-            conn = ctl.engine(0)
+            conn = ctl._conn(0)
             fake = ctl._new_request(conn, "control", "fake-interrupt", channel="control")
             conn.requests[fake.msg_id] = fake
             msg = {"msg_type": "status", "content": {"execution_state": "busy"},
