@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .cluster import Cluster, list_clusters, stop_cluster_file
-from .clusterfile import (EMBEDDED_PREFIX, SHARED_PREFIX, check_profile, cluster_dir, cluster_file_path,
+from .clusterfile import (EMBEDDED_PREFIX, SHARED_PREFIX, ProfileLock, check_profile, cluster_dir, cluster_file_path,
                           owner_state, read_cluster, read_connection_files, read_spec, request_owner,
                           write_cluster)
 from .errors import MultiEngineError, NoClusterError
@@ -148,7 +148,22 @@ def _launcher_options(args: argparse.Namespace) -> dict:
 
 
 def _attach(args: argparse.Namespace) -> int:
-    """Register running kernels as the engines of a profile, without owning them."""
+    """Register running kernels as the engines of a profile, without owning them. The profile
+    is claimed (its lock) while it is checked and written, as ``Cluster`` claims it: a cluster
+    of the profile that is still starting (its file not written yet) is not overwritten later."""
+    lock = ProfileLock(args.profile)
+    try:
+        lock.acquire()
+    except RuntimeError as exc:
+        print(f"ipmulti: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _attach_claimed(args)
+    finally:
+        lock.release()
+
+
+def _attach_claimed(args: argparse.Namespace) -> int:
     path = cluster_file_path(args.profile)
     try:
         spec = read_spec(path)

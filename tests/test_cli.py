@@ -223,3 +223,27 @@ def test_daemon_log_is_private():
     assert out.returncode == 1, (out.stdout, out.stderr)
     log = cluster_dir() / "daemon-logmode.log"
     assert log.exists() and (log.stat().st_mode & 0o777) == 0o600, oct(log.stat().st_mode)
+
+
+def test_attach_does_not_take_a_profile_whose_cluster_is_still_starting(tmp_path):
+    """A Cluster claims its profile (the lock) long before its file exists (engines start first):
+    `ipmulti attach` then wrote the profile's file, said it had, and the starting cluster
+    overwrote it moments later. Now attach claims the profile too and refuses."""
+    from ipy_multiengine.clusterfile import ProfileLock
+
+    conn = tmp_path / "kernel-1.json"
+    conn.write_text(json.dumps({**CONN, "stdin_port": 4, "hb_port": 5}))
+    starting = ProfileLock("attach-race")
+    starting.acquire()  # a cluster of the profile is starting
+    try:
+        out = ipmulti("attach", "--profile", "attach-race", "--no-check", str(conn))
+        assert out.returncode == 1 and "already running" in out.stderr, (out.stdout, out.stderr)
+        assert not cluster_file_path("attach-race").exists()
+    finally:
+        starting.release()
+    out = ipmulti("attach", "--profile", "attach-race", "--no-check", str(conn))
+    try:
+        assert out.returncode == 0, out.stderr
+        assert cluster_file_path("attach-race").exists()
+    finally:
+        cluster_file_path("attach-race").unlink(missing_ok=True)
