@@ -478,3 +478,28 @@ def test_stale_cleanup_after_owner_sigkill_removes_the_unix_sockets(profile, tmp
     assert [s for s in socks if os.path.lexists(s)] == []
     sock_dirs = {s.parent for s in socks} - {cluster_dir()}
     assert all(not d.exists() for d in sock_dirs), sock_dirs
+
+
+def test_ctrl_c_while_stop_closes_the_client_still_stops_the_engines_and_removes_the_file():
+    """stop() marked the cluster stopped, then a Ctrl-C while its client closed (it waits on the
+    I/O loop) skipped the rest: the engines and the cluster file stayed, and a second stop()
+    was a no-op, so nothing could stop them before the process exited."""
+    c = Cluster(n=1, shutdown_wait=1.0)
+    mec = c.start()
+    pid, path = mec.engines[0]["pid"], Path(c.cluster_file)
+    close_controller = mec._finalizer
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    mec._finalizer = ctrl_c
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            c.stop()
+        file_left = path.exists()
+        engine_left = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    finally:
+        close_controller()
+        c.launcher.kill_now()  # whatever stop() left behind
+        c._file_finalizer()
+    assert not file_left and not engine_left, (file_left, engine_left)
