@@ -483,17 +483,26 @@ class ProfileLock:
         self._fd: int | None = None
         self._guard = threading.Lock()  # release() runs on the loop thread and at stop()
 
+    #: seconds ``acquire`` retries: others hold the lock for an instant too (a stale cleanup's
+    #: :meth:`remove_stale` takes it to remove the file), which must not look like a live owner
+    ACQUIRE_RETRY = 1.0
+
     def acquire(self) -> None:
-        if not self._try_acquire():
-            holder = ""
-            try:
-                spec = read_spec(cluster_file_path(self.profile))
-                holder = f" (owner {_owner_text(owner_of(spec), 'alive', '')})"
-            except (NoClusterError, ValueError):
-                holder = " (it is still starting)"
-            raise RuntimeError(f"a cluster for profile {self.profile!r} is already running{holder}; "
-                               "stop it with `ipmulti stop --profile "
-                               f"{self.profile}`, or use another profile, or no profile (embedded)")
+        deadline = time.monotonic() + self.ACQUIRE_RETRY
+        while not self._try_acquire():
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        else:
+            return
+        try:
+            spec = read_spec(cluster_file_path(self.profile))
+            holder = f" (owner {_owner_text(owner_of(spec), 'alive', '')})"
+        except (NoClusterError, ValueError):
+            holder = " (it is still starting)"
+        raise RuntimeError(f"a cluster for profile {self.profile!r} is already running{holder}; "
+                           f"stop it with `ipmulti stop --profile {self.profile}`, or use another "
+                           "profile, or no profile (embedded)")
 
     def _try_acquire(self) -> bool:
         """Take the lock without waiting. The lock file is unlinked by whoever releases it, so

@@ -230,3 +230,21 @@ def test_stale_cleanup_never_removes_a_newer_cluster_file_written_meanwhile(slee
         path.unlink(missing_ok=True)
     write_cluster(path, stale)
     assert clean_stale(path, read_spec(path)) == [] and not path.exists()  # its own file: removed
+
+
+def test_profile_lock_taken_for_an_instant_by_a_stale_cleanup_is_not_a_running_cluster():
+    """`ipmulti list` (stale cleanup) takes a free profile's lock for an instant to remove its
+    file: a cluster of that profile starting at that instant failed with 'already running'."""
+    from ipy_multiengine.clusterfile import ProfileLock
+
+    cleanup = ProfileLock("cf-instant")
+    cleanup.acquire()
+    released = threading.Timer(0.2, cleanup.release)  # remove_stale: acquire, then release (unlink)
+    released.start()
+    starting = ProfileLock("cf-instant")
+    try:
+        starting.acquire()
+        assert starting.held
+    finally:
+        released.join()
+        starting.release()
