@@ -101,24 +101,29 @@ def _start_daemon(args: argparse.Namespace) -> int:
         cmd += ["--engines", args.engines]
     if args.encryption:
         cmd += ["--encryption", args.encryption]
-    with os.fdopen(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-        os.fchmod(out.fileno(), 0o600)  # an older log may have been created with other modes
+    # a log of its own (0600) until this daemon owns the profile: a second `start --daemon` of
+    # a running profile must neither truncate the owner's log nor write into it
+    own_log = cluster_dir() / f".daemon-{args.profile}.{os.getpid()}.log"
+    with os.fdopen(os.open(own_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + args.timeout + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            print(f"ipmulti: the cluster process exited with code {proc.returncode}:\n{log.read_text()}",
+            print(f"ipmulti: the cluster process exited with code {proc.returncode}:\n{own_log.read_text()}",
                   file=sys.stderr)
+            own_log.unlink(missing_ok=True)
             return 1
         try:
             if (read_spec(path).get("owner") or {}).get("pid") == proc.pid:
+                os.replace(own_log, log)
                 print(path)
                 return 0
         except (NoClusterError, ValueError):
             pass
         time.sleep(0.1)
     proc.terminate()
+    os.replace(own_log, log)
     print(f"ipmulti: engines not ready after {args.timeout:g} s; see {log}", file=sys.stderr)
     return 1
 

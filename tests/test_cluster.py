@@ -503,3 +503,25 @@ def test_ctrl_c_while_stop_closes_the_client_still_stops_the_engines_and_removes
         c.launcher.kill_now()  # whatever stop() left behind
         c._file_finalizer()
     assert not file_left and not engine_left, (file_left, engine_left)
+
+
+@pytest.mark.timeout(120)
+def test_second_daemon_of_a_running_profile_leaves_the_owners_log_alone():
+    """Every `ipmulti start --daemon` truncated `daemon-PROFILE.log` and sent its daemon's output
+    there: a second one of a running profile emptied the owner's log (and, started together,
+    the two daemons overwrote each other's lines: the loser's 'already running' came out garbled)."""
+    first = ipmulti("start", "-n", "1", "--profile", "dlog", "--daemon")
+    assert first.returncode == 0, first.stderr
+    log = cluster_dir() / "daemon-dlog.log"
+    try:
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+        before = log.read_text()
+        assert "engines ready" in before
+        second = ipmulti("start", "-n", "1", "--profile", "dlog", "--daemon")
+        assert second.returncode == 1 and "already running" in second.stderr, second.stderr
+        assert log.read_text() == before
+        assert not list(cluster_dir().glob(".daemon-dlog*"))
+    finally:
+        stopped = ipmulti("stop", "--profile", "dlog")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not log.exists()
