@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import logging
 import threading
 import time
+import uuid
 from typing import Any, Callable, Iterator
 
 from . import serialize, stdin
@@ -69,6 +70,7 @@ class BalancedMap:
         # all of it now, in the caller's thread: nothing is sent if any item cannot be
         self._frames: list[list[Any] | None] = [dumps_chunk(f, off, chunk) for off, chunk in self.chunks]
         self.future: cf.Future = cf.Future()
+        self.id = uuid.uuid4().hex  # on the engines, a Ctrl-C skips this map's queued chunks
         self._events: collections.deque = collections.deque()
         self._wake: cf.Future = cf.Future()
         self._todo = collections.deque(range(len(self.chunks)))
@@ -110,7 +112,8 @@ class BalancedMap:
         while not self._stopped and eid in self._alive and self._inflight[eid] < self.depth and self._todo:
             ci = self._todo.popleft()
             offset, _chunk = self.chunks[ci]
-            fut = self.controller.submit_comm([eid], "map", {"offset": offset}, [self._frames[ci]],
+            fut = self.controller.submit_comm([eid], "map", {"offset": offset, "map": self.id},
+                                             [self._frames[ci]],
                                              listener=self.listener)[0]
             self._inflight[eid] += 1
             fut.add_done_callback(lambda fu, eid=eid, ci=ci: self._done(eid, ci, fu))

@@ -9,6 +9,7 @@ when the operation raises (a comm handler exception would otherwise produce no r
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import socket
@@ -197,7 +198,14 @@ class _ItemError(Exception):
         self.exc = exc
 
 
+#: Load-balanced maps interrupted on this engine (Ctrl-C): their chunks still queued here are
+#: skipped, not run (bounded: old ids are forgotten)
+_interrupted_maps: "collections.deque[str]" = collections.deque(maxlen=64)
+
+
 def _op_map(data: dict, frames: list) -> list:
+    if data.get("map") is not None and data["map"] in _interrupted_maps:
+        raise KeyboardInterrupt("skipped: the load-balanced map was interrupted")
     f, items = serialize.loads(frames)
     f, commit = _in_namespace(f)
     out = []
@@ -249,6 +257,11 @@ def _on_msg(comm: Any, msg: dict) -> None:
     except _ItemError as err:
         reply, frames = _error_reply(rid, err.exc, err.index)
     except BaseException as exc:  # noqa: BLE001 - every failure must produce a reply
+        if isinstance(exc, KeyboardInterrupt) and data.get("op") == "map" and data.get("map") is not None:
+            # a Ctrl-C of a load-balanced map stops it here: its next chunk, already queued on
+            # this engine, must not run for another chunk's time after the user pressed Ctrl-C
+            if data["map"] not in _interrupted_maps:
+                _interrupted_maps.append(data["map"])
         reply, frames = _error_reply(rid, exc, None)
     finally:
         _flush_pending_output()
