@@ -141,6 +141,12 @@ def _in_namespace(f: Any) -> tuple[Any, Callable[[], None]]:
     Returns the rebound function and a ``commit`` to call after the call(s), which writes the
     globals the function assigned into the engine namespace.
     """
+    if isinstance(f, functools.partial):  # mec.map(partial(f, scale=2), ...)
+        inner, commit = _in_namespace(f.func)
+        return (f if inner is f.func else functools.partial(inner, *f.args, **f.keywords)), commit
+    if isinstance(f, types.MethodType):  # mec.apply(obj.method): a class typed at the prompt
+        inner, commit = _in_namespace(f.__func__)
+        return (f if inner is f.__func__ else types.MethodType(inner, f.__self__)), commit
     if not isinstance(f, types.FunctionType) or _is_module_function(f):
         return f, lambda: None  # imported from a real module on the engine: keep its globals
     ns = _namespace()

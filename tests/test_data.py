@@ -469,3 +469,21 @@ def test_pushed_function_assigning_a_global_writes_the_engine_namespace(mec):
     assert b"seen_in_cell" not in serialize.dumps(back)[0]  # not the engine namespace
     assert back(2) == 2
     del ns
+
+
+def test_partials_and_bound_methods_sent_by_value_see_the_engine_namespace(mec):
+    """The precedence rule holds for a function behind ``functools.partial`` or a bound method
+    of a class typed at the prompt, not only for a bare function."""
+    mec.execute("import math as engine_math; engine_scale = 3")
+    ns = _as_typed_at_the_prompt(mec, (
+        "import functools\n"
+        "offset = 100\n"
+        "def f(x, k=1):\n    return engine_math.floor(x * engine_scale * k) + offset\n"
+        "class Model:\n    def __init__(self, k):\n        self.k = k\n"
+        "    def predict(self, x):\n        return engine_math.floor(x * engine_scale * self.k)\n"
+        "r_partial = mec.map(functools.partial(f, k=2), [1.0, 2.0])\n"
+        "r_method = mec.map(Model(10).predict, [1.0, 2.0])\n"
+        "r_apply = mec.apply(Model(1).predict, 2.0, targets=0)\n"))
+    assert ns["r_partial"] == [106, 112]
+    assert ns["r_method"] == [30, 60]
+    assert ns["r_apply"] == [6]
