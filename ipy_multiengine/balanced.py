@@ -186,10 +186,17 @@ class BalancedMap:
                                    "chunks done; sending the others was stopped")
 
     # -- iteration (caller's thread)
-    def iterate(self, timeout: float | None = None) -> Iterator[Any]:
+    def iterate(self, timeout: float | None = None, deadline: float | None = None) -> Iterator[Any]:
         """Yield results as chunks complete (input order when ``ordered``); Ctrl-C stops the map,
-        and so does ``timeout`` (seconds for the whole iteration) with a ``TimeoutError``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        and so does ``timeout`` (seconds for the whole iteration, from this call: the generator's
+        body runs only at the first ``next()``) or ``deadline`` (a ``time.monotonic()`` value)
+        with a ``TimeoutError``."""
+        if timeout is not None:
+            end = time.monotonic() + timeout
+            deadline = end if deadline is None else min(deadline, end)
+        return self._iterate(deadline)
+
+    def _iterate(self, deadline: float | None) -> Iterator[Any]:
         buffered: dict[int, list] = {}
         following = 0
         received = 0

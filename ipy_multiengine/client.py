@@ -468,7 +468,7 @@ class MultiEngineClient(Configurable):
         eids, _ = self._prepare(targets, None)
         deadline = None if timeout is None else time.monotonic() + timeout
         bm = self._balanced(f, list(zip(*seqs)), eids, chunksize, ordered, retries)
-        return bm.iterate(None if deadline is None else max(deadline - time.monotonic(), 0))
+        return bm.iterate(deadline=deadline)  # from this call, not from the first next()
 
     def _balanced(self, f: Callable, items: list, eids: list[int], chunksize: int, ordered: bool,
                   retries: int, listener: Listener | None = None) -> "BalancedMap":
