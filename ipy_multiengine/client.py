@@ -282,9 +282,11 @@ class MultiEngineClient(Configurable):
             return pr  # its large buffers were copied (``_outgoing``)
         try:
             return pr.get_result(timeout=timeout)
-        except BaseException:
-            if not pr.ready() and self.last is pr:
-                self._kept = pr  # timed out or interrupted: mec.last.get_result() collects it later
+        except BaseException as exc:
+            # timed out or interrupted: mec.last.get_result() collects it later (an interrupted
+            # balanced map is already done, failed by its cancel, when Ctrl-C reaches here)
+            if (isinstance(exc, KeyboardInterrupt) or not pr.ready()) and self.last is pr:
+                self._kept = pr
             raise
         finally:
             if live is not None:

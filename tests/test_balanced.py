@@ -162,3 +162,22 @@ def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec):
     finally:
         all_busy.set()
         watcher.join(5)
+
+
+def test_ctrl_c_of_a_blocking_balanced_map_is_collectable_from_mec_last(mec):
+    """docs/troubleshooting-errors.md: the interrupted call's result can still be collected with
+    mec.last.get_result(); a blocking balanced map is done (failed by its cancel) at once."""
+    import _thread
+    import threading
+
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mec.map(lambda x: __import__("time").sleep(0.2), range(200), balanced=True, timeout=60)
+    finally:
+        timer.cancel()
+    assert mec.last is not None and mec.last.method == "map"
+    with pytest.raises(CompositeError, match="interrupted"):
+        mec.last.get_result(timeout=10)
+    assert mec.map(abs, [-1, -2], balanced=True) == [1, 2]
