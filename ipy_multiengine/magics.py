@@ -413,10 +413,10 @@ class ParallelMagics(Magics):
 
     def _failed(self, err: CompositeError, args: Any, collapse: bool) -> CompositeError:
         """The error a failing cell raises: stored under ``--out``, grouped with ``--collapse``."""
+        if collapse:
+            err = err.collapsed()
         if args.out:
             self.shell.user_ns[args.out] = err
-        if collapse:
-            err.collapse = True
         return err
 
     def _run_init(self, mec: Any, code: str, args: Any, mode: str, group: str, collapse: bool,
