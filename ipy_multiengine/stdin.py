@@ -150,16 +150,11 @@ def _serve(item: Any) -> None:
     if _call_of(item) in _dropped:  # a prompt of a call the user interrupted: not asked
         _release(item)
         return
-    before = item.pending_output()
-    if before:
-        prefix = f"[{item.eid}] "
-        sys.stdout.write("".join(prefix + line for line in before.splitlines(True)))
-        if not before.endswith("\n"):
-            sys.stdout.write("\n")
-        sys.stdout.flush()
-    prompt = f"[{item.eid}] {item.prompt}"
+    from .render import _bars_cleared
+
     try:
-        value = getpass.getpass(prompt) if item.password else input(prompt)
+        with _bars_cleared(sys.stdout):  # a progress bar: cleared while the user is asked
+            value = _ask(item)
     except EOFError:
         value = "\x04"  # ipykernel raises EOFError in the engine for this value
     except KeyboardInterrupt:
@@ -170,6 +165,19 @@ def _serve(item: Any) -> None:
               "the engine gets end-of-file", file=sys.stderr)
         value = "\x04"
     item.reply(value)
+
+
+def _ask(item: InputRequest) -> str:
+    """Show the asking call's output not shown yet, then ask the user with the engine id."""
+    before = item.pending_output()
+    if before:
+        prefix = f"[{item.eid}] "
+        sys.stdout.write("".join(prefix + line for line in before.splitlines(True)))
+        if not before.endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+    prompt = f"[{item.eid}] {item.prompt}"
+    return getpass.getpass(prompt) if item.password else input(prompt)
 
 
 def wait(futures: Iterable[cf.Future], timeout: float | None = None, first: bool = False,

@@ -8,6 +8,7 @@ same through a notebook kernel run by nbclient with ``allow_stdin`` and a script
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import sys
@@ -294,3 +295,34 @@ def test_output_before_each_prompt_is_shown_once_each_stream_on_its_own(mec, mon
     assert res[0]["stdout"] == "a\nb\ngot X Y\n"
     shown = capsys.readouterr().out
     assert shown.splitlines() == ["[0] a", "[0] e", "[0] b"], shown
+
+
+def test_prompt_is_not_written_onto_a_progress_bar(mec, monkeypatch):
+    """An engine asking for input while the progress bar is drawn: the bar is cleared first,
+    so the prompt starts its own terminal line (\\r returns to column 0)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "ipy_multiengine")
+    mec.activate()
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+
+    def fake_input(prompt=""):
+        screen.write(prompt + "typed\n")  # what the terminal shows: the prompt, the echoed answer
+        return "typed"
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    res = ip.run_cell("%%px --progress-after 0.1 --targets 0,1\nimport time; time.sleep(0.6)\n"
+                      "print('got', input('name? '))")
+    assert res.success, res.error_in_exec
+    assert "%px:" in screen.getvalue()  # the bar was drawn
+    shown = []
+    for raw in screen.getvalue().split("\n"):
+        line = ""
+        for piece in raw.split("\r"):
+            line = piece + line[len(piece):]
+        shown.append(line.rstrip())
+    prompts = [ln for ln in shown if "name? " in ln]
+    assert len(prompts) == 2 and all(re.fullmatch(r"\[[01]\] name\? typed", ln) for ln in prompts), shown
