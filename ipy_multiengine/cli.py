@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -13,8 +14,9 @@ import time
 from pathlib import Path
 
 from .cluster import Cluster, list_clusters, stop_cluster_file
-from .clusterfile import (cluster_dir, cluster_file_path, owner_state, read_cluster, read_connection_files,
-                          read_spec, request_owner, write_cluster)
+from .clusterfile import (EMBEDDED_PREFIX, SHARED_PREFIX, ProfileLock, check_profile, cluster_dir, cluster_file_path,
+                          owner_state, read_cluster, read_connection_files, read_spec, request_owner,
+                          write_cluster)
 from .errors import MultiEngineError, NoClusterError
 
 
@@ -43,6 +45,9 @@ def _start(args: argparse.Namespace) -> int:
     cluster.owner_kind = "ipmulti"  # `ipmulti stop` may SIGTERM this process (after identity checks)
     try:
         mec = cluster.start()
+    except KeyboardInterrupt:  # start() stopped whatever had started
+        print("ipmulti: interrupted while starting; the engines that had started are stopped", file=sys.stderr)
+        return 130
     except Exception as exc:
         print(f"ipmulti: could not start the cluster: {exc}", file=sys.stderr)
         return 1
@@ -96,23 +101,29 @@ def _start_daemon(args: argparse.Namespace) -> int:
         cmd += ["--engines", args.engines]
     if args.encryption:
         cmd += ["--encryption", args.encryption]
-    with open(log, "wb") as out:
+    # a log of its own (0600) until this daemon owns the profile: a second `start --daemon` of
+    # a running profile must neither truncate the owner's log nor write into it
+    own_log = cluster_dir() / f".daemon-{args.profile}.{os.getpid()}.log"
+    with os.fdopen(os.open(own_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + args.timeout + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            print(f"ipmulti: the cluster process exited with code {proc.returncode}:\n{log.read_text()}",
+            print(f"ipmulti: the cluster process exited with code {proc.returncode}:\n{own_log.read_text()}",
                   file=sys.stderr)
+            own_log.unlink(missing_ok=True)
             return 1
         try:
             if (read_spec(path).get("owner") or {}).get("pid") == proc.pid:
+                os.replace(own_log, log)
                 print(path)
                 return 0
         except (NoClusterError, ValueError):
             pass
         time.sleep(0.1)
     proc.terminate()
+    os.replace(own_log, log)
     print(f"ipmulti: engines not ready after {args.timeout:g} s; see {log}", file=sys.stderr)
     return 1
 
@@ -142,7 +153,22 @@ def _launcher_options(args: argparse.Namespace) -> dict:
 
 
 def _attach(args: argparse.Namespace) -> int:
-    """Register running kernels as the engines of a profile, without owning them."""
+    """Register running kernels as the engines of a profile, without owning them. The profile
+    is claimed (its lock) while it is checked and written, as ``Cluster`` claims it: a cluster
+    of the profile that is still starting (its file not written yet) is not overwritten later."""
+    lock = ProfileLock(args.profile)
+    try:
+        lock.acquire()
+    except RuntimeError as exc:
+        print(f"ipmulti: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _attach_claimed(args)
+    finally:
+        lock.release()
+
+
+def _attach_claimed(args: argparse.Namespace) -> int:
     path = cluster_file_path(args.profile)
     try:
         spec = read_spec(path)
@@ -193,11 +219,15 @@ def _stop(args: argparse.Namespace) -> int:
     try:
         code, messages = stop_cluster_file(path)
     except NoClusterError:
-        print(f"ipmulti: no cluster for profile {args.profile!r} ({path} does not exist)", file=sys.stderr)
+        print(f"ipmulti: no cluster file {path} (it does not exist)" if args.file else
+              f"ipmulti: no cluster for profile {args.profile!r} ({path} does not exist)", file=sys.stderr)
         return 1
     except ValueError as exc:
-        print(f"ipmulti: {_one_line(exc)}; removing it", file=sys.stderr)
-        path.unlink(missing_ok=True)
+        if _is_cluster_file(path):  # malformed, in our own directory: nobody's
+            print(f"ipmulti: {_one_line(exc)}; removing it", file=sys.stderr)
+            path.unlink(missing_ok=True)
+        else:  # --file naming something else: not ours to delete
+            print(f"ipmulti: {_one_line(exc)}; not a cluster file, left as it is", file=sys.stderr)
         return 1
     for m in messages:
         print(f"ipmulti: {m}", file=sys.stderr if code else sys.stdout)
@@ -206,6 +236,15 @@ def _stop(args: argparse.Namespace) -> int:
             (cluster_dir() / f"daemon-{args.profile}.log").unlink(missing_ok=True)
         print(f"stopped cluster {args.profile if not args.file else path}")
     return code
+
+
+def _is_cluster_file(path: Path) -> bool:
+    """Is ``path`` a cluster file in the cluster directory (``cluster-*.json``, ``embedded-*.json``)?"""
+    try:
+        return path.resolve().parent == cluster_dir().resolve() and path.suffix == ".json" \
+            and path.name.startswith((SHARED_PREFIX, EMBEDDED_PREFIX))
+    except OSError:
+        return False
 
 
 def _restart(args: argparse.Namespace) -> int:
@@ -313,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     if (getattr(args, "n", 1) or 1) < 1:
         print("ipmulti: -n must be at least 1", file=sys.stderr)
         return 2
+    if getattr(args, "profile", None) is not None:
+        try:
+            check_profile(args.profile)
+        except ValueError as exc:
+            print(f"ipmulti: --profile: {exc}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except UsageError as exc:

@@ -658,13 +658,19 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         if self._stopped:
             return
         self._stopped = True
-        if self.client is not None and not self.client.closed:
-            self.client.close()
-        self._file_finalizer()  # our file only (another cluster may own the profile by now)
-        if self._finalizer is not None:
-            atexit.unregister(self._finalizer)
-            self._finalizer.detach()
-        _stop_launcher(self.launcher)
+        # each step runs whatever the one before raised (a Ctrl-C while the client closes):
+        # a second stop() is a no-op, so this one must not leave engines or files behind
+        try:
+            if self.client is not None and not self.client.closed:
+                self.client.close()
+        finally:
+            try:
+                self._file_finalizer()  # our file only (another cluster may own the profile by now)
+            finally:
+                if self._finalizer is not None:
+                    atexit.unregister(self._finalizer)
+                    self._finalizer.detach()
+                _stop_launcher(self.launcher)
 
     def __enter__(self) -> Any:
         return self.start()

@@ -391,16 +391,59 @@ def _owner_text(owner: dict | None, state: str, why: str) -> str:
 
 
 def remove_files(spec: dict, path: Path) -> None:
-    """Remove a cluster file and the files it names (connection files, logs, its requests)."""
+    """Remove a cluster file and the files it names (connection files, logs, its requests).
+
+    ``spec`` was read some time ago (seconds: stale engines get SIGTERM and time to exit); the
+    file at ``path`` is removed only if it still is that cluster's, never a new owner's file
+    of the same profile written meanwhile."""
     for e in spec.get("engines", []):
         for key in ("connection_file", "log_file"):
             if e.get(key):
                 Path(e[key]).unlink(missing_ok=True)
+        remove_sockets(e.get("connection"))
+    try:
+        now = read_spec(path)
+    except (NoClusterError, ValueError):
+        now = None  # gone, or malformed: nobody's
+    if now is not None and _file_identity(now) != _file_identity(spec):
+        log.info("not removing %s: another cluster wrote it meanwhile", path)
+        return
     remove_requests(path)
     Path(path).unlink(missing_ok=True)
     name = Path(path).name
     if name.startswith(SHARED_PREFIX) and name.endswith(".json"):
         ProfileLock.remove_stale(name[len(SHARED_PREFIX):-len(".json")])
+
+
+def _file_identity(spec: dict) -> tuple:
+    """What tells one cluster's file from a later one at the same path: its id and its owner
+    (attached kernels have none: when the file was written)."""
+    owner = owner_of(spec)
+    key = (owner.get("pid"), owner.get("host"), owner.get("create_time")) if owner else spec.get("created")
+    return spec.get("cluster_id"), key
+
+
+def remove_sockets(conn: Any) -> None:
+    """Remove the unix sockets a dead engine's connection info names (``transport='ipc'``):
+    a killed kernel leaves them behind. Only sockets are removed, and their directory when it
+    is a launcher's own private socket directory (``ipme-*``) and now empty."""
+    if not isinstance(conn, dict) or conn.get("transport") != "ipc" or not conn.get("ip"):
+        return
+    import stat
+
+    for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+        sock = Path(f"{conn['ip']}-{conn.get(name)}")
+        try:
+            if stat.S_ISSOCK(sock.lstat().st_mode):
+                sock.unlink()
+        except OSError:
+            pass
+    parent = Path(conn["ip"]).parent
+    if parent.name.startswith("ipme-") and parent != cluster_dir():
+        try:
+            parent.rmdir()
+        except OSError:
+            pass
 
 
 def remove_requests(path: str | os.PathLike) -> None:
@@ -440,17 +483,26 @@ class ProfileLock:
         self._fd: int | None = None
         self._guard = threading.Lock()  # release() runs on the loop thread and at stop()
 
+    #: seconds ``acquire`` retries: others hold the lock for an instant too (a stale cleanup's
+    #: :meth:`remove_stale` takes it to remove the file), which must not look like a live owner
+    ACQUIRE_RETRY = 1.0
+
     def acquire(self) -> None:
-        if not self._try_acquire():
-            holder = ""
-            try:
-                spec = read_spec(cluster_file_path(self.profile))
-                holder = f" (owner {_owner_text(owner_of(spec), 'alive', '')})"
-            except (NoClusterError, ValueError):
-                holder = " (it is still starting)"
-            raise RuntimeError(f"a cluster for profile {self.profile!r} is already running{holder}; "
-                               "stop it with `ipmulti stop --profile "
-                               f"{self.profile}`, or use another profile, or no profile (embedded)")
+        deadline = time.monotonic() + self.ACQUIRE_RETRY
+        while not self._try_acquire():
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        else:
+            return
+        try:
+            spec = read_spec(cluster_file_path(self.profile))
+            holder = f" (owner {_owner_text(owner_of(spec), 'alive', '')})"
+        except (NoClusterError, ValueError):
+            holder = " (it is still starting)"
+        raise RuntimeError(f"a cluster for profile {self.profile!r} is already running{holder}; "
+                           f"stop it with `ipmulti stop --profile {self.profile}`, or use another "
+                           "profile, or no profile (embedded)")
 
     def _try_acquire(self) -> bool:
         """Take the lock without waiting. The lock file is unlinked by whoever releases it, so

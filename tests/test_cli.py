@@ -159,3 +159,91 @@ def test_stop_refuses_a_cluster_owned_on_another_host():
         assert Path(path).exists()
     finally:
         path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- exit codes and messages
+@pytest.mark.parametrize("command", [["stop"], ["restart"], ["attach", "/dev/null"], ["start"]])
+def test_an_invalid_profile_is_a_usage_error_not_a_traceback(command):
+    assert_usage_error(ipmulti(*command, "--profile", "a/b"), "invalid profile name 'a/b'")
+
+
+def test_stop_file_never_deletes_a_file_that_is_not_a_cluster_file(tmp_path):
+    """`ipmulti stop --file notes.json` on a file that is no cluster file said 'removing it' and
+    deleted it: the user's file, anywhere. Only a malformed file in the cluster directory is removed."""
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "data"}')
+    out = ipmulti("stop", "--file", str(mine))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert mine.read_text() == '{"my": "data"}'
+    assert "not a cluster file" in out.stderr and str(mine) in out.stderr
+    ours = cluster_dir() / "cluster-o10bad.json"
+    ours.write_text("{not json")
+    out = ipmulti("stop", "--profile", "o10bad")
+    assert out.returncode == 1 and "removing it" in out.stderr and not ours.exists(), out.stderr
+
+
+def test_stop_file_that_does_not_exist_names_the_file_not_a_profile(tmp_path):
+    out = ipmulti("stop", "--file", str(tmp_path / "gone.json"))
+    assert out.returncode == 1 and str(tmp_path / "gone.json") in out.stderr
+    assert "profile" not in out.stderr, out.stderr
+
+
+def test_ctrl_c_while_ipmulti_start_starts_engines_stops_them_with_a_message():
+    """Ctrl-C during `ipmulti start` stopped the engines but ended in a KeyboardInterrupt traceback
+    (killed by SIGINT); now one line, exit code 130, nothing left behind."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(IPMULTI + ["start", "-n", "2", "--profile", "ctrlc"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        kids: list[psutil.Process] = []
+        while len(kids) < 2:  # both kernels spawned: the start is under way
+            assert time.monotonic() < deadline and proc.poll() is None, "kernels never started"
+            kids = [k for k in psutil.Process(proc.pid).children(recursive=True)
+                    if "ipykernel" in " ".join(k.cmdline())]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert "Traceback" not in err and "interrupted while starting" in err, err
+    psutil.wait_procs(kids, timeout=15)
+    assert not [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+    assert not cluster_file_path("ctrlc").exists()
+
+
+def test_daemon_log_is_private():
+    """`ipmulti start --daemon` wrote its log with the umask's mode (0644)."""
+    out = ipmulti("start", "--daemon", "--profile", "logmode", "--kernel", "no-such-kernelspec", "--timeout", "20")
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "no-such-kernelspec" in out.stderr  # the daemon's own output, from its private log
+    assert not list(cluster_dir().glob("*daemon-logmode*"))  # which is gone with it
+
+
+def test_attach_does_not_take_a_profile_whose_cluster_is_still_starting(tmp_path):
+    """A Cluster claims its profile (the lock) long before its file exists (engines start first):
+    `ipmulti attach` then wrote the profile's file, said it had, and the starting cluster
+    overwrote it moments later. Now attach claims the profile too and refuses."""
+    from ipy_multiengine.clusterfile import ProfileLock
+
+    conn = tmp_path / "kernel-1.json"
+    conn.write_text(json.dumps({**CONN, "stdin_port": 4, "hb_port": 5}))
+    starting = ProfileLock("attach-race")
+    starting.acquire()  # a cluster of the profile is starting
+    try:
+        out = ipmulti("attach", "--profile", "attach-race", "--no-check", str(conn))
+        assert out.returncode == 1 and "already running" in out.stderr, (out.stdout, out.stderr)
+        assert not cluster_file_path("attach-race").exists()
+    finally:
+        starting.release()
+    out = ipmulti("attach", "--profile", "attach-race", "--no-check", str(conn))
+    try:
+        assert out.returncode == 0, out.stderr
+        assert cluster_file_path("attach-race").exists()
+    finally:
+        cluster_file_path("attach-race").unlink(missing_ok=True)

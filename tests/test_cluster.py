@@ -448,3 +448,80 @@ def test_file_owner_stop_asks_an_ipmulti_start_owner_to_stop():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("profile", ["sockets", "s" * 80])
+def test_stale_cleanup_after_owner_sigkill_removes_the_unix_sockets(profile, tmp_path):
+    """A SIGKILLed owner's engines exit, but their unix sockets stay; `ipmulti list` removed the
+    stale cluster file, connection files and logs and left every socket (5 per engine) behind."""
+    script = tmp_path / "owner.py"
+    script.write_text("import sys\nfrom ipy_multiengine import Cluster\n"
+                      f"Cluster(n=2, profile={profile!r}).start()\nprint('up', flush=True)\nsys.stdin.read()\n")
+    owner = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "up"
+        spec = json.loads(cluster_file_path(profile).read_text())
+        socks = [Path(f"{e['connection']['ip']}-{e['connection'][k]}") for e in spec["engines"]
+                 for k in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
+        assert all(stat.S_ISSOCK(s.stat().st_mode) for s in socks)
+        pids = [e["pid"] for e in spec["engines"]]
+        owner.kill()
+        owner.wait(10)
+        wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids),
+                   15, "orphaned engines to exit")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    listed = subprocess.run(IPMULTI + ["list"], capture_output=True, text=True, timeout=30)
+    assert "stale (removed)" in listed.stdout, listed.stdout
+    assert not cluster_file_path(profile).exists()
+    assert [s for s in socks if os.path.lexists(s)] == []
+    sock_dirs = {s.parent for s in socks} - {cluster_dir()}
+    assert all(not d.exists() for d in sock_dirs), sock_dirs
+
+
+def test_ctrl_c_while_stop_closes_the_client_still_stops_the_engines_and_removes_the_file():
+    """stop() marked the cluster stopped, then a Ctrl-C while its client closed (it waits on the
+    I/O loop) skipped the rest: the engines and the cluster file stayed, and a second stop()
+    was a no-op, so nothing could stop them before the process exited."""
+    c = Cluster(n=1, shutdown_wait=1.0)
+    mec = c.start()
+    pid, path = mec.engines[0]["pid"], Path(c.cluster_file)
+    close_controller = mec._finalizer
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    mec._finalizer = ctrl_c
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            c.stop()
+        file_left = path.exists()
+        engine_left = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    finally:
+        close_controller()
+        c.launcher.kill_now()  # whatever stop() left behind
+        c._file_finalizer()
+    assert not file_left and not engine_left, (file_left, engine_left)
+
+
+@pytest.mark.timeout(120)
+def test_second_daemon_of_a_running_profile_leaves_the_owners_log_alone():
+    """Every `ipmulti start --daemon` truncated `daemon-PROFILE.log` and sent its daemon's output
+    there: a second one of a running profile emptied the owner's log (and, started together,
+    the two daemons overwrote each other's lines: the loser's 'already running' came out garbled)."""
+    first = ipmulti("start", "-n", "1", "--profile", "dlog", "--daemon")
+    assert first.returncode == 0, first.stderr
+    log = cluster_dir() / "daemon-dlog.log"
+    try:
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+        before = log.read_text()
+        assert "engines ready" in before
+        second = ipmulti("start", "-n", "1", "--profile", "dlog", "--daemon")
+        assert second.returncode == 1 and "already running" in second.stderr, second.stderr
+        assert log.read_text() == before
+        assert not list(cluster_dir().glob(".daemon-dlog*"))
+    finally:
+        stopped = ipmulti("stop", "--profile", "dlog")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not log.exists()

@@ -208,3 +208,43 @@ def test_a_request_through_a_relative_path_reaches_the_owner(monkeypatch):
         stop.set()
         t.join()
         path.unlink()
+
+
+def test_stale_cleanup_never_removes_a_newer_cluster_file_written_meanwhile(sleeper):
+    """Stale cleanup reads the file, SIGTERMs what it names, waits, then removed whatever file
+    was at the path by then: a new owner of the profile that had started meanwhile (after
+    `ipmulti stop`, or an `ipmulti list` racing an `ipmulti start`) lost its live cluster file."""
+    from ipy_multiengine.cluster import clean_stale
+
+    path = cluster_file_path("cf-race")
+    stale = spec_for("cf-race", {**identity(sleeper.pid), "create_time": 1.0})  # owner gone
+    write_cluster(path, stale)
+    stale = read_spec(path)
+    live = spec_for("cf-race", {**identity(), "kind": "process"}, created=2.0)
+    write_cluster(path, live)  # the new owner claims the profile and writes its file
+    try:
+        assert clean_stale(path, stale) == []
+        assert read_spec(path)["owner"]["pid"] == os.getpid()  # the live file is still there
+        assert sleeper.poll() is None  # and nothing was signalled: the stale file named no engine pid
+    finally:
+        path.unlink(missing_ok=True)
+    write_cluster(path, stale)
+    assert clean_stale(path, read_spec(path)) == [] and not path.exists()  # its own file: removed
+
+
+def test_profile_lock_taken_for_an_instant_by_a_stale_cleanup_is_not_a_running_cluster():
+    """`ipmulti list` (stale cleanup) takes a free profile's lock for an instant to remove its
+    file: a cluster of that profile starting at that instant failed with 'already running'."""
+    from ipy_multiengine.clusterfile import ProfileLock
+
+    cleanup = ProfileLock("cf-instant")
+    cleanup.acquire()
+    released = threading.Timer(0.2, cleanup.release)  # remove_stale: acquire, then release (unlink)
+    released.start()
+    starting = ProfileLock("cf-instant")
+    try:
+        starting.acquire()
+        assert starting.held
+    finally:
+        released.join()
+        starting.release()

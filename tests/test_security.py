@@ -14,6 +14,7 @@ import pytest
 import zmq
 from jupyter_client.session import Session
 
+from ipy_multiengine import Cluster
 from ipy_multiengine.cluster import cluster_dir
 
 from faultlib import small_cluster
@@ -160,3 +161,24 @@ def test_h16_another_user_cannot_read_an_engines_output(transport):
             assert seen == 0, f"another user read {seen} IOPub messages"
         else:
             assert seen > 0  # the hole the unix sockets close
+
+
+def test_a_socket_path_too_long_for_the_runtime_dir_stays_on_private_unix_sockets():
+    """A long profile name (or a deep JUPYTER_RUNTIME_DIR) made the unix socket paths too long:
+    the engines then fell back, silently, to plain loopback TCP, whose IOPub any local user can
+    read. They now keep unix sockets, in a private 0700 directory of their own, removed at stop."""
+    c = Cluster(n=1, profile="p" * 80, shutdown_wait=1.0)
+    c.start()
+    try:
+        conn = _spec(c)["engines"][0]["connection"]
+        assert conn["transport"] == "ipc", conn
+        sock_dir = Path(conn["ip"]).parent
+        assert sock_dir != cluster_dir() and len(os.fsencode(conn["ip"])) + 8 <= 107
+        assert stat.S_IMODE(sock_dir.stat().st_mode) == 0o700 and sock_dir.stat().st_uid == os.getuid()
+        pid = _spec(c)["engines"][0]["pid"]
+        listening = [x for x in psutil.Process(pid).net_connections("inet") if x.status == psutil.CONN_LISTEN]
+        assert len(listening) <= 1, listening  # at most ipykernel's own IOPub fork pipe
+        assert c.client.execute("a = 6 * 7", block=True) and c.client.pull("a") == [42]
+    finally:
+        c.stop()
+    assert not sock_dir.exists()

@@ -14,8 +14,10 @@ gateway provisioners) starts its engines wherever that provisioner puts them, un
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
+import shutil
 import socket
 import uuid
 from collections.abc import Callable, Iterable
@@ -41,6 +43,13 @@ def kernel_args(km: Any) -> list[str]:
 
 #: the longest unix socket path Linux accepts (sun_path is 108 bytes with its NUL)
 UNIX_PATH_MAX = 107
+
+log = logging.getLogger("ipy_multiengine")
+
+
+def _fits(prefix: str) -> bool:
+    """Do ``PREFIX-N`` socket paths fit in a unix socket address (room for the port number)?"""
+    return len(os.fsencode(prefix)) + 8 <= UNIX_PATH_MAX
 
 
 class LocalLauncher(Launcher):
@@ -81,6 +90,8 @@ class LocalLauncher(Launcher):
         self.transport = transport
         self.key = secrets.token_hex(32)
         self.managers: dict[int, Any] = {}
+        #: the private directory of the unix sockets when the work directory's path is too long
+        self.socket_dir: str | None = None
 
     # ------------------------------------------------------------------ files
     def log_file(self, eid: int) -> Path:
@@ -107,6 +118,9 @@ class LocalLauncher(Launcher):
         return os.fdopen(os.open(self.log_file(eid), flags, 0o600), mode)
 
     def _remove_files(self) -> None:
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir = None
         if self.work_dir_base is None:
             super()._remove_files()  # our own directory
             return
@@ -129,22 +143,43 @@ class LocalLauncher(Launcher):
         ipc = self._ipc_prefix(eid)
         if ipc is not None:
             km.transport, km.ip = "ipc", ipc
-        km.transport_encryption = encryption_policy(self.transport_encryption, "127.0.0.1" if ipc else km.ip)
+        if ipc is None and self.transport is None and self.transport_encryption is None:
+            # no unix socket possible: loopback TCP, whose IOPub port every local user can
+            # subscribe to without a key, so encrypt by default (the kernelspec permitting)
+            log.warning("engine %s: no unix socket path fits (TMPDIR too long); using loopback TCP "
+                        "with CurveZMQ encryption where the kernelspec supports it", eid)
+            km.transport_encryption = "auto"
+        else:
+            km.transport_encryption = encryption_policy(self.transport_encryption, "127.0.0.1" if ipc else km.ip)
         self.managers[eid] = km
         return km
 
     def _ipc_prefix(self, eid: int) -> str | None:
         """The unix-socket path prefix of engine ``eid`` (``PREFIX-1`` .. ``PREFIX-5``), or None
-        for TCP (asked for, no unix sockets, or a path too long for one)."""
+        for TCP (asked for, or no unix sockets). The sockets live in the 0700 work directory;
+        when its path is too long for a unix socket (a deep runtime dir, a long profile name),
+        in a private 0700 directory of their own under the temporary directory instead."""
         if self.transport == "tcp" or not hasattr(socket, "AF_UNIX"):
             return None
         prefix = os.path.join(self._dir(), f"ipc-{self.tag}-{eid}")
-        if len(os.fsencode(prefix)) + 8 > UNIX_PATH_MAX:
-            if self.transport == "ipc":
-                raise LauncherError(f"transport='ipc': the socket path {prefix!r} is too long for a unix "
-                                    "socket; set JUPYTER_RUNTIME_DIR to a shorter directory", eid)
-            return None
-        return prefix
+        if _fits(prefix):
+            return prefix
+        prefix = os.path.join(self._socket_dir(), str(eid))
+        if _fits(prefix):
+            return prefix
+        if self.transport == "ipc":
+            raise LauncherError(f"transport='ipc': the socket path {prefix!r} is too long for a unix "
+                                "socket; set TMPDIR or JUPYTER_RUNTIME_DIR to a shorter directory", eid)
+        return None
+
+    def _socket_dir(self) -> str:
+        """A short private (0700, unpredictable name) directory for the engines' unix sockets,
+        removed with the launcher's other files."""
+        if self.socket_dir is None:
+            import tempfile
+
+            self.socket_dir = tempfile.mkdtemp(prefix="ipme-")
+        return self.socket_dir
 
     def _args(self, km: Any) -> list[str]:
         return kernel_args(km) if self.kernel_args is None else list(self.kernel_args)
