@@ -741,7 +741,7 @@ def _dumps_call(f: Callable, args: tuple, kwargs: dict) -> list[Any]:
             serialize.check_picklable(f"argument {i}", arg)
         for key, value in kwargs.items():
             serialize.check_picklable(f"keyword argument {key}", value)
-        raise
+        return serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs))
 
 
 def _dumps_part(name: str, offset: int, part: Any) -> list[Any]:
