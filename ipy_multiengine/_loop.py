@@ -71,6 +71,13 @@ def run(coro: Awaitable[T], timeout: float | None = None) -> T:
         raise
 
 
+def _check(timeout: float | None, deadline: float | None) -> None:
+    """A NaN timeout (or deadline) compares false with everything: the wait would never end."""
+    for value in (timeout, deadline):
+        if value is not None and value != value:
+            raise ValueError("timeout must be a number of seconds or None, not nan")
+
+
 def wait(
     futures: Iterable[Future],
     timeout: float | None = None,
@@ -91,6 +98,7 @@ def wait(
     ``progress(done, total)`` is called after each slice (progress bars).
     """
     futures = list(futures)
+    _check(timeout, deadline)
     if timeout is not None:
         end = time.monotonic() + max(timeout, 0)
         deadline = end if deadline is None else min(deadline, end)
@@ -116,6 +124,7 @@ def wait_until(ready: Callable[[], bool], timeout: float | None = None,
                deadline: float | None = None, tick: Callable[[], None] | None = None) -> bool:
     """Poll ``ready()`` every ``WAIT_SLICE`` (or less) until it is true or the deadline passes;
     True when ready. For conditions that are not futures (an engine becoming ready)."""
+    _check(timeout, deadline)
     if timeout is not None:
         end = time.monotonic() + max(timeout, 0)
         deadline = end if deadline is None else min(deadline, end)

@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import logging
 import threading
 import time
+import uuid
 from typing import Any, Callable, Iterator
 
 from . import serialize, stdin
@@ -69,6 +70,7 @@ class BalancedMap:
         # all of it now, in the caller's thread: nothing is sent if any item cannot be
         self._frames: list[list[Any] | None] = [dumps_chunk(f, off, chunk) for off, chunk in self.chunks]
         self.future: cf.Future = cf.Future()
+        self.id = uuid.uuid4().hex  # on the engines, a Ctrl-C skips this map's queued chunks
         self._events: collections.deque = collections.deque()
         self._wake: cf.Future = cf.Future()
         self._todo = collections.deque(range(len(self.chunks)))
@@ -110,7 +112,8 @@ class BalancedMap:
         while not self._stopped and eid in self._alive and self._inflight[eid] < self.depth and self._todo:
             ci = self._todo.popleft()
             offset, _chunk = self.chunks[ci]
-            fut = self.controller.submit_comm([eid], "map", {"offset": offset}, [self._frames[ci]],
+            fut = self.controller.submit_comm([eid], "map", {"offset": offset, "map": self.id},
+                                             [self._frames[ci]],
                                              listener=self.listener)[0]
             self._inflight[eid] += 1
             fut.add_done_callback(lambda fu, eid=eid, ci=ci: self._done(eid, ci, fu))
@@ -183,10 +186,17 @@ class BalancedMap:
                                    "chunks done; sending the others was stopped")
 
     # -- iteration (caller's thread)
-    def iterate(self, timeout: float | None = None) -> Iterator[Any]:
+    def iterate(self, timeout: float | None = None, deadline: float | None = None) -> Iterator[Any]:
         """Yield results as chunks complete (input order when ``ordered``); Ctrl-C stops the map,
-        and so does ``timeout`` (seconds for the whole iteration) with a ``TimeoutError``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        and so does ``timeout`` (seconds for the whole iteration, from this call: the generator's
+        body runs only at the first ``next()``) or ``deadline`` (a ``time.monotonic()`` value)
+        with a ``TimeoutError``."""
+        if timeout is not None:
+            end = time.monotonic() + timeout
+            deadline = end if deadline is None else min(deadline, end)
+        return self._iterate(deadline)
+
+    def _iterate(self, deadline: float | None) -> Iterator[Any]:
         buffered: dict[int, list] = {}
         following = 0
         received = 0

@@ -282,9 +282,11 @@ class MultiEngineClient(Configurable):
             return pr  # its large buffers were copied (``_outgoing``)
         try:
             return pr.get_result(timeout=timeout)
-        except BaseException:
-            if not pr.ready() and self.last is pr:
-                self._kept = pr  # timed out or interrupted: mec.last.get_result() collects it later
+        except BaseException as exc:
+            # timed out or interrupted: mec.last.get_result() collects it later (an interrupted
+            # balanced map is already done, failed by its cancel, when Ctrl-C reaches here)
+            if (isinstance(exc, KeyboardInterrupt) or not pr.ready()) and self.last is pr:
+                self._kept = pr
             raise
         finally:
             if live is not None:
@@ -468,7 +470,7 @@ class MultiEngineClient(Configurable):
         eids, _ = self._prepare(targets, None)
         deadline = None if timeout is None else time.monotonic() + timeout
         bm = self._balanced(f, list(zip(*seqs)), eids, chunksize, ordered, retries)
-        return bm.iterate(None if deadline is None else max(deadline - time.monotonic(), 0))
+        return bm.iterate(deadline=deadline)  # from this call, not from the first next()
 
     def _balanced(self, f: Callable, items: list, eids: list[int], chunksize: int, ordered: bool,
                   retries: int, listener: Listener | None = None) -> "BalancedMap":

@@ -126,7 +126,7 @@ class Request:
     lost: bool = False
     sent: float = field(default_factory=time.monotonic)
     listener_error: BaseException | None = None
-    stdin_shown: int = 0  # how much of its output an input prompt has shown already
+    stdin_shown: tuple = (0, 0)  # how much of its stdout, stderr an input prompt has shown already
 
 
 @dataclass
@@ -862,8 +862,10 @@ class Controller:
         def post() -> None:
             before = ""
             if req is not None and req.listener is None:  # else someone shows its output live
-                text = "".join(req.stdout) + "".join(req.stderr)
-                before, req.stdin_shown = text[req.stdin_shown:], len(text)
+                # each stream grows on its own: what each printed since the last prompt
+                out, err = "".join(req.stdout), "".join(req.stderr)
+                before = out[req.stdin_shown[0]:] + err[req.stdin_shown[1]:]
+                req.stdin_shown = (len(out), len(err))
             stdin.post(stdin.InputRequest(
                 eid=conn.eid, prompt=str(msg["content"].get("prompt", "")),
                 password=bool(msg["content"].get("password")), reply=reply,

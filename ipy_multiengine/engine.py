@@ -9,6 +9,9 @@ when the operation raises (a comm handler exception would otherwise produce no r
 
 from __future__ import annotations
 
+import collections
+import dis
+import functools
 import os
 import pickle
 import socket
@@ -70,8 +73,8 @@ def _op_push(data: dict, frames: list) -> list:
     for name, value in values.items():
         if isinstance(value, types.FunctionType):
             # a pushed function keeps the caller's values of push time and also sees the
-            # engine's names (the same precedence as apply/map)
-            values[name] = _in_namespace(value)[0]
+            # engine's names (the same precedence as apply/map); its globals go to the engine
+            values[name] = _pushed(value)
     _namespace().update(values)
     return []
 
@@ -115,6 +118,10 @@ class _CallerGlobals(dict):
     def __missing__(self, name: str) -> Any:
         return self.engine_ns[name]  # KeyError: Python then tries builtins
 
+    def __reduce__(self) -> Any:
+        # pulled back (a pushed function, globals()): the shipped values, never the engine namespace
+        return dict, ({k: v for k, v in self.items() if not k.startswith("__")},)
+
 
 def _is_module_function(f: types.FunctionType) -> bool:
     module = sys.modules.get(f.__module__)
@@ -134,6 +141,12 @@ def _in_namespace(f: Any) -> tuple[Any, Callable[[], None]]:
     Returns the rebound function and a ``commit`` to call after the call(s), which writes the
     globals the function assigned into the engine namespace.
     """
+    if isinstance(f, functools.partial):  # mec.map(partial(f, scale=2), ...)
+        inner, commit = _in_namespace(f.func)
+        return (f if inner is f.func else functools.partial(inner, *f.args, **f.keywords)), commit
+    if isinstance(f, types.MethodType):  # mec.apply(obj.method): a class typed at the prompt
+        inner, commit = _in_namespace(f.__func__)
+        return (f if inner is f.__func__ else types.MethodType(inner, f.__self__)), commit
     if not isinstance(f, types.FunctionType) or _is_module_function(f):
         return f, lambda: None  # imported from a real module on the engine: keep its globals
     ns = _namespace()
@@ -174,7 +187,49 @@ def _in_namespace(f: Any) -> tuple[Any, Callable[[], None]]:
                 if not name.startswith("__") and (name not in before or before[name] is not value):
                     ns[name] = value
 
+    commit.functions, commit.overlays = list(rebound.values()), list(overlays.values())  # type: ignore[attr-defined]
     return g, commit
+
+
+def _assigned_globals(code: types.CodeType) -> set[str]:
+    """The names ``code`` (and the code nested in it) assigns or deletes with ``global``."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _assigned_globals(const)
+    return names
+
+
+def _pushed(f: types.FunctionType) -> Any:
+    """A function ``push`` puts into the engine namespace, rebound like ``apply``'s (the
+    caller's values of push time, then the engine's names). It is called later by engine code,
+    not by an operation that could write its ``global`` assignments back afterwards: if it (or
+    a helper) assigns globals, it is wrapped so that each call writes them into the engine
+    namespace, where later reads (its own too) find them."""
+    g, commit = _in_namespace(f)
+    overlays = getattr(commit, "overlays", [])
+    names = frozenset(n for fn in getattr(commit, "functions", []) for n in _assigned_globals(fn.__code__))
+    if not names:
+        return g
+
+    @functools.wraps(g)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return g(*args, **kwargs)
+        finally:
+            _write_globals(overlays, names)
+
+    return call
+
+
+def _write_globals(overlays: list, names: frozenset) -> None:
+    """Move the ``global`` assignments of a pushed function from its overlays into the engine
+    namespace (a copy pulled back to the client has plain dicts: nothing to do)."""
+    for overlay in overlays:
+        if isinstance(overlay, _CallerGlobals):
+            for name in names:
+                if dict.__contains__(overlay, name):
+                    overlay.engine_ns[name] = dict.pop(overlay, name)
 
 
 def _op_apply(data: dict, frames: list) -> list:
@@ -197,7 +252,14 @@ class _ItemError(Exception):
         self.exc = exc
 
 
+#: Load-balanced maps interrupted on this engine (Ctrl-C): their chunks still queued here are
+#: skipped, not run (bounded: old ids are forgotten)
+_interrupted_maps: "collections.deque[str]" = collections.deque(maxlen=64)
+
+
 def _op_map(data: dict, frames: list) -> list:
+    if data.get("map") is not None and data["map"] in _interrupted_maps:
+        raise KeyboardInterrupt("skipped: the load-balanced map was interrupted")
     f, items = serialize.loads(frames)
     f, commit = _in_namespace(f)
     out = []
@@ -249,6 +311,11 @@ def _on_msg(comm: Any, msg: dict) -> None:
     except _ItemError as err:
         reply, frames = _error_reply(rid, err.exc, err.index)
     except BaseException as exc:  # noqa: BLE001 - every failure must produce a reply
+        if isinstance(exc, KeyboardInterrupt) and data.get("op") == "map" and data.get("map") is not None:
+            # a Ctrl-C of a load-balanced map stops it here: its next chunk, already queued on
+            # this engine, must not run for another chunk's time after the user pressed Ctrl-C
+            if data["map"] not in _interrupted_maps:
+                _interrupted_maps.append(data["map"])
         reply, frames = _error_reply(rid, exc, None)
     finally:
         _flush_pending_output()

@@ -198,14 +198,21 @@ class CompositeError(MultiEngineError):
     ``results`` the per-engine results of the engines that succeeded (``None`` where one failed).
     """
 
-    def __init__(self, method: str, elist: list[MultiEngineError], results: list[Any] | None = None) -> None:
+    def __init__(self, method: str, elist: list[MultiEngineError], results: list[Any] | None = None,
+                 collapse: bool = False) -> None:
         self.method = method
         self.elist = list(elist)
         self.results = list(results) if results is not None else []
+        #: show engines with identical tracebacks once (``[0-3:execute]``)
+        self.collapse = collapse
         super().__init__(self._message())
 
     def __reduce__(self):
-        return (type(self), (self.method, self.elist, self.results))
+        return (type(self), (self.method, self.elist, self.results, self.collapse))
+
+    def collapsed(self) -> "CompositeError":
+        """This error, showing identical tracebacks once (a copy: context is given at construction)."""
+        return type(self)(self.method, self.elist, self.results, collapse=True)
 
     def _message(self) -> str:
         lines = [f"one or more exceptions from call to method: {self.method}"]
@@ -221,9 +228,6 @@ class CompositeError(MultiEngineError):
 
     def __len__(self) -> int:
         return len(self.elist)
-
-    #: When True, engines with identical tracebacks are shown once (``[0-3:execute]``).
-    collapse = False
 
     def _tracebacks(self, excid: int | None = None) -> list[str]:
         chosen = self.elist if excid is None else [self._pick(excid)]

@@ -41,6 +41,7 @@ from .errors import TimeoutError as MultiEngineTimeout
 from .render import UPDATE_INTERVAL, ProgressBar, Renderer, _short, in_notebook, live_printer
 from .targets import TargetsError, engine_range
 from .targets import parse_targets as _parse_targets_raw
+from .targets import resolve as _resolve_targets
 
 #: Seconds to wait for interrupted engines to stop before giving control back.
 INTERRUPT_GRACE = 5.0
@@ -412,10 +413,10 @@ class ParallelMagics(Magics):
 
     def _failed(self, err: CompositeError, args: Any, collapse: bool) -> CompositeError:
         """The error a failing cell raises: stored under ``--out``, grouped with ``--collapse``."""
+        if collapse:
+            err = err.collapsed()
         if args.out:
             self.shell.user_ns[args.out] = err
-        if collapse:
-            err.collapse = True
         return err
 
     def _run_init(self, mec: Any, code: str, args: Any, mode: str, group: str, collapse: bool,
@@ -572,35 +573,42 @@ class ParallelMagics(Magics):
     @argument("--reset", action="store_true", default=False, help="back to the configured defaults (the ParallelMagics traits: ipython_config.py, %%config)")
     @line_magic
     def pxconfig(self, line: str) -> None:
-        """Set the defaults of ``%px``/``%%px``; with no options, print them."""
+        """Set the defaults of ``%px``/``%%px``; with no options, print them.
+
+        Every value is checked before any is set: a bad one raises ``UsageError`` and leaves the
+        defaults as they were (``%pxconfig --block --timeout abc`` does not set ``block``)."""
         args = parse_argstring(self.pxconfig, line)
-        cfg = self.pxconfig_
-        if args.reset:  # back to the configured defaults (the traits)
-            self.pxconfig_ = cfg = PxConfig.from_traits(self)
-        changed = False
+        new: dict[str, Any] = {}
         if args.targets is not None:
             if args.targets.strip() in ("default", "none"):
-                cfg.override("targets", None)
+                new["targets"] = None
             else:
                 mec = _client_mod.get_active()
-                ids = mec.get_ids() if mec is not None else []
                 if ":" in args.targets and mec is None:
                     raise UsageError("slices in --targets need an active client (to know the engine ids)")
-                cfg.override("targets", parse_targets(args.targets, ids, getattr(mec, "groups", ())))
-            changed = True
+                ids = mec.get_ids() if mec is not None else []
+                groups = getattr(mec, "groups", None) or {}
+                targets = parse_targets(args.targets, ids, groups)
+                if mec is not None:  # an unknown id now would make every later %px fail
+                    try:
+                        _resolve_targets(targets, ids, groups)
+                    except (ValueError, TypeError) as exc:
+                        raise UsageError(f"--targets {args.targets!r}: {exc}") from None
+                new["targets"] = targets
         for name in ("block", "stream", "group_outputs", "collapse", "line_results"):
             value = getattr(args, name)
             if value is not None:
-                cfg.override(name, value)
-                changed = True
+                new[name] = value
         if args.progress_after is not None:
-            cfg.override("progress_after", _timeout_value(args.progress_after))
-            changed = True
+            new["progress_after"] = _timeout_value(args.progress_after)
         if args.timeout is not None:
-            cfg.override("timeout", _timeout_value(args.timeout))
-            changed = True
-        if not changed and not args.reset:
-            print(cfg.describe())
+            new["timeout"] = _timeout_value(args.timeout)
+        if args.reset:  # back to the configured defaults (the traits)
+            self.pxconfig_ = PxConfig.from_traits(self)
+        for name, value in new.items():
+            self.pxconfig_.override(name, value)
+        if not new and not args.reset:
+            print(self.pxconfig_.describe())
 
     # -- %autopx
     @line_magic
@@ -670,6 +678,3 @@ def unload(ip: Any) -> None:
     ip.magics_manager.registry.pop(type(magics).__name__, None)
     if magics in getattr(ip, "configurables", []):  # %config ParallelMagics: the loaded one only
         ip.configurables.remove(magics)
-    own, magics._own_client = magics._own_client, None
-    if own is not None:  # the client %px connected by itself: nobody else holds it
-        own.close()

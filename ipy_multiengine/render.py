@@ -11,6 +11,7 @@ import re
 import sys
 import threading
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,32 @@ UPDATE_INTERVAL = 0.1
 #: Characters after which a notebook stream area is frozen and a new one started, so that
 #: in-place updates stay small however much an engine prints.
 AREA_LIMIT = 16384
+#: Engines' display ids remembered for updates from later cells (the oldest are forgotten).
+SHOWN_LIMIT = 1024
+
+#: (engine, the engine's display_id) -> the local display ids showing it, in any cell so far:
+#: ``h = display(x, display_id=True)`` in one cell and ``h.update(y)`` in a later one updates
+#: that engine's output, as in a notebook kernel. Used in the user's thread only.
+_shown: "OrderedDict[tuple[Any, str], list[str]]" = OrderedDict()
+
+
+def _remember(eid: Any, remote_id: str, local_id: str) -> None:
+    ids = _shown.setdefault((eid, remote_id), [])
+    ids.append(local_id)
+    _shown.move_to_end((eid, remote_id))
+    while len(_shown) > SHOWN_LIMIT:
+        _shown.popitem(last=False)
+
+
+def _forget(eid: Any, prefix: str) -> None:
+    """``clear_output`` of ``eid`` in the cell whose local ids start with ``prefix``: those
+    displays are gone and cannot be updated; the engine's displays in other cells stay."""
+    for key in [k for k in _shown if k[0] == eid]:
+        kept = [i for i in _shown[key] if not i.startswith(prefix)]
+        if kept:
+            _shown[key] = kept
+        else:
+            del _shown[key]
 
 def _display(bundle: dict, metadata: dict, display_id: str | None = None, update: bool = False) -> Any:
     from IPython.display import display, update_display
@@ -126,7 +153,6 @@ class Renderer:
         self.partial: dict[tuple[int, str], _Lines] = {}
         self.rich_ids: dict[int, list[str]] = {}  # an engine's displays shown now (local ids)
         self.free: dict[int, list[str]] = {}  # an engine's cleared displays, reused in order
-        self.remote: dict[tuple[int, str], list[str]] = {}  # (engine, its display_id) -> local ids
         self.clear_waiting: set[int] = set()  # engines whose clear_output(wait=True) is pending
         self._uid = f"ipme-{id(self):x}-{time.monotonic_ns():x}"
         self._count = 0
@@ -195,15 +221,20 @@ class Renderer:
         text = area.lines.text()
         if text == area.shown and area.handle_id is not None:
             return
-        if len(text) > AREA_LIMIT and len(area.lines.lines) > 1:
-            # freeze the complete lines in the current area and continue in a fresh one
-            done = "\n".join(area.lines.lines[:-1]) + "\n"
+        if len(text) > AREA_LIMIT:
+            # freeze the complete lines in the current area and continue in a fresh one; one
+            # long line without a newline (dots printed with end='') is cut there, else each
+            # update would send the whole line again
+            if len(area.lines.lines) > 1:
+                done = "\n".join(area.lines.lines[:-1]) + "\n"
+                area.lines.lines = area.lines.lines[-1:]
+            else:
+                done, area.lines = text, _Lines()
             data, md = area.bundle(done)
             if area.handle_id is None:
                 _display(data, md)
             else:
                 _display(data, md, area.handle_id, update=True)
-            area.lines.lines = area.lines.lines[-1:]
             area.handle_id, area.shown = None, ""
             text = area.lines.text()
             if not text:
@@ -230,7 +261,7 @@ class Renderer:
             return
         self.tick(force=True)  # keep text printed before this display above it
         if update:
-            for local_id in self.remote.get((eid, remote_id), []) if remote_id is not None else []:
+            for local_id in list(_shown.get((eid, remote_id), [])) if remote_id is not None else []:
                 _display(data, md, local_id, update=True)
             return
         free = self.free.get(eid)
@@ -243,7 +274,7 @@ class Renderer:
             _display(data, md, local_id)
         self.rich_ids.setdefault(eid, []).append(local_id)
         if remote_id is not None:
-            self.remote.setdefault((eid, remote_id), []).append(local_id)
+            _remember(eid, remote_id, local_id)
 
     def _result(self, eid: int, content: dict) -> None:
         count = content.get("execution_count")
@@ -273,8 +304,7 @@ class Renderer:
                 area.lines = _Lines()
                 if not deferred:  # else the output that is arriving fills it at the next tick
                     self._flush_area(area, time.monotonic())
-        for key in [k for k in self.remote if k[0] == eid]:
-            del self.remote[key]  # a cleared display cannot be updated any more
+        _forget(eid, self._uid)  # a cleared display cannot be updated any more
         slots = self.free.setdefault(eid, [])
         cleared = self.rich_ids.pop(eid, [])
         for i, local_id in enumerate(cleared):
@@ -292,8 +322,8 @@ class Renderer:
     def _render_collected(self) -> None:
         blocks = self._blocks()
         if self.mode == "results":  # stdout, stderr, results, pager text: in the Results List
-            blocks = [b for b in blocks
-                      if b[1] == "display_data" and not (b[2].get("metadata") or {}).get("pager")]
+            blocks = [b for b in blocks if b[1] in ("display_data", "update_display_data")
+                      and not (b[2].get("metadata") or {}).get("pager")]
         if self.collapse:
             blocks = _collapse(blocks)
         for eids, kind, payload in blocks:
@@ -309,10 +339,21 @@ class Renderer:
                     lines = _Lines()
                     lines.write(text)
                     self._print_lines(label, kind, lines.lines)
-            elif kind == "display_data":
+            elif kind in ("display_data", "update_display_data"):
                 eid = eids[0] if len(eids) == 1 else eids
                 data, md = _labelled(payload.get("data") or {}, payload.get("metadata"), eid, f"[output:{label}]")
-                _display(data, md)
+                remote_id = (payload.get("transient") or {}).get("display_id")
+                if kind == "update_display_data":  # of a display shown in an earlier cell
+                    if self.notebook and remote_id is not None:
+                        for local_id in list(_shown.get((eid, remote_id), [])):
+                            _display(data, md, local_id, update=True)
+                elif self.notebook and remote_id is not None and len(eids) == 1:
+                    self._count += 1
+                    local_id = f"{self._uid}-{eid}-r{self._count}"
+                    _display(data, md, local_id)
+                    _remember(eid, remote_id, local_id)
+                else:
+                    _display(data, md)
             elif kind == "execute_result":
                 count = payload.get("execution_count")
                 eid = eids[0] if len(eids) == 1 else eids
@@ -342,17 +383,24 @@ class Renderer:
                 merged.append([eid, mtype, content])
             elif mtype == "update_display_data":  # collected output shows the final content
                 did = (content.get("transient") or {}).get("display_id")
+                found = False
                 for blk in merged:
                     if (blk[0] == eid and blk[1] == "display_data" and did is not None
                             and (blk[2].get("transient") or {}).get("display_id") == did):
                         blk[2] = dict(blk[2], data=content.get("data"), metadata=content.get("metadata"))
+                        found = True
+                if not found and did is not None:  # a display of an earlier cell
+                    merged = [b for b in merged if not (b[0] == eid and b[1] == mtype
+                                                         and (b[2].get("transient") or {}).get("display_id") == did)]
+                    merged.append([eid, mtype, content])
             elif mtype == "clear_output":
-                merged = [b for b in merged if b[0] != eid]
+                # (an update of an earlier cell's display is not undone by clearing this one)
+                merged = [b for b in merged if b[0] != eid or b[1] == "update_display_data"]
         if self.group == "engine":
             order = {e: i for i, e in enumerate(self.eids)}
             merged.sort(key=lambda b: order.get(b[0], len(order)))  # stable: keeps arrival order
         elif self.group == "type":
-            rank = {"stdout": 0, "stderr": 1, "display_data": 2, "execute_result": 3}
+            rank = {"stdout": 0, "stderr": 1, "display_data": 2, "update_display_data": 2, "execute_result": 3}
             order = {e: i for i, e in enumerate(self.eids)}
             merged.sort(key=lambda b: (rank[b[1]], order.get(b[0], len(order))))
         return [([b[0]], b[1], b[2]) for b in merged]
@@ -427,39 +475,47 @@ class LiveOutput:
     """Shows what a blocking call's functions print or display, labelled by engine, while the
     caller waits (``apply``, ``map``, ``@parallel``; ``%%px`` has its own ``Renderer`` loop).
 
-    ``listener`` runs on the controller's loop thread: it only posts the event to the waiting
-    user thread (``stdin.post``), which renders it in order with engines' input prompts.
-    ``close`` shows what is left and stops posting (output after a timeout stays on the
-    ``PendingResult``).
+    ``listener`` runs on the controller's loop thread: it only queues the event (on this
+    object) and posts a drain to the waiting user thread (``stdin.post``), which renders the
+    events in order with engines' input prompts. ``close`` shows what is left, itself, even
+    when another thread is busy serving the mailbox, and stops listening (output after a
+    timeout stays on the ``PendingResult``).
     """
 
     def __init__(self, eids: list[int]) -> None:
         self.renderer = Renderer(list(eids), "stream", in_notebook())
         self.closed = False
-        self._lock = threading.Lock()  # any waiting thread may serve the posted events
+        self._events: deque = deque()  # appended on the loop thread, taken in user threads
+        self._lock = threading.Lock()  # any waiting thread may serve the posted drains
 
     def listener(self, eid: int, mtype: str, content: dict) -> None:
-        if self.closed:
+        if self.closed or mtype == "error":  # a failing function is reported by the CompositeError
             return
         from . import stdin
 
-        stdin.post(lambda: self._show(eid, mtype, content))
+        self._events.append((eid, mtype, content))
+        stdin.post(self._drain)
 
-    def _show(self, eid: int, mtype: str, content: dict) -> None:
-        if mtype == "error":  # a failing function is reported by the CompositeError
-            return
+    def _drain(self) -> None:
         with self._lock:
+            while not self.closed:
+                try:
+                    event = self._events.popleft()
+                except IndexError:
+                    break
+                self.renderer.handle(*event)
             if not self.closed:
-                self.renderer.handle(eid, mtype, content)
                 self.renderer.tick()
 
     def close(self) -> None:
         from . import stdin
 
-        stdin.serve_pending()  # events posted before the reply (engines flush before replying)
+        stdin.serve_pending()  # prompts and output posted before the reply (engines flush first)
+        self._drain()  # this call's events, also if another thread holds the mailbox now
         with self._lock:
             if not self.closed:
                 self.closed = True
+                self._events.clear()
                 self.renderer.finish()
 
 

@@ -123,3 +123,61 @@ def test_ctrl_c_stops_a_balanced_map_and_engines_stay_usable(mec):
     with pytest.raises(CompositeError, match="interrupted"):
         pr.get_result(timeout=10)  # collectable afterwards, never hangs
     assert mec.map(abs, [-1, -2], balanced=True) == [1, 2]
+
+
+def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec):
+    """Each engine has its next chunk queued behind the one it runs: after Ctrl-C the engines
+    must be free at once, not busy for another chunk's time (Ctrl-C from the user's own process,
+    delivered while every engine runs a chunk)."""
+    import _thread
+    import threading
+
+    from ipy_multiengine.errors import TimeoutError as MeTimeout
+
+    ctl = mec._controller
+    all_busy = threading.Event()
+
+    def ctrl_c_once_every_engine_runs_a_chunk() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all_busy.is_set():
+            if all(ctl.state(e).running == "map" for e in ctl.ids):
+                all_busy.set()
+                _thread.interrupt_main()
+                return
+            all_busy.wait(0.02)
+
+    watcher = threading.Thread(target=ctrl_c_once_every_engine_runs_a_chunk, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mec.map(lambda x: __import__("time").sleep(x), [20] * 8, balanced=True, timeout=60)
+        assert all_busy.is_set()
+        t0 = time.monotonic()
+        try:
+            assert mec.apply(lambda: "free", timeout=8) == ["free"] * len(ctl.ids)
+        except MeTimeout:
+            mec.interrupt()  # the queued chunks ran: stop them for the tests that follow
+            raise
+        assert time.monotonic() - t0 < 8
+    finally:
+        all_busy.set()
+        watcher.join(5)
+
+
+def test_ctrl_c_of_a_blocking_balanced_map_is_collectable_from_mec_last(mec):
+    """docs/troubleshooting-errors.md: the interrupted call's result can still be collected with
+    mec.last.get_result(); a blocking balanced map is done (failed by its cancel) at once."""
+    import _thread
+    import threading
+
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mec.map(lambda x: __import__("time").sleep(0.2), range(200), balanced=True, timeout=60)
+    finally:
+        timer.cancel()
+    assert mec.last is not None and mec.last.method == "map"
+    with pytest.raises(CompositeError, match="interrupted"):
+        mec.last.get_result(timeout=10)
+    assert mec.map(abs, [-1, -2], balanced=True) == [1, 2]

@@ -442,3 +442,48 @@ def test_h02_zero_copy_mutation_after_a_blocking_push_timed_out(mec):
     mec.last.get_result(timeout=30)
     busy.get_result(timeout=30)
     assert _engine_min(mec, "a", targets=0) == [(0.0, 12_499_999.0)]
+
+
+def test_pushed_function_assigning_a_global_writes_the_engine_namespace(mec):
+    """docs/engines.md: a name a function sent by value assigns with ``global`` is written to
+    the engine's namespace; for a pushed function too, which engine code calls later
+    (``push_function`` then ``%px setup()``, the classic pattern)."""
+    ns = _as_typed_at_the_prompt(mec, (
+        "def setup(n):\n    global data, calls\n    data = list(range(n))\n"
+        "    try:\n        calls += 1\n    except NameError:\n        calls = 1\n    return len(data)\n"
+        "def bump():\n    global level\n    level = level + 1\n"
+        "def via_helper():\n    bump()\n    return level\n"
+        "mec.push_function({'setup': setup, 'via_helper': via_helper})\n"))
+    mec.execute("n = setup(3); seen_in_cell = data")  # visible at once, in the same cell
+    assert mec.pull(["n", "seen_in_cell"], targets=0) == [[3, [0, 1, 2]]]
+    mec.execute("setup(5)")
+    assert mec.pull(["data", "calls"], targets=0) == [[[0, 1, 2, 3, 4], 2]]
+    mec.execute("level = 10")
+    assert mec.execute("print(via_helper(), via_helper(), level)", targets=0)[0]["stdout"] == "11 12 12\n"
+    mec.execute("level = 100")  # the engine's value is what the function reads next
+    mec.execute("r = via_helper()", targets=0)
+    assert mec.pull("r", targets=0) == [101]
+    back = mec.pull_function("setup", targets=0)[0]
+    from ipy_multiengine import serialize
+
+    assert b"seen_in_cell" not in serialize.dumps(back)[0]  # not the engine namespace
+    assert back(2) == 2
+    del ns
+
+
+def test_partials_and_bound_methods_sent_by_value_see_the_engine_namespace(mec):
+    """The precedence rule holds for a function behind ``functools.partial`` or a bound method
+    of a class typed at the prompt, not only for a bare function."""
+    mec.execute("import math as engine_math; engine_scale = 3")
+    ns = _as_typed_at_the_prompt(mec, (
+        "import functools\n"
+        "offset = 100\n"
+        "def f(x, k=1):\n    return engine_math.floor(x * engine_scale * k) + offset\n"
+        "class Model:\n    def __init__(self, k):\n        self.k = k\n"
+        "    def predict(self, x):\n        return engine_math.floor(x * engine_scale * self.k)\n"
+        "r_partial = mec.map(functools.partial(f, k=2), [1.0, 2.0])\n"
+        "r_method = mec.map(Model(10).predict, [1.0, 2.0])\n"
+        "r_apply = mec.apply(Model(1).predict, 2.0, targets=0)\n"))
+    assert ns["r_partial"] == [106, 112]
+    assert ns["r_method"] == [30, 60]
+    assert ns["r_apply"] == [6]

@@ -74,8 +74,9 @@ def test_timeout_error_is_also_the_builtin():
     assert isinstance(e, builtins.TimeoutError) and isinstance(e, MultiEngineError)
 
 
-def test_no_cluster_error_pickles():
+def test_no_cluster_error_and_the_root_pickle():
     _roundtrip(NoClusterError("no running cluster of profile 'x'"))
+    _roundtrip(MultiEngineError("anything the package raises"))
 
 
 def test_remote_error_context_survives_pickling():
@@ -184,3 +185,13 @@ def test_bad_targets_raise_targets_error(mec):
     with pytest.raises(ValueError):  # still a ValueError, as documented
         mec.execute("x = 1", targets=[])
     assert mec.execute("x = 1", targets=0)[0]["id"] == 0
+
+
+def test_composite_error_collapse_is_a_constructor_argument_and_pickles():
+    elist = [RemoteError("KeyError", "'a'", ["tb"], eid, "execute") for eid in range(3)]
+    e = CompositeError("execute", elist)
+    shown = e.collapsed()
+    assert shown is not e and e.collapse is False and shown.collapse is True
+    back = _roundtrip(shown)
+    assert back.collapse is True
+    assert "[0-2:execute]: " in back._render_traceback_()

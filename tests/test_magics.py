@@ -332,6 +332,22 @@ def test_pxconfig_sets_defaults(ip):
         ip.run_line_magic("pxconfig", "--group-outputs nope")
 
 
+def test_pxconfig_bad_value_sets_nothing_and_unknown_targets_are_refused(ip, mec):
+    """A bad value in %pxconfig is a UsageError that leaves every default as it was (not the
+    options before it applied), and an engine id the client does not have is refused there,
+    not stored to make every later %px fail."""
+    before = magics_of(ip).pxconfig_.describe()
+    for bad in ("--block --timeout abc", "--no-stream --progress-after -1", "--collapse --targets 9",
+                "--noblock --targets 0,7", "--reset --no-stream --timeout x"):
+        with pytest.raises(UsageError) as info:
+            ip.run_line_magic("pxconfig", bad)
+        assert magics_of(ip).pxconfig_.describe() == before, bad
+    with pytest.raises(UsageError, match=r"unknown engine id 9.*valid ids: \[0, 1, 2, 3\]"):
+        ip.run_line_magic("pxconfig", "--targets 9")
+    ip.run_line_magic("pxconfig", "--targets 1,3")
+    assert magics_of(ip).pxconfig_.targets == [1, 3]
+
+
 def test_line_form_options_and_code_verbatim(ip):
     res = ip.run_line_magic("px", "--targets 0  s = 'a  --b   c'")
     assert res[0]["input"]["raw"] == "s = 'a  --b   c'"
@@ -600,6 +616,38 @@ def test_o12_collected_output_shows_a_display_s_final_content(ip, notebook):
         assert not any("step 1" in t or t.endswith("'A'") for t in texts), texts
 
 
+@pytest.mark.parametrize("shown", ["%%px --targets 0,1\n", "%%px --no-stream --targets 0,1\n", "%px --targets 0,1 "])
+def test_o12_display_updated_from_a_later_cell_on_its_engine_only(ip, shown):
+    """As in a notebook kernel, a display handle updated in a later cell updates the output it
+    made, on that engine only (both engines used the same display_id)."""
+    magics_of(ip).notebook = True
+    cap1, res = run(ip, shown + "from IPython.display import display; h = display('A', display_id='same')")
+    assert res.success, res.error_in_exec
+    cap2, res = run(ip, shown.replace("0,1", "0") + "h.update('B (updated)')")
+    assert res.success, res.error_in_exec
+
+    class Both:
+        outputs = cap1.outputs + cap2.outputs
+    texts = sorted(d.get("text/plain", "") for d in _cell_outputs(Both) if "[output:" in d.get("text/plain", ""))
+    assert texts == ["[output:0] 'B (updated)'", "[output:1] 'A'"], texts
+
+
+def test_notebook_long_line_without_newline_is_not_resent_whole_at_each_update(ip):
+    """An engine printing one ever longer line (dots with end='') fills areas of at most about
+    AREA_LIMIT characters: no update carries the whole line so far, and nothing is lost."""
+    from ipy_multiengine.render import AREA_LIMIT
+
+    magics_of(ip).notebook = True
+    cap, res = run(ip, "%%px --targets 0\nimport time\nfor i in range(60):\n"
+                       "    print('x' * 1000, end='', flush=True); time.sleep(0.005)")
+    assert res.success, res.error_in_exec
+    sizes = [len(o.data.get("text/plain", "")) for o in cap.outputs]
+    assert max(sizes) <= AREA_LIMIT + 2000, sizes
+    final = [d["text/plain"] for d in _cell_outputs(cap)]
+    assert all(t.startswith("[stdout:0] ") for t in final), final
+    assert "".join(t[len("[stdout:0] "):] for t in final) == "x" * 60000
+
+
 def test_o13_clear_output_wait_loop_keeps_one_output_updated_in_place(ip):
     magics_of(ip).notebook = True
     cap, res = run(ip, "%%px --targets 0,1\nfrom IPython.display import display, clear_output, HTML\n"
@@ -709,3 +757,28 @@ def test_h10_output_after_a_timeout_stays_on_the_pending_result(ip, mec):
         mec.execute("pass")  # an unrelated wait does not print the timed-out call's output
     assert "late" not in cap.stdout
     assert pr.stdout == ["early\nlate\n"]
+
+
+def test_h10_apply_output_shown_while_another_thread_serves_the_mailbox(mec):
+    """A blocking apply's output is shown even when another thread is busy serving the shared
+    mailbox of engines' prompts and output when the call ends (it is not dropped at close)."""
+    from ipy_multiengine import stdin
+
+    busy, release = threading.Event(), threading.Event()
+
+    def occupied():  # another thread's served item (e.g. a prompt being answered there)
+        busy.set()
+        release.wait(20)
+
+    stdin.post(occupied)
+    server = threading.Thread(target=stdin.serve_pending)
+    server.start()
+    assert busy.wait(10)
+    try:
+        with capture_output() as cap:
+            assert mec.apply(lambda: print("from the engine") or 7, targets=[0, 1]) == [7, 7]
+    finally:
+        release.set()
+        server.join(10)
+    assert sorted(ln for ln in cap.stdout.splitlines() if "from the engine" in ln) == \
+        ["[stdout:0] from the engine", "[stdout:1] from the engine"], cap.stdout

@@ -123,6 +123,22 @@ def test_px_cells_in_a_notebook(cluster):
     assert_clean_metadata(nb)
 
 
+def test_display_handle_updated_from_a_later_cell(cluster):
+    """nbclient (as JupyterLab) applies update_display_data across cells: a handle made in one
+    %%px cell and updated in a later one updates that engine's output, not the other engine's
+    output with the same display_id."""
+    nb = make_nb([
+        f"%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
+        f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block = True",
+        "%%px --targets 0,1\nfrom IPython.display import display\nh = display('first', display_id='shared')",
+        "%%px --targets 0\nh.update('updated later')",
+    ])
+    execute(nb)
+    shown = sorted(o.data["text/plain"] for o in nb.cells[1].outputs if o.output_type == "display_data")
+    assert shown == ["[output:0] 'updated later'", "[output:1] 'first'"], shown
+    assert_clean_metadata(nb)
+
+
 def test_notebook_interrupt_of_running_px(cluster, mec):
     marker = Path(tempfile.mkdtemp(prefix="ipme-int-")) / "started"
     nb = make_nb([

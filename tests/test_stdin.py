@@ -273,3 +273,24 @@ def test_o11_ctrl_c_at_one_prompt_drops_the_call_s_other_prompts(term, how):
     assert "KeyboardInterrupt" in out and not re.search(r"\[\d\] who\? ", out), out
     out = term.run("mec.execute('print(6 * 7)')[1]['stdout']")  # waits for engine 1's late prompt too
     assert "'42\\n'" in out and not re.search(r"\[\d\] who\? ", out)  # engines free, nothing queued
+
+
+def test_output_before_each_prompt_is_shown_once_each_stream_on_its_own(mec, monkeypatch, capsys):
+    """A call without live output (plain blocking ``mec.execute``) shows what the engine printed
+    before each of its prompts: stdout and stderr are followed separately, so output of the
+    stream that grew is shown, not the other stream's old text again."""
+    answers = iter(["X", "Y"])
+    prompts: list[str] = []
+
+    def fake_input(prompt=""):  # the user typing at the local prompt
+        prompts.append(prompt)
+        return next(answers)
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    res = mec.execute("import sys\nprint('a', flush=True)\nprint('e', file=sys.stderr, flush=True)\n"
+                      "x = input('one? ')\nprint('b', flush=True)\ny = input('two? ')\nprint('got', x, y)",
+                      targets=0)
+    assert prompts == ["[0] one? ", "[0] two? "]
+    assert res[0]["stdout"] == "a\nb\ngot X Y\n"
+    shown = capsys.readouterr().out
+    assert shown.splitlines() == ["[0] a", "[0] e", "[0] b"], shown

@@ -146,3 +146,30 @@ def test_h03_o05_restart_and_wait_ready_timeouts_with_slow_on_start(tmp_path):
         cluster._remember()
         mec.wait_ready(timeout=30)
         assert mec.pull("ready") == [True]
+
+
+def test_nan_timeout_is_refused_not_an_endless_wait(mec):
+    """NaN compares false with every deadline: a wait given it never timed out."""
+    busy = mec.execute("import time; time.sleep(1)", targets=0, block=False)
+    pr = mec.apply(lambda: 1, targets=0, block=False)
+    with pytest.raises(ValueError, match="nan"):
+        pr.get_result(timeout=float("nan"))
+    with pytest.raises(ValueError, match="nan"):
+        next(mec.imap(abs, [-1], targets=0, timeout=float("nan")))
+    assert pr.get_result(timeout=30) == [1]
+    busy.get_result(timeout=30)
+
+
+def test_imap_timeout_counts_from_the_call_not_from_the_first_next(mec):
+    """``imap(timeout=...)``: seconds from this call for the whole iteration (its docstring);
+    the generator's body, where the deadline was computed, runs only at the first next()."""
+    import threading
+
+    t0 = time.monotonic()
+    it = mec.imap(time.sleep, [4] * 8, timeout=TIMEOUT)
+    threading.Event().wait(TIMEOUT * 0.8)  # the caller does something else before iterating
+    with pytest.raises(TimeoutError):
+        list(it)
+    took = time.monotonic() - t0
+    assert took < TIMEOUT + SLACK, f"imap raised {took:.2f} s after the call (timeout {TIMEOUT} s)"
+    _settle(mec)
