@@ -348,7 +348,7 @@ class MultiEngineClient(Configurable):
         if not callable(f):
             raise TypeError(f"apply needs a callable, not {type(f).__name__}")
         eids, block = self._prepare(targets, block)
-        frames = self._outgoing(serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs)), block, timeout)
+        frames = self._outgoing(_dumps_call(f, args, kwargs), block, timeout)
         live = self._live(eids, block)
         futures = self._comm("apply", eids, [frames] * len(eids), listener=live and live.listener)
         return self._deliver(self._pending(futures, eids, "apply", _values), block, timeout, live)
@@ -418,7 +418,8 @@ class MultiEngineClient(Configurable):
             raise ValueError(f"cannot scatter to {name!r}: not a valid Python identifier")
         eids, block = self._prepare(targets, block)
         parts = partition.split(seq, len(eids))
-        frames = [self._outgoing(serialize.check_picklable(name, {name: p}), block, timeout) for p in parts]
+        offsets = [sum(len(q) for q in parts[:i]) for i in range(len(parts))]
+        frames = [self._outgoing(_dumps_part(name, off, p), block, timeout) for off, p in zip(offsets, parts)]
         futures = self._comm("push", eids, frames)
         return self._deliver(self._pending(futures, eids, "scatter", _nones), block, timeout)
 
@@ -745,3 +746,33 @@ def _dumps_namespace(namespace: dict) -> list[Any]:
             serialize.check_picklable(key, value)
         raise
 
+
+def _dumps_call(f: Callable, args: tuple, kwargs: dict) -> list[Any]:
+    """Serialise an ``apply`` call, or name what cannot be sent: the function, an argument by
+    position or a keyword argument (not the internal tuple they travel in)."""
+    try:
+        return serialize.dumps((f, args, kwargs))
+    except Exception:
+        serialize.check_picklable(getattr(f, "__name__", "function"), f)
+        for i, arg in enumerate(args):
+            serialize.check_picklable(f"argument {i}", arg)
+        for key, value in kwargs.items():
+            serialize.check_picklable(f"keyword argument {key}", value)
+        return serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs))
+
+
+def _dumps_part(name: str, offset: int, part: Any) -> list[Any]:
+    """Serialise the part of a ``scatter`` that starts at item ``offset``, or name the item of
+    the scattered sequence that cannot be sent (not the internal dict it travels in)."""
+    try:
+        return serialize.dumps({name: part})
+    except Exception:
+        if isinstance(part, (list, tuple)):
+            for k, item in enumerate(part):
+                try:
+                    serialize.dumps(item)
+                except Exception as exc:
+                    raise TypeError(f"cannot send {name!r}: item {offset + k} of the sequence, of type "
+                                    f"{type(item).__name__}, cannot be pickled ({exc})") from exc
+        serialize.check_picklable(name, part)
+        raise

@@ -690,7 +690,14 @@ class FileOwner(Owner):
         self._restarting.update(eids)
         try:
             self._controller.set_unavailable(eids, "restarting")
-            request_owner(self.cluster_file, "restart", eids, timeout=max(deadline - time.monotonic(), 0.01))
+            try:
+                request_owner(self.cluster_file, "restart", eids, timeout=max(deadline - time.monotonic(), 0.01))
+            except BaseException:
+                # the owner did not restart them (or not yet): they were marked unavailable and
+                # would stay so in this client for good; reconnect to what the file lists, in
+                # the background (a restart still under way keeps its ports: that connects too)
+                self._reconnect_later(eids)
+                raise
             spec = self._spec = read_cluster(self.cluster_file)
             engines = {e: info for e, info in engines_of(spec).items() if e in eids}
             probes = liveness_probes(spec)
@@ -698,6 +705,23 @@ class FileOwner(Owner):
                                          timeout=max(deadline - time.monotonic(), 0.01))
         finally:
             self._restarting.difference_update(eids)
+
+    def _reconnect_later(self, eids: list[int]) -> None:
+        """Reconnect engines ``eids`` to their entries in the cluster file, on the loop; a
+        failure is logged (nobody waits for it)."""
+        from . import _loop
+
+        async def reconnect() -> None:
+            try:
+                spec = read_spec(self.cluster_file)
+                engines = {e: info for e, info in engines_of(spec).items() if e in eids}
+                probes = {e: p for e, p in liveness_probes(spec).items() if e in eids}
+                if engines and not self.closed:
+                    await self._controller.add_engines_async(engines, probes, timeout=FOLLOW_RESTART_FOR)
+            except Exception as exc:
+                log.warning("could not reconnect to engines %s after a failed restart request: %s", eids, exc)
+
+        _loop.submit(reconnect())
 
     def stop(self) -> None:
         request_owner(self.cluster_file, "stop", [], timeout=60.0)

@@ -127,6 +127,17 @@ class Request:
     sent: float = field(default_factory=time.monotonic)
     listener_error: BaseException | None = None
     stdin_shown: tuple = (0, 0)  # how much of its stdout, stderr an input prompt has shown already
+    sent_chained: bool = False  # its ``future.sent`` resolves when zmq's send completes
+
+
+class RequestFuture(Future):
+    """The future of one request to one engine. For a request whose frames are tracked
+    (issue 11.2), ``sent`` is a second future that resolves, on the loop, with a zmq
+    ``MessageTracker`` (or None) once zmq holds the frames; otherwise ``sent`` is None."""
+
+    def __init__(self, track: bool = False) -> None:
+        super().__init__()
+        self.sent: Future | None = Future() if track else None
 
 
 @dataclass
@@ -994,7 +1005,7 @@ class Controller:
                 self._finish(conn, req, exc=exc)
         finally:
             for _conn, _msg, req, _buffers in batch:
-                if not getattr(req, "sent_chained", False):
+                if not req.sent_chained:
                     _set_sent(req, None)  # nothing was handed to zmq for this one
 
     def _send_each(self, batch: list[tuple[EngineConn, dict, Request, list]]) -> None:
@@ -1015,7 +1026,7 @@ class Controller:
             if getattr(req.future, "sent", None) is not None:
                 # the caller's buffers are read until zmq has the message (a queued send) and,
                 # for zero-copy frames, until zmq releases them
-                req.sent_chained = True  # type: ignore[attr-defined]
+                req.sent_chained = True
                 sending.add_done_callback(lambda _s, req=req, tracker=tracker: _set_sent(req, tracker))
         for conn in {id(c): c for c, _m, _r, _b in batch}.values():
             self._publish(conn)
@@ -1075,16 +1086,11 @@ class Controller:
     def _submit(self, build: Callable[[EngineConn, list, Future], tuple[dict, Request]], eids: list[int],
                 frames: list[list[Any]], track: bool = False) -> list[Future]:
         """Futures now (caller's thread); the messages are built and sent on the loop, which
-        alone touches the engines' connections. With ``track``, a future with frames gets a
-        ``sent`` future, resolved on the loop with a MessageTracker (or None) once zmq holds
-        the frames (issue 11.2)."""
+        alone touches the engines' connections. With ``track``, the future of a request with
+        frames is a ``RequestFuture`` whose ``sent`` tells when zmq holds them (issue 11.2)."""
         if self._closed:
             raise EngineError("this client is closed")
-        futures = [Future() for _ in eids]
-        if track:
-            for fut, fr in zip(futures, frames):
-                if fr:
-                    fut.sent = Future()  # type: ignore[attr-defined]
+        futures = [RequestFuture(track=track and bool(fr)) for _eid, fr in zip(eids, frames)]
 
         def send() -> None:
             batch = []

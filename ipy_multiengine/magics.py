@@ -636,7 +636,10 @@ class ParallelMagics(Magics):
         except ValueError:
             raise UsageError("no command has been run on the engines yet") from None
         timeout = None if args.timeout is None else _timeout_value(args.timeout)
-        return pr.get_result(timeout=timeout)
+        try:
+            return pr.get_result(timeout=timeout)
+        except MultiEngineTimeout as exc:  # one line, as %px --timeout: the magic's frames say nothing
+            raise _short(exc) from None
 
     @line_magic
     def pxresult(self, line: str = "") -> Any:

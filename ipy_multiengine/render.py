@@ -29,25 +29,35 @@ SHOWN_LIMIT = 1024
 #: ``h = display(x, display_id=True)`` in one cell and ``h.update(y)`` in a later one updates
 #: that engine's output, as in a notebook kernel. Used in the user's thread only.
 _shown: "OrderedDict[tuple[Any, str], list[str]]" = OrderedDict()
+_shown_lock = threading.Lock()  # two user threads may render at once (a live output, a %px)
 
 
 def _remember(eid: Any, remote_id: str, local_id: str) -> None:
-    ids = _shown.setdefault((eid, remote_id), [])
-    ids.append(local_id)
-    _shown.move_to_end((eid, remote_id))
-    while len(_shown) > SHOWN_LIMIT:
-        _shown.popitem(last=False)
+    with _shown_lock:
+        _shown.setdefault((eid, remote_id), []).append(local_id)
+        _shown.move_to_end((eid, remote_id))
+        while len(_shown) > SHOWN_LIMIT:
+            _shown.popitem(last=False)
+
+
+def _showing(eid: Any, remote_id: str | None) -> list[str]:
+    """The local display ids showing engine ``eid``'s display ``remote_id`` (any cell)."""
+    if remote_id is None:
+        return []
+    with _shown_lock:
+        return list(_shown.get((eid, remote_id), ()))
 
 
 def _forget(eid: Any, prefix: str) -> None:
     """``clear_output`` of ``eid`` in the cell whose local ids start with ``prefix``: those
     displays are gone and cannot be updated; the engine's displays in other cells stay."""
-    for key in [k for k in _shown if k[0] == eid]:
-        kept = [i for i in _shown[key] if not i.startswith(prefix)]
-        if kept:
-            _shown[key] = kept
-        else:
-            del _shown[key]
+    with _shown_lock:
+        for key in [k for k in _shown if k[0] == eid]:
+            kept = [i for i in _shown[key] if not i.startswith(prefix)]
+            if kept:
+                _shown[key] = kept
+            else:
+                del _shown[key]
 
 def _display(bundle: dict, metadata: dict, display_id: str | None = None, update: bool = False) -> Any:
     from IPython.display import display, update_display
@@ -214,8 +224,9 @@ class Renderer:
             return
         out = sys.stderr if name == "stderr" else sys.stdout
         label = f"[{name}:{eid}] "
-        out.write("".join(label + line + "\n" for line in lines))
-        out.flush()
+        with _bars_cleared(out):  # a progress bar on the terminal: above it, not after it
+            out.write("".join(label + line + "\n" for line in lines))
+            out.flush()
 
     def _flush_area(self, area: _Area, now: float) -> None:
         text = area.lines.text()
@@ -261,7 +272,7 @@ class Renderer:
             return
         self.tick(force=True)  # keep text printed before this display above it
         if update:
-            for local_id in list(_shown.get((eid, remote_id), [])) if remote_id is not None else []:
+            for local_id in _showing(eid, remote_id):
                 _display(data, md, local_id, update=True)
             return
         free = self.free.get(eid)
@@ -344,8 +355,8 @@ class Renderer:
                 data, md = _labelled(payload.get("data") or {}, payload.get("metadata"), eid, f"[output:{label}]")
                 remote_id = (payload.get("transient") or {}).get("display_id")
                 if kind == "update_display_data":  # of a display shown in an earlier cell
-                    if self.notebook and remote_id is not None:
-                        for local_id in list(_shown.get((eid, remote_id), [])):
+                    if self.notebook:
+                        for local_id in _showing(eid, remote_id):
                             _display(data, md, local_id, update=True)
                 elif self.notebook and remote_id is not None and len(eids) == 1:
                     self._count += 1
@@ -419,6 +430,17 @@ def _collapse(blocks: list[tuple[list[int], str, Any]]) -> list[tuple[list[int],
             index[key] = len(out)
         out.append((list(eids), kind, payload))
     return out
+
+
+def _bars_cleared(out: Any) -> Any:
+    """Context for writing lines to ``out`` while a tqdm progress bar may be drawn on the
+    terminal: the bar is cleared first and redrawn below the text (``tqdm.external_write_mode``)."""
+    import contextlib
+
+    tqdm_mod = sys.modules.get("tqdm")
+    if tqdm_mod is None or not getattr(tqdm_mod.tqdm, "_instances", None):
+        return contextlib.nullcontext()
+    return tqdm_mod.tqdm.external_write_mode(file=out)
 
 
 def interactive() -> bool:

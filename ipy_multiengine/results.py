@@ -242,7 +242,7 @@ def wait_sent(futures: list[cf.Future], timeout: float | None) -> list[cf.Future
     while pending:
         still = []
         for fut in pending:
-            sent = fut.sent  # type: ignore[attr-defined]
+            sent = fut.sent
             if sent.done():
                 tracker = sent.result()
                 if tracker is None or tracker.done:
@@ -258,7 +258,7 @@ def wait_sent(futures: list[cf.Future], timeout: float | None) -> list[cf.Future
             break
         step = WAIT_SLICE if left is None else min(WAIT_SLICE, left)
         fut = pending[0]
-        sent = fut.sent  # type: ignore[attr-defined]
+        sent = fut.sent
         if not sent.done():
             cf.wait([sent, fut], step, return_when=cf.FIRST_COMPLETED)
             continue

@@ -526,3 +526,26 @@ def test_second_daemon_of_a_running_profile_leaves_the_owners_log_alone():
         stopped = ipmulti("stop", "--profile", "dlog")
     assert stopped.returncode == 0, stopped.stderr
     assert not log.exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_restart_request_that_times_out_leaves_the_engines_usable():
+    """mec.restart() of a cluster owned by `ipmulti start` marks the engines unavailable, asks
+    the owner and waits; when that failed (here: a timeout too short for the owner to take the
+    request), the engines stayed 'not ready yet' in this client for good, alive and well."""
+    first = ipmulti("start", "-n", "1", "--profile", "restart-to", "--daemon")
+    assert first.returncode == 0, first.stderr
+    try:
+        mec = MultiEngineClient(profile="restart-to")
+        try:
+            assert mec.apply(lambda: 1) == [1]
+            with pytest.raises(Exception, match="within"):
+                mec.restart(0, timeout=0.001)
+            mec.wait_ready(timeout=30)  # TimeoutError: still 'not ready yet (restarting)'
+            assert mec.apply(lambda: 2, timeout=30) == [2]
+            assert mec._controller.unavailable(0) is None
+        finally:
+            mec.close()
+    finally:
+        stopped = ipmulti("stop", "--profile", "restart-to")
+    assert stopped.returncode == 0, stopped.stderr
