@@ -639,7 +639,7 @@ class ParallelMagics(Magics):
         try:
             return pr.get_result(timeout=timeout)
         except MultiEngineTimeout as exc:  # one line, as %px --timeout: the magic's frames say nothing
-            raise _short(exc) from None
+            raise one_line(exc) from None
 
     @line_magic
     def pxresult(self, line: str = "") -> Any:

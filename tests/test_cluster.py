@@ -543,7 +543,7 @@ def test_a_restart_request_that_times_out_leaves_the_engines_usable():
                 mec.restart(0, timeout=0.001)
             mec.wait_ready(timeout=30)  # TimeoutError: still 'not ready yet (restarting)'
             assert mec.apply(lambda: 2, timeout=30) == [2]
-            assert mec._controller.unavailable(0) is None
+            assert mec.controller.unavailable(0) is None
         finally:
             mec.close()
     finally:
