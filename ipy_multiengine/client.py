@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .render import LiveOutput
 
 __all__ = ["MultiEngineClient", "PendingResult", "ResultList", "CompositeError", "RemoteError",
-           "EngineError", "TimeoutError", "get_active", "Targets"]
+           "EngineError", "TimeoutError", "get_active", "deactivate", "Targets"]
 
 Targets = "str | int | Sequence[int] | None"
 
@@ -86,6 +86,12 @@ def config_error(cls: type, exc: BaseException) -> ConfigError:
 def get_active() -> "MultiEngineClient | None":
     """The client of the last ``activate()`` (the one the magics use), if still open."""
     return _active if _active is not None and not _active.closed else None
+
+
+def deactivate() -> None:
+    """Forget the active client (the magics then connect a client of their own); it stays open."""
+    global _active
+    _active = None
 
 
 class MultiEngineClient(Configurable):
@@ -190,7 +196,17 @@ class MultiEngineClient(Configurable):
         self.closed = False
         # a client that is dropped without close() still closes its channels and engine comms;
         # the finalizer holds the controller only (nothing that leads back to this client)
-        self._finalizer = weakref.finalize(self, _close_controller, _controller)
+        self._finalizer = weakref.finalize(self, close_controller, _controller)
+
+    @property
+    def controller(self) -> Controller:
+        """The ``Controller`` that multiplexes this client's engine channels (read-only)."""
+        return self._controller
+
+    def engine_meta(self) -> dict[int, dict]:
+        """Per engine id, what its owner knows of it (group, kernel_name, host, pid):
+        the owner's current view, or, if it has none, what it said when this client connected."""
+        return self.owner.engine_meta() or self._meta
 
     @classmethod
     def attach(cls, connection_files: Iterable[str | os.PathLike] | str | os.PathLike,
@@ -654,8 +670,9 @@ class MultiEngineClient(Configurable):
         return f"<MultiEngineClient engines={self.get_ids()} targets={self.targets!r} block={self.block}>"
 
 
-def _close_controller(controller: Controller) -> None:
-    """Finalizer of a client: close its channels and its comms on the engines.
+def close_controller(controller: Controller) -> None:
+    """Close ``controller`` from any thread: what a client's finalizer runs (its channels and
+    its comms on the engines).
 
     The last reference may drop on the I/O thread (in a callback), which cannot wait for
     its own loop: then the close runs from a short-lived thread."""

@@ -529,7 +529,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         if not done:
             fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or log.warning(
                 "restart of engines %s failed after its caller stopped waiting: %s", eids, f.exception()))
-            ctl = self.client._controller
+            ctl = self.client.controller
             why = "; ".join(f"engine {e} {ctl.unavailable(e) or 'is ready'}" for e in eids)
             raise TimeoutError(f"restart of engines {list(eids)} not finished after {timeout:g} s ({why}); "
                                "it goes on: mec.wait_ready() waits for it")
@@ -541,7 +541,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             self._write_cluster_file(Path(self.cluster_file))
 
     async def _restart_one(self, eid: int, timeout: float) -> None:
-        controller = self.client._controller
+        controller = self.client.controller
         lock = self._restart_locks.setdefault(eid, asyncio.Lock())
         async with lock:
             await controller.begin_restart(eid, "was restarted")

@@ -490,7 +490,7 @@ class Controller:
         in_flight = len(conn.requests)
         ours = busy and conn.running and not conn.running.startswith("(a request from another")
         state = EngineStatus.DEAD if conn.dead else (
-            EngineStatus(conn.state) if conn.state in EngineStatus._value2member_map_ else EngineStatus.RESTARTING)
+            EngineStatus(conn.state) if conn.state in {s.value for s in EngineStatus} else EngineStatus.RESTARTING)
         snap = EngineState(
             id=conn.eid, state=state, language=conn.language,
             busy_since=conn.busy_since if busy else None, running=conn.running if busy else "",
@@ -1125,6 +1125,11 @@ class Controller:
     def pending(self, eid: int) -> int:
         """Requests of this client in flight on engine ``eid``."""
         return self._published[eid].in_flight
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called (new requests then raise ``EngineError``)."""
+        return self._closed
 
     def close(self) -> None:
         """Close every channel; requests still in flight fail with ``EngineError``."""

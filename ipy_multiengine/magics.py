@@ -38,7 +38,7 @@ from . import client as _client_mod
 from . import stdin
 from .errors import CompositeError, MultiEngineError, NoClusterError
 from .errors import TimeoutError as MultiEngineTimeout
-from .render import UPDATE_INTERVAL, ProgressBar, Renderer, _short, in_notebook, live_printer
+from .render import UPDATE_INTERVAL, ProgressBar, Renderer, in_notebook, live_printer, one_line
 from .targets import TargetsError, engine_range
 from .targets import parse_targets as _parse_targets_raw
 from .targets import resolve as _resolve_targets
@@ -72,7 +72,7 @@ def _split_line(line: str, parser: Any) -> tuple[str, str]:
             rest = rest[m.end():]
             break
         name = token.split("=", 1)[0]
-        action = parser._option_string_actions.get(name)
+        action = parser._option_string_actions.get(name)  # argparse has no public lookup of an option
         if action is None:
             break  # code that starts with '-', e.g. `%px -x`
         opts.append(token)
@@ -360,7 +360,7 @@ class ParallelMagics(Magics):
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
         except MultiEngineError as exc:  # e.g. a dead target: the message says it all
-            raise _short(exc) from None
+            raise one_line(exc) from None
         self.last = pr
         if args.local:
             self._run_local(code)
@@ -383,7 +383,7 @@ class ParallelMagics(Magics):
         except KeyboardInterrupt:
             stdin.drop(pr.futures)  # no more prompts of this call: one Ctrl-C is enough
             self._interrupted(mec, pr, events, renderer, progress)
-            raise _short(KeyboardInterrupt()) from None
+            raise one_line(KeyboardInterrupt()) from None
         finally:
             progress.close()
             if not pr.ready():
@@ -392,7 +392,7 @@ class ParallelMagics(Magics):
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             renderer.finish()
             left = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
-            raise _short(MultiEngineTimeout(
+            raise one_line(MultiEngineTimeout(
                 f"%px: engines {engine_range(left)} not done after {timeout:g} s; they keep running. "
                 "%result waits for the output; mec.interrupt() stops them"))
         try:
@@ -639,7 +639,7 @@ class ParallelMagics(Magics):
         try:
             return pr.get_result(timeout=timeout)
         except MultiEngineTimeout as exc:  # one line, as %px --timeout: the magic's frames say nothing
-            raise _short(exc) from None
+            raise one_line(exc) from None
 
     @line_magic
     def pxresult(self, line: str = "") -> Any:

@@ -90,7 +90,7 @@ def _labelled(data: dict, metadata: dict | None, eid: Any, label: str) -> tuple[
     return data, md
 
 
-class _Lines:
+class Lines:
     """Terminal-like text: ``\\n`` starts a line, ``\\r`` makes the next text overwrite the line."""
 
     def __init__(self) -> None:
@@ -118,7 +118,7 @@ class _Lines:
         return done
 
 
-def _short(exc: BaseException) -> BaseException:
+def one_line(exc: BaseException) -> BaseException:
     """Make IPython show ``exc`` as one line, without the magic's own frames."""
     exc._render_traceback_ = lambda: [f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__]  # type: ignore[attr-defined]
     return exc
@@ -132,7 +132,7 @@ class _Area:
     eid: int
     name: str
     label: str
-    lines: _Lines = field(default_factory=_Lines)
+    lines: Lines = field(default_factory=Lines)
     handle_id: str | None = None
     shown: str = ""
     last: float = 0.0
@@ -160,7 +160,7 @@ class Renderer:
         self.collapse = collapse
         self.events: list[tuple[int, str, dict]] = []
         self.areas: dict[tuple[int, str], _Area] = {}
-        self.partial: dict[tuple[int, str], _Lines] = {}
+        self.partial: dict[tuple[int, str], Lines] = {}
         self.rich_ids: dict[int, list[str]] = {}  # an engine's displays shown now (local ids)
         self.free: dict[int, list[str]] = {}  # an engine's cleared displays, reused in order
         self.clear_waiting: set[int] = set()  # engines whose clear_output(wait=True) is pending
@@ -215,7 +215,7 @@ class Renderer:
             if area.handle_id is None:
                 self._flush_area(area, time.monotonic())
             return
-        lines = self.partial.setdefault((eid, name), _Lines())
+        lines = self.partial.setdefault((eid, name), Lines())
         lines.write(text)
         self._print_lines(eid, name, lines.pop_complete())
 
@@ -240,7 +240,7 @@ class Renderer:
                 done = "\n".join(area.lines.lines[:-1]) + "\n"
                 area.lines.lines = area.lines.lines[-1:]
             else:
-                done, area.lines = text, _Lines()
+                done, area.lines = text, Lines()
             data, md = area.bundle(done)
             if area.handle_id is None:
                 _display(data, md)
@@ -312,7 +312,7 @@ class Renderer:
         self.clear_waiting.discard(eid)
         for (e, _name), area in self.areas.items():
             if e == eid:
-                area.lines = _Lines()
+                area.lines = Lines()
                 if not deferred:  # else the output that is arriving fills it at the next tick
                     self._flush_area(area, time.monotonic())
         _forget(eid, self._uid)  # a cleared display cannot be updated any more
@@ -347,7 +347,7 @@ class Renderer:
                     _display(data, {"engine": eids[0] if len(eids) == 1 else eids, "stream": kind,
                                     "text/plain": {"engine": eids[0] if len(eids) == 1 else eids}})
                 else:
-                    lines = _Lines()
+                    lines = Lines()
                     lines.write(text)
                     self._print_lines(label, kind, lines.lines)
             elif kind in ("display_data", "update_display_data"):

@@ -40,9 +40,8 @@ def _language_version(conn: Any) -> str:
 
 def engine_rows(client: Any) -> list[dict]:
     """One dict per engine: id, group, kernelspec, language, version, host, pid, state, dead."""
-    ctl = client._controller
-    fresh = getattr(getattr(client, "owner", None), "engine_meta", None)
-    meta = (fresh() if callable(fresh) else None) or getattr(client, "_meta", {}) or {}
+    ctl = client.controller
+    meta = client.engine_meta() or {}
     rows = []
     for eid, conn in sorted(ctl.states().items()):  # immutable EngineState snapshots
         m = meta.get(eid) or {}
@@ -98,7 +97,7 @@ def _usage(pid: int | None, host: str) -> tuple[int | None, float | None]:
 
 def status_rows(client: Any) -> list[dict]:
     """``engine_rows`` plus running (what a busy engine runs), busy_for (s), rss, cpu, queued."""
-    ctl = client._controller
+    ctl = client.controller
     rows = engine_rows(client)
     now = time.monotonic()
     for row in rows:

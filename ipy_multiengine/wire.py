@@ -70,7 +70,7 @@ def deserialize(session: Session, frames: list) -> dict:
             raise ValueError("Unsigned Message")
         if signature in session.digest_history:
             raise ValueError(f"Duplicate Signature: {signature!r}")
-        session._add_digest(signature)
+        session._add_digest(signature)  # replay history, as Session.deserialize keeps it: no public API
         if not compare_digest(signature, session.sign(head[1:5])):
             raise ValueError(f"Invalid Signature: {signature!r}")
     unpack = session.unpack

@@ -39,6 +39,18 @@ def gone(pid: int) -> bool:
         return True
 
 
+#: id of a live small_cluster -> every engine pid it has had (checked gone at its exit)
+_engine_pids: dict[int, set[int]] = {}
+
+
+def remember(cluster: Cluster) -> None:
+    """Note the current engine pids of ``small_cluster`` ``cluster`` (tests call it after restarts)."""
+    for km in list(cluster.managers.values()):
+        pid = getattr(km.provisioner, "pid", None)
+        if pid:
+            _engine_pids[id(cluster)].add(pid)
+
+
 @contextlib.contextmanager
 def small_cluster(n: int = 2, **kw: Any) -> Iterator[tuple[Cluster, Any]]:
     """A private cluster for one test; on exit it is stopped and every engine pid it ever had
@@ -46,20 +58,13 @@ def small_cluster(n: int = 2, **kw: Any) -> Iterator[tuple[Cluster, Any]]:
     kw.setdefault("shutdown_wait", 1.0)
     cluster = Cluster(n=n, profile=f"faults{os.getpid()}-{next(_profiles)}", **kw)
     mec = cluster.start()
-    pids: set[int] = set()
-
-    def remember() -> None:
-        for km in list(cluster.managers.values()):
-            pid = getattr(km.provisioner, "pid", None)
-            if pid:
-                pids.add(pid)
-
-    remember()
-    cluster._remember = remember  # tests call it after restarts
+    pids = _engine_pids[id(cluster)] = set()
+    remember(cluster)
     try:
         yield cluster, mec
     finally:
-        remember()
+        remember(cluster)
+        del _engine_pids[id(cluster)]
         t0 = time.monotonic()
         cluster.stop()
         took = time.monotonic() - t0

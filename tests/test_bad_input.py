@@ -256,12 +256,12 @@ def test_unpicklable_apply_argument_or_scatter_item_is_named(mec):
     """The error names the argument, keyword argument or item that cannot be sent, with its
     type, not the internal tuple or dict the call travels in; nothing is sent."""
     lock = threading.Lock()
-    before = [mec._controller.pending(e) for e in mec.get_ids()]
+    before = [mec.controller.pending(e) for e in mec.get_ids()]
     with pytest.raises(TypeError, match=r"'argument 1': object of type lock"):
         mec.apply(lambda a, b: 1, 1, lock)
     with pytest.raises(TypeError, match=r"'keyword argument b': object of type lock"):
         mec.apply(lambda a, b=None: 1, 1, b=lock)
     with pytest.raises(TypeError, match=r"cannot send 's': item 5 of the sequence, of type lock"):
         mec.scatter("s", [0, 1, 2, 3, 4, lock, 6, 7])
-    assert [mec._controller.pending(e) for e in mec.get_ids()] == before
+    assert [mec.controller.pending(e) for e in mec.get_ids()] == before
     usable(mec)

@@ -134,7 +134,7 @@ def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec):
 
     from ipy_multiengine.errors import TimeoutError as MeTimeout
 
-    ctl = mec._controller
+    ctl = mec.controller
     all_busy = threading.Event()
 
     def ctrl_c_once_every_engine_runs_a_chunk() -> None:

@@ -308,7 +308,7 @@ def test_h12_unload_ext_closes_the_client_px_created(mec, cluster):
     ip.run_line_magic("load_ext", "ipy_multiengine")
     magics = ip.magics_manager.registry["ParallelMagics"]
     own = client.MultiEngineClient(cluster.cluster_file).activate()
-    magics._own_client = own  # what %px does when no client is active (magics.client())
+    magics._own_client = own  # white-box (no public setter): what %px does when no client is active (magics.client())
     try:
         ip.run_line_magic("unload_ext", "ipy_multiengine")
         assert own.closed
@@ -323,14 +323,14 @@ def test_h12_finalizer_on_the_io_thread_still_closes(cluster):
     from ipy_multiengine import _loop
 
     c = client.MultiEngineClient(cluster.cluster_file)
-    controller = c._controller
+    controller = c.controller
 
     async def drop_there():
-        client._close_controller(controller)  # what the finalizer runs, on the loop thread
+        client.close_controller(controller)  # what the finalizer runs, on the loop thread
 
     _loop.run(drop_there())
     deadline = time.monotonic() + 10
-    while not controller._closed and time.monotonic() < deadline:
+    while not controller.closed and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert controller._closed
+    assert controller.closed
     c.close()

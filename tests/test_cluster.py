@@ -487,6 +487,7 @@ def test_ctrl_c_while_stop_closes_the_client_still_stops_the_engines_and_removes
     c = Cluster(n=1, shutdown_wait=1.0)
     mec = c.start()
     pid, path = mec.engines[0]["pid"], Path(c.cluster_file)
+    # white-box: the client's finalizer is swapped to inject the Ctrl-C inside stop()
     close_controller = mec._finalizer
 
     def ctrl_c() -> None:
@@ -501,7 +502,7 @@ def test_ctrl_c_while_stop_closes_the_client_still_stops_the_engines_and_removes
     finally:
         close_controller()
         c.launcher.kill_now()  # whatever stop() left behind
-        c._file_finalizer()
+        c._file_finalizer()  # white-box cleanup: stop() was interrupted before it removed the file
     assert not file_left and not engine_left, (file_left, engine_left)
 
 
@@ -542,7 +543,7 @@ def test_a_restart_request_that_times_out_leaves_the_engines_usable():
                 mec.restart(0, timeout=0.001)
             mec.wait_ready(timeout=30)  # TimeoutError: still 'not ready yet (restarting)'
             assert mec.apply(lambda: 2, timeout=30) == [2]
-            assert mec._controller.unavailable(0) is None
+            assert mec.controller.unavailable(0) is None
         finally:
             mec.close()
     finally:

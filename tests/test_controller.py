@@ -78,6 +78,7 @@ def test_h05_unpicklable_item_is_named_before_anything_is_sent(mec, tmp_path):
 
 
 def test_h05_failure_in_a_balanced_map_done_callback_fails_the_map(mec, monkeypatch):
+    # white-box (a failure injected on the I/O thread; no public way to make it fail there):
     # monkeypatched: dispatching the next chunk (done-callback, I/O thread) raises
     real = BalancedMap._fill
 
@@ -146,8 +147,9 @@ def test_h05_failing_input_forwarding_fails_the_request(mec, monkeypatch):
 
 
 def test_h05_failing_liveness_handling_fails_the_requests(mec, monkeypatch):
+    # white-box (a failure injected into the liveness poller, on the I/O thread):
     # monkeypatched: the poller's death handling raises (a probe says engine 0 is dead)
-    conn = mec._controller._conn(0)  # white-box: the probe is swapped for the test
+    conn = mec.controller._conn(0)  # white-box: the probe is swapped for the test
     probe = conn.liveness
 
     def mark_dead(self, conn, reason):
@@ -186,7 +188,7 @@ def test_h07_gil_held_longer_than_heartbeat_is_not_a_death(cluster, mec, tmp_pat
         out = pr.get_result(timeout=15)
         assert [r["stdout"] for r in out] == ["done\n"] * 4
         assert not c.get_ids().dead
-        assert c._controller.longest_stall >= 2.0, "the loop did not see its own stall"
+        assert c.controller.longest_stall >= 2.0, "the loop did not see its own stall"
     finally:
         c.close()
 
@@ -202,7 +204,7 @@ def test_h07_client_sigstopped_longer_than_heartbeat_is_not_a_death(cluster, mec
         try:
             out = pr.get_result(timeout=30)
             print("ok", [r["stdout"] for r in out], "dead:", dict(c.get_ids().dead),
-                  "stalls:", c._controller.stalls, flush=True)
+                  "stalls:", c.controller.stalls, flush=True)
         except Exception as e:
             print("error", type(e).__name__, e, flush=True)
         c.close()
@@ -232,11 +234,13 @@ def test_h08_control_idle_before_interrupt_reply_fails_nothing_queued(cluster, m
     engine stays busy. Run on the loop thread, as the real message would be."""
     c = MultiEngineClient(cluster.cluster_file)
     try:
-        ctl = c._controller
+        ctl = c.controller
         prs = [c.apply(time.sleep, 0.5, targets=0, block=False) for _ in range(3)]
         wait_for(lambda: c.engines[0]["state"] == "busy", 5, "engine 0 to be busy")
 
         async def race() -> list:
+            # white-box: feeds the controller's dispatcher a crafted message order that a real
+            # engine produces only by chance; there is no public entry for it
             conn = ctl._conn(0)
             fake = ctl._new_request(conn, "control", "fake-interrupt", channel="control")
             conn.requests[fake.msg_id] = fake

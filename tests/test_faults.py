@@ -22,8 +22,8 @@ import pytest
 from ipy_multiengine import MultiEngineClient
 from ipy_multiengine.errors import CompositeError, EngineError, RemoteError
 
-from faultlib import (CtrlC, SleepOnLoad, engine_pid, gone, hang_code, make_hanger, marker, slow_pickle_code,
-                      small_cluster, wait_for)
+from faultlib import (CtrlC, SleepOnLoad, engine_pid, gone, hang_code, make_hanger, marker, remember,
+                      slow_pickle_code, small_cluster, wait_for)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -91,7 +91,7 @@ def test_kill9_during_operation(op, tmp_path):
         t0 = time.monotonic()
         mec.restart(1)
         measured("restart of one engine", time.monotonic() - t0)
-        cluster._remember()
+        remember(cluster)
         assert mec.execute("print(1)")[1]["stdout"] == "1\n"
         with pytest.raises(CompositeError, match="NameError"):
             mec.pull("before_restart", targets=1)  # fresh namespace, same id
@@ -106,14 +106,14 @@ def test_segfault_with_auto_restart_reruns_on_start(tmp_path):
         assert "engine 0 was killed by signal SIGSEGV while running 'import ctypes" in str(info.value.elist[0])
         wait_for(lambda: engine_pid(cluster, 0) != old, 20, "engine 0 to be restarted automatically")
         mec.wait_ready(timeout=20)
-        cluster._remember()
+        remember(cluster)
         assert mec.get_ids() == [0, 1] and not mec.get_ids().dead
         assert mec.pull("SETUP") == ["done", "done"]  # on_start ran again on the new engine
         assert mec.execute("print(math.pi)", targets=0)[0]["stdout"].startswith("3.14")
         os.kill(engine_pid(cluster, 1), signal.SIGKILL)  # killed while idle: also restarted
         wait_for(lambda: cluster.restarts.get(1), 20, "engine 1 to be restarted")
         mec.wait_ready(1, timeout=20)
-        cluster._remember()
+        remember(cluster)
         assert mec.pull("SETUP", targets=1) == ["done"]
 
 
@@ -235,7 +235,7 @@ def test_frozen_engine_interrupt_restart_and_stop(tmp_path):
         t0 = time.monotonic()
         mec.restart(1, timeout=30)
         measured("restart of a frozen engine", time.monotonic() - t0)
-        cluster._remember()
+        remember(cluster)
         assert mec.execute("print(1)", targets=1, timeout=10)[0]["stdout"] == "1\n"
         os.kill(engine_pid(cluster, 0), signal.SIGSTOP)  # small_cluster checks stop() is bounded
 
@@ -344,7 +344,7 @@ def test_200_mixed_operations_with_random_faults():
                 chosen = dead if rng.random() < 0.5 else dead[:1]
                 mec.restart(chosen, timeout=30)
                 killed.difference_update(chosen)
-                cluster._remember()
+                remember(cluster)
                 stats["restarts"] += 1
                 continue
             op = rng.choice(["execute", "push_pull", "map", "apply", "scatter_gather"])
@@ -393,7 +393,7 @@ def test_200_mixed_operations_with_random_faults():
         dead = [e for e in mec.get_ids() if not mec.engines[e]["ready"]]
         if dead or killed:
             mec.restart(sorted(set(dead) | killed), timeout=30)
-            cluster._remember()
+            remember(cluster)
         assert mec.pull("BASE", timeout=10) == [100, 100, 100]  # every engine usable at the end
     faults = stats["kills"] + stats["interrupts"]
     print(f"\nFAULTS: {faults} injected ({stats['kills']} kill -9, {stats['interrupts']} interrupts), "
@@ -478,7 +478,7 @@ def test_restart_survives_a_port_taken_by_another_process():
         thief.listen()
         try:
             mec.restart(1, timeout=30)
-            cluster._remember()
+            remember(cluster)
             assert cluster.managers[1].get_connection_info()["shell_port"] != info["shell_port"]
             assert mec.execute("print(1)", targets=1)[0]["stdout"] == "1\n"
         finally:

@@ -355,7 +355,7 @@ def test_dead_and_restarted_bash_engine_in_the_tables():
             pause = threading.Event()
             psutil.Process(first).kill()
             deadline = time.monotonic() + 30
-            while not mec._controller.dead(0):  # the liveness poller notices within its period
+            while not mec.controller.dead(0):  # the liveness poller notices within its period
                 assert time.monotonic() < deadline, "engine 0 never reported dead"
                 pause.wait(0.05)
             row = mec.status().rows[0]

@@ -19,7 +19,7 @@ from IPython.utils.capture import capture_output
 from ipy_multiengine import client as client_mod
 from ipy_multiengine.errors import CompositeError, TimeoutError
 from ipy_multiengine.magics import parse_targets
-from ipy_multiengine.render import _Lines
+from ipy_multiengine.render import Lines
 from ipy_multiengine.targets import engine_range
 from ipy_multiengine.results import PendingResult, ResultList
 
@@ -69,7 +69,7 @@ def test_engine_range_and_carriage_returns():
     assert engine_range([0, 1, 2, 3]) == "0-3"
     assert engine_range([0, 2]) == "0,2"
     assert engine_range([3, 0, 1]) == "0-1,3"
-    lines = _Lines()
+    lines = Lines()
     for chunk in ["10%", "\r20%", "\r30%\n", "next\r\n", "a\x1b[31mred\x1b[0m"]:
         lines.write(chunk)
     assert lines.text() == "30%\nnext\na\x1b[31mred\x1b[0m"
@@ -439,7 +439,7 @@ def test_ctrl_c_interrupts_engines_and_keeps_them_usable(ip, mec):
 
 
 def test_no_client_says_how_to_start_one(ip, mec):
-    client_mod._active = None
+    client_mod.deactivate()
     try:
         with pytest.raises(UsageError, match="ipmulti start"):
             ip.run_line_magic("px", "x = 1")
@@ -452,7 +452,7 @@ def test_no_client_connects_to_running_default_cluster(ip, cluster, mec):
 
     default = cluster_file_path("default")
     shutil.copy(cluster.cluster_file, default)
-    client_mod._active = None
+    client_mod.deactivate()
     try:
         with capture_output() as cap:
             res = ip.run_line_magic("px", "via_default = 1")

@@ -16,7 +16,7 @@ import pytest
 
 from ipy_multiengine.errors import CompositeError, TimeoutError
 
-from faultlib import engine_pid, small_cluster, wait_for
+from faultlib import engine_pid, remember, small_cluster, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -143,7 +143,7 @@ def test_h03_o05_restart_and_wait_ready_timeouts_with_slow_on_start(tmp_path):
         old = engine_pid(cluster, 0)
         os.kill(old, signal.SIGKILL)
         wait_for(lambda: engine_pid(cluster, 0) != old, 20, "engine 0 to be restarted")
-        cluster._remember()
+        remember(cluster)
         mec.wait_ready(timeout=30)
         assert mec.pull("ready") == [True]
 
