@@ -114,8 +114,8 @@ class AutoPxTransformer:
     ``%%px``, ``%autopx``, ``%pxconfig``, ``%result``, ``%pxstatus``, ...; ``%px`` goes to the
     engines anyway, with its own options), recognised on the first line that is neither blank
     nor a comment, with ``%``/``%%`` or as a bare word (automagic; not ``result``, a common
-    variable name, and not ``px = 1``-like code). ``exit``/``quit`` would
-    shut every engine down: they are refused with a message instead.
+    variable name, and not ``px = 1``-like code). ``exit``/``quit`` are refused with a
+    message: a user typing them means to leave, not to ask every engine kernel to exit.
     """
 
     has_side_effects = True
@@ -143,8 +143,8 @@ class AutoPxTransformer:
         if not first:
             return lines
         if first.replace(" ", "") in self.exit_words or re.fullmatch(r"(exit|quit)\(\s*\d*\s*\)", first):
-            msg = ("%autopx: exit/quit not sent to the engines (it would shut every engine down); "
-                   "type %autopx to leave autopx mode, then exit to leave IPython")
+            msg = ("%autopx: exit/quit not sent to the engines (there it asks each engine kernel to "
+                   "exit); type %autopx to leave autopx mode, then exit to leave IPython")
             return [f"print({msg!r}, file=__import__('sys').stderr)\n"]
         word, _, rest = first.partition(" ")
         rest = rest.lstrip()
