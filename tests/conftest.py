@@ -68,3 +68,19 @@ def mec(cluster):
     client.targets = "all"
     client.execute("%reset -f", block=True)
     return client
+
+
+@pytest.fixture
+def ip(mec):
+    """A real ``InteractiveShell`` with the extension loaded and ``mec`` active; the magics are
+    reset (``%pxconfig`` defaults, ``%autopx`` off) before and after, ``mec`` back to defaults."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "ipy_multiengine")
+    mec.activate()
+    shell.magics_manager.registry["ParallelMagics"].reset()
+    yield shell
+    shell.magics_manager.registry["ParallelMagics"].reset()  # a test may have reloaded it
+    mec.block = True
+    mec.targets = "all"

@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from traitlets.config import Config
 
@@ -24,10 +23,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def ip(mec):
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "ipy_multiengine")
-    mec.activate()
+def ip(ip):
+    """conftest's shell, and the traits and config sections a test sets put back as found."""
+    shell = ip
     magics = shell.magics_manager.registry["ParallelMagics"]
     defaults = {name: magics.trait_defaults(name) for name in ("stream", "collapse", "timeout", "group_outputs")}
     # %config also merges its lines into the shell's config (what a reloaded extension or a new

@@ -13,7 +13,6 @@ import time
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from ipy_multiengine import client as client_mod
@@ -24,19 +23,6 @@ from ipy_multiengine.targets import engine_range
 from ipy_multiengine.results import PendingResult, ResultList
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def ip(mec):
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "ipy_multiengine")
-    mec.activate()
-    magics = shell.magics_manager.registry["ParallelMagics"]
-    magics.reset()
-    yield shell
-    magics.reset()
-    mec.block = True
-    mec.targets = "all"
 
 
 def magics_of(ip):

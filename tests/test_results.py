@@ -6,26 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from ipy_multiengine.results import ResultList
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def ip(mec):
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "ipy_multiengine")
-    mec.activate()
-    magics = shell.magics_manager.registry["ParallelMagics"]
-    magics.pxconfig_.__init__()
-    magics.transformer.enabled = False
-    yield shell
-    magics.pxconfig_.__init__()
-    mec.block = True
-    mec.targets = "all"
 
 
 def run(ip, cell):
