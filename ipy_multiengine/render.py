@@ -224,7 +224,7 @@ class Renderer:
             return
         out = sys.stderr if name == "stderr" else sys.stdout
         label = f"[{name}:{eid}] "
-        with _bars_cleared(out):  # a progress bar on the terminal: above it, not after it
+        with bars_cleared(out):  # a progress bar on the terminal: above it, not after it
             out.write("".join(label + line + "\n" for line in lines))
             out.flush()
 
@@ -432,13 +432,13 @@ def _collapse(blocks: list[tuple[list[int], str, Any]]) -> list[tuple[list[int],
     return out
 
 
-def _bars_cleared(out: Any) -> Any:
+def bars_cleared(out: Any) -> Any:
     """Context for writing lines to ``out`` while a tqdm progress bar may be drawn on the
     terminal: the bar is cleared first and redrawn below the text (``tqdm.external_write_mode``)."""
     import contextlib
 
     tqdm_mod = sys.modules.get("tqdm")
-    if tqdm_mod is None or not getattr(tqdm_mod.tqdm, "_instances", None):
+    if tqdm_mod is None or not getattr(tqdm_mod.tqdm, "_instances", None):  # tqdm: no public "any bar open?"
         return contextlib.nullcontext()
     return tqdm_mod.tqdm.external_write_mode(file=out)
 

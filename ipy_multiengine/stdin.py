@@ -150,10 +150,10 @@ def _serve(item: Any) -> None:
     if _call_of(item) in _dropped:  # a prompt of a call the user interrupted: not asked
         _release(item)
         return
-    from .render import _bars_cleared
+    from .render import bars_cleared
 
     try:
-        with _bars_cleared(sys.stdout):  # a progress bar: cleared while the user is asked
+        with bars_cleared(sys.stdout):  # a progress bar: cleared while the user is asked
             value = _ask(item)
     except EOFError:
         value = "\x04"  # ipykernel raises EOFError in the engine for this value

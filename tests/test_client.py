@@ -320,7 +320,7 @@ def test_h12_unload_ext_closes_the_client_px_created(mec, cluster):
 
 def test_h12_finalizer_on_the_io_thread_still_closes(cluster):
     """A client whose last reference drops on the I/O thread (a done-callback) is closed too."""
-    from ipy_multiengine import _loop
+    from ipy_multiengine import _loop  # white-box: the drop must happen on the I/O thread itself
 
     c = client.MultiEngineClient(cluster.cluster_file)
     controller = c.controller

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from ipy_multiengine import MultiEngineClient, _loop, stdin
+from ipy_multiengine import MultiEngineClient, _loop, stdin  # _loop: white-box tests that run on the I/O thread
 from ipy_multiengine.balanced import BalancedMap
 from ipy_multiengine.controller import Controller, Request
 from ipy_multiengine.errors import CompositeError, EngineError, MultiEngineError, TimeoutError

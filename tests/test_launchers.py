@@ -741,7 +741,7 @@ def test_o04_failed_remote_stop_is_reported_with_what_is_left():
         pids = [e["pid"] for e in launcher.engines]
         launcher.ssh = "/bin/false"  # the host cannot be reached any more
         with pytest.raises(LauncherError, match=r"could not stop engine\(s\) 0, 1: good"):
-            from ipy_multiengine import _loop
+            from ipy_multiengine import _loop  # white-box: the launcher API is async, run on the I/O loop
             _loop.run(launcher.stop(timeout=1.0), timeout=60)
         assert all(psutil.pid_exists(p) for p in pids)  # really still there, and still recorded
     finally:
