@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import psutil
 from jupyter_core.paths import jupyter_runtime_dir, secure_write
 
-from .errors import EngineError, NoClusterError
+from .errors import EngineError, NoClusterError, TimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -588,7 +588,7 @@ def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], time
             time.sleep(0.05)
     finally:
         req.unlink(missing_ok=True)
-    raise EngineError(f"the owner process {owner.get('pid')} of {path} did not {op} engines {ids} within {timeout:g} s")
+    raise TimeoutError(f"the owner process {owner.get('pid')} of {path} did not {op} engines {ids} within {timeout:g} s")
 
 
 def pending_requests(cluster_file: str | os.PathLike) -> Iterator[tuple[Path, dict]]:

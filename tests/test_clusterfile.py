@@ -109,6 +109,24 @@ def test_o01_a_request_file_naming_another_cluster_is_refused_by_the_owner():
     assert "another cluster file" in answer["error"] and answer["cluster_file"] == os.path.realpath(a)
 
 
+def test_an_owner_that_does_not_answer_in_time_is_a_timeout_error():
+    """Nobody serves the requests of this (live) owner: the call raises our TimeoutError, like
+    every other wait that runs out, within its timeout plus a tick."""
+    import time
+
+    from ipy_multiengine.errors import TimeoutError as MultiEngineTimeout
+
+    path = cluster_file_path("cf-silent")
+    write_cluster(path, spec_for("cf-silent", {**identity(), "kind": "ipmulti"}))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(MultiEngineTimeout, match="within 0.5 s"):
+            request_owner(path, "restart", [0], timeout=0.5)
+        assert time.monotonic() - t0 < 0.5 + 0.3
+    finally:
+        path.unlink()
+
+
 def test_o01_an_answer_from_another_cluster_is_not_accepted():
     path = cluster_file_path("cf3")
     write_cluster(path, spec_for("cf3", {**identity(), "kind": "ipmulti"}))
