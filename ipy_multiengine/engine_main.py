@@ -76,6 +76,15 @@ def write_json_atomic(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def open_private(path: str, mode: str = "ab"):  # noqa: ANN201 (a file object)
+    """Open ``path`` (created if missing) readable and writable by its owner only (0600),
+    whatever the umask: engine logs and job scripts may show what the engines run."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+    return os.fdopen(fd, mode)
+
+
 def read_json(path: str) -> dict | None:
     """The JSON object in ``path``, or None while it is missing or half written."""
     try:
@@ -225,7 +234,7 @@ def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], t
             if attempt == 2:
                 raise
     log_path = path[: -len(".json")] + ".log"
-    log = open(log_path, "ab")
+    log = open_private(log_path)
     cmd = [
         sys.executable,
         "-m",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -407,6 +408,43 @@ def test_mpi_stop_leaves_no_process():
                    for p in [*pids, mpiexec])
     assert not os.path.exists(work_dir)
     assert not Path(RUNTIME, "ipy_multiengine", "cluster-test-mpi-stop.json").exists()
+
+
+def _group_or_other_bits(root: str) -> list[str]:
+    """Regular files under ``root`` that anybody but their owner may read or write."""
+    loose = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                loose.append(f"{path} {oct(stat.S_IMODE(st.st_mode))}")
+    return loose
+
+
+@pytest.mark.timeout(120)
+def test_launcher_logs_are_private_whatever_the_umask():
+    """mpiexec's log and the detached ssh engines' logs are 0600 even under umask 022 (they
+    were created with the umask's 0644; the directories are 0700, this is the second wall)."""
+    old = os.umask(0o022)
+    try:
+        c = Cluster(1, launcher="mpi", profile="test-private-mpi")
+        c.start()
+        try:
+            assert os.path.exists(c.launcher.output_path)
+            assert not _group_or_other_bits(c.launcher.work_dir)
+        finally:
+            c.stop()
+        c = Cluster(launcher="ssh", hosts={"good": 1}, ssh=FAKE_SSH, python=sys.executable,
+                    env=ENGINE_ENV, profile="test-private-ssh")
+        c.start()
+        try:
+            assert any(f.endswith(".log") for f in os.listdir(SSH_ENGINE_DIR))
+            assert not _group_or_other_bits(SSH_ENGINE_DIR)
+        finally:
+            c.stop()
+    finally:
+        os.umask(old)
 
 
 @pytest.mark.timeout(60)

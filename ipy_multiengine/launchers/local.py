@@ -114,8 +114,9 @@ class LocalLauncher(Launcher):
         return self.work_dir
 
     def _open_log(self, eid: int, mode: str) -> Any:
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
-        return os.fdopen(os.open(self.log_file(eid), flags, 0o600), mode)
+        from ..engine_main import open_private
+
+        return open_private(str(self.log_file(eid)), mode)
 
     def _remove_files(self) -> None:
         if self.socket_dir is not None:

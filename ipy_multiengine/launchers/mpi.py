@@ -122,7 +122,9 @@ class MPILauncher(Launcher):
         self.output_path = os.path.join(self.work_dir, "mpiexec.log")
         self.started = time.time()
         cmd = self.command()
-        with open(self.output_path, "ab") as out:
+        from ..engine_main import open_private
+
+        with open_private(self.output_path) as out:
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdin=subprocess.DEVNULL,

@@ -147,7 +147,9 @@ class SlurmLauncher(Launcher):
         self.work_dir = make_work_dir(self.work_dir_base, prefix="ipmulti-slurm-")
         paths = write_engine_files(self.work_dir, self.n, self.ip, self.transport_encryption)
         script_path = os.path.join(self.work_dir, "engines.sbatch")
-        with open(script_path, "w") as f:
+        from ..engine_main import open_private
+
+        with open_private(script_path, "w") as f:
             f.write(self.script())
         _, out, _ = await run_command([self.sbatch, "--parsable", script_path],
                                       env=self.env_for_commands(), timeout=60)
