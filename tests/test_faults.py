@@ -497,3 +497,34 @@ def test_print_measurements():
     """Last in the file: a summary of what the tests above measured (run with -s to see it)."""
     for name, values in MEASURED.items():
         print(f"[summary] {name}: min {min(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms, n={len(values)}")
+
+
+@pytest.mark.timeout(90)
+def test_a_failed_local_interrupt_is_logged_and_the_others_are_interrupted(caplog):
+    """One kernel manager's interrupt failing (injected: its interrupt_kernel raises, as for a
+    kernel whose process vanished) is logged, and the other engines are interrupted anyway."""
+    import logging
+
+    from ipy_multiengine import _loop  # white-box: the launcher API is async, run on the I/O loop
+
+    def busy(eid: int) -> bool:
+        return mec.controller.state(eid).busy_since is not None
+
+    with small_cluster(2) as (cluster, mec):
+        pr = mec.execute("import time; time.sleep(30)", block=False)
+        wait_for(lambda: busy(0) and busy(1), 20, "both engines to run the cell")
+        km0 = cluster.launcher.managers[0]
+
+        async def broken() -> None:
+            raise RuntimeError("no such kernel process")
+
+        km0.interrupt_kernel = broken  # white-box injection of the failure
+        with caplog.at_level(logging.WARNING, logger="ipy_multiengine"):
+            _loop.run(cluster.launcher.interrupt([0, 1]), timeout=10)
+        assert "could not interrupt engine 0: RuntimeError: no such kernel process" in caplog.text
+        wait_for(lambda: not busy(1), 10, "engine 1 to be interrupted")
+        assert busy(0)  # its interrupt failed: still in the cell
+        del km0.interrupt_kernel
+        mec.interrupt(targets=0)
+        with pytest.raises(CompositeError, match="KeyboardInterrupt"):
+            pr.get_result(timeout=10)

@@ -274,7 +274,11 @@ class LocalLauncher(Launcher):
     async def interrupt(self, ids: Iterable[int] | None = None) -> None:
         """Through the kernel managers: a signal or a message, as each kernelspec says."""
         targets = list(self.managers) if ids is None else [i for i in ids if i in self.managers]
-        await asyncio.gather(*(self.managers[i].interrupt_kernel() for i in targets), return_exceptions=True)
+        results = await asyncio.gather(*(self.managers[i].interrupt_kernel() for i in targets),
+                                       return_exceptions=True)
+        for eid, res in zip(targets, results):  # one engine's failure must not stop the others,
+            if isinstance(res, BaseException):  # nor go unseen
+                log.warning("could not interrupt engine %s: %s: %s", eid, type(res).__name__, res)
 
     def engine_meta(self) -> dict[int, dict]:
         host = socket.gethostname()
