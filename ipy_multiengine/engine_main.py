@@ -268,11 +268,7 @@ def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], t
             except (BrokenPipeError, OSError):  # the launcher gave up (cancelled): no orphan
                 proc.kill()
                 proc.wait()
-                for p in (path, log_path):
-                    try:
-                        os.unlink(p)
-                    except OSError:
-                        pass
+                _remove(path, log_path)
                 return 1
             return 0
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -288,13 +284,18 @@ def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], t
                 f"(exit code {proc.poll()}):\n{tail}",
                 file=sys.stderr,
             )
-            for p in (path, log_path):
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
+            _remove(path, log_path)
             return 1
         time.sleep(0.05)
+
+
+def _remove(*paths: str) -> None:
+    """Remove files that may already be gone."""
+    for p in paths:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
 
 
 def engine_process(pid: int, connection_file: str):
@@ -366,11 +367,7 @@ def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
               + ", ".join(str(p.pid) for p in alive), file=sys.stderr)
         return 1  # their files stay: the record of what still runs
     for _, connection_file in engines:
-        for p in (connection_file, connection_file[: -len(".json")] + ".log"):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
+        _remove(connection_file, connection_file[: -len(".json")] + ".log")
         directory = os.path.dirname(connection_file)
         if directory == os.path.dirname(os.path.abspath(connection_file)) and \
                 directory.endswith(os.path.join("ipy_multiengine", "engines")):

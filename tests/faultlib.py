@@ -140,3 +140,17 @@ class CtrlC:
     def cancel(self) -> None:
         self._cancel.set()
         self._thread.join(5)
+
+
+def settle(mec: Any) -> None:
+    """Interrupt whatever still runs and wait (bounded) until every engine answers again."""
+    from ipy_multiengine.errors import CompositeError, TimeoutError
+
+    mec.interrupt()
+    for _ in range(3):  # an interrupt may land between two queued requests: repeat
+        try:
+            mec.execute("pass", timeout=10)
+            return
+        except (CompositeError, TimeoutError):
+            mec.interrupt()
+    mec.execute("pass", timeout=10)

@@ -28,7 +28,7 @@ from ipy_multiengine.balanced import BalancedMap
 from ipy_multiengine.controller import Controller, Request
 from ipy_multiengine.errors import CompositeError, EngineError, MultiEngineError, TimeoutError
 
-from faultlib import engine_pid, small_cluster, wait_for
+from faultlib import engine_pid, settle, small_cluster, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -43,17 +43,6 @@ def _remote_view(cluster, tmp_path: Path) -> Path:
     path = tmp_path / "remote.json"
     path.write_text(json.dumps(spec))
     return path
-
-
-def _settle(mec) -> None:
-    mec.interrupt()
-    for _ in range(3):
-        try:
-            mec.execute("pass", timeout=10)
-            return
-        except (CompositeError, TimeoutError):
-            mec.interrupt()
-    mec.execute("pass", timeout=10)
 
 
 # --------------------------------------------------------------------------- 11.5
@@ -143,7 +132,7 @@ def test_h05_failing_input_forwarding_fails_the_request(mec, monkeypatch):
             mec.execute("x = input('name? ')", targets=0, timeout=20)
     finally:
         monkeypatch.undo()
-        _settle(mec)  # the engine still waits in input(): interrupt it
+        settle(mec)  # the engine still waits in input(): interrupt it
 
 
 def test_h05_failing_liveness_handling_fails_the_requests(mec, monkeypatch):

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from ipy_multiengine.errors import CompositeError, TimeoutError
+from ipy_multiengine.errors import TimeoutError
 
-from faultlib import engine_pid, remember, small_cluster, wait_for
+from faultlib import engine_pid, remember, settle, small_cluster, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -25,24 +25,12 @@ SLACK = 0.3
 BUSY = "import time; time.sleep(4)"
 
 
-def _settle(mec) -> None:
-    """Interrupt whatever still runs and wait (bounded) until every engine answers again."""
-    mec.interrupt()
-    for _ in range(3):  # an interrupt may land between two queued requests: repeat
-        try:
-            mec.execute("pass", timeout=10)
-            return
-        except (CompositeError, TimeoutError):
-            mec.interrupt()
-    mec.execute("pass", timeout=10)
-
-
 @pytest.fixture
 def busy(mec):
     """Every engine sleeping for 4 s, so that whatever comes next waits; settled afterwards."""
     pr = mec.execute(BUSY, block=False)
     yield pr
-    _settle(mec)
+    settle(mec)
 
 
 def _raises_in_time(call, *args, timeout=TIMEOUT, **kw):
@@ -59,7 +47,7 @@ def _raises_in_time(call, *args, timeout=TIMEOUT, **kw):
 
 def test_h03_execute_timeout(mec):
     _raises_in_time(mec.execute, BUSY)
-    _settle(mec)
+    settle(mec)
 
 
 def test_h03_push_timeout(mec, busy):
@@ -81,18 +69,18 @@ def test_h03_gather_timeout(mec, busy):
 def test_h03_map_timeout(mec):
     # the repro: the progress wait ran first, then the full timeout again (5 s for timeout=3)
     _raises_in_time(mec.map, time.sleep, [4, 4, 4, 4], timeout=2.5)
-    _settle(mec)
+    settle(mec)
 
 
 def test_h03_balanced_map_timeout(mec):
     _raises_in_time(mec.map, time.sleep, [4] * 8, balanced=True, timeout=2.5)
-    _settle(mec)
+    settle(mec)
 
 
 def test_h03_imap_timeout(mec):
     err = _raises_in_time(mec.imap, time.sleep, [4] * 8)
     assert "imap" in str(err)
-    _settle(mec)
+    settle(mec)
 
 
 def test_h03_barrier_timeout(mec, busy):
@@ -172,4 +160,4 @@ def test_imap_timeout_counts_from_the_call_not_from_the_first_next(mec):
         list(it)
     took = time.monotonic() - t0
     assert took < TIMEOUT + SLACK, f"imap raised {took:.2f} s after the call (timeout {TIMEOUT} s)"
-    _settle(mec)
+    settle(mec)
