@@ -70,3 +70,14 @@ def family(pid: int) -> list[int]:
         return [pid] + [c.pid for c in p.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+
+
+def screen_lines(text: str) -> list[str]:
+    """What a terminal shows for ``text``: each line as its last carriage-return overwrite left it."""
+    shown = []
+    for raw in text.split("\n"):
+        line = ""
+        for piece in raw.split("\r"):
+            line = piece + line[len(piece):]
+        shown.append(line.rstrip())
+    return shown

@@ -22,6 +22,8 @@ from ipy_multiengine.render import Lines
 from ipy_multiengine.targets import engine_range
 from ipy_multiengine.results import PendingResult, ResultList
 
+from beyond_helpers import screen_lines
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -293,12 +295,7 @@ def test_streamed_lines_are_not_written_after_the_progress_bar(ip, monkeypatch):
     res = ip.run_cell("%%px --progress-after 0.1 --targets 0,1\nimport time\n"
                       "for i in range(4):\n    print('line', i, flush=True); time.sleep(0.25)")
     assert res.success, res.error_in_exec
-    shown = []
-    for raw in screen.getvalue().split("\n"):
-        line = ""
-        for piece in raw.split("\r"):
-            line = piece + line[len(piece):]
-        shown.append(line.rstrip())
+    shown = screen_lines(screen.getvalue())
     assert "%px:" in screen.getvalue()  # the bar was drawn
     streamed = [ln for ln in shown if "[stdout:" in ln]
     assert len(streamed) == 8 and all(ln.startswith("[stdout:") for ln in streamed), shown

@@ -18,7 +18,7 @@ import pytest
 
 pexpect = pytest.importorskip("pexpect")
 
-from beyond_helpers import assert_gone  # noqa: E402
+from beyond_helpers import assert_gone, screen_lines  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -318,11 +318,6 @@ def test_prompt_is_not_written_onto_a_progress_bar(mec, monkeypatch):
                       "print('got', input('name? '))")
     assert res.success, res.error_in_exec
     assert "%px:" in screen.getvalue()  # the bar was drawn
-    shown = []
-    for raw in screen.getvalue().split("\n"):
-        line = ""
-        for piece in raw.split("\r"):
-            line = piece + line[len(piece):]
-        shown.append(line.rstrip())
+    shown = screen_lines(screen.getvalue())
     prompts = [ln for ln in shown if "name? " in ln]
     assert len(prompts) == 2 and all(re.fullmatch(r"\[[01]\] name\? typed", ln) for ln in prompts), shown
