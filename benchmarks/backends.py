@@ -3,6 +3,7 @@
 Every operation blocks until the work is done on every target. An operation a system does not
 have raises :class:`Unsupported`; a system that cannot start is skipped with its reason.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,8 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import psutil
@@ -40,7 +42,7 @@ def _split(seq: Any, n: int) -> list:
     out, i = [], 0
     for j in range(n):
         m = k + (1 if j < r else 0)
-        out.append(seq[i:i + m])
+        out.append(seq[i : i + m])
         i += m
     return out
 
@@ -146,8 +148,10 @@ class Ours(Backend):
             shell = interactive_shell()
             try:
                 shell.run_line_magic("load_ext", "ipy_multiengine")
-            except Exception as e:  # noqa: BLE001
-                raise Unsupported(f"%load_ext ipy_multiengine failed: {type(e).__name__}: {e}") from None
+            except Exception as e:
+                raise Unsupported(
+                    f"%load_ext ipy_multiengine failed: {type(e).__name__}: {e}"
+                ) from None
             if "px" not in shell.magics_manager.magics["line"]:
                 raise Unsupported("no %px magic registered")
             self._magics = shell
@@ -235,7 +239,7 @@ class RawKernels(Backend):
 def _shutdown_quietly(km) -> None:
     try:
         km.shutdown_kernel(now=False)
-    except Exception:  # noqa: BLE001
+    except Exception:
         with contextlib.suppress(Exception):
             km.shutdown_kernel(now=True)
 
@@ -383,8 +387,11 @@ class Dask(Backend):
         self.n = n
         try:
             self.cluster = LocalCluster(
-                n_workers=n, threads_per_worker=1, processes=True,
-                dashboard_address=":0", silence_logs=logging.ERROR,
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
             )
             self.client = Client(self.cluster)
             self.client.wait_for_workers(n)
@@ -495,7 +502,11 @@ class RawZmq(Backend):
             self.socks.append(s)
             # the same malloc tunable our Cluster gives its engines (fewer page faults on receive)
             env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.zmq_worker", str(port)], env=env))
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.zmq_worker", str(port)], env=env
+                )
+            )
         for s in self.socks:
             s.send_multipart([b"clear"])
         for s in self.socks:
@@ -554,7 +565,9 @@ def own_children() -> set[int]:
     out = set()
     for p in children():
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline()):
+            if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(
+                p.cmdline()
+            ):
                 out.add(p.pid)
         except psutil.Error:
             pass

@@ -5,6 +5,7 @@ so this table says which part of a round trip is the floor and whose it is: the 
 (this process), the engines, and everything else the system runs (ipyparallel's controller
 and schedulers). Wall medians are measured in the same loop.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +66,12 @@ def measure(b: B.Backend, n: int, calls: int) -> dict[str, dict[str, float]]:
                 ts.append(time.perf_counter() - t0)
             m1 = _cpu(me)
             c1 = {p.pid: _cpu(p) for p in procs}
-            row = {"wall": statistics.median(ts) * 1e3, "client": (m1 - m0) / calls * 1e3, "engines": 0.0, "other": 0.0}
+            row = {
+                "wall": statistics.median(ts) * 1e3,
+                "client": (m1 - m0) / calls * 1e3,
+                "engines": 0.0,
+                "other": 0.0,
+            }
             for p in procs:
                 row[_role(p)] += (c1[p.pid] - c0[p.pid]) / calls * 1e3
             row["total"] = row["client"] + row["engines"] + row["other"]
@@ -76,20 +82,28 @@ def measure(b: B.Backend, n: int, calls: int) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.cpu", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.cpu", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("-n", type=int, default=4)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--peers", default="ours,raw-jc,ipp")
     args = ap.parse_args(argv)
     factories = {"ours": B.Ours, "raw-jc": B.RawKernels, "ipp": B.Ipp}
-    print(f"CPU ms per call, {args.n} engines, {args.calls} calls ({psutil.cpu_count()} cpus); "
-          "'floor' = total CPU / cpus")
-    print(f"{'op':16} {'system':7} {'wall':>7} {'client':>7} {'engines':>8} {'other':>7} {'total':>7} {'floor':>7}")
+    print(
+        f"CPU ms per call, {args.n} engines, {args.calls} calls ({psutil.cpu_count()} cpus); "
+        "'floor' = total CPU / cpus"
+    )
+    print(
+        f"{'op':16} {'system':7} {'wall':>7} {'client':>7} {'engines':>8} {'other':>7} {'total':>7} {'floor':>7}"
+    )
     for name in args.peers.split(","):
         res = measure(factories[name](), args.n, args.calls)
         for op, r in res.items():
-            print(f"{op:16} {name:7} {r['wall']:7.2f} {r['client']:7.2f} {r['engines']:8.2f} {r['other']:7.2f} "
-                  f"{r['total']:7.2f} {r['total'] / psutil.cpu_count():7.2f}")
+            print(
+                f"{op:16} {name:7} {r['wall']:7.2f} {r['client']:7.2f} {r['engines']:8.2f} {r['other']:7.2f} "
+                f"{r['total']:7.2f} {r['total'] / psutil.cpu_count():7.2f}"
+            )
     return 0
 
 

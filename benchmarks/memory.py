@@ -3,6 +3,7 @@
 Prints one JSON line. "Moving 400 MB" is pushing a 100 MB array to all 4 engines and pulling
 it back from all of them; it is done three times to see whether the client grows with data moved.
 """
+
 from __future__ import annotations
 
 import gc
@@ -20,7 +21,12 @@ import psutil  # noqa: E402
 from benchmarks import backends as B  # noqa: E402
 
 MB = 1 << 20
-IMPORTS = {"ours": "ipy_multiengine", "raw-jc": "jupyter_client", "ipp": "ipyparallel", "dask": "distributed"}
+IMPORTS = {
+    "ours": "ipy_multiengine",
+    "raw-jc": "jupyter_client",
+    "ipp": "ipyparallel",
+    "dask": "distributed",
+}
 FACTORIES = {"ours": B.Ours, "raw-jc": B.RawKernels, "ipp": B.Ipp, "dask": B.Dask}
 
 
@@ -55,7 +61,9 @@ def is_engine(p: psutil.Process) -> bool:
         return False
     if "resource_tracker" in cmd:
         return False
-    return any(k in cmd for k in ("ipykernel", "ipyparallel.engine", "ipengine", "multiprocessing.spawn"))
+    return any(
+        k in cmd for k in ("ipykernel", "ipyparallel.engine", "ipengine", "multiprocessing.spawn")
+    )
 
 
 def main(name: str, n: int) -> dict:
@@ -78,7 +86,9 @@ def main(name: str, n: int) -> dict:
         started = rss()
         out["client_overhead"] = started - base
         out["engines"] = len(engines)
-        out["engine_idle_rss"] = float(np.median([p.memory_info().rss for p in engines])) if engines else None
+        out["engine_idle_rss"] = (
+            float(np.median([p.memory_info().rss for p in engines])) if engines else None
+        )
         out["other_rss"] = sum(p.memory_info().rss for p in others)
         out["other_procs"] = len(others)
         growth, push_peaks, pull_peaks = [], [], []
@@ -110,7 +120,9 @@ def main(name: str, n: int) -> dict:
             out["client_push_peak_extra"] = max(push_peaks)
             out["client_pull_peak_extra"] = max(pull_peaks)
         out["client_peak_total"] = peak()
-        out["engine_after_delete_rss"] = float(np.median([p.memory_info().rss for p in engines])) if engines else None
+        out["engine_after_delete_rss"] = (
+            float(np.median([p.memory_info().rss for p in engines])) if engines else None
+        )
     finally:
         b.stop()
     return out

@@ -3,6 +3,7 @@
 ``python -m benchmarks.plot out.json [--out DIR]`` writes ``ratios-n{N}.png`` (ours/peer per
 scenario, log scale, below 1 is faster) and ``scaling.png`` (medians against engine count).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,11 +14,19 @@ from collections import defaultdict
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 PEERS = ("raw-same", "raw-jc", "ipp", "ipp-lbv", "zmq", "dask", "pool")
-COLORS = {"raw-same": "#7f7f7f", "raw-jc": "#bcbd22", "ipp": "#d62728", "ipp-lbv": "#ff9896",
-          "zmq": "#17becf", "dask": "#9467bd", "pool": "#8c564b", "ours": "#1f77b4"}
+COLORS = {
+    "raw-same": "#7f7f7f",
+    "raw-jc": "#bcbd22",
+    "ipp": "#d62728",
+    "ipp-lbv": "#ff9896",
+    "zmq": "#17becf",
+    "dask": "#9467bd",
+    "pool": "#8c564b",
+    "ours": "#1f77b4",
+}
 
 
 def ratios(rows: list[dict], n: int) -> dict[str, dict[str, float]]:
@@ -75,7 +84,9 @@ def plot_scaling(rows: list[dict], path: str) -> None:
             pts.sort()
             ns = [p[0] for p in pts]
             ax.plot(ns, [p[1] for p in pts], "o-", label=b, color=COLORS.get(b))
-            ax.fill_between(ns, [p[2] for p in pts], [p[3] for p in pts], alpha=0.15, color=COLORS.get(b))
+            ax.fill_between(
+                ns, [p[2] for p in pts], [p[3] for p in pts], alpha=0.15, color=COLORS.get(b)
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("engines")
@@ -88,9 +99,13 @@ def plot_scaling(rows: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.plot", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("json")
-    ap.add_argument("--out", default=None, help="directory for the PNGs (default: next to the JSON)")
+    ap.add_argument(
+        "--out", default=None, help="directory for the PNGs (default: next to the JSON)"
+    )
     args = ap.parse_args(argv)
     with open(args.json) as f:
         rows = json.load(f)["rows"]

@@ -6,6 +6,7 @@ with OP one of ``execute``, ``apply``, ``pull_small``, ``push100``, ``pull100``,
 ``DIR/OP-engine.txt``, flamegraph-ready) and prints the top functions by self and inclusive
 samples (CPU only: py-spy skips idle samples), plus the per-call median during recording.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,15 @@ def summarize(path: str, top: int) -> str:
             stack, _, count = line.rpartition(" ")
             n = int(count)
             total += n
-            frames = [re.sub(r"\s*\(.*?/(site-packages|lib/python3\.\d+|src)/", " (", fr) for fr in stack.split(";")]
-            frames = [fr for fr in frames if not fr.startswith("process ") and not fr.startswith("thread ")]
+            frames = [
+                re.sub(r"\s*\(.*?/(site-packages|lib/python3\.\d+|src)/", " (", fr)
+                for fr in stack.split(";")
+            ]
+            frames = [
+                fr
+                for fr in frames
+                if not fr.startswith("process ") and not fr.startswith("thread ")
+            ]
             if not frames:
                 continue
             selfc[frames[-1]] += n
@@ -87,7 +95,9 @@ def summarize(path: str, top: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.profile", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("op")
     ap.add_argument("--backend", default="ours", choices=("ours", "ipp"))
     ap.add_argument("-n", type=int, default=4)
@@ -107,15 +117,37 @@ def main(argv: list[str] | None = None) -> int:
         b.push("big", np.arange(100 * MB // 8, dtype=np.float64), one=False)
         fn = ops(b)[args.op]
         fn()
-        engines = [p for p in B.children() if p.pid not in before
-                   and any(k in " ".join(p.cmdline()) for k in ("ipykernel", "ipyparallel.engine", "ipengine"))]
+        engines = [
+            p
+            for p in B.children()
+            if p.pid not in before
+            and any(
+                k in " ".join(p.cmdline()) for k in ("ipykernel", "ipyparallel.engine", "ipengine")
+            )
+        ]
         eng = engines[0].pid
         tag = f"{args.backend}-{args.op}"
         files = {"client": f"{args.out}/{tag}-client.txt", "engine": f"{args.out}/{tag}-engine.txt"}
         spies = [
-            subprocess.Popen([pyspy, "record", "--pid", str(pid), "--rate", str(args.rate), "--format", "raw",
-                              "--duration", str(int(args.seconds)), "--output", files[who], "--nonblocking"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.Popen(
+                [
+                    pyspy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    str(args.rate),
+                    "--format",
+                    "raw",
+                    "--duration",
+                    str(int(args.seconds)),
+                    "--output",
+                    files[who],
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             for who, pid in (("client", os.getpid()), ("engine", eng))
         ]
         time.sleep(1.0)  # let py-spy attach

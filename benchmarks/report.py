@@ -3,6 +3,7 @@
 One row per (scenario, engine count): each system's median, and in parentheses ours/peer
 (below 1: ipy_multiengine is faster). Then the memory table and the targets.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ MB = 1 << 20
 
 def summary(rows: list[dict]) -> str:
     """The wide markdown table of medians and ratios."""
-    groups: "OrderedDict[tuple[str, int], dict[str, dict]]" = OrderedDict()
+    groups: OrderedDict[tuple[str, int], dict[str, dict]] = OrderedDict()
     for r in rows:
         groups.setdefault((r["scenario"], r["n"]), {})[r["backend"]] = r
     cols = [c for c in COLS if any(c in g for g in groups.values())]
@@ -45,11 +46,16 @@ def memory(mem: dict) -> str:
     """The memory results as markdown."""
     if not mem:
         return ""
-    keys = [("client_overhead", "client RSS added by start"), ("client_growth", "client growth after 3 x 800 MB moved"),
-            ("client_push_peak_extra", "client peak extra while pushing 100 MB to all"),
-            ("engine_idle_rss", "engine idle RSS"), ("engine_after_rss", "engine RSS holding 100 MB"),
-            ("engine_peak", "engine peak RSS"), ("engine_after_delete_rss", "engine RSS after del"),
-            ("other_rss", "other processes (controller, schedulers)")]
+    keys = [
+        ("client_overhead", "client RSS added by start"),
+        ("client_growth", "client growth after 3 x 800 MB moved"),
+        ("client_push_peak_extra", "client peak extra while pushing 100 MB to all"),
+        ("engine_idle_rss", "engine idle RSS"),
+        ("engine_after_rss", "engine RSS holding 100 MB"),
+        ("engine_peak", "engine peak RSS"),
+        ("engine_after_delete_rss", "engine RSS after del"),
+        ("other_rss", "other processes (controller, schedulers)"),
+    ]
     names = [k for k in mem if "error" not in mem[k]]
     out = ["| (4 engines) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for key, label in keys:
@@ -62,15 +68,19 @@ def memory(mem: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("json")
     args = ap.parse_args(argv)
     with open(args.json) as f:
         data = json.load(f)
     m = data["meta"]
-    print(f"Run of {m['date']} ({m['mode']}, {m['elapsed_s']:.0f} s, git {m['git']}), {m['cpu']}, {m['cpus']} cpus, "
-          f"{m['mem_gb']} GB, load average {m.get('loadavg_start', [0])[0]:.1f} at start and "
-          f"{m.get('loadavg_end', [0])[0]:.1f} at end.\n")
+    print(
+        f"Run of {m['date']} ({m['mode']}, {m['elapsed_s']:.0f} s, git {m['git']}), {m['cpu']}, {m['cpus']} cpus, "
+        f"{m['mem_gb']} GB, load average {m.get('loadavg_start', [0])[0]:.1f} at start and "
+        f"{m.get('loadavg_end', [0])[0]:.1f} at end.\n"
+    )
     print(summary(data["rows"]))
     print()
     print(memory(data.get("memory", {})))

@@ -5,6 +5,7 @@ All systems run side by side in one process and every scenario interleaves them:
 of them alike. Tables report medians, p10 and p90, and ours/peer as a ratio of medians
 (below 1 means ipy_multiengine is faster).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.backends import env_for_children
 
@@ -32,8 +34,12 @@ from benchmarks.stats import Row, fmt_time, table  # noqa: E402
 
 MB = 1 << 20
 FACTORIES: dict[str, Callable[[], B.Backend]] = {
-    "ours": B.Ours, "raw-jc": B.RawKernels, "ipp": B.Ipp, "dask": B.Dask,
-    "pool": B.Pool, "zmq": B.RawZmq,
+    "ours": B.Ours,
+    "raw-jc": B.RawKernels,
+    "ipp": B.Ipp,
+    "dask": B.Dask,
+    "pool": B.Pool,
+    "zmq": B.RawZmq,
 }
 START_PEERS = ("ours", "raw-jc", "ipp", "dask", "pool")
 
@@ -75,8 +81,12 @@ def _same_array(a: Any, ref: np.ndarray) -> bool:
 def scenarios(n: int, quick: bool) -> list[Scenario]:
     """Every operation scenario for ``n`` engines."""
     out: list[Scenario] = [
-        Scenario("execute('pass') all", ("ours", "raw-same", "raw-jc", "ipp"), (15, 60),
-                 lambda b: b.execute_pass),
+        Scenario(
+            "execute('pass') all",
+            ("ours", "raw-same", "raw-jc", "ipp"),
+            (15, 60),
+            lambda b: b.execute_pass,
+        ),
         Scenario("apply(noop) all", ("ours", "ipp", "dask"), (15, 60), lambda b: b.apply_noop),
         Scenario("%px pass", ("ours", "ipp"), (10, 40), lambda b: b.px_pass),
     ]
@@ -85,8 +95,16 @@ def scenarios(n: int, quick: bool) -> list[Scenario]:
         b.push("s", 42, one=False)
         return lambda: b.pull("s", one=False)
 
-    out.append(Scenario("pull small value all", ("ours", "ipp"), (15, 60), small_pull,
-                        check=lambda r: list(r) == [42] * n, cleanup=lambda b: b.delete("s")))
+    out.append(
+        Scenario(
+            "pull small value all",
+            ("ours", "ipp"),
+            (15, 60),
+            small_pull,
+            check=lambda r: list(r) == [42] * n,
+            cleanup=lambda b: b.delete("s"),
+        )
+    )
 
     sizes = (1, 100) if quick else (1, 10, 100)
     for size in sizes:
@@ -104,20 +122,44 @@ def scenarios(n: int, quick: bool) -> list[Scenario]:
                 return lambda: b.pull("a", one)
 
             def chk(r: Any, arr=arr, one=one) -> bool:
-                return _same_array(r, arr) if one else (len(r) == n and all(_same_array(x, arr) for x in r))
+                return (
+                    _same_array(r, arr)
+                    if one
+                    else (len(r) == n and all(_same_array(x, arr) for x in r))
+                )
 
             peers = ("ours", "ipp", "zmq", "dask")
             big = size >= 100
-            out.append(Scenario(f"push {size}MB {where}", peers, reps, mk_push,
-                                cleanup=lambda b: b.delete("a"), nbytes=moved, no_warm=big,
-                                skip_quick=("dask",) if big else ()))
-            out.append(Scenario(f"pull {size}MB {where}", peers, reps, mk_pull, check=chk,
-                                cleanup=lambda b: b.delete("a"), nbytes=moved, no_warm=big,
-                                skip_quick=("dask",) if big else ()))
+            out.append(
+                Scenario(
+                    f"push {size}MB {where}",
+                    peers,
+                    reps,
+                    mk_push,
+                    cleanup=lambda b: b.delete("a"),
+                    nbytes=moved,
+                    no_warm=big,
+                    skip_quick=("dask",) if big else (),
+                )
+            )
+            out.append(
+                Scenario(
+                    f"pull {size}MB {where}",
+                    peers,
+                    reps,
+                    mk_pull,
+                    check=chk,
+                    cleanup=lambda b: b.delete("a"),
+                    nbytes=moved,
+                    no_warm=big,
+                    skip_quick=("dask",) if big else (),
+                )
+            )
 
     a80 = _arr(80 * MB)
     l100k = list(range(100_000))
     for label, seq, reps in (("80MB array", a80, (3, 10)), ("100k list", l100k, (3, 15))):
+
         def mk_gather(b: B.Backend, seq=seq) -> Callable[[], Any]:
             b.scatter("x", seq)
             return lambda: b.gather("x")
@@ -129,26 +171,55 @@ def scenarios(n: int, quick: bool) -> list[Scenario]:
 
         peers = ("ours", "ipp", "dask")
         slow = ("dask",) if seq is l100k else ()  # dask pickles a list item by item: ~2 s a call
-        out.append(Scenario(f"scatter {label}", peers, reps,
-                            lambda b, seq=seq: (lambda: b.scatter("x", seq)),
-                            cleanup=lambda b: b.delete("x"),
-                            nbytes=a80.nbytes if seq is a80 else 0, skip_quick=slow))
-        out.append(Scenario(f"gather {label}", peers, reps, mk_gather, check=chk_g,
-                            cleanup=lambda b: b.delete("x"),
-                            nbytes=a80.nbytes if seq is a80 else 0, skip_quick=slow))
+        out.append(
+            Scenario(
+                f"scatter {label}",
+                peers,
+                reps,
+                lambda b, seq=seq: lambda: b.scatter("x", seq),
+                cleanup=lambda b: b.delete("x"),
+                nbytes=a80.nbytes if seq is a80 else 0,
+                skip_quick=slow,
+            )
+        )
+        out.append(
+            Scenario(
+                f"gather {label}",
+                peers,
+                reps,
+                mk_gather,
+                check=chk_g,
+                cleanup=lambda b: b.delete("x"),
+                nbytes=a80.nbytes if seq is a80 else 0,
+                skip_quick=slow,
+            )
+        )
 
     for m, reps in ((32, (15, 50)), (10_000, (7, 25))):
         seq = list(range(m))
         want = [x + 1 for x in seq]
-        out.append(Scenario(f"map {m} tiny", ("ours", "ipp", "pool", "dask"), reps,
-                            lambda b, seq=seq: (lambda: b.map(tasks.inc, seq)),
-                            check=lambda r, want=want: list(r) == want,
-                            skip_quick=("dask",) if m > 1000 else ()))
+        out.append(
+            Scenario(
+                f"map {m} tiny",
+                ("ours", "ipp", "pool", "dask"),
+                reps,
+                lambda b, seq=seq: lambda: b.map(tasks.inc, seq),
+                check=lambda r, want=want: list(r) == want,
+                skip_quick=("dask",) if m > 1000 else (),
+            )
+        )
     seq = list(range(1000))
-    out.append(Scenario("balanced map 1000 tiny", ("ours", "ipp", "pool", "dask"), (1, 7),
-                        lambda b: (lambda: b.lb_map(tasks.inc, seq)),
-                        check=lambda r: list(r) == [x + 1 for x in seq], no_warm=True,
-                        labels={"ipp": "ipp-lbv"}))
+    out.append(
+        Scenario(
+            "balanced map 1000 tiny",
+            ("ours", "ipp", "pool", "dask"),
+            (1, 7),
+            lambda b: lambda: b.lb_map(tasks.inc, seq),
+            check=lambda r: list(r) == [x + 1 for x in seq],
+            no_warm=True,
+            labels={"ipp": "ipp-lbv"},
+        )
+    )
     return out
 
 
@@ -181,7 +252,7 @@ class Runner:
             except B.Unsupported as e:
                 self.failed[name] = str(e)
                 log(f"  {name}: {e}")
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self.failed[name] = f"start failed: {e!r}"[:160]
                 log(f"  {name} start failed:\n{traceback.format_exc()}")
                 self._safe_stop(b)
@@ -196,7 +267,7 @@ class Runner:
     def _safe_stop(b: B.Backend) -> None:
         try:
             b.stop()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log(f"  stopping {b.name} failed:\n{traceback.format_exc()}")
 
     # ---------------------------------------------------------------- scenarios
@@ -219,7 +290,7 @@ class Runner:
                     t1 = time.perf_counter()
                     b.stop()
                     t2 = time.perf_counter()
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     log(f"  {name} start/stop failed:\n{traceback.format_exc()}")
                     fails[name] = fails.get(name, 0) + 1
                     rs[name].note = f"{fails[name]} of {i + 1} starts FAILED, last: {e!r}"[:160]
@@ -257,14 +328,19 @@ class Runner:
                 try:
                     fn = sc.make(b)
                     res = None if sc.no_warm else (sc.warm(b) if sc.warm else fn())
-                    if not sc.no_warm and sc.warm is None and sc.check is not None and not sc.check(res):
+                    if (
+                        not sc.no_warm
+                        and sc.warm is None
+                        and sc.check is not None
+                        and not sc.check(res)
+                    ):
                         row.note = "WRONG RESULT"
                         log(f"  {sc.key} {name}: wrong result: {str(res)[:200]}")
                         continue
                     prepared[name] = (fn, row)
                 except B.Unsupported as e:
                     row.note = str(e)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     row.note = f"error: {e!r}"[:120]
                     log(f"  {sc.key} {name} failed:\n{traceback.format_exc()}")
             reps = sc.reps[0 if self.quick else 1]
@@ -287,12 +363,14 @@ class Runner:
                     except B.Unsupported as e:
                         row.note, row.times = str(e), []
                         del prepared[name]
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         row.note = f"error: {e!r}"[:120]
                         log(f"  {sc.key} {name} failed:\n{traceback.format_exc()}")
                         del prepared[name]
                     if name in prepared and len(row.times) >= 3 and sum(row.times) > self.budget:
-                        row.note = f"stopped after {len(row.times)} reps (time budget {self.budget:g} s)"
+                        row.note = (
+                            f"stopped after {len(row.times)} reps (time budget {self.budget:g} s)"
+                        )
                         del prepared[name]
                 names = [x for x in names if x in prepared]
             if sc.check is not None and sc.warm is not None:
@@ -304,20 +382,27 @@ class Runner:
                 if b is not None and sc.cleanup is not None:
                     try:
                         sc.cleanup(b)
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         pass
             gc.collect()
-            log(f"  {sc.key} n={n}: " + ", ".join(
-                f"{r.backend} {fmt_time(r.median)}" for r in self.rows[-len(sc.backends):]
-                if r.scenario == sc.key and r.n == n and r.times))
+            log(
+                f"  {sc.key} n={n}: "
+                + ", ".join(
+                    f"{r.backend} {fmt_time(r.median)}"
+                    for r in self.rows[-len(sc.backends) :]
+                    if r.scenario == sc.key and r.n == n and r.times
+                )
+            )
 
-    def run_scaling(self, counts: tuple[int, ...], all_names: tuple[str, ...], ipp_max: int = 16) -> None:
+    def run_scaling(
+        self, counts: tuple[int, ...], all_names: tuple[str, ...], ipp_max: int = 16
+    ) -> None:
         """Start, execute('pass') and push of 1 MB to all, for growing engine counts."""
         arr = _arr(MB)
         for n in counts:
             names = tuple(k for k in all_names if k != "ipp" or n <= ipp_max)
             self.rows += [Row("scale start", n, k) for k in names]
-            starts = {r.backend: r for r in self.rows[-len(names):]}
+            starts = {r.backend: r for r in self.rows[-len(names) :]}
             for name in names:
                 b = FACTORIES[name]()
                 try:
@@ -325,15 +410,23 @@ class Runner:
                     b.start(n)
                     starts[name].times.append(time.perf_counter() - t0)
                     self.running[name] = b
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     starts[name].note = f"failed: {e!r}"[:120]
                     log(f"  scale {name} n={n} failed:\n{traceback.format_exc()}")
                     self._safe_stop(b)
-            log(f"  scale n={n} start: " + ", ".join(f"{k} {fmt_time(r.median)}" for k, r in starts.items()))
+            log(
+                f"  scale n={n} start: "
+                + ", ".join(f"{k} {fmt_time(r.median)}" for k, r in starts.items())
+            )
             reps = 15 if n <= 8 else 7
-            for key, op in (("scale execute('pass')", lambda b: b.execute_pass()),
-                            ("scale push 1MB all", lambda b: b.push("a", arr, False))):
-                rows = {k: Row(key, n, k, nbytes=arr.nbytes * n if "push" in key else 0) for k in self.running}
+            for key, op in (
+                ("scale execute('pass')", lambda b: b.execute_pass()),
+                ("scale push 1MB all", lambda b: b.push("a", arr, False)),
+            ):
+                rows = {
+                    k: Row(key, n, k, nbytes=arr.nbytes * n if "push" in key else 0)
+                    for k in self.running
+                }
                 self.rows += list(rows.values())
                 live = []
                 for k in list(self.running):
@@ -348,7 +441,10 @@ class Runner:
                         t0 = time.perf_counter()
                         op(self.running[k])
                         rows[k].times.append(time.perf_counter() - t0)
-                log(f"  {key} n={n}: " + ", ".join(f"{k} {fmt_time(r.median)}" for k, r in rows.items()))
+                log(
+                    f"  {key} n={n}: "
+                    + ", ".join(f"{k} {fmt_time(r.median)}" for k, r in rows.items())
+                )
             for k in list(self.running):
                 self.running[k].delete("a")
             self.stop_all()
@@ -362,14 +458,16 @@ def run_memory(names: tuple[str, ...], n: int) -> dict[str, Any]:
         try:
             p = subprocess.run(
                 [sys.executable, "-m", "benchmarks.memory", name, str(n)],
-                capture_output=True, text=True, timeout=600,
+                capture_output=True,
+                text=True,
+                timeout=600,
             )
             if p.returncode != 0:
                 out[name] = {"error": p.stderr[-2000:]}
                 log(f"  memory {name} failed:\n{p.stderr[-2000:]}")
                 continue
             out[name] = json.loads(p.stdout.strip().splitlines()[-1])
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             out[name] = {"error": repr(e)}
     return out
 
@@ -381,8 +479,18 @@ def meta() -> dict[str, Any]:
     import psutil
 
     vers = {}
-    for pkg in ("ipy_multiengine", "ipykernel", "jupyter_client", "ipython", "pyzmq", "ipyparallel",
-                "dask", "distributed", "numpy", "cloudpickle"):
+    for pkg in (
+        "ipy_multiengine",
+        "ipykernel",
+        "jupyter_client",
+        "ipython",
+        "pyzmq",
+        "ipyparallel",
+        "dask",
+        "distributed",
+        "numpy",
+        "cloudpickle",
+    ):
         try:
             vers[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -393,23 +501,36 @@ def meta() -> dict[str, Any]:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    ).stdout.strip()
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu,
-        "cpus": os.cpu_count(), "mem_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "versions": vers, "git": rev, "loadavg_start": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "mem_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "versions": vers,
+        "git": rev,
+        "loadavg_start": os.getloadavg(),
     }
 
 
 def memory_table(mem: dict[str, Any]) -> str:
     """Render the memory results."""
-    lines = [f"{'backend':8} {'client+':>9} {'client Δ400MB':>13} {'push peak+':>10} {'engine idle':>11} "
-             f"{'engine w/ 100MB':>15} {'engine peak':>11} {'engine after del':>16} {'other procs':>11}"]
+    lines = [
+        f"{'backend':8} {'client+':>9} {'client Δ400MB':>13} {'push peak+':>10} {'engine idle':>11} "
+        f"{'engine w/ 100MB':>15} {'engine peak':>11} {'engine after del':>16} {'other procs':>11}"
+    ]
     for name, m in mem.items():
         if "error" in m:
-            lines.append(f"{name:8} error: {m['error'].strip().splitlines()[-1] if m['error'].strip() else ''}")
+            lines.append(
+                f"{name:8} error: {m['error'].strip().splitlines()[-1] if m['error'].strip() else ''}"
+            )
             continue
 
         def mb(v: float | None) -> str:
@@ -427,15 +548,34 @@ def memory_table(mem: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run everything (see ``--help``)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions, 4 engines only, no scaling (< 2 min)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repetitions, 4 engines only, no scaling (< 2 min)",
+    )
     ap.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
-    ap.add_argument("--engines", default=None, help="engine counts, e.g. 2,4 (default 2,4; quick 4)")
+    ap.add_argument(
+        "--engines", default=None, help="engine counts, e.g. 2,4 (default 2,4; quick 4)"
+    )
     ap.add_argument("--only", default=None, help="run operation scenarios whose name contains this")
-    ap.add_argument("--peers", default=None, help="comma list of systems (default: all of ours,raw-jc,raw-same,ipp,dask,pool,zmq)")
+    ap.add_argument(
+        "--peers",
+        default=None,
+        help="comma list of systems (default: all of ours,raw-jc,raw-same,ipp,dask,pool,zmq)",
+    )
     ap.add_argument("--no-start", action="store_true", help="skip the start/stop scenario")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory scenario")
-    ap.add_argument("--scale-ipp-max", type=int, default=16, help="largest engine count ipyparallel is scaled to")
-    ap.add_argument("--scaling", default=None, help="engine counts for scaling (default full: 1,2,4,8,16,32; quick: none)")
+    ap.add_argument(
+        "--scale-ipp-max",
+        type=int,
+        default=16,
+        help="largest engine count ipyparallel is scaled to",
+    )
+    ap.add_argument(
+        "--scaling",
+        default=None,
+        help="engine counts for scaling (default full: 1,2,4,8,16,32; quick: none)",
+    )
     args = ap.parse_args(argv)
 
     counts = tuple(int(x) for x in (args.engines or ("4" if args.quick else "2,4")).split(","))
@@ -458,7 +598,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_start and not args.only:
                 log(f"[start/stop, n={n}]")
                 peers = ("ours", "raw-jc", "ipp") if args.quick else START_PEERS
-                runner.run_start_stop(n, 1 if args.quick else 5, tuple(x for x in peers if x in names))
+                runner.run_start_stop(
+                    n, 1 if args.quick else 5, tuple(x for x in peers if x in names)
+                )
             log(f"[operations, n={n}]")
             runner.start_all(n, names)
             try:
@@ -468,9 +610,12 @@ def main(argv: list[str] | None = None) -> int:
         if scale_counts and not args.only:
             log("[scaling]")
             try:
-                runner.run_scaling(scale_counts, tuple(x for x in ("ours", "raw-jc", "ipp") if x in names),
-                                   ipp_max=args.scale_ipp_max)
-            except Exception:  # noqa: BLE001 - keep what was measured
+                runner.run_scaling(
+                    scale_counts,
+                    tuple(x for x in ("ours", "raw-jc", "ipp") if x in names),
+                    ipp_max=args.scale_ipp_max,
+                )
+            except Exception:
                 log(f"scaling failed:\n{traceback.format_exc()}")
             finally:
                 runner.stop_all()
@@ -480,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             mem = run_memory(tuple(x for x in mem_names if x in names), 4)
     except KeyboardInterrupt:
         log("interrupted: stopping everything")
-    except Exception:  # noqa: BLE001 - report what was measured before the failure
+    except Exception:
         log(f"run failed:\n{traceback.format_exc()}")
     finally:
         runner.stop_all()
@@ -490,9 +635,13 @@ def main(argv: list[str] | None = None) -> int:
     info["mode"] = "quick" if args.quick else "full"
 
     print(f"# ipy_multiengine benchmarks ({info['mode']}, {info['date']}, {elapsed:.0f} s)")
-    print(f"# load average at start {info['loadavg_start'][0]:.1f}, at end {info['loadavg_end'][0]:.1f}; git {info['git']}")
-    print(f"# {info['cpu']}, {info['cpus']} cpus, {info['mem_gb']} GB, python {info['python']}, "
-          + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
+    print(
+        f"# load average at start {info['loadavg_start'][0]:.1f}, at end {info['loadavg_end'][0]:.1f}; git {info['git']}"
+    )
+    print(
+        f"# {info['cpu']}, {info['cpus']} cpus, {info['mem_gb']} GB, python {info['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
+    )
     print()
     print(table(runner.rows))
     if mem:
@@ -505,8 +654,16 @@ def main(argv: list[str] | None = None) -> int:
     print(render(checks))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": info, "rows": [r.to_dict() for r in runner.rows], "memory": mem,
-                       "targets": checks}, f, indent=1)
+            json.dump(
+                {
+                    "meta": info,
+                    "rows": [r.to_dict() for r in runner.rows],
+                    "memory": mem,
+                    "targets": checks,
+                },
+                f,
+                indent=1,
+            )
         log(f"wrote {args.json}")
     left = B.wait_gone(B.own_children(), 10)
     if left:

@@ -1,4 +1,5 @@
 """Timing statistics and the results table."""
+
 from __future__ import annotations
 
 import statistics
@@ -41,9 +42,15 @@ class Row:
 
     def to_dict(self) -> dict:
         return {
-            "scenario": self.scenario, "n": self.n, "backend": self.backend,
-            "median": self.median, "p10": self.p10, "p90": self.p90,
-            "reps": len(self.times), "times": self.times, "note": self.note,
+            "scenario": self.scenario,
+            "n": self.n,
+            "backend": self.backend,
+            "median": self.median,
+            "p10": self.p10,
+            "p90": self.p90,
+            "reps": len(self.times),
+            "times": self.times,
+            "note": self.note,
             "nbytes": self.nbytes,
         }
 

@@ -1,4 +1,5 @@
 """The targets of issue 6, checked against one run's medians."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,18 +22,36 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
     """One dict per (target, engine count): what, ratio or value, limit, met (None = not measured)."""
     out: list[dict] = []
 
-    def ratio(target: str, scen: str, peer: str, limit: float, n: int, invert: bool = False) -> None:
+    def ratio(
+        target: str, scen: str, peer: str, limit: float, n: int, invert: bool = False
+    ) -> None:
         a, b = _median(rows, scen, n, "ours"), _median(rows, scen, n, peer)
         if a is None or b is None:
-            out.append({"target": target, "n": n, "value": None, "limit": limit, "met": None,
-                        "detail": f"not measured (ours {a}, {peer} {b})"})
+            out.append(
+                {
+                    "target": target,
+                    "n": n,
+                    "value": None,
+                    "limit": limit,
+                    "met": None,
+                    "detail": f"not measured (ours {a}, {peer} {b})",
+                }
+            )
             return
         v = b / a if invert else a / b
         met = v >= limit if invert else v <= limit
         rel = ">=" if invert else "<="
         what = f"{peer} time / ours time" if invert else f"ours / {peer}"
-        out.append({"target": target, "n": n, "value": round(v, 3), "limit": limit, "met": met,
-                    "detail": f"{what} = {v:.2f} ({rel} {limit})"})
+        out.append(
+            {
+                "target": target,
+                "n": n,
+                "value": round(v, 3),
+                "limit": limit,
+                "met": met,
+                "detail": f"{what} = {v:.2f} ({rel} {limit})",
+            }
+        )
 
     for n in _counts(rows, "start 4 engines"):
         ratio("start 4 engines <= 1.2x raw kernel starts", "start 4 engines", "raw-jc", 1.2, n)
@@ -54,7 +73,14 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
     for n in _counts(rows, "map 10000 tiny"):
         ratio("map 10,000 tiny <= 1.0x ipyparallel map_sync", "map 10000 tiny", "ipp", 1.0, n)
     for n in _counts(rows, "balanced map 1000 tiny"):
-        ratio("balanced map 1000: >= 5x ipyparallel LBV throughput", "balanced map 1000 tiny", "ipp-lbv", 5.0, n, invert=True)
+        ratio(
+            "balanced map 1000: >= 5x ipyparallel LBV throughput",
+            "balanced map 1000 tiny",
+            "ipp-lbv",
+            5.0,
+            n,
+            invert=True,
+        )
         ratio("balanced map 1000: faster than dask", "balanced map 1000 tiny", "dask", 1.0, n)
 
     ours, raw = mem.get("ours", {}), mem.get("raw-jc", {})
@@ -62,35 +88,83 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
         n = ours.get("n", 4)
         lim = (30 + n) * MB
         v = ours.get("client_overhead")
-        out.append({"target": f"client resident overhead <= 30 MB + 1 MB/engine", "n": n,
-                    "value": v, "limit": lim, "met": None if v is None else v <= lim,
-                    "detail": f"{v / MB:.1f} MB (<= {lim / MB:.0f} MB)" if v is not None else "not measured"})
+        out.append(
+            {
+                "target": "client resident overhead <= 30 MB + 1 MB/engine",
+                "n": n,
+                "value": v,
+                "limit": lim,
+                "met": None if v is None else v <= lim,
+                "detail": f"{v / MB:.1f} MB (<= {lim / MB:.0f} MB)"
+                if v is not None
+                else "not measured",
+            }
+        )
         g = ours.get("client_growth")
-        out.append({"target": "client does not grow with data moved (3 x 800 MB moved; <= 10 MB)", "n": n,
-                    "value": g, "limit": 10 * MB, "met": None if g is None else g <= 10 * MB,
-                    "detail": f"growth {g / MB:.1f} MB, per round {[round(x / MB, 1) for x in ours.get('client_growth_rounds', [])]}"
-                    if g is not None else "not measured"})
+        out.append(
+            {
+                "target": "client does not grow with data moved (3 x 800 MB moved; <= 10 MB)",
+                "n": n,
+                "value": g,
+                "limit": 10 * MB,
+                "met": None if g is None else g <= 10 * MB,
+                "detail": f"growth {g / MB:.1f} MB, per round {[round(x / MB, 1) for x in ours.get('client_growth_rounds', [])]}"
+                if g is not None
+                else "not measured",
+            }
+        )
         p = ours.get("client_push_peak_extra")
-        out.append({"target": "client holds <= one extra copy while pushing 100 MB to all", "n": n,
-                    "value": p, "limit": 100 * MB, "met": None if p is None else p <= 100 * MB,
-                    "detail": f"peak extra during push {p / MB:.1f} MB (<= 100 MB)" if p is not None else "not measured"})
+        out.append(
+            {
+                "target": "client holds <= one extra copy while pushing 100 MB to all",
+                "n": n,
+                "value": p,
+                "limit": 100 * MB,
+                "met": None if p is None else p <= 100 * MB,
+                "detail": f"peak extra during push {p / MB:.1f} MB (<= 100 MB)"
+                if p is not None
+                else "not measured",
+            }
+        )
         e, e0 = ours.get("engine_idle_rss"), raw.get("engine_idle_rss")
         if e is not None and e0 is not None:
-            out.append({"target": "engine idle RSS <= plain ipykernel + 5 MB", "n": n, "value": e - e0,
-                        "limit": 5 * MB, "met": e - e0 <= 5 * MB,
-                        "detail": f"ours {e / MB:.1f} MB vs plain {e0 / MB:.1f} MB: +{(e - e0) / MB:.1f} MB"})
-    starts = {r["n"]: r["median"] for r in rows if r["scenario"] == "scale start" and r["backend"] == "ours" and r["reps"]}
-    execs = {r["n"]: r["median"] for r in rows if r["scenario"] == "scale execute('pass')" and r["backend"] == "ours" and r["reps"]}
+            out.append(
+                {
+                    "target": "engine idle RSS <= plain ipykernel + 5 MB",
+                    "n": n,
+                    "value": e - e0,
+                    "limit": 5 * MB,
+                    "met": e - e0 <= 5 * MB,
+                    "detail": f"ours {e / MB:.1f} MB vs plain {e0 / MB:.1f} MB: +{(e - e0) / MB:.1f} MB",
+                }
+            )
+    starts = {
+        r["n"]: r["median"]
+        for r in rows
+        if r["scenario"] == "scale start" and r["backend"] == "ours" and r["reps"]
+    }
+    execs = {
+        r["n"]: r["median"]
+        for r in rows
+        if r["scenario"] == "scale execute('pass')" and r["backend"] == "ours" and r["reps"]
+    }
     if starts or execs:
         ok32 = 32 in starts and 32 in execs
         ns = sorted(execs)
         steps = [execs[b] / execs[a] / (b / a) for a, b in zip(ns, ns[1:]) if a >= 4]
         linear = bool(steps) and max(steps) <= 1.25
-        out.append({"target": "32 engines start and execute; per-call cost grows linearly", "n": 32,
-                    "value": execs.get(32), "limit": None, "met": ok32 and linear,
-                    "detail": f"started 32: {ok32}; execute medians "
-                    + ", ".join(f"{k}: {execs[k] * 1e3:.1f} ms" for k in ns)
-                    + f"; doubling-step growth / linear = {[round(s, 2) for s in steps]} (<= 1.25 counts as linear)"})
+        out.append(
+            {
+                "target": "32 engines start and execute; per-call cost grows linearly",
+                "n": 32,
+                "value": execs.get(32),
+                "limit": None,
+                "met": ok32 and linear,
+                "detail": f"started 32: {ok32}; execute medians "
+                + ", ".join(f"{k}: {execs[k] * 1e3:.1f} ms" for k in ns)
+                + f"; doubling-step growth / linear = {[round(s, 2) for s in steps]} (<= 1.25 counts as linear)",
+            }
+        )
     return out
 
 

@@ -1,4 +1,5 @@
 """Tiny functions shipped to engines/workers by reference (engines import this module)."""
+
 from __future__ import annotations
 
 import os

@@ -14,8 +14,11 @@ import numpy as np
 
 from ipy_multiengine import Cluster
 
-CASES = {"ipc": dict(transport="ipc"), "tcp": dict(transport="tcp"),
-         "tcp+curve": dict(transport="tcp", transport_encryption="required")}
+CASES = {
+    "ipc": dict(transport="ipc"),
+    "tcp": dict(transport="tcp"),
+    "tcp+curve": dict(transport="tcp", transport_encryption="required"),
+}
 
 
 def median_of(fn, repeat: int) -> float:
@@ -50,7 +53,10 @@ def main() -> None:
     print(f"{'transport':<10} {'execute ms':>10} {'push 100MB s':>13} {'pull 100MB s':>13}")
     for name, s in samples.items():
         med = {k: statistics.median(v) for k, v in s.items()}
-        print(f"{name:<10} {med['execute'] * 1e3:>10.2f} {med['push']:>13.3f} {med['pull']:>13.3f}", flush=True)
+        print(
+            f"{name:<10} {med['execute'] * 1e3:>10.2f} {med['push']:>13.3f} {med['pull']:>13.3f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -6,24 +6,39 @@ connect to running ones, ``%load_ext ipy_multiengine`` for the ``%px`` family of
 
 from .client import MultiEngineClient, PendingResult, ResultList
 from .cluster import Cluster
-from .errors import CompositeError, EngineError, MultiEngineError, NoClusterError, RemoteError, TimeoutError
+from .errors import (
+    CompositeError,
+    EngineError,
+    MultiEngineError,
+    NoClusterError,
+    RemoteError,
+    TimeoutError,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cluster", "MultiEngineClient", "PendingResult", "ResultList", "CompositeError", "EngineError",
-    "MultiEngineError", "NoClusterError", "RemoteError", "TimeoutError",
+    "Cluster",
+    "CompositeError",
+    "EngineError",
+    "MultiEngineClient",
+    "MultiEngineError",
+    "NoClusterError",
+    "PendingResult",
+    "RemoteError",
+    "ResultList",
+    "TimeoutError",
 ]
 
 
-def load_ipython_extension(ip):  # noqa: ANN001
+def load_ipython_extension(ip):
     """``%load_ext ipy_multiengine``: register the parallel magics."""
     from .magics import load
 
     load(ip)
 
 
-def unload_ipython_extension(ip):  # noqa: ANN001
+def unload_ipython_extension(ip):
     """``%unload_ext ipy_multiengine``: remove the magics and the ``%autopx`` transformer."""
     from .magics import unload
 

@@ -10,8 +10,9 @@ import asyncio
 import concurrent.futures as cf
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -120,8 +121,12 @@ def wait(
         cf.wait(todo + extra, timeout=step, return_when=cf.FIRST_COMPLETED)
 
 
-def wait_until(ready: Callable[[], bool], timeout: float | None = None,
-               deadline: float | None = None, tick: Callable[[], None] | None = None) -> bool:
+def wait_until(
+    ready: Callable[[], bool],
+    timeout: float | None = None,
+    deadline: float | None = None,
+    tick: Callable[[], None] | None = None,
+) -> bool:
     """Poll ``ready()`` every ``WAIT_SLICE`` (or less) until it is true or the deadline passes;
     True when ready. For conditions that are not futures (an engine becoming ready)."""
     _check(timeout, deadline)

@@ -20,7 +20,8 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from . import serialize, stdin
 from .errors import CompositeError, EngineError, RemoteError, TimeoutError
@@ -43,17 +44,30 @@ def dumps_chunk(f: Callable, offset: int, chunk: list[tuple], snapshot: bool = T
             try:
                 serialize.dumps(value)
             except Exception as err:
-                raise TypeError(f"cannot send item {offset + k} of the map: object of type "
-                                f"{type(value).__name__} cannot be pickled ({err})") from err
-        raise TypeError(f"cannot send items {offset}..{offset + len(chunk) - 1} of the map: {exc}") from exc
+                raise TypeError(
+                    f"cannot send item {offset + k} of the map: object of type "
+                    f"{type(value).__name__} cannot be pickled ({err})"
+                ) from err
+        raise TypeError(
+            f"cannot send items {offset}..{offset + len(chunk) - 1} of the map: {exc}"
+        ) from exc
 
 
 class BalancedMap:
     """One load-balanced map in flight; ``future`` resolves to the list of results."""
 
-    def __init__(self, controller: Any, eids: list[int], f: Callable, items: list[tuple],
-                 chunksize: int = 1, ordered: bool = True, retries: int = 1, depth: int = 2,
-                 listener: Callable[[int, str, dict], None] | None = None) -> None:
+    def __init__(
+        self,
+        controller: Any,
+        eids: list[int],
+        f: Callable,
+        items: list[tuple],
+        chunksize: int = 1,
+        ordered: bool = True,
+        retries: int = 1,
+        depth: int = 2,
+        listener: Callable[[int, str, dict], None] | None = None,
+    ) -> None:
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
         if not isinstance(retries, int) or retries < 0:
@@ -66,9 +80,11 @@ class BalancedMap:
         self.retries = retries
         self.depth = depth
         self.listener = listener  # sees each chunk's prints and displays (the caller shows them)
-        self.chunks = [(i, items[i:i + chunksize]) for i in range(0, len(items), chunksize)]
+        self.chunks = [(i, items[i : i + chunksize]) for i in range(0, len(items), chunksize)]
         # all of it now, in the caller's thread: nothing is sent if any item cannot be
-        self._frames: list[list[Any] | None] = [dumps_chunk(f, off, chunk) for off, chunk in self.chunks]
+        self._frames: list[list[Any] | None] = [
+            dumps_chunk(f, off, chunk) for off, chunk in self.chunks
+        ]
         self.future: cf.Future = cf.Future()
         self.id = uuid.uuid4().hex  # on the engines, a Ctrl-C skips this map's queued chunks
         self._events: collections.deque = collections.deque()
@@ -89,7 +105,7 @@ class BalancedMap:
             wake, self._wake = self._wake, cf.Future()
         wake.set_result(None)
 
-    def start(self) -> "BalancedMap":
+    def start(self) -> BalancedMap:
         if not self.chunks:
             self.future.set_result([])
         with self._lock:
@@ -104,17 +120,31 @@ class BalancedMap:
         """Send nothing more (chunks in flight finish on their engines); the map fails."""
         with self._lock:
             if not self._stopped:
-                self._fail(EngineError("the load-balanced map was interrupted before it finished",
-                                       self.eids[0] if self.eids else None, "map"))
+                self._fail(
+                    EngineError(
+                        "the load-balanced map was interrupted before it finished",
+                        self.eids[0] if self.eids else None,
+                        "map",
+                    )
+                )
 
     # -- called with the lock held
     def _fill(self, eid: int) -> None:
-        while not self._stopped and eid in self._alive and self._inflight[eid] < self.depth and self._todo:
+        while (
+            not self._stopped
+            and eid in self._alive
+            and self._inflight[eid] < self.depth
+            and self._todo
+        ):
             ci = self._todo.popleft()
             offset, _chunk = self.chunks[ci]
-            fut = self.controller.submit_comm([eid], "map", {"offset": offset, "map": self.id},
-                                             [self._frames[ci]],
-                                             listener=self.listener)[0]
+            fut = self.controller.submit_comm(
+                [eid],
+                "map",
+                {"offset": offset, "map": self.id},
+                [self._frames[ci]],
+                listener=self.listener,
+            )[0]
             self._inflight[eid] += 1
             fut.add_done_callback(lambda fu, eid=eid, ci=ci: self._done(eid, ci, fu))
 
@@ -134,7 +164,9 @@ class BalancedMap:
         try:
             self._on_done(eid, ci, fu)
         except BaseException as exc:
-            log.error("load-balanced map: handling chunk %s from engine %s failed", ci, eid, exc_info=exc)
+            log.error(
+                "load-balanced map: handling chunk %s from engine %s failed", ci, eid, exc_info=exc
+            )
             with self._lock:
                 if not self._stopped:
                     self._fail(exc)
@@ -182,8 +214,10 @@ class BalancedMap:
                 wake = self._wake
             if not stdin.wait([wake], deadline=deadline):
                 done = len(self._order)
-                raise TimeoutError(f"imap not finished by its timeout: {done} of {len(self.chunks)} "
-                                   "chunks done; sending the others was stopped")
+                raise TimeoutError(
+                    f"imap not finished by its timeout: {done} of {len(self.chunks)} "
+                    "chunks done; sending the others was stopped"
+                )
 
     # -- iteration (caller's thread)
     def iterate(self, timeout: float | None = None, deadline: float | None = None) -> Iterator[Any]:

@@ -14,9 +14,20 @@ import time
 from pathlib import Path
 
 from .cluster import Cluster, list_clusters, stop_cluster_file
-from .clusterfile import (EMBEDDED_PREFIX, SHARED_PREFIX, ProfileLock, check_profile, cluster_dir, cluster_file_path,
-                          owner_state, read_cluster, read_connection_files, read_spec, request_owner,
-                          write_cluster)
+from .clusterfile import (
+    EMBEDDED_PREFIX,
+    SHARED_PREFIX,
+    ProfileLock,
+    check_profile,
+    cluster_dir,
+    cluster_file_path,
+    owner_state,
+    read_cluster,
+    read_connection_files,
+    read_spec,
+    request_owner,
+    write_cluster,
+)
 from .errors import MultiEngineError, NoClusterError
 
 
@@ -30,7 +41,9 @@ def parse_engines(text: str) -> dict[str, int]:
     for part in text.split(","):
         name, sep, count = part.strip().partition("=")
         if not sep or not name.strip() or not count.strip().isdigit() or int(count) < 1:
-            raise UsageError(f"--engines {text!r}: expected KERNELSPEC=N[,KERNELSPEC=N...], e.g. python3=2,bash=3")
+            raise UsageError(
+                f"--engines {text!r}: expected KERNELSPEC=N[,KERNELSPEC=N...], e.g. python3=2,bash=3"
+            )
         out[name.strip()] = out.get(name.strip(), 0) + int(count)
     return out
 
@@ -42,17 +55,24 @@ def _start(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     cluster = _make_cluster(args)
     cluster.serves_requests = True  # `ipmulti restart` and mec.restart() from other processes
-    cluster.owner_kind = "ipmulti"  # `ipmulti stop` may SIGTERM this process (after identity checks)
+    cluster.owner_kind = (
+        "ipmulti"  # `ipmulti stop` may SIGTERM this process (after identity checks)
+    )
     try:
         mec = cluster.start()
     except KeyboardInterrupt:  # start() stopped whatever had started
-        print("ipmulti: interrupted while starting; the engines that had started are stopped", file=sys.stderr)
+        print(
+            "ipmulti: interrupted while starting; the engines that had started are stopped",
+            file=sys.stderr,
+        )
         return 130
     except Exception as exc:
         print(f"ipmulti: could not start the cluster: {exc}", file=sys.stderr)
         return 1
     try:
-        print(f"{len(mec.get_ids())} engines ready, cluster file {cluster.cluster_file}", flush=True)
+        print(
+            f"{len(mec.get_ids())} engines ready, cluster file {cluster.cluster_file}", flush=True
+        )
         if not args.quiet:
             print("Press Ctrl-C to stop.", flush=True)
         while not stop.wait(0.2) and not cluster.stop_requested:
@@ -73,9 +93,16 @@ def _make_cluster(args: argparse.Namespace) -> Cluster:
     options = _launcher_options(args)
     engines = parse_engines(args.engines) if args.engines else None
     try:
-        return Cluster(n=args.n, kernel_name=args.kernel, profile=args.profile,
-                       startup_timeout=args.timeout, auto_restart=args.auto_restart,
-                       transport_encryption=args.encryption, engines=engines, **options)
+        return Cluster(
+            n=args.n,
+            kernel_name=args.kernel,
+            profile=args.profile,
+            startup_timeout=args.timeout,
+            auto_restart=args.auto_restart,
+            transport_encryption=args.encryption,
+            engines=engines,
+            **options,
+        )
     except (ValueError, TypeError, KeyError, LookupError) as exc:
         raise UsageError(_one_line(exc)) from None
 
@@ -89,8 +116,21 @@ def _start_daemon(args: argparse.Namespace) -> int:
     _make_cluster(args)  # check the arguments here, where the user sees the error
     path = cluster_file_path(args.profile)
     log = cluster_dir() / f"daemon-{args.profile}.log"
-    cmd = [sys.executable, "-m", "ipy_multiengine.cli", "start", "--profile", args.profile,
-           "--kernel", args.kernel, "--timeout", str(args.timeout), "--quiet", "--launcher", args.launcher]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ipy_multiengine.cli",
+        "start",
+        "--profile",
+        args.profile,
+        "--kernel",
+        args.kernel,
+        "--timeout",
+        str(args.timeout),
+        "--quiet",
+        "--launcher",
+        args.launcher,
+    ]
     cmd += ["-n", str(args.n)] if args.n is not None else []
     cmd += ["--hosts", args.hosts] if args.hosts else []
     for opt in args.launcher_option:
@@ -105,13 +145,20 @@ def _start_daemon(args: argparse.Namespace) -> int:
     # a running profile must neither truncate the owner's log nor write into it
     own_log = cluster_dir() / f".daemon-{args.profile}.{os.getpid()}.log"
     with os.fdopen(os.open(own_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + args.timeout + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            print(f"ipmulti: the cluster process exited with code {proc.returncode}:\n{own_log.read_text()}",
-                  file=sys.stderr)
+            print(
+                f"ipmulti: the cluster process exited with code {proc.returncode}:\n{own_log.read_text()}",
+                file=sys.stderr,
+            )
             own_log.unlink(missing_ok=True)
             return 1
         try:
@@ -136,7 +183,9 @@ def _launcher_options(args: argparse.Namespace) -> dict:
     if args.hosts:  # "host1=2,host2=2" or "host1,host2"
         hosts: dict = {}
         for item in args.hosts.split(","):
-            host, _, count = item.strip().rpartition("=") if "=" in item else (item.strip(), "", "1")
+            host, _, count = (
+                item.strip().rpartition("=") if "=" in item else (item.strip(), "", "1")
+            )
             if not host or not count.isdigit():
                 raise UsageError(f"--hosts: expected HOST=N[,HOST=N...], got {item!r}")
             hosts[host] = int(count)
@@ -178,11 +227,17 @@ def _attach_claimed(args: argparse.Namespace) -> int:
         path.unlink(missing_ok=True)  # malformed: nobody's
     else:
         if owner_state(spec)[0] != "gone":
-            print(f"ipmulti: profile {args.profile!r} already has a cluster ({path}); "
-                  "use another --profile or `ipmulti stop` it", file=sys.stderr)
+            print(
+                f"ipmulti: profile {args.profile!r} already has a cluster ({path}); "
+                "use another --profile or `ipmulti stop` it",
+                file=sys.stderr,
+            )
             return 1
-        print(f"ipmulti: the cluster of {path} is stale; `ipmulti stop --profile {args.profile}` "
-              "cleans it up first", file=sys.stderr)
+        print(
+            f"ipmulti: the cluster of {path} is stale; `ipmulti stop --profile {args.profile}` "
+            "cleans it up first",
+            file=sys.stderr,
+        )
         return 1
     try:
         engines = read_connection_files(args.files)
@@ -198,10 +253,16 @@ def _attach_claimed(args: argparse.Namespace) -> int:
             print(f"ipmulti: cannot reach the kernels: {exc}", file=sys.stderr)
             return 1
     spec = {
-        "cluster_id": args.profile, "profile": args.profile, "shared": True, "attached": True,
-        "attached_from": socket.gethostname(), "created": time.time(),
-        "engines": [{"id": eid, "connection": info, "connection_file": None}
-                    for eid, info in engines.items()],
+        "cluster_id": args.profile,
+        "profile": args.profile,
+        "shared": True,
+        "attached": True,
+        "attached_from": socket.gethostname(),
+        "created": time.time(),
+        "engines": [
+            {"id": eid, "connection": info, "connection_file": None}
+            for eid, info in engines.items()
+        ],
     }
     write_cluster(path, spec)
     print(path)
@@ -219,8 +280,12 @@ def _stop(args: argparse.Namespace) -> int:
     try:
         code, messages = stop_cluster_file(path)
     except NoClusterError:
-        print(f"ipmulti: no cluster file {path} (it does not exist)" if args.file else
-              f"ipmulti: no cluster for profile {args.profile!r} ({path} does not exist)", file=sys.stderr)
+        print(
+            f"ipmulti: no cluster file {path} (it does not exist)"
+            if args.file
+            else f"ipmulti: no cluster for profile {args.profile!r} ({path} does not exist)",
+            file=sys.stderr,
+        )
         return 1
     except ValueError as exc:
         if _is_cluster_file(path):  # malformed, in our own directory: nobody's
@@ -241,8 +306,11 @@ def _stop(args: argparse.Namespace) -> int:
 def _is_cluster_file(path: Path) -> bool:
     """Is ``path`` a cluster file in the cluster directory (``cluster-*.json``, ``embedded-*.json``)?"""
     try:
-        return path.resolve().parent == cluster_dir().resolve() and path.suffix == ".json" \
+        return (
+            path.resolve().parent == cluster_dir().resolve()
+            and path.suffix == ".json"
             and path.name.startswith((SHARED_PREFIX, EMBEDDED_PREFIX))
+        )
     except OSError:
         return False
 
@@ -255,14 +323,20 @@ def _restart(args: argparse.Namespace) -> int:
         known = {e["id"] for e in spec["engines"]}
         unknown = [i for i in ids if i not in known]
         if unknown:
-            print(f"ipmulti: unknown engine ids {unknown}; valid ids: {sorted(known)}", file=sys.stderr)
+            print(
+                f"ipmulti: unknown engine ids {unknown}; valid ids: {sorted(known)}",
+                file=sys.stderr,
+            )
             return 2
         answer = request_owner(path, "restart", ids, timeout=args.timeout)
     except (MultiEngineError, ValueError) as exc:
         print(f"ipmulti: {exc}", file=sys.stderr)
         return 1
     pids = answer.get("pids", {})
-    print(f"restarted engine{'s' if len(ids) > 1 else ''} " + ", ".join(f"{i} (pid {pids.get(str(i))})" for i in ids))
+    print(
+        f"restarted engine{'s' if len(ids) > 1 else ''} "
+        + ", ".join(f"{i} (pid {pids.get(str(i))})" for i in ids)
+    )
     return 0
 
 
@@ -279,13 +353,17 @@ def _list(args: argparse.Namespace) -> int:
         dead = [e for e, ok in zip(c["engines"], c.get("engines_alive", [])) if not ok]
         name = c["profile"] if c["shared"] else f"{c['profile']}*"
         where = " ".join(map(str, c["pids"])) if c["shared"] else c["file"]
-        print(f"{name:<16} {c['state']:<18} {len(c['engines']):<8} {','.join(map(str, dead)) or '-':<10} "
-              f"{c['owner']:<28} {where}")
+        print(
+            f"{name:<16} {c['state']:<18} {len(c['engines']):<8} {','.join(map(str, dead)) or '-':<10} "
+            f"{c['owner']:<28} {where}"
+        )
         for problem in c.get("problems", []):
             print(f"    {problem}")
     if any(not c["shared"] for c in clusters):
-        print("* embedded (private to its owner: reach it by its file, "
-              "`ipmulti stop --file FILE` stops its engines only)")
+        print(
+            "* embedded (private to its owner: reach it by its file, "
+            "`ipmulti stop --file FILE` stops its engines only)"
+        )
     return 0
 
 
@@ -299,25 +377,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipmulti", description="Manage ipy_multiengine clusters.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("start", help="start N engines (foreground until Ctrl-C, or --daemon)")
-    p.add_argument("-n", type=int, default=None, help="number of engines (default 4; ssh: from --hosts)")
-    p.add_argument("--launcher", default="local",
-                   help="who starts the engines: local (default), mpi, slurm, ssh, or a plugin")
+    p.add_argument(
+        "-n", type=int, default=None, help="number of engines (default 4; ssh: from --hosts)"
+    )
+    p.add_argument(
+        "--launcher",
+        default="local",
+        help="who starts the engines: local (default), mpi, slurm, ssh, or a plugin",
+    )
     p.add_argument("--hosts", help="ssh launcher: HOST=N[,HOST=N...]")
-    p.add_argument("-o", "--launcher-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="launcher option (VALUE as JSON if it parses), e.g. -o partition=gpu "
-                        "-o 'mpiexec_args=[\"-hosts\", \"a,b\"]'")
+    p.add_argument(
+        "-o",
+        "--launcher-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="launcher option (VALUE as JSON if it parses), e.g. -o partition=gpu "
+        '-o \'mpiexec_args=["-hosts", "a,b"]\'',
+    )
 
     p.add_argument("--profile", default="default")
     p.add_argument("--kernel", default="python3", help="kernelspec name of the engines")
-    p.add_argument("--engines", metavar="SPEC=N,...", default=None,
-                   help="engines from several kernelspecs, e.g. python3=2,bash=3 (overrides -n/--kernel); "
-                        "each kernelspec name is a group usable as targets")
+    p.add_argument(
+        "--engines",
+        metavar="SPEC=N,...",
+        default=None,
+        help="engines from several kernelspecs, e.g. python3=2,bash=3 (overrides -n/--kernel); "
+        "each kernelspec name is a group usable as targets",
+    )
     p.add_argument("--daemon", action="store_true", help="detach once every engine is ready")
     p.add_argument("--timeout", type=float, default=60.0, help="startup timeout in seconds")
     p.add_argument("--auto-restart", action="store_true", help="restart engines that die")
-    p.add_argument("--encryption", choices=["auto", "required", "disabled"], default=None,
-                   help="CurveZMQ transport encryption: auto (where the kernelspec supports it), required, "
-                        "disabled (default: auto, except for engines listening on loopback only)")
+    p.add_argument(
+        "--encryption",
+        choices=["auto", "required", "disabled"],
+        default=None,
+        help="CurveZMQ transport encryption: auto (where the kernelspec supports it), required, "
+        "disabled (default: auto, except for engines listening on loopback only)",
+    )
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_start)
     p = sub.add_parser("restart", help="restart engines of a running cluster, keeping their ids")
@@ -326,17 +423,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", default=None, help="the cluster file (instead of --profile)")
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=_restart)
-    p = sub.add_parser("attach", help="make running kernels (connection files) the engines of a profile; "
-                                      "they are not owned: `ipmulti stop` only forgets them")
-    p.add_argument("files", nargs="+", help="kernel connection files (paths or kernel-*.json names)")
+    p = sub.add_parser(
+        "attach",
+        help="make running kernels (connection files) the engines of a profile; "
+        "they are not owned: `ipmulti stop` only forgets them",
+    )
+    p.add_argument(
+        "files", nargs="+", help="kernel connection files (paths or kernel-*.json names)"
+    )
     p.add_argument("--profile", default="default")
     p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--no-check", dest="check", action="store_false",
-                   help="do not connect to the kernels first")
+    p.add_argument(
+        "--no-check", dest="check", action="store_false", help="do not connect to the kernels first"
+    )
     p.set_defaults(func=_attach)
     p = sub.add_parser("stop", help="stop a running cluster and remove its files")
     p.add_argument("--profile", default="default")
-    p.add_argument("--file", default=None, help="the cluster file (e.g. an embedded cluster's, from `ipmulti list`)")
+    p.add_argument(
+        "--file",
+        default=None,
+        help="the cluster file (e.g. an embedded cluster's, from `ipmulti list`)",
+    )
     p.set_defaults(func=_stop)
     p = sub.add_parser("list", help="list clusters (stale ones are cleaned up)")
     p.add_argument("--json", action="store_true")
@@ -367,4 +474,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

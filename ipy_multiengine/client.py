@@ -7,12 +7,13 @@ engine on the controller, and either waits (``block=True``) or returns a ``Pendi
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import logging
+import os
 import time
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Float, Integer, TraitError, validate
@@ -37,17 +38,26 @@ if TYPE_CHECKING:
     from .balanced import BalancedMap
     from .render import LiveOutput
 
-__all__ = ["MultiEngineClient", "PendingResult", "ResultList", "CompositeError", "RemoteError",
-           "EngineError", "TimeoutError", "get_active", "deactivate", "Targets"]
+__all__ = [
+    "CompositeError",
+    "EngineError",
+    "MultiEngineClient",
+    "PendingResult",
+    "RemoteError",
+    "ResultList",
+    "Targets",
+    "TimeoutError",
+    "deactivate",
+    "get_active",
+]
 
 Targets = "str | int | Sequence[int] | None"
 
-_active: "MultiEngineClient | None" = None
+_active: MultiEngineClient | None = None
 log = logging.getLogger("ipy_multiengine")
 
 #: Seconds a blocking call that failed or timed out still waits for its sends to leave.
 SEND_GRACE = 0.25
-
 
 
 class _Configured:
@@ -77,13 +87,19 @@ def shell_config() -> Config | None:
 def config_error(cls: type, exc: BaseException) -> ConfigError:
     """A ``TraitError`` (or a validator's error) as a ``ConfigError`` naming ``Class.option``."""
     text = str(exc)
-    name = next((t for t in cls.class_trait_names(config=True)
-                 if f"'{t}' trait" in text or text.startswith(f"{t} ")), None)
+    name = next(
+        (
+            t
+            for t in cls.class_trait_names(config=True)
+            if f"'{t}' trait" in text or text.startswith(f"{t} ")
+        ),
+        None,
+    )
     option = f"{cls.__name__}.{name}" if name else cls.__name__
     return ConfigError(f"{option}: {text}", option)
 
 
-def get_active() -> "MultiEngineClient | None":
+def get_active() -> MultiEngineClient | None:
     """The client of the last ``activate()`` (the one the magics use), if still open."""
     return _active if _active is not None and not _active.closed else None
 
@@ -110,26 +126,48 @@ class MultiEngineClient(Configurable):
     ``ipython_config.py``; inside IPython the shell's config applies unless ``config=`` is given).
     """
 
-    block = AnyTrait(True, help="Default of every call's block= (and of the magics): wait for the "
-                                "engines (True) or return a PendingResult (False).").tag(config=True)
-    targets = AnyTrait("all", help="Default of every call's targets= (and of the magics): 'all', a group "
-                                   "name, an engine id or a list of ids.").tag(config=True)
-    progress_after = Float(2.0, allow_none=True, min=0.0,
-                           help="Seconds a blocking map/gather/barrier runs before a progress bar appears; "
-                                "None: never.").tag(config=True)
-    return_before_send = Bool(False, help="Experts only: non-blocking push/scatter/apply/map send your "
-                                          "objects' memory as it is (no copy) and return while zmq still "
-                                          "reads it; call pr.wait_for_send() before changing them."
-                              ).tag(config=True)
-    timeout = Float(60.0, min=0.0, help="Seconds connecting to each engine may take (clients that "
-                                        "connect through a cluster file).").tag(config=True)
-    heartbeat = Float(HEARTBEAT_PERIOD, allow_none=True,
-                      help="Seconds of silence after which an engine without a local process to poll is "
-                           "declared dead (beats every third of it); None: no heartbeats. For clients "
-                           "that connect through a cluster file.").tag(config=True)
-    max_message_size = Integer(None, allow_none=True, min=1,
-                               help="Bytes; larger replies are refused with an EngineError; None: "
-                                    "unlimited.").tag(config=True)
+    block = AnyTrait(
+        True,
+        help="Default of every call's block= (and of the magics): wait for the "
+        "engines (True) or return a PendingResult (False).",
+    ).tag(config=True)
+    targets = AnyTrait(
+        "all",
+        help="Default of every call's targets= (and of the magics): 'all', a group "
+        "name, an engine id or a list of ids.",
+    ).tag(config=True)
+    progress_after = Float(
+        2.0,
+        allow_none=True,
+        min=0.0,
+        help="Seconds a blocking map/gather/barrier runs before a progress bar appears; "
+        "None: never.",
+    ).tag(config=True)
+    return_before_send = Bool(
+        False,
+        help="Experts only: non-blocking push/scatter/apply/map send your "
+        "objects' memory as it is (no copy) and return while zmq still "
+        "reads it; call pr.wait_for_send() before changing them.",
+    ).tag(config=True)
+    timeout = Float(
+        60.0,
+        min=0.0,
+        help="Seconds connecting to each engine may take (clients that "
+        "connect through a cluster file).",
+    ).tag(config=True)
+    heartbeat = Float(
+        HEARTBEAT_PERIOD,
+        allow_none=True,
+        help="Seconds of silence after which an engine without a local process to poll is "
+        "declared dead (beats every third of it); None: no heartbeats. For clients "
+        "that connect through a cluster file.",
+    ).tag(config=True)
+    max_message_size = Integer(
+        None,
+        allow_none=True,
+        min=1,
+        help="Bytes; larger replies are refused with an EngineError; None: unlimited.",
+    ).tag(config=True)
 
     @validate("block")
     def _check_block(self, proposal: Any) -> bool:
@@ -157,20 +195,36 @@ class MultiEngineClient(Configurable):
         _cluster: Any = None,
     ) -> None:
         # keyword arguments as before; not given (their defaults), the configured traits apply
-        given = {k: v for k, v in dict(timeout=timeout, heartbeat=heartbeat,
-                                       max_message_size=max_message_size).items() if v is not CONFIGURED}
+        given = {
+            k: v
+            for k, v in dict(
+                timeout=timeout, heartbeat=heartbeat, max_message_size=max_message_size
+            ).items()
+            if v is not CONFIGURED
+        }
         try:
             super().__init__(config=shell_config() if config is None else config, **given)
         except (TraitError, TypeError, ValueError) as exc:
             raise config_error(type(self), exc) from None
         timeout, heartbeat, max_message_size = self.timeout, self.heartbeat, self.max_message_size
         if _controller is None:
-            from .clusterfile import FileOwner, engines_of, liveness_probes, read_cluster, resolve_cluster_file
+            from .clusterfile import (
+                FileOwner,
+                engines_of,
+                liveness_probes,
+                read_cluster,
+                resolve_cluster_file,
+            )
 
             path = resolve_cluster_file(cluster_file, profile)
             spec = read_cluster(path)
-            _controller = Controller(engines_of(spec), liveness_probes(spec), timeout=timeout, heartbeat=heartbeat,
-                                     max_message_size=max_message_size).connect()
+            _controller = Controller(
+                engines_of(spec),
+                liveness_probes(spec),
+                timeout=timeout,
+                heartbeat=heartbeat,
+                max_message_size=max_message_size,
+            ).connect()
             _cluster = FileOwner(path, _controller, spec)
             _controller.on_dead = _cluster.follow_restart
         elif _cluster is None:
@@ -186,7 +240,9 @@ class MultiEngineClient(Configurable):
             self._resolve_targets(self.targets)
         except (TypeError, ValueError) as exc:
             _controller.close()
-            raise ConfigError(f"MultiEngineClient.targets: {exc}", "MultiEngineClient.targets") from None
+            raise ConfigError(
+                f"MultiEngineClient.targets: {exc}", "MultiEngineClient.targets"
+            ) from None
         # mec.last: a weak reference, so that whatever the user drops is freed (issue 11 item
         # 11); a blocking call that did not deliver (timeout, Ctrl-C) is kept, to collect later
         self._last_ref: Callable[[], PendingResult | None] | None = None
@@ -209,8 +265,11 @@ class MultiEngineClient(Configurable):
         return self.owner.engine_meta() or self._meta
 
     @classmethod
-    def attach(cls, connection_files: Iterable[str | os.PathLike] | str | os.PathLike,
-               timeout: float = 60.0) -> "MultiEngineClient":
+    def attach(
+        cls,
+        connection_files: Iterable[str | os.PathLike] | str | os.PathLike,
+        timeout: float = 60.0,
+    ) -> MultiEngineClient:
         """Use already-running kernels as engines 0, 1, ... in the order given.
 
         ``connection_files`` are Jupyter connection files (paths, or names that
@@ -224,7 +283,7 @@ class MultiEngineClient(Configurable):
         return cls(_controller=Controller(engines, None, timeout=timeout).connect())
 
     # ------------------------------------------------------------------ defaults and checks
-    def get_ids(self) -> "EngineIds":
+    def get_ids(self) -> EngineIds:
         """The ids of the engines, in order; dead ones are included and flagged in the repr
         (``[0, 1, 2, 3] (dead: 2 was killed by signal SIGKILL)``) and in ``.dead``."""
         ids = EngineIds(self._controller.ids)
@@ -249,7 +308,9 @@ class MultiEngineClient(Configurable):
         return out
 
     def _resolve_targets(self, targets: Any) -> list[int]:
-        return resolve_targets(self.targets if targets is None else targets, self._controller.ids, self.groups)
+        return resolve_targets(
+            self.targets if targets is None else targets, self._controller.ids, self.groups
+        )
 
     def _prepare(self, targets: Any, block: bool | None) -> tuple[list[int], bool]:
         if self.closed:
@@ -261,14 +322,29 @@ class MultiEngineClient(Configurable):
         bad = [(e, why) for e, why in bad if why]
         if bad:
             what = "; ".join(f"engine {e} {why}" for e, why in bad)
-            raise EngineError(f"{what}: restart it with mec.restart({bad[0][0] if len(bad) == 1 else [e for e, _ in bad]}) "
-                              "or choose other targets", bad[0][0])
+            raise EngineError(
+                f"{what}: restart it with mec.restart({bad[0][0] if len(bad) == 1 else [e for e, _ in bad]}) "
+                "or choose other targets",
+                bad[0][0],
+            )
         return eids, self.block if block is None else block
 
-    def _pending(self, futures: list[cf.Future], eids: list[int], method: str,
-                 finish: Callable[[list[Any]], Any], progress: bool = False) -> PendingResult:
-        pr = PendingResult(futures, eids, method, finish, on_interrupt=self._interrupt_eids,
-                           progress=self._show_progress if progress else None)
+    def _pending(
+        self,
+        futures: list[cf.Future],
+        eids: list[int],
+        method: str,
+        finish: Callable[[list[Any]], Any],
+        progress: bool = False,
+    ) -> PendingResult:
+        pr = PendingResult(
+            futures,
+            eids,
+            method,
+            finish,
+            on_interrupt=self._interrupt_eids,
+            progress=self._show_progress if progress else None,
+        )
         self._remember(pr)
         return pr
 
@@ -290,8 +366,13 @@ class MultiEngineClient(Configurable):
             return frames
         return serialize.snapshot(frames)
 
-    def _deliver(self, pr: PendingResult, block: bool, timeout: float | None,
-                 live: "LiveOutput | None" = None) -> Any:
+    def _deliver(
+        self,
+        pr: PendingResult,
+        block: bool,
+        timeout: float | None,
+        live: LiveOutput | None = None,
+    ) -> Any:
         """Wait for ``pr`` (``block``) or hand it back. A blocking call returns (or raises) only
         once zmq has released the caller's zero-copy buffers."""
         if not block:
@@ -312,12 +393,15 @@ class MultiEngineClient(Configurable):
             if timeout is None and not self.return_before_send and not pr.wait_for_send(SEND_GRACE):
                 unsent = wait_sent(pr.futures, 0)
                 engines = [e for e, f in zip(pr.eids, pr.futures) if any(f is u for u in unsent)]
-                warnings.warn(f"{pr.method}: engines {engines} are still receiving what this call sent; "
-                              "do not change those objects before mec.last.wait_for_send()",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"{pr.method}: engines {engines} are still receiving what this call sent; "
+                    "do not change those objects before mec.last.wait_for_send()",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     @staticmethod
-    def _live(eids: list[int], block: bool) -> "LiveOutput | None":
+    def _live(eids: list[int], block: bool) -> LiveOutput | None:
         """For a blocking call: show its functions' prints and displays, labelled by engine."""
         from .render import LiveOutput
 
@@ -329,8 +413,14 @@ class MultiEngineClient(Configurable):
         return ProgressBar(pr.method, self.progress_after)
 
     # ------------------------------------------------------------------ running code
-    def execute(self, code: str, targets: Any = None, block: bool | None = None,
-                timeout: float | None = None, listener: Listener | None = None) -> Any:
+    def execute(
+        self,
+        code: str,
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+        listener: Listener | None = None,
+    ) -> Any:
         """Run ``code`` on each target; blocking returns a ``ResultList``, else a ``PendingResult``."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
@@ -338,12 +428,25 @@ class MultiEngineClient(Configurable):
         futures = self._controller.submit_execute(eids, code, listener=listener)
         return self._deliver(self._pending(futures, eids, "execute", ResultList), block, timeout)
 
-    def _comm(self, op: str, eids: list[int], frames: list[list[Any]], data: dict | None = None,
-              listener: Listener | None = None) -> list[cf.Future]:
+    def _comm(
+        self,
+        op: str,
+        eids: list[int],
+        frames: list[list[Any]],
+        data: dict | None = None,
+        listener: Listener | None = None,
+    ) -> list[cf.Future]:
         return self._controller.submit_comm(eids, op, data or {}, frames, listener=listener)
 
-    def apply(self, f: Callable, *args: Any, targets: Any = None, block: bool | None = None,
-              timeout: float | None = None, **kwargs: Any) -> Any:
+    def apply(
+        self,
+        f: Callable,
+        *args: Any,
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Call ``f(*args, **kwargs)`` once on each target; a list of the return values."""
         if not callable(f):
             raise TypeError(f"apply needs a callable, not {type(f).__name__}")
@@ -354,8 +457,13 @@ class MultiEngineClient(Configurable):
         return self._deliver(self._pending(futures, eids, "apply", _values), block, timeout, live)
 
     # ------------------------------------------------------------------ moving data
-    def push(self, namespace: dict, targets: Any = None, block: bool | None = None,
-             timeout: float | None = None) -> Any:
+    def push(
+        self,
+        namespace: dict,
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Set ``namespace``'s names on each target; returns ``[None] * n``. All or nothing."""
         if not isinstance(namespace, dict):
             raise TypeError(f"push takes a dict of names to values, not {type(namespace).__name__}")
@@ -367,8 +475,13 @@ class MultiEngineClient(Configurable):
         futures = self._comm("push", eids, [frames] * len(eids))
         return self._deliver(self._pending(futures, eids, "push", _nones), block, timeout)
 
-    def pull(self, names: str | Sequence[str], targets: Any = None, block: bool | None = None,
-             timeout: float | None = None) -> Any:
+    def pull(
+        self,
+        names: str | Sequence[str],
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """One value per target for a name; one list of values per target for several names."""
         single = isinstance(names, str)
         keys = [names] if single else list(names)
@@ -380,26 +493,43 @@ class MultiEngineClient(Configurable):
         futures = self._comm("pull", eids, frames, {"names": keys, "single": single})
         return self._deliver(self._pending(futures, eids, "pull", _values), block, timeout)
 
-    def zip_pull(self, names: Sequence[str], targets: Any = None, block: bool | None = None,
-                 timeout: float | None = None) -> Any:
+    def zip_pull(
+        self,
+        names: Sequence[str],
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Like ``pull(names)`` but transposed: one tuple per name, one item per engine."""
         if isinstance(names, str):
             names = [names]
         eids, block = self._prepare(targets, block)
-        futures = self._comm("pull", eids, [[]] * len(eids), {"names": list(names), "single": False})
+        futures = self._comm(
+            "pull", eids, [[]] * len(eids), {"names": list(names), "single": False}
+        )
         finish = lambda rs: list(zip(*_values(rs)))  # noqa: E731
         return self._deliver(self._pending(futures, eids, "pull", finish), block, timeout)
 
-    def push_function(self, namespace: dict, targets: Any = None, block: bool | None = None,
-                      timeout: float | None = None) -> Any:
+    def push_function(
+        self,
+        namespace: dict,
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Push functions (serialised with cloudpickle, so lambdas and closures work)."""
         for k, v in namespace.items():
             if not callable(v):
                 raise TypeError(f"push_function: {k!r} is a {type(v).__name__}, not a function")
         return self.push(namespace, targets=targets, block=block, timeout=timeout)
 
-    def pull_function(self, names: str | Sequence[str], targets: Any = None, block: bool | None = None,
-                      timeout: float | None = None) -> Any:
+    def pull_function(
+        self,
+        names: str | Sequence[str],
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Pull functions back from the engines."""
         return self.pull(names, targets=targets, block=block, timeout=timeout)
 
@@ -409,32 +539,60 @@ class MultiEngineClient(Configurable):
     def __getitem__(self, name: str) -> Any:
         return self.pull(name, block=True)
 
-    def scatter(self, name: str, seq: Any, dist: str = "b", targets: Any = None,
-                block: bool | None = None, timeout: float | None = None) -> Any:
+    def scatter(
+        self,
+        name: str,
+        seq: Any,
+        dist: str = "b",
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Split ``seq`` into contiguous parts, one per target in order, and push each as ``name``."""
         if dist != "b":
-            raise ValueError(f"unknown distribution {dist!r}; only 'b' (contiguous blocks) is supported")
+            raise ValueError(
+                f"unknown distribution {dist!r}; only 'b' (contiguous blocks) is supported"
+            )
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"cannot scatter to {name!r}: not a valid Python identifier")
         eids, block = self._prepare(targets, block)
         parts = partition.split(seq, len(eids))
         offsets = [sum(len(q) for q in parts[:i]) for i in range(len(parts))]
-        frames = [self._outgoing(_dumps_part(name, off, p), block, timeout) for off, p in zip(offsets, parts)]
+        frames = [
+            self._outgoing(_dumps_part(name, off, p), block, timeout)
+            for off, p in zip(offsets, parts)
+        ]
         futures = self._comm("push", eids, frames)
         return self._deliver(self._pending(futures, eids, "scatter", _nones), block, timeout)
 
-    def gather(self, name: str, targets: Any = None, block: bool | None = None,
-               timeout: float | None = None) -> Any:
+    def gather(
+        self,
+        name: str,
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Pull ``name`` from each target and concatenate the parts in engine order."""
         eids, block = self._prepare(targets, block)
         futures = self._comm("pull", eids, [[]] * len(eids), {"names": [name], "single": True})
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
-        return self._deliver(self._pending(futures, eids, "gather", finish, progress=True), block, timeout)
+        return self._deliver(
+            self._pending(futures, eids, "gather", finish, progress=True), block, timeout
+        )
 
     # ------------------------------------------------------------------ parallel map
-    def map(self, f: Callable, *seqs: Iterable, targets: Any = None, block: bool | None = None,
-            timeout: float | None = None, balanced: bool = False, chunksize: int = 1,
-            ordered: bool = True, retries: int = 1) -> Any:
+    def map(
+        self,
+        f: Callable,
+        *seqs: Iterable,
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+        balanced: bool = False,
+        chunksize: int = 1,
+        ordered: bool = True,
+        retries: int = 1,
+    ) -> Any:
         """A parallel ``map(f, *seqs)``.
 
         By default items are split in contiguous blocks, one per target (the tutorial's map).
@@ -451,32 +609,53 @@ class MultiEngineClient(Configurable):
         if balanced:
             live = self._live(eids, block)
             bm = self._balanced(f, items, eids, chunksize, ordered, retries, live and live.listener)
-            pr = PendingResult([bm.future], eids[:1], "map", lambda rs: rs[0],
-                               on_interrupt=lambda _running: self._stop_balanced(bm),
-                               progress=self._show_progress)
+            pr = PendingResult(
+                [bm.future],
+                eids[:1],
+                "map",
+                lambda rs: rs[0],
+                on_interrupt=lambda _running: self._stop_balanced(bm),
+                progress=self._show_progress,
+            )
             self._remember(pr)
             return self._deliver(pr, block, timeout, live)
         if not items:
             done: cf.Future = cf.Future()
             done.set_result([])
-            return self._deliver(self._pending([done], eids[:1], "map", lambda rs: []), block, timeout)
+            return self._deliver(
+                self._pending([done], eids[:1], "map", lambda rs: []), block, timeout
+            )
         nparts = min(len(eids), len(items))
         eids = eids[:nparts]
         frames, datas = [], []
         from .balanced import dumps_chunk
 
-        for (a, b) in partition.bounds(len(items), nparts):
-            frames.append(self._outgoing(dumps_chunk(f, a, items[a:b], snapshot=False), block, timeout))  # a TypeError names the item
+        for a, b in partition.bounds(len(items), nparts):
+            frames.append(
+                self._outgoing(dumps_chunk(f, a, items[a:b], snapshot=False), block, timeout)
+            )  # a TypeError names the item
             datas.append(a)
         futures = []
         live = self._live(eids, block)
         for eid, fr, off in zip(eids, frames, datas):
-            futures += self._comm("map", [eid], [fr], {"offset": off}, listener=live and live.listener)
+            futures += self._comm(
+                "map", [eid], [fr], {"offset": off}, listener=live and live.listener
+            )
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
-        return self._deliver(self._pending(futures, eids, "map", finish, progress=True), block, timeout, live)
+        return self._deliver(
+            self._pending(futures, eids, "map", finish, progress=True), block, timeout, live
+        )
 
-    def imap(self, f: Callable, *seqs: Iterable, targets: Any = None, chunksize: int = 1,
-             ordered: bool = True, retries: int = 1, timeout: float | None = None) -> Iterator[Any]:
+    def imap(
+        self,
+        f: Callable,
+        *seqs: Iterable,
+        targets: Any = None,
+        chunksize: int = 1,
+        ordered: bool = True,
+        retries: int = 1,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
         """A load-balanced map whose results are yielded as they arrive (``ordered=False``:
         in completion order). Everything is submitted at once; Ctrl-C stops it, and so does
         ``timeout`` (seconds from this call for the whole iteration: ``TimeoutError``)."""
@@ -489,27 +668,47 @@ class MultiEngineClient(Configurable):
         bm = self._balanced(f, list(zip(*seqs)), eids, chunksize, ordered, retries)
         return bm.iterate(deadline=deadline)  # from this call, not from the first next()
 
-    def _balanced(self, f: Callable, items: list, eids: list[int], chunksize: int, ordered: bool,
-                  retries: int, listener: Listener | None = None) -> "BalancedMap":
+    def _balanced(
+        self,
+        f: Callable,
+        items: list,
+        eids: list[int],
+        chunksize: int,
+        ordered: bool,
+        retries: int,
+        listener: Listener | None = None,
+    ) -> BalancedMap:
         from .balanced import BalancedMap
 
         usable = [e for e in eids if self._controller.state(e).data_ok] or eids
-        return BalancedMap(self._controller, usable, f, items, chunksize=chunksize, ordered=ordered,
-                           retries=retries, listener=listener).start()
+        return BalancedMap(
+            self._controller,
+            usable,
+            f,
+            items,
+            chunksize=chunksize,
+            ordered=ordered,
+            retries=retries,
+            listener=listener,
+        ).start()
 
-    def _stop_balanced(self, bm: "BalancedMap") -> None:
+    def _stop_balanced(self, bm: BalancedMap) -> None:
         bm.cancel()
         self._controller.interrupt([e for e in bm.eids if not self._controller.dead(e)])
 
-    def mapper(self, dist: str = "b", targets: Any = None, block: bool | None = None) -> "Mapper":
+    def mapper(self, dist: str = "b", targets: Any = None, block: bool | None = None) -> Mapper:
         """A mapper with fixed options: ``mec.mapper(targets=[0, 1]).map(f, seq)``."""
         if dist != "b":
-            raise ValueError(f"unknown distribution {dist!r}; only 'b' (contiguous blocks) is supported")
+            raise ValueError(
+                f"unknown distribution {dist!r}; only 'b' (contiguous blocks) is supported"
+            )
         if targets is not None:
             self._resolve_targets(targets)
         return Mapper(self, targets, block)
 
-    def parallel(self, targets: Any = None, block: bool | None = None) -> Callable[[Callable], "ParallelFunction"]:
+    def parallel(
+        self, targets: Any = None, block: bool | None = None
+    ) -> Callable[[Callable], ParallelFunction]:
         """Decorator: calling the function on sequences maps it over the engines."""
         if targets is not None:
             self._resolve_targets(targets)
@@ -528,7 +727,9 @@ class MultiEngineClient(Configurable):
 
         return status.show(self, live=live, interval=interval)
 
-    def pull_table(self, names: str | Sequence[str], targets: Any = None, timeout: float | None = None) -> Any:
+    def pull_table(
+        self, names: str | Sequence[str], targets: Any = None, timeout: float | None = None
+    ) -> Any:
         """``names`` on each engine as a table indexed by engine id (pandas DataFrame if available,
         else a list of dicts). Default targets skip engines without data operations."""
         from . import compare
@@ -542,7 +743,9 @@ class MultiEngineClient(Configurable):
         return compare.diff(self, name, targets=targets, timeout=timeout)
 
     # ------------------------------------------------------------------ control
-    def barrier(self, pending_results: Iterable[PendingResult], timeout: float | None = None) -> None:
+    def barrier(
+        self, pending_results: Iterable[PendingResult], timeout: float | None = None
+    ) -> None:
         """Wait until every ``PendingResult`` is ready (errors stay in them, for ``get_result``)."""
         prs = list(pending_results)
         for pr in prs:
@@ -550,13 +753,23 @@ class MultiEngineClient(Configurable):
                 raise TypeError(f"barrier takes PendingResult objects, not {type(pr).__name__}")
         futures = [f for pr in prs for f in pr.futures]
         eids = [e for pr in prs for e in pr.eids]
-        waiter = PendingResult(futures, eids, "barrier", lambda rs: None,
-                               on_interrupt=self._interrupt_eids, progress=self._show_progress)
+        waiter = PendingResult(
+            futures,
+            eids,
+            "barrier",
+            lambda rs: None,
+            on_interrupt=self._interrupt_eids,
+            progress=self._show_progress,
+        )
         if not waiter.wait(timeout):
             left = sorted({e for e, f in zip(eids, futures) if not f.done()})
-            raise TimeoutError(f"barrier not done after {timeout:g} s; still running on engines {left}")
+            raise TimeoutError(
+                f"barrier not done after {timeout:g} s; still running on engines {left}"
+            )
 
-    def get_result(self, default: Any = None, block: bool = True, timeout: float | None = None) -> Any:
+    def get_result(
+        self, default: Any = None, block: bool = True, timeout: float | None = None
+    ) -> Any:
         """The ``ResultList`` of the last command executed on the engines (what ``%result``
         shows): ``execute``/``%px`` only, later ``push``/``pull``/``map`` calls do not replace it.
         Waits for it (``block``, ``timeout``) like ``PendingResult.get_result``."""
@@ -614,8 +827,10 @@ class MultiEngineClient(Configurable):
         ready = lambda: not any(self._controller.unavailable(e) for e in eids)  # noqa: E731
         if not _loop.wait_until(ready, timeout, tick=stdin.serve_pending):
             waiting = {e: why for e in eids if (why := self._controller.unavailable(e))}
-            raise TimeoutError(f"engines not ready after {timeout:g} s: " +
-                               "; ".join(f"engine {e} {why}" for e, why in waiting.items()))
+            raise TimeoutError(
+                f"engines not ready after {timeout:g} s: "
+                + "; ".join(f"engine {e} {why}" for e, why in waiting.items())
+            )
 
     def on_start(self, code: str, timeout: float | None = None) -> ResultList:
         """Run setup ``code`` on every engine now, and record it so that it runs again, first
@@ -627,7 +842,9 @@ class MultiEngineClient(Configurable):
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         live = [e for e in self._controller.ids if not self._controller.unavailable(e)]
-        result = self.execute(code, targets=live, block=True, timeout=timeout) if live else ResultList()
+        result = (
+            self.execute(code, targets=live, block=True, timeout=timeout) if live else ResultList()
+        )
         self._controller.init_code.append(code)
         return result
 
@@ -640,7 +857,7 @@ class MultiEngineClient(Configurable):
         """Forget all recorded ``on_start`` code."""
         self._controller.init_code.clear()
 
-    def activate(self) -> "MultiEngineClient":
+    def activate(self) -> MultiEngineClient:
         """Make this client the one the ``%px``/``%autopx``/``%result`` magics use."""
         global _active
         _active = self
@@ -660,7 +877,7 @@ class MultiEngineClient(Configurable):
         if self.owner.owns_engines:
             self.owner.stop()
 
-    def __enter__(self) -> "MultiEngineClient":
+    def __enter__(self) -> MultiEngineClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -679,7 +896,9 @@ def close_controller(controller: Controller) -> None:
     if _loop.in_loop_thread():
         import threading
 
-        threading.Thread(target=controller.close, name="ipy_multiengine-finalize", daemon=True).start()
+        threading.Thread(
+            target=controller.close, name="ipy_multiengine-finalize", daemon=True
+        ).start()
         return
     controller.close()
 
@@ -727,9 +946,11 @@ def _values(replies: list[CommReply]) -> list[Any]:
         try:
             out.append(serialize.loads(r.frames))
         except Exception as exc:
-            raise TypeError(f"a value sent back by an engine cannot be rebuilt in this process "
-                            f"({type(exc).__name__}: {exc}); define its class in a module both sides "
-                            "can import, or convert it to builtin types on the engine") from exc
+            raise TypeError(
+                f"a value sent back by an engine cannot be rebuilt in this process "
+                f"({type(exc).__name__}: {exc}); define its class in a module both sides "
+                "can import, or convert it to builtin types on the engine"
+            ) from exc
     return out
 
 
@@ -772,7 +993,9 @@ def _dumps_part(name: str, offset: int, part: Any) -> list[Any]:
                 try:
                     serialize.dumps(item)
                 except Exception as exc:
-                    raise TypeError(f"cannot send {name!r}: item {offset + k} of the sequence, of type "
-                                    f"{type(item).__name__}, cannot be pickled ({exc})") from exc
+                    raise TypeError(
+                        f"cannot send {name!r}: item {offset + k} of the sequence, of type "
+                        f"{type(item).__name__}, cannot be pickled ({exc})"
+                    ) from exc
         serialize.check_picklable(name, part)
         raise

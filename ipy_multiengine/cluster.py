@@ -62,10 +62,10 @@ from .render import in_notebook  # the one "in a kernel?" check
 log = __import__("logging").getLogger("ipy_multiengine")
 
 
-
 # ---------------------------------------------------------------------- clusters owned elsewhere
-def terminate_verified(idents: list[dict], timeout: float = 5.0,
-                       refused: list[str] | None = None) -> list[str]:
+def terminate_verified(
+    idents: list[dict], timeout: float = 5.0, refused: list[str] | None = None
+) -> list[str]:
     """SIGTERM, then after ``timeout`` SIGKILL, the processes ``idents`` describe, each only
     if it still is that process (:func:`same_process`); the others are never signalled (why
     is appended to ``refused``). Returns the processes that survived (zombies count as gone:
@@ -81,7 +81,9 @@ def terminate_verified(idents: list[dict], timeout: float = 5.0,
     for sig_name, wait in (("terminate", timeout), ("kill", 5.0)):
         for proc in procs:
             try:
-                getattr(proc, sig_name)()  # psutil re-checks the create time: no reused pid is signalled
+                getattr(
+                    proc, sig_name
+                )()  # psutil re-checks the create time: no reused pid is signalled
             except psutil.Error:
                 pass
         deadline = time.monotonic() + wait
@@ -105,9 +107,14 @@ def _running(proc: psutil.Process) -> bool:
 def _still_running(spec: dict) -> list[str]:
     """The file's local engines that still run (by identity), as one message, or []."""
     here = socket.gethostname()
-    still = [f"engine {e['id']} (pid {e['pid']})" for e in spec["engines"]
-             if (i := engine_identity(e, spec)) and i.get("host") == here
-             and isinstance(i.get("create_time"), (int, float)) and same_process(i)[0] is not None]
+    still = [
+        f"engine {e['id']} (pid {e['pid']})"
+        for e in spec["engines"]
+        if (i := engine_identity(e, spec))
+        and i.get("host") == here
+        and isinstance(i.get("create_time"), (int, float))
+        and same_process(i)[0] is not None
+    ]
     return [f"still running: {', '.join(still)}"] if still else []
 
 
@@ -128,7 +135,9 @@ def _stop_launcher_record(spec: dict) -> list[str]:
                 record = {**record, "pid": None}  # gone already: nothing to signal by group
             else:
                 why = same_process(ident)[1] if ident else "the file records no identity for it"
-                return [f"not stopping the {record.get('launcher')} job of pid {record['pid']}: {why}"]
+                return [
+                    f"not stopping the {record.get('launcher')} job of pid {record['pid']}: {why}"
+                ]
     try:
         launcher = launcher_from_dict(record)
         launcher.kill_now()
@@ -145,7 +154,9 @@ def clean_stale(path: Path, spec: dict, notes: list[str] | None = None) -> list[
     if spec.get("launcher"):
         problems += _stop_launcher_record(spec)
     here = socket.gethostname()
-    engines = [i for e in spec["engines"] if (i := engine_identity(e, spec)) and i.get("host") == here]
+    engines = [
+        i for e in spec["engines"] if (i := engine_identity(e, spec)) and i.get("host") == here
+    ]
     problems += terminate_verified(engines, refused=notes)
     problems = problems or _still_running(spec)
     if problems:
@@ -190,7 +201,9 @@ def stop_cluster_file(path: Path, timeout: float = 20.0) -> tuple[int, list[str]
     state, why = owner_state(spec)
     owner = owner_of(spec) or {}
     if state == "remote":
-        return 1, [f"not stopping {path}: its owner runs on host {owner.get('host')!r}; stop it there"]
+        return 1, [
+            f"not stopping {path}: its owner runs on host {owner.get('host')!r}; stop it there"
+        ]
     if state == "none":  # attached kernels: not ours, only forgotten
         remove_files(spec, path)
         return 0, [f"forgot the attached kernels of {path} (they keep running)"]
@@ -223,7 +236,9 @@ def stop_cluster_file(path: Path, timeout: float = 20.0) -> tuple[int, list[str]
     if problems or refused:
         return 1, refused + problems
     remove_files(spec, path)
-    return 0, [f"stopped the engines of {path}; their owner process {owner.get('pid')} keeps running"]
+    return 0, [
+        f"stopped the engines of {path}; their owner process {owner.get('pid')} keeps running"
+    ]
 
 
 # ---------------------------------------------------------------------- the Cluster
@@ -254,34 +269,64 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
     ``docs/configuration.md``.
     """
 
-    n = Integer(None, allow_none=True, min=1,
-                help="Number of engines; None: 4 for the local launcher, the launcher's own count "
-                     "otherwise (ssh hosts, ...).").tag(config=True)
-    kernel_name = Unicode("python3", help="Kernelspec of the engines (any Python kernelspec with "
-                                          "ipy_multiengine importable; other kernels can execute only)."
-                          ).tag(config=True)
-    profile = Unicode(None, allow_none=True,
-                      help="Shared cluster of that profile (found by MultiEngineClient(profile=...), one "
-                           "at a time); None: embedded (private, found by its file only).").tag(config=True)
-    startup_timeout = Float(60.0, min=0.0, help="Seconds to wait for every engine to be ready.").tag(config=True)
-    env = Dict(default_value=None, allow_none=True, help="Environment of the engines; None: this process's.").tag(config=True)
+    n = Integer(
+        None,
+        allow_none=True,
+        min=1,
+        help="Number of engines; None: 4 for the local launcher, the launcher's own count "
+        "otherwise (ssh hosts, ...).",
+    ).tag(config=True)
+    kernel_name = Unicode(
+        "python3",
+        help="Kernelspec of the engines (any Python kernelspec with "
+        "ipy_multiengine importable; other kernels can execute only).",
+    ).tag(config=True)
+    profile = Unicode(
+        None,
+        allow_none=True,
+        help="Shared cluster of that profile (found by MultiEngineClient(profile=...), one "
+        "at a time); None: embedded (private, found by its file only).",
+    ).tag(config=True)
+    startup_timeout = Float(
+        60.0, min=0.0, help="Seconds to wait for every engine to be ready."
+    ).tag(config=True)
+    env = Dict(
+        default_value=None,
+        allow_none=True,
+        help="Environment of the engines; None: this process's.",
+    ).tag(config=True)
     write_file = Bool(True, help="Write a cluster file others can connect with.").tag(config=True)
-    engines = Dict(default_value=None, allow_none=True,
-                   help="Engines from several kernelspecs, {kernelspec: n, ...} (local launcher only); "
-                        "ids in that order, each kernelspec also a group name.").tag(config=True)
-    auto_restart = Bool(False, help="Restart engines that die (at most MAX_AUTO_RESTARTS a minute each)."
-                        ).tag(config=True)
-    transport_encryption = Enum(("auto", "required", "disabled"), default_value=None, allow_none=True,
-                                help="CurveZMQ: 'auto' (where the kernelspec supports it), 'required', "
-                                     "'disabled'; None: on unless the engines listen on loopback only."
-                                ).tag(config=True)
-    shutdown_wait = Float(3.0, min=0.0, help="Seconds a stopping engine gets before it is terminated "
-                                             "(SIGTERM, then as long again before SIGKILL).").tag(config=True)
-    launcher = AnyTrait("local", help="The launcher: 'local', 'mpi', 'slurm', 'ssh', a plugin name or a "
-                                      "Launcher instance (after construction: the Launcher itself)."
-                        ).tag(config=True)
-    launcher_options = Dict(help="Options of the launcher (hosts=..., python=..., ip=...); keyword "
-                                 "arguments of Cluster(...) are added to them.").tag(config=True)
+    engines = Dict(
+        default_value=None,
+        allow_none=True,
+        help="Engines from several kernelspecs, {kernelspec: n, ...} (local launcher only); "
+        "ids in that order, each kernelspec also a group name.",
+    ).tag(config=True)
+    auto_restart = Bool(
+        False, help="Restart engines that die (at most MAX_AUTO_RESTARTS a minute each)."
+    ).tag(config=True)
+    transport_encryption = Enum(
+        ("auto", "required", "disabled"),
+        default_value=None,
+        allow_none=True,
+        help="CurveZMQ: 'auto' (where the kernelspec supports it), 'required', "
+        "'disabled'; None: on unless the engines listen on loopback only.",
+    ).tag(config=True)
+    shutdown_wait = Float(
+        3.0,
+        min=0.0,
+        help="Seconds a stopping engine gets before it is terminated "
+        "(SIGTERM, then as long again before SIGKILL).",
+    ).tag(config=True)
+    launcher = AnyTrait(
+        "local",
+        help="The launcher: 'local', 'mpi', 'slurm', 'ssh', a plugin name or a "
+        "Launcher instance (after construction: the Launcher itself).",
+    ).tag(config=True)
+    launcher_options = Dict(
+        help="Options of the launcher (hosts=..., python=..., ip=...); keyword "
+        "arguments of Cluster(...) are added to them."
+    ).tag(config=True)
 
     def __init__(
         self,
@@ -304,25 +349,48 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         from .launchers.base import encryption_policy
         from .launchers.local import LocalLauncher
 
-        given = {k: v for k, v in dict(
-            n=n, kernel_name=kernel_name, profile=profile, startup_timeout=startup_timeout, env=env,
-            write_file=write_file, engines=engines, auto_restart=auto_restart,
-            transport_encryption=transport_encryption, shutdown_wait=shutdown_wait, launcher=launcher,
-        ).items() if v is not CONFIGURED}
+        given = {
+            k: v
+            for k, v in dict(
+                n=n,
+                kernel_name=kernel_name,
+                profile=profile,
+                startup_timeout=startup_timeout,
+                env=env,
+                write_file=write_file,
+                engines=engines,
+                auto_restart=auto_restart,
+                transport_encryption=transport_encryption,
+                shutdown_wait=shutdown_wait,
+                launcher=launcher,
+            ).items()
+            if v is not CONFIGURED
+        }
         for key in ("env", "engines"):  # any mapping, as before (os.environ, ...)
             if isinstance(given.get(key), Mapping) and not isinstance(given[key], dict):
                 given[key] = dict(given[key])
         # arguments are checked as before (the same ValueError), configured values by their traits
         if "transport_encryption" in given:
             encryption_policy(transport_encryption, "127.0.0.1")  # checks the value
-        if n is not None and n is not CONFIGURED and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        if (
+            n is not None
+            and n is not CONFIGURED
+            and (not isinstance(n, int) or isinstance(n, bool) or n < 1)
+        ):
             raise ValueError(f"n must be a positive int, not {n!r}")
         try:
-            Configurable.__init__(self, config=shell_config() if config is None else config, **given)
+            Configurable.__init__(
+                self, config=shell_config() if config is None else config, **given
+            )
         except TraitError as exc:
             raise config_error(type(self), exc) from None
         n, kernel_name, profile = self.n, self.kernel_name, self.profile
-        startup_timeout, env, write_file, engines = self.startup_timeout, self.env, self.write_file, self.engines
+        startup_timeout, env, write_file, engines = (
+            self.startup_timeout,
+            self.env,
+            self.write_file,
+            self.engines,
+        )
         auto_restart, transport_encryption = self.auto_restart, self.transport_encryption
         shutdown_wait, launcher = self.shutdown_wait, self.launcher
         launcher_options = {**self.launcher_options, **launcher_options}
@@ -345,21 +413,35 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         # 'mpi'|'slurm'|'ssh'|a plugin name|a Launcher instance (see ipy_multiengine.launchers)
         if launcher == "local":
             self.launcher = LocalLauncher(
-                4 if n is None else n, kernel_name=kernel_name, kernel_names=kernel_names, env=env,
-                startup_timeout=startup_timeout, transport_encryption=transport_encryption,
-                shutdown_wait=shutdown_wait, work_dir=cluster_dir(), tag=f"{self.cluster_id}-{os.getpid()}",
-                **launcher_options)
+                4 if n is None else n,
+                kernel_name=kernel_name,
+                kernel_names=kernel_names,
+                env=env,
+                startup_timeout=startup_timeout,
+                transport_encryption=transport_encryption,
+                shutdown_wait=shutdown_wait,
+                work_dir=cluster_dir(),
+                tag=f"{self.cluster_id}-{os.getpid()}",
+                **launcher_options,
+            )
         else:
             if transport_encryption is not None:
                 launcher_options.setdefault("transport_encryption", transport_encryption)
-            self.launcher = make_launcher(launcher, n, kernel_name=kernel_name, env=env,
-                                          startup_timeout=startup_timeout, **launcher_options)
+            self.launcher = make_launcher(
+                launcher,
+                n,
+                kernel_name=kernel_name,
+                env=env,
+                startup_timeout=startup_timeout,
+                **launcher_options,
+            )
         n = self.launcher.n if n is None else n
         self.n = n
         self.kernel_name = kernel_name
         #: engine id -> kernelspec name (= its group)
-        self.kernel_names: dict[int, str] = dict(getattr(self.launcher, "kernel_names", None)
-                                                 or dict.fromkeys(range(n), kernel_name))
+        self.kernel_names: dict[int, str] = dict(
+            getattr(self.launcher, "kernel_names", None) or dict.fromkeys(range(n), kernel_name)
+        )
         self.startup_timeout = startup_timeout
         self.env = env
         self.write_file = write_file
@@ -389,8 +471,9 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         #: the owner is never signalled from outside, only its engines are stopped
         self.owner_kind = "kernel" if in_notebook() else "process"
         self._written: dict[str, str | None] = {"path": None}
-        self._file_finalizer = weakref.finalize(self, _release_file, self._written, self.cluster_id,
-                                                self._owner, self._lock)
+        self._file_finalizer = weakref.finalize(
+            self, _release_file, self._written, self.cluster_id, self._owner, self._lock
+        )
 
     #: a ``Cluster`` owns its engines: closing its client stops them
     owns_engines = True
@@ -424,12 +507,18 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         problems = clean_stale(path, spec) if state == "gone" else []
         if state != "gone" or problems:
             self._lock.release()
-            what = {"none": "attached kernels", "remote": "a cluster owned on another host"}.get(state, "a cluster")
+            what = {"none": "attached kernels", "remote": "a cluster owned on another host"}.get(
+                state, "a cluster"
+            )
             if problems:
-                raise RuntimeError(f"profile {self.profile!r}: the owner of {path} is gone ({why}) but what it "
-                                   f"started could not be stopped: {'; '.join(problems)}")
-            raise RuntimeError(f"profile {self.profile!r} already has {what} ({path}); "
-                               f"`ipmulti stop --profile {self.profile}` it or use another profile")
+                raise RuntimeError(
+                    f"profile {self.profile!r}: the owner of {path} is gone ({why}) but what it "
+                    f"started could not be stopped: {'; '.join(problems)}"
+                )
+            raise RuntimeError(
+                f"profile {self.profile!r} already has {what} ({path}); "
+                f"`ipmulti stop --profile {self.profile}` it or use another profile"
+            )
         return path
 
     def _stopped_from_outside(self) -> bool:
@@ -446,8 +535,12 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         except ValueError:
             return False
         if self._lock is not None and self._lock.held:
-            log.warning("another process stopped this cluster (ipmulti stop, %s): its engines "
-                        "are not restarted and profile %r is free again", path, self.profile)
+            log.warning(
+                "another process stopped this cluster (ipmulti stop, %s): its engines "
+                "are not restarted and profile %r is free again",
+                path,
+                self.profile,
+            )
             self._lock.release()
         return True
 
@@ -461,8 +554,13 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             raise RuntimeError("this Cluster is already started")
         if self._stopped:
             raise RuntimeError("this Cluster was stopped; create a new one")
-        path = self._claim() if self.write_file else cluster_file_path(self.cluster_id) if self.shared \
+        path = (
+            self._claim()
+            if self.write_file
+            else cluster_file_path(self.cluster_id)
+            if self.shared
             else embedded_file_path(self.cluster_id)
+        )
         self._started = True
         self._finalizer = weakref.finalize(self, _stop_launcher, self.launcher)
         atexit.register(self._finalizer)
@@ -472,25 +570,34 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             liveness = {eid: self.launcher.liveness(eid) for eid in self.engines_info}
             for attempt in range(PORT_CLASH_RETRIES + 1):
                 try:
-                    controller = Controller(self.engines_info, liveness, timeout=self.startup_timeout).connect()
+                    controller = Controller(
+                        self.engines_info, liveness, timeout=self.startup_timeout
+                    ).connect()
                     break
                 except EngineError as exc:
                     eid = exc.engine_id
                     info = None
                     if attempt < PORT_CLASH_RETRIES and eid is not None:
-                        info = _loop.run(self.launcher.retry_after_clash(eid),
-                                         timeout=(self.startup_timeout or 3600) + 10)
+                        info = _loop.run(
+                            self.launcher.retry_after_clash(eid),
+                            timeout=(self.startup_timeout or 3600) + 10,
+                        )
                     if info is None:
                         raise self._with_output(exc) from None
-                    log.warning("engine %s lost a port to another process while starting; "
-                                "started it again on new ports", eid)
+                    log.warning(
+                        "engine %s lost a port to another process while starting; "
+                        "started it again on new ports",
+                        eid,
+                    )
                     self.engines_info[eid], liveness[eid] = info, self.launcher.liveness(eid)
         except BaseException:
             self.stop()
             raise
         controller.on_dead = self._on_dead
         try:  # a bad configured client value (MultiEngineClient.targets...) stops what started
-            self.client = MultiEngineClient(_controller=controller, _cluster=self, config=self.config)
+            self.client = MultiEngineClient(
+                _controller=controller, _cluster=self, config=self.config
+            )
         except BaseException:
             self.stop()
             raise
@@ -504,8 +611,11 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         tail = getattr(self.launcher, "log_tail", None)
         if eid is None or tail is None or eid not in self.managers:
             return exc
-        return EngineError(f"{exc}\n--- engine {eid}'s own output (kernel {self.kernel_names.get(eid)!r}, "
-                           f"log {self.log_file(eid)}) ---\n{tail(eid)}", eid)
+        return EngineError(
+            f"{exc}\n--- engine {eid}'s own output (kernel {self.kernel_names.get(eid)!r}, "
+            f"log {self.log_file(eid)}) ---\n{tail(eid)}",
+            eid,
+        )
 
     # -- restarting
     def restart(self, eids: list[int], timeout: float | None = None) -> None:
@@ -516,7 +626,9 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             _loop.run(self.launcher.restart(list(eids)), timeout=60)  # raises, saying why not
         unknown = [e for e in eids if e not in self.engines_info]
         if unknown:
-            raise ValueError(f"unknown engine ids {unknown}; valid ids: {sorted(self.engines_info)}")
+            raise ValueError(
+                f"unknown engine ids {unknown}; valid ids: {sorted(self.engines_info)}"
+            )
         timeout = self.startup_timeout if timeout is None else timeout
         # a timeout is a promise (issue 11.3): raise at it, and let the restart go on rather
         # than cancel it half way (the engine becomes ready by itself; wait_ready waits for it)
@@ -527,17 +639,33 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             fut.cancel()
             raise
         if not done:
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or log.warning(
-                "restart of engines %s failed after its caller stopped waiting: %s", eids, f.exception()))
+            fut.add_done_callback(
+                lambda f: (
+                    f.cancelled()
+                    or f.exception() is None
+                    or log.warning(
+                        "restart of engines %s failed after its caller stopped waiting: %s",
+                        eids,
+                        f.exception(),
+                    )
+                )
+            )
             ctl = self.client.controller
             why = "; ".join(f"engine {e} {ctl.unavailable(e) or 'is ready'}" for e in eids)
-            raise TimeoutError(f"restart of engines {list(eids)} not finished after {timeout:g} s ({why}); "
-                               "it goes on: mec.wait_ready() waits for it")
+            raise TimeoutError(
+                f"restart of engines {list(eids)} not finished after {timeout:g} s ({why}); "
+                "it goes on: mec.wait_ready() waits for it"
+            )
         fut.result()
 
     async def restart_async(self, eids: list[int], timeout: float) -> None:
         await asyncio.gather(*(self._restart_one(eid, timeout) for eid in eids))
-        if self.write_file and self.cluster_file and not self._stopped and not self._stopped_from_outside():
+        if (
+            self.write_file
+            and self.cluster_file
+            and not self._stopped
+            and not self._stopped_from_outside()
+        ):
             self._write_cluster_file(Path(self.cluster_file))
 
     async def _restart_one(self, eid: int, timeout: float) -> None:
@@ -549,17 +677,28 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             info = (await self.launcher.restart([eid]))[eid]
             for attempt in range(PORT_CLASH_RETRIES + 1):
                 if self._stopped:  # stop() ran meanwhile; it stops the launcher's new kernel too
-                    raise EngineError(f"engine {eid}: the cluster was stopped during its restart", eid)
+                    raise EngineError(
+                        f"engine {eid}: the cluster was stopped during its restart", eid
+                    )
                 try:
-                    await controller.add_engines_async({eid: info}, {eid: self.launcher.liveness(eid)}, timeout)
+                    await controller.add_engines_async(
+                        {eid: info}, {eid: self.launcher.liveness(eid)}, timeout
+                    )
                     self.engines_info[eid] = info
                     break
                 except EngineError as exc:
-                    fresh = await self.launcher.retry_after_clash(eid) if attempt < PORT_CLASH_RETRIES else None
+                    fresh = (
+                        await self.launcher.retry_after_clash(eid)
+                        if attempt < PORT_CLASH_RETRIES
+                        else None
+                    )
                     if fresh is None:
                         raise self._with_output(exc) from None
-                    log.warning("engine %s lost a port to another process while restarting; "
-                                "started it on new ports", eid)
+                    log.warning(
+                        "engine %s lost a port to another process while restarting; "
+                        "started it on new ports",
+                        eid,
+                    )
                     info = fresh
 
     def _on_dead(self, eid: int, reason: str) -> None:
@@ -573,7 +712,9 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             return  # being restarted already
         recent = [t for t in self.restarts.get(eid, []) if time.time() - t < 60]
         if len(recent) >= MAX_AUTO_RESTARTS:
-            log.error("engine %s died %d times within a minute; not restarting it again", eid, len(recent))
+            log.error(
+                "engine %s died %d times within a minute; not restarting it again", eid, len(recent)
+            )
             return
         log.warning("engine %s %s; restarting it", eid, reason)
 
@@ -619,29 +760,44 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
 
     def engine_meta(self) -> dict[int, dict]:
         """Per engine id: group, kernel_name, pid and host, as far as this cluster knows them."""
-        return {eid: {k: m.get(k) for k in ("group", "kernel_name", "pid", "host")}
-                for eid, m in self.launcher.engine_meta().items()}
+        return {
+            eid: {k: m.get(k) for k in ("group", "kernel_name", "pid", "host")}
+            for eid, m in self.launcher.engine_meta().items()
+        }
 
     def _write_cluster_file(self, path: Path) -> None:
         host = socket.gethostname()
         spec: dict[str, Any] = {
-            "cluster_id": self.cluster_id, "profile": self.profile, "shared": self.shared,
+            "cluster_id": self.cluster_id,
+            "profile": self.profile,
+            "shared": self.shared,
             "owner": {**self._owner, "kind": self.owner_kind},
-            "owner_pid": os.getpid(), "host": host, "created": time.time(),
+            "owner_pid": os.getpid(),
+            "host": host,
+            "created": time.time(),
             "serves": ["requests"] if self.serves_requests else [],
         }
-        if self.launcher.name != "local":  # local engines: their own entries say all (pid, identity)
+        if (
+            self.launcher.name != "local"
+        ):  # local engines: their own entries say all (pid, identity)
             record = self.launcher.to_dict()
             if record.get("pid") and record.get("hostname", host) == host:
-                record["identity"] = try_identity(record["pid"])  # so a stale cleanup signals only it
+                record["identity"] = try_identity(
+                    record["pid"]
+                )  # so a stale cleanup signals only it
             spec["launcher"] = record
         meta = self.launcher.engine_meta()
         spec["engines"] = []
         for eid, info in self.engines_info.items():
             m = meta.get(eid, {})
-            e = {"id": eid, "pid": m.get("pid", info.get("pid")), "host": m.get("host") or host,
-                 "kernel_name": self.kernel_names.get(eid, self.kernel_name),
-                 "group": self.kernel_names.get(eid, self.kernel_name), "connection": info}
+            e = {
+                "id": eid,
+                "pid": m.get("pid", info.get("pid")),
+                "host": m.get("host") or host,
+                "kernel_name": self.kernel_names.get(eid, self.kernel_name),
+                "group": self.kernel_names.get(eid, self.kernel_name),
+                "connection": info,
+            }
             e.update({k: m[k] for k in ("connection_file", "log_file") if m.get(k)})
             spec["engines"].append(e)
         for e in spec["engines"]:
@@ -692,7 +848,9 @@ def _release_file(written: dict, cluster_id: str, owner: dict, lock: ProfileLock
 def _engine_groups(engines: Any) -> dict[int, str]:
     """``{'python3': 2, 'bash': 1}`` -> ``{0: 'python3', 1: 'python3', 2: 'bash'}`` (checked)."""
     if not isinstance(engines, dict) or not engines:
-        raise ValueError(f"engines must be a non-empty dict of kernelspec name to count, not {engines!r}")
+        raise ValueError(
+            f"engines must be a non-empty dict of kernelspec name to count, not {engines!r}"
+        )
     out: dict[int, str] = {}
     for name, count in engines.items():
         if not isinstance(name, str) or not name or name == "all":

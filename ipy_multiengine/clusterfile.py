@@ -29,8 +29,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psutil
 from jupyter_core.paths import jupyter_runtime_dir, secure_write
@@ -39,9 +40,11 @@ from .errors import EngineError, NoClusterError, TimeoutError
 
 log = logging.getLogger(__name__)
 
-HOW_TO_START = ("start one with `ipmulti start -n 4 --daemon`, or in Python: "
-                "`Cluster(n=4, profile='default').start()` (shared; `with Cluster(n=4) as mec:` is "
-                "embedded: private to mec, never found by profile)")
+HOW_TO_START = (
+    "start one with `ipmulti start -n 4 --daemon`, or in Python: "
+    "`Cluster(n=4, profile='default').start()` (shared; `with Cluster(n=4) as mec:` is "
+    "embedded: private to mec, never found by profile)"
+)
 CONNECTION_KEYS = ("shell_port", "iopub_port", "control_port", "ip", "key")
 SHARED_PREFIX, EMBEDDED_PREFIX = "cluster-", "embedded-"
 #: Seconds a client connected by cluster file watches for its owner to restart a dead engine.
@@ -66,7 +69,13 @@ def cluster_dir() -> Path:
 
 def check_profile(profile: str) -> str:
     """``profile`` if it can name a file of its own (no ``/``, no leading dot), else ValueError."""
-    if not isinstance(profile, str) or not profile or "/" in profile or "\0" in profile or profile.startswith("."):
+    if (
+        not isinstance(profile, str)
+        or not profile
+        or "/" in profile
+        or "\0" in profile
+        or profile.startswith(".")
+    ):
         raise ValueError(f"invalid profile name {profile!r}")
     return profile
 
@@ -129,8 +138,12 @@ def identity(pid: int | None = None, kind: str | None = None) -> dict:
     host, create time and command line (psutil)."""
     proc = psutil.Process(pid)
     with proc.oneshot():
-        out = {"pid": proc.pid, "host": socket.gethostname(), "create_time": proc.create_time(),
-               "cmdline": proc.cmdline()}
+        out = {
+            "pid": proc.pid,
+            "host": socket.gethostname(),
+            "create_time": proc.create_time(),
+            "cmdline": proc.cmdline(),
+        }
     if kind:
         out["kind"] = kind
     return out
@@ -166,7 +179,10 @@ def same_process(ident: dict | None) -> tuple[psutil.Process | None, str]:
     except psutil.Error as exc:
         return None, f"process {pid} cannot be inspected ({type(exc).__name__})"
     if not isinstance(ident.get("create_time"), (int, float)):
-        return None, f"the file records no start time for pid {pid}, so it cannot be told from another process"
+        return (
+            None,
+            f"the file records no start time for pid {pid}, so it cannot be told from another process",
+        )
     if abs(created - ident["create_time"]) > 0.05:
         return None, f"pid {pid} now belongs to another process (started at {time.ctime(created)})"
     if ident.get("cmdline") is not None and ident["cmdline"] != cmdline:
@@ -216,7 +232,9 @@ def read_spec(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise NoClusterError(f"cluster file {path} does not exist; {HOW_TO_START}") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"malformed cluster file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ValueError(
+            f"malformed cluster file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     except OSError as exc:
         raise ValueError(f"cannot read cluster file {path}: {exc}") from None
     try:
@@ -234,9 +252,11 @@ def read_cluster(path: str | os.PathLike) -> dict:
     spec = read_spec(path)
     state, why = owner_state(spec)
     if state == "gone":
-        raise NoClusterError(f"cluster file {path} is stale: its owner process "
-                             f"{(owner_of(spec) or {}).get('pid')} is gone ({why}); "
-                             f"`ipmulti list` cleans it up; {HOW_TO_START}")
+        raise NoClusterError(
+            f"cluster file {path} is stale: its owner process "
+            f"{(owner_of(spec) or {}).get('pid')} is gone ({why}); "
+            f"`ipmulti list` cleans it up; {HOW_TO_START}"
+        )
     return spec
 
 
@@ -269,8 +289,10 @@ def resolve_cluster_file(path: str | os.PathLike | None, profile: str | None) ->
         return Path(path)
     candidate = cluster_file_path(profile or "default")
     if not candidate.exists():
-        raise NoClusterError(f"no running cluster for profile {profile or 'default'!r} "
-                             f"(no {candidate}); {HOW_TO_START}")
+        raise NoClusterError(
+            f"no running cluster for profile {profile or 'default'!r} "
+            f"(no {candidate}); {HOW_TO_START}"
+        )
     return candidate
 
 
@@ -281,9 +303,15 @@ def engines_of(spec: dict) -> dict[int, dict]:
 
 def engine_meta_of(spec: dict) -> dict[int, dict]:
     """Engine id -> group, kernel_name, pid and host, as the file records them."""
-    return {e["id"]: {"group": e.get("group", e.get("kernel_name")), "kernel_name": e.get("kernel_name"),
-                      "pid": e.get("pid"), "host": e.get("host", spec.get("host"))}
-            for e in spec["engines"]}
+    return {
+        e["id"]: {
+            "group": e.get("group", e.get("kernel_name")),
+            "kernel_name": e.get("kernel_name"),
+            "pid": e.get("pid"),
+            "host": e.get("host", spec.get("host")),
+        }
+        for e in spec["engines"]
+    }
 
 
 def read_connection_files(files: Any) -> dict[int, dict]:
@@ -306,7 +334,9 @@ def read_connection_files(files: Any) -> dict[int, dict]:
             raise ValueError(f"{path} is not a connection file: {exc}") from None
         missing = [k for k in CONNECTION_KEYS if k not in info]
         if missing:
-            raise ValueError(f"{path} is not a kernel connection file: it lacks {', '.join(missing)}")
+            raise ValueError(
+                f"{path} is not a kernel connection file: it lacks {', '.join(missing)}"
+            )
         engines[eid] = info
     if not engines:
         raise ValueError("attach needs at least one connection file")
@@ -323,10 +353,15 @@ def liveness_probes(spec: dict) -> dict[int, Callable[[], str | None]]:
         if pid and e.get("host", spec.get("host")) == here:
             if isinstance(e.get("create_time"), (int, float)):
                 ident = {"pid": pid, "host": here, "create_time": e["create_time"]}
-                probes[e["id"]] = (lambda i=ident: None if same_process(i)[0] is not None
-                                   else f"exited (process {i['pid']} is gone)")
+                probes[e["id"]] = lambda i=ident: (
+                    None
+                    if same_process(i)[0] is not None
+                    else f"exited (process {i['pid']} is gone)"
+                )
             else:
-                probes[e["id"]] = (lambda p=pid: None if pid_alive(p) else f"exited (process {p} is gone)")
+                probes[e["id"]] = lambda p=pid: (
+                    None if pid_alive(p) else f"exited (process {p} is gone)"
+                )
     return probes
 
 
@@ -334,7 +369,11 @@ def engine_identity(e: dict, spec: dict) -> dict | None:
     """The identity an engine entry records (None: not a local process we could verify)."""
     if not e.get("pid"):
         return None
-    return {"pid": e["pid"], "host": e.get("host", spec.get("host")), "create_time": e.get("create_time")}
+    return {
+        "pid": e["pid"],
+        "host": e.get("host", spec.get("host")),
+        "create_time": e.get("create_time"),
+    }
 
 
 def cluster_files() -> list[Path]:
@@ -346,9 +385,13 @@ def cluster_files() -> list[Path]:
 def describe(path: Path) -> dict:
     """One ``ipmulti list`` entry: file, profile, shared, owner, state, engines; never raises."""
     shared = path.name.startswith(SHARED_PREFIX)
-    stem = path.stem[len(SHARED_PREFIX if shared else EMBEDDED_PREFIX):]
-    entry: dict[str, Any] = {"file": str(path), "profile": stem if shared else "(embedded)",
-                             "cluster_id": stem, "shared": shared}
+    stem = path.stem[len(SHARED_PREFIX if shared else EMBEDDED_PREFIX) :]
+    entry: dict[str, Any] = {
+        "file": str(path),
+        "profile": stem if shared else "(embedded)",
+        "cluster_id": stem,
+        "shared": shared,
+    }
     try:
         spec = read_spec(path)
     except (NoClusterError, ValueError) as exc:
@@ -374,10 +417,15 @@ def describe(path: Path) -> dict:
         cluster_state = "attached"
     else:
         cluster_state = "running" if all(alive) else "degraded"
-    entry.update(state=cluster_state, engines=[e["id"] for e in spec["engines"]],
-                 pids=[e.get("pid") for e in spec["engines"]], engines_alive=alive,
-                 owner_pid=(owner or {}).get("pid"), owner=_owner_text(owner, state, why),
-                 launcher=(spec.get("launcher") or {}).get("launcher", "local"))
+    entry.update(
+        state=cluster_state,
+        engines=[e["id"] for e in spec["engines"]],
+        pids=[e.get("pid") for e in spec["engines"]],
+        engines_alive=alive,
+        owner_pid=(owner or {}).get("pid"),
+        owner=_owner_text(owner, state, why),
+        launcher=(spec.get("launcher") or {}).get("launcher", "local"),
+    )
     return entry
 
 
@@ -412,14 +460,18 @@ def remove_files(spec: dict, path: Path) -> None:
     Path(path).unlink(missing_ok=True)
     name = Path(path).name
     if name.startswith(SHARED_PREFIX) and name.endswith(".json"):
-        ProfileLock.remove_stale(name[len(SHARED_PREFIX):-len(".json")])
+        ProfileLock.remove_stale(name[len(SHARED_PREFIX) : -len(".json")])
 
 
 def _file_identity(spec: dict) -> tuple:
     """What tells one cluster's file from a later one at the same path: its id and its owner
     (attached kernels have none: when the file was written)."""
     owner = owner_of(spec)
-    key = (owner.get("pid"), owner.get("host"), owner.get("create_time")) if owner else spec.get("created")
+    key = (
+        (owner.get("pid"), owner.get("host"), owner.get("create_time"))
+        if owner
+        else spec.get("created")
+    )
     return spec.get("cluster_id"), key
 
 
@@ -464,8 +516,11 @@ def remove_if_mine(path: str | os.PathLike, cluster_id: str, owner: dict) -> boo
         spec = read_spec(path)
     except (NoClusterError, ValueError):
         return False
-    mine = spec.get("cluster_id") == cluster_id and (spec.get("owner") or {}).get("pid") == owner.get("pid") \
+    mine = (
+        spec.get("cluster_id") == cluster_id
+        and (spec.get("owner") or {}).get("pid") == owner.get("pid")
         and (spec.get("owner") or {}).get("create_time") == owner.get("create_time")
+    )
     if mine:
         remove_requests(path)
         Path(path).unlink(missing_ok=True)
@@ -500,9 +555,11 @@ class ProfileLock:
             holder = f" (owner {_owner_text(owner_of(spec), 'alive', '')})"
         except (NoClusterError, ValueError):
             holder = " (it is still starting)"
-        raise RuntimeError(f"a cluster for profile {self.profile!r} is already running{holder}; "
-                           f"stop it with `ipmulti stop --profile {self.profile}`, or use another "
-                           "profile, or no profile (embedded)")
+        raise RuntimeError(
+            f"a cluster for profile {self.profile!r} is already running{holder}; "
+            f"stop it with `ipmulti stop --profile {self.profile}`, or use another "
+            "profile, or no profile (embedded)"
+        )
 
     def _try_acquire(self) -> bool:
         """Take the lock without waiting. The lock file is unlinked by whoever releases it, so
@@ -552,13 +609,18 @@ def check_owner(path: Path, op: str) -> dict:
     if "requests" not in spec.get("serves", []):
         raise EngineError(
             f"cannot {op} engines of {path}: its owner process {owner.get('pid')} does not take requests "
-            "(only clusters started with `ipmulti start` do); do it from the process that owns them")
+            "(only clusters started with `ipmulti start` do); do it from the process that owns them"
+        )
     if owner.get("host") != socket.gethostname():
-        raise EngineError(f"cannot {op} engines of {path}: its owner runs on host {owner.get('host')!r}")
+        raise EngineError(
+            f"cannot {op} engines of {path}: its owner runs on host {owner.get('host')!r}"
+        )
     return spec
 
 
-def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], timeout: float = 60.0) -> dict:
+def request_owner(
+    cluster_file: str | os.PathLike, op: str, ids: list[int], timeout: float = 60.0
+) -> dict:
     """Ask the owner of ``cluster_file`` to run ``op`` on engines ``ids``; wait for its answer,
     which must come from the owner of this very file."""
     path = Path(cluster_file)
@@ -566,8 +628,17 @@ def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], time
     owner = owner_of(spec) or {}
     rid = uuid.uuid4().hex
     req = request_dir(path) / f"{rid}.json"
-    write_private(req, json.dumps({"op": op, "ids": ids, "cluster_file": _canonical(path),
-                                   "cluster_id": spec.get("cluster_id")}))
+    write_private(
+        req,
+        json.dumps(
+            {
+                "op": op,
+                "ids": ids,
+                "cluster_file": _canonical(path),
+                "cluster_id": spec.get("cluster_id"),
+            }
+        ),
+    )
     done = req.with_suffix(".done")
     deadline = time.monotonic() + timeout
     try:
@@ -576,10 +647,14 @@ def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], time
                 answer = json.loads(done.read_text())
                 done.unlink(missing_ok=True)
                 if answer.get("cluster_file") != _canonical(path):
-                    raise EngineError(f"the answer to a request for {path} came from the owner of "
-                                      f"{answer.get('cluster_file')!r}")
+                    raise EngineError(
+                        f"the answer to a request for {path} came from the owner of "
+                        f"{answer.get('cluster_file')!r}"
+                    )
                 if answer.get("error"):
-                    raise EngineError(f"the owner of {path} could not {op} engines {ids}: {answer['error']}")
+                    raise EngineError(
+                        f"the owner of {path} could not {op} engines {ids}: {answer['error']}"
+                    )
                 return answer
             if same_process(owner)[0] is None:
                 if op == "stop" and not req.exists():
@@ -588,7 +663,9 @@ def request_owner(cluster_file: str | os.PathLike, op: str, ids: list[int], time
             time.sleep(0.05)
     finally:
         req.unlink(missing_ok=True)
-    raise TimeoutError(f"the owner process {owner.get('pid')} of {path} did not {op} engines {ids} within {timeout:g} s")
+    raise TimeoutError(
+        f"the owner process {owner.get('pid')} of {path} did not {op} engines {ids} within {timeout:g} s"
+    )
 
 
 def pending_requests(cluster_file: str | os.PathLike) -> Iterator[tuple[Path, dict]]:
@@ -611,7 +688,9 @@ def pending_requests(cluster_file: str | os.PathLike) -> Iterator[tuple[Path, di
 
 def answer_request(req: Path, cluster_file: str | os.PathLike, answer: dict) -> None:
     """(owner side) Answer request ``req``, naming this cluster file."""
-    write_private(req.with_suffix(".done"), json.dumps({**answer, "cluster_file": _canonical(cluster_file)}))
+    write_private(
+        req.with_suffix(".done"), json.dumps({**answer, "cluster_file": _canonical(cluster_file)})
+    )
 
 
 def _canonical(path: str | os.PathLike) -> str:
@@ -656,13 +735,17 @@ class NoOwner(Owner):
         self._controller.interrupt(eids)
 
     def restart(self, eids: list[int], timeout: float | None = None) -> None:
-        raise EngineError("cannot restart engines this client neither owns nor knows a cluster file for")
+        raise EngineError(
+            "cannot restart engines this client neither owns nor knows a cluster file for"
+        )
 
     def engine_meta(self) -> dict[int, dict]:
         return {}
 
     def stop(self) -> None:
-        raise EngineError("attached kernels have no owner to stop them; shut them down where they run")
+        raise EngineError(
+            "attached kernels have no owner to stop them; shut them down where they run"
+        )
 
 
 class FileOwner(Owner):
@@ -670,7 +753,9 @@ class FileOwner(Owner):
     requests, interrupts go over the engines' control channels, and engines its owner restarts
     by itself are followed (``follow_restart`` is the controller's ``on_dead``)."""
 
-    def __init__(self, path: str | os.PathLike, controller: Any = None, spec: dict | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, controller: Any = None, spec: dict | None = None
+    ) -> None:
         self.cluster_file = str(path)
         self._controller = controller
         self._spec = read_cluster(path) if spec is None else spec
@@ -691,7 +776,12 @@ class FileOwner(Owner):
         try:
             self._controller.set_unavailable(eids, "restarting")
             try:
-                request_owner(self.cluster_file, "restart", eids, timeout=max(deadline - time.monotonic(), 0.01))
+                request_owner(
+                    self.cluster_file,
+                    "restart",
+                    eids,
+                    timeout=max(deadline - time.monotonic(), 0.01),
+                )
             except BaseException:
                 # the owner did not restart them (or not yet): they were marked unavailable and
                 # would stay so in this client for good; reconnect to what the file lists, in
@@ -701,8 +791,11 @@ class FileOwner(Owner):
             spec = self._spec = read_cluster(self.cluster_file)
             engines = {e: info for e, info in engines_of(spec).items() if e in eids}
             probes = liveness_probes(spec)
-            self._controller.add_engines(engines, {e: p for e, p in probes.items() if e in eids},
-                                         timeout=max(deadline - time.monotonic(), 0.01))
+            self._controller.add_engines(
+                engines,
+                {e: p for e, p in probes.items() if e in eids},
+                timeout=max(deadline - time.monotonic(), 0.01),
+            )
         finally:
             self._restarting.difference_update(eids)
 
@@ -717,9 +810,15 @@ class FileOwner(Owner):
                 engines = {e: info for e, info in engines_of(spec).items() if e in eids}
                 probes = {e: p for e, p in liveness_probes(spec).items() if e in eids}
                 if engines and not self.closed:
-                    await self._controller.add_engines_async(engines, probes, timeout=FOLLOW_RESTART_FOR)
+                    await self._controller.add_engines_async(
+                        engines, probes, timeout=FOLLOW_RESTART_FOR
+                    )
             except Exception as exc:
-                log.warning("could not reconnect to engines %s after a failed restart request: %s", eids, exc)
+                log.warning(
+                    "could not reconnect to engines %s after a failed restart request: %s",
+                    eids,
+                    exc,
+                )
 
         _loop.submit(reconnect())
 
@@ -749,13 +848,18 @@ class FileOwner(Owner):
                 except Exception:
                     continue
                 probe = liveness_probes(spec).get(eid)
-                if entry["connection"] != old or (probe is not None and entry.get("pid") and probe() is None
-                                                  and entry.get("pid") != conn.engine_info.get("pid")):
+                if entry["connection"] != old or (
+                    probe is not None
+                    and entry.get("pid")
+                    and probe() is None
+                    and entry.get("pid") != conn.engine_info.get("pid")
+                ):
                     if probe is not None and probe() is not None:
                         continue
                     try:
-                        await controller.add_engines_async({eid: entry["connection"]},
-                                                           {eid: probe} if probe else {}, timeout=30)
+                        await controller.add_engines_async(
+                            {eid: entry["connection"]}, {eid: probe} if probe else {}, timeout=30
+                        )
                     except Exception as exc:
                         log.warning("could not reconnect to restarted engine %s: %s", eid, exc)
                     return

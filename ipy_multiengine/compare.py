@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import pickle
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["lookup", "pull_table", "diff", "Diff", "Rows"]
+__all__ = ["Diff", "Rows", "diff", "lookup", "pull_table"]
 
 
 def lookup(names: list[str]) -> dict:
@@ -41,7 +42,9 @@ def _python_targets(client: Any, targets: Any) -> tuple[list[int], dict[int, str
     explicit targets are used as given (a bad one is a clear error from the call)."""
     from .targets import resolve
 
-    eids = resolve(client.targets if targets is None else targets, list(client.get_ids()), client.groups)
+    eids = resolve(
+        client.targets if targets is None else targets, list(client.get_ids()), client.groups
+    )
     if targets is not None:
         return eids, {}
     rows = {r["id"]: r for r in client.engines}
@@ -49,8 +52,9 @@ def _python_targets(client: Any, targets: Any) -> tuple[list[int], dict[int, str
     return [e for e in eids if e not in skipped], skipped
 
 
-def _fetch(client: Any, names: list[str], targets: Any, timeout: float | None
-           ) -> tuple[list[int], list[dict], dict[int, str]]:
+def _fetch(
+    client: Any, names: list[str], targets: Any, timeout: float | None
+) -> tuple[list[int], list[dict], dict[int, str]]:
     from .errors import CompositeError, EngineError, RemoteError
 
     for n in names:
@@ -80,7 +84,9 @@ def _skipped_text(skipped: dict[int, str]) -> str:
     return "; ".join(f"engine {e} ({why})" for e, why in sorted(skipped.items()))
 
 
-def pull_table(client: Any, names: str | Sequence[str], targets: Any = None, timeout: float | None = None) -> Any:
+def pull_table(
+    client: Any, names: str | Sequence[str], targets: Any = None, timeout: float | None = None
+) -> Any:
     """A table of ``names`` by engine: a pandas DataFrame (index ``engine``) when pandas is
     installed, otherwise a list of dicts ``{'engine': id, name: value, ...}`` (a name missing on
     an engine is missing from its dict, NaN in the DataFrame)."""
@@ -131,8 +137,13 @@ def same(a: Any, b: Any) -> bool:
 class Diff:
     """Engines grouped by the value they hold for one name; ``missing`` lacks it."""
 
-    def __init__(self, name: str, groups: list[tuple[Any, list[int]]], missing: list[int],
-                 skipped: dict[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        groups: list[tuple[Any, list[int]]],
+        missing: list[int],
+        skipped: dict[int, str] | None = None,
+    ) -> None:
         self.name, self.groups, self.missing = name, groups, missing
         self.skipped: dict[int, str] = dict(skipped or {})  # engine id -> why it was not compared
 
@@ -152,13 +163,20 @@ class Diff:
         if self.identical:
             eids = self.groups[0][1]
             if self.skipped:
-                return (f"{self.name}: the same on the {len(eids)} engine{'s' if len(eids) != 1 else ''} "
-                        f"compared {eids}: {_short_repr(self.groups[0][0])}")
+                return (
+                    f"{self.name}: the same on the {len(eids)} engine{'s' if len(eids) != 1 else ''} "
+                    f"compared {eids}: {_short_repr(self.groups[0][0])}"
+                )
             return f"{self.name}: the same on all {len(eids)} engines {eids}: {_short_repr(self.groups[0][0])}"
         n = len(self.groups)
-        lines = [f"{self.name}: {n} different value{'s' if n != 1 else ''}"
-                 + (f", missing on {len(self.missing)} engine{'s' if len(self.missing) != 1 else ''}"
-                    if self.missing else "")]
+        lines = [
+            f"{self.name}: {n} different value{'s' if n != 1 else ''}"
+            + (
+                f", missing on {len(self.missing)} engine{'s' if len(self.missing) != 1 else ''}"
+                if self.missing
+                else ""
+            )
+        ]
         for value, eids in self.groups:
             lines.append(f"  engines {eids}: {_short_repr(value)}")
         if self.missing:

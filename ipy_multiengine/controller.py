@@ -19,10 +19,11 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -30,7 +31,7 @@ from jupyter_client.session import Session
 
 from . import _loop, wire
 from .errors import EngineError, RemoteError
-from .wire import CONTROL_MSG_TYPES, INSTALL_CODE  # noqa: F401  (re-exported)
+from .wire import CONTROL_MSG_TYPES, INSTALL_CODE
 
 log = logging.getLogger("ipy_multiengine")
 
@@ -102,7 +103,9 @@ class EngineState:
         if not self.ready:
             if self.init_running:
                 return f"is not ready yet (running its on_start code {_short(self.init_running)!r})"
-            return f"is not ready yet ({'restarting' if self.state == 'restarting' else 'connecting'})"
+            return (
+                f"is not ready yet ({'restarting' if self.state == 'restarting' else 'connecting'})"
+            )
         return None
 
 
@@ -217,7 +220,9 @@ class Controller:
         max_message_size: int | None = None,
     ) -> None:
         if heartbeat is not None and not heartbeat > 0:
-            raise ValueError(f"heartbeat must be a positive number of seconds or None, not {heartbeat!r}")
+            raise ValueError(
+                f"heartbeat must be a positive number of seconds or None, not {heartbeat!r}"
+            )
         self._liveness = dict(liveness or {})
         self._engines: dict[int, EngineConn] = {}
         #: engine id -> its latest snapshot; replaced as a whole (copy on write) on the loop
@@ -243,7 +248,7 @@ class Controller:
         self.longest_stall = 0.0
         self._to_connect: tuple[dict[int, dict], float] | None = (dict(engines), timeout)
 
-    def connect(self) -> "Controller":
+    def connect(self) -> Controller:
         """Connect to the engines given to the constructor (blocks until each is ready, or
         raises naming the one that is not); an explicit step: constructing does no I/O."""
         if self._to_connect is None:
@@ -268,16 +273,23 @@ class Controller:
         if self.heartbeat:
             self._beater = self._spawn(self._heartbeats())
 
-    def add_engines(self, engines: dict[int, dict], liveness: dict[int, Callable[[], str | None]] | None = None,
-                    timeout: float = 60.0) -> None:
+    def add_engines(
+        self,
+        engines: dict[int, dict],
+        liveness: dict[int, Callable[[], str | None]] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
         """Connect (or reconnect, replacing the old connection) engines by id; blocks until ready."""
         if self._closed:
             raise EngineError("this client is closed")
         _loop.run(self.add_engines_async(engines, liveness, timeout))
 
-    async def add_engines_async(self, engines: dict[int, dict],
-                                liveness: dict[int, Callable[[], str | None]] | None = None,
-                                timeout: float = 60.0) -> None:
+    async def add_engines_async(
+        self,
+        engines: dict[int, dict],
+        liveness: dict[int, Callable[[], str | None]] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
         for eid in engines:
             if liveness and eid in liveness:
                 self._liveness[eid] = liveness[eid]
@@ -289,9 +301,11 @@ class Controller:
 
     def set_unavailable(self, eids: list[int], reason: str) -> None:
         """Mark engines as unavailable (e.g. being restarted): calls to them fail at once."""
+
         def mark() -> None:
             for eid in eids:
                 self._set_unavailable(eid, reason, reason)
+
         _loop.run(_acall(mark))
 
     async def begin_restart(self, eid: int, reason: str = "was restarted") -> None:
@@ -309,14 +323,19 @@ class Controller:
         self._fail_all(conn, reason)
         self._publish(conn)
 
-    async def _add_engines(self, engines: dict[int, dict], timeout: float, keep_others: bool = False) -> None:
-        conns = [EngineConn(eid, info, self._liveness.get(eid)) for eid, info in sorted(engines.items())]
+    async def _add_engines(
+        self, engines: dict[int, dict], timeout: float, keep_others: bool = False
+    ) -> None:
+        conns = [
+            EngineConn(eid, info, self._liveness.get(eid)) for eid, info in sorted(engines.items())
+        ]
         for conn in conns:
             old = self._engines.get(conn.eid)
             if old is not None:
                 self._teardown(old, "engine was replaced")
             self._engines[conn.eid] = conn
             self._publish(conn)
+
         async def connect(c: EngineConn) -> None:
             await self._connect(c, timeout)
             self._connected(c)
@@ -333,8 +352,11 @@ class Controller:
                     # keep the id known (as dead) so the client can report and restart it
                     reason = res if isinstance(res, BaseException) else errors[0]
                     self._teardown(conn, "startup failed")
-                    conn.dead = f"failed to start: {type(reason).__name__}: {reason}" if not str(reason) \
+                    conn.dead = (
+                        f"failed to start: {type(reason).__name__}: {reason}"
+                        if not str(reason)
                         else f"failed to start: {reason}"
+                    )
                     conn.state = "dead"
                     self._publish(conn)
                     # the owner hears of it like of any death (auto_restart retries), after the
@@ -344,7 +366,8 @@ class Controller:
                     self._teardown(conn, "startup failed")
                     self._engines.pop(conn.eid, None)
                     self._published = MappingProxyType(
-                        {e: st for e, st in self._published.items() if e != conn.eid})
+                        {e: st for e, st in self._published.items() if e != conn.eid}
+                    )
             raise errors[0]
 
     def _socket(self, conn: EngineConn, channel: str, kind: int) -> zmq.asyncio.Socket:
@@ -354,9 +377,13 @@ class Controller:
         server_key = conn.info.get("curve_publickey")
         if server_key:
             if self._curve_keys is None:
-                raise EngineError(f"engine {conn.eid} requires CurveZMQ encryption, which this pyzmq lacks",
-                                  conn.eid)
-            sock.curve_serverkey = server_key.encode() if isinstance(server_key, str) else server_key
+                raise EngineError(
+                    f"engine {conn.eid} requires CurveZMQ encryption, which this pyzmq lacks",
+                    conn.eid,
+                )
+            sock.curve_serverkey = (
+                server_key.encode() if isinstance(server_key, str) else server_key
+            )
             sock.curve_publickey, sock.curve_secretkey = self._curve_keys
         if kind == zmq.DEALER:
             sock.setsockopt(zmq.IDENTITY, conn.session.bsession)
@@ -369,8 +396,12 @@ class Controller:
 
     async def _connect(self, conn: EngineConn, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        for channel, kind in (("iopub", zmq.SUB), ("shell", zmq.DEALER), ("control", zmq.DEALER),
-                              ("stdin", zmq.DEALER)):
+        for channel, kind in (
+            ("iopub", zmq.SUB),
+            ("shell", zmq.DEALER),
+            ("control", zmq.DEALER),
+            ("stdin", zmq.DEALER),
+        ):
             if channel == "stdin" and "stdin_port" not in conn.info:
                 continue  # connection info without stdin: input() there raises StdinNotImplementedError
             sock = self._socket(conn, channel, kind)
@@ -413,26 +444,44 @@ class Controller:
             conn.tasks.append(self._spawn(self._hb_reader(conn, sock), conn))
         if conn.language != "python":
             return
-        install = self._send_shell(conn, "execute_request", wire.execute_content(INSTALL_CODE, silent=True),
-                                   kind="execute", code=INSTALL_CODE)
+        install = self._send_shell(
+            conn,
+            "execute_request",
+            wire.execute_content(INSTALL_CODE, silent=True),
+            kind="execute",
+            code=INSTALL_CODE,
+        )
         opened_id, opened = self._send_comm_open(conn)
         try:
-            await _wait_for(install, deadline, f"engine {conn.eid} did not install the ipy_multiengine "
-                            f"helper within {timeout:g} s", conn.eid)
+            await _wait_for(
+                install,
+                deadline,
+                f"engine {conn.eid} did not install the ipy_multiengine "
+                f"helper within {timeout:g} s",
+                conn.eid,
+            )
         except RemoteError as err:
-            log.warning("engine %s: ipy_multiengine helper not importable (%s); execute only", conn.eid, err)
+            log.warning(
+                "engine %s: ipy_multiengine helper not importable (%s); execute only", conn.eid, err
+            )
             opened.cancel()
             conn.requests.pop(opened_id, None)
             return
-        reply = await _wait_for(opened, deadline, f"engine {conn.eid} did not open the ipy_multiengine "
-                                f"comm within {timeout:g} s", conn.eid)
+        reply = await _wait_for(
+            opened,
+            deadline,
+            f"engine {conn.eid} did not open the ipy_multiengine comm within {timeout:g} s",
+            conn.eid,
+        )
         conn.engine_info = {k: v for k, v in reply.content.items() if k not in ("rid", "status")}
         conn.data_ok = True
         # the comm_open's own idle follows its reply: wait for it (briefly), so that a fresh
         # engine is shown idle, not busy, once it is ready
         if conn.state == "busy":
             try:
-                await asyncio.wait_for(conn.shell_idle.wait(), min(1.0, max(deadline - time.monotonic(), 0.01)))
+                await asyncio.wait_for(
+                    conn.shell_idle.wait(), min(1.0, max(deadline - time.monotonic(), 0.01))
+                )
             except asyncio.TimeoutError:
                 pass
         await self._run_init(conn, deadline, timeout)
@@ -455,12 +504,16 @@ class Controller:
             raise EngineError(
                 f"engine {conn.eid}: its on_start code {_short(conn.init_running)!r} has not finished "
                 f"within {timeout:g} s; it goes on running and the engine becomes ready when it is "
-                "done (mec.wait_ready() waits for it; mec.interrupt() stops it)", conn.eid) from None
+                "done (mec.wait_ready() waits for it; mec.interrupt() stops it)",
+                conn.eid,
+            ) from None
 
     async def _init_all(self, conn: EngineConn, codes: list[str]) -> None:
         for code in codes:
             conn.init_running = code
-            fut = self._send_shell(conn, "execute_request", wire.init_content(code), kind="execute", code=code)
+            fut = self._send_shell(
+                conn, "execute_request", wire.init_content(code), kind="execute", code=code
+            )
             self._publish(conn)
             try:
                 await asyncio.wrap_future(fut)
@@ -471,8 +524,13 @@ class Controller:
                     return
         conn.init_running = ""
         self._publish(conn)
-        if conn.init_task is not None and self._engines.get(conn.eid) is conn and conn.sockets \
-                and not conn.ready and not conn.dead:
+        if (
+            conn.init_task is not None
+            and self._engines.get(conn.eid) is conn
+            and conn.sockets
+            and not conn.ready
+            and not conn.dead
+        ):
             self._connected(conn)  # finished after its restart gave up waiting: ready now
 
     def _connected(self, conn: EngineConn) -> None:
@@ -489,19 +547,37 @@ class Controller:
         busy = conn.state == "busy" and not conn.dead
         in_flight = len(conn.requests)
         ours = busy and conn.running and not conn.running.startswith("(a request from another")
-        state = EngineStatus.DEAD if conn.dead else (
-            EngineStatus(conn.state) if conn.state in {s.value for s in EngineStatus} else EngineStatus.RESTARTING)
+        state = (
+            EngineStatus.DEAD
+            if conn.dead
+            else (
+                EngineStatus(conn.state)
+                if conn.state in {s.value for s in EngineStatus}
+                else EngineStatus.RESTARTING
+            )
+        )
         snap = EngineState(
-            id=conn.eid, state=state, language=conn.language,
-            busy_since=conn.busy_since if busy else None, running=conn.running if busy else "",
-            in_flight=in_flight, queued=max(in_flight - (1 if ours else 0), 0),
-            pid=conn.engine_info.get("pid"), host=conn.engine_info.get("host") or "",
-            dead=conn.dead, ready=conn.ready, data_ok=conn.data_ok,
+            id=conn.eid,
+            state=state,
+            language=conn.language,
+            busy_since=conn.busy_since if busy else None,
+            running=conn.running if busy else "",
+            in_flight=in_flight,
+            queued=max(in_flight - (1 if ours else 0), 0),
+            pid=conn.engine_info.get("pid"),
+            host=conn.engine_info.get("host") or "",
+            dead=conn.dead,
+            ready=conn.ready,
+            data_ok=conn.data_ok,
             encrypted=bool(conn.info.get("curve_publickey")),
             watched_by="heartbeat" if conn.heartbeat else ("process" if conn.liveness else None),
-            init_running=conn.init_running, init_errors=tuple(conn.init_errors),
-            kernel_info=MappingProxyType(conn.kernel_info), engine_info=MappingProxyType(conn.engine_info),
-            connection=MappingProxyType(conn.info), generation=conn.generation)
+            init_running=conn.init_running,
+            init_errors=tuple(conn.init_errors),
+            kernel_info=MappingProxyType(conn.kernel_info),
+            engine_info=MappingProxyType(conn.engine_info),
+            connection=MappingProxyType(conn.info),
+            generation=conn.generation,
+        )
         self._published = MappingProxyType({**self._published, conn.eid: snap})
 
     def _teardown(self, conn: EngineConn, reason: str) -> None:
@@ -523,8 +599,11 @@ class Controller:
             if conn.data_ok and not conn.dead and shell is not None:
                 # close our comm on the engine, or every client ever connected leaves one behind
                 try:
-                    self._send(conn, "shell", conn.session.msg("comm_close", {"comm_id": conn.comm_id,
-                                                                               "data": {}}))
+                    self._send(
+                        conn,
+                        "shell",
+                        conn.session.msg("comm_close", {"comm_id": conn.comm_id, "data": {}}),
+                    )
                     conn.sockets.pop("shell").close(linger=CLOSE_LINGER_MS)  # let it leave
                     flushing = True
                 except Exception as exc:
@@ -558,8 +637,10 @@ class Controller:
             if t.cancelled() or t.exception() is None:
                 return
             exc = t.exception()
-            log.error("ipy_multiengine I/O task %s failed", getattr(coro, "__name__", coro), exc_info=exc)
-            for c in ([conn] if conn is not None else list(self._engines.values())):
+            log.error(
+                "ipy_multiengine I/O task %s failed", getattr(coro, "__name__", coro), exc_info=exc
+            )
+            for c in [conn] if conn is not None else list(self._engines.values()):
                 self._fail_requests(c, exc)
 
         task.add_done_callback(ended)
@@ -570,8 +651,11 @@ class Controller:
         for req in list(conn.requests.values()):
             self._finish(conn, req, exc=exc)
 
-    def _guarded(self, fn: Callable[..., Any], conn: EngineConn, req: Request | None) -> Callable[..., None]:
+    def _guarded(
+        self, fn: Callable[..., Any], conn: EngineConn, req: Request | None
+    ) -> Callable[..., None]:
         """``fn`` for a loop callback: an exception fails ``req`` (or all of ``conn``'s) with it."""
+
         def run(*args: Any) -> None:
             try:
                 fn(*args)
@@ -581,9 +665,12 @@ class Controller:
                     self._finish(conn, req, exc=exc)
                 else:
                     self._fail_requests(conn, exc)
+
         return run
 
-    def _call_later(self, delay: float, fn: Callable[..., None], conn: EngineConn, req: Request) -> None:
+    def _call_later(
+        self, delay: float, fn: Callable[..., None], conn: EngineConn, req: Request
+    ) -> None:
         """``fn(conn, req)`` after ``delay`` seconds *of a running loop*: re-armed after a stall,
         so that messages that arrived while the loop was stopped are read first; guarded."""
         armed = time.monotonic()
@@ -605,8 +692,11 @@ class Controller:
             self.stalls += 1
             self.longest_stall = max(self.longest_stall, gap)
             self._awake_since = now
-            log.info("the I/O loop did not run for %.1f s (GIL held by another thread, or the "
-                     "process was stopped); liveness is judged from now on", gap)
+            log.info(
+                "the I/O loop did not run for %.1f s (GIL held by another thread, or the "
+                "process was stopped); liveness is judged from now on",
+                gap,
+            )
         self._last_tick = now
 
     async def _watch_stalls(self) -> None:
@@ -647,7 +737,9 @@ class Controller:
                 if not conn.dead and conn.ready and silent > period:
                     conn.dead_by_heartbeat = True
                     try:
-                        self._mark_dead(conn, f"stopped answering heartbeats (none for {silent:.1f} s)")
+                        self._mark_dead(
+                            conn, f"stopped answering heartbeats (none for {silent:.1f} s)"
+                        )
                     except Exception as exc:
                         log.error("engine %s: marking it dead failed", conn.eid, exc_info=exc)
                         self._fail_requests(conn, exc)
@@ -687,7 +779,12 @@ class Controller:
         self._notify_dead(conn)
 
     def _notify_dead(self, conn: EngineConn) -> None:
-        if self.on_dead is not None and not self._closed and conn.dead and self._engines.get(conn.eid) is conn:
+        if (
+            self.on_dead is not None
+            and not self._closed
+            and conn.dead
+            and self._engines.get(conn.eid) is conn
+        ):
             try:
                 self.on_dead(conn.eid, conn.dead)
             except Exception:
@@ -695,9 +792,14 @@ class Controller:
 
     def _fail_all(self, conn: EngineConn, reason: str) -> None:
         for req in list(conn.requests.values()):
-            what = f" while running {req.code or req.op or req.kind!r}" if (req.code or req.op) else ""
-            self._finish(conn, req, exc=EngineError(f"engine {conn.eid} {reason}{what}", conn.eid,
-                                                   _method(req)))
+            what = (
+                f" while running {req.code or req.op or req.kind!r}" if (req.code or req.op) else ""
+            )
+            self._finish(
+                conn,
+                req,
+                exc=EngineError(f"engine {conn.eid} {reason}{what}", conn.eid, _method(req)),
+            )
 
     # ---------------------------------------------------------------- receiving (loop)
     async def _reader(self, conn: EngineConn, channel: str, sock: zmq.asyncio.Socket) -> None:
@@ -712,8 +814,13 @@ class Controller:
                 _idents, msg_list = conn.session.feed_identities(frames, copy=False)
                 msg = wire.deserialize(conn.session, msg_list)
             except Exception as exc:
-                log.warning("engine %s: dropped a bad message on %s (%s: %s)", conn.eid, channel,
-                            type(exc).__name__, exc)
+                log.warning(
+                    "engine %s: dropped a bad message on %s (%s: %s)",
+                    conn.eid,
+                    channel,
+                    type(exc).__name__,
+                    exc,
+                )
                 continue
             limit = self.max_message_size
             if limit is not None:
@@ -726,7 +833,12 @@ class Controller:
                 self._publish(conn)
             except Exception as exc:
                 # the request this message belongs to fails with the real error (issue 11.5)
-                log.error("engine %s: error routing a %s message", conn.eid, msg.get("msg_type"), exc_info=exc)
+                log.error(
+                    "engine %s: error routing a %s message",
+                    conn.eid,
+                    msg.get("msg_type"),
+                    exc_info=exc,
+                )
                 req = self._request_of(conn, msg)
                 if req is not None:
                     self._finish(conn, req, exc=exc)
@@ -741,8 +853,10 @@ class Controller:
 
     def _refuse_oversize(self, conn: EngineConn, channel: str, msg: dict, size: int) -> None:
         req = self._request_of(conn, msg)
-        text = (f"engine {conn.eid} sent a {msg.get('msg_type')} of {size} bytes, more than "
-                f"max_message_size={self.max_message_size}; it was dropped")
+        text = (
+            f"engine {conn.eid} sent a {msg.get('msg_type')} of {size} bytes, more than "
+            f"max_message_size={self.max_message_size}; it was dropped"
+        )
         log.warning(text)
         if req is not None:
             self._finish(conn, req, exc=EngineError(text, conn.eid, _method(req)))
@@ -778,14 +892,20 @@ class Controller:
             req = conn.requests.get(parent)
             # The engine's state follows its shell channel only: a control request (interrupt,
             # shutdown, debug) is busy/idle while the shell may still be busy (issue 11.8).
-            on_shell = req.channel == "shell" if req is not None else (
-                msg["parent_header"].get("msg_type") not in CONTROL_MSG_TYPES)
+            on_shell = (
+                req.channel == "shell"
+                if req is not None
+                else (msg["parent_header"].get("msg_type") not in CONTROL_MSG_TYPES)
+            )
             if state in ("busy", "idle") and not conn.dead and on_shell:
                 conn.state = state
                 conn.busy_since = time.monotonic() if state == "busy" else None
                 busy_with = req if state == "busy" else None
-                conn.running = (busy_with.code or busy_with.op or busy_with.kind) if busy_with else (
-                    "(a request from another client)" if state == "busy" else "")
+                conn.running = (
+                    (busy_with.code or busy_with.op or busy_with.kind)
+                    if busy_with
+                    else ("(a request from another client)" if state == "busy" else "")
+                )
                 (conn.shell_idle.set if state == "idle" else conn.shell_idle.clear)()
             if req is not None and state == "idle":
                 req.idle = True
@@ -802,8 +922,16 @@ class Controller:
         if req is None:
             return
         if mtype == "stream":
-            (req.stderr if content.get("name") == "stderr" else req.stdout).append(content.get("text", ""))
-        elif mtype in ("display_data", "execute_result", "update_display_data", "error", "clear_output"):
+            (req.stderr if content.get("name") == "stderr" else req.stdout).append(
+                content.get("text", "")
+            )
+        elif mtype in (
+            "display_data",
+            "execute_result",
+            "update_display_data",
+            "error",
+            "clear_output",
+        ):
             req.outputs.append({"output_type": mtype, **content})
         else:
             return
@@ -844,18 +972,39 @@ class Controller:
             self._finish(conn, req, value=req)
             return
         content = req.reply
-        result = wire.execute_record(conn.eid, req.code, content, req.stdout, req.stderr, req.outputs)
+        result = wire.execute_record(
+            conn.eid, req.code, content, req.stdout, req.stderr, req.outputs
+        )
         if req.lost:
             result["output_lost"] = True
         if content.get("status") == "ok":
             self._finish(conn, req, value=result)
         elif content.get("status") == "aborted":
-            self._finish(conn, req, exc=RemoteError("Aborted", "the engine aborted this request",
-                                                    [], conn.eid, "execute", result=result))
+            self._finish(
+                conn,
+                req,
+                exc=RemoteError(
+                    "Aborted",
+                    "the engine aborted this request",
+                    [],
+                    conn.eid,
+                    "execute",
+                    result=result,
+                ),
+            )
         else:
-            self._finish(conn, req, exc=RemoteError(
-                content.get("ename", "Error"), content.get("evalue", ""), content.get("traceback", []),
-                conn.eid, "execute", result=result))
+            self._finish(
+                conn,
+                req,
+                exc=RemoteError(
+                    content.get("ename", "Error"),
+                    content.get("evalue", ""),
+                    content.get("traceback", []),
+                    conn.eid,
+                    "execute",
+                    result=result,
+                ),
+            )
 
     def _on_input_request(self, conn: EngineConn, msg: dict) -> None:
         """An engine asks for input: hand it to the user's waiting thread (see ``stdin.py``)."""
@@ -867,7 +1016,12 @@ class Controller:
         def reply(value: str) -> None:
             def send() -> None:
                 if "stdin" in conn.sockets and not conn.dead:
-                    self._send(conn, "stdin", conn.session.msg("input_reply", {"value": value}, parent=header))
+                    self._send(
+                        conn,
+                        "stdin",
+                        conn.session.msg("input_reply", {"value": value}, parent=header),
+                    )
+
             _loop.call_soon(self._guarded(send, conn, req))
 
         def post() -> None:
@@ -875,13 +1029,19 @@ class Controller:
             if req is not None and req.listener is None:  # else someone shows its output live
                 # each stream grows on its own: what each printed since the last prompt
                 out, err = "".join(req.stdout), "".join(req.stderr)
-                before = out[req.stdin_shown[0]:] + err[req.stdin_shown[1]:]
+                before = out[req.stdin_shown[0] :] + err[req.stdin_shown[1] :]
                 req.stdin_shown = (len(out), len(err))
-            stdin.post(stdin.InputRequest(
-                eid=conn.eid, prompt=str(msg["content"].get("prompt", "")),
-                password=bool(msg["content"].get("password")), reply=reply,
-                interrupt=lambda: self.interrupt([conn.eid]),
-                future=req.future if req is not None else None, before=before))
+            stdin.post(
+                stdin.InputRequest(
+                    eid=conn.eid,
+                    prompt=str(msg["content"].get("prompt", "")),
+                    password=bool(msg["content"].get("password")),
+                    reply=reply,
+                    interrupt=lambda: self.interrupt([conn.eid]),
+                    future=req.future if req is not None else None,
+                    before=before,
+                )
+            )
 
         # the engine flushed its output to IOPub just before asking: let that arrive first
         asyncio.get_running_loop().call_later(0.02, self._guarded(post, conn, req))
@@ -896,7 +1056,12 @@ class Controller:
         for req in list(conn.requests.values()):
             if req is later:
                 return
-            if req.channel == "shell" and req.kind in kinds and req.reply is None and not req.future.done():
+            if (
+                req.channel == "shell"
+                and req.kind in kinds
+                and req.reply is None
+                and not req.future.done()
+            ):
                 self._lost(conn, req)
 
     def _reply_overdue(self, conn: EngineConn, req: Request) -> None:
@@ -905,15 +1070,21 @@ class Controller:
 
     def _lost(self, conn: EngineConn, req: Request) -> None:
         what = req.code or req.op or req.kind
-        text = (f"engine {conn.eid} went on without replying to {what!r} (probably interrupted between "
-                "messages); the request was lost, the engine is usable")
+        text = (
+            f"engine {conn.eid} went on without replying to {what!r} (probably interrupted between "
+            "messages); the request was lost, the engine is usable"
+        )
         log.warning(text)
         self._finish(conn, req, exc=EngineError(text, conn.eid, _method(req)))
 
     def _idle_overdue(self, conn: EngineConn, req: Request) -> None:
         if conn.requests.get(req.msg_id) is req and not req.idle:
-            log.warning("engine %s: no idle status %.0f s after the reply to %s: output may be lost",
-                        conn.eid, IDLE_GRACE, req.msg_id)
+            log.warning(
+                "engine %s: no idle status %.0f s after the reply to %s: output may be lost",
+                conn.eid,
+                IDLE_GRACE,
+                req.msg_id,
+            )
             req.idle = req.lost = True
             self._maybe_complete(conn, req)
 
@@ -926,12 +1097,21 @@ class Controller:
             evalue = data.get("evalue", "")
             if item is not None:
                 evalue = f"{evalue} (on item {item})"
-            err = RemoteError(data.get("ename", "Error"), evalue, data.get("traceback", []), conn.eid,
-                              req.op or "comm", pickled=bytes(frames[0]) if frames else None,
-                              result={"id": conn.eid, **out}, item=item)
+            err = RemoteError(
+                data.get("ename", "Error"),
+                evalue,
+                data.get("traceback", []),
+                conn.eid,
+                req.op or "comm",
+                pickled=bytes(frames[0]) if frames else None,
+                result={"id": conn.eid, **out},
+                item=item,
+            )
             self._finish(conn, req, exc=err)
 
-    def _finish(self, conn: EngineConn, req: Request, value: Any = None, exc: BaseException | None = None) -> None:
+    def _finish(
+        self, conn: EngineConn, req: Request, value: Any = None, exc: BaseException | None = None
+    ) -> None:
         if conn.requests.pop(req.msg_id, None) is not None:
             self._publish(conn)
         if req.future.done():
@@ -945,7 +1125,9 @@ class Controller:
 
     # ---------------------------------------------------------------- sending (loop)
     @staticmethod
-    def _send(conn: EngineConn, channel: str, msg: dict, buffers: list | None = None) -> tuple[Any, Any]:
+    def _send(
+        conn: EngineConn, channel: str, msg: dict, buffers: list | None = None
+    ) -> tuple[Any, Any]:
         """Sign and send ``msg`` on the loop's own asyncio socket; returns the socket's send
         future (done once zmq holds the message) and a ``MessageTracker`` of zero-copy buffers.
 
@@ -959,7 +1141,9 @@ class Controller:
             if large:
                 # zero copy: zmq reads the caller's memory until it releases these frames;
                 # the tracker tells the caller when its objects may change again (issue 11.2)
-                tracked = [b if isinstance(b, zmq.Frame) else zmq.Frame(b, track=True) for b in buffers]
+                tracked = [
+                    b if isinstance(b, zmq.Frame) else zmq.Frame(b, track=True) for b in buffers
+                ]
                 tracker = zmq.MessageTracker(*(f.tracker for f in tracked if f.tracker is not None))
                 frames.extend(tracked)
                 del tracked
@@ -970,16 +1154,26 @@ class Controller:
         sending = conn.sockets[channel].send_multipart(frames, copy=not large)
         return sending, tracker
 
-    def _new_request(self, conn: EngineConn, kind: str, msg_id: str, future: Future | None = None,
-                     **kw: Any) -> Request:
+    def _new_request(
+        self, conn: EngineConn, kind: str, msg_id: str, future: Future | None = None, **kw: Any
+    ) -> Request:
         fut: Future = Future() if future is None else future
         req = Request(msg_id=msg_id, eid=conn.eid, kind=kind, future=fut, **kw)
         if conn.dead and not fut.done():
-            fut.set_exception(EngineError(f"engine {conn.eid} is dead: {conn.dead}", conn.eid, _method(req)))
+            fut.set_exception(
+                EngineError(f"engine {conn.eid} is dead: {conn.dead}", conn.eid, _method(req))
+            )
         return req
 
-    def _send_shell(self, conn: EngineConn, msg_type: str, content: dict, kind: str = "shell",
-                    channel: str = "shell", **kw: Any) -> Future:
+    def _send_shell(
+        self,
+        conn: EngineConn,
+        msg_type: str,
+        content: dict,
+        kind: str = "shell",
+        channel: str = "shell",
+        **kw: Any,
+    ) -> Future:
         msg = conn.session.msg(msg_type, content)
         req = self._new_request(conn, kind, msg["msg_id"], channel=channel, **kw)
         if not req.future.done():
@@ -1013,9 +1207,15 @@ class Controller:
             if req.future.done():
                 continue
             if conn.dead or "shell" not in conn.sockets:
-                self._finish(conn, req, exc=EngineError(
-                    f"engine {conn.eid} is {'dead: ' + conn.dead if conn.dead else 'not connected'}",
-                    conn.eid, _method(req)))
+                self._finish(
+                    conn,
+                    req,
+                    exc=EngineError(
+                        f"engine {conn.eid} is {'dead: ' + conn.dead if conn.dead else 'not connected'}",
+                        conn.eid,
+                        _method(req),
+                    ),
+                )
                 continue
             conn.requests[req.msg_id] = req
             try:
@@ -1027,7 +1227,9 @@ class Controller:
                 # the caller's buffers are read until zmq has the message (a queued send) and,
                 # for zero-copy frames, until zmq releases them
                 req.sent_chained = True
-                sending.add_done_callback(lambda _s, req=req, tracker=tracker: _set_sent(req, tracker))
+                sending.add_done_callback(
+                    lambda _s, req=req, tracker=tracker: _set_sent(req, tracker)
+                )
         for conn in {id(c): c for c, _m, _r, _b in batch}.values():
             self._publish(conn)
 
@@ -1055,8 +1257,14 @@ class Controller:
         """Why engine ``eid`` cannot take requests now (dead, restarting), or None."""
         return self._published[eid].unavailable
 
-    def submit_execute(self, eids: list[int], code: str, listener: Listener | None = None,
-                       silent: bool = False, allow_stdin: bool = True) -> list[Future]:
+    def submit_execute(
+        self,
+        eids: list[int],
+        code: str,
+        listener: Listener | None = None,
+        silent: bool = False,
+        allow_stdin: bool = True,
+    ) -> list[Future]:
         """Send ``code`` to each engine; one Future per engine resolving to a result dict.
 
         With ``allow_stdin``, ``input()``/``getpass()`` on an engine ask the user (``stdin.py``).
@@ -1064,27 +1272,53 @@ class Controller:
         content = wire.execute_content(code, silent=silent, allow_stdin=allow_stdin)
 
         def build(conn: EngineConn, _frames: list, fut: Future) -> tuple[dict, Request]:
-            msg = conn.session.msg("execute_request",
-                                   dict(content, allow_stdin=allow_stdin and "stdin_port" in conn.info))
-            return msg, self._new_request(conn, "execute", msg["msg_id"], future=fut, code=code,
-                                          listener=listener)
+            msg = conn.session.msg(
+                "execute_request",
+                dict(content, allow_stdin=allow_stdin and "stdin_port" in conn.info),
+            )
+            return msg, self._new_request(
+                conn, "execute", msg["msg_id"], future=fut, code=code, listener=listener
+            )
+
         return self._submit(build, list(eids), [[]] * len(eids))
 
-    def submit_comm(self, eids: list[int], op: str, data: dict, frames: list[list[Any]],
-                    listener: Listener | None = None) -> list[Future]:
+    def submit_comm(
+        self,
+        eids: list[int],
+        op: str,
+        data: dict,
+        frames: list[list[Any]],
+        listener: Listener | None = None,
+    ) -> list[Future]:
         """Send one comm operation per engine (``frames[i]`` to ``eids[i]``); Futures of ``CommReply``."""
+
         def build(conn: EngineConn, _frames: list, fut: Future) -> tuple[dict, Request]:
-            msg = wire.with_rid(conn.session.msg("comm_msg", wire.comm_op_content(conn.comm_id, op, data)))
-            req = self._new_request(conn, "comm", msg["msg_id"], future=fut, op=op, listener=listener)
+            msg = wire.with_rid(
+                conn.session.msg("comm_msg", wire.comm_op_content(conn.comm_id, op, data))
+            )
+            req = self._new_request(
+                conn, "comm", msg["msg_id"], future=fut, op=op, listener=listener
+            )
             if not conn.data_ok and not fut.done():
-                fut.set_exception(EngineError(
-                    f"engine {conn.eid} ({conn.language or 'unknown language'}) cannot run {op!r}: data "
-                    "operations need a Python engine with ipy_multiengine installed", conn.eid, op))
+                fut.set_exception(
+                    EngineError(
+                        f"engine {conn.eid} ({conn.language or 'unknown language'}) cannot run {op!r}: data "
+                        "operations need a Python engine with ipy_multiengine installed",
+                        conn.eid,
+                        op,
+                    )
+                )
             return msg, req
+
         return self._submit(build, list(eids), list(frames), track=True)
 
-    def _submit(self, build: Callable[[EngineConn, list, Future], tuple[dict, Request]], eids: list[int],
-                frames: list[list[Any]], track: bool = False) -> list[Future]:
+    def _submit(
+        self,
+        build: Callable[[EngineConn, list, Future], tuple[dict, Request]],
+        eids: list[int],
+        frames: list[list[Any]],
+        track: bool = False,
+    ) -> list[Future]:
         """Futures now (caller's thread); the messages are built and sent on the loop, which
         alone touches the engines' connections. With ``track``, the future of a request with
         frames is a ``RequestFuture`` whose ``sent`` tells when zmq holds them (issue 11.2)."""
@@ -1115,11 +1349,15 @@ class Controller:
 
     def interrupt(self, eids: list[int]) -> None:
         """Ask each engine to interrupt what it runs (``interrupt_request`` on control)."""
+
         def send() -> None:
             for eid in eids:
                 conn = self._engines.get(eid)
                 if conn is not None and not conn.dead and "control" in conn.sockets:
-                    self._send_shell(conn, "interrupt_request", {}, kind="control", channel="control")
+                    self._send_shell(
+                        conn, "interrupt_request", {}, kind="control", channel="control"
+                    )
+
         _loop.call_soon(send)
 
     def pending(self, eid: int) -> int:
@@ -1158,7 +1396,7 @@ def _set_sent(req: Request, tracker: Any) -> None:
         sent.set_result(tracker)
 
 
-def _retrieve(fut: "asyncio.Future[Any]") -> None:
+def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
 
@@ -1169,7 +1407,7 @@ async def _acall(fn: Callable[[], Any]) -> Any:
 
 def _short(code: str, width: int = 80) -> str:
     code = " ".join(code.split())
-    return code if len(code) <= width else code[:width - 3] + "..."
+    return code if len(code) <= width else code[: width - 3] + "..."
 
 
 def _method(req: Request) -> str:

@@ -17,7 +17,8 @@ import pickle
 import socket
 import sys
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from IPython import get_ipython
 
@@ -42,7 +43,7 @@ def _breakpointhook(*args: Any, **kwargs: Any) -> Any:
     """``breakpoint()`` on an engine: IPython's debugger over the stdin channel, so the prompt
     reaches whoever runs the cell (ipykernel leaves debugpy's hook, which does nothing unless a
     debug adapter client is attached; then that hook is used)."""
-    __tracebackhide__ = True  # noqa: F841  (IPython's debugger then does not stop in this frame)
+    __tracebackhide__ = True
     try:
         import debugpy
 
@@ -63,8 +64,13 @@ def _on_open(comm: Any, msg: dict) -> None:
     comm.on_msg(lambda m: _on_msg(comm, m))
     rid = msg["content"]["data"].get("rid")
     comm.send(
-        {"rid": rid, "status": "ok", "pid": os.getpid(), "host": socket.gethostname(),
-         "python": sys.version.split()[0]}
+        {
+            "rid": rid,
+            "status": "ok",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "python": sys.version.split()[0],
+        }
     )
 
 
@@ -99,8 +105,10 @@ def _check_sendable(what: str, value: Any) -> None:
     try:
         serialize.dumps(value)
     except Exception as exc:
-        raise TypeError(f"cannot send {what} back to the client: a {type(value).__name__} "
-                        f"cannot be pickled ({exc})") from exc
+        raise TypeError(
+            f"cannot send {what} back to the client: a {type(value).__name__} "
+            f"cannot be pickled ({exc})"
+        ) from exc
 
 
 class _CallerGlobals(dict):
@@ -193,7 +201,11 @@ def _in_namespace(f: Any) -> tuple[Any, Callable[[], None]]:
 
 def _assigned_globals(code: types.CodeType) -> set[str]:
     """The names ``code`` (and the code nested in it) assigns or deletes with ``global``."""
-    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")}
+    names = {
+        i.argval
+        for i in dis.get_instructions(code)
+        if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")
+    }
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _assigned_globals(const)
@@ -208,7 +220,9 @@ def _pushed(f: types.FunctionType) -> Any:
     namespace, where later reads (its own too) find them."""
     g, commit = _in_namespace(f)
     overlays = getattr(commit, "overlays", [])
-    names = frozenset(n for fn in getattr(commit, "functions", []) for n in _assigned_globals(fn.__code__))
+    names = frozenset(
+        n for fn in getattr(commit, "functions", []) for n in _assigned_globals(fn.__code__)
+    )
     if not names:
         return g
 
@@ -254,7 +268,7 @@ class _ItemError(Exception):
 
 #: Load-balanced maps interrupted on this engine (Ctrl-C): their chunks still queued here are
 #: skipped, not run (bounded: old ids are forgotten)
-_interrupted_maps: "collections.deque[str]" = collections.deque(maxlen=64)
+_interrupted_maps: collections.deque[str] = collections.deque(maxlen=64)
 
 
 def _op_map(data: dict, frames: list) -> list:
@@ -296,8 +310,14 @@ def _error_reply(rid: Any, exc: BaseException, item: int | None) -> tuple[dict, 
         pickle.loads(pickled[0])
     except Exception:
         pickled = []
-    reply = {"rid": rid, "status": "error", "ename": type(exc).__name__, "evalue": str(exc),
-             "traceback": lines, "item": item}
+    reply = {
+        "rid": rid,
+        "status": "error",
+        "ename": type(exc).__name__,
+        "evalue": str(exc),
+        "traceback": lines,
+        "item": item,
+    }
     return reply, pickled
 
 
@@ -310,8 +330,12 @@ def _on_msg(comm: Any, msg: dict) -> None:
         reply: dict = {"rid": rid, "status": "ok"}
     except _ItemError as err:
         reply, frames = _error_reply(rid, err.exc, err.index)
-    except BaseException as exc:  # noqa: BLE001 - every failure must produce a reply
-        if isinstance(exc, KeyboardInterrupt) and data.get("op") == "map" and data.get("map") is not None:
+    except BaseException as exc:
+        if (
+            isinstance(exc, KeyboardInterrupt)
+            and data.get("op") == "map"
+            and data.get("map") is not None
+        ):
             # a Ctrl-C of a load-balanced map stops it here: its next chunk, already queued on
             # this engine, must not run for another chunk's time after the user pressed Ctrl-C
             if data["map"] not in _interrupted_maps:
@@ -350,7 +374,8 @@ def _send_reply(comm: Any, reply: dict, frames: list) -> None:
         import logging
 
         logging.getLogger("ipy_multiengine").warning(
-            "a reply was still being sent after %.0f s; the engine goes on", SEND_WAIT)
+            "a reply was still being sent after %.0f s; the engine goes on", SEND_WAIT
+        )
 
 
 def _flush_pending_output() -> None:
@@ -360,7 +385,9 @@ def _flush_pending_output() -> None:
     IOPub thread even when nothing is buffered: two of those were ~0.5 ms of every op.
     """
     for stream in (sys.stdout, sys.stderr):
-        if getattr(stream, "_flush_pending", True) is False and not getattr(stream, "_buffers", True):
+        if getattr(stream, "_flush_pending", True) is False and not getattr(
+            stream, "_buffers", True
+        ):
             continue  # an idle ipykernel OutStream: nothing to send
         try:
             stream.flush()

@@ -76,7 +76,7 @@ def write_json_atomic(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def open_private(path: str, mode: str = "ab"):  # noqa: ANN201 (a file object)
+def open_private(path: str, mode: str = "ab"):
     """Open ``path`` (created if missing) readable and writable by its owner only (0600),
     whatever the umask: engine logs and job scripts may show what the engines run."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
@@ -110,7 +110,9 @@ def report_address(bind_ip: str, environ=None) -> str:
     override = environ.get("IPY_MULTIENGINE_ENGINE_ADDRESS")
     if override:
         return override
-    targets = [h for h in environ.get("IPY_MULTIENGINE_CONTROLLER_HOST", "").split(",") if h.strip()]
+    targets = [
+        h for h in environ.get("IPY_MULTIENGINE_CONTROLLER_HOST", "").split(",") if h.strip()
+    ]
     if environ.get("SLURM_SUBMIT_HOST"):
         targets.append(environ["SLURM_SUBMIT_HOST"])
     targets.append("192.0.2.1")  # TEST-NET-1: only to pick the default route; nothing is sent
@@ -218,7 +220,9 @@ def _private_dir() -> str:
     return str(runtime_dir("engines"))
 
 
-def run_detached(info: dict, engine_id: int, mpi: str, kernel_args: list[str], timeout: float) -> int:
+def run_detached(
+    info: dict, engine_id: int, mpi: str, kernel_args: list[str], timeout: float
+) -> int:
     """Write ``info`` privately, start the kernel in a new session, print its report."""
     import subprocess
     import uuid
@@ -328,7 +332,9 @@ def signal_engine(pid: int, connection_file: str, signame: str) -> int:
         import psutil
 
         try:  # psutil checks the create time again: a pid reused meanwhile is not signalled
-            proc.send_signal(getattr(signal, signame if signame.startswith("SIG") else "SIG" + signame))
+            proc.send_signal(
+                getattr(signal, signame if signame.startswith("SIG") else "SIG" + signame)
+            )
         except psutil.NoSuchProcess:
             return 3
     return 0
@@ -363,14 +369,18 @@ def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
     _, alive = psutil.wait_procs(alive, timeout=5.0)
     alive = [p for p in alive if _running(p)]  # a zombie is gone (its parent reaps it)
     if alive:
-        print("engine_main: engine process(es) still running after SIGKILL: "
-              + ", ".join(str(p.pid) for p in alive), file=sys.stderr)
+        print(
+            "engine_main: engine process(es) still running after SIGKILL: "
+            + ", ".join(str(p.pid) for p in alive),
+            file=sys.stderr,
+        )
         return 1  # their files stay: the record of what still runs
     for _, connection_file in engines:
         _remove(connection_file, connection_file[: -len(".json")] + ".log")
         directory = os.path.dirname(connection_file)
-        if directory == os.path.dirname(os.path.abspath(connection_file)) and \
-                directory.endswith(os.path.join("ipy_multiengine", "engines")):
+        if directory == os.path.dirname(os.path.abspath(connection_file)) and directory.endswith(
+            os.path.join("ipy_multiengine", "engines")
+        ):
             try:  # our private directory goes when its last engine does
                 os.rmdir(directory)
             except OSError:
@@ -383,18 +393,34 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m ipy_multiengine.engine_main",
         description="Start an ipy_multiengine engine (an IPython kernel) and report its ports.",
     )
-    parser.add_argument("--connection-file", "-f", help="pre-written connection file; "
-                        "'{engine_id}' is replaced by the engine id")
-    parser.add_argument("--engine-id", type=int, default=None,
-                        help="engine id (default: MPI rank / SLURM_PROCID / 0)")
-    parser.add_argument("--stdin", action="store_true",
-                        help="read the connection info as JSON from standard input")
-    parser.add_argument("--detach", action="store_true",
-                        help="start the kernel in a new session, print its report, exit")
-    parser.add_argument("--mpi", choices=("auto", "yes", "no"), default="auto",
-                        help="initialise MPI before the kernel (auto: when started by MPI)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="with --detach: seconds to wait for the kernel")
+    parser.add_argument(
+        "--connection-file",
+        "-f",
+        help="pre-written connection file; '{engine_id}' is replaced by the engine id",
+    )
+    parser.add_argument(
+        "--engine-id",
+        type=int,
+        default=None,
+        help="engine id (default: MPI rank / SLURM_PROCID / 0)",
+    )
+    parser.add_argument(
+        "--stdin", action="store_true", help="read the connection info as JSON from standard input"
+    )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="start the kernel in a new session, print its report, exit",
+    )
+    parser.add_argument(
+        "--mpi",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="initialise MPI before the kernel (auto: when started by MPI)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="with --detach: seconds to wait for the kernel"
+    )
     parser.add_argument("--signal", dest="signame", help="send signal SIGNAME to --pid")
     parser.add_argument("--stop", action="store_true", help="terminate the engine --pid")
     parser.add_argument("--pid", type=int)

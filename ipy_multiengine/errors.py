@@ -29,16 +29,16 @@ import re
 from typing import Any
 
 __all__ = [
-    "MultiEngineError",
     "CompositeError",
-    "RemoteError",
-    "EngineError",
-    "NoClusterError",
-    "TimeoutError",
-    "LauncherError",
-    "EngineStartTimeout",
     "ConfigError",
+    "EngineError",
+    "EngineStartTimeout",
+    "LauncherError",
+    "MultiEngineError",
+    "NoClusterError",
+    "RemoteError",
     "TargetsError",
+    "TimeoutError",
 ]
 
 _builtin_timeout = builtins.TimeoutError
@@ -52,7 +52,7 @@ class MultiEngineError(Exception):
     """
 
 
-class TimeoutError(MultiEngineError, _builtin_timeout):  # noqa: A001
+class TimeoutError(MultiEngineError, _builtin_timeout):
     """A blocking call did not finish within its ``timeout``; the result can still be collected."""
 
 
@@ -107,14 +107,30 @@ class RemoteError(MultiEngineError):
     def __reduce__(self):
         return (
             type(self),
-            (self.ename, self.evalue, self.traceback, self.engine_id, self.method, self.pickled, self.result,
-             self.item),
+            (
+                self.ename,
+                self.evalue,
+                self.traceback,
+                self.engine_id,
+                self.method,
+                self.pickled,
+                self.result,
+                self.item,
+            ),
         )
 
-    def for_engine(self, engine_id: int) -> "RemoteError":
+    def for_engine(self, engine_id: int) -> RemoteError:
         """This error with ``engine_id`` set (a copy: context is given at construction)."""
-        return type(self)(self.ename, self.evalue, self.traceback, engine_id, self.method, self.pickled,
-                          self.result, self.item)
+        return type(self)(
+            self.ename,
+            self.evalue,
+            self.traceback,
+            engine_id,
+            self.method,
+            self.pickled,
+            self.result,
+            self.item,
+        )
 
     def __str__(self) -> str:
         return f"{self.ename}: {self.evalue}" if self.evalue else self.ename
@@ -158,7 +174,7 @@ class EngineError(MultiEngineError):
     def __reduce__(self):
         return (type(self), (self.args[0], self.engine_id, self.method))
 
-    def for_engine(self, engine_id: int) -> "EngineError":
+    def for_engine(self, engine_id: int) -> EngineError:
         """This error with ``engine_id`` set (a copy: context is given at construction)."""
         return type(self)(self.args[0], engine_id, self.method)
 
@@ -186,7 +202,7 @@ class EngineStartTimeout(LauncherError, TimeoutError):
     def __reduce__(self):
         return (type(self), (self.args[0], self.missing))
 
-    def for_engine(self, engine_id: int) -> "EngineStartTimeout":
+    def for_engine(self, engine_id: int) -> EngineStartTimeout:
         """Itself: its engine is the one of ``missing`` (when only one is)."""
         return self
 
@@ -198,8 +214,13 @@ class CompositeError(MultiEngineError):
     ``results`` the per-engine results of the engines that succeeded (``None`` where one failed).
     """
 
-    def __init__(self, method: str, elist: list[MultiEngineError], results: list[Any] | None = None,
-                 collapse: bool = False) -> None:
+    def __init__(
+        self,
+        method: str,
+        elist: list[MultiEngineError],
+        results: list[Any] | None = None,
+        collapse: bool = False,
+    ) -> None:
         self.method = method
         self.elist = list(elist)
         self.results = list(results) if results is not None else []
@@ -210,7 +231,7 @@ class CompositeError(MultiEngineError):
     def __reduce__(self):
         return (type(self), (self.method, self.elist, self.results, self.collapse))
 
-    def collapsed(self) -> "CompositeError":
+    def collapsed(self) -> CompositeError:
         """This error, showing identical tracebacks once (a copy: context is given at construction)."""
         return type(self)(self.method, self.elist, self.results, collapse=True)
 
@@ -234,7 +255,12 @@ class CompositeError(MultiEngineError):
         groups: list[tuple[list[Any], MultiEngineError]] = []
         seen: dict[tuple, int] = {}
         for e in chosen:
-            key = (e.method, e.ename, e.evalue, tuple(_EXEC_COUNT.sub("In[]", t) for t in e.render_traceback()))
+            key = (
+                e.method,
+                e.ename,
+                e.evalue,
+                tuple(_EXEC_COUNT.sub("In[]", t) for t in e.render_traceback()),
+            )
             if self.collapse and key in seen:
                 groups[seen[key]][0].append(e.engine_id)
                 continue
@@ -251,7 +277,9 @@ class CompositeError(MultiEngineError):
         try:
             return self.elist[excid]
         except IndexError:
-            raise IndexError(f"an exception with index {excid} does not exist (there are {len(self.elist)})") from None
+            raise IndexError(
+                f"an exception with index {excid} does not exist (there are {len(self.elist)})"
+            ) from None
 
     def print_tracebacks(self, excid: int | None = None) -> None:
         """Print the remote traceback of one failing engine (by index in ``elist``) or of all."""

@@ -69,20 +69,22 @@ def _split_line(line: str, parser: Any) -> tuple[str, str]:
         assert m is not None
         token = m.group(1)
         if token == "--":
-            rest = rest[m.end():]
+            rest = rest[m.end() :]
             break
         name = token.split("=", 1)[0]
-        action = parser._option_string_actions.get(name)  # argparse has no public lookup of an option
+        action = parser._option_string_actions.get(
+            name
+        )  # argparse has no public lookup of an option
         if action is None:
             break  # code that starts with '-', e.g. `%px -x`
         opts.append(token)
-        rest = rest[m.end():]
+        rest = rest[m.end() :]
         if action.nargs != 0 and "=" not in token:
             m = re.match(r"(\S+)\s*", rest)
             if m is None:
                 raise UsageError(f"option {name} needs a value")
             opts.append(m.group(1))
-            rest = rest[m.end():]
+            rest = rest[m.end() :]
     return " ".join(opts), rest
 
 
@@ -139,27 +141,43 @@ class AutoPxTransformer:
                 return [f"get_ipython().run_line_magic('px', {m.group(1)!r})\n"]
         if not self.enabled:
             return lines
-        first = next((ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), "")
+        first = next(
+            (ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), ""
+        )
         if not first:
             return lines
-        if first.replace(" ", "") in self.exit_words or re.fullmatch(r"(exit|quit)\(\s*\d*\s*\)", first):
-            msg = ("%autopx: exit/quit not sent to the engines (there it asks each engine kernel to "
-                   "exit); type %autopx to leave autopx mode, then exit to leave IPython")
+        if first.replace(" ", "") in self.exit_words or re.fullmatch(
+            r"(exit|quit)\(\s*\d*\s*\)", first
+        ):
+            msg = (
+                "%autopx: exit/quit not sent to the engines (there it asks each engine kernel to "
+                "exit); type %autopx to leave autopx mode, then exit to leave IPython"
+            )
             return [f"print({msg!r}, file=__import__('sys').stderr)\n"]
         word, _, rest = first.partition(" ")
         rest = rest.lstrip()
         if word.startswith("%"):
             if word.lstrip("%") in self.local_magics:
                 return lines
-        elif word in self.local_magics - {"result"} and not re.match(r"[=(\[.,:+\-*/%<>!&|^~@]", rest):
+        elif word in self.local_magics - {"result"} and not re.match(
+            r"[=(\[.,:+\-*/%<>!&|^~@]", rest
+        ):
             return lines  # automagic: `autopx`, `pxstatus`, `px code` (not `px = 1`, `px(...)`)
         return ["%%px\n"] + lines
 
 
 # ---------------------------------------------------------------------- the magics
 #: The ``%px`` defaults: the ``ParallelMagics`` traits, and the fields of ``PxConfig``.
-PX_DEFAULTS = ("targets", "block", "stream", "group_outputs", "collapse", "progress_after", "timeout",
-               "line_results")
+PX_DEFAULTS = (
+    "targets",
+    "block",
+    "stream",
+    "group_outputs",
+    "collapse",
+    "progress_after",
+    "timeout",
+    "line_results",
+)
 
 
 @dataclass
@@ -179,7 +197,7 @@ class PxConfig:
     overridden: set = field(default_factory=set, repr=False, compare=False)
 
     @classmethod
-    def from_traits(cls, magics: Any) -> "PxConfig":
+    def from_traits(cls, magics: Any) -> PxConfig:
         """The configured defaults: the traits of ``magics`` (ipython_config.py, ``%config``)."""
         return cls(**{name: getattr(magics, name) for name in PX_DEFAULTS})
 
@@ -194,25 +212,74 @@ class PxConfig:
 
 def _px_options(f: Any) -> Any:
     decorators = [
-        argument("--targets", "-t", dest="targets", default=None,
-                 help="engines to run on: all, 0, 0,2, 1:3, ::2 (default: the client's targets)"),
-        argument("--block", dest="block", action="store_const", const=True, default=None,
-                 help="wait for the engines and show their output (default: the client's block)"),
-        argument("--noblock", "--no-block", dest="block", action="store_const", const=False,
-                 help="return a PendingResult at once; %%result shows the output later"),
-        argument("--stream", dest="stream", action="store_const", const=True, default=None,
-                 help="show each engine's output live, as it is printed (the default for %%%%px)"),
-        argument("--no-stream", dest="stream", action="store_const", const=False,
-                 help="show the outputs when every engine is done, grouped by --group-outputs"),
-        argument("--group-outputs", dest="group_outputs", choices=("engine", "order", "type"), default=None,
-                 help="with --no-stream: by engine, in arrival order, or by type (stdout, stderr, displays, results)"),
-        argument("--collapse", dest="collapse", action="store_const", const=True, default=None,
-                 help="show identical output of several engines once ([stdout:0-3]) and group identical tracebacks"),
+        argument(
+            "--targets",
+            "-t",
+            dest="targets",
+            default=None,
+            help="engines to run on: all, 0, 0,2, 1:3, ::2 (default: the client's targets)",
+        ),
+        argument(
+            "--block",
+            dest="block",
+            action="store_const",
+            const=True,
+            default=None,
+            help="wait for the engines and show their output (default: the client's block)",
+        ),
+        argument(
+            "--noblock",
+            "--no-block",
+            dest="block",
+            action="store_const",
+            const=False,
+            help="return a PendingResult at once; %%result shows the output later",
+        ),
+        argument(
+            "--stream",
+            dest="stream",
+            action="store_const",
+            const=True,
+            default=None,
+            help="show each engine's output live, as it is printed (the default for %%%%px)",
+        ),
+        argument(
+            "--no-stream",
+            dest="stream",
+            action="store_const",
+            const=False,
+            help="show the outputs when every engine is done, grouped by --group-outputs",
+        ),
+        argument(
+            "--group-outputs",
+            dest="group_outputs",
+            choices=("engine", "order", "type"),
+            default=None,
+            help="with --no-stream: by engine, in arrival order, or by type (stdout, stderr, displays, results)",
+        ),
+        argument(
+            "--collapse",
+            dest="collapse",
+            action="store_const",
+            const=True,
+            default=None,
+            help="show identical output of several engines once ([stdout:0-3]) and group identical tracebacks",
+        ),
         argument("--no-collapse", dest="collapse", action="store_const", const=False),
-        argument("--progress-after", dest="progress_after", default=None, metavar="S",
-                 help="after S seconds, show how many engines are done ('none' to disable)"),
-        argument("--timeout", dest="timeout", default=None, metavar="S",
-                 help="stop waiting after S seconds (the engines keep running; %%result collects later)"),
+        argument(
+            "--progress-after",
+            dest="progress_after",
+            default=None,
+            metavar="S",
+            help="after S seconds, show how many engines are done ('none' to disable)",
+        ),
+        argument(
+            "--timeout",
+            dest="timeout",
+            default=None,
+            metavar="S",
+            help="stop waiting after S seconds (the engines keep running; %%result collects later)",
+        ),
     ]
     for d in reversed(decorators):
         f = d(f)
@@ -229,33 +296,59 @@ class ParallelMagics(Magics):
     ``%pxconfig`` overrides them for the session; ``%pxconfig --reset`` returns to them.
     """
 
-    targets = Union([Unicode(), Integer(), List(Integer())], default_value=None, allow_none=True,
-                    help="Engines %px runs on: None (the client's targets), 'all', a group name, an "
-                         "engine id or a list of ids.").tag(config=True)
-    block = Bool(None, allow_none=True,
-                 help="Whether %px waits for the engines: None (the client's block), True or False."
-                 ).tag(config=True)
-    stream = Bool(True, help="%%px shows each engine's output live, as it is printed; False: when "
-                             "every engine is done, grouped by group_outputs.").tag(config=True)
-    group_outputs = Enum(("engine", "order", "type"), default_value="engine",
-                         help="With stream=False, group the outputs by engine, in arrival order, or by "
-                              "type (stdout, stderr, displays, results).").tag(config=True)
-    collapse = Bool(False, help="Show identical output of several engines once ([stdout:0-3]) and "
-                                "group identical tracebacks.").tag(config=True)
-    progress_after = Float(None, allow_none=True, min=0.0,
-                           help="Seconds after which %px shows how many engines are done; None: never."
-                           ).tag(config=True)
-    timeout = Float(None, allow_none=True, min=0.0,
-                    help="Seconds %px waits before it stops waiting (the engines keep running; %result "
-                         "collects later); None: forever.").tag(config=True)
-    line_results = Bool(True, help="A one-line %px returns the tutorial's Results List; False: it "
-                                   "renders like a %%px cell.").tag(config=True)
+    targets = Union(
+        [Unicode(), Integer(), List(Integer())],
+        default_value=None,
+        allow_none=True,
+        help="Engines %px runs on: None (the client's targets), 'all', a group name, an "
+        "engine id or a list of ids.",
+    ).tag(config=True)
+    block = Bool(
+        None,
+        allow_none=True,
+        help="Whether %px waits for the engines: None (the client's block), True or False.",
+    ).tag(config=True)
+    stream = Bool(
+        True,
+        help="%%px shows each engine's output live, as it is printed; False: when "
+        "every engine is done, grouped by group_outputs.",
+    ).tag(config=True)
+    group_outputs = Enum(
+        ("engine", "order", "type"),
+        default_value="engine",
+        help="With stream=False, group the outputs by engine, in arrival order, or by "
+        "type (stdout, stderr, displays, results).",
+    ).tag(config=True)
+    collapse = Bool(
+        False,
+        help="Show identical output of several engines once ([stdout:0-3]) and "
+        "group identical tracebacks.",
+    ).tag(config=True)
+    progress_after = Float(
+        None,
+        allow_none=True,
+        min=0.0,
+        help="Seconds after which %px shows how many engines are done; None: never.",
+    ).tag(config=True)
+    timeout = Float(
+        None,
+        allow_none=True,
+        min=0.0,
+        help="Seconds %px waits before it stops waiting (the engines keep running; %result "
+        "collects later); None: forever.",
+    ).tag(config=True)
+    line_results = Bool(
+        True,
+        help="A one-line %px returns the tutorial's Results List; False: it "
+        "renders like a %%px cell.",
+    ).tag(config=True)
 
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)  # loads the shell's config (ipython_config.py) into the traits
         self.pxconfig_ = PxConfig.from_traits(self)
         self.transformer = AutoPxTransformer(
-            lambda: {name for names in self.magics.values() for name in names})
+            lambda: {name for names in self.magics.values() for name in names}
+        )
         self.last: Any = None
         self._own_client: Any = None
         self._notebook: bool | None = None  # None: detect (a kernel means notebook rendering)
@@ -270,11 +363,15 @@ class ParallelMagics(Magics):
         except NoClusterError as exc:
             raise UsageError(
                 "no active MultiEngineClient: call mec.activate() on one, or start a cluster "
-                f"for %px to connect to. {exc}") from None
+                f"for %px to connect to. {exc}"
+            ) from None
         mec.activate()
         self._own_client = mec
-        print(f"%px: connected to the running default cluster ({len(mec.get_ids())} engines: "
-              f"{mec.get_ids()}) and activated it", file=sys.stderr)
+        print(
+            f"%px: connected to the running default cluster ({len(mec.get_ids())} engines: "
+            f"{mec.get_ids()}) and activated it",
+            file=sys.stderr,
+        )
         return mec
 
     @property
@@ -304,13 +401,29 @@ class ParallelMagics(Magics):
     # -- %px / %%px
     @magic_arguments()
     @_px_options
-    @argument("-o", "--out", dest="out", default=None, metavar="NAME",
-              help="store the ResultList (or PendingResult) in the user namespace as NAME")
-    @argument("--local", dest="local", action="store_true", default=False,
-              help="also run the code in the local namespace")
-    @argument("--init", dest="init", action="store_true", default=False,
-              help="setup code: run it on every engine now and again on every engine restarted later "
-                   "(mec.on_start)")
+    @argument(
+        "-o",
+        "--out",
+        dest="out",
+        default=None,
+        metavar="NAME",
+        help="store the ResultList (or PendingResult) in the user namespace as NAME",
+    )
+    @argument(
+        "--local",
+        dest="local",
+        action="store_true",
+        default=False,
+        help="also run the code in the local namespace",
+    )
+    @argument(
+        "--init",
+        dest="init",
+        action="store_true",
+        default=False,
+        help="setup code: run it on every engine now and again on every engine restarted later "
+        "(mec.on_start)",
+    )
     @line_cell_magic
     def px(self, line: str, cell: str | None = None) -> Any:
         """Run code on the engines: ``%px CODE`` (one line) or a ``%%px`` cell.
@@ -333,10 +446,22 @@ class ParallelMagics(Magics):
     def _run(self, code: str, args: Any, line_form: bool) -> Any:
         cfg = self.pxconfig_
         mec = self.client()
-        targets = cfg.targets if args.targets is None else parse_targets(args.targets, mec.get_ids(), getattr(mec, "groups", ()))
-        block = args.block if args.block is not None else (cfg.block if cfg.block is not None else mec.block)
+        targets = (
+            cfg.targets
+            if args.targets is None
+            else parse_targets(args.targets, mec.get_ids(), getattr(mec, "groups", ()))
+        )
+        block = (
+            args.block
+            if args.block is not None
+            else (cfg.block if cfg.block is not None else mec.block)
+        )
         timeout = cfg.timeout if args.timeout is None else _timeout_value(args.timeout)
-        progress_after = cfg.progress_after if args.progress_after is None else _timeout_value(args.progress_after)
+        progress_after = (
+            cfg.progress_after
+            if args.progress_after is None
+            else _timeout_value(args.progress_after)
+        )
         group = args.group_outputs or cfg.group_outputs
         collapse = cfg.collapse if args.collapse is None else args.collapse
         if line_form and cfg.line_results and args.stream is None and args.group_outputs is None:
@@ -356,7 +481,9 @@ class ParallelMagics(Magics):
                 events.put((eid, mtype, content))
 
         try:
-            pr = mec.execute(code, targets=targets, block=False, listener=listener if block else None)
+            pr = mec.execute(
+                code, targets=targets, block=False, listener=listener if block else None
+            )
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
         except MultiEngineError as exc:  # e.g. a dead target: the message says it all
@@ -392,9 +519,12 @@ class ParallelMagics(Magics):
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             renderer.finish()
             left = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
-            raise one_line(MultiEngineTimeout(
-                f"%px: engines {engine_range(left)} not done after {timeout:g} s; they keep running. "
-                "%result waits for the output; mec.interrupt() stops them"))
+            raise one_line(
+                MultiEngineTimeout(
+                    f"%px: engines {engine_range(left)} not done after {timeout:g} s; they keep running. "
+                    "%result waits for the output; mec.interrupt() stops them"
+                )
+            )
         try:
             result = pr.get_result()
         except CompositeError as err:
@@ -419,18 +549,30 @@ class ParallelMagics(Magics):
             self.shell.user_ns[args.out] = err
         return err
 
-    def _run_init(self, mec: Any, code: str, args: Any, mode: str, group: str, collapse: bool,
-                  timeout: float | None) -> Any:
+    def _run_init(
+        self,
+        mec: Any,
+        code: str,
+        args: Any,
+        mode: str,
+        group: str,
+        collapse: bool,
+        timeout: float | None,
+    ) -> Any:
         """``--init``: ``mec.on_start(code)``, then show its outputs like ``--no-stream``."""
         if args.targets is not None:
-            raise UsageError("--init runs on every engine (and on every engine restarted later): "
-                             "it takes no --targets")
+            raise UsageError(
+                "--init runs on every engine (and on every engine restarted later): "
+                "it takes no --targets"
+            )
         if not args.block and args.block is not None:
             raise UsageError("--init always blocks: setup code must have run before anything else")
         try:
             result = mec.on_start(code, timeout=timeout)
         except CompositeError as err:  # what the engines printed, then the error
-            self._show_records([r for r in err.results if isinstance(r, dict)], "collect", group, collapse)
+            self._show_records(
+                [r for r in err.results if isinstance(r, dict)], "collect", group, collapse
+            )
             raise self._failed(err, args, collapse) from None
         self.last = mec.last
         self._show_records(result, "results" if mode == "results" else "collect", group, collapse)
@@ -449,8 +591,14 @@ class ParallelMagics(Magics):
                 renderer.handle(r["id"], out.get("output_type", ""), out)
         renderer.finish()
 
-    def _pump(self, pr: Any, events: queue.Queue, renderer: Renderer, progress: ProgressBar,
-              deadline: float | None) -> bool:
+    def _pump(
+        self,
+        pr: Any,
+        events: queue.Queue,
+        renderer: Renderer,
+        progress: ProgressBar,
+        deadline: float | None,
+    ) -> bool:
         """Render events until every engine is done (True) or ``deadline`` passes (False)."""
         while True:
             stdin.serve_pending()  # engines' input()/breakpoint() prompts, one at a time
@@ -473,8 +621,9 @@ class ParallelMagics(Magics):
             if deadline is not None and time.monotonic() >= deadline and not pr.ready():
                 return False
 
-    def _interrupted(self, mec: Any, pr: Any, events: queue.Queue, renderer: Renderer,
-                     progress: ProgressBar) -> None:
+    def _interrupted(
+        self, mec: Any, pr: Any, events: queue.Queue, renderer: Renderer, progress: ProgressBar
+    ) -> None:
         """Ctrl-C / notebook interrupt: interrupt the engines still running, show their output."""
         running = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
         end = time.monotonic() + INTERRUPT_GRACE
@@ -487,9 +636,13 @@ class ParallelMagics(Magics):
                     try:
                         mec.interrupt(still)
                     except Exception as exc:  # e.g. an engine died meanwhile: keep collecting
-                        print(f"%px: could not interrupt engines {engine_range(still)}: {exc}",
-                              file=sys.stderr)
-                if self._pump(pr, events, renderer, progress, min(end, time.monotonic() + INTERRUPT_REPEAT)):
+                        print(
+                            f"%px: could not interrupt engines {engine_range(still)}: {exc}",
+                            file=sys.stderr,
+                        )
+                if self._pump(
+                    pr, events, renderer, progress, min(end, time.monotonic() + INTERRUPT_REPEAT)
+                ):
                     break
                 if time.monotonic() >= end:
                     break
@@ -514,9 +667,15 @@ class ParallelMagics(Magics):
 
     # -- %pxstatus / %pxdebug / %pxdiff
     @magic_arguments()
-    @argument("--live", action="store_true", default=False,
-              help="in a notebook, keep the table updated in place (until .stop())")
-    @argument("--interval", type=float, default=1.0, metavar="S", help="seconds between live updates")
+    @argument(
+        "--live",
+        action="store_true",
+        default=False,
+        help="in a notebook, keep the table updated in place (until .stop())",
+    )
+    @argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between live updates"
+    )
     @line_magic
     def pxstatus(self, line: str = "") -> Any:
         """The engine table: id, group, host, pid, state, what runs, queue, memory, CPU."""
@@ -534,14 +693,18 @@ class ParallelMagics(Magics):
             args = parse_argstring(self.pxdebug, line)
             eid = int(args.engine)
         except (UsageError, ValueError):
-            raise UsageError(f"%pxdebug needs one engine id, e.g. %pxdebug 0 (got {line.strip()!r})") from None
+            raise UsageError(
+                f"%pxdebug needs one engine id, e.g. %pxdebug 0 (got {line.strip()!r})"
+            ) from None
         mec = self.client()
         if eid not in mec.get_ids():
             raise UsageError(f"unknown engine id {eid}; valid ids: {mec.get_ids()}")
         language = next(e["language"] for e in mec.engines if e["id"] == eid)
         if language != "python":
-            raise UsageError(f"engine {eid} runs {language or 'an unknown language'}: "
-                             "%pxdebug needs a Python engine")
+            raise UsageError(
+                f"engine {eid} runs {language or 'an unknown language'}: "
+                "%pxdebug needs a Python engine"
+            )
         pr = mec.execute("%debug", targets=eid, block=False, listener=live_printer(eid))
         try:
             pr.get_result()
@@ -550,8 +713,13 @@ class ParallelMagics(Magics):
 
     @magic_arguments()
     @argument("name", nargs="?", default=None, help="the variable to compare across engines")
-    @argument("--targets", "-t", dest="targets", default=None,
-              help="engines to compare: all, 0, 0,2, 1:3, ::2 or a group name")
+    @argument(
+        "--targets",
+        "-t",
+        dest="targets",
+        default=None,
+        help="engines to compare: all, 0, 0,2, 1:3, ::2 or a group name",
+    )
     @line_magic
     def pxdiff(self, line: str = "") -> Any:
         """Which engines hold differing values of ``NAME``: ``%pxdiff NAME [--targets T]``."""
@@ -559,18 +727,35 @@ class ParallelMagics(Magics):
         if not args.name:
             raise UsageError("usage: %pxdiff NAME [--targets T]")
         mec = self.client()
-        targets = None if args.targets is None else parse_targets(args.targets, mec.get_ids(), mec.groups)
+        targets = (
+            None if args.targets is None else parse_targets(args.targets, mec.get_ids(), mec.groups)
+        )
         return mec.diff(args.name, targets=targets)
-
 
     # -- %pxconfig
     @magic_arguments()
     @_px_options
-    @argument("--line-results", dest="line_results", action="store_const", const=True, default=None,
-              help="one-line %%px returns the tutorial's Results List (default)")
-    @argument("--no-line-results", dest="line_results", action="store_const", const=False,
-              help="one-line %%px renders like a %%%%px cell")
-    @argument("--reset", action="store_true", default=False, help="back to the configured defaults (the ParallelMagics traits: ipython_config.py, %%config)")
+    @argument(
+        "--line-results",
+        dest="line_results",
+        action="store_const",
+        const=True,
+        default=None,
+        help="one-line %%px returns the tutorial's Results List (default)",
+    )
+    @argument(
+        "--no-line-results",
+        dest="line_results",
+        action="store_const",
+        const=False,
+        help="one-line %%px renders like a %%%%px cell",
+    )
+    @argument(
+        "--reset",
+        action="store_true",
+        default=False,
+        help="back to the configured defaults (the ParallelMagics traits: ipython_config.py, %%config)",
+    )
     @line_magic
     def pxconfig(self, line: str) -> None:
         """Set the defaults of ``%px``/``%%px``; with no options, print them.
@@ -585,7 +770,9 @@ class ParallelMagics(Magics):
             else:
                 mec = _client_mod.get_active()
                 if ":" in args.targets and mec is None:
-                    raise UsageError("slices in --targets need an active client (to know the engine ids)")
+                    raise UsageError(
+                        "slices in --targets need an active client (to know the engine ids)"
+                    )
                 ids = mec.get_ids() if mec is not None else []
                 groups = getattr(mec, "groups", None) or {}
                 targets = parse_targets(args.targets, ids, groups)
@@ -638,7 +825,9 @@ class ParallelMagics(Magics):
         timeout = None if args.timeout is None else _timeout_value(args.timeout)
         try:
             return pr.get_result(timeout=timeout)
-        except MultiEngineTimeout as exc:  # one line, as %px --timeout: the magic's frames say nothing
+        except (
+            MultiEngineTimeout
+        ) as exc:  # one line, as %px --timeout: the magic's frames say nothing
             raise one_line(exc) from None
 
     @line_magic
@@ -676,7 +865,10 @@ def unload(ip: Any) -> None:
     table = ip.magics_manager.magics
     for kind, names in magics.magics.items():
         for name in names:
-            if table[kind].get(name) is not None and getattr(table[kind][name], "__self__", None) is magics:
+            if (
+                table[kind].get(name) is not None
+                and getattr(table[kind][name], "__self__", None) is magics
+            ):
                 del table[kind][name]
     ip.magics_manager.registry.pop(type(magics).__name__, None)
     if magics in getattr(ip, "configurables", []):  # %config ParallelMagics: the loaded one only

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def bounds(length: int, nparts: int) -> list[tuple[int, int]]:
@@ -37,7 +38,9 @@ def split(seq: Any, nparts: int) -> list[Any]:
         return [seq[a:b] for a, b in bounds(len(seq), nparts)]
     if not isinstance(seq, (list, tuple, range)):
         if isinstance(seq, (dict, set, frozenset)) or not hasattr(seq, "__iter__"):
-            raise TypeError(f"cannot scatter an object of type {type(seq).__name__}: need a sequence")
+            raise TypeError(
+                f"cannot scatter an object of type {type(seq).__name__}: need a sequence"
+            )
         seq = list(seq)
     return [list(seq[a:b]) for a, b in bounds(len(seq), nparts)]
 

@@ -28,7 +28,7 @@ SHOWN_LIMIT = 1024
 #: (engine, the engine's display_id) -> the local display ids showing it, in any cell so far:
 #: ``h = display(x, display_id=True)`` in one cell and ``h.update(y)`` in a later one updates
 #: that engine's output, as in a notebook kernel. Used in the user's thread only.
-_shown: "OrderedDict[tuple[Any, str], list[str]]" = OrderedDict()
+_shown: OrderedDict[tuple[Any, str], list[str]] = OrderedDict()
 _shown_lock = threading.Lock()  # two user threads may render at once (a live output, a %px)
 
 
@@ -59,7 +59,10 @@ def _forget(eid: Any, prefix: str) -> None:
             else:
                 del _shown[key]
 
-def _display(bundle: dict, metadata: dict, display_id: str | None = None, update: bool = False) -> Any:
+
+def _display(
+    bundle: dict, metadata: dict, display_id: str | None = None, update: bool = False
+) -> Any:
     from IPython.display import display, update_display
 
     if update:
@@ -85,8 +88,10 @@ def _labelled(data: dict, metadata: dict | None, eid: Any, label: str) -> tuple[
         data["text/plain"] = f"{label} " + ("\n" if "\n" in plain else "") + plain
     html = data.get("text/html")
     if isinstance(html, str):
-        data["text/html"] = (f'<div class="ipy-multiengine-label" style="font-size:smaller;opacity:0.6">'
-                             f"{label}</div>\n{html}")
+        data["text/html"] = (
+            f'<div class="ipy-multiengine-label" style="font-size:smaller;opacity:0.6">'
+            f"{label}</div>\n{html}"
+        )
     return data, md
 
 
@@ -120,7 +125,9 @@ class Lines:
 
 def one_line(exc: BaseException) -> BaseException:
     """Make IPython show ``exc`` as one line, without the magic's own frames."""
-    exc._render_traceback_ = lambda: [f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__]  # type: ignore[attr-defined]
+    exc._render_traceback_ = lambda: [
+        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    ]  # type: ignore[attr-defined]
     return exc
 
 
@@ -140,8 +147,10 @@ class _Area:
 
     def bundle(self, text: str) -> tuple[dict, dict]:
         text = text[:-1] if text.endswith("\n") else text  # a final newline adds no line
-        return ({"text/plain": f"{self.label} {text}"},
-                {"engine": self.eid, "stream": self.name, "text/plain": {"engine": self.eid}})
+        return (
+            {"text/plain": f"{self.label} {text}"},
+            {"engine": self.eid, "stream": self.name, "text/plain": {"engine": self.eid}},
+        )
 
 
 class Renderer:
@@ -151,8 +160,14 @@ class Renderer:
     ``tick`` flushes throttled notebook updates; ``finish`` shows whatever is left.
     """
 
-    def __init__(self, eids: list[int], mode: str, notebook: bool, group: str = "engine",
-                 collapse: bool = False) -> None:
+    def __init__(
+        self,
+        eids: list[int],
+        mode: str,
+        notebook: bool,
+        group: str = "engine",
+        collapse: bool = False,
+    ) -> None:
         self.eids = eids
         self.mode = mode  # 'stream' | 'collect' | 'results'
         self.notebook = notebook
@@ -262,7 +277,9 @@ class Renderer:
 
     # -- rich outputs
     def _rich(self, eid: int, content: dict, update: bool = False) -> None:
-        data, md = _labelled(content.get("data") or {}, content.get("metadata"), eid, f"[output:{eid}]")
+        data, md = _labelled(
+            content.get("data") or {}, content.get("metadata"), eid, f"[output:{eid}]"
+        )
         remote_id = (content.get("transient") or {}).get("display_id")
         if not self.notebook:
             if update:
@@ -289,7 +306,9 @@ class Renderer:
 
     def _result(self, eid: int, content: dict) -> None:
         count = content.get("execution_count")
-        data, md = _labelled(content.get("data") or {}, content.get("metadata"), eid, f"Out[{eid}:{count}]:")
+        data, md = _labelled(
+            content.get("data") or {}, content.get("metadata"), eid, f"Out[{eid}:{count}]:"
+        )
         md["execution_count"] = count
         if not self.notebook:
             self._flush_partial(eid)
@@ -333,8 +352,12 @@ class Renderer:
     def _render_collected(self) -> None:
         blocks = self._blocks()
         if self.mode == "results":  # stdout, stderr, results, pager text: in the Results List
-            blocks = [b for b in blocks if b[1] in ("display_data", "update_display_data")
-                      and not (b[2].get("metadata") or {}).get("pager")]
+            blocks = [
+                b
+                for b in blocks
+                if b[1] in ("display_data", "update_display_data")
+                and not (b[2].get("metadata") or {}).get("pager")
+            ]
         if self.collapse:
             blocks = _collapse(blocks)
         for eids, kind, payload in blocks:
@@ -344,15 +367,23 @@ class Renderer:
                 if self.notebook:
                     text = text[:-1] if text.endswith("\n") else text
                     data = {"text/plain": f"[{kind}:{label}] {text}"}
-                    _display(data, {"engine": eids[0] if len(eids) == 1 else eids, "stream": kind,
-                                    "text/plain": {"engine": eids[0] if len(eids) == 1 else eids}})
+                    _display(
+                        data,
+                        {
+                            "engine": eids[0] if len(eids) == 1 else eids,
+                            "stream": kind,
+                            "text/plain": {"engine": eids[0] if len(eids) == 1 else eids},
+                        },
+                    )
                 else:
                     lines = Lines()
                     lines.write(text)
                     self._print_lines(label, kind, lines.lines)
             elif kind in ("display_data", "update_display_data"):
                 eid = eids[0] if len(eids) == 1 else eids
-                data, md = _labelled(payload.get("data") or {}, payload.get("metadata"), eid, f"[output:{label}]")
+                data, md = _labelled(
+                    payload.get("data") or {}, payload.get("metadata"), eid, f"[output:{label}]"
+                )
                 remote_id = (payload.get("transient") or {}).get("display_id")
                 if kind == "update_display_data":  # of a display shown in an earlier cell
                     if self.notebook:
@@ -368,8 +399,12 @@ class Renderer:
             elif kind == "execute_result":
                 count = payload.get("execution_count")
                 eid = eids[0] if len(eids) == 1 else eids
-                data, md = _labelled(payload.get("data") or {}, payload.get("metadata"), eid,
-                                     f"Out[{label}:{count}]:")
+                data, md = _labelled(
+                    payload.get("data") or {},
+                    payload.get("metadata"),
+                    eid,
+                    f"Out[{label}:{count}]:",
+                )
                 md["execution_count"] = count
                 _display(data, md)
 
@@ -396,13 +431,26 @@ class Renderer:
                 did = (content.get("transient") or {}).get("display_id")
                 found = False
                 for blk in merged:
-                    if (blk[0] == eid and blk[1] == "display_data" and did is not None
-                            and (blk[2].get("transient") or {}).get("display_id") == did):
-                        blk[2] = dict(blk[2], data=content.get("data"), metadata=content.get("metadata"))
+                    if (
+                        blk[0] == eid
+                        and blk[1] == "display_data"
+                        and did is not None
+                        and (blk[2].get("transient") or {}).get("display_id") == did
+                    ):
+                        blk[2] = dict(
+                            blk[2], data=content.get("data"), metadata=content.get("metadata")
+                        )
                         found = True
                 if not found and did is not None:  # a display of an earlier cell
-                    merged = [b for b in merged if not (b[0] == eid and b[1] == mtype
-                                                         and (b[2].get("transient") or {}).get("display_id") == did)]
+                    merged = [
+                        b
+                        for b in merged
+                        if not (
+                            b[0] == eid
+                            and b[1] == mtype
+                            and (b[2].get("transient") or {}).get("display_id") == did
+                        )
+                    ]
                     merged.append([eid, mtype, content])
             elif mtype == "clear_output":
                 # (an update of an earlier cell's display is not undone by clearing this one)
@@ -411,7 +459,13 @@ class Renderer:
             order = {e: i for i, e in enumerate(self.eids)}
             merged.sort(key=lambda b: order.get(b[0], len(order)))  # stable: keeps arrival order
         elif self.group == "type":
-            rank = {"stdout": 0, "stderr": 1, "display_data": 2, "update_display_data": 2, "execute_result": 3}
+            rank = {
+                "stdout": 0,
+                "stderr": 1,
+                "display_data": 2,
+                "update_display_data": 2,
+                "execute_result": 3,
+            }
             order = {e: i for i, e in enumerate(self.eids)}
             merged.sort(key=lambda b: (rank[b[1]], order.get(b[0], len(order))))
         return [([b[0]], b[1], b[2]) for b in merged]
@@ -438,7 +492,9 @@ def bars_cleared(out: Any) -> Any:
     import contextlib
 
     tqdm_mod = sys.modules.get("tqdm")
-    if tqdm_mod is None or not getattr(tqdm_mod.tqdm, "_instances", None):  # tqdm: no public "any bar open?"
+    if tqdm_mod is None or not getattr(
+        tqdm_mod.tqdm, "_instances", None
+    ):  # tqdm: no public "any bar open?"
         return contextlib.nullcontext()
     return tqdm_mod.tqdm.external_write_mode(file=out)
 
@@ -463,15 +519,22 @@ class ProgressBar:
 
     def __call__(self, done: int, total: int, waiting: list[int] | None = None) -> None:
         if self.bar is None:
-            if (self.after is None or done >= total or time.monotonic() - self.started < self.after
-                    or not (self.force or interactive())):
+            if (
+                self.after is None
+                or done >= total
+                or time.monotonic() - self.started < self.after
+                or not (self.force or interactive())
+            ):
                 return
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=self.desc, unit="engine", leave=self.force,
-                            file=sys.stderr)
+            self.bar = tqdm(
+                total=total, desc=self.desc, unit="engine", leave=self.force, file=sys.stderr
+            )
         if waiting is not None:
-            self.bar.set_postfix_str(f"waiting for {engine_range(waiting)}" if waiting else "", refresh=False)
+            self.bar.set_postfix_str(
+                f"waiting for {engine_range(waiting)}" if waiting else "", refresh=False
+            )
         self.bar.update(done - self.shown)
         self.shown = done
 

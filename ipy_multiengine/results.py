@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import stdin
 from .errors import CompositeError, EngineError, MultiEngineError, RemoteError, TimeoutError
@@ -62,7 +63,11 @@ def _rich(out: dict) -> str:
         return ""  # pager text: already on the Out line
     if kind == "execute_result" and set(data) <= {"text/plain"}:
         return ""  # already on the Out line
-    head = "result " if kind == "execute_result" else ("update " if kind == "update_display_data" else "")
+    head = (
+        "result "
+        if kind == "execute_result"
+        else ("update " if kind == "update_display_data" else "")
+    )
     plain = "" if kind == "execute_result" else str(data.get("text/plain", ""))
     return f"{head}<{', '.join(sorted(data)) or 'empty'}>" + (f" {plain}" if plain else "")
 
@@ -82,7 +87,7 @@ class PendingResult:
         method: str,
         finish: Callable[[list[Any]], Any],
         on_interrupt: Callable[[list[int]], None] | None = None,
-        progress: Callable[["PendingResult"], Any] | None = None,
+        progress: Callable[[PendingResult], Any] | None = None,
     ) -> None:
         self.futures = futures
         self.eids = eids
@@ -118,7 +123,9 @@ class PendingResult:
         # one wait, one deadline: the progress bar is drawn by the same wait (issue 11.3)
         bar = self._progress(self) if self._progress is not None and not self.ready() else None
         try:
-            return stdin.wait(self.futures, timeout, progress=bar)  # answers engines' input() meanwhile
+            return stdin.wait(
+                self.futures, timeout, progress=bar
+            )  # answers engines' input() meanwhile
         except KeyboardInterrupt:
             running = [e for e, f in zip(self.eids, self.futures) if not f.done()]
             if self._on_interrupt is not None and running:
@@ -128,7 +135,9 @@ class PendingResult:
             if bar is not None:
                 bar.close()
 
-    def get_result(self, default: Any = None, block: bool = True, timeout: float | None = None) -> Any:
+    def get_result(
+        self, default: Any = None, block: bool = True, timeout: float | None = None
+    ) -> Any:
         """The combined result; raises ``CompositeError`` if any engine failed."""
         if self._value is _UNSET and self._error is None:
             if not self.ready():

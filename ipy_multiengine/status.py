@@ -21,7 +21,7 @@ import time
 import weakref
 from typing import Any
 
-__all__ = ["engine_rows", "status_rows", "StatusTable", "LiveStatus"]
+__all__ = ["LiveStatus", "StatusTable", "engine_rows", "status_rows"]
 
 _procs: dict[int, Any] = {}  # pid -> psutil.Process, kept for CPU % between two looks
 _cpu_last: dict[int, tuple[float, float]] = {}  # pid -> (wall time, cpu seconds) at the last look
@@ -45,21 +45,23 @@ def engine_rows(client: Any) -> list[dict]:
     rows = []
     for eid, conn in sorted(ctl.states().items()):  # immutable EngineState snapshots
         m = meta.get(eid) or {}
-        rows.append({
-            "id": eid,
-            "group": m.get("group") or "",
-            "kernelspec": m.get("kernel_name") or "",
-            "language": conn.language,
-            "version": _language_version(conn),
-            "host": conn.engine_info.get("host") or m.get("host") or "",
-            "pid": conn.engine_info.get("pid") or m.get("pid"),
-            "state": str(conn.state),
-            "dead": conn.dead,
-            "data_ops": conn.data_ok,
-            "ready": conn.ready,
-            "encrypted": conn.encrypted,
-            "watched_by": conn.watched_by,
-        })
+        rows.append(
+            {
+                "id": eid,
+                "group": m.get("group") or "",
+                "kernelspec": m.get("kernel_name") or "",
+                "language": conn.language,
+                "version": _language_version(conn),
+                "host": conn.engine_info.get("host") or m.get("host") or "",
+                "pid": conn.engine_info.get("pid") or m.get("pid"),
+                "state": str(conn.state),
+                "dead": conn.dead,
+                "data_ops": conn.data_ok,
+                "ready": conn.ready,
+                "encrypted": conn.encrypted,
+                "watched_by": conn.watched_by,
+            }
+        )
     return rows
 
 
@@ -151,13 +153,20 @@ class StatusTable:
         out = []
         for r in self.rows:
             state = r["state"] + (f" ({r['dead']})" if r["dead"] else "")
-            out.append({
-                "id": str(r["id"]), "group": r["group"] or "-", "host": r["host"] or "-",
-                "pid": str(r["pid"] or "-"), "state": state,
-                "running": _short(r["running"]) if r["running"] else "",
-                "for": _fmt_secs(r["busy_for"]), "queued": str(r["queued"]),
-                "rss": _fmt_bytes(r["rss"]), "cpu": "-" if r["cpu"] is None else f"{r['cpu']:.0f}%",
-            })
+            out.append(
+                {
+                    "id": str(r["id"]),
+                    "group": r["group"] or "-",
+                    "host": r["host"] or "-",
+                    "pid": str(r["pid"] or "-"),
+                    "state": state,
+                    "running": _short(r["running"]) if r["running"] else "",
+                    "for": _fmt_secs(r["busy_for"]),
+                    "queued": str(r["queued"]),
+                    "rss": _fmt_bytes(r["rss"]),
+                    "cpu": "-" if r["cpu"] is None else f"{r['cpu']:.0f}%",
+                }
+            )
         return out
 
     def __repr__(self) -> str:
@@ -184,8 +193,10 @@ class StatusTable:
                 tds.append(f"<td{style}>{html.escape(row[c])}</td>")
             body.append(f"<tr>{''.join(tds)}</tr>")
         stamp = time.strftime("%H:%M:%S", time.localtime(self.taken))
-        return (f"<table class='ipy-multiengine-status'><thead><tr>{head}</tr></thead>"
-                f"<tbody>{''.join(body)}</tbody></table><small>engines at {stamp}</small>")
+        return (
+            f"<table class='ipy-multiengine-status'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table><small>engines at {stamp}</small>"
+        )
 
 
 def status(client: Any) -> StatusTable:
@@ -205,7 +216,9 @@ class LiveStatus:
         table = status(client)
         self._last = table._repr_html_()
         self.handle = display(table, display_id=True)
-        self._thread = threading.Thread(target=self._run, name="ipy_multiengine-status", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="ipy_multiengine-status", daemon=True
+        )
         self._thread.start()
 
     def _run(self) -> None:
@@ -233,7 +246,7 @@ class LiveStatus:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "LiveStatus":
+    def __enter__(self) -> LiveStatus:
         return self
 
     def __exit__(self, *exc: Any) -> None:

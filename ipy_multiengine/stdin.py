@@ -32,16 +32,17 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
-__all__ = ["InputRequest", "post", "wait", "serve_pending", "drop"]
+__all__ = ["InputRequest", "drop", "post", "serve_pending", "wait"]
 
 _lock = threading.Lock()
 _items: deque = deque()
 _wake: cf.Future = cf.Future()
 _serving = threading.Lock()
-_dropped: "weakref.WeakSet[cf.Future]" = weakref.WeakSet()  # requests of calls the user interrupted
+_dropped: weakref.WeakSet[cf.Future] = weakref.WeakSet()  # requests of calls the user interrupted
 
 
 @dataclass
@@ -59,8 +60,7 @@ class InputRequest:
 
     @property
     def stale(self) -> bool:
-        """True when the request that asked has finished meanwhile (engine died, interrupted),
-"""
+        """True when the request that asked has finished meanwhile (engine died, interrupted),"""
         fut = self.future
         return fut is not None and fut.done()
 
@@ -86,11 +86,11 @@ def drop(futures: Iterable[cf.Future]) -> None:
         _release(item)
 
 
-def _call_of(item: "InputRequest") -> Any:
+def _call_of(item: InputRequest) -> Any:
     return item.future
 
 
-def _release(item: "InputRequest") -> None:
+def _release(item: InputRequest) -> None:
     """A dropped prompt: interrupt the engine waiting in ``input()`` (unless it is done)."""
     fut = _call_of(item)
     if fut is not None and not fut.done():
@@ -161,8 +161,11 @@ def _serve(item: Any) -> None:
         item.interrupt()
         raise
     except Exception as exc:  # e.g. StdinNotImplementedError in a frontend without stdin
-        print(f"[{item.eid}] cannot ask for input here ({type(exc).__name__}: {exc}); "
-              "the engine gets end-of-file", file=sys.stderr)
+        print(
+            f"[{item.eid}] cannot ask for input here ({type(exc).__name__}: {exc}); "
+            "the engine gets end-of-file",
+            file=sys.stderr,
+        )
         value = "\x04"
     item.reply(value)
 
@@ -180,16 +183,28 @@ def _ask(item: InputRequest) -> str:
     return getpass.getpass(prompt) if item.password else input(prompt)
 
 
-def wait(futures: Iterable[cf.Future], timeout: float | None = None, first: bool = False,
-         progress: Callable[[int, int], None] | None = None, deadline: float | None = None) -> bool:
+def wait(
+    futures: Iterable[cf.Future],
+    timeout: float | None = None,
+    first: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    deadline: float | None = None,
+) -> bool:
     """Wait until every future (with ``first``: any) is done or ``timeout`` passes, answering
     engines' input requests meanwhile; True when done (see ``_loop.wait``)."""
     from ._loop import wait as loop_wait
 
     futures = list(futures)
     try:
-        return loop_wait(futures, timeout, first=first, tick=serve_pending, wake=_wake_future,
-                         progress=progress, deadline=deadline)
+        return loop_wait(
+            futures,
+            timeout,
+            first=first,
+            tick=serve_pending,
+            wake=_wake_future,
+            progress=progress,
+            deadline=deadline,
+        )
     except KeyboardInterrupt:
         drop(futures)  # one Ctrl-C: the other engines' prompts of this call are not asked
         raise

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from .errors import TargetsError  # noqa: F401  (re-exported: part of the package's error tree)
+from .errors import TargetsError
 
 
 def parse_targets(spec: str, ids: list[int], groups: Any = ()) -> str | list[int]:
@@ -33,18 +33,24 @@ def parse_targets(spec: str, ids: list[int], groups: Any = ()) -> str | list[int
                     raise TargetsError(f"--targets {spec!r}: slice step cannot be zero")
                 picked = ids[slice(*nums)]
                 if not picked:
-                    raise TargetsError(f"--targets {spec!r}: {part!r} selects no engine; engine ids: {ids}")
+                    raise TargetsError(
+                        f"--targets {spec!r}: {part!r} selects no engine; engine ids: {ids}"
+                    )
                 chosen.extend(picked)
             else:
                 chosen.append(int(part))
         except TargetsError:
             raise
         except ValueError:
-            if part in groups:  # a group name (kernelspec of a mixed cluster): the client resolves it
+            if (
+                part in groups
+            ):  # a group name (kernelspec of a mixed cluster): the client resolves it
                 chosen.append(part)  # type: ignore[arg-type]
                 continue
-            raise TargetsError(f"--targets {spec!r}: {part!r} is not an engine id or a slice; "
-                             "use all, 0, 0,2, 1:3 or ::2") from None
+            raise TargetsError(
+                f"--targets {spec!r}: {part!r} is not an engine id or a slice; "
+                "use all, 0, 0,2, 1:3 or ::2"
+            ) from None
     out: list[int] = []
     for t in chosen:
         if t not in out:
@@ -77,8 +83,10 @@ def resolve(targets: Any, ids: list[int], groups: dict[str, list[int]] | None = 
         if targets in groups:
             return list(groups[targets])
         names = f"'all', a group name ({', '.join(map(repr, groups))})" if groups else "'all'"
-        raise TargetsError(f"targets must be {names}, an engine id or a list of ids, not {targets!r}; "
-                         f"valid ids: {ids}")
+        raise TargetsError(
+            f"targets must be {names}, an engine id or a list of ids, not {targets!r}; "
+            f"valid ids: {ids}"
+        )
     if isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
         chosen = [int(targets)]
     elif isinstance(targets, (list, tuple, range)):
@@ -88,18 +96,24 @@ def resolve(targets: Any, ids: list[int], groups: dict[str, list[int]] | None = 
                 chosen.extend(groups[t])
                 continue
             if not isinstance(t, numbers.Integral) or isinstance(t, bool):
-                raise TypeError(f"engine ids must be ints, not {t!r} ({type(t).__name__}), or group names "
-                                f"({', '.join(map(repr, groups)) or 'none'}); valid ids: {ids}")
+                raise TypeError(
+                    f"engine ids must be ints, not {t!r} ({type(t).__name__}), or group names "
+                    f"({', '.join(map(repr, groups)) or 'none'}); valid ids: {ids}"
+                )
             chosen.append(int(t))
         if not chosen:
             raise TargetsError(f"targets is an empty list; valid ids: {ids}")
     else:
-        raise TypeError(f"targets must be 'all', an int or a list of ints, not {targets!r} "
-                        f"({type(targets).__name__}); valid ids: {ids}")
+        raise TypeError(
+            f"targets must be 'all', an int or a list of ints, not {targets!r} "
+            f"({type(targets).__name__}); valid ids: {ids}"
+        )
     unknown = [t for t in chosen if t not in ids]
     if unknown:
-        raise TargetsError(f"unknown engine id{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(map(str, unknown))}; valid ids: {ids}")
+        raise TargetsError(
+            f"unknown engine id{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(str, unknown))}; valid ids: {ids}"
+        )
     if len(set(chosen)) != len(chosen):
         raise TargetsError(f"targets lists an engine twice: {chosen}")
     return chosen

@@ -8,7 +8,6 @@ how a received multipart message becomes a dict. It does no I/O.
 from __future__ import annotations
 
 from hmac import compare_digest
-from typing import Any
 
 import zmq
 from jupyter_client.session import Session
@@ -17,10 +16,14 @@ from jupyter_client.session import Session
 COMM_TARGET = "ipy_multiengine"
 
 #: Run silently on each Python engine when it connects: installs the helper behind the comm.
-INSTALL_CODE = "import ipy_multiengine.engine as _ime_helper; _ime_helper.register(); del _ime_helper"
+INSTALL_CODE = (
+    "import ipy_multiengine.engine as _ime_helper; _ime_helper.register(); del _ime_helper"
+)
 
 #: Message types served on the control channel: their busy/idle says nothing of the shell.
-CONTROL_MSG_TYPES = frozenset({"interrupt_request", "shutdown_request", "debug_request", "usage_request"})
+CONTROL_MSG_TYPES = frozenset(
+    {"interrupt_request", "shutdown_request", "debug_request", "usage_request"}
+)
 
 
 def execute_content(code: str, silent: bool = False, allow_stdin: bool = False) -> dict:
@@ -29,8 +32,14 @@ def execute_content(code: str, silent: bool = False, allow_stdin: bool = False) 
     ``stop_on_error`` is off: a failing request must not abort the requests queued behind it
     (other callers' requests may be among them). Silent code is not stored in the history.
     """
-    return {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
-            "allow_stdin": allow_stdin, "stop_on_error": False}
+    return {
+        "code": code,
+        "silent": silent,
+        "store_history": not silent,
+        "user_expressions": {},
+        "allow_stdin": allow_stdin,
+        "stop_on_error": False,
+    }
 
 
 def init_content(code: str) -> dict:
@@ -70,7 +79,9 @@ def deserialize(session: Session, frames: list) -> dict:
             raise ValueError("Unsigned Message")
         if signature in session.digest_history:
             raise ValueError(f"Duplicate Signature: {signature!r}")
-        session._add_digest(signature)  # replay history, as Session.deserialize keeps it: no public API
+        session._add_digest(
+            signature
+        )  # replay history, as Session.deserialize keeps it: no public API
         if not compare_digest(signature, session.sign(head[1:5])):
             raise ValueError(f"Invalid Signature: {signature!r}")
     unpack = session.unpack
@@ -93,8 +104,9 @@ def request_id(msg: dict) -> tuple[str, str]:
     return rid, (msg.get("parent_header") or {}).get("msg_id", "")
 
 
-def execute_record(eid: int, code: str, reply: dict, stdout: list[str], stderr: list[str],
-                   outputs: list[dict]) -> dict:
+def execute_record(
+    eid: int, code: str, reply: dict, stdout: list[str], stderr: list[str], outputs: list[dict]
+) -> dict:
     """The tutorial's result dict of one engine's execute, from its reply and collected output."""
     return {
         "id": eid,
@@ -103,6 +115,8 @@ def execute_record(eid: int, code: str, reply: dict, stdout: list[str], stderr: 
         "stdout": "".join(stdout),
         "stderr": "".join(stderr),
         "outputs": outputs,
-        "result": next((o.get("data") for o in outputs if o["output_type"] == "execute_result"), None),
+        "result": next(
+            (o.get("data") for o in outputs if o["output_type"] == "execute_result"), None
+        ),
         "status": reply.get("status", "ok"),
     }

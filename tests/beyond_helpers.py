@@ -20,11 +20,18 @@ import psutil
 
 def write_kernelspecs(root: Path) -> None:
     specs = {
-        "other": {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                  "display_name": "Python (other env)", "language": "python",
-                  "env": {"IME_FLAVOUR": "other"}},
-        "bash": {"argv": [sys.executable, "-m", "bash_kernel", "-f", "{connection_file}"],
-                 "display_name": "Bash", "language": "bash", "env": {"PS1": "$"}},
+        "other": {
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python (other env)",
+            "language": "python",
+            "env": {"IME_FLAVOUR": "other"},
+        },
+        "bash": {
+            "argv": [sys.executable, "-m", "bash_kernel", "-f", "{connection_file}"],
+            "display_name": "Bash",
+            "language": "bash",
+            "env": {"PS1": "$"},
+        },
     }
     for name, spec in specs.items():
         d = root / "kernels" / name
@@ -78,6 +85,6 @@ def screen_lines(text: str) -> list[str]:
     for raw in text.split("\n"):
         line = ""
         for piece in raw.split("\r"):
-            line = piece + line[len(piece):]
+            line = piece + line[len(piece) :]
         shown.append(line.rstrip())
     return shown

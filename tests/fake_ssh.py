@@ -3,33 +3,59 @@
 # transport only; the engines are real engine_main kernels started by the remote command.
 """A stand-in for ssh: host 'bad*' is unreachable; any other host runs the command locally
 (sh -c) or, with -N, forwards the -L ports with asyncio."""
-import asyncio, os, subprocess, sys
+
+import asyncio
+import subprocess
+import sys
+
 args = sys.argv[1:]
 forwards, rest, i, N = [], [], 0, False
 while i < len(args):
     a = args[i]
-    if a in ("-o", "-i", "-p"): i += 2; continue
-    if a == "-L": forwards.append(args[i + 1]); i += 2; continue
-    if a == "-N": N = True; i += 1; continue
-    rest.append(a); i += 1
+    if a in ("-o", "-i", "-p"):
+        i += 2
+        continue
+    if a == "-L":
+        forwards.append(args[i + 1])
+        i += 2
+        continue
+    if a == "-N":
+        N = True
+        i += 1
+        continue
+    rest.append(a)
+    i += 1
 host, cmd = rest[0], rest[1:]
 if host.startswith("bad"):
-    sys.stderr.write(f"ssh: connect to host {host} port 22: Connection refused\n"); sys.exit(255)
+    sys.stderr.write(f"ssh: connect to host {host} port 22: Connection refused\n")
+    sys.exit(255)
 if not N:
     sys.exit(subprocess.call(["sh", "-c", " ".join(cmd)]))
+
+
 async def pipe(r, w):
     try:
-        while (b := await r.read(65536)):
-            w.write(b); await w.drain()
-    except Exception: pass
-    finally: w.close()
+        while b := await r.read(65536):
+            w.write(b)
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        w.close()
+
+
 async def main():
     servers = []
     for spec in forwards:
         lh, lp, rh, rp = spec.split(":")
+
         async def handle(r, w, rh=rh, rp=int(rp)):
             r2, w2 = await asyncio.open_connection(rh, rp)
-            asyncio.ensure_future(pipe(r, w2)); asyncio.ensure_future(pipe(r2, w))
+            asyncio.ensure_future(pipe(r, w2))
+            asyncio.ensure_future(pipe(r2, w))
+
         servers.append(await asyncio.start_server(handle, lh, int(lp)))
     await asyncio.Event().wait()
+
+
 asyncio.run(main())

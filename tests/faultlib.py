@@ -10,8 +10,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psutil
 
@@ -92,8 +93,10 @@ def hang_code(tmp_path: Path, name: str, seconds: float = 30, before: str = "") 
 
 def slow_pickle_code(tmp_path: Path, name: str, var: str = "slow") -> str:
     """Engine code defining ``var``, whose pickling (a pull) touches the marker and sleeps."""
-    return (f"class Slow:\n def __reduce__(self):\n  {_touch_expr(tmp_path, name)}\n"
-            f"  __import__('time').sleep(30)\n{var} = Slow()")
+    return (
+        f"class Slow:\n def __reduce__(self):\n  {_touch_expr(tmp_path, name)}\n"
+        f"  __import__('time').sleep(30)\n{var} = Slow()"
+    )
 
 
 def make_hanger(tmp_path: Path, name: str, seconds: float = 30) -> Callable[..., Any]:

@@ -36,15 +36,27 @@ def free_port() -> int:
     return port
 
 
-def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None,
-              netns: str | None = None) -> None:
+def wait_port(
+    host: str,
+    port: int,
+    timeout: float,
+    proc: subprocess.Popen | None = None,
+    netns: str | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {host}:{port}")
+            raise RuntimeError(
+                f"process exited with {proc.returncode} before listening on {host}:{port}"
+            )
         if netns:
-            ok = subprocess.run(["ip", "netns", "exec", netns, "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}"],
-                                capture_output=True).returncode == 0
+            ok = (
+                subprocess.run(
+                    ["ip", "netns", "exec", netns, "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}"],
+                    capture_output=True,
+                ).returncode
+                == 0
+            )
         else:
             try:
                 socket.create_connection((host, port), 0.5).close()
@@ -59,13 +71,17 @@ def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | Non
 
 def need_root(what: str) -> None:
     if os.geteuid() != 0:
-        raise Unavailable(f"{what} needs root (to run private daemons); run the suite as root as CI does")
+        raise Unavailable(
+            f"{what} needs root (to run private daemons); run the suite as root as CI does"
+        )
 
 
 def need_command(path: str, package: str) -> str:
     found = shutil.which(path) or (path if os.access(path, os.X_OK) else None)
     if not found:
-        raise Unavailable(f"{path} not found: install Debian package {package} (.ci/install-system-deps)")
+        raise Unavailable(
+            f"{path} not found: install Debian package {package} (.ci/install-system-deps)"
+        )
     return found
 
 
@@ -91,7 +107,9 @@ class SSHKeys:
         self.host_key = self.dir / "host_ed25519_key"
         self.user_key = self.dir / "id_ed25519"
         for key in (self.host_key, self.user_key):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
+            )
         self.authorized_keys = self.dir / "authorized_keys"
         shutil.copy(f"{self.user_key}.pub", self.authorized_keys)
         self.known_hosts = self.dir / "known_hosts"
@@ -111,8 +129,13 @@ class SSHKeys:
 class SSHServer:
     """A private sshd on ``address:port`` (optionally inside network namespace ``netns``)."""
 
-    def __init__(self, keys: SSHKeys, address: str = "127.0.0.1", port: int | None = None,
-                 netns: str | None = None) -> None:
+    def __init__(
+        self,
+        keys: SSHKeys,
+        address: str = "127.0.0.1",
+        port: int | None = None,
+        netns: str | None = None,
+    ) -> None:
         self.keys, self.address, self.netns = keys, address, netns
         self.port = port or (22 if netns else free_port())
         self.proc: subprocess.Popen | None = None
@@ -147,8 +170,13 @@ class SSHServer:
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         self.log = open(d / f"{self.name}.log", "wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_port(self.address, self.port, 15, self.proc, netns=self.netns)
         except RuntimeError as exc:
@@ -191,9 +219,12 @@ class NetnsHost:
             raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
 
     def _pick_subnet(self) -> tuple[str, str]:
-        routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
-                                text=True).stdout + subprocess.run(["ip", "-4", "addr"], capture_output=True,
-                                                                   text=True).stdout
+        routes = (
+            subprocess.run(
+                ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True
+            ).stdout
+            + subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
+        )
         for third in range(200, 256):
             for fourth in range(0, 256, 4):
                 prefix = f"10.213.{third}."
@@ -210,8 +241,9 @@ class NetnsHost:
             if name.startswith("ipmt") and name[4:].isdigit():
                 pid = int(name[4:])
                 if pid != os.getpid() % 100000 and not os.path.exists(f"/proc/{pid}"):
-                    for p in subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                                            text=True).stdout.split():
+                    for p in subprocess.run(
+                        ["ip", "netns", "pids", name], capture_output=True, text=True
+                    ).stdout.split():
                         try:
                             os.kill(int(p), signal.SIGKILL)
                         except (ProcessLookupError, ValueError):
@@ -299,8 +331,14 @@ class SlurmCluster:
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.dir / f"{name}.out", "wb")
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=self._daemon_env(), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._daemon_env(),
+            start_new_session=True,
+        )
         log.close()
         self.procs.append(proc)
         return proc
@@ -317,13 +355,25 @@ class SlurmCluster:
         sock = d / "munge.socket"
         for sub in ("state", "spool", "log"):
             (d / sub).mkdir(mode=0o755)
-        self._spawn("munged", [munged, "-F", "--force", f"--socket={sock}", f"--key-file={key}",
-                               f"--pid-file={d}/munged.pid", f"--seed-file={d}/munged.seed",
-                               f"--log-file={d}/log/munged.log"])
+        self._spawn(
+            "munged",
+            [
+                munged,
+                "-F",
+                "--force",
+                f"--socket={sock}",
+                f"--key-file={key}",
+                f"--pid-file={d}/munged.pid",
+                f"--seed-file={d}/munged.seed",
+                f"--log-file={d}/log/munged.log",
+            ],
+        )
         deadline = time.monotonic() + 10
         while not sock.exists():
             if time.monotonic() > deadline or self.procs[0].poll() is not None:
-                raise RuntimeError(f"munged did not start: {(d / 'munged.out').read_text(errors='replace')}")
+                raise RuntimeError(
+                    f"munged did not start: {(d / 'munged.out').read_text(errors='replace')}"
+                )
             time.sleep(0.05)
         host = socket.gethostname()
         ctld_port, d_port = free_port(), free_port()
@@ -370,8 +420,12 @@ class SlurmCluster:
         deadline = time.monotonic() + 30
         state = ""
         while time.monotonic() < deadline:
-            r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
-                               env=self._daemon_env())
+            r = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%T"],
+                capture_output=True,
+                text=True,
+                env=self._daemon_env(),
+            )
             state = (r.stdout + r.stderr).strip()
             if r.returncode == 0 and state.startswith("idle"):
                 return
@@ -389,8 +443,12 @@ class SlurmCluster:
 
     def stop(self) -> None:
         if self.env:
-            subprocess.run(["scancel", "--full", "-u", "root", "-p", self.PARTITION], capture_output=True,
-                           env=self._daemon_env(), timeout=30)
+            subprocess.run(
+                ["scancel", "--full", "-u", "root", "-p", self.PARTITION],
+                capture_output=True,
+                env=self._daemon_env(),
+                timeout=30,
+            )
         for proc in reversed(self.procs):  # slurmd, slurmctld, munged
             try:
                 os.killpg(proc.pid, signal.SIGTERM)

@@ -30,12 +30,23 @@ def term(cluster, mec):
     env = dict(os.environ, IPYTHONDIR=home, TERM="dumb", PYTHONUNBUFFERED="1")
     child = pexpect.spawn(
         str(ipython),
-        ["--simple-prompt", "--colors=NoColor", "--no-banner", "--no-confirm-exit",
-         "--HistoryManager.hist_file=:memory:"],
-        env=env, encoding="utf-8", timeout=30, dimensions=(50, 200),
+        [
+            "--simple-prompt",
+            "--colors=NoColor",
+            "--no-banner",
+            "--no-confirm-exit",
+            "--HistoryManager.hist_file=:memory:",
+        ],
+        env=env,
+        encoding="utf-8",
+        timeout=30,
+        dimensions=(50, 200),
     )
     child.expect(PROMPT)
-    send(child, f"from ipy_multiengine import client; mec = client.MultiEngineClient({cluster.cluster_file!r})")
+    send(
+        child,
+        f"from ipy_multiengine import client; mec = client.MultiEngineClient({cluster.cluster_file!r})",
+    )
     send(child, "mec.activate(); mec.block = True")
     send(child, "%load_ext ipy_multiengine")
     yield child
@@ -100,7 +111,9 @@ def test_ctrl_c_interrupts_running_px_cell(term, mec):
     term.expect(r"\.\.\.: ")
     term.sendline("import time; print('started', flush=True); time.sleep(60); print('never')")
     term.expect(r"\.\.\.: ")
-    term.sendline("")  # IPython's simple prompt ends a cell magic at an empty line after a blank one
+    term.sendline(
+        ""
+    )  # IPython's simple prompt ends a cell magic at an empty line after a blank one
     term.expect(r"\.\.\.: ")
     term.sendline("")
     term.expect(r"\[stdout:\d\] started")
@@ -124,18 +137,30 @@ def test_full_prompt_toolkit_terminal(cluster, mec):
     env = dict(os.environ, IPYTHONDIR=home, TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
     child = pexpect.spawn(
         str(Path(sys.executable).with_name("ipython")),
-        ["--no-banner", "--colors=NoColor", "--no-autoindent", "--no-confirm-exit",
-         "--HistoryManager.hist_file=:memory:"],
-        env=env, encoding="utf-8", timeout=30, dimensions=(50, 200),
+        [
+            "--no-banner",
+            "--colors=NoColor",
+            "--no-autoindent",
+            "--no-confirm-exit",
+            "--HistoryManager.hist_file=:memory:",
+        ],
+        env=env,
+        encoding="utf-8",
+        timeout=30,
+        dimensions=(50, 200),
     )
     try:
+
         def line(text: str, n: int) -> str:
             child.send(text + "\r")
             child.expect(rf"In \[{n}\]")
             return PT_ANSI.sub("", child.before)
 
         child.expect(r"In \[1\]")
-        line(f"from ipy_multiengine import client; mec = client.MultiEngineClient({cluster.cluster_file!r})", 2)
+        line(
+            f"from ipy_multiengine import client; mec = client.MultiEngineClient({cluster.cluster_file!r})",
+            2,
+        )
         line("mec.activate(); mec.block = True", 3)
         line("%load_ext ipy_multiengine", 4)
         assert "Auto Parallel Enabled" in line("%autopx", 5)

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from faultlib import gone, wait_for
 
 from ipy_multiengine import Cluster, MultiEngineClient
 from ipy_multiengine.cluster import cluster_file_path
 from ipy_multiengine.errors import CompositeError, EngineError, NoClusterError
-
-from faultlib import gone, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,8 +50,12 @@ def test_wrong_targets(mec):
 
 def test_closed_client(own_client, mec):
     own_client.close()
-    for call in (lambda: own_client.execute("1"), lambda: own_client.push({"a": 1}),
-                 lambda: own_client.pull("a"), lambda: own_client.restart(0)):
+    for call in (
+        lambda: own_client.execute("1"),
+        lambda: own_client.push({"a": 1}),
+        lambda: own_client.pull("a"),
+        lambda: own_client.restart(0),
+    ):
         with pytest.raises(EngineError, match="this MultiEngineClient is closed"):
             call()
     own_client.close()  # twice is fine
@@ -67,29 +70,42 @@ def test_syntax_error(mec):
 
 
 def test_unpicklable_values(mec, tmp_path):
-    with pytest.raises(TypeError, match=r"cannot send 'lock': object of type lock cannot be pickled"):
+    with pytest.raises(
+        TypeError, match=r"cannot send 'lock': object of type lock cannot be pickled"
+    ):
         mec.push({"ok": 1, "lock": threading.Lock()})
     with pytest.raises(TypeError, match="cannot send 'f'"):
         mec.scatter("f", [threading.Lock()] * 4)
     mec.execute("gen = (i for i in range(3))")
-    with pytest.raises(CompositeError, match=r"\[0:pull\]: TypeError: cannot send 'gen' back to the client: "
-                                             r"a generator cannot be pickled"):
+    with pytest.raises(
+        CompositeError,
+        match=r"\[0:pull\]: TypeError: cannot send 'gen' back to the client: "
+        r"a generator cannot be pickled",
+    ):
         mec.pull("gen")
     with pytest.raises(CompositeError, match="cannot send the return value of <lambda>"):
         mec.apply(lambda: (i for i in range(3)), targets=0)
     (tmp_path / "engine_only_mod.py").write_text("class OnlyHere:\n    pass\n")
-    mec.execute(f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import engine_only_mod; "
-                "obj = engine_only_mod.OnlyHere(); sys.path.pop(0)", targets=0)
+    mec.execute(
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import engine_only_mod; "
+        "obj = engine_only_mod.OnlyHere(); sys.path.pop(0)",
+        targets=0,
+    )
     with pytest.raises(TypeError, match="cannot be rebuilt in this process .*engine_only_mod"):
         mec.pull("obj", targets=0)
     usable(mec)
-    with pytest.raises(CompositeError, match="NameError"):  # push is all or nothing: 'ok' was not sent
+    with pytest.raises(
+        CompositeError, match="NameError"
+    ):  # push is all or nothing: 'ok' was not sent
         mec.pull("ok")
 
 
 # ------------------------------------------------------------------ cluster files and profiles
 def test_unknown_profile():
-    with pytest.raises(NoClusterError, match=r"no running cluster for profile 'nope' .*cluster-nope\.json.*ipmulti start"):
+    with pytest.raises(
+        NoClusterError,
+        match=r"no running cluster for profile 'nope' .*cluster-nope\.json.*ipmulti start",
+    ):
         MultiEngineClient(profile="nope")
 
 
@@ -98,12 +114,18 @@ def test_missing_cluster_file(tmp_path):
         MultiEngineClient(tmp_path / "gone.json")
 
 
-@pytest.mark.parametrize("text, words", [
-    ("{not json", "not valid JSON"),
-    ("[]", "the top level must be a JSON object"),
-    ('{"engines": []}', "'engines' must be a non-empty list"),
-    ('{"engines": [{"id": 0, "connection": {"ip": "127.0.0.1"}}]}', "engine 0 connection lacks shell_port"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "the top level must be a JSON object"),
+        ('{"engines": []}', "'engines' must be a non-empty list"),
+        (
+            '{"engines": [{"id": 0, "connection": {"ip": "127.0.0.1"}}]}',
+            "engine 0 connection lacks shell_port",
+        ),
+    ],
+)
 def test_malformed_cluster_file(tmp_path, text, words):
     path = tmp_path / "bad.json"
     path.write_text(text)
@@ -118,17 +140,34 @@ def test_stale_cluster_file(cluster, tmp_path):
     spec["owner_pid"] = dead.pid
     path = tmp_path / "stale.json"
     path.write_text(json.dumps(spec))
-    with pytest.raises(NoClusterError, match=f"cluster file {path} is stale: its owner process {dead.pid} is gone"):
+    with pytest.raises(
+        NoClusterError, match=f"cluster file {path} is stale: its owner process {dead.pid} is gone"
+    ):
         MultiEngineClient(path)
 
 
 def test_cluster_file_pointing_nowhere(tmp_path):
-    spec = {"engines": [{"id": 0, "connection": {"ip": "127.0.0.1", "shell_port": 9, "iopub_port": 9,
-                                                   "control_port": 9, "key": "k", "transport": "tcp"}}]}
+    spec = {
+        "engines": [
+            {
+                "id": 0,
+                "connection": {
+                    "ip": "127.0.0.1",
+                    "shell_port": 9,
+                    "iopub_port": 9,
+                    "control_port": 9,
+                    "key": "k",
+                    "transport": "tcp",
+                },
+            }
+        ]
+    }
     path = tmp_path / "nowhere.json"
     path.write_text(json.dumps(spec))
     t0 = time.monotonic()
-    with pytest.raises(EngineError, match=r"engine 0 at tcp://127.0.0.1:9 did not answer kernel_info within 1 s"):
+    with pytest.raises(
+        EngineError, match=r"engine 0 at tcp://127.0.0.1:9 did not answer kernel_info within 1 s"
+    ):
         MultiEngineClient(path, timeout=1)
     assert time.monotonic() - t0 < 5
 
@@ -142,9 +181,14 @@ def test_garbage_and_wrongly_signed_messages_from_an_engine(mec, caplog):
         "k.iopub_socket.send_multipart([b'garbage', b'\\x00\\xff'])\n"
         "forged = Session(key=b'wrong-key')\n"
         "forged.send(k.iopub_socket, 'stream', {'name': 'stdout', 'text': 'FORGED'}, parent=k.get_parent())\n"
-        "print('real')", targets=1)
-    wait_for(lambda: sum("dropped a bad message" in r.getMessage() for r in caplog.records) >= 2, 5,
-             "both bad messages to be logged")
+        "print('real')",
+        targets=1,
+    )
+    wait_for(
+        lambda: sum("dropped a bad message" in r.getMessage() for r in caplog.records) >= 2,
+        5,
+        "both bad messages to be logged",
+    )
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "engine 1: dropped a bad message on iopub" in text and "Invalid Signature" in text
     assert mec.last.r[0]["stdout"] == "real\n"  # the forged output was not delivered
@@ -157,8 +201,11 @@ def test_oversize_reply_is_refused(cluster, mec):
         mec.execute("big = b'x' * 5_000_000; small = 1", targets=[0, 1])
         with pytest.raises(CompositeError) as info:
             c.pull("big", targets=[0, 1])
-        assert re.search(r"\[0:pull\]: EngineError: engine 0 sent a comm_msg of 5000\d\d\d bytes, "
-                         r"more than max_message_size=1000000; it was dropped", str(info.value))
+        assert re.search(
+            r"\[0:pull\]: EngineError: engine 0 sent a comm_msg of 5000\d\d\d bytes, "
+            r"more than max_message_size=1000000; it was dropped",
+            str(info.value),
+        )
         assert c.pull("small", targets=[0, 1]) == [1, 1]
         usable(c)
     finally:
@@ -169,18 +216,31 @@ def test_oversize_reply_is_refused(cluster, mec):
 def _kernelspec(tmp_path: Path, name: str, code: str) -> None:
     d = tmp_path / "kernels" / name
     d.mkdir(parents=True)
-    (d / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-c", code, "{connection_file}"], "display_name": name, "language": "python"}))
+    (d / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-c", code, "{connection_file}"],
+                "display_name": name,
+                "language": "python",
+            }
+        )
+    )
 
 
 def test_kernelspec_that_does_not_exist():
-    with pytest.raises(ValueError, match=r"no kernelspec named 'no-such-kernel'; available: \[.*'python3'"):
+    with pytest.raises(
+        ValueError, match=r"no kernelspec named 'no-such-kernel'; available: \[.*'python3'"
+    ):
         Cluster(n=1, kernel_name="no-such-kernel", profile="badspec", write_file=False).start()
 
 
 def test_engine_that_never_becomes_ready(tmp_path, monkeypatch):
-    _kernelspec(tmp_path, "stuck", "import sys, time; print('stuck: waiting for a licence server', "
-                                   "file=sys.stderr, flush=True); time.sleep(600)")
+    _kernelspec(
+        tmp_path,
+        "stuck",
+        "import sys, time; print('stuck: waiting for a licence server', "
+        "file=sys.stderr, flush=True); time.sleep(600)",
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     c = Cluster(n=1, kernel_name="stuck", profile="stuck", startup_timeout=3, shutdown_wait=1)
     t0 = time.monotonic()
@@ -188,14 +248,20 @@ def test_engine_that_never_becomes_ready(tmp_path, monkeypatch):
         c.start()
     msg = str(info.value)
     assert "did not answer kernel_info within 3 s" in msg
-    assert "engine 0's own output (kernel 'stuck'" in msg and "stuck: waiting for a licence server" in msg
+    assert (
+        "engine 0's own output (kernel 'stuck'" in msg
+        and "stuck: waiting for a licence server" in msg
+    )
     assert time.monotonic() - t0 < 10
     assert not c.managers and not cluster_file_path("stuck").exists()
 
 
 def test_engine_that_dies_at_startup(tmp_path, monkeypatch):
-    _kernelspec(tmp_path, "crash", "import sys; sys.stderr.write('ImportError: no module named numpy_fake\\n'); "
-                                   "sys.exit(3)")
+    _kernelspec(
+        tmp_path,
+        "crash",
+        "import sys; sys.stderr.write('ImportError: no module named numpy_fake\\n'); sys.exit(3)",
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     c = Cluster(n=2, kernel_name="crash", profile="crash", startup_timeout=30)
     t0 = time.monotonic()
@@ -209,6 +275,7 @@ def test_engine_that_dies_at_startup(tmp_path, monkeypatch):
 def test_bad_options(mec):
     with pytest.raises(ValueError, match="heartbeat must be a positive number"):
         from ipy_multiengine.controller import Controller
+
         Controller({}, heartbeat=0)
     with pytest.raises(ValueError, match="transport_encryption must be"):
         Cluster(n=1, transport_encryption="maybe", write_file=False).start()
@@ -223,8 +290,11 @@ def test_ctrl_c_while_engines_start(tmp_path, monkeypatch):
     the half-started engine is stopped."""
     from faultlib import CtrlC
 
-    _kernelspec(tmp_path, "stuck2", "import sys, time; print('stuck', file=sys.stderr, flush=True); "
-                                    "time.sleep(600)")
+    _kernelspec(
+        tmp_path,
+        "stuck2",
+        "import sys, time; print('stuck', file=sys.stderr, flush=True); time.sleep(600)",
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     c = Cluster(n=1, kernel_name="stuck2", profile="stuck2", startup_timeout=60, shutdown_wait=1)
 

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.timeout(90)
 def test_balanced_map_keeps_input_order(mec):
     assert mec.map(lambda x: x * x, range(200), balanced=True) == [x * x for x in range(200)]
     assert mec.map(lambda a, b: a - b, range(50), range(0, 100, 2), balanced=True, chunksize=7) == [
-        -x for x in range(50)]
+        -x for x in range(50)
+    ]
     assert mec.map(abs, [], balanced=True) == []
     pr = mec.map(lambda x: x + 1, range(10), balanced=True, block=False)
     assert isinstance(pr, PendingResult) and pr.get_result(timeout=30) == list(range(1, 11))
@@ -103,8 +104,13 @@ def test_dead_engine_items_are_resent_once():
             assert time.monotonic() < deadline, "engine 1 was never killed: nothing was re-sent"
             time.sleep(0.05)
         with pytest.raises(CompositeError, match="EngineError"):
-            mec.map(lambda x: os.kill(os.getpid(), signal.SIGKILL), range(6), targets=[0, 2],
-                    balanced=True, retries=0)
+            mec.map(
+                lambda x: os.kill(os.getpid(), signal.SIGKILL),
+                range(6),
+                targets=[0, 2],
+                balanced=True,
+                retries=0,
+            )
 
 
 def test_ctrl_c_stops_a_balanced_map_and_engines_stay_usable(mec):
@@ -116,7 +122,9 @@ def test_ctrl_c_stops_a_balanced_map_and_engines_stay_usable(mec):
     pr = None
     try:
         with pytest.raises(KeyboardInterrupt):
-            pr = mec.map(lambda x: __import__("time").sleep(0.2), range(200), balanced=True, block=False)
+            pr = mec.map(
+                lambda x: __import__("time").sleep(0.2), range(200), balanced=True, block=False
+            )
             pr.get_result(timeout=60)
     finally:
         timer.cancel()

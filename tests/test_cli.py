@@ -57,7 +57,9 @@ def test_o08_start_hosts_without_ssh_launcher_is_one_line():
 
 
 def test_o08_daemon_checks_arguments_before_detaching():
-    assert_usage_error(ipmulti("start", "--daemon", "--launcher", "nosuch", "--profile", "o08e"), "nosuch")
+    assert_usage_error(
+        ipmulti("start", "--daemon", "--launcher", "nosuch", "--profile", "o08e"), "nosuch"
+    )
     assert not cluster_file_path("o08e").exists()
 
 
@@ -72,12 +74,26 @@ def victim():
 
 
 def stale_spec(profile: str, pid: int, host: str, create_time: float | None) -> dict:
-    owner = {"pid": pid, "host": host, "kind": "ipmulti", "cmdline": ["python", "-m", "ipy_multiengine.cli"]}
+    owner = {
+        "pid": pid,
+        "host": host,
+        "kind": "ipmulti",
+        "cmdline": ["python", "-m", "ipy_multiengine.cli"],
+    }
     if create_time is not None:
         owner["create_time"] = create_time
-    return {"cluster_id": profile, "profile": profile, "shared": True, "owner": owner,
-            "owner_pid": pid, "host": host, "created": 0,
-            "engines": [{"id": 0, "pid": pid, "host": host, "create_time": create_time, "connection": CONN}]}
+    return {
+        "cluster_id": profile,
+        "profile": profile,
+        "shared": True,
+        "owner": owner,
+        "owner_pid": pid,
+        "host": host,
+        "created": 0,
+        "engines": [
+            {"id": 0, "pid": pid, "host": host, "create_time": create_time, "connection": CONN}
+        ],
+    }
 
 
 @pytest.mark.parametrize("how", ["other-host", "pid-reused", "no-identity"])
@@ -86,9 +102,11 @@ def test_h14_stop_with_stale_file_naming_unrelated_process_leaves_it_alive(victi
     path = cluster_file_path(profile)
     here = socket.gethostname()
     created = psutil.Process(victim.pid).create_time()
-    spec = {"other-host": stale_spec(profile, victim.pid, "login-node-2", created),
-            "pid-reused": stale_spec(profile, victim.pid, here, created - 1000.0),
-            "no-identity": stale_spec(profile, victim.pid, here, None)}[how]
+    spec = {
+        "other-host": stale_spec(profile, victim.pid, "login-node-2", created),
+        "pid-reused": stale_spec(profile, victim.pid, here, created - 1000.0),
+        "no-identity": stale_spec(profile, victim.pid, here, None),
+    }[how]
     if how == "no-identity":  # a file as older versions wrote it: owner_pid only
         del spec["owner"]
         del spec["engines"][0]["create_time"]
@@ -124,8 +142,16 @@ def test_o09_list_reports_a_non_utf8_file_and_lists_the_others():
     bad = cluster_dir() / "cluster-o09-bad.json"
     bad.write_bytes(b'{"profile": "o09-bad", "engines": "\xff\xfe"}')
     good = cluster_file_path("o09-good")  # attached kernels: no owner, never stale
-    write_cluster(good, {"cluster_id": "o09-good", "profile": "o09-good", "shared": True, "attached": True,
-                         "engines": [{"id": 0, "connection": CONN}]})
+    write_cluster(
+        good,
+        {
+            "cluster_id": "o09-good",
+            "profile": "o09-good",
+            "shared": True,
+            "attached": True,
+            "engines": [{"id": 0, "connection": CONN}],
+        },
+    )
     try:
         out = ipmulti("list")
         assert out.returncode == 0, out.stderr
@@ -194,15 +220,22 @@ def test_ctrl_c_while_ipmulti_start_starts_engines_stops_them_with_a_message():
     import signal
     import time
 
-    proc = subprocess.Popen(IPMULTI + ["start", "-n", "2", "--profile", "ctrlc"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        IPMULTI + ["start", "-n", "2", "--profile", "ctrlc"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         kids: list[psutil.Process] = []
         while len(kids) < 2:  # both kernels spawned: the start is under way
             assert time.monotonic() < deadline and proc.poll() is None, "kernels never started"
-            kids = [k for k in psutil.Process(proc.pid).children(recursive=True)
-                    if "ipykernel" in " ".join(k.cmdline())]
+            kids = [
+                k
+                for k in psutil.Process(proc.pid).children(recursive=True)
+                if "ipykernel" in " ".join(k.cmdline())
+            ]
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
@@ -219,7 +252,16 @@ def test_ctrl_c_while_ipmulti_start_starts_engines_stops_them_with_a_message():
 
 def test_daemon_log_is_private():
     """`ipmulti start --daemon` wrote its log with the umask's mode (0644)."""
-    out = ipmulti("start", "--daemon", "--profile", "logmode", "--kernel", "no-such-kernelspec", "--timeout", "20")
+    out = ipmulti(
+        "start",
+        "--daemon",
+        "--profile",
+        "logmode",
+        "--kernel",
+        "no-such-kernelspec",
+        "--timeout",
+        "20",
+    )
     assert out.returncode == 1, (out.stdout, out.stderr)
     assert "no-such-kernelspec" in out.stderr  # the daemon's own output, from its private log
     assert not list(cluster_dir().glob("*daemon-logmode*"))  # which is gone with it

@@ -50,7 +50,9 @@ def test_result_dict_keys_and_number_increments(mec):
 
 
 def test_execute_result_and_rich_outputs(mec):
-    r = mec.execute("from IPython.display import display, HTML; display(HTML('<b>x</b>')); 6*7", targets=0)
+    r = mec.execute(
+        "from IPython.display import display, HTML; display(HTML('<b>x</b>')); 6*7", targets=0
+    )
     assert r[0]["result"]["text/plain"] == "42"
     kinds = [o["output_type"] for o in r[0]["outputs"]]
     assert kinds == ["display_data", "execute_result"]

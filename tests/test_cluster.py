@@ -43,7 +43,9 @@ def test_cluster_file_contents_and_permissions(cluster):
     for e in spec["engines"]:
         assert e["kernel_name"] == "python3" and psutil.pid_exists(e["pid"])
         # unix sockets in the private runtime dir since issue 11.16 (loopback TCP before)
-        assert e["connection"]["transport"] == "ipc" and e["connection"]["ip"].startswith(str(cluster_dir()))
+        assert e["connection"]["transport"] == "ipc" and e["connection"]["ip"].startswith(
+            str(cluster_dir())
+        )
         assert stat.S_IMODE(Path(e["connection_file"]).stat().st_mode) == 0o600
 
 
@@ -73,8 +75,13 @@ def test_embedded_cluster_start_stop_cleans_up():
         assert mec.execute("x = 1", targets=1)[0]["id"] == 1
     assert not Path(c.cluster_file).exists()
     assert not any(Path(f).exists() for f in files)
-    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids),
-               10, "engines to exit")
+    wait_until(
+        lambda: (
+            not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+        ),
+        10,
+        "engines to exit",
+    )
 
 
 def test_bad_cluster_arguments():
@@ -87,26 +94,45 @@ def test_bad_cluster_arguments():
 
 def test_daemon_cluster_used_from_another_process_then_stopped():
     env = dict(os.environ)
-    out = subprocess.run(IPMULTI + ["start", "-n", "2", "--profile", "daemon", "--daemon"], env=env,
-                         capture_output=True, text=True, timeout=90)
+    out = subprocess.run(
+        IPMULTI + ["start", "-n", "2", "--profile", "daemon", "--daemon"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert out.returncode == 0, out.stderr
     path = Path(out.stdout.strip())
     assert path == cluster_file_path("daemon") and path.exists()
     spec = json.loads(path.read_text())
     pids = [spec["owner_pid"]] + [e["pid"] for e in spec["engines"]]
-    code = ("from ipy_multiengine import client; mec = client.MultiEngineClient(profile='daemon'); "
-            "print(mec.get_ids(), mec.apply(lambda: 6 * 7)); mec.close()")
-    used = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    code = (
+        "from ipy_multiengine import client; mec = client.MultiEngineClient(profile='daemon'); "
+        "print(mec.get_ids(), mec.apply(lambda: 6 * 7)); mec.close()"
+    )
+    used = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert used.returncode == 0, used.stderr
     assert used.stdout.strip() == "[0, 1] [42, 42]"
     listed = subprocess.run(IPMULTI + ["list"], env=env, capture_output=True, text=True, timeout=30)
     assert "daemon" in listed.stdout and "running" in listed.stdout
-    stopped = subprocess.run(IPMULTI + ["stop", "--profile", "daemon"], env=env, capture_output=True,
-                             text=True, timeout=60)
+    stopped = subprocess.run(
+        IPMULTI + ["stop", "--profile", "daemon"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert stopped.returncode == 0, stopped.stderr
     assert not path.exists()
-    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids),
-               15, "daemon and engines to exit")
+    wait_until(
+        lambda: (
+            not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+        ),
+        15,
+        "daemon and engines to exit",
+    )
 
 
 def test_owner_sigkill_leaves_no_engine_behind(tmp_path):
@@ -159,7 +185,11 @@ def test_malformed_cluster_file(tmp_path):
 def test_demo_command_runs():
     out = subprocess.run(IPMULTI + ["demo", "-n", "2"], capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr
-    assert "<Results List>" in out.stdout and "CompositeError" in out.stdout and "stopped" in out.stdout
+    assert (
+        "<Results List>" in out.stdout
+        and "CompositeError" in out.stdout
+        and "stopped" in out.stdout
+    )
 
 
 # ---------------------------------------------------------------------- h13: embedded clusters are private
@@ -180,7 +210,10 @@ def test_h13_embedded_clusters_coexist_are_private_and_stop_from_outside_spares_
     one, two = Cluster(n=1), Cluster(n=1)
     with one as m1, two as m2:
         assert one.cluster_id != two.cluster_id
-        assert Path(one.cluster_file) == embedded_file_path(one.cluster_id) and Path(two.cluster_file).exists()
+        assert (
+            Path(one.cluster_file) == embedded_file_path(one.cluster_id)
+            and Path(two.cluster_file).exists()
+        )
         assert m1.apply(os.getpid) != m2.apply(os.getpid)
         # neither is what a bare client (or %px) finds: only shared clusters are
         if not cluster_file_path("default").exists():
@@ -231,7 +264,10 @@ def test_h13_kernel_shutdown_leaves_no_cluster_file():
         reply = kc.execute_interactive(
             "from ipy_multiengine import Cluster\n"
             "c = Cluster(n=1)\nmec = c.start()\n"
-            "print(c.cluster_file, mec.engines[0]['pid'], c.owner_kind)\n", timeout=90, output_hook=hook)
+            "print(c.cluster_file, mec.engines[0]['pid'], c.owner_kind)\n",
+            timeout=90,
+            output_hook=hook,
+        )
         assert reply["content"]["status"] == "ok", reply["content"]
         path, pid, kind = "".join(out).split()
         assert Path(path).exists() and kind == "kernel"
@@ -321,7 +357,9 @@ def test_o01_restart_request_reaches_exactly_the_cluster_it_names():
             with MultiEngineClient(profile="o01-a-b") as other:
                 with pytest.raises(Exception, match="restart"):  # nobody serves o01-a-b yet
                     other.restart(timeout=2)
-            assert ma.apply(os.getpid) == [pa], "the owner of 'o01-a' took a request meant for 'o01-a-b'"
+            assert ma.apply(os.getpid) == [pa], (
+                "the owner of 'o01-a' took a request meant for 'o01-a-b'"
+            )
             stop_b, tb = _serving(b)
             stop_o, to = _serving(odd)
             try:
@@ -352,9 +390,11 @@ def test_o02_stale_mpi_cluster_cleanup_stops_mpiexec_and_ranks(tmp_path):
     if find_executable("mpiexec") is None:
         pytest.skip("no mpiexec")
     script = tmp_path / "owner.py"
-    script.write_text("import time\nfrom ipy_multiengine import Cluster\n"
-                      "mec = Cluster(n=1, launcher='mpi', profile='o02', startup_timeout=90).start()\n"
-                      "print('ready', flush=True)\ntime.sleep(600)\n")
+    script.write_text(
+        "import time\nfrom ipy_multiengine import Cluster\n"
+        "mec = Cluster(n=1, launcher='mpi', profile='o02', startup_timeout=90).start()\n"
+        "print('ready', flush=True)\ntime.sleep(600)\n"
+    )
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     pids: list[int] = []
     try:
@@ -368,7 +408,9 @@ def test_o02_stale_mpi_cluster_cleanup_stops_mpiexec_and_ranks(tmp_path):
         listed = ipmulti("list", timeout=90)
         assert listed.returncode == 0, listed.stderr
         assert "stale (removed)" in listed.stdout, listed.stdout
-        wait_until(lambda: all(process_gone(p) for p in pids), 15, "mpiexec and its rank to be stopped")
+        wait_until(
+            lambda: all(process_gone(p) for p in pids), 15, "mpiexec and its rank to be stopped"
+        )
         assert not path.exists()
     finally:
         if owner.poll() is None:
@@ -409,8 +451,15 @@ def test_h13_shared_cluster_of_a_user_process_stopped_from_outside_frees_its_pro
 
 @pytest.mark.timeout(180)
 def test_o03_two_concurrent_ipmulti_start_daemons_of_one_profile():
-    procs = [subprocess.Popen(IPMULTI + ["start", "-n", "1", "--profile", "o03d", "--daemon"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            IPMULTI + ["start", "-n", "1", "--profile", "o03d", "--daemon"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     codes = sorted(p.returncode for p in procs)
     path = cluster_file_path("o03d")
@@ -425,16 +474,25 @@ def test_o03_two_concurrent_ipmulti_start_daemons_of_one_profile():
         stopped = ipmulti("stop", "--profile", "o03d")
     assert stopped.returncode == 0, stopped.stderr
     assert not path.exists()
-    wait_until(lambda: all(process_gone(p) for p in [spec["owner_pid"]] + [e["pid"] for e in spec["engines"]]),
-               20, "the daemon and its engine to exit")
+    wait_until(
+        lambda: all(
+            process_gone(p) for p in [spec["owner_pid"]] + [e["pid"] for e in spec["engines"]]
+        ),
+        20,
+        "the daemon and its engine to exit",
+    )
 
 
 @pytest.mark.timeout(120)
 def test_file_owner_stop_asks_an_ipmulti_start_owner_to_stop():
     """The owner interface's ``stop`` for a cluster reached through its file: a 'stop' request
     the ``ipmulti start`` loop answers by stopping (no signal involved)."""
-    proc = subprocess.Popen(IPMULTI + ["start", "-n", "1", "--profile", "fo-stop", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        IPMULTI + ["start", "-n", "1", "--profile", "fo-stop", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert "engines ready" in proc.stdout.readline()
         with MultiEngineClient(profile="fo-stop") as mec:
@@ -455,20 +513,34 @@ def test_stale_cleanup_after_owner_sigkill_removes_the_unix_sockets(profile, tmp
     """A SIGKILLed owner's engines exit, but their unix sockets stay; `ipmulti list` removed the
     stale cluster file, connection files and logs and left every socket (5 per engine) behind."""
     script = tmp_path / "owner.py"
-    script.write_text("import sys\nfrom ipy_multiengine import Cluster\n"
-                      f"Cluster(n=2, profile={profile!r}).start()\nprint('up', flush=True)\nsys.stdin.read()\n")
-    owner = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    script.write_text(
+        "import sys\nfrom ipy_multiengine import Cluster\n"
+        f"Cluster(n=2, profile={profile!r}).start()\nprint('up', flush=True)\nsys.stdin.read()\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert owner.stdout.readline().strip() == "up"
         spec = json.loads(cluster_file_path(profile).read_text())
-        socks = [Path(f"{e['connection']['ip']}-{e['connection'][k]}") for e in spec["engines"]
-                 for k in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
+        socks = [
+            Path(f"{e['connection']['ip']}-{e['connection'][k]}")
+            for e in spec["engines"]
+            for k in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+        ]
         assert all(stat.S_ISSOCK(s.stat().st_mode) for s in socks)
         pids = [e["pid"] for e in spec["engines"]]
         owner.kill()
         owner.wait(10)
-        wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids),
-                   15, "orphaned engines to exit")
+        wait_until(
+            lambda: (
+                not any(
+                    psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids
+                )
+            ),
+            15,
+            "orphaned engines to exit",
+        )
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -498,7 +570,9 @@ def test_ctrl_c_while_stop_closes_the_client_still_stops_the_engines_and_removes
         with pytest.raises(KeyboardInterrupt):
             c.stop()
         file_left = path.exists()
-        engine_left = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        engine_left = (
+            psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        )
     finally:
         close_controller()
         c.launcher.kill_now()  # whatever stop() left behind

@@ -20,9 +20,21 @@ import pytest
 
 from ipy_multiengine import NoClusterError
 from ipy_multiengine.cluster import list_clusters
-from ipy_multiengine.clusterfile import (EngineError, FileOwner, answer_request, cluster_file_path, identity,
-                                         pending_requests, read_cluster, read_spec, request_dir, request_owner,
-                                         same_process, write_cluster, write_private)
+from ipy_multiengine.clusterfile import (
+    EngineError,
+    FileOwner,
+    answer_request,
+    cluster_file_path,
+    identity,
+    pending_requests,
+    read_cluster,
+    read_spec,
+    request_dir,
+    request_owner,
+    same_process,
+    write_cluster,
+    write_private,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,9 +42,17 @@ CONN = {"shell_port": 1, "iopub_port": 2, "control_port": 3, "ip": "127.0.0.1", 
 
 
 def spec_for(profile: str, owner: dict, **extra) -> dict:
-    return {"cluster_id": profile, "profile": profile, "shared": True, "owner": owner,
-            "owner_pid": owner["pid"], "host": owner["host"], "serves": ["requests"],
-            "engines": [{"id": 0, "connection": CONN}], **extra}
+    return {
+        "cluster_id": profile,
+        "profile": profile,
+        "shared": True,
+        "owner": owner,
+        "owner_pid": owner["pid"],
+        "host": owner["host"],
+        "serves": ["requests"],
+        "engines": [{"id": 0, "connection": CONN}],
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -92,8 +112,10 @@ def test_o01_requests_go_to_the_directory_of_exactly_one_cluster_file():
     dirs = {request_dir(p) for p in (a, ab, odd)}
     assert len(dirs) == 3 and all(d.is_dir() for d in dirs)
     for path, name in ((ab, "r1.json"), (odd, "r2.json")):
-        write_private(request_dir(path) / name,
-                      json.dumps({"op": "restart", "ids": [0], "cluster_file": os.path.realpath(path)}))
+        write_private(
+            request_dir(path) / name,
+            json.dumps({"op": "restart", "ids": [0], "cluster_file": os.path.realpath(path)}),
+        )
     assert list(pending_requests(a)) == []  # 'cf-a' never sees what is meant for 'cf-a-b'
     assert [ask["cluster_file"] for _, ask in pending_requests(ab)] == [os.path.realpath(ab)]
     assert [ask["cluster_file"] for _, ask in pending_requests(odd)] == [os.path.realpath(odd)]
@@ -106,7 +128,9 @@ def test_o01_a_request_file_naming_another_cluster_is_refused_by_the_owner():
     write_private(req, json.dumps({"op": "restart", "ids": [0], "cluster_file": str(ab)}))
     assert list(pending_requests(a)) == []
     answer = json.loads(req.with_suffix(".done").read_text())
-    assert "another cluster file" in answer["error"] and answer["cluster_file"] == os.path.realpath(a)
+    assert "another cluster file" in answer["error"] and answer["cluster_file"] == os.path.realpath(
+        a
+    )
 
 
 def test_an_owner_that_does_not_answer_in_time_is_a_timeout_error():
@@ -165,9 +189,17 @@ def test_o02_stale_launcher_record_whose_pid_was_reused_is_kept_and_nothing_sign
     process is not signalled, the file stays as the record, and list says why."""
     path = cluster_file_path("cf-mpi")
     here = socket.gethostname()
-    gone_owner = {"pid": 2 ** 22 - 3, "host": here, "create_time": 1.0, "kind": "ipmulti"}
-    launcher = {"launcher": "mpi", "n": 1, "pid": sleeper.pid, "hostname": here, "work_dir": None,
-                "started": None, "engines": [], "identity": {**identity(sleeper.pid), "create_time": 2.0}}
+    gone_owner = {"pid": 2**22 - 3, "host": here, "create_time": 1.0, "kind": "ipmulti"}
+    launcher = {
+        "launcher": "mpi",
+        "n": 1,
+        "pid": sleeper.pid,
+        "hostname": here,
+        "work_dir": None,
+        "started": None,
+        "engines": [],
+        "identity": {**identity(sleeper.pid), "create_time": 2.0},
+    }
     write_cluster(path, spec_for("cf-mpi", gone_owner, launcher=launcher))
     try:
         entry = next(c for c in list_clusters(clean=True) if c["profile"] == "cf-mpi")
@@ -183,11 +215,20 @@ def test_o02_stale_launcher_record_whose_pid_was_reused_is_kept_and_nothing_sign
 def test_engine_main_signal_and_stop_refuse_a_pid_that_is_not_the_engine(sleeper, tmp_path):
     conn = str(tmp_path / "engine-0.json")
     cmd = [sys.executable, "-m", "ipy_multiengine.engine_main"]
-    out = subprocess.run(cmd + ["--signal", "TERM", "--pid", str(sleeper.pid), "--connection-file", conn],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        cmd + ["--signal", "TERM", "--pid", str(sleeper.pid), "--connection-file", conn],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 3 and "no engine with pid" in out.stderr
-    out = subprocess.run(cmd + ["--stop", "--stdin", "--timeout", "1"], input=json.dumps([[sleeper.pid, conn]]),
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        cmd + ["--stop", "--stdin", "--timeout", "1"],
+        input=json.dumps([[sleeper.pid, conn]]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0
     assert sleeper.poll() is None  # neither signalled the unrelated process
     # a process that does run that engine's command line is stopped
@@ -195,8 +236,13 @@ def test_engine_main_signal_and_stop_refuse_a_pid_that_is_not_the_engine(sleeper
     reaper = threading.Thread(target=engine.wait)  # like a real engine's parent, reap it at once
     reaper.start()
     try:
-        out = subprocess.run(cmd + ["--stop", "--stdin", "--timeout", "5"], input=json.dumps([[engine.pid, conn]]),
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            cmd + ["--stop", "--stdin", "--timeout", "5"],
+            input=json.dumps([[engine.pid, conn]]),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode == 0, out.stderr
         reaper.join(10)
         assert engine.returncode is not None
@@ -243,7 +289,9 @@ def test_stale_cleanup_never_removes_a_newer_cluster_file_written_meanwhile(slee
     try:
         assert clean_stale(path, stale) == []
         assert read_spec(path)["owner"]["pid"] == os.getpid()  # the live file is still there
-        assert sleeper.poll() is None  # and nothing was signalled: the stale file named no engine pid
+        assert (
+            sleeper.poll() is None
+        )  # and nothing was signalled: the stale file named no engine pid
     finally:
         path.unlink(missing_ok=True)
     write_cluster(path, stale)

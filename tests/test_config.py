@@ -27,7 +27,10 @@ def ip(ip):
     """conftest's shell, and the traits and config sections a test sets put back as found."""
     shell = ip
     magics = shell.magics_manager.registry["ParallelMagics"]
-    defaults = {name: magics.trait_defaults(name) for name in ("stream", "collapse", "timeout", "group_outputs")}
+    defaults = {
+        name: magics.trait_defaults(name)
+        for name in ("stream", "collapse", "timeout", "group_outputs")
+    }
     # %config also merges its lines into the shell's config (what a reloaded extension or a new
     # Cluster reads): keep the sections as found
     sections = ("ParallelMagics", "Cluster", "MultiEngineClient")
@@ -38,7 +41,9 @@ def ip(ip):
         shell.config.pop(name, None)
         if name in saved:
             shell.config[name] = saved[name]
-    magics = shell.magics_manager.registry["ParallelMagics"]  # a test may have reloaded the extension
+    magics = shell.magics_manager.registry[
+        "ParallelMagics"
+    ]  # a test may have reloaded the extension
     for name, value in defaults.items():  # the traits are the shell's: leave them as found
         setattr(magics, name, value)
     magics.reset()
@@ -108,7 +113,12 @@ def test_config_cluster_takes_a_config_and_keywords_win():
 
 
 def test_config_cluster_bad_configured_value_names_the_option():
-    for option, value in [("n", 0), ("n", "eight"), ("transport_encryption", "maybe"), ("startup_timeout", "soon")]:
+    for option, value in [
+        ("n", 0),
+        ("n", "eight"),
+        ("transport_encryption", "maybe"),
+        ("startup_timeout", "soon"),
+    ]:
         cfg = Config()
         cfg.Cluster[option] = value
         with pytest.raises(ConfigError, match=f"Cluster.{option}") as info:
@@ -126,8 +136,20 @@ def test_config_cluster_keyword_errors_are_unchanged():
 
 def test_config_cluster_traits_have_help():
     traits = Cluster.class_traits(config=True)
-    expected = {"n", "kernel_name", "profile", "startup_timeout", "env", "write_file", "engines", "auto_restart",
-                "transport_encryption", "shutdown_wait", "launcher", "launcher_options"}
+    expected = {
+        "n",
+        "kernel_name",
+        "profile",
+        "startup_timeout",
+        "env",
+        "write_file",
+        "engines",
+        "auto_restart",
+        "transport_encryption",
+        "shutdown_wait",
+        "launcher",
+        "launcher_options",
+    }
     assert expected <= set(traits)
     assert all(traits[name].help for name in expected)
 
@@ -141,7 +163,12 @@ def test_config_client_takes_a_config_and_keywords_win(cluster):
     cfg.MultiEngineClient.timeout = 20.0
     client = MultiEngineClient(cluster.cluster_file, config=cfg, timeout=30.0)
     try:
-        assert (client.targets, client.block, client.progress_after, client.timeout) == ([0, 1], False, 5.0, 30.0)
+        assert (client.targets, client.block, client.progress_after, client.timeout) == (
+            [0, 1],
+            False,
+            5.0,
+            30.0,
+        )
         assert client.execute("1 + 1").get_result(timeout=30) is not None
         assert len(client.execute("1").get_result(timeout=30)) == 2  # the configured targets
     finally:
@@ -149,7 +176,12 @@ def test_config_client_takes_a_config_and_keywords_win(cluster):
 
 
 def test_config_client_bad_configured_value_names_the_option(cluster):
-    for option, value in [("targets", [99]), ("targets", [0, "1"]), ("heartbeat", "often"), ("block", "yes")]:
+    for option, value in [
+        ("targets", [99]),
+        ("targets", [0, "1"]),
+        ("heartbeat", "often"),
+        ("block", "yes"),
+    ]:
         cfg = Config()
         cfg.MultiEngineClient[option] = value
         with pytest.raises(ConfigError, match=f"MultiEngineClient.{option}") as info:
@@ -159,8 +191,15 @@ def test_config_client_bad_configured_value_names_the_option(cluster):
 
 def test_config_client_traits_have_help():
     traits = MultiEngineClient.class_traits(config=True)
-    expected = {"block", "targets", "progress_after", "return_before_send", "timeout", "heartbeat",
-                "max_message_size"}
+    expected = {
+        "block",
+        "targets",
+        "progress_after",
+        "return_before_send",
+        "timeout",
+        "heartbeat",
+        "max_message_size",
+    }
     assert expected <= set(traits)
     assert all(traits[name].help for name in expected)
 
@@ -176,13 +215,16 @@ def _profile(tmp_path, text: str) -> tuple[dict, str]:
 
 
 def test_config_ipython_config_py_sets_cluster_n_for_real(tmp_path):
-    env, profile = _profile(tmp_path, """
+    env, profile = _profile(
+        tmp_path,
+        """
         c = get_config()  # noqa: F821
         c.Cluster.n = 1
         c.Cluster.startup_timeout = 90.0
         c.ParallelMagics.stream = False
         c.MultiEngineClient.progress_after = 7.0
-    """)
+    """,
+    )
     code = textwrap.dedent("""
         from ipy_multiengine.cluster import Cluster
         ip = get_ipython()
@@ -194,9 +236,22 @@ def test_config_ipython_config_py_sets_cluster_n_for_real(tmp_path):
         print("N2", Cluster(n=2).n)
     """)
     proc = subprocess.run(
-        [sys.executable, "-m", "IPython", f"--profile-dir={profile}", "--HistoryManager.enabled=False",
-         "--colors=NoColor", "--no-banner", "-c", code],
-        env=env, capture_output=True, text=True, timeout=100)
+        [
+            sys.executable,
+            "-m",
+            "IPython",
+            f"--profile-dir={profile}",
+            "--HistoryManager.enabled=False",
+            "--colors=NoColor",
+            "--no-banner",
+            "-c",
+            code,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "STREAM False" in out, out + proc.stderr
@@ -206,17 +261,22 @@ def test_config_ipython_config_py_sets_cluster_n_for_real(tmp_path):
 
 def test_config_outside_ipython_no_config_applies(tmp_path):
     # outside IPython there is no shell: ipython_config.py does not apply; config= does
-    env, _profile_dir = _profile(tmp_path, """
+    env, _profile_dir = _profile(
+        tmp_path,
+        """
         c = get_config()  # noqa: F821
         c.Cluster.n = 1
-    """)
+    """,
+    )
     code = textwrap.dedent("""
         from traitlets.config import Config
         from ipy_multiengine.cluster import Cluster
         cfg = Config(); cfg.Cluster.n = 3
         print("N", Cluster().n, Cluster().launcher.n, Cluster(config=cfg).n)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert "N 4 4 3" in proc.stdout, proc.stdout  # ipython_config.py said n=1: not applied
 
@@ -227,11 +287,15 @@ def test_config_every_trait_is_documented():
     from ipy_multiengine.magics import PX_DEFAULTS, ParallelMagics
 
     page = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
-    for cls, names in [(Cluster, Cluster.class_trait_names(config=True)),
-                       (MultiEngineClient, MultiEngineClient.class_trait_names(config=True)),
-                       (ParallelMagics, PX_DEFAULTS)]:
+    for cls, names in [
+        (Cluster, Cluster.class_trait_names(config=True)),
+        (MultiEngineClient, MultiEngineClient.class_trait_names(config=True)),
+        (ParallelMagics, PX_DEFAULTS),
+    ]:
         for name in names:
-            assert f"| `{cls.__name__}.{name}` |" in page, f"docs/configuration.md does not list {cls.__name__}.{name}"
+            assert f"| `{cls.__name__}.{name}` |" in page, (
+                f"docs/configuration.md does not list {cls.__name__}.{name}"
+            )
 
 
 def test_config_reloaded_extension_is_the_one_percent_config_sets(ip):

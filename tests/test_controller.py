@@ -22,13 +22,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from ipy_multiengine import MultiEngineClient, _loop, stdin  # _loop: white-box tests that run on the I/O thread
-from ipy_multiengine.balanced import BalancedMap
-from ipy_multiengine.controller import Controller, Request
-from ipy_multiengine.errors import CompositeError, EngineError, MultiEngineError, TimeoutError
-
 from faultlib import engine_pid, settle, small_cluster, wait_for
+
+from ipy_multiengine import (
+    MultiEngineClient,
+    _loop,
+    stdin,
+)  # _loop: white-box tests that run on the I/O thread
+from ipy_multiengine.balanced import BalancedMap
+from ipy_multiengine.controller import Controller
+from ipy_multiengine.errors import CompositeError, MultiEngineError, TimeoutError
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -173,7 +176,7 @@ def test_h07_gil_held_longer_than_heartbeat_is_not_a_death(cluster, mec, tmp_pat
         assert {e["watched_by"] for e in c.engines} == {"heartbeat"}
         pr = c.execute("import time; time.sleep(3); print('done')", block=False)
         time.sleep(0.3)  # let the request reach the engines (not synchronisation of results)
-        _hold_gil(2.5)   # 2.5 heartbeat periods without the loop running
+        _hold_gil(2.5)  # 2.5 heartbeat periods without the loop running
         out = pr.get_result(timeout=15)
         assert [r["stdout"] for r in out] == ["done\n"] * 4
         assert not c.get_ids().dead
@@ -199,8 +202,13 @@ def test_h07_client_sigstopped_longer_than_heartbeat_is_not_a_death(cluster, mec
         c.close()
     """)
     env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert proc.stdout.readline().strip() == "sent"
         time.sleep(0.3)
@@ -233,8 +241,12 @@ def test_h08_control_idle_before_interrupt_reply_fails_nothing_queued(cluster, m
             conn = ctl._conn(0)
             fake = ctl._new_request(conn, "control", "fake-interrupt", channel="control")
             conn.requests[fake.msg_id] = fake
-            msg = {"msg_type": "status", "content": {"execution_state": "busy"},
-                   "parent_header": {"msg_id": fake.msg_id, "msg_type": "interrupt_request"}, "header": {}}
+            msg = {
+                "msg_type": "status",
+                "content": {"execution_state": "busy"},
+                "parent_header": {"msg_id": fake.msg_id, "msg_type": "interrupt_request"},
+                "header": {},
+            }
             ctl._dispatch(conn, "iopub", msg)
             msg = dict(msg, content={"execution_state": "idle"})
             ctl._dispatch(conn, "iopub", msg)
@@ -303,13 +315,17 @@ def test_stress_8_threads_one_client_interrupts_and_a_kill9():
                     elif op == "push_pull":
                         name = f"v{n}"
                         mec.push({name: (n, k)}, targets=targets, timeout=20)
-                        assert mec.pull(name, targets=targets, timeout=20) == [(n, k)] * len(targets)
+                        assert mec.pull(name, targets=targets, timeout=20) == [(n, k)] * len(
+                            targets
+                        )
                     elif op == "map":
-                        assert mec.map(lambda x: x * 2, range(k % 7 + 1), targets=targets, timeout=20) == [
-                            x * 2 for x in range(k % 7 + 1)]
+                        assert mec.map(
+                            lambda x: x * 2, range(k % 7 + 1), targets=targets, timeout=20
+                        ) == [x * 2 for x in range(k % 7 + 1)]
                     elif op == "balanced":
-                        assert mec.map(lambda x: -x, range(20), targets=targets, balanced=True,
-                                       timeout=20) == [-x for x in range(20)]
+                        assert mec.map(
+                            lambda x: -x, range(20), targets=targets, balanced=True, timeout=20
+                        ) == [-x for x in range(20)]
                     else:
                         mec.execute("import time; time.sleep(0.2)", targets=targets, timeout=20)
                     with lock:
@@ -347,9 +363,11 @@ def test_stress_8_threads_one_client_interrupts_and_a_kill9():
             t.join(timeout=max(stop_at + 45 - time.monotonic(), 1))
         hung = [t.name for t in threads if t.is_alive()]
         took = time.monotonic() - t0
-        print(f"\nstress: 8 threads, {sum(stats.values())} calls in {took:.1f} s: {stats['ok']} ok, "
-              f"{stats['remote']} remote errors (interrupts), {stats['engine']} engine errors (kill -9), "
-              f"{stats['timeout']} timeouts, {len(bad)} wrong, {len(hung)} hung")
+        print(
+            f"\nstress: 8 threads, {sum(stats.values())} calls in {took:.1f} s: {stats['ok']} ok, "
+            f"{stats['remote']} remote errors (interrupts), {stats['engine']} engine errors (kill -9), "
+            f"{stats['timeout']} timeouts, {len(bad)} wrong, {len(hung)} hung"
+        )
         assert not hung, f"threads hung: {hung}"
         assert not bad, bad
         assert killed and 2 in mec.get_ids().dead

@@ -56,8 +56,12 @@ def test_dictionary_interface(mec):
 def test_tutorial_scatter_gather(mec):
     assert mec.scatter("a", range(16)) == [None] * 4
     out = mec.execute("print(a)")
-    assert [r["stdout"] for r in out] == ["[0, 1, 2, 3]\n", "[4, 5, 6, 7]\n", "[8, 9, 10, 11]\n",
-                                           "[12, 13, 14, 15]\n"]
+    assert [r["stdout"] for r in out] == [
+        "[0, 1, 2, 3]\n",
+        "[4, 5, 6, 7]\n",
+        "[8, 9, 10, 11]\n",
+        "[12, 13, 14, 15]\n",
+    ]
     assert mec.gather("a") == list(range(16))
 
 
@@ -104,8 +108,10 @@ def test_map_error_names_engine_and_item(mec):
 
 def test_apply(mec):
     assert mec.apply(lambda a, b=1: a * b, 3, b=2) == [6] * 4
-    assert mec.apply(lambda: __import__("os").getpid(), targets=[0, 1])[0] != mec.apply(
-        lambda: __import__("os").getpid(), targets=[0, 1])[1]
+    assert (
+        mec.apply(lambda: __import__("os").getpid(), targets=[0, 1])[0]
+        != mec.apply(lambda: __import__("os").getpid(), targets=[0, 1])[1]
+    )
     pr = mec.apply(pow, 2, 10, block=False)
     assert pr.r == [1024] * 4
     with pytest.raises(TypeError, match="callable"):
@@ -190,11 +196,15 @@ _seq = st.one_of(
     st.lists(st.integers(), max_size=40).map(tuple),
     st.integers(0, 40).map(range),
     hnp.arrays(np.int64, st.integers(0, 40)),
-    hnp.arrays(np.float64, st.tuples(st.integers(0, 12), st.integers(1, 3)), elements=st.floats(-1e6, 1e6)),
+    hnp.arrays(
+        np.float64, st.tuples(st.integers(0, 12), st.integers(1, 3)), elements=st.floats(-1e6, 1e6)
+    ),
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(seq=_seq, targets=st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True))
 def test_gather_of_scatter_is_identity(mec, seq, targets):
     mec.scatter("hx", seq, targets=targets)
@@ -309,18 +319,22 @@ def _as_typed_at_the_prompt(mec, code: str) -> dict:
 
 
 def test_h01_stale_caller_globals_every_call_sees_current_values(mec):
-    ns = _as_typed_at_the_prompt(mec, (
-        "offset = 1\n"
-        "f = lambda x: x + offset\n"
-        "first = mec.map(f, [0, 0])\n"
-        "offset = 50\n"
-        "second = mec.map(f, [0, 0])\n"
-        "third = mec.apply(f, 0, targets=0)\n"
-        "def helper():\n    return 'v1'\n"
-        "g = lambda: helper()\n"
-        "r1 = mec.apply(g)\n"
-        "def helper():\n    return 'v2'\n"
-        "r2 = mec.apply(g)\n"))
+    ns = _as_typed_at_the_prompt(
+        mec,
+        (
+            "offset = 1\n"
+            "f = lambda x: x + offset\n"
+            "first = mec.map(f, [0, 0])\n"
+            "offset = 50\n"
+            "second = mec.map(f, [0, 0])\n"
+            "third = mec.apply(f, 0, targets=0)\n"
+            "def helper():\n    return 'v1'\n"
+            "g = lambda: helper()\n"
+            "r1 = mec.apply(g)\n"
+            "def helper():\n    return 'v2'\n"
+            "r2 = mec.apply(g)\n"
+        ),
+    )
     assert ns["first"] == [1, 1]
     assert ns["second"] == [50, 50] == list(map(ns["f"], [0, 0]))
     assert ns["third"] == [50]
@@ -330,11 +344,15 @@ def test_h01_stale_caller_globals_every_call_sees_current_values(mec):
 
 def test_h01_stale_caller_globals_engine_only_names_resolve(mec):
     mec.execute("import math; scale = 3")
-    ns = _as_typed_at_the_prompt(mec, (
-        "def helper():\n    return math.floor(scale * 2.5)\n"  # math, scale: engine-only names
-        "g = lambda: helper() + 1\n"
-        "r = mec.apply(g)\n"
-        "mec.push_function({'h': helper})\n"))
+    ns = _as_typed_at_the_prompt(
+        mec,
+        (
+            "def helper():\n    return math.floor(scale * 2.5)\n"  # math, scale: engine-only names
+            "g = lambda: helper() + 1\n"
+            "r = mec.apply(g)\n"
+            "mec.push_function({'h': helper})\n"
+        ),
+    )
     assert ns["r"] == [8] * 4
     mec.execute("from_h = h()")
     assert mec.pull("from_h") == [7] * 4
@@ -344,18 +362,27 @@ def test_h01_stale_caller_globals_engine_only_names_resolve(mec):
 
 def test_h01_stale_caller_globals_precedence_and_nothing_left_behind(mec):
     mec.push({"offset": 7})
-    ns = _as_typed_at_the_prompt(mec, (
-        "offset = 50\n"
-        "only_here = 'client'\n"
-        "f = lambda: (offset, only_here)\n"
-        "r = mec.apply(f)\n"
-        "def bump():\n    global counter\n    counter = offset + 1\n    return counter\n"
-        "b = mec.apply(bump, targets=0)\n"))
+    ns = _as_typed_at_the_prompt(
+        mec,
+        (
+            "offset = 50\n"
+            "only_here = 'client'\n"
+            "f = lambda: (offset, only_here)\n"
+            "r = mec.apply(f)\n"
+            "def bump():\n    global counter\n    counter = offset + 1\n    return counter\n"
+            "b = mec.apply(bump, targets=0)\n"
+        ),
+    )
     assert ns["r"] == [(50, "client")] * 4  # the caller's value wins over the engine's
     mec.execute("left = ('only_here' in globals(), offset, globals().get('counter'))")
     # the caller's globals were not copied into the engine namespace (offset is still the
     # engine's own 7); a global the function assigned is written there (the documented rule)
-    assert mec.pull("left") == [(False, 7, 51), (False, 7, None), (False, 7, None), (False, 7, None)]
+    assert mec.pull("left") == [
+        (False, 7, 51),
+        (False, 7, None),
+        (False, 7, None),
+        (False, 7, None),
+    ]
     assert ns["b"] == [51]
 
 
@@ -448,18 +475,25 @@ def test_pushed_function_assigning_a_global_writes_the_engine_namespace(mec):
     """docs/engines.md: a name a function sent by value assigns with ``global`` is written to
     the engine's namespace; for a pushed function too, which engine code calls later
     (``push_function`` then ``%px setup()``, the classic pattern)."""
-    ns = _as_typed_at_the_prompt(mec, (
-        "def setup(n):\n    global data, calls\n    data = list(range(n))\n"
-        "    try:\n        calls += 1\n    except NameError:\n        calls = 1\n    return len(data)\n"
-        "def bump():\n    global level\n    level = level + 1\n"
-        "def via_helper():\n    bump()\n    return level\n"
-        "mec.push_function({'setup': setup, 'via_helper': via_helper})\n"))
+    ns = _as_typed_at_the_prompt(
+        mec,
+        (
+            "def setup(n):\n    global data, calls\n    data = list(range(n))\n"
+            "    try:\n        calls += 1\n    except NameError:\n        calls = 1\n    return len(data)\n"
+            "def bump():\n    global level\n    level = level + 1\n"
+            "def via_helper():\n    bump()\n    return level\n"
+            "mec.push_function({'setup': setup, 'via_helper': via_helper})\n"
+        ),
+    )
     mec.execute("n = setup(3); seen_in_cell = data")  # visible at once, in the same cell
     assert mec.pull(["n", "seen_in_cell"], targets=0) == [[3, [0, 1, 2]]]
     mec.execute("setup(5)")
     assert mec.pull(["data", "calls"], targets=0) == [[[0, 1, 2, 3, 4], 2]]
     mec.execute("level = 10")
-    assert mec.execute("print(via_helper(), via_helper(), level)", targets=0)[0]["stdout"] == "11 12 12\n"
+    assert (
+        mec.execute("print(via_helper(), via_helper(), level)", targets=0)[0]["stdout"]
+        == "11 12 12\n"
+    )
     mec.execute("level = 100")  # the engine's value is what the function reads next
     mec.execute("r = via_helper()", targets=0)
     assert mec.pull("r", targets=0) == [101]
@@ -475,15 +509,19 @@ def test_partials_and_bound_methods_sent_by_value_see_the_engine_namespace(mec):
     """The precedence rule holds for a function behind ``functools.partial`` or a bound method
     of a class typed at the prompt, not only for a bare function."""
     mec.execute("import math as engine_math; engine_scale = 3")
-    ns = _as_typed_at_the_prompt(mec, (
-        "import functools\n"
-        "offset = 100\n"
-        "def f(x, k=1):\n    return engine_math.floor(x * engine_scale * k) + offset\n"
-        "class Model:\n    def __init__(self, k):\n        self.k = k\n"
-        "    def predict(self, x):\n        return engine_math.floor(x * engine_scale * self.k)\n"
-        "r_partial = mec.map(functools.partial(f, k=2), [1.0, 2.0])\n"
-        "r_method = mec.map(Model(10).predict, [1.0, 2.0])\n"
-        "r_apply = mec.apply(Model(1).predict, 2.0, targets=0)\n"))
+    ns = _as_typed_at_the_prompt(
+        mec,
+        (
+            "import functools\n"
+            "offset = 100\n"
+            "def f(x, k=1):\n    return engine_math.floor(x * engine_scale * k) + offset\n"
+            "class Model:\n    def __init__(self, k):\n        self.k = k\n"
+            "    def predict(self, x):\n        return engine_math.floor(x * engine_scale * self.k)\n"
+            "r_partial = mec.map(functools.partial(f, k=2), [1.0, 2.0])\n"
+            "r_method = mec.map(Model(10).predict, [1.0, 2.0])\n"
+            "r_apply = mec.apply(Model(1).predict, 2.0, targets=0)\n"
+        ),
+    )
     assert ns["r_partial"] == [106, 112]
     assert ns["r_method"] == [30, 60]
     assert ns["r_apply"] == [6]

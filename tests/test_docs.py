@@ -66,12 +66,16 @@ def test_page_examples_run(page, default_cluster):
     mec = default_cluster
     examples = blocks(DOCS / page)
     if page != "index.md":
-        assert any(lang in ("python", "ipython") for lang, *_ in examples), f"{page} has no executed example"
+        assert any(lang in ("python", "ipython") for lang, *_ in examples), (
+            f"{page} has no executed example"
+        )
     ip = InteractiveShell.instance()
     ip.reset(new_session=False)
     ip.run_line_magic("load_ext", "ipy_multiengine")
     magics = ip.magics_manager.registry["ParallelMagics"]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
     before = set(_clients(ip))
     try:
         for lang, flags, body, line in examples:
@@ -82,10 +86,13 @@ def test_page_examples_run(page, default_cluster):
                 if "raises" in flags:
                     assert not res.success, f"{where}: expected this example to fail\n{cap.stdout}"
                 else:
-                    assert res.success, f"{where} failed:\n{body}\n--- output ---\n{cap.stdout}\n{cap.stderr}"
+                    assert res.success, (
+                        f"{where} failed:\n{body}\n--- output ---\n{cap.stdout}\n{cap.stderr}"
+                    )
             elif lang == "bash" and "test" in flags:
-                out = subprocess.run(["bash", "-e", "-c", body], env=env, capture_output=True, text=True,
-                                     timeout=90)
+                out = subprocess.run(
+                    ["bash", "-e", "-c", body], env=env, capture_output=True, text=True, timeout=90
+                )
                 assert out.returncode == 0, f"{where} failed:\n{out.stdout}\n{out.stderr}"
         assert not magics.transformer.enabled, f"docs/{page} leaves %autopx on"
     finally:

@@ -53,11 +53,19 @@ def _package_exception_classes() -> list[type]:
 def test_every_package_error_derives_from_the_root():
     classes = _package_exception_classes()
     names = {c.__name__ for c in classes}
-    assert {"LauncherError", "EngineStartTimeout", "TargetsError", "ConfigError", "UsageError"} <= names
+    assert {
+        "LauncherError",
+        "EngineStartTimeout",
+        "TargetsError",
+        "ConfigError",
+        "UsageError",
+    } <= names
     # private helpers (_NotStarted in the ssh launcher, _ItemError on the engine) never leave
     # their module: they are filtered out or turned into a RemoteError before anyone sees them
     public = [c for c in classes if not c.__name__.startswith("_")]
-    outside = [f"{c.__module__}.{c.__name__}" for c in public if not issubclass(c, MultiEngineError)]
+    outside = [
+        f"{c.__module__}.{c.__name__}" for c in public if not issubclass(c, MultiEngineError)
+    ]
     assert outside == []
 
 
@@ -66,7 +74,9 @@ def test_launcher_errors_are_in_the_tree():
 
     assert base.LauncherError is LauncherError and base.EngineStartTimeout is EngineStartTimeout
     assert issubclass(LauncherError, EngineError) and issubclass(LauncherError, MultiEngineError)
-    assert issubclass(EngineStartTimeout, TimeoutError) and issubclass(EngineStartTimeout, builtins.TimeoutError)
+    assert issubclass(EngineStartTimeout, TimeoutError) and issubclass(
+        EngineStartTimeout, builtins.TimeoutError
+    )
 
 
 def test_timeout_error_is_also_the_builtin():
@@ -80,13 +90,34 @@ def test_no_cluster_error_and_the_root_pickle():
 
 
 def test_remote_error_context_survives_pickling():
-    e = RemoteError("ZeroDivisionError", "division by zero (on item 5)", ["tb line 1", "tb line 2"], engine_id=1,
-                    method="map", pickled=pickle.dumps(ZeroDivisionError("division by zero")),
-                    result={"id": 1, "stdout": "out"}, item=5)
+    e = RemoteError(
+        "ZeroDivisionError",
+        "division by zero (on item 5)",
+        ["tb line 1", "tb line 2"],
+        engine_id=1,
+        method="map",
+        pickled=pickle.dumps(ZeroDivisionError("division by zero")),
+        result={"id": 1, "stdout": "out"},
+        item=5,
+    )
     back = _roundtrip(e)
-    assert (back.ename, back.evalue, back.traceback, back.engine_id, back.method, back.item, back.result) == (
-        "ZeroDivisionError", "division by zero (on item 5)", ["tb line 1", "tb line 2"], 1, "map", 5,
-        {"id": 1, "stdout": "out"})
+    assert (
+        back.ename,
+        back.evalue,
+        back.traceback,
+        back.engine_id,
+        back.method,
+        back.item,
+        back.result,
+    ) == (
+        "ZeroDivisionError",
+        "division by zero (on item 5)",
+        ["tb line 1", "tb line 2"],
+        1,
+        "map",
+        5,
+        {"id": 1, "stdout": "out"},
+    )
     assert isinstance(back.original(), ZeroDivisionError)
 
 
@@ -100,7 +131,11 @@ def test_remote_error_for_engine_is_a_copy_with_context():
 
 def test_engine_error_context_survives_pickling():
     back = _roundtrip(EngineError("engine 2 died: killed by signal SIGKILL", 2, "apply"))
-    assert (back.engine_id, back.method, back.evalue) == (2, "apply", "engine 2 died: killed by signal SIGKILL")
+    assert (back.engine_id, back.method, back.evalue) == (
+        2,
+        "apply",
+        "engine 2 died: killed by signal SIGKILL",
+    )
     assert _roundtrip(EngineError("gone").for_engine(4)).engine_id == 4
 
 
@@ -141,8 +176,10 @@ def test_cli_usage_error_is_in_the_tree():
 
 
 def test_composite_error_keeps_its_elist_through_pickling():
-    elist = [RemoteError("KeyError", "'a'", ["tb"], 0, "execute", item=None),
-             EngineError("engine 1 died", 1, "execute")]
+    elist = [
+        RemoteError("KeyError", "'a'", ["tb"], 0, "execute", item=None),
+        EngineError("engine 1 died", 1, "execute"),
+    ]
     e = CompositeError("execute", elist, [None, None])
     back = _roundtrip(e)
     assert [type(x) for x in back.elist] == [RemoteError, EngineError]

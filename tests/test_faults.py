@@ -18,12 +18,22 @@ import time
 from pathlib import Path
 
 import pytest
+from faultlib import (
+    CtrlC,
+    SleepOnLoad,
+    engine_pid,
+    gone,
+    hang_code,
+    make_hanger,
+    marker,
+    remember,
+    slow_pickle_code,
+    small_cluster,
+    wait_for,
+)
 
 from ipy_multiengine import MultiEngineClient
 from ipy_multiengine.errors import CompositeError, EngineError, RemoteError
-
-from faultlib import (CtrlC, SleepOnLoad, engine_pid, gone, hang_code, make_hanger, marker, remember,
-                      slow_pickle_code, small_cluster, wait_for)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,7 +71,11 @@ def test_kill9_during_operation(op, tmp_path):
         queued = mec.execute("queued = 1", targets=1, block=False)  # waits behind the running op
         wait_for(marker(tmp_path, op, pid).exists, 20, f"{op} to start on engine 1")
         if op in ("execute", "push"):  # engine 0 hangs too: interrupt it
-            wait_for(marker(tmp_path, op, engine_pid(cluster, 0)).exists, 20, f"{op} to start on engine 0")
+            wait_for(
+                marker(tmp_path, op, engine_pid(cluster, 0)).exists,
+                20,
+                f"{op} to start on engine 0",
+            )
             mec.interrupt(0)
         t0 = time.monotonic()
         os.kill(pid, signal.SIGKILL)
@@ -73,13 +87,17 @@ def test_kill9_during_operation(op, tmp_path):
         assert len(dead) == 1 and isinstance(dead[0], EngineError)
         assert "engine 1 was killed by signal SIGKILL" in str(dead[0])
         assert "while running" in str(dead[0])
-        assert f"[1:{dead[0].method}]: EngineError: engine 1 was killed by signal SIGKILL" in str(err)
+        assert f"[1:{dead[0].method}]: EngineError: engine 1 was killed by signal SIGKILL" in str(
+            err
+        )
         if op == "map":  # the other engine's part is kept
             assert err.results[0] == [0, 10]
         if op == "pull":
             assert err.results[0] == 7
         if op in ("execute", "push"):
-            assert [e.engine_id for e in err.elist] == [0, 1] and err.elist[0].ename == "KeyboardInterrupt"
+            assert [e.engine_id for e in err.elist] == [0, 1] and err.elist[
+                0
+            ].ename == "KeyboardInterrupt"
         with pytest.raises(CompositeError, match="engine 1 was killed by signal SIGKILL"):
             queued.get_result(timeout=5)  # queued behind it: failed too
         assert mec.get_ids() == [0, 1] and "1 was killed by signal SIGKILL" in repr(mec.get_ids())
@@ -103,8 +121,12 @@ def test_segfault_with_auto_restart_reruns_on_start(tmp_path):
         old = engine_pid(cluster, 0)
         with pytest.raises(CompositeError) as info:
             mec.execute("import ctypes; ctypes.string_at(0)", targets=0, timeout=10)
-        assert "engine 0 was killed by signal SIGSEGV while running 'import ctypes" in str(info.value.elist[0])
-        wait_for(lambda: engine_pid(cluster, 0) != old, 20, "engine 0 to be restarted automatically")
+        assert "engine 0 was killed by signal SIGSEGV while running 'import ctypes" in str(
+            info.value.elist[0]
+        )
+        wait_for(
+            lambda: engine_pid(cluster, 0) != old, 20, "engine 0 to be restarted automatically"
+        )
         mec.wait_ready(timeout=20)
         remember(cluster)
         assert mec.get_ids() == [0, 1] and not mec.get_ids().dead
@@ -118,9 +140,13 @@ def test_segfault_with_auto_restart_reruns_on_start(tmp_path):
 
 
 def test_os_exit_reports_exit_code():
-    with small_cluster(1) as (cluster, mec):
-        with pytest.raises(CompositeError, match="engine 0 exited with code 3 while running 'import os; os._exit"):
-            mec.execute("import os; os._exit(3)", timeout=10)
+    with (
+        small_cluster(1) as (cluster, mec),
+        pytest.raises(
+            CompositeError, match="engine 0 exited with code 3 while running 'import os; os._exit"
+        ),
+    ):
+        mec.execute("import os; os._exit(3)", timeout=10)
 
 
 # --------------------------------------------------------------------------- heartbeats
@@ -176,7 +202,9 @@ def test_ctrl_c_in_blocking_call(call, tmp_path):
             elif call == "apply":
                 mec.apply(make_hanger(tmp_path, call))
             elif call == "barrier":
-                mec.barrier([mec.execute(hang_code(tmp_path, call), targets=i, block=False) for i in (0, 1)])
+                mec.barrier(
+                    [mec.execute(hang_code(tmp_path, call), targets=i, block=False) for i in (0, 1)]
+                )
             elif call == "pull":
                 mec.execute(slow_pickle_code(tmp_path, call))
                 mec.pull("slow")
@@ -209,7 +237,9 @@ def test_ctrl_c_keeps_output_and_result_is_collectable(tmp_path):
         with pytest.raises(CompositeError, match="KeyboardInterrupt") as info:
             pr.get_result(timeout=10)  # the interrupted call's result, collected later
         assert [e.engine_id for e in info.value.elist] == [0, 1]
-        assert [r["stdout"] for r in info.value.results] == ["before\n"] * 2  # printed before Ctrl-C
+        assert [r["stdout"] for r in info.value.results] == [
+            "before\n"
+        ] * 2  # printed before Ctrl-C
 
 
 def test_frozen_engine_interrupt_restart_and_stop(tmp_path):
@@ -217,15 +247,22 @@ def test_frozen_engine_interrupt_restart_and_stop(tmp_path):
     returns within 2 s, the other engine stays usable, restart replaces the frozen engine, and
     stop() does not hang on a SIGSTOPped engine."""
     with small_cluster(2) as (cluster, mec):
-        code = hang_code(tmp_path, "frozen", 60,
-                         before="import signal; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}); ")
+        code = hang_code(
+            tmp_path,
+            "frozen",
+            60,
+            before="import signal; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}); ",
+        )
         ctrl_c = CtrlC(marker(tmp_path, "frozen", engine_pid(cluster, 1)).exists)
         raised = False
         try:
             mec.execute(code, targets=1)
         except KeyboardInterrupt:
             raised = True
-            measured("Ctrl-C to KeyboardInterrupt (engine blocks SIGINT)", time.monotonic() - ctrl_c.sent_at)
+            measured(
+                "Ctrl-C to KeyboardInterrupt (engine blocks SIGINT)",
+                time.monotonic() - ctrl_c.sent_at,
+            )
         finally:
             ctrl_c.cancel()
         assert raised and time.monotonic() - ctrl_c.sent_at < 2.0
@@ -270,15 +307,21 @@ OWNER = textwrap.dedent("""
 
 def test_owner_sigkill_leaves_no_orphans(tmp_path):
     runtime = tmp_path / "rt"
-    proc = subprocess.Popen([sys.executable, "-c", OWNER, str(runtime)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(runtime)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         pids = json.loads(proc.stdout.readline())
         assert len(pids) == 2 and not any(gone(p) for p in pids)
         t0 = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
-        wait_for(lambda: all(gone(p) for p in pids), 10, f"engines {pids} to exit after their owner")
+        wait_for(
+            lambda: all(gone(p) for p in pids), 10, f"engines {pids} to exit after their owner"
+        )
         measured("engines gone after owner SIGKILL", time.monotonic() - t0)
     finally:
         if proc.poll() is None:
@@ -287,8 +330,13 @@ def test_owner_sigkill_leaves_no_orphans(tmp_path):
             if not gone(p):
                 os.kill(p, signal.SIGKILL)
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(runtime))
-    out = subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", "list"], env=env, capture_output=True,
-                         text=True, timeout=30).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "ipy_multiengine.cli", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
     assert "stale (removed)" in out
     left = [p.name for p in (runtime / "ipy_multiengine").iterdir()]
     assert left == [], f"files left after `ipmulti list` cleaned a stale cluster: {left}"
@@ -299,7 +347,10 @@ def test_forged_message_with_wrong_key_is_not_run(tmp_path):
     import zmq
     from jupyter_client.session import Session
 
-    with small_cluster(1, transport_encryption="auto", transport="tcp") as (cluster, mec):  # a TCP test
+    with small_cluster(1, transport_encryption="auto", transport="tcp") as (
+        cluster,
+        mec,
+    ):  # a TCP test
         info = json.loads(Path(cluster.cluster_file).read_text())["engines"][0]["connection"]
         ctx = zmq.Context()
 
@@ -311,7 +362,11 @@ def test_forged_message_with_wrong_key_is_not_run(tmp_path):
                 sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
             sock.connect(f"tcp://{info['ip']}:{info['shell_port']}")
             session = Session(key=key, signature_scheme=info["signature_scheme"])
-            session.send(sock, "execute_request", {"code": f"open({str(marker)!r}, 'w').close()", "silent": False})
+            session.send(
+                sock,
+                "execute_request",
+                {"code": f"open({str(marker)!r}, 'w').close()", "silent": False},
+            )
             return sock
 
         forged, plain, control = tmp_path / "forged", tmp_path / "plain", tmp_path / "control"
@@ -361,7 +416,9 @@ def test_200_mixed_operations_with_random_faults():
                     pr = mec.pull("v", targets=targets, block=False)
                     expect, got = [i] * len(targets), list
                 elif op == "map":
-                    pr = mec.map(eval(f"lambda x: x * 2 + {base}"), range(7), targets=targets, block=False)
+                    pr = mec.map(
+                        eval(f"lambda x: x * 2 + {base}"), range(7), targets=targets, block=False
+                    )
                     expect, got = [x * 2 + 100 for x in range(7)], list
                 elif op == "apply":
                     pr = mec.apply(eval(f"lambda a: a + {base}"), i, targets=targets, block=False)
@@ -381,14 +438,22 @@ def test_200_mixed_operations_with_random_faults():
                 result = pr.get_result(timeout=30)
             except (CompositeError, EngineError) as err:
                 # every failure is reported and names only engines that had a fault
-                failed = {e.engine_id for e in err.elist} if isinstance(err, CompositeError) else {err.engine_id}
+                failed = (
+                    {e.engine_id for e in err.elist}
+                    if isinstance(err, CompositeError)
+                    else {err.engine_id}
+                )
                 allowed = killed | ({victim} if victim is not None else set())
-                assert failed and failed <= allowed, f"op {i} ({op}) on {targets} failed without a fault: {err}"
+                assert failed and failed <= allowed, (
+                    f"op {i} ({op}) on {targets} failed without a fault: {err}"
+                )
                 if isinstance(err, CompositeError):
                     assert all(isinstance(e, (EngineError, RemoteError)) for e in err.elist)
                 stats["failed_reported"] += 1
                 continue
-            assert got(result) == expect, f"op {i} ({op}) on {targets} returned a wrong result: {result!r}"
+            assert got(result) == expect, (
+                f"op {i} ({op}) on {targets} returned a wrong result: {result!r}"
+            )
             stats["ok"] += 1
         dead = [e for e in mec.get_ids() if not mec.engines[e]["ready"]]
         if dead or killed:
@@ -396,16 +461,22 @@ def test_200_mixed_operations_with_random_faults():
             remember(cluster)
         assert mec.pull("BASE", timeout=10) == [100, 100, 100]  # every engine usable at the end
     faults = stats["kills"] + stats["interrupts"]
-    print(f"\nFAULTS: {faults} injected ({stats['kills']} kill -9, {stats['interrupts']} interrupts), "
-          f"{faults} survived; {stats['ops']} operations: {stats['ok']} correct, "
-          f"{stats['failed_reported']} failed with a reported error, 0 lost or wrong; {stats['restarts']} restarts")
+    print(
+        f"\nFAULTS: {faults} injected ({stats['kills']} kill -9, {stats['interrupts']} interrupts), "
+        f"{faults} survived; {stats['ops']} operations: {stats['ok']} correct, "
+        f"{stats['failed_reported']} failed with a reported error, 0 lost or wrong; {stats['restarts']} restarts"
+    )
     assert stats["ok"] + stats["failed_reported"] == stats["ops"]
 
 
 # --------------------------------------------------------------------------- daemon clusters
 def _ipmulti(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *args], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "ipy_multiengine.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if check:
         assert out.returncode == 0, out.stderr
     return out
@@ -427,10 +498,16 @@ def test_daemon_cluster_restart_from_other_processes():
         os.kill(spec["engines"][0]["pid"], signal.SIGKILL)
         wait_for(lambda: 0 in mec.get_ids().dead, 5, "the client to see engine 0 dead")
         listing = _ipmulti("list").stdout
-        assert any(line.split()[:4] == [profile, "degraded", "2", "0"] for line in listing.splitlines()), listing
+        assert any(
+            line.split()[:4] == [profile, "degraded", "2", "0"] for line in listing.splitlines()
+        ), listing
         t0 = time.monotonic()
-        assert _ipmulti("restart", "0", "--profile", profile).stdout.startswith("restarted engine 0 (pid ")
-        wait_for(lambda: mec.engines[0]["ready"], 20, "the client to reconnect to the restarted engine 0")
+        assert _ipmulti("restart", "0", "--profile", profile).stdout.startswith(
+            "restarted engine 0 (pid "
+        )
+        wait_for(
+            lambda: mec.engines[0]["ready"], 20, "the client to reconnect to the restarted engine 0"
+        )
         measured("ipmulti restart, until a connected client follows", time.monotonic() - t0)
         assert mec.pull("SETUP") == ["yes", "yes"]  # on_start re-ran on the new engine
         mec.execute("x = 1")
@@ -474,7 +551,11 @@ def test_restart_survives_a_port_taken_by_another_process():
         wait_for(lambda: 1 in mec.get_ids().dead, 5, "engine 1 to be seen dead")
         thief = socket.socket()
         thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        wait_for(lambda: _try_bind(thief, info["shell_port"]), 10, "the dead engine's shell port to be free")
+        wait_for(
+            lambda: _try_bind(thief, info["shell_port"]),
+            10,
+            "the dead engine's shell port to be free",
+        )
         thief.listen()
         try:
             mec.restart(1, timeout=30)
@@ -496,7 +577,9 @@ def _try_bind(sock, port: int) -> bool:
 def test_print_measurements():
     """Last in the file: a summary of what the tests above measured (run with -s to see it)."""
     for name, values in MEASURED.items():
-        print(f"[summary] {name}: min {min(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms, n={len(values)}")
+        print(
+            f"[summary] {name}: min {min(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms, n={len(values)}"
+        )
 
 
 @pytest.mark.timeout(90)

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from beyond_helpers import assert_gone, family, private_kernelspecs
 from IPython.core.error import UsageError
 
-from beyond_helpers import assert_gone, family, private_kernelspecs
 from ipy_multiengine import Cluster, MultiEngineClient
 from ipy_multiengine.errors import CompositeError, EngineError
 
@@ -53,8 +53,10 @@ def flag(tmp_path):
 
 
 def wait_code(path: Path, marker: str) -> str:
-    return (f"import os, time\nprint({marker!r}, flush=True)\n"
-            f"while not os.path.exists({str(path)!r}):\n    time.sleep(0.01)\n")
+    return (
+        f"import os, time\nprint({marker!r}, flush=True)\n"
+        f"while not os.path.exists({str(path)!r}):\n    time.sleep(0.01)\n"
+    )
 
 
 def started_listener(marker: str):
@@ -183,8 +185,12 @@ def test_status_table_shows_busy_engines_what_they_run_and_queues(mec, flag):
     code = wait_code(flag, "WAITING-P")
     pr = mec.execute(code, targets=0, block=False, listener=listener)
     queued = mec.execute("x_after = 1", targets=0, block=False)
-    bash = mec.execute(f"echo WAITING-B; while [ ! -e {flag} ]; do sleep 0.01; done", targets=2, block=False,
-                       listener=started_listener("WAITING-B")[0])
+    bash = mec.execute(
+        f"echo WAITING-B; while [ ! -e {flag} ]; do sleep 0.01; done",
+        targets=2,
+        block=False,
+        listener=started_listener("WAITING-B")[0],
+    )
     assert started.wait(30), "engine 0 never started the waiting code"
     table = mec.status()
     rows = {r["id"]: r for r in table.rows}
@@ -197,7 +203,18 @@ def test_status_table_shows_busy_engines_what_they_run_and_queues(mec, flag):
     assert all(r["cpu"] is not None and r["cpu"] >= 0 for r in rows.values())
     text = repr(table)
     header = text.splitlines()[0].split()
-    assert header == ["id", "group", "host", "pid", "state", "running", "for", "queued", "rss", "cpu"]
+    assert header == [
+        "id",
+        "group",
+        "host",
+        "pid",
+        "state",
+        "running",
+        "for",
+        "queued",
+        "rss",
+        "cpu",
+    ]
     line0 = text.splitlines()[1]
     assert line0.split()[:5] == ["0", "python3", socket.gethostname(), str(rows[0]["pid"]), "busy"]
     assert "import os, time" in line0 and " MB" in line0
@@ -213,8 +230,12 @@ def test_status_table_shows_busy_engines_what_they_run_and_queues(mec, flag):
 
 def test_status_of_a_busy_bash_engine(mec, flag):
     listener, started = started_listener("WAITING-B")
-    pr = mec.execute(f"echo WAITING-B; while [ ! -e {flag} ]; do sleep 0.01; done", targets=3, block=False,
-                     listener=listener)
+    pr = mec.execute(
+        f"echo WAITING-B; while [ ! -e {flag} ]; do sleep 0.01; done",
+        targets=3,
+        block=False,
+        listener=listener,
+    )
     assert started.wait(30)
     row = next(r for r in mec.status().rows if r["id"] == 3)
     assert row["state"] == "busy" and row["running"].startswith("echo WAITING-B")
@@ -254,7 +275,9 @@ def test_pull_table_explicit_bash_targets_fail(mec):
 
 def test_diff_groups_engines_by_value(mec):
     np = pytest.importorskip("numpy")
-    mec.execute("import numpy as np; arr = np.arange(4.0); same = float('nan'); s = 'v'", targets=[0, 1])
+    mec.execute(
+        "import numpy as np; arr = np.arange(4.0); same = float('nan'); s = 'v'", targets=[0, 1]
+    )
     d = mec.diff("arr")
     assert d.identical and d.groups[0][1] == [0, 1]
     assert mec.diff("same").identical  # NaN equals NaN here
@@ -388,8 +411,12 @@ def test_ipmulti_start_engines_option(tmp_path):
             parse_engines(bad)
     ipmulti = [sys.executable, "-m", "ipy_multiengine.cli"]
     with private_kernelspecs():
-        out = subprocess.run(ipmulti + ["start", "--engines", "python3=1,bash=2", "--profile", "mixed", "--daemon"],
-                             capture_output=True, text=True, timeout=90)
+        out = subprocess.run(
+            ipmulti + ["start", "--engines", "python3=1,bash=2", "--profile", "mixed", "--daemon"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         assert out.returncode == 0, out.stderr
         spec = json.loads(Path(out.stdout.strip()).read_text())
         pids = [spec["owner_pid"]] + [p for e in spec["engines"] for p in family(e["pid"])]
@@ -398,16 +425,24 @@ def test_ipmulti_start_engines_option(tmp_path):
             try:
                 assert mec.groups == {"python3": [0], "bash": [1, 2]}
                 assert [r["language"] for r in mec.engines] == ["python", "bash", "bash"]
-                assert [r["stdout"] for r in mec.execute("echo $((2+3))", targets="bash")] == ["5\n", "5\n"]
+                assert [r["stdout"] for r in mec.execute("echo $((2+3))", targets="bash")] == [
+                    "5\n",
+                    "5\n",
+                ]
             finally:
                 mec.close()
         finally:
-            stopped = subprocess.run(ipmulti + ["stop", "--profile", "mixed"], capture_output=True, text=True,
-                                     timeout=60)
+            stopped = subprocess.run(
+                ipmulti + ["stop", "--profile", "mixed"], capture_output=True, text=True, timeout=60
+            )
         assert stopped.returncode == 0, stopped.stderr
     assert_gone([p for p in pids if psutil.pid_exists(p)], timeout=20)
-    bad = subprocess.run(ipmulti + ["start", "--engines", "python3", "--profile", "mixed-bad"],
-                         capture_output=True, text=True, timeout=30)
+    bad = subprocess.run(
+        ipmulti + ["start", "--engines", "python3", "--profile", "mixed-bad"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert bad.returncode == 2 and "KERNELSPEC=N" in bad.stderr
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-
 from launcher_systems import NetnsHost, SlurmCluster, SSHKeys, SSHServer, Unavailable
 
 from ipy_multiengine import Cluster, CompositeError, MultiEngineClient
@@ -42,11 +41,18 @@ RUNTIME = os.environ["JUPYTER_RUNTIME_DIR"]  # private, set by conftest
 ENGINE_ENV = {"PYTHONPATH": SRC, "JUPYTER_RUNTIME_DIR": RUNTIME}
 
 
-def ipmulti(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def ipmulti(
+    *args: str, env: dict | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
     """Run the ``ipmulti`` CLI of this checkout in a subprocess."""
     env = dict(os.environ, PYTHONPATH=SRC) if env is None else env
-    return subprocess.run([sys.executable, "-m", "ipy_multiengine.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ipy_multiengine.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def unavailable(reason: str):
@@ -120,17 +126,26 @@ def test_launchers_are_found_by_name_and_entry_point():
 
 
 def test_engine_main_binds_free_ports_and_reports_them(tmp_path):
-    from ipy_multiengine.launchers.base import new_connection_info
     from ipy_multiengine.engine_main import read_json, write_json_atomic
+    from ipy_multiengine.launchers.base import new_connection_info
 
     os.chmod(tmp_path, 0o700)
     path = tmp_path / "engine-5.json"
     write_json_atomic(str(path), new_connection_info())
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     env = dict(os.environ, PYTHONPATH=SRC, SLURM_PROCID="5")
-    proc = subprocess.Popen([sys.executable, "-m", "ipy_multiengine.engine_main", "--connection-file",
-                             str(tmp_path / "engine-{engine_id}.json")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ipy_multiengine.engine_main",
+            "--connection-file",
+            str(tmp_path / "engine-{engine_id}.json"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while not (read_json(str(path)) or {}).get("ipy_multiengine_ready"):
@@ -138,7 +153,10 @@ def test_engine_main_binds_free_ports_and_reports_them(tmp_path):
             time.sleep(0.05)
         report = read_json(str(path))
         assert report["engine_id"] == 5 and report["pid"] == proc.pid
-        assert all(report[p] > 0 for p in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"))
+        assert all(
+            report[p] > 0
+            for p in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+        )
         assert oct(path.stat().st_mode & 0o777) == "0o600"
         mec = MultiEngineClient.attach([str(path)])
         assert mec.execute("import os; print(os.getpid())")[0]["stdout"] == f"{proc.pid}\n"
@@ -151,14 +169,18 @@ def test_engine_main_binds_free_ports_and_reports_them(tmp_path):
 def test_engine_main_bound_to_all_interfaces_reports_a_reachable_address(tmp_path):
     """ip='*' (multi-host MPI/Slurm): the kernel binds every interface and reports the address
     others should use (the host's, or IPY_MULTIENGINE_ENGINE_ADDRESS)."""
-    from ipy_multiengine.launchers.base import new_connection_info
     from ipy_multiengine.engine_main import read_json, write_json_atomic
+    from ipy_multiengine.launchers.base import new_connection_info
 
     path = tmp_path / "engine-0.json"
     write_json_atomic(str(path), new_connection_info(ip="*"))
     env = dict(os.environ, PYTHONPATH=SRC, IPY_MULTIENGINE_ENGINE_ADDRESS="127.0.0.1")
-    proc = subprocess.Popen([sys.executable, "-m", "ipy_multiengine.engine_main", "-f", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ipy_multiengine.engine_main", "-f", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while not (read_json(str(path)) or {}).get("ipy_multiengine_ready"):
@@ -166,7 +188,9 @@ def test_engine_main_bound_to_all_interfaces_reports_a_reachable_address(tmp_pat
             time.sleep(0.05)
         report = read_json(str(path))
         assert report["ip"] == "127.0.0.1"
-        listening = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections() if c.status == "LISTEN"}
+        listening = {
+            c.laddr.ip for c in psutil.Process(proc.pid).net_connections() if c.status == "LISTEN"
+        }
         assert "0.0.0.0" in listening
         mec = MultiEngineClient.attach([str(path)])
         assert mec.execute("print(1)")[0]["stdout"] == "1\n"
@@ -221,17 +245,24 @@ def test_o06_engine_bound_wide_in_a_netns_host_reports_its_routable_address(ssh_
     in_ns = ["ip", "netns", "exec", ns.name, sys.executable]
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPY_MULTIENGINE_")}
     env["PYTHONPATH"] = SRC
-    probe = "import socket; from ipy_multiengine.engine_main import report_address as r; " \
-            "print(socket.gethostbyname(socket.gethostname()), r('*', {}))"
-    naive, fallback = subprocess.run([*in_ns, "-c", probe], env=env, capture_output=True, text=True,
-                                     check=True).stdout.split()
+    probe = (
+        "import socket; from ipy_multiengine.engine_main import report_address as r; "
+        "print(socket.gethostbyname(socket.gethostname()), r('*', {}))"
+    )
+    naive, fallback = subprocess.run(
+        [*in_ns, "-c", probe], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert naive.startswith("127.")  # what the old code reported
     assert fallback == ns.ns_ip  # no controller named, no default route: the interface's address
     os.chmod(tmp_path, 0o700)
     [path] = write_engine_files(str(tmp_path), 1, ip="*")
     env["IPY_MULTIENGINE_CONTROLLER_HOST"] = ns.host_ip
-    proc = subprocess.Popen([*in_ns, "-m", "ipy_multiengine.engine_main", "-f", path], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*in_ns, "-m", "ipy_multiengine.engine_main", "-f", path],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (read_json(path) or {}).get("ipy_multiengine_ready"):
@@ -309,7 +340,9 @@ def test_13_local_engines_start_and_restart_through_the_local_launcher():
         assert c.engine_meta()[1]["pid"] != old and not psutil.pid_exists(old)
         assert mec.execute("print('a' in dir())")[1]["stdout"] == "False\n"
         assert mec.execute("print(a)", targets=0)[0]["stdout"] == "5\n"
-        files = [km.connection_file for km in c.managers.values()] + [str(c.log_file(e)) for e in (0, 1)]
+        files = [km.connection_file for km in c.managers.values()] + [
+            str(c.log_file(e)) for e in (0, 1)
+        ]
         assert all(os.path.exists(f) for f in files)
     finally:
         c.stop()
@@ -348,7 +381,8 @@ def test_mpi_engine_ids_are_ranks_and_allreduce_works(mpi_cluster):
 @pytest.mark.timeout(120)
 def test_mpi_scatter_between_engines(mpi_cluster):
     mec = mpi_cluster.client
-    mec.execute(textwrap.dedent("""\
+    mec.execute(
+        textwrap.dedent("""\
         import numpy as np
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
@@ -356,7 +390,8 @@ def test_mpi_scatter_between_engines(mpi_cluster):
         part = np.empty(4)
         comm.Scatter(data, part, root=0)
         back = comm.gather(part.sum(), root=0)
-    """))
+    """)
+    )
     parts = mec.pull("part")
     for rank, part in enumerate(parts):
         np.testing.assert_array_equal(part, np.arange(4.0) + 4 * rank)
@@ -373,14 +408,18 @@ def test_mpi_allreduce_and_scatter_from_px(mpi_cluster):
     mec = mpi_cluster.client
     mec.activate()
     try:
-        res = shell.run_cell("%px from mpi4py import MPI; comm = MPI.COMM_WORLD; s = comm.allreduce(comm.rank)")
+        res = shell.run_cell(
+            "%px from mpi4py import MPI; comm = MPI.COMM_WORLD; s = comm.allreduce(comm.rank)"
+        )
         assert res.success, res.error_in_exec
-        res = shell.run_cell(textwrap.dedent("""\
+        res = shell.run_cell(
+            textwrap.dedent("""\
             %%px
             import numpy as np
             chunk = comm.scatter([np.arange(3) + 10 * i for i in range(comm.size)] if comm.rank == 0 else None, root=0)
             total = comm.reduce(chunk.sum(), root=0)
-            """))
+            """)
+        )
         assert res.success, res.error_in_exec
     finally:
         shell.run_line_magic("unload_ext", "ipy_multiengine")
@@ -404,8 +443,10 @@ def test_mpi_stop_leaves_no_process():
     assert mec.execute("print(1)")[0]["stdout"] == "1\n"
     work_dir = c.launcher.work_dir
     c.stop()
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                   for p in [*pids, mpiexec])
+    assert not any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        for p in [*pids, mpiexec]
+    )
     assert not os.path.exists(work_dir)
     assert not Path(RUNTIME, "ipy_multiengine", "cluster-test-mpi-stop.json").exists()
 
@@ -435,8 +476,14 @@ def test_launcher_logs_are_private_whatever_the_umask():
             assert not _group_or_other_bits(c.launcher.work_dir)
         finally:
             c.stop()
-        c = Cluster(launcher="ssh", hosts={"good": 1}, ssh=FAKE_SSH, python=sys.executable,
-                    env=ENGINE_ENV, profile="test-private-ssh")
+        c = Cluster(
+            launcher="ssh",
+            hosts={"good": 1},
+            ssh=FAKE_SSH,
+            python=sys.executable,
+            env=ENGINE_ENV,
+            profile="test-private-ssh",
+        )
         c.start()
         try:
             assert any(f.endswith(".log") for f in os.listdir(SSH_ENGINE_DIR))
@@ -456,7 +503,11 @@ def test_mpi_startup_timeout_names_missing_engines(tmp_path):
     with pytest.raises(EngineStartTimeout, match=r"engine\(s\) 0, 1 never reported") as info:
         c.start()
     assert info.value.missing == [0, 1]
-    assert not [p for p in psutil.process_iter(["cmdline"]) if str(fake) in " ".join(p.info["cmdline"] or [])]
+    assert not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(fake) in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 @pytest.mark.timeout(60)
@@ -497,7 +548,9 @@ def test_h15_mpi_engines_bound_wide_are_encrypted_by_default():
 
 @pytest.mark.timeout(120)
 def test_h15_mpi_honours_transport_encryption_on_loopback():
-    c = Cluster(1, launcher="mpi", transport_encryption="required", env=ENGINE_ENV, profile="test-h15-mpi2")
+    c = Cluster(
+        1, launcher="mpi", transport_encryption="required", env=ENGINE_ENV, profile="test-h15-mpi2"
+    )
     mec = c.start()
     work_dir = c.launcher.work_dir
     try:
@@ -520,29 +573,46 @@ def slurm():
 
 
 def squeue(slurm) -> str:
-    return subprocess.run(["squeue", "-h", "-o", "%i %T"], env=dict(os.environ, **slurm.env),
-                          capture_output=True, text=True, timeout=30).stdout.strip()
+    return subprocess.run(
+        ["squeue", "-h", "-o", "%i %T"],
+        env=dict(os.environ, **slurm.env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
 
 
 @pytest.mark.timeout(180)
 def test_slurm_engines(slurm):
-    c = Cluster(2, launcher="slurm", profile="test-slurm", ip="127.0.0.1", env={**slurm.env, **ENGINE_ENV},
-                partition=slurm.PARTITION, time="10", sbatch_lines=["#SBATCH --comment=ipmulti-test"],
-                startup_timeout=90)
+    c = Cluster(
+        2,
+        launcher="slurm",
+        profile="test-slurm",
+        ip="127.0.0.1",
+        env={**slurm.env, **ENGINE_ENV},
+        partition=slurm.PARTITION,
+        time="10",
+        sbatch_lines=["#SBATCH --comment=ipmulti-test"],
+        startup_timeout=90,
+    )
     mec = c.start()
     work_dir = c.launcher.work_dir
     try:
         job = c.launcher.job_id
         assert job in squeue(slurm) and "RUNNING" in squeue(slurm)
         assert mec.get_ids() == [0, 1]
-        mec.execute("import os; task = int(os.environ['SLURM_PROCID']); job = os.environ['SLURM_JOB_ID']")
+        mec.execute(
+            "import os; task = int(os.environ['SLURM_PROCID']); job = os.environ['SLURM_JOB_ID']"
+        )
         assert mec.pull("task") == [0, 1]
         assert mec.pull("job") == [job, job]
         mec.scatter("a", np.arange(10))
         np.testing.assert_array_equal(mec.gather("a"), np.arange(10))
         interrupt_sleep(mec)
         script = Path(c.launcher.work_dir, "engines.sbatch").read_text()
-        assert "#SBATCH --partition=ipmtest" in script and "#SBATCH --comment=ipmulti-test" in script
+        assert (
+            "#SBATCH --partition=ipmtest" in script and "#SBATCH --comment=ipmulti-test" in script
+        )
         assert "srun" in script
     finally:
         c.stop()
@@ -570,8 +640,16 @@ HEARTBEAT_BOUND = 4 / 3 * 3.0
 
 @pytest.mark.timeout(180)
 def test_h06_slurm_engine_killed_is_noticed_by_heartbeats(slurm):
-    c = Cluster(2, launcher="slurm", profile="test-h06-slurm", ip="127.0.0.1", env={**slurm.env, **ENGINE_ENV},
-                partition=slurm.PARTITION, time="10", startup_timeout=90)
+    c = Cluster(
+        2,
+        launcher="slurm",
+        profile="test-h06-slurm",
+        ip="127.0.0.1",
+        env={**slurm.env, **ENGINE_ENV},
+        partition=slurm.PARTITION,
+        time="10",
+        startup_timeout=90,
+    )
     mec = c.start()
     work_dir = c.launcher.work_dir
     try:
@@ -590,8 +668,15 @@ def test_h06_slurm_engine_killed_is_noticed_by_heartbeats(slurm):
 
 @pytest.mark.timeout(180)
 def test_h15_slurm_engines_listen_wide_encrypted_by_default(slurm):
-    c = Cluster(2, launcher="slurm", profile="test-h15-slurm", env={**slurm.env, **ENGINE_ENV},
-                partition=slurm.PARTITION, time="10", startup_timeout=90)
+    c = Cluster(
+        2,
+        launcher="slurm",
+        profile="test-h15-slurm",
+        env={**slurm.env, **ENGINE_ENV},
+        partition=slurm.PARTITION,
+        time="10",
+        startup_timeout=90,
+    )
     mec = c.start()
     work_dir = c.launcher.work_dir
     try:
@@ -627,21 +712,32 @@ def ssh_hosts():
 
 
 def ssh_options(keys) -> dict:
-    return dict(python=sys.executable, env=ENGINE_ENV, known_hosts=str(keys.known_hosts),
-                identity_file=str(keys.user_key), ssh_args=["-F", "/dev/null"])
+    return dict(
+        python=sys.executable,
+        env=ENGINE_ENV,
+        known_hosts=str(keys.known_hosts),
+        identity_file=str(keys.user_key),
+        ssh_args=["-F", "/dev/null"],
+    )
 
 
 @pytest.mark.timeout(180)
 def test_ssh_engines_on_two_hosts(ssh_hosts):
     keys, local, remote, ns = ssh_hosts
-    c = Cluster(launcher="ssh", hosts={local.destination: 2, remote.destination: 1}, profile="test-ssh",
-                **ssh_options(keys))
+    c = Cluster(
+        launcher="ssh",
+        hosts={local.destination: 2, remote.destination: 1},
+        profile="test-ssh",
+        **ssh_options(keys),
+    )
     mec = c.start()
     try:
         assert mec.get_ids() == [0, 1, 2]
         # engines 0, 1 live on this host, engine 2 inside the namespace (it sees only its veth)
-        mec.execute("import subprocess; links = subprocess.run(['ip', '-br', 'link'], capture_output=True, "
-                    "text=True).stdout")
+        mec.execute(
+            "import subprocess; links = subprocess.run(['ip', '-br', 'link'], capture_output=True, "
+            "text=True).stdout"
+        )
         links = mec.pull("links")
         assert all(ns.veth_ns not in x for x in links[:2]) and ns.veth_ns in links[2]
         # the kernels listen on the remote loopback only; we reach them through ssh forwards
@@ -666,8 +762,11 @@ def test_ssh_engines_on_two_hosts(ssh_hosts):
         c.stop()
     wait_no_engines(SSH_ENGINE_DIR)
     assert not any(os.path.exists(f) for f in remote_files)
-    assert not [p for p in psutil.process_iter(["cmdline"])
-                if "ExitOnForwardFailure=yes" in (p.info["cmdline"] or [])]
+    assert not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "ExitOnForwardFailure=yes" in (p.info["cmdline"] or [])
+    ]
 
 
 @pytest.mark.timeout(60)
@@ -687,7 +786,9 @@ def test_ssh_refuses_unknown_host_key(ssh_hosts, tmp_path):
 def test_ssh_connection_info_never_on_a_command_line(ssh_hosts):
     keys, local, remote, ns = ssh_hosts
     launcher = SSHLauncher(hosts={local.destination: 1}, **ssh_options(keys))
-    cmd = launcher.ssh_command(local.destination) + [launcher.remote_command(local.destination, "--stdin")]
+    cmd = launcher.ssh_command(local.destination) + [
+        launcher.remote_command(local.destination, "--stdin")
+    ]
     assert "StrictHostKeyChecking=yes" in cmd and "BatchMode=yes" in cmd
     assert not any("key" in part and "hmac" in part for part in cmd)
     c = Cluster(launcher=launcher, n=1, profile="test-ssh-argv")
@@ -705,7 +806,9 @@ def test_ssh_connection_info_never_on_a_command_line(ssh_hosts):
 @pytest.mark.timeout(180)
 def test_h06_ssh_engine_killed_in_the_netns_host_is_noticed_by_heartbeats(ssh_hosts):
     keys, local, remote, ns = ssh_hosts
-    c = Cluster(launcher="ssh", hosts={remote.destination: 2}, profile="test-h06-ssh", **ssh_options(keys))
+    c = Cluster(
+        launcher="ssh", hosts={remote.destination: 2}, profile="test-h06-ssh", **ssh_options(keys)
+    )
     mec = c.start()
     try:
         assert c.launcher.liveness(0) is None  # the forwarder outlives the kernel: heartbeats
@@ -724,8 +827,13 @@ def test_h06_ssh_engine_killed_in_the_netns_host_is_noticed_by_heartbeats(ssh_ho
 @pytest.mark.timeout(180)
 def test_h15_ssh_honours_transport_encryption(ssh_hosts):
     keys, local, remote, ns = ssh_hosts
-    c = Cluster(launcher="ssh", hosts={remote.destination: 1}, profile="test-h15-ssh",
-                transport_encryption="required", **ssh_options(keys))
+    c = Cluster(
+        launcher="ssh",
+        hosts={remote.destination: 1},
+        profile="test-h15-ssh",
+        transport_encryption="required",
+        **ssh_options(keys),
+    )
     mec = c.start()
     try:
         assert_encrypted(c, mec)  # through the forward: plaintext refused by the kernel itself
@@ -753,8 +861,14 @@ def forwarders() -> list[psutil.Process]:
 def test_o04_failing_ssh_host_leaves_no_engines_of_the_other_hosts():
     # 'bad' refuses the connection at once while 'good' is still starting its two engines:
     # the start must fail, and nothing it started (kernels, port forwarders) may outlive it
-    c = Cluster(launcher="ssh", hosts={"good": 2, "bad": 1}, ssh=FAKE_SSH, python=sys.executable,
-                env=ENGINE_ENV, profile="test-o04")
+    c = Cluster(
+        launcher="ssh",
+        hosts={"good": 2, "bad": 1},
+        ssh=FAKE_SSH,
+        python=sys.executable,
+        env=ENGINE_ENV,
+        profile="test-o04",
+    )
     with pytest.raises(LauncherError, match="engine 2 on bad failed to start.*Connection refused"):
         c.start()
     assert not engine_processes(SSH_ENGINE_DIR) and not forwarders()
@@ -779,7 +893,10 @@ def test_o04_failed_remote_stop_is_reported_with_what_is_left():
         pids = [e["pid"] for e in launcher.engines]
         launcher.ssh = "/bin/false"  # the host cannot be reached any more
         with pytest.raises(LauncherError, match=r"could not stop engine\(s\) 0, 1: good"):
-            from ipy_multiengine import _loop  # white-box: the launcher API is async, run on the I/O loop
+            from ipy_multiengine import (
+                _loop,
+            )  # white-box: the launcher API is async, run on the I/O loop
+
             _loop.run(launcher.stop(timeout=1.0), timeout=60)
         assert all(psutil.pid_exists(p) for p in pids)  # really still there, and still recorded
     finally:
@@ -795,20 +912,30 @@ def home_python(tmp_path, monkeypatch):
     bin_dir = tmp_path / "venv" / "bin"
     bin_dir.mkdir(parents=True)
     wrapper = bin_dir / "python"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv("HOME", str(tmp_path))
     return wrapper
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("python", ["~/venv/bin/python", "$HOME/venv/bin/python", "${HOME}/venv/bin/python"])
+@pytest.mark.parametrize(
+    "python", ["~/venv/bin/python", "$HOME/venv/bin/python", "${HOME}/venv/bin/python"]
+)
 def test_o07_ssh_python_in_home(home_python, python):
-    c = Cluster(launcher="ssh", hosts={"good": 1}, ssh=FAKE_SSH, python=python, env=ENGINE_ENV,
-                profile="test-o07")
+    c = Cluster(
+        launcher="ssh",
+        hosts={"good": 1},
+        ssh=FAKE_SSH,
+        python=python,
+        env=ENGINE_ENV,
+        profile="test-o07",
+    )
     mec = c.start()
     try:
-        assert mec.execute("import sys; print(sys.executable)")[0]["stdout"] == sys.executable + "\n"
+        assert (
+            mec.execute("import sys; print(sys.executable)")[0]["stdout"] == sys.executable + "\n"
+        )
     finally:
         c.stop()
     wait_no_engines(SSH_ENGINE_DIR)
@@ -821,7 +948,9 @@ def test_o07_home_python_in_slurm_script_and_bad_forms_refused(home_python):
     launcher.work_dir = "/tmp/x"
     line = launcher.srun_command()
     word = line.split()[1]
-    out = subprocess.run(["sh", "-c", f"echo {word}"], capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        ["sh", "-c", f"echo {word}"], capture_output=True, text=True
+    ).stdout.strip()
     assert out == str(home_python)
     for bad in ("$VENV/bin/python", "~other user/python", "/opt/`id`/python"):
         for cls in (SSHLauncher, SlurmLauncher):
@@ -836,7 +965,9 @@ def two_kernels(tmp_path):
 
     kms = []
     for i in range(2):
-        km = KernelManager(kernel_name="python3", connection_file=str(tmp_path / f"kernel-{i}.json"))
+        km = KernelManager(
+            kernel_name="python3", connection_file=str(tmp_path / f"kernel-{i}.json")
+        )
         km.start_kernel(extra_arguments=["--HistoryManager.hist_file=:memory:"])
         kms.append(km)
     yield kms
@@ -891,12 +1022,21 @@ def test_attach_rejects_what_is_not_a_connection_file(tmp_path):
 def test_slurm_engines_as_an_mpi_job(slurm):
     """srun --mpi=pmi2 (Slurm's PMI2 server, spoken by the mpich wheel): MPI between engines."""
     pytest.importorskip("mpi4py", reason="mpi4py is not installed")
-    c = Cluster(3, launcher="slurm", mpi="pmi2", profile="test-slurm-mpi", ip="127.0.0.1",
-                env={**slurm.env, **ENGINE_ENV}, startup_timeout=90)
+    c = Cluster(
+        3,
+        launcher="slurm",
+        mpi="pmi2",
+        profile="test-slurm-mpi",
+        ip="127.0.0.1",
+        env={**slurm.env, **ENGINE_ENV},
+        startup_timeout=90,
+    )
     mec = c.start()
     work_dir = c.launcher.work_dir
     try:
-        mec.execute("from mpi4py import MPI; comm = MPI.COMM_WORLD; r = comm.rank; s = comm.allreduce(r)")
+        mec.execute(
+            "from mpi4py import MPI; comm = MPI.COMM_WORLD; r = comm.rank; s = comm.allreduce(r)"
+        )
         assert mec.pull("r") == [0, 1, 2]
         assert mec.pull("s") == [3, 3, 3]
     finally:
@@ -907,8 +1047,12 @@ def test_slurm_engines_as_an_mpi_job(slurm):
 # ---------------------------------------------------------------------- local, provisioners
 @pytest.mark.timeout(90)
 def test_local_launcher_through_the_launcher_interface():
-    c = Cluster(2, launcher="local", kernel_args=["--HistoryManager.hist_file=:memory:"],
-                profile="test-local-launcher")
+    c = Cluster(
+        2,
+        launcher="local",
+        kernel_args=["--HistoryManager.hist_file=:memory:"],
+        profile="test-local-launcher",
+    )
     mec = c.start()
     try:
         assert mec.get_ids() == [0, 1]
@@ -930,12 +1074,19 @@ def test_kernelspec_naming_a_provisioner_works_as_engines(tmp_path, monkeypatch)
     built-in local one, as the gateway provisioners for Docker/Kubernetes/YARN would be)."""
     spec_dir = tmp_path / "kernels" / "ipm-provisioned"
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "provisioned", "language": "python",
-        "env": {"IPM_PROVISIONED": "yes"},
-        "metadata": {"kernel_provisioner": {"provisioner_name": "local-provisioner", "config": {}}},
-    }))
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "provisioned",
+                "language": "python",
+                "env": {"IPM_PROVISIONED": "yes"},
+                "metadata": {
+                    "kernel_provisioner": {"provisioner_name": "local-provisioner", "config": {}}
+                },
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     with Cluster(2, kernel_name="ipm-provisioned", profile="test-provisioner") as mec:
         mec.execute("import os; flag = os.environ.get('IPM_PROVISIONED')")
@@ -969,10 +1120,18 @@ def test_mpi_engines_of_a_killed_owner_are_stopped_by_ipmulti_stop():
 
 @pytest.mark.timeout(90)
 def test_slurm_job_stuck_in_the_queue_times_out_with_its_state(slurm):
-    c = Cluster(2, launcher="slurm", profile="test-slurm-pending", ip="127.0.0.1",
-                env={**slurm.env, **ENGINE_ENV}, sbatch_lines=["#SBATCH --begin=now+1hour"],
-                startup_timeout=3)
-    with pytest.raises(EngineStartTimeout, match=r"engine\(s\) 0, 1 never reported.*PENDING \(BeginTime\)"):
+    c = Cluster(
+        2,
+        launcher="slurm",
+        profile="test-slurm-pending",
+        ip="127.0.0.1",
+        env={**slurm.env, **ENGINE_ENV},
+        sbatch_lines=["#SBATCH --begin=now+1hour"],
+        startup_timeout=3,
+    )
+    with pytest.raises(
+        EngineStartTimeout, match=r"engine\(s\) 0, 1 never reported.*PENDING \(BeginTime\)"
+    ):
         c.start()
     deadline = time.monotonic() + 20
     while "PENDING" in squeue(slurm) and time.monotonic() < deadline:
@@ -984,17 +1143,34 @@ def test_slurm_job_stuck_in_the_queue_times_out_with_its_state(slurm):
 def test_cli_start_daemon_with_ssh_launcher(ssh_hosts):
     keys, local, remote, ns = ssh_hosts
     run = lambda *a: ipmulti(*a, timeout=90)  # noqa: E731
-    r = run("start", "--daemon", "--launcher", "ssh", "--profile", "test-cli-ssh",
-            "--hosts", f"{local.destination}=1,{remote.destination}=1",
-            "-o", f"python={sys.executable}", "-o", f"env={json.dumps(ENGINE_ENV)}",
-            "-o", f"known_hosts={keys.known_hosts}", "-o", f"identity_file={keys.user_key}",
-            "-o", 'ssh_args=["-F", "/dev/null"]')
+    r = run(
+        "start",
+        "--daemon",
+        "--launcher",
+        "ssh",
+        "--profile",
+        "test-cli-ssh",
+        "--hosts",
+        f"{local.destination}=1,{remote.destination}=1",
+        "-o",
+        f"python={sys.executable}",
+        "-o",
+        f"env={json.dumps(ENGINE_ENV)}",
+        "-o",
+        f"known_hosts={keys.known_hosts}",
+        "-o",
+        f"identity_file={keys.user_key}",
+        "-o",
+        'ssh_args=["-F", "/dev/null"]',
+    )
     assert r.returncode == 0, r.stderr
     try:
         mec = MultiEngineClient(profile="test-cli-ssh")
         assert mec.get_ids() == [0, 1]
-        mec.execute("import subprocess; links = subprocess.run(['ip', '-br', 'link'], capture_output=True, "
-                    "text=True).stdout")
+        mec.execute(
+            "import subprocess; links = subprocess.run(['ip', '-br', 'link'], capture_output=True, "
+            "text=True).stdout"
+        )
         assert [ns.veth_ns in x for x in mec.pull("links")] == [False, True]
         mec.close()
     finally:

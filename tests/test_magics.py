@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from beyond_helpers import screen_lines
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 
@@ -19,10 +20,8 @@ from ipy_multiengine import client as client_mod
 from ipy_multiengine.errors import CompositeError, TimeoutError
 from ipy_multiengine.magics import parse_targets
 from ipy_multiengine.render import Lines
-from ipy_multiengine.targets import engine_range
 from ipy_multiengine.results import PendingResult, ResultList
-
-from beyond_helpers import screen_lines
+from ipy_multiengine.targets import engine_range
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -87,7 +86,9 @@ def test_tutorial_px_flow_and_automagic(ip, mec):
     run(ip, "%px a = numpy.ones((2, 2))")
     cap, res = run(ip, "%px print(numpy.linalg.eigvals(a))")
     text = repr(res.result)
-    assert f"[3] In [{n[3] + 2}]: print(numpy.linalg.eigvals(a))\n[3] Out[{n[3] + 2}]: [2. 0.]" in text
+    assert (
+        f"[3] In [{n[3] + 2}]: print(numpy.linalg.eigvals(a))\n[3] Out[{n[3] + 2}]: [2. 0.]" in text
+    )
     assert "<Results List>" in cap.stdout
     cap, res = run(ip, "%result")
     assert repr(res.result) == text
@@ -114,8 +115,11 @@ def test_autopx_nonblocking_then_px(ip, mec):
     assert ip.input_transformer_manager.check_complete("for i in range(3):")[0] == "incomplete"
     cap, res = run(ip, "max_evals = []")
     assert isinstance(res.result, PendingResult)
-    cap, res = run(ip, "for i in range(100):\n    a = numpy.random.rand(10,10)\n    a = a+a.transpose()\n"
-                       "    evals = numpy.linalg.eigvals(a)\n    max_evals.append(evals[0].real)\n")
+    cap, res = run(
+        ip,
+        "for i in range(100):\n    a = numpy.random.rand(10,10)\n    a = a+a.transpose()\n"
+        "    evals = numpy.linalg.eigvals(a)\n    max_evals.append(evals[0].real)\n",
+    )
     assert isinstance(res.result, PendingResult)
     assert "max_evals" not in ip.user_ns
     cap, res = run(ip, "%autopx")
@@ -156,7 +160,11 @@ def test_cell_streams_live_per_engine(ip):
 
     old, sys.stdout = sys.stdout, Recorder()
     try:
-        ip.run_cell_magic("px", "--targets 0", "print('first', flush=True)\nimport time; time.sleep(1)\nprint('second')")
+        ip.run_cell_magic(
+            "px",
+            "--targets 0",
+            "print('first', flush=True)\nimport time; time.sleep(1)\nprint('second')",
+        )
         end = time.monotonic()
     finally:
         sys.stdout = old
@@ -168,17 +176,25 @@ def test_cell_streams_live_per_engine(ip):
 def test_cell_stdout_stderr_results(ip):
     cap, res = run(ip, "%%px\nimport sys\nprint('out', 1)\nprint('err', 2, file=sys.stderr)\n6*7")
     assert res.success and res.result is None
-    assert sorted(cap.stdout.splitlines()[i] for i in range(len(cap.stdout.splitlines()))
-                  if "stdout" in cap.stdout.splitlines()[i]) == [f"[stdout:{i}] out 1" for i in range(4)]
+    assert sorted(
+        cap.stdout.splitlines()[i]
+        for i in range(len(cap.stdout.splitlines()))
+        if "stdout" in cap.stdout.splitlines()[i]
+    ) == [f"[stdout:{i}] out 1" for i in range(4)]
     assert sorted(cap.stderr.splitlines()) == [f"[stderr:{i}] err 2" for i in range(4)]
     results = [o for o in cap.outputs if "Out[" in o.data.get("text/plain", "")]
     assert sorted(o.metadata["engine"] for o in results) == [0, 1, 2, 3]
-    assert all(o.data["text/plain"].startswith(f"Out[{o.metadata['engine']}:") and
-               o.data["text/plain"].endswith("]: 42") for o in results)
+    assert all(
+        o.data["text/plain"].startswith(f"Out[{o.metadata['engine']}:")
+        and o.data["text/plain"].endswith("]: 42")
+        for o in results
+    )
 
 
-@pytest.mark.parametrize("spec,expected", [("all", [0, 1, 2, 3]), ("0", [0]), ("0,2", [0, 2]),
-                                           ("1:3", [1, 2]), ("::2", [0, 2])])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [("all", [0, 1, 2, 3]), ("0", [0]), ("0,2", [0, 2]), ("1:3", [1, 2]), ("::2", [0, 2])],
+)
 def test_targets_option(ip, spec, expected):
     cap, res = run(ip, f"%%px --targets {spec}\nprint('here')")
     assert res.success
@@ -222,20 +238,34 @@ def test_noblock_out_and_result(ip, mec):
 def test_no_stream_group_outputs(ip):
     code = "import sys\nprint('o1')\nprint('e1', file=sys.stderr)\nprint('o2')\n5"
     cap, res = run(ip, f"%%px --no-stream --group-outputs engine --targets 0,1\n{code}")
-    assert cap.stdout.splitlines() == ["[stdout:0] o1", "[stdout:0] o2", "[stdout:1] o1", "[stdout:1] o2"]
+    assert cap.stdout.splitlines() == [
+        "[stdout:0] o1",
+        "[stdout:0] o2",
+        "[stdout:1] o1",
+        "[stdout:1] o2",
+    ]
     assert [o.metadata["engine"] for o in cap.outputs] == [0, 1]
     cap, res = run(ip, f"%%px --no-stream --group-outputs type --targets 0,1\n{code}")
-    assert cap.stdout.splitlines() == ["[stdout:0] o1", "[stdout:0] o2", "[stdout:1] o1", "[stdout:1] o2"]
+    assert cap.stdout.splitlines() == [
+        "[stdout:0] o1",
+        "[stdout:0] o2",
+        "[stdout:1] o1",
+        "[stdout:1] o2",
+    ]
     assert cap.stderr.splitlines() == ["[stderr:0] e1", "[stderr:1] e1"]
     assert [o.data["text/plain"] for o in cap.outputs][0].startswith("Out[0:")
     cap, res = run(ip, f"%%px --no-stream --group-outputs order --targets 0,1\n{code}")
-    assert sorted(cap.stdout.splitlines()) == sorted(["[stdout:0] o1", "[stdout:0] o2", "[stdout:1] o1",
-                                                      "[stdout:1] o2"])
+    assert sorted(cap.stdout.splitlines()) == sorted(
+        ["[stdout:0] o1", "[stdout:0] o2", "[stdout:1] o1", "[stdout:1] o2"]
+    )
 
 
 def test_no_stream_engine_grouping_is_in_target_order(ip):
-    cap, res = run(ip, "%%px --no-stream --group-outputs engine\nimport time, random\n"
-                       "time.sleep(random.random() / 5)\nprint('hi')")
+    cap, res = run(
+        ip,
+        "%%px --no-stream --group-outputs engine\nimport time, random\n"
+        "time.sleep(random.random() / 5)\nprint('hi')",
+    )
     assert cap.stdout.splitlines() == [f"[stdout:{i}] hi" for i in range(4)]
 
 
@@ -264,12 +294,18 @@ def test_errors_one_block_per_engine_and_cell_fails(ip, mec):
 
 
 def test_rich_outputs_are_labelled(ip):
-    cap, res = run(ip, "%%px --targets 0,2\nfrom IPython.display import display, HTML, Latex\n"
-                       "display(HTML('<b>hi</b>'))\ndisplay(Latex('$x$'))")
+    cap, res = run(
+        ip,
+        "%%px --targets 0,2\nfrom IPython.display import display, HTML, Latex\n"
+        "display(HTML('<b>hi</b>'))\ndisplay(Latex('$x$'))",
+    )
     html = [o for o in cap.outputs if "text/html" in o.data]
     assert sorted(o.metadata["engine"] for o in html) == [0, 2]
     for o in html:
-        assert "<b>hi</b>" in o.data["text/html"] and f"[output:{o.metadata['engine']}]" in o.data["text/html"]
+        assert (
+            "<b>hi</b>" in o.data["text/html"]
+            and f"[output:{o.metadata['engine']}]" in o.data["text/html"]
+        )
         assert o.metadata["text/html"]["engine"] == o.metadata["engine"]
     latex = [o for o in cap.outputs if "text/latex" in o.data]
     assert sorted(o.metadata["text/latex"]["engine"] for o in latex) == [0, 2]
@@ -280,7 +316,9 @@ def test_progress_after(ip):
     # replaced the "[progress] n/4 engines done" lines of before
     cap, res = run(ip, "%%px --progress-after 0.2\nimport time; time.sleep(0.8)")
     frames = cap.stderr.replace("\r", "\n").splitlines()
-    assert any(f.startswith("%px:") and "0/4" in f and "waiting for 0-3" in f for f in frames), frames
+    assert any(f.startswith("%px:") and "0/4" in f and "waiting for 0-3" in f for f in frames), (
+        frames
+    )
     assert any(f.startswith("%px:") and "4/4" in f for f in frames), frames
     cap, res = run(ip, "%%px --progress-after 30\nx = 1")
     assert "%px:" not in cap.stderr
@@ -292,8 +330,10 @@ def test_streamed_lines_are_not_written_after_the_progress_bar(ip, monkeypatch):
     screen = io.StringIO()
     monkeypatch.setattr(sys, "stdout", screen)
     monkeypatch.setattr(sys, "stderr", screen)
-    res = ip.run_cell("%%px --progress-after 0.1 --targets 0,1\nimport time\n"
-                      "for i in range(4):\n    print('line', i, flush=True); time.sleep(0.25)")
+    res = ip.run_cell(
+        "%%px --progress-after 0.1 --targets 0,1\nimport time\n"
+        "for i in range(4):\n    print('line', i, flush=True); time.sleep(0.25)"
+    )
     assert res.success, res.error_in_exec
     shown = screen_lines(screen.getvalue())
     assert "%px:" in screen.getvalue()  # the bar was drawn
@@ -302,7 +342,10 @@ def test_streamed_lines_are_not_written_after_the_progress_bar(ip, monkeypatch):
 
 
 def test_timeout_then_result(ip):
-    cap, res = run(ip, "%%px --timeout 0.2\nimport time; print('early', flush=True); time.sleep(1); print('late')")
+    cap, res = run(
+        ip,
+        "%%px --timeout 0.2\nimport time; print('early', flush=True); time.sleep(1); print('late')",
+    )
     assert isinstance(res.error_in_exec, TimeoutError)
     assert "not done after 0.2 s" in cap.stdout
     cap, res = run(ip, "%result --timeout 10")
@@ -350,8 +393,13 @@ def test_pxconfig_bad_value_sets_nothing_and_unknown_targets_are_refused(ip, mec
     options before it applied), and an engine id the client does not have is refused there,
     not stored to make every later %px fail."""
     before = magics_of(ip).pxconfig_.describe()
-    for bad in ("--block --timeout abc", "--no-stream --progress-after -1", "--collapse --targets 9",
-                "--noblock --targets 0,7", "--reset --no-stream --timeout x"):
+    for bad in (
+        "--block --timeout abc",
+        "--no-stream --progress-after -1",
+        "--collapse --targets 9",
+        "--noblock --targets 0,7",
+        "--reset --no-stream --timeout x",
+    ):
         with pytest.raises(UsageError) as info:
             ip.run_line_magic("pxconfig", bad)
         assert magics_of(ip).pxconfig_.describe() == before, bad
@@ -376,14 +424,21 @@ def test_notebook_rendering_updates_areas_in_place(ip):
     """With a kernel (forced here) each engine's stream is one display area updated in place."""
     magics_of(ip).notebook = True
     with capture_output() as cap:
-        ip.run_cell_magic("px", "--targets 0,1", "import time\nfor i in range(3):\n"
-                          "    print(f'step {i}', flush=True); time.sleep(0.15)\n7")
+        ip.run_cell_magic(
+            "px",
+            "--targets 0,1",
+            "import time\nfor i in range(3):\n"
+            "    print(f'step {i}', flush=True); time.sleep(0.15)\n7",
+        )
     areas = [o for o in cap.outputs if o.metadata.get("stream") == "stdout"]
     # one area per engine, whatever the number of updates
     finals = {}
     for o in areas:
         finals[o.metadata["engine"]] = o.data["text/plain"]
-    assert finals == {0: "[stdout:0] step 0\nstep 1\nstep 2", 1: "[stdout:1] step 0\nstep 1\nstep 2"}
+    assert finals == {
+        0: "[stdout:0] step 0\nstep 1\nstep 2",
+        1: "[stdout:1] step 0\nstep 1\nstep 2",
+    }
     results = [o for o in cap.outputs if o.data.get("text/plain", "").startswith("Out[")]
     assert sorted(o.metadata["engine"] for o in results) == [0, 1]
 
@@ -408,7 +463,11 @@ def test_ctrl_c_interrupts_engines_and_keeps_them_usable(ip, mec):
     t0 = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
-            ip.run_cell_magic("px", "", "import time\nprint('started', flush=True)\ntime.sleep(30)\nprint('never')")
+            ip.run_cell_magic(
+                "px",
+                "",
+                "import time\nprint('started', flush=True)\ntime.sleep(30)\nprint('never')",
+            )
         shown = sys.stdout.getvalue()
     finally:
         sys.stdout = old
@@ -479,7 +538,9 @@ def test_init_runs_now_and_is_recorded_for_restarts(ip, mec):
 # ---------------------------------------------------------------------- issue 11 / 12 regressions
 def _shown(cap) -> str:
     """Everything a user saw: printed text and the text/plain of every display."""
-    return cap.stdout + cap.stderr + "".join(o.data.get("text/plain", "") + "\n" for o in cap.outputs)
+    return (
+        cap.stdout + cap.stderr + "".join(o.data.get("text/plain", "") + "\n" for o in cap.outputs)
+    )
 
 
 def test_h09_one_line_px_shows_all_output_then_the_error(ip, mec):
@@ -520,11 +581,16 @@ def test_h10_output_of_apply_map_parallel_reaches_the_user_and_the_pending_resul
         assert re.search(rf"\[stderr:{x}\] .*UserWarning: careful with {x}", cap.stderr), cap.stderr
     with capture_output() as cap:
         assert mec.map(f, range(6), balanced=True) == list(range(6))
-    assert sorted(int(line.split()[-1]) for line in cap.stdout.splitlines()) == list(range(6)), cap.stdout
+    assert sorted(int(line.split()[-1]) for line in cap.stdout.splitlines()) == list(range(6)), (
+        cap.stdout
+    )
     assert all(re.match(r"\[stdout:\d\] processing \d$", line) for line in cap.stdout.splitlines())
     with capture_output() as cap:
         assert mec.apply(lambda: print("hello from apply"), targets=[1, 2]) == [None, None]
-    assert sorted(cap.stdout.splitlines()) == ["[stdout:1] hello from apply", "[stdout:2] hello from apply"]
+    assert sorted(cap.stdout.splitlines()) == [
+        "[stdout:1] hello from apply",
+        "[stdout:2] hello from apply",
+    ]
 
     @mec.parallel()
     def g(x):
@@ -547,15 +613,18 @@ def test_h10_output_of_apply_map_parallel_reaches_the_user_and_the_pending_resul
     pr.get_result()
     assert pr.stdout == [f"processing {x}\n" for x in range(4)]
     assert all("careful with" in s for s in pr.stderr)
-    pr = mec.apply(lambda: __import__("IPython.display").display.display("rich"), targets=0, block=False)
+    pr = mec.apply(
+        lambda: __import__("IPython.display").display.display("rich"), targets=0, block=False
+    )
     pr.get_result()
     assert pr.outputs[0][0]["output_type"] == "display_data"
     assert pr.outputs[0][0]["data"]["text/plain"] == "'rich'"
     # a failing call keeps (and shows) what was printed before the error
-    with capture_output() as cap:
-        with pytest.raises(CompositeError):
-            mec.apply(lambda: (print("before the error"), 1 / 0), targets=[0, 3])
-    assert "[stdout:0] before the error" in cap.stdout and "[stdout:3] before the error" in cap.stdout
+    with capture_output() as cap, pytest.raises(CompositeError):
+        mec.apply(lambda: (print("before the error"), 1 / 0), targets=[0, 3])
+    assert (
+        "[stdout:0] before the error" in cap.stdout and "[stdout:3] before the error" in cap.stdout
+    )
     assert mec.last.stdout == ["before the error\n"] * 2
 
 
@@ -563,7 +632,13 @@ def test_o10_autopx_keeps_every_extension_magic_local(ip, mec):
     mec.execute("o10 = 1")
     run(ip, "%autopx")
     try:
-        for cell in ("%pxstatus", "%pxdiff o10", "pxstatus", "%pxconfig", "%%px --targets 0\no10 = 1"):
+        for cell in (
+            "%pxstatus",
+            "%pxdiff o10",
+            "pxstatus",
+            "%pxconfig",
+            "%%px --targets 0\no10 = 1",
+        ):
             cap, res = run(ip, cell)
             assert res.success, (cell, res.error_in_exec, cap.stdout)
         cap, res = run(ip, "%pxdiff o10")
@@ -584,7 +659,9 @@ def test_o10_autopx_keeps_every_extension_magic_local(ip, mec):
         mec.execute("del pxstatus")
 
 
-@pytest.mark.parametrize("typed", ["exit", "quit", "exit()", "quit()", "  exit  ", "# bye\nexit", "%exit"])
+@pytest.mark.parametrize(
+    "typed", ["exit", "quit", "exit()", "quit()", "  exit  ", "# bye\nexit", "%exit"]
+)
 def test_o10_exit_under_autopx_is_refused_with_a_message(ip, mec, typed):
     ids = list(mec.get_ids())
     numbers = [r["number"] for r in mec.execute("pass")]
@@ -619,8 +696,10 @@ UPDATED = "from IPython.display import display\nh = display('step 1', display_id
 @pytest.mark.parametrize("notebook", [True, False])
 def test_o12_collected_output_shows_a_display_s_final_content(ip, notebook):
     magics_of(ip).notebook = notebook
-    for cell in (f"%%px --no-stream --targets 0,1\n{UPDATED}",
-                 "%px --targets 0,1 h = display('A', display_id=True); h.update('B (final)')"):
+    for cell in (
+        f"%%px --no-stream --targets 0,1\n{UPDATED}",
+        "%px --targets 0,1 h = display('A', display_id=True); h.update('B (final)')",
+    ):
         cap, res = run(ip, cell)
         assert res.success, res.error_in_exec
         texts = [d.get("text/plain", "") for d in _cell_outputs(cap)]
@@ -629,19 +708,28 @@ def test_o12_collected_output_shows_a_display_s_final_content(ip, notebook):
         assert not any("step 1" in t or t.endswith("'A'") for t in texts), texts
 
 
-@pytest.mark.parametrize("shown", ["%%px --targets 0,1\n", "%%px --no-stream --targets 0,1\n", "%px --targets 0,1 "])
+@pytest.mark.parametrize(
+    "shown", ["%%px --targets 0,1\n", "%%px --no-stream --targets 0,1\n", "%px --targets 0,1 "]
+)
 def test_o12_display_updated_from_a_later_cell_on_its_engine_only(ip, shown):
     """As in a notebook kernel, a display handle updated in a later cell updates the output it
     made, on that engine only (both engines used the same display_id)."""
     magics_of(ip).notebook = True
-    cap1, res = run(ip, shown + "from IPython.display import display; h = display('A', display_id='same')")
+    cap1, res = run(
+        ip, shown + "from IPython.display import display; h = display('A', display_id='same')"
+    )
     assert res.success, res.error_in_exec
     cap2, res = run(ip, shown.replace("0,1", "0") + "h.update('B (updated)')")
     assert res.success, res.error_in_exec
 
     class Both:
         outputs = cap1.outputs + cap2.outputs
-    texts = sorted(d.get("text/plain", "") for d in _cell_outputs(Both) if "[output:" in d.get("text/plain", ""))
+
+    texts = sorted(
+        d.get("text/plain", "")
+        for d in _cell_outputs(Both)
+        if "[output:" in d.get("text/plain", "")
+    )
     assert texts == ["[output:0] 'B (updated)'", "[output:1] 'A'"], texts
 
 
@@ -651,30 +739,43 @@ def test_notebook_long_line_without_newline_is_not_resent_whole_at_each_update(i
     from ipy_multiengine.render import AREA_LIMIT
 
     magics_of(ip).notebook = True
-    cap, res = run(ip, "%%px --targets 0\nimport time\nfor i in range(60):\n"
-                       "    print('x' * 1000, end='', flush=True); time.sleep(0.02)")
+    cap, res = run(
+        ip,
+        "%%px --targets 0\nimport time\nfor i in range(60):\n"
+        "    print('x' * 1000, end='', flush=True); time.sleep(0.02)",
+    )
     assert res.success, res.error_in_exec
     sizes = [len(o.data.get("text/plain", "")) for o in cap.outputs]
     assert max(sizes) <= 3 * AREA_LIMIT < 60000, sizes  # an area plus what came in between
     final = [d["text/plain"] for d in _cell_outputs(cap)]
     assert all(t.startswith("[stdout:0] ") for t in final), final
-    assert "".join(t[len("[stdout:0] "):] for t in final) == "x" * 60000
+    assert "".join(t[len("[stdout:0] ") :] for t in final) == "x" * 60000
 
 
 def test_o13_clear_output_wait_loop_keeps_one_output_updated_in_place(ip):
     magics_of(ip).notebook = True
-    cap, res = run(ip, "%%px --targets 0,1\nfrom IPython.display import display, clear_output, HTML\n"
-                       "for i in range(5):\n    clear_output(wait=True)\n    display(HTML(f'<b>frame {i}</b>'))")
+    cap, res = run(
+        ip,
+        "%%px --targets 0,1\nfrom IPython.display import display, clear_output, HTML\n"
+        "for i in range(5):\n    clear_output(wait=True)\n    display(HTML(f'<b>frame {i}</b>'))",
+    )
     assert res.success, res.error_in_exec
     added = [o for o in cap.outputs if not o.update]
     assert len(added) == 2, [o.data for o in cap.outputs]  # one display per engine, never more
     final = _cell_outputs(cap)
-    assert sorted(d["text/html"].rsplit(">", 2)[-2] for d in final) == ["<b>frame 4</b", "<b>frame 4</b"] or \
-        all("frame 4" in d["text/html"] for d in final), final
-    assert not any(d.get("text/plain") == "" for d in final)  # no blank outputs saved into the .ipynb
+    assert sorted(d["text/html"].rsplit(">", 2)[-2] for d in final) == [
+        "<b>frame 4</b",
+        "<b>frame 4</b",
+    ] or all("frame 4" in d["text/html"] for d in final), final
+    assert not any(
+        d.get("text/plain") == "" for d in final
+    )  # no blank outputs saved into the .ipynb
     # clear_output(wait=True) with text: the engine's stream area shows only the last frame
-    cap, res = run(ip, "%%px --targets 0\nfrom IPython.display import clear_output\n"
-                       "for i in range(3):\n    clear_output(wait=True)\n    print('tick', i, flush=True)")
+    cap, res = run(
+        ip,
+        "%%px --targets 0\nfrom IPython.display import clear_output\n"
+        "for i in range(3):\n    clear_output(wait=True)\n    print('tick', i, flush=True)",
+    )
     final = _cell_outputs(cap)
     assert [d["text/plain"] for d in final] == ["[stdout:0] tick 2"], final
 
@@ -694,7 +795,9 @@ def test_o14_pager_output_is_shown_labelled_by_engine(ip, mec):
             assert res.success, res.error_in_exec
             pages = [o for o in cap.outputs if doc in o.data.get("text/plain", "")]
             assert sorted(o.metadata["engine"] for o in pages) == [0, 1], (cell, cap.outputs)
-            assert all(o.data["text/plain"].startswith(f"[output:{o.metadata['engine']}]") for o in pages)
+            assert all(
+                o.data["text/plain"].startswith(f"[output:{o.metadata['engine']}]") for o in pages
+            )
     cap, res = run(ip, "%%px --targets 0\n%psource len")  # no Python source for a builtin: said so
     assert res.success
 
@@ -735,7 +838,6 @@ def test_o15_compare_and_status_list_restarting_engines_as_skipped(ip):
         assert mec2.diff("x").missing == [1]
 
 
-
 def test_targets_module_is_the_one_resolver(mec):
     from ipy_multiengine import targets
 
@@ -760,9 +862,8 @@ def test_h10_output_after_a_timeout_stays_on_the_pending_result(ip, mec):
         time.sleep(1.0)
         print("late")
 
-    with capture_output() as cap:
-        with pytest.raises(METimeout):
-            mec.apply(slow, targets=0, timeout=0.4)
+    with capture_output() as cap, pytest.raises(METimeout):
+        mec.apply(slow, targets=0, timeout=0.4)
     assert "[stdout:0] early" in cap.stdout and "late" not in cap.stdout
     pr = mec.last
     with capture_output() as cap:
@@ -793,5 +894,7 @@ def test_h10_apply_output_shown_while_another_thread_serves_the_mailbox(mec):
     finally:
         release.set()
         server.join(10)
-    assert sorted(ln for ln in cap.stdout.splitlines() if "from the engine" in ln) == \
-        ["[stdout:0] from the engine", "[stdout:1] from the engine"], cap.stdout
+    assert sorted(ln for ln in cap.stdout.splitlines() if "from the engine" in ln) == [
+        "[stdout:0] from the engine",
+        "[stdout:1] from the engine",
+    ], cap.stdout

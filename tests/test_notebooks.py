@@ -32,14 +32,23 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def make_nb(cells: list[str]):
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
     return nb
 
 
 def execute(nb, cwd: Path | None = None, allow_errors: bool = False, during=None):
-    client = nbclient.NotebookClient(nb, timeout=90, kernel_name="python3", allow_errors=allow_errors,
-                                     resources={"metadata": {"path": str(cwd or ROOT)}})
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=90,
+        kernel_name="python3",
+        allow_errors=allow_errors,
+        resources={"metadata": {"path": str(cwd or ROOT)}},
+    )
     if during is None:
         client.execute()
         return nb
@@ -72,44 +81,69 @@ def assert_clean_metadata(nb):
 
 
 def test_px_cells_in_a_notebook(cluster):
-    nb = make_nb([
-        f"%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
-        f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block = True",
-        "%%px\nimport sys, time\nfor i in range(3):\n    print(f'step {i}', flush=True)\n    time.sleep(0.05)\n"
-        "print('\\x1b[31mred\\x1b[0m')\nprint('warn', file=sys.stderr)\n6 * 7",
-        "%%px --targets 0,1\nfrom IPython.display import HTML, display\ndisplay(HTML('<b>engine html</b>'))",
-        "%%px --targets 2\nimport matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')\n"
-        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()",
-        "%%px\nfor i in range(5):\n    print(f'\\r{i * 25}%', end='', flush=True)\nprint()",
-        "%px z = 1",
-        "%%px --targets 1,3\n1/0",
-        "print('not reached')",
-    ])
+    nb = make_nb(
+        [
+            f"%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
+            f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block = True",
+            "%%px\nimport sys, time\nfor i in range(3):\n    print(f'step {i}', flush=True)\n    time.sleep(0.05)\n"
+            "print('\\x1b[31mred\\x1b[0m')\nprint('warn', file=sys.stderr)\n6 * 7",
+            "%%px --targets 0,1\nfrom IPython.display import HTML, display\ndisplay(HTML('<b>engine html</b>'))",
+            "%%px --targets 2\nimport matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')\n"
+            "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()",
+            "%%px\nfor i in range(5):\n    print(f'\\r{i * 25}%', end='', flush=True)\nprint()",
+            "%px z = 1",
+            "%%px --targets 1,3\n1/0",
+            "print('not reached')",
+        ]
+    )
     with pytest.raises(nbclient.exceptions.CellExecutionError):
         execute(nb)
     streams, html, png, results = (nb.cells[i] for i in (1, 2, 3, 1))
     # one stdout area and one stderr area per engine, labelled, with metadata.engine
-    areas = [o for o in streams.outputs if o.output_type == "display_data"
-             and o.metadata.get("stream") in ("stdout", "stderr")]
-    stdout = {o.metadata["engine"]: o.data["text/plain"] for o in areas if o.metadata["stream"] == "stdout"}
-    stderr = {o.metadata["engine"]: o.data["text/plain"] for o in areas if o.metadata["stream"] == "stderr"}
+    areas = [
+        o
+        for o in streams.outputs
+        if o.output_type == "display_data" and o.metadata.get("stream") in ("stdout", "stderr")
+    ]
+    stdout = {
+        o.metadata["engine"]: o.data["text/plain"]
+        for o in areas
+        if o.metadata["stream"] == "stdout"
+    }
+    stderr = {
+        o.metadata["engine"]: o.data["text/plain"]
+        for o in areas
+        if o.metadata["stream"] == "stderr"
+    }
     assert len(areas) == 8
     for eid in range(4):
-        assert stdout[eid] == f"[stdout:{eid}] step 0\nstep 1\nstep 2\n\x1b[31mred\x1b[0m"  # ANSI kept
+        assert (
+            stdout[eid] == f"[stdout:{eid}] step 0\nstep 1\nstep 2\n\x1b[31mred\x1b[0m"
+        )  # ANSI kept
         assert stderr[eid] == f"[stderr:{eid}] warn"
     outs = [o for o in results.outputs if o.data.get("text/plain", "").startswith("Out[")]
     assert sorted(o.metadata["engine"] for o in outs) == [0, 1, 2, 3]
-    assert all(re.fullmatch(rf"Out\[{o.metadata['engine']}:\d+\]: 42", o.data["text/plain"]) for o in outs)
+    assert all(
+        re.fullmatch(rf"Out\[{o.metadata['engine']}:\d+\]: 42", o.data["text/plain"]) for o in outs
+    )
     # rich outputs keep their mime types and carry their engine
     h = [o for o in html.outputs if "text/html" in o.get("data", {})]
     assert sorted(o.metadata["engine"] for o in h) == [0, 1]
-    assert all("<b>engine html</b>" in o.data["text/html"] and o.metadata["text/html"]["engine"] in (0, 1)
-               for o in h)
+    assert all(
+        "<b>engine html</b>" in o.data["text/html"] and o.metadata["text/html"]["engine"] in (0, 1)
+        for o in h
+    )
     imgs = [o for o in png.outputs if "image/png" in o.get("data", {})]
-    assert len(imgs) == 1 and imgs[0].metadata["engine"] == 2 and imgs[0].metadata["image/png"]["engine"] == 2
+    assert (
+        len(imgs) == 1
+        and imgs[0].metadata["engine"] == 2
+        and imgs[0].metadata["image/png"]["engine"] == 2
+    )
     # \r progress lines collapse to their last state
     progress = nb.cells[4]
-    assert sorted(o.data["text/plain"] for o in progress.outputs) == [f"[stdout:{e}] 100%" for e in range(4)]
+    assert sorted(o.data["text/plain"] for o in progress.outputs) == [
+        f"[stdout:{e}] 100%" for e in range(4)
+    ]
     # the tutorial's one-line form
     assert "<Results List>" in texts(nb.cells[5])
     # errors: one error output, one block per failing engine, and the notebook stopped there
@@ -127,27 +161,33 @@ def test_display_handle_updated_from_a_later_cell(cluster):
     """nbclient (as JupyterLab) applies update_display_data across cells: a handle made in one
     %%px cell and updated in a later one updates that engine's output, not the other engine's
     output with the same display_id."""
-    nb = make_nb([
-        f"%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
-        f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block = True",
-        "%%px --targets 0,1\nfrom IPython.display import display\nh = display('first', display_id='shared')",
-        "%%px --targets 0\nh.update('updated later')",
-    ])
+    nb = make_nb(
+        [
+            f"%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
+            f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block = True",
+            "%%px --targets 0,1\nfrom IPython.display import display\nh = display('first', display_id='shared')",
+            "%%px --targets 0\nh.update('updated later')",
+        ]
+    )
     execute(nb)
-    shown = sorted(o.data["text/plain"] for o in nb.cells[1].outputs if o.output_type == "display_data")
+    shown = sorted(
+        o.data["text/plain"] for o in nb.cells[1].outputs if o.output_type == "display_data"
+    )
     assert shown == ["[output:0] 'updated later'", "[output:1] 'first'"], shown
     assert_clean_metadata(nb)
 
 
 def test_notebook_interrupt_of_running_px(cluster, mec):
     marker = Path(tempfile.mkdtemp(prefix="ipme-int-")) / "started"
-    nb = make_nb([
-        f"%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
-        f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block = True",
-        f"%%px\nimport time, pathlib, os\nprint('started', flush=True)\n"
-        f"pathlib.Path({str(marker)!r} + str(os.getpid())).touch()\ntime.sleep(60)\nprint('never')",
-        "%px print('alive')",
-    ])
+    nb = make_nb(
+        [
+            f"%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
+            f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block = True",
+            f"%%px\nimport time, pathlib, os\nprint('started', flush=True)\n"
+            f"pathlib.Path({str(marker)!r} + str(os.getpid())).touch()\ntime.sleep(60)\nprint('never')",
+            "%px print('alive')",
+        ]
+    )
     nb.cells[1].metadata["tags"] = ["raises-exception"]
 
     def interrupt(client):
@@ -164,7 +204,9 @@ def test_notebook_interrupt_of_running_px(cluster, mec):
     assert "KeyboardInterrupt" in text
     assert all(f"[stdout:{e}] started" in text for e in range(4)) and "never" not in text
     assert any(o.output_type == "error" and o.ename == "KeyboardInterrupt" for o in cell.outputs)
-    assert all(f"[{e}] Out[" in texts(nb.cells[2]) for e in range(4)) and "alive" in texts(nb.cells[2])
+    assert all(f"[{e}] Out[" in texts(nb.cells[2]) for e in range(4)) and "alive" in texts(
+        nb.cells[2]
+    )
 
 
 @pytest.mark.parametrize("name", ["tutorial.ipynb", "monte_carlo_pi.ipynb"])
@@ -189,13 +231,19 @@ def _cell(nb, needle: str):
 def check_tutorial(nb):
     assert "[0, 1, 2, 3]" in texts(_cell(nb, "mec.get_ids()"))
     out = texts(_cell(nb, "mec.execute('print(c)')"))
-    assert "<Results List>" in out and re.search(r"\[0\] Out\[\d+\]: 15", out) and re.search(r"\[1\] Out\[\d+\]: -5", out)
+    assert (
+        "<Results List>" in out
+        and re.search(r"\[0\] Out\[\d+\]: 15", out)
+        and re.search(r"\[1\] Out\[\d+\]: -5", out)
+    )
     assert "True" in texts(_cell(nb, "serial_result == parallel_result"))
     assert "Auto Parallel Enabled" in texts(_cell(nb, "%autopx"))
     assert "PendingResult" in texts(_cell(nb, "max_evals = []"))
-    assert "Average max eigenvalue is:" in texts(_cell(nb, "px print(\"Average"))
+    assert "Average max eigenvalue is:" in texts(_cell(nb, 'px print("Average'))
     assert re.search(r"\[3\] Out\[\d+\]: 512.0", texts(_cell(nb, "px print(y)")))
-    assert "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]" in texts(_cell(nb, "mec.gather('a')"))
+    assert "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]" in texts(
+        _cell(nb, "mec.gather('a')")
+    )
     err = texts(_cell(nb, "mec.execute('1/0')"))
     assert "CompositeError" in err and "[3:execute]: ZeroDivisionError: division by zero" in err
     assert "ZeroDivisionError" in texts(_cell(nb, "e.raise_exception()"))

@@ -42,13 +42,16 @@ def test_h04_result_shows_each_engine_of_the_last_execute(ip, mec):
 
 
 def test_h04_results_list_repr_shows_stderr_and_names_rich_outputs(mec):
-    r = mec.execute("import sys; print('to stdout'); print('to stderr', file=sys.stderr); "
-                    "from IPython.display import display, HTML; display({'a': 1}, raw=False); "
-                    "display(HTML('<b>x</b>')); 42", targets=[0, 1])
+    r = mec.execute(
+        "import sys; print('to stdout'); print('to stderr', file=sys.stderr); "
+        "from IPython.display import display, HTML; display({'a': 1}, raw=False); "
+        "display(HTML('<b>x</b>')); 42",
+        targets=[0, 1],
+    )
     n = r[0]["number"]
     lines = repr(r).splitlines()
     assert lines[0] == "<Results List>"
-    block = lines[1:1 + len(lines) // 2]
+    block = lines[1 : 1 + len(lines) // 2]
     assert block[1] == f"[0] Out[{n}]: to stdout\n42".split("\n")[0]
     assert f"[0] Err[{n}]: to stderr" in block
     assert f"[0] Display[{n}]: <text/plain> {{'a': 1}}" in block
@@ -60,25 +63,46 @@ def test_h04_tutorial_stdout_lines_stay_exact(mec):
     """The tutorial's lines, exactly: no Err/Display lines when there is only stdout."""
     r = mec.execute("c = 15; print(c)", targets=[0, 1])
     n0, n1 = r[0]["number"], r[1]["number"]
-    assert repr(r) == (f"<Results List>\n[0] In [{n0}]: c = 15; print(c)\n[0] Out[{n0}]: 15\n"
-                       f"[1] In [{n1}]: c = 15; print(c)\n[1] Out[{n1}]: 15")
+    assert repr(r) == (
+        f"<Results List>\n[0] In [{n0}]: c = 15; print(c)\n[0] Out[{n0}]: 15\n"
+        f"[1] In [{n1}]: c = 15; print(c)\n[1] Out[{n1}]: 15"
+    )
     quiet = mec.execute("d = 1", targets=0)
     assert repr(quiet) == f"<Results List>\n[0] In [{quiet[0]['number']}]: d = 1"
 
 
 def test_results_list_repr_of_plain_records():
-    rl = ResultList([{"id": 2, "number": 5, "input": {"raw": "f()"}, "stdout": "", "stderr": "warn\n",
-                      "result": {"text/plain": "3", "text/html": "<i>3</i>"},
-                      "outputs": [{"output_type": "execute_result",
-                                   "data": {"text/plain": "3", "text/html": "<i>3</i>"}}]}])
-    assert repr(rl).splitlines() == ["<Results List>", "[2] In [5]: f()", "[2] Out[5]: 3",
-                                     "[2] Err[5]: warn", "[2] Display[5]: result <text/html, text/plain>"]
+    rl = ResultList(
+        [
+            {
+                "id": 2,
+                "number": 5,
+                "input": {"raw": "f()"},
+                "stdout": "",
+                "stderr": "warn\n",
+                "result": {"text/plain": "3", "text/html": "<i>3</i>"},
+                "outputs": [
+                    {
+                        "output_type": "execute_result",
+                        "data": {"text/plain": "3", "text/html": "<i>3</i>"},
+                    }
+                ],
+            }
+        ]
+    )
+    assert repr(rl).splitlines() == [
+        "<Results List>",
+        "[2] In [5]: f()",
+        "[2] Out[5]: 3",
+        "[2] Err[5]: warn",
+        "[2] Display[5]: result <text/html, text/plain>",
+    ]
 
 
 # -- item 11: no client-side reference to result data once the user dropped it
 def test_h11_last_result_frames_freed_when_dropped():
     """In a fresh process: gather/pull/apply/map of ~300 MB, then del: RSS back within 10%."""
-    code = r'''
+    code = r"""
 import gc, time, psutil
 from ipy_multiengine import Cluster
 rss = lambda: psutil.Process().memory_info().rss / 1e6
@@ -102,7 +126,7 @@ with Cluster(n=2, profile="h11") as mec:
             time.sleep(0.02)
         report.append((what, round(held - before), round(rss() - before)))
     print(repr((before, report)))
-'''
+"""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stderr
     before, report = eval(out.stdout.strip().splitlines()[-1])

@@ -12,12 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 import zmq
+from faultlib import small_cluster
 from jupyter_client.session import Session
 
 from ipy_multiengine import Cluster
 from ipy_multiengine.cluster import cluster_dir
-
-from faultlib import small_cluster
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,16 +29,25 @@ def test_engines_listen_on_no_network_port(cluster, mec):
     # changed on purpose by issue 11.16: local engines use unix sockets inside the 0700 runtime
     # dir (no other user can connect), not loopback TCP; with transport='tcp', loopback only
     for e in _spec(cluster)["engines"]:
-        assert e["connection"]["transport"] == "ipc" and e["connection"]["ip"].startswith(str(cluster_dir()))
-        listening = [c for c in psutil.Process(e["pid"]).net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        assert e["connection"]["transport"] == "ipc" and e["connection"]["ip"].startswith(
+            str(cluster_dir())
+        )
+        listening = [
+            c
+            for c in psutil.Process(e["pid"]).net_connections("inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
         # at most ipykernel's own IOPub fork pipe (a loopback PULL that drops every message
         # without its random uuid): nothing readable, no channel of the engine
         assert len(listening) <= 1 and all(c.laddr.ip == "127.0.0.1" for c in listening), listening
     with small_cluster(1, transport="tcp") as (c, _):
         for e in _spec(c)["engines"]:
             assert e["connection"]["ip"] == "127.0.0.1"
-            listening = [c.laddr.ip for c in psutil.Process(e["pid"]).net_connections("tcp")
-                         if c.status == psutil.CONN_LISTEN]
+            listening = [
+                c.laddr.ip
+                for c in psutil.Process(e["pid"]).net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN
+            ]
             assert len(listening) >= 5 and set(listening) == {"127.0.0.1"}, listening
 
 
@@ -55,7 +63,9 @@ def test_private_files(cluster, mec):
     d = cluster_dir()
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     files = list(d.rglob("*"))
-    assert any(f.name.startswith("cluster-") for f in files) and any(f.suffix == ".log" for f in files)
+    assert any(f.name.startswith("cluster-") for f in files) and any(
+        f.suffix == ".log" for f in files
+    )
     for f in files:
         if stat.S_ISSOCK(f.stat().st_mode):
             continue  # the engines' unix sockets: the kernel's umask, behind the 0700 directory
@@ -76,12 +86,16 @@ def test_transport_encryption_auto():
         assert [e["encrypted"] for e in mec.engines] == [True]
         e = _spec(c)["engines"][0]
         # clients get the public key only; the secret stays in the kernel's own connection file
-        assert len(e["connection"]["curve_publickey"]) == 40 and "curve_secretkey" not in e["connection"]
+        assert (
+            len(e["connection"]["curve_publickey"]) == 40
+            and "curve_secretkey" not in e["connection"]
+        )
         assert "curve_secretkey" in json.loads(Path(e["connection_file"]).read_text())
         assert mec.execute("print(1)")[0]["stdout"] == "1\n"
         info = e["connection"]
         ctx = zmq.Context()
         try:
+
             def kernel_info(curve: bool) -> bool:
                 sock = ctx.socket(zmq.DEALER)
                 sock.linger = 0
@@ -146,12 +160,17 @@ def test_h16_another_user_cannot_read_an_engines_output(transport):
     with small_cluster(1, **kw) as (c, mec):
         info = c.engines_info[0]
         assert info["transport"] == ("ipc" if transport == "default" else "tcp")
-        snoop = subprocess.Popen([sys.executable, "-c", _SNOOP, endpoint(info, "iopub_port"), "4"],
-                                 stdout=subprocess.PIPE, text=True)
+        snoop = subprocess.Popen(
+            [sys.executable, "-c", _SNOOP, endpoint(info, "iopub_port"), "4"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert snoop.stdout.readline().strip() == "ready"
-            pr = mec.execute("import time\nfor i in range(30):\n    print(i, flush=True); time.sleep(0.1)",
-                             block=False)
+            pr = mec.execute(
+                "import time\nfor i in range(30):\n    print(i, flush=True); time.sleep(0.1)",
+                block=False,
+            )
             assert pr.get_result(timeout=30)[0]["stdout"].split() == [str(i) for i in range(30)]
             seen = int(snoop.stdout.readline())
         finally:
@@ -174,9 +193,13 @@ def test_a_socket_path_too_long_for_the_runtime_dir_stays_on_private_unix_socket
         assert conn["transport"] == "ipc", conn
         sock_dir = Path(conn["ip"]).parent
         assert sock_dir != cluster_dir() and len(os.fsencode(conn["ip"])) + 8 <= 107
-        assert stat.S_IMODE(sock_dir.stat().st_mode) == 0o700 and sock_dir.stat().st_uid == os.getuid()
+        assert (
+            stat.S_IMODE(sock_dir.stat().st_mode) == 0o700 and sock_dir.stat().st_uid == os.getuid()
+        )
         pid = _spec(c)["engines"][0]["pid"]
-        listening = [x for x in psutil.Process(pid).net_connections("inet") if x.status == psutil.CONN_LISTEN]
+        listening = [
+            x for x in psutil.Process(pid).net_connections("inet") if x.status == psutil.CONN_LISTEN
+        ]
         assert len(listening) <= 1, listening  # at most ipykernel's own IOPub fork pipe
         assert c.client.execute("a = 6 * 7", block=True) and c.client.pull("a") == [42]
     finally:

@@ -9,9 +9,8 @@ import re
 import time
 
 import pytest
-from jupyter_client.manager import KernelManager
-
 from beyond_helpers import assert_gone
+from jupyter_client.manager import KernelManager
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,7 +38,11 @@ class Notebook:
             yield msg
             if until is not None and until(msg):
                 return
-            if stop_at_idle and msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            if (
+                stop_at_idle
+                and msg["msg_type"] == "status"
+                and msg["content"]["execution_state"] == "idle"
+            ):
                 return
 
     def run(self, code: str) -> list[dict]:
@@ -71,9 +74,14 @@ def test_status_table_updates_in_place_during_a_long_px(notebook, tmp_path):
         "from ipy_multiengine import Cluster\n"
         "cl = Cluster(n=2, profile='live-status')\nmec = cl.start()\n"
         "print('PIDS', [e['pid'] for e in mec.engines])\n"
-        "live = mec.status(live=True, interval=0.05)")
-    pids = [int(p) for m in msgs if m["msg_type"] == "stream" and "PIDS" in m["content"]["text"]
-            for p in re.findall(r"\d+", m["content"]["text"].split("PIDS", 1)[1])]
+        "live = mec.status(live=True, interval=0.05)"
+    )
+    pids = [
+        int(p)
+        for m in msgs
+        if m["msg_type"] == "stream" and "PIDS" in m["content"]["text"]
+        for p in re.findall(r"\d+", m["content"]["text"].split("PIDS", 1)[1])
+    ]
     shown = [m for m in msgs if m["msg_type"] == "display_data"]
     assert len(shown) == 1, [m["msg_type"] for m in msgs]
     display_id = shown[0]["content"]["transient"]["display_id"]
@@ -82,7 +90,8 @@ def test_status_table_updates_in_place_during_a_long_px(notebook, tmp_path):
     try:
         # a long parallel command in the next cell: the table shows the engines busy meanwhile
         cell = notebook.send(
-            f'r = mec.execute("import os, time\\nwhile not os.path.exists({str(flag)!r}): time.sleep(0.01)")')
+            f'r = mec.execute("import os, time\\nwhile not os.path.exists({str(flag)!r}): time.sleep(0.01)")'
+        )
         updates = []
 
         def busy_on_both(msg):
@@ -92,16 +101,27 @@ def test_status_table_updates_in_place_during_a_long_px(notebook, tmp_path):
             return False
 
         list(notebook.messages(cell, until=busy_on_both))
-        assert updates and all(u["content"]["transient"]["display_id"] == display_id for u in updates)
+        assert updates and all(
+            u["content"]["transient"]["display_id"] == display_id for u in updates
+        )
         busy = html_of(updates[-1])
         assert "import os, time while not os.path.exist…" in busy  # what each engine runs
         assert re.search(r"<td>\d+\.\d s</td>", busy)  # and for how long
         flag.touch()
         # the table keeps following the engines after the cell is done (same parent until the next cell)
-        rest = list(notebook.messages(cell, until=lambda m: m["msg_type"] == "update_display_data"
-                                      and html_of(m).count(">idle</td>") == 2, stop_at_idle=False))
+        rest = list(
+            notebook.messages(
+                cell,
+                until=lambda m: (
+                    m["msg_type"] == "update_display_data" and html_of(m).count(">idle</td>") == 2
+                ),
+                stop_at_idle=False,
+            )
+        )
         assert ">busy</td>" not in html_of(rest[-1])
-        assert not [m for m in rest if m["msg_type"] == "display_data"]  # updated, never re-displayed
+        assert not [
+            m for m in rest if m["msg_type"] == "display_data"
+        ]  # updated, never re-displayed
     finally:
         flag.touch()
         out = notebook.run("live.stop(); print(live.updates); cl.stop()")
@@ -136,10 +156,16 @@ def test_h10_o13_o14_notebook_rendering_in_a_real_kernel(notebook):
         "from ipy_multiengine import Cluster\n"
         "cl = Cluster(n=2, profile='nb-render')\nmec = cl.start().activate()\n"
         "print('PIDS', [e['pid'] for e in mec.engines])\n"
-        "%load_ext ipy_multiengine")
-    pids = [int(p) for m in msgs if m["msg_type"] == "stream" and "PIDS" in m["content"]["text"]
-            for p in re.findall(r"\d+", m["content"]["text"].split("PIDS", 1)[1])]
+        "%load_ext ipy_multiengine"
+    )
+    pids = [
+        int(p)
+        for m in msgs
+        if m["msg_type"] == "stream" and "PIDS" in m["content"]["text"]
+        for p in re.findall(r"\d+", m["content"]["text"].split("PIDS", 1)[1])
+    ]
     try:
+
         def final_outputs(msgs):
             """The cell's outputs as a frontend keeps them (updates replace by display_id)."""
             cell = []
@@ -159,14 +185,20 @@ def test_h10_o13_o14_notebook_rendering_in_a_real_kernel(notebook):
         assert texts == ["[stdout:0] item 0", "[stdout:1] item 1"], texts
         assert all(c["metadata"]["engine"] in (0, 1) for c in final_outputs(msgs))
 
-        msgs = notebook.run("%%px\nfrom IPython.display import display, clear_output, HTML\n"
-                            "for i in range(5):\n    clear_output(wait=True)\n    display(HTML(f'<b>frame {i}</b>'))")
+        msgs = notebook.run(
+            "%%px\nfrom IPython.display import display, clear_output, HTML\n"
+            "for i in range(5):\n    clear_output(wait=True)\n    display(HTML(f'<b>frame {i}</b>'))"
+        )
         added = [m for m in msgs if m["msg_type"] == "display_data"]
         assert len(added) == 2, [m["content"]["data"] for m in added]
         assert all("frame 4" in c["data"]["text/html"] for c in final_outputs(msgs))
 
         msgs = notebook.run("%%px --targets 0\n%pdoc len")
-        pages = [c for c in final_outputs(msgs) if "Return the number of items" in c["data"].get("text/plain", "")]
+        pages = [
+            c
+            for c in final_outputs(msgs)
+            if "Return the number of items" in c["data"].get("text/plain", "")
+        ]
         assert len(pages) == 1 and pages[0]["metadata"]["engine"] == 0
         assert pages[0]["data"]["text/plain"].startswith("[output:0]")
     finally:

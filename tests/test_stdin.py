@@ -32,15 +32,32 @@ class Term:
     def __init__(self, tmp: Path) -> None:
         env = dict(os.environ, TERM="dumb", JUPYTER_RUNTIME_DIR=str(tmp / "runtime"))
         self.child = pexpect.spawn(
-            sys.executable, ["-m", "IPython", "--simple-prompt", "--no-banner", "--colors=NoColor",
-                             "--HistoryManager.hist_file=:memory:", "--no-confirm-exit"],
-            env=env, encoding="utf-8", timeout=45, echo=False, dimensions=(50, 200))
+            sys.executable,
+            [
+                "-m",
+                "IPython",
+                "--simple-prompt",
+                "--no-banner",
+                "--colors=NoColor",
+                "--HistoryManager.hist_file=:memory:",
+                "--no-confirm-exit",
+            ],
+            env=env,
+            encoding="utf-8",
+            timeout=45,
+            echo=False,
+            dimensions=(50, 200),
+        )
         self.log: list[str] = []
         self.expect(PROMPT)
-        self.run("from ipy_multiengine import Cluster; cl = Cluster(n=2, profile='stdin-term'); "
-                 "mec = cl.start().activate(); get_ipython().run_line_magic('load_ext', 'ipy_multiengine'); "
-                 "print('PIDS', [e['pid'] for e in mec.engines])")
-        self.pids = [int(p) for p in re.findall(r"\d+", self.text.split("PIDS", 1)[1].split("]")[0])]
+        self.run(
+            "from ipy_multiengine import Cluster; cl = Cluster(n=2, profile='stdin-term'); "
+            "mec = cl.start().activate(); get_ipython().run_line_magic('load_ext', 'ipy_multiengine'); "
+            "print('PIDS', [e['pid'] for e in mec.engines])"
+        )
+        self.pids = [
+            int(p) for p in re.findall(r"\d+", self.text.split("PIDS", 1)[1].split("]")[0])
+        ]
 
     def expect(self, pattern: str) -> str:
         self.child.expect(pattern)
@@ -81,7 +98,9 @@ def term(tmp_path_factory):
 
 
 def test_input_on_an_engine_is_asked_with_its_id(term):
-    term.send("mec.execute(\"print('before'); name = input('name? ')\", targets=1); mec.pull('name', targets=1)")
+    term.send(
+        "mec.execute(\"print('before'); name = input('name? ')\", targets=1); mec.pull('name', targets=1)"
+    )
     term.expect(r"\[1\] name\? ")
     assert "[1] before" in term.text  # output so far is shown before the prompt
     term.send("bob")
@@ -91,8 +110,10 @@ def test_input_on_an_engine_is_asked_with_its_id(term):
 
 def test_getpass_on_an_engine_is_not_echoed(term):
     term.child.setecho(False)
-    term.send("mec.execute(\"import getpass; pw = getpass.getpass('password: ')\", targets=0); "
-              "mec.pull('pw', targets=0)")
+    term.send(
+        "mec.execute(\"import getpass; pw = getpass.getpass('password: ')\", targets=0); "
+        "mec.pull('pw', targets=0)"
+    )
     term.expect(r"\[0\] password: ")
     term.send("s3cret")
     out = term.expect(PROMPT)
@@ -156,7 +177,9 @@ def test_pxdebug_argument_errors(term):
 
 
 def test_breakpoint_on_one_engine(term):
-    term.send("mec.execute('a = 5\\nbreakpoint()\\nb = a + 1', targets=0); mec.pull('b', targets=0)")
+    term.send(
+        "mec.execute('a = 5\\nbreakpoint()\\nb = a + 1', targets=0); mec.pull('b', targets=0)"
+    )
     term.expect(r"\[0\] ipdb> ")
     assert "breakpoint()" in term.text
     term.send("!a = 10")
@@ -169,7 +192,9 @@ def test_breakpoint_on_one_engine(term):
 def test_breakpoint_under_px_cell_magic(term):
     pytest.importorskip("ipy_multiengine.magics")
     term.run("%load_ext ipy_multiengine")
-    term.send("get_ipython().run_cell_magic('px', '--targets 0', 'a = 1\\nbreakpoint()\\nb = a + 1')")
+    term.send(
+        "get_ipython().run_cell_magic('px', '--targets 0', 'a = 1\\nbreakpoint()\\nb = a + 1')"
+    )
     term.expect(r"\[0\] ipdb> ")
     term.send("!a = 20")
     term.expect(r"\[0\] ipdb> ")
@@ -210,19 +235,26 @@ def test_input_through_nbclient_with_a_scripted_reply(tmp_path):
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [
-        nbformat.v4.new_code_cell("from ipy_multiengine import Cluster\n"
-                                  "cl = Cluster(n=1, profile='stdin-nb')\nmec = cl.start()\n"
-                                  "pids = [e['pid'] for e in mec.engines]; print(pids)"),
-        nbformat.v4.new_code_cell("mec.execute(\"name = input('name? ')\")\nprint(mec.pull('name'))"),
-        nbformat.v4.new_code_cell("from ipy_multiengine import CompositeError\n"
-                                  "get_ipython().run_line_magic('load_ext', 'ipy_multiengine'); mec.activate()\n"
-                                  "try:\n    mec.execute('w = 21 * 2\\n1 / (w - w)')\n"
-                                  "except CompositeError:\n    pass"),
+        nbformat.v4.new_code_cell(
+            "from ipy_multiengine import Cluster\n"
+            "cl = Cluster(n=1, profile='stdin-nb')\nmec = cl.start()\n"
+            "pids = [e['pid'] for e in mec.engines]; print(pids)"
+        ),
+        nbformat.v4.new_code_cell(
+            "mec.execute(\"name = input('name? ')\")\nprint(mec.pull('name'))"
+        ),
+        nbformat.v4.new_code_cell(
+            "from ipy_multiengine import CompositeError\n"
+            "get_ipython().run_line_magic('load_ext', 'ipy_multiengine'); mec.activate()\n"
+            "try:\n    mec.execute('w = 21 * 2\\n1 / (w - w)')\n"
+            "except CompositeError:\n    pass"
+        ),
         nbformat.v4.new_code_cell("%pxdebug 0"),
         nbformat.v4.new_code_cell("cl.stop()"),
     ]
-    client = StdinClient(nb, timeout=60, kernel_name="python3",
-                         resources={"metadata": {"path": str(tmp_path)}})
+    client = StdinClient(
+        nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     try:
         client.execute()
     finally:
@@ -230,7 +262,11 @@ def test_input_through_nbclient_with_a_scripted_reply(tmp_path):
         if task is not None:
             task.cancel()
     pids = [int(p) for p in re.findall(r"\d+", stdout_of(nb.cells[0]))]
-    assert StdinClient.prompts == [("[0] name? ", False), ("[0] ipdb> ", False), ("[0] ipdb> ", False)]
+    assert StdinClient.prompts == [
+        ("[0] name? ", False),
+        ("[0] ipdb> ", False),
+        ("[0] ipdb> ", False),
+    ]
     assert stdout_of(nb.cells[1]) == "['scripted answer']\n"
     debug_out = ANSI.sub("", "".join(o.get("text", "") for o in nb.cells[3].outputs))
     assert "[0] ----> 2 1 / (w - w)" in debug_out and "[0] 42\n" in debug_out
@@ -243,18 +279,25 @@ def test_input_in_a_notebook_without_stdin_gives_the_engine_eof(tmp_path):
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.v4.new_notebook()
     nb.cells = [
-        nbformat.v4.new_code_cell("from ipy_multiengine import Cluster, CompositeError\n"
-                                  "cl = Cluster(n=1, profile='stdin-nb-none')\nmec = cl.start()\n"
-                                  "pids = [e['pid'] for e in mec.engines]; print(pids)"),
-        nbformat.v4.new_code_cell("try:\n    mec.execute(\"input('name? ')\")\n"
-                                  "except CompositeError as e:\n    print('ENGINE', e.elist[0].ename)"),
+        nbformat.v4.new_code_cell(
+            "from ipy_multiengine import Cluster, CompositeError\n"
+            "cl = Cluster(n=1, profile='stdin-nb-none')\nmec = cl.start()\n"
+            "pids = [e['pid'] for e in mec.engines]; print(pids)"
+        ),
+        nbformat.v4.new_code_cell(
+            "try:\n    mec.execute(\"input('name? ')\")\n"
+            "except CompositeError as e:\n    print('ENGINE', e.elist[0].ename)"
+        ),
         nbformat.v4.new_code_cell("cl.stop()"),
     ]
-    nbclient.NotebookClient(nb, timeout=60, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     pids = [int(p) for p in re.findall(r"\d+", stdout_of(nb.cells[0]))]
     outs = nb.cells[1].outputs
-    assert any("cannot ask for input here" in o.get("text", "") for o in outs if o.get("name") == "stderr")
+    assert any(
+        "cannot ask for input here" in o.get("text", "") for o in outs if o.get("name") == "stderr"
+    )
     assert any(o.get("text") == "ENGINE EOFError\n" for o in outs)
     assert_gone(pids)
 
@@ -264,15 +307,19 @@ def test_o11_ctrl_c_at_one_prompt_drops_the_call_s_other_prompts(term, how):
     # engine 0 asks at once; engine 1 asks later, after the interrupt of the call reached it
     # (it swallows that KeyboardInterrupt): its prompt must not be asked either
     term.run("mec.scatter('k', [0, 1])")
-    code = ("import time\ntry:\n    time.sleep(1.5 * k[0])\nexcept KeyboardInterrupt:\n    pass\n"
-            "who = input('who? ')")
+    code = (
+        "import time\ntry:\n    time.sleep(1.5 * k[0])\nexcept KeyboardInterrupt:\n    pass\n"
+        "who = input('who? ')"
+    )
     term.send(f"mec.execute({code!r})" if how == "execute" else f"%px exec({code!r})")
     term.expect(r"\[(\d)\] who\? ")
     assert term.child.match.group(1) == "0"
     term.child.sendintr()  # Ctrl-C at the first engine's prompt: the other's is not asked
     out = term.expect(PROMPT)
     assert "KeyboardInterrupt" in out and not re.search(r"\[\d\] who\? ", out), out
-    out = term.run("mec.execute('print(6 * 7)')[1]['stdout']")  # waits for engine 1's late prompt too
+    out = term.run(
+        "mec.execute('print(6 * 7)')[1]['stdout']"
+    )  # waits for engine 1's late prompt too
     assert "'42\\n'" in out and not re.search(r"\[\d\] who\? ", out)  # engines free, nothing queued
 
 
@@ -288,9 +335,11 @@ def test_output_before_each_prompt_is_shown_once_each_stream_on_its_own(mec, mon
         return next(answers)
 
     monkeypatch.setattr("builtins.input", fake_input)
-    res = mec.execute("import sys\nprint('a', flush=True)\nprint('e', file=sys.stderr, flush=True)\n"
-                      "x = input('one? ')\nprint('b', flush=True)\ny = input('two? ')\nprint('got', x, y)",
-                      targets=0)
+    res = mec.execute(
+        "import sys\nprint('a', flush=True)\nprint('e', file=sys.stderr, flush=True)\n"
+        "x = input('one? ')\nprint('b', flush=True)\ny = input('two? ')\nprint('got', x, y)",
+        targets=0,
+    )
     assert prompts == ["[0] one? ", "[0] two? "]
     assert res[0]["stdout"] == "a\nb\ngot X Y\n"
     shown = capsys.readouterr().out
@@ -314,10 +363,14 @@ def test_prompt_is_not_written_onto_a_progress_bar(mec, monkeypatch):
         return "typed"
 
     monkeypatch.setattr("builtins.input", fake_input)
-    res = ip.run_cell("%%px --progress-after 0.1 --targets 0,1\nimport time; time.sleep(0.6)\n"
-                      "print('got', input('name? '))")
+    res = ip.run_cell(
+        "%%px --progress-after 0.1 --targets 0,1\nimport time; time.sleep(0.6)\n"
+        "print('got', input('name? '))"
+    )
     assert res.success, res.error_in_exec
     assert "%px:" in screen.getvalue()  # the bar was drawn
     shown = screen_lines(screen.getvalue())
     prompts = [ln for ln in shown if "name? " in ln]
-    assert len(prompts) == 2 and all(re.fullmatch(r"\[[01]\] name\? typed", ln) for ln in prompts), shown
+    assert len(prompts) == 2 and all(
+        re.fullmatch(r"\[[01]\] name\? typed", ln) for ln in prompts
+    ), shown

@@ -13,10 +13,9 @@ import signal
 import time
 
 import pytest
+from faultlib import engine_pid, remember, settle, small_cluster, wait_for
 
 from ipy_multiengine.errors import TimeoutError
-
-from faultlib import engine_pid, remember, settle, small_cluster, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -40,7 +39,9 @@ def _raises_in_time(call, *args, timeout=TIMEOUT, **kw):
         if hasattr(out, "__next__"):
             list(out)
     took = time.monotonic() - t0
-    assert took < timeout + SLACK, f"{getattr(call, '__name__', call)} raised after {took:.2f} s (timeout {timeout} s)"
+    assert took < timeout + SLACK, (
+        f"{getattr(call, '__name__', call)} raised after {took:.2f} s (timeout {timeout} s)"
+    )
     assert took >= timeout - 0.05, f"raised after {took:.2f} s, before its timeout"
     return info.value
 
@@ -107,8 +108,10 @@ def test_h03_o05_restart_and_wait_ready_timeouts_with_slow_on_start(tmp_path):
         mec.restart(0)  # how long a plain restart takes on this machine now
         plain = time.monotonic() - t0
         limit = plain + 2.5  # enough to restart, not enough for the code
-        code = (f"import os, time; time.sleep({limit + 3:.1f} if os.path.exists({str(flag)!r}) else 0)\n"
-                "ready = True")
+        code = (
+            f"import os, time; time.sleep({limit + 3:.1f} if os.path.exists({str(flag)!r}) else 0)\n"
+            "ready = True"
+        )
         mec.on_start(code)
         flag.write_text("1")
         err = _raises_in_time(mec.restart, 0, timeout=limit)

@@ -15,6 +15,7 @@ from .base import EngineStartTimeout, Launcher, LauncherError
 
 ENTRY_POINT_GROUP = "ipy_multiengine.launchers"
 
+
 def _load(spec: str):
     module, _, attr = spec.partition(":")
     return getattr(import_module(module), attr)
@@ -34,7 +35,9 @@ def get_launcher_class(name: str | type[Launcher]) -> type[Launcher]:
             return ep.load()
     if ":" in name:  # "package.module:Class"
         return _load(name)
-    raise ConfigError(f"unknown launcher {name!r}; available: {', '.join(available_launchers())}", "launcher")
+    raise ConfigError(
+        f"unknown launcher {name!r}; available: {', '.join(available_launchers())}", "launcher"
+    )
 
 
 def make_launcher(launcher, n: int | None = None, **options) -> Launcher:

@@ -71,8 +71,10 @@ def encryption_policy(setting: str | None, ip: str) -> str:
     """jupyter_client's ``transport_encryption`` for engines bound to ``ip``: ``setting`` when
     given, else 'auto' for engines listening beyond loopback and 'disabled' on loopback."""
     if setting not in (None, "auto", "required", "disabled"):
-        raise ConfigError(f"transport_encryption must be None, 'auto', 'required' or 'disabled', not {setting!r}",
-                          "transport_encryption")
+        raise ConfigError(
+            f"transport_encryption must be None, 'auto', 'required' or 'disabled', not {setting!r}",
+            "transport_encryption",
+        )
     if setting is not None:
         return setting
     return "auto" if ENCRYPT_LOOPBACK or not is_loopback(ip) else "disabled"
@@ -115,7 +117,9 @@ def add_curve_keys(info: dict, policy: str) -> dict:
     if policy in ("auto", "required"):
         if not zmq.has("curve"):
             if policy == "required":
-                raise LauncherError("transport_encryption='required' but this libzmq has no CurveZMQ")
+                raise LauncherError(
+                    "transport_encryption='required' but this libzmq has no CurveZMQ"
+                )
             return info
         public, secret = zmq.curve_keypair()
         info.update(curve_publickey=public.decode("ascii"), curve_secretkey=secret.decode("ascii"))
@@ -142,8 +146,9 @@ def engine_file(work_dir: str, engine_id: int | str) -> str:
     return os.path.join(work_dir, f"engine-{engine_id}.json")
 
 
-def write_engine_files(work_dir: str, n: int, ip: str = "127.0.0.1",
-                       transport_encryption: str | None = None) -> list[str]:
+def write_engine_files(
+    work_dir: str, n: int, ip: str = "127.0.0.1", transport_encryption: str | None = None
+) -> list[str]:
     """Pre-write ``engine-{i}.json`` for i in range(n): fresh key, ports 0, mode 0600, and a
     CurveZMQ key pair when the encryption policy for ``ip`` asks for one."""
     policy = encryption_policy(transport_encryption, "0.0.0.0" if ip in ("*", "") else ip)
@@ -217,8 +222,11 @@ def remote_path_word(path: str, what: str = "python") -> str:
     if m:
         return '"$HOME"' + (shlex.quote(m.group(2)) if m.group(2) else "")
     if path.startswith("~") or "$" in path or "`" in path:
-        raise ConfigError(f"{what}={path!r}: only a leading ~, $HOME or ${{HOME}} is expanded on the "
-                          "engines' host; give an absolute path", what)
+        raise ConfigError(
+            f"{what}={path!r}: only a leading ~, $HOME or ${{HOME}} is expanded on the "
+            "engines' host; give an absolute path",
+            what,
+        )
     return shlex.quote(path)
 
 
@@ -259,7 +267,11 @@ def controller_addresses() -> str:
 
     out = []
     for addrs in psutil.net_if_addrs().values():
-        out += [a.address for a in addrs if a.family == socket.AF_INET and not a.address.startswith("127.")]
+        out += [
+            a.address
+            for a in addrs
+            if a.family == socket.AF_INET and not a.address.startswith("127.")
+        ]
     return ",".join(out)
 
 
@@ -294,7 +306,9 @@ async def run_command(
     rc = proc.returncode
     out_s, err_s = out.decode(errors="replace"), err.decode(errors="replace")
     if check and rc != 0:
-        raise LauncherError(f"{' '.join(cmd[:3])}... exited with {rc}: {err_s.strip() or out_s.strip()}")
+        raise LauncherError(
+            f"{' '.join(cmd[:3])}... exited with {rc}: {err_s.strip() or out_s.strip()}"
+        )
     return rc, out_s, err_s
 
 
@@ -411,8 +425,11 @@ class Launcher(abc.ABC):
 
     async def restart(self, ids: Iterable[int]) -> dict[int, dict]:
         """Fresh kernels for engines ``ids``; their new connection info by id."""
-        raise LauncherError(f"engines started by the {self.name!r} launcher cannot be restarted one "
-                            "by one; stop the cluster and start a new one", method="restart")
+        raise LauncherError(
+            f"engines started by the {self.name!r} launcher cannot be restarted one "
+            "by one; stop the cluster and start a new one",
+            method="restart",
+        )
 
     async def retry_after_clash(self, eid: int) -> dict | None:
         """When engine ``eid`` died because another process took one of its ports, start it
@@ -426,10 +443,15 @@ class Launcher(abc.ABC):
 
     def engine_meta(self) -> dict[int, dict]:
         """Per engine id: kernel_name (= group), pid and host, as far as the launcher knows."""
-        return {i: {"group": info.get("kernel_name") or self.kernel_name or "python3",
-                    "kernel_name": info.get("kernel_name") or self.kernel_name or "python3",
-                    "pid": info.get("pid"), "host": info.get("hostname") or info.get("ssh_host")}
-                for i, info in enumerate(self.engines)}
+        return {
+            i: {
+                "group": info.get("kernel_name") or self.kernel_name or "python3",
+                "kernel_name": info.get("kernel_name") or self.kernel_name or "python3",
+                "pid": info.get("pid"),
+                "host": info.get("hostname") or info.get("ssh_host"),
+            }
+            for i, info in enumerate(self.engines)
+        }
 
     @abc.abstractmethod
     def kill_now(self) -> None:
@@ -442,7 +464,9 @@ class Launcher(abc.ABC):
 
     @classmethod
     def from_dict(cls, data: dict) -> Launcher:
-        raise LauncherError(f"launcher {cls.name!r} cannot be restored from a cluster file", method="restore")
+        raise LauncherError(
+            f"launcher {cls.name!r} cannot be restored from a cluster file", method="restore"
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} n={self.n}>"

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, TargetsError
-from .base import Launcher, LauncherError, encryption_policy, engine_environment, exit_reason, make_work_dir
+from .base import (
+    Launcher,
+    LauncherError,
+    encryption_policy,
+    engine_environment,
+    exit_reason,
+    make_work_dir,
+)
 
 #: ``_execute_sleep=0``: ipykernel sleeps 0.5 ms after every execute so that clients which do
 #: not wait for ``status: idle`` see the output first; the controller always waits for idle.
@@ -67,23 +74,35 @@ class LocalLauncher(Launcher):
     name = "local"
     can_restart = True
 
-    def __init__(self, n: int | None = None, *, kernel_names: dict[int, str] | None = None,
-                 work_dir: str | os.PathLike | None = None, tag: str | None = None,
-                 kernel_args: Iterable[str] | None = None, shutdown_wait: float = 3.0,
-                 transport: str | None = None, **kw: Any):
+    def __init__(
+        self,
+        n: int | None = None,
+        *,
+        kernel_names: dict[int, str] | None = None,
+        work_dir: str | os.PathLike | None = None,
+        tag: str | None = None,
+        kernel_args: Iterable[str] | None = None,
+        shutdown_wait: float = 3.0,
+        transport: str | None = None,
+        **kw: Any,
+    ):
         env = kw.pop("env", None)
         if kernel_names:
             n = len(kernel_names)
         super().__init__(4 if n is None else n, **kw)  # 4 engines by default
         self.kernel_name = self.kernel_name or "python3"
-        self.kernel_names = dict(kernel_names) if kernel_names else dict.fromkeys(range(self.n), self.kernel_name)
+        self.kernel_names = (
+            dict(kernel_names) if kernel_names else dict.fromkeys(range(self.n), self.kernel_name)
+        )
         self.base_env = None if env is None else dict(env)
         self.work_dir_base = None if work_dir is None else str(work_dir)
         self.tag = tag or f"local-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.kernel_args = None if kernel_args is None else list(kernel_args)
         self.shutdown_wait = shutdown_wait
         if transport not in (None, "ipc", "tcp"):
-            raise ConfigError(f"transport must be None, 'ipc' or 'tcp', not {transport!r}", "transport")
+            raise ConfigError(
+                f"transport must be None, 'ipc' or 'tcp', not {transport!r}", "transport"
+            )
         #: 'ipc': unix sockets in the 0700 directory, so no other local user can connect (a
         #: TCP port on loopback, IOPub above all, is open to every user of the machine); None
         #: (default): 'ipc' where unix sockets exist and the paths fit, else 'tcp'
@@ -137,8 +156,10 @@ class LocalLauncher(Launcher):
     def _new_manager(self, eid: int) -> Any:
         from jupyter_client.manager import AsyncKernelManager
 
-        km = AsyncKernelManager(kernel_name=self.kernel_names[eid],
-                                connection_file=os.path.join(self._dir(), f"engine-{self.tag}-{eid}.json"))
+        km = AsyncKernelManager(
+            kernel_name=self.kernel_names[eid],
+            connection_file=os.path.join(self._dir(), f"engine-{self.tag}-{eid}.json"),
+        )
         km.session.key = self.key.encode()
         km.shutdown_wait_time = self.shutdown_wait
         ipc = self._ipc_prefix(eid)
@@ -147,11 +168,16 @@ class LocalLauncher(Launcher):
         if ipc is None and self.transport is None and self.transport_encryption is None:
             # no unix socket possible: loopback TCP, whose IOPub port every local user can
             # subscribe to without a key, so encrypt by default (the kernelspec permitting)
-            log.warning("engine %s: no unix socket path fits (TMPDIR too long); using loopback TCP "
-                        "with CurveZMQ encryption where the kernelspec supports it", eid)
+            log.warning(
+                "engine %s: no unix socket path fits (TMPDIR too long); using loopback TCP "
+                "with CurveZMQ encryption where the kernelspec supports it",
+                eid,
+            )
             km.transport_encryption = "auto"
         else:
-            km.transport_encryption = encryption_policy(self.transport_encryption, "127.0.0.1" if ipc else km.ip)
+            km.transport_encryption = encryption_policy(
+                self.transport_encryption, "127.0.0.1" if ipc else km.ip
+            )
         self.managers[eid] = km
         return km
 
@@ -169,8 +195,11 @@ class LocalLauncher(Launcher):
         if _fits(prefix):
             return prefix
         if self.transport == "ipc":
-            raise LauncherError(f"transport='ipc': the socket path {prefix!r} is too long for a unix "
-                                "socket; set TMPDIR or JUPYTER_RUNTIME_DIR to a shorter directory", eid)
+            raise LauncherError(
+                f"transport='ipc': the socket path {prefix!r} is too long for a unix "
+                "socket; set TMPDIR or JUPYTER_RUNTIME_DIR to a shorter directory",
+                eid,
+            )
         return None
 
     def _socket_dir(self) -> str:
@@ -195,24 +224,34 @@ class LocalLauncher(Launcher):
         env = self.environment()
         for eid in self.kernel_names:
             self._new_manager(eid)
-        start = asyncio.gather(*(self._start_kernel(eid, km, env) for eid, km in self.managers.items()),
-                               return_exceptions=True)
+        start = asyncio.gather(
+            *(self._start_kernel(eid, km, env) for eid, km in self.managers.items()),
+            return_exceptions=True,
+        )
         try:
             results = await asyncio.wait_for(start, self.startup_timeout)
         except asyncio.TimeoutError:
-            raise LauncherError(f"local launcher: kernels not started within {self.startup_timeout:g} s") from None
+            raise LauncherError(
+                f"local launcher: kernels not started within {self.startup_timeout:g} s"
+            ) from None
         for eid, res in zip(list(self.managers), results):
             if isinstance(res, NoSuchKernel):
                 names = sorted(KernelSpecManager().find_kernel_specs())
-                raise ConfigError(f"no kernelspec named {self.kernel_names[eid]!r}; available: {names}",
-                                  "kernel_name") from None
+                raise ConfigError(
+                    f"no kernelspec named {self.kernel_names[eid]!r}; available: {names}",
+                    "kernel_name",
+                ) from None
             if isinstance(res, BaseException):
-                raise LauncherError(f"engine {eid} failed to start: {res}\n{self.log_tail(eid)}", eid) from res
+                raise LauncherError(
+                    f"engine {eid} failed to start: {res}\n{self.log_tail(eid)}", eid
+                ) from res
         await asyncio.sleep(0)
         for eid in self.managers:  # an engine that died at once: report its own stderr
             reason = self.liveness(eid)()
             if reason:
-                raise LauncherError(f"engine {eid} {reason} during startup; its output:\n{self.log_tail(eid)}", eid)
+                raise LauncherError(
+                    f"engine {eid} {reason} during startup; its output:\n{self.log_tail(eid)}", eid
+                )
         return [self.connection_info(eid) for eid in sorted(self.managers)]
 
     def connection_info(self, eid: int) -> dict:
@@ -223,8 +262,12 @@ class LocalLauncher(Launcher):
         info.pop("curve_secretkey", None)
         if isinstance(info.get("curve_publickey"), bytes):
             info["curve_publickey"] = info["curve_publickey"].decode("ascii")
-        info.update(engine_id=eid, pid=getattr(km.provisioner, "pid", None), hostname=socket.gethostname(),
-                    kernel_name=self.kernel_names[eid])
+        info.update(
+            engine_id=eid,
+            pid=getattr(km.provisioner, "pid", None),
+            hostname=socket.gethostname(),
+            kernel_name=self.kernel_names[eid],
+        )
         return info
 
     def _refresh(self, eid: int) -> dict:
@@ -274,18 +317,26 @@ class LocalLauncher(Launcher):
     async def interrupt(self, ids: Iterable[int] | None = None) -> None:
         """Through the kernel managers: a signal or a message, as each kernelspec says."""
         targets = list(self.managers) if ids is None else [i for i in ids if i in self.managers]
-        results = await asyncio.gather(*(self.managers[i].interrupt_kernel() for i in targets),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(self.managers[i].interrupt_kernel() for i in targets), return_exceptions=True
+        )
         for eid, res in zip(targets, results):  # one engine's failure must not stop the others,
             if isinstance(res, BaseException):  # nor go unseen
                 log.warning("could not interrupt engine %s: %s: %s", eid, type(res).__name__, res)
 
     def engine_meta(self) -> dict[int, dict]:
         host = socket.gethostname()
-        return {eid: {"group": self.kernel_names[eid], "kernel_name": self.kernel_names[eid],
-                      "pid": getattr(km.provisioner, "pid", None), "host": host,
-                      "connection_file": km.connection_file, "log_file": str(self.log_file(eid))}
-                for eid, km in self.managers.items()}
+        return {
+            eid: {
+                "group": self.kernel_names[eid],
+                "kernel_name": self.kernel_names[eid],
+                "pid": getattr(km.provisioner, "pid", None),
+                "host": host,
+                "connection_file": km.connection_file,
+                "log_file": str(self.log_file(eid)),
+            }
+            for eid, km in self.managers.items()
+        }
 
     # ------------------------------------------------------------------ stopping
     async def stop(self, timeout: float | None = None) -> None:
@@ -314,8 +365,11 @@ class LocalLauncher(Launcher):
         self.managers.clear()
         self._remove_files()
         if left:
-            raise LauncherError("local launcher: kernels still running after stop: pids "
-                                + ", ".join(str(km.provisioner.pid) for km in left), method="stop")
+            raise LauncherError(
+                "local launcher: kernels still running after stop: pids "
+                + ", ".join(str(km.provisioner.pid) for km in left),
+                method="stop",
+            )
 
     @staticmethod
     def _running(km: Any) -> bool:
@@ -340,8 +394,13 @@ class LocalLauncher(Launcher):
         self._remove_files()
 
     def to_dict(self) -> dict:
-        return {"launcher": self.name, "n": self.n, "kernel_name": self.kernel_name,
-                "pids": [e.get("pid") for e in self.engines], "hostname": socket.gethostname()}
+        return {
+            "launcher": self.name,
+            "n": self.n,
+            "kernel_name": self.kernel_name,
+            "pids": [e.get("pid") for e in self.engines],
+            "hostname": socket.gethostname(),
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> LocalLauncher:

@@ -77,7 +77,9 @@ class MPILauncher(Launcher):
         startup_timeout: float | None = 60.0,
         **kw,
     ):
-        super().__init__(4 if n is None else n, startup_timeout=startup_timeout, **kw)  # 4 engines by default, like local
+        super().__init__(
+            4 if n is None else n, startup_timeout=startup_timeout, **kw
+        )  # 4 engines by default, like local
         self.python = python or sys.executable
         self.mpiexec = mpiexec or "mpiexec"
         self.mpiexec_args = list(mpiexec_args)
@@ -268,7 +270,10 @@ class MPILauncher(Launcher):
         self = cls(data["n"])
         # mpiexec's group is signalled only if the pid still is that mpiexec (never by pid alone;
         # the cluster file records its identity); otherwise only ranks verified by command line
-        if data.get("hostname") == socket.gethostname() and same_process(data.get("identity"))[0] is not None:
+        if (
+            data.get("hostname") == socket.gethostname()
+            and same_process(data.get("identity"))[0] is not None
+        ):
             self.pid = data.get("pid")
         self.work_dir = data.get("work_dir")
         self.started = data.get("started")

@@ -43,8 +43,17 @@ DEFAULT_TEMPLATE = """#!/bin/bash
 """
 
 TERMINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-    "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "SPECIAL_EXIT",
+    "REVOKED",
 }
 
 
@@ -110,13 +119,23 @@ class SlurmLauncher(Launcher):
         if self.mpi:
             args.append(f"--mpi={self.mpi}")
         args += self.srun_args
-        rest = ["-m", "ipy_multiengine.engine_main",
-                "--connection-file", engine_file(self.work_dir, "{engine_id}"),
-                "--mpi", "yes" if self.mpi else "auto"]
+        rest = [
+            "-m",
+            "ipy_multiengine.engine_main",
+            "--connection-file",
+            engine_file(self.work_dir, "{engine_id}"),
+            "--mpi",
+            "yes" if self.mpi else "auto",
+        ]
         if self.kernel_args:
             rest += ["--", *self.kernel_args]
-        return " ".join([*(shlex.quote(a) for a in args), remote_path_word(self.python),
-                         *(shlex.quote(a) for a in rest)])
+        return " ".join(
+            [
+                *(shlex.quote(a) for a in args),
+                remote_path_word(self.python),
+                *(shlex.quote(a) for a in rest),
+            ]
+        )
 
     def script(self) -> str:
         lines = []
@@ -151,8 +170,9 @@ class SlurmLauncher(Launcher):
 
         with open_private(script_path, "w") as f:
             f.write(self.script())
-        _, out, _ = await run_command([self.sbatch, "--parsable", script_path],
-                                      env=self.env_for_commands(), timeout=60)
+        _, out, _ = await run_command(
+            [self.sbatch, "--parsable", script_path], env=self.env_for_commands(), timeout=60
+        )
         self.job_id = out.strip().split(";")[0]
         try:
             return await wait_for_engines(
@@ -160,15 +180,20 @@ class SlurmLauncher(Launcher):
             )
         except EngineStartTimeout as exc:  # the template then cancels the job
             state = await self.job_state()
-            raise EngineStartTimeout(f"{exc}; the job was {state or 'gone'} (now cancelled)",
-                                     exc.missing) from None
+            raise EngineStartTimeout(
+                f"{exc}; the job was {state or 'gone'} (now cancelled)", exc.missing
+            ) from None
 
     async def job_state(self) -> str | None:
         """``squeue``'s state of the job (e.g. ``RUNNING``, ``PENDING (Resources)``), or None."""
         if self.job_id is None:
             return None
-        rc, out, _ = await run_command([self.squeue, "-h", "-j", self.job_id, "-o", "%T %R"],
-                                       env=self.env_for_commands(), timeout=30, check=False)
+        rc, out, _ = await run_command(
+            [self.squeue, "-h", "-j", self.job_id, "-o", "%T %R"],
+            env=self.env_for_commands(),
+            timeout=30,
+            check=False,
+        )
         out = out.strip()
         if rc != 0 or not out:
             return None
@@ -178,7 +203,9 @@ class SlurmLauncher(Launcher):
 
     def _output_tail(self) -> str:
         try:
-            with open(os.path.join(self.work_dir, f"slurm-{self.job_id}.out"), errors="replace") as f:
+            with open(
+                os.path.join(self.work_dir, f"slurm-{self.job_id}.out"), errors="replace"
+            ) as f:
                 return f.read()[-2000:]
         except (OSError, TypeError):
             return ""
@@ -194,8 +221,9 @@ class SlurmLauncher(Launcher):
         control channels."""
         ids = None if ids is None else list(ids)
         if self.job_id and (ids is None or sorted(ids) == list(range(self.n))):
-            await run_command([self.scancel, "--signal=INT", self.job_id],
-                              env=self.env_for_commands(), timeout=30)
+            await run_command(
+                [self.scancel, "--signal=INT", self.job_id], env=self.env_for_commands(), timeout=30
+            )
             return
         await asyncio.gather(*(interrupt_via_control(self.engines[i]) for i in ids or ()))
 
@@ -219,8 +247,12 @@ class SlurmLauncher(Launcher):
                     break
                 await asyncio.sleep(0.2)
             else:
-                await run_command([self.scancel, "--full", "--signal=KILL", self.job_id],
-                                  env=env, timeout=30, check=False)
+                await run_command(
+                    [self.scancel, "--full", "--signal=KILL", self.job_id],
+                    env=env,
+                    timeout=30,
+                    check=False,
+                )
             self.job_id = None
         self._remove_files()
 
@@ -229,21 +261,37 @@ class SlurmLauncher(Launcher):
 
         if self.job_id is not None:
             try:
-                subprocess.run([self.scancel, self.job_id], env=self.env_for_commands(),
-                               capture_output=True, timeout=30)
+                subprocess.run(
+                    [self.scancel, self.job_id],
+                    env=self.env_for_commands(),
+                    capture_output=True,
+                    timeout=30,
+                )
             except (OSError, subprocess.SubprocessError):
                 pass
             self.job_id = None
         self._remove_files()
 
     def to_dict(self) -> dict:
-        return {"launcher": self.name, "n": self.n, "job_id": self.job_id, "work_dir": self.work_dir,
-                "env": self.env, "scancel": self.scancel, "squeue": self.squeue, "engines": self.engines}
+        return {
+            "launcher": self.name,
+            "n": self.n,
+            "job_id": self.job_id,
+            "work_dir": self.work_dir,
+            "env": self.env,
+            "scancel": self.scancel,
+            "squeue": self.squeue,
+            "engines": self.engines,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> SlurmLauncher:
-        self = cls(data["n"], env=data.get("env"), scancel=data.get("scancel", "scancel"),
-                   squeue=data.get("squeue", "squeue"))
+        self = cls(
+            data["n"],
+            env=data.get("env"),
+            scancel=data.get("scancel", "scancel"),
+            squeue=data.get("squeue", "squeue"),
+        )
         self.job_id, self.work_dir = data.get("job_id"), data.get("work_dir")
         self.engines = data.get("engines", [])
         return self

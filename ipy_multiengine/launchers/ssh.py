@@ -116,9 +116,13 @@ class SSHLauncher(Launcher):
             spec = {"n": spec} if isinstance(spec, int) else dict(spec)
             unknown = set(spec) - {"n", "python", "setup", "ssh_args", "env"}
             if unknown:
-                raise ConfigError(f"ssh launcher: unknown option(s) {sorted(unknown)} for host {host!r}", "hosts")
+                raise ConfigError(
+                    f"ssh launcher: unknown option(s) {sorted(unknown)} for host {host!r}", "hosts"
+                )
             if not isinstance(spec.get("n", 1), int) or spec.get("n", 1) < 1:
-                raise ConfigError(f"ssh launcher: host {host!r} needs a positive engine count", "hosts")
+                raise ConfigError(
+                    f"ssh launcher: host {host!r} needs a positive engine count", "hosts"
+                )
             spec.setdefault("n", 1)
             remote_path_word(spec.get("python", python), "python")  # a clear error up front
             self.hosts[host] = spec
@@ -146,7 +150,12 @@ class SSHLauncher(Launcher):
     def ssh_command(self, host: str, *extra: str) -> list[str]:
         cmd = [self.ssh, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
         if self.known_hosts:
-            cmd += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null"]
+            cmd += [
+                "-o",
+                f"UserKnownHostsFile={self.known_hosts}",
+                "-o",
+                "GlobalKnownHostsFile=/dev/null",
+            ]
         if self.identity_file:
             cmd += ["-i", self.identity_file, "-o", "IdentitiesOnly=yes"]
         cmd += self.ssh_args + list(self.hosts.get(host, {}).get("ssh_args", ())) + list(extra)
@@ -159,8 +168,15 @@ class SSHLauncher(Launcher):
         setup = spec.get("setup", self.setup)
         env = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", **self.env, **spec.get("env", {})}
         line = " ".join(
-            ["exec", "env", *(shlex.quote(f"{k}={v}") for k, v in env.items()),
-             remote_path_word(python), "-m", "ipy_multiengine.engine_main", *map(shlex.quote, args)]
+            [
+                "exec",
+                "env",
+                *(shlex.quote(f"{k}={v}") for k, v in env.items()),
+                remote_path_word(python),
+                "-m",
+                "ipy_multiengine.engine_main",
+                *map(shlex.quote, args),
+            ]
         )
         return f"{setup}; {line}" if setup.strip() else line
 
@@ -179,7 +195,9 @@ class SSHLauncher(Launcher):
                 raise
 
         results = await asyncio.gather(*(one(i) for i in range(self.n)), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, _NotStarted)]
+        errors = [
+            r for r in results if isinstance(r, BaseException) and not isinstance(r, _NotStarted)
+        ]
         if errors:
             for r in errors:
                 if not isinstance(r, Exception):
@@ -201,10 +219,21 @@ class SSHLauncher(Launcher):
     async def _start_engine_now(self, eid: int) -> dict:
         host = self.placement[eid]
         # the kernel listens on the remote loopback (reached through ssh): encrypted when asked
-        info = add_curve_keys(new_connection_info("127.0.0.1", self.kernel_name or ""),
-                              encryption_policy(self.transport_encryption, "127.0.0.1"))
+        info = add_curve_keys(
+            new_connection_info("127.0.0.1", self.kernel_name or ""),
+            encryption_policy(self.transport_encryption, "127.0.0.1"),
+        )
         timeout = self.startup_timeout or 3600.0
-        args = ["--stdin", "--detach", "--engine-id", str(eid), "--mpi", "no", "--timeout", str(timeout)]
+        args = [
+            "--stdin",
+            "--detach",
+            "--engine-id",
+            str(eid),
+            "--mpi",
+            "no",
+            "--timeout",
+            str(timeout),
+        ]
         if self.kernel_args:
             args += ["--", *self.kernel_args]
         cmd = self.ssh_command(host) + [self.remote_command(host, *args)]
@@ -219,14 +248,18 @@ class SSHLauncher(Launcher):
         report = None
         for line in out.splitlines():
             if line.startswith(READY_PREFIX):
-                report = json.loads(line[len(READY_PREFIX):])
+                report = json.loads(line[len(READY_PREFIX) :])
         if rc != 0 or report is None:
             raise LauncherError(
                 f"ssh launcher: engine {eid} on {host} failed to start (ssh exit code {rc}): "
                 f"{(err or out).strip()[-2000:]}"
             )
         self.remote[eid] = {k: v for k, v in report.items() if k != "curve_secretkey"}
-        local = {k: v for k, v in connection_info(report).items() if k not in ("connection_file", "log_file")}
+        local = {
+            k: v
+            for k, v in connection_info(report).items()
+            if k not in ("connection_file", "log_file")
+        }
         local.update(await self._forward(eid, host, report))
         local["ip"] = "127.0.0.1"
         local["ssh_host"] = host
@@ -241,7 +274,13 @@ class SSHLauncher(Launcher):
             for name in self.PORTS:
                 forwards += ["-L", f"127.0.0.1:{local[name]}:127.0.0.1:{report[name]}"]
             cmd = self.ssh_command(
-                host, "-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=15", *forwards
+                host,
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-o",
+                "ServerAliveInterval=15",
+                *forwards,
             )
             proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -259,10 +298,14 @@ class SSHLauncher(Launcher):
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-                raise LauncherError(f"ssh launcher: port forward to engine {eid} on {host} timed out")
+                raise LauncherError(
+                    f"ssh launcher: port forward to engine {eid} on {host} timed out"
+                )
             last_error = (await proc.stderr.read()).decode(errors="replace").strip()
             self.forwarders[eid] = None
-        raise LauncherError(f"ssh launcher: cannot forward the ports of engine {eid} on {host}: {last_error}")
+        raise LauncherError(
+            f"ssh launcher: cannot forward the ports of engine {eid} on {host}: {last_error}"
+        )
 
     # ------------------------------------------------------------------ control
     def liveness(self, eid: int) -> None:
@@ -271,22 +314,26 @@ class SSHLauncher(Launcher):
         through the forwarder and so also notice when it exits."""
         return None
 
-    async def _remote_helper(self, eids: Iterable[int], *args: str,
-                             timeout: float = 30.0) -> dict[str, tuple[int, str]]:
+    async def _remote_helper(
+        self, eids: Iterable[int], *args: str, timeout: float = 30.0
+    ) -> dict[str, tuple[int, str]]:
         """Run ``engine_main ARGS --stdin`` once per host for its engines among ``eids``, the
         [pid, connection file] pairs on stdin; returns host -> (exit code, message)."""
         by_host: dict[str, list] = {}
         for eid in eids:
             report = self.remote[eid] if eid < len(self.remote) else None
             if report:
-                by_host.setdefault(self.placement[eid], []).append([report["pid"], report["connection_file"]])
+                by_host.setdefault(self.placement[eid], []).append(
+                    [report["pid"], report["connection_file"]]
+                )
 
         async def one(host: str, pairs: list) -> tuple[int, str]:
             cmd = self.ssh_command(host) + [self.remote_command(host, *args, "--stdin")]
             try:
                 async with self._gate(host):
-                    rc, out, err = await run_command(cmd, input=json.dumps(pairs).encode(),
-                                                     timeout=timeout, check=False)
+                    rc, out, err = await run_command(
+                        cmd, input=json.dumps(pairs).encode(), timeout=timeout, check=False
+                    )
             except asyncio.TimeoutError:
                 return -1, f"ssh to {host} timed out"
             return rc, (err or out).strip()
@@ -307,11 +354,15 @@ class SSHLauncher(Launcher):
         """Stop every engine over ssh (one connection per host) and end the forwarders; raises
         :class:`LauncherError` naming the hosts and engines that may still run when a remote
         stop failed (they stay recorded, so a second ``stop`` tries again)."""
-        results = await self._remote_helper(range(self.n), "--stop", "--timeout", str(timeout),
-                                             timeout=timeout + 30)
+        results = await self._remote_helper(
+            range(self.n), "--stop", "--timeout", str(timeout), timeout=timeout + 30
+        )
         failed_hosts = {host: msg for host, (rc, msg) in results.items() if rc != 0}
-        left = [eid for eid, report in enumerate(self.remote)
-                if report and self.placement[eid] in failed_hosts]
+        left = [
+            eid
+            for eid, report in enumerate(self.remote)
+            if report and self.placement[eid] in failed_hosts
+        ]
         self.remote = [r if i in left else None for i, r in enumerate(self.remote)]
         for i, proc in enumerate(self.forwarders):
             if proc is not None and proc.returncode is None:
@@ -324,19 +375,29 @@ class SSHLauncher(Launcher):
             self.forwarders[i] = None
         if left:
             raise LauncherError(
-                "ssh launcher: could not stop engine(s) " + ", ".join(map(str, left)) + ": "
+                "ssh launcher: could not stop engine(s) "
+                + ", ".join(map(str, left))
+                + ": "
                 + "; ".join(f"{host}: {msg or 'no answer'}" for host, msg in failed_hosts.items())
-                + " (they may still be running there)", method="stop")
+                + " (they may still be running there)",
+                method="stop",
+            )
 
     def kill_now(self) -> None:
         by_host: dict[str, list] = {}
         for eid, report in enumerate(self.remote):
             if report:
-                by_host.setdefault(self.placement[eid], []).append([report["pid"], report["connection_file"]])
+                by_host.setdefault(self.placement[eid], []).append(
+                    [report["pid"], report["connection_file"]]
+                )
         for host, pairs in by_host.items():
-            cmd = self.ssh_command(host) + [self.remote_command(host, "--stop", "--timeout", "1", "--stdin")]
+            cmd = self.ssh_command(host) + [
+                self.remote_command(host, "--stop", "--timeout", "1", "--stdin")
+            ]
             try:
-                subprocess.run(cmd, input=json.dumps(pairs).encode(), capture_output=True, timeout=20)
+                subprocess.run(
+                    cmd, input=json.dumps(pairs).encode(), capture_output=True, timeout=20
+                )
             except (OSError, subprocess.SubprocessError):
                 pass
         self.remote = [None] * self.n
@@ -364,9 +425,14 @@ class SSHLauncher(Launcher):
     @classmethod
     def from_dict(cls, data: dict) -> SSHLauncher:
         self = cls(
-            hosts=data["hosts"], python=data.get("python", "python3"), setup=data.get("setup", ""),
-            env=data.get("env"), ssh=data.get("ssh", "ssh"), ssh_args=data.get("ssh_args", ()),
-            known_hosts=data.get("known_hosts"), identity_file=data.get("identity_file"),
+            hosts=data["hosts"],
+            python=data.get("python", "python3"),
+            setup=data.get("setup", ""),
+            env=data.get("env"),
+            ssh=data.get("ssh", "ssh"),
+            ssh_args=data.get("ssh_args", ()),
+            known_hosts=data.get("known_hosts"),
+            identity_file=data.get("identity_file"),
         )
         self.remote = list(data.get("remote") or [None] * self.n)
         return self
