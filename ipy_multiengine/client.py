@@ -36,6 +36,7 @@ from .targets import resolve as resolve_targets
 
 if TYPE_CHECKING:
     from .balanced import BalancedMap
+    from .executor import EngineExecutor
     from .render import LiveOutput
 
 __all__ = [
@@ -717,6 +718,14 @@ class MultiEngineClient(Configurable):
             return ParallelFunction(Mapper(self, targets, block), f)
 
         return decorate
+
+    # ------------------------------------------------------------------ other interfaces
+    def executor(self, balanced: bool = True, targets: Any = None) -> EngineExecutor:
+        """A ``concurrent.futures.Executor`` whose tasks run on the target engines: to whichever
+        is free (``balanced``) or round robin (see ``executor.py``)."""
+        from .executor import EngineExecutor
+
+        return EngineExecutor(self, balanced=balanced, targets=targets)
 
     # ------------------------------------------------------------------ inspecting engines
     def status(self, live: bool = False, interval: float = 1.0) -> Any:
