@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,10 +29,8 @@ def _loop_future(fut: cf.Future, loop: asyncio.AbstractEventLoop) -> asyncio.Fut
     waiter = loop.create_future()
 
     def done(_fut: cf.Future) -> None:  # runs on the I/O thread: must not raise
-        try:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
             loop.call_soon_threadsafe(_wake, waiter)
-        except RuntimeError:  # the caller's loop is closed: nobody waits any more
-            pass
 
     fut.add_done_callback(done)
     return waiter

@@ -91,7 +91,8 @@ def test_await_in_a_notebook_cell_keeps_the_kernel_loop_running(cluster):
 
     nb = make_nb(
         [
-            f"from ipy_multiengine import client\nmec = client.MultiEngineClient({cluster.cluster_file!r})",
+            "from ipy_multiengine import client\n"
+            f"mec = client.MultiEngineClient({cluster.cluster_file!r})",
             "import asyncio, time\n"
             "ticks = 0\n"
             "async def ticker():\n"
