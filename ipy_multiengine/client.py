@@ -727,6 +727,15 @@ class MultiEngineClient(Configurable):
 
         return EngineExecutor(self, balanced=balanced, targets=targets)
 
+    def register_joblib_backend(
+        self, name: str = "ipy_multiengine", make_default: bool = False
+    ) -> None:
+        """Register the joblib backend ``name`` running ``joblib.Parallel`` on this client's
+        engines: ``with joblib.parallel_config(backend=name): ...`` (``joblib_backend.py``)."""
+        from .joblib_backend import register
+
+        register(self, name=name, make_default=make_default)
+
     # ------------------------------------------------------------------ inspecting engines
     def status(self, live: bool = False, interval: float = 1.0) -> Any:
         """A table of the engines: id, group, host, pid, idle/busy/dead, what runs and for how
