@@ -736,6 +736,29 @@ class MultiEngineClient(Configurable):
 
         register(self, name=name, make_default=make_default)
 
+    def become_dask(
+        self,
+        targets: Any = None,
+        host: str = "127.0.0.1",
+        nthreads: int = 1,
+        timeout: float = 60.0,
+        **worker_kwargs: Any,
+    ) -> Any:
+        """Start a dask scheduler (in this process) and one worker in each target engine; the
+        ``distributed.Client`` of that cluster. TLS-only, on 127.0.0.1 unless ``host=``
+        (``dask_bridge.py``); ``stop_dask()`` stops it."""
+        from . import dask_bridge
+
+        return dask_bridge.become_dask(
+            self, targets, host=host, nthreads=nthreads, timeout=timeout, **worker_kwargs
+        )
+
+    def stop_dask(self, timeout: float = 30.0) -> None:
+        """Stop the dask cluster of ``become_dask()``; the engines and their namespaces stay."""
+        from . import dask_bridge
+
+        dask_bridge.stop_dask(self, timeout=timeout)
+
     # ------------------------------------------------------------------ inspecting engines
     def status(self, live: bool = False, interval: float = 1.0) -> Any:
         """A table of the engines: id, group, host, pid, idle/busy/dead, what runs and for how
