@@ -16,7 +16,7 @@ pytest.importorskip("sklearn")
 
 from sklearn.datasets import load_iris  # noqa: E402
 from sklearn.model_selection import GridSearchCV, cross_val_score  # noqa: E402
-from sklearn.neighbors import KNeighborsClassifier  # noqa: E402
+from sklearn.tree import DecisionTreeClassifier  # noqa: E402
 
 import ipy_multiengine.joblib_backend  # noqa: E402, F401  (registers "ipy_multiengine")
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(90)
 # this module's helpers travel by value: the engines cannot import the tests
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-#: where PidKNN.fit notes the process it ran in (set by the tests; read on the engines)
+#: where PidTree.fit notes the process it ran in (set by the tests; read on the engines)
 LOG_DIR = ""
 
 
@@ -35,8 +35,9 @@ def pid(_x=None) -> int:
     return os.getpid()
 
 
-class PidKNN(KNeighborsClassifier):
-    """A k-NN classifier that notes the pid of the process each fit ran in."""
+class PidTree(DecisionTreeClassifier):
+    """A decision tree that notes the pid of the process each fit ran in (the docs' estimator
+    module: the engines import it once for both)."""
 
     def fit(self, X, y):
         import os
@@ -89,15 +90,15 @@ def test_client_and_targets_as_backend_parameters(mec, engine_pids):
 def test_grid_search_and_cross_val_score_on_the_engines(mec, engine_pids, tmp_path):
     global LOG_DIR
     X, y = load_iris(return_X_y=True)
-    grid = {"n_neighbors": [1, 3, 5, 7]}
-    serial = GridSearchCV(PidKNN(), grid, cv=3).fit(X, y)
-    serial_cv = cross_val_score(PidKNN(n_neighbors=5), X, y, cv=4)
+    grid = {"max_depth": [1, 2, 3, 4]}
+    serial = GridSearchCV(PidTree(random_state=0), grid, cv=3).fit(X, y)
+    serial_cv = cross_val_score(PidTree(max_depth=3, random_state=0), X, y, cv=4)
     LOG_DIR = str(tmp_path)
     two = set(mec.apply(pid, targets=[0, 1]))  # two engines: importing sklearn costs CPU each
     try:
         with joblib.parallel_config(backend="ipy_multiengine", targets=[0, 1]):
-            search = GridSearchCV(PidKNN(), grid, cv=3, n_jobs=-1).fit(X, y)
-            scores = cross_val_score(PidKNN(n_neighbors=5), X, y, cv=4, n_jobs=-1)
+            search = GridSearchCV(PidTree(random_state=0), grid, cv=3, n_jobs=-1).fit(X, y)
+            scores = cross_val_score(PidTree(max_depth=3, random_state=0), X, y, cv=4, n_jobs=-1)
     finally:
         LOG_DIR = ""
     ran = fit_pids(tmp_path)
