@@ -27,6 +27,7 @@ __all__ = ["become_dask", "stop_dask"]
 
 #: per client, its running dask cluster
 _bridges: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+log = logging.getLogger("ipy_multiengine")
 _lock = threading.Lock()
 
 
@@ -79,25 +80,32 @@ def become_dask(
         )
         try:
             address = cluster.scheduler_address
-            pr = mec.apply(
-                _start_worker,
-                address,
-                security,
-                nthreads,
-                host if host in ("127.0.0.1", "localhost", "::1") else None,
-                timeout,
-                worker_kwargs,
-                targets=eids,
-                block=False,
-            )
-            try:
-                pr.get_result(timeout=timeout + 5)
-            except BaseException:
-                _stop_workers(mec, eids, timeout)
-                raise
+            listen = host if host in ("127.0.0.1", "localhost", "::1") else None
+            started = [
+                mec.apply(
+                    _start_worker,
+                    address,
+                    security,
+                    nthreads,
+                    listen,
+                    f"engine-{eid}",
+                    timeout,
+                    worker_kwargs,
+                    targets=eid,
+                    block=False,
+                )
+                for eid in eids
+            ]
+            mec.barrier(started, timeout=timeout + 5)
+            for pr in started:
+                pr.get_result(block=False)  # a CompositeError naming the engine
             client = distributed.Client(cluster, security=security, timeout=timeout)
             client.wait_for_workers(len(eids), timeout=timeout)
         except BaseException:
+            try:  # whatever started: stopped, and the original error raised
+                _stop_workers(mec, eids, timeout)
+            except BaseException as exc:
+                log.warning("become_dask: stopping the workers after a failure: %s", exc)
             cluster.close()
             raise
     except BaseException:
@@ -146,12 +154,16 @@ def _start_worker(
     security: Any,
     nthreads: int,
     host: str | None,
+    name: str,
     timeout: float,
     kwargs: dict,
 ) -> dict:
-    """Runs in an engine: start a worker for ``address`` in a thread; its address and pid."""
+    """Runs in an engine: start a worker for ``address`` in a thread; its address and pid.
+    Its scratch space (spilled data) is a private directory (0700), removed by ``_stop_worker``.
+    """
     import asyncio
     import os
+    import tempfile
 
     from distributed import Worker
 
@@ -160,7 +172,10 @@ def _start_worker(
     # the worker's INFO lines (started, connected, closing) would be every later cell's stderr
     logging.getLogger("distributed").setLevel(logging.WARNING)
     ready = threading.Event()
-    box: dict[str, Any] = {}
+    box = _engine_worker  # filled by the worker's thread: seen by _stop_worker even if late
+    kwargs = dict(kwargs)
+    if "local_directory" not in kwargs:
+        box["scratch"] = kwargs["local_directory"] = tempfile.mkdtemp(prefix="ipme-dask-")
 
     async def main() -> None:
         try:
@@ -170,7 +185,7 @@ def _start_worker(
                 security=security,
                 host=host,
                 dashboard=False,
-                name=f"engine-{os.getpid()}",
+                name=name,
                 **kwargs,
             )
             box["worker"], box["loop"] = worker, asyncio.get_running_loop()
@@ -184,12 +199,16 @@ def _start_worker(
 
     thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
     thread.name = "ipy_multiengine-dask-worker"
+    box["thread"] = thread
     thread.start()
-    if not ready.wait(timeout):
-        raise TimeoutError(f"the dask worker did not start within {timeout:g} s")
+    started = ready.wait(timeout)
     if "error" in box:
-        raise box["error"]
-    _engine_worker.update(thread=thread, **box)
+        error = box["error"]
+        _remove_scratch(box)
+        box.clear()
+        raise error
+    if not started:
+        raise TimeoutError(f"the dask worker did not start within {timeout:g} s")
     return {"pid": os.getpid(), "address": box["worker"].address}
 
 
@@ -201,9 +220,20 @@ def _stop_worker(timeout: float) -> bool:
         return False
     state = dict(_engine_worker)
     _engine_worker.clear()
-    fut = asyncio.run_coroutine_threadsafe(state["worker"].close(), state["loop"])
-    fut.result(timeout)
-    state["thread"].join(timeout)
-    if state["thread"].is_alive():
-        raise TimeoutError(f"the dask worker thread did not end within {timeout:g} s")
+    try:
+        if "worker" in state:
+            fut = asyncio.run_coroutine_threadsafe(state["worker"].close(), state["loop"])
+            fut.result(timeout)
+        state["thread"].join(timeout)
+        if state["thread"].is_alive():
+            raise TimeoutError(f"the dask worker thread did not end within {timeout:g} s")
+    finally:
+        _remove_scratch(state)
     return True
+
+
+def _remove_scratch(state: dict) -> None:
+    import shutil
+
+    if state.get("scratch"):
+        shutil.rmtree(state["scratch"], ignore_errors=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -19,6 +20,10 @@ pytestmark = pytest.mark.timeout(120)
 
 # this module's helpers travel by value: the engines cannot import the tests
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+#: the workers' scratch directories, seen while the dask cluster runs
+SCRATCH: list[str] = []
 
 
 def user_names():
@@ -56,6 +61,13 @@ def test_only_tls_with_the_cluster_certificate_on_loopback(dask_client):
     assert address.startswith("tls://127.0.0.1:")
     workers = client.scheduler_info()["workers"]
     assert len(workers) == 4 and all(w.startswith("tls://127.0.0.1:") for w in workers)
+    assert sorted(w["name"] for w in workers.values()) == [f"engine-{e}" for e in range(4)]
+    # spilled data goes to a private directory of each worker (removed by stop_dask)
+    scratch = client.run(lambda dask_worker: dask_worker.local_directory)
+    for path in scratch.values():
+        private = [p for p in Path(path).parents if p.name.startswith("ipme-dask-")]
+        assert private and private[0].stat().st_mode & 0o077 == 0, path  # under a 0700 dir
+    SCRATCH.extend(scratch.values())
     # another local user without the certificate: plain TCP, or TLS with a certificate of
     # their own, is refused
     with pytest.raises((OSError, TimeoutError)):
@@ -83,6 +95,7 @@ def test_stop_dask_leaves_the_engines_as_they_were(dask_client):
     assert mec.apply(user_names) == before  # no names added by the bridge
     threads = mec.apply(lambda: [t.name for t in __import__("threading").enumerate()])
     assert not any("dask" in name.lower() for names in threads for name in names), threads
+    assert SCRATCH and not any(os.path.exists(p) for p in SCRATCH)  # removed
     mec["z"] = 5
     assert mec.pull("z") == [5] * 4  # still usable
     with pytest.raises(RuntimeError, match="no dask cluster"):
