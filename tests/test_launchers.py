@@ -451,6 +451,35 @@ def test_mpi_stop_leaves_no_process():
     assert not Path(RUNTIME, "ipy_multiengine", "cluster-test-mpi-stop.json").exists()
 
 
+@pytest.mark.timeout(120)
+def test_mpi_stop_kills_a_rank_that_ignores_shutdown_and_sigterm():
+    """A rank busy in code, ignoring SIGTERM: stop() asks, waits ``timeout``, SIGTERMs, waits,
+    then SIGKILLs mpiexec, Hydra's proxy and the rank (each found through psutil: mpiexec's
+    children, the rank by its command line), and returns within its bounds."""
+    c = Cluster(1, launcher="mpi", profile="test-mpi-stuck")
+    mec = c.start()
+    launcher = c.launcher
+    try:
+        work_dir = launcher.work_dir
+        mpiexec = psutil.Process(launcher.pid)
+        mec.execute("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)")
+        mec.execute("import time; time.sleep(600)", block=False)
+        tree = [mpiexec, *mpiexec.children(recursive=True)]
+        assert len(tree) >= 2 and len(engine_processes(work_dir)) == 2  # mpiexec + the rank
+        from ipy_multiengine import _loop  # white-box: the launcher API is async, run on its loop
+
+        t0 = time.monotonic()
+        _loop.run(launcher.stop(timeout=1.0), timeout=30)
+        took = time.monotonic() - t0
+        _, alive = psutil.wait_procs(tree, timeout=1)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+        assert not engine_processes(work_dir)
+        assert took < 1 + 1 + 1 + 2 + 3  # shutdown, mpiexec, TERM and KILL waits, slack
+        assert not os.path.exists(work_dir)
+    finally:
+        c.stop()
+
+
 def _group_or_other_bits(root: str) -> list[str]:
     """Regular files under ``root`` that anybody but their owner may read or write."""
     loose = []
