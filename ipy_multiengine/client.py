@@ -231,7 +231,8 @@ class MultiEngineClient(Configurable):
             from .clusterfile import NoOwner
 
             _cluster = NoOwner(_controller)
-        #: who owns the engines (an ``Owner``: a ``Cluster``, a proxy through the cluster file, or nobody)
+        #: who owns the engines (an ``Owner``: a ``Cluster``, a proxy through the cluster file, or
+        #: nobody)
         self.owner = _cluster
         self.cluster_file = _cluster.cluster_file
         self._meta = _cluster.engine_meta()
@@ -323,7 +324,8 @@ class MultiEngineClient(Configurable):
         if bad:
             what = "; ".join(f"engine {e} {why}" for e, why in bad)
             raise EngineError(
-                f"{what}: restart it with mec.restart({bad[0][0] if len(bad) == 1 else [e for e, _ in bad]}) "
+                f"{what}: restart it with "
+                f"mec.restart({bad[0][0] if len(bad) == 1 else [e for e, _ in bad]}) "
                 "or choose other targets",
                 bad[0][0],
             )
@@ -392,7 +394,11 @@ class MultiEngineClient(Configurable):
             # timeout, the frames were copies: _outgoing)
             if timeout is None and not self.return_before_send and not pr.wait_for_send(SEND_GRACE):
                 unsent = wait_sent(pr.futures, 0)
-                engines = [e for e, f in zip(pr.eids, pr.futures) if any(f is u for u in unsent)]
+                engines = [
+                    e
+                    for e, f in zip(pr.eids, pr.futures, strict=True)
+                    if any(f is u for u in unsent)
+                ]
                 warnings.warn(
                     f"{pr.method}: engines {engines} are still receiving what this call sent; "
                     "do not change those objects before mec.last.wait_for_send()",
@@ -421,7 +427,8 @@ class MultiEngineClient(Configurable):
         timeout: float | None = None,
         listener: Listener | None = None,
     ) -> Any:
-        """Run ``code`` on each target; blocking returns a ``ResultList``, else a ``PendingResult``."""
+        """Run ``code`` on each target; blocking returns a ``ResultList``, else a
+        ``PendingResult``."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         eids, block = self._prepare(targets, block)
@@ -507,7 +514,7 @@ class MultiEngineClient(Configurable):
         futures = self._comm(
             "pull", eids, [[]] * len(eids), {"names": list(names), "single": False}
         )
-        finish = lambda rs: list(zip(*_values(rs)))  # noqa: E731
+        finish = lambda rs: list(zip(*_values(rs), strict=True))  # noqa: E731
         return self._deliver(self._pending(futures, eids, "pull", finish), block, timeout)
 
     def push_function(
@@ -548,7 +555,8 @@ class MultiEngineClient(Configurable):
         block: bool | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """Split ``seq`` into contiguous parts, one per target in order, and push each as ``name``."""
+        """Split ``seq`` into contiguous parts, one per target in order, and push each as
+        ``name``."""
         if dist != "b":
             raise ValueError(
                 f"unknown distribution {dist!r}; only 'b' (contiguous blocks) is supported"
@@ -560,7 +568,7 @@ class MultiEngineClient(Configurable):
         offsets = [sum(len(q) for q in parts[:i]) for i in range(len(parts))]
         frames = [
             self._outgoing(_dumps_part(name, off, p), block, timeout)
-            for off, p in zip(offsets, parts)
+            for off, p in zip(offsets, parts, strict=True)
         ]
         futures = self._comm("push", eids, frames)
         return self._deliver(self._pending(futures, eids, "scatter", _nones), block, timeout)
@@ -605,7 +613,7 @@ class MultiEngineClient(Configurable):
         if not seqs:
             raise TypeError("map() needs at least one sequence")
         eids, block = self._prepare(targets, block)
-        items = list(zip(*seqs))
+        items = list(zip(*seqs, strict=False))  # like map(): the shortest sequence ends it
         if balanced:
             live = self._live(eids, block)
             bm = self._balanced(f, items, eids, chunksize, ordered, retries, live and live.listener)
@@ -637,7 +645,7 @@ class MultiEngineClient(Configurable):
             datas.append(a)
         futures = []
         live = self._live(eids, block)
-        for eid, fr, off in zip(eids, frames, datas):
+        for eid, fr, off in zip(eids, frames, datas, strict=True):
             futures += self._comm(
                 "map", [eid], [fr], {"offset": off}, listener=live and live.listener
             )
@@ -665,7 +673,7 @@ class MultiEngineClient(Configurable):
             raise TypeError("imap() needs at least one sequence")
         eids, _ = self._prepare(targets, None)
         deadline = None if timeout is None else time.monotonic() + timeout
-        bm = self._balanced(f, list(zip(*seqs)), eids, chunksize, ordered, retries)
+        bm = self._balanced(f, list(zip(*seqs, strict=False)), eids, chunksize, ordered, retries)
         return bm.iterate(deadline=deadline)  # from this call, not from the first next()
 
     def _balanced(
@@ -762,7 +770,7 @@ class MultiEngineClient(Configurable):
             progress=self._show_progress,
         )
         if not waiter.wait(timeout):
-            left = sorted({e for e, f in zip(eids, futures) if not f.done()})
+            left = sorted({e for e, f in zip(eids, futures, strict=True) if not f.done()})
             raise TimeoutError(
                 f"barrier not done after {timeout:g} s; still running on engines {left}"
             )
@@ -884,7 +892,10 @@ class MultiEngineClient(Configurable):
         self.close()
 
     def __repr__(self) -> str:
-        return f"<MultiEngineClient engines={self.get_ids()} targets={self.targets!r} block={self.block}>"
+        return (
+            f"<MultiEngineClient engines={self.get_ids()} targets={self.targets!r} "
+            f"block={self.block}>"
+        )
 
 
 def close_controller(controller: Controller) -> None:
@@ -906,7 +917,9 @@ def close_controller(controller: Controller) -> None:
 class EngineIds(list):
     """``get_ids()``: a plain list of ints whose repr also names the dead engines."""
 
-    dead: dict[int, str] = {}
+    def __init__(self, ids: Iterable[int] = (), dead: dict[int, str] | None = None) -> None:
+        super().__init__(ids)
+        self.dead: dict[int, str] = dict(dead or {})
 
     def __repr__(self) -> str:
         base = super().__repr__()

@@ -10,6 +10,7 @@ when the operation raises (a comm handler exception would otherwise produce no r
 from __future__ import annotations
 
 import collections
+import contextlib
 import dis
 import functools
 import os
@@ -96,7 +97,7 @@ def _op_pull(data: dict, frames: list) -> list:
     try:
         return serialize.dumps(values[0] if data.get("single") else values)
     except Exception as exc:
-        for name, value in zip(data["names"], values):
+        for name, value in zip(data["names"], values, strict=True):
             _check_sendable(f"{name!r}", value)
         raise TypeError(f"cannot send the pulled values back: {exc}") from exc
 
@@ -331,15 +332,15 @@ def _on_msg(comm: Any, msg: dict) -> None:
     except _ItemError as err:
         reply, frames = _error_reply(rid, err.exc, err.index)
     except BaseException as exc:
+        # a Ctrl-C of a load-balanced map stops it here: its next chunk, already queued on
+        # this engine, must not run for another chunk's time after the user pressed Ctrl-C
         if (
             isinstance(exc, KeyboardInterrupt)
             and data.get("op") == "map"
             and data.get("map") is not None
+            and data["map"] not in _interrupted_maps
         ):
-            # a Ctrl-C of a load-balanced map stops it here: its next chunk, already queued on
-            # this engine, must not run for another chunk's time after the user pressed Ctrl-C
-            if data["map"] not in _interrupted_maps:
-                _interrupted_maps.append(data["map"])
+            _interrupted_maps.append(data["map"])
         reply, frames = _error_reply(rid, exc, None)
     finally:
         _flush_pending_output()
@@ -389,7 +390,5 @@ def _flush_pending_output() -> None:
             stream, "_buffers", True
         ):
             continue  # an idle ipykernel OutStream: nothing to send
-        try:
+        with contextlib.suppress(Exception):
             stream.flush()
-        except Exception:
-            pass

@@ -158,7 +158,7 @@ class RemoteError(MultiEngineError):
 
     def _render_traceback_(self) -> list[str]:
         label = f"[{self.engine_id}:{self.method}]: " if self.engine_id is not None else ""
-        return [label + "Remote traceback:"] + self.render_traceback()
+        return [label + "Remote traceback:", *self.render_traceback()]
 
 
 class EngineError(MultiEngineError):
@@ -232,7 +232,8 @@ class CompositeError(MultiEngineError):
         return (type(self), (self.method, self.elist, self.results, self.collapse))
 
     def collapsed(self) -> CompositeError:
-        """This error, showing identical tracebacks once (a copy: context is given at construction)."""
+        """This error, showing identical tracebacks once (a copy: context is given at
+        construction)."""
         return type(self)(self.method, self.elist, self.results, collapse=True)
 
     def _message(self) -> str:
@@ -296,7 +297,7 @@ class CompositeError(MultiEngineError):
 
     def _render_traceback_(self) -> list[str]:
         head = f"CompositeError: {self._message()}"
-        return [head, ""] + self._tracebacks()
+        return [head, "", *self._tracebacks()]
 
 
 _EXEC_COUNT = re.compile(r"In ?\[\d+\]")

@@ -101,7 +101,7 @@ def _timeout_value(text: str) -> float | None:
 
 
 def _tick_progress(progress: ProgressBar, pr: Any) -> None:
-    waiting = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
+    waiting = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
     progress(len(pr.futures) - len(waiting), len(pr.futures), waiting)
 
 
@@ -163,7 +163,7 @@ class AutoPxTransformer:
             r"[=(\[.,:+\-*/%<>!&|^~@]", rest
         ):
             return lines  # automagic: `autopx`, `pxstatus`, `px code` (not `px = 1`, `px(...)`)
-        return ["%%px\n"] + lines
+        return ["%%px\n", *lines]
 
 
 # ---------------------------------------------------------------------- the magics
@@ -255,7 +255,10 @@ def _px_options(f: Any) -> Any:
             dest="group_outputs",
             choices=("engine", "order", "type"),
             default=None,
-            help="with --no-stream: by engine, in arrival order, or by type (stdout, stderr, displays, results)",
+            help=(
+                "with --no-stream: by engine, in arrival order, or by type (stdout, stderr, "
+                "displays, results)"
+            ),
         ),
         argument(
             "--collapse",
@@ -263,7 +266,10 @@ def _px_options(f: Any) -> Any:
             action="store_const",
             const=True,
             default=None,
-            help="show identical output of several engines once ([stdout:0-3]) and group identical tracebacks",
+            help=(
+                "show identical output of several engines once ([stdout:0-3]) and group "
+                "identical tracebacks"
+            ),
         ),
         argument("--no-collapse", dest="collapse", action="store_const", const=False),
         argument(
@@ -518,10 +524,11 @@ class ParallelMagics(Magics):
         if timed_out:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             renderer.finish()
-            left = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
+            left = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
             raise one_line(
                 MultiEngineTimeout(
-                    f"%px: engines {engine_range(left)} not done after {timeout:g} s; they keep running. "
+                    f"%px: engines {engine_range(left)} not done after {timeout:g} s; they keep "
+                    "running. "
                     "%result waits for the output; mec.interrupt() stops them"
                 )
             )
@@ -625,13 +632,13 @@ class ParallelMagics(Magics):
         self, mec: Any, pr: Any, events: queue.Queue, renderer: Renderer, progress: ProgressBar
     ) -> None:
         """Ctrl-C / notebook interrupt: interrupt the engines still running, show their output."""
-        running = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
+        running = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
         end = time.monotonic() + INTERRUPT_GRACE
         try:
             # An engine that has not started running the code yet ignores an interrupt (a kernel
             # only listens for SIGINT while it executes): repeat it for engines still busy with it.
             while True:
-                still = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
+                still = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
                 if still:
                     try:
                         mec.interrupt(still)
@@ -651,8 +658,11 @@ class ParallelMagics(Magics):
         if renderer.mode == "results":
             renderer.mode = "collect"  # there will be no Results List: show everything printed
         renderer.finish()
-        still = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
-        msg = f"%px: interrupted engine{'s' if len(running) != 1 else ''} {engine_range(running) or '-'}"
+        still = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
+        msg = (
+            f"%px: interrupted engine{'s' if len(running) != 1 else ''} "
+            f"{engine_range(running) or '-'}"
+        )
         if still:
             msg += f"; {engine_range(still)} still busy (%result waits for them)"
         print(msg, file=sys.stderr, flush=True)
@@ -754,7 +764,10 @@ class ParallelMagics(Magics):
         "--reset",
         action="store_true",
         default=False,
-        help="back to the configured defaults (the ParallelMagics traits: ipython_config.py, %%config)",
+        help=(
+            "back to the configured defaults (the ParallelMagics traits: ipython_config.py, "
+            "%%config)"
+        ),
     )
     @line_magic
     def pxconfig(self, line: str) -> None:
@@ -800,7 +813,8 @@ class ParallelMagics(Magics):
     # -- %autopx
     @line_magic
     def autopx(self, line: str = "") -> None:
-        """Toggle running every cell (or terminal input) on the engines, as if it began with ``%%px``."""
+        """Toggle running every cell (or terminal input) on the engines, as if it began with
+        ``%%px``."""
         if self.transformer.enabled:
             self.transformer.enabled = False
             print("Auto Parallel Disabled")
@@ -815,7 +829,8 @@ class ParallelMagics(Magics):
     @argument("--timeout", dest="timeout", default=None, metavar="S", help="wait at most S seconds")
     @line_magic
     def result(self, line: str = "") -> Any:
-        """The Results List of the last command run on the engines (waits if it is still running)."""
+        """The Results List of the last command run on the engines (waits if it is still
+        running)."""
         args = parse_argstring(self.result, line)
         mec = self.client()
         try:

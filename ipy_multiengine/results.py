@@ -1,8 +1,10 @@
-"""``PendingResult`` (a handle on a call in flight) and ``ResultList`` (what ``execute`` returns)."""
+"""``PendingResult`` (a handle on a call in flight) and ``ResultList`` (what ``execute``
+returns)."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -119,7 +121,8 @@ class PendingResult:
         return wait_sent(self.futures, 0) == []
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until ready or ``timeout`` seconds pass; Ctrl-C interrupts the engines and re-raises."""
+        """Wait until ready or ``timeout`` seconds pass; Ctrl-C interrupts the engines and
+        re-raises."""
         # one wait, one deadline: the progress bar is drawn by the same wait (issue 11.3)
         bar = self._progress(self) if self._progress is not None and not self.ready() else None
         try:
@@ -127,7 +130,7 @@ class PendingResult:
                 self.futures, timeout, progress=bar
             )  # answers engines' input() meanwhile
         except KeyboardInterrupt:
-            running = [e for e, f in zip(self.eids, self.futures) if not f.done()]
+            running = [e for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
             if self._on_interrupt is not None and running:
                 self._on_interrupt(running)
             raise
@@ -144,7 +147,7 @@ class PendingResult:
                 if not block:
                     return default
                 if not self.wait(timeout):
-                    left = [e for e, f in zip(self.eids, self.futures) if not f.done()]
+                    left = [e for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
                     raise TimeoutError(
                         f"{self.method} not finished after {timeout:g} s on engines {left}; "
                         "the result can still be collected later"
@@ -178,7 +181,7 @@ class PendingResult:
     def _collect(self) -> None:
         results: list[Any] = []
         errors: list[MultiEngineError] = []
-        for eid, fut in zip(self.eids, self.futures):
+        for eid, fut in zip(self.eids, self.futures, strict=True):
             exc = fut.exception()
             if exc is None:
                 results.append(fut.result())
@@ -271,8 +274,6 @@ def wait_sent(futures: list[cf.Future], timeout: float | None) -> list[cf.Future
         if not sent.done():
             cf.wait([sent, fut], step, return_when=cf.FIRST_COMPLETED)
             continue
-        try:
+        with contextlib.suppress(zmq.NotDone):
             sent.result().wait(step)
-        except zmq.NotDone:
-            pass
     return pending

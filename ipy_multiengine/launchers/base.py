@@ -402,7 +402,8 @@ class Launcher(abc.ABC):
         return None
 
     async def start(self) -> list[dict]:
-        """Start every engine; on any failure (Ctrl-C included) stop what was started, then raise."""
+        """Start every engine; on any failure (Ctrl-C included) stop what was started, then
+        raise."""
         try:
             self.engines = list(await self._start())
         except BaseException as exc:

@@ -14,6 +14,7 @@ and MPI is initialised in every engine, as with the mpi launcher.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import sys
@@ -213,7 +214,10 @@ class SlurmLauncher(Launcher):
     async def _problem(self) -> str | None:
         state = await self.job_state()
         if state is None or state.split()[0] in TERMINAL_STATES:
-            return f"the job ended ({state or 'no longer in squeue'}); its output:\n{self._output_tail()}"
+            return (
+                f"the job ended ({state or 'no longer in squeue'}); its "
+                f"output:\n{self._output_tail()}"
+            )
         return None
 
     async def interrupt(self, ids: Iterable[int] | None = None) -> None:
@@ -260,15 +264,13 @@ class SlurmLauncher(Launcher):
         import subprocess
 
         if self.job_id is not None:
-            try:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
                 subprocess.run(
                     [self.scancel, self.job_id],
                     env=self.env_for_commands(),
                     capture_output=True,
                     timeout=30,
                 )
-            except (OSError, subprocess.SubprocessError):
-                pass
             self.job_id = None
         self._remove_files()
 
