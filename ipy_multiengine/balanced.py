@@ -92,7 +92,7 @@ class BalancedMap:
         self._todo = collections.deque(range(len(self.chunks)))
         self._results: list[Any] = [None] * len(self.chunks)
         self._order: list[int] = []
-        self._tries = collections.Counter()
+        self._tries: collections.Counter[Any] = collections.Counter()
         self._inflight = {eid: 0 for eid in self.eids}
         self._alive = set(self.eids)
         self._lock = threading.RLock()  # a future may complete inside _fill

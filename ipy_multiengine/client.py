@@ -84,7 +84,7 @@ def shell_config() -> Config | None:
     return None if ip is None else ip.config
 
 
-def config_error(cls: type, exc: BaseException) -> ConfigError:
+def config_error(cls: type[Configurable], exc: BaseException) -> ConfigError:
     """A ``TraitError`` (or a validator's error) as a ``ConfigError`` naming ``Class.option``."""
     text = str(exc)
     name = next(
@@ -288,7 +288,7 @@ class MultiEngineClient(Configurable):
         """The ids of the engines, in order; dead ones are included and flagged in the repr
         (``[0, 1, 2, 3] (dead: 2 was killed by signal SIGKILL)``) and in ``.dead``."""
         ids = EngineIds(self._controller.ids)
-        ids.dead = {e: self._controller.dead(e) for e in ids if self._controller.dead(e)}
+        ids.dead = {e: why for e in ids if (why := self._controller.dead(e))}
         return ids
 
     @property
@@ -460,7 +460,9 @@ class MultiEngineClient(Configurable):
         eids, block = self._prepare(targets, block)
         frames = self._outgoing(_dumps_call(f, args, kwargs), block, timeout)
         live = self._live(eids, block)
-        futures = self._comm("apply", eids, [frames] * len(eids), listener=live and live.listener)
+        futures = self._comm(
+            "apply", eids, [frames] * len(eids), listener=live.listener if live else None
+        )
         return self._deliver(self._pending(futures, eids, "apply", _values), block, timeout, live)
 
     # ------------------------------------------------------------------ moving data
@@ -496,7 +498,7 @@ class MultiEngineClient(Configurable):
             if not isinstance(k, str):
                 raise TypeError(f"names to pull must be str, not {k!r}")
         eids, block = self._prepare(targets, block)
-        frames = [[]] * len(eids)
+        frames: list[list[Any]] = [[] for _ in eids]
         futures = self._comm("pull", eids, frames, {"names": keys, "single": single})
         return self._deliver(self._pending(futures, eids, "pull", _values), block, timeout)
 
@@ -616,7 +618,9 @@ class MultiEngineClient(Configurable):
         items = list(zip(*seqs, strict=False))  # like map(): the shortest sequence ends it
         if balanced:
             live = self._live(eids, block)
-            bm = self._balanced(f, items, eids, chunksize, ordered, retries, live and live.listener)
+            bm = self._balanced(
+                f, items, eids, chunksize, ordered, retries, live.listener if live else None
+            )
             pr = PendingResult(
                 [bm.future],
                 eids[:1],
@@ -647,7 +651,7 @@ class MultiEngineClient(Configurable):
         live = self._live(eids, block)
         for eid, fr, off in zip(eids, frames, datas, strict=True):
             futures += self._comm(
-                "map", [eid], [fr], {"offset": off}, listener=live and live.listener
+                "map", [eid], [fr], {"offset": off}, listener=live.listener if live else None
             )
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
         return self._deliver(

@@ -8,6 +8,7 @@ create time, command line) does not match the file.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import atexit
 import contextlib
@@ -23,6 +24,7 @@ import psutil
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Enum, Float, Integer, TraitError, Unicode
 from traitlets.config import Config, Configurable
+from traitlets.traitlets import MetaHasTraits
 
 from . import _loop
 from .client import CONFIGURED, config_error, shell_config
@@ -249,7 +251,7 @@ PORT_CLASH_RETRIES = 2
 MAX_AUTO_RESTARTS = 5
 
 
-class _OwnerConfigurableMeta(type(Owner), type(Configurable)):
+class _OwnerConfigurableMeta(abc.ABCMeta, MetaHasTraits):
     """``Owner`` is an ABC, ``Configurable`` a ``HasTraits``: one metaclass for both."""
 
 
@@ -494,6 +496,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         identity), a live one refuses."""
         if not self.shared:
             return embedded_file_path(self.cluster_id)
+        assert self.profile is not None and self._lock is not None  # shared: it has a profile
         path = cluster_file_path(self.profile)
         self._lock.acquire()
         try:
@@ -582,7 +585,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                             self.launcher.retry_after_clash(eid),
                             timeout=(self.startup_timeout or 3600) + 10,
                         )
-                    if info is None:
+                    if info is None or eid is None:
                         raise self._with_output(exc) from None
                     log.warning(
                         "engine %s lost a port to another process while starting; "

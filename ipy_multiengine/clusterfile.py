@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -190,7 +191,7 @@ def same_process(ident: dict | None) -> tuple[psutil.Process | None, str]:
     if abs(created - ident["create_time"]) > 0.05:
         return None, f"pid {pid} now belongs to another process (started at {time.ctime(created)})"
     if ident.get("cmdline") is not None and ident["cmdline"] != cmdline:
-        return None, f"pid {pid} now runs another command ({' '.join(cmdline)[:80]!r})"
+        return None, f"pid {pid} now runs another command ({' '.join(cmdline or [])[:80]!r})"
     return proc, ""
 
 
@@ -351,22 +352,26 @@ def liveness_probes(spec: dict) -> dict[int, Callable[[], str | None]]:
     """Process polls for the engines of ``spec`` that run on this host (by identity when the
     file records it, so a reused pid does not look alive)."""
     here = socket.gethostname()
-    probes = {}
+    probes: dict[int, Callable[[], str | None]] = {}
     for e in spec["engines"]:
         pid = e.get("pid")
         if pid and e.get("host", spec.get("host")) == here:
             if isinstance(e.get("create_time"), (int, float)):
                 ident = {"pid": pid, "host": here, "create_time": e["create_time"]}
-                probes[e["id"]] = lambda i=ident: (
-                    None
-                    if same_process(i)[0] is not None
-                    else f"exited (process {i['pid']} is gone)"
-                )
+                probes[e["id"]] = functools.partial(_gone_unless_same, ident)
             else:
-                probes[e["id"]] = lambda p=pid: (
-                    None if pid_alive(p) else f"exited (process {p} is gone)"
-                )
+                probes[e["id"]] = functools.partial(_gone_unless_alive, pid)
     return probes
+
+
+def _gone_unless_same(ident: dict) -> str | None:
+    return (
+        None if same_process(ident)[0] is not None else f"exited (process {ident['pid']} is gone)"
+    )
+
+
+def _gone_unless_alive(pid: int) -> str | None:
+    return None if pid_alive(pid) else f"exited (process {pid} is gone)"
 
 
 def engine_identity(e: dict, spec: dict) -> dict | None:
@@ -757,6 +762,8 @@ class FileOwner(Owner):
     """The owner of a cluster reached through its file (another process): restarts are owner
     requests, interrupts go over the engines' control channels, and engines its owner restarts
     by itself are followed (``follow_restart`` is the controller's ``on_dead``)."""
+
+    cluster_file: str  # always a file here
 
     def __init__(
         self, path: str | os.PathLike, controller: Any = None, spec: dict | None = None

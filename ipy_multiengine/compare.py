@@ -74,7 +74,7 @@ def _fetch(
             if targets is not None or any(isinstance(e, RemoteError) for e in err.elist):
                 raise
             # engines that died or began restarting during the call are skipped, with the reason
-            lost = {e.engine_id: str(e) for e in err.elist}
+            lost = {e.engine_id: str(e) for e in err.elist if e.engine_id is not None}
             keep = [(e, v) for e, v in zip(eids, err.results, strict=True) if e not in lost]
             return [e for e, _ in keep], [v for _, v in keep], {**skipped, **lost}
     raise AssertionError("unreachable")  # pragma: no cover

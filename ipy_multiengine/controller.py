@@ -624,7 +624,7 @@ class Controller:
                 try:
                     ctx.destroy(linger=0)
                 finally:
-                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                    loop.call_soon_threadsafe(_resolve, done)
 
             threading.Thread(target=term, name="ipy_multiengine-close", daemon=True).start()
             await asyncio.wait_for(done, CLOSE_LINGER_MS / 1000 + 2)
@@ -635,9 +635,9 @@ class Controller:
         task = asyncio.ensure_future(coro)
 
         def ended(t: asyncio.Task) -> None:
-            if t.cancelled() or t.exception() is None:
+            exc = None if t.cancelled() else t.exception()
+            if exc is None:
                 return
-            exc = t.exception()
             log.error(
                 "ipy_multiengine I/O task %s failed", getattr(coro, "__name__", coro), exc_info=exc
             )
@@ -1089,9 +1089,23 @@ class Controller:
             self._maybe_complete(conn, req)
 
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
-        out = {"stdout": "".join(req.stdout), "stderr": "".join(req.stderr), "outputs": req.outputs}
+        out: dict[str, Any] = {
+            "stdout": "".join(req.stdout),
+            "stderr": "".join(req.stderr),
+            "outputs": req.outputs,
+        }
         if data.get("status") == "ok":
-            self._finish(conn, req, value=CommReply(data, list(frames), **out))
+            self._finish(
+                conn,
+                req,
+                value=CommReply(
+                    data,
+                    list(frames),
+                    stdout=out["stdout"],
+                    stderr=out["stderr"],
+                    outputs=out["outputs"],
+                ),
+            )
         else:
             item = data.get("item")
             evalue = data.get("evalue", "")
@@ -1327,7 +1341,7 @@ class Controller:
         frames is a ``RequestFuture`` whose ``sent`` tells when zmq holds them (issue 11.2)."""
         if self._closed:
             raise EngineError("this client is closed")
-        futures = [
+        futures: list[Future] = [
             RequestFuture(track=track and bool(fr)) for _eid, fr in zip(eids, frames, strict=True)
         ]
 
@@ -1417,3 +1431,9 @@ def _short(code: str, width: int = 80) -> str:
 
 def _method(req: Request) -> str:
     return "execute" if req.kind == "execute" else (req.op or req.kind)
+
+
+def _resolve(fut: asyncio.Future[Any]) -> None:
+    """Set ``fut``'s result to None unless it is done already (a loop callback)."""
+    if not fut.done():
+        fut.set_result(None)

@@ -190,14 +190,15 @@ def _in_namespace(f: Any) -> tuple[Any, Callable[[], None]]:
     g = rebind(f)
     sent = [(o, dict(o)) for o in overlays.values()]
 
-    def commit() -> None:
+    def write_back() -> None:
         for overlay, before in sent:
             for name, value in overlay.items():
                 if not name.startswith("__") and (name not in before or before[name] is not value):
                     ns[name] = value
 
-    commit.functions, commit.overlays = list(rebound.values()), list(overlays.values())  # type: ignore[attr-defined]
-    return g, commit
+    write_back.functions = list(rebound.values())  # type: ignore[attr-defined]
+    write_back.overlays = list(overlays.values())  # type: ignore[attr-defined]
+    return g, write_back
 
 
 def _assigned_globals(code: types.CodeType) -> set[str]:

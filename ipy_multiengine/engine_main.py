@@ -145,7 +145,7 @@ def _route_to(host: str) -> str | None:
     except OSError:
         return None
     for *_, sockaddr in infos:
-        if _loopback(sockaddr[0]):
+        if _loopback(str(sockaddr[0])):
             continue
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:

@@ -36,10 +36,10 @@ from traitlets import Bool, Enum, Float, Integer, List, Unicode, Union, observe
 
 from . import client as _client_mod
 from . import stdin
-from .errors import CompositeError, MultiEngineError, NoClusterError
+from .errors import CompositeError, MultiEngineError, NoClusterError, TargetsError
 from .errors import TimeoutError as MultiEngineTimeout
 from .render import UPDATE_INTERVAL, ProgressBar, Renderer, in_notebook, live_printer, one_line
-from .targets import TargetsError, engine_range
+from .targets import engine_range
 from .targets import parse_targets as _parse_targets_raw
 from .targets import resolve as _resolve_targets
 
@@ -349,6 +349,12 @@ class ParallelMagics(Magics):
         "renders like a %%px cell.",
     ).tag(config=True)
 
+    @property
+    def _ip(self) -> Any:
+        """The shell these magics are registered with (set from construction on)."""
+        assert self.shell is not None
+        return self.shell
+
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)  # loads the shell's config (ipython_config.py) into the traits
         self.pxconfig_ = PxConfig.from_traits(self)
@@ -499,7 +505,7 @@ class ParallelMagics(Magics):
             self._run_local(code)
         if not block:
             if args.out:
-                self.shell.user_ns[args.out] = pr
+                self._ip.user_ns[args.out] = pr
             return pr
 
         for fut in pr.futures:
@@ -545,7 +551,7 @@ class ParallelMagics(Magics):
             raise
         renderer.finish()
         if args.out:
-            self.shell.user_ns[args.out] = result
+            self._ip.user_ns[args.out] = result
         return result if mode == "results" else None
 
     def _failed(self, err: CompositeError, args: Any, collapse: bool) -> CompositeError:
@@ -553,7 +559,7 @@ class ParallelMagics(Magics):
         if collapse:
             err = err.collapsed()
         if args.out:
-            self.shell.user_ns[args.out] = err
+            self._ip.user_ns[args.out] = err
         return err
 
     def _run_init(
@@ -584,7 +590,7 @@ class ParallelMagics(Magics):
         self.last = mec.last
         self._show_records(result, "results" if mode == "results" else "collect", group, collapse)
         if args.out:
-            self.shell.user_ns[args.out] = result
+            self._ip.user_ns[args.out] = result
         return result if mode == "results" else None
 
     def _show_records(self, records: list[dict], mode: str, group: str, collapse: bool) -> None:
@@ -671,7 +677,7 @@ class ParallelMagics(Magics):
         was = self.transformer.enabled
         self.transformer.enabled = False
         try:
-            self.shell.run_cell(code, store_history=False)
+            self._ip.run_cell(code, store_history=False)
         finally:
             self.transformer.enabled = was
 

@@ -9,12 +9,18 @@ from collections.abc import Callable
 from typing import Any
 
 from . import stdin
-from .errors import CompositeError, EngineError, MultiEngineError, RemoteError, TimeoutError
+from .errors import (
+    CompositeError,
+    EngineError,
+    EngineFailure,
+    RemoteError,
+    TimeoutError,
+)
 
 _UNSET = object()
 
 
-class ResultList(list):
+class ResultList(list[dict[str, Any]]):
     """One dict per engine, in target order, with the tutorial's repr::
 
         <Results List>
@@ -55,7 +61,7 @@ class ResultList(list):
         p.text(repr(self))
 
 
-def _rich(out: dict) -> str:
+def _rich(out: dict[str, Any]) -> str:
     """Name a display/result output by its MIME types (``''`` for a plain-text result)."""
     kind = out.get("output_type")
     data = out.get("data") or {}
@@ -84,7 +90,7 @@ class PendingResult:
 
     def __init__(
         self,
-        futures: list[cf.Future],
+        futures: list[cf.Future[Any]],
         eids: list[int],
         method: str,
         finish: Callable[[list[Any]], Any],
@@ -174,13 +180,13 @@ class PendingResult:
         return [_output(f, "stderr", "") for f in self.futures]
 
     @property
-    def outputs(self) -> list[list[dict]]:
+    def outputs(self) -> list[list[dict[str, Any]]]:
         """Per engine, the rich outputs (``display_data``, ...) as Jupyter message contents."""
         return [_output(f, "outputs", []) for f in self.futures]
 
     def _collect(self) -> None:
         results: list[Any] = []
-        errors: list[MultiEngineError] = []
+        errors: list[EngineFailure] = []
         for eid, fut in zip(self.eids, self.futures, strict=True):
             exc = fut.exception()
             if exc is None:
@@ -213,7 +219,7 @@ def _release_frames(replies: list[Any]) -> None:
             reply.frames = []
 
 
-def _output(fut: cf.Future, name: str, empty: Any) -> Any:
+def _output(fut: cf.Future[Any], name: str, empty: Any) -> Any:
     """``name`` (stdout/stderr/outputs) of a finished engine's reply, record or error record."""
     if not fut.done() or fut.cancelled():
         return empty
@@ -239,7 +245,7 @@ def _partial(result: Any) -> Any:
     return result
 
 
-def wait_sent(futures: list[cf.Future], timeout: float | None) -> list[cf.Future]:
+def wait_sent(futures: list[cf.Future[Any]], timeout: float | None) -> list[cf.Future[Any]]:
     """Wait until every request's outgoing buffers are out of zmq's hands (or the request
     failed: nothing more will be sent for it); the futures still sending when ``timeout``
     passes. Ctrl-C interrupts the wait (waits run in short slices)."""
@@ -250,7 +256,8 @@ def wait_sent(futures: list[cf.Future], timeout: float | None) -> list[cf.Future
     from ._loop import WAIT_SLICE
 
     deadline = None if timeout is None else time.monotonic() + timeout
-    pending = [f for f in futures if getattr(f, "sent", None) is not None]
+    # RequestFutures (controller) carry ``sent``: a future of the zmq tracker
+    pending: list[Any] = [f for f in futures if getattr(f, "sent", None) is not None]
     while pending:
         still = []
         for fut in pending:

@@ -115,7 +115,7 @@ def status_rows(client: Any) -> list[dict]:
     return rows
 
 
-def _fmt_bytes(n: int | None) -> str:
+def _fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "kB", "MB", "GB"):

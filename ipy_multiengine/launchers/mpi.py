@@ -125,7 +125,7 @@ class MPILauncher(Launcher):
             "-m",
             "ipy_multiengine.engine_main",
             "--connection-file",
-            engine_file(self.work_dir, "{engine_id}"),
+            engine_file(self.started_dir(), "{engine_id}"),
             "--mpi",
             "yes",
             *(["--", *self.kernel_args] if self.kernel_args else []),
@@ -162,10 +162,12 @@ class MPILauncher(Launcher):
         )
 
     def _output_tail(self, limit: int = 2000) -> str:
+        if self.output_path is None:
+            return ""
         try:
             with open(self.output_path, errors="replace") as f:
                 return f.read()[-limit:]
-        except (OSError, TypeError):
+        except OSError:
             return ""
 
     def _problem(self) -> str | None:

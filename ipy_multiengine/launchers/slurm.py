@@ -124,7 +124,7 @@ class SlurmLauncher(Launcher):
             "-m",
             "ipy_multiengine.engine_main",
             "--connection-file",
-            engine_file(self.work_dir, "{engine_id}"),
+            engine_file(self.started_dir(), "{engine_id}"),
             "--mpi",
             "yes" if self.mpi else "auto",
         ]
@@ -150,7 +150,7 @@ class SlurmLauncher(Launcher):
         return self.template.format(
             job_name=self.job_name,
             n=self.n,
-            output=os.path.join(self.work_dir, "slurm-%j.out"),
+            output=os.path.join(self.started_dir(), "slurm-%j.out"),
             sbatch_lines="\n".join(lines),
             setup=self.setup,
             srun_command=(self.setup + "\n" if self.setup else "") + self.srun_command(),
@@ -203,12 +203,14 @@ class SlurmLauncher(Launcher):
         return f"{state} ({reason})" if state == "PENDING" and reason else state
 
     def _output_tail(self) -> str:
+        if self.work_dir is None:
+            return ""
         try:
             with open(
                 os.path.join(self.work_dir, f"slurm-{self.job_id}.out"), errors="replace"
             ) as f:
                 return f.read()[-2000:]
-        except (OSError, TypeError):
+        except OSError:
             return ""
 
     async def _problem(self) -> str | None:

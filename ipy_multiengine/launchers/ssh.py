@@ -202,7 +202,7 @@ class SSHLauncher(Launcher):
                 if not isinstance(r, Exception):
                     raise r  # Ctrl-C, cancellation
             raise errors[0]
-        return list(results)
+        return [r for r in results if not isinstance(r, BaseException)]  # errors raised above
 
     def _gate(self, host: str) -> asyncio.Semaphore:
         if host not in self._gates:
@@ -298,6 +298,7 @@ class SSHLauncher(Launcher):
                 raise LauncherError(
                     f"ssh launcher: port forward to engine {eid} on {host} timed out"
                 )
+            assert proc.stderr is not None  # stderr=PIPE
             last_error = (await proc.stderr.read()).decode(errors="replace").strip()
             self.forwarders[eid] = None
         raise LauncherError(
@@ -396,7 +397,7 @@ class SSHLauncher(Launcher):
                 subprocess.run(
                     cmd, input=json.dumps(pairs).encode(), capture_output=True, timeout=20
                 )
-        self.remote = [None] * self.n
+        self.remote = [None for _ in range(self.n)]
         for proc in self.forwarders:
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
