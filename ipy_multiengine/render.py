@@ -558,20 +558,32 @@ def in_notebook(shell: Any = None) -> bool:
 
 class LiveOutput:
     """Shows what a blocking call's functions print or display, labelled by engine, while the
-    caller waits (``apply``, ``map``, ``@parallel``; ``%%px`` has its own ``Renderer`` loop).
+    caller waits (``apply``, ``map``, ``@parallel``, and ``%%px`` with its own ``Renderer``).
 
     ``listener`` runs on the controller's loop thread: it only queues the event (on this
     object) and posts a drain to the waiting user thread (``stdin.post``), which renders the
-    events in order with engines' input prompts. ``close`` shows what is left, itself, even
-    when another thread is busy serving the mailbox, and stops listening (output after a
-    timeout stays on the ``PendingResult``).
+    events in order with engines' input prompts; ``tick`` flushes throttled notebook updates
+    (the waiting thread's wait calls it every slice). ``close`` shows what is left, itself,
+    even when another thread is busy serving the mailbox, and stops listening (output after a
+    timeout stays on the ``PendingResult``). A ``LiveOutput`` made without a renderer (the
+    engines are known only once the call is sent) keeps the events until ``start(renderer)``.
     """
 
-    def __init__(self, eids: list[int]) -> None:
-        self.renderer = Renderer(list(eids), "stream", in_notebook())
+    def __init__(self, eids: list[int] | None = None, renderer: Renderer | None = None) -> None:
+        if renderer is None and eids is not None:
+            renderer = Renderer(list(eids), "stream", in_notebook())
+        self.renderer = renderer
         self.closed = False
         self._events: deque = deque()  # appended on the loop thread, taken in user threads
         self._lock = threading.Lock()  # any waiting thread may serve the posted drains
+
+    def start(self, renderer: Renderer) -> None:
+        """Render with ``renderer`` from now on (the events queued so far first)."""
+        from . import stdin
+
+        with self._lock:
+            self.renderer = renderer
+        stdin.post(self._drain)
 
     def listener(self, eid: int, mtype: str, content: dict) -> None:
         if self.closed or mtype == "error":  # a failing function is reported by the CompositeError
@@ -583,6 +595,8 @@ class LiveOutput:
 
     def _drain(self) -> None:
         with self._lock:
+            if self.renderer is None:
+                return
             while not self.closed:
                 try:
                     event = self._events.popleft()
@@ -590,6 +604,12 @@ class LiveOutput:
                     break
                 self.renderer.handle(*event)
             if not self.closed:
+                self.renderer.tick()
+
+    def tick(self) -> None:
+        """Flush throttled notebook updates (called by the waiting thread's wait, each slice)."""
+        with self._lock:
+            if not self.closed and self.renderer is not None:
                 self.renderer.tick()
 
     def close(self) -> None:
@@ -601,7 +621,8 @@ class LiveOutput:
             if not self.closed:
                 self.closed = True
                 self._events.clear()
-                self.renderer.finish()
+                if self.renderer is not None:
+                    self.renderer.finish()
 
 
 def live_printer(eid: int) -> Any:
