@@ -96,11 +96,6 @@ def _timeout_value(text: str) -> float | None:
     return value
 
 
-def _tick_progress(progress: ProgressBar, pr: Any) -> None:
-    waiting = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
-    progress(len(pr.futures) - len(waiting), len(pr.futures), waiting)
-
-
 # ---------------------------------------------------------------------- %autopx transformer
 class AutoPxTransformer:
     """``input_transformers_cleanup`` hook: prefix each cell with ``%%px`` while enabled.
@@ -494,14 +489,12 @@ class ParallelMagics(Magics):
         deadline = None if timeout is None else started + timeout
         try:
             timed_out = not self._wait(pr, live, progress, deadline)
-            if progress.bar is not None:
-                _tick_progress(progress, pr)  # the final count
         except KeyboardInterrupt:
             stdin.drop(pr.futures)  # no more prompts of this call: one Ctrl-C is enough
             self._interrupted(mec, pr, live, renderer, progress)
             raise one_line(KeyboardInterrupt()) from None
         finally:
-            progress.close()
+            progress.close(*pr.progress())  # the final count, then the bar ends
         if timed_out:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             live.close()  # what came so far; later output stays on the PendingResult
@@ -588,7 +581,7 @@ class ParallelMagics(Magics):
             pr.futures,
             deadline=deadline,
             tick=live.tick,
-            progress=lambda _done, _total: _tick_progress(progress, pr),
+            progress=lambda _done, _total: progress(*pr.progress()),
         )
 
     def _interrupted(
