@@ -25,6 +25,7 @@ from typing import Any
 
 from . import serialize, stdin
 from .errors import CompositeError, EngineError, RemoteError, TimeoutError
+from .results import Tally
 
 log = logging.getLogger("ipy_multiengine")
 
@@ -54,7 +55,12 @@ def dumps_chunk(f: Callable, offset: int, chunk: list[tuple], snapshot: bool = T
 
 
 class BalancedMap:
-    """One load-balanced map in flight; ``future`` resolves to the list of results."""
+    """One load-balanced map in flight; ``future`` resolves to the list of results.
+
+    Progress: ``tally`` (a ``results.Tally`` of items) is told ``start(eid)`` when a chunk is
+    sent to an engine and ``done(eid, n)`` when it ends with ``n`` items done (0 when it failed),
+    whatever the chunk sizes; the progress bars of ``map(balanced=True)`` and ``imap`` read it.
+    """
 
     def __init__(
         self,
@@ -67,6 +73,7 @@ class BalancedMap:
         retries: int = 1,
         depth: int = 2,
         listener: Callable[[int, str, dict], None] | None = None,
+        tally: Tally | None = None,
     ) -> None:
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
@@ -85,6 +92,7 @@ class BalancedMap:
         self._frames: list[list[Any] | None] = [
             dumps_chunk(f, off, chunk) for off, chunk in self.chunks
         ]
+        self.tally = tally if tally is not None else Tally(len(items))
         self.future: cf.Future = cf.Future()
         self.id = uuid.uuid4().hex  # on the engines, a Ctrl-C skips this map's queued chunks
         self._events: collections.deque = collections.deque()
@@ -146,6 +154,7 @@ class BalancedMap:
                 listener=self.listener,
             )[0]
             self._inflight[eid] += 1
+            self.tally.start(eid)
             fut.add_done_callback(lambda fu, eid=eid, ci=ci: self._done(eid, ci, fu))
 
     def _fail(self, err: BaseException) -> None:
@@ -174,6 +183,8 @@ class BalancedMap:
     def _on_done(self, eid: int, ci: int, fu: cf.Future) -> None:
         with self._lock:
             self._inflight[eid] -= 1
+            ok = not fu.cancelled() and fu.exception() is None
+            self.tally.done(eid, len(self.chunks[ci][1]) if ok and not self._stopped else 0)
             if self._stopped:
                 return
             exc = fu.exception()
@@ -204,15 +215,17 @@ class BalancedMap:
             else:
                 self._fail(exc)
 
-    def _next_event(self, deadline: float | None) -> Any:
+    def _next_event(self, deadline: float | None, progress: Any = None) -> Any:
         """The next event, waiting (the package's one wait: Ctrl-C, engines' input) until the
-        deadline; raises ``TimeoutError`` past it."""
+        deadline; raises ``TimeoutError`` past it. ``progress(done, total, busy)`` is drawn
+        from ``tally`` in each slice of the wait."""
+        draw = None if progress is None else (lambda _d, _t: progress(*self.tally.snapshot()))
         while True:
             with self._lock:
                 if self._events:
                     return self._events.popleft()
                 wake = self._wake
-            if not stdin.wait([wake], deadline=deadline):
+            if not stdin.wait([wake], deadline=deadline, progress=draw):
                 done = len(self._order)
                 raise TimeoutError(
                     f"imap not finished by its timeout: {done} of {len(self.chunks)} "
@@ -220,23 +233,26 @@ class BalancedMap:
                 )
 
     # -- iteration (caller's thread)
-    def iterate(self, timeout: float | None = None, deadline: float | None = None) -> Iterator[Any]:
+    def iterate(
+        self, timeout: float | None = None, deadline: float | None = None, progress: Any = None
+    ) -> Iterator[Any]:
         """Yield results as chunks complete (input order when ``ordered``); Ctrl-C stops the map,
         and so does ``timeout`` (seconds for the whole iteration, from this call: the generator's
         body runs only at the first ``next()``) or ``deadline`` (a ``time.monotonic()`` value)
-        with a ``TimeoutError``."""
+        with a ``TimeoutError``. ``progress``: a ``render.ProgressBar`` drawn while waiting and
+        closed at the end."""
         if timeout is not None:
             end = time.monotonic() + timeout
             deadline = end if deadline is None else min(deadline, end)
-        return self._iterate(deadline)
+        return self._iterate(deadline, progress)
 
-    def _iterate(self, deadline: float | None) -> Iterator[Any]:
+    def _iterate(self, deadline: float | None, progress: Any = None) -> Iterator[Any]:
         buffered: dict[int, list] = {}
         following = 0
         received = 0
         try:
             while received < len(self.chunks):
-                event = self._next_event(deadline)
+                event = self._next_event(deadline, progress)
                 if isinstance(event, BaseException):
                     raise _composite(event)
                 ci, values = event
@@ -255,6 +271,9 @@ class BalancedMap:
             self.cancel()
             self.controller.interrupt([e for e in self.eids if self._inflight.get(e)])
             raise
+        finally:
+            if progress is not None:
+                progress.close(*self.tally.snapshot())
 
 
 def _composite(err: BaseException) -> BaseException:

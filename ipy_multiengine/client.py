@@ -31,7 +31,7 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
     TimeoutError,
 )
 from .render import ProgressBar
-from .results import PendingResult, ResultList, wait_sent
+from .results import PendingResult, ResultList, Tally, nbytes, wait_sent
 from .targets import resolve as resolve_targets
 
 if TYPE_CHECKING:
@@ -338,6 +338,7 @@ class MultiEngineClient(Configurable):
         method: str,
         finish: Callable[[list[Any]], Any],
         progress: bool = False,
+        tally: Tally | None = None,
     ) -> PendingResult:
         pr = PendingResult(
             futures,
@@ -346,6 +347,7 @@ class MultiEngineClient(Configurable):
             finish,
             on_interrupt=self._interrupt_eids,
             progress=self._show_progress if progress else None,
+            tally=tally,
         )
         self._remember(pr)
         return pr
@@ -416,7 +418,7 @@ class MultiEngineClient(Configurable):
     def _show_progress(self, pr: PendingResult) -> ProgressBar:
         """A progress bar for ``pr``'s wait: drawn by that wait's slices, shown only once the
         call has taken ``progress_after`` seconds in an interactive session."""
-        return ProgressBar(pr.method, self.progress_after)
+        return ProgressBar(pr.method, self.progress_after, unit=pr.progress_unit)
 
     # ------------------------------------------------------------------ running code
     def execute(
@@ -573,7 +575,13 @@ class MultiEngineClient(Configurable):
             for off, p in zip(offsets, parts, strict=True)
         ]
         futures = self._comm("push", eids, frames)
-        return self._deliver(self._pending(futures, eids, "scatter", _nones), block, timeout)
+        sizes = [nbytes(fr) for fr in frames]  # numbers: a callback must not keep the data alive
+        tally = _tally(Tally(sum(sizes), "B"), eids, futures, sizes)
+        return self._deliver(
+            self._pending(futures, eids, "scatter", _nones, progress=True, tally=tally),
+            block,
+            timeout,
+        )
 
     def gather(
         self,
@@ -586,8 +594,11 @@ class MultiEngineClient(Configurable):
         eids, block = self._prepare(targets, block)
         futures = self._comm("pull", eids, [[]] * len(eids), {"names": [name], "single": True})
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
+        tally = _tally(Tally(None, "B"), eids, futures)  # bytes received; the total is unknown
         return self._deliver(
-            self._pending(futures, eids, "gather", finish, progress=True), block, timeout
+            self._pending(futures, eids, "gather", finish, progress=True, tally=tally),
+            block,
+            timeout,
         )
 
     # ------------------------------------------------------------------ parallel map
@@ -628,6 +639,7 @@ class MultiEngineClient(Configurable):
                 lambda rs: rs[0],
                 on_interrupt=lambda _running: self._stop_balanced(bm),
                 progress=self._show_progress,
+                tally=bm.tally,  # items done, reported by the map as its chunks complete
             )
             self._remember(pr)
             return self._deliver(pr, block, timeout, live)
@@ -654,8 +666,13 @@ class MultiEngineClient(Configurable):
                 "map", [eid], [fr], {"offset": off}, listener=live.listener if live else None
             )
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
+        sizes = [b - a for a, b in partition.bounds(len(items), nparts)]
+        tally = _tally(Tally(len(items)), eids, futures, sizes)
         return self._deliver(
-            self._pending(futures, eids, "map", finish, progress=True), block, timeout, live
+            self._pending(futures, eids, "map", finish, progress=True, tally=tally),
+            block,
+            timeout,
+            live,
         )
 
     def imap(
@@ -678,7 +695,9 @@ class MultiEngineClient(Configurable):
         eids, _ = self._prepare(targets, None)
         deadline = None if timeout is None else time.monotonic() + timeout
         bm = self._balanced(f, list(zip(*seqs, strict=False)), eids, chunksize, ordered, retries)
-        return bm.iterate(deadline=deadline)  # from this call, not from the first next()
+        bar = ProgressBar("imap", self.progress_after, unit="item")
+        # from this call, not from the first next(); the bar is drawn by the iteration's waits
+        return bm.iterate(deadline=deadline, progress=bar)
 
     def _balanced(
         self,
@@ -997,6 +1016,29 @@ def _dumps_call(f: Callable, args: tuple, kwargs: dict) -> list[Any]:
         for key, value in kwargs.items():
             serialize.check_picklable(f"keyword argument {key}", value)
         return serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs))
+
+
+def _tally(
+    tally: Tally, eids: list[int], futures: list[cf.Future], sizes: list[int] | None = None
+) -> Tally:
+    """Report each engine's part into ``tally`` as its future completes: ``sizes[i]`` units,
+    or the bytes of the reply when ``sizes`` is None; nothing for a part that failed. (A
+    progress count that cannot be made is logged: it must not fail the call.)"""
+    for i, (eid, fut) in enumerate(zip(eids, futures, strict=True)):
+        tally.start(eid)
+        size = None if sizes is None else sizes[i]
+
+        def done(f: cf.Future, eid: int = eid, size: int | None = size) -> None:
+            n = 0
+            try:
+                if not f.cancelled() and f.exception() is None:
+                    n = nbytes(getattr(f.result(), "frames", None)) if size is None else size
+            except Exception:
+                log.debug("progress: cannot count engine %s's part", eid, exc_info=True)
+            tally.done(eid, n)
+
+        fut.add_done_callback(done)
+    return tally
 
 
 def _dumps_part(name: str, offset: int, part: Any) -> list[Any]:
