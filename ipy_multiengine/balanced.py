@@ -67,6 +67,7 @@ class BalancedMap:
         retries: int = 1,
         depth: int = 2,
         listener: Callable[[int, str, dict], None] | None = None,
+        interrupt: Callable[[list[int]], None] | None = None,
     ) -> None:
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
@@ -80,6 +81,9 @@ class BalancedMap:
         self.retries = retries
         self.depth = depth
         self.listener = listener  # sees each chunk's prints and displays (the caller shows them)
+        #: how a Ctrl-C interrupts the engines: the cluster owner's interrupt (the client's
+        #: Owner interface, which honours the kernelspec's interrupt mode), as ``mec.interrupt``
+        self.interrupt = interrupt if interrupt is not None else controller.interrupt
         self.chunks = [(i, items[i : i + chunksize]) for i in range(0, len(items), chunksize)]
         # all of it now, in the caller's thread: nothing is sent if any item cannot be
         self._frames: list[list[Any] | None] = [
@@ -253,7 +257,7 @@ class BalancedMap:
             raise
         except KeyboardInterrupt:
             self.cancel()
-            self.controller.interrupt([e for e in self.eids if self._inflight.get(e)])
+            self.interrupt([e for e in self.eids if self._inflight.get(e)])
             raise
 
 

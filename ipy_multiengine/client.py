@@ -690,11 +690,12 @@ class MultiEngineClient(Configurable):
             ordered=ordered,
             retries=retries,
             listener=listener,
+            interrupt=self._interrupt_eids,  # the owner's interrupt, like mec.interrupt()
         ).start()
 
     def _stop_balanced(self, bm: BalancedMap) -> None:
         bm.cancel()
-        self._controller.interrupt([e for e in bm.eids if not self._controller.dead(e)])
+        self._interrupt_eids([e for e in bm.eids if not self._controller.dead(e)])
 
     def mapper(self, dist: str = "b", targets: Any = None, block: bool | None = None) -> Mapper:
         """A mapper with fixed options: ``mec.mapper(targets=[0, 1]).map(f, seq)``."""

@@ -133,15 +133,26 @@ def test_ctrl_c_stops_a_balanced_map_and_engines_stay_usable(mec):
     assert mec.map(abs, [-1, -2], balanced=True) == [1, 2]
 
 
-def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec):
+def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec, monkeypatch):
     """Each engine has its next chunk queued behind the one it runs: after Ctrl-C the engines
     must be free at once, not busy for another chunk's time (Ctrl-C from the user's own process,
-    delivered while every engine runs a chunk)."""
+    delivered while every engine runs a chunk). The interrupt goes through the cluster owner's
+    interrupt (as ``mec.interrupt()``), so it works alike for clusters reached through a file."""
     import _thread
     import threading
 
     from ipy_multiengine.errors import TimeoutError as MeTimeout
 
+    # a spy (white-box: which route an interrupt takes is not observable from outside); it
+    # calls the owner's real interrupt
+    asked: list[list[int]] = []
+    real_interrupt = mec.owner.interrupt
+
+    def spy(eids):
+        asked.append(list(eids))
+        return real_interrupt(eids)
+
+    monkeypatch.setattr(mec.owner, "interrupt", spy)
     ctl = mec.controller
     all_busy = threading.Event()
 
@@ -160,6 +171,7 @@ def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec):
         with pytest.raises(KeyboardInterrupt):
             mec.map(lambda x: __import__("time").sleep(x), [20] * 8, balanced=True, timeout=60)
         assert all_busy.is_set()
+        assert asked and set(asked[0]) == set(ctl.ids), f"owner interrupt not used: {asked}"
         t0 = time.monotonic()
         try:
             assert mec.apply(lambda: "free", timeout=8) == ["free"] * len(ctl.ids)
