@@ -610,16 +610,18 @@ class MultiEngineClient(Configurable):
         block: bool | None = None,
         timeout: float | None = None,
         balanced: bool = False,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         ordered: bool = True,
         retries: int = 1,
     ) -> Any:
         """A parallel ``map(f, *seqs)``.
 
         By default items are split in contiguous blocks, one per target (the tutorial's map).
-        ``balanced=True`` sends chunks of ``chunksize`` items to whichever engine is free first,
-        re-sending a dead engine's chunks to others ``retries`` times; ``ordered=False`` returns
-        results in completion order.
+        ``balanced=True`` sends chunks of items to whichever engine is free first, re-sending a
+        dead engine's chunks to others ``retries`` times; ``ordered=False`` returns results in
+        completion order. ``chunksize=None`` (the default) sizes chunks automatically from the
+        measured time per item (small first, longer ones, short ones at the end); an int sends
+        chunks of exactly that many items.
         """
         if not callable(f):
             raise TypeError(f"map needs a callable, not {type(f).__name__}")
@@ -680,13 +682,14 @@ class MultiEngineClient(Configurable):
         f: Callable,
         *seqs: Iterable,
         targets: Any = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         ordered: bool = True,
         retries: int = 1,
         timeout: float | None = None,
     ) -> Iterator[Any]:
         """A load-balanced map whose results are yielded as they arrive (``ordered=False``:
-        in completion order). Everything is submitted at once; Ctrl-C stops it, and so does
+        in completion order); ``chunksize`` as for ``map(balanced=True)`` (None: automatic).
+        It starts sending at once; Ctrl-C stops it, and so does
         ``timeout`` (seconds from this call for the whole iteration: ``TimeoutError``)."""
         if not callable(f):
             raise TypeError(f"imap needs a callable, not {type(f).__name__}")
@@ -704,7 +707,7 @@ class MultiEngineClient(Configurable):
         f: Callable,
         items: list,
         eids: list[int],
-        chunksize: int,
+        chunksize: int | None,
         ordered: bool,
         retries: int,
         listener: Listener | None = None,
@@ -721,11 +724,12 @@ class MultiEngineClient(Configurable):
             ordered=ordered,
             retries=retries,
             listener=listener,
+            interrupt=self._interrupt_eids,  # the owner's interrupt, like mec.interrupt()
         ).start()
 
     def _stop_balanced(self, bm: BalancedMap) -> None:
         bm.cancel()
-        self._controller.interrupt([e for e in bm.eids if not self._controller.dead(e)])
+        self._interrupt_eids([e for e in bm.eids if not self._controller.dead(e)])
 
     def mapper(self, dist: str = "b", targets: Any = None, block: bool | None = None) -> Mapper:
         """A mapper with fixed options: ``mec.mapper(targets=[0, 1]).map(f, seq)``."""
