@@ -15,6 +15,17 @@ from ipy_multiengine.errors import EngineError, TargetsError
 
 pytestmark = pytest.mark.timeout(60)
 
+
+@pytest.fixture(scope="module")
+def mec(cluster):
+    """The session's client, reset once for this module (these tests need no clean namespace
+    per test: the per-test reset of conftest's ``mec`` would cost more than the tests)."""
+    client = cluster.client
+    client.block, client.targets = True, "all"
+    client.execute("%reset -f", block=True)
+    return client
+
+
 # this module's helpers travel by value: the engines cannot import the tests
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
