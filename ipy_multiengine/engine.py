@@ -490,6 +490,9 @@ class _FastServer:
             port = sock.bind_to_random_port(f"tcp://{app.ip}")
             self.address = {"transport": "tcp", "port": port}
         self.sock = sock
+        import atexit
+
+        atexit.register(sock.close, 0)  # a unix socket's file goes with it
         self.displayed = False
         kernel.shell.display_pub.register_hook(self._display_hook)
         self.loop = kernel.io_loop.asyncio_loop
@@ -524,9 +527,11 @@ class _FastServer:
             _log.warning("ipy_multiengine: refused a message on the fast socket (%s)", exc)
             return
         data = msg["content"]
-        shell = self.kernel.shell
-        before = shell.parent_header
-        shell.set_parent(msg)  # what the operation prints or displays is labelled with it
+        # what the operation prints or displays is labelled with its request, and input()
+        # asks the client that sent it (its stdin socket has the same identity), as ipykernel
+        # does for a shell message, and like ipykernel the parent is left set afterwards
+        idents = [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents]
+        self.kernel.set_parent(idents, msg, channel="shell")
         self.displayed = False
         started = time.monotonic()
         saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # as ipykernel's handlers
@@ -541,7 +546,6 @@ class _FastServer:
         wrote = _flush_pending_output() or self.displayed
         slow = time.monotonic() - started >= 0.5 * interval
         comm = _comms.get(data.get("comm_id", ""))
-        shell.set_parent(before)
         if (wrote or slow) and comm is not None:
             _send_reply(comm, reply, out)
             return
