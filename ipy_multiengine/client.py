@@ -191,55 +191,73 @@ class MultiEngineClient(Configurable):
         heartbeat: float | None = CONFIGURED,
         max_message_size: int | None = CONFIGURED,
         config: Config | None = None,
-        _controller: Controller | None = None,
-        _cluster: Any = None,
     ) -> None:
-        # keyword arguments as before; not given (their defaults), the configured traits apply
-        given = {
-            k: v
-            for k, v in dict(
-                timeout=timeout, heartbeat=heartbeat, max_message_size=max_message_size
-            ).items()
-            if v is not CONFIGURED
-        }
+        self._configure(
+            config, timeout=timeout, heartbeat=heartbeat, max_message_size=max_message_size
+        )
+        from .clusterfile import (
+            FileOwner,
+            engines_of,
+            liveness_probes,
+            read_cluster,
+            resolve_cluster_file,
+        )
+
+        path = resolve_cluster_file(cluster_file, profile)
+        spec = read_cluster(path)
+        controller = Controller(
+            engines_of(spec),
+            liveness_probes(spec),
+            timeout=self.timeout,
+            heartbeat=self.heartbeat,
+            max_message_size=self.max_message_size,
+        ).connect()
+        owner = FileOwner(path, controller, spec)
+        controller.on_dead = owner.follow_restart
+        self._bind(controller, owner)
+
+    @classmethod
+    def from_controller(
+        cls, controller: Controller, owner: Any = None, config: Config | None = None
+    ) -> MultiEngineClient:
+        """A client over an already connected ``controller`` whose engines ``owner`` (an
+        ``Owner`` of ``clusterfile.py``: a ``Cluster``, a ``FileOwner``) owns; ``None``: nobody
+        owns them (kernels attached by connection file). What ``Cluster.start`` and
+        ``MultiEngineClient.attach`` use; the client closes ``controller`` when it is closed.
+        A bad configured ``targets`` closes ``controller`` and raises ``ConfigError``."""
+        if not isinstance(controller, Controller):
+            raise TypeError(f"controller must be a Controller, not {type(controller).__name__}")
+        self = cls.__new__(cls)
+        try:
+            self._configure(config)
+        except BaseException:
+            controller.close()
+            raise
+        if owner is None:
+            from .clusterfile import NoOwner
+
+            owner = NoOwner(controller)
+        self._bind(controller, owner)
+        return self
+
+    def _configure(self, config: Config | None, **kwargs: Any) -> None:
+        """Traits from ``config`` (else the shell's) and the keyword arguments given."""
+        given = {k: v for k, v in kwargs.items() if v is not CONFIGURED}
         try:
             super().__init__(config=shell_config() if config is None else config, **given)
         except (TraitError, TypeError, ValueError) as exc:
             raise config_error(type(self), exc) from None
-        timeout, heartbeat, max_message_size = self.timeout, self.heartbeat, self.max_message_size
-        if _controller is None:
-            from .clusterfile import (
-                FileOwner,
-                engines_of,
-                liveness_probes,
-                read_cluster,
-                resolve_cluster_file,
-            )
 
-            path = resolve_cluster_file(cluster_file, profile)
-            spec = read_cluster(path)
-            _controller = Controller(
-                engines_of(spec),
-                liveness_probes(spec),
-                timeout=timeout,
-                heartbeat=heartbeat,
-                max_message_size=max_message_size,
-            ).connect()
-            _cluster = FileOwner(path, _controller, spec)
-            _controller.on_dead = _cluster.follow_restart
-        elif _cluster is None:
-            from .clusterfile import NoOwner
-
-            _cluster = NoOwner(_controller)
-        #: who owns the engines (an ``Owner``: a ``Cluster``, a proxy through the cluster file, or nobody)
-        self.owner = _cluster
-        self.cluster_file = _cluster.cluster_file
-        self._meta = _cluster.engine_meta()
-        self._controller = _controller
+    def _bind(self, controller: Controller, owner: Any) -> None:
+        #: who owns the engines (an ``Owner``: a ``Cluster``, a cluster-file proxy, or nobody)
+        self.owner = owner
+        self.cluster_file = owner.cluster_file
+        self._meta = owner.engine_meta()
+        self._controller = controller
         try:  # configured targets are checked against the engines, now that there are engines
             self._resolve_targets(self.targets)
         except (TypeError, ValueError) as exc:
-            _controller.close()
+            controller.close()
             raise ConfigError(
                 f"MultiEngineClient.targets: {exc}", "MultiEngineClient.targets"
             ) from None
@@ -252,7 +270,7 @@ class MultiEngineClient(Configurable):
         self.closed = False
         # a client that is dropped without close() still closes its channels and engine comms;
         # the finalizer holds the controller only (nothing that leads back to this client)
-        self._finalizer = weakref.finalize(self, close_controller, _controller)
+        self._finalizer = weakref.finalize(self, close_controller, controller)
 
     @property
     def controller(self) -> Controller:
@@ -280,7 +298,7 @@ class MultiEngineClient(Configurable):
         from .clusterfile import read_connection_files
 
         engines = read_connection_files(connection_files)
-        return cls(_controller=Controller(engines, None, timeout=timeout).connect())
+        return cls.from_controller(Controller(engines, None, timeout=timeout).connect())
 
     # ------------------------------------------------------------------ defaults and checks
     def get_ids(self) -> EngineIds:

@@ -595,9 +595,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             raise
         controller.on_dead = self._on_dead
         try:  # a bad configured client value (MultiEngineClient.targets...) stops what started
-            self.client = MultiEngineClient(
-                _controller=controller, _cluster=self, config=self.config
-            )
+            self.client = MultiEngineClient.from_controller(controller, self, config=self.config)
         except BaseException:
             self.stop()
             raise
