@@ -565,17 +565,25 @@ class MultiEngineClient(Configurable):
         targets: Any = None,
         block: bool | None = None,
         timeout: float | None = None,
+        flatten: bool = False,
     ) -> Any:
-        """Split ``seq`` into contiguous parts, one per target in order, and push each as ``name``."""
+        """Split ``seq`` into contiguous parts, one per target in order, and push each as ``name``.
+
+        ``flatten=True``: a part of one item is pushed as that item, not as a one-item list
+        (``mec.scatter('my_id', mec.get_ids(), flatten=True)``: each engine gets its id)."""
         if dist != "b":
             raise ValueError(
                 f"unknown distribution {dist!r}; only 'b' (contiguous blocks) is supported"
             )
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"cannot scatter to {name!r}: not a valid Python identifier")
+        if not isinstance(flatten, bool):
+            raise TypeError(f"flatten must be True or False, not {flatten!r}")
         eids, block = self._prepare(targets, block)
         parts = partition.split(seq, len(eids))
         offsets = [sum(len(q) for q in parts[:i]) for i in range(len(parts))]
+        if flatten:
+            parts = [p[0] if len(p) == 1 else p for p in parts]
         frames = [
             self._outgoing(_dumps_part(name, off, p), block, timeout)
             for off, p in zip(offsets, parts)

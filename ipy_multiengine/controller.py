@@ -1183,7 +1183,7 @@ class Controller:
         return req.future
 
     def _send_comm_open(self, conn: EngineConn) -> tuple[str, Future]:
-        msg = wire.with_rid(conn.session.msg("comm_open", wire.comm_open_content(conn.comm_id)))
+        msg = wire.with_rid(conn.session.msg("comm_open", wire.comm_open_content(conn.comm_id, conn.eid)))
         req = self._new_request(conn, "comm", msg["msg_id"], op="open")
         conn.requests[req.msg_id] = req
         self._send(conn, "shell", msg)

@@ -60,9 +60,37 @@ def _namespace() -> dict:
     return get_ipython().user_ns
 
 
+#: The name that holds the engine's id in its namespace (docs/engines.md, "Which engine am I?").
+ENGINE_ID_NAME = "engine_id"
+_engine_id: list[int | None] = [None]
+
+
+def _keep_engine_id(*_args: Any) -> None:
+    """After every cell: ``engine_id`` is back if a cell (``%reset``, ``del``) removed it."""
+    if _engine_id[0] is not None:
+        ns = _namespace()
+        if ENGINE_ID_NAME not in ns:
+            ns[ENGINE_ID_NAME] = _engine_id[0]
+            get_ipython().user_ns_hidden[ENGINE_ID_NAME] = _engine_id[0]
+
+
+def _set_engine_id(eid: int) -> None:
+    """Give the namespace its ``engine_id`` (hidden from ``%who``), kept after ``%reset``."""
+    ip = get_ipython()
+    first = _engine_id[0] is None
+    _engine_id[0] = eid
+    ip.user_ns[ENGINE_ID_NAME] = eid
+    ip.user_ns_hidden[ENGINE_ID_NAME] = eid
+    if first:
+        ip.events.register("post_run_cell", _keep_engine_id)
+
+
 def _on_open(comm: Any, msg: dict) -> None:
     comm.on_msg(lambda m: _on_msg(comm, m))
     rid = msg["content"]["data"].get("rid")
+    eid = msg["content"]["data"].get("engine_id")
+    if isinstance(eid, int):
+        _set_engine_id(eid)
     comm.send(
         {
             "rid": rid,
