@@ -438,13 +438,56 @@ class MultiEngineClient(Configurable):
         block: bool | None = None,
         timeout: float | None = None,
         listener: Listener | None = None,
+        silent: bool = False,
     ) -> Any:
-        """Run ``code`` on each target; blocking returns a ``ResultList``, else a ``PendingResult``."""
+        """Run ``code`` on each target; blocking returns a ``ResultList``, else a ``PendingResult``.
+
+        ``silent=True``: nothing is kept of what the code prints or displays, the engines store
+        no history entry and count no execution (``In [n]`` stays), and it does not become the
+        command ``%result`` shows; errors are still raised, with their tracebacks."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
+        if not isinstance(silent, bool):
+            raise TypeError(f"silent must be True or False, not {silent!r}")
+        if silent and listener is not None:
+            raise ValueError("a silent execute shows no output: it takes no listener")
         eids, block = self._prepare(targets, block)
-        futures = self._controller.submit_execute(eids, code, listener=listener)
-        return self._deliver(self._pending(futures, eids, "execute", ResultList), block, timeout)
+        futures = self._controller.submit_execute(eids, code, listener=listener, silent=silent)
+        if not silent:
+            return self._deliver(
+                self._pending(futures, eids, "execute", ResultList), block, timeout
+            )
+        pr = PendingResult(
+            futures,
+            eids,
+            "execute",
+            lambda rs: ResultList(_quiet(r) for r in rs),
+            on_interrupt=self._interrupt_eids,
+        )
+        self._last_ref, self._kept = weakref.ref(pr), None  # mec.last, not %result
+        return self._deliver(pr, block, timeout)
+
+    def run(
+        self,
+        filename: str | os.PathLike,
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+        silent: bool = False,
+    ) -> Any:
+        """Run the Python file ``filename`` (read here, in this process) on each target, in the
+        engines' namespaces, like ``execute(open(filename).read())``."""
+        if not isinstance(filename, (str, os.PathLike)):
+            raise TypeError(f"filename must be a path, not {type(filename).__name__}")
+        path = os.fspath(filename)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                code = fh.read()
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"cannot run {path!r}: {exc.strerror}", path) from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"cannot run {path!r}: not UTF-8 text ({exc.reason})") from None
+        return self.execute(code, targets=targets, block=block, timeout=timeout, silent=silent)
 
     def _comm(
         self,
@@ -978,6 +1021,11 @@ def _values(replies: list[CommReply]) -> list[Any]:
                 "can import, or convert it to builtin types on the engine"
             ) from exc
     return out
+
+
+def _quiet(record: dict) -> dict:
+    """A silent execute's record: what it printed or displayed is not kept."""
+    return dict(record, stdout="", stderr="", outputs=[], result=None)
 
 
 def _nones(replies: list[Any]) -> list[None]:

@@ -40,3 +40,42 @@ def test_scatter_flatten_gives_one_item_parts_as_scalars(mec):
     with pytest.raises(TypeError, match="flatten must be True or False, not 'yes'"):
         mec.scatter("x", [1, 2, 3, 4], flatten="yes")
     assert mec.pull("my_id") == [0, 1, 2, 3]
+
+
+def test_silent_execute_keeps_no_output_no_history_no_count(mec):
+    before = mec.execute("x = 1")
+    shown = mec.last_executed()
+    quiet = mec.execute(
+        "print('hidden'); import sys; sys.stderr.write('e'); y = x + 1; y", silent=True
+    )
+    assert [r["stdout"] + r["stderr"] for r in quiet] == [""] * 4
+    assert [r["result"] for r in quiet] == [None] * 4 and [r["outputs"] for r in quiet] == [[]] * 4
+    assert mec.pull("y") == [2] * 4  # it ran
+    assert mec.last_executed() is shown  # %result still shows the last visible command
+    after = mec.execute("z = 3")
+    assert [r["number"] for r in after] == [r["number"] + 1 for r in before]  # not counted
+    hist = mec.execute("_ih[-2:]")[0]["result"]["text/plain"]
+    assert "hidden" not in hist
+    with pytest.raises(client.CompositeError) as info:
+        mec.execute("1/0", silent=True)
+    assert "ZeroDivisionError" in str(info.value)
+    with pytest.raises(TypeError, match="silent must be True or False, not 1"):
+        mec.execute("pass", silent=1)
+    assert mec.pull("z") == [3] * 4
+
+
+def test_run_a_file_on_the_engines(mec, tmp_path):
+    script = tmp_path / "setup_engines.py"
+    script.write_text("ran = engine_id * 10\nprint('from the file')\n")
+    out = mec.run(script)
+    assert [r["stdout"] for r in out] == ["from the file\n"] * 4
+    assert mec.pull("ran") == [0, 10, 20, 30]
+    assert mec.run(str(script), targets=[1], silent=True)[0]["stdout"] == ""
+    with pytest.raises(FileNotFoundError, match="cannot run .*missing.py"):
+        mec.run(tmp_path / "missing.py")
+    (tmp_path / "bin.py").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        mec.run(tmp_path / "bin.py")
+    with pytest.raises(TypeError, match="filename must be a path, not int"):
+        mec.run(3)
+    assert mec.pull("ran") == [0, 10, 20, 30]
