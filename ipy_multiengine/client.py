@@ -36,6 +36,7 @@ from .targets import resolve as resolve_targets
 
 if TYPE_CHECKING:
     from .balanced import BalancedMap
+    from .remote import SyncImports
     from .render import LiveOutput
 
 __all__ = [
@@ -466,6 +467,19 @@ class MultiEngineClient(Configurable):
         )
         self._last_ref, self._kept = weakref.ref(pr), None  # mec.last, not %result
         return self._deliver(pr, block, timeout)
+
+    def sync_imports(
+        self, targets: Any = None, quiet: bool = False, timeout: float | None = None
+    ) -> SyncImports:
+        """``with mec.sync_imports(): import numpy as np`` imports here and, when the block
+        ends without error, on the target engines (the block's import statements as written);
+        prints what it imports unless ``quiet``. A failure on an engine raises ``CompositeError``."""
+        from .remote import SyncImports
+
+        if not isinstance(quiet, bool):
+            raise TypeError(f"quiet must be True or False, not {quiet!r}")
+        eids, _ = self._prepare(targets, None)  # before the block runs
+        return SyncImports(self, eids, quiet, timeout)
 
     def run(
         self,

@@ -31,6 +31,7 @@ def register() -> None:
     """Register the comm target on the running kernel (idempotent)."""
     ip = get_ipython()
     ip.kernel.comm_manager.register_target(TARGET, _on_open)
+    _registered[0] = True
     if getattr(sys.breakpointhook, "__name__", "") != "_breakpointhook":
         _original_hook[0] = sys.breakpointhook
         sys.breakpointhook = _breakpointhook
@@ -58,6 +59,31 @@ def _breakpointhook(*args: Any, **kwargs: Any) -> Any:
 
 def _namespace() -> dict:
     return get_ipython().user_ns
+
+
+_registered = [False]
+
+
+def on_engine() -> bool:
+    """True in an engine process (this helper is installed), False anywhere else."""
+    return _registered[0]
+
+
+def call_in_namespace(f: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Call ``f`` as ``apply`` does: a function sent by value sees the caller's globals sent
+    with it, then the engine's namespace; the globals it assigns land in that namespace."""
+    g, commit = _in_namespace(f)
+    try:
+        return g(*args, **kwargs)
+    finally:
+        commit()
+
+
+def set_in_namespace(values: dict) -> None:
+    """Set names in the engine namespace as ``push`` does (functions rebound likewise)."""
+    _namespace().update(
+        {k: _pushed(v) if isinstance(v, types.FunctionType) else v for k, v in values.items()}
+    )
 
 
 #: The name that holds the engine's id in its namespace (docs/engines.md, "Which engine am I?").

@@ -79,3 +79,84 @@ def test_run_a_file_on_the_engines(mec, tmp_path):
     with pytest.raises(TypeError, match="filename must be a path, not int"):
         mec.run(3)
     assert mec.pull("ran") == [0, 10, 20, 30]
+
+
+def test_sync_imports_runs_the_blocks_imports_on_the_engines(mec, capsys):
+    mec.execute("import sys; sys.modules.pop('json', None); sys.modules.pop('fractions', None)")
+    with mec.sync_imports():
+        import json as js
+        from fractions import Fraction as Fr
+    assert "import json as js; from fractions import Fraction as Fr on engines 0-3" in (
+        capsys.readouterr().out
+    )
+    assert mec.apply(lambda: (js.dumps([1]), str(Fr(1, 2)))) == [("[1]", "1/2")] * 4  # noqa: F821
+    assert mec.execute("type(js).__name__, Fr.__name__")[0]["result"]["text/plain"] == (
+        "('module', 'Fraction')"
+    )
+    with pytest.raises(ModuleNotFoundError), mec.sync_imports(quiet=True):
+        import no_such_module_here  # noqa: F401  (fails here: nothing is sent)
+    with pytest.raises(TypeError, match="quiet must be True or False, not 'no'"):
+        mec.sync_imports(quiet="no")
+    with pytest.raises(ValueError, match="9"):
+        mec.sync_imports(targets=[9])
+
+
+def test_require_imports_and_sets_names_before_each_call(mec):
+    from ipy_multiengine import require
+
+    def helper(x):
+        return x * 3
+
+    @require("colorsys", "xml.dom.minidom", helper, scale=10)
+    def f(x):
+        return colorsys.__name__, xml.dom.minidom.__name__, helper(x) * scale  # noqa: F821
+
+    assert mec.apply(f, 2, targets=[0, 1]) == [("colorsys", "xml.dom.minidom", 60)] * 2
+    assert mec.map(f, [1, 2, 3, 4])[3] == ("colorsys", "xml.dom.minidom", 120)
+    assert mec.pull("scale", targets=0) == [10]  # the names are now in the namespace
+    assert f.__name__ == "f"
+
+    @require("no_such_module_xyz")
+    def g():
+        return 1
+
+    with pytest.raises(client.CompositeError) as info:
+        mec.apply(g, targets=[2])
+    text = str(info.value)
+    assert "ModuleNotFoundError" in text and "g requires module 'no_such_module_xyz'" in text
+    assert "engine 2" in text
+    for bad, match in [
+        ((42,), "require takes module names, modules, functions or classes, not 42"),
+        (("not a module",), "a required module must be a name like"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=match):
+            require(*bad)
+    with pytest.raises(TypeError, match="require decorates a function, not int"):
+        require("os")(3)
+    assert mec.apply(lambda: 1) == [1] * 4
+
+
+def test_reference_arguments_resolve_in_the_engine_namespace(mec):
+    from ipy_multiengine import Reference
+
+    mec.scatter("part", list(range(8)))
+    assert mec.apply(sum, Reference("part")) == [1, 5, 9, 13]
+    assert mec.apply(lambda n, *, m: n + m, Reference("engine_id"), m=Reference("engine_id")) == [
+        0,
+        2,
+        4,
+        6,
+    ]
+    assert mec.apply(lambda s: s, Reference("part.__len__")) != []
+    assert mec.map(lambda a, b: a + b, [1, 2, 3, 4], [Reference("engine_id")] * 4) == [1, 3, 5, 7]
+    import copy
+    import pickle
+
+    ref = Reference("part")
+    assert pickle.loads(pickle.dumps(ref)) == ref and copy.deepcopy(ref) is ref  # not resolved here
+    with pytest.raises(client.CompositeError) as info:
+        mec.apply(len, Reference("missing"), targets=[1])
+    assert "Reference('missing'): name 'missing' is not defined on engine 1" in str(info.value)
+    with pytest.raises(ValueError, match="Reference name must be a name like"):
+        Reference("1x")
+    assert mec.apply(len, Reference("part")) == [2] * 4
