@@ -1,4 +1,4 @@
-"""What makes engines ready for the caller's functions: ``require``, ``Reference``, ``sync_imports``.
+"""What makes engines ready for the caller's functions: ``require``, ``Reference``, sync_imports.
 
 - ``@require("numpy", helper, scale=2)``: the function imports those modules and gets those
   names in the engine namespace before each call on an engine.

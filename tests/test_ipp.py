@@ -71,7 +71,7 @@ def test_run_a_file_on_the_engines(mec, tmp_path):
     assert [r["stdout"] for r in out] == ["from the file\n"] * 4
     assert mec.pull("ran") == [0, 10, 20, 30]
     assert mec.run(str(script), targets=[1], silent=True)[0]["stdout"] == ""
-    with pytest.raises(FileNotFoundError, match="cannot run .*missing.py"):
+    with pytest.raises(FileNotFoundError, match=r"cannot run .*missing\.py"):
         mec.run(tmp_path / "missing.py")
     (tmp_path / "bin.py").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match="not UTF-8"):
@@ -89,7 +89,7 @@ def test_sync_imports_runs_the_blocks_imports_on_the_engines(mec, capsys):
     assert "import json as js; from fractions import Fraction as Fr on engines 0-3" in (
         capsys.readouterr().out
     )
-    assert mec.apply(lambda: (js.dumps([1]), str(Fr(1, 2)))) == [("[1]", "1/2")] * 4  # noqa: F821
+    assert mec.apply(lambda: (js.dumps([1]), str(Fr(1, 2)))) == [("[1]", "1/2")] * 4
     assert mec.execute("type(js).__name__, Fr.__name__")[0]["result"]["text/plain"] == (
         "('module', 'Fraction')"
     )
