@@ -363,6 +363,7 @@ class MultiEngineClient(Configurable):
             finish,
             on_interrupt=self._interrupt_eids,
             progress=self._show_progress if progress else None,
+            on_abort=self._controller.abort,
         )
         self._remember(pr)
         return pr
@@ -464,6 +465,7 @@ class MultiEngineClient(Configurable):
             "execute",
             lambda rs: ResultList(_quiet(r) for r in rs),
             on_interrupt=self._interrupt_eids,
+            on_abort=self._controller.abort,
         )
         self._last_ref, self._kept = weakref.ref(pr), None  # mec.last, not %result
         return self._deliver(pr, block, timeout)

@@ -16,6 +16,7 @@ import os
 import pickle
 import socket
 import sys
+import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,8 @@ def register() -> None:
     """Register the comm target on the running kernel (idempotent)."""
     ip = get_ipython()
     ip.kernel.comm_manager.register_target(TARGET, _on_open)
+    if not _registered[0]:
+        _install_abort(ip.kernel)
     _registered[0] = True
     if getattr(sys.breakpointhook, "__name__", "") != "_breakpointhook":
         _original_hook[0] = sys.breakpointhook
@@ -62,6 +65,71 @@ def _namespace() -> dict:
 
 
 _registered = [False]
+
+#: ``ime_abort_request`` (control channel): shell messages to skip, and those already begun;
+#: both under one lock (the control thread adds, the shell's dispatch checks)
+_abort_lock = threading.Lock()
+_aborted: set[str] = set()
+_begun: collections.OrderedDict[str, None] = collections.OrderedDict()
+_BEGUN_KEPT = 4096
+
+
+def _install_abort(kernel: Any) -> None:
+    """Let clients skip queued requests: a control handler records ids to skip, and the
+    kernel's ``should_handle`` hook (ipykernel's place for "aborted requests") skips them."""
+    original = kernel.should_handle
+
+    def should_handle(stream: Any, msg: dict, idents: Any) -> Any:
+        msg_id = msg["header"]["msg_id"]
+        with _abort_lock:
+            skip = msg_id in _aborted
+            if skip:
+                _aborted.discard(msg_id)
+            else:
+                _begun[msg_id] = None
+                if len(_begun) > _BEGUN_KEPT:
+                    _begun.popitem(last=False)
+        if skip:
+            _skip(kernel, stream, msg, idents)
+            return False
+        return original(stream, msg, idents)
+
+    def abort_request(stream: Any, idents: Any, msg: dict) -> None:
+        running = []
+        with _abort_lock:
+            for msg_id in msg["content"].get("msg_ids") or []:
+                if msg_id in _begun:
+                    running.append(msg_id)
+                else:
+                    _aborted.add(msg_id)
+        kernel.session.send(
+            stream, "ime_abort_reply", {"status": "ok", "running": running}, msg, idents
+        )
+
+    kernel.should_handle = should_handle
+    kernel.control_handlers["ime_abort_request"] = abort_request
+
+
+def _skip(kernel: Any, stream: Any, msg: dict, idents: Any) -> None:
+    """Answer a skipped request as aborted (an execute) or with an ``Aborted`` error (a comm op)."""
+    mtype = msg["header"]["msg_type"]
+    if mtype == "comm_msg":
+        content = msg["content"]
+        comm = kernel.comm_manager.get_comm(content.get("comm_id"))
+        if comm is not None:
+            comm.send(
+                {
+                    "rid": (content.get("data") or {}).get("rid"),
+                    "status": "error",
+                    "ename": "Aborted",
+                    "evalue": "aborted before it started (mec abort)",
+                    "traceback": [],
+                    "item": None,
+                }
+            )
+        return
+    reply_type = mtype.replace("_request", "_reply")
+    kernel.session.send(stream, reply_type, {"status": "aborted"}, msg, idents)
 
 
 def on_engine() -> bool:

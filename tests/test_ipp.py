@@ -160,3 +160,68 @@ def test_reference_arguments_resolve_in_the_engine_namespace(mec):
     with pytest.raises(ValueError, match="Reference name must be a name like"):
         Reference("1x")
     assert mec.apply(len, Reference("part")) == [2] * 4
+
+
+def test_pending_result_metadata_per_engine(mec, capsys):
+    pr = mec.execute(
+        "import time, sys; print('out', engine_id); sys.stderr.write('err\\n'); time.sleep(0.2)",
+        block=False,
+    )
+    assert pr.wall_time is None and pr.serial_time is None and pr.elapsed >= 0
+    pr.get_result(timeout=20)
+    md = pr.metadata
+    assert [m["engine_id"] for m in md] == [0, 1, 2, 3]
+    for m in md:
+        assert m["status"] == "ok" and m["error"] is None
+        assert m["submitted"] <= m["started"] <= m["completed"]
+        assert (m["completed"] - m["started"]).total_seconds() >= 0.2
+        assert m["stdout"] == f"out {m['engine_id']}\n" and m["stderr"] == "err\n"
+    assert pr.submitted == [m["submitted"] for m in md] and pr.completed[0] == md[0]["completed"]
+    assert 0.2 <= pr.wall_time < 10 and pr.elapsed == pr.wall_time
+    assert pr.serial_time >= 4 * 0.2 and pr.serial_time > pr.wall_time  # ran in parallel
+    pr.display_outputs()
+    cap = capsys.readouterr()
+    assert cap.out.splitlines() == [f"[stdout:{e}] out {e}" for e in range(4)]
+    assert cap.err.splitlines() == [f"[stderr:{e}] err" for e in range(4)]
+    mec.execute("from IPython.display import HTML, display; display(HTML('<b>x</b>'))", targets=[1])
+    mec.last_executed().display_outputs(groupby="type")
+    assert "[output:1]" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="groupby must be 'engine' or 'type', not 'order'"):
+        pr.display_outputs(groupby="order")
+    failed = mec.execute("1/0", targets=[2], block=False)
+    with pytest.raises(client.CompositeError):
+        failed.get_result(timeout=20)
+    assert failed.metadata[0]["status"] == "error" and failed.metadata[0]["completed"]
+    applied = mec.apply(lambda: 1, block=False)
+    applied.get_result(timeout=20)
+    assert all(m["completed"] for m in applied.metadata)
+
+
+def test_abort_skips_queued_requests_never_running_ones(mec):
+    from faultlib import wait_for
+
+    running = mec.execute("import time; time.sleep(30)", targets=[0], block=False)
+    wait_for(lambda: running.started[0] is not None, 10, "engine 0 running the sleep")
+    queued_exec = mec.execute("queued = 1", targets=[0], block=False)
+    queued_apply = mec.apply(lambda: 2, targets=[0], block=False)
+    both = mec.execute("mixed = 1", targets=[0, 1], block=False)  # done on 1, queued on 0
+    wait_for(lambda: both.metadata[1]["completed"], 10, "engine 1 done")
+    with pytest.raises(client.EngineError, match=r"already running on engines \[0\].*interrupt"):
+        running.abort()
+    for pr in (queued_exec, queued_apply, both):
+        pr.abort()
+    mec.interrupt(targets=[0])
+    with pytest.raises(client.CompositeError, match="KeyboardInterrupt"):
+        running.get_result(timeout=10)
+    for pr in (queued_exec, queued_apply, both):
+        with pytest.raises(client.CompositeError, match="Abort"):
+            pr.get_result(timeout=10)
+    assert [m["status"] for m in both.metadata] == ["aborted", "ok"]
+    assert queued_apply.metadata[0]["status"] == "aborted"
+    seen = mec.execute("'queued' in dir(), 'mixed' in dir()", targets=[0, 1])
+    assert [r["result"]["text/plain"] for r in seen] == ["(False, False)", "(False, True)"]
+    queued_apply.abort()  # done already: nothing to do
+    balanced = mec.map(lambda x: x, [1], balanced=True, block=False)
+    with pytest.raises(client.EngineError, match="a map cannot be aborted"):
+        balanced.abort()
+    assert mec.apply(lambda: 3, targets=[0]) == [3]  # the engine is usable
