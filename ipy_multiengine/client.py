@@ -336,6 +336,7 @@ class MultiEngineClient(Configurable):
             raise EngineError("this MultiEngineClient is closed")
         if block is not None and not isinstance(block, bool):
             raise TypeError(f"block must be True, False or None, not {block!r}")
+        self.owner.refresh(self.timeout)  # engines added to the cluster meanwhile (cheap: a stat)
         eids = self._resolve_targets(targets)
         bad = [(e, self._controller.unavailable(e)) for e in eids]
         bad = [(e, why) for e, why in bad if why]
@@ -475,7 +476,7 @@ class MultiEngineClient(Configurable):
     ) -> SyncImports:
         """``with mec.sync_imports(): import numpy as np`` imports here and, when the block
         ends without error, on the target engines (the block's import statements as written);
-        prints what it imports unless ``quiet``. A failure on an engine raises ``CompositeError``."""
+        prints what it imports unless ``quiet``. A failure on an engine: ``CompositeError``."""
         from .remote import SyncImports
 
         if not isinstance(quiet, bool):
@@ -916,6 +917,41 @@ class MultiEngineClient(Configurable):
                 f"engines not ready after {timeout:g} s: "
                 + "; ".join(f"engine {e} {why}" for e, why in waiting.items())
             )
+
+    def refresh(self, timeout: float = 60.0) -> list[int]:
+        """Connect to engines added to the cluster since this client connected (by
+        ``Cluster.add_engines`` or ``ipmulti scale``); returns the ids newly connected."""
+        if self.closed:
+            raise EngineError("this MultiEngineClient is closed")
+        new = self.owner.refresh(timeout)
+        self._meta = self.owner.engine_meta() or self._meta
+        return new
+
+    def wait_for_engines(self, n: int, timeout: float | None = 60.0) -> list[int]:
+        """Wait until at least ``n`` engines are connected and ready (engines being added to a
+        running cluster); returns the ids. ``TimeoutError`` says how many there are."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"wait_for_engines needs a number of engines >= 0, not {n!r}")
+        if self.closed:
+            raise EngineError("this MultiEngineClient is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def ready() -> list[int]:
+            return [e for e in self._controller.ids if not self._controller.unavailable(e)]
+
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            self.refresh(60.0 if left is None else max(left, 0.01))
+            if len(ready()) >= n:
+                return ready()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(
+                    f"{len(ready())} engines ready after {timeout:g} s, waiting for {n} "
+                    f"(ids {ready()})"
+                )
+            step = 0.25 if left is None else min(0.25, left)
+            _loop.wait_until(lambda: len(ready()) >= n, step, tick=stdin.serve_pending)
 
     def on_start(self, code: str, timeout: float | None = None) -> ResultList:
         """Run setup ``code`` on every engine now, and record it so that it runs again, first

@@ -699,6 +699,36 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                     )
                     info = fresh
 
+    def add_engines(self, n: int = 1, timeout: float | None = None) -> list[int]:
+        """Grow the running cluster by ``n`` engines (local launcher); returns their ids.
+
+        The new engines run the recorded ``on_start`` code before they are ready; the cluster
+        file is rewritten (atomically) so that clients attached through it see them
+        (``mec.wait_for_engines(n)``, or their next call). If an engine fails to start or to
+        connect, the engines of this call are stopped and the error is raised."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"add_engines needs a positive number of engines, not {n!r}")
+        if self._stopped or self.client is None:
+            raise EngineError("this Cluster is not running")
+        timeout = self.startup_timeout if timeout is None else timeout
+        infos = _loop.run(self.launcher.add(n), timeout=(timeout or 3600) + 30)
+        ids = sorted(infos)
+        try:
+            self.client.controller.add_engines(
+                infos, {e: self.launcher.liveness(e) for e in ids}, timeout=timeout or 3600
+            )
+        except BaseException:
+            _loop.run(self.launcher.remove(ids), timeout=30)
+            raise
+        self.engines_info.update(infos)
+        meta = self.launcher.engine_meta()
+        for eid in ids:
+            self.kernel_names.setdefault(eid, meta.get(eid, {}).get("kernel_name"))
+        self.client.refresh()
+        if self.write_file and self.cluster_file and not self._stopped:
+            self._write_cluster_file(Path(self.cluster_file))
+        return ids
+
     def _on_dead(self, eid: int, reason: str) -> None:
         """Controller callback (loop thread): restart a dead engine when ``auto_restart`` is on."""
         if self._stopped_from_outside():
@@ -742,6 +772,8 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             try:
                 if ask.get("op") == "stop":
                     self.stop_requested = True
+                elif ask.get("op") == "add":
+                    answer["ids"] = self.add_engines(int(ask.get("ids", [1])[0]))
                 elif ask.get("op") == "restart":
                     ids = [int(i) for i in ask.get("ids", [])]
                     self.restart(ids)

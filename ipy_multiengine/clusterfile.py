@@ -724,6 +724,15 @@ class Owner(abc.ABC):
     def stop(self) -> None:
         """Stop the engines (for a proxy: ask the owner to)."""
 
+    def refresh(self, timeout: float = 60.0) -> list[int]:
+        """Connect the client to engines its owner added since (``add_engines``, ``ipmulti
+        scale``); the ids connected. The owning process connects them itself: nothing to do."""
+        return []
+
+    def add_engines(self, n: int, timeout: float = 60.0) -> list[int]:
+        """Ask the owner for ``n`` more engines; their ids."""
+        raise EngineError("cannot add engines: this client does not know who owns its engines")
+
 
 class NoOwner(Owner):
     """Kernels attached by connection file: nobody to ask; interrupts go over the control channel."""
@@ -761,6 +770,10 @@ class FileOwner(Owner):
         self._spec = read_cluster(path) if spec is None else spec
         self._restarting: set[int] = set()
         self.closed = False
+        try:  # the file as read now: refresh() reads it again only once it changed
+            self._stamp: int | None = os.stat(self.cluster_file).st_mtime_ns
+        except OSError:
+            self._stamp = None
 
     def interrupt(self, eids: list[int]) -> None:
         self._controller.interrupt(eids)
@@ -824,6 +837,35 @@ class FileOwner(Owner):
 
     def stop(self) -> None:
         request_owner(self.cluster_file, "stop", [], timeout=60.0)
+
+    def add_engines(self, n: int, timeout: float = 60.0) -> list[int]:
+        answer = request_owner(self.cluster_file, "add", [n], timeout=timeout)
+        self.refresh(timeout)
+        return list(answer.get("ids") or [])
+
+    def refresh(self, timeout: float = 60.0) -> list[int]:
+        """Connect to the engines the cluster file lists that this client does not know yet
+        (read only when the file changed since the last look)."""
+        try:
+            stamp = os.stat(self.cluster_file).st_mtime_ns
+        except OSError:
+            return []
+        if stamp == self._stamp:
+            return []
+        try:
+            spec = read_spec(self.cluster_file)
+        except Exception as exc:  # being replaced, or gone: the next call looks again
+            log.debug("cluster file %s not readable now: %s", self.cluster_file, exc)
+            return []
+        known = set(self._controller.ids)
+        engines = {e: info for e, info in engines_of(spec).items() if e not in known}
+        if engines:
+            probes = liveness_probes(spec)
+            self._controller.add_engines(
+                engines, {e: p for e, p in probes.items() if e in engines}, timeout=timeout
+            )
+        self._spec, self._stamp = spec, stamp
+        return sorted(engines)
 
     def follow_restart(self, eid: int, reason: str) -> None:
         """(loop thread) Engine ``eid`` died: if its owner restarts it (``auto_restart``,

@@ -225,3 +225,51 @@ def test_abort_skips_queued_requests_never_running_ones(mec):
     with pytest.raises(client.EngineError, match="a map cannot be aborted"):
         balanced.abort()
     assert mec.apply(lambda: 3, targets=[0]) == [3]  # the engine is usable
+
+
+def test_a_running_shared_cluster_grows_with_ipmulti_scale(tmp_path):
+    """`ipmulti start --daemon -n 1`, then `ipmulti scale 2`: the owner adds engine 1 through
+    Cluster.add_engines, rewrites the cluster file, and a client attached by file before the
+    scale sees the new engine (wait_for_engines), with its own on_start code run there."""
+    import json
+    import subprocess
+    import sys
+
+    from ipy_multiengine.clusterfile import cluster_file_path
+
+    ipmulti = [sys.executable, "-m", "ipy_multiengine.cli"]
+    run = lambda *a: subprocess.run(ipmulti + list(a), capture_output=True, text=True, timeout=90)  # noqa: E731
+    started = run("start", "--daemon", "-n", "1", "--profile", "t16scale")
+    assert started.returncode == 0, started.stderr
+    try:
+        mec = client.MultiEngineClient(profile="t16scale")
+        mec.on_start("flag = engine_id * 100")
+        assert mec.get_ids() == [0]
+        bad = run("scale", "0", "--profile", "t16scale")
+        assert bad.returncode == 2 and "scale only grows it" in bad.stderr
+        grown = run("scale", "2", "--profile", "t16scale")
+        assert grown.returncode == 0, grown.stderr
+        assert "added engine 1: 2 engines" in grown.stdout
+        spec = json.loads(cluster_file_path("t16scale").read_text())
+        assert [e["id"] for e in spec["engines"]] == [0, 1]
+        assert mec.wait_for_engines(2, timeout=30) == [0, 1]
+        assert mec.pull("flag") == [0, 100]  # this client's on_start ran on the new engine
+        assert mec.apply(lambda: engine_id) == [0, 1]  # noqa: F821
+        assert len(mec.engines) == 2 and mec.groups == {"python3": [0, 1]}
+        with client.MultiEngineClient(profile="t16scale") as later:
+            assert later.get_ids() == [0, 1]
+        with pytest.raises(ValueError, match="a number of engines >= 0, not -1"):
+            mec.wait_for_engines(-1)
+        with pytest.raises(client.TimeoutError, match="2 engines ready after 0.2 s, waiting for 3"):
+            mec.wait_for_engines(3, timeout=0.2)
+        mec.close()
+    finally:
+        stopped = run("stop", "--profile", "t16scale")
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def test_add_engines_checks_its_argument_first(cluster, mec):
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="add_engines needs a positive number of engines"):
+            cluster.add_engines(bad)
+    assert mec.get_ids() == [0, 1, 2, 3]
