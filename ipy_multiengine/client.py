@@ -105,10 +105,30 @@ def get_active() -> MultiEngineClient | None:
     return _active if _active is not None and not _active.closed else None
 
 
-def deactivate() -> None:
-    """Forget the active client (the magics then connect a client of their own); it stays open."""
+def deactivate(suffix: str = "") -> None:
+    """Forget the active client (the magics then connect a client of their own); it stays open.
+    With a ``suffix``: remove that named magic set (``%px_even``...) from the running IPython."""
     global _active
-    _active = None
+    if not suffix:
+        _active = None
+        return
+    ip = _ipython()
+    if ip is not None:
+        for hook in activation_hooks:
+            hook(ip, suffix, None, None)
+
+
+#: called as ``hook(shell, suffix, client or None, targets)`` by ``activate(suffix=...)`` and
+#: ``deactivate(suffix)``: the magics module registers itself here (the client never imports it)
+activation_hooks: list[Callable[[Any, str, Any, Any], None]] = []
+
+
+def _ipython() -> Any:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
 
 
 class MultiEngineClient(Configurable):
@@ -978,10 +998,37 @@ class MultiEngineClient(Configurable):
         """Forget all recorded ``on_start`` code."""
         self._controller.init_code.clear()
 
-    def activate(self) -> MultiEngineClient:
-        """Make this client the one the ``%px``/``%autopx``/``%result`` magics use."""
+    def activate(self, suffix: str = "", targets: Any = None) -> MultiEngineClient:
+        """Make this client the one the ``%px``/``%autopx``/``%result`` magics use.
+
+        With a ``suffix`` (``'_even'``), a named set of magics beside the default ones:
+        ``%px_even``, ``%%px_even``, ``%autopx_even``, ``%result_even``, on ``targets`` (default:
+        this client's), in the running IPython (the extension is loaded if it is not yet).
+        ``client.deactivate('_even')`` removes them."""
         global _active
-        _active = self
+        if not isinstance(suffix, str) or not f"px{suffix}".isidentifier():
+            raise ValueError(
+                f"suffix must make magic names like px{{suffix}}: letters, digits, _; not {suffix!r}"
+            )
+        if targets is not None:
+            if not suffix:
+                raise ValueError(
+                    "targets= names the engines of a named set (activate(suffix=..., targets=...)); "
+                    "for the default magics set mec.targets or %pxconfig --targets"
+                )
+            self._resolve_targets(targets)  # names the bad id or group now
+        if self.closed:
+            raise EngineError("this MultiEngineClient is closed")
+        if not suffix:
+            _active = self
+            return self
+        ip = _ipython()
+        if ip is None:
+            raise RuntimeError("activate(suffix=...) makes magics: it needs a running IPython")
+        if not activation_hooks:
+            ip.extension_manager.load_extension("ipy_multiengine")
+        for hook in activation_hooks:
+            hook(ip, suffix, self, targets)
         return self
 
     def close(self) -> None:

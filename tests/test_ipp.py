@@ -273,3 +273,59 @@ def test_add_engines_checks_its_argument_first(cluster, mec):
         with pytest.raises(ValueError, match="add_engines needs a positive number of engines"):
             cluster.add_engines(bad)
     assert mec.get_ids() == [0, 1, 2, 3]
+
+
+def _run(ip, code):
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap:
+        res = ip.run_cell(code)
+    return cap, res
+
+
+def test_named_magic_sets_side_by_side(ip, mec):
+    """mec.activate(suffix='_even', targets=[0, 2]): %px_even, %%px_even, %autopx_even and
+    %result_even next to the default %px set, in a real InteractiveShell."""
+    mec.activate(suffix="_even", targets=[0, 2])
+    try:
+        cap, res = _run(ip, "%px_even where = 'even'")
+        assert res.success, res.error_in_exec
+        assert [r["id"] for r in res.result] == [0, 2]
+        cap, res = _run(ip, "%%px_even\nprint('hello from', engine_id)\n")
+        assert res.success
+        assert "hello from 0" in cap.stdout and "hello from 2" in cap.stdout
+        assert "hello from 1" not in cap.stdout and "hello from 3" not in cap.stdout
+        cap, res = _run(ip, "%px who = engine_id")  # the default set: all engines
+        assert [r["id"] for r in res.result] == [0, 1, 2, 3]
+        cap, res = _run(ip, "%result_even")
+        assert [r["id"] for r in res.result] == [0, 2]  # its own last command
+        assert "hello from" in res.result[0]["stdout"]
+        cap, res = _run(ip, "%result")
+        assert [r["id"] for r in res.result] == [0, 1, 2, 3]
+        cap, res = _run(ip, "%autopx_even")
+        assert "Auto Parallel Enabled" in cap.stdout
+        cap, res = _run(ip, "auto_even = engine_id + 1")
+        assert "auto_even" not in ip.user_ns
+        cap, res = _run(ip, "%autopx_even")
+        assert "Auto Parallel Disabled" in cap.stdout
+        _run(ip, "local_again = 1")
+        assert ip.user_ns["local_again"] == 1
+        seen = mec.execute("'auto_even' in dir(), 'where' in dir()")
+        assert [r["result"]["text/plain"] for r in seen] == [
+            "(True, True)",
+            "(False, False)",
+            "(True, True)",
+            "(False, False)",
+        ]
+        with pytest.raises(ValueError, match="suffix must make magic names.*'-x'"):
+            mec.activate(suffix="-x")
+        with pytest.raises(ValueError, match="9"):
+            mec.activate(suffix="_odd", targets=[1, 9])
+        with pytest.raises(ValueError, match="targets= names the engines of a named set"):
+            mec.activate(targets=[1])
+        assert "px_odd" not in ip.magics_manager.magics["line"]
+    finally:
+        client.deactivate("_even")
+    assert "px_even" not in ip.magics_manager.magics["line"]
+    assert "px_even" not in ip.magics_manager.magics["cell"]
+    assert client.get_active() is mec
