@@ -1008,13 +1008,14 @@ class MultiEngineClient(Configurable):
         global _active
         if not isinstance(suffix, str) or not f"px{suffix}".isidentifier():
             raise ValueError(
-                f"suffix must make magic names like px{{suffix}}: letters, digits, _; not {suffix!r}"
+                "suffix must make magic names like px{suffix}: letters, digits, _; "
+                f"not {suffix!r}"
             )
         if targets is not None:
             if not suffix:
                 raise ValueError(
-                    "targets= names the engines of a named set (activate(suffix=..., targets=...)); "
-                    "for the default magics set mec.targets or %pxconfig --targets"
+                    "targets= names the engines of a named set (activate(suffix=..., "
+                    "targets=...)); for the default magics set mec.targets or %pxconfig --targets"
                 )
             self._resolve_targets(targets)  # names the bad id or group now
         if self.closed:
