@@ -905,6 +905,21 @@ class MultiEngineClient(Configurable):
         eids = self._resolve_targets(targets)
         self._interrupt_eids([e for e in eids if not self._controller.dead(e)])
 
+    def send_signal(self, sig: int | str, targets: Any = None) -> None:
+        """Send signal ``sig`` (a number, a ``signal.Signals`` or a name like ``'SIGUSR1'``) to
+        the target engines' processes, through whoever owns them (the ``Cluster``, or the
+        ``ipmulti start`` process of a shared cluster). To stop running code use ``interrupt``."""
+        import signal as _signal
+
+        try:
+            if isinstance(sig, bool):
+                raise ValueError
+            signum = _signal.Signals[sig] if isinstance(sig, str) else _signal.Signals(sig)
+        except (KeyError, ValueError, TypeError):
+            raise ValueError(f"not a signal: {sig!r} (e.g. signal.SIGUSR1 or 'SIGUSR1')") from None
+        eids, _ = self._prepare(targets, None)
+        self.owner.send_signal(eids, int(signum))
+
     def _interrupt_eids(self, eids: list[int]) -> None:
         self.owner.interrupt(eids)
 

@@ -699,6 +699,13 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                     )
                     info = fresh
 
+    def send_signal(self, eids: list[int], signum: int) -> None:
+        """Send signal ``signum`` to engines ``eids`` through the launcher (local engines:
+        their kernel managers' process handles)."""
+        if self._stopped or self.client is None:
+            raise EngineError("this Cluster is not running")
+        _loop.run(self.launcher.send_signal(list(eids), signum), timeout=30)
+
     def add_engines(self, n: int = 1, timeout: float | None = None) -> list[int]:
         """Grow the running cluster by ``n`` engines (local launcher); returns their ids.
 
@@ -772,6 +779,8 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             try:
                 if ask.get("op") == "stop":
                     self.stop_requested = True
+                elif ask.get("op") == "signal":
+                    self.send_signal([int(i) for i in ask.get("ids", [])], int(ask["signal"]))
                 elif ask.get("op") == "add":
                     answer["ids"] = self.add_engines(int(ask.get("ids", [1])[0]))
                 elif ask.get("op") == "restart":

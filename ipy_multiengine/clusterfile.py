@@ -619,10 +619,14 @@ def check_owner(path: Path, op: str) -> dict:
 
 
 def request_owner(
-    cluster_file: str | os.PathLike, op: str, ids: list[int], timeout: float = 60.0
+    cluster_file: str | os.PathLike,
+    op: str,
+    ids: list[int],
+    timeout: float = 60.0,
+    extra: dict | None = None,
 ) -> dict:
-    """Ask the owner of ``cluster_file`` to run ``op`` on engines ``ids``; wait for its answer,
-    which must come from the owner of this very file."""
+    """Ask the owner of ``cluster_file`` to run ``op`` on engines ``ids`` (with the arguments
+    ``extra``); wait for its answer, which must come from the owner of this very file."""
     path = Path(cluster_file)
     spec = check_owner(path, op)
     owner = owner_of(spec) or {}
@@ -632,6 +636,7 @@ def request_owner(
         req,
         json.dumps(
             {
+                **(extra or {}),
                 "op": op,
                 "ids": ids,
                 "cluster_file": _canonical(path),
@@ -732,6 +737,14 @@ class Owner(abc.ABC):
     def add_engines(self, n: int, timeout: float = 60.0) -> list[int]:
         """Ask the owner for ``n`` more engines; their ids."""
         raise EngineError("cannot add engines: this client does not know who owns its engines")
+
+    def send_signal(self, eids: list[int], signum: int) -> None:
+        """Send signal ``signum`` to engines ``eids`` (the owner signals its own processes)."""
+        raise EngineError(
+            f"cannot send signal {signum} to engines {eids}: this client does not own them "
+            "(kernels attached by connection file); signal them from the process that started "
+            "them, or interrupt them with mec.interrupt()"
+        )
 
 
 class NoOwner(Owner):
@@ -837,6 +850,9 @@ class FileOwner(Owner):
 
     def stop(self) -> None:
         request_owner(self.cluster_file, "stop", [], timeout=60.0)
+
+    def send_signal(self, eids: list[int], signum: int) -> None:
+        request_owner(self.cluster_file, "signal", eids, timeout=60.0, extra={"signal": signum})
 
     def add_engines(self, n: int, timeout: float = 60.0) -> list[int]:
         answer = request_owner(self.cluster_file, "add", [n], timeout=timeout)

@@ -258,6 +258,14 @@ def test_a_running_shared_cluster_grows_with_ipmulti_scale(tmp_path):
         assert len(mec.engines) == 2 and mec.groups == {"python3": [0, 1]}
         with client.MultiEngineClient(profile="t16scale") as later:
             assert later.get_ids() == [0, 1]
+        # a signal through the owner process (an owner request), to the new engine only
+        from faultlib import wait_for
+
+        mec.execute(
+            "import signal; got = []; signal.signal(signal.SIGUSR1, lambda *a: got.append(1))"
+        )
+        mec.send_signal("SIGUSR1", targets=[1])
+        wait_for(lambda: mec.pull("got") == [[], [1]], 10, "the signal through the owner")
         with pytest.raises(ValueError, match="a number of engines >= 0, not -1"):
             mec.wait_for_engines(-1)
         with pytest.raises(client.TimeoutError, match=r"2 engines ready after 0\.2 s, waiting"):
@@ -329,3 +337,22 @@ def test_named_magic_sets_side_by_side(ip, mec):
     assert "px_even" not in ip.magics_manager.magics["line"]
     assert "px_even" not in ip.magics_manager.magics["cell"]
     assert client.get_active() is mec
+
+
+def test_send_signal_reaches_the_target_engines_only(mec):
+    import signal
+
+    from faultlib import wait_for
+
+    mec.execute(
+        "import signal; got = []; signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))"
+    )
+    mec.send_signal("SIGUSR1", targets=[1])
+    mec.send_signal(signal.SIGUSR1, targets=[1, 3])
+    wait_for(lambda: mec.pull("got") == [[], [10, 10], [], [10]], 10, "the signals to arrive")
+    for bad in ("SIGNOPE", 99999, True, 1.5):
+        with pytest.raises(ValueError, match="not a signal"):
+            mec.send_signal(bad)
+    with pytest.raises(ValueError, match="9"):
+        mec.send_signal("SIGUSR1", targets=[9])
+    assert mec.pull("got") == [[], [10, 10], [], [10]]

@@ -422,6 +422,14 @@ class Launcher(abc.ABC):
             method="add",
         )
 
+    async def send_signal(self, ids: Iterable[int], signum: int) -> None:
+        """Send signal ``signum`` to engines ``ids``."""
+        raise LauncherError(
+            f"the {self.name} launcher cannot send signals to single engines (only 'local' "
+            "can); interrupt them with mec.interrupt()",
+            method="send_signal",
+        )
+
     async def remove(self, ids: Iterable[int]) -> None:
         """Stop and forget engines ``ids`` (undoing a failed ``add``)."""
 

@@ -366,6 +366,16 @@ class LocalLauncher(Launcher):
             if isinstance(res, BaseException):  # nor go unseen
                 log.warning("could not interrupt engine %s: %s: %s", eid, type(res).__name__, res)
 
+    async def send_signal(self, ids: Iterable[int], signum: int) -> None:
+        """Through the kernel managers (their own process handles, never a pid from a file):
+        each engine's process group, as jupyter_client signals kernels."""
+        ids = list(ids)
+        unknown = [e for e in ids if e not in self.managers]
+        if unknown:
+            raise TargetsError(f"unknown engine ids {unknown}; valid ids: {sorted(self.managers)}")
+        for eid in ids:
+            await self.managers[eid].signal_kernel(signum)
+
     def engine_meta(self) -> dict[int, dict]:
         host = socket.gethostname()
         return {
