@@ -356,7 +356,10 @@ class MultiEngineClient(Configurable):
             raise EngineError("this MultiEngineClient is closed")
         if block is not None and not isinstance(block, bool):
             raise TypeError(f"block must be True, False or None, not {block!r}")
-        self.owner.refresh(self.timeout)  # engines added to the cluster meanwhile (cheap: a stat)
+        try:  # engines added to the cluster meanwhile (cheap: a stat, unless the file changed)
+            self.owner.refresh(min(self.timeout, 10.0))
+        except MultiEngineError as exc:  # a listed engine that does not answer: not this call's
+            log.warning("could not connect to engines added to the cluster: %s", exc)
         eids = self._resolve_targets(targets)
         bad = [(e, self._controller.unavailable(e)) for e in eids]
         bad = [(e, why) for e, why in bad if why]

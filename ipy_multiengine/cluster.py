@@ -725,7 +725,15 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                 infos, {e: self.launcher.liveness(e) for e in ids}, timeout=timeout or 3600
             )
         except BaseException:
-            _loop.run(self.launcher.remove(ids), timeout=30)
+            # engines that connected stay (e.g. their on_start code is still running: they
+            # become ready when it ends); the others are stopped
+            ctl = self.client.controller
+            failed = [e for e in ids if e not in ctl.ids or ctl.dead(e)]
+            _loop.run(self.launcher.remove(failed), timeout=30)
+            kept = {e: infos[e] for e in ids if e not in failed}
+            self.engines_info.update(kept)
+            if kept and self.write_file and self.cluster_file and not self._stopped:
+                self._write_cluster_file(Path(self.cluster_file))
             raise
         self.engines_info.update(infos)
         meta = self.launcher.engine_meta()

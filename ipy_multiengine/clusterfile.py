@@ -873,6 +873,7 @@ class FileOwner(Owner):
         except Exception as exc:  # being replaced, or gone: the next call looks again
             log.debug("cluster file %s not readable now: %s", self.cluster_file, exc)
             return []
+        self._stamp = stamp  # one attempt per version of the file, even if connecting fails
         known = set(self._controller.ids)
         engines = {e: info for e, info in engines_of(spec).items() if e not in known}
         if engines:

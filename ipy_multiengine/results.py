@@ -293,8 +293,9 @@ class PendingResult:
         if refused:
             eids = sorted(refused)
             raise EngineError(
-                f"this {self.method} had already started on engines {eids} (left running; "
-                f"stop it with mec.interrupt({eids})); where it was still queued it was aborted",
+                f"this {self.method} was not aborted on engines {eids}: it had started there "
+                f"(stop it with mec.interrupt({eids})), or the engine cannot skip requests (not "
+                "a Python engine with ipy_multiengine, or dead); elsewhere it was aborted",
                 eids[0],
                 self.method,
             )
