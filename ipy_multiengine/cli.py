@@ -42,7 +42,8 @@ def parse_engines(text: str) -> dict[str, int]:
         name, sep, count = part.strip().partition("=")
         if not sep or not name.strip() or not count.strip().isdigit() or int(count) < 1:
             raise UsageError(
-                f"--engines {text!r}: expected KERNELSPEC=N[,KERNELSPEC=N...], e.g. python3=2,bash=3"
+                f"--engines {text!r}: expected KERNELSPEC=N[,KERNELSPEC=N...], e.g. "
+                "python3=2,bash=3"
             )
         out[name.strip()] = out.get(name.strip(), 0) + int(count)
     return out
@@ -156,7 +157,8 @@ def _start_daemon(args: argparse.Namespace) -> int:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             print(
-                f"ipmulti: the cluster process exited with code {proc.returncode}:\n{own_log.read_text()}",
+                "ipmulti: the cluster process exited with code "
+                f"{proc.returncode}:\n{own_log.read_text()}",
                 file=sys.stderr,
             )
             own_log.unlink(missing_ok=True)
@@ -304,7 +306,8 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _is_cluster_file(path: Path) -> bool:
-    """Is ``path`` a cluster file in the cluster directory (``cluster-*.json``, ``embedded-*.json``)?"""
+    """Is ``path`` a cluster file in the cluster directory (``cluster-*.json``,
+    ``embedded-*.json``)?"""
     try:
         return (
             path.resolve().parent == cluster_dir().resolve()
@@ -377,11 +380,14 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'profile':<16} {'state':<18} {'engines':<8} {'dead':<10} {'owner':<28} pids / file")
     for c in clusters:
-        dead = [e for e, ok in zip(c["engines"], c.get("engines_alive", [])) if not ok]
+        dead = [
+            e for e, ok in zip(c["engines"], c.get("engines_alive", []), strict=False) if not ok
+        ]
         name = c["profile"] if c["shared"] else f"{c['profile']}*"
         where = " ".join(map(str, c["pids"])) if c["shared"] else c["file"]
         print(
-            f"{name:<16} {c['state']:<18} {len(c['engines']):<8} {','.join(map(str, dead)) or '-':<10} "
+            f"{name:<16} {c['state']:<18} {len(c['engines']):<8} "
+            f"{','.join(map(str, dead)) or '-':<10} "
             f"{c['owner']:<28} {where}"
         )
         for problem in c.get("problems", []):

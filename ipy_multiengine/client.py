@@ -31,7 +31,7 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
     TimeoutError,
 )
 from .render import ProgressBar
-from .results import PendingResult, ResultList, wait_sent
+from .results import PendingResult, ResultList, Tally, nbytes, wait_sent
 from .targets import resolve as resolve_targets
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def shell_config() -> Config | None:
     return None if ip is None else ip.config
 
 
-def config_error(cls: type, exc: BaseException) -> ConfigError:
+def config_error(cls: type[Configurable], exc: BaseException) -> ConfigError:
     """A ``TraitError`` (or a validator's error) as a ``ConfigError`` naming ``Class.option``."""
     text = str(exc)
     name = next(
@@ -326,7 +326,7 @@ class MultiEngineClient(Configurable):
         """The ids of the engines, in order; dead ones are included and flagged in the repr
         (``[0, 1, 2, 3] (dead: 2 was killed by signal SIGKILL)``) and in ``.dead``."""
         ids = EngineIds(self._controller.ids)
-        ids.dead = {e: self._controller.dead(e) for e in ids if self._controller.dead(e)}
+        ids.dead = {e: why for e in ids if (why := self._controller.dead(e))}
         return ids
 
     @property
@@ -366,7 +366,8 @@ class MultiEngineClient(Configurable):
         if bad:
             what = "; ".join(f"engine {e} {why}" for e, why in bad)
             raise EngineError(
-                f"{what}: restart it with mec.restart({bad[0][0] if len(bad) == 1 else [e for e, _ in bad]}) "
+                f"{what}: restart it with "
+                f"mec.restart({bad[0][0] if len(bad) == 1 else [e for e, _ in bad]}) "
                 "or choose other targets",
                 bad[0][0],
             )
@@ -379,6 +380,7 @@ class MultiEngineClient(Configurable):
         method: str,
         finish: Callable[[list[Any]], Any],
         progress: bool = False,
+        tally: Tally | None = None,
     ) -> PendingResult:
         pr = PendingResult(
             futures,
@@ -387,6 +389,7 @@ class MultiEngineClient(Configurable):
             finish,
             on_interrupt=self._interrupt_eids,
             progress=self._show_progress if progress else None,
+            tally=tally,
             on_abort=self._controller.abort,
         )
         self._remember(pr)
@@ -436,7 +439,11 @@ class MultiEngineClient(Configurable):
             # timeout, the frames were copies: _outgoing)
             if timeout is None and not self.return_before_send and not pr.wait_for_send(SEND_GRACE):
                 unsent = wait_sent(pr.futures, 0)
-                engines = [e for e, f in zip(pr.eids, pr.futures) if any(f is u for u in unsent)]
+                engines = [
+                    e
+                    for e, f in zip(pr.eids, pr.futures, strict=True)
+                    if any(f is u for u in unsent)
+                ]
                 warnings.warn(
                     f"{pr.method}: engines {engines} are still receiving what this call sent; "
                     "do not change those objects before mec.last.wait_for_send()",
@@ -454,7 +461,7 @@ class MultiEngineClient(Configurable):
     def _show_progress(self, pr: PendingResult) -> ProgressBar:
         """A progress bar for ``pr``'s wait: drawn by that wait's slices, shown only once the
         call has taken ``progress_after`` seconds in an interactive session."""
-        return ProgressBar(pr.method, self.progress_after)
+        return ProgressBar(pr.method, self.progress_after, unit=pr.progress_unit)
 
     # ------------------------------------------------------------------ running code
     def execute(
@@ -554,7 +561,9 @@ class MultiEngineClient(Configurable):
         eids, block = self._prepare(targets, block)
         frames = self._outgoing(_dumps_call(f, args, kwargs), block, timeout)
         live = self._live(eids, block)
-        futures = self._comm("apply", eids, [frames] * len(eids), listener=live and live.listener)
+        futures = self._comm(
+            "apply", eids, [frames] * len(eids), listener=live.listener if live else None
+        )
         return self._deliver(self._pending(futures, eids, "apply", _values), block, timeout, live)
 
     # ------------------------------------------------------------------ moving data
@@ -590,7 +599,7 @@ class MultiEngineClient(Configurable):
             if not isinstance(k, str):
                 raise TypeError(f"names to pull must be str, not {k!r}")
         eids, block = self._prepare(targets, block)
-        frames = [[]] * len(eids)
+        frames: list[list[Any]] = [[] for _ in eids]
         futures = self._comm("pull", eids, frames, {"names": keys, "single": single})
         return self._deliver(self._pending(futures, eids, "pull", _values), block, timeout)
 
@@ -608,7 +617,7 @@ class MultiEngineClient(Configurable):
         futures = self._comm(
             "pull", eids, [[]] * len(eids), {"names": list(names), "single": False}
         )
-        finish = lambda rs: list(zip(*_values(rs)))  # noqa: E731
+        finish = lambda rs: list(zip(*_values(rs), strict=True))  # noqa: E731
         return self._deliver(self._pending(futures, eids, "pull", finish), block, timeout)
 
     def push_function(
@@ -669,10 +678,16 @@ class MultiEngineClient(Configurable):
             parts = [p[0] if len(p) == 1 else p for p in parts]
         frames = [
             self._outgoing(_dumps_part(name, off, p), block, timeout)
-            for off, p in zip(offsets, parts)
+            for off, p in zip(offsets, parts, strict=True)
         ]
         futures = self._comm("push", eids, frames)
-        return self._deliver(self._pending(futures, eids, "scatter", _nones), block, timeout)
+        sizes = [nbytes(fr) for fr in frames]  # numbers: a callback must not keep the data alive
+        tally = _tally(Tally(sum(sizes), "B"), eids, futures, sizes)
+        return self._deliver(
+            self._pending(futures, eids, "scatter", _nones, progress=True, tally=tally),
+            block,
+            timeout,
+        )
 
     def gather(
         self,
@@ -685,8 +700,11 @@ class MultiEngineClient(Configurable):
         eids, block = self._prepare(targets, block)
         futures = self._comm("pull", eids, [[]] * len(eids), {"names": [name], "single": True})
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
+        tally = _tally(Tally(None, "B"), eids, futures)  # bytes received; the total is unknown
         return self._deliver(
-            self._pending(futures, eids, "gather", finish, progress=True), block, timeout
+            self._pending(futures, eids, "gather", finish, progress=True, tally=tally),
+            block,
+            timeout,
         )
 
     # ------------------------------------------------------------------ parallel map
@@ -698,26 +716,30 @@ class MultiEngineClient(Configurable):
         block: bool | None = None,
         timeout: float | None = None,
         balanced: bool = False,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         ordered: bool = True,
         retries: int = 1,
     ) -> Any:
         """A parallel ``map(f, *seqs)``.
 
         By default items are split in contiguous blocks, one per target (the tutorial's map).
-        ``balanced=True`` sends chunks of ``chunksize`` items to whichever engine is free first,
-        re-sending a dead engine's chunks to others ``retries`` times; ``ordered=False`` returns
-        results in completion order.
+        ``balanced=True`` sends chunks of items to whichever engine is free first, re-sending a
+        dead engine's chunks to others ``retries`` times; ``ordered=False`` returns results in
+        completion order. ``chunksize=None`` (the default) sizes chunks automatically from the
+        measured time per item (small first, longer ones, short ones at the end); an int sends
+        chunks of exactly that many items.
         """
         if not callable(f):
             raise TypeError(f"map needs a callable, not {type(f).__name__}")
         if not seqs:
             raise TypeError("map() needs at least one sequence")
         eids, block = self._prepare(targets, block)
-        items = list(zip(*seqs))
+        items = list(zip(*seqs, strict=False))  # like map(): the shortest sequence ends it
         if balanced:
             live = self._live(eids, block)
-            bm = self._balanced(f, items, eids, chunksize, ordered, retries, live and live.listener)
+            bm = self._balanced(
+                f, items, eids, chunksize, ordered, retries, live.listener if live else None
+            )
             pr = PendingResult(
                 [bm.future],
                 eids[:1],
@@ -725,6 +747,7 @@ class MultiEngineClient(Configurable):
                 lambda rs: rs[0],
                 on_interrupt=lambda _running: self._stop_balanced(bm),
                 progress=self._show_progress,
+                tally=bm.tally,  # items done, reported by the map as its chunks complete
             )
             self._remember(pr)
             return self._deliver(pr, block, timeout, live)
@@ -746,13 +769,18 @@ class MultiEngineClient(Configurable):
             datas.append(a)
         futures = []
         live = self._live(eids, block)
-        for eid, fr, off in zip(eids, frames, datas):
+        for eid, fr, off in zip(eids, frames, datas, strict=True):
             futures += self._comm(
-                "map", [eid], [fr], {"offset": off}, listener=live and live.listener
+                "map", [eid], [fr], {"offset": off}, listener=live.listener if live else None
             )
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
+        sizes = [b - a for a, b in partition.bounds(len(items), nparts)]
+        tally = _tally(Tally(len(items)), eids, futures, sizes)
         return self._deliver(
-            self._pending(futures, eids, "map", finish, progress=True), block, timeout, live
+            self._pending(futures, eids, "map", finish, progress=True, tally=tally),
+            block,
+            timeout,
+            live,
         )
 
     def imap(
@@ -760,13 +788,14 @@ class MultiEngineClient(Configurable):
         f: Callable,
         *seqs: Iterable,
         targets: Any = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         ordered: bool = True,
         retries: int = 1,
         timeout: float | None = None,
     ) -> Iterator[Any]:
         """A load-balanced map whose results are yielded as they arrive (``ordered=False``:
-        in completion order). Everything is submitted at once; Ctrl-C stops it, and so does
+        in completion order); ``chunksize`` as for ``map(balanced=True)`` (None: automatic).
+        It starts sending at once; Ctrl-C stops it, and so does
         ``timeout`` (seconds from this call for the whole iteration: ``TimeoutError``)."""
         if not callable(f):
             raise TypeError(f"imap needs a callable, not {type(f).__name__}")
@@ -774,15 +803,17 @@ class MultiEngineClient(Configurable):
             raise TypeError("imap() needs at least one sequence")
         eids, _ = self._prepare(targets, None)
         deadline = None if timeout is None else time.monotonic() + timeout
-        bm = self._balanced(f, list(zip(*seqs)), eids, chunksize, ordered, retries)
-        return bm.iterate(deadline=deadline)  # from this call, not from the first next()
+        bm = self._balanced(f, list(zip(*seqs, strict=False)), eids, chunksize, ordered, retries)
+        bar = ProgressBar("imap", self.progress_after, unit="item")
+        # from this call, not from the first next(); the bar is drawn by the iteration's waits
+        return bm.iterate(deadline=deadline, progress=bar)
 
     def _balanced(
         self,
         f: Callable,
         items: list,
         eids: list[int],
-        chunksize: int,
+        chunksize: int | None,
         ordered: bool,
         retries: int,
         listener: Listener | None = None,
@@ -799,11 +830,12 @@ class MultiEngineClient(Configurable):
             ordered=ordered,
             retries=retries,
             listener=listener,
+            interrupt=self._interrupt_eids,  # the owner's interrupt, like mec.interrupt()
         ).start()
 
     def _stop_balanced(self, bm: BalancedMap) -> None:
         bm.cancel()
-        self._controller.interrupt([e for e in bm.eids if not self._controller.dead(e)])
+        self._interrupt_eids([e for e in bm.eids if not self._controller.dead(e)])
 
     def mapper(self, dist: str = "b", targets: Any = None, block: bool | None = None) -> Mapper:
         """A mapper with fixed options: ``mec.mapper(targets=[0, 1]).map(f, seq)``."""
@@ -871,7 +903,7 @@ class MultiEngineClient(Configurable):
             progress=self._show_progress,
         )
         if not waiter.wait(timeout):
-            left = sorted({e for e, f in zip(eids, futures) if not f.done()})
+            left = sorted({e for e, f in zip(eids, futures, strict=True) if not f.done()})
             raise TimeoutError(
                 f"barrier not done after {timeout:g} s; still running on engines {left}"
             )
@@ -1071,7 +1103,10 @@ class MultiEngineClient(Configurable):
         self.close()
 
     def __repr__(self) -> str:
-        return f"<MultiEngineClient engines={self.get_ids()} targets={self.targets!r} block={self.block}>"
+        return (
+            f"<MultiEngineClient engines={self.get_ids()} targets={self.targets!r} "
+            f"block={self.block}>"
+        )
 
 
 def close_controller(controller: Controller) -> None:
@@ -1093,7 +1128,9 @@ def close_controller(controller: Controller) -> None:
 class EngineIds(list):
     """``get_ids()``: a plain list of ints whose repr also names the dead engines."""
 
-    dead: dict[int, str] = {}
+    def __init__(self, ids: Iterable[int] = (), dead: dict[int, str] | None = None) -> None:
+        super().__init__(ids)
+        self.dead: dict[int, str] = dict(dead or {})
 
     def __repr__(self) -> str:
         base = super().__repr__()
@@ -1172,6 +1209,29 @@ def _dumps_call(f: Callable, args: tuple, kwargs: dict) -> list[Any]:
         for key, value in kwargs.items():
             serialize.check_picklable(f"keyword argument {key}", value)
         return serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs))
+
+
+def _tally(
+    tally: Tally, eids: list[int], futures: list[cf.Future], sizes: list[int] | None = None
+) -> Tally:
+    """Report each engine's part into ``tally`` as its future completes: ``sizes[i]`` units,
+    or the bytes of the reply when ``sizes`` is None; nothing for a part that failed. (A
+    progress count that cannot be made is logged: it must not fail the call.)"""
+    for i, (eid, fut) in enumerate(zip(eids, futures, strict=True)):
+        tally.start(eid)
+        size = None if sizes is None else sizes[i]
+
+        def done(f: cf.Future, eid: int = eid, size: int | None = size) -> None:
+            n = 0
+            try:
+                if not f.cancelled() and f.exception() is None:
+                    n = nbytes(getattr(f.result(), "frames", None)) if size is None else size
+            except Exception:
+                log.debug("progress: cannot count engine %s's part", eid, exc_info=True)
+            tally.done(eid, n)
+
+        fut.add_done_callback(done)
+    return tally
 
 
 def _dumps_part(name: str, offset: int, part: Any) -> list[Any]:

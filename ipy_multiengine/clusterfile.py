@@ -3,7 +3,8 @@
 A cluster file is JSON, mode 0600, in ``jupyter_runtime_dir()/ipy_multiengine/`` (mode 0700)::
 
     {"cluster_id": "default", "profile": "default", "shared": true,
-     "owner": {"pid": 123, "host": "box", "create_time": 1700000000.1, "cmdline": [...], "kind": "ipmulti"},
+     "owner": {"pid": 123, "host": "box", "create_time": 1700000000.1, "cmdline": [...],
+               "kind": "ipmulti"},
      "owner_pid": 123, "host": "box", "created": 1700000000.0, "serves": ["requests"],
      "engines": [{"id": 0, "pid": 456, "create_time": ..., "host": "box", "kernel_name": "python3",
                   "connection": {... a Jupyter connection file's content ...}}, ...]}
@@ -22,6 +23,8 @@ process the file describes (host, psutil create time, command line); callers sig
 from __future__ import annotations
 
 import abc
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -81,7 +84,8 @@ def check_profile(profile: str) -> str:
 
 
 def cluster_file_path(profile: str = "default") -> Path:
-    """The file of the shared cluster of ``profile`` (what ``MultiEngineClient(profile=...)`` reads)."""
+    """The file of the shared cluster of ``profile`` (what ``MultiEngineClient(profile=...)``
+    reads)."""
     return cluster_dir() / f"{SHARED_PREFIX}{check_profile(profile)}.json"
 
 
@@ -181,12 +185,13 @@ def same_process(ident: dict | None) -> tuple[psutil.Process | None, str]:
     if not isinstance(ident.get("create_time"), (int, float)):
         return (
             None,
-            f"the file records no start time for pid {pid}, so it cannot be told from another process",
+            f"the file records no start time for pid {pid}, so it cannot be told from another "
+            "process",
         )
     if abs(created - ident["create_time"]) > 0.05:
         return None, f"pid {pid} now belongs to another process (started at {time.ctime(created)})"
     if ident.get("cmdline") is not None and ident["cmdline"] != cmdline:
-        return None, f"pid {pid} now runs another command ({' '.join(cmdline)[:80]!r})"
+        return None, f"pid {pid} now runs another command ({' '.join(cmdline or [])[:80]!r})"
     return proc, ""
 
 
@@ -347,22 +352,26 @@ def liveness_probes(spec: dict) -> dict[int, Callable[[], str | None]]:
     """Process polls for the engines of ``spec`` that run on this host (by identity when the
     file records it, so a reused pid does not look alive)."""
     here = socket.gethostname()
-    probes = {}
+    probes: dict[int, Callable[[], str | None]] = {}
     for e in spec["engines"]:
         pid = e.get("pid")
         if pid and e.get("host", spec.get("host")) == here:
             if isinstance(e.get("create_time"), (int, float)):
                 ident = {"pid": pid, "host": here, "create_time": e["create_time"]}
-                probes[e["id"]] = lambda i=ident: (
-                    None
-                    if same_process(i)[0] is not None
-                    else f"exited (process {i['pid']} is gone)"
-                )
+                probes[e["id"]] = functools.partial(_gone_unless_same, ident)
             else:
-                probes[e["id"]] = lambda p=pid: (
-                    None if pid_alive(p) else f"exited (process {p} is gone)"
-                )
+                probes[e["id"]] = functools.partial(_gone_unless_alive, pid)
     return probes
+
+
+def _gone_unless_same(ident: dict) -> str | None:
+    return (
+        None if same_process(ident)[0] is not None else f"exited (process {ident['pid']} is gone)"
+    )
+
+
+def _gone_unless_alive(pid: int) -> str | None:
+    return None if pid_alive(pid) else f"exited (process {pid} is gone)"
 
 
 def engine_identity(e: dict, spec: dict) -> dict | None:
@@ -492,10 +501,8 @@ def remove_sockets(conn: Any) -> None:
             pass
     parent = Path(conn["ip"]).parent
     if parent.name.startswith("ipme-") and parent != cluster_dir():
-        try:
+        with contextlib.suppress(OSError):
             parent.rmdir()
-        except OSError:
-            pass
 
 
 def remove_requests(path: str | os.PathLike) -> None:
@@ -504,10 +511,8 @@ def remove_requests(path: str | os.PathLike) -> None:
     if d.is_dir():
         for f in d.iterdir():
             f.unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):
             d.rmdir()
-        except OSError:
-            pass
 
 
 def remove_if_mine(path: str | os.PathLike, cluster_id: str, owner: dict) -> bool:
@@ -603,12 +608,14 @@ class ProfileLock:
 
 # ---------------------------------------------------------------------- requests to an owner
 def check_owner(path: Path, op: str) -> dict:
-    """The cluster file's content if its owner takes requests, else an ``EngineError`` saying why."""
+    """The cluster file's content if its owner takes requests, else an ``EngineError`` saying
+    why."""
     spec = read_cluster(path)
     owner = owner_of(spec) or {}
     if "requests" not in spec.get("serves", []):
         raise EngineError(
-            f"cannot {op} engines of {path}: its owner process {owner.get('pid')} does not take requests "
+            f"cannot {op} engines of {path}: its owner process {owner.get('pid')} does not take "
+            "requests "
             "(only clusters started with `ipmulti start` do); do it from the process that owns them"
         )
     if owner.get("host") != socket.gethostname():
@@ -669,7 +676,8 @@ def request_owner(
     finally:
         req.unlink(missing_ok=True)
     raise TimeoutError(
-        f"the owner process {owner.get('pid')} of {path} did not {op} engines {ids} within {timeout:g} s"
+        f"the owner process {owner.get('pid')} of {path} did not {op} engines {ids} within "
+        f"{timeout:g} s"
     )
 
 
@@ -719,7 +727,8 @@ class Owner(abc.ABC):
 
     @abc.abstractmethod
     def restart(self, eids: list[int], timeout: float | None = None) -> None:
-        """Restart engines ``eids`` keeping their ids; the client is connected to the new ones after."""
+        """Restart engines ``eids`` keeping their ids; the client is connected to the new ones
+        after."""
 
     @abc.abstractmethod
     def engine_meta(self) -> dict[int, dict]:
@@ -748,7 +757,8 @@ class Owner(abc.ABC):
 
 
 class NoOwner(Owner):
-    """Kernels attached by connection file: nobody to ask; interrupts go over the control channel."""
+    """Kernels attached by connection file: nobody to ask; interrupts go over the control
+    channel."""
 
     def __init__(self, controller: Any) -> None:
         self._controller = controller
@@ -774,6 +784,8 @@ class FileOwner(Owner):
     """The owner of a cluster reached through its file (another process): restarts are owner
     requests, interrupts go over the engines' control channels, and engines its owner restarts
     by itself are followed (``follow_restart`` is the controller's ``on_dead``)."""
+
+    cluster_file: str  # always a file here
 
     def __init__(
         self, path: str | os.PathLike, controller: Any = None, spec: dict | None = None
@@ -890,6 +902,8 @@ class FileOwner(Owner):
         as the cluster file lists it."""
         import asyncio
 
+        from . import _loop
+
         controller = self._controller
         dead = controller.state(eid)  # an immutable snapshot: its generation names this connection
         old = dict(dead.connection)
@@ -923,4 +937,4 @@ class FileOwner(Owner):
                         log.warning("could not reconnect to restarted engine %s: %s", eid, exc)
                     return
 
-        asyncio.ensure_future(follow())
+        _loop.background(follow(), f"following the restart of engine {eid}")

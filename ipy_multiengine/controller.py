@@ -13,6 +13,7 @@ The controller knows nothing of magics or result formatting: it hands back plain
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -53,7 +54,7 @@ STALL_LIMIT = 0.5
 Listener = Callable[[int, str, dict], None]
 
 
-class EngineStatus(str, enum.Enum):
+class EngineStatus(enum.StrEnum):
     """What an engine is doing, as its shell channel says (a ``str``: compares to "idle")."""
 
     STARTING = "starting"
@@ -61,9 +62,6 @@ class EngineStatus(str, enum.Enum):
     BUSY = "busy"
     RESTARTING = "restarting"
     DEAD = "dead"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -285,7 +283,8 @@ class Controller:
         liveness: dict[int, Callable[[], str | None]] | None = None,
         timeout: float = 60.0,
     ) -> None:
-        """Connect (or reconnect, replacing the old connection) engines by id; blocks until ready."""
+        """Connect (or reconnect, replacing the old connection) engines by id; blocks until
+        ready."""
         if self._closed:
             raise EngineError("this client is closed")
         _loop.run(self.add_engines_async(engines, liveness, timeout))
@@ -349,10 +348,11 @@ class Controller:
         results = await asyncio.gather(*(connect(c) for c in conns), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            for conn, res in zip(conns, results):
+            for conn, res in zip(conns, results, strict=True):
                 if keep_others:
                     if conn.init_task is not None and not conn.init_task.done() and not conn.dead:
-                        continue  # alive, still running slow on_start code: it becomes ready by itself
+                        # alive, still running slow on_start code: it becomes ready by itself
+                        continue
                     if conn.ready:
                         continue  # this one connected; only the others failed
                     # keep the id known (as dead) so the client can report and restart it
@@ -409,7 +409,8 @@ class Controller:
             ("stdin", zmq.DEALER),
         ):
             if channel == "stdin" and "stdin_port" not in conn.info:
-                continue  # connection info without stdin: input() there raises StdinNotImplementedError
+                # connection info without stdin: input() there raises StdinNotImplementedError
+                continue
             sock = self._socket(conn, channel, kind)
             conn.tasks.append(self._spawn(self._reader(conn, channel, sock), conn))
         # The SUB socket misses messages until its subscription reaches the kernel: ask for
@@ -425,7 +426,8 @@ class Controller:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise EngineError(
-                    f"engine {conn.eid} at {conn.url('shell')} did not answer kernel_info within {timeout:g} s",
+                    f"engine {conn.eid} at {conn.url('shell')} did not answer kernel_info within "
+                    f"{timeout:g} s",
                     conn.eid,
                 )
             try:
@@ -484,12 +486,10 @@ class Controller:
         # the comm_open's own idle follows its reply: wait for it (briefly), so that a fresh
         # engine is shown idle, not busy, once it is ready
         if conn.state == "busy":
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     conn.shell_idle.wait(), min(1.0, max(deadline - time.monotonic(), 0.01))
                 )
-            except asyncio.TimeoutError:
-                pass
         await self._run_init(conn, deadline, timeout)
 
     async def _run_init(self, conn: EngineConn, deadline: float, timeout: float) -> None:
@@ -508,7 +508,8 @@ class Controller:
             await asyncio.wait_for(asyncio.shield(task), max(deadline - time.monotonic(), 0))
         except asyncio.TimeoutError:
             raise EngineError(
-                f"engine {conn.eid}: its on_start code {_short(conn.init_running)!r} has not finished "
+                f"engine {conn.eid}: its on_start code {_short(conn.init_running)!r} has not "
+                "finished "
                 f"within {timeout:g} s; it goes on running and the engine becomes ready when it is "
                 "done (mec.wait_ready() waits for it; mec.interrupt() stops it)",
                 conn.eid,
@@ -629,7 +630,7 @@ class Controller:
                 try:
                     ctx.destroy(linger=0)
                 finally:
-                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                    loop.call_soon_threadsafe(_resolve, done)
 
             threading.Thread(target=term, name="ipy_multiengine-close", daemon=True).start()
             await asyncio.wait_for(done, CLOSE_LINGER_MS / 1000 + 2)
@@ -640,9 +641,9 @@ class Controller:
         task = asyncio.ensure_future(coro)
 
         def ended(t: asyncio.Task) -> None:
-            if t.cancelled() or t.exception() is None:
+            exc = None if t.cancelled() else t.exception()
+            if exc is None:
                 return
-            exc = t.exception()
             log.error(
                 "ipy_multiengine I/O task %s failed", getattr(coro, "__name__", coro), exc_info=exc
             )
@@ -729,7 +730,8 @@ class Controller:
                         self._fail_requests(conn, exc)
 
     async def _heartbeats(self) -> None:
-        """Send a beat to every heartbeat-watched engine each third of the period; one task for all."""
+        """Send a beat to every heartbeat-watched engine each third of the period; one task for
+        all."""
         while self.heartbeat:
             period = self.heartbeat
             self._check_stall()
@@ -750,10 +752,8 @@ class Controller:
                         log.error("engine %s: marking it dead failed", conn.eid, exc_info=exc)
                         self._fail_requests(conn, exc)
                 conn.beats += 1
-                try:
+                with contextlib.suppress(zmq.ZMQError):  # queue full: the engine is unreachable
                     conn.sockets["hb"].send(b"%d" % conn.beats, zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # queue full while the engine is unreachable
             await asyncio.sleep(period / 3)
 
     async def _hb_reader(self, conn: EngineConn, sock: zmq.asyncio.Socket) -> None:
@@ -1102,9 +1102,23 @@ class Controller:
             self._maybe_complete(conn, req)
 
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
-        out = {"stdout": "".join(req.stdout), "stderr": "".join(req.stderr), "outputs": req.outputs}
+        out: dict[str, Any] = {
+            "stdout": "".join(req.stdout),
+            "stderr": "".join(req.stderr),
+            "outputs": req.outputs,
+        }
         if data.get("status") == "ok":
-            self._finish(conn, req, value=CommReply(data, list(frames), **out))
+            self._finish(
+                conn,
+                req,
+                value=CommReply(
+                    data,
+                    list(frames),
+                    stdout=out["stdout"],
+                    stderr=out["stderr"],
+                    outputs=out["outputs"],
+                ),
+            )
         else:
             item = data.get("item")
             evalue = data.get("evalue", "")
@@ -1228,7 +1242,8 @@ class Controller:
                     conn,
                     req,
                     exc=EngineError(
-                        f"engine {conn.eid} is {'dead: ' + conn.dead if conn.dead else 'not connected'}",
+                        f"engine {conn.eid} is "
+                        f"{'dead: ' + conn.dead if conn.dead else 'not connected'}",
                         conn.eid,
                         _method(req),
                     ),
@@ -1307,7 +1322,8 @@ class Controller:
         frames: list[list[Any]],
         listener: Listener | None = None,
     ) -> list[Future]:
-        """Send one comm operation per engine (``frames[i]`` to ``eids[i]``); Futures of ``CommReply``."""
+        """Send one comm operation per engine (``frames[i]`` to ``eids[i]``); Futures of
+        ``CommReply``."""
 
         def build(conn: EngineConn, _frames: list, fut: Future) -> tuple[dict, Request]:
             msg = wire.with_rid(
@@ -1319,7 +1335,8 @@ class Controller:
             if not conn.data_ok and not fut.done():
                 fut.set_exception(
                     EngineError(
-                        f"engine {conn.eid} ({conn.language or 'unknown language'}) cannot run {op!r}: data "
+                        f"engine {conn.eid} ({conn.language or 'unknown language'}) cannot run "
+                        f"{op!r}: data "
                         "operations need a Python engine with ipy_multiengine installed",
                         conn.eid,
                         op,
@@ -1341,12 +1358,14 @@ class Controller:
         frames is a ``RequestFuture`` whose ``sent`` tells when zmq holds them (issue 11.2)."""
         if self._closed:
             raise EngineError("this client is closed")
-        futures = [RequestFuture(track=track and bool(fr)) for _eid, fr in zip(eids, frames)]
+        futures: list[Future] = [
+            RequestFuture(track=track and bool(fr)) for _eid, fr in zip(eids, frames, strict=True)
+        ]
 
         def send() -> None:
             batch = []
             try:
-                for eid, fr, fut in zip(eids, frames, futures):
+                for eid, fr, fut in zip(eids, frames, futures, strict=True):
                     conn = self._engines.get(eid)
                     if conn is None:
                         fut.set_exception(EngineError(f"no engine {eid}", eid))
@@ -1472,3 +1491,9 @@ def _short(code: str, width: int = 80) -> str:
 
 def _method(req: Request) -> str:
     return "execute" if req.kind == "execute" else (req.op or req.kind)
+
+
+def _resolve(fut: asyncio.Future[Any]) -> None:
+    """Set ``fut``'s result to None unless it is done already (a loop callback)."""
+    if not fut.done():
+        fut.set_result(None)

@@ -10,6 +10,7 @@ when the operation raises (a comm handler exception would otherwise produce no r
 from __future__ import annotations
 
 import collections
+import contextlib
 import dis
 import functools
 import os
@@ -17,6 +18,7 @@ import pickle
 import socket
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -218,7 +220,7 @@ def _op_pull(data: dict, frames: list) -> list:
     try:
         return serialize.dumps(values[0] if data.get("single") else values)
     except Exception as exc:
-        for name, value in zip(data["names"], values):
+        for name, value in zip(data["names"], values, strict=True):
             _check_sendable(f"{name!r}", value)
         raise TypeError(f"cannot send the pulled values back: {exc}") from exc
 
@@ -311,14 +313,15 @@ def _in_namespace(f: Any) -> tuple[Any, Callable[[], None]]:
     g = rebind(f)
     sent = [(o, dict(o)) for o in overlays.values()]
 
-    def commit() -> None:
+    def write_back() -> None:
         for overlay, before in sent:
             for name, value in overlay.items():
                 if not name.startswith("__") and (name not in before or before[name] is not value):
                     ns[name] = value
 
-    commit.functions, commit.overlays = list(rebound.values()), list(overlays.values())  # type: ignore[attr-defined]
-    return g, commit
+    write_back.functions = list(rebound.values())  # type: ignore[attr-defined]
+    write_back.overlays = list(overlays.values())  # type: ignore[attr-defined]
+    return g, write_back
 
 
 def _assigned_globals(code: types.CodeType) -> set[str]:
@@ -448,20 +451,22 @@ def _on_msg(comm: Any, msg: dict) -> None:
     rid = data.get("rid")
     try:
         op = OPS[data["op"]]
+        began = time.perf_counter()
         frames = op(data, msg.get("buffers") or [])
-        reply: dict = {"rid": rid, "status": "ok"}
+        # the op's own seconds: a load-balanced map sizes its chunks by them (balanced.py)
+        reply: dict = {"rid": rid, "status": "ok", "seconds": time.perf_counter() - began}
     except _ItemError as err:
         reply, frames = _error_reply(rid, err.exc, err.index)
     except BaseException as exc:
+        # a Ctrl-C of a load-balanced map stops it here: its next chunk, already queued on
+        # this engine, must not run for another chunk's time after the user pressed Ctrl-C
         if (
             isinstance(exc, KeyboardInterrupt)
             and data.get("op") == "map"
             and data.get("map") is not None
+            and data["map"] not in _interrupted_maps
         ):
-            # a Ctrl-C of a load-balanced map stops it here: its next chunk, already queued on
-            # this engine, must not run for another chunk's time after the user pressed Ctrl-C
-            if data["map"] not in _interrupted_maps:
-                _interrupted_maps.append(data["map"])
+            _interrupted_maps.append(data["map"])
         reply, frames = _error_reply(rid, exc, None)
     finally:
         _flush_pending_output()
@@ -511,7 +516,5 @@ def _flush_pending_output() -> None:
             stream, "_buffers", True
         ):
             continue  # an idle ipykernel OutStream: nothing to send
-        try:
+        with contextlib.suppress(Exception):
             stream.flush()
-        except Exception:
-            pass

@@ -54,7 +54,8 @@ def comm_open_content(comm_id: str, eid: int | None = None) -> dict:
 
 
 def comm_op_content(comm_id: str, op: str, data: dict) -> dict:
-    """The ``comm_msg`` content of one data operation (``push``, ``pull``, ``apply``, ``map``...)."""
+    """The ``comm_msg`` content of one data operation (``push``, ``pull``, ``apply``,
+    ``map``...)."""
     return {"comm_id": comm_id, "data": dict(data, op=op)}
 
 

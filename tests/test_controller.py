@@ -53,7 +53,8 @@ def test_h05_unpicklable_item_is_named_before_anything_is_sent(mec, tmp_path):
     touched = tmp_path / "touched"
 
     def f(x, path=str(touched)):
-        open(path, "a").write("x")
+        with open(path, "a") as fh:
+            fh.write("x")
         return x
 
     items = [1] * 10 + [threading.Lock()]
@@ -365,7 +366,8 @@ def test_stress_8_threads_one_client_interrupts_and_a_kill9():
         took = time.monotonic() - t0
         print(
             f"\nstress: 8 threads, {sum(stats.values())} calls in {took:.1f} s: {stats['ok']} ok, "
-            f"{stats['remote']} remote errors (interrupts), {stats['engine']} engine errors (kill -9), "
+            f"{stats['remote']} remote errors (interrupts), {stats['engine']} engine errors (kill "
+            "-9), "
             f"{stats['timeout']} timeouts, {len(bad)} wrong, {len(hung)} hung"
         )
         assert not hung, f"threads hung: {hung}"

@@ -14,6 +14,7 @@ gateway provisioners) starts its engines wherever that provisioner puts them, un
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -234,7 +235,7 @@ class LocalLauncher(Launcher):
             raise LauncherError(
                 f"local launcher: kernels not started within {self.startup_timeout:g} s"
             ) from None
-        for eid, res in zip(list(self.managers), results):
+        for eid, res in zip(list(self.managers), results, strict=True):
             if isinstance(res, NoSuchKernel):
                 names = sorted(KernelSpecManager().find_kernel_specs())
                 raise ConfigError(
@@ -255,7 +256,8 @@ class LocalLauncher(Launcher):
         return [self.connection_info(eid) for eid in sorted(self.managers)]
 
     def connection_info(self, eid: int) -> dict:
-        """What a client needs to reach engine ``eid``: no CurveZMQ secret key (the kernel's alone)."""
+        """What a client needs to reach engine ``eid``: no CurveZMQ secret key (the kernel's
+        alone)."""
         km = self.managers[eid]
         info = km.get_connection_info(session=False)
         info["key"] = self.key
@@ -348,10 +350,8 @@ class LocalLauncher(Launcher):
     async def retry_after_clash(self, eid: int) -> dict | None:
         if eid not in self.managers or not self.port_clash(eid):
             return None
-        try:
+        with contextlib.suppress(Exception):
             await self.managers[eid].shutdown_kernel(now=True)
-        except Exception:
-            pass
         km = self._new_manager(eid)
         await self._start_kernel(eid, km, self.environment())
         return self._refresh(eid)
@@ -362,8 +362,9 @@ class LocalLauncher(Launcher):
         results = await asyncio.gather(
             *(self.managers[i].interrupt_kernel() for i in targets), return_exceptions=True
         )
-        for eid, res in zip(targets, results):  # one engine's failure must not stop the others,
-            if isinstance(res, BaseException):  # nor go unseen
+        # one engine's failure must not stop the others, nor go unseen
+        for eid, res in zip(targets, results, strict=True):
+            if isinstance(res, BaseException):
                 log.warning("could not interrupt engine %s: %s: %s", eid, type(res).__name__, res)
 
     async def send_signal(self, ids: Iterable[int], signum: int) -> None:
@@ -433,10 +434,8 @@ class LocalLauncher(Launcher):
         proc = getattr(getattr(km, "provisioner", None), "process", None)
         if proc is not None and proc.poll() is None:
             proc.kill()
-            try:
+            with contextlib.suppress(Exception):
                 proc.wait(timeout=5)
-            except Exception:
-                pass
 
     def kill_now(self) -> None:
         for km in self.managers.values():
