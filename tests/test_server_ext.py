@@ -9,9 +9,11 @@ interrupted; restart and stop need an owner that takes requests, so one test sta
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import time
+import uuid
 
 import pytest
 import tornado.httpclient
@@ -176,3 +178,125 @@ async def test_start_restart_keeps_the_id_and_stop(jp_fetch):
         r = await api(jp_fetch, "clusters", key, "stop", method="POST", body={})
     assert r == {"stopped": key}
     await until(jp_fetch, lambda s: cluster_of(s, key) is None, 15, "the stopped cluster gone")
+
+
+class Channels:
+    """A kernel's websocket (/api/kernels/{id}/channels), spoken as JupyterLab does (JSON)."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.session = uuid.uuid4().hex
+
+    def send(self, channel, msg_type, content):
+        msg_id = uuid.uuid4().hex
+        header = {
+            "msg_id": msg_id,
+            "msg_type": msg_type,
+            "session": self.session,
+            "username": "test",
+            "version": "5.3",
+            "date": "",
+        }
+        self.ws.write_message(
+            json.dumps(
+                {
+                    "header": header,
+                    "parent_header": {},
+                    "metadata": {},
+                    "content": content,
+                    "channel": channel,
+                    "buffers": [],
+                }
+            )
+        )
+        return msg_id
+
+    async def until(self, pred, timeout, what):
+        """The first message ``pred`` accepts (messages before it are dropped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {what} within {timeout} s")
+            raw = await asyncio.wait_for(self.ws.read_message(), left)
+            assert raw is not None, f"the websocket closed while waiting for {what}"
+            msg = json.loads(raw)
+            if pred(msg):
+                return msg
+
+    async def request(self, channel, msg_type, content, timeout=10):
+        msg_id = self.send(channel, msg_type, content)
+        reply = await self.until(
+            lambda m: m["parent_header"].get("msg_id") == msg_id and m["channel"] == channel,
+            timeout,
+            f"reply to {msg_type}",
+        )
+        return reply["content"]
+
+    async def debug(self, command, arguments=None, timeout=10):
+        seq = next(_seq)
+        content = {"type": "request", "seq": seq, "command": command, "arguments": arguments or {}}
+        reply = await self.request("control", "debug_request", content, timeout)
+        assert reply.get("success"), (command, reply)
+        return reply
+
+
+_seq = itertools.count(1)
+
+
+async def test_console_on_an_engine_sees_its_namespace_and_the_debugger_stops(
+    jp_fetch, jp_ws_fetch, jp_serverapp, mec
+):
+    """A console kernel on engine 1 (what "Open console" opens) evaluates what `mec.push` put
+    there; a breakpoint set over the debug protocol in that kernel stops code that the client
+    runs on engine 1; shutting the console's kernel down leaves the engine running."""
+    key = "cluster-tests"
+    await until(jp_fetch, lambda s: cluster_of(s, key), 10, "cluster-tests listed")
+    mec.push({"x": 1234}, targets=1)
+    kid = (await api(jp_fetch, "clusters", key, "engines", "1", "console", method="POST"))[
+        "kernel_id"
+    ]
+    again = await api(jp_fetch, "clusters", key, "engines", "1", "console", method="POST")
+    assert again["kernel_id"] == kid  # the same engine, the same server kernel
+    listed = json.loads((await jp_fetch("api", "kernels")).body)
+    assert kid in [k["id"] for k in listed]
+    ch = Channels(await jp_ws_fetch("api", "kernels", kid, "channels"))
+    try:
+        msg_id = ch.send("shell", "execute_request", {"code": "x", "silent": False})
+        result = await ch.until(
+            lambda m: (
+                m["msg_type"] == "execute_result" and m["parent_header"].get("msg_id") == msg_id
+            ),
+            10,
+            "the value of x",
+        )
+        assert result["content"]["data"]["text/plain"] == "1234"
+        # the debugger, as JupyterLab's drives it
+        info = await ch.request("shell", "kernel_info_request", {})
+        assert "debugger" in info.get("supported_features", [])
+        await ch.debug(
+            "initialize", {"clientID": "test", "adapterID": "python", "pathFormat": "path"}
+        )
+        await ch.debug("attach", {"justMyCode": False})
+        code = "def f(a):\n    b = a + 1\n    return b\n\nf(41)\n"
+        path = (await ch.debug("dumpCell", {"code": code}))["body"]["sourcePath"]
+        await ch.debug("setBreakpoints", {"source": {"path": path}, "breakpoints": [{"line": 2}]})
+        await ch.debug("configurationDone")
+        pr = mec.execute(code, targets=[1], block=False)  # the client runs f on engine 1
+        stopped = await ch.until(
+            lambda m: m["msg_type"] == "debug_event" and m["content"].get("event") == "stopped",
+            20,
+            "the debugger's 'stopped' event",
+        )
+        assert stopped["content"]["body"]["reason"] == "breakpoint"
+        assert not pr.ready()
+        thread = stopped["content"]["body"]["threadId"]
+        await ch.debug("continue", {"threadId": thread})
+        res = await asyncio.to_thread(pr.get_result, timeout=15)
+        assert res[0]["id"] == 1
+        await ch.debug("disconnect", {"restart": False, "terminateDebuggee": False})
+    finally:
+        ch.ws.close()
+    await jp_fetch("api", "kernels", kid, method="DELETE")
+    assert mec.pull("x", targets=1) == [1234]  # the engine outlives its console
+    assert mec.execute("y = 1", targets=1)[0]["id"] == 1

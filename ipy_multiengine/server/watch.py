@@ -77,7 +77,10 @@ class EngineWatch:
             while True:
                 reply = await self.client.get_shell_msg(timeout=FIRST_INFO_WAIT)
                 if reply["parent_header"].get("msg_id") == msg_id:
-                    self.debugger = bool(reply["content"].get("debugger"))
+                    c = reply["content"]
+                    self.debugger = "debugger" in c.get("supported_features", []) or bool(
+                        c.get("debugger")
+                    )
                     if self.state == "unknown":
                         self.state = "idle"
                     break
