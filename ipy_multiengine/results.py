@@ -332,7 +332,7 @@ class PendingResult:
         """Per engine: ``engine_id``, ``status`` ('pending', 'ok', 'error', 'aborted'),
         ``submitted``/``started``/``completed``, ``stdout``/``stderr``/``outputs``, ``error``."""
         out = []
-        for eid, f in zip(self.eids, self.futures):
+        for eid, f in zip(self.eids, self.futures, strict=True):
             exc = f.exception() if f.done() and not f.cancelled() else None
             status = "pending" if not f.done() else ("ok" if exc is None else "error")
             if isinstance(exc, RemoteError) and exc.ename == "Aborted":
@@ -377,7 +377,7 @@ class PendingResult:
             raise EngineError(
                 f"a {self.method} cannot be aborted; stop it with Ctrl-C or mec.interrupt()"
             )
-        pending = [(e, f) for e, f in zip(self.eids, self.futures) if not f.done()]
+        pending = [(e, f) for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
         running = [e for e, f in pending if getattr(f, "started", None) is not None]
         if running:
             raise EngineError(

@@ -318,7 +318,7 @@ class LocalLauncher(Launcher):
                 ),
                 self.startup_timeout,
             )
-            for eid, res in zip(ids, results):
+            for eid, res in zip(ids, results, strict=True):
                 if isinstance(res, BaseException):
                     raise LauncherError(
                         f"engine {eid} failed to start: {res}\n{self.log_tail(eid)}", eid
