@@ -135,9 +135,11 @@ class Lines:
 
 def one_line(exc: BaseException) -> BaseException:
     """Make IPython show ``exc`` as one line, without the magic's own frames."""
-    exc._render_traceback_ = lambda: [
-        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    ]  # type: ignore[attr-defined]
+
+    def render() -> list[str]:
+        return [f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__]
+
+    exc._render_traceback_ = render  # type: ignore[attr-defined]
     return exc
 
 

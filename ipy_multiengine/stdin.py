@@ -26,6 +26,7 @@ of ``%pxdebug``, can run in the user's thread in order with the prompts.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import getpass
 import sys
 import threading
@@ -94,10 +95,9 @@ def _release(item: InputRequest) -> None:
     """A dropped prompt: interrupt the engine waiting in ``input()`` (unless it is done)."""
     fut = _call_of(item)
     if fut is not None and not fut.done():
-        try:
+        # e.g. the engine died meanwhile: nothing left to release
+        with contextlib.suppress(Exception):
             item.interrupt()
-        except Exception:  # e.g. the engine died meanwhile: nothing left to release
-            pass
 
 
 def post(item: Any) -> None:
