@@ -15,6 +15,7 @@ from .errors import (
     TimeoutError,
 )
 
+#: the one version source: pyproject.toml reads it (``dynamic = ["version"]``)
 __version__ = "0.1.0"
 
 __all__ = [
