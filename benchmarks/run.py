@@ -40,6 +40,7 @@ FACTORIES: dict[str, Callable[[], B.Backend]] = {
     "ipp": B.Ipp,
     "dask": B.Dask,
     "pool": B.Pool,
+    "joblib": B.Joblib,
     "zmq": B.RawZmq,
 }
 START_PEERS = ("ours", "raw-jc", "ipp", "dask", "pool")
@@ -202,7 +203,7 @@ def scenarios(n: int, quick: bool) -> list[Scenario]:
         out.append(
             Scenario(
                 f"map {m} tiny",
-                ("ours", "ipp", "pool", "dask"),
+                ("ours", "ipp", "pool", "dask", "joblib"),
                 reps,
                 lambda b, seq=seq: lambda: b.map(tasks.inc, seq),
                 check=lambda r, want=want: list(r) == want,
@@ -213,12 +214,12 @@ def scenarios(n: int, quick: bool) -> list[Scenario]:
     out.append(
         Scenario(
             "balanced map 1000 tiny",
-            ("ours", "ipp", "pool", "dask"),
-            (1, 7),
+            ("ours", "ipp", "pool", "pool-map", "dask", "joblib"),
+            (5, 9),  # ours: default arguments (auto chunks); joblib: its auto batching
             lambda b: lambda: b.lb_map(tasks.inc, seq),
             check=lambda r: list(r) == [x + 1 for x in seq],
             no_warm=True,
-            labels={"ipp": "ipp-lbv"},
+            labels={"ipp": "ipp-lbv", "pool": "pool-cs1"},
         )
     )
     return out
@@ -243,6 +244,8 @@ class Runner:
         for name in names:
             if name == "raw-same":
                 b: B.Backend = B.RawSameKernels(self.running.get("ours") or B.Ours())
+            elif name == "pool-map":  # borrows the running pool
+                b = B.PoolMap(self.running.get("pool") or B.Pool())
             else:
                 b = FACTORIES[name]()
             try:
@@ -260,7 +263,7 @@ class Runner:
 
     def stop_all(self) -> None:
         """Stop everything started, raw-same first (it borrows our kernels)."""
-        for name in sorted(self.running, key=lambda k: k != "raw-same"):
+        for name in sorted(self.running, key=lambda k: k not in ("raw-same", "pool-map")):
             self._safe_stop(self.running[name])
         self.running.clear()
 
@@ -317,7 +320,7 @@ class Runner:
                 row = Row(sc.key, n, sc.labels.get(name, name), nbytes=sc.nbytes)
                 b = self.running.get(name)
                 if b is None:
-                    if name in self.failed or name in FACTORIES or name == "raw-same":
+                    if name in self.failed or name in FACTORIES or name in ("raw-same", "pool-map"):
                         row.note = self.failed.get(name, "not running")
                         self.rows.append(row)
                     continue
@@ -562,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--peers",
         default=None,
-        help="comma list of systems (default: all of ours,raw-jc,raw-same,ipp,dask,pool,zmq)",
+        help="comma list of systems (default: all of "
+        "ours,raw-jc,raw-same,ipp,dask,pool,pool-map,joblib,zmq)",
     )
     ap.add_argument("--no-start", action="store_true", help="skip the start/stop scenario")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory scenario")
@@ -580,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     counts = tuple(int(x) for x in (args.engines or ("4" if args.quick else "2,4")).split(","))
-    allnames = ("ours", "raw-same", "raw-jc", "ipp", "dask", "pool", "zmq")
+    allnames = ("ours", "raw-same", "raw-jc", "ipp", "dask", "pool", "pool-map", "joblib", "zmq")
     names = tuple(x for x in (args.peers.split(",") if args.peers else allnames))
     scaling = args.scaling if args.scaling is not None else ("" if args.quick else "1,2,4,8,16,32")
     scale_counts = tuple(int(x) for x in scaling.split(",") if x)

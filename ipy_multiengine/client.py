@@ -31,11 +31,12 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
     TimeoutError,
 )
 from .render import ProgressBar
-from .results import PendingResult, ResultList, wait_sent
+from .results import PendingResult, ResultList, Tally, nbytes, wait_sent
 from .targets import resolve as resolve_targets
 
 if TYPE_CHECKING:
     from .balanced import BalancedMap
+    from .executor import EngineExecutor
     from .render import LiveOutput
 
 __all__ = [
@@ -338,6 +339,7 @@ class MultiEngineClient(Configurable):
         method: str,
         finish: Callable[[list[Any]], Any],
         progress: bool = False,
+        tally: Tally | None = None,
     ) -> PendingResult:
         pr = PendingResult(
             futures,
@@ -346,6 +348,7 @@ class MultiEngineClient(Configurable):
             finish,
             on_interrupt=self._interrupt_eids,
             progress=self._show_progress if progress else None,
+            tally=tally,
         )
         self._remember(pr)
         return pr
@@ -416,7 +419,7 @@ class MultiEngineClient(Configurable):
     def _show_progress(self, pr: PendingResult) -> ProgressBar:
         """A progress bar for ``pr``'s wait: drawn by that wait's slices, shown only once the
         call has taken ``progress_after`` seconds in an interactive session."""
-        return ProgressBar(pr.method, self.progress_after)
+        return ProgressBar(pr.method, self.progress_after, unit=pr.progress_unit)
 
     # ------------------------------------------------------------------ running code
     def execute(
@@ -573,7 +576,13 @@ class MultiEngineClient(Configurable):
             for off, p in zip(offsets, parts, strict=True)
         ]
         futures = self._comm("push", eids, frames)
-        return self._deliver(self._pending(futures, eids, "scatter", _nones), block, timeout)
+        sizes = [nbytes(fr) for fr in frames]  # numbers: a callback must not keep the data alive
+        tally = _tally(Tally(sum(sizes), "B"), eids, futures, sizes)
+        return self._deliver(
+            self._pending(futures, eids, "scatter", _nones, progress=True, tally=tally),
+            block,
+            timeout,
+        )
 
     def gather(
         self,
@@ -586,8 +595,11 @@ class MultiEngineClient(Configurable):
         eids, block = self._prepare(targets, block)
         futures = self._comm("pull", eids, [[]] * len(eids), {"names": [name], "single": True})
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
+        tally = _tally(Tally(None, "B"), eids, futures)  # bytes received; the total is unknown
         return self._deliver(
-            self._pending(futures, eids, "gather", finish, progress=True), block, timeout
+            self._pending(futures, eids, "gather", finish, progress=True, tally=tally),
+            block,
+            timeout,
         )
 
     # ------------------------------------------------------------------ parallel map
@@ -599,16 +611,18 @@ class MultiEngineClient(Configurable):
         block: bool | None = None,
         timeout: float | None = None,
         balanced: bool = False,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         ordered: bool = True,
         retries: int = 1,
     ) -> Any:
         """A parallel ``map(f, *seqs)``.
 
         By default items are split in contiguous blocks, one per target (the tutorial's map).
-        ``balanced=True`` sends chunks of ``chunksize`` items to whichever engine is free first,
-        re-sending a dead engine's chunks to others ``retries`` times; ``ordered=False`` returns
-        results in completion order.
+        ``balanced=True`` sends chunks of items to whichever engine is free first, re-sending a
+        dead engine's chunks to others ``retries`` times; ``ordered=False`` returns results in
+        completion order. ``chunksize=None`` (the default) sizes chunks automatically from the
+        measured time per item (small first, longer ones, short ones at the end); an int sends
+        chunks of exactly that many items.
         """
         if not callable(f):
             raise TypeError(f"map needs a callable, not {type(f).__name__}")
@@ -628,6 +642,7 @@ class MultiEngineClient(Configurable):
                 lambda rs: rs[0],
                 on_interrupt=lambda _running: self._stop_balanced(bm),
                 progress=self._show_progress,
+                tally=bm.tally,  # items done, reported by the map as its chunks complete
             )
             self._remember(pr)
             return self._deliver(pr, block, timeout, live)
@@ -654,8 +669,13 @@ class MultiEngineClient(Configurable):
                 "map", [eid], [fr], {"offset": off}, listener=live.listener if live else None
             )
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
+        sizes = [b - a for a, b in partition.bounds(len(items), nparts)]
+        tally = _tally(Tally(len(items)), eids, futures, sizes)
         return self._deliver(
-            self._pending(futures, eids, "map", finish, progress=True), block, timeout, live
+            self._pending(futures, eids, "map", finish, progress=True, tally=tally),
+            block,
+            timeout,
+            live,
         )
 
     def imap(
@@ -663,13 +683,14 @@ class MultiEngineClient(Configurable):
         f: Callable,
         *seqs: Iterable,
         targets: Any = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         ordered: bool = True,
         retries: int = 1,
         timeout: float | None = None,
     ) -> Iterator[Any]:
         """A load-balanced map whose results are yielded as they arrive (``ordered=False``:
-        in completion order). Everything is submitted at once; Ctrl-C stops it, and so does
+        in completion order); ``chunksize`` as for ``map(balanced=True)`` (None: automatic).
+        It starts sending at once; Ctrl-C stops it, and so does
         ``timeout`` (seconds from this call for the whole iteration: ``TimeoutError``)."""
         if not callable(f):
             raise TypeError(f"imap needs a callable, not {type(f).__name__}")
@@ -678,14 +699,16 @@ class MultiEngineClient(Configurable):
         eids, _ = self._prepare(targets, None)
         deadline = None if timeout is None else time.monotonic() + timeout
         bm = self._balanced(f, list(zip(*seqs, strict=False)), eids, chunksize, ordered, retries)
-        return bm.iterate(deadline=deadline)  # from this call, not from the first next()
+        bar = ProgressBar("imap", self.progress_after, unit="item")
+        # from this call, not from the first next(); the bar is drawn by the iteration's waits
+        return bm.iterate(deadline=deadline, progress=bar)
 
     def _balanced(
         self,
         f: Callable,
         items: list,
         eids: list[int],
-        chunksize: int,
+        chunksize: int | None,
         ordered: bool,
         retries: int,
         listener: Listener | None = None,
@@ -702,11 +725,12 @@ class MultiEngineClient(Configurable):
             ordered=ordered,
             retries=retries,
             listener=listener,
+            interrupt=self._interrupt_eids,  # the owner's interrupt, like mec.interrupt()
         ).start()
 
     def _stop_balanced(self, bm: BalancedMap) -> None:
         bm.cancel()
-        self._controller.interrupt([e for e in bm.eids if not self._controller.dead(e)])
+        self._interrupt_eids([e for e in bm.eids if not self._controller.dead(e)])
 
     def mapper(self, dist: str = "b", targets: Any = None, block: bool | None = None) -> Mapper:
         """A mapper with fixed options: ``mec.mapper(targets=[0, 1]).map(f, seq)``."""
@@ -729,6 +753,46 @@ class MultiEngineClient(Configurable):
             return ParallelFunction(Mapper(self, targets, block), f)
 
         return decorate
+
+    # ------------------------------------------------------------------ other interfaces
+    def executor(self, balanced: bool = True, targets: Any = None) -> EngineExecutor:
+        """A ``concurrent.futures.Executor`` whose tasks run on the target engines: to whichever
+        is free (``balanced``) or round robin (see ``executor.py``)."""
+        from .executor import EngineExecutor
+
+        return EngineExecutor(self, balanced=balanced, targets=targets)
+
+    def register_joblib_backend(
+        self, name: str = "ipy_multiengine", make_default: bool = False
+    ) -> None:
+        """Register the joblib backend ``name`` running ``joblib.Parallel`` on this client's
+        engines: ``with joblib.parallel_config(backend=name): ...`` (``joblib_backend.py``)."""
+        from .joblib_backend import register
+
+        register(self, name=name, make_default=make_default)
+
+    def become_dask(
+        self,
+        targets: Any = None,
+        host: str = "127.0.0.1",
+        nthreads: int = 1,
+        timeout: float = 60.0,
+        **worker_kwargs: Any,
+    ) -> Any:
+        """Start a dask scheduler (in this process) and one worker in each target engine; the
+        ``distributed.Client`` of that cluster. TLS-only, on 127.0.0.1 unless ``host=``
+        (``dask_bridge.py``); ``stop_dask()`` stops it."""
+        from . import dask_bridge
+
+        return dask_bridge.become_dask(
+            self, targets, host=host, nthreads=nthreads, timeout=timeout, **worker_kwargs
+        )
+
+    def stop_dask(self, timeout: float = 30.0) -> None:
+        """Stop the dask cluster of ``become_dask()``; the engines and their namespaces stay."""
+        from . import dask_bridge
+
+        dask_bridge.stop_dask(self, timeout=timeout)
 
     # ------------------------------------------------------------------ inspecting engines
     def status(self, live: bool = False, interval: float = 1.0) -> Any:
@@ -997,6 +1061,29 @@ def _dumps_call(f: Callable, args: tuple, kwargs: dict) -> list[Any]:
         for key, value in kwargs.items():
             serialize.check_picklable(f"keyword argument {key}", value)
         return serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs))
+
+
+def _tally(
+    tally: Tally, eids: list[int], futures: list[cf.Future], sizes: list[int] | None = None
+) -> Tally:
+    """Report each engine's part into ``tally`` as its future completes: ``sizes[i]`` units,
+    or the bytes of the reply when ``sizes`` is None; nothing for a part that failed. (A
+    progress count that cannot be made is logged: it must not fail the call.)"""
+    for i, (eid, fut) in enumerate(zip(eids, futures, strict=True)):
+        tally.start(eid)
+        size = None if sizes is None else sizes[i]
+
+        def done(f: cf.Future, eid: int = eid, size: int | None = size) -> None:
+            n = 0
+            try:
+                if not f.cancelled() and f.exception() is None:
+                    n = nbytes(getattr(f.result(), "frames", None)) if size is None else size
+            except Exception:
+                log.debug("progress: cannot count engine %s's part", eid, exc_info=True)
+            tally.done(eid, n)
+
+        fut.add_done_callback(done)
+    return tally
 
 
 def _dumps_part(name: str, offset: int, part: Any) -> list[Any]:

@@ -21,10 +21,8 @@ Rendering (documented in ``docs/magics.md``):
 
 from __future__ import annotations
 
-import queue
 import re
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +36,7 @@ from . import client as _client_mod
 from . import stdin
 from .errors import CompositeError, MultiEngineError, NoClusterError, TargetsError
 from .errors import TimeoutError as MultiEngineTimeout
-from .render import UPDATE_INTERVAL, ProgressBar, Renderer, in_notebook, live_printer, one_line
+from .render import LiveOutput, ProgressBar, Renderer, in_notebook, live_printer, one_line
 from .targets import engine_range
 from .targets import parse_targets as _parse_targets_raw
 from .targets import resolve as _resolve_targets
@@ -47,8 +45,6 @@ from .targets import resolve as _resolve_targets
 INTERRUPT_GRACE = 5.0
 #: Seconds between repeated interrupts of engines that have not stopped yet.
 INTERRUPT_REPEAT = 1.0
-
-_DONE = object()
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -98,11 +94,6 @@ def _timeout_value(text: str) -> float | None:
     if value < 0:
         raise UsageError(f"seconds must not be negative, not {text!r}")
     return value
-
-
-def _tick_progress(progress: ProgressBar, pr: Any) -> None:
-    waiting = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
-    progress(len(pr.futures) - len(waiting), len(pr.futures), waiting)
 
 
 # ---------------------------------------------------------------------- %autopx transformer
@@ -485,16 +476,10 @@ class ParallelMagics(Magics):
         if args.init:
             return self._run_init(mec, code, args, mode, group, collapse, timeout)
 
-        events: queue.Queue = queue.Queue()
-        closed = threading.Event()
-
-        def listener(eid: int, mtype: str, content: dict) -> None:
-            if not closed.is_set():
-                events.put((eid, mtype, content))
-
+        live = LiveOutput() if block else None  # queues events until the renderer starts
         try:
             pr = mec.execute(
-                code, targets=targets, block=False, listener=listener if block else None
+                code, targets=targets, block=False, listener=live.listener if live else None
             )
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
@@ -503,33 +488,28 @@ class ParallelMagics(Magics):
         self.last = pr
         if args.local:
             self._run_local(code)
-        if not block:
+        if live is None:
             if args.out:
                 self._ip.user_ns[args.out] = pr
             return pr
 
-        for fut in pr.futures:
-            fut.add_done_callback(lambda _f: events.put(_DONE))
         renderer = Renderer(pr.eids, mode, self.notebook, group, collapse)
+        live.start(renderer)
         started = time.monotonic()
         # the one progress display of every call (tqdm.auto), shown when asked: --progress-after S
         progress = ProgressBar("%px", progress_after, force=True)
         deadline = None if timeout is None else started + timeout
         try:
-            timed_out = not self._pump(pr, events, renderer, progress, deadline)
-            if progress.bar is not None:
-                _tick_progress(progress, pr)  # the final count
+            timed_out = not self._wait(pr, live, progress, deadline)
         except KeyboardInterrupt:
             stdin.drop(pr.futures)  # no more prompts of this call: one Ctrl-C is enough
-            self._interrupted(mec, pr, events, renderer, progress)
+            self._interrupted(mec, pr, live, renderer, progress)
             raise one_line(KeyboardInterrupt()) from None
         finally:
-            progress.close()
-            if not pr.ready():
-                closed.set()
+            progress.close(*pr.progress())  # the final count, then the bar ends
         if timed_out:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
-            renderer.finish()
+            live.close()  # what came so far; later output stays on the PendingResult
             left = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
             raise one_line(
                 MultiEngineTimeout(
@@ -543,13 +523,13 @@ class ParallelMagics(Magics):
         except CompositeError as err:
             # no Results List will be shown: every engine's stdout and Out first, then the error
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
-            renderer.finish()
+            live.close()
             raise self._failed(err, args, collapse) from None
         except BaseException:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
-            renderer.finish()
+            live.close()
             raise
-        renderer.finish()
+        live.close()
         if args.out:
             self._ip.user_ns[args.out] = result
         return result if mode == "results" else None
@@ -604,38 +584,21 @@ class ParallelMagics(Magics):
                 renderer.handle(r["id"], out.get("output_type", ""), out)
         renderer.finish()
 
-    def _pump(
-        self,
-        pr: Any,
-        events: queue.Queue,
-        renderer: Renderer,
-        progress: ProgressBar,
-        deadline: float | None,
+    def _wait(
+        self, pr: Any, live: LiveOutput, progress: ProgressBar, deadline: float | None
     ) -> bool:
-        """Render events until every engine is done (True) or ``deadline`` passes (False)."""
-        while True:
-            stdin.serve_pending()  # engines' input()/breakpoint() prompts, one at a time
-            ready = pr.ready()
-            wait = 0.0 if ready else UPDATE_INTERVAL
-            if deadline is not None and not ready:
-                wait = min(wait, max(deadline - time.monotonic(), 0.0))
-            try:
-                item = events.get(timeout=wait) if wait > 0 else events.get_nowait()
-                while True:
-                    if item is not _DONE:
-                        renderer.handle(*item)
-                    item = events.get_nowait()
-            except queue.Empty:
-                pass
-            renderer.tick()
-            if ready:
-                return True
-            _tick_progress(progress, pr)
-            if deadline is not None and time.monotonic() >= deadline and not pr.ready():
-                return False
+        """Wait for every engine (True) or until ``deadline`` (False) through the package's one
+        wait (``stdin.wait`` -> ``_loop.wait``: Ctrl-C, engines' prompts), rendering the
+        output as it comes (posted drains) and flushing throttled updates each slice."""
+        return stdin.wait(
+            pr.futures,
+            deadline=deadline,
+            tick=live.tick,
+            progress=lambda _done, _total: progress(*pr.progress()),
+        )
 
     def _interrupted(
-        self, mec: Any, pr: Any, events: queue.Queue, renderer: Renderer, progress: ProgressBar
+        self, mec: Any, pr: Any, live: LiveOutput, renderer: Renderer, progress: ProgressBar
     ) -> None:
         """Ctrl-C / notebook interrupt: interrupt the engines still running, show their output."""
         running = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
@@ -653,9 +616,7 @@ class ParallelMagics(Magics):
                             f"%px: could not interrupt engines {engine_range(still)}: {exc}",
                             file=sys.stderr,
                         )
-                if self._pump(
-                    pr, events, renderer, progress, min(end, time.monotonic() + INTERRUPT_REPEAT)
-                ):
+                if self._wait(pr, live, progress, min(end, time.monotonic() + INTERRUPT_REPEAT)):
                     break
                 if time.monotonic() >= end:
                     break
@@ -663,7 +624,7 @@ class ParallelMagics(Magics):
             pass  # a second Ctrl-C: stop waiting at once
         if renderer.mode == "results":
             renderer.mode = "collect"  # there will be no Results List: show everything printed
-        renderer.finish()
+        live.close()
         still = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
         msg = (
             f"%px: interrupted engine{'s' if len(running) != 1 else ''} "

@@ -3,8 +3,10 @@ returns)."""
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +82,57 @@ def _rich(out: dict[str, Any]) -> str:
     return f"{head}<{', '.join(sorted(data)) or 'empty'}>" + (f" {plain}" if plain else "")
 
 
+def nbytes(frames: Any) -> int:
+    """Bytes in a list of message frames (what a scatter sends, a gather receives)."""
+    total = 0
+    for frame in frames or ():
+        try:
+            total += memoryview(getattr(frame, "buffer", frame)).nbytes
+        except TypeError:
+            total += len(frame)
+    return total
+
+
+class Tally:
+    """How much of a call's work is done, for its progress bar: ``unit``s (items of a map,
+    bytes of a scatter or gather) done of ``total`` (``None``: not known ahead), and the
+    engines still working on it.
+
+    The hook the maps report into, from any thread (done-callbacks run on the I/O thread):
+    ``start(eid)`` when a chunk is sent to engine ``eid``, ``done(eid, n)`` when that chunk
+    ends with ``n`` units done (``0`` when it failed and is sent again elsewhere). The waiting
+    thread reads ``snapshot()``. Nothing here raises, so a callback cannot fail on it.
+    """
+
+    def __init__(self, total: int | None, unit: str = "item") -> None:
+        self.total = total
+        self.unit = unit
+        self._lock = threading.Lock()
+        self._done = 0
+        self._busy: collections.Counter = collections.Counter()
+
+    def start(self, eid: int) -> None:
+        with self._lock:
+            self._busy[eid] += 1
+
+    def done(self, eid: int, n: int = 0) -> None:
+        with self._lock:
+            self._done += n
+            if self._busy[eid] > 1:
+                self._busy[eid] -= 1
+            else:
+                self._busy.pop(eid, None)
+
+    def snapshot(self) -> tuple[int, int | None, list[int]]:
+        """``(done, total, engines still busy)``."""
+        with self._lock:
+            return self._done, self.total, sorted(self._busy)
+
+    def __repr__(self) -> str:
+        done, total, busy = self.snapshot()
+        return f"<Tally {done}/{total} {self.unit}s, busy {busy}>"
+
+
 class PendingResult:
     """The result of a non-blocking call, to be collected later.
 
@@ -96,8 +149,10 @@ class PendingResult:
         finish: Callable[[list[Any]], Any],
         on_interrupt: Callable[[list[int]], None] | None = None,
         progress: Callable[[PendingResult], Any] | None = None,
+        tally: Tally | None = None,
     ) -> None:
         self.futures = futures
+        self.tally = tally  # what its progress bar counts (default: engines done)
         self.eids = eids
         self.method = method
         self._finish = finish
@@ -126,14 +181,42 @@ class PendingResult:
         """True once nothing this call sends is read from your objects any more."""
         return wait_sent(self.futures, 0) == []
 
+    def progress(self) -> tuple[int, int | None, list[int]]:
+        """``(done, total, engines still busy)`` in the unit of ``progress_unit``: items of a
+        map, bytes of a scatter or gather, else engines."""
+        if self.tally is not None:
+            return self.tally.snapshot()
+        waiting = [e for e, f in zip(self.eids, self.futures, strict=False) if not f.done()]
+        return len(self.futures) - len(waiting), len(self.futures), waiting
+
+    @property
+    def progress_unit(self) -> str:
+        return self.tally.unit if self.tally is not None else "engine"
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until ready or ``timeout`` seconds pass; Ctrl-C interrupts the engines and
         re-raises."""
         # one wait, one deadline: the progress bar is drawn by the same wait (issue 11.3)
         bar = self._progress(self) if self._progress is not None and not self.ready() else None
+        return self._wait(timeout, bar)
+
+    def wait_interactive(self, timeout: float | None = None) -> bool:
+        """``wait`` with its progress shown at once (as ipyparallel's ``wait_interactive``):
+        items (or bytes) done, the rate and the engines still busy; an HTML bar updated in place
+        in a notebook, a tqdm bar on stderr in a terminal, cleared at the end. True when ready,
+        False if ``timeout`` passed first; Ctrl-C interrupts the engines and re-raises."""
+        from .render import ProgressBar
+
+        bar = None if self.ready() else ProgressBar(self.method, 0.0, True, self.progress_unit)
+        return self._wait(timeout, bar)
+
+    def _wait(self, timeout: float | None, bar: Any) -> bool:
+        def draw(_done: int, _total: int) -> None:
+            bar(*self.progress())
+
         try:
             return stdin.wait(
-                self.futures, timeout, progress=bar
+                self.futures, timeout, progress=draw if bar is not None else None
             )  # answers engines' input() meanwhile
         except KeyboardInterrupt:
             running = [e for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
@@ -142,7 +225,7 @@ class PendingResult:
             raise
         finally:
             if bar is not None:
-                bar.close()
+                bar.close(*self.progress())
 
     def get_result(
         self, default: Any = None, block: bool = True, timeout: float | None = None
@@ -166,6 +249,13 @@ class PendingResult:
     @property
     def r(self) -> Any:
         return self.get_result()
+
+    def __await__(self) -> Any:
+        """``await pr`` in a coroutine: the result, without blocking the caller's event loop
+        (``aio.py``); cancelling the awaiting task leaves the call running and collectable."""
+        from .aio import wait_async
+
+        return wait_async(self).__await__()
 
     # what each engine printed or displayed while running this call (execute, apply, map, ...),
     # one entry per engine in ``eids`` order; empty for an engine not done yet
