@@ -109,7 +109,7 @@ class Tally:
         self.unit = unit
         self._lock = threading.Lock()
         self._done = 0
-        self._busy: collections.Counter = collections.Counter()
+        self._busy: collections.Counter[Any] = collections.Counter()
 
     def start(self, eid: int) -> None:
         with self._lock:
