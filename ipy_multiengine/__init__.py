@@ -14,6 +14,7 @@ from .errors import (
     RemoteError,
     TimeoutError,
 )
+from .remote import Reference, require
 
 #: the one version source: pyproject.toml reads it (``dynamic = ["version"]``)
 __version__ = "0.1.0"
@@ -26,9 +27,11 @@ __all__ = [
     "MultiEngineError",
     "NoClusterError",
     "PendingResult",
+    "Reference",
     "RemoteError",
     "ResultList",
     "TimeoutError",
+    "require",
 ]
 
 

@@ -344,6 +344,33 @@ def _restart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale(args: argparse.Namespace) -> int:
+    path = _target(args)
+    try:
+        spec = read_cluster(path)
+        have = len(spec["engines"])
+        if args.engines < have:
+            print(
+                f"ipmulti: the cluster has {have} engines; scale only grows it (to stop some, "
+                "stop the cluster and start a smaller one)",
+                file=sys.stderr,
+            )
+            return 2
+        if args.engines == have:
+            print(f"the cluster already has {have} engines")
+            return 0
+        answer = request_owner(path, "add", [args.engines - have], timeout=args.timeout)
+    except (MultiEngineError, ValueError) as exc:
+        print(f"ipmulti: {exc}", file=sys.stderr)
+        return 1
+    ids = answer.get("ids") or []
+    print(
+        f"added engine{'s' if len(ids) != 1 else ''} {', '.join(map(str, ids))}: "
+        f"{args.engines} engines"
+    )
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     clusters = list_clusters(clean=True)
     if args.json:
@@ -431,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", default=None, help="the cluster file (instead of --profile)")
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=_restart)
+    p = sub.add_parser(
+        "scale", help="grow a running cluster (started with `ipmulti start`) to N engines"
+    )
+    p.add_argument("engines", type=int, help="the number of engines wanted in all")
+    p.add_argument("--profile", default="default")
+    p.add_argument("--file", default=None, help="the cluster file (instead of --profile)")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=_scale)
     p = sub.add_parser(
         "attach",
         help="make running kernels (connection files) the engines of a profile; "

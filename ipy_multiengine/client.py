@@ -37,6 +37,7 @@ from .targets import resolve as resolve_targets
 if TYPE_CHECKING:
     from .balanced import BalancedMap
     from .executor import EngineExecutor
+    from .remote import SyncImports
     from .render import LiveOutput
 
 __all__ = [
@@ -105,10 +106,30 @@ def get_active() -> MultiEngineClient | None:
     return _active if _active is not None and not _active.closed else None
 
 
-def deactivate() -> None:
-    """Forget the active client (the magics then connect a client of their own); it stays open."""
+def deactivate(suffix: str = "") -> None:
+    """Forget the active client (the magics then connect a client of their own); it stays open.
+    With a ``suffix``: remove that named magic set (``%px_even``...) from the running IPython."""
     global _active
-    _active = None
+    if not suffix:
+        _active = None
+        return
+    ip = _ipython()
+    if ip is not None:
+        for hook in activation_hooks:
+            hook(ip, suffix, None, None)
+
+
+#: called as ``hook(shell, suffix, client or None, targets)`` by ``activate(suffix=...)`` and
+#: ``deactivate(suffix)``: the magics module registers itself here (the client never imports it)
+activation_hooks: list[Callable[[Any, str, Any, Any], None]] = []
+
+
+def _ipython() -> Any:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
 
 
 class MultiEngineClient(Configurable):
@@ -192,56 +213,73 @@ class MultiEngineClient(Configurable):
         heartbeat: float | None = CONFIGURED,
         max_message_size: int | None = CONFIGURED,
         config: Config | None = None,
-        _controller: Controller | None = None,
-        _cluster: Any = None,
     ) -> None:
-        # keyword arguments as before; not given (their defaults), the configured traits apply
-        given = {
-            k: v
-            for k, v in dict(
-                timeout=timeout, heartbeat=heartbeat, max_message_size=max_message_size
-            ).items()
-            if v is not CONFIGURED
-        }
+        self._configure(
+            config, timeout=timeout, heartbeat=heartbeat, max_message_size=max_message_size
+        )
+        from .clusterfile import (
+            FileOwner,
+            engines_of,
+            liveness_probes,
+            read_cluster,
+            resolve_cluster_file,
+        )
+
+        path = resolve_cluster_file(cluster_file, profile)
+        spec = read_cluster(path)
+        controller = Controller(
+            engines_of(spec),
+            liveness_probes(spec),
+            timeout=self.timeout,
+            heartbeat=self.heartbeat,
+            max_message_size=self.max_message_size,
+        ).connect()
+        owner = FileOwner(path, controller, spec)
+        controller.on_dead = owner.follow_restart
+        self._bind(controller, owner)
+
+    @classmethod
+    def from_controller(
+        cls, controller: Controller, owner: Any = None, config: Config | None = None
+    ) -> MultiEngineClient:
+        """A client over an already connected ``controller`` whose engines ``owner`` (an
+        ``Owner`` of ``clusterfile.py``: a ``Cluster``, a ``FileOwner``) owns; ``None``: nobody
+        owns them (kernels attached by connection file). What ``Cluster.start`` and
+        ``MultiEngineClient.attach`` use; the client closes ``controller`` when it is closed.
+        A bad configured ``targets`` closes ``controller`` and raises ``ConfigError``."""
+        if not isinstance(controller, Controller):
+            raise TypeError(f"controller must be a Controller, not {type(controller).__name__}")
+        self = cls.__new__(cls)
+        try:
+            self._configure(config)
+        except BaseException:
+            controller.close()
+            raise
+        if owner is None:
+            from .clusterfile import NoOwner
+
+            owner = NoOwner(controller)
+        self._bind(controller, owner)
+        return self
+
+    def _configure(self, config: Config | None, **kwargs: Any) -> None:
+        """Traits from ``config`` (else the shell's) and the keyword arguments given."""
+        given = {k: v for k, v in kwargs.items() if v is not CONFIGURED}
         try:
             super().__init__(config=shell_config() if config is None else config, **given)
         except (TraitError, TypeError, ValueError) as exc:
             raise config_error(type(self), exc) from None
-        timeout, heartbeat, max_message_size = self.timeout, self.heartbeat, self.max_message_size
-        if _controller is None:
-            from .clusterfile import (
-                FileOwner,
-                engines_of,
-                liveness_probes,
-                read_cluster,
-                resolve_cluster_file,
-            )
 
-            path = resolve_cluster_file(cluster_file, profile)
-            spec = read_cluster(path)
-            _controller = Controller(
-                engines_of(spec),
-                liveness_probes(spec),
-                timeout=timeout,
-                heartbeat=heartbeat,
-                max_message_size=max_message_size,
-            ).connect()
-            _cluster = FileOwner(path, _controller, spec)
-            _controller.on_dead = _cluster.follow_restart
-        elif _cluster is None:
-            from .clusterfile import NoOwner
-
-            _cluster = NoOwner(_controller)
-        #: who owns the engines (an ``Owner``: a ``Cluster``, a proxy through the cluster file, or
-        #: nobody)
-        self.owner = _cluster
-        self.cluster_file = _cluster.cluster_file
-        self._meta = _cluster.engine_meta()
-        self._controller = _controller
+    def _bind(self, controller: Controller, owner: Any) -> None:
+        #: who owns the engines (an ``Owner``: a ``Cluster``, a cluster-file proxy, or nobody)
+        self.owner = owner
+        self.cluster_file = owner.cluster_file
+        self._meta = owner.engine_meta()
+        self._controller = controller
         try:  # configured targets are checked against the engines, now that there are engines
             self._resolve_targets(self.targets)
         except (TypeError, ValueError) as exc:
-            _controller.close()
+            controller.close()
             raise ConfigError(
                 f"MultiEngineClient.targets: {exc}", "MultiEngineClient.targets"
             ) from None
@@ -254,7 +292,7 @@ class MultiEngineClient(Configurable):
         self.closed = False
         # a client that is dropped without close() still closes its channels and engine comms;
         # the finalizer holds the controller only (nothing that leads back to this client)
-        self._finalizer = weakref.finalize(self, close_controller, _controller)
+        self._finalizer = weakref.finalize(self, close_controller, controller)
 
     @property
     def controller(self) -> Controller:
@@ -282,7 +320,7 @@ class MultiEngineClient(Configurable):
         from .clusterfile import read_connection_files
 
         engines = read_connection_files(connection_files)
-        return cls(_controller=Controller(engines, None, timeout=timeout).connect())
+        return cls.from_controller(Controller(engines, None, timeout=timeout).connect())
 
     # ------------------------------------------------------------------ defaults and checks
     def get_ids(self) -> EngineIds:
@@ -319,6 +357,10 @@ class MultiEngineClient(Configurable):
             raise EngineError("this MultiEngineClient is closed")
         if block is not None and not isinstance(block, bool):
             raise TypeError(f"block must be True, False or None, not {block!r}")
+        try:  # engines added to the cluster meanwhile (cheap: a stat, unless the file changed)
+            self.owner.refresh(min(self.timeout, 10.0))
+        except MultiEngineError as exc:  # a listed engine that does not answer: not this call's
+            log.warning("could not connect to engines added to the cluster: %s", exc)
         eids = self._resolve_targets(targets)
         bad = [(e, self._controller.unavailable(e)) for e in eids]
         bad = [(e, why) for e, why in bad if why]
@@ -349,6 +391,7 @@ class MultiEngineClient(Configurable):
             on_interrupt=self._interrupt_eids,
             progress=self._show_progress if progress else None,
             tally=tally,
+            on_abort=self._controller.abort,
         )
         self._remember(pr)
         return pr
@@ -429,14 +472,70 @@ class MultiEngineClient(Configurable):
         block: bool | None = None,
         timeout: float | None = None,
         listener: Listener | None = None,
+        silent: bool = False,
     ) -> Any:
-        """Run ``code`` on each target; blocking returns a ``ResultList``, else a
-        ``PendingResult``."""
+        """Run ``code`` on each target; blocking returns a ``ResultList``, else a ``PendingResult``.
+
+        ``silent=True``: nothing is kept of what the code prints or displays, the engines store
+        no history entry and count no execution (``In [n]`` stays), and it does not become the
+        command ``%result`` shows; errors are still raised, with their tracebacks."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
+        if not isinstance(silent, bool):
+            raise TypeError(f"silent must be True or False, not {silent!r}")
+        if silent and listener is not None:
+            raise ValueError("a silent execute shows no output: it takes no listener")
         eids, block = self._prepare(targets, block)
-        futures = self._controller.submit_execute(eids, code, listener=listener)
-        return self._deliver(self._pending(futures, eids, "execute", ResultList), block, timeout)
+        futures = self._controller.submit_execute(eids, code, listener=listener, silent=silent)
+        if not silent:
+            return self._deliver(
+                self._pending(futures, eids, "execute", ResultList), block, timeout
+            )
+        pr = PendingResult(
+            futures,
+            eids,
+            "execute",
+            lambda rs: ResultList(_quiet(r) for r in rs),
+            on_interrupt=self._interrupt_eids,
+            on_abort=self._controller.abort,
+        )
+        self._last_ref, self._kept = weakref.ref(pr), None  # mec.last, not %result
+        return self._deliver(pr, block, timeout)
+
+    def sync_imports(
+        self, targets: Any = None, quiet: bool = False, timeout: float | None = None
+    ) -> SyncImports:
+        """``with mec.sync_imports(): import numpy as np`` imports here and, when the block
+        ends without error, on the target engines (the block's import statements as written);
+        prints what it imports unless ``quiet``. A failure on an engine: ``CompositeError``."""
+        from .remote import SyncImports
+
+        if not isinstance(quiet, bool):
+            raise TypeError(f"quiet must be True or False, not {quiet!r}")
+        eids, _ = self._prepare(targets, None)  # before the block runs
+        return SyncImports(self, eids, quiet, timeout)
+
+    def run(
+        self,
+        filename: str | os.PathLike,
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+        silent: bool = False,
+    ) -> Any:
+        """Run the Python file ``filename`` (read here, in this process) on each target, in the
+        engines' namespaces, like ``execute(open(filename).read())``."""
+        if not isinstance(filename, (str, os.PathLike)):
+            raise TypeError(f"filename must be a path, not {type(filename).__name__}")
+        path = os.fspath(filename)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                code = fh.read()
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"cannot run {path!r}: {exc.strerror}", path) from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"cannot run {path!r}: not UTF-8 text ({exc.reason})") from None
+        return self.execute(code, targets=targets, block=block, timeout=timeout, silent=silent)
 
     def _comm(
         self,
@@ -559,18 +658,25 @@ class MultiEngineClient(Configurable):
         targets: Any = None,
         block: bool | None = None,
         timeout: float | None = None,
+        flatten: bool = False,
     ) -> Any:
-        """Split ``seq`` into contiguous parts, one per target in order, and push each as
-        ``name``."""
+        """Split ``seq`` into contiguous parts, one per target in order, and push each as ``name``.
+
+        ``flatten=True``: a part of one item is pushed as that item, not as a one-item list
+        (``mec.scatter('my_id', mec.get_ids(), flatten=True)``: each engine gets its id)."""
         if dist != "b":
             raise ValueError(
                 f"unknown distribution {dist!r}; only 'b' (contiguous blocks) is supported"
             )
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"cannot scatter to {name!r}: not a valid Python identifier")
+        if not isinstance(flatten, bool):
+            raise TypeError(f"flatten must be True or False, not {flatten!r}")
         eids, block = self._prepare(targets, block)
         parts = partition.split(seq, len(eids))
         offsets = [sum(len(q) for q in parts[:i]) for i in range(len(parts))]
+        if flatten:
+            parts = [p[0] if len(p) == 1 else p for p in parts]
         frames = [
             self._outgoing(_dumps_part(name, off, p), block, timeout)
             for off, p in zip(offsets, parts, strict=True)
@@ -875,6 +981,21 @@ class MultiEngineClient(Configurable):
         eids = self._resolve_targets(targets)
         self._interrupt_eids([e for e in eids if not self._controller.dead(e)])
 
+    def send_signal(self, sig: int | str, targets: Any = None) -> None:
+        """Send signal ``sig`` (a number, a ``signal.Signals`` or a name like ``'SIGUSR1'``) to
+        the target engines' processes, through whoever owns them (the ``Cluster``, or the
+        ``ipmulti start`` process of a shared cluster). To stop running code use ``interrupt``."""
+        import signal as _signal
+
+        try:
+            if isinstance(sig, bool):
+                raise ValueError
+            signum = _signal.Signals[sig] if isinstance(sig, str) else _signal.Signals(sig)
+        except (KeyError, ValueError, TypeError):
+            raise ValueError(f"not a signal: {sig!r} (e.g. signal.SIGUSR1 or 'SIGUSR1')") from None
+        eids, _ = self._prepare(targets, None)
+        self.owner.send_signal(eids, int(signum))
+
     def _interrupt_eids(self, eids: list[int]) -> None:
         self.owner.interrupt(eids)
 
@@ -908,6 +1029,41 @@ class MultiEngineClient(Configurable):
                 + "; ".join(f"engine {e} {why}" for e, why in waiting.items())
             )
 
+    def refresh(self, timeout: float = 60.0) -> list[int]:
+        """Connect to engines added to the cluster since this client connected (by
+        ``Cluster.add_engines`` or ``ipmulti scale``); returns the ids newly connected."""
+        if self.closed:
+            raise EngineError("this MultiEngineClient is closed")
+        new = self.owner.refresh(timeout)
+        self._meta = self.owner.engine_meta() or self._meta
+        return new
+
+    def wait_for_engines(self, n: int, timeout: float | None = 60.0) -> list[int]:
+        """Wait until at least ``n`` engines are connected and ready (engines being added to a
+        running cluster); returns the ids. ``TimeoutError`` says how many there are."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"wait_for_engines needs a number of engines >= 0, not {n!r}")
+        if self.closed:
+            raise EngineError("this MultiEngineClient is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def ready() -> list[int]:
+            return [e for e in self._controller.ids if not self._controller.unavailable(e)]
+
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            self.refresh(60.0 if left is None else max(left, 0.01))
+            if len(ready()) >= n:
+                return ready()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(
+                    f"{len(ready())} engines ready after {timeout:g} s, waiting for {n} "
+                    f"(ids {ready()})"
+                )
+            step = 0.25 if left is None else min(0.25, left)
+            _loop.wait_until(lambda: len(ready()) >= n, step, tick=stdin.serve_pending)
+
     def on_start(self, code: str, timeout: float | None = None) -> ResultList:
         """Run setup ``code`` on every engine now, and record it so that it runs again, first
         thing, on every engine that is restarted or added later (``%%px --init``).
@@ -933,10 +1089,38 @@ class MultiEngineClient(Configurable):
         """Forget all recorded ``on_start`` code."""
         self._controller.init_code.clear()
 
-    def activate(self) -> MultiEngineClient:
-        """Make this client the one the ``%px``/``%autopx``/``%result`` magics use."""
+    def activate(self, suffix: str = "", targets: Any = None) -> MultiEngineClient:
+        """Make this client the one the ``%px``/``%autopx``/``%result`` magics use.
+
+        With a ``suffix`` (``'_even'``), a named set of magics beside the default ones:
+        ``%px_even``, ``%%px_even``, ``%autopx_even``, ``%result_even``, on ``targets`` (default:
+        this client's), in the running IPython (the extension is loaded if it is not yet).
+        ``client.deactivate('_even')`` removes them."""
         global _active
-        _active = self
+        if not isinstance(suffix, str) or not f"px{suffix}".isidentifier():
+            raise ValueError(
+                "suffix must make magic names like px{suffix}: letters, digits, _; "
+                f"not {suffix!r}"
+            )
+        if targets is not None:
+            if not suffix:
+                raise ValueError(
+                    "targets= names the engines of a named set (activate(suffix=..., "
+                    "targets=...)); for the default magics set mec.targets or %pxconfig --targets"
+                )
+            self._resolve_targets(targets)  # names the bad id or group now
+        if self.closed:
+            raise EngineError("this MultiEngineClient is closed")
+        if not suffix:
+            _active = self
+            return self
+        ip = _ipython()
+        if ip is None:
+            raise RuntimeError("activate(suffix=...) makes magics: it needs a running IPython")
+        if not activation_hooks:
+            ip.extension_manager.load_extension("ipy_multiengine")
+        for hook in activation_hooks:
+            hook(ip, suffix, self, targets)
         return self
 
     def close(self) -> None:
@@ -1033,6 +1217,11 @@ def _values(replies: list[CommReply]) -> list[Any]:
                 "can import, or convert it to builtin types on the engine"
             ) from exc
     return out
+
+
+def _quiet(record: dict) -> dict:
+    """A silent execute's record: what it printed or displayed is not kept."""
+    return dict(record, stdout="", stderr="", outputs=[], result=None)
 
 
 def _nones(replies: list[Any]) -> list[None]:

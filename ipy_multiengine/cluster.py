@@ -598,9 +598,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             raise
         controller.on_dead = self._on_dead
         try:  # a bad configured client value (MultiEngineClient.targets...) stops what started
-            self.client = MultiEngineClient(
-                _controller=controller, _cluster=self, config=self.config
-            )
+            self.client = MultiEngineClient.from_controller(controller, self, config=self.config)
         except BaseException:
             self.stop()
             raise
@@ -704,6 +702,51 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                     )
                     info = fresh
 
+    def send_signal(self, eids: list[int], signum: int) -> None:
+        """Send signal ``signum`` to engines ``eids`` through the launcher (local engines:
+        their kernel managers' process handles)."""
+        if self._stopped or self.client is None:
+            raise EngineError("this Cluster is not running")
+        _loop.run(self.launcher.send_signal(list(eids), signum), timeout=30)
+
+    def add_engines(self, n: int = 1, timeout: float | None = None) -> list[int]:
+        """Grow the running cluster by ``n`` engines (local launcher); returns their ids.
+
+        The new engines run the recorded ``on_start`` code before they are ready; the cluster
+        file is rewritten (atomically) so that clients attached through it see them
+        (``mec.wait_for_engines(n)``, or their next call). If an engine fails to start or to
+        connect, the engines of this call are stopped and the error is raised."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"add_engines needs a positive number of engines, not {n!r}")
+        if self._stopped or self.client is None:
+            raise EngineError("this Cluster is not running")
+        timeout = self.startup_timeout if timeout is None else timeout
+        infos = _loop.run(self.launcher.add(n), timeout=(timeout or 3600) + 30)
+        ids = sorted(infos)
+        try:
+            self.client.controller.add_engines(
+                infos, {e: self.launcher.liveness(e) for e in ids}, timeout=timeout or 3600
+            )
+        except BaseException:
+            # engines that connected stay (e.g. their on_start code is still running: they
+            # become ready when it ends); the others are stopped
+            ctl = self.client.controller
+            failed = [e for e in ids if e not in ctl.ids or ctl.dead(e)]
+            _loop.run(self.launcher.remove(failed), timeout=30)
+            kept = {e: infos[e] for e in ids if e not in failed}
+            self.engines_info.update(kept)
+            if kept and self.write_file and self.cluster_file and not self._stopped:
+                self._write_cluster_file(Path(self.cluster_file))
+            raise
+        self.engines_info.update(infos)
+        meta = self.launcher.engine_meta()
+        for eid in ids:
+            self.kernel_names.setdefault(eid, meta.get(eid, {}).get("kernel_name"))
+        self.client.refresh()
+        if self.write_file and self.cluster_file and not self._stopped:
+            self._write_cluster_file(Path(self.cluster_file))
+        return ids
+
     def _on_dead(self, eid: int, reason: str) -> None:
         """Controller callback (loop thread): restart a dead engine when ``auto_restart`` is on."""
         if self._stopped_from_outside():
@@ -748,6 +791,10 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             try:
                 if ask.get("op") == "stop":
                     self.stop_requested = True
+                elif ask.get("op") == "signal":
+                    self.send_signal([int(i) for i in ask.get("ids", [])], int(ask["signal"]))
+                elif ask.get("op") == "add":
+                    answer["ids"] = self.add_engines(int(ask.get("ids", [1])[0]))
                 elif ask.get("op") == "restart":
                     ids = [int(i) for i in ask.get("ids", [])]
                     self.restart(ids)

@@ -626,10 +626,14 @@ def check_owner(path: Path, op: str) -> dict:
 
 
 def request_owner(
-    cluster_file: str | os.PathLike, op: str, ids: list[int], timeout: float = 60.0
+    cluster_file: str | os.PathLike,
+    op: str,
+    ids: list[int],
+    timeout: float = 60.0,
+    extra: dict | None = None,
 ) -> dict:
-    """Ask the owner of ``cluster_file`` to run ``op`` on engines ``ids``; wait for its answer,
-    which must come from the owner of this very file."""
+    """Ask the owner of ``cluster_file`` to run ``op`` on engines ``ids`` (with the arguments
+    ``extra``); wait for its answer, which must come from the owner of this very file."""
     path = Path(cluster_file)
     spec = check_owner(path, op)
     owner = owner_of(spec) or {}
@@ -639,6 +643,7 @@ def request_owner(
         req,
         json.dumps(
             {
+                **(extra or {}),
                 "op": op,
                 "ids": ids,
                 "cluster_file": _canonical(path),
@@ -733,6 +738,23 @@ class Owner(abc.ABC):
     def stop(self) -> None:
         """Stop the engines (for a proxy: ask the owner to)."""
 
+    def refresh(self, timeout: float = 60.0) -> list[int]:
+        """Connect the client to engines its owner added since (``add_engines``, ``ipmulti
+        scale``); the ids connected. The owning process connects them itself: nothing to do."""
+        return []
+
+    def add_engines(self, n: int, timeout: float = 60.0) -> list[int]:
+        """Ask the owner for ``n`` more engines; their ids."""
+        raise EngineError("cannot add engines: this client does not know who owns its engines")
+
+    def send_signal(self, eids: list[int], signum: int) -> None:
+        """Send signal ``signum`` to engines ``eids`` (the owner signals its own processes)."""
+        raise EngineError(
+            f"cannot send signal {signum} to engines {eids}: this client does not own them "
+            "(kernels attached by connection file); signal them from the process that started "
+            "them, or interrupt them with mec.interrupt()"
+        )
+
 
 class NoOwner(Owner):
     """Kernels attached by connection file: nobody to ask; interrupts go over the control
@@ -773,6 +795,10 @@ class FileOwner(Owner):
         self._spec = read_cluster(path) if spec is None else spec
         self._restarting: set[int] = set()
         self.closed = False
+        try:  # the file as read now: refresh() reads it again only once it changed
+            self._stamp: int | None = os.stat(self.cluster_file).st_mtime_ns
+        except OSError:
+            self._stamp = None
 
     def interrupt(self, eids: list[int]) -> None:
         self._controller.interrupt(eids)
@@ -836,6 +862,39 @@ class FileOwner(Owner):
 
     def stop(self) -> None:
         request_owner(self.cluster_file, "stop", [], timeout=60.0)
+
+    def send_signal(self, eids: list[int], signum: int) -> None:
+        request_owner(self.cluster_file, "signal", eids, timeout=60.0, extra={"signal": signum})
+
+    def add_engines(self, n: int, timeout: float = 60.0) -> list[int]:
+        answer = request_owner(self.cluster_file, "add", [n], timeout=timeout)
+        self.refresh(timeout)
+        return list(answer.get("ids") or [])
+
+    def refresh(self, timeout: float = 60.0) -> list[int]:
+        """Connect to the engines the cluster file lists that this client does not know yet
+        (read only when the file changed since the last look)."""
+        try:
+            stamp = os.stat(self.cluster_file).st_mtime_ns
+        except OSError:
+            return []
+        if stamp == self._stamp:
+            return []
+        try:
+            spec = read_spec(self.cluster_file)
+        except Exception as exc:  # being replaced, or gone: the next call looks again
+            log.debug("cluster file %s not readable now: %s", self.cluster_file, exc)
+            return []
+        self._stamp = stamp  # one attempt per version of the file, even if connecting fails
+        known = set(self._controller.ids)
+        engines = {e: info for e, info in engines_of(spec).items() if e not in known}
+        if engines:
+            probes = liveness_probes(spec)
+            self._controller.add_engines(
+                engines, {e: p for e, p in probes.items() if e in engines}, timeout=timeout
+            )
+        self._spec, self._stamp = spec, stamp
+        return sorted(engines)
 
     def follow_restart(self, eid: int, reason: str) -> None:
         """(loop thread) Engine ``eid`` died: if its owner restarts it (``auto_restart``,

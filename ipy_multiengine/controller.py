@@ -147,6 +147,12 @@ class RequestFuture(Future):
     def __init__(self, track: bool = False) -> None:
         super().__init__()
         self.sent: Future | None = Future() if track else None
+        #: wall-clock times (``time.time()``): submitted by the caller; started when the
+        #: engine said busy for it (None if it never did: comm ops during an async cell);
+        #: completed when its result (or error) arrived. Written once each, on the loop.
+        self.submitted: float = time.time()
+        self.started: float | None = None
+        self.completed: float | None = None
 
 
 @dataclass
@@ -1008,6 +1014,13 @@ class Controller:
                     else ("(a request from another client)" if state == "busy" else "")
                 )
                 (conn.shell_idle.set if state == "idle" else conn.shell_idle.clear)()
+            if (
+                req is not None
+                and state == "busy"
+                and isinstance(req.future, RequestFuture)
+                and req.future.started is None
+            ):
+                req.future.started = time.time()
             if req is not None and state == "idle":
                 req.idle = True
                 if req.channel == "shell":
@@ -1236,6 +1249,8 @@ class Controller:
             _set_sent(req, None)  # (held, then failed): nothing of the caller's is in zmq
         if req.future.done():
             return
+        if isinstance(req.future, RequestFuture):
+            req.future.completed = time.time()
         if exc is None and req.listener_error is not None:
             exc = req.listener_error
         if exc is not None:
@@ -1303,7 +1318,9 @@ class Controller:
         return req.future
 
     def _send_comm_open(self, conn: EngineConn) -> tuple[str, Future]:
-        msg = wire.with_rid(conn.session.msg("comm_open", wire.comm_open_content(conn.comm_id)))
+        msg = wire.with_rid(
+            conn.session.msg("comm_open", wire.comm_open_content(conn.comm_id, conn.eid))
+        )
         req = self._new_request(conn, "comm", msg["msg_id"], op="open")
         conn.requests[req.msg_id] = req
         self._send(conn, "shell", msg)
@@ -1543,6 +1560,49 @@ class Controller:
                     )
 
         _loop.call_soon(send)
+
+    def abort(self, futures: list[Future], timeout: float = 10.0) -> dict[int, list[Future]]:
+        """Ask the engines to skip the requests of ``futures`` that they have not started.
+
+        Returns, per engine, the futures the engine had already started (or finished):
+        those are left alone. The skipped ones fail with ``RemoteError('Aborted')`` when
+        the engine reaches them. Futures already done, or not of this controller, are ignored.
+        """
+        return _loop.run(self._abort(list(futures), timeout), timeout=timeout + 1)
+
+    async def _abort(self, futures: list[Future], timeout: float) -> dict[int, list[Future]]:
+        wanted = {id(f) for f in futures if not f.done()}
+        per_engine: dict[int, list[Request]] = {}
+        for conn in self._engines.values():
+            for req in conn.requests.values():
+                if id(req.future) in wanted and req.kind in ("execute", "comm"):
+                    per_engine.setdefault(conn.eid, []).append(req)
+        refused: dict[int, list[Future]] = {}
+        replies = []
+        for eid, reqs in per_engine.items():
+            conn = self._engines[eid]
+            if conn.dead or not conn.data_ok or "control" not in conn.sockets:
+                refused[eid] = [r.future for r in reqs]
+                continue
+            fut = self._send_shell(
+                conn,
+                "ime_abort_request",
+                {"msg_ids": [r.msg_id for r in reqs]},
+                kind="control",
+                channel="control",
+            )
+            replies.append((eid, reqs, fut))
+        for eid, reqs, fut in replies:
+            try:
+                reply = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+            except (asyncio.TimeoutError, EngineError):
+                refused[eid] = [r.future for r in reqs]
+                continue
+            running = set((reply.reply or {}).get("running") or [])
+            left = [r.future for r in reqs if r.msg_id in running]
+            if left:
+                refused[eid] = left
+        return refused
 
     def pending(self, eid: int) -> int:
         """Requests of this client in flight on engine ``eid``."""

@@ -28,6 +28,7 @@ import pickle
 import signal
 import socket
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -44,6 +45,9 @@ def register() -> None:
     """Register the comm target on the running kernel (idempotent)."""
     ip = get_ipython()
     ip.kernel.comm_manager.register_target(TARGET, _on_open)
+    if not _registered[0]:
+        _install_abort(ip.kernel)
+    _registered[0] = True
     if getattr(sys.breakpointhook, "__name__", "") != "_breakpointhook":
         _original_hook[0] = sys.breakpointhook
         sys.breakpointhook = _breakpointhook
@@ -73,11 +77,129 @@ def _namespace() -> dict:
     return get_ipython().user_ns
 
 
+_registered = [False]
+
+#: ``ime_abort_request`` (control channel): shell messages to skip, and those already begun;
+#: both under one lock (the control thread adds, the shell's dispatch checks)
+_abort_lock = threading.Lock()
+_aborted: set[str] = set()
+_begun: collections.OrderedDict[str, None] = collections.OrderedDict()
+_BEGUN_KEPT = 4096
+
+
+def _install_abort(kernel: Any) -> None:
+    """Let clients skip queued requests: a control handler records ids to skip, and the
+    kernel's ``should_handle`` hook (ipykernel's place for "aborted requests") skips them."""
+    original = kernel.should_handle
+
+    def should_handle(stream: Any, msg: dict, idents: Any) -> Any:
+        msg_id = msg["header"]["msg_id"]
+        with _abort_lock:
+            skip = msg_id in _aborted
+            if skip:
+                _aborted.discard(msg_id)
+            else:
+                _begun[msg_id] = None
+                if len(_begun) > _BEGUN_KEPT:
+                    _begun.popitem(last=False)
+        if skip:
+            _skip(kernel, stream, msg, idents)
+            return False
+        return original(stream, msg, idents)
+
+    def abort_request(stream: Any, idents: Any, msg: dict) -> None:
+        running = []
+        with _abort_lock:
+            for msg_id in msg["content"].get("msg_ids") or []:
+                if msg_id in _begun:
+                    running.append(msg_id)
+                else:
+                    _aborted.add(msg_id)
+        kernel.session.send(
+            stream, "ime_abort_reply", {"status": "ok", "running": running}, msg, idents
+        )
+
+    kernel.should_handle = should_handle
+    kernel.control_handlers["ime_abort_request"] = abort_request
+
+
+def _skip(kernel: Any, stream: Any, msg: dict, idents: Any) -> None:
+    """Answer a skipped request as aborted (an execute) or with an ``Aborted`` error (a comm op)."""
+    mtype = msg["header"]["msg_type"]
+    if mtype == "comm_msg":
+        content = msg["content"]
+        comm = kernel.comm_manager.get_comm(content.get("comm_id"))
+        if comm is not None:
+            comm.send(
+                {
+                    "rid": (content.get("data") or {}).get("rid"),
+                    "status": "error",
+                    "ename": "Aborted",
+                    "evalue": "aborted before it started (mec abort)",
+                    "traceback": [],
+                    "item": None,
+                }
+            )
+        return
+    reply_type = mtype.replace("_request", "_reply")
+    kernel.session.send(stream, reply_type, {"status": "aborted"}, msg, idents)
+
+
+def on_engine() -> bool:
+    """True in an engine process (this helper is installed), False anywhere else."""
+    return _registered[0]
+
+
+def call_in_namespace(f: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Call ``f`` as ``apply`` does: a function sent by value sees the caller's globals sent
+    with it, then the engine's namespace; the globals it assigns land in that namespace."""
+    g, commit = _in_namespace(f)
+    try:
+        return g(*args, **kwargs)
+    finally:
+        commit()
+
+
+def set_in_namespace(values: dict) -> None:
+    """Set names in the engine namespace as ``push`` does (functions rebound likewise)."""
+    _namespace().update(
+        {k: _pushed(v) if isinstance(v, types.FunctionType) else v for k, v in values.items()}
+    )
+
+
+#: The name that holds the engine's id in its namespace (docs/engines.md, "Which engine am I?").
+ENGINE_ID_NAME = "engine_id"
+_engine_id: list[int | None] = [None]
+
+
+def _keep_engine_id(*_args: Any) -> None:
+    """After every cell: ``engine_id`` is back if a cell (``%reset``, ``del``) removed it."""
+    if _engine_id[0] is not None:
+        ns = _namespace()
+        if ENGINE_ID_NAME not in ns:
+            ns[ENGINE_ID_NAME] = _engine_id[0]
+            get_ipython().user_ns_hidden[ENGINE_ID_NAME] = _engine_id[0]
+
+
+def _set_engine_id(eid: int) -> None:
+    """Give the namespace its ``engine_id`` (hidden from ``%who``), kept after ``%reset``."""
+    ip = get_ipython()
+    first = _engine_id[0] is None
+    _engine_id[0] = eid
+    ip.user_ns[ENGINE_ID_NAME] = eid
+    ip.user_ns_hidden[ENGINE_ID_NAME] = eid
+    if first:
+        ip.events.register("post_run_cell", _keep_engine_id)
+
+
 def _on_open(comm: Any, msg: dict) -> None:
     comm.on_msg(lambda m: _on_msg(comm, m))
     comm.on_close(lambda _m: _comms.pop(comm.comm_id, None))
     _comms[comm.comm_id] = comm
     rid = msg["content"]["data"].get("rid")
+    eid = msg["content"]["data"].get("engine_id")
+    if isinstance(eid, int):
+        _set_engine_id(eid)
     reply = {
         "rid": rid,
         "status": "ok",

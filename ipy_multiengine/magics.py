@@ -115,9 +115,11 @@ class AutoPxTransformer:
     #: Words that end a session; typed under ``%autopx`` they are refused, not sent.
     exit_words = ("exit", "quit", "%exit", "%quit", "exit()", "quit()")
 
-    def __init__(self, local_magics: Any = ()) -> None:
+    def __init__(self, local_magics: Any = (), cell_magic: str = "px") -> None:
         self.enabled = False
         self._local = local_magics  # names, or a callable returning them (the magics registered)
+        #: the cell magic each input is given to (``px_even`` for ``%autopx_even``)
+        self.cell_magic = cell_magic
 
     @property
     def local_magics(self) -> set[str]:
@@ -154,7 +156,7 @@ class AutoPxTransformer:
             r"[=(\[.,:+\-*/%<>!&|^~@]", rest
         ):
             return lines  # automagic: `autopx`, `pxstatus`, `px code` (not `px = 1`, `px(...)`)
-        return ["%%px\n", *lines]
+        return [f"%%{self.cell_magic}\n", *lines]
 
 
 # ---------------------------------------------------------------------- the magics
@@ -350,14 +352,20 @@ class ParallelMagics(Magics):
         super().__init__(shell)  # loads the shell's config (ipython_config.py) into the traits
         self.pxconfig_ = PxConfig.from_traits(self)
         self.transformer = AutoPxTransformer(
-            lambda: {name for names in self.magics.values() for name in names}
+            lambda: {name for names in self.magics.values() for name in names} | _SET_NAMES
         )
+        #: the client of a named magic set (``mec.activate(suffix=...)``); None: the active one
+        self.bound: Any = None
         self.last: Any = None
         self._own_client: Any = None
         self._notebook: bool | None = None  # None: detect (a kernel means notebook rendering)
 
     # -- the client
     def client(self) -> Any:
+        if self.bound is not None:
+            if self.bound.closed:
+                raise UsageError("the client of these magics is closed; activate another one")
+            return self.bound
         mec = _client_mod.get_active()
         if mec is not None:
             return mec
@@ -801,7 +809,8 @@ class ParallelMagics(Magics):
         args = parse_argstring(self.result, line)
         mec = self.client()
         try:
-            pr = mec.last_executed()  # the last command executed on each engine
+            # a named set (%result_even): its own last command; else the client's
+            pr = self.last if self.bound is not None and self.last else mec.last_executed()
         except ValueError:
             raise UsageError("no command has been run on the engines yet") from None
         timeout = None if args.timeout is None else _timeout_value(args.timeout)
@@ -819,6 +828,46 @@ class ParallelMagics(Magics):
 
 
 _LOADED: dict[int, ParallelMagics] = {}
+#: named magic sets (``mec.activate(suffix='_even')``) per (shell, suffix), and their names
+_SETS: dict[tuple[int, str], ParallelMagics] = {}
+_SET_NAMES: set[str] = set()
+#: the magics of a named set: name -> magic kind
+SET_MAGICS = {"px": "line_cell", "autopx": "line", "result": "line"}
+
+
+def activate_set(ip: Any, suffix: str, mec: Any, targets: Any) -> None:
+    """``%px{suffix}``, ``%%px{suffix}``, ``%autopx{suffix}``, ``%result{suffix}`` on shell
+    ``ip`` for client ``mec`` on ``targets`` (None: the client's), beside the default set;
+    ``mec=None`` removes the set. (Called through ``client.activate``; loads the extension.)"""
+    load(ip)
+    old = _SETS.pop((id(ip), suffix), None)
+    if old is not None:
+        _drop_set(ip, old, suffix)
+    if mec is None:
+        return
+    magics = ParallelMagics(ip)
+    magics.bound = mec
+    if targets is not None:
+        magics.pxconfig_.override("targets", targets)
+    magics.transformer.cell_magic = f"px{suffix}"
+    for name, kind in SET_MAGICS.items():
+        ip.register_magic_function(getattr(magics, name), kind, f"{name}{suffix}")
+        _SET_NAMES.add(f"{name}{suffix}")
+    ip.input_transformers_cleanup.append(magics.transformer)
+    _SETS[(id(ip), suffix)] = magics
+
+
+def _drop_set(ip: Any, magics: ParallelMagics, suffix: str) -> None:
+    if magics.transformer in ip.input_transformers_cleanup:
+        ip.input_transformers_cleanup.remove(magics.transformer)
+    table = ip.magics_manager.magics
+    for name, kind in SET_MAGICS.items():
+        for k in ("line", "cell") if kind == "line_cell" else (kind,):
+            table[k].pop(f"{name}{suffix}", None)
+        _SET_NAMES.discard(f"{name}{suffix}")
+
+
+_client_mod.activation_hooks.append(activate_set)
 
 
 def load(ip: Any) -> ParallelMagics:
@@ -835,6 +884,8 @@ def load(ip: Any) -> ParallelMagics:
 
 def unload(ip: Any) -> None:
     """Remove the magics and the ``%autopx`` transformer from shell ``ip``."""
+    for key in [k for k in _SETS if k[0] == id(ip)]:
+        _drop_set(ip, _SETS.pop(key), key[1])
     magics = _LOADED.pop(id(ip), None)
     if magics is None:
         return

@@ -7,7 +7,9 @@ import collections
 import concurrent.futures as cf
 import contextlib
 import threading
+import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from . import stdin
@@ -150,6 +152,7 @@ class PendingResult:
         on_interrupt: Callable[[list[int]], None] | None = None,
         progress: Callable[[PendingResult], Any] | None = None,
         tally: Tally | None = None,
+        on_abort: Callable[[list[cf.Future]], dict[int, list[cf.Future]]] | None = None,
     ) -> None:
         self.futures = futures
         self.tally = tally  # what its progress bar counts (default: engines done)
@@ -157,6 +160,7 @@ class PendingResult:
         self.method = method
         self._finish = finish
         self._on_interrupt = on_interrupt
+        self._on_abort = on_abort
         self._progress = progress
         self._value: Any = _UNSET
         self._error: BaseException | None = None
@@ -274,6 +278,127 @@ class PendingResult:
         """Per engine, the rich outputs (``display_data``, ...) as Jupyter message contents."""
         return [_output(f, "outputs", []) for f in self.futures]
 
+    # ------------------------------------------------------------------ metadata (issue 16.9)
+    # times as this client saw them: submitted (the call), started (the engine said busy for
+    # it), completed (its answer arrived); datetimes, None when not known (yet)
+    @property
+    def submitted(self) -> list[datetime | None]:
+        """Per engine, when the call was submitted."""
+        return [_when(f, "submitted") for f in self.futures]
+
+    @property
+    def started(self) -> list[datetime | None]:
+        """Per engine, when the engine began it (None: not yet, or it never said: a comm
+        operation that ran while an async cell was running)."""
+        return [_when(f, "started") for f in self.futures]
+
+    @property
+    def completed(self) -> list[datetime | None]:
+        """Per engine, when its answer (result or error) arrived."""
+        return [_when(f, "completed") for f in self.futures]
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from the first submission until now, or until the last answer once ready."""
+        first = min((t for f in self.futures if (t := getattr(f, "submitted", None))), default=None)
+        if first is None:
+            return 0.0
+        ends = [getattr(f, "completed", None) for f in self.futures]
+        end = max(ends) if self.ready() and all(ends) else time.time()
+        return max(end - first, 0.0)
+
+    @property
+    def wall_time(self) -> float | None:
+        """Seconds from the first submission to the last answer; None until ready."""
+        return self.elapsed if self.ready() else None
+
+    @property
+    def serial_time(self) -> float | None:
+        """The sum over engines of the seconds each spent on it (from when it started, or was
+        submitted if the engine never said, to its answer): the time one engine would have
+        needed. None until ready."""
+        if not self.ready():
+            return None
+        total = 0.0
+        for f in self.futures:
+            end = getattr(f, "completed", None)
+            begin = getattr(f, "started", None) or getattr(f, "submitted", None)
+            if end is not None and begin is not None:
+                total += max(end - begin, 0.0)
+        return total
+
+    @property
+    def metadata(self) -> list[dict]:
+        """Per engine: ``engine_id``, ``status`` ('pending', 'ok', 'error', 'aborted'),
+        ``submitted``/``started``/``completed``, ``stdout``/``stderr``/``outputs``, ``error``."""
+        out = []
+        for eid, f in zip(self.eids, self.futures, strict=True):
+            exc = f.exception() if f.done() and not f.cancelled() else None
+            status = "pending" if not f.done() else ("ok" if exc is None else "error")
+            if isinstance(exc, RemoteError) and exc.ename == "Aborted":
+                status = "aborted"
+            out.append(
+                {
+                    "engine_id": eid,
+                    "status": status,
+                    "submitted": _when(f, "submitted"),
+                    "started": _when(f, "started"),
+                    "completed": _when(f, "completed"),
+                    "stdout": _output(f, "stdout", ""),
+                    "stderr": _output(f, "stderr", ""),
+                    "outputs": _output(f, "outputs", []),
+                    "error": exc,
+                }
+            )
+        return out
+
+    def display_outputs(self, groupby: str = "engine") -> None:
+        """Show what the engines printed and displayed for this call, labelled
+        ``[stdout:N]``, ``[stderr:N]``, ``[output:N]``: ``groupby='engine'`` engine after
+        engine, ``'type'`` every engine's stdout, then stderr, then rich outputs."""
+        if groupby not in ("engine", "type"):
+            raise ValueError(f"groupby must be 'engine' or 'type', not {groupby!r}")
+        rows = self.metadata
+        kinds = ("stdout", "stderr", "outputs")
+        order = (
+            [(r, k) for r in rows for k in kinds]
+            if groupby == "engine"
+            else [(r, k) for k in kinds for r in rows]
+        )
+        for row, kind in order:
+            _show(row["engine_id"], kind, row[kind])
+
+    def abort(self) -> None:
+        """Skip this call on the engines that have not started it yet (their part then fails
+        with ``RemoteError('Aborted')``). It never stops running code: if an engine runs it
+        already, ``EngineError`` says so and names ``mec.interrupt``; nothing is aborted then
+        unless the engine only began it after this check (it is then left running, and named)."""
+        if self._on_abort is None:
+            raise EngineError(
+                f"a {self.method} cannot be aborted; stop it with Ctrl-C or mec.interrupt()"
+            )
+        pending = [(e, f) for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
+        running = [e for e, f in pending if getattr(f, "started", None) is not None]
+        if running:
+            raise EngineError(
+                f"abort() skips only requests still queued; this {self.method} is already "
+                f"running on engines {running}: stop it with mec.interrupt({running})",
+                running[0],
+                self.method,
+            )
+        if not pending:
+            return
+        refused = self._on_abort([f for _, f in pending])
+        if refused:
+            eids = sorted(refused)
+            raise EngineError(
+                f"this {self.method} was not aborted on engines {eids}: it had started there "
+                f"(stop it with mec.interrupt({eids})), or the engine cannot skip requests (not "
+                "a Python engine with ipy_multiengine, or dead); elsewhere it was aborted",
+                eids[0],
+                self.method,
+            )
+
     def _collect(self) -> None:
         results: list[Any] = []
         errors: list[EngineFailure] = []
@@ -297,6 +422,28 @@ class PendingResult:
             self._error = exc
             return
         _release_frames(results)
+
+
+def _when(fut: cf.Future, name: str) -> datetime | None:
+    stamp = getattr(fut, name, None)
+    return None if stamp is None else datetime.fromtimestamp(stamp)
+
+
+def _show(eid: int, kind: str, value: Any) -> None:
+    """One engine's stdout, stderr or rich outputs, labelled (``display_outputs``)."""
+    import sys
+
+    if kind in ("stdout", "stderr"):
+        if value:
+            stream = sys.stdout if kind == "stdout" else sys.stderr
+            print(f"[{kind}:{eid}] {value}", end="" if value.endswith("\n") else "\n", file=stream)
+        return
+    for out in value:
+        if out.get("output_type") in ("display_data", "execute_result", "update_display_data"):
+            from IPython.display import display
+
+            print(f"[output:{eid}]")
+            display(out.get("data") or {}, metadata=out.get("metadata") or {}, raw=True)
 
 
 def _release_frames(replies: list[Any]) -> None:

@@ -2,7 +2,7 @@
 fresh venv, run from outside the checkout. Catches package data missing from the wheel
 (``py.typed``), modules left out by ``packages.find``, and paths that exist only in a checkout.
 
-How it stays fast and honest: the wheel is built without build isolation (setuptools from the
+How it stays fast and honest: the wheel is built without build isolation (hatchling from the
 test extra); the fresh venv is created without pip and without system site
 packages; the wheel is installed into it with this venv's pip (``pip --python``), with
 ``--no-deps``; the *dependencies* (ipykernel, jupyter_client, mpi4py...) are reused from this
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def wheel_venv(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     out = subprocess.run(
-        # no build isolation: the [build-system] backend is in the test extra (setuptools>=77)
+        # no build isolation: the [build-system] backend is in the test extra (hatchling)
         [
             sys.executable,
             "-m",

@@ -422,6 +422,27 @@ class Launcher(abc.ABC):
             raise
         return self.engines
 
+    async def add(self, n: int) -> dict[int, dict]:
+        """Start ``n`` more engines in the running cluster: ``{id: connection info}``."""
+        raise LauncherError(
+            f"the {self.name} launcher cannot add engines to a running cluster (only 'local' "
+            "can); start a new cluster with more engines",
+            method="add",
+        )
+
+    async def send_signal(self, ids: Iterable[int], signum: int) -> None:
+        """Send signal ``signum`` to engines ``ids``."""
+        raise LauncherError(
+            f"the {self.name} launcher cannot send signals to single engines (only 'local' "
+            "can); interrupt them with mec.interrupt()",
+            method="send_signal",
+        )
+
+    async def remove(self, ids: Iterable[int]) -> None:
+        """Stop and forget engines ``ids`` (undoing a failed ``add``); launchers that cannot
+        add engines have none to remove."""
+        return None
+
     @abc.abstractmethod
     async def _start(self) -> list[dict]:
         """Start the engines; connection info per engine, index = engine id."""

@@ -301,6 +301,48 @@ class LocalLauncher(Launcher):
         await asyncio.gather(*(one(e) for e in ids))
         return {eid: self._refresh(eid) for eid in ids}
 
+    async def add(self, n: int) -> dict[int, dict]:
+        """Start ``n`` more engines (kernelspec ``kernel_name``), ids after the highest one;
+        if any fails to start, the ones this call started are stopped and the error raised."""
+        first = max(self.kernel_names, default=-1) + 1
+        ids = list(range(first, first + n))
+        env = self.environment()
+        for eid in ids:
+            self.kernel_names[eid] = self.kernel_name
+            self._new_manager(eid)
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(self._start_kernel(eid, self.managers[eid], env) for eid in ids),
+                    return_exceptions=True,
+                ),
+                self.startup_timeout,
+            )
+            for eid, res in zip(ids, results, strict=True):
+                if isinstance(res, BaseException):
+                    raise LauncherError(
+                        f"engine {eid} failed to start: {res}\n{self.log_tail(eid)}", eid
+                    ) from res
+        except BaseException:
+            await asyncio.shield(self.remove(ids))
+            raise
+        self.n += n
+        self.engines.extend(self.connection_info(eid) for eid in ids)
+        return {eid: self.connection_info(eid) for eid in ids}
+
+    async def remove(self, ids: Iterable[int]) -> None:
+        """Stop engines ``ids`` and forget them (what ``add`` undoes when it fails)."""
+        for eid in list(ids):
+            km = self.managers.pop(eid, None)
+            self.kernel_names.pop(eid, None)
+            if km is None:
+                continue
+            try:
+                await km.shutdown_kernel(now=True)
+            except Exception:
+                self._kill(km)
+            Path(km.connection_file).unlink(missing_ok=True)
+
     def port_clash(self, eid: int) -> bool:
         """Did engine ``eid`` die because another process took one of its ports meanwhile?"""
         return "Address already in use" in self.log_tail(eid, 40)
@@ -324,6 +366,16 @@ class LocalLauncher(Launcher):
         for eid, res in zip(targets, results, strict=True):
             if isinstance(res, BaseException):
                 log.warning("could not interrupt engine %s: %s: %s", eid, type(res).__name__, res)
+
+    async def send_signal(self, ids: Iterable[int], signum: int) -> None:
+        """Through the kernel managers (their own process handles, never a pid from a file):
+        each engine's process group, as jupyter_client signals kernels."""
+        ids = list(ids)
+        unknown = [e for e in ids if e not in self.managers]
+        if unknown:
+            raise TargetsError(f"unknown engine ids {unknown}; valid ids: {sorted(self.managers)}")
+        for eid in ids:
+            await self.managers[eid].signal_kernel(signum)
 
     def engine_meta(self) -> dict[int, dict]:
         host = socket.gethostname()
