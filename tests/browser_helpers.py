@@ -285,7 +285,9 @@ class Browser:
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
-        """A named step of a test: its screenshot is kept, and a failure names it."""
+        """A named step of a test: its screenshot is kept, and a failure names it; its
+        duration goes to ``steps.log`` beside the screenshots."""
+        t0 = time.monotonic()
         try:
             yield
         except BaseException as exc:
@@ -296,6 +298,9 @@ class Browser:
             if isinstance(exc, AssertionError):
                 raise AssertionError(f"step {name!r} failed, screenshot {path}: {exc}") from exc
             raise
+        finally:
+            with open(self.shots / "steps.log", "a") as log:
+                log.write(f"{name}: {time.monotonic() - t0:.2f} s\n")
         self.shot(name)
 
     def close(self) -> None:
@@ -342,15 +347,29 @@ class Notebook:
         self.driver = browser.driver
 
     def open(self, timeout: float = 90) -> Notebook:
-        """Load the notebook's page; wait until every cell is on it and the kernel is idle."""
+        """Open the notebook as a person does: the first time by loading JupyterLab's page
+        for it, later in the same page with File > Open from Path (one page load for the
+        whole module). Waits until every cell is shown and the kernel is idle."""
         import nbformat
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
 
         n = len(nbformat.read(self.server.root / self.path, as_version=4).cells)
-        Notebook.opened += 1
-        self.driver.get(self.server.lab_url(self.path, f"w{Notebook.opened}"))
+        if not self.driver.current_url.startswith(self.server.url):
+            Notebook.opened += 1
+            self.driver.get(self.server.lab_url(self.path, f"w{Notebook.opened}"))
+        else:
+            self.menu("File", "filebrowser:open-path")
+            field = wait_until(
+                lambda: self.driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog input"),
+                10,
+                "the Open from Path dialog",
+            )[0]
+            field.send_keys(self.path, Keys.ENTER)
         wait_until(
             lambda: (
-                len(self.cells()) == n
+                self.current_tab() == Path(self.path).name
+                and len(self.cells()) == n
                 and self.kernel_status() == "idle"
                 and self.server.kernel_state(self.path) == "idle"
             ),
@@ -359,6 +378,20 @@ class Notebook:
             step=0.2,
         )
         return self
+
+    def current_tab(self) -> str | None:
+        return self.driver.execute_script(
+            "const t = document.querySelector("
+            "'.jp-MainAreaWidget ~ * .lm-TabBar-tab.lm-mod-current .lm-TabBar-tabLabel, "
+            "#jp-main-dock-panel .lm-TabBar-tab.lm-mod-current .lm-TabBar-tabLabel');"
+            "return t ? t.innerText.trim() : null;"
+        )
+
+    def close(self) -> None:
+        """File > Close Tab (saved first by the caller, so no dialog); waits until it is gone."""
+        name = Path(self.path).name
+        self.menu("File", "application:close")
+        wait_until(lambda: self.current_tab() != name, 15, f"the tab of {name} to close")
 
     # --- reading -------------------------------------------------------------------------
     def cells(self) -> list[dict]:

@@ -154,6 +154,7 @@ def test_saved_notebook_reopens_with_the_same_outputs(px):
         assert sum(len(o) for _p, o in before) >= 6, before
         px.save()
     with b.step("px-reopened"):
+        px.close()
         again = Notebook(b, px.server, px.path).open()
         after = [(c["prompt"], c["outputs"]) for c in again.code_cells()]
         assert after == before
@@ -174,8 +175,9 @@ def _run_shipped(lab, name: str) -> tuple[Notebook, list[dict]]:
     ]
     nb = Notebook(browser, server, name)
     try:
-        with browser.step(f"{name}-top-to-bottom"):
+        with browser.step(f"{name}-open"):
             nb.open()
+        with browser.step(f"{name}-top-to-bottom"):
             # JupyterLab 4 runs on past cells tagged raises-exception (the shipped notebooks'
             # deliberate errors) and stops at any other failing cell
             failed = nb.run_everything(timeout=150)
@@ -190,6 +192,7 @@ def _run_shipped(lab, name: str) -> tuple[Notebook, list[dict]]:
             ]
             assert set(expected_failures) <= set(shown_errors), shown_errors
             nb.save()
+            nb.close()
     finally:
         server.shutdown_kernel(name)
     return nb, cells
