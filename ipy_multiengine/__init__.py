@@ -14,6 +14,7 @@ from .errors import (
     RemoteError,
     TimeoutError,
 )
+from .remote import Reference, require
 
 __version__ = "0.1.0"
 
@@ -25,9 +26,11 @@ __all__ = [
     "MultiEngineError",
     "NoClusterError",
     "PendingResult",
+    "Reference",
     "RemoteError",
     "ResultList",
     "TimeoutError",
+    "require",
 ]
 
 

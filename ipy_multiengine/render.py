@@ -125,9 +125,11 @@ class Lines:
 
 def one_line(exc: BaseException) -> BaseException:
     """Make IPython show ``exc`` as one line, without the magic's own frames."""
-    exc._render_traceback_ = lambda: [
-        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    ]  # type: ignore[attr-defined]
+
+    def render() -> list[str]:
+        return [f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__]
+
+    exc._render_traceback_ = render  # type: ignore[attr-defined]
     return exc
 
 
@@ -504,42 +506,149 @@ def interactive() -> bool:
     return in_notebook() or bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
-class ProgressBar:
-    """The one progress display of every blocking call (``map``, ``gather``, ``barrier``,
-    ``%px --progress-after``): a ``tqdm.auto`` bar of engines done, shown once the call has
-    taken ``after`` seconds, in an interactive session (or always with ``force``, when the user
-    asked for it). ``progress(done, total)`` is what ``_loop.wait`` calls each slice;
-    ``waiting(eids)`` names the engines still running (the bar's postfix)."""
+def _amount(n: float | None, unit: str) -> str:
+    """``n`` units for people: ``15.3MB`` (bytes), ``40`` (items), ``?`` (not known)."""
+    if n is None:
+        return "?"
+    if unit == "B":
+        from tqdm.std import tqdm
 
-    def __init__(self, desc: str, after: float | None, force: bool = False) -> None:
-        self.desc, self.after, self.force = desc, after, force
+        return tqdm.format_sizeof(n, "B", 1024)
+    return f"{n:g}"
+
+
+class HtmlBar:
+    """A tqdm bar drawn as one notebook display updated in place (``display_id`` /
+    ``update_display``): no ipywidgets needed, no TqdmWarning, nothing written to stderr, and
+    a saved notebook holds only its last state. Made by ``ProgressBar`` in a notebook."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        import io
+
+        from tqdm.std import tqdm
+
+        owner = self
+
+        class _Bar(tqdm):  # tqdm counts, times and formats; this draws
+            def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+                owner.draw(self)
+                return True
+
+        self.display_id = f"ipme-progress-{id(self):x}-{time.monotonic_ns():x}"
+        self.shown = False
+        # tqdm's own terminal writes (a status printer) go to this buffer, never to stderr
+        self.bar = _Bar(file=io.StringIO(), **kwargs)
+
+    def draw(self, bar: Any) -> None:
+        d = bar.format_dict
+        text = bar.format_meter(**dict(d, ncols=80))
+        n, total, unit = d["n"], d["total"], d.get("unit", "it")
+        rate = d.get("rate") or (n / d["elapsed"] if d.get("elapsed") else None)
+        desc = d.get("prefix") or ""
+        if unit == "B":
+            done = f"{_amount(n, unit)}/{_amount(total, unit)}" if total else _amount(n, unit)
+            speed = f", {_amount(rate, unit)}/s" if rate else ""
+        else:
+            done = f"{n:g}/{_amount(total, unit)} {unit}s"
+            speed = f", {rate:.1f} {unit}s/s" if rate else ""
+        elapsed = bar.format_interval(d.get("elapsed") or 0)
+        post = f", {d['postfix']}" if d.get("postfix") else ""
+        pct = f"{100.0 * n / total:.0f}%" if total else ""
+        value = f'value="{n}" max="{total}" ' if total else ""  # no total: indeterminate
+        html = (
+            '<div class="ipy-multiengine-progress" style="font-family:monospace">'
+            f"{_escape(desc)}: "
+            f'<progress {value}style="width:30%;vertical-align:middle">{pct}</progress> '
+            f"{pct} {_escape(done)} [{elapsed}{_escape(speed)}{_escape(post)}]</div>"
+        )
+        data = {"text/plain": text, "text/html": html}
+        _display(data, {}, self.display_id, update=self.shown)
+        self.shown = True
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(str(text))
+
+
+class ProgressBar:
+    """The one progress display of every blocking call (``map``, ``gather``, ``scatter``,
+    ``barrier``, ``imap``, ``%px --progress-after``, ``wait_interactive``): a bar of ``unit``s
+    done (items of a map, bytes of a scatter/gather, engines of an execute), with the rate and
+    the engines still busy, shown once the call has taken ``after`` seconds, in an interactive
+    session (or always with ``force``, when the user asked for it).
+
+    In a notebook it is an HTML display updated in place (``HtmlBar``) that keeps its final
+    state; in a terminal a tqdm bar on stderr, cleared at the end. ``progress(done, total,
+    waiting)`` is what each slice of the wait calls; ``close(done, total, waiting)`` shows the
+    final count first."""
+
+    def __init__(
+        self, desc: str, after: float | None, force: bool = False, unit: str = "engine"
+    ) -> None:
+        self.desc, self.after, self.force, self.unit = desc, after, force, unit
         self.started = time.monotonic()
         self.bar: Any = None
         self.shown = 0
+        self.waiting: list[int] | None = None
+        self.drawn = 0.0
 
-    def __call__(self, done: int, total: int, waiting: list[int] | None = None) -> None:
+    def __call__(
+        self, done: int, total: int | None, waiting: list[int] | None = None, final: bool = False
+    ) -> None:
         if self.bar is None:
             if (
                 self.after is None
-                or done >= total
+                or final
+                or (total is not None and done >= total)
                 or time.monotonic() - self.started < self.after
                 or not (self.force or interactive())
             ):
                 return
-            from tqdm.auto import tqdm
+            self.bar = self._make(total)
+        if total != self.bar.total:
+            self.bar.total = total
+        if waiting is not None and waiting != self.waiting:
+            self.waiting = waiting
+            who = engine_range(waiting)
+            if who and self.unit != "engine":
+                who = f"engine{'s' if len(waiting) > 1 else ''} {who}"
+            self.bar.set_postfix_str(f"waiting for {who}" if waiting else "", refresh=False)
+        now = time.monotonic()
+        if done != self.shown:
+            self.bar.update(done - self.shown)
+            self.shown = done
+        elif final or now - self.drawn >= 1.0:  # elapsed time and rate move on
+            self.bar.refresh()
+        else:
+            return
+        self.drawn = now
 
-            self.bar = tqdm(
-                total=total, desc=self.desc, unit="engine", leave=self.force, file=sys.stderr
-            )
-        if waiting is not None:
-            self.bar.set_postfix_str(
-                f"waiting for {engine_range(waiting)}" if waiting else "", refresh=False
-            )
-        self.bar.update(done - self.shown)
-        self.shown = done
+    def _make(self, total: int | None) -> Any:
+        kwargs: dict[str, Any] = {
+            "total": total,
+            "desc": self.desc,
+            "unit": self.unit,
+            "mininterval": 0.2,
+        }
+        if self.unit == "B":
+            kwargs.update(unit_scale=True, unit_divisor=1024)
+        if in_notebook():
+            return HtmlBar(leave=True, **kwargs).bar
+        from tqdm.std import tqdm
 
-    def close(self) -> None:
+        return tqdm(leave=False, file=sys.stderr, **kwargs)
+
+    def close(
+        self, done: int | None = None, total: int | None = None, waiting: list[int] | None = None
+    ) -> None:
+        """Show the final count (when given), then end the bar: a notebook keeps its last state,
+        a terminal's line is cleared."""
         if self.bar is not None:
+            if done is not None:
+                # a total not known ahead (a gather's bytes) is known now
+                self(done, done if total is None else total, waiting, final=True)
             self.bar.close()
             self.bar = None
 
@@ -558,20 +667,32 @@ def in_notebook(shell: Any = None) -> bool:
 
 class LiveOutput:
     """Shows what a blocking call's functions print or display, labelled by engine, while the
-    caller waits (``apply``, ``map``, ``@parallel``; ``%%px`` has its own ``Renderer`` loop).
+    caller waits (``apply``, ``map``, ``@parallel``, and ``%%px`` with its own ``Renderer``).
 
     ``listener`` runs on the controller's loop thread: it only queues the event (on this
     object) and posts a drain to the waiting user thread (``stdin.post``), which renders the
-    events in order with engines' input prompts. ``close`` shows what is left, itself, even
-    when another thread is busy serving the mailbox, and stops listening (output after a
-    timeout stays on the ``PendingResult``).
+    events in order with engines' input prompts; ``tick`` flushes throttled notebook updates
+    (the waiting thread's wait calls it every slice). ``close`` shows what is left, itself,
+    even when another thread is busy serving the mailbox, and stops listening (output after a
+    timeout stays on the ``PendingResult``). A ``LiveOutput`` made without a renderer (the
+    engines are known only once the call is sent) keeps the events until ``start(renderer)``.
     """
 
-    def __init__(self, eids: list[int]) -> None:
-        self.renderer = Renderer(list(eids), "stream", in_notebook())
+    def __init__(self, eids: list[int] | None = None, renderer: Renderer | None = None) -> None:
+        if renderer is None and eids is not None:
+            renderer = Renderer(list(eids), "stream", in_notebook())
+        self.renderer = renderer
         self.closed = False
         self._events: deque = deque()  # appended on the loop thread, taken in user threads
         self._lock = threading.Lock()  # any waiting thread may serve the posted drains
+
+    def start(self, renderer: Renderer) -> None:
+        """Render with ``renderer`` from now on (the events queued so far first)."""
+        from . import stdin
+
+        with self._lock:
+            self.renderer = renderer
+        stdin.post(self._drain)
 
     def listener(self, eid: int, mtype: str, content: dict) -> None:
         if self.closed or mtype == "error":  # a failing function is reported by the CompositeError
@@ -583,6 +704,8 @@ class LiveOutput:
 
     def _drain(self) -> None:
         with self._lock:
+            if self.renderer is None:
+                return
             while not self.closed:
                 try:
                     event = self._events.popleft()
@@ -590,6 +713,12 @@ class LiveOutput:
                     break
                 self.renderer.handle(*event)
             if not self.closed:
+                self.renderer.tick()
+
+    def tick(self) -> None:
+        """Flush throttled notebook updates (called by the waiting thread's wait, each slice)."""
+        with self._lock:
+            if not self.closed and self.renderer is not None:
                 self.renderer.tick()
 
     def close(self) -> None:
@@ -601,7 +730,8 @@ class LiveOutput:
             if not self.closed:
                 self.closed = True
                 self._events.clear()
-                self.renderer.finish()
+                if self.renderer is not None:
+                    self.renderer.finish()
 
 
 def live_printer(eid: int) -> Any:

@@ -84,10 +84,13 @@ def test_px_cells_in_a_notebook(cluster):
     nb = make_nb(
         [
             f"%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
-            f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block = True",
-            "%%px\nimport sys, time\nfor i in range(3):\n    print(f'step {i}', flush=True)\n    time.sleep(0.05)\n"
+            f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block "
+            "= True",
+            "%%px\nimport sys, time\nfor i in range(3):\n    print(f'step {i}', flush=True)\n    "
+            "time.sleep(0.05)\n"
             "print('\\x1b[31mred\\x1b[0m')\nprint('warn', file=sys.stderr)\n6 * 7",
-            "%%px --targets 0,1\nfrom IPython.display import HTML, display\ndisplay(HTML('<b>engine html</b>'))",
+            "%%px --targets 0,1\nfrom IPython.display import HTML, "
+            "display\ndisplay(HTML('<b>engine html</b>'))",
             "%%px --targets 2\nimport matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')\n"
             "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()",
             "%%px\nfor i in range(5):\n    print(f'\\r{i * 25}%', end='', flush=True)\nprint()",
@@ -164,8 +167,10 @@ def test_display_handle_updated_from_a_later_cell(cluster):
     nb = make_nb(
         [
             f"%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
-            f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block = True",
-            "%%px --targets 0,1\nfrom IPython.display import display\nh = display('first', display_id='shared')",
+            f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block "
+            "= True",
+            "%%px --targets 0,1\nfrom IPython.display import display\nh = display('first', "
+            "display_id='shared')",
             "%%px --targets 0\nh.update('updated later')",
         ]
     )
@@ -182,9 +187,11 @@ def test_notebook_interrupt_of_running_px(cluster, mec):
     nb = make_nb(
         [
             f"%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
-            f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block = True",
+            f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block "
+            "= True",
             f"%%px\nimport time, pathlib, os\nprint('started', flush=True)\n"
-            f"pathlib.Path({str(marker)!r} + str(os.getpid())).touch()\ntime.sleep(60)\nprint('never')",
+            f"pathlib.Path({str(marker)!r} + "
+            "str(os.getpid())).touch()\ntime.sleep(60)\nprint('never')",
             "%px print('alive')",
         ]
     )
