@@ -72,6 +72,9 @@ def px(lab, cluster):
         "%%px\nimport time\nprint(f'sleeping on {eid}', flush=True)\ntime.sleep(60)",
         # 4: the engines answer after the interrupt
         "%px print(f'alive on {eid}')",
+        # 5: a balanced map of 120 items with its progress bar (shown after 0.1 s)
+        "def slow(x):\n    import time\n    time.sleep(0.08)\n    return x\n\n"
+        "mec.progress_after = 0.1\nprint('sum', sum(mec.map(slow, range(120), balanced=True)))",
     ]
     path = write_notebook(server, "px.ipynb", cells)
     nb = Notebook(browser, server, path)
@@ -145,6 +148,32 @@ def test_toolbar_interrupt_stops_a_sleeping_px_cell(px):
         text = px.run_and_wait(4, timeout=15)
         assert all(f"alive on {e}" in text for e in range(4)), text
         assert time.monotonic() - t0 < 10
+
+
+def test_progress_bar_moves_through_items_and_leaves_nothing_on_stderr(px):
+    with px.browser.step("px-progress"):
+        px.run(5)
+        seen: set[int] = set()
+
+        def finished() -> bool:
+            seen.update(int(n) for n in re.findall(r"(\d+)/120", px.output_text(5)))
+            return px.code_cells()[5]["prompt"].strip() not in ("[*]:", "")
+
+        wait_until(finished, 60, "the map with a progress bar to finish", step=0.03)
+        px.wait_idle(15, "the map cell to finish")
+        outputs = px.code_cells()[5]["outputs"]
+        text = px.output_text(5)
+        assert "sum 7140" in text, text
+        assert len([n for n in seen if 0 < n < 120]) >= 2, f"the bar did not move: {seen}"
+        assert "120/120" in text and "item" in text, text  # items, not engines
+        assert not any(o["mime"] == "application/vnd.jupyter.stderr" for o in outputs), outputs
+        assert "IProgress" not in text and "TqdmWarning" not in text, text
+        bars = px.driver.execute_script(
+            "return document.querySelectorAll("
+            "'.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell')[5]"
+            ".querySelectorAll('.jp-OutputArea-output progress').length"
+        )
+        assert bars == 1, f"{bars} HTML progress bars shown"
 
 
 def test_saved_notebook_reopens_with_the_same_outputs(px):
