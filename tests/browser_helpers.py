@@ -134,7 +134,7 @@ class LabServer:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(values))
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 120) -> None:
         self._prepare()
         for _attempt in range(3):  # a free port can be taken between probe and bind
             self.port = free_port()
@@ -303,6 +303,13 @@ class Browser:
                 log.write(f"{name}: {time.monotonic() - t0:.2f} s\n")
         self.shot(name)
 
+    def shot_element(self, element: Any, name: str) -> Path:
+        """A screenshot of one element (e.g. a cell), for the docs."""
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        path = self.shots / f"{name}.png"
+        element.screenshot(str(path))
+        return path
+
     def close(self) -> None:
         try:
             proc = psutil.Process(self.service.process.pid)
@@ -346,7 +353,7 @@ class Notebook:
         self.browser, self.server, self.path = browser, server, path
         self.driver = browser.driver
 
-    def open(self, timeout: float = 90) -> Notebook:
+    def open(self, timeout: float = 120) -> Notebook:
         """Open the notebook as a person does: the first time by loading JupyterLab's page
         for it, later in the same page with File > Open from Path (one page load for the
         whole module). Waits until every cell is shown and the kernel is idle."""
@@ -424,11 +431,17 @@ class Notebook:
             step=0.1,
         )
 
+    def dump(self, name: str) -> Path:
+        """Every cell as the page shows it, as JSON beside the screenshots (for diagnosis)."""
+        path = self.browser.shots / f"{name}.json"
+        path.write_text(json.dumps(self.cells(), indent=1))
+        return path
+
     def output_text(self, index: int) -> str:
         return "\n".join(o["text"] for o in self.code_cells()[index]["outputs"])
 
     # --- acting --------------------------------------------------------------------------
-    def _cell_element(self, index: int) -> Any:
+    def cell_element(self, index: int) -> Any:
         from selenium.webdriver.common.by import By
 
         panel = self.driver.find_element(By.CSS_SELECTOR, ".jp-NotebookPanel:not(.lm-mod-hidden)")
@@ -436,7 +449,7 @@ class Notebook:
 
     def select(self, index: int) -> None:
         """Click code cell ``index``'s prompt: selects it in command mode."""
-        cell = self._cell_element(index)
+        cell = self.cell_element(index)
         self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", cell)
         from selenium.webdriver.common.by import By
 

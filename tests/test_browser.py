@@ -75,6 +75,11 @@ def px(lab, cluster):
         # 5: a balanced map of 120 items with its progress bar (shown after 0.1 s)
         "def slow(x):\n    import time\n    time.sleep(0.08)\n    return x\n\n"
         "mec.progress_after = 0.1\nprint('sum', sum(mec.map(slow, range(120), balanced=True)))",
+        # 6: figures made on engines 1 and 2
+        "%%px --targets 1,2\nimport matplotlib\n"
+        "matplotlib.use('module://matplotlib_inline.backend_inline')\n"
+        "import matplotlib.pyplot as plt\nfig, ax = plt.subplots(figsize=(2, 1.5))\n"
+        "ax.plot([0, 1], [0, eid])\nax.set_title(f'figure of {eid}')\nplt.show()",
     ]
     path = write_notebook(server, "px.ipynb", cells)
     nb = Notebook(browser, server, path)
@@ -117,6 +122,7 @@ def test_error_on_one_engine_shows_its_traceback_and_the_others_output(px):
         assert "ok on 2" in text  # printed before the error
         assert "[2:execute]" in text and "ZeroDivisionError" in text, text
         assert not any(f"[{e}:execute]" in text for e in (0, 1, 3)), text
+        px.browser.shot_element(px.cell_element(2), "cell-px-error")
         outputs = px.code_cells()[2]["outputs"]
         assert any(o["mime"] == "application/vnd.jupyter.stderr" for o in outputs), outputs
 
@@ -174,6 +180,15 @@ def test_progress_bar_moves_through_items_and_leaves_nothing_on_stderr(px):
             ".querySelectorAll('.jp-OutputArea-output progress').length"
         )
         assert bars == 1, f"{bars} HTML progress bars shown"
+        px.browser.shot_element(px.cell_element(5), "cell-progress")
+
+
+def test_figure_made_on_an_engine_shows(px):
+    with px.browser.step("px-figures"):
+        px.run_and_wait(6, timeout=60)
+        outputs = px.code_cells()[6]["outputs"]
+        assert sum(o["images"] for o in outputs) == 2, outputs
+        px.browser.shot_element(px.cell_element(6), "cell-figures")
 
 
 def test_saved_notebook_reopens_with_the_same_outputs(px):
@@ -211,6 +226,7 @@ def _run_shipped(lab, name: str) -> tuple[Notebook, list[dict]]:
             # deliberate errors) and stops at any other failing cell
             failed = nb.run_everything(timeout=150)
             cells = nb.code_cells()
+            nb.dump(name)
             assert failed == [], [cells[i] for i in failed]
             assert all(c["prompt"].strip() not in ("[ ]:", "", "[*]:") for c in cells)
             shown_errors = [
