@@ -181,7 +181,7 @@ class _Area:
         name, last = self.segments[-1]
         if len(last.lines) > 1:
             done = [*self.segments[:-1], [name, Lines()]]
-            done[-1][1].lines = last.lines[:-1] + [""]
+            done[-1][1].lines = [*last.lines[:-1], ""]
             last.lines = last.lines[-1:]
             self.segments = [[name, last]]
         else:
