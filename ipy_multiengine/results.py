@@ -152,7 +152,7 @@ class PendingResult:
         on_interrupt: Callable[[list[int]], None] | None = None,
         progress: Callable[[PendingResult], Any] | None = None,
         tally: Tally | None = None,
-        on_abort: Callable[[list[cf.Future]], dict[int, list[cf.Future]]] | None = None,
+        on_abort: Callable[[list[cf.Future[Any]]], dict[int, list[cf.Future[Any]]]] | None = None,
     ) -> None:
         self.futures = futures
         self.tally = tally  # what its progress bar counts (default: engines done)
@@ -303,9 +303,9 @@ class PendingResult:
         first = min((t for f in self.futures if (t := getattr(f, "submitted", None))), default=None)
         if first is None:
             return 0.0
-        ends = [getattr(f, "completed", None) for f in self.futures]
+        ends: list[float] = [getattr(f, "completed", None) or 0.0 for f in self.futures]
         end = max(ends) if self.ready() and all(ends) else time.time()
-        return max(end - first, 0.0)
+        return max(float(end) - float(first), 0.0)
 
     @property
     def wall_time(self) -> float | None:
@@ -328,7 +328,7 @@ class PendingResult:
         return total
 
     @property
-    def metadata(self) -> list[dict]:
+    def metadata(self) -> list[dict[str, Any]]:
         """Per engine: ``engine_id``, ``status`` ('pending', 'ok', 'error', 'aborted'),
         ``submitted``/``started``/``completed``, ``stdout``/``stderr``/``outputs``, ``error``."""
         out = []
@@ -424,7 +424,7 @@ class PendingResult:
         _release_frames(results)
 
 
-def _when(fut: cf.Future, name: str) -> datetime | None:
+def _when(fut: cf.Future[Any], name: str) -> datetime | None:
     stamp = getattr(fut, name, None)
     return None if stamp is None else datetime.fromtimestamp(stamp)
 
@@ -443,7 +443,9 @@ def _show(eid: int, kind: str, value: Any) -> None:
             from IPython.display import display
 
             print(f"[output:{eid}]")
-            display(out.get("data") or {}, metadata=out.get("metadata") or {}, raw=True)
+            display(  # type: ignore[no-untyped-call]  # IPython: not annotated
+                out.get("data") or {}, metadata=out.get("metadata") or {}, raw=True
+            )
 
 
 def _release_frames(replies: list[Any]) -> None:

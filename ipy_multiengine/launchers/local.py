@@ -308,7 +308,7 @@ class LocalLauncher(Launcher):
         ids = list(range(first, first + n))
         env = self.environment()
         for eid in ids:
-            self.kernel_names[eid] = self.kernel_name
+            self.kernel_names[eid] = self.kernel_name or "python3"
             self._new_manager(eid)
         try:
             results = await asyncio.wait_for(
