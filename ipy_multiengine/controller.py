@@ -883,6 +883,9 @@ class Controller:
                 log.exception("on_dead callback failed")
 
     def _fail_all(self, conn: EngineConn, reason: str) -> None:
+        for _msg, req, _buffers in conn.held:  # failed below with the others, never sent now
+            req.held = False
+        conn.held.clear()
         for req in list(conn.requests.values()):
             what = (
                 f" while running {req.code or req.op or req.kind!r}" if (req.code or req.op) else ""

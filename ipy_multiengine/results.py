@@ -111,7 +111,7 @@ class Tally:
         self.unit = unit
         self._lock = threading.Lock()
         self._done = 0
-        self._busy: collections.Counter[Any] = collections.Counter()
+        self._busy: collections.Counter[int] = collections.Counter()
 
     def start(self, eid: int) -> None:
         with self._lock:
@@ -303,9 +303,10 @@ class PendingResult:
         first = min((t for f in self.futures if (t := getattr(f, "submitted", None))), default=None)
         if first is None:
             return 0.0
-        ends: list[float] = [getattr(f, "completed", None) or 0.0 for f in self.futures]
-        end = max(ends) if self.ready() and all(ends) else time.time()
-        return max(float(end) - float(first), 0.0)
+        ends: list[float | None] = [getattr(f, "completed", None) for f in self.futures]
+        done = [t for t in ends if t is not None]
+        end = max(done) if self.ready() and len(done) == len(ends) else time.time()
+        return max(float(end - first), 0.0)
 
     @property
     def wall_time(self) -> float | None:
@@ -443,7 +444,7 @@ def _show(eid: int, kind: str, value: Any) -> None:
             from IPython.display import display
 
             print(f"[output:{eid}]")
-            display(  # type: ignore[no-untyped-call]  # IPython: not annotated
+            display(  # type: ignore[no-untyped-call]
                 out.get("data") or {}, metadata=out.get("metadata") or {}, raw=True
             )
 
