@@ -222,7 +222,8 @@ class RawKernels(Backend):
         for kc in self.kcs:
             with contextlib.suppress(Exception):
                 kc.stop_channels()
-        # jupyter_client's own graceful shutdown (interrupt, shutdown_request, wait, kill), all at once
+        # jupyter_client's own graceful shutdown (interrupt, shutdown_request, wait, kill), all at
+        # once
         from concurrent.futures import ThreadPoolExecutor
 
         if self.kms:
@@ -232,7 +233,7 @@ class RawKernels(Backend):
 
     def execute_pass(self, code: str = "pass") -> None:
         ids = [kc.execute(code) for kc in self.kcs]
-        for kc, mid in zip(self.kcs, ids):
+        for kc, mid in zip(self.kcs, ids, strict=True):
             _wait_reply_and_idle(kc, mid)
 
 
@@ -290,7 +291,7 @@ class RawSameKernels(Backend):
 
     def execute_pass(self) -> None:
         ids = [kc.execute("pass") for kc in self.kcs]
-        for kc, mid in zip(self.kcs, ids):
+        for kc, mid in zip(self.kcs, ids, strict=True):
             _wait_reply_and_idle(kc, mid)
 
 
@@ -627,7 +628,8 @@ def children() -> list[psutil.Process]:
 
 
 def own_children() -> set[int]:
-    """Pids of live descendants, minus multiprocessing's resource tracker (it lives until we exit)."""
+    """Pids of live descendants, minus multiprocessing's resource tracker (it lives until we
+    exit)."""
     out = set()
     for p in children():
         try:
@@ -659,7 +661,8 @@ def _not_zombie(pid: int) -> bool:
 
 
 def env_for_children() -> None:
-    """Let engines/workers import ``benchmarks`` (tasks go by reference) and the package under test."""
+    """Let engines/workers import ``benchmarks`` (tasks go by reference) and the package under
+    test."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parts = [root]
     old = os.environ.get("PYTHONPATH", "")

@@ -9,6 +9,7 @@ of them alike. Tables report medians, p10 and p90, and ours/peer as a ratio of m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -377,16 +378,14 @@ class Runner:
                         del prepared[name]
                 names = [x for x in names if x in prepared]
             if sc.check is not None and sc.warm is not None:
-                for name, (fn, row) in list(prepared.items()):
+                for fn, row in list(prepared.values()):
                     if not sc.check(fn()):
                         row.note = "WRONG RESULT"
             for name in sc.backends:
                 b = self.running.get(name)
                 if b is not None and sc.cleanup is not None:
-                    try:
+                    with contextlib.suppress(Exception):
                         sc.cleanup(b)
-                    except Exception:
-                        pass
             gc.collect()
             log(
                 f"  {sc.key} n={n}: "
@@ -526,13 +525,15 @@ def meta() -> dict[str, Any]:
 def memory_table(mem: dict[str, Any]) -> str:
     """Render the memory results."""
     lines = [
-        f"{'backend':8} {'client+':>9} {'client Δ400MB':>13} {'push peak+':>10} {'engine idle':>11} "
+        f"{'backend':8} {'client+':>9} {'client Δ400MB':>13} {'push peak+':>10} "
+        f"{'engine idle':>11} "
         f"{'engine w/ 100MB':>15} {'engine peak':>11} {'engine after del':>16} {'other procs':>11}"
     ]
     for name, m in mem.items():
         if "error" in m:
             lines.append(
-                f"{name:8} error: {m['error'].strip().splitlines()[-1] if m['error'].strip() else ''}"
+                f"{name:8} error: "
+                f"{m['error'].strip().splitlines()[-1] if m['error'].strip() else ''}"
             )
             continue
 
@@ -640,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# ipy_multiengine benchmarks ({info['mode']}, {info['date']}, {elapsed:.0f} s)")
     print(
-        f"# load average at start {info['loadavg_start'][0]:.1f}, at end {info['loadavg_end'][0]:.1f}; git {info['git']}"
+        f"# load average at start {info['loadavg_start'][0]:.1f}, at end "
+        f"{info['loadavg_end'][0]:.1f}; git {info['git']}"
     )
     print(
         f"# {info['cpu']}, {info['cpus']} cpus, {info['mem_gb']} GB, python {info['python']}, "

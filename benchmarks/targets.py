@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 MB = 1 << 20
@@ -19,7 +20,8 @@ def _counts(rows: list[dict], scenario: str) -> list[int]:
 
 
 def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
-    """One dict per (target, engine count): what, ratio or value, limit, met (None = not measured)."""
+    """One dict per (target, engine count): what, ratio or value, limit, met (None = not
+    measured)."""
     out: list[dict] = []
 
     def ratio(
@@ -99,6 +101,7 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
             }
         )
         g = ours.get("client_growth")
+        rounds = [round(x / MB, 1) for x in ours.get("client_growth_rounds", [])]
         out.append(
             {
                 "target": "client does not grow with data moved (3 x 800 MB moved; <= 10 MB)",
@@ -106,7 +109,7 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
                 "value": g,
                 "limit": 10 * MB,
                 "met": None if g is None else g <= 10 * MB,
-                "detail": f"growth {g / MB:.1f} MB, per round {[round(x / MB, 1) for x in ours.get('client_growth_rounds', [])]}"
+                "detail": f"growth {g / MB:.1f} MB, per round {rounds}"
                 if g is not None
                 else "not measured",
             }
@@ -133,7 +136,9 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
                     "value": e - e0,
                     "limit": 5 * MB,
                     "met": e - e0 <= 5 * MB,
-                    "detail": f"ours {e / MB:.1f} MB vs plain {e0 / MB:.1f} MB: +{(e - e0) / MB:.1f} MB",
+                    "detail": (
+                        f"ours {e / MB:.1f} MB vs plain {e0 / MB:.1f} MB: +{(e - e0) / MB:.1f} MB"
+                    ),
                 }
             )
     starts = {
@@ -149,7 +154,7 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
     if starts or execs:
         ok32 = 32 in starts and 32 in execs
         ns = sorted(execs)
-        steps = [execs[b] / execs[a] / (b / a) for a, b in zip(ns, ns[1:]) if a >= 4]
+        steps = [execs[b] / execs[a] / (b / a) for a, b in itertools.pairwise(ns) if a >= 4]
         linear = bool(steps) and max(steps) <= 1.25
         out.append(
             {
@@ -160,7 +165,10 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
                 "met": ok32 and linear,
                 "detail": f"started 32: {ok32}; execute medians "
                 + ", ".join(f"{k}: {execs[k] * 1e3:.1f} ms" for k in ns)
-                + f"; doubling-step growth / linear = {[round(s, 2) for s in steps]} (<= 1.25 counts as linear)",
+                + (
+                    f"; doubling-step growth / linear = {[round(s, 2) for s in steps]} (<= 1.25 "
+                    "counts as linear)"
+                ),
             }
         )
     return out

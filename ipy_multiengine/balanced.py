@@ -31,6 +31,7 @@ from typing import Any
 
 from . import serialize, stdin
 from .errors import CompositeError, EngineError, RemoteError, TimeoutError
+from .results import Tally
 
 log = logging.getLogger("ipy_multiengine")
 
@@ -152,8 +153,11 @@ class BalancedMap:
     ``chunksize``: an int sends chunks of that many items, all serialised now; ``None`` (auto)
     sizes each chunk when it is sent (``AutoChunks``), from a private copy of ``(f, items)``
     taken now, so later changes to the caller's objects are not seen, as with fixed chunks.
-    ``progress()`` counts items, not chunks; ``on_progress(done, total)`` is called (on the
-    I/O thread) whenever results for more items arrived.
+    ``progress()`` counts items, not chunks.
+
+    Progress: ``tally`` (a ``results.Tally`` of items) is told ``start(eid)`` when a chunk is
+    sent to an engine and ``done(eid, n)`` when it ends with ``n`` items done (0 when it failed),
+    whatever the chunk sizes; the progress bars of ``map(balanced=True)`` and ``imap`` read it.
     """
 
     def __init__(
@@ -167,8 +171,8 @@ class BalancedMap:
         retries: int = 1,
         depth: int = 2,
         listener: Callable[[int, str, dict], None] | None = None,
+        tally: Tally | None = None,
         interrupt: Callable[[list[int]], None] | None = None,
-        on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         if chunksize is not None and (
             not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1
@@ -189,7 +193,6 @@ class BalancedMap:
         #: how a Ctrl-C interrupts the engines: the cluster owner's interrupt (the client's
         #: Owner interface, which honours the kernelspec's interrupt mode), as ``mec.interrupt``
         self.interrupt = interrupt if interrupt is not None else controller.interrupt
-        self.on_progress = on_progress
         self.total = len(items)
         self._items: list[tuple] | None = items  # to name a failed item's argument
         #: chunk id -> (offset, number of items)
@@ -218,6 +221,7 @@ class BalancedMap:
                 self._frames[len(self._chunks)] = dumps_chunk(f, i, chunk)
                 self._chunks.append((i, len(chunk)))
         self._cursor = 0 if chunksize is None else self.total  # the next item not in a chunk
+        self.tally = tally if tally is not None else Tally(len(items))
         self.future: cf.Future = cf.Future()
         self.id = uuid.uuid4().hex  # on the engines, a Ctrl-C skips this map's queued chunks
         self._events: collections.deque = collections.deque()
@@ -226,7 +230,7 @@ class BalancedMap:
         self._results: dict[int, list] = {}
         self._order: list[int] = []
         self._done_items = 0
-        self._tries = collections.Counter()
+        self._tries: collections.Counter[Any] = collections.Counter()
         self._inflight = {eid: 0 for eid in self.eids}
         self._held: dict[int, set[int]] = {eid: set() for eid in self.eids}  # chunks in flight
         self._sent_at: dict[int, float] = {}
@@ -314,6 +318,7 @@ class BalancedMap:
                 listener=self.listener,
             )[0]
             self._inflight[eid] += 1
+            self.tally.start(eid)
             self._held[eid].add(ci)
             fut.add_done_callback(lambda fu, eid=eid, ci=ci: self._done(eid, ci, fu))
 
@@ -383,6 +388,8 @@ class BalancedMap:
         with self._lock:
             self._inflight[eid] -= 1
             self._held[eid].discard(ci)
+            ok = not fu.cancelled() and fu.exception() is None
+            self.tally.done(eid, self._chunks[ci][1] if ok and not self._stopped else 0)
             if self._stopped:
                 return
             exc = fu.exception()
@@ -404,8 +411,6 @@ class BalancedMap:
                 self._order.append(ci)
                 self._done_items += n
                 self._event((offset, values))
-                if self.on_progress is not None:
-                    self.on_progress(self._done_items, self.total)
                 if self._done_items >= self.total:
                     if self.ordered:
                         order = sorted(self._results, key=lambda c: self._chunks[c][0])
@@ -428,15 +433,17 @@ class BalancedMap:
             else:
                 self._fail(self._named(exc, ci))
 
-    def _next_event(self, deadline: float | None) -> Any:
+    def _next_event(self, deadline: float | None, progress: Any = None) -> Any:
         """The next event, waiting (the package's one wait: Ctrl-C, engines' input) until the
-        deadline; raises ``TimeoutError`` past it."""
+        deadline; raises ``TimeoutError`` past it. ``progress(done, total, busy)`` is drawn
+        from ``tally`` in each slice of the wait."""
+        draw = None if progress is None else (lambda _d, _t: progress(*self.tally.snapshot()))
         while True:
             with self._lock:
                 if self._events:
                     return self._events.popleft()
                 wake = self._wake
-            if not stdin.wait([wake], deadline=deadline):
+            if not stdin.wait([wake], deadline=deadline, progress=draw):
                 done, total = self.progress()
                 raise TimeoutError(
                     f"imap not finished by its timeout: {done} of {total} "
@@ -444,23 +451,26 @@ class BalancedMap:
                 )
 
     # -- iteration (caller's thread)
-    def iterate(self, timeout: float | None = None, deadline: float | None = None) -> Iterator[Any]:
+    def iterate(
+        self, timeout: float | None = None, deadline: float | None = None, progress: Any = None
+    ) -> Iterator[Any]:
         """Yield results as chunks complete (input order when ``ordered``); Ctrl-C stops the map,
         and so does ``timeout`` (seconds for the whole iteration, from this call: the generator's
         body runs only at the first ``next()``) or ``deadline`` (a ``time.monotonic()`` value)
-        with a ``TimeoutError``."""
+        with a ``TimeoutError``. ``progress``: a ``render.ProgressBar`` drawn while waiting and
+        closed at the end."""
         if timeout is not None:
             end = time.monotonic() + timeout
             deadline = end if deadline is None else min(deadline, end)
-        return self._iterate(deadline)
+        return self._iterate(deadline, progress)
 
-    def _iterate(self, deadline: float | None) -> Iterator[Any]:
+    def _iterate(self, deadline: float | None, progress: Any = None) -> Iterator[Any]:
         buffered: dict[int, list] = {}  # by offset
         following = 0  # the offset of the next item to yield (ordered)
         received = 0  # items
         try:
             while received < self.total:
-                event = self._next_event(deadline)
+                event = self._next_event(deadline, progress)
                 if isinstance(event, BaseException):
                     raise _composite(event)
                 offset, values = event
@@ -480,6 +490,9 @@ class BalancedMap:
             self.cancel()
             self.interrupt([e for e in self.eids if self._inflight.get(e)])
             raise
+        finally:
+            if progress is not None:
+                progress.close(*self.tally.snapshot())
 
 
 def _composite(err: BaseException) -> BaseException:

@@ -11,7 +11,7 @@ import pytest
 from ipy_multiengine import Cluster
 from ipy_multiengine.balanced import BalancedMap
 from ipy_multiengine.errors import CompositeError
-from ipy_multiengine.results import PendingResult
+from ipy_multiengine.results import PendingResult, Tally
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -217,13 +217,15 @@ def test_auto_chunks_start_small_grow_and_shrink_and_count_items(mec):
     last ones smaller again; every item is in exactly one chunk, results keep input order, and
     progress counts items."""
     n = 4000
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int | None]] = []
+
+    class Recording(Tally):  # the progress hook the maps report into, recorded at each chunk
+        def done(self, eid: int, n: int = 0) -> None:
+            super().done(eid, n)
+            seen.append(self.snapshot()[:2])
+
     bm = BalancedMap(
-        mec.controller,
-        mec.get_ids(),
-        lambda x: -x,
-        [(x,) for x in range(n)],
-        on_progress=lambda done, total: seen.append((done, total)),
+        mec.controller, mec.get_ids(), lambda x: -x, [(x,) for x in range(n)], tally=Recording(n)
     ).start()
     assert bm.future.result(timeout=30) == [-x for x in range(n)]
     sizes = bm.chunk_sizes()
