@@ -36,6 +36,7 @@ from .targets import resolve as resolve_targets
 
 if TYPE_CHECKING:
     from .balanced import BalancedMap
+    from .executor import EngineExecutor
     from .remote import SyncImports
     from .render import LiveOutput
 
@@ -867,6 +868,46 @@ class MultiEngineClient(Configurable):
             return ParallelFunction(Mapper(self, targets, block), f)
 
         return decorate
+
+    # ------------------------------------------------------------------ other interfaces
+    def executor(self, balanced: bool = True, targets: Any = None) -> EngineExecutor:
+        """A ``concurrent.futures.Executor`` whose tasks run on the target engines: to whichever
+        is free (``balanced``) or round robin (see ``executor.py``)."""
+        from .executor import EngineExecutor
+
+        return EngineExecutor(self, balanced=balanced, targets=targets)
+
+    def register_joblib_backend(
+        self, name: str = "ipy_multiengine", make_default: bool = False
+    ) -> None:
+        """Register the joblib backend ``name`` running ``joblib.Parallel`` on this client's
+        engines: ``with joblib.parallel_config(backend=name): ...`` (``joblib_backend.py``)."""
+        from .joblib_backend import register
+
+        register(self, name=name, make_default=make_default)
+
+    def become_dask(
+        self,
+        targets: Any = None,
+        host: str = "127.0.0.1",
+        nthreads: int = 1,
+        timeout: float = 60.0,
+        **worker_kwargs: Any,
+    ) -> Any:
+        """Start a dask scheduler (in this process) and one worker in each target engine; the
+        ``distributed.Client`` of that cluster. TLS-only, on 127.0.0.1 unless ``host=``
+        (``dask_bridge.py``); ``stop_dask()`` stops it."""
+        from . import dask_bridge
+
+        return dask_bridge.become_dask(
+            self, targets, host=host, nthreads=nthreads, timeout=timeout, **worker_kwargs
+        )
+
+    def stop_dask(self, timeout: float = 30.0) -> None:
+        """Stop the dask cluster of ``become_dask()``; the engines and their namespaces stay."""
+        from . import dask_bridge
+
+        dask_bridge.stop_dask(self, timeout=timeout)
 
     # ------------------------------------------------------------------ inspecting engines
     def status(self, live: bool = False, interval: float = 1.0) -> Any:

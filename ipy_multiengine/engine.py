@@ -5,6 +5,15 @@ The controller installs it with a silent ``execute`` and then opens a comm with 
 ``push``, ``pull``, ``apply``, ``map`` or ``ping``. Every message gets exactly one reply
 ``{'rid': ..., 'status': 'ok'|'error', ...}`` with pickled payloads as binary buffers, also
 when the operation raises (a comm handler exception would otherwise produce no reply).
+
+The fast path (issue 15.2): the comm's open reply also names a ZMQ ROUTER socket that this
+helper serves on the kernel's own main loop, beside ipykernel's shell dispatch. The same
+operations arrive there as Jupyter messages signed with the kernel's key (a message whose
+signature does not check is dropped unread: nothing unpickles it); the socket is a unix socket
+next to the kernel's own (in the launcher's 0700 directory) for IPC engines, else TCP on the
+kernel's address, with the kernel's CurveZMQ keys when it has them. An operation that printed
+or displayed something replies on the comm instead, behind its output on IOPub, so no output
+is lost or reordered. ``IPY_MULTIENGINE_FAST=0`` in the engine's environment keeps it off.
 """
 
 from __future__ import annotations
@@ -13,8 +22,10 @@ import collections
 import contextlib
 import dis
 import functools
+import logging
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -183,19 +194,27 @@ def _set_engine_id(eid: int) -> None:
 
 def _on_open(comm: Any, msg: dict) -> None:
     comm.on_msg(lambda m: _on_msg(comm, m))
+    comm.on_close(lambda _m: _comms.pop(comm.comm_id, None))
+    _comms[comm.comm_id] = comm
     rid = msg["content"]["data"].get("rid")
     eid = msg["content"]["data"].get("engine_id")
     if isinstance(eid, int):
         _set_engine_id(eid)
-    comm.send(
-        {
-            "rid": rid,
-            "status": "ok",
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "python": sys.version.split()[0],
-        }
-    )
+    reply = {
+        "rid": rid,
+        "status": "ok",
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "python": sys.version.split()[0],
+    }
+    fast = _fast_address()
+    if fast:
+        reply["fast"] = fast
+    comm.send(reply)
+
+
+#: the open comms by id: an operation on the fast socket that printed replies on its client's comm
+_comms: dict[str, Any] = {}
 
 
 def _op_push(data: dict, frames: list) -> list:
@@ -448,11 +467,18 @@ def _error_reply(rid: Any, exc: BaseException, item: int | None) -> tuple[dict, 
 
 def _on_msg(comm: Any, msg: dict) -> None:
     data = msg["content"]["data"]
+    reply, frames = _run_op(data, msg.get("buffers") or [])
+    _flush_pending_output()
+    _send_reply(comm, reply, frames)
+
+
+def _run_op(data: dict, buffers: list) -> tuple[dict, list]:
+    """Run one operation; its reply and frames (an error reply when it raises: never none)."""
     rid = data.get("rid")
     try:
         op = OPS[data["op"]]
         began = time.perf_counter()
-        frames = op(data, msg.get("buffers") or [])
+        frames = op(data, buffers)
         # the op's own seconds: a load-balanced map sizes its chunks by them (balanced.py)
         reply: dict = {"rid": rid, "status": "ok", "seconds": time.perf_counter() - began}
     except _ItemError as err:
@@ -468,9 +494,7 @@ def _on_msg(comm: Any, msg: dict) -> None:
         ):
             _interrupted_maps.append(data["map"])
         reply, frames = _error_reply(rid, exc, None)
-    finally:
-        _flush_pending_output()
-    _send_reply(comm, reply, frames)
+    return reply, frames
 
 
 #: Seconds an op waits for its reply's zero-copy buffers to leave before the engine goes on.
@@ -505,16 +529,166 @@ def _send_reply(comm: Any, reply: dict, frames: list) -> None:
         )
 
 
-def _flush_pending_output() -> None:
-    """Flush stdout/stderr so output precedes the reply, only when something was written.
+def _flush_pending_output() -> bool:
+    """Flush stdout/stderr so output precedes the reply, only when something was written;
+    whether anything was.
 
     An ipykernel ``OutStream.flush`` from the shell thread waits for a round trip through the
     IOPub thread even when nothing is buffered: two of those were ~0.5 ms of every op.
     """
+    wrote = False
     for stream in (sys.stdout, sys.stderr):
         if getattr(stream, "_flush_pending", True) is False and not getattr(
             stream, "_buffers", True
         ):
             continue  # an idle ipykernel OutStream: nothing to send
+        wrote = True
         with contextlib.suppress(Exception):
             stream.flush()
+    return wrote
+
+
+# ---------------------------------------------------------------------------------- fast path
+#: Set to "0" in an engine's environment to keep the fast socket closed (the comm carries data).
+FAST_ENV = "IPY_MULTIENGINE_FAST"
+
+_log = logging.getLogger("ipy_multiengine")
+_server: list = []  # the one _FastServer of this kernel, once opened
+
+
+def _fast_address() -> dict | None:
+    """Open (once) the fast socket and return where it listens, or None when it cannot be
+    opened (not an ipykernel app, no key to sign with, disabled, a bind error): the comm then
+    carries every operation, as before."""
+    if _server:
+        return _server[0].address
+    if os.environ.get(FAST_ENV, "1") == "0":
+        return None
+    try:
+        server = _FastServer()
+    except Exception as exc:
+        _log.warning("ipy_multiengine: no fast data socket (%s); the comm carries data", exc)
+        return None
+    _server.append(server)
+    return server.address
+
+
+class _FastServer:
+    """The ROUTER socket served on the kernel's main loop (see the module docstring)."""
+
+    def __init__(self) -> None:
+        import zmq
+        from ipykernel.kernelapp import IPKernelApp
+        from jupyter_client.session import Session
+
+        if not IPKernelApp.initialized():
+            raise RuntimeError("not running in an IPKernelApp")
+        app = IPKernelApp.instance()
+        kernel = app.kernel
+        if not kernel.session.key:
+            raise RuntimeError("the kernel has no key to sign messages with")
+        self.kernel = kernel
+        self.session = Session(
+            key=kernel.session.key,
+            signature_scheme=kernel.session.signature_scheme,
+            username="ipy_multiengine",
+        )
+        self.zmq = zmq
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.router_mandatory = False
+        if app.curve_secretkey is not None:
+            sock.curve_secretkey = app.curve_secretkey
+            sock.curve_publickey = app.curve_publickey
+            sock.curve_server = True
+        if app.transport == "ipc":
+            path = f"{app.ip}-ime"
+            old = os.umask(0o077)  # the socket file: this user only, also before the chmod
+            try:
+                sock.bind(f"ipc://{path}")
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+            self.address: dict[str, Any] = {"transport": "ipc", "path": path}
+        else:
+            port = sock.bind_to_random_port(f"tcp://{app.ip}")
+            self.address = {"transport": "tcp", "port": port}
+        self.sock = sock
+        import atexit
+
+        atexit.register(sock.close, 0)  # a unix socket's file goes with it
+        self.displayed = False
+        kernel.shell.display_pub.register_hook(self._display_hook)
+        self.loop = kernel.io_loop.asyncio_loop
+        self.loop.add_reader(sock.getsockopt(zmq.FD), self._readable)
+        self.loop.call_soon(self._readable)  # anything that came before the reader was added
+
+    def _display_hook(self, msg: dict) -> dict:
+        self.displayed = True
+        return msg
+
+    def _readable(self) -> None:
+        """Drain the socket (its FD is edge-triggered: read until nothing is left)."""
+        zmq = self.zmq
+        sock = self.sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                self._handle(frames)
+            except BaseException as exc:  # never let one message stop the reader
+                _log.error("ipy_multiengine: a fast operation failed", exc_info=exc)
+
+    def _handle(self, frames: list) -> None:
+        from . import wire
+
+        idents, rest = self.session.feed_identities(frames, copy=False)
+        try:
+            msg = wire.deserialize(self.session, rest)
+        except Exception as exc:  # unsigned, forged or replayed: not unpickled, not answered
+            _log.warning("ipy_multiengine: refused a message on the fast socket (%s)", exc)
+            return
+        data = msg["content"]
+        # what the operation prints or displays is labelled with its request, and input()
+        # asks the client that sent it (its stdin socket has the same identity), as ipykernel
+        # does for a shell message, and like ipykernel the parent is left set afterwards
+        idents = [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents]
+        self.kernel.set_parent(idents, msg, channel="shell")
+        self.displayed = False
+        started = time.monotonic()
+        saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # as ipykernel's handlers
+        try:
+            reply, out = _run_op(data, msg["buffers"])
+            msg = frames = rest = None  # type: ignore[assignment]
+        finally:
+            signal.signal(signal.SIGINT, saved)
+        # an output flushed by ipykernel's timer (every flush_interval) leaves no trace: an
+        # operation that ran that long replies behind IOPub, as does one that printed
+        interval = getattr(sys.stdout, "flush_interval", 0.2)
+        wrote = _flush_pending_output() or self.displayed
+        slow = time.monotonic() - started >= 0.5 * interval
+        comm = _comms.get(data.get("comm_id", ""))
+        if (wrote or slow) and comm is not None:
+            _send_reply(comm, reply, out)
+            return
+        self._send(idents, reply, out, data)
+
+    def _send(self, idents: list, reply: dict, out: list, request: dict) -> None:
+        zmq = self.zmq
+        head = self.session.serialize(
+            self.session.msg("ime_reply", reply, parent={"msg_id": request.get("rid")}),
+            ident=idents,
+        )
+        if len(out) <= 1 or all(memoryview(b).nbytes < 65536 for b in out[1:]):
+            self.sock.send_multipart(head + out)
+            return
+        # zero copy, and the next operation waits until zmq released the user's buffers
+        tracker = self.sock.send_multipart(head + out, copy=False, track=True)
+        assert tracker is not None  # track=True
+        del out
+        try:
+            tracker.wait(SEND_WAIT)
+        except zmq.NotDone:
+            _log.warning("a reply was still being sent after %.0f s; the engine goes on", SEND_WAIT)

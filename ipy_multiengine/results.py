@@ -254,6 +254,13 @@ class PendingResult:
     def r(self) -> Any:
         return self.get_result()
 
+    def __await__(self) -> Any:
+        """``await pr`` in a coroutine: the result, without blocking the caller's event loop
+        (``aio.py``); cancelling the awaiting task leaves the call running and collectable."""
+        from .aio import wait_async
+
+        return wait_async(self).__await__()
+
     # what each engine printed or displayed while running this call (execute, apply, map, ...),
     # one entry per engine in ``eids`` order; empty for an engine not done yet
     @property

@@ -59,6 +59,12 @@ def comm_op_content(comm_id: str, op: str, data: dict) -> dict:
     return {"comm_id": comm_id, "data": dict(data, op=op)}
 
 
+def fast_op_content(comm_id: str, op: str, data: dict) -> dict:
+    """The content of one data operation on an engine's fast socket (``engine._FastServer``):
+    the comm's operation dict, naming the comm an operation with output replies on."""
+    return dict(data, op=op, comm_id=comm_id)
+
+
 def with_rid(msg: dict) -> dict:
     """Stamp a comm message with its own msg_id as ``rid``: the engine's reply carries it back,
     which is how a comm reply finds its request (comm replies have no useful parent)."""

@@ -439,7 +439,9 @@ class Launcher(abc.ABC):
         )
 
     async def remove(self, ids: Iterable[int]) -> None:
-        """Stop and forget engines ``ids`` (undoing a failed ``add``)."""
+        """Stop and forget engines ``ids`` (undoing a failed ``add``); launchers that cannot
+        add engines have none to remove."""
+        return None
 
     @abc.abstractmethod
     async def _start(self) -> list[dict]:

@@ -1,0 +1,338 @@
+"""Watch every cluster of this user from a Jupyter server: engine states from IOPub, usage.
+
+A :class:`Watcher` runs on the package's one background loop thread (``_loop``), never on the
+server's own loop: every 1 s it rescans the cluster files (``clusterfile``'s reader, in a
+worker thread, with psutil for liveness, RSS and CPU of engines on this host) and keeps one
+IOPub subscriber per engine (jupyter_client's ``AsyncKernelClient``). It sends nothing on an
+engine's shell but one ``kernel_info_request`` when it starts watching (to learn whether an
+engine is idle). What other threads see is :meth:`Watcher.snapshot`: a JSON-ready structure
+replaced as a whole on the loop (loop state stays on the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import psutil
+from jupyter_client.asynchronous import AsyncKernelClient
+
+from .. import _loop, clusterfile
+from ..errors import NoClusterError
+from ..wire import CONTROL_MSG_TYPES
+
+log = logging.getLogger(__name__)
+
+#: seconds between two scans of the cluster files
+SCAN_INTERVAL = 1.0
+#: seconds an engine gets to answer the first kernel_info before it counts as busy
+FIRST_INFO_WAIT = 1.0
+
+
+def cluster_key(path: Any) -> str:
+    """The id of a cluster in the REST API: its file's stem (``cluster-default``)."""
+    return str(path).rsplit("/", 1)[-1].removesuffix(".json")
+
+
+class EngineWatch:
+    """(loop thread) One engine's IOPub subscriber and what it learnt."""
+
+    def __init__(self, eid: int, entry: dict, spec: dict) -> None:
+        self.eid = eid
+        self.connection = dict(entry["connection"])
+        self.pid = entry.get("pid")
+        self.host = entry.get("host", spec.get("host")) or ""
+        self.kernel_name = entry.get("kernel_name") or ""
+        self.state = "unknown"
+        self.running = ""
+        self.busy_since: float | None = None
+        self.parent = ""
+        self.codes: dict[str, str] = {}  # parent msg_id -> code (execute_input), recent ones
+        self.debugger = False
+        self.client: AsyncKernelClient | None = None
+        self.task: asyncio.Task | None = None
+        self.first: asyncio.Task | None = None
+
+    def start(self, changed: Any) -> None:
+        client = self.client = AsyncKernelClient()
+        client.load_connection_info(self.connection)
+        client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
+        self.task = asyncio.ensure_future(self._read(changed))
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.client is not None:
+            self.client.stop_channels()
+            self.client = None
+
+    async def _first_state(self, changed: Any) -> None:
+        assert self.client is not None
+        msg_id = self.client.kernel_info()
+        try:
+            while True:
+                reply = await self.client.get_shell_msg(timeout=FIRST_INFO_WAIT)
+                if reply["parent_header"].get("msg_id") == msg_id:
+                    c = reply["content"]
+                    self.debugger = "debugger" in c.get("supported_features", []) or bool(
+                        c.get("debugger")
+                    )
+                    if self.state == "unknown":
+                        self.state = "idle"
+                    break
+        except Exception:  # queued behind a running cell: it runs something we did not see
+            if self.state == "unknown":
+                self.state = "busy"
+                self.running = "(started before the server watched)"
+                self.busy_since = time.time()
+        changed()
+
+    async def _read(self, changed: Any) -> None:
+        assert self.client is not None
+        self.first = asyncio.ensure_future(self._first_state(changed))
+        while True:
+            try:
+                msg = await self.client.get_iopub_msg()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bad message: log it, keep watching
+                log.warning("engine %s: unreadable IOPub message: %s", self.eid, exc)
+                continue
+            if self._on_iopub(msg):
+                changed()
+
+    def _on_iopub(self, msg: dict) -> bool:
+        mtype = msg["header"].get("msg_type")
+        parent = msg.get("parent_header") or {}
+        content = msg.get("content") or {}
+        if mtype == "execute_input":
+            code = content.get("code") or ""
+            self.codes[parent.get("msg_id", "")] = code
+            if len(self.codes) > 64:
+                self.codes.pop(next(iter(self.codes)))
+            if self.state == "busy" and parent.get("msg_id") == self.parent:
+                self.running = code
+                return True
+            return False
+        if mtype != "status" or parent.get("msg_type") in CONTROL_MSG_TYPES:
+            return False  # the engine's state follows its shell only (as the controller's)
+        state = content.get("execution_state")
+        if state == "busy":
+            self.state, self.parent = "busy", parent.get("msg_id", "")
+            self.busy_since = time.time()
+            kind = parent.get("msg_type") or ""
+            self.running = self.codes.get(self.parent, "" if kind == "execute_request" else kind)
+            return True
+        if state == "idle" and self.parent in ("", parent.get("msg_id")):
+            self.state, self.running, self.busy_since = "idle", "", None
+            return True
+        return False
+
+    def row(self, usage: dict) -> dict:
+        return {
+            "id": self.eid,
+            "state": self.state,
+            "running": self.running,
+            "busy_since": self.busy_since,
+            "pid": self.pid,
+            "host": self.host,
+            "kernel_name": self.kernel_name,
+            "debugger": self.debugger,
+            **usage,
+        }
+
+
+def _scan(procs: dict[tuple, psutil.Process]) -> dict[str, dict]:
+    """(worker thread) Every cluster file: its ``describe`` entry, spec, and per-engine
+    liveness and usage for engines on this host."""
+    here = socket.gethostname()
+    found: dict[str, dict] = {}
+    for path in clusterfile.cluster_files():
+        entry = clusterfile.describe(path)
+        try:
+            spec = clusterfile.read_spec(path)
+        except (NoClusterError, ValueError):
+            spec = None
+        usage: dict[int, dict] = {}
+        for e in (spec or {}).get("engines", []):
+            ident = clusterfile.engine_identity(e, spec)
+            u: dict[str, Any] = {"local": False, "dead": None, "rss": None, "cpu": None}
+            if ident is not None and ident.get("host") == here:
+                u["local"] = True
+                proc, why = clusterfile.same_process(ident)
+                if proc is None:
+                    u["dead"] = why or "its process is gone"
+                else:
+                    key = (ident["pid"], ident.get("create_time"))
+                    proc = procs.setdefault(key, proc)
+                    try:
+                        family = [proc, *proc.children(recursive=True)]
+                        u["rss"] = sum(p.memory_info().rss for p in family)
+                        u["cpu"] = round(proc.cpu_percent(interval=None), 1)
+                    except psutil.Error:
+                        pass
+            usage[e["id"]] = u
+        owner_state = clusterfile.owner_state(spec)[0] if spec else "gone"
+        found[cluster_key(path)] = {
+            "describe": entry,
+            "spec": spec,
+            "usage": usage,
+            "owner_state": owner_state,
+        }
+    return found
+
+
+class Watcher:
+    """Every cluster of this user, watched from the package's loop thread."""
+
+    def __init__(self, interval: float = SCAN_INTERVAL) -> None:
+        self.interval = interval
+        self._clusters: dict[str, dict[int, EngineWatch]] = {}  # loop thread only
+        self._procs: dict[tuple, psutil.Process] = {}  # the scan thread only (one at a time)
+        self._scanned: dict[str, dict] = {}
+        self._snapshot: dict = {"clusters": [], "time": time.time()}
+        self._task: Future | None = None
+        self._dirty = False
+
+    # ------------------------------------------------------------------ any thread
+    def start(self) -> None:
+        if self._task is None:
+            self._task = _loop.submit(self._run())
+
+    def stop(self) -> Future:
+        """Stop watching (every subscriber closed once the future resolves)."""
+        return _loop.submit(self._stop())
+
+    def snapshot(self) -> dict:
+        """The last published state of every cluster (JSON-ready; never changed after)."""
+        return self._snapshot
+
+    def scan_now(self) -> Future:
+        """Rescan at once (after an action); the future resolves once the snapshot is new."""
+        return _loop.submit(self._scan_once())
+
+    def interrupt(self, key: str, eids: list[int]) -> Future:
+        """Send ``interrupt_request`` on the control channel of engines ``eids``."""
+        return _loop.submit(self._interrupt(key, eids))
+
+    # ------------------------------------------------------------------ loop thread
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._scan_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("ipy_multiengine: scanning cluster files failed")
+            await asyncio.sleep(self.interval)
+
+    async def _stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for engines in self._clusters.values():
+            for w in engines.values():
+                w.stop()
+        self._clusters.clear()
+
+    async def _scan_once(self) -> None:
+        scanned = await asyncio.to_thread(_scan, self._procs)
+        for key in set(self._clusters) - set(scanned):
+            for w in self._clusters.pop(key).values():
+                w.stop()
+        for key, found in scanned.items():
+            spec = found["spec"]
+            engines = self._clusters.setdefault(key, {})
+            entries = {e["id"]: e for e in (spec or {}).get("engines", [])}
+            watchable = found["describe"].get("state") in ("running", "degraded", "attached")
+            for eid in set(engines) - set(entries):
+                engines.pop(eid).stop()
+            for eid, e in entries.items():
+                old = engines.get(eid)
+                if (
+                    old is not None
+                    and old.connection == e["connection"]
+                    and old.pid == e.get("pid")
+                ):
+                    continue  # the same process as before
+                if old is not None:
+                    old.stop()  # restarted: a new process or new ports
+                    del engines[eid]
+                if watchable and not found["usage"].get(eid, {}).get("dead"):
+                    w = engines[eid] = EngineWatch(eid, e, spec)
+                    try:
+                        w.start(self._changed)
+                    except Exception as exc:
+                        log.warning("cannot watch engine %s of %s: %s", eid, key, exc)
+        self._scanned = scanned
+        self._publish()
+
+    def _changed(self) -> None:
+        """(loop thread) An engine's state changed: publish (coalesced within one loop turn)."""
+        if not self._dirty:
+            self._dirty = True
+            asyncio.get_running_loop().call_soon(self._publish)
+
+    def _publish(self) -> None:
+        self._dirty = False
+        clusters = []
+        for key, found in sorted(self._scanned.items()):
+            d = found["describe"]
+            spec = found["spec"] or {}
+            watches = self._clusters.get(key, {})
+            rows = []
+            for e in spec.get("engines", []):
+                usage = dict(found["usage"].get(e["id"], {}))
+                w = watches.get(e["id"])
+                if w is None:
+                    w = EngineWatch(e["id"], e, spec)  # not watched (dead, stale): its file entry
+                row = w.row(usage)
+                if usage.get("dead"):
+                    row["state"] = "dead"
+                elif d.get("state") == "stale":
+                    row["state"] = "stale"
+                rows.append(row)
+            owner_state = found["owner_state"]
+            clusters.append(
+                {
+                    "id": key,
+                    "file": d.get("file"),
+                    "profile": d.get("profile"),
+                    "shared": d.get("shared"),
+                    "state": d.get("state"),
+                    "owner": d.get("owner"),
+                    "launcher": d.get("launcher"),
+                    "serves_requests": "requests" in spec.get("serves", []),
+                    "remote": owner_state == "remote",
+                    "can": _can(d, spec, owner_state),
+                    "engines": rows,
+                }
+            )
+        self._snapshot = {"clusters": clusters, "time": time.time()}
+
+    async def _interrupt(self, key: str, eids: list[int]) -> list[int]:
+        engines = self._clusters.get(key, {})
+        sent = []
+        for eid in eids:
+            w = engines.get(eid)
+            if w is not None and w.client is not None:
+                w.client.control_channel.send(w.client.session.msg("interrupt_request", {}))
+                sent.append(eid)
+        return sent
+
+
+def _can(d: dict, spec: dict, owner_state: str) -> list[str]:
+    """What this server can do to a cluster: interrupt (control channel), restart and stop
+    (owner requests, from a local owner that serves them)."""
+    if d.get("state") in ("stale",) or not spec:
+        return []
+    can = ["interrupt", "console"]
+    if "requests" in spec.get("serves", []) and owner_state == "alive":
+        can.append("restart")
+        if d.get("shared"):
+            can.append("stop")
+    return can

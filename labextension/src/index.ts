@@ -1,0 +1,293 @@
+/**
+ * The Engines panel: every cluster of this user and its engines, live, with interrupt,
+ * restart, stop, "insert client code" and "open console" actions. Everything goes through
+ * the server extension's REST API (ipy_multiengine/api/), never through a notebook kernel, so
+ * it works while the notebook runs a long %%px cell.
+ */
+import {
+  ILabShell,
+  JupyterFrontEnd,
+  JupyterFrontEndPlugin
+} from '@jupyterlab/application';
+import { INotebookTracker, NotebookActions } from '@jupyterlab/notebook';
+import { ServerConnection } from '@jupyterlab/services';
+import { LabIcon } from '@jupyterlab/ui-components';
+import { Widget } from '@lumino/widgets';
+
+const POLL_MS = 1000;
+
+const ICON = new LabIcon({
+  name: 'ipy_multiengine:engines',
+  svgstr:
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 24 24"><g class="jp-icon3" fill="#616161">' +
+    '<rect x="2" y="3" width="9" height="8" rx="1"/><rect x="13" y="3" width="9" height="8" rx="1"/>' +
+    '<rect x="2" y="13" width="9" height="8" rx="1"/><rect x="13" y="13" width="9" height="8" rx="1"/></g></svg>'
+});
+
+interface IEngine {
+  id: number;
+  state: string;
+  running: string;
+  busy_since: number | null;
+  pid: number | null;
+  host: string;
+  rss: number | null;
+  cpu: number | null;
+  dead: string | null;
+  local: boolean;
+}
+
+interface ICluster {
+  id: string;
+  file: string;
+  profile: string;
+  shared: boolean;
+  state: string;
+  owner: string;
+  remote: boolean;
+  can: string[];
+  engines: IEngine[];
+}
+
+interface ISnapshot {
+  clusters: ICluster[];
+  now: number;
+}
+
+/** A request to the server extension; throws an Error with the server's message. */
+async function api(path: string, body?: unknown): Promise<any> {
+  const settings = ServerConnection.makeSettings();
+  const url = `${settings.baseUrl}ipy_multiengine/api/${path}`;
+  const init: RequestInit =
+    body === undefined ? { method: 'GET' } : { method: 'POST', body: JSON.stringify(body) };
+  const response = await ServerConnection.makeRequest(url, init, settings);
+  const text = await response.text();
+  let data: any = {};
+  try {
+    data = text ? JSON.parse(text) : {};
+  } catch {
+    data = { message: text };
+  }
+  if (!response.ok) {
+    throw new Error(data.message || data.reason || `${response.status} ${response.statusText}`);
+  }
+  return data;
+}
+
+function bytes(n: number | null): string {
+  if (n === null || n === undefined) {
+    return '';
+  }
+  const units = ['B', 'kB', 'MB', 'GB', 'TB'];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${n.toFixed(n < 10 && i > 0 ? 1 : 0)} ${units[i]}`;
+}
+
+function secs(s: number): string {
+  if (s < 60) {
+    return `${s.toFixed(0)} s`;
+  }
+  if (s < 3600) {
+    return `${Math.floor(s / 60)} min ${Math.floor(s % 60)} s`;
+  }
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
+function el(tag: string, attrs: Record<string, string> = {}, text = ''): HTMLElement {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    node.setAttribute(k, v);
+  }
+  if (text) {
+    node.textContent = text;
+  }
+  return node;
+}
+
+/** The code that connects a notebook to this cluster. */
+export function clientCode(c: ICluster): string {
+  const how = c.shared ? `profile=${JSON.stringify(c.profile)}` : JSON.stringify(c.file);
+  return `from ipy_multiengine import client\nmec = client.MultiEngineClient(${how})\nmec.activate()`;
+}
+
+class EnginesPanel extends Widget {
+  constructor(
+    private app: JupyterFrontEnd,
+    private notebooks: INotebookTracker | null
+  ) {
+    super();
+    this.id = 'ipy_multiengine-engines';
+    this.addClass('ipme-panel');
+    this.title.icon = ICON;
+    this.title.caption = 'Engines (ipy_multiengine)';
+    this.node.appendChild(el('h2', {}, 'Engines'));
+    this.status = el('div', { class: 'ipme-note', 'data-ipme': 'status' });
+    this.list = el('div', { 'data-ipme': 'clusters' });
+    this.node.append(this.status, this.list);
+    void this.poll();
+  }
+
+  dispose(): void {
+    if (this.timer !== undefined) {
+      window.clearTimeout(this.timer);
+    }
+    super.dispose();
+  }
+
+  private async poll(): Promise<void> {
+    if (this.isDisposed) {
+      return;
+    }
+    try {
+      const snap: ISnapshot = await api('clusters');
+      this.render(snap);
+      if (!this.message) {
+        this.status.textContent = snap.clusters.length
+          ? ''
+          : 'No cluster: start one with `ipmulti start -n 4 --daemon`.';
+      }
+    } catch (err) {
+      this.status.textContent = `Cannot reach the ipy_multiengine server extension: ${err}`;
+    }
+    this.timer = window.setTimeout(() => void this.poll(), POLL_MS);
+  }
+
+  private async act(what: string, path: string, body: unknown = {}): Promise<any> {
+    this.message = `${what}…`;
+    this.status.textContent = this.message;
+    this.status.classList.remove('ipme-error');
+    try {
+      const result = await api(path, body);
+      this.status.textContent = `${what}: done`;
+      return result;
+    } catch (err) {
+      this.status.textContent = `${what} failed: ${(err as Error).message}`;
+      this.status.classList.add('ipme-error');
+      return undefined;
+    } finally {
+      this.message = '';
+    }
+  }
+
+  private button(label: string, action: string, onClick: () => void): HTMLElement {
+    const b = el('button', { 'data-action': action, title: label }, label);
+    b.addEventListener('click', onClick);
+    return b;
+  }
+
+  private render(snap: ISnapshot): void {
+    const skew = Date.now() / 1000 - snap.now; // the browser's clock against the server's
+    this.list.replaceChildren();
+    for (const c of snap.clusters) {
+      const box = el('div', { class: 'ipme-cluster', 'data-cluster': c.id });
+      const head = el('div', { class: 'ipme-cluster-head' });
+      head.appendChild(
+        el('span', { class: 'ipme-cluster-name' }, `${c.shared ? c.profile : 'embedded'} (${c.state})`)
+      );
+      const base = `clusters/${encodeURIComponent(c.id)}`;
+      if (c.can.includes('interrupt')) {
+        head.appendChild(
+          this.button('Interrupt all', 'interrupt', () => void this.act(`Interrupt ${c.id}`, `${base}/interrupt`))
+        );
+      }
+      if (c.can.includes('restart')) {
+        head.appendChild(
+          this.button('Restart all', 'restart', () => void this.act(`Restart ${c.id}`, `${base}/restart`))
+        );
+      }
+      if (c.can.includes('stop')) {
+        head.appendChild(this.button('Stop', 'stop', () => void this.act(`Stop ${c.id}`, `${base}/stop`)));
+      }
+      head.appendChild(this.button('Insert client code', 'insert', () => this.insert(c)));
+      box.appendChild(head);
+      const note = c.remote
+        ? `owner on another host (${c.owner}): ${c.can.join(', ') || 'nothing'} from here`
+        : `owner ${c.owner}`;
+      box.appendChild(el('div', { class: 'ipme-note' }, note));
+      for (const e of c.engines) {
+        const row = el('div', { class: `ipme-engine ipme-state-${e.state}`, 'data-engine': String(e.id), 'data-state': e.state });
+        row.appendChild(el('span', { class: 'ipme-dot', title: e.dead ? `dead: ${e.dead}` : e.state }));
+        row.appendChild(el('span', {}, `[${e.id}]`));
+        const first = (e.running || '').split('\n')[0];
+        const elapsed = e.busy_since ? secs(Math.max(0, Date.now() / 1000 - skew - e.busy_since)) : '';
+        const info = [
+          e.state === 'busy' ? `${first}${elapsed ? ` (${elapsed})` : ''}` : e.state,
+          bytes(e.rss),
+          e.local ? '' : e.host
+        ].filter(Boolean);
+        row.appendChild(el('span', { class: 'ipme-running', 'data-ipme': 'running', title: e.running || '' }, info.join(' · ')));
+        const actions = el('span', {});
+        const eb = `${base}`;
+        if (c.can.includes('interrupt') && e.state !== 'dead') {
+          actions.appendChild(
+            this.button('⏹', 'interrupt', () => void this.act(`Interrupt engine ${e.id}`, `${eb}/interrupt`, { ids: [e.id] }))
+          );
+        }
+        if (c.can.includes('restart')) {
+          actions.appendChild(
+            this.button('↻', 'restart', () => void this.act(`Restart engine ${e.id}`, `${eb}/restart`, { ids: [e.id] }))
+          );
+        }
+        if (c.can.includes('console') && e.state !== 'dead') {
+          actions.appendChild(this.button('>_', 'console', () => void this.console(c, e)));
+        }
+        row.appendChild(actions);
+        box.appendChild(row);
+      }
+      this.list.appendChild(box);
+    }
+  }
+
+  private insert(c: ICluster): void {
+    const panel = this.notebooks?.currentWidget;
+    if (!panel) {
+      this.status.textContent = 'Insert client code: open a notebook first';
+      return;
+    }
+    NotebookActions.insertAbove(panel.content);
+    const cell = panel.content.activeCell;
+    if (cell) {
+      cell.model.sharedModel.setSource(clientCode(c));
+    }
+  }
+
+  private async console(c: ICluster, e: IEngine): Promise<void> {
+    const result = await this.act(
+      `Open console on engine ${e.id}`,
+      `clusters/${encodeURIComponent(c.id)}/engines/${e.id}/console`
+    );
+    if (result && result.kernel_id) {
+      await this.app.commands.execute('console:create', {
+        kernelPreference: { id: result.kernel_id, shutdownOnDispose: false },
+        name: `Engine ${e.id} (${c.shared ? c.profile : 'embedded'})`,
+        activate: true
+      });
+    }
+  }
+
+  private status: HTMLElement;
+  private list: HTMLElement;
+  private message = '';
+  private timer: number | undefined;
+}
+
+const plugin: JupyterFrontEndPlugin<void> = {
+  id: 'ipy_multiengine:engines',
+  description: 'Clusters and engines of ipy_multiengine, live, with actions',
+  autoStart: true,
+  optional: [INotebookTracker, ILabShell],
+  activate: (app: JupyterFrontEnd, notebooks: INotebookTracker | null) => {
+    const panel = new EnginesPanel(app, notebooks);
+    app.shell.add(panel, 'left', { rank: 900 });
+    app.commands.addCommand('ipy_multiengine:show-engines', {
+      label: 'Show the Engines panel',
+      execute: () => app.shell.activateById(panel.id)
+    });
+  }
+};
+
+export default plugin;

@@ -1,0 +1,302 @@
+"""The Jupyter server extension's REST API against real clusters, through jupyter_server's own
+pytest plugin (a real ServerApp on the test's loop, ``jp_fetch`` with the server's token).
+
+The session's ``cluster`` fixture (profile 'tests', owned by this process) is listed and
+interrupted; restart and stop need an owner that takes requests, so one test starts a
+1-engine cluster through the API (``ipmulti start --daemon``) and restarts and stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import time
+import uuid
+
+import pytest
+import tornado.httpclient
+
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
+
+pytestmark = pytest.mark.timeout(90)
+
+RUNTIME = os.environ["JUPYTER_RUNTIME_DIR"]  # conftest's private runtime dir
+
+
+@pytest.fixture
+def jp_runtime_dir():
+    """The server's runtime dir is the session's, where its clusters' files are."""
+    return RUNTIME
+
+
+@pytest.fixture
+def jp_server_config():
+    return {
+        "ServerApp": {"jpserver_extensions": {"ipy_multiengine.server": True}},
+        "MultiEngineExtension": {"scan_interval": 0.2},
+    }
+
+
+async def api(jp_fetch, *path, method="GET", body=None, **kw):
+    r = await jp_fetch(
+        "ipy_multiengine",
+        "api",
+        *path,
+        method=method,
+        body=None if body is None and method == "GET" else json.dumps(body or {}),
+        **kw,
+    )
+    return json.loads(r.body)
+
+
+async def until(jp_fetch, pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = await api(jp_fetch, "clusters")
+        found = pred(snap)
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout} s; last snapshot: {snap}")
+        await asyncio.sleep(0.1)
+
+
+def cluster_of(snap, key):
+    return next((c for c in snap["clusters"] if c["id"] == key), None)
+
+
+async def test_lists_the_session_cluster_and_its_engines(jp_fetch, mec, cluster):
+    mec.execute("import time", block=True)
+    key = "cluster-tests"
+
+    def idle_engines(snap):
+        c = cluster_of(snap, key)
+        return c if c and [e["state"] for e in c["engines"]] == ["idle"] * 4 else None
+
+    c = await until(jp_fetch, idle_engines, 10, "the 4 engines of cluster-tests listed idle")
+    assert c["shared"] and c["profile"] == "tests" and c["state"] == "running"
+    assert [e["id"] for e in c["engines"]] == mec.get_ids()
+    e0 = c["engines"][0]
+    assert e0["local"] and e0["rss"] > 1_000_000 and e0["pid"] == mec.engine_meta()[0]["pid"]
+    assert "interrupt" in c["can"] and "restart" not in c["can"]  # its owner takes no requests
+
+
+async def test_busy_engine_shows_code_and_interrupt_stops_it_within_2s(jp_fetch, mec):
+    key = "cluster-tests"
+    await until(jp_fetch, lambda s: cluster_of(s, key), 10, "cluster-tests listed")
+    pr = mec.execute("import time; time.sleep(60)", targets=[1], block=False)
+
+    def busy(snap):
+        e = cluster_of(snap, key)["engines"][1]
+        return e if e["state"] == "busy" and "time.sleep(60)" in e["running"] else None
+
+    e = await until(jp_fetch, busy, 10, "engine 1 busy with time.sleep(60)")
+    assert e["busy_since"] <= time.time()
+    t0 = time.monotonic()
+    r = await api(jp_fetch, "clusters", key, "interrupt", method="POST", body={"ids": [1]})
+    assert r == {"interrupted": [1]}
+    with pytest.raises(Exception) as info:
+        await asyncio.to_thread(pr.get_result, timeout=5)
+    took = time.monotonic() - t0
+    assert "KeyboardInterrupt" in str(info.value), info.value
+    assert took < 2.0, f"the interrupt took {took:.2f} s"
+    await until(
+        jp_fetch,
+        lambda s: cluster_of(s, key)["engines"][1]["state"] == "idle",
+        5,
+        "engine 1 idle after the interrupt",
+    )
+
+
+async def test_refuses_requests_without_the_token(jp_fetch, jp_base_url, http_server_client):
+    for method, path, body in [
+        ("GET", "clusters", None),
+        ("POST", "clusters/cluster-tests/interrupt", "{}"),
+        ("POST", "clusters", '{"n": 1, "profile": "nope"}'),
+    ]:
+        with pytest.raises(tornado.httpclient.HTTPClientError) as info:
+            await http_server_client.fetch(
+                f"{jp_base_url}ipy_multiengine/api/{path}", method=method, body=body
+            )
+        assert info.value.code in (401, 403), (method, path, info.value.code)
+    assert not os.path.exists(os.path.join(RUNTIME, "ipy_multiengine", "cluster-nope.json"))
+
+
+async def test_bad_requests_name_what_is_wrong(jp_fetch):
+    cases = [
+        ({"n": 0, "profile": "x"}, "'n' must be an integer"),
+        ({"n": 1, "profile": "../x"}, "'profile'"),
+        ({"n": 1, "profile": "x", "kernel": "nosuchkernel"}, "no kernelspec 'nosuchkernel'"),
+        ({"n": 1, "profile": "x", "launcher": "nope"}, "no launcher 'nope'"),
+        ({"n": 1, "profile": "tests"}, "has a cluster already"),
+        ({"m": 1}, "unknown field"),
+    ]
+    for body, words in cases:
+        with pytest.raises(tornado.httpclient.HTTPClientError) as info:
+            await api(jp_fetch, "clusters", method="POST", body=body)
+        assert words in info.value.response.body.decode(), (body, info.value.response.body)
+    with pytest.raises(tornado.httpclient.HTTPClientError) as info:
+        await api(
+            jp_fetch, "clusters", "cluster-tests", "interrupt", method="POST", body={"ids": [9]}
+        )
+    assert b"has no engine [9]" in info.value.response.body
+    with pytest.raises(tornado.httpclient.HTTPClientError) as info:
+        await api(jp_fetch, "clusters", "cluster-tests", "restart", method="POST", body={})
+    assert info.value.code == 409 and b"does not take requests" in info.value.response.body
+
+
+async def test_start_restart_keeps_the_id_and_stop(jp_fetch):
+    profile = f"lab{os.getpid()}"
+    key = f"cluster-{profile}"
+    r = await api(jp_fetch, "clusters", method="POST", body={"n": 1, "profile": profile})
+    assert r["id"] == key
+    try:
+        c = await until(
+            jp_fetch,
+            lambda s: (c := cluster_of(s, key)) and c["engines"][0]["state"] == "idle" and c,
+            15,
+            "the new cluster's engine idle",
+        )
+        assert c["can"] == ["interrupt", "console", "restart", "stop"]
+        old_pid = c["engines"][0]["pid"]
+        r = await api(jp_fetch, "clusters", key, "restart", method="POST", body={"ids": [0]})
+        assert r["restarted"] == [0]
+        e = await until(
+            jp_fetch,
+            lambda s: (
+                (e := cluster_of(s, key)["engines"][0])["state"] == "idle"
+                and e["pid"] != old_pid
+                and e
+            ),
+            15,
+            "engine 0 restarted (new pid) and idle",
+        )
+        assert e["id"] == 0
+    finally:
+        r = await api(jp_fetch, "clusters", key, "stop", method="POST", body={})
+    assert r == {"stopped": key}
+    await until(jp_fetch, lambda s: cluster_of(s, key) is None, 15, "the stopped cluster gone")
+
+
+class Channels:
+    """A kernel's websocket (/api/kernels/{id}/channels), spoken as JupyterLab does (JSON)."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.session = uuid.uuid4().hex
+
+    def send(self, channel, msg_type, content):
+        msg_id = uuid.uuid4().hex
+        header = {
+            "msg_id": msg_id,
+            "msg_type": msg_type,
+            "session": self.session,
+            "username": "test",
+            "version": "5.3",
+            "date": "",
+        }
+        self.ws.write_message(
+            json.dumps(
+                {
+                    "header": header,
+                    "parent_header": {},
+                    "metadata": {},
+                    "content": content,
+                    "channel": channel,
+                    "buffers": [],
+                }
+            )
+        )
+        return msg_id
+
+    async def until(self, pred, timeout, what):
+        """The first message ``pred`` accepts (messages before it are dropped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {what} within {timeout} s")
+            raw = await asyncio.wait_for(self.ws.read_message(), left)
+            assert raw is not None, f"the websocket closed while waiting for {what}"
+            msg = json.loads(raw)
+            if pred(msg):
+                return msg
+
+    async def request(self, channel, msg_type, content, timeout=10):
+        msg_id = self.send(channel, msg_type, content)
+        reply = await self.until(
+            lambda m: m["parent_header"].get("msg_id") == msg_id and m["channel"] == channel,
+            timeout,
+            f"reply to {msg_type}",
+        )
+        return reply["content"]
+
+    async def debug(self, command, arguments=None, timeout=10):
+        seq = next(_seq)
+        content = {"type": "request", "seq": seq, "command": command, "arguments": arguments or {}}
+        reply = await self.request("control", "debug_request", content, timeout)
+        assert reply.get("success"), (command, reply)
+        return reply
+
+
+_seq = itertools.count(1)
+
+
+async def test_console_on_an_engine_sees_its_namespace_and_the_debugger_stops(
+    jp_fetch, jp_ws_fetch, jp_serverapp, mec
+):
+    """A console kernel on engine 1 (what "Open console" opens) evaluates what `mec.push` put
+    there; a breakpoint set over the debug protocol in that kernel stops code that the client
+    runs on engine 1; shutting the console's kernel down leaves the engine running."""
+    key = "cluster-tests"
+    await until(jp_fetch, lambda s: cluster_of(s, key), 10, "cluster-tests listed")
+    mec.push({"x": 1234}, targets=1)
+    kid = (await api(jp_fetch, "clusters", key, "engines", "1", "console", method="POST"))[
+        "kernel_id"
+    ]
+    again = await api(jp_fetch, "clusters", key, "engines", "1", "console", method="POST")
+    assert again["kernel_id"] == kid  # the same engine, the same server kernel
+    listed = json.loads((await jp_fetch("api", "kernels")).body)
+    assert kid in [k["id"] for k in listed]
+    ch = Channels(await jp_ws_fetch("api", "kernels", kid, "channels"))
+    try:
+        msg_id = ch.send("shell", "execute_request", {"code": "x", "silent": False})
+        result = await ch.until(
+            lambda m: (
+                m["msg_type"] == "execute_result" and m["parent_header"].get("msg_id") == msg_id
+            ),
+            10,
+            "the value of x",
+        )
+        assert result["content"]["data"]["text/plain"] == "1234"
+        # the debugger, as JupyterLab's drives it
+        info = await ch.request("shell", "kernel_info_request", {})
+        assert "debugger" in info.get("supported_features", [])
+        await ch.debug(
+            "initialize", {"clientID": "test", "adapterID": "python", "pathFormat": "path"}
+        )
+        await ch.debug("attach", {"justMyCode": False})
+        code = "def f(a):\n    b = a + 1\n    return b\n\nf(41)\n"
+        path = (await ch.debug("dumpCell", {"code": code}))["body"]["sourcePath"]
+        await ch.debug("setBreakpoints", {"source": {"path": path}, "breakpoints": [{"line": 2}]})
+        await ch.debug("configurationDone")
+        pr = mec.execute(code, targets=[1], block=False)  # the client runs f on engine 1
+        stopped = await ch.until(
+            lambda m: m["msg_type"] == "debug_event" and m["content"].get("event") == "stopped",
+            20,
+            "the debugger's 'stopped' event",
+        )
+        assert stopped["content"]["body"]["reason"] == "breakpoint"
+        assert not pr.ready()
+        thread = stopped["content"]["body"]["threadId"]
+        await ch.debug("continue", {"threadId": thread})
+        res = await asyncio.to_thread(pr.get_result, timeout=15)
+        assert res[0]["id"] == 1
+        await ch.debug("disconnect", {"restart": False, "terminateDebuggee": False})
+    finally:
+        ch.ws.close()
+    await jp_fetch("api", "kernels", kid, method="DELETE")
+    assert mec.pull("x", targets=1) == [1234]  # the engine outlives its console
+    assert mec.execute("y = 1", targets=1)[0]["id"] == 1
