@@ -129,7 +129,7 @@ def page(lab, cluster):
 
 
 def test_panel_lists_the_clusters_engines(page):
-    server, browser, _ = page
+    _server, browser, _ = page
     with browser.step("panel-lists"):
         browser_helpers.wait_until(
             lambda: rows(browser.driver, KEY) == dict.fromkeys(range(4), "idle"),
@@ -211,7 +211,7 @@ def test_open_console_on_engine_1_sees_pushed_x(page, mec):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
-    server, browser, _ = page
+    _server, browser, _ = page
     d = browser.driver
     mec.push({"x": 4321}, targets=1)
     with browser.step("panel-console"):
