@@ -222,7 +222,8 @@ class RawKernels(Backend):
         for kc in self.kcs:
             with contextlib.suppress(Exception):
                 kc.stop_channels()
-        # jupyter_client's own graceful shutdown (interrupt, shutdown_request, wait, kill), all at once
+        # jupyter_client's own graceful shutdown (interrupt, shutdown_request, wait, kill), all at
+        # once
         from concurrent.futures import ThreadPoolExecutor
 
         if self.kms:
@@ -232,7 +233,7 @@ class RawKernels(Backend):
 
     def execute_pass(self, code: str = "pass") -> None:
         ids = [kc.execute(code) for kc in self.kcs]
-        for kc, mid in zip(self.kcs, ids):
+        for kc, mid in zip(self.kcs, ids, strict=True):
             _wait_reply_and_idle(kc, mid)
 
 
@@ -290,7 +291,7 @@ class RawSameKernels(Backend):
 
     def execute_pass(self) -> None:
         ids = [kc.execute("pass") for kc in self.kcs]
-        for kc, mid in zip(self.kcs, ids):
+        for kc, mid in zip(self.kcs, ids, strict=True):
             _wait_reply_and_idle(kc, mid)
 
 
@@ -450,6 +451,72 @@ class Dask(Backend):
 
 
 # --------------------------------------------------------------------------------------------
+class Joblib(Backend):
+    """joblib ``Parallel(n_jobs=n, backend="loky")``: loky's reusable worker processes stay up
+    between calls (``get_reusable_executor``), as the other systems' workers do."""
+
+    name = "joblib"
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def start(self, n: int) -> None:
+        try:
+            import joblib  # noqa: F401
+        except ImportError as e:
+            raise Unsupported(f"joblib not installed ({e})") from None
+        self.n = n
+        if self._parallel()(self._delayed(tasks.getpid)() for _ in range(4 * n)) is None:
+            raise RuntimeError("joblib returned nothing")
+
+    def _parallel(self, **kw: Any) -> Any:
+        from joblib import Parallel
+
+        return Parallel(n_jobs=self.n, backend="loky", **kw)
+
+    @staticmethod
+    def _delayed(f: Callable) -> Callable:
+        from joblib import delayed
+
+        return delayed(f)
+
+    def stop(self) -> None:
+        if self.n:
+            from joblib.externals.loky import get_reusable_executor
+
+            get_reusable_executor().shutdown(wait=True)
+            self.n = 0
+
+    def map(self, f: Callable, seq: list) -> list:
+        # one task per worker, like the DirectView-style map of the others
+        parts = _split(seq, self.n)
+        return _join(self._parallel()(self._delayed(tasks.map_chunk)(f, p) for p in parts))
+
+    def lb_map(self, f: Callable, seq: list) -> list:
+        # joblib's defaults: one task per item, batch_size="auto" (its adaptive batching)
+        return self._parallel()(self._delayed(f)(x) for x in seq)
+
+
+class PoolMap(Backend):
+    """The running ``Pool``'s ``map`` with its default chunking (len / (4 * workers) items per
+    chunk) for the balanced-map row: what a user of ``Pool.map`` gets without options."""
+
+    name = "pool-map"
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def start(self, n: int) -> None:
+        if self.pool.pool is None:
+            raise Unsupported("needs the pool backend running")
+
+    def stop(self) -> None:
+        pass  # the pool backend owns the processes
+
+    def lb_map(self, f: Callable, seq: list) -> list:
+        return self.pool.pool.map(f, seq)
+
+
 class Pool(Backend):
     """multiprocessing.Pool (spawn context: the parent has threads, fork would be unsafe)."""
 
@@ -561,7 +628,8 @@ def children() -> list[psutil.Process]:
 
 
 def own_children() -> set[int]:
-    """Pids of live descendants, minus multiprocessing's resource tracker (it lives until we exit)."""
+    """Pids of live descendants, minus multiprocessing's resource tracker (it lives until we
+    exit)."""
     out = set()
     for p in children():
         try:
@@ -593,7 +661,8 @@ def _not_zombie(pid: int) -> bool:
 
 
 def env_for_children() -> None:
-    """Let engines/workers import ``benchmarks`` (tasks go by reference) and the package under test."""
+    """Let engines/workers import ``benchmarks`` (tasks go by reference) and the package under
+    test."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parts = [root]
     old = os.environ.get("PYTHONPATH", "")

@@ -95,13 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         "'floor' = total CPU / cpus"
     )
     print(
-        f"{'op':16} {'system':7} {'wall':>7} {'client':>7} {'engines':>8} {'other':>7} {'total':>7} {'floor':>7}"
+        f"{'op':16} {'system':7} {'wall':>7} {'client':>7} {'engines':>8} {'other':>7} "
+        f"{'total':>7} {'floor':>7}"
     )
     for name in args.peers.split(","):
         res = measure(factories[name](), args.n, args.calls)
         for op, r in res.items():
             print(
-                f"{op:16} {name:7} {r['wall']:7.2f} {r['client']:7.2f} {r['engines']:8.2f} {r['other']:7.2f} "
+                f"{op:16} {name:7} {r['wall']:7.2f} {r['client']:7.2f} {r['engines']:8.2f} "
+                f"{r['other']:7.2f} "
                 f"{r['total']:7.2f} {r['total'] / psutil.cpu_count():7.2f}"
             )
     return 0

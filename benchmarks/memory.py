@@ -1,4 +1,5 @@
-"""Client and engine memory for one backend, in a fresh process: ``python -m benchmarks.memory NAME N``.
+"""Client and engine memory for one backend, in a fresh process:
+``python -m benchmarks.memory NAME N``.
 
 Prints one JSON line. "Moving 400 MB" is pushing a 100 MB array to all 4 engines and pulling
 it back from all of them; it is done three times to see whether the client grows with data moved.

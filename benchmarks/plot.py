@@ -75,7 +75,7 @@ def plot_scaling(rows: list[dict], path: str) -> None:
     if not data:
         return
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    for ax, key in zip(axes, keys):
+    for ax, key in zip(axes, keys, strict=False):
         by: dict[str, list[tuple[int, float, float, float]]] = defaultdict(list)
         for r in data:
             if r["scenario"] == key:

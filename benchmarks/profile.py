@@ -153,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)  # let py-spy attach
         times = []
         t_end = time.monotonic() + args.seconds - 1.5
-        cpu0 = {p.pid: p.cpu_times() for p in [psutil.Process()] + engines}
+        cpu0 = {p.pid: p.cpu_times() for p in [psutil.Process(), *engines]}
         while time.monotonic() < t_end:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        cpu1 = {p.pid: p.cpu_times() for p in [psutil.Process()] + engines}
+        cpu1 = {p.pid: p.cpu_times() for p in [psutil.Process(), *engines]}
         for s in spies:
             s.wait(60)
         med = statistics.median(times)

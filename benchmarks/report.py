@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         data = json.load(f)
     m = data["meta"]
     print(
-        f"Run of {m['date']} ({m['mode']}, {m['elapsed_s']:.0f} s, git {m['git']}), {m['cpu']}, {m['cpus']} cpus, "
+        f"Run of {m['date']} ({m['mode']}, {m['elapsed_s']:.0f} s, git {m['git']}), {m['cpu']}, "
+        f"{m['cpus']} cpus, "
         f"{m['mem_gb']} GB, load average {m.get('loadavg_start', [0])[0]:.1f} at start and "
         f"{m.get('loadavg_end', [0])[0]:.1f} at end.\n"
     )

@@ -9,6 +9,7 @@ of them alike. Tables report medians, p10 and p90, and ours/peer as a ratio of m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -39,6 +40,7 @@ FACTORIES: dict[str, Callable[[], B.Backend]] = {
     "ipp": B.Ipp,
     "dask": B.Dask,
     "pool": B.Pool,
+    "joblib": B.Joblib,
     "zmq": B.RawZmq,
 }
 START_PEERS = ("ours", "raw-jc", "ipp", "dask", "pool")
@@ -201,7 +203,7 @@ def scenarios(n: int, quick: bool) -> list[Scenario]:
         out.append(
             Scenario(
                 f"map {m} tiny",
-                ("ours", "ipp", "pool", "dask"),
+                ("ours", "ipp", "pool", "dask", "joblib"),
                 reps,
                 lambda b, seq=seq: lambda: b.map(tasks.inc, seq),
                 check=lambda r, want=want: list(r) == want,
@@ -212,12 +214,12 @@ def scenarios(n: int, quick: bool) -> list[Scenario]:
     out.append(
         Scenario(
             "balanced map 1000 tiny",
-            ("ours", "ipp", "pool", "dask"),
-            (1, 7),
+            ("ours", "ipp", "pool", "pool-map", "dask", "joblib"),
+            (5, 9),  # ours: default arguments (auto chunks); joblib: its auto batching
             lambda b: lambda: b.lb_map(tasks.inc, seq),
             check=lambda r: list(r) == [x + 1 for x in seq],
             no_warm=True,
-            labels={"ipp": "ipp-lbv"},
+            labels={"ipp": "ipp-lbv", "pool": "pool-cs1"},
         )
     )
     return out
@@ -242,6 +244,8 @@ class Runner:
         for name in names:
             if name == "raw-same":
                 b: B.Backend = B.RawSameKernels(self.running.get("ours") or B.Ours())
+            elif name == "pool-map":  # borrows the running pool
+                b = B.PoolMap(self.running.get("pool") or B.Pool())
             else:
                 b = FACTORIES[name]()
             try:
@@ -259,7 +263,7 @@ class Runner:
 
     def stop_all(self) -> None:
         """Stop everything started, raw-same first (it borrows our kernels)."""
-        for name in sorted(self.running, key=lambda k: k != "raw-same"):
+        for name in sorted(self.running, key=lambda k: k not in ("raw-same", "pool-map")):
             self._safe_stop(self.running[name])
         self.running.clear()
 
@@ -316,7 +320,7 @@ class Runner:
                 row = Row(sc.key, n, sc.labels.get(name, name), nbytes=sc.nbytes)
                 b = self.running.get(name)
                 if b is None:
-                    if name in self.failed or name in FACTORIES or name == "raw-same":
+                    if name in self.failed or name in FACTORIES or name in ("raw-same", "pool-map"):
                         row.note = self.failed.get(name, "not running")
                         self.rows.append(row)
                     continue
@@ -374,16 +378,14 @@ class Runner:
                         del prepared[name]
                 names = [x for x in names if x in prepared]
             if sc.check is not None and sc.warm is not None:
-                for name, (fn, row) in list(prepared.items()):
+                for fn, row in list(prepared.values()):
                     if not sc.check(fn()):
                         row.note = "WRONG RESULT"
             for name in sc.backends:
                 b = self.running.get(name)
                 if b is not None and sc.cleanup is not None:
-                    try:
+                    with contextlib.suppress(Exception):
                         sc.cleanup(b)
-                    except Exception:
-                        pass
             gc.collect()
             log(
                 f"  {sc.key} n={n}: "
@@ -523,13 +525,15 @@ def meta() -> dict[str, Any]:
 def memory_table(mem: dict[str, Any]) -> str:
     """Render the memory results."""
     lines = [
-        f"{'backend':8} {'client+':>9} {'client Δ400MB':>13} {'push peak+':>10} {'engine idle':>11} "
+        f"{'backend':8} {'client+':>9} {'client Δ400MB':>13} {'push peak+':>10} "
+        f"{'engine idle':>11} "
         f"{'engine w/ 100MB':>15} {'engine peak':>11} {'engine after del':>16} {'other procs':>11}"
     ]
     for name, m in mem.items():
         if "error" in m:
             lines.append(
-                f"{name:8} error: {m['error'].strip().splitlines()[-1] if m['error'].strip() else ''}"
+                f"{name:8} error: "
+                f"{m['error'].strip().splitlines()[-1] if m['error'].strip() else ''}"
             )
             continue
 
@@ -561,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--peers",
         default=None,
-        help="comma list of systems (default: all of ours,raw-jc,raw-same,ipp,dask,pool,zmq)",
+        help="comma list of systems (default: all of "
+        "ours,raw-jc,raw-same,ipp,dask,pool,pool-map,joblib,zmq)",
     )
     ap.add_argument("--no-start", action="store_true", help="skip the start/stop scenario")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory scenario")
@@ -579,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     counts = tuple(int(x) for x in (args.engines or ("4" if args.quick else "2,4")).split(","))
-    allnames = ("ours", "raw-same", "raw-jc", "ipp", "dask", "pool", "zmq")
+    allnames = ("ours", "raw-same", "raw-jc", "ipp", "dask", "pool", "pool-map", "joblib", "zmq")
     names = tuple(x for x in (args.peers.split(",") if args.peers else allnames))
     scaling = args.scaling if args.scaling is not None else ("" if args.quick else "1,2,4,8,16,32")
     scale_counts = tuple(int(x) for x in scaling.split(",") if x)
@@ -636,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# ipy_multiengine benchmarks ({info['mode']}, {info['date']}, {elapsed:.0f} s)")
     print(
-        f"# load average at start {info['loadavg_start'][0]:.1f}, at end {info['loadavg_end'][0]:.1f}; git {info['git']}"
+        f"# load average at start {info['loadavg_start'][0]:.1f}, at end "
+        f"{info['loadavg_end'][0]:.1f}; git {info['git']}"
     )
     print(
         f"# {info['cpu']}, {info['cpus']} cpus, {info['mem_gb']} GB, python {info['python']}, "

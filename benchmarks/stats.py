@@ -76,7 +76,10 @@ def fmt_rate(nbytes: int, t: float) -> str:
 def table(rows: list[Row], ours: str = "ours") -> str:
     """Render rows grouped by (scenario, n) with the ratio ours/peer (median over median)."""
     out = []
-    head = f"{'scenario':34} {'n':>2} {'backend':9} {'median':>10} {'p10':>10} {'p90':>10} {'reps':>4} {'rate':>10} {'ours/peer':>9}"
+    head = (
+        f"{'scenario':34} {'n':>2} {'backend':9} {'median':>10} {'p10':>10} {'p90':>10} "
+        f"{'reps':>4} {'rate':>10} {'ours/peer':>9}"
+    )
     out.append(head)
     out.append("-" * len(head))
     groups: dict[tuple[str, int], list[Row]] = {}
@@ -93,8 +96,8 @@ def table(rows: list[Row], ours: str = "ours") -> str:
                 ratio = f"{base.median / r.median:.2f}x"
             out.append(
                 f"{scen:34} {n:>2} {r.backend:9} {fmt_time(r.median):>10} {fmt_time(r.p10):>10} "
-                f"{fmt_time(r.p90):>10} {len(r.times):>4} {fmt_rate(r.nbytes, r.median):>10} {ratio:>9}"
-                + (f"  ({r.note})" if r.note else "")
+                f"{fmt_time(r.p90):>10} {len(r.times):>4} {fmt_rate(r.nbytes, r.median):>10} "
+                f"{ratio:>9}" + (f"  ({r.note})" if r.note else "")
             )
         out.append("")
     return "\n".join(out)

@@ -1,7 +1,8 @@
-"""The targets of issue 6, checked against one run's medians."""
+"""The targets of issues 6 and 15, checked against one run's medians."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 MB = 1 << 20
@@ -19,7 +20,8 @@ def _counts(rows: list[dict], scenario: str) -> list[int]:
 
 
 def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
-    """One dict per (target, engine count): what, ratio or value, limit, met (None = not measured)."""
+    """One dict per (target, engine count): what, ratio or value, limit, met (None = not
+    measured)."""
     out: list[dict] = []
 
     def ratio(
@@ -72,16 +74,14 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
                 ratio(f"{scen}: >= 0.6x raw zmq throughput", scen, "zmq", 0.6, n, invert=True)
     for n in _counts(rows, "map 10000 tiny"):
         ratio("map 10,000 tiny <= 1.0x ipyparallel map_sync", "map 10000 tiny", "ipp", 1.0, n)
-    for n in _counts(rows, "balanced map 1000 tiny"):
-        ratio(
-            "balanced map 1000: >= 5x ipyparallel LBV throughput",
-            "balanced map 1000 tiny",
-            "ipp-lbv",
-            5.0,
-            n,
-            invert=True,
-        )
-        ratio("balanced map 1000: faster than dask", "balanced map 1000 tiny", "dask", 1.0, n)
+        ratio("map 10,000 tiny <= 2x multiprocessing.Pool", "map 10000 tiny", "pool", 2.0, n)
+    bal = "balanced map 1000 tiny"
+    for n in _counts(rows, bal):
+        ratio("balanced map 1000: >= 10x ipyparallel LBV throughput", bal, "ipp-lbv", 10.0, n, True)
+        ratio("balanced map 1000: <= 5x Pool.map (default chunks)", bal, "pool-map", 5.0, n)
+        ratio("balanced map 1000: stretch <= 2x Pool.map", bal, "pool-map", 2.0, n)
+        ratio("balanced map 1000: faster than dask", bal, "dask", 1.0, n)
+        ratio("balanced map 1000: faster than joblib-loky", bal, "joblib", 1.0, n)
 
     ours, raw = mem.get("ours", {}), mem.get("raw-jc", {})
     if ours and "error" not in ours:
@@ -101,6 +101,7 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
             }
         )
         g = ours.get("client_growth")
+        rounds = [round(x / MB, 1) for x in ours.get("client_growth_rounds", [])]
         out.append(
             {
                 "target": "client does not grow with data moved (3 x 800 MB moved; <= 10 MB)",
@@ -108,7 +109,7 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
                 "value": g,
                 "limit": 10 * MB,
                 "met": None if g is None else g <= 10 * MB,
-                "detail": f"growth {g / MB:.1f} MB, per round {[round(x / MB, 1) for x in ours.get('client_growth_rounds', [])]}"
+                "detail": f"growth {g / MB:.1f} MB, per round {rounds}"
                 if g is not None
                 else "not measured",
             }
@@ -135,7 +136,9 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
                     "value": e - e0,
                     "limit": 5 * MB,
                     "met": e - e0 <= 5 * MB,
-                    "detail": f"ours {e / MB:.1f} MB vs plain {e0 / MB:.1f} MB: +{(e - e0) / MB:.1f} MB",
+                    "detail": (
+                        f"ours {e / MB:.1f} MB vs plain {e0 / MB:.1f} MB: +{(e - e0) / MB:.1f} MB"
+                    ),
                 }
             )
     starts = {
@@ -151,7 +154,7 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
     if starts or execs:
         ok32 = 32 in starts and 32 in execs
         ns = sorted(execs)
-        steps = [execs[b] / execs[a] / (b / a) for a, b in zip(ns, ns[1:]) if a >= 4]
+        steps = [execs[b] / execs[a] / (b / a) for a, b in itertools.pairwise(ns) if a >= 4]
         linear = bool(steps) and max(steps) <= 1.25
         out.append(
             {
@@ -162,7 +165,10 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
                 "met": ok32 and linear,
                 "detail": f"started 32: {ok32}; execute medians "
                 + ", ".join(f"{k}: {execs[k] * 1e3:.1f} ms" for k in ns)
-                + f"; doubling-step growth / linear = {[round(s, 2) for s in steps]} (<= 1.25 counts as linear)",
+                + (
+                    f"; doubling-step growth / linear = {[round(s, 2) for s in steps]} (<= 1.25 "
+                    "counts as linear)"
+                ),
             }
         )
     return out
@@ -170,7 +176,7 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
 
 def render(checks: list[dict]) -> str:
     """The targets as text lines."""
-    lines = ["targets (issue 6):"]
+    lines = ["targets (issues 6 and 15):"]
     for c in checks:
         mark = {True: "MET  ", False: "UNMET", None: "  -  "}[c["met"]]
         lines.append(f"  [{mark}] n={c['n']:<2} {c['target']}: {c['detail']}")

@@ -1,4 +1,5 @@
-"""A raw zmq peer: the floor for a zero-copy transfer of one buffer (``python -m benchmarks.zmq_worker PORT``)."""
+"""A raw zmq peer: the floor for a zero-copy transfer of one buffer (``python -m
+benchmarks.zmq_worker PORT``)."""
 
 from __future__ import annotations
 

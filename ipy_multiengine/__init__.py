@@ -14,7 +14,9 @@ from .errors import (
     RemoteError,
     TimeoutError,
 )
+from .remote import Reference, require
 
+#: the one version source: pyproject.toml reads it (``dynamic = ["version"]``)
 __version__ = "0.1.0"
 
 __all__ = [
@@ -25,9 +27,11 @@ __all__ = [
     "MultiEngineError",
     "NoClusterError",
     "PendingResult",
+    "Reference",
     "RemoteError",
     "ResultList",
     "TimeoutError",
+    "require",
 ]
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -152,3 +153,23 @@ def wait_until(
 def call_soon(fn: Callable[..., Any], *args: Any) -> None:
     """Run ``fn(*args)`` on the loop thread as soon as possible (thread-safe)."""
     get_loop().call_soon_threadsafe(fn, *args)
+
+
+#: tasks started by :func:`background`: the loop keeps only weak references to its tasks, so a
+#: task nobody holds may be collected before it finishes
+_background: set[asyncio.Task[Any]] = set()
+
+
+def background(coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:
+    """Run ``coro`` as a task of the running loop (call on the loop thread) that is kept alive
+    until it ends; an exception it lets out is logged with ``what``, never lost."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+
+    def ended(t: asyncio.Task[Any]) -> None:
+        _background.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            logging.getLogger("ipy_multiengine").error("%s failed", what, exc_info=t.exception())
+
+    task.add_done_callback(ended)
+    return task

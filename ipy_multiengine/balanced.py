@@ -6,9 +6,14 @@ on the I/O thread: the user's thread only waits. A chunk whose engine died is se
 engine (``retries`` times); an exception in the mapped function stops the map and names the
 item.
 
-Every chunk is serialised in the caller's thread before anything is sent, so an item that
-cannot be pickled is a ``TypeError`` naming it, raised by the call itself; and any exception in
-a done-callback fails the map with that error instead of being swallowed by
+Chunk sizes are automatic by default (``chunksize=None``, ``AutoChunks``: start small,
+measure each engine's time per item, grow toward a target duration, shrink toward the end);
+an int ``chunksize`` fixes them.
+
+Everything is serialised in the caller's thread before anything is sent (fixed chunks: each
+chunk; auto: ``(f, items)`` once, a private copy that later chunks are cut from), so an item
+that cannot be pickled is a ``TypeError`` naming it, raised by the call itself; and any
+exception in a done-callback fails the map with that error instead of being swallowed by
 ``concurrent.futures`` (issue 11.5).
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import logging
+import reprlib
 import threading
 import time
 import uuid
@@ -25,6 +31,7 @@ from typing import Any
 
 from . import serialize, stdin
 from .errors import CompositeError, EngineError, RemoteError, TimeoutError
+from .results import Tally
 
 log = logging.getLogger("ipy_multiengine")
 
@@ -53,8 +60,105 @@ def dumps_chunk(f: Callable, offset: int, chunk: list[tuple], snapshot: bool = T
         ) from exc
 
 
+#: Auto chunking (``chunksize=None``), learnt from joblib's auto batching (start small,
+#: measure, grow toward a target duration, bounded growth, smoothed estimates) and written
+#: for engines that report each chunk's own seconds:
+#: a chunk lasts about sqrt(2 * work left per engine * overhead per chunk) seconds, the size
+#: that minimises overhead (work / size * overhead) plus tail (size / 2); it shrinks as the
+#: map nears its end, so the engines' last chunks are short and finish together...
+AUTO_SCALE = 2.0  # twice that: fewer chunks, about as balanced (simulated, 2-5 ms overhead)
+AUTO_MAX_SECONDS = 0.5  # ...and at most this long, for progress and when durations vary
+#: The overhead per chunk assumed before one is measured (engine and client time, this box).
+AUTO_OVERHEAD = 0.003
+#: A chunk is at most this many times its engine's previous one (a cheap first item must not
+#: make the next chunk huge).
+AUTO_GROWTH = 16
+#: ...unless it is predicted to last at most this many assumed overheads (30 ms).
+AUTO_SMALL = 10
+#: The first chunks: at most 1/AUTO_FIRST of an engine's share, and often a single item.
+AUTO_FIRST = 64
+#: Weight of past chunks against the newest in the per-item and overhead estimates.
+AUTO_DECAY = 0.5
+
+
+class AutoChunks:
+    """Chooses the size of each next chunk of an auto-chunked map from measured durations.
+
+    Starts small (one item, or 1/``AUTO_FIRST`` of an engine's share for long maps). Each reply
+    gives the engine's seconds for the chunk (its work) and, on this side, the chunk's service
+    time (reply time minus the later of its sending and the engine's previous reply: an engine
+    runs its chunks in order); their difference is the overhead per chunk. The next chunk for
+    an engine is ``sqrt(2 * work left per engine * overhead)`` seconds of that engine's items,
+    at most ``AUTO_MAX_SECONDS``, at most ``AUTO_GROWTH`` times its previous chunk, and never
+    more than the engine's even share of the items not yet done. Not thread-safe: the map's
+    lock guards it.
+    """
+
+    def __init__(self, n: int, engines: int) -> None:
+        self.first = max(1, n // (max(1, engines) * AUTO_FIRST))
+        self._work: dict[int, float] = {}  # per engine: decayed sums of work seconds...
+        self._items: dict[int, float] = {}  # ...and of items: seconds per item = their ratio
+        self._overhead = AUTO_OVERHEAD
+        self._measured = False
+        self._last: dict[int, int] = {}
+
+    def record(self, eid: int, items: int, work: float | None, service: float) -> None:
+        """Engine ``eid`` ran a chunk of ``items`` items: ``work`` seconds by its own clock
+        (None if it did not say), ``service`` seconds as seen from here."""
+        if work is None:
+            work = service
+        else:
+            over = max(0.0, service - work)
+            self._overhead = (
+                AUTO_DECAY * self._overhead + (1 - AUTO_DECAY) * over if self._measured else over
+            )
+            self._measured = True
+        self._work[eid] = AUTO_DECAY * self._work.get(eid, 0.0) + max(work, 1e-7)
+        self._items[eid] = AUTO_DECAY * self._items.get(eid, 0.0) + items
+
+    def per_item(self, eid: int | None = None) -> float | None:
+        """Estimated seconds per item on ``eid`` (or over all engines); None before any chunk."""
+        if eid is not None and eid in self._items:
+            return self._work[eid] / self._items[eid]
+        if not self._items:
+            return None
+        return sum(self._work.values()) / sum(self._items.values())
+
+    def size(self, eid: int, remaining: int, share: int, engines: int) -> int:
+        """Items for ``eid``'s next chunk: ``remaining`` items are not yet sent, ``share`` is
+        what ``eid`` may still take of an even split (0: it has enough queued)."""
+        mean, mine = self.per_item(), self.per_item(eid)
+        if mean is None or mine is None:
+            m = self.first
+        else:
+            left = remaining * mean / max(1, engines)  # seconds of unsent work per engine
+            target = min(
+                AUTO_MAX_SECONDS, AUTO_SCALE * (2 * left * max(self._overhead, 1e-4)) ** 0.5
+            )
+            # bounded growth, except up to a chunk predicted to last no longer than
+            # AUTO_SMALL overheads (tiny items: no reason to creep up on the even split)
+            grown = max(
+                AUTO_GROWTH * self._last.get(eid, self.first),
+                int(AUTO_SMALL * AUTO_OVERHEAD / mine),
+            )
+            m = min(int(target / mine), grown)
+        m = max(1, min(m, share, remaining))
+        self._last[eid] = m
+        return m
+
+
 class BalancedMap:
-    """One load-balanced map in flight; ``future`` resolves to the list of results."""
+    """One load-balanced map in flight; ``future`` resolves to the list of results.
+
+    ``chunksize``: an int sends chunks of that many items, all serialised now; ``None`` (auto)
+    sizes each chunk when it is sent (``AutoChunks``), from a private copy of ``(f, items)``
+    taken now, so later changes to the caller's objects are not seen, as with fixed chunks.
+    ``progress()`` counts items, not chunks.
+
+    Progress: ``tally`` (a ``results.Tally`` of items) is told ``start(eid)`` when a chunk is
+    sent to an engine and ``done(eid, n)`` when it ends with ``n`` items done (0 when it failed),
+    whatever the chunk sizes; the progress bars of ``map(balanced=True)`` and ``imap`` read it.
+    """
 
     def __init__(
         self,
@@ -62,14 +166,20 @@ class BalancedMap:
         eids: list[int],
         f: Callable,
         items: list[tuple],
-        chunksize: int = 1,
+        chunksize: int | None = None,
         ordered: bool = True,
         retries: int = 1,
         depth: int = 2,
         listener: Callable[[int, str, dict], None] | None = None,
+        tally: Tally | None = None,
+        interrupt: Callable[[list[int]], None] | None = None,
     ) -> None:
-        if not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
+        if chunksize is not None and (
+            not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1
+        ):
+            raise ValueError(
+                f"chunksize must be a positive int or None (automatic), not {chunksize!r}"
+            )
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, not {retries!r}")
         serialize.check_picklable(getattr(f, "__name__", "function"), f)
@@ -80,23 +190,64 @@ class BalancedMap:
         self.retries = retries
         self.depth = depth
         self.listener = listener  # sees each chunk's prints and displays (the caller shows them)
-        self.chunks = [(i, items[i : i + chunksize]) for i in range(0, len(items), chunksize)]
-        # all of it now, in the caller's thread: nothing is sent if any item cannot be
-        self._frames: list[list[Any] | None] = [
-            dumps_chunk(f, off, chunk) for off, chunk in self.chunks
-        ]
+        #: how a Ctrl-C interrupts the engines: the cluster owner's interrupt (the client's
+        #: Owner interface, which honours the kernelspec's interrupt mode), as ``mec.interrupt``
+        self.interrupt = interrupt if interrupt is not None else controller.interrupt
+        self.total = len(items)
+        self._items: list[tuple] | None = items  # to name a failed item's argument
+        #: chunk id -> (offset, number of items)
+        self._chunks: list[tuple[int, int]] = []
+        self._frames: dict[int, list[Any]] = {}  # a chunk's frames until it is answered
+        self._auto: AutoChunks | None = None
+        self._source: tuple[Callable, list] | None = None
+        if chunksize is None:
+            self._auto = AutoChunks(self.total, len(self.eids))
+            if items:
+                # all of it now, in the caller's thread: a private copy of (f, items), taken
+                # now; an item that cannot be pickled is a TypeError naming it, before sending
+                try:
+                    frames = serialize.snapshot(serialize.dumps((f, items)))
+                except Exception:
+                    dumps_chunk(f, 0, items, snapshot=False)  # names the item
+                    raise
+                try:
+                    self._source = serialize.loads(frames)
+                except Exception:  # something only the engines can rebuild: cut from the
+                    self._source = (f, list(items))  # caller's objects (a shallow copy)
+        else:
+            for i in range(0, len(items), chunksize):
+                chunk = items[i : i + chunksize]
+                # all of it now, in the caller's thread: nothing is sent if any item cannot be
+                self._frames[len(self._chunks)] = dumps_chunk(f, i, chunk)
+                self._chunks.append((i, len(chunk)))
+        self._cursor = 0 if chunksize is None else self.total  # the next item not in a chunk
+        self.tally = tally if tally is not None else Tally(len(items))
         self.future: cf.Future = cf.Future()
         self.id = uuid.uuid4().hex  # on the engines, a Ctrl-C skips this map's queued chunks
         self._events: collections.deque = collections.deque()
         self._wake: cf.Future = cf.Future()
-        self._todo = collections.deque(range(len(self.chunks)))
-        self._results: list[Any] = [None] * len(self.chunks)
+        self._todo = collections.deque(range(len(self._chunks)))
+        self._results: dict[int, list] = {}
         self._order: list[int] = []
-        self._tries = collections.Counter()
+        self._done_items = 0
+        self._tries: collections.Counter[Any] = collections.Counter()
         self._inflight = {eid: 0 for eid in self.eids}
+        self._held: dict[int, set[int]] = {eid: set() for eid in self.eids}  # chunks in flight
+        self._sent_at: dict[int, float] = {}
+        self._last_reply = dict.fromkeys(self.eids, 0.0)
         self._alive = set(self.eids)
         self._lock = threading.RLock()  # a future may complete inside _fill
         self._stopped = False
+
+    def progress(self) -> tuple[int, int]:
+        """``(items done, items in the map)``: what a progress bar shows (any thread)."""
+        with self._lock:
+            return self._done_items, self.total
+
+    def chunk_sizes(self) -> list[int]:
+        """The number of items of each chunk made so far, in the order they were made."""
+        with self._lock:
+            return [n for _, n in self._chunks]
 
     def _event(self, event: Any) -> None:
         """Queue an event for ``iterate`` and wake its wait (any thread)."""
@@ -106,7 +257,7 @@ class BalancedMap:
         wake.set_result(None)
 
     def start(self) -> BalancedMap:
-        if not self.chunks:
+        if not self.total:
             self.future.set_result([])
         with self._lock:
             try:
@@ -129,15 +280,36 @@ class BalancedMap:
                 )
 
     # -- called with the lock held
+    def _next_chunk(self, eid: int) -> int | None:
+        """The id of the chunk to send to ``eid`` next (a re-send first), or None."""
+        if self._todo:
+            return self._todo.popleft()
+        if self._auto is None or self._cursor >= self.total or self._source is None:
+            return None
+        remaining = self.total - self._cursor
+        # an even split of what is not done among the live engines, less what eid holds
+        held = sum(self._chunks[c][1] for c in self._held[eid])
+        queued = sum(self._chunks[c][1] for e in self._alive for c in self._held[e])
+        share = -(-(remaining + queued) // max(1, len(self._alive))) - held
+        if self._held[eid] and share * 4 <= held:
+            return None  # eid has (nearly) its share queued: the others take the rest
+        n = self._auto.size(eid, remaining, max(1, share), len(self._alive))
+        offset, self._cursor = self._cursor, self._cursor + n
+        f, items = self._source
+        ci = len(self._chunks)
+        self._frames[ci] = serialize.dumps((f, items[offset : offset + n]))
+        self._chunks.append((offset, n))
+        if self._cursor >= self.total:
+            self._source = None  # every item is in a chunk: free the copy
+        return ci
+
     def _fill(self, eid: int) -> None:
-        while (
-            not self._stopped
-            and eid in self._alive
-            and self._inflight[eid] < self.depth
-            and self._todo
-        ):
-            ci = self._todo.popleft()
-            offset, _chunk = self.chunks[ci]
+        while not self._stopped and eid in self._alive and self._inflight[eid] < self.depth:
+            ci = self._next_chunk(eid)
+            if ci is None:
+                return
+            offset, _n = self._chunks[ci]
+            self._sent_at[ci] = time.monotonic()
             fut = self.controller.submit_comm(
                 [eid],
                 "map",
@@ -146,12 +318,52 @@ class BalancedMap:
                 listener=self.listener,
             )[0]
             self._inflight[eid] += 1
+            self.tally.start(eid)
+            self._held[eid].add(ci)
             fut.add_done_callback(lambda fu, eid=eid, ci=ci: self._done(eid, ci, fu))
+
+    def _argument(self, index: int) -> str:
+        """A short repr of item ``index``'s argument (its tuple of arguments if several)."""
+        if self._items is None or not 0 <= index < len(self._items):
+            return "?"
+        args = self._items[index]
+        return reprlib.repr(args[0] if len(args) == 1 else args)
+
+    def _named(self, exc: BaseException, ci: int) -> BaseException:
+        """``exc`` of chunk ``ci``, saying which item (index and argument) it concerns."""
+        offset, n = self._chunks[ci]
+        if isinstance(exc, RemoteError) and exc.item is not None:
+            return RemoteError(
+                exc.ename,
+                f"{exc.evalue}; its argument: {self._argument(exc.item)}",
+                exc.traceback,
+                exc.engine_id,
+                exc.method,
+                exc.pickled,
+                exc.result,
+                exc.item,
+            )
+        if isinstance(exc, EngineError):
+            what = (
+                f"item {offset} (argument {self._argument(offset)})"
+                if n == 1
+                else f"items {offset}..{offset + n - 1}"
+            )
+            tries = self._tries[ci] + 1
+            return EngineError(
+                f"{exc.evalue}; {what} of the map not done "
+                f"(sent {tries} time{'s' if tries > 1 else ''})",
+                exc.engine_id,
+                "map",
+            )
+        return exc
 
     def _fail(self, err: BaseException) -> None:
         self._stopped = True
         self._todo.clear()
-        self._frames = []
+        self._frames = {}
+        self._source = None
+        self._items = None
         if not self.future.done():
             self.future.set_exception(err)
         self._event(err)
@@ -172,89 +384,115 @@ class BalancedMap:
                     self._fail(exc)
 
     def _on_done(self, eid: int, ci: int, fu: cf.Future) -> None:
+        now = time.monotonic()
         with self._lock:
             self._inflight[eid] -= 1
+            self._held[eid].discard(ci)
+            ok = not fu.cancelled() and fu.exception() is None
+            self.tally.done(eid, self._chunks[ci][1] if ok and not self._stopped else 0)
             if self._stopped:
                 return
             exc = fu.exception()
             if exc is None:
+                offset, n = self._chunks[ci]
+                # the engine runs its chunks in order: this one ran from the later of its
+                # sending and the engine's previous reply until now
+                began = max(self._sent_at.pop(ci, now), self._last_reply.get(eid, 0.0))
+                self._last_reply[eid] = now
+                if self._auto is not None:
+                    self._auto.record(eid, n, fu.result().content.get("seconds"), now - began)
                 try:
                     values = serialize.loads(fu.result().frames)
                 except Exception as err:  # a result that cannot be rebuilt here
                     self._fail(RemoteError(type(err).__name__, str(err), [], eid, "map"))
                     return
                 self._results[ci] = values
-                self._frames[ci] = None  # sent and answered: free the serialised chunk
+                self._frames.pop(ci, None)  # sent and answered: free the serialised chunk
                 self._order.append(ci)
-                self._event((ci, values))
-                if len(self._order) == len(self.chunks):
-                    order = range(len(self.chunks)) if self.ordered else self._order
+                self._done_items += n
+                self._event((offset, values))
+                if self._done_items >= self.total:
+                    if self.ordered:
+                        order = sorted(self._results, key=lambda c: self._chunks[c][0])
+                    else:
+                        order = self._order
                     self.future.set_result([v for c in order for v in self._results[c]])
+                    self._results, self._items = {}, None
                     return
                 self._fill(eid)
             elif isinstance(exc, EngineError):
                 self._alive.discard(eid)
+                self._sent_at.pop(ci, None)
                 if self._tries[ci] < self.retries and self._alive:
                     self._tries[ci] += 1
                     self._todo.appendleft(ci)
                     for other in sorted(self._alive):
                         self._fill(other)
                 else:
-                    self._fail(exc)
+                    self._fail(self._named(exc, ci))
             else:
-                self._fail(exc)
+                self._fail(self._named(exc, ci))
 
-    def _next_event(self, deadline: float | None) -> Any:
+    def _next_event(self, deadline: float | None, progress: Any = None) -> Any:
         """The next event, waiting (the package's one wait: Ctrl-C, engines' input) until the
-        deadline; raises ``TimeoutError`` past it."""
+        deadline; raises ``TimeoutError`` past it. ``progress(done, total, busy)`` is drawn
+        from ``tally`` in each slice of the wait."""
+        draw = None if progress is None else (lambda _d, _t: progress(*self.tally.snapshot()))
         while True:
             with self._lock:
                 if self._events:
                     return self._events.popleft()
                 wake = self._wake
-            if not stdin.wait([wake], deadline=deadline):
-                done = len(self._order)
+            if not stdin.wait([wake], deadline=deadline, progress=draw):
+                done, total = self.progress()
                 raise TimeoutError(
-                    f"imap not finished by its timeout: {done} of {len(self.chunks)} "
-                    "chunks done; sending the others was stopped"
+                    f"imap not finished by its timeout: {done} of {total} "
+                    "items done; sending the others was stopped"
                 )
 
     # -- iteration (caller's thread)
-    def iterate(self, timeout: float | None = None, deadline: float | None = None) -> Iterator[Any]:
+    def iterate(
+        self, timeout: float | None = None, deadline: float | None = None, progress: Any = None
+    ) -> Iterator[Any]:
         """Yield results as chunks complete (input order when ``ordered``); Ctrl-C stops the map,
         and so does ``timeout`` (seconds for the whole iteration, from this call: the generator's
         body runs only at the first ``next()``) or ``deadline`` (a ``time.monotonic()`` value)
-        with a ``TimeoutError``."""
+        with a ``TimeoutError``. ``progress``: a ``render.ProgressBar`` drawn while waiting and
+        closed at the end."""
         if timeout is not None:
             end = time.monotonic() + timeout
             deadline = end if deadline is None else min(deadline, end)
-        return self._iterate(deadline)
+        return self._iterate(deadline, progress)
 
-    def _iterate(self, deadline: float | None) -> Iterator[Any]:
-        buffered: dict[int, list] = {}
-        following = 0
-        received = 0
+    def _iterate(self, deadline: float | None, progress: Any = None) -> Iterator[Any]:
+        buffered: dict[int, list] = {}  # by offset
+        following = 0  # the offset of the next item to yield (ordered)
+        received = 0  # items
         try:
-            while received < len(self.chunks):
-                event = self._next_event(deadline)
+            while received < self.total:
+                event = self._next_event(deadline, progress)
                 if isinstance(event, BaseException):
                     raise _composite(event)
-                ci, values = event
-                received += 1
+                offset, values = event
+                received += len(values)
                 if not self.ordered:
                     yield from values
                     continue
-                buffered[ci] = values
+                buffered[offset] = values
                 while following in buffered:
-                    yield from buffered.pop(following)
-                    following += 1
+                    values = buffered.pop(following)
+                    following += len(values)
+                    yield from values
         except TimeoutError:
             self.cancel()
             raise
         except KeyboardInterrupt:
             self.cancel()
-            self.controller.interrupt([e for e in self.eids if self._inflight.get(e)])
+            self.interrupt([e for e in self.eids if self._inflight.get(e)])
             raise
+        finally:
+            if progress is not None:
+                progress.close(*self.tally.snapshot())
 
 
 def _composite(err: BaseException) -> BaseException:

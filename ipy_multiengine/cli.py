@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import __version__
 from .cluster import Cluster, list_clusters, stop_cluster_file
 from .clusterfile import (
     EMBEDDED_PREFIX,
@@ -42,7 +43,8 @@ def parse_engines(text: str) -> dict[str, int]:
         name, sep, count = part.strip().partition("=")
         if not sep or not name.strip() or not count.strip().isdigit() or int(count) < 1:
             raise UsageError(
-                f"--engines {text!r}: expected KERNELSPEC=N[,KERNELSPEC=N...], e.g. python3=2,bash=3"
+                f"--engines {text!r}: expected KERNELSPEC=N[,KERNELSPEC=N...], e.g. "
+                "python3=2,bash=3"
             )
         out[name.strip()] = out.get(name.strip(), 0) + int(count)
     return out
@@ -156,7 +158,8 @@ def _start_daemon(args: argparse.Namespace) -> int:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             print(
-                f"ipmulti: the cluster process exited with code {proc.returncode}:\n{own_log.read_text()}",
+                "ipmulti: the cluster process exited with code "
+                f"{proc.returncode}:\n{own_log.read_text()}",
                 file=sys.stderr,
             )
             own_log.unlink(missing_ok=True)
@@ -304,7 +307,8 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _is_cluster_file(path: Path) -> bool:
-    """Is ``path`` a cluster file in the cluster directory (``cluster-*.json``, ``embedded-*.json``)?"""
+    """Is ``path`` a cluster file in the cluster directory (``cluster-*.json``,
+    ``embedded-*.json``)?"""
     try:
         return (
             path.resolve().parent == cluster_dir().resolve()
@@ -340,6 +344,33 @@ def _restart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale(args: argparse.Namespace) -> int:
+    path = _target(args)
+    try:
+        spec = read_cluster(path)
+        have = len(spec["engines"])
+        if args.engines < have:
+            print(
+                f"ipmulti: the cluster has {have} engines; scale only grows it (to stop some, "
+                "stop the cluster and start a smaller one)",
+                file=sys.stderr,
+            )
+            return 2
+        if args.engines == have:
+            print(f"the cluster already has {have} engines")
+            return 0
+        answer = request_owner(path, "add", [args.engines - have], timeout=args.timeout)
+    except (MultiEngineError, ValueError) as exc:
+        print(f"ipmulti: {exc}", file=sys.stderr)
+        return 1
+    ids = answer.get("ids") or []
+    print(
+        f"added engine{'s' if len(ids) != 1 else ''} {', '.join(map(str, ids))}: "
+        f"{args.engines} engines"
+    )
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     clusters = list_clusters(clean=True)
     if args.json:
@@ -350,11 +381,14 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'profile':<16} {'state':<18} {'engines':<8} {'dead':<10} {'owner':<28} pids / file")
     for c in clusters:
-        dead = [e for e, ok in zip(c["engines"], c.get("engines_alive", [])) if not ok]
+        dead = [
+            e for e, ok in zip(c["engines"], c.get("engines_alive", []), strict=False) if not ok
+        ]
         name = c["profile"] if c["shared"] else f"{c['profile']}*"
         where = " ".join(map(str, c["pids"])) if c["shared"] else c["file"]
         print(
-            f"{name:<16} {c['state']:<18} {len(c['engines']):<8} {','.join(map(str, dead)) or '-':<10} "
+            f"{name:<16} {c['state']:<18} {len(c['engines']):<8} "
+            f"{','.join(map(str, dead)) or '-':<10} "
             f"{c['owner']:<28} {where}"
         )
         for problem in c.get("problems", []):
@@ -375,6 +409,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipmulti", description="Manage ipy_multiengine clusters.")
+    parser.add_argument("--version", action="version", version=f"ipmulti {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("start", help="start N engines (foreground until Ctrl-C, or --daemon)")
     p.add_argument(
@@ -423,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", default=None, help="the cluster file (instead of --profile)")
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=_restart)
+    p = sub.add_parser(
+        "scale", help="grow a running cluster (started with `ipmulti start`) to N engines"
+    )
+    p.add_argument("engines", type=int, help="the number of engines wanted in all")
+    p.add_argument("--profile", default="default")
+    p.add_argument("--file", default=None, help="the cluster file (instead of --profile)")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=_scale)
     p = sub.add_parser(
         "attach",
         help="make running kernels (connection files) the engines of a profile; "

@@ -31,11 +31,13 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
     TimeoutError,
 )
 from .render import ProgressBar
-from .results import PendingResult, ResultList, wait_sent
+from .results import PendingResult, ResultList, Tally, nbytes, wait_sent
 from .targets import resolve as resolve_targets
 
 if TYPE_CHECKING:
     from .balanced import BalancedMap
+    from .executor import EngineExecutor
+    from .remote import SyncImports
     from .render import LiveOutput
 
 __all__ = [
@@ -84,7 +86,7 @@ def shell_config() -> Config | None:
     return None if ip is None else ip.config
 
 
-def config_error(cls: type, exc: BaseException) -> ConfigError:
+def config_error(cls: type[Configurable], exc: BaseException) -> ConfigError:
     """A ``TraitError`` (or a validator's error) as a ``ConfigError`` naming ``Class.option``."""
     text = str(exc)
     name = next(
@@ -99,15 +101,43 @@ def config_error(cls: type, exc: BaseException) -> ConfigError:
     return ConfigError(f"{option}: {text}", option)
 
 
+def check_timeout(value: Any, name: str = "timeout") -> None:
+    """``value`` is None or a number of seconds >= 0 (checked before anything is sent)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0 or None, not {value!r}")
+
+
 def get_active() -> MultiEngineClient | None:
     """The client of the last ``activate()`` (the one the magics use), if still open."""
     return _active if _active is not None and not _active.closed else None
 
 
-def deactivate() -> None:
-    """Forget the active client (the magics then connect a client of their own); it stays open."""
+def deactivate(suffix: str = "") -> None:
+    """Forget the active client (the magics then connect a client of their own); it stays open.
+    With a ``suffix``: remove that named magic set (``%px_even``...) from the running IPython."""
     global _active
-    _active = None
+    if not suffix:
+        _active = None
+        return
+    ip = _ipython()
+    if ip is not None:
+        for hook in activation_hooks:
+            hook(ip, suffix, None, None)
+
+
+#: called as ``hook(shell, suffix, client or None, targets)`` by ``activate(suffix=...)`` and
+#: ``deactivate(suffix)``: the magics module registers itself here (the client never imports it)
+activation_hooks: list[Callable[[Any, str, Any, Any], None]] = []
+
+
+def _ipython() -> Any:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
 
 
 class MultiEngineClient(Configurable):
@@ -191,55 +221,73 @@ class MultiEngineClient(Configurable):
         heartbeat: float | None = CONFIGURED,
         max_message_size: int | None = CONFIGURED,
         config: Config | None = None,
-        _controller: Controller | None = None,
-        _cluster: Any = None,
     ) -> None:
-        # keyword arguments as before; not given (their defaults), the configured traits apply
-        given = {
-            k: v
-            for k, v in dict(
-                timeout=timeout, heartbeat=heartbeat, max_message_size=max_message_size
-            ).items()
-            if v is not CONFIGURED
-        }
+        self._configure(
+            config, timeout=timeout, heartbeat=heartbeat, max_message_size=max_message_size
+        )
+        from .clusterfile import (
+            FileOwner,
+            engines_of,
+            liveness_probes,
+            read_cluster,
+            resolve_cluster_file,
+        )
+
+        path = resolve_cluster_file(cluster_file, profile)
+        spec = read_cluster(path)
+        controller = Controller(
+            engines_of(spec),
+            liveness_probes(spec),
+            timeout=self.timeout,
+            heartbeat=self.heartbeat,
+            max_message_size=self.max_message_size,
+        ).connect()
+        owner = FileOwner(path, controller, spec)
+        controller.on_dead = owner.follow_restart
+        self._bind(controller, owner)
+
+    @classmethod
+    def from_controller(
+        cls, controller: Controller, owner: Any = None, config: Config | None = None
+    ) -> MultiEngineClient:
+        """A client over an already connected ``controller`` whose engines ``owner`` (an
+        ``Owner`` of ``clusterfile.py``: a ``Cluster``, a ``FileOwner``) owns; ``None``: nobody
+        owns them (kernels attached by connection file). What ``Cluster.start`` and
+        ``MultiEngineClient.attach`` use; the client closes ``controller`` when it is closed.
+        A bad configured ``targets`` closes ``controller`` and raises ``ConfigError``."""
+        if not isinstance(controller, Controller):
+            raise TypeError(f"controller must be a Controller, not {type(controller).__name__}")
+        self = cls.__new__(cls)
+        try:
+            self._configure(config)
+        except BaseException:
+            controller.close()
+            raise
+        if owner is None:
+            from .clusterfile import NoOwner
+
+            owner = NoOwner(controller)
+        self._bind(controller, owner)
+        return self
+
+    def _configure(self, config: Config | None, **kwargs: Any) -> None:
+        """Traits from ``config`` (else the shell's) and the keyword arguments given."""
+        given = {k: v for k, v in kwargs.items() if v is not CONFIGURED}
         try:
             super().__init__(config=shell_config() if config is None else config, **given)
         except (TraitError, TypeError, ValueError) as exc:
             raise config_error(type(self), exc) from None
-        timeout, heartbeat, max_message_size = self.timeout, self.heartbeat, self.max_message_size
-        if _controller is None:
-            from .clusterfile import (
-                FileOwner,
-                engines_of,
-                liveness_probes,
-                read_cluster,
-                resolve_cluster_file,
-            )
 
-            path = resolve_cluster_file(cluster_file, profile)
-            spec = read_cluster(path)
-            _controller = Controller(
-                engines_of(spec),
-                liveness_probes(spec),
-                timeout=timeout,
-                heartbeat=heartbeat,
-                max_message_size=max_message_size,
-            ).connect()
-            _cluster = FileOwner(path, _controller, spec)
-            _controller.on_dead = _cluster.follow_restart
-        elif _cluster is None:
-            from .clusterfile import NoOwner
-
-            _cluster = NoOwner(_controller)
-        #: who owns the engines (an ``Owner``: a ``Cluster``, a proxy through the cluster file, or nobody)
-        self.owner = _cluster
-        self.cluster_file = _cluster.cluster_file
-        self._meta = _cluster.engine_meta()
-        self._controller = _controller
+    def _bind(self, controller: Controller, owner: Any) -> None:
+        #: who owns the engines (an ``Owner``: a ``Cluster``, a cluster-file proxy, or nobody)
+        self.owner = owner
+        self.cluster_file = owner.cluster_file
+        self._meta = owner.engine_meta()
+        self._controller = controller
         try:  # configured targets are checked against the engines, now that there are engines
             self._resolve_targets(self.targets)
         except (TypeError, ValueError) as exc:
-            _controller.close()
+            controller.close()
             raise ConfigError(
                 f"MultiEngineClient.targets: {exc}", "MultiEngineClient.targets"
             ) from None
@@ -252,7 +300,7 @@ class MultiEngineClient(Configurable):
         self.closed = False
         # a client that is dropped without close() still closes its channels and engine comms;
         # the finalizer holds the controller only (nothing that leads back to this client)
-        self._finalizer = weakref.finalize(self, close_controller, _controller)
+        self._finalizer = weakref.finalize(self, close_controller, controller)
 
     @property
     def controller(self) -> Controller:
@@ -280,14 +328,14 @@ class MultiEngineClient(Configurable):
         from .clusterfile import read_connection_files
 
         engines = read_connection_files(connection_files)
-        return cls(_controller=Controller(engines, None, timeout=timeout).connect())
+        return cls.from_controller(Controller(engines, None, timeout=timeout).connect())
 
     # ------------------------------------------------------------------ defaults and checks
     def get_ids(self) -> EngineIds:
         """The ids of the engines, in order; dead ones are included and flagged in the repr
         (``[0, 1, 2, 3] (dead: 2 was killed by signal SIGKILL)``) and in ``.dead``."""
         ids = EngineIds(self._controller.ids)
-        ids.dead = {e: self._controller.dead(e) for e in ids if self._controller.dead(e)}
+        ids.dead = {e: why for e in ids if (why := self._controller.dead(e))}
         return ids
 
     @property
@@ -317,13 +365,18 @@ class MultiEngineClient(Configurable):
             raise EngineError("this MultiEngineClient is closed")
         if block is not None and not isinstance(block, bool):
             raise TypeError(f"block must be True, False or None, not {block!r}")
+        try:  # engines added to the cluster meanwhile (cheap: a stat, unless the file changed)
+            self.owner.refresh(min(self.timeout, 10.0))
+        except MultiEngineError as exc:  # a listed engine that does not answer: not this call's
+            log.warning("could not connect to engines added to the cluster: %s", exc)
         eids = self._resolve_targets(targets)
         bad = [(e, self._controller.unavailable(e)) for e in eids]
         bad = [(e, why) for e, why in bad if why]
         if bad:
             what = "; ".join(f"engine {e} {why}" for e, why in bad)
             raise EngineError(
-                f"{what}: restart it with mec.restart({bad[0][0] if len(bad) == 1 else [e for e, _ in bad]}) "
+                f"{what}: restart it with "
+                f"mec.restart({bad[0][0] if len(bad) == 1 else [e for e, _ in bad]}) "
                 "or choose other targets",
                 bad[0][0],
             )
@@ -336,6 +389,7 @@ class MultiEngineClient(Configurable):
         method: str,
         finish: Callable[[list[Any]], Any],
         progress: bool = False,
+        tally: Tally | None = None,
     ) -> PendingResult:
         pr = PendingResult(
             futures,
@@ -344,6 +398,8 @@ class MultiEngineClient(Configurable):
             finish,
             on_interrupt=self._interrupt_eids,
             progress=self._show_progress if progress else None,
+            tally=tally,
+            on_abort=self._controller.abort,
         )
         self._remember(pr)
         return pr
@@ -392,7 +448,11 @@ class MultiEngineClient(Configurable):
             # timeout, the frames were copies: _outgoing)
             if timeout is None and not self.return_before_send and not pr.wait_for_send(SEND_GRACE):
                 unsent = wait_sent(pr.futures, 0)
-                engines = [e for e, f in zip(pr.eids, pr.futures) if any(f is u for u in unsent)]
+                engines = [
+                    e
+                    for e, f in zip(pr.eids, pr.futures, strict=True)
+                    if any(f is u for u in unsent)
+                ]
                 warnings.warn(
                     f"{pr.method}: engines {engines} are still receiving what this call sent; "
                     "do not change those objects before mec.last.wait_for_send()",
@@ -410,7 +470,7 @@ class MultiEngineClient(Configurable):
     def _show_progress(self, pr: PendingResult) -> ProgressBar:
         """A progress bar for ``pr``'s wait: drawn by that wait's slices, shown only once the
         call has taken ``progress_after`` seconds in an interactive session."""
-        return ProgressBar(pr.method, self.progress_after)
+        return ProgressBar(pr.method, self.progress_after, unit=pr.progress_unit)
 
     # ------------------------------------------------------------------ running code
     def execute(
@@ -420,13 +480,71 @@ class MultiEngineClient(Configurable):
         block: bool | None = None,
         timeout: float | None = None,
         listener: Listener | None = None,
+        silent: bool = False,
     ) -> Any:
-        """Run ``code`` on each target; blocking returns a ``ResultList``, else a ``PendingResult``."""
+        """Run ``code`` on each target; blocking returns a ``ResultList``, else a ``PendingResult``.
+
+        ``silent=True``: nothing is kept of what the code prints or displays, the engines store
+        no history entry and count no execution (``In [n]`` stays), and it does not become the
+        command ``%result`` shows; errors are still raised, with their tracebacks."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
+        if not isinstance(silent, bool):
+            raise TypeError(f"silent must be True or False, not {silent!r}")
+        if silent and listener is not None:
+            raise ValueError("a silent execute shows no output: it takes no listener")
         eids, block = self._prepare(targets, block)
-        futures = self._controller.submit_execute(eids, code, listener=listener)
-        return self._deliver(self._pending(futures, eids, "execute", ResultList), block, timeout)
+        futures = self._controller.submit_execute(eids, code, listener=listener, silent=silent)
+        if not silent:
+            return self._deliver(
+                self._pending(futures, eids, "execute", ResultList), block, timeout
+            )
+        pr = PendingResult(
+            futures,
+            eids,
+            "execute",
+            lambda rs: ResultList(_quiet(r) for r in rs),
+            on_interrupt=self._interrupt_eids,
+            on_abort=self._controller.abort,
+        )
+        self._last_ref, self._kept = weakref.ref(pr), None  # mec.last, not %result
+        return self._deliver(pr, block, timeout)
+
+    def sync_imports(
+        self, targets: Any = None, quiet: bool = False, timeout: float | None = None
+    ) -> SyncImports:
+        """``with mec.sync_imports(): import numpy as np`` imports here and, when the block
+        ends without error, on the target engines (the block's import statements as written);
+        prints what it imports unless ``quiet``. A failure on an engine: ``CompositeError``."""
+        from .remote import SyncImports
+
+        if not isinstance(quiet, bool):
+            raise TypeError(f"quiet must be True or False, not {quiet!r}")
+        check_timeout(timeout)
+        eids, _ = self._prepare(targets, None)  # before the block runs
+        return SyncImports(self, eids, quiet, timeout)
+
+    def run(
+        self,
+        filename: str | os.PathLike,
+        targets: Any = None,
+        block: bool | None = None,
+        timeout: float | None = None,
+        silent: bool = False,
+    ) -> Any:
+        """Run the Python file ``filename`` (read here, in this process) on each target, in the
+        engines' namespaces, like ``execute(open(filename).read())``."""
+        if not isinstance(filename, (str, os.PathLike)):
+            raise TypeError(f"filename must be a path, not {type(filename).__name__}")
+        path = os.fspath(filename)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                code = fh.read()
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"cannot run {path!r}: {exc.strerror}", path) from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"cannot run {path!r}: not UTF-8 text ({exc.reason})") from None
+        return self.execute(code, targets=targets, block=block, timeout=timeout, silent=silent)
 
     def _comm(
         self,
@@ -453,7 +571,9 @@ class MultiEngineClient(Configurable):
         eids, block = self._prepare(targets, block)
         frames = self._outgoing(_dumps_call(f, args, kwargs), block, timeout)
         live = self._live(eids, block)
-        futures = self._comm("apply", eids, [frames] * len(eids), listener=live and live.listener)
+        futures = self._comm(
+            "apply", eids, [frames] * len(eids), listener=live.listener if live else None
+        )
         return self._deliver(self._pending(futures, eids, "apply", _values), block, timeout, live)
 
     # ------------------------------------------------------------------ moving data
@@ -489,7 +609,7 @@ class MultiEngineClient(Configurable):
             if not isinstance(k, str):
                 raise TypeError(f"names to pull must be str, not {k!r}")
         eids, block = self._prepare(targets, block)
-        frames = [[]] * len(eids)
+        frames: list[list[Any]] = [[] for _ in eids]
         futures = self._comm("pull", eids, frames, {"names": keys, "single": single})
         return self._deliver(self._pending(futures, eids, "pull", _values), block, timeout)
 
@@ -507,7 +627,7 @@ class MultiEngineClient(Configurable):
         futures = self._comm(
             "pull", eids, [[]] * len(eids), {"names": list(names), "single": False}
         )
-        finish = lambda rs: list(zip(*_values(rs)))  # noqa: E731
+        finish = lambda rs: list(zip(*_values(rs), strict=True))  # noqa: E731
         return self._deliver(self._pending(futures, eids, "pull", finish), block, timeout)
 
     def push_function(
@@ -547,23 +667,37 @@ class MultiEngineClient(Configurable):
         targets: Any = None,
         block: bool | None = None,
         timeout: float | None = None,
+        flatten: bool = False,
     ) -> Any:
-        """Split ``seq`` into contiguous parts, one per target in order, and push each as ``name``."""
+        """Split ``seq`` into contiguous parts, one per target in order, and push each as ``name``.
+
+        ``flatten=True``: a part of one item is pushed as that item, not as a one-item list
+        (``mec.scatter('my_id', mec.get_ids(), flatten=True)``: each engine gets its id)."""
         if dist != "b":
             raise ValueError(
                 f"unknown distribution {dist!r}; only 'b' (contiguous blocks) is supported"
             )
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"cannot scatter to {name!r}: not a valid Python identifier")
+        if not isinstance(flatten, bool):
+            raise TypeError(f"flatten must be True or False, not {flatten!r}")
         eids, block = self._prepare(targets, block)
         parts = partition.split(seq, len(eids))
         offsets = [sum(len(q) for q in parts[:i]) for i in range(len(parts))]
+        if flatten:
+            parts = [p[0] if len(p) == 1 else p for p in parts]
         frames = [
             self._outgoing(_dumps_part(name, off, p), block, timeout)
-            for off, p in zip(offsets, parts)
+            for off, p in zip(offsets, parts, strict=True)
         ]
         futures = self._comm("push", eids, frames)
-        return self._deliver(self._pending(futures, eids, "scatter", _nones), block, timeout)
+        sizes = [nbytes(fr) for fr in frames]  # numbers: a callback must not keep the data alive
+        tally = _tally(Tally(sum(sizes), "B"), eids, futures, sizes)
+        return self._deliver(
+            self._pending(futures, eids, "scatter", _nones, progress=True, tally=tally),
+            block,
+            timeout,
+        )
 
     def gather(
         self,
@@ -576,8 +710,11 @@ class MultiEngineClient(Configurable):
         eids, block = self._prepare(targets, block)
         futures = self._comm("pull", eids, [[]] * len(eids), {"names": [name], "single": True})
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
+        tally = _tally(Tally(None, "B"), eids, futures)  # bytes received; the total is unknown
         return self._deliver(
-            self._pending(futures, eids, "gather", finish, progress=True), block, timeout
+            self._pending(futures, eids, "gather", finish, progress=True, tally=tally),
+            block,
+            timeout,
         )
 
     # ------------------------------------------------------------------ parallel map
@@ -589,26 +726,30 @@ class MultiEngineClient(Configurable):
         block: bool | None = None,
         timeout: float | None = None,
         balanced: bool = False,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         ordered: bool = True,
         retries: int = 1,
     ) -> Any:
         """A parallel ``map(f, *seqs)``.
 
         By default items are split in contiguous blocks, one per target (the tutorial's map).
-        ``balanced=True`` sends chunks of ``chunksize`` items to whichever engine is free first,
-        re-sending a dead engine's chunks to others ``retries`` times; ``ordered=False`` returns
-        results in completion order.
+        ``balanced=True`` sends chunks of items to whichever engine is free first, re-sending a
+        dead engine's chunks to others ``retries`` times; ``ordered=False`` returns results in
+        completion order. ``chunksize=None`` (the default) sizes chunks automatically from the
+        measured time per item (small first, longer ones, short ones at the end); an int sends
+        chunks of exactly that many items.
         """
         if not callable(f):
             raise TypeError(f"map needs a callable, not {type(f).__name__}")
         if not seqs:
             raise TypeError("map() needs at least one sequence")
         eids, block = self._prepare(targets, block)
-        items = list(zip(*seqs))
+        items = list(zip(*seqs, strict=False))  # like map(): the shortest sequence ends it
         if balanced:
             live = self._live(eids, block)
-            bm = self._balanced(f, items, eids, chunksize, ordered, retries, live and live.listener)
+            bm = self._balanced(
+                f, items, eids, chunksize, ordered, retries, live.listener if live else None
+            )
             pr = PendingResult(
                 [bm.future],
                 eids[:1],
@@ -616,6 +757,7 @@ class MultiEngineClient(Configurable):
                 lambda rs: rs[0],
                 on_interrupt=lambda _running: self._stop_balanced(bm),
                 progress=self._show_progress,
+                tally=bm.tally,  # items done, reported by the map as its chunks complete
             )
             self._remember(pr)
             return self._deliver(pr, block, timeout, live)
@@ -637,13 +779,18 @@ class MultiEngineClient(Configurable):
             datas.append(a)
         futures = []
         live = self._live(eids, block)
-        for eid, fr, off in zip(eids, frames, datas):
+        for eid, fr, off in zip(eids, frames, datas, strict=True):
             futures += self._comm(
-                "map", [eid], [fr], {"offset": off}, listener=live and live.listener
+                "map", [eid], [fr], {"offset": off}, listener=live.listener if live else None
             )
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
+        sizes = [b - a for a, b in partition.bounds(len(items), nparts)]
+        tally = _tally(Tally(len(items)), eids, futures, sizes)
         return self._deliver(
-            self._pending(futures, eids, "map", finish, progress=True), block, timeout, live
+            self._pending(futures, eids, "map", finish, progress=True, tally=tally),
+            block,
+            timeout,
+            live,
         )
 
     def imap(
@@ -651,13 +798,14 @@ class MultiEngineClient(Configurable):
         f: Callable,
         *seqs: Iterable,
         targets: Any = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         ordered: bool = True,
         retries: int = 1,
         timeout: float | None = None,
     ) -> Iterator[Any]:
         """A load-balanced map whose results are yielded as they arrive (``ordered=False``:
-        in completion order). Everything is submitted at once; Ctrl-C stops it, and so does
+        in completion order); ``chunksize`` as for ``map(balanced=True)`` (None: automatic).
+        It starts sending at once; Ctrl-C stops it, and so does
         ``timeout`` (seconds from this call for the whole iteration: ``TimeoutError``)."""
         if not callable(f):
             raise TypeError(f"imap needs a callable, not {type(f).__name__}")
@@ -665,15 +813,17 @@ class MultiEngineClient(Configurable):
             raise TypeError("imap() needs at least one sequence")
         eids, _ = self._prepare(targets, None)
         deadline = None if timeout is None else time.monotonic() + timeout
-        bm = self._balanced(f, list(zip(*seqs)), eids, chunksize, ordered, retries)
-        return bm.iterate(deadline=deadline)  # from this call, not from the first next()
+        bm = self._balanced(f, list(zip(*seqs, strict=False)), eids, chunksize, ordered, retries)
+        bar = ProgressBar("imap", self.progress_after, unit="item")
+        # from this call, not from the first next(); the bar is drawn by the iteration's waits
+        return bm.iterate(deadline=deadline, progress=bar)
 
     def _balanced(
         self,
         f: Callable,
         items: list,
         eids: list[int],
-        chunksize: int,
+        chunksize: int | None,
         ordered: bool,
         retries: int,
         listener: Listener | None = None,
@@ -690,11 +840,12 @@ class MultiEngineClient(Configurable):
             ordered=ordered,
             retries=retries,
             listener=listener,
+            interrupt=self._interrupt_eids,  # the owner's interrupt, like mec.interrupt()
         ).start()
 
     def _stop_balanced(self, bm: BalancedMap) -> None:
         bm.cancel()
-        self._controller.interrupt([e for e in bm.eids if not self._controller.dead(e)])
+        self._interrupt_eids([e for e in bm.eids if not self._controller.dead(e)])
 
     def mapper(self, dist: str = "b", targets: Any = None, block: bool | None = None) -> Mapper:
         """A mapper with fixed options: ``mec.mapper(targets=[0, 1]).map(f, seq)``."""
@@ -717,6 +868,46 @@ class MultiEngineClient(Configurable):
             return ParallelFunction(Mapper(self, targets, block), f)
 
         return decorate
+
+    # ------------------------------------------------------------------ other interfaces
+    def executor(self, balanced: bool = True, targets: Any = None) -> EngineExecutor:
+        """A ``concurrent.futures.Executor`` whose tasks run on the target engines: to whichever
+        is free (``balanced``) or round robin (see ``executor.py``)."""
+        from .executor import EngineExecutor
+
+        return EngineExecutor(self, balanced=balanced, targets=targets)
+
+    def register_joblib_backend(
+        self, name: str = "ipy_multiengine", make_default: bool = False
+    ) -> None:
+        """Register the joblib backend ``name`` running ``joblib.Parallel`` on this client's
+        engines: ``with joblib.parallel_config(backend=name): ...`` (``joblib_backend.py``)."""
+        from .joblib_backend import register
+
+        register(self, name=name, make_default=make_default)
+
+    def become_dask(
+        self,
+        targets: Any = None,
+        host: str = "127.0.0.1",
+        nthreads: int = 1,
+        timeout: float = 60.0,
+        **worker_kwargs: Any,
+    ) -> Any:
+        """Start a dask scheduler (in this process) and one worker in each target engine; the
+        ``distributed.Client`` of that cluster. TLS-only, on 127.0.0.1 unless ``host=``
+        (``dask_bridge.py``); ``stop_dask()`` stops it."""
+        from . import dask_bridge
+
+        return dask_bridge.become_dask(
+            self, targets, host=host, nthreads=nthreads, timeout=timeout, **worker_kwargs
+        )
+
+    def stop_dask(self, timeout: float = 30.0) -> None:
+        """Stop the dask cluster of ``become_dask()``; the engines and their namespaces stay."""
+        from . import dask_bridge
+
+        dask_bridge.stop_dask(self, timeout=timeout)
 
     # ------------------------------------------------------------------ inspecting engines
     def status(self, live: bool = False, interval: float = 1.0) -> Any:
@@ -762,7 +953,7 @@ class MultiEngineClient(Configurable):
             progress=self._show_progress,
         )
         if not waiter.wait(timeout):
-            left = sorted({e for e, f in zip(eids, futures) if not f.done()})
+            left = sorted({e for e, f in zip(eids, futures, strict=True) if not f.done()})
             raise TimeoutError(
                 f"barrier not done after {timeout:g} s; still running on engines {left}"
             )
@@ -799,6 +990,21 @@ class MultiEngineClient(Configurable):
         eids = self._resolve_targets(targets)
         self._interrupt_eids([e for e in eids if not self._controller.dead(e)])
 
+    def send_signal(self, sig: int | str, targets: Any = None) -> None:
+        """Send signal ``sig`` (a number, a ``signal.Signals`` or a name like ``'SIGUSR1'``) to
+        the target engines' processes, through whoever owns them (the ``Cluster``, or the
+        ``ipmulti start`` process of a shared cluster). To stop running code use ``interrupt``."""
+        import signal as _signal
+
+        try:
+            if isinstance(sig, bool):
+                raise ValueError
+            signum = _signal.Signals[sig] if isinstance(sig, str) else _signal.Signals(sig)
+        except (KeyError, ValueError, TypeError):
+            raise ValueError(f"not a signal: {sig!r} (e.g. signal.SIGUSR1 or 'SIGUSR1')") from None
+        eids, _ = self._prepare(targets, None)
+        self.owner.send_signal(eids, int(signum))
+
     def _interrupt_eids(self, eids: list[int]) -> None:
         self.owner.interrupt(eids)
 
@@ -832,6 +1038,42 @@ class MultiEngineClient(Configurable):
                 + "; ".join(f"engine {e} {why}" for e, why in waiting.items())
             )
 
+    def refresh(self, timeout: float = 60.0) -> list[int]:
+        """Connect to engines added to the cluster since this client connected (by
+        ``Cluster.add_engines`` or ``ipmulti scale``); returns the ids newly connected."""
+        if self.closed:
+            raise EngineError("this MultiEngineClient is closed")
+        new = self.owner.refresh(timeout)
+        self._meta = self.owner.engine_meta() or self._meta
+        return new
+
+    def wait_for_engines(self, n: int, timeout: float | None = 60.0) -> list[int]:
+        """Wait until at least ``n`` engines are connected and ready (engines being added to a
+        running cluster); returns the ids. ``TimeoutError`` says how many there are."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"wait_for_engines needs a number of engines >= 0, not {n!r}")
+        check_timeout(timeout)
+        if self.closed:
+            raise EngineError("this MultiEngineClient is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def ready() -> list[int]:
+            return [e for e in self._controller.ids if not self._controller.unavailable(e)]
+
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            self.refresh(60.0 if left is None else max(left, 0.01))
+            if len(ready()) >= n:
+                return ready()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(
+                    f"{len(ready())} engines ready after {timeout:g} s, waiting for {n} "
+                    f"(ids {ready()})"
+                )
+            step = 0.25 if left is None else min(0.25, left)
+            _loop.wait_until(lambda: len(ready()) >= n, step, tick=stdin.serve_pending)
+
     def on_start(self, code: str, timeout: float | None = None) -> ResultList:
         """Run setup ``code`` on every engine now, and record it so that it runs again, first
         thing, on every engine that is restarted or added later (``%%px --init``).
@@ -857,10 +1099,38 @@ class MultiEngineClient(Configurable):
         """Forget all recorded ``on_start`` code."""
         self._controller.init_code.clear()
 
-    def activate(self) -> MultiEngineClient:
-        """Make this client the one the ``%px``/``%autopx``/``%result`` magics use."""
+    def activate(self, suffix: str = "", targets: Any = None) -> MultiEngineClient:
+        """Make this client the one the ``%px``/``%autopx``/``%result`` magics use.
+
+        With a ``suffix`` (``'_even'``), a named set of magics beside the default ones:
+        ``%px_even``, ``%%px_even``, ``%autopx_even``, ``%result_even``, on ``targets`` (default:
+        this client's), in the running IPython (the extension is loaded if it is not yet).
+        ``client.deactivate('_even')`` removes them."""
         global _active
-        _active = self
+        if not isinstance(suffix, str) or not f"px{suffix}".isidentifier():
+            raise ValueError(
+                "suffix must make magic names like px{suffix}: letters, digits, _; "
+                f"not {suffix!r}"
+            )
+        if targets is not None:
+            if not suffix:
+                raise ValueError(
+                    "targets= names the engines of a named set (activate(suffix=..., "
+                    "targets=...)); for the default magics set mec.targets or %pxconfig --targets"
+                )
+            self._resolve_targets(targets)  # names the bad id or group now
+        if self.closed:
+            raise EngineError("this MultiEngineClient is closed")
+        if not suffix:
+            _active = self
+            return self
+        ip = _ipython()
+        if ip is None:
+            raise RuntimeError("activate(suffix=...) makes magics: it needs a running IPython")
+        if not activation_hooks:
+            ip.extension_manager.load_extension("ipy_multiengine")
+        for hook in activation_hooks:
+            hook(ip, suffix, self, targets)
         return self
 
     def close(self) -> None:
@@ -884,7 +1154,10 @@ class MultiEngineClient(Configurable):
         self.close()
 
     def __repr__(self) -> str:
-        return f"<MultiEngineClient engines={self.get_ids()} targets={self.targets!r} block={self.block}>"
+        return (
+            f"<MultiEngineClient engines={self.get_ids()} targets={self.targets!r} "
+            f"block={self.block}>"
+        )
 
 
 def close_controller(controller: Controller) -> None:
@@ -906,7 +1179,9 @@ def close_controller(controller: Controller) -> None:
 class EngineIds(list):
     """``get_ids()``: a plain list of ints whose repr also names the dead engines."""
 
-    dead: dict[int, str] = {}
+    def __init__(self, ids: Iterable[int] = (), dead: dict[int, str] | None = None) -> None:
+        super().__init__(ids)
+        self.dead: dict[int, str] = dict(dead or {})
 
     def __repr__(self) -> str:
         base = super().__repr__()
@@ -954,6 +1229,11 @@ def _values(replies: list[CommReply]) -> list[Any]:
     return out
 
 
+def _quiet(record: dict) -> dict:
+    """A silent execute's record: what it printed or displayed is not kept."""
+    return dict(record, stdout="", stderr="", outputs=[], result=None)
+
+
 def _nones(replies: list[Any]) -> list[None]:
     return [None] * len(replies)
 
@@ -980,6 +1260,29 @@ def _dumps_call(f: Callable, args: tuple, kwargs: dict) -> list[Any]:
         for key, value in kwargs.items():
             serialize.check_picklable(f"keyword argument {key}", value)
         return serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs))
+
+
+def _tally(
+    tally: Tally, eids: list[int], futures: list[cf.Future], sizes: list[int] | None = None
+) -> Tally:
+    """Report each engine's part into ``tally`` as its future completes: ``sizes[i]`` units,
+    or the bytes of the reply when ``sizes`` is None; nothing for a part that failed. (A
+    progress count that cannot be made is logged: it must not fail the call.)"""
+    for i, (eid, fut) in enumerate(zip(eids, futures, strict=True)):
+        tally.start(eid)
+        size = None if sizes is None else sizes[i]
+
+        def done(f: cf.Future, eid: int = eid, size: int | None = size) -> None:
+            n = 0
+            try:
+                if not f.cancelled() and f.exception() is None:
+                    n = nbytes(getattr(f.result(), "frames", None)) if size is None else size
+            except Exception:
+                log.debug("progress: cannot count engine %s's part", eid, exc_info=True)
+            tally.done(eid, n)
+
+        fut.add_done_callback(done)
+    return tally
 
 
 def _dumps_part(name: str, offset: int, part: Any) -> list[Any]:

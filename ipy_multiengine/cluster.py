@@ -8,8 +8,10 @@ create time, command line) does not match the file.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import atexit
+import contextlib
 import os
 import socket
 import time
@@ -22,9 +24,10 @@ import psutil
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Enum, Float, Integer, TraitError, Unicode
 from traitlets.config import Config, Configurable
+from traitlets.traitlets import MetaHasTraits
 
 from . import _loop
-from .client import CONFIGURED, config_error, shell_config
+from .client import CONFIGURED, check_timeout, config_error, shell_config
 from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tools import from here)
     HOW_TO_START,
     Owner,
@@ -80,12 +83,9 @@ def terminate_verified(
         procs.append(proc)
     for sig_name, wait in (("terminate", timeout), ("kill", 5.0)):
         for proc in procs:
-            try:
-                getattr(
-                    proc, sig_name
-                )()  # psutil re-checks the create time: no reused pid is signalled
-            except psutil.Error:
-                pass
+            # psutil re-checks the create time: no reused pid is signalled
+            with contextlib.suppress(psutil.Error):
+                getattr(proc, sig_name)()
         deadline = time.monotonic() + wait
         while procs:
             procs = [p for p in procs if _running(p)]
@@ -129,15 +129,16 @@ def _stop_launcher_record(spec: dict) -> list[str]:
     here = socket.gethostname()
     # the launcher's own local process (mpiexec): signal its group only if it is still the one
     ident = record.get("identity")
-    if record.get("pid") and record.get("hostname", here) == here:
-        if ident is None or same_process(ident)[0] is None:
-            if ident is not None and "exited" in same_process(ident)[1]:
-                record = {**record, "pid": None}  # gone already: nothing to signal by group
-            else:
-                why = same_process(ident)[1] if ident else "the file records no identity for it"
-                return [
-                    f"not stopping the {record.get('launcher')} job of pid {record['pid']}: {why}"
-                ]
+    if (
+        record.get("pid")
+        and record.get("hostname", here) == here
+        and (ident is None or same_process(ident)[0] is None)
+    ):
+        if ident is not None and "exited" in same_process(ident)[1]:
+            record = {**record, "pid": None}  # gone already: nothing to signal by group
+        else:
+            why = same_process(ident)[1] if ident else "the file records no identity for it"
+            return [f"not stopping the {record.get('launcher')} job of pid {record['pid']}: {why}"]
     try:
         launcher = launcher_from_dict(record)
         launcher.kill_now()
@@ -213,7 +214,7 @@ def stop_cluster_file(path: Path, timeout: float = 20.0) -> tuple[int, list[str]
         problems = clean_stale(path, spec, notes=messages)
         if problems:
             return 1, messages + problems + [f"kept {path} as the record of what still runs"]
-        return (1 if messages else 0), messages + [f"removed the stale cluster file {path}"]
+        return (1 if messages else 0), [*messages, f"removed the stale cluster file {path}"]
     if owner.get("kind") == "ipmulti":
         refused: list[str] = []
         left = terminate_verified([owner], timeout=timeout, refused=refused)
@@ -250,7 +251,7 @@ PORT_CLASH_RETRIES = 2
 MAX_AUTO_RESTARTS = 5
 
 
-class _OwnerConfigurableMeta(type(Owner), type(Configurable)):
+class _OwnerConfigurableMeta(abc.ABCMeta, MetaHasTraits):
     """``Owner`` is an ABC, ``Configurable`` a ``HasTraits``: one metaclass for both."""
 
 
@@ -448,7 +449,8 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         #: restart engines that die, by themselves (at most ``MAX_AUTO_RESTARTS`` a minute each)
         self.auto_restart = auto_restart
         #: CurveZMQ: 'auto' (on where the kernelspec declares support), 'required', 'disabled', or
-        #: None (default): on unless the engines listen on loopback only (launchers.base.ENCRYPT_LOOPBACK)
+        #: None (default): on unless the engines listen on loopback only
+        #: (launchers.base.ENCRYPT_LOOPBACK)
         self.transport_encryption = transport_encryption
         #: seconds a shutdown request gets before SIGTERM, then as long again before SIGKILL
         self.shutdown_wait = shutdown_wait
@@ -494,6 +496,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         identity), a live one refuses."""
         if not self.shared:
             return embedded_file_path(self.cluster_id)
+        assert self.profile is not None and self._lock is not None  # shared: it has a profile
         path = cluster_file_path(self.profile)
         self._lock.acquire()
         try:
@@ -582,7 +585,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                             self.launcher.retry_after_clash(eid),
                             timeout=(self.startup_timeout or 3600) + 10,
                         )
-                    if info is None:
+                    if info is None or eid is None:
                         raise self._with_output(exc) from None
                     log.warning(
                         "engine %s lost a port to another process while starting; "
@@ -595,9 +598,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             raise
         controller.on_dead = self._on_dead
         try:  # a bad configured client value (MultiEngineClient.targets...) stops what started
-            self.client = MultiEngineClient(
-                _controller=controller, _cluster=self, config=self.config
-            )
+            self.client = MultiEngineClient.from_controller(controller, self, config=self.config)
         except BaseException:
             self.stop()
             raise
@@ -701,6 +702,52 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                     )
                     info = fresh
 
+    def send_signal(self, eids: list[int], signum: int) -> None:
+        """Send signal ``signum`` to engines ``eids`` through the launcher (local engines:
+        their kernel managers' process handles)."""
+        if self._stopped or self.client is None:
+            raise EngineError("this Cluster is not running")
+        _loop.run(self.launcher.send_signal(list(eids), signum), timeout=30)
+
+    def add_engines(self, n: int = 1, timeout: float | None = None) -> list[int]:
+        """Grow the running cluster by ``n`` engines (local launcher); returns their ids.
+
+        The new engines run the recorded ``on_start`` code before they are ready; the cluster
+        file is rewritten (atomically) so that clients attached through it see them
+        (``mec.wait_for_engines(n)``, or their next call). If an engine fails to start or to
+        connect, the engines of this call are stopped and the error is raised."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"add_engines needs a positive number of engines, not {n!r}")
+        check_timeout(timeout)
+        if self._stopped or self.client is None:
+            raise EngineError("this Cluster is not running")
+        timeout = self.startup_timeout if timeout is None else timeout
+        infos = _loop.run(self.launcher.add(n), timeout=(timeout or 3600) + 30)
+        ids = sorted(infos)
+        try:
+            self.client.controller.add_engines(
+                infos, {e: self.launcher.liveness(e) for e in ids}, timeout=timeout or 3600
+            )
+        except BaseException:
+            # engines that connected stay (e.g. their on_start code is still running: they
+            # become ready when it ends); the others are stopped
+            ctl = self.client.controller
+            failed = [e for e in ids if e not in ctl.ids or ctl.dead(e)]
+            _loop.run(self.launcher.remove(failed), timeout=30)
+            kept = {e: infos[e] for e in ids if e not in failed}
+            self.engines_info.update(kept)
+            if kept and self.write_file and self.cluster_file and not self._stopped:
+                self._write_cluster_file(Path(self.cluster_file))
+            raise
+        self.engines_info.update(infos)
+        meta = self.launcher.engine_meta()
+        for eid in ids:
+            self.kernel_names.setdefault(eid, meta.get(eid, {}).get("kernel_name"))
+        self.client.refresh()
+        if self.write_file and self.cluster_file and not self._stopped:
+            self._write_cluster_file(Path(self.cluster_file))
+        return ids
+
     def _on_dead(self, eid: int, reason: str) -> None:
         """Controller callback (loop thread): restart a dead engine when ``auto_restart`` is on."""
         if self._stopped_from_outside():
@@ -724,11 +771,12 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             except Exception as exc:
                 log.error("automatic restart of engine %s failed: %s", eid, exc)
 
-        asyncio.ensure_future(go())
+        _loop.background(go(), f"automatic restart of engine {eid}")
 
     def interrupt(self, eids: list[int]) -> None:
         """Interrupt engines through the launcher: kernel managers (signal or message, as the
-        kernelspec says) for local engines; over ssh, ``scancel --signal=INT``, the whole MPI job."""
+        kernelspec says) for local engines; over ssh, ``scancel --signal=INT``, the whole MPI
+        job."""
         if self.launcher.can_restart:  # local: the kernel managers answer at once, do not wait
             _loop.submit(self.launcher.interrupt(eids))
             return
@@ -744,6 +792,10 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             try:
                 if ask.get("op") == "stop":
                     self.stop_requested = True
+                elif ask.get("op") == "signal":
+                    self.send_signal([int(i) for i in ask.get("ids", [])], int(ask["signal"]))
+                elif ask.get("op") == "add":
+                    answer["ids"] = self.add_engines(int(ask.get("ids", [1])[0]))
                 elif ask.get("op") == "restart":
                     ids = [int(i) for i in ask.get("ids", [])]
                     self.restart(ids)

@@ -3,7 +3,8 @@
 A cluster file is JSON, mode 0600, in ``jupyter_runtime_dir()/ipy_multiengine/`` (mode 0700)::
 
     {"cluster_id": "default", "profile": "default", "shared": true,
-     "owner": {"pid": 123, "host": "box", "create_time": 1700000000.1, "cmdline": [...], "kind": "ipmulti"},
+     "owner": {"pid": 123, "host": "box", "create_time": 1700000000.1, "cmdline": [...],
+               "kind": "ipmulti"},
      "owner_pid": 123, "host": "box", "created": 1700000000.0, "serves": ["requests"],
      "engines": [{"id": 0, "pid": 456, "create_time": ..., "host": "box", "kernel_name": "python3",
                   "connection": {... a Jupyter connection file's content ...}}, ...]}
@@ -22,6 +23,8 @@ process the file describes (host, psutil create time, command line); callers sig
 from __future__ import annotations
 
 import abc
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -81,7 +84,8 @@ def check_profile(profile: str) -> str:
 
 
 def cluster_file_path(profile: str = "default") -> Path:
-    """The file of the shared cluster of ``profile`` (what ``MultiEngineClient(profile=...)`` reads)."""
+    """The file of the shared cluster of ``profile`` (what ``MultiEngineClient(profile=...)``
+    reads)."""
     return cluster_dir() / f"{SHARED_PREFIX}{check_profile(profile)}.json"
 
 
@@ -181,12 +185,13 @@ def same_process(ident: dict | None) -> tuple[psutil.Process | None, str]:
     if not isinstance(ident.get("create_time"), (int, float)):
         return (
             None,
-            f"the file records no start time for pid {pid}, so it cannot be told from another process",
+            f"the file records no start time for pid {pid}, so it cannot be told from another "
+            "process",
         )
     if abs(created - ident["create_time"]) > 0.05:
         return None, f"pid {pid} now belongs to another process (started at {time.ctime(created)})"
     if ident.get("cmdline") is not None and ident["cmdline"] != cmdline:
-        return None, f"pid {pid} now runs another command ({' '.join(cmdline)[:80]!r})"
+        return None, f"pid {pid} now runs another command ({' '.join(cmdline or [])[:80]!r})"
     return proc, ""
 
 
@@ -347,22 +352,26 @@ def liveness_probes(spec: dict) -> dict[int, Callable[[], str | None]]:
     """Process polls for the engines of ``spec`` that run on this host (by identity when the
     file records it, so a reused pid does not look alive)."""
     here = socket.gethostname()
-    probes = {}
+    probes: dict[int, Callable[[], str | None]] = {}
     for e in spec["engines"]:
         pid = e.get("pid")
         if pid and e.get("host", spec.get("host")) == here:
             if isinstance(e.get("create_time"), (int, float)):
                 ident = {"pid": pid, "host": here, "create_time": e["create_time"]}
-                probes[e["id"]] = lambda i=ident: (
-                    None
-                    if same_process(i)[0] is not None
-                    else f"exited (process {i['pid']} is gone)"
-                )
+                probes[e["id"]] = functools.partial(_gone_unless_same, ident)
             else:
-                probes[e["id"]] = lambda p=pid: (
-                    None if pid_alive(p) else f"exited (process {p} is gone)"
-                )
+                probes[e["id"]] = functools.partial(_gone_unless_alive, pid)
     return probes
+
+
+def _gone_unless_same(ident: dict) -> str | None:
+    return (
+        None if same_process(ident)[0] is not None else f"exited (process {ident['pid']} is gone)"
+    )
+
+
+def _gone_unless_alive(pid: int) -> str | None:
+    return None if pid_alive(pid) else f"exited (process {pid} is gone)"
 
 
 def engine_identity(e: dict, spec: dict) -> dict | None:
@@ -492,10 +501,8 @@ def remove_sockets(conn: Any) -> None:
             pass
     parent = Path(conn["ip"]).parent
     if parent.name.startswith("ipme-") and parent != cluster_dir():
-        try:
+        with contextlib.suppress(OSError):
             parent.rmdir()
-        except OSError:
-            pass
 
 
 def remove_requests(path: str | os.PathLike) -> None:
@@ -504,10 +511,8 @@ def remove_requests(path: str | os.PathLike) -> None:
     if d.is_dir():
         for f in d.iterdir():
             f.unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):
             d.rmdir()
-        except OSError:
-            pass
 
 
 def remove_if_mine(path: str | os.PathLike, cluster_id: str, owner: dict) -> bool:
@@ -603,12 +608,14 @@ class ProfileLock:
 
 # ---------------------------------------------------------------------- requests to an owner
 def check_owner(path: Path, op: str) -> dict:
-    """The cluster file's content if its owner takes requests, else an ``EngineError`` saying why."""
+    """The cluster file's content if its owner takes requests, else an ``EngineError`` saying
+    why."""
     spec = read_cluster(path)
     owner = owner_of(spec) or {}
     if "requests" not in spec.get("serves", []):
         raise EngineError(
-            f"cannot {op} engines of {path}: its owner process {owner.get('pid')} does not take requests "
+            f"cannot {op} engines of {path}: its owner process {owner.get('pid')} does not take "
+            "requests "
             "(only clusters started with `ipmulti start` do); do it from the process that owns them"
         )
     if owner.get("host") != socket.gethostname():
@@ -619,10 +626,14 @@ def check_owner(path: Path, op: str) -> dict:
 
 
 def request_owner(
-    cluster_file: str | os.PathLike, op: str, ids: list[int], timeout: float = 60.0
+    cluster_file: str | os.PathLike,
+    op: str,
+    ids: list[int],
+    timeout: float = 60.0,
+    extra: dict | None = None,
 ) -> dict:
-    """Ask the owner of ``cluster_file`` to run ``op`` on engines ``ids``; wait for its answer,
-    which must come from the owner of this very file."""
+    """Ask the owner of ``cluster_file`` to run ``op`` on engines ``ids`` (with the arguments
+    ``extra``); wait for its answer, which must come from the owner of this very file."""
     path = Path(cluster_file)
     spec = check_owner(path, op)
     owner = owner_of(spec) or {}
@@ -632,6 +643,7 @@ def request_owner(
         req,
         json.dumps(
             {
+                **(extra or {}),
                 "op": op,
                 "ids": ids,
                 "cluster_file": _canonical(path),
@@ -664,7 +676,8 @@ def request_owner(
     finally:
         req.unlink(missing_ok=True)
     raise TimeoutError(
-        f"the owner process {owner.get('pid')} of {path} did not {op} engines {ids} within {timeout:g} s"
+        f"the owner process {owner.get('pid')} of {path} did not {op} engines {ids} within "
+        f"{timeout:g} s"
     )
 
 
@@ -714,7 +727,8 @@ class Owner(abc.ABC):
 
     @abc.abstractmethod
     def restart(self, eids: list[int], timeout: float | None = None) -> None:
-        """Restart engines ``eids`` keeping their ids; the client is connected to the new ones after."""
+        """Restart engines ``eids`` keeping their ids; the client is connected to the new ones
+        after."""
 
     @abc.abstractmethod
     def engine_meta(self) -> dict[int, dict]:
@@ -724,9 +738,27 @@ class Owner(abc.ABC):
     def stop(self) -> None:
         """Stop the engines (for a proxy: ask the owner to)."""
 
+    def refresh(self, timeout: float = 60.0) -> list[int]:
+        """Connect the client to engines its owner added since (``add_engines``, ``ipmulti
+        scale``); the ids connected. The owning process connects them itself: nothing to do."""
+        return []
+
+    def add_engines(self, n: int, timeout: float = 60.0) -> list[int]:
+        """Ask the owner for ``n`` more engines; their ids."""
+        raise EngineError("cannot add engines: this client does not know who owns its engines")
+
+    def send_signal(self, eids: list[int], signum: int) -> None:
+        """Send signal ``signum`` to engines ``eids`` (the owner signals its own processes)."""
+        raise EngineError(
+            f"cannot send signal {signum} to engines {eids}: this client does not own them "
+            "(kernels attached by connection file); signal them from the process that started "
+            "them, or interrupt them with mec.interrupt()"
+        )
+
 
 class NoOwner(Owner):
-    """Kernels attached by connection file: nobody to ask; interrupts go over the control channel."""
+    """Kernels attached by connection file: nobody to ask; interrupts go over the control
+    channel."""
 
     def __init__(self, controller: Any) -> None:
         self._controller = controller
@@ -753,6 +785,8 @@ class FileOwner(Owner):
     requests, interrupts go over the engines' control channels, and engines its owner restarts
     by itself are followed (``follow_restart`` is the controller's ``on_dead``)."""
 
+    cluster_file: str  # always a file here
+
     def __init__(
         self, path: str | os.PathLike, controller: Any = None, spec: dict | None = None
     ) -> None:
@@ -761,6 +795,10 @@ class FileOwner(Owner):
         self._spec = read_cluster(path) if spec is None else spec
         self._restarting: set[int] = set()
         self.closed = False
+        try:  # the file as read now: refresh() reads it again only once it changed
+            self._stamp: int | None = os.stat(self.cluster_file).st_mtime_ns
+        except OSError:
+            self._stamp = None
 
     def interrupt(self, eids: list[int]) -> None:
         self._controller.interrupt(eids)
@@ -825,11 +863,46 @@ class FileOwner(Owner):
     def stop(self) -> None:
         request_owner(self.cluster_file, "stop", [], timeout=60.0)
 
+    def send_signal(self, eids: list[int], signum: int) -> None:
+        request_owner(self.cluster_file, "signal", eids, timeout=60.0, extra={"signal": signum})
+
+    def add_engines(self, n: int, timeout: float = 60.0) -> list[int]:
+        answer = request_owner(self.cluster_file, "add", [n], timeout=timeout)
+        self.refresh(timeout)
+        return list(answer.get("ids") or [])
+
+    def refresh(self, timeout: float = 60.0) -> list[int]:
+        """Connect to the engines the cluster file lists that this client does not know yet
+        (read only when the file changed since the last look)."""
+        try:
+            stamp = os.stat(self.cluster_file).st_mtime_ns
+        except OSError:
+            return []
+        if stamp == self._stamp:
+            return []
+        try:
+            spec = read_spec(self.cluster_file)
+        except Exception as exc:  # being replaced, or gone: the next call looks again
+            log.debug("cluster file %s not readable now: %s", self.cluster_file, exc)
+            return []
+        self._stamp = stamp  # one attempt per version of the file, even if connecting fails
+        known = set(self._controller.ids)
+        engines = {e: info for e, info in engines_of(spec).items() if e not in known}
+        if engines:
+            probes = liveness_probes(spec)
+            self._controller.add_engines(
+                engines, {e: p for e, p in probes.items() if e in engines}, timeout=timeout
+            )
+        self._spec, self._stamp = spec, stamp
+        return sorted(engines)
+
     def follow_restart(self, eid: int, reason: str) -> None:
         """(loop thread) Engine ``eid`` died: if its owner restarts it (``auto_restart``,
         ``ipmulti restart``, another client's ``restart``), reconnect to the new process as soon
         as the cluster file lists it."""
         import asyncio
+
+        from . import _loop
 
         controller = self._controller
         dead = controller.state(eid)  # an immutable snapshot: its generation names this connection
@@ -864,4 +937,4 @@ class FileOwner(Owner):
                         log.warning("could not reconnect to restarted engine %s: %s", eid, exc)
                     return
 
-        asyncio.ensure_future(follow())
+        _loop.background(follow(), f"following the restart of engine {eid}")

@@ -74,8 +74,8 @@ def _fetch(
             if targets is not None or any(isinstance(e, RemoteError) for e in err.elist):
                 raise
             # engines that died or began restarting during the call are skipped, with the reason
-            lost = {e.engine_id: str(e) for e in err.elist}
-            keep = [(e, v) for e, v in zip(eids, err.results) if e not in lost]
+            lost = {e.engine_id: str(e) for e in err.elist if e.engine_id is not None}
+            keep = [(e, v) for e, v in zip(eids, err.results, strict=True) if e not in lost]
             return [e for e, _ in keep], [v for _, v in keep], {**skipped, **lost}
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -94,7 +94,10 @@ def pull_table(
     eids, values, skipped = _fetch(client, names, targets, timeout)
     if skipped:  # never dropped silently: said here, and kept on the table
         print(f"pull_table: skipped {_skipped_text(skipped)}", file=sys.stderr)
-    rows = [{"engine": eid, **{n: v[n] for n in names if n in v}} for eid, v in zip(eids, values)]
+    rows = [
+        {"engine": eid, **{n: v[n] for n in names if n in v}}
+        for eid, v in zip(eids, values, strict=True)
+    ]
     try:
         import pandas as pd
     except ImportError:
@@ -164,10 +167,14 @@ class Diff:
             eids = self.groups[0][1]
             if self.skipped:
                 return (
-                    f"{self.name}: the same on the {len(eids)} engine{'s' if len(eids) != 1 else ''} "
+                    f"{self.name}: the same on the {len(eids)} "
+                    f"engine{'s' if len(eids) != 1 else ''} "
                     f"compared {eids}: {_short_repr(self.groups[0][0])}"
                 )
-            return f"{self.name}: the same on all {len(eids)} engines {eids}: {_short_repr(self.groups[0][0])}"
+            return (
+                f"{self.name}: the same on all {len(eids)} engines {eids}: "
+                f"{_short_repr(self.groups[0][0])}"
+            )
         n = len(self.groups)
         lines = [
             f"{self.name}: {n} different value{'s' if n != 1 else ''}"
@@ -202,7 +209,7 @@ def diff(client: Any, name: str, targets: Any = None, timeout: float | None = No
     eids, values, skipped = _fetch(client, [name], targets, timeout)
     groups: list[tuple[Any, list[int]]] = []
     missing = []
-    for eid, v in zip(eids, values):
+    for eid, v in zip(eids, values, strict=True):
         if name not in v:
             missing.append(eid)
             continue

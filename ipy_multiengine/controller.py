@@ -13,6 +13,8 @@ The controller knows nothing of magics or result formatting: it hands back plain
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import enum
 import itertools
 import logging
@@ -39,6 +41,9 @@ log = logging.getLogger("ipy_multiengine")
 IDLE_GRACE = 5.0
 #: Milliseconds a closing client waits for its comm_close messages to leave.
 CLOSE_LINGER_MS = 500
+#: Seconds the first ping on an engine's fast socket may take before the comm carries its data
+#: instead (the port unreachable from here: a firewall, an SSH tunnel of the kernel's ports only).
+FAST_PROBE = 3.0
 #: Seconds between liveness polls of engines.
 POLL_INTERVAL = 0.5
 #: Default heartbeat period (s) for engines without a local process to poll: an engine that
@@ -53,7 +58,7 @@ STALL_LIMIT = 0.5
 Listener = Callable[[int, str, dict], None]
 
 
-class EngineStatus(str, enum.Enum):
+class EngineStatus(enum.StrEnum):
     """What an engine is doing, as its shell channel says (a ``str``: compares to "idle")."""
 
     STARTING = "starting"
@@ -62,8 +67,8 @@ class EngineStatus(str, enum.Enum):
     RESTARTING = "restarting"
     DEAD = "dead"
 
-    def __str__(self) -> str:
-        return self.value
+
+_STATUSES = {s.value: s for s in EngineStatus}
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,7 @@ class Request:
     listener_error: BaseException | None = None
     stdin_shown: tuple = (0, 0)  # how much of its stdout, stderr an input prompt has shown already
     sent_chained: bool = False  # its ``future.sent`` resolves when zmq's send completes
+    held: bool = False  # waiting for the other path's earlier requests (see Controller._gate)
 
 
 class RequestFuture(Future):
@@ -141,6 +147,12 @@ class RequestFuture(Future):
     def __init__(self, track: bool = False) -> None:
         super().__init__()
         self.sent: Future | None = Future() if track else None
+        #: wall-clock times (``time.time()``): submitted by the caller; started when the
+        #: engine said busy for it (None if it never did: comm ops during an async cell);
+        #: completed when its result (or error) arrived. Written once each, on the loop.
+        self.submitted: float = time.time()
+        self.started: float | None = None
+        self.completed: float | None = None
 
 
 @dataclass
@@ -195,10 +207,21 @@ class EngineConn:
         self.init_running: str = ""  # the on_start code running now
         self.generation = next(_generations)
         self.shell_idle = asyncio.Event()  # set at a shell idle, cleared at busy
+        #: data operations go on the engine's fast socket (issue 15.2), not the comm
+        self.fast = False
+        #: requests held back to keep this engine's order across the shell and the fast socket
+        self.held: collections.deque[tuple[dict, Request, list]] = collections.deque()
+        self.releasing = False
+        self.published_key: tuple | None = None  # what its last snapshot showed
 
     def url(self, channel: str) -> str:
         transport = self.info.get("transport", "tcp")
         ip = self.info.get("ip", "127.0.0.1")
+        if channel == "fast":
+            fast = self.engine_info["fast"]
+            if fast.get("transport") == "ipc":
+                return f"ipc://{fast['path']}"
+            return f"tcp://{ip}:{int(fast['port'])}"
         port = self.info[f"{channel}_port"]
         return f"{transport}://{ip}:{port}" if transport == "tcp" else f"{transport}://{ip}-{port}"
 
@@ -279,7 +302,8 @@ class Controller:
         liveness: dict[int, Callable[[], str | None]] | None = None,
         timeout: float = 60.0,
     ) -> None:
-        """Connect (or reconnect, replacing the old connection) engines by id; blocks until ready."""
+        """Connect (or reconnect, replacing the old connection) engines by id; blocks until
+        ready."""
         if self._closed:
             raise EngineError("this client is closed")
         _loop.run(self.add_engines_async(engines, liveness, timeout))
@@ -343,10 +367,11 @@ class Controller:
         results = await asyncio.gather(*(connect(c) for c in conns), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            for conn, res in zip(conns, results):
+            for conn, res in zip(conns, results, strict=True):
                 if keep_others:
                     if conn.init_task is not None and not conn.init_task.done() and not conn.dead:
-                        continue  # alive, still running slow on_start code: it becomes ready by itself
+                        # alive, still running slow on_start code: it becomes ready by itself
+                        continue
                     if conn.ready:
                         continue  # this one connected; only the others failed
                     # keep the id known (as dead) so the client can report and restart it
@@ -403,7 +428,8 @@ class Controller:
             ("stdin", zmq.DEALER),
         ):
             if channel == "stdin" and "stdin_port" not in conn.info:
-                continue  # connection info without stdin: input() there raises StdinNotImplementedError
+                # connection info without stdin: input() there raises StdinNotImplementedError
+                continue
             sock = self._socket(conn, channel, kind)
             conn.tasks.append(self._spawn(self._reader(conn, channel, sock), conn))
         # The SUB socket misses messages until its subscription reaches the kernel: ask for
@@ -419,7 +445,8 @@ class Controller:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise EngineError(
-                    f"engine {conn.eid} at {conn.url('shell')} did not answer kernel_info within {timeout:g} s",
+                    f"engine {conn.eid} at {conn.url('shell')} did not answer kernel_info within "
+                    f"{timeout:g} s",
                     conn.eid,
                 )
             try:
@@ -475,16 +502,51 @@ class Controller:
         )
         conn.engine_info = {k: v for k, v in reply.content.items() if k not in ("rid", "status")}
         conn.data_ok = True
+        if isinstance(conn.engine_info.get("fast"), dict):
+            await self._open_fast(conn, deadline)
         # the comm_open's own idle follows its reply: wait for it (briefly), so that a fresh
         # engine is shown idle, not busy, once it is ready
         if conn.state == "busy":
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     conn.shell_idle.wait(), min(1.0, max(deadline - time.monotonic(), 0.01))
                 )
-            except asyncio.TimeoutError:
-                pass
         await self._run_init(conn, deadline, timeout)
+
+    async def _open_fast(self, conn: EngineConn, deadline: float) -> None:
+        """Connect to the engine's fast socket and ping it; when the ping does not come back
+        (within FAST_PROBE s), close it: the comm carries this engine's data, as before."""
+        if (
+            conn.engine_info["fast"].get("transport") == "ipc"
+            and conn.info.get("transport") != "ipc"
+        ):
+            return  # a unix socket on the engine's host is not ours to reach
+        try:
+            sock = self._socket(conn, "fast", zmq.DEALER)
+        except (zmq.ZMQError, KeyError, ValueError) as exc:
+            log.info("engine %s: fast socket unusable (%s); the comm carries data", conn.eid, exc)
+            return
+        conn.tasks.append(self._spawn(self._reader(conn, "fast", sock), conn))
+        msg = conn.session.msg("ime_request", {"op": "ping", "comm_id": conn.comm_id})
+        msg["content"]["rid"] = msg["msg_id"]
+        req = self._new_request(conn, "comm", msg["msg_id"], channel="fast", op="ping")
+        conn.requests[req.msg_id] = req
+        self._send(conn, "fast", msg)
+        wait = min(FAST_PROBE, max(deadline - time.monotonic(), 0.01))
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(req.future), wait)
+            conn.fast = True
+            return
+        except (asyncio.TimeoutError, EngineError, RemoteError) as exc:
+            log.info(
+                "engine %s: no answer on its fast socket (%s); the comm carries data",
+                conn.eid,
+                type(exc).__name__,
+            )
+        conn.requests.pop(req.msg_id, None)
+        fast = conn.sockets.pop("fast", None)
+        if fast is not None:
+            fast.close(linger=0)
 
     async def _run_init(self, conn: EngineConn, deadline: float, timeout: float) -> None:
         """Run the recorded on_start code on a fresh engine, before anything else reaches it.
@@ -502,7 +564,8 @@ class Controller:
             await asyncio.wait_for(asyncio.shield(task), max(deadline - time.monotonic(), 0))
         except asyncio.TimeoutError:
             raise EngineError(
-                f"engine {conn.eid}: its on_start code {_short(conn.init_running)!r} has not finished "
+                f"engine {conn.eid}: its on_start code {_short(conn.init_running)!r} has not "
+                "finished "
                 f"within {timeout:g} s; it goes on running and the engine becomes ready when it is "
                 "done (mec.wait_ready() waits for it; mec.interrupt() stops it)",
                 conn.eid,
@@ -546,22 +609,52 @@ class Controller:
             return  # replaced meanwhile: its successor speaks for the id
         busy = conn.state == "busy" and not conn.dead
         in_flight = len(conn.requests)
-        ours = busy and conn.running and not conn.running.startswith("(a request from another")
+        running, busy_since = conn.running, conn.busy_since
+        if conn.fast and conn.state == "idle" and not conn.dead and conn.ready:
+            # the fast socket has no busy/idle status messages: the engine is busy with the
+            # oldest data operation of ours that it has not answered yet
+            first = next(
+                (r for r in conn.requests.values() if r.channel == "fast" and not r.held), None
+            )
+            if first is not None:
+                busy, running, busy_since = True, first.op, first.sent
+        ours = busy and running and not running.startswith("(a request from another")
         state = (
             EngineStatus.DEAD
             if conn.dead
-            else (
-                EngineStatus(conn.state)
-                if conn.state in {s.value for s in EngineStatus}
-                else EngineStatus.RESTARTING
-            )
+            else EngineStatus.BUSY
+            if busy
+            else _STATUSES.get(conn.state, EngineStatus.RESTARTING)
         )
+        # most messages change nothing a snapshot shows: building one (and a new mapping of
+        # every engine) per message was the controller's largest cost per call (yappi)
+        key = (
+            state,
+            busy_since if busy else None,
+            running if busy else "",
+            in_flight,
+            ours,
+            conn.dead,
+            conn.ready,
+            conn.data_ok,
+            conn.heartbeat,
+            conn.init_running,
+            len(conn.init_errors),
+            id(conn.kernel_info),
+            id(conn.engine_info),
+            len(conn.engine_info),
+            conn.language,
+            conn.generation,
+        )
+        if conn.published_key == key and conn.eid in self._published:
+            return
+        conn.published_key = key
         snap = EngineState(
             id=conn.eid,
             state=state,
             language=conn.language,
-            busy_since=conn.busy_since if busy else None,
-            running=conn.running if busy else "",
+            busy_since=busy_since if busy else None,
+            running=running if busy else "",
             in_flight=in_flight,
             queued=max(in_flight - (1 if ours else 0), 0),
             pid=conn.engine_info.get("pid"),
@@ -623,7 +716,7 @@ class Controller:
                 try:
                     ctx.destroy(linger=0)
                 finally:
-                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                    loop.call_soon_threadsafe(_resolve, done)
 
             threading.Thread(target=term, name="ipy_multiengine-close", daemon=True).start()
             await asyncio.wait_for(done, CLOSE_LINGER_MS / 1000 + 2)
@@ -634,9 +727,9 @@ class Controller:
         task = asyncio.ensure_future(coro)
 
         def ended(t: asyncio.Task) -> None:
-            if t.cancelled() or t.exception() is None:
+            exc = None if t.cancelled() else t.exception()
+            if exc is None:
                 return
-            exc = t.exception()
             log.error(
                 "ipy_multiengine I/O task %s failed", getattr(coro, "__name__", coro), exc_info=exc
             )
@@ -723,7 +816,8 @@ class Controller:
                         self._fail_requests(conn, exc)
 
     async def _heartbeats(self) -> None:
-        """Send a beat to every heartbeat-watched engine each third of the period; one task for all."""
+        """Send a beat to every heartbeat-watched engine each third of the period; one task for
+        all."""
         while self.heartbeat:
             period = self.heartbeat
             self._check_stall()
@@ -744,10 +838,8 @@ class Controller:
                         log.error("engine %s: marking it dead failed", conn.eid, exc_info=exc)
                         self._fail_requests(conn, exc)
                 conn.beats += 1
-                try:
+                with contextlib.suppress(zmq.ZMQError):  # queue full: the engine is unreachable
                     conn.sockets["hb"].send(b"%d" % conn.beats, zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # queue full while the engine is unreachable
             await asyncio.sleep(period / 3)
 
     async def _hb_reader(self, conn: EngineConn, sock: zmq.asyncio.Socket) -> None:
@@ -791,6 +883,9 @@ class Controller:
                 log.exception("on_dead callback failed")
 
     def _fail_all(self, conn: EngineConn, reason: str) -> None:
+        for _msg, req, _buffers in conn.held:  # failed below with the others, never sent now
+            req.held = False
+        conn.held.clear()
         for req in list(conn.requests.values()):
             what = (
                 f" while running {req.code or req.op or req.kind!r}" if (req.code or req.op) else ""
@@ -803,11 +898,20 @@ class Controller:
 
     # ---------------------------------------------------------------- receiving (loop)
     async def _reader(self, conn: EngineConn, channel: str, sock: zmq.asyncio.Socket) -> None:
+        # drain with non-blocking reads on a plain shadow of the socket and await readiness
+        # only when it is empty: one asyncio future per burst, not per message (issue 15.3)
+        plain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         while True:
             try:
-                frames = await sock.recv_multipart(copy=False)
-            except asyncio.CancelledError:
-                raise
+                frames = plain.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                try:
+                    await sock.poll()  # POLLIN, no timeout (pyzmq's defaults)
+                except asyncio.CancelledError:
+                    raise
+                except zmq.ZMQError:
+                    return
+                continue
             except zmq.ZMQError:
                 return
             try:
@@ -865,6 +969,11 @@ class Controller:
         mtype = msg["msg_type"]
         content = msg["content"]
         parent = msg["parent_header"].get("msg_id", "")
+        if channel == "fast":
+            req = conn.requests.get(parent)
+            if req is not None and req.channel == "fast":
+                self._finish_comm(conn, req, content, msg.get("buffers") or [])
+            return
         if channel == "stdin":
             if mtype == "input_request":
                 self._on_input_request(conn, msg)
@@ -877,6 +986,7 @@ class Controller:
                     self._page_outputs(conn, req, content)
                 if channel == "shell" and req.channel == "shell":
                     self._drop_skipped(conn, req, ("execute", "shell"))
+                    self._release(conn)  # its effects are there: held data operations may go
                 self._maybe_complete(conn, req)
             return
         conn.iopub_seen.set()
@@ -907,6 +1017,13 @@ class Controller:
                     else ("(a request from another client)" if state == "busy" else "")
                 )
                 (conn.shell_idle.set if state == "idle" else conn.shell_idle.clear)()
+            if (
+                req is not None
+                and state == "busy"
+                and isinstance(req.future, RequestFuture)
+                and req.future.started is None
+            ):
+                req.future.started = time.time()
             if req is not None and state == "idle":
                 req.idle = True
                 if req.channel == "shell":
@@ -914,7 +1031,7 @@ class Controller:
                     # that got no reply were lost. A control request says nothing about the
                     # shell queue, so it never fails queued requests (issue 11.8).
                     self._drop_skipped(conn, req, ("comm",))
-                if req.reply is None and req.kind in ("execute", "comm"):
+                if req.reply is None and req.kind in ("execute", "comm") and req.channel == "shell":
                     self._call_later(IDLE_GRACE, self._reply_overdue, conn, req)
                 self._maybe_complete(conn, req)
             return
@@ -1060,6 +1177,7 @@ class Controller:
                 req.channel == "shell"
                 and req.kind in kinds
                 and req.reply is None
+                and not req.held
                 and not req.future.done()
             ):
                 self._lost(conn, req)
@@ -1089,9 +1207,23 @@ class Controller:
             self._maybe_complete(conn, req)
 
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
-        out = {"stdout": "".join(req.stdout), "stderr": "".join(req.stderr), "outputs": req.outputs}
+        out: dict[str, Any] = {
+            "stdout": "".join(req.stdout),
+            "stderr": "".join(req.stderr),
+            "outputs": req.outputs,
+        }
         if data.get("status") == "ok":
-            self._finish(conn, req, value=CommReply(data, list(frames), **out))
+            self._finish(
+                conn,
+                req,
+                value=CommReply(
+                    data,
+                    list(frames),
+                    stdout=out["stdout"],
+                    stderr=out["stderr"],
+                    outputs=out["outputs"],
+                ),
+            )
         else:
             item = data.get("item")
             evalue = data.get("evalue", "")
@@ -1114,8 +1246,14 @@ class Controller:
     ) -> None:
         if conn.requests.pop(req.msg_id, None) is not None:
             self._publish(conn)
+            if conn.held:
+                self._release(conn)
+        if not req.sent_chained:
+            _set_sent(req, None)  # (held, then failed): nothing of the caller's is in zmq
         if req.future.done():
             return
+        if isinstance(req.future, RequestFuture):
+            req.future.completed = time.time()
         if exc is None and req.listener_error is not None:
             exc = req.listener_error
         if exc is not None:
@@ -1183,7 +1321,9 @@ class Controller:
         return req.future
 
     def _send_comm_open(self, conn: EngineConn) -> tuple[str, Future]:
-        msg = wire.with_rid(conn.session.msg("comm_open", wire.comm_open_content(conn.comm_id)))
+        msg = wire.with_rid(
+            conn.session.msg("comm_open", wire.comm_open_content(conn.comm_id, conn.eid))
+        )
         req = self._new_request(conn, "comm", msg["msg_id"], op="open")
         conn.requests[req.msg_id] = req
         self._send(conn, "shell", msg)
@@ -1199,7 +1339,7 @@ class Controller:
                 self._finish(conn, req, exc=exc)
         finally:
             for _conn, _msg, req, _buffers in batch:
-                if not req.sent_chained:
+                if not req.sent_chained and not req.held:
                     _set_sent(req, None)  # nothing was handed to zmq for this one
 
     def _send_each(self, batch: list[tuple[EngineConn, dict, Request, list]]) -> None:
@@ -1211,27 +1351,77 @@ class Controller:
                     conn,
                     req,
                     exc=EngineError(
-                        f"engine {conn.eid} is {'dead: ' + conn.dead if conn.dead else 'not connected'}",
+                        f"engine {conn.eid} is "
+                        f"{'dead: ' + conn.dead if conn.dead else 'not connected'}",
                         conn.eid,
                         _method(req),
                     ),
                 )
                 continue
             conn.requests[req.msg_id] = req
-            try:
-                sending, tracker = self._send(conn, "shell", msg, buffers)
-            except Exception as exc:
-                self._finish(conn, req, exc=exc)
+            if conn.held or self._crossing(conn, req):
+                req.held = True
+                conn.held.append((msg, req, buffers))
                 continue
-            if getattr(req.future, "sent", None) is not None:
-                # the caller's buffers are read until zmq has the message (a queued send) and,
-                # for zero-copy frames, until zmq releases them
-                req.sent_chained = True
-                sending.add_done_callback(
-                    lambda _s, req=req, tracker=tracker: _set_sent(req, tracker)
-                )
+            self._send_one(conn, msg, req, buffers)
         for conn in {id(c): c for c, _m, _r, _b in batch}.values():
             self._publish(conn)
+
+    @staticmethod
+    def _crossing(conn: EngineConn, req: Request) -> bool:
+        """Whether ``req`` must wait to keep the engine's order (issue 15.2): the shell channel
+        and the fast socket are two queues on the engine, each in order, not with each other.
+        A request on one waits while an earlier request of this client on the other is
+        unanswered (an execute's reply comes once its code ran: a pull sent then sees it)."""
+        if req.channel not in ("shell", "fast"):
+            return False
+        other = "fast" if req.channel == "shell" else "shell"
+        return any(
+            r.channel == other and r.reply is None and not r.held and r is not req
+            for r in conn.requests.values()
+        )
+
+    def _release(self, conn: EngineConn) -> None:
+        """(loop) Send the held requests that may go now, in order."""
+        if conn.releasing:
+            return
+        conn.releasing = True
+        try:
+            while conn.held:
+                msg, req, buffers = conn.held[0]
+                if req.future.done() or conn.requests.get(req.msg_id) is not req:
+                    conn.held.popleft()
+                    continue
+                if self._crossing(conn, req):
+                    return
+                conn.held.popleft()
+                req.held = False
+                if conn.dead or req.channel not in conn.sockets:
+                    self._finish(
+                        conn,
+                        req,
+                        exc=EngineError(
+                            f"engine {conn.eid} is not connected", conn.eid, _method(req)
+                        ),
+                    )
+                    continue
+                self._send_one(conn, msg, req, buffers)
+        finally:
+            conn.releasing = False
+            self._publish(conn)
+
+    def _send_one(self, conn: EngineConn, msg: dict, req: Request, buffers: list) -> None:
+        req.sent = time.monotonic()
+        try:
+            sending, tracker = self._send(conn, req.channel, msg, buffers)
+        except Exception as exc:
+            self._finish(conn, req, exc=exc)
+            return
+        if getattr(req.future, "sent", None) is not None:
+            # the caller's buffers are read until zmq has the message (a queued send) and,
+            # for zero-copy frames, until zmq releases them
+            req.sent_chained = True
+            sending.add_done_callback(lambda _s, req=req, tracker=tracker: _set_sent(req, tracker))
 
     # ---------------------------------------------------------------- public, any thread
     @property
@@ -1290,19 +1480,31 @@ class Controller:
         frames: list[list[Any]],
         listener: Listener | None = None,
     ) -> list[Future]:
-        """Send one comm operation per engine (``frames[i]`` to ``eids[i]``); Futures of ``CommReply``."""
+        """Send one comm operation per engine (``frames[i]`` to ``eids[i]``); Futures of
+        ``CommReply``."""
 
         def build(conn: EngineConn, _frames: list, fut: Future) -> tuple[dict, Request]:
-            msg = wire.with_rid(
-                conn.session.msg("comm_msg", wire.comm_op_content(conn.comm_id, op, data))
-            )
+            if conn.fast:
+                msg = conn.session.msg("ime_request", wire.fast_op_content(conn.comm_id, op, data))
+                msg["content"]["rid"] = msg["msg_id"]
+            else:
+                msg = wire.with_rid(
+                    conn.session.msg("comm_msg", wire.comm_op_content(conn.comm_id, op, data))
+                )
             req = self._new_request(
-                conn, "comm", msg["msg_id"], future=fut, op=op, listener=listener
+                conn,
+                "comm",
+                msg["msg_id"],
+                future=fut,
+                op=op,
+                listener=listener,
+                channel="fast" if conn.fast else "shell",
             )
             if not conn.data_ok and not fut.done():
                 fut.set_exception(
                     EngineError(
-                        f"engine {conn.eid} ({conn.language or 'unknown language'}) cannot run {op!r}: data "
+                        f"engine {conn.eid} ({conn.language or 'unknown language'}) cannot run "
+                        f"{op!r}: data "
                         "operations need a Python engine with ipy_multiengine installed",
                         conn.eid,
                         op,
@@ -1324,12 +1526,14 @@ class Controller:
         frames is a ``RequestFuture`` whose ``sent`` tells when zmq holds them (issue 11.2)."""
         if self._closed:
             raise EngineError("this client is closed")
-        futures = [RequestFuture(track=track and bool(fr)) for _eid, fr in zip(eids, frames)]
+        futures: list[Future] = [
+            RequestFuture(track=track and bool(fr)) for _eid, fr in zip(eids, frames, strict=True)
+        ]
 
         def send() -> None:
             batch = []
             try:
-                for eid, fr, fut in zip(eids, frames, futures):
+                for eid, fr, fut in zip(eids, frames, futures, strict=True):
                     conn = self._engines.get(eid)
                     if conn is None:
                         fut.set_exception(EngineError(f"no engine {eid}", eid))
@@ -1359,6 +1563,49 @@ class Controller:
                     )
 
         _loop.call_soon(send)
+
+    def abort(self, futures: list[Future], timeout: float = 10.0) -> dict[int, list[Future]]:
+        """Ask the engines to skip the requests of ``futures`` that they have not started.
+
+        Returns, per engine, the futures the engine had already started (or finished):
+        those are left alone. The skipped ones fail with ``RemoteError('Aborted')`` when
+        the engine reaches them. Futures already done, or not of this controller, are ignored.
+        """
+        return _loop.run(self._abort(list(futures), timeout), timeout=timeout + 1)
+
+    async def _abort(self, futures: list[Future], timeout: float) -> dict[int, list[Future]]:
+        wanted = {id(f) for f in futures if not f.done()}
+        per_engine: dict[int, list[Request]] = {}
+        for conn in self._engines.values():
+            for req in conn.requests.values():
+                if id(req.future) in wanted and req.kind in ("execute", "comm"):
+                    per_engine.setdefault(conn.eid, []).append(req)
+        refused: dict[int, list[Future]] = {}
+        replies = []
+        for eid, reqs in per_engine.items():
+            conn = self._engines[eid]
+            if conn.dead or not conn.data_ok or "control" not in conn.sockets:
+                refused[eid] = [r.future for r in reqs]
+                continue
+            fut = self._send_shell(
+                conn,
+                "ime_abort_request",
+                {"msg_ids": [r.msg_id for r in reqs]},
+                kind="control",
+                channel="control",
+            )
+            replies.append((eid, reqs, fut))
+        for eid, reqs, fut in replies:
+            try:
+                reply = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+            except (asyncio.TimeoutError, EngineError):
+                refused[eid] = [r.future for r in reqs]
+                continue
+            running = set((reply.reply or {}).get("running") or [])
+            left = [r.future for r in reqs if r.msg_id in running]
+            if left:
+                refused[eid] = left
+        return refused
 
     def pending(self, eid: int) -> int:
         """Requests of this client in flight on engine ``eid``."""
@@ -1412,3 +1659,9 @@ def _short(code: str, width: int = 80) -> str:
 
 def _method(req: Request) -> str:
     return "execute" if req.kind == "execute" else (req.op or req.kind)
+
+
+def _resolve(fut: asyncio.Future[Any]) -> None:
+    """Set ``fut``'s result to None unless it is done already (a loop callback)."""
+    if not fut.done():
+        fut.set_result(None)

@@ -5,17 +5,31 @@ The controller installs it with a silent ``execute`` and then opens a comm with 
 ``push``, ``pull``, ``apply``, ``map`` or ``ping``. Every message gets exactly one reply
 ``{'rid': ..., 'status': 'ok'|'error', ...}`` with pickled payloads as binary buffers, also
 when the operation raises (a comm handler exception would otherwise produce no reply).
+
+The fast path (issue 15.2): the comm's open reply also names a ZMQ ROUTER socket that this
+helper serves on the kernel's own main loop, beside ipykernel's shell dispatch. The same
+operations arrive there as Jupyter messages signed with the kernel's key (a message whose
+signature does not check is dropped unread: nothing unpickles it); the socket is a unix socket
+next to the kernel's own (in the launcher's 0700 directory) for IPC engines, else TCP on the
+kernel's address, with the kernel's CurveZMQ keys when it has them. An operation that printed
+or displayed something replies on the comm instead, behind its output on IOPub, so no output
+is lost or reordered. ``IPY_MULTIENGINE_FAST=0`` in the engine's environment keeps it off.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dis
 import functools
+import logging
 import os
 import pickle
+import signal
 import socket
 import sys
+import threading
+import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +45,9 @@ def register() -> None:
     """Register the comm target on the running kernel (idempotent)."""
     ip = get_ipython()
     ip.kernel.comm_manager.register_target(TARGET, _on_open)
+    if not _registered[0]:
+        _install_abort(ip.kernel)
+    _registered[0] = True
     if getattr(sys.breakpointhook, "__name__", "") != "_breakpointhook":
         _original_hook[0] = sys.breakpointhook
         sys.breakpointhook = _breakpointhook
@@ -60,18 +77,144 @@ def _namespace() -> dict:
     return get_ipython().user_ns
 
 
+_registered = [False]
+
+#: ``ime_abort_request`` (control channel): shell messages to skip, and those already begun;
+#: both under one lock (the control thread adds, the shell's dispatch checks)
+_abort_lock = threading.Lock()
+_aborted: set[str] = set()
+_begun: collections.OrderedDict[str, None] = collections.OrderedDict()
+_BEGUN_KEPT = 4096
+
+
+def _install_abort(kernel: Any) -> None:
+    """Let clients skip queued requests: a control handler records ids to skip, and the
+    kernel's ``should_handle`` hook (ipykernel's place for "aborted requests") skips them."""
+    original = kernel.should_handle
+
+    def should_handle(stream: Any, msg: dict, idents: Any) -> Any:
+        msg_id = msg["header"]["msg_id"]
+        with _abort_lock:
+            skip = msg_id in _aborted
+            if skip:
+                _aborted.discard(msg_id)
+            else:
+                _begun[msg_id] = None
+                if len(_begun) > _BEGUN_KEPT:
+                    _begun.popitem(last=False)
+        if skip:
+            _skip(kernel, stream, msg, idents)
+            return False
+        return original(stream, msg, idents)
+
+    def abort_request(stream: Any, idents: Any, msg: dict) -> None:
+        running = []
+        with _abort_lock:
+            for msg_id in msg["content"].get("msg_ids") or []:
+                if msg_id in _begun:
+                    running.append(msg_id)
+                else:
+                    _aborted.add(msg_id)
+        kernel.session.send(
+            stream, "ime_abort_reply", {"status": "ok", "running": running}, msg, idents
+        )
+
+    kernel.should_handle = should_handle
+    kernel.control_handlers["ime_abort_request"] = abort_request
+
+
+def _skip(kernel: Any, stream: Any, msg: dict, idents: Any) -> None:
+    """Answer a skipped request as aborted (an execute) or with an ``Aborted`` error (a comm op)."""
+    mtype = msg["header"]["msg_type"]
+    if mtype == "comm_msg":
+        content = msg["content"]
+        comm = kernel.comm_manager.get_comm(content.get("comm_id"))
+        if comm is not None:
+            comm.send(
+                {
+                    "rid": (content.get("data") or {}).get("rid"),
+                    "status": "error",
+                    "ename": "Aborted",
+                    "evalue": "aborted before it started (mec abort)",
+                    "traceback": [],
+                    "item": None,
+                }
+            )
+        return
+    reply_type = mtype.replace("_request", "_reply")
+    kernel.session.send(stream, reply_type, {"status": "aborted"}, msg, idents)
+
+
+def on_engine() -> bool:
+    """True in an engine process (this helper is installed), False anywhere else."""
+    return _registered[0]
+
+
+def call_in_namespace(f: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Call ``f`` as ``apply`` does: a function sent by value sees the caller's globals sent
+    with it, then the engine's namespace; the globals it assigns land in that namespace."""
+    g, commit = _in_namespace(f)
+    try:
+        return g(*args, **kwargs)
+    finally:
+        commit()
+
+
+def set_in_namespace(values: dict) -> None:
+    """Set names in the engine namespace as ``push`` does (functions rebound likewise)."""
+    _namespace().update(
+        {k: _pushed(v) if isinstance(v, types.FunctionType) else v for k, v in values.items()}
+    )
+
+
+#: The name that holds the engine's id in its namespace (docs/engines.md, "Which engine am I?").
+ENGINE_ID_NAME = "engine_id"
+_engine_id: list[int | None] = [None]
+
+
+def _keep_engine_id(*_args: Any) -> None:
+    """After every cell: ``engine_id`` is back if a cell (``%reset``, ``del``) removed it."""
+    if _engine_id[0] is not None:
+        ns = _namespace()
+        if ENGINE_ID_NAME not in ns:
+            ns[ENGINE_ID_NAME] = _engine_id[0]
+            get_ipython().user_ns_hidden[ENGINE_ID_NAME] = _engine_id[0]
+
+
+def _set_engine_id(eid: int) -> None:
+    """Give the namespace its ``engine_id`` (hidden from ``%who``), kept after ``%reset``."""
+    ip = get_ipython()
+    first = _engine_id[0] is None
+    _engine_id[0] = eid
+    ip.user_ns[ENGINE_ID_NAME] = eid
+    ip.user_ns_hidden[ENGINE_ID_NAME] = eid
+    if first:
+        ip.events.register("post_run_cell", _keep_engine_id)
+
+
 def _on_open(comm: Any, msg: dict) -> None:
     comm.on_msg(lambda m: _on_msg(comm, m))
+    comm.on_close(lambda _m: _comms.pop(comm.comm_id, None))
+    _comms[comm.comm_id] = comm
     rid = msg["content"]["data"].get("rid")
-    comm.send(
-        {
-            "rid": rid,
-            "status": "ok",
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "python": sys.version.split()[0],
-        }
-    )
+    eid = msg["content"]["data"].get("engine_id")
+    if isinstance(eid, int):
+        _set_engine_id(eid)
+    reply = {
+        "rid": rid,
+        "status": "ok",
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "python": sys.version.split()[0],
+    }
+    fast = _fast_address()
+    if fast:
+        reply["fast"] = fast
+    comm.send(reply)
+
+
+#: the open comms by id: an operation on the fast socket that printed replies on its client's comm
+_comms: dict[str, Any] = {}
 
 
 def _op_push(data: dict, frames: list) -> list:
@@ -96,7 +239,7 @@ def _op_pull(data: dict, frames: list) -> list:
     try:
         return serialize.dumps(values[0] if data.get("single") else values)
     except Exception as exc:
-        for name, value in zip(data["names"], values):
+        for name, value in zip(data["names"], values, strict=True):
             _check_sendable(f"{name!r}", value)
         raise TypeError(f"cannot send the pulled values back: {exc}") from exc
 
@@ -189,14 +332,15 @@ def _in_namespace(f: Any) -> tuple[Any, Callable[[], None]]:
     g = rebind(f)
     sent = [(o, dict(o)) for o in overlays.values()]
 
-    def commit() -> None:
+    def write_back() -> None:
         for overlay, before in sent:
             for name, value in overlay.items():
                 if not name.startswith("__") and (name not in before or before[name] is not value):
                     ns[name] = value
 
-    commit.functions, commit.overlays = list(rebound.values()), list(overlays.values())  # type: ignore[attr-defined]
-    return g, commit
+    write_back.functions = list(rebound.values())  # type: ignore[attr-defined]
+    write_back.overlays = list(overlays.values())  # type: ignore[attr-defined]
+    return g, write_back
 
 
 def _assigned_globals(code: types.CodeType) -> set[str]:
@@ -323,27 +467,34 @@ def _error_reply(rid: Any, exc: BaseException, item: int | None) -> tuple[dict, 
 
 def _on_msg(comm: Any, msg: dict) -> None:
     data = msg["content"]["data"]
+    reply, frames = _run_op(data, msg.get("buffers") or [])
+    _flush_pending_output()
+    _send_reply(comm, reply, frames)
+
+
+def _run_op(data: dict, buffers: list) -> tuple[dict, list]:
+    """Run one operation; its reply and frames (an error reply when it raises: never none)."""
     rid = data.get("rid")
     try:
         op = OPS[data["op"]]
-        frames = op(data, msg.get("buffers") or [])
-        reply: dict = {"rid": rid, "status": "ok"}
+        began = time.perf_counter()
+        frames = op(data, buffers)
+        # the op's own seconds: a load-balanced map sizes its chunks by them (balanced.py)
+        reply: dict = {"rid": rid, "status": "ok", "seconds": time.perf_counter() - began}
     except _ItemError as err:
         reply, frames = _error_reply(rid, err.exc, err.index)
     except BaseException as exc:
+        # a Ctrl-C of a load-balanced map stops it here: its next chunk, already queued on
+        # this engine, must not run for another chunk's time after the user pressed Ctrl-C
         if (
             isinstance(exc, KeyboardInterrupt)
             and data.get("op") == "map"
             and data.get("map") is not None
+            and data["map"] not in _interrupted_maps
         ):
-            # a Ctrl-C of a load-balanced map stops it here: its next chunk, already queued on
-            # this engine, must not run for another chunk's time after the user pressed Ctrl-C
-            if data["map"] not in _interrupted_maps:
-                _interrupted_maps.append(data["map"])
+            _interrupted_maps.append(data["map"])
         reply, frames = _error_reply(rid, exc, None)
-    finally:
-        _flush_pending_output()
-    _send_reply(comm, reply, frames)
+    return reply, frames
 
 
 #: Seconds an op waits for its reply's zero-copy buffers to leave before the engine goes on.
@@ -378,18 +529,166 @@ def _send_reply(comm: Any, reply: dict, frames: list) -> None:
         )
 
 
-def _flush_pending_output() -> None:
-    """Flush stdout/stderr so output precedes the reply, only when something was written.
+def _flush_pending_output() -> bool:
+    """Flush stdout/stderr so output precedes the reply, only when something was written;
+    whether anything was.
 
     An ipykernel ``OutStream.flush`` from the shell thread waits for a round trip through the
     IOPub thread even when nothing is buffered: two of those were ~0.5 ms of every op.
     """
+    wrote = False
     for stream in (sys.stdout, sys.stderr):
         if getattr(stream, "_flush_pending", True) is False and not getattr(
             stream, "_buffers", True
         ):
             continue  # an idle ipykernel OutStream: nothing to send
-        try:
+        wrote = True
+        with contextlib.suppress(Exception):
             stream.flush()
-        except Exception:
-            pass
+    return wrote
+
+
+# ---------------------------------------------------------------------------------- fast path
+#: Set to "0" in an engine's environment to keep the fast socket closed (the comm carries data).
+FAST_ENV = "IPY_MULTIENGINE_FAST"
+
+_log = logging.getLogger("ipy_multiengine")
+_server: list = []  # the one _FastServer of this kernel, once opened
+
+
+def _fast_address() -> dict | None:
+    """Open (once) the fast socket and return where it listens, or None when it cannot be
+    opened (not an ipykernel app, no key to sign with, disabled, a bind error): the comm then
+    carries every operation, as before."""
+    if _server:
+        return _server[0].address
+    if os.environ.get(FAST_ENV, "1") == "0":
+        return None
+    try:
+        server = _FastServer()
+    except Exception as exc:
+        _log.warning("ipy_multiengine: no fast data socket (%s); the comm carries data", exc)
+        return None
+    _server.append(server)
+    return server.address
+
+
+class _FastServer:
+    """The ROUTER socket served on the kernel's main loop (see the module docstring)."""
+
+    def __init__(self) -> None:
+        import zmq
+        from ipykernel.kernelapp import IPKernelApp
+        from jupyter_client.session import Session
+
+        if not IPKernelApp.initialized():
+            raise RuntimeError("not running in an IPKernelApp")
+        app = IPKernelApp.instance()
+        kernel = app.kernel
+        if not kernel.session.key:
+            raise RuntimeError("the kernel has no key to sign messages with")
+        self.kernel = kernel
+        self.session = Session(
+            key=kernel.session.key,
+            signature_scheme=kernel.session.signature_scheme,
+            username="ipy_multiengine",
+        )
+        self.zmq = zmq
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.router_mandatory = False
+        if app.curve_secretkey is not None:
+            sock.curve_secretkey = app.curve_secretkey
+            sock.curve_publickey = app.curve_publickey
+            sock.curve_server = True
+        if app.transport == "ipc":
+            path = f"{app.ip}-ime"
+            old = os.umask(0o077)  # the socket file: this user only, also before the chmod
+            try:
+                sock.bind(f"ipc://{path}")
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+            self.address: dict[str, Any] = {"transport": "ipc", "path": path}
+        else:
+            port = sock.bind_to_random_port(f"tcp://{app.ip}")
+            self.address = {"transport": "tcp", "port": port}
+        self.sock = sock
+        import atexit
+
+        atexit.register(sock.close, 0)  # a unix socket's file goes with it
+        self.displayed = False
+        kernel.shell.display_pub.register_hook(self._display_hook)
+        self.loop = kernel.io_loop.asyncio_loop
+        self.loop.add_reader(sock.getsockopt(zmq.FD), self._readable)
+        self.loop.call_soon(self._readable)  # anything that came before the reader was added
+
+    def _display_hook(self, msg: dict) -> dict:
+        self.displayed = True
+        return msg
+
+    def _readable(self) -> None:
+        """Drain the socket (its FD is edge-triggered: read until nothing is left)."""
+        zmq = self.zmq
+        sock = self.sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                self._handle(frames)
+            except BaseException as exc:  # never let one message stop the reader
+                _log.error("ipy_multiengine: a fast operation failed", exc_info=exc)
+
+    def _handle(self, frames: list) -> None:
+        from . import wire
+
+        idents, rest = self.session.feed_identities(frames, copy=False)
+        try:
+            msg = wire.deserialize(self.session, rest)
+        except Exception as exc:  # unsigned, forged or replayed: not unpickled, not answered
+            _log.warning("ipy_multiengine: refused a message on the fast socket (%s)", exc)
+            return
+        data = msg["content"]
+        # what the operation prints or displays is labelled with its request, and input()
+        # asks the client that sent it (its stdin socket has the same identity), as ipykernel
+        # does for a shell message, and like ipykernel the parent is left set afterwards
+        idents = [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents]
+        self.kernel.set_parent(idents, msg, channel="shell")
+        self.displayed = False
+        started = time.monotonic()
+        saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # as ipykernel's handlers
+        try:
+            reply, out = _run_op(data, msg["buffers"])
+            msg = frames = rest = None  # type: ignore[assignment]
+        finally:
+            signal.signal(signal.SIGINT, saved)
+        # an output flushed by ipykernel's timer (every flush_interval) leaves no trace: an
+        # operation that ran that long replies behind IOPub, as does one that printed
+        interval = getattr(sys.stdout, "flush_interval", 0.2)
+        wrote = _flush_pending_output() or self.displayed
+        slow = time.monotonic() - started >= 0.5 * interval
+        comm = _comms.get(data.get("comm_id", ""))
+        if (wrote or slow) and comm is not None:
+            _send_reply(comm, reply, out)
+            return
+        self._send(idents, reply, out, data)
+
+    def _send(self, idents: list, reply: dict, out: list, request: dict) -> None:
+        zmq = self.zmq
+        head = self.session.serialize(
+            self.session.msg("ime_reply", reply, parent={"msg_id": request.get("rid")}),
+            ident=idents,
+        )
+        if len(out) <= 1 or all(memoryview(b).nbytes < 65536 for b in out[1:]):
+            self.sock.send_multipart(head + out)
+            return
+        # zero copy, and the next operation waits until zmq released the user's buffers
+        tracker = self.sock.send_multipart(head + out, copy=False, track=True)
+        assert tracker is not None  # track=True
+        del out
+        try:
+            tracker.wait(SEND_WAIT)
+        except zmq.NotDone:
+            _log.warning("a reply was still being sent after %.0f s; the engine goes on", SEND_WAIT)

@@ -33,6 +33,7 @@ This module must stay cheap to import: nothing heavy at module level.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -144,7 +145,7 @@ def _route_to(host: str) -> str | None:
     except OSError:
         return None
     for *_, sockaddr in infos:
-        if _loopback(sockaddr[0]):
+        if _loopback(str(sockaddr[0])):
             continue
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -296,10 +297,8 @@ def run_detached(
 def _remove(*paths: str) -> None:
     """Remove files that may already be gone."""
     for p in paths:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(p)
-        except OSError:
-            pass
 
 
 def engine_process(pid: int, connection_file: str):
@@ -356,16 +355,12 @@ def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
 
     procs = [p for pid, f in engines if (p := engine_process(pid, f)) is not None]
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.terminate()
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(alive, timeout=5.0)
     alive = [p for p in alive if _running(p)]  # a zombie is gone (its parent reaps it)
     if alive:
@@ -381,10 +376,9 @@ def stop_engines(engines: list[tuple[int, str]], timeout: float) -> int:
         if directory == os.path.dirname(os.path.abspath(connection_file)) and directory.endswith(
             os.path.join("ipy_multiengine", "engines")
         ):
-            try:  # our private directory goes when its last engine does
+            # our private directory goes when its last engine does
+            with contextlib.suppress(OSError):
                 os.rmdir(directory)
-            except OSError:
-                pass
     return 0
 
 

@@ -67,7 +67,7 @@ class ConfigError(MultiEngineError, ValueError):
         super().__init__(message)
         self.option = option
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (type(self), (self.args[0], self.option))
 
 
@@ -104,7 +104,7 @@ class RemoteError(MultiEngineError):
         self.pickled = pickled
         self.result = result
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (
             type(self),
             (
@@ -158,7 +158,7 @@ class RemoteError(MultiEngineError):
 
     def _render_traceback_(self) -> list[str]:
         label = f"[{self.engine_id}:{self.method}]: " if self.engine_id is not None else ""
-        return [label + "Remote traceback:"] + self.render_traceback()
+        return [label + "Remote traceback:", *self.render_traceback()]
 
 
 class EngineError(MultiEngineError):
@@ -171,7 +171,7 @@ class EngineError(MultiEngineError):
         self.ename = "EngineError"
         self.evalue = message
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (type(self), (self.args[0], self.engine_id, self.method))
 
     def for_engine(self, engine_id: int) -> EngineError:
@@ -199,12 +199,16 @@ class EngineStartTimeout(LauncherError, TimeoutError):
         super().__init__(message, missing[0] if len(missing) == 1 else None)
         self.missing = list(missing)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (type(self), (self.args[0], self.missing))
 
     def for_engine(self, engine_id: int) -> EngineStartTimeout:
         """Itself: its engine is the one of ``missing`` (when only one is)."""
         return self
+
+
+#: what ``CompositeError.elist`` holds: one per failing engine
+EngineFailure = RemoteError | EngineError
 
 
 class CompositeError(MultiEngineError):
@@ -217,7 +221,7 @@ class CompositeError(MultiEngineError):
     def __init__(
         self,
         method: str,
-        elist: list[MultiEngineError],
+        elist: list[EngineFailure],
         results: list[Any] | None = None,
         collapse: bool = False,
     ) -> None:
@@ -228,11 +232,12 @@ class CompositeError(MultiEngineError):
         self.collapse = collapse
         super().__init__(self._message())
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (type(self), (self.method, self.elist, self.results, self.collapse))
 
     def collapsed(self) -> CompositeError:
-        """This error, showing identical tracebacks once (a copy: context is given at construction)."""
+        """This error, showing identical tracebacks once (a copy: context is given at
+        construction)."""
         return type(self)(self.method, self.elist, self.results, collapse=True)
 
     def _message(self) -> str:
@@ -244,7 +249,7 @@ class CompositeError(MultiEngineError):
     def __str__(self) -> str:
         return self._message()
 
-    def __getitem__(self, i: int) -> MultiEngineError:
+    def __getitem__(self, i: int) -> EngineFailure:
         return self.elist[i]
 
     def __len__(self) -> int:
@@ -252,8 +257,8 @@ class CompositeError(MultiEngineError):
 
     def _tracebacks(self, excid: int | None = None) -> list[str]:
         chosen = self.elist if excid is None else [self._pick(excid)]
-        groups: list[tuple[list[Any], MultiEngineError]] = []
-        seen: dict[tuple, int] = {}
+        groups: list[tuple[list[Any], EngineFailure]] = []
+        seen: dict[tuple[Any, ...], int] = {}
         for e in chosen:
             key = (
                 e.method,
@@ -269,11 +274,12 @@ class CompositeError(MultiEngineError):
         lines: list[str] = []
         for ids, e in groups:
             lines.append(f"[{_id_range(ids)}:{e.method}]: ")
+            lines.append(_whose(ids, e))
             lines.extend(e.render_traceback())
             lines.append("")
         return lines
 
-    def _pick(self, excid: int) -> MultiEngineError:
+    def _pick(self, excid: int) -> EngineFailure:
         try:
             return self.elist[excid]
         except IndexError:
@@ -296,10 +302,25 @@ class CompositeError(MultiEngineError):
 
     def _render_traceback_(self) -> list[str]:
         head = f"CompositeError: {self._message()}"
-        return [head, ""] + self._tracebacks()
+        return [head, "", *self._tracebacks()]
 
 
 _EXEC_COUNT = re.compile(r"In ?\[\d+\]")
+
+
+def _whose(ids: list[Any], e: MultiEngineError) -> str:
+    """Which engine's input a traceback below refers to (its ``In [n]`` is that engine's, not
+    this session's), and the engines that raised the same error."""
+    record = getattr(e, "result", None)
+    number = record.get("number") if isinstance(record, dict) else None
+    what = (
+        f"engine {e.engine_id}'s In [{number}]" if number is not None else f"engine {e.engine_id}"
+    )
+    if len(ids) > 1:
+        others = _id_range([i for i in ids if i != e.engine_id])
+        plural = "s" if len(ids) > 2 else ""
+        return f"(the traceback of {what}; the same error on engine{plural} {others})"
+    return f"(the traceback of {what})"
 
 
 def _id_range(ids: list[Any]) -> str:

@@ -21,10 +21,8 @@ Rendering (documented in ``docs/magics.md``):
 
 from __future__ import annotations
 
-import queue
 import re
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,10 +34,10 @@ from traitlets import Bool, Enum, Float, Integer, List, Unicode, Union, observe
 
 from . import client as _client_mod
 from . import stdin
-from .errors import CompositeError, MultiEngineError, NoClusterError
+from .errors import CompositeError, MultiEngineError, NoClusterError, TargetsError
 from .errors import TimeoutError as MultiEngineTimeout
-from .render import UPDATE_INTERVAL, ProgressBar, Renderer, in_notebook, live_printer, one_line
-from .targets import TargetsError, engine_range
+from .render import LiveOutput, ProgressBar, Renderer, in_notebook, live_printer, one_line
+from .targets import engine_range
 from .targets import parse_targets as _parse_targets_raw
 from .targets import resolve as _resolve_targets
 
@@ -47,8 +45,6 @@ from .targets import resolve as _resolve_targets
 INTERRUPT_GRACE = 5.0
 #: Seconds between repeated interrupts of engines that have not stopped yet.
 INTERRUPT_REPEAT = 1.0
-
-_DONE = object()
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -100,11 +96,6 @@ def _timeout_value(text: str) -> float | None:
     return value
 
 
-def _tick_progress(progress: ProgressBar, pr: Any) -> None:
-    waiting = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
-    progress(len(pr.futures) - len(waiting), len(pr.futures), waiting)
-
-
 # ---------------------------------------------------------------------- %autopx transformer
 class AutoPxTransformer:
     """``input_transformers_cleanup`` hook: prefix each cell with ``%%px`` while enabled.
@@ -124,9 +115,11 @@ class AutoPxTransformer:
     #: Words that end a session; typed under ``%autopx`` they are refused, not sent.
     exit_words = ("exit", "quit", "%exit", "%quit", "exit()", "quit()")
 
-    def __init__(self, local_magics: Any = ()) -> None:
+    def __init__(self, local_magics: Any = (), cell_magic: str = "px") -> None:
         self.enabled = False
         self._local = local_magics  # names, or a callable returning them (the magics registered)
+        #: the cell magic each input is given to (``px_even`` for ``%autopx_even``)
+        self.cell_magic = cell_magic
 
     @property
     def local_magics(self) -> set[str]:
@@ -163,7 +156,7 @@ class AutoPxTransformer:
             r"[=(\[.,:+\-*/%<>!&|^~@]", rest
         ):
             return lines  # automagic: `autopx`, `pxstatus`, `px code` (not `px = 1`, `px(...)`)
-        return ["%%px\n"] + lines
+        return [f"%%{self.cell_magic}\n", *lines]
 
 
 # ---------------------------------------------------------------------- the magics
@@ -189,7 +182,7 @@ class PxConfig:
     block: bool | None = None
     stream: bool = True
     group_outputs: str = "engine"
-    collapse: bool = False
+    collapse: bool = True
     progress_after: float | None = None
     timeout: float | None = None
     line_results: bool = True
@@ -255,7 +248,10 @@ def _px_options(f: Any) -> Any:
             dest="group_outputs",
             choices=("engine", "order", "type"),
             default=None,
-            help="with --no-stream: by engine, in arrival order, or by type (stdout, stderr, displays, results)",
+            help=(
+                "with --no-stream: by engine, in arrival order, or by type (stdout, stderr, "
+                "displays, results)"
+            ),
         ),
         argument(
             "--collapse",
@@ -263,7 +259,10 @@ def _px_options(f: Any) -> Any:
             action="store_const",
             const=True,
             default=None,
-            help="show identical output of several engines once ([stdout:0-3]) and group identical tracebacks",
+            help=(
+                "show identical output of several engines once ([stdout:0-3]) and group "
+                "identical tracebacks"
+            ),
         ),
         argument("--no-collapse", dest="collapse", action="store_const", const=False),
         argument(
@@ -320,7 +319,7 @@ class ParallelMagics(Magics):
         "type (stdout, stderr, displays, results).",
     ).tag(config=True)
     collapse = Bool(
-        False,
+        True,
         help="Show identical output of several engines once ([stdout:0-3]) and "
         "group identical tracebacks.",
     ).tag(config=True)
@@ -343,18 +342,30 @@ class ParallelMagics(Magics):
         "renders like a %%px cell.",
     ).tag(config=True)
 
+    @property
+    def _ip(self) -> Any:
+        """The shell these magics are registered with (set from construction on)."""
+        assert self.shell is not None
+        return self.shell
+
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)  # loads the shell's config (ipython_config.py) into the traits
         self.pxconfig_ = PxConfig.from_traits(self)
         self.transformer = AutoPxTransformer(
-            lambda: {name for names in self.magics.values() for name in names}
+            lambda: {name for names in self.magics.values() for name in names} | _SET_NAMES
         )
+        #: the client of a named magic set (``mec.activate(suffix=...)``); None: the active one
+        self.bound: Any = None
         self.last: Any = None
         self._own_client: Any = None
         self._notebook: bool | None = None  # None: detect (a kernel means notebook rendering)
 
     # -- the client
     def client(self) -> Any:
+        if self.bound is not None:
+            if self.bound.closed:
+                raise UsageError("the client of these magics is closed; activate another one")
+            return self.bound
         mec = _client_mod.get_active()
         if mec is not None:
             return mec
@@ -463,7 +474,10 @@ class ParallelMagics(Magics):
             else _timeout_value(args.progress_after)
         )
         group = args.group_outputs or cfg.group_outputs
+        # identical tracebacks are shown once unless --no-collapse; identical output of
+        # several engines ([stdout:0-3]) only when asked: --collapse, or %pxconfig --collapse
         collapse = cfg.collapse if args.collapse is None else args.collapse
+        same_output = bool(args.collapse) or (cfg.collapse and "collapse" in cfg.overridden)
         if line_form and cfg.line_results and args.stream is None and args.group_outputs is None:
             mode = "results"
         else:
@@ -471,18 +485,12 @@ class ParallelMagics(Magics):
             mode = "stream" if stream else "collect"
 
         if args.init:
-            return self._run_init(mec, code, args, mode, group, collapse, timeout)
+            return self._run_init(mec, code, args, mode, group, (collapse, same_output), timeout)
 
-        events: queue.Queue = queue.Queue()
-        closed = threading.Event()
-
-        def listener(eid: int, mtype: str, content: dict) -> None:
-            if not closed.is_set():
-                events.put((eid, mtype, content))
-
+        live = LiveOutput() if block else None  # queues events until the renderer starts
         try:
             pr = mec.execute(
-                code, targets=targets, block=False, listener=listener if block else None
+                code, targets=targets, block=False, listener=live.listener if live else None
             )
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
@@ -491,37 +499,33 @@ class ParallelMagics(Magics):
         self.last = pr
         if args.local:
             self._run_local(code)
-        if not block:
+        if live is None:
             if args.out:
-                self.shell.user_ns[args.out] = pr
+                self._ip.user_ns[args.out] = pr
             return pr
 
-        for fut in pr.futures:
-            fut.add_done_callback(lambda _f: events.put(_DONE))
-        renderer = Renderer(pr.eids, mode, self.notebook, group, collapse)
+        renderer = Renderer(pr.eids, mode, self.notebook, group, same_output)
+        live.start(renderer)
         started = time.monotonic()
         # the one progress display of every call (tqdm.auto), shown when asked: --progress-after S
         progress = ProgressBar("%px", progress_after, force=True)
         deadline = None if timeout is None else started + timeout
         try:
-            timed_out = not self._pump(pr, events, renderer, progress, deadline)
-            if progress.bar is not None:
-                _tick_progress(progress, pr)  # the final count
+            timed_out = not self._wait(pr, live, progress, deadline)
         except KeyboardInterrupt:
             stdin.drop(pr.futures)  # no more prompts of this call: one Ctrl-C is enough
-            self._interrupted(mec, pr, events, renderer, progress)
+            self._interrupted(mec, pr, live, renderer, progress)
             raise one_line(KeyboardInterrupt()) from None
         finally:
-            progress.close()
-            if not pr.ready():
-                closed.set()
+            progress.close(*pr.progress())  # the final count, then the bar ends
         if timed_out:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
-            renderer.finish()
-            left = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
+            live.close()  # what came so far; later output stays on the PendingResult
+            left = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
             raise one_line(
                 MultiEngineTimeout(
-                    f"%px: engines {engine_range(left)} not done after {timeout:g} s; they keep running. "
+                    f"%px: engines {engine_range(left)} not done after {timeout:g} s; they keep "
+                    "running. "
                     "%result waits for the output; mec.interrupt() stops them"
                 )
             )
@@ -530,15 +534,15 @@ class ParallelMagics(Magics):
         except CompositeError as err:
             # no Results List will be shown: every engine's stdout and Out first, then the error
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
-            renderer.finish()
+            live.close()
             raise self._failed(err, args, collapse) from None
         except BaseException:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
-            renderer.finish()
+            live.close()
             raise
-        renderer.finish()
+        live.close()
         if args.out:
-            self.shell.user_ns[args.out] = result
+            self._ip.user_ns[args.out] = result
         return result if mode == "results" else None
 
     def _failed(self, err: CompositeError, args: Any, collapse: bool) -> CompositeError:
@@ -546,7 +550,7 @@ class ParallelMagics(Magics):
         if collapse:
             err = err.collapsed()
         if args.out:
-            self.shell.user_ns[args.out] = err
+            self._ip.user_ns[args.out] = err
         return err
 
     def _run_init(
@@ -556,10 +560,12 @@ class ParallelMagics(Magics):
         args: Any,
         mode: str,
         group: str,
-        collapse: bool,
+        collapse: tuple[bool, bool],
         timeout: float | None,
     ) -> Any:
-        """``--init``: ``mec.on_start(code)``, then show its outputs like ``--no-stream``."""
+        """``--init``: ``mec.on_start(code)``, then show its outputs like ``--no-stream``.
+        ``collapse``: (identical tracebacks once, identical output once)."""
+        collapse, same_output = collapse
         if args.targets is not None:
             raise UsageError(
                 "--init runs on every engine (and on every engine restarted later): "
@@ -571,13 +577,15 @@ class ParallelMagics(Magics):
             result = mec.on_start(code, timeout=timeout)
         except CompositeError as err:  # what the engines printed, then the error
             self._show_records(
-                [r for r in err.results if isinstance(r, dict)], "collect", group, collapse
+                [r for r in err.results if isinstance(r, dict)], "collect", group, same_output
             )
             raise self._failed(err, args, collapse) from None
         self.last = mec.last
-        self._show_records(result, "results" if mode == "results" else "collect", group, collapse)
+        self._show_records(
+            result, "results" if mode == "results" else "collect", group, same_output
+        )
         if args.out:
-            self.shell.user_ns[args.out] = result
+            self._ip.user_ns[args.out] = result
         return result if mode == "results" else None
 
     def _show_records(self, records: list[dict], mode: str, group: str, collapse: bool) -> None:
@@ -591,47 +599,30 @@ class ParallelMagics(Magics):
                 renderer.handle(r["id"], out.get("output_type", ""), out)
         renderer.finish()
 
-    def _pump(
-        self,
-        pr: Any,
-        events: queue.Queue,
-        renderer: Renderer,
-        progress: ProgressBar,
-        deadline: float | None,
+    def _wait(
+        self, pr: Any, live: LiveOutput, progress: ProgressBar, deadline: float | None
     ) -> bool:
-        """Render events until every engine is done (True) or ``deadline`` passes (False)."""
-        while True:
-            stdin.serve_pending()  # engines' input()/breakpoint() prompts, one at a time
-            ready = pr.ready()
-            wait = 0.0 if ready else UPDATE_INTERVAL
-            if deadline is not None and not ready:
-                wait = min(wait, max(deadline - time.monotonic(), 0.0))
-            try:
-                item = events.get(timeout=wait) if wait > 0 else events.get_nowait()
-                while True:
-                    if item is not _DONE:
-                        renderer.handle(*item)
-                    item = events.get_nowait()
-            except queue.Empty:
-                pass
-            renderer.tick()
-            if ready:
-                return True
-            _tick_progress(progress, pr)
-            if deadline is not None and time.monotonic() >= deadline and not pr.ready():
-                return False
+        """Wait for every engine (True) or until ``deadline`` (False) through the package's one
+        wait (``stdin.wait`` -> ``_loop.wait``: Ctrl-C, engines' prompts), rendering the
+        output as it comes (posted drains) and flushing throttled updates each slice."""
+        return stdin.wait(
+            pr.futures,
+            deadline=deadline,
+            tick=live.tick,
+            progress=lambda _done, _total: progress(*pr.progress()),
+        )
 
     def _interrupted(
-        self, mec: Any, pr: Any, events: queue.Queue, renderer: Renderer, progress: ProgressBar
+        self, mec: Any, pr: Any, live: LiveOutput, renderer: Renderer, progress: ProgressBar
     ) -> None:
         """Ctrl-C / notebook interrupt: interrupt the engines still running, show their output."""
-        running = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
+        running = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
         end = time.monotonic() + INTERRUPT_GRACE
         try:
             # An engine that has not started running the code yet ignores an interrupt (a kernel
             # only listens for SIGINT while it executes): repeat it for engines still busy with it.
             while True:
-                still = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
+                still = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
                 if still:
                     try:
                         mec.interrupt(still)
@@ -640,9 +631,7 @@ class ParallelMagics(Magics):
                             f"%px: could not interrupt engines {engine_range(still)}: {exc}",
                             file=sys.stderr,
                         )
-                if self._pump(
-                    pr, events, renderer, progress, min(end, time.monotonic() + INTERRUPT_REPEAT)
-                ):
+                if self._wait(pr, live, progress, min(end, time.monotonic() + INTERRUPT_REPEAT)):
                     break
                 if time.monotonic() >= end:
                     break
@@ -650,9 +639,12 @@ class ParallelMagics(Magics):
             pass  # a second Ctrl-C: stop waiting at once
         if renderer.mode == "results":
             renderer.mode = "collect"  # there will be no Results List: show everything printed
-        renderer.finish()
-        still = [e for e, f in zip(pr.eids, pr.futures) if not f.done()]
-        msg = f"%px: interrupted engine{'s' if len(running) != 1 else ''} {engine_range(running) or '-'}"
+        live.close()
+        still = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
+        msg = (
+            f"%px: interrupted engine{'s' if len(running) != 1 else ''} "
+            f"{engine_range(running) or '-'}"
+        )
         if still:
             msg += f"; {engine_range(still)} still busy (%result waits for them)"
         print(msg, file=sys.stderr, flush=True)
@@ -661,7 +653,7 @@ class ParallelMagics(Magics):
         was = self.transformer.enabled
         self.transformer.enabled = False
         try:
-            self.shell.run_cell(code, store_history=False)
+            self._ip.run_cell(code, store_history=False)
         finally:
             self.transformer.enabled = was
 
@@ -754,7 +746,10 @@ class ParallelMagics(Magics):
         "--reset",
         action="store_true",
         default=False,
-        help="back to the configured defaults (the ParallelMagics traits: ipython_config.py, %%config)",
+        help=(
+            "back to the configured defaults (the ParallelMagics traits: ipython_config.py, "
+            "%%config)"
+        ),
     )
     @line_magic
     def pxconfig(self, line: str) -> None:
@@ -800,7 +795,8 @@ class ParallelMagics(Magics):
     # -- %autopx
     @line_magic
     def autopx(self, line: str = "") -> None:
-        """Toggle running every cell (or terminal input) on the engines, as if it began with ``%%px``."""
+        """Toggle running every cell (or terminal input) on the engines, as if it began with
+        ``%%px``."""
         if self.transformer.enabled:
             self.transformer.enabled = False
             print("Auto Parallel Disabled")
@@ -815,11 +811,13 @@ class ParallelMagics(Magics):
     @argument("--timeout", dest="timeout", default=None, metavar="S", help="wait at most S seconds")
     @line_magic
     def result(self, line: str = "") -> Any:
-        """The Results List of the last command run on the engines (waits if it is still running)."""
+        """The Results List of the last command run on the engines (waits if it is still
+        running)."""
         args = parse_argstring(self.result, line)
         mec = self.client()
         try:
-            pr = mec.last_executed()  # the last command executed on each engine
+            # a named set (%result_even): its own last command; else the client's
+            pr = self.last if self.bound is not None and self.last else mec.last_executed()
         except ValueError:
             raise UsageError("no command has been run on the engines yet") from None
         timeout = None if args.timeout is None else _timeout_value(args.timeout)
@@ -837,6 +835,46 @@ class ParallelMagics(Magics):
 
 
 _LOADED: dict[int, ParallelMagics] = {}
+#: named magic sets (``mec.activate(suffix='_even')``) per (shell, suffix), and their names
+_SETS: dict[tuple[int, str], ParallelMagics] = {}
+_SET_NAMES: set[str] = set()
+#: the magics of a named set: name -> magic kind
+SET_MAGICS = {"px": "line_cell", "autopx": "line", "result": "line"}
+
+
+def activate_set(ip: Any, suffix: str, mec: Any, targets: Any) -> None:
+    """``%px{suffix}``, ``%%px{suffix}``, ``%autopx{suffix}``, ``%result{suffix}`` on shell
+    ``ip`` for client ``mec`` on ``targets`` (None: the client's), beside the default set;
+    ``mec=None`` removes the set. (Called through ``client.activate``; loads the extension.)"""
+    load(ip)
+    old = _SETS.pop((id(ip), suffix), None)
+    if old is not None:
+        _drop_set(ip, old, suffix)
+    if mec is None:
+        return
+    magics = ParallelMagics(ip)
+    magics.bound = mec
+    if targets is not None:
+        magics.pxconfig_.override("targets", targets)
+    magics.transformer.cell_magic = f"px{suffix}"
+    for name, kind in SET_MAGICS.items():
+        ip.register_magic_function(getattr(magics, name), kind, f"{name}{suffix}")
+        _SET_NAMES.add(f"{name}{suffix}")
+    ip.input_transformers_cleanup.append(magics.transformer)
+    _SETS[(id(ip), suffix)] = magics
+
+
+def _drop_set(ip: Any, magics: ParallelMagics, suffix: str) -> None:
+    if magics.transformer in ip.input_transformers_cleanup:
+        ip.input_transformers_cleanup.remove(magics.transformer)
+    table = ip.magics_manager.magics
+    for name, kind in SET_MAGICS.items():
+        for k in ("line", "cell") if kind == "line_cell" else (kind,):
+            table[k].pop(f"{name}{suffix}", None)
+        _SET_NAMES.discard(f"{name}{suffix}")
+
+
+_client_mod.activation_hooks.append(activate_set)
 
 
 def load(ip: Any) -> ParallelMagics:
@@ -853,6 +891,8 @@ def load(ip: Any) -> ParallelMagics:
 
 def unload(ip: Any) -> None:
     """Remove the magics and the ``%autopx`` transformer from shell ``ip``."""
+    for key in [k for k in _SETS if k[0] == id(ip)]:
+        _drop_set(ip, _SETS.pop(key), key[1])
     magics = _LOADED.pop(id(ip), None)
     if magics is None:
         return

@@ -95,6 +95,16 @@ def _labelled(data: dict, metadata: dict | None, eid: Any, label: str) -> tuple[
     return data, md
 
 
+def _label_line(label: str, data: dict) -> None:
+    """In a notebook, a rich output (a figure, HTML, a DataFrame) shows its engine in a stream
+    line before it (``[output:2]``), as ipyparallel prints: the frontend shows the richest mime
+    type, never the labelled text/plain alternative. Plain-text outputs carry their label."""
+    if set(data) <= {"text/plain"}:
+        return
+    sys.stdout.write(label + "\n")
+    sys.stdout.flush()  # before the display: the kernel sends stream and display in this order
+
+
 class Lines:
     """Terminal-like text: ``\\n`` starts a line, ``\\r`` makes the next text overwrite the line."""
 
@@ -125,31 +135,69 @@ class Lines:
 
 def one_line(exc: BaseException) -> BaseException:
     """Make IPython show ``exc`` as one line, without the magic's own frames."""
-    exc._render_traceback_ = lambda: [
-        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    ]  # type: ignore[attr-defined]
+
+    def render() -> list[str]:
+        return [f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__]
+
+    exc._render_traceback_ = render  # type: ignore[attr-defined]
     return exc
 
 
 # ---------------------------------------------------------------------- rendering
 @dataclass
 class _Area:
-    """One engine's stdout or stderr display area in a notebook, updated in place."""
+    """One engine's text display area in a notebook (its stdout and stderr, each run of one
+    stream labelled ``[stdout:N]`` / ``[stderr:N]``), updated in place."""
 
     eid: int
-    name: str
-    label: str
-    lines: Lines = field(default_factory=Lines)
+    segments: list[list[Any]] = field(default_factory=list)  # [stream name, Lines]
     handle_id: str | None = None
     shown: str = ""
     last: float = 0.0
     count: int = 0
 
+    def write(self, name: str, text: str) -> None:
+        if not self.segments or self.segments[-1][0] != name:
+            self.segments.append([name, Lines()])
+        self.segments[-1][1].write(text)
+
+    def tail_name(self) -> str | None:
+        return self.segments[-1][0] if self.segments else None
+
+    @staticmethod
+    def render(eid: int, segments: list[list[Any]]) -> str:
+        parts = []
+        for name, lines in segments:
+            text = lines.text()
+            text = text[:-1] if text.endswith("\n") else text  # a final newline adds no line
+            parts.append(f"[{name}:{eid}] {text}")
+        return "\n".join(parts)
+
+    def text(self) -> str:
+        return self.render(self.eid, self.segments)
+
+    def split(self) -> str:
+        """Take the complete lines out (returned as text to freeze), keeping the last one."""
+        name, last = self.segments[-1]
+        if len(last.lines) > 1:
+            done = [*self.segments[:-1], [name, Lines()]]
+            done[-1][1].lines = [*last.lines[:-1], ""]
+            last.lines = last.lines[-1:]
+            self.segments = [[name, last]]
+        else:
+            done, self.segments = self.segments, []
+        return self.render(self.eid, done)
+
     def bundle(self, text: str) -> tuple[dict, dict]:
-        text = text[:-1] if text.endswith("\n") else text  # a final newline adds no line
+        names = [seg[0] for seg in self.segments] or ["stdout"]
         return (
-            {"text/plain": f"{self.label} {text}"},
-            {"engine": self.eid, "stream": self.name, "text/plain": {"engine": self.eid}},
+            {"text/plain": text},
+            {
+                "engine": self.eid,
+                "stream": names[0],
+                "streams": sorted(set(names)),
+                "text/plain": {"engine": self.eid},
+            },
         )
 
 
@@ -174,13 +222,17 @@ class Renderer:
         self.group = group
         self.collapse = collapse
         self.events: list[tuple[int, str, dict]] = []
-        self.areas: dict[tuple[int, str], _Area] = {}
+        self.areas: dict[Any, _Area] = {}  # by engine, or by chunk (group 'order')
+        self._chunks = 0
         self.partial: dict[tuple[int, str], Lines] = {}
         self.rich_ids: dict[int, list[str]] = {}  # an engine's displays shown now (local ids)
         self.free: dict[int, list[str]] = {}  # an engine's cleared displays, reused in order
         self.clear_waiting: set[int] = set()  # engines whose clear_output(wait=True) is pending
         self._uid = f"ipme-{id(self):x}-{time.monotonic_ns():x}"
         self._count = 0
+        #: the stream areas shown one after another since the last other output: kept in
+        #: engine order (an engine's first area takes its place among them, not the end)
+        self._run: list[_Area] = []
 
     # -- events
     def handle(self, eid: int, mtype: str, content: dict) -> None:
@@ -223,16 +275,46 @@ class Renderer:
         if not text:
             return
         if self.notebook:
-            area = self.areas.get((eid, name))
-            if area is None:
-                area = self.areas[(eid, name)] = _Area(eid, name, f"[{name}:{eid}]")
-            area.lines.write(text)
-            if area.handle_id is None:
+            area = self._area(eid, name)
+            new = not area.segments and area.handle_id is None
+            area.write(name, text)
+            if new and self.group != "order":
+                self._place(area)
+            elif area.handle_id is None:
                 self._flush_area(area, time.monotonic())
             return
         lines = self.partial.setdefault((eid, name), Lines())
         lines.write(text)
         self._print_lines(eid, name, lines.pop_complete())
+
+    def _area(self, eid: int, name: str) -> _Area:
+        """The area ``eid``'s ``name`` text goes to: the engine's own area, or with group
+        'order' the last area when it holds this engine and stream, else a new one (arrival
+        order, one label per chunk)."""
+        if self.group != "order":
+            area = self.areas.get(eid)
+            if area is None:
+                area = self.areas[eid] = _Area(eid)
+            return area
+        area = self.areas.get(self._chunks)
+        if area is None or area.eid != eid or area.tail_name() not in (None, name):
+            self._chunks += 1
+            area = self.areas[self._chunks] = _Area(eid)
+        return area
+
+    def _place(self, area: _Area) -> None:
+        """Show a new engine area in engine order among the areas shown just before it: a new
+        display at the end, then the run's contents reassigned to its displays, sorted."""
+        order = {e: i for i, e in enumerate(self.eids)}
+        self._flush_area(area, time.monotonic())  # a display of its own, at the end
+        run = [*self._run, area]
+        ids = [a.handle_id for a in run]
+        run.sort(key=lambda a: order.get(a.eid, len(order)))
+        for a, handle in zip(run, ids, strict=True):
+            if a.handle_id != handle:
+                a.handle_id, a.shown = handle, None  # type: ignore[assignment]
+                self._flush_area(a, time.monotonic())
+        self._run = run
 
     def _print_lines(self, eid: Any, name: str, lines: list[str]) -> None:
         if not lines:
@@ -244,32 +326,28 @@ class Renderer:
             out.flush()
 
     def _flush_area(self, area: _Area, now: float) -> None:
-        text = area.lines.text()
+        text = area.text()
         if text == area.shown and area.handle_id is not None:
             return
         if len(text) > AREA_LIMIT:
             # freeze the complete lines in the current area and continue in a fresh one; one
             # long line without a newline (dots printed with end='') is cut there, else each
             # update would send the whole line again
-            if len(area.lines.lines) > 1:
-                done = "\n".join(area.lines.lines[:-1]) + "\n"
-                area.lines.lines = area.lines.lines[-1:]
-            else:
-                done, area.lines = text, Lines()
-            data, md = area.bundle(done)
+            data, md = area.bundle(area.split())
             if area.handle_id is None:
                 _display(data, md)
             else:
                 _display(data, md, area.handle_id, update=True)
             area.handle_id, area.shown = None, ""
-            text = area.lines.text()
+            self._run = []  # it goes on in a new display at the end
+            text = area.text()
             if not text:
                 area.last = now
                 return
         data, md = area.bundle(text)
         if area.handle_id is None:
             area.count += 1
-            area.handle_id = f"{self._uid}-{area.eid}-{area.name}-{area.count}"
+            area.handle_id = f"{self._uid}-{area.eid}-{area.count}"
             _display(data, md, area.handle_id)
         else:
             _display(data, md, area.handle_id, update=True)
@@ -299,6 +377,8 @@ class Renderer:
         else:
             self._count += 1
             local_id = f"{self._uid}-{eid}-r{self._count}"
+            self._run = []  # areas of engines printing later go below this display
+            _label_line(f"[output:{eid}]", data)
             _display(data, md, local_id)
         self.rich_ids.setdefault(eid, []).append(local_id)
         if remote_id is not None:
@@ -314,6 +394,8 @@ class Renderer:
             self._flush_partial(eid)
         else:
             self.tick(force=True)
+            self._run = []
+            _label_line(f"Out[{eid}:{count}]:", data)
         _display(data, md)
 
     def _clear(self, eid: int, wait: bool = False) -> None:
@@ -329,9 +411,9 @@ class Renderer:
 
     def _clear_now(self, eid: int, deferred: bool = False, reuse: bool = False) -> None:
         self.clear_waiting.discard(eid)
-        for (e, _name), area in self.areas.items():
-            if e == eid:
-                area.lines = Lines()
+        for area in self.areas.values():
+            if area.eid == eid:
+                area.segments = []
                 if not deferred:  # else the output that is arriving fills it at the next tick
                     self._flush_area(area, time.monotonic())
         _forget(eid, self._uid)  # a cleared display cannot be updated any more
@@ -392,9 +474,12 @@ class Renderer:
                 elif self.notebook and remote_id is not None and len(eids) == 1:
                     self._count += 1
                     local_id = f"{self._uid}-{eid}-r{self._count}"
+                    _label_line(f"[output:{label}]", data)
                     _display(data, md, local_id)
                     _remember(eid, remote_id, local_id)
                 else:
+                    if self.notebook:
+                        _label_line(f"[output:{label}]", data)
                     _display(data, md)
             elif kind == "execute_result":
                 count = payload.get("execution_count")
@@ -406,6 +491,8 @@ class Renderer:
                     f"Out[{label}:{count}]:",
                 )
                 md["execution_count"] = count
+                if self.notebook:
+                    _label_line(f"Out[{label}:{count}]:", data)
                 _display(data, md)
 
     def _blocks(self) -> list[tuple[list[int], str, Any]]:
@@ -504,42 +591,149 @@ def interactive() -> bool:
     return in_notebook() or bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
-class ProgressBar:
-    """The one progress display of every blocking call (``map``, ``gather``, ``barrier``,
-    ``%px --progress-after``): a ``tqdm.auto`` bar of engines done, shown once the call has
-    taken ``after`` seconds, in an interactive session (or always with ``force``, when the user
-    asked for it). ``progress(done, total)`` is what ``_loop.wait`` calls each slice;
-    ``waiting(eids)`` names the engines still running (the bar's postfix)."""
+def _amount(n: float | None, unit: str) -> str:
+    """``n`` units for people: ``15.3MB`` (bytes), ``40`` (items), ``?`` (not known)."""
+    if n is None:
+        return "?"
+    if unit == "B":
+        from tqdm.std import tqdm
 
-    def __init__(self, desc: str, after: float | None, force: bool = False) -> None:
-        self.desc, self.after, self.force = desc, after, force
+        return tqdm.format_sizeof(n, "B", 1024)
+    return f"{n:g}"
+
+
+class HtmlBar:
+    """A tqdm bar drawn as one notebook display updated in place (``display_id`` /
+    ``update_display``): no ipywidgets needed, no TqdmWarning, nothing written to stderr, and
+    a saved notebook holds only its last state. Made by ``ProgressBar`` in a notebook."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        import io
+
+        from tqdm.std import tqdm
+
+        owner = self
+
+        class _Bar(tqdm):  # tqdm counts, times and formats; this draws
+            def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+                owner.draw(self)
+                return True
+
+        self.display_id = f"ipme-progress-{id(self):x}-{time.monotonic_ns():x}"
+        self.shown = False
+        # tqdm's own terminal writes (a status printer) go to this buffer, never to stderr
+        self.bar = _Bar(file=io.StringIO(), **kwargs)
+
+    def draw(self, bar: Any) -> None:
+        d = bar.format_dict
+        text = bar.format_meter(**dict(d, ncols=80))
+        n, total, unit = d["n"], d["total"], d.get("unit", "it")
+        rate = d.get("rate") or (n / d["elapsed"] if d.get("elapsed") else None)
+        desc = d.get("prefix") or ""
+        if unit == "B":
+            done = f"{_amount(n, unit)}/{_amount(total, unit)}" if total else _amount(n, unit)
+            speed = f", {_amount(rate, unit)}/s" if rate else ""
+        else:
+            done = f"{n:g}/{_amount(total, unit)} {unit}s"
+            speed = f", {rate:.1f} {unit}s/s" if rate else ""
+        elapsed = bar.format_interval(d.get("elapsed") or 0)
+        post = f", {d['postfix']}" if d.get("postfix") else ""
+        pct = f"{100.0 * n / total:.0f}%" if total else ""
+        value = f'value="{n}" max="{total}" ' if total else ""  # no total: indeterminate
+        html = (
+            '<div class="ipy-multiengine-progress" style="font-family:monospace">'
+            f"{_escape(desc)}: "
+            f'<progress {value}style="width:30%;vertical-align:middle">{pct}</progress> '
+            f"{pct} {_escape(done)} [{elapsed}{_escape(speed)}{_escape(post)}]</div>"
+        )
+        data = {"text/plain": text, "text/html": html}
+        _display(data, {}, self.display_id, update=self.shown)
+        self.shown = True
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(str(text))
+
+
+class ProgressBar:
+    """The one progress display of every blocking call (``map``, ``gather``, ``scatter``,
+    ``barrier``, ``imap``, ``%px --progress-after``, ``wait_interactive``): a bar of ``unit``s
+    done (items of a map, bytes of a scatter/gather, engines of an execute), with the rate and
+    the engines still busy, shown once the call has taken ``after`` seconds, in an interactive
+    session (or always with ``force``, when the user asked for it).
+
+    In a notebook it is an HTML display updated in place (``HtmlBar``) that keeps its final
+    state; in a terminal a tqdm bar on stderr, cleared at the end. ``progress(done, total,
+    waiting)`` is what each slice of the wait calls; ``close(done, total, waiting)`` shows the
+    final count first."""
+
+    def __init__(
+        self, desc: str, after: float | None, force: bool = False, unit: str = "engine"
+    ) -> None:
+        self.desc, self.after, self.force, self.unit = desc, after, force, unit
         self.started = time.monotonic()
         self.bar: Any = None
         self.shown = 0
+        self.waiting: list[int] | None = None
+        self.drawn = 0.0
 
-    def __call__(self, done: int, total: int, waiting: list[int] | None = None) -> None:
+    def __call__(
+        self, done: int, total: int | None, waiting: list[int] | None = None, final: bool = False
+    ) -> None:
         if self.bar is None:
             if (
                 self.after is None
-                or done >= total
+                or final
+                or (total is not None and done >= total)
                 or time.monotonic() - self.started < self.after
                 or not (self.force or interactive())
             ):
                 return
-            from tqdm.auto import tqdm
+            self.bar = self._make(total)
+        if total != self.bar.total:
+            self.bar.total = total
+        if waiting is not None and waiting != self.waiting:
+            self.waiting = waiting
+            who = engine_range(waiting)
+            if who and self.unit != "engine":
+                who = f"engine{'s' if len(waiting) > 1 else ''} {who}"
+            self.bar.set_postfix_str(f"waiting for {who}" if waiting else "", refresh=False)
+        now = time.monotonic()
+        if done != self.shown:
+            self.bar.update(done - self.shown)
+            self.shown = done
+        elif final or now - self.drawn >= 1.0:  # elapsed time and rate move on
+            self.bar.refresh()
+        else:
+            return
+        self.drawn = now
 
-            self.bar = tqdm(
-                total=total, desc=self.desc, unit="engine", leave=self.force, file=sys.stderr
-            )
-        if waiting is not None:
-            self.bar.set_postfix_str(
-                f"waiting for {engine_range(waiting)}" if waiting else "", refresh=False
-            )
-        self.bar.update(done - self.shown)
-        self.shown = done
+    def _make(self, total: int | None) -> Any:
+        kwargs: dict[str, Any] = {
+            "total": total,
+            "desc": self.desc,
+            "unit": self.unit,
+            "mininterval": 0.2,
+        }
+        if self.unit == "B":
+            kwargs.update(unit_scale=True, unit_divisor=1024)
+        if in_notebook():
+            return HtmlBar(leave=True, **kwargs).bar
+        from tqdm.std import tqdm
 
-    def close(self) -> None:
+        return tqdm(leave=False, file=sys.stderr, **kwargs)
+
+    def close(
+        self, done: int | None = None, total: int | None = None, waiting: list[int] | None = None
+    ) -> None:
+        """Show the final count (when given), then end the bar: a notebook keeps its last state,
+        a terminal's line is cleared."""
         if self.bar is not None:
+            if done is not None:
+                # a total not known ahead (a gather's bytes) is known now
+                self(done, done if total is None else total, waiting, final=True)
             self.bar.close()
             self.bar = None
 
@@ -558,20 +752,32 @@ def in_notebook(shell: Any = None) -> bool:
 
 class LiveOutput:
     """Shows what a blocking call's functions print or display, labelled by engine, while the
-    caller waits (``apply``, ``map``, ``@parallel``; ``%%px`` has its own ``Renderer`` loop).
+    caller waits (``apply``, ``map``, ``@parallel``, and ``%%px`` with its own ``Renderer``).
 
     ``listener`` runs on the controller's loop thread: it only queues the event (on this
     object) and posts a drain to the waiting user thread (``stdin.post``), which renders the
-    events in order with engines' input prompts. ``close`` shows what is left, itself, even
-    when another thread is busy serving the mailbox, and stops listening (output after a
-    timeout stays on the ``PendingResult``).
+    events in order with engines' input prompts; ``tick`` flushes throttled notebook updates
+    (the waiting thread's wait calls it every slice). ``close`` shows what is left, itself,
+    even when another thread is busy serving the mailbox, and stops listening (output after a
+    timeout stays on the ``PendingResult``). A ``LiveOutput`` made without a renderer (the
+    engines are known only once the call is sent) keeps the events until ``start(renderer)``.
     """
 
-    def __init__(self, eids: list[int]) -> None:
-        self.renderer = Renderer(list(eids), "stream", in_notebook())
+    def __init__(self, eids: list[int] | None = None, renderer: Renderer | None = None) -> None:
+        if renderer is None and eids is not None:
+            renderer = Renderer(list(eids), "stream", in_notebook())
+        self.renderer = renderer
         self.closed = False
         self._events: deque = deque()  # appended on the loop thread, taken in user threads
         self._lock = threading.Lock()  # any waiting thread may serve the posted drains
+
+    def start(self, renderer: Renderer) -> None:
+        """Render with ``renderer`` from now on (the events queued so far first)."""
+        from . import stdin
+
+        with self._lock:
+            self.renderer = renderer
+        stdin.post(self._drain)
 
     def listener(self, eid: int, mtype: str, content: dict) -> None:
         if self.closed or mtype == "error":  # a failing function is reported by the CompositeError
@@ -583,6 +789,8 @@ class LiveOutput:
 
     def _drain(self) -> None:
         with self._lock:
+            if self.renderer is None:
+                return
             while not self.closed:
                 try:
                     event = self._events.popleft()
@@ -590,6 +798,12 @@ class LiveOutput:
                     break
                 self.renderer.handle(*event)
             if not self.closed:
+                self.renderer.tick()
+
+    def tick(self) -> None:
+        """Flush throttled notebook updates (called by the waiting thread's wait, each slice)."""
+        with self._lock:
+            if not self.closed and self.renderer is not None:
                 self.renderer.tick()
 
     def close(self) -> None:
@@ -601,7 +815,8 @@ class LiveOutput:
             if not self.closed:
                 self.closed = True
                 self._events.clear()
-                self.renderer.finish()
+                if self.renderer is not None:
+                    self.renderer.finish()
 
 
 def live_printer(eid: int) -> Any:

@@ -1,18 +1,30 @@
-"""``PendingResult`` (a handle on a call in flight) and ``ResultList`` (what ``execute`` returns)."""
+"""``PendingResult`` (a handle on a call in flight) and ``ResultList`` (what ``execute``
+returns)."""
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
+import contextlib
+import threading
+import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from . import stdin
-from .errors import CompositeError, EngineError, MultiEngineError, RemoteError, TimeoutError
+from .errors import (
+    CompositeError,
+    EngineError,
+    EngineFailure,
+    RemoteError,
+    TimeoutError,
+)
 
 _UNSET = object()
 
 
-class ResultList(list):
+class ResultList(list[dict[str, Any]]):
     """One dict per engine, in target order, with the tutorial's repr::
 
         <Results List>
@@ -53,7 +65,7 @@ class ResultList(list):
         p.text(repr(self))
 
 
-def _rich(out: dict) -> str:
+def _rich(out: dict[str, Any]) -> str:
     """Name a display/result output by its MIME types (``''`` for a plain-text result)."""
     kind = out.get("output_type")
     data = out.get("data") or {}
@@ -72,6 +84,57 @@ def _rich(out: dict) -> str:
     return f"{head}<{', '.join(sorted(data)) or 'empty'}>" + (f" {plain}" if plain else "")
 
 
+def nbytes(frames: Any) -> int:
+    """Bytes in a list of message frames (what a scatter sends, a gather receives)."""
+    total = 0
+    for frame in frames or ():
+        try:
+            total += memoryview(getattr(frame, "buffer", frame)).nbytes
+        except TypeError:
+            total += len(frame)
+    return total
+
+
+class Tally:
+    """How much of a call's work is done, for its progress bar: ``unit``s (items of a map,
+    bytes of a scatter or gather) done of ``total`` (``None``: not known ahead), and the
+    engines still working on it.
+
+    The hook the maps report into, from any thread (done-callbacks run on the I/O thread):
+    ``start(eid)`` when a chunk is sent to engine ``eid``, ``done(eid, n)`` when that chunk
+    ends with ``n`` units done (``0`` when it failed and is sent again elsewhere). The waiting
+    thread reads ``snapshot()``. Nothing here raises, so a callback cannot fail on it.
+    """
+
+    def __init__(self, total: int | None, unit: str = "item") -> None:
+        self.total = total
+        self.unit = unit
+        self._lock = threading.Lock()
+        self._done = 0
+        self._busy: collections.Counter[int] = collections.Counter()
+
+    def start(self, eid: int) -> None:
+        with self._lock:
+            self._busy[eid] += 1
+
+    def done(self, eid: int, n: int = 0) -> None:
+        with self._lock:
+            self._done += n
+            if self._busy[eid] > 1:
+                self._busy[eid] -= 1
+            else:
+                self._busy.pop(eid, None)
+
+    def snapshot(self) -> tuple[int, int | None, list[int]]:
+        """``(done, total, engines still busy)``."""
+        with self._lock:
+            return self._done, self.total, sorted(self._busy)
+
+    def __repr__(self) -> str:
+        done, total, busy = self.snapshot()
+        return f"<Tally {done}/{total} {self.unit}s, busy {busy}>"
+
+
 class PendingResult:
     """The result of a non-blocking call, to be collected later.
 
@@ -82,18 +145,22 @@ class PendingResult:
 
     def __init__(
         self,
-        futures: list[cf.Future],
+        futures: list[cf.Future[Any]],
         eids: list[int],
         method: str,
         finish: Callable[[list[Any]], Any],
         on_interrupt: Callable[[list[int]], None] | None = None,
         progress: Callable[[PendingResult], Any] | None = None,
+        tally: Tally | None = None,
+        on_abort: Callable[[list[cf.Future[Any]]], dict[int, list[cf.Future[Any]]]] | None = None,
     ) -> None:
         self.futures = futures
+        self.tally = tally  # what its progress bar counts (default: engines done)
         self.eids = eids
         self.method = method
         self._finish = finish
         self._on_interrupt = on_interrupt
+        self._on_abort = on_abort
         self._progress = progress
         self._value: Any = _UNSET
         self._error: BaseException | None = None
@@ -118,22 +185,51 @@ class PendingResult:
         """True once nothing this call sends is read from your objects any more."""
         return wait_sent(self.futures, 0) == []
 
+    def progress(self) -> tuple[int, int | None, list[int]]:
+        """``(done, total, engines still busy)`` in the unit of ``progress_unit``: items of a
+        map, bytes of a scatter or gather, else engines."""
+        if self.tally is not None:
+            return self.tally.snapshot()
+        waiting = [e for e, f in zip(self.eids, self.futures, strict=False) if not f.done()]
+        return len(self.futures) - len(waiting), len(self.futures), waiting
+
+    @property
+    def progress_unit(self) -> str:
+        return self.tally.unit if self.tally is not None else "engine"
+
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until ready or ``timeout`` seconds pass; Ctrl-C interrupts the engines and re-raises."""
+        """Wait until ready or ``timeout`` seconds pass; Ctrl-C interrupts the engines and
+        re-raises."""
         # one wait, one deadline: the progress bar is drawn by the same wait (issue 11.3)
         bar = self._progress(self) if self._progress is not None and not self.ready() else None
+        return self._wait(timeout, bar)
+
+    def wait_interactive(self, timeout: float | None = None) -> bool:
+        """``wait`` with its progress shown at once (as ipyparallel's ``wait_interactive``):
+        items (or bytes) done, the rate and the engines still busy; an HTML bar updated in place
+        in a notebook, a tqdm bar on stderr in a terminal, cleared at the end. True when ready,
+        False if ``timeout`` passed first; Ctrl-C interrupts the engines and re-raises."""
+        from .render import ProgressBar
+
+        bar = None if self.ready() else ProgressBar(self.method, 0.0, True, self.progress_unit)
+        return self._wait(timeout, bar)
+
+    def _wait(self, timeout: float | None, bar: Any) -> bool:
+        def draw(_done: int, _total: int) -> None:
+            bar(*self.progress())
+
         try:
             return stdin.wait(
-                self.futures, timeout, progress=bar
+                self.futures, timeout, progress=draw if bar is not None else None
             )  # answers engines' input() meanwhile
         except KeyboardInterrupt:
-            running = [e for e, f in zip(self.eids, self.futures) if not f.done()]
+            running = [e for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
             if self._on_interrupt is not None and running:
                 self._on_interrupt(running)
             raise
         finally:
             if bar is not None:
-                bar.close()
+                bar.close(*self.progress())
 
     def get_result(
         self, default: Any = None, block: bool = True, timeout: float | None = None
@@ -144,7 +240,7 @@ class PendingResult:
                 if not block:
                     return default
                 if not self.wait(timeout):
-                    left = [e for e, f in zip(self.eids, self.futures) if not f.done()]
+                    left = [e for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
                     raise TimeoutError(
                         f"{self.method} not finished after {timeout:g} s on engines {left}; "
                         "the result can still be collected later"
@@ -157,6 +253,13 @@ class PendingResult:
     @property
     def r(self) -> Any:
         return self.get_result()
+
+    def __await__(self) -> Any:
+        """``await pr`` in a coroutine: the result, without blocking the caller's event loop
+        (``aio.py``); cancelling the awaiting task leaves the call running and collectable."""
+        from .aio import wait_async
+
+        return wait_async(self).__await__()
 
     # what each engine printed or displayed while running this call (execute, apply, map, ...),
     # one entry per engine in ``eids`` order; empty for an engine not done yet
@@ -171,14 +274,136 @@ class PendingResult:
         return [_output(f, "stderr", "") for f in self.futures]
 
     @property
-    def outputs(self) -> list[list[dict]]:
+    def outputs(self) -> list[list[dict[str, Any]]]:
         """Per engine, the rich outputs (``display_data``, ...) as Jupyter message contents."""
         return [_output(f, "outputs", []) for f in self.futures]
 
+    # ------------------------------------------------------------------ metadata (issue 16.9)
+    # times as this client saw them: submitted (the call), started (the engine said busy for
+    # it), completed (its answer arrived); datetimes, None when not known (yet)
+    @property
+    def submitted(self) -> list[datetime | None]:
+        """Per engine, when the call was submitted."""
+        return [_when(f, "submitted") for f in self.futures]
+
+    @property
+    def started(self) -> list[datetime | None]:
+        """Per engine, when the engine began it (None: not yet, or it never said: a comm
+        operation that ran while an async cell was running)."""
+        return [_when(f, "started") for f in self.futures]
+
+    @property
+    def completed(self) -> list[datetime | None]:
+        """Per engine, when its answer (result or error) arrived."""
+        return [_when(f, "completed") for f in self.futures]
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from the first submission until now, or until the last answer once ready."""
+        first = min((t for f in self.futures if (t := getattr(f, "submitted", None))), default=None)
+        if first is None:
+            return 0.0
+        ends: list[float | None] = [getattr(f, "completed", None) for f in self.futures]
+        done = [t for t in ends if t is not None]
+        end = max(done) if self.ready() and len(done) == len(ends) else time.time()
+        return max(float(end - first), 0.0)
+
+    @property
+    def wall_time(self) -> float | None:
+        """Seconds from the first submission to the last answer; None until ready."""
+        return self.elapsed if self.ready() else None
+
+    @property
+    def serial_time(self) -> float | None:
+        """The sum over engines of the seconds each spent on it (from when it started, or was
+        submitted if the engine never said, to its answer): the time one engine would have
+        needed. None until ready."""
+        if not self.ready():
+            return None
+        total = 0.0
+        for f in self.futures:
+            end = getattr(f, "completed", None)
+            begin = getattr(f, "started", None) or getattr(f, "submitted", None)
+            if end is not None and begin is not None:
+                total += max(end - begin, 0.0)
+        return total
+
+    @property
+    def metadata(self) -> list[dict[str, Any]]:
+        """Per engine: ``engine_id``, ``status`` ('pending', 'ok', 'error', 'aborted'),
+        ``submitted``/``started``/``completed``, ``stdout``/``stderr``/``outputs``, ``error``."""
+        out = []
+        for eid, f in zip(self.eids, self.futures, strict=True):
+            exc = f.exception() if f.done() and not f.cancelled() else None
+            status = "pending" if not f.done() else ("ok" if exc is None else "error")
+            if isinstance(exc, RemoteError) and exc.ename == "Aborted":
+                status = "aborted"
+            out.append(
+                {
+                    "engine_id": eid,
+                    "status": status,
+                    "submitted": _when(f, "submitted"),
+                    "started": _when(f, "started"),
+                    "completed": _when(f, "completed"),
+                    "stdout": _output(f, "stdout", ""),
+                    "stderr": _output(f, "stderr", ""),
+                    "outputs": _output(f, "outputs", []),
+                    "error": exc,
+                }
+            )
+        return out
+
+    def display_outputs(self, groupby: str = "engine") -> None:
+        """Show what the engines printed and displayed for this call, labelled
+        ``[stdout:N]``, ``[stderr:N]``, ``[output:N]``: ``groupby='engine'`` engine after
+        engine, ``'type'`` every engine's stdout, then stderr, then rich outputs."""
+        if groupby not in ("engine", "type"):
+            raise ValueError(f"groupby must be 'engine' or 'type', not {groupby!r}")
+        rows = self.metadata
+        kinds = ("stdout", "stderr", "outputs")
+        order = (
+            [(r, k) for r in rows for k in kinds]
+            if groupby == "engine"
+            else [(r, k) for k in kinds for r in rows]
+        )
+        for row, kind in order:
+            _show(row["engine_id"], kind, row[kind])
+
+    def abort(self) -> None:
+        """Skip this call on the engines that have not started it yet (their part then fails
+        with ``RemoteError('Aborted')``). It never stops running code: if an engine runs it
+        already, ``EngineError`` says so and names ``mec.interrupt``; nothing is aborted then
+        unless the engine only began it after this check (it is then left running, and named)."""
+        if self._on_abort is None:
+            raise EngineError(
+                f"a {self.method} cannot be aborted; stop it with Ctrl-C or mec.interrupt()"
+            )
+        pending = [(e, f) for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
+        running = [e for e, f in pending if getattr(f, "started", None) is not None]
+        if running:
+            raise EngineError(
+                f"abort() skips only requests still queued; this {self.method} is already "
+                f"running on engines {running}: stop it with mec.interrupt({running})",
+                running[0],
+                self.method,
+            )
+        if not pending:
+            return
+        refused = self._on_abort([f for _, f in pending])
+        if refused:
+            eids = sorted(refused)
+            raise EngineError(
+                f"this {self.method} was not aborted on engines {eids}: it had started there "
+                f"(stop it with mec.interrupt({eids})), or the engine cannot skip requests (not "
+                "a Python engine with ipy_multiengine, or dead); elsewhere it was aborted",
+                eids[0],
+                self.method,
+            )
+
     def _collect(self) -> None:
         results: list[Any] = []
-        errors: list[MultiEngineError] = []
-        for eid, fut in zip(self.eids, self.futures):
+        errors: list[EngineFailure] = []
+        for eid, fut in zip(self.eids, self.futures, strict=True):
             exc = fut.exception()
             if exc is None:
                 results.append(fut.result())
@@ -200,6 +425,30 @@ class PendingResult:
         _release_frames(results)
 
 
+def _when(fut: cf.Future[Any], name: str) -> datetime | None:
+    stamp = getattr(fut, name, None)
+    return None if stamp is None else datetime.fromtimestamp(stamp)
+
+
+def _show(eid: int, kind: str, value: Any) -> None:
+    """One engine's stdout, stderr or rich outputs, labelled (``display_outputs``)."""
+    import sys
+
+    if kind in ("stdout", "stderr"):
+        if value:
+            stream = sys.stdout if kind == "stdout" else sys.stderr
+            print(f"[{kind}:{eid}] {value}", end="" if value.endswith("\n") else "\n", file=stream)
+        return
+    for out in value:
+        if out.get("output_type") in ("display_data", "execute_result", "update_display_data"):
+            from IPython.display import display
+
+            print(f"[output:{eid}]")
+            display(  # type: ignore[no-untyped-call]
+                out.get("data") or {}, metadata=out.get("metadata") or {}, raw=True
+            )
+
+
 def _release_frames(replies: list[Any]) -> None:
     """Drop the raw reply frames once the value is built: values rebuilt zero-copy keep their
     own buffers alive, and e.g. ``gather``'s concatenated parts are freed at once."""
@@ -210,7 +459,7 @@ def _release_frames(replies: list[Any]) -> None:
             reply.frames = []
 
 
-def _output(fut: cf.Future, name: str, empty: Any) -> Any:
+def _output(fut: cf.Future[Any], name: str, empty: Any) -> Any:
     """``name`` (stdout/stderr/outputs) of a finished engine's reply, record or error record."""
     if not fut.done() or fut.cancelled():
         return empty
@@ -236,7 +485,7 @@ def _partial(result: Any) -> Any:
     return result
 
 
-def wait_sent(futures: list[cf.Future], timeout: float | None) -> list[cf.Future]:
+def wait_sent(futures: list[cf.Future[Any]], timeout: float | None) -> list[cf.Future[Any]]:
     """Wait until every request's outgoing buffers are out of zmq's hands (or the request
     failed: nothing more will be sent for it); the futures still sending when ``timeout``
     passes. Ctrl-C interrupts the wait (waits run in short slices)."""
@@ -247,7 +496,8 @@ def wait_sent(futures: list[cf.Future], timeout: float | None) -> list[cf.Future
     from ._loop import WAIT_SLICE
 
     deadline = None if timeout is None else time.monotonic() + timeout
-    pending = [f for f in futures if getattr(f, "sent", None) is not None]
+    # RequestFutures (controller) carry ``sent``: a future of the zmq tracker
+    pending: list[Any] = [f for f in futures if getattr(f, "sent", None) is not None]
     while pending:
         still = []
         for fut in pending:
@@ -271,8 +521,6 @@ def wait_sent(futures: list[cf.Future], timeout: float | None) -> list[cf.Future
         if not sent.done():
             cf.wait([sent, fut], step, return_when=cf.FIRST_COMPLETED)
             continue
-        try:
+        with contextlib.suppress(zmq.NotDone):
             sent.result().wait(step)
-        except zmq.NotDone:
-            pass
     return pending

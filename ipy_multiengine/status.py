@@ -75,7 +75,7 @@ def _usage(pid: int | None, host: str) -> tuple[int | None, float | None]:
         proc = _procs.get(pid)
         if proc is None or not proc.is_running():
             proc = _procs[pid] = psutil.Process(pid)
-        family = [proc] + proc.children(recursive=True)  # e.g. bash_kernel's bash
+        family = [proc, *proc.children(recursive=True)]  # e.g. bash_kernel's bash
         rss = cpu = 0.0
         for p in family:
             try:
@@ -115,7 +115,7 @@ def status_rows(client: Any) -> list[dict]:
     return rows
 
 
-def _fmt_bytes(n: int | None) -> str:
+def _fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "kB", "MB", "GB"):
@@ -189,7 +189,8 @@ class StatusTable:
             for c in COLUMNS:
                 style = ""
                 if c == "state":
-                    style = f" style='color:{colours.get(row[c].split()[0], 'inherit')};font-weight:bold'"
+                    colour = colours.get(row[c].split()[0], "inherit")
+                    style = f" style='color:{colour};font-weight:bold'"
                 tds.append(f"<td{style}>{html.escape(row[c])}</td>")
             body.append(f"<tr>{''.join(tds)}</tr>")
         stamp = time.strftime("%H:%M:%S", time.localtime(self.taken))

@@ -26,6 +26,7 @@ of ``%pxdebug``, can run in the user's thread in order with the prompts.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import getpass
 import sys
 import threading
@@ -94,10 +95,9 @@ def _release(item: InputRequest) -> None:
     """A dropped prompt: interrupt the engine waiting in ``input()`` (unless it is done)."""
     fut = _call_of(item)
     if fut is not None and not fut.done():
-        try:
+        # e.g. the engine died meanwhile: nothing left to release
+        with contextlib.suppress(Exception):
             item.interrupt()
-        except Exception:  # e.g. the engine died meanwhile: nothing left to release
-            pass
 
 
 def post(item: Any) -> None:
@@ -189,10 +189,17 @@ def wait(
     first: bool = False,
     progress: Callable[[int, int], None] | None = None,
     deadline: float | None = None,
+    tick: Callable[[], None] | None = None,
 ) -> bool:
     """Wait until every future (with ``first``: any) is done or ``timeout`` passes, answering
-    engines' input requests meanwhile; True when done (see ``_loop.wait``)."""
+    engines' input requests (and running posted callables) meanwhile; True when done (see
+    ``_loop.wait``). ``tick`` runs after that in each slice (a renderer's throttled flush)."""
     from ._loop import wait as loop_wait
+
+    def serve() -> None:
+        serve_pending()
+        if tick is not None:
+            tick()
 
     futures = list(futures)
     try:
@@ -200,7 +207,7 @@ def wait(
             futures,
             timeout,
             first=first,
-            tick=serve_pending,
+            tick=serve,
             wake=_wake_future,
             progress=progress,
             deadline=deadline,

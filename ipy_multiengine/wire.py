@@ -47,14 +47,22 @@ def init_content(code: str) -> dict:
     return dict(execute_content(code), store_history=False)
 
 
-def comm_open_content(comm_id: str) -> dict:
-    """The ``comm_open`` content that opens the helper's comm (the reply names the engine)."""
-    return {"comm_id": comm_id, "target_name": COMM_TARGET, "data": {}}
+def comm_open_content(comm_id: str, eid: int | None = None) -> dict:
+    """The ``comm_open`` content that opens the helper's comm (the reply names the engine);
+    ``eid`` becomes the engine's ``engine_id`` name."""
+    return {"comm_id": comm_id, "target_name": COMM_TARGET, "data": {"engine_id": eid}}
 
 
 def comm_op_content(comm_id: str, op: str, data: dict) -> dict:
-    """The ``comm_msg`` content of one data operation (``push``, ``pull``, ``apply``, ``map``...)."""
+    """The ``comm_msg`` content of one data operation (``push``, ``pull``, ``apply``,
+    ``map``...)."""
     return {"comm_id": comm_id, "data": dict(data, op=op)}
+
+
+def fast_op_content(comm_id: str, op: str, data: dict) -> dict:
+    """The content of one data operation on an engine's fast socket (``engine._FastServer``):
+    the comm's operation dict, naming the comm an operation with output replies on."""
+    return dict(data, op=op, comm_id=comm_id)
 
 
 def with_rid(msg: dict) -> dict:

@@ -60,10 +60,8 @@ def assert_gone(pids: list[int], timeout: float = 10.0) -> None:
     """Every process in ``pids`` has exited (waits for them, kills and fails otherwise)."""
     procs = []
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
     _gone, alive = psutil.wait_procs(procs, timeout=timeout)
     for p in alive:
         p.kill()
@@ -80,7 +78,8 @@ def family(pid: int) -> list[int]:
 
 
 def screen_lines(text: str) -> list[str]:
-    """What a terminal shows for ``text``: each line as its last carriage-return overwrite left it."""
+    """What a terminal shows for ``text``: each line as its last carriage-return overwrite left
+    it."""
     shown = []
     for raw in text.split("\n"):
         line = ""

@@ -51,8 +51,8 @@ async def main():
 
         async def handle(r, w, rh=rh, rp=int(rp)):
             r2, w2 = await asyncio.open_connection(rh, rp)
-            asyncio.ensure_future(pipe(r, w2))
-            asyncio.ensure_future(pipe(r2, w))
+            # the loop holds tasks weakly: keep them until the connection is done
+            await asyncio.gather(pipe(r, w2), pipe(r2, w))
 
         servers.append(await asyncio.start_server(handle, lh, int(lp)))
     await asyncio.Event().wait()

@@ -45,7 +45,8 @@ _engine_pids: dict[int, set[int]] = {}
 
 
 def remember(cluster: Cluster) -> None:
-    """Note the current engine pids of ``small_cluster`` ``cluster`` (tests call it after restarts)."""
+    """Note the current engine pids of ``small_cluster`` ``cluster`` (tests call it after
+    restarts)."""
     for km in list(cluster.managers.values()):
         pid = getattr(km.provisioner, "pid", None)
         if pid:
@@ -83,12 +84,18 @@ def marker(tmp_path: Path, name: str, pid: int) -> Path:
 
 
 def _touch_expr(tmp_path: Path, name: str) -> str:
-    return f"__import__('pathlib').Path({str(tmp_path)!r} + '/{name}-%d.started' % __import__('os').getpid()).touch()"
+    return (
+        f"__import__('pathlib').Path({str(tmp_path)!r} + '/{name}-%d.started' % "
+        "__import__('os').getpid()).touch()"
+    )
 
 
 def hang_code(tmp_path: Path, name: str, seconds: float = 30, before: str = "") -> str:
     """Engine code that prints, touches its marker and then sleeps."""
-    return f"{before}import time; print('before', flush=True); {_touch_expr(tmp_path, name)}; time.sleep({seconds})"
+    return (
+        f"{before}import time; print('before', flush=True); {_touch_expr(tmp_path, name)}; "
+        f"time.sleep({seconds})"
+    )
 
 
 def slow_pickle_code(tmp_path: Path, name: str, var: str = "slow") -> str:

@@ -14,6 +14,7 @@ Each ``start()`` raises :class:`Unavailable` with a reason when the system truly
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -169,7 +170,7 @@ class SSHServer:
         cmd = [sshd, "-D", "-e", "-f", str(config)]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
-        self.log = open(d / f"{self.name}.log", "wb")
+        self.log = open(d / f"{self.name}.log", "wb")  # noqa: SIM115 open while sshd runs; stop() closes it
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -192,10 +193,9 @@ class SSHServer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            try:  # sshd and the sessions it forked (same process group)
+            # sshd and the sessions it forked (same process group)
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             stop_process(self.proc)
             self.proc = None
             self.log.close()
@@ -244,10 +244,8 @@ class NetnsHost:
                     for p in subprocess.run(
                         ["ip", "netns", "pids", name], capture_output=True, text=True
                     ).stdout.split():
-                        try:
+                        with contextlib.suppress(ProcessLookupError, ValueError):
                             os.kill(int(p), signal.SIGKILL)
-                        except (ProcessLookupError, ValueError):
-                            pass
                     subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
     def start(self) -> NetnsHost:
@@ -282,10 +280,8 @@ class NetnsHost:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             pids = self.pids()
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             deadline = time.monotonic() + 3
             while pids and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -330,16 +326,15 @@ class SlurmCluster:
         return self
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.dir / f"{name}.out", "wb")
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self._daemon_env(),
-            start_new_session=True,
-        )
-        log.close()
+        with open(self.dir / f"{name}.out", "wb") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._daemon_env(),
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 
@@ -450,10 +445,8 @@ class SlurmCluster:
                 timeout=30,
             )
         for proc in reversed(self.procs):  # slurmd, slurmctld, munged
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:

@@ -45,7 +45,8 @@ def term(cluster, mec):
     child.expect(PROMPT)
     send(
         child,
-        f"from ipy_multiengine import client; mec = client.MultiEngineClient({cluster.cluster_file!r})",
+        "from ipy_multiengine import client; mec = "
+        f"client.MultiEngineClient({cluster.cluster_file!r})",
     )
     send(child, "mec.activate(); mec.block = True")
     send(child, "%load_ext ipy_multiengine")
@@ -158,7 +159,8 @@ def test_full_prompt_toolkit_terminal(cluster, mec):
 
         child.expect(r"In \[1\]")
         line(
-            f"from ipy_multiengine import client; mec = client.MultiEngineClient({cluster.cluster_file!r})",
+            "from ipy_multiengine import client; mec = "
+            f"client.MultiEngineClient({cluster.cluster_file!r})",
             2,
         )
         line("mec.activate(); mec.block = True", 3)

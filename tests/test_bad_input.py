@@ -91,7 +91,7 @@ def test_unpicklable_values(mec, tmp_path):
         "obj = engine_only_mod.OnlyHere(); sys.path.pop(0)",
         targets=0,
     )
-    with pytest.raises(TypeError, match="cannot be rebuilt in this process .*engine_only_mod"):
+    with pytest.raises(TypeError, match=r"cannot be rebuilt in this process .*engine_only_mod"):
         mec.pull("obj", targets=0)
     usable(mec)
     with pytest.raises(
@@ -180,7 +180,8 @@ def test_garbage_and_wrongly_signed_messages_from_an_engine(mec, caplog):
         "k = get_ipython().kernel\n"
         "k.iopub_socket.send_multipart([b'garbage', b'\\x00\\xff'])\n"
         "forged = Session(key=b'wrong-key')\n"
-        "forged.send(k.iopub_socket, 'stream', {'name': 'stdout', 'text': 'FORGED'}, parent=k.get_parent())\n"
+        "forged.send(k.iopub_socket, 'stream', {'name': 'stdout', 'text': 'FORGED'}, "
+        "parent=k.get_parent())\n"
         "print('real')",
         targets=1,
     )

@@ -63,7 +63,8 @@ def test_o08_daemon_checks_arguments_before_detaching():
     assert not cluster_file_path("o08e").exists()
 
 
-# ---------------------------------------------------------------------- h14: stop never kills by pid alone
+# ---------------------------------------------------------------------- h14: stop never kills by
+# pid alone
 @pytest.fixture
 def victim():
     """An unrelated live process whose pid a stale cluster file names."""
@@ -137,7 +138,8 @@ def test_h14_list_does_not_signal_a_reused_pid(victim):
     assert not cluster_file_path(profile).exists()
 
 
-# ---------------------------------------------------------------------- o09: list survives a bad file
+# ---------------------------------------------------------------------- o09: list survives a bad
+# file
 def test_o09_list_reports_a_non_utf8_file_and_lists_the_others():
     bad = cluster_dir() / "cluster-o09-bad.json"
     bad.write_bytes(b'{"profile": "o09-bad", "engines": "\xff\xfe"}')
@@ -195,7 +197,8 @@ def test_an_invalid_profile_is_a_usage_error_not_a_traceback(command):
 
 def test_stop_file_never_deletes_a_file_that_is_not_a_cluster_file(tmp_path):
     """`ipmulti stop --file notes.json` on a file that is no cluster file said 'removing it' and
-    deleted it: the user's file, anywhere. Only a malformed file in the cluster directory is removed."""
+    deleted it: the user's file, anywhere. Only a malformed file in the cluster directory is
+    removed."""
     mine = tmp_path / "notes.json"
     mine.write_text('{"my": "data"}')
     out = ipmulti("stop", "--file", str(mine))
@@ -221,7 +224,7 @@ def test_ctrl_c_while_ipmulti_start_starts_engines_stops_them_with_a_message():
     import time
 
     proc = subprocess.Popen(
-        IPMULTI + ["start", "-n", "2", "--profile", "ctrlc"],
+        [*IPMULTI, "start", "-n", "2", "--profile", "ctrlc"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -289,3 +292,16 @@ def test_attach_does_not_take_a_profile_whose_cluster_is_still_starting(tmp_path
         assert cluster_file_path("attach-race").exists()
     finally:
         cluster_file_path("attach-race").unlink(missing_ok=True)
+
+
+def test_version_is_one_source():
+    """`ipmulti --version` shows ipy_multiengine.__version__, which the installed metadata
+    (pyproject's dynamic version) also reports."""
+    from importlib.metadata import version
+
+    import ipy_multiengine
+
+    out = ipmulti("--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"ipmulti {ipy_multiengine.__version__}"
+    assert version("ipy_multiengine") == ipy_multiengine.__version__

@@ -42,7 +42,7 @@ def test_tutorial_abc_example(mec):
 def test_result_dict_keys_and_number_increments(mec):
     before = mec.execute("pass")
     result_dict = mec.execute("d=10; print(d)")
-    for b, r in zip(before, result_dict):
+    for b, r in zip(before, result_dict, strict=True):
         assert r["input"] == {"raw": "d=10; print(d)", "translated": "d=10; print(d)"}
         assert r["number"] == b["number"] + 1
         assert r["stdout"] == "10\n"
@@ -177,7 +177,7 @@ def test_composite_error_nonblocking_and_partial_results(mec):
     pr = mec.execute("1/0")
     assert isinstance(pr, PendingResult)
     with pytest.raises(CompositeError, match=r"\[3:execute\]: ZeroDivisionError"):
-        pr.r
+        pr.r  # noqa: B018 the tutorial's .r property waits and raises
     mec.block = True
     mec.push({"k": 0}, targets=[0, 1])
     mec.push({"k": 1}, targets=[2, 3])
@@ -258,7 +258,8 @@ def _process_counts() -> tuple[int, int]:
 
 
 def _settled(expected, measure, within: float = 5.0):
-    """Poll ``measure()`` until it equals ``expected`` or ``within`` seconds pass; the last value."""
+    """Poll ``measure()`` until it equals ``expected`` or ``within`` seconds pass; the last
+    value."""
     deadline = time.monotonic() + within
     value = measure()
     while value != expected and time.monotonic() < deadline:
@@ -310,7 +311,8 @@ def test_h12_unload_ext_closes_the_client_px_created(mec, cluster):
     ip.run_line_magic("load_ext", "ipy_multiengine")
     magics = ip.magics_manager.registry["ParallelMagics"]
     own = client.MultiEngineClient(cluster.cluster_file).activate()
-    magics._own_client = own  # white-box (no public setter): what %px does when no client is active (magics.client())
+    # white-box (no public setter): what %px does when no client is active (magics.client())
+    magics._own_client = own
     try:
         ip.run_line_magic("unload_ext", "ipy_multiengine")
         assert own.closed

@@ -95,7 +95,7 @@ def test_bad_cluster_arguments():
 def test_daemon_cluster_used_from_another_process_then_stopped():
     env = dict(os.environ)
     out = subprocess.run(
-        IPMULTI + ["start", "-n", "2", "--profile", "daemon", "--daemon"],
+        [*IPMULTI, "start", "-n", "2", "--profile", "daemon", "--daemon"],
         env=env,
         capture_output=True,
         text=True,
@@ -115,10 +115,10 @@ def test_daemon_cluster_used_from_another_process_then_stopped():
     )
     assert used.returncode == 0, used.stderr
     assert used.stdout.strip() == "[0, 1] [42, 42]"
-    listed = subprocess.run(IPMULTI + ["list"], env=env, capture_output=True, text=True, timeout=30)
+    listed = subprocess.run([*IPMULTI, "list"], env=env, capture_output=True, text=True, timeout=30)
     assert "daemon" in listed.stdout and "running" in listed.stdout
     stopped = subprocess.run(
-        IPMULTI + ["stop", "--profile", "daemon"],
+        [*IPMULTI, "stop", "--profile", "daemon"],
         env=env,
         capture_output=True,
         text=True,
@@ -165,7 +165,7 @@ def test_owner_sigkill_leaves_no_engine_behind(tmp_path):
     finally:
         if owner.poll() is None:
             owner.kill()
-    listed = subprocess.run(IPMULTI + ["list"], capture_output=True, text=True, timeout=30)
+    listed = subprocess.run([*IPMULTI, "list"], capture_output=True, text=True, timeout=30)
     assert "victim" in listed.stdout and "stale" in listed.stdout
     assert not cluster_file_path("victim").exists()  # cleaned by list
 
@@ -183,7 +183,7 @@ def test_malformed_cluster_file(tmp_path):
 
 
 def test_demo_command_runs():
-    out = subprocess.run(IPMULTI + ["demo", "-n", "2"], capture_output=True, text=True, timeout=90)
+    out = subprocess.run([*IPMULTI, "demo", "-n", "2"], capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr
     assert (
         "<Results List>" in out.stdout
@@ -192,7 +192,8 @@ def test_demo_command_runs():
     )
 
 
-# ---------------------------------------------------------------------- h13: embedded clusters are private
+# ---------------------------------------------------------------------- h13: embedded clusters are
+# private
 def ipmulti(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(IPMULTI + list(args), capture_output=True, text=True, timeout=timeout)
 
@@ -280,7 +281,8 @@ def test_h13_kernel_shutdown_leaves_no_cluster_file():
             km.shutdown_kernel(now=True)
 
 
-# ---------------------------------------------------------------------- o03: one profile, one cluster
+# ---------------------------------------------------------------------- o03: one profile, one
+# cluster
 def test_o03_concurrent_starts_of_one_profile_one_wins_and_only_own_file_is_removed():
     import threading
 
@@ -328,7 +330,8 @@ def test_o03_concurrent_starts_of_one_profile_one_wins_and_only_own_file_is_remo
             c.stop()
 
 
-# ---------------------------------------------------------------------- o01: requests reach their cluster
+# ---------------------------------------------------------------------- o01: requests reach their
+# cluster
 def _serving(c: Cluster):
     """Serve ``c``'s owner requests from a thread, as the ``ipmulti start`` loop does."""
     import threading
@@ -354,9 +357,12 @@ def test_o01_restart_request_reaches_exactly_the_cluster_it_names():
         pa, pb, po = ma.apply(os.getpid)[0], mb.apply(os.getpid)[0], mo.apply(os.getpid)[0]
         stop_a, ta = _serving(a)
         try:
-            with MultiEngineClient(profile="o01-a-b") as other:
-                with pytest.raises(Exception, match="restart"):  # nobody serves o01-a-b yet
-                    other.restart(timeout=2)
+            # nobody serves o01-a-b yet
+            with (
+                MultiEngineClient(profile="o01-a-b") as other,
+                pytest.raises(Exception, match="restart"),
+            ):
+                other.restart(timeout=2)
             assert ma.apply(os.getpid) == [pa], (
                 "the owner of 'o01-a' took a request meant for 'o01-a-b'"
             )
@@ -378,7 +384,8 @@ def test_o01_restart_request_reaches_exactly_the_cluster_it_names():
             ta.join(10)
 
 
-# ---------------------------------------------------------------------- o02: stale cleanup stops what ran
+# ---------------------------------------------------------------------- o02: stale cleanup stops
+# what ran
 @pytest.mark.timeout(240)
 def test_o02_stale_mpi_cluster_cleanup_stops_mpiexec_and_ranks(tmp_path):
     from ipy_multiengine.launchers.base import find_executable
@@ -453,7 +460,7 @@ def test_h13_shared_cluster_of_a_user_process_stopped_from_outside_frees_its_pro
 def test_o03_two_concurrent_ipmulti_start_daemons_of_one_profile():
     procs = [
         subprocess.Popen(
-            IPMULTI + ["start", "-n", "1", "--profile", "o03d", "--daemon"],
+            [*IPMULTI, "start", "-n", "1", "--profile", "o03d", "--daemon"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -465,7 +472,7 @@ def test_o03_two_concurrent_ipmulti_start_daemons_of_one_profile():
     path = cluster_file_path("o03d")
     try:
         assert codes == [0, 1], outs
-        loser_err = next(err for p, (_, err) in zip(procs, outs) if p.returncode == 1)
+        loser_err = next(err for p, (_, err) in zip(procs, outs, strict=True) if p.returncode == 1)
         assert "already running" in loser_err
         spec = json.loads(path.read_text())
         with MultiEngineClient(profile="o03d") as mec:
@@ -488,7 +495,7 @@ def test_file_owner_stop_asks_an_ipmulti_start_owner_to_stop():
     """The owner interface's ``stop`` for a cluster reached through its file: a 'stop' request
     the ``ipmulti start`` loop answers by stopping (no signal involved)."""
     proc = subprocess.Popen(
-        IPMULTI + ["start", "-n", "1", "--profile", "fo-stop", "--quiet"],
+        [*IPMULTI, "start", "-n", "1", "--profile", "fo-stop", "--quiet"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -544,7 +551,7 @@ def test_stale_cleanup_after_owner_sigkill_removes_the_unix_sockets(profile, tmp
     finally:
         if owner.poll() is None:
             owner.kill()
-    listed = subprocess.run(IPMULTI + ["list"], capture_output=True, text=True, timeout=30)
+    listed = subprocess.run([*IPMULTI, "list"], capture_output=True, text=True, timeout=30)
     assert "stale (removed)" in listed.stdout, listed.stdout
     assert not cluster_file_path(profile).exists()
     assert [s for s in socks if os.path.lexists(s)] == []
@@ -584,7 +591,8 @@ def test_ctrl_c_while_stop_closes_the_client_still_stops_the_engines_and_removes
 def test_second_daemon_of_a_running_profile_leaves_the_owners_log_alone():
     """Every `ipmulti start --daemon` truncated `daemon-PROFILE.log` and sent its daemon's output
     there: a second one of a running profile emptied the owner's log (and, started together,
-    the two daemons overwrote each other's lines: the loser's 'already running' came out garbled)."""
+    the two daemons overwrote each other's lines: the loser's 'already running' came out
+    garbled)."""
     first = ipmulti("start", "-n", "1", "--profile", "dlog", "--daemon")
     assert first.returncode == 0, first.stderr
     log = cluster_dir() / "daemon-dlog.log"

@@ -144,7 +144,7 @@ def test_an_owner_that_does_not_answer_in_time_is_a_timeout_error():
     write_cluster(path, spec_for("cf-silent", {**identity(), "kind": "ipmulti"}))
     try:
         t0 = time.monotonic()
-        with pytest.raises(MultiEngineTimeout, match="within 0.5 s"):
+        with pytest.raises(MultiEngineTimeout, match=r"within 0\.5 s"):
             request_owner(path, "restart", [0], timeout=0.5)
         assert time.monotonic() - t0 < 0.5 + 0.3
     finally:
@@ -211,19 +211,20 @@ def test_o02_stale_launcher_record_whose_pid_was_reused_is_kept_and_nothing_sign
         path.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------- engine_main: signal by identity
+# ---------------------------------------------------------------------- engine_main: signal by
+# identity
 def test_engine_main_signal_and_stop_refuse_a_pid_that_is_not_the_engine(sleeper, tmp_path):
     conn = str(tmp_path / "engine-0.json")
     cmd = [sys.executable, "-m", "ipy_multiengine.engine_main"]
     out = subprocess.run(
-        cmd + ["--signal", "TERM", "--pid", str(sleeper.pid), "--connection-file", conn],
+        [*cmd, "--signal", "TERM", "--pid", str(sleeper.pid), "--connection-file", conn],
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert out.returncode == 3 and "no engine with pid" in out.stderr
     out = subprocess.run(
-        cmd + ["--stop", "--stdin", "--timeout", "1"],
+        [*cmd, "--stop", "--stdin", "--timeout", "1"],
         input=json.dumps([[sleeper.pid, conn]]),
         capture_output=True,
         text=True,
@@ -237,7 +238,7 @@ def test_engine_main_signal_and_stop_refuse_a_pid_that_is_not_the_engine(sleeper
     reaper.start()
     try:
         out = subprocess.run(
-            cmd + ["--stop", "--stdin", "--timeout", "5"],
+            [*cmd, "--stop", "--stdin", "--timeout", "5"],
             input=json.dumps([[engine.pid, conn]]),
             capture_output=True,
             text=True,

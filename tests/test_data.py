@@ -273,7 +273,8 @@ def test_progress_off_when_not_interactive(mec, capsys):
 
 
 def test_push_to_four_engines_does_not_copy_per_engine(tmp_path):
-    """Peak RSS of a fresh client process grows by far less than 4 x 100 MB when pushing 100 MB to 4."""
+    """Peak RSS of a fresh client process grows by far less than 4 x 100 MB when pushing 100 MB to
+    4."""
     import subprocess
     import sys
 
@@ -301,10 +302,10 @@ def test_functions_see_the_engine_namespace(mec):
     offset = 100  # a client global the engines do not have: sent along, as push would
 
     def f(x):
-        return math.floor(x * scale) + offset
+        return math.floor(x * scale) + offset  # noqa: F821 names of the engines' namespace
 
     assert mec.map(f, [0.5, 1.0]) == [101, 103]
-    assert mec.apply(lambda: scale * 2, targets=1) == [6]
+    assert mec.apply(lambda: scale * 2, targets=1) == [6]  # noqa: F821 an engine's name
     mec.push({"scale": 10}, targets=0)
     assert mec.apply(f, 1.0, targets=[0, 1]) == [110, 103]
 
@@ -396,12 +397,12 @@ def test_h02_zero_copy_mutation_nonblocking_push_and_scatter(mec):
     a = np.arange(1_000_000, dtype=float)
     pr = mec.push({"a": a}, block=False)
     a[:] = -1.0  # at once, as a user would: the engines must still get 0..n-1
-    pr.r
+    pr.r  # noqa: B018 .r waits for the push to finish
     assert _engine_min(mec, "a") == [(0.0, 999_999.0)] * 4
     s = np.ones(4 * 500_000)
     pr = mec.scatter("s", s, block=False)
     s[:] = -1.0
-    pr.r
+    pr.r  # noqa: B018 .r waits for the push to finish
     assert _engine_min(mec, "s") == [(1.0, 1.0)] * 4
 
 
@@ -429,7 +430,8 @@ def test_h02_zero_copy_mutation_pull_reply_not_torn_by_next_request(mec):
     for _ in range(2):
         mec.execute("b[:] = 0", targets=0)
         pr = mec.pull("b", targets=0, block=False)
-        pa = mec.apply(lambda: b, targets=0, block=False)  # a returned global: the same hazard
+        # a returned global: the same hazard
+        pa = mec.apply(lambda: b, targets=0, block=False)  # noqa: F821 an engine's name
         mec.execute("b[:] = 1", targets=0, block=False)
         got, returned = pr.r[0], pa.r[0]
         assert got.max() == 0.0 and got.min() == 0.0
@@ -445,7 +447,7 @@ def test_h02_expert_opt_out_returns_before_send(mec):
         assert pr.wait_for_send(timeout=30)  # the documented way to know a can change again
         assert pr.sent
         a[:] = -1.0
-        pr.r
+        pr.r  # noqa: B018 .r waits for the push to finish
     finally:
         mec.return_before_send = False
     assert _engine_min(mec, "a", targets=0) == [(0.0, 3_999_999.0)]
@@ -479,7 +481,8 @@ def test_pushed_function_assigning_a_global_writes_the_engine_namespace(mec):
         mec,
         (
             "def setup(n):\n    global data, calls\n    data = list(range(n))\n"
-            "    try:\n        calls += 1\n    except NameError:\n        calls = 1\n    return len(data)\n"
+            "    try:\n        calls += 1\n    except NameError:\n        calls = 1\n    return "
+            "len(data)\n"
             "def bump():\n    global level\n    level = level + 1\n"
             "def via_helper():\n    bump()\n    return level\n"
             "mec.push_function({'setup': setup, 'via_helper': via_helper})\n"
@@ -516,7 +519,8 @@ def test_partials_and_bound_methods_sent_by_value_see_the_engine_namespace(mec):
             "offset = 100\n"
             "def f(x, k=1):\n    return engine_math.floor(x * engine_scale * k) + offset\n"
             "class Model:\n    def __init__(self, k):\n        self.k = k\n"
-            "    def predict(self, x):\n        return engine_math.floor(x * engine_scale * self.k)\n"
+            "    def predict(self, x):\n        return engine_math.floor(x * engine_scale * "
+            "self.k)\n"
             "r_partial = mec.map(functools.partial(f, k=2), [1.0, 2.0])\n"
             "r_method = mec.map(Model(10).predict, [1.0, 2.0])\n"
             "r_apply = mec.apply(Model(1).predict, 2.0, targets=0)\n"

@@ -141,9 +141,9 @@ def test_segfault_with_auto_restart_reruns_on_start(tmp_path):
 
 def test_os_exit_reports_exit_code():
     with (
-        small_cluster(1) as (cluster, mec),
+        small_cluster(1) as (_cluster, mec),
         pytest.raises(
-            CompositeError, match="engine 0 exited with code 3 while running 'import os; os._exit"
+            CompositeError, match=r"engine 0 exited with code 3 while running 'import os; os._exit"
         ),
     ):
         mec.execute("import os; os._exit(3)", timeout=10)
@@ -154,7 +154,7 @@ def test_heartbeat_detects_engines_without_a_local_process(tmp_path):
     """A client that cannot poll the engine processes (as for remote engines) relies on
     heartbeats on its own loop: a frozen engine is declared dead within the period, comes back
     when it answers again, and a killed one is declared dead."""
-    with small_cluster(2) as (cluster, owner):
+    with small_cluster(2) as (cluster, _owner):
         spec = json.loads(Path(cluster.cluster_file).read_text())
         for e in spec["engines"]:
             e["host"] = "elsewhere"  # no process to poll from here
@@ -288,7 +288,7 @@ def test_stop_with_frozen_and_dead_engines_is_bounded():
         took = time.monotonic() - t0
         measured("close() with a frozen, a dead and a busy engine", took)
         assert took < 3 * cluster.shutdown_wait + 5
-        with pytest.raises(CompositeError, match="closed|stopped|killed|exited"):
+        with pytest.raises(CompositeError, match=r"closed|stopped|killed|exited"):
             pr.get_result(timeout=5)
 
 
@@ -462,9 +462,11 @@ def test_200_mixed_operations_with_random_faults():
         assert mec.pull("BASE", timeout=10) == [100, 100, 100]  # every engine usable at the end
     faults = stats["kills"] + stats["interrupts"]
     print(
-        f"\nFAULTS: {faults} injected ({stats['kills']} kill -9, {stats['interrupts']} interrupts), "
+        f"\nFAULTS: {faults} injected ({stats['kills']} kill -9, {stats['interrupts']} "
+        "interrupts), "
         f"{faults} survived; {stats['ops']} operations: {stats['ok']} correct, "
-        f"{stats['failed_reported']} failed with a reported error, 0 lost or wrong; {stats['restarts']} restarts"
+        f"{stats['failed_reported']} failed with a reported error, 0 lost or wrong; "
+        f"{stats['restarts']} restarts"
     )
     assert stats["ok"] + stats["failed_reported"] == stats["ops"]
 
@@ -532,7 +534,7 @@ def test_restart_needs_an_owner_that_serves_requests(cluster, mec):
     file without the 'serves' marker) gets a precise error instead of a hang."""
     c = MultiEngineClient(cluster.cluster_file)
     try:
-        with pytest.raises(EngineError, match="does not take requests .*ipmulti start"):
+        with pytest.raises(EngineError, match=r"does not take requests .*ipmulti start"):
             c.restart(0)
         assert c.execute("print(1)", targets=0)[0]["stdout"] == "1\n"  # still usable
     finally:
@@ -578,7 +580,8 @@ def test_print_measurements():
     """Last in the file: a summary of what the tests above measured (run with -s to see it)."""
     for name, values in MEASURED.items():
         print(
-            f"[summary] {name}: min {min(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms, n={len(values)}"
+            f"[summary] {name}: min {min(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms, "
+            f"n={len(values)}"
         )
 
 

@@ -77,7 +77,7 @@ def test_engine_table_lists_groups_kernelspecs_languages(mec):
     assert [r["group"] for r in rows] == ["python3", "other", "bash", "bash", "bash"]
     assert [r["kernelspec"] for r in rows] == ["python3", "other", "bash", "bash", "bash"]
     assert [r["language"] for r in rows] == ["python", "python", "bash", "bash", "bash"]
-    assert rows[0]["version"] == "%d.%d.%d" % sys.version_info[:3]
+    assert rows[0]["version"] == "{}.{}.{}".format(*sys.version_info[:3])
     assert all(r["version"] for r in rows[2:])  # bash's version, from its banner
     assert all(r["host"] == socket.gethostname() for r in rows)
     assert len({r["pid"] for r in rows}) == 5 and all(isinstance(r["pid"], int) for r in rows)
@@ -174,7 +174,7 @@ def test_engines_argument_is_checked():
 
 def test_unknown_kernelspec_is_named():
     cl = Cluster(engines={"no-such-kernelspec-xyz": 1}, profile="beyond-bad", write_file=False)
-    with pytest.raises(ValueError, match="no-such-kernelspec-xyz.*available"):
+    with pytest.raises(ValueError, match=r"no-such-kernelspec-xyz.*available"):
         cl.start()
     cl.stop()
 
@@ -412,7 +412,7 @@ def test_ipmulti_start_engines_option(tmp_path):
     ipmulti = [sys.executable, "-m", "ipy_multiengine.cli"]
     with private_kernelspecs():
         out = subprocess.run(
-            ipmulti + ["start", "--engines", "python3=1,bash=2", "--profile", "mixed", "--daemon"],
+            [*ipmulti, "start", "--engines", "python3=1,bash=2", "--profile", "mixed", "--daemon"],
             capture_output=True,
             text=True,
             timeout=90,
@@ -433,12 +433,12 @@ def test_ipmulti_start_engines_option(tmp_path):
                 mec.close()
         finally:
             stopped = subprocess.run(
-                ipmulti + ["stop", "--profile", "mixed"], capture_output=True, text=True, timeout=60
+                [*ipmulti, "stop", "--profile", "mixed"], capture_output=True, text=True, timeout=60
             )
         assert stopped.returncode == 0, stopped.stderr
     assert_gone([p for p in pids if psutil.pid_exists(p)], timeout=20)
     bad = subprocess.run(
-        ipmulti + ["start", "--engines", "python3", "--profile", "mixed-bad"],
+        [*ipmulti, "start", "--engines", "python3", "--profile", "mixed-bad"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -447,7 +447,8 @@ def test_ipmulti_start_engines_option(tmp_path):
 
 
 def test_connection_without_stdin_port_still_works(hetero, mec, tmp_path):
-    """A cluster file whose connection info lacks stdin_port: execute works, input() says why not."""
+    """A cluster file whose connection info lacks stdin_port: execute works, input() says why
+    not."""
     spec = json.loads(Path(hetero.cluster_file).read_text())
     spec["engines"] = [e for e in spec["engines"] if e["id"] == 0]
     del spec["engines"][0]["connection"]["stdin_port"]

@@ -117,7 +117,7 @@ def test_launchers_are_found_by_name_and_entry_point():
     assert get_launcher_class("mpi") is MPILauncher
     assert get_launcher_class("ssh") is SSHLauncher
     assert get_launcher_class("ipy_multiengine.launchers.mpi:MPILauncher") is MPILauncher
-    with pytest.raises(ValueError, match="unknown launcher 'nope'.*mpi"):
+    with pytest.raises(ValueError, match=r"unknown launcher 'nope'.*mpi"):
         get_launcher_class("nope")
     with pytest.raises(TypeError, match="unknown option"):
         Cluster(2, launcher="mpi", no_such_option=1)
@@ -241,7 +241,7 @@ def test_o06_engine_bound_wide_in_a_netns_host_reports_its_routable_address(ssh_
     from ipy_multiengine.engine_main import read_json
     from ipy_multiengine.launchers.base import write_engine_files
 
-    keys, local, remote, ns = ssh_hosts
+    _keys, _local, _remote, ns = ssh_hosts
     in_ns = ["ip", "netns", "exec", ns.name, sys.executable]
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPY_MULTIENGINE_")}
     env["PYTHONPATH"] = SRC
@@ -331,7 +331,8 @@ def test_13_local_engines_start_and_restart_through_the_local_launcher():
     mec = c.start()
     try:
         old = c.engine_meta()[1]["pid"]
-        # the fast kernel arguments (the old LocalLauncher lacked _execute_sleep=0) reach every kernel
+        # the fast kernel arguments (the old LocalLauncher lacked _execute_sleep=0) reach every
+        # kernel
         for km in c.managers.values():
             cmd = psutil.Process(km.provisioner.pid).cmdline()
             assert all(a in cmd for a in KERNEL_ARGS), cmd
@@ -416,7 +417,8 @@ def test_mpi_allreduce_and_scatter_from_px(mpi_cluster):
             textwrap.dedent("""\
             %%px
             import numpy as np
-            chunk = comm.scatter([np.arange(3) + 10 * i for i in range(comm.size)] if comm.rank == 0 else None, root=0)
+            parts = [np.arange(3) + 10 * i for i in range(comm.size)]
+            chunk = comm.scatter(parts if comm.rank == 0 else None, root=0)
             total = comm.reduce(chunk.sum(), root=0)
             """)
         )
@@ -449,6 +451,35 @@ def test_mpi_stop_leaves_no_process():
     )
     assert not os.path.exists(work_dir)
     assert not Path(RUNTIME, "ipy_multiengine", "cluster-test-mpi-stop.json").exists()
+
+
+@pytest.mark.timeout(120)
+def test_mpi_stop_kills_a_rank_that_ignores_shutdown_and_sigterm():
+    """A rank busy in code, ignoring SIGTERM: stop() asks, waits ``timeout``, SIGTERMs, waits,
+    then SIGKILLs mpiexec, Hydra's proxy and the rank (each found through psutil: mpiexec's
+    children, the rank by its command line), and returns within its bounds."""
+    c = Cluster(1, launcher="mpi", profile="test-mpi-stuck")
+    mec = c.start()
+    launcher = c.launcher
+    try:
+        work_dir = launcher.work_dir
+        mpiexec = psutil.Process(launcher.pid)
+        mec.execute("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)")
+        mec.execute("import time; time.sleep(600)", block=False)
+        tree = [mpiexec, *mpiexec.children(recursive=True)]
+        assert len(tree) >= 2 and len(engine_processes(work_dir)) == 2  # mpiexec + the rank
+        from ipy_multiengine import _loop  # white-box: the launcher API is async, run on its loop
+
+        t0 = time.monotonic()
+        _loop.run(launcher.stop(timeout=1.0), timeout=30)
+        took = time.monotonic() - t0
+        _, alive = psutil.wait_procs(tree, timeout=1)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+        assert not engine_processes(work_dir)
+        assert took < 1 + 1 + 1 + 2 + 3  # shutdown, mpiexec, TERM and KILL waits, slack
+        assert not os.path.exists(work_dir)
+    finally:
+        c.stop()
 
 
 def _group_or_other_bits(root: str) -> list[str]:
@@ -771,23 +802,24 @@ def test_ssh_engines_on_two_hosts(ssh_hosts):
 
 @pytest.mark.timeout(60)
 def test_ssh_refuses_unknown_host_key(ssh_hosts, tmp_path):
-    keys, local, remote, ns = ssh_hosts
+    keys, local, _remote, _ns = ssh_hosts
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     options = ssh_options(keys)
     options["known_hosts"] = str(empty)
     c = Cluster(launcher="ssh", hosts={local.destination: 1}, profile="test-ssh-key", **options)
-    with pytest.raises(LauncherError, match="(?i)host key verification failed"):
+    with pytest.raises(LauncherError, match=r"(?i)host key verification failed"):
         c.start()
     wait_no_engines(SSH_ENGINE_DIR)
 
 
 @pytest.mark.timeout(60)
 def test_ssh_connection_info_never_on_a_command_line(ssh_hosts):
-    keys, local, remote, ns = ssh_hosts
+    keys, local, _remote, _ns = ssh_hosts
     launcher = SSHLauncher(hosts={local.destination: 1}, **ssh_options(keys))
-    cmd = launcher.ssh_command(local.destination) + [
-        launcher.remote_command(local.destination, "--stdin")
+    cmd = [
+        *launcher.ssh_command(local.destination),
+        launcher.remote_command(local.destination, "--stdin"),
     ]
     assert "StrictHostKeyChecking=yes" in cmd and "BatchMode=yes" in cmd
     assert not any("key" in part and "hmac" in part for part in cmd)
@@ -805,7 +837,7 @@ def test_ssh_connection_info_never_on_a_command_line(ssh_hosts):
 
 @pytest.mark.timeout(180)
 def test_h06_ssh_engine_killed_in_the_netns_host_is_noticed_by_heartbeats(ssh_hosts):
-    keys, local, remote, ns = ssh_hosts
+    keys, _local, remote, _ns = ssh_hosts
     c = Cluster(
         launcher="ssh", hosts={remote.destination: 2}, profile="test-h06-ssh", **ssh_options(keys)
     )
@@ -826,7 +858,7 @@ def test_h06_ssh_engine_killed_in_the_netns_host_is_noticed_by_heartbeats(ssh_ho
 
 @pytest.mark.timeout(180)
 def test_h15_ssh_honours_transport_encryption(ssh_hosts):
-    keys, local, remote, ns = ssh_hosts
+    keys, _local, remote, _ns = ssh_hosts
     c = Cluster(
         launcher="ssh",
         hosts={remote.destination: 1},
@@ -869,7 +901,7 @@ def test_o04_failing_ssh_host_leaves_no_engines_of_the_other_hosts():
         env=ENGINE_ENV,
         profile="test-o04",
     )
-    with pytest.raises(LauncherError, match="engine 2 on bad failed to start.*Connection refused"):
+    with pytest.raises(LauncherError, match=r"engine 2 on bad failed to start.*Connection refused"):
         c.start()
     assert not engine_processes(SSH_ENGINE_DIR) and not forwarders()
     # and none comes up late (the bug: they finished starting after start() had given up)
@@ -1111,7 +1143,7 @@ def test_mpi_engines_of_a_killed_owner_are_stopped_by_ipmulti_stop():
         assert len(engine_processes(work_dir)) == 3
         launcher_from_dict(spec["launcher"]).kill_now()  # what `ipmulti stop` does then
         wait_no_engines(work_dir, timeout=5)
-        gone, alive = psutil.wait_procs(tree, timeout=5)
+        _gone, alive = psutil.wait_procs(tree, timeout=5)
         assert not alive
     finally:
         launcher_from_dict(spec["launcher"]).kill_now()

@@ -10,6 +10,7 @@ import shutil
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from beyond_helpers import screen_lines
@@ -212,32 +213,32 @@ def test_targets_errors_are_usage_errors(ip):
 
 def test_client_targets_and_block_are_the_defaults(ip, mec):
     mec.targets = [1, 3]
-    cap, res = run(ip, "%px z = 1")
+    _cap, res = run(ip, "%px z = 1")
     assert [r["id"] for r in res.result] == [1, 3]
     mec.targets = "all"
     mec.block = False
-    cap, res = run(ip, "%px z = 2")
+    _cap, res = run(ip, "%px z = 2")
     assert isinstance(res.result, PendingResult)
     res.result.get_result()
-    cap, res = run(ip, "%px --block z = 3")
+    _cap, res = run(ip, "%px --block z = 3")
     assert isinstance(res.result, ResultList)
 
 
 def test_noblock_out_and_result(ip, mec):
-    cap, res = run(ip, "%%px --noblock -o pr\nimport time; time.sleep(0.3); print('done')")
+    _cap, res = run(ip, "%%px --noblock -o pr\nimport time; time.sleep(0.3); print('done')")
     pr = ip.user_ns["pr"]
     assert isinstance(pr, PendingResult) and res.result is pr
-    cap, res = run(ip, "%result")
+    _cap, res = run(ip, "%result")
     assert [r["stdout"] for r in res.result] == ["done\n"] * 4
-    cap, res = run(ip, "%pxresult")
+    _cap, res = run(ip, "%pxresult")
     assert res.result is pr.get_result()
-    cap, res = run(ip, "%%px --out rl\nprint('x')")
+    _cap, res = run(ip, "%%px --out rl\nprint('x')")
     assert isinstance(ip.user_ns["rl"], ResultList) and len(ip.user_ns["rl"]) == 4
 
 
 def test_no_stream_group_outputs(ip):
     code = "import sys\nprint('o1')\nprint('e1', file=sys.stderr)\nprint('o2')\n5"
-    cap, res = run(ip, f"%%px --no-stream --group-outputs engine --targets 0,1\n{code}")
+    cap, _res = run(ip, f"%%px --no-stream --group-outputs engine --targets 0,1\n{code}")
     assert cap.stdout.splitlines() == [
         "[stdout:0] o1",
         "[stdout:0] o2",
@@ -245,7 +246,7 @@ def test_no_stream_group_outputs(ip):
         "[stdout:1] o2",
     ]
     assert [o.metadata["engine"] for o in cap.outputs] == [0, 1]
-    cap, res = run(ip, f"%%px --no-stream --group-outputs type --targets 0,1\n{code}")
+    cap, _res = run(ip, f"%%px --no-stream --group-outputs type --targets 0,1\n{code}")
     assert cap.stdout.splitlines() == [
         "[stdout:0] o1",
         "[stdout:0] o2",
@@ -253,15 +254,15 @@ def test_no_stream_group_outputs(ip):
         "[stdout:1] o2",
     ]
     assert cap.stderr.splitlines() == ["[stderr:0] e1", "[stderr:1] e1"]
-    assert [o.data["text/plain"] for o in cap.outputs][0].startswith("Out[0:")
-    cap, res = run(ip, f"%%px --no-stream --group-outputs order --targets 0,1\n{code}")
+    assert next(o.data["text/plain"] for o in cap.outputs).startswith("Out[0:")
+    cap, _res = run(ip, f"%%px --no-stream --group-outputs order --targets 0,1\n{code}")
     assert sorted(cap.stdout.splitlines()) == sorted(
         ["[stdout:0] o1", "[stdout:0] o2", "[stdout:1] o1", "[stdout:1] o2"]
     )
 
 
 def test_no_stream_engine_grouping_is_in_target_order(ip):
-    cap, res = run(
+    cap, _res = run(
         ip,
         "%%px --no-stream --group-outputs engine\nimport time, random\n"
         "time.sleep(random.random() / 5)\nprint('hi')",
@@ -279,7 +280,8 @@ def test_collapse_identical_output_and_tracebacks(ip):
 
 
 def test_errors_one_block_per_engine_and_cell_fails(ip, mec):
-    cap, res = run(ip, "%%px\nprint('before')\n1/0")
+    # identical tracebacks collapse by default (issue 14.5): --no-collapse shows each one
+    cap, res = run(ip, "%%px --no-collapse\nprint('before')\n1/0")
     assert not res.success and isinstance(res.error_in_exec, CompositeError)
     out = cap.stdout
     assert "CompositeError: one or more exceptions from call to method: execute" in out
@@ -294,7 +296,7 @@ def test_errors_one_block_per_engine_and_cell_fails(ip, mec):
 
 
 def test_rich_outputs_are_labelled(ip):
-    cap, res = run(
+    cap, _res = run(
         ip,
         "%%px --targets 0,2\nfrom IPython.display import display, HTML, Latex\n"
         "display(HTML('<b>hi</b>'))\ndisplay(Latex('$x$'))",
@@ -314,13 +316,13 @@ def test_rich_outputs_are_labelled(ip):
 def test_progress_after(ip):
     # one progress mechanism for every call (issue 13.4): the tqdm bar mec.map shows, which
     # replaced the "[progress] n/4 engines done" lines of before
-    cap, res = run(ip, "%%px --progress-after 0.2\nimport time; time.sleep(0.8)")
+    cap, _res = run(ip, "%%px --progress-after 0.2\nimport time; time.sleep(0.8)")
     frames = cap.stderr.replace("\r", "\n").splitlines()
     assert any(f.startswith("%px:") and "0/4" in f and "waiting for 0-3" in f for f in frames), (
         frames
     )
     assert any(f.startswith("%px:") and "4/4" in f for f in frames), frames
-    cap, res = run(ip, "%%px --progress-after 30\nx = 1")
+    cap, _res = run(ip, "%%px --progress-after 30\nx = 1")
     assert "%px:" not in cap.stderr
 
 
@@ -363,9 +365,9 @@ def test_result_timeout_is_one_line_like_px_timeout(ip):
 
 
 def test_local_runs_here_too(ip):
-    cap, res = run(ip, "%%px --local\nboth = 21 * 2")
+    _cap, _res = run(ip, "%%px --local\nboth = 21 * 2")
     assert ip.user_ns["both"] == 42
-    cap, res = run(ip, "%px --local both2 = 3")
+    _cap, _res = run(ip, "%px --local both2 = 3")
     assert ip.user_ns["both2"] == 3
     assert client_mod.get_active().pull("both") == [42] * 4
 
@@ -400,7 +402,7 @@ def test_pxconfig_bad_value_sets_nothing_and_unknown_targets_are_refused(ip, mec
         "--noblock --targets 0,7",
         "--reset --no-stream --timeout x",
     ):
-        with pytest.raises(UsageError) as info:
+        with pytest.raises(UsageError):
             ip.run_line_magic("pxconfig", bad)
         assert magics_of(ip).pxconfig_.describe() == before, bad
     with pytest.raises(UsageError, match=r"unknown engine id 9.*valid ids: \[0, 1, 2, 3\]"):
@@ -513,7 +515,7 @@ def test_no_client_connects_to_running_default_cluster(ip, cluster, mec):
         if other is not None and other is not mec:
             other.close()
         mec.activate()
-    json.loads(open(cluster.cluster_file).read())  # the session cluster is untouched
+    json.loads(Path(cluster.cluster_file).read_text())  # the session cluster is untouched
 
 
 def test_init_runs_now_and_is_recorded_for_restarts(ip, mec):
@@ -571,7 +573,7 @@ def test_h10_output_of_apply_map_parallel_reaches_the_user_and_the_pending_resul
         import warnings
 
         print("processing", x)
-        warnings.warn(f"careful with {x}")
+        warnings.warn(f"careful with {x}", stacklevel=1)
         return x
 
     with capture_output() as cap:
@@ -667,7 +669,7 @@ def test_o10_exit_under_autopx_is_refused_with_a_message(ip, mec, typed):
     numbers = [r["number"] for r in mec.execute("pass")]
     run(ip, "%autopx")
     try:
-        cap, res = run(ip, typed)
+        cap, _res = run(ip, typed)
         assert "not sent to the engines" in cap.stderr and "%autopx" in cap.stderr
         assert not ip.exit_now
     finally:
@@ -690,7 +692,10 @@ def _cell_outputs(cap) -> list[dict]:
     return [data for _, data in cell]
 
 
-UPDATED = "from IPython.display import display\nh = display('step 1', display_id=True)\nh.update('step 2 (final)')"
+UPDATED = (
+    "from IPython.display import display\nh = display('step 1', display_id=True)\nh.update('step "
+    "2 (final)')"
+)
 
 
 @pytest.mark.parametrize("notebook", [True, False])

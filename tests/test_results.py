@@ -25,7 +25,7 @@ def test_h04_result_shows_last_execute_not_older_magic(ip, mec):
     mec.execute("y = 'api'")
     mec.pull("y")
     mec.push({"z": 1})
-    cap, res = run(ip, "%result")
+    _cap, res = run(ip, "%result")
     assert res.success
     assert [r["input"]["raw"] for r in res.result] == ["y = 'api'"] * 4
     assert mec.get_result() is res.result
@@ -36,7 +36,7 @@ def test_h04_result_shows_each_engine_of_the_last_execute(ip, mec):
     mec.execute("b = 2", targets=[1, 3])
     mec.map(lambda v: v, range(4))
     mec.pull("a")
-    cap, res = run(ip, "%result")
+    _cap, res = run(ip, "%result")
     assert [(r["id"], r["input"]["raw"]) for r in res.result] == [(1, "b = 2"), (3, "b = 2")]
     assert "[1] In [" in repr(res.result) and "]: b = 2" in repr(res.result)
 

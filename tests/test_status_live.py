@@ -27,7 +27,8 @@ class Notebook:
         return self.kc.execute(code)
 
     def messages(self, msg_id: str, until=None, timeout: float = 60, stop_at_idle: bool = True):
-        """IOPub messages of request ``msg_id`` until its idle status (or ``until(msg)`` is true)."""
+        """IOPub messages of request ``msg_id`` until its idle status (or ``until(msg)`` is
+        true)."""
         deadline = time.monotonic() + timeout
         while True:
             msg = self.kc.get_iopub_msg(timeout=max(deadline - time.monotonic(), 0.01))
@@ -90,7 +91,8 @@ def test_status_table_updates_in_place_during_a_long_px(notebook, tmp_path):
     try:
         # a long parallel command in the next cell: the table shows the engines busy meanwhile
         cell = notebook.send(
-            f'r = mec.execute("import os, time\\nwhile not os.path.exists({str(flag)!r}): time.sleep(0.01)")'
+            f'r = mec.execute("import os, time\\n'
+            f'while not os.path.exists({str(flag)!r}): time.sleep(0.01)")'
         )
         updates = []
 
@@ -108,7 +110,8 @@ def test_status_table_updates_in_place_during_a_long_px(notebook, tmp_path):
         assert "import os, time while not os.path.exist…" in busy  # what each engine runs
         assert re.search(r"<td>\d+\.\d s</td>", busy)  # and for how long
         flag.touch()
-        # the table keeps following the engines after the cell is done (same parent until the next cell)
+        # the table keeps following the engines after the cell is done (same parent until the next
+        # cell)
         rest = list(
             notebook.messages(
                 cell,
@@ -187,7 +190,8 @@ def test_h10_o13_o14_notebook_rendering_in_a_real_kernel(notebook):
 
         msgs = notebook.run(
             "%%px\nfrom IPython.display import display, clear_output, HTML\n"
-            "for i in range(5):\n    clear_output(wait=True)\n    display(HTML(f'<b>frame {i}</b>'))"
+            "for i in range(5):\n    clear_output(wait=True)\n    display(HTML(f'<b>frame "
+            "{i}</b>'))"
         )
         added = [m for m in msgs if m["msg_type"] == "display_data"]
         assert len(added) == 2, [m["content"]["data"] for m in added]

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -52,7 +53,8 @@ class Term:
         self.expect(PROMPT)
         self.run(
             "from ipy_multiengine import Cluster; cl = Cluster(n=2, profile='stdin-term'); "
-            "mec = cl.start().activate(); get_ipython().run_line_magic('load_ext', 'ipy_multiengine'); "
+            "mec = cl.start().activate(); get_ipython().run_line_magic('load_ext', "
+            "'ipy_multiengine'); "
             "print('PIDS', [e['pid'] for e in mec.engines])"
         )
         self.pids = [
@@ -99,7 +101,8 @@ def term(tmp_path_factory):
 
 def test_input_on_an_engine_is_asked_with_its_id(term):
     term.send(
-        "mec.execute(\"print('before'); name = input('name? ')\", targets=1); mec.pull('name', targets=1)"
+        "mec.execute(\"print('before'); name = input('name? ')\", targets=1); mec.pull('name', "
+        "targets=1)"
     )
     term.expect(r"\[1\] name\? ")
     assert "[1] before" in term.text  # output so far is shown before the prompt
@@ -217,8 +220,8 @@ def test_input_through_nbclient_with_a_scripted_reply(tmp_path):
     class StdinClient(nbclient.NotebookClient):
         """nbclient answering input requests from a script (nbclient itself disables stdin)."""
 
-        replies = ["scripted answer", "p w", "q"]
-        prompts: list = []
+        replies: ClassVar[list[str]] = ["scripted answer", "p w", "q"]
+        prompts: ClassVar[list] = []
 
         async def async_start_new_kernel_client(self):
             kc = await super().async_start_new_kernel_client()

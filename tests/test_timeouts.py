@@ -109,7 +109,8 @@ def test_h03_o05_restart_and_wait_ready_timeouts_with_slow_on_start(tmp_path):
         plain = time.monotonic() - t0
         limit = plain + 2.5  # enough to restart, not enough for the code
         code = (
-            f"import os, time; time.sleep({limit + 3:.1f} if os.path.exists({str(flag)!r}) else 0)\n"
+            f"import os, time; time.sleep({limit + 3:.1f} if os.path.exists({str(flag)!r}) else "
+            "0)\n"
             "ready = True"
         )
         mec.on_start(code)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib import import_module
 from importlib.metadata import entry_points
+from typing import Any
 
 from ..errors import ConfigError
 from .base import EngineStartTimeout, Launcher, LauncherError
@@ -40,13 +41,14 @@ def get_launcher_class(name: str | type[Launcher]) -> type[Launcher]:
     )
 
 
-def make_launcher(launcher, n: int | None = None, **options) -> Launcher:
+def make_launcher(launcher: Any, n: int | None = None, **options: Any) -> Launcher:
     """A launcher instance from a name, a class, or an instance (returned as is)."""
     if isinstance(launcher, Launcher):
         if options.get("startup_timeout") is not None:
             launcher.startup_timeout = options["startup_timeout"]
         return launcher
-    return get_launcher_class(launcher)(n, **options)
+    cls = get_launcher_class(launcher)
+    return cls(**options) if n is None else cls(n, **options)  # None: the launcher's default
 
 
 def launcher_from_dict(data: dict) -> Launcher:

@@ -304,6 +304,7 @@ async def run_command(
             await proc.wait()
         raise
     rc = proc.returncode
+    assert rc is not None  # communicate() returned: the process has ended
     out_s, err_s = out.decode(errors="replace"), err.decode(errors="replace")
     if check and rc != 0:
         raise LauncherError(
@@ -372,7 +373,7 @@ class Launcher(abc.ABC):
 
     def __init__(
         self,
-        n: int | None = None,
+        n: int,
         *,
         kernel_name: str | None = None,
         env: dict | None = None,
@@ -386,13 +387,19 @@ class Launcher(abc.ABC):
         #: CurveZMQ as jupyter_client's setting: 'auto', 'required', 'disabled', or None (on for
         #: engines that listen beyond loopback)
         self.transport_encryption = transport_encryption
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"n must be a positive int, not {n!r}", "n")
-        self.n = n
+        self.n: int = n
         self.kernel_name = kernel_name
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout
         self.engines: list[dict] = []  # connection info per engine after start()
+
+    def started_dir(self) -> str:
+        """The work directory, which ``start()`` sets (asking before it is a bug, said so)."""
+        if self.work_dir is None:
+            raise LauncherError(f"{self.name} launcher: no work directory yet (not started)")
+        return self.work_dir
 
     def liveness(self, eid: int) -> Callable[[], str | None] | None:
         """A cheap synchronous probe for the controller: a reason once engine ``eid`` is known
@@ -402,7 +409,8 @@ class Launcher(abc.ABC):
         return None
 
     async def start(self) -> list[dict]:
-        """Start every engine; on any failure (Ctrl-C included) stop what was started, then raise."""
+        """Start every engine; on any failure (Ctrl-C included) stop what was started, then
+        raise."""
         try:
             self.engines = list(await self._start())
         except BaseException as exc:
@@ -413,6 +421,27 @@ class Launcher(abc.ABC):
                 exc.add_note(f"stopping the engines that had started failed too: {stop_exc}")
             raise
         return self.engines
+
+    async def add(self, n: int) -> dict[int, dict]:
+        """Start ``n`` more engines in the running cluster: ``{id: connection info}``."""
+        raise LauncherError(
+            f"the {self.name} launcher cannot add engines to a running cluster (only 'local' "
+            "can); start a new cluster with more engines",
+            method="add",
+        )
+
+    async def send_signal(self, ids: Iterable[int], signum: int) -> None:
+        """Send signal ``signum`` to engines ``ids``."""
+        raise LauncherError(
+            f"the {self.name} launcher cannot send signals to single engines (only 'local' "
+            "can); interrupt them with mec.interrupt()",
+            method="send_signal",
+        )
+
+    async def remove(self, ids: Iterable[int]) -> None:
+        """Stop and forget engines ``ids`` (undoing a failed ``add``); launchers that cannot
+        add engines have none to remove."""
+        return None
 
     @abc.abstractmethod
     async def _start(self) -> list[dict]:

@@ -14,6 +14,7 @@ gateway provisioners) starts its engines wherever that provisioner puts them, un
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -147,6 +148,8 @@ class LocalLauncher(Launcher):
         for eid in self.kernel_names:  # a shared directory: only our files
             self.log_file(eid).unlink(missing_ok=True)
             Path(self._dir(), f"engine-{self.tag}-{eid}.json").unlink(missing_ok=True)
+            # the engine helper's fast socket (engine.py), when the kernel could not remove it
+            Path(self._dir(), f"ipc-{self.tag}-{eid}-ime").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ starting
     def environment(self) -> dict[str, str]:
@@ -234,7 +237,7 @@ class LocalLauncher(Launcher):
             raise LauncherError(
                 f"local launcher: kernels not started within {self.startup_timeout:g} s"
             ) from None
-        for eid, res in zip(list(self.managers), results):
+        for eid, res in zip(list(self.managers), results, strict=True):
             if isinstance(res, NoSuchKernel):
                 names = sorted(KernelSpecManager().find_kernel_specs())
                 raise ConfigError(
@@ -255,7 +258,8 @@ class LocalLauncher(Launcher):
         return [self.connection_info(eid) for eid in sorted(self.managers)]
 
     def connection_info(self, eid: int) -> dict:
-        """What a client needs to reach engine ``eid``: no CurveZMQ secret key (the kernel's alone)."""
+        """What a client needs to reach engine ``eid``: no CurveZMQ secret key (the kernel's
+        alone)."""
         km = self.managers[eid]
         info = km.get_connection_info(session=False)
         info["key"] = self.key
@@ -299,6 +303,48 @@ class LocalLauncher(Launcher):
         await asyncio.gather(*(one(e) for e in ids))
         return {eid: self._refresh(eid) for eid in ids}
 
+    async def add(self, n: int) -> dict[int, dict]:
+        """Start ``n`` more engines (kernelspec ``kernel_name``), ids after the highest one;
+        if any fails to start, the ones this call started are stopped and the error raised."""
+        first = max(self.kernel_names, default=-1) + 1
+        ids = list(range(first, first + n))
+        env = self.environment()
+        for eid in ids:
+            self.kernel_names[eid] = self.kernel_name or "python3"
+            self._new_manager(eid)
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(self._start_kernel(eid, self.managers[eid], env) for eid in ids),
+                    return_exceptions=True,
+                ),
+                self.startup_timeout,
+            )
+            for eid, res in zip(ids, results, strict=True):
+                if isinstance(res, BaseException):
+                    raise LauncherError(
+                        f"engine {eid} failed to start: {res}\n{self.log_tail(eid)}", eid
+                    ) from res
+        except BaseException:
+            await asyncio.shield(self.remove(ids))
+            raise
+        self.n += n
+        self.engines.extend(self.connection_info(eid) for eid in ids)
+        return {eid: self.connection_info(eid) for eid in ids}
+
+    async def remove(self, ids: Iterable[int]) -> None:
+        """Stop engines ``ids`` and forget them (what ``add`` undoes when it fails)."""
+        for eid in list(ids):
+            km = self.managers.pop(eid, None)
+            self.kernel_names.pop(eid, None)
+            if km is None:
+                continue
+            try:
+                await km.shutdown_kernel(now=True)
+            except Exception:
+                self._kill(km)
+            Path(km.connection_file).unlink(missing_ok=True)
+
     def port_clash(self, eid: int) -> bool:
         """Did engine ``eid`` die because another process took one of its ports meanwhile?"""
         return "Address already in use" in self.log_tail(eid, 40)
@@ -306,10 +352,8 @@ class LocalLauncher(Launcher):
     async def retry_after_clash(self, eid: int) -> dict | None:
         if eid not in self.managers or not self.port_clash(eid):
             return None
-        try:
+        with contextlib.suppress(Exception):
             await self.managers[eid].shutdown_kernel(now=True)
-        except Exception:
-            pass
         km = self._new_manager(eid)
         await self._start_kernel(eid, km, self.environment())
         return self._refresh(eid)
@@ -320,9 +364,20 @@ class LocalLauncher(Launcher):
         results = await asyncio.gather(
             *(self.managers[i].interrupt_kernel() for i in targets), return_exceptions=True
         )
-        for eid, res in zip(targets, results):  # one engine's failure must not stop the others,
-            if isinstance(res, BaseException):  # nor go unseen
+        # one engine's failure must not stop the others, nor go unseen
+        for eid, res in zip(targets, results, strict=True):
+            if isinstance(res, BaseException):
                 log.warning("could not interrupt engine %s: %s: %s", eid, type(res).__name__, res)
+
+    async def send_signal(self, ids: Iterable[int], signum: int) -> None:
+        """Through the kernel managers (their own process handles, never a pid from a file):
+        each engine's process group, as jupyter_client signals kernels."""
+        ids = list(ids)
+        unknown = [e for e in ids if e not in self.managers]
+        if unknown:
+            raise TargetsError(f"unknown engine ids {unknown}; valid ids: {sorted(self.managers)}")
+        for eid in ids:
+            await self.managers[eid].signal_kernel(signum)
 
     def engine_meta(self) -> dict[int, dict]:
         host = socket.gethostname()
@@ -381,10 +436,8 @@ class LocalLauncher(Launcher):
         proc = getattr(getattr(km, "provisioner", None), "process", None)
         if proc is not None and proc.poll() is None:
             proc.kill()
-            try:
+            with contextlib.suppress(Exception):
                 proc.wait(timeout=5)
-            except Exception:
-                pass
 
     def kill_now(self) -> None:
         for km in self.managers.values():

@@ -6,13 +6,14 @@ initialises MPI (mpi4py) before the kernel starts, so code sent with ``%px`` can
 
 The job is one group: ``interrupt()`` interrupts every rank (interrupting only some ranks of
 a collective would leave the others blocked in it), and ``stop()`` ends the whole job
-(SIGTERM to ``mpiexec``, which takes its ranks down; SIGKILL to its process group after the
-timeout).
+(each rank is asked to shut down; after the timeout SIGTERM, then SIGKILL, to mpiexec,
+everything under it and the job's ranks on this host, each checked by psutil first).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -20,6 +21,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from typing import Any
+
+import psutil
 
 from .base import (
     Launcher,
@@ -39,16 +43,26 @@ def _is_local(hostname: str | None) -> bool:
     return hostname in (None, socket.gethostname())
 
 
-def _signal_group(pgid: int, sig: int) -> bool:
+def _running(proc: psutil.Process) -> bool:
     try:
-        os.killpg(pgid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 
-def _group_alive(pgid: int) -> bool:
-    return _signal_group(pgid, 0)
+def _send(proc: psutil.Process, sig: int) -> None:
+    """Signal ``proc`` if it still is the process psutil saw (create time re-checked)."""
+    with contextlib.suppress(psutil.Error):  # gone meanwhile, its pid reused, or not ours
+        proc.send_signal(sig)
+
+
+async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+    """Has our child ``proc`` exited within ``timeout``?"""
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False
 
 
 class MPILauncher(Launcher):
@@ -88,7 +102,10 @@ class MPILauncher(Launcher):
         self.work_dir: str | None = None
         self.kernel_args = list(kernel_args)
         self.proc: asyncio.subprocess.Process | None = None
-        self.pid: int | None = None  # mpiexec, leader of its own process group
+        self.pid: int | None = None  # mpiexec's
+        #: mpiexec as psutil saw it when it started (or as the cluster file's identity proved
+        #: it): psutil re-checks its create time before signalling, so no reused pid is hit
+        self._root: psutil.Process | None = None
         self.output_path: str | None = None
         self.started: float | None = None  # wall clock, for shared memory killed ranks leave
 
@@ -108,7 +125,7 @@ class MPILauncher(Launcher):
             "-m",
             "ipy_multiengine.engine_main",
             "--connection-file",
-            engine_file(self.work_dir, "{engine_id}"),
+            engine_file(self.started_dir(), "{engine_id}"),
             "--mpi",
             "yes",
             *(["--", *self.kernel_args] if self.kernel_args else []),
@@ -136,15 +153,21 @@ class MPILauncher(Launcher):
                 start_new_session=True,
             )
         self.pid = self.proc.pid
+        try:
+            self._root = psutil.Process(self.pid)
+        except psutil.Error:  # mpiexec is gone already: wait_for_engines reports why
+            self._root = None
         return await wait_for_engines(
             paths, self.startup_timeout, alive=self._problem, what=f"mpi launcher ({cmd[0]})"
         )
 
     def _output_tail(self, limit: int = 2000) -> str:
+        if self.output_path is None:
+            return ""
         try:
             with open(self.output_path, errors="replace") as f:
                 return f.read()[-limit:]
-        except (OSError, TypeError):
+        except OSError:
             return ""
 
     def _problem(self) -> str | None:
@@ -171,85 +194,88 @@ class MPILauncher(Launcher):
                 # only if the pid still runs this job's engine (never by pid alone)
                 proc = engine_process(pid, engine_file(self.work_dir, "{engine_id}"))
                 if proc is not None:
-                    try:
-                        proc.send_signal(signal.SIGINT)
-                    except Exception:  # psutil.NoSuchProcess: gone meanwhile
-                        pass
+                    _send(proc, signal.SIGINT)
                     continue
             tasks.append(interrupt_via_control(info))
         if tasks:
             await asyncio.gather(*tasks)
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Ask every rank to shut down (they exit normally, MPI_Finalize cleans up), wait for
-        mpiexec; after ``timeout``, SIGTERM to mpiexec, then SIGKILL to its group."""
-        if self.pid is None:
+        """Ask every rank to shut down (they exit normally, MPI_Finalize cleans up) and wait for
+        mpiexec; after ``timeout``, SIGTERM to the job's processes, then SIGKILL to those left."""
+        if self._root is None and not self.engines:
+            self.pid = None
             self._remove_files()
             return
-        pgid = self.pid
         if self.engines and self.proc is not None and self.proc.returncode is None:
             await asyncio.gather(*(shutdown_via_control(e, timeout) for e in self.engines))
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
-        if self.proc is None:  # restored from a cluster file: signal the whole group
-            _signal_group(pgid, signal.SIGTERM)
-        else:
-            _terminate(self.proc)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline and _group_alive(pgid):
-            if self.proc is not None and self.proc.returncode is None:
-                try:
-                    await asyncio.wait_for(self.proc.wait(), 0.05)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            # mpiexec is gone: take down whatever rank is left in its group
-            _signal_group(pgid, signal.SIGTERM)
-            await asyncio.sleep(0.05)
-        self._kill_tree()
-        if self.proc is not None and self.proc.returncode is None:
-            await self.proc.wait()
-        self.pid = None
+        procs = self._job_processes()
+        for proc in procs:  # mpiexec forwards SIGTERM to its ranks; the others get it directly
+            _send(proc, signal.SIGTERM)
+        alive = await self._wait(procs, timeout)
+        if alive:
+            for proc in alive:
+                _send(proc, signal.SIGKILL)
+            await self._wait(alive, 2.0)
+            _remove_orphan_shm(self.started)
+        self.pid = self._root = None
         self._remove_files()
 
+    def _job_processes(self) -> list[psutil.Process]:
+        """mpiexec, everything under it (Hydra's proxies and the ranks: they run in sessions of
+        their own, so mpiexec's process group is not enough) and the ranks on this host that
+        still are this job's engines (their command line names the job's connection files),
+        whoever their parent is by now. Never a bare pid: psutil re-checks each process's
+        create time before it signals it."""
+        procs: dict[int, psutil.Process] = {}
+        root = self._root
+        if root is not None and _running(root):
+            procs[root.pid] = root
+            with contextlib.suppress(psutil.Error):
+                procs.update((p.pid, p) for p in root.children(recursive=True))
+        if self.work_dir:
+            from ..engine_main import engine_process
+
+            pattern = engine_file(self.work_dir, "{engine_id}")
+            for info in self.engines:
+                pid = info.get("pid")
+                if pid and pid not in procs and _is_local(info.get("hostname")):
+                    proc = engine_process(pid, pattern)
+                    if proc is not None:
+                        procs[pid] = proc
+        return list(procs.values())
+
+    async def _wait(self, procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+        """Wait up to ``timeout`` for ``procs`` to end; those still running. mpiexec, when it is
+        our child, is awaited through asyncio (which reaps it); the rest through psutil, in a
+        worker thread so the event loop is not blocked."""
+        own = self.proc if self.proc is not None and self.proc.returncode is None else None
+        others = [p for p in procs if own is None or p.pid != own.pid]
+        waits: list[Any] = [asyncio.to_thread(psutil.wait_procs, others, timeout)]
+        if own is not None:
+            waits.append(_wait_exit(own, timeout))
+        results = await asyncio.gather(*waits)
+        alive = [p for p in results[0][1] if _running(p)]
+        if own is not None and not results[1]:
+            alive.extend(p for p in procs if p.pid == own.pid)
+        return alive
+
     def _kill_tree(self) -> None:
-        """SIGKILL mpiexec, its proxies and the ranks on this host. Hydra puts proxies and
-        ranks in sessions of their own, so signalling mpiexec's group is not enough."""
-        import psutil
-
-        from ..engine_main import pid_runs_engine
-
-        procs = []
-        if self.pid is not None:
-            try:
-                root = psutil.Process(self.pid)
-                procs = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                pass
-            _signal_group(self.pid, signal.SIGKILL)
-        for info in self.engines:
-            pid = info.get("pid")
-            if pid and _is_local(info.get("hostname")) and self.work_dir:
-                if pid_runs_engine(pid, engine_file(self.work_dir, "{engine_id}")):
-                    try:
-                        procs.append(psutil.Process(pid))
-                    except psutil.Error:
-                        pass
+        """SIGKILL mpiexec, its proxies and the ranks on this host, and wait briefly."""
+        procs = self._job_processes()
         for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
+            _send(proc, signal.SIGKILL)
         if procs:
-            psutil.wait_procs(procs, timeout=2)
+            # our own mpiexec child is reaped by asyncio's child watcher, not by psutil here
+            own = self.proc.pid if self.proc is not None else None
+            psutil.wait_procs([p for p in procs if p.pid != own], timeout=2)
             _remove_orphan_shm(self.started)
 
     def kill_now(self) -> None:
         self._kill_tree()
-        self.pid = None
+        self.pid = self._root = None
         self._remove_files()
 
     def to_dict(self) -> dict:
@@ -268,13 +294,12 @@ class MPILauncher(Launcher):
         from ..clusterfile import same_process
 
         self = cls(data["n"])
-        # mpiexec's group is signalled only if the pid still is that mpiexec (never by pid alone;
+        # mpiexec and its tree are signalled only if the pid still is that mpiexec (not by pid;
         # the cluster file records its identity); otherwise only ranks verified by command line
-        if (
-            data.get("hostname") == socket.gethostname()
-            and same_process(data.get("identity"))[0] is not None
-        ):
-            self.pid = data.get("pid")
+        if data.get("hostname") == socket.gethostname():
+            self._root = same_process(data.get("identity"))[0]
+            if self._root is not None:
+                self.pid = self._root.pid
         self.work_dir = data.get("work_dir")
         self.started = data.get("started")
         self.engines = data.get("engines", [])
@@ -314,15 +339,5 @@ def _remove_orphan_shm(since: float | None, directory: str = "/dev/shm") -> None
             pass
     for path in candidates:
         if path not in mapped:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
-
-
-def _terminate(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        try:
-            proc.terminate()
-        except ProcessLookupError:
-            pass

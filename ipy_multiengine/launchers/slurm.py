@@ -14,6 +14,7 @@ and MPI is initialised in every engine, as with the mpi launcher.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import sys
@@ -123,7 +124,7 @@ class SlurmLauncher(Launcher):
             "-m",
             "ipy_multiengine.engine_main",
             "--connection-file",
-            engine_file(self.work_dir, "{engine_id}"),
+            engine_file(self.started_dir(), "{engine_id}"),
             "--mpi",
             "yes" if self.mpi else "auto",
         ]
@@ -149,7 +150,7 @@ class SlurmLauncher(Launcher):
         return self.template.format(
             job_name=self.job_name,
             n=self.n,
-            output=os.path.join(self.work_dir, "slurm-%j.out"),
+            output=os.path.join(self.started_dir(), "slurm-%j.out"),
             sbatch_lines="\n".join(lines),
             setup=self.setup,
             srun_command=(self.setup + "\n" if self.setup else "") + self.srun_command(),
@@ -202,18 +203,23 @@ class SlurmLauncher(Launcher):
         return f"{state} ({reason})" if state == "PENDING" and reason else state
 
     def _output_tail(self) -> str:
+        if self.work_dir is None:
+            return ""
         try:
             with open(
                 os.path.join(self.work_dir, f"slurm-{self.job_id}.out"), errors="replace"
             ) as f:
                 return f.read()[-2000:]
-        except (OSError, TypeError):
+        except OSError:
             return ""
 
     async def _problem(self) -> str | None:
         state = await self.job_state()
         if state is None or state.split()[0] in TERMINAL_STATES:
-            return f"the job ended ({state or 'no longer in squeue'}); its output:\n{self._output_tail()}"
+            return (
+                f"the job ended ({state or 'no longer in squeue'}); its "
+                f"output:\n{self._output_tail()}"
+            )
         return None
 
     async def interrupt(self, ids: Iterable[int] | None = None) -> None:
@@ -260,15 +266,13 @@ class SlurmLauncher(Launcher):
         import subprocess
 
         if self.job_id is not None:
-            try:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
                 subprocess.run(
                     [self.scancel, self.job_id],
                     env=self.env_for_commands(),
                     capture_output=True,
                     timeout=30,
                 )
-            except (OSError, subprocess.SubprocessError):
-                pass
             self.job_id = None
         self._remove_files()
 

@@ -28,6 +28,7 @@ Per host, the remote Python and an environment set-up command can be configured:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -70,10 +71,8 @@ async def _port_open(port: int) -> bool:
     except (OSError, asyncio.TimeoutError):
         return False
     writer.close()
-    try:
+    with contextlib.suppress(OSError):
         await writer.wait_closed()
-    except OSError:
-        pass
     return True
 
 
@@ -159,7 +158,7 @@ class SSHLauncher(Launcher):
         if self.identity_file:
             cmd += ["-i", self.identity_file, "-o", "IdentitiesOnly=yes"]
         cmd += self.ssh_args + list(self.hosts.get(host, {}).get("ssh_args", ())) + list(extra)
-        return cmd + [host]
+        return [*cmd, host]
 
     def remote_command(self, host: str, *args: str) -> str:
         """The shell command line run on ``host``: set-up, environment, engine_main ARGS."""
@@ -203,7 +202,7 @@ class SSHLauncher(Launcher):
                 if not isinstance(r, Exception):
                     raise r  # Ctrl-C, cancellation
             raise errors[0]
-        return list(results)
+        return [r for r in results if not isinstance(r, BaseException)]  # errors raised above
 
     def _gate(self, host: str) -> asyncio.Semaphore:
         if host not in self._gates:
@@ -236,7 +235,7 @@ class SSHLauncher(Launcher):
         ]
         if self.kernel_args:
             args += ["--", *self.kernel_args]
-        cmd = self.ssh_command(host) + [self.remote_command(host, *args)]
+        cmd = [*self.ssh_command(host), self.remote_command(host, *args)]
         try:
             rc, out, err = await run_command(
                 cmd, input=json.dumps(info).encode(), timeout=timeout + 15, check=False
@@ -269,7 +268,7 @@ class SSHLauncher(Launcher):
         """One ``ssh -N -L`` per engine for its five ports; returns the local ports."""
         last_error = ""
         for _ in range(FORWARD_ATTEMPTS):
-            local = dict(zip(self.PORTS, _free_ports(len(self.PORTS))))
+            local = dict(zip(self.PORTS, _free_ports(len(self.PORTS)), strict=True))
             forwards: list[str] = []
             for name in self.PORTS:
                 forwards += ["-L", f"127.0.0.1:{local[name]}:127.0.0.1:{report[name]}"]
@@ -291,16 +290,15 @@ class SSHLauncher(Launcher):
             while proc.returncode is None and loop.time() < deadline:
                 if all(await asyncio.gather(*(_port_open(p) for p in local.values()))):
                     return local
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(proc.wait(), 0.05)
-                except asyncio.TimeoutError:
-                    pass
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
                 raise LauncherError(
                     f"ssh launcher: port forward to engine {eid} on {host} timed out"
                 )
+            assert proc.stderr is not None  # stderr=PIPE
             last_error = (await proc.stderr.read()).decode(errors="replace").strip()
             self.forwarders[eid] = None
         raise LauncherError(
@@ -328,7 +326,7 @@ class SSHLauncher(Launcher):
                 )
 
         async def one(host: str, pairs: list) -> tuple[int, str]:
-            cmd = self.ssh_command(host) + [self.remote_command(host, *args, "--stdin")]
+            cmd = [*self.ssh_command(host), self.remote_command(host, *args, "--stdin")]
             try:
                 async with self._gate(host):
                     rc, out, err = await run_command(
@@ -340,7 +338,7 @@ class SSHLauncher(Launcher):
 
         hosts = list(by_host)
         results = await asyncio.gather(*(one(h, by_host[h]) for h in hosts))
-        return dict(zip(hosts, results))
+        return dict(zip(hosts, results, strict=True))
 
     async def interrupt(self, ids: Iterable[int] | None = None) -> None:
         """SIGINT to each engine, sent over ssh (one connection per host)."""
@@ -391,22 +389,19 @@ class SSHLauncher(Launcher):
                     [report["pid"], report["connection_file"]]
                 )
         for host, pairs in by_host.items():
-            cmd = self.ssh_command(host) + [
-                self.remote_command(host, "--stop", "--timeout", "1", "--stdin")
+            cmd = [
+                *self.ssh_command(host),
+                self.remote_command(host, "--stop", "--timeout", "1", "--stdin"),
             ]
-            try:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
                 subprocess.run(
                     cmd, input=json.dumps(pairs).encode(), capture_output=True, timeout=20
                 )
-            except (OSError, subprocess.SubprocessError):
-                pass
-        self.remote = [None] * self.n
+        self.remote = [None for _ in range(self.n)]
         for proc in self.forwarders:
             if proc is not None and proc.returncode is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
     def to_dict(self) -> dict:
         return {

@@ -1,0 +1,202 @@
+"""The per-message floor and scaling (issue 15 items 2-3), beside the peer benchmarks.
+
+    python -m benchmarks.fastpath quick [-n 4] [--calls 200]     # apply no-op / pull small / 1 MB
+    python -m benchmarks.fastpath compare [-n 4] [--calls 50]    # fast socket vs comm, interleaved
+    python -m benchmarks.fastpath scale [--max 64] [--calls 30]   # 1, 2, 4, ... engines
+
+``quick`` prints medians of: apply no-op on all engines, pull of a small value from all,
+push and pull of 1 MB to one engine, execute('pass') on all, and the client's CPU per call.
+``scale`` starts a cluster of each size and prints start time, execute/apply medians and the
+client CPU per call (per engine, too). The machine's load is printed with every table: these
+are figures of one moment of a shared box, not timed tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("JUPYTER_RUNTIME_DIR", tempfile.mkdtemp(prefix="ime-bench-"))
+
+import numpy as np
+
+from ipy_multiengine import Cluster
+
+
+def _noop() -> int:
+    return 0
+
+
+def _cpu(procs: list) -> float:
+    total = 0.0
+    for p in procs:
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def timed(fn, calls: int, engines: list | None = None) -> tuple[float, float, float]:
+    """(median wall ms, mean client CPU ms, mean CPU ms of all engines) per call of ``fn``."""
+    for _ in range(max(calls // 10, 3)):
+        fn()
+    walls = []
+    e0 = _cpu(engines or [])
+    c0 = time.process_time()
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - c0) / calls
+    ecpu = (_cpu(engines or []) - e0) / calls
+    return statistics.median(walls) * 1e3, cpu * 1e3, ecpu * 1e3
+
+
+def engine_procs(mec) -> list:
+    import psutil
+
+    return [psutil.Process(mec.controller.state(e).pid) for e in mec.get_ids()]
+
+
+def ops(mec, one_mb: bool = True) -> dict:
+    mec.push({"s": 42})
+    big = np.ones(2**20 // 8)
+    found = {
+        "apply no-op on all": lambda: mec.apply(_noop),
+        "pull small from all": lambda: mec.pull("s"),
+        "execute('pass') on all": lambda: mec.execute("pass"),
+    }
+    if one_mb:
+        mec.push({"big": big}, targets=0)
+        found["push 1 MB to one"] = lambda: mec.push({"big": big}, targets=0)
+        found["pull 1 MB from one"] = lambda: mec.pull("big", targets=0)
+    return found
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cpus"
+
+
+def quick(n: int, calls: int, **kw) -> None:
+    with Cluster(n=n, **kw) as mec:
+        print(f"# {n} engines, {calls} calls each; {load()}")
+        procs = engine_procs(mec)
+        for name, fn in ops(mec).items():
+            wall, cpu, ecpu = timed(fn, calls, procs)
+            print(
+                f"{name:26} {wall:8.3f} ms   client CPU {cpu:7.3f} ms/call   "
+                f"engines' CPU {ecpu:7.3f} ms/call",
+                flush=True,
+            )
+
+
+def raw_zmq(calls: int) -> dict:
+    """Push (send + ack) and pull (ask + receive) of 1 MB with ``benchmarks.zmq_worker``."""
+    import subprocess
+    import sys
+
+    import zmq
+
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.PAIR)
+    s.linger = 0
+    port = s.bind_to_random_port("tcp://127.0.0.1")
+    worker = subprocess.Popen([sys.executable, "-m", "benchmarks.zmq_worker", str(port)])
+    big = np.ones(2**20 // 8)
+    try:
+
+        def push() -> None:
+            s.send_multipart([b"push", big], copy=False)
+            s.recv()
+
+        def pull() -> None:
+            s.send(b"pull")
+            s.recv(copy=False)
+
+        push()
+        return {
+            "push 1 MB to one": timed(push, calls)[0],
+            "pull 1 MB from one": timed(pull, calls)[0],
+        }
+    finally:
+        s.send(b"stop")
+        worker.wait(10)
+        s.close()
+
+
+def compare(n: int, calls: int, rounds: int = 5) -> None:
+    """The fast socket against the comm, interleaved in rounds so that load drifts alike:
+    medians over rounds of per-round medians (wall), and mean CPU per call."""
+    fast = Cluster(n=n)
+    comm = Cluster(n=n, env=dict(os.environ, IPY_MULTIENGINE_FAST="0"))
+    clients = {"fast": fast.start(), "comm": comm.start()}
+    try:
+        print(f"# {n} engines, {rounds} rounds of {calls} calls; {load()}")
+        table: dict = {}
+        found = {name: ops(mec) for name, mec in clients.items()}
+        procs = {name: engine_procs(mec) for name, mec in clients.items()}
+        for _ in range(rounds):
+            for path in clients:
+                for op, fn in found[path].items():
+                    table.setdefault((op, path), []).append(timed(fn, calls, procs[path]))
+        print(f"{'op':26} {'path':5} {'wall ms':>8} {'client CPU':>10} {'engines CPU':>11}")
+        for (op, path), rows in table.items():
+            wall = statistics.median(r[0] for r in rows)
+            cpu = statistics.median(r[1] for r in rows)
+            ecpu = statistics.median(r[2] for r in rows)
+            print(f"{op:26} {path:5} {wall:8.3f} {cpu:10.3f} {ecpu:11.3f}", flush=True)
+        for op, wall in raw_zmq(calls).items():
+            print(f"{op:26} {'zmq':5} {wall:8.3f}   (raw zmq PAIR over loopback TCP)")
+        print(f"# {load()}")
+    finally:
+        fast.stop()
+        comm.stop()
+
+
+def scale(maximum: int, calls: int) -> None:
+    print(f"# {load()}")
+    print(
+        f"{'engines':>7} {'start s':>8} {'execute ms':>11} {'apply ms':>9} "
+        f"{'exec ms/eng':>11} {'apply ms/eng':>12} {'CPU ms/call':>11} {'CPU us/msg':>10}"
+    )
+    n = 1
+    while n <= maximum:
+        t0 = time.perf_counter()
+        cluster = Cluster(n=n)
+        mec = cluster.start()
+        start = time.perf_counter() - t0
+        try:
+            found = ops(mec, one_mb=False)
+            ex, _, _ = timed(found["execute('pass') on all"], calls)
+            ap, cpu, _ = timed(found["apply no-op on all"], calls)
+        finally:
+            cluster.stop()
+        print(
+            f"{n:7d} {start:8.2f} {ex:11.2f} {ap:9.2f} {ex / n:11.3f} {ap / n:12.3f} "
+            f"{cpu:11.3f} {cpu / n * 1e3:10.1f}",
+            flush=True,
+        )
+        n *= 2
+    print(f"# {load()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=["quick", "compare", "scale"])
+    parser.add_argument("-n", type=int, default=4)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--max", type=int, default=64)
+    args = parser.parse_args()
+    if args.what == "quick":
+        quick(args.n, args.calls)
+    elif args.what == "compare":
+        compare(args.n, args.calls)
+    else:
+        scale(args.max, args.calls)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""``EngineExecutor``: the engines as a standard ``concurrent.futures.Executor``.
+
+``mec.executor()`` returns one. Each ``submit`` is one task: its call is serialised at once (the
+engine gets the arguments as they were at the time of the call), kept in a queue in this process,
+and sent as one ``apply`` when an engine is free: ``balanced=True`` to whichever target engine
+is free first, ``balanced=False`` to the engine chosen at submit time (round robin over the
+targets, or always the same one for a single target). Each engine has at most one task of an
+executor in flight, so every task still waiting is a *queued* ``Future`` that ``cancel()``
+removes without the engines ever seeing it.
+
+Tasks are sent per task, not through the load-balanced map's chunks (``balanced.py``): a map
+knows all its items up front and fails as a whole, while an executor takes tasks one at a time
+over its lifetime and each has its own ``Future``, result and cancellation.
+
+Completions arrive on the controller's I/O thread, which only queues them: a completion thread
+of the executor (one while any task is in flight) unpickles the results, resolves the
+``Future``s (so their done-callbacks, e.g. joblib's, never run on the I/O thread and may call
+the client) and sends the next tasks. Any error there fails the task it belongs to.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from . import serialize, stdin
+from .errors import EngineError, RemoteError, TimeoutError
+from .targets import resolve as resolve_targets
+
+log = logging.getLogger("ipy_multiengine")
+
+__all__ = ["EngineExecutor"]
+
+
+class _Task:
+    __slots__ = ("eid", "frames", "future", "ran_on")
+
+    def __init__(self, frames: list[Any], eid: int | None) -> None:
+        self.future: cf.Future = cf.Future()
+        self.frames: list[Any] | None = frames
+        self.eid = eid  # the engine it is pinned to (balanced=False), else None
+        self.ran_on: int | None = None
+
+
+def _dumps_call(f: Callable, args: tuple, kwargs: dict) -> list[Any]:
+    """``(f, args, kwargs)`` serialised, with its large buffers copied (the task may be sent
+    later, when the caller has changed them), or a ``TypeError`` naming what cannot be sent."""
+    try:
+        return serialize.snapshot(serialize.dumps((f, args, kwargs)))
+    except Exception:
+        serialize.check_picklable(getattr(f, "__name__", "function"), f)
+        for i, arg in enumerate(args):
+            serialize.check_picklable(f"argument {i}", arg)
+        for key, value in kwargs.items():
+            serialize.check_picklable(f"keyword argument {key}", value)
+        raise
+
+
+def _call_chunk(f: Callable, chunk: list[tuple]) -> list[Any]:
+    """Runs on the engine: one task of ``map(..., chunksize=n)``."""
+    return [f(*args) for args in chunk]
+
+
+def _local_error(exc: BaseException) -> BaseException:
+    """What a task's ``Future`` raises for an engine's exception: the original type when it can
+    be rebuilt here (as a process pool does), chained to the ``RemoteError`` with the remote
+    traceback; otherwise the ``RemoteError`` itself."""
+    if isinstance(exc, RemoteError):
+        original = exc.original()
+        if original is not None:
+            original.__cause__ = exc
+            return original
+    return exc
+
+
+class EngineExecutor(cf.Executor):
+    """A ``concurrent.futures.Executor`` whose tasks run on engines (see the module docstring).
+
+    ``client`` is a ``MultiEngineClient``; ``targets`` the engines to use (default: the client's
+    targets); ``balanced`` picks the engine when it is free (True) or at submit time, round robin
+    (False). ``shutdown(wait=True, cancel_futures=False)`` as in the standard library; the engines
+    keep running (they belong to the cluster, not to the executor).
+    """
+
+    def __init__(self, client: Any, balanced: bool = True, targets: Any = None) -> None:
+        if not isinstance(balanced, bool):
+            raise TypeError(f"balanced must be True or False, not {balanced!r}")
+        if getattr(client, "closed", False):
+            raise EngineError("this MultiEngineClient is closed")
+        controller = client.controller
+        eids = resolve_targets(
+            client.targets if targets is None else targets, controller.ids, client.groups
+        )
+        if not eids:
+            raise ValueError(f"targets {targets!r} select no engine")
+        self._client = client
+        self._controller = controller
+        self.balanced = balanced
+        #: the engines this executor sends tasks to, in order
+        self.eids: list[int] = list(eids)
+        self._lock = threading.RLock()
+        self._shared: collections.deque[_Task] = collections.deque()
+        self._queues: dict[int, collections.deque[_Task]] = {
+            e: collections.deque() for e in self.eids
+        }
+        self._inflight: dict[int, _Task | None] = dict.fromkeys(self.eids)
+        self._dead: set[int] = set()
+        self._round = itertools.cycle(self.eids)
+        self._pending: set[cf.Future] = set()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._shutdown = False
+
+    def __repr__(self) -> str:
+        kind = "balanced" if self.balanced else "round-robin"
+        return f"<EngineExecutor {kind} on engines {self.eids}: {len(self._pending)} pending>"
+
+    # ------------------------------------------------------------------ the Executor interface
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> cf.Future:
+        """Schedule ``fn(*args, **kwargs)`` on an engine; a ``concurrent.futures.Future``."""
+        if not callable(fn):
+            raise TypeError(f"submit needs a callable, not {type(fn).__name__}")
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if getattr(self._client, "closed", False):
+            raise EngineError("this MultiEngineClient is closed")
+        frames = _dumps_call(fn, args, kwargs)  # in the caller's thread: errors name the value
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self.balanced:
+                task = _Task(frames, None)
+                self._shared.append(task)
+            else:
+                live = [e for e in self.eids if e not in self._dead]
+                if not live:
+                    raise EngineError(f"every engine of this executor died: {self.eids}")
+                eid = next(self._round)
+                while eid in self._dead:
+                    eid = next(self._round)
+                task = _Task(frames, eid)
+                self._queues[eid].append(task)
+            self._pending.add(task.future)
+            task.future.add_done_callback(self._forget)
+            self._pump()
+        return task.future
+
+    def map(
+        self,
+        fn: Callable,
+        *iterables: Iterable,
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """Like ``map(fn, *iterables)``, run on the engines: every item is submitted now, results
+        are yielded in order. ``chunksize`` items travel as one task; ``timeout`` (seconds from
+        this call) bounds the whole iteration: ``TimeoutError`` (a ``concurrent.futures``
+        one), the tasks not yet run are cancelled."""
+        if not callable(fn):
+            raise TypeError(f"map needs a callable, not {type(fn).__name__}")
+        if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
+        if timeout is not None and not (timeout == timeout):
+            raise ValueError("timeout must be a number of seconds or None, not nan")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        items = zip(*iterables, strict=False)  # like map(): the shortest iterable
+        if chunksize == 1:
+            fs = [self.submit(fn, *args) for args in items]
+        else:
+            fs = [
+                self.submit(_call_chunk, fn, chunk)
+                for chunk in iter(lambda: list(itertools.islice(items, chunksize)), [])
+            ]
+        return self._results(fs, deadline, chunksize > 1)
+
+    def _results(self, fs: list[cf.Future], deadline: float | None, chunked: bool) -> Iterator:
+        fs.reverse()  # pop from the end: a result yielded is no longer referenced here
+        try:
+            while fs:
+                fut = fs.pop()
+                if not stdin.wait([fut], deadline=deadline):
+                    fs.append(fut)
+                    raise TimeoutError(
+                        f"executor map not finished by its timeout: {len(fs)} tasks left; "
+                        "the ones not started are cancelled"
+                    )
+                if chunked:
+                    yield from fut.result()
+                else:
+                    yield fut.result()
+                del fut
+        finally:
+            for fut in fs:
+                fut.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No more tasks; ``cancel_futures`` cancels the queued ones; ``wait`` waits for the rest
+        (Ctrl-C stops the wait, the tasks keep running)."""
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                for q in [self._shared, *self._queues.values()]:
+                    while q:
+                        q.popleft().future.cancel()
+            left = list(self._pending)
+        if wait and left:
+            stdin.wait(left)
+
+    # ------------------------------------------------------------------ dispatch (lock held)
+    def _next_for(self, eid: int) -> _Task | None:
+        q = self._shared if self.balanced else self._queues[eid]
+        while q:
+            task = q.popleft()
+            if task.future.set_running_or_notify_cancel():  # False: it was cancelled
+                return task
+        return None
+
+    def _pump(self) -> None:
+        for eid in self.eids:
+            if eid in self._dead or self._inflight[eid] is not None:
+                continue
+            # a task that cannot be sent (closed client) fails at once: try the next one
+            while (task := self._next_for(eid)) is not None and not self._send(eid, task):
+                pass
+        self._fail_orphans()
+
+    def _send(self, eid: int, task: _Task) -> bool:
+        """Send ``task`` to ``eid``; False if it could not be sent (it failed)."""
+        frames, task.frames = task.frames, None
+        task.ran_on = eid
+        try:
+            fut = self._controller.submit_comm([eid], "apply", {}, [frames])[0]
+        except BaseException as exc:  # closed client, engine gone: this task fails, not others
+            if self._controller.dead(eid):
+                self._dead.add(eid)
+            task.future.set_exception(exc)
+            return False
+        self._inflight[eid] = task
+        if self._worker is None:
+            self._worker = threading.Thread(
+                target=self._complete_loop, name="ipy_multiengine-executor", daemon=True
+            )
+            self._worker.start()
+        # on the I/O thread: only queue the completion (never raises)
+        fut.add_done_callback(lambda f, eid=eid, task=task: self._events.put((eid, task, f)))
+        return True
+
+    def _fail_orphans(self) -> None:
+        """Queued tasks no engine can run any more (their engine died) fail now."""
+        if self.balanced:
+            orphans = [self._shared] if len(self._dead) == len(self.eids) else []
+        else:
+            orphans = [self._queues[e] for e in self._dead]
+        for q in orphans:
+            while q:
+                task = q.popleft()
+                if task.future.set_running_or_notify_cancel():
+                    task.future.set_exception(
+                        EngineError(
+                            f"no engine left to run this task (engines {sorted(self._dead)} died)",
+                            task.eid,
+                            "apply",
+                        )
+                    )
+
+    def _forget(self, fut: cf.Future) -> None:
+        with self._lock:
+            self._pending.discard(fut)
+
+    # ------------------------------------------------------------------ completions (own thread)
+    def _complete_loop(self) -> None:
+        while True:
+            eid, task, fut = self._events.get()
+            try:
+                self._complete(eid, task, fut)
+            except BaseException as exc:  # never lost: the task fails with it
+                log.error("executor: completing a task of engine %s failed", eid, exc_info=exc)
+                if not task.future.done():
+                    task.future.set_exception(exc)
+            with self._lock:
+                self._inflight[eid] = None
+                try:
+                    self._pump()
+                except BaseException as exc:
+                    log.error("executor: sending the next task failed", exc_info=exc)
+                if all(t is None for t in self._inflight.values()) and self._events.empty():
+                    self._worker = None
+                    return
+
+    def _complete(self, eid: int, task: _Task, fut: cf.Future) -> None:
+        exc = fut.exception()
+        if exc is None:
+            try:
+                value = serialize.loads(fut.result().frames)
+            except Exception as err:
+                raise TypeError(
+                    f"a value sent back by engine {eid} cannot be rebuilt in this process "
+                    f"({type(err).__name__}: {err})"
+                ) from err
+            task.future.set_result(value)
+            return
+        if isinstance(exc, EngineError) and self._controller.dead(eid):
+            with self._lock:
+                self._dead.add(eid)
+        if isinstance(exc, (RemoteError, EngineError)) and exc.engine_id is None:
+            exc = exc.for_engine(eid)
+        task.future.set_exception(_local_error(exc))

@@ -1,0 +1,131 @@
+"""The joblib backend ``"ipy_multiengine"``: ``joblib.Parallel`` (and so scikit-learn's
+``n_jobs``) on the engines.
+
+Importing this module, or calling ``mec.register_joblib_backend()``, registers it; then::
+
+    with joblib.parallel_config(backend="ipy_multiengine"):
+        GridSearchCV(..., n_jobs=-1).fit(X, y)
+
+Each joblib batch is one task of an ``EngineExecutor`` (``executor.py``): load balanced over
+the engines, each engine one batch at a time, joblib's own auto-batching on top. Which client:
+``client=`` given to ``parallel_config``, else the one ``register_joblib_backend`` was called
+on, else the active client (``mec.activate()``). Nested ``Parallel`` calls inside a task run
+sequentially in their engine (an engine is one worker; they would oversubscribe its host).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import joblib
+from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
+
+from .executor import EngineExecutor
+
+__all__ = ["NAME", "EngineBackend", "register"]
+
+#: the name the backend is registered under
+NAME = "ipy_multiengine"
+
+
+class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
+    """joblib's ``ParallelBackendBase`` over a ``MultiEngineClient``'s engines."""
+
+    supports_retrieve_callback = True
+    default_n_jobs = -1
+
+    def __init__(
+        self,
+        client: Any = None,
+        targets: Any = None,
+        balanced: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.client = client
+        self.targets = targets
+        self.balanced = balanced
+        self._executor: EngineExecutor | None = None
+
+    def _client(self) -> Any:
+        if self.client is not None:
+            return self.client
+        from .client import get_active
+
+        active = get_active()
+        if active is None:
+            raise RuntimeError(
+                "the ipy_multiengine joblib backend has no client: call "
+                "mec.register_joblib_backend(), mec.activate(), or pass "
+                "parallel_config(backend='ipy_multiengine', client=mec)"
+            )
+        return active
+
+    def _get_executor(self) -> EngineExecutor:
+        if self._executor is None:
+            self._executor = EngineExecutor(
+                self._client(), balanced=self.balanced, targets=self.targets
+            )
+        return self._executor
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        """How many batches run at once: the engines (``n_jobs=-1`` or None), all but
+        ``-n_jobs - 1`` of them for other negative values, at most ``n_jobs`` otherwise."""
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        engines = len(self._get_executor().eids)
+        if n_jobs is None:
+            return engines
+        if n_jobs < 0:
+            return max(engines + 1 + n_jobs, 1)
+        return min(n_jobs, engines)
+
+    def configure(
+        self,
+        n_jobs: int | None = 1,
+        parallel: Any = None,
+        prefer: str | None = None,
+        require: str | None = None,
+        **backend_kwargs: Any,
+    ) -> int:
+        self.parallel = parallel
+        return self.effective_n_jobs(n_jobs)
+
+    def submit(self, func: Any, callback: Any = None) -> Any:
+        """One joblib batch as one executor task; ``callback`` runs on the executor's
+        completion thread (never on the client's I/O thread)."""
+        future = self._get_executor().submit(func)
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
+    def retrieve_result_callback(self, out: Any) -> Any:
+        return out.result()
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        """Cancel the batches not sent yet (running ones finish on their engines)."""
+        self.terminate()
+
+    def terminate(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def get_nested_backend(self) -> tuple[Any, int | None]:
+        level = (self.nesting_level or 0) + 1
+        return SequentialBackend(nesting_level=level), None
+
+
+def register(client: Any = None, name: str = NAME, make_default: bool = False) -> None:
+    """Register the backend as ``name`` (bound to ``client``, if given)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, not {name!r}")
+
+    def factory(**kwargs: Any) -> EngineBackend:
+        kwargs.setdefault("client", client)
+        return EngineBackend(**kwargs)
+
+    joblib.register_parallel_backend(name, factory, make_default=make_default)
+
+
+register()

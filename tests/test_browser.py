@@ -1,0 +1,272 @@
+"""What a person sees in JupyterLab, in a real headless Chromium (selenium).
+
+One JupyterLab server and one browser for the whole module (``browser_helpers``). A notebook
+of ``%%px`` cells against the session's cluster (through its cluster file) checks: output that
+is live while the cell runs and labelled per engine; an error on one engine next to the others'
+output; the toolbar's interrupt of a ``%%px time.sleep(60)``; the saved notebook reopened with
+the same outputs. The shipped notebooks (which start their own engines) run top to bottom.
+Every step leaves a screenshot in pytest's temporary directory; a failure names it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from browser_helpers import Browser, Notebook, lab_server, require_browser, wait_until
+
+nbformat = pytest.importorskip("nbformat")
+
+pytestmark = pytest.mark.timeout(240)
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """(server, browser): one JupyterLab and one Chromium for the module; all torn down."""
+    require_browser()
+    base = tmp_path_factory.mktemp("browser")
+    with lab_server(base) as server:
+        browser = Browser(base)
+        try:
+            yield server, browser
+        finally:
+            browser.close()
+
+
+def write_notebook(server, name: str, cells: list[str]) -> str:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
+    nbformat.write(nb, server.root / name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def px(lab, cluster):
+    """The ``%%px`` notebook, open, its client connected to the session's cluster."""
+    server, browser = lab
+    go = server.root / "go"
+    cells = [
+        # 0: connect; each engine learns its id
+        "%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
+        f"mec = client.MultiEngineClient({str(cluster.cluster_file)!r}); mec.activate()\n"
+        "mec.block = True\nmec.execute('%reset -f')\nmec.scatter('eid', mec.get_ids())\n"
+        "mec.execute('eid = eid[0]'); print('connected', mec.get_ids())",
+        # 1: live output: every engine prints, then waits for the test to let it finish
+        "%%px\nimport pathlib, time\nprint(f'started on {eid}', flush=True)\n"
+        f"while not pathlib.Path({str(go)!r}).exists():\n    time.sleep(0.02)\n"
+        "print(f'finished on {eid}')",
+        # 2: an error on engine 2 only
+        "%%px\nprint(f'ok on {eid}')\nif eid == 2:\n    1/0",
+        # 3: interrupt
+        "%%px\nimport time\nprint(f'sleeping on {eid}', flush=True)\ntime.sleep(60)",
+        # 4: the engines answer after the interrupt
+        "%px print(f'alive on {eid}')",
+        # 5: a balanced map of 120 items with its progress bar (shown after 0.1 s)
+        "def slow(x):\n    import time\n    time.sleep(0.08)\n    return x\n\n"
+        "mec.progress_after = 0.1\nprint('sum', sum(mec.map(slow, range(120), balanced=True)))",
+        # 6: figures made on engines 1 and 2
+        "%%px --targets 1,2\nimport matplotlib\n"
+        "matplotlib.use('module://matplotlib_inline.backend_inline')\n"
+        "import matplotlib.pyplot as plt\nfig, ax = plt.subplots(figsize=(2, 1.5))\n"
+        "ax.plot([0, 1], [0, eid])\nax.set_title(f'figure of {eid}')\nplt.show()",
+    ]
+    path = write_notebook(server, "px.ipynb", cells)
+    nb = Notebook(browser, server, path)
+    with browser.step("px-open"):
+        nb.open()
+        out = nb.run_and_wait(0, timeout=60)
+        assert "connected [0, 1, 2, 3]" in out, out
+    nb.go = go
+    return nb
+
+
+def test_px_output_is_live_and_labelled(px):
+    b = px.browser
+    with b.step("px-live"):
+        px.run(1)
+        # while the cell still runs (the engines wait for `go`), the page shows every engine's
+        # first line with its label
+        text = wait_until(
+            lambda: (t := px.output_text(1)).count("started on") == 4 and t,
+            30,
+            "the four engines' first lines while the cell runs",
+        )
+        assert px.code_cells()[1]["prompt"].strip() == "[*]:", "the cell is still running"
+        for e in range(4):
+            assert re.search(rf"\[stdout:{e}\][^\n]*started on {e}", text), text
+        assert "finished" not in text
+    with b.step("px-finished"):
+        px.go.touch()
+        px.wait_idle(30, "the live cell to finish")
+        text = px.output_text(1)
+        for e in range(4):
+            assert f"started on {e}" in text and f"finished on {e}" in text, text
+
+
+def test_error_on_one_engine_shows_its_traceback_and_the_others_output(px):
+    with px.browser.step("px-error"):
+        text = px.run_and_wait(2, timeout=30)
+        for e in (0, 1, 3):
+            assert f"ok on {e}" in text, text
+        assert "ok on 2" in text  # printed before the error
+        assert "[2:execute]" in text and "ZeroDivisionError" in text, text
+        assert not any(f"[{e}:execute]" in text for e in (0, 1, 3)), text
+        px.browser.shot_element(px.cell_element(2), "cell-px-error")
+        outputs = px.code_cells()[2]["outputs"]
+        assert any(o["mime"] == "application/vnd.jupyter.stderr" for o in outputs), outputs
+
+
+def test_toolbar_interrupt_stops_a_sleeping_px_cell(px):
+    b = px.browser
+    with b.step("px-interrupt-running"):
+        px.run(3)
+        wait_until(
+            lambda: px.output_text(3).count("sleeping on") == 4,
+            30,
+            "the four engines to start sleeping",
+        )
+    with b.step("px-interrupted"):
+        px.interrupt()
+        t0 = time.monotonic()  # the click has been delivered to the page
+        wait_until(
+            lambda: px.code_cells()[3]["prompt"].strip() not in ("[*]:", ""),
+            5,
+            "the interrupted cell to stop",
+            step=0.02,
+        )
+        stopped = time.monotonic() - t0
+        text = px.output_text(3)
+        assert "KeyboardInterrupt" in text, text
+        assert stopped < 2.0, f"the interrupt took {stopped:.2f} s"
+    with b.step("px-alive-after-interrupt"):
+        t0 = time.monotonic()
+        text = px.run_and_wait(4, timeout=15)
+        assert all(f"alive on {e}" in text for e in range(4)), text
+        assert time.monotonic() - t0 < 10
+
+
+def test_progress_bar_moves_through_items_and_leaves_nothing_on_stderr(px):
+    with px.browser.step("px-progress"):
+        px.run(5)
+        seen: set[int] = set()
+
+        def finished() -> bool:
+            seen.update(int(n) for n in re.findall(r"(\d+)/120", px.output_text(5)))
+            return px.code_cells()[5]["prompt"].strip() not in ("[*]:", "")
+
+        wait_until(finished, 60, "the map with a progress bar to finish", step=0.03)
+        px.wait_idle(15, "the map cell to finish")
+        outputs = px.code_cells()[5]["outputs"]
+        text = px.output_text(5)
+        assert "sum 7140" in text, text
+        assert len([n for n in seen if 0 < n < 120]) >= 2, f"the bar did not move: {seen}"
+        assert "120/120" in text and "item" in text, text  # items, not engines
+        assert not any(o["mime"] == "application/vnd.jupyter.stderr" for o in outputs), outputs
+        assert "IProgress" not in text and "TqdmWarning" not in text, text
+        bars = px.driver.execute_script(
+            "return document.querySelectorAll("
+            "'.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell')[5]"
+            ".querySelectorAll('.jp-OutputArea-output progress').length"
+        )
+        assert bars == 1, f"{bars} HTML progress bars shown"
+        px.browser.shot_element(px.cell_element(5), "cell-progress")
+
+
+def test_figure_made_on_an_engine_shows(px):
+    with px.browser.step("px-figures"):
+        px.run_and_wait(6, timeout=60)
+        outputs = px.code_cells()[6]["outputs"]
+        assert sum(o["images"] for o in outputs) == 2, outputs
+        px.browser.shot_element(px.cell_element(6), "cell-figures")
+
+
+def test_saved_notebook_reopens_with_the_same_outputs(px):
+    b = px.browser
+    with b.step("px-saved"):
+        before = [(c["prompt"], c["outputs"]) for c in px.code_cells()]
+        assert sum(len(o) for _p, o in before) >= 6, before
+        px.save()
+    with b.step("px-reopened"):
+        px.close()
+        again = Notebook(b, px.server, px.path).open()
+        after = [(c["prompt"], c["outputs"]) for c in again.code_cells()]
+        assert after == before
+
+
+# ------------------------------------------------------------------ the shipped notebooks
+
+
+def _run_shipped(lab, name: str) -> tuple[Notebook, list[dict]]:
+    server, browser = lab
+    shutil.copy(NOTEBOOKS / name, server.root / name)
+    expected_failures = [
+        i
+        for i, c in enumerate(
+            c for c in nbformat.read(NOTEBOOKS / name, as_version=4).cells if c.cell_type == "code"
+        )
+        if "raises-exception" in c.metadata.get("tags", [])
+    ]
+    nb = Notebook(browser, server, name)
+    try:
+        with browser.step(f"{name}-open"):
+            nb.open()
+        with browser.step(f"{name}-top-to-bottom"):
+            # JupyterLab 4 runs on past cells tagged raises-exception (the shipped notebooks'
+            # deliberate errors) and stops at any other failing cell
+            failed = nb.run_everything(timeout=150)
+            cells = nb.code_cells()
+            nb.dump(name)
+            assert failed == [], [cells[i] for i in failed]
+            assert all(c["prompt"].strip() not in ("[ ]:", "", "[*]:") for c in cells)
+            shown_errors = [
+                i
+                for i, c in enumerate(cells)
+                if any("Traceback" in o["text"] or "Error" in o["text"] for o in c["outputs"])
+                and any(o["mime"] == "application/vnd.jupyter.stderr" for o in c["outputs"])
+            ]
+            assert set(expected_failures) <= set(shown_errors), shown_errors
+            nb.save()
+            nb.close()
+    finally:
+        server.shutdown_kernel(name)
+    return nb, cells
+
+
+def _cell_text(cells: list[dict], needle: str) -> str:
+    for c in cells:
+        if needle in c["source"]:
+            return "\n".join(o["text"] for o in c["outputs"])
+    raise AssertionError(f"no cell with {needle!r}")
+
+
+def test_tutorial_runs_top_to_bottom(lab):
+    _nb, cells = _run_shipped(lab, "tutorial.ipynb")
+    assert "[0, 1, 2, 3]" in _cell_text(cells, "mec.get_ids()")
+    out = _cell_text(cells, "mec.execute('print(c)')")
+    assert re.search(r"\[0\] Out\[\d+\]: 15", out) and re.search(r"\[1\] Out\[\d+\]: -5", out)
+    assert "True" in _cell_text(cells, "serial_result == parallel_result")
+    px_cell = _cell_text(cells, "evals.real.min()")
+    assert all(f"[stdout:{e}]" in px_cell for e in range(4)), px_cell
+    assert "Average max eigenvalue is:" in _cell_text(cells, 'px print("Average')
+    err = _cell_text(cells, "mec.execute('1/0')")
+    assert "[3:execute]: ZeroDivisionError: division by zero" in err, err
+
+
+def test_monte_carlo_runs_top_to_bottom(lab):
+    _nb, cells = _run_shipped(lab, "monte_carlo_pi.ipynb")
+    m = re.search(r"pi is about (\d\.\d+)", _cell_text(cells, "pi_estimate ="))
+    assert m and abs(float(m.group(1)) - 3.14159) < 0.05
+    plot = next(c for c in cells if "plt.show()" in c["source"])
+    assert sum(o["images"] for o in plot["outputs"]) == 4, plot["outputs"]
+    assert _cell_text(cells, "my_counts.append").count("local estimate 3.1") == 4

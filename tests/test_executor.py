@@ -1,0 +1,200 @@
+"""``mec.executor()``: a real ``concurrent.futures.Executor`` on real engines, exercised with
+the standard library's own helpers (``wait``, ``as_completed``, ``Executor.map``)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import sys
+import threading
+
+import cloudpickle
+import pytest
+
+from ipy_multiengine.errors import EngineError, TargetsError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def mec(cluster):
+    """The session's client, reset once for this module (these tests need no clean namespace
+    per test: the per-test reset of conftest's ``mec`` would cost more than the tests)."""
+    client = cluster.client
+    client.block, client.targets = True, "all"
+    client.execute("%reset -f", block=True)
+    return client
+
+
+# this module's helpers travel by value: the engines cannot import the tests
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def block_until(path: str, limit: float = 30.0) -> int:
+    """Runs on an engine: poll for ``path`` (a deadline, no fixed sleep), then return the pid."""
+    import os
+    import time
+
+    end = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def touch(path: str) -> int:
+    import os
+
+    open(path, "w").close()
+    return os.getpid()
+
+
+@pytest.fixture
+def pids(mec):
+    return dict(zip(mec.get_ids(), mec.apply(pid), strict=True))
+
+
+def test_submit_and_map_run_on_the_engines(mec, pids):
+    with mec.executor() as ex:
+        assert isinstance(ex, cf.Executor)
+        fut = ex.submit(pow, 2, exp=10)
+        assert isinstance(fut, cf.Future)
+        assert fut.result(timeout=10) == 1024
+        ran = {f.result() for f in [ex.submit(pid) for _ in range(8)]}
+        assert ran <= set(pids.values()) and os.getpid() not in ran
+        assert list(ex.map(lambda x, y: x * y, range(10), range(10))) == [i * i for i in range(10)]
+        assert list(ex.map(abs, range(-7, 0), chunksize=3)) == list(range(7, 0, -1))
+        assert list(ex.map(abs, [])) == []
+
+
+def test_wait_and_as_completed(mec):
+    with mec.executor() as ex:
+        fs = [ex.submit(lambda i: i * 2, i) for i in range(12)]
+        done, not_done = cf.wait(fs, timeout=20)
+        assert not not_done and len(done) == 12
+        fs2 = [ex.submit(lambda i: i + 1, i) for i in range(12)]
+        assert sorted(f.result() for f in cf.as_completed(fs2, timeout=20)) == list(range(1, 13))
+        first = cf.wait([ex.submit(lambda: 1)], return_when=cf.FIRST_COMPLETED, timeout=20)
+        assert len(first.done) == 1
+
+
+def test_cancel_of_a_queued_task_never_reaches_an_engine(mec, tmp_path):
+    release, marker = str(tmp_path / "go"), str(tmp_path / "ran")
+    ex = mec.executor(targets=[0, 1])
+    busy = [ex.submit(block_until, release) for _ in range(2)]  # both engines busy
+    queued = ex.submit(touch, marker)
+    later = ex.submit(pid)
+    assert not queued.running()
+    assert queued.cancel() and queued.cancelled()
+    open(release, "w").close()
+    assert later.result(timeout=20) in mec.apply(pid, targets=[0, 1])
+    cf.wait(busy, timeout=20)
+    ex.shutdown()
+    # it never ran: no engine made the file, and engines 0-1 run nothing of it either
+    assert not os.path.exists(marker)
+    with pytest.raises(cf.CancelledError):
+        queued.result()
+    assert mec.execute("x = 1", targets=[0, 1]) is not None  # still usable
+
+
+def test_balanced_false_round_robins_or_pins(mec, pids):
+    with mec.executor(balanced=False, targets=[1, 2, 3]) as ex:
+        got = [f.result(timeout=20) for f in [ex.submit(pid) for _ in range(6)]]
+    assert got == [pids[1], pids[2], pids[3]] * 2
+    with mec.executor(balanced=False, targets=2) as ex:
+        assert {f.result(timeout=20) for f in [ex.submit(pid) for _ in range(4)]} == {pids[2]}
+
+
+def test_map_timeout_cancels_the_rest(mec, tmp_path):
+    release = str(tmp_path / "go")
+    ex = mec.executor(targets=[0])
+    it = ex.map(block_until, [release] * 3, timeout=0.3)
+    with pytest.raises(cf.TimeoutError):
+        list(it)
+    open(release, "w").close()
+    ex.shutdown(wait=True)
+    assert "0 pending" in repr(ex)  # the queued ones were cancelled, the running one finished
+
+
+def test_shutdown_cancel_futures_and_submit_after(mec, tmp_path):
+    release = str(tmp_path / "go")
+    ex = mec.executor(targets=[3])
+    running = ex.submit(block_until, release)
+    queued = [ex.submit(pid) for _ in range(3)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in queued)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(pid)
+    open(release, "w").close()
+    assert running.result(timeout=20) > 0
+
+
+def test_remote_exception_type_and_engines_usable(mec):
+    with mec.executor() as ex:
+        fut = ex.submit(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError) as info:
+            fut.result(timeout=20)
+        assert "ZeroDivisionError" in str(info.value.__cause__)  # the RemoteError, traceback
+        assert ex.submit(lambda: 5).result(timeout=20) == 5
+
+
+def test_done_callbacks_run_off_the_io_thread_and_may_call_the_client(mec):
+    seen = []
+    called = threading.Event()
+
+    def callback(fut):
+        seen.append((threading.current_thread().name, mec.apply(lambda: 7, targets=0)))
+        called.set()
+
+    with mec.executor() as ex:
+        ex.submit(pid).add_done_callback(callback)
+        assert called.wait(20)
+    name, value = seen[0]
+    assert name != "ipy_multiengine-io" and value == [7]
+
+
+def test_bad_input_is_refused_before_sending(mec):
+    with pytest.raises(TargetsError):
+        mec.executor(targets=[99])
+    with pytest.raises(TypeError, match="balanced"):
+        mec.executor(balanced="yes")
+    with mec.executor() as ex:
+        with pytest.raises(TypeError, match="callable"):
+            ex.submit(42)
+        with pytest.raises(TypeError, match="argument 0"):
+            ex.submit(print, threading.Lock())
+        with pytest.raises(ValueError, match="chunksize"):
+            ex.map(abs, [1], chunksize=0)
+        assert ex.submit(abs, -3).result(timeout=20) == 3
+
+
+def test_dead_engine_fails_pinned_tasks_not_others(tmp_path):
+    from faultlib import small_cluster
+
+    with small_cluster(2) as (_cluster, mec):
+        p1 = mec.apply(pid, targets=1)[0]
+        ex = mec.executor(balanced=False, targets=[0, 1])
+        release = str(tmp_path / "go")
+        a, b = ex.submit(block_until, release), ex.submit(block_until, release)
+        queued_on_1 = [ex.submit(pid), ex.submit(pid)][1]
+        os.kill(p1, 9)
+        with pytest.raises(EngineError):
+            b.result(timeout=20)
+        with pytest.raises(EngineError):
+            queued_on_1.result(timeout=20)
+        open(release, "w").close()
+        assert a.result(timeout=20) > 0
+        assert ex.submit(pid).result(timeout=20) == mec.apply(pid, targets=0)[0]
+        # the client closes with a task running and others queued: every future resolves
+        blocker = ex.submit(block_until, str(tmp_path / "never"))
+        queued = [ex.submit(pid) for _ in range(3)]
+        mec.close()
+        _, not_done = cf.wait([blocker, *queued], timeout=20)
+        assert not not_done
+        assert all(isinstance(f.exception(), EngineError) for f in queued)
+        ex.shutdown()  # returns: nothing left pending

@@ -1,0 +1,164 @@
+"""The data path beside ipykernel's shell dispatch (issue 15.2): a signed socket per engine.
+
+Real engines throughout (the session cluster; one private engine for the fallback). What is
+checked: data operations use the fast socket, each engine keeps its order between executes and
+data operations, output printed inside applied functions is still captured and labelled,
+errors still carry tracebacks, an interrupt still stops an operation, the socket refuses
+unsigned and forged messages, and an engine without it falls back to the comm.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+import time
+import uuid
+
+import pytest
+import zmq
+from faultlib import small_cluster, wait_for
+from jupyter_client.session import Session
+
+from ipy_multiengine import CompositeError, MultiEngineClient
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _fast(mec: MultiEngineClient, eid: int) -> dict | None:
+    return mec.controller.state(eid).engine_info.get("fast")
+
+
+def test_local_engines_serve_data_on_a_private_unix_socket(mec):
+    for eid in mec.get_ids():
+        fast = _fast(mec, eid)
+        assert fast is not None and fast["transport"] == "ipc", fast
+        mode = os.stat(fast["path"]).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+        assert stat.S_IMODE(os.stat(os.path.dirname(fast["path"])).st_mode) & 0o777 == 0o700
+    # white-box: the connection really sends its data operations there, not on the comm
+    assert all(mec.controller._conn(e).fast for e in mec.get_ids())  # loop-owned, read-only here
+
+
+def test_order_between_executes_and_data_operations(mec):
+    """An execute still running when a pull is sent: the pull sees its effects; a push sent
+    just before an execute: the execute sees it. Several rounds, non-blocking, both ways."""
+    for i in range(5):
+        mec.execute(f"import time; time.sleep(0.05); x = {i}", block=False)
+        assert mec.pull("x") == [i] * 4
+        mec.push({"y": i}, block=False)
+        pr = mec.execute("z = y * 10", block=False)
+        got = mec.apply(lambda: z, block=False)  # noqa: F821 (an engine name)
+        assert got.get_result(timeout=10) == [i * 10] * 4
+        assert pr.get_result(timeout=10)[0]["status"] == "ok"
+        assert mec.execute("print(z)")[0]["stdout"] == f"{i * 10}\n"
+
+
+def test_output_of_applied_functions_is_captured_and_labelled(mec, capsys):
+    def shout(tag):
+        import sys
+        import time
+
+        print("out", tag)
+        time.sleep(0.3)  # longer than ipykernel's flush interval: flushed by its timer
+        print("err", tag, file=sys.stderr)
+        return tag
+
+    assert mec.apply(shout, 7) == [7] * 4
+    assert mec.apply(lambda: print("quick") or 1) == [1] * 4
+    out = capsys.readouterr()
+    lines = sorted((out.out + out.err).splitlines())
+    for eid in range(4):
+        assert f"[stdout:{eid}] out 7" in lines
+        assert f"[stderr:{eid}] err 7" in lines
+        assert f"[stdout:{eid}] quick" in lines
+    # a function that prints nothing leaves nothing behind
+    assert mec.apply(lambda: 2) == [2] * 4
+    assert capsys.readouterr().out == ""
+
+
+def test_errors_on_the_fast_path_carry_the_remote_traceback(mec):
+    def fails(n):
+        return {}["missing"] if n else 0
+
+    with pytest.raises(CompositeError) as info:
+        mec.apply(fails, 1)
+    err = info.value
+    assert len(err.elist) == 4
+    text = "".join(err.elist[0].traceback)
+    assert "fails" in text and "KeyError" in text
+    assert mec.apply(fails, 0) == [0] * 4  # still usable
+
+
+def test_interrupt_from_another_client_stops_a_fast_operation(cluster, mec):
+    """A non-owner client interrupts over the control channel (the kernel signals itself): the
+    operation on the fast socket fails with KeyboardInterrupt, the next one succeeds."""
+    c = MultiEngineClient(cluster.cluster_file)
+    try:
+        pr = c.apply(time.sleep, 20, targets=0, block=False)
+        after = c.pull("__name__", targets=0, block=False)
+        wait_for(lambda: c.engines[0]["state"] == "busy", 5, "engine 0 to be busy")
+        t0 = time.monotonic()
+        c.interrupt(0)
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=10)
+        assert time.monotonic() - t0 < 5
+        assert info.value.elist[0].ename == "KeyboardInterrupt"
+        assert after.get_result(timeout=10) == ["__main__"]
+    finally:
+        c.close()
+
+
+def _ask(path: str, frames: list, wait_ms: int) -> list | None:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    try:
+        s.connect(f"ipc://{path}")
+        s.send_multipart(frames)
+        return s.recv_multipart() if s.poll(wait_ms) else None
+    finally:
+        s.close()
+
+
+def test_unsigned_and_forged_messages_are_refused(mec, tmp_path):
+    """Someone who can reach the socket but lacks the key gets nothing run: the payload would
+    create a file when unpickled. A correctly signed ping is answered (the test's control)."""
+    path = _fast(mec, 0)["path"]
+    proof = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(proof), "w"))
+
+    payload = pickle.dumps((Evil(), (), {}), protocol=5)
+    good_key = mec.controller.state(0).connection["key"]
+    for key in (b"", b"not-the-key"):
+        forger = Session(key=key, username="forger")
+        msg = forger.msg("ime_request", {"op": "apply", "rid": uuid.uuid4().hex})
+        frames = forger.serialize(msg)
+        if not key:
+            frames[1] = b""  # no signature at all
+        assert _ask(path, [*frames, payload], 500) is None
+    assert not proof.exists(), "an unsigned or forged message was unpickled"
+    owner = Session(key=good_key.encode(), username="test")
+    msg = owner.msg("ime_request", {"op": "ping"})
+    msg["content"]["rid"] = msg["msg_id"]
+    reply = _ask(path, owner.serialize(msg), 10000)
+    assert reply is not None and b'"status": "ok"' in reply[-1].replace(b'":"', b'": "')
+    assert mec.apply(lambda: 5, targets=0) == [5]
+
+
+def test_engine_without_the_fast_socket_uses_the_comm():
+    env = dict(os.environ, IPY_MULTIENGINE_FAST="0")
+    with small_cluster(1, env=env) as (_cluster, mec):
+        assert _fast(mec, 0) is None
+        assert not mec.controller._conn(0).fast  # white-box, read-only: the comm path is in use
+        mec.execute("import time; time.sleep(0.05); a = 3", block=False)
+        assert mec.pull("a") == [3]
+        mec.push({"b": 4}, block=False)
+        assert mec.execute("print(a + b)")[0]["stdout"] == "7\n"
+        assert mec.apply(lambda: a * b) == [12]  # noqa: F821 (engine names)
+        with pytest.raises(CompositeError):
+            mec.apply(lambda: 1 / 0)
+        assert mec.map(lambda v: v + 1, range(5)) == [1, 2, 3, 4, 5]

@@ -1,0 +1,366 @@
+"""What ipyparallel users reach for (issue 16, items 5-9): against the session's real engines."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipy_multiengine import client
+from ipy_multiengine.controller import Controller
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_no_private_constructor_keywords_cross_modules(mec):
+    """Cluster and attach build their clients with the public from_controller (issue 13)."""
+    with pytest.raises(TypeError, match="_controller"):
+        client.MultiEngineClient(_controller=mec.controller)
+    with pytest.raises(TypeError, match="controller must be a Controller, not str"):
+        client.MultiEngineClient.from_controller("nope")
+    assert isinstance(mec.controller, Controller)
+
+
+def test_engine_id_in_every_namespace_kept_across_reset_and_restart(mec):
+    # the fixture ran %reset -f: the name came back after that cell
+    assert mec.pull("engine_id") == [0, 1, 2, 3]
+    assert mec.execute("%who")[0]["stdout"].strip() in ("", "Interactive namespace is empty.")
+    mec.execute("del engine_id", targets=2)
+    assert mec.pull("engine_id", targets=2) == [2]
+    mec.restart(targets=3)
+    assert mec.apply(lambda: engine_id, targets=3) == [3]  # noqa: F821 (an engine name)
+    assert mec.pull("engine_id") == [0, 1, 2, 3]
+
+
+def test_scatter_flatten_gives_one_item_parts_as_scalars(mec):
+    mec.scatter("my_id", mec.get_ids(), flatten=True)
+    assert mec.pull("my_id") == [0, 1, 2, 3]
+    mec.scatter("part", list(range(6)), flatten=True)  # parts of two items stay lists
+    assert mec.pull("part") == [[0, 1], [2, 3], 4, 5]
+    mec.scatter("plain", [7, 8, 9, 10])
+    assert mec.pull("plain") == [[7], [8], [9], [10]]
+    with pytest.raises(TypeError, match="flatten must be True or False, not 'yes'"):
+        mec.scatter("x", [1, 2, 3, 4], flatten="yes")
+    assert mec.pull("my_id") == [0, 1, 2, 3]
+
+
+def test_silent_execute_keeps_no_output_no_history_no_count(mec):
+    before = mec.execute("x = 1")
+    shown = mec.last_executed()
+    quiet = mec.execute(
+        "print('hidden'); import sys; sys.stderr.write('e'); y = x + 1; y", silent=True
+    )
+    assert [r["stdout"] + r["stderr"] for r in quiet] == [""] * 4
+    assert [r["result"] for r in quiet] == [None] * 4 and [r["outputs"] for r in quiet] == [[]] * 4
+    assert mec.pull("y") == [2] * 4  # it ran
+    assert mec.last_executed() is shown  # %result still shows the last visible command
+    after = mec.execute("z = 3")
+    assert [r["number"] for r in after] == [r["number"] + 1 for r in before]  # not counted
+    hist = mec.execute("_ih[-2:]")[0]["result"]["text/plain"]
+    assert "hidden" not in hist
+    with pytest.raises(client.CompositeError) as info:
+        mec.execute("1/0", silent=True)
+    assert "ZeroDivisionError" in str(info.value)
+    with pytest.raises(TypeError, match="silent must be True or False, not 1"):
+        mec.execute("pass", silent=1)
+    assert mec.pull("z") == [3] * 4
+
+
+def test_run_a_file_on_the_engines(mec, tmp_path):
+    script = tmp_path / "setup_engines.py"
+    script.write_text("ran = engine_id * 10\nprint('from the file')\n")
+    out = mec.run(script)
+    assert [r["stdout"] for r in out] == ["from the file\n"] * 4
+    assert mec.pull("ran") == [0, 10, 20, 30]
+    assert mec.run(str(script), targets=[1], silent=True)[0]["stdout"] == ""
+    with pytest.raises(FileNotFoundError, match=r"cannot run .*missing\.py"):
+        mec.run(tmp_path / "missing.py")
+    (tmp_path / "bin.py").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        mec.run(tmp_path / "bin.py")
+    with pytest.raises(TypeError, match="filename must be a path, not int"):
+        mec.run(3)
+    assert mec.pull("ran") == [0, 10, 20, 30]
+
+
+def test_sync_imports_runs_the_blocks_imports_on_the_engines(mec, capsys):
+    mec.execute("import sys; sys.modules.pop('json', None); sys.modules.pop('fractions', None)")
+    with mec.sync_imports():
+        import json as js
+        from fractions import Fraction as Fr
+    assert "import json as js; from fractions import Fraction as Fr on engines 0-3" in (
+        capsys.readouterr().out
+    )
+    assert mec.apply(lambda: (js.dumps([1]), str(Fr(1, 2)))) == [("[1]", "1/2")] * 4
+    assert mec.execute("type(js).__name__, Fr.__name__")[0]["result"]["text/plain"] == (
+        "('module', 'Fraction')"
+    )
+    with pytest.raises(ModuleNotFoundError), mec.sync_imports(quiet=True):
+        import no_such_module_here  # noqa: F401  (fails here: nothing is sent)
+    with pytest.raises(TypeError, match="quiet must be True or False, not 'no'"):
+        mec.sync_imports(quiet="no")
+    with pytest.raises(ValueError, match="9"):
+        mec.sync_imports(targets=[9])
+
+
+def test_require_imports_and_sets_names_before_each_call(mec):
+    from ipy_multiengine import require
+
+    def helper(x):
+        return x * 3
+
+    @require("colorsys", "xml.dom.minidom", helper, scale=10)
+    def f(x):
+        return colorsys.__name__, xml.dom.minidom.__name__, helper(x) * scale  # noqa: F821
+
+    assert mec.apply(f, 2, targets=[0, 1]) == [("colorsys", "xml.dom.minidom", 60)] * 2
+    assert mec.map(f, [1, 2, 3, 4])[3] == ("colorsys", "xml.dom.minidom", 120)
+    assert mec.pull("scale", targets=0) == [10]  # the names are now in the namespace
+    assert f.__name__ == "f"
+
+    @require("no_such_module_xyz")
+    def g():
+        return 1
+
+    with pytest.raises(client.CompositeError) as info:
+        mec.apply(g, targets=[2])
+    text = str(info.value)
+    assert "ModuleNotFoundError" in text and "g requires module 'no_such_module_xyz'" in text
+    assert "engine 2" in text
+    for bad, match in [
+        ((42,), "require takes module names, modules, functions or classes, not 42"),
+        (("not a module",), "a required module must be a name like"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=match):
+            require(*bad)
+    with pytest.raises(TypeError, match="require decorates a function, not int"):
+        require("os")(3)
+    assert mec.apply(lambda: 1) == [1] * 4
+
+
+def test_reference_arguments_resolve_in_the_engine_namespace(mec):
+    from ipy_multiengine import Reference
+
+    mec.scatter("part", list(range(8)))
+    assert mec.apply(sum, Reference("part")) == [1, 5, 9, 13]
+    assert mec.apply(lambda n, *, m: n + m, Reference("engine_id"), m=Reference("engine_id")) == [
+        0,
+        2,
+        4,
+        6,
+    ]
+    assert mec.apply(lambda s: s, Reference("part.__len__")) != []
+    assert mec.map(lambda a, b: a + b, [1, 2, 3, 4], [Reference("engine_id")] * 4) == [1, 3, 5, 7]
+    import copy
+    import pickle
+
+    ref = Reference("part")
+    assert pickle.loads(pickle.dumps(ref)) == ref and copy.deepcopy(ref) is ref  # not resolved here
+    with pytest.raises(client.CompositeError) as info:
+        mec.apply(len, Reference("missing"), targets=[1])
+    assert "Reference('missing'): name 'missing' is not defined on engine 1" in str(info.value)
+    with pytest.raises(ValueError, match="Reference name must be a name like"):
+        Reference("1x")
+    assert mec.apply(len, Reference("part")) == [2] * 4
+
+
+def test_pending_result_metadata_per_engine(mec, capsys):
+    pr = mec.execute(
+        "import time, sys; print('out', engine_id); sys.stderr.write('err\\n'); time.sleep(0.2)",
+        block=False,
+    )
+    assert pr.wall_time is None and pr.serial_time is None and pr.elapsed >= 0
+    pr.get_result(timeout=20)
+    md = pr.metadata
+    assert [m["engine_id"] for m in md] == [0, 1, 2, 3]
+    for m in md:
+        assert m["status"] == "ok" and m["error"] is None
+        assert m["submitted"] <= m["started"] <= m["completed"]
+        assert (m["completed"] - m["started"]).total_seconds() >= 0.2
+        assert m["stdout"] == f"out {m['engine_id']}\n" and m["stderr"] == "err\n"
+    assert pr.submitted == [m["submitted"] for m in md] and pr.completed[0] == md[0]["completed"]
+    assert 0.2 <= pr.wall_time < 10 and pr.elapsed == pr.wall_time
+    assert pr.serial_time >= 4 * 0.2 and pr.serial_time > pr.wall_time  # ran in parallel
+    pr.display_outputs()
+    cap = capsys.readouterr()
+    assert cap.out.splitlines() == [f"[stdout:{e}] out {e}" for e in range(4)]
+    assert cap.err.splitlines() == [f"[stderr:{e}] err" for e in range(4)]
+    mec.execute("from IPython.display import HTML, display; display(HTML('<b>x</b>'))", targets=[1])
+    mec.last_executed().display_outputs(groupby="type")
+    assert "[output:1]" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="groupby must be 'engine' or 'type', not 'order'"):
+        pr.display_outputs(groupby="order")
+    failed = mec.execute("1/0", targets=[2], block=False)
+    with pytest.raises(client.CompositeError):
+        failed.get_result(timeout=20)
+    assert failed.metadata[0]["status"] == "error" and failed.metadata[0]["completed"]
+    applied = mec.apply(lambda: 1, block=False)
+    applied.get_result(timeout=20)
+    assert all(m["completed"] for m in applied.metadata)
+
+
+def test_abort_skips_queued_requests_never_running_ones(mec):
+    from faultlib import wait_for
+
+    running = mec.execute("import time; time.sleep(30)", targets=[0], block=False)
+    wait_for(lambda: running.started[0] is not None, 10, "engine 0 running the sleep")
+    queued_exec = mec.execute("queued = 1", targets=[0], block=False)
+    queued_apply = mec.apply(lambda: 2, targets=[0], block=False)
+    both = mec.execute("mixed = 1", targets=[0, 1], block=False)  # done on 1, queued on 0
+    wait_for(lambda: both.metadata[1]["completed"], 10, "engine 1 done")
+    with pytest.raises(client.EngineError, match=r"already running on engines \[0\].*interrupt"):
+        running.abort()
+    for pr in (queued_exec, queued_apply, both):
+        pr.abort()
+    mec.interrupt(targets=[0])
+    with pytest.raises(client.CompositeError, match="KeyboardInterrupt"):
+        running.get_result(timeout=10)
+    for pr in (queued_exec, queued_apply, both):
+        with pytest.raises(client.CompositeError, match="Abort"):
+            pr.get_result(timeout=10)
+    assert [m["status"] for m in both.metadata] == ["aborted", "ok"]
+    assert queued_apply.metadata[0]["status"] == "aborted"
+    seen = mec.execute("'queued' in dir(), 'mixed' in dir()", targets=[0, 1])
+    assert [r["result"]["text/plain"] for r in seen] == ["(False, False)", "(False, True)"]
+    queued_apply.abort()  # done already: nothing to do
+    balanced = mec.map(lambda x: x, [1], balanced=True, block=False)
+    with pytest.raises(client.EngineError, match="a map cannot be aborted"):
+        balanced.abort()
+    assert mec.apply(lambda: 3, targets=[0]) == [3]  # the engine is usable
+
+
+def test_a_running_shared_cluster_grows_with_ipmulti_scale(tmp_path):
+    """`ipmulti start --daemon -n 1`, then `ipmulti scale 2`: the owner adds engine 1 through
+    Cluster.add_engines, rewrites the cluster file, and a client attached by file before the
+    scale sees the new engine (wait_for_engines), with its own on_start code run there."""
+    import json
+    import subprocess
+    import sys
+
+    from ipy_multiengine.clusterfile import cluster_file_path
+
+    ipmulti = [sys.executable, "-m", "ipy_multiengine.cli"]
+    run = lambda *a: subprocess.run(ipmulti + list(a), capture_output=True, text=True, timeout=90)  # noqa: E731
+    started = run("start", "--daemon", "-n", "1", "--profile", "t16scale")
+    assert started.returncode == 0, started.stderr
+    try:
+        mec = client.MultiEngineClient(profile="t16scale")
+        mec.on_start("flag = engine_id * 100")
+        assert mec.get_ids() == [0]
+        bad = run("scale", "0", "--profile", "t16scale")
+        assert bad.returncode == 2 and "scale only grows it" in bad.stderr
+        grown = run("scale", "2", "--profile", "t16scale")
+        assert grown.returncode == 0, grown.stderr
+        assert "added engine 1: 2 engines" in grown.stdout
+        spec = json.loads(cluster_file_path("t16scale").read_text())
+        assert [e["id"] for e in spec["engines"]] == [0, 1]
+        assert mec.wait_for_engines(2, timeout=30) == [0, 1]
+        assert mec.pull("flag") == [0, 100]  # this client's on_start ran on the new engine
+        assert mec.apply(lambda: engine_id) == [0, 1]  # noqa: F821
+        assert len(mec.engines) == 2 and mec.groups == {"python3": [0, 1]}
+        with client.MultiEngineClient(profile="t16scale") as later:
+            assert later.get_ids() == [0, 1]
+        # a signal through the owner process (an owner request), to the new engine only
+        from faultlib import wait_for
+
+        mec.execute(
+            "import signal; got = []; signal.signal(signal.SIGUSR1, lambda *a: got.append(1))"
+        )
+        mec.send_signal("SIGUSR1", targets=[1])
+        wait_for(lambda: mec.pull("got") == [[], [1]], 10, "the signal through the owner")
+        with pytest.raises(ValueError, match="a number of engines >= 0, not -1"):
+            mec.wait_for_engines(-1)
+        with pytest.raises(client.TimeoutError, match=r"2 engines ready after 0\.2 s, waiting"):
+            mec.wait_for_engines(3, timeout=0.2)
+        mec.close()
+    finally:
+        stopped = run("stop", "--profile", "t16scale")
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def test_add_engines_checks_its_argument_first(cluster, mec):
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="add_engines needs a positive number of engines"):
+            cluster.add_engines(bad)
+    with pytest.raises(
+        ValueError, match="timeout must be a number of seconds >= 0 or None, not -1"
+    ):
+        cluster.add_engines(1, timeout=-1)
+    with pytest.raises(ValueError, match="not 'soon'"):
+        mec.wait_for_engines(1, timeout="soon")
+    with pytest.raises(ValueError, match="not nan"), mec.sync_imports(timeout=float("nan")):
+        pass
+    assert mec.get_ids() == [0, 1, 2, 3]
+
+
+def _run(ip, code):
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap:
+        res = ip.run_cell(code)
+    return cap, res
+
+
+def test_named_magic_sets_side_by_side(ip, mec):
+    """mec.activate(suffix='_even', targets=[0, 2]): %px_even, %%px_even, %autopx_even and
+    %result_even next to the default %px set, in a real InteractiveShell."""
+    mec.activate(suffix="_even", targets=[0, 2])
+    try:
+        cap, res = _run(ip, "%px_even where = 'even'")
+        assert res.success, res.error_in_exec
+        assert [r["id"] for r in res.result] == [0, 2]
+        cap, res = _run(ip, "%%px_even\nprint('hello from', engine_id)\n")
+        assert res.success
+        assert "hello from 0" in cap.stdout and "hello from 2" in cap.stdout
+        assert "hello from 1" not in cap.stdout and "hello from 3" not in cap.stdout
+        cap, res = _run(ip, "%px who = engine_id")  # the default set: all engines
+        assert [r["id"] for r in res.result] == [0, 1, 2, 3]
+        cap, res = _run(ip, "%result_even")
+        assert [r["id"] for r in res.result] == [0, 2]  # its own last command
+        assert "hello from" in res.result[0]["stdout"]
+        cap, res = _run(ip, "%result")
+        assert [r["id"] for r in res.result] == [0, 1, 2, 3]
+        cap, res = _run(ip, "%autopx_even")
+        assert "Auto Parallel Enabled" in cap.stdout
+        cap, res = _run(ip, "auto_even = engine_id + 1")
+        assert "auto_even" not in ip.user_ns
+        cap, res = _run(ip, "%autopx_even")
+        assert "Auto Parallel Disabled" in cap.stdout
+        _run(ip, "local_again = 1")
+        assert ip.user_ns["local_again"] == 1
+        seen = mec.execute("'auto_even' in dir(), 'where' in dir()")
+        assert [r["result"]["text/plain"] for r in seen] == [
+            "(True, True)",
+            "(False, False)",
+            "(True, True)",
+            "(False, False)",
+        ]
+        with pytest.raises(ValueError, match=r"suffix must make magic names.*'-x'"):
+            mec.activate(suffix="-x")
+        with pytest.raises(ValueError, match="9"):
+            mec.activate(suffix="_odd", targets=[1, 9])
+        with pytest.raises(ValueError, match="targets= names the engines of a named set"):
+            mec.activate(targets=[1])
+        assert "px_odd" not in ip.magics_manager.magics["line"]
+    finally:
+        client.deactivate("_even")
+    assert "px_even" not in ip.magics_manager.magics["line"]
+    assert "px_even" not in ip.magics_manager.magics["cell"]
+    assert client.get_active() is mec
+
+
+def test_send_signal_reaches_the_target_engines_only(mec):
+    import signal
+
+    from faultlib import wait_for
+
+    mec.execute(
+        "import signal; got = []; signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))"
+    )
+    mec.send_signal("SIGUSR1", targets=[1])
+    mec.send_signal(signal.SIGUSR1, targets=[1, 3])
+    wait_for(lambda: mec.pull("got") == [[], [10, 10], [], [10]], 10, "the signals to arrive")
+    for bad in ("SIGNOPE", 99999, True, 1.5):
+        with pytest.raises(ValueError, match="not a signal"):
+            mec.send_signal(bad)
+    with pytest.raises(ValueError, match="9"):
+        mec.send_signal("SIGUSR1", targets=[9])
+    assert mec.pull("got") == [[], [10, 10], [], [10]]

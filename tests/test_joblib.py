@@ -1,0 +1,137 @@
+"""The joblib backend with real joblib and real scikit-learn on real engines: ``joblib.Parallel``,
+``GridSearchCV(n_jobs=-1)`` and ``cross_val_score`` run in the engines' processes (their pids)
+and give exactly the serial run's scores."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+joblib = pytest.importorskip("joblib")
+pytest.importorskip("sklearn")
+
+from sklearn.datasets import load_iris  # noqa: E402
+from sklearn.model_selection import GridSearchCV, cross_val_score  # noqa: E402
+from sklearn.tree import DecisionTreeClassifier  # noqa: E402
+
+import ipy_multiengine.joblib_backend  # noqa: E402, F401  (registers "ipy_multiengine")
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def mec(cluster):
+    """The session's client, reset once for this module (these tests need no clean namespace
+    per test: the per-test reset of conftest's ``mec`` would cost more than the tests)."""
+    client = cluster.client
+    client.block, client.targets = True, "all"
+    client.execute("%reset -f", block=True)
+    return client
+
+
+# this module's helpers travel by value: the engines cannot import the tests
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+#: where PidTree.fit notes the process it ran in (set by the tests; read on the engines)
+LOG_DIR = ""
+
+
+def pid(_x=None) -> int:
+    import os
+
+    return os.getpid()
+
+
+class PidTree(DecisionTreeClassifier):
+    """A decision tree that notes the pid of the process each fit ran in (the docs' estimator
+    module: the engines import it once for both)."""
+
+    def fit(self, X, y):
+        import os
+        import uuid
+
+        if LOG_DIR:
+            open(os.path.join(LOG_DIR, f"{os.getpid()}-{uuid.uuid4().hex}"), "w").close()
+        return super().fit(X, y)
+
+
+def fit_pids(path: Path) -> set[int]:
+    return {int(p.name.split("-")[0]) for p in path.iterdir()}
+
+
+@pytest.fixture
+def engine_pids(mec):
+    mec.activate()
+    return set(mec.apply(pid))
+
+
+def test_parallel_runs_on_the_engines(mec, engine_pids):
+    with joblib.parallel_config(backend="ipy_multiengine", n_jobs=-1):
+        pids = joblib.Parallel()(joblib.delayed(pid)(i) for i in range(40))
+        squares = joblib.Parallel(batch_size=3)(joblib.delayed(pow)(i, 2) for i in range(20))
+        gen = joblib.Parallel(return_as="generator")(joblib.delayed(abs)(-i) for i in range(5))
+        assert list(gen) == list(range(5))
+    assert set(pids) <= engine_pids and len(set(pids)) > 1
+    assert squares == [i * i for i in range(20)]
+
+
+def test_errors_raise_their_type_and_engines_stay_usable(mec, engine_pids):
+    def boom(i):
+        if i == 3:
+            raise KeyError(f"item {i}")
+        return i
+
+    with joblib.parallel_config(backend="ipy_multiengine", n_jobs=-1):
+        with pytest.raises(KeyError, match="item 3"):
+            joblib.Parallel()(joblib.delayed(boom)(i) for i in range(8))
+        assert joblib.Parallel()(joblib.delayed(boom)(i) for i in range(3)) == [0, 1, 2]
+
+
+def test_client_and_targets_as_backend_parameters(mec, engine_pids):
+    mine = mec.apply(pid, targets=[1, 2])
+    with joblib.parallel_config(backend="ipy_multiengine", client=mec, targets=[1, 2], n_jobs=-1):
+        pids = joblib.Parallel()(joblib.delayed(pid)(i) for i in range(12))
+    assert set(pids) <= set(mine)
+
+
+def test_grid_search_and_cross_val_score_on_the_engines(mec, engine_pids, tmp_path):
+    global LOG_DIR
+    X, y = load_iris(return_X_y=True)
+    grid = {"max_depth": [1, 2, 3, 4]}
+    serial = GridSearchCV(PidTree(random_state=0), grid, cv=3).fit(X, y)
+    serial_cv = cross_val_score(PidTree(max_depth=3, random_state=0), X, y, cv=4)
+    LOG_DIR = str(tmp_path)
+    two = set(mec.apply(pid, targets=[0, 1]))  # two engines: importing sklearn costs CPU each
+    try:
+        with joblib.parallel_config(backend="ipy_multiengine", targets=[0, 1]):
+            search = GridSearchCV(PidTree(random_state=0), grid, cv=3, n_jobs=-1).fit(X, y)
+            scores = cross_val_score(PidTree(max_depth=3, random_state=0), X, y, cv=4, n_jobs=-1)
+    finally:
+        LOG_DIR = ""
+    ran = fit_pids(tmp_path)
+    # 12 grid fits + 4 cross-validation fits on the engines; the refit runs here
+    assert ran - {os.getpid()} == two, (ran, two)
+    assert sum(1 for p in tmp_path.iterdir() if int(p.name.split("-")[0]) in two) == 16
+    assert list(search.cv_results_["mean_test_score"]) == list(
+        serial.cv_results_["mean_test_score"]
+    )
+    assert search.best_params_ == serial.best_params_
+    assert list(scores) == list(serial_cv)
+
+
+def test_no_client_is_a_clear_error(mec):
+    from ipy_multiengine import client as client_mod
+    from ipy_multiengine.joblib_backend import EngineBackend
+
+    client_mod.deactivate()
+    try:
+        with pytest.raises(RuntimeError, match="register_joblib_backend"):
+            EngineBackend().effective_n_jobs(-1)
+    finally:
+        mec.activate()
+    with pytest.raises(ValueError, match="name"):
+        mec.register_joblib_backend(name="")
