@@ -16,6 +16,7 @@ from .errors import (
 )
 from .remote import Reference, require
 
+#: the one version source: pyproject.toml reads it (``dynamic = ["version"]``)
 __version__ = "0.1.0"
 
 __all__ = [

@@ -73,6 +73,8 @@ AUTO_OVERHEAD = 0.003
 #: A chunk is at most this many times its engine's previous one (a cheap first item must not
 #: make the next chunk huge).
 AUTO_GROWTH = 16
+#: ...unless it is predicted to last at most this many assumed overheads (30 ms).
+AUTO_SMALL = 10
 #: The first chunks: at most 1/AUTO_FIRST of an engine's share, and often a single item.
 AUTO_FIRST = 64
 #: Weight of past chunks against the newest in the per-item and overhead estimates.
@@ -133,9 +135,12 @@ class AutoChunks:
             target = min(
                 AUTO_MAX_SECONDS, AUTO_SCALE * (2 * left * max(self._overhead, 1e-4)) ** 0.5
             )
-            # bounded growth, except up to a chunk predicted to last no longer than one
-            # overhead (tiny items: no reason to creep up on the even split)
-            grown = max(AUTO_GROWTH * self._last.get(eid, self.first), int(AUTO_OVERHEAD / mine))
+            # bounded growth, except up to a chunk predicted to last no longer than
+            # AUTO_SMALL overheads (tiny items: no reason to creep up on the even split)
+            grown = max(
+                AUTO_GROWTH * self._last.get(eid, self.first),
+                int(AUTO_SMALL * AUTO_OVERHEAD / mine),
+            )
             m = min(int(target / mine), grown)
         m = max(1, min(m, share, remaining))
         self._last[eid] = m
@@ -286,8 +291,8 @@ class BalancedMap:
         held = sum(self._chunks[c][1] for c in self._held[eid])
         queued = sum(self._chunks[c][1] for e in self._alive for c in self._held[e])
         share = -(-(remaining + queued) // max(1, len(self._alive))) - held
-        if share <= 0 and self._held[eid]:
-            return None  # eid has its share queued: the others take the rest
+        if self._held[eid] and share * 4 <= held:
+            return None  # eid has (nearly) its share queued: the others take the rest
         n = self._auto.size(eid, remaining, max(1, share), len(self._alive))
         offset, self._cursor = self._cursor, self._cursor + n
         f, items = self._source

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import __version__
 from .cluster import Cluster, list_clusters, stop_cluster_file
 from .clusterfile import (
     EMBEDDED_PREFIX,
@@ -408,6 +409,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipmulti", description="Manage ipy_multiengine clusters.")
+    parser.add_argument("--version", action="version", version=f"ipmulti {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("start", help="start N engines (foreground until Ctrl-C, or --daemon)")
     p.add_argument(

@@ -101,6 +101,14 @@ def config_error(cls: type[Configurable], exc: BaseException) -> ConfigError:
     return ConfigError(f"{option}: {text}", option)
 
 
+def check_timeout(value: Any, name: str = "timeout") -> None:
+    """``value`` is None or a number of seconds >= 0 (checked before anything is sent)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0 or None, not {value!r}")
+
+
 def get_active() -> MultiEngineClient | None:
     """The client of the last ``activate()`` (the one the magics use), if still open."""
     return _active if _active is not None and not _active.closed else None
@@ -512,6 +520,7 @@ class MultiEngineClient(Configurable):
 
         if not isinstance(quiet, bool):
             raise TypeError(f"quiet must be True or False, not {quiet!r}")
+        check_timeout(timeout)
         eids, _ = self._prepare(targets, None)  # before the block runs
         return SyncImports(self, eids, quiet, timeout)
 
@@ -1043,6 +1052,7 @@ class MultiEngineClient(Configurable):
         running cluster); returns the ids. ``TimeoutError`` says how many there are."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"wait_for_engines needs a number of engines >= 0, not {n!r}")
+        check_timeout(timeout)
         if self.closed:
             raise EngineError("this MultiEngineClient is closed")
         deadline = None if timeout is None else time.monotonic() + timeout

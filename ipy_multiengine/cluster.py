@@ -27,7 +27,7 @@ from traitlets.config import Config, Configurable
 from traitlets.traitlets import MetaHasTraits
 
 from . import _loop
-from .client import CONFIGURED, config_error, shell_config
+from .client import CONFIGURED, check_timeout, config_error, shell_config
 from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tools import from here)
     HOW_TO_START,
     Owner,
@@ -718,6 +718,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         connect, the engines of this call are stopped and the error is raised."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"add_engines needs a positive number of engines, not {n!r}")
+        check_timeout(timeout)
         if self._stopped or self.client is None:
             raise EngineError("this Cluster is not running")
         timeout = self.startup_timeout if timeout is None else timeout

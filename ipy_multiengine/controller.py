@@ -544,9 +544,9 @@ class Controller:
                 type(exc).__name__,
             )
         conn.requests.pop(req.msg_id, None)
-        sock = conn.sockets.pop("fast", None)
-        if sock is not None:
-            sock.close(linger=0)
+        fast = conn.sockets.pop("fast", None)
+        if fast is not None:
+            fast.close(linger=0)
 
     async def _run_init(self, conn: EngineConn, deadline: float, timeout: float) -> None:
         """Run the recorded on_start code on a fresh engine, before anything else reaches it.
@@ -883,6 +883,9 @@ class Controller:
                 log.exception("on_dead callback failed")
 
     def _fail_all(self, conn: EngineConn, reason: str) -> None:
+        for _msg, req, _buffers in conn.held:  # failed below with the others, never sent now
+            req.held = False
+        conn.held.clear()
         for req in list(conn.requests.values()):
             what = (
                 f" while running {req.code or req.op or req.kind!r}" if (req.code or req.op) else ""
@@ -897,13 +900,13 @@ class Controller:
     async def _reader(self, conn: EngineConn, channel: str, sock: zmq.asyncio.Socket) -> None:
         # drain with non-blocking reads on a plain shadow of the socket and await readiness
         # only when it is empty: one asyncio future per burst, not per message (issue 15.3)
-        plain = zmq.Socket.shadow(sock.underlying)
+        plain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         while True:
             try:
                 frames = plain.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 try:
-                    await sock.poll(flags=zmq.POLLIN)
+                    await sock.poll()  # POLLIN, no timeout (pyzmq's defaults)
                 except asyncio.CancelledError:
                     raise
                 except zmq.ZMQError:

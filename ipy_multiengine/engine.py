@@ -594,7 +594,7 @@ class _FastServer:
             username="ipy_multiengine",
         )
         self.zmq = zmq
-        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
         sock.linger = 0
         sock.router_mandatory = False
         if app.curve_secretkey is not None:
@@ -609,7 +609,7 @@ class _FastServer:
             finally:
                 os.umask(old)
             os.chmod(path, 0o600)
-            self.address = {"transport": "ipc", "path": path}
+            self.address: dict[str, Any] = {"transport": "ipc", "path": path}
         else:
             port = sock.bind_to_random_port(f"tcp://{app.ip}")
             self.address = {"transport": "tcp", "port": port}
@@ -686,6 +686,7 @@ class _FastServer:
             return
         # zero copy, and the next operation waits until zmq released the user's buffers
         tracker = self.sock.send_multipart(head + out, copy=False, track=True)
+        assert tracker is not None  # track=True
         del out
         try:
             tracker.wait(SEND_WAIT)

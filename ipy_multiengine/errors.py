@@ -274,6 +274,7 @@ class CompositeError(MultiEngineError):
         lines: list[str] = []
         for ids, e in groups:
             lines.append(f"[{_id_range(ids)}:{e.method}]: ")
+            lines.append(_whose(ids, e))
             lines.extend(e.render_traceback())
             lines.append("")
         return lines
@@ -305,6 +306,21 @@ class CompositeError(MultiEngineError):
 
 
 _EXEC_COUNT = re.compile(r"In ?\[\d+\]")
+
+
+def _whose(ids: list[Any], e: MultiEngineError) -> str:
+    """Which engine's input a traceback below refers to (its ``In [n]`` is that engine's, not
+    this session's), and the engines that raised the same error."""
+    record = getattr(e, "result", None)
+    number = record.get("number") if isinstance(record, dict) else None
+    what = (
+        f"engine {e.engine_id}'s In [{number}]" if number is not None else f"engine {e.engine_id}"
+    )
+    if len(ids) > 1:
+        others = _id_range([i for i in ids if i != e.engine_id])
+        plural = "s" if len(ids) > 2 else ""
+        return f"(the traceback of {what}; the same error on engine{plural} {others})"
+    return f"(the traceback of {what})"
 
 
 def _id_range(ids: list[Any]) -> str:

@@ -226,13 +226,13 @@ class EngineExecutor(cf.Executor):
         for eid in self.eids:
             if eid in self._dead or self._inflight[eid] is not None:
                 continue
-            task = self._next_for(eid)
-            if task is None:
-                continue
-            self._send(eid, task)
+            # a task that cannot be sent (closed client) fails at once: try the next one
+            while (task := self._next_for(eid)) is not None and not self._send(eid, task):
+                pass
         self._fail_orphans()
 
-    def _send(self, eid: int, task: _Task) -> None:
+    def _send(self, eid: int, task: _Task) -> bool:
+        """Send ``task`` to ``eid``; False if it could not be sent (it failed)."""
         frames, task.frames = task.frames, None
         task.ran_on = eid
         try:
@@ -241,7 +241,7 @@ class EngineExecutor(cf.Executor):
             if self._controller.dead(eid):
                 self._dead.add(eid)
             task.future.set_exception(exc)
-            return
+            return False
         self._inflight[eid] = task
         if self._worker is None:
             self._worker = threading.Thread(
@@ -250,6 +250,7 @@ class EngineExecutor(cf.Executor):
             self._worker.start()
         # on the I/O thread: only queue the completion (never raises)
         fut.add_done_callback(lambda f, eid=eid, task=task: self._events.put((eid, task, f)))
+        return True
 
     def _fail_orphans(self) -> None:
         """Queued tasks no engine can run any more (their engine died) fail now."""

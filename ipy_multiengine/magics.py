@@ -182,7 +182,7 @@ class PxConfig:
     block: bool | None = None
     stream: bool = True
     group_outputs: str = "engine"
-    collapse: bool = False
+    collapse: bool = True
     progress_after: float | None = None
     timeout: float | None = None
     line_results: bool = True
@@ -319,7 +319,7 @@ class ParallelMagics(Magics):
         "type (stdout, stderr, displays, results).",
     ).tag(config=True)
     collapse = Bool(
-        False,
+        True,
         help="Show identical output of several engines once ([stdout:0-3]) and "
         "group identical tracebacks.",
     ).tag(config=True)
@@ -474,7 +474,10 @@ class ParallelMagics(Magics):
             else _timeout_value(args.progress_after)
         )
         group = args.group_outputs or cfg.group_outputs
+        # identical tracebacks are shown once unless --no-collapse; identical output of
+        # several engines ([stdout:0-3]) only when asked: --collapse, or %pxconfig --collapse
         collapse = cfg.collapse if args.collapse is None else args.collapse
+        same_output = bool(args.collapse) or (cfg.collapse and "collapse" in cfg.overridden)
         if line_form and cfg.line_results and args.stream is None and args.group_outputs is None:
             mode = "results"
         else:
@@ -482,7 +485,7 @@ class ParallelMagics(Magics):
             mode = "stream" if stream else "collect"
 
         if args.init:
-            return self._run_init(mec, code, args, mode, group, collapse, timeout)
+            return self._run_init(mec, code, args, mode, group, (collapse, same_output), timeout)
 
         live = LiveOutput() if block else None  # queues events until the renderer starts
         try:
@@ -501,7 +504,7 @@ class ParallelMagics(Magics):
                 self._ip.user_ns[args.out] = pr
             return pr
 
-        renderer = Renderer(pr.eids, mode, self.notebook, group, collapse)
+        renderer = Renderer(pr.eids, mode, self.notebook, group, same_output)
         live.start(renderer)
         started = time.monotonic()
         # the one progress display of every call (tqdm.auto), shown when asked: --progress-after S
@@ -557,10 +560,12 @@ class ParallelMagics(Magics):
         args: Any,
         mode: str,
         group: str,
-        collapse: bool,
+        collapse: tuple[bool, bool],
         timeout: float | None,
     ) -> Any:
-        """``--init``: ``mec.on_start(code)``, then show its outputs like ``--no-stream``."""
+        """``--init``: ``mec.on_start(code)``, then show its outputs like ``--no-stream``.
+        ``collapse``: (identical tracebacks once, identical output once)."""
+        collapse, same_output = collapse
         if args.targets is not None:
             raise UsageError(
                 "--init runs on every engine (and on every engine restarted later): "
@@ -572,11 +577,13 @@ class ParallelMagics(Magics):
             result = mec.on_start(code, timeout=timeout)
         except CompositeError as err:  # what the engines printed, then the error
             self._show_records(
-                [r for r in err.results if isinstance(r, dict)], "collect", group, collapse
+                [r for r in err.results if isinstance(r, dict)], "collect", group, same_output
             )
             raise self._failed(err, args, collapse) from None
         self.last = mec.last
-        self._show_records(result, "results" if mode == "results" else "collect", group, collapse)
+        self._show_records(
+            result, "results" if mode == "results" else "collect", group, same_output
+        )
         if args.out:
             self._ip.user_ns[args.out] = result
         return result if mode == "results" else None

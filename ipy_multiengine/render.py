@@ -95,6 +95,16 @@ def _labelled(data: dict, metadata: dict | None, eid: Any, label: str) -> tuple[
     return data, md
 
 
+def _label_line(label: str, data: dict) -> None:
+    """In a notebook, a rich output (a figure, HTML, a DataFrame) shows its engine in a stream
+    line before it (``[output:2]``), as ipyparallel prints: the frontend shows the richest mime
+    type, never the labelled text/plain alternative. Plain-text outputs carry their label."""
+    if set(data) <= {"text/plain"}:
+        return
+    sys.stdout.write(label + "\n")
+    sys.stdout.flush()  # before the display: the kernel sends stream and display in this order
+
+
 class Lines:
     """Terminal-like text: ``\\n`` starts a line, ``\\r`` makes the next text overwrite the line."""
 
@@ -136,22 +146,58 @@ def one_line(exc: BaseException) -> BaseException:
 # ---------------------------------------------------------------------- rendering
 @dataclass
 class _Area:
-    """One engine's stdout or stderr display area in a notebook, updated in place."""
+    """One engine's text display area in a notebook (its stdout and stderr, each run of one
+    stream labelled ``[stdout:N]`` / ``[stderr:N]``), updated in place."""
 
     eid: int
-    name: str
-    label: str
-    lines: Lines = field(default_factory=Lines)
+    segments: list[list[Any]] = field(default_factory=list)  # [stream name, Lines]
     handle_id: str | None = None
     shown: str = ""
     last: float = 0.0
     count: int = 0
 
+    def write(self, name: str, text: str) -> None:
+        if not self.segments or self.segments[-1][0] != name:
+            self.segments.append([name, Lines()])
+        self.segments[-1][1].write(text)
+
+    def tail_name(self) -> str | None:
+        return self.segments[-1][0] if self.segments else None
+
+    @staticmethod
+    def render(eid: int, segments: list[list[Any]]) -> str:
+        parts = []
+        for name, lines in segments:
+            text = lines.text()
+            text = text[:-1] if text.endswith("\n") else text  # a final newline adds no line
+            parts.append(f"[{name}:{eid}] {text}")
+        return "\n".join(parts)
+
+    def text(self) -> str:
+        return self.render(self.eid, self.segments)
+
+    def split(self) -> str:
+        """Take the complete lines out (returned as text to freeze), keeping the last one."""
+        name, last = self.segments[-1]
+        if len(last.lines) > 1:
+            done = [*self.segments[:-1], [name, Lines()]]
+            done[-1][1].lines = [*last.lines[:-1], ""]
+            last.lines = last.lines[-1:]
+            self.segments = [[name, last]]
+        else:
+            done, self.segments = self.segments, []
+        return self.render(self.eid, done)
+
     def bundle(self, text: str) -> tuple[dict, dict]:
-        text = text[:-1] if text.endswith("\n") else text  # a final newline adds no line
+        names = [seg[0] for seg in self.segments] or ["stdout"]
         return (
-            {"text/plain": f"{self.label} {text}"},
-            {"engine": self.eid, "stream": self.name, "text/plain": {"engine": self.eid}},
+            {"text/plain": text},
+            {
+                "engine": self.eid,
+                "stream": names[0],
+                "streams": sorted(set(names)),
+                "text/plain": {"engine": self.eid},
+            },
         )
 
 
@@ -176,13 +222,17 @@ class Renderer:
         self.group = group
         self.collapse = collapse
         self.events: list[tuple[int, str, dict]] = []
-        self.areas: dict[tuple[int, str], _Area] = {}
+        self.areas: dict[Any, _Area] = {}  # by engine, or by chunk (group 'order')
+        self._chunks = 0
         self.partial: dict[tuple[int, str], Lines] = {}
         self.rich_ids: dict[int, list[str]] = {}  # an engine's displays shown now (local ids)
         self.free: dict[int, list[str]] = {}  # an engine's cleared displays, reused in order
         self.clear_waiting: set[int] = set()  # engines whose clear_output(wait=True) is pending
         self._uid = f"ipme-{id(self):x}-{time.monotonic_ns():x}"
         self._count = 0
+        #: the stream areas shown one after another since the last other output: kept in
+        #: engine order (an engine's first area takes its place among them, not the end)
+        self._run: list[_Area] = []
 
     # -- events
     def handle(self, eid: int, mtype: str, content: dict) -> None:
@@ -225,16 +275,46 @@ class Renderer:
         if not text:
             return
         if self.notebook:
-            area = self.areas.get((eid, name))
-            if area is None:
-                area = self.areas[(eid, name)] = _Area(eid, name, f"[{name}:{eid}]")
-            area.lines.write(text)
-            if area.handle_id is None:
+            area = self._area(eid, name)
+            new = not area.segments and area.handle_id is None
+            area.write(name, text)
+            if new and self.group != "order":
+                self._place(area)
+            elif area.handle_id is None:
                 self._flush_area(area, time.monotonic())
             return
         lines = self.partial.setdefault((eid, name), Lines())
         lines.write(text)
         self._print_lines(eid, name, lines.pop_complete())
+
+    def _area(self, eid: int, name: str) -> _Area:
+        """The area ``eid``'s ``name`` text goes to: the engine's own area, or with group
+        'order' the last area when it holds this engine and stream, else a new one (arrival
+        order, one label per chunk)."""
+        if self.group != "order":
+            area = self.areas.get(eid)
+            if area is None:
+                area = self.areas[eid] = _Area(eid)
+            return area
+        area = self.areas.get(self._chunks)
+        if area is None or area.eid != eid or area.tail_name() not in (None, name):
+            self._chunks += 1
+            area = self.areas[self._chunks] = _Area(eid)
+        return area
+
+    def _place(self, area: _Area) -> None:
+        """Show a new engine area in engine order among the areas shown just before it: a new
+        display at the end, then the run's contents reassigned to its displays, sorted."""
+        order = {e: i for i, e in enumerate(self.eids)}
+        self._flush_area(area, time.monotonic())  # a display of its own, at the end
+        run = [*self._run, area]
+        ids = [a.handle_id for a in run]
+        run.sort(key=lambda a: order.get(a.eid, len(order)))
+        for a, handle in zip(run, ids, strict=True):
+            if a.handle_id != handle:
+                a.handle_id, a.shown = handle, None  # type: ignore[assignment]
+                self._flush_area(a, time.monotonic())
+        self._run = run
 
     def _print_lines(self, eid: Any, name: str, lines: list[str]) -> None:
         if not lines:
@@ -246,32 +326,28 @@ class Renderer:
             out.flush()
 
     def _flush_area(self, area: _Area, now: float) -> None:
-        text = area.lines.text()
+        text = area.text()
         if text == area.shown and area.handle_id is not None:
             return
         if len(text) > AREA_LIMIT:
             # freeze the complete lines in the current area and continue in a fresh one; one
             # long line without a newline (dots printed with end='') is cut there, else each
             # update would send the whole line again
-            if len(area.lines.lines) > 1:
-                done = "\n".join(area.lines.lines[:-1]) + "\n"
-                area.lines.lines = area.lines.lines[-1:]
-            else:
-                done, area.lines = text, Lines()
-            data, md = area.bundle(done)
+            data, md = area.bundle(area.split())
             if area.handle_id is None:
                 _display(data, md)
             else:
                 _display(data, md, area.handle_id, update=True)
             area.handle_id, area.shown = None, ""
-            text = area.lines.text()
+            self._run = []  # it goes on in a new display at the end
+            text = area.text()
             if not text:
                 area.last = now
                 return
         data, md = area.bundle(text)
         if area.handle_id is None:
             area.count += 1
-            area.handle_id = f"{self._uid}-{area.eid}-{area.name}-{area.count}"
+            area.handle_id = f"{self._uid}-{area.eid}-{area.count}"
             _display(data, md, area.handle_id)
         else:
             _display(data, md, area.handle_id, update=True)
@@ -301,6 +377,8 @@ class Renderer:
         else:
             self._count += 1
             local_id = f"{self._uid}-{eid}-r{self._count}"
+            self._run = []  # areas of engines printing later go below this display
+            _label_line(f"[output:{eid}]", data)
             _display(data, md, local_id)
         self.rich_ids.setdefault(eid, []).append(local_id)
         if remote_id is not None:
@@ -316,6 +394,8 @@ class Renderer:
             self._flush_partial(eid)
         else:
             self.tick(force=True)
+            self._run = []
+            _label_line(f"Out[{eid}:{count}]:", data)
         _display(data, md)
 
     def _clear(self, eid: int, wait: bool = False) -> None:
@@ -331,9 +411,9 @@ class Renderer:
 
     def _clear_now(self, eid: int, deferred: bool = False, reuse: bool = False) -> None:
         self.clear_waiting.discard(eid)
-        for (e, _name), area in self.areas.items():
-            if e == eid:
-                area.lines = Lines()
+        for area in self.areas.values():
+            if area.eid == eid:
+                area.segments = []
                 if not deferred:  # else the output that is arriving fills it at the next tick
                     self._flush_area(area, time.monotonic())
         _forget(eid, self._uid)  # a cleared display cannot be updated any more
@@ -394,9 +474,12 @@ class Renderer:
                 elif self.notebook and remote_id is not None and len(eids) == 1:
                     self._count += 1
                     local_id = f"{self._uid}-{eid}-r{self._count}"
+                    _label_line(f"[output:{label}]", data)
                     _display(data, md, local_id)
                     _remember(eid, remote_id, local_id)
                 else:
+                    if self.notebook:
+                        _label_line(f"[output:{label}]", data)
                     _display(data, md)
             elif kind == "execute_result":
                 count = payload.get("execution_count")
@@ -408,6 +491,8 @@ class Renderer:
                     f"Out[{label}:{count}]:",
                 )
                 md["execution_count"] = count
+                if self.notebook:
+                    _label_line(f"Out[{label}:{count}]:", data)
                 _display(data, md)
 
     def _blocks(self) -> list[tuple[list[int], str, Any]]:

@@ -111,7 +111,7 @@ class Tally:
         self.unit = unit
         self._lock = threading.Lock()
         self._done = 0
-        self._busy: collections.Counter = collections.Counter()
+        self._busy: collections.Counter[int] = collections.Counter()
 
     def start(self, eid: int) -> None:
         with self._lock:
@@ -152,7 +152,7 @@ class PendingResult:
         on_interrupt: Callable[[list[int]], None] | None = None,
         progress: Callable[[PendingResult], Any] | None = None,
         tally: Tally | None = None,
-        on_abort: Callable[[list[cf.Future]], dict[int, list[cf.Future]]] | None = None,
+        on_abort: Callable[[list[cf.Future[Any]]], dict[int, list[cf.Future[Any]]]] | None = None,
     ) -> None:
         self.futures = futures
         self.tally = tally  # what its progress bar counts (default: engines done)
@@ -303,9 +303,10 @@ class PendingResult:
         first = min((t for f in self.futures if (t := getattr(f, "submitted", None))), default=None)
         if first is None:
             return 0.0
-        ends = [getattr(f, "completed", None) for f in self.futures]
-        end = max(ends) if self.ready() and all(ends) else time.time()
-        return max(end - first, 0.0)
+        ends: list[float | None] = [getattr(f, "completed", None) for f in self.futures]
+        done = [t for t in ends if t is not None]
+        end = max(done) if self.ready() and len(done) == len(ends) else time.time()
+        return max(float(end - first), 0.0)
 
     @property
     def wall_time(self) -> float | None:
@@ -328,7 +329,7 @@ class PendingResult:
         return total
 
     @property
-    def metadata(self) -> list[dict]:
+    def metadata(self) -> list[dict[str, Any]]:
         """Per engine: ``engine_id``, ``status`` ('pending', 'ok', 'error', 'aborted'),
         ``submitted``/``started``/``completed``, ``stdout``/``stderr``/``outputs``, ``error``."""
         out = []
@@ -424,7 +425,7 @@ class PendingResult:
         _release_frames(results)
 
 
-def _when(fut: cf.Future, name: str) -> datetime | None:
+def _when(fut: cf.Future[Any], name: str) -> datetime | None:
     stamp = getattr(fut, name, None)
     return None if stamp is None else datetime.fromtimestamp(stamp)
 
@@ -443,7 +444,9 @@ def _show(eid: int, kind: str, value: Any) -> None:
             from IPython.display import display
 
             print(f"[output:{eid}]")
-            display(out.get("data") or {}, metadata=out.get("metadata") or {}, raw=True)
+            display(  # type: ignore[no-untyped-call]
+                out.get("data") or {}, metadata=out.get("metadata") or {}, raw=True
+            )
 
 
 def _release_frames(replies: list[Any]) -> None:

@@ -16,6 +16,16 @@ from ipy_multiengine.errors import CompositeError
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.fixture(scope="module")
+def mec(cluster):
+    """The session's client, reset once for this module (these tests need no clean namespace
+    per test: the per-test reset of conftest's ``mec`` would cost more than the tests)."""
+    client = cluster.client
+    client.block, client.targets = True, "all"
+    client.execute("%reset -f", block=True)
+    return client
+
+
 async def ticking_while(awaitable, period: float = 0.01):
     """Await ``awaitable`` while another coroutine ticks every ``period``; (result, ticks)."""
     ticks = 0

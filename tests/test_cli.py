@@ -292,3 +292,16 @@ def test_attach_does_not_take_a_profile_whose_cluster_is_still_starting(tmp_path
         assert cluster_file_path("attach-race").exists()
     finally:
         cluster_file_path("attach-race").unlink(missing_ok=True)
+
+
+def test_version_is_one_source():
+    """`ipmulti --version` shows ipy_multiengine.__version__, which the installed metadata
+    (pyproject's dynamic version) also reports."""
+    from importlib.metadata import version
+
+    import ipy_multiengine
+
+    out = ipmulti("--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"ipmulti {ipy_multiengine.__version__}"
+    assert version("ipy_multiengine") == ipy_multiengine.__version__

@@ -15,6 +15,17 @@ from ipy_multiengine.errors import EngineError, TargetsError
 
 pytestmark = pytest.mark.timeout(60)
 
+
+@pytest.fixture(scope="module")
+def mec(cluster):
+    """The session's client, reset once for this module (these tests need no clean namespace
+    per test: the per-test reset of conftest's ``mec`` would cost more than the tests)."""
+    client = cluster.client
+    client.block, client.targets = True, "all"
+    client.execute("%reset -f", block=True)
+    return client
+
+
 # this module's helpers travel by value: the engines cannot import the tests
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -179,4 +190,11 @@ def test_dead_engine_fails_pinned_tasks_not_others(tmp_path):
         open(release, "w").close()
         assert a.result(timeout=20) > 0
         assert ex.submit(pid).result(timeout=20) == mec.apply(pid, targets=0)[0]
-        ex.shutdown()
+        # the client closes with a task running and others queued: every future resolves
+        blocker = ex.submit(block_until, str(tmp_path / "never"))
+        queued = [ex.submit(pid) for _ in range(3)]
+        mec.close()
+        _, not_done = cf.wait([blocker, *queued], timeout=20)
+        assert not not_done
+        assert all(isinstance(f.exception(), EngineError) for f in queued)
+        ex.shutdown()  # returns: nothing left pending

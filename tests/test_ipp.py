@@ -280,6 +280,14 @@ def test_add_engines_checks_its_argument_first(cluster, mec):
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="add_engines needs a positive number of engines"):
             cluster.add_engines(bad)
+    with pytest.raises(
+        ValueError, match="timeout must be a number of seconds >= 0 or None, not -1"
+    ):
+        cluster.add_engines(1, timeout=-1)
+    with pytest.raises(ValueError, match="not 'soon'"):
+        mec.wait_for_engines(1, timeout="soon")
+    with pytest.raises(ValueError, match="not nan"), mec.sync_imports(timeout=float("nan")):
+        pass
     assert mec.get_ids() == [0, 1, 2, 3]
 
 

@@ -22,6 +22,17 @@ import ipy_multiengine.joblib_backend  # noqa: E402, F401  (registers "ipy_multi
 
 pytestmark = pytest.mark.timeout(90)
 
+
+@pytest.fixture(scope="module")
+def mec(cluster):
+    """The session's client, reset once for this module (these tests need no clean namespace
+    per test: the per-test reset of conftest's ``mec`` would cost more than the tests)."""
+    client = cluster.client
+    client.block, client.targets = True, "all"
+    client.execute("%reset -f", block=True)
+    return client
+
+
 # this module's helpers travel by value: the engines cannot import the tests
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

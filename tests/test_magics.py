@@ -280,7 +280,8 @@ def test_collapse_identical_output_and_tracebacks(ip):
 
 
 def test_errors_one_block_per_engine_and_cell_fails(ip, mec):
-    cap, res = run(ip, "%%px\nprint('before')\n1/0")
+    # identical tracebacks collapse by default (issue 14.5): --no-collapse shows each one
+    cap, res = run(ip, "%%px --no-collapse\nprint('before')\n1/0")
     assert not res.success and isinstance(res.error_in_exec, CompositeError)
     out = cap.stdout
     assert "CompositeError: one or more exceptions from call to method: execute" in out

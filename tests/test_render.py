@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import re
 import time
+from typing import Any
 
 import pytest
 from IPython.utils.capture import capture_output
 
 from ipy_multiengine import _loop
+from ipy_multiengine.errors import CompositeError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,12 +117,127 @@ def test_scatter_and_gather_progress_count_bytes(mec, monkeypatch, capsys):
     assert re.search(r"gather:.*\d(\.\d)?M", err), err
 
 
+# ---------------------------------------------------------------------- labels, areas (14.2, 14.3)
+def _frontend(cap) -> list[tuple[str, Any]]:
+    """What a notebook frontend shows of captured output, in order: ('stream', text) for
+    stdout written by the magic (a kernel sends it as a stream output), ('display', data) with
+    each update applied in place. (IPython's capture gives displays and stdout apart; the
+    magic writes labels right before their display, so each label line precedes its display.)"""
+    shown: list[tuple[str | None, dict]] = []
+    for o in cap.outputs:
+        did = (o.transient or {}).get("display_id")
+        if o.update:
+            shown = [(d, o.data if d == did else data) for d, data in shown]
+        else:
+            shown.append((did, o.data))
+    return [data for _, data in shown]
+
+
+def test_rich_outputs_get_a_visible_label_line(ip, mec, monkeypatch):
+    """In a notebook, a figure/HTML/DataFrame from an engine is preceded by an ``[output:N]``
+    stream line (the frontend shows the image, not the labelled text/plain)."""
+    import sys
+
+    magics_of(ip).notebook = True
+    order = []  # (kind, what) in the order the kernel would send them
+    from ipy_multiengine import render
+
+    real = render._display
+
+    def spy(bundle, metadata, display_id=None, update=False):
+        if not update:
+            order.append(("display", metadata.get("engine")))
+        return real(bundle, metadata, display_id, update)
+
+    monkeypatch.setattr(render, "_display", spy)
+    with capture_output() as cap:
+        real_write = sys.stdout.write
+
+        def write(text):
+            if text.strip():
+                order.append(("stream", text.strip()))
+            return real_write(text)
+
+        monkeypatch.setattr(sys.stdout, "write", write)
+        res = ip.run_cell(
+            "%%px --targets 1,2\nfrom IPython.display import HTML, display\n"
+            "display(HTML('<b>x</b>'))\nHTML('<i>y</i>')"
+        )
+        monkeypatch.undo()
+    assert res.success, res.error_in_exec
+    pairs = [(order[i], order[i + 1]) for i in range(len(order) - 1)]
+    for eid in (1, 2):
+        assert (("stream", f"[output:{eid}]"), ("display", eid)) in pairs, order
+        assert any(
+            a[0] == "stream" and a[1].startswith(f"Out[{eid}:") and b == ("display", eid)
+            for a, b in pairs
+        ), order
+    assert "[output:1]" in cap.stdout and "[output:2]" in cap.stdout
+
+
+def test_one_area_per_engine_in_engine_order(ip, mec):
+    """Engines printing in reverse order still get their areas in engine order (0 above 3), one
+    area per engine for stdout and stderr, each run of a stream labelled."""
+    magics_of(ip).notebook = True
+    for eid in mec.get_ids():
+        mec.push({"me": eid}, targets=eid)
+    cap, res = run(
+        ip,
+        "%%px\nimport sys, time\ntime.sleep(0.2 * (3 - me))\n"
+        "print('out', flush=True); print('err', file=sys.stderr, flush=True)",
+    )
+    assert res.success, res.error_in_exec
+    areas = [d for d in _frontend(cap) if d.get("text/plain", "").startswith("[std")]
+    assert [re.match(r"\[stdout:(\d)\]", d["text/plain"]).group(1) for d in areas] == list("0123")
+    for eid, d in enumerate(areas):
+        assert d["text/plain"] == f"[stdout:{eid}] out\n[stderr:{eid}] err", d
+
+
+def test_group_outputs_order_interleaves_with_a_label_per_chunk(ip, mec):
+    magics_of(ip).notebook = True
+    for eid in mec.get_ids():
+        mec.push({"me": eid}, targets=eid)
+    cap, res = run(
+        ip,
+        "%%px --group-outputs order --targets 0,1\nimport time\ntime.sleep(0.3 * me)\n"
+        "print('a', flush=True)\ntime.sleep(0.6 - 0.3 * me)\nprint('b', flush=True)",
+    )
+    assert res.success, res.error_in_exec
+    areas = [d["text/plain"] for d in _frontend(cap)]
+    assert areas == ["[stdout:0] a", "[stdout:1] a", "[stdout:0] b", "[stdout:1] b"] or areas == [
+        "[stdout:0] a",
+        "[stdout:1] a\nb",
+        "[stdout:0] b",
+    ], areas
+
+
+# ---------------------------------------------------------------------- tracebacks (14.5)
+def test_identical_tracebacks_collapse_by_default(ip, mec):
+    cap, res = run(ip, "%%px\n1/0")
+    assert isinstance(res.error_in_exec, CompositeError)
+    out = cap.stdout
+    assert "[0-3:execute]: \n" in out and "[1:execute]: \n" not in out, out
+    assert re.search(r"the traceback of engine 0's In \[\d+\]; the same error on engines 1-3", out)
+    for eid in mec.get_ids():
+        mec.push({"me": eid}, targets=eid)
+    cap, res = run(ip, "%%px\n1/0 if me < 2 else int('x')")  # different errors stay apart
+    out = cap.stdout
+    assert "[0-1:execute]: \n" in out and "[2-3:execute]: \n" in out, out
+    cap, res = run(ip, "%%px --no-collapse\n1/0")
+    out = cap.stdout
+    assert all(f"[{e}:execute]: \n" in out for e in range(4)) and "[0-3:execute]" not in out
+    assert re.search(r"the traceback of engine 2's In \[\d+\]\)", out)
+    assert magics_of(ip).collapse is True
+
+
 # ---------------------------------------------------------------------- a notebook (nbclient)
 @pytest.mark.timeout(180)
 def test_what_a_notebook_user_sees(cluster):
     """One notebook, run by nbclient in a real kernel against the session's cluster, and what
     its saved outputs hold."""
-    from test_notebooks import assert_clean_metadata, execute, make_nb
+    import nbclient
+    import nbformat
+    from test_notebooks import ANSI, assert_clean_metadata, execute, make_nb
 
     nb = make_nb(
         [
@@ -130,9 +247,14 @@ def test_what_a_notebook_user_sees(cluster):
             "slow = lambda x: __import__('time').sleep(0.04) or x",
             "r = mec.map(slow, range(40), balanced=True)",
             "pr = mec.map(slow, range(40), block=False); pr.wait_interactive()",
+            "%%px --targets 2,3\nimport matplotlib\n"
+            "matplotlib.use('module://matplotlib_inline.backend_inline')\n"
+            "import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()",
+            "%%px --targets 0,1\n1/0",
         ]
     )
-    execute(nb)
+    with pytest.raises(nbclient.exceptions.CellExecutionError):
+        execute(nb)
     balanced, interactive = nb.cells[1:3]
     for cell in (balanced, interactive):
         # progress: no stderr stream, no TqdmWarning, one display holding the final state
@@ -143,4 +265,22 @@ def test_what_a_notebook_user_sees(cluster):
         html = bars[0].data["text/html"]
         assert "<progress" in html and "40/40 items" in html and "items/s" in html, html
         assert "40/40" in bars[0].data["text/plain"]
+    # every figure is preceded by a stream line naming its engine, kept in the saved notebook
+    fig = nb.cells[3].outputs
+    for eid in (2, 3):
+        i = next(
+            i
+            for i, o in enumerate(fig)
+            if "image/png" in o.get("data", {}) and o.metadata["engine"] == eid
+        )
+        assert fig[i - 1].output_type == "stream" and fig[i - 1].text.strip().endswith(
+            f"[output:{eid}]"
+        ), fig
+    # one traceback for two engines, naming them and the engine's In [n]
+    tb = ANSI.sub("", "\n".join(nb.cells[4].outputs[-1].traceback))
+    assert "[0-1:execute]: " in tb and re.search(
+        r"engine 0's In \[\d+\]; the same error on engine 1", tb
+    )
     assert_clean_metadata(nb)
+    saved = nbformat.reads(nbformat.writes(nb), as_version=4)  # saved and reopened
+    assert saved.cells[3].outputs == nb.cells[3].outputs

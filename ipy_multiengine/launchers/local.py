@@ -148,6 +148,8 @@ class LocalLauncher(Launcher):
         for eid in self.kernel_names:  # a shared directory: only our files
             self.log_file(eid).unlink(missing_ok=True)
             Path(self._dir(), f"engine-{self.tag}-{eid}.json").unlink(missing_ok=True)
+            # the engine helper's fast socket (engine.py), when the kernel could not remove it
+            Path(self._dir(), f"ipc-{self.tag}-{eid}-ime").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ starting
     def environment(self) -> dict[str, str]:
@@ -308,7 +310,7 @@ class LocalLauncher(Launcher):
         ids = list(range(first, first + n))
         env = self.environment()
         for eid in ids:
-            self.kernel_names[eid] = self.kernel_name
+            self.kernel_names[eid] = self.kernel_name or "python3"
             self._new_manager(eid)
         try:
             results = await asyncio.wait_for(
