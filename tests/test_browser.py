@@ -63,7 +63,8 @@ def px(lab, cluster):
         "mec.block = True\nmec.execute('%reset -f')\nmec.scatter('eid', mec.get_ids())\n"
         "mec.execute('eid = eid[0]'); print('connected', mec.get_ids())",
         # 1: live output: every engine prints, then waits for the test to let it finish
-        "%%px\nimport pathlib, time\nprint(f'started on {eid}', flush=True)\n"
+        "%%px\nimport pathlib, time\ntime.sleep(0.15 * (3 - eid))  # engine 3 prints first\n"
+        "print(f'started on {eid}', flush=True)\n"
         f"while not pathlib.Path({str(go)!r}).exists():\n    time.sleep(0.02)\n"
         "print(f'finished on {eid}')",
         # 2: an error on engine 2 only
@@ -91,6 +92,11 @@ def px(lab, cluster):
     return nb
 
 
+def assert_engine_order(text: str, stream: str) -> None:
+    where = [text.index(f"[{stream}:{e}]") for e in range(4)]
+    assert where == sorted(where), f"not in engine order: {text}"
+
+
 def test_px_output_is_live_and_labelled(px):
     b = px.browser
     with b.step("px-live"):
@@ -106,12 +112,16 @@ def test_px_output_is_live_and_labelled(px):
         for e in range(4):
             assert re.search(rf"\[stdout:{e}\][^\n]*started on {e}", text), text
         assert "finished" not in text
+        assert_engine_order(text, "stdout")
     with b.step("px-finished"):
         px.go.touch()
         px.wait_idle(30, "the live cell to finish")
         text = px.output_text(1)
         for e in range(4):
             assert f"started on {e}" in text and f"finished on {e}" in text, text
+        assert_engine_order(text, "stdout")
+        blocks = re.split(r"(?=\[stdout:\d\])", text)
+        assert all(f"finished on {e}" in blocks[e + 1] for e in range(4)), blocks  # one area each
 
 
 def test_error_on_one_engine_shows_its_traceback_and_the_others_output(px):
@@ -201,6 +211,14 @@ def test_figure_made_on_an_engine_shows(px):
         px.run_and_wait(6, timeout=60)
         outputs = px.code_cells()[6]["outputs"]
         assert sum(o["images"] for o in outputs) == 2, outputs
+        text = px.output_text(6)
+        # a visible label with each figure, in engine order
+        assert 0 <= text.index("[output:1]") < text.index("[output:2]"), text
+        labels = [i for i, o in enumerate(outputs) if re.search(r"\[output:\d\]", o["text"])]
+        images = [i for i, o in enumerate(outputs) if o["images"]]
+        assert len(labels) == 2 and all(lb <= im for lb, im in zip(labels, images, strict=True)), (
+            outputs
+        )
         px.browser.shot_element(px.cell_element(6), "cell-figures")
 
 
