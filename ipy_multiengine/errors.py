@@ -318,7 +318,8 @@ def _whose(ids: list[Any], e: MultiEngineError) -> str:
     )
     if len(ids) > 1:
         others = _id_range([i for i in ids if i != e.engine_id])
-        return f"(the traceback of {what}; the same error on engine{'s' if len(ids) > 2 else ''} {others})"
+        plural = "s" if len(ids) > 2 else ""
+        return f"(the traceback of {what}; the same error on engine{plural} {others})"
     return f"(the traceback of {what})"
 
 
