@@ -156,17 +156,30 @@ def test_toolbar_interrupt_stops_a_sleeping_px_cell(px):
         assert time.monotonic() - t0 < 10
 
 
+WATCH_COUNTS = """
+const cell = document.querySelectorAll(
+  '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell')[arguments[0]];
+const pattern = new RegExp(arguments[1]);
+window.__ipmeSeen = [];
+window.__ipmeWatch = new MutationObserver(() => {
+  const area = cell.querySelector('.jp-Cell-outputArea');
+  const m = area && area.innerText.match(pattern);
+  if (m) window.__ipmeSeen.push(Number(m[1]));
+});
+window.__ipmeWatch.observe(cell, {subtree: true, childList: true, characterData: true,
+                                  attributes: true});
+"""
+
+
 def test_progress_bar_moves_through_items_and_leaves_nothing_on_stderr(px):
     with px.browser.step("px-progress"):
+        # every state the page renders, recorded in the page itself (polling could miss some)
+        px.driver.execute_script(WATCH_COUNTS, 5, r"(\d+)/120")
         px.run(5)
-        seen: set[int] = set()
-
-        def finished() -> bool:
-            seen.update(int(n) for n in re.findall(r"(\d+)/120", px.output_text(5)))
-            return px.code_cells()[5]["prompt"].strip() not in ("[*]:", "")
-
-        wait_until(finished, 60, "the map with a progress bar to finish", step=0.03)
-        px.wait_idle(15, "the map cell to finish")
+        px.wait_idle(60, "the map with a progress bar to finish")
+        seen = set(
+            px.driver.execute_script("window.__ipmeWatch.disconnect(); return window.__ipmeSeen;")
+        )
         outputs = px.code_cells()[5]["outputs"]
         text = px.output_text(5)
         assert "sum 7140" in text, text
