@@ -7,11 +7,14 @@ lines in a terminal, one display area per engine and stream, updated in place, i
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import sys
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -750,6 +753,31 @@ def in_notebook(shell: Any = None) -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
+@contextlib.contextmanager
+def interrupt_after() -> Iterator[None]:
+    """Run the block whole: a Ctrl-C (SIGINT) arriving in it is raised when it ends, by the
+    handler it would have reached. In the main thread only (the one Python signals); other
+    threads, or a SIGINT that is ignored or not Python's, run the block as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+    except (ValueError, OSError):
+        previous = None
+    if not callable(previous):
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            previous(*caught[0])  # e.g. default_int_handler: KeyboardInterrupt from here
+
+
 class LiveOutput:
     """Shows what a blocking call's functions print or display, labelled by engine, while the
     caller waits (``apply``, ``map``, ``@parallel``, and ``%%px`` with its own ``Renderer``).
@@ -796,10 +824,12 @@ class LiveOutput:
                     event = self._events[0]
                 except IndexError:
                     break
-                # taken off only once shown: a Ctrl-C raised while it is rendered (the wait
-                # serves drains in the interrupted thread) must not lose it
-                self.renderer.handle(*event)
-                self._events.popleft()
+                # one event is shown whole, then taken off: a Ctrl-C arriving while it is
+                # rendered (the wait serves drains in the interrupted thread) is raised right
+                # after, so that it neither loses the event nor shows it twice
+                with interrupt_after():
+                    self.renderer.handle(*event)
+                    self._events.popleft()
             if not self.closed:
                 self.renderer.tick()
 

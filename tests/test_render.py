@@ -118,6 +118,41 @@ def test_scatter_and_gather_progress_count_bytes(mec, monkeypatch, capsys):
     assert re.search(r"gather:.*\d(\.\d)?M", err), err
 
 
+def test_ctrl_c_while_an_event_renders_neither_loses_nor_repeats_it(monkeypatch, capsys):
+    """A Ctrl-C (a real SIGINT) landing while a live output line is written: the interrupt
+    still reaches the user, and the line is shown once, not again at the end."""
+    import os
+    import signal
+    import sys
+
+    from ipy_multiengine.render import LiveOutput, Renderer
+
+    real = sys.stdout
+
+    class Interrupting:  # the terminal, where the Ctrl-C arrives mid-write
+        fired = False
+
+        def write(self, text: str) -> int:
+            real.write(text)
+            if not self.fired:
+                self.fired = True
+                os.kill(os.getpid(), signal.SIGINT)
+            return len(text)
+
+        def flush(self) -> None:
+            real.flush()
+
+    live = LiveOutput(renderer=Renderer([0, 1], "stream", False))
+    monkeypatch.setattr(sys, "stdout", Interrupting())
+    live.listener(0, "stream", {"name": "stdout", "text": "hello\n"})
+    with pytest.raises(KeyboardInterrupt):
+        live._drain()  # what the wait runs in the user's thread
+    live.listener(1, "stream", {"name": "stdout", "text": "world\n"})
+    live.close()
+    monkeypatch.setattr(sys, "stdout", real)
+    assert capsys.readouterr().out.splitlines() == ["[stdout:0] hello", "[stdout:1] world"]
+
+
 # ---------------------------------------------------------------------- labels, areas (14.2, 14.3)
 def _frontend(cap) -> list[tuple[str, Any]]:
     """What a notebook frontend shows of captured output, in order: ('stream', text) for
