@@ -102,6 +102,26 @@ def test_wait_interactive_honours_timeout(mec, capsys):
     assert pr.wait_interactive(timeout=30) is True
 
 
+def test_results_do_not_depend_on_rendering():
+    """Layering: ``results`` (data and waiting) imports nothing of ``render``, not even lazily;
+    the bar of ``wait_interactive`` is installed by the client."""
+    import ast
+    import inspect
+
+    from ipy_multiengine import client, results
+
+    tree = ast.parse(inspect.getsource(results))
+    names = [
+        (node.module or "") + "".join("." + a.name for a in node.names)
+        if isinstance(node, ast.ImportFrom)
+        else ",".join(a.name for a in node.names)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+    ]
+    assert not [n for n in names if "render" in n], names
+    assert results.PendingResult.interactive_bar is client._interactive_bar
+
+
 def test_scatter_and_gather_progress_count_bytes(mec, monkeypatch, capsys):
     from ipy_multiengine import render
 
