@@ -102,6 +102,47 @@ def test_wait_interactive_honours_timeout(mec, capsys):
     assert pr.wait_interactive(timeout=30) is True
 
 
+def test_ctrl_c_in_px_leaves_no_bar_and_an_intact_message(ip, mec, monkeypatch):
+    """Ctrl-C in a %%px cell showing its progress bar in a terminal: the bar is gone from the
+    screen and the "interrupted engines" message is a line of its own, not written onto it."""
+    import _thread
+    import io
+    import sys
+    import threading
+
+    from beyond_helpers import screen_lines
+
+    from ipy_multiengine import render
+
+    monkeypatch.setattr(render, "interactive", lambda: True)
+    drawn = threading.Event()
+
+    class Terminal(io.StringIO):
+        def write(self, s):
+            n = super().write(s)
+            if "0/4" in self.getvalue():
+                drawn.set()  # the bar is on the screen
+            return n
+
+    def interrupter():
+        if drawn.wait(20):
+            _thread.interrupt_main()
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    t = threading.Thread(target=interrupter)
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt), capture_output(stderr=False):
+            ip.run_cell_magic("px", "--progress-after 0", "import time; time.sleep(30)")
+    finally:
+        t.join()
+    monkeypatch.undo()
+    shown = [ln for ln in screen_lines(screen.getvalue()) if ln.strip()]
+    assert len(shown) == 1 and re.fullmatch(r"%px: interrupted engines [0-3-]+.*", shown[0]), shown
+    assert [r["stdout"] for r in mec.execute("print('alive')")] == ["alive\n"] * 4
+
+
 def test_results_do_not_depend_on_rendering():
     """Layering: ``results`` (data and waiting) imports nothing of ``render``, not even lazily;
     the bar of ``wait_interactive`` is installed by the client."""
