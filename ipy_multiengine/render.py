@@ -719,6 +719,10 @@ class ProgressBar:
             "desc": self.desc,
             "unit": self.unit,
             "mininterval": 0.2,
+            # fixed, not tqdm's dynamic miniters: tqdm's monitor thread redraws a bar whose
+            # miniters grew past 1 after maxinterval (10 s) without a draw, i.e. an HTML bar
+            # displayed from a thread that is not the cell's; drawn by the waiting thread only
+            "miniters": 1,
         }
         if self.unit == "B":
             kwargs.update(unit_scale=True, unit_divisor=1024)

@@ -163,6 +163,44 @@ def test_results_do_not_depend_on_rendering():
     assert results.PendingResult.interactive_bar is client._interactive_bar
 
 
+@pytest.mark.parametrize("notebook", [True, False])
+def test_progress_is_drawn_by_the_waiting_thread_only(monkeypatch, notebook):
+    """tqdm's monitor thread redraws a bar whose ``miniters`` grew past 1 once ``maxinterval``
+    passed without a draw (a slow gather): a notebook display sent from a thread that is not
+    the cell's, a terminal write racing the live output. The bar is drawn by the waiting
+    thread only: the monitor, made to run often here, never draws it."""
+    import io
+    import threading
+
+    import tqdm.std
+
+    from ipy_multiengine import render
+
+    monkeypatch.setattr(render, "in_notebook", lambda shell=None: notebook)
+    monkeypatch.setattr(render.sys, "stderr", io.StringIO())
+    drawers: set[str] = set()
+    real_refresh = tqdm.std.tqdm.refresh
+
+    def refresh(self, *a, **k):
+        drawers.add(threading.current_thread().name)
+        return real_refresh(self, *a, **k)
+
+    monkeypatch.setattr(tqdm.std.tqdm, "refresh", refresh)
+    bar = render.ProgressBar("gather", 0.0, True, "B")
+    bar(0, None, [0])
+    for i in range(1, 6):
+        time.sleep(0.21)  # past mininterval: each update is drawn
+        bar(i << 20, None, [0])
+    bar.bar.maxinterval = 0.2  # "long" without a draw, from now
+    monitor = tqdm.std.TMonitor(tqdm.std.tqdm, 0.05)  # one that looks every 50 ms
+    try:
+        time.sleep(0.6)
+    finally:
+        monitor.exit()
+    bar.close(6 << 20, None, [])
+    assert drawers <= {threading.current_thread().name}, drawers
+
+
 def test_scatter_and_gather_progress_count_bytes(mec, monkeypatch, capsys):
     from ipy_multiengine import render
 
