@@ -853,7 +853,10 @@ class LiveOutput:
                 self.closed = True
                 self._events.clear()
                 if self.renderer is not None:
-                    self.renderer.finish()
+                    # what is left (a collected cell's every output) is shown whole: a Ctrl-C
+                    # meanwhile is raised after it, instead of dropping the rest
+                    with interrupt_after():
+                        self.renderer.finish()
 
 
 def live_printer(eid: int) -> Any:

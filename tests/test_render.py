@@ -251,6 +251,18 @@ def test_ctrl_c_while_an_event_renders_neither_loses_nor_repeats_it(monkeypatch,
     monkeypatch.setattr(sys, "stdout", real)
     assert capsys.readouterr().out.splitlines() == ["[stdout:0] hello", "[stdout:1] world"]
 
+    # collected output (--no-stream, a failing or timed-out one-line %px) is shown at close:
+    # a Ctrl-C while it is shown comes after all of it, not instead of the rest
+    live = LiveOutput(renderer=Renderer([0, 1], "collect", False))
+    live.listener(0, "stream", {"name": "stdout", "text": "hello\n"})
+    live.listener(1, "stream", {"name": "stdout", "text": "world\n"})
+    live._drain()
+    monkeypatch.setattr(sys, "stdout", Interrupting())
+    with pytest.raises(KeyboardInterrupt):
+        live.close()
+    monkeypatch.setattr(sys, "stdout", real)
+    assert capsys.readouterr().out.splitlines() == ["[stdout:0] hello", "[stdout:1] world"]
+
 
 # ---------------------------------------------------------------------- labels, areas (14.2, 14.3)
 def _frontend(cap) -> list[tuple[str, Any]]:
