@@ -1576,9 +1576,16 @@ class Controller:
     async def _abort(self, futures: list[Future], timeout: float) -> dict[int, list[Future]]:
         wanted = {id(f) for f in futures if not f.done()}
         per_engine: dict[int, list[Request]] = {}
-        for conn in self._engines.values():
-            for req in conn.requests.values():
-                if id(req.future) in wanted and req.kind in ("execute", "comm"):
+        for conn in list(self._engines.values()):
+            mine = [
+                r
+                for r in conn.requests.values()
+                if id(r.future) in wanted and r.kind in ("execute", "comm")
+            ]
+            for req in mine:
+                if req.held:
+                    self._abort_held(conn, req)  # never sent: the engine never sees it
+                else:
                     per_engine.setdefault(conn.eid, []).append(req)
         refused: dict[int, list[Future]] = {}
         replies = []
@@ -1606,6 +1613,23 @@ class Controller:
             if left:
                 refused[eid] = left
         return refused
+
+    def _abort_held(self, conn: EngineConn, req: Request) -> None:
+        """(loop) Abort a request still held here for order (not sent): it fails as the engine
+        would fail a skipped one, and the requests held behind it may go."""
+        for i, (_msg, held, _buffers) in enumerate(conn.held):
+            if held is req:
+                del conn.held[i]
+                break
+        req.held = False
+        text = "aborted before it was sent (mec abort)"
+        if req.kind == "execute":
+            result = wire.execute_record(conn.eid, req.code, {"status": "aborted"}, [], [], [])
+        else:
+            result = {"id": conn.eid, "stdout": "", "stderr": "", "outputs": []}
+        exc = RemoteError("Aborted", text, [], conn.eid, _method(req), result=result)
+        self._finish(conn, req, exc=exc)
+        self._release(conn)
 
     def pending(self, eid: int) -> int:
         """Requests of this client in flight on engine ``eid``."""

@@ -93,16 +93,7 @@ def _install_abort(kernel: Any) -> None:
     original = kernel.should_handle
 
     def should_handle(stream: Any, msg: dict, idents: Any) -> Any:
-        msg_id = msg["header"]["msg_id"]
-        with _abort_lock:
-            skip = msg_id in _aborted
-            if skip:
-                _aborted.discard(msg_id)
-            else:
-                _begun[msg_id] = None
-                if len(_begun) > _BEGUN_KEPT:
-                    _begun.popitem(last=False)
-        if skip:
+        if not _begin(msg["header"]["msg_id"]):
             _skip(kernel, stream, msg, idents)
             return False
         return original(stream, msg, idents)
@@ -123,6 +114,31 @@ def _install_abort(kernel: Any) -> None:
     kernel.control_handlers["ime_abort_request"] = abort_request
 
 
+def _begin(msg_id: str) -> bool:
+    """Whether the request ``msg_id`` (shell or fast socket) may start: False when it was
+    aborted; else it is recorded as begun, so that a later abort of it is refused."""
+    with _abort_lock:
+        if msg_id in _aborted:
+            _aborted.discard(msg_id)
+            return False
+        _begun[msg_id] = None
+        if len(_begun) > _BEGUN_KEPT:
+            _begun.popitem(last=False)
+        return True
+
+
+def _aborted_reply(rid: Any) -> dict:
+    """The reply of a data operation skipped because it was aborted before it started."""
+    return {
+        "rid": rid,
+        "status": "error",
+        "ename": "Aborted",
+        "evalue": "aborted before it started (mec abort)",
+        "traceback": [],
+        "item": None,
+    }
+
+
 def _skip(kernel: Any, stream: Any, msg: dict, idents: Any) -> None:
     """Answer a skipped request as aborted (an execute) or with an ``Aborted`` error (a comm op)."""
     mtype = msg["header"]["msg_type"]
@@ -130,16 +146,7 @@ def _skip(kernel: Any, stream: Any, msg: dict, idents: Any) -> None:
         content = msg["content"]
         comm = kernel.comm_manager.get_comm(content.get("comm_id"))
         if comm is not None:
-            comm.send(
-                {
-                    "rid": (content.get("data") or {}).get("rid"),
-                    "status": "error",
-                    "ename": "Aborted",
-                    "evalue": "aborted before it started (mec abort)",
-                    "traceback": [],
-                    "item": None,
-                }
-            )
+            comm.send(_aborted_reply((content.get("data") or {}).get("rid")))
         return
     reply_type = mtype.replace("_request", "_reply")
     kernel.session.send(stream, reply_type, {"status": "aborted"}, msg, idents)
@@ -655,6 +662,9 @@ class _FastServer:
         # asks the client that sent it (its stdin socket has the same identity), as ipykernel
         # does for a shell message, and like ipykernel the parent is left set afterwards
         idents = [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents]
+        if not _begin(msg["header"]["msg_id"]):  # aborted while it waited here, as on the shell
+            self._send(idents, _aborted_reply(data.get("rid")), [], data)
+            return
         self.kernel.set_parent(idents, msg, channel="shell")
         self.displayed = False
         started = time.monotonic()
