@@ -87,13 +87,26 @@ _begun: collections.OrderedDict[str, None] = collections.OrderedDict()
 _BEGUN_KEPT = 4096
 
 
+def _begin(msg_id: str) -> bool:
+    """A request is about to run: False if it was aborted (then it must not run)."""
+    with _abort_lock:
+        if msg_id in _aborted:
+            _aborted.discard(msg_id)
+            return False
+        _begun[msg_id] = None
+        if len(_begun) > _BEGUN_KEPT:
+            _begun.popitem(last=False)
+        return True
+
+
 def _install_abort(kernel: Any) -> None:
     """Let clients skip queued requests: a control handler records ids to skip, and the
     kernel's ``should_handle`` hook (ipykernel's place for "aborted requests") skips them."""
     original = kernel.should_handle
 
     def should_handle(stream: Any, msg: dict, idents: Any) -> Any:
-        if not _begin(msg["header"]["msg_id"]):
+        skip = not _begin(msg["header"]["msg_id"])
+        if skip:
             _skip(kernel, stream, msg, idents)
             return False
         return original(stream, msg, idents)
@@ -114,31 +127,6 @@ def _install_abort(kernel: Any) -> None:
     kernel.control_handlers["ime_abort_request"] = abort_request
 
 
-def _begin(msg_id: str) -> bool:
-    """Whether the request ``msg_id`` (shell or fast socket) may start: False when it was
-    aborted; else it is recorded as begun, so that a later abort of it is refused."""
-    with _abort_lock:
-        if msg_id in _aborted:
-            _aborted.discard(msg_id)
-            return False
-        _begun[msg_id] = None
-        if len(_begun) > _BEGUN_KEPT:
-            _begun.popitem(last=False)
-        return True
-
-
-def _aborted_reply(rid: Any) -> dict:
-    """The reply of a data operation skipped because it was aborted before it started."""
-    return {
-        "rid": rid,
-        "status": "error",
-        "ename": "Aborted",
-        "evalue": "aborted before it started (mec abort)",
-        "traceback": [],
-        "item": None,
-    }
-
-
 def _skip(kernel: Any, stream: Any, msg: dict, idents: Any) -> None:
     """Answer a skipped request as aborted (an execute) or with an ``Aborted`` error (a comm op)."""
     mtype = msg["header"]["msg_type"]
@@ -146,7 +134,16 @@ def _skip(kernel: Any, stream: Any, msg: dict, idents: Any) -> None:
         content = msg["content"]
         comm = kernel.comm_manager.get_comm(content.get("comm_id"))
         if comm is not None:
-            comm.send(_aborted_reply((content.get("data") or {}).get("rid")))
+            comm.send(
+                {
+                    "rid": (content.get("data") or {}).get("rid"),
+                    "status": "error",
+                    "ename": "Aborted",
+                    "evalue": "aborted before it started (mec abort)",
+                    "traceback": [],
+                    "item": None,
+                }
+            )
         return
     reply_type = mtype.replace("_request", "_reply")
     kernel.session.send(stream, reply_type, {"status": "aborted"}, msg, idents)
@@ -658,13 +655,25 @@ class _FastServer:
             _log.warning("ipy_multiengine: refused a message on the fast socket (%s)", exc)
             return
         data = msg["content"]
+        if not _begin(msg["header"]["msg_id"]):  # aborted (ime_abort_request) before it began
+            self._send(
+                [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents],
+                {
+                    "rid": data.get("rid"),
+                    "status": "error",
+                    "ename": "Aborted",
+                    "evalue": "aborted before it started (mec abort)",
+                    "traceback": [],
+                    "item": None,
+                },
+                [],
+                data,
+            )
+            return
         # what the operation prints or displays is labelled with its request, and input()
         # asks the client that sent it (its stdin socket has the same identity), as ipykernel
         # does for a shell message, and like ipykernel the parent is left set afterwards
         idents = [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents]
-        if not _begin(msg["header"]["msg_id"]):  # aborted while it waited here, as on the shell
-            self._send(idents, _aborted_reply(data.get("rid")), [], data)
-            return
         self.kernel.set_parent(idents, msg, channel="shell")
         self.displayed = False
         started = time.monotonic()
