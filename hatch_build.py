@@ -4,7 +4,8 @@ A wheel build runs ``npm install`` and ``npm run build:prod`` in ``labextension/
 hatch-jupyter-builder's ``npm_builder``, which skips the work when the output is newer than
 the sources); the output is ``ipy_multiengine/labextension/``. An editable install skips the
 build unless ``IPME_BUILD_LABEXTENSION=1`` is set, so ``pip install -e .`` stays fast and works
-without node; everything but the JupyterLab panel works without it.
+without node; everything but the JupyterLab panel works without it. ``IPME_BUILD_LABEXTENSION=0``
+skips it for any wheel (tests/test_wheel.py: the npm build takes minutes).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ OUTPUT = HERE / "ipy_multiengine" / "labextension"
 class CustomBuildHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict) -> None:
         if self.target_name != "wheel":
+            return
+        if os.environ.get("IPME_BUILD_LABEXTENSION") == "0":  # e.g. tests/test_wheel.py
+            self.app.display_warning(
+                "ipy_multiengine: IPME_BUILD_LABEXTENSION=0: a wheel without the JupyterLab panel"
+            )
             return
         built = (OUTPUT / "package.json").exists()
         if version == "editable" and os.environ.get("IPME_BUILD_LABEXTENSION") != "1":

@@ -1574,8 +1574,18 @@ class Controller:
         wanted = {id(f) for f in futures if not f.done()}
         per_engine: dict[int, list[Request]] = {}
         for conn in self._engines.values():
-            for req in conn.requests.values():
+            for req in list(conn.requests.values()):
                 if id(req.future) in wanted and req.kind in ("execute", "comm"):
+                    if req.held:  # never sent (kept back for the engine's order): fail it here
+                        req.held = False
+                        self._finish(
+                            conn,
+                            req,
+                            exc=RemoteError(
+                                "Aborted", "aborted before it was sent", [], conn.eid, _method(req)
+                            ),
+                        )
+                        continue
                     per_engine.setdefault(conn.eid, []).append(req)
         refused: dict[int, list[Future]] = {}
         replies = []

@@ -87,21 +87,25 @@ _begun: collections.OrderedDict[str, None] = collections.OrderedDict()
 _BEGUN_KEPT = 4096
 
 
+def _begin(msg_id: str) -> bool:
+    """A request is about to run: False if it was aborted (then it must not run)."""
+    with _abort_lock:
+        if msg_id in _aborted:
+            _aborted.discard(msg_id)
+            return False
+        _begun[msg_id] = None
+        if len(_begun) > _BEGUN_KEPT:
+            _begun.popitem(last=False)
+        return True
+
+
 def _install_abort(kernel: Any) -> None:
     """Let clients skip queued requests: a control handler records ids to skip, and the
     kernel's ``should_handle`` hook (ipykernel's place for "aborted requests") skips them."""
     original = kernel.should_handle
 
     def should_handle(stream: Any, msg: dict, idents: Any) -> Any:
-        msg_id = msg["header"]["msg_id"]
-        with _abort_lock:
-            skip = msg_id in _aborted
-            if skip:
-                _aborted.discard(msg_id)
-            else:
-                _begun[msg_id] = None
-                if len(_begun) > _BEGUN_KEPT:
-                    _begun.popitem(last=False)
+        skip = not _begin(msg["header"]["msg_id"])
         if skip:
             _skip(kernel, stream, msg, idents)
             return False
@@ -653,6 +657,21 @@ class _FastServer:
             _log.warning("ipy_multiengine: refused a message on the fast socket (%s)", exc)
             return
         data = msg["content"]
+        if not _begin(msg["header"]["msg_id"]):  # aborted (ime_abort_request) before it began
+            self._send(
+                [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents],
+                {
+                    "rid": data.get("rid"),
+                    "status": "error",
+                    "ename": "Aborted",
+                    "evalue": "aborted before it started (mec abort)",
+                    "traceback": [],
+                    "item": None,
+                },
+                [],
+                data,
+            )
+            return
         # what the operation prints or displays is labelled with its request, and input()
         # asks the client that sent it (its stdin socket has the same identity), as ipykernel
         # does for a shell message, and like ipykernel the parent is left set afterwards

@@ -308,7 +308,7 @@ class CompositeError(MultiEngineError):
 _EXEC_COUNT = re.compile(r"In ?\[\d+\]")
 
 
-def _whose(ids: list[Any], e: MultiEngineError) -> str:
+def _whose(ids: list[Any], e: EngineFailure) -> str:
     """Which engine's input a traceback below refers to (its ``In [n]`` is that engine's, not
     this session's), and the engines that raised the same error."""
     record = getattr(e, "result", None)

@@ -560,12 +560,12 @@ class ParallelMagics(Magics):
         args: Any,
         mode: str,
         group: str,
-        collapse: tuple[bool, bool],
+        collapse_both: tuple[bool, bool],
         timeout: float | None,
     ) -> Any:
         """``--init``: ``mec.on_start(code)``, then show its outputs like ``--no-stream``.
-        ``collapse``: (identical tracebacks once, identical output once)."""
-        collapse, same_output = collapse
+        ``collapse_both``: (identical tracebacks once, identical output once)."""
+        collapse, same_output = collapse_both
         if args.targets is not None:
             raise UsageError(
                 "--init runs on every engine (and on every engine restarted later): "

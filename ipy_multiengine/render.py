@@ -793,10 +793,13 @@ class LiveOutput:
                 return
             while not self.closed:
                 try:
-                    event = self._events.popleft()
+                    event = self._events[0]
                 except IndexError:
                     break
+                # taken off only once shown: a Ctrl-C raised while it is rendered (the wait
+                # serves drains in the interrupted thread) must not lose it
                 self.renderer.handle(*event)
+                self._events.popleft()
             if not self.closed:
                 self.renderer.tick()
 

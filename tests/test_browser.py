@@ -63,7 +63,8 @@ def px(lab, cluster):
         "mec.block = True\nmec.execute('%reset -f')\nmec.scatter('eid', mec.get_ids())\n"
         "mec.execute('eid = eid[0]'); print('connected', mec.get_ids())",
         # 1: live output: every engine prints, then waits for the test to let it finish
-        "%%px\nimport pathlib, time\nprint(f'started on {eid}', flush=True)\n"
+        "%%px\nimport pathlib, time\ntime.sleep(0.15 * (3 - eid))  # engine 3 prints first\n"
+        "print(f'started on {eid}', flush=True)\n"
         f"while not pathlib.Path({str(go)!r}).exists():\n    time.sleep(0.02)\n"
         "print(f'finished on {eid}')",
         # 2: an error on engine 2 only
@@ -91,6 +92,11 @@ def px(lab, cluster):
     return nb
 
 
+def assert_engine_order(text: str, stream: str) -> None:
+    where = [text.index(f"[{stream}:{e}]") for e in range(4)]
+    assert where == sorted(where), f"not in engine order: {text}"
+
+
 def test_px_output_is_live_and_labelled(px):
     b = px.browser
     with b.step("px-live"):
@@ -106,12 +112,16 @@ def test_px_output_is_live_and_labelled(px):
         for e in range(4):
             assert re.search(rf"\[stdout:{e}\][^\n]*started on {e}", text), text
         assert "finished" not in text
+        assert_engine_order(text, "stdout")
     with b.step("px-finished"):
         px.go.touch()
         px.wait_idle(30, "the live cell to finish")
         text = px.output_text(1)
         for e in range(4):
             assert f"started on {e}" in text and f"finished on {e}" in text, text
+        assert_engine_order(text, "stdout")
+        blocks = re.split(r"(?=\[stdout:\d\])", text)
+        assert all(f"finished on {e}" in blocks[e + 1] for e in range(4)), blocks  # one area each
 
 
 def test_error_on_one_engine_shows_its_traceback_and_the_others_output(px):
@@ -156,17 +166,30 @@ def test_toolbar_interrupt_stops_a_sleeping_px_cell(px):
         assert time.monotonic() - t0 < 10
 
 
+WATCH_COUNTS = """
+const cell = document.querySelectorAll(
+  '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell')[arguments[0]];
+const pattern = new RegExp(arguments[1]);
+window.__ipmeSeen = [];
+window.__ipmeWatch = new MutationObserver(() => {
+  const area = cell.querySelector('.jp-Cell-outputArea');
+  const m = area && area.innerText.match(pattern);
+  if (m) window.__ipmeSeen.push(Number(m[1]));
+});
+window.__ipmeWatch.observe(cell, {subtree: true, childList: true, characterData: true,
+                                  attributes: true});
+"""
+
+
 def test_progress_bar_moves_through_items_and_leaves_nothing_on_stderr(px):
     with px.browser.step("px-progress"):
+        # every state the page renders, recorded in the page itself (polling could miss some)
+        px.driver.execute_script(WATCH_COUNTS, 5, r"(\d+)/120")
         px.run(5)
-        seen: set[int] = set()
-
-        def finished() -> bool:
-            seen.update(int(n) for n in re.findall(r"(\d+)/120", px.output_text(5)))
-            return px.code_cells()[5]["prompt"].strip() not in ("[*]:", "")
-
-        wait_until(finished, 60, "the map with a progress bar to finish", step=0.03)
-        px.wait_idle(15, "the map cell to finish")
+        px.wait_idle(60, "the map with a progress bar to finish")
+        seen = set(
+            px.driver.execute_script("window.__ipmeWatch.disconnect(); return window.__ipmeSeen;")
+        )
         outputs = px.code_cells()[5]["outputs"]
         text = px.output_text(5)
         assert "sum 7140" in text, text
@@ -188,6 +211,14 @@ def test_figure_made_on_an_engine_shows(px):
         px.run_and_wait(6, timeout=60)
         outputs = px.code_cells()[6]["outputs"]
         assert sum(o["images"] for o in outputs) == 2, outputs
+        text = px.output_text(6)
+        # a visible label with each figure, in engine order
+        assert 0 <= text.index("[output:1]") < text.index("[output:2]"), text
+        labels = [i for i, o in enumerate(outputs) if re.search(r"\[output:\d\]", o["text"])]
+        images = [i for i, o in enumerate(outputs) if o["images"]]
+        assert len(labels) == 2 and all(lb <= im for lb, im in zip(labels, images, strict=True)), (
+            outputs
+        )
         px.browser.shot_element(px.cell_element(6), "cell-figures")
 
 

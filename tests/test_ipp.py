@@ -178,11 +178,11 @@ def test_pending_result_metadata_per_engine(mec, capsys):
         # and idle (the client's clock, like submitted): the engine slept 0.2 s between
         # sending them, but each arrives with its own delivery delay, so on a loaded machine
         # the interval seen here can be shorter than 0.2 s by the difference of the delays
-        assert (m["completed"] - m["started"]).total_seconds() >= 0.2 - 0.05
+        assert (m["completed"] - m["started"]).total_seconds() >= 0.15  # as seen here
         assert m["stdout"] == f"out {m['engine_id']}\n" and m["stderr"] == "err\n"
     assert pr.submitted == [m["submitted"] for m in md] and pr.completed[0] == md[0]["completed"]
     assert 0.2 <= pr.wall_time < 10 and pr.elapsed == pr.wall_time
-    assert pr.serial_time >= 4 * 0.2 and pr.serial_time > pr.wall_time  # ran in parallel
+    assert pr.serial_time >= 4 * 0.15 and pr.serial_time > pr.wall_time  # ran in parallel
     pr.display_outputs()
     cap = capsys.readouterr()
     assert cap.out.splitlines() == [f"[stdout:{e}] out {e}" for e in range(4)]
@@ -360,8 +360,10 @@ def test_send_signal_reaches_the_target_engines_only(mec):
         "import signal; got = []; signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))"
     )
     mec.send_signal("SIGUSR1", targets=[1])
+    # one at a time: two SIGUSR1 pending at once are delivered as one
+    wait_for(lambda: mec.pull("got") == [[], [10], [], []], 20, "the first signal to arrive")
     mec.send_signal(signal.SIGUSR1, targets=[1, 3])
-    wait_for(lambda: mec.pull("got") == [[], [10, 10], [], [10]], 10, "the signals to arrive")
+    wait_for(lambda: mec.pull("got") == [[], [10, 10], [], [10]], 20, "the signals to arrive")
     for bad in ("SIGNOPE", 99999, True, 1.5):
         with pytest.raises(ValueError, match="not a signal"):
             mec.send_signal(bad)

@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel_venv(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
+    # IPME_BUILD_LABEXTENSION=0: no JupyterLab panel in this wheel (its npm build takes minutes;
+    # the panel is not what this test checks)
+    env = {**os.environ, "IPME_BUILD_LABEXTENSION": "0"}
     out = subprocess.run(
         # no build isolation: the [build-system] backend is in the test extra (hatchling)
         [
@@ -48,6 +51,7 @@ def wheel_venv(tmp_path_factory):
         capture_output=True,
         text=True,
         timeout=180,
+        env=env,
     )
     assert out.returncode == 0, out.stderr
     (wheel,) = tmp.glob("ipy_multiengine-*.whl")
@@ -89,6 +93,8 @@ def test_wheel_contents(wheel_venv):
     names = zipfile.ZipFile(wheel).namelist()
     assert "ipy_multiengine/py.typed" in names  # PEP 561 marker (package data)
     assert "ipy_multiengine/launchers/mpi.py" in names
+    # the server extension's config, enabled on install (shared data)
+    assert any(n.endswith("jupyter_server_config.d/ipy_multiengine.json") for n in names), names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "docs/"))]
     assert (site / "ipy_multiengine" / "py.typed").exists()
 

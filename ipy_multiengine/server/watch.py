@@ -59,7 +59,7 @@ class EngineWatch:
 
     def start(self, changed: Any) -> None:
         client = self.client = AsyncKernelClient()
-        client.load_connection_info(self.connection)
+        client.load_connection_info(self.connection)  # type: ignore[arg-type]  # a plain dict
         client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
         self.task = asyncio.ensure_future(self._read(changed))
 
@@ -159,7 +159,7 @@ def _scan(procs: dict[tuple, psutil.Process]) -> dict[str, dict]:
             spec = None
         usage: dict[int, dict] = {}
         for e in (spec or {}).get("engines", []):
-            ident = clusterfile.engine_identity(e, spec)
+            ident = clusterfile.engine_identity(e, spec or {})
             u: dict[str, Any] = {"local": False, "dead": None, "rss": None, "cpu": None}
             if ident is not None and ident.get("host") == here:
                 u["local"] = True

@@ -146,17 +146,26 @@ class EnginesPanel extends Widget {
       const snap: ISnapshot = await api('clusters');
       this.render(snap);
       if (!this.message) {
-        this.status.textContent = snap.clusters.length
-          ? ''
-          : 'No cluster: start one with `ipmulti start -n 4 --daemon`.';
+        // an action's outcome stays shown; only the panel's own notes come and go
+        if (!snap.clusters.length) {
+          this.note('No cluster: start one with `ipmulti start -n 4 --daemon`.');
+        } else if (this.noted) {
+          this.note('');
+        }
       }
     } catch (err) {
-      this.status.textContent = `Cannot reach the ipy_multiengine server extension: ${err}`;
+      this.note(`Cannot reach the ipy_multiengine server extension: ${err}`);
     }
     this.timer = window.setTimeout(() => void this.poll(), POLL_MS);
   }
 
+  private note(text: string): void {
+    this.status.textContent = text;
+    this.noted = text !== '';
+  }
+
   private async act(what: string, path: string, body: unknown = {}): Promise<any> {
+    this.noted = false;
     this.message = `${what}…`;
     this.status.textContent = this.message;
     this.status.classList.remove('ipme-error');
@@ -181,6 +190,26 @@ class EnginesPanel extends Widget {
 
   private render(snap: ISnapshot): void {
     const skew = Date.now() / 1000 - snap.now; // the browser's clock against the server's
+    // rebuild the DOM only when what can be clicked changed (a click must not land on a
+    // node replaced under the pointer); otherwise update the texts in place
+    const shape = JSON.stringify(
+      snap.clusters.map(c => [c.id, c.state, c.can, c.engines.map(e => [e.id, e.state])])
+    );
+    if (shape === this.shape) {
+      for (const c of snap.clusters) {
+        for (const e of c.engines) {
+          const span = this.list.querySelector(
+            `[data-cluster="${c.id}"] [data-engine="${e.id}"] [data-ipme="running"]`
+          );
+          if (span) {
+            span.textContent = this.engineText(e, skew);
+            span.setAttribute('title', e.running || '');
+          }
+        }
+      }
+      return;
+    }
+    this.shape = shape;
     this.list.replaceChildren();
     for (const c of snap.clusters) {
       const box = el('div', { class: 'ipme-cluster', 'data-cluster': c.id });
@@ -212,19 +241,14 @@ class EnginesPanel extends Widget {
         const row = el('div', { class: `ipme-engine ipme-state-${e.state}`, 'data-engine': String(e.id), 'data-state': e.state });
         row.appendChild(el('span', { class: 'ipme-dot', title: e.dead ? `dead: ${e.dead}` : e.state }));
         row.appendChild(el('span', {}, `[${e.id}]`));
-        const first = (e.running || '').split('\n')[0];
-        const elapsed = e.busy_since ? secs(Math.max(0, Date.now() / 1000 - skew - e.busy_since)) : '';
-        const info = [
-          e.state === 'busy' ? `${first}${elapsed ? ` (${elapsed})` : ''}` : e.state,
-          bytes(e.rss),
-          e.local ? '' : e.host
-        ].filter(Boolean);
-        row.appendChild(el('span', { class: 'ipme-running', 'data-ipme': 'running', title: e.running || '' }, info.join(' · ')));
+        row.appendChild(
+          el('span', { class: 'ipme-running', 'data-ipme': 'running', title: e.running || '' }, this.engineText(e, skew))
+        );
         const actions = el('span', {});
         const eb = `${base}`;
         if (c.can.includes('interrupt') && e.state !== 'dead') {
           actions.appendChild(
-            this.button('⏹', 'interrupt', () => void this.act(`Interrupt engine ${e.id}`, `${eb}/interrupt`, { ids: [e.id] }))
+            this.button('■', 'interrupt', () => void this.act(`Interrupt engine ${e.id}`, `${eb}/interrupt`, { ids: [e.id] }))
           );
         }
         if (c.can.includes('restart')) {
@@ -240,6 +264,18 @@ class EnginesPanel extends Widget {
       }
       this.list.appendChild(box);
     }
+  }
+
+  private engineText(e: IEngine, skew: number): string {
+    const first = (e.running || '').split('\n')[0];
+    const elapsed = e.busy_since ? secs(Math.max(0, Date.now() / 1000 - skew - e.busy_since)) : '';
+    return [
+      e.state === 'busy' ? `${first}${elapsed ? ` (${elapsed})` : ''}` : e.state,
+      bytes(e.rss),
+      e.local ? '' : e.host
+    ]
+      .filter(Boolean)
+      .join(' · ');
   }
 
   private insert(c: ICluster): void {
@@ -272,6 +308,8 @@ class EnginesPanel extends Widget {
   private status: HTMLElement;
   private list: HTMLElement;
   private message = '';
+  private shape = '';
+  private noted = false;
   private timer: number | undefined;
 }
 
