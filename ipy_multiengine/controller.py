@@ -1433,6 +1433,16 @@ class Controller:
         """Every engine's latest snapshot, by id (an immutable mapping; any thread)."""
         return self._published
 
+    def catch_up(self, timeout: float = 5.0) -> None:
+        """Wait (at most ``timeout`` s) until the loop has handled what this thread submitted
+        before, so that the snapshots count those requests (queued, running); a no-op on the
+        loop thread. Snapshots are published by the loop: read right after a submission, on
+        a loaded machine, they would not show it yet."""
+        if _loop.in_loop_thread():
+            return
+        with contextlib.suppress(TimeoutError):  # concurrent.futures' (an alias since 3.11)
+            _loop.run(asyncio.sleep(0), timeout=timeout)
+
     def _conn(self, eid: int) -> EngineConn:
         """(loop thread only) the live connection object of engine ``eid``."""
         return self._engines[eid]
