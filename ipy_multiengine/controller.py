@@ -887,14 +887,7 @@ class Controller:
             req.held = False
         conn.held.clear()
         for req in list(conn.requests.values()):
-            what = (
-                f" while running {req.code or req.op or req.kind!r}" if (req.code or req.op) else ""
-            )
-            self._finish(
-                conn,
-                req,
-                exc=EngineError(f"engine {conn.eid} {reason}{what}", conn.eid, _method(req)),
-            )
+            self._finish(conn, req, exc=_death_error(conn, req, reason))
 
     # ---------------------------------------------------------------- receiving (loop)
     async def _reader(self, conn: EngineConn, channel: str, sock: zmq.asyncio.Socket) -> None:
@@ -1397,10 +1390,14 @@ class Controller:
                 conn.held.popleft()
                 req.held = False
                 if conn.dead or req.channel not in conn.sockets:
+                    # held behind a request the engine died running: it fails as the requests
+                    # queued on the engine do, with the reason (never a bare "not connected")
                     self._finish(
                         conn,
                         req,
-                        exc=EngineError(
+                        exc=_death_error(conn, req, conn.dead, sent=False)
+                        if conn.dead
+                        else EngineError(
                             f"engine {conn.eid} is not connected", conn.eid, _method(req)
                         ),
                     )
@@ -1435,6 +1432,16 @@ class Controller:
     def states(self) -> Mapping[int, EngineState]:
         """Every engine's latest snapshot, by id (an immutable mapping; any thread)."""
         return self._published
+
+    def catch_up(self, timeout: float = 5.0) -> None:
+        """Wait (at most ``timeout`` s) until the loop has handled what this thread submitted
+        before, so that the snapshots count those requests (queued, running); a no-op on the
+        loop thread. Snapshots are published by the loop: read right after a submission, on
+        a loaded machine, they would not show it yet."""
+        if _loop.in_loop_thread():
+            return
+        with contextlib.suppress(TimeoutError):  # concurrent.futures' (an alias since 3.11)
+            _loop.run(asyncio.sleep(0), timeout=timeout)
 
     def _conn(self, eid: int) -> EngineConn:
         """(loop thread only) the live connection object of engine ``eid``."""
@@ -1658,6 +1665,17 @@ async def _wait_for(fut: Future, deadline: float, text: str, eid: int) -> Any:
         return await asyncio.wait_for(asyncio.wrap_future(fut), max(deadline - time.monotonic(), 0))
     except asyncio.TimeoutError:
         raise EngineError(text, eid) from None
+
+
+def _death_error(conn: EngineConn, req: Request, reason: str, sent: bool = True) -> EngineError:
+    """The error of a request that the death of its engine (``reason``) fails; one never
+    ``sent`` (held back to keep the engine's order) does not claim it was running."""
+    what = (
+        f" while running {req.code or req.op or req.kind!r}"
+        if sent and (req.code or req.op)
+        else ""
+    )
+    return EngineError(f"engine {conn.eid} {reason}{what}", conn.eid, _method(req))
 
 
 def _set_sent(req: Request, tracker: Any) -> None:
