@@ -90,6 +90,24 @@ def test_errors_on_the_fast_path_carry_the_remote_traceback(mec):
     assert mec.apply(fails, 0) == [0] * 4  # still usable
 
 
+def test_an_error_that_cannot_be_described_still_gets_its_reply(mec):
+    """An exception whose ``__str__`` raises: describing it on the engine failed and the
+    request got no reply at all (the caller waited forever)."""
+
+    class Unprintable(Exception):
+        def __str__(self):
+            raise ValueError("no str for you")
+
+    def fails():
+        raise Unprintable()
+
+    pr = mec.apply(fails, block=False)
+    with pytest.raises(CompositeError) as info:
+        pr.get_result(timeout=20)
+    assert {e.ename for e in info.value.elist} == {"Unprintable"}
+    assert mec.apply(lambda: 1) == [1] * 4
+
+
 def test_interrupt_from_another_client_stops_a_fast_operation(cluster, mec):
     """A non-owner client interrupts over the control channel (the kernel signals itself): the
     operation on the fast socket fails with KeyboardInterrupt, the next one succeeds."""
@@ -208,5 +226,15 @@ def test_engine_without_the_fast_socket_uses_the_comm(tmp_path):
         assert mec.apply(lambda: a * b) == [12]  # noqa: F821 (engine names)
         with pytest.raises(CompositeError):
             mec.apply(lambda: 1 / 0)
+
+        class Unprintable(Exception):
+            def __str__(self):
+                raise ValueError("no str for you")
+
+        def fails():
+            raise Unprintable()
+
+        with pytest.raises(CompositeError):  # the comm path replies too
+            mec.apply(fails, block=False).get_result(timeout=20)
         assert mec.map(lambda v: v + 1, range(5)) == [1, 2, 3, 4, 5]
         _check_abort(mec, tmp_path)  # the same on the comm: its requests queue on the shell
