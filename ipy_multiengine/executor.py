@@ -287,6 +287,9 @@ class EngineExecutor(cf.Executor):
                 log.error("executor: completing a task of engine %s failed", eid, exc_info=exc)
                 if not task.future.done():
                     task.future.set_exception(exc)
+            # while waiting for the next completion, hold nothing of this one: its Future
+            # (and so its result) is the caller's to drop
+            del task, fut
             with self._lock:
                 self._inflight[eid] = None
                 try:
