@@ -366,3 +366,33 @@ def test_send_signal_reaches_the_target_engines_only(mec):
     with pytest.raises(ValueError, match="9"):
         mec.send_signal("SIGUSR1", targets=[9])
     assert mec.pull("got") == [[], [10, 10], [], [10]]
+
+
+def test_a_named_set_never_replaces_an_existing_magic(ip, mec):
+    """activate(suffix='config') would make %pxconfig, %pxstatus... over the default set's
+    own magics (and deactivate would then delete them): refused before anything is
+    registered, naming the clash; the default magics keep working."""
+    line = ip.magics_manager.magics["line"]
+    before = {n: line[n] for n in ("pxconfig", "pxstatus", "pxresult", "pxdiff", "pxdebug")}
+    for suffix in ("config", "status", "result", "diff", "debug"):
+        with pytest.raises(ValueError, match=rf"%px{suffix} is already a magic"):
+            mec.activate(suffix=suffix)
+        client.deactivate(suffix)  # no such set: nothing to remove
+        assert line[f"px{suffix}"] is before[f"px{suffix}"]
+    assert not any(n.endswith("config") and n.startswith("result") for n in line)
+    _cap, res = _run(ip, "%pxconfig --targets all")
+    assert res.success, res.error_in_exec
+    # a set of ours may be activated again (replaced), and again after deactivate
+    mec.activate(suffix="_two", targets=[0])
+    mec.activate(suffix="_two", targets=[1])
+    try:
+        _cap, res = _run(ip, "%px_two engine_id")
+        assert [r["id"] for r in res.result] == [1]
+    finally:
+        client.deactivate("_two")
+    mec.activate(suffix="_two", targets=[2])
+    try:
+        _cap, res = _run(ip, "%px_two engine_id")
+        assert [r["id"] for r in res.result] == [2]
+    finally:
+        client.deactivate("_two")
