@@ -794,6 +794,12 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                     self.stop_requested = True
                 elif ask.get("op") == "signal":
                     self.send_signal([int(i) for i in ask.get("ids", [])], int(ask["signal"]))
+                elif ask.get("op") == "add" and "to" in ask:
+                    # `ipmulti scale N`: a total, counted here where requests are served one
+                    # by one (two concurrent scales to N must not add twice)
+                    more = int(ask["to"]) - len(self.engines_info)
+                    answer["ids"] = self.add_engines(more) if more > 0 else []
+                    answer["engines"] = len(self.engines_info)
                 elif ask.get("op") == "add":
                     answer["ids"] = self.add_engines(int(ask.get("ids", [1])[0]))
                 elif ask.get("op") == "restart":

@@ -396,3 +396,57 @@ def test_a_named_set_never_replaces_an_existing_magic(ip, mec):
         assert [r["id"] for r in res.result] == [2]
     finally:
         client.deactivate("_two")
+
+
+def test_two_concurrent_scales_to_n_give_n_engines(tmp_path):
+    """Two `ipmulti scale 3` at once on a 1-engine cluster: both read "1 engine"; each used to
+    ask for 2 more, leaving 5. The owner now counts the total when it serves each request
+    (held here by stopping the owner until both requests are waiting)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from faultlib import wait_for
+
+    from ipy_multiengine.clusterfile import cluster_file_path, request_dir
+
+    ipmulti = [sys.executable, "-m", "ipy_multiengine.cli"]
+    run = lambda *a: subprocess.run(ipmulti + list(a), capture_output=True, text=True, timeout=90)  # noqa: E731
+    started = run("start", "--daemon", "-n", "1", "--profile", "t16race")
+    assert started.returncode == 0, started.stderr
+    path = cluster_file_path("t16race")
+    owner = json.loads(path.read_text())["owner"]["pid"]
+    scales = []
+    try:
+        os.kill(owner, signal.SIGSTOP)
+        try:
+            scales = [
+                subprocess.Popen(
+                    [*ipmulti, "scale", "3", "--profile", "t16race"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(2)
+            ]
+            wait_for(
+                lambda: len(list(request_dir(path).glob("*.json"))) == 2,
+                30,
+                "both scale requests waiting",
+            )
+        finally:
+            os.kill(owner, signal.SIGCONT)
+        outs = [p.communicate(timeout=120) for p in scales]
+        assert [p.returncode for p in scales] == [0, 0], outs
+        said = sorted(out for out, _ in outs)
+        assert said == ["added engines 1, 2: 3 engines\n", "the cluster already has 3 engines\n"]
+        assert [e["id"] for e in json.loads(path.read_text())["engines"]] == [0, 1, 2]
+    finally:
+        for p in scales:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        stopped = run("stop", "--profile", "t16race")
+        assert stopped.returncode == 0, stopped.stderr
