@@ -734,6 +734,10 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             ctl = self.client.controller
             failed = [e for e in ids if e not in ctl.ids or ctl.dead(e)]
             _loop.run(self.launcher.remove(failed), timeout=30)
+            # stopped and forgotten by the launcher: no longer listed (as dead, with "restart
+            # it" advice no restart can follow), nor in every call on all engines
+            if not ctl.closed:
+                ctl.forget(failed, "engine failed to start and was stopped")
             kept = {e: infos[e] for e in ids if e not in failed}
             self.engines_info.update(kept)
             if kept and self.write_file and self.cluster_file and not self._stopped:

@@ -450,3 +450,20 @@ def test_two_concurrent_scales_to_n_give_n_engines(tmp_path):
                 p.wait()
         stopped = run("stop", "--profile", "t16race")
         assert stopped.returncode == 0, stopped.stderr
+
+
+def test_a_failed_add_leaves_no_dead_engine_behind():
+    """An engine that add_engines started but could not connect is stopped by the launcher;
+    it used to stay listed as dead, so every call on all engines failed with "restart it with
+    mec.restart(1)", and that restart failed with "unknown engine ids [1]"."""
+    from ipy_multiengine import Cluster
+
+    with Cluster(n=1, profile="t16failadd") as mec:
+        cluster = mec.owner
+        with pytest.raises(client.EngineError, match="did not answer"):
+            cluster.add_engines(1, timeout=0.001)
+        assert mec.get_ids() == [0] and mec.get_ids().dead == {}
+        assert sorted(cluster.launcher.managers) == [0]
+        assert mec.apply(lambda: engine_id) == [0]  # noqa: F821 (an engine name)
+        assert cluster.add_engines(1) == [1]
+        assert mec.apply(lambda: engine_id) == [0, 1]  # noqa: F821
