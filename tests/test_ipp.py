@@ -467,3 +467,27 @@ def test_a_failed_add_leaves_no_dead_engine_behind():
         assert mec.apply(lambda: engine_id) == [0]  # noqa: F821 (an engine name)
         assert cluster.add_engines(1) == [1]
         assert mec.apply(lambda: engine_id) == [0, 1]  # noqa: F821
+
+
+def test_send_signal_refuses_an_engine_whose_process_has_exited():
+    """An exited, reaped engine process leaves only its number, which the OS may give to an
+    unrelated process group: the launcher refuses to signal it (it used to killpg the stale
+    group id silently), before signalling any of the targets."""
+    import signal
+
+    from faultlib import wait_for
+
+    from ipy_multiengine import Cluster
+
+    with Cluster(n=2, profile="t16sigdead", auto_restart=False) as mec:
+        cluster = mec.owner
+        mec.execute(
+            "import signal; got = []; signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))"
+        )
+        proc = cluster.launcher.managers[1].provisioner.process
+        proc.kill()
+        proc.wait(timeout=10)  # reaped: pid 'free'
+        with pytest.raises(client.EngineError, match="engine 1: the process has exited"):
+            cluster.send_signal([0, 1], signal.SIGUSR1)
+        cluster.send_signal([0], signal.SIGUSR1)
+        wait_for(lambda: mec.pull("got", targets=0) == [[10]], 20, "the one signal to engine 0")
