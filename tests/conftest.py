@@ -84,3 +84,27 @@ def ip(mec):
     shell.magics_manager.registry["ParallelMagics"].reset()  # a test may have reloaded it
     mec.block = True
     mec.targets = "all"
+
+
+# -- CI: no test may be skipped there (a skip is a test that did not run)
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With ``CI`` set, any skipped test fails the run (on the xdist controller, which sees
+    every worker's reports, or in a plain run)."""
+    if not os.environ.get("CI") or hasattr(session.config, "workerinput") or not _skipped:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            f"CI: {len(_skipped)} test(s) skipped, which CI does not allow:", red=True
+        )
+        for nodeid in _skipped:
+            reporter.write_line(f"  {nodeid}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
