@@ -323,6 +323,23 @@ class Controller:
         if self.heartbeat and (self._beater is None or self._beater.done()):
             self._beater = self._spawn(self._heartbeats())
 
+    def forget(self, eids: list[int], reason: str) -> None:
+        """Drop engines ``eids`` altogether (their requests fail with ``reason``): engines an
+        owner added and then stopped because they failed to start, which no restart can bring
+        back and which must not stay listed as dead."""
+
+        def drop() -> None:
+            for eid in eids:
+                conn = self._engines.pop(eid, None)
+                if conn is not None:
+                    self._teardown(conn, reason)
+                self._liveness.pop(eid, None)
+            self._published = MappingProxyType(
+                {e: st for e, st in self._published.items() if e not in eids}
+            )
+
+        _loop.run(_acall(drop))
+
     def set_unavailable(self, eids: list[int], reason: str) -> None:
         """Mark engines as unavailable (e.g. being restarted): calls to them fail at once."""
 
@@ -648,6 +665,8 @@ class Controller:
         )
         if conn.published_key == key and conn.eid in self._published:
             return
+        if self._engines.get(conn.eid) is not conn:
+            return  # replaced or forgotten: a late update must not bring it back
         conn.published_key = key
         snap = EngineState(
             id=conn.eid,

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, TargetsError
+from ..errors import ConfigError, EngineError, TargetsError
 from .base import (
     Launcher,
     LauncherError,
@@ -384,6 +384,16 @@ class LocalLauncher(Launcher):
         unknown = [e for e in ids if e not in self.managers]
         if unknown:
             raise TargetsError(f"unknown engine ids {unknown}; valid ids: {sorted(self.managers)}")
+        # a kernel whose process has exited (and been reaped) has only a number left: its
+        # process group id may already be another session's. Polled here, a running process
+        # keeps its pid (only this process reaps it) until the signal below is sent.
+        gone = [e for e in ids if not self._running(self.managers[e])]
+        if gone:
+            raise EngineError(
+                f"engine{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))}: the "
+                "process has exited; no signal sent (restart it first)",
+                gone[0],
+            )
         for eid in ids:
             await self.managers[eid].signal_kernel(signum)
 
