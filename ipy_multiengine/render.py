@@ -739,8 +739,11 @@ class ProgressBar:
         a terminal's line is cleared."""
         if self.bar is not None:
             if done is not None:
-                # a total not known ahead (a gather's bytes) is known now
-                self(done, done if total is None else total, waiting, final=True)
+                # a total not known ahead (a gather's bytes) is known now, if nothing is left:
+                # a call that timed out or was interrupted is not shown as 100% done
+                if total is None and not waiting:
+                    total = done
+                self(done, total, waiting, final=True)
             self.bar.close()
             self.bar = None
 

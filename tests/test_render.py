@@ -201,6 +201,26 @@ def test_progress_is_drawn_by_the_waiting_thread_only(monkeypatch, notebook):
     assert drawers <= {threading.current_thread().name}, drawers
 
 
+def test_unfinished_gather_is_not_left_at_100_percent(monkeypatch):
+    """A gather's total (bytes) is known only once every engine answered: a gather that timed
+    out or was interrupted with engines still busy keeps an open total in the bar's final
+    state (what a saved notebook holds), not ``100%`` of what arrived."""
+    from ipy_multiengine import render
+
+    monkeypatch.setattr(render, "in_notebook", lambda shell=None: True)
+    shown: list[dict] = []
+    monkeypatch.setattr(render, "_display", lambda data, md, *a, **k: shown.append(data))
+    bar = render.ProgressBar("gather", 0.0, True, "B")
+    bar(0, None, [0, 1])
+    bar.close(3 << 20, None, [1])  # engine 1 never answered
+    final = shown[-1]["text/html"]
+    assert "3.00MB" in final and "100%" not in final and "waiting for engine 1" in final, final
+    bar = render.ProgressBar("gather", 0.0, True, "B")
+    bar(0, None, [0, 1])
+    bar.close(4 << 20, None, [])  # all answered: the total is what arrived
+    assert "100%" in shown[-1]["text/html"], shown[-1]
+
+
 def test_scatter_and_gather_progress_count_bytes(mec, monkeypatch, capsys):
     from ipy_multiengine import render
 
