@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -1138,6 +1139,8 @@ class MultiEngineClient(Configurable):
         global _active
         if self.closed:
             return
+        if "ipy_multiengine.dask_bridge" in sys.modules:  # a dask cluster of become_dask()
+            sys.modules["ipy_multiengine.dask_bridge"].stop_on_close(self)
         self.closed = True
         if _active is self:
             _active = None

@@ -859,6 +859,20 @@ def activate_set(ip: Any, suffix: str, mec: Any, targets: Any) -> None:
     ``ip`` for client ``mec`` on ``targets`` (None: the client's), beside the default set;
     ``mec=None`` removes the set. (Called through ``client.activate``; loads the extension.)"""
     load(ip)
+    if mec is not None and (id(ip), suffix) not in _SETS:  # a set of ours is just replaced
+        table = ip.magics_manager.magics
+        clash = [
+            f"{name}{suffix}"
+            for name in SET_MAGICS
+            if f"{name}{suffix}" in table["line"] or f"{name}{suffix}" in table["cell"]
+        ]
+        if clash:
+            raise ValueError(
+                f"activate(suffix={suffix!r}): "
+                + ", ".join(f"%{n}" for n in clash)
+                + (" is" if len(clash) == 1 else " are")
+                + " already a magic; choose another suffix (e.g. '_even')"
+            )
     old = _SETS.pop((id(ip), suffix), None)
     if old is not None:
         _drop_set(ip, old, suffix)
