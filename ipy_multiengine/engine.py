@@ -630,7 +630,9 @@ class _FastServer:
             sock.curve_publickey = app.curve_publickey
             sock.curve_server = True
         if app.transport == "ipc":
-            path = f"{app.ip}-ime"
+            from .wire import fast_socket_path
+
+            path = fast_socket_path(app.ip)
             old = os.umask(0o077)  # the socket file: this user only, also before the chmod
             try:
                 sock.bind(f"ipc://{path}")

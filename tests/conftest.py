@@ -16,6 +16,7 @@ os.environ["JUPYTER_RUNTIME_DIR"] = _RUNTIME  # before ipy_multiengine computes 
 
 import psutil  # noqa: E402
 import pytest  # noqa: E402
+from faultlib import reset_engines  # noqa: E402
 
 from ipy_multiengine import Cluster  # noqa: E402
 
@@ -66,7 +67,7 @@ def mec(cluster):
     client = cluster.client
     client.block = True
     client.targets = "all"
-    client.execute("%reset -f", block=True)
+    reset_engines(client)  # bounded: names what it waited for
     return client
 
 
@@ -84,3 +85,27 @@ def ip(mec):
     shell.magics_manager.registry["ParallelMagics"].reset()  # a test may have reloaded it
     mec.block = True
     mec.targets = "all"
+
+
+# -- CI: no test may be skipped there (a skip is a test that did not run)
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With ``CI`` set, any skipped test fails the run (on the xdist controller, which sees
+    every worker's reports, or in a plain run)."""
+    if not os.environ.get("CI") or hasattr(session.config, "workerinput") or not _skipped:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            f"CI: {len(_skipped)} test(s) skipped, which CI does not allow:", red=True
+        )
+        for nodeid in _skipped:
+            reporter.write_line(f"  {nodeid}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

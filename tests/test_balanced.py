@@ -289,7 +289,8 @@ def test_auto_chunks_balance_skewed_durations(mec):
     input, so the bound leaves ~4% for the chunks' messages. That is met on a quiet box; when
     the box is oversubscribed (load average above 4 per core, as when several suites run on
     these 2 cores), every chunk's message waits for a CPU (measured 1.16-1.3 at load 15-25,
-    1.56 at 28): the test then skips, with the ratios it measured, instead of failing."""
+    1.56 at 28): the test then skips, with the ratios it measured, instead of failing -- except
+    in CI (``CI`` set), where it always asserts."""
 
     def task(i):
         import time
@@ -311,6 +312,8 @@ def test_auto_chunks_balance_skewed_durations(mec):
         f"makespan / ideal per run: {[round(r, 3) for r in ratios]} "
         f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus)"
     )
-    if min(ratios) > 1.15 and os.getloadavg()[0] > 4 * (os.cpu_count() or 1):
+    # never skipped in CI (the brief: no test skipped there); CI's box runs only this suite
+    oversubscribed = os.getloadavg()[0] > 4 * (os.cpu_count() or 1)
+    if min(ratios) > 1.15 and oversubscribed and not os.environ.get("CI"):
         pytest.skip(f"box oversubscribed, balance target not measurable: {measured}")
     assert min(ratios) <= 1.15, measured

@@ -17,10 +17,10 @@ import uuid
 
 import pytest
 import zmq
-from faultlib import small_cluster, wait_for
+from faultlib import make_hanger, marker, small_cluster, wait_for
 from jupyter_client.session import Session
 
-from ipy_multiengine import CompositeError, MultiEngineClient
+from ipy_multiengine import CompositeError, EngineError, MultiEngineClient
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -127,6 +127,53 @@ def test_interrupt_from_another_client_stops_a_fast_operation(cluster, mec):
         c.close()
 
 
+def _check_abort(mec: MultiEngineClient, tmp_path) -> None:
+    """abort() on one engine, whichever path its queued requests take: an apply queued behind
+    a running execute (on the fast path held in the controller for order, on the comm queued in
+    the engine) is never run, nor is an apply queued behind a running apply (on the fast path
+    queued on the engine's fast socket); the running apply is never aborted (EngineError)."""
+
+    def set_flag():
+        global abort_flag
+        abort_flag = True
+
+    pid = mec.apply(os.getpid, targets=0)[0]
+    mec.execute("abort_flag = False", targets=0)
+    running = mec.execute("import time; time.sleep(30)", targets=0, block=False)
+    wait_for(lambda: running.started[0] is not None, 10, "engine 0 running the sleep")
+    behind_exec = mec.apply(set_flag, targets=0, block=False)
+    behind_exec.abort()
+    if mec.controller.state(0).engine_info.get("fast"):
+        # it was held here, never sent: it fails now, while the sleep still runs
+        assert behind_exec.wait(5) and running.metadata[0]["status"] == "pending"
+    mec.interrupt(targets=[0])
+    with pytest.raises(CompositeError, match="KeyboardInterrupt"):
+        running.get_result(timeout=10)
+    with pytest.raises(CompositeError, match="Aborted"):
+        behind_exec.get_result(timeout=10)
+    assert behind_exec.metadata[0]["status"] == "aborted"
+    hang = make_hanger(tmp_path, "abort")
+    busy = mec.apply(hang, targets=0, block=False)
+    behind_apply = mec.apply(set_flag, targets=0, block=False)
+    wait_for(marker(tmp_path, "abort", pid).exists, 10, "the hanging apply to start")
+    with pytest.raises(EngineError, match=r"(running|not aborted) on engines \[0\].*mec.interrupt"):
+        busy.abort()  # running: refused, and left running
+    behind_apply.abort()
+    assert not busy.ready()
+    mec.interrupt(targets=[0])
+    with pytest.raises(CompositeError, match="KeyboardInterrupt"):
+        busy.get_result(timeout=10)
+    with pytest.raises(CompositeError, match="Aborted"):
+        behind_apply.get_result(timeout=10)
+    assert behind_apply.metadata[0]["status"] == "aborted"
+    assert mec.pull("abort_flag", targets=0) == [False]  # neither aborted apply ran
+    assert mec.apply(lambda: 7, targets=0) == [7]  # the engine is usable
+
+
+def test_abort_skips_data_operations_queued_on_either_path(mec, tmp_path):
+    _check_abort(mec, tmp_path)
+
+
 def _ask(path: str, frames: list, wait_ms: int) -> list | None:
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
@@ -208,7 +255,7 @@ def test_fast_operations_reach_an_engine_running_a_gui_event_loop():
             assert mec.pull("g", block=False).get_result(timeout=10) == [i]
 
 
-def test_engine_without_the_fast_socket_uses_the_comm():
+def test_engine_without_the_fast_socket_uses_the_comm(tmp_path):
     env = dict(os.environ, IPY_MULTIENGINE_FAST="0")
     with small_cluster(1, env=env) as (_cluster, mec):
         assert _fast(mec, 0) is None
@@ -231,3 +278,4 @@ def test_engine_without_the_fast_socket_uses_the_comm():
         with pytest.raises(CompositeError):  # the comm path replies too
             mec.apply(fails, block=False).get_result(timeout=20)
         assert mec.map(lambda v: v + 1, range(5)) == [1, 2, 3, 4, 5]
+        _check_abort(mec, tmp_path)  # the same on the comm: its requests queue on the shell

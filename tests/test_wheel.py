@@ -97,6 +97,12 @@ def test_wheel_contents(wheel_venv):
     assert any(n.endswith("jupyter_server_config.d/ipy_multiengine.json") for n in names), names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "docs/"))]
     assert (site / "ipy_multiengine" / "py.typed").exists()
+    # the prebuilt JupyterLab panel: built into the checkout by `.ci/run`'s install
+    # (IPME_BUILD_LABEXTENSION=1); this wheel skips the npm step but must still carry the build
+    built = ROOT / "ipy_multiengine" / "labextension" / "package.json"
+    if built.exists() or os.environ.get("CI"):
+        panel = "share/jupyter/labextensions/ipy_multiengine/package.json"
+        assert any(n.endswith(panel) for n in names), f"no {panel} in the wheel"
 
 
 @pytest.mark.timeout(240)
