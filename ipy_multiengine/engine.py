@@ -652,6 +652,7 @@ class _FastServer:
         self.loop = kernel.io_loop.asyncio_loop
         self.loop.add_reader(sock.getsockopt(zmq.FD), self._readable)
         self.loop.call_soon(self._readable)  # anything that came before the reader was added
+        _wake_gui_loops(self)
 
     def _display_hook(self, msg: dict) -> dict:
         self.displayed = True
@@ -737,3 +738,68 @@ class _FastServer:
             tracker.wait(SEND_WAIT)
         except zmq.NotDone:
             _log.warning("a reply was still being sent after %.0f s; the engine goes on", SEND_WAIT)
+
+
+class _WakingStream:
+    """The shell stream as ipykernel's GUI event loops (``%gui qt``, ``%matplotlib tk``...) see
+    it: its FD is also readable when the fast socket is.
+
+    Those loops block the kernel's main loop and leave it only when the shell socket has a
+    message, so without this a fast operation waited for the next shell message; and every
+    execute, held behind it for the engine's order, waited with it: the engine was wedged.
+    The FD is an epoll of both sockets' FDs; ``flush`` also reports a fast message (the GUI
+    loop then returns to the main loop) and schedules the fast reader, whose edge-triggered
+    FD this check has consumed.
+    """
+
+    def __init__(self, stream: Any, server: _FastServer) -> None:
+        import select
+
+        import zmq
+
+        self._stream = stream
+        self._server = server
+        self._poll = select.epoll()
+        self._poll.register(stream.getsockopt(zmq.FD), select.EPOLLIN)
+        self._poll.register(server.sock.getsockopt(zmq.FD), select.EPOLLIN)
+
+    def getsockopt(self, option: int) -> Any:
+        if option == self._server.zmq.FD:
+            return self._poll.fileno()
+        return self._stream.getsockopt(option)
+
+    def flush(self, *args: Any, **kwargs: Any) -> Any:
+        handled = self._stream.flush(*args, **kwargs)
+        server = self._server
+        if server.sock.getsockopt(server.zmq.EVENTS) & server.zmq.POLLIN:
+            server.loop.call_soon(server._readable)
+            return handled or 1
+        return handled
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _wake_gui_loops(server: _FastServer) -> None:
+    """Make ipykernel's GUI event loops wake for the fast socket too (see ``_WakingStream``);
+    where that cannot be done (no epoll: not Linux; another ipykernel), they are left as they
+    are."""
+    import select
+
+    try:
+        from ipykernel import eventloops
+    except ImportError:
+        return
+    original = getattr(eventloops, "get_shell_stream", None)
+    if original is None or not hasattr(select, "epoll"):
+        return
+    wrapped: dict[int, _WakingStream] = {}
+
+    def get_shell_stream(kernel: Any) -> Any:
+        stream = original(kernel)
+        waking = wrapped.get(id(stream))
+        if waking is None or waking._stream is not stream:
+            waking = wrapped[id(stream)] = _WakingStream(stream, server)
+        return waking
+
+    eventloops.get_shell_stream = get_shell_stream

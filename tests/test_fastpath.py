@@ -214,6 +214,47 @@ def test_unsigned_and_forged_messages_are_refused(mec, tmp_path):
     assert mec.apply(lambda: 5, targets=0) == [5]
 
 
+_FAKE_GUI = """
+import selectors, zmq
+from ipykernel.eventloops import register_integration, get_shell_stream
+@register_integration("imefakegui")
+def loop_fake(kernel):
+    # like Tk's mainloop under ipykernel: blocks, and returns when the shell stream has events
+    import builtins
+    builtins._ime_gui_entries = getattr(builtins, "_ime_gui_entries", 0) + 1
+    stream = get_shell_stream(kernel)
+    sel = selectors.DefaultSelector()
+    sel.register(stream.getsockopt(zmq.FD), selectors.EVENT_READ)
+    while not stream.flush(limit=1):
+        sel.select()
+"""
+
+
+def test_fast_operations_reach_an_engine_running_a_gui_event_loop():
+    """``%gui qt``/``%matplotlib tk`` on an engine: ipykernel's GUI loop blocks the main loop
+    until the shell socket has a message; a fast operation waited forever, and the executes
+    held behind it for the engine's order too."""
+    with small_cluster(1) as (_cluster, mec):
+        assert mec.controller._conn(0).fast  # white-box, read-only
+        assert mec.execute(_FAKE_GUI)[0]["status"] == "ok"
+        assert mec.execute("%gui imefakegui")[0]["status"] == "ok"
+
+        def entered() -> bool:
+            def count():
+                return getattr(__import__("builtins"), "_ime_gui_entries", 0)
+
+            return mec.apply(count, block=False).get_result(timeout=10) != [0]
+
+        wait_for(entered, 10, "the engine to enter its GUI loop")
+        for i in range(3):
+            assert mec.apply(lambda v: v + 1, i, block=False).get_result(timeout=10) == [i + 1]
+            mec.push({"g": i}, block=False)
+            assert mec.execute("print(g)", block=False).get_result(timeout=10)[0]["stdout"] == (
+                f"{i}\n"
+            )
+            assert mec.pull("g", block=False).get_result(timeout=10) == [i]
+
+
 def test_engine_without_the_fast_socket_uses_the_comm(tmp_path):
     env = dict(os.environ, IPY_MULTIENGINE_FAST="0")
     with small_cluster(1, env=env) as (_cluster, mec):
