@@ -359,15 +359,18 @@ def _scale(args: argparse.Namespace) -> int:
         if args.engines == have:
             print(f"the cluster already has {have} engines")
             return 0
-        answer = request_owner(path, "add", [args.engines - have], timeout=args.timeout)
+        answer = request_owner(
+            path, "add", [args.engines - have], timeout=args.timeout, extra={"to": args.engines}
+        )
     except (MultiEngineError, ValueError) as exc:
         print(f"ipmulti: {exc}", file=sys.stderr)
         return 1
     ids = answer.get("ids") or []
-    print(
-        f"added engine{'s' if len(ids) != 1 else ''} {', '.join(map(str, ids))}: "
-        f"{args.engines} engines"
-    )
+    total = answer.get("engines", args.engines)
+    if not ids:  # another request grew it meanwhile
+        print(f"the cluster already has {total} engines")
+        return 0
+    print(f"added engine{'s' if len(ids) != 1 else ''} {', '.join(map(str, ids))}: {total} engines")
     return 0
 
 

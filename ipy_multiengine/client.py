@@ -1265,6 +1265,16 @@ def _dumps_call(f: Callable, args: tuple, kwargs: dict) -> list[Any]:
         return serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs))
 
 
+def _interactive_bar(pr: PendingResult) -> ProgressBar:
+    """The bar of ``pr.wait_interactive()``: shown at once (no threshold, no terminal needed)."""
+    return ProgressBar(pr.method, 0.0, True, pr.progress_unit)
+
+
+PendingResult.interactive_bar = (
+    _interactive_bar  # read from the class: results do not import render
+)
+
+
 def _tally(
     tally: Tally, eids: list[int], futures: list[cf.Future], sizes: list[int] | None = None
 ) -> Tally:

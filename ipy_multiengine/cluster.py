@@ -734,6 +734,10 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             ctl = self.client.controller
             failed = [e for e in ids if e not in ctl.ids or ctl.dead(e)]
             _loop.run(self.launcher.remove(failed), timeout=30)
+            # stopped and forgotten by the launcher: no longer listed (as dead, with "restart
+            # it" advice no restart can follow), nor in every call on all engines
+            if not ctl.closed:
+                ctl.forget(failed, "engine failed to start and was stopped")
             kept = {e: infos[e] for e in ids if e not in failed}
             self.engines_info.update(kept)
             if kept and self.write_file and self.cluster_file and not self._stopped:
@@ -794,6 +798,12 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                     self.stop_requested = True
                 elif ask.get("op") == "signal":
                     self.send_signal([int(i) for i in ask.get("ids", [])], int(ask["signal"]))
+                elif ask.get("op") == "add" and "to" in ask:
+                    # `ipmulti scale N`: a total, counted here where requests are served one
+                    # by one (two concurrent scales to N must not add twice)
+                    more = int(ask["to"]) - len(self.engines_info)
+                    answer["ids"] = self.add_engines(more) if more > 0 else []
+                    answer["engines"] = len(self.engines_info)
                 elif ask.get("op") == "add":
                     answer["ids"] = self.add_engines(int(ask.get("ids", [1])[0]))
                 elif ask.get("op") == "restart":

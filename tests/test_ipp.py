@@ -174,6 +174,10 @@ def test_pending_result_metadata_per_engine(mec, capsys):
     for m in md:
         assert m["status"] == "ok" and m["error"] is None
         assert m["submitted"] <= m["started"] <= m["completed"]
+        # started/completed are when this client received the engine's busy and its reply
+        # and idle (the client's clock, like submitted): the engine slept 0.2 s between
+        # sending them, but each arrives with its own delivery delay, so on a loaded machine
+        # the interval seen here can be shorter than 0.2 s by the difference of the delays
         assert (m["completed"] - m["started"]).total_seconds() >= 0.15  # as seen here
         assert m["stdout"] == f"out {m['engine_id']}\n" and m["stderr"] == "err\n"
     assert pr.submitted == [m["submitted"] for m in md] and pr.completed[0] == md[0]["completed"]
@@ -366,3 +370,128 @@ def test_send_signal_reaches_the_target_engines_only(mec):
     with pytest.raises(ValueError, match="9"):
         mec.send_signal("SIGUSR1", targets=[9])
     assert mec.pull("got") == [[], [10, 10], [], [10]]
+
+
+def test_a_named_set_never_replaces_an_existing_magic(ip, mec):
+    """activate(suffix='config') would make %pxconfig, %pxstatus... over the default set's
+    own magics (and deactivate would then delete them): refused before anything is
+    registered, naming the clash; the default magics keep working."""
+    line = ip.magics_manager.magics["line"]
+    before = {n: line[n] for n in ("pxconfig", "pxstatus", "pxresult", "pxdiff", "pxdebug")}
+    for suffix in ("config", "status", "result", "diff", "debug"):
+        with pytest.raises(ValueError, match=rf"%px{suffix} is already a magic"):
+            mec.activate(suffix=suffix)
+        client.deactivate(suffix)  # no such set: nothing to remove
+        assert line[f"px{suffix}"] is before[f"px{suffix}"]
+    assert not any(n.endswith("config") and n.startswith("result") for n in line)
+    _cap, res = _run(ip, "%pxconfig --targets all")
+    assert res.success, res.error_in_exec
+    # a set of ours may be activated again (replaced), and again after deactivate
+    mec.activate(suffix="_two", targets=[0])
+    mec.activate(suffix="_two", targets=[1])
+    try:
+        _cap, res = _run(ip, "%px_two engine_id")
+        assert [r["id"] for r in res.result] == [1]
+    finally:
+        client.deactivate("_two")
+    mec.activate(suffix="_two", targets=[2])
+    try:
+        _cap, res = _run(ip, "%px_two engine_id")
+        assert [r["id"] for r in res.result] == [2]
+    finally:
+        client.deactivate("_two")
+
+
+def test_two_concurrent_scales_to_n_give_n_engines(tmp_path):
+    """Two `ipmulti scale 3` at once on a 1-engine cluster: both read "1 engine"; each used to
+    ask for 2 more, leaving 5. The owner now counts the total when it serves each request
+    (held here by stopping the owner until both requests are waiting)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from faultlib import wait_for
+
+    from ipy_multiengine.clusterfile import cluster_file_path, request_dir
+
+    ipmulti = [sys.executable, "-m", "ipy_multiengine.cli"]
+    run = lambda *a: subprocess.run(ipmulti + list(a), capture_output=True, text=True, timeout=90)  # noqa: E731
+    started = run("start", "--daemon", "-n", "1", "--profile", "t16race")
+    assert started.returncode == 0, started.stderr
+    path = cluster_file_path("t16race")
+    owner = json.loads(path.read_text())["owner"]["pid"]
+    scales = []
+    try:
+        os.kill(owner, signal.SIGSTOP)
+        try:
+            scales = [
+                subprocess.Popen(
+                    [*ipmulti, "scale", "3", "--profile", "t16race"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(2)
+            ]
+            wait_for(
+                lambda: len(list(request_dir(path).glob("*.json"))) == 2,
+                30,
+                "both scale requests waiting",
+            )
+        finally:
+            os.kill(owner, signal.SIGCONT)
+        outs = [p.communicate(timeout=120) for p in scales]
+        assert [p.returncode for p in scales] == [0, 0], outs
+        said = sorted(out for out, _ in outs)
+        assert said == ["added engines 1, 2: 3 engines\n", "the cluster already has 3 engines\n"]
+        assert [e["id"] for e in json.loads(path.read_text())["engines"]] == [0, 1, 2]
+    finally:
+        for p in scales:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        stopped = run("stop", "--profile", "t16race")
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def test_a_failed_add_leaves_no_dead_engine_behind():
+    """An engine that add_engines started but could not connect is stopped by the launcher;
+    it used to stay listed as dead, so every call on all engines failed with "restart it with
+    mec.restart(1)", and that restart failed with "unknown engine ids [1]"."""
+    from ipy_multiengine import Cluster
+
+    with Cluster(n=1, profile="t16failadd") as mec:
+        cluster = mec.owner
+        with pytest.raises(client.EngineError, match="did not answer"):
+            cluster.add_engines(1, timeout=0.001)
+        assert mec.get_ids() == [0] and mec.get_ids().dead == {}
+        assert sorted(cluster.launcher.managers) == [0]
+        assert mec.apply(lambda: engine_id) == [0]  # noqa: F821 (an engine name)
+        assert cluster.add_engines(1) == [1]
+        assert mec.apply(lambda: engine_id) == [0, 1]  # noqa: F821
+
+
+def test_send_signal_refuses_an_engine_whose_process_has_exited():
+    """An exited, reaped engine process leaves only its number, which the OS may give to an
+    unrelated process group: the launcher refuses to signal it (it used to killpg the stale
+    group id silently), before signalling any of the targets."""
+    import signal
+
+    from faultlib import wait_for
+
+    from ipy_multiengine import Cluster
+
+    with Cluster(n=2, profile="t16sigdead", auto_restart=False) as mec:
+        cluster = mec.owner
+        mec.execute(
+            "import signal; got = []; signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))"
+        )
+        proc = cluster.launcher.managers[1].provisioner.process
+        proc.kill()
+        proc.wait(timeout=10)  # reaped: pid 'free'
+        with pytest.raises(client.EngineError, match="engine 1: the process has exited"):
+            cluster.send_signal([0, 1], signal.SIGUSR1)
+        cluster.send_signal([0], signal.SIGUSR1)
+        wait_for(lambda: mec.pull("got", targets=0) == [[10]], 20, "the one signal to engine 0")

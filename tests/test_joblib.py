@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+from faultlib import reset_engines
 
 joblib = pytest.importorskip("joblib")
 pytest.importorskip("sklearn")
@@ -29,7 +30,7 @@ def mec(cluster):
     per test: the per-test reset of conftest's ``mec`` would cost more than the tests)."""
     client = cluster.client
     client.block, client.targets = True, "all"
-    client.execute("%reset -f", block=True)
+    reset_engines(client)  # bounded: names what it waited for
     return client
 
 
@@ -135,6 +136,27 @@ def test_no_client_is_a_clear_error(mec):
         mec.activate()
     with pytest.raises(ValueError, match="name"):
         mec.register_joblib_backend(name="")
+
+
+def test_a_reset_behind_a_busy_engine_fails_naming_what_it_waited_for(mec, tmp_path):
+    """The fixtures' ``%reset -f`` is bounded: behind an engine still busy (what a timed-out
+    test leaves), it fails within its deadline saying what it waited for and what runs."""
+    flag = tmp_path / "go"
+    busy = mec.execute(
+        f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)",
+        targets=[0],
+        block=False,
+    )
+    try:
+        with pytest.raises(pytest.fail.Exception) as info:
+            reset_engines(mec, timeout=0.5)
+        text = str(info.value)
+        assert "did not run '%reset -f' within 0.5 s" in text
+        assert "import os, time" in text and "busy" in text  # the status table: what runs
+    finally:
+        flag.touch()
+        busy.get_result(timeout=30)
+    assert mec.execute("print(7)", targets=[0])[0]["stdout"] == "7\n"  # usable after
 
 
 def test_one_target_engine_still_runs_the_tasks(mec, engine_pids):

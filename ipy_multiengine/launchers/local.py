@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, TargetsError
+from ..errors import ConfigError, EngineError, TargetsError
 from .base import (
     Launcher,
     LauncherError,
@@ -53,6 +53,16 @@ def kernel_args(km: Any) -> list[str]:
 UNIX_PATH_MAX = 107
 
 log = logging.getLogger("ipy_multiengine")
+
+
+def _remove_engine_files(km: Any) -> None:
+    """Remove a stopped kernel's connection file and every unix socket it had (the kernel's
+    five, which jupyter_client removes only when it cleans up, and the engine helper's fast
+    socket, which it does not know: ``clusterfile.remove_sockets``)."""
+    from ..clusterfile import remove_sockets
+
+    remove_sockets(km.get_connection_info(session=False))
+    Path(km.connection_file).unlink(missing_ok=True)
 
 
 def _fits(prefix: str) -> bool:
@@ -148,8 +158,6 @@ class LocalLauncher(Launcher):
         for eid in self.kernel_names:  # a shared directory: only our files
             self.log_file(eid).unlink(missing_ok=True)
             Path(self._dir(), f"engine-{self.tag}-{eid}.json").unlink(missing_ok=True)
-            # the engine helper's fast socket (engine.py), when the kernel could not remove it
-            Path(self._dir(), f"ipc-{self.tag}-{eid}-ime").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ starting
     def environment(self) -> dict[str, str]:
@@ -343,7 +351,7 @@ class LocalLauncher(Launcher):
                 await km.shutdown_kernel(now=True)
             except Exception:
                 self._kill(km)
-            Path(km.connection_file).unlink(missing_ok=True)
+            _remove_engine_files(km)
 
     def port_clash(self, eid: int) -> bool:
         """Did engine ``eid`` die because another process took one of its ports meanwhile?"""
@@ -376,6 +384,16 @@ class LocalLauncher(Launcher):
         unknown = [e for e in ids if e not in self.managers]
         if unknown:
             raise TargetsError(f"unknown engine ids {unknown}; valid ids: {sorted(self.managers)}")
+        # a kernel whose process has exited (and been reaped) has only a number left: its
+        # process group id may already be another session's. Polled here, a running process
+        # keeps its pid (only this process reaps it) until the signal below is sent.
+        gone = [e for e in ids if not self._running(self.managers[e])]
+        if gone:
+            raise EngineError(
+                f"engine{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))}: the "
+                "process has exited; no signal sent (restart it first)",
+                gone[0],
+            )
         for eid in ids:
             await self.managers[eid].signal_kernel(signum)
 
@@ -416,7 +434,10 @@ class LocalLauncher(Launcher):
         await asyncio.gather(*(down(km) for km in managers), return_exceptions=True)
         left = [km for km in managers if self._running(km)]
         for km in managers:
-            Path(km.connection_file).unlink(missing_ok=True)
+            if not self._running(km):  # a live kernel's files stay: the record of what runs
+                _remove_engine_files(km)
+            else:
+                Path(km.connection_file).unlink(missing_ok=True)
         self.managers.clear()
         self._remove_files()
         if left:
