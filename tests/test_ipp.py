@@ -491,3 +491,26 @@ def test_send_signal_refuses_an_engine_whose_process_has_exited():
             cluster.send_signal([0, 1], signal.SIGUSR1)
         cluster.send_signal([0], signal.SIGUSR1)
         wait_for(lambda: mec.pull("got", targets=0) == [[10]], 20, "the one signal to engine 0")
+
+
+def test_no_engines_are_added_once_a_stop_was_requested():
+    """`ipmulti stop` and `ipmulti scale` served in one round: once the stop is taken, the add
+    is refused (it used to start engines on a cluster about to stop, and say it added them)."""
+    import json
+
+    from ipy_multiengine import Cluster
+    from ipy_multiengine.clusterfile import _canonical, request_dir
+
+    with Cluster(n=1, profile="t16stopadd") as mec:
+        cluster = mec.owner
+        path = cluster.cluster_file
+        where = {"cluster_file": _canonical(path), "cluster_id": cluster.cluster_id}
+        d = request_dir(path)
+        (d / "0-stop.json").write_text(json.dumps({**where, "op": "stop", "ids": []}))
+        (d / "1-add.json").write_text(json.dumps({**where, "op": "add", "ids": [2], "to": 3}))
+        cluster.serve_requests()
+        assert cluster.stop_requested
+        assert json.loads((d / "0-stop.done").read_text())["ok"] is True
+        answer = json.loads((d / "1-add.done").read_text())
+        assert "the cluster is stopping" in answer["error"], answer
+        assert mec.get_ids() == [0] and sorted(cluster.launcher.managers) == [0]
