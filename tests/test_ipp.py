@@ -514,3 +514,38 @@ def test_no_engines_are_added_once_a_stop_was_requested():
         answer = json.loads((d / "1-add.done").read_text())
         assert "the cluster is stopping" in answer["error"], answer
         assert mec.get_ids() == [0] and sorted(cluster.launcher.managers) == [0]
+
+
+def test_a_call_while_another_thread_connects_new_engines_waits_for_them():
+    """An attached client: thread A's call connects the engine the owner added (running this
+    client's slow on_start code there). A call from another thread meanwhile used to fail
+    with 'engine 1 is not ready yet ...: restart it'; it now waits for that connection."""
+    import threading
+
+    from faultlib import wait_for
+
+    from ipy_multiengine import Cluster
+
+    with Cluster(n=1, profile="t16refresh") as own:
+        att = client.MultiEngineClient(profile="t16refresh")
+        try:
+            att.on_start("import time; time.sleep(3)")
+            assert own.owner.add_engines(1) == [1]  # the owner grows it, rewrites the file
+            got: dict = {}
+
+            def first() -> None:
+                try:
+                    got["a"] = att.apply(lambda: engine_id)  # noqa: F821
+                except BaseException as exc:
+                    got["a"] = exc
+
+            a = threading.Thread(target=first)
+            a.start()
+            try:
+                wait_for(lambda: 1 in att.get_ids(), 20, "thread A connecting engine 1")
+                assert att.apply(lambda: engine_id) == [0, 1]  # noqa: F821
+            finally:
+                a.join(30)
+            assert got["a"] in ([0, 1], [0]), got
+        finally:
+            att.close()
