@@ -549,3 +549,15 @@ def test_a_call_while_another_thread_connects_new_engines_waits_for_them():
             assert got["a"] in ([0, 1], [0]), got
         finally:
             att.close()
+
+
+def test_sync_imports_on_one_line(mec, tmp_path):
+    """`with mec.sync_imports(): import colorsys as cs` on one line (as typed at a prompt)
+    used to fail with "cannot read the source of its with block"."""
+    import runpy
+
+    mec.execute("import sys; sys.modules.pop('colorsys', None)")
+    script = tmp_path / "one_line.py"
+    script.write_text("with mec.sync_imports(quiet=True): import colorsys as cs\n")
+    assert runpy.run_path(str(script), {"mec": mec})["cs"].__name__ == "colorsys"
+    assert mec.apply(lambda: cs.__name__) == ["colorsys"] * 4  # noqa: F821 (an engine name)
