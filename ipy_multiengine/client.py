@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -1138,6 +1139,8 @@ class MultiEngineClient(Configurable):
         global _active
         if self.closed:
             return
+        if "ipy_multiengine.dask_bridge" in sys.modules:  # a dask cluster of become_dask()
+            sys.modules["ipy_multiengine.dask_bridge"].stop_on_close(self)
         self.closed = True
         if _active is self:
             _active = None
@@ -1260,6 +1263,16 @@ def _dumps_call(f: Callable, args: tuple, kwargs: dict) -> list[Any]:
         for key, value in kwargs.items():
             serialize.check_picklable(f"keyword argument {key}", value)
         return serialize.check_picklable(getattr(f, "__name__", "function"), (f, args, kwargs))
+
+
+def _interactive_bar(pr: PendingResult) -> ProgressBar:
+    """The bar of ``pr.wait_interactive()``: shown at once (no threshold, no terminal needed)."""
+    return ProgressBar(pr.method, 0.0, True, pr.progress_unit)
+
+
+PendingResult.interactive_bar = (
+    _interactive_bar  # read from the class: results do not import render
+)
 
 
 def _tally(

@@ -485,15 +485,18 @@ def _file_identity(spec: dict) -> tuple:
 
 
 def remove_sockets(conn: Any) -> None:
-    """Remove the unix sockets a dead engine's connection info names (``transport='ipc'``):
-    a killed kernel leaves them behind. Only sockets are removed, and their directory when it
-    is a launcher's own private socket directory (``ipme-*``) and now empty."""
-    if not isinstance(conn, dict) or conn.get("transport") != "ipc" or not conn.get("ip"):
-        return
+    """Remove the unix sockets of a dead engine (``wire.socket_paths`` of its connection info,
+    ``transport='ipc'``): a killed kernel leaves them behind. Only sockets are removed, and
+    their directory when it is a launcher's own private socket directory (``ipme-*``) and now
+    empty."""
     import stat
 
-    for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
-        sock = Path(f"{conn['ip']}-{conn.get(name)}")
+    from .wire import socket_paths
+
+    paths = socket_paths(conn)
+    if not paths:
+        return
+    for sock in map(Path, paths):
         try:
             if stat.S_ISSOCK(sock.lstat().st_mode):
                 sock.unlink()

@@ -906,14 +906,7 @@ class Controller:
             req.held = False
         conn.held.clear()
         for req in list(conn.requests.values()):
-            what = (
-                f" while running {req.code or req.op or req.kind!r}" if (req.code or req.op) else ""
-            )
-            self._finish(
-                conn,
-                req,
-                exc=EngineError(f"engine {conn.eid} {reason}{what}", conn.eid, _method(req)),
-            )
+            self._finish(conn, req, exc=_death_error(conn, req, reason))
 
     # ---------------------------------------------------------------- receiving (loop)
     async def _reader(self, conn: EngineConn, channel: str, sock: zmq.asyncio.Socket) -> None:
@@ -1416,10 +1409,14 @@ class Controller:
                 conn.held.popleft()
                 req.held = False
                 if conn.dead or req.channel not in conn.sockets:
+                    # held behind a request the engine died running: it fails as the requests
+                    # queued on the engine do, with the reason (never a bare "not connected")
                     self._finish(
                         conn,
                         req,
-                        exc=EngineError(
+                        exc=_death_error(conn, req, conn.dead, sent=False)
+                        if conn.dead
+                        else EngineError(
                             f"engine {conn.eid} is not connected", conn.eid, _method(req)
                         ),
                     )
@@ -1454,6 +1451,16 @@ class Controller:
     def states(self) -> Mapping[int, EngineState]:
         """Every engine's latest snapshot, by id (an immutable mapping; any thread)."""
         return self._published
+
+    def catch_up(self, timeout: float = 5.0) -> None:
+        """Wait (at most ``timeout`` s) until the loop has handled what this thread submitted
+        before, so that the snapshots count those requests (queued, running); a no-op on the
+        loop thread. Snapshots are published by the loop: read right after a submission, on
+        a loaded machine, they would not show it yet."""
+        if _loop.in_loop_thread():
+            return
+        with contextlib.suppress(TimeoutError):  # concurrent.futures' (an alias since 3.11)
+            _loop.run(asyncio.sleep(0), timeout=timeout)
 
     def _conn(self, eid: int) -> EngineConn:
         """(loop thread only) the live connection object of engine ``eid``."""
@@ -1595,19 +1602,16 @@ class Controller:
     async def _abort(self, futures: list[Future], timeout: float) -> dict[int, list[Future]]:
         wanted = {id(f) for f in futures if not f.done()}
         per_engine: dict[int, list[Request]] = {}
-        for conn in self._engines.values():
-            for req in list(conn.requests.values()):
-                if id(req.future) in wanted and req.kind in ("execute", "comm"):
-                    if req.held:  # never sent (kept back for the engine's order): fail it here
-                        req.held = False
-                        self._finish(
-                            conn,
-                            req,
-                            exc=RemoteError(
-                                "Aborted", "aborted before it was sent", [], conn.eid, _method(req)
-                            ),
-                        )
-                        continue
+        for conn in list(self._engines.values()):
+            mine = [
+                r
+                for r in conn.requests.values()
+                if id(r.future) in wanted and r.kind in ("execute", "comm")
+            ]
+            for req in mine:
+                if req.held:
+                    self._abort_held(conn, req)  # never sent: the engine never sees it
+                else:
                     per_engine.setdefault(conn.eid, []).append(req)
         refused: dict[int, list[Future]] = {}
         replies = []
@@ -1636,6 +1640,23 @@ class Controller:
                 refused[eid] = left
         return refused
 
+    def _abort_held(self, conn: EngineConn, req: Request) -> None:
+        """(loop) Abort a request still held here for order (not sent): it fails as the engine
+        would fail a skipped one, and the requests held behind it may go."""
+        for i, (_msg, held, _buffers) in enumerate(conn.held):
+            if held is req:
+                del conn.held[i]
+                break
+        req.held = False
+        text = "aborted before it was sent (mec abort)"
+        if req.kind == "execute":
+            result = wire.execute_record(conn.eid, req.code, {"status": "aborted"}, [], [], [])
+        else:
+            result = {"id": conn.eid, "stdout": "", "stderr": "", "outputs": []}
+        exc = RemoteError("Aborted", text, [], conn.eid, _method(req), result=result)
+        self._finish(conn, req, exc=exc)
+        self._release(conn)
+
     def pending(self, eid: int) -> int:
         """Requests of this client in flight on engine ``eid``."""
         return self._published[eid].in_flight
@@ -1663,6 +1684,17 @@ async def _wait_for(fut: Future, deadline: float, text: str, eid: int) -> Any:
         return await asyncio.wait_for(asyncio.wrap_future(fut), max(deadline - time.monotonic(), 0))
     except asyncio.TimeoutError:
         raise EngineError(text, eid) from None
+
+
+def _death_error(conn: EngineConn, req: Request, reason: str, sent: bool = True) -> EngineError:
+    """The error of a request that the death of its engine (``reason``) fails; one never
+    ``sent`` (held back to keep the engine's order) does not claim it was running."""
+    what = (
+        f" while running {req.code or req.op or req.kind!r}"
+        if sent and (req.code or req.op)
+        else ""
+    )
+    return EngineError(f"engine {conn.eid} {reason}{what}", conn.eid, _method(req))
 
 
 def _set_sent(req: Request, tracker: Any) -> None:

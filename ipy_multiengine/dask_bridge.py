@@ -131,6 +131,19 @@ def stop_dask(mec: Any, timeout: float = 30.0) -> None:
         bridge.cluster.close()
 
 
+def stop_on_close(mec: Any, timeout: float = 10.0) -> None:
+    """``mec.close()``: stop the client's dask cluster if one runs (its scheduler would
+    otherwise listen, with its threads, until this process ends); never raises."""
+    with _lock:
+        running = _bridges.get(mec) is not None
+    if not running:
+        return
+    try:
+        stop_dask(mec, timeout=timeout)
+    except Exception as exc:
+        log.warning("closing the client: stopping its dask cluster failed: %s", exc)
+
+
 def _stop_workers(mec: Any, eids: list[int], timeout: float) -> None:
     live = [e for e in eids if not mec.controller.dead(e)]
     if not live:

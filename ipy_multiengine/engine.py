@@ -462,11 +462,35 @@ def _error_reply(rid: Any, exc: BaseException, item: int | None) -> tuple[dict, 
         "rid": rid,
         "status": "error",
         "ename": type(exc).__name__,
-        "evalue": str(exc),
+        "evalue": _safe_str(exc),
         "traceback": lines,
         "item": item,
     }
     return reply, pickled
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:  # a user exception whose __str__ raises
+        return f"<{type(exc).__name__}: str() failed>"
+
+
+def _safe_error_reply(rid: Any, exc: BaseException, item: int | None) -> tuple[dict, list]:
+    """``_error_reply`` that cannot raise: describing a user's exception runs user code
+    (``__str__``, ``__reduce__``, a traceback's reprs) and a second Ctrl-C may land there; a
+    request must still get its one reply, or its caller waits forever."""
+    try:
+        return _error_reply(rid, exc, item)
+    except BaseException as again:
+        return {
+            "rid": rid,
+            "status": "error",
+            "ename": type(exc).__name__,
+            "evalue": f"(the engine could not describe this error: {type(again).__name__})",
+            "traceback": [],
+            "item": item,
+        }, []
 
 
 def _on_msg(comm: Any, msg: dict) -> None:
@@ -486,7 +510,7 @@ def _run_op(data: dict, buffers: list) -> tuple[dict, list]:
         # the op's own seconds: a load-balanced map sizes its chunks by them (balanced.py)
         reply: dict = {"rid": rid, "status": "ok", "seconds": time.perf_counter() - began}
     except _ItemError as err:
-        reply, frames = _error_reply(rid, err.exc, err.index)
+        reply, frames = _safe_error_reply(rid, err.exc, err.index)
     except BaseException as exc:
         # a Ctrl-C of a load-balanced map stops it here: its next chunk, already queued on
         # this engine, must not run for another chunk's time after the user pressed Ctrl-C
@@ -497,7 +521,7 @@ def _run_op(data: dict, buffers: list) -> tuple[dict, list]:
             and data["map"] not in _interrupted_maps
         ):
             _interrupted_maps.append(data["map"])
-        reply, frames = _error_reply(rid, exc, None)
+        reply, frames = _safe_error_reply(rid, exc, None)
     return reply, frames
 
 
@@ -606,7 +630,9 @@ class _FastServer:
             sock.curve_publickey = app.curve_publickey
             sock.curve_server = True
         if app.transport == "ipc":
-            path = f"{app.ip}-ime"
+            from .wire import fast_socket_path
+
+            path = fast_socket_path(app.ip)
             old = os.umask(0o077)  # the socket file: this user only, also before the chmod
             try:
                 sock.bind(f"ipc://{path}")

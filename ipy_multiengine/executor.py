@@ -226,6 +226,9 @@ class EngineExecutor(cf.Executor):
         for eid in self.eids:
             if eid in self._dead or self._inflight[eid] is not None:
                 continue
+            if self._controller.dead(eid):  # died while idle here: no task of ours is lost
+                self._dead.add(eid)
+                continue
             # a task that cannot be sent (closed client) fails at once: try the next one
             while (task := self._next_for(eid)) is not None and not self._send(eid, task):
                 pass
@@ -284,6 +287,9 @@ class EngineExecutor(cf.Executor):
                 log.error("executor: completing a task of engine %s failed", eid, exc_info=exc)
                 if not task.future.done():
                     task.future.set_exception(exc)
+            # while waiting for the next completion, hold nothing of this one: its Future
+            # (and so its result) is the caller's to drop
+            del task, fut
             with self._lock:
                 self._inflight[eid] = None
                 try:

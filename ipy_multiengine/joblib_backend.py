@@ -61,6 +61,14 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
             )
         return active
 
+    def _engines(self) -> list[int]:
+        """The target engines, in order."""
+        from .targets import resolve as resolve_targets
+
+        client = self._client()
+        targets = client.targets if self.targets is None else self.targets
+        return list(resolve_targets(targets, client.controller.ids, client.groups))
+
     def _get_executor(self) -> EngineExecutor:
         if self._executor is None:
             self._executor = EngineExecutor(
@@ -68,17 +76,24 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
             )
         return self._executor
 
-    def effective_n_jobs(self, n_jobs: int | None) -> int:
-        """How many batches run at once: the engines (``n_jobs=-1`` or None), all but
+    def _engines_for(self, n_jobs: int | None) -> int:
+        """How many engines run batches: every target engine (``n_jobs=-1`` or None), all but
         ``-n_jobs - 1`` of them for other negative values, at most ``n_jobs`` otherwise."""
         if n_jobs == 0:
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
-        engines = len(self._get_executor().eids)
+        engines = len(self._engines())
         if n_jobs is None:
             return engines
         if n_jobs < 0:
             return max(engines + 1 + n_jobs, 1)
         return min(n_jobs, engines)
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        """What joblib is told: the engines that run batches (``_engines_for``), but never 1
+        unless ``n_jobs=1`` was asked for: joblib runs an effective ``n_jobs`` of 1 itself, in
+        this process, and a single target engine must still be where the tasks run."""
+        used = self._engines_for(n_jobs)
+        return used if n_jobs == 1 else max(used, 2)
 
     def configure(
         self,
@@ -89,6 +104,12 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
         **backend_kwargs: Any,
     ) -> int:
         self.parallel = parallel
+        used = self._engines_for(n_jobs)
+        if self._executor is not None:
+            self.terminate()
+        eids = self._engines()
+        # n_jobs below the engines' number: only that many engines run batches at once
+        self._executor = EngineExecutor(self._client(), balanced=self.balanced, targets=eids[:used])
         return self.effective_n_jobs(n_jobs)
 
     def submit(self, func: Any, callback: Any = None) -> Any:

@@ -36,7 +36,15 @@ from . import client as _client_mod
 from . import stdin
 from .errors import CompositeError, MultiEngineError, NoClusterError, TargetsError
 from .errors import TimeoutError as MultiEngineTimeout
-from .render import LiveOutput, ProgressBar, Renderer, in_notebook, live_printer, one_line
+from .render import (
+    LiveOutput,
+    ProgressBar,
+    Renderer,
+    bars_cleared,
+    in_notebook,
+    live_printer,
+    one_line,
+)
 from .targets import engine_range
 from .targets import parse_targets as _parse_targets_raw
 from .targets import resolve as _resolve_targets
@@ -627,10 +635,12 @@ class ParallelMagics(Magics):
                     try:
                         mec.interrupt(still)
                     except Exception as exc:  # e.g. an engine died meanwhile: keep collecting
-                        print(
-                            f"%px: could not interrupt engines {engine_range(still)}: {exc}",
-                            file=sys.stderr,
-                        )
+                        with bars_cleared(sys.stderr):  # above a terminal's bar, not onto it
+                            print(
+                                f"%px: could not interrupt engines {engine_range(still)}: {exc}",
+                                file=sys.stderr,
+                                flush=True,
+                            )
                 if self._wait(pr, live, progress, min(end, time.monotonic() + INTERRUPT_REPEAT)):
                     break
                 if time.monotonic() >= end:
@@ -647,6 +657,7 @@ class ParallelMagics(Magics):
         )
         if still:
             msg += f"; {engine_range(still)} still busy (%result waits for them)"
+        progress.close(*pr.progress())  # the bar's final count, then a terminal's bar is gone
         print(msg, file=sys.stderr, flush=True)
 
     def _run_local(self, code: str) -> None:

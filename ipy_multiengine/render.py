@@ -7,11 +7,14 @@ lines in a terminal, one display area per engine and stream, updated in place, i
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import sys
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -716,6 +719,10 @@ class ProgressBar:
             "desc": self.desc,
             "unit": self.unit,
             "mininterval": 0.2,
+            # fixed, not tqdm's dynamic miniters: tqdm's monitor thread redraws a bar whose
+            # miniters grew past 1 after maxinterval (10 s) without a draw, i.e. an HTML bar
+            # displayed from a thread that is not the cell's; drawn by the waiting thread only
+            "miniters": 1,
         }
         if self.unit == "B":
             kwargs.update(unit_scale=True, unit_divisor=1024)
@@ -732,8 +739,11 @@ class ProgressBar:
         a terminal's line is cleared."""
         if self.bar is not None:
             if done is not None:
-                # a total not known ahead (a gather's bytes) is known now
-                self(done, done if total is None else total, waiting, final=True)
+                # a total not known ahead (a gather's bytes) is known now, if nothing is left:
+                # a call that timed out or was interrupted is not shown as 100% done
+                if total is None and not waiting:
+                    total = done
+                self(done, total, waiting, final=True)
             self.bar.close()
             self.bar = None
 
@@ -748,6 +758,31 @@ def in_notebook(shell: Any = None) -> bool:
 
         shell = get_ipython()
     return getattr(shell, "kernel", None) is not None
+
+
+@contextlib.contextmanager
+def interrupt_after() -> Iterator[None]:
+    """Run the block whole: a Ctrl-C (SIGINT) arriving in it is raised when it ends, by the
+    handler it would have reached. In the main thread only (the one Python signals); other
+    threads, or a SIGINT that is ignored or not Python's, run the block as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+    except (ValueError, OSError):
+        previous = None
+    if not callable(previous):
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            previous(*caught[0])  # e.g. default_int_handler: KeyboardInterrupt from here
 
 
 class LiveOutput:
@@ -796,10 +831,12 @@ class LiveOutput:
                     event = self._events[0]
                 except IndexError:
                     break
-                # taken off only once shown: a Ctrl-C raised while it is rendered (the wait
-                # serves drains in the interrupted thread) must not lose it
-                self.renderer.handle(*event)
-                self._events.popleft()
+                # one event is shown whole, then taken off: a Ctrl-C arriving while it is
+                # rendered (the wait serves drains in the interrupted thread) is raised right
+                # after, so that it neither loses the event nor shows it twice
+                with interrupt_after():
+                    self.renderer.handle(*event)
+                    self._events.popleft()
             if not self.closed:
                 self.renderer.tick()
 
@@ -819,7 +856,10 @@ class LiveOutput:
                 self.closed = True
                 self._events.clear()
                 if self.renderer is not None:
-                    self.renderer.finish()
+                    # what is left (a collected cell's every output) is shown whole: a Ctrl-C
+                    # meanwhile is raised after it, instead of dropping the rest
+                    with interrupt_after():
+                        self.renderer.finish()
 
 
 def live_printer(eid: int) -> Any:

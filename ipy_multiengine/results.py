@@ -143,6 +143,12 @@ class PendingResult:
     Errors from engines are raised as one ``CompositeError``.
     """
 
+    #: The bar ``wait_interactive`` draws, made for a ``PendingResult``: a callable with the
+    #: interface of ``render.ProgressBar`` (``bar(done, total, busy)``, ``bar.close(...)``).
+    #: Installed by the client (``client.py``): results are data and waiting, and do not depend
+    #: on rendering. ``None``: ``wait_interactive`` waits without a bar.
+    interactive_bar: Callable[[PendingResult], Any] | None = None
+
     def __init__(
         self,
         futures: list[cf.Future[Any]],
@@ -209,9 +215,8 @@ class PendingResult:
         items (or bytes) done, the rate and the engines still busy; an HTML bar updated in place
         in a notebook, a tqdm bar on stderr in a terminal, cleared at the end. True when ready,
         False if ``timeout`` passed first; Ctrl-C interrupts the engines and re-raises."""
-        from .render import ProgressBar
-
-        bar = None if self.ready() else ProgressBar(self.method, 0.0, True, self.progress_unit)
+        make = PendingResult.interactive_bar
+        bar = None if self.ready() or make is None else make(self)
         return self._wait(timeout, bar)
 
     def _wait(self, timeout: float | None, bar: Any) -> bool:

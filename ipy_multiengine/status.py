@@ -100,6 +100,7 @@ def _usage(pid: int | None, host: str) -> tuple[int | None, float | None]:
 def status_rows(client: Any) -> list[dict]:
     """``engine_rows`` plus running (what a busy engine runs), busy_for (s), rss, cpu, queued."""
     ctl = client.controller
+    ctl.catch_up()  # what the caller submitted before shows as queued or running
     rows = engine_rows(client)
     now = time.monotonic()
     for row in rows:

@@ -20,6 +20,28 @@ INSTALL_CODE = (
     "import ipy_multiengine.engine as _ime_helper; _ime_helper.register(); del _ime_helper"
 )
 
+#: The connection-info keys of a kernel's five ports (for ``transport='ipc'``: socket files).
+PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+
+#: What follows the kernel's ``ip`` in the path of the engine helper's fast unix socket.
+FAST_SOCKET_SUFFIX = "ime"
+
+
+def fast_socket_path(ip: str) -> str:
+    """The path of the fast socket of an ipc engine whose connection info has ``ip``."""
+    return f"{ip}-{FAST_SOCKET_SUFFIX}"
+
+
+def socket_paths(conn: dict) -> list[str]:
+    """Every unix socket file an engine with connection info ``conn`` listens on: the
+    kernel's five and the engine helper's fast socket ([] unless ``transport='ipc'``).
+    The one list of them: whoever cleans up after an engine removes these."""
+    if not isinstance(conn, dict) or conn.get("transport") != "ipc" or not conn.get("ip"):
+        return []
+    ip = str(conn["ip"])
+    return [f"{ip}-{conn[k]}" for k in PORT_KEYS if conn.get(k)] + [fast_socket_path(ip)]
+
+
 #: Message types served on the control channel: their busy/idle says nothing of the shell.
 CONTROL_MSG_TYPES = frozenset(
     {"interrupt_request", "shutdown_request", "debug_request", "usage_request"}

@@ -16,6 +16,7 @@ os.environ["JUPYTER_RUNTIME_DIR"] = _RUNTIME  # before ipy_multiengine computes 
 
 import psutil  # noqa: E402
 import pytest  # noqa: E402
+from faultlib import reset_engines  # noqa: E402
 
 from ipy_multiengine import Cluster  # noqa: E402
 
@@ -66,7 +67,7 @@ def mec(cluster):
     client = cluster.client
     client.block = True
     client.targets = "all"
-    client.execute("%reset -f", block=True)
+    reset_engines(client)  # bounded: names what it waited for
     return client
 
 

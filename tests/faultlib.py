@@ -21,6 +21,28 @@ from ipy_multiengine import Cluster
 _profiles = itertools.count()
 
 
+#: seconds a fixture waits for the engines to run its ``%reset -f`` (they may be busy with
+#: what an earlier test left running: then the fixture fails saying so, not the test timeout)
+RESET_WAIT = 45.0
+
+
+def reset_engines(client: Any, timeout: float = RESET_WAIT) -> None:
+    """Empty the engines' namespaces (``%reset -f``) within ``timeout`` s, or fail naming what
+    was waited for and what each engine was running and had queued (``client.status()``)."""
+    import pytest
+
+    from ipy_multiengine.errors import TimeoutError as EngineTimeout
+
+    try:
+        client.execute("%reset -f", block=True, timeout=timeout)
+    except EngineTimeout:
+        pytest.fail(
+            f"the engines did not run '%reset -f' within {timeout:g} s: an earlier test left "
+            f"them busy (or a reply was lost). Engines now:\n{client.status()!r}",
+            pytrace=False,
+        )
+
+
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
     """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout

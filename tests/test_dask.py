@@ -101,3 +101,18 @@ def test_stop_dask_leaves_the_engines_as_they_were(dask_client):
     with pytest.raises(RuntimeError, match="no dask cluster"):
         mec.stop_dask()
     mec.execute("%reset -f")
+
+
+def test_closing_the_client_stops_its_dask_cluster():
+    # mec.close() without stop_dask(): the scheduler must not keep listening in this process
+    from faultlib import small_cluster
+
+    with small_cluster(1) as (_cluster, mec):
+        client = mec.become_dask()
+        cluster = client.cluster
+        assert int(da.arange(10, chunks=5).sum().compute()) == 45
+        mec.close()
+        assert client.status == "closed"
+        assert cluster.status.name == "closed", cluster.status
+        with pytest.raises(RuntimeError, match="no dask cluster"):
+            mec.stop_dask()

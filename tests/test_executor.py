@@ -198,3 +198,44 @@ def test_dead_engine_fails_pinned_tasks_not_others(tmp_path):
         assert not not_done
         assert all(isinstance(f.exception(), EngineError) for f in queued)
         ex.shutdown()  # returns: nothing left pending
+
+
+def test_balanced_tasks_skip_an_engine_that_died_idle():
+    # an idle engine that died must not be handed the next queued tasks: other engines are free
+    from faultlib import small_cluster, wait_for
+
+    with small_cluster(2) as (_cluster, mec):
+        p0, p1 = mec.apply(pid, targets=[0, 1])
+        ex = mec.executor(targets=[0, 1])
+        assert ex.submit(pid).result(timeout=20) in (p0, p1)
+        os.kill(p1, 9)
+        wait_for(lambda: mec.controller.dead(1), 20, "engine 1 seen dead")
+        assert [f.result(timeout=20) for f in [ex.submit(pid) for _ in range(4)]] == [p0] * 4
+        ex.shutdown()
+
+
+class Payload:
+    """A result the test can watch being freed (a weakref)."""
+
+    def __init__(self, n: int) -> None:
+        self.data = bytes(n)
+
+
+def payload(n: int) -> Payload:
+    return Payload(n)
+
+
+def test_a_dropped_result_is_freed_while_other_tasks_run(mec, tmp_path):
+    import gc
+    import weakref
+
+    release = str(tmp_path / "go")
+    with mec.executor(targets=[0, 1]) as ex:
+        running = ex.submit(block_until, release)  # keeps the executor's thread busy
+        fut = ex.submit(payload, 1000)
+        ref = weakref.ref(fut.result(timeout=20))
+        del fut
+        gc.collect()
+        assert ref() is None, gc.get_referrers(ref())
+        open(release, "w").close()
+        assert running.result(timeout=20) > 0

@@ -17,10 +17,10 @@ import uuid
 
 import pytest
 import zmq
-from faultlib import small_cluster, wait_for
+from faultlib import make_hanger, marker, small_cluster, wait_for
 from jupyter_client.session import Session
 
-from ipy_multiengine import CompositeError, MultiEngineClient
+from ipy_multiengine import CompositeError, EngineError, MultiEngineClient
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,6 +90,24 @@ def test_errors_on_the_fast_path_carry_the_remote_traceback(mec):
     assert mec.apply(fails, 0) == [0] * 4  # still usable
 
 
+def test_an_error_that_cannot_be_described_still_gets_its_reply(mec):
+    """An exception whose ``__str__`` raises: describing it on the engine failed and the
+    request got no reply at all (the caller waited forever)."""
+
+    class Unprintable(Exception):
+        def __str__(self):
+            raise ValueError("no str for you")
+
+    def fails():
+        raise Unprintable()
+
+    pr = mec.apply(fails, block=False)
+    with pytest.raises(CompositeError) as info:
+        pr.get_result(timeout=20)
+    assert {e.ename for e in info.value.elist} == {"Unprintable"}
+    assert mec.apply(lambda: 1) == [1] * 4
+
+
 def test_interrupt_from_another_client_stops_a_fast_operation(cluster, mec):
     """A non-owner client interrupts over the control channel (the kernel signals itself): the
     operation on the fast socket fails with KeyboardInterrupt, the next one succeeds."""
@@ -107,6 +125,53 @@ def test_interrupt_from_another_client_stops_a_fast_operation(cluster, mec):
         assert after.get_result(timeout=10) == ["__main__"]
     finally:
         c.close()
+
+
+def _check_abort(mec: MultiEngineClient, tmp_path) -> None:
+    """abort() on one engine, whichever path its queued requests take: an apply queued behind
+    a running execute (on the fast path held in the controller for order, on the comm queued in
+    the engine) is never run, nor is an apply queued behind a running apply (on the fast path
+    queued on the engine's fast socket); the running apply is never aborted (EngineError)."""
+
+    def set_flag():
+        global abort_flag
+        abort_flag = True
+
+    pid = mec.apply(os.getpid, targets=0)[0]
+    mec.execute("abort_flag = False", targets=0)
+    running = mec.execute("import time; time.sleep(30)", targets=0, block=False)
+    wait_for(lambda: running.started[0] is not None, 10, "engine 0 running the sleep")
+    behind_exec = mec.apply(set_flag, targets=0, block=False)
+    behind_exec.abort()
+    if mec.controller.state(0).engine_info.get("fast"):
+        # it was held here, never sent: it fails now, while the sleep still runs
+        assert behind_exec.wait(5) and running.metadata[0]["status"] == "pending"
+    mec.interrupt(targets=[0])
+    with pytest.raises(CompositeError, match="KeyboardInterrupt"):
+        running.get_result(timeout=10)
+    with pytest.raises(CompositeError, match="Aborted"):
+        behind_exec.get_result(timeout=10)
+    assert behind_exec.metadata[0]["status"] == "aborted"
+    hang = make_hanger(tmp_path, "abort")
+    busy = mec.apply(hang, targets=0, block=False)
+    behind_apply = mec.apply(set_flag, targets=0, block=False)
+    wait_for(marker(tmp_path, "abort", pid).exists, 10, "the hanging apply to start")
+    with pytest.raises(EngineError, match=r"(running|not aborted) on engines \[0\].*mec.interrupt"):
+        busy.abort()  # running: refused, and left running
+    behind_apply.abort()
+    assert not busy.ready()
+    mec.interrupt(targets=[0])
+    with pytest.raises(CompositeError, match="KeyboardInterrupt"):
+        busy.get_result(timeout=10)
+    with pytest.raises(CompositeError, match="Aborted"):
+        behind_apply.get_result(timeout=10)
+    assert behind_apply.metadata[0]["status"] == "aborted"
+    assert mec.pull("abort_flag", targets=0) == [False]  # neither aborted apply ran
+    assert mec.apply(lambda: 7, targets=0) == [7]  # the engine is usable
+
+
+def test_abort_skips_data_operations_queued_on_either_path(mec, tmp_path):
+    _check_abort(mec, tmp_path)
 
 
 def _ask(path: str, frames: list, wait_ms: int) -> list | None:
@@ -149,7 +214,7 @@ def test_unsigned_and_forged_messages_are_refused(mec, tmp_path):
     assert mec.apply(lambda: 5, targets=0) == [5]
 
 
-def test_engine_without_the_fast_socket_uses_the_comm():
+def test_engine_without_the_fast_socket_uses_the_comm(tmp_path):
     env = dict(os.environ, IPY_MULTIENGINE_FAST="0")
     with small_cluster(1, env=env) as (_cluster, mec):
         assert _fast(mec, 0) is None
@@ -161,4 +226,15 @@ def test_engine_without_the_fast_socket_uses_the_comm():
         assert mec.apply(lambda: a * b) == [12]  # noqa: F821 (engine names)
         with pytest.raises(CompositeError):
             mec.apply(lambda: 1 / 0)
+
+        class Unprintable(Exception):
+            def __str__(self):
+                raise ValueError("no str for you")
+
+        def fails():
+            raise Unprintable()
+
+        with pytest.raises(CompositeError):  # the comm path replies too
+            mec.apply(fails, block=False).get_result(timeout=20)
         assert mec.map(lambda v: v + 1, range(5)) == [1, 2, 3, 4, 5]
+        _check_abort(mec, tmp_path)  # the same on the comm: its requests queue on the shell

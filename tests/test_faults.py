@@ -69,6 +69,8 @@ def test_kill9_during_operation(op, tmp_path):
         pid = engine_pid(cluster, 1)
         pr = _start_op(mec, op, tmp_path)
         queued = mec.execute("queued = 1", targets=1, block=False)  # waits behind the running op
+        # a data operation behind an execute waits in the controller for order (fast path)
+        held = mec.pull("before_restart", targets=1, block=False)
         wait_for(marker(tmp_path, op, pid).exists, 20, f"{op} to start on engine 1")
         if op in ("execute", "push"):  # engine 0 hangs too: interrupt it
             wait_for(
@@ -100,6 +102,8 @@ def test_kill9_during_operation(op, tmp_path):
             ].ename == "KeyboardInterrupt"
         with pytest.raises(CompositeError, match="engine 1 was killed by signal SIGKILL"):
             queued.get_result(timeout=5)  # queued behind it: failed too
+        with pytest.raises(CompositeError, match="engine 1 was killed by signal SIGKILL"):
+            held.get_result(timeout=5)  # held in the controller, never sent: failed, no hang
         assert mec.get_ids() == [0, 1] and "1 was killed by signal SIGKILL" in repr(mec.get_ids())
         with pytest.raises(EngineError, match=r"engine 1 is dead .*mec\.restart\(1\)"):
             mec.execute("1", targets=1)

@@ -180,6 +180,25 @@ def test_unknown_kernelspec_is_named():
 
 
 # ---------------------------------------------------------------------- status table
+def test_status_counts_a_request_submitted_just_before_it_while_the_loop_lags(mec, flag):
+    """status() right after a submission shows it queued, also when the I/O loop has not
+    handled the submission yet (a loaded machine: here the loop is held up on purpose)."""
+    from ipy_multiengine import _loop
+
+    listener, started = started_listener("WAITING-Q")
+    pr = mec.execute(wait_code(flag, "WAITING-Q"), targets=0, block=False, listener=listener)
+    assert started.wait(30), "engine 0 never started the waiting code"
+    held_up = threading.Event()
+    _loop.call_soon(held_up.wait, 0.5)  # the loop is busy for 0.5 s (as under load)
+    queued = mec.execute("x_after = 1", targets=0, block=False)
+    rows = {r["id"]: r for r in mec.status().rows}
+    held_up.set()
+    assert rows[0]["state"] == "busy" and rows[0]["queued"] == 1
+    flag.touch()
+    pr.get_result(timeout=30)
+    queued.get_result(timeout=30)
+
+
 def test_status_table_shows_busy_engines_what_they_run_and_queues(mec, flag):
     listener, started = started_listener("WAITING-P")
     code = wait_code(flag, "WAITING-P")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+from faultlib import reset_engines
 
 joblib = pytest.importorskip("joblib")
 pytest.importorskip("sklearn")
@@ -29,7 +30,7 @@ def mec(cluster):
     per test: the per-test reset of conftest's ``mec`` would cost more than the tests)."""
     client = cluster.client
     client.block, client.targets = True, "all"
-    client.execute("%reset -f", block=True)
+    reset_engines(client)  # bounded: names what it waited for
     return client
 
 
@@ -135,3 +136,51 @@ def test_no_client_is_a_clear_error(mec):
         mec.activate()
     with pytest.raises(ValueError, match="name"):
         mec.register_joblib_backend(name="")
+
+
+def test_a_reset_behind_a_busy_engine_fails_naming_what_it_waited_for(mec, tmp_path):
+    """The fixtures' ``%reset -f`` is bounded: behind an engine still busy (what a timed-out
+    test leaves), it fails within its deadline saying what it waited for and what runs."""
+    flag = tmp_path / "go"
+    busy = mec.execute(
+        f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.01)",
+        targets=[0],
+        block=False,
+    )
+    try:
+        with pytest.raises(pytest.fail.Exception) as info:
+            reset_engines(mec, timeout=0.5)
+        text = str(info.value)
+        assert "did not run '%reset -f' within 0.5 s" in text
+        assert "import os, time" in text and "busy" in text  # the status table: what runs
+    finally:
+        flag.touch()
+        busy.get_result(timeout=30)
+    assert mec.execute("print(7)", targets=[0])[0]["stdout"] == "7\n"  # usable after
+
+
+def test_one_target_engine_still_runs_the_tasks(mec, engine_pids):
+    # joblib runs an effective n_jobs of 1 itself, in this process: one engine must not be 1
+    (only,) = mec.apply(pid, targets=[2])
+    with joblib.parallel_config(backend="ipy_multiengine", targets=[2], n_jobs=-1):
+        pids = joblib.Parallel()(joblib.delayed(pid)(i) for i in range(6))
+    assert set(pids) == {only}
+    with joblib.parallel_config(backend="ipy_multiengine", targets=[1, 2], n_jobs=-2):
+        pids = joblib.Parallel()(joblib.delayed(pid)(i) for i in range(6))
+    assert set(pids) == {mec.apply(pid, targets=[1])[0]}  # all but one of the two
+    with joblib.parallel_config(backend="ipy_multiengine", n_jobs=1):  # asked for: joblib's own
+        assert joblib.Parallel()(joblib.delayed(pid)(i) for i in range(2)) == [os.getpid()] * 2
+
+
+def slow_pid(t: float) -> int:
+    import os
+    import time
+
+    time.sleep(t)
+    return os.getpid()
+
+
+def test_positive_n_jobs_bounds_the_engines_used(mec, engine_pids):
+    with joblib.parallel_config(backend="ipy_multiengine", n_jobs=2):
+        pids = joblib.Parallel(batch_size=1)(joblib.delayed(slow_pid)(0.1) for i in range(12))
+    assert set(pids) <= engine_pids and len(set(pids)) <= 2, pids

@@ -102,6 +102,125 @@ def test_wait_interactive_honours_timeout(mec, capsys):
     assert pr.wait_interactive(timeout=30) is True
 
 
+def test_ctrl_c_in_px_leaves_no_bar_and_an_intact_message(ip, mec, monkeypatch):
+    """Ctrl-C in a %%px cell showing its progress bar in a terminal: the bar is gone from the
+    screen and the "interrupted engines" message is a line of its own, not written onto it."""
+    import _thread
+    import io
+    import sys
+    import threading
+
+    from beyond_helpers import screen_lines
+
+    from ipy_multiengine import render
+
+    monkeypatch.setattr(render, "interactive", lambda: True)
+    drawn = threading.Event()
+
+    class Terminal(io.StringIO):
+        def write(self, s):
+            n = super().write(s)
+            if "0/4" in self.getvalue():
+                drawn.set()  # the bar is on the screen
+            return n
+
+    def interrupter():
+        if drawn.wait(20):
+            _thread.interrupt_main()
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    t = threading.Thread(target=interrupter)
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt), capture_output(stderr=False):
+            ip.run_cell_magic("px", "--progress-after 0", "import time; time.sleep(30)")
+    finally:
+        t.join()
+    monkeypatch.undo()
+    shown = [ln for ln in screen_lines(screen.getvalue()) if ln.strip()]
+    assert len(shown) == 1 and re.fullmatch(r"%px: interrupted engines [0-3-]+.*", shown[0]), shown
+    assert [r["stdout"] for r in mec.execute("print('alive')")] == ["alive\n"] * 4
+
+
+def test_results_do_not_depend_on_rendering():
+    """Layering: ``results`` (data and waiting) imports nothing of ``render``, not even lazily;
+    the bar of ``wait_interactive`` is installed by the client."""
+    import ast
+    import inspect
+
+    from ipy_multiengine import client, results
+
+    tree = ast.parse(inspect.getsource(results))
+    names = [
+        (node.module or "") + "".join("." + a.name for a in node.names)
+        if isinstance(node, ast.ImportFrom)
+        else ",".join(a.name for a in node.names)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+    ]
+    assert not [n for n in names if "render" in n], names
+    assert results.PendingResult.interactive_bar is client._interactive_bar
+
+
+@pytest.mark.parametrize("notebook", [True, False])
+def test_progress_is_drawn_by_the_waiting_thread_only(monkeypatch, notebook):
+    """tqdm's monitor thread redraws a bar whose ``miniters`` grew past 1 once ``maxinterval``
+    passed without a draw (a slow gather): a notebook display sent from a thread that is not
+    the cell's, a terminal write racing the live output. The bar is drawn by the waiting
+    thread only: the monitor, made to run often here, never draws it."""
+    import io
+    import threading
+
+    import tqdm.std
+
+    from ipy_multiengine import render
+
+    monkeypatch.setattr(render, "in_notebook", lambda shell=None: notebook)
+    monkeypatch.setattr(render.sys, "stderr", io.StringIO())
+    drawers: set[str] = set()
+    real_refresh = tqdm.std.tqdm.refresh
+
+    def refresh(self, *a, **k):
+        drawers.add(threading.current_thread().name)
+        return real_refresh(self, *a, **k)
+
+    monkeypatch.setattr(tqdm.std.tqdm, "refresh", refresh)
+    bar = render.ProgressBar("gather", 0.0, True, "B")
+    bar(0, None, [0])
+    for i in range(1, 6):
+        time.sleep(0.21)  # past mininterval: each update is drawn
+        bar(i << 20, None, [0])
+    bar.bar.maxinterval = 0.2  # "long" without a draw, from now
+    monitor = tqdm.std.TMonitor(tqdm.std.tqdm, 0.05)  # one that looks every 50 ms
+    try:
+        time.sleep(0.6)
+    finally:
+        monitor.exit()
+    bar.close(6 << 20, None, [])
+    assert drawers <= {threading.current_thread().name}, drawers
+
+
+def test_unfinished_gather_is_not_left_at_100_percent(monkeypatch):
+    """A gather's total (bytes) is known only once every engine answered: a gather that timed
+    out or was interrupted with engines still busy keeps an open total in the bar's final
+    state (what a saved notebook holds), not ``100%`` of what arrived."""
+    from ipy_multiengine import render
+
+    monkeypatch.setattr(render, "in_notebook", lambda shell=None: True)
+    shown: list[dict] = []
+    monkeypatch.setattr(render, "_display", lambda data, md, *a, **k: shown.append(data))
+    bar = render.ProgressBar("gather", 0.0, True, "B")
+    bar(0, None, [0, 1])
+    bar.close(3 << 20, None, [1])  # engine 1 never answered
+    final = shown[-1]["text/html"]
+    assert "3.00MB" in final and "100%" not in final and "waiting for engine 1" in final, final
+    bar = render.ProgressBar("gather", 0.0, True, "B")
+    bar(0, None, [0, 1])
+    bar.close(4 << 20, None, [])  # all answered: the total is what arrived
+    assert "100%" in shown[-1]["text/html"], shown[-1]
+
+
 def test_scatter_and_gather_progress_count_bytes(mec, monkeypatch, capsys):
     from ipy_multiengine import render
 
@@ -116,6 +235,53 @@ def test_scatter_and_gather_progress_count_bytes(mec, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert re.search(r"scatter:.*M(i)?B?/", err) or "MB" in err, err
     assert re.search(r"gather:.*\d(\.\d)?M", err), err
+
+
+def test_ctrl_c_while_an_event_renders_neither_loses_nor_repeats_it(monkeypatch, capsys):
+    """A Ctrl-C (a real SIGINT) landing while a live output line is written: the interrupt
+    still reaches the user, and the line is shown once, not again at the end."""
+    import os
+    import signal
+    import sys
+
+    from ipy_multiengine.render import LiveOutput, Renderer
+
+    real = sys.stdout
+
+    class Interrupting:  # the terminal, where the Ctrl-C arrives mid-write
+        fired = False
+
+        def write(self, text: str) -> int:
+            real.write(text)
+            if not self.fired:
+                self.fired = True
+                os.kill(os.getpid(), signal.SIGINT)
+            return len(text)
+
+        def flush(self) -> None:
+            real.flush()
+
+    live = LiveOutput(renderer=Renderer([0, 1], "stream", False))
+    monkeypatch.setattr(sys, "stdout", Interrupting())
+    live.listener(0, "stream", {"name": "stdout", "text": "hello\n"})
+    with pytest.raises(KeyboardInterrupt):
+        live._drain()  # what the wait runs in the user's thread
+    live.listener(1, "stream", {"name": "stdout", "text": "world\n"})
+    live.close()
+    monkeypatch.setattr(sys, "stdout", real)
+    assert capsys.readouterr().out.splitlines() == ["[stdout:0] hello", "[stdout:1] world"]
+
+    # collected output (--no-stream, a failing or timed-out one-line %px) is shown at close:
+    # a Ctrl-C while it is shown comes after all of it, not instead of the rest
+    live = LiveOutput(renderer=Renderer([0, 1], "collect", False))
+    live.listener(0, "stream", {"name": "stdout", "text": "hello\n"})
+    live.listener(1, "stream", {"name": "stdout", "text": "world\n"})
+    live._drain()
+    monkeypatch.setattr(sys, "stdout", Interrupting())
+    with pytest.raises(KeyboardInterrupt):
+        live.close()
+    monkeypatch.setattr(sys, "stdout", real)
+    assert capsys.readouterr().out.splitlines() == ["[stdout:0] hello", "[stdout:1] world"]
 
 
 # ---------------------------------------------------------------------- labels, areas (14.2, 14.3)

@@ -124,7 +124,9 @@ async def test_refuses_requests_without_the_token(jp_fetch, jp_base_url, http_se
     assert not os.path.exists(os.path.join(RUNTIME, "ipy_multiengine", "cluster-nope.json"))
 
 
-async def test_bad_requests_name_what_is_wrong(jp_fetch):
+async def test_bad_requests_name_what_is_wrong(jp_fetch, cluster):
+    # ``cluster``: the session's 'tests' cluster must be running (its cases name it), also
+    # when this test runs first in its process (pytest-xdist --dist loadfile)
     cases = [
         ({"n": 0, "profile": "x"}, "'n' must be an integer"),
         ({"n": 1, "profile": "../x"}, "'profile'"),

@@ -55,6 +55,16 @@ UNIX_PATH_MAX = 107
 log = logging.getLogger("ipy_multiengine")
 
 
+def _remove_engine_files(km: Any) -> None:
+    """Remove a stopped kernel's connection file and every unix socket it had (the kernel's
+    five, which jupyter_client removes only when it cleans up, and the engine helper's fast
+    socket, which it does not know: ``clusterfile.remove_sockets``)."""
+    from ..clusterfile import remove_sockets
+
+    remove_sockets(km.get_connection_info(session=False))
+    Path(km.connection_file).unlink(missing_ok=True)
+
+
 def _fits(prefix: str) -> bool:
     """Do ``PREFIX-N`` socket paths fit in a unix socket address (room for the port number)?"""
     return len(os.fsencode(prefix)) + 8 <= UNIX_PATH_MAX
@@ -148,8 +158,6 @@ class LocalLauncher(Launcher):
         for eid in self.kernel_names:  # a shared directory: only our files
             self.log_file(eid).unlink(missing_ok=True)
             Path(self._dir(), f"engine-{self.tag}-{eid}.json").unlink(missing_ok=True)
-            # the engine helper's fast socket (engine.py), when the kernel could not remove it
-            Path(self._dir(), f"ipc-{self.tag}-{eid}-ime").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ starting
     def environment(self) -> dict[str, str]:
@@ -343,7 +351,7 @@ class LocalLauncher(Launcher):
                 await km.shutdown_kernel(now=True)
             except Exception:
                 self._kill(km)
-            Path(km.connection_file).unlink(missing_ok=True)
+            _remove_engine_files(km)
 
     def port_clash(self, eid: int) -> bool:
         """Did engine ``eid`` die because another process took one of its ports meanwhile?"""
@@ -426,7 +434,10 @@ class LocalLauncher(Launcher):
         await asyncio.gather(*(down(km) for km in managers), return_exceptions=True)
         left = [km for km in managers if self._running(km)]
         for km in managers:
-            Path(km.connection_file).unlink(missing_ok=True)
+            if not self._running(km):  # a live kernel's files stay: the record of what runs
+                _remove_engine_files(km)
+            else:
+                Path(km.connection_file).unlink(missing_ok=True)
         self.managers.clear()
         self._remove_files()
         if left:
