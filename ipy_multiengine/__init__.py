@@ -4,6 +4,8 @@
 connect to running ones, ``%load_ext ipy_multiengine`` for the ``%px`` family of magics.
 """
 
+from typing import Any
+
 from .client import MultiEngineClient, PendingResult, ResultList
 from .cluster import Cluster
 from .errors import (
@@ -35,14 +37,14 @@ __all__ = [
 ]
 
 
-def load_ipython_extension(ip):
+def load_ipython_extension(ip: Any) -> None:
     """``%load_ext ipy_multiengine``: register the parallel magics."""
     from .magics import load
 
     load(ip)
 
 
-def unload_ipython_extension(ip):
+def unload_ipython_extension(ip: Any) -> None:
     """``%unload_ext ipy_multiengine``: remove the magics and the ``%autopx`` transformer."""
     from .magics import unload
 

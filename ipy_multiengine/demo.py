@@ -30,7 +30,7 @@ def tour(n: int = 4) -> int:
         _show("mec.map(lambda x: x**10, range(8))", mec.map(lambda x: x**10, range(8)))
 
         @mec.parallel()
-        def f(x):
+        def f(x: float) -> float:
             return 10.0 * x**4
 
         _show("@mec.parallel() f(range(8))", f(range(8)))

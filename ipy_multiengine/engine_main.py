@@ -40,6 +40,11 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psutil
 
 READY_KEY = "ipy_multiengine_ready"
 READY_PREFIX = "IPY_MULTIENGINE_READY "
@@ -48,7 +53,7 @@ MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 BIND_ALL = ("*", "0.0.0.0", "")
 
 
-def rank_from_environment(environ=None) -> int | None:
+def rank_from_environment(environ: Mapping[str, str] | None = None) -> int | None:
     """The engine id a process launcher assigned (MPI rank or Slurm task id), or None."""
     environ = os.environ if environ is None else environ
     for var in RANK_VARIABLES:
@@ -61,7 +66,7 @@ def rank_from_environment(environ=None) -> int | None:
     return None
 
 
-def launched_by_mpi(environ=None) -> bool:
+def launched_by_mpi(environ: Mapping[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
     return any(environ.get(v) not in (None, "") for v in MPI_RANK_VARIABLES)
 
@@ -77,7 +82,7 @@ def write_json_atomic(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def open_private(path: str, mode: str = "ab"):
+def open_private(path: str, mode: str = "ab") -> IO[Any]:
     """Open ``path`` (created if missing) readable and writable by its owner only (0600),
     whatever the umask: engine logs and job scripts may show what the engines run."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
@@ -96,7 +101,7 @@ def read_json(path: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def report_address(bind_ip: str, environ=None) -> str:
+def report_address(bind_ip: str, environ: Mapping[str, str] | None = None) -> str:
     """The address the controller uses for a kernel bound to ``bind_ip``.
 
     A specific address is reported as is. For a wide bind (``*``), never a loopback address
@@ -301,7 +306,7 @@ def _remove(*paths: str) -> None:
             os.unlink(p)
 
 
-def engine_process(pid: int, connection_file: str):
+def engine_process(pid: int, connection_file: str) -> psutil.Process | None:
     """The ``psutil.Process`` with ``pid`` if it is the engine of ``connection_file`` (its
     command line names that file), else None. Never trust a bare pid: it may belong to
     anybody by now; a process we may not inspect is not ours to signal either."""
@@ -339,7 +344,7 @@ def signal_engine(pid: int, connection_file: str, signame: str) -> int:
     return 0
 
 
-def _running(proc) -> bool:
+def _running(proc: psutil.Process) -> bool:
     import psutil
 
     try:

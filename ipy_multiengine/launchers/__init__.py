@@ -17,7 +17,7 @@ from .base import EngineStartTimeout, Launcher, LauncherError
 ENTRY_POINT_GROUP = "ipy_multiengine.launchers"
 
 
-def _load(spec: str):
+def _load(spec: str) -> Any:
     module, _, attr = spec.partition(":")
     return getattr(import_module(module), attr)
 

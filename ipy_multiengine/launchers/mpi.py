@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psutil
@@ -89,8 +89,8 @@ class MPILauncher(Launcher):
         work_dir: str | None = None,
         kernel_args: Iterable[str] = (),
         startup_timeout: float | None = 60.0,
-        **kw,
-    ):
+        **kw: Any,
+    ) -> None:
         super().__init__(
             4 if n is None else n, startup_timeout=startup_timeout, **kw
         )  # 4 engines by default, like local
@@ -175,7 +175,7 @@ class MPILauncher(Launcher):
             return f"mpiexec exited with {self.proc.returncode}:\n{self._output_tail()}"
         return None
 
-    def liveness(self, eid: int):
+    def liveness(self, eid: int) -> Callable[[], str | None]:
         def probe() -> str | None:
             if self.proc is not None and self.proc.returncode is not None:
                 return f"ended with its MPI job (mpiexec exited with {self.proc.returncode})"
