@@ -108,6 +108,29 @@ def test_an_error_that_cannot_be_described_still_gets_its_reply(mec):
     assert mec.apply(lambda: 1) == [1] * 4
 
 
+def test_a_fast_operation_whose_answer_fails_still_gets_an_error_reply(mec):
+    """Anything raising after the operation ran (here the output flush, broken once by the
+    operation itself) left the request unanswered: the fast reader only logged it."""
+
+    def break_the_flush_once():
+        import ipy_multiengine.engine as helper
+
+        original = helper._flush_pending_output
+
+        def broken():
+            helper._flush_pending_output = original
+            raise RuntimeError("flush broke")
+
+        helper._flush_pending_output = broken
+
+    pr = mec.apply(break_the_flush_once, targets=0, block=False)
+    with pytest.raises(CompositeError) as info:
+        pr.get_result(timeout=20)
+    assert info.value.elist[0].ename == "RuntimeError"
+    assert "flush broke" in info.value.elist[0].evalue
+    assert mec.apply(lambda: 1, targets=0) == [1]
+
+
 def test_interrupt_from_another_client_stops_a_fast_operation(cluster, mec):
     """A non-owner client interrupts over the control channel (the kernel signals itself): the
     operation on the fast socket fails with KeyboardInterrupt, the next one succeeds."""
