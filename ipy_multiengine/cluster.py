@@ -796,6 +796,10 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             try:
                 if ask.get("op") == "stop":
                     self.stop_requested = True
+                elif self.stop_requested:  # taken in this same round: it stops right after
+                    raise EngineError(
+                        f"the cluster is stopping (asked to); cannot {ask.get('op')} engines"
+                    )
                 elif ask.get("op") == "signal":
                     self.send_signal([int(i) for i in ask.get("ids", [])], int(ask["signal"]))
                 elif ask.get("op") == "add" and "to" in ask:

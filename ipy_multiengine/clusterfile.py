@@ -798,6 +798,9 @@ class FileOwner(Owner):
         self._spec = read_cluster(path) if spec is None else spec
         self._restarting: set[int] = set()
         self.closed = False
+        # one refresh at a time: a call from another thread waits for the engines being
+        # connected instead of finding them listed but not ready (and failing)
+        self._refreshing = threading.Lock()
         try:  # the file as read now: refresh() reads it again only once it changed
             self._stamp: int | None = os.stat(self.cluster_file).st_mtime_ns
         except OSError:
@@ -877,6 +880,10 @@ class FileOwner(Owner):
     def refresh(self, timeout: float = 60.0) -> list[int]:
         """Connect to the engines the cluster file lists that this client does not know yet
         (read only when the file changed since the last look)."""
+        with self._refreshing:
+            return self._refresh(timeout)
+
+    def _refresh(self, timeout: float) -> list[int]:
         try:
             stamp = os.stat(self.cluster_file).st_mtime_ns
         except OSError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -60,6 +61,13 @@ def become_dask(
         raise EngineError(
             "; ".join(f"engine {e} {why}" for e, why in down.items()), next(iter(down))
         )
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:  # one deadline for the whole start (a timeout is a promise)
+        return max(deadline - time.monotonic(), 0.01)
+
     with _lock:
         if mec in _bridges:
             raise RuntimeError("this client already runs a dask cluster: mec.stop_dask() first")
@@ -89,21 +97,24 @@ def become_dask(
                     nthreads,
                     listen,
                     f"engine-{eid}",
-                    timeout,
+                    left(),
                     worker_kwargs,
                     targets=eid,
                     block=False,
                 )
                 for eid in eids
             ]
-            mec.barrier(started, timeout=timeout + 5)
+            mec.barrier(started, timeout=left())
             for pr in started:
                 pr.get_result(block=False)  # a CompositeError naming the engine
-            client = distributed.Client(cluster, security=security, timeout=timeout)
-            client.wait_for_workers(len(eids), timeout=timeout)
+            client = distributed.Client(cluster, security=security, timeout=left())
+            client.wait_for_workers(len(eids), timeout=left())
         except BaseException:
             try:  # whatever started: stopped, and the original error raised
-                _stop_workers(mec, eids, timeout)
+                # not waited for: an engine still busy runs the stop after its start (one
+                # engine's requests keep their order); the caller's timeout is already spent
+                if live := _live(mec, eids):
+                    mec.apply(_stop_worker, 10.0, targets=live, block=False)
             except BaseException as exc:
                 log.warning("become_dask: stopping the workers after a failure: %s", exc)
             cluster.close()
@@ -144,8 +155,12 @@ def stop_on_close(mec: Any, timeout: float = 10.0) -> None:
         log.warning("closing the client: stopping its dask cluster failed: %s", exc)
 
 
+def _live(mec: Any, eids: list[int]) -> list[int]:
+    return [e for e in eids if not mec.controller.dead(e)]
+
+
 def _stop_workers(mec: Any, eids: list[int], timeout: float) -> None:
-    live = [e for e in eids if not mec.controller.dead(e)]
+    live = _live(mec, eids)
     if not live:
         return
     try:
@@ -175,6 +190,7 @@ def _start_worker(
     Its scratch space (spilled data) is a private directory (0700), removed by ``_stop_worker``.
     """
     import asyncio
+    import contextlib
     import os
     import tempfile
 
@@ -184,13 +200,15 @@ def _start_worker(
         raise RuntimeError("a dask worker already runs in this engine")
     # the worker's INFO lines (started, connected, closing) would be every later cell's stderr
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    ready = threading.Event()
+    ready, running = threading.Event(), threading.Event()
     box = _engine_worker  # filled by the worker's thread: seen by _stop_worker even if late
     kwargs = dict(kwargs)
     if "local_directory" not in kwargs:
         box["scratch"] = kwargs["local_directory"] = tempfile.mkdtemp(prefix="ipme-dask-")
 
     async def main() -> None:
+        box["loop"], box["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        running.set()
         try:
             worker = Worker(
                 address,
@@ -201,10 +219,13 @@ def _start_worker(
                 name=name,
                 **kwargs,
             )
-            box["worker"], box["loop"] = worker, asyncio.get_running_loop()
+            box["worker"] = worker
             await worker
         except BaseException as exc:
             box["error"] = exc
+            if "worker" in box:  # cancelled while connecting (start timed out): closed
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(box["worker"].close(), 10)
             ready.set()
             return
         ready.set()
@@ -221,6 +242,13 @@ def _start_worker(
         box.clear()
         raise error
     if not started:
+        # a worker still connecting would start later, for nobody: cancel it and wait for its
+        # thread, so that the engine is left as it was
+        if running.wait(15):
+            box["loop"].call_soon_threadsafe(box["task"].cancel)
+        thread.join(15)
+        _remove_scratch(box)
+        box.clear()
         raise TimeoutError(f"the dask worker did not start within {timeout:g} s")
     return {"pid": os.getpid(), "address": box["worker"].address}
 

@@ -328,8 +328,9 @@ class ParallelMagics(Magics):
     ).tag(config=True)
     collapse = Bool(
         True,
-        help="Show identical output of several engines once ([stdout:0-3]) and "
-        "group identical tracebacks.",
+        help="Show identical tracebacks of several engines once ([0-3:execute]); "
+        "--no-collapse shows each. Identical output ([stdout:0-3]) is shown once only with "
+        "--collapse given on the line or %pxconfig --collapse.",
     ).tag(config=True)
     progress_after = Float(
         None,

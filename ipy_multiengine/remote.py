@@ -206,7 +206,8 @@ def _imports_of_with_block(frame: types.FrameType) -> list[str]:
         node
         for node in (ast.walk(tree) if tree is not None else ())
         if isinstance(node, (ast.With, ast.AsyncWith))
-        and node.lineno <= line <= (node.body[0].lineno - 1 if node.body else node.lineno)
+        # the header's lines (a one-line ``with ...: import x`` has its body on the same line)
+        and node.lineno <= line <= max(node.lineno, node.body[0].lineno - 1 if node.body else 0)
     ]
     if not blocks:
         raise RuntimeError(

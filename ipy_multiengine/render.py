@@ -332,6 +332,9 @@ class Renderer:
         text = area.text()
         if text == area.shown and area.handle_id is not None:
             return
+        if not text and area.handle_id is None:  # e.g. all of it frozen by a split: no blank
+            area.last = now
+            return
         if len(text) > AREA_LIMIT:
             # freeze the complete lines in the current area and continue in a fresh one; one
             # long line without a newline (dots printed with end='') is cut there, else each

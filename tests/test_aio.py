@@ -126,3 +126,35 @@ def test_await_in_a_notebook_cell_keeps_the_kernel_loop_running(cluster):
     execute(nb)
     assert "ids [0] free True" in texts(nb.cells[1]), texts(nb.cells[1])
     assert "raised CompositeError ZeroDivisionError" in texts(nb.cells[2])
+
+
+def test_timed_out_awaits_leave_nothing_behind(mec):
+    # polling with wait_for: every await that timed out must take its waiter (and so a
+    # reference to its loop) off the call, not add one more done-callback per poll
+    import gc
+    import weakref
+
+    pr = mec.execute("import time; time.sleep(0.5)", targets=0, block=False)
+    loop = asyncio.new_event_loop()
+
+    async def poll() -> int:
+        n = 0
+        while True:
+            try:
+                await asyncio.wait_for(pr, 0.001)
+                return n
+            except asyncio.TimeoutError:
+                n += 1
+
+    try:
+        polls = loop.run_until_complete(poll())
+    finally:
+        loop.close()
+    assert polls > 3
+    (fut,) = pr.futures
+    assert len(fut._done_callbacks) <= 2  # one relay, not one callback per poll
+    ref = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert ref() is None  # the call holds no reference to the caller's closed loop
+    assert pr.get_result(timeout=10) is not None

@@ -116,3 +116,34 @@ def test_closing_the_client_stops_its_dask_cluster():
         assert cluster.status.name == "closed", cluster.status
         with pytest.raises(RuntimeError, match="no dask cluster"):
             mec.stop_dask()
+
+
+def test_become_dask_keeps_its_timeout_with_a_busy_engine(tmp_path):
+    # an engine busy in a cell cannot start its worker: the timeout bounds the whole call
+    # (it was the timeout + 5 s for the start, then as long again for stopping the workers)
+    import time
+
+    from faultlib import small_cluster
+
+    release = tmp_path / "go"
+    with small_cluster(2) as (_cluster, mec):
+        busy = mec.execute(
+            f"import os, time\nwhile not os.path.exists({str(release)!r}): time.sleep(0.01)",
+            targets=1,
+            block=False,
+        )
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            mec.become_dask(timeout=3)
+        elapsed = time.monotonic() - t0
+        release.touch()
+        busy.get_result(timeout=20)
+        assert elapsed < 7, elapsed
+        # the engines as they were: no worker left behind, and dask starts again
+        threads = mec.apply(lambda: [t.name for t in __import__("threading").enumerate()])
+        dask_threads = [[n for n in names if "dask" in n.lower()] for names in threads]
+        assert dask_threads == [[], []], dask_threads
+        client = mec.become_dask(timeout=60)
+        assert int(da.arange(10, chunks=5).sum().compute()) == 45
+        mec.stop_dask()
+        assert client.status == "closed"

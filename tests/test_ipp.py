@@ -495,3 +495,73 @@ def test_send_signal_refuses_an_engine_whose_process_has_exited():
             cluster.send_signal([0, 1], signal.SIGUSR1)
         cluster.send_signal([0], signal.SIGUSR1)
         wait_for(lambda: mec.pull("got", targets=0) == [[10]], 20, "the one signal to engine 0")
+
+
+def test_no_engines_are_added_once_a_stop_was_requested():
+    """`ipmulti stop` and `ipmulti scale` served in one round: once the stop is taken, the add
+    is refused (it used to start engines on a cluster about to stop, and say it added them)."""
+    import json
+
+    from ipy_multiengine import Cluster
+    from ipy_multiengine.clusterfile import _canonical, request_dir
+
+    with Cluster(n=1, profile="t16stopadd") as mec:
+        cluster = mec.owner
+        path = cluster.cluster_file
+        where = {"cluster_file": _canonical(path), "cluster_id": cluster.cluster_id}
+        d = request_dir(path)
+        (d / "0-stop.json").write_text(json.dumps({**where, "op": "stop", "ids": []}))
+        (d / "1-add.json").write_text(json.dumps({**where, "op": "add", "ids": [2], "to": 3}))
+        cluster.serve_requests()
+        assert cluster.stop_requested
+        assert json.loads((d / "0-stop.done").read_text())["ok"] is True
+        answer = json.loads((d / "1-add.done").read_text())
+        assert "the cluster is stopping" in answer["error"], answer
+        assert mec.get_ids() == [0] and sorted(cluster.launcher.managers) == [0]
+
+
+def test_a_call_while_another_thread_connects_new_engines_waits_for_them():
+    """An attached client: thread A's call connects the engine the owner added (running this
+    client's slow on_start code there). A call from another thread meanwhile used to fail
+    with 'engine 1 is not ready yet ...: restart it'; it now waits for that connection."""
+    import threading
+
+    from faultlib import wait_for
+
+    from ipy_multiengine import Cluster
+
+    with Cluster(n=1, profile="t16refresh") as own:
+        att = client.MultiEngineClient(profile="t16refresh")
+        try:
+            att.on_start("import time; time.sleep(3)")
+            assert own.owner.add_engines(1) == [1]  # the owner grows it, rewrites the file
+            got: dict = {}
+
+            def first() -> None:
+                try:
+                    got["a"] = att.apply(lambda: engine_id)  # noqa: F821
+                except BaseException as exc:
+                    got["a"] = exc
+
+            a = threading.Thread(target=first)
+            a.start()
+            try:
+                wait_for(lambda: 1 in att.get_ids(), 20, "thread A connecting engine 1")
+                assert att.apply(lambda: engine_id) == [0, 1]  # noqa: F821
+            finally:
+                a.join(30)
+            assert got["a"] in ([0, 1], [0]), got
+        finally:
+            att.close()
+
+
+def test_sync_imports_on_one_line(mec, tmp_path):
+    """`with mec.sync_imports(): import colorsys as cs` on one line (as typed at a prompt)
+    used to fail with "cannot read the source of its with block"."""
+    import runpy
+
+    mec.execute("import sys; sys.modules.pop('colorsys', None)")
+    script = tmp_path / "one_line.py"
+    script.write_text("with mec.sync_imports(quiet=True): import colorsys as cs\n")
+    assert runpy.run_path(str(script), {"mec": mec})["cs"].__name__ == "colorsys"
+    assert mec.apply(lambda: cs.__name__) == ["colorsys"] * 4  # noqa: F821 (an engine name)

@@ -284,6 +284,32 @@ def test_ctrl_c_while_an_event_renders_neither_loses_nor_repeats_it(monkeypatch,
     assert capsys.readouterr().out.splitlines() == ["[stdout:0] hello", "[stdout:1] world"]
 
 
+def test_area_frozen_whole_leaves_no_blank_output(monkeypatch):
+    """A notebook area past AREA_LIMIT whose text is all frozen (one long line without a
+    newline) continues in a new display only when more text comes: the end of the cell adds
+    no blank output (saved in the notebook as an empty display)."""
+    from ipy_multiengine import render
+
+    shown: dict[str, str] = {}
+    order: list[str] = []
+
+    def display(data, md, display_id=None, update=False):
+        key = display_id or f"anon-{len(order)}"
+        if not update:
+            order.append(key)
+        shown[key] = data["text/plain"]
+
+    monkeypatch.setattr(render, "_display", display)
+    r = render.Renderer([0], "stream", True)
+    r.handle(0, "stream", {"name": "stdout", "text": "x" * 10})
+    r.tick(force=True)
+    r.handle(0, "stream", {"name": "stdout", "text": "x" * render.AREA_LIMIT})
+    r.tick(force=True)  # past the limit: frozen, nothing left in the area
+    r.finish()
+    final = [shown[k] for k in order]
+    assert final == ["[stdout:0] " + "x" * (render.AREA_LIMIT + 10)], [t[:20] for t in final]
+
+
 # ---------------------------------------------------------------------- labels, areas (14.2, 14.3)
 def _frontend(cap) -> list[tuple[str, Any]]:
     """What a notebook frontend shows of captured output, in order: ('stream', text) for
