@@ -779,7 +779,7 @@ class _WakingStream:
         self._server = server
         self._poll = select.epoll()
         self._poll.register(stream.getsockopt(zmq.FD), select.EPOLLIN)
-        self._poll.register(server.sock.getsockopt(zmq.FD), select.EPOLLIN)
+        self._poll.register(int(server.sock.getsockopt(zmq.FD)), select.EPOLLIN)
 
     def getsockopt(self, option: int) -> Any:
         if option == self._server.zmq.FD:
