@@ -701,25 +701,43 @@ class _FastServer:
         # asks the client that sent it (its stdin socket has the same identity), as ipykernel
         # does for a shell message, and like ipykernel the parent is left set afterwards
         idents = [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents]
-        self.kernel.set_parent(idents, msg, channel="shell")
-        self.displayed = False
-        started = time.monotonic()
-        saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # as ipykernel's handlers
         try:
-            reply, out = _run_op(data, msg["buffers"])
-            msg = frames = rest = None  # type: ignore[assignment]
-        finally:
-            signal.signal(signal.SIGINT, saved)
-        # an output flushed by ipykernel's timer (every flush_interval) leaves no trace: an
-        # operation that ran that long replies behind IOPub, as does one that printed
-        interval = getattr(sys.stdout, "flush_interval", 0.2)
-        wrote = _flush_pending_output() or self.displayed
-        slow = time.monotonic() - started >= 0.5 * interval
-        comm = _comms.get(data.get("comm_id", ""))
-        if (wrote or slow) and comm is not None:
-            _send_reply(comm, reply, out)
-            return
-        self._send(idents, reply, out, data)
+            self.kernel.set_parent(idents, msg, channel="shell")
+            self.displayed = False
+            started = time.monotonic()
+            # as ipykernel's handlers
+            saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                reply, out = _run_op(data, msg["buffers"])
+                msg = frames = rest = None  # type: ignore[assignment]
+            finally:
+                signal.signal(signal.SIGINT, saved)
+            # an output flushed by ipykernel's timer (every flush_interval) leaves no trace: an
+            # operation that ran that long replies behind IOPub, as does one that printed
+            interval = getattr(sys.stdout, "flush_interval", 0.2)
+            wrote = _flush_pending_output() or self.displayed
+            slow = time.monotonic() - started >= 0.5 * interval
+            comm = _comms.get(data.get("comm_id", ""))
+            if (wrote or slow) and comm is not None:
+                _send_reply(comm, reply, out)
+                return
+            self._send(idents, reply, out, data)
+        except BaseException as exc:  # never leave a request unanswered: its caller would wait
+            _log.error("ipy_multiengine: a fast operation failed unanswered", exc_info=exc)
+            with contextlib.suppress(BaseException):
+                self._send(
+                    idents,
+                    {
+                        "rid": data.get("rid"),
+                        "status": "error",
+                        "ename": type(exc).__name__,
+                        "evalue": f"the engine failed to answer this operation: {_safe_str(exc)}",
+                        "traceback": [],
+                        "item": None,
+                    },
+                    [],
+                    data,
+                )
 
     def _send(self, idents: list, reply: dict, out: list, request: dict) -> None:
         zmq = self.zmq
