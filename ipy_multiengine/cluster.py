@@ -458,6 +458,9 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         self.serves_requests = False
         self.restarts: dict[int, list[float]] = {}
         self._restart_locks: dict[int, asyncio.Lock] = {}
+        #: engines add_engines is starting: not restarted automatically (a failed one is
+        #: stopped and forgotten by add_engines itself)
+        self._adding: set[int] = set()
         self.cluster_file: str | None = None
         self.client: Any = None
         #: connection info per engine id, as the launcher reported it
@@ -724,6 +727,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         timeout = self.startup_timeout if timeout is None else timeout
         infos = _loop.run(self.launcher.add(n), timeout=(timeout or 3600) + 30)
         ids = sorted(infos)
+        self._adding.update(ids)
         try:
             self.client.controller.add_engines(
                 infos, {e: self.launcher.liveness(e) for e in ids}, timeout=timeout or 3600
@@ -743,6 +747,8 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             if kept and self.write_file and self.cluster_file and not self._stopped:
                 self._write_cluster_file(Path(self.cluster_file))
             raise
+        finally:
+            self._adding.difference_update(ids)
         self.engines_info.update(infos)
         meta = self.launcher.engine_meta()
         for eid in ids:
@@ -758,6 +764,8 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             return
         if not self.auto_restart or self._stopped or not self.launcher.can_restart:
             return
+        if eid in self._adding:
+            return  # add_engines stops it (it failed to start)
         lock = self._restart_locks.get(eid)
         if lock is not None and lock.locked():
             return  # being restarted already

@@ -565,3 +565,20 @@ def test_sync_imports_on_one_line(mec, tmp_path):
     script.write_text("with mec.sync_imports(quiet=True): import colorsys as cs\n")
     assert runpy.run_path(str(script), {"mec": mec})["cs"].__name__ == "colorsys"
     assert mec.apply(lambda: cs.__name__) == ["colorsys"] * 4  # noqa: F821 (an engine name)
+
+
+def test_a_failed_add_is_not_restarted_automatically(caplog):
+    """With auto_restart, an engine add_engines could not connect was also 'restarted' in
+    the background while add_engines stopped it (logged as a failed automatic restart)."""
+    import logging
+
+    from ipy_multiengine import Cluster
+
+    with Cluster(n=1, profile="t16failauto", auto_restart=True) as mec:
+        cluster = mec.owner
+        with caplog.at_level(logging.WARNING, logger="ipy_multiengine"):
+            with pytest.raises(client.EngineError, match="did not answer"):
+                cluster.add_engines(1, timeout=0.001)
+            assert mec.apply(lambda: engine_id) == [0]  # noqa: F821 (an engine name)
+        assert not [r for r in caplog.records if "restart" in r.getMessage()], caplog.text
+        assert mec.get_ids() == [0] and sorted(cluster.launcher.managers) == [0]
