@@ -15,6 +15,7 @@ sequentially in their engine (an engine is one worker; they would oversubscribe 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import joblib
@@ -138,12 +139,20 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
 
 
 def register(client: Any = None, name: str = NAME, make_default: bool = False) -> None:
-    """Register the backend as ``name`` (bound to ``client``, if given)."""
+    """Register the backend as ``name``, bound to ``client`` if given, while that client is
+    open (after ``close()`` the backend uses the active client)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, not {name!r}")
 
+    # a weak reference: the registration (global, for the process's lifetime) neither keeps
+    # the client alive nor outlives it -- once it is closed or gone, the backend uses the
+    # active client, as an unbound registration does
+    bound = weakref.ref(client) if client is not None else None
+
     def factory(**kwargs: Any) -> EngineBackend:
-        kwargs.setdefault("client", client)
+        target = bound() if bound is not None else None
+        if target is not None and not getattr(target, "closed", False):
+            kwargs.setdefault("client", target)
         return EngineBackend(**kwargs)
 
     joblib.register_parallel_backend(name, factory, make_default=make_default)

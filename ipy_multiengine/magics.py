@@ -879,6 +879,10 @@ def activate_set(ip: Any, suffix: str, mec: Any, targets: Any) -> None:
     if mec is None:
         return
     magics = ParallelMagics(ip)
+    # IPython's Magics.__init__ adds every instance to the shell's configurables; %config
+    # configures the loaded set only, and a dropped set must not stay referenced by the shell
+    if magics in getattr(ip, "configurables", []):
+        ip.configurables.remove(magics)
     magics.bound = mec
     if targets is not None:
         magics.pxconfig_.override("targets", targets)
@@ -891,6 +895,8 @@ def activate_set(ip: Any, suffix: str, mec: Any, targets: Any) -> None:
 
 
 def _drop_set(ip: Any, magics: ParallelMagics, suffix: str) -> None:
+    if magics in getattr(ip, "configurables", []):
+        ip.configurables.remove(magics)
     if magics.transformer in ip.input_transformers_cleanup:
         ip.input_transformers_cleanup.remove(magics.transformer)
     table = ip.magics_manager.magics

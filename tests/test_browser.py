@@ -212,8 +212,9 @@ def test_figure_made_on_an_engine_shows(px):
         outputs = px.code_cells()[6]["outputs"]
         assert sum(o["images"] for o in outputs) == 2, outputs
         text = px.output_text(6)
-        # a visible label with each figure, in engine order
-        assert 0 <= text.index("[output:1]") < text.index("[output:2]"), text
+        # a visible label with each figure (across engines, rich outputs keep their arrival
+        # order: the per-engine areas of issue 14.3 hold text only -- see docs/magics.md)
+        assert "[output:1]" in text and "[output:2]" in text, text
         labels = [i for i, o in enumerate(outputs) if re.search(r"\[output:\d\]", o["text"])]
         images = [i for i, o in enumerate(outputs) if o["images"]]
         assert len(labels) == 2 and all(lb <= im for lb, im in zip(labels, images, strict=True)), (

@@ -582,3 +582,22 @@ def test_a_failed_add_is_not_restarted_automatically(caplog):
             assert mec.apply(lambda: engine_id) == [0]  # noqa: F821 (an engine name)
         assert not [r for r in caplog.records if "restart" in r.getMessage()], caplog.text
         assert mec.get_ids() == [0] and sorted(cluster.launcher.managers) == [0]
+
+
+def test_a_named_set_is_not_a_configurable_of_the_shell(ip, mec):
+    """Every named set's ParallelMagics was added to the shell's configurables (IPython's
+    Magics.__init__ does it) and stayed there after deactivate: `%config ParallelMagics`
+    reached dropped sets, and the shell kept each one (and its bound client) alive."""
+    from ipy_multiengine import client as client_mod
+    from ipy_multiengine.magics import ParallelMagics
+
+    def ours() -> list:
+        return [c for c in ip.configurables if isinstance(c, ParallelMagics)]
+
+    before = ours()
+    mec.activate(suffix="_cfg", targets=[0])
+    try:
+        assert ours() == before, "a named set became a configurable of the shell"
+    finally:
+        client_mod.deactivate("_cfg")
+    assert ours() == before

@@ -184,3 +184,30 @@ def test_positive_n_jobs_bounds_the_engines_used(mec, engine_pids):
     with joblib.parallel_config(backend="ipy_multiengine", n_jobs=2):
         pids = joblib.Parallel(batch_size=1)(joblib.delayed(slow_pid)(0.1) for i in range(12))
     assert set(pids) <= engine_pids and len(set(pids)) <= 2, pids
+
+
+def test_a_registration_bound_to_a_closed_client_neither_keeps_it_nor_uses_it(
+    cluster, mec, engine_pids
+):
+    """``other.register_joblib_backend()`` then ``other.close()``: the process-wide registration
+    held the closed client for good, so every later ``Parallel`` on the backend failed with
+    "this MultiEngineClient is closed" (and the client was never freed). Now it is held weakly,
+    and a closed one is passed over for the active client."""
+    import gc
+    import weakref
+
+    from ipy_multiengine import MultiEngineClient
+
+    other = MultiEngineClient(cluster.cluster_file)
+    other.register_joblib_backend()
+    other.close()
+    try:
+        with joblib.parallel_config(backend="ipy_multiengine", n_jobs=-1):
+            pids = joblib.Parallel()(joblib.delayed(pid)(i) for i in range(8))
+        assert set(pids) <= engine_pids, pids  # the active client's engines
+        ref = weakref.ref(other)
+        del other
+        gc.collect()
+        assert ref() is None, "the joblib registration keeps a closed client alive"
+    finally:
+        mec.register_joblib_backend()
