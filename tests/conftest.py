@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+
+# A suite started in the background by a non-interactive shell (`.ci/run &`, a CI runner's
+# script step) inherits SIGINT *ignored* (POSIX job control), so Ctrl-C could never be tested:
+# restore Python's KeyboardInterrupt; the processes the tests start then get the default action.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _RUNTIME = tempfile.mkdtemp(prefix="ipme-test-runtime-")
 os.environ["JUPYTER_RUNTIME_DIR"] = _RUNTIME  # before ipy_multiengine computes any path
