@@ -9,6 +9,7 @@ interrupted; restart and stop need an owner that takes requests, so one test sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -302,3 +303,73 @@ async def test_console_on_an_engine_sees_its_namespace_and_the_debugger_stops(
     await jp_fetch("api", "kernels", kid, method="DELETE")
     assert mec.pull("x", targets=1) == [1234]  # the engine outlives its console
     assert mec.execute("y = 1", targets=1)[0]["id"] == 1
+
+
+async def test_an_engine_on_another_host_that_stops_answering_turns_red_and_offers_restart(
+    jp_fetch,
+):
+    """An engine on another host has no process psutil can see here: the watcher judges it by
+    its kernel heartbeat, within the controller's bound (HEARTBEAT_PERIOD). Made remote without
+    a second machine: the cluster file of a 1-engine ``ipmulti start`` cluster is rewritten
+    with the engine's ``host`` field set to a name that is not this host's (so the watcher's
+    psutil check skips it, as for an SSH engine); the engine is then SIGSTOPped, which stops
+    its heartbeat thread as a dead or unreachable host does. (Before the heartbeat the engine
+    stayed "idle" for ever.) SIGCONT: it answers again and is alive again."""
+    import psutil
+
+    from ipy_multiengine import clusterfile
+    from ipy_multiengine.controller import HEARTBEAT_PERIOD
+
+    profile = f"remote{os.getpid()}"
+    key = f"cluster-{profile}"
+    await api(jp_fetch, "clusters", method="POST", body={"n": 1, "profile": profile})
+    proc = None
+    try:
+        c = await until(
+            jp_fetch,
+            lambda s: (c := cluster_of(s, key)) and c["engines"][0]["state"] == "idle" and c,
+            15,
+            "the new cluster's engine idle",
+        )
+        path = clusterfile.cluster_file_path(profile)
+        spec = clusterfile.read_spec(path)
+        ident = clusterfile.engine_identity(spec["engines"][0], spec)
+        proc, why = clusterfile.same_process(ident)
+        assert proc is not None, why
+        spec["engines"][0]["host"] = "elsewhere.invalid"
+        clusterfile.write_cluster(path, spec)
+        await until(
+            jp_fetch,
+            lambda s: (
+                (e := cluster_of(s, key)["engines"][0])["host"] == "elsewhere.invalid"
+                and not e["local"]
+            ),
+            10,
+            "the engine listed as on another host",
+        )
+        proc.suspend()
+        t0 = time.monotonic()
+        c = await until(
+            jp_fetch,
+            lambda s: (c := cluster_of(s, key))["engines"][0]["state"] == "dead" and c,
+            HEARTBEAT_PERIOD + 5,
+            "the silent remote engine listed dead",
+        )
+        took = time.monotonic() - t0
+        assert took < HEARTBEAT_PERIOD + 2, f"dead after {took:.1f} s"
+        assert "heartbeats" in c["engines"][0]["dead"], c["engines"][0]
+        assert "restart" in c["can"], c["can"]  # the panel offers restart (owner is here)
+        proc.resume()
+        await until(
+            jp_fetch,
+            lambda s: cluster_of(s, key)["engines"][0]["state"] != "dead",
+            HEARTBEAT_PERIOD + 5,
+            "the engine alive again once it answers",
+        )
+    finally:
+        if proc is not None:
+            with contextlib.suppress(psutil.Error):
+                proc.resume()
+        r = await api(jp_fetch, "clusters", key, "stop", method="POST", body={})
+    assert r == {"stopped": key}
+    await until(jp_fetch, lambda s: cluster_of(s, key) is None, 15, "the stopped cluster gone")
