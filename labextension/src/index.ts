@@ -14,6 +14,10 @@ import { ServerConnection } from '@jupyterlab/services';
 import { LabIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
+import { clientCode, engineText, ICluster, IEngine, stateClass } from './format';
+
+export { clientCode } from './format';
+
 const POLL_MS = 1000;
 
 const ICON = new LabIcon({
@@ -23,31 +27,6 @@ const ICON = new LabIcon({
     '<rect x="2" y="3" width="9" height="8" rx="1"/><rect x="13" y="3" width="9" height="8" rx="1"/>' +
     '<rect x="2" y="13" width="9" height="8" rx="1"/><rect x="13" y="13" width="9" height="8" rx="1"/></g></svg>'
 });
-
-interface IEngine {
-  id: number;
-  state: string;
-  running: string;
-  busy_since: number | null;
-  pid: number | null;
-  host: string;
-  rss: number | null;
-  cpu: number | null;
-  dead: string | null;
-  local: boolean;
-}
-
-interface ICluster {
-  id: string;
-  file: string;
-  profile: string;
-  shared: boolean;
-  state: string;
-  owner: string;
-  remote: boolean;
-  can: string[];
-  engines: IEngine[];
-}
 
 interface ISnapshot {
   clusters: ICluster[];
@@ -74,29 +53,6 @@ async function api(path: string, body?: unknown): Promise<any> {
   return data;
 }
 
-function bytes(n: number | null): string {
-  if (n === null || n === undefined) {
-    return '';
-  }
-  const units = ['B', 'kB', 'MB', 'GB', 'TB'];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) {
-    n /= 1024;
-    i++;
-  }
-  return `${n.toFixed(n < 10 && i > 0 ? 1 : 0)} ${units[i]}`;
-}
-
-function secs(s: number): string {
-  if (s < 60) {
-    return `${s.toFixed(0)} s`;
-  }
-  if (s < 3600) {
-    return `${Math.floor(s / 60)} min ${Math.floor(s % 60)} s`;
-  }
-  return `${(s / 3600).toFixed(1)} h`;
-}
-
 function el(tag: string, attrs: Record<string, string> = {}, text = ''): HTMLElement {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
@@ -106,12 +62,6 @@ function el(tag: string, attrs: Record<string, string> = {}, text = ''): HTMLEle
     node.textContent = text;
   }
   return node;
-}
-
-/** The code that connects a notebook to this cluster. */
-export function clientCode(c: ICluster): string {
-  const how = c.shared ? `profile=${JSON.stringify(c.profile)}` : JSON.stringify(c.file);
-  return `from ipy_multiengine import client\nmec = client.MultiEngineClient(${how})\nmec.activate()`;
 }
 
 class EnginesPanel extends Widget {
@@ -238,7 +188,7 @@ class EnginesPanel extends Widget {
         : `owner ${c.owner}`;
       box.appendChild(el('div', { class: 'ipme-note' }, note));
       for (const e of c.engines) {
-        const row = el('div', { class: `ipme-engine ipme-state-${e.state}`, 'data-engine': String(e.id), 'data-state': e.state });
+        const row = el('div', { class: `ipme-engine ${stateClass(e.state)}`, 'data-engine': String(e.id), 'data-state': e.state });
         row.appendChild(el('span', { class: 'ipme-dot', title: e.dead ? `dead: ${e.dead}` : e.state }));
         row.appendChild(el('span', {}, `[${e.id}]`));
         row.appendChild(
@@ -267,15 +217,7 @@ class EnginesPanel extends Widget {
   }
 
   private engineText(e: IEngine, skew: number): string {
-    const first = (e.running || '').split('\n')[0];
-    const elapsed = e.busy_since ? secs(Math.max(0, Date.now() / 1000 - skew - e.busy_since)) : '';
-    return [
-      e.state === 'busy' ? `${first}${elapsed ? ` (${elapsed})` : ''}` : e.state,
-      bytes(e.rss),
-      e.local ? '' : e.host
-    ]
-      .filter(Boolean)
-      .join(' · ');
+    return engineText(e, Date.now() / 1000 - skew);
   }
 
   private insert(c: ICluster): void {
