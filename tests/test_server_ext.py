@@ -373,3 +373,81 @@ async def test_an_engine_on_another_host_that_stops_answering_turns_red_and_offe
         r = await api(jp_fetch, "clusters", key, "stop", method="POST", body={})
     assert r == {"stopped": key}
     await until(jp_fetch, lambda s: cluster_of(s, key) is None, 15, "the stopped cluster gone")
+
+
+def test_a_px_cell_running_while_a_watcher_starts_shows_nothing_foreign(ip, mec, tmp_path):
+    """The watcher's one probe on an engine's shell (a ``kernel_info_request``, to learn if it
+    is idle) queues behind a running ``%%px`` cell and is answered after it: its reply goes to
+    the watcher's socket alone, and its busy/idle on IOPub names the probe as parent, which the
+    client's router drops. So the cell shows exactly its engines' own output, and so does the
+    next cell, run after the probe was answered; and the engines' ``In [n]`` numbering counts
+    the user's cells only."""
+    from faultlib import wait_for
+    from IPython.utils.capture import capture_output
+
+    from ipy_multiengine.server import Watcher
+
+    go = tmp_path / "go"
+    code = (
+        "%%px\nimport os, pathlib, time\nprint('start', flush=True)\n"
+        f"pathlib.Path({str(tmp_path)!r}, str(os.getpid())).touch()\n"
+        f"while not pathlib.Path({str(go)!r}).exists():\n    time.sleep(0.02)\nprint('end')"
+    )
+    watcher = Watcher(interval=0.2)
+    errors: list[BaseException] = []
+
+    def engines(state):
+        c = cluster_of(watcher.snapshot(), "cluster-tests")
+        return c and all(e["state"] == state for e in c["engines"]) and c
+
+    def start_watching_while_it_runs():
+        try:
+            wait_for(lambda: len(list(tmp_path.glob("[0-9]*"))) == 4, 30, "the cell on 4 engines")
+            watcher.start()
+            # busy: the probes were sent and wait behind the cell
+            wait_for(lambda: engines("busy"), 10, "the watcher to see 4 busy engines")
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            go.touch()
+
+    import threading
+
+    before = [r["number"] for r in mec.execute("pass")]
+    helper = threading.Thread(target=start_watching_while_it_runs)
+    helper.start()
+    try:
+        with capture_output() as first:
+            ip.run_cell(code)
+        helper.join(30)
+        assert not errors, errors
+        wait_for(lambda: engines("idle"), 10, "the watcher to see 4 idle engines")
+        with capture_output() as second:
+            ip.run_cell("%%px\nprint('again')")
+        after = [r["number"] for r in mec.execute("pass")]
+    finally:
+        go.touch()
+        watcher.stop().result(10)
+    expected = sorted(f"[stdout:{i}] {word}" for i in range(4) for word in ("start", "end"))
+    assert sorted(first.stdout.splitlines()) == expected, first.stdout
+    assert sorted(second.stdout.splitlines()) == [f"[stdout:{i}] again" for i in range(4)]
+    assert first.stderr == second.stderr == "" and not first.outputs and not second.outputs
+    # nothing else ran on the engines: their In [n] numbering is the user's own
+    assert after == [n + 3 for n in before], (before, after)
+
+
+def test_another_watchers_probe_does_not_make_an_engine_busy():
+    """Another server's watcher probes each engine with ``kernel_info_request``; its busy/idle
+    on IOPub says nothing of what the engine runs, so it does not flicker in this panel."""
+    from ipy_multiengine.server.watch import EngineWatch
+
+    w = EngineWatch(0, {"connection": {}}, {})
+    w.state = "idle"
+    for state in ("busy", "idle"):
+        msg = {
+            "header": {"msg_type": "status"},
+            "parent_header": {"msg_id": "other", "msg_type": "kernel_info_request"},
+            "content": {"execution_state": state},
+        }
+        assert not w._on_iopub(msg)
+        assert w.state == "idle" and w.running == ""

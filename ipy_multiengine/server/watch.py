@@ -6,7 +6,9 @@ worker thread, with psutil for liveness, RSS and CPU of engines on this host) an
 IOPub subscriber per engine (jupyter_client's ``AsyncKernelClient``). Engines on other hosts
 (no psutil there) are watched by the kernel heartbeat channel, with the controller's bound
 (``HEARTBEAT_PERIOD``). It sends nothing on an engine's shell but one ``kernel_info_request``
-when it starts watching (to learn whether an engine is idle). What other threads see is
+when it starts watching (to learn whether an engine is idle: answered at once, or queued behind
+a running cell); its reply comes to the watcher alone, its busy/idle on IOPub names the probe as
+parent (other clients' routers drop it, and watchers ignore probes). What other threads see is
 :meth:`Watcher.snapshot`: a JSON-ready structure replaced as a whole on the loop (loop state
 stays on the loop).
 """
@@ -161,6 +163,8 @@ class EngineWatch:
             return False
         if mtype != "status" or parent.get("msg_type") in CONTROL_MSG_TYPES:
             return False  # the engine's state follows its shell only (as the controller's)
+        if parent.get("msg_type") == "kernel_info_request":
+            return False  # a probe (ours or another server's): says nothing of what it runs
         state = content.get("execution_state")
         if state == "busy":
             self.state, self.parent = "busy", parent.get("msg_id", "")
