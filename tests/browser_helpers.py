@@ -531,7 +531,8 @@ class Notebook:
         ).click()
 
     def save(self) -> None:
-        """Ctrl+S, then wait until the page says it is saved (no dirty mark on the tab)."""
+        """Ctrl+S, then wait until the page says it is saved (no dirty mark on its tab; other
+        notebooks open in the page may have unsaved changes)."""
         from selenium.webdriver.common.action_chains import ActionChains
         from selenium.webdriver.common.keys import Keys
 
@@ -541,7 +542,8 @@ class Notebook:
         wait_until(
             lambda: (
                 not self.driver.execute_script(
-                    "return document.querySelector('.lm-TabBar-tab.jp-mod-dirty')"
+                    "return document.querySelector("
+                    "'#jp-main-dock-panel .lm-TabBar-tab.lm-mod-current.jp-mod-dirty')"
                 )
             ),
             15,

@@ -80,3 +80,28 @@ export function clientCode(c: ICluster): string {
   const how = c.shared ? `profile=${JSON.stringify(c.profile)}` : JSON.stringify(c.file);
   return `from ipy_multiengine import client\nmec = client.MultiEngineClient(${how})\nmec.activate()`;
 }
+
+/** Launcher options typed one per line as `key=value` (the value JSON when it parses, else a
+ * string, as `ipmulti start -o`): an object, or an Error naming the line that is not. */
+export function parseOptions(text: string): Record<string, unknown> {
+  const options: Record<string, unknown> = {};
+  for (const [i, raw] of text.split('\n').entries()) {
+    const line = raw.trim();
+    if (!line) {
+      continue;
+    }
+    const eq = line.indexOf('=');
+    if (eq <= 0) {
+      throw new Error(`option line ${i + 1} (${JSON.stringify(line)}): expected key=value`);
+    }
+    const value = line.slice(eq + 1).trim();
+    let parsed: unknown = value;
+    try {
+      parsed = JSON.parse(value);
+    } catch {
+      // not JSON: a string, as on the command line
+    }
+    options[line.slice(0, eq).trim()] = parsed;
+  }
+  return options;
+}

@@ -1,6 +1,7 @@
 /**
  * The Engines panel: every cluster of this user and its engines, live, with interrupt,
- * restart, stop, "insert client code" and "open console" actions. Everything goes through
+ * restart, stop, "insert client code" and "open console" actions, and a form that starts a
+ * shared cluster. Everything goes through
  * the server extension's REST API (ipy_multiengine/api/), never through a notebook kernel, so
  * it works while the notebook runs a long %%px cell.
  */
@@ -14,7 +15,7 @@ import { ServerConnection } from '@jupyterlab/services';
 import { LabIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
-import { clientCode, engineText, ICluster, IEngine, stateClass } from './format';
+import { clientCode, engineText, ICluster, IEngine, parseOptions, stateClass } from './format';
 
 export { clientCode } from './format';
 
@@ -30,6 +31,7 @@ const ICON = new LabIcon({
 
 interface ISnapshot {
   clusters: ICluster[];
+  launchers?: string[];
   now: number;
 }
 
@@ -77,8 +79,81 @@ class EnginesPanel extends Widget {
     this.node.appendChild(el('h2', {}, 'Engines'));
     this.status = el('div', { class: 'ipme-note', 'data-ipme': 'status' });
     this.list = el('div', { 'data-ipme': 'clusters' });
-    this.node.append(this.status, this.list);
+    this.form = this.startForm();
+    this.node.append(this.status, this.list, this.form);
     void this.poll();
+  }
+
+  /** "Start a cluster": engines, profile, kernelspec, launcher and its options. */
+  private startForm(): HTMLElement {
+    const box = el('details', { class: 'ipme-start', 'data-ipme': 'start-form' });
+    box.appendChild(el('summary', {}, 'Start a cluster'));
+    const form = el('form', {}) as HTMLFormElement;
+    const field = (label: string, input: HTMLElement): void => {
+      const l = el('label', {}, label);
+      l.appendChild(input);
+      form.appendChild(l);
+    };
+    field('Engines', el('input', { name: 'n', type: 'number', min: '1', max: '256', value: '4' }));
+    field('Profile', el('input', { name: 'profile', type: 'text', value: 'default' }));
+    this.kernels = el('select', { name: 'kernel' }) as HTMLSelectElement;
+    field('Kernel', this.kernels);
+    this.launchers = el('select', { name: 'launcher' }) as HTMLSelectElement;
+    this.launchers.appendChild(el('option', { value: 'local' }, 'local'));
+    field('Launcher', this.launchers);
+    field(
+      'Options',
+      el('textarea', { name: 'options', rows: '2', placeholder: 'key=value, one a line' })
+    );
+    const submit = el('button', { type: 'submit', 'data-action': 'start' }, 'Start');
+    form.appendChild(submit);
+    form.addEventListener('submit', event => {
+      event.preventDefault();
+      void this.start(form, submit as HTMLButtonElement);
+    });
+    box.appendChild(form);
+    const specs = this.app.serviceManager.kernelspecs;
+    const fill = (): void => {
+      const names = Object.keys(specs.specs?.kernelspecs ?? {}).sort();
+      const chosen = this.kernels.value || specs.specs?.default || 'python3';
+      this.kernels.replaceChildren(...names.map(k => el('option', { value: k }, k)));
+      this.kernels.value = names.includes(chosen) ? chosen : names[0] ?? '';
+    };
+    void specs.ready.then(fill);
+    specs.specsChanged.connect(fill);
+    return box;
+  }
+
+  private async start(form: HTMLFormElement, submit: HTMLButtonElement): Promise<void> {
+    const value = (name: string): string =>
+      (form.elements.namedItem(name) as HTMLInputElement).value.trim();
+    let options: Record<string, unknown>;
+    try {
+      options = parseOptions(value('options'));
+    } catch (err) {
+      this.status.textContent = `Start a cluster: ${(err as Error).message}`;
+      this.status.classList.add('ipme-error');
+      return;
+    }
+    const n = Number(value('n'));
+    const profile = value('profile') || 'default';
+    const body = { n, profile, kernel: value('kernel'), launcher: value('launcher'), options };
+    submit.disabled = true;
+    try {
+      await this.act(`Start cluster ${profile} (${n} engines)`, 'clusters', body);
+    } finally {
+      submit.disabled = false;
+    }
+  }
+
+  private showLaunchers(names: string[] | undefined): void {
+    if (!names || JSON.stringify(names) === this.launcherNames) {
+      return;
+    }
+    this.launcherNames = JSON.stringify(names);
+    const chosen = this.launchers.value || 'local';
+    this.launchers.replaceChildren(...names.map(k => el('option', { value: k }, k)));
+    this.launchers.value = names.includes(chosen) ? chosen : names[0];
   }
 
   dispose(): void {
@@ -95,6 +170,7 @@ class EnginesPanel extends Widget {
     try {
       const snap: ISnapshot = await api('clusters');
       this.render(snap);
+      this.showLaunchers(snap.launchers);
       if (!this.message) {
         // an action's outcome stays shown; only the panel's own notes come and go
         if (!snap.clusters.length) {
@@ -249,6 +325,10 @@ class EnginesPanel extends Widget {
 
   private status: HTMLElement;
   private list: HTMLElement;
+  private form: HTMLElement;
+  private kernels!: HTMLSelectElement;
+  private launchers!: HTMLSelectElement;
+  private launcherNames = '';
   private message = '';
   private shape = '';
   private noted = false;

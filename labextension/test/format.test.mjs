@@ -2,7 +2,7 @@
 // `npm test` (tsc, then node's own test runner; no other toolchain).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { bytes, clientCode, engineText, secs, stateClass } from '../lib/format.js';
+import { bytes, clientCode, engineText, parseOptions, secs, stateClass } from '../lib/format.js';
 
 test('bytes: binary units, one decimal under 10', () => {
   assert.equal(bytes(null), '');
@@ -57,4 +57,15 @@ test('clientCode: a shared cluster by profile, an embedded one by its file', () 
     'from ipy_multiengine import client\nmec = client.MultiEngineClient(profile="p\\"q")\nmec.activate()'
   );
   assert.match(clientCode({ ...c, shared: false }), /MultiEngineClient\("\/r\/embedded-1.json"\)/);
+});
+
+test('parseOptions: key=value lines, JSON values where they parse, errors name the line', () => {
+  assert.deepEqual(parseOptions(''), {});
+  assert.deepEqual(parseOptions(' hosts = ["a", "b"]\n\nnodes=2\npartition=debug\n'), {
+    hosts: ['a', 'b'],
+    nodes: 2,
+    partition: 'debug'
+  });
+  assert.throws(() => parseOptions('nodes=2\noops'), /option line 2 \("oops"\): expected key=value/);
+  assert.throws(() => parseOptions('=1'), /option line 1/);
 });
