@@ -23,6 +23,7 @@ os.environ["JUPYTER_RUNTIME_DIR"] = _RUNTIME  # before ipy_multiengine computes 
 
 import psutil  # noqa: E402
 import pytest  # noqa: E402
+from browser_helpers import lab, lab_session  # noqa: E402, F401  (the browser modules share them)
 from faultlib import reset_engines  # noqa: E402
 
 from ipy_multiengine import Cluster  # noqa: E402

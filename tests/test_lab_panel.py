@@ -1,6 +1,7 @@
 """The Engines panel in a real JupyterLab and headless Chromium (``browser_helpers``).
 
-One JupyterLab and one browser for the module; the server extension and the prebuilt
+One JupyterLab and one browser (``browser_helpers.lab``: shared with the other browser modules
+of this test process, fresh for the module); the server extension and the prebuilt
 labextension come from the installed package (``IPME_BUILD_LABEXTENSION=1 pip install -e .``
 or a wheel). Checks, as a person clicks: the panel lists the session cluster's engines; while a
 notebook runs ``%%px time.sleep(60)`` the panel's "Interrupt all" stops it within 2 s; restart
@@ -34,20 +35,12 @@ KEY = "cluster-tests"  # the session cluster's id in the panel
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    browser_helpers.require_browser()
+def built():
     if not BUILT.exists():
         msg = "the labextension is not built: IPME_BUILD_LABEXTENSION=1 pip install -e ."
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
-    base = tmp_path_factory.mktemp("lab-panel")
-    with browser_helpers.lab_server(base) as server:
-        browser = browser_helpers.Browser(base)
-        try:
-            yield server, browser
-        finally:
-            browser.close()
 
 
 def api(server, path, body=None, timeout=60):
@@ -113,7 +106,7 @@ def show_panel(driver):
 
 
 @pytest.fixture(scope="module")
-def page(lab, cluster):
+def page(built, lab, cluster):
     """A notebook connected to the session cluster, open, and the Engines panel shown."""
     server, browser = lab
     nb = nbformat.v4.new_notebook()
