@@ -154,13 +154,13 @@ def test_px_output_is_live_and_labelled(px):
         assert_engine_order(text, "stdout")
         blocks = re.split(r"(?=\[stdout:\d\])", text)
         assert all(f"finished on {e}" in blocks[e + 1] for e in range(4)), blocks  # one area each
-        assert_areas_ruled(px, 1, [f"[stdout:{e}]" for e in range(4)])
         seen = px.driver.execute_script(
             "window.__ipmeOrderWatch.disconnect(); return window.__ipmeOrder;"
         )
         # every state the page showed while the cell ran: the engines' areas never swapped
         shown = [[i for i in where if i >= 0] for where in seen]
         assert seen and all(s == sorted(s) for s in shown), seen
+        assert_areas_ruled(px, 1, [f"[stdout:{e}]" for e in range(4)])
 
 
 def test_error_on_one_engine_shows_its_traceback_and_the_others_output(px):

@@ -543,3 +543,43 @@ def test_what_a_notebook_user_sees(cluster):
     assert_clean_metadata(nb)
     saved = nbformat.reads(nbformat.writes(nb), as_version=4)  # saved and reopened
     assert saved.cells[3].outputs == nb.cells[3].outputs
+
+
+def _set_fast(mec, on: bool | list[bool]) -> list[bool]:
+    """Set the engines' use of their fast sockets (off: the comm carries data), on the loop;
+    returns what it was, to restore (``[]``: only that)."""
+
+    async def flip():
+        conns = list(mec._controller._engines.values())
+        was = [c.fast for c in conns]
+        if on != []:  # [] reads only
+            for c, v in zip(conns, on if isinstance(on, list) else [on] * len(conns), strict=True):
+                c.fast = v
+        return was
+
+    return _loop.run(flip(), timeout=10)
+
+
+@pytest.mark.parametrize("path", ["fast socket", "comm"])
+def test_plain_map_progress_moves_by_items_within_engine_blocks(mec, monkeypatch, capsys, path):
+    """A plain (one block per engine) map's bar moves as items complete inside the blocks:
+    each engine reports how far its block got (no extra round trip), not only at its end, on
+    either data path."""
+    from ipy_multiengine import render
+
+    monkeypatch.setattr(render, "interactive", lambda: True)  # pytest's stderr is no terminal
+    monkeypatch.setattr(mec, "progress_after", 0.05)
+    was = _set_fast(mec, [])  # nothing changed: what it is
+    assert all(was), "the session's engines have fast sockets"
+    _set_fast(mec, path == "fast socket")
+    try:
+        # 4 blocks of 20 items, 0.04 s each: about 0.8 s per block
+        assert mec.map(_slow, range(80)) == list(range(80))
+    finally:
+        _set_fast(mec, was)
+    err = capsys.readouterr().err
+    frames = [f for f in err.replace("\r", "\n").split("\n") if f.startswith("map:")]
+    counts = {int(m) for f in frames for m in re.findall(r"(\d+)/80", f)}
+    assert 80 in counts, frames
+    inside = [c for c in counts if c % 20]  # not a whole number of blocks
+    assert inside, f"the bar moved only as blocks completed: {sorted(counts)}"
