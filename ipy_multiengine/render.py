@@ -25,6 +25,9 @@ UPDATE_INTERVAL = 0.1
 #: Characters after which a notebook stream area is frozen and a new one started, so that
 #: in-place updates stay small however much an engine prints.
 AREA_LIMIT = 16384
+#: Characters of frozen areas a ``%%px`` cell keeps to lay itself out again at its end; a
+#: cell printing more is left as shown (its unused reserved displays stay, empty).
+RELAYOUT_LIMIT = 4 * 1024 * 1024
 #: Engines' display ids remembered for updates from later cells (the oldest are forgotten).
 SHOWN_LIMIT = 1024
 
@@ -280,6 +283,7 @@ class Renderer:
         self.items: dict[int, list[_Item]] = {}  # each engine's rich outputs and results
         self._moved = False  # something is shown out of the cell's layout (re-laid at the end)
         self.foreign = False  # something else was shown in the cell: it is not re-laid
+        self._kept = 0  # characters of frozen areas kept for the final layout
         if owns_cell and notebook and mode == "stream" and group != "order":
             self._reserve()
 
@@ -322,6 +326,19 @@ class Renderer:
         self._render_collected()
 
     # -- the cell's own layout (owns_cell)
+    def _keep(self, area: _Area, data: dict, md: dict) -> None:
+        """Keep a frozen part of an area for the final layout (up to RELAYOUT_LIMIT
+        characters in all: past it, the cell is not laid out again, its parts not kept)."""
+        if not self.slots or self.foreign:
+            return
+        self._kept += len(data["text/plain"])
+        if self._kept > RELAYOUT_LIMIT:
+            self.foreign = True
+            for a in self.areas.values():
+                a.frozen = []
+            return
+        area.frozen.append((data, md))
+
     def _reserve(self) -> None:
         """Reserve every target engine's displays, in engine order, before any output: empty
         (no mime type, so a frontend shows nothing), each filled in place when its engine shows
@@ -463,7 +480,7 @@ class Renderer:
             # long line without a newline (dots printed with end='') is cut there, else each
             # update would send the whole line again
             data, md = area.bundle(area.split())
-            area.frozen.append((data, md))
+            self._keep(area, data, md)
             if area.handle_id is None:
                 _display(data, md)
             else:

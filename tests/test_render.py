@@ -583,3 +583,36 @@ def test_plain_map_progress_moves_by_items_within_engine_blocks(mec, monkeypatch
     assert 80 in counts, frames
     inside = [c for c in counts if c % 20]  # not a whole number of blocks
     assert inside, f"the bar moved only as blocks completed: {sorted(counts)}"
+
+
+@pytest.mark.parametrize("limit", [10**6, 100])
+def test_px_cell_final_layout_keeps_frozen_parts_up_to_a_limit(monkeypatch, limit):
+    """A ``%%px`` cell laid out again at its end shows its areas' frozen parts (past
+    AREA_LIMIT) too; a cell that printed more than RELAYOUT_LIMIT is left as it was shown
+    (not sent again whole), its empty reserved displays staying."""
+    import IPython.display
+
+    from ipy_multiengine import render
+
+    sent: list[tuple[str | None, bool, dict]] = []
+    cleared: list[bool] = []
+    monkeypatch.setattr(
+        render, "_display", lambda d, md, did=None, update=False: sent.append((did, update, d))
+    )
+    monkeypatch.setattr(IPython.display, "clear_output", lambda wait=False: cleared.append(wait))
+    monkeypatch.setattr(render, "AREA_LIMIT", 50)
+    monkeypatch.setattr(render, "RELAYOUT_LIMIT", limit)
+    r = render.Renderer([0, 1], "stream", True, owns_cell=True)
+    assert [(u, d) for _i, u, d in sent] == [(False, {})] * 6  # reserved: 3 per engine
+    for i in range(4):
+        r.handle(1, "stream", {"name": "stdout", "text": f"line {i} " + "y" * 30 + "\n"})
+        r.tick(force=True)
+    sent.clear()
+    r.finish()
+    if limit > 100:
+        assert cleared == [True]
+        text = "".join(d["text/plain"] for _i, _u, d in sent)
+        assert all(f"line {i} " in text for i in range(4)), sent
+        assert all(not u and d for _i, u, d in sent), sent  # shown again, nothing blank
+    else:
+        assert cleared == [] and sent == [], (cleared, sent)
