@@ -601,7 +601,7 @@ class Renderer:
                 text = payload.rstrip("\n") if not self.notebook else payload
                 if self.notebook:
                     text = text[:-1] if text.endswith("\n") else text
-                    data = {"text/plain": f"[{kind}:{label}] {text}"}
+                    data = _text_bundle(f"[{kind}:{label}] {text}")
                     _display(
                         data,
                         {

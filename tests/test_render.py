@@ -616,3 +616,14 @@ def test_px_cell_final_layout_keeps_frozen_parts_up_to_a_limit(monkeypatch, limi
         assert all(not u and d for _i, u, d in sent), sent  # shown again, nothing blank
     else:
         assert cleared == [] and sent == [], (cleared, sent)
+
+
+def test_collected_areas_are_ruled_too(ip, mec):
+    """``--no-stream`` output in a notebook: one labelled area per engine and stream, in
+    engine order, each with the same visible rule above it as a live area."""
+    magics_of(ip).notebook = True
+    cap, res = run(ip, "%%px --no-stream --targets 1,2\nprint('x')")
+    assert res.success, res.error_in_exec
+    areas = cell_outputs(cap)
+    assert [d["text/plain"] for d in areas] == ["[stdout:1] x", "[stdout:2] x"], areas
+    assert all("border-top" in d["text/html"] for d in areas), areas
