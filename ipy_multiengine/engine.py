@@ -419,18 +419,29 @@ class _ItemError(Exception):
 _interrupted_maps: collections.deque[str] = collections.deque(maxlen=64)
 
 
+#: Seconds between a map block's progress reports (when its request asks: ``"progress"``).
+PROGRESS_EVERY = 0.25
+#: Where the running operation reports its progress (set by the path that runs it).
+_report: Callable[[dict, int], None] | None = None
+
+
 def _op_map(data: dict, frames: list) -> list:
     if data.get("map") is not None and data["map"] in _interrupted_maps:
         raise KeyboardInterrupt("skipped: the load-balanced map was interrupted")
     f, items = serialize.loads(frames)
     f, commit = _in_namespace(f)
     out = []
+    report = _report if data.get("progress") else None
+    due = time.monotonic() + PROGRESS_EVERY
     try:
         for i, args in enumerate(items):
             try:
                 out.append(f(*args))
             except Exception as exc:
                 raise _ItemError(data.get("offset", 0) + i, exc) from exc
+            if report is not None and time.monotonic() >= due:
+                report(data, i + 1)
+                due = time.monotonic() + PROGRESS_EVERY
     finally:
         commit()
     return serialize.dumps(out)
@@ -494,8 +505,17 @@ def _safe_error_reply(rid: Any, exc: BaseException, item: int | None) -> tuple[d
 
 
 def _on_msg(comm: Any, msg: dict) -> None:
+    global _report
     data = msg["content"]["data"]
-    reply, frames = _run_op(data, msg.get("buffers") or [])
+
+    def report(request: dict, done: int) -> None:
+        comm.send({"rid": request.get("rid"), "status": "progress", "done": done})
+
+    _report = report
+    try:
+        reply, frames = _run_op(data, msg.get("buffers") or [])
+    finally:
+        _report = None
     _flush_pending_output()
     _send_reply(comm, reply, frames)
 
@@ -707,10 +727,22 @@ class _FastServer:
             started = time.monotonic()
             # as ipykernel's handlers
             saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+            global _report
+
+            def report(request: dict, done: int) -> None:
+                self._send(
+                    idents,
+                    {"rid": request.get("rid"), "status": "progress", "done": done},
+                    [],
+                    request,
+                )
+
+            _report = report
             try:
                 reply, out = _run_op(data, msg["buffers"])
                 msg = frames = rest = None  # type: ignore[assignment]
             finally:
+                _report = None
                 signal.signal(signal.SIGINT, saved)
             # an output flushed by ipykernel's timer (every flush_interval) leaves no trace: an
             # operation that ran that long replies behind IOPub, as does one that printed
