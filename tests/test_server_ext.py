@@ -140,6 +140,8 @@ async def test_bad_requests_name_what_is_wrong(jp_fetch, cluster):
         with pytest.raises(tornado.httpclient.HTTPClientError) as info:
             await api(jp_fetch, "clusters", method="POST", body=body)
         assert words in info.value.response.body.decode(), (body, info.value.response.body)
+    # the watcher's first scan may not be published yet (a loaded machine): wait for it
+    await until(jp_fetch, lambda s: cluster_of(s, "cluster-tests"), 10, "cluster-tests listed")
     with pytest.raises(tornado.httpclient.HTTPClientError) as info:
         await api(
             jp_fetch, "clusters", "cluster-tests", "interrupt", method="POST", body={"ids": [9]}
