@@ -214,7 +214,7 @@ class EngineExecutor(cf.Executor):
         (Ctrl-C stops the wait, the tasks keep running)."""
         with self._lock:
             self._shutdown = True
-            dropped = []
+            dropped: list[cf.Future] = []
             if cancel_futures:
                 for q in [self._shared, *self._queues.values()]:
                     dropped.extend(t.future for t in q)
