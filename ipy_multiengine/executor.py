@@ -126,6 +126,12 @@ class EngineExecutor(cf.Executor):
         self._worker: threading.Thread | None = None
         self._shutdown = False
 
+    @property
+    def pending(self) -> int:
+        """How many of this executor's tasks are queued or running."""
+        with self._lock:
+            return len(self._pending)
+
     def __repr__(self) -> str:
         kind = "balanced" if self.balanced else "round-robin"
         return f"<EngineExecutor {kind} on engines {self.eids}: {len(self._pending)} pending>"
