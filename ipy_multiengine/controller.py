@@ -250,6 +250,9 @@ class Controller:
         self._engines: dict[int, EngineConn] = {}
         #: engine id -> its latest snapshot; replaced as a whole (copy on write) on the loop
         self._published: Mapping[int, EngineState] = MappingProxyType({})
+        #: (loop) new engines being added to a running controller: unpublished until their
+        #: connection has succeeded or failed, so no call on all engines sees one half added
+        self._joining: set[int] = set()
         self._closed = False
         self._poller: asyncio.Task | None = None
         self._beater: asyncio.Task | None = None
@@ -370,6 +373,8 @@ class Controller:
         conns = [
             EngineConn(eid, info, self._liveness.get(eid)) for eid, info in sorted(engines.items())
         ]
+        joining = {c.eid for c in conns if c.eid not in self._published} if keep_others else set()
+        self._joining |= joining
         for conn in conns:
             old = self._engines.get(conn.eid)
             if old is not None:
@@ -381,7 +386,12 @@ class Controller:
             await self._connect(c, timeout)
             self._connected(c)
 
-        results = await asyncio.gather(*(connect(c) for c in conns), return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(connect(c) for c in conns), return_exceptions=True)
+        finally:
+            self._joining -= joining
+            for conn in conns:
+                self._publish(conn)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for conn, res in zip(conns, results, strict=True):
@@ -624,6 +634,8 @@ class Controller:
         """(loop) Publish ``conn``'s snapshot: a new immutable ``EngineState`` in a new mapping."""
         if self._engines.get(conn.eid) is not conn:
             return  # replaced meanwhile: its successor speaks for the id
+        if conn.eid in self._joining:
+            return  # published once its connection is done (``_add_engines``)
         busy = conn.state == "busy" and not conn.dead
         in_flight = len(conn.requests)
         running, busy_since = conn.running, conn.busy_since

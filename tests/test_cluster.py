@@ -631,3 +631,24 @@ def test_a_restart_request_that_times_out_leaves_the_engines_usable():
     finally:
         stopped = ipmulti("stop", "--profile", "restart-to")
     assert stopped.returncode == 0, stopped.stderr
+
+
+def test_a_call_on_all_engines_during_add_engines_sees_the_new_engine_wholly_or_not_at_all():
+    """``Cluster.add_engines`` in one thread, calls on all engines in another: the new engine
+    was published while still connecting, so a call in that window failed with "engine 1 is
+    not ready yet (connecting): restart it". Now each call runs on 1 engine or on 2."""
+    import threading
+
+    from faultlib import wait_for
+
+    with Cluster(n=1, profile="fix3-add-race") as mec:
+        added: list = []
+        adder = threading.Thread(target=lambda: added.append(mec.owner.add_engines(1)))
+        adder.start()
+        seen = []
+        while adder.is_alive():
+            seen.append(len(mec.execute("x = 1", targets="all", block=True)))
+        adder.join(60)
+        wait_for(lambda: added, 1, "add_engines to return")
+        assert added == [[1]]
+        assert set(seen) <= {1, 2} and len(mec.execute("x = 1", targets="all")) == 2
