@@ -301,3 +301,28 @@ def test_engine_without_the_fast_socket_uses_the_comm(tmp_path):
             mec.apply(fails, block=False).get_result(timeout=20)
         assert mec.map(lambda v: v + 1, range(5)) == [1, 2, 3, 4, 5]
         _check_abort(mec, tmp_path)  # the same on the comm: its requests queue on the shell
+        _check_request_buffers_freed(mec)
+
+
+def _engine_rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 1e6
+
+
+def _check_request_buffers_freed(mec) -> None:
+    """``apply(len, 64 MB)`` on engine 0, nothing sent after it: the argument is freed. The
+    engine set the request (with its buffers) as ipykernel's parent, which kept them until
+    the next request. Measured from outside (psutil), so no request resets the parent."""
+    pid = mec.apply(os.getpid, targets=0)[0]
+    base = _engine_rss_mb(pid)
+    assert mec.apply(len, bytearray(64 * 2**20), targets=0) == [64 * 2**20]  # out of band
+    wait_for(
+        lambda: _engine_rss_mb(pid) < base + 32,
+        10,
+        f"engine 0 to free the 64 MB argument of its last request (RSS was {base:.0f} MB)",
+    )
+
+
+def test_the_last_requests_buffers_are_freed_on_the_engine(mec):
+    _check_request_buffers_freed(mec)
