@@ -147,12 +147,20 @@ class RequestFuture(Future):
     def __init__(self, track: bool = False) -> None:
         super().__init__()
         self.sent: Future | None = Future() if track else None
-        #: wall-clock times (``time.time()``): submitted by the caller; started when the
-        #: engine said busy for it (None if it never did: comm ops during an async cell);
-        #: completed when its result (or error) arrived. Written once each, on the loop.
+        #: wall-clock times (``time.time()``, for display): submitted by the caller; started
+        #: when the engine said busy for it (None if it never did: comm ops during an async
+        #: cell); completed when its result (or error) arrived. Written once each, on the loop.
+        #: Durations use the ``mono`` times of the same instants (``time.monotonic()``): the
+        #: wall clock may jump.
         self.submitted: float = time.time()
         self.started: float | None = None
         self.completed: float | None = None
+        self.mono: dict[str, float] = {"submitted": time.monotonic()}
+
+    def stamp(self, name: str) -> None:
+        """(loop) Record now as time ``name`` ('started', 'completed'), wall and monotonic."""
+        setattr(self, name, time.time())
+        self.mono[name] = time.monotonic()
 
 
 @dataclass
@@ -1047,7 +1055,7 @@ class Controller:
                 and isinstance(req.future, RequestFuture)
                 and req.future.started is None
             ):
-                req.future.started = time.time()
+                req.future.stamp("started")
             if req is not None and state == "idle":
                 req.idle = True
                 if req.channel == "shell":
@@ -1277,7 +1285,7 @@ class Controller:
         if req.future.done():
             return
         if isinstance(req.future, RequestFuture):
-            req.future.completed = time.time()
+            req.future.stamp("completed")
         if exc is None and req.listener_error is not None:
             exc = req.listener_error
         if exc is not None:
