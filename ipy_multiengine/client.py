@@ -557,8 +557,11 @@ class MultiEngineClient(Configurable):
         frames: list[list[Any]],
         data: dict | None = None,
         listener: Listener | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> list[cf.Future]:
-        return self._controller.submit_comm(eids, op, data or {}, frames, listener=listener)
+        return self._controller.submit_comm(
+            eids, op, data or {}, frames, listener=listener, on_progress=on_progress
+        )
 
     def apply(
         self,
@@ -783,13 +786,21 @@ class MultiEngineClient(Configurable):
             datas.append(a)
         futures = []
         live = self._live(eids, block)
+        tally = Tally(len(items))
         for eid, fr, off in zip(eids, frames, datas, strict=True):
+            # each engine reports how far its block got (a few messages a second, no round
+            # trip), so that the bar moves by items, not only as blocks complete
             futures += self._comm(
-                "map", [eid], [fr], {"offset": off}, listener=live.listener if live else None
+                "map",
+                [eid],
+                [fr],
+                {"offset": off, "progress": True},
+                listener=live.listener if live else None,
+                on_progress=tally.part,
             )
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
         sizes = [b - a for a, b in partition.bounds(len(items), nparts)]
-        tally = _tally(Tally(len(items)), eids, futures, sizes)
+        tally = _tally(tally, eids, futures, sizes)
         return self._deliver(
             self._pending(futures, eids, "map", finish, progress=True, tally=tally),
             block,

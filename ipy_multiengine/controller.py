@@ -126,6 +126,9 @@ class Request:
     code: str = ""
     op: str = ""
     listener: Listener | None = None
+    #: called on this thread with (engine, units done so far) when the engine reports how far
+    #: a long operation got (a map block: ``{"status": "progress"}`` before its reply)
+    on_progress: Callable[[int, int], None] | None = None
     reply: dict | None = None
     idle: bool = False
     stdout: list[str] = field(default_factory=list)
@@ -1003,7 +1006,9 @@ class Controller:
         parent = msg["parent_header"].get("msg_id", "")
         if channel == "fast":
             req = conn.requests.get(parent)
-            if req is not None and req.channel == "fast":
+            if req is not None and content.get("status") == "progress":
+                self._progressed(conn, req, content)
+            elif req is not None and req.channel == "fast":
                 self._finish_comm(conn, req, content, msg.get("buffers") or [])
             return
         if channel == "stdin":
@@ -1026,7 +1031,9 @@ class Controller:
             if content.get("comm_id") == conn.comm_id:
                 data = content.get("data") or {}
                 req = conn.requests.get(data.get("rid", ""))
-                if req is not None:
+                if req is not None and data.get("status") == "progress":
+                    self._progressed(conn, req, data)
+                elif req is not None:
                     self._finish_comm(conn, req, data, msg.get("buffers") or [])
             return
         if mtype == "status":
@@ -1237,6 +1244,15 @@ class Controller:
             )
             req.idle = req.lost = True
             self._maybe_complete(conn, req)
+
+    def _progressed(self, conn: EngineConn, req: Request, data: dict) -> None:
+        """An engine's report of how far an operation got (no reply: the operation goes on)."""
+        if req.on_progress is None:
+            return
+        try:
+            req.on_progress(conn.eid, int(data.get("done", 0)))
+        except Exception as exc:  # fails its request, never lost on the I/O thread
+            self._finish(conn, req, exc=exc)
 
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
         out: dict[str, Any] = {
@@ -1525,9 +1541,11 @@ class Controller:
         data: dict,
         frames: list[list[Any]],
         listener: Listener | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> list[Future]:
         """Send one comm operation per engine (``frames[i]`` to ``eids[i]``); Futures of
-        ``CommReply``."""
+        ``CommReply``. ``on_progress(eid, done)``: the engines' progress reports (a map block
+        sent with ``data["progress"]``), on the controller's thread."""
 
         def build(conn: EngineConn, _frames: list, fut: Future) -> tuple[dict, Request]:
             if conn.fast:
@@ -1544,6 +1562,7 @@ class Controller:
                 future=fut,
                 op=op,
                 listener=listener,
+                on_progress=on_progress,
                 channel="fast" if conn.fast else "shell",
             )
             if not conn.data_ok and not fut.done():

@@ -419,18 +419,29 @@ class _ItemError(Exception):
 _interrupted_maps: collections.deque[str] = collections.deque(maxlen=64)
 
 
+#: Seconds between a map block's progress reports (when its request asks: ``"progress"``).
+PROGRESS_EVERY = 0.25
+#: Where the running operation reports its progress (set by the path that runs it).
+_report: Callable[[dict, int], None] | None = None
+
+
 def _op_map(data: dict, frames: list) -> list:
     if data.get("map") is not None and data["map"] in _interrupted_maps:
         raise KeyboardInterrupt("skipped: the load-balanced map was interrupted")
     f, items = serialize.loads(frames)
     f, commit = _in_namespace(f)
     out = []
+    report = _report if data.get("progress") else None
+    due = time.monotonic() + PROGRESS_EVERY
     try:
         for i, args in enumerate(items):
             try:
                 out.append(f(*args))
             except Exception as exc:
                 raise _ItemError(data.get("offset", 0) + i, exc) from exc
+            if report is not None and time.monotonic() >= due:
+                report(data, i + 1)
+                due = time.monotonic() + PROGRESS_EVERY
     finally:
         commit()
     return serialize.dumps(out)
@@ -504,12 +515,23 @@ def _set_parent(kernel: Any, idents: list, msg: dict) -> None:
 
 
 def _on_msg(comm: Any, msg: dict) -> None:
+    global _report
     data = msg["content"]["data"]
     if msg.get("buffers"):  # ipykernel set the whole message as parent: keep only the rest
         kernel = get_ipython().kernel
         _set_parent(kernel, kernel._parent_ident["shell"], msg)
-    reply, frames = _run_op(data, msg.get("buffers") or [])
+
+    def report(request: dict, done: int) -> None:
+        comm.send({"rid": request.get("rid"), "status": "progress", "done": done})
+
+    _report = report
+    buffers = msg.get("buffers") or []
     del msg
+    try:
+        reply, frames = _run_op(data, buffers)
+    finally:
+        _report = None
+        del buffers
     _flush_pending_output()
     _send_reply(comm, reply, frames)
 
@@ -721,10 +743,22 @@ class _FastServer:
             started = time.monotonic()
             # as ipykernel's handlers
             saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+            global _report
+
+            def report(request: dict, done: int) -> None:
+                self._send(
+                    idents,
+                    {"rid": request.get("rid"), "status": "progress", "done": done},
+                    [],
+                    request,
+                )
+
+            _report = report
             try:
                 reply, out = _run_op(data, msg["buffers"])
                 msg = frames = rest = None  # type: ignore[assignment]
             finally:
+                _report = None
                 signal.signal(signal.SIGINT, saved)
             # an output flushed by ipykernel's timer (every flush_interval) leaves no trace: an
             # operation that ran that long replies behind IOPub, as does one that printed

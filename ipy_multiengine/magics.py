@@ -513,7 +513,9 @@ class ParallelMagics(Magics):
                 self._ip.user_ns[args.out] = pr
             return pr
 
-        renderer = Renderer(pr.eids, mode, self.notebook, group, same_output)
+        # a %%px cell's outputs are all its own: engine areas are laid out from the start
+        owns_cell = not line_form and not args.local
+        renderer = Renderer(pr.eids, mode, self.notebook, group, same_output, owns_cell)
         live.start(renderer)
         started = time.monotonic()
         # the one progress display of every call (tqdm.auto), shown when asked: --progress-after S
@@ -527,6 +529,7 @@ class ParallelMagics(Magics):
             raise one_line(KeyboardInterrupt()) from None
         finally:
             progress.close(*pr.progress())  # the final count, then the bar ends
+            renderer.foreign = renderer.foreign or progress.appeared  # the cell keeps the bar
         if timed_out:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             live.close()  # what came so far; later output stays on the PendingResult
@@ -650,6 +653,7 @@ class ParallelMagics(Magics):
             pass  # a second Ctrl-C: stop waiting at once
         if renderer.mode == "results":
             renderer.mode = "collect"  # there will be no Results List: show everything printed
+        renderer.foreign = renderer.foreign or progress.appeared
         live.close()
         still = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
         msg = (

@@ -25,6 +25,9 @@ UPDATE_INTERVAL = 0.1
 #: Characters after which a notebook stream area is frozen and a new one started, so that
 #: in-place updates stay small however much an engine prints.
 AREA_LIMIT = 16384
+#: Characters of frozen areas a ``%%px`` cell keeps to lay itself out again at its end; a
+#: cell printing more is left as shown (its unused reserved displays stay, empty).
+RELAYOUT_LIMIT = 4 * 1024 * 1024
 #: Engines' display ids remembered for updates from later cells (the oldest are forgotten).
 SHOWN_LIMIT = 1024
 
@@ -98,11 +101,33 @@ def _labelled(data: dict, metadata: dict | None, eid: Any, label: str) -> tuple[
     return data, md
 
 
+#: The rule above every engine area and label in a notebook (text/html; text/plain is the same
+#: text without it). An area whose text has ANSI escapes stays text/plain only, so that the
+#: frontend renders its colours.
+_RULE = "border-top:1px solid rgba(127,127,127,0.45);margin:2px 0 0 0;padding:2px 0 0 0"
+
+
+def _text_bundle(text: str, cls: str = "ipy-multiengine-area") -> dict:
+    """``text`` as a notebook shows an engine's area or label: text/plain, and text/html with
+    a rule above it that separates it from the previous engine's output."""
+    if "\x1b" in text:
+        return {"text/plain": text}
+    return {
+        "text/plain": text,
+        "text/html": f'<pre class="{cls}" style="{_RULE}">{_escape(text)}</pre>',
+    }
+
+
+def _is_rich(data: dict) -> bool:
+    """A frontend shows something other than text/plain (a figure, HTML, a DataFrame)."""
+    return not set(data) <= {"text/plain"}
+
+
 def _label_line(label: str, data: dict) -> None:
     """In a notebook, a rich output (a figure, HTML, a DataFrame) shows its engine in a stream
     line before it (``[output:2]``), as ipyparallel prints: the frontend shows the richest mime
     type, never the labelled text/plain alternative. Plain-text outputs carry their label."""
-    if set(data) <= {"text/plain"}:
+    if not _is_rich(data):
         return
     sys.stdout.write(label + "\n")
     sys.stdout.flush()  # before the display: the kernel sends stream and display in this order
@@ -158,6 +183,8 @@ class _Area:
     shown: str = ""
     last: float = 0.0
     count: int = 0
+    #: what was frozen out of it (past AREA_LIMIT), in order: (data, metadata) of each
+    frozen: list[tuple[dict, dict]] = field(default_factory=list)
 
     def write(self, name: str, text: str) -> None:
         if not self.segments or self.segments[-1][0] != name:
@@ -194,7 +221,7 @@ class _Area:
     def bundle(self, text: str) -> tuple[dict, dict]:
         names = [seg[0] for seg in self.segments] or ["stdout"]
         return (
-            {"text/plain": text},
+            _text_bundle(text),
             {
                 "engine": self.eid,
                 "stream": names[0],
@@ -202,6 +229,17 @@ class _Area:
                 "text/plain": {"engine": self.eid},
             },
         )
+
+
+@dataclass
+class _Item:
+    """A rich output or result of an engine shown in this cell (``owns_cell``), as it is now."""
+
+    local_id: str | None
+    label: str | None  # shown in a label display before it (a rich bundle), else in its text
+    data: dict
+    md: dict
+    cleared: bool = False
 
 
 class Renderer:
@@ -218,7 +256,10 @@ class Renderer:
         notebook: bool,
         group: str = "engine",
         collapse: bool = False,
+        owns_cell: bool = False,
     ) -> None:
+        """``owns_cell``: every output of the notebook cell from now on is this renderer's (a
+        ``%%px`` cell): its layout is reserved at the start and laid out again at the end."""
         self.eids = eids
         self.mode = mode  # 'stream' | 'collect' | 'results'
         self.notebook = notebook
@@ -236,6 +277,15 @@ class Renderer:
         #: the stream areas shown one after another since the last other output: kept in
         #: engine order (an engine's first area takes its place among them, not the end)
         self._run: list[_Area] = []
+        #: the cell's own layout (``owns_cell``): per engine, displays reserved at the start in
+        #: engine order -- [its text area, a label, its first rich output] -- filled in place
+        self.slots: dict[int, list[str | None]] = {}
+        self.items: dict[int, list[_Item]] = {}  # each engine's rich outputs and results
+        self._moved = False  # something is shown out of the cell's layout (re-laid at the end)
+        self.foreign = False  # something else was shown in the cell: it is not re-laid
+        self._kept = 0  # characters of frozen areas kept for the final layout
+        if owns_cell and notebook and mode == "stream" and group != "order":
+            self._reserve()
 
     # -- events
     def handle(self, eid: int, mtype: str, content: dict) -> None:
@@ -270,8 +320,95 @@ class Renderer:
                 if lines.lines[-1]:
                     self._print_lines(eid, name, [lines.lines[-1]])
                     lines.lines[-1] = ""
+            if self.slots:
+                self._relayout()
             return
         self._render_collected()
+
+    # -- the cell's own layout (owns_cell)
+    def _keep(self, area: _Area, data: dict, md: dict) -> None:
+        """Keep a frozen part of an area for the final layout (up to RELAYOUT_LIMIT
+        characters in all: past it, the cell is not laid out again, its parts not kept)."""
+        if not self.slots or self.foreign:
+            return
+        self._kept += len(data["text/plain"])
+        if self._kept > RELAYOUT_LIMIT:
+            self.foreign = True
+            for a in self.areas.values():
+                a.frozen = []
+            return
+        area.frozen.append((data, md))
+
+    def _reserve(self) -> None:
+        """Reserve every target engine's displays, in engine order, before any output: empty
+        (no mime type, so a frontend shows nothing), each filled in place when its engine shows
+        something, so that live output never moves."""
+        from . import stdin
+
+        self._asked = stdin.asked
+        for eid in self.eids:
+            ids: list[str | None] = [f"{self._uid}-{eid}-{kind}" for kind in ("a", "l", "r")]
+            for did in ids:
+                _display({}, {}, did)
+            self.slots[eid] = ids
+
+    def _relayout(self) -> None:
+        """The cell's final state: every engine's area, then its rich outputs and results,
+        each after its label, in engine order; no reserved display left empty. A frontend
+        cannot remove one output, so the cell is cleared (when its next output arrives: no
+        flicker) and shown again -- unless something else was shown in it meanwhile (a
+        progress bar, an engine's prompt), which clearing would lose."""
+        from IPython.display import clear_output
+
+        from . import stdin
+
+        if self.foreign or stdin.asked != self._asked:
+            return
+        shown: list[tuple[dict, dict, str | None]] = []
+        for eid in self.eids:
+            area = self.areas.get(eid)
+            if area is not None:
+                shown.extend((data, md, None) for data, md in area.frozen)
+                text = area.text()
+                if text:
+                    shown.append((*area.bundle(text), area.handle_id))
+            for item in self.items.get(eid, []):
+                if item.cleared:
+                    continue
+                if item.label:
+                    shown.append((*self._label_bundle(eid, item.label), None))
+                shown.append((item.data, item.md, item.local_id))
+        self.slots = {}
+        clear_output(wait=bool(shown))
+        for data, md, did in shown:
+            _display(data, md, did)
+
+    @staticmethod
+    def _label_bundle(eid: int, label: str) -> tuple[dict, dict]:
+        return _text_bundle(label, "ipy-multiengine-label"), {"engine": eid}
+
+    def _show_item(
+        self, eid: int, data: dict, md: dict, label: str, local_id: str | None
+    ) -> str | None:
+        """Show a rich output or result of ``eid`` (``label`` before a rich bundle): in the
+        engine's reserved displays when they are free, else after everything (laid out again
+        at the end). Returns the local display id (``local_id``, or the reserved one)."""
+        rich = _is_rich(data)
+        slot = self.slots.get(eid)
+        if slot and slot[2] is not None:
+            label_id, local_id, slot[1], slot[2] = slot[1], slot[2], None, None
+            if rich:
+                _display(*self._label_bundle(eid, label), label_id, update=True)
+            _display(data, md, local_id, update=True)
+        else:
+            self._run = []  # areas of engines printing later go below this display
+            _label_line(label, data)
+            _display(data, md, local_id)
+        if self.slots:
+            self.items.setdefault(eid, []).append(
+                _Item(local_id, label if rich else None, data, md)
+            )
+        return local_id
 
     # -- live stream output
     def _stream(self, eid: int, name: str, text: str) -> None:
@@ -281,9 +418,9 @@ class Renderer:
             area = self._area(eid, name)
             new = not area.segments and area.handle_id is None
             area.write(name, text)
-            if new and self.group != "order":
+            if new and self.group != "order" and not self.slots:
                 self._place(area)
-            elif area.handle_id is None:
+            elif area.handle_id is None or not area.shown:
                 self._flush_area(area, time.monotonic())
             return
         lines = self.partial.setdefault((eid, name), Lines())
@@ -298,6 +435,9 @@ class Renderer:
             area = self.areas.get(eid)
             if area is None:
                 area = self.areas[eid] = _Area(eid)
+                slot = self.slots.get(eid)
+                if slot and slot[0] is not None:  # the display reserved for it
+                    area.handle_id, slot[0] = slot[0], None
             return area
         area = self.areas.get(self._chunks)
         if area is None or area.eid != eid or area.tail_name() not in (None, name):
@@ -340,6 +480,7 @@ class Renderer:
             # long line without a newline (dots printed with end='') is cut there, else each
             # update would send the whole line again
             data, md = area.bundle(area.split())
+            self._keep(area, data, md)
             if area.handle_id is None:
                 _display(data, md)
             else:
@@ -373,19 +514,24 @@ class Renderer:
             return
         self.tick(force=True)  # keep text printed before this display above it
         if update:
-            for local_id in _showing(eid, remote_id):
+            showing = _showing(eid, remote_id)
+            for local_id in showing:
                 _display(data, md, local_id, update=True)
+            for item in self.items.get(eid, []):
+                if item.local_id in showing:
+                    item.data, item.md = data, md
             return
         free = self.free.get(eid)
         if free:  # after clear_output: this display takes the place of a cleared one, in place
             local_id = free.pop(0)
             _display(data, md, local_id, update=True)
+            for item in self.items.get(eid, []):
+                if item.local_id == local_id:
+                    item.data, item.md, item.cleared = data, md, False
         else:
             self._count += 1
             local_id = f"{self._uid}-{eid}-r{self._count}"
-            self._run = []  # areas of engines printing later go below this display
-            _label_line(f"[output:{eid}]", data)
-            _display(data, md, local_id)
+            local_id = self._show_item(eid, data, md, f"[output:{eid}]", local_id) or local_id
         self.rich_ids.setdefault(eid, []).append(local_id)
         if remote_id is not None:
             _remember(eid, remote_id, local_id)
@@ -398,11 +544,10 @@ class Renderer:
         md["execution_count"] = count
         if not self.notebook:
             self._flush_partial(eid)
+            _display(data, md)
         else:
             self.tick(force=True)
-            self._run = []
-            _label_line(f"Out[{eid}:{count}]:", data)
-        _display(data, md)
+            self._show_item(eid, data, md, f"Out[{eid}:{count}]:", None)
 
     def _clear(self, eid: int, wait: bool = False) -> None:
         """An engine's ``clear_output``: empty that engine's areas (others' stay). With
@@ -419,12 +564,14 @@ class Renderer:
         self.clear_waiting.discard(eid)
         for area in self.areas.values():
             if area.eid == eid:
-                area.segments = []
+                area.segments, area.frozen = [], []
                 if not deferred:  # else the output that is arriving fills it at the next tick
                     self._flush_area(area, time.monotonic())
         _forget(eid, self._uid)  # a cleared display cannot be updated any more
         slots = self.free.setdefault(eid, [])
         cleared = self.rich_ids.pop(eid, [])
+        for item in self.items.get(eid, []):
+            item.cleared = item.cleared or item.local_id in cleared
         for i, local_id in enumerate(cleared):
             if not (reuse and i == 0 and not slots):  # the display arriving now reuses this one
                 _display({"text/plain": ""}, {"engine": eid}, local_id, update=True)
@@ -454,7 +601,7 @@ class Renderer:
                 text = payload.rstrip("\n") if not self.notebook else payload
                 if self.notebook:
                     text = text[:-1] if text.endswith("\n") else text
-                    data = {"text/plain": f"[{kind}:{label}] {text}"}
+                    data = _text_bundle(f"[{kind}:{label}] {text}")
                     _display(
                         data,
                         {
@@ -684,6 +831,7 @@ class ProgressBar:
         self.shown = 0
         self.waiting: list[int] | None = None
         self.drawn = 0.0
+        self.appeared = False  # the bar was shown (a notebook keeps it as an output)
 
     def __call__(
         self, done: int, total: int | None, waiting: list[int] | None = None, final: bool = False
@@ -698,6 +846,7 @@ class ProgressBar:
             ):
                 return
             self.bar = self._make(total)
+            self.appeared = True
         if total != self.bar.total:
             self.bar.total = total
         if waiting is not None and waiting != self.waiting:

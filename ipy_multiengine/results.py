@@ -112,14 +112,22 @@ class Tally:
         self._lock = threading.Lock()
         self._done = 0
         self._busy: collections.Counter[int] = collections.Counter()
+        self._part: dict[int, int] = {}  # units an engine reported of its running block
 
     def start(self, eid: int) -> None:
         with self._lock:
             self._busy[eid] += 1
 
+    def part(self, eid: int, n: int) -> None:
+        """Engine ``eid`` reports ``n`` units of its (one) running block done so far."""
+        with self._lock:
+            if eid in self._busy:  # a late report, after its block ended, counts nothing
+                self._part[eid] = max(n, self._part.get(eid, 0))
+
     def done(self, eid: int, n: int = 0) -> None:
         with self._lock:
             self._done += n
+            self._part.pop(eid, None)
             if self._busy[eid] > 1:
                 self._busy[eid] -= 1
             else:
@@ -128,7 +136,7 @@ class Tally:
     def snapshot(self) -> tuple[int, int | None, list[int]]:
         """``(done, total, engines still busy)``."""
         with self._lock:
-            return self._done, self.total, sorted(self._busy)
+            return self._done + sum(self._part.values()), self.total, sorted(self._busy)
 
     def __repr__(self) -> str:
         done, total, busy = self.snapshot()

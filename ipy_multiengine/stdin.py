@@ -178,8 +178,14 @@ def _serve(item: Any) -> None:
     item.reply(value)
 
 
+#: Prompts shown so far (a notebook keeps each one as an output of the cell it was asked in).
+asked = 0
+
+
 def _ask(item: InputRequest) -> str:
     """Show the asking call's output not shown yet, then ask the user with the engine id."""
+    global asked
+    asked += 1
     before = item.pending_output()
     if before:
         prefix = f"[{item.eid}] "

@@ -1,6 +1,7 @@
 """What a person sees in JupyterLab, in a real headless Chromium (selenium).
 
-One JupyterLab server and one browser for the whole module (``browser_helpers``). A notebook
+One JupyterLab server and one browser (``browser_helpers.lab``: shared with the other browser
+modules of this test process, fresh for this one). A notebook
 of ``%%px`` cells against the session's cluster (through its cluster file) checks: output that
 is live while the cell runs and labelled per engine; an error on one engine next to the others'
 output; the toolbar's interrupt of a ``%%px time.sleep(60)``; the saved notebook reopened with
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_helpers import Browser, Notebook, lab_server, require_browser, wait_until
+from browser_helpers import Notebook, wait_until
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -24,19 +25,6 @@ pytestmark = pytest.mark.timeout(240)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """(server, browser): one JupyterLab and one Chromium for the module; all torn down."""
-    require_browser()
-    base = tmp_path_factory.mktemp("browser")
-    with lab_server(base) as server:
-        browser = Browser(base)
-        try:
-            yield server, browser
-        finally:
-            browser.close()
 
 
 def write_notebook(server, name: str, cells: list[str]) -> str:
@@ -76,8 +64,8 @@ def px(lab, cluster):
         # 5: a balanced map of 120 items with its progress bar (shown after 0.1 s)
         "def slow(x):\n    import time\n    time.sleep(0.08)\n    return x\n\n"
         "mec.progress_after = 0.1\nprint('sum', sum(mec.map(slow, range(120), balanced=True)))",
-        # 6: figures made on engines 1 and 2
-        "%%px --targets 1,2\nimport matplotlib\n"
+        # 6: figures made on engines 1 and 2 (engine 2's first)
+        "%%px --targets 1,2\nimport matplotlib, time\ntime.sleep(0.5 * (2 - eid))\n"
         "matplotlib.use('module://matplotlib_inline.backend_inline')\n"
         "import matplotlib.pyplot as plt\nfig, ax = plt.subplots(figsize=(2, 1.5))\n"
         "ax.plot([0, 1], [0, eid])\nax.set_title(f'figure of {eid}')\nplt.show()",
@@ -97,9 +85,41 @@ def assert_engine_order(text: str, stream: str) -> None:
     assert where == sorted(where), f"not in engine order: {text}"
 
 
+# Records, at every change of a cell's outputs, where each engine's label is in its text.
+WATCH_ORDER = """
+const cell = document.querySelectorAll(
+  '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell')[arguments[0]];
+window.__ipmeOrder = [];
+window.__ipmeOrderWatch = new MutationObserver(() => {
+  const area = cell.querySelector('.jp-Cell-outputArea');
+  if (!area) return;
+  const text = area.innerText;
+  window.__ipmeOrder.push([0, 1, 2, 3].map(e => text.indexOf('[stdout:' + e + ']')));
+});
+window.__ipmeOrderWatch.observe(cell, {subtree: true, childList: true, characterData: true});
+"""
+
+# The engine areas of a cell as shown: their text and the width of the rule above each.
+AREA_RULES = """
+const cell = document.querySelectorAll(
+  '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell')[arguments[0]];
+return Array.from(cell.querySelectorAll('.ipy-multiengine-area, .ipy-multiengine-label'))
+  .map(el => [el.innerText, parseFloat(getComputedStyle(el).borderTopWidth)]);
+"""
+
+
+def assert_areas_ruled(nb: Notebook, index: int, labels: list[str]) -> None:
+    """Cell ``index`` shows one area or label per entry of ``labels``, in that order, each
+    starting with it and visibly separated from the one before (a rule above it)."""
+    shown = nb.driver.execute_script(AREA_RULES, index)
+    assert [t.split(" ")[0].strip() for t, _w in shown] == labels, shown
+    assert all(w >= 1 for _t, w in shown), f"an area without its rule: {shown}"
+
+
 def test_px_output_is_live_and_labelled(px):
     b = px.browser
     with b.step("px-live"):
+        px.driver.execute_script(WATCH_ORDER, 1)
         px.run(1)
         # while the cell still runs (the engines wait for `go`), the page shows every engine's
         # first line with its label
@@ -122,6 +142,13 @@ def test_px_output_is_live_and_labelled(px):
         assert_engine_order(text, "stdout")
         blocks = re.split(r"(?=\[stdout:\d\])", text)
         assert all(f"finished on {e}" in blocks[e + 1] for e in range(4)), blocks  # one area each
+        seen = px.driver.execute_script(
+            "window.__ipmeOrderWatch.disconnect(); return window.__ipmeOrder;"
+        )
+        # every state the page showed while the cell ran: the engines' areas never swapped
+        shown = [[i for i in where if i >= 0] for where in seen]
+        assert seen and all(s == sorted(s) for s in shown), seen
+        assert_areas_ruled(px, 1, [f"[stdout:{e}]" for e in range(4)])
 
 
 def test_error_on_one_engine_shows_its_traceback_and_the_others_output(px):
@@ -211,15 +238,10 @@ def test_figure_made_on_an_engine_shows(px):
         px.run_and_wait(6, timeout=60)
         outputs = px.code_cells()[6]["outputs"]
         assert sum(o["images"] for o in outputs) == 2, outputs
-        text = px.output_text(6)
-        # a visible label with each figure (across engines, rich outputs keep their arrival
-        # order: the per-engine areas of issue 14.3 hold text only -- see docs/magics.md)
-        assert "[output:1]" in text and "[output:2]" in text, text
-        labels = [i for i, o in enumerate(outputs) if re.search(r"\[output:\d\]", o["text"])]
-        images = [i for i, o in enumerate(outputs) if o["images"]]
-        assert len(labels) == 2 and all(lb <= im for lb, im in zip(labels, images, strict=True)), (
-            outputs
-        )
+        # engine order (engine 2 plotted first): engine 1's label, its figure, then engine 2's
+        shown = [o["text"].strip() if not o["images"] else "figure" for o in outputs]
+        assert shown == ["[output:1]", "figure", "[output:2]", "figure"], outputs
+        assert_areas_ruled(px, 6, ["[output:1]", "[output:2]"])
         px.browser.shot_element(px.cell_element(6), "cell-figures")
 
 
@@ -234,6 +256,9 @@ def test_saved_notebook_reopens_with_the_same_outputs(px):
         again = Notebook(b, px.server, px.path).open()
         after = [(c["prompt"], c["outputs"]) for c in again.code_cells()]
         assert after == before
+        # the separators are kept too (the saved HTML, sanitized or not, keeps its rule)
+        assert_areas_ruled(again, 1, [f"[stdout:{e}]" for e in range(4)])
+        assert_areas_ruled(again, 6, ["[output:1]", "[output:2]"])
 
 
 # ------------------------------------------------------------------ the shipped notebooks

@@ -11,21 +11,12 @@ from typing import Any
 
 import pytest
 from IPython.utils.capture import capture_output
+from shell_helpers import cell_outputs, magics_of, run
 
 from ipy_multiengine import _loop
 from ipy_multiengine.errors import CompositeError
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def magics_of(ip):
-    return ip.magics_manager.registry["ParallelMagics"]
-
-
-def run(ip, cell):
-    with capture_output() as cap:
-        res = ip.run_cell(cell)
-    return cap, res
 
 
 # ---------------------------------------------------------------------- the one wait (13.5)
@@ -326,24 +317,10 @@ def test_area_frozen_whole_leaves_no_blank_output(monkeypatch):
 
 
 # ---------------------------------------------------------------------- labels, areas (14.2, 14.3)
-def _frontend(cap) -> list[tuple[str, Any]]:
-    """What a notebook frontend shows of captured output, in order: ('stream', text) for
-    stdout written by the magic (a kernel sends it as a stream output), ('display', data) with
-    each update applied in place. (IPython's capture gives displays and stdout apart; the
-    magic writes labels right before their display, so each label line precedes its display.)"""
-    shown: list[tuple[str | None, dict]] = []
-    for o in cap.outputs:
-        did = (o.transient or {}).get("display_id")
-        if o.update:
-            shown = [(d, o.data if d == did else data) for d, data in shown]
-        else:
-            shown.append((did, o.data))
-    return [data for _, data in shown]
-
-
 def test_rich_outputs_get_a_visible_label_line(ip, mec, monkeypatch):
     """In a notebook, a figure/HTML/DataFrame from an engine is preceded by an ``[output:N]``
-    stream line (the frontend shows the image, not the labelled text/plain)."""
+    label (the frontend shows the image, not the labelled text/plain): outside a ``%%px``
+    cell's own layout (a one-line ``%px --stream`` may share its cell) a stream line."""
     import sys
 
     magics_of(ip).notebook = True
@@ -368,8 +345,8 @@ def test_rich_outputs_get_a_visible_label_line(ip, mec, monkeypatch):
 
         monkeypatch.setattr(sys.stdout, "write", write)
         res = ip.run_cell(
-            "%%px --targets 1,2\nfrom IPython.display import HTML, display\n"
-            "display(HTML('<b>x</b>'))\nHTML('<i>y</i>')"
+            "%px --stream --targets 1,2 from IPython.display import HTML, display; "
+            "display(HTML('<b>x</b>')); HTML('<i>y</i>')"
         )
         monkeypatch.undo()
     assert res.success, res.error_in_exec
@@ -381,6 +358,93 @@ def test_rich_outputs_get_a_visible_label_line(ip, mec, monkeypatch):
             for a, b in pairs
         ), order
     assert "[output:1]" in cap.stdout and "[output:2]" in cap.stdout
+
+
+LAYOUT_CELL = (
+    "%%px\nimport time\nfrom IPython.display import HTML, display\n"
+    "time.sleep(0.25 * (3 - me))  # engine 3 first, engine 0 last\n"
+    "if me != 1:  # engine 1 shows nothing\n    print(f'out {me}', flush=True)\n"
+    "if me == 2:\n    display(HTML('<b>two</b>'))\n"
+    "time.sleep(0.1)\nif me != 1:\n    print(f'more {me}', flush=True)"
+)
+
+
+def test_px_cell_layout_is_reserved_in_engine_order_and_saved_without_blanks(ip, mec, monkeypatch):
+    """A ``%%px`` cell in a notebook reserves each engine's displays in engine order before
+    any output, so an engine's area never moves while the cell runs, whoever prints first; a
+    rich output shows in its engine's place with its label; at the end the cell holds only
+    what was shown, in engine order (no blank output for the silent engine), each area and
+    label with a visible rule above it."""
+    import IPython.display
+
+    from ipy_multiengine import render
+
+    magics_of(ip).notebook = True
+    for eid in mec.get_ids():
+        mec.push({"me": eid}, targets=eid)
+    model: list[list[Any]] = []  # the frontend's outputs: [display_id, data]
+    snapshots: list[list[tuple[str | None, dict]]] = []
+    clear_next: list[bool] = []
+    cleared_at: list[int] = []
+    real_display, real_clear = render._display, IPython.display.clear_output
+
+    def display(bundle, metadata, display_id=None, update=False):
+        if update:
+            for m in model:
+                if m[0] == display_id:
+                    m[1] = bundle
+        else:
+            if clear_next:  # clear_output(wait=True): cleared when the next output comes
+                model.clear()
+                clear_next.clear()
+            model.append([display_id, bundle])
+        snapshots.append([(d, b) for d, b in model])
+        return real_display(bundle, metadata, display_id, update)
+
+    def clear_output(wait=False):
+        cleared_at.append(len(snapshots))
+        if wait:
+            clear_next.append(True)
+        else:
+            model.clear()
+        return real_clear(wait)
+
+    monkeypatch.setattr(render, "_display", display)
+    monkeypatch.setattr(IPython.display, "clear_output", clear_output)
+    cap, res = run(ip, LAYOUT_CELL)
+    assert res.success, res.error_in_exec
+
+    shows = {  # what each engine's outputs read in the frontend
+        "area 0": lambda b: b.get("text/plain", "").startswith("[stdout:0]"),
+        "area 2": lambda b: b.get("text/plain", "").startswith("[stdout:2]"),
+        "label 2": lambda b: b.get("text/plain") == "[output:2]",
+        "html 2": lambda b: "<b>two</b>" in b.get("text/html", ""),
+        "area 3": lambda b: b.get("text/plain", "").startswith("[stdout:3]"),
+    }
+    live = snapshots[: cleared_at[0]] if cleared_at else snapshots
+    where: dict[str, set[int]] = {k: set() for k in shows}
+    for snap in live:
+        for what, test in shows.items():
+            where[what].update(i for i, (_d, b) in enumerate(snap) if test(b))
+    assert all(len(w) == 1 for w in where.values()), f"an output moved while the cell ran: {where}"
+    pos = [where[k].pop() for k in shows]
+    assert pos == sorted(pos), pos  # engine order, engine 2's rich output after its area
+    assert all(b == {} for _d, b in snapshots[11]), "12 displays reserved before any output"
+    first = next(i for i, snap in enumerate(snapshots) if any(b for _d, b in snap))
+    assert first >= 12, snapshots[first]
+    assert len(live[-1]) == 12, "every output went to a display reserved for it"
+    assert len(cleared_at) == 1, cleared_at  # laid out again once, at the end
+    final = cell_outputs(cap)  # what the notebook keeps (the capture was cleared at the end)
+    assert [d.get("text/plain") for d in final] == [
+        "[stdout:0] out 0\nmore 0",
+        "[stdout:2] out 2\nmore 2",
+        "[output:2]",
+        "[output:2] <IPython.core.display.HTML object>",
+        "[stdout:3] out 3\nmore 3",
+    ], final
+    assert "<b>two</b>" in final[3]["text/html"]
+    for d in (final[0], final[1], final[2], final[4]):
+        assert "border-top" in d["text/html"] and d["text/plain"] in d["text/html"], d
 
 
 def test_one_area_per_engine_in_engine_order(ip, mec):
@@ -395,7 +459,7 @@ def test_one_area_per_engine_in_engine_order(ip, mec):
         "print('out', flush=True); print('err', file=sys.stderr, flush=True)",
     )
     assert res.success, res.error_in_exec
-    areas = [d for d in _frontend(cap) if d.get("text/plain", "").startswith("[std")]
+    areas = [d for d in cell_outputs(cap) if d.get("text/plain", "").startswith("[std")]
     assert [re.match(r"\[stdout:(\d)\]", d["text/plain"]).group(1) for d in areas] == list("0123")
     for eid, d in enumerate(areas):
         assert d["text/plain"] == f"[stdout:{eid}] out\n[stderr:{eid}] err", d
@@ -411,7 +475,7 @@ def test_group_outputs_order_interleaves_with_a_label_per_chunk(ip, mec):
         "print('a', flush=True)\ntime.sleep(0.6 - 0.3 * me)\nprint('b', flush=True)",
     )
     assert res.success, res.error_in_exec
-    areas = [d["text/plain"] for d in _frontend(cap)]
+    areas = [d["text/plain"] for d in cell_outputs(cap)]
     assert areas == ["[stdout:0] a", "[stdout:1] a", "[stdout:0] b", "[stdout:1] b"] or areas == [
         "[stdout:0] a",
         "[stdout:1] a\nb",
@@ -473,17 +537,19 @@ def test_what_a_notebook_user_sees(cluster):
         html = bars[0].data["text/html"]
         assert "<progress" in html and "40/40 items" in html and "items/s" in html, html
         assert "40/40" in bars[0].data["text/plain"]
-    # every figure is preceded by a stream line naming its engine, kept in the saved notebook
+    # engine order, each figure right after a label naming its engine, with a rule above it
     fig = nb.cells[3].outputs
-    for eid in (2, 3):
-        i = next(
-            i
-            for i, o in enumerate(fig)
-            if "image/png" in o.get("data", {}) and o.metadata["engine"] == eid
-        )
-        assert fig[i - 1].output_type == "stream" and fig[i - 1].text.strip().endswith(
-            f"[output:{eid}]"
-        ), fig
+    assert [(o.metadata["engine"], "image/png" in o.data) for o in fig] == [
+        (2, False),
+        (2, True),
+        (3, False),
+        (3, True),
+    ], fig
+    for i, eid in ((0, 2), (2, 3)):
+        assert fig[i].data["text/plain"] == f"[output:{eid}]", fig
+        assert "border-top" in fig[i].data["text/html"], fig
+    # engines that printed nothing left nothing: no blank output in any saved cell
+    assert not [o for c in nb.cells for o in c.outputs if o.get("data") == {}], nb.cells
     # one traceback for two engines, naming them and the engine's In [n]
     tb = ANSI.sub("", "\n".join(nb.cells[4].outputs[-1].traceback))
     assert "[0-1:execute]: " in tb and re.search(
@@ -492,3 +558,87 @@ def test_what_a_notebook_user_sees(cluster):
     assert_clean_metadata(nb)
     saved = nbformat.reads(nbformat.writes(nb), as_version=4)  # saved and reopened
     assert saved.cells[3].outputs == nb.cells[3].outputs
+
+
+def _set_fast(mec, on: bool | list[bool]) -> list[bool]:
+    """Set the engines' use of their fast sockets (off: the comm carries data), on the loop;
+    returns what it was, to restore (``[]``: only that)."""
+
+    async def flip():
+        conns = list(mec._controller._engines.values())
+        was = [c.fast for c in conns]
+        if on != []:  # [] reads only
+            for c, v in zip(conns, on if isinstance(on, list) else [on] * len(conns), strict=True):
+                c.fast = v
+        return was
+
+    return _loop.run(flip(), timeout=10)
+
+
+@pytest.mark.parametrize("path", ["fast socket", "comm"])
+def test_plain_map_progress_moves_by_items_within_engine_blocks(mec, monkeypatch, capsys, path):
+    """A plain (one block per engine) map's bar moves as items complete inside the blocks:
+    each engine reports how far its block got (no extra round trip), not only at its end, on
+    either data path."""
+    from ipy_multiengine import render
+
+    monkeypatch.setattr(render, "interactive", lambda: True)  # pytest's stderr is no terminal
+    monkeypatch.setattr(mec, "progress_after", 0.05)
+    was = _set_fast(mec, [])  # nothing changed: what it is
+    assert all(was), "the session's engines have fast sockets"
+    _set_fast(mec, path == "fast socket")
+    try:
+        # 4 blocks of 20 items, 0.04 s each: about 0.8 s per block
+        assert mec.map(_slow, range(80)) == list(range(80))
+    finally:
+        _set_fast(mec, was)
+    err = capsys.readouterr().err
+    frames = [f for f in err.replace("\r", "\n").split("\n") if f.startswith("map:")]
+    counts = {int(m) for f in frames for m in re.findall(r"(\d+)/80", f)}
+    assert 80 in counts, frames
+    inside = [c for c in counts if c % 20]  # not a whole number of blocks
+    assert inside, f"the bar moved only as blocks completed: {sorted(counts)}"
+
+
+@pytest.mark.parametrize("limit", [10**6, 100])
+def test_px_cell_final_layout_keeps_frozen_parts_up_to_a_limit(monkeypatch, limit):
+    """A ``%%px`` cell laid out again at its end shows its areas' frozen parts (past
+    AREA_LIMIT) too; a cell that printed more than RELAYOUT_LIMIT is left as it was shown
+    (not sent again whole), its empty reserved displays staying."""
+    import IPython.display
+
+    from ipy_multiengine import render
+
+    sent: list[tuple[str | None, bool, dict]] = []
+    cleared: list[bool] = []
+    monkeypatch.setattr(
+        render, "_display", lambda d, md, did=None, update=False: sent.append((did, update, d))
+    )
+    monkeypatch.setattr(IPython.display, "clear_output", lambda wait=False: cleared.append(wait))
+    monkeypatch.setattr(render, "AREA_LIMIT", 50)
+    monkeypatch.setattr(render, "RELAYOUT_LIMIT", limit)
+    r = render.Renderer([0, 1], "stream", True, owns_cell=True)
+    assert [(u, d) for _i, u, d in sent] == [(False, {})] * 6  # reserved: 3 per engine
+    for i in range(4):
+        r.handle(1, "stream", {"name": "stdout", "text": f"line {i} " + "y" * 30 + "\n"})
+        r.tick(force=True)
+    sent.clear()
+    r.finish()
+    if limit > 100:
+        assert cleared == [True]
+        text = "".join(d["text/plain"] for _i, _u, d in sent)
+        assert all(f"line {i} " in text for i in range(4)), sent
+        assert all(not u and d for _i, u, d in sent), sent  # shown again, nothing blank
+    else:
+        assert cleared == [] and sent == [], (cleared, sent)
+
+
+def test_collected_areas_are_ruled_too(ip, mec):
+    """``--no-stream`` output in a notebook: one labelled area per engine and stream, in
+    engine order, each with the same visible rule above it as a live area."""
+    magics_of(ip).notebook = True
+    cap, res = run(ip, "%%px --no-stream --targets 1,2\nprint('x')")
+    assert res.success, res.error_in_exec
+    areas = cell_outputs(cap)
+    assert [d["text/plain"] for d in areas] == ["[stdout:1] x", "[stdout:2] x"], areas
+    assert all("border-top" in d["text/html"] for d in areas), areas
