@@ -31,9 +31,12 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
     RemoteError,
     TimeoutError,
 )
-from .render import ProgressBar
+from .render import ProgressBar, bars_cleared
 from .results import PendingResult, ResultList, Tally, nbytes, wait_sent
 from .targets import resolve as resolve_targets
+
+# a prompt from an engine clears this client's progress bars first (stdin knows no rendering)
+stdin.set_prompt_guard(bars_cleared)
 
 if TYPE_CHECKING:
     from .balanced import BalancedMap

@@ -456,6 +456,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         self.shutdown_wait = shutdown_wait
         #: answer restart requests from other processes (set by ``ipmulti start``)
         self.serves_requests = False
+        #: engine id -> when it was restarted automatically (``time.monotonic()``)
         self.restarts: dict[int, list[float]] = {}
         self._restart_locks: dict[int, asyncio.Lock] = {}
         #: engines add_engines is starting: not restarted automatically (a failed one is
@@ -677,7 +678,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         lock = self._restart_locks.setdefault(eid, asyncio.Lock())
         async with lock:
             await controller.begin_restart(eid, "was restarted")
-            self.restarts.setdefault(eid, []).append(time.time())
+            self.restarts.setdefault(eid, []).append(time.monotonic())
             info = (await self.launcher.restart([eid]))[eid]
             for attempt in range(PORT_CLASH_RETRIES + 1):
                 if self._stopped:  # stop() ran meanwhile; it stops the launcher's new kernel too
@@ -769,7 +770,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         lock = self._restart_locks.get(eid)
         if lock is not None and lock.locked():
             return  # being restarted already
-        recent = [t for t in self.restarts.get(eid, []) if time.time() - t < 60]
+        recent = [t for t in self.restarts.get(eid, []) if time.monotonic() - t < 60]
         if len(recent) >= MAX_AUTO_RESTARTS:
             log.error(
                 "engine %s died %d times within a minute; not restarting it again", eid, len(recent)

@@ -150,12 +150,20 @@ class RequestFuture(Future):
     def __init__(self, track: bool = False) -> None:
         super().__init__()
         self.sent: Future | None = Future() if track else None
-        #: wall-clock times (``time.time()``): submitted by the caller; started when the
-        #: engine said busy for it (None if it never did: comm ops during an async cell);
-        #: completed when its result (or error) arrived. Written once each, on the loop.
+        #: wall-clock times (``time.time()``, for display): submitted by the caller; started
+        #: when the engine said busy for it (None if it never did: comm ops during an async
+        #: cell); completed when its result (or error) arrived. Written once each, on the loop.
+        #: Durations use the ``mono`` times of the same instants (``time.monotonic()``): the
+        #: wall clock may jump.
         self.submitted: float = time.time()
         self.started: float | None = None
         self.completed: float | None = None
+        self.mono: dict[str, float] = {"submitted": time.monotonic()}
+
+    def stamp(self, name: str) -> None:
+        """(loop) Record now as time ``name`` ('started', 'completed'), wall and monotonic."""
+        setattr(self, name, time.time())
+        self.mono[name] = time.monotonic()
 
 
 @dataclass
@@ -253,6 +261,9 @@ class Controller:
         self._engines: dict[int, EngineConn] = {}
         #: engine id -> its latest snapshot; replaced as a whole (copy on write) on the loop
         self._published: Mapping[int, EngineState] = MappingProxyType({})
+        #: (loop) new engines being added to a running controller: unpublished until their
+        #: connection has succeeded or failed, so no call on all engines sees one half added
+        self._joining: set[int] = set()
         self._closed = False
         self._poller: asyncio.Task | None = None
         self._beater: asyncio.Task | None = None
@@ -373,6 +384,8 @@ class Controller:
         conns = [
             EngineConn(eid, info, self._liveness.get(eid)) for eid, info in sorted(engines.items())
         ]
+        joining = {c.eid for c in conns if c.eid not in self._published} if keep_others else set()
+        self._joining |= joining
         for conn in conns:
             old = self._engines.get(conn.eid)
             if old is not None:
@@ -384,7 +397,12 @@ class Controller:
             await self._connect(c, timeout)
             self._connected(c)
 
-        results = await asyncio.gather(*(connect(c) for c in conns), return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(connect(c) for c in conns), return_exceptions=True)
+        finally:
+            self._joining -= joining
+            for conn in conns:
+                self._publish(conn)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for conn, res in zip(conns, results, strict=True):
@@ -627,6 +645,8 @@ class Controller:
         """(loop) Publish ``conn``'s snapshot: a new immutable ``EngineState`` in a new mapping."""
         if self._engines.get(conn.eid) is not conn:
             return  # replaced meanwhile: its successor speaks for the id
+        if conn.eid in self._joining:
+            return  # published once its connection is done (``_add_engines``)
         busy = conn.state == "busy" and not conn.dead
         in_flight = len(conn.requests)
         running, busy_since = conn.running, conn.busy_since
@@ -1042,7 +1062,7 @@ class Controller:
                 and isinstance(req.future, RequestFuture)
                 and req.future.started is None
             ):
-                req.future.started = time.time()
+                req.future.stamp("started")
             if req is not None and state == "idle":
                 req.idle = True
                 if req.channel == "shell":
@@ -1281,7 +1301,7 @@ class Controller:
         if req.future.done():
             return
         if isinstance(req.future, RequestFuture):
-            req.future.completed = time.time()
+            req.future.stamp("completed")
         if exc is None and req.listener_error is not None:
             exc = req.listener_error
         if exc is not None:

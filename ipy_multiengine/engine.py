@@ -504,18 +504,34 @@ def _safe_error_reply(rid: Any, exc: BaseException, item: int | None) -> tuple[d
         }, []
 
 
+def _set_parent(kernel: Any, idents: list, msg: dict) -> None:
+    """Make request ``msg`` the kernel's parent, without its buffers: the kernel keeps its
+    parent until the next request, and with them the user's data. Twice: ipykernel snapshots
+    the context (for output from threads) before it sets the shell's own parent variables,
+    so one call leaves the snapshot with the shell's previous parent."""
+    light = {**msg, "buffers": []}
+    kernel.set_parent(idents, light, channel="shell")
+    kernel.set_parent(idents, light, channel="shell")
+
+
 def _on_msg(comm: Any, msg: dict) -> None:
     global _report
     data = msg["content"]["data"]
+    if msg.get("buffers"):  # ipykernel set the whole message as parent: keep only the rest
+        kernel = get_ipython().kernel
+        _set_parent(kernel, kernel._parent_ident["shell"], msg)
 
     def report(request: dict, done: int) -> None:
         comm.send({"rid": request.get("rid"), "status": "progress", "done": done})
 
     _report = report
+    buffers = msg.get("buffers") or []
+    del msg
     try:
-        reply, frames = _run_op(data, msg.get("buffers") or [])
+        reply, frames = _run_op(data, buffers)
     finally:
         _report = None
+        del buffers
     _flush_pending_output()
     _send_reply(comm, reply, frames)
 
@@ -722,7 +738,7 @@ class _FastServer:
         # does for a shell message, and like ipykernel the parent is left set afterwards
         idents = [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents]
         try:
-            self.kernel.set_parent(idents, msg, channel="shell")
+            _set_parent(self.kernel, idents, msg)
             self.displayed = False
             started = time.monotonic()
             # as ipykernel's handlers

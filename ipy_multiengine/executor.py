@@ -15,7 +15,9 @@ over its lifetime and each has its own ``Future``, result and cancellation.
 Completions arrive on the controller's I/O thread, which only queues them: a completion thread
 of the executor (one while any task is in flight) unpickles the results, resolves the
 ``Future``s (so their done-callbacks, e.g. joblib's, never run on the I/O thread and may call
-the client) and sends the next tasks. Any error there fails the task it belongs to.
+the client) and sends the next tasks. Any error there fails the task it belongs to. No
+``Future`` is resolved or cancelled while the executor's lock is held: a done-callback that
+takes a lock of its own, or calls back into the executor, cannot deadlock against it.
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ def _local_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def _settle(failed: list[tuple[cf.Future, BaseException]]) -> None:
+    """Fail each future with its exception (with no lock held: done-callbacks run here)."""
+    for fut, exc in failed:
+        fut.set_exception(exc)
+
+
 class EngineExecutor(cf.Executor):
     """A ``concurrent.futures.Executor`` whose tasks run on engines (see the module docstring).
 
@@ -118,6 +126,12 @@ class EngineExecutor(cf.Executor):
         self._worker: threading.Thread | None = None
         self._shutdown = False
 
+    @property
+    def pending(self) -> int:
+        """How many of this executor's tasks are queued or running."""
+        with self._lock:
+            return len(self._pending)
+
     def __repr__(self) -> str:
         kind = "balanced" if self.balanced else "round-robin"
         return f"<EngineExecutor {kind} on engines {self.eids}: {len(self._pending)} pending>"
@@ -149,7 +163,8 @@ class EngineExecutor(cf.Executor):
                 self._queues[eid].append(task)
             self._pending.add(task.future)
             task.future.add_done_callback(self._forget)
-            self._pump()
+            failed = self._pump()
+        _settle(failed)
         return task.future
 
     def map(
@@ -205,15 +220,20 @@ class EngineExecutor(cf.Executor):
         (Ctrl-C stops the wait, the tasks keep running)."""
         with self._lock:
             self._shutdown = True
+            dropped: list[cf.Future] = []
             if cancel_futures:
                 for q in [self._shared, *self._queues.values()]:
-                    while q:
-                        q.popleft().future.cancel()
+                    dropped.extend(t.future for t in q)
+                    q.clear()
             left = list(self._pending)
+        for fut in dropped:  # outside the lock: their done-callbacks run here
+            fut.cancel()
         if wait and left:
             stdin.wait(left)
 
     # ------------------------------------------------------------------ dispatch (lock held)
+    # these only *collect* the futures that fail, as (future, exception) pairs: the caller
+    # resolves them with ``_settle`` once it has released the lock
     def _next_for(self, eid: int) -> _Task | None:
         q = self._shared if self.balanced else self._queues[eid]
         while q:
@@ -222,7 +242,8 @@ class EngineExecutor(cf.Executor):
                 return task
         return None
 
-    def _pump(self) -> None:
+    def _pump(self) -> list[tuple[cf.Future, BaseException]]:
+        failed: list[tuple[cf.Future, BaseException]] = []
         for eid in self.eids:
             if eid in self._dead or self._inflight[eid] is not None:
                 continue
@@ -230,12 +251,13 @@ class EngineExecutor(cf.Executor):
                 self._dead.add(eid)
                 continue
             # a task that cannot be sent (closed client) fails at once: try the next one
-            while (task := self._next_for(eid)) is not None and not self._send(eid, task):
+            while (task := self._next_for(eid)) is not None and not self._send(eid, task, failed):
                 pass
-        self._fail_orphans()
+        self._fail_orphans(failed)
+        return failed
 
-    def _send(self, eid: int, task: _Task) -> bool:
-        """Send ``task`` to ``eid``; False if it could not be sent (it failed)."""
+    def _send(self, eid: int, task: _Task, failed: list) -> bool:
+        """Send ``task`` to ``eid``; False if it could not be sent (then it is in ``failed``)."""
         frames, task.frames = task.frames, None
         task.ran_on = eid
         try:
@@ -243,7 +265,7 @@ class EngineExecutor(cf.Executor):
         except BaseException as exc:  # closed client, engine gone: this task fails, not others
             if self._controller.dead(eid):
                 self._dead.add(eid)
-            task.future.set_exception(exc)
+            failed.append((task.future, exc))
             return False
         self._inflight[eid] = task
         if self._worker is None:
@@ -255,7 +277,7 @@ class EngineExecutor(cf.Executor):
         fut.add_done_callback(lambda f, eid=eid, task=task: self._events.put((eid, task, f)))
         return True
 
-    def _fail_orphans(self) -> None:
+    def _fail_orphans(self, failed: list) -> None:
         """Queued tasks no engine can run any more (their engine died) fail now."""
         if self.balanced:
             orphans = [self._shared] if len(self._dead) == len(self.eids) else []
@@ -265,11 +287,15 @@ class EngineExecutor(cf.Executor):
             while q:
                 task = q.popleft()
                 if task.future.set_running_or_notify_cancel():
-                    task.future.set_exception(
-                        EngineError(
-                            f"no engine left to run this task (engines {sorted(self._dead)} died)",
-                            task.eid,
-                            "apply",
+                    failed.append(
+                        (
+                            task.future,
+                            EngineError(
+                                f"no engine left to run this task "
+                                f"(engines {sorted(self._dead)} died)",
+                                task.eid,
+                                "apply",
+                            ),
                         )
                     )
 
@@ -290,15 +316,19 @@ class EngineExecutor(cf.Executor):
             # while waiting for the next completion, hold nothing of this one: its Future
             # (and so its result) is the caller's to drop
             del task, fut
+            failed: list[tuple[cf.Future, BaseException]] = []
             with self._lock:
                 self._inflight[eid] = None
                 try:
-                    self._pump()
+                    failed = self._pump()
                 except BaseException as exc:
                     log.error("executor: sending the next task failed", exc_info=exc)
-                if all(t is None for t in self._inflight.values()) and self._events.empty():
+                done = all(t is None for t in self._inflight.values()) and self._events.empty()
+                if done:
                     self._worker = None
-                    return
+            _settle(failed)
+            if done:
+                return
 
     def _complete(self, eid: int, task: _Task, fut: cf.Future) -> None:
         exc = fut.exception()

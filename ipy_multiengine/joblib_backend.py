@@ -11,6 +11,11 @@ the engines, each engine one batch at a time, joblib's own auto-batching on top.
 ``client=`` given to ``parallel_config``, else the one ``register_joblib_backend`` was called
 on, else the active client (``mec.activate()``). Nested ``Parallel`` calls inside a task run
 sequentially in their engine (an engine is one worker; they would oversubscribe its host).
+
+joblib shares one backend between the ``Parallel`` calls of a ``parallel_config`` block, and a
+``return_as="generator"`` call may still be running when the next call starts. So each call
+has an executor of its own: a later call never cancels an earlier one's batches (as with
+loky's shared pool), and an earlier call's abort (its generator dropped) cancels only its own.
 """
 
 from __future__ import annotations
@@ -46,7 +51,11 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
         self.client = client
         self.targets = targets
         self.balanced = balanced
-        self._executor: EngineExecutor | None = None
+        #: each Parallel call's executor (weak: a call that is gone needs none)
+        self._executors: weakref.WeakKeyDictionary[Any, EngineExecutor] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._used: int | None = None  # engines per call, from the last configure
 
     def _client(self) -> Any:
         if self.client is not None:
@@ -70,12 +79,17 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
         targets = client.targets if self.targets is None else self.targets
         return list(resolve_targets(targets, client.controller.ids, client.groups))
 
-    def _get_executor(self) -> EngineExecutor:
-        if self._executor is None:
-            self._executor = EngineExecutor(
-                self._client(), balanced=self.balanced, targets=self.targets
+    def _executor_for(self, parallel: Any) -> EngineExecutor:
+        """The executor of the ``Parallel`` call ``parallel`` (made when it has none)."""
+        executor = self._executors.get(parallel) if parallel is not None else None
+        if executor is None:
+            eids = self._engines()
+            executor = EngineExecutor(
+                self._client(), balanced=self.balanced, targets=eids[: self._used or len(eids)]
             )
-        return self._executor
+            if parallel is not None:
+                self._executors[parallel] = executor
+        return executor
 
     def _engines_for(self, n_jobs: int | None) -> int:
         """How many engines run batches: every target engine (``n_jobs=-1`` or None), all but
@@ -105,18 +119,20 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
         **backend_kwargs: Any,
     ) -> int:
         self.parallel = parallel
-        used = self._engines_for(n_jobs)
-        if self._executor is not None:
-            self.terminate()
-        eids = self._engines()
         # n_jobs below the engines' number: only that many engines run batches at once
-        self._executor = EngineExecutor(self._client(), balanced=self.balanced, targets=eids[:used])
+        self._used = self._engines_for(n_jobs)
+        old = self._executors.pop(parallel, None) if parallel is not None else None
+        if old is not None:  # this same Parallel called again: its earlier call is over
+            old.shutdown(wait=False, cancel_futures=True)
+        self._executor_for(parallel)
         return self.effective_n_jobs(n_jobs)
 
     def submit(self, func: Any, callback: Any = None) -> Any:
         """One joblib batch as one executor task; ``callback`` runs on the executor's
-        completion thread (never on the client's I/O thread)."""
-        future = self._get_executor().submit(func)
+        completion thread (never on the client's I/O thread). The batch goes to the executor
+        of the call it belongs to (joblib's callback names it)."""
+        owner = getattr(callback, "parallel", None) or getattr(self, "parallel", None)
+        future = self._executor_for(owner).submit(func)
         if callback is not None:
             future.add_done_callback(callback)
         return future
@@ -125,13 +141,23 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
         return out.result()
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
-        """Cancel the batches not sent yet (running ones finish on their engines)."""
-        self.terminate()
+        """Cancel the batches not sent yet of the aborting call (running ones finish on their
+        engines); other calls' batches go on. A later batch of it gets a new executor."""
+        # joblib has no argument naming the aborting call: Parallel._abort sets its
+        # ``_aborting`` flag just before calling this
+        aborting = [p for p in list(self._executors) if getattr(p, "_aborting", False)]
+        for parallel in aborting or [getattr(self, "parallel", None)]:
+            executor = self._executors.pop(parallel, None)
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
 
     def terminate(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        """A call is over: shut down the executors with nothing pending (nothing is cancelled:
+        a call still running, e.g. an unconsumed generator, keeps its executor)."""
+        for parallel, executor in list(self._executors.items()):
+            if not executor.pending:
+                self._executors.pop(parallel, None)
+                executor.shutdown(wait=False)
 
     def get_nested_backend(self) -> tuple[Any, int | None]:
         level = (self.nesting_level or 0) + 1

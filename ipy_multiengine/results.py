@@ -313,12 +313,12 @@ class PendingResult:
     @property
     def elapsed(self) -> float:
         """Seconds from the first submission until now, or until the last answer once ready."""
-        first = min((t for f in self.futures if (t := getattr(f, "submitted", None))), default=None)
+        first = min((t for f in self.futures if (t := _mono(f, "submitted"))), default=None)
         if first is None:
             return 0.0
-        ends: list[float | None] = [getattr(f, "completed", None) for f in self.futures]
+        ends: list[float | None] = [_mono(f, "completed") for f in self.futures]
         done = [t for t in ends if t is not None]
-        end = max(done) if self.ready() and len(done) == len(ends) else time.time()
+        end = max(done) if self.ready() and len(done) == len(ends) else time.monotonic()
         return max(float(end - first), 0.0)
 
     @property
@@ -335,8 +335,8 @@ class PendingResult:
             return None
         total = 0.0
         for f in self.futures:
-            end = getattr(f, "completed", None)
-            begin = getattr(f, "started", None) or getattr(f, "submitted", None)
+            end = _mono(f, "completed")
+            begin = _mono(f, "started") or _mono(f, "submitted")
             if end is not None and begin is not None:
                 total += max(end - begin, 0.0)
         return total
@@ -436,6 +436,11 @@ class PendingResult:
             self._error = exc
             return
         _release_frames(results)
+
+
+def _mono(fut: cf.Future[Any], name: str) -> float | None:
+    """The monotonic time ``name`` of ``fut`` (a controller ``RequestFuture``), for durations."""
+    return getattr(fut, "mono", {}).get(name)
 
 
 def _when(fut: cf.Future[Any], name: str) -> datetime | None:

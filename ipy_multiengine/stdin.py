@@ -20,7 +20,9 @@ Consequences worth knowing:
   queued prompts of the same call are dropped (their engines are interrupted too).
 
 The mailbox also carries plain callables (``post(fn)``) so that other parts, e.g. live output
-of ``%pxdebug``, can run in the user's thread in order with the prompts.
+of ``%pxdebug``, can run in the user's thread in order with the prompts. Whoever draws on the
+terminal (the client's progress bars) passes in a ``prompt_guard`` (``set_prompt_guard``): the
+context each prompt is asked in, e.g. one that clears a bar first.
 """
 
 from __future__ import annotations
@@ -37,13 +39,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["InputRequest", "drop", "post", "serve_pending", "wait"]
+__all__ = ["InputRequest", "drop", "post", "serve_pending", "set_prompt_guard", "wait"]
 
 _lock = threading.Lock()
 _items: deque = deque()
 _wake: cf.Future = cf.Future()
 _serving = threading.Lock()
 _dropped: weakref.WeakSet[cf.Future] = weakref.WeakSet()  # requests of calls the user interrupted
+#: out -> the context a prompt on ``out`` is asked in (``set_prompt_guard``)
+_prompt_guard: Callable[[Any], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def set_prompt_guard(guard: Callable[[Any], contextlib.AbstractContextManager]) -> None:
+    """Ask every prompt on stream ``out`` inside ``guard(out)`` (e.g. a progress bar cleared)."""
+    global _prompt_guard
+    _prompt_guard = guard
 
 
 @dataclass
@@ -150,10 +160,8 @@ def _serve(item: Any) -> None:
     if _call_of(item) in _dropped:  # a prompt of a call the user interrupted: not asked
         _release(item)
         return
-    from .render import bars_cleared
-
     try:
-        with bars_cleared(sys.stdout):  # a progress bar: cleared while the user is asked
+        with _prompt_guard(sys.stdout):  # e.g. a progress bar cleared while the user is asked
             value = _ask(item)
     except EOFError:
         value = "\x04"  # ipykernel raises EOFError in the engine for this value

@@ -8,11 +8,11 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from faultlib import wait_for
 
 from ipy_multiengine import Cluster, MultiEngineClient, NoClusterError
 from ipy_multiengine.cluster import cluster_dir, cluster_file_path
@@ -20,14 +20,6 @@ from ipy_multiengine.cluster import cluster_dir, cluster_file_path
 pytestmark = pytest.mark.timeout(120)
 
 IPMULTI = [sys.executable, "-m", "ipy_multiengine.cli"]
-
-
-def wait_until(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_cluster_file_contents_and_permissions(cluster):
@@ -75,7 +67,7 @@ def test_embedded_cluster_start_stop_cleans_up():
         assert mec.execute("x = 1", targets=1)[0]["id"] == 1
     assert not Path(c.cluster_file).exists()
     assert not any(Path(f).exists() for f in files)
-    wait_until(
+    wait_for(
         lambda: (
             not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
         ),
@@ -126,7 +118,7 @@ def test_daemon_cluster_used_from_another_process_then_stopped():
     )
     assert stopped.returncode == 0, stopped.stderr
     assert not path.exists()
-    wait_until(
+    wait_for(
         lambda: (
             not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
         ),
@@ -161,7 +153,7 @@ def test_owner_sigkill_leaves_no_engine_behind(tmp_path):
                     pass
             return True
 
-        wait_until(gone, 15, "orphaned engines to exit")
+        wait_for(gone, 15, "orphaned engines to exit")
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -230,7 +222,7 @@ def test_h13_embedded_clusters_coexist_are_private_and_stop_from_outside_spares_
         out = ipmulti("stop", "--file", one.cluster_file)
         assert out.returncode == 0, out.stderr
         assert "keeps running" in out.stdout
-        wait_until(lambda: process_gone(pid1), 15, "the embedded cluster's engine to exit")
+        wait_for(lambda: process_gone(pid1), 15, "the embedded cluster's engine to exit")
         assert not Path(one.cluster_file).exists()
         assert m2.apply(lambda: 7) == [7]  # the other cluster (and this process) carry on
     assert not Path(two.cluster_file).exists()
@@ -274,7 +266,7 @@ def test_h13_kernel_shutdown_leaves_no_cluster_file():
         assert Path(path).exists() and kind == "kernel"
         km.shutdown_kernel(now=False)
         assert not Path(path).exists(), "the kernel's cluster file outlived the kernel"
-        wait_until(lambda: process_gone(int(pid)), 15, "the kernel's engine to exit")
+        wait_for(lambda: process_gone(int(pid)), 15, "the kernel's engine to exit")
     finally:
         kc.stop_channels()
         if km.has_kernel:
@@ -415,7 +407,7 @@ def test_o02_stale_mpi_cluster_cleanup_stops_mpiexec_and_ranks(tmp_path):
         listed = ipmulti("list", timeout=90)
         assert listed.returncode == 0, listed.stderr
         assert "stale (removed)" in listed.stdout, listed.stdout
-        wait_until(
+        wait_for(
             lambda: all(process_gone(p) for p in pids), 15, "mpiexec and its rank to be stopped"
         )
         assert not path.exists()
@@ -447,9 +439,9 @@ def test_h13_shared_cluster_of_a_user_process_stopped_from_outside_frees_its_pro
         pid = mec.engines[0]["pid"]
         out = ipmulti("stop", "--profile", "h13-out")
         assert out.returncode == 0, out.stderr
-        wait_until(lambda: process_gone(pid), 15, "the engine to exit")
-        wait_until(lambda: 0 in mec.get_ids().dead, 15, "the owner to notice")
-        wait_until(lambda: profile_free("h13-out"), 15, "the owner to free the profile")
+        wait_for(lambda: process_gone(pid), 15, "the engine to exit")
+        wait_for(lambda: 0 in mec.get_ids().dead, 15, "the owner to notice")
+        wait_for(lambda: profile_free("h13-out"), 15, "the owner to free the profile")
         assert not cluster_file_path("h13-out").exists()
         with Cluster(n=1, profile="h13-out") as again:
             assert again.apply(lambda: 3) == [3]
@@ -481,7 +473,7 @@ def test_o03_two_concurrent_ipmulti_start_daemons_of_one_profile():
         stopped = ipmulti("stop", "--profile", "o03d")
     assert stopped.returncode == 0, stopped.stderr
     assert not path.exists()
-    wait_until(
+    wait_for(
         lambda: all(
             process_gone(p) for p in [spec["owner_pid"]] + [e["pid"] for e in spec["engines"]]
         ),
@@ -508,7 +500,7 @@ def test_file_owner_stop_asks_an_ipmulti_start_owner_to_stop():
         assert proc.wait(30) == 0
         assert "cluster stopped" in proc.stdout.read()
         assert not cluster_file_path("fo-stop").exists()
-        wait_until(lambda: process_gone(pid), 15, "the engine to exit")
+        wait_for(lambda: process_gone(pid), 15, "the engine to exit")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -539,7 +531,7 @@ def test_stale_cleanup_after_owner_sigkill_removes_the_unix_sockets(profile, tmp
         pids = [e["pid"] for e in spec["engines"]]
         owner.kill()
         owner.wait(10)
-        wait_until(
+        wait_for(
             lambda: (
                 not any(
                     psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids
@@ -631,3 +623,22 @@ def test_a_restart_request_that_times_out_leaves_the_engines_usable():
     finally:
         stopped = ipmulti("stop", "--profile", "restart-to")
     assert stopped.returncode == 0, stopped.stderr
+
+
+def test_a_call_on_all_engines_during_add_engines_sees_the_new_engine_wholly_or_not_at_all():
+    """``Cluster.add_engines`` in one thread, calls on all engines in another: the new engine
+    was published while still connecting, so a call in that window failed with "engine 1 is
+    not ready yet (connecting): restart it". Now each call runs on 1 engine or on 2."""
+    import threading
+
+    with Cluster(n=1, profile="fix3-add-race") as mec:
+        added: list = []
+        adder = threading.Thread(target=lambda: added.append(mec.owner.add_engines(1)))
+        adder.start()
+        seen = []
+        while adder.is_alive():
+            seen.append(len(mec.execute("x = 1", targets="all", block=True)))
+        adder.join(60)
+        wait_for(lambda: added, 1, "add_engines to return")
+        assert added == [[1]]
+        assert set(seen) <= {1, 2} and len(mec.execute("x = 1", targets="all")) == 2

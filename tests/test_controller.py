@@ -379,3 +379,40 @@ def test_stress_8_threads_one_client_interrupts_and_a_kill9():
         assert killed and 2 in mec.get_ids().dead
         assert stats["ok"] > 50
         assert mec.execute("print('alive')", targets=[0, 1], timeout=20)[0]["stdout"] == "alive\n"
+
+
+class _JumpingClock:
+    """The ``time`` module as the controller sees it, with a wall clock that can jump (the
+    machine's own clock cannot be set by a test: that needs root and moves every process's)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def test_durations_do_not_follow_wall_clock_jumps(mec, monkeypatch, tmp_path):
+    """Metadata times were wall-clock only, so ``elapsed``/``serial_time`` came out 0 (or an
+    hour) when the clock was set back (or forward) during a call. The wall-clock stamps are
+    still there for display; durations come from the monotonic ones."""
+    import ipy_multiengine.controller as controller_mod
+
+    clock = _JumpingClock()
+    monkeypatch.setattr(controller_mod, "time", clock)
+    go = tmp_path / "go"
+    pr = mec.execute(
+        f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)",
+        targets=[0, 1],
+        block=False,
+    )
+    wait_for(lambda: all(pr.started), 20, "both engines to start the call")
+    clock.offset = -3600.0  # the wall clock is set back an hour while the call runs
+    go.touch()
+    pr.get_result(timeout=20)
+    assert pr.completed[0] < pr.submitted[0]  # the display stamps are the wall clock's
+    assert 0 < pr.elapsed < 60 and pr.wall_time == pr.elapsed
+    assert 0 < pr.serial_time < 120

@@ -239,3 +239,34 @@ def test_a_dropped_result_is_freed_while_other_tasks_run(mec, tmp_path):
         assert ref() is None, gc.get_referrers(ref())
         open(release, "w").close()
         assert running.result(timeout=20) > 0
+
+
+def test_futures_are_resolved_with_no_executor_lock_held(mec, tmp_path):
+    # joblib's shape: its callback takes its own lock L, while its main thread holds L and
+    # calls the executor. A future cancelled (or failed) with the executor's lock held would
+    # deadlock the two; the callback's bounded acquire makes the deadlock show as a failure.
+    release = str(tmp_path / "go")
+    user_lock = threading.Lock()
+    in_callback, got = threading.Event(), []
+    ex = mec.executor(targets=[0])
+    running = ex.submit(block_until, release)
+    queued = ex.submit(pid)
+
+    def callback(fut):
+        in_callback.set()
+        got.append(user_lock.acquire(timeout=5))
+        if got[-1]:
+            user_lock.release()
+
+    queued.add_done_callback(callback)
+    with user_lock:
+        canceller = threading.Thread(
+            target=ex.shutdown, kwargs={"wait": False, "cancel_futures": True}
+        )
+        canceller.start()
+        assert in_callback.wait(20)
+        ex.shutdown(wait=False)  # takes the executor's lock while this thread holds L
+    canceller.join(20)
+    assert queued.cancelled() and got == [True]
+    open(release, "w").close()
+    assert running.result(timeout=20) > 0

@@ -301,3 +301,71 @@ def test_engine_without_the_fast_socket_uses_the_comm(tmp_path):
             mec.apply(fails, block=False).get_result(timeout=20)
         assert mec.map(lambda v: v + 1, range(5)) == [1, 2, 3, 4, 5]
         _check_abort(mec, tmp_path)  # the same on the comm: its requests queue on the shell
+        _check_request_buffers_freed(mec)
+
+
+def _engine_rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 1e6
+
+
+def _check_request_buffers_freed(mec) -> None:
+    """``apply(len, 64 MB)`` on engine 0, nothing sent after it: the argument is freed. The
+    engine set the request (with its buffers) as ipykernel's parent, which kept them until
+    the next request. Measured from outside (psutil), so no request resets the parent."""
+    pid = mec.apply(os.getpid, targets=0)[0]
+    base = _engine_rss_mb(pid)
+    assert mec.apply(len, bytearray(64 * 2**20), targets=0) == [64 * 2**20]  # out of band
+    wait_for(
+        lambda: _engine_rss_mb(pid) < base + 32,
+        10,
+        f"engine 0 to free the 64 MB argument of its last request (RSS was {base:.0f} MB)",
+    )
+
+
+def test_the_last_requests_buffers_are_freed_on_the_engine(mec):
+    _check_request_buffers_freed(mec)
+
+
+def test_clear_output_arrives_in_order_with_the_output_before_it(mec):
+    """A ``clear_output`` as an operation's only output, after earlier output on the same
+    engine (an execute's print, then a fast-path apply), and after a print in the same
+    function: the listener sees every event, each clear after the text before it, and every
+    one before its request completes (review item: reported as possibly overtaking; checked)."""
+    from ipy_multiengine import serialize
+
+    def clear_only() -> int:
+        from IPython.display import clear_output
+
+        clear_output()
+        return 1
+
+    def print_then_clear() -> int:
+        from IPython.display import clear_output
+
+        print("before")
+        clear_output()
+        return 2
+
+    ctl = mec.controller
+    events: list[tuple[str, str]] = []
+
+    def listener(tag: str):
+        return lambda _eid, mtype, _content: events.append((tag, mtype))
+
+    for _ in range(10):
+        events.clear()
+        ex = ctl.submit_execute([0], "print('x')", listener=listener("ex"))
+        ops = [
+            ctl.submit_comm([0], "apply", {}, [serialize.dumps((f, (), {}))], listener=listener(t))[
+                0
+            ]
+            for t, f in (("clear", clear_only), ("both", print_then_clear))
+        ]
+        ex[0].result(timeout=20)
+        assert [serialize.loads(op.result(timeout=20).frames) for op in ops] == [1, 2]
+        kinds = [(t, m) for t, m in events if m in ("stream", "clear_output")]
+        assert kinds.index(("clear", "clear_output")) > kinds.index(("ex", "stream")), events
+        both = [m for t, m in kinds if t == "both"]
+        assert both[-1] == "clear_output" and "stream" in both, events

@@ -211,3 +211,46 @@ def test_a_registration_bound_to_a_closed_client_neither_keeps_it_nor_uses_it(
         assert ref() is None, "the joblib registration keeps a closed client alive"
     finally:
         mec.register_joblib_backend()
+
+
+def wait_file(path: str, limit: float = 30.0) -> str:
+    """Runs on an engine: poll for ``path`` (a deadline, no fixed sleep)."""
+    import os
+    import time
+
+    end = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.01)
+    return path
+
+
+def test_an_unconsumed_generator_and_a_later_call_share_one_parallel_config(
+    mec, engine_pids, tmp_path
+):
+    """A ``return_as="generator"`` call not consumed yet, then a second ``Parallel`` in the same
+    ``parallel_config``: the second's configure cancelled the first's queued batches (its
+    results raised CancelledError), and the first generator dropped while the second ran
+    cancelled the second's. As with loky's shared pool, neither call cancels the other now."""
+    import gc
+
+    # (the engines are shared: a call's batches wait behind the other's on an engine, so only
+    # the second call's batches may block)
+    second_go = str(tmp_path / "second")
+    with joblib.parallel_config(backend="ipy_multiengine", n_jobs=2):
+        first = joblib.Parallel(return_as="generator", batch_size=1)(
+            joblib.delayed(slow_pid)(0.02) for _ in range(16)
+        )
+        squares = joblib.Parallel(batch_size=1)(joblib.delayed(pow)(i, 2) for i in range(6))
+        assert squares == [i * i for i in range(6)]
+        assert set(first) <= engine_pids
+
+        dropped = joblib.Parallel(return_as="generator", batch_size=1)(
+            joblib.delayed(slow_pid)(0.02) for _ in range(16)
+        )
+        second = joblib.Parallel(return_as="generator", batch_size=1)(
+            joblib.delayed(wait_file)(second_go) for _ in range(6)
+        )
+        del dropped  # its generator closes: joblib aborts that call
+        gc.collect()
+        open(second_go, "w").close()
+        assert list(second) == [second_go] * 6

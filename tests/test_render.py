@@ -134,24 +134,39 @@ def test_ctrl_c_in_px_leaves_no_bar_and_an_intact_message(ip, mec, monkeypatch):
     assert [r["stdout"] for r in mec.execute("print('alive')")] == ["alive\n"] * 4
 
 
-def test_results_do_not_depend_on_rendering():
-    """Layering: ``results`` (data and waiting) imports nothing of ``render``, not even lazily;
-    the bar of ``wait_interactive`` is installed by the client."""
+def _imports(module) -> list[str]:
+    """Every name ``module`` imports, at the top or lazily inside functions."""
     import ast
     import inspect
 
-    from ipy_multiengine import client, results
-
-    tree = ast.parse(inspect.getsource(results))
-    names = [
+    tree = ast.parse(inspect.getsource(module))
+    return [
         (node.module or "") + "".join("." + a.name for a in node.names)
         if isinstance(node, ast.ImportFrom)
         else ",".join(a.name for a in node.names)
         for node in ast.walk(tree)
         if isinstance(node, (ast.Import, ast.ImportFrom))
     ]
+
+
+def test_results_do_not_depend_on_rendering():
+    """Layering: ``results`` (data and waiting) imports nothing of ``render``, not even lazily;
+    the bar of ``wait_interactive`` is installed by the client."""
+    from ipy_multiengine import client, results
+
+    names = _imports(results)
     assert not [n for n in names if "render" in n], names
     assert results.PendingResult.interactive_bar is client._interactive_bar
+
+
+def test_stdin_does_not_depend_on_rendering():
+    """Layering: ``stdin`` (prompts from engines) imported ``render`` lazily to clear progress
+    bars; now the client passes that in (``stdin.set_prompt_guard``)."""
+    from ipy_multiengine import client, render, stdin
+
+    names = _imports(stdin)
+    assert not [n for n in names if "render" in n], names
+    assert client.stdin is stdin and stdin._prompt_guard is render.bars_cleared
 
 
 @pytest.mark.parametrize("notebook", [True, False])
