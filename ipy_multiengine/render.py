@@ -257,9 +257,12 @@ class Renderer:
         group: str = "engine",
         collapse: bool = False,
         owns_cell: bool = False,
+        shown_before: str = "",
     ) -> None:
         """``owns_cell``: every output of the notebook cell from now on is this renderer's (a
-        ``%%px`` cell): its layout is reserved at the start and laid out again at the end."""
+        ``%%px`` cell): its layout is reserved at the start and laid out again at the end.
+        ``shown_before``: stderr text the cell showed before (the magic's own notice), shown
+        again first when the cell is laid out again, which clears it."""
         self.eids = eids
         self.mode = mode  # 'stream' | 'collect' | 'results'
         self.notebook = notebook
@@ -284,6 +287,7 @@ class Renderer:
         self._moved = False  # something is shown out of the cell's layout (re-laid at the end)
         self.foreign = False  # something else was shown in the cell: it is not re-laid
         self._kept = 0  # characters of frozen areas kept for the final layout
+        self.shown_before = shown_before
         if owns_cell and notebook and mode == "stream" and group != "order":
             self._reserve()
 
@@ -379,7 +383,10 @@ class Renderer:
                     shown.append((*self._label_bundle(eid, item.label), None))
                 shown.append((item.data, item.md, item.local_id))
         self.slots = {}
-        clear_output(wait=bool(shown))
+        clear_output(wait=bool(shown or self.shown_before))
+        if self.shown_before:
+            sys.stderr.write(self.shown_before)
+            sys.stderr.flush()  # before the displays: the kernel sends them in this order
         for data, md, did in shown:
             _display(data, md, did)
 

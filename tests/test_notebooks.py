@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -256,3 +257,25 @@ def check_monte_carlo(nb):
     imgs = [o for o in plot.outputs if "image/png" in o.get("data", {})]
     assert sorted(o.metadata["engine"] for o in imgs) == [0, 1, 2, 3]
     assert "local estimate 3.1" in texts(_cell(nb, "my_counts.append"))
+
+
+def test_px_cell_keeps_the_connect_notice(cluster):
+    """The first ``%%px`` of a notebook without an active client connects to the running
+    default cluster and says so (stderr); the cell's final layout (cleared and shown again)
+    must not wipe that notice: the saved cell still says which cluster it ran on."""
+    from ipy_multiengine.cluster import cluster_file_path
+
+    default = cluster_file_path("default")
+    shutil.copy(cluster.cluster_file, default)
+    try:
+        nb = make_nb(["%load_ext ipy_multiengine", "%%px\nprint('hello')"])
+        execute(nb)
+    finally:
+        default.unlink(missing_ok=True)
+    outs = nb.cells[1].outputs
+    notice = [o for o in outs if o.output_type == "stream" and o.name == "stderr"]
+    assert notice and "connected to the running default cluster" in notice[0].text, outs
+    assert outs.index(notice[0]) == 0, outs  # said before the engines' output, as it happened
+    areas = [o.data["text/plain"] for o in outs if o.output_type == "display_data"]
+    assert areas == [f"[stdout:{e}] hello" for e in range(4)], outs
+    assert_clean_metadata(nb)
