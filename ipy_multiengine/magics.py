@@ -527,6 +527,7 @@ class ParallelMagics(Magics):
         started = time.monotonic()
         # the one progress display of every call (tqdm.auto), shown when asked: --progress-after S
         progress = ProgressBar("%px", progress_after, force=True)
+        renderer.bars.append(progress)  # the cell's final layout keeps it
         deadline = None if timeout is None else started + timeout
         try:
             timed_out = not self._wait(pr, live, progress, deadline)
@@ -536,7 +537,6 @@ class ParallelMagics(Magics):
             raise one_line(KeyboardInterrupt()) from None
         finally:
             progress.close(*pr.progress())  # the final count, then the bar ends
-            renderer.foreign = renderer.foreign or progress.appeared  # the cell keeps the bar
         if timed_out:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             live.close()  # what came so far; later output stays on the PendingResult
@@ -660,7 +660,6 @@ class ParallelMagics(Magics):
             pass  # a second Ctrl-C: stop waiting at once
         if renderer.mode == "results":
             renderer.mode = "collect"  # there will be no Results List: show everything printed
-        renderer.foreign = renderer.foreign or progress.appeared
         live.close()
         still = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
         msg = (

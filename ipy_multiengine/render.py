@@ -288,6 +288,9 @@ class Renderer:
         self.foreign = False  # something else was shown in the cell: it is not re-laid
         self._kept = 0  # characters of frozen areas kept for the final layout
         self.shown_before = shown_before
+        #: progress bars shown in the cell (below its reserved displays): the final layout
+        #: shows each again, in its last state, at the end, where it was
+        self.bars: list[ProgressBar] = []
         if owns_cell and notebook and mode == "stream" and group != "order":
             self._reserve()
 
@@ -360,8 +363,8 @@ class Renderer:
         """The cell's final state: every engine's area, then its rich outputs and results,
         each after its label, in engine order; no reserved display left empty. A frontend
         cannot remove one output, so the cell is cleared (when its next output arrives: no
-        flicker) and shown again -- unless something else was shown in it meanwhile (a
-        progress bar, an engine's prompt), which clearing would lose."""
+        flicker) and shown again, its progress bar last -- unless something else was shown in
+        it meanwhile (an engine's prompt), which clearing would lose."""
         from IPython.display import clear_output
 
         from . import stdin
@@ -382,6 +385,9 @@ class Renderer:
                 if item.label:
                     shown.append((*self._label_bundle(eid, item.label), None))
                 shown.append((item.data, item.md, item.local_id))
+        for bar in self.bars:
+            if bar.html is not None and bar.html.data:  # it keeps its id: later draws update it
+                shown.append((bar.html.data, {}, bar.html.display_id))
         self.slots = {}
         clear_output(wait=bool(shown or self.shown_before))
         if self.shown_before:
@@ -781,6 +787,7 @@ class HtmlBar:
 
         self.display_id = f"ipme-progress-{id(self):x}-{time.monotonic_ns():x}"
         self.shown = False
+        self.data: dict = {}  # what it shows now
         # tqdm's own terminal writes (a status printer) go to this buffer, never to stderr
         self.bar = _Bar(file=io.StringIO(), **kwargs)
 
@@ -806,7 +813,7 @@ class HtmlBar:
             f'<progress {value}style="width:30%;vertical-align:middle">{pct}</progress> '
             f"{pct} {_escape(done)} [{elapsed}{_escape(speed)}{_escape(post)}]</div>"
         )
-        data = {"text/plain": text, "text/html": html}
+        data = self.data = {"text/plain": text, "text/html": html}
         _display(data, {}, self.display_id, update=self.shown)
         self.shown = True
 
@@ -835,10 +842,10 @@ class ProgressBar:
         self.desc, self.after, self.force, self.unit = desc, after, force, unit
         self.started = time.monotonic()
         self.bar: Any = None
+        self.html: HtmlBar | None = None  # the notebook's bar, once shown
         self.shown = 0
         self.waiting: list[int] | None = None
         self.drawn = 0.0
-        self.appeared = False  # the bar was shown (a notebook keeps it as an output)
 
     def __call__(
         self, done: int, total: int | None, waiting: list[int] | None = None, final: bool = False
@@ -853,7 +860,6 @@ class ProgressBar:
             ):
                 return
             self.bar = self._make(total)
-            self.appeared = True
         if total != self.bar.total:
             self.bar.total = total
         if waiting is not None and waiting != self.waiting:
@@ -886,7 +892,8 @@ class ProgressBar:
         if self.unit == "B":
             kwargs.update(unit_scale=True, unit_divisor=1024)
         if in_notebook():
-            return HtmlBar(leave=True, **kwargs).bar
+            self.html = HtmlBar(leave=True, **kwargs)
+            return self.html.bar
         from tqdm.std import tqdm
 
         return tqdm(leave=False, file=sys.stderr, **kwargs)

@@ -279,3 +279,25 @@ def test_px_cell_keeps_the_connect_notice(cluster):
     areas = [o.data["text/plain"] for o in outs if o.output_type == "display_data"]
     assert areas == [f"[stdout:{e}] hello" for e in range(4)], outs
     assert_clean_metadata(nb)
+
+
+def test_px_cell_with_a_progress_bar_saves_nothing_blank(cluster):
+    """``%%px --progress-after`` (or ``%pxconfig --progress-after``, for every cell): the bar
+    shown in the cell does not stop the final layout; the saved cell holds the engines'
+    areas in engine order and the bar's final state, and no empty reserved display."""
+    nb = make_nb(
+        [
+            f"%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
+            f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block "
+            "= True",
+            "%%px --targets 0,2 --progress-after 0.1\nimport time\ntime.sleep(0.8)\nprint('done')",
+        ]
+    )
+    execute(nb)
+    outs = nb.cells[1].outputs
+    assert not [o for o in outs if o.get("data") == {}], outs
+    shown = [o.data["text/plain"] for o in outs if o.output_type == "display_data"]
+    assert shown[:2] == ["[stdout:0] done", "[stdout:2] done"], shown
+    bars = [o for o in outs if "ipy-multiengine-progress" in o.get("data", {}).get("text/html", "")]
+    assert len(bars) == 1 and "2/2" in bars[0].data["text/plain"], outs
+    assert_clean_metadata(nb)
