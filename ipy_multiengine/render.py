@@ -204,6 +204,10 @@ class _Area:
         return "\n".join(parts)
 
     def text(self) -> str:
+        """What the area shows; "" when nothing is left in it (e.g. a long line frozen whole:
+        an area holding only its label is not shown)."""
+        if all(not lines.text().rstrip("\n") for _name, lines in self.segments):
+            return ""
         return self.render(self.eid, self.segments)
 
     def split(self) -> str:
