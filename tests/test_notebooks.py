@@ -259,45 +259,34 @@ def check_monte_carlo(nb):
     assert "local estimate 3.1" in texts(_cell(nb, "my_counts.append"))
 
 
-def test_px_cell_keeps_the_connect_notice(cluster):
+def test_px_cell_final_layout_keeps_the_notice_and_the_bar(cluster):
     """The first ``%%px`` of a notebook without an active client connects to the running
-    default cluster and says so (stderr); the cell's final layout (cleared and shown again)
-    must not wipe that notice: the saved cell still says which cluster it ran on."""
+    default cluster and says so (stderr); with ``--progress-after`` (or ``%pxconfig
+    --progress-after``, for every cell) it also shows a bar. The cell's final layout (cleared
+    and shown again) keeps both: the notice first, the engines' areas in engine order, the
+    bar last in its final state, and no empty reserved display is saved."""
     from ipy_multiengine.cluster import cluster_file_path
 
     default = cluster_file_path("default")
     shutil.copy(cluster.cluster_file, default)
     try:
-        nb = make_nb(["%load_ext ipy_multiengine", "%%px\nprint('hello')"])
+        nb = make_nb(
+            [
+                "%load_ext ipy_multiengine",
+                "%%px --targets 0,2 --progress-after 0.1\nimport time\ntime.sleep(0.8)\n"
+                "print('done')",
+            ]
+        )
         execute(nb)
     finally:
         default.unlink(missing_ok=True)
     outs = nb.cells[1].outputs
+    assert not [o for o in outs if o.get("data") == {}], outs
     notice = [o for o in outs if o.output_type == "stream" and o.name == "stderr"]
     assert notice and "connected to the running default cluster" in notice[0].text, outs
     assert outs.index(notice[0]) == 0, outs  # said before the engines' output, as it happened
-    areas = [o.data["text/plain"] for o in outs if o.output_type == "display_data"]
-    assert areas == [f"[stdout:{e}] hello" for e in range(4)], outs
-    assert_clean_metadata(nb)
-
-
-def test_px_cell_with_a_progress_bar_saves_nothing_blank(cluster):
-    """``%%px --progress-after`` (or ``%pxconfig --progress-after``, for every cell): the bar
-    shown in the cell does not stop the final layout; the saved cell holds the engines'
-    areas in engine order and the bar's final state, and no empty reserved display."""
-    nb = make_nb(
-        [
-            f"%load_ext ipy_multiengine\nfrom ipy_multiengine import client\n"
-            f"mec = client.MultiEngineClient({cluster.cluster_file!r}); mec.activate(); mec.block "
-            "= True",
-            "%%px --targets 0,2 --progress-after 0.1\nimport time\ntime.sleep(0.8)\nprint('done')",
-        ]
-    )
-    execute(nb)
-    outs = nb.cells[1].outputs
-    assert not [o for o in outs if o.get("data") == {}], outs
     shown = [o.data["text/plain"] for o in outs if o.output_type == "display_data"]
     assert shown[:2] == ["[stdout:0] done", "[stdout:2] done"], shown
     bars = [o for o in outs if "ipy-multiengine-progress" in o.get("data", {}).get("text/html", "")]
-    assert len(bars) == 1 and "2/2" in bars[0].data["text/plain"], outs
+    assert len(bars) == 1 and outs[-1] is bars[0] and "2/2" in bars[0].data["text/plain"], outs
     assert_clean_metadata(nb)
