@@ -9,6 +9,11 @@ drives one open notebook through the DOM (run cells from the Run menu, interrupt
 toolbar, save with Ctrl+S) and reads back what the page shows. Every step can leave a
 screenshot in pytest's temporary directory (``Browser.step``), named in the failure message.
 Teardown stops the kernels, the server, every process they started and the browser.
+
+The fixtures ``lab_session`` and ``lab`` (registered in ``conftest.py``) share one server and
+one browser between the browser modules a test process runs (with pytest-xdist, the modules of
+one worker): ``lab`` hands each module the pair as if new (no kernel left by an earlier module,
+and the module's first notebook loads a fresh JupyterLab page in a new workspace).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 
 import psutil
 import pytest
+from faultlib import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -56,16 +62,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
-    """Poll ``cond`` until it returns something truthy, at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)  # polls for a condition, bounded by the deadline
+#: seconds between two polls of the page: each is a WebDriver round trip running script in it
+POLL = 0.05
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = POLL) -> Any:
+    """``faultlib.wait_for`` at the browser's poll step."""
+    return wait_for(cond, timeout, what, step)
 
 
 class LabServer:
@@ -245,6 +248,41 @@ def lab_server(base: Path) -> Iterator[LabServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def lab_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabServer, Browser]]:
+    """One JupyterLab and one Chromium for every browser module of this test process."""
+    require_browser()
+    base = tmp_path_factory.mktemp("lab")
+    with lab_server(base) as server:
+        browser = Browser(base)
+        try:
+            yield server, browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def lab(lab_session: tuple[LabServer, Browser]) -> Iterator[tuple[LabServer, Browser]]:
+    """(server, browser) for one module, as if new: before and after it, every kernel of the
+    server is shut down and the browser leaves JupyterLab's page (the module's first
+    ``Notebook.open`` loads a fresh page, in a new workspace: no tab of another module)."""
+    server, browser = lab_session
+    fresh(server, browser)
+    yield server, browser
+    fresh(server, browser)
+
+
+def fresh(server: LabServer, browser: Browser) -> None:
+    """Shut down every kernel of ``server`` and blank the page (see ``lab``)."""
+    with contextlib.suppress(Exception):  # a page that is gone already is as good
+        browser.driver.get("about:blank")
+    for s in server.api("GET", "/api/sessions"):
+        server.api("DELETE", f"/api/sessions/{s['id']}", timeout=30)
+    for k in server.kernels():
+        server.api("DELETE", f"/api/kernels/{k['id']}", timeout=30)
+    wait_until(lambda: not server.kernels(), 30, "the server's kernels to shut down", step=0.1)
 
 
 class Browser:
@@ -531,7 +569,8 @@ class Notebook:
         ).click()
 
     def save(self) -> None:
-        """Ctrl+S, then wait until the page says it is saved (no dirty mark on the tab)."""
+        """Ctrl+S, then wait until the page says it is saved (no dirty mark on its tab; other
+        notebooks open in the page may have unsaved changes)."""
         from selenium.webdriver.common.action_chains import ActionChains
         from selenium.webdriver.common.keys import Keys
 
@@ -541,7 +580,8 @@ class Notebook:
         wait_until(
             lambda: (
                 not self.driver.execute_script(
-                    "return document.querySelector('.lm-TabBar-tab.jp-mod-dirty')"
+                    "return document.querySelector("
+                    "'#jp-main-dock-panel .lm-TabBar-tab.lm-mod-current.jp-mod-dirty')"
                 )
             ),
             15,

@@ -23,9 +23,19 @@ os.environ["JUPYTER_RUNTIME_DIR"] = _RUNTIME  # before ipy_multiengine computes 
 
 import psutil  # noqa: E402
 import pytest  # noqa: E402
+from browser_helpers import lab, lab_session  # noqa: E402, F401  (the browser modules share them)
 from faultlib import reset_engines  # noqa: E402
 
 from ipy_multiengine import Cluster  # noqa: E402
+
+
+def _running(p: psutil.Process) -> bool:
+    """Still running: not exited, and not a zombie (exited, not yet reaped by its parent, e.g.
+    init for a daemon's engines)."""
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def kernel_children() -> list[psutil.Process]:
@@ -43,6 +53,8 @@ def kernel_children() -> list[psutil.Process]:
     out = []
     for p in candidates.values():
         try:
+            if not _running(p):
+                continue
             if any("ipykernel" in part or "ipy_multiengine" in part for part in p.cmdline()):
                 out.append(p)
         except psutil.Error:
@@ -53,7 +65,9 @@ def kernel_children() -> list[psutil.Process]:
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftover_kernels():
     yield
-    left = kernel_children()
+    # a cluster stopped by the last test may still be exiting: give it a few seconds
+    _gone, alive = psutil.wait_procs(kernel_children(), timeout=5)
+    left = [p for p in alive if _running(p)]
     for p in left:
         p.kill()
     shutil.rmtree(_RUNTIME, ignore_errors=True)

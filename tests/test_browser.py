@@ -1,6 +1,7 @@
 """What a person sees in JupyterLab, in a real headless Chromium (selenium).
 
-One JupyterLab server and one browser for the whole module (``browser_helpers``). A notebook
+One JupyterLab server and one browser (``browser_helpers.lab``: shared with the other browser
+modules of this test process, fresh for this one). A notebook
 of ``%%px`` cells against the session's cluster (through its cluster file) checks: output that
 is live while the cell runs and labelled per engine; an error on one engine next to the others'
 output; the toolbar's interrupt of a ``%%px time.sleep(60)``; the saved notebook reopened with
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_helpers import Browser, Notebook, lab_server, require_browser, wait_until
+from browser_helpers import Notebook, wait_until
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -24,19 +25,6 @@ pytestmark = pytest.mark.timeout(240)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """(server, browser): one JupyterLab and one Chromium for the module; all torn down."""
-    require_browser()
-    base = tmp_path_factory.mktemp("browser")
-    with lab_server(base) as server:
-        browser = Browser(base)
-        try:
-            yield server, browser
-        finally:
-            browser.close()
 
 
 def write_notebook(server, name: str, cells: list[str]) -> str:

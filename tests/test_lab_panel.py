@@ -1,6 +1,7 @@
 """The Engines panel in a real JupyterLab and headless Chromium (``browser_helpers``).
 
-One JupyterLab and one browser for the module; the server extension and the prebuilt
+One JupyterLab and one browser (``browser_helpers.lab``: shared with the other browser modules
+of this test process, fresh for the module); the server extension and the prebuilt
 labextension come from the installed package (``IPME_BUILD_LABEXTENSION=1 pip install -e .``
 or a wheel). Checks, as a person clicks: the panel lists the session cluster's engines; while a
 notebook runs ``%%px time.sleep(60)`` the panel's "Interrupt all" stops it within 2 s; restart
@@ -34,20 +35,12 @@ KEY = "cluster-tests"  # the session cluster's id in the panel
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    browser_helpers.require_browser()
+def built():
     if not BUILT.exists():
         msg = "the labextension is not built: IPME_BUILD_LABEXTENSION=1 pip install -e ."
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
-    base = tmp_path_factory.mktemp("lab-panel")
-    with browser_helpers.lab_server(base) as server:
-        browser = browser_helpers.Browser(base)
-        try:
-            yield server, browser
-        finally:
-            browser.close()
 
 
 def api(server, path, body=None, timeout=60):
@@ -101,8 +94,19 @@ def click(driver, selector, timeout=10):
         time.sleep(0.05)  # polls for the element, bounded by the deadline
 
 
+def show_panel(driver):
+    """Show the Engines panel in the left sidebar (opening a file shows the file browser)."""
+    shown = (
+        "const p = document.getElementById('ipy_multiengine-engines');"
+        "return !!p && !p.classList.contains('lm-mod-hidden');"
+    )
+    if not driver.execute_script(shown):
+        click(driver, "[data-id='ipy_multiengine-engines']", timeout=30)
+    browser_helpers.wait_until(lambda: driver.execute_script(shown), 10, "the Engines panel shown")
+
+
 @pytest.fixture(scope="module")
-def page(lab, cluster):
+def page(built, lab, cluster):
     """A notebook connected to the session cluster, open, and the Engines panel shown."""
     server, browser = lab
     nb = nbformat.v4.new_notebook()
@@ -124,7 +128,7 @@ def page(lab, cluster):
     with browser.step("panel-open"):
         notebook.open()
         assert "connected [0, 1, 2, 3]" in notebook.run_and_wait(0, timeout=60)
-        click(browser.driver, "[data-id='ipy_multiengine-engines']", timeout=30)
+        show_panel(browser.driver)
     return server, browser, notebook
 
 
@@ -235,3 +239,107 @@ def test_open_console_on_engine_1_sees_pushed_x(page, mec):
             "the console to show x = 4321",
         )
     assert mec.pull("x", targets=1) == [4321]
+
+
+def test_start_form_starts_a_2_engine_cluster_and_stop_ends_it(page):
+    """The panel's "Start a cluster" form (engines, profile, kernelspec, launcher): a 2-engine
+    cluster is listed idle; the cluster's Stop button ends it, and every process it had (owner
+    and engines) is gone."""
+    import psutil
+
+    from ipy_multiengine import clusterfile
+
+    server, browser, _ = page
+    d = browser.driver
+    profile = f"form{os.getpid()}"
+    key = f"cluster-{profile}"
+    form = "[data-ipme='start-form']"
+    procs: list[psutil.Process] = []
+    try:
+        with browser.step("panel-start-form"):
+            click(d, f"{form} summary")
+            browser_helpers.wait_until(
+                lambda: css(d, f"{form} select[name='kernel'] option[value='python3']"),
+                10,
+                "the kernelspecs in the form",
+            )
+            for name, value in (("n", "2"), ("profile", profile)):
+                field = css(d, f"{form} input[name='{name}']")[0]
+                field.clear()
+                field.send_keys(value)
+            assert css(d, f"{form} select[name='launcher'] option[value='ssh']")  # all listed
+            click(d, f"{form} [data-action='start']")
+            browser_helpers.wait_until(
+                lambda: rows(d, key) == {0: "idle", 1: "idle"},
+                90,
+                "the form's 2-engine cluster idle in the panel",
+                step=0.2,
+            )
+            assert "done" in text(d, "[data-ipme='status']")
+            spec = clusterfile.read_spec(clusterfile.cluster_file_path(profile))
+            for ident in [
+                spec["owner"],
+                *(clusterfile.engine_identity(e, spec) for e in spec["engines"]),
+            ]:
+                proc, why = clusterfile.same_process(ident)
+                assert proc is not None, why
+                procs.append(proc)
+            assert len(procs) == 3
+        with browser.step("panel-stop"):
+            click(d, f"[data-cluster='{key}'] .ipme-cluster-head [data-action='stop']")
+            browser_helpers.wait_until(
+                lambda: not css(d, f"[data-cluster='{key}']"), 30, "the cluster gone from the panel"
+            )
+
+            def ended(p: psutil.Process) -> bool:
+                try:
+                    return p.status() == psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    return True
+
+            browser_helpers.wait_until(
+                lambda: all(ended(p) for p in procs), 15, "the owner and engines to exit"
+            )
+    finally:
+        if clusterfile.cluster_file_path(profile).exists():
+            api(server, f"clusters/{key}/stop", {})
+
+
+def test_insert_client_code_into_the_active_notebook_and_run_it(page):
+    """ "Insert client code" puts the cluster's connection code in a cell above the active one
+    of the current notebook; run, it connects (the next cell sees the engines)."""
+    server, browser, _ = page
+    d = browser.driver
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nb.cells = [nbformat.v4.new_code_cell("print('ids', mec.get_ids())")]
+    nbformat.write(nb, server.root / "insert.ipynb")
+    notebook = browser_helpers.Notebook(browser, server, "insert.ipynb")
+    expected = (
+        "from ipy_multiengine import client\n"
+        'mec = client.MultiEngineClient(profile="tests")\nmec.activate()'
+    )
+    try:
+        with browser.step("panel-insert"):
+            notebook.open()
+            show_panel(d)
+            click(d, f"[data-cluster='{KEY}'] .ipme-cluster-head [data-action='insert']")
+            browser_helpers.wait_until(
+                lambda: (
+                    [c["source"] for c in notebook.code_cells()]
+                    == [expected, "print('ids', mec.get_ids())"]
+                ),
+                10,
+                "the client code in a cell above the active one",
+            )
+        with browser.step("panel-insert-run"):
+            notebook.run_and_wait(0, timeout=60)
+            assert "ids [0, 1, 2, 3]" in notebook.run_and_wait(1, timeout=30)
+            notebook.save()
+            notebook.close()
+    finally:
+        server.shutdown_kernel("insert.ipynb")

@@ -9,6 +9,7 @@ interrupted; restart and stop need an owner that takes requests, so one test sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -139,6 +140,8 @@ async def test_bad_requests_name_what_is_wrong(jp_fetch, cluster):
         with pytest.raises(tornado.httpclient.HTTPClientError) as info:
             await api(jp_fetch, "clusters", method="POST", body=body)
         assert words in info.value.response.body.decode(), (body, info.value.response.body)
+    # the watcher's first scan may not be published yet (a loaded machine): wait for it
+    await until(jp_fetch, lambda s: cluster_of(s, "cluster-tests"), 10, "cluster-tests listed")
     with pytest.raises(tornado.httpclient.HTTPClientError) as info:
         await api(
             jp_fetch, "clusters", "cluster-tests", "interrupt", method="POST", body={"ids": [9]}
@@ -302,3 +305,151 @@ async def test_console_on_an_engine_sees_its_namespace_and_the_debugger_stops(
     await jp_fetch("api", "kernels", kid, method="DELETE")
     assert mec.pull("x", targets=1) == [1234]  # the engine outlives its console
     assert mec.execute("y = 1", targets=1)[0]["id"] == 1
+
+
+async def test_an_engine_on_another_host_that_stops_answering_turns_red_and_offers_restart(
+    jp_fetch,
+):
+    """An engine on another host has no process psutil can see here: the watcher judges it by
+    its kernel heartbeat, within the controller's bound (HEARTBEAT_PERIOD). Made remote without
+    a second machine: the cluster file of a 1-engine ``ipmulti start`` cluster is rewritten
+    with the engine's ``host`` field set to a name that is not this host's (so the watcher's
+    psutil check skips it, as for an SSH engine); the engine is then SIGSTOPped, which stops
+    its heartbeat thread as a dead or unreachable host does. (Before the heartbeat the engine
+    stayed "idle" for ever.) SIGCONT: it answers again and is alive again."""
+    import psutil
+
+    from ipy_multiengine import clusterfile
+    from ipy_multiengine.controller import HEARTBEAT_PERIOD
+
+    profile = f"remote{os.getpid()}"
+    key = f"cluster-{profile}"
+    await api(jp_fetch, "clusters", method="POST", body={"n": 1, "profile": profile})
+    proc = None
+    try:
+        c = await until(
+            jp_fetch,
+            lambda s: (c := cluster_of(s, key)) and c["engines"][0]["state"] == "idle" and c,
+            15,
+            "the new cluster's engine idle",
+        )
+        path = clusterfile.cluster_file_path(profile)
+        spec = clusterfile.read_spec(path)
+        ident = clusterfile.engine_identity(spec["engines"][0], spec)
+        proc, why = clusterfile.same_process(ident)
+        assert proc is not None, why
+        spec["engines"][0]["host"] = "elsewhere.invalid"
+        clusterfile.write_cluster(path, spec)
+        await until(
+            jp_fetch,
+            lambda s: (
+                (e := cluster_of(s, key)["engines"][0])["host"] == "elsewhere.invalid"
+                and not e["local"]
+            ),
+            10,
+            "the engine listed as on another host",
+        )
+        proc.suspend()
+        t0 = time.monotonic()
+        c = await until(
+            jp_fetch,
+            lambda s: (c := cluster_of(s, key))["engines"][0]["state"] == "dead" and c,
+            HEARTBEAT_PERIOD + 5,
+            "the silent remote engine listed dead",
+        )
+        took = time.monotonic() - t0
+        assert took < HEARTBEAT_PERIOD + 2, f"dead after {took:.1f} s"
+        assert "heartbeats" in c["engines"][0]["dead"], c["engines"][0]
+        assert "restart" in c["can"], c["can"]  # the panel offers restart (owner is here)
+        proc.resume()
+        await until(
+            jp_fetch,
+            lambda s: cluster_of(s, key)["engines"][0]["state"] != "dead",
+            HEARTBEAT_PERIOD + 5,
+            "the engine alive again once it answers",
+        )
+    finally:
+        if proc is not None:
+            with contextlib.suppress(psutil.Error):
+                proc.resume()
+        r = await api(jp_fetch, "clusters", key, "stop", method="POST", body={})
+    assert r == {"stopped": key}
+    await until(jp_fetch, lambda s: cluster_of(s, key) is None, 15, "the stopped cluster gone")
+
+
+def test_a_px_cell_running_while_a_watcher_starts_shows_nothing_foreign(ip, mec, tmp_path):
+    """The watcher's one probe on an engine's shell (a ``kernel_info_request``, to learn if it
+    is idle) queues behind a running ``%%px`` cell and is answered after it: its reply goes to
+    the watcher's socket alone, and its busy/idle on IOPub names the probe as parent, which the
+    client's router drops. So the cell shows exactly its engines' own output, and so does the
+    next cell, run after the probe was answered; and the engines' ``In [n]`` numbering counts
+    the user's cells only."""
+    from faultlib import wait_for
+    from IPython.utils.capture import capture_output
+
+    from ipy_multiengine.server import Watcher
+
+    go = tmp_path / "go"
+    code = (
+        "%%px\nimport os, pathlib, time\nprint('start', flush=True)\n"
+        f"pathlib.Path({str(tmp_path)!r}, str(os.getpid())).touch()\n"
+        f"while not pathlib.Path({str(go)!r}).exists():\n    time.sleep(0.02)\nprint('end')"
+    )
+    watcher = Watcher(interval=0.2)
+    errors: list[BaseException] = []
+
+    def engines(state):
+        c = cluster_of(watcher.snapshot(), "cluster-tests")
+        return c and all(e["state"] == state for e in c["engines"]) and c
+
+    def start_watching_while_it_runs():
+        try:
+            wait_for(lambda: len(list(tmp_path.glob("[0-9]*"))) == 4, 30, "the cell on 4 engines")
+            watcher.start()
+            # busy: the probes were sent and wait behind the cell
+            wait_for(lambda: engines("busy"), 10, "the watcher to see 4 busy engines")
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            go.touch()
+
+    import threading
+
+    before = [r["number"] for r in mec.execute("pass")]
+    helper = threading.Thread(target=start_watching_while_it_runs)
+    helper.start()
+    try:
+        with capture_output() as first:
+            ip.run_cell(code)
+        helper.join(30)
+        assert not errors, errors
+        wait_for(lambda: engines("idle"), 10, "the watcher to see 4 idle engines")
+        with capture_output() as second:
+            ip.run_cell("%%px\nprint('again')")
+        after = [r["number"] for r in mec.execute("pass")]
+    finally:
+        go.touch()
+        watcher.stop().result(10)
+    expected = sorted(f"[stdout:{i}] {word}" for i in range(4) for word in ("start", "end"))
+    assert sorted(first.stdout.splitlines()) == expected, first.stdout
+    assert sorted(second.stdout.splitlines()) == [f"[stdout:{i}] again" for i in range(4)]
+    assert first.stderr == second.stderr == "" and not first.outputs and not second.outputs
+    # nothing else ran on the engines: their In [n] numbering is the user's own
+    assert after == [n + 3 for n in before], (before, after)
+
+
+def test_another_watchers_probe_does_not_make_an_engine_busy():
+    """Another server's watcher probes each engine with ``kernel_info_request``; its busy/idle
+    on IOPub says nothing of what the engine runs, so it does not flicker in this panel."""
+    from ipy_multiengine.server.watch import EngineWatch
+
+    w = EngineWatch(0, {"connection": {}}, {})
+    w.state = "idle"
+    for state in ("busy", "idle"):
+        msg = {
+            "header": {"msg_type": "status"},
+            "parent_header": {"msg_id": "other", "msg_type": "kernel_info_request"},
+            "content": {"execution_state": state},
+        }
+        assert not w._on_iopub(msg)
+        assert w.state == "idle" and w.running == ""

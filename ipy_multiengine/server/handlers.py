@@ -1,7 +1,8 @@
 """The REST API under ``{base_url}ipy_multiengine/api/``, authenticated as every Jupyter
 endpoint (``@web.authenticated`` and the server's authorizer, resource ``ipy_multiengine``).
 
-``GET clusters`` (poll it: the snapshot of :class:`~.watch.Watcher`), ``POST clusters``
+``GET clusters`` (poll it: the snapshot of :class:`~.watch.Watcher`, and the launchers a start
+may name), ``POST clusters``
 (start a shared cluster), ``POST clusters/{id}/interrupt|restart|stop`` (``{"ids": [...]}``,
 default all), ``POST clusters/{id}/engines/{eid}/console`` (a server kernel on that engine).
 Nothing here blocks the server's loop: owner requests and ``ipmulti start`` run in threads
@@ -11,6 +12,7 @@ or subprocesses.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
 from importlib.metadata import entry_points
@@ -92,7 +94,7 @@ class ClustersHandler(BaseHandler):
     @authorized
     async def get(self) -> None:
         snap = self.watcher.snapshot()
-        self.reply({**snap, "now": _now()})
+        self.reply({**snap, "launchers": launcher_names(), "now": _now()})
 
     @web.authenticated
     @authorized
@@ -168,6 +170,12 @@ def _now() -> float:
     return time.time()
 
 
+@functools.cache
+def launcher_names() -> list[str]:
+    """The launchers a start may name (entry points ``ipy_multiengine.launchers``)."""
+    return sorted({ep.name for ep in entry_points(group="ipy_multiengine.launchers")})
+
+
 def start_argv(body: dict, kernel_spec_manager: Any) -> list[str]:
     """The ``ipmulti start --daemon`` command line for a start request; ``HTTPError(400)``
     naming the offending field before anything is started."""
@@ -190,7 +198,7 @@ def start_argv(body: dict, kernel_spec_manager: Any) -> list[str]:
     if kernel not in specs:
         raise web.HTTPError(400, f"no kernelspec {kernel!r} (there are {sorted(specs)})")
     launcher = body.get("launcher", "local")
-    launchers = {ep.name for ep in entry_points(group="ipy_multiengine.launchers")}
+    launchers = launcher_names()
     if launcher not in launchers:
         raise web.HTTPError(400, f"no launcher {launcher!r} (there are {sorted(launchers)})")
     options = body.get("options", {})

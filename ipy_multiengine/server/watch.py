@@ -3,25 +3,33 @@
 A :class:`Watcher` runs on the package's one background loop thread (``_loop``), never on the
 server's own loop: every 1 s it rescans the cluster files (``clusterfile``'s reader, in a
 worker thread, with psutil for liveness, RSS and CPU of engines on this host) and keeps one
-IOPub subscriber per engine (jupyter_client's ``AsyncKernelClient``). It sends nothing on an
-engine's shell but one ``kernel_info_request`` when it starts watching (to learn whether an
-engine is idle). What other threads see is :meth:`Watcher.snapshot`: a JSON-ready structure
-replaced as a whole on the loop (loop state stays on the loop).
+IOPub subscriber per engine (jupyter_client's ``AsyncKernelClient``). Engines on other hosts
+(no psutil there) are watched by the kernel heartbeat channel, with the controller's bound
+(``HEARTBEAT_PERIOD``). It sends nothing on an engine's shell but one ``kernel_info_request``
+when it starts watching (to learn whether an engine is idle: answered at once, or queued behind
+a running cell); its reply comes to the watcher alone, its busy/idle on IOPub names the probe as
+parent (other clients' routers drop it, and watchers ignore probes). What other threads see is
+:meth:`Watcher.snapshot`: a JSON-ready structure replaced as a whole on the loop (loop state
+stays on the loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 import psutil
+import zmq
+import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 
 from .. import _loop, clusterfile
+from ..controller import HEARTBEAT_PERIOD
 from ..errors import NoClusterError
 from ..wire import CONTROL_MSG_TYPES
 
@@ -41,8 +49,11 @@ def cluster_key(path: Any) -> str:
 class EngineWatch:
     """(loop thread) One engine's IOPub subscriber and what it learnt."""
 
-    def __init__(self, eid: int, entry: dict, spec: dict) -> None:
+    def __init__(self, eid: int, entry: dict, spec: dict, remote: bool = False) -> None:
         self.eid = eid
+        #: on another host (no psutil): liveness from heartbeats; why it is dead, or None
+        self.remote = remote
+        self.dead: str | None = None
         self.connection = dict(entry["connection"])
         self.pid = entry.get("pid")
         self.host = entry.get("host", spec.get("host")) or ""
@@ -56,16 +67,20 @@ class EngineWatch:
         self.client: AsyncKernelClient | None = None
         self.task: asyncio.Task | None = None
         self.first: asyncio.Task | None = None
+        self.beater: asyncio.Task | None = None
 
     def start(self, changed: Any) -> None:
         client = self.client = AsyncKernelClient()
         client.load_connection_info(self.connection)  # type: ignore[arg-type]  # a plain dict
         client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
         self.task = asyncio.ensure_future(self._read(changed))
+        if self.remote and self.connection.get("hb_port"):
+            self.beater = asyncio.ensure_future(self._beat(changed))
 
     def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        for task in (self.task, self.beater):
+            if task is not None:
+                task.cancel()
         if self.client is not None:
             self.client.stop_channels()
             self.client = None
@@ -90,6 +105,34 @@ class EngineWatch:
                 self.running = "(started before the server watched)"
                 self.busy_since = time.time()
         changed()
+
+    async def _beat(self, changed: Any, period: float = HEARTBEAT_PERIOD) -> None:
+        """Ping the engine's heartbeat every third of ``period``; no echo for ``period`` s
+        marks it dead, an echo again alive (the controller's rule for engines it cannot poll)."""
+        assert self.client is not None
+        # an AsyncKernelClient's context is a zmq.asyncio one: so is this socket
+        sock = cast(zmq.asyncio.Socket, self.client.connect_hb())
+        sock.setsockopt(zmq.REQ_RELAXED, 1)  # a lost echo must not wedge the REQ socket
+        sock.setsockopt(zmq.REQ_CORRELATE, 1)
+        last = time.monotonic()
+        try:
+            while True:
+                with contextlib.suppress(zmq.ZMQError):
+                    await sock.send(b"ping", zmq.NOBLOCK)
+                try:
+                    await asyncio.wait_for(sock.recv(), period / 3)
+                    last = time.monotonic()
+                    if self.dead is not None:
+                        self.dead = None
+                        changed()
+                    await asyncio.sleep(period / 3)
+                except asyncio.TimeoutError:
+                    silent = time.monotonic() - last
+                    if self.dead is None and silent > period:
+                        self.dead = f"stopped answering heartbeats (none for {silent:.1f} s)"
+                        changed()
+        finally:
+            sock.close(linger=0)
 
     async def _read(self, changed: Any) -> None:
         assert self.client is not None
@@ -120,6 +163,8 @@ class EngineWatch:
             return False
         if mtype != "status" or parent.get("msg_type") in CONTROL_MSG_TYPES:
             return False  # the engine's state follows its shell only (as the controller's)
+        if parent.get("msg_type") == "kernel_info_request":
+            return False  # a probe (ours or another server's): says nothing of what it runs
         state = content.get("execution_state")
         if state == "busy":
             self.state, self.parent = "busy", parent.get("msg_id", "")
@@ -257,13 +302,15 @@ class Watcher:
                     old is not None
                     and old.connection == e["connection"]
                     and old.pid == e.get("pid")
+                    and old.host == (e.get("host", spec.get("host")) or "")
                 ):
                     continue  # the same process as before
                 if old is not None:
                     old.stop()  # restarted: a new process or new ports
                     del engines[eid]
-                if watchable and not found["usage"].get(eid, {}).get("dead"):
-                    w = engines[eid] = EngineWatch(eid, e, spec)
+                u = found["usage"].get(eid, {})
+                if watchable and not u.get("dead"):
+                    w = engines[eid] = EngineWatch(eid, e, spec, remote=not u.get("local"))
                     try:
                         w.start(self._changed)
                     except Exception as exc:
@@ -293,6 +340,8 @@ class Watcher:
                 row = w.row(usage)
                 if usage.get("dead"):
                     row["state"] = "dead"
+                elif w.dead:  # by heartbeat: an engine psutil cannot see
+                    row["state"], row["dead"] = "dead", w.dead
                 elif d.get("state") == "stale":
                     row["state"] = "stale"
                 rows.append(row)

@@ -1,6 +1,7 @@
 /**
  * The Engines panel: every cluster of this user and its engines, live, with interrupt,
- * restart, stop, "insert client code" and "open console" actions. Everything goes through
+ * restart, stop, "insert client code" and "open console" actions, and a form that starts a
+ * shared cluster. Everything goes through
  * the server extension's REST API (ipy_multiengine/api/), never through a notebook kernel, so
  * it works while the notebook runs a long %%px cell.
  */
@@ -14,6 +15,10 @@ import { ServerConnection } from '@jupyterlab/services';
 import { LabIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
+import { clientCode, engineText, ICluster, IEngine, parseOptions, stateClass } from './format';
+
+export { clientCode } from './format';
+
 const POLL_MS = 1000;
 
 const ICON = new LabIcon({
@@ -24,33 +29,9 @@ const ICON = new LabIcon({
     '<rect x="2" y="13" width="9" height="8" rx="1"/><rect x="13" y="13" width="9" height="8" rx="1"/></g></svg>'
 });
 
-interface IEngine {
-  id: number;
-  state: string;
-  running: string;
-  busy_since: number | null;
-  pid: number | null;
-  host: string;
-  rss: number | null;
-  cpu: number | null;
-  dead: string | null;
-  local: boolean;
-}
-
-interface ICluster {
-  id: string;
-  file: string;
-  profile: string;
-  shared: boolean;
-  state: string;
-  owner: string;
-  remote: boolean;
-  can: string[];
-  engines: IEngine[];
-}
-
 interface ISnapshot {
   clusters: ICluster[];
+  launchers?: string[];
   now: number;
 }
 
@@ -74,29 +55,6 @@ async function api(path: string, body?: unknown): Promise<any> {
   return data;
 }
 
-function bytes(n: number | null): string {
-  if (n === null || n === undefined) {
-    return '';
-  }
-  const units = ['B', 'kB', 'MB', 'GB', 'TB'];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) {
-    n /= 1024;
-    i++;
-  }
-  return `${n.toFixed(n < 10 && i > 0 ? 1 : 0)} ${units[i]}`;
-}
-
-function secs(s: number): string {
-  if (s < 60) {
-    return `${s.toFixed(0)} s`;
-  }
-  if (s < 3600) {
-    return `${Math.floor(s / 60)} min ${Math.floor(s % 60)} s`;
-  }
-  return `${(s / 3600).toFixed(1)} h`;
-}
-
 function el(tag: string, attrs: Record<string, string> = {}, text = ''): HTMLElement {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
@@ -106,12 +64,6 @@ function el(tag: string, attrs: Record<string, string> = {}, text = ''): HTMLEle
     node.textContent = text;
   }
   return node;
-}
-
-/** The code that connects a notebook to this cluster. */
-export function clientCode(c: ICluster): string {
-  const how = c.shared ? `profile=${JSON.stringify(c.profile)}` : JSON.stringify(c.file);
-  return `from ipy_multiengine import client\nmec = client.MultiEngineClient(${how})\nmec.activate()`;
 }
 
 class EnginesPanel extends Widget {
@@ -127,8 +79,81 @@ class EnginesPanel extends Widget {
     this.node.appendChild(el('h2', {}, 'Engines'));
     this.status = el('div', { class: 'ipme-note', 'data-ipme': 'status' });
     this.list = el('div', { 'data-ipme': 'clusters' });
-    this.node.append(this.status, this.list);
+    this.form = this.startForm();
+    this.node.append(this.status, this.list, this.form);
     void this.poll();
+  }
+
+  /** "Start a cluster": engines, profile, kernelspec, launcher and its options. */
+  private startForm(): HTMLElement {
+    const box = el('details', { class: 'ipme-start', 'data-ipme': 'start-form' });
+    box.appendChild(el('summary', {}, 'Start a cluster'));
+    const form = el('form', {}) as HTMLFormElement;
+    const field = (label: string, input: HTMLElement): void => {
+      const l = el('label', {}, label);
+      l.appendChild(input);
+      form.appendChild(l);
+    };
+    field('Engines', el('input', { name: 'n', type: 'number', min: '1', max: '256', value: '4' }));
+    field('Profile', el('input', { name: 'profile', type: 'text', value: 'default' }));
+    this.kernels = el('select', { name: 'kernel' }) as HTMLSelectElement;
+    field('Kernel', this.kernels);
+    this.launchers = el('select', { name: 'launcher' }) as HTMLSelectElement;
+    this.launchers.appendChild(el('option', { value: 'local' }, 'local'));
+    field('Launcher', this.launchers);
+    field(
+      'Options',
+      el('textarea', { name: 'options', rows: '2', placeholder: 'key=value, one a line' })
+    );
+    const submit = el('button', { type: 'submit', 'data-action': 'start' }, 'Start');
+    form.appendChild(submit);
+    form.addEventListener('submit', event => {
+      event.preventDefault();
+      void this.start(form, submit as HTMLButtonElement);
+    });
+    box.appendChild(form);
+    const specs = this.app.serviceManager.kernelspecs;
+    const fill = (): void => {
+      const names = Object.keys(specs.specs?.kernelspecs ?? {}).sort();
+      const chosen = this.kernels.value || specs.specs?.default || 'python3';
+      this.kernels.replaceChildren(...names.map(k => el('option', { value: k }, k)));
+      this.kernels.value = names.includes(chosen) ? chosen : names[0] ?? '';
+    };
+    void specs.ready.then(fill);
+    specs.specsChanged.connect(fill);
+    return box;
+  }
+
+  private async start(form: HTMLFormElement, submit: HTMLButtonElement): Promise<void> {
+    const value = (name: string): string =>
+      (form.elements.namedItem(name) as HTMLInputElement).value.trim();
+    let options: Record<string, unknown>;
+    try {
+      options = parseOptions(value('options'));
+    } catch (err) {
+      this.status.textContent = `Start a cluster: ${(err as Error).message}`;
+      this.status.classList.add('ipme-error');
+      return;
+    }
+    const n = Number(value('n'));
+    const profile = value('profile') || 'default';
+    const body = { n, profile, kernel: value('kernel'), launcher: value('launcher'), options };
+    submit.disabled = true;
+    try {
+      await this.act(`Start cluster ${profile} (${n} engines)`, 'clusters', body);
+    } finally {
+      submit.disabled = false;
+    }
+  }
+
+  private showLaunchers(names: string[] | undefined): void {
+    if (!names || JSON.stringify(names) === this.launcherNames) {
+      return;
+    }
+    this.launcherNames = JSON.stringify(names);
+    const chosen = this.launchers.value || 'local';
+    this.launchers.replaceChildren(...names.map(k => el('option', { value: k }, k)));
+    this.launchers.value = names.includes(chosen) ? chosen : names[0];
   }
 
   dispose(): void {
@@ -145,6 +170,7 @@ class EnginesPanel extends Widget {
     try {
       const snap: ISnapshot = await api('clusters');
       this.render(snap);
+      this.showLaunchers(snap.launchers);
       if (!this.message) {
         // an action's outcome stays shown; only the panel's own notes come and go
         if (!snap.clusters.length) {
@@ -238,7 +264,7 @@ class EnginesPanel extends Widget {
         : `owner ${c.owner}`;
       box.appendChild(el('div', { class: 'ipme-note' }, note));
       for (const e of c.engines) {
-        const row = el('div', { class: `ipme-engine ipme-state-${e.state}`, 'data-engine': String(e.id), 'data-state': e.state });
+        const row = el('div', { class: `ipme-engine ${stateClass(e.state)}`, 'data-engine': String(e.id), 'data-state': e.state });
         row.appendChild(el('span', { class: 'ipme-dot', title: e.dead ? `dead: ${e.dead}` : e.state }));
         row.appendChild(el('span', {}, `[${e.id}]`));
         row.appendChild(
@@ -267,15 +293,7 @@ class EnginesPanel extends Widget {
   }
 
   private engineText(e: IEngine, skew: number): string {
-    const first = (e.running || '').split('\n')[0];
-    const elapsed = e.busy_since ? secs(Math.max(0, Date.now() / 1000 - skew - e.busy_since)) : '';
-    return [
-      e.state === 'busy' ? `${first}${elapsed ? ` (${elapsed})` : ''}` : e.state,
-      bytes(e.rss),
-      e.local ? '' : e.host
-    ]
-      .filter(Boolean)
-      .join(' · ');
+    return engineText(e, Date.now() / 1000 - skew);
   }
 
   private insert(c: ICluster): void {
@@ -307,6 +325,10 @@ class EnginesPanel extends Widget {
 
   private status: HTMLElement;
   private list: HTMLElement;
+  private form: HTMLElement;
+  private kernels!: HTMLSelectElement;
+  private launchers!: HTMLSelectElement;
+  private launcherNames = '';
   private message = '';
   private shape = '';
   private noted = false;
