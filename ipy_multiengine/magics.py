@@ -368,6 +368,9 @@ class ParallelMagics(Magics):
         self.last: Any = None
         self._own_client: Any = None
         self._notebook: bool | None = None  # None: detect (a kernel means notebook rendering)
+        #: what ``client()`` told the user on stderr when it connected by itself (a ``%%px``
+        #: cell laid out again at its end shows it again: its first output)
+        self.notice = ""
 
     # -- the client
     def client(self) -> Any:
@@ -387,11 +390,11 @@ class ParallelMagics(Magics):
             ) from None
         mec.activate()
         self._own_client = mec
-        print(
+        self.notice = (
             f"%px: connected to the running default cluster ({len(mec.get_ids())} engines: "
-            f"{mec.get_ids()}) and activated it",
-            file=sys.stderr,
+            f"{mec.get_ids()}) and activated it\n"
         )
+        print(self.notice, end="", file=sys.stderr)
         return mec
 
     @property
@@ -465,7 +468,9 @@ class ParallelMagics(Magics):
 
     def _run(self, code: str, args: Any, line_form: bool) -> Any:
         cfg = self.pxconfig_
+        self.notice = ""
         mec = self.client()
+        notice, self.notice = self.notice, ""
         targets = (
             cfg.targets
             if args.targets is None
@@ -515,11 +520,14 @@ class ParallelMagics(Magics):
 
         # a %%px cell's outputs are all its own: engine areas are laid out from the start
         owns_cell = not line_form and not args.local
-        renderer = Renderer(pr.eids, mode, self.notebook, group, same_output, owns_cell)
+        renderer = Renderer(
+            pr.eids, mode, self.notebook, group, same_output, owns_cell, shown_before=notice
+        )
         live.start(renderer)
         started = time.monotonic()
         # the one progress display of every call (tqdm.auto), shown when asked: --progress-after S
         progress = ProgressBar("%px", progress_after, force=True)
+        renderer.bars.append(progress)  # the cell's final layout keeps it
         deadline = None if timeout is None else started + timeout
         try:
             timed_out = not self._wait(pr, live, progress, deadline)
@@ -529,7 +537,6 @@ class ParallelMagics(Magics):
             raise one_line(KeyboardInterrupt()) from None
         finally:
             progress.close(*pr.progress())  # the final count, then the bar ends
-            renderer.foreign = renderer.foreign or progress.appeared  # the cell keeps the bar
         if timed_out:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             live.close()  # what came so far; later output stays on the PendingResult
@@ -653,7 +660,6 @@ class ParallelMagics(Magics):
             pass  # a second Ctrl-C: stop waiting at once
         if renderer.mode == "results":
             renderer.mode = "collect"  # there will be no Results List: show everything printed
-        renderer.foreign = renderer.foreign or progress.appeared
         live.close()
         still = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
         msg = (

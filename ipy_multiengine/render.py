@@ -204,6 +204,10 @@ class _Area:
         return "\n".join(parts)
 
     def text(self) -> str:
+        """What the area shows; "" when nothing is left in it (e.g. a long line frozen whole:
+        an area holding only its label is not shown)."""
+        if all(not lines.text().rstrip("\n") for _name, lines in self.segments):
+            return ""
         return self.render(self.eid, self.segments)
 
     def split(self) -> str:
@@ -257,9 +261,12 @@ class Renderer:
         group: str = "engine",
         collapse: bool = False,
         owns_cell: bool = False,
+        shown_before: str = "",
     ) -> None:
         """``owns_cell``: every output of the notebook cell from now on is this renderer's (a
-        ``%%px`` cell): its layout is reserved at the start and laid out again at the end."""
+        ``%%px`` cell): its layout is reserved at the start and laid out again at the end.
+        ``shown_before``: stderr text the cell showed before (the magic's own notice), shown
+        again first when the cell is laid out again, which clears it."""
         self.eids = eids
         self.mode = mode  # 'stream' | 'collect' | 'results'
         self.notebook = notebook
@@ -284,6 +291,10 @@ class Renderer:
         self._moved = False  # something is shown out of the cell's layout (re-laid at the end)
         self.foreign = False  # something else was shown in the cell: it is not re-laid
         self._kept = 0  # characters of frozen areas kept for the final layout
+        self.shown_before = shown_before
+        #: progress bars shown in the cell (below its reserved displays): the final layout
+        #: shows each again, in its last state, at the end, where it was
+        self.bars: list[ProgressBar] = []
         if owns_cell and notebook and mode == "stream" and group != "order":
             self._reserve()
 
@@ -356,8 +367,8 @@ class Renderer:
         """The cell's final state: every engine's area, then its rich outputs and results,
         each after its label, in engine order; no reserved display left empty. A frontend
         cannot remove one output, so the cell is cleared (when its next output arrives: no
-        flicker) and shown again -- unless something else was shown in it meanwhile (a
-        progress bar, an engine's prompt), which clearing would lose."""
+        flicker) and shown again, its progress bar last -- unless something else was shown in
+        it meanwhile (an engine's prompt), which clearing would lose."""
         from IPython.display import clear_output
 
         from . import stdin
@@ -378,8 +389,14 @@ class Renderer:
                 if item.label:
                     shown.append((*self._label_bundle(eid, item.label), None))
                 shown.append((item.data, item.md, item.local_id))
+        for bar in self.bars:
+            if bar.html is not None and bar.html.data:  # it keeps its id: later draws update it
+                shown.append((bar.html.data, {}, bar.html.display_id))
         self.slots = {}
-        clear_output(wait=bool(shown))
+        clear_output(wait=bool(shown or self.shown_before))
+        if self.shown_before:
+            sys.stderr.write(self.shown_before)
+            sys.stderr.flush()  # before the displays: the kernel sends them in this order
         for data, md, did in shown:
             _display(data, md, did)
 
@@ -774,6 +791,7 @@ class HtmlBar:
 
         self.display_id = f"ipme-progress-{id(self):x}-{time.monotonic_ns():x}"
         self.shown = False
+        self.data: dict = {}  # what it shows now
         # tqdm's own terminal writes (a status printer) go to this buffer, never to stderr
         self.bar = _Bar(file=io.StringIO(), **kwargs)
 
@@ -799,7 +817,7 @@ class HtmlBar:
             f'<progress {value}style="width:30%;vertical-align:middle">{pct}</progress> '
             f"{pct} {_escape(done)} [{elapsed}{_escape(speed)}{_escape(post)}]</div>"
         )
-        data = {"text/plain": text, "text/html": html}
+        data = self.data = {"text/plain": text, "text/html": html}
         _display(data, {}, self.display_id, update=self.shown)
         self.shown = True
 
@@ -828,10 +846,10 @@ class ProgressBar:
         self.desc, self.after, self.force, self.unit = desc, after, force, unit
         self.started = time.monotonic()
         self.bar: Any = None
+        self.html: HtmlBar | None = None  # the notebook's bar, once shown
         self.shown = 0
         self.waiting: list[int] | None = None
         self.drawn = 0.0
-        self.appeared = False  # the bar was shown (a notebook keeps it as an output)
 
     def __call__(
         self, done: int, total: int | None, waiting: list[int] | None = None, final: bool = False
@@ -846,7 +864,6 @@ class ProgressBar:
             ):
                 return
             self.bar = self._make(total)
-            self.appeared = True
         if total != self.bar.total:
             self.bar.total = total
         if waiting is not None and waiting != self.waiting:
@@ -879,7 +896,8 @@ class ProgressBar:
         if self.unit == "B":
             kwargs.update(unit_scale=True, unit_divisor=1024)
         if in_notebook():
-            return HtmlBar(leave=True, **kwargs).bar
+            self.html = HtmlBar(leave=True, **kwargs)
+            return self.html.bar
         from tqdm.std import tqdm
 
         return tqdm(leave=False, file=sys.stderr, **kwargs)

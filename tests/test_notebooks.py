@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -256,3 +257,36 @@ def check_monte_carlo(nb):
     imgs = [o for o in plot.outputs if "image/png" in o.get("data", {})]
     assert sorted(o.metadata["engine"] for o in imgs) == [0, 1, 2, 3]
     assert "local estimate 3.1" in texts(_cell(nb, "my_counts.append"))
+
+
+def test_px_cell_final_layout_keeps_the_notice_and_the_bar(cluster):
+    """The first ``%%px`` of a notebook without an active client connects to the running
+    default cluster and says so (stderr); with ``--progress-after`` (or ``%pxconfig
+    --progress-after``, for every cell) it also shows a bar. The cell's final layout (cleared
+    and shown again) keeps both: the notice first, the engines' areas in engine order, the
+    bar last in its final state, and no empty reserved display is saved."""
+    from ipy_multiengine.cluster import cluster_file_path
+
+    default = cluster_file_path("default")
+    shutil.copy(cluster.cluster_file, default)
+    try:
+        nb = make_nb(
+            [
+                "%load_ext ipy_multiengine",
+                "%%px --targets 0,2 --progress-after 0.1\nimport time\ntime.sleep(0.8)\n"
+                "print('done')",
+            ]
+        )
+        execute(nb)
+    finally:
+        default.unlink(missing_ok=True)
+    outs = nb.cells[1].outputs
+    assert not [o for o in outs if o.get("data") == {}], outs
+    notice = [o for o in outs if o.output_type == "stream" and o.name == "stderr"]
+    assert notice and "connected to the running default cluster" in notice[0].text, outs
+    assert outs.index(notice[0]) == 0, outs  # said before the engines' output, as it happened
+    shown = [o.data["text/plain"] for o in outs if o.output_type == "display_data"]
+    assert shown[:2] == ["[stdout:0] done", "[stdout:2] done"], shown
+    bars = [o for o in outs if "ipy-multiengine-progress" in o.get("data", {}).get("text/html", "")]
+    assert len(bars) == 1 and outs[-1] is bars[0] and "2/2" in bars[0].data["text/plain"], outs
+    assert_clean_metadata(nb)

@@ -642,3 +642,22 @@ def test_collected_areas_are_ruled_too(ip, mec):
     areas = cell_outputs(cap)
     assert [d["text/plain"] for d in areas] == ["[stdout:1] x", "[stdout:2] x"], areas
     assert all("border-top" in d["text/html"] for d in areas), areas
+
+
+def test_px_cell_long_line_leaves_no_empty_labelled_area(ip, mec):
+    """An engine printing one line longer than AREA_LIMIT: the line is frozen whole and
+    nothing is left of it, so no area holding only its label (``[stdout:1] ``) is shown or
+    saved after it."""
+    from ipy_multiengine import render
+
+    magics_of(ip).notebook = True
+    cap, res = run(
+        ip,
+        f"%%px --targets 1\nprint('x' * {render.AREA_LIMIT + 100})\nimport sys; sys.stdout.flush()",
+    )
+    assert res.success, res.error_in_exec
+    final = [d.get("text/plain", "") for d in cell_outputs(cap)]
+    assert final and all(not re.fullmatch(r"\[std\w+:\d+\] ?", t) for t in final), [
+        t[:20] for t in final
+    ]
+    assert "".join(final).count("x") == render.AREA_LIMIT + 100
