@@ -745,11 +745,11 @@ class MultiEngineClient(Configurable):
         if not seqs:
             raise TypeError("map() needs at least one sequence")
         eids, block = self._prepare(targets, block)
-        items = list(zip(*seqs, strict=False))  # like map(): the shortest sequence ends it
+        items, star = _map_items(seqs)
         if balanced:
             live = self._live(eids, block)
             bm = self._balanced(
-                f, items, eids, chunksize, ordered, retries, live.listener if live else None
+                f, items, eids, chunksize, ordered, retries, live.listener if live else None, star
             )
             pr = PendingResult(
                 [bm.future],
@@ -775,14 +775,17 @@ class MultiEngineClient(Configurable):
 
         for a, b in partition.bounds(len(items), nparts):
             frames.append(
-                self._outgoing(dumps_chunk(f, a, items[a:b], snapshot=False), block, timeout)
+                self._outgoing(
+                    dumps_chunk(f, a, items[a:b], snapshot=False, star=star), block, timeout
+                )
             )  # a TypeError names the item
             datas.append(a)
         futures = []
         live = self._live(eids, block)
         for eid, fr, off in zip(eids, frames, datas, strict=True):
+            data: dict[str, Any] = {"offset": off} if star else {"offset": off, "star": False}
             futures += self._comm(
-                "map", [eid], [fr], {"offset": off}, listener=live.listener if live else None
+                "map", [eid], [fr], data, listener=live.listener if live else None
             )
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
         sizes = [b - a for a, b in partition.bounds(len(items), nparts)]
@@ -814,7 +817,8 @@ class MultiEngineClient(Configurable):
             raise TypeError("imap() needs at least one sequence")
         eids, _ = self._prepare(targets, None)
         deadline = None if timeout is None else time.monotonic() + timeout
-        bm = self._balanced(f, list(zip(*seqs, strict=False)), eids, chunksize, ordered, retries)
+        items, star = _map_items(seqs)
+        bm = self._balanced(f, items, eids, chunksize, ordered, retries, star=star)
         bar = ProgressBar("imap", self.progress_after, unit="item")
         # from this call, not from the first next(); the bar is drawn by the iteration's waits
         return bm.iterate(deadline=deadline, progress=bar)
@@ -828,6 +832,7 @@ class MultiEngineClient(Configurable):
         ordered: bool,
         retries: int,
         listener: Listener | None = None,
+        star: bool = True,
     ) -> BalancedMap:
         from .balanced import BalancedMap
 
@@ -842,6 +847,7 @@ class MultiEngineClient(Configurable):
             retries=retries,
             listener=listener,
             interrupt=self._interrupt_eids,  # the owner's interrupt, like mec.interrupt()
+            star=star,
         ).start()
 
     def _stop_balanced(self, bm: BalancedMap) -> None:
@@ -1216,6 +1222,14 @@ class ParallelFunction:
 
     def map(self, *seqs: Iterable, timeout: float | None = None) -> Any:
         return self.mapper.map(self.func, *seqs, timeout=timeout)
+
+
+def _map_items(seqs: tuple[Iterable, ...]) -> tuple[list, bool]:
+    """The items of ``map(f, *seqs)`` and whether they are argument tuples: one sequence is
+    sent as its elements, several as tuples, cut at the shortest (like ``map()``)."""
+    if len(seqs) == 1:
+        return list(seqs[0]), False
+    return list(zip(*seqs, strict=False)), True
 
 
 def _values(replies: list[CommReply]) -> list[Any]:

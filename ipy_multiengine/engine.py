@@ -22,6 +22,7 @@ import collections
 import contextlib
 import dis
 import functools
+import itertools
 import logging
 import os
 import pickle
@@ -424,13 +425,13 @@ def _op_map(data: dict, frames: list) -> list:
         raise KeyboardInterrupt("skipped: the load-balanced map was interrupted")
     f, items = serialize.loads(frames)
     f, commit = _in_namespace(f)
-    out = []
+    out: list = []
     try:
-        for i, args in enumerate(items):
-            try:
-                out.append(f(*args))
-            except Exception as exc:
-                raise _ItemError(data.get("offset", 0) + i, exc) from exc
+        # items are argument tuples, or single arguments (``star`` False: one sequence);
+        # ``extend`` keeps what was appended before a call raised: its length is the index
+        out.extend(itertools.starmap(f, items) if data.get("star", True) else map(f, items))
+    except Exception as exc:
+        raise _ItemError(data.get("offset", 0) + len(out), exc) from exc
     finally:
         commit()
     return serialize.dumps(out)
