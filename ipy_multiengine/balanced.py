@@ -36,18 +36,22 @@ from .results import Tally
 log = logging.getLogger("ipy_multiengine")
 
 
-def dumps_chunk(f: Callable, offset: int, chunk: list[tuple], snapshot: bool = True) -> list[Any]:
+def dumps_chunk(
+    f: Callable, offset: int, chunk: list, snapshot: bool = True, star: bool = True
+) -> list[Any]:
     """Serialise ``(f, chunk)``, or raise a ``TypeError`` naming the item that cannot be sent.
 
-    ``snapshot``: copy large items now, for chunks sent later from the I/O thread, when the
-    caller may have changed them (issue 11 item 2); a chunk sent at once is tracked instead."""
+    ``chunk`` holds argument tuples (``star``) or single arguments (a map of one sequence: no
+    tuple per item to pickle and unpack). ``snapshot``: copy large items now, for chunks sent
+    later from the I/O thread, when the caller may have changed them (issue 11 item 2); a chunk
+    sent at once is tracked instead."""
     try:
         frames = serialize.dumps((f, chunk))
         return serialize.snapshot(frames) if snapshot else frames
     except Exception as exc:
         serialize.check_picklable(getattr(f, "__name__", "function"), f)
         for k, item in enumerate(chunk):
-            value = item[0] if len(item) == 1 else item
+            value = item[0] if star and len(item) == 1 else item
             try:
                 serialize.dumps(value)
             except Exception as err:
@@ -89,9 +93,12 @@ class AutoChunks:
     time (reply time minus the later of its sending and the engine's previous reply: an engine
     runs its chunks in order); their difference is the overhead per chunk. The next chunk for
     an engine is ``sqrt(2 * work left per engine * overhead)`` seconds of that engine's items,
-    at most ``AUTO_MAX_SECONDS``, at most ``AUTO_GROWTH`` times its previous chunk, and never
-    more than the engine's even share of the items not yet done. Not thread-safe: the map's
-    lock guards it.
+    at most ``AUTO_MAX_SECONDS``, at most ``AUTO_GROWTH`` times its previous chunk, and no
+    more than the engine's even share of the items not yet done -- unless that share is less
+    work than one chunk's overhead, which is not worth a message: then up to that much (at most
+    as many items as its estimate was measured on), or all that is left. An engine gets one
+    chunk at a time until its first is answered (then ``depth``), unless a probe is known to
+    last longer than that overhead. Not thread-safe: the map's lock guards it.
     """
 
     def __init__(self, n: int, engines: int) -> None:
@@ -116,6 +123,25 @@ class AutoChunks:
         self._work[eid] = AUTO_DECAY * self._work.get(eid, 0.0) + max(work, 1e-7)
         self._items[eid] = AUTO_DECAY * self._items.get(eid, 0.0) + items
 
+    def measured(self, eid: int) -> bool:
+        """Whether a chunk of ``eid`` was answered."""
+        return eid in self._items
+
+    def depth(self, eid: int, depth: int) -> int:
+        """How many chunks ``eid`` may have in flight: ``depth``, or one until its first chunk
+        is answered -- a second probe costs a message and hides no round trip when items are
+        tiny -- unless another engine's answer says a probe outlasts a chunk's overhead."""
+        if eid in self._items:
+            return depth
+        mean = self.per_item()
+        return depth if mean is not None and self.first * mean >= self._cost() else 1
+
+    def _cost(self) -> float:
+        """The overhead of one chunk to weigh against work: measured, but at most the assumed
+        ``AUTO_OVERHEAD`` (on a loaded box the measured latency is mostly waiting for a CPU,
+        which costs no engine time; its messages' CPU is what a chunk costs)."""
+        return min(self._overhead, AUTO_OVERHEAD)
+
     def per_item(self, eid: int | None = None) -> float | None:
         """Estimated seconds per item on ``eid`` (or over all engines); None before any chunk."""
         if eid is not None and eid in self._items:
@@ -128,6 +154,7 @@ class AutoChunks:
         """Items for ``eid``'s next chunk: ``remaining`` items are not yet sent, ``share`` is
         what ``eid`` may still take of an even split (0: it has enough queued)."""
         mean, mine = self.per_item(), self.per_item(eid)
+        cap = share
         if mean is None or mine is None:
             m = self.first
         else:
@@ -142,7 +169,16 @@ class AutoChunks:
                 int(AUTO_SMALL * AUTO_OVERHEAD / mine),
             )
             m = min(int(target / mine), grown)
-        m = max(1, min(m, share, remaining))
+            # fewer items than one chunk's overhead in work are not worth a message of their
+            # own: a chunk may exceed its even share up to that many, and a rest smaller than
+            # that goes with it (tiny items, another engine slow to answer: no halving of the
+            # rest) -- but never by more items than this engine's estimate was measured on (a
+            # few cheap first items say little about the later ones)
+            worth = min(int(self._cost() / mine), int(self._items.get(eid, 0)))
+            cap = max(share, worth)
+            if remaining - min(m, cap) < worth:
+                m = cap = remaining
+        m = max(1, min(m, cap, remaining))
         self._last[eid] = m
         return m
 
@@ -153,7 +189,8 @@ class BalancedMap:
     ``chunksize``: an int sends chunks of that many items, all serialised now; ``None`` (auto)
     sizes each chunk when it is sent (``AutoChunks``), from a private copy of ``(f, items)``
     taken now, so later changes to the caller's objects are not seen, as with fixed chunks.
-    ``progress()`` counts items, not chunks.
+    ``progress()`` counts items, not chunks. ``items`` are argument tuples, or with
+    ``star=False`` single arguments (a map over one sequence).
 
     Progress: ``tally`` (a ``results.Tally`` of items) is told ``start(eid)`` when a chunk is
     sent to an engine and ``done(eid, n)`` when it ends with ``n`` items done (0 when it failed),
@@ -165,7 +202,7 @@ class BalancedMap:
         controller: Any,
         eids: list[int],
         f: Callable,
-        items: list[tuple],
+        items: list,
         chunksize: int | None = None,
         ordered: bool = True,
         retries: int = 1,
@@ -173,6 +210,7 @@ class BalancedMap:
         listener: Callable[[int, str, dict], None] | None = None,
         tally: Tally | None = None,
         interrupt: Callable[[list[int]], None] | None = None,
+        star: bool = True,
     ) -> None:
         if chunksize is not None and (
             not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1
@@ -194,7 +232,8 @@ class BalancedMap:
         #: Owner interface, which honours the kernelspec's interrupt mode), as ``mec.interrupt``
         self.interrupt = interrupt if interrupt is not None else controller.interrupt
         self.total = len(items)
-        self._items: list[tuple] | None = items  # to name a failed item's argument
+        self.star = star  # items are argument tuples (else single arguments: one sequence)
+        self._items: list | None = items  # to name a failed item's argument
         #: chunk id -> (offset, number of items)
         self._chunks: list[tuple[int, int]] = []
         self._frames: dict[int, list[Any]] = {}  # a chunk's frames until it is answered
@@ -208,7 +247,7 @@ class BalancedMap:
                 try:
                     frames = serialize.snapshot(serialize.dumps((f, items)))
                 except Exception:
-                    dumps_chunk(f, 0, items, snapshot=False)  # names the item
+                    dumps_chunk(f, 0, items, snapshot=False, star=star)  # names the item
                     raise
                 try:
                     self._source = serialize.loads(frames)
@@ -218,7 +257,7 @@ class BalancedMap:
             for i in range(0, len(items), chunksize):
                 chunk = items[i : i + chunksize]
                 # all of it now, in the caller's thread: nothing is sent if any item cannot be
-                self._frames[len(self._chunks)] = dumps_chunk(f, i, chunk)
+                self._frames[len(self._chunks)] = dumps_chunk(f, i, chunk, star=star)
                 self._chunks.append((i, len(chunk)))
         self._cursor = 0 if chunksize is None else self.total  # the next item not in a chunk
         self.tally = tally if tally is not None else Tally(len(items))
@@ -304,16 +343,22 @@ class BalancedMap:
         return ci
 
     def _fill(self, eid: int) -> None:
-        while not self._stopped and eid in self._alive and self._inflight[eid] < self.depth:
+        auto = self._auto
+        while not self._stopped and eid in self._alive:
+            if self._inflight[eid] >= (self.depth if auto is None else auto.depth(eid, self.depth)):
+                return
             ci = self._next_chunk(eid)
             if ci is None:
                 return
             offset, _n = self._chunks[ci]
             self._sent_at[ci] = time.monotonic()
+            data: dict[str, Any] = {"offset": offset, "map": self.id}
+            if not self.star:
+                data["star"] = False
             fut = self.controller.submit_comm(
                 [eid],
                 "map",
-                {"offset": offset, "map": self.id},
+                data,
                 [self._frames[ci]],
                 listener=self.listener,
             )[0]
@@ -327,7 +372,7 @@ class BalancedMap:
         if self._items is None or not 0 <= index < len(self._items):
             return "?"
         args = self._items[index]
-        return reprlib.repr(args[0] if len(args) == 1 else args)
+        return reprlib.repr(args[0] if self.star and len(args) == 1 else args)
 
     def _named(self, exc: BaseException, ci: int) -> BaseException:
         """``exc`` of chunk ``ci``, saying which item (index and argument) it concerns."""
@@ -420,6 +465,10 @@ class BalancedMap:
                     self._results, self._items = {}, None
                     return
                 self._fill(eid)
+                if self._auto is not None:  # engines still on their first chunk: a second?
+                    for other in self.eids:
+                        if other != eid and other in self._alive and not self._auto.measured(other):
+                            self._fill(other)
             elif isinstance(exc, EngineError):
                 self._alive.discard(eid)
                 self._sent_at.pop(ci, None)

@@ -751,11 +751,11 @@ class MultiEngineClient(Configurable):
         if not seqs:
             raise TypeError("map() needs at least one sequence")
         eids, block = self._prepare(targets, block)
-        items = list(zip(*seqs, strict=False))  # like map(): the shortest sequence ends it
+        items, star = _map_items(seqs)
         if balanced:
             live = self._live(eids, block)
             bm = self._balanced(
-                f, items, eids, chunksize, ordered, retries, live.listener if live else None
+                f, items, eids, chunksize, ordered, retries, live.listener if live else None, star
             )
             pr = PendingResult(
                 [bm.future],
@@ -781,7 +781,9 @@ class MultiEngineClient(Configurable):
 
         for a, b in partition.bounds(len(items), nparts):
             frames.append(
-                self._outgoing(dumps_chunk(f, a, items[a:b], snapshot=False), block, timeout)
+                self._outgoing(
+                    dumps_chunk(f, a, items[a:b], snapshot=False, star=star), block, timeout
+                )
             )  # a TypeError names the item
             datas.append(a)
         futures = []
@@ -790,11 +792,14 @@ class MultiEngineClient(Configurable):
         for eid, fr, off in zip(eids, frames, datas, strict=True):
             # each engine reports how far its block got (a few messages a second, no round
             # trip), so that the bar moves by items, not only as blocks complete
+            data: dict[str, Any] = {"offset": off, "progress": True}
+            if not star:
+                data["star"] = False
             futures += self._comm(
                 "map",
                 [eid],
                 [fr],
-                {"offset": off, "progress": True},
+                data,
                 listener=live.listener if live else None,
                 on_progress=tally.part,
             )
@@ -828,7 +833,8 @@ class MultiEngineClient(Configurable):
             raise TypeError("imap() needs at least one sequence")
         eids, _ = self._prepare(targets, None)
         deadline = None if timeout is None else time.monotonic() + timeout
-        bm = self._balanced(f, list(zip(*seqs, strict=False)), eids, chunksize, ordered, retries)
+        items, star = _map_items(seqs)
+        bm = self._balanced(f, items, eids, chunksize, ordered, retries, star=star)
         bar = ProgressBar("imap", self.progress_after, unit="item")
         # from this call, not from the first next(); the bar is drawn by the iteration's waits
         return bm.iterate(deadline=deadline, progress=bar)
@@ -842,6 +848,7 @@ class MultiEngineClient(Configurable):
         ordered: bool,
         retries: int,
         listener: Listener | None = None,
+        star: bool = True,
     ) -> BalancedMap:
         from .balanced import BalancedMap
 
@@ -856,6 +863,7 @@ class MultiEngineClient(Configurable):
             retries=retries,
             listener=listener,
             interrupt=self._interrupt_eids,  # the owner's interrupt, like mec.interrupt()
+            star=star,
         ).start()
 
     def _stop_balanced(self, bm: BalancedMap) -> None:
@@ -1230,6 +1238,14 @@ class ParallelFunction:
 
     def map(self, *seqs: Iterable, timeout: float | None = None) -> Any:
         return self.mapper.map(self.func, *seqs, timeout=timeout)
+
+
+def _map_items(seqs: tuple[Iterable, ...]) -> tuple[list, bool]:
+    """The items of ``map(f, *seqs)`` and whether they are argument tuples: one sequence is
+    sent as its elements, several as tuples, cut at the shortest (like ``map()``)."""
+    if len(seqs) == 1:
+        return list(seqs[0]), False
+    return list(zip(*seqs, strict=False)), True
 
 
 def _values(replies: list[CommReply]) -> list[Any]:

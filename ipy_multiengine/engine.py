@@ -22,6 +22,7 @@ import collections
 import contextlib
 import dis
 import functools
+import itertools
 import logging
 import os
 import pickle
@@ -430,18 +431,29 @@ def _op_map(data: dict, frames: list) -> list:
         raise KeyboardInterrupt("skipped: the load-balanced map was interrupted")
     f, items = serialize.loads(frames)
     f, commit = _in_namespace(f)
-    out = []
+    out: list = []
+    star = data.get("star", True)
     report = _report if data.get("progress") else None
+    # items are argument tuples, or single arguments (``star`` False: one sequence);
+    # ``extend`` keeps what was appended before a call raised: its length is the index.
+    # With progress asked for, the block runs in slices that double while they are quick, so a
+    # report is due at most every PROGRESS_EVERY without a check per item.
+    step = len(items) if report is None else 1
     due = time.monotonic() + PROGRESS_EVERY
     try:
-        for i, args in enumerate(items):
-            try:
-                out.append(f(*args))
-            except Exception as exc:
-                raise _ItemError(data.get("offset", 0) + i, exc) from exc
-            if report is not None and time.monotonic() >= due:
-                report(data, i + 1)
-                due = time.monotonic() + PROGRESS_EVERY
+        while len(out) < len(items):
+            part = items[len(out) : len(out) + step]
+            begun = time.monotonic()
+            out.extend(itertools.starmap(f, part) if star else map(f, part))
+            if report is not None:
+                now = time.monotonic()
+                if now - begun < PROGRESS_EVERY / 8:
+                    step = min(step * 2, 1 << 16)
+                if now >= due:
+                    report(data, len(out))
+                    due = now + PROGRESS_EVERY
+    except Exception as exc:
+        raise _ItemError(data.get("offset", 0) + len(out), exc) from exc
     finally:
         commit()
     return serialize.dumps(out)

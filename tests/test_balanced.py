@@ -9,7 +9,7 @@ import time
 import pytest
 
 from ipy_multiengine import Cluster
-from ipy_multiengine.balanced import BalancedMap
+from ipy_multiengine.balanced import AutoChunks, BalancedMap
 from ipy_multiengine.errors import CompositeError
 from ipy_multiengine.results import PendingResult, Tally
 
@@ -51,7 +51,7 @@ def test_unordered_map_and_imap_yield_in_completion_order(mec):
         time.sleep(0.4 if x == 0 else 0.0)
         return x
 
-    # (each engine holds two chunks, so item 1 waits behind the slow item 0 on its engine)
+    # (item 0 ends last, or next to last if a chunk was queued behind it on its engine)
     out = mec.map(nap, range(8), balanced=True, ordered=False)
     assert sorted(out) == list(range(8)) and 0 in out[-2:]
     got = list(mec.imap(nap, range(8), ordered=False))
@@ -143,7 +143,9 @@ def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec, monkeypatc
     """Each engine has its next chunk queued behind the one it runs: after Ctrl-C the engines
     must be free at once, not busy for another chunk's time (Ctrl-C from the user's own process,
     delivered while every engine runs a chunk). The interrupt goes through the cluster owner's
-    interrupt (as ``mec.interrupt()``), so it works alike for clusters reached through a file."""
+    interrupt (as ``mec.interrupt()``), so it works alike for clusters reached through a file.
+    ``chunksize=1``: auto chunks send one chunk per engine until its first answer, so nothing
+    would be queued behind these 20 s items; fixed chunks queue ``depth`` (2) per engine."""
     import _thread
     import threading
 
@@ -175,7 +177,13 @@ def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec, monkeypatc
     watcher.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            mec.map(lambda x: __import__("time").sleep(x), [20] * 8, balanced=True, timeout=60)
+            mec.map(
+                lambda x: __import__("time").sleep(x),
+                [20] * 8,
+                balanced=True,
+                chunksize=1,
+                timeout=60,
+            )
         assert all_busy.is_set()
         assert asked and set(asked[0]) == set(ctl.ids), f"owner interrupt not used: {asked}"
         t0 = time.monotonic()
@@ -317,3 +325,74 @@ def test_auto_chunks_balance_skewed_durations(mec):
     if min(ratios) > 1.15 and oversubscribed and not os.environ.get("CI"):
         pytest.skip(f"box oversubscribed, balance target not measurable: {measured}")
     assert min(ratios) <= 1.15, measured
+
+
+def test_auto_chunks_tiny_items_one_probe_then_one_chunk_per_engine():
+    """Issue 15: tiny items cost two chunks per engine, not three: one probe each (a second one
+    queued behind it would cost a message and hide no round trip), then the rest in even shares.
+    Pure: the sizing rules on recorded measurements, no engines."""
+    a = AutoChunks(1000, 2)
+    assert a.first == 7
+    assert a.depth(0, 2) == a.depth(1, 2) == 1  # one chunk in flight until the first answer
+    a.record(0, 7, work=50e-6, service=1e-3)  # 7 items in 50 us, answered 1 ms after sending
+    assert a.depth(0, 2) == 2
+    assert a.depth(1, 2) == 1  # a probe of such items outlasts no overhead: no second probe
+    assert a.size(0, remaining=986, share=497, engines=2) == 497  # its even share at once
+
+
+def test_auto_chunks_do_not_halve_a_rest_worth_less_than_a_message():
+    """An engine slow to answer its probe: the other one used to take half of what was left on
+    each answer (chunks 490, 245, 122, ...: one round trip each, on a busy box); a rest that is
+    less work than one chunk's overhead goes in one chunk."""
+    a = AutoChunks(1000, 2)
+    a.record(0, 7, work=50e-6, service=1e-3)
+    a.record(0, 497, work=80e-6, service=1.1e-3)
+    # engine 1 still holds its 7-item probe: 489 unsent items, an even share would be 248
+    assert a.size(0, remaining=489, share=248, engines=2) == 489
+
+
+def test_auto_chunks_extrapolate_no_further_than_measured():
+    """A few cheap first items say little about the later ones (a sweep whose cost grows): a
+    chunk exceeds its even share by at most as many items as its estimate was measured on."""
+    a = AutoChunks(16, 4)
+    assert a.first == 1
+    a.record(0, 1, work=1e-6, service=2e-3)
+    assert a.size(0, remaining=12, share=4, engines=4) == 4
+
+
+def test_auto_chunks_long_probes_get_a_second_chunk_queued():
+    """Probes that outlast a chunk's overhead (5 ms items): once one engine says so, the engines
+    still on their first chunk get a second one queued, so they never wait for a round trip."""
+    a = AutoChunks(200, 4)
+    a.record(1, 1, work=0.005, service=0.007)
+    assert a.depth(0, 2) == 2 and a.depth(2, 2) == 2
+
+
+def test_auto_chunks_tiny_items_take_two_chunks_per_engine(mec):
+    """On real engines: 1,000 tiny items on 4 engines in at most 8 chunks (one probe and one
+    share per engine; it was 12-22). The best of 3 maps, since a loaded box can delay one
+    engine's answer (another engine then takes its rest: fewer chunks, not more)."""
+    counts = []
+    for _ in range(3):
+        bm = BalancedMap(mec.controller, mec.get_ids(), abs, list(range(-1000, 0)), star=False)
+        assert bm.start().future.result(timeout=30) == list(range(1000, 0, -1))
+        sizes = bm.chunk_sizes()
+        assert sum(sizes) == 1000
+        counts.append(len(sizes))
+    assert min(counts) <= 2 * len(mec.get_ids()), counts
+
+
+def test_auto_chunks_cheap_first_items_do_not_send_the_rest_to_one_engine(mec):
+    """The first items are instant, the last four take 0.3 s: the probes' estimate says "tiny",
+    so the rest looks like less work than a message; it must still be split (by the even share:
+    two engines), not all sent to the engine that answered first (1.2 s on one engine)."""
+
+    def work(x):
+        import os
+        import time
+
+        time.sleep(x)
+        return os.getpid()
+
+    pids = mec.map(work, [0.0] * 4 + [0.3] * 4, balanced=True, timeout=30)
+    assert len(set(pids[4:])) >= 2, f"the slow items all went to one engine: {pids}"
