@@ -192,7 +192,8 @@ class EngineConn:
         self.language = ""
         self.kernel_info: dict = {}
         self.engine_info: dict = {}
-        self.sockets: dict[str, zmq.asyncio.Socket] = {}
+        #: asyncio sockets, but the fast one is a plain zmq socket (``Controller._open_fast``)
+        self.sockets: dict[str, Any] = {}
         self.tasks: list[asyncio.Task] = []
         self.iopub_seen = asyncio.Event()
         self.busy_since: float | None = None
@@ -412,9 +413,17 @@ class Controller:
                     )
             raise errors[0]
 
-    def _socket(self, conn: EngineConn, channel: str, kind: int) -> zmq.asyncio.Socket:
+    def _socket(
+        self, conn: EngineConn, channel: str, kind: int, plain: bool = False
+    ) -> zmq.asyncio.Socket:
+        """A socket to ``channel`` of ``conn``, kept in ``conn.sockets``; ``plain``: a sync
+        zmq socket (of the same context) that the caller watches itself (the fast socket)."""
         assert self._ctx is not None
-        sock = self._ctx.socket(kind)
+        sock = (
+            zmq.Context.shadow(self._ctx.underlying).socket(kind)
+            if plain
+            else self._ctx.socket(kind)
+        )
         sock.linger = 0
         server_key = conn.info.get("curve_publickey")
         if server_key:
@@ -539,13 +548,13 @@ class Controller:
         ):
             return  # a unix socket on the engine's host is not ours to reach
         try:
-            sock = self._socket(conn, "fast", zmq.DEALER)
+            sock = self._socket(conn, "fast", zmq.DEALER, plain=True)
         except (zmq.ZMQError, KeyError, ValueError) as exc:
             log.info("engine %s: fast socket unusable (%s); the comm carries data", conn.eid, exc)
             return
-        conn.tasks.append(self._spawn(self._reader(conn, "fast", sock), conn))
-        msg = conn.session.msg("ime_request", {"op": "ping", "comm_id": conn.comm_id})
-        msg["content"]["rid"] = msg["msg_id"]
+        sock.sndhwm = 0  # sends never fail for a full queue: the requests in flight bound it
+        asyncio.get_running_loop().add_reader(int(sock.getsockopt(zmq.FD)), self._drain_fast, conn)
+        msg = self._fast_msg(conn, conn.session.pack({"op": "ping"}))
         req = self._new_request(conn, "comm", msg["msg_id"], channel="fast", op="ping")
         conn.requests[req.msg_id] = req
         self._send(conn, "fast", msg)
@@ -561,8 +570,15 @@ class Controller:
                 type(exc).__name__,
             )
         conn.requests.pop(req.msg_id, None)
+        self._close_fast(conn)
+
+    @staticmethod
+    def _close_fast(conn: EngineConn) -> None:
+        """(loop) Stop watching and close ``conn``'s fast socket, if it has one."""
         fast = conn.sockets.pop("fast", None)
         if fast is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(int(fast.getsockopt(zmq.FD)))
             fast.close(linger=0)
 
     async def _run_init(self, conn: EngineConn, deadline: float, timeout: float) -> None:
@@ -696,6 +712,7 @@ class Controller:
         self._fail_all(conn, reason)
         for t in conn.tasks:
             t.cancel()
+        self._close_fast(conn)
         for s in conn.sockets.values():
             s.close(linger=0)
         conn.sockets.clear()
@@ -926,41 +943,69 @@ class Controller:
                 continue
             except zmq.ZMQError:
                 return
-            try:
-                _idents, msg_list = conn.session.feed_identities(frames, copy=False)
-                msg = wire.deserialize(conn.session, msg_list)
-            except Exception as exc:
-                log.warning(
-                    "engine %s: dropped a bad message on %s (%s: %s)",
-                    conn.eid,
-                    channel,
-                    type(exc).__name__,
-                    exc,
-                )
-                continue
-            limit = self.max_message_size
-            if limit is not None:
-                size = sum(memoryview(b).nbytes for b in msg.get("buffers") or [])
-                if size > limit:
-                    self._refuse_oversize(conn, channel, msg, size)
-                    continue
-            try:
-                self._dispatch(conn, channel, msg)
-                self._publish(conn)
-            except Exception as exc:
-                # the request this message belongs to fails with the real error (issue 11.5)
-                log.error(
-                    "engine %s: error routing a %s message",
-                    conn.eid,
-                    msg.get("msg_type"),
-                    exc_info=exc,
-                )
-                req = self._request_of(conn, msg)
-                if req is not None:
-                    self._finish(conn, req, exc=exc)
+            self._on_frames(conn, channel, frames)
             # do not keep the last message's frames alive until the next one arrives: once the
             # user drops a result, its memory must be freed (issue 11 item 11)
-            frames = msg_list = msg = None  # type: ignore[assignment]
+            frames = None  # type: ignore[assignment]
+
+    def _drain_fast(self, conn: EngineConn) -> None:
+        """(loop, the fast socket's reader callback) Read every message the fast socket holds.
+
+        The fast socket is a plain zmq socket watched with ``add_reader`` on its (edge-triggered)
+        FD: no asyncio future per wake-up, no pyzmq poller (those were most of the loop thread's
+        CPU per fast call). Reading ``EVENTS`` until it shows no message re-arms the edge.
+        """
+        sock = conn.sockets.get("fast")
+        if sock is None:
+            return
+        try:
+            while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_frames(conn, "fast", frames)
+                frames = None  # (issue 11 item 11, as in _reader)
+        except zmq.ZMQError as exc:  # closed under us (teardown): nothing more to read
+            log.debug("engine %s: fast socket read ended (%s)", conn.eid, exc)
+        except Exception as exc:  # never lost (rule): fail this engine's requests with it
+            log.error("engine %s: reading the fast socket failed", conn.eid, exc_info=exc)
+            self._fail_requests(conn, exc)
+
+    def _on_frames(self, conn: EngineConn, channel: str, frames: list) -> None:
+        """(loop) One received multipart message: check it, route it, publish what changed."""
+        try:
+            _idents, msg_list = conn.session.feed_identities(frames, copy=False)
+            msg = wire.deserialize(conn.session, msg_list)
+        except Exception as exc:
+            log.warning(
+                "engine %s: dropped a bad message on %s (%s: %s)",
+                conn.eid,
+                channel,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        limit = self.max_message_size
+        if limit is not None:
+            size = sum(memoryview(b).nbytes for b in msg.get("buffers") or [])
+            if size > limit:
+                self._refuse_oversize(conn, channel, msg, size)
+                return
+        try:
+            self._dispatch(conn, channel, msg)
+            self._publish(conn)
+        except Exception as exc:
+            # the request this message belongs to fails with the real error (issue 11.5)
+            log.error(
+                "engine %s: error routing a %s message",
+                conn.eid,
+                msg.get("msg_type"),
+                exc_info=exc,
+            )
+            req = self._request_of(conn, msg)
+            if req is not None:
+                self._finish(conn, req, exc=exc)
 
     @staticmethod
     def _request_of(conn: EngineConn, msg: dict) -> Request | None:
@@ -1219,6 +1264,10 @@ class Controller:
             self._maybe_complete(conn, req)
 
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
+        started = data.get("started")
+        fut = req.future
+        if isinstance(started, float) and isinstance(fut, RequestFuture) and fut.started is None:
+            fut.started = started  # no busy status on the fast socket: the engine says when
         out: dict[str, Any] = {
             "stdout": "".join(req.stdout),
             "stderr": "".join(req.stderr),
@@ -1275,8 +1324,18 @@ class Controller:
 
     # ---------------------------------------------------------------- sending (loop)
     @staticmethod
+    def _fast_msg(conn: EngineConn, content: bytes) -> dict:
+        """A request for ``conn``'s fast socket: its id, header and packed content (signed
+        when sent, ``wire.fast_frames``)."""
+        msg_id = uuid.uuid4().hex
+        return {
+            "msg_id": msg_id,
+            "header": wire.fast_request_header(msg_id, conn.comm_id),
+            "packed": content,
+        }
+
     def _send(
-        conn: EngineConn, channel: str, msg: dict, buffers: list | None = None
+        self, conn: EngineConn, channel: str, msg: dict, buffers: list | None = None
     ) -> tuple[Any, Any]:
         """Sign and send ``msg`` on the loop's own asyncio socket; returns the socket's send
         future (done once zmq holds the message) and a ``MessageTracker`` of zero-copy buffers.
@@ -1284,7 +1343,11 @@ class Controller:
         ``Session.send`` would go through a sync shadow of the socket, which can swallow the
         edge-triggered readiness event our reader task waits on (replies then go unread).
         """
-        frames: list[Any] = conn.session.serialize(msg)
+        frames: list[Any] = (
+            wire.fast_frames(conn.session, msg["header"], {}, msg["packed"])
+            if "packed" in msg
+            else conn.session.serialize(msg)
+        )
         tracker = None
         if buffers:
             large = any(memoryview(b).nbytes >= 65536 for b in buffers)
@@ -1301,8 +1364,21 @@ class Controller:
                 frames.extend(buffers)
         else:
             large = False
-        sending = conn.sockets[channel].send_multipart(frames, copy=not large)
-        return sending, tracker
+        sock = conn.sockets[channel]
+        if channel != "fast":
+            return sock.send_multipart(frames, copy=not large), tracker
+        # the fast socket is plain (``_open_fast``) with no send limit: zmq has the message when
+        # this returns (None: nothing to wait for); a send may consume the FD's edge of a reply
+        # that arrived meanwhile, so look for one
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=not large)
+        except zmq.Again:
+            raise EngineError(
+                f"engine {conn.eid}: its fast socket refused a message (queue full)", conn.eid
+            ) from None
+        if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            asyncio.get_running_loop().call_soon(self._drain_fast, conn)
+        return None, tracker
 
     def _new_request(
         self, conn: EngineConn, kind: str, msg_id: str, future: Future | None = None, **kw: Any
@@ -1437,6 +1513,9 @@ class Controller:
             # the caller's buffers are read until zmq has the message (a queued send) and,
             # for zero-copy frames, until zmq releases them
             req.sent_chained = True
+            if sending is None:  # zmq has it already (the fast socket)
+                _set_sent(req, tracker)
+                return
             sending.add_done_callback(lambda _s, req=req, tracker=tracker: _set_sent(req, tracker))
 
     # ---------------------------------------------------------------- public, any thread
@@ -1509,10 +1588,13 @@ class Controller:
         """Send one comm operation per engine (``frames[i]`` to ``eids[i]``); Futures of
         ``CommReply``."""
 
+        packed: list[bytes] = []  # the content is the same for every engine: packed once
+
         def build(conn: EngineConn, _frames: list, fut: Future) -> tuple[dict, Request]:
             if conn.fast:
-                msg = conn.session.msg("ime_request", wire.fast_op_content(conn.comm_id, op, data))
-                msg["content"]["rid"] = msg["msg_id"]
+                if not packed:
+                    packed.append(conn.session.pack(dict(data, op=op)))
+                msg = self._fast_msg(conn, packed[0])
             else:
                 msg = wire.with_rid(
                     conn.session.msg("comm_msg", wire.comm_op_content(conn.comm_id, op, data))
