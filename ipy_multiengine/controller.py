@@ -41,9 +41,18 @@ log = logging.getLogger("ipy_multiengine")
 IDLE_GRACE = 5.0
 #: Milliseconds a closing client waits for its comm_close messages to leave.
 CLOSE_LINGER_MS = 500
-#: Seconds the first ping on an engine's fast socket may take before the comm carries its data
-#: instead (the port unreachable from here: a firewall, an SSH tunnel of the kernel's ports only).
+#: Seconds the first ping on an engine's fast socket may take before its socket is closed and
+#: the comm carries its data for good (the port unreachable from here: a firewall, an SSH tunnel
+#: of the kernel's ports only). Connecting waits only FAST_PROBE_RTTS kernel_info round trips
+#: for it (at least FAST_PROBE_MIN s): a later answer switches the engine to the fast path then.
 FAST_PROBE = 3.0
+FAST_PROBE_MIN = 0.3
+FAST_PROBE_RTTS = 10
+#: A data operation unanswered on the fast socket for FAST_LOST_AFTER s gets a ping behind it;
+#: once the engine has answered a later one, it has FAST_LOST_GRACE s more (its reply may come
+#: behind its output on IOPub) before it fails as lost, and what waited behind it goes on.
+FAST_LOST_AFTER = 1.0
+FAST_LOST_GRACE = 2.0
 #: Seconds between liveness polls of engines.
 POLL_INTERVAL = 0.5
 #: Default heartbeat period (s) for engines without a local process to poll: an engine that
@@ -137,6 +146,7 @@ class Request:
     stdin_shown: tuple = (0, 0)  # how much of its stdout, stderr an input prompt has shown already
     sent_chained: bool = False  # its ``future.sent`` resolves when zmq's send completes
     held: bool = False  # waiting for the other path's earlier requests (see Controller._gate)
+    overdue: bool = False  # a later fast request was answered: it fails if no reply comes soon
 
 
 class RequestFuture(Future):
@@ -213,6 +223,8 @@ class EngineConn:
         #: requests held back to keep this engine's order across the shell and the fast socket
         self.held: collections.deque[tuple[dict, Request, list]] = collections.deque()
         self.releasing = False
+        self.rtt = 0.0  # seconds of a kernel_info round trip while connecting
+        self.probe: Request | None = None  # a ping sent behind an unanswered fast operation
         self.published_key: tuple | None = None  # what its last snapshot showed
 
     def url(self, channel: str) -> str:
@@ -468,6 +480,7 @@ class Controller:
                 if info_fut is not None and conn.iopub_seen.is_set():
                     break
                 info_fut = self._send_shell(conn, "kernel_info_request", {}, kind="shell")
+                info_sent = time.monotonic()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise EngineError(
@@ -479,6 +492,7 @@ class Controller:
                 waiter = asyncio.wrap_future(info_fut)
                 waiter.add_done_callback(_retrieve)  # no "exception never retrieved" noise
                 await asyncio.wait_for(asyncio.shield(waiter), min(0.25, left))
+                conn.rtt = time.monotonic() - info_sent  # a shell round trip, for _open_fast
             except asyncio.TimeoutError:
                 pass
             if info_fut.done() and not conn.iopub_seen.is_set():
@@ -554,23 +568,53 @@ class Controller:
             return
         sock.sndhwm = 0  # sends never fail for a full queue: the requests in flight bound it
         asyncio.get_running_loop().add_reader(int(sock.getsockopt(zmq.FD)), self._drain_fast, conn)
+        req = self._send_ping(conn)
+        began = time.monotonic()
+        wait = min(FAST_PROBE, max(FAST_PROBE_MIN, FAST_PROBE_RTTS * conn.rtt))
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(req.future)),
+                max(min(wait, deadline - began), 0.01),
+            )
+            conn.fast = True
+            return
+        except asyncio.TimeoutError:
+            pass
+        except (EngineError, RemoteError) as exc:
+            log.info("engine %s: its fast socket failed (%s); the comm carries data", conn.eid, exc)
+            self._close_fast(conn)
+            return
+        log.info(
+            "engine %s: no answer on its fast socket within %.2f s; the comm carries data "
+            "until it answers (at most %g s)",
+            conn.eid,
+            wait,
+            FAST_PROBE,
+        )
+
+        def answered(fut: Future) -> None:
+            if self._engines.get(conn.eid) is conn and "fast" in conn.sockets and not conn.dead:
+                if fut.exception() is None:
+                    conn.fast = True  # order with the shell requests before: _crossing
+                    log.info("engine %s: its fast socket answers now; data goes there", conn.eid)
+                else:
+                    self._close_fast(conn)
+
+        def give_up() -> None:
+            if not req.future.done():
+                conn.requests.pop(req.msg_id, None)
+                self._close_fast(conn)
+
+        req.future.add_done_callback(self._guarded(answered, conn, None))
+        asyncio.get_running_loop().call_later(FAST_PROBE - wait, self._guarded(give_up, conn, None))
+
+    def _send_ping(self, conn: EngineConn) -> Request:
+        """(loop) A ping on ``conn``'s fast socket: it keeps no order with the shell channel."""
         msg = self._fast_msg(conn, conn.session.pack({"op": "ping"}))
         req = self._new_request(conn, "comm", msg["msg_id"], channel="fast", op="ping")
         conn.requests[req.msg_id] = req
         self._send(conn, "fast", msg)
-        wait = min(FAST_PROBE, max(deadline - time.monotonic(), 0.01))
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(req.future), wait)
-            conn.fast = True
-            return
-        except (asyncio.TimeoutError, EngineError, RemoteError) as exc:
-            log.info(
-                "engine %s: no answer on its fast socket (%s); the comm carries data",
-                conn.eid,
-                type(exc).__name__,
-            )
-        conn.requests.pop(req.msg_id, None)
-        self._close_fast(conn)
+        return req
 
     @staticmethod
     def _close_fast(conn: EngineConn) -> None:
@@ -647,7 +691,12 @@ class Controller:
             # the fast socket has no busy/idle status messages: the engine is busy with the
             # oldest data operation of ours that it has not answered yet
             first = next(
-                (r for r in conn.requests.values() if r.channel == "fast" and not r.held), None
+                (
+                    r
+                    for r in conn.requests.values()
+                    if r.channel == "fast" and not r.held and r.op != "ping"
+                ),
+                None,
             )
             if first is not None:
                 busy, running, busy_since = True, first.op, first.sent
@@ -836,6 +885,10 @@ class Controller:
     async def _poll_liveness(self) -> None:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
+            try:
+                self._watch_fast()
+            except Exception as exc:  # never lost: logged, and the poller goes on
+                log.error("watching the fast sockets failed", exc_info=exc)
             for conn in list(self._engines.values()):
                 if conn.dead or conn.liveness is None or conn.state == "restarting":
                     continue
@@ -1029,6 +1082,7 @@ class Controller:
         if channel == "fast":
             req = conn.requests.get(parent)
             if req is not None and req.channel == "fast":
+                self._passed_over(conn, req)
                 self._finish_comm(conn, req, content, msg.get("buffers") or [])
             return
         if channel == "stdin":
@@ -1239,6 +1293,38 @@ class Controller:
             ):
                 self._lost(conn, req)
 
+    def _passed_over(self, conn: EngineConn, later: Request) -> None:
+        """The engine answered ``later`` on its fast socket, which it reads in order: an
+        earlier fast request still unanswered gets FAST_LOST_GRACE s (its reply may be behind
+        its output on IOPub), then fails as lost (``_reply_overdue``)."""
+        for req in conn.requests.values():
+            if req is later:
+                return
+            if req.channel == "fast" and not req.held and not req.overdue:
+                req.overdue = True
+                self._call_later(FAST_LOST_GRACE, self._reply_overdue, conn, req)
+
+    def _watch_fast(self) -> None:
+        """(loop, each poll) Ping behind a fast request unanswered for FAST_LOST_AFTER s: a
+        reply to the ping means the engine went past it (``_passed_over``); while the
+        operation runs the ping waits behind it. One ping at a time per engine."""
+        now = time.monotonic()
+        for conn in list(self._engines.values()):
+            if not conn.fast or conn.dead or "fast" not in conn.sockets:
+                continue
+            if conn.probe is not None and not conn.probe.future.done():
+                continue
+            first = next(
+                (
+                    r
+                    for r in conn.requests.values()
+                    if r.channel == "fast" and not r.held and r.op != "ping" and not r.overdue
+                ),
+                None,
+            )
+            if first is not None and now - max(first.sent, self._awake_since) > FAST_LOST_AFTER:
+                conn.probe = self._send_ping(conn)
+
     def _reply_overdue(self, conn: EngineConn, req: Request) -> None:
         if conn.requests.get(req.msg_id) is req and req.reply is None:
             self._lost(conn, req)
@@ -1246,8 +1332,11 @@ class Controller:
     def _lost(self, conn: EngineConn, req: Request) -> None:
         what = req.code or req.op or req.kind
         text = (
-            f"engine {conn.eid} went on without replying to {what!r} (probably interrupted between "
-            "messages); the request was lost, the engine is usable"
+            f"engine {conn.eid} answered later operations on its fast socket but not {what!r}: "
+            "its reply was lost; the engine is usable and the requests after it go on"
+            if req.channel == "fast"
+            else f"engine {conn.eid} went on without replying to {what!r} (probably interrupted "
+            "between messages); the request was lost, the engine is usable"
         )
         log.warning(text)
         self._finish(conn, req, exc=EngineError(text, conn.eid, _method(req)))
@@ -1467,6 +1556,7 @@ class Controller:
         return any(
             r.channel == other and r.reply is None and not r.held and r is not req
             for r in conn.requests.values()
+            if r.op != "ping"  # a ping touches nothing: no order to keep with it
         )
 
     def _release(self, conn: EngineConn) -> None:
