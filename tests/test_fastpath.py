@@ -370,3 +370,22 @@ def test_fast_operations_say_when_they_started(mec):
         assert meta["started"] is not None, meta
         assert meta["submitted"] <= meta["started"] <= meta["completed"]
         assert (meta["completed"] - meta["started"]).total_seconds() >= 0.19
+
+
+def test_the_engine_helper_loads_no_client_code():
+    """An engine imports ``ipy_multiengine.engine`` (the install code): the package's public
+    names are loaded on first use, so the client, cluster and controller stay out of the
+    engine's memory (issue 15: engine idle RSS <= plain ipykernel + 5 MB)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ipy_multiengine.engine, ipy_multiengine as m\n"
+        "heavy = {'client', 'cluster', 'controller', 'clusterfile', 'render', 'results'}\n"
+        "print(sorted(n for n in heavy if 'ipy_multiengine.' + n in sys.modules))\n"
+        "assert m.Cluster.__name__ == 'Cluster' and m.client.MultiEngineClient\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
