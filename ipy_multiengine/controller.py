@@ -1047,7 +1047,8 @@ class Controller:
                 return
         try:
             self._dispatch(conn, channel, msg)
-            self._publish(conn)
+            if channel != "fast":  # a fast reply only finishes its request, which publishes
+                self._publish(conn)
         except Exception as exc:
             # the request this message belongs to fails with the real error (issue 11.5)
             log.error(
