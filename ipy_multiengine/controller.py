@@ -147,6 +147,7 @@ class Request:
     sent_chained: bool = False  # its ``future.sent`` resolves when zmq's send completes
     held: bool = False  # waiting for the other path's earlier requests (see Controller._gate)
     overdue: bool = False  # a later fast request was answered: it fails if no reply comes soon
+    heard: float = 0.0  # (monotonic) when its last output arrived
 
 
 class RequestFuture(Future):
@@ -1150,6 +1151,7 @@ class Controller:
         req = conn.requests.get(parent)
         if req is None:
             return
+        req.heard = time.monotonic()
         if mtype == "stream":
             (req.stderr if content.get("name") == "stderr" else req.stdout).append(
                 content.get("text", "")
@@ -1328,6 +1330,11 @@ class Controller:
 
     def _reply_overdue(self, conn: EngineConn, req: Request) -> None:
         if conn.requests.get(req.msg_id) is req and req.reply is None:
+            quiet = time.monotonic() - max(req.heard, self._awake_since)
+            if req.channel == "fast" and quiet < FAST_LOST_GRACE:
+                # its output is still arriving on IOPub: its reply comes behind it
+                self._call_later(FAST_LOST_GRACE - quiet, self._reply_overdue, conn, req)
+                return
             self._lost(conn, req)
 
     def _lost(self, conn: EngineConn, req: Request) -> None:
