@@ -62,8 +62,34 @@ def evaluate(rows: list[dict], mem: dict[str, Any]) -> list[dict]:
         peer = "raw-same" if _median(rows, "execute('pass') all", n, "raw-same") else "raw-jc"
         ratio("execute('pass') <= 1.1x raw jupyter_client", "execute('pass') all", peer, 1.1, n)
         ratio("execute('pass') <= 0.8x ipyparallel", "execute('pass') all", "ipp", 0.8, n)
+
+    def at_most(target: str, scen: str, limit: float, n: int) -> None:
+        a = _median(rows, scen, n, "ours")
+        out.append(
+            {
+                "target": target,
+                "n": n,
+                "value": None if a is None else round(a, 6),
+                "limit": limit,
+                "met": None if a is None else a <= limit,
+                "detail": "not measured"
+                if a is None
+                else f"ours {a * 1e3:.2f} ms (<= {limit * 1e3:g} ms)",
+            }
+        )
+
     for n in _counts(rows, "apply(noop) all"):
         ratio("apply no-op <= 0.5x ipyparallel", "apply(noop) all", "ipp", 0.5, n)
+        # issue 15, the per-message floor
+        ratio(
+            "apply no-op on all no slower than dask client.run", "apply(noop) all", "dask", 1.0, n
+        )
+        if n == 4:
+            at_most("floor: apply no-op on all 4 <= 1.5 ms", "apply(noop) all", 1.5e-3, n)
+    for op in ("push", "pull"):
+        scen = f"{op} 1MB one"
+        for n in _counts(rows, scen):
+            ratio(f"floor: {op} 1 MB to one engine <= 2x raw zmq", scen, "zmq", 2.0, n)
     for n in _counts(rows, "pull small value all"):
         ratio("pull small value <= 0.5x ipyparallel", "pull small value all", "ipp", 0.5, n)
     for op in ("push", "pull"):

@@ -104,6 +104,9 @@ def wait(
     if timeout is not None:
         end = time.monotonic() + max(timeout, 0)
         deadline = end if deadline is None else min(deadline, end)
+    # waiting for all without a progress bar: one wake-up when the last future is done, not
+    # one per future (each a GIL hand-off between the loop thread and this one)
+    every: Future | None = None
     while True:
         if tick is not None:
             tick()
@@ -119,7 +122,29 @@ def wait(
                 return False
             step = min(step, left)
         extra = [wake()] if wake is not None else []
+        if not first and progress is None:
+            if every is None:
+                every = _all_done(todo)
+            todo = [every]
         cf.wait(todo + extra, timeout=step, return_when=cf.FIRST_COMPLETED)
+
+
+def _all_done(futures: list[Future]) -> Future:
+    """A future that is done once every one of ``futures`` is (its result: None)."""
+    every: Future = Future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_f: Future) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            every.set_result(None)
+
+    for f in futures:
+        f.add_done_callback(one_done)
+    return every
 
 
 def wait_until(

@@ -41,9 +41,18 @@ log = logging.getLogger("ipy_multiengine")
 IDLE_GRACE = 5.0
 #: Milliseconds a closing client waits for its comm_close messages to leave.
 CLOSE_LINGER_MS = 500
-#: Seconds the first ping on an engine's fast socket may take before the comm carries its data
-#: instead (the port unreachable from here: a firewall, an SSH tunnel of the kernel's ports only).
+#: Seconds the first ping on an engine's fast socket may take before its socket is closed and
+#: the comm carries its data for good (the port unreachable from here: a firewall, an SSH tunnel
+#: of the kernel's ports only). Connecting waits only FAST_PROBE_RTTS kernel_info round trips
+#: for it (at least FAST_PROBE_MIN s): a later answer switches the engine to the fast path then.
 FAST_PROBE = 3.0
+FAST_PROBE_MIN = 0.3
+FAST_PROBE_RTTS = 10
+#: A data operation unanswered on the fast socket for FAST_LOST_AFTER s gets a ping behind it;
+#: once the engine has answered a later one, it has FAST_LOST_GRACE s more (its reply may come
+#: behind its output on IOPub) before it fails as lost, and what waited behind it goes on.
+FAST_LOST_AFTER = 1.0
+FAST_LOST_GRACE = 2.0
 #: Seconds between liveness polls of engines.
 POLL_INTERVAL = 0.5
 #: Default heartbeat period (s) for engines without a local process to poll: an engine that
@@ -140,6 +149,8 @@ class Request:
     stdin_shown: tuple = (0, 0)  # how much of its stdout, stderr an input prompt has shown already
     sent_chained: bool = False  # its ``future.sent`` resolves when zmq's send completes
     held: bool = False  # waiting for the other path's earlier requests (see Controller._gate)
+    overdue: bool = False  # a later fast request was answered: it fails if no reply comes soon
+    heard: float = 0.0  # (monotonic) when its last output arrived
 
 
 class RequestFuture(Future):
@@ -203,7 +214,8 @@ class EngineConn:
         self.language = ""
         self.kernel_info: dict = {}
         self.engine_info: dict = {}
-        self.sockets: dict[str, zmq.asyncio.Socket] = {}
+        #: asyncio sockets, but the fast one is a plain zmq socket (``Controller._open_fast``)
+        self.sockets: dict[str, Any] = {}
         self.tasks: list[asyncio.Task] = []
         self.iopub_seen = asyncio.Event()
         self.busy_since: float | None = None
@@ -223,6 +235,8 @@ class EngineConn:
         #: requests held back to keep this engine's order across the shell and the fast socket
         self.held: collections.deque[tuple[dict, Request, list]] = collections.deque()
         self.releasing = False
+        self.rtt = 0.0  # seconds of a kernel_info round trip while connecting
+        self.probe: Request | None = None  # a ping sent behind an unanswered fast operation
         self.published_key: tuple | None = None  # what its last snapshot showed
 
     def url(self, channel: str) -> str:
@@ -433,9 +447,17 @@ class Controller:
                     )
             raise errors[0]
 
-    def _socket(self, conn: EngineConn, channel: str, kind: int) -> zmq.asyncio.Socket:
+    def _socket(
+        self, conn: EngineConn, channel: str, kind: int, plain: bool = False
+    ) -> zmq.asyncio.Socket:
+        """A socket to ``channel`` of ``conn``, kept in ``conn.sockets``; ``plain``: a sync
+        zmq socket (of the same context) that the caller watches itself (the fast socket)."""
         assert self._ctx is not None
-        sock = self._ctx.socket(kind)
+        sock = (
+            zmq.Context.shadow(self._ctx.underlying).socket(kind)
+            if plain
+            else self._ctx.socket(kind)
+        )
         sock.linger = 0
         server_key = conn.info.get("curve_publickey")
         if server_key:
@@ -480,6 +502,7 @@ class Controller:
                 if info_fut is not None and conn.iopub_seen.is_set():
                     break
                 info_fut = self._send_shell(conn, "kernel_info_request", {}, kind="shell")
+                info_sent = time.monotonic()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise EngineError(
@@ -491,6 +514,7 @@ class Controller:
                 waiter = asyncio.wrap_future(info_fut)
                 waiter.add_done_callback(_retrieve)  # no "exception never retrieved" noise
                 await asyncio.wait_for(asyncio.shield(waiter), min(0.25, left))
+                conn.rtt = time.monotonic() - info_sent  # a shell round trip, for _open_fast
             except asyncio.TimeoutError:
                 pass
             if info_fut.done() and not conn.iopub_seen.is_set():
@@ -560,30 +584,67 @@ class Controller:
         ):
             return  # a unix socket on the engine's host is not ours to reach
         try:
-            sock = self._socket(conn, "fast", zmq.DEALER)
+            sock = self._socket(conn, "fast", zmq.DEALER, plain=True)
         except (zmq.ZMQError, KeyError, ValueError) as exc:
             log.info("engine %s: fast socket unusable (%s); the comm carries data", conn.eid, exc)
             return
-        conn.tasks.append(self._spawn(self._reader(conn, "fast", sock), conn))
-        msg = conn.session.msg("ime_request", {"op": "ping", "comm_id": conn.comm_id})
-        msg["content"]["rid"] = msg["msg_id"]
+        sock.sndhwm = 0  # sends never fail for a full queue: the requests in flight bound it
+        asyncio.get_running_loop().add_reader(int(sock.getsockopt(zmq.FD)), self._drain_fast, conn)
+        req = self._send_ping(conn)
+        began = time.monotonic()
+        wait = min(FAST_PROBE, max(FAST_PROBE_MIN, FAST_PROBE_RTTS * conn.rtt))
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(req.future)),
+                max(min(wait, deadline - began), 0.01),
+            )
+            conn.fast = True
+            return
+        except asyncio.TimeoutError:
+            pass
+        except (EngineError, RemoteError) as exc:
+            log.info("engine %s: its fast socket failed (%s); the comm carries data", conn.eid, exc)
+            self._close_fast(conn)
+            return
+        log.info(
+            "engine %s: no answer on its fast socket within %.2f s; the comm carries data "
+            "until it answers (at most %g s)",
+            conn.eid,
+            wait,
+            FAST_PROBE,
+        )
+
+        def answered(fut: Future) -> None:
+            if self._engines.get(conn.eid) is conn and "fast" in conn.sockets and not conn.dead:
+                if fut.exception() is None:
+                    conn.fast = True  # order with the shell requests before: _crossing
+                    log.info("engine %s: its fast socket answers now; data goes there", conn.eid)
+                else:
+                    self._close_fast(conn)
+
+        def give_up() -> None:
+            if not req.future.done():
+                conn.requests.pop(req.msg_id, None)
+                self._close_fast(conn)
+
+        req.future.add_done_callback(self._guarded(answered, conn, None))
+        asyncio.get_running_loop().call_later(FAST_PROBE - wait, self._guarded(give_up, conn, None))
+
+    def _send_ping(self, conn: EngineConn) -> Request:
+        """(loop) A ping on ``conn``'s fast socket: it keeps no order with the shell channel."""
+        msg = self._fast_msg(conn, conn.session.pack({"op": "ping"}))
         req = self._new_request(conn, "comm", msg["msg_id"], channel="fast", op="ping")
         conn.requests[req.msg_id] = req
         self._send(conn, "fast", msg)
-        wait = min(FAST_PROBE, max(deadline - time.monotonic(), 0.01))
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(req.future), wait)
-            conn.fast = True
-            return
-        except (asyncio.TimeoutError, EngineError, RemoteError) as exc:
-            log.info(
-                "engine %s: no answer on its fast socket (%s); the comm carries data",
-                conn.eid,
-                type(exc).__name__,
-            )
-        conn.requests.pop(req.msg_id, None)
+        return req
+
+    @staticmethod
+    def _close_fast(conn: EngineConn) -> None:
+        """(loop) Stop watching and close ``conn``'s fast socket, if it has one."""
         fast = conn.sockets.pop("fast", None)
         if fast is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(int(fast.getsockopt(zmq.FD)))
             fast.close(linger=0)
 
     async def _run_init(self, conn: EngineConn, deadline: float, timeout: float) -> None:
@@ -654,7 +715,12 @@ class Controller:
             # the fast socket has no busy/idle status messages: the engine is busy with the
             # oldest data operation of ours that it has not answered yet
             first = next(
-                (r for r in conn.requests.values() if r.channel == "fast" and not r.held), None
+                (
+                    r
+                    for r in conn.requests.values()
+                    if r.channel == "fast" and not r.held and r.op != "ping"
+                ),
+                None,
             )
             if first is not None:
                 busy, running, busy_since = True, first.op, first.sent
@@ -719,6 +785,7 @@ class Controller:
         self._fail_all(conn, reason)
         for t in conn.tasks:
             t.cancel()
+        self._close_fast(conn)
         for s in conn.sockets.values():
             s.close(linger=0)
         conn.sockets.clear()
@@ -842,6 +909,10 @@ class Controller:
     async def _poll_liveness(self) -> None:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
+            try:
+                self._watch_fast()
+            except Exception as exc:  # never lost: logged, and the poller goes on
+                log.error("watching the fast sockets failed", exc_info=exc)
             for conn in list(self._engines.values()):
                 if conn.dead or conn.liveness is None or conn.state == "restarting":
                     continue
@@ -949,41 +1020,70 @@ class Controller:
                 continue
             except zmq.ZMQError:
                 return
-            try:
-                _idents, msg_list = conn.session.feed_identities(frames, copy=False)
-                msg = wire.deserialize(conn.session, msg_list)
-            except Exception as exc:
-                log.warning(
-                    "engine %s: dropped a bad message on %s (%s: %s)",
-                    conn.eid,
-                    channel,
-                    type(exc).__name__,
-                    exc,
-                )
-                continue
-            limit = self.max_message_size
-            if limit is not None:
-                size = sum(memoryview(b).nbytes for b in msg.get("buffers") or [])
-                if size > limit:
-                    self._refuse_oversize(conn, channel, msg, size)
-                    continue
-            try:
-                self._dispatch(conn, channel, msg)
-                self._publish(conn)
-            except Exception as exc:
-                # the request this message belongs to fails with the real error (issue 11.5)
-                log.error(
-                    "engine %s: error routing a %s message",
-                    conn.eid,
-                    msg.get("msg_type"),
-                    exc_info=exc,
-                )
-                req = self._request_of(conn, msg)
-                if req is not None:
-                    self._finish(conn, req, exc=exc)
+            self._on_frames(conn, channel, frames)
             # do not keep the last message's frames alive until the next one arrives: once the
             # user drops a result, its memory must be freed (issue 11 item 11)
-            frames = msg_list = msg = None  # type: ignore[assignment]
+            frames = None  # type: ignore[assignment]
+
+    def _drain_fast(self, conn: EngineConn) -> None:
+        """(loop, the fast socket's reader callback) Read every message the fast socket holds.
+
+        The fast socket is a plain zmq socket watched with ``add_reader`` on its (edge-triggered)
+        FD: no asyncio future per wake-up, no pyzmq poller (those were most of the loop thread's
+        CPU per fast call). Reading ``EVENTS`` until it shows no message re-arms the edge.
+        """
+        sock = conn.sockets.get("fast")
+        if sock is None:
+            return
+        try:
+            while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_frames(conn, "fast", frames)
+                frames = None  # (issue 11 item 11, as in _reader)
+        except zmq.ZMQError as exc:  # closed under us (teardown): nothing more to read
+            log.debug("engine %s: fast socket read ended (%s)", conn.eid, exc)
+        except Exception as exc:  # never lost (rule): fail this engine's requests with it
+            log.error("engine %s: reading the fast socket failed", conn.eid, exc_info=exc)
+            self._fail_requests(conn, exc)
+
+    def _on_frames(self, conn: EngineConn, channel: str, frames: list) -> None:
+        """(loop) One received multipart message: check it, route it, publish what changed."""
+        try:
+            _idents, msg_list = conn.session.feed_identities(frames, copy=False)
+            msg = wire.deserialize(conn.session, msg_list)
+        except Exception as exc:
+            log.warning(
+                "engine %s: dropped a bad message on %s (%s: %s)",
+                conn.eid,
+                channel,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        limit = self.max_message_size
+        if limit is not None:
+            size = sum(memoryview(b).nbytes for b in msg.get("buffers") or [])
+            if size > limit:
+                self._refuse_oversize(conn, channel, msg, size)
+                return
+        try:
+            self._dispatch(conn, channel, msg)
+            if channel != "fast":  # a fast reply only finishes its request, which publishes
+                self._publish(conn)
+        except Exception as exc:
+            # the request this message belongs to fails with the real error (issue 11.5)
+            log.error(
+                "engine %s: error routing a %s message",
+                conn.eid,
+                msg.get("msg_type"),
+                exc_info=exc,
+            )
+            req = self._request_of(conn, msg)
+            if req is not None:
+                self._finish(conn, req, exc=exc)
 
     @staticmethod
     def _request_of(conn: EngineConn, msg: dict) -> Request | None:
@@ -1009,6 +1109,7 @@ class Controller:
             if req is not None and content.get("status") == "progress":
                 self._progressed(conn, req, content)
             elif req is not None and req.channel == "fast":
+                self._passed_over(conn, req)
                 self._finish_comm(conn, req, content, msg.get("buffers") or [])
             return
         if channel == "stdin":
@@ -1077,6 +1178,7 @@ class Controller:
         req = conn.requests.get(parent)
         if req is None:
             return
+        req.heard = time.monotonic()
         if mtype == "stream":
             (req.stderr if content.get("name") == "stderr" else req.stdout).append(
                 content.get("text", "")
@@ -1221,15 +1323,55 @@ class Controller:
             ):
                 self._lost(conn, req)
 
+    def _passed_over(self, conn: EngineConn, later: Request) -> None:
+        """The engine answered ``later`` on its fast socket, which it reads in order: an
+        earlier fast request still unanswered gets FAST_LOST_GRACE s (its reply may be behind
+        its output on IOPub), then fails as lost (``_reply_overdue``)."""
+        for req in conn.requests.values():
+            if req is later:
+                return
+            if req.channel == "fast" and not req.held and not req.overdue:
+                req.overdue = True
+                self._call_later(FAST_LOST_GRACE, self._reply_overdue, conn, req)
+
+    def _watch_fast(self) -> None:
+        """(loop, each poll) Ping behind a fast request unanswered for FAST_LOST_AFTER s: a
+        reply to the ping means the engine went past it (``_passed_over``); while the
+        operation runs the ping waits behind it. One ping at a time per engine."""
+        now = time.monotonic()
+        for conn in list(self._engines.values()):
+            if not conn.fast or conn.dead or "fast" not in conn.sockets:
+                continue
+            if conn.probe is not None and not conn.probe.future.done():
+                continue
+            first = next(
+                (
+                    r
+                    for r in conn.requests.values()
+                    if r.channel == "fast" and not r.held and r.op != "ping" and not r.overdue
+                ),
+                None,
+            )
+            if first is not None and now - max(first.sent, self._awake_since) > FAST_LOST_AFTER:
+                conn.probe = self._send_ping(conn)
+
     def _reply_overdue(self, conn: EngineConn, req: Request) -> None:
         if conn.requests.get(req.msg_id) is req and req.reply is None:
+            quiet = time.monotonic() - max(req.heard, self._awake_since)
+            if req.channel == "fast" and quiet < FAST_LOST_GRACE:
+                # its output is still arriving on IOPub: its reply comes behind it
+                self._call_later(FAST_LOST_GRACE - quiet, self._reply_overdue, conn, req)
+                return
             self._lost(conn, req)
 
     def _lost(self, conn: EngineConn, req: Request) -> None:
         what = req.code or req.op or req.kind
         text = (
-            f"engine {conn.eid} went on without replying to {what!r} (probably interrupted between "
-            "messages); the request was lost, the engine is usable"
+            f"engine {conn.eid} answered later operations on its fast socket but not {what!r}: "
+            "its reply was lost; the engine is usable and the requests after it go on"
+            if req.channel == "fast"
+            else f"engine {conn.eid} went on without replying to {what!r} (probably interrupted "
+            "between messages); the request was lost, the engine is usable"
         )
         log.warning(text)
         self._finish(conn, req, exc=EngineError(text, conn.eid, _method(req)))
@@ -1255,6 +1397,10 @@ class Controller:
             self._finish(conn, req, exc=exc)
 
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
+        started = data.get("started")
+        fut = req.future
+        if isinstance(started, float) and isinstance(fut, RequestFuture) and fut.started is None:
+            fut.started = started  # no busy status on the fast socket: the engine says when
         out: dict[str, Any] = {
             "stdout": "".join(req.stdout),
             "stderr": "".join(req.stderr),
@@ -1311,8 +1457,18 @@ class Controller:
 
     # ---------------------------------------------------------------- sending (loop)
     @staticmethod
+    def _fast_msg(conn: EngineConn, content: bytes) -> dict:
+        """A request for ``conn``'s fast socket: its id, header and packed content (signed
+        when sent, ``wire.fast_frames``)."""
+        msg_id = uuid.uuid4().hex
+        return {
+            "msg_id": msg_id,
+            "header": wire.fast_request_header(msg_id, conn.comm_id),
+            "packed": content,
+        }
+
     def _send(
-        conn: EngineConn, channel: str, msg: dict, buffers: list | None = None
+        self, conn: EngineConn, channel: str, msg: dict, buffers: list | None = None
     ) -> tuple[Any, Any]:
         """Sign and send ``msg`` on the loop's own asyncio socket; returns the socket's send
         future (done once zmq holds the message) and a ``MessageTracker`` of zero-copy buffers.
@@ -1320,7 +1476,11 @@ class Controller:
         ``Session.send`` would go through a sync shadow of the socket, which can swallow the
         edge-triggered readiness event our reader task waits on (replies then go unread).
         """
-        frames: list[Any] = conn.session.serialize(msg)
+        frames: list[Any] = (
+            wire.fast_frames(conn.session, msg["header"], {}, msg["packed"])
+            if "packed" in msg
+            else conn.session.serialize(msg)
+        )
         tracker = None
         if buffers:
             large = any(memoryview(b).nbytes >= 65536 for b in buffers)
@@ -1337,8 +1497,21 @@ class Controller:
                 frames.extend(buffers)
         else:
             large = False
-        sending = conn.sockets[channel].send_multipart(frames, copy=not large)
-        return sending, tracker
+        sock = conn.sockets[channel]
+        if channel != "fast":
+            return sock.send_multipart(frames, copy=not large), tracker
+        # the fast socket is plain (``_open_fast``) with no send limit: zmq has the message when
+        # this returns (None: nothing to wait for); a send may consume the FD's edge of a reply
+        # that arrived meanwhile, so look for one
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=not large)
+        except zmq.Again:
+            raise EngineError(
+                f"engine {conn.eid}: its fast socket refused a message (queue full)", conn.eid
+            ) from None
+        if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            asyncio.get_running_loop().call_soon(self._drain_fast, conn)
+        return None, tracker
 
     def _new_request(
         self, conn: EngineConn, kind: str, msg_id: str, future: Future | None = None, **kw: Any
@@ -1427,6 +1600,7 @@ class Controller:
         return any(
             r.channel == other and r.reply is None and not r.held and r is not req
             for r in conn.requests.values()
+            if r.op != "ping"  # a ping touches nothing: no order to keep with it
         )
 
     def _release(self, conn: EngineConn) -> None:
@@ -1473,6 +1647,9 @@ class Controller:
             # the caller's buffers are read until zmq has the message (a queued send) and,
             # for zero-copy frames, until zmq releases them
             req.sent_chained = True
+            if sending is None:  # zmq has it already (the fast socket)
+                _set_sent(req, tracker)
+                return
             sending.add_done_callback(lambda _s, req=req, tracker=tracker: _set_sent(req, tracker))
 
     # ---------------------------------------------------------------- public, any thread
@@ -1547,10 +1724,13 @@ class Controller:
         ``CommReply``. ``on_progress(eid, done)``: the engines' progress reports (a map block
         sent with ``data["progress"]``), on the controller's thread."""
 
+        packed: list[bytes] = []  # the content is the same for every engine: packed once
+
         def build(conn: EngineConn, _frames: list, fut: Future) -> tuple[dict, Request]:
             if conn.fast:
-                msg = conn.session.msg("ime_request", wire.fast_op_content(conn.comm_id, op, data))
-                msg["content"]["rid"] = msg["msg_id"]
+                if not packed:
+                    packed.append(conn.session.pack(dict(data, op=op)))
+                msg = self._fast_msg(conn, packed[0])
             else:
                 msg = wire.with_rid(
                     conn.session.msg("comm_msg", wire.comm_op_content(conn.comm_id, op, data))

@@ -18,6 +18,7 @@ is lost or reordered. ``IPY_MULTIENGINE_FAST=0`` in the engine's environment kee
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal's C module (no stub)
 import collections
 import contextlib
 import dis
@@ -37,7 +38,7 @@ from typing import Any
 
 from IPython import get_ipython
 
-from . import serialize
+from . import serialize, wire
 
 TARGET = "ipy_multiengine"
 
@@ -721,8 +722,6 @@ class _FastServer:
                 _log.error("ipy_multiengine: a fast operation failed", exc_info=exc)
 
     def _handle(self, frames: list) -> None:
-        from . import wire
-
         idents, rest = self.session.feed_identities(frames, copy=False)
         try:
             msg = wire.deserialize(self.session, rest)
@@ -730,7 +729,11 @@ class _FastServer:
             _log.warning("ipy_multiengine: refused a message on the fast socket (%s)", exc)
             return
         data = msg["content"]
-        if not _begin(msg["header"]["msg_id"]):  # aborted (ime_abort_request) before it began
+        header = msg["header"]
+        # the request's id and comm are in its header (wire.fast_request_header)
+        data.setdefault("rid", header["msg_id"])
+        data.setdefault("comm_id", header.get("comm_id", ""))
+        if not _begin(header["msg_id"]):  # aborted (ime_abort_request) before it began
             self._send(
                 [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents],
                 {
@@ -752,26 +755,30 @@ class _FastServer:
         try:
             _set_parent(self.kernel, idents, msg)
             self.displayed = False
+            began = time.time()
             started = time.monotonic()
-            # as ipykernel's handlers
-            saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+            # as ipykernel's handlers (the C module's call: the enum wrapping of signal.signal
+            # was a tenth of this handler's cost)
+            saved = _signal.signal(signal.SIGINT, _signal.default_int_handler)
             global _report
+            if data.get("progress"):
 
-            def report(request: dict, done: int) -> None:
-                self._send(
-                    idents,
-                    {"rid": request.get("rid"), "status": "progress", "done": done},
-                    [],
-                    request,
-                )
+                def report(request: dict, done: int) -> None:
+                    self._send(
+                        idents,
+                        {"rid": request.get("rid"), "status": "progress", "done": done},
+                        [],
+                        request,
+                    )
 
-            _report = report
+                _report = report
             try:
                 reply, out = _run_op(data, msg["buffers"])
                 msg = frames = rest = None  # type: ignore[assignment]
             finally:
                 _report = None
-                signal.signal(signal.SIGINT, saved)
+                _signal.signal(signal.SIGINT, saved)
+            reply["started"] = began  # PendingResult.started (the engine's clock)
             # an output flushed by ipykernel's timer (every flush_interval) leaves no trace: an
             # operation that ran that long replies behind IOPub, as does one that printed
             interval = getattr(sys.stdout, "flush_interval", 0.2)
@@ -801,9 +808,9 @@ class _FastServer:
 
     def _send(self, idents: list, reply: dict, out: list, request: dict) -> None:
         zmq = self.zmq
-        head = self.session.serialize(
-            self.session.msg("ime_reply", reply, parent={"msg_id": request.get("rid")}),
-            ident=idents,
+        session = self.session
+        head = idents + wire.fast_frames(
+            session, wire.FAST_REPLY_HEADER, {"msg_id": request.get("rid")}, session.pack(reply)
         )
         if len(out) <= 1 or all(memoryview(b).nbytes < 65536 for b in out[1:]):
             self.sock.send_multipart(head + out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from hmac import compare_digest
 
 import zmq
-from jupyter_client.session import Session
+from jupyter_client.session import DELIM, Session
 
 #: The comm target the engine helper registers (``engine.register``).
 COMM_TARGET = "ipy_multiengine"
@@ -81,10 +81,23 @@ def comm_op_content(comm_id: str, op: str, data: dict) -> dict:
     return {"comm_id": comm_id, "data": dict(data, op=op)}
 
 
-def fast_op_content(comm_id: str, op: str, data: dict) -> dict:
-    """The content of one data operation on an engine's fast socket (``engine._FastServer``):
-    the comm's operation dict, naming the comm an operation with output replies on."""
-    return dict(data, op=op, comm_id=comm_id)
+#: The header of every reply on a fast socket: a reply is named by its parent (the request).
+FAST_REPLY_HEADER = {"msg_type": "ime_reply"}
+
+
+def fast_request_header(msg_id: str, comm_id: str) -> dict:
+    """The header of one data operation on an engine's fast socket: its id (the ``rid`` the
+    reply names) and the comm an operation with output replies on. No date, session or
+    version: nothing reads them, and ``Session.msg`` building them was a fifth of a fast
+    call's cost on each side."""
+    return {"msg_id": msg_id, "msg_type": "ime_request", "comm_id": comm_id}
+
+
+def fast_frames(session: Session, header: dict, parent: dict, content: bytes) -> list[bytes]:
+    """A signed message for a fast socket (``content`` already packed: the same bytes go to
+    every engine of a call): Jupyter's wire layout, signed with the key as ``Session`` signs."""
+    parts = [session.pack(header), session.pack(parent), b"{}", content]
+    return [DELIM, session.sign(parts), *parts]
 
 
 def with_rid(msg: dict) -> dict:
@@ -118,7 +131,7 @@ def deserialize(session: Session, frames: list) -> dict:
     header = unpack(head[1])
     return {
         "header": header,
-        "msg_id": header["msg_id"],
+        "msg_id": header.get("msg_id", ""),
         "msg_type": header["msg_type"],
         "parent_header": unpack(head[2]),
         "metadata": unpack(head[3]),

@@ -369,3 +369,91 @@ def test_clear_output_arrives_in_order_with_the_output_before_it(mec):
         assert kinds.index(("clear", "clear_output")) > kinds.index(("ex", "stream")), events
         both = [m for t, m in kinds if t == "both"]
         assert both[-1] == "clear_output" and "stream" in both, events
+
+
+def test_a_lost_fast_reply_fails_its_operation_and_releases_what_waited(mec, monkeypatch):
+    """A reply that never comes back (dropped for real on the engine, by a one-shot hook in
+    its fast server's send): the operation fails naming the engine once a ping behind it has
+    been answered, and the execute held behind it for order runs; the engine stays usable."""
+    from ipy_multiengine import controller
+
+    monkeypatch.setattr(controller, "FAST_LOST_AFTER", 0.3)
+    monkeypatch.setattr(controller, "FAST_LOST_GRACE", 0.5)
+    mec.execute(
+        "import ipy_multiengine.engine as _e\n"
+        "_srv = _e._server[0]\n"
+        "def _drop_once(*args, _srv=_srv):\n"
+        "    del _srv._send  # this reply is dropped; the class's method answers the next\n"
+        "_srv._send = _drop_once\n"
+        "del _e, _srv, _drop_once\n",
+        targets=0,
+    )
+    lost = mec.apply(int, 5, targets=0, block=False)
+    t0 = time.monotonic()
+    # held behind the apply (order): it runs once the apply is known lost
+    assert mec.execute("after_lost = 1", targets=0, timeout=10)[0]["status"] == "ok"
+    assert time.monotonic() - t0 < 5
+    with pytest.raises((CompositeError, EngineError), match=r"engine 0 .*reply was lost"):
+        lost.get_result(timeout=5)
+    assert mec.apply(lambda: after_lost + 1, targets=0) == [2]  # noqa: F821 (engine name)
+
+
+def test_an_unreachable_fast_socket_is_given_up_quickly(cluster, mec, tmp_path):
+    """Engines that advertise a fast socket nobody listens on: a new client connects in far
+    less than FAST_PROBE (3 s) and carries their data on the comm."""
+    from ipy_multiengine import controller
+
+    nowhere = str(tmp_path / "nobody-listens")
+    mec.execute(
+        "import ipy_multiengine.engine as _e\n"
+        "_saved_fast = _e._server[0].address\n"
+        f"_e._server[0].address = {{'transport': 'ipc', 'path': {nowhere!r}}}\n"
+        "del _e\n"
+    )
+    try:
+        t0 = time.monotonic()
+        c = MultiEngineClient(cluster.cluster_file)
+        took = time.monotonic() - t0
+        try:
+            assert took < controller.FAST_PROBE - 1, f"connecting took {took:.2f} s"
+            assert not any(c.controller._conn(e).fast for e in c.get_ids())  # white-box, read
+            c.push({"via_comm": 7}, targets=0)
+            assert c.pull("via_comm", targets=0) == [7]
+        finally:
+            c.close()
+    finally:
+        mec.execute(
+            "import ipy_multiengine.engine as _e\n"
+            "_e._server[0].address = _saved_fast\n"
+            "del _e, _saved_fast\n"
+        )
+
+
+def test_fast_operations_say_when_they_started(mec):
+    """No busy status on the fast socket: the engine's reply says when the operation began
+    (PendingResult.started / metadata), between submission and completion."""
+    pr = mec.apply(time.sleep, 0.2, block=False)
+    pr.get_result(timeout=10)
+    for meta in pr.metadata:
+        assert meta["started"] is not None, meta
+        assert meta["submitted"] <= meta["started"] <= meta["completed"]
+        assert (meta["completed"] - meta["started"]).total_seconds() >= 0.19
+
+
+def test_the_engine_helper_loads_no_client_code():
+    """An engine imports ``ipy_multiengine.engine`` (the install code): the package's public
+    names are loaded on first use, so the client, cluster and controller stay out of the
+    engine's memory (issue 15: engine idle RSS <= plain ipykernel + 5 MB)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ipy_multiengine.engine, ipy_multiengine as m\n"
+        "heavy = {'client', 'cluster', 'controller', 'clusterfile', 'render', 'results'}\n"
+        "print(sorted(n for n in heavy if 'ipy_multiengine.' + n in sys.modules))\n"
+        "assert m.Cluster.__name__ == 'Cluster' and m.client.MultiEngineClient\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
