@@ -383,9 +383,7 @@ def test_forged_message_with_wrong_key_is_not_run(tmp_path):
         assert not plain.exists(), "an unencrypted connection reached the engine"
         log = cluster.log_file(0).read_text()
         assert "Invalid Signature" in log or "Invalid Message" in log  # dropped and logged
-        for s in socks:
-            s.close()
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 # --------------------------------------------------------------------------- random faults

@@ -215,11 +215,11 @@ def answers_kernel_info(info: dict, curve: bool, wait: float = 2.0) -> bool:
             sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
         sock.connect(f"tcp://{info['ip']}:{info['shell_port']}")
         Session(key=info["key"].encode()).send(sock, "kernel_info_request", {})
-        answered = bool(sock.poll(int((wait if not curve else 10 * wait) * 1000)))
-        sock.close()
-        return answered
+        return bool(sock.poll(int((wait if not curve else 10 * wait) * 1000)))
     finally:
-        ctx.term()
+        # destroy, not term: a test timeout raised inside poll leaves the socket open, and
+        # term() would then block the worker forever in C, where the timeout cannot reach
+        ctx.destroy(linger=0)
 
 
 def assert_encrypted(c, mec) -> None:
