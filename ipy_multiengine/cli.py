@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .cluster import Cluster, list_clusters, stop_cluster_file
+from .cluster import Cluster, check_launcher_option, list_clusters, stop_cluster_file
 from .clusterfile import (
     EMBEDDED_PREFIX,
     SHARED_PREFIX,
@@ -197,6 +197,10 @@ def _launcher_options(args: argparse.Namespace) -> dict:
         key, sep, value = opt.partition("=")
         if not sep or not key.isidentifier():
             raise UsageError(f"-o: expected KEY=VALUE, got {opt!r}")
+        try:
+            check_launcher_option(key)
+        except ValueError as exc:
+            raise UsageError(f"-o {opt!r}: {exc}") from None
         try:
             options[key] = json.loads(value)
         except ValueError:

@@ -453,3 +453,35 @@ def test_another_watchers_probe_does_not_make_an_engine_busy():
         }
         assert not w._on_iopub(msg)
         assert w.state == "idle" and w.running == ""
+
+
+def test_start_options_are_launcher_options_checked_before_anything_starts():
+    """A start request's ``options`` are the launcher's: a key that is not a name (``ipmulti
+    -o`` would split ``a=b`` into option ``a`` = ``"b=1"``) or that is one of the cluster's own
+    parameters (``launcher`` would silently replace the chosen launcher, ``write_file`` would
+    start a shared cluster without a file) is refused naming the key, before any process
+    starts (start_argv raises: no ``ipmulti start`` runs). Real kernelspecs."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from tornado import web
+
+    from ipy_multiengine.server.handlers import start_argv
+
+    ksm = KernelSpecManager()
+    for key, value in [
+        ("a=b", 1),
+        ("launcher", "mpi"),
+        ("write_file", False),
+        ("profile", "other"),
+        ("env", {"X": "1"}),
+        ("", 1),
+    ]:
+        body = {"n": 1, "profile": "rv17x", "options": {key: value}}
+        with pytest.raises(web.HTTPError) as info:
+            start_argv(body, ksm)
+        assert info.value.status_code == 400, key
+        assert "'options'" in info.value.log_message and repr(key) in info.value.log_message, (
+            key,
+            info.value.log_message,
+        )
+    argv = start_argv({"n": 1, "profile": "rv17x", "options": {"partition": "short"}}, ksm)
+    assert argv[-2:] == ["-o", 'partition="short"']

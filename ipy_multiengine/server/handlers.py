@@ -23,6 +23,7 @@ from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from .. import clusterfile
+from ..cluster import check_launcher_option
 from ..errors import MultiEngineError
 from . import consoles
 
@@ -206,6 +207,11 @@ def start_argv(body: dict, kernel_spec_manager: Any) -> list[str]:
         raise web.HTTPError(
             400, f"'options' must be an object of launcher options, not {options!r}"
         )
+    for k in options:
+        try:
+            check_launcher_option(k)
+        except ValueError as exc:
+            raise web.HTTPError(400, f"'options': {exc}") from None
     argv = [sys.executable, "-m", "ipy_multiengine.cli", "start", "--daemon", "-n", str(n)]
     argv += ["--profile", profile, "--kernel", kernel, "--launcher", launcher]
     for k, v in options.items():
