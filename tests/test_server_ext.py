@@ -485,3 +485,33 @@ def test_start_options_are_launcher_options_checked_before_anything_starts():
         )
     argv = start_argv({"n": 1, "profile": "rv17x", "options": {"partition": "short"}}, ksm)
     assert argv[-2:] == ["-o", 'partition="short"']
+
+
+async def test_a_console_adopts_no_connection_file_of_an_earlier_server(
+    jp_fetch, jp_serverapp, mec
+):
+    """Console connection files (an engine's ports and key) belong to the server that wrote
+    them: one left by an earlier (or another) server is not adopted as a kernel of this one
+    (before, every such file in the shared runtime dir became a phantom kernel listed in
+    JupyterLab, and the files stayed there forever)."""
+    from ipy_multiengine import clusterfile
+
+    key = "cluster-tests"
+    await until(jp_fetch, lambda s: cluster_of(s, key), 10, "cluster-tests listed")
+    stale = clusterfile.runtime_dir("lab-kernels") / f"ipme-{key}-0-{uuid.uuid4().hex[:8]}.json"
+    dead = {"ip": "127.0.0.1", "transport": "tcp", "key": "0" * 32, "kernel_name": "python3"}
+    dead.update({p: 1 for p in ("shell_port", "iopub_port", "stdin_port", "control_port")})
+    clusterfile.write_private(stale, json.dumps({**dead, "hb_port": 1}))
+    try:
+        kid = (await api(jp_fetch, "clusters", key, "engines", "0", "console", method="POST"))[
+            "kernel_id"
+        ]
+        listed = [k["id"] for k in json.loads((await jp_fetch("api", "kernels")).body)]
+        assert listed == [kid], listed  # the console's kernel, nothing adopted from the file
+        # the servers of earlier tests (the console test's) removed their own directories
+        own = jp_serverapp.kernel_manager.external_connection_dir
+        dirs = [str(d) for d in stale.parent.iterdir() if d.is_dir()]
+        assert dirs == [own], (dirs, own)
+        await jp_fetch("api", "kernels", kid, method="DELETE")
+    finally:
+        stale.unlink(missing_ok=True)
