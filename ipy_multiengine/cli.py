@@ -123,15 +123,12 @@ def _start_daemon(args: argparse.Namespace) -> int:
         "-m",
         "ipy_multiengine.cli",
         "start",
-        "--profile",
-        args.profile,
-        "--kernel",
-        args.kernel,
+        f"--profile={args.profile}",  # NAME=VALUE: a profile may begin with '-'
+        f"--kernel={args.kernel}",
         "--timeout",
         str(args.timeout),
         "--quiet",
-        "--launcher",
-        args.launcher,
+        f"--launcher={args.launcher}",
     ]
     cmd += ["-n", str(args.n)] if args.n is not None else []
     cmd += ["--hosts", args.hosts] if args.hosts else []

@@ -153,7 +153,9 @@ async def test_bad_requests_name_what_is_wrong(jp_fetch, cluster):
 
 
 async def test_start_restart_keeps_the_id_and_stop(jp_fetch):
-    profile = f"lab{os.getpid()}"
+    # a valid profile name may begin with '-': it reaches `ipmulti start` (and its daemon's
+    # child) as --profile=NAME, not as an option of its own
+    profile = f"-lab{os.getpid()}"
     key = f"cluster-{profile}"
     r = await api(jp_fetch, "clusters", method="POST", body={"n": 1, "profile": profile})
     assert r["id"] == key
