@@ -517,3 +517,38 @@ async def test_a_console_adopts_no_connection_file_of_an_earlier_server(
         await jp_fetch("api", "kernels", kid, method="DELETE")
     finally:
         stale.unlink(missing_ok=True)
+
+
+def test_scans_never_overlap(monkeypatch):
+    """An action's ``scan_now`` while the periodic scan runs must wait for it, not scan beside
+    it: two scans at once share the psutil cache from two threads (CPU readings over a
+    near-zero interval) and the one that started first may publish last, bringing back a
+    cluster that was just stopped. Real scans of the session's runtime dir; each is made slow
+    (a loaded disk) so that overlaps would show."""
+    import threading
+
+    from ipy_multiengine.server import watch
+
+    real, lock = watch._scan, threading.Lock()
+    active, most = [0], [0]
+
+    def slow_scan(procs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.05)  # a slow scan (the window), not a synchronisation
+            return real(procs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(watch, "_scan", slow_scan)
+    w = watch.Watcher(interval=0.01)
+    w.start()
+    try:
+        for f in [w.scan_now() for _ in range(5)]:
+            f.result(timeout=30)
+    finally:
+        w.stop().result(timeout=10)
+    assert most[0] == 1, f"{most[0]} scans ran at once"
