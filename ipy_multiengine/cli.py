@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .cluster import Cluster, list_clusters, stop_cluster_file
+from .cluster import Cluster, check_launcher_option, list_clusters, stop_cluster_file
 from .clusterfile import (
     EMBEDDED_PREFIX,
     SHARED_PREFIX,
@@ -123,15 +123,12 @@ def _start_daemon(args: argparse.Namespace) -> int:
         "-m",
         "ipy_multiengine.cli",
         "start",
-        "--profile",
-        args.profile,
-        "--kernel",
-        args.kernel,
+        f"--profile={args.profile}",  # NAME=VALUE: a profile may begin with '-'
+        f"--kernel={args.kernel}",
         "--timeout",
         str(args.timeout),
         "--quiet",
-        "--launcher",
-        args.launcher,
+        f"--launcher={args.launcher}",
     ]
     cmd += ["-n", str(args.n)] if args.n is not None else []
     cmd += ["--hosts", args.hosts] if args.hosts else []
@@ -197,6 +194,10 @@ def _launcher_options(args: argparse.Namespace) -> dict:
         key, sep, value = opt.partition("=")
         if not sep or not key.isidentifier():
             raise UsageError(f"-o: expected KEY=VALUE, got {opt!r}")
+        try:
+            check_launcher_option(key)
+        except ValueError as exc:
+            raise UsageError(f"-o {opt!r}: {exc}") from None
         try:
             options[key] = json.loads(value)
         except ValueError:

@@ -12,6 +12,7 @@ import abc
 import asyncio
 import atexit
 import contextlib
+import inspect
 import os
 import socket
 import time
@@ -910,6 +911,20 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         self.stop()
 
 
+def check_launcher_option(key: Any) -> str:
+    """``key`` if it can name a launcher option (``ipmulti start -o KEY=VALUE``, a start
+    request's ``options``), else ValueError naming it: not a name, or one of ``Cluster``'s own
+    parameters (``launcher``, ``profile``, ``write_file``...), which have their own fields."""
+    if not isinstance(key, str) or not key.isidentifier():
+        raise ValueError(f"launcher option {key!r} is not a name (KEY=VALUE, KEY an identifier)")
+    if key in _CLUSTER_PARAMETERS:
+        raise ValueError(
+            f"{key!r} is a parameter of the cluster, not a launcher option "
+            "(the launcher, engines, profile and kernelspec have their own fields)"
+        )
+    return key
+
+
 def _release_file(written: dict, cluster_id: str, owner: dict, lock: ProfileLock | None) -> None:
     """Remove the cluster file if it still is this owner's, then drop the profile lock."""
     try:
@@ -948,3 +963,7 @@ def _stop_launcher(launcher: Any) -> None:
     except BaseException:
         launcher.kill_now()
         raise
+
+
+#: Cluster's own keyword arguments: never launcher options
+_CLUSTER_PARAMETERS = frozenset(inspect.signature(Cluster.__init__).parameters) - {"self"}

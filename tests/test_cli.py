@@ -52,6 +52,16 @@ def test_o08_start_unknown_launcher_option_is_one_line():
     assert_usage_error(ipmulti("start", "-o", "nosuch=1", "--profile", "o08c"), "nosuch")
 
 
+def test_start_o_refuses_the_clusters_own_parameters():
+    # `-o launcher=...` replaced --launcher, `-o write_file=false` made a shared cluster
+    # without a file: -o takes launcher options only, and says so before anything starts
+    assert_usage_error(
+        ipmulti("start", "-o", 'launcher="nosuch"', "--profile", "o08f"),
+        "'launcher' is a parameter of the cluster",
+    )
+    assert not cluster_file_path("o08f").exists()
+
+
 def test_o08_start_hosts_without_ssh_launcher_is_one_line():
     assert_usage_error(ipmulti("start", "--hosts", "a=2", "--profile", "o08d"), "--hosts", "ssh")
 

@@ -153,7 +153,9 @@ async def test_bad_requests_name_what_is_wrong(jp_fetch, cluster):
 
 
 async def test_start_restart_keeps_the_id_and_stop(jp_fetch):
-    profile = f"lab{os.getpid()}"
+    # a valid profile name may begin with '-': it reaches `ipmulti start` (and its daemon's
+    # child) as --profile=NAME, not as an option of its own
+    profile = f"-lab{os.getpid()}"
     key = f"cluster-{profile}"
     r = await api(jp_fetch, "clusters", method="POST", body={"n": 1, "profile": profile})
     assert r["id"] == key
@@ -453,3 +455,100 @@ def test_another_watchers_probe_does_not_make_an_engine_busy():
         }
         assert not w._on_iopub(msg)
         assert w.state == "idle" and w.running == ""
+
+
+def test_start_options_are_launcher_options_checked_before_anything_starts():
+    """A start request's ``options`` are the launcher's: a key that is not a name (``ipmulti
+    -o`` would split ``a=b`` into option ``a`` = ``"b=1"``) or that is one of the cluster's own
+    parameters (``launcher`` would silently replace the chosen launcher, ``write_file`` would
+    start a shared cluster without a file) is refused naming the key, before any process
+    starts (start_argv raises: no ``ipmulti start`` runs). Real kernelspecs."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from tornado import web
+
+    from ipy_multiengine.server.handlers import start_argv
+
+    ksm = KernelSpecManager()
+    for key, value in [
+        ("a=b", 1),
+        ("launcher", "mpi"),
+        ("write_file", False),
+        ("profile", "other"),
+        ("env", {"X": "1"}),
+        ("", 1),
+    ]:
+        body = {"n": 1, "profile": "rv17x", "options": {key: value}}
+        with pytest.raises(web.HTTPError) as info:
+            start_argv(body, ksm)
+        assert info.value.status_code == 400, key
+        assert "'options'" in info.value.log_message and repr(key) in info.value.log_message, (
+            key,
+            info.value.log_message,
+        )
+    argv = start_argv({"n": 1, "profile": "rv17x", "options": {"partition": "short"}}, ksm)
+    assert argv[-2:] == ["-o", 'partition="short"']
+
+
+async def test_a_console_adopts_no_connection_file_of_an_earlier_server(
+    jp_fetch, jp_serverapp, mec
+):
+    """Console connection files (an engine's ports and key) belong to the server that wrote
+    them: one left by an earlier (or another) server is not adopted as a kernel of this one
+    (before, every such file in the shared runtime dir became a phantom kernel listed in
+    JupyterLab, and the files stayed there forever)."""
+    from ipy_multiengine import clusterfile
+
+    key = "cluster-tests"
+    await until(jp_fetch, lambda s: cluster_of(s, key), 10, "cluster-tests listed")
+    stale = clusterfile.runtime_dir("lab-kernels") / f"ipme-{key}-0-{uuid.uuid4().hex[:8]}.json"
+    dead = {"ip": "127.0.0.1", "transport": "tcp", "key": "0" * 32, "kernel_name": "python3"}
+    dead.update({p: 1 for p in ("shell_port", "iopub_port", "stdin_port", "control_port")})
+    clusterfile.write_private(stale, json.dumps({**dead, "hb_port": 1}))
+    try:
+        kid = (await api(jp_fetch, "clusters", key, "engines", "0", "console", method="POST"))[
+            "kernel_id"
+        ]
+        listed = [k["id"] for k in json.loads((await jp_fetch("api", "kernels")).body)]
+        assert listed == [kid], listed  # the console's kernel, nothing adopted from the file
+        # the servers of earlier tests (the console test's) removed their own directories
+        own = jp_serverapp.kernel_manager.external_connection_dir
+        dirs = [str(d) for d in stale.parent.iterdir() if d.is_dir()]
+        assert dirs == [own], (dirs, own)
+        await jp_fetch("api", "kernels", kid, method="DELETE")
+    finally:
+        stale.unlink(missing_ok=True)
+
+
+def test_scans_never_overlap(monkeypatch):
+    """An action's ``scan_now`` while the periodic scan runs must wait for it, not scan beside
+    it: two scans at once share the psutil cache from two threads (CPU readings over a
+    near-zero interval) and the one that started first may publish last, bringing back a
+    cluster that was just stopped. Real scans of the session's runtime dir; each is made slow
+    (a loaded disk) so that overlaps would show."""
+    import threading
+
+    from ipy_multiengine.server import watch
+
+    real, lock = watch._scan, threading.Lock()
+    active, most = [0], [0]
+
+    def slow_scan(procs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.05)  # a slow scan (the window), not a synchronisation
+            return real(procs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(watch, "_scan", slow_scan)
+    w = watch.Watcher(interval=0.01)
+    w.start()
+    try:
+        for f in [w.scan_now() for _ in range(5)]:
+            f.result(timeout=30)
+    finally:
+        w.stop().result(timeout=10)
+    assert most[0] == 1, f"{most[0]} scans ran at once"

@@ -40,6 +40,10 @@ class MultiEngineExtension(ExtensionApp):
 
     async def stop_extension(self) -> None:
         await asyncio.wrap_future(self.watcher.stop())
+        from .consoles import release
+
+        if self.serverapp is not None:
+            release(self.serverapp.kernel_manager)
 
 
 def _jupyter_server_extension_points() -> list[dict]:

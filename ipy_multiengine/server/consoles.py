@@ -4,28 +4,48 @@ jupyter_server adopts running kernels it did not start through its "external ker
 feature (``MultiKernelManager.external_connection_dir``): a connection file that appears in
 that directory becomes a kernel of the server with ``owns_kernel=False``, so shutting that
 kernel down from JupyterLab (closing the console) leaves the engine running. We write the
-engine's connection file there and hand the new kernel id to the frontend.
+engine's connection file there and hand the new kernel id to the frontend. That directory is
+this server's own (``lab-kernels/<pid>-<id>``, 0700): no other server adopts its files, and it
+is removed when the server stops (or by the next server, once its process is gone).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from .. import clusterfile
 
 
 def connection_dir(kernel_manager: Any) -> Path:
-    """The server's external-kernels directory; ours (0700, in the runtime dir) unless the
-    server is configured with one (``ServerApp.allow_external_kernels``)."""
+    """The server's external-kernels directory; this server's own (0700, in the runtime dir)
+    unless the server is configured with one (``ServerApp.allow_external_kernels``)."""
     if kernel_manager.external_connection_dir is None:
-        kernel_manager.external_connection_dir = str(clusterfile.runtime_dir("lab-kernels"))
+        parent = clusterfile.runtime_dir("lab-kernels")
+        for old in parent.iterdir():  # of servers that are gone (a crash: no release)
+            pid = old.name.partition("-")[0]
+            if old.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        own = parent / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        own.mkdir(mode=0o700)
+        kernel_manager.external_connection_dir = str(own)
     path = Path(kernel_manager.external_connection_dir)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
+
+
+def release(kernel_manager: Any) -> None:
+    """(the server stops) Remove this server's own connection directory, if it made one."""
+    d = kernel_manager.external_connection_dir
+    if d is not None and Path(d).parent == clusterfile.runtime_dir("lab-kernels"):
+        shutil.rmtree(d, ignore_errors=True)
+        kernel_manager.external_connection_dir = None
 
 
 def adopt(kernel_manager: Any, key: str, eid: int, connection: dict, kernel_name: str) -> str:

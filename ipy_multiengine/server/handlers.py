@@ -23,6 +23,7 @@ from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from .. import clusterfile
+from ..cluster import check_launcher_option
 from ..errors import MultiEngineError
 from . import consoles
 
@@ -116,7 +117,7 @@ class ClustersHandler(BaseHandler):
         if proc.returncode != 0:
             raise web.HTTPError(400, f"ipmulti start failed: {text}")
         await asyncio.wrap_future(self.watcher.scan_now())
-        key = clusterfile.cluster_file_path(argv[argv.index("--profile") + 1]).stem
+        key = clusterfile.cluster_file_path(body.get("profile", "default")).stem
         self.reply({"id": key, "output": text})
 
 
@@ -206,8 +207,14 @@ def start_argv(body: dict, kernel_spec_manager: Any) -> list[str]:
         raise web.HTTPError(
             400, f"'options' must be an object of launcher options, not {options!r}"
         )
+    for k in options:
+        try:
+            check_launcher_option(k)
+        except ValueError as exc:
+            raise web.HTTPError(400, f"'options': {exc}") from None
     argv = [sys.executable, "-m", "ipy_multiengine.cli", "start", "--daemon", "-n", str(n)]
-    argv += ["--profile", profile, "--kernel", kernel, "--launcher", launcher]
+    # NAME=VALUE: a profile may begin with '-', which argparse would take for an option
+    argv += [f"--profile={profile}", f"--kernel={kernel}", f"--launcher={launcher}"]
     for k, v in options.items():
         argv += ["-o", f"{k}={json.dumps(v)}"]
     return argv

@@ -242,6 +242,8 @@ class Watcher:
         self._snapshot: dict = {"clusters": [], "time": time.time()}
         self._task: Future | None = None
         self._dirty = False
+        #: one scan at a time: an action's scan_now waits for the running one, then scans anew
+        self._scanning = asyncio.Lock()
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> None:
@@ -285,6 +287,10 @@ class Watcher:
         self._clusters.clear()
 
     async def _scan_once(self) -> None:
+        async with self._scanning:
+            await self._scan_and_apply()
+
+    async def _scan_and_apply(self) -> None:
         scanned = await asyncio.to_thread(_scan, self._procs)
         for key in set(self._clusters) - set(scanned):
             for w in self._clusters.pop(key).values():
