@@ -170,18 +170,28 @@ def test_h10_o13_o14_notebook_rendering_in_a_real_kernel(notebook):
     try:
 
         def final_outputs(msgs):
-            """The cell's outputs as a frontend keeps them (updates replace by display_id)."""
-            cell = []
+            """The cell's outputs as a frontend keeps them: updates replace by display_id,
+            clear_output(wait=True) clears before the next output; empty displays (a %%px
+            cell's reserved places) show nothing."""
+            cell: list = []
+            clear = False
             for m in msgs:
                 c = m["content"]
                 did = (c.get("transient") or {}).get("display_id")
-                if m["msg_type"] == "display_data":
+                if m["msg_type"] == "clear_output":
+                    if c.get("wait"):
+                        clear = True
+                    else:
+                        cell = []
+                elif m["msg_type"] in ("display_data", "stream", "execute_result", "error"):
+                    if clear:
+                        cell, clear = [], False
                     cell.append([did, c])
                 elif m["msg_type"] == "update_display_data":
                     for entry in cell:
                         if entry[0] == did:
                             entry[1] = c
-            return [c for _, c in cell]
+            return [c for _, c in cell if c.get("data", True)]
 
         msgs = notebook.run("r = mec.map(lambda x: print('item', x) or x, range(2))")
         texts = sorted(c["data"]["text/plain"] for c in final_outputs(msgs))
@@ -193,9 +203,25 @@ def test_h10_o13_o14_notebook_rendering_in_a_real_kernel(notebook):
             "for i in range(5):\n    clear_output(wait=True)\n    display(HTML(f'<b>frame "
             "{i}</b>'))"
         )
-        added = [m for m in msgs if m["msg_type"] == "display_data"]
+        # five frames per engine, each cleared: what stays is one labelled frame per engine,
+        # in engine order, and the displays sent do not grow with the frames (in place)
+        shown = [
+            c["data"].get("text/html", c["data"].get("text/plain")) for c in final_outputs(msgs)
+        ]
+        frames = [t for t in shown if "frame" in t]
+        labels = [t for t in shown if "[output:" in t]
+        assert len(frames) == 2 and all("frame 4" in t for t in frames), shown
+        order = [0 if "[output:0]" in t else 1 for t in labels]
+        assert order == sorted(order) and set(order) == {0, 1}, shown  # labelled, engine order
+        # frames replace each other in place (update_display_data): a new display of a frame
+        # only in the final layout, one per engine, not one per frame
+        added = [
+            m
+            for m in msgs
+            if m["msg_type"] == "display_data"
+            and "frame" in m["content"]["data"].get("text/html", "")
+        ]
         assert len(added) == 2, [m["content"]["data"] for m in added]
-        assert all("frame 4" in c["data"]["text/html"] for c in final_outputs(msgs))
 
         msgs = notebook.run("%%px --targets 0\n%pdoc len")
         pages = [
