@@ -212,6 +212,9 @@ def _on_open(comm: Any, msg: dict) -> None:
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "python": sys.version.split()[0],
+        # a map over one sequence may send its elements, not 1-tuples (``star`` False): an
+        # engine of an older version without this would unpack each element as arguments
+        "map_elements": True,
     }
     fast = _fast_address()
     if fast:
