@@ -21,6 +21,9 @@ T = TypeVar("T")
 #: acquire is not woken by a real signal (``_thread.interrupt_main``, a signal delivered to
 #: another thread) is still noticed within this many seconds.
 WAIT_SLICE = 0.1
+#: A wait for all futures that may last longer than this many seconds waits on one combined
+#: future (one wake-up, not one per future).
+COMBINE_AFTER = 1.0
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -115,14 +118,16 @@ def wait(
             progress(len(futures) - len(todo), len(futures))
         if not todo or (first and len(todo) < len(futures)):
             return True
-        step = WAIT_SLICE
+        step, left = WAIT_SLICE, float("inf")
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             step = min(step, left)
         extra = [wake()] if wake is not None else []
-        if not first and progress is None:
+        # (not for a short wait: each combining leaves a callback on every future, and a loop
+        # polling a running call with short timeouts would pile them up)
+        if not first and progress is None and (every is not None or left > COMBINE_AFTER):
             if every is None:
                 every = _all_done(todo)
             todo = [every]

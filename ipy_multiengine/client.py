@@ -751,7 +751,7 @@ class MultiEngineClient(Configurable):
         if not seqs:
             raise TypeError("map() needs at least one sequence")
         eids, block = self._prepare(targets, block)
-        items, star = _map_items(seqs)
+        items, star = self._for_engines(eids, *_map_items(seqs))
         if balanced:
             live = self._live(eids, block)
             bm = self._balanced(
@@ -833,11 +833,18 @@ class MultiEngineClient(Configurable):
             raise TypeError("imap() needs at least one sequence")
         eids, _ = self._prepare(targets, None)
         deadline = None if timeout is None else time.monotonic() + timeout
-        items, star = _map_items(seqs)
+        items, star = self._for_engines(eids, *_map_items(seqs))
         bm = self._balanced(f, items, eids, chunksize, ordered, retries, star=star)
         bar = ProgressBar("imap", self.progress_after, unit="item")
         # from this call, not from the first next(); the bar is drawn by the iteration's waits
         return bm.iterate(deadline=deadline, progress=bar)
+
+    def _for_engines(self, eids: list[int], items: list, star: bool) -> tuple[list, bool]:
+        """Map items as every engine of ``eids`` reads them: an engine of an older version
+        (no ``map_elements`` when it connected) unpacks each item, so give it 1-tuples."""
+        if star or all(self._controller.state(e).engine_info.get("map_elements") for e in eids):
+            return items, star
+        return [(x,) for x in items], True
 
     def _balanced(
         self,

@@ -1396,11 +1396,25 @@ class Controller:
         except Exception as exc:  # fails its request, never lost on the I/O thread
             self._finish(conn, req, exc=exc)
 
+    @staticmethod
+    def _stamp_started(fut: RequestFuture, data: dict) -> None:
+        """(loop) No busy status on the fast socket: the reply says when the operation began,
+        as seconds ago (``ran``: the engine's clock may differ from this one's; an engine of an
+        older version sends only its clock's ``started``). Kept between submission and now."""
+        ran, started = data.get("ran"), data.get("started")
+        now, mono = time.time(), time.monotonic()
+        if isinstance(ran, (int, float)) and ran >= 0:
+            started = now - ran
+        elif not isinstance(started, (int, float)):
+            return
+        started = min(max(float(started), fut.submitted), now)
+        fut.started = started
+        fut.mono["started"] = mono - (now - started)
+
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
-        started = data.get("started")
         fut = req.future
-        if isinstance(started, float) and isinstance(fut, RequestFuture) and fut.started is None:
-            fut.started = started  # no busy status on the fast socket: the engine says when
+        if isinstance(fut, RequestFuture) and fut.started is None:
+            self._stamp_started(fut, data)
         out: dict[str, Any] = {
             "stdout": "".join(req.stdout),
             "stderr": "".join(req.stderr),

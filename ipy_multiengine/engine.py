@@ -212,6 +212,9 @@ def _on_open(comm: Any, msg: dict) -> None:
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "python": sys.version.split()[0],
+        # a map over one sequence may send its elements, not 1-tuples (``star`` False): an
+        # engine of an older version without this would unpack each element as arguments
+        "map_elements": True,
     }
     fast = _fast_address()
     if fast:
@@ -779,6 +782,8 @@ class _FastServer:
                 _report = None
                 _signal.signal(signal.SIGINT, saved)
             reply["started"] = began  # PendingResult.started (the engine's clock)
+            # and how long ago, for a client whose clock differs from this host's
+            reply["ran"] = time.monotonic() - started
             # an output flushed by ipykernel's timer (every flush_interval) leaves no trace: an
             # operation that ran that long replies behind IOPub, as does one that printed
             interval = getattr(sys.stdout, "flush_interval", 0.2)

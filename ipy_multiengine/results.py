@@ -303,8 +303,8 @@ class PendingResult:
     def started(self) -> list[datetime | None]:
         """Per engine, when the engine began it (None: not yet, or it never said: a comm
         operation that ran while an async cell was running). A data operation on the fast
-        socket has no busy status: its reply says when it began (the engine's clock), so it is
-        known once the operation is done."""
+        socket has no busy status: its reply says how long ago it began (on this client's clock,
+        whatever the engine host's clock says), so it is known once the operation is done."""
         return [_when(f, "started") for f in self.futures]
 
     @property

@@ -457,3 +457,23 @@ def test_the_engine_helper_loads_no_client_code():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_started_stays_between_submitted_and_completed_with_a_skewed_engine_clock(mec):
+    """A remote engine's clock may be off by minutes: ``started`` (the engine's clock on the
+    fast socket) must still lie between this client's ``submitted`` and ``completed``, so
+    ``completed - started`` is never negative nor longer than the call. The skew is made by
+    shifting the engine helper's clock (the host's clock cannot be changed in a test)."""
+    mec.execute(
+        "import types as _t, time as _tm, ipy_multiengine.engine as _e\n"
+        "_e.time = _t.SimpleNamespace(time=lambda: _tm.time() + 3600, "
+        "monotonic=_tm.monotonic, sleep=_tm.sleep, perf_counter=_tm.perf_counter)",
+        targets=0,
+    )
+    try:
+        pr = mec.apply(time.sleep, 0.05, targets=0, block=False)
+        pr.get_result(timeout=10)
+        meta = pr.metadata[0]
+        assert meta["submitted"] <= meta["started"] <= meta["completed"], meta
+    finally:
+        mec.execute("_e.time = _tm", targets=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from IPython.utils.capture import capture_output
@@ -133,3 +134,18 @@ with Cluster(n=2, profile="h11") as mec:
     for what, held, left in report:
         assert held > 250, (what, held)  # the value really was ~300 MB
         assert left < 0.1 * 300, f"{what}: {left} MB still held after del (before: {before:.0f} MB)"
+
+
+def test_polling_a_running_call_with_short_waits_adds_nothing_to_its_futures(mec):
+    """``pr.wait(timeout=small)`` in a polling loop (a UI that checks on a long call) must not
+    leave something behind on the call's futures each time: they hold the result until the
+    user drops it, and every leftover runs when the call ends. (Counted through the futures'
+    ``_done_callbacks``: concurrent.futures has no public count.)"""
+    pr = mec.apply(time.sleep, 2, targets=0, block=False)
+    try:
+        before = len(pr.futures[0]._done_callbacks)
+        for _ in range(300):
+            assert not pr.wait(timeout=0.001)
+        assert len(pr.futures[0]._done_callbacks) <= before + 1
+    finally:
+        pr.get_result(timeout=30)
