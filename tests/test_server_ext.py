@@ -672,3 +672,60 @@ def test_a_heartbeat_watch_that_fails_is_shown_and_retried_with_a_bound(cluster)
     finally:
         watcher.stop().result(10)
         path.unlink(missing_ok=True)
+
+
+def test_a_watch_that_cannot_start_is_shown_and_retried_with_a_bound(cluster, monkeypatch):
+    """An engine whose watch cannot even start (its file's ``iopub_port`` makes the IPC address
+    too long for a socket path: ``start_channels`` raises a real ZMQError) is shown 'unknown'
+    with the reason and started again on later scans, at most ``MAX_WATCH_ATTEMPTS`` times.
+    (Before, only a log line said so; the row was a bare 'unknown', and the watch was never
+    tried again while the file stayed the same.) The real ``EngineWatch.start`` runs; it is
+    only counted."""
+    from faultlib import wait_for
+
+    from ipy_multiengine.server import Watcher, watch
+
+    profile = f"nostart{os.getpid()}"
+    starts: list[int] = []  # the bad engine's (the session cluster is watched too)
+    real_start = watch.EngineWatch.start
+
+    def counted(self, changed):
+        if self.connection["iopub_port"] == 10**120:
+            starts.append(self.eid)
+        return real_start(self, changed)
+
+    monkeypatch.setattr(watch.EngineWatch, "start", counted)
+
+    def bad_iopub(e):
+        if e["id"] == 0:
+            e["connection"]["iopub_port"] = 10**120
+
+    path = _attached_copy(profile, bad_iopub)
+    watcher = Watcher(interval=0.1)
+    watcher.start()
+    try:
+        rows = wait_for(
+            lambda: (
+                (r := _watch_rows(watcher, f"cluster-{profile}")) and r[0].get("watch_error") and r
+            ),
+            10,
+            "the watch that could not start shown",
+        )
+        assert rows[0]["state"] == "unknown", rows[0]
+        assert "could not start: ZMQError" in rows[0]["watch_error"], rows[0]
+        n = watch.MAX_WATCH_ATTEMPTS
+        rows = wait_for(
+            lambda: (
+                (r := _watch_rows(watcher, f"cluster-{profile}"))
+                and "gave up" in (r[0]["watch_error"] or "")
+                and r
+            ),
+            30,
+            "the retries given up",
+        )
+        assert f"gave up after {n} attempts" in rows[0]["watch_error"], rows[0]
+        assert starts == [0] * n, starts
+        assert rows[1]["state"] == "idle" and rows[1]["watch_error"] is None, rows[1]
+    finally:
+        watcher.stop().result(10)
+        path.unlink(missing_ok=True)

@@ -108,7 +108,13 @@ class EngineWatch:
             if task is not None:
                 task.cancel()
         if self.client is not None:
-            self.client.stop_channels()
+            try:
+                self.client.stop_channels()
+            except zmq.ZMQError:  # a start that failed half-way: stop_channels would reconnect
+                for name in ("_shell_channel", "_iopub_channel", "_control_channel"):
+                    channel = getattr(self.client, name, None)  # only the ones created
+                    if channel is not None:
+                        channel.stop()
             self.client = None
 
     async def _first_state(self, changed: Any) -> None:
@@ -362,7 +368,7 @@ class Watcher:
                     try:
                         w.start(self._changed)
                     except Exception as exc:
-                        log.warning("cannot watch engine %s of %s: %s", eid, key, exc)
+                        w.fail(f"watch could not start: {type(exc).__name__}: {exc}")
         self._scanned = scanned
         self._publish()
 
