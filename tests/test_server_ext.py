@@ -552,3 +552,180 @@ def test_scans_never_overlap(monkeypatch):
     finally:
         w.stop().result(timeout=10)
     assert most[0] == 1, f"{most[0]} scans ran at once"
+
+
+def _watch_rows(watcher, key):
+    c = cluster_of(watcher.snapshot(), key)
+    return {e["id"]: e for e in c["engines"]} if c else {}
+
+
+def test_a_malformed_iopub_message_does_not_stop_watching_the_engine(mec, tmp_path):
+    """A signed IOPub message of the wrong shape (here: an ``execute_input`` whose content is a
+    list, signed with the cluster key and published for real by engine 0 itself on its
+    kernel's IOPub socket, so it reaches the watcher's subscription) is skipped: the watch
+    goes on, and the row follows the engine (idle, busy, idle). (Before, the exception ended
+    the engine's reader task silently: its row stayed as the message found it, here 'busy',
+    for ever.)"""
+    from faultlib import wait_for
+
+    from ipy_multiengine.server import Watcher
+
+    watcher = Watcher(interval=0.2)
+    watcher.start()
+    go = tmp_path / "go"
+    try:
+        wait_for(
+            lambda: _watch_rows(watcher, "cluster-tests").get(0, {}).get("state") == "idle",
+            10,
+            "engine 0 idle",
+        )
+        mec.execute(  # Session.send refuses such content: the frames are signed by hand
+            "from jupyter_client.session import DELIM\nk = get_ipython().kernel; s = k.session\n"
+            "parts = [s.pack(s.msg_header('execute_input')), s.pack({}), s.pack({}),"
+            " s.pack(['not', 'a', 'dict'])]\n"
+            "k.iopub_socket.send_multipart([b'bad', DELIM, s.sign(parts), *parts])",
+            targets=0,
+        )
+        idle = lambda: _watch_rows(watcher, "cluster-tests")[0]["state"] == "idle"  # noqa: E731
+        wait_for(idle, 10, "engine 0 idle after the cell that sent the malformed message")
+        pr = mec.execute(
+            f"import pathlib, time\nwhile not pathlib.Path({str(go)!r}).exists():\n"
+            "    time.sleep(0.02)",
+            targets=0,
+            block=False,
+        )
+        wait_for(
+            lambda: _watch_rows(watcher, "cluster-tests")[0]["state"] == "busy",
+            10,
+            "engine 0 seen busy after the malformed message",
+        )
+        go.touch()
+        pr.get_result(timeout=10)
+        wait_for(idle, 10, "engine 0 idle again")
+        row = _watch_rows(watcher, "cluster-tests")[0]
+        assert row.get("watch_error") is None, row
+    finally:
+        go.touch()
+        watcher.stop().result(10)
+
+
+def _attached_copy(profile, change):
+    """A cluster file of attached kernels (no owner) naming engines 0 and 1 of the session
+    cluster, each entry passed through ``change(entry)``; returns its path."""
+    from ipy_multiengine import clusterfile
+
+    spec = clusterfile.read_spec(clusterfile.cluster_file_path("tests"))
+    engines = []
+    for e in spec["engines"][:2]:
+        e = json.loads(json.dumps(e))
+        for k in ("pid", "create_time", "owner"):
+            e.pop(k, None)
+        change(e)
+        engines.append(e)
+    path = clusterfile.cluster_file_path(profile)
+    clusterfile.write_cluster(path, {"profile": profile, "engines": engines})
+    return path
+
+
+def test_a_heartbeat_watch_that_fails_is_shown_and_retried_with_a_bound(cluster):
+    """An engine on another host whose heartbeat watch fails with a socket error (its file's
+    ``hb_port`` is a 121-digit number: the session cluster's IPC address becomes longer than a
+    socket path may be, and libzmq's connect raises a real ZMQError in the heartbeat task)
+    is shown 'unknown' with the error, is retried on later scans, and is given up after
+    ``MAX_WATCH_ATTEMPTS`` (said in the reason). (Before, the heartbeat task died silently
+    and the row stayed 'idle': a dead host would never have turned red.)"""
+    from faultlib import wait_for
+
+    from ipy_multiengine.server import Watcher, watch
+
+    profile = f"hb{os.getpid()}"
+
+    def remote_bad_hb(e):
+        e["host"] = "elsewhere.invalid"
+        e["connection"]["hb_port"] = 10**120
+
+    path = _attached_copy(profile, remote_bad_hb)
+    watcher = Watcher(interval=0.1)
+    watcher.start()
+    try:
+        rows = wait_for(
+            lambda: (
+                (r := _watch_rows(watcher, f"cluster-{profile}")) and r[1].get("watch_error") and r
+            ),
+            10,
+            "the failed heartbeat watch shown",
+        )
+        assert rows[1]["state"] == "unknown", rows[1]
+        assert "heartbeat watch failed: ZMQError" in rows[1]["watch_error"], rows[1]
+        n = watch.MAX_WATCH_ATTEMPTS
+        rows = wait_for(
+            lambda: (
+                (r := _watch_rows(watcher, f"cluster-{profile}"))
+                and "gave up" in (r[1]["watch_error"] or "")
+                and r
+            ),
+            30,
+            "the retries given up",
+        )
+        assert f"gave up after {n} attempts" in rows[1]["watch_error"], rows[1]
+        assert rows[1]["state"] == "unknown", rows[1]
+    finally:
+        watcher.stop().result(10)
+        path.unlink(missing_ok=True)
+
+
+def test_a_watch_that_cannot_start_is_shown_and_retried_with_a_bound(cluster, monkeypatch):
+    """An engine whose watch cannot even start (its file's ``iopub_port`` makes the IPC address
+    too long for a socket path: ``start_channels`` raises a real ZMQError) is shown 'unknown'
+    with the reason and started again on later scans, at most ``MAX_WATCH_ATTEMPTS`` times.
+    (Before, only a log line said so; the row was a bare 'unknown', and the watch was never
+    tried again while the file stayed the same.) The real ``EngineWatch.start`` runs; it is
+    only counted."""
+    from faultlib import wait_for
+
+    from ipy_multiengine.server import Watcher, watch
+
+    profile = f"nostart{os.getpid()}"
+    starts: list[int] = []  # the bad engine's (the session cluster is watched too)
+    real_start = watch.EngineWatch.start
+
+    def counted(self, changed):
+        if self.connection["iopub_port"] == 10**120:
+            starts.append(self.eid)
+        return real_start(self, changed)
+
+    monkeypatch.setattr(watch.EngineWatch, "start", counted)
+
+    def bad_iopub(e):
+        if e["id"] == 0:
+            e["connection"]["iopub_port"] = 10**120
+
+    path = _attached_copy(profile, bad_iopub)
+    watcher = Watcher(interval=0.1)
+    watcher.start()
+    try:
+        rows = wait_for(
+            lambda: (
+                (r := _watch_rows(watcher, f"cluster-{profile}")) and r[0].get("watch_error") and r
+            ),
+            10,
+            "the watch that could not start shown",
+        )
+        assert rows[0]["state"] == "unknown", rows[0]
+        assert "could not start: ZMQError" in rows[0]["watch_error"], rows[0]
+        n = watch.MAX_WATCH_ATTEMPTS
+        rows = wait_for(
+            lambda: (
+                (r := _watch_rows(watcher, f"cluster-{profile}"))
+                and "gave up" in (r[0]["watch_error"] or "")
+                and r
+            ),
+            30,
+            "the retries given up",
+        )
+        assert f"gave up after {n} attempts" in rows[0]["watch_error"], rows[0]
+        assert starts == [0] * n, starts
+        assert rows[1]["state"] == "idle" and rows[1]["watch_error"] is None, rows[1]
+    finally:
+        watcher.stop().result(10)
+        path.unlink(missing_ok=True)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 SCAN_INTERVAL = 1.0
 #: seconds an engine gets to answer the first kernel_info before it counts as busy
 FIRST_INFO_WAIT = 1.0
+#: a watch that failed is started again on a later scan, at most this many times in all
+MAX_WATCH_ATTEMPTS = 5
 
 
 def cluster_key(path: Any) -> str:
@@ -68,21 +70,51 @@ class EngineWatch:
         self.task: asyncio.Task | None = None
         self.first: asyncio.Task | None = None
         self.beater: asyncio.Task | None = None
+        #: why this watch stopped working (its row shows 'unknown' and this), or None
+        self.failed: str | None = None
+        #: watches of this engine started so far, this one included (failed ones are retried)
+        self.attempts = 1
+        #: (monotonic) when the watch failed
+        self.failed_at = 0.0
 
     def start(self, changed: Any) -> None:
         client = self.client = AsyncKernelClient()
         client.load_connection_info(self.connection)  # type: ignore[arg-type]  # a plain dict
         client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
         self.task = asyncio.ensure_future(self._read(changed))
+        self.task.add_done_callback(lambda t: self._ended(t, "IOPub", changed))
         if self.remote and self.connection.get("hb_port"):
             self.beater = asyncio.ensure_future(self._beat(changed))
+            self.beater.add_done_callback(lambda t: self._ended(t, "heartbeat", changed))
+
+    def fail(self, why: str) -> None:
+        """(loop thread) Stop this watch for good, recording ``why`` for the snapshot."""
+        if self.failed is None:
+            self.failed = why
+            self.failed_at = time.monotonic()
+            log.warning("engine %s: %s", self.eid, why)
+        self.stop()
+
+    def _ended(self, task: asyncio.Task, what: str, changed: Any) -> None:
+        """(loop thread) A reader or heartbeat task ended: unless cancelled, the watch failed."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        self.fail(f"{what} watch failed: {type(exc).__name__}: {exc}" if exc else f"{what} ended")
+        changed()
 
     def stop(self) -> None:
         for task in (self.task, self.beater):
             if task is not None:
                 task.cancel()
         if self.client is not None:
-            self.client.stop_channels()
+            try:
+                self.client.stop_channels()
+            except zmq.ZMQError:  # a start that failed half-way: stop_channels would reconnect
+                for name in ("_shell_channel", "_iopub_channel", "_control_channel"):
+                    channel = getattr(self.client, name, None)  # only the ones created
+                    if channel is not None:
+                        channel.stop()
             self.client = None
 
     async def _first_state(self, changed: Any) -> None:
@@ -145,7 +177,18 @@ class EngineWatch:
             except Exception as exc:  # a bad message: log it, keep watching
                 log.warning("engine %s: unreadable IOPub message: %s", self.eid, exc)
                 continue
-            if self._on_iopub(msg):
+            try:
+                news = self._on_iopub(msg)
+            except Exception as exc:  # a signed message of the wrong shape: skip it
+                log.warning(
+                    "engine %s: malformed IOPub message %r skipped: %s: %s",
+                    self.eid,
+                    str(msg.get("msg_type"))[:40],
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
+            if news:
                 changed()
 
     def _on_iopub(self, msg: dict) -> bool:
@@ -187,6 +230,7 @@ class EngineWatch:
             "host": self.host,
             "kernel_name": self.kernel_name,
             "debugger": self.debugger,
+            "watch_error": self.failed,
             **usage,
         }
 
@@ -304,25 +348,39 @@ class Watcher:
                 engines.pop(eid).stop()
             for eid, e in entries.items():
                 old = engines.get(eid)
+                attempts = 0
                 if (
                     old is not None
                     and old.connection == e["connection"]
                     and old.pid == e.get("pid")
                     and old.host == (e.get("host", spec.get("host")) or "")
                 ):
-                    continue  # the same process as before
+                    if old.failed is None or not self._retry_due(old):
+                        continue  # the same process as before (or its failed watch, resting)
+                    attempts = old.attempts  # the same process: a retry of its failed watch
                 if old is not None:
                     old.stop()  # restarted: a new process or new ports
                     del engines[eid]
                 u = found["usage"].get(eid, {})
                 if watchable and not u.get("dead"):
                     w = engines[eid] = EngineWatch(eid, e, spec, remote=not u.get("local"))
+                    w.attempts = attempts + 1
                     try:
                         w.start(self._changed)
                     except Exception as exc:
-                        log.warning("cannot watch engine %s of %s: %s", eid, key, exc)
+                        w.fail(f"watch could not start: {type(exc).__name__}: {exc}")
         self._scanned = scanned
         self._publish()
+
+    def _retry_due(self, w: EngineWatch) -> bool:
+        """Is it time to start a failed watch again? Back off (one scan interval, doubled per
+        failure, at most 30 s); after ``MAX_WATCH_ATTEMPTS`` it stays failed (shown so)."""
+        if w.attempts >= MAX_WATCH_ATTEMPTS:
+            if "gave up" not in (w.failed or ""):
+                w.failed = f"{w.failed} (gave up after {w.attempts} attempts)"
+            return False
+        delay = min(self.interval * 2 ** (w.attempts - 1), 30.0)
+        return time.monotonic() - w.failed_at >= delay
 
     def _changed(self) -> None:
         """(loop thread) An engine's state changed: publish (coalesced within one loop turn)."""
@@ -346,6 +404,8 @@ class Watcher:
                 row = w.row(usage)
                 if usage.get("dead"):
                     row["state"] = "dead"
+                elif w.failed:  # not watched any more: what it does is not known
+                    row["state"] = "unknown"
                 elif w.dead:  # by heartbeat: an engine psutil cannot see
                     row["state"], row["dead"] = "dead", w.dead
                 elif d.get("state") == "stale":
