@@ -473,6 +473,35 @@ def test_a_failed_add_leaves_no_dead_engine_behind():
         assert mec.apply(lambda: engine_id) == [0, 1]  # noqa: F821
 
 
+def test_a_call_on_all_engines_during_a_failed_add_never_sees_the_failed_engine():
+    """A failed add_engines published its engine as dead on the loop, and only forgot it
+    after the launcher had stopped it: meanwhile every call on all engines from another thread
+    failed with "engine 1 is dead (failed to start ...)" for an engine it was never given."""
+    import threading
+
+    from ipy_multiengine import Cluster
+
+    with Cluster(n=1, profile="rvfix-failadd") as mec:
+        cluster = mec.owner
+        errors: list = []
+
+        def add() -> None:
+            try:
+                cluster.add_engines(1, timeout=0.001)
+            except client.EngineError as exc:
+                errors.append(exc)
+
+        adder = threading.Thread(target=add)
+        adder.start()
+        seen = []
+        while adder.is_alive():
+            seen.append(mec.apply(lambda: engine_id, targets="all", block=True))  # noqa: F821
+        adder.join(60)
+        assert errors and "did not answer" in str(errors[0])
+        assert {tuple(s) for s in seen} <= {(0,)}
+        assert mec.get_ids() == [0] and mec.get_ids().dead == {}
+
+
 def test_send_signal_refuses_an_engine_whose_process_has_exited():
     """An exited, reaped engine process leaves only its number, which the OS may give to an
     unrelated process group: the launcher refuses to signal it (it used to killpg the stale
