@@ -1431,6 +1431,9 @@ class Controller:
         fut = req.future
         if isinstance(started, float) and isinstance(fut, RequestFuture) and fut.started is None:
             fut.started = started  # no busy status on the fast socket: the engine says when
+            ran = data.get("ran")  # and how long ago: the start on this process's monotonic clock
+            if isinstance(ran, (int, float)) and ran >= 0:
+                fut.mono["started"] = max(time.monotonic() - ran, fut.mono["submitted"])
         out: dict[str, Any] = {
             "stdout": "".join(req.stdout),
             "stderr": "".join(req.stderr),

@@ -779,6 +779,8 @@ class _FastServer:
                 _report = None
                 _signal.signal(signal.SIGINT, saved)
             reply["started"] = began  # PendingResult.started (the engine's clock)
+            # and for durations, how long ago (monotonic here; the clocks' offset cancels out)
+            reply["ran"] = time.monotonic() - started
             # an output flushed by ipykernel's timer (every flush_interval) leaves no trace: an
             # operation that ran that long replies behind IOPub, as does one that printed
             interval = getattr(sys.stdout, "flush_interval", 0.2)

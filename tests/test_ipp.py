@@ -201,6 +201,24 @@ def test_pending_result_metadata_per_engine(mec, capsys):
     assert all(m["completed"] for m in applied.metadata)
 
 
+def test_serial_time_of_a_queued_apply_counts_from_when_its_engine_started_it(mec):
+    """An apply answered on the fast socket has no busy status: the engine's 'started' stamp
+    filled PendingResult.started but not the monotonic start durations use, so its
+    serial_time counted from submission, including the time it waited behind another call
+    (here: about twice the time the engine spent on it)."""
+    import time
+
+    ahead = mec.apply(time.sleep, 0.5, targets=[0], block=False)
+    queued = mec.apply(time.sleep, 0.5, targets=[0], block=False)
+    queued.get_result(timeout=30)
+    ahead.get_result(timeout=30)
+    assert queued.started[0] is not None and queued.started[0] > queued.submitted[0]
+    assert 0.45 <= queued.serial_time <= queued.elapsed - 0.25, (
+        queued.serial_time,
+        queued.elapsed,
+    )
+
+
 def test_abort_skips_queued_requests_never_running_ones(mec):
     from faultlib import wait_for
 
