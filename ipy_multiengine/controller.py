@@ -1757,16 +1757,20 @@ class Controller:
         ``CommReply``. ``on_progress(eid, done)``: the engines' progress reports (a map block
         sent with ``data["progress"]``), on the controller's thread."""
 
-        packed: list[bytes] = []  # the content is the same for every engine: packed once
+        # the content is the same for every engine (with a stdin or without): packed once
+        packed: dict[bool, bytes] = {}
 
         def build(conn: EngineConn, _frames: list, fut: Future) -> tuple[dict, Request]:
+            # input() in the operation asks the user only where this client reads the stdin
+            has_stdin = "stdin_port" in conn.info
+            content = dict(data, stdin=True) if has_stdin else data
             if conn.fast:
-                if not packed:
-                    packed.append(conn.session.pack(dict(data, op=op)))
-                msg = self._fast_msg(conn, packed[0])
+                if has_stdin not in packed:
+                    packed[has_stdin] = conn.session.pack(dict(content, op=op))
+                msg = self._fast_msg(conn, packed[has_stdin])
             else:
                 msg = wire.with_rid(
-                    conn.session.msg("comm_msg", wire.comm_op_content(conn.comm_id, op, data))
+                    conn.session.msg("comm_msg", wire.comm_op_content(conn.comm_id, op, content))
                 )
             req = self._new_request(
                 conn,
