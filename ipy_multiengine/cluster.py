@@ -732,7 +732,10 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         self._adding.update(ids)
         try:
             self.client.controller.add_engines(
-                infos, {e: self.launcher.liveness(e) for e in ids}, timeout=timeout or 3600
+                infos,
+                {e: self.launcher.liveness(e) for e in ids},
+                timeout=timeout or 3600,
+                forget_failed=True,  # stopped below: never listed, not even as dead
             )
         except BaseException:
             # engines that connected stay (e.g. their on_start code is still running: they

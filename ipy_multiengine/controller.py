@@ -329,25 +329,30 @@ class Controller:
         engines: dict[int, dict],
         liveness: dict[int, Callable[[], str | None]] | None = None,
         timeout: float = 60.0,
+        forget_failed: bool = False,
     ) -> None:
         """Connect (or reconnect, replacing the old connection) engines by id; blocks until
-        ready."""
+        ready. ``forget_failed``: a new id whose connection fails is dropped, never listed (its
+        owner stops it), instead of being kept as dead for a restart."""
         if self._closed:
             raise EngineError("this client is closed")
-        _loop.run(self.add_engines_async(engines, liveness, timeout))
+        _loop.run(self.add_engines_async(engines, liveness, timeout, forget_failed))
 
     async def add_engines_async(
         self,
         engines: dict[int, dict],
         liveness: dict[int, Callable[[], str | None]] | None = None,
         timeout: float = 60.0,
+        forget_failed: bool = False,
     ) -> None:
         for eid in engines:
             if liveness and eid in liveness:
                 self._liveness[eid] = liveness[eid]
             elif eid in self._liveness and liveness is not None:
                 self._liveness.pop(eid)
-        await self._add_engines(dict(engines), timeout, keep_others=True)
+        await self._add_engines(
+            dict(engines), timeout, keep_others=True, forget_failed=forget_failed
+        )
         if self.heartbeat and (self._beater is None or self._beater.done()):
             self._beater = self._spawn(self._heartbeats())
 
@@ -393,7 +398,11 @@ class Controller:
         self._publish(conn)
 
     async def _add_engines(
-        self, engines: dict[int, dict], timeout: float, keep_others: bool = False
+        self,
+        engines: dict[int, dict],
+        timeout: float,
+        keep_others: bool = False,
+        forget_failed: bool = False,
     ) -> None:
         conns = [
             EngineConn(eid, info, self._liveness.get(eid)) for eid, info in sorted(engines.items())
@@ -411,18 +420,39 @@ class Controller:
             await self._connect(c, timeout)
             self._connected(c)
 
+        def still_starting(conn: EngineConn) -> bool:
+            # alive, still running slow on_start code: it becomes ready by itself
+            return conn.init_task is not None and not conn.init_task.done() and not conn.dead
+
+        results: list[Any] = []
         try:
             results = await asyncio.gather(*(connect(c) for c in conns), return_exceptions=True)
         finally:
+            # a new engine that failed and is to be forgotten is never published at all
+            gone = {
+                c.eid
+                for c, r in zip(conns, results, strict=False)
+                if forget_failed
+                and c.eid in joining
+                and isinstance(r, BaseException)
+                and not c.ready
+                and not still_starting(c)
+            }
             self._joining -= joining
             for conn in conns:
-                self._publish(conn)
+                if conn.eid in gone:  # dropped first: the teardown publishes nothing
+                    self._engines.pop(conn.eid, None)
+                    self._liveness.pop(conn.eid, None)
+                    self._teardown(conn, "startup failed")
+                else:
+                    self._publish(conn)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for conn, res in zip(conns, results, strict=True):
+                if conn.eid in gone:
+                    continue
                 if keep_others:
-                    if conn.init_task is not None and not conn.init_task.done() and not conn.dead:
-                        # alive, still running slow on_start code: it becomes ready by itself
+                    if still_starting(conn):
                         continue
                     if conn.ready:
                         continue  # this one connected; only the others failed
@@ -1409,7 +1439,7 @@ class Controller:
             return
         started = min(max(float(started), fut.submitted), now)
         fut.started = started
-        fut.mono["started"] = mono - (now - started)
+        fut.mono["started"] = max(mono - (now - started), fut.mono["submitted"])  # serial_time
 
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
         fut = req.future
@@ -1738,16 +1768,20 @@ class Controller:
         ``CommReply``. ``on_progress(eid, done)``: the engines' progress reports (a map block
         sent with ``data["progress"]``), on the controller's thread."""
 
-        packed: list[bytes] = []  # the content is the same for every engine: packed once
+        # the content is the same for every engine (with a stdin or without): packed once
+        packed: dict[bool, bytes] = {}
 
         def build(conn: EngineConn, _frames: list, fut: Future) -> tuple[dict, Request]:
+            # input() in the operation asks the user only where this client reads the stdin
+            has_stdin = "stdin_port" in conn.info
+            content = dict(data, stdin=True) if has_stdin else data
             if conn.fast:
-                if not packed:
-                    packed.append(conn.session.pack(dict(data, op=op)))
-                msg = self._fast_msg(conn, packed[0])
+                if has_stdin not in packed:
+                    packed[has_stdin] = conn.session.pack(dict(content, op=op))
+                msg = self._fast_msg(conn, packed[has_stdin])
             else:
                 msg = wire.with_rid(
-                    conn.session.msg("comm_msg", wire.comm_op_content(conn.comm_id, op, data))
+                    conn.session.msg("comm_msg", wire.comm_op_content(conn.comm_id, op, content))
                 )
             req = self._new_request(
                 conn,

@@ -552,13 +552,42 @@ def _on_msg(comm: Any, msg: dict) -> None:
     _send_reply(comm, reply, frames)
 
 
+@contextlib.contextmanager
+def _input_forwarded(data: dict) -> Any:
+    """``input()``/``getpass()`` in an operation ask the client that sent it (when it reads
+    this engine's stdin: ``data["stdin"]``), as ipykernel arranges for an execute only (else
+    they read the kernel's own stdin: ``EOFError``). Left alone when an execute running
+    meanwhile (an async cell) has them forwarded already."""
+    import builtins
+
+    if not data.get("stdin"):
+        yield
+        return
+    ip = get_ipython()
+    kernel = getattr(ip, "kernel", None)
+    if kernel is None or not hasattr(kernel, "_forward_input"):
+        yield
+        return
+    if getattr(builtins.input, "__self__", None) is kernel:
+        yield
+        return
+    allowed = getattr(kernel, "_allow_stdin", False)
+    kernel._forward_input(allow_stdin=True)
+    try:
+        yield
+    finally:
+        kernel._restore_input()
+        kernel._allow_stdin = allowed
+
+
 def _run_op(data: dict, buffers: list) -> tuple[dict, list]:
     """Run one operation; its reply and frames (an error reply when it raises: never none)."""
     rid = data.get("rid")
     try:
         op = OPS[data["op"]]
         began = time.perf_counter()
-        frames = op(data, buffers)
+        with _input_forwarded(data):
+            frames = op(data, buffers)
         # the op's own seconds: a load-balanced map sizes its chunks by them (balanced.py)
         reply: dict = {"rid": rid, "status": "ok", "seconds": time.perf_counter() - began}
     except _ItemError as err:

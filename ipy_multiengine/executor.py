@@ -124,6 +124,7 @@ class EngineExecutor(cf.Executor):
         self._pending: set[cf.Future] = set()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
+        self._on_worker = threading.local()  # .active: this thread completes our tasks
         self._shutdown = False
 
     @property
@@ -217,7 +218,9 @@ class EngineExecutor(cf.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No more tasks; ``cancel_futures`` cancels the queued ones; ``wait`` waits for the rest
-        (Ctrl-C stops the wait, the tasks keep running)."""
+        (Ctrl-C stops the wait, the tasks keep running). From a done-callback of this executor
+        (its completion thread) ``wait=True`` raises ``RuntimeError`` once shut down, as the
+        standard library's pools do: that thread would wait for itself."""
         with self._lock:
             self._shutdown = True
             dropped: list[cf.Future] = []
@@ -228,6 +231,14 @@ class EngineExecutor(cf.Executor):
             left = list(self._pending)
         for fut in dropped:  # outside the lock: their done-callbacks run here
             fut.cancel()
+        if wait and getattr(self._on_worker, "active", False):
+            if any(not f.done() for f in left):
+                raise RuntimeError(
+                    "shutdown(wait=True) in a done-callback of this executor: its completion "
+                    "thread cannot wait for its own tasks (the executor is shut down; use "
+                    "wait=False)"
+                )
+            return
         if wait and left:
             stdin.wait(left)
 
@@ -305,6 +316,7 @@ class EngineExecutor(cf.Executor):
 
     # ------------------------------------------------------------------ completions (own thread)
     def _complete_loop(self) -> None:
+        self._on_worker.active = True
         while True:
             eid, task, fut = self._events.get()
             try:

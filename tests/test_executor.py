@@ -270,3 +270,29 @@ def test_futures_are_resolved_with_no_executor_lock_held(mec, tmp_path):
     assert queued.cancelled() and got == [True]
     open(release, "w").close()
     assert running.result(timeout=20) > 0
+
+
+def test_shutdown_waiting_from_a_done_callback_does_not_hang(mec, tmp_path):
+    # a done-callback runs on the executor's one completion thread; shutdown(wait=True) there
+    # waited for tasks only that thread can complete: every later task hung for good. Like
+    # the standard library's pools it now refuses (RuntimeError, logged by the Future), and
+    # the executor is shut down and completes the rest.
+    release = str(tmp_path / "go")
+    ex = mec.executor(targets=[0, 1], balanced=False)
+    first = ex.submit(pid)
+    slow = ex.submit(block_until, release)
+    errors: list = []
+
+    def callback(fut):
+        try:
+            ex.shutdown(wait=True)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    first.add_done_callback(callback)
+    assert first.result(timeout=20) > 0
+    open(release, "w").close()
+    assert slow.result(timeout=20) > 0, "the completion thread waited for itself"
+    assert errors and "completion thread" in str(errors[0])
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(pid)

@@ -201,6 +201,24 @@ def test_pending_result_metadata_per_engine(mec, capsys):
     assert all(m["completed"] for m in applied.metadata)
 
 
+def test_serial_time_of_a_queued_apply_counts_from_when_its_engine_started_it(mec):
+    """An apply answered on the fast socket has no busy status: the engine's 'started' stamp
+    filled PendingResult.started but not the monotonic start durations use, so its
+    serial_time counted from submission, including the time it waited behind another call
+    (here: about twice the time the engine spent on it)."""
+    import time
+
+    ahead = mec.apply(time.sleep, 0.5, targets=[0], block=False)
+    queued = mec.apply(time.sleep, 0.5, targets=[0], block=False)
+    queued.get_result(timeout=30)
+    ahead.get_result(timeout=30)
+    assert queued.started[0] is not None and queued.started[0] > queued.submitted[0]
+    assert 0.45 <= queued.serial_time <= queued.elapsed - 0.25, (
+        queued.serial_time,
+        queued.elapsed,
+    )
+
+
 def test_abort_skips_queued_requests_never_running_ones(mec):
     from faultlib import wait_for
 
@@ -471,6 +489,35 @@ def test_a_failed_add_leaves_no_dead_engine_behind():
         assert mec.apply(lambda: engine_id) == [0]  # noqa: F821 (an engine name)
         assert cluster.add_engines(1) == [1]
         assert mec.apply(lambda: engine_id) == [0, 1]  # noqa: F821
+
+
+def test_a_call_on_all_engines_during_a_failed_add_never_sees_the_failed_engine():
+    """A failed add_engines published its engine as dead on the loop, and only forgot it
+    after the launcher had stopped it: meanwhile every call on all engines from another thread
+    failed with "engine 1 is dead (failed to start ...)" for an engine it was never given."""
+    import threading
+
+    from ipy_multiengine import Cluster
+
+    with Cluster(n=1, profile="rvfix-failadd") as mec:
+        cluster = mec.owner
+        errors: list = []
+
+        def add() -> None:
+            try:
+                cluster.add_engines(1, timeout=0.001)
+            except client.EngineError as exc:
+                errors.append(exc)
+
+        adder = threading.Thread(target=add)
+        adder.start()
+        seen = []
+        while adder.is_alive():
+            seen.append(mec.apply(lambda: engine_id, targets="all", block=True))  # noqa: F821
+        adder.join(60)
+        assert errors and "did not answer" in str(errors[0])
+        assert {tuple(s) for s in seen} <= {(0,)}
+        assert mec.get_ids() == [0] and mec.get_ids().dead == {}
 
 
 def test_send_signal_refuses_an_engine_whose_process_has_exited():

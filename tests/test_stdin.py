@@ -377,3 +377,22 @@ def test_prompt_is_not_written_onto_a_progress_bar(mec, monkeypatch):
     assert len(prompts) == 2 and all(
         re.fullmatch(r"\[[01]\] name\? typed", ln) for ln in prompts
     ), shown
+
+
+def test_input_in_an_applied_function_asks_the_user(mec, monkeypatch):
+    """``input()`` inside a function run by ``mec.apply`` read the engine kernel's own stdin
+    (ipykernel forwards it for execute requests only): ``EOFError: EOF when reading a line``
+    on the engine, although the engine helper sets the request as parent for exactly this."""
+    prompts: list[str] = []
+
+    def fake_input(prompt=""):
+        prompts.append(prompt)
+        return "typed"
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert mec.apply(lambda: input("who? "), targets=[1]) == ["typed"]
+    assert prompts == ["[1] who? "]
+    # the engine's own input() is back as it was: an execute still forwards it by itself
+    assert mec.execute("x = input('again? ')", targets=[1]) and mec.pull("x", targets=1) == [
+        "typed"
+    ]
