@@ -695,6 +695,13 @@ class _FastServer:
         else:
             port = sock.bind_to_random_port(f"tcp://{app.ip}")
             self.address = {"transport": "tcp", "port": port}
+        # the signature covers no buffer: on TCP without CurveZMQ (where others may see or
+        # alter the traffic) requests and replies also sign a digest of their buffers; a unix
+        # socket in the 0700 runtime dir, or Curve's authenticated encryption, protects them
+        self.digest = app.transport != "ipc" and app.curve_secretkey is None
+        # requests name their engine in the signed header (``eid``), and ``digest`` says
+        # whether they must sign their buffers: a client without this would send neither
+        self.address["signed"] = {"eid": True, "digest": self.digest}
         self.sock = sock
         import atexit
 
@@ -728,11 +735,18 @@ class _FastServer:
         idents, rest = self.session.feed_identities(frames, copy=False)
         try:
             msg = wire.deserialize(self.session, rest)
+            header = msg["header"]
+            # signed for another engine of this cluster (they share the key), or with
+            # buffers other than the ones it was signed with
+            if header.get("eid") != _engine_id[0]:
+                raise ValueError(
+                    f"signed for engine {header.get('eid')!r}, this is engine {_engine_id[0]!r}"
+                )
+            wire.check_buffers(header, msg["buffers"], self.digest)
         except Exception as exc:  # unsigned, forged or replayed: not unpickled, not answered
             _log.warning("ipy_multiengine: refused a message on the fast socket (%s)", exc)
             return
         data = msg["content"]
-        header = msg["header"]
         # the request's id and comm are in its header (wire.fast_request_header)
         data.setdefault("rid", header["msg_id"])
         data.setdefault("comm_id", header.get("comm_id", ""))
@@ -814,8 +828,11 @@ class _FastServer:
     def _send(self, idents: list, reply: dict, out: list, request: dict) -> None:
         zmq = self.zmq
         session = self.session
+        header = wire.FAST_REPLY_HEADER
+        if self.digest:
+            header = {**header, "bd": wire.buffers_digest(out)}
         head = idents + wire.fast_frames(
-            session, wire.FAST_REPLY_HEADER, {"msg_id": request.get("rid")}, session.pack(reply)
+            session, header, {"msg_id": request.get("rid")}, session.pack(reply)
         )
         if len(out) <= 1 or all(memoryview(b).nbytes < 65536 for b in out[1:]):
             self.sock.send_multipart(head + out)
