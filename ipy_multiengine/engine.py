@@ -200,10 +200,11 @@ def _set_engine_id(eid: int) -> None:
 
 def _on_open(comm: Any, msg: dict) -> None:
     comm.on_msg(lambda m: _on_msg(comm, m))
-    comm.on_close(lambda _m: _comms.pop(comm.comm_id, None))
+    comm.on_close(lambda _m: (_comms.pop(comm.comm_id, None), _comm_eids.pop(comm.comm_id, None)))
     _comms[comm.comm_id] = comm
     rid = msg["content"]["data"].get("rid")
     eid = msg["content"]["data"].get("engine_id")
+    _comm_eids[comm.comm_id] = eid
     if isinstance(eid, int):
         _set_engine_id(eid)
     reply = {
@@ -224,6 +225,8 @@ def _on_open(comm: Any, msg: dict) -> None:
 
 #: the open comms by id: an operation on the fast socket that printed replies on its client's comm
 _comms: dict[str, Any] = {}
+#: the engine id each open comm's client gave this engine (each client's may differ)
+_comm_eids: dict[str, Any] = {}
 
 
 def _op_push(data: dict, frames: list) -> list:
@@ -738,9 +741,11 @@ class _FastServer:
             header = msg["header"]
             # signed for another engine of this cluster (they share the key), or with
             # buffers other than the ones it was signed with
-            if header.get("eid") != _engine_id[0]:
+            comm_id = header.get("comm_id")
+            if comm_id not in _comm_eids or header.get("eid") != _comm_eids[comm_id]:
                 raise ValueError(
-                    f"signed for engine {header.get('eid')!r}, this is engine {_engine_id[0]!r}"
+                    f"signed for engine {header.get('eid')!r} (comm {comm_id!r}), not this "
+                    f"engine (engine {_comm_eids.get(comm_id, _engine_id[0])!r})"
                 )
             wire.check_buffers(header, msg["buffers"], self.digest)
         except Exception as exc:  # unsigned, forged or replayed: not unpickled, not answered

@@ -232,7 +232,8 @@ def test_unsigned_and_forged_messages_are_refused(mec, tmp_path):
     owner = Session(key=good_key.encode(), username="test")
     msg = owner.msg("ime_request", {"op": "ping"})
     msg["content"]["rid"] = msg["msg_id"]
-    msg["header"]["eid"] = 0  # the engine a request is for is signed too
+    # the engine a request is for and its client's comm there are signed too (white-box read)
+    msg["header"].update(eid=0, comm_id=mec.controller._conn(0).comm_id)
     reply = _ask(path, owner.serialize(msg), 10000)
     assert reply is not None and b'"status": "ok"' in reply[-1].replace(b'":"', b'": "')
     assert mec.apply(lambda: 5, targets=0) == [5]
