@@ -232,6 +232,8 @@ class EngineConn:
         self.shell_idle = asyncio.Event()  # set at a shell idle, cleared at busy
         #: data operations go on the engine's fast socket (issue 15.2), not the comm
         self.fast = False
+        #: the fast socket's messages sign a digest of their buffers (TCP without CurveZMQ)
+        self.fast_digest = False
         #: requests held back to keep this engine's order across the shell and the fast socket
         self.held: collections.deque[tuple[dict, Request, list]] = collections.deque()
         self.releasing = False
@@ -613,6 +615,23 @@ class Controller:
             and conn.info.get("transport") != "ipc"
         ):
             return  # a unix socket on the engine's host is not ours to reach
+        fast = conn.engine_info["fast"]
+        tcp = fast.get("transport") != "ipc"
+        signed = fast.get("signed")
+        if not isinstance(signed, dict):
+            if tcp:
+                # an engine of an older version: its requests would name no engine and sign
+                # no buffer, which anyone seeing the TCP traffic could redirect or change
+                log.warning(
+                    "engine %s: its fast socket (an older version) does not sign buffers; "
+                    "the comm carries its data",
+                    conn.eid,
+                )
+                return
+            signed = {}
+        conn.fast_digest = bool(signed.get("digest")) or (
+            tcp and not conn.info.get("curve_publickey")
+        )
         try:
             sock = self._socket(conn, "fast", zmq.DEALER, plain=True)
         except (zmq.ZMQError, KeyError, ValueError) as exc:
@@ -1084,6 +1103,8 @@ class Controller:
         try:
             _idents, msg_list = conn.session.feed_identities(frames, copy=False)
             msg = wire.deserialize(conn.session, msg_list)
+            if channel == "fast" and conn.fast_digest:
+                wire.check_buffers(msg["header"], msg["buffers"], True)
         except Exception as exc:
             log.warning(
                 "engine %s: dropped a bad message on %s (%s: %s)",
@@ -1507,7 +1528,7 @@ class Controller:
         msg_id = uuid.uuid4().hex
         return {
             "msg_id": msg_id,
-            "header": wire.fast_request_header(msg_id, conn.comm_id),
+            "header": wire.fast_request_header(msg_id, conn.comm_id, conn.eid),
             "packed": content,
         }
 
@@ -1520,11 +1541,13 @@ class Controller:
         ``Session.send`` would go through a sync shadow of the socket, which can swallow the
         edge-triggered readiness event our reader task waits on (replies then go unread).
         """
-        frames: list[Any] = (
-            wire.fast_frames(conn.session, msg["header"], {}, msg["packed"])
-            if "packed" in msg
-            else conn.session.serialize(msg)
-        )
+        if "packed" in msg:
+            header = msg["header"]
+            if conn.fast_digest:
+                header = {**header, "bd": wire.buffers_digest(buffers or [])}
+            frames: list[Any] = wire.fast_frames(conn.session, header, {}, msg["packed"])
+        else:
+            frames = conn.session.serialize(msg)
         tracker = None
         if buffers:
             large = any(memoryview(b).nbytes >= 65536 for b in buffers)

@@ -200,10 +200,11 @@ def _set_engine_id(eid: int) -> None:
 
 def _on_open(comm: Any, msg: dict) -> None:
     comm.on_msg(lambda m: _on_msg(comm, m))
-    comm.on_close(lambda _m: _comms.pop(comm.comm_id, None))
+    comm.on_close(lambda _m: (_comms.pop(comm.comm_id, None), _comm_eids.pop(comm.comm_id, None)))
     _comms[comm.comm_id] = comm
     rid = msg["content"]["data"].get("rid")
     eid = msg["content"]["data"].get("engine_id")
+    _comm_eids[comm.comm_id] = eid
     if isinstance(eid, int):
         _set_engine_id(eid)
     reply = {
@@ -224,6 +225,8 @@ def _on_open(comm: Any, msg: dict) -> None:
 
 #: the open comms by id: an operation on the fast socket that printed replies on its client's comm
 _comms: dict[str, Any] = {}
+#: the engine id each open comm's client gave this engine (each client's may differ)
+_comm_eids: dict[str, Any] = {}
 
 
 def _op_push(data: dict, frames: list) -> list:
@@ -724,6 +727,13 @@ class _FastServer:
         else:
             port = sock.bind_to_random_port(f"tcp://{app.ip}")
             self.address = {"transport": "tcp", "port": port}
+        # the signature covers no buffer: on TCP without CurveZMQ (where others may see or
+        # alter the traffic) requests and replies also sign a digest of their buffers; a unix
+        # socket in the 0700 runtime dir, or Curve's authenticated encryption, protects them
+        self.digest = app.transport != "ipc" and app.curve_secretkey is None
+        # requests name their engine in the signed header (``eid``), and ``digest`` says
+        # whether they must sign their buffers: a client without this would send neither
+        self.address["signed"] = {"eid": True, "digest": self.digest}
         self.sock = sock
         import atexit
 
@@ -757,11 +767,20 @@ class _FastServer:
         idents, rest = self.session.feed_identities(frames, copy=False)
         try:
             msg = wire.deserialize(self.session, rest)
+            header = msg["header"]
+            # signed for another engine of this cluster (they share the key), or with
+            # buffers other than the ones it was signed with
+            comm_id = header.get("comm_id")
+            if comm_id not in _comm_eids or header.get("eid") != _comm_eids[comm_id]:
+                raise ValueError(
+                    f"signed for engine {header.get('eid')!r} (comm {comm_id!r}), not this "
+                    f"engine (engine {_comm_eids.get(comm_id, _engine_id[0])!r})"
+                )
+            wire.check_buffers(header, msg["buffers"], self.digest)
         except Exception as exc:  # unsigned, forged or replayed: not unpickled, not answered
             _log.warning("ipy_multiengine: refused a message on the fast socket (%s)", exc)
             return
         data = msg["content"]
-        header = msg["header"]
         # the request's id and comm are in its header (wire.fast_request_header)
         data.setdefault("rid", header["msg_id"])
         data.setdefault("comm_id", header.get("comm_id", ""))
@@ -843,8 +862,11 @@ class _FastServer:
     def _send(self, idents: list, reply: dict, out: list, request: dict) -> None:
         zmq = self.zmq
         session = self.session
+        header = wire.FAST_REPLY_HEADER
+        if self.digest:
+            header = {**header, "bd": wire.buffers_digest(out)}
         head = idents + wire.fast_frames(
-            session, wire.FAST_REPLY_HEADER, {"msg_id": request.get("rid")}, session.pack(reply)
+            session, header, {"msg_id": request.get("rid")}, session.pack(reply)
         )
         if len(out) <= 1 or all(memoryview(b).nbytes < 65536 for b in out[1:]):
             self.sock.send_multipart(head + out)

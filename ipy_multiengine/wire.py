@@ -7,6 +7,7 @@ how a received multipart message becomes a dict. It does no I/O.
 
 from __future__ import annotations
 
+import hashlib
 from hmac import compare_digest
 
 import zmq
@@ -85,12 +86,40 @@ def comm_op_content(comm_id: str, op: str, data: dict) -> dict:
 FAST_REPLY_HEADER = {"msg_type": "ime_reply"}
 
 
-def fast_request_header(msg_id: str, comm_id: str) -> dict:
+def buffers_digest(buffers: list) -> str:
+    """A digest of a message's buffers (their number, lengths and bytes) for its signed header:
+    the HMAC signature covers only the header, parent, metadata and content frames."""
+    h = hashlib.sha256()  # with the CPU's SHA extensions: ~3x faster than blake2b
+    h.update(len(buffers).to_bytes(8, "little"))
+    for b in buffers:
+        h.update(memoryview(b).nbytes.to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def fast_request_header(msg_id: str, comm_id: str, eid: int, buffers: list | None = None) -> dict:
     """The header of one data operation on an engine's fast socket: its id (the ``rid`` the
-    reply names) and the comm an operation with output replies on. No date, session or
-    version: nothing reads them, and ``Session.msg`` building them was a fifth of a fast
-    call's cost on each side."""
-    return {"msg_id": msg_id, "msg_type": "ime_request", "comm_id": comm_id}
+    reply names), the comm an operation with output replies on, the engine it is for (an
+    engine refuses a request signed for another one of its cluster: they share the key) and,
+    when ``buffers`` is given, their digest (``bd``, checked before anything is unpickled).
+    No date, session or version: nothing reads them, and ``Session.msg`` building them was a
+    fifth of a fast call's cost on each side."""
+    header = {"msg_id": msg_id, "msg_type": "ime_request", "comm_id": comm_id, "eid": eid}
+    if buffers is not None:
+        header["bd"] = buffers_digest(buffers)
+    return header
+
+
+def check_buffers(header: dict, buffers: list, required: bool) -> None:
+    """Raise ValueError unless the signed ``header``'s buffer digest matches ``buffers`` (a
+    header without one passes only when not ``required``)."""
+    digest = header.get("bd")
+    if digest is None:
+        if required:
+            raise ValueError("no digest of the buffers in the signed header")
+        return
+    if not isinstance(digest, str) or not compare_digest(digest, buffers_digest(buffers)):
+        raise ValueError("the buffers do not match the digest in the signed header")
 
 
 def fast_frames(session: Session, header: dict, parent: dict, content: bytes) -> list[bytes]:

@@ -232,6 +232,8 @@ def test_unsigned_and_forged_messages_are_refused(mec, tmp_path):
     owner = Session(key=good_key.encode(), username="test")
     msg = owner.msg("ime_request", {"op": "ping"})
     msg["content"]["rid"] = msg["msg_id"]
+    # the engine a request is for and its client's comm there are signed too (white-box read)
+    msg["header"].update(eid=0, comm_id=mec.controller._conn(0).comm_id)
     reply = _ask(path, owner.serialize(msg), 10000)
     assert reply is not None and b'"status": "ok"' in reply[-1].replace(b'":"', b'": "')
     assert mec.apply(lambda: 5, targets=0) == [5]
@@ -477,3 +479,143 @@ def test_started_stays_between_submitted_and_completed_with_a_skewed_engine_cloc
         assert meta["submitted"] <= meta["started"] <= meta["completed"], meta
     finally:
         mec.execute("_e.time = _tm", targets=0)
+
+
+_RECORD_REFUSALS = """
+import builtins, logging
+class _Refusals(logging.Handler):
+    def emit(self, record):
+        builtins._ime_refused.append(record.getMessage())
+builtins._ime_refused = []
+logging.getLogger("ipy_multiengine").addHandler(_Refusals(logging.WARNING))
+"""
+
+
+def _refusals(mec, eid: int) -> list[str]:
+    return mec.apply(lambda: list(__import__("builtins")._ime_refused), targets=eid)[0]
+
+
+def _capture_fast_sends(mec, monkeypatch, swallow: bool = False) -> list[list]:
+    """The signed frames the controller sends on fast sockets, as an eavesdropper on the wire
+    sees them (header frames from ``wire.fast_frames``, then the buffers); with ``swallow`` the
+    next one is kept from its engine, as someone in the middle would."""
+    from ipy_multiengine import wire
+
+    sent: list[list] = []
+    heads: list[list] = []
+    real_frames = wire.fast_frames
+    real_send = mec.controller._send
+
+    def fast_frames(*args, **kwargs):
+        heads.append(real_frames(*args, **kwargs))
+        return heads[-1]
+
+    def send(conn, channel, msg, buffers=None):
+        if channel != "fast":
+            return real_send(conn, channel, msg, buffers)
+        keep = swallow and not sent
+        sock = conn.sockets["fast"]
+        if keep:
+            conn.sockets["fast"] = _Sink()
+        try:
+            result = real_send(conn, channel, msg, buffers)
+        finally:
+            conn.sockets["fast"] = sock
+        sent.append([bytes(f) for f in heads[-1]] + [bytes(memoryview(b)) for b in buffers or []])
+        return result
+
+    monkeypatch.setattr(wire, "fast_frames", fast_frames)
+    monkeypatch.setattr(mec.controller, "_send", send)
+    return sent
+
+
+class _Sink:
+    """Stands in for the fast socket of one send: the message goes nowhere."""
+
+    def send_multipart(self, *_args, **_kwargs) -> None:
+        return None
+
+    def getsockopt(self, _option) -> int:
+        return 0
+
+
+def _send_raw(url: str, frames: list, wait_ms: int) -> list | None:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    try:
+        s.connect(url)
+        s.send_multipart(frames)
+        return s.recv_multipart() if s.poll(wait_ms) else None
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.filterwarnings("ignore:push. engines:RuntimeWarning")
+def test_a_signed_request_resent_to_another_engine_or_with_other_buffers_is_refused(
+    monkeypatch, tmp_path
+):
+    """Engines share the cluster key, and the signature covered neither the target engine nor
+    the buffers (the pickles): whoever sees one engine's TCP fast socket traffic could resend
+    a request to another engine, or with a pickle of their own, and have it run. Real engines
+    over TCP without CurveZMQ; the frames are the controller's own, captured on their way."""
+    proof = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(proof), "w"))
+
+    with small_cluster(2, transport="tcp") as (_cluster, mec):
+        conns = [mec.controller._conn(e) for e in (0, 1)]  # white-box, read-only
+        assert all(c.fast for c in conns) and _fast(mec, 1)["transport"] == "tcp"
+        mec.execute(_RECORD_REFUSALS)
+        urls = [c.url("fast") for c in conns]
+        with monkeypatch.context() as m:
+            sent = _capture_fast_sends(mec, m)
+            mec.push({"x": bytearray(b"A" * 100_000)}, targets=0)
+        assert mec.apply(lambda: len(x), targets=0) == [100_000]  # noqa: F821 (engine names)
+        push = sent[0]
+        # (a) engine 0's request, resent to engine 1
+        assert _send_raw(urls[1], push, 1000) is None
+        assert mec.apply(lambda: "x" in globals(), targets=1) == [False]
+        assert any("engine 0" in r for r in _refusals(mec, 1)), _refusals(mec, 1)
+        # (b) a request kept from engine 0 and sent on with its pickle replaced
+        with monkeypatch.context() as m:
+            sent = _capture_fast_sends(mec, m, swallow=True)
+            mec.push({"y": bytearray(b"B" * 100_000)}, targets=0, block=False)
+            wait_for(lambda: sent, 10, "the push to be captured")
+        forged = [*sent[0][:6], pickle.dumps(Evil(), protocol=5), *sent[0][7:]]
+        assert _send_raw(urls[0], forged, 1000) is None
+        assert not proof.exists(), "a request with other buffers than it was signed with ran"
+        assert any("buffers" in r for r in _refusals(mec, 0)), _refusals(mec, 0)
+        # (c) a reply whose pickle was replaced on its way back: the client drops it
+        real_on_frames = mec.controller._on_frames
+
+        def tamper(conn, channel, frames):
+            if channel == "fast" and len(frames) > 6:  # 6 signed frames, then the buffers
+                frames = [*frames[:6], pickle.dumps(Evil(), protocol=5), *frames[7:]]
+            return real_on_frames(conn, channel, frames)
+
+        with monkeypatch.context() as m:
+            m.setattr(mec.controller, "_on_frames", tamper)
+            with pytest.raises((TimeoutError, EngineError)):
+                mec.pull("x", targets=0, block=False).get_result(timeout=3)
+        assert not proof.exists(), "a reply with other buffers than it was signed with ran"
+        # both engines stay usable
+        assert mec.apply(lambda: 7) == [7, 7]
+        mec.push({"z": 1})
+        assert mec.pull("z") == [1, 1]
+        # an engine announcing a fast socket as older versions did (no ``signed``: it checks
+        # neither) gets its data on the comm from a new client, not unprotected over TCP
+        mec.execute(
+            "import ipy_multiengine.engine as _e; _e._server[0].address.pop('signed', 0)",
+            targets=1,
+        )
+        c = MultiEngineClient(_cluster.cluster_file)
+        try:
+            assert [c.controller._conn(e).fast for e in (0, 1)] == [True, False]  # white-box
+            c.push({"w": bytearray(100_000)})
+            assert c.pull("w") == [bytearray(100_000)] * 2
+        finally:
+            c.close()
