@@ -195,7 +195,8 @@ def _launcher_options(args: argparse.Namespace) -> dict:
         if not sep or not key.isidentifier():
             raise UsageError(f"-o: expected KEY=VALUE, got {opt!r}")
         try:
-            check_launcher_option(key)
+            # the engines' environment has no flag of its own: -o env={"NAME": "value"}
+            check_launcher_option(key, allow=frozenset({"env"}))
         except ValueError as exc:
             raise UsageError(f"-o {opt!r}: {exc}") from None
         try:

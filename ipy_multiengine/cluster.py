@@ -914,13 +914,14 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         self.stop()
 
 
-def check_launcher_option(key: Any) -> str:
+def check_launcher_option(key: Any, allow: frozenset[str] = frozenset()) -> str:
     """``key`` if it can name a launcher option (``ipmulti start -o KEY=VALUE``, a start
     request's ``options``), else ValueError naming it: not a name, or one of ``Cluster``'s own
-    parameters (``launcher``, ``profile``, ``write_file``...), which have their own fields."""
+    parameters (``launcher``, ``profile``, ``write_file``...), which have their own fields,
+    unless the caller ``allow``s it (``ipmulti start -o env={...}``: no flag of its own)."""
     if not isinstance(key, str) or not key.isidentifier():
         raise ValueError(f"launcher option {key!r} is not a name (KEY=VALUE, KEY an identifier)")
-    if key in _CLUSTER_PARAMETERS:
+    if key in _CLUSTER_PARAMETERS and key not in allow:
         raise ValueError(
             f"{key!r} is a parameter of the cluster, not a launcher option "
             "(the launcher, engines, profile and kernelspec have their own fields)"
