@@ -627,6 +627,30 @@ def _attached_copy(profile, change):
     return path
 
 
+def _failed_then_given_up(watcher, key: str, i: int, reason: str) -> list:
+    """Wait until engine ``i`` of cluster ``key`` is shown 'unknown' with ``reason`` in its
+    ``watch_error``, then until its retries are given up after MAX_WATCH_ATTEMPTS; the rows."""
+    from faultlib import wait_for
+
+    from ipy_multiengine.server import watch
+
+    rows = wait_for(
+        lambda: (r := _watch_rows(watcher, key)) and r[i].get("watch_error") and r,
+        10,
+        f"the failed watch of engine {i} shown",
+    )
+    assert rows[i]["state"] == "unknown", rows[i]
+    assert reason in rows[i]["watch_error"], rows[i]
+    rows = wait_for(
+        lambda: (r := _watch_rows(watcher, key)) and "gave up" in (r[i]["watch_error"] or "") and r,
+        30,
+        "the retries given up",
+    )
+    assert f"gave up after {watch.MAX_WATCH_ATTEMPTS} attempts" in rows[i]["watch_error"], rows[i]
+    assert rows[i]["state"] == "unknown", rows[i]
+    return rows
+
+
 def test_a_heartbeat_watch_that_fails_is_shown_and_retried_with_a_bound(cluster):
     """An engine on another host whose heartbeat watch fails with a socket error (its file's
     ``hb_port`` is a 121-digit number: the session cluster's IPC address becomes longer than a
@@ -634,9 +658,8 @@ def test_a_heartbeat_watch_that_fails_is_shown_and_retried_with_a_bound(cluster)
     is shown 'unknown' with the error, is retried on later scans, and is given up after
     ``MAX_WATCH_ATTEMPTS`` (said in the reason). (Before, the heartbeat task died silently
     and the row stayed 'idle': a dead host would never have turned red.)"""
-    from faultlib import wait_for
 
-    from ipy_multiengine.server import Watcher, watch
+    from ipy_multiengine.server import Watcher
 
     profile = f"hb{os.getpid()}"
 
@@ -648,27 +671,7 @@ def test_a_heartbeat_watch_that_fails_is_shown_and_retried_with_a_bound(cluster)
     watcher = Watcher(interval=0.1)
     watcher.start()
     try:
-        rows = wait_for(
-            lambda: (
-                (r := _watch_rows(watcher, f"cluster-{profile}")) and r[1].get("watch_error") and r
-            ),
-            10,
-            "the failed heartbeat watch shown",
-        )
-        assert rows[1]["state"] == "unknown", rows[1]
-        assert "heartbeat watch failed: ZMQError" in rows[1]["watch_error"], rows[1]
-        n = watch.MAX_WATCH_ATTEMPTS
-        rows = wait_for(
-            lambda: (
-                (r := _watch_rows(watcher, f"cluster-{profile}"))
-                and "gave up" in (r[1]["watch_error"] or "")
-                and r
-            ),
-            30,
-            "the retries given up",
-        )
-        assert f"gave up after {n} attempts" in rows[1]["watch_error"], rows[1]
-        assert rows[1]["state"] == "unknown", rows[1]
+        _failed_then_given_up(watcher, f"cluster-{profile}", 1, "heartbeat watch failed: ZMQError")
     finally:
         watcher.stop().result(10)
         path.unlink(missing_ok=True)
@@ -681,8 +684,6 @@ def test_a_watch_that_cannot_start_is_shown_and_retried_with_a_bound(cluster, mo
     (Before, only a log line said so; the row was a bare 'unknown', and the watch was never
     tried again while the file stayed the same.) The real ``EngineWatch.start`` runs; it is
     only counted."""
-    from faultlib import wait_for
-
     from ipy_multiengine.server import Watcher, watch
 
     profile = f"nostart{os.getpid()}"
@@ -704,26 +705,9 @@ def test_a_watch_that_cannot_start_is_shown_and_retried_with_a_bound(cluster, mo
     watcher = Watcher(interval=0.1)
     watcher.start()
     try:
-        rows = wait_for(
-            lambda: (
-                (r := _watch_rows(watcher, f"cluster-{profile}")) and r[0].get("watch_error") and r
-            ),
-            10,
-            "the watch that could not start shown",
-        )
-        assert rows[0]["state"] == "unknown", rows[0]
-        assert "could not start: ZMQError" in rows[0]["watch_error"], rows[0]
+        key = f"cluster-{profile}"
+        rows = _failed_then_given_up(watcher, key, 0, "could not start: ZMQError")
         n = watch.MAX_WATCH_ATTEMPTS
-        rows = wait_for(
-            lambda: (
-                (r := _watch_rows(watcher, f"cluster-{profile}"))
-                and "gave up" in (r[0]["watch_error"] or "")
-                and r
-            ),
-            30,
-            "the retries given up",
-        )
-        assert f"gave up after {n} attempts" in rows[0]["watch_error"], rows[0]
         assert starts == [0] * n, starts
         assert rows[1]["state"] == "idle" and rows[1]["watch_error"] is None, rows[1]
     finally:
