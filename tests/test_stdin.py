@@ -8,9 +8,12 @@ same through a notebook kernel run by nbclient with ``allow_stdin`` and a script
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import ClassVar
@@ -236,12 +239,34 @@ def test_input_through_nbclient_with_a_scripted_reply(tmp_path):
                     self.prompts.append((msg["content"]["prompt"], msg["content"]["password"]))
                     kc.input(self.replies.pop(0) if self.replies else "\x04")
 
+        engine_log = "(not read)"
+
+        async def _async_handle_timeout(self, timeout, cell=None):
+            # read while the engine is still there (stopping the cluster removes its log)
+            outs = "".join(o.get("text", "") for o in self.nb.cells[0].outputs)
+            logs = re.findall(r"LOG (\S+)", outs)
+            with contextlib.suppress(OSError, IndexError):
+                self.engine_log = Path(logs[0]).read_text(errors="replace")[-4000:]
+            # where the engine and the notebook kernel wait, when py-spy is installed
+            spy = shutil.which("py-spy") or shutil.which(
+                "py-spy", path=str(Path(sys.executable).parent)
+            )
+            if spy:
+                pids = re.findall(r"\d+", stdout_of(self.nb.cells[0]))
+                for pid in [*pids, str(self.km.provisioner.pid)]:
+                    out = subprocess.run(
+                        [spy, "dump", "--pid", pid], capture_output=True, text=True, timeout=30
+                    )
+                    self.engine_log += f"\n--- py-spy dump {pid}\n{out.stdout}{out.stderr}"
+            return await super()._async_handle_timeout(timeout, cell)
+
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell(
             "from ipy_multiengine import Cluster\n"
             "cl = Cluster(n=1, profile='stdin-nb')\nmec = cl.start()\n"
-            "pids = [e['pid'] for e in mec.engines]; print(pids)"
+            "pids = [e['pid'] for e in mec.engines]; print(pids)\n"
+            "import sys; print('LOG', cl.log_file(0), file=sys.stderr)"
         ),
         nbformat.v4.new_code_cell(
             "mec.execute(\"name = input('name? ')\")\nprint(mec.pull('name'))"
@@ -260,6 +285,12 @@ def test_input_through_nbclient_with_a_scripted_reply(tmp_path):
     )
     try:
         client.execute()
+    except nbclient.exceptions.CellTimeoutError as exc:
+        # what was asked and what the engine logged: a hang is told apart from a lost reply
+        pytest.fail(
+            f"{exc}\nprompts asked: {StdinClient.prompts}\n"
+            f"engine 0 log, stacks:\n{client.engine_log}"
+        )
     finally:
         task = getattr(client, "_stdin_task", None)
         if task is not None:
