@@ -100,6 +100,9 @@ class EngineState:
     dead: str | None = None
     ready: bool = False
     data_ok: bool = False
+    #: why this engine's data operations are refused although its helper answered (a newer
+    #: protocol; buffers it cannot sign on an exposed transport), or None
+    data_refused: str | None = None
     encrypted: bool = False
     watched_by: str | None = None
     init_running: str = ""
@@ -234,6 +237,10 @@ class EngineConn:
         self.fast = False
         #: the fast socket's messages sign a digest of their buffers (TCP without CurveZMQ)
         self.fast_digest = False
+        #: the comm's messages sign a digest of their buffers (``bd`` in their data), both ways
+        self.comm_digest = False
+        #: why data operations on this engine are refused (``Controller._check_engine_info``)
+        self.data_refused: str | None = None
         #: requests held back to keep this engine's order across the shell and the fast socket
         self.held: collections.deque[tuple[dict, Request, list]] = collections.deque()
         self.releasing = False
@@ -594,9 +601,12 @@ class Controller:
             f"engine {conn.eid} did not open the ipy_multiengine comm within {timeout:g} s",
             conn.eid,
         )
-        conn.engine_info = {k: v for k, v in reply.content.items() if k not in ("rid", "status")}
+        conn.engine_info = {
+            k: v for k, v in reply.content.items() if k not in ("rid", "status", "bd")
+        }
         conn.data_ok = True
-        if isinstance(conn.engine_info.get("fast"), dict):
+        self._check_engine_info(conn)
+        if isinstance(conn.engine_info.get("fast"), dict) and not conn.data_refused:
             await self._open_fast(conn, deadline)
         # the comm_open's own idle follows its reply: wait for it (briefly), so that a fresh
         # engine is shown idle, not busy, once it is ready
@@ -606,6 +616,48 @@ class Controller:
                     conn.shell_idle.wait(), min(1.0, max(deadline - time.monotonic(), 0.01))
                 )
         await self._run_init(conn, deadline, timeout)
+
+    @staticmethod
+    def _check_engine_info(conn: EngineConn) -> None:
+        """(loop) Decide from the engine's connect info how its data operations go: refused
+        (``data_refused``) when it speaks a newer protocol, or when its buffers would travel
+        unsigned over TCP without CurveZMQ beyond loopback (an engine of an older version);
+        else whether the comm's messages sign their buffers (``comm_digest``)."""
+        info = conn.engine_info
+        protocol = info.get("protocol", 0)
+        if type(protocol) is not int or protocol > wire.PROTOCOL:
+            conn.data_refused = (
+                f"engine {conn.eid} speaks the ipy_multiengine data protocol {protocol!r}, newer "
+                f"than this client's ({wire.PROTOCOL}): upgrade ipy_multiengine where this "
+                "client runs; execute works, data operations are refused"
+            )
+            log.warning(conn.data_refused)
+            return
+        exposed = wire.buffers_exposed(
+            conn.info.get("transport", "tcp"), bool(conn.info.get("curve_publickey"))
+        )
+        conn.comm_digest = bool(info.get("comm_digest"))
+        if not exposed or conn.comm_digest:
+            return
+        ip = str(conn.info.get("ip", ""))
+        if wire.is_loopback(ip):
+            # changing loopback traffic takes root on the host, who can read the key anyway
+            log.warning(
+                "engine %s: an older ipy_multiengine (data protocol %s) that does not sign "
+                "buffers; accepted on loopback TCP",
+                conn.eid,
+                protocol,
+            )
+            return
+        conn.data_refused = (
+            f"engine {conn.eid} runs an older ipy_multiengine (data protocol {protocol}) that "
+            f"does not sign the buffers of data operations, and TCP to {ip} without CurveZMQ "
+            "lets whoever is on the path change those pickles (running code there or here): "
+            "data operations are refused, execute works (it is signed whole). Upgrade "
+            "ipy_multiengine on the engine, or encrypt its connection "
+            "(transport_encryption='auto' or 'required')"
+        )
+        log.warning(conn.data_refused)
 
     async def _open_fast(self, conn: EngineConn, deadline: float) -> None:
         """Connect to the engine's fast socket and ping it; when the ping does not come back
@@ -792,6 +844,7 @@ class Controller:
             conn.dead,
             conn.ready,
             conn.data_ok,
+            conn.data_refused,
             conn.heartbeat,
             conn.init_running,
             len(conn.init_errors),
@@ -818,7 +871,8 @@ class Controller:
             host=conn.engine_info.get("host") or "",
             dead=conn.dead,
             ready=conn.ready,
-            data_ok=conn.data_ok,
+            data_ok=conn.data_ok and not conn.data_refused,
+            data_refused=conn.data_refused,
             encrypted=bool(conn.info.get("curve_publickey")),
             watched_by="heartbeat" if conn.heartbeat else ("process" if conn.liveness else None),
             init_running=conn.init_running,
@@ -1183,6 +1237,10 @@ class Controller:
             if content.get("comm_id") == conn.comm_id:
                 data = content.get("data") or {}
                 req = conn.requests.get(data.get("rid", ""))
+                if (conn.comm_digest or "bd" in data) and not self._buffers_check(
+                    conn, req, data, msg.get("buffers") or []
+                ):
+                    return
                 if req is not None and data.get("status") == "progress":
                     self._progressed(conn, req, data)
                 elif req is not None:
@@ -1253,6 +1311,26 @@ class Controller:
                 log.error("engine %s: output listener failed", conn.eid, exc_info=exc)
                 req.listener_error = exc
                 req.listener = None
+
+    def _buffers_check(
+        self, conn: EngineConn, req: Request | None, data: dict, buffers: list
+    ) -> bool:
+        """(loop) Whether a comm message's buffers match the digest in its signed data (required
+        when ``conn.comm_digest``); if not, its request fails naming the engine and why, and
+        nothing of it is unpickled."""
+        try:
+            wire.check_buffers(data, buffers, conn.comm_digest, "message")
+            return True
+        except ValueError as exc:
+            what = (req.op or req.kind) if req is not None else "an operation"
+            text = (
+                f"engine {conn.eid}: the reply to {what!r} was refused: {exc} (changed on the "
+                "way?); nothing of it was unpickled"
+            )
+            log.warning(text)
+            if req is not None:
+                self._finish(conn, req, exc=EngineError(text, conn.eid, _method(req)))
+            return False
 
     @staticmethod
     def _page_outputs(conn: EngineConn, req: Request, content: dict) -> None:
@@ -1483,6 +1561,12 @@ class Controller:
                     outputs=out["outputs"],
                 ),
             )
+        elif data.get("refused"):  # the engine refused the request unread (``engine._refuse``)
+            self._finish(
+                conn,
+                req,
+                exc=EngineError(str(data.get("evalue", "")), conn.eid, req.op or "comm"),
+            )
         else:
             item = data.get("item")
             evalue = data.get("evalue", "")
@@ -1547,6 +1631,9 @@ class Controller:
                 header = {**header, "bd": wire.buffers_digest(buffers or [])}
             frames: list[Any] = wire.fast_frames(conn.session, header, {}, msg["packed"])
         else:
+            if conn.comm_digest and msg["header"]["msg_type"] == "comm_msg":
+                # the signature covers the content, not the buffers: sign their digest in it
+                msg["content"]["data"]["bd"] = wire.buffers_digest(buffers or [])
             frames = conn.session.serialize(msg)
         tracker = None
         if buffers:
@@ -1609,8 +1696,11 @@ class Controller:
         return req.future
 
     def _send_comm_open(self, conn: EngineConn) -> tuple[str, Future]:
+        exposed = wire.buffers_exposed(
+            conn.info.get("transport", "tcp"), bool(conn.info.get("curve_publickey"))
+        )
         msg = wire.with_rid(
-            conn.session.msg("comm_open", wire.comm_open_content(conn.comm_id, conn.eid))
+            conn.session.msg("comm_open", wire.comm_open_content(conn.comm_id, conn.eid, exposed))
         )
         req = self._new_request(conn, "comm", msg["msg_id"], op="open")
         conn.requests[req.msg_id] = req
@@ -1816,7 +1906,9 @@ class Controller:
                 on_progress=on_progress,
                 channel="fast" if conn.fast else "shell",
             )
-            if not conn.data_ok and not fut.done():
+            if conn.data_refused and not fut.done():
+                fut.set_exception(EngineError(conn.data_refused, conn.eid, op))
+            elif not conn.data_ok and not fut.done():
                 fut.set_exception(
                     EngineError(
                         f"engine {conn.eid} ({conn.language or 'unknown language'}) cannot run "

@@ -136,16 +136,15 @@ def _skip(kernel: Any, stream: Any, msg: dict, idents: Any) -> None:
         content = msg["content"]
         comm = kernel.comm_manager.get_comm(content.get("comm_id"))
         if comm is not None:
-            comm.send(
-                {
-                    "rid": (content.get("data") or {}).get("rid"),
-                    "status": "error",
-                    "ename": "Aborted",
-                    "evalue": "aborted before it started (mec abort)",
-                    "traceback": [],
-                    "item": None,
-                }
-            )
+            reply: dict[str, Any] = {
+                "rid": (content.get("data") or {}).get("rid"),
+                "status": "error",
+                "ename": "Aborted",
+                "evalue": "aborted before it started (mec abort)",
+                "traceback": [],
+                "item": None,
+            }
+            comm.send(_signed(comm, reply, []))
         return
     reply_type = mtype.replace("_request", "_reply")
     kernel.session.send(stream, reply_type, {"status": "aborted"}, msg, idents)
@@ -198,35 +197,90 @@ def _set_engine_id(eid: int) -> None:
         ip.events.register("post_run_cell", _keep_engine_id)
 
 
+def _forget_comm(comm_id: str) -> None:
+    for kept in (_comms, _comm_eids, _comm_digest):
+        kept.pop(comm_id, None)
+
+
 def _on_open(comm: Any, msg: dict) -> None:
     comm.on_msg(lambda m: _on_msg(comm, m))
-    comm.on_close(lambda _m: (_comms.pop(comm.comm_id, None), _comm_eids.pop(comm.comm_id, None)))
+    comm.on_close(lambda _m: _forget_comm(comm.comm_id))
     _comms[comm.comm_id] = comm
-    rid = msg["content"]["data"].get("rid")
-    eid = msg["content"]["data"].get("engine_id")
+    data = msg["content"]["data"]
+    rid = data.get("rid")
+    eid = data.get("engine_id")
     _comm_eids[comm.comm_id] = eid
     if isinstance(eid, int):
         _set_engine_id(eid)
+    _comm_digest[comm.comm_id] = _wants_digest(bool(data.get("digest")))
     reply = {
         "rid": rid,
         "status": "ok",
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "python": sys.version.split()[0],
+        # read at each open (not imported by value): a test sets ``wire.PROTOCOL`` here to
+        # play an engine of another version
+        "protocol": wire.PROTOCOL,
         # a map over one sequence may send its elements, not 1-tuples (``star`` False): an
         # engine of an older version without this would unpack each element as arguments
         "map_elements": True,
+        # the messages on this comm, both ways, sign a digest of their buffers (``bd``)
+        "comm_digest": _comm_digest[comm.comm_id],
     }
     fast = _fast_address()
     if fast:
         reply["fast"] = fast
-    comm.send(reply)
+    comm.send(_signed(comm, reply, []))
+
+
+def _kernel_transport() -> tuple[bool, bool]:
+    """Whether this kernel's message buffers can be changed on the way (``wire.buffers_exposed``:
+    TCP without CurveZMQ), and whether it listens on loopback only. Not knowing (not an
+    IPKernelApp) counts as exposed, beyond loopback."""
+    try:
+        from ipykernel.kernelapp import IPKernelApp
+
+        if IPKernelApp.initialized():
+            app = IPKernelApp.instance()
+            curve = getattr(app, "curve_secretkey", None) is not None
+            return wire.buffers_exposed(app.transport, curve), wire.is_loopback(app.ip)
+    except Exception as exc:
+        _log.debug("ipy_multiengine: transport unknown (%s)", exc)
+    return True, False
+
+
+def _wants_digest(asked: bool) -> bool:
+    """Whether a new comm's messages must sign their buffers: when its client asks (it sees TCP
+    without CurveZMQ), or when this kernel's transport exposes them. A client of an older version
+    signs none: on a kernel listening on loopback only (where changing the traffic takes root)
+    it is served without, elsewhere every operation it sends is refused unread."""
+    if asked:
+        return True
+    exposed, loopback = _kernel_transport()
+    if exposed and loopback:
+        _log.warning(
+            "ipy_multiengine: a client of an older version opened a comm without buffer "
+            "digests; accepted on loopback TCP"
+        )
+        return False
+    return exposed
+
+
+def _signed(comm: Any, data: dict, buffers: list) -> dict:
+    """``data`` for ``comm``, with the digest of the ``buffers`` sent with it when its messages
+    sign theirs (``_comm_digest``); the client checks it before it unpickles anything."""
+    if _comm_digest.get(comm.comm_id):
+        return {**data, "bd": wire.buffers_digest(buffers)}
+    return data
 
 
 #: the open comms by id: an operation on the fast socket that printed replies on its client's comm
 _comms: dict[str, Any] = {}
 #: the engine id each open comm's client gave this engine (each client's may differ)
 _comm_eids: dict[str, Any] = {}
+#: per open comm: its messages sign a digest of their buffers (``_wants_digest``)
+_comm_digest: dict[str, bool] = {}
 
 
 def _op_push(data: dict, frames: list) -> list:
@@ -539,13 +593,21 @@ def _on_msg(comm: Any, msg: dict) -> None:
     if msg.get("buffers"):  # ipykernel set the whole message as parent: keep only the rest
         kernel = get_ipython().kernel
         _set_parent(kernel, kernel._parent_ident["shell"], msg)
-
-    def report(request: dict, done: int) -> None:
-        comm.send({"rid": request.get("rid"), "status": "progress", "done": done})
-
-    _report = report
     buffers = msg.get("buffers") or []
     del msg
+    if _comm_digest.get(comm.comm_id):
+        try:  # before anything is unpickled
+            wire.check_buffers(data, buffers, True, "message")
+        except ValueError as exc:
+            _refuse(comm, data, str(exc))
+            return
+
+    def report(request: dict, done: int) -> None:
+        comm.send(
+            _signed(comm, {"rid": request.get("rid"), "status": "progress", "done": done}, [])
+        )
+
+    _report = report
     try:
         reply, frames = _run_op(data, buffers)
     finally:
@@ -553,6 +615,24 @@ def _on_msg(comm: Any, msg: dict) -> None:
         del buffers
     _flush_pending_output()
     _send_reply(comm, reply, frames)
+
+
+def _refuse(comm: Any, data: dict, why: str) -> None:
+    """Answer a comm request whose buffers do not check (``why``), without unpickling them: an
+    error naming this engine that its client raises as an ``EngineError`` (``refused``)."""
+    op = data.get("op")
+    _log.warning("ipy_multiengine: refused a %r on the comm (%s); nothing was unpickled", op, why)
+    reply: dict[str, Any] = {
+        "rid": data.get("rid"),
+        "status": "error",
+        "refused": True,
+        "ename": "EngineError",
+        "evalue": f"engine {_comm_eids.get(comm.comm_id)} refused this {op!r} request: {why} "
+        "(changed on the way?); nothing of it was unpickled",
+        "traceback": [],
+        "item": None,
+    }
+    comm.send(_signed(comm, reply, []))
 
 
 @contextlib.contextmanager
@@ -622,6 +702,7 @@ def _send_reply(comm: Any, reply: dict, frames: list) -> None:
     client would get a torn array (issue 11 item 2). Tracked frames cost no copy; the wait is
     the transfer itself (the client receives at the same time).
     """
+    reply = _signed(comm, reply, frames)
     if len(frames) <= 1:
         comm.send(reply, buffers=frames)
         return

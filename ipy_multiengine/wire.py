@@ -24,6 +24,14 @@ INSTALL_CODE = (
 #: The connection-info keys of a kernel's five ports (for ``transport='ipc'``: socket files).
 PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
+#: The data protocol the engine helper and the controller speak (comm and fast socket): one
+#: integer, raised only for a change a peer of the previous one cannot work with. Additions an
+#: older peer merely lacks get a flag in the engine's connect info instead (``map_elements``,
+#: ``fast.signed``, ``comm_digest``). The engine reports it in its comm's open reply (engines
+#: before it report none: 0); a controller refuses data operations with an engine of a newer
+#: one. The comm's open message and its reply are the part every version keeps.
+PROTOCOL = 1
+
 #: What follows the kernel's ``ip`` in the path of the engine helper's fast unix socket.
 FAST_SOCKET_SUFFIX = "ime"
 
@@ -70,10 +78,33 @@ def init_content(code: str) -> dict:
     return dict(execute_content(code), store_history=False)
 
 
-def comm_open_content(comm_id: str, eid: int | None = None) -> dict:
+def comm_open_content(comm_id: str, eid: int | None = None, digest: bool = False) -> dict:
     """The ``comm_open`` content that opens the helper's comm (the reply names the engine);
-    ``eid`` becomes the engine's ``engine_id`` name."""
-    return {"comm_id": comm_id, "target_name": COMM_TARGET, "data": {"engine_id": eid}}
+    ``eid`` becomes the engine's ``engine_id`` name; ``digest``: the messages on this comm sign
+    a digest of their buffers (``bd`` in their data, see :func:`buffers_exposed`)."""
+    data: dict = {"engine_id": eid}
+    if digest:
+        data["digest"] = True
+    return {"comm_id": comm_id, "target_name": COMM_TARGET, "data": data}
+
+
+def is_loopback(ip: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return ip == "localhost"
+
+
+def buffers_exposed(transport: str, curve: bool) -> bool:
+    """Whether a message's buffers can be changed on the way unnoticed, so that they must be
+    signed by a digest: on TCP without CurveZMQ. The HMAC signature of a Jupyter message
+    covers its header, parent, metadata and content but not its buffers, and the first buffer
+    of a data operation is a pickle. A unix socket in the 0700 runtime directory, or Curve's
+    authenticated encryption (a changed frame does not decrypt), protects them already."""
+    return transport != "ipc" and not curve
 
 
 def comm_op_content(comm_id: str, op: str, data: dict) -> dict:
@@ -110,16 +141,17 @@ def fast_request_header(msg_id: str, comm_id: str, eid: int, buffers: list | Non
     return header
 
 
-def check_buffers(header: dict, buffers: list, required: bool) -> None:
-    """Raise ValueError unless the signed ``header``'s buffer digest matches ``buffers`` (a
-    header without one passes only when not ``required``)."""
+def check_buffers(header: dict, buffers: list, required: bool, where: str = "header") -> None:
+    """Raise ValueError unless the buffer digest in the signed ``header`` (a fast message's
+    header, a comm message's data: ``where``) matches ``buffers`` (a message without one passes
+    only when not ``required``)."""
     digest = header.get("bd")
     if digest is None:
         if required:
-            raise ValueError("no digest of the buffers in the signed header")
+            raise ValueError(f"no digest of the buffers in the signed {where}")
         return
     if not isinstance(digest, str) or not compare_digest(digest, buffers_digest(buffers)):
-        raise ValueError("the buffers do not match the digest in the signed header")
+        raise ValueError(f"the buffers do not match the digest in the signed {where}")
 
 
 def fast_frames(session: Session, header: dict, parent: dict, content: bytes) -> list[bytes]:

@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 from ..engine_main import READY_KEY, read_json, write_json_atomic
 from ..errors import ConfigError, EngineError, EngineStartTimeout, LauncherError  # noqa: F401  (re-exported)
+from ..wire import is_loopback
 
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
@@ -55,16 +56,6 @@ def endpoint(info: dict, port_name: str) -> str:
     transport = info.get("transport", "tcp")
     sep = ":" if transport == "tcp" else "-"
     return f"{transport}://{info['ip']}{sep}{info[port_name]}"
-
-
-def is_loopback(ip: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and 'localhost'."""
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return ip == "localhost"
 
 
 def encryption_policy(setting: str | None, ip: str) -> str:
