@@ -1466,9 +1466,15 @@ class Controller:
     def _watch_fast(self) -> None:
         """(loop, each poll) Ping behind a fast request unanswered for FAST_LOST_AFTER s: a
         reply to the ping means the engine went past it (``_passed_over``); while the
-        operation runs the ping waits behind it. One ping at a time per engine."""
+        operation runs the ping waits behind it. One ping at a time per engine.
+
+        Also reads each fast socket (a NOBLOCK look at ``EVENTS`` when it holds nothing): its
+        FD is edge-triggered, so messages left unread by a reader interrupted mid-burst would
+        never wake it again, and their requests would hang; draining re-arms the edge."""
         now = time.monotonic()
         for conn in list(self._engines.values()):
+            if "fast" in conn.sockets:
+                self._drain_fast(conn)
             if not conn.fast or conn.dead or "fast" not in conn.sockets:
                 continue
             if conn.probe is not None and not conn.probe.future.done():

@@ -619,3 +619,30 @@ def test_a_signed_request_resent_to_another_engine_or_with_other_buffers_is_refu
             assert c.pull("w") == [bytearray(100_000)] * 2
         finally:
             c.close()
+
+
+def test_replies_a_missed_fast_wake_up_left_unread_are_still_read(cluster, monkeypatch):
+    """The fast socket's FD is edge-triggered: messages left unread (its reader interrupted
+    mid-burst, or not woken) wake nobody again, and their requests used to hang (or, with a
+    request in flight, waited for the lost-reply ping's send to look). The controller's poller
+    reads each fast socket too: with the reader gone altogether (the worst miss) and no ping
+    (``FAST_LOST_AFTER`` out of reach), replies still arrive."""
+    import asyncio
+
+    from ipy_multiengine import _loop, controller
+
+    monkeypatch.setattr(controller, "FAST_LOST_AFTER", 3600.0)
+
+    c = MultiEngineClient(cluster.cluster_file)
+    try:
+        assert c.controller._conn(0).fast  # white-box, read on this thread (a bool)
+
+        async def unwatch() -> None:
+            sock = c.controller._conn(0).sockets["fast"]
+            asyncio.get_running_loop().remove_reader(int(sock.getsockopt(zmq.FD)))
+
+        _loop.run(unwatch(), timeout=10)
+        assert c.apply(lambda: 41 + 1, targets=0, timeout=10) == [42]
+        assert c.pull("__name__", targets=0, timeout=10) == ["__main__"]  # and later ones
+    finally:
+        c.close()

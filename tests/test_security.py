@@ -205,3 +205,19 @@ def test_a_socket_path_too_long_for_the_runtime_dir_stays_on_private_unix_socket
     finally:
         c.stop()
     assert not sock_dir.exists()
+
+
+def test_control_requests_of_the_launchers_reach_encrypted_engines():
+    """The launchers' own control requests (interrupt, and shutdown: how MPI, Slurm and remote
+    engines are stopped so that they exit normally) were sent in plaintext: an encrypted engine
+    never saw them, so each stop waited out its timeouts (10 s for the MPI launcher) and then
+    killed the ranks. Sent with CurveZMQ now, they are answered."""
+    from ipy_multiengine import _loop
+    from ipy_multiengine.launchers.base import interrupt_via_control, shutdown_via_control
+
+    with small_cluster(1, transport_encryption="auto", transport="tcp") as (c, mec):
+        info = _spec(c)["engines"][0]["connection"]
+        assert "curve_publickey" in info
+        assert _loop.run(interrupt_via_control(info, timeout=10), timeout=30)
+        assert mec.execute("print(2)")[0]["stdout"] == "2\n"
+        assert _loop.run(shutdown_via_control(info, timeout=10), timeout=30)

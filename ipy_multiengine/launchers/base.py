@@ -317,6 +317,12 @@ async def _control_request(info: dict, msg_type: str, content: dict, timeout: fl
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     try:
+        server_key = info.get("curve_publickey")
+        if server_key:  # an encrypted engine refuses plaintext: it never saw the request
+            sock.curve_serverkey = (
+                server_key.encode() if isinstance(server_key, str) else server_key
+            )
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
         sock.connect(endpoint(info, "control_port"))
         session.send(sock, session.msg(msg_type, content))
         if not await sock.poll(timeout * 1000):
