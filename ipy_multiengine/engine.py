@@ -21,6 +21,7 @@ from __future__ import annotations
 import _signal  # type: ignore[import-not-found]  # signal's C module (no stub)
 import collections
 import contextlib
+import contextvars
 import dis
 import functools
 import itertools
@@ -36,6 +37,8 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import zmq
+import zmq.backend
 from IPython import get_ipython
 
 from . import serialize, wire
@@ -579,12 +582,16 @@ def _safe_error_reply(rid: Any, exc: BaseException, item: int | None) -> tuple[d
 
 def _set_parent(kernel: Any, idents: list, msg: dict) -> None:
     """Make request ``msg`` the kernel's parent, without its buffers: the kernel keeps its
-    parent until the next request, and with them the user's data. Twice: ipykernel snapshots
-    the context (for output from threads) before it sets the shell's own parent variables,
-    so one call leaves the snapshot with the shell's previous parent."""
+    parent until the next request, and with them the user's data. ipykernel saves a copy of
+    the context (for threads) before the shell sets its own parent variable, which holds the
+    whole message: the copy is taken again after it (where this ipykernel keeps one; else by a
+    second call), or it would keep the previous request (on the comm path: with its buffers)."""
     light = {**msg, "buffers": []}
     kernel.set_parent(idents, light, channel="shell")
-    kernel.set_parent(idents, light, channel="shell")
+    if isinstance(getattr(kernel, "_shell_context", None), contextvars.Context):
+        kernel._shell_context = contextvars.copy_context()
+    else:
+        kernel.set_parent(idents, light, channel="shell")
 
 
 def _on_msg(comm: Any, msg: dict) -> None:
@@ -635,32 +642,30 @@ def _refuse(comm: Any, data: dict, why: str) -> None:
     comm.send(_signed(comm, reply, []))
 
 
-@contextlib.contextmanager
-def _input_forwarded(data: dict) -> Any:
-    """``input()``/``getpass()`` in an operation ask the client that sent it (when it reads
-    this engine's stdin: ``data["stdin"]``), as ipykernel arranges for an execute only (else
-    they read the kernel's own stdin: ``EOFError``). Left alone when an execute running
-    meanwhile (an async cell) has them forwarded already."""
+def _forward_input(data: dict) -> Callable[[], None] | None:
+    """Make ``input()``/``getpass()`` in an operation ask the client that sent it (when it
+    reads this engine's stdin: ``data["stdin"]``), as ipykernel arranges for an execute only
+    (else they read the kernel's own stdin: ``EOFError``); what undoes it, or None when nothing
+    was done (no stdin, not an ipykernel, or an execute running meanwhile, an async cell, has
+    them forwarded already). Plain calls, not a context manager: this runs for every op."""
     import builtins
 
     if not data.get("stdin"):
-        yield
-        return
+        return None
     ip = get_ipython()
     kernel = getattr(ip, "kernel", None)
     if kernel is None or not hasattr(kernel, "_forward_input"):
-        yield
-        return
+        return None
     if getattr(builtins.input, "__self__", None) is kernel:
-        yield
-        return
+        return None
     allowed = getattr(kernel, "_allow_stdin", False)
     kernel._forward_input(allow_stdin=True)
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         kernel._restore_input()
         kernel._allow_stdin = allowed
+
+    return restore
 
 
 def _run_op(data: dict, buffers: list) -> tuple[dict, list]:
@@ -669,8 +674,12 @@ def _run_op(data: dict, buffers: list) -> tuple[dict, list]:
     try:
         op = OPS[data["op"]]
         began = time.perf_counter()
-        with _input_forwarded(data):
+        restore = _forward_input(data)
+        try:
             frames = op(data, buffers)
+        finally:
+            if restore is not None:
+                restore()
         # the op's own seconds: a load-balanced map sizes its chunks by them (balanced.py)
         reply: dict = {"rid": rid, "status": "ok", "seconds": time.perf_counter() - began}
     except _ItemError as err:
@@ -766,6 +775,23 @@ def _fast_address() -> dict | None:
     return server.address
 
 
+# pyzmq's backend methods with int flags: the sugar layer's per-frame checks and its IntFlag
+# arithmetic were a sixth of a small fast operation's cost on the engine
+_zmq_send: Any = zmq.backend.Socket.send
+_zmq_recv: Any = zmq.backend.Socket.recv
+_zmq_get: Any = zmq.backend.Socket.get
+_EVENTS, _POLLIN, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+
+
+def _send_frames(sock: Any, frames: list) -> None:
+    """``sock.send_multipart(frames)`` (copied), through the backend's ``send``."""
+    send = _zmq_send
+    for f in frames[:-1]:
+        send(sock, f, _SNDMORE)
+    send(sock, frames[-1], 0)
+
+
 class _FastServer:
     """The ROUTER socket served on the kernel's main loop (see the module docstring)."""
 
@@ -832,12 +858,14 @@ class _FastServer:
 
     def _readable(self) -> None:
         """Drain the socket (its FD is edge-triggered: read until nothing is left)."""
-        zmq = self.zmq
         sock = self.sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        get, recv = _zmq_get, _zmq_recv
+        while get(sock, _EVENTS) & _POLLIN:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+                frames = [recv(sock, _NOBLOCK, False)]
+                while get(sock, _RCVMORE):
+                    frames.append(recv(sock, 0, False))
+            except self.zmq.Again:
                 break
             try:
                 self._handle(frames)
@@ -947,10 +975,10 @@ class _FastServer:
         if self.digest:
             header = {**header, "bd": wire.buffers_digest(out)}
         head = idents + wire.fast_frames(
-            session, header, {"msg_id": request.get("rid")}, session.pack(reply)
+            session, header, {"msg_id": request.get("rid")}, wire.pack(reply)
         )
         if len(out) <= 1 or all(memoryview(b).nbytes < 65536 for b in out[1:]):
-            self.sock.send_multipart(head + out)
+            _send_frames(self.sock, head + out)
             return
         # zero copy, and the next operation waits until zmq released the user's buffers
         tracker = self.sock.send_multipart(head + out, copy=False, track=True)

@@ -30,8 +30,23 @@ def dumps(obj: Any) -> list[Any]:
         buffers.append(view)
         return False
 
-    data = cloudpickle.dumps(obj, protocol=5, buffer_callback=callback)
+    # plain values by the standard pickler (the same stream for them; a CloudPickler costs
+    # more to set up than a small value costs to pickle): most replies are one of these
+    dumper = pickle.dumps if _is_plain(obj) else cloudpickle.dumps
+    data = dumper(obj, protocol=5, buffer_callback=callback)
     return [data, *buffers]
+
+
+_PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
+
+def _is_plain(obj: Any) -> bool:
+    """A value that pickles by reference to nothing cloudpickle would ship by value: a builtin
+    scalar, or a NumPy array without Python objects in it."""
+    cls = type(obj)
+    if cls in _PLAIN:
+        return True
+    return cls.__name__ == "ndarray" and cls.__module__ == "numpy" and not obj.dtype.hasobject
 
 
 def snapshot(frames: list[Any]) -> list[Any]:

@@ -172,6 +172,28 @@ def test_large_array_frames_are_out_of_band():
     assert np.shares_memory(back["a"], a)
 
 
+def test_plain_values_and_what_only_cloudpickle_can_send_both_round_trip(mec):
+    """Plain values (builtin scalars, arrays without objects) are pickled by the standard
+    pickler; a subclass of a plain type or an object array holding a function defined here must
+    still go by value (cloudpickle), or the other side could not load it."""
+    from ipy_multiengine import serialize
+
+    class Tagged(int):
+        tag = "mine"
+
+    a = np.arange(10_000.0)
+    frames = serialize.dumps(a)
+    assert len(frames) == 2 and np.shares_memory(np.frombuffer(frames[1]), a)  # still zero copy
+    assert np.shares_memory(serialize.loads(frames), a)
+    back = mec.apply(lambda: (Tagged(3), np.array([lambda v: v + 1], dtype=object)), targets=0)
+    value, objects = back[0]
+    assert value == 3 and value.tag == "mine" and objects[0](1) == 2
+    assert mec.apply(lambda x: x, Tagged(5), targets=1)[0].tag == "mine"
+    assert mec.apply(lambda: (None, True, 2.5, 1j, "é", b"\x00"), targets=2) == [
+        (None, True, 2.5, 1j, "é", b"\x00")
+    ]
+
+
 def test_scatter_numpy_views_and_types(mec):
     a = np.arange(20).reshape(10, 2)
     mec.scatter("p", a)

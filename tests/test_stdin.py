@@ -427,3 +427,28 @@ def test_input_in_an_applied_function_asks_the_user(mec, monkeypatch):
     assert mec.execute("x = input('again? ')", targets=[1]) and mec.pull("x", targets=1) == [
         "typed"
     ]
+
+
+def test_input_in_a_thread_of_an_applied_function_asks_the_user(mec, monkeypatch):
+    """A thread started (and joined) by an applied function reads the parent it asks through
+    from ipykernel's saved context: the engine helper must save it after setting the request
+    as parent, or the prompt goes to no one (or to the previous request's client)."""
+    prompts: list[str] = []
+
+    def fake_input(prompt=""):
+        prompts.append(prompt)
+        return "from a thread"
+
+    monkeypatch.setattr("builtins.input", fake_input)
+
+    def ask_in_a_thread():
+        import threading
+
+        got = []
+        t = threading.Thread(target=lambda: got.append(input("thread? ")))
+        t.start()
+        t.join(30)
+        return got
+
+    assert mec.apply(ask_in_a_thread, targets=[2]) == [["from a thread"]]
+    assert prompts == ["[2] thread? "]
