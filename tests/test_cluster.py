@@ -642,3 +642,44 @@ def test_a_call_on_all_engines_during_add_engines_sees_the_new_engine_wholly_or_
         wait_for(lambda: added, 1, "add_engines to return")
         assert added == [[1]]
         assert set(seen) <= {1, 2} and len(mec.execute("x = 1", targets="all")) == 2
+
+
+def test_stopped_engines_exit_by_themselves_even_when_the_control_thread_flushes_late(tmp_path):
+    """ipykernel's ``close`` stops the IOPub thread before it joins the control thread, which
+    still flushes stdout/stderr after answering the shutdown request: a flush caught by the
+    IOPub thread's end blocked for good, and the kernel manager SIGTERMed the engine 1.5 s
+    later (one stop of 4 engines in five, here). The flush is made late on purpose; each
+    engine records whether its control thread was still running when IOPub was stopped (the
+    window of that hang), which the engine helper's wait must rule out, and exits with 0."""
+    # the engine's namespace is cleared at exit (IPython's atexit reset) before ipykernel's
+    # close runs: what these functions use is bound as defaults, not looked up as globals
+    late_flush = (
+        "import sys, threading, time, os\n"
+        "from ipykernel.kernelapp import IPKernelApp as _A\n"
+        "_app = _A.instance()\n"
+        "def _late(flush, app=_app, threading=threading, time=time):\n"
+        "    def f():\n"
+        "        control = threading.current_thread().name == 'Control'\n"
+        "        if control and app.kernel._shutdown_message:\n"
+        "            time.sleep(0.3)\n"
+        "        return flush()\n"
+        "    return f\n"
+        "sys.stdout.flush = _late(sys.stdout.flush)\n"
+        f"def _stop_noted(stop=_app.iopub_thread.stop, app=_app, open=open, "
+        f"path=os.path.join({str(tmp_path)!r}, str(os.getpid()))):\n"
+        "    with open(path, 'w') as fh:\n"
+        "        fh.write(str(app.control_thread.is_alive()))\n"
+        "    stop()\n"
+        "_app.iopub_thread.stop = _stop_noted\n"
+    )
+    cluster = Cluster(n=2, profile="late-flush")
+    mec = cluster.start()
+    try:
+        mec.execute(late_flush)
+        processes = [km.provisioner.process for km in cluster.launcher.managers.values()]
+        assert len(processes) == 2 and all(p is not None for p in processes)
+    finally:
+        cluster.stop()
+    noted = {p.pid: (tmp_path / str(p.pid)).read_text() for p in processes}
+    assert noted == {p.pid: "False" for p in processes}  # control had ended before IOPub stopped
+    assert [p.returncode for p in processes] == [0, 0]
