@@ -246,6 +246,9 @@ class EngineConn:
         self.releasing = False
         self.rtt = 0.0  # seconds of a kernel_info round trip while connecting
         self.probe: Request | None = None  # a ping sent behind an unanswered fast operation
+        #: messages of ours the engine's fast socket left unanswered for failing their signature
+        #: (changed on the way), as its replies report them, and why the last one failed
+        self.fast_unchecked: tuple[int, str] = (0, "")
         self.published_key: tuple | None = None  # what its last snapshot showed
 
     def url(self, channel: str) -> str:
@@ -1157,8 +1160,8 @@ class Controller:
         try:
             _idents, msg_list = conn.session.feed_identities(frames, copy=False)
             msg = wire.deserialize(conn.session, msg_list)
-            if channel == "fast" and conn.fast_digest:
-                wire.check_buffers(msg["header"], msg["buffers"], True)
+            if channel == "fast" and conn.fast_digest and not self._fast_buffers_check(conn, msg):
+                return
         except Exception as exc:
             log.warning(
                 "engine %s: dropped a bad message on %s (%s: %s)",
@@ -1312,14 +1315,29 @@ class Controller:
                 req.listener_error = exc
                 req.listener = None
 
+    def _fast_buffers_check(self, conn: EngineConn, msg: dict) -> bool:
+        """(loop) Whether a signed fast reply's buffers match the digest in its header; if not,
+        its request (named by the signed parent) fails at once naming the engine and why, as
+        on the comm (``_buffers_check``), and nothing of it is unpickled."""
+        req = conn.requests.get(msg["parent_header"].get("msg_id", ""))
+        return self._buffers_check(conn, req, msg["header"], msg["buffers"], True, "header")
+
     def _buffers_check(
-        self, conn: EngineConn, req: Request | None, data: dict, buffers: list
+        self,
+        conn: EngineConn,
+        req: Request | None,
+        data: dict,
+        buffers: list,
+        required: bool | None = None,
+        where: str = "message",
     ) -> bool:
         """(loop) Whether a comm message's buffers match the digest in its signed data (required
-        when ``conn.comm_digest``); if not, its request fails naming the engine and why, and
-        nothing of it is unpickled."""
+        when ``conn.comm_digest``; or a fast reply's, in its signed header: ``required``,
+        ``where``); if not, its request fails naming the engine and why, and nothing of it is
+        unpickled."""
         try:
-            wire.check_buffers(data, buffers, conn.comm_digest, "message")
+            must = conn.comm_digest if required is None else required
+            wire.check_buffers(data, buffers, must, where)
             return True
         except ValueError as exc:
             what = (req.op or req.kind) if req is not None else "an operation"
@@ -1499,6 +1517,21 @@ class Controller:
                 return
             self._lost(conn, req)
 
+    @staticmethod
+    def _note_unchecked(conn: EngineConn, seen: Any) -> None:
+        """(loop) An engine's reply reports messages of ours its fast socket did not answer
+        because their signature failed (``_FastServer._unchecked``): the requests among them
+        fail as lost, saying so (``_lost``)."""
+        if isinstance(seen, dict) and type(seen.get("count")) is int:
+            count = conn.fast_unchecked[0] + max(seen["count"], 0)
+            conn.fast_unchecked = (count, str(seen.get("why", ""))[:300])
+            log.warning(
+                "engine %s: its fast socket refused %d message(s) of this client unread (%s)",
+                conn.eid,
+                seen["count"],
+                conn.fast_unchecked[1],
+            )
+
     def _lost(self, conn: EngineConn, req: Request) -> None:
         what = req.code or req.op or req.kind
         text = (
@@ -1508,6 +1541,16 @@ class Controller:
             else f"engine {conn.eid} went on without replying to {what!r} (probably interrupted "
             "between messages); the request was lost, the engine is usable"
         )
+        count, why = conn.fast_unchecked
+        if req.channel == "fast" and count:
+            # the engine refused messages of ours unanswered: this request was one of them
+            conn.fast_unchecked = (count - 1, why)
+            text = (
+                f"engine {conn.eid} did not answer {what!r}: its fast socket refused a message "
+                f"of this client unread for failing its signature check ({why}), so this "
+                "request was most likely changed on the way (its id could not be trusted to "
+                "answer it); nothing of such a message is unpickled or run, the engine is usable"
+            )
         log.warning(text)
         self._finish(conn, req, exc=EngineError(text, conn.eid, _method(req)))
 
@@ -1547,6 +1590,8 @@ class Controller:
         fut.mono["started"] = max(mono - (now - started), fut.mono["submitted"])  # serial_time
 
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
+        if "unchecked" in data:
+            self._note_unchecked(conn, data["unchecked"])
         fut = req.future
         if isinstance(fut, RequestFuture) and fut.started is None:
             self._stamp_started(fut, data)

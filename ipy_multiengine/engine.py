@@ -658,19 +658,25 @@ def _on_msg(comm: Any, msg: dict) -> None:
 def _refuse(comm: Any, data: dict, why: str) -> None:
     """Answer a comm request whose buffers do not check (``why``), without unpickling them: an
     error naming this engine that its client raises as an ``EngineError`` (``refused``)."""
-    op = data.get("op")
-    _log.warning("ipy_multiengine: refused a %r on the comm (%s); nothing was unpickled", op, why)
-    reply: dict[str, Any] = {
+    _log.warning(
+        "ipy_multiengine: refused a %r on the comm (%s); nothing was unpickled", data.get("op"), why
+    )
+    comm.send(_signed(comm, _refusal(data, _comm_eids.get(comm.comm_id), why), []))
+
+
+def _refusal(data: dict, eid: Any, why: str) -> dict:
+    """The reply to a signed request whose buffers do not check (``why``): nothing of it was
+    unpickled, nothing ran. Its client raises it as an ``EngineError`` naming engine ``eid``."""
+    return {
         "rid": data.get("rid"),
         "status": "error",
         "refused": True,
         "ename": "EngineError",
-        "evalue": f"engine {_comm_eids.get(comm.comm_id)} refused this {op!r} request: {why} "
+        "evalue": f"engine {eid} refused this {data.get('op')!r} request: {why} "
         "(changed on the way?); nothing of it was unpickled",
         "traceback": [],
         "item": None,
     }
-    comm.send(_signed(comm, reply, []))
 
 
 def _forward_input(data: dict) -> Callable[[], None] | None:
@@ -823,6 +829,10 @@ def _send_frames(sock: Any, frames: list) -> None:
     send(sock, frames[-1], 0)
 
 
+#: How many connections' unanswered messages a fast socket remembers (``_FastServer.unchecked``).
+UNCHECKED_PEERS = 64
+
+
 class _FastServer:
     """The ROUTER socket served on the kernel's main loop (see the module docstring)."""
 
@@ -873,6 +883,9 @@ class _FastServer:
         # whether they must sign their buffers: a client without this would send neither
         self.address["signed"] = {"eid": True, "digest": self.digest}
         self.sock = sock
+        #: per connection (ROUTER identity): [messages not answered for failing their
+        #: signature or engine check since its last reply, why the last one failed]
+        self.unchecked: dict[bytes, list] = {}
         import atexit
 
         atexit.register(sock.close, 0)  # a unix socket's file goes with it
@@ -916,14 +929,15 @@ class _FastServer:
                     f"signed for engine {header.get('eid')!r} (comm {comm_id!r}), not this "
                     f"engine (engine {_comm_eids.get(comm_id, _engine_id[0])!r})"
                 )
-            wire.check_buffers(header, msg["buffers"], self.digest)
         except Exception as exc:  # unsigned, forged or replayed: not unpickled, not answered
-            _log.warning("ipy_multiengine: refused a message on the fast socket (%s)", exc)
+            self._unchecked(idents, exc)
             return
         data = msg["content"]
         # the request's id and comm are in its header (wire.fast_request_header)
         data.setdefault("rid", header["msg_id"])
         data.setdefault("comm_id", header.get("comm_id", ""))
+        if self._buffers_refused(idents, header, msg["buffers"], data):
+            return
         if not _begin(header["msg_id"]):  # aborted (ime_abort_request) before it began
             self._send(
                 [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents],
@@ -972,6 +986,8 @@ class _FastServer:
             reply["started"] = began  # PendingResult.started (the engine's clock)
             # and how long ago, for a client whose clock differs from this host's
             reply["ran"] = time.monotonic() - started
+            if self.unchecked:
+                self._tell_unchecked(idents, reply)
             # an output flushed by ipykernel's timer (every flush_interval) leaves no trace: an
             # operation that ran that long replies behind IOPub, as does one that printed
             interval = getattr(sys.stdout, "flush_interval", 0.2)
@@ -998,6 +1014,46 @@ class _FastServer:
                     [],
                     data,
                 )
+
+    def _unchecked(self, idents: list, exc: Exception) -> None:
+        """A message that failed its signature or named another engine: its ``rid`` cannot be
+        trusted, so it is not answered (nor unpickled). Counted per connection (its ROUTER
+        identity, which no one else's messages arrive with), and told to that connection's
+        client with its next reply (``_tell_unchecked``): its request was lost because it was
+        changed on the way, not for some unknown reason."""
+        why = f"{type(exc).__name__}: {_safe_str(exc)}"[:300]
+        _log.warning("ipy_multiengine: refused a message on the fast socket (%s)", why)
+        peer = bytes(idents[0]) if idents else b""
+        seen = self.unchecked.pop(peer, None) or [0, ""]
+        seen[0] += 1
+        seen[1] = why
+        self.unchecked[peer] = seen  # the most recent peer last
+        while len(self.unchecked) > UNCHECKED_PEERS:  # bounded: a peer may reconnect forever
+            del self.unchecked[next(iter(self.unchecked))]
+
+    def _tell_unchecked(self, idents: list, reply: dict) -> None:
+        """Tell the client of this connection how many of its messages were not answered since
+        its last reply for failing their checks, and why the last one failed."""
+        seen = self.unchecked.pop(bytes(idents[0]) if idents else b"", None)
+        if seen is not None:
+            reply["unchecked"] = {"count": seen[0], "why": seen[1]}
+
+    def _buffers_refused(self, idents: list, header: dict, buffers: list, data: dict) -> bool:
+        """Whether a signed request's buffers fail the digest in its header: it is then answered
+        by a refusal (``_refusal``, its rid is signed) and nothing of it is unpickled."""
+        try:
+            wire.check_buffers(header, buffers, self.digest)
+            return False
+        except ValueError as exc:
+            why = str(exc)
+        _log.warning(
+            "ipy_multiengine: refused a %r on the fast socket (%s); nothing was unpickled",
+            data.get("op"),
+            why,
+        )
+        idents = [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents]
+        self._send(idents, _refusal(data, _comm_eids.get(data["comm_id"]), why), [], data)
+        return True
 
     def _send(self, idents: list, reply: dict, out: list, request: dict) -> None:
         zmq = self.zmq

@@ -1,4 +1,5 @@
-"""The comm path's buffers are signed too, and engines report their data protocol (issue 15).
+"""The comm path's buffers are signed too, changed requests on either path are refused in
+a signed answer, and engines report their data protocol (issue 15).
 
 Jupyter's HMAC signature covers a message's header, parent, metadata and content but not its
 buffers, and the first buffer of a data operation is a pickle. On TCP without CurveZMQ the comm
@@ -14,6 +15,7 @@ import pickle
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -51,13 +53,15 @@ class _Relay:
     length) in what flows from the client to the engine (``upstream``) or back. ZMTP frames
     on TCP without CurveZMQ are neither signed nor encrypted: this is all an attacker needs."""
 
-    def __init__(self, port: int, upstream: bool) -> None:
+    def __init__(
+        self, port: int, upstream: bool, host: str = "127.0.0.1", listen_port: int = 0
+    ) -> None:
         self.port = port
         self.upstream = upstream
         self.old = self.new = b""
         self.hits = 0
         self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server((host, listen_port))
         self.listen_port = self._listener.getsockname()[1]
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
@@ -224,3 +228,85 @@ def test_an_engine_of_a_newer_data_protocol_is_refused_data_but_executes():
             newer.close()
         mec.execute(f"_w.PROTOCOL = {wire.PROTOCOL}")
         assert mec.apply(lambda: 2) == [2]
+
+
+@pytest.fixture
+def relayed_fast() -> Iterator[tuple]:
+    """One real engine on loopback TCP without CurveZMQ (data on its fast socket), and a second
+    client of it whose every connection, the fast socket's included, goes through a relay:
+    the relays listen on 127.0.0.2 at the engine's own port numbers (the fast socket's port
+    comes from the engine's signed comm reply, which no relay may change)."""
+    from ipy_multiengine.wire import PORT_KEYS
+
+    with small_cluster(1, transport="tcp") as (_cluster, mec):
+        info = dict(mec.controller.state(0).connection)
+        assert info["transport"] == "tcp" and not info.get("curve_publickey")
+        fast_port = int(mec.controller.state(0).engine_info["fast"]["port"])
+        plain = [_Relay(info[k], False, "127.0.0.2", info[k]) for k in PORT_KEYS if info.get(k)]
+        fast = _Relay(fast_port, True, "127.0.0.2", fast_port)
+        c = None
+        try:
+            c = MultiEngineClient.from_controller(
+                Controller({0: dict(info, ip="127.0.0.2")}, timeout=30).connect()
+            )
+            assert c.controller._conn(0).fast  # white-box, read-only: the fast socket carries data
+            yield mec, c, fast
+        finally:
+            if c is not None:
+                c.close()
+            for r in [*plain, fast]:
+                r.close()
+
+
+def test_a_changed_request_pickle_on_the_fast_socket_is_refused_in_a_signed_answer(
+    relayed_fast, tmp_path
+):
+    """The push's pickle is rewritten on its way to the engine's fast socket: the signature
+    still checks (it covers no buffer), the digest does not. The engine answers at once with a
+    refusal naming itself and why (its rid is signed), as on the comm; nothing is unpickled."""
+    from ipy_multiengine import controller
+
+    mec, c, fast = relayed_fast
+    proof = tmp_path / "ran-on-engine"
+    c.push({"note": "Q" * 400})
+    assert c.pull("note") == ["Q" * 400]
+    values = {"note": "Z" * 400}
+    original = bytes(_dumps_namespace(values)[0])
+    fast.arm(original, _evil_like(original, str(proof)))
+    t0 = time.monotonic()
+    with pytest.raises((EngineError, CompositeError)) as info:
+        c.push(values, timeout=20)
+    took = time.monotonic() - t0
+    assert fast.hits == 1, "the relay did not find the pickle to change"
+    text = str(info.value)
+    assert "engine 0 refused this 'push' request" in text, text
+    assert "do not match the digest" in text and "nothing of it was unpickled" in text, text
+    # answered, not found lost by the ping behind it
+    assert took < controller.FAST_LOST_AFTER, f"the refusal took {took:.2f} s"
+    assert not proof.exists(), "a changed pickle was unpickled on the engine"
+    fast.disarm()
+    assert c.pull("note") == ["Q" * 400]  # the refused push changed nothing
+    assert c.apply(lambda: 6 * 7) == [42]
+    assert mec.pull("note") == ["Q" * 400]
+
+
+def test_a_request_whose_signature_fails_on_the_fast_socket_is_reported_as_refused(
+    relayed_fast,
+):
+    """A request changed where the signature covers it (its content) is not answered (its rid
+    cannot be trusted), but the engine tells this client with its next reply that it refused a
+    message of its unread: the operation fails saying so and why, not as a mysterious lost
+    reply; the engine stays usable."""
+    mec, c, fast = relayed_fast
+    mec.push({"apricot_1": 1, "apricot_2": 2})
+    fast.arm(b"apricot_1", b"apricot_2")
+    with pytest.raises((EngineError, CompositeError)) as info:
+        c.pull("apricot_1", timeout=20)
+    assert fast.hits == 1, "the relay did not find the name to change"
+    text = str(info.value)
+    assert "engine 0 did not answer 'pull'" in text, text
+    assert "refused a message of this client unread" in text, text
+    assert "Invalid Signature" in text and "changed on the way" in text, text
+    fast.disarm()
+    assert c.pull("apricot_1") == [1]
+    assert c.apply(lambda: 6 * 7) == [42]

@@ -560,6 +560,8 @@ def test_a_signed_request_resent_to_another_engine_or_with_other_buffers_is_refu
     the buffers (the pickles): whoever sees one engine's TCP fast socket traffic could resend
     a request to another engine, or with a pickle of their own, and have it run. Real engines
     over TCP without CurveZMQ; the frames are the controller's own, captured on their way."""
+    from ipy_multiengine import controller
+
     proof = tmp_path / "ran"
 
     class Evil:
@@ -586,7 +588,9 @@ def test_a_signed_request_resent_to_another_engine_or_with_other_buffers_is_refu
             mec.push({"y": bytearray(b"B" * 100_000)}, targets=0, block=False)
             wait_for(lambda: sent, 10, "the push to be captured")
         forged = [*sent[0][:6], pickle.dumps(Evil(), protocol=5), *sent[0][7:]]
-        assert _send_raw(urls[0], forged, 1000) is None
+        # its signature checks (its rid can be trusted): answered by a refusal, nothing unpickled
+        refusal = _send_raw(urls[0], forged, 10000)
+        assert refusal is not None and b'"refused"' in refusal[-1] and b"digest" in refusal[-1]
         assert not proof.exists(), "a request with other buffers than it was signed with ran"
         assert any("buffers" in r for r in _refusals(mec, 0)), _refusals(mec, 0)
         # (c) a reply whose pickle was replaced on its way back: the client drops it
@@ -599,9 +603,15 @@ def test_a_signed_request_resent_to_another_engine_or_with_other_buffers_is_refu
 
         with monkeypatch.context() as m:
             m.setattr(mec.controller, "_on_frames", tamper)
-            with pytest.raises((TimeoutError, EngineError)):
-                mec.pull("x", targets=0, block=False).get_result(timeout=3)
+            t0 = time.monotonic()
+            with pytest.raises((CompositeError, EngineError)) as err:
+                mec.pull("x", targets=0, block=False).get_result(timeout=10)
+            took = time.monotonic() - t0
         assert not proof.exists(), "a reply with other buffers than it was signed with ran"
+        # its signed parent names the request: it fails at once, saying why (not found lost)
+        assert "engine 0: the reply to 'pull' was refused" in str(err.value), str(err.value)
+        assert "do not match the digest" in str(err.value), str(err.value)
+        assert took < controller.FAST_LOST_AFTER, f"the refusal took {took:.2f} s"
         # both engines stay usable
         assert mec.apply(lambda: 7) == [7, 7]
         mec.push({"z": 1})
