@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import serialize, stdin
-from .errors import CompositeError, EngineError, RemoteError, TimeoutError
+from .errors import CompositeError, EngineError, RefusedError, RemoteError, TimeoutError
 from .results import Tally
 
 log = logging.getLogger("ipy_multiengine")
@@ -395,7 +395,8 @@ class BalancedMap:
                 else f"items {offset}..{offset + n - 1}"
             )
             tries = self._tries[ci] + 1
-            return EngineError(
+            error = RefusedError if isinstance(exc, RefusedError) else EngineError
+            return error(
                 f"{exc.evalue}; {what} of the map not done "
                 f"(sent {tries} time{'s' if tries > 1 else ''})",
                 exc.engine_id,
@@ -469,6 +470,10 @@ class BalancedMap:
                     for other in self.eids:
                         if other != eid and other in self._alive and not self._auto.measured(other):
                             self._fill(other)
+            elif isinstance(exc, RefusedError):
+                # changed on the way, not a fault of the engine: re-sending it elsewhere would
+                # hide the attack (and a refused reply's chunk did run); the map fails naming it
+                self._fail(self._named(exc, ci))
             elif isinstance(exc, EngineError):
                 self._alive.discard(eid)
                 self._sent_at.pop(ci, None)

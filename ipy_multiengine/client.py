@@ -741,7 +741,8 @@ class MultiEngineClient(Configurable):
 
         By default items are split in contiguous blocks, one per target (the tutorial's map).
         ``balanced=True`` sends chunks of items to whichever engine is free first, re-sending a
-        dead engine's chunks to others ``retries`` times; ``ordered=False`` returns results in
+        dead engine's chunks to others ``retries`` times (never a chunk refused as changed on
+        the way: the map fails with a ``RefusedError``); ``ordered=False`` returns results in
         completion order. ``chunksize=None`` (the default) sizes chunks automatically from the
         measured time per item (small first, longer ones, short ones at the end); an int sends
         chunks of exactly that many items.

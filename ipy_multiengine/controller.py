@@ -32,7 +32,7 @@ import zmq.asyncio
 from jupyter_client.session import Session
 
 from . import _loop, wire
-from .errors import EngineError, RemoteError
+from .errors import EngineError, RefusedError, RemoteError
 from .wire import CONTROL_MSG_TYPES, INSTALL_CODE
 
 log = logging.getLogger("ipy_multiengine")
@@ -1347,7 +1347,7 @@ class Controller:
             )
             log.warning(text)
             if req is not None:
-                self._finish(conn, req, exc=EngineError(text, conn.eid, _method(req)))
+                self._finish(conn, req, exc=RefusedError(text, conn.eid, _method(req)))
             return False
 
     @staticmethod
@@ -1541,8 +1541,10 @@ class Controller:
             else f"engine {conn.eid} went on without replying to {what!r} (probably interrupted "
             "between messages); the request was lost, the engine is usable"
         )
+        error: type[EngineError] = EngineError
         count, why = conn.fast_unchecked
         if req.channel == "fast" and count:
+            error = RefusedError
             # the engine refused messages of ours unanswered: this request was one of them
             conn.fast_unchecked = (count - 1, why)
             text = (
@@ -1552,7 +1554,7 @@ class Controller:
                 "answer it); nothing of such a message is unpickled or run, the engine is usable"
             )
         log.warning(text)
-        self._finish(conn, req, exc=EngineError(text, conn.eid, _method(req)))
+        self._finish(conn, req, exc=error(text, conn.eid, _method(req)))
 
     def _idle_overdue(self, conn: EngineConn, req: Request) -> None:
         if conn.requests.get(req.msg_id) is req and not req.idle:
@@ -1616,7 +1618,7 @@ class Controller:
             self._finish(
                 conn,
                 req,
-                exc=EngineError(str(data.get("evalue", "")), conn.eid, req.op or "comm"),
+                exc=RefusedError(str(data.get("evalue", "")), conn.eid, req.op or "comm"),
             )
         else:
             item = data.get("item")

@@ -8,6 +8,7 @@
      │    ├── CompositeError            one or more engines failed in one call (elist, results)
      │    ├── RemoteError               one engine raised (type, value, traceback; engine_id, item)
      │    ├── EngineError               an engine died or could not be reached (engine_id)
+     │    │    ├── RefusedError         a data message did not check: refused unread
      │    │    └── LauncherError        a launcher could not start/reach/restart/stop engines
      │    │         └── EngineStartTimeout  (also a TimeoutError) engines never reported (missing)
      │    ├── NoClusterError            no running cluster to connect to
@@ -36,6 +37,7 @@ __all__ = [
     "LauncherError",
     "MultiEngineError",
     "NoClusterError",
+    "RefusedError",
     "RemoteError",
     "TargetsError",
     "TimeoutError",
@@ -180,6 +182,13 @@ class EngineError(MultiEngineError):
 
     def render_traceback(self) -> list[str]:
         return [f"EngineError: {self.args[0]}"]
+
+
+class RefusedError(EngineError):
+    """A data operation's message did not check (its buffers against their signed digest, or
+    its signature) and was refused unread, most likely changed on the way: a refused request
+    ran nowhere (the engine refused it), a refused reply's operation did run (this client
+    refused the reply). Never retried: a load-balanced map fails naming the engine."""
 
 
 class LauncherError(EngineError):

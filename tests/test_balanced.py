@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
 import pytest
+from faultlib import small_cluster
+from wire_relay import relayed_client
 
 from ipy_multiengine import Cluster
 from ipy_multiengine.balanced import AutoChunks, BalancedMap
@@ -396,3 +399,30 @@ def test_auto_chunks_cheap_first_items_do_not_send_the_rest_to_one_engine(mec):
 
     pids = mec.map(work, [0.0] * 4 + [0.3] * 4, balanced=True, timeout=30)
     assert len(set(pids[4:])) >= 2, f"the slow items all went to one engine: {pids}"
+
+
+@pytest.mark.timeout(120)
+def test_a_chunk_an_engine_refuses_fails_the_map_naming_engine_and_items():
+    """A chunk whose pickle was changed on the way (a TCP relay in front of engine 0 rewrites
+    it) is refused by that engine unread. A refusal is an attack on the path, not a fault: the
+    map fails at once naming the engine, the items and why, instead of re-running the chunk on
+    another engine (which hid the refusal and dropped the engine, alive, from the map)."""
+    from ipy_multiengine.errors import RefusedError
+
+    marker = "kiwi-fruit-marker"
+    with small_cluster(2, transport="tcp") as (_cluster, mec), relayed_client(mec, [0]) as rc:
+        c, fast = rc
+        assert c.map(len, [marker] * 8, balanced=True, chunksize=2) == [len(marker)] * 8
+        fast[0].arm(marker.encode(), b"kiwi-fruit-MARKER")
+        with pytest.raises(CompositeError) as err:
+            c.map(len, [marker] * 8, balanced=True, chunksize=2, timeout=30)
+        assert fast[0].hits >= 1, "the relay did not find the chunk to change"
+        [refused] = err.value.elist
+        text = str(refused)
+        assert isinstance(refused, RefusedError) and refused.engine_id == 0, repr(refused)
+        assert "engine 0 refused this 'map' request" in text, text
+        assert "do not match the digest" in text, text
+        assert re.search(r"items \d+\.\.\d+ of the map not done \(sent 1 time\)", text), text
+        fast[0].disarm()
+        assert c.map(len, [marker] * 4, balanced=True, chunksize=1) == [len(marker)] * 4
+        assert mec.apply(lambda: 1) == [1, 1]

@@ -11,127 +11,21 @@ IOPub port that rewrites the bytes of a pickle on the wire, as anyone on the pat
 from __future__ import annotations
 
 import os
-import pickle
-import selectors
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from faultlib import small_cluster
+from wire_relay import Relay, evil_like, relayed_client
 
 from ipy_multiengine import CompositeError, EngineError, MultiEngineClient, serialize
 from ipy_multiengine.client import _dumps_namespace
 from ipy_multiengine.controller import Controller
+from ipy_multiengine.errors import RefusedError
 
 pytestmark = pytest.mark.timeout(120)
 
 COMM_ONLY = dict(os.environ, IPY_MULTIENGINE_FAST="0")
-
-
-class _Evil:
-    """Unpickling it creates the file ``path``: the proof that a changed pickle was loaded."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def _evil_like(original: bytes, proof: str) -> bytes:
-    """A pickle that runs code, padded to ``original``'s length: the ZMTP frame keeps its size
-    (``pickle.loads`` ignores the bytes after the pickle's STOP)."""
-    evil = pickle.dumps(_Evil(proof), protocol=5)
-    assert len(evil) < len(original)
-    return evil + b"\0" * (len(original) - len(evil))
-
-
-class _Relay:
-    """A TCP relay to ``127.0.0.1:port`` that, once armed, replaces ``old`` by ``new`` (same
-    length) in what flows from the client to the engine (``upstream``) or back. ZMTP frames
-    on TCP without CurveZMQ are neither signed nor encrypted: this is all an attacker needs."""
-
-    def __init__(
-        self, port: int, upstream: bool, host: str = "127.0.0.1", listen_port: int = 0
-    ) -> None:
-        self.port = port
-        self.upstream = upstream
-        self.old = self.new = b""
-        self.hits = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server((host, listen_port))
-        self.listen_port = self._listener.getsockname()[1]
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    def arm(self, old: bytes, new: bytes) -> None:
-        assert len(old) == len(new)
-        with self._lock:
-            self.old, self.new, self.hits = old, new, 0
-
-    def disarm(self) -> None:
-        with self._lock:
-            self.old = self.new = b""
-
-    def _accept(self) -> None:
-        self._listener.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            engine = socket.create_connection(("127.0.0.1", self.port))
-            t = threading.Thread(target=self._pump, args=(client, engine), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _pump(self, client: socket.socket, engine: socket.socket) -> None:
-        sel = selectors.DefaultSelector()
-        tampered = engine if self.upstream else client  # where the changed bytes go
-        peer = {client: engine, engine: client}
-        sel.register(client, selectors.EVENT_READ)
-        sel.register(engine, selectors.EVENT_READ)
-        held = b""  # the tail towards ``tampered`` that may begin a pattern split across reads
-        try:
-            while not self._stop.is_set():
-                events = sel.select(0.02)
-                if not events and held:
-                    tampered.sendall(held)  # quiet: nothing can complete a pattern now
-                    held = b""
-                for key, _ in events:
-                    src: socket.socket = key.fileobj  # type: ignore[assignment]
-                    data = src.recv(1 << 20)
-                    if not data:
-                        return
-                    dst = peer[src]
-                    if dst is not tampered:
-                        dst.sendall(data)
-                        continue
-                    with self._lock:
-                        old, new = self.old, self.new
-                        data = held + data
-                        if old and old in data:
-                            self.hits += data.count(old)
-                            data = data.replace(old, new)
-                    keep = max(len(old) - 1, 0) if old else 0
-                    held = data[len(data) - keep :] if keep else b""
-                    dst.sendall(data[: len(data) - keep] if keep else data)
-        except OSError:
-            return
-        finally:
-            client.close()
-            engine.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._listener.close()
-        for t in self._threads:
-            t.join(5)
 
 
 @pytest.fixture
@@ -147,8 +41,8 @@ def tcp_comm_engine() -> Iterator[tuple]:
 def relayed(tcp_comm_engine) -> Iterator[tuple]:
     """A second client of that engine whose shell and IOPub connections go through relays."""
     _cluster, mec, info = tcp_comm_engine
-    shell = _Relay(info["shell_port"], upstream=True)
-    iopub = _Relay(info["iopub_port"], upstream=False)
+    shell = Relay(info["shell_port"], upstream=True)
+    iopub = Relay(info["iopub_port"], upstream=False)
     proxied = dict(info, shell_port=shell.listen_port, iopub_port=iopub.listen_port)
     c = MultiEngineClient.from_controller(Controller({0: proxied}, timeout=30).connect())
     try:
@@ -173,7 +67,7 @@ def test_a_changed_request_pickle_on_the_comm_is_refused_unread(relayed, tmp_pat
 
     values = {"note": "Z" * 400}
     original = bytes(_dumps_namespace(values)[0])
-    shell.arm(original, _evil_like(original, str(proof)))
+    shell.arm(original, evil_like(original, str(proof)))
     with pytest.raises((EngineError, CompositeError)) as info:
         c.push(values, timeout=20)
     assert shell.hits == 1, "the relay did not find the pickle to change"
@@ -195,7 +89,7 @@ def test_a_changed_reply_pickle_on_the_comm_is_refused_unread(relayed, tmp_path)
     proof = tmp_path / "ran-on-client"
     mec.push({"y": "R" * 400})
     original = bytes(serialize.dumps("R" * 400)[0])  # the engine's pickle of it
-    iopub.arm(original, _evil_like(original, str(proof)))
+    iopub.arm(original, evil_like(original, str(proof)))
     with pytest.raises((EngineError, CompositeError)) as info:
         c.pull("y", timeout=20)
     assert iopub.hits == 1, "the relay did not find the pickle to change"
@@ -230,32 +124,17 @@ def test_an_engine_of_a_newer_data_protocol_is_refused_data_but_executes():
         assert mec.apply(lambda: 2) == [2]
 
 
+def _one(err: BaseException) -> BaseException:
+    """The one engine's error in ``err`` (a ``CompositeError`` of one, or itself)."""
+    return err.elist[0] if isinstance(err, CompositeError) else err
+
+
 @pytest.fixture
 def relayed_fast() -> Iterator[tuple]:
     """One real engine on loopback TCP without CurveZMQ (data on its fast socket), and a second
-    client of it whose every connection, the fast socket's included, goes through a relay:
-    the relays listen on 127.0.0.2 at the engine's own port numbers (the fast socket's port
-    comes from the engine's signed comm reply, which no relay may change)."""
-    from ipy_multiengine.wire import PORT_KEYS
-
-    with small_cluster(1, transport="tcp") as (_cluster, mec):
-        info = dict(mec.controller.state(0).connection)
-        assert info["transport"] == "tcp" and not info.get("curve_publickey")
-        fast_port = int(mec.controller.state(0).engine_info["fast"]["port"])
-        plain = [_Relay(info[k], False, "127.0.0.2", info[k]) for k in PORT_KEYS if info.get(k)]
-        fast = _Relay(fast_port, True, "127.0.0.2", fast_port)
-        c = None
-        try:
-            c = MultiEngineClient.from_controller(
-                Controller({0: dict(info, ip="127.0.0.2")}, timeout=30).connect()
-            )
-            assert c.controller._conn(0).fast  # white-box, read-only: the fast socket carries data
-            yield mec, c, fast
-        finally:
-            if c is not None:
-                c.close()
-            for r in [*plain, fast]:
-                r.close()
+    client of it whose every connection goes through a relay (``wire_relay.relayed_client``)."""
+    with small_cluster(1, transport="tcp") as (_cluster, mec), relayed_client(mec, [0]) as rc:
+        yield mec, rc[0], rc[1][0]
 
 
 def test_a_changed_request_pickle_on_the_fast_socket_is_refused_in_a_signed_answer(
@@ -272,7 +151,7 @@ def test_a_changed_request_pickle_on_the_fast_socket_is_refused_in_a_signed_answ
     assert c.pull("note") == ["Q" * 400]
     values = {"note": "Z" * 400}
     original = bytes(_dumps_namespace(values)[0])
-    fast.arm(original, _evil_like(original, str(proof)))
+    fast.arm(original, evil_like(original, str(proof)))
     t0 = time.monotonic()
     with pytest.raises((EngineError, CompositeError)) as info:
         c.push(values, timeout=20)
@@ -283,6 +162,7 @@ def test_a_changed_request_pickle_on_the_fast_socket_is_refused_in_a_signed_answ
     assert "do not match the digest" in text and "nothing of it was unpickled" in text, text
     # answered, not found lost by the ping behind it
     assert took < controller.FAST_LOST_AFTER, f"the refusal took {took:.2f} s"
+    assert isinstance(_one(info.value), RefusedError), repr(info.value)
     assert not proof.exists(), "a changed pickle was unpickled on the engine"
     fast.disarm()
     assert c.pull("note") == ["Q" * 400]  # the refused push changed nothing
@@ -307,6 +187,7 @@ def test_a_request_whose_signature_fails_on_the_fast_socket_is_reported_as_refus
     assert "engine 0 did not answer 'pull'" in text, text
     assert "refused a message of this client unread" in text, text
     assert "Invalid Signature" in text and "changed on the way" in text, text
+    assert isinstance(_one(info.value), RefusedError), repr(info.value)
     fast.disarm()
     assert c.pull("apricot_1") == [1]
     assert c.apply(lambda: 6 * 7) == [42]
