@@ -20,7 +20,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Bool, Float, Integer, TraitError, validate
 from traitlets.config import Config, Configurable
 
-from . import _loop, partition, serialize, stdin
+from . import _loop, partition, serialize, stdin, wire
 from .controller import HEARTBEAT_PERIOD, CommReply, Controller, Listener
 from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client import CompositeError`)
     CompositeError,
@@ -239,6 +239,7 @@ class MultiEngineClient(Configurable):
 
         path = resolve_cluster_file(cluster_file, profile)
         spec = read_cluster(path)
+        wire.check_keys(engines_of(spec), f"cluster file {path}")
         controller = Controller(
             engines_of(spec),
             liveness_probes(spec),

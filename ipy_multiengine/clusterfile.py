@@ -323,6 +323,8 @@ def read_connection_files(files: Any) -> dict[int, dict]:
     """Engine id -> connection info for Jupyter connection files, ids 0.. in order."""
     from jupyter_client.connect import find_connection_file
 
+    from .wire import check_keys
+
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     engines = {}
@@ -342,6 +344,7 @@ def read_connection_files(files: Any) -> dict[int, dict]:
             raise ValueError(
                 f"{path} is not a kernel connection file: it lacks {', '.join(missing)}"
             )
+        check_keys({eid: info}, f"connection file {path}")
         engines[eid] = info
     if not engines:
         raise ValueError("attach needs at least one connection file")

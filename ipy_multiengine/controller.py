@@ -416,6 +416,7 @@ class Controller:
         keep_others: bool = False,
         forget_failed: bool = False,
     ) -> None:
+        wire.check_keys(engines, "the connection info given to this client")
         conns = [
             EngineConn(eid, info, self._liveness.get(eid)) for eid, info in sorted(engines.items())
         ]

@@ -60,6 +60,23 @@ CONTROL_MSG_TYPES = frozenset(
 )
 
 
+def check_keys(engines: dict, source: str) -> None:
+    """Raise ValueError naming the first engine of ``engines`` (id -> connection info, from
+    ``source``: a file, or the caller) whose connection info has no key, before anything is
+    sent to any: a Jupyter ``Session`` with an empty key signs nothing and checks nothing, so
+    its engine would run whatever anyone who reaches its ports sends (a pickle: any code)."""
+    for eid, info in sorted(engines.items(), key=lambda kv: str(kv[0])):
+        key = info.get("key") if isinstance(info, dict) else None
+        if not isinstance(key, (str, bytes)) or not key:
+            raise ValueError(
+                f'engine {eid} ({source}) has no key ("key": {key!r}): a Jupyter session '
+                "without a key signs nothing, so that engine runs whatever anyone who can reach "
+                "its ports sends, and this client would believe whatever they answer; nothing "
+                "was sent to it. Give its kernel a key (ipy_multiengine's launchers always make "
+                "one; `jupyter kernel` and notebook servers do too)"
+            )
+
+
 def execute_content(code: str, silent: bool = False, allow_stdin: bool = False) -> dict:
     """The content of an ``execute_request`` for ``code``.
 

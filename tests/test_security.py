@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -15,7 +17,7 @@ import zmq
 from faultlib import small_cluster
 from jupyter_client.session import Session
 
-from ipy_multiengine import Cluster
+from ipy_multiengine import Cluster, MultiEngineClient
 from ipy_multiengine.cluster import cluster_dir
 
 pytestmark = pytest.mark.timeout(60)
@@ -221,3 +223,101 @@ def test_control_requests_of_the_launchers_reach_encrypted_engines():
         assert _loop.run(interrupt_via_control(info, timeout=10), timeout=30)
         assert mec.execute("print(2)")[0]["stdout"] == "2\n"
         assert _loop.run(shutdown_via_control(info, timeout=10), timeout=30)
+
+
+class _Listener:
+    """A TCP port where an engine's ports would be: it counts the connections made to it, so a
+    test can tell that a client refused to talk before anything was sent."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    def conn(self, key: str) -> dict:
+        """A connection info whose every port is this listener's."""
+        ports = dict.fromkeys(("shell_port", "iopub_port", "stdin_port", "control_port"), self.port)
+        return {**ports, "hb_port": self.port, "ip": "127.0.0.1", "transport": "tcp", "key": key}
+
+    def connected(self, wait: float = 0.5) -> bool:
+        """Whether anyone connected (within ``wait`` s: ZMQ connects on its own I/O thread)."""
+        self.sock.settimeout(wait)
+        try:
+            self.sock.accept()[0].close()
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def listener():
+    lst = _Listener()
+    yield lst
+    lst.close()
+
+
+def test_a_cluster_file_engine_without_a_key_is_refused_before_anything_is_sent(
+    cluster, listener, tmp_path
+):
+    """A Jupyter session with an empty key signs nothing: an engine listed with ``"key": ""``
+    would run whatever anyone reaching its ports sends. The client refuses the file, naming the
+    engine and the file, and sends nothing to any of its engines."""
+    spec = _spec(cluster)  # a live owner (this process): the file is not stale
+    spec["engines"] = [
+        {**spec["engines"][0], "id": 0, "connection": listener.conn("a" * 64)},
+        {**spec["engines"][1], "id": 1, "connection": listener.conn("")},
+    ]
+    path = tmp_path / "cluster-nokey.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(ValueError) as err:
+        MultiEngineClient(str(path), timeout=5)
+    text = str(err.value)
+    assert f"engine 1 (cluster file {path}) has no key" in text, text
+    assert "signs nothing" in text and "nothing was sent" in text, text
+    assert not listener.connected(), "the client connected to an engine of that file"
+
+
+def test_a_connection_file_without_a_key_is_refused_by_attach_and_ipmulti(listener, tmp_path):
+    """``MultiEngineClient.attach`` and ``ipmulti attach`` (which writes a cluster file from
+    connection files) refuse a connection file with an empty key, naming it, and connect to
+    nothing; so does a Controller given such connection info directly."""
+    import subprocess
+    import sys
+
+    from ipy_multiengine.clusterfile import cluster_file_path
+    from ipy_multiengine.controller import Controller
+
+    good, bad = tmp_path / "kernel-good.json", tmp_path / "kernel-nokey.json"
+    good.write_text(json.dumps(listener.conn("k" * 64)))
+    bad.write_text(json.dumps({**listener.conn(""), "signature_scheme": "hmac-sha256"}))
+    with pytest.raises(ValueError) as err:
+        MultiEngineClient.attach([good, bad], timeout=5)
+    assert f"engine 1 (connection file {bad}) has no key" in str(err.value), str(err.value)
+    out = subprocess.run(
+        [sys.executable, "-m", "ipy_multiengine.cli", "attach", "--profile", "nokey", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, (out.returncode, out.stdout, out.stderr)
+    assert f"engine 0 (connection file {bad}) has no key" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not cluster_file_path("nokey").exists()
+    with pytest.raises(ValueError, match=r"engine 3 \(the connection info given to this client"):
+        Controller({3: listener.conn("")}, timeout=5).connect()
+    assert not listener.connected(), "a client connected to an engine without a key"
+
+
+def test_every_launcher_makes_a_fresh_key():
+    """The local launcher and the connection files the MPI, Slurm and SSH launchers pre-write
+    for their engines always hold a fresh 256-bit key."""
+    from ipy_multiengine.launchers.base import new_connection_info, write_engine_files
+    from ipy_multiengine.launchers.local import LocalLauncher
+
+    keys = [LocalLauncher(n=1).key, LocalLauncher(n=1).key, new_connection_info()["key"]]
+    with tempfile.TemporaryDirectory() as work:
+        for f in write_engine_files(work, 2):
+            keys.append(json.loads(Path(f).read_text())["key"])
+    assert all(isinstance(k, str) and len(k) == 64 for k in keys), keys
+    assert len(set(keys)) == len(keys), "a key was reused"

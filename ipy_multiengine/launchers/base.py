@@ -29,12 +29,12 @@ import abc
 import asyncio
 import inspect
 import os
+import secrets
 import shutil
 import socket
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -87,12 +87,13 @@ def exit_reason(code: int | None) -> str | None:
 
 
 def new_connection_info(ip: str = "127.0.0.1", kernel_name: str = "") -> dict:
-    """A connection info with a fresh key and every port 0 (bound by the engine)."""
+    """A connection info with a fresh key (256 random bits, as the local launcher's) and every
+    port 0 (bound by the engine)."""
     info: dict[str, Any] = dict.fromkeys(PORT_NAMES, 0)
     info.update(
         ip=ip,
         transport="tcp",
-        key=uuid.uuid4().hex,
+        key=secrets.token_hex(32),
         signature_scheme="hmac-sha256",
         kernel_name=kernel_name,
     )
