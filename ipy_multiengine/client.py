@@ -345,7 +345,8 @@ class MultiEngineClient(Configurable):
 
     @property
     def engines(self) -> list[dict]:
-        """One dict per engine: id, group, kernelspec, language, version, host, pid, state, dead."""
+        """One dict per engine: id, group, kernelspec, language, version, host, pid, state, dead,
+        data_ops and data_refused (why its data operations are refused, or None)."""
         from .status import engine_rows
 
         return engine_rows(self)

@@ -39,7 +39,8 @@ def _language_version(conn: Any) -> str:
 
 
 def engine_rows(client: Any) -> list[dict]:
-    """One dict per engine: id, group, kernelspec, language, version, host, pid, state, dead."""
+    """One dict per engine: id, group, kernelspec, language, version, host, pid, state, dead,
+    data_ops (its data operations work) and data_refused (why they are refused, or None)."""
     ctl = client.controller
     meta = client.engine_meta() or {}
     rows = []
@@ -57,6 +58,7 @@ def engine_rows(client: Any) -> list[dict]:
                 "state": str(conn.state),
                 "dead": conn.dead,
                 "data_ops": conn.data_ok,
+                "data_refused": conn.data_refused,  # why data operations are refused, or None
                 "ready": conn.ready,
                 "encrypted": conn.encrypted,
                 "watched_by": conn.watched_by,
@@ -143,8 +145,15 @@ def _short(code: str, width: int = 40) -> str:
 COLUMNS = ("id", "group", "host", "pid", "state", "running", "for", "queued", "rss", "cpu")
 
 
+#: What the state of an engine whose data operations are refused says; the table's notes say why.
+DATA_REFUSED = "data refused"
+
+
 class StatusTable:
-    """A snapshot of the engines: text ``repr`` in a terminal, HTML in a notebook."""
+    """A snapshot of the engines: text ``repr`` in a terminal, HTML in a notebook. Below the
+    table, a note per engine whose data operations are refused says why (an engine of a newer
+    data protocol, or one that cannot sign its buffers where they may be changed): only execute
+    works there, and the state column alone could not say so."""
 
     def __init__(self, rows: list[dict], taken: float | None = None) -> None:
         self.rows = rows
@@ -154,6 +163,8 @@ class StatusTable:
         out = []
         for r in self.rows:
             state = r["state"] + (f" ({r['dead']})" if r["dead"] else "")
+            if r.get("data_refused") and not r["dead"]:
+                state += f" ({DATA_REFUSED})"
             out.append(
                 {
                     "id": str(r["id"]),
@@ -170,13 +181,21 @@ class StatusTable:
             )
         return out
 
+    def notes(self) -> list[str]:
+        """One line per live engine whose data operations are refused: its id and why."""
+        return [
+            f"engine {r['id']}: {DATA_REFUSED}: {r['data_refused']}"
+            for r in self.rows
+            if r.get("data_refused") and not r["dead"]
+        ]
+
     def __repr__(self) -> str:
         cells = self.cells()
         widths = {c: max([len(c)] + [len(row[c]) for row in cells]) for c in COLUMNS}
         lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS).rstrip()]
         for row in cells:
             lines.append("  ".join(row[c].ljust(widths[c]) for c in COLUMNS).rstrip())
-        return "\n".join(lines)
+        return "\n".join(lines + self.notes())
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(repr(self))
@@ -195,9 +214,12 @@ class StatusTable:
                 tds.append(f"<td{style}>{html.escape(row[c])}</td>")
             body.append(f"<tr>{''.join(tds)}</tr>")
         stamp = time.strftime("%H:%M:%S", time.localtime(self.taken))
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes())
+        if notes:
+            notes = f"<ul class='ipy-multiengine-notes'>{notes}</ul>"
         return (
             f"<table class='ipy-multiengine-status'><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(body)}</tbody></table><small>engines at {stamp}</small>"
+            f"<tbody>{''.join(body)}</tbody></table>{notes}<small>engines at {stamp}</small>"
         )
 
 

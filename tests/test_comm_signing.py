@@ -191,3 +191,35 @@ def test_a_request_whose_signature_fails_on_the_fast_socket_is_reported_as_refus
     fast.disarm()
     assert c.pull("apricot_1") == [1]
     assert c.apply(lambda: 6 * 7) == [42]
+
+
+def test_the_status_table_says_why_data_operations_are_refused():
+    """``mec.status()`` of a client that refuses an engine's data operations (the engine
+    speaks a newer data protocol) marks that engine's state and says why below the table, in
+    text and HTML; ``mec.engines`` has it too. An engine that takes data shows neither."""
+    import html
+
+    from ipy_multiengine import wire
+
+    with small_cluster(2) as (_cluster, mec):
+        infos = {e: dict(mec.controller.state(e).connection) for e in (0, 1)}
+        mec.execute("import ipy_multiengine.wire as _w; _w.PROTOCOL = 99", targets=0)
+        newer = MultiEngineClient.from_controller(Controller(infos, timeout=30).connect())
+        try:
+            table = newer.status()
+            rows = {r["id"]: r for r in table.rows}
+            why = rows[0]["data_refused"]
+            assert why and "99" in why and f"({wire.PROTOCOL})" in why, why
+            assert rows[1]["data_refused"] is None
+            assert [e["data_refused"] for e in newer.engines] == [why, None]
+            text = repr(table).splitlines()
+            assert text[1].split()[4:7] == ["idle", "(data", "refused)"], text
+            assert "refused" not in text[2], text
+            assert text[3:] == [f"engine 0: data refused: {why}"], text
+            page = table._repr_html_()
+            assert ">idle (data refused)</td>" in page and ">idle</td>" in page, page
+            assert f"<li>engine 0: data refused: {html.escape(why)}</li>" in page, page
+            assert "refused" not in repr(mec.status())  # its own client takes its data
+        finally:
+            newer.close()
+            mec.execute(f"_w.PROTOCOL = {wire.PROTOCOL}", targets=0)
