@@ -1320,36 +1320,38 @@ class Controller:
         """(loop) Whether a signed fast reply's buffers match the digest in its header; if not,
         its request (named by the signed parent) fails at once naming the engine and why, as
         on the comm (``_buffers_check``), and nothing of it is unpickled."""
-        req = conn.requests.get(msg["parent_header"].get("msg_id", ""))
-        return self._buffers_check(conn, req, msg["header"], msg["buffers"], True, "header")
-
-    def _buffers_check(
-        self,
-        conn: EngineConn,
-        req: Request | None,
-        data: dict,
-        buffers: list,
-        required: bool | None = None,
-        where: str = "message",
-    ) -> bool:
-        """(loop) Whether a comm message's buffers match the digest in its signed data (required
-        when ``conn.comm_digest``; or a fast reply's, in its signed header: ``required``,
-        ``where``); if not, its request fails naming the engine and why, and nothing of it is
-        unpickled."""
         try:
-            must = conn.comm_digest if required is None else required
-            wire.check_buffers(data, buffers, must, where)
+            wire.check_buffers(msg["header"], msg["buffers"], True)
             return True
         except ValueError as exc:
-            what = (req.op or req.kind) if req is not None else "an operation"
-            text = (
-                f"engine {conn.eid}: the reply to {what!r} was refused: {exc} (changed on the "
-                "way?); nothing of it was unpickled"
-            )
-            log.warning(text)
-            if req is not None:
-                self._finish(conn, req, exc=RefusedError(text, conn.eid, _method(req)))
+            req = conn.requests.get(msg["parent_header"].get("msg_id", ""))
+            self._reply_refused(conn, req, exc)
             return False
+
+    def _buffers_check(
+        self, conn: EngineConn, req: Request | None, data: dict, buffers: list
+    ) -> bool:
+        """(loop) Whether a comm message's buffers match the digest in its signed data (required
+        when ``conn.comm_digest``); if not, its request fails naming the engine and why, and
+        nothing of it is unpickled."""
+        try:
+            wire.check_buffers(data, buffers, conn.comm_digest, "message")
+            return True
+        except ValueError as exc:
+            self._reply_refused(conn, req, exc)
+            return False
+
+    def _reply_refused(self, conn: EngineConn, req: Request | None, exc: ValueError) -> None:
+        """(loop) A signed reply whose buffers do not check (``exc``): its request fails at once
+        with a ``RefusedError`` naming the engine and why; nothing of it is unpickled."""
+        what = (req.op or req.kind) if req is not None else "an operation"
+        text = (
+            f"engine {conn.eid}: the reply to {what!r} was refused: {exc} (changed on the "
+            "way?); nothing of it was unpickled"
+        )
+        log.warning(text)
+        if req is not None:
+            self._finish(conn, req, exc=RefusedError(text, conn.eid, _method(req)))
 
     @staticmethod
     def _page_outputs(conn: EngineConn, req: Request, content: dict) -> None:

@@ -936,7 +936,10 @@ class _FastServer:
         # the request's id and comm are in its header (wire.fast_request_header)
         data.setdefault("rid", header["msg_id"])
         data.setdefault("comm_id", header.get("comm_id", ""))
-        if self._buffers_refused(idents, header, msg["buffers"], data):
+        try:  # signed: a request whose buffers do not check is answered by a refusal
+            wire.check_buffers(header, msg["buffers"], self.digest)
+        except ValueError as exc:
+            self._refuse(idents, data, str(exc))
             return
         if not _begin(header["msg_id"]):  # aborted (ime_abort_request) before it began
             self._send(
@@ -1038,14 +1041,10 @@ class _FastServer:
         if seen is not None:
             reply["unchecked"] = {"count": seen[0], "why": seen[1]}
 
-    def _buffers_refused(self, idents: list, header: dict, buffers: list, data: dict) -> bool:
-        """Whether a signed request's buffers fail the digest in its header: it is then answered
-        by a refusal (``_refusal``, its rid is signed) and nothing of it is unpickled."""
-        try:
-            wire.check_buffers(header, buffers, self.digest)
-            return False
-        except ValueError as exc:
-            why = str(exc)
+    def _refuse(self, idents: list, data: dict, why: str) -> None:
+        """Answer a signed request whose buffers fail the digest in its header (``why``) by a
+        refusal (``_refusal``: its rid is signed, so the answer finds its caller); nothing of
+        it is unpickled."""
         _log.warning(
             "ipy_multiengine: refused a %r on the fast socket (%s); nothing was unpickled",
             data.get("op"),
@@ -1053,7 +1052,6 @@ class _FastServer:
         )
         idents = [f.bytes if isinstance(f, self.zmq.Frame) else bytes(f) for f in idents]
         self._send(idents, _refusal(data, _comm_eids.get(data["comm_id"]), why), [], data)
-        return True
 
     def _send(self, idents: list, reply: dict, out: list, request: dict) -> None:
         zmq = self.zmq
