@@ -249,6 +249,9 @@ class EngineConn:
         #: messages of ours the engine's fast socket left unanswered for failing their signature
         #: (changed on the way), as its replies report them, and why the last one failed
         self.fast_unchecked: tuple[int, str] = (0, "")
+        #: messages from its fast socket this client dropped for failing their signature (their
+        #: requests are lost: ``Controller._lost`` says why), and why the last one failed
+        self.fast_dropped: tuple[int, str] = (0, "")
         self.published_key: tuple | None = None  # what its last snapshot showed
 
     def url(self, channel: str) -> str:
@@ -1171,6 +1174,8 @@ class Controller:
                 type(exc).__name__,
                 exc,
             )
+            if channel == "fast":  # its request is lost: _lost says why
+                conn.fast_dropped = (conn.fast_dropped[0] + 1, f"{type(exc).__name__}: {exc}")
             return
         limit = self.max_message_size
         if limit is not None:
@@ -1546,6 +1551,7 @@ class Controller:
         )
         error: type[EngineError] = EngineError
         count, why = conn.fast_unchecked
+        dropped, dropped_why = conn.fast_dropped
         if req.channel == "fast" and count:
             error = RefusedError
             # the engine refused messages of ours unanswered: this request was one of them
@@ -1555,6 +1561,16 @@ class Controller:
                 f"of this client unread for failing its signature check ({why}), so this "
                 "request was most likely changed on the way (its id could not be trusted to "
                 "answer it); nothing of such a message is unpickled or run, the engine is usable"
+            )
+        elif req.channel == "fast" and dropped:
+            error = RefusedError
+            # this client dropped a message from the engine's fast socket: this reply, likely
+            conn.fast_dropped = (dropped - 1, dropped_why)
+            text = (
+                f"engine {conn.eid}: no reply to {what!r} was accepted: this client dropped a "
+                f"message from its fast socket unread for failing its check ({dropped_why}), so "
+                "the reply was most likely changed on the way; the operation may have run on "
+                "the engine, which is usable"
             )
         log.warning(text)
         self._finish(conn, req, exc=error(text, conn.eid, _method(req)))

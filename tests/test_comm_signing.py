@@ -193,6 +193,28 @@ def test_a_request_whose_signature_fails_on_the_fast_socket_is_reported_as_refus
     assert c.apply(lambda: 6 * 7) == [42]
 
 
+def test_a_fast_reply_whose_signature_fails_is_reported_as_refused():
+    """A reply changed on its way back where the signature covers it (its content): this
+    client drops it unread, and the operation fails saying so (a ``RefusedError``: the reply
+    was refused, the operation may have run), not as a mysterious lost reply."""
+    with (
+        small_cluster(1, transport="tcp") as (_cluster, mec),
+        relayed_client(mec, [0], fast_upstream=False) as (c, fast),
+    ):
+        mec.push({"plum": "P" * 50})
+        assert c.pull("plum") == ["P" * 50]
+        fast[0].arm(b'"status": "ok"', b'"status": "OK"', once=True)
+        with pytest.raises((EngineError, CompositeError)) as info:
+            c.pull("plum", timeout=20)
+        assert fast[0].hits == 1, "the relay did not find the reply to change"
+        text = str(info.value)
+        assert "engine 0: no reply to 'pull' was accepted" in text, text
+        assert "dropped a message from its fast socket unread" in text, text
+        assert "Invalid Signature" in text and "may have run" in text, text
+        assert isinstance(_one(info.value), RefusedError), repr(info.value)
+        assert c.pull("plum") == ["P" * 50]
+
+
 def test_the_status_table_says_why_data_operations_are_refused():
     """``mec.status()`` of a client that refuses an engine's data operations (the engine
     speaks a newer data protocol) marks that engine's state and says why below the table, in

@@ -49,6 +49,7 @@ class Relay:
         self.upstream = upstream
         self.old = self.new = b""
         self.hits = 0
+        self.once = False
         self._lock = threading.Lock()
         self._listener = socket.create_server((host, listen_port))
         self.listen_port = self._listener.getsockname()[1]
@@ -56,10 +57,11 @@ class Relay:
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
         self._threads[0].start()
 
-    def arm(self, old: bytes, new: bytes) -> None:
+    def arm(self, old: bytes, new: bytes, once: bool = False) -> None:
+        """Replace ``old`` by ``new`` from now on (``once``: in the first read it is found)."""
         assert len(old) == len(new)
         with self._lock:
-            self.old, self.new, self.hits = old, new, 0
+            self.old, self.new, self.hits, self.once = old, new, 0, once
 
     def disarm(self) -> None:
         with self._lock:
@@ -105,8 +107,10 @@ class Relay:
                         old, new = self.old, self.new
                         data = held + data
                         if old and old in data:
-                            self.hits += data.count(old)
-                            data = data.replace(old, new)
+                            self.hits += 1 if self.once else data.count(old)
+                            data = data.replace(old, new, 1 if self.once else -1)
+                            if self.once:
+                                self.old = self.new = b""
                     keep = max(len(old) - 1, 0) if old else 0
                     held = data[len(data) - keep :] if keep else b""
                     dst.sendall(data[: len(data) - keep] if keep else data)
@@ -124,12 +128,15 @@ class Relay:
 
 
 @contextlib.contextmanager
-def relayed_client(mec: MultiEngineClient, relayed: list[int]) -> Iterator[tuple]:
+def relayed_client(
+    mec: MultiEngineClient, relayed: list[int], fast_upstream: bool = True
+) -> Iterator[tuple]:
     """A second client of ``mec``'s TCP engines whose connections to the engines ``relayed``
     (their fast sockets' included) go through relays, the others direct: ``(client, {eid:
-    the fast socket's relay, towards the engine})``. The relays listen on 127.0.0.2 at the
-    engines' own port numbers (the engines listen on 127.0.0.1 only): the fast socket's port
-    comes in the engine's signed comm reply, which no relay could change unnoticed."""
+    the relay of its fast socket})``, which changes what goes to the engine (or, with
+    ``fast_upstream=False``, what comes back). The relays listen on 127.0.0.2 at the engines'
+    own port numbers (the engines listen on 127.0.0.1 only): the fast socket's port comes in
+    the engine's signed comm reply, which no relay could change unnoticed."""
     infos, relays, fast = {}, [], {}
     try:
         for eid in mec.controller.ids:
@@ -137,7 +144,7 @@ def relayed_client(mec: MultiEngineClient, relayed: list[int]) -> Iterator[tuple
             assert info["transport"] == "tcp" and not info.get("curve_publickey"), info
             if eid in relayed:
                 port = int(mec.controller.state(eid).engine_info["fast"]["port"])
-                fast[eid] = Relay(port, True, "127.0.0.2", port)
+                fast[eid] = Relay(port, fast_upstream, "127.0.0.2", port)
                 relays.append(fast[eid])
                 relays += [
                     Relay(info[k], False, "127.0.0.2", info[k]) for k in PORT_KEYS if info.get(k)
