@@ -822,11 +822,20 @@ _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 
 
 def _send_frames(sock: Any, frames: list) -> None:
-    """``sock.send_multipart(frames)`` (copied), through the backend's ``send``."""
+    """``sock.send_multipart(frames)`` (copied), through the backend's ``send``. A frame that
+    fails after others went out ends the message with an empty frame (which its reader drops
+    as malformed) before the error is raised: the next message must not be glued onto it."""
     send = _zmq_send
-    for f in frames[:-1]:
-        send(sock, f, _SNDMORE)
-    send(sock, frames[-1], 0)
+    sent = 0
+    try:
+        for f in frames[:-1]:
+            send(sock, f, _SNDMORE)
+            sent += 1
+        send(sock, frames[-1], 0)
+    except BaseException:
+        if sent:
+            send(sock, b"", 0)
+        raise
 
 
 #: How many connections' unanswered messages a fast socket remembers (``_FastServer.unchecked``).

@@ -42,11 +42,20 @@ _PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 def _is_plain(obj: Any) -> bool:
     """A value that pickles by reference to nothing cloudpickle would ship by value: a builtin
-    scalar, or a NumPy array without Python objects in it."""
+    scalar, or a NumPy array of one of NumPy's own dtypes with no Python object in it (a
+    dtype's ``metadata`` or a structured dtype's titles can hold any object)."""
     cls = type(obj)
     if cls in _PLAIN:
         return True
-    return cls.__name__ == "ndarray" and cls.__module__ == "numpy" and not obj.dtype.hasobject
+    if cls.__name__ != "ndarray" or cls.__module__ != "numpy":
+        return False
+    dt = obj.dtype
+    return (
+        not dt.hasobject
+        and dt.names is None
+        and dt.metadata is None
+        and type(dt).__module__.startswith("numpy")
+    )
 
 
 def snapshot(frames: list[Any]) -> list[Any]:

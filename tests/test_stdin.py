@@ -430,9 +430,10 @@ def test_input_in_an_applied_function_asks_the_user(mec, monkeypatch):
 
 
 def test_input_in_a_thread_of_an_applied_function_asks_the_user(mec, monkeypatch):
-    """A thread started (and joined) by an applied function reads the parent it asks through
-    from ipykernel's saved context: the engine helper must save it after setting the request
-    as parent, or the prompt goes to no one (or to the previous request's client)."""
+    """A thread started (and joined) by an applied function finds the client to ask through
+    ipykernel's saved context (threads have none of their own), which the engine helper sets
+    for every operation. (That this saved context holds no earlier request's buffers is
+    checked on the comm path by test_fastpath's buffers-freed check.)"""
     prompts: list[str] = []
 
     def fake_input(prompt=""):
