@@ -18,6 +18,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -210,6 +211,7 @@ class EngineConn:
             username="ipy_multiengine",
         )
         self.comm_id = uuid.uuid4().hex
+        self.identity = os.urandom(16).hex().encode()  # of our DEALER sockets (``_socket``)
         self.requests: dict[str, Request] = {}
         self.state = "starting"
         self.dead: str | None = None
@@ -517,7 +519,11 @@ class Controller:
             )
             sock.curve_publickey, sock.curve_secretkey = self._curve_keys
         if kind == zmq.DEALER:
-            sock.setsockopt(zmq.IDENTITY, conn.session.bsession)
+            # one random identity for all of this engine's DEALERs (the engine answers input
+            # requests on the stdin socket of the shell's or fast socket's identity): not the
+            # session id, which every IOPub subscriber reads in message headers and could take
+            # over on the engine's ROUTERs by connecting first
+            sock.setsockopt(zmq.IDENTITY, conn.identity)
         if kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.rcvhwm = 0  # never drop IOPub on our side
@@ -1167,15 +1173,10 @@ class Controller:
             if channel == "fast" and conn.fast_digest and not self._fast_buffers_check(conn, msg):
                 return
         except Exception as exc:
-            log.warning(
-                "engine %s: dropped a bad message on %s (%s: %s)",
-                conn.eid,
-                channel,
-                type(exc).__name__,
-                exc,
-            )
+            why = wire.refusal_reason(exc)  # the sender's bytes are not repeated
+            log.warning("engine %s: dropped a bad message on %s (%s)", conn.eid, channel, why)
             if channel == "fast":  # its request is lost: _lost says why
-                conn.fast_dropped = (conn.fast_dropped[0] + 1, f"{type(exc).__name__}: {exc}")
+                conn.fast_dropped = (conn.fast_dropped[0] + 1, why)
             return
         limit = self.max_message_size
         if limit is not None:

@@ -840,6 +840,8 @@ def _send_frames(sock: Any, frames: list) -> None:
 
 #: How many connections' unanswered messages a fast socket remembers (``_FastServer.unchecked``).
 UNCHECKED_PEERS = 64
+#: Seconds between two warnings of a fast socket about the messages it refused unread.
+UNCHECKED_WARN_EVERY = 60.0
 
 
 class _FastServer:
@@ -895,6 +897,7 @@ class _FastServer:
         #: per connection (ROUTER identity): [messages not answered for failing their
         #: signature or engine check since its last reply, why the last one failed]
         self.unchecked: dict[bytes, list] = {}
+        self.refused, self.warned = 0, -UNCHECKED_WARN_EVERY  # refused since the last warning
         import atexit
 
         atexit.register(sock.close, 0)  # a unix socket's file goes with it
@@ -1033,8 +1036,18 @@ class _FastServer:
         identity, which no one else's messages arrive with), and told to that connection's
         client with its next reply (``_tell_unchecked``): its request was lost because it was
         changed on the way, not for some unknown reason."""
-        why = f"{type(exc).__name__}: {_safe_str(exc)}"[:300]
-        _log.warning("ipy_multiengine: refused a message on the fast socket (%s)", why)
+        why = wire.refusal_reason(exc)
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.warned >= UNCHECKED_WARN_EVERY:
+            # once a while and in words of ours: the kernel's stderr reaches the client as the
+            # output of its last request, which anyone able to send a message would fill
+            _log.warning(
+                "ipy_multiengine: refused %d message(s) on the fast socket unread (last: %s)",
+                self.refused,
+                why,
+            )
+            self.refused, self.warned = 0, now
         peer = bytes(idents[0]) if idents else b""
         seen = self.unchecked.pop(peer, None) or [0, ""]
         seen[0] += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from hmac import compare_digest
 from typing import Any
 
@@ -66,15 +67,48 @@ def check_keys(engines: dict, source: str) -> None:
     sent to any: a Jupyter ``Session`` with an empty key signs nothing and checks nothing, so
     its engine would run whatever anyone who reaches its ports sends (a pickle: any code)."""
     for eid, info in sorted(engines.items(), key=lambda kv: str(kv[0])):
-        key = info.get("key") if isinstance(info, dict) else None
-        if not isinstance(key, (str, bytes)) or not key:
+        if not isinstance(info, Mapping):
             raise ValueError(
-                f'engine {eid} ({source}) has no key ("key": {key!r}): a Jupyter session '
+                f"engine {eid} ({source}): its connection info is a {type(info).__name__}, "
+                "not a mapping of the kernel's connection fields; nothing was sent to it"
+            )
+        key = info.get("key")
+        if not isinstance(key, (str, bytes)) or not key:
+            # the value itself is not shown: whatever it is, it is meant to be secret
+            shown = repr(key) if key in (None, "", b"") else f"a {type(key).__name__}"
+            raise ValueError(
+                f'engine {eid} ({source}) has no key ("key": {shown}): a Jupyter session '
                 "without a key signs nothing, so that engine runs whatever anyone who can reach "
                 "its ports sends, and this client would believe whatever they answer; nothing "
                 "was sent to it. Give its kernel a key (ipy_multiengine's launchers always make "
                 "one; `jupyter kernel` and notebook servers do too)"
             )
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """Why a received message was refused, in words of ours only: the sender's bytes (a
+    signature, a forged header) never reach a log or a user's screen, where anyone who can
+    send a message could otherwise write text of their choice."""
+    text = str(exc) if isinstance(exc, (ValueError, TypeError)) else ""
+    if text.startswith(_SIGNED_ELSEWHERE):  # raised once the signature checked: its values
+        return text[:200]  # are the signed header's, which only a key holder can write
+    for reason in _REASONS:
+        if text.startswith(reason):
+            return reason
+    return f"unreadable ({type(exc).__name__})"
+
+
+_SIGNED_ELSEWHERE = "signed for engine"
+
+
+_REASONS = (
+    "Invalid Signature",
+    "Duplicate Signature",
+    "Unsigned Message",
+    "malformed message",
+    "the buffers do not match",
+    "no digest of the buffers",
+)
 
 
 def execute_content(code: str, silent: bool = False, allow_stdin: bool = False) -> dict:

@@ -321,3 +321,77 @@ def test_every_launcher_makes_a_fresh_key():
             keys.append(json.loads(Path(f).read_text())["key"])
     assert all(isinstance(k, str) and len(k) == 64 for k in keys), keys
     assert len(set(keys)) == len(keys), "a key was reused"
+
+
+def test_any_mapping_of_connection_info_is_accepted_and_a_secret_is_never_echoed(mec):
+    """The key check reads any mapping (the client's own ``state(eid).connection`` is a
+    read-only one, which it refused as 'no key'); a key of the wrong type is named by its type,
+    never printed."""
+    from types import MappingProxyType
+
+    from ipy_multiengine.controller import Controller
+
+    info = mec.controller.state(0).connection
+    assert isinstance(info, MappingProxyType)
+    other = MultiEngineClient.from_controller(Controller({0: info}, timeout=30).connect())
+    try:
+        assert other.apply(lambda: 6 * 7) == [42]
+    finally:
+        other.close()
+    with pytest.raises(ValueError) as err:
+        Controller({0: {**info, "key": 918273645}}, timeout=5).connect()
+    assert "a int" in str(err.value) and "918273645" not in str(err.value)
+    with pytest.raises(ValueError, match=r"engine 0 .*not a mapping"):
+        Controller({0: [("key", "x" * 64)]}, timeout=5).connect()
+
+
+def test_the_client_s_socket_identity_is_not_its_session_id(mec):
+    """Every IOPub subscriber reads the client's session id in message headers; had its
+    DEALER sockets used it as their identity, anyone could take it over on an engine's ROUTER
+    by connecting with it first. An input() on the fast path still finds the client."""
+    conn = mec.controller._conn(0)  # white-box, read only
+    identities = {
+        ch: s.getsockopt(zmq.IDENTITY)
+        for ch, s in conn.sockets.items()
+        if s.getsockopt(zmq.TYPE) == zmq.DEALER
+    }
+    assert {"shell", "stdin", "control", "fast"} <= set(identities), identities
+    assert len(set(identities.values())) == 1  # the engine routes input requests by it
+    assert conn.session.bsession not in identities.values()
+    assert mec.controller._conn(1).identity != conn.identity
+
+
+def test_messages_refused_on_the_fast_socket_put_no_text_of_theirs_in_the_users_output():
+    """Anyone reaching a TCP engine's fast port (no key needed) sent garbage whose refusal was
+    logged with the sender's own bytes on the kernel's stderr, which reaches the client as the
+    output of whatever request is the engine's parent then: text of their choice on the user's
+    screen. Refusals are told in our words only, and warned about at most once a minute. What
+    the engine logs (to its stderr) is recorded on the engine itself: what reaches the screen
+    depends on the flush timer."""
+    record = (
+        "import logging\n"
+        "_ime_err = []\n"
+        "class _Keep(logging.Handler):\n"
+        "    def emit(self, record, _err=_ime_err):\n"
+        "        _err.append(record.getMessage())\n"
+        "logging.getLogger('ipy_multiengine').addHandler(_Keep())\n"
+    )
+    with small_cluster(1, transport="tcp") as (_c, mec):
+        url = mec.controller._conn(0).url("fast")  # white-box, read only
+        mec.execute(record)
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        try:
+            s.connect(url)
+            for i in range(200):
+                s.send_multipart(
+                    [b"<IDS|MSG>", b"RUN pip install evil %d" % i, b"{}", b"{}", b"{}", b"{}"]
+                )
+            assert mec.apply(lambda: 42) == [42]  # after the garbage: it has been read
+        finally:
+            s.close()
+            ctx.term()
+        written = "\n".join(mec.pull("_ime_err")[0])
+    assert "evil" not in written, written[:500]
+    assert written.count("refused") == 1, written[:500]

@@ -105,3 +105,27 @@ def test_a_frame_that_fails_mid_message_leaves_no_half_message_behind():
         router.close()
         dealer.close()
         ctx.term()
+
+
+def test_check_keys_reads_any_mapping_and_names_what_is_wrong():
+    from types import MappingProxyType
+
+    wire.check_keys({0: MappingProxyType({"key": "k" * 64})}, "the caller")
+    for key, shown in ((None, "None"), ("", "''"), (b"", "b''"), (12345, "a int")):
+        with pytest.raises(ValueError) as err:
+            wire.check_keys({3: {"key": key}}, "file f.json")
+        assert f'engine 3 (file f.json) has no key ("key": {shown})' in str(err.value)
+    with pytest.raises(ValueError, match=r"engine 1 \(x\): its connection info is a list"):
+        wire.check_keys({1: []}, "x")
+
+
+def test_refusal_reasons_never_repeat_the_senders_bytes():
+    for exc, reason in (
+        (ValueError("Invalid Signature: b'RUN pip install evil'"), "Invalid Signature"),
+        (ValueError("Duplicate Signature: b'x'"), "Duplicate Signature"),
+        (TypeError("malformed message, must have at least 5 elements, not 2"), "malformed"),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "evil"), "unreadable (UnicodeDecodeError)"),
+        (KeyError("evil"), "unreadable (KeyError)"),
+    ):
+        got = wire.refusal_reason(exc)
+        assert got.startswith(reason) and "evil" not in got, got
