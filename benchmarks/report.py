@@ -13,7 +13,19 @@ from collections import OrderedDict
 from benchmarks.stats import fmt_time
 from benchmarks.targets import render
 
-COLS = ("ours", "raw-same", "raw-jc", "ipp", "ipp-lbv", "zmq", "dask", "pool")
+COLS = (
+    "ours",
+    "raw-same",
+    "raw-jc",
+    "ipp",
+    "ipp-lbv",
+    "zmq",
+    "dask",
+    "pool",
+    "pool-cs1",
+    "pool-map",
+    "joblib",
+)
 MB = 1 << 20
 
 
