@@ -282,8 +282,15 @@ class Controller:
             )
         self._liveness = dict(liveness or {})
         self._engines: dict[int, EngineConn] = {}
-        #: engine id -> its latest snapshot; replaced as a whole (copy on write) on the loop
-        self._published: Mapping[int, EngineState] = MappingProxyType({})
+        #: engine id -> its latest snapshot, changed on the loop one key at a time (an atomic
+        #: dict operation, never iterated there from another thread); ``states()`` copies it
+        #: once per change that a reader asks for, not once per message (issue 15.3: a mapping
+        #: of every engine built at each publish made the client's CPU per message grow with
+        #: the engine count)
+        self._published: dict[int, EngineState] = {}
+        #: bumped after each change of ``_published``; ``states()``' copy is of this version
+        self._published_version = 0
+        self._states: tuple[int, Mapping[int, EngineState]] = (0, MappingProxyType({}))
         #: (loop) new engines being added to a running controller: unpublished until their
         #: connection has succeeded or failed, so no call on all engines sees one half added
         self._joining: set[int] = set()
@@ -376,9 +383,7 @@ class Controller:
                 if conn is not None:
                     self._teardown(conn, reason)
                 self._liveness.pop(eid, None)
-            self._published = MappingProxyType(
-                {e: st for e, st in self._published.items() if e not in eids}
-            )
+            self._unpublish(eids)
 
         _loop.run(_acall(drop))
 
@@ -481,9 +486,7 @@ class Controller:
                 else:
                     self._teardown(conn, "startup failed")
                     self._engines.pop(conn.eid, None)
-                    self._published = MappingProxyType(
-                        {e: st for e, st in self._published.items() if e != conn.eid}
-                    )
+                    self._unpublish([conn.eid])
             raise errors[0]
 
     def _socket(
@@ -882,7 +885,14 @@ class Controller:
             connection=MappingProxyType(conn.info),
             generation=conn.generation,
         )
-        self._published = MappingProxyType({**self._published, conn.eid: snap})
+        self._published[conn.eid] = snap
+        self._published_version += 1
+
+    def _unpublish(self, eids: list[int]) -> None:
+        """(loop) Drop the snapshots of engines ``eids``: no longer listed."""
+        for eid in eids:
+            self._published.pop(eid, None)
+        self._published_version += 1
 
     def _teardown(self, conn: EngineConn, reason: str) -> None:
         self._fail_all(conn, reason)
@@ -1818,7 +1828,7 @@ class Controller:
     # ---------------------------------------------------------------- public, any thread
     @property
     def ids(self) -> list[int]:
-        return sorted(self._published)
+        return sorted(self.states())
 
     def state(self, eid: int) -> EngineState:
         """The latest immutable snapshot of engine ``eid`` (any thread)."""
@@ -1826,7 +1836,13 @@ class Controller:
 
     def states(self) -> Mapping[int, EngineState]:
         """Every engine's latest snapshot, by id (an immutable mapping; any thread)."""
-        return self._published
+        version = self._published_version
+        seen, states = self._states
+        if seen != version:
+            # one C-level copy: atomic against the loop's single-key changes (the GIL)
+            states = MappingProxyType(dict(self._published))
+            self._states = (version, states)
+        return states
 
     def catch_up(self, timeout: float = 5.0) -> None:
         """Wait (at most ``timeout`` s) until the loop has handled what this thread submitted
