@@ -10,6 +10,7 @@ purpose); each such test says so.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import random
@@ -30,7 +31,7 @@ from ipy_multiengine import (
     stdin,
 )  # _loop: white-box tests that run on the I/O thread
 from ipy_multiengine.balanced import BalancedMap
-from ipy_multiengine.controller import Controller
+from ipy_multiengine.controller import Controller, EngineState
 from ipy_multiengine.errors import CompositeError, MultiEngineError, TimeoutError
 
 pytestmark = pytest.mark.timeout(90)
@@ -448,6 +449,11 @@ def test_snapshots_show_each_change_of_fast_data_operations(mec, tmp_path):
     busy = ctl.state(0)
     assert (busy.state, busy.running, busy.in_flight, busy.queued) == ("busy", "apply", 2, 1)
     assert ctl.states()[0] is busy and ctl.pending(0) == 2
+    # built without its __init__ (controller._engine_state): every field, the same value
+    assert set(vars(busy)) == {f.name for f in dataclasses.fields(EngineState)}
+    assert EngineState(**vars(busy)) == busy
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        busy.in_flight = 0  # type: ignore[misc]
     assert [ctl.states()[e].in_flight for e in (1, 2, 3)] == [0, 0, 0]
     assert before[0].state == "idle" and before[0].in_flight == 0  # an old mapping is immutable
     fd = wait_for(writer, 30, "the engine to open the fifo")
