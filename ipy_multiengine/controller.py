@@ -83,7 +83,27 @@ _zrecv: Callable[..., Any] = zmq.backend.Socket.recv
 _zget: Callable[[Any, int], Any] = zmq.backend.Socket.get  # (EVENTS: an int)
 #: ``Session.pack``/``unpack`` (jupyter_client's json packer) with their encoder and decoder
 #: built once: the same bytes, without two Python calls and a trait lookup each
-_json_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, default=json_default).encode
+_json_encode: Callable[[Any], str] = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, default=json_default
+).encode
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+if _c_make_encoder is not None:  # (CPython) the encoder that ``encode`` builds at each call
+    _c_encoder = _c_make_encoder(
+        None,  # no circular check: a header is flat
+        json_default,
+        json.encoder.encode_basestring,  # ensure_ascii=False
+        None,
+        ": ",
+        ", ",
+        False,
+        False,
+        False,  # allow_nan=False
+    )
+
+    def _json_encode(value: Any) -> str:
+        return "".join(_c_encoder(value, 0))
+
+
 _json_decode = json.JSONDecoder().decode
 _json_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
