@@ -127,7 +127,12 @@ def wait(
         extra = [wake()] if wake is not None else []
         # (not for a short wait: each combining leaves a callback on every future, and a loop
         # polling a running call with short timeouts would pile them up)
-        if not first and progress is None and (every is not None or left > COMBINE_AFTER):
+        if (
+            not first
+            and progress is None
+            and len(todo) > 1  # one future: nothing to combine (a call on one engine)
+            and (every is not None or left > COMBINE_AFTER)
+        ):
             if every is None:
                 every = _all_done(todo)
             todo = [every]

@@ -362,9 +362,11 @@ class MultiEngineClient(Configurable):
         return out
 
     def _resolve_targets(self, targets: Any) -> list[int]:
-        return resolve_targets(
-            self.targets if targets is None else targets, self._controller.ids, self.groups
-        )
+        chosen = self.targets if targets is None else targets
+        # the groups (every engine's metadata) only for a value that may name one, or fail
+        # naming them: not at every call on 'all' or on ids
+        plain = chosen == "all" if isinstance(chosen, str) else _plain_ids(chosen)
+        return resolve_targets(chosen, self._controller.ids, None if plain else self.groups)
 
     def _prepare(self, targets: Any, block: bool | None) -> tuple[list[int], bool]:
         if self.closed:
@@ -1248,6 +1250,14 @@ class ParallelFunction:
 
     def map(self, *seqs: Iterable, timeout: float | None = None) -> Any:
         return self.mapper.map(self.func, *seqs, timeout=timeout)
+
+
+def _plain_ids(targets: Any) -> bool:
+    """Whether ``targets`` is an int or a list/tuple/range of ints (no group names)."""
+    if isinstance(targets, range):
+        return True
+    items = targets if isinstance(targets, (list, tuple)) else [targets]
+    return all(type(t) is int for t in items)
 
 
 def _map_items(seqs: tuple[Iterable, ...]) -> tuple[list, bool]:

@@ -864,6 +864,7 @@ class _FastServer:
             signature_scheme=kernel.session.signature_scheme,
             username="ipy_multiengine",
         )
+        self.sign = wire.signer(self.session)
         self.zmq = zmq
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
         sock.linger = 0
@@ -931,7 +932,7 @@ class _FastServer:
     def _handle(self, frames: list) -> None:
         idents, rest = self.session.feed_identities(frames, copy=False)
         try:
-            msg = wire.deserialize(self.session, rest)
+            msg = wire.deserialize(self.session, rest, self.sign)
             header = msg["header"]
             # signed for another engine of this cluster (they share the key), or with
             # buffers other than the ones it was signed with
@@ -1077,12 +1078,11 @@ class _FastServer:
 
     def _send(self, idents: list, reply: dict, out: list, request: dict) -> None:
         zmq = self.zmq
-        session = self.session
         header = wire.FAST_REPLY_HEADER
         if self.digest:
             header = {**header, "bd": wire.buffers_digest(out)}
         head = idents + wire.fast_frames(
-            session, header, {"msg_id": request.get("rid")}, wire.pack(reply)
+            self.sign, header, {"msg_id": request.get("rid")}, wire.pack(reply)
         )
         if len(out) <= 1 or all(memoryview(b).nbytes < 65536 for b in out[1:]):
             _send_frames(self.sock, head + out)

@@ -108,7 +108,8 @@ def resolve(targets: Any, ids: list[int], groups: dict[str, list[int]] | None = 
             f"targets must be 'all', an int or a list of ints, not {targets!r} "
             f"({type(targets).__name__}); valid ids: {ids}"
         )
-    unknown = [t for t in chosen if t not in ids]
+    known = set(ids)
+    unknown = [t for t in chosen if t not in known]
     if unknown:
         raise TargetsError(
             f"unknown engine id{'s' if len(unknown) > 1 else ''} "

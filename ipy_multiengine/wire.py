@@ -8,8 +8,9 @@ how a received multipart message becomes a dict. It does no I/O.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from hmac import compare_digest
 from typing import Any
 
@@ -208,40 +209,67 @@ def check_buffers(header: dict, buffers: list, required: bool, where: str = "hea
         raise ValueError(f"the buffers do not match the digest in the signed {where}")
 
 
-_encode = json.JSONEncoder(default=json_default, ensure_ascii=False, allow_nan=False).encode
+#: jupyter_client's json packer's encoder, built once (``json.dumps`` with options, and even
+#: ``JSONEncoder.encode``, build one per call): the C encoder itself where CPython has it
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+if _c_make_encoder is not None:
+    _c_encoder = _c_make_encoder(
+        None,  # no circular check (a circular value fails with RecursionError, caught below)
+        json_default,
+        json.encoder.encode_basestring,  # ensure_ascii=False
+        None,
+        ": ",
+        ", ",
+        False,
+        False,
+        False,  # allow_nan=False
+    )
+
+    def _encode(value: Any) -> str:
+        if isinstance(value, str):  # (what JSONEncoder.encode does before the C encoder)
+            return json.encoder.encode_basestring(value)
+        return "".join(_c_encoder(value, 0))
+
+else:  # pragma: no cover (not CPython)
+    _encode = json.JSONEncoder(  # type: ignore[assignment]
+        default=json_default, ensure_ascii=False, allow_nan=False
+    ).encode
 
 
 def pack(obj: Any) -> bytes:
-    """``Session.pack`` (jupyter_client's ``json_packer``: the same bytes) with one encoder
-    built once: ``json.dumps`` with options builds a new one per call, a tenth of a small fast
-    message's cost on each side."""
+    """``Session.pack`` (jupyter_client's ``json_packer``: the same bytes) with its encoder
+    built once, a tenth of a small fast message's cost on each side."""
     try:
         return _encode(obj).encode("utf8", errors="surrogateescape")
-    except (TypeError, ValueError):
-        return json_packer(obj)  # its cleaning fallback (and its warning)
+    except (TypeError, ValueError, RecursionError):
+        return json_packer(obj)  # its cleaning fallback (and its warning), or its error
 
 
-def sign(session: Session, parts: list) -> bytes:
-    """``session.sign(parts)``: the same signature, from a copy of the key's OpenSSL HMAC
-    state when the session has one (``hmac.HMAC``'s Python wrapper costs more than the hash
-    of a small message)."""
-    auth = session.auth
-    if auth is None:
-        return b""
-    state = getattr(auth, "_hmac", None)  # CPython's OpenSSL-backed HMAC
-    if state is None:
-        return session.sign(parts)
-    h = state.copy()
-    for p in parts:
-        h.update(p)
-    return h.hexdigest().encode()
+def signer(session: Session) -> Callable[[list], bytes]:
+    """A function signing a message's parts as ``session.sign`` does (b"" without a key), from
+    a copy of one keyed HMAC (no re-keying per message) fed the parts joined (the same digest);
+    in C calls only where ``hmac`` wraps OpenSSL's object (its ``_hmac``)."""
+    if session.auth is None:
+        return lambda _parts: b""
+    keyed = hmac.new(session.key, digestmod=session.signature_scheme.split("-", 1)[1])
+    base = getattr(keyed, "_hmac", keyed)
+    join = b"".join
+
+    def sign(parts: list) -> bytes:
+        h = base.copy()
+        h.update(join(parts))
+        return h.hexdigest().encode()
+
+    return sign
 
 
-def fast_frames(session: Session, header: dict, parent: dict, content: bytes) -> list[bytes]:
+def fast_frames(
+    sign: Callable[[list], bytes], header: dict, parent: dict, content: bytes
+) -> list[bytes]:
     """A signed message for a fast socket (``content`` already packed: the same bytes go to
-    every engine of a call): Jupyter's wire layout, signed with the key as ``Session`` signs."""
-    parts = [pack(header), pack(parent), b"{}", content]
-    return [DELIM, sign(session, parts), *parts]
+    every engine of a call): Jupyter's wire layout, signed by ``sign`` (a ``signer``)."""
+    parts = [pack(header), pack(parent) if parent else b"{}", b"{}", content]
+    return [DELIM, sign(parts), *parts]
 
 
 def with_rid(msg: dict) -> dict:
@@ -251,7 +279,9 @@ def with_rid(msg: dict) -> dict:
     return msg
 
 
-def deserialize(session: Session, frames: list) -> dict:
+def deserialize(
+    session: Session, frames: list, sign: Callable[[list], bytes] | None = None
+) -> dict:
     """``Session.deserialize(frames, copy=False)`` without parsing dates or adapting versions.
 
     Routing needs neither, and dateutil's parsing of the header and parent dates was ~15% of
@@ -269,7 +299,8 @@ def deserialize(session: Session, frames: list) -> dict:
             raise ValueError(f"Duplicate Signature: {signature!r}")
         # replay history, as Session.deserialize keeps it (its limit and culling): no public API
         session._add_digest(signature)
-        if not compare_digest(signature, sign(session, head[1:5])):
+        expected = sign(head[1:5]) if sign is not None else session.sign(head[1:5])
+        if not compare_digest(signature, expected):
             raise ValueError(f"Invalid Signature: {signature!r}")
     unpack = _unpack if session.unpack is json_unpacker else session.unpack
     header = unpack(head[1])
@@ -285,14 +316,21 @@ def deserialize(session: Session, frames: list) -> dict:
 
 
 def _unpack(b: bytes) -> Any:
-    """``json_unpacker`` (the same result) with one decoder built once; ``{}`` (every fast
-    message's parent or metadata) without parsing."""
+    """``json_unpacker`` (the same result), ``{}`` without parsing, else the C scanner straight
+    away (``decode`` adds two regex matches for surrounding whitespace, which our own encoder
+    never writes: with some, it decides)."""
     if b == b"{}":
         return {}
-    return _decode(b.decode("utf8", "replace"))
+    text = b.decode("utf8", "replace")
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        end = -1
+    return value if end == len(text) else _decode(text)
 
 
 _decode = json.JSONDecoder().decode
+_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def request_id(msg: dict) -> tuple[str, str]:

@@ -10,6 +10,7 @@ purpose); each such test says so.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import random
@@ -30,7 +31,7 @@ from ipy_multiengine import (
     stdin,
 )  # _loop: white-box tests that run on the I/O thread
 from ipy_multiengine.balanced import BalancedMap
-from ipy_multiengine.controller import Controller
+from ipy_multiengine.controller import Controller, EngineState
 from ipy_multiengine.errors import CompositeError, MultiEngineError, TimeoutError
 
 pytestmark = pytest.mark.timeout(90)
@@ -416,3 +417,51 @@ def test_durations_do_not_follow_wall_clock_jumps(mec, monkeypatch, tmp_path):
     assert pr.completed[0] < pr.submitted[0]  # the display stamps are the wall clock's
     assert 0 < pr.elapsed < 60 and pr.wall_time == pr.elapsed
     assert 0 < pr.serial_time < 120
+
+
+# --------------------------------------------------------------------------- 15.3 snapshots
+def test_snapshots_show_each_change_of_fast_data_operations(mec, tmp_path):
+    """Snapshots are published per engine (not as a new mapping of every engine per message):
+    ``state``, ``states`` and ``pending`` still show each visible change at once: an engine
+    busy with a data operation, what is queued behind it, and idle again the moment the call
+    returns; a mapping read earlier stays as it was."""
+
+    def read_fifo(path: str) -> str:
+        with open(path) as fh:  # blocks until the test opens it for writing
+            return fh.read()
+
+    def writer() -> int | None:
+        try:  # fails (ENXIO) until the engine has opened it for reading
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            assert not first.ready(), first.get_result(timeout=0)  # it failed: say why
+            return None
+
+    ctl = mec.controller
+    fifo = str(tmp_path / "go")
+    os.mkfifo(fifo)
+    before = ctl.states()
+    assert before[0].state == "idle" and before[0].in_flight == 0
+    assert ctl.states() is before  # nothing changed: the same mapping, not a copy per read
+    first = mec.apply(read_fifo, fifo, targets=0, block=False)
+    second = mec.apply(int, targets=0, block=False)
+    ctl.catch_up()
+    busy = ctl.state(0)
+    assert (busy.state, busy.running, busy.in_flight, busy.queued) == ("busy", "apply", 2, 1)
+    assert ctl.states()[0] is busy and ctl.pending(0) == 2
+    # built without its __init__ (controller._engine_state): every field, the same value
+    assert set(vars(busy)) == {f.name for f in dataclasses.fields(EngineState)}
+    assert EngineState(**vars(busy)) == busy
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        busy.in_flight = 0  # type: ignore[misc]
+    assert [ctl.states()[e].in_flight for e in (1, 2, 3)] == [0, 0, 0]
+    assert before[0].state == "idle" and before[0].in_flight == 0  # an old mapping is immutable
+    fd = wait_for(writer, 30, "the engine to open the fifo")
+    os.write(fd, b"done")
+    os.close(fd)
+    assert first.get_result(timeout=30) == ["done"]
+    assert second.get_result(timeout=30) == [0]
+    after = ctl.states()[0]
+    assert (after.state, after.in_flight, after.queued) == ("idle", 0, 0)
+    assert ctl.state(0) is after and ctl.pending(0) == 0
+    assert ctl.ids == [0, 1, 2, 3]

@@ -497,13 +497,14 @@ def _refusals(mec, eid: int) -> list[str]:
 
 def _capture_fast_sends(mec, monkeypatch, swallow: bool = False) -> list[list]:
     """The signed frames the controller sends on fast sockets, as an eavesdropper on the wire
-    sees them (header frames from ``wire.fast_frames``, then the buffers); with ``swallow`` the
-    next one is kept from its engine, as someone in the middle would."""
-    from ipy_multiengine import wire
+    sees them (header frames from ``controller._fast_frames``, then the buffers); with
+    ``swallow`` the next one is kept from its engine, as someone in the middle would: it goes
+    to a real socket connected to no one."""
+    from ipy_multiengine import controller
 
     sent: list[list] = []
     heads: list[list] = []
-    real_frames = wire.fast_frames
+    real_frames = controller._fast_frames
     real_send = mec.controller._send
 
     def fast_frames(*args, **kwargs):
@@ -515,28 +516,23 @@ def _capture_fast_sends(mec, monkeypatch, swallow: bool = False) -> list[list]:
             return real_send(conn, channel, msg, buffers)
         keep = swallow and not sent
         sock = conn.sockets["fast"]
+        sink = None
         if keep:
-            conn.sockets["fast"] = _Sink()
+            sink = conn.sockets["fast"] = sock.context.socket(zmq.DEALER)
+            sink.linger = 0
+            sink.connect("inproc://ime-test-nowhere")  # no one binds it: the message waits
         try:
             result = real_send(conn, channel, msg, buffers)
         finally:
             conn.sockets["fast"] = sock
+            if sink is not None:
+                sink.close()
         sent.append([bytes(f) for f in heads[-1]] + [bytes(memoryview(b)) for b in buffers or []])
         return result
 
-    monkeypatch.setattr(wire, "fast_frames", fast_frames)
+    monkeypatch.setattr(controller, "_fast_frames", fast_frames)
     monkeypatch.setattr(mec.controller, "_send", send)
     return sent
-
-
-class _Sink:
-    """Stands in for the fast socket of one send: the message goes nowhere."""
-
-    def send_multipart(self, *_args, **_kwargs) -> None:
-        return None
-
-    def getsockopt(self, _option) -> int:
-        return 0
 
 
 def _send_raw(url: str, frames: list, wait_ms: int) -> list | None:

@@ -59,23 +59,25 @@ def test_unpack_gives_json_unpackers_values(raw):
 def test_sign_gives_session_signs_signature(scheme):
     session = Session(key=uuid.uuid4().hex.encode(), signature_scheme=scheme)
     parts = [json_packer({"msg_id": "x"}), b"{}", b"{}", json_packer({"é": 1})]
-    assert wire.sign(session, parts) == session.sign(parts)
+    assert wire.signer(session)(parts) == session.sign(parts)
 
 
 def test_sign_with_no_key_signs_nothing_as_session_does():
     session = Session(key=b"")
-    assert wire.sign(session, [b"{}"] * 4) == session.sign([b"{}"] * 4) == b""
+    assert wire.signer(session)([b"{}"] * 4) == session.sign([b"{}"] * 4) == b""
 
 
 def test_deserialize_checks_signatures_and_replays_as_session_does():
     session = Session(key=uuid.uuid4().hex.encode())
-    frames = wire.fast_frames(session, {"msg_id": "m1", "msg_type": "t"}, {}, wire.pack({"a": 1}))
+    frames = wire.fast_frames(
+        wire.signer(session), {"msg_id": "m1", "msg_type": "t"}, {}, wire.pack({"a": 1})
+    )
     msg = wire.deserialize(session, frames[1:])  # after the delimiter
     assert msg["header"]["msg_id"] == "m1" and msg["content"] == {"a": 1}
     with pytest.raises(ValueError, match="Duplicate Signature"):
         wire.deserialize(session, frames[1:])  # the same message again: a replay
     other = Session(key=uuid.uuid4().hex.encode())
-    forged = wire.fast_frames(other, {"msg_id": "m2", "msg_type": "t"}, {}, b"{}")
+    forged = wire.fast_frames(wire.signer(other), {"msg_id": "m2", "msg_type": "t"}, {}, b"{}")
     with pytest.raises(ValueError, match="Invalid Signature"):
         wire.deserialize(session, forged[1:])
 
