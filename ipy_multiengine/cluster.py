@@ -680,32 +680,45 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         async with lock:
             await controller.begin_restart(eid, "was restarted")
             self.restarts.setdefault(eid, []).append(time.monotonic())
-            info = (await self.launcher.restart([eid]))[eid]
-            for attempt in range(PORT_CLASH_RETRIES + 1):
-                if self._stopped:  # stop() ran meanwhile; it stops the launcher's new kernel too
-                    raise EngineError(
-                        f"engine {eid}: the cluster was stopped during its restart", eid
-                    )
-                try:
-                    await controller.add_engines_async(
-                        {eid: info}, {eid: self.launcher.liveness(eid)}, timeout
-                    )
-                    self.engines_info[eid] = info
-                    break
-                except EngineError as exc:
-                    fresh = (
-                        await self.launcher.retry_after_clash(eid)
-                        if attempt < PORT_CLASH_RETRIES
-                        else None
-                    )
-                    if fresh is None:
-                        raise self._with_output(exc) from None
-                    log.warning(
-                        "engine %s lost a port to another process while restarting; "
-                        "started it on new ports",
-                        eid,
-                    )
-                    info = fresh
+            try:
+                await self._bring_back(eid, timeout)
+            except BaseException as exc:
+                # never left "restarting": every call to it would wait for a restart that
+                # ended (an engine that came back ready, as a restart cut short by its
+                # caller's timeout can, is left alone)
+                if not self._stopped:
+                    why = str(exc).split("\n", 1)[0] or type(exc).__name__
+                    controller.fail_restart(eid, f"failed to restart: {why}")
+                raise
+
+    async def _bring_back(self, eid: int, timeout: float) -> None:
+        """The restart of engine ``eid`` proper: the launcher's restart, then connecting to the
+        engine (started again on new ports when it lost one to another process)."""
+        controller = self.client.controller
+        info = (await self.launcher.restart([eid]))[eid]
+        for attempt in range(PORT_CLASH_RETRIES + 1):
+            if self._stopped:  # stop() ran meanwhile; it stops the launcher's new kernel too
+                raise EngineError(f"engine {eid}: the cluster was stopped during its restart", eid)
+            try:
+                await controller.add_engines_async(
+                    {eid: info}, {eid: self.launcher.liveness(eid)}, timeout
+                )
+                self.engines_info[eid] = info
+                break
+            except EngineError as exc:
+                fresh = (
+                    await self.launcher.retry_after_clash(eid)
+                    if attempt < PORT_CLASH_RETRIES
+                    else None
+                )
+                if fresh is None:
+                    raise self._with_output(exc) from None
+                log.warning(
+                    "engine %s lost a port to another process while restarting; "
+                    "started it on new ports",
+                    eid,
+                )
+                info = fresh
 
     def send_signal(self, eids: list[int], signum: int) -> None:
         """Send signal ``signum`` to engines ``eids`` through the launcher (local engines:

@@ -276,11 +276,13 @@ class EngineConn:
         self.rtt = 0.0  # seconds of a kernel_info round trip while connecting
         self.probe: Request | None = None  # a ping sent behind an unanswered fast operation
         #: messages of ours the engine's fast socket left unanswered for failing their signature
-        #: (changed on the way), as its replies report them, and why the last one failed
-        self.fast_unchecked: tuple[int, str] = (0, "")
+        #: (changed on the way), as its replies report them, why the last one failed, and when
+        #: the last report came (only a request sent before it can be one of them)
+        self.fast_unchecked: tuple[int, str, float] = (0, "", 0.0)
         #: messages from its fast socket this client dropped for failing their signature (their
-        #: requests are lost: ``Controller._lost`` says why), and why the last one failed
-        self.fast_dropped: tuple[int, str] = (0, "")
+        #: requests are lost: ``Controller._lost`` says why), why the last one failed, and when
+        #: (only a request sent before it can have had its reply dropped)
+        self.fast_dropped: tuple[int, str, float] = (0, "", 0.0)
         self.published_key: tuple | None = None  # what its last snapshot showed
         #: (the static part of ``published_key``, the snapshot fields it determines)
         self.published_static: tuple[tuple, dict[str, Any]] | None = None
@@ -453,6 +455,22 @@ class Controller:
         """(coroutine, for owners) Engine ``eid`` is being restarted: not ready, shown as
         restarting (unless dead), its requests in flight fail with ``EngineError`` (``reason``)."""
         self._set_unavailable(eid, "restarting", reason)
+
+    def fail_restart(self, eid: int, reason: str) -> None:
+        """(loop thread, for owners) The restart of engine ``eid`` failed (``reason``): it is
+        dead, so that calls to it fail at once saying why (it stayed "restarting", and every
+        call waited for a restart that would never end), and the owner hears of it like of
+        any death once its restart has let go of the engine (auto_restart may try again). An
+        engine the restart did bring back (ready), found dead already, or that still runs its
+        on_start code (it becomes ready by itself) is left alone."""
+        conn = self._engines.get(eid)
+        if conn is None or conn.ready or conn.dead:
+            return
+        if conn.init_task is not None and not conn.init_task.done():
+            return
+        if conn.sockets:
+            self._teardown(conn, reason)
+        self._mark_dead(conn, reason, notify_later=True)
 
     def _set_unavailable(self, eid: int, state: str, reason: str) -> None:
         conn = self._engines.get(eid)
@@ -1153,7 +1171,7 @@ class Controller:
                 conn.ready = True
                 self._publish(conn)
 
-    def _mark_dead(self, conn: EngineConn, reason: str) -> None:
+    def _mark_dead(self, conn: EngineConn, reason: str, notify_later: bool = False) -> None:
         if conn.dead:
             return
         conn.dead = reason
@@ -1162,7 +1180,10 @@ class Controller:
         log.warning("engine %s %s", conn.eid, reason)
         self._fail_all(conn, reason)
         self._publish(conn)
-        self._notify_dead(conn)
+        if notify_later:
+            asyncio.get_running_loop().call_soon(self._notify_dead, conn)
+        else:
+            self._notify_dead(conn)
 
     def _notify_dead(self, conn: EngineConn) -> None:
         if (
@@ -1249,7 +1270,7 @@ class Controller:
             why = wire.refusal_reason(exc)  # the sender's bytes are not repeated
             log.warning("engine %s: dropped a bad message on %s (%s)", conn.eid, channel, why)
             if channel == "fast":  # its request is lost: _lost says why
-                conn.fast_dropped = (conn.fast_dropped[0] + 1, why)
+                conn.fast_dropped = (conn.fast_dropped[0] + 1, why, time.monotonic())
             return
         limit = self.max_message_size
         if limit is not None:
@@ -1606,7 +1627,7 @@ class Controller:
         fail as lost, saying so (``_lost``)."""
         if isinstance(seen, dict) and type(seen.get("count")) is int:
             count = conn.fast_unchecked[0] + max(seen["count"], 0)
-            conn.fast_unchecked = (count, str(seen.get("why", ""))[:300])
+            conn.fast_unchecked = (count, str(seen.get("why", ""))[:300], time.monotonic())
             log.warning(
                 "engine %s: its fast socket refused %d message(s) of this client unread (%s)",
                 conn.eid,
@@ -1624,22 +1645,24 @@ class Controller:
             "between messages); the request was lost, the engine is usable"
         )
         error: type[EngineError] = EngineError
-        count, why = conn.fast_unchecked
-        dropped, dropped_why = conn.fast_dropped
-        if req.channel == "fast" and count:
+        count, why, told = conn.fast_unchecked
+        dropped, dropped_why, dropped_at = conn.fast_dropped
+        # a refusal counted before this request was sent is not this request's (a forged
+        # message on the path leaves a count that no request of ours consumes)
+        if req.channel == "fast" and count and req.sent <= told:
             error = RefusedError
             # the engine refused messages of ours unanswered: this request was one of them
-            conn.fast_unchecked = (count - 1, why)
+            conn.fast_unchecked = (count - 1, why, told)
             text = (
                 f"engine {conn.eid} did not answer {what!r}: its fast socket refused a message "
                 f"of this client unread for failing its signature check ({why}), so this "
                 "request was most likely changed on the way (its id could not be trusted to "
                 "answer it); nothing of such a message is unpickled or run, the engine is usable"
             )
-        elif req.channel == "fast" and dropped:
+        elif req.channel == "fast" and dropped and req.sent <= dropped_at:
             error = RefusedError
             # this client dropped a message from the engine's fast socket: this reply, likely
-            conn.fast_dropped = (dropped - 1, dropped_why)
+            conn.fast_dropped = (dropped - 1, dropped_why, dropped_at)
             text = (
                 f"engine {conn.eid}: no reply to {what!r} was accepted: this client dropped a "
                 f"message from its fast socket unread for failing its check ({dropped_why}), so "

@@ -683,3 +683,57 @@ def test_stopped_engines_exit_by_themselves_even_when_the_control_thread_flushes
     noted = {p.pid: (tmp_path / str(p.pid)).read_text() for p in processes}
     assert noted == {p.pid: "False" for p in processes}  # control had ended before IOPub stopped
     assert [p.returncode for p in processes] == [0, 0]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("failure", ["key-less connection", "launcher raises"])
+def test_a_failed_restart_leaves_the_engine_dead_saying_why_not_restarting(failure):
+    """A restart whose launcher fails (it raises, or returns a connection without a key, which
+    the client refuses) left the engine "restarting" for good: every later call to it failed
+    with "not ready yet (restarting)" (wait_ready waited for nothing). Now the engine is dead,
+    saying the restart failed and why; the others work; a restart that works brings it back."""
+    with Cluster(n=2, profile=f"restart-fails-{failure.split()[0]}", write_file=False) as mec:
+        launcher = mec.owner.launcher
+        real = launcher.restart
+
+        async def failing(ids):
+            if failure == "launcher raises":
+                raise RuntimeError("no kernel today")
+            infos = await real(ids)
+            return {e: {**info, "key": ""} for e, info in infos.items()}
+
+        launcher.restart = failing
+        with pytest.raises(Exception, match=r"no kernel today|key"):
+            mec.restart(1, timeout=60)
+        why = mec.controller.unavailable(1)
+        assert why is not None and "failed to restart" in why, why
+        assert "restarting" not in why
+        with pytest.raises(Exception, match="failed to restart"):
+            mec.apply(lambda: 1, targets=1, timeout=10)
+        assert mec.apply(lambda: 0, targets=0) == [0]
+        launcher.restart = real
+        mec.restart(1, timeout=60)
+        assert mec.apply(lambda: 1, targets=1) == [1]
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_restart_is_tried_again_by_auto_restart():
+    """With ``auto_restart``, an engine whose restart failed is dead like any other dead engine:
+    it is restarted again (here the launcher fails once), not left for good."""
+    with Cluster(n=1, profile="restart-fails-auto", write_file=False, auto_restart=True) as mec:
+        launcher = mec.owner.launcher
+        real = launcher.restart
+        calls = []
+
+        async def once_failing(ids):
+            calls.append(list(ids))
+            if len(calls) == 1:
+                raise RuntimeError("no kernel this time")
+            return await real(ids)
+
+        launcher.restart = once_failing
+        with pytest.raises(Exception, match="no kernel this time"):
+            mec.restart(0, timeout=60)
+        mec.wait_ready(timeout=60)
+        assert mec.apply(lambda: 3) == [3]
+        assert len(calls) == 2, calls

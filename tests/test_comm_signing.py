@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import pytest
 from faultlib import small_cluster
@@ -245,3 +246,38 @@ def test_the_status_table_says_why_data_operations_are_refused():
         finally:
             newer.close()
             mec.execute(f"_w.PROTOCOL = {wire.PROTOCOL}", targets=0)
+
+
+def test_a_refusal_counted_before_a_request_was_sent_does_not_label_its_loss(mec):
+    """The counts of refused messages (the engine's report of messages it refused unread, the
+    client's own drops) named the next lost fast request a RefusedError, whenever it was sent:
+    a forged message on the path that no request of ours consumed labelled any later loss, for
+    good. A request sent after the last refusal was counted is lost as such (EngineError); one
+    sent before it is still a RefusedError."""
+    from ipy_multiengine import _loop
+    from ipy_multiengine.controller import Request
+
+    ctl = mec.controller
+
+    async def lose(counter: str, sent_before: bool) -> BaseException | None:
+        conn = ctl._conn(mec.get_ids()[0])
+        saved = getattr(conn, counter)
+        now = time.monotonic()
+        req = Request(msg_id="m", eid=conn.eid, kind="comm", future=Future(), channel="fast")
+        req.op = "pull"
+        req.sent = now - 1 if sent_before else now + 1
+        setattr(conn, counter, (1, "Invalid Signature", now)[: len(saved)])
+        conn.requests[req.msg_id] = req
+        try:
+            ctl._lost(conn, req)
+        finally:
+            setattr(conn, counter, saved)
+            conn.requests.pop(req.msg_id, None)
+        return req.future.exception(timeout=0)
+
+    for counter in ("fast_unchecked", "fast_dropped"):
+        later = _loop.run(lose(counter, False), timeout=10)
+        assert type(later) is EngineError and "was lost" in str(later), (counter, later)
+        earlier = _loop.run(lose(counter, True), timeout=10)
+        assert isinstance(earlier, RefusedError), (counter, earlier)
+    assert mec.apply(lambda: 1) == [1] * len(mec.get_ids())
