@@ -614,11 +614,7 @@ class MultiEngineClient(Configurable):
         timeout: float | None = None,
     ) -> Any:
         """One value per target for a name; one list of values per target for several names."""
-        single = isinstance(names, str)
-        keys = [names] if single else list(names)
-        for k in keys:
-            if not isinstance(k, str):
-                raise TypeError(f"names to pull must be str, not {k!r}")
+        single, keys = _pull_names(names)
         eids, block = self._prepare(targets, block)
         frames: list[list[Any]] = [[] for _ in eids]
         futures = self._comm("pull", eids, frames, {"names": keys, "single": single})
@@ -632,12 +628,9 @@ class MultiEngineClient(Configurable):
         timeout: float | None = None,
     ) -> Any:
         """Like ``pull(names)`` but transposed: one tuple per name, one item per engine."""
-        if isinstance(names, str):
-            names = [names]
+        _single, keys = _pull_names(names)
         eids, block = self._prepare(targets, block)
-        futures = self._comm(
-            "pull", eids, [[]] * len(eids), {"names": list(names), "single": False}
-        )
+        futures = self._comm("pull", eids, [[]] * len(eids), {"names": keys, "single": False})
         finish = lambda rs: list(zip(*_values(rs), strict=True))  # noqa: E731
         return self._deliver(self._pending(futures, eids, "pull", finish), block, timeout)
 
@@ -1266,6 +1259,25 @@ def _map_items(seqs: tuple[Iterable, ...]) -> tuple[list, bool]:
     if len(seqs) == 1:
         return list(seqs[0]), False
     return list(zip(*seqs, strict=False)), True
+
+
+def _pull_names(names: Any) -> tuple[bool, list[str]]:
+    """(one name?, the names) of a pull, checked before anything is sent: a name that is not a
+    str, or could never have been pushed or assigned (not an identifier), is named here
+    instead of coming back as a NameError from every engine."""
+    single = isinstance(names, str)
+    try:
+        keys = [names] if single else list(names)
+    except TypeError:
+        raise TypeError(
+            f"pull takes a name or a list of names, not {type(names).__name__}"
+        ) from None
+    for k in keys:
+        if not isinstance(k, str):
+            raise TypeError(f"names to pull must be str, not {k!r}")
+        if not k.isidentifier():
+            raise ValueError(f"cannot pull {k!r}: names must be valid Python identifiers")
+    return single, keys
 
 
 def _values(replies: list[CommReply]) -> list[Any]:

@@ -336,3 +336,21 @@ def test_unpicklable_apply_argument_or_scatter_item_is_named(mec):
         mec.scatter("s", [0, 1, 2, 3, 4, lock, 6, 7])
     assert [mec.controller.pending(e) for e in mec.get_ids()] == before
     usable(mec)
+
+
+def test_pull_names_are_checked_before_anything_is_sent(mec):
+    """``pull('1x')`` came back as a NameError from every engine, and ``zip_pull`` sent any
+    object as a name; a name that could never have been pushed (not an identifier, not a str)
+    is named at once, as push names it, and the engines stay usable."""
+    for call in (mec.pull, mec.zip_pull):
+        with pytest.raises(ValueError, match=r"cannot pull '1x': names must be valid Python"):
+            call(["1x"])
+        with pytest.raises(TypeError, match=r"names to pull must be str, not 3"):
+            call([3])
+        with pytest.raises(TypeError, match=r"pull takes a name or a list of names, not int"):
+            call(5)
+    with pytest.raises(ValueError, match=r"cannot pull 'a b'"):
+        mec.pull("a b")
+    mec.push({"ok_name": 1})
+    assert mec.pull("ok_name") == [1] * len(mec.get_ids())
+    assert mec.zip_pull(["ok_name"]) == [(1,) * len(mec.get_ids())]
