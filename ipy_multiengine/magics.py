@@ -21,6 +21,7 @@ Rendering (documented in ``docs/magics.md``):
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 import time
@@ -80,6 +81,16 @@ def _split_line(line: str, parser: Any) -> tuple[str, str]:
             name
         )  # argparse has no public lookup of an option
         if action is None:
+            if re.match(r"--[A-Za-z]", token) and not _compiles(rest):
+                # a mistyped option (`%px --target 1 ...`), not code that starts with '-'
+                # (`%px --x`): said here, not as the engines' SyntaxError
+                known = sorted(o for o in parser._option_string_actions if o.startswith("--"))
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise UsageError(
+                    f"unknown option {name}; {hint}options: {', '.join(known)} "
+                    "(code that starts with '-' goes after '--': %px -- CODE)"
+                )
             break  # code that starts with '-', e.g. `%px -x`
         opts.append(token)
         rest = rest[m.end() :]
@@ -90,6 +101,15 @@ def _split_line(line: str, parser: Any) -> tuple[str, str]:
             opts.append(m.group(1))
             rest = rest[m.end() :]
     return " ".join(opts), rest
+
+
+def _compiles(code: str) -> bool:
+    """Whether ``code`` is valid Python (a syntax check only: nothing runs)."""
+    try:
+        compile(code, "<%px>", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return False
+    return True
 
 
 def _timeout_value(text: str) -> float | None:

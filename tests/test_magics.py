@@ -412,6 +412,23 @@ def test_line_form_options_and_code_verbatim(ip):
         ip.run_line_magic("px", "--targets 0")
 
 
+def test_a_mistyped_option_is_named_not_sent_to_the_engines_as_code(ip):
+    """``%px --target 0 x = 1`` (for --targets) went to every engine as code and came back as
+    each engine's SyntaxError; an unknown option that cannot start Python code is named, with
+    the option meant. Code that starts with '-' still runs: ``%px --x`` (valid Python) and
+    anything after ``--``."""
+    mec = client_mod.get_active()
+    with pytest.raises(UsageError, match=r"unknown option --target; did you mean --targets\?"):
+        ip.run_line_magic("px", "--target 0 x = 1")
+    with pytest.raises(UsageError, match=r"unknown option --bogus"):
+        ip.run_line_magic("px", "--bogus print(1)")
+    ip.run_line_magic("px", "x = 3")
+    assert ip.run_line_magic("px", "--targets 0 --x")[0]["input"]["raw"] == "--x"
+    assert mec.pull("x", targets=0) == [3]
+    res = ip.run_line_magic("px", "--targets 0 -- --x")
+    assert res[0]["input"]["raw"] == "--x"
+
+
 def test_notebook_rendering_updates_areas_in_place(ip):
     """With a kernel (forced here) each engine's stream is one display area updated in place."""
     magics_of(ip).notebook = True
