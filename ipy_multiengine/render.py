@@ -969,8 +969,9 @@ class LiveOutput:
     """
 
     def __init__(self, eids: list[int] | None = None, renderer: Renderer | None = None) -> None:
-        if renderer is None and eids is not None:
-            renderer = Renderer(list(eids), "stream", in_notebook())
+        # made with the engines: its renderer is made on the first event (most calls print
+        # nothing, and a renderer and its finish were a tenth of a fast call's client CPU)
+        self._eids = None if renderer is not None or eids is None else list(eids)
         self.renderer = renderer
         self.closed = False
         self._events: deque = deque()  # appended on the loop thread, taken in user threads
@@ -995,7 +996,9 @@ class LiveOutput:
     def _drain(self) -> None:
         with self._lock:
             if self.renderer is None:
-                return
+                if self._eids is None or not self._events:
+                    return
+                self.renderer = Renderer(self._eids, "stream", in_notebook())
             while not self.closed:
                 try:
                     event = self._events[0]
