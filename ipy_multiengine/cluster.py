@@ -687,8 +687,14 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                 # ended (an engine that came back ready, as a restart cut short by its
                 # caller's timeout can, is left alone)
                 if not self._stopped:
-                    why = str(exc).split("\n", 1)[0] or type(exc).__name__
-                    controller.fail_restart(eid, f"failed to restart: {why}")
+                    first = str(exc).split("\n", 1)[0] or type(exc).__name__
+                    interrupted = isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt))
+                    controller.fail_restart(
+                        eid,
+                        "its restart was interrupted"
+                        if interrupted
+                        else f"failed to restart: {first}",
+                    )
                 raise
 
     async def _bring_back(self, eid: int, timeout: float) -> None:

@@ -737,3 +737,38 @@ def test_a_failed_restart_is_tried_again_by_auto_restart():
         mec.wait_ready(timeout=60)
         assert mec.apply(lambda: 3) == [3]
         assert len(calls) == 2, calls
+
+
+@pytest.mark.timeout(120)
+def test_an_interrupted_restart_leaves_the_engine_dead_saying_so():
+    """A restart cancelled half way (Ctrl-C in mec.restart cancels it) left the engine
+    "restarting" for good; it is dead now, saying its restart was interrupted, and a restart
+    brings it back."""
+    import threading
+
+    from ipy_multiengine import _loop
+
+    with Cluster(n=1, profile="restart-interrupted", write_file=False) as mec:
+        launcher = mec.owner.launcher
+        real = launcher.restart
+        entered = threading.Event()
+
+        async def stuck(ids):
+            import asyncio
+
+            entered.set()
+            await asyncio.Event().wait()  # never set: the restart hangs in the launcher
+
+        launcher.restart = stuck
+        fut = _loop.submit(mec.owner.restart_async([0], 60))
+        assert entered.wait(30)
+        fut.cancel()
+        wait_for(
+            lambda: mec.controller.unavailable(0) != "is not ready yet (restarting)",
+            10,
+            "the interrupted restart to be reported",
+        )
+        assert "its restart was interrupted" in (mec.controller.unavailable(0) or "")
+        launcher.restart = real
+        mec.restart(0, timeout=60)
+        assert mec.apply(lambda: 5) == [5]
