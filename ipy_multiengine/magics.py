@@ -839,6 +839,12 @@ class ParallelMagics(Magics):
     def autopx(self, line: str = "") -> None:
         """Toggle running every cell (or terminal input) on the engines, as if it began with
         ``%%px``."""
+        if line.strip() and not line.lstrip().startswith("#"):
+            # it toggles: a mistyped %autopx --targets 1 would run on all engines
+            raise UsageError(
+                f"%autopx takes no arguments (got {line.strip()!r}): it toggles; choose the "
+                "engines first with %pxconfig --targets ..."
+            )
         if self.transformer.enabled:
             self.transformer.enabled = False
             print("Auto Parallel Disabled")

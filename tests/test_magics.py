@@ -412,6 +412,22 @@ def test_line_form_options_and_code_verbatim(ip):
         ip.run_line_magic("px", "--targets 0")
 
 
+def test_autopx_with_arguments_is_refused_and_changes_nothing(ip):
+    """``%autopx --targets 1`` toggled autopx on and ignored the argument: every later cell ran
+    on all engines. It is refused, saying how to choose the engines, and the mode is left as
+    it was."""
+    magics = magics_of(ip)
+    assert not magics.transformer.enabled
+    with pytest.raises(UsageError, match=r"%autopx takes no arguments \(got '--targets 1'\)"):
+        ip.run_line_magic("autopx", "--targets 1")
+    assert not magics.transformer.enabled
+    with capture_output():
+        ip.run_line_magic("autopx", "# a comment is no argument")
+        assert magics.transformer.enabled
+        ip.run_line_magic("autopx", "")
+    assert not magics.transformer.enabled
+
+
 def test_a_mistyped_option_is_named_not_sent_to_the_engines_as_code(ip):
     """``%px --target 0 x = 1`` (for --targets) went to every engine as code and came back as
     each engine's SyntaxError; an unknown option that cannot start Python code is named, with
