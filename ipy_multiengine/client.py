@@ -368,11 +368,15 @@ class MultiEngineClient(Configurable):
         plain = chosen == "all" if isinstance(chosen, str) else _plain_ids(chosen)
         return resolve_targets(chosen, self._controller.ids, None if plain else self.groups)
 
-    def _prepare(self, targets: Any, block: bool | None) -> tuple[list[int], bool]:
+    def _prepare(
+        self, targets: Any, block: bool | None, timeout: Any = None
+    ) -> tuple[list[int], bool]:
+        """(engines, block) of a call, every argument checked before anything is sent."""
         if self.closed:
             raise EngineError("this MultiEngineClient is closed")
         if block is not None and not isinstance(block, bool):
             raise TypeError(f"block must be True, False or None, not {block!r}")
+        check_timeout(timeout)
         try:  # engines added to the cluster meanwhile (cheap: a stat, unless the file changed)
             self.owner.refresh(min(self.timeout, 10.0))
         except MultiEngineError as exc:  # a listed engine that does not answer: not this call's
@@ -501,7 +505,7 @@ class MultiEngineClient(Configurable):
             raise TypeError(f"silent must be True or False, not {silent!r}")
         if silent and listener is not None:
             raise ValueError("a silent execute shows no output: it takes no listener")
-        eids, block = self._prepare(targets, block)
+        eids, block = self._prepare(targets, block, timeout)
         futures = self._controller.submit_execute(eids, code, listener=listener, silent=silent)
         if not silent:
             return self._deliver(
@@ -579,7 +583,7 @@ class MultiEngineClient(Configurable):
         """Call ``f(*args, **kwargs)`` once on each target; a list of the return values."""
         if not callable(f):
             raise TypeError(f"apply needs a callable, not {type(f).__name__}")
-        eids, block = self._prepare(targets, block)
+        eids, block = self._prepare(targets, block, timeout)
         frames = self._outgoing(_dumps_call(f, args, kwargs), block, timeout)
         live = self._live(eids, block)
         futures = self._comm(
@@ -601,7 +605,7 @@ class MultiEngineClient(Configurable):
         for key in namespace:
             if not isinstance(key, str) or not key.isidentifier():
                 raise ValueError(f"cannot push to {key!r}: names must be valid Python identifiers")
-        eids, block = self._prepare(targets, block)
+        eids, block = self._prepare(targets, block, timeout)
         frames = self._outgoing(_dumps_namespace(namespace), block, timeout)
         futures = self._comm("push", eids, [frames] * len(eids))
         return self._deliver(self._pending(futures, eids, "push", _nones), block, timeout)
@@ -615,7 +619,7 @@ class MultiEngineClient(Configurable):
     ) -> Any:
         """One value per target for a name; one list of values per target for several names."""
         single, keys = _pull_names(names)
-        eids, block = self._prepare(targets, block)
+        eids, block = self._prepare(targets, block, timeout)
         frames: list[list[Any]] = [[] for _ in eids]
         futures = self._comm("pull", eids, frames, {"names": keys, "single": single})
         return self._deliver(self._pending(futures, eids, "pull", _values), block, timeout)
@@ -629,7 +633,7 @@ class MultiEngineClient(Configurable):
     ) -> Any:
         """Like ``pull(names)`` but transposed: one tuple per name, one item per engine."""
         _single, keys = _pull_names(names)
-        eids, block = self._prepare(targets, block)
+        eids, block = self._prepare(targets, block, timeout)
         futures = self._comm("pull", eids, [[]] * len(eids), {"names": keys, "single": False})
         finish = lambda rs: list(zip(*_values(rs), strict=True))  # noqa: E731
         return self._deliver(self._pending(futures, eids, "pull", finish), block, timeout)
@@ -685,7 +689,7 @@ class MultiEngineClient(Configurable):
             raise ValueError(f"cannot scatter to {name!r}: not a valid Python identifier")
         if not isinstance(flatten, bool):
             raise TypeError(f"flatten must be True or False, not {flatten!r}")
-        eids, block = self._prepare(targets, block)
+        eids, block = self._prepare(targets, block, timeout)
         parts = partition.split(seq, len(eids))
         offsets = [sum(len(q) for q in parts[:i]) for i in range(len(parts))]
         if flatten:
@@ -711,9 +715,9 @@ class MultiEngineClient(Configurable):
         timeout: float | None = None,
     ) -> Any:
         """Pull ``name`` from each target and concatenate the parts in engine order."""
-        eids, block = self._prepare(targets, block)
+        eids, block = self._prepare(targets, block, timeout)
         futures = self._comm("pull", eids, [[]] * len(eids), {"names": [name], "single": True})
-        finish = lambda rs: partition.join(_values(rs))  # noqa: E731
+        finish = lambda rs: _gathered(name, eids, _values(rs))  # noqa: E731
         tally = _tally(Tally(None, "B"), eids, futures)  # bytes received; the total is unknown
         return self._deliver(
             self._pending(futures, eids, "gather", finish, progress=True, tally=tally),
@@ -748,7 +752,7 @@ class MultiEngineClient(Configurable):
             raise TypeError(f"map needs a callable, not {type(f).__name__}")
         if not seqs:
             raise TypeError("map() needs at least one sequence")
-        eids, block = self._prepare(targets, block)
+        eids, block = self._prepare(targets, block, timeout)
         items, star = self._for_engines(eids, *_map_items(seqs))
         if balanced:
             live = self._live(eids, block)
@@ -829,7 +833,7 @@ class MultiEngineClient(Configurable):
             raise TypeError(f"imap needs a callable, not {type(f).__name__}")
         if not seqs:
             raise TypeError("imap() needs at least one sequence")
-        eids, _ = self._prepare(targets, None)
+        eids, _ = self._prepare(targets, None, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         items, star = self._for_engines(eids, *_map_items(seqs))
         bm = self._balanced(f, items, eids, chunksize, ordered, retries, star=star)
@@ -1239,6 +1243,7 @@ class ParallelFunction:
         self.__doc__ = getattr(f, "__doc__", None)
 
     def __call__(self, *seqs: Iterable) -> Any:
+        _check_sequences(seqs, f"@parallel function {self.__name__!r}")
         return self.mapper.map(self.func, *seqs)
 
     def map(self, *seqs: Iterable, timeout: float | None = None) -> Any:
@@ -1253,12 +1258,48 @@ def _plain_ids(targets: Any) -> bool:
     return all(type(t) is int for t in items)
 
 
+def _check_sequences(seqs: tuple[Any, ...], what: str = "map") -> None:
+    """Raise TypeError naming the first of ``seqs`` that cannot be iterated (before anything
+    is sent; it was Python's bare "'int' object is not iterable")."""
+    for i, seq in enumerate(seqs):
+        if not hasattr(seq, "__iter__") and not hasattr(seq, "__getitem__"):
+            raise TypeError(
+                f"{what} maps over sequences: argument {i + 1} is {_a(type(seq).__name__)} "
+                f"({_short_repr(seq)}), not a sequence"
+            )
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "an int", "a dict"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _short_repr(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _map_items(seqs: tuple[Iterable, ...]) -> tuple[list, bool]:
     """The items of ``map(f, *seqs)`` and whether they are argument tuples: one sequence is
     sent as its elements, several as tuples, cut at the shortest (like ``map()``)."""
+    _check_sequences(seqs)
     if len(seqs) == 1:
         return list(seqs[0]), False
     return list(zip(*seqs, strict=False)), True
+
+
+def _gathered(name: str, eids: list[int], parts: list[Any]) -> Any:
+    """The engines' parts of ``name`` joined in engine order (``partition.join``). A part that
+    is no sequence, or a dict or set (which scatter refuses), is named with its engine: joined,
+    an int failed with Python's bare message and dicts gave a list of their keys."""
+    for eid, part in zip(eids, parts, strict=True):
+        if isinstance(part, (dict, set, frozenset)) or not hasattr(part, "__iter__"):
+            raise TypeError(
+                f"cannot gather {name!r}: engine {eid} holds {_a(type(part).__name__)}, not a "
+                "sequence (gather joins the parts of a sequence, as scatter splits one; "
+                "pull gets any value)"
+            )
+    return partition.join(parts)
 
 
 def _pull_names(names: Any) -> tuple[bool, list[str]]:

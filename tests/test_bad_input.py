@@ -354,3 +354,53 @@ def test_pull_names_are_checked_before_anything_is_sent(mec):
     mec.push({"ok_name": 1})
     assert mec.pull("ok_name") == [1] * len(mec.get_ids())
     assert mec.zip_pull(["ok_name"]) == [(1,) * len(mec.get_ids())]
+
+
+def test_a_bad_timeout_is_refused_before_anything_is_sent(mec):
+    """``timeout=-1`` ran the call and then raised a TimeoutError "after -1 s"; ``timeout="3"``
+    ran it and failed in the wait with Python's "'>' not supported". Both are refused before
+    anything is sent, naming the value: the engines did not run the call."""
+    mec.execute("ran_with_bad_timeout = 0")
+
+    def bump():
+        global ran_with_bad_timeout
+        ran_with_bad_timeout += 1  # the engine's
+
+    for bad in (-1, "3", float("nan"), True):
+        with pytest.raises(ValueError, match=r"timeout must be a number of seconds >= 0 or None"):
+            mec.apply(bump, timeout=bad)
+        for call, args in (
+            (mec.execute, ("ran_with_bad_timeout += 1",)),
+            (mec.push, ({"ran_with_bad_timeout": 99},)),
+            (mec.map, (abs, [1])),
+            (mec.pull, ("ran_with_bad_timeout",)),
+            (mec.scatter, ("s", [1, 2])),
+            (mec.gather, ("s",)),
+        ):
+            with pytest.raises(ValueError, match=r"timeout must be"):
+                call(*args, timeout=bad)
+    assert mec.pull("ran_with_bad_timeout") == [0] * len(mec.get_ids())
+
+
+def test_map_parallel_and_gather_name_what_is_not_a_sequence(mec):
+    """A map over an int, a @parallel function called on a scalar, and a gather of a name that
+    holds an int failed with Python's bare "'int' object is not iterable"; a gather of dicts
+    returned their keys, as if they were the parts of a sequence. Each is named now."""
+    with pytest.raises(TypeError, match=r"map maps over sequences: argument 2 is an int \(5\)"):
+        mec.map(lambda a, b: a + b, [1], 5)
+
+    @mec.parallel()
+    def triple(x):
+        return 3 * x
+
+    with pytest.raises(TypeError, match=r"@parallel function 'triple' maps over sequences"):
+        triple(3)
+    assert triple([1, 2]) == [3, 6]
+    mec.execute("held = 5")
+    with pytest.raises(TypeError, match=r"cannot gather 'held': engine 0 holds an int"):
+        mec.gather("held")
+    mec.execute("held = {'a': 1}")
+    with pytest.raises(TypeError, match=r"cannot gather 'held': engine 0 holds a dict"):
+        mec.gather("held")
+    mec.scatter("held", list(range(6)))
+    assert mec.gather("held") == list(range(6))
