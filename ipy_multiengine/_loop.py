@@ -76,6 +76,16 @@ def run(coro: Awaitable[T], timeout: float | None = None) -> T:
         raise
 
 
+def check_timeout(value: Any, name: str = "timeout") -> None:
+    """``value`` is None or a number of seconds >= 0: a user's timeout, checked before
+    anything is sent or waited for (a negative one "timed out after -1 s", a str failed
+    inside the wait)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0 or None, not {value!r}")
+
+
 def _check(timeout: float | None, deadline: float | None) -> None:
     """A NaN timeout (or deadline) compares false with everything: the wait would never end."""
     for value in (timeout, deadline):

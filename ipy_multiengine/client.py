@@ -21,6 +21,7 @@ from traitlets import Bool, Float, Integer, TraitError, validate
 from traitlets.config import Config, Configurable
 
 from . import _loop, partition, serialize, stdin, wire
+from ._loop import check_timeout
 from .controller import HEARTBEAT_PERIOD, CommReply, Controller, Listener
 from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client import CompositeError`)
     CompositeError,
@@ -103,14 +104,6 @@ def config_error(cls: type[Configurable], exc: BaseException) -> ConfigError:
     )
     option = f"{cls.__name__}.{name}" if name else cls.__name__
     return ConfigError(f"{option}: {text}", option)
-
-
-def check_timeout(value: Any, name: str = "timeout") -> None:
-    """``value`` is None or a number of seconds >= 0 (checked before anything is sent)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number of seconds >= 0 or None, not {value!r}")
 
 
 def get_active() -> MultiEngineClient | None:
@@ -1050,6 +1043,7 @@ class MultiEngineClient(Configurable):
         """
         if self.closed:
             raise EngineError("this MultiEngineClient is closed")
+        check_timeout(timeout)
         eids = self._resolve_targets(targets)
         self.owner.restart(eids, timeout=timeout)
         failed = [err for e in eids for err in self._controller.state(e).init_errors]
@@ -1061,6 +1055,7 @@ class MultiEngineClient(Configurable):
         owner of the cluster restarts them); ``TimeoutError`` names the engines still not ready."""
         if self.closed:
             raise EngineError("this MultiEngineClient is closed")
+        check_timeout(timeout)
         eids = self._resolve_targets(targets)
         ready = lambda: not any(self._controller.unavailable(e) for e in eids)  # noqa: E731
         if not _loop.wait_until(ready, timeout, tick=stdin.serve_pending):

@@ -628,6 +628,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         """Restart engines ``eids`` keeping their ids and ports, with fresh namespaces."""
         if self._stopped or self.client is None:
             raise EngineError("this Cluster is not running")
+        check_timeout(timeout)
         if not self.launcher.can_restart:
             _loop.run(self.launcher.restart(list(eids)), timeout=60)  # raises, saying why not
         unknown = [e for e in eids if e not in self.engines_info]

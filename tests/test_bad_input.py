@@ -404,3 +404,21 @@ def test_map_parallel_and_gather_name_what_is_not_a_sequence(mec):
         mec.gather("held")
     mec.scatter("held", list(range(6)))
     assert mec.gather("held") == list(range(6))
+
+
+def test_waits_refuse_a_bad_timeout_and_the_result_stays_collectable(mec):
+    """``pr.get_result(timeout=-1)`` raised a TimeoutError "after -1 s", ``timeout="3"`` Python's
+    "'>' not supported"; ``mec.restart(0, timeout=-1)`` restarted the engine and then timed out
+    at once. Each is refused naming the value; the result is still there, nothing restarted."""
+    pr = mec.apply(lambda: 7, block=False)
+    for bad in (-1, "3"):
+        for wait in (pr.get_result, pr.wait, pr.wait_interactive):
+            with pytest.raises(ValueError, match=r"timeout must be a number of seconds >= 0"):
+                wait(timeout=bad)
+        with pytest.raises(ValueError, match=r"timeout must be"):
+            mec.wait_ready(timeout=bad)
+    pids = [e["pid"] for e in mec.engines]
+    with pytest.raises(ValueError, match=r"timeout must be"):
+        mec.restart(0, timeout=-1)
+    assert [e["pid"] for e in mec.engines] == pids
+    assert pr.get_result(timeout=30) == [7] * len(mec.get_ids())
