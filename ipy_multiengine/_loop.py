@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import logging
+import numbers
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -82,7 +83,7 @@ def check_timeout(value: Any, name: str = "timeout") -> None:
     inside the wait)."""
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
         raise ValueError(f"{name} must be a number of seconds >= 0 or None, not {value!r}")
 
 

@@ -422,3 +422,7 @@ def test_waits_refuse_a_bad_timeout_and_the_result_stays_collectable(mec):
         mec.restart(0, timeout=-1)
     assert [e["pid"] for e in mec.engines] == pids
     assert pr.get_result(timeout=30) == [7] * len(mec.get_ids())
+    import numpy as np
+
+    # any real number of seconds, as a computation gives it
+    assert pr.get_result(timeout=np.int64(30)) == pr.get_result(timeout=np.float32(0.5))
