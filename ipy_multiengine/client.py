@@ -708,6 +708,9 @@ class MultiEngineClient(Configurable):
         timeout: float | None = None,
     ) -> Any:
         """Pull ``name`` from each target and concatenate the parts in engine order."""
+        if not isinstance(name, str):
+            raise TypeError(f"gather takes one name (a str), not {type(name).__name__}")
+        _pull_names(name)
         eids, block = self._prepare(targets, block, timeout)
         futures = self._comm("pull", eids, [[]] * len(eids), {"names": [name], "single": True})
         finish = lambda rs: _gathered(name, eids, _values(rs))  # noqa: E731

@@ -351,6 +351,10 @@ def test_pull_names_are_checked_before_anything_is_sent(mec):
             call(5)
     with pytest.raises(ValueError, match=r"cannot pull 'a b'"):
         mec.pull("a b")
+    with pytest.raises(ValueError, match=r"cannot pull '1x'"):
+        mec.gather("1x")
+    with pytest.raises(TypeError, match=r"gather takes one name \(a str\), not list"):
+        mec.gather(["x"])
     mec.push({"ok_name": 1})
     assert mec.pull("ok_name") == [1] * len(mec.get_ids())
     assert mec.zip_pull(["ok_name"]) == [(1,) * len(mec.get_ids())]
