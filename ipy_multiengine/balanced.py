@@ -158,6 +158,12 @@ class AutoChunks:
         if mean is None or mine is None:
             m = self.first
         else:
+            if eid in self._work and self._work[eid] < self._cost():
+                # all this engine measured is less work than one chunk's overhead: its own
+                # per-item time is noise (a first call's cost, a page fault: 3 tiny items in
+                # 140 us gave it a quarter of its share and the map a tail chunk); the
+                # engines' together says more
+                mine = min(mine, mean)
             left = remaining * mean / max(1, engines)  # seconds of unsent work per engine
             target = min(
                 AUTO_MAX_SECONDS, AUTO_SCALE * (2 * left * max(self._overhead, 1e-4)) ** 0.5

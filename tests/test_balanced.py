@@ -343,6 +343,25 @@ def test_auto_chunks_tiny_items_one_probe_then_one_chunk_per_engine():
     assert a.size(0, remaining=986, share=497, engines=2) == 497  # its even share at once
 
 
+def test_auto_chunks_a_noisy_tiny_probe_does_not_shrink_an_engines_share():
+    """Four engines probe 3 tiny items each; one probe takes 140 us (a first call's cost, not
+    the items'), the others 2 us. That engine got 61 items of its 249-item share and the map a
+    tail chunk (9-10 chunks instead of 8 on an idle box); work below one chunk's overhead says
+    nothing of the items, so it gets its share like the others. Pure: recorded measurements."""
+    a = AutoChunks(1000, 4)
+    assert a.first == 3
+    for eid in (0, 1, 3):
+        a.record(eid, 3, work=2e-6, service=1e-3)
+    a.record(2, 3, work=140e-6, service=1.2e-3)
+    assert a.size(2, remaining=988, share=250, engines=4) == 250
+    # an engine whose items are measured slow above the noise still gets less
+    b = AutoChunks(1000, 4)
+    for eid in (0, 1, 3):
+        b.record(eid, 3, work=2e-6, service=1e-3)
+    b.record(2, 3, work=0.03, service=0.031)
+    assert b.size(2, remaining=988, share=250, engines=4) < 250
+
+
 def test_auto_chunks_do_not_halve_a_rest_worth_less_than_a_message():
     """An engine slow to answer its probe: the other one used to take half of what was left on
     each answer (chunks 490, 245, 122, ...: one round trip each, on a busy box); a rest that is
