@@ -158,7 +158,8 @@ class AutoChunks:
         if mean is None or mine is None:
             m = self.first
         else:
-            if eid in self._work and self._work[eid] < self._cost():
+            noise = eid in self._work and self._work[eid] < self._cost()
+            if noise:
                 # all this engine measured is less work than one chunk's overhead: its own
                 # per-item time is noise (a first call's cost, a page fault: 3 tiny items in
                 # 140 us gave it a quarter of its share and the map a tail chunk); the
@@ -174,7 +175,13 @@ class AutoChunks:
                 AUTO_GROWTH * self._last.get(eid, self.first),
                 int(AUTO_SMALL * AUTO_OVERHEAD / mine),
             )
-            m = min(int(target / mine), grown)
+            sized = int(target / mine)
+            if noise:
+                # ...and so is the target it gives (3 tiny items in 60 us, 0.3 ms measured
+                # overhead: 183 of a 250-item share, and a tail chunk): such items are tiny,
+                # their even share is the chunk
+                sized = max(sized, share)
+            m = min(sized, grown)
             # fewer items than one chunk's overhead in work are not worth a message of their
             # own: a chunk may exceed its even share up to that many, and a rest smaller than
             # that goes with it (tiny items, another engine slow to answer: no halving of the

@@ -362,6 +362,20 @@ def test_auto_chunks_a_noisy_tiny_probe_does_not_shrink_an_engines_share():
     assert b.size(2, remaining=988, share=250, engines=4) < 250
 
 
+def test_auto_chunks_a_noisy_first_probe_gets_its_whole_share():
+    """The first engine to answer probed 3 tiny items in 60 us (a first call's cost) with
+    0.3 ms measured overhead: the sqrt rule gave it 183 of its 250-item share and the map one
+    or two tail chunks (9-10 chunks on an idle box, the real-engine test below flaky). Work
+    below one chunk's overhead says the items are tiny: the share is the chunk. Pure."""
+    a = AutoChunks(1000, 4)
+    a.record(0, 3, work=60e-6, service=0.3e-3)
+    assert a.size(0, remaining=988, share=250, engines=4) == 250
+    # measured above the noise, the sqrt rule still sizes it (here: below the share)
+    b = AutoChunks(1000, 4)
+    b.record(0, 3, work=0.006, service=0.0063)
+    assert b.size(0, remaining=988, share=250, engines=4) < 250
+
+
 def test_auto_chunks_do_not_halve_a_rest_worth_less_than_a_message():
     """An engine slow to answer its probe: the other one used to take half of what was left on
     each answer (chunks 490, 245, 122, ...: one round trip each, on a busy box); a rest that is
