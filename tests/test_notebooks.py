@@ -198,9 +198,11 @@ def test_notebook_interrupt_of_running_px(cluster, mec):
 
     t0 = time.monotonic()
     execute(nb, during=interrupt)
-    assert time.monotonic() - t0 < 60
+    took = time.monotonic() - t0
     cell = nb.cells[1]
     text = texts(cell)
+    started = sorted(p.name for p in marker.parent.iterdir())
+    assert took < 60, f"took {took:.1f} s; engines started: {started}; cell output:\n{text}"
     assert "KeyboardInterrupt" in text
     assert all(f"[stdout:{e}] started" in text for e in range(4)) and "never" not in text
     assert any(o.output_type == "error" and o.ename == "KeyboardInterrupt" for o in cell.outputs)
