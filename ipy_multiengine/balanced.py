@@ -96,9 +96,10 @@ class AutoChunks:
     at most ``AUTO_MAX_SECONDS``, at most ``AUTO_GROWTH`` times its previous chunk, and no
     more than the engine's even share of the items not yet done -- unless that share is less
     work than one chunk's overhead, which is not worth a message: then up to that much (at most
-    as many items as its estimate was measured on), or all that is left. An engine gets one
-    chunk at a time until its first is answered (then ``depth``), unless a probe is known to
-    last longer than that overhead. Not thread-safe: the map's lock guards it.
+    as many items as its estimate was measured on), or all that is left. An engine whose
+    measured work is less than one overhead (noise) gets at least its even share. An engine
+    gets one chunk at a time until its first is answered (then ``depth``), unless a probe is
+    known to last longer than that overhead. Not thread-safe: the map's lock guards it.
     """
 
     def __init__(self, n: int, engines: int) -> None:
