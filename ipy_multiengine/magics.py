@@ -119,8 +119,8 @@ def _timeout_value(text: str) -> float | None:
         value = float(text)
     except ValueError:
         raise UsageError(f"expected seconds (a number) or 'none', not {text!r}") from None
-    if value < 0:
-        raise UsageError(f"seconds must not be negative, not {text!r}")
+    if not value >= 0:  # negative, or NaN (which compares false: the wait failed after sending)
+        raise UsageError(f"seconds must be a number >= 0 or 'none', not {text!r}")
     return value
 
 
