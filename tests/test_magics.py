@@ -457,6 +457,11 @@ def test_a_mistyped_option_is_named_not_sent_to_the_engines_as_code(ip):
         ip.run_line_magic("px", "--target 0 x = 1")
     with pytest.raises(UsageError, match=r"unknown option --bogus"):
         ip.run_line_magic("px", "--bogus print(1)")
+    # `--help` is valid Python (-(-help)): it went to every engine, each raising TypeError
+    with pytest.raises(UsageError, match=r"unknown option --help; %px\? shows the help"):
+        ip.run_line_magic("px", "--help")
+    with pytest.raises(UsageError, match=r"unknown option --help"):
+        ip.run_line_magic("px", "--targets 0 --help")
     ip.run_line_magic("px", "x = 3")
     assert ip.run_line_magic("px", "--targets 0 --x")[0]["input"]["raw"] == "--x"
     assert mec.pull("x", targets=0) == [3]
