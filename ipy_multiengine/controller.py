@@ -257,6 +257,9 @@ class EngineConn:
         self.last_beat = time.monotonic()
         self.beats = 0
         self.dead_by_heartbeat = False
+        #: an owner's restart began on this connection (``begin_restart``): the one a failed
+        #: restart leaves dead, not one that restart made (which says why itself)
+        self.restart_began = False
         self.init_errors: list[BaseException] = []
         self.init_task: asyncio.Task | None = None  # the on_start code, while it runs
         self.init_running: str = ""  # the on_start code running now
@@ -454,23 +457,38 @@ class Controller:
     async def begin_restart(self, eid: int, reason: str = "was restarted") -> None:
         """(coroutine, for owners) Engine ``eid`` is being restarted: not ready, shown as
         restarting (unless dead), its requests in flight fail with ``EngineError`` (``reason``)."""
+        conn = self._engines.get(eid)
+        if conn is not None:
+            conn.restart_began = True
         self._set_unavailable(eid, "restarting", reason)
 
     def fail_restart(self, eid: int, reason: str) -> None:
         """(loop thread, for owners) The restart of engine ``eid`` failed (``reason``): it is
         dead, so that calls to it fail at once saying why (it stayed "restarting", and every
         call waited for a restart that would never end), and the owner hears of it like of
-        any death once its restart has let go of the engine (auto_restart may try again). An
-        engine the restart did bring back (ready), found dead already, or that still runs its
-        on_start code (it becomes ready by itself) is left alone."""
+        any death once its restart has let go of the engine (auto_restart may try again); one
+        dead before its restart now says the restart failed, and its owner hears of it too. An
+        engine the restart did bring back (ready), whose new connection failed (dead already,
+        saying why, its owner told), or that still runs its on_start code (it becomes ready by
+        itself) is left alone."""
         conn = self._engines.get(eid)
-        if conn is None or conn.ready or conn.dead:
+        if conn is None or conn.ready:
             return
-        if conn.init_task is not None and not conn.init_task.done():
+        if conn.dead and not conn.restart_began:
+            return  # a connection this restart made, dead already: its owner heard why
+        if not conn.dead and conn.init_task is not None and not conn.init_task.done():
             return
         if conn.sockets:
             self._teardown(conn, reason)
-        self._mark_dead(conn, reason, notify_later=True)
+        if not conn.dead:
+            self._mark_dead(conn, reason, notify_later=True)
+            return
+        # an engine dead before its restart (auto_restart's own case): it still said how it
+        # died, and its owner, told of that death only, never heard that the restart failed
+        conn.dead = reason
+        log.warning("engine %s %s", conn.eid, reason)
+        self._publish(conn)
+        asyncio.get_running_loop().call_soon(self._notify_dead, conn)
 
     def _set_unavailable(self, eid: int, state: str, reason: str) -> None:
         conn = self._engines.get(eid)

@@ -81,12 +81,14 @@ def _split_line(line: str, parser: Any) -> tuple[str, str]:
             name
         )  # argparse has no public lookup of an option
         if action is None:
-            if re.match(r"--[A-Za-z]", token) and not _compiles(rest):
+            if name == "--help" or (re.match(r"--[A-Za-z]", token) and not _compiles(rest)):
                 # a mistyped option (`%px --target 1 ...`), not code that starts with '-'
                 # (`%px --x`): said here, not as the engines' SyntaxError
                 known = sorted(o for o in parser._option_string_actions if o.startswith("--"))
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f"did you mean {close[0]}? " if close else ""
+                if name == "--help":  # `--help` compiles (-(-help)): every engine's TypeError
+                    hint = "%px? shows the help; "
                 raise UsageError(
                     f"unknown option {name}; {hint}options: {', '.join(known)} "
                     "(code that starts with '-' goes after '--': %px -- CODE)"
@@ -119,8 +121,8 @@ def _timeout_value(text: str) -> float | None:
         value = float(text)
     except ValueError:
         raise UsageError(f"expected seconds (a number) or 'none', not {text!r}") from None
-    if value < 0:
-        raise UsageError(f"seconds must not be negative, not {text!r}")
+    if not value >= 0:  # negative, or NaN (which compares false: the wait failed after sending)
+        raise UsageError(f"seconds must be a number >= 0 or 'none', not {text!r}")
     return value
 
 

@@ -772,3 +772,42 @@ def test_an_interrupted_restart_leaves_the_engine_dead_saying_so():
         launcher.restart = real
         mec.restart(0, timeout=60)
         assert mec.apply(lambda: 5) == [5]
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_engine_whose_restart_fails_says_so_and_auto_restart_tries_again():
+    """An engine that died (here kill -9) is restarted by auto_restart; when that restart
+    failed (the launcher raised once) the engine stayed dead for good, still saying it was
+    killed: fail_restart left an engine dead already alone, so the owner never heard of the
+    failed restart and auto_restart never tried again (as it does for an engine alive before
+    its restart). Now it is tried again; a manual restart of a dead engine that fails says so."""
+    from faultlib import engine_pid
+
+    with Cluster(n=1, profile="restart-dead-fails", write_file=False, auto_restart=True) as mec:
+        cluster = mec.owner
+        launcher = cluster.launcher
+        real = launcher.restart
+        calls = []
+
+        async def once_failing(ids):
+            calls.append(list(ids))
+            if len(calls) == 1:
+                raise RuntimeError("no kernel this time")
+            return await real(ids)
+
+        launcher.restart = once_failing
+        os.kill(engine_pid(cluster, 0), signal.SIGKILL)
+        wait_for(lambda: len(calls) >= 2, 30, "auto_restart to try again after its failure")
+        mec.wait_ready(timeout=60)
+        assert mec.apply(lambda: 3) == [3]
+
+        cluster.auto_restart = False
+        calls.clear()
+        os.kill(engine_pid(cluster, 0), signal.SIGKILL)
+        wait_for(lambda: mec.controller.dead(0), 30, "engine 0 to be seen dead")
+        with pytest.raises(Exception, match="no kernel this time"):
+            mec.restart(0, timeout=60)
+        assert "failed to restart: no kernel this time" in (mec.controller.unavailable(0) or "")
+        launcher.restart = real
+        mec.restart(0, timeout=60)
+        assert mec.apply(lambda: 5) == [5]

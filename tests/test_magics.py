@@ -401,6 +401,25 @@ def test_pxconfig_bad_value_sets_nothing_and_unknown_targets_are_refused(ip, mec
     assert magics_of(ip).pxconfig_.targets == [1, 3]
 
 
+def test_a_nan_timeout_is_refused_before_the_code_is_sent(ip, mec):
+    """``%px --timeout nan CODE`` ran CODE on every engine and only then failed inside the
+    wait with a ValueError (no output shown); ``%pxconfig --timeout nan`` was stored and made
+    every later %px do the same. A NaN is no number of seconds: a UsageError, nothing sent."""
+    ip.run_line_magic("px", "y = 0")
+    for line in ("--timeout nan y = 7", "--progress-after nan y = 7", "--timeout NaN y = 7"):
+        with pytest.raises(UsageError, match=r"(?i)nan"):
+            ip.run_line_magic("px", line)
+    assert mec.pull("y") == [0, 0, 0, 0]
+    before = magics_of(ip).pxconfig_.describe()
+    with pytest.raises(UsageError, match=r"(?i)nan"):
+        ip.run_line_magic("pxconfig", "--timeout nan")
+    assert magics_of(ip).pxconfig_.describe() == before
+    with pytest.raises(UsageError, match=r"(?i)nan"):
+        ip.run_line_magic("result", "--timeout nan")
+    assert ip.run_line_magic("px", "--timeout inf y = 8") is not None
+    assert mec.pull("y") == [8, 8, 8, 8]
+
+
 def test_line_form_options_and_code_verbatim(ip):
     res = ip.run_line_magic("px", "--targets 0  s = 'a  --b   c'")
     assert res[0]["input"]["raw"] == "s = 'a  --b   c'"
@@ -438,6 +457,11 @@ def test_a_mistyped_option_is_named_not_sent_to_the_engines_as_code(ip):
         ip.run_line_magic("px", "--target 0 x = 1")
     with pytest.raises(UsageError, match=r"unknown option --bogus"):
         ip.run_line_magic("px", "--bogus print(1)")
+    # `--help` is valid Python (-(-help)): it went to every engine, each raising TypeError
+    with pytest.raises(UsageError, match=r"unknown option --help; %px\? shows the help"):
+        ip.run_line_magic("px", "--help")
+    with pytest.raises(UsageError, match=r"unknown option --help"):
+        ip.run_line_magic("px", "--targets 0 --help")
     ip.run_line_magic("px", "x = 3")
     assert ip.run_line_magic("px", "--targets 0 --x")[0]["input"]["raw"] == "--x"
     assert mec.pull("x", targets=0) == [3]
