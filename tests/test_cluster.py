@@ -716,22 +716,28 @@ def test_a_failed_restart_leaves_the_engine_dead_saying_why_not_restarting(failu
         assert mec.apply(lambda: 1, targets=1) == [1]
 
 
+def _restart_fails_once(launcher) -> list:
+    """Make ``launcher.restart`` raise "no kernel this time" on its first call only; returns
+    the list of the engine ids of each call."""
+    real = launcher.restart
+    calls: list = []
+
+    async def once_failing(ids):
+        calls.append(list(ids))
+        if len(calls) == 1:
+            raise RuntimeError("no kernel this time")
+        return await real(ids)
+
+    launcher.restart = once_failing
+    return calls
+
+
 @pytest.mark.timeout(120)
 def test_a_failed_restart_is_tried_again_by_auto_restart():
     """With ``auto_restart``, an engine whose restart failed is dead like any other dead engine:
     it is restarted again (here the launcher fails once), not left for good."""
     with Cluster(n=1, profile="restart-fails-auto", write_file=False, auto_restart=True) as mec:
-        launcher = mec.owner.launcher
-        real = launcher.restart
-        calls = []
-
-        async def once_failing(ids):
-            calls.append(list(ids))
-            if len(calls) == 1:
-                raise RuntimeError("no kernel this time")
-            return await real(ids)
-
-        launcher.restart = once_failing
+        calls = _restart_fails_once(mec.owner.launcher)
         with pytest.raises(Exception, match="no kernel this time"):
             mec.restart(0, timeout=60)
         mec.wait_ready(timeout=60)
@@ -785,17 +791,7 @@ def test_a_dead_engine_whose_restart_fails_says_so_and_auto_restart_tries_again(
 
     with Cluster(n=1, profile="restart-dead-fails", write_file=False, auto_restart=True) as mec:
         cluster = mec.owner
-        launcher = cluster.launcher
-        real = launcher.restart
-        calls = []
-
-        async def once_failing(ids):
-            calls.append(list(ids))
-            if len(calls) == 1:
-                raise RuntimeError("no kernel this time")
-            return await real(ids)
-
-        launcher.restart = once_failing
+        calls = _restart_fails_once(cluster.launcher)
         os.kill(engine_pid(cluster, 0), signal.SIGKILL)
         wait_for(lambda: len(calls) >= 2, 30, "auto_restart to try again after its failure")
         mec.wait_ready(timeout=60)
@@ -808,6 +804,5 @@ def test_a_dead_engine_whose_restart_fails_says_so_and_auto_restart_tries_again(
         with pytest.raises(Exception, match="no kernel this time"):
             mec.restart(0, timeout=60)
         assert "failed to restart: no kernel this time" in (mec.controller.unavailable(0) or "")
-        launcher.restart = real
         mec.restart(0, timeout=60)
         assert mec.apply(lambda: 5) == [5]
