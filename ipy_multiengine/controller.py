@@ -480,15 +480,10 @@ class Controller:
             return
         if conn.sockets:
             self._teardown(conn, reason)
-        if not conn.dead:
-            self._mark_dead(conn, reason, notify_later=True)
-            return
-        # an engine dead before its restart (auto_restart's own case): it still said how it
-        # died, and its owner, told of that death only, never heard that the restart failed
-        conn.dead = reason
-        log.warning("engine %s %s", conn.eid, reason)
-        self._publish(conn)
-        asyncio.get_running_loop().call_soon(self._notify_dead, conn)
+        # an engine dead before its restart (auto_restart's own case) still said how it died,
+        # and its owner, told of that death only, never heard that the restart failed
+        conn.dead = None
+        self._mark_dead(conn, reason, notify_later=True)
 
     def _set_unavailable(self, eid: int, state: str, reason: str) -> None:
         conn = self._engines.get(eid)
