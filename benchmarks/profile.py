@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.profile OP [--backend ours|ipp] [-n 4] [--seconds 8] [--out DIR]``
 with OP one of ``execute``, ``apply``, ``pull_small``, ``push100``, ``pull100``, ``push100one``,
-``pull100one``, ``map10k``, ``lbmap``. Writes collapsed stacks (``DIR/OP-client.txt``,
+``pull100one``, ``push1one``, ``pull1one`` (1 MB), ``map10k``, ``lbmap``. Writes collapsed stacks (``DIR/OP-client.txt``,
 ``DIR/OP-engine.txt``, flamegraph-ready) and prints the top functions by self and inclusive
 samples (CPU only: py-spy skips idle samples), plus the per-call median during recording.
 """
@@ -35,6 +35,7 @@ MB = 1 << 20
 def ops(b: B.Backend) -> dict:
     """OP name -> the call to loop."""
     big = np.arange(100 * MB // 8, dtype=np.float64)
+    one_mb = np.ones(MB // 8)
     seq10k = list(range(10_000))
     seq1k = list(range(1000))
 
@@ -52,6 +53,8 @@ def ops(b: B.Backend) -> dict:
         "pull100": pull100,
         "push100one": lambda: b.push("big", big, one=True),
         "pull100one": lambda: pull100(True),
+        "push1one": lambda: b.push("one", one_mb, one=True),
+        "pull1one": lambda: b.pull("one", one=True),
         "map10k": lambda: b.map(tasks.inc, seq10k),
         "lbmap": lambda: b.lb_map(tasks.inc, seq1k),
     }
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         b.push("s", 42, one=False)
         b.push("big", np.arange(100 * MB // 8, dtype=np.float64), one=False)
+        b.push("one", np.ones(MB // 8), one=False)
         fn = ops(b)[args.op]
         fn()
         engines = [

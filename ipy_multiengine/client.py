@@ -686,7 +686,7 @@ class MultiEngineClient(Configurable):
         parts = partition.split(seq, len(eids))
         offsets = [sum(len(q) for q in parts[:i]) for i in range(len(parts))]
         if flatten:
-            parts = [p[0] if len(p) == 1 else p for p in parts]
+            parts = [partition.first(p) if len(p) == 1 else p for p in parts]
         frames = [
             self._outgoing(_dumps_part(name, off, p), block, timeout)
             for off, p in zip(offsets, parts, strict=True)

@@ -24,12 +24,26 @@ def _is_array(seq: Any) -> bool:
     return type(seq).__module__ == "numpy" and hasattr(seq, "shape")
 
 
+def is_frame(seq: Any) -> bool:
+    """A pandas DataFrame or Series: split and joined by rows (``.iloc``, ``pandas.concat``).
+    Iterated as a sequence, a DataFrame gives its column labels."""
+    return type(seq).__module__.partition(".")[0] == "pandas" and hasattr(seq, "iloc")
+
+
+def first(part: Any) -> Any:
+    """The one item of a one-item part (``scatter(flatten=True)``): a frame's first row."""
+    return part.iloc[0] if is_frame(part) else part[0]
+
+
 def split(seq: Any, nparts: int) -> list[Any]:
     """Split ``seq`` into ``nparts`` contiguous parts.
 
-    NumPy arrays are split along axis 0 into views, lists/tuples/ranges into lists,
-    strings into strings; any other iterable is materialised as a list first.
+    NumPy arrays are split along axis 0 into views, pandas DataFrames and Series by rows,
+    lists/tuples/ranges into lists, strings into strings; any other iterable is materialised
+    as a list first.
     """
+    if is_frame(seq):
+        return [seq.iloc[a:b] for a, b in bounds(len(seq), nparts)]
     if _is_array(seq):
         if seq.ndim == 0:
             raise TypeError("cannot scatter a 0-d array")
@@ -46,7 +60,12 @@ def split(seq: Any, nparts: int) -> list[Any]:
 
 
 def join(parts: Sequence[Any]) -> Any:
-    """Concatenate parts in order: arrays into one array, strings into a string, else a list."""
+    """Concatenate parts in order: arrays into one array, pandas frames (or series) into one by
+    rows, strings into a string, else a list."""
+    if parts and all(is_frame(p) for p in parts):
+        import pandas
+
+        return pandas.concat(parts)
     if parts and all(_is_array(p) for p in parts):
         import numpy
 

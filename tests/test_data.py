@@ -224,6 +224,35 @@ def test_scatter_numpy_views_and_types(mec):
         mec.scatter("d", [1], dist="r")
 
 
+def test_scatter_and_gather_pandas_by_rows(mec):
+    # a DataFrame iterates over its column labels: split or joined as a sequence, scatter sent
+    # each engine some labels and gather returned the labels of each engine's frame
+    import pandas as pd
+
+    df = pd.DataFrame({"a": range(10), "b": [x * 0.5 for x in range(10)], "c": list("abcdefghij")})
+    mec.scatter("df", df)
+    parts = mec.pull("df")
+    assert all(isinstance(p, pd.DataFrame) for p in parts)
+    assert [len(p) for p in parts] == [3, 3, 2, 2]
+    assert [list(p.index) for p in parts] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    pd.testing.assert_frame_equal(mec.gather("df"), df)
+    s = pd.Series([1.5, 2.5, 3.5], index=["x", "y", "z"], name="v")
+    mec.scatter("s", s, targets=[1, 2])
+    pd.testing.assert_series_equal(mec.gather("s", targets=[1, 2]), s)
+    # frames built on the engines are joined by rows too, in engine order
+    mec.scatter("me", mec.get_ids(), flatten=True)
+    mec.execute("import pandas as pd; made = pd.DataFrame({'eid': [me] * 2})")
+    pd.testing.assert_frame_equal(
+        mec.gather("made").reset_index(drop=True),
+        pd.DataFrame({"eid": [0, 0, 1, 1, 2, 2, 3, 3]}),
+    )
+    # flatten: a one-row part is that row, not the column named 0
+    mec.scatter("row", df.iloc[:4], flatten=True)
+    rows = mec.pull("row")
+    assert all(isinstance(r, pd.Series) for r in rows)
+    assert [r["a"] for r in rows] == [0, 1, 2, 3]
+
+
 _seq = st.one_of(
     st.lists(st.integers(), max_size=40),
     st.lists(st.integers(), max_size=40).map(tuple),
