@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import logging
+import math
 import numbers
 import threading
 import time
@@ -77,14 +78,22 @@ def run(coro: Awaitable[T], timeout: float | None = None) -> T:
         raise
 
 
-def check_timeout(value: Any, name: str = "timeout") -> None:
-    """``value`` is None or a number of seconds >= 0: a user's timeout, checked before
-    anything is sent or waited for (a negative one "timed out after -1 s", a str failed
-    inside the wait)."""
+def check_timeout(value: Any, name: str = "timeout") -> float | None:
+    """``value`` as seconds (a float; None stays None), checked to be a number >= 0 before
+    anything is sent or waited for (a negative one "timed out after -1 s", a str failed inside
+    the wait, a Fraction in the message of its TimeoutError). One too large for a float
+    (``10**400``) is infinite: never."""
     if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number of seconds >= 0 or None, not {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf if value > 0 else -math.inf  # type: ignore[operator]
+    if not seconds >= 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0 or None, not {value!r}")
+    return seconds
 
 
 def _check(timeout: float | None, deadline: float | None) -> None:

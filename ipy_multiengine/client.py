@@ -525,7 +525,7 @@ class MultiEngineClient(Configurable):
 
         if not isinstance(quiet, bool):
             raise TypeError(f"quiet must be True or False, not {quiet!r}")
-        check_timeout(timeout)
+        timeout = check_timeout(timeout)
         eids, _ = self._prepare(targets, None)  # before the block runs
         return SyncImports(self, eids, quiet, timeout)
 
@@ -966,6 +966,7 @@ class MultiEngineClient(Configurable):
         self, pending_results: Iterable[PendingResult], timeout: float | None = None
     ) -> None:
         """Wait until every ``PendingResult`` is ready (errors stay in them, for ``get_result``)."""
+        timeout = check_timeout(timeout)
         prs = list(pending_results)
         for pr in prs:
             if not isinstance(pr, PendingResult):
@@ -1046,7 +1047,7 @@ class MultiEngineClient(Configurable):
         """
         if self.closed:
             raise EngineError("this MultiEngineClient is closed")
-        check_timeout(timeout)
+        timeout = check_timeout(timeout)
         eids = self._resolve_targets(targets)
         self.owner.restart(eids, timeout=timeout)
         failed = [err for e in eids for err in self._controller.state(e).init_errors]
@@ -1058,7 +1059,7 @@ class MultiEngineClient(Configurable):
         owner of the cluster restarts them); ``TimeoutError`` names the engines still not ready."""
         if self.closed:
             raise EngineError("this MultiEngineClient is closed")
-        check_timeout(timeout)
+        timeout = check_timeout(timeout)
         eids = self._resolve_targets(targets)
         ready = lambda: not any(self._controller.unavailable(e) for e in eids)  # noqa: E731
         if not _loop.wait_until(ready, timeout, tick=stdin.serve_pending):
@@ -1082,7 +1083,7 @@ class MultiEngineClient(Configurable):
         running cluster); returns the ids. ``TimeoutError`` says how many there are."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"wait_for_engines needs a number of engines >= 0, not {n!r}")
-        check_timeout(timeout)
+        timeout = check_timeout(timeout)
         if self.closed:
             raise EngineError("this MultiEngineClient is closed")
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -628,7 +628,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         """Restart engines ``eids`` keeping their ids and ports, with fresh namespaces."""
         if self._stopped or self.client is None:
             raise EngineError("this Cluster is not running")
-        check_timeout(timeout)
+        timeout = check_timeout(timeout)
         if not self.launcher.can_restart:
             _loop.run(self.launcher.restart(list(eids)), timeout=60)  # raises, saying why not
         unknown = [e for e in eids if e not in self.engines_info]
@@ -743,7 +743,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         connect, the engines of this call are stopped and the error is raised."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"add_engines needs a positive number of engines, not {n!r}")
-        check_timeout(timeout)
+        timeout = check_timeout(timeout)
         if self._stopped or self.client is None:
             raise EngineError("this Cluster is not running")
         timeout = self.startup_timeout if timeout is None else timeout

@@ -215,7 +215,7 @@ class PendingResult:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until ready or ``timeout`` seconds pass; Ctrl-C interrupts the engines and
         re-raises."""
-        check_timeout(timeout)
+        timeout = check_timeout(timeout)
         # one wait, one deadline: the progress bar is drawn by the same wait (issue 11.3)
         bar = self._progress(self) if self._progress is not None and not self.ready() else None
         return self._wait(timeout, bar)
@@ -225,7 +225,7 @@ class PendingResult:
         items (or bytes) done, the rate and the engines still busy; an HTML bar updated in place
         in a notebook, a tqdm bar on stderr in a terminal, cleared at the end. True when ready,
         False if ``timeout`` passed first; Ctrl-C interrupts the engines and re-raises."""
-        check_timeout(timeout)
+        timeout = check_timeout(timeout)
         make = PendingResult.interactive_bar
         bar = None if self.ready() or make is None else make(self)
         return self._wait(timeout, bar)
@@ -251,7 +251,7 @@ class PendingResult:
         self, default: Any = None, block: bool = True, timeout: float | None = None
     ) -> Any:
         """The combined result; raises ``CompositeError`` if any engine failed."""
-        check_timeout(timeout)
+        timeout = check_timeout(timeout)
         if self._value is _UNSET and self._error is None:
             if not self.ready():
                 if not block:

@@ -152,6 +152,23 @@ def test_nan_timeout_is_refused_not_an_endless_wait(mec):
     busy.get_result(timeout=30)
 
 
+def test_any_real_timeout_times_out_with_its_message_or_never(mec, busy):
+    """A Fraction (a ``numbers.Real``, accepted) broke the TimeoutError's message once the
+    code was sent (``{timeout:g}``: a TypeError); ``10**400`` seconds, too large for a float,
+    failed with Python's bare OverflowError. Both are seconds, as a float would be."""
+    from fractions import Fraction
+
+    for call, args in ((mec.execute, ("pass",)), (busy.get_result, ()), (mec.barrier, ([busy],))):
+        err = _raises_in_time(call, *args, timeout=Fraction(3, 5))
+        assert "0.6 s" in str(err)
+    with pytest.raises(ValueError, match="-1000"):
+        mec.execute("pass", timeout=-(10**400))
+    settle(mec)
+    mec.execute("x = 1", timeout=10**400)
+    assert mec.pull("x", timeout=10**400) == [1] * 4
+    assert mec.apply(lambda: 2, targets=0, block=False).get_result(timeout=10**400) == [2]
+
+
 def test_imap_timeout_counts_from_the_call_not_from_the_first_next(mec):
     """``imap(timeout=...)``: seconds from this call for the whole iteration (its docstring);
     the generator's body, where the deadline was computed, runs only at the first next()."""
