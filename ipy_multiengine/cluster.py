@@ -666,7 +666,12 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         fut.result()
 
     async def restart_async(self, eids: list[int], timeout: float) -> None:
-        await asyncio.gather(*(self._restart_one(eid, timeout) for eid in eids))
+        """Restart each engine of ``eids`` (together); every restart ends before this does,
+        the cluster file records the engines that came back, and then the failures are raised:
+        the one error, or one naming each engine that did not come back."""
+        outcomes = await asyncio.gather(
+            *(self._restart_one(eid, timeout) for eid in eids), return_exceptions=True
+        )
         if (
             self.write_file
             and self.cluster_file
@@ -674,6 +679,18 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             and not self._stopped_from_outside()
         ):
             self._write_cluster_file(Path(self.cluster_file))
+        failed = [
+            (e, x) for e, x in zip(eids, outcomes, strict=True) if isinstance(x, BaseException)
+        ]
+        if len(failed) == 1:
+            raise failed[0][1]
+        if failed:
+            raise EngineError(
+                f"the restart of engines {[e for e, _ in failed]} failed: "
+                + "; ".join(f"engine {e}: {str(x) or type(x).__name__}" for e, x in failed),
+                failed[0][0],
+                "restart",
+            ) from failed[0][1]
 
     async def _restart_one(self, eid: int, timeout: float) -> None:
         controller = self.client.controller

@@ -806,3 +806,40 @@ def test_a_dead_engine_whose_restart_fails_says_so_and_auto_restart_tries_again(
         assert "failed to restart: no kernel this time" in (mec.controller.unavailable(0) or "")
         mec.restart(0, timeout=60)
         assert mec.apply(lambda: 5) == [5]
+
+
+@pytest.mark.timeout(150)
+def test_a_restart_of_several_engines_finishes_the_others_when_one_fails():
+    """One engine's failed restart raised at once while the others' went on unwatched, and the
+    cluster file was not rewritten: the engines that came back kept their old pids in it (a
+    second client saw them dead). Now every restart ends first, the file records the engines
+    that came back, and the error names each engine that did not."""
+    with Cluster(n=3, profile="restart-several") as mec:
+        cluster = mec.owner
+        launcher = cluster.launcher
+        real = launcher.restart
+
+        async def failing_for_0_and_2(ids):
+            if ids[0] in (0, 2):
+                raise RuntimeError(f"no kernel for engine {ids[0]}")
+            return await real(ids)
+
+        launcher.restart = failing_for_0_and_2
+        before = {
+            e["id"]: e["pid"] for e in json.loads(Path(cluster.cluster_file).read_text())["engines"]
+        }
+        with pytest.raises(Exception) as info:
+            mec.restart([0, 1, 2], timeout=60)
+        assert "no kernel for engine 0" in str(info.value)
+        assert "no kernel for engine 2" in str(info.value)
+        assert mec.controller.state(1).ready, mec.controller.unavailable(1)
+        assert mec.apply(lambda: 1, targets=1) == [1]
+        pid1 = mec.controller.state(1).pid
+        assert pid1 != before[1]
+        after = {
+            e["id"]: e["pid"] for e in json.loads(Path(cluster.cluster_file).read_text())["engines"]
+        }
+        assert after[1] == pid1, (before, after)
+        launcher.restart = real
+        mec.restart([0, 2], timeout=60)
+        assert mec.apply(lambda: 2) == [2, 2, 2]
