@@ -25,6 +25,7 @@ import difflib
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,9 +107,13 @@ def _split_line(line: str, parser: Any) -> tuple[str, str]:
 
 
 def _compiles(code: str) -> bool:
-    """Whether ``code`` is valid Python (a syntax check only: nothing runs)."""
+    """Whether ``code`` is valid Python (a syntax check only: nothing runs). Its warnings are
+    the engines' to give (they compile it again): not printed here, nor errors under
+    ``-W error``."""
     try:
-        compile(code, "<%px>", "exec", dont_inherit=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compile(code, "<%px>", "exec", dont_inherit=True)
     except (SyntaxError, ValueError):
         return False
     return True

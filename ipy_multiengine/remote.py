@@ -16,6 +16,7 @@ import importlib
 import linecache
 import sys
 import types
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -199,7 +200,9 @@ def _imports_of_with_block(frame: types.FrameType) -> list[str]:
     filename, line = frame.f_code.co_filename, frame.f_lineno
     source = "".join(linecache.getlines(filename, frame.f_globals))
     try:
-        tree = ast.parse(source)
+        with warnings.catch_warnings():  # the file's warnings were given when it was compiled
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source)
     except (SyntaxError, ValueError):
         tree = None
     blocks = [

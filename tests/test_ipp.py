@@ -614,6 +614,28 @@ def test_sync_imports_on_one_line(mec, tmp_path):
     assert mec.apply(lambda: cs.__name__) == ["colorsys"] * 4  # noqa: F821 (an engine name)
 
 
+def test_sync_imports_reads_its_source_under_warnings_as_errors(mec, tmp_path):
+    """sync_imports parses its file to find the with block: a warning of that file (an
+    invalid escape, warned when the file was compiled) became an error under ``-W error``
+    and sync_imports "cannot read the source of its with block"."""
+    import warnings
+
+    mec.execute("import sys; sys.modules.pop('colorsys', None)")
+    script = tmp_path / "warns.py"
+    script.write_text(
+        'pattern = "\\d"\nwith mec.sync_imports(quiet=True):\n    import colorsys as cs\n'
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = compile(script.read_text(), str(script), "exec")
+    ns = {"mec": mec}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec(code, ns)
+    assert ns["cs"].__name__ == "colorsys"
+    assert mec.apply(lambda: cs.__name__) == ["colorsys"] * 4  # noqa: F821 (an engine name)
+
+
 def test_a_failed_add_is_not_restarted_automatically(caplog):
     """With auto_restart, an engine add_engines could not connect was also 'restarted' in
     the background while add_engines stopped it (logged as a failed automatic restart)."""

@@ -469,6 +469,26 @@ def test_a_mistyped_option_is_named_not_sent_to_the_engines_as_code(ip):
     assert res[0]["input"]["raw"] == "--x"
 
 
+def test_the_option_check_compiles_code_silently_and_under_warnings_as_errors(ip):
+    """Telling code that starts with '-' from a mistyped option compiles it here: its
+    SyntaxWarning was printed in the user's console (the engines print their own), and with
+    warnings as errors (``-W error``) the warning made valid code an "unknown option"."""
+    import warnings
+
+    ip.run_line_magic("px", "x = 3")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = ip.run_line_magic("px", "--targets 0 --x is 3")
+    assert res[0]["input"]["raw"] == "--x is 3"
+    assert not [w for w in seen if issubclass(w.category, SyntaxWarning)], [
+        str(w.message) for w in seen
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = ip.run_line_magic("px", "--targets 0 --x is 3")
+    assert res[0]["input"]["raw"] == "--x is 3"
+
+
 def test_notebook_rendering_updates_areas_in_place(ip):
     """With a kernel (forced here) each engine's stream is one display area updated in place."""
     magics_of(ip).notebook = True
