@@ -3,9 +3,14 @@
     python -m benchmarks.fastpath quick [-n 4] [--calls 200]     # apply no-op / pull small / 1 MB
     python -m benchmarks.fastpath compare [-n 4] [--calls 50]    # fast socket vs comm, interleaved
     python -m benchmarks.fastpath scale [--max 64] [--calls 30]   # 1, 2, 4, ... engines
+    python -m benchmarks.fastpath floor [--calls 300]             # the design's own floor
 
 ``quick`` prints medians of: apply no-op on all engines, pull of a small value from all,
 push and pull of 1 MB to one engine, execute('pass') on all, and the client's CPU per call.
+``floor`` measures what the design costs before any of our protocol: a bare zmq socket served
+on a real engine's kernel loop (as the fast socket is), asked for 1 MB (and 100 bytes) from
+the caller's thread directly and through the client's I/O thread (the only thread that touches
+an engine's sockets: a hop there and a Future back), beside our pull and raw zmq, interleaved.
 ``scale`` starts a cluster of each size and prints start time, execute/apply medians and the
 client CPU per call (per engine, too). The machine's load is printed with every table: these
 are figures of one moment of a shared box, not timed tests.
@@ -183,9 +188,122 @@ def scale(maximum: int, calls: int) -> None:
     print(f"# {load()}")
 
 
+_FLOOR_SERVER = """
+import numpy as _np, zmq as _zmq
+from ipykernel.kernelapp import IPKernelApp as _App
+_fs = _zmq.Context.instance().socket(_zmq.PAIR)
+_fs.linger = 0
+_fs.bind({address!r})
+_held = {{b"big": _np.ones(2**20 // 8), b"small": b"x" * 100}}
+def _floor_readable():
+    while _fs.get(_zmq.EVENTS) & _zmq.POLLIN:
+        _fs.send(_held[_fs.recv(_zmq.NOBLOCK)], copy=False)
+_App.instance().kernel.io_loop.asyncio_loop.add_reader(_fs.getsockopt(_zmq.FD), _floor_readable)
+"""
+
+
+def floor(calls: int, rounds: int = 5) -> None:
+    """The design's floor against ours and raw zmq (module docstring), medians of rounds."""
+    from concurrent.futures import Future
+
+    import zmq
+
+    from ipy_multiengine import _loop
+
+    address = "ipc://" + os.path.join(os.environ["JUPYTER_RUNTIME_DIR"], f"floor-{os.getpid()}")
+    with Cluster(n=1) as mec:
+        mec.push({"big": np.ones(2**20 // 8), "small": b"x" * 100})
+        mec.execute(_FLOOR_SERVER.format(address=address))
+        sock = zmq.Context.instance().socket(zmq.PAIR)
+        sock.linger = 0
+        sock.connect(address)
+        loop = _loop.get_loop()
+        waiting: list[Future] = []
+
+        def readable() -> None:  # (loop) as Controller._drain_fast: read until nothing is left
+            while sock.get(zmq.EVENTS) & zmq.POLLIN:
+                waiting.pop(0).set_result(sock.recv(zmq.NOBLOCK, copy=False))
+
+        def relayed(name: bytes) -> None:
+            fut: Future = Future()
+
+            def send() -> None:
+                waiting.append(fut)
+                sock.send(name)
+                if sock.get(zmq.EVENTS) & zmq.POLLIN:
+                    readable()
+
+            loop.call_soon_threadsafe(send)
+            fut.result()
+
+        def direct(name: bytes) -> None:
+            sock.send(name)
+            sock.recv(copy=False)
+
+        found = {
+            ("1 MB", "direct"): lambda: direct(b"big"),
+            ("1 MB", "relayed"): lambda: relayed(b"big"),
+            ("1 MB", "ours"): lambda: mec.pull("big", targets=0),
+            ("100 B", "direct"): lambda: direct(b"small"),
+            ("100 B", "relayed"): lambda: relayed(b"small"),
+            ("100 B", "ours"): lambda: mec.pull("small", targets=0),
+        }
+        print(f"# 1 engine, {rounds} rounds of {calls} calls; {load()}")
+        procs = engine_procs(mec)
+        table: dict = {}
+        ready = Future()  # the reader is added on the loop, which alone reads the socket then
+        loop.call_soon_threadsafe(
+            lambda: (loop.add_reader(sock.getsockopt(zmq.FD), readable), ready.set_result(None))
+        )
+        ready.result()
+        for _ in range(rounds):
+            for key, fn in found.items():
+                if key[1] == "direct":  # the loop must not read it meanwhile
+                    paused = Future()
+                    loop.call_soon_threadsafe(
+                        lambda f=paused: (
+                            loop.remove_reader(sock.getsockopt(zmq.FD)),
+                            f.set_result(None),
+                        )
+                    )
+                    paused.result()
+                    table.setdefault(key, []).append(timed(fn, calls, procs))
+                    resumed = Future()
+                    loop.call_soon_threadsafe(
+                        lambda f=resumed: (
+                            loop.add_reader(sock.getsockopt(zmq.FD), readable),
+                            f.set_result(None),
+                        )
+                    )
+                    resumed.result()
+                else:
+                    table.setdefault(key, []).append(timed(fn, calls, procs))
+        done = Future()
+        loop.call_soon_threadsafe(
+            lambda: (loop.remove_reader(sock.getsockopt(zmq.FD)), done.set_result(None))
+        )
+        done.result()
+        sock.close()
+    raw = raw_zmq(calls)["pull 1 MB from one"]
+    print(
+        f"{'pull':6} {'path':8} {'median ms':>9} {'/ direct':>8} {'client CPU':>10} "
+        f"{'engine CPU':>10}  (ms per call)"
+    )
+    for (size, path), rows in table.items():
+        med = statistics.median(r[0] for r in rows)
+        base = statistics.median(r[0] for r in table[(size, "direct")])
+        cpu = statistics.median(r[1] for r in rows)
+        ecpu = statistics.median(r[2] for r in rows)
+        print(
+            f"{size:6} {path:8} {med:9.3f} {med / base:8.2f} {cpu:10.3f} {ecpu:10.3f}", flush=True
+        )
+    print(f"1 MB   raw zmq  {raw:9.3f}  (benchmarks.zmq_worker, a blocking peer)")
+    print(f"# {load()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["quick", "compare", "scale"])
+    parser.add_argument("what", choices=["quick", "compare", "scale", "floor"])
     parser.add_argument("-n", type=int, default=4)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--max", type=int, default=64)
@@ -194,6 +312,8 @@ def main() -> None:
         quick(args.n, args.calls)
     elif args.what == "compare":
         compare(args.n, args.calls)
+    elif args.what == "floor":
+        floor(args.calls)
     else:
         scale(args.max, args.calls)
 
