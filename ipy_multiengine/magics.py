@@ -26,6 +26,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ from .render import (
     Renderer,
     bars_cleared,
     in_notebook,
+    interrupt_after,
     live_printer,
     one_line,
 )
@@ -529,6 +531,8 @@ class ParallelMagics(Magics):
             return self._run_init(mec, code, args, mode, group, (collapse, same_output), timeout)
 
         live = LiveOutput() if block else None  # queues events until the renderer starts
+        # the one progress display of every call (tqdm.auto), shown when asked: --progress-after S
+        progress = ProgressBar("%px", progress_after, force=True)
         try:
             pr = mec.execute(
                 code, targets=targets, block=False, listener=live.listener if live else None
@@ -538,32 +542,40 @@ class ParallelMagics(Magics):
         except MultiEngineError as exc:  # e.g. a dead target: the message says it all
             raise one_line(exc) from None
         self.last = pr
-        if args.local:
-            self._run_local(code)
         if live is None:
+            if args.local:
+                self._run_local(code)
             if args.out:
                 self._ip.user_ns[args.out] = pr
             return pr
 
-        # a %%px cell's outputs are all its own: engine areas are laid out from the start
-        owns_cell = not line_form and not args.local
-        renderer = Renderer(
-            pr.eids, mode, self.notebook, group, same_output, owns_cell, shown_before=notice
-        )
-        live.start(renderer)
-        started = time.monotonic()
-        # the one progress display of every call (tqdm.auto), shown when asked: --progress-after S
-        progress = ProgressBar("%px", progress_after, force=True)
-        renderer.bars.append(progress)  # the cell's final layout keeps it
-        deadline = None if timeout is None else started + timeout
+        def lay_out() -> None:
+            # a %%px cell's outputs are all its own: engine areas are laid out from the start
+            owns_cell = not line_form and not args.local
+            renderer = Renderer(
+                pr.eids, mode, self.notebook, group, same_output, owns_cell, shown_before=notice
+            )
+            renderer.bars.append(progress)  # the cell's final layout keeps it
+            live.start(renderer)
+
+        # The engines run the code from here on: a Ctrl-C interrupts them wherever it comes,
+        # also while the output is laid out (a display per area, each flushing the kernel's
+        # streams: on a loaded machine the notebook's interrupt may well come then).
         try:
+            if args.local:
+                self._run_local(code)
+            with interrupt_after():  # laid out whole: a Ctrl-C meanwhile is raised after it
+                lay_out()
+            deadline = None if timeout is None else time.monotonic() + timeout
             timed_out = not self._wait(pr, live, progress, deadline)
         except KeyboardInterrupt:
             stdin.drop(pr.futures)  # no more prompts of this call: one Ctrl-C is enough
-            self._interrupted(mec, pr, live, renderer, progress)
+            self._interrupted(mec, pr, live, lay_out, progress)
             raise one_line(KeyboardInterrupt()) from None
         finally:
             progress.close(*pr.progress())  # the final count, then the bar ends
+        renderer = live.renderer
+        assert renderer is not None  # laid out above
         if timed_out:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             live.close()  # what came so far; later output stays on the PendingResult
@@ -659,9 +671,15 @@ class ParallelMagics(Magics):
         )
 
     def _interrupted(
-        self, mec: Any, pr: Any, live: LiveOutput, renderer: Renderer, progress: ProgressBar
+        self,
+        mec: Any,
+        pr: Any,
+        live: LiveOutput,
+        lay_out: Callable[[], None],
+        progress: ProgressBar,
     ) -> None:
-        """Ctrl-C / notebook interrupt: interrupt the engines still running, show their output."""
+        """Ctrl-C / notebook interrupt: interrupt the engines still running, show their output
+        (laid out by ``lay_out`` first if the Ctrl-C came before that)."""
         running = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
         end = time.monotonic() + INTERRUPT_GRACE
         try:
@@ -679,13 +697,17 @@ class ParallelMagics(Magics):
                                 file=sys.stderr,
                                 flush=True,
                             )
+                if live.renderer is None:  # the Ctrl-C came before the output was laid out
+                    with interrupt_after():
+                        lay_out()
                 if self._wait(pr, live, progress, min(end, time.monotonic() + INTERRUPT_REPEAT)):
                     break
                 if time.monotonic() >= end:
                     break
         except KeyboardInterrupt:
             pass  # a second Ctrl-C: stop waiting at once
-        if renderer.mode == "results":
+        renderer = live.renderer
+        if renderer is not None and renderer.mode == "results":
             renderer.mode = "collect"  # there will be no Results List: show everything printed
         live.close()
         still = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]

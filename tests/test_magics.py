@@ -7,6 +7,7 @@ import io
 import json
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -545,6 +546,73 @@ def test_ctrl_c_interrupts_engines_and_keeps_them_usable(ip, mec):
     # what was printed before the interrupt is shown (an engine interrupted before its
     # print() may have printed nothing)
     assert re.search(r"\[stdout:\d\] started", shown) and "never" not in shown
+    res = mec.execute("print('alive')")
+    assert [r["stdout"] for r in res] == ["alive\n"] * 4
+
+
+@pytest.mark.parametrize("when", ["laying out", "before laying out"])
+def test_ctrl_c_before_the_wait_interrupts_engines(ip, mec, monkeypatch, when):
+    """A Ctrl-C (a real SIGINT) that comes once the code is sent but before the wait, while a
+    notebook's ``%%px`` cell lays out its engines' output areas (each display flushes the
+    kernel's streams: slow on a loaded machine) or just before, interrupts the engines as one
+    during the wait does, and the output is laid out all the same. It was raised out of the
+    layout: the engines kept running and the notebook's next cell waited for them."""
+    from contextlib import contextmanager
+
+    from ipy_multiengine import magics, render
+
+    signalled = []
+
+    def sigint_once() -> None:
+        if not signalled:  # the SIGINT the kernel got, at this point
+            signalled.append(True)
+            signal.raise_signal(signal.SIGINT)
+
+    if when == "laying out":
+        real_display = render._display
+
+        def display(*args, **kwargs):
+            sigint_once()  # at the first area of the layout
+            return real_display(*args, **kwargs)
+
+        monkeypatch.setattr(render, "_display", display)
+    else:
+        real_after = magics.interrupt_after
+
+        @contextmanager
+        def interrupt_after():
+            sigint_once()  # the handler is not swapped yet: KeyboardInterrupt from here
+            with real_after():
+                yield
+
+        monkeypatch.setattr(magics, "interrupt_after", interrupt_after)
+    finished = []
+
+    class Renderer(magics.Renderer):
+        def finish(self) -> None:
+            finished.append(self.eids)
+            super().finish()
+
+    monkeypatch.setattr(magics, "Renderer", Renderer)
+    magics_of(ip).notebook = True  # the layout of a kernel's cell (forced here)
+    t0 = time.monotonic()
+    try:
+        with capture_output() as cap, pytest.raises(KeyboardInterrupt):
+            ip.run_cell_magic("px", "", "import time\ntime.sleep(30)\nprint('never')")
+        assert signalled
+        pr = magics_of(ip).last
+        assert pr.wait(10), "the engines were not interrupted"
+    finally:
+        left = magics_of(ip).last
+        if left is not None and not left.ready():  # left running by a failure: not the next test's
+            mec.interrupt()
+            left.wait(10)
+    assert time.monotonic() - t0 < 15
+    assert "%px: interrupted engines 0-3" in cap.stderr
+    errors = [f.exception() for f in pr.futures]
+    assert all(getattr(e, "ename", None) == "KeyboardInterrupt" for e in errors), errors
+    # the engines' areas were laid out (once): one display per area reserved for each engine
+    assert finished == [[0, 1, 2, 3]]  # the engines' output, laid out once, shown to the end
     res = mec.execute("print('alive')")
     assert [r["stdout"] for r in res] == ["alive\n"] * 4
 
