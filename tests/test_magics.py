@@ -551,7 +551,7 @@ def test_ctrl_c_interrupts_engines_and_keeps_them_usable(ip, mec):
 
 
 @pytest.mark.parametrize("when", ["laying out", "before laying out"])
-def test_ctrl_c_before_the_wait_interrupts_engines(ip, mec, monkeypatch, when):
+def test_ctrl_c_before_the_wait_interrupts_engines(ip, mec, monkeypatch, when, tmp_path):
     """A Ctrl-C (a real SIGINT) that comes once the code is sent but before the wait, while a
     notebook's ``%%px`` cell lays out its engines' output areas (each display flushes the
     kernel's streams: slow on a loaded machine) or just before, interrupts the engines as one
@@ -562,10 +562,17 @@ def test_ctrl_c_before_the_wait_interrupts_engines(ip, mec, monkeypatch, when):
     from ipy_multiengine import magics, render
 
     signalled = []
+    marks = tmp_path / "started"
+    marks.mkdir()
 
     def sigint_once() -> None:
         if not signalled:  # the SIGINT the kernel got, at this point
             signalled.append(True)
+            # once every engine runs the code: one interrupted before it began (between
+            # messages) loses its request instead, another story
+            deadline = time.monotonic() + 20
+            while len(list(marks.iterdir())) < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)  # polls for a condition (the engines started), bounded
             signal.raise_signal(signal.SIGINT)
 
     if when == "laying out":
@@ -598,7 +605,13 @@ def test_ctrl_c_before_the_wait_interrupts_engines(ip, mec, monkeypatch, when):
     t0 = time.monotonic()
     try:
         with capture_output() as cap, pytest.raises(KeyboardInterrupt):
-            ip.run_cell_magic("px", "", "import time\ntime.sleep(30)\nprint('never')")
+            ip.run_cell_magic(
+                "px",
+                "",
+                "import os, pathlib, time\n"
+                f"pathlib.Path({str(marks)!r}, str(os.getpid())).touch()\n"
+                "time.sleep(30)\nprint('never')",
+            )
         assert signalled
         pr = magics_of(ip).last
         assert pr.wait(10), "the engines were not interrupted"
