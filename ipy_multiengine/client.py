@@ -830,6 +830,7 @@ class MultiEngineClient(Configurable):
         if not seqs:
             raise TypeError("imap() needs at least one sequence")
         eids, _ = self._prepare(targets, None, timeout)
+        timeout = check_timeout(timeout)  # seconds as a float (10**400: never)
         deadline = None if timeout is None else time.monotonic() + timeout
         items, star = self._for_engines(eids, *_map_items(seqs))
         bm = self._balanced(f, items, eids, chunksize, ordered, retries, star=star)
