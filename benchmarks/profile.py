@@ -2,9 +2,10 @@
 
 ``python -m benchmarks.profile OP [--backend ours|ipp] [-n 4] [--seconds 8] [--out DIR]``
 with OP one of ``execute``, ``apply``, ``pull_small``, ``push100``, ``pull100``, ``push100one``,
-``pull100one``, ``push1one``, ``pull1one`` (1 MB), ``map10k``, ``lbmap``. Writes collapsed stacks (``DIR/OP-client.txt``,
-``DIR/OP-engine.txt``, flamegraph-ready) and prints the top functions by self and inclusive
-samples (CPU only: py-spy skips idle samples), plus the per-call median during recording.
+``pull100one``, ``push1one``, ``pull1one`` (1 MB), ``map10k``, ``lbmap``. Writes collapsed
+stacks (``DIR/OP-client.txt``, ``DIR/OP-engine.txt``, flamegraph-ready) and prints the top
+functions by self and inclusive samples (CPU only: py-spy skips idle samples), plus the
+per-call median during recording.
 """
 
 from __future__ import annotations

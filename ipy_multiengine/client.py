@@ -830,6 +830,7 @@ class MultiEngineClient(Configurable):
         if not seqs:
             raise TypeError("imap() needs at least one sequence")
         eids, _ = self._prepare(targets, None, timeout)
+        timeout = check_timeout(timeout)  # seconds as a float (10**400: never)
         deadline = None if timeout is None else time.monotonic() + timeout
         items, star = self._for_engines(eids, *_map_items(seqs))
         bm = self._balanced(f, items, eids, chunksize, ordered, retries, star=star)
@@ -1298,6 +1299,17 @@ def _gathered(name: str, eids: list[int], parts: list[Any]) -> Any:
                 "sequence (gather joins the parts of a sequence, as scatter splits one; "
                 "pull gets any value)"
             )
+    frames = [partition.is_frame(p) for p in parts]
+    if any(frames) and not all(frames):  # as a sequence, a DataFrame gives its column labels
+        kind = lambda f: [  # noqa: E731
+            e for e, is_f in zip(eids, frames, strict=True) if is_f == f
+        ]
+        first = type(parts[frames.index(True)]).__name__
+        other = type(parts[frames.index(False)]).__name__
+        raise TypeError(
+            f"cannot gather {name!r}: engines {kind(True)} hold {_a(first)} (joined by rows), "
+            f"engines {kind(False)} {_a(other)}; gather joins parts of one kind (pull gets each)"
+        )
     return partition.join(parts)
 
 

@@ -669,16 +669,20 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         """Restart each engine of ``eids`` (together); every restart ends before this does,
         the cluster file records the engines that came back, and then the failures are raised:
         the one error, or one naming each engine that did not come back."""
-        outcomes = await asyncio.gather(
-            *(self._restart_one(eid, timeout) for eid in eids), return_exceptions=True
-        )
-        if (
-            self.write_file
-            and self.cluster_file
-            and not self._stopped
-            and not self._stopped_from_outside()
-        ):
-            self._write_cluster_file(Path(self.cluster_file))
+        try:
+            outcomes = await asyncio.gather(
+                *(self._restart_one(eid, timeout) for eid in eids), return_exceptions=True
+            )
+        finally:
+            # also when cancelled (Ctrl-C in restart): the cancel ends the restarts still going
+            # first, and the engines already back have new pids a second client must see
+            if (
+                self.write_file
+                and self.cluster_file
+                and not self._stopped
+                and not self._stopped_from_outside()
+            ):
+                self._write_cluster_file(Path(self.cluster_file))
         failed = [
             (e, x) for e, x in zip(eids, outcomes, strict=True) if isinstance(x, BaseException)
         ]

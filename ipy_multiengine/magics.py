@@ -562,8 +562,10 @@ class ParallelMagics(Magics):
         # also while the output is laid out (a display per area, each flushing the kernel's
         # streams: on a loaded machine the notebook's interrupt may well come then).
         try:
-            if args.local:
-                self._run_local(code)
+            if args.local and isinstance(self._run_local(code), KeyboardInterrupt):
+                # IPython's run_cell caught the Ctrl-C (its traceback is shown): it is the
+                # cell's, and stops the engines too
+                raise KeyboardInterrupt
             with interrupt_after():  # laid out whole: a Ctrl-C meanwhile is raised after it
                 lay_out()
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -720,13 +722,15 @@ class ParallelMagics(Magics):
         progress.close(*pr.progress())  # the bar's final count, then a terminal's bar is gone
         print(msg, file=sys.stderr, flush=True)
 
-    def _run_local(self, code: str) -> None:
+    def _run_local(self, code: str) -> BaseException | None:
+        """Run ``code`` here too (``--local``); the error it raised (shown by IPython), if any."""
         was = self.transformer.enabled
         self.transformer.enabled = False
         try:
-            self._ip.run_cell(code, store_history=False)
+            result = self._ip.run_cell(code, store_history=False)
         finally:
             self.transformer.enabled = was
+        return getattr(result, "error_in_exec", None)
 
     # -- %pxstatus / %pxdebug / %pxdiff
     @magic_arguments()

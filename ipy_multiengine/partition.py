@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,9 +26,14 @@ def _is_array(seq: Any) -> bool:
 
 
 def is_frame(seq: Any) -> bool:
-    """A pandas DataFrame or Series: split and joined by rows (``.iloc``, ``pandas.concat``).
-    Iterated as a sequence, a DataFrame gives its column labels."""
-    return type(seq).__module__.partition(".")[0] == "pandas" and hasattr(seq, "iloc")
+    """A pandas DataFrame or Series, or one of a subclass (geopandas' GeoDataFrame, a user's
+    own): split and joined by rows (``.iloc``, ``pandas.concat``). Iterated as a sequence, a
+    DataFrame gives its column labels. (No pandas imported: no frame can exist.)"""
+    pandas = sys.modules.get("pandas")
+    frame, series = getattr(pandas, "DataFrame", None), getattr(pandas, "Series", None)
+    if not isinstance(frame, type) or not isinstance(series, type):
+        return False  # (also a pandas still importing)
+    return isinstance(seq, (frame, series))
 
 
 def first(part: Any) -> Any:
@@ -62,10 +68,17 @@ def split(seq: Any, nparts: int) -> list[Any]:
 def join(parts: Sequence[Any]) -> Any:
     """Concatenate parts in order: arrays into one array, pandas frames (or series) into one by
     rows, strings into a string, else a list."""
-    if parts and all(is_frame(p) for p in parts):
+    frames = [is_frame(p) for p in parts]
+    if parts and all(frames):
         import pandas
 
         return pandas.concat(parts)
+    if any(frames):  # joined as a sequence, a DataFrame would give its column labels
+        others = [i for i, f in enumerate(frames) if not f]
+        raise TypeError(
+            f"cannot join pandas {type(parts[frames.index(True)]).__name__} parts with parts of "
+            f"another kind (parts {others}: {type(parts[others[0]]).__name__})"
+        )
     if parts and all(_is_array(p) for p in parts):
         import numpy
 

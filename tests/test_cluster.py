@@ -843,3 +843,48 @@ def test_a_restart_of_several_engines_finishes_the_others_when_one_fails():
         launcher.restart = real
         mec.restart([0, 2], timeout=60)
         assert mec.apply(lambda: 2) == [2, 2, 2]
+
+
+@pytest.mark.timeout(150)
+def test_a_restart_stopped_by_ctrl_c_records_the_engines_that_came_back():
+    """A Ctrl-C during a restart of several engines cancels the restarts still going; the
+    ones that had come back (new pids) were not written to the cluster file (only a restart
+    that ended was), so a second client attached through it saw those engines dead."""
+    import asyncio
+
+    from faultlib import CtrlC
+
+    with Cluster(n=2, profile="restart-ctrl-c") as mec:
+        cluster = mec.owner
+        launcher = cluster.launcher
+        real = launcher.restart
+        path = Path(cluster.cluster_file)
+
+        def pids() -> dict:
+            return {e["id"]: e["pid"] for e in json.loads(path.read_text())["engines"]}
+
+        before = pids()
+        stuck = asyncio.Event()  # never set: engine 0's restart waits until it is cancelled
+
+        async def stuck_for_0(ids):
+            if ids[0] == 0:
+                await stuck.wait()
+            return await real(ids)
+
+        launcher.restart = stuck_for_0
+        back = lambda: (  # noqa: E731  engine 1 restarted, connected and ready
+            mec.controller.state(1).ready and mec.controller.state(1).pid != before[1]
+        )
+        ctrl_c = CtrlC(back, timeout=60)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                mec.restart([0, 1], timeout=120)
+        finally:
+            ctrl_c.cancel()
+        assert ctrl_c.sent_at is not None
+        pid1 = mec.controller.state(1).pid
+        wait_for(lambda: pids()[1] == pid1, 20, f"engine 1's new pid {pid1} in the cluster file")
+        assert mec.apply(lambda: 1, targets=1) == [1]
+        launcher.restart = real
+        mec.restart(0, timeout=60)
+        assert mec.apply(lambda: 2) == [2, 2]

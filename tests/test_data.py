@@ -253,6 +253,55 @@ def test_scatter_and_gather_pandas_by_rows(mec):
     assert [r["a"] for r in rows] == [0, 1, 2, 3]
 
 
+def test_scatter_and_gather_a_dataframe_subclass_by_rows(mec):
+    """A DataFrame subclass (geopandas' GeoDataFrame, a user's own) is a pandas frame too: the
+    module check (``pandas.*``) missed it, so scatter split it as a sequence (each engine got
+    some of its column labels) and gather joined its parts into a list of labels."""
+    import pandas as pd
+
+    class Frame(pd.DataFrame):
+        @property
+        def _constructor(self):
+            return Frame
+
+    class Column(pd.Series):
+        @property
+        def _constructor(self):
+            return Column
+
+    df = Frame({"a": range(6), "b": list("uvwxyz")})
+    mec.scatter("df", df)
+    parts = mec.pull("df")
+    assert [type(p).__name__ for p in parts] == ["Frame"] * 4, parts
+    assert [len(p) for p in parts] == [2, 2, 1, 1]
+    back = mec.gather("df")
+    assert type(back).__name__ == "Frame"
+    pd.testing.assert_frame_equal(pd.DataFrame(back), pd.DataFrame(df))
+    s = Column([1, 2, 3, 4, 5], name="v")
+    mec.scatter("s", s)
+    assert [list(p) for p in mec.pull("s")] == [[1, 2], [3], [4], [5]]
+    pd.testing.assert_series_equal(pd.Series(mec.gather("s")), pd.Series(s))
+
+
+def test_gather_of_frames_mixed_with_other_parts_says_so(mec):
+    """A pandas frame among parts of other kinds was joined as a sequence: its column labels
+    came back as if they were its rows (a silently wrong result)."""
+    import pandas as pd
+
+    mec.execute(
+        "import pandas as pd; part = pd.DataFrame({'a': [1, 2], 'b': [3, 4]})", targets=[0, 1]
+    )
+    mec.execute("part = [5, 6]", targets=[2, 3])
+    with pytest.raises(TypeError, match="DataFrame") as info:
+        mec.gather("part")
+    assert "engines [2, 3]" in str(info.value), info.value
+    pd.testing.assert_frame_equal(
+        mec.gather("part", targets=[0, 1]),
+        pd.DataFrame({"a": [1, 2, 1, 2], "b": [3, 4, 3, 4]}, index=[0, 1, 0, 1]),
+    )
+    assert mec.gather("part", targets=[2, 3]) == [5, 6, 5, 6]
+
+
 _seq = st.one_of(
     st.lists(st.integers(), max_size=40),
     st.lists(st.integers(), max_size=40).map(tuple),

@@ -630,6 +630,46 @@ def test_ctrl_c_before_the_wait_interrupts_engines(ip, mec, monkeypatch, when, t
     assert [r["stdout"] for r in res] == ["alive\n"] * 4
 
 
+def test_ctrl_c_in_the_local_part_of_a_cell_interrupts_the_engines(ip, mec, tmp_path):
+    """``%%px --local``: a Ctrl-C while the cell's code runs here was caught by IPython's
+    ``run_cell`` (a KeyboardInterrupt traceback) and the cell then waited for the engines,
+    which went on running: one Ctrl-C stopped only the local half of the cell."""
+    import os
+
+    marks = tmp_path / "started"
+    marks.mkdir()
+    code = (
+        "import os, pathlib, signal, time\n"
+        f"if os.getpid() == {os.getpid()}:\n"
+        "    _end = time.monotonic() + 20\n"  # the SIGINT once every engine runs the code
+        f"    _marks = pathlib.Path({str(marks)!r})\n"
+        "    while len(list(_marks.iterdir())) < 4 and time.monotonic() < _end:\n"
+        "        time.sleep(0.02)\n"
+        "    signal.raise_signal(signal.SIGINT)\n"
+        "else:\n"
+        f"    pathlib.Path({str(marks)!r}, str(os.getpid())).touch()\n"
+        "    time.sleep(30)\n"
+        "    print('never')"
+    )
+    t0 = time.monotonic()
+    try:
+        with capture_output() as cap, pytest.raises(KeyboardInterrupt):
+            ip.run_cell_magic("px", "--local", code)
+        pr = magics_of(ip).last
+        assert pr.wait(10), "the engines were not interrupted"
+    finally:
+        left = magics_of(ip).last
+        if left is not None and not left.ready():  # left running by a failure: not the next test's
+            mec.interrupt()
+            left.wait(10)
+    assert time.monotonic() - t0 < 15
+    assert "%px: interrupted engines 0-3" in cap.stderr
+    errors = [f.exception() for f in pr.futures]
+    assert all(getattr(e, "ename", None) == "KeyboardInterrupt" for e in errors), errors
+    res = mec.execute("print('alive')")
+    assert [r["stdout"] for r in res] == ["alive\n"] * 4
+
+
 def test_no_client_says_how_to_start_one(ip, mec):
     client_mod.deactivate()
     try:

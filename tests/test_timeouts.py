@@ -169,6 +169,18 @@ def test_any_real_timeout_times_out_with_its_message_or_never(mec, busy):
     assert mec.apply(lambda: 2, targets=0, block=False).get_result(timeout=10**400) == [2]
 
 
+def test_imap_takes_any_real_timeout(mec):
+    """``imap`` computed its deadline from the timeout as given, after the check: ``10**400``
+    seconds (infinite once checked, as every other call takes it) failed with Python's bare
+    OverflowError ("int too large to convert to float") instead of mapping."""
+    from fractions import Fraction
+
+    assert list(mec.imap(lambda x: x * 2, range(5), timeout=10**400)) == [0, 2, 4, 6, 8]
+    assert list(mec.imap(lambda x: x, range(3), timeout=Fraction(60))) == [0, 1, 2]
+    with pytest.raises(ValueError, match="-1000"):
+        mec.imap(lambda x: x, range(3), timeout=-(10**400))
+
+
 def test_imap_timeout_counts_from_the_call_not_from_the_first_next(mec):
     """``imap(timeout=...)``: seconds from this call for the whole iteration (its docstring);
     the generator's body, where the deadline was computed, runs only at the first next()."""
