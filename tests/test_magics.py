@@ -602,17 +602,26 @@ def test_ctrl_c_before_the_wait_interrupts_engines(ip, mec, monkeypatch, when, t
 
     monkeypatch.setattr(magics, "Renderer", Renderer)
     magics_of(ip).notebook = True  # the layout of a kernel's cell (forced here)
+    _interrupted_as_one(
+        ip,
+        mec,
+        "",
+        "import os, pathlib, time\n"
+        f"pathlib.Path({str(marks)!r}, str(os.getpid())).touch()\n"
+        "time.sleep(30)\nprint('never')",
+    )
+    assert signalled
+    # the engines' areas were laid out (once): one display per area reserved for each engine
+    assert finished == [[0, 1, 2, 3]]  # the engines' output, laid out once, shown to the end
+
+
+def _interrupted_as_one(ip, mec, line: str, code: str) -> None:
+    """Run ``%%px line`` (``code``, interrupted by a SIGINT it arranges) and check that the
+    Ctrl-C interrupted every engine within seconds and left them usable."""
     t0 = time.monotonic()
     try:
         with capture_output() as cap, pytest.raises(KeyboardInterrupt):
-            ip.run_cell_magic(
-                "px",
-                "",
-                "import os, pathlib, time\n"
-                f"pathlib.Path({str(marks)!r}, str(os.getpid())).touch()\n"
-                "time.sleep(30)\nprint('never')",
-            )
-        assert signalled
+            ip.run_cell_magic("px", line, code)
         pr = magics_of(ip).last
         assert pr.wait(10), "the engines were not interrupted"
     finally:
@@ -624,8 +633,6 @@ def test_ctrl_c_before_the_wait_interrupts_engines(ip, mec, monkeypatch, when, t
     assert "%px: interrupted engines 0-3" in cap.stderr
     errors = [f.exception() for f in pr.futures]
     assert all(getattr(e, "ename", None) == "KeyboardInterrupt" for e in errors), errors
-    # the engines' areas were laid out (once): one display per area reserved for each engine
-    assert finished == [[0, 1, 2, 3]]  # the engines' output, laid out once, shown to the end
     res = mec.execute("print('alive')")
     assert [r["stdout"] for r in res] == ["alive\n"] * 4
 
@@ -651,23 +658,7 @@ def test_ctrl_c_in_the_local_part_of_a_cell_interrupts_the_engines(ip, mec, tmp_
         "    time.sleep(30)\n"
         "    print('never')"
     )
-    t0 = time.monotonic()
-    try:
-        with capture_output() as cap, pytest.raises(KeyboardInterrupt):
-            ip.run_cell_magic("px", "--local", code)
-        pr = magics_of(ip).last
-        assert pr.wait(10), "the engines were not interrupted"
-    finally:
-        left = magics_of(ip).last
-        if left is not None and not left.ready():  # left running by a failure: not the next test's
-            mec.interrupt()
-            left.wait(10)
-    assert time.monotonic() - t0 < 15
-    assert "%px: interrupted engines 0-3" in cap.stderr
-    errors = [f.exception() for f in pr.futures]
-    assert all(getattr(e, "ename", None) == "KeyboardInterrupt" for e in errors), errors
-    res = mec.execute("print('alive')")
-    assert [r["stdout"] for r in res] == ["alive\n"] * 4
+    _interrupted_as_one(ip, mec, "--local", code)
 
 
 def test_no_client_says_how_to_start_one(ip, mec):
