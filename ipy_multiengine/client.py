@@ -1299,18 +1299,10 @@ def _gathered(name: str, eids: list[int], parts: list[Any]) -> Any:
                 "sequence (gather joins the parts of a sequence, as scatter splits one; "
                 "pull gets any value)"
             )
-    frames = [partition.is_frame(p) for p in parts]
-    if any(frames) and not all(frames):  # as a sequence, a DataFrame gives its column labels
-        kind = lambda f: [  # noqa: E731
-            e for e, is_f in zip(eids, frames, strict=True) if is_f == f
-        ]
-        first = type(parts[frames.index(True)]).__name__
-        other = type(parts[frames.index(False)]).__name__
-        raise TypeError(
-            f"cannot gather {name!r}: engines {kind(True)} hold {_a(first)} (joined by rows), "
-            f"engines {kind(False)} {_a(other)}; gather joins parts of one kind (pull gets each)"
-        )
-    return partition.join(parts)
+    try:
+        return partition.join(parts, "engines", eids)
+    except TypeError as exc:  # e.g. frames mixed with other kinds, named by engine
+        raise TypeError(f"cannot gather {name!r}: {exc} (pull gets each)") from exc
 
 
 def _pull_names(names: Any) -> tuple[bool, list[str]]:

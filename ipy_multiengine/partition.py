@@ -65,19 +65,23 @@ def split(seq: Any, nparts: int) -> list[Any]:
     return [list(seq[a:b]) for a, b in bounds(len(seq), nparts)]
 
 
-def join(parts: Sequence[Any]) -> Any:
+def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = None) -> Any:
     """Concatenate parts in order: arrays into one array, pandas frames (or series) into one by
-    rows, strings into a string, else a list."""
+    rows, strings into a string, else a list. Frames mixed with other kinds are refused (as a
+    sequence a DataFrame gives its column labels), naming the ``ids`` of each kind (default:
+    the parts' indices) as ``what`` holding them ("engines")."""
     frames = [is_frame(p) for p in parts]
     if parts and all(frames):
         import pandas
 
         return pandas.concat(parts)
-    if any(frames):  # joined as a sequence, a DataFrame would give its column labels
-        others = [i for i, f in enumerate(frames) if not f]
+    if any(frames):
+        names = list(range(len(parts))) if ids is None else list(ids)
+        held = {k: [n for n, f in zip(names, frames, strict=True) if f is k] for k in (True, False)}
+        frame, other = (type(parts[frames.index(k)]).__name__ for k in (True, False))
         raise TypeError(
-            f"cannot join pandas {type(parts[frames.index(True)]).__name__} parts with parts of "
-            f"another kind (parts {others}: {type(parts[others[0]]).__name__})"
+            f"{what} {held[True]} hold a pandas {frame} (joined by rows), {what} {held[False]} "
+            f"a {other}: only parts of one kind are joined"
         )
     if parts and all(_is_array(p) for p in parts):
         import numpy
