@@ -277,20 +277,30 @@ def test_shutdown_waiting_from_a_done_callback_does_not_hang(mec, tmp_path):
     # waited for tasks only that thread can complete: every later task hung for good. Like
     # the standard library's pools it now refuses (RuntimeError, logged by the Future), and
     # the executor is shut down and completes the rest.
-    release = str(tmp_path / "go")
+    # ``first`` waits for a file too: done before add_done_callback, its callback would run
+    # in this thread (a plain wait, no refusal to test: failed once in CI)
+    gate, release = str(tmp_path / "first"), str(tmp_path / "go")
     ex = mec.executor(targets=[0, 1], balanced=False)
-    first = ex.submit(pid)
+    first = ex.submit(block_until, gate)
     slow = ex.submit(block_until, release)
     errors: list = []
+    threads: list = []
+    called = threading.Event()
 
     def callback(fut):
+        threads.append(threading.current_thread())
         try:
             ex.shutdown(wait=True)
         except RuntimeError as exc:
             errors.append(exc)
+        finally:
+            called.set()
 
     first.add_done_callback(callback)
+    open(gate, "w").close()
     assert first.result(timeout=20) > 0
+    assert called.wait(20), "the done-callback never ran"
+    assert threads[0] is not threading.current_thread()
     open(release, "w").close()
     assert slow.result(timeout=20) > 0, "the completion thread waited for itself"
     assert errors and "completion thread" in str(errors[0])
