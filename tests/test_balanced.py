@@ -404,6 +404,45 @@ def test_auto_chunks_long_probes_get_a_second_chunk_queued():
     assert a.depth(0, 2) == 2 and a.depth(2, 2) == 2
 
 
+def test_auto_chunks_an_engine_still_on_its_probe_gets_another_probe():
+    """Three engines answered their probes (0.2 ms items), the fourth has not: its probe
+    outlasts a chunk's overhead, so it gets a second chunk queued -- a probe's size, not one
+    sized by the others' speed (118 items: 1.2 s on an engine 100x slower, whose map the others
+    had finished in 0.1 s). Pure: recorded measurements."""
+    a = AutoChunks(2000, 4)
+    assert a.first == 7
+    for eid in (0, 1, 2):
+        a.record(eid, 7, work=1.4e-3, service=2e-3)
+    assert a.depth(3, 2) == 2
+    assert a.size(3, remaining=1979, share=492, engines=4) == a.first
+    assert a.size(0, remaining=1972, share=492, engines=4) > a.first  # measured: grows
+
+
+def test_auto_chunks_an_engine_100x_slower_holds_few_items(mec):
+    """On real engines: engine 3 takes 10 ms per item, the others 0.1 ms. The slow engine runs
+    what its speed is worth (about 1 in 300 items) plus its probes, not a hundred items that
+    keep the map waiting for it."""
+    ids = mec.get_ids()
+    slow = ids[-1]
+    for eid in ids:
+        mec.push({"_delay": 0.01 if eid == slow else 0.0001}, targets=eid)
+
+    def work(x):
+        import os
+        import time
+
+        import __main__
+
+        time.sleep(__main__._delay)  # pushed above, into the engine's namespace
+        return x, os.getpid()
+
+    pid_of = dict(zip(ids, mec.apply(os.getpid), strict=True))
+    out = mec.map(work, range(2000), balanced=True, timeout=60)
+    assert [x for x, _ in out] == list(range(2000))
+    on_slow = sum(1 for _, p in out if p == pid_of[slow])
+    assert on_slow <= 30, f"the 100x slower engine ran {on_slow} of 2000 items"
+
+
 def test_auto_chunks_tiny_items_take_two_chunks_per_engine(mec):
     """On real engines: 1,000 tiny items on 4 engines in at most 8 chunks (one probe and one
     share per engine; it was 12-22). The best of 3 maps, since a loaded box can delay one
