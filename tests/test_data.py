@@ -468,6 +468,9 @@ _seq = st.one_of(
     hnp.arrays(
         np.float64, st.tuples(st.integers(0, 12), st.integers(1, 3)), elements=st.floats(-1e6, 1e6)
     ),
+    st.text(max_size=40),
+    st.binary(max_size=40),
+    st.binary(max_size=40).map(bytearray),
 )
 
 
@@ -480,6 +483,8 @@ def test_gather_of_scatter_is_identity(mec, seq, targets):
     got = mec.gather("hx", targets=targets)
     if isinstance(seq, np.ndarray):
         assert isinstance(got, np.ndarray) and got.shape == seq.shape and np.array_equal(got, seq)
+    elif isinstance(seq, (str, bytes, bytearray)):
+        assert type(got) is type(seq) and got == seq
     else:
         assert got == list(seq)
     sizes = [len(p) for p in mec.pull("hx", targets=targets)]
