@@ -1293,6 +1293,8 @@ def _gathered(name: str, eids: list[int], parts: list[Any]) -> Any:
     is no sequence, or a dict or set (which scatter refuses), is named with its engine: joined,
     an int failed with Python's bare message and dicts gave a list of their keys."""
     for eid, part in zip(eids, parts, strict=True):
+        if partition.known(part):
+            continue  # (a pyarrow Table is no iterable)
         if isinstance(part, (dict, set, frozenset)) or not hasattr(part, "__iter__"):
             raise TypeError(
                 f"cannot gather {name!r}: engine {eid} holds {_a(type(part).__name__)}, not a "

@@ -1,9 +1,17 @@
-"""Splitting sequences across engines and joining the parts back (scatter/gather/map)."""
+"""Splitting sequences across engines and joining the parts back (scatter/gather/map).
+
+Every value is split and joined as one *kind* (``_kinds``): its parts are of that kind, and
+only parts of one kind are joined. A value of no known kind is refused, never split as
+whatever its iteration yields (a polars DataFrame iterates over its columns, an xarray Dataset
+over its variable names, bytes over ints). No library is imported here: a kind whose library
+is not loaded in this process cannot match anything.
+"""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, MappingView, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -21,75 +29,254 @@ def bounds(length: int, nparts: int) -> list[tuple[int, int]]:
     return out
 
 
-def _is_array(seq: Any) -> bool:
-    return type(seq).__module__ == "numpy" and hasattr(seq, "shape")
+@dataclass(frozen=True)
+class _Kind:
+    """How one kind of value is split (``cut(seq, start, stop)``), joined and flattened."""
+
+    name: str
+    match: Callable[[Any], bool]
+    cut: Callable[[Any, int, int], Any]
+    join: Callable[[list[Any]], Any]
+    first: Callable[[Any], Any]
 
 
-def is_frame(seq: Any) -> bool:
-    """A pandas DataFrame or Series, or one of a subclass (geopandas' GeoDataFrame, a user's
-    own): split and joined by rows (``.iloc``, ``pandas.concat``). Iterated as a sequence, a
-    DataFrame gives its column labels. (No pandas imported: no frame can exist.)"""
-    pandas = sys.modules.get("pandas")
-    frame, series = getattr(pandas, "DataFrame", None), getattr(pandas, "Series", None)
-    if not isinstance(frame, type) or not isinstance(series, type):
-        return False  # (also a pandas still importing)
-    return isinstance(seq, (frame, series))
+def _types(module: str, *names: str) -> tuple[type, ...]:
+    mod = sys.modules.get(module)
+    found = (getattr(mod, n, None) for n in names)
+    return tuple(t for t in found if isinstance(t, type))  # (also a library still importing)
 
 
-def first(part: Any) -> Any:
-    """The one item of a one-item part (``scatter(flatten=True)``): a frame's first row."""
-    return part.iloc[0] if is_frame(part) else part[0]
+def _of(module: str, name: str) -> Callable[[Any], bool]:
+    return lambda seq: bool(t := _types(module, name)) and isinstance(seq, t)
 
 
-def split(seq: Any, nparts: int) -> list[Any]:
-    """Split ``seq`` into ``nparts`` contiguous parts.
-
-    NumPy arrays are split along axis 0 into views, pandas DataFrames and Series by rows,
-    lists/tuples/ranges into lists, strings into strings; any other iterable is materialised
-    as a list first.
-    """
-    if is_frame(seq):
-        return [seq.iloc[a:b] for a, b in bounds(len(seq), nparts)]
-    if _is_array(seq):
-        if seq.ndim == 0:
-            raise TypeError("cannot scatter a 0-d array")
-        return [seq[a:b] for a, b in bounds(len(seq), nparts)]
-    if isinstance(seq, str):
-        return [seq[a:b] for a, b in bounds(len(seq), nparts)]
-    if not isinstance(seq, (list, tuple, range)):
-        if isinstance(seq, (dict, set, frozenset)) or not hasattr(seq, "__iter__"):
-            raise TypeError(
-                f"cannot scatter an object of type {type(seq).__name__}: need a sequence"
-            )
-        seq = list(seq)
-    return [list(seq[a:b]) for a, b in bounds(len(seq), nparts)]
+def _is_ndarray(seq: Any) -> bool:
+    return bool(t := _types("numpy", "ndarray")) and isinstance(seq, t)
 
 
-def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = None) -> Any:
-    """Concatenate parts in order: arrays into one array, pandas frames (or series) into one by
-    rows, strings into a string, else a list. Frames mixed with other kinds are refused (as a
-    sequence a DataFrame gives its column labels), naming the ``ids`` of each kind (default:
-    the parts' indices) as ``what`` holding them ("engines")."""
-    frames = [is_frame(p) for p in parts]
-    if parts and all(frames):
-        import pandas
+def _join_arrays(parts: list[Any]) -> Any:
+    import numpy
 
-        return pandas.concat(parts)
-    if any(frames):
-        names = list(range(len(parts))) if ids is None else list(ids)
-        held = {k: [n for n, f in zip(names, frames, strict=True) if f is k] for k in (True, False)}
-        frame, other = (type(parts[frames.index(k)]).__name__ for k in (True, False))
-        raise TypeError(
-            f"{what} {held[True]} hold a pandas {frame} (joined by rows), {what} {held[False]} "
-            f"a {other}: only parts of one kind are joined"
-        )
-    if parts and all(_is_array(p) for p in parts):
-        import numpy
+    masked = [p for p in parts if isinstance(p, numpy.ma.MaskedArray)]
+    if masked:  # numpy.concatenate drops the masks, numpy.ma.concatenate the fill value
+        out = numpy.ma.concatenate(parts)  # type: ignore[no-untyped-call]
+        fills = {p.fill_value.tobytes() for p in masked}
+        if len(fills) == 1:
+            out.fill_value = masked[0].fill_value
+        return out
+    out = numpy.concatenate(parts)
+    if all(type(p) is numpy.recarray for p in parts):
+        out = out.view(numpy.recarray)  # concatenate gives a plain ndarray of records
+    return out
 
-        return numpy.concatenate(parts)
-    if parts and all(isinstance(p, str) for p in parts):
-        return "".join(parts)
+
+def _join_pandas(parts: list[Any]) -> Any:
+    import pandas
+
+    return pandas.concat(parts)
+
+
+def _join_polars(parts: list[Any]) -> Any:
+    import polars
+
+    return polars.concat(parts, how="vertical")  # refuses parts of another schema
+
+
+def _join_chunked(parts: list[Any]) -> Any:
+    import pyarrow
+
+    return pyarrow.chunked_array([c for p in parts for c in p.chunks], type=parts[0].type)
+
+
+def _join_batches(parts: list[Any]) -> Any:
+    import pyarrow
+
+    return pyarrow.concat_batches(parts)
+
+
+def _pyarrow(name: str) -> Callable[[list[Any]], Any]:
+    def join(parts: list[Any]) -> Any:
+        import pyarrow
+
+        return getattr(pyarrow, name)(parts)
+
+    return join
+
+
+def _extend(parts: list[Any]) -> list[Any]:
     out: list[Any] = []
     for p in parts:
         out.extend(p)
     return out
+
+
+def _is_items(seq: Any) -> bool:
+    """A sequence split into lists of its items: a list, tuple, range, any other ``Sequence``
+    (deque, array.array...), an iterator or generator, or a dict's keys/values/items view."""
+    if isinstance(seq, (str, bytes, bytearray, memoryview)) or _is_ndarray(seq):
+        return False
+    return isinstance(seq, (Sequence, Iterator, MappingView))
+
+
+def _cut_items(seq: Any, a: int, b: int) -> list[Any]:
+    return list(seq[a:b])
+
+
+def _iloc(seq: Any, a: int, b: int) -> Any:
+    return seq.iloc[a:b]
+
+
+def _slice(seq: Any, a: int, b: int) -> Any:
+    return seq.slice(a, b - a)  # polars: zero-copy, and pickled as the slice alone
+
+
+def _take(seq: Any, a: int, b: int) -> Any:
+    """Rows ``a:b`` of a pyarrow Table, RecordBatch or (chunked) Array, copied into buffers of
+    their own: a pyarrow slice pickles its parent's whole buffers, so each engine would get
+    (and keep) all the data for its few rows."""
+    import numpy
+
+    return seq.slice(a, b - a).take(numpy.arange(b - a))
+
+
+def _index(seq: Any, a: int, b: int) -> Any:
+    return seq[a:b]
+
+
+def _first_row(part: Any) -> Any:
+    return part.iloc[0]
+
+
+def _item0(part: Any) -> Any:
+    return part[0]
+
+
+def _bytes0(part: Any) -> Any:
+    return part[0:1]  # bytes of length one, not an int: gathered back, they are the bytes
+
+
+def _row(part: Any) -> Any:
+    return part.slice(0, 1).to_pylist()[0]  # a pyarrow table's row: {column: value}
+
+
+def _named_row(part: Any) -> Any:
+    return part.row(0, named=True)  # a polars DataFrame's row: {column: value}
+
+
+# fmt: off
+_kinds: tuple[_Kind, ...] = (  # the first that matches; pandas first (a subclass may be more)
+    _Kind("pandas DataFrame", _of("pandas", "DataFrame"), _iloc, _join_pandas, _first_row),
+    _Kind("pandas Series", _of("pandas", "Series"), _iloc, _join_pandas, _first_row),
+    _Kind("polars DataFrame", _of("polars", "DataFrame"), _slice, _join_polars, _named_row),
+    _Kind("polars Series", _of("polars", "Series"), _slice, _join_polars, _item0),
+    _Kind("pyarrow Table", _of("pyarrow", "Table"), _take, _pyarrow("concat_tables"), _row),
+    _Kind("pyarrow RecordBatch", _of("pyarrow", "RecordBatch"), _take, _join_batches, _row),
+    _Kind("pyarrow ChunkedArray", _of("pyarrow", "ChunkedArray"), _take, _join_chunked, _item0),
+    _Kind("pyarrow Array", _of("pyarrow", "Array"), _take, _pyarrow("concat_arrays"), _item0),
+    _Kind("NumPy array", _is_ndarray, _index, _join_arrays, _item0),
+    _Kind("str", lambda s: isinstance(s, str), _index, "".join, _item0),
+    _Kind("bytes", lambda s: isinstance(s, bytes), _index, b"".join, _bytes0),
+    _Kind("bytearray", lambda s: isinstance(s, bytearray), _index, bytearray().join, _bytes0),
+    _Kind("list", _is_items, _cut_items, _extend, _item0),
+)
+# fmt: on
+
+_KNOWN = (
+    "lists, tuples, ranges, other sequences and iterators, str, bytes, bytearray, NumPy "
+    "arrays, pandas and polars DataFrames and Series (by rows), pyarrow Tables, RecordBatches "
+    "and Arrays"
+)
+
+
+def _kind(seq: Any) -> _Kind | None:
+    return next((k for k in _kinds if k.match(seq)), None)
+
+
+def _refusal(seq: Any, verb: str) -> str:
+    """Why ``seq`` is not split or joined: "an object of type T: what to do"."""
+    if isinstance(seq, (dict, set, frozenset)) or not hasattr(seq, "__iter__"):
+        hint = "need a sequence"
+    elif isinstance(seq, memoryview):
+        hint = "pass bytes(view) or numpy.asarray(view)"
+    else:
+        hint = f"convert it first, e.g. list(x) or numpy.asarray(x) ({verb} handles {_KNOWN})"
+    return f"an object of type {type(seq).__name__}: {hint}"
+
+
+def first(part: Any) -> Any:
+    """The one item of a one-item part (``scatter(flatten=True)``): a pandas frame's first
+    row (a Series), a polars or pyarrow table's first row (a dict), bytes of length one."""
+    kind = _kind(part)
+    return part[0] if kind is None else kind.first(part)
+
+
+def split(seq: Any, nparts: int) -> list[Any]:
+    """Split ``seq`` into ``nparts`` contiguous parts of its own kind.
+
+    NumPy arrays are split along axis 0 into views, frames, series and tables by rows,
+    strings, bytes and bytearrays into their own type; other sequences, iterators and dict
+    views into lists of their items. Anything else (a dict, a set, a 0-d array, a library's
+    container of no known kind) is a ``TypeError`` naming its type.
+    """
+    kind = _kind(seq)
+    if kind is None:
+        raise TypeError(f"cannot scatter {_refusal(seq, 'scatter')}")
+    if kind.name == "NumPy array" and seq.ndim == 0:
+        raise TypeError(f"cannot scatter a 0-d array ({seq.dtype}): it has no items to split")
+    if kind.name == "list" and not isinstance(seq, (list, tuple, range)):
+        seq = list(seq)
+    return [kind.cut(seq, a, b) for a, b in bounds(len(seq), nparts)]
+
+
+def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = None) -> Any:
+    """Concatenate parts of one kind in order: arrays into one array (masked if any part is),
+    frames, series and tables by rows, strings into a string, bytes into bytes, other
+    sequences into a list. Parts of different kinds, of no known kind, or 0-d arrays are
+    refused naming the ``ids`` of each (default: the parts' indices) as ``what`` holding them
+    ("engines"): as a sequence a DataFrame gives its column labels, a string its characters."""
+    if not parts:
+        return []
+    names = list(range(len(parts))) if ids is None else list(ids)
+    kinds = [_kind(p) for p in parts]
+    unknown = [n for n, k in zip(names, kinds, strict=True) if k is None]
+    if unknown:
+        part = parts[names.index(unknown[0])]
+        raise TypeError(f"{what} {unknown} hold {_refusal(part, 'gather')}")
+    held: dict[str, list[Any]] = {}
+    for n, p, k in zip(names, parts, kinds, strict=True):
+        assert k is not None
+        held.setdefault(k.name, []).append(n)
+        if k.name == "NumPy array" and p.ndim == 0:
+            raise TypeError(f"{what} [{n}] hold a 0-d array: it has no items to join")
+    if len(held) > 1:
+        desc = ", ".join(
+            f"{what} {ns} {'hold ' if i == 0 else ''}{_a(kind)}"
+            for i, (kind, ns) in enumerate(held.items())
+        )
+        raise TypeError(f"{desc}: only parts of one kind are joined")
+    kind = kinds[0]
+    assert kind is not None
+    if kind.name == "pandas DataFrame" and any(
+        not p.columns.equals(parts[0].columns) for p in parts
+    ):
+        # pandas.concat would align them, filling NaN where a frame has no such column
+        cols = "; ".join(f"{n}: {list(p.columns)}" for n, p in zip(names, parts, strict=True))
+        raise TypeError(f"{what} hold DataFrames with different columns ({cols})")
+    try:
+        return kind.join(list(parts))
+    except Exception as exc:  # numpy's ValueError, polars' SchemaError, pyarrow's ArrowInvalid
+        if kind.name != "NumPy array":
+            raise TypeError(f"{what} {names}: the parts cannot be joined ({exc})") from exc
+        shapes = ", ".join(f"{n}: {p.shape} {p.dtype}" for n, p in zip(names, parts, strict=True))
+        raise TypeError(
+            f"{what} hold arrays that cannot be joined along their first axis ({shapes})"
+        ) from exc
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def known(value: Any) -> bool:
+    """Whether ``value`` is of a kind ``split`` and ``join`` handle (any 0-d array included)."""
+    return _kind(value) is not None

@@ -302,6 +302,164 @@ def test_gather_of_frames_mixed_with_other_parts_says_so(mec):
     assert mec.gather("part", targets=[2, 3]) == [5, 6, 5, 6]
 
 
+def test_scatter_and_gather_polars_by_rows(mec):
+    """A polars DataFrame iterates over its columns: scatter sent engines 0 and 1 one column
+    Series each and engines 2 and 3 nothing, and gather returned a list of columns; a polars
+    Series came back as a list. Both are split by rows now and joined with ``polars.concat``."""
+    pl = pytest.importorskip("polars")
+    from polars.testing import assert_frame_equal, assert_series_equal
+
+    df = pl.DataFrame({"a": [1, 2, 3, 4, 5], "b": list("vwxyz"), "c": [1.5, None, 2.5, 3.5, None]})
+    mec.scatter("df", df)
+    parts = mec.pull("df")
+    assert [type(p).__name__ for p in parts] == ["DataFrame"] * 4
+    assert [p.height for p in parts] == [2, 1, 1, 1]
+    assert_frame_equal(mec.gather("df"), df)
+    mec.scatter("df", df, targets=[3, 1])  # target order, not id order
+    assert [p["a"].to_list() for p in mec.pull("df", targets=[3, 1])] == [[1, 2, 3], [4, 5]]
+    assert_frame_equal(mec.gather("df", targets=[3, 1]), df)
+    mec.scatter("df", df.head(2))  # fewer rows than engines: empty frames of the same schema
+    assert [p.height for p in mec.pull("df")] == [1, 1, 0, 0]
+    assert_frame_equal(mec.gather("df"), df.head(2))
+    s = pl.Series("s", [1, 2, None, 4, 5], dtype=pl.Int32)
+    mec.scatter("s", s)
+    assert [type(p).__name__ for p in mec.pull("s")] == ["Series"] * 4
+    assert_series_equal(mec.gather("s"), s)
+    mec.scatter("row", df.head(4), flatten=True)  # a one-row part is that row, by column name
+    assert mec.pull("row", targets=1) == [{"a": 2, "b": "w", "c": None}]
+
+
+def test_scatter_and_gather_pyarrow_tables_and_arrays_by_rows(mec):
+    """A pyarrow Array iterated into a list of pyarrow scalars (a Table was refused, having no
+    ``__iter__``): Tables, RecordBatches, Arrays and ChunkedArrays are sliced by rows now and
+    concatenated back into their own type."""
+    pa = pytest.importorskip("pyarrow")
+    values = [
+        pa.table({"a": [1, 2, 3, 4, 5], "b": ["x", None, "z", "w", "q"]}),
+        pa.record_batch({"a": [1, 2, 3, 4, 5]}),
+        pa.array([1, None, 3, 4, 5]),
+        pa.chunked_array([[1, 2], [3, 4, 5]]),
+    ]
+    for value in values:
+        mec.scatter("t", value)
+        parts = mec.pull("t")
+        assert [type(p) for p in parts] == [type(value)] * 4, parts
+        assert [len(p) for p in parts] == [2, 1, 1, 1]
+        back = mec.gather("t")
+        assert type(back) is type(value) and back.equals(value), back
+    mec.scatter("row", values[0].slice(0, 4), flatten=True)
+    assert mec.pull("row", targets=1) == [{"a": 2, "b": None}]
+
+
+def test_scatter_and_gather_bytes_and_bytearrays_keep_their_type(mec):
+    """bytes and bytearrays were split into lists of ints and gathered as one list of ints."""
+    mec.scatter("b", b"abcdefg")
+    assert mec.pull("b") == [b"ab", b"cd", b"ef", b"g"]
+    assert mec.gather("b") == b"abcdefg"
+    mec.scatter("b", bytearray(b"abc"))
+    assert mec.pull("b") == [bytearray(b"a"), bytearray(b"b"), bytearray(b"c"), bytearray()]
+    back = mec.gather("b")
+    assert type(back) is bytearray and back == b"abc"
+    mec.scatter("b", b"wxyz", flatten=True)  # one byte: bytes of length one, not an int
+    assert mec.pull("b") == [b"w", b"x", b"y", b"z"]
+    assert mec.gather("b") == b"wxyz"
+    with pytest.raises(TypeError, match=r"memoryview: pass bytes\(view\)"):
+        mec.scatter("b", memoryview(b"abcd"))
+
+
+def test_scatter_and_gather_masked_and_record_arrays_keep_their_type(mec):
+    """A masked array was split as a sequence (lists of scalars and ``masked``, gathered as a
+    list: the values under the mask lost) and a record array into lists of records; gather of
+    masked parts dropped their masks (``numpy.concatenate``)."""
+    m = np.ma.array([1.0, 2, 3, 4, 5], mask=[0, 1, 0, 0, 1], fill_value=-9)
+    mec.scatter("m", m)
+    assert [type(p).__name__ for p in mec.pull("m")] == ["MaskedArray"] * 4
+    back = mec.gather("m")
+    assert isinstance(back, np.ma.MaskedArray)
+    assert np.array_equal(back.data, m.data) and np.array_equal(back.mask, m.mask)
+    assert back.fill_value == -9
+    m2 = np.ma.array(np.arange(10).reshape(5, 2), mask=np.arange(10).reshape(5, 2) % 3 == 0)
+    mec.scatter("m", m2)
+    back = mec.gather("m")
+    assert back.shape == (5, 2) and np.array_equal(back.mask, m2.mask)
+    r = np.rec.fromarrays([np.arange(5), np.arange(5.0)], names="a,b")
+    mec.scatter("r", r)
+    back = mec.gather("r")
+    assert type(back) is np.recarray and back.dtype == r.dtype and np.array_equal(back, r)
+    assert list(back.b) == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_scatter_refuses_containers_of_no_known_kind_before_sending(mec):
+    """An xarray Dataset iterates over its variable names, a DataArray over its first axis, a
+    pandas Index over its labels: each was scattered as a list of those. A container of no
+    known kind is refused now, naming its type, and nothing is sent."""
+    import pandas as pd
+
+    xr = pytest.importorskip("xarray")
+    values = [
+        pd.Index([1, 2, 3, 4, 5]),
+        np.float64(2.5),
+        xr.Dataset({"u": ("t", np.arange(5))}),
+        xr.DataArray(np.arange(6).reshape(3, 2), dims=("t", "y")),
+    ]
+    for value in values:
+        with pytest.raises(
+            TypeError, match=f"cannot scatter an object of type {type(value).__name__}"
+        ):
+            mec.scatter("unsent", value)
+    assert mec.apply(lambda: "unsent" in globals()) == [False] * 4
+
+
+def test_gather_refuses_parts_of_different_kinds_naming_engines(mec):
+    """Parts of different kinds were joined as sequences: a string's characters, an array's
+    scalars among a list's items, a one-row Series (``scatter(flatten=True)`` of a frame) as
+    a column of NaNs beside the DataFrame; frames of different columns were aligned into NaN
+    columns. Each is refused now, naming the engines, and arrays that cannot be joined name
+    each engine's shape."""
+    import pandas as pd
+
+    mec.execute("import numpy as np, pandas as pd")
+    cases = [
+        (
+            ["y = np.arange(2)", "y = [3, 4]"],
+            r"engines \[0\] hold a NumPy array, engines \[1\] a list",
+        ),
+        (["y = 'ab'", "y = ['c']"], r"engines \[0\] hold a str, engines \[1\] a list"),
+        (
+            ["y = b'a'", "y = bytearray(b'b')"],
+            r"engines \[0\] hold a bytes, engines \[1\] a bytearray",
+        ),
+        (
+            ["y = pd.DataFrame({'a': [1]})", "y = pd.DataFrame({'b': [1]})"],
+            r"engines hold DataFrames with different columns \(0: \['a'\]; 1: \['b'\]\)",
+        ),
+        (["y = np.array(1)", "y = np.array(2)"], r"engines \[0\] hold a 0-d array"),
+        (
+            ["y = np.zeros((2, 2))", "y = np.zeros((2, 3))"],
+            r"cannot be joined along their first axis \(0: \(2, 2\) float64, 1: \(2, 3\) float64\)",
+        ),
+        (
+            ["y = pd.Index([1])", "y = pd.Index([2])"],
+            r"engines \[0, 1\] hold an object of type Index",
+        ),
+    ]
+    for codes, message in cases:
+        for eid, code in enumerate(codes):
+            mec.execute(code, targets=eid)
+        with pytest.raises(TypeError, match=message):
+            mec.gather("y", targets=[0, 1])
+    df = pd.DataFrame({"a": range(5)})
+    mec.scatter("df", df, flatten=True)  # engine 0: a 2-row frame, the others a row (Series)
+    with pytest.raises(
+        TypeError,
+        match=r"engines \[0\] hold a pandas DataFrame, engines \[1, 2, 3\] a pandas Series",
+    ):
+        mec.gather("df")
+    mec.scatter("w", ["ab", "cd", "ef", "gh", "ij"], flatten=True)  # ['ab', 'cd'], 'ef', ...
+    with pytest.raises(TypeError, match=r"engines \[0\] hold a list, engines \[1, 2, 3\] a str"):
+        mec.gather("w")
+
+
 _seq = st.one_of(
     st.lists(st.integers(), max_size=40),
     st.lists(st.integers(), max_size=40).map(tuple),
@@ -310,6 +468,9 @@ _seq = st.one_of(
     hnp.arrays(
         np.float64, st.tuples(st.integers(0, 12), st.integers(1, 3)), elements=st.floats(-1e6, 1e6)
     ),
+    st.text(max_size=40),
+    st.binary(max_size=40),
+    st.binary(max_size=40).map(bytearray),
 )
 
 
@@ -322,6 +483,8 @@ def test_gather_of_scatter_is_identity(mec, seq, targets):
     got = mec.gather("hx", targets=targets)
     if isinstance(seq, np.ndarray):
         assert isinstance(got, np.ndarray) and got.shape == seq.shape and np.array_equal(got, seq)
+    elif isinstance(seq, (str, bytes, bytearray)):
+        assert type(got) is type(seq) and got == seq
     else:
         assert got == list(seq)
     sizes = [len(p) for p in mec.pull("hx", targets=targets)]
@@ -640,3 +803,16 @@ def test_partials_and_bound_methods_sent_by_value_see_the_engine_namespace(mec):
     assert ns["r_partial"] == [106, 112]
     assert ns["r_method"] == [30, 60]
     assert ns["r_apply"] == [6]
+
+
+def test_scatter_of_pyarrow_data_sends_each_engine_its_rows_only(mec):
+    """A pyarrow slice pickles its parent's whole buffers: each engine received, and kept in
+    memory, the whole table for its few rows (4 engines: 4 times the data sent)."""
+    pa = pytest.importorskip("pyarrow")
+    n = 200_000
+    column = pa.array(np.arange(n))
+    for value in (column, pa.table({"a": column}), pa.chunked_array([column])):
+        mec.scatter("t", value)
+        held = mec.apply(lambda: t.get_total_buffer_size())  # noqa: F821 (an engine name)
+        assert max(held) < 0.3 * value.get_total_buffer_size(), (type(value).__name__, held)
+        assert mec.gather("t").equals(value)
