@@ -686,6 +686,17 @@ class MultiEngineClient(Configurable):
         parts = partition.split(seq, len(eids))
         offsets = [sum(len(q) for q in parts[:i]) for i in range(len(parts))]
         if flatten:
+            one = [e for e, p in zip(eids, parts, strict=True) if len(p) == 1]
+            if one and len(one) < len(parts):
+                others = {e: len(p) for e, p in zip(eids, parts, strict=True) if len(p) != 1}
+                warnings.warn(
+                    f"scatter({name!r}, flatten=True): engines {one} get their one item itself, "
+                    f"the others parts of another length (engine: items {others}); "
+                    f"gather({name!r}) cannot tell such parts apart (give one item per engine, "
+                    "or flatten=False)",
+                    UserWarning,
+                    stacklevel=2,
+                )
             parts = [partition.first(p) if len(p) == 1 else p for p in parts]
         frames = [
             self._outgoing(_dumps_part(name, off, p), block, timeout)

@@ -262,6 +262,18 @@ def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = 
         # pandas.concat would align them, filling NaN where a frame has no such column
         cols = "; ".join(f"{n}: {list(p.columns)}" for n, p in zip(names, parts, strict=True))
         raise TypeError(f"{what} hold DataFrames with different columns ({cols})")
+    if kind.name == "NumPy array" and len({p.dtype for p in parts}) > 1:
+        import numpy
+
+        # int64 beside uint64 concatenates to float64: values above 2**53 come back rounded
+        if all(p.dtype.kind in "biu" for p in parts) and (
+            numpy.result_type(*parts).kind not in "biu"
+        ):
+            dtypes = ", ".join(f"{n}: {p.dtype}" for n, p in zip(names, parts, strict=True))
+            raise TypeError(
+                f"{what} hold integer arrays with no common integer type ({dtypes}): joined "
+                "they would be floats, large values rounded; cast them to one dtype first"
+            )
     try:
         return kind.join(list(parts))
     except Exception as exc:  # numpy's ValueError, polars' SchemaError, pyarrow's ArrowInvalid

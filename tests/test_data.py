@@ -449,15 +449,31 @@ def test_gather_refuses_parts_of_different_kinds_naming_engines(mec):
         with pytest.raises(TypeError, match=message):
             mec.gather("y", targets=[0, 1])
     df = pd.DataFrame({"a": range(5)})
-    mec.scatter("df", df, flatten=True)  # engine 0: a 2-row frame, the others a row (Series)
+    with pytest.warns(UserWarning, match="cannot tell such parts apart"):
+        mec.scatter("df", df, flatten=True)  # engine 0: a 2-row frame, the others a row
     with pytest.raises(
         TypeError,
         match=r"engines \[0\] hold a pandas DataFrame, engines \[1, 2, 3\] a pandas Series",
     ):
         mec.gather("df")
-    mec.scatter("w", ["ab", "cd", "ef", "gh", "ij"], flatten=True)  # ['ab', 'cd'], 'ef', ...
+    with pytest.warns(UserWarning, match="cannot tell such parts apart"):
+        mec.scatter("w", ["ab", "cd", "ef", "gh", "ij"], flatten=True)  # ['ab', 'cd'], 'ef'...
     with pytest.raises(TypeError, match=r"engines \[0\] hold a list, engines \[1, 2, 3\] a str"):
         mec.gather("w")
+
+
+def test_gather_refuses_integer_parts_that_would_join_as_floats(mec):
+    """int64 beside uint64 concatenates to float64 (numpy's promotion): 2**62 + 1 came back
+    rounded. Refused naming each engine's dtype; integer parts that share an integer type
+    (int32 beside int64) still join exactly."""
+    mec.execute("import numpy as np")
+    mec.execute("y = np.array([2**62 + 1], dtype=np.int64)", targets=0)
+    mec.execute("y = np.array([2**63 + 1], dtype=np.uint64)", targets=1)
+    with pytest.raises(TypeError, match=r"no common integer type \(0: int64, 1: uint64\)"):
+        mec.gather("y", targets=[0, 1])
+    mec.execute("y = np.array([2**31 - 1], dtype=np.int32)", targets=1)
+    out = mec.gather("y", targets=[0, 1])
+    assert out.dtype == np.int64 and out.tolist() == [2**62 + 1, 2**31 - 1]
 
 
 _seq = st.one_of(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from ipy_multiengine import client
@@ -33,7 +35,13 @@ def test_engine_id_in_every_namespace_kept_across_reset_and_restart(mec):
 def test_scatter_flatten_gives_one_item_parts_as_scalars(mec):
     mec.scatter("my_id", mec.get_ids(), flatten=True)
     assert mec.pull("my_id") == [0, 1, 2, 3]
-    mec.scatter("part", list(range(6)), flatten=True)  # parts of two items stay lists
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one item per engine: nothing to warn of
+        mec.scatter("my_id", mec.get_ids(), flatten=True)
+    # parts of two items stay lists; gather could not tell [[0, 1], [2, 3]] flattened from
+    # these parts, so the call says so (ipyparallel's behaviour, not silently)
+    with pytest.warns(UserWarning, match=r"engines \[2, 3\] get their one item itself"):
+        mec.scatter("part", list(range(6)), flatten=True)
     assert mec.pull("part") == [[0, 1], [2, 3], 4, 5]
     mec.scatter("plain", [7, 8, 9, 10])
     assert mec.pull("plain") == [[7], [8], [9], [10]]
