@@ -130,13 +130,23 @@ def _slice(seq: Any, a: int, b: int) -> Any:
     return seq.slice(a, b - a)  # polars: zero-copy, and pickled as the slice alone
 
 
-def _take(seq: Any, a: int, b: int) -> Any:
+def _own(seq: Any, a: int, b: int) -> Any:
     """Rows ``a:b`` of a pyarrow Table, RecordBatch or (chunked) Array, copied into buffers of
     their own: a pyarrow slice pickles its parent's whole buffers, so each engine would get
-    (and keep) all the data for its few rows."""
-    import numpy
+    (and keep) all the data for its few rows. Copied by concatenation, which every type has
+    (``take`` has no kernel for run-end encoded or string_view arrays)."""
+    import pyarrow
 
-    return seq.slice(a, b - a).take(numpy.arange(b - a))
+    part = seq.slice(a, b - a)
+    if isinstance(part, pyarrow.Array):
+        return pyarrow.concat_arrays([part])
+    if isinstance(part, pyarrow.ChunkedArray):
+        chunks = [pyarrow.concat_arrays(part.chunks)] if part.num_chunks else []
+        return pyarrow.chunked_array(chunks, type=part.type)
+    if not part.num_columns:
+        return part  # no buffers to share (and no columns to count its rows by)
+    columns = [_own(c, 0, len(c)) for c in part.columns]
+    return type(part).from_arrays(columns, schema=part.schema)
 
 
 def _index(seq: Any, a: int, b: int) -> Any:
@@ -169,10 +179,10 @@ _kinds: tuple[_Kind, ...] = (  # the first that matches; pandas first (a subclas
     _Kind("pandas Series", _of("pandas", "Series"), _iloc, _join_pandas, _first_row),
     _Kind("polars DataFrame", _of("polars", "DataFrame"), _slice, _join_polars, _named_row),
     _Kind("polars Series", _of("polars", "Series"), _slice, _join_polars, _item0),
-    _Kind("pyarrow Table", _of("pyarrow", "Table"), _take, _pyarrow("concat_tables"), _row),
-    _Kind("pyarrow RecordBatch", _of("pyarrow", "RecordBatch"), _take, _join_batches, _row),
-    _Kind("pyarrow ChunkedArray", _of("pyarrow", "ChunkedArray"), _take, _join_chunked, _item0),
-    _Kind("pyarrow Array", _of("pyarrow", "Array"), _take, _pyarrow("concat_arrays"), _item0),
+    _Kind("pyarrow Table", _of("pyarrow", "Table"), _own, _pyarrow("concat_tables"), _row),
+    _Kind("pyarrow RecordBatch", _of("pyarrow", "RecordBatch"), _own, _join_batches, _row),
+    _Kind("pyarrow ChunkedArray", _of("pyarrow", "ChunkedArray"), _own, _join_chunked, _item0),
+    _Kind("pyarrow Array", _of("pyarrow", "Array"), _own, _pyarrow("concat_arrays"), _item0),
     _Kind("NumPy array", _is_ndarray, _index, _join_arrays, _item0),
     _Kind("str", lambda s: isinstance(s, str), _index, "".join, _item0),
     _Kind("bytes", lambda s: isinstance(s, bytes), _index, b"".join, _bytes0),

@@ -832,3 +832,24 @@ def test_scatter_of_pyarrow_data_sends_each_engine_its_rows_only(mec):
         held = mec.apply(lambda: t.get_total_buffer_size())  # noqa: F821 (an engine name)
         assert max(held) < 0.3 * value.get_total_buffer_size(), (type(value).__name__, held)
         assert mec.gather("t").equals(value)
+
+
+def test_scatter_of_pyarrow_types_take_has_no_kernel_for(mec):
+    """Run-end encoded and string_view columns failed to scatter with pyarrow's
+    ``ArrowNotImplementedError: Function 'array_take' has no kernel``: each part was copied
+    with ``take``. They scatter by rows now, each engine holding its rows only."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.compute as pc
+
+    n = 40_000
+    ree = pc.run_end_encode(pa.array(np.arange(n) // 4))
+    view = pa.array([f"s{i}" for i in range(n)], type=pa.string_view())
+    more = pc.run_end_encode(pa.array(np.arange(n, 2 * n) // 4))
+    for value in (ree, view, pa.table({"r": ree, "v": view}), pa.chunked_array([ree, more])):
+        mec.scatter("t", value)
+        parts = mec.pull("t")
+        assert [type(p) for p in parts] == [type(value)] * 4, parts
+        assert [len(p) for p in parts] == [len(value) // 4] * 4
+        held = mec.apply(lambda: t.get_total_buffer_size())  # noqa: F821 (an engine name)
+        assert max(held) < 0.3 * value.get_total_buffer_size(), (type(value).__name__, held)
+        assert mec.gather("t").equals(value)
