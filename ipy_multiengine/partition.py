@@ -60,14 +60,30 @@ def _join_arrays(parts: list[Any]) -> Any:
     masked = [p for p in parts if isinstance(p, numpy.ma.MaskedArray)]
     if masked:  # numpy.concatenate drops the masks, numpy.ma.concatenate the fill value
         out = numpy.ma.concatenate(parts)  # type: ignore[no-untyped-call]
-        fills = {p.fill_value.tobytes() for p in masked}
-        if len(fills) == 1:
-            out.fill_value = masked[0].fill_value
+        fill = masked[0].fill_value
+        if all(_same_fill(p.fill_value, fill) for p in masked[1:]):
+            out.fill_value = fill
         return out
     out = numpy.concatenate(parts)
     if all(type(p) is numpy.recarray for p in parts):
         out = out.view(numpy.recarray)  # concatenate gives a plain ndarray of records
     return out
+
+
+def _same_fill(a: Any, b: Any) -> bool:
+    """Whether two masked arrays' fill values are the same: by their bytes (a NaN is its own
+    equal), or for an object array, whose fill value is any Python object, by ``==``."""
+    import numpy
+
+    x, y = numpy.asarray(a), numpy.asarray(b)
+    if x.dtype != y.dtype:
+        return False
+    if not x.dtype.hasobject:
+        return x.tobytes() == y.tobytes()
+    try:
+        return bool(numpy.all(x == y))
+    except Exception:  # an object whose == raises, or gives no truth value
+        return False
 
 
 def _join_pandas(parts: list[Any]) -> Any:

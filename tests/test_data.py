@@ -853,3 +853,17 @@ def test_scatter_of_pyarrow_types_take_has_no_kernel_for(mec):
         held = mec.apply(lambda: t.get_total_buffer_size())  # noqa: F821 (an engine name)
         assert max(held) < 0.3 * value.get_total_buffer_size(), (type(value).__name__, held)
         assert mec.gather("t").equals(value)
+
+
+def test_gather_of_masked_object_arrays_with_a_python_fill_value(mec):
+    """A masked array of objects holds its fill value as a Python object: gather failed with
+    "arrays that cannot be joined along their first axis" (an ``int`` has no ``tobytes``)."""
+    m = np.ma.array(np.array(["a", 2, None, "d"], dtype=object), mask=[0, 1, 0, 0])
+    m.fill_value = 5
+    mec.scatter("m", m)
+    back = mec.gather("m")
+    assert isinstance(back, np.ma.MaskedArray) and back.dtype == object
+    assert list(back.data) == list(m.data) and list(back.mask) == list(m.mask)
+    assert back.fill_value == 5
+    mec.execute("m.fill_value = 'x'", targets=[2])  # fill values that differ: the default
+    assert mec.gather("m").fill_value == "?"
