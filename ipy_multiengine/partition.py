@@ -92,6 +92,14 @@ def _join_pandas(parts: list[Any]) -> Any:
     return pandas.concat(parts)
 
 
+def _join_pandas_arrays(parts: list[Any]) -> Any:
+    import pandas
+
+    # by rows, as Series would be: a Categorical keeps its categories, Int64 its missing values
+    series = [pandas.Series(p, copy=False) for p in parts]
+    return pandas.concat(series, ignore_index=True).array
+
+
 def _join_polars(parts: list[Any]) -> Any:
     import polars
 
@@ -193,6 +201,13 @@ def _named_row(part: Any) -> Any:
 _kinds: tuple[_Kind, ...] = (  # the first that matches; pandas first (a subclass may be more)
     _Kind("pandas DataFrame", _of("pandas", "DataFrame"), _iloc, _join_pandas, _first_row),
     _Kind("pandas Series", _of("pandas", "Series"), _iloc, _join_pandas, _first_row),
+    _Kind(
+        "pandas array",
+        _of("pandas.api.extensions", "ExtensionArray"),  # Categorical, Int64, datetimes...
+        _index,
+        _join_pandas_arrays,
+        _item0,
+    ),
     _Kind("polars DataFrame", _of("polars", "DataFrame"), _slice, _join_polars, _named_row),
     _Kind("polars Series", _of("polars", "Series"), _slice, _join_polars, _item0),
     _Kind("pyarrow Table", _of("pyarrow", "Table"), _own, _pyarrow("concat_tables"), _row),
@@ -209,8 +224,8 @@ _kinds: tuple[_Kind, ...] = (  # the first that matches; pandas first (a subclas
 
 _KNOWN = (
     "lists, tuples, ranges, other sequences and iterators, str, bytes, bytearray, NumPy "
-    "arrays, pandas and polars DataFrames and Series (by rows), pyarrow Tables, RecordBatches "
-    "and Arrays"
+    "arrays, pandas and polars DataFrames and Series (by rows), pandas arrays (Categorical...), "
+    "pyarrow Tables, RecordBatches and Arrays"
 )
 
 
@@ -239,9 +254,9 @@ def first(part: Any) -> Any:
 def split(seq: Any, nparts: int) -> list[Any]:
     """Split ``seq`` into ``nparts`` contiguous parts of its own kind.
 
-    NumPy arrays are split along axis 0 into views, frames, series and tables by rows,
-    strings, bytes and bytearrays into their own type; other sequences, iterators and dict
-    views into lists of their items. Anything else (a dict, a set, a 0-d array, a library's
+    NumPy arrays are split along axis 0 into views, frames, series, pandas arrays and tables
+    by rows, strings, bytes and bytearrays into their own type; other sequences, iterators
+    and dict views into lists of their items. Anything else (a dict, a set, a 0-d array, a library's
     container of no known kind) is a ``TypeError`` naming its type.
     """
     kind = _kind(seq)

@@ -867,3 +867,24 @@ def test_gather_of_masked_object_arrays_with_a_python_fill_value(mec):
     assert back.fill_value == 5
     mec.execute("m.fill_value = 'x'", targets=[2])  # fill values that differ: the default
     assert mec.gather("m").fill_value == "?"
+
+
+def test_scatter_and_gather_pandas_extension_arrays_keep_their_type(mec):
+    """pandas' own arrays (Categorical, nullable integers, datetimes with a time zone) were
+    scattered as lists of their items before, and then refused as of no known kind. They are
+    split by rows into arrays of their type and joined back with their dtype."""
+    import pandas as pd
+
+    values = [
+        pd.Categorical(["a", "b", "a", "c", "b"], categories=["c", "b", "a"], ordered=True),
+        pd.array([1, None, 3, 4, 5], dtype="Int64"),
+        pd.array(pd.date_range("2026-01-01", periods=5, tz="Europe/Paris")),
+    ]
+    for value in values:
+        mec.scatter("e", value)
+        parts = mec.pull("e")
+        assert [type(p) for p in parts] == [type(value)] * 4, parts
+        assert [len(p) for p in parts] == [2, 1, 1, 1]
+        back = mec.gather("e")
+        assert type(back) is type(value) and back.dtype == value.dtype, back
+        assert back.equals(value), back
