@@ -303,6 +303,15 @@ def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = 
         # pandas.concat would align them, filling NaN where a frame has no such column
         cols = "; ".join(f"{n}: {list(p.columns)}" for n, p in zip(names, parts, strict=True))
         raise TypeError(f"{what} hold DataFrames with different columns ({cols})")
+    typed = _TYPE_OF.get(kind.name)
+    if typed is not None and any(typed(p) != typed(parts[0]) for p in parts):
+        # a join would fail naming a part by its index ("Schema at index 1"), or for pandas
+        # arrays change their type (Categoricals of other categories: strings)
+        texts = [_type_text(typed(p)) for p in parts]
+        if len(set(texts)) == 1:  # two categoricals are both "category": say which
+            texts = [repr(typed(p)) for p in parts]
+        types = "; ".join(f"{n}: {t}" for n, t in zip(names, texts, strict=True))
+        raise TypeError(f"{what} hold {_a(kind.name)} each, of different types ({types})")
     if kind.name == "NumPy array" and len({p.dtype for p in parts}) > 1:
         import numpy
 
@@ -324,6 +333,27 @@ def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = 
         raise TypeError(
             f"{what} hold arrays that cannot be joined along their first axis ({shapes})"
         ) from exc
+
+
+#: what must be the same in every part of these kinds: their column types or dtype
+_TYPE_OF: dict[str, Callable[[Any], Any]] = {
+    "pandas array": lambda p: p.dtype,
+    "polars DataFrame": lambda p: p.schema,
+    "polars Series": lambda p: p.dtype,
+    "pyarrow Table": lambda p: p.schema,  # (== leaves out the metadata, as concat_tables does)
+    "pyarrow RecordBatch": lambda p: p.schema,
+    "pyarrow ChunkedArray": lambda p: p.type,
+    "pyarrow Array": lambda p: p.type,
+}
+
+
+def _type_text(t: Any) -> str:
+    """A dtype or schema on one line (a pyarrow schema without its metadata)."""
+    try:
+        text = str(t.to_string(show_field_metadata=False, show_schema_metadata=False))
+    except (AttributeError, TypeError):
+        text = str(t)
+    return text.replace("\n", ", ")
 
 
 def _a(noun: str) -> str:

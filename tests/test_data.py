@@ -888,3 +888,27 @@ def test_scatter_and_gather_pandas_extension_arrays_keep_their_type(mec):
         back = mec.gather("e")
         assert type(back) is type(value) and back.dtype == value.dtype, back
         assert back.equals(value), back
+
+
+def test_gather_of_parts_of_different_column_types_names_each_engine(mec):
+    """pyarrow refused Tables of different schemas naming "Schema at index 1" (a position in
+    the list, not engine 1); Categoricals of different categories came back as strings. Each
+    engine's types are named now (here engines 3 and 1, in that order)."""
+    pa = pytest.importorskip("pyarrow")
+    pl = pytest.importorskip("polars")
+    import pandas as pd
+
+    cases = [
+        (pa.table({"a": [1, 2]}), "t = pa.table({'a': [1.5]})", "pyarrow Table", "a: double"),
+        (pa.array([1, 2]), "t = pa.array(['x'])", "pyarrow Array", "string"),
+        (pl.DataFrame({"a": [1, 2]}), "t = pl.DataFrame({'b': [1]})", "polars DataFrame", "b"),
+        (pd.Categorical(["a", "b"]), "t = pd.Categorical(['z'])", "pandas array", "'z'"),
+    ]
+    mec.execute("import pandas as pd, polars as pl, pyarrow as pa")
+    for value, other, kind, text in cases:
+        mec.scatter("t", value, targets=[3, 1])
+        mec.execute(other, targets=[1])
+        with pytest.raises(TypeError, match=f"hold an? {kind} each, of different types") as e:
+            mec.gather("t", targets=[3, 1])
+        assert str(e.value).index("3: ") < str(e.value).index("1: ") and text in str(e.value)
+        assert "index 1" not in str(e.value)
