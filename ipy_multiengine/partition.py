@@ -60,9 +60,9 @@ def _join_arrays(parts: list[Any]) -> Any:
     masked = [p for p in parts if isinstance(p, numpy.ma.MaskedArray)]
     if masked:  # numpy.concatenate drops the masks, numpy.ma.concatenate the fill value
         out = numpy.ma.concatenate(parts)  # type: ignore[no-untyped-call]
-        fills = {p.fill_value.tobytes() for p in masked}
-        if len(fills) == 1:
-            out.fill_value = masked[0].fill_value
+        fill = masked[0].fill_value
+        if all(_same_fill(p.fill_value, fill) for p in masked[1:]):
+            out.fill_value = fill
         return out
     out = numpy.concatenate(parts)
     if all(type(p) is numpy.recarray for p in parts):
@@ -70,10 +70,34 @@ def _join_arrays(parts: list[Any]) -> Any:
     return out
 
 
+def _same_fill(a: Any, b: Any) -> bool:
+    """Whether two masked arrays' fill values are the same: by their bytes (a NaN is its own
+    equal), or for an object array, whose fill value is any Python object, by ``==``."""
+    import numpy
+
+    x, y = numpy.asarray(a), numpy.asarray(b)
+    if x.dtype != y.dtype:
+        return False
+    if not x.dtype.hasobject:
+        return x.tobytes() == y.tobytes()
+    try:
+        return bool(numpy.all(x == y))
+    except Exception:  # an object whose == raises, or gives no truth value
+        return False
+
+
 def _join_pandas(parts: list[Any]) -> Any:
     import pandas
 
     return pandas.concat(parts)
+
+
+def _join_pandas_arrays(parts: list[Any]) -> Any:
+    import pandas
+
+    # by rows, as Series would be: a Categorical keeps its categories, Int64 its missing values
+    series = [pandas.Series(p, copy=False) for p in parts]
+    return pandas.concat(series, ignore_index=True).array
 
 
 def _join_polars(parts: list[Any]) -> Any:
@@ -130,13 +154,23 @@ def _slice(seq: Any, a: int, b: int) -> Any:
     return seq.slice(a, b - a)  # polars: zero-copy, and pickled as the slice alone
 
 
-def _take(seq: Any, a: int, b: int) -> Any:
+def _own(seq: Any, a: int, b: int) -> Any:
     """Rows ``a:b`` of a pyarrow Table, RecordBatch or (chunked) Array, copied into buffers of
     their own: a pyarrow slice pickles its parent's whole buffers, so each engine would get
-    (and keep) all the data for its few rows."""
-    import numpy
+    (and keep) all the data for its few rows. Copied by concatenation, which every type has
+    (``take`` has no kernel for run-end encoded or string_view arrays)."""
+    import pyarrow
 
-    return seq.slice(a, b - a).take(numpy.arange(b - a))
+    part = seq.slice(a, b - a)
+    if isinstance(part, pyarrow.Array):
+        return pyarrow.concat_arrays([part])
+    if isinstance(part, pyarrow.ChunkedArray):
+        chunks = [pyarrow.concat_arrays(part.chunks)] if part.num_chunks else []
+        return pyarrow.chunked_array(chunks, type=part.type)
+    if not part.num_columns:
+        return part  # no buffers to share (and no columns to count its rows by)
+    columns = [_own(c, 0, len(c)) for c in part.columns]
+    return type(part).from_arrays(columns, schema=part.schema)
 
 
 def _index(seq: Any, a: int, b: int) -> Any:
@@ -167,12 +201,19 @@ def _named_row(part: Any) -> Any:
 _kinds: tuple[_Kind, ...] = (  # the first that matches; pandas first (a subclass may be more)
     _Kind("pandas DataFrame", _of("pandas", "DataFrame"), _iloc, _join_pandas, _first_row),
     _Kind("pandas Series", _of("pandas", "Series"), _iloc, _join_pandas, _first_row),
+    _Kind(
+        "pandas array",
+        _of("pandas.api.extensions", "ExtensionArray"),  # Categorical, Int64, datetimes...
+        _index,
+        _join_pandas_arrays,
+        _item0,
+    ),
     _Kind("polars DataFrame", _of("polars", "DataFrame"), _slice, _join_polars, _named_row),
     _Kind("polars Series", _of("polars", "Series"), _slice, _join_polars, _item0),
-    _Kind("pyarrow Table", _of("pyarrow", "Table"), _take, _pyarrow("concat_tables"), _row),
-    _Kind("pyarrow RecordBatch", _of("pyarrow", "RecordBatch"), _take, _join_batches, _row),
-    _Kind("pyarrow ChunkedArray", _of("pyarrow", "ChunkedArray"), _take, _join_chunked, _item0),
-    _Kind("pyarrow Array", _of("pyarrow", "Array"), _take, _pyarrow("concat_arrays"), _item0),
+    _Kind("pyarrow Table", _of("pyarrow", "Table"), _own, _pyarrow("concat_tables"), _row),
+    _Kind("pyarrow RecordBatch", _of("pyarrow", "RecordBatch"), _own, _join_batches, _row),
+    _Kind("pyarrow ChunkedArray", _of("pyarrow", "ChunkedArray"), _own, _join_chunked, _item0),
+    _Kind("pyarrow Array", _of("pyarrow", "Array"), _own, _pyarrow("concat_arrays"), _item0),
     _Kind("NumPy array", _is_ndarray, _index, _join_arrays, _item0),
     _Kind("str", lambda s: isinstance(s, str), _index, "".join, _item0),
     _Kind("bytes", lambda s: isinstance(s, bytes), _index, b"".join, _bytes0),
@@ -183,8 +224,8 @@ _kinds: tuple[_Kind, ...] = (  # the first that matches; pandas first (a subclas
 
 _KNOWN = (
     "lists, tuples, ranges, other sequences and iterators, str, bytes, bytearray, NumPy "
-    "arrays, pandas and polars DataFrames and Series (by rows), pyarrow Tables, RecordBatches "
-    "and Arrays"
+    "arrays, pandas and polars DataFrames and Series (by rows), pandas arrays (Categorical...), "
+    "pyarrow Tables, RecordBatches and Arrays"
 )
 
 
@@ -213,9 +254,9 @@ def first(part: Any) -> Any:
 def split(seq: Any, nparts: int) -> list[Any]:
     """Split ``seq`` into ``nparts`` contiguous parts of its own kind.
 
-    NumPy arrays are split along axis 0 into views, frames, series and tables by rows,
-    strings, bytes and bytearrays into their own type; other sequences, iterators and dict
-    views into lists of their items. Anything else (a dict, a set, a 0-d array, a library's
+    NumPy arrays are split along axis 0 into views, frames, series, pandas arrays and tables
+    by rows, strings, bytes and bytearrays into their own type; other sequences, iterators
+    and dict views into lists of their items. Anything else (a dict, a set, a 0-d array, a library's
     container of no known kind) is a ``TypeError`` naming its type.
     """
     kind = _kind(seq)
@@ -262,6 +303,15 @@ def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = 
         # pandas.concat would align them, filling NaN where a frame has no such column
         cols = "; ".join(f"{n}: {list(p.columns)}" for n, p in zip(names, parts, strict=True))
         raise TypeError(f"{what} hold DataFrames with different columns ({cols})")
+    typed = _TYPE_OF.get(kind.name)
+    if typed is not None and any(typed(p) != typed(parts[0]) for p in parts):
+        # a join would fail naming a part by its index ("Schema at index 1"), or for pandas
+        # arrays change their type (Categoricals of other categories: strings)
+        texts = [_type_text(typed(p)) for p in parts]
+        if len(set(texts)) == 1:  # two categoricals are both "category": say which
+            texts = [repr(typed(p)) for p in parts]
+        types = "; ".join(f"{n}: {t}" for n, t in zip(names, texts, strict=True))
+        raise TypeError(f"{what} hold {_a(kind.name)} each, of different types ({types})")
     if kind.name == "NumPy array" and len({p.dtype for p in parts}) > 1:
         import numpy
 
@@ -283,6 +333,27 @@ def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = 
         raise TypeError(
             f"{what} hold arrays that cannot be joined along their first axis ({shapes})"
         ) from exc
+
+
+#: what must be the same in every part of these kinds: their column types or dtype
+_TYPE_OF: dict[str, Callable[[Any], Any]] = {
+    "pandas array": lambda p: p.dtype,
+    "polars DataFrame": lambda p: p.schema,
+    "polars Series": lambda p: p.dtype,
+    "pyarrow Table": lambda p: p.schema,  # (== leaves out the metadata, as concat_tables does)
+    "pyarrow RecordBatch": lambda p: p.schema,
+    "pyarrow ChunkedArray": lambda p: p.type,
+    "pyarrow Array": lambda p: p.type,
+}
+
+
+def _type_text(t: Any) -> str:
+    """A dtype or schema on one line (a pyarrow schema without its metadata)."""
+    try:
+        text = str(t.to_string(show_field_metadata=False, show_schema_metadata=False))
+    except (AttributeError, TypeError):
+        text = str(t)
+    return text.replace("\n", ", ")
 
 
 def _a(noun: str) -> str:

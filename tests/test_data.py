@@ -832,3 +832,83 @@ def test_scatter_of_pyarrow_data_sends_each_engine_its_rows_only(mec):
         held = mec.apply(lambda: t.get_total_buffer_size())  # noqa: F821 (an engine name)
         assert max(held) < 0.3 * value.get_total_buffer_size(), (type(value).__name__, held)
         assert mec.gather("t").equals(value)
+
+
+def test_scatter_of_pyarrow_types_take_has_no_kernel_for(mec):
+    """Run-end encoded and string_view columns failed to scatter with pyarrow's
+    ``ArrowNotImplementedError: Function 'array_take' has no kernel``: each part was copied
+    with ``take``. They scatter by rows now, each engine holding its rows only."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.compute as pc
+
+    n = 40_000
+    ree = pc.run_end_encode(pa.array(np.arange(n) // 4))
+    view = pa.array([f"s{i}" for i in range(n)], type=pa.string_view())
+    more = pc.run_end_encode(pa.array(np.arange(n, 2 * n) // 4))
+    for value in (ree, view, pa.table({"r": ree, "v": view}), pa.chunked_array([ree, more])):
+        mec.scatter("t", value)
+        parts = mec.pull("t")
+        assert [type(p) for p in parts] == [type(value)] * 4, parts
+        assert [len(p) for p in parts] == [len(value) // 4] * 4
+        held = mec.apply(lambda: t.get_total_buffer_size())  # noqa: F821 (an engine name)
+        assert max(held) < 0.3 * value.get_total_buffer_size(), (type(value).__name__, held)
+        assert mec.gather("t").equals(value)
+
+
+def test_gather_of_masked_object_arrays_with_a_python_fill_value(mec):
+    """A masked array of objects holds its fill value as a Python object: gather failed with
+    "arrays that cannot be joined along their first axis" (an ``int`` has no ``tobytes``)."""
+    m = np.ma.array(np.array(["a", 2, None, "d"], dtype=object), mask=[0, 1, 0, 0])
+    m.fill_value = 5
+    mec.scatter("m", m)
+    back = mec.gather("m")
+    assert isinstance(back, np.ma.MaskedArray) and back.dtype == object
+    assert list(back.data) == list(m.data) and list(back.mask) == list(m.mask)
+    assert back.fill_value == 5
+    mec.execute("m.fill_value = 'x'", targets=[2])  # fill values that differ: the default
+    assert mec.gather("m").fill_value == "?"
+
+
+def test_scatter_and_gather_pandas_extension_arrays_keep_their_type(mec):
+    """pandas' own arrays (Categorical, nullable integers, datetimes with a time zone) were
+    scattered as lists of their items before, and then refused as of no known kind. They are
+    split by rows into arrays of their type and joined back with their dtype."""
+    import pandas as pd
+
+    values = [
+        pd.Categorical(["a", "b", "a", "c", "b"], categories=["c", "b", "a"], ordered=True),
+        pd.array([1, None, 3, 4, 5], dtype="Int64"),
+        pd.array(pd.date_range("2026-01-01", periods=5, tz="Europe/Paris")),
+    ]
+    for value in values:
+        mec.scatter("e", value)
+        parts = mec.pull("e")
+        assert [type(p) for p in parts] == [type(value)] * 4, parts
+        assert [len(p) for p in parts] == [2, 1, 1, 1]
+        back = mec.gather("e")
+        assert type(back) is type(value) and back.dtype == value.dtype, back
+        assert back.equals(value), back
+
+
+def test_gather_of_parts_of_different_column_types_names_each_engine(mec):
+    """pyarrow refused Tables of different schemas naming "Schema at index 1" (a position in
+    the list, not engine 1); Categoricals of different categories came back as strings. Each
+    engine's types are named now (here engines 3 and 1, in that order)."""
+    pa = pytest.importorskip("pyarrow")
+    pl = pytest.importorskip("polars")
+    import pandas as pd
+
+    cases = [
+        (pa.table({"a": [1, 2]}), "t = pa.table({'a': [1.5]})", "pyarrow Table", "a: double"),
+        (pa.array([1, 2]), "t = pa.array(['x'])", "pyarrow Array", "string"),
+        (pl.DataFrame({"a": [1, 2]}), "t = pl.DataFrame({'b': [1]})", "polars DataFrame", "b"),
+        (pd.Categorical(["a", "b"]), "t = pd.Categorical(['z'])", "pandas array", "'z'"),
+    ]
+    mec.execute("import pandas as pd, polars as pl, pyarrow as pa")
+    for value, other, kind, text in cases:
+        mec.scatter("t", value, targets=[3, 1])
+        mec.execute(other, targets=[1])
+        with pytest.raises(TypeError, match=f"hold an? {kind} each, of different types") as e:
+            mec.gather("t", targets=[3, 1])
+        assert str(e.value).index("3: ") < str(e.value).index("1: ") and text in str(e.value)
+        assert "index 1" not in str(e.value)
