@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import inspect
 import os
+import signal
 import socket
 import time
 import weakref
@@ -27,7 +28,7 @@ from traitlets import Bool, Dict, Enum, Float, Integer, TraitError, Unicode
 from traitlets.config import Config, Configurable
 from traitlets.traitlets import MetaHasTraits
 
-from . import _loop
+from . import _loop, wire
 from .client import CONFIGURED, check_timeout, config_error, shell_config
 from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tools import from here)
     HOW_TO_START,
@@ -723,7 +724,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         """The restart of engine ``eid`` proper: the launcher's restart, then connecting to the
         engine (started again on new ports when it lost one to another process)."""
         controller = self.client.controller
-        info = (await self.launcher.restart([eid]))[eid]
+        info = await self._usable_info(eid, await self.launcher.restart([eid]))
         for attempt in range(PORT_CLASH_RETRIES + 1):
             if self._stopped:  # stop() ran meanwhile; it stops the launcher's new kernel too
                 raise EngineError(f"engine {eid}: the cluster was stopped during its restart", eid)
@@ -747,6 +748,41 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                     eid,
                 )
                 info = fresh
+
+    async def _usable_info(self, eid: int, infos: Any) -> dict:
+        """Engine ``eid``'s connection info from the launcher's restart answer ``infos``, or an
+        ``EngineError`` naming the engine and what is wrong with it (none for it, not a
+        mapping, no key). The kernel the launcher started for it is stopped first: nobody can
+        use it, and left running, the cluster file named it alive while this owner had it dead
+        (a second client attached through the file used it)."""
+        source = f"the restart by the {type(self.launcher).__name__} launcher"
+        try:
+            if not isinstance(infos, Mapping) or eid not in infos:
+                raise ValueError(
+                    f"engine {eid} ({source}) has no connection info: the launcher returned "
+                    + (
+                        f"info for engines {sorted(infos, key=str)} only"
+                        if isinstance(infos, Mapping)
+                        else f"a {type(infos).__name__}, not a mapping of engine ids to info"
+                    )
+                )
+            wire.check_keys({eid: infos[eid]}, source)
+        except ValueError as exc:
+            try:
+                await self.launcher.send_signal([eid], signal.SIGKILL)
+                probe = self.launcher.liveness(eid)
+                deadline = time.monotonic() + 5
+                while probe is not None and not probe() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)  # its exit, reaped: the cluster file names it gone
+            except Exception as kill_exc:
+                log.warning(
+                    "engine %s: could not stop the kernel of its failed restart (%s); it may run "
+                    "until the cluster stops",
+                    eid,
+                    kill_exc,
+                )
+            raise EngineError(str(exc), eid, "restart") from exc
+        return infos[eid]
 
     def send_signal(self, eids: list[int], signum: int) -> None:
         """Send signal ``signum`` to engines ``eids`` through the launcher (local engines:

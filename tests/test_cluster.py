@@ -16,6 +16,7 @@ from faultlib import wait_for
 
 from ipy_multiengine import Cluster, MultiEngineClient, NoClusterError
 from ipy_multiengine.cluster import cluster_dir, cluster_file_path
+from ipy_multiengine.launchers.local import LocalLauncher
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -714,6 +715,67 @@ def test_a_failed_restart_leaves_the_engine_dead_saying_why_not_restarting(failu
         launcher.restart = real
         mec.restart(1, timeout=60)
         assert mec.apply(lambda: 1, targets=1) == [1]
+
+
+class _BadRestartLauncher(LocalLauncher):
+    """A launcher with a defect: while ``bad`` is set, its restart starts the kernel but returns
+    connection info a client cannot use (``"keyless"``: without its key; ``"none"``: no info
+    for the engine)."""
+
+    bad: str | None = None
+
+    async def restart(self, ids):
+        infos = await super().restart(ids)
+        if self.bad == "keyless":
+            return {e: {k: v for k, v in i.items() if k != "key"} for e, i in infos.items()}
+        if self.bad == "none":
+            return {}
+        return infos
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bad", ["keyless", "none"])
+def test_a_restart_returning_unusable_info_fails_at_once_and_the_file_agrees(bad):
+    """A launcher whose restart returns info without a key (a ValueError, no EngineError, from
+    the client's check) or none for the engine (a bare ``KeyError: 1``) left the kernel it had
+    started running: the owner had the engine dead, while the cluster file named that live
+    kernel, so a second client attached through the file used it. Now the restart fails with
+    an EngineError naming the engine and what is wrong, the owner reports it dead, and the
+    kernel is stopped: a client attached through the file sees it dead too; a restart by a
+    launcher that works brings it back for both."""
+    import time
+
+    from ipy_multiengine.errors import EngineError
+
+    profile = f"restart-unusable-{bad}"
+    launcher = _BadRestartLauncher(2, work_dir=cluster_dir(), tag=profile)
+    with Cluster(n=2, launcher=launcher, profile=profile) as mec:
+        launcher.bad = bad
+        t0 = time.monotonic()
+        with pytest.raises(EngineError) as info:
+            mec.restart(1, timeout=60)
+        assert time.monotonic() - t0 < 20
+        text = str(info.value)
+        assert info.value.engine_id == 1 and text.startswith("engine 1 "), text
+        assert ("no key" if bad == "keyless" else "no connection info") in text, text
+        assert "_BadRestartLauncher" in text, text
+        assert "failed to restart" in (mec.controller.dead(1) or ""), mec.controller.unavailable(1)
+        with pytest.raises(Exception, match="failed to restart"):
+            mec.apply(lambda: 1, targets=1, timeout=10)
+        assert mec.apply(lambda: 0, targets=0) == [0]
+        spec = json.loads(Path(mec.owner.cluster_file).read_text())
+        pid1 = next(e["pid"] for e in spec["engines"] if e["id"] == 1)
+        assert pid1 == mec.owner.engine_meta()[1]["pid"]
+        wait_for(lambda: not psutil.pid_exists(pid1), 10, f"the unusable kernel {pid1} to end")
+        # a client attached through the file cannot use it either (a cluster with a dead
+        # engine is not attached at all: the client says which engine is gone)
+        with pytest.raises(EngineError, match=rf"engine 1 exited \(process {pid1} is gone\)"):
+            MultiEngineClient(profile=profile).close()
+        launcher.bad = None
+        mec.restart(1, timeout=60)
+        assert mec.apply(lambda: 1, targets=1) == [1]
+        with MultiEngineClient(profile=profile) as other:
+            assert other.apply(lambda: 2) == [2, 2]
 
 
 def _restart_fails_once(launcher) -> list:
