@@ -61,7 +61,7 @@ from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tool
     write_cluster,
     write_private,
 )
-from .errors import EngineError, NoClusterError, TimeoutError
+from .errors import EngineError, NoClusterError, RestartError, TimeoutError
 from .render import in_notebook  # the one "in a kernel?" check
 
 log = __import__("logging").getLogger("ipy_multiengine")
@@ -690,12 +690,15 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         if len(failed) == 1:
             raise failed[0][1]
         if failed:
-            raise EngineError(
+            # each engine's own exception, traceback included: the mapping for code, the group
+            # for a printed traceback (a cause of only the first lost the others)
+            raise RestartError(
                 f"the restart of engines {[e for e, _ in failed]} failed: "
                 + "; ".join(f"engine {e}: {str(x) or type(x).__name__}" for e, x in failed),
-                failed[0][0],
-                "restart",
-            ) from failed[0][1]
+                dict(failed),
+            ) from BaseExceptionGroup(
+                f"the restart of each of engines {[e for e, _ in failed]}", [x for _, x in failed]
+            )
 
     async def _restart_one(self, eid: int, timeout: float) -> None:
         controller = self.client.controller

@@ -16,6 +16,7 @@ from faultlib import wait_for
 
 from ipy_multiengine import Cluster, MultiEngineClient, NoClusterError
 from ipy_multiengine.cluster import cluster_dir, cluster_file_path
+from ipy_multiengine.errors import EngineError
 from ipy_multiengine.launchers.local import LocalLauncher
 
 pytestmark = pytest.mark.timeout(120)
@@ -745,8 +746,6 @@ def test_a_restart_returning_unusable_info_fails_at_once_and_the_file_agrees(bad
     launcher that works brings it back for both."""
     import time
 
-    from ipy_multiengine.errors import EngineError
-
     profile = f"restart-unusable-{bad}"
     launcher = _BadRestartLauncher(2, work_dir=cluster_dir(), tag=profile)
     with Cluster(n=2, launcher=launcher, profile=profile) as mec:
@@ -870,12 +869,43 @@ def test_a_dead_engine_whose_restart_fails_says_so_and_auto_restart_tries_again(
         assert mec.apply(lambda: 5) == [5]
 
 
+def _assert_each_engine_error_is_kept(err: BaseException) -> None:
+    """``err``, the error of a restart of engines 0, 1 and 2 where 0 and 2 failed (each with
+    "no kernel for engine N" raised in the launcher), keeps each engine's own exception: by
+    engine id in ``errors`` (tracebacks included), all of them in its cause (a group), so that
+    a printed traceback and IPython's rendering show both. Only engine 0's was chained."""
+    import pickle
+    import traceback
+
+    from ipy_multiengine.errors import RestartError
+
+    assert isinstance(err, RestartError) and err.engine_id == 0, repr(err)
+    assert sorted(err.errors) == [0, 2], err.errors
+    for eid, own in err.errors.items():
+        assert isinstance(own, RuntimeError) and str(own) == f"no kernel for engine {eid}"
+        frames = [f.name for f in traceback.extract_tb(own.__traceback__)]
+        assert "failing_for_0_and_2" in frames, (eid, frames)
+        assert err.for_engine(eid).engine_id == eid and str(own) in str(err.for_engine(eid))
+    assert isinstance(err.__cause__, BaseExceptionGroup), repr(err.__cause__)
+    assert list(err.__cause__.exceptions) == [err.errors[0], err.errors[2]]
+    printed = "".join(traceback.format_exception(err))
+    rendered = "\n".join(err._render_traceback_())
+    for text in (printed, rendered):
+        assert "RuntimeError: no kernel for engine 0" in text, text
+        assert "RuntimeError: no kernel for engine 2" in text, text
+        assert text.count("failing_for_0_and_2") >= 2, text
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is RestartError and str(again) == str(err)
+    texts = lambda e: {i: str(x) for i, x in e.errors.items()}  # noqa: E731
+    assert texts(again) == texts(err)
+
+
 @pytest.mark.timeout(150)
 def test_a_restart_of_several_engines_finishes_the_others_when_one_fails():
     """One engine's failed restart raised at once while the others' went on unwatched, and the
     cluster file was not rewritten: the engines that came back kept their old pids in it (a
     second client saw them dead). Now every restart ends first, the file records the engines
-    that came back, and the error names each engine that did not."""
+    that came back, and the error names each engine that did not and keeps its exception."""
     with Cluster(n=3, profile="restart-several") as mec:
         cluster = mec.owner
         launcher = cluster.launcher
@@ -890,10 +920,11 @@ def test_a_restart_of_several_engines_finishes_the_others_when_one_fails():
         before = {
             e["id"]: e["pid"] for e in json.loads(Path(cluster.cluster_file).read_text())["engines"]
         }
-        with pytest.raises(Exception) as info:
+        with pytest.raises(EngineError) as info:
             mec.restart([0, 1, 2], timeout=60)
         assert "no kernel for engine 0" in str(info.value)
         assert "no kernel for engine 2" in str(info.value)
+        _assert_each_engine_error_is_kept(info.value)
         assert mec.controller.state(1).ready, mec.controller.unavailable(1)
         assert mec.apply(lambda: 1, targets=1) == [1]
         pid1 = mec.controller.state(1).pid
