@@ -220,6 +220,53 @@ class CommReply:
 
 _generations = itertools.count(1)
 
+#: Groups of refusals an engine connection keeps at most (a forged flood cannot grow them).
+MAX_REFUSAL_GROUPS = 64
+
+
+@dataclass
+class Refusals:
+    """``count`` fast messages refused or dropped unread at one moment, ``why``, and the ids
+    of this engine's fast requests unanswered then: only those can be theirs. It ends with
+    them (answered, lost or failed), so that a count no request consumed (a dropped progress
+    report, a forged message) does not label a later loss."""
+
+    count: int
+    why: str
+    candidates: set[str]
+
+
+def _count_refusals(
+    conn: EngineConn, groups: list[Refusals], count: int, why: str, answered: Any = None
+) -> None:
+    """(loop) Record ``count`` refusals among the fast requests of ``conn`` unanswered now
+    (not ``answered``, the request whose reply told of them)."""
+    live = {
+        m
+        for m, r in conn.requests.items()
+        if r.channel == "fast" and not r.held and r is not answered
+    }
+    groups[:] = [g for g in groups if g.candidates & conn.requests.keys()]
+    if live and count > 0:
+        groups.append(Refusals(min(count, len(live)), why, live))
+        del groups[:-MAX_REFUSAL_GROUPS]
+
+
+def _take_refusal(conn: EngineConn, groups: list[Refusals], req: Request) -> str | None:
+    """(loop) Why lost request ``req`` was refused, when a recorded refusal can be its own
+    (it was unanswered when the refusal was counted); that refusal is used up. None: its loss
+    is not explained by a refusal."""
+    why = None
+    for group in groups:
+        group.candidates &= conn.requests.keys()
+        if why is None and group.count > 0 and req.msg_id in group.candidates:
+            group.count -= 1
+            why = group.why
+        group.candidates.discard(req.msg_id)
+        group.count = min(group.count, len(group.candidates))
+    groups[:] = [g for g in groups if g.count > 0]
+    return why
+
 
 class EngineConn:
     """One engine's sockets, session and in-flight requests (used only on the loop thread;
@@ -279,13 +326,12 @@ class EngineConn:
         self.rtt = 0.0  # seconds of a kernel_info round trip while connecting
         self.probe: Request | None = None  # a ping sent behind an unanswered fast operation
         #: messages of ours the engine's fast socket left unanswered for failing their signature
-        #: (changed on the way), as its replies report them, why the last one failed, and when
-        #: the last report came (only a request sent before it can be one of them)
-        self.fast_unchecked: tuple[int, str, float] = (0, "", 0.0)
-        #: messages from its fast socket this client dropped for failing their signature (their
-        #: requests are lost: ``Controller._lost`` says why), why the last one failed, and when
-        #: (only a request sent before it can have had its reply dropped)
-        self.fast_dropped: tuple[int, str, float] = (0, "", 0.0)
+        #: (changed on the way), as its replies report them (``Controller._lost`` says why
+        #: their requests are lost)
+        self.fast_unchecked: list[Refusals] = []
+        #: messages from its fast socket this client dropped for failing their signature (the
+        #: requests whose replies they were are lost)
+        self.fast_dropped: list[Refusals] = []
         self.published_key: tuple | None = None  # what its last snapshot showed
         #: (the static part of ``published_key``, the snapshot fields it determines)
         self.published_static: tuple[tuple, dict[str, Any]] | None = None
@@ -1283,7 +1329,7 @@ class Controller:
             why = wire.refusal_reason(exc)  # the sender's bytes are not repeated
             log.warning("engine %s: dropped a bad message on %s (%s)", conn.eid, channel, why)
             if channel == "fast":  # its request is lost: _lost says why
-                conn.fast_dropped = (conn.fast_dropped[0] + 1, why, time.monotonic())
+                _count_refusals(conn, conn.fast_dropped, 1, why)
             return
         limit = self.max_message_size
         if limit is not None:
@@ -1634,18 +1680,18 @@ class Controller:
             self._lost(conn, req)
 
     @staticmethod
-    def _note_unchecked(conn: EngineConn, seen: Any) -> None:
-        """(loop) An engine's reply reports messages of ours its fast socket did not answer
-        because their signature failed (``_FastServer._unchecked``): the requests among them
-        fail as lost, saying so (``_lost``)."""
+    def _note_unchecked(conn: EngineConn, seen: Any, answered: Request) -> None:
+        """(loop) An engine's reply (to ``answered``) reports messages of ours its fast socket
+        did not answer because their signature failed (``_FastServer._unchecked``): the
+        requests among them fail as lost, saying so (``_lost``)."""
         if isinstance(seen, dict) and type(seen.get("count")) is int:
-            count = conn.fast_unchecked[0] + max(seen["count"], 0)
-            conn.fast_unchecked = (count, str(seen.get("why", ""))[:300], time.monotonic())
+            why = str(seen.get("why", ""))[:300]
+            _count_refusals(conn, conn.fast_unchecked, seen["count"], why, answered)
             log.warning(
                 "engine %s: its fast socket refused %d message(s) of this client unread (%s)",
                 conn.eid,
                 seen["count"],
-                conn.fast_unchecked[1],
+                why,
             )
 
     def _lost(self, conn: EngineConn, req: Request) -> None:
@@ -1658,24 +1704,23 @@ class Controller:
             "between messages); the request was lost, the engine is usable"
         )
         error: type[EngineError] = EngineError
-        count, why, told = conn.fast_unchecked
-        dropped, dropped_why, dropped_at = conn.fast_dropped
-        # a refusal counted before this request was sent is not this request's (a forged
-        # message on the path leaves a count that no request of ours consumes)
-        if req.channel == "fast" and count and req.sent <= told:
+        # only a refusal counted while this request was unanswered can be its own (one that no
+        # request consumed, a forged message's, ends with the requests it could be about)
+        fast = req.channel == "fast"
+        why = _take_refusal(conn, conn.fast_unchecked, req) if fast else None
+        dropped_why = _take_refusal(conn, conn.fast_dropped, req) if fast and why is None else None
+        if why is not None:
             error = RefusedError
             # the engine refused messages of ours unanswered: this request was one of them
-            conn.fast_unchecked = (count - 1, why, told)
             text = (
                 f"engine {conn.eid} did not answer {what!r}: its fast socket refused a message "
                 f"of this client unread for failing its signature check ({why}), so this "
                 "request was most likely changed on the way (its id could not be trusted to "
                 "answer it); nothing of such a message is unpickled or run, the engine is usable"
             )
-        elif req.channel == "fast" and dropped and req.sent <= dropped_at:
+        elif dropped_why is not None:
             error = RefusedError
             # this client dropped a message from the engine's fast socket: this reply, likely
-            conn.fast_dropped = (dropped - 1, dropped_why, dropped_at)
             text = (
                 f"engine {conn.eid}: no reply to {what!r} was accepted: this client dropped a "
                 f"message from its fast socket unread for failing its check ({dropped_why}), so "
@@ -1722,7 +1767,7 @@ class Controller:
 
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
         if "unchecked" in data:
-            self._note_unchecked(conn, data["unchecked"])
+            self._note_unchecked(conn, data["unchecked"], req)
         fut = req.future
         if isinstance(fut, RequestFuture) and fut.started is None:
             self._stamp_started(fut, data)
