@@ -419,25 +419,40 @@ class Controller:
         self.longest_stall = 0.0
         self._to_connect: tuple[dict[int, dict], float] | None = (dict(engines), timeout)
 
-    def connect(self) -> Controller:
+    def connect(self, keep_failed: bool = False) -> Controller:
         """Connect to the engines given to the constructor (blocks until each is ready, or
-        raises naming the one that is not); an explicit step: constructing does no I/O."""
+        raises naming the one that is not); an explicit step: constructing does no I/O.
+
+        ``keep_failed``: an engine that cannot be reached (dead in a running cluster, whose
+        owner may restart it) is kept as dead, saying why, while the others work; it raises
+        only when no engine connects."""
         if self._to_connect is None:
             raise RuntimeError("this Controller is connected already")
         engines, timeout = self._to_connect
         self._to_connect = None
-        _loop.run(self._start(engines, timeout))
+        _loop.run(self._start(engines, timeout, keep_failed))
         return self
 
     # ---------------------------------------------------------------- lifecycle (loop)
-    async def _start(self, engines: dict[int, dict], timeout: float) -> None:
+    async def _start(self, engines: dict[int, dict], timeout: float, keep_failed: bool) -> None:
         self._ctx = zmq.asyncio.Context()
         self._last_tick = self._awake_since = time.monotonic()
         self._stall_watch = self._spawn(self._watch_stalls())
         # watch processes while they start too: an engine that dies at startup fails at once
         self._poller = self._spawn(self._poll_liveness())
         try:
-            await self._add_engines(engines, timeout)
+            await self._add_engines(
+                engines,
+                timeout,
+                keep_others=keep_failed,
+                failed_as="not reachable when this client connected",
+            )
+        except Exception as exc:
+            if not keep_failed or not any(c.ready for c in self._engines.values()):
+                await self._close()
+                raise
+            dead = sorted(c.eid for c in self._engines.values() if c.dead)
+            log.warning("connected without engines %s: %s", dead, exc)
         except BaseException:
             await self._close()
             raise
@@ -547,6 +562,7 @@ class Controller:
         timeout: float,
         keep_others: bool = False,
         forget_failed: bool = False,
+        failed_as: str = "failed to start",
     ) -> None:
         wire.check_keys(engines, "the connection info given to this client")
         conns = [
@@ -584,13 +600,17 @@ class Controller:
                 and not still_starting(c)
             }
             self._joining -= joining
-            for conn in conns:
+            for conn, res in itertools.zip_longest(conns, results):
                 if conn.eid in gone:  # dropped first: the teardown publishes nothing
                     self._engines.pop(conn.eid, None)
                     self._liveness.pop(conn.eid, None)
                     self._teardown(conn, "startup failed")
-                else:
-                    self._publish(conn)
+                    continue
+                self._publish(conn)
+                if conn.eid in joining and conn.dead and not isinstance(res, BaseException):
+                    # died while joining (its owner was not told: ``_notify_dead``), after its
+                    # connection was made: told now (a failed one is told below)
+                    asyncio.get_running_loop().call_soon(self._notify_dead, conn)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for conn, res in zip(conns, results, strict=True):
@@ -605,9 +625,9 @@ class Controller:
                     reason = res if isinstance(res, BaseException) else errors[0]
                     self._teardown(conn, "startup failed")
                     conn.dead = (
-                        f"failed to start: {type(reason).__name__}: {reason}"
+                        f"{failed_as}: {type(reason).__name__}: {reason}"
                         if not str(reason)
-                        else f"failed to start: {reason}"
+                        else f"{failed_as}: {reason}"
                     )
                     conn.state = "dead"
                     self._publish(conn)
@@ -1250,6 +1270,8 @@ class Controller:
             and not self._closed
             and conn.dead
             and self._engines.get(conn.eid) is conn
+            # not published yet: its owner hears of it once it is (``_add_engines``)
+            and conn.eid not in self._joining
         ):
             try:
                 self.on_dead(conn.eid, conn.dead)

@@ -766,14 +766,38 @@ def test_a_restart_returning_unusable_info_fails_at_once_and_the_file_agrees(bad
         pid1 = next(e["pid"] for e in spec["engines"] if e["id"] == 1)
         assert pid1 == mec.owner.engine_meta()[1]["pid"]
         wait_for(lambda: not psutil.pid_exists(pid1), 10, f"the unusable kernel {pid1} to end")
-        # a client attached through the file cannot use it either (a cluster with a dead
-        # engine is not attached at all: the client says which engine is gone)
-        with pytest.raises(EngineError, match=rf"engine 1 exited \(process {pid1} is gone\)"):
-            MultiEngineClient(profile=profile).close()
+        with MultiEngineClient(profile=profile) as other:  # attached through the file
+            assert f"process {pid1} is gone" in (other.controller.dead(1) or "")
+            assert other.apply(lambda: 0, targets=0) == [0]
         launcher.bad = None
         mec.restart(1, timeout=60)
         assert mec.apply(lambda: 1, targets=1) == [1]
         with MultiEngineClient(profile=profile) as other:
+            assert other.apply(lambda: 2) == [2, 2]
+
+
+@pytest.mark.timeout(120)
+def test_a_client_attaches_to_a_cluster_with_a_dead_engine_and_follows_its_restart():
+    """A second client of a running cluster one of whose engines is dead (killed, no
+    auto_restart) could not attach at all: ``MultiEngineClient(profile=...)`` raised "engine 1
+    exited", so nobody could use the other engines, or restart that one, from a new session.
+    Now the dead engine is listed dead, saying why, the others work, and when the owner
+    restarts it the client reconnects to it (as for an engine that dies while attached)."""
+    from faultlib import engine_pid
+
+    with Cluster(n=2, profile="attach-with-dead") as mec:
+        pid = engine_pid(mec.owner, 1)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: mec.controller.dead(1), 30, "the owner to see engine 1 dead")
+        with MultiEngineClient(profile="attach-with-dead") as other:
+            assert other.get_ids() == [0, 1]
+            why = other.controller.dead(1) or ""
+            assert f"process {pid} is gone" in why, why
+            assert other.apply(lambda: 0, targets=0) == [0]
+            with pytest.raises(EngineError, match="engine 1 is dead"):
+                other.apply(lambda: 1, targets=1, timeout=10)
+            mec.restart(1, timeout=60)
+            other.wait_ready(timeout=30)
             assert other.apply(lambda: 2) == [2, 2]
 
 
