@@ -458,7 +458,8 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         self.shutdown_wait = shutdown_wait
         #: answer restart requests from other processes (set by ``ipmulti start``)
         self.serves_requests = False
-        #: engine id -> when it was restarted automatically (``time.monotonic()``)
+        #: engine id -> when it was restarted automatically (``time.monotonic()``) within the
+        #: last minute (restarts asked for by a user do not count against MAX_AUTO_RESTARTS)
         self.restarts: dict[int, list[float]] = {}
         self._restart_locks: dict[int, asyncio.Lock] = {}
         #: engines add_engines is starting: not restarted automatically (a failed one is
@@ -666,13 +667,14 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             )
         fut.result()
 
-    async def restart_async(self, eids: list[int], timeout: float) -> None:
+    async def restart_async(self, eids: list[int], timeout: float, automatic: bool = False) -> None:
         """Restart each engine of ``eids`` (together); every restart ends before this does,
         the cluster file records the engines that came back, and then the failures are raised:
         the one error, or one naming each engine that did not come back."""
         try:
             outcomes = await asyncio.gather(
-                *(self._restart_one(eid, timeout) for eid in eids), return_exceptions=True
+                *(self._restart_one(eid, timeout, automatic) for eid in eids),
+                return_exceptions=True,
             )
         finally:
             # also when cancelled (Ctrl-C in restart): the cancel ends the restarts still going
@@ -700,12 +702,13 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                 f"the restart of each of engines {[e for e, _ in failed]}", [x for _, x in failed]
             )
 
-    async def _restart_one(self, eid: int, timeout: float) -> None:
+    async def _restart_one(self, eid: int, timeout: float, automatic: bool = False) -> None:
         controller = self.client.controller
         lock = self._restart_locks.setdefault(eid, asyncio.Lock())
         async with lock:
             await controller.begin_restart(eid, "was restarted")
-            self.restarts.setdefault(eid, []).append(time.monotonic())
+            if automatic:
+                self.restarts.setdefault(eid, []).append(time.monotonic())
             try:
                 await self._bring_back(eid, timeout)
             except BaseException as exc:
@@ -854,7 +857,9 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         lock = self._restart_locks.get(eid)
         if lock is not None and lock.locked():
             return  # being restarted already
-        recent = [t for t in self.restarts.get(eid, []) if time.monotonic() - t < 60]
+        recent = self.restarts[eid] = [
+            t for t in self.restarts.get(eid, []) if time.monotonic() - t < 60
+        ]
         if len(recent) >= MAX_AUTO_RESTARTS:
             log.error(
                 "engine %s died %d times within a minute; not restarting it again", eid, len(recent)
@@ -864,7 +869,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
 
         async def go() -> None:
             try:
-                await self.restart_async([eid], self.startup_timeout)
+                await self.restart_async([eid], self.startup_timeout, automatic=True)
             except Exception as exc:
                 log.error("automatic restart of engine %s failed: %s", eid, exc)
 

@@ -801,6 +801,26 @@ def test_a_client_attaches_to_a_cluster_with_a_dead_engine_and_follows_its_resta
             assert other.apply(lambda: 2) == [2, 2]
 
 
+@pytest.mark.timeout(120)
+def test_restarts_asked_for_do_not_use_up_the_automatic_ones():
+    """Every restart, also one a user asked for, counted against auto_restart's limit of
+    MAX_AUTO_RESTARTS a minute: after that many ``mec.restart`` calls, an engine that died was
+    not restarted ("died 5 times within a minute"; it had not died once). Only automatic
+    restarts count now."""
+    from faultlib import engine_pid
+
+    from ipy_multiengine.cluster import MAX_AUTO_RESTARTS
+
+    with Cluster(n=1, profile="restarts-asked", write_file=False, auto_restart=True) as mec:
+        for _ in range(MAX_AUTO_RESTARTS):
+            mec.restart(0, timeout=60)
+        os.kill(engine_pid(mec.owner, 0), signal.SIGKILL)
+        wait_for(lambda: mec.controller.unavailable(0), 10, "engine 0 to be seen dead")
+        mec.wait_ready(timeout=60)
+        assert mec.apply(lambda: 1) == [1]
+        assert len(mec.owner.restarts[0]) == 1
+
+
 def _restart_fails_once(launcher) -> list:
     """Make ``launcher.restart`` raise "no kernel this time" on its first call only; returns
     the list of the engine ids of each call."""
