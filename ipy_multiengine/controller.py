@@ -2327,14 +2327,26 @@ async def _wait_for(fut: Future, deadline: float, text: str, eid: int) -> Any:
 
 
 def _death_error(conn: EngineConn, req: Request, reason: str, sent: bool = True) -> EngineError:
-    """The error of a request that the death of its engine (``reason``) fails; one never
+    """The error of a request that the death of its engine (``reason``) fails, with what the
+    engine had sent for it by then (``result``: the last words of a crash); one never
     ``sent`` (held back to keep the engine's order) does not claim it was running."""
     what = (
         f" while running {req.code or req.op or req.kind!r}"
         if sent and (req.code or req.op)
         else ""
     )
-    return EngineError(f"engine {conn.eid} {reason}{what}", conn.eid, _method(req))
+    result: dict | None = None
+    if req.kind == "execute":
+        reply = {"status": "error", **(req.reply or {})}
+        result = wire.execute_record(conn.eid, req.code, reply, req.stdout, req.stderr, req.outputs)
+    elif req.kind == "comm":
+        result = {
+            "id": conn.eid,
+            "stdout": "".join(req.stdout),
+            "stderr": "".join(req.stderr),
+            "outputs": req.outputs,
+        }
+    return EngineError(f"engine {conn.eid} {reason}{what}", conn.eid, _method(req), result)
 
 
 def _set_sent(req: Request, tracker: Any) -> None:

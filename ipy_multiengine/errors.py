@@ -168,21 +168,35 @@ class RemoteError(MultiEngineError):
 
 
 class EngineError(MultiEngineError):
-    """An engine died, was stopped or could not be reached."""
+    """An engine died, was stopped or could not be reached.
 
-    def __init__(self, message: str, engine_id: int | None = None, method: str = "execute") -> None:
+    ``result``: what the engine had sent for the request before it died (its ``stdout``,
+    ``stderr`` and ``outputs``: an execute's result record), when one was running."""
+
+    def __init__(
+        self,
+        message: str,
+        engine_id: int | None = None,
+        method: str = "execute",
+        result: Any = None,
+    ) -> None:
         super().__init__(message)
         self.engine_id = engine_id
         self.method = method
         self.ename = "EngineError"
         self.evalue = message
+        self.result = result
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (type(self), (self.args[0], self.engine_id, self.method))
+        if self.result is None:  # the constructor of a subclass may take no result
+            return (type(self), (self.args[0], self.engine_id, self.method))
+        return (type(self), (self.args[0], self.engine_id, self.method, self.result))
 
     def for_engine(self, engine_id: int) -> EngineError:
         """This error with ``engine_id`` set (a copy: context is given at construction)."""
-        return type(self)(self.args[0], engine_id, self.method)
+        if self.result is None:
+            return type(self)(self.args[0], engine_id, self.method)
+        return type(self)(self.args[0], engine_id, self.method, self.result)
 
     def render_traceback(self) -> list[str]:
         return [f"EngineError: {self.args[0]}"]
