@@ -239,9 +239,14 @@ class MultiEngineClient(Configurable):
             timeout=self.timeout,
             heartbeat=self.heartbeat,
             max_message_size=self.max_message_size,
-        ).connect()
+        )
         owner = FileOwner(path, controller, spec)
+        # set first: an engine dead at connect is followed like one that dies later (its
+        # owner's restart reconnects it)
         controller.on_dead = owner.follow_restart
+        # a running cluster with a dead engine is attached all the same: that one is listed
+        # dead, saying why (its owner can restart it: mec.restart), the others work
+        controller.connect(keep_failed=True)
         self._bind(controller, owner)
 
     @classmethod

@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import inspect
 import os
+import signal
 import socket
 import time
 import weakref
@@ -27,7 +28,7 @@ from traitlets import Bool, Dict, Enum, Float, Integer, TraitError, Unicode
 from traitlets.config import Config, Configurable
 from traitlets.traitlets import MetaHasTraits
 
-from . import _loop
+from . import _loop, wire
 from .client import CONFIGURED, check_timeout, config_error, shell_config
 from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tools import from here)
     HOW_TO_START,
@@ -60,7 +61,7 @@ from .clusterfile import (  # noqa: F401  (re-exported: the names tests and tool
     write_cluster,
     write_private,
 )
-from .errors import EngineError, NoClusterError, TimeoutError
+from .errors import EngineError, NoClusterError, RestartError, TimeoutError
 from .render import in_notebook  # the one "in a kernel?" check
 
 log = __import__("logging").getLogger("ipy_multiengine")
@@ -457,7 +458,8 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         self.shutdown_wait = shutdown_wait
         #: answer restart requests from other processes (set by ``ipmulti start``)
         self.serves_requests = False
-        #: engine id -> when it was restarted automatically (``time.monotonic()``)
+        #: engine id -> when it was restarted automatically (``time.monotonic()``) within the
+        #: last minute (restarts asked for by a user do not count against MAX_AUTO_RESTARTS)
         self.restarts: dict[int, list[float]] = {}
         self._restart_locks: dict[int, asyncio.Lock] = {}
         #: engines add_engines is starting: not restarted automatically (a failed one is
@@ -665,13 +667,14 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             )
         fut.result()
 
-    async def restart_async(self, eids: list[int], timeout: float) -> None:
+    async def restart_async(self, eids: list[int], timeout: float, automatic: bool = False) -> None:
         """Restart each engine of ``eids`` (together); every restart ends before this does,
         the cluster file records the engines that came back, and then the failures are raised:
         the one error, or one naming each engine that did not come back."""
         try:
             outcomes = await asyncio.gather(
-                *(self._restart_one(eid, timeout) for eid in eids), return_exceptions=True
+                *(self._restart_one(eid, timeout, automatic) for eid in eids),
+                return_exceptions=True,
             )
         finally:
             # also when cancelled (Ctrl-C in restart): the cancel ends the restarts still going
@@ -689,19 +692,23 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         if len(failed) == 1:
             raise failed[0][1]
         if failed:
-            raise EngineError(
+            # each engine's own exception, traceback included: the mapping for code, the group
+            # for a printed traceback (a cause of only the first lost the others)
+            raise RestartError(
                 f"the restart of engines {[e for e, _ in failed]} failed: "
                 + "; ".join(f"engine {e}: {str(x) or type(x).__name__}" for e, x in failed),
-                failed[0][0],
-                "restart",
-            ) from failed[0][1]
+                dict(failed),
+            ) from BaseExceptionGroup(
+                f"the restart of each of engines {[e for e, _ in failed]}", [x for _, x in failed]
+            )
 
-    async def _restart_one(self, eid: int, timeout: float) -> None:
+    async def _restart_one(self, eid: int, timeout: float, automatic: bool = False) -> None:
         controller = self.client.controller
         lock = self._restart_locks.setdefault(eid, asyncio.Lock())
         async with lock:
             await controller.begin_restart(eid, "was restarted")
-            self.restarts.setdefault(eid, []).append(time.monotonic())
+            if automatic:
+                self.restarts.setdefault(eid, []).append(time.monotonic())
             try:
                 await self._bring_back(eid, timeout)
             except BaseException as exc:
@@ -723,7 +730,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         """The restart of engine ``eid`` proper: the launcher's restart, then connecting to the
         engine (started again on new ports when it lost one to another process)."""
         controller = self.client.controller
-        info = (await self.launcher.restart([eid]))[eid]
+        info = await self._usable_info(eid, await self.launcher.restart([eid]))
         for attempt in range(PORT_CLASH_RETRIES + 1):
             if self._stopped:  # stop() ran meanwhile; it stops the launcher's new kernel too
                 raise EngineError(f"engine {eid}: the cluster was stopped during its restart", eid)
@@ -747,6 +754,41 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
                     eid,
                 )
                 info = fresh
+
+    async def _usable_info(self, eid: int, infos: Any) -> dict:
+        """Engine ``eid``'s connection info from the launcher's restart answer ``infos``, or an
+        ``EngineError`` naming the engine and what is wrong with it (none for it, not a
+        mapping, no key). The kernel the launcher started for it is stopped first: nobody can
+        use it, and left running, the cluster file named it alive while this owner had it dead
+        (a second client attached through the file used it)."""
+        source = f"the restart by the {type(self.launcher).__name__} launcher"
+        try:
+            if not isinstance(infos, Mapping) or eid not in infos:
+                raise ValueError(
+                    f"engine {eid} ({source}) has no connection info: the launcher returned "
+                    + (
+                        f"info for engines {sorted(infos, key=str)} only"
+                        if isinstance(infos, Mapping)
+                        else f"a {type(infos).__name__}, not a mapping of engine ids to info"
+                    )
+                )
+            wire.check_keys({eid: infos[eid]}, source)
+        except ValueError as exc:
+            try:
+                await self.launcher.send_signal([eid], signal.SIGKILL)
+                probe = self.launcher.liveness(eid)
+                deadline = time.monotonic() + 5
+                while probe is not None and not probe() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)  # its exit, reaped: the cluster file names it gone
+            except Exception as kill_exc:
+                log.warning(
+                    "engine %s: could not stop the kernel of its failed restart (%s); it may run "
+                    "until the cluster stops",
+                    eid,
+                    kill_exc,
+                )
+            raise EngineError(str(exc), eid, "restart") from exc
+        return infos[eid]
 
     def send_signal(self, eids: list[int], signum: int) -> None:
         """Send signal ``signum`` to engines ``eids`` through the launcher (local engines:
@@ -815,7 +857,9 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         lock = self._restart_locks.get(eid)
         if lock is not None and lock.locked():
             return  # being restarted already
-        recent = [t for t in self.restarts.get(eid, []) if time.monotonic() - t < 60]
+        recent = self.restarts[eid] = [
+            t for t in self.restarts.get(eid, []) if time.monotonic() - t < 60
+        ]
         if len(recent) >= MAX_AUTO_RESTARTS:
             log.error(
                 "engine %s died %d times within a minute; not restarting it again", eid, len(recent)
@@ -825,7 +869,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
 
         async def go() -> None:
             try:
-                await self.restart_async([eid], self.startup_timeout)
+                await self.restart_async([eid], self.startup_timeout, automatic=True)
             except Exception as exc:
                 log.error("automatic restart of engine %s failed: %s", eid, exc)
 

@@ -220,6 +220,53 @@ class CommReply:
 
 _generations = itertools.count(1)
 
+#: Groups of refusals an engine connection keeps at most (a forged flood cannot grow them).
+MAX_REFUSAL_GROUPS = 64
+
+
+@dataclass
+class Refusals:
+    """``count`` fast messages refused or dropped unread at one moment, ``why``, and the ids
+    of this engine's fast requests unanswered then: only those can be theirs. It ends with
+    them (answered, lost or failed), so that a count no request consumed (a dropped progress
+    report, a forged message) does not label a later loss."""
+
+    count: int
+    why: str
+    candidates: set[str]
+
+
+def _count_refusals(
+    conn: EngineConn, groups: list[Refusals], count: int, why: str, answered: Any = None
+) -> None:
+    """(loop) Record ``count`` refusals among the fast requests of ``conn`` unanswered now
+    (not ``answered``, the request whose reply told of them)."""
+    live = {
+        m
+        for m, r in conn.requests.items()
+        if r.channel == "fast" and not r.held and r is not answered
+    }
+    groups[:] = [g for g in groups if g.candidates & conn.requests.keys()]
+    if live and count > 0:
+        groups.append(Refusals(min(count, len(live)), why, live))
+        del groups[:-MAX_REFUSAL_GROUPS]
+
+
+def _take_refusal(conn: EngineConn, groups: list[Refusals], req: Request) -> str | None:
+    """(loop) Why lost request ``req`` was refused, when a recorded refusal can be its own
+    (it was unanswered when the refusal was counted); that refusal is used up. None: its loss
+    is not explained by a refusal."""
+    why = None
+    for group in groups:
+        group.candidates &= conn.requests.keys()
+        if why is None and group.count > 0 and req.msg_id in group.candidates:
+            group.count -= 1
+            why = group.why
+        group.candidates.discard(req.msg_id)
+        group.count = min(group.count, len(group.candidates))
+    groups[:] = [g for g in groups if g.count > 0]
+    return why
+
 
 class EngineConn:
     """One engine's sockets, session and in-flight requests (used only on the loop thread;
@@ -279,13 +326,12 @@ class EngineConn:
         self.rtt = 0.0  # seconds of a kernel_info round trip while connecting
         self.probe: Request | None = None  # a ping sent behind an unanswered fast operation
         #: messages of ours the engine's fast socket left unanswered for failing their signature
-        #: (changed on the way), as its replies report them, why the last one failed, and when
-        #: the last report came (only a request sent before it can be one of them)
-        self.fast_unchecked: tuple[int, str, float] = (0, "", 0.0)
-        #: messages from its fast socket this client dropped for failing their signature (their
-        #: requests are lost: ``Controller._lost`` says why), why the last one failed, and when
-        #: (only a request sent before it can have had its reply dropped)
-        self.fast_dropped: tuple[int, str, float] = (0, "", 0.0)
+        #: (changed on the way), as its replies report them (``Controller._lost`` says why
+        #: their requests are lost)
+        self.fast_unchecked: list[Refusals] = []
+        #: messages from its fast socket this client dropped for failing their signature (the
+        #: requests whose replies they were are lost)
+        self.fast_dropped: list[Refusals] = []
         self.published_key: tuple | None = None  # what its last snapshot showed
         #: (the static part of ``published_key``, the snapshot fields it determines)
         self.published_static: tuple[tuple, dict[str, Any]] | None = None
@@ -373,25 +419,40 @@ class Controller:
         self.longest_stall = 0.0
         self._to_connect: tuple[dict[int, dict], float] | None = (dict(engines), timeout)
 
-    def connect(self) -> Controller:
+    def connect(self, keep_failed: bool = False) -> Controller:
         """Connect to the engines given to the constructor (blocks until each is ready, or
-        raises naming the one that is not); an explicit step: constructing does no I/O."""
+        raises naming the one that is not); an explicit step: constructing does no I/O.
+
+        ``keep_failed``: an engine that cannot be reached (dead in a running cluster, whose
+        owner may restart it) is kept as dead, saying why, while the others work; it raises
+        only when no engine connects."""
         if self._to_connect is None:
             raise RuntimeError("this Controller is connected already")
         engines, timeout = self._to_connect
         self._to_connect = None
-        _loop.run(self._start(engines, timeout))
+        _loop.run(self._start(engines, timeout, keep_failed))
         return self
 
     # ---------------------------------------------------------------- lifecycle (loop)
-    async def _start(self, engines: dict[int, dict], timeout: float) -> None:
+    async def _start(self, engines: dict[int, dict], timeout: float, keep_failed: bool) -> None:
         self._ctx = zmq.asyncio.Context()
         self._last_tick = self._awake_since = time.monotonic()
         self._stall_watch = self._spawn(self._watch_stalls())
         # watch processes while they start too: an engine that dies at startup fails at once
         self._poller = self._spawn(self._poll_liveness())
         try:
-            await self._add_engines(engines, timeout)
+            await self._add_engines(
+                engines,
+                timeout,
+                keep_others=keep_failed,
+                failed_as="not reachable when this client connected",
+            )
+        except Exception as exc:
+            if not keep_failed or not any(c.ready for c in self._engines.values()):
+                await self._close()
+                raise
+            dead = sorted(c.eid for c in self._engines.values() if c.dead)
+            log.warning("connected without engines %s: %s", dead, exc)
         except BaseException:
             await self._close()
             raise
@@ -501,6 +562,7 @@ class Controller:
         timeout: float,
         keep_others: bool = False,
         forget_failed: bool = False,
+        failed_as: str = "failed to start",
     ) -> None:
         wire.check_keys(engines, "the connection info given to this client")
         conns = [
@@ -538,13 +600,17 @@ class Controller:
                 and not still_starting(c)
             }
             self._joining -= joining
-            for conn in conns:
+            for conn, res in itertools.zip_longest(conns, results):
                 if conn.eid in gone:  # dropped first: the teardown publishes nothing
                     self._engines.pop(conn.eid, None)
                     self._liveness.pop(conn.eid, None)
                     self._teardown(conn, "startup failed")
-                else:
-                    self._publish(conn)
+                    continue
+                self._publish(conn)
+                if conn.eid in joining and conn.dead and not isinstance(res, BaseException):
+                    # died while joining (its owner was not told: ``_notify_dead``), after its
+                    # connection was made: told now (a failed one is told below)
+                    asyncio.get_running_loop().call_soon(self._notify_dead, conn)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for conn, res in zip(conns, results, strict=True):
@@ -559,9 +625,9 @@ class Controller:
                     reason = res if isinstance(res, BaseException) else errors[0]
                     self._teardown(conn, "startup failed")
                     conn.dead = (
-                        f"failed to start: {type(reason).__name__}: {reason}"
+                        f"{failed_as}: {type(reason).__name__}: {reason}"
                         if not str(reason)
-                        else f"failed to start: {reason}"
+                        else f"{failed_as}: {reason}"
                     )
                     conn.state = "dead"
                     self._publish(conn)
@@ -1204,6 +1270,8 @@ class Controller:
             and not self._closed
             and conn.dead
             and self._engines.get(conn.eid) is conn
+            # not published yet: its owner hears of it once it is (``_add_engines``)
+            and conn.eid not in self._joining
         ):
             try:
                 self.on_dead(conn.eid, conn.dead)
@@ -1283,7 +1351,7 @@ class Controller:
             why = wire.refusal_reason(exc)  # the sender's bytes are not repeated
             log.warning("engine %s: dropped a bad message on %s (%s)", conn.eid, channel, why)
             if channel == "fast":  # its request is lost: _lost says why
-                conn.fast_dropped = (conn.fast_dropped[0] + 1, why, time.monotonic())
+                _count_refusals(conn, conn.fast_dropped, 1, why)
             return
         limit = self.max_message_size
         if limit is not None:
@@ -1634,18 +1702,18 @@ class Controller:
             self._lost(conn, req)
 
     @staticmethod
-    def _note_unchecked(conn: EngineConn, seen: Any) -> None:
-        """(loop) An engine's reply reports messages of ours its fast socket did not answer
-        because their signature failed (``_FastServer._unchecked``): the requests among them
-        fail as lost, saying so (``_lost``)."""
+    def _note_unchecked(conn: EngineConn, seen: Any, answered: Request) -> None:
+        """(loop) An engine's reply (to ``answered``) reports messages of ours its fast socket
+        did not answer because their signature failed (``_FastServer._unchecked``): the
+        requests among them fail as lost, saying so (``_lost``)."""
         if isinstance(seen, dict) and type(seen.get("count")) is int:
-            count = conn.fast_unchecked[0] + max(seen["count"], 0)
-            conn.fast_unchecked = (count, str(seen.get("why", ""))[:300], time.monotonic())
+            why = str(seen.get("why", ""))[:300]
+            _count_refusals(conn, conn.fast_unchecked, seen["count"], why, answered)
             log.warning(
                 "engine %s: its fast socket refused %d message(s) of this client unread (%s)",
                 conn.eid,
                 seen["count"],
-                conn.fast_unchecked[1],
+                why,
             )
 
     def _lost(self, conn: EngineConn, req: Request) -> None:
@@ -1658,24 +1726,23 @@ class Controller:
             "between messages); the request was lost, the engine is usable"
         )
         error: type[EngineError] = EngineError
-        count, why, told = conn.fast_unchecked
-        dropped, dropped_why, dropped_at = conn.fast_dropped
-        # a refusal counted before this request was sent is not this request's (a forged
-        # message on the path leaves a count that no request of ours consumes)
-        if req.channel == "fast" and count and req.sent <= told:
+        # only a refusal counted while this request was unanswered can be its own (one that no
+        # request consumed, a forged message's, ends with the requests it could be about)
+        fast = req.channel == "fast"
+        why = _take_refusal(conn, conn.fast_unchecked, req) if fast else None
+        dropped_why = _take_refusal(conn, conn.fast_dropped, req) if fast and why is None else None
+        if why is not None:
             error = RefusedError
             # the engine refused messages of ours unanswered: this request was one of them
-            conn.fast_unchecked = (count - 1, why, told)
             text = (
                 f"engine {conn.eid} did not answer {what!r}: its fast socket refused a message "
                 f"of this client unread for failing its signature check ({why}), so this "
                 "request was most likely changed on the way (its id could not be trusted to "
                 "answer it); nothing of such a message is unpickled or run, the engine is usable"
             )
-        elif req.channel == "fast" and dropped and req.sent <= dropped_at:
+        elif dropped_why is not None:
             error = RefusedError
             # this client dropped a message from the engine's fast socket: this reply, likely
-            conn.fast_dropped = (dropped - 1, dropped_why, dropped_at)
             text = (
                 f"engine {conn.eid}: no reply to {what!r} was accepted: this client dropped a "
                 f"message from its fast socket unread for failing its check ({dropped_why}), so "
@@ -1722,7 +1789,7 @@ class Controller:
 
     def _finish_comm(self, conn: EngineConn, req: Request, data: dict, frames: list) -> None:
         if "unchecked" in data:
-            self._note_unchecked(conn, data["unchecked"])
+            self._note_unchecked(conn, data["unchecked"], req)
         fut = req.future
         if isinstance(fut, RequestFuture) and fut.started is None:
             self._stamp_started(fut, data)
@@ -2260,14 +2327,26 @@ async def _wait_for(fut: Future, deadline: float, text: str, eid: int) -> Any:
 
 
 def _death_error(conn: EngineConn, req: Request, reason: str, sent: bool = True) -> EngineError:
-    """The error of a request that the death of its engine (``reason``) fails; one never
+    """The error of a request that the death of its engine (``reason``) fails, with what the
+    engine had sent for it by then (``result``: the last words of a crash); one never
     ``sent`` (held back to keep the engine's order) does not claim it was running."""
     what = (
         f" while running {req.code or req.op or req.kind!r}"
         if sent and (req.code or req.op)
         else ""
     )
-    return EngineError(f"engine {conn.eid} {reason}{what}", conn.eid, _method(req))
+    result: dict | None = None
+    if req.kind == "execute":
+        reply = {"status": "error", **(req.reply or {})}
+        result = wire.execute_record(conn.eid, req.code, reply, req.stdout, req.stderr, req.outputs)
+    elif req.kind == "comm":
+        result = {
+            "id": conn.eid,
+            "stdout": "".join(req.stdout),
+            "stderr": "".join(req.stderr),
+            "outputs": req.outputs,
+        }
+    return EngineError(f"engine {conn.eid} {reason}{what}", conn.eid, _method(req), result)
 
 
 def _set_sent(req: Request, tracker: Any) -> None:

@@ -9,6 +9,7 @@
      │    ├── RemoteError               one engine raised (type, value, traceback; engine_id, item)
      │    ├── EngineError               an engine died or could not be reached (engine_id)
      │    │    ├── RefusedError         a data message did not check: refused unread
+     │    │    ├── RestartError         the restart of more than one engine failed (errors)
      │    │    └── LauncherError        a launcher could not start/reach/restart/stop engines
      │    │         └── EngineStartTimeout  (also a TimeoutError) engines never reported (missing)
      │    ├── NoClusterError            no running cluster to connect to
@@ -27,6 +28,8 @@ from __future__ import annotations
 import builtins
 import pickle
 import re
+import traceback as _traceback
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "NoClusterError",
     "RefusedError",
     "RemoteError",
+    "RestartError",
     "TargetsError",
     "TimeoutError",
 ]
@@ -164,21 +168,35 @@ class RemoteError(MultiEngineError):
 
 
 class EngineError(MultiEngineError):
-    """An engine died, was stopped or could not be reached."""
+    """An engine died, was stopped or could not be reached.
 
-    def __init__(self, message: str, engine_id: int | None = None, method: str = "execute") -> None:
+    ``result``: what the engine had sent for the request before it died (its ``stdout``,
+    ``stderr`` and ``outputs``: an execute's result record), when one was running."""
+
+    def __init__(
+        self,
+        message: str,
+        engine_id: int | None = None,
+        method: str = "execute",
+        result: Any = None,
+    ) -> None:
         super().__init__(message)
         self.engine_id = engine_id
         self.method = method
         self.ename = "EngineError"
         self.evalue = message
+        self.result = result
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (type(self), (self.args[0], self.engine_id, self.method))
+        if self.result is None:  # the constructor of a subclass may take no result
+            return (type(self), (self.args[0], self.engine_id, self.method))
+        return (type(self), (self.args[0], self.engine_id, self.method, self.result))
 
     def for_engine(self, engine_id: int) -> EngineError:
         """This error with ``engine_id`` set (a copy: context is given at construction)."""
-        return type(self)(self.args[0], engine_id, self.method)
+        if self.result is None:
+            return type(self)(self.args[0], engine_id, self.method)
+        return type(self)(self.args[0], engine_id, self.method, self.result)
 
     def render_traceback(self) -> list[str]:
         return [f"EngineError: {self.args[0]}"]
@@ -189,6 +207,39 @@ class RefusedError(EngineError):
     its signature) and was refused unread, most likely changed on the way: a refused request
     ran nowhere (the engine refused it), a refused reply's operation did run (this client
     refused the reply). Never retried: a load-balanced map fails naming the engine."""
+
+
+class RestartError(EngineError):
+    """The restart of several engines failed on more than one of them.
+
+    ``errors`` maps each engine id that did not come back to its own exception, traceback
+    included (``engine_id`` is the first of them); the message names each, and ``__cause__``
+    is a ``BaseExceptionGroup`` of them all, so that a printed traceback shows every one."""
+
+    def __init__(self, message: str, errors: Mapping[int, BaseException]) -> None:
+        super().__init__(message, next(iter(errors), None), "restart")
+        self.errors: dict[int, BaseException] = dict(errors)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (type(self), (self.args[0], self.errors))
+
+    def for_engine(self, engine_id: int) -> EngineError:
+        """That engine's own error (an ``EngineError`` of its message when it is another type)."""
+        own = self.errors.get(engine_id)
+        if isinstance(own, EngineError):
+            return own
+        text = f"{type(own).__name__}: {own}" if own is not None else self.args[0]
+        return EngineError(text, engine_id, "restart")
+
+    def render_traceback(self) -> list[str]:
+        lines = [f"RestartError: {self.args[0]}"]
+        for eid, exc in self.errors.items():
+            lines.append(f"[{eid}:restart]: ")
+            lines.extend("".join(_traceback.format_exception(exc)).rstrip("\n").splitlines())
+        return lines
+
+    def _render_traceback_(self) -> list[str]:
+        return self.render_traceback()
 
 
 class LauncherError(EngineError):

@@ -16,6 +16,8 @@ from faultlib import wait_for
 
 from ipy_multiengine import Cluster, MultiEngineClient, NoClusterError
 from ipy_multiengine.cluster import cluster_dir, cluster_file_path
+from ipy_multiengine.errors import EngineError
+from ipy_multiengine.launchers.local import LocalLauncher
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -716,6 +718,109 @@ def test_a_failed_restart_leaves_the_engine_dead_saying_why_not_restarting(failu
         assert mec.apply(lambda: 1, targets=1) == [1]
 
 
+class _BadRestartLauncher(LocalLauncher):
+    """A launcher with a defect: while ``bad`` is set, its restart starts the kernel but returns
+    connection info a client cannot use (``"keyless"``: without its key; ``"none"``: no info
+    for the engine)."""
+
+    bad: str | None = None
+
+    async def restart(self, ids):
+        infos = await super().restart(ids)
+        if self.bad == "keyless":
+            return {e: {k: v for k, v in i.items() if k != "key"} for e, i in infos.items()}
+        if self.bad == "none":
+            return {}
+        return infos
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bad", ["keyless", "none"])
+def test_a_restart_returning_unusable_info_fails_at_once_and_the_file_agrees(bad):
+    """A launcher whose restart returns info without a key (a ValueError, no EngineError, from
+    the client's check) or none for the engine (a bare ``KeyError: 1``) left the kernel it had
+    started running: the owner had the engine dead, while the cluster file named that live
+    kernel, so a second client attached through the file used it. Now the restart fails with
+    an EngineError naming the engine and what is wrong, the owner reports it dead, and the
+    kernel is stopped: a client attached through the file sees it dead too; a restart by a
+    launcher that works brings it back for both."""
+    import time
+
+    profile = f"restart-unusable-{bad}"
+    launcher = _BadRestartLauncher(2, work_dir=cluster_dir(), tag=profile)
+    with Cluster(n=2, launcher=launcher, profile=profile) as mec:
+        launcher.bad = bad
+        t0 = time.monotonic()
+        with pytest.raises(EngineError) as info:
+            mec.restart(1, timeout=60)
+        assert time.monotonic() - t0 < 20
+        text = str(info.value)
+        assert info.value.engine_id == 1 and text.startswith("engine 1 "), text
+        assert ("no key" if bad == "keyless" else "no connection info") in text, text
+        assert "_BadRestartLauncher" in text, text
+        assert "failed to restart" in (mec.controller.dead(1) or ""), mec.controller.unavailable(1)
+        with pytest.raises(Exception, match="failed to restart"):
+            mec.apply(lambda: 1, targets=1, timeout=10)
+        assert mec.apply(lambda: 0, targets=0) == [0]
+        spec = json.loads(Path(mec.owner.cluster_file).read_text())
+        pid1 = next(e["pid"] for e in spec["engines"] if e["id"] == 1)
+        assert pid1 == mec.owner.engine_meta()[1]["pid"]
+        wait_for(lambda: not psutil.pid_exists(pid1), 10, f"the unusable kernel {pid1} to end")
+        with MultiEngineClient(profile=profile) as other:  # attached through the file
+            assert f"process {pid1} is gone" in (other.controller.dead(1) or "")
+            assert other.apply(lambda: 0, targets=0) == [0]
+        launcher.bad = None
+        mec.restart(1, timeout=60)
+        assert mec.apply(lambda: 1, targets=1) == [1]
+        with MultiEngineClient(profile=profile) as other:
+            assert other.apply(lambda: 2) == [2, 2]
+
+
+@pytest.mark.timeout(120)
+def test_a_client_attaches_to_a_cluster_with_a_dead_engine_and_follows_its_restart():
+    """A second client of a running cluster one of whose engines is dead (killed, no
+    auto_restart) could not attach at all: ``MultiEngineClient(profile=...)`` raised "engine 1
+    exited", so nobody could use the other engines, or restart that one, from a new session.
+    Now the dead engine is listed dead, saying why, the others work, and when the owner
+    restarts it the client reconnects to it (as for an engine that dies while attached)."""
+    from faultlib import engine_pid
+
+    with Cluster(n=2, profile="attach-with-dead") as mec:
+        pid = engine_pid(mec.owner, 1)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: mec.controller.dead(1), 30, "the owner to see engine 1 dead")
+        with MultiEngineClient(profile="attach-with-dead") as other:
+            assert other.get_ids() == [0, 1]
+            why = other.controller.dead(1) or ""
+            assert f"process {pid} is gone" in why, why
+            assert other.apply(lambda: 0, targets=0) == [0]
+            with pytest.raises(EngineError, match="engine 1 is dead"):
+                other.apply(lambda: 1, targets=1, timeout=10)
+            mec.restart(1, timeout=60)
+            other.wait_ready(timeout=30)
+            assert other.apply(lambda: 2) == [2, 2]
+
+
+@pytest.mark.timeout(120)
+def test_restarts_asked_for_do_not_use_up_the_automatic_ones():
+    """Every restart, also one a user asked for, counted against auto_restart's limit of
+    MAX_AUTO_RESTARTS a minute: after that many ``mec.restart`` calls, an engine that died was
+    not restarted ("died 5 times within a minute"; it had not died once). Only automatic
+    restarts count now."""
+    from faultlib import engine_pid
+
+    from ipy_multiengine.cluster import MAX_AUTO_RESTARTS
+
+    with Cluster(n=1, profile="restarts-asked", write_file=False, auto_restart=True) as mec:
+        for _ in range(MAX_AUTO_RESTARTS):
+            mec.restart(0, timeout=60)
+        os.kill(engine_pid(mec.owner, 0), signal.SIGKILL)
+        wait_for(lambda: mec.controller.unavailable(0), 10, "engine 0 to be seen dead")
+        mec.wait_ready(timeout=60)
+        assert mec.apply(lambda: 1) == [1]
+        assert len(mec.owner.restarts[0]) == 1
+
+
 def _restart_fails_once(launcher) -> list:
     """Make ``launcher.restart`` raise "no kernel this time" on its first call only; returns
     the list of the engine ids of each call."""
@@ -808,12 +913,43 @@ def test_a_dead_engine_whose_restart_fails_says_so_and_auto_restart_tries_again(
         assert mec.apply(lambda: 5) == [5]
 
 
+def _assert_each_engine_error_is_kept(err: BaseException) -> None:
+    """``err``, the error of a restart of engines 0, 1 and 2 where 0 and 2 failed (each with
+    "no kernel for engine N" raised in the launcher), keeps each engine's own exception: by
+    engine id in ``errors`` (tracebacks included), all of them in its cause (a group), so that
+    a printed traceback and IPython's rendering show both. Only engine 0's was chained."""
+    import pickle
+    import traceback
+
+    from ipy_multiengine.errors import RestartError
+
+    assert isinstance(err, RestartError) and err.engine_id == 0, repr(err)
+    assert sorted(err.errors) == [0, 2], err.errors
+    for eid, own in err.errors.items():
+        assert isinstance(own, RuntimeError) and str(own) == f"no kernel for engine {eid}"
+        frames = [f.name for f in traceback.extract_tb(own.__traceback__)]
+        assert "failing_for_0_and_2" in frames, (eid, frames)
+        assert err.for_engine(eid).engine_id == eid and str(own) in str(err.for_engine(eid))
+    assert isinstance(err.__cause__, BaseExceptionGroup), repr(err.__cause__)
+    assert list(err.__cause__.exceptions) == [err.errors[0], err.errors[2]]
+    printed = "".join(traceback.format_exception(err))
+    rendered = "\n".join(err._render_traceback_())
+    for text in (printed, rendered):
+        assert "RuntimeError: no kernel for engine 0" in text, text
+        assert "RuntimeError: no kernel for engine 2" in text, text
+        assert text.count("failing_for_0_and_2") >= 2, text
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is RestartError and str(again) == str(err)
+    texts = lambda e: {i: str(x) for i, x in e.errors.items()}  # noqa: E731
+    assert texts(again) == texts(err)
+
+
 @pytest.mark.timeout(150)
 def test_a_restart_of_several_engines_finishes_the_others_when_one_fails():
     """One engine's failed restart raised at once while the others' went on unwatched, and the
     cluster file was not rewritten: the engines that came back kept their old pids in it (a
     second client saw them dead). Now every restart ends first, the file records the engines
-    that came back, and the error names each engine that did not."""
+    that came back, and the error names each engine that did not and keeps its exception."""
     with Cluster(n=3, profile="restart-several") as mec:
         cluster = mec.owner
         launcher = cluster.launcher
@@ -828,10 +964,11 @@ def test_a_restart_of_several_engines_finishes_the_others_when_one_fails():
         before = {
             e["id"]: e["pid"] for e in json.loads(Path(cluster.cluster_file).read_text())["engines"]
         }
-        with pytest.raises(Exception) as info:
+        with pytest.raises(EngineError) as info:
             mec.restart([0, 1, 2], timeout=60)
         assert "no kernel for engine 0" in str(info.value)
         assert "no kernel for engine 2" in str(info.value)
+        _assert_each_engine_error_is_kept(info.value)
         assert mec.controller.state(1).ready, mec.controller.unavailable(1)
         assert mec.apply(lambda: 1, targets=1) == [1]
         pid1 = mec.controller.state(1).pid

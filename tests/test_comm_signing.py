@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 
 import pytest
-from faultlib import small_cluster
+from faultlib import small_cluster, wait_for
 from wire_relay import Relay, evil_like, relayed_client
 
 from ipy_multiengine import CompositeError, EngineError, MultiEngineClient, serialize
@@ -252,26 +252,26 @@ def test_a_refusal_counted_before_a_request_was_sent_does_not_label_its_loss(mec
     """The counts of refused messages (the engine's report of messages it refused unread, the
     client's own drops) named the next lost fast request a RefusedError, whenever it was sent:
     a forged message on the path that no request of ours consumed labelled any later loss, for
-    good. A request sent after the last refusal was counted is lost as such (EngineError); one
-    sent before it is still a RefusedError."""
+    good. A request sent after the refusal was counted is lost as such (EngineError); one
+    unanswered when it was counted is still a RefusedError."""
     from ipy_multiengine import _loop
-    from ipy_multiengine.controller import Request
+    from ipy_multiengine.controller import Request, _count_refusals
 
     ctl = mec.controller
 
     async def lose(counter: str, sent_before: bool) -> BaseException | None:
         conn = ctl._conn(mec.get_ids()[0])
-        saved = getattr(conn, counter)
-        now = time.monotonic()
+        saved = list(getattr(conn, counter))
         req = Request(msg_id="m", eid=conn.eid, kind="comm", future=Future(), channel="fast")
         req.op = "pull"
-        req.sent = now - 1 if sent_before else now + 1
-        setattr(conn, counter, (1, "Invalid Signature", now)[: len(saved)])
-        conn.requests[req.msg_id] = req
         try:
+            if sent_before:
+                conn.requests[req.msg_id] = req
+            _count_refusals(conn, getattr(conn, counter), 1, "Invalid Signature")
+            conn.requests[req.msg_id] = req
             ctl._lost(conn, req)
         finally:
-            setattr(conn, counter, saved)
+            getattr(conn, counter)[:] = saved
             conn.requests.pop(req.msg_id, None)
         return req.future.exception(timeout=0)
 
@@ -281,3 +281,59 @@ def test_a_refusal_counted_before_a_request_was_sent_does_not_label_its_loss(mec
         earlier = _loop.run(lose(counter, True), timeout=10)
         assert isinstance(earlier, RefusedError), (counter, earlier)
     assert mec.apply(lambda: 1) == [1] * len(mec.get_ids())
+
+
+def test_a_refusal_whose_request_was_answered_does_not_label_a_later_loss(monkeypatch):
+    """The client's count of fast messages it dropped (failing their signature) outlived the
+    request such a message belonged to: a map's progress report dropped on the way left a
+    count that no lost request consumed (the map was answered), and the next drop re-armed it
+    with its own time. Of two requests then lost, one whose reply was dropped (a RefusedError)
+    and one whose reply the engine never sent (a genuine loss), both were RefusedErrors. Now a
+    count covers only the requests outstanding when it was counted, and ends with them."""
+    from ipy_multiengine import controller
+
+    monkeypatch.setattr(controller, "FAST_LOST_AFTER", 0.3)
+    monkeypatch.setattr(controller, "FAST_LOST_GRACE", 0.5)
+    with (
+        small_cluster(1, transport="tcp") as (_cluster, mec),
+        relayed_client(mec, [0], fast_upstream=False) as (c, fast),
+    ):
+        assert c.apply(lambda: 1) == [1]
+        # a progress report of the map is changed on its way back: dropped, its map answered
+        fast[0].arm(b'"status": "progress"', b'"status": "PROGRESS"', once=True)
+        slow = lambda x: __import__("time").sleep(0.05) or x  # noqa: E731
+        assert c.map(slow, range(12)) == list(range(12))
+        assert fast[0].hits == 1, "the relay did not find a progress report to change"
+        # the engine sends the first reply from now on (b's: changed on the way, dropped) and
+        # not the second (lost's: a genuine loss)
+        mec.execute(
+            "import ipy_multiengine.engine as _e\n"
+            "_srv, _sent = _e._server[0], []\n"
+            "def _drop_second(*args, _srv=_srv, _sent=_sent, _real=type(_e._server[0])._send):\n"
+            "    _sent.append(1)\n"
+            "    if len(_sent) == 2:\n"
+            "        del _srv._send\n"
+            "        return\n"
+            "    _real(_srv, *args)\n"
+            "_srv._send = _drop_second\n"
+            "del _e, _srv, _sent, _drop_second\n"
+        )
+        fast[0].arm(b'"status": "ok"', b'"status": "OK"', once=True)
+        # both sent while the engine is busy (a cell of the other client), so both are in
+        # flight when the first reply is dropped; quick, so they reply on the fast socket
+        busy = mec.execute("import time; time.sleep(0.5)", block=False)
+        wait_for(lambda: mec.controller.state(0).running, 10, "the engine to run the cell")
+        changed = c.apply(lambda: 2, block=False)
+        lost = c.apply(lambda: 3, block=False)
+        with pytest.raises((EngineError, CompositeError)) as first:
+            changed.get_result(timeout=20)
+        with pytest.raises((EngineError, CompositeError)) as second:
+            lost.get_result(timeout=20)
+        assert fast[0].hits == 1, "the relay did not find the reply to change"
+        refused, genuine = _one(first.value), _one(second.value)
+        assert isinstance(refused, RefusedError), repr(refused)
+        assert "no reply to 'apply' was accepted" in str(refused), refused
+        assert type(genuine) is EngineError, repr(genuine)
+        assert "its reply was lost" in str(genuine), genuine
+        busy.get_result(timeout=10)
+        assert c.apply(lambda: 4) == [4]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -616,3 +617,38 @@ def test_a_failed_local_interrupt_is_logged_and_the_others_are_interrupted(caplo
         mec.interrupt(targets=0)
         with pytest.raises(CompositeError, match="KeyboardInterrupt"):
             pr.get_result(timeout=10)
+
+
+@pytest.mark.timeout(90)
+def test_an_engine_that_dies_mid_execute_keeps_what_it_printed():
+    """An engine killed while it runs a cell: what it printed before (the last words of a
+    crash) had arrived, but the EngineError carried none of it, so it was lost for
+    ``get_result``, ``CompositeError.results`` and ``PendingResult.stdout``. Now the error's
+    ``result`` is the cell's result record with that output; the other engine's is intact."""
+    import threading
+
+    with small_cluster(2) as (cluster, mec):
+        said = threading.Event()
+
+        def listener(eid, mtype, content):
+            if eid == 0 and mtype == "stream" and "last words" in content.get("text", ""):
+                said.set()
+
+        code = (
+            "print('last words', flush=True)\nif engine_id == 0:\n    import time; time.sleep(60)\n"
+        )
+        pr = mec.execute(code, block=False, listener=listener)
+        assert said.wait(30), "engine 0's output did not arrive"
+        os.kill(engine_pid(cluster, 0), signal.SIGKILL)
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=30)
+        [err] = info.value.elist
+        assert isinstance(err, EngineError) and "killed" in str(err), repr(err)
+        assert err.engine_id == 0 and err.result["stdout"] == "last words\n", err.result
+        assert err.result["input"]["raw"] == code and err.result["id"] == 0
+        assert [r["stdout"] for r in info.value.results] == ["last words\n"] * 2
+        assert pr.stdout == ["last words\n"] * 2
+        again = pickle.loads(pickle.dumps(err))
+        assert again.result == err.result and again.engine_id == 0
+        mec.restart(0, timeout=60)
+        assert mec.apply(lambda: 1) == [1, 1]
