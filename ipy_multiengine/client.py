@@ -1036,7 +1036,12 @@ class MultiEngineClient(Configurable):
         self.owner.send_signal(eids, int(signum))
 
     def _interrupt_eids(self, eids: list[int]) -> None:
-        self.owner.interrupt(eids)
+        """What ``interrupt`` does (Ctrl-C in a wait comes here too): the controller interrupts
+        what this client sent (``Controller.interrupt_sent``); engines it cannot ask so get the
+        owner's plain interrupt."""
+        plain = self._controller.interrupt_sent(eids) if eids else []
+        if plain:
+            self.owner.interrupt(plain)
 
     def restart(self, targets: Any = None, timeout: float | None = 60.0) -> None:
         """Restart engines, keeping their ids: each gets a fresh process and an empty namespace,

@@ -7,6 +7,7 @@ import pickle
 import time
 
 import pytest
+from faultlib import check_interrupt_right_after_send
 
 from ipy_multiengine import client
 from ipy_multiengine.errors import CompositeError, EngineError, RemoteError, TimeoutError
@@ -338,3 +339,17 @@ def test_h12_finalizer_on_the_io_thread_still_closes(cluster):
         time.sleep(0.02)
     assert controller.closed
     c.close()
+
+
+# ---------------------------------------------------------------------- interrupt()
+def test_interrupt_right_after_a_non_blocking_send(mec):
+    check_interrupt_right_after_send(mec, [0, 1])
+
+
+def test_interrupt_of_an_idle_engine_harms_nothing(mec):
+    mec.execute("kept = 5", targets=[2])
+    for _ in range(3):
+        mec.interrupt([2, 3])
+    assert mec.pull("kept", targets=[2]) == [5]
+    assert [r["status"] for r in mec.execute("x = 1", targets=[2, 3])] == ["ok", "ok"]
+    assert mec.apply(lambda: 3, targets=[2, 3]) == [3, 3]
