@@ -278,6 +278,8 @@ class EngineConn:
         self.comm_digest = False
         #: why data operations on this engine are refused (``Controller._check_engine_info``)
         self.data_refused: str | None = None
+        #: the id of the last request of the user's sent to this engine (``interrupt_sent``)
+        self.last_request = ""
         #: requests held back to keep this engine's order across the shell and the fast socket
         self.held: collections.deque[tuple[dict, Request, list]] = collections.deque()
         self.releasing = False
@@ -1862,6 +1864,8 @@ class Controller:
     ) -> Request:
         fut: Future = Future() if future is None else future
         req = Request(msg_id=msg_id, eid=conn.eid, kind=kind, future=fut, **kw)
+        if kind in ("execute", "comm") and req.op not in _NOT_INTERRUPTED:
+            conn.last_request = msg_id
         if conn.dead and not fut.done():
             fut.set_exception(
                 EngineError(f"engine {conn.eid} is dead: {conn.dead}", conn.eid, _method(req))
@@ -2169,13 +2173,13 @@ class Controller:
         _loop.call_soon(send)
 
     def interrupt_sent(self, eids: list[int], timeout: float = INTERRUPT_ACK) -> list[int]:
-        """Interrupt, on each engine of ``eids``, every request this client sent it so far and
-        that has not finished: the one running now, and those not begun yet (each ends with a
-        KeyboardInterrupt when the engine reaches it, without running); a request sent after
-        this call is not interrupted. Whatever another client runs there now is interrupted too.
-        Returns the engines that cannot be asked so (no engine helper that knows
-        ``ime_interrupt_request``, or no answer within ``timeout`` s): interrupt those the plain
-        way (a signal only reaches a request that has begun)."""
+        """Interrupt, on each engine of ``eids``, every request this client sent it so far: the
+        one running now (also one whose call ended here already, e.g. failed), and those not
+        begun yet (each ends with a KeyboardInterrupt when the engine reaches it, without
+        running); a request sent after this call is not interrupted. Whatever another client
+        runs there now is interrupted too. Returns the engines that cannot be asked so (no
+        engine helper that knows ``ime_interrupt_request``, or no answer within ``timeout`` s):
+        interrupt those the plain way (a signal only reaches a request that has begun)."""
         return _loop.run(self._interrupt_sent(list(eids), timeout), timeout=timeout + 5)
 
     async def _interrupt_sent(self, eids: list[int], timeout: float) -> list[int]:
@@ -2198,7 +2202,7 @@ class Controller:
             fut = self._send_shell(
                 conn,
                 "ime_interrupt_request",
-                {"msg_ids": sent, "comm_id": conn.comm_id},
+                {"msg_ids": sent, "comm_id": conn.comm_id, "last": conn.last_request},
                 kind="control",
                 channel="control",
             )

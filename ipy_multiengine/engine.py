@@ -379,11 +379,13 @@ _RAISE_INTERRUPT = compile("raise KeyboardInterrupt", "<interrupted>", "exec")
 def _install_interrupt(kernel: Any) -> None:
     """Make interrupts reliable (ipykernel ignores SIGINT between requests, and a signal that
     lands in its or IPython's own steps of a request can be swallowed): ``ime_interrupt_request``
-    on the control channel names the requests its client sent so far and not finished. The one
-    running now is signalled while it runs the user's code, else interrupted as it enters that
-    code next; the others end with a KeyboardInterrupt when they begin, without running; a
-    request of the same client that is not named (sent after the call) is never interrupted,
-    one of another client running now is (as a plain interrupt would)."""
+    on the control channel names the requests its client sent so far and not finished
+    (``msg_ids``) and the last one it sent (``last``). The one running now is interrupted if it
+    is one of them, or came before ``last`` (it began and ``last`` has not), or is another
+    client's (as a plain interrupt would); a request of the same client sent after the call is
+    never interrupted. Running, it is signalled while it runs the user's code, else interrupted
+    as it enters that code next; the named ones not begun yet end with a KeyboardInterrupt when
+    they begin, without running."""
     for mtype in ("execute_request", "comm_msg"):
         original = kernel.shell_handlers.get(mtype)
         if original is not None:
@@ -395,6 +397,7 @@ def _install_interrupt(kernel: Any) -> None:
     def interrupt_request(stream: Any, idents: Any, msg: dict) -> None:
         content = msg["content"]
         ids = [m for m in content.get("msg_ids") or [] if isinstance(m, str)]
+        last = content.get("last") or ""
         mine = {f"s:{msg['header'].get('session', '')}", f"c:{content.get('comm_id', '')}"}
         reply: dict[str, Any] = {"status": "ok", "interrupted": None}
         with _abort_lock:
@@ -404,7 +407,12 @@ def _install_interrupt(kernel: Any) -> None:
                     _owed[msg_id] = None
             while len(_owed) > _OWED_KEPT:
                 _owed.popitem(last=False)
-            if running is not None and (running.msg_id in ids or running.origin not in mine):
+            if running is not None and (
+                running.origin not in mine
+                or running.msg_id in ids
+                or running.msg_id == last
+                or (last and last not in _begun)  # it came before the last one sent
+            ):
                 reply["interrupted"] = running.msg_id
                 if running.region:
                     try:

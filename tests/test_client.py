@@ -353,3 +353,57 @@ def test_interrupt_of_an_idle_engine_harms_nothing(mec):
     assert mec.pull("kept", targets=[2]) == [5]
     assert [r["status"] for r in mec.execute("x = 1", targets=[2, 3])] == ["ok", "ok"]
     assert mec.apply(lambda: 3, targets=[2, 3]) == [3, 3]
+
+
+def _sleep_call(mec, kind: str):
+    """A blocking call that sleeps 30 s on engines 0 and 1."""
+    if kind == "execute":
+        return lambda: mec.execute("import time; time.sleep(30)", targets=[0, 1])
+
+    def sleep_long():  # pickled by value
+        __import__("time").sleep(30)
+
+    return lambda: mec.apply(sleep_long, targets=[0, 1])
+
+
+@pytest.mark.parametrize("kind", ["execute", "apply"])
+@pytest.mark.parametrize("when", ["signal while sending", "raised before the wait"])
+def test_ctrl_c_between_send_and_wait_interrupts_like_one_in_the_wait(mec, monkeypatch, kind, when):
+    """A Ctrl-C that lands after a blocking call has sent its requests and before its wait has
+    begun: the engines are interrupted and ``mec.last`` keeps the call, as for one in the wait.
+    (Before: the KeyboardInterrupt left the call, the engines slept on, nothing kept it.)"""
+    import signal
+
+    call = _sleep_call(mec, kind)
+    if when == "signal while sending":
+        real_pending = mec._pending
+
+        def pending(*args, **kwargs):  # the requests are submitted: a real SIGINT comes now
+            pr = real_pending(*args, **kwargs)
+            signal.raise_signal(signal.SIGINT)
+            return pr
+
+        monkeypatch.setattr(mec, "_pending", pending)
+    else:
+        real_get = PendingResult.get_result
+
+        def get_result(self, *args, **kwargs):  # the first step of the wait
+            monkeypatch.setattr(PendingResult, "get_result", real_get)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(PendingResult, "get_result", get_result)
+    before = mec.last
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    monkeypatch.undo()
+    pr = mec.last
+    try:
+        assert pr is not None and pr is not before and pr.eids == [0, 1]
+        t0 = time.monotonic()
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=10)
+        assert time.monotonic() - t0 < 10
+        assert [e.ename for e in info.value.elist] == ["KeyboardInterrupt"] * 2
+    finally:
+        mec.interrupt([0, 1])  # the old code left them sleeping
+    assert mec.apply(lambda: 1, targets=[0, 1]) == [1, 1]
