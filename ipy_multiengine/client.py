@@ -32,7 +32,7 @@ from .errors import (  # noqa: F401  (re-exported: `from ipy_multiengine.client 
     RemoteError,
     TimeoutError,
 )
-from .render import ProgressBar, bars_cleared
+from .render import ProgressBar, bars_cleared, interrupt_after
 from .results import PendingResult, ResultList, Tally, nbytes, wait_sent
 from .targets import resolve as resolve_targets
 
@@ -434,18 +434,29 @@ class MultiEngineClient(Configurable):
 
     def _deliver(
         self,
-        pr: PendingResult,
+        send: Callable[[], PendingResult],
         block: bool,
         timeout: float | None,
         live: LiveOutput | None = None,
     ) -> Any:
-        """Wait for ``pr`` (``block``) or hand it back. A blocking call returns (or raises) only
-        once zmq has released the caller's zero-copy buffers."""
-        if not block:
-            return pr  # its large buffers were copied (``_outgoing``)
+        """Send the call (``send`` submits its requests and returns its ``PendingResult``), then
+        wait for it (``block``) or hand it back. A Ctrl-C from the moment the requests are
+        submitted is one during the call's wait: the engines still running it are interrupted
+        and ``mec.last`` keeps it (one while ``send`` runs is raised once the ``PendingResult``
+        exists). A blocking call returns (or raises) only once zmq has released the caller's
+        zero-copy buffers."""
+        pr: PendingResult | None = None
         try:
+            with interrupt_after():
+                pr = send()
+            if not block:
+                return pr  # its large buffers were copied (``_outgoing``)
             return pr.get_result(timeout=timeout)
         except BaseException as exc:
+            if pr is None:
+                raise
+            if isinstance(exc, KeyboardInterrupt):
+                pr.interrupted(exc)  # unless its wait did already
             # timed out or interrupted: mec.last.get_result() collects it later (an interrupted
             # balanced map is already done, failed by its cancel, when Ctrl-C reaches here)
             if (isinstance(exc, KeyboardInterrupt) or not pr.ready()) and self.last is pr:
@@ -456,7 +467,13 @@ class MultiEngineClient(Configurable):
                 live.close()
             # a reply means its engine had every frame; Ctrl-C may come earlier (with a
             # timeout, the frames were copies: _outgoing)
-            if timeout is None and not self.return_before_send and not pr.wait_for_send(SEND_GRACE):
+            if (
+                block
+                and pr is not None
+                and timeout is None
+                and not self.return_before_send
+                and not pr.wait_for_send(SEND_GRACE)
+            ):
                 unsent = wait_sent(pr.futures, 0)
                 engines = [
                     e
@@ -504,21 +521,23 @@ class MultiEngineClient(Configurable):
         if silent and listener is not None:
             raise ValueError("a silent execute shows no output: it takes no listener")
         eids, block = self._prepare(targets, block, timeout)
-        futures = self._controller.submit_execute(eids, code, listener=listener, silent=silent)
-        if not silent:
-            return self._deliver(
-                self._pending(futures, eids, "execute", ResultList), block, timeout
+
+        def send() -> PendingResult:
+            futures = self._controller.submit_execute(eids, code, listener=listener, silent=silent)
+            if not silent:
+                return self._pending(futures, eids, "execute", ResultList)
+            pr = PendingResult(
+                futures,
+                eids,
+                "execute",
+                lambda rs: ResultList(_quiet(r) for r in rs),
+                on_interrupt=self._interrupt_eids,
+                on_abort=self._controller.abort,
             )
-        pr = PendingResult(
-            futures,
-            eids,
-            "execute",
-            lambda rs: ResultList(_quiet(r) for r in rs),
-            on_interrupt=self._interrupt_eids,
-            on_abort=self._controller.abort,
-        )
-        self._last_ref, self._kept = weakref.ref(pr), None  # mec.last, not %result
-        return self._deliver(pr, block, timeout)
+            self._last_ref, self._kept = weakref.ref(pr), None  # mec.last, not %result
+            return pr
+
+        return self._deliver(send, block, timeout)
 
     def sync_imports(
         self, targets: Any = None, quiet: bool = False, timeout: float | None = None
@@ -584,10 +603,14 @@ class MultiEngineClient(Configurable):
         eids, block = self._prepare(targets, block, timeout)
         frames = self._outgoing(_dumps_call(f, args, kwargs), block, timeout)
         live = self._live(eids, block)
-        futures = self._comm(
-            "apply", eids, [frames] * len(eids), listener=live.listener if live else None
-        )
-        return self._deliver(self._pending(futures, eids, "apply", _values), block, timeout, live)
+
+        def send() -> PendingResult:
+            futures = self._comm(
+                "apply", eids, [frames] * len(eids), listener=live.listener if live else None
+            )
+            return self._pending(futures, eids, "apply", _values)
+
+        return self._deliver(send, block, timeout, live)
 
     # ------------------------------------------------------------------ moving data
     def push(
@@ -605,8 +628,13 @@ class MultiEngineClient(Configurable):
                 raise ValueError(f"cannot push to {key!r}: names must be valid Python identifiers")
         eids, block = self._prepare(targets, block, timeout)
         frames = self._outgoing(_dumps_namespace(namespace), block, timeout)
-        futures = self._comm("push", eids, [frames] * len(eids))
-        return self._deliver(self._pending(futures, eids, "push", _nones), block, timeout)
+        return self._deliver(
+            lambda: self._pending(
+                self._comm("push", eids, [frames] * len(eids)), eids, "push", _nones
+            ),
+            block,
+            timeout,
+        )
 
     def pull(
         self,
@@ -619,8 +647,12 @@ class MultiEngineClient(Configurable):
         single, keys = _pull_names(names)
         eids, block = self._prepare(targets, block, timeout)
         frames: list[list[Any]] = [[] for _ in eids]
-        futures = self._comm("pull", eids, frames, {"names": keys, "single": single})
-        return self._deliver(self._pending(futures, eids, "pull", _values), block, timeout)
+        data = {"names": keys, "single": single}
+        return self._deliver(
+            lambda: self._pending(self._comm("pull", eids, frames, data), eids, "pull", _values),
+            block,
+            timeout,
+        )
 
     def zip_pull(
         self,
@@ -632,9 +664,15 @@ class MultiEngineClient(Configurable):
         """Like ``pull(names)`` but transposed: one tuple per name, one item per engine."""
         _single, keys = _pull_names(names)
         eids, block = self._prepare(targets, block, timeout)
-        futures = self._comm("pull", eids, [[]] * len(eids), {"names": keys, "single": False})
+        data = {"names": keys, "single": False}
         finish = lambda rs: list(zip(*_values(rs), strict=True))  # noqa: E731
-        return self._deliver(self._pending(futures, eids, "pull", finish), block, timeout)
+        return self._deliver(
+            lambda: self._pending(
+                self._comm("pull", eids, [[]] * len(eids), data), eids, "pull", finish
+            ),
+            block,
+            timeout,
+        )
 
     def push_function(
         self,
@@ -707,14 +745,14 @@ class MultiEngineClient(Configurable):
             self._outgoing(_dumps_part(name, off, p), block, timeout)
             for off, p in zip(offsets, parts, strict=True)
         ]
-        futures = self._comm("push", eids, frames)
         sizes = [nbytes(fr) for fr in frames]  # numbers: a callback must not keep the data alive
-        tally = _tally(Tally(sum(sizes), "B"), eids, futures, sizes)
-        return self._deliver(
-            self._pending(futures, eids, "scatter", _nones, progress=True, tally=tally),
-            block,
-            timeout,
-        )
+
+        def send() -> PendingResult:
+            futures = self._comm("push", eids, frames)
+            tally = _tally(Tally(sum(sizes), "B"), eids, futures, sizes)
+            return self._pending(futures, eids, "scatter", _nones, progress=True, tally=tally)
+
+        return self._deliver(send, block, timeout)
 
     def gather(
         self,
@@ -728,14 +766,15 @@ class MultiEngineClient(Configurable):
             raise TypeError(f"gather takes one name (a str), not {type(name).__name__}")
         _pull_names(name)
         eids, block = self._prepare(targets, block, timeout)
-        futures = self._comm("pull", eids, [[]] * len(eids), {"names": [name], "single": True})
         finish = lambda rs: _gathered(name, eids, _values(rs))  # noqa: E731
-        tally = _tally(Tally(None, "B"), eids, futures)  # bytes received; the total is unknown
-        return self._deliver(
-            self._pending(futures, eids, "gather", finish, progress=True, tally=tally),
-            block,
-            timeout,
-        )
+
+        def send() -> PendingResult:
+            data = {"names": [name], "single": True}
+            futures = self._comm("pull", eids, [[]] * len(eids), data)
+            tally = _tally(Tally(None, "B"), eids, futures)  # bytes received; total unknown
+            return self._pending(futures, eids, "gather", finish, progress=True, tally=tally)
+
+        return self._deliver(send, block, timeout)
 
     # ------------------------------------------------------------------ parallel map
     def map(
@@ -768,25 +807,36 @@ class MultiEngineClient(Configurable):
         items, star = self._for_engines(eids, *_map_items(seqs))
         if balanced:
             live = self._live(eids, block)
-            bm = self._balanced(
-                f, items, eids, chunksize, ordered, retries, live.listener if live else None, star
-            )
-            pr = PendingResult(
-                [bm.future],
-                eids[:1],
-                "map",
-                lambda rs: rs[0],
-                on_interrupt=lambda _running: self._stop_balanced(bm),
-                progress=self._show_progress,
-                tally=bm.tally,  # items done, reported by the map as its chunks complete
-            )
-            self._remember(pr)
-            return self._deliver(pr, block, timeout, live)
+
+            def send_balanced() -> PendingResult:
+                bm = self._balanced(
+                    f,
+                    items,
+                    eids,
+                    chunksize,
+                    ordered,
+                    retries,
+                    live.listener if live else None,
+                    star,
+                )
+                pr = PendingResult(
+                    [bm.future],
+                    eids[:1],
+                    "map",
+                    lambda rs: rs[0],
+                    on_interrupt=lambda _running: self._stop_balanced(bm),
+                    progress=self._show_progress,
+                    tally=bm.tally,  # items done, reported by the map as its chunks complete
+                )
+                self._remember(pr)
+                return pr
+
+            return self._deliver(send_balanced, block, timeout, live)
         if not items:
             done: cf.Future = cf.Future()
             done.set_result([])
             return self._deliver(
-                self._pending([done], eids[:1], "map", lambda rs: []), block, timeout
+                lambda: self._pending([done], eids[:1], "map", lambda rs: []), block, timeout
             )
         nparts = min(len(eids), len(items))
         eids = eids[:nparts]
@@ -800,32 +850,31 @@ class MultiEngineClient(Configurable):
                 )
             )  # a TypeError names the item
             datas.append(a)
-        futures = []
         live = self._live(eids, block)
-        tally = Tally(len(items))
-        for eid, fr, off in zip(eids, frames, datas, strict=True):
-            # each engine reports how far its block got (a few messages a second, no round
-            # trip), so that the bar moves by items, not only as blocks complete
-            data: dict[str, Any] = {"offset": off, "progress": True}
-            if not star:
-                data["star"] = False
-            futures += self._comm(
-                "map",
-                [eid],
-                [fr],
-                data,
-                listener=live.listener if live else None,
-                on_progress=tally.part,
-            )
         finish = lambda rs: partition.join(_values(rs))  # noqa: E731
         sizes = [b - a for a, b in partition.bounds(len(items), nparts)]
-        tally = _tally(tally, eids, futures, sizes)
-        return self._deliver(
-            self._pending(futures, eids, "map", finish, progress=True, tally=tally),
-            block,
-            timeout,
-            live,
-        )
+
+        def send() -> PendingResult:
+            futures: list[cf.Future] = []
+            tally = Tally(len(items))
+            for eid, fr, off in zip(eids, frames, datas, strict=True):
+                # each engine reports how far its block got (a few messages a second, no round
+                # trip), so that the bar moves by items, not only as blocks complete
+                data: dict[str, Any] = {"offset": off, "progress": True}
+                if not star:
+                    data["star"] = False
+                futures += self._comm(
+                    "map",
+                    [eid],
+                    [fr],
+                    data,
+                    listener=live.listener if live else None,
+                    on_progress=tally.part,
+                )
+            tally = _tally(tally, eids, futures, sizes)
+            return self._pending(futures, eids, "map", finish, progress=True, tally=tally)
+
+        return self._deliver(send, block, timeout, live)
 
     def imap(
         self,
@@ -1028,10 +1077,16 @@ class MultiEngineClient(Configurable):
         return self._last_ref() if self._last_ref is not None else None
 
     def interrupt(self, targets: Any = None) -> None:
-        """Interrupt what the target engines are running (like Ctrl-C in a kernel).
+        """Interrupt, on the target engines, everything this client sent them before this call:
+        what runs now and what is queued or in flight but not begun (that ends with a
+        KeyboardInterrupt when the engine reaches it, without running). Nothing sent after this
+        call is interrupted, so ``mec.interrupt(); mec.execute(...)`` runs the second call.
+        What another client runs there now is interrupted too; an idle engine is unharmed.
 
-        Engines this process owns are interrupted through their kernel manager (a signal or an
-        interrupt message, as the kernelspec says); others with an ``interrupt_request``.
+        Returns once the engines have taken the interrupt (at most ~1 s each). Engines without
+        the ipy_multiengine helper (other kernels) are interrupted the plain way, through their
+        kernel manager (a signal or an interrupt message, as the kernelspec says) when this
+        process owns them, else with an ``interrupt_request``: a request not begun is not hit.
         """
         eids = self._resolve_targets(targets)
         self._interrupt_eids([e for e in eids if not self._controller.dead(e)])
@@ -1052,7 +1107,12 @@ class MultiEngineClient(Configurable):
         self.owner.send_signal(eids, int(signum))
 
     def _interrupt_eids(self, eids: list[int]) -> None:
-        self.owner.interrupt(eids)
+        """What ``interrupt`` does (Ctrl-C in a wait comes here too): the controller interrupts
+        what this client sent (``Controller.interrupt_sent``); engines it cannot ask so get the
+        owner's plain interrupt."""
+        plain = self._controller.interrupt_sent(eids) if eids else []
+        if plain:
+            self.owner.interrupt(plain)
 
     def restart(self, targets: Any = None, timeout: float | None = 60.0) -> None:
         """Restart engines, keeping their ids: each gets a fresh process and an empty namespace,

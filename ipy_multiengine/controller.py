@@ -54,6 +54,11 @@ FAST_PROBE_RTTS = 10
 #: behind its output on IOPub) before it fails as lost, and what waited behind it goes on.
 FAST_LOST_AFTER = 1.0
 FAST_LOST_GRACE = 2.0
+#: Seconds ``interrupt_sent`` waits for engines to acknowledge; one that has not by then is
+#: also interrupted the plain way (its owner's signal or ``interrupt_request``).
+INTERRUPT_ACK = 1.0
+#: Operations that are the controller's own bookkeeping, never owed an interrupt.
+_NOT_INTERRUPTED = ("open", "ping")
 #: Seconds between liveness polls of engines.
 POLL_INTERVAL = 0.5
 #: Default heartbeat period (s) for engines without a local process to poll: an engine that
@@ -320,6 +325,8 @@ class EngineConn:
         self.comm_digest = False
         #: why data operations on this engine are refused (``Controller._check_engine_info``)
         self.data_refused: str | None = None
+        #: the id of the last request of the user's sent to this engine (``interrupt_sent``)
+        self.last_request = ""
         #: requests held back to keep this engine's order across the shell and the fast socket
         self.held: collections.deque[tuple[dict, Request, list]] = collections.deque()
         self.releasing = False
@@ -1924,6 +1931,8 @@ class Controller:
     ) -> Request:
         fut: Future = Future() if future is None else future
         req = Request(msg_id=msg_id, eid=conn.eid, kind=kind, future=fut, **kw)
+        if kind in ("execute", "comm") and req.op not in _NOT_INTERRUPTED:
+            conn.last_request = msg_id
         if conn.dead and not fut.done():
             fut.set_exception(
                 EngineError(f"engine {conn.eid} is dead: {conn.dead}", conn.eid, _method(req))
@@ -2229,6 +2238,62 @@ class Controller:
                     )
 
         _loop.call_soon(send)
+
+    def interrupt_sent(self, eids: list[int], timeout: float = INTERRUPT_ACK) -> list[int]:
+        """Interrupt, on each engine of ``eids``, every request this client sent it so far: the
+        one running now (also one whose call ended here already, e.g. failed), and those not
+        begun yet (each ends with a KeyboardInterrupt when the engine reaches it, without
+        running); a request sent after this call is not interrupted. Whatever another client
+        runs there now is interrupted too. Returns the engines that cannot be asked so (no
+        engine helper that knows ``ime_interrupt_request``, or no answer within ``timeout`` s):
+        interrupt those the plain way (a signal only reaches a request that has begun)."""
+        return _loop.run(self._interrupt_sent(list(eids), timeout), timeout=timeout + 5)
+
+    async def _interrupt_sent(self, eids: list[int], timeout: float) -> list[int]:
+        plain: list[int] = []
+        asked: list[tuple[int, Future]] = []
+        for eid in eids:
+            conn = self._engines.get(eid)
+            if conn is None or conn.dead:
+                continue
+            if not conn.engine_info.get("interrupt_owed") or "control" not in conn.sockets:
+                plain.append(eid)
+                continue
+            sent = [
+                r.msg_id
+                for r in conn.requests.values()
+                if r.kind in ("execute", "comm")
+                and r.op not in _NOT_INTERRUPTED
+                and not r.future.done()
+            ]
+            fut = self._send_shell(
+                conn,
+                "ime_interrupt_request",
+                {"msg_ids": sent, "comm_id": conn.comm_id, "last": conn.last_request},
+                kind="control",
+                channel="control",
+            )
+            asked.append((eid, fut))
+        deadline = time.monotonic() + timeout
+        for eid, fut in asked:
+            try:
+                req = await asyncio.wait_for(
+                    asyncio.wrap_future(fut), max(deadline - time.monotonic(), 0)
+                )
+            except (asyncio.TimeoutError, EngineError) as exc:
+                log.warning("engine %s did not acknowledge the interrupt (%s)", eid, exc or "late")
+                plain.append(eid)
+                continue
+            content = req.reply or {}
+            if content.get("status") != "ok":
+                log.warning(
+                    "engine %s could not interrupt itself: %s: %s",
+                    eid,
+                    content.get("ename"),
+                    content.get("evalue"),
+                )
+                plain.append(eid)
+        return plain
 
     def abort(self, futures: list[Future], timeout: float = 10.0) -> dict[int, list[Future]]:
         """Ask the engines to skip the requests of ``futures`` that they have not started.

@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import dis
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -52,6 +53,7 @@ def register() -> None:
     ip.kernel.comm_manager.register_target(TARGET, _on_open)
     if not _registered[0]:
         _install_abort(ip.kernel)
+        _install_interrupt(ip.kernel)
         import atexit
 
         atexit.register(_let_control_finish)  # runs before ipykernel's close (registered earlier)
@@ -117,7 +119,11 @@ _registered = [False]
 
 #: ``ime_abort_request`` (control channel): shell messages to skip, and those already begun;
 #: both under one lock (the control thread adds, the shell's dispatch checks)
-_abort_lock = threading.Lock()
+#: (re-entrant: the SIGINT handler, ``_on_sigint``, takes it in the main thread, which may hold
+#: it when the signal is handled)
+_abort_lock = threading.RLock()
+#: notified when an interrupt reached the user's code, or that code stopped (``_keep_signalling``)
+_interrupt_seen = threading.Condition(_abort_lock)
 _aborted: set[str] = set()
 _begun: collections.OrderedDict[str, None] = collections.OrderedDict()
 _BEGUN_KEPT = 4096
@@ -163,25 +169,324 @@ def _install_abort(kernel: Any) -> None:
     kernel.control_handlers["ime_abort_request"] = abort_request
 
 
-def _skip(kernel: Any, stream: Any, msg: dict, idents: Any) -> None:
-    """Answer a skipped request as aborted (an execute) or with an ``Aborted`` error (a comm op)."""
+def _skip(kernel: Any, stream: Any, msg: dict, idents: Any, interrupted: bool = False) -> None:
+    """Answer a skipped request as aborted (an execute) or with an ``Aborted`` error (a comm op);
+    ``interrupted``: with a KeyboardInterrupt error (owed an interrupt before it began)."""
     mtype = msg["header"]["msg_type"]
     if mtype == "comm_msg":
         content = msg["content"]
         comm = kernel.comm_manager.get_comm(content.get("comm_id"))
         if comm is not None:
+            rid = (content.get("data") or {}).get("rid")
             reply: dict[str, Any] = {
-                "rid": (content.get("data") or {}).get("rid"),
+                "rid": rid,
                 "status": "error",
                 "ename": "Aborted",
                 "evalue": "aborted before it started (mec abort)",
                 "traceback": [],
                 "item": None,
             }
-            comm.send(_signed(comm, reply, []))
+            comm.send(_signed(comm, _interrupted_reply(rid) if interrupted else reply, []))
         return
     reply_type = mtype.replace("_request", "_reply")
-    kernel.session.send(stream, reply_type, {"status": "aborted"}, msg, idents)
+    answer: dict[str, Any] = {"status": "aborted"}
+    if interrupted:
+        answer = {
+            "status": "error",
+            "ename": "KeyboardInterrupt",
+            "evalue": INTERRUPTED_BEFORE,
+            "traceback": [f"KeyboardInterrupt: {INTERRUPTED_BEFORE}"],
+            "user_expressions": {},
+            "payload": [],
+        }
+    kernel.session.send(stream, reply_type, answer, msg, idents)
+
+
+#: ``ime_interrupt_request`` (control channel): requests owed an interrupt that had not begun
+#: when it came (each ends with a KeyboardInterrupt as it begins, without running), and the
+#: request running now (``_Running``). Both under ``_abort_lock``: the control thread reads them
+#: and signals while holding it, so the request cannot end, and a later one begin, in between.
+_owed: collections.OrderedDict[str, None] = collections.OrderedDict()
+_OWED_KEPT = 4096
+_MISSING = object()
+
+
+class _Running:
+    """The request the main thread runs: its id, who sent it (``s:<session>`` for a shell
+    message, ``c:<comm id>`` for the fast socket), whether it runs the user's code right now
+    (``region``: a signal raises a KeyboardInterrupt there, where IPython or ``_run_op`` report
+    it as the request's error; elsewhere, in ipykernel's or IPython's own steps, it may be
+    swallowed, by an event callback, or lose the reply), and whether an interrupt came outside
+    that region (``owed``: raised as the user's code is entered next); ``hit``: a SIGINT was
+    handled (a KeyboardInterrupt raised) while it ran."""
+
+    __slots__ = ("hit", "msg_id", "origin", "owed", "region")
+
+    def __init__(self, msg_id: str, origin: str) -> None:
+        self.msg_id, self.origin = msg_id, origin
+        self.owed = self.region = self.hit = False
+
+
+_current: list[_Running | None] = [None]
+
+
+def _enter(msg_id: str, origin: str) -> tuple[bool, _Running | None]:
+    """(main thread) Request ``msg_id`` from ``origin`` begins: (False, ...) when it is owed an
+    interrupt (then it must not run); the request it runs within, for ``_leave``."""
+    with _abort_lock:
+        previous = _current[0]
+        if _owed.pop(msg_id, _MISSING) is not _MISSING:
+            return False, previous
+        _current[0] = _Running(msg_id, origin)
+        return True, previous
+
+
+def _uninterrupted(fn: Callable[[], None]) -> None:
+    """Run ``fn`` (bookkeeping under ``_abort_lock``) to its end: an interrupt that lands in it
+    came as the user's code ended; it is dropped, the bookkeeping must still be done."""
+    while True:
+        try:
+            fn()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def _leave(previous: _Running | None) -> None:
+    """(main thread) The request ``_enter`` began has ended; ``previous`` runs again (a comm
+    message handled while an async cell waits)."""
+
+    def leave() -> None:
+        with _abort_lock:
+            _current[0] = previous
+            _interrupt_seen.notify_all()
+
+    _uninterrupted(leave)
+
+
+def _region_enter() -> bool:
+    """(main thread) The user's code of the current request begins: False when an interrupt is
+    owed to it (then raise a KeyboardInterrupt instead of running it); from here a signal
+    interrupts it."""
+    with _abort_lock:
+        running = _current[0]
+        if running is None:
+            return True
+        if running.owed:
+            running.owed = False
+            return False
+        running.region = True
+        return True
+
+
+def _region_exit() -> None:
+    """(main thread) The user's code of the current request stops (an execute: one statement).
+    An interrupt that lands here came as it ended: it is owed to the next statement."""
+    hit = [False]
+
+    def leave() -> None:
+        with _abort_lock:
+            running = _current[0]
+            if running is not None:
+                running.region = False
+                running.owed = running.owed or hit[0]
+                _interrupt_seen.notify_all()
+
+    while True:
+        try:
+            leave()
+            return
+        except KeyboardInterrupt:
+            hit[0] = True
+
+
+def _restore_sigint(saved: Any) -> None:
+    """Put back the SIGINT handler ``saved``; a signal pending meanwhile (``signal.signal``
+    runs handlers first, raising here without changing the handler) came as the request
+    ended: it is dropped, the handler must be restored."""
+    _uninterrupted(lambda: _signal.signal(signal.SIGINT, saved))
+
+
+def _interrupt_self(kernel: Any) -> None:
+    """SIGINT to this kernel (and its process group, when it leads one), as ipykernel's own
+    ``interrupt_request`` does."""
+    send = getattr(kernel, "_send_interrupt_children", None)
+    if send is not None:
+        send()
+    else:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """SIGINT while a request runs (in place of ``default_int_handler``): note that the
+    interrupt reached Python (``_keep_signalling`` stops), then raise KeyboardInterrupt."""
+    __tracebackhide__ = True  # IPython's tracebacks leave this frame out
+    with _abort_lock:
+        running = _current[0]
+        if running is not None:
+            running.hit = True
+        _interrupt_seen.notify_all()
+    raise KeyboardInterrupt
+
+
+def _sigint_to_ours() -> Any:
+    """(main thread) ``_on_sigint`` instead of ipykernel's ``default_int_handler`` for the
+    request now beginning; what to restore (None: another handler, left as it is)."""
+    if _signal.getsignal(signal.SIGINT) is not _signal.default_int_handler:
+        return None
+    return _signal.signal(signal.SIGINT, _on_sigint)
+
+
+def _sigint_back(saved: Any) -> None:
+    if saved is not None and _signal.getsignal(signal.SIGINT) is _on_sigint:
+        _restore_sigint(saved)
+
+
+#: Seconds between repeated signals to a request whose interrupt has not reached Python yet (a
+#: signal that comes just before a blocking call such as ``time.sleep`` enters the kernel is
+#: only handled when that call returns), and how long it is repeated at most.
+SIGNAL_AGAIN = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+SIGNAL_FOR = 10.0
+
+
+def _keep_signalling(kernel: Any, running: _Running) -> None:
+    """(a thread of its own) Signal ``running`` again until a KeyboardInterrupt was raised in it,
+    it left the user's code, or ``SIGNAL_FOR`` s passed. Waits on ``_interrupt_seen``: no
+    polling; each signal is sent holding the lock, while ``running`` is in that code."""
+    end = time.monotonic() + SIGNAL_FOR
+    steps = itertools.chain(SIGNAL_AGAIN, itertools.repeat(SIGNAL_AGAIN[-1]))
+    with _abort_lock:
+        for step in steps:
+            left = end - time.monotonic()
+            stopped = _interrupt_seen.wait_for(
+                lambda: running.hit or not running.region or _current[0] is not running,
+                min(step, max(left, 0)),
+            )
+            if stopped or time.monotonic() >= end:
+                return
+            try:
+                _interrupt_self(kernel)
+            except OSError as exc:
+                _log.warning("ipy_multiengine: could not signal this engine again: %s", exc)
+                return
+
+
+#: The code an execute runs instead of the user's when it is owed an interrupt (IPython
+#: reports the KeyboardInterrupt as the cell's error).
+_RAISE_INTERRUPT = compile("raise KeyboardInterrupt", "<interrupted>", "exec")
+
+
+def _install_interrupt(kernel: Any) -> None:
+    """Make interrupts reliable (ipykernel ignores SIGINT between requests, and a signal that
+    lands in its or IPython's own steps of a request can be swallowed): ``ime_interrupt_request``
+    on the control channel names the requests its client sent so far and not finished
+    (``msg_ids``) and the last one it sent (``last``). The one running now is interrupted if it
+    is one of them, or came before ``last`` (it began and ``last`` has not), or is another
+    client's (as a plain interrupt would); a request of the same client sent after the call is
+    never interrupted. Running, it is signalled while it runs the user's code, else interrupted
+    as it enters that code next; the named ones not begun yet end with a KeyboardInterrupt when
+    they begin, without running."""
+    for mtype in ("execute_request", "comm_msg"):
+        original = kernel.shell_handlers.get(mtype)
+        if original is not None:
+            kernel.shell_handlers[mtype] = _interruptible(kernel, original)
+    shell = getattr(kernel, "shell", None)
+    if shell is not None and hasattr(shell, "run_code"):
+        shell.run_code = _interruptible_code(shell.run_code)
+
+    def interrupt_request(stream: Any, idents: Any, msg: dict) -> None:
+        content = msg["content"]
+        ids = [m for m in content.get("msg_ids") or [] if isinstance(m, str)]
+        last = content.get("last") or ""
+        mine = {f"s:{msg['header'].get('session', '')}", f"c:{content.get('comm_id', '')}"}
+        reply: dict[str, Any] = {"status": "ok", "interrupted": None}
+        with _abort_lock:
+            running = _current[0]
+            for msg_id in ids:
+                if running is None or msg_id != running.msg_id:
+                    _owed[msg_id] = None
+            while len(_owed) > _OWED_KEPT:
+                _owed.popitem(last=False)
+            if running is not None and (
+                running.origin not in mine
+                or running.msg_id in ids
+                or running.msg_id == last
+                or (last and last not in _begun)  # it came before the last one sent
+            ):
+                reply["interrupted"] = running.msg_id
+                if running.region:
+                    try:
+                        running.hit = False
+                        _interrupt_self(kernel)
+                        threading.Thread(
+                            target=_keep_signalling,
+                            args=(kernel, running),
+                            name="ipy_multiengine-interrupt",
+                            daemon=True,
+                        ).start()
+                    except OSError as exc:
+                        reply = {"status": "error", "ename": type(exc).__name__, "evalue": str(exc)}
+                else:
+                    running.owed = True
+        kernel.session.send(stream, "ime_interrupt_reply", reply, msg, idents)
+
+    kernel.control_handlers["ime_interrupt_request"] = interrupt_request
+
+
+def _interruptible(kernel: Any, original: Callable) -> Callable:
+    """A shell handler that runs ``original`` as the current request (``_enter``), or answers a
+    request owed an interrupt with a KeyboardInterrupt, without running it."""
+
+    async def handler(stream: Any, idents: Any, msg: dict) -> None:
+        header = msg["header"]
+        began, previous = _enter(header["msg_id"], f"s:{header.get('session', '')}")
+        saved = _sigint_to_ours() if began else None
+        try:
+            if not began:
+                _skip(kernel, stream, msg, idents, interrupted=True)
+                return
+            result = original(stream, idents, msg)
+            if inspect.isawaitable(result):
+                await result
+        finally:
+            _leave(previous)
+            _sigint_back(saved)
+
+    return handler
+
+
+def _interruptible_code(original: Callable) -> Callable:
+    """IPython's ``run_code`` (one statement of a cell) as the interruptible region of an
+    execute. A KeyboardInterrupt that escapes ``original`` landed outside its own handler
+    (just before or after the user's code): it is reported as the cell's, like one inside."""
+
+    async def run_code(code_obj: Any, result: Any = None, *, async_: bool = False) -> Any:
+        try:
+            if not _region_enter():
+                return await original(_RAISE_INTERRUPT, result, async_=False)
+            return await original(code_obj, result, async_=async_)
+        except KeyboardInterrupt:
+            _region_exit()
+            return await original(_RAISE_INTERRUPT, result, async_=False)
+        finally:
+            _region_exit()
+
+    return run_code
+
+
+#: What a request owed an interrupt answers when it would begin (it did not run).
+INTERRUPTED_BEFORE = "interrupted before it began (mec.interrupt() or Ctrl-C)"
+
+
+def _interrupted_reply(rid: Any) -> dict:
+    return {
+        "rid": rid,
+        "status": "error",
+        "ename": "KeyboardInterrupt",
+        "evalue": INTERRUPTED_BEFORE,
+        "traceback": [],
+        "item": None,
+    }
 
 
 def on_engine() -> bool:
@@ -259,6 +564,9 @@ def _on_open(comm: Any, msg: dict) -> None:
         # a map over one sequence may send its elements, not 1-tuples (``star`` False): an
         # engine of an older version without this would unpack each element as arguments
         "map_elements": True,
+        # ``ime_interrupt_request``: interrupts reach requests not begun yet
+        # (``_install_interrupt``)
+        "interrupt_owed": True,
         # the messages on this comm, both ways, sign a digest of their buffers (``bd``)
         "comm_digest": _comm_digest[comm.comm_id],
     }
@@ -713,7 +1021,12 @@ def _run_op(data: dict, buffers: list) -> tuple[dict, list]:
         began = time.perf_counter()
         restore = _forward_input(data)
         try:
-            frames = op(data, buffers)
+            if not _region_enter():  # an interrupt came as it began (``_install_interrupt``)
+                raise KeyboardInterrupt(INTERRUPTED_BEFORE)
+            try:
+                frames = op(data, buffers)
+            finally:
+                _region_exit()
         finally:
             if restore is not None:
                 restore()
@@ -980,7 +1293,8 @@ class _FastServer:
             started = time.monotonic()
             # as ipykernel's handlers (the C module's call: the enum wrapping of signal.signal
             # was a tenth of this handler's cost)
-            saved = _signal.signal(signal.SIGINT, _signal.default_int_handler)
+            saved = _signal.signal(signal.SIGINT, _on_sigint)
+            run, previous = _enter(header["msg_id"], f"c:{data.get('comm_id', '')}")
             global _report
             if data.get("progress"):
 
@@ -994,11 +1308,15 @@ class _FastServer:
 
                 _report = report
             try:
-                reply, out = _run_op(data, msg["buffers"])
+                if run:
+                    reply, out = _run_op(data, msg["buffers"])
+                else:  # owed an interrupt before it began (``_install_interrupt``)
+                    reply, out = _interrupted_reply(data.get("rid")), []
                 msg = frames = rest = None  # type: ignore[assignment]
             finally:
                 _report = None
-                _signal.signal(signal.SIGINT, saved)
+                _leave(previous)
+                _restore_sigint(saved)
             reply["started"] = began  # PendingResult.started (the engine's clock)
             # and how long ago, for a client whose clock differs from this host's
             reply["ran"] = time.monotonic() - started

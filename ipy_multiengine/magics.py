@@ -55,8 +55,6 @@ from .targets import resolve as _resolve_targets
 
 #: Seconds to wait for interrupted engines to stop before giving control back.
 INTERRUPT_GRACE = 5.0
-#: Seconds between repeated interrupts of engines that have not stopped yet.
-INTERRUPT_REPEAT = 1.0
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -685,27 +683,22 @@ class ParallelMagics(Magics):
         running = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
         end = time.monotonic() + INTERRUPT_GRACE
         try:
-            # An engine that has not started running the code yet ignores an interrupt (a kernel
-            # only listens for SIGINT while it executes): repeat it for engines still busy with it.
-            while True:
-                still = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
-                if still:
-                    try:
-                        mec.interrupt(still)
-                    except Exception as exc:  # e.g. an engine died meanwhile: keep collecting
-                        with bars_cleared(sys.stderr):  # above a terminal's bar, not onto it
-                            print(
-                                f"%px: could not interrupt engines {engine_range(still)}: {exc}",
-                                file=sys.stderr,
-                                flush=True,
-                            )
-                if live.renderer is None:  # the Ctrl-C came before the output was laid out
-                    with interrupt_after():
-                        lay_out()
-                if self._wait(pr, live, progress, min(end, time.monotonic() + INTERRUPT_REPEAT)):
-                    break
-                if time.monotonic() >= end:
-                    break
+            # one interrupt is enough: it also reaches an engine that had not begun the code yet
+            # (``mec.interrupt``), and it spares the cell's own ``except KeyboardInterrupt``
+            if running:
+                try:
+                    mec.interrupt(running)
+                except Exception as exc:  # e.g. an engine died meanwhile: keep collecting
+                    with bars_cleared(sys.stderr):  # above a terminal's bar, not onto it
+                        print(
+                            f"%px: could not interrupt engines {engine_range(running)}: {exc}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+            if live.renderer is None:  # the Ctrl-C came before the output was laid out
+                with interrupt_after():
+                    lay_out()
+            self._wait(pr, live, progress, end)
         except KeyboardInterrupt:
             pass  # a second Ctrl-C: stop waiting at once
         renderer = live.renderer

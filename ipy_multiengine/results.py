@@ -179,6 +179,7 @@ class PendingResult:
         self._progress = progress
         self._value: Any = _UNSET
         self._error: BaseException | None = None
+        self._interrupted_by = 0  # id() of the KeyboardInterrupt whose engines were interrupted
 
     def __repr__(self) -> str:
         state = "ready" if self.ready() else "pending"
@@ -217,8 +218,8 @@ class PendingResult:
         re-raises."""
         timeout = check_timeout(timeout)
         # one wait, one deadline: the progress bar is drawn by the same wait (issue 11.3)
-        bar = self._progress(self) if self._progress is not None and not self.ready() else None
-        return self._wait(timeout, bar)
+        progress = self._progress
+        return self._wait(timeout, (lambda: progress(self)) if progress is not None else None)
 
     def wait_interactive(self, timeout: float | None = None) -> bool:
         """``wait`` with its progress shown at once (as ipyparallel's ``wait_interactive``):
@@ -227,25 +228,38 @@ class PendingResult:
         False if ``timeout`` passed first; Ctrl-C interrupts the engines and re-raises."""
         timeout = check_timeout(timeout)
         make = PendingResult.interactive_bar
-        bar = None if self.ready() or make is None else make(self)
-        return self._wait(timeout, bar)
+        return self._wait(timeout, (lambda: make(self)) if make is not None else None)
 
-    def _wait(self, timeout: float | None, bar: Any) -> bool:
+    def _wait(self, timeout: float | None, make_bar: Callable[[], Any] | None) -> bool:
+        """The wait of ``wait``/``wait_interactive``, with the bar ``make_bar`` makes (none when
+        ready at once); a Ctrl-C from its first step on interrupts the engines (``interrupted``)."""
+        bar: Any = None
+
         def draw(_done: int, _total: int) -> None:
             bar(*self.progress())
 
         try:
+            if make_bar is not None and not self.ready():
+                bar = make_bar()
             return stdin.wait(
                 self.futures, timeout, progress=draw if bar is not None else None
             )  # answers engines' input() meanwhile
-        except KeyboardInterrupt:
-            running = [e for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
-            if self._on_interrupt is not None and running:
-                self._on_interrupt(running)
+        except KeyboardInterrupt as exc:
+            self.interrupted(exc)
             raise
         finally:
             if bar is not None:
                 bar.close(*self.progress())
+
+    def interrupted(self, exc: KeyboardInterrupt) -> None:
+        """Ctrl-C (``exc``) during this call: interrupt the engines still running it, once for
+        that Ctrl-C (the wait, then the blocking call it was in, both come here)."""
+        if self._interrupted_by == id(exc):
+            return
+        self._interrupted_by = id(exc)
+        running = [e for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
+        if self._on_interrupt is not None and running:
+            self._on_interrupt(running)
 
     def get_result(
         self, default: Any = None, block: bool = True, timeout: float | None = None

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from ipy_multiengine import Cluster
+from ipy_multiengine.errors import CompositeError
+from ipy_multiengine.errors import TimeoutError as EngineTimeout
 
 _profiles = itertools.count()
 
@@ -186,3 +189,69 @@ def settle(mec: Any) -> None:
         except (CompositeError, TimeoutError):
             mec.interrupt()
     mec.execute("pass", timeout=10)
+
+
+# ---------------------------------------------------------------------- interrupt()
+#: Seconds an interrupted call may take to end (the sleeps it interrupts last 30 s).
+INTERRUPT_DEADLINE = 10.0
+
+
+def _ended_interrupted(pr: Any, what: str) -> None:
+    """``pr`` fails within the deadline, every engine with a KeyboardInterrupt."""
+    t0 = time.monotonic()
+    with pytest.raises(CompositeError) as info:
+        pr.get_result(timeout=INTERRUPT_DEADLINE)
+    assert time.monotonic() - t0 < INTERRUPT_DEADLINE
+    assert [e.ename for e in info.value.elist] == ["KeyboardInterrupt"] * len(pr.eids), what
+
+
+def _settle(mec: Any, eids: list[int]) -> None:
+    """After a failed round (old code): interrupt until the engines are free, so that the
+    tests that follow do not wait for a 30 s sleep."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        mec.interrupt(eids)
+        try:
+            mec.execute("pass", targets=eids, timeout=1)
+            return
+        except (EngineTimeout, CompositeError):
+            continue
+
+
+def check_interrupt_right_after_send(mec: Any, eids: list[int], rounds: int = 4) -> None:
+    """What was sent before ``interrupt()`` (running, or sent and not begun yet) ends with a
+    KeyboardInterrupt; what is sent right after it is not interrupted; the engines stay usable.
+    Each round interrupts at once after the send: on the old code the signal often came before
+    the engine had begun the request (ignored there) and the 30 s sleep ran on."""
+
+    def sleep_long() -> None:  # a local function: pickled by value, the engines run it
+        __import__("time").sleep(30)
+
+    try:
+        for i in range(rounds):
+            pr = mec.execute("import time; time.sleep(30)", targets=eids, block=False)
+            mec.interrupt(eids)
+            later = mec.execute(f"after_execute = {i}", targets=eids, block=False)
+            _ended_interrupted(pr, f"execute, round {i}")
+            assert [r["status"] for r in later.get_result(timeout=INTERRUPT_DEADLINE)] == [
+                "ok"
+            ] * len(eids)
+
+            pr = mec.apply(sleep_long, targets=eids, block=False)
+            mec.interrupt(eids)
+            later = mec.apply(lambda v: v, i, targets=eids, block=False)
+            _ended_interrupted(pr, f"apply, round {i}")
+            assert later.get_result(timeout=INTERRUPT_DEADLINE) == [i] * len(eids)
+
+            # an execute and a data operation queued behind it, both sent before the call
+            first = mec.execute("import time; time.sleep(30)", targets=eids, block=False)
+            behind = mec.apply(sleep_long, targets=eids, block=False)
+            mec.interrupt(eids)
+            later = mec.pull("after_execute", targets=eids, block=False)
+            _ended_interrupted(first, f"execute before an apply, round {i}")
+            _ended_interrupted(behind, f"apply behind an execute, round {i}")
+            assert later.get_result(timeout=INTERRUPT_DEADLINE) == [i] * len(eids)
+    except BaseException:
+        _settle(mec, eids)
+        raise
+    assert mec.apply(lambda: 7, targets=eids) == [7] * len(eids)  # usable after

@@ -145,8 +145,9 @@ def test_ctrl_c_stops_a_balanced_map_and_engines_stay_usable(mec):
 def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec, monkeypatch):
     """Each engine has its next chunk queued behind the one it runs: after Ctrl-C the engines
     must be free at once, not busy for another chunk's time (Ctrl-C from the user's own process,
-    delivered while every engine runs a chunk). The interrupt goes through the cluster owner's
-    interrupt (as ``mec.interrupt()``), so it works alike for clusters reached through a file.
+    delivered while every engine runs a chunk). The interrupt goes the way of ``mec.interrupt()``
+    (the controller's ``interrupt_sent``, the owner's for engines without the helper), so it
+    works alike for clusters reached through a file.
     ``chunksize=1``: auto chunks send one chunk per engine until its first answer, so nothing
     would be queued behind these 20 s items; fixed chunks queue ``depth`` (2) per engine."""
     import _thread
@@ -155,16 +156,16 @@ def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec, monkeypatc
     from ipy_multiengine.errors import TimeoutError as MeTimeout
 
     # a spy (white-box: which route an interrupt takes is not observable from outside); it
-    # calls the owner's real interrupt
+    # calls the controller's real interrupt
     asked: list[list[int]] = []
-    real_interrupt = mec.owner.interrupt
-
-    def spy(eids):
-        asked.append(list(eids))
-        return real_interrupt(eids)
-
-    monkeypatch.setattr(mec.owner, "interrupt", spy)
     ctl = mec.controller
+    real_interrupt = ctl.interrupt_sent
+
+    def spy(eids, *args, **kwargs):
+        asked.append(list(eids))
+        return real_interrupt(eids, *args, **kwargs)
+
+    monkeypatch.setattr(ctl, "interrupt_sent", spy)
     all_busy = threading.Event()
 
     def ctrl_c_once_every_engine_runs_a_chunk() -> None:
@@ -188,7 +189,7 @@ def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec, monkeypatc
                 timeout=60,
             )
         assert all_busy.is_set()
-        assert asked and set(asked[0]) == set(ctl.ids), f"owner interrupt not used: {asked}"
+        assert asked and set(asked[0]) == set(ctl.ids), f"mec.interrupt's route not used: {asked}"
         t0 = time.monotonic()
         try:
             assert mec.apply(lambda: "free", timeout=8) == ["free"] * len(ctl.ids)

@@ -7,6 +7,7 @@ import pickle
 import time
 
 import pytest
+from faultlib import check_interrupt_right_after_send
 
 from ipy_multiengine import client
 from ipy_multiengine.errors import CompositeError, EngineError, RemoteError, TimeoutError
@@ -338,3 +339,71 @@ def test_h12_finalizer_on_the_io_thread_still_closes(cluster):
         time.sleep(0.02)
     assert controller.closed
     c.close()
+
+
+# ---------------------------------------------------------------------- interrupt()
+def test_interrupt_right_after_a_non_blocking_send(mec):
+    check_interrupt_right_after_send(mec, [0, 1])
+
+
+def test_interrupt_of_an_idle_engine_harms_nothing(mec):
+    mec.execute("kept = 5", targets=[2])
+    for _ in range(3):
+        mec.interrupt([2, 3])
+    assert mec.pull("kept", targets=[2]) == [5]
+    assert [r["status"] for r in mec.execute("x = 1", targets=[2, 3])] == ["ok", "ok"]
+    assert mec.apply(lambda: 3, targets=[2, 3]) == [3, 3]
+
+
+def _sleep_call(mec, kind: str):
+    """A blocking call that sleeps 30 s on engines 0 and 1."""
+    if kind == "execute":
+        return lambda: mec.execute("import time; time.sleep(30)", targets=[0, 1])
+
+    def sleep_long():  # pickled by value
+        __import__("time").sleep(30)
+
+    return lambda: mec.apply(sleep_long, targets=[0, 1])
+
+
+@pytest.mark.parametrize("kind", ["execute", "apply"])
+@pytest.mark.parametrize("when", ["signal while sending", "raised before the wait"])
+def test_ctrl_c_between_send_and_wait_interrupts_like_one_in_the_wait(mec, monkeypatch, kind, when):
+    """A Ctrl-C that lands after a blocking call has sent its requests and before its wait has
+    begun: the engines are interrupted and ``mec.last`` keeps the call, as for one in the wait.
+    (Before: the KeyboardInterrupt left the call, the engines slept on, nothing kept it.)"""
+    import signal
+
+    call = _sleep_call(mec, kind)
+    if when == "signal while sending":
+        real_pending = mec._pending
+
+        def pending(*args, **kwargs):  # the requests are submitted: a real SIGINT comes now
+            pr = real_pending(*args, **kwargs)
+            signal.raise_signal(signal.SIGINT)
+            return pr
+
+        monkeypatch.setattr(mec, "_pending", pending)
+    else:
+        real_get = PendingResult.get_result
+
+        def get_result(self, *args, **kwargs):  # the first step of the wait
+            monkeypatch.setattr(PendingResult, "get_result", real_get)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(PendingResult, "get_result", get_result)
+    before = mec.last
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    monkeypatch.undo()
+    pr = mec.last
+    try:
+        assert pr is not None and pr is not before and pr.eids == [0, 1]
+        t0 = time.monotonic()
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=10)
+        assert time.monotonic() - t0 < 10
+        assert [e.ename for e in info.value.elist] == ["KeyboardInterrupt"] * 2
+    finally:
+        mec.interrupt([0, 1])  # the old code left them sleeping
+    assert mec.apply(lambda: 1, targets=[0, 1]) == [1, 1]
