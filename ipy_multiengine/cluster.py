@@ -640,8 +640,10 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             )
         timeout = self.startup_timeout if timeout is None else timeout
         # a timeout is a promise (issue 11.3): raise at it, and let the restart go on rather
-        # than cancel it half way (the engine becomes ready by itself; wait_ready waits for it)
-        fut = _loop.submit(self.restart_async(list(eids), timeout))
+        # than cancel it half way (the engine becomes ready by itself; wait_ready waits for it):
+        # the restart's own deadline to connect is not the caller's (a short one failed it, and
+        # left the engine dead while its new kernel ran on)
+        fut = _loop.submit(self.restart_async(list(eids), max(timeout, self.startup_timeout)))
         try:
             done = _loop.wait([fut], timeout)
         except BaseException:

@@ -800,6 +800,8 @@ class FileOwner(Owner):
         self._controller = controller
         self._spec = read_cluster(path) if spec is None else spec
         self._restarting: set[int] = set()
+        #: dead engines ``follow_restart`` watches the file for (``refresh`` leaves them to it)
+        self._following: set[int] = set()
         self.closed = False
         # one refresh at a time: a call from another thread waits for the engines being
         # connected instead of finding them listed but not ready (and failing)
@@ -901,13 +903,38 @@ class FileOwner(Owner):
         self._stamp = stamp  # one attempt per version of the file, even if connecting fails
         known = set(self._controller.ids)
         engines = {e: info for e, info in engines_of(spec).items() if e not in known}
+        # a dead engine its owner restarted after ``follow_restart`` stopped looking (someone
+        # restarting it minutes later): without this it stayed dead here for good
+        restarted = {
+            e: entry["connection"]
+            for entry in spec["engines"]
+            if (e := entry["id"]) in known
+            and e not in self._following | self._restarting
+            and self._restarted(e, entry, spec)
+        }
+        engines.update(restarted)
         if engines:
             probes = liveness_probes(spec)
             self._controller.add_engines(
                 engines, {e: p for e, p in probes.items() if e in engines}, timeout=timeout
             )
         self._spec, self._stamp = spec, stamp
-        return sorted(engines)
+        return sorted(e for e in engines if e not in restarted)
+
+    def _restarted(self, eid: int, entry: dict, spec: dict, dead: Any = None) -> bool:
+        """Whether the file's ``entry`` is a new process for engine ``eid``, dead here (its
+        snapshot ``dead``: the one that died): other connection info, or another pid alive."""
+        conn = self._controller.state(eid) if dead is None else dead
+        if not conn.dead:
+            return False
+        probe = liveness_probes(spec).get(eid)
+        if probe is not None and probe() is not None:
+            return False  # its process is gone: not (yet) restarted
+        return entry["connection"] != dict(conn.connection) or (
+            probe is not None
+            and bool(entry.get("pid"))
+            and entry.get("pid") != conn.engine_info.get("pid")
+        )
 
     def follow_restart(self, eid: int, reason: str) -> None:
         """(loop thread) Engine ``eid`` died: if its owner restarts it (``auto_restart``,
@@ -919,35 +946,34 @@ class FileOwner(Owner):
 
         controller = self._controller
         dead = controller.state(eid)  # an immutable snapshot: its generation names this connection
-        old = dict(dead.connection)
 
         async def follow() -> None:
             deadline = time.monotonic() + FOLLOW_RESTART_FOR
-            while time.monotonic() < deadline and not self.closed:
-                await asyncio.sleep(0.25)
-                conn = controller.state(eid)
-                if conn.generation != dead.generation or not conn.dead or eid in self._restarting:
-                    return  # reconnected or being restarted by this client (mec.restart)
-                try:
-                    spec = read_spec(self.cluster_file)
-                    entry = next(e for e in spec["engines"] if e["id"] == eid)
-                except Exception:
-                    continue
-                probe = liveness_probes(spec).get(eid)
-                if entry["connection"] != old or (
-                    probe is not None
-                    and entry.get("pid")
-                    and probe() is None
-                    and entry.get("pid") != conn.engine_info.get("pid")
-                ):
-                    if probe is not None and probe() is not None:
-                        continue
+            try:
+                while time.monotonic() < deadline and not self.closed:
+                    await asyncio.sleep(0.25)
+                    conn = controller.state(eid)
+                    if conn.generation != dead.generation or not conn.dead:
+                        return  # reconnected
+                    if eid in self._restarting:
+                        return  # being restarted by this client (mec.restart)
                     try:
-                        await controller.add_engines_async(
-                            {eid: entry["connection"]}, {eid: probe} if probe else {}, timeout=30
-                        )
-                    except Exception as exc:
-                        log.warning("could not reconnect to restarted engine %s: %s", eid, exc)
-                    return
+                        spec = read_spec(self.cluster_file)
+                        entry = next(e for e in spec["engines"] if e["id"] == eid)
+                    except Exception:
+                        continue
+                    if self._restarted(eid, entry, spec, conn):
+                        probe = liveness_probes(spec).get(eid)
+                        try:
+                            await controller.add_engines_async(
+                                {eid: entry["connection"]}, {eid: probe} if probe else {}, 30
+                            )
+                        except Exception as exc:
+                            log.warning("could not reconnect to restarted engine %s: %s", eid, exc)
+                        return
+            finally:
+                # after this, refresh() reconnects it once the file lists it restarted
+                self._following.discard(eid)
 
+        self._following.add(eid)
         _loop.background(follow(), f"following the restart of engine {eid}")

@@ -802,6 +802,54 @@ def test_a_client_attaches_to_a_cluster_with_a_dead_engine_and_follows_its_resta
 
 
 @pytest.mark.timeout(120)
+def test_an_attached_client_reconnects_to_a_dead_engine_its_owner_restarts_later(monkeypatch):
+    """A client attached to a cluster with a dead engine followed the owner's restart only
+    for FOLLOW_RESTART_FOR (60 s) after it saw the death; an owner restarting it later (the
+    usual case: auto_restart off, someone notices) left it dead in that client for good:
+    every call to it failed "engine 1 is dead". Now a call after the cluster file lists the
+    restarted engine reconnects to it (the follow window is made to have passed at once)."""
+    from faultlib import engine_pid
+
+    from ipy_multiengine import clusterfile
+
+    monkeypatch.setattr(clusterfile, "FOLLOW_RESTART_FOR", 0.0)
+    with Cluster(n=2, profile="attach-dead-later") as mec:
+        os.kill(engine_pid(mec.owner, 1), signal.SIGKILL)
+        wait_for(lambda: mec.controller.dead(1), 30, "the owner to see engine 1 dead")
+        with MultiEngineClient(profile="attach-dead-later") as other:
+            assert other.controller.dead(1)
+            mec.restart(1, timeout=60)
+            assert other.apply(lambda: 2, timeout=30) == [2, 2]
+            # and one that dies while attached, restarted after the window, the same
+            os.kill(engine_pid(mec.owner, 0), signal.SIGKILL)
+            wait_for(lambda: other.controller.dead(0), 30, "the client to see engine 0 dead")
+            mec.restart(0, timeout=60)
+            assert other.apply(lambda: 3, timeout=30) == [3, 3]
+
+
+@pytest.mark.timeout(120)
+def test_a_restart_whose_caller_stops_waiting_goes_on_and_the_engine_comes_back():
+    """``mec.restart(0, timeout=t)`` with ``t`` shorter than a kernel's start raised
+    "not finished after t s ...; it goes on: mec.wait_ready() waits for it", but the same ``t``
+    was the restart's own deadline to connect: it failed ("did not answer kernel_info within
+    t s"), the engine stayed dead (wait_ready timed out) while the new kernel ran on, listed
+    alive in the cluster file. The caller's timeout now only ends the caller's wait."""
+    from faultlib import engine_pid
+
+    with Cluster(n=1, profile="restart-goes-on") as mec:
+        old = engine_pid(mec.owner, 0)
+        with pytest.raises(TimeoutError, match="it goes on"):
+            mec.restart(0, timeout=0.05)
+        mec.wait_ready(timeout=60)
+        assert mec.apply(lambda: 1, timeout=30) == [1]
+        assert mec.controller.dead(0) is None
+        new = engine_pid(mec.owner, 0)
+        assert new != old and psutil.pid_exists(new)
+        spec = json.loads(Path(mec.owner.cluster_file).read_text())
+        assert [e["pid"] for e in spec["engines"]] == [new]
+
+
+@pytest.mark.timeout(120)
 def test_restarts_asked_for_do_not_use_up_the_automatic_ones():
     """Every restart, also one a user asked for, counted against auto_restart's limit of
     MAX_AUTO_RESTARTS a minute: after that many ``mec.restart`` calls, an engine that died was
