@@ -789,15 +789,15 @@ def test_ssh_engines_on_two_hosts(ssh_hosts):
         assert mec.gather("s") == list(range(9))
         interrupt_sleep(mec)
         assert len(engine_processes(SSH_ENGINE_DIR)) == 3
+        # this cluster's port forwarders (psutil: a reused pid is not the same process); a
+        # scan of every ssh on the machine also caught other test runs' forwarders
+        forwarders = [psutil.Process(f.pid) for f in c.launcher.forwarders if f is not None]
+        assert len(forwarders) == 3  # one per engine
     finally:
         c.stop()
     wait_no_engines(SSH_ENGINE_DIR)
     assert not any(os.path.exists(f) for f in remote_files)
-    assert not [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "ExitOnForwardFailure=yes" in (p.info["cmdline"] or [])
-    ]
+    assert not [p for p in forwarders if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.mark.timeout(60)
