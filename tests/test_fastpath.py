@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 import zmq
-from faultlib import make_hanger, marker, small_cluster, wait_for
+from faultlib import hang_code, make_hanger, marker, small_cluster, wait_for
 from jupyter_client.session import Session
 
 from ipy_multiengine import CompositeError, EngineError, MultiEngineClient
@@ -165,8 +165,10 @@ def _check_abort(mec: MultiEngineClient, tmp_path) -> None:
 
     pid = mec.apply(os.getpid, targets=0)[0]
     mec.execute("abort_flag = False", targets=0)
-    running = mec.execute("import time; time.sleep(30)", targets=0, block=False)
-    wait_for(lambda: running.started[0] is not None, 10, "engine 0 running the sleep")
+    running = mec.execute(hang_code(tmp_path, "sleep"), targets=0, block=False)
+    # in the cell (its marker): "started" is the kernel's busy, sent before it takes SIGINT
+    wait_for(marker(tmp_path, "sleep", pid).exists, 10, "engine 0 running the sleep")
+    wait_for(lambda: running.started[0] is not None, 10, "engine 0 seen busy")
     behind_exec = mec.apply(set_flag, targets=0, block=False)
     behind_exec.abort()
     if mec.controller.state(0).engine_info.get("fast"):
