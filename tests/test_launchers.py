@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from faultlib import wait_for
 from launcher_systems import NetnsHost, SlurmCluster, SSHKeys, SSHServer, Unavailable
 
 from ipy_multiengine import Cluster, CompositeError, MultiEngineClient
@@ -90,9 +91,20 @@ def wait_no_engines(marker: str, timeout: float = 10.0) -> None:
 
 
 def interrupt_sleep(mec, wait: float = 20.0) -> None:
-    """Run a long sleep everywhere, interrupt it, and check every engine got KeyboardInterrupt."""
-    pr = mec.execute("import time; time.sleep(60)", block=False)
-    time.sleep(1.0)
+    """Run a long sleep everywhere, interrupt it once every engine runs it (its print: a kernel
+    ignores SIGINT between requests, and a fixed 1 s wait was no proof on a loaded box), and
+    check every engine got KeyboardInterrupt."""
+    started: set[int] = set()
+
+    def listener(eid: int, mtype: str, content: dict) -> None:
+        if mtype == "stream" and "started" in content.get("text", ""):
+            started.add(eid)
+
+    n = len(mec.get_ids())
+    pr = mec.execute(
+        "import time; print('started', flush=True); time.sleep(60)", block=False, listener=listener
+    )
+    wait_for(lambda: len(started) == n, 60, f"all {n} engines to start the sleep")
     t0 = time.monotonic()
     mec.interrupt()
     with pytest.raises(CompositeError) as info:
