@@ -232,15 +232,22 @@ def answers_kernel_info(info: dict, curve: bool, wait: float = 2.0) -> bool:
     from jupyter_client.session import Session
 
     ctx = zmq.Context()
+    timeout = wait if not curve else 10 * wait
     try:
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
+        # a plaintext handshake the engine refused before the send (a loaded box) leaves the
+        # DEALER without a peer: its send then blocked for good (the test's timeout, once)
+        sock.sndtimeo = int(timeout * 1000)
         if curve:
             sock.curve_serverkey = info["curve_publickey"].encode()
             sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
         sock.connect(f"tcp://{info['ip']}:{info['shell_port']}")
-        Session(key=info["key"].encode()).send(sock, "kernel_info_request", {})
-        return bool(sock.poll(int((wait if not curve else 10 * wait) * 1000)))
+        try:
+            Session(key=info["key"].encode()).send(sock, "kernel_info_request", {})
+        except zmq.Again:
+            return False  # no peer took it: not answered
+        return bool(sock.poll(int(timeout * 1000)))
     finally:
         # destroy, not term: a test timeout raised inside poll leaves the socket open, and
         # term() would then block the worker forever in C, where the timeout cannot reach
