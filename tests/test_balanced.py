@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from faultlib import small_cluster
+from faultlib import make_hanger, marker, small_cluster
 from wire_relay import relayed_client
 
 from ipy_multiengine import Cluster
@@ -142,7 +142,7 @@ def test_ctrl_c_stops_a_balanced_map_and_engines_stay_usable(mec):
     assert mec.map(abs, [-1, -2], balanced=True) == [1, 2]
 
 
-def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec, monkeypatch):
+def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec, monkeypatch, tmp_path):
     """Each engine has its next chunk queued behind the one it runs: after Ctrl-C the engines
     must be free at once, not busy for another chunk's time (Ctrl-C from the user's own process,
     delivered while every engine runs a chunk). The interrupt goes the way of ``mec.interrupt()``
@@ -167,11 +167,15 @@ def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec, monkeypatc
 
     monkeypatch.setattr(ctl, "interrupt_sent", spy)
     all_busy = threading.Event()
+    pids = mec.apply(os.getpid)
+    # each chunk touches its engine's marker, then sleeps 20 s: Ctrl-C once every engine runs
+    # one (``running == "map"`` says a chunk was sent: a kernel not yet in it ignores SIGINT)
+    hang = make_hanger(tmp_path, "chunk", 20)
 
     def ctrl_c_once_every_engine_runs_a_chunk() -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not all_busy.is_set():
-            if all(ctl.state(e).running == "map" for e in ctl.ids):
+            if all(marker(tmp_path, "chunk", p).exists() for p in pids):
                 all_busy.set()
                 _thread.interrupt_main()
                 return
@@ -181,13 +185,7 @@ def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec, monkeypatc
     watcher.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            mec.map(
-                lambda x: __import__("time").sleep(x),
-                [20] * 8,
-                balanced=True,
-                chunksize=1,
-                timeout=60,
-            )
+            mec.map(hang, range(8), balanced=True, chunksize=1, timeout=60)
         assert all_busy.is_set()
         assert asked and set(asked[0]) == set(ctl.ids), f"mec.interrupt's route not used: {asked}"
         t0 = time.monotonic()

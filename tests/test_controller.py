@@ -227,16 +227,24 @@ def test_h07_client_sigstopped_longer_than_heartbeat_is_not_a_death(cluster, mec
 
 
 # --------------------------------------------------------------------------- 11.8
-def test_h08_control_idle_before_interrupt_reply_fails_nothing_queued(cluster, mec):
+def test_h08_control_idle_before_interrupt_reply_fails_nothing_queued(cluster, mec, tmp_path):
     """Deterministic form of the race: a control request's idle arrives (before its reply)
     while comm requests are queued behind a running one; none of them may fail and the
     engine stays busy. Run on the loop thread, as the real message would be."""
     c = MultiEngineClient(cluster.cluster_file)
+    go = tmp_path / "go"
     try:
         ctl = c.controller
         # issue 15.2: data operations no longer go through the shell (no busy/idle of theirs):
-        # a running execute makes the shell busy, two applies wait behind it
-        prs = [c.execute("import time; time.sleep(0.5)", targets=0, block=False)]
+        # a running execute makes the shell busy, two applies wait behind it. It runs until
+        # the test lets it end (a fixed 0.5 s could be over before the crafted messages)
+        prs = [
+            c.execute(
+                f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)",
+                targets=0,
+                block=False,
+            )
+        ]
         prs += [c.apply(time.sleep, 0.5, targets=0, block=False) for _ in range(2)]
         wait_for(lambda: c.engines[0]["state"] == "busy", 5, "engine 0 to be busy")
 
@@ -261,9 +269,11 @@ def test_h08_control_idle_before_interrupt_reply_fails_nothing_queued(cluster, m
         state, done = _loop.run(race(), timeout=5)
         assert state == "busy", "a control channel idle overwrote the engine's (shell) state"
         assert done == [False, False, False], "queued requests were failed by a control idle"
+        go.touch()
         assert prs[0].get_result(timeout=10)[0]["status"] == "ok"
         assert [pr.get_result(timeout=10) for pr in prs[1:]] == [[None]] * 2
     finally:
+        go.touch()
         c.close()
 
 

@@ -19,6 +19,7 @@ import pytest
 import zmq
 from faultlib import (
     check_interrupt_right_after_send,
+    hang_code,
     make_hanger,
     marker,
     small_cluster,
@@ -170,8 +171,10 @@ def _check_abort(mec: MultiEngineClient, tmp_path) -> None:
 
     pid = mec.apply(os.getpid, targets=0)[0]
     mec.execute("abort_flag = False", targets=0)
-    running = mec.execute("import time; time.sleep(30)", targets=0, block=False)
-    wait_for(lambda: running.started[0] is not None, 10, "engine 0 running the sleep")
+    running = mec.execute(hang_code(tmp_path, "sleep"), targets=0, block=False)
+    # in the cell (its marker): "started" is the kernel's busy, sent before it takes SIGINT
+    wait_for(marker(tmp_path, "sleep", pid).exists, 10, "engine 0 running the sleep")
+    wait_for(lambda: running.started[0] is not None, 10, "engine 0 seen busy")
     behind_exec = mec.apply(set_flag, targets=0, block=False)
     behind_exec.abort()
     if mec.controller.state(0).engine_info.get("fast"):
@@ -410,11 +413,14 @@ def test_a_lost_fast_reply_fails_its_operation_and_releases_what_waited(mec, mon
     assert mec.apply(lambda: after_lost + 1, targets=0) == [2]  # noqa: F821 (engine name)
 
 
-def test_an_unreachable_fast_socket_is_given_up_quickly(cluster, mec, tmp_path):
+def test_an_unreachable_fast_socket_is_given_up_quickly(cluster, mec, tmp_path, monkeypatch):
     """Engines that advertise a fast socket nobody listens on: a new client connects in far
-    less than FAST_PROBE (3 s) and carries their data on the comm."""
+    less than FAST_PROBE and carries their data on the comm. (FAST_PROBE raised from 3 s to
+    30 s here: connecting took up to 1.9 s on a loaded box, against a bound of 2 s; a client
+    waiting for the limit is still told apart.)"""
     from ipy_multiengine import controller
 
+    monkeypatch.setattr(controller, "FAST_PROBE", 30.0)
     nowhere = str(tmp_path / "nobody-listens")
     mec.execute(
         "import ipy_multiengine.engine as _e\n"
@@ -427,7 +433,7 @@ def test_an_unreachable_fast_socket_is_given_up_quickly(cluster, mec, tmp_path):
         c = MultiEngineClient(cluster.cluster_file)
         took = time.monotonic() - t0
         try:
-            assert took < controller.FAST_PROBE - 1, f"connecting took {took:.2f} s"
+            assert took < controller.FAST_PROBE / 3, f"connecting took {took:.2f} s"
             assert not any(c.controller._conn(e).fast for e in c.get_ids())  # white-box, read
             c.push({"via_comm": 7}, targets=0)
             assert c.pull("via_comm", targets=0) == [7]

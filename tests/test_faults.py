@@ -170,7 +170,10 @@ def test_heartbeat_detects_engines_without_a_local_process(tmp_path):
         try:
             assert [e["watched_by"] for e in mec.engines] == ["heartbeat", "heartbeat"]
             pid = engine_pid(cluster, 1)
-            pr = mec.execute("import time; time.sleep(30)", targets=1, block=False)
+            pr = mec.execute(hang_code(tmp_path, "hb"), targets=1, block=False)
+            # frozen once in the cell: a kernel ignores SIGINT between requests, and the
+            # interrupt below must stop this cell, not be lost before it began
+            wait_for(marker(tmp_path, "hb", pid).exists, 20, "engine 1 to run the cell")
             t0 = time.monotonic()
             os.kill(pid, signal.SIGSTOP)
             try:
@@ -589,7 +592,7 @@ def test_print_measurements():
 
 
 @pytest.mark.timeout(90)
-def test_a_failed_local_interrupt_is_logged_and_the_others_are_interrupted(caplog):
+def test_a_failed_local_interrupt_is_logged_and_the_others_are_interrupted(caplog, tmp_path):
     """One kernel manager's interrupt failing (injected: its interrupt_kernel raises, as for a
     kernel whose process vanished) is logged, and the other engines are interrupted anyway."""
     import logging
@@ -600,8 +603,15 @@ def test_a_failed_local_interrupt_is_logged_and_the_others_are_interrupted(caplo
         return mec.controller.state(eid).busy_since is not None
 
     with small_cluster(2) as (cluster, mec):
-        pr = mec.execute("import time; time.sleep(30)", block=False)
-        wait_for(lambda: busy(0) and busy(1), 20, "both engines to run the cell")
+        pr = mec.execute(hang_code(tmp_path, "cell"), block=False)
+        # the cell's own marker, not the engines' "busy" (sent before a kernel takes SIGINT)
+        pids = [engine_pid(cluster, e) for e in (0, 1)]
+        wait_for(
+            lambda: all(marker(tmp_path, "cell", p).exists() for p in pids),
+            20,
+            "both engines to run the cell",
+        )
+        wait_for(lambda: busy(0) and busy(1), 20, "both engines seen busy")
         km0 = cluster.launcher.managers[0]
 
         async def broken() -> None:

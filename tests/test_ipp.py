@@ -227,11 +227,16 @@ def test_serial_time_of_a_queued_apply_counts_from_when_its_engine_started_it(me
     )
 
 
-def test_abort_skips_queued_requests_never_running_ones(mec):
-    from faultlib import wait_for
+def test_abort_skips_queued_requests_never_running_ones(mec, tmp_path):
+    import os
 
-    running = mec.execute("import time; time.sleep(30)", targets=[0], block=False)
-    wait_for(lambda: running.started[0] is not None, 10, "engine 0 running the sleep")
+    from faultlib import hang_code, marker, wait_for
+
+    pid = mec.apply(os.getpid, targets=0)[0]
+    running = mec.execute(hang_code(tmp_path, "sleep"), targets=[0], block=False)
+    # in the cell (its marker): "started" is the kernel's busy, sent before it takes SIGINT
+    wait_for(marker(tmp_path, "sleep", pid).exists, 10, "engine 0 running the sleep")
+    wait_for(lambda: running.started[0] is not None, 10, "engine 0 seen busy")
     queued_exec = mec.execute("queued = 1", targets=[0], block=False)
     queued_apply = mec.apply(lambda: 2, targets=[0], block=False)
     both = mec.execute("mixed = 1", targets=[0, 1], block=False)  # done on 1, queued on 0

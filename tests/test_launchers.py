@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from faultlib import wait_for
 from launcher_systems import NetnsHost, SlurmCluster, SSHKeys, SSHServer, Unavailable
 
 from ipy_multiengine import Cluster, CompositeError, MultiEngineClient
@@ -90,9 +91,20 @@ def wait_no_engines(marker: str, timeout: float = 10.0) -> None:
 
 
 def interrupt_sleep(mec, wait: float = 20.0) -> None:
-    """Run a long sleep everywhere, interrupt it, and check every engine got KeyboardInterrupt."""
-    pr = mec.execute("import time; time.sleep(60)", block=False)
-    time.sleep(1.0)
+    """Run a long sleep everywhere, interrupt it once every engine runs it (its print: a kernel
+    ignores SIGINT between requests, and a fixed 1 s wait was no proof on a loaded box), and
+    check every engine got KeyboardInterrupt."""
+    started: set[int] = set()
+
+    def listener(eid: int, mtype: str, content: dict) -> None:
+        if mtype == "stream" and "started" in content.get("text", ""):
+            started.add(eid)
+
+    n = len(mec.get_ids())
+    pr = mec.execute(
+        "import time; print('started', flush=True); time.sleep(60)", block=False, listener=listener
+    )
+    wait_for(lambda: len(started) == n, 60, f"all {n} engines to start the sleep")
     t0 = time.monotonic()
     mec.interrupt()
     with pytest.raises(CompositeError) as info:
@@ -207,15 +219,22 @@ def answers_kernel_info(info: dict, curve: bool, wait: float = 2.0) -> bool:
     from jupyter_client.session import Session
 
     ctx = zmq.Context()
+    timeout = wait if not curve else 10 * wait
     try:
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
+        # a plaintext handshake the engine refused before the send (a loaded box) leaves the
+        # DEALER without a peer: its send then blocked for good (the test's timeout, once)
+        sock.sndtimeo = int(timeout * 1000)
         if curve:
             sock.curve_serverkey = info["curve_publickey"].encode()
             sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
         sock.connect(f"tcp://{info['ip']}:{info['shell_port']}")
-        Session(key=info["key"].encode()).send(sock, "kernel_info_request", {})
-        return bool(sock.poll(int((wait if not curve else 10 * wait) * 1000)))
+        try:
+            Session(key=info["key"].encode()).send(sock, "kernel_info_request", {})
+        except zmq.Again:
+            return False  # no peer took it: not answered
+        return bool(sock.poll(int(timeout * 1000)))
     finally:
         # destroy, not term: a test timeout raised inside poll leaves the socket open, and
         # term() would then block the worker forever in C, where the timeout cannot reach
