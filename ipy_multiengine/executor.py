@@ -124,6 +124,8 @@ class EngineExecutor(cf.Executor):
         self._pending: set[cf.Future] = set()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
+        #: the newest completion thread, also while it ends (``_worker`` is None by then)
+        self._completer: threading.Thread | None = None
         self._on_worker = threading.local()  # .active: this thread completes our tasks
         self._shutdown = False
 
@@ -218,9 +220,10 @@ class EngineExecutor(cf.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No more tasks; ``cancel_futures`` cancels the queued ones; ``wait`` waits for the rest
-        (Ctrl-C stops the wait, the tasks keep running). From a done-callback of this executor
-        (its completion thread) ``wait=True`` raises ``RuntimeError`` once shut down, as the
-        standard library's pools do: that thread would wait for itself."""
+        and their done-callbacks (Ctrl-C stops the wait, the tasks keep running). From a
+        done-callback of this executor (its completion thread) ``wait=True`` raises
+        ``RuntimeError`` once shut down, as the standard library's pools do: that thread would
+        wait for itself."""
         with self._lock:
             self._shutdown = True
             dropped: list[cf.Future] = []
@@ -241,6 +244,14 @@ class EngineExecutor(cf.Executor):
             return
         if wait and left:
             stdin.wait(left)
+        if wait:
+            # as the standard library's pools join their threads: once this returns, every
+            # done-callback of this executor's tasks has run (they run on its completion
+            # thread after the result is set)
+            with self._lock:
+                worker = self._completer
+            while worker is not None and worker.is_alive():
+                worker.join(0.1)  # in slices: Ctrl-C stays possible
 
     # ------------------------------------------------------------------ dispatch (lock held)
     # these only *collect* the futures that fail, as (future, exception) pairs: the caller
@@ -280,7 +291,7 @@ class EngineExecutor(cf.Executor):
             return False
         self._inflight[eid] = task
         if self._worker is None:
-            self._worker = threading.Thread(
+            self._worker = self._completer = threading.Thread(
                 target=self._complete_loop, name="ipy_multiengine-executor", daemon=True
             )
             self._worker.start()
