@@ -351,8 +351,9 @@ SIGNAL_FOR = 10.0
 
 def _keep_signalling(kernel: Any, running: _Running) -> None:
     """(a thread of its own) Signal ``running`` again until a KeyboardInterrupt was raised in it,
-    it left the user's code, or ``SIGNAL_FOR`` s passed. Waits on ``_interrupt_seen``: no
-    polling; each signal is sent holding the lock, while ``running`` is in that code."""
+    it left the user's code, ``SIGNAL_FOR`` s passed, or SIGINT has a handler not ours (the
+    user's got the first signal). Waits on ``_interrupt_seen``: no polling; each signal is sent
+    holding the lock, while ``running`` is in that code."""
     end = time.monotonic() + SIGNAL_FOR
     steps = itertools.chain(SIGNAL_AGAIN, itertools.repeat(SIGNAL_AGAIN[-1]))
     with _abort_lock:
@@ -363,6 +364,10 @@ def _keep_signalling(kernel: Any, running: _Running) -> None:
                 min(step, max(left, 0)),
             )
             if stopped or time.monotonic() >= end:
+                return
+            if _signal.getsignal(signal.SIGINT) is not _on_sigint:
+                # the user's code (or ipykernel's async-cell canceller) has its own handler:
+                # it got the first signal; more would look like more Ctrl-C presses
                 return
             try:
                 _interrupt_self(kernel)

@@ -407,3 +407,31 @@ def test_ctrl_c_between_send_and_wait_interrupts_like_one_in_the_wait(mec, monke
     finally:
         mec.interrupt([0, 1])  # the old code left them sleeping
     assert mec.apply(lambda: 1, targets=[0, 1]) == [1, 1]
+
+
+def test_interrupt_signals_a_handler_of_the_users_once(mec, tmp_path):
+    """Code that installs its own SIGINT handler (a "save and stop on Ctrl-C" loop) gets one
+    signal per interrupt, as from ipykernel's own interrupt. (Before: the engine signalled it
+    again and again, 0.02 s to 1 s apart for up to 10 s, as if Ctrl-C were pressed 8 times.)"""
+    ready = tmp_path / "handler-installed"
+    code = f"""
+import signal, time
+hits = []
+signal.signal(signal.SIGINT, lambda signum, frame: hits.append(time.monotonic()))
+open({str(ready)!r}, "w").close()
+deadline = time.monotonic() + 20
+while not hits and time.monotonic() < deadline:
+    time.sleep(0.01)
+quiet_until = time.monotonic() + 2.5  # longer than the engine's repeats before the 1 s steps
+while time.monotonic() < quiet_until:
+    time.sleep(0.01)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+"""
+    pr = mec.execute(code, targets=[2], block=False)
+    deadline = time.monotonic() + 20
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ready.exists()
+    mec.interrupt([2])
+    assert [r["status"] for r in pr.get_result(timeout=30)] == ["ok"]
+    assert mec.execute("n_hits = len(hits)", targets=[2]) and mec.pull("n_hits", targets=[2]) == [1]
