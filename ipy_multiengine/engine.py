@@ -309,12 +309,23 @@ def _restore_sigint(saved: Any) -> None:
 
 def _interrupt_self(kernel: Any) -> None:
     """SIGINT to this kernel (and its process group, when it leads one), as ipykernel's own
-    ``interrupt_request`` does."""
+    ``interrupt_request`` does; then wake the main thread's event loop. A cell with a top-level
+    ``await`` has ipykernel's handler, which schedules the cell's cancel on that loop without
+    waking it (tornado's ``add_callback`` from the loop's own thread): the loop, waiting in
+    ``select``, would run it only when something else woke it (the next request)."""
     send = getattr(kernel, "_send_interrupt_children", None)
     if send is not None:
         send()
     else:
         os.kill(os.getpid(), signal.SIGINT)
+    loop = getattr(getattr(kernel, "io_loop", None), "asyncio_loop", None)
+    if loop is not None and not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # closed meanwhile (the kernel exits)
+            loop.call_soon_threadsafe(_nothing)
+
+
+def _nothing() -> None:
+    """What wakes the main loop (``_interrupt_self``)."""
 
 
 def _on_sigint(signum: int, frame: Any) -> None:

@@ -435,3 +435,26 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
     mec.interrupt([2])
     assert [r["status"] for r in pr.get_result(timeout=30)] == ["ok"]
     assert mec.execute("n_hits = len(hits)", targets=[2]) and mec.pull("n_hits", targets=[2]) == [1]
+
+
+def test_interrupt_stops_an_async_cell(mec, tmp_path):
+    """A cell with a top-level ``await``: ipykernel's SIGINT handler for it schedules the cancel
+    on the loop without waking it, so the interrupt waited for whatever woke the loop next (the
+    30 s sleep's end, or the next request). The engine wakes its loop after the signal."""
+    ready = tmp_path / "awaiting"
+    code = f"import asyncio\nopen({str(ready)!r}, 'w').close()\nawait asyncio.sleep(30)"
+    pr = mec.execute(code, targets=[2], block=False)
+    deadline = time.monotonic() + 20
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ready.exists()
+    t0 = time.monotonic()
+    mec.interrupt([2])
+    try:
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=10)
+        assert time.monotonic() - t0 < 10
+        assert [e.ename for e in info.value.elist] == ["CancelledError"]  # as ipykernel says it
+    finally:
+        mec.interrupt([2])  # the old code left it sleeping (ended by the next request)
+    assert mec.apply(lambda: 2, targets=[2]) == [2]
