@@ -218,13 +218,14 @@ class _Running:
     it as the request's error; elsewhere, in ipykernel's or IPython's own steps, it may be
     swallowed, by an event callback, or lose the reply), and whether an interrupt came outside
     that region (``owed``: raised as the user's code is entered next); ``hit``: a SIGINT was
-    handled (a KeyboardInterrupt raised) while it ran."""
+    handled (a KeyboardInterrupt raised) while it ran, the last one at ``hit_at``."""
 
-    __slots__ = ("hit", "msg_id", "origin", "owed", "region")
+    __slots__ = ("hit", "hit_at", "msg_id", "origin", "owed", "region")
 
     def __init__(self, msg_id: str, origin: str) -> None:
         self.msg_id, self.origin = msg_id, origin
         self.owed = self.region = self.hit = False
+        self.hit_at = 0.0
 
 
 _current: list[_Running | None] = [None]
@@ -335,7 +336,7 @@ def _on_sigint(signum: int, frame: Any) -> None:
     with _abort_lock:
         running = _current[0]
         if running is not None:
-            running.hit = True
+            running.hit, running.hit_at = True, time.monotonic()
         _interrupt_seen.notify_all()
     raise KeyboardInterrupt
 
@@ -387,6 +388,12 @@ def _keep_signalling(kernel: Any, running: _Running) -> None:
                 return
 
 
+#: Seconds after a KeyboardInterrupt was raised in a request within which an
+#: ``ime_interrupt_request`` for it does not signal it again: it is the same interrupt, whose
+#: client had also sent a plain signal because this engine's control thread answered after its
+#: 1 s wait (e.g. a C call held the GIL). A second one would hit the code's own cleanup.
+INTERRUPT_MERGED = 1.0
+
 #: The code an execute runs instead of the user's when it is owed an interrupt (IPython
 #: reports the KeyboardInterrupt as the cell's error).
 _RAISE_INTERRUPT = compile("raise KeyboardInterrupt", "<interrupted>", "exec")
@@ -430,7 +437,9 @@ def _install_interrupt(kernel: Any) -> None:
                 or (last and last not in _begun)  # it came before the last one sent
             ):
                 reply["interrupted"] = running.msg_id
-                if running.region:
+                if running.hit and time.monotonic() - running.hit_at < INTERRUPT_MERGED:
+                    pass  # just interrupted: by its client's plain signal, sent as we were late
+                elif running.region:
                     try:
                         running.hit = False
                         _interrupt_self(kernel)

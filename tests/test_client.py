@@ -458,3 +458,59 @@ def test_interrupt_stops_an_async_cell(mec, tmp_path):
     finally:
         mec.interrupt([2])  # the old code left it sleeping (ended by the next request)
     assert mec.apply(lambda: 2, targets=[2]) == [2]
+
+
+_SLOW_INTERRUPT_HANDLER = """
+import threading
+_k = get_ipython().kernel
+_ime_orig_interrupt = _k.control_handlers["ime_interrupt_request"]
+interrupt_go, interrupt_handled = threading.Event(), threading.Event()
+def _ime_slow_interrupt(stream, idents, msg):  # the control thread answers late
+    interrupt_go.wait(20)
+    try:
+        _ime_orig_interrupt(stream, idents, msg)
+    finally:
+        interrupt_handled.set()
+_k.control_handlers["ime_interrupt_request"] = _ime_slow_interrupt
+"""
+
+
+def test_a_late_interrupt_does_not_hit_the_cleanup_the_plain_one_began(mec, tmp_path):
+    """An engine whose control thread answers after the client's 1 s ack wait (in real life: a
+    C call holding the GIL, ``sum(range(10**8))``) is interrupted twice, by the client's plain
+    fallback and then by the late ``ime_interrupt_request``: the second must not raise another
+    KeyboardInterrupt in the code's own ``except KeyboardInterrupt:`` cleanup. (Before: it did,
+    and the cleanup never finished; before intr9 a single plain signal let it finish.)"""
+    ready = tmp_path / "running"
+    code = f"""
+import time
+cleaned = False
+open({str(ready)!r}, "w").close()
+try:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+except KeyboardInterrupt:  # the plain signal: now the late request comes, during the cleanup
+    interrupt_go.set()
+    interrupt_handled.wait(10)
+    cleaned = True
+    raise
+"""
+    mec.execute(_SLOW_INTERRUPT_HANDLER, targets=[3])
+    try:
+        pr = mec.execute(code, targets=[3], block=False)
+        deadline = time.monotonic() + 20
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready.exists()
+        mec.interrupt([3])  # not acknowledged within 1 s: the plain way too
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=20)
+        assert [e.ename for e in info.value.elist] == ["KeyboardInterrupt"]
+        assert mec.pull("cleaned", targets=[3]) == [True]
+    finally:
+        mec.execute("interrupt_go.set()", targets=[3])
+        mec.execute(
+            '_k.control_handlers["ime_interrupt_request"] = _ime_orig_interrupt', targets=[3]
+        )
+    assert mec.apply(lambda: 1, targets=[3]) == [1]
