@@ -218,13 +218,14 @@ class _Running:
     it as the request's error; elsewhere, in ipykernel's or IPython's own steps, it may be
     swallowed, by an event callback, or lose the reply), and whether an interrupt came outside
     that region (``owed``: raised as the user's code is entered next); ``hit``: a SIGINT was
-    handled (a KeyboardInterrupt raised) while it ran."""
+    handled (a KeyboardInterrupt raised) while it ran, the last one at ``hit_at``."""
 
-    __slots__ = ("hit", "msg_id", "origin", "owed", "region")
+    __slots__ = ("hit", "hit_at", "msg_id", "origin", "owed", "region")
 
     def __init__(self, msg_id: str, origin: str) -> None:
         self.msg_id, self.origin = msg_id, origin
         self.owed = self.region = self.hit = False
+        self.hit_at = 0.0
 
 
 _current: list[_Running | None] = [None]
@@ -309,12 +310,23 @@ def _restore_sigint(saved: Any) -> None:
 
 def _interrupt_self(kernel: Any) -> None:
     """SIGINT to this kernel (and its process group, when it leads one), as ipykernel's own
-    ``interrupt_request`` does."""
+    ``interrupt_request`` does; then wake the main thread's event loop. A cell with a top-level
+    ``await`` has ipykernel's handler, which schedules the cell's cancel on that loop without
+    waking it (tornado's ``add_callback`` from the loop's own thread): the loop, waiting in
+    ``select``, would run it only when something else woke it (the next request)."""
     send = getattr(kernel, "_send_interrupt_children", None)
     if send is not None:
         send()
     else:
         os.kill(os.getpid(), signal.SIGINT)
+    loop = getattr(getattr(kernel, "io_loop", None), "asyncio_loop", None)
+    if loop is not None and not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # closed meanwhile (the kernel exits)
+            loop.call_soon_threadsafe(_nothing)
+
+
+def _nothing() -> None:
+    """What wakes the main loop (``_interrupt_self``)."""
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
@@ -324,7 +336,7 @@ def _on_sigint(signum: int, frame: Any) -> None:
     with _abort_lock:
         running = _current[0]
         if running is not None:
-            running.hit = True
+            running.hit, running.hit_at = True, time.monotonic()
         _interrupt_seen.notify_all()
     raise KeyboardInterrupt
 
@@ -351,8 +363,9 @@ SIGNAL_FOR = 10.0
 
 def _keep_signalling(kernel: Any, running: _Running) -> None:
     """(a thread of its own) Signal ``running`` again until a KeyboardInterrupt was raised in it,
-    it left the user's code, or ``SIGNAL_FOR`` s passed. Waits on ``_interrupt_seen``: no
-    polling; each signal is sent holding the lock, while ``running`` is in that code."""
+    it left the user's code, ``SIGNAL_FOR`` s passed, or SIGINT has a handler not ours (the
+    user's got the first signal). Waits on ``_interrupt_seen``: no polling; each signal is sent
+    holding the lock, while ``running`` is in that code."""
     end = time.monotonic() + SIGNAL_FOR
     steps = itertools.chain(SIGNAL_AGAIN, itertools.repeat(SIGNAL_AGAIN[-1]))
     with _abort_lock:
@@ -364,12 +377,22 @@ def _keep_signalling(kernel: Any, running: _Running) -> None:
             )
             if stopped or time.monotonic() >= end:
                 return
+            if _signal.getsignal(signal.SIGINT) is not _on_sigint:
+                # the user's code (or ipykernel's async-cell canceller) has its own handler:
+                # it got the first signal; more would look like more Ctrl-C presses
+                return
             try:
                 _interrupt_self(kernel)
             except OSError as exc:
                 _log.warning("ipy_multiengine: could not signal this engine again: %s", exc)
                 return
 
+
+#: Seconds after a KeyboardInterrupt was raised in a request within which an
+#: ``ime_interrupt_request`` for it does not signal it again: it is the same interrupt, whose
+#: client had also sent a plain signal because this engine's control thread answered after its
+#: 1 s wait (e.g. a C call held the GIL). A second one would hit the code's own cleanup.
+INTERRUPT_MERGED = 1.0
 
 #: The code an execute runs instead of the user's when it is owed an interrupt (IPython
 #: reports the KeyboardInterrupt as the cell's error).
@@ -414,7 +437,9 @@ def _install_interrupt(kernel: Any) -> None:
                 or (last and last not in _begun)  # it came before the last one sent
             ):
                 reply["interrupted"] = running.msg_id
-                if running.region:
+                if running.hit and time.monotonic() - running.hit_at < INTERRUPT_MERGED:
+                    pass  # just interrupted: by its client's plain signal, sent as we were late
+                elif running.region:
                     try:
                         running.hit = False
                         _interrupt_self(kernel)

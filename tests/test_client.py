@@ -407,3 +407,110 @@ def test_ctrl_c_between_send_and_wait_interrupts_like_one_in_the_wait(mec, monke
     finally:
         mec.interrupt([0, 1])  # the old code left them sleeping
     assert mec.apply(lambda: 1, targets=[0, 1]) == [1, 1]
+
+
+def test_interrupt_signals_a_handler_of_the_users_once(mec, tmp_path):
+    """Code that installs its own SIGINT handler (a "save and stop on Ctrl-C" loop) gets one
+    signal per interrupt, as from ipykernel's own interrupt. (Before: the engine signalled it
+    again and again, 0.02 s to 1 s apart for up to 10 s, as if Ctrl-C were pressed 8 times.)"""
+    ready = tmp_path / "handler-installed"
+    code = f"""
+import signal, time
+hits = []
+signal.signal(signal.SIGINT, lambda signum, frame: hits.append(time.monotonic()))
+open({str(ready)!r}, "w").close()
+deadline = time.monotonic() + 20
+while not hits and time.monotonic() < deadline:
+    time.sleep(0.01)
+quiet_until = time.monotonic() + 2.5  # longer than the engine's repeats before the 1 s steps
+while time.monotonic() < quiet_until:
+    time.sleep(0.01)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+"""
+    pr = mec.execute(code, targets=[2], block=False)
+    deadline = time.monotonic() + 20
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ready.exists()
+    mec.interrupt([2])
+    assert [r["status"] for r in pr.get_result(timeout=30)] == ["ok"]
+    assert mec.execute("n_hits = len(hits)", targets=[2]) and mec.pull("n_hits", targets=[2]) == [1]
+
+
+def test_interrupt_stops_an_async_cell(mec, tmp_path):
+    """A cell with a top-level ``await``: ipykernel's SIGINT handler for it schedules the cancel
+    on the loop without waking it, so the interrupt waited for whatever woke the loop next (the
+    30 s sleep's end, or the next request). The engine wakes its loop after the signal."""
+    ready = tmp_path / "awaiting"
+    code = f"import asyncio\nopen({str(ready)!r}, 'w').close()\nawait asyncio.sleep(30)"
+    pr = mec.execute(code, targets=[2], block=False)
+    deadline = time.monotonic() + 20
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ready.exists()
+    t0 = time.monotonic()
+    mec.interrupt([2])
+    try:
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=10)
+        assert time.monotonic() - t0 < 10
+        assert [e.ename for e in info.value.elist] == ["CancelledError"]  # as ipykernel says it
+    finally:
+        mec.interrupt([2])  # the old code left it sleeping (ended by the next request)
+    assert mec.apply(lambda: 2, targets=[2]) == [2]
+
+
+_SLOW_INTERRUPT_HANDLER = """
+import threading
+_k = get_ipython().kernel
+_ime_orig_interrupt = _k.control_handlers["ime_interrupt_request"]
+interrupt_go, interrupt_handled = threading.Event(), threading.Event()
+def _ime_slow_interrupt(stream, idents, msg):  # the control thread answers late
+    interrupt_go.wait(20)
+    try:
+        _ime_orig_interrupt(stream, idents, msg)
+    finally:
+        interrupt_handled.set()
+_k.control_handlers["ime_interrupt_request"] = _ime_slow_interrupt
+"""
+
+
+def test_a_late_interrupt_does_not_hit_the_cleanup_the_plain_one_began(mec, tmp_path):
+    """An engine whose control thread answers after the client's 1 s ack wait (in real life: a
+    C call holding the GIL, ``sum(range(10**8))``) is interrupted twice, by the client's plain
+    fallback and then by the late ``ime_interrupt_request``: the second must not raise another
+    KeyboardInterrupt in the code's own ``except KeyboardInterrupt:`` cleanup. (Before: it did,
+    and the cleanup never finished; before intr9 a single plain signal let it finish.)"""
+    ready = tmp_path / "running"
+    code = f"""
+import time
+cleaned = False
+open({str(ready)!r}, "w").close()
+try:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+except KeyboardInterrupt:  # the plain signal: now the late request comes, during the cleanup
+    interrupt_go.set()
+    interrupt_handled.wait(10)
+    cleaned = True
+    raise
+"""
+    mec.execute(_SLOW_INTERRUPT_HANDLER, targets=[3])
+    try:
+        pr = mec.execute(code, targets=[3], block=False)
+        deadline = time.monotonic() + 20
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready.exists()
+        mec.interrupt([3])  # not acknowledged within 1 s: the plain way too
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=20)
+        assert [e.ename for e in info.value.elist] == ["KeyboardInterrupt"]
+        assert mec.pull("cleaned", targets=[3]) == [True]
+    finally:
+        mec.execute("interrupt_go.set()", targets=[3])
+        mec.execute(
+            '_k.control_handlers["ime_interrupt_request"] = _ime_orig_interrupt', targets=[3]
+        )
+    assert mec.apply(lambda: 1, targets=[3]) == [1]
