@@ -1952,7 +1952,11 @@ class Controller:
         req = self._new_request(conn, kind, msg["msg_id"], channel=channel, **kw)
         if not req.future.done():
             conn.requests[req.msg_id] = req
-            self._send(conn, channel, msg)
+            try:
+                self._send(conn, channel, msg)
+            except Exception as exc:  # not left waiting for a reply that cannot come
+                self._finish(conn, req, exc=exc)
+                raise
             self._publish(conn)
         return req.future
 
@@ -2266,13 +2270,18 @@ class Controller:
                 and r.op not in _NOT_INTERRUPTED
                 and not r.future.done()
             ]
-            fut = self._send_shell(
-                conn,
-                "ime_interrupt_request",
-                {"msg_ids": sent, "comm_id": conn.comm_id, "last": conn.last_request},
-                kind="control",
-                channel="control",
-            )
+            try:
+                fut = self._send_shell(
+                    conn,
+                    "ime_interrupt_request",
+                    {"msg_ids": sent, "comm_id": conn.comm_id, "last": conn.last_request},
+                    kind="control",
+                    channel="control",
+                )
+            except Exception as exc:  # this engine only: the others are still asked
+                log.warning("engine %s: the interrupt request was not sent (%s)", eid, exc)
+                plain.append(eid)
+                continue
             asked.append((eid, fut))
         deadline = time.monotonic() + timeout
         for eid, fut in asked:

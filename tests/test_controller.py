@@ -475,3 +475,42 @@ def test_snapshots_show_each_change_of_fast_data_operations(mec, tmp_path):
     assert (after.state, after.in_flight, after.queued) == ("idle", 0, 0)
     assert ctl.state(0) is after and ctl.pending(0) == 0
     assert ctl.ids == [0, 1, 2, 3]
+
+
+def test_an_interrupt_request_that_cannot_be_sent_fails_over_for_that_engine_only(
+    monkeypatch, tmp_path
+):
+    """Sending the interrupt request to one engine raised (a send error of the loop's own):
+    the loop over engines stopped there, so the engines after it were not interrupted, and
+    the request stayed registered waiting for a reply that could not come. Now that engine
+    gets the plain interrupt and the others are asked as usual. (The send error is injected:
+    a real socket fails its send future, not the call.)"""
+    from faultlib import hang_code, marker
+
+    with small_cluster(2) as (_cluster, mec):
+        controller = mec.controller
+        pids = dict(zip(mec.get_ids(), mec.apply(os.getpid), strict=True))
+        pr = mec.execute(hang_code(tmp_path, "h"), block=False)
+        for pid in pids.values():
+            wait_for(marker(tmp_path, "h", pid).exists, 20, f"engine {pid} running the cell")
+        real_send = Controller._send
+
+        def send(self, conn, channel, msg, buffers=None):
+            if channel == "control" and conn.eid == 0:
+                raise RuntimeError("injected send failure")
+            return real_send(self, conn, channel, msg, buffers)
+
+        monkeypatch.setattr(Controller, "_send", send)
+        plain = controller.interrupt_sent([0, 1])
+        monkeypatch.undo()
+        assert plain == [0]
+        conn = controller._engines[0]
+        assert not [
+            r for r in conn.requests.values() if r.kind == "control" and not r.future.done()
+        ], "the unsent interrupt request is still waiting for a reply"
+        mec.owner.interrupt(plain)
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=20)
+        assert sorted(e.engine_id for e in info.value.elist) == [0, 1]
+        assert all("KeyboardInterrupt" in str(e) for e in info.value.elist), info.value
+        assert mec.apply(lambda: 1) == [1, 1]
