@@ -2237,9 +2237,12 @@ class Controller:
             for eid in eids:
                 conn = self._engines.get(eid)
                 if conn is not None and not conn.dead and "control" in conn.sockets:
-                    self._send_shell(
-                        conn, "interrupt_request", {}, kind="control", channel="control"
-                    )
+                    try:
+                        self._send_shell(
+                            conn, "interrupt_request", {}, kind="control", channel="control"
+                        )
+                    except Exception as exc:  # this engine only: the others are still asked
+                        log.warning("engine %s: the interrupt was not sent (%s)", eid, exc)
 
         _loop.call_soon(send)
 
@@ -2334,13 +2337,18 @@ class Controller:
             if conn.dead or not conn.data_ok or "control" not in conn.sockets:
                 refused[eid] = [r.future for r in reqs]
                 continue
-            fut = self._send_shell(
-                conn,
-                "ime_abort_request",
-                {"msg_ids": [r.msg_id for r in reqs]},
-                kind="control",
-                channel="control",
-            )
+            try:
+                fut = self._send_shell(
+                    conn,
+                    "ime_abort_request",
+                    {"msg_ids": [r.msg_id for r in reqs]},
+                    kind="control",
+                    channel="control",
+                )
+            except Exception as exc:  # this engine only: not aborted, the others are asked
+                log.warning("engine %s: the abort request was not sent (%s)", eid, exc)
+                refused[eid] = [r.future for r in reqs]
+                continue
             replies.append((eid, reqs, fut))
         for eid, reqs, fut in replies:
             try:

@@ -124,8 +124,9 @@ class EngineExecutor(cf.Executor):
         self._pending: set[cf.Future] = set()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
-        #: the newest completion thread, also while it ends (``_worker`` is None by then)
-        self._completer: threading.Thread | None = None
+        #: every completion thread until it has ended, also one that is ending (``_worker``
+        #: is None by then, a newer one may run) while it fails tasks and runs their callbacks
+        self._completers: set[threading.Thread] = set()
         self._on_worker = threading.local()  # .active: this thread completes our tasks
         self._shutdown = False
 
@@ -249,9 +250,10 @@ class EngineExecutor(cf.Executor):
             # done-callback of this executor's tasks has run (they run on its completion
             # thread after the result is set)
             with self._lock:
-                worker = self._completer
-            while worker is not None and worker.is_alive():
-                worker.join(0.1)  # in slices: Ctrl-C stays possible
+                workers = list(self._completers)
+            for worker in workers:
+                while worker.is_alive():
+                    worker.join(0.1)  # in slices: Ctrl-C stays possible
 
     # ------------------------------------------------------------------ dispatch (lock held)
     # these only *collect* the futures that fail, as (future, exception) pairs: the caller
@@ -291,9 +293,10 @@ class EngineExecutor(cf.Executor):
             return False
         self._inflight[eid] = task
         if self._worker is None:
-            self._worker = self._completer = threading.Thread(
+            self._worker = threading.Thread(
                 target=self._complete_loop, name="ipy_multiengine-executor", daemon=True
             )
+            self._completers.add(self._worker)
             self._worker.start()
         # on the I/O thread: only queue the completion (never raises)
         fut.add_done_callback(lambda f, eid=eid, task=task: self._events.put((eid, task, f)))
@@ -351,6 +354,8 @@ class EngineExecutor(cf.Executor):
                     self._worker = None
             _settle(failed)
             if done:
+                with self._lock:
+                    self._completers.discard(threading.current_thread())
                 return
 
     def _complete(self, eid: int, task: _Task, fut: cf.Future) -> None:

@@ -312,6 +312,15 @@ def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = 
             texts = [repr(typed(p)) for p in parts]
         types = "; ".join(f"{n}: {t}" for n, t in zip(names, texts, strict=True))
         raise TypeError(f"{what} hold {_a(kind.name)} each, of different types ({types})")
+    if kind.name == "NumPy array" and any(len(p) for p in parts):
+        import numpy
+
+        # an engine with no items often holds ``numpy.array([])`` (float64, 1-D): it adds no
+        # values, so its dtype and shape must not decide the result (beside int64 parts
+        # numpy's promotion made it all float64, beside 2-D parts concatenate failed); a
+        # masked one stays (it makes the result masked)
+        keep = [i for i, p in enumerate(parts) if len(p) or isinstance(p, numpy.ma.MaskedArray)]
+        names, parts = [names[i] for i in keep], [parts[i] for i in keep]
     if kind.name == "NumPy array" and len({p.dtype for p in parts}) > 1:
         import numpy
 

@@ -32,7 +32,7 @@ from ipy_multiengine import (
 )  # _loop: white-box tests that run on the I/O thread
 from ipy_multiengine.balanced import BalancedMap
 from ipy_multiengine.controller import Controller, EngineState
-from ipy_multiengine.errors import CompositeError, MultiEngineError, TimeoutError
+from ipy_multiengine.errors import CompositeError, MultiEngineError, RemoteError, TimeoutError
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -513,4 +513,46 @@ def test_an_interrupt_request_that_cannot_be_sent_fails_over_for_that_engine_onl
             pr.get_result(timeout=20)
         assert sorted(e.engine_id for e in info.value.elist) == [0, 1]
         assert all("KeyboardInterrupt" in str(e) for e in info.value.elist), info.value
+        assert mec.apply(lambda: 1) == [1, 1]
+
+
+def test_a_control_request_that_cannot_be_sent_to_one_engine_does_not_skip_the_others(
+    monkeypatch, tmp_path
+):
+    """The plain ``interrupt()`` (the fallback of ``interrupt_sent``, a failed map's
+    interrupt, a connected client's) and ``abort()`` loop over the engines: a send that raised
+    for one engine stopped the loop there, so the engines after it were neither interrupted
+    nor asked to skip (``abort()`` raised the send error itself). Now that engine alone is
+    skipped (``abort`` names it as not aborted). (The send error is injected, as in the test
+    above.)"""
+    from faultlib import hang_code, marker
+
+    with small_cluster(2) as (_cluster, mec):
+        controller = mec.controller
+        pids = dict(zip(mec.get_ids(), mec.apply(os.getpid), strict=True))
+        pr = mec.execute(hang_code(tmp_path, "h"), block=False)
+        for pid in pids.values():
+            wait_for(marker(tmp_path, "h", pid).exists, 20, f"engine {pid} running the cell")
+        queued = mec.execute("queued = 1", block=False)
+        real_send = Controller._send
+
+        def send(self, conn, channel, msg, buffers=None):
+            if channel == "control" and conn.eid == 0:
+                raise RuntimeError("injected send failure")
+            return real_send(self, conn, channel, msg, buffers)
+
+        monkeypatch.setattr(Controller, "_send", send)
+        refused = controller.abort(list(queued.futures))
+        assert list(refused) == [0], refused
+        controller.interrupt([0, 1])
+        # engine 1 was interrupted (its part fails), engine 0's request could not be sent
+        with pytest.raises(RemoteError, match="KeyboardInterrupt"):
+            pr.futures[1].result(timeout=20)
+        with pytest.raises(RemoteError, match="Aborted"):
+            queued.futures[1].result(timeout=20)
+        assert not pr.futures[0].done()
+        monkeypatch.undo()
+        controller.interrupt([0])
+        with pytest.raises(CompositeError):
+            pr.get_result(timeout=20)
         assert mec.apply(lambda: 1) == [1, 1]

@@ -476,6 +476,25 @@ def test_gather_refuses_integer_parts_that_would_join_as_floats(mec):
     assert out.dtype == np.int64 and out.tolist() == [2**62 + 1, 2**31 - 1]
 
 
+def test_gather_ignores_the_dtype_of_an_engine_with_no_items(mec):
+    """An engine that got no items often holds ``np.array([])`` (float64): beside integer
+    parts numpy's promotion made the whole gather float64, 2**62 + 1 rounded, and beside 2-D
+    parts the concatenation failed (a 1-D part). An empty part adds no values: its dtype and
+    shape do not decide the result."""
+    mec.execute("import numpy as np")
+    mec.execute("y = np.array([2**62 + 1], dtype=np.int64)", targets=[0, 1, 2])
+    mec.execute("y = np.array([])", targets=3)
+    out = mec.gather("y")
+    assert out.dtype == np.int64 and out.tolist() == [2**62 + 1] * 3
+    mec.execute("y = np.array([], dtype=np.uint64)", targets=3)  # no value to round
+    assert mec.gather("y").dtype == np.int64
+    mec.execute("y = np.ones((2, 3))", targets=[0, 1, 2])
+    mec.execute("y = np.array([])", targets=3)
+    assert mec.gather("y").shape == (6, 3)
+    mec.execute("y = np.array([])", targets="all")  # all empty: joined as they are
+    assert mec.gather("y").shape == (0,)
+
+
 _seq = st.one_of(
     st.lists(st.integers(), max_size=40),
     st.lists(st.integers(), max_size=40).map(tuple),

@@ -333,3 +333,48 @@ def test_shutdown_waiting_from_a_done_callback_does_not_hang(mec, tmp_path):
     assert errors and "completion thread" in str(errors[0])
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(pid)
+
+
+def test_shutdown_waits_for_the_callbacks_of_an_ending_completion_thread(tmp_path):
+    """A completion thread that found nothing left in flight ends, and runs the done-callbacks
+    of the tasks it failed on the way (a pinned task queued on an engine that died) after it
+    has let a new completion thread start: ``shutdown(wait=True)`` joined only the newest, so
+    it returned while the old one still ran a callback."""
+    from faultlib import small_cluster
+
+    with small_cluster(2) as (_cluster, mec):
+        p1 = mec.apply(pid, targets=1)[0]
+        ex = mec.executor(balanced=False, targets=[0, 1])
+        entered, release, returned = threading.Event(), threading.Event(), threading.Event()
+        order: list[str] = []
+
+        def slow_callback(fut):
+            entered.set()
+            release.wait(30)
+            order.append("callback")
+
+        assert ex.submit(pid).result(timeout=20) > 0  # engine 0
+        running = ex.submit(block_until, str(tmp_path / "never"))  # engine 1
+        assert ex.submit(pid).result(timeout=20) > 0  # engine 0, idle again
+        orphan = ex.submit(pid)  # engine 1, queued behind the running one
+        orphan.add_done_callback(slow_callback)
+        os.kill(p1, 9)
+        assert entered.wait(20), "the orphaned task's callback did not run"
+        assert isinstance(orphan.exception(), EngineError)
+        assert isinstance(running.exception(timeout=20), EngineError)
+        late = ex.submit(pid)  # engine 0: a new completion thread
+        assert late.result(timeout=20) > 0
+
+        def shut():
+            ex.shutdown(wait=True)
+            order.append("shutdown")
+            returned.set()
+
+        waiter = threading.Thread(target=shut, daemon=True)
+        waiter.start()
+        try:
+            assert not returned.wait(2), "shutdown(wait=True) returned while a callback ran"
+        finally:
+            release.set()
+            waiter.join(20)
+        assert order == ["callback", "shutdown"]
