@@ -477,6 +477,29 @@ def test_snapshots_show_each_change_of_fast_data_operations(mec, tmp_path):
     assert ctl.ids == [0, 1, 2, 3]
 
 
+def _hang_every_engine(mec, tmp_path):
+    """A cell that hangs on every engine, returned once it runs there (its markers exist)."""
+    from faultlib import hang_code, marker
+
+    pids = mec.apply(os.getpid)
+    pr = mec.execute(hang_code(tmp_path, "h"), block=False)
+    for pid in pids:
+        wait_for(marker(tmp_path, "h", pid).exists, 20, f"engine {pid} running the cell")
+    return pr
+
+
+def _fail_control_sends(monkeypatch, eid: int) -> None:
+    """Every control-channel send to engine ``eid`` raises (a send error of the loop's own)."""
+    real_send = Controller._send
+
+    def send(self, conn, channel, msg, buffers=None):
+        if channel == "control" and conn.eid == eid:
+            raise RuntimeError("injected send failure")
+        return real_send(self, conn, channel, msg, buffers)
+
+    monkeypatch.setattr(Controller, "_send", send)
+
+
 def test_an_interrupt_request_that_cannot_be_sent_fails_over_for_that_engine_only(
     monkeypatch, tmp_path
 ):
@@ -485,22 +508,10 @@ def test_an_interrupt_request_that_cannot_be_sent_fails_over_for_that_engine_onl
     the request stayed registered waiting for a reply that could not come. Now that engine
     gets the plain interrupt and the others are asked as usual. (The send error is injected:
     a real socket fails its send future, not the call.)"""
-    from faultlib import hang_code, marker
-
     with small_cluster(2) as (_cluster, mec):
         controller = mec.controller
-        pids = dict(zip(mec.get_ids(), mec.apply(os.getpid), strict=True))
-        pr = mec.execute(hang_code(tmp_path, "h"), block=False)
-        for pid in pids.values():
-            wait_for(marker(tmp_path, "h", pid).exists, 20, f"engine {pid} running the cell")
-        real_send = Controller._send
-
-        def send(self, conn, channel, msg, buffers=None):
-            if channel == "control" and conn.eid == 0:
-                raise RuntimeError("injected send failure")
-            return real_send(self, conn, channel, msg, buffers)
-
-        monkeypatch.setattr(Controller, "_send", send)
+        pr = _hang_every_engine(mec, tmp_path)
+        _fail_control_sends(monkeypatch, 0)
         plain = controller.interrupt_sent([0, 1])
         monkeypatch.undo()
         assert plain == [0]
@@ -525,23 +536,11 @@ def test_a_control_request_that_cannot_be_sent_to_one_engine_does_not_skip_the_o
     nor asked to skip (``abort()`` raised the send error itself). Now that engine alone is
     skipped (``abort`` names it as not aborted). (The send error is injected, as in the test
     above.)"""
-    from faultlib import hang_code, marker
-
     with small_cluster(2) as (_cluster, mec):
         controller = mec.controller
-        pids = dict(zip(mec.get_ids(), mec.apply(os.getpid), strict=True))
-        pr = mec.execute(hang_code(tmp_path, "h"), block=False)
-        for pid in pids.values():
-            wait_for(marker(tmp_path, "h", pid).exists, 20, f"engine {pid} running the cell")
+        pr = _hang_every_engine(mec, tmp_path)
         queued = mec.execute("queued = 1", block=False)
-        real_send = Controller._send
-
-        def send(self, conn, channel, msg, buffers=None):
-            if channel == "control" and conn.eid == 0:
-                raise RuntimeError("injected send failure")
-            return real_send(self, conn, channel, msg, buffers)
-
-        monkeypatch.setattr(Controller, "_send", send)
+        _fail_control_sends(monkeypatch, 0)
         refused = controller.abort(list(queued.futures))
         assert list(refused) == [0], refused
         controller.interrupt([0, 1])
