@@ -329,6 +329,18 @@ def test_scatter_and_gather_polars_by_rows(mec):
     assert mec.pull("row", targets=1) == [{"a": 2, "b": "w", "c": None}]
 
 
+def _by_rows_round_trip(mec, name: str, value):
+    """Scatter ``value`` (5 rows) to the 4 engines: each holds rows of ``value``'s own type
+    (2, 1, 1, 1 of them); gathered back, of that type again (returned for the caller's checks)."""
+    mec.scatter(name, value)
+    parts = mec.pull(name)
+    assert [type(p) for p in parts] == [type(value)] * 4, parts
+    assert [len(p) for p in parts] == [2, 1, 1, 1]
+    back = mec.gather(name)
+    assert type(back) is type(value), back
+    return back
+
+
 def test_scatter_and_gather_pyarrow_tables_and_arrays_by_rows(mec):
     """A pyarrow Array iterated into a list of pyarrow scalars (a Table was refused, having no
     ``__iter__``): Tables, RecordBatches, Arrays and ChunkedArrays are sliced by rows now and
@@ -341,12 +353,8 @@ def test_scatter_and_gather_pyarrow_tables_and_arrays_by_rows(mec):
         pa.chunked_array([[1, 2], [3, 4, 5]]),
     ]
     for value in values:
-        mec.scatter("t", value)
-        parts = mec.pull("t")
-        assert [type(p) for p in parts] == [type(value)] * 4, parts
-        assert [len(p) for p in parts] == [2, 1, 1, 1]
-        back = mec.gather("t")
-        assert type(back) is type(value) and back.equals(value), back
+        back = _by_rows_round_trip(mec, "t", value)
+        assert back.equals(value), back
     mec.scatter("row", values[0].slice(0, 4), flatten=True)
     assert mec.pull("row", targets=1) == [{"a": 2, "b": None}]
 
@@ -900,13 +908,8 @@ def test_scatter_and_gather_pandas_extension_arrays_keep_their_type(mec):
         pd.array(pd.date_range("2026-01-01", periods=5, tz="Europe/Paris")),
     ]
     for value in values:
-        mec.scatter("e", value)
-        parts = mec.pull("e")
-        assert [type(p) for p in parts] == [type(value)] * 4, parts
-        assert [len(p) for p in parts] == [2, 1, 1, 1]
-        back = mec.gather("e")
-        assert type(back) is type(value) and back.dtype == value.dtype, back
-        assert back.equals(value), back
+        back = _by_rows_round_trip(mec, "e", value)
+        assert back.dtype == value.dtype and back.equals(value), back
 
 
 def test_gather_of_parts_of_different_column_types_names_each_engine(mec):
