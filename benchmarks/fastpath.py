@@ -10,7 +10,9 @@ push and pull of 1 MB to one engine, execute('pass') on all, and the client's CP
 ``floor`` measures what the design costs before any of our protocol: a bare zmq socket served
 on a real engine's kernel loop (as the fast socket is), asked for 1 MB (and 100 bytes) from
 the caller's thread directly and through the client's I/O thread (the only thread that touches
-an engine's sockets: a hop there and a Future back), beside our pull and raw zmq, interleaved.
+an engine's sockets: a hop there and a Future back); "caller" asks our engine's real fast
+socket from the caller's thread with our engine-side protocol (the best a client bypassing its
+I/O thread could do); beside our pull and raw zmq, all interleaved in rounds.
 ``scale`` starts a cluster of each size and prints start time, execute/apply medians and the
 client CPU per call (per engine, too). The machine's load is printed with every table: these
 are figures of one moment of a shared box, not timed tests.
@@ -19,6 +21,7 @@ are figures of one moment of a shared box, not timed tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -98,38 +101,48 @@ def quick(n: int, calls: int, **kw) -> None:
             )
 
 
+class RawZmq:
+    """A ``benchmarks.zmq_worker`` peer: push (send + ack) and pull (ask + receive) of 1 MB."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        import zmq
+
+        self.sock = zmq.Context.instance().socket(zmq.PAIR)
+        self.sock.linger = 0
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.worker = subprocess.Popen([sys.executable, "-m", "benchmarks.zmq_worker", str(port)])
+        self.big = np.ones(2**20 // 8)
+        self.push()
+
+    def push(self) -> None:
+        self.sock.send_multipart([b"push", self.big], copy=False)
+        self.sock.recv()
+
+    def pull(self) -> None:
+        self.sock.send(b"pull")
+        self.sock.recv(copy=False)
+
+    def close(self) -> None:
+        self.sock.send(b"stop")
+        try:
+            self.worker.wait(10)
+        finally:
+            self.sock.close()
+
+
 def raw_zmq(calls: int) -> dict:
-    """Push (send + ack) and pull (ask + receive) of 1 MB with ``benchmarks.zmq_worker``."""
-    import subprocess
-    import sys
-
-    import zmq
-
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.PAIR)
-    s.linger = 0
-    port = s.bind_to_random_port("tcp://127.0.0.1")
-    worker = subprocess.Popen([sys.executable, "-m", "benchmarks.zmq_worker", str(port)])
-    big = np.ones(2**20 // 8)
+    """Push and pull of 1 MB with a raw zmq peer (``RawZmq``): median wall ms of each."""
+    peer = RawZmq()
     try:
-
-        def push() -> None:
-            s.send_multipart([b"push", big], copy=False)
-            s.recv()
-
-        def pull() -> None:
-            s.send(b"pull")
-            s.recv(copy=False)
-
-        push()
         return {
-            "push 1 MB to one": timed(push, calls)[0],
-            "pull 1 MB from one": timed(pull, calls)[0],
+            "push 1 MB to one": timed(peer.push, calls)[0],
+            "pull 1 MB from one": timed(peer.pull, calls)[0],
         }
     finally:
-        s.send(b"stop")
-        worker.wait(10)
-        s.close()
+        peer.close()
 
 
 def compare(n: int, calls: int, rounds: int = 5) -> None:
@@ -202,6 +215,46 @@ _App.instance().kernel.io_loop.asyncio_loop.add_reader(_fs.getsockopt(_zmq.FD), 
 """
 
 
+def _caller_on_our_socket(mec, loop) -> tuple:
+    """A pull asked from the caller's thread on the engine's real fast socket with our whole
+    engine-side protocol (signature, the op, pickling, the signed reply), without the
+    client's: the best a client path that bypassed its I/O thread could do. Returns
+    ``(pull(name), close())``. The engine's connection is read on the loop (it is loop state);
+    the socket is a second connection of this thread's own."""
+    from concurrent.futures import Future
+
+    import zmq
+
+    from ipy_multiengine import serialize, wire
+
+    got: Future = Future()
+
+    def read() -> None:  # (loop)
+        conn = mec.controller._engines[mec.get_ids()[0]]
+        got.set_result(
+            (conn.url("fast"), conn.session, conn.sign, conn.comm_id, conn.eid, conn.fast_digest)
+        )
+
+    loop.call_soon_threadsafe(read)
+    url, session, sign, comm_id, eid, digest = got.result(10)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(url)
+
+    def pull(name: str) -> None:
+        msg_id = os.urandom(16).hex()
+        header = wire.fast_request_header(msg_id, comm_id, eid, [] if digest else None)
+        content = session.pack({"op": "pull", "names": [name], "single": True})
+        sock.send_multipart(wire.fast_frames(sign, header, {}, content))
+        while True:  # a reply to an earlier, timed-out call would come first
+            msg = wire.deserialize(session, sock.recv_multipart(copy=False)[1:], sign)
+            if msg["parent_header"].get("msg_id") == msg_id:
+                break
+        serialize.loads(msg["buffers"])
+
+    return pull, lambda: sock.close(0)
+
+
 def floor(calls: int, rounds: int = 5) -> None:
     """The design's floor against ours and raw zmq (module docstring), medians of rounds."""
     from concurrent.futures import Future
@@ -211,7 +264,7 @@ def floor(calls: int, rounds: int = 5) -> None:
     from ipy_multiengine import _loop
 
     address = "ipc://" + os.path.join(os.environ["JUPYTER_RUNTIME_DIR"], f"floor-{os.getpid()}")
-    with Cluster(n=1) as mec:
+    with Cluster(n=1) as mec, contextlib.closing(RawZmq()) as peer:
         mec.push({"big": np.ones(2**20 // 8), "small": b"x" * 100})
         mec.execute(_FLOOR_SERVER.format(address=address))
         sock = zmq.Context.instance().socket(zmq.PAIR)
@@ -240,12 +293,16 @@ def floor(calls: int, rounds: int = 5) -> None:
             sock.send(name)
             sock.recv(copy=False)
 
+        caller, close_caller = _caller_on_our_socket(mec, loop)
         found = {
             ("1 MB", "direct"): lambda: direct(b"big"),
             ("1 MB", "relayed"): lambda: relayed(b"big"),
+            ("1 MB", "caller"): lambda: caller("big"),
             ("1 MB", "ours"): lambda: mec.pull("big", targets=0),
+            ("1 MB", "raw zmq"): peer.pull,
             ("100 B", "direct"): lambda: direct(b"small"),
             ("100 B", "relayed"): lambda: relayed(b"small"),
+            ("100 B", "caller"): lambda: caller("small"),
             ("100 B", "ours"): lambda: mec.pull("small", targets=0),
         }
         print(f"# 1 engine, {rounds} rounds of {calls} calls; {load()}")
@@ -284,7 +341,7 @@ def floor(calls: int, rounds: int = 5) -> None:
         )
         done.result()
         sock.close()
-    raw = raw_zmq(calls)["pull 1 MB from one"]
+        close_caller()
     print(
         f"{'pull':6} {'path':8} {'median ms':>9} {'/ direct':>8} {'client CPU':>10} "
         f"{'engine CPU':>10}  (ms per call)"
@@ -297,7 +354,12 @@ def floor(calls: int, rounds: int = 5) -> None:
         print(
             f"{size:6} {path:8} {med:9.3f} {med / base:8.2f} {cpu:10.3f} {ecpu:10.3f}", flush=True
         )
-    print(f"1 MB   raw zmq  {raw:9.3f}  (benchmarks.zmq_worker, a blocking peer)")
+    raw = statistics.median(r[0] for r in table[("1 MB", "raw zmq")])
+    print(
+        f"# raw zmq: benchmarks.zmq_worker, a blocking peer; 1 MB: caller / raw zmq "
+        f"{statistics.median(r[0] for r in table[('1 MB', 'caller')]) / raw:.2f}, "
+        f"ours / raw zmq {statistics.median(r[0] for r in table[('1 MB', 'ours')]) / raw:.2f}"
+    )
     print(f"# {load()}")
 
 
