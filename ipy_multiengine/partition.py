@@ -100,6 +100,10 @@ def _join_pandas_arrays(parts: list[Any]) -> Any:
     return pandas.concat(series, ignore_index=True).array
 
 
+def _join_index(parts: list[Any]) -> Any:
+    return parts[0].append(parts[1:])  # a MultiIndex stays one
+
+
 def _join_polars(parts: list[Any]) -> Any:
     import polars
 
@@ -208,6 +212,7 @@ _kinds: tuple[_Kind, ...] = (  # the first that matches; pandas first (a subclas
         _join_pandas_arrays,
         _item0,
     ),
+    _Kind("pandas Index", _of("pandas", "Index"), _index, _join_index, _item0),
     _Kind("polars DataFrame", _of("polars", "DataFrame"), _slice, _join_polars, _named_row),
     _Kind("polars Series", _of("polars", "Series"), _slice, _join_polars, _item0),
     _Kind("pyarrow Table", _of("pyarrow", "Table"), _own, _pyarrow("concat_tables"), _row),
@@ -224,7 +229,8 @@ _kinds: tuple[_Kind, ...] = (  # the first that matches; pandas first (a subclas
 
 _KNOWN = (
     "lists, tuples, ranges, other sequences and iterators, str, bytes, bytearray, NumPy "
-    "arrays, pandas and polars DataFrames and Series (by rows), pandas arrays (Categorical...), "
+    "arrays, pandas and polars DataFrames and Series (by rows), pandas Index and arrays "
+    "(Categorical...), "
     "pyarrow Tables, RecordBatches and Arrays"
 )
 
@@ -254,10 +260,10 @@ def first(part: Any) -> Any:
 def split(seq: Any, nparts: int) -> list[Any]:
     """Split ``seq`` into ``nparts`` contiguous parts of its own kind.
 
-    NumPy arrays are split along axis 0 into views, frames, series, pandas arrays and tables
-    by rows, strings, bytes and bytearrays into their own type; other sequences, iterators
-    and dict views into lists of their items. Anything else (a dict, a set, a 0-d array, a library's
-    container of no known kind) is a ``TypeError`` naming its type.
+    NumPy arrays are split along axis 0 into views; frames, series, indexes, pandas arrays
+    and tables by rows; strings, bytes and bytearrays into their own type; other sequences,
+    iterators and dict views into lists of their items. Anything else (a dict, a set, a 0-d
+    array, a library's container of no known kind) is a ``TypeError`` naming its type.
     """
     kind = _kind(seq)
     if kind is None:
@@ -334,7 +340,7 @@ def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = 
                 "they would be floats, large values rounded; cast them to one dtype first"
             )
     try:
-        return kind.join(list(parts))
+        joined = kind.join(list(parts))
     except Exception as exc:  # numpy's ValueError, polars' SchemaError, pyarrow's ArrowInvalid
         if kind.name != "NumPy array":
             raise TypeError(f"{what} {names}: the parts cannot be joined ({exc})") from exc
@@ -342,6 +348,43 @@ def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = 
         raise TypeError(
             f"{what} hold arrays that cannot be joined along their first axis ({shapes})"
         ) from exc
+    if kind.name in _PANDAS_ROWS:
+        _check_integers(parts, joined, names, what)
+    return joined
+
+
+#: the pandas kinds joined by rows whose integer columns pandas may turn into floats
+_PANDAS_ROWS = frozenset({"pandas DataFrame", "pandas Series", "pandas Index"})
+
+
+def _dtypes(value: Any) -> list[Any]:
+    """The dtype of each column of a DataFrame, each level of a MultiIndex, else ``[dtype]``."""
+    dtypes = getattr(value, "dtypes", None)
+    if dtypes is not None and hasattr(dtypes, "iloc"):
+        return list(dtypes)
+    return [value.dtype]
+
+
+def _check_integers(parts: list[Any], joined: Any, names: list[Any], what: str) -> None:
+    """Refuse a pandas join that made floats of integer columns: int64 beside uint64 (numpy's
+    or pandas' nullable ones) joins as float64, so values above 2**53 came back rounded."""
+
+    def integer(dtype: Any) -> bool:
+        return getattr(dtype, "kind", "") in ("b", "i", "u")
+
+    after = _dtypes(joined)
+    each = [_dtypes(p) for p in parts]
+    if any(len(d) != len(after) for d in each):  # indexes of different levels: tuples
+        return
+    for col, dtype in enumerate(after):
+        before = [d[col] for d in each]
+        if getattr(dtype, "kind", "") == "f" and all(integer(d) for d in before):
+            label = f" in column {joined.columns[col]!r}" if hasattr(joined, "columns") else ""
+            dtypes = ", ".join(f"{n}: {d}" for n, d in zip(names, before, strict=True))
+            raise TypeError(
+                f"{what} hold integers of no common integer type{label} ({dtypes}): joined "
+                f"they would be {dtype}, large values rounded; cast them to one dtype first"
+            )
 
 
 #: what must be the same in every part of these kinds: their column types or dtype

@@ -398,14 +398,11 @@ def test_scatter_and_gather_masked_and_record_arrays_keep_their_type(mec):
 
 
 def test_scatter_refuses_containers_of_no_known_kind_before_sending(mec):
-    """An xarray Dataset iterates over its variable names, a DataArray over its first axis, a
-    pandas Index over its labels: each was scattered as a list of those. A container of no
-    known kind is refused now, naming its type, and nothing is sent."""
-    import pandas as pd
-
+    """An xarray Dataset iterates over its variable names, a DataArray over its first axis:
+    each was scattered as a list of those. A container of no known kind is refused now,
+    naming its type, and nothing is sent."""
     xr = pytest.importorskip("xarray")
     values = [
-        pd.Index([1, 2, 3, 4, 5]),
         np.float64(2.5),
         xr.Dataset({"u": ("t", np.arange(5))}),
         xr.DataArray(np.arange(6).reshape(3, 2), dims=("t", "y")),
@@ -447,8 +444,15 @@ def test_gather_refuses_parts_of_different_kinds_naming_engines(mec):
             r"cannot be joined along their first axis \(0: \(2, 2\) float64, 1: \(2, 3\) float64\)",
         ),
         (
-            ["y = pd.Index([1])", "y = pd.Index([2])"],
-            r"engines \[0, 1\] hold an object of type Index",
+            ["y = pd.Index([1])", "y = [2]"],
+            r"engines \[0\] hold a pandas Index, engines \[1\] a list",
+        ),
+        (
+            [
+                "import xarray; y = xarray.DataArray([1])",
+                "import xarray; y = xarray.DataArray([2])",
+            ],
+            r"engines \[0, 1\] hold an object of type DataArray",
         ),
     ]
     for codes, message in cases:
@@ -482,6 +486,54 @@ def test_gather_refuses_integer_parts_that_would_join_as_floats(mec):
     mec.execute("y = np.array([2**31 - 1], dtype=np.int32)", targets=1)
     out = mec.gather("y", targets=[0, 1])
     assert out.dtype == np.int64 and out.tolist() == [2**62 + 1, 2**31 - 1]
+
+
+def test_gather_refuses_pandas_integers_that_would_join_as_floats(mec):
+    """pandas.concat and Index.append make float64 of int64 beside uint64 (and Float64 of the
+    nullable Int64 beside UInt64), as numpy does: 2**62 + 1 came back rounded from Series, a
+    DataFrame's column and an Index. Refused naming the column and each engine's dtype;
+    integers beside floats or booleans still join as pandas joins them."""
+    mec.execute("import numpy as np, pandas as pd")
+    cases = [
+        ("pd.Series([2**62 + 1])", "pd.Series([1], dtype='uint64')", ""),
+        (
+            "pd.DataFrame({'a': [1], 'b': [2**62 + 1]})",
+            "pd.DataFrame({'a': [1], 'b': np.array([1], dtype=np.uint64)})",
+            " in column 'b'",
+        ),
+        ("pd.Index([2**62 + 1])", "pd.Index(np.array([1], dtype=np.uint64))", ""),
+        ("pd.array([2**62 + 1], dtype='Int64')", "pd.array([1], dtype='UInt64')", None),
+    ]
+    for first, second, label in cases:
+        mec.execute(f"y = {first}", targets=2)
+        mec.execute(f"y = {second}", targets=0)
+        if label is None:  # pandas arrays of different dtypes were refused already
+            match = r"hold a pandas array each, of different types \(2: Int64; 0: UInt64\)"
+        else:
+            match = rf"no common integer type{label} \(2: int64, 0: uint64\)"
+        with pytest.raises(TypeError, match=match):
+            mec.gather("y", targets=[2, 0])
+    mec.execute("y = pd.Series([1, 2])", targets=2)
+    mec.execute("y = pd.Series([2.5])", targets=0)
+    assert mec.gather("y", targets=[2, 0]).tolist() == [1.0, 2.0, 2.5]
+    mec.execute("y = pd.Series([True])", targets=0)
+    assert mec.gather("y", targets=[2, 0]).tolist() == [1, 2, True]
+
+
+def test_scatter_and_gather_pandas_index_by_rows(mec):
+    """A pandas Index was refused as of no known kind (iterated, it gives its labels): an
+    Index and a MultiIndex are split by rows into their own type and appended back."""
+    import pandas as pd
+
+    values = [
+        pd.Index([10, 20, 30, 40, 50], name="t"),
+        pd.date_range("2026-01-01", periods=5, tz="UTC"),
+        pd.MultiIndex.from_arrays([[1, 1, 2, 2, 3], list("abcde")], names=["i", "s"]),
+    ]
+    for value in values:
+        back = _by_rows_round_trip(mec, "ix", value)
+        assert back.equals(value) and back.dtype == value.dtype, back
+        assert list(back.names) == list(value.names)
 
 
 def test_gather_ignores_the_dtype_of_an_engine_with_no_items(mec):
