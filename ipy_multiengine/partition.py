@@ -365,7 +365,7 @@ def _dtypes(value: Any) -> list[Any]:
     return [value.dtype]
 
 
-def _check_integers(parts: list[Any], joined: Any, names: list[Any], what: str) -> None:
+def _check_integers(parts: Sequence[Any], joined: Any, names: list[Any], what: str) -> None:
     """Refuse a pandas join that made floats of integer columns: int64 beside uint64 (numpy's
     or pandas' nullable ones) joins as float64, so values above 2**53 came back rounded."""
 
