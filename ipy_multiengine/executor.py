@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import serialize, stdin
-from .errors import EngineError, RemoteError, TimeoutError
+from .errors import EngineError, RemoteError, RemoteTraceback, TimeoutError
 from .targets import resolve as resolve_targets
 
 log = logging.getLogger("ipy_multiengine")
@@ -72,9 +72,11 @@ def _call_chunk(f: Callable, chunk: list[tuple]) -> list[Any]:
 
 def _local_error(exc: BaseException) -> BaseException:
     """What a task's ``Future`` raises for an engine's exception: the original type when it can
-    be rebuilt here (as a process pool does), chained to the ``RemoteError`` with the remote
-    traceback; otherwise the ``RemoteError`` itself."""
+    be rebuilt here (as a process pool does), chained to a ``RemoteTraceback`` (a
+    ``RemoteError`` whose message is the remote traceback, so that a printed traceback shows
+    where the engine raised); otherwise that ``RemoteTraceback`` itself."""
     if isinstance(exc, RemoteError):
+        exc = RemoteTraceback.of(exc)
         original = exc.original()
         if original is not None:
             original.__cause__ = exc

@@ -378,3 +378,42 @@ def test_shutdown_waits_for_the_callbacks_of_an_ending_completion_thread(tmp_pat
             release.set()
             waiter.join(20)
         assert order == ["callback", "shutdown"]
+
+
+def inner_div(i: int) -> float:
+    return 1 / i
+
+
+def outer_div(i: int) -> float:
+    return inner_div(i)
+
+
+class Unrebuildable(Exception):
+    """Cannot be rebuilt here from its pickle (two arguments, one in ``args``)."""
+
+    def __init__(self, a, b):
+        super().__init__(a)
+
+
+def raise_unrebuildable() -> None:
+    raise Unrebuildable("odd", 2)
+
+
+def test_a_printed_task_error_shows_where_the_engine_raised(mec):
+    """Outside IPython the exception of a failed task printed as ``RemoteError: ZeroDivisionError:
+    division by zero`` and ``ZeroDivisionError: division by zero``: not a line of the engine's
+    traceback (which function, which line), as a process pool's ``_RemoteTraceback`` shows."""
+    import traceback
+
+    from ipy_multiengine.errors import RemoteError
+
+    with mec.executor(targets=0) as ex:
+        rebuilt = ex.submit(outer_div, 0).exception(timeout=20)
+        kept = ex.submit(raise_unrebuildable).exception(timeout=20)
+    assert type(rebuilt) is ZeroDivisionError and isinstance(rebuilt.__cause__, RemoteError)
+    assert type(kept).__name__ != "Unrebuildable" and isinstance(kept, RemoteError)
+    for exc, frames in ((rebuilt, ("outer_div", "inner_div")), (kept, ("raise_unrebuildable",))):
+        text = "".join(traceback.format_exception(exc))
+        assert all(name in text for name in frames), text
+        assert "\x1b[" not in text, "ANSI colours in a plain traceback"
+    assert kept.engine_id == 0 and kept.ename == "Unrebuildable"  # still the RemoteError's data
