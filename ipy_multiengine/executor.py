@@ -123,7 +123,8 @@ class EngineExecutor(cf.Executor):
         self._inflight: dict[int, _Task | None] = dict.fromkeys(self.eids)
         self._dead: set[int] = set()
         self._round = itertools.cycle(self.eids)
-        self._pending: set[cf.Future] = set()
+        #: every task not done yet, by its future (to drop a cancelled one's call at once)
+        self._pending: dict[cf.Future, _Task] = {}
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         #: every completion thread until it has ended, also one that is ending (``_worker``
@@ -167,7 +168,7 @@ class EngineExecutor(cf.Executor):
                     eid = next(self._round)
                 task = _Task(frames, eid)
                 self._queues[eid].append(task)
-            self._pending.add(task.future)
+            self._pending[task.future] = task
             task.future.add_done_callback(self._forget)
             failed = self._pump()
         _settle(failed)
@@ -328,7 +329,11 @@ class EngineExecutor(cf.Executor):
 
     def _forget(self, fut: cf.Future) -> None:
         with self._lock:
-            self._pending.discard(fut)
+            task = self._pending.pop(fut, None)
+            if task is not None and fut.cancelled():
+                # its serialised call (a copy of the arguments) is freed now, not when the
+                # queue reaches the cancelled task, perhaps behind a long one
+                task.frames = None
 
     # ------------------------------------------------------------------ completions (own thread)
     def _complete_loop(self) -> None:

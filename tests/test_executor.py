@@ -417,3 +417,34 @@ def test_a_printed_task_error_shows_where_the_engine_raised(mec):
         assert all(name in text for name in frames), text
         assert "\x1b[" not in text, "ANSI colours in a plain traceback"
     assert kept.engine_id == 0 and kept.ename == "Unrebuildable"  # still the RemoteError's data
+
+
+def test_a_cancelled_task_frees_its_arguments_at_once(mec, tmp_path):
+    """A queued task's arguments are serialised (copied) at submit; cancelling it kept that copy
+    until the engine's queue reached it (behind a long task: for as long as that ran)."""
+    import gc
+    import tracemalloc
+
+    numpy = pytest.importorskip("numpy")
+    release = str(tmp_path / "go")
+    ex = mec.executor(targets=[0])
+    running = ex.submit(block_until, release)
+    size = 40_000_000
+    tracemalloc.start()
+    try:
+        arg = numpy.ones(size // 8)
+        queued = ex.submit(numpy.sum, arg)
+        del arg
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+        assert held > size, "the submitted copy is not traced"  # (the check below means it)
+        assert queued.cancel()
+        del queued
+        gc.collect()
+        left = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        open(release, "w").close()
+    assert held - left > 0.9 * size, f"cancelled, the copy is still held: {left / 1e6:.0f} MB"
+    assert running.result(timeout=20) > 0
+    ex.shutdown()
