@@ -160,11 +160,14 @@ class EngineExecutor(cf.Executor):
                 task = _Task(frames, None)
                 self._shared.append(task)
             else:
-                live = [e for e in self.eids if e not in self._dead]
+                # also skip an engine that died idle (not yet in ``_dead``: ``_pump`` notes it)
+                live = [
+                    e for e in self.eids if e not in self._dead and not self._controller.dead(e)
+                ]
                 if not live:
                     raise EngineError(f"every engine of this executor died: {self.eids}")
                 eid = next(self._round)
-                while eid in self._dead:
+                while eid not in live:
                     eid = next(self._round)
                 task = _Task(frames, eid)
                 self._queues[eid].append(task)

@@ -448,3 +448,18 @@ def test_a_cancelled_task_frees_its_arguments_at_once(mec, tmp_path):
     assert held - left > 0.9 * size, f"cancelled, the copy is still held: {left / 1e6:.0f} MB"
     assert running.result(timeout=20) > 0
     ex.shutdown()
+
+
+def test_round_robin_skips_an_engine_that_died_idle():
+    # an idle engine that died is known dead to the controller: a round-robin submit still
+    # chose it, and the task failed "no engine left to run this task" with the other engine free
+    from faultlib import small_cluster
+
+    with small_cluster(2) as (_cluster, mec):
+        p0, p1 = mec.apply(pid, targets=[0, 1])
+        ex = mec.executor(balanced=False, targets=[0, 1])
+        assert ex.submit(pid).result(timeout=20) == p0  # the next round-robin pick: engine 1
+        os.kill(p1, 9)
+        wait_for(lambda: mec.controller.dead(1), 20, "engine 1 seen dead")
+        assert [f.result(timeout=20) for f in [ex.submit(pid) for _ in range(3)]] == [p0] * 3
+        ex.shutdown()
