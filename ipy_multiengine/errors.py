@@ -7,6 +7,7 @@
      ├── MultiEngineError               base of everything raised here
      │    ├── CompositeError            one or more engines failed in one call (elist, results)
      │    ├── RemoteError               one engine raised (type, value, traceback; engine_id, item)
+     │    │    └── RemoteTraceback      the same, its message the remote traceback (executor tasks)
      │    ├── EngineError               an engine died or could not be reached (engine_id)
      │    │    ├── RefusedError         a data message did not check: refused unread
      │    │    ├── RestartError         the restart of more than one engine failed (errors)
@@ -42,6 +43,7 @@ __all__ = [
     "NoClusterError",
     "RefusedError",
     "RemoteError",
+    "RemoteTraceback",
     "RestartError",
     "TargetsError",
     "TimeoutError",
@@ -165,6 +167,39 @@ class RemoteError(MultiEngineError):
     def _render_traceback_(self) -> list[str]:
         label = f"[{self.engine_id}:{self.method}]: " if self.engine_id is not None else ""
         return [label + "Remote traceback:", *self.render_traceback()]
+
+    def plain_traceback(self) -> str:
+        """The remote traceback as plain text (its ANSI colours removed); '' when there is none."""
+        text = "".join(line if line.endswith("\n") else line + "\n" for line in self.traceback)
+        return _ANSI.sub("", text).rstrip("\n")
+
+
+#: an ANSI escape sequence (the colours of IPython's tracebacks)
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+class RemoteTraceback(RemoteError):
+    """A ``RemoteError`` whose message includes the remote traceback as plain text.
+
+    What the standard interfaces (``mec.executor()``, and so joblib) chain a task's rebuilt
+    exception to, or raise when it cannot be rebuilt: a traceback printed outside IPython then
+    shows where on the engine it was raised, as a process pool's remote traceback does (a plain
+    ``RemoteError`` prints one line; IPython renders its ``_render_traceback_``)."""
+
+    @classmethod
+    def of(cls, exc: RemoteError) -> RemoteTraceback:
+        """``exc`` with the message that shows its traceback (itself if it has it already)."""
+        if isinstance(exc, RemoteTraceback):
+            return exc
+        return cls(*exc.__reduce__()[1])
+
+    def __str__(self) -> str:
+        head = super().__str__()
+        text = self.plain_traceback()
+        if not text:
+            return head
+        where = f"engine {self.engine_id}" if self.engine_id is not None else "the engine"
+        return f"{head}\n\nRemote traceback ({where}):\n{text}"
 
 
 class EngineError(MultiEngineError):

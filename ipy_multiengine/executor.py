@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import serialize, stdin
-from .errors import EngineError, RemoteError, TimeoutError
+from .errors import EngineError, RemoteError, RemoteTraceback, TimeoutError
 from .targets import resolve as resolve_targets
 
 log = logging.getLogger("ipy_multiengine")
@@ -72,9 +72,11 @@ def _call_chunk(f: Callable, chunk: list[tuple]) -> list[Any]:
 
 def _local_error(exc: BaseException) -> BaseException:
     """What a task's ``Future`` raises for an engine's exception: the original type when it can
-    be rebuilt here (as a process pool does), chained to the ``RemoteError`` with the remote
-    traceback; otherwise the ``RemoteError`` itself."""
+    be rebuilt here (as a process pool does), chained to a ``RemoteTraceback`` (a
+    ``RemoteError`` whose message is the remote traceback, so that a printed traceback shows
+    where the engine raised); otherwise that ``RemoteTraceback`` itself."""
     if isinstance(exc, RemoteError):
+        exc = RemoteTraceback.of(exc)
         original = exc.original()
         if original is not None:
             original.__cause__ = exc
@@ -121,7 +123,8 @@ class EngineExecutor(cf.Executor):
         self._inflight: dict[int, _Task | None] = dict.fromkeys(self.eids)
         self._dead: set[int] = set()
         self._round = itertools.cycle(self.eids)
-        self._pending: set[cf.Future] = set()
+        #: every task not done yet, by its future (to drop a cancelled one's call at once)
+        self._pending: dict[cf.Future, _Task] = {}
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         #: every completion thread until it has ended, also one that is ending (``_worker``
@@ -157,15 +160,18 @@ class EngineExecutor(cf.Executor):
                 task = _Task(frames, None)
                 self._shared.append(task)
             else:
-                live = [e for e in self.eids if e not in self._dead]
+                # also skip an engine that died idle (not yet in ``_dead``: ``_pump`` notes it)
+                live = [
+                    e for e in self.eids if e not in self._dead and not self._controller.dead(e)
+                ]
                 if not live:
                     raise EngineError(f"every engine of this executor died: {self.eids}")
                 eid = next(self._round)
-                while eid in self._dead:
+                while eid not in live:
                     eid = next(self._round)
                 task = _Task(frames, eid)
                 self._queues[eid].append(task)
-            self._pending.add(task.future)
+            self._pending[task.future] = task
             task.future.add_done_callback(self._forget)
             failed = self._pump()
         _settle(failed)
@@ -326,7 +332,11 @@ class EngineExecutor(cf.Executor):
 
     def _forget(self, fut: cf.Future) -> None:
         with self._lock:
-            self._pending.discard(fut)
+            task = self._pending.pop(fut, None)
+            if task is not None and fut.cancelled():
+                # its serialised call (a copy of the arguments) is freed now, not when the
+                # queue reaches the cancelled task, perhaps behind a long one
+                task.frames = None
 
     # ------------------------------------------------------------------ completions (own thread)
     def _complete_loop(self) -> None:

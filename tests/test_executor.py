@@ -378,3 +378,88 @@ def test_shutdown_waits_for_the_callbacks_of_an_ending_completion_thread(tmp_pat
             release.set()
             waiter.join(20)
         assert order == ["callback", "shutdown"]
+
+
+def inner_div(i: int) -> float:
+    return 1 / i
+
+
+def outer_div(i: int) -> float:
+    return inner_div(i)
+
+
+class Unrebuildable(Exception):
+    """Cannot be rebuilt here from its pickle (two arguments, one in ``args``)."""
+
+    def __init__(self, a, b):
+        super().__init__(a)
+
+
+def raise_unrebuildable() -> None:
+    raise Unrebuildable("odd", 2)
+
+
+def test_a_printed_task_error_shows_where_the_engine_raised(mec):
+    """Outside IPython the exception of a failed task printed as ``RemoteError: ZeroDivisionError:
+    division by zero`` and ``ZeroDivisionError: division by zero``: not a line of the engine's
+    traceback (which function, which line), as a process pool's ``_RemoteTraceback`` shows."""
+    import traceback
+
+    from ipy_multiengine.errors import RemoteError
+
+    with mec.executor(targets=0) as ex:
+        rebuilt = ex.submit(outer_div, 0).exception(timeout=20)
+        kept = ex.submit(raise_unrebuildable).exception(timeout=20)
+    assert type(rebuilt) is ZeroDivisionError and isinstance(rebuilt.__cause__, RemoteError)
+    assert type(kept).__name__ != "Unrebuildable" and isinstance(kept, RemoteError)
+    for exc, frames in ((rebuilt, ("outer_div", "inner_div")), (kept, ("raise_unrebuildable",))):
+        text = "".join(traceback.format_exception(exc))
+        assert all(name in text for name in frames), text
+        assert "\x1b[" not in text, "ANSI colours in a plain traceback"
+    assert kept.engine_id == 0 and kept.ename == "Unrebuildable"  # still the RemoteError's data
+
+
+def test_a_cancelled_task_frees_its_arguments_at_once(mec, tmp_path):
+    """A queued task's arguments are serialised (copied) at submit; cancelling it kept that copy
+    until the engine's queue reached it (behind a long task: for as long as that ran)."""
+    import gc
+    import tracemalloc
+
+    numpy = pytest.importorskip("numpy")
+    release = str(tmp_path / "go")
+    ex = mec.executor(targets=[0])
+    running = ex.submit(block_until, release)
+    size = 40_000_000
+    tracemalloc.start()
+    try:
+        arg = numpy.ones(size // 8)
+        queued = ex.submit(numpy.sum, arg)
+        del arg
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+        assert held > size, "the submitted copy is not traced"  # (the check below means it)
+        assert queued.cancel()
+        del queued
+        gc.collect()
+        left = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        open(release, "w").close()
+    assert held - left > 0.9 * size, f"cancelled, the copy is still held: {left / 1e6:.0f} MB"
+    assert running.result(timeout=20) > 0
+    ex.shutdown()
+
+
+def test_round_robin_skips_an_engine_that_died_idle():
+    # an idle engine that died is known dead to the controller: a round-robin submit still
+    # chose it, and the task failed "no engine left to run this task" with the other engine free
+    from faultlib import small_cluster
+
+    with small_cluster(2) as (_cluster, mec):
+        p0, p1 = mec.apply(pid, targets=[0, 1])
+        ex = mec.executor(balanced=False, targets=[0, 1])
+        assert ex.submit(pid).result(timeout=20) == p0  # the next round-robin pick: engine 1
+        os.kill(p1, 9)
+        wait_for(lambda: mec.controller.dead(1), 20, "engine 1 seen dead")
+        assert [f.result(timeout=20) for f in [ex.submit(pid) for _ in range(3)]] == [p0] * 3
+        ex.shutdown()

@@ -92,6 +92,26 @@ def test_errors_raise_their_type_and_engines_stay_usable(mec, engine_pids):
         assert joblib.Parallel()(joblib.delayed(boom)(i) for i in range(3)) == [0, 1, 2]
 
 
+def fails_deep_inside(i):
+    if i == 2:
+        raise ValueError(f"item {i}")
+    return i
+
+
+def test_an_error_prints_where_the_engine_raised_it(mec, engine_pids):
+    # joblib drops the local traceback and keeps the cause: that printed as one line,
+    # "RemoteError: ValueError: item 2", with no frame of the engine's traceback
+    import traceback
+
+    with (
+        joblib.parallel_config(backend="ipy_multiengine", n_jobs=-1),
+        pytest.raises(ValueError, match="item 2") as info,
+    ):
+        joblib.Parallel(batch_size=1)(joblib.delayed(fails_deep_inside)(i) for i in range(4))
+    text = "".join(traceback.format_exception(info.value))
+    assert "fails_deep_inside" in text and "Remote traceback" in text, text
+
+
 def test_client_and_targets_as_backend_parameters(mec, engine_pids):
     mine = mec.apply(pid, targets=[1, 2])
     with joblib.parallel_config(backend="ipy_multiengine", client=mec, targets=[1, 2], n_jobs=-1):
