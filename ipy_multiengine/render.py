@@ -730,12 +730,17 @@ class Renderer:
 
 
 def _collapse(blocks: list[tuple[list[int], str, Any]]) -> list[tuple[list[int], str, Any]]:
-    """Merge identical stream blocks of different engines into one (``[stdout:0-3]``)."""
+    """Merge identical stream blocks of different engines into one (``[stdout:0-3]``): an
+    engine's k-th block of a text joins the other engines' k-th block of that text, so that an
+    engine printing the same text twice keeps both and is never merged with itself."""
     out: list[tuple[list[int], str, Any]] = []
-    index: dict[tuple[str, str], int] = {}
+    index: dict[tuple[str, str, int], int] = {}
+    nth: dict[tuple[tuple[int, ...], str, str], int] = {}  # blocks of this text per engine
     for eids, kind, payload in blocks:
         if kind in ("stdout", "stderr"):
-            key = (kind, payload)
+            own = (tuple(eids), kind, payload)
+            nth[own] = nth.get(own, 0) + 1
+            key = (kind, payload, nth[own])
             if key in index:
                 out[index[key]][0].extend(eids)
                 continue
