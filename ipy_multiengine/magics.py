@@ -889,11 +889,15 @@ class ParallelMagics(Magics):
         running)."""
         args = parse_argstring(self.result, line)
         mec = self.client()
-        try:
-            # a named set (%result_even): its own last command; else the client's
-            pr = self.last if self.bound is not None and self.last else mec.last_executed()
-        except ValueError:
-            raise UsageError("no command has been run on the engines yet") from None
+        if self.bound is not None:  # a named set (%result_even): its own last command only
+            pr = self.last
+            if pr is None:
+                raise UsageError(f"no command has been run with %{self.transformer.cell_magic} yet")
+        else:
+            try:
+                pr = mec.last_executed()
+            except ValueError:
+                raise UsageError("no command has been run on the engines yet") from None
         timeout = None if args.timeout is None else _timeout_value(args.timeout)
         try:
             return pr.get_result(timeout=timeout)

@@ -1080,3 +1080,22 @@ def test_h10_apply_output_shown_while_another_thread_serves_the_mailbox(mec):
         "[stdout:0] from the engine",
         "[stdout:1] from the engine",
     ], cap.stdout
+
+
+def test_result_of_a_named_set_is_its_own_command_never_another_s(ip, mec):
+    """``%result_even`` before any ``%px_even`` returned the default set's last command (on
+    engines outside the set): the wrong call's results, silently. It says the set has run
+    nothing yet; after a ``%px_even`` it is that command."""
+    mec.activate(suffix="_even", targets=[0, 2])
+    try:
+        _cap, res = run(ip, "%px print('default set')")
+        assert res.success, res.error_in_exec
+        _cap, res = run(ip, "%result_even")
+        assert isinstance(res.error_in_exec, UsageError), res.result
+        assert "%px_even" in str(res.error_in_exec), res.error_in_exec
+        _cap, res = run(ip, "%px_even print('even set')")
+        assert res.success, res.error_in_exec
+        _cap, res = run(ip, "%result_even")
+        assert [r["id"] for r in res.result] == [0, 2] and "even set" in res.result[0]["stdout"]
+    finally:
+        client_mod.deactivate("_even")
