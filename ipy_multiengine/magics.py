@@ -81,6 +81,19 @@ def _split_line(line: str, parser: Any) -> tuple[str, str]:
         action = parser._option_string_actions.get(
             name
         )  # argparse has no public lookup of an option
+        attached = parser._option_string_actions.get(token[:2])
+        if (
+            action is None
+            and attached is not None
+            and attached.nargs != 0
+            and not token.startswith("--")
+            and not _compiles(rest)
+        ):
+            # `-t0`, `-ores`: argparse's short option with its value attached, on a line that
+            # is not code as it stands (`-t0 + 1` is: minus a name)
+            opts.extend((token[:2], token[2:]))
+            rest = rest[m.end() :]
+            continue
         if action is None:
             if name == "--help" or (re.match(r"--[A-Za-z]", token) and not _compiles(rest)):
                 # a mistyped option (`%px --target 1 ...`), not code that starts with '-'

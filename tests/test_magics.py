@@ -1099,3 +1099,17 @@ def test_result_of_a_named_set_is_its_own_command_never_another_s(ip, mec):
         assert [r["id"] for r in res.result] == [0, 2] and "even set" in res.result[0]["stdout"]
     finally:
         client_mod.deactivate("_even")
+
+
+def test_a_short_option_with_its_value_attached_is_an_option(ip, mec):
+    """``%px -t0 print(1)`` (argparse's ``-t 0``) went to every engine as the code ``-t0
+    print(1)``, each failing with a SyntaxError; ``-ores`` likewise. A short option with its
+    value attached is read as the option when the line is not valid code as it stands; code
+    that compiles (``-t0 + 1``: minus a name) stays code."""
+    res = ip.run_line_magic("px", "-t0 print('zero only')")
+    assert [r["id"] for r in res] == [0] and res[0]["input"]["raw"] == "print('zero only')"
+    ip.run_line_magic("px", "-ores -t1 x = 5")
+    assert [r["id"] for r in ip.user_ns["res"]] == [1]
+    assert mec.pull("x", targets=1) == [5]
+    ip.run_line_magic("px", "t0 = 2")
+    assert ip.run_line_magic("px", "--targets 2 -t0 + 1")[0]["input"]["raw"] == "-t0 + 1"
