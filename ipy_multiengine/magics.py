@@ -646,6 +646,16 @@ class ParallelMagics(Magics):
             raise UsageError("--init always blocks: setup code must have run before anything else")
         try:
             result = mec.on_start(code, timeout=timeout)
+        except MultiEngineTimeout:
+            pr = mec.last_executed()
+            left = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
+            raise one_line(
+                MultiEngineTimeout(
+                    f"%px --init: engines {engine_range(left)} not done after {timeout:g} s, so "
+                    "the setup code is not recorded (only code done on every engine is); they "
+                    "keep running it: %result waits for the output"
+                )
+            ) from None
         except CompositeError as err:  # what the engines printed, then the error
             self._show_records(
                 [r for r in err.results if isinstance(r, dict)], "collect", group, same_output
@@ -800,9 +810,13 @@ class ParallelMagics(Magics):
         if not args.name:
             raise UsageError("usage: %pxdiff NAME [--targets T]")
         mec = self.client()
-        targets = (
-            None if args.targets is None else parse_targets(args.targets, mec.get_ids(), mec.groups)
-        )
+        targets = None
+        if args.targets is not None:
+            targets = parse_targets(args.targets, mec.get_ids(), mec.groups)
+            try:  # an unknown id: one line, as %px --targets says it
+                _resolve_targets(targets, mec.get_ids(), mec.groups)
+            except (ValueError, TypeError) as exc:
+                raise UsageError(f"--targets {args.targets!r}: {exc}") from None
         return mec.diff(args.name, targets=targets)
 
     # -- %pxconfig

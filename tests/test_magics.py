@@ -1113,3 +1113,25 @@ def test_a_short_option_with_its_value_attached_is_an_option(ip, mec):
     assert mec.pull("x", targets=1) == [5]
     ip.run_line_magic("px", "t0 = 2")
     assert ip.run_line_magic("px", "--targets 2 -t0 + 1")[0]["input"]["raw"] == "-t0 + 1"
+
+
+def test_pxdiff_unknown_target_is_a_one_line_usage_error(ip):
+    """``%pxdiff x --targets 9`` raised the client's TargetsError with the magic's frames (a
+    full traceback), where ``%px --targets 9`` says it in one line; now the same UsageError."""
+    _cap, res = run(ip, "%pxdiff x --targets 9")
+    assert isinstance(res.error_in_exec, UsageError), res.error_in_exec
+    assert "unknown engine id 9" in str(res.error_in_exec)
+
+
+def test_init_timeout_is_one_line_and_says_the_code_is_not_recorded(ip, mec):
+    """``%px --init --timeout S`` that timed out showed the TimeoutError with the magic's frames
+    and did not say that the setup code was not recorded (it is recorded only once it ran
+    everywhere). One line now, saying so; ``%result`` collects the run."""
+    cap, res = run(ip, "%px --init --timeout 0.2 import time; time.sleep(1); done_init = 1")
+    assert isinstance(res.error_in_exec, TimeoutError), res.error_in_exec
+    assert "not recorded" in str(res.error_in_exec), res.error_in_exec
+    assert "Traceback" not in cap.stdout, cap.stdout
+    assert mec.on_start_code == []
+    _cap, res = run(ip, "%result --timeout 30")
+    assert res.success, res.error_in_exec
+    assert mec.pull("done_init") == [1, 1, 1, 1]
