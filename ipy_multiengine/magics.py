@@ -81,6 +81,19 @@ def _split_line(line: str, parser: Any) -> tuple[str, str]:
         action = parser._option_string_actions.get(
             name
         )  # argparse has no public lookup of an option
+        attached = parser._option_string_actions.get(token[:2])
+        if (
+            action is None
+            and attached is not None
+            and attached.nargs != 0
+            and not token.startswith("--")
+            and not _compiles(rest)
+        ):
+            # `-t0`, `-ores`: argparse's short option with its value attached, on a line that
+            # is not code as it stands (`-t0 + 1` is: minus a name)
+            opts.extend((token[:2], token[2:]))
+            rest = rest[m.end() :]
+            continue
         if action is None:
             if name == "--help" or (re.match(r"--[A-Za-z]", token) and not _compiles(rest)):
                 # a mistyped option (`%px --target 1 ...`), not code that starts with '-'
@@ -633,6 +646,16 @@ class ParallelMagics(Magics):
             raise UsageError("--init always blocks: setup code must have run before anything else")
         try:
             result = mec.on_start(code, timeout=timeout)
+        except MultiEngineTimeout:
+            pr = mec.last_executed()
+            left = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
+            raise one_line(
+                MultiEngineTimeout(
+                    f"%px --init: engines {engine_range(left)} not done after {timeout:g} s, so "
+                    "the setup code is not recorded (only code done on every engine is); they "
+                    "keep running it: %result waits for the output"
+                )
+            ) from None
         except CompositeError as err:  # what the engines printed, then the error
             self._show_records(
                 [r for r in err.results if isinstance(r, dict)], "collect", group, same_output
@@ -787,9 +810,13 @@ class ParallelMagics(Magics):
         if not args.name:
             raise UsageError("usage: %pxdiff NAME [--targets T]")
         mec = self.client()
-        targets = (
-            None if args.targets is None else parse_targets(args.targets, mec.get_ids(), mec.groups)
-        )
+        targets = None
+        if args.targets is not None:
+            targets = parse_targets(args.targets, mec.get_ids(), mec.groups)
+            try:  # an unknown id: one line, as %px --targets says it
+                _resolve_targets(targets, mec.get_ids(), mec.groups)
+            except (ValueError, TypeError) as exc:
+                raise UsageError(f"--targets {args.targets!r}: {exc}") from None
         return mec.diff(args.name, targets=targets)
 
     # -- %pxconfig
@@ -889,11 +916,15 @@ class ParallelMagics(Magics):
         running)."""
         args = parse_argstring(self.result, line)
         mec = self.client()
-        try:
-            # a named set (%result_even): its own last command; else the client's
-            pr = self.last if self.bound is not None and self.last else mec.last_executed()
-        except ValueError:
-            raise UsageError("no command has been run on the engines yet") from None
+        if self.bound is not None:  # a named set (%result_even): its own last command only
+            pr = self.last
+            if pr is None:
+                raise UsageError(f"no command has been run with %{self.transformer.cell_magic} yet")
+        else:
+            try:
+                pr = mec.last_executed()
+            except ValueError:
+                raise UsageError("no command has been run on the engines yet") from None
         timeout = None if args.timeout is None else _timeout_value(args.timeout)
         try:
             return pr.get_result(timeout=timeout)

@@ -274,6 +274,7 @@ class Renderer:
         self.group = group
         self.collapse = collapse
         self.events: list[tuple[int, str, dict]] = []
+        self._prompted: dict[int, int] = {}  # per engine, events seen by its last prompt
         self.areas: dict[Any, _Area] = {}  # by engine, or by chunk (group 'order')
         self._chunks = 0
         self.partial: dict[tuple[int, str], Lines] = {}
@@ -323,6 +324,23 @@ class Renderer:
         for area in self.areas.values():
             if force or now - area.last >= UPDATE_INTERVAL:
                 self._flush_area(area, now)
+
+    def before_prompt(self, eid: int) -> str:
+        """Engine ``eid`` asks for input: what it printed before is shown first. Live: its
+        line still without a newline (a terminal), every coalesced area update (a notebook);
+        collected: its stream text since its last prompt is returned, for the prompt to show
+        (it is shown again at the end, as a plain ``mec.execute``'s is in its result)."""
+        if self.mode == "stream":
+            if self.notebook:
+                self.tick(force=True)
+            else:
+                self._flush_partial(eid)
+            return ""
+        start = self._prompted.get(eid, 0)
+        self._prompted[eid] = len(self.events)
+        return "".join(
+            c.get("text", "") for e, t, c in self.events[start:] if e == eid and t == "stream"
+        )
 
     def finish(self) -> None:
         """Show what is left: pending partial lines (stream), or every output (collect/results)."""
@@ -730,12 +748,17 @@ class Renderer:
 
 
 def _collapse(blocks: list[tuple[list[int], str, Any]]) -> list[tuple[list[int], str, Any]]:
-    """Merge identical stream blocks of different engines into one (``[stdout:0-3]``)."""
+    """Merge identical stream blocks of different engines into one (``[stdout:0-3]``): an
+    engine's k-th block of a text joins the other engines' k-th block of that text, so that an
+    engine printing the same text twice keeps both and is never merged with itself."""
     out: list[tuple[list[int], str, Any]] = []
-    index: dict[tuple[str, str], int] = {}
+    index: dict[tuple[str, str, int], int] = {}
+    nth: dict[tuple[tuple[int, ...], str, str], int] = {}  # blocks of this text per engine
     for eids, kind, payload in blocks:
         if kind in ("stdout", "stderr"):
-            key = (kind, payload)
+            own = (tuple(eids), kind, payload)
+            nth[own] = nth.get(own, 0) + 1
+            key = (kind, payload, nth[own])
             if key in index:
                 out[index[key]][0].extend(eids)
                 continue
@@ -977,6 +1000,9 @@ class LiveOutput:
         self.closed = False
         self._events: deque = deque()  # appended on the loop thread, taken in user threads
         self._lock = threading.Lock()  # any waiting thread may serve the posted drains
+        from . import stdin
+
+        stdin.watch(self)  # shows what it holds back before an engine's prompt
 
     def start(self, renderer: Renderer) -> None:
         """Render with ``renderer`` from now on (the events queued so far first)."""
@@ -1014,6 +1040,15 @@ class LiveOutput:
             if not self.closed:
                 self.renderer.tick()
 
+    def before_prompt(self, eid: int) -> str:
+        """Engine ``eid`` asks for input (``stdin.watch``): show what is held back of its
+        output first; returns collected text of it to show before the prompt."""
+        self._drain()
+        with self._lock:
+            if self.closed or self.renderer is None:
+                return ""
+            return self.renderer.before_prompt(eid)
+
     def tick(self) -> None:
         """Flush throttled notebook updates (called by the waiting thread's wait, each slice)."""
         with self._lock:
@@ -1025,6 +1060,7 @@ class LiveOutput:
 
         stdin.serve_pending()  # prompts and output posted before the reply (engines flush first)
         self._drain()  # this call's events, also if another thread holds the mailbox now
+        stdin.unwatch(self)
         with self._lock:
             if not self.closed:
                 self.closed = True

@@ -39,7 +39,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["InputRequest", "drop", "post", "serve_pending", "set_prompt_guard", "wait"]
+__all__ = [
+    "InputRequest",
+    "drop",
+    "post",
+    "serve_pending",
+    "set_prompt_guard",
+    "unwatch",
+    "wait",
+    "watch",
+]
 
 _lock = threading.Lock()
 _items: deque = deque()
@@ -48,6 +57,23 @@ _serving = threading.Lock()
 _dropped: weakref.WeakSet[cf.Future] = weakref.WeakSet()  # requests of calls the user interrupted
 #: out -> the context a prompt on ``out`` is asked in (``set_prompt_guard``)
 _prompt_guard: Callable[[Any], contextlib.AbstractContextManager] = contextlib.nullcontext
+#: what shows engines' output while a call runs (``render.LiveOutput``, ``watch``)
+_watchers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def watch(shower: Any) -> None:
+    """Tell ``shower`` before each prompt (``shower.before_prompt(eid)``, in the asking
+    thread): it shows what it holds back of that engine's output (a line without its newline,
+    a coalesced update, collected text), so that the question an engine printed before its
+    ``input()`` is on the screen when the user is asked. The text it returns is shown before
+    the prompt as the engine's (``[N] ...``). Held weakly; ``unwatch`` ends it."""
+    with _lock:
+        _watchers.add(shower)
+
+
+def unwatch(shower: Any) -> None:
+    with _lock:
+        _watchers.discard(shower)
 
 
 def set_prompt_guard(guard: Callable[[Any], contextlib.AbstractContextManager]) -> None:
@@ -186,7 +212,9 @@ def _ask(item: InputRequest) -> str:
     """Show the asking call's output not shown yet, then ask the user with the engine id."""
     global asked
     asked += 1
-    before = item.pending_output()
+    with _lock:
+        showers = list(_watchers)
+    before = item.pending_output() + "".join(s.before_prompt(item.eid) for s in showers)
     if before:
         prefix = f"[{item.eid}] "
         sys.stdout.write("".join(prefix + line for line in before.splitlines(True)))

@@ -1080,3 +1080,58 @@ def test_h10_apply_output_shown_while_another_thread_serves_the_mailbox(mec):
         "[stdout:0] from the engine",
         "[stdout:1] from the engine",
     ], cap.stdout
+
+
+def test_result_of_a_named_set_is_its_own_command_never_another_s(ip, mec):
+    """``%result_even`` before any ``%px_even`` returned the default set's last command (on
+    engines outside the set): the wrong call's results, silently. It says the set has run
+    nothing yet; after a ``%px_even`` it is that command."""
+    mec.activate(suffix="_even", targets=[0, 2])
+    try:
+        _cap, res = run(ip, "%px print('default set')")
+        assert res.success, res.error_in_exec
+        _cap, res = run(ip, "%result_even")
+        assert isinstance(res.error_in_exec, UsageError), res.result
+        assert "%px_even" in str(res.error_in_exec), res.error_in_exec
+        _cap, res = run(ip, "%px_even print('even set')")
+        assert res.success, res.error_in_exec
+        _cap, res = run(ip, "%result_even")
+        assert [r["id"] for r in res.result] == [0, 2] and "even set" in res.result[0]["stdout"]
+    finally:
+        client_mod.deactivate("_even")
+
+
+def test_a_short_option_with_its_value_attached_is_an_option(ip, mec):
+    """``%px -t0 print(1)`` (argparse's ``-t 0``) went to every engine as the code ``-t0
+    print(1)``, each failing with a SyntaxError; ``-ores`` likewise. A short option with its
+    value attached is read as the option when the line is not valid code as it stands; code
+    that compiles (``-t0 + 1``: minus a name) stays code."""
+    res = ip.run_line_magic("px", "-t0 print('zero only')")
+    assert [r["id"] for r in res] == [0] and res[0]["input"]["raw"] == "print('zero only')"
+    ip.run_line_magic("px", "-ores -t1 x = 5")
+    assert [r["id"] for r in ip.user_ns["res"]] == [1]
+    assert mec.pull("x", targets=1) == [5]
+    ip.run_line_magic("px", "t0 = 2")
+    assert ip.run_line_magic("px", "--targets 2 -t0 + 1")[0]["input"]["raw"] == "-t0 + 1"
+
+
+def test_pxdiff_unknown_target_is_a_one_line_usage_error(ip):
+    """``%pxdiff x --targets 9`` raised the client's TargetsError with the magic's frames (a
+    full traceback), where ``%px --targets 9`` says it in one line; now the same UsageError."""
+    _cap, res = run(ip, "%pxdiff x --targets 9")
+    assert isinstance(res.error_in_exec, UsageError), res.error_in_exec
+    assert "unknown engine id 9" in str(res.error_in_exec)
+
+
+def test_init_timeout_is_one_line_and_says_the_code_is_not_recorded(ip, mec):
+    """``%px --init --timeout S`` that timed out showed the TimeoutError with the magic's frames
+    and did not say that the setup code was not recorded (it is recorded only once it ran
+    everywhere). One line now, saying so; ``%result`` collects the run."""
+    cap, res = run(ip, "%px --init --timeout 0.2 import time; time.sleep(1); done_init = 1")
+    assert isinstance(res.error_in_exec, TimeoutError), res.error_in_exec
+    assert "not recorded" in str(res.error_in_exec), res.error_in_exec
+    assert "Traceback" not in cap.stdout, cap.stdout
+    assert mec.on_start_code == []
+    _cap, res = run(ip, "%result --timeout 30")
+    assert res.success, res.error_in_exec
+    assert mec.pull("done_init") == [1, 1, 1, 1]

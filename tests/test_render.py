@@ -661,3 +661,28 @@ def test_px_cell_long_line_leaves_no_empty_labelled_area(ip, mec):
         t[:20] for t in final
     ]
     assert "".join(final).count("x") == render.AREA_LIMIT + 100
+
+
+@pytest.mark.parametrize("notebook", [False, True])
+def test_collapse_keeps_an_engine_s_repeated_output(ip, mec, notebook):
+    """``--no-stream --collapse``: an engine printing the same text twice (a display in
+    between) keeps both; an engine's k-th block joins the other engines' k-th identical block,
+    never an earlier block of its own (which lost the second text and labelled the first
+    ``[stdout:0,0-1,1]``)."""
+    magics_of(ip).notebook = notebook
+    cap, res = run(
+        ip,
+        "%%px --no-stream --collapse --targets 0,1\nfrom IPython.display import display, HTML\n"
+        "print('tick')\ndisplay(HTML('<b>x</b>'))\nprint('tick')",
+    )
+    assert res.success, res.error_in_exec
+    if notebook:
+        shown = [d["text/plain"] for d in cell_outputs(cap)]
+        assert shown == [
+            "[stdout:0-1] tick",
+            "[output:0] <IPython.core.display.HTML object>",
+            "[stdout:0-1] tick",
+            "[output:1] <IPython.core.display.HTML object>",
+        ], shown
+    else:
+        assert cap.stdout.splitlines() == ["[stdout:0-1] tick", "[stdout:0-1] tick"], cap.stdout

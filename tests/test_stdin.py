@@ -453,3 +453,86 @@ def test_input_in_a_thread_of_an_applied_function_asks_the_user(mec, monkeypatch
 
     assert mec.apply(ask_in_a_thread, targets=[2]) == [["from a thread"]]
     assert prompts == ["[2] thread? "]
+
+
+def _prompting_shell(ip, monkeypatch, notebook):
+    """The test shell rendering for a terminal or a notebook, its stdout a screen, and a list
+    for a fake ``input`` to note (the prompt, what was shown when it was asked)."""
+    from shell_helpers import magics_of
+
+    magics_of(ip).notebook = notebook
+    screen = io.StringIO()
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(sys, "stdout", screen)
+    return screen, seen
+
+
+def test_a_partial_line_printed_before_input_is_shown_before_the_prompt(ip, monkeypatch):
+    """Terminal ``%%px``: ``print('Enter your name:', end=' '); input()`` showed the bare
+    prompt ``[0] `` and the question only after the answer (``[stdout:0] Enter your name: hi
+    ...``): the live output keeps a line until its newline. The asking engine's line is
+    written out before its prompt."""
+    screen, seen = _prompting_shell(ip, monkeypatch, notebook=False)
+
+    def fake_input(prompt=""):
+        seen.append((prompt, screen.getvalue()))
+        screen.write(prompt + "ada\n")
+        return "ada"
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    res = ip.run_cell(
+        "%%px --targets 0\nprint('Enter your name:', end=' ', flush=True)\nx = input()\n"
+        "print('hi', x)"
+    )
+    assert res.success, res.error_in_exec
+    assert [p for p, _ in seen] == ["[0] "], seen
+    assert seen[0][1].splitlines() == ["[stdout:0] Enter your name: "], seen
+    assert screen.getvalue().splitlines() == [
+        "[stdout:0] Enter your name: ",
+        "[0] ada",
+        "[stdout:0] hi ada",
+    ]
+
+
+def test_output_printed_before_input_is_in_the_notebook_before_the_prompt(ip, monkeypatch):
+    """Notebook ``%%px``: an area's updates are coalesced (``UPDATE_INTERVAL``), and while the
+    user is asked nothing flushed them: the line printed just before ``input()`` (the question)
+    was not shown until the answer. Every area is brought up to date before the prompt."""
+    from IPython.utils.capture import capture_output
+    from shell_helpers import cell_outputs
+
+    from ipy_multiengine import render
+
+    monkeypatch.setattr(render, "UPDATE_INTERVAL", 3600.0)  # only a forced flush shows it
+    _screen, seen = _prompting_shell(ip, monkeypatch, notebook=True)
+    with capture_output() as cap:
+
+        def fake_input(prompt=""):
+            seen.append((prompt, "\n".join(d.get("text/plain", "") for d in cell_outputs(cap))))
+            return "7"
+
+        monkeypatch.setattr("builtins.input", fake_input)
+        res = ip.run_cell(
+            "%%px --targets 1\nprint('step 1 done', flush=True)\nimport time; time.sleep(0.05)\n"
+            "print('Please type x below', flush=True)\nx = input('x? ')\nprint('got', x)"
+        )
+    assert res.success, res.error_in_exec
+    assert [p for p, _ in seen] == ["[1] x? "], seen
+    assert "[stdout:1] step 1 done\nPlease type x below" in seen[0][1], seen
+
+
+def test_one_line_px_shows_what_the_engine_printed_before_its_prompt(ip, mec, monkeypatch):
+    """A one-line ``%px`` collects its output for the Results List: the engine's question
+    printed before ``input()`` was not on the screen when the user was asked (a plain
+    ``mec.execute`` shows it, ``[0] ...``). It is shown before the prompt, as there."""
+    screen, seen = _prompting_shell(ip, monkeypatch, notebook=False)
+
+    def fake_input(prompt=""):
+        seen.append((prompt, screen.getvalue()))
+        return "3"
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    res = ip.run_cell("%px --targets 0 print('How many?', flush=True); n = int(input())")
+    assert res.success, res.error_in_exec
+    assert seen == [("[0] ", "[0] How many?\n")], seen
+    assert mec.pull("n", targets=0) == [3]
