@@ -300,8 +300,7 @@ def test_a_timed_out_call_stops_its_running_batches(mec, engine_pids, tmp_path):
         with joblib.parallel_config(backend="ipy_multiengine", n_jobs=-1):
             with pytest.raises(JoblibTimeout):
                 joblib.Parallel(timeout=1, batch_size=1)(
-                    joblib.delayed(start_and_wait)(str(tmp_path / f"a{i}"), never)
-                    for i in range(8)
+                    joblib.delayed(start_and_wait)(str(tmp_path / f"a{i}"), never) for i in range(8)
                 )
             began = time.monotonic()
             pids = joblib.Parallel(batch_size=1)(joblib.delayed(pid)(i) for i in range(8))
@@ -314,9 +313,7 @@ def test_a_timed_out_call_stops_its_running_batches(mec, engine_pids, tmp_path):
         open(never, "w").close()
 
 
-def test_an_abort_interrupts_no_other_calls_or_clients_work(
-    cluster, mec, engine_pids, tmp_path
-):
+def test_an_abort_interrupts_no_other_calls_or_clients_work(cluster, mec, engine_pids, tmp_path):
     """Call A aborts (its timeout) while call B's batches wait behind A's on every engine, and
     another client's task runs on engine 0 with A's batch waiting behind it. A's running batches
     are interrupted, so B's begin at once; B's and the other client's are not interrupted, and
@@ -340,8 +337,7 @@ def test_an_abort_interrupts_no_other_calls_or_clients_work(
             )
             wait_for(lambda: len(list((tmp_path / "a").iterdir())) == 3, 30, "A on engines 1-3")
             b = joblib.Parallel(return_as="generator", batch_size=1)(
-                joblib.delayed(start_and_wait)(str(tmp_path / "b" / str(i)), go)
-                for i in range(4)
+                joblib.delayed(start_and_wait)(str(tmp_path / "b" / str(i)), go) for i in range(4)
             )
             with pytest.raises(JoblibTimeout):
                 list(a)
