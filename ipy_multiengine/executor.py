@@ -406,7 +406,9 @@ class EngineExecutor(cf.Executor):
                 if not task.future.done():
                     task.future.set_exception(exc)
             # while waiting for the next completion, hold nothing of this one: its Future
-            # (and so its result) is the caller's to drop
+            # (and so its result) is the caller's to drop (the request, whose done-callback
+            # holds the task, would make a cycle keeping the reply until a collection)
+            task.request = None
             del task, fut
             failed: list[tuple[cf.Future, BaseException]] = []
             with self._lock:
