@@ -2316,7 +2316,22 @@ class Controller:
         """
         return _loop.run(self._abort(list(futures), timeout), timeout=timeout + 1)
 
-    async def _abort(self, futures: list[Future], timeout: float) -> dict[int, list[Future]]:
+    def interrupt_requests(self, futures: list[Future], timeout: float = INTERRUPT_ACK) -> Future:
+        """Interrupt exactly the requests of ``futures`` and nothing else (not what else an
+        engine runs or has queued, of this client's or another's): one an engine runs now is
+        interrupted (it fails with its KeyboardInterrupt), one not begun yet fails with a
+        KeyboardInterrupt when the engine reaches it, without running, and one still held here
+        for order fails at once as ``abort`` fails it. An engine whose helper cannot interrupt
+        by name (an older version) only skips the ones not begun (as ``abort``).
+
+        Does not wait: a Future of, per engine, the futures left running (no answer within
+        ``timeout`` s, or begun on an engine that could only skip). Futures already done, or
+        not of this controller, are ignored."""
+        return _loop.submit(self._abort(list(futures), timeout, interrupt=True))
+
+    async def _abort(
+        self, futures: list[Future], timeout: float, interrupt: bool = False
+    ) -> dict[int, list[Future]]:
         wanted = {id(f) for f in futures if not f.done()}
         per_engine: dict[int, list[Request]] = {}
         for conn in list(self._engines.values()):
@@ -2337,11 +2352,13 @@ class Controller:
             if conn.dead or not conn.data_ok or "control" not in conn.sockets:
                 refused[eid] = [r.future for r in reqs]
                 continue
+            named = interrupt and bool(conn.engine_info.get("interrupt_named"))
+            ids = [r.msg_id for r in reqs]
             try:
                 fut = self._send_shell(
                     conn,
-                    "ime_abort_request",
-                    {"msg_ids": [r.msg_id for r in reqs]},
+                    "ime_interrupt_request" if named else "ime_abort_request",
+                    {"msg_ids": ids, "only": True} if named else {"msg_ids": ids},
                     kind="control",
                     channel="control",
                 )
@@ -2349,14 +2366,26 @@ class Controller:
                 log.warning("engine %s: the abort request was not sent (%s)", eid, exc)
                 refused[eid] = [r.future for r in reqs]
                 continue
-            replies.append((eid, reqs, fut))
-        for eid, reqs, fut in replies:
+            replies.append((eid, reqs, named, fut))
+        deadline = time.monotonic() + timeout
+        for eid, reqs, named, fut in replies:
             try:
-                reply = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
-            except (asyncio.TimeoutError, EngineError):
+                reply = await _wait_for(fut, deadline, "no answer", eid)
+            except EngineError:
                 refused[eid] = [r.future for r in reqs]
                 continue
-            running = set((reply.reply or {}).get("running") or [])
+            content = reply.reply or {}
+            if named:
+                if content.get("status") != "ok":
+                    log.warning(
+                        "engine %s could not interrupt requests: %s: %s",
+                        eid,
+                        content.get("ename"),
+                        content.get("evalue"),
+                    )
+                    refused[eid] = [r.future for r in reqs]
+                continue
+            running = set(content.get("running") or [])
             left = [r.future for r in reqs if r.msg_id in running]
             if left:
                 refused[eid] = left

@@ -408,7 +408,9 @@ def _install_interrupt(kernel: Any) -> None:
     client's (as a plain interrupt would); a request of the same client sent after the call is
     never interrupted. Running, it is signalled while it runs the user's code, else interrupted
     as it enters that code next; the named ones not begun yet end with a KeyboardInterrupt when
-    they begin, without running."""
+    they begin, without running. With ``only`` set, exactly the named requests are interrupted:
+    the one running now only if it is one of them (whoever sent it), nothing else (a client
+    interrupting some of its requests, e.g. an executor's tasks, and not its or others' rest)."""
     for mtype in ("execute_request", "comm_msg"):
         original = kernel.shell_handlers.get(mtype)
         if original is not None:
@@ -421,6 +423,7 @@ def _install_interrupt(kernel: Any) -> None:
         content = msg["content"]
         ids = [m for m in content.get("msg_ids") or [] if isinstance(m, str)]
         last = content.get("last") or ""
+        only = bool(content.get("only"))
         mine = {f"s:{msg['header'].get('session', '')}", f"c:{content.get('comm_id', '')}"}
         reply: dict[str, Any] = {"status": "ok", "interrupted": None}
         with _abort_lock:
@@ -431,10 +434,15 @@ def _install_interrupt(kernel: Any) -> None:
             while len(_owed) > _OWED_KEPT:
                 _owed.popitem(last=False)
             if running is not None and (
-                running.origin not in mine
-                or running.msg_id in ids
-                or running.msg_id == last
-                or (last and last not in _begun)  # it came before the last one sent
+                running.msg_id in ids
+                or (
+                    not only
+                    and (
+                        running.origin not in mine
+                        or running.msg_id == last
+                        or (last and last not in _begun)  # it came before the last one sent
+                    )
+                )
             ):
                 reply["interrupted"] = running.msg_id
                 if running.hit and time.monotonic() - running.hit_at < INTERRUPT_MERGED:
@@ -592,6 +600,8 @@ def _on_open(comm: Any, msg: dict) -> None:
         # ``ime_interrupt_request``: interrupts reach requests not begun yet
         # (``_install_interrupt``)
         "interrupt_owed": True,
+        # ... and, with ``only``, interrupts exactly the requests it names
+        "interrupt_named": True,
         # the messages on this comm, both ways, sign a digest of their buffers (``bd``)
         "comm_digest": _comm_digest[comm.comm_id],
     }

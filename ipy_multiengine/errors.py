@@ -7,7 +7,7 @@
      ├── MultiEngineError               base of everything raised here
      │    ├── CompositeError            one or more engines failed in one call (elist, results)
      │    ├── RemoteError               one engine raised (type, value, traceback; engine_id, item)
-     │    │    └── RemoteTraceback      the same, its message the remote traceback (executor tasks)
+     │    │    └── RemoteTraceback      the same, its message showing the remote traceback
      │    ├── EngineError               an engine died or could not be reached (engine_id)
      │    │    ├── RefusedError         a data message did not check: refused unread
      │    │    ├── RestartError         the restart of more than one engine failed (errors)
@@ -181,8 +181,9 @@ _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 class RemoteTraceback(RemoteError):
     """A ``RemoteError`` whose message includes the remote traceback as plain text.
 
-    What the standard interfaces (``mec.executor()``, and so joblib) chain a task's rebuilt
-    exception to, or raise when it cannot be rebuilt: a traceback printed outside IPython then
+    What the standard interfaces (``mec.executor()``, and so joblib) and
+    ``CompositeError.raise_exception`` chain a rebuilt exception to, or raise when it cannot be
+    rebuilt: a traceback printed outside IPython then
     shows where on the engine it was raised, as a process pool's remote traceback does (a plain
     ``RemoteError`` prints one line; IPython renders its ``_render_traceback_``)."""
 
@@ -387,12 +388,16 @@ class CompositeError(MultiEngineError):
         print("\n".join(self._tracebacks(excid)))
 
     def raise_exception(self, excid: int = 0) -> None:
-        """Re-raise exception ``excid`` as its original type when it can be rebuilt locally."""
+        """Re-raise exception ``excid`` as its original type when it can be rebuilt locally,
+        chained to a ``RemoteTraceback`` (a printed traceback, also in a script, shows where the
+        engine raised); otherwise that ``RemoteTraceback`` itself (a ``RemoteError``)."""
         err = self._pick(excid)
         if isinstance(err, RemoteError):
-            original = err.original()
+            remote = RemoteTraceback.of(err)
+            original = remote.original()
             if original is not None:
-                raise original from err
+                raise original from remote
+            raise remote
         raise err
 
     def _render_traceback_(self) -> list[str]:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import serialize, stdin
+from .controller import INTERRUPT_ACK
 from .errors import EngineError, RemoteError, RemoteTraceback, TimeoutError
 from .targets import resolve as resolve_targets
 
@@ -42,13 +43,15 @@ __all__ = ["EngineExecutor"]
 
 
 class _Task:
-    __slots__ = ("eid", "frames", "future", "ran_on")
+    __slots__ = ("eid", "frames", "future", "interrupted", "ran_on", "request")
 
     def __init__(self, frames: list[Any], eid: int | None) -> None:
         self.future: cf.Future = cf.Future()
         self.frames: list[Any] | None = frames
         self.eid = eid  # the engine it is pinned to (balanced=False), else None
         self.ran_on: int | None = None
+        self.request: cf.Future | None = None  # the controller's request, once sent
+        self.interrupted = False  # ``interrupt()`` asked its engine to interrupt it
 
 
 def _dumps_call(f: Callable, args: tuple, kwargs: dict) -> list[Any]:
@@ -82,6 +85,16 @@ def _local_error(exc: BaseException) -> BaseException:
             original.__cause__ = exc
             return original
     return exc
+
+
+#: how an interrupted task's request ends: interrupted running, or skipped before it began
+_STOPPED = ("KeyboardInterrupt", "Aborted")
+
+
+def _log_failure(fut: cf.Future) -> None:
+    """(I/O thread) An interrupt that nobody waits for failed: say so."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("executor: interrupting its tasks failed: %r", fut.exception())
 
 
 def _settle(failed: list[tuple[cf.Future, BaseException]]) -> None:
@@ -138,6 +151,11 @@ class EngineExecutor(cf.Executor):
         """How many of this executor's tasks are queued or running."""
         with self._lock:
             return len(self._pending)
+
+    @property
+    def is_shutdown(self) -> bool:
+        """Whether ``shutdown()`` was called (``submit`` then raises ``RuntimeError``)."""
+        return self._shutdown
 
     def __repr__(self) -> str:
         kind = "balanced" if self.balanced else "round-robin"
@@ -225,12 +243,46 @@ class EngineExecutor(cf.Executor):
             for fut in fs:
                 fut.cancel()
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """No more tasks; ``cancel_futures`` cancels the queued ones; ``wait`` waits for the rest
-        and their done-callbacks (Ctrl-C stops the wait, the tasks keep running). From a
-        done-callback of this executor (its completion thread) ``wait=True`` raises
-        ``RuntimeError`` once shut down, as the standard library's pools do: that thread would
-        wait for itself."""
+    def interrupt(self, timeout: float | None = None) -> list[cf.Future]:
+        """Interrupt this executor's running tasks on their engines, and only them: what else
+        the engines run or have queued (another executor's tasks, the client's other calls,
+        another client's) goes on. Each such task's ``Future`` raises ``CancelledError`` (its
+        cause the engine's KeyboardInterrupt), unless it finished first; queued tasks are left
+        queued (``shutdown(cancel_futures=True, interrupt=True)`` drops them too).
+
+        Waits for the engines to acknowledge (``timeout`` s at most, default about a second):
+        returns the futures of the tasks left running (their engine did not answer, or its
+        helper, of an older version, cannot interrupt by name: a task not begun there is
+        skipped all the same)."""
+        tasks, asked = self._interrupt_running(timeout)
+        # the controller answers by its own deadline: this bound is for a stalled I/O thread
+        if not stdin.wait([asked], timeout=(INTERRUPT_ACK if timeout is None else timeout) + 5):
+            asked.cancel()
+            return [t.future for t in tasks if not t.future.done()]
+        mine = {id(t.request): t.future for t in tasks}
+        return [mine[id(f)] for fs in asked.result().values() for f in fs if id(f) in mine]
+
+    def _interrupt_running(self, timeout: float | None = None) -> tuple[list[_Task], cf.Future]:
+        """Ask the engines to interrupt the tasks in flight now; (those tasks, the controller's
+        Future of what it could not interrupt). Does not wait."""
+        with self._lock:
+            tasks = [t for t in self._inflight.values() if t is not None and t.request is not None]
+            for task in tasks:
+                task.interrupted = True
+        requests = [t.request for t in tasks if t.request is not None]
+        if timeout is None:
+            return tasks, self._controller.interrupt_requests(requests)
+        return tasks, self._controller.interrupt_requests(requests, timeout)
+
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, interrupt: bool = False
+    ) -> None:
+        """No more tasks; ``cancel_futures`` cancels the queued ones; ``interrupt`` interrupts
+        the running ones on their engines (``interrupt()``: only this executor's tasks, their
+        ``Future`` raising ``CancelledError``); ``wait`` waits for the rest and their
+        done-callbacks (Ctrl-C stops the wait, the tasks keep running). From a done-callback of
+        this executor (its completion thread) ``wait=True`` raises ``RuntimeError`` once shut
+        down, as the standard library's pools do: that thread would wait for itself."""
         with self._lock:
             self._shutdown = True
             dropped: list[cf.Future] = []
@@ -241,6 +293,9 @@ class EngineExecutor(cf.Executor):
             left = list(self._pending)
         for fut in dropped:  # outside the lock: their done-callbacks run here
             fut.cancel()
+        if interrupt:
+            _tasks, asked = self._interrupt_running()  # its answer is not waited for
+            asked.add_done_callback(_log_failure)
         if wait and getattr(self._on_worker, "active", False):
             if any(not f.done() for f in left):
                 raise RuntimeError(
@@ -297,6 +352,7 @@ class EngineExecutor(cf.Executor):
                 self._dead.add(eid)
             failed.append((task.future, exc))
             return False
+        task.request = fut
         self._inflight[eid] = task
         if self._worker is None:
             self._worker = threading.Thread(
@@ -350,7 +406,9 @@ class EngineExecutor(cf.Executor):
                 if not task.future.done():
                     task.future.set_exception(exc)
             # while waiting for the next completion, hold nothing of this one: its Future
-            # (and so its result) is the caller's to drop
+            # (and so its result) is the caller's to drop (the request, whose done-callback
+            # holds the task, would make a cycle keeping the reply until a collection)
+            task.request = None
             del task, fut
             failed: list[tuple[cf.Future, BaseException]] = []
             with self._lock:
@@ -385,4 +443,10 @@ class EngineExecutor(cf.Executor):
                 self._dead.add(eid)
         if isinstance(exc, (RemoteError, EngineError)) and exc.engine_id is None:
             exc = exc.for_engine(eid)
+        if task.interrupted and isinstance(exc, RemoteError) and exc.ename in _STOPPED:
+            # what ``interrupt()`` asked for: this task is cancelled, not failed
+            stopped = cf.CancelledError(f"interrupted on engine {eid} (executor interrupt)")
+            stopped.__cause__ = RemoteTraceback.of(exc)
+            task.future.set_exception(stopped)
+            return
         task.future.set_exception(_local_error(exc))

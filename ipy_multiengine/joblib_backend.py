@@ -15,11 +15,18 @@ sequentially in their engine (an engine is one worker; they would oversubscribe 
 joblib shares one backend between the ``Parallel`` calls of a ``parallel_config`` block, and a
 ``return_as="generator"`` call may still be running when the next call starts. So each call
 has an executor of its own: a later call never cancels an earlier one's batches (as with
-loky's shared pool), and an earlier call's abort (its generator dropped) cancels only its own.
+loky's shared pool), and a call's abort (an error, ``Parallel(timeout=)``, Ctrl-C, its
+generator dropped) stops only its own: its queued batches are dropped and its running ones
+interrupted on their engines (as loky kills its workers), whatever else the engines run goes
+on. Only a call's own abort (or its ``Parallel`` called again) shuts its executor down: the
+end of another call (``terminate``, which joblib calls naming no call) only forgets the
+executors of calls that have ended, so it cannot pull one from under a running call.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import threading
 import weakref
 from typing import Any
 
@@ -56,6 +63,8 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
             weakref.WeakKeyDictionary()
         )
         self._used: int | None = None  # engines per call, from the last configure
+        #: guards ``_executors`` (callback threads submit while the caller's thread ends calls)
+        self._lock = threading.Lock()
 
     def _client(self) -> Any:
         if self.client is not None:
@@ -79,17 +88,23 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
         targets = client.targets if self.targets is None else self.targets
         return list(resolve_targets(targets, client.controller.ids, client.groups))
 
-    def _executor_for(self, parallel: Any) -> EngineExecutor:
-        """The executor of the ``Parallel`` call ``parallel`` (made when it has none)."""
-        executor = self._executors.get(parallel) if parallel is not None else None
-        if executor is None:
+    def _executor_for(self, parallel: Any) -> EngineExecutor | None:
+        """The executor of the ``Parallel`` call ``parallel`` (made when it has none, or has a
+        shut down one), or None while it aborts: an aborting call gets no new executor (a batch
+        dispatched as its abort shut its executor down would run on)."""
+        with self._lock:
+            executor = self._executors.get(parallel) if parallel is not None else None
+            if executor is not None and not executor.is_shutdown:
+                return executor
+            if _aborting(parallel):
+                return None
             eids = self._engines()
             executor = EngineExecutor(
                 self._client(), balanced=self.balanced, targets=eids[: self._used or len(eids)]
             )
             if parallel is not None:
                 self._executors[parallel] = executor
-        return executor
+            return executor
 
     def _engines_for(self, n_jobs: int | None) -> int:
         """How many engines run batches: every target engine (``n_jobs=-1`` or None), all but
@@ -121,7 +136,8 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
         self.parallel = parallel
         # n_jobs below the engines' number: only that many engines run batches at once
         self._used = self._engines_for(n_jobs)
-        old = self._executors.pop(parallel, None) if parallel is not None else None
+        with self._lock:
+            old = self._executors.pop(parallel, None) if parallel is not None else None
         if old is not None:  # this same Parallel called again: its earlier call is over
             old.shutdown(wait=False, cancel_futures=True)
         self._executor_for(parallel)
@@ -132,36 +148,64 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
         completion thread (never on the client's I/O thread). The batch goes to the executor
         of the call it belongs to (joblib's callback names it)."""
         owner = getattr(callback, "parallel", None) or getattr(self, "parallel", None)
-        future = self._executor_for(owner).submit(func)
+        future = self._submit(owner, func)
         if callback is not None:
             future.add_done_callback(callback)
         return future
+
+    def _submit(self, owner: Any, func: Any) -> cf.Future:
+        """``func`` on ``owner``'s executor; a cancelled future (never run) once it aborts."""
+        while (executor := self._executor_for(owner)) is not None:
+            try:
+                return executor.submit(func)
+            except RuntimeError:
+                if not executor.is_shutdown:
+                    raise
+                # shut down between the lookup and the submit: by its own call's abort (then
+                # no executor is made again), else the next one is made fresh
+        dropped: cf.Future = cf.Future()
+        dropped.cancel()
+        return dropped
 
     def retrieve_result_callback(self, out: Any) -> Any:
         return out.result()
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
-        """Cancel the batches not sent yet of the aborting call (running ones finish on their
-        engines); other calls' batches go on. A later batch of it gets a new executor."""
+        """Stop the aborting call: its batches not sent yet are cancelled, its running ones
+        interrupted on their engines (only those: other calls' batches, and whatever else the
+        engines run or have queued, go on). It dispatches no more batches (``_submit``)."""
         # joblib has no argument naming the aborting call: Parallel._abort sets its
         # ``_aborting`` flag just before calling this
-        aborting = [p for p in list(self._executors) if getattr(p, "_aborting", False)]
-        for parallel in aborting or [getattr(self, "parallel", None)]:
-            executor = self._executors.pop(parallel, None)
+        with self._lock:
+            aborting = [p for p in list(self._executors) if _aborting(p)]
+            stopped = [
+                self._executors.pop(p, None)
+                for p in aborting or [getattr(self, "parallel", None)]
+                if p is not None
+            ]
+        for executor in stopped:  # outside the lock: cancelling runs joblib's callbacks
             if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
+                executor.shutdown(wait=False, cancel_futures=True, interrupt=True)
 
     def terminate(self) -> None:
-        """A call is over: shut down the executors with nothing pending (nothing is cancelled:
-        a call still running, e.g. an unconsumed generator, keeps its executor)."""
-        for parallel, executor in list(self._executors.items()):
-            if not executor.pending:
-                self._executors.pop(parallel, None)
-                executor.shutdown(wait=False)
+        """A call is over (joblib does not say which): forget the executors of the calls that
+        have ended (not running, nothing pending). Nothing is shut down here: an executor with
+        nothing pending holds no thread, and one found by a call between its lookup and its
+        submit stays usable, whichever call ends meanwhile."""
+        with self._lock:
+            for parallel, executor in list(self._executors.items()):
+                if not getattr(parallel, "_running", False) and not executor.pending:
+                    self._executors.pop(parallel, None)
 
     def get_nested_backend(self) -> tuple[Any, int | None]:
         level = (self.nesting_level or 0) + 1
         return SequentialBackend(nesting_level=level), None
+
+
+def _aborting(parallel: Any) -> bool:
+    """Whether the ``Parallel`` call ``parallel`` is aborting (joblib's flag, set before it
+    calls ``abort_everything`` and reset when the ``Parallel`` is called again)."""
+    return bool(getattr(parallel, "_aborting", False))
 
 
 def register(client: Any = None, name: str = NAME, make_default: bool = False) -> None:

@@ -555,3 +555,49 @@ def test_a_control_request_that_cannot_be_sent_to_one_engine_does_not_skip_the_o
         with pytest.raises(CompositeError):
             pr.get_result(timeout=20)
         assert mec.apply(lambda: 1) == [1, 1]
+
+
+def test_interrupt_requests_interrupts_exactly_the_requests_it_names(mec, tmp_path):
+    """``interrupt_requests`` (what an executor's ``interrupt()`` uses): on engine 0 the named
+    running request is interrupted, the named queued one ends before it runs, the unnamed one
+    between them runs; on engine 1, whose helper plays an older version (no interrupt by name),
+    the named queued one is skipped and the running one left running (and reported so)."""
+    from ipy_multiengine import _loop
+
+    controller = mec.controller
+    go = tmp_path / "go"
+    wait_code = (
+        "import os, time, pathlib\npathlib.Path({started!r}).touch()\n"
+        f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.01)\n'released'"
+    )
+
+    async def play_older(eid: int) -> None:
+        controller._engines[eid].engine_info.pop("interrupt_named", None)
+
+    async def restore(eid: int) -> None:
+        controller._engines[eid].engine_info["interrupt_named"] = True
+
+    _loop.run(play_older(1), timeout=10)
+    try:
+        run0, run1 = (
+            controller.submit_execute([e], wait_code.format(started=str(tmp_path / f"r{e}")))[0]
+            for e in (0, 1)
+        )
+        (other0,) = controller.submit_execute([0], "'not named: runs'")
+        (named0,) = controller.submit_execute([0], f"open({str(tmp_path / 'q0')!r}, 'w')")
+        (named1,) = controller.submit_execute([1], f"open({str(tmp_path / 'q1')!r}, 'w')")
+        for e in (0, 1):
+            wait_for((tmp_path / f"r{e}").exists, 30, f"the request running on engine {e}")
+        left = controller.interrupt_requests([run0, named0, run1, named1]).result(timeout=10)
+        assert left == {1: [run1]}  # the older helper could only skip what had not begun
+        assert "KeyboardInterrupt" in repr(run0.exception(timeout=10))
+        assert other0.result(timeout=10)["status"] == "ok"  # (before: not run, or interrupted)
+        assert "KeyboardInterrupt" in repr(named0.exception(timeout=10))
+        assert not run1.done()
+        go.touch()
+        assert run1.result(timeout=10)["status"] == "ok"
+        assert "Aborted" in repr(named1.exception(timeout=10))
+        assert not (tmp_path / "q0").exists() and not (tmp_path / "q1").exists()
+    finally:
+        go.touch()
+        _loop.run(restore(1), timeout=10)

@@ -232,3 +232,29 @@ def test_composite_error_collapse_is_a_constructor_argument_and_pickles():
     back = _roundtrip(shown)
     assert back.collapse is True
     assert "[0-2:execute]: " in back._render_traceback_()
+
+
+def test_raise_exception_prints_where_the_engine_raised(mec):
+    """``CompositeError.raise_exception()`` printed outside IPython (a script) showed the remote
+    type and message only, no frame of the engine's: the original is chained to a
+    ``RemoteTraceback`` now, and one that cannot be rebuilt is raised as that."""
+    import traceback
+
+    mec.execute(
+        "def inner_boom():\n    return 1 / 0\n\ndef outer_boom():\n    return inner_boom()\n\n"
+        "class Unrebuilt(Exception): pass\n\ndef weird_boom():\n    raise Unrebuilt('w')",
+        targets=0,
+    )
+    for code, kind, frames in (
+        ("outer_boom()", ZeroDivisionError, ("outer_boom", "inner_boom")),
+        ("weird_boom()", errors.RemoteTraceback, ("weird_boom",)),
+    ):
+        with pytest.raises(CompositeError) as info:
+            mec.execute(code, targets=0)
+        with pytest.raises(kind) as raised:
+            info.value.raise_exception()
+        text = "".join(traceback.format_exception(raised.value))
+        assert all(name in text for name in frames), text
+        assert "\x1b[" not in text, "ANSI colours in a plain traceback"
+        remote = raised.value if kind is errors.RemoteTraceback else raised.value.__cause__
+        assert isinstance(remote, RemoteError) and remote.engine_id == 0

@@ -268,6 +268,24 @@ def test_a_dropped_result_is_freed_while_other_tasks_run(mec, tmp_path):
         assert running.result(timeout=20) > 0
 
 
+def test_a_dropped_result_is_freed_without_a_garbage_collection(mec):
+    """A task's request (kept to interrupt it) held the task through its done-callback: a cycle,
+    so a dropped result stayed until the next garbage collection (50 MB measured)."""
+    import gc
+    import weakref
+
+    with mec.executor(targets=[0]) as ex:
+        ex.submit(abs, 1).result(timeout=20)
+        gc.disable()
+        try:
+            fut = ex.submit(payload, 1000)
+            ref = weakref.ref(fut.result(timeout=20))
+            del fut
+            wait_for(lambda: ref() is None, 10, "the result freed with no collection")
+        finally:
+            gc.enable()
+
+
 def test_futures_are_resolved_with_no_executor_lock_held(mec, tmp_path):
     # joblib's shape: its callback takes its own lock L, while its main thread holds L and
     # calls the executor. A future cancelled (or failed) with the executor's lock held would
@@ -463,3 +481,57 @@ def test_round_robin_skips_an_engine_that_died_idle():
         wait_for(lambda: mec.controller.dead(1), 20, "engine 1 seen dead")
         assert [f.result(timeout=20) for f in [ex.submit(pid) for _ in range(3)]] == [p0] * 3
         ex.shutdown()
+
+
+def start_and_wait(started: str, go: str, limit: float = 60.0) -> str:
+    """Runs on an engine: note that it began (``started``), then poll for ``go``."""
+    import os
+    import time
+
+    open(started, "w").close()
+    end = time.monotonic() + limit
+    while not os.path.exists(go) and time.monotonic() < end:
+        time.sleep(0.01)
+    return go
+
+
+def test_interrupt_stops_only_this_executors_running_tasks(cluster, mec, tmp_path):
+    """``shutdown(cancel_futures=True)`` left the running tasks running on their engines (what
+    waits behind them waited until they ended). ``interrupt=True`` interrupts exactly them: on
+    engine 1 ours runs and another executor's task waits behind it; on engine 0 another
+    client's task runs and ours waits behind it. Ours end at once (CancelledError; the one not
+    begun never runs), the others are not touched."""
+    from ipy_multiengine import MultiEngineClient
+
+    go, never = str(tmp_path / "go"), str(tmp_path / "never")
+    other = MultiEngineClient(cluster.cluster_file)
+    theirs_0, theirs_1 = other.executor(targets=[0]), mec.executor(targets=[1])
+    ours = mec.executor(targets=[0, 1], balanced=False)  # round robin: engine 0, 1, 0
+    try:
+        b0 = theirs_0.submit(start_and_wait, str(tmp_path / "b0"), go)
+        wait_for((tmp_path / "b0").exists, 30, "the other task running on engine 0")
+        a0 = ours.submit(start_and_wait, str(tmp_path / "a0"), never)  # behind b0
+        a1 = ours.submit(start_and_wait, str(tmp_path / "a1"), never)
+        a_queued = ours.submit(start_and_wait, str(tmp_path / "a2"), never)  # in the executor
+        wait_for((tmp_path / "a1").exists, 30, "our task running on engine 1")
+        b1 = theirs_1.submit(start_and_wait, str(tmp_path / "b1"), go)  # behind a1
+        assert ours.interrupt(timeout=10) == []  # every engine acknowledged
+        with pytest.raises(cf.CancelledError, match="interrupted on engine 1"):
+            a1.result(timeout=10)  # (before the fix: still running, until `never` timed out)
+        assert not a_queued.done()  # pinned to engine 0: left queued by interrupt() alone
+        ours.shutdown(wait=False, cancel_futures=True, interrupt=True)
+        assert a_queued.cancelled()
+        wait_for((tmp_path / "b1").exists, 30, "the other task behind ours on engine 1")
+        assert not b0.done() and not b1.done()  # theirs were not interrupted
+        open(go, "w").close()
+        assert b0.result(timeout=30) == go and b1.result(timeout=30) == go
+        with pytest.raises(cf.CancelledError):
+            a0.result(timeout=30)  # began after b0 ended: interrupted before it ran
+        assert not (tmp_path / "a0").exists() and not (tmp_path / "a2").exists()
+        assert mec.apply(pid, targets=[0, 1]) is not None  # the engines are usable
+    finally:
+        open(go, "w").close()
+        open(never, "w").close()
+        for ex in (ours, theirs_0, theirs_1):
+            ex.shutdown(wait=True)
+        other.close()

@@ -15,6 +15,7 @@ from faultlib import reset_engines
 joblib = pytest.importorskip("joblib")
 pytest.importorskip("sklearn")
 
+from joblib.parallel import TimeoutError as JoblibTimeout  # noqa: E402  (multiprocessing's)
 from sklearn.datasets import load_iris  # noqa: E402
 from sklearn.model_selection import GridSearchCV, cross_val_score  # noqa: E402
 from sklearn.tree import DecisionTreeClassifier  # noqa: E402
@@ -274,3 +275,145 @@ def test_an_unconsumed_generator_and_a_later_call_share_one_parallel_config(
         gc.collect()
         open(second_go, "w").close()
         assert list(second) == [second_go] * 6
+
+
+def start_and_wait(started: str, go: str, limit: float = 30.0) -> str:
+    """Runs on an engine: note that it began (``started``), then poll for ``go``."""
+    import os
+    import time
+
+    open(started, "w").close()
+    end = time.monotonic() + limit
+    while not os.path.exists(go) and time.monotonic() < end:
+        time.sleep(0.01)
+    return go
+
+
+def test_a_timed_out_call_stops_its_running_batches(mec, engine_pids, tmp_path):
+    """``Parallel(timeout=1)`` over long tasks raised after 1 s, but its running batches went on
+    on the engines, so the next call waited behind them (4.16 s measured for 5 s tasks). They
+    are interrupted now: the next call runs at once."""
+    import time
+
+    never = str(tmp_path / "never")
+    try:
+        with joblib.parallel_config(backend="ipy_multiengine", n_jobs=-1):
+            with pytest.raises(JoblibTimeout):
+                joblib.Parallel(timeout=1, batch_size=1)(
+                    joblib.delayed(start_and_wait)(str(tmp_path / f"a{i}"), never) for i in range(8)
+                )
+            began = time.monotonic()
+            pids = joblib.Parallel(batch_size=1)(joblib.delayed(pid)(i) for i in range(8))
+            took = time.monotonic() - began
+        assert set(pids) <= engine_pids
+        # before: the next call waited for the 30 s tasks it queued behind
+        assert took < 10, f"the next call took {took:.1f} s"
+        assert len(list(tmp_path.glob("a*"))) <= 4  # those queued in the executor never ran
+    finally:
+        open(never, "w").close()
+
+
+def test_an_abort_interrupts_no_other_calls_or_clients_work(cluster, mec, engine_pids, tmp_path):
+    """Call A aborts (its timeout) while call B's batches wait behind A's on every engine, and
+    another client's task runs on engine 0 with A's batch waiting behind it. A's running batches
+    are interrupted, so B's begin at once; B's and the other client's are not interrupted, and
+    A's batch behind the other client's task never runs."""
+    from faultlib import wait_for
+
+    from ipy_multiengine import MultiEngineClient
+
+    go, never = str(tmp_path / "go"), str(tmp_path / "never")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    other = MultiEngineClient(cluster.cluster_file)
+    keep_ex = other.executor(targets=[0])
+    try:
+        keep = keep_ex.submit(start_and_wait, str(tmp_path / "keep"), go)
+        wait_for((tmp_path / "keep").exists, 30, "the other client's task on engine 0")
+        with joblib.parallel_config(backend="ipy_multiengine", n_jobs=-1):
+            a = joblib.Parallel(return_as="generator", timeout=1, batch_size=1)(
+                joblib.delayed(start_and_wait)(str(tmp_path / "a" / str(i)), never)
+                for i in range(4)
+            )
+            wait_for(lambda: len(list((tmp_path / "a").iterdir())) == 3, 30, "A on engines 1-3")
+            b = joblib.Parallel(return_as="generator", batch_size=1)(
+                joblib.delayed(start_and_wait)(str(tmp_path / "b" / str(i)), go) for i in range(4)
+            )
+            with pytest.raises(JoblibTimeout):
+                list(a)
+            # B's batches behind A's begin as A's are interrupted (before: when `never` timed
+            # out, 30 s later)
+            wait_for(lambda: len(list((tmp_path / "b").iterdir())) == 3, 10, "B on engines 1-3")
+            assert not keep.done()
+            open(go, "w").close()
+            assert list(b) == [go] * 4  # none of B's was interrupted
+        assert keep.result(timeout=30) == go  # nor the other client's
+        assert len(list((tmp_path / "a").iterdir())) == 3  # A's batch behind it never ran
+    finally:
+        open(go, "w").close()
+        open(never, "w").close()
+        keep_ex.shutdown(wait=True)
+        other.close()
+
+
+class _Call:
+    """Stands for a ``Parallel`` call as the backend sees it: joblib's ``_running`` (set before
+    ``configure``, cleared as the call ends, before its ``terminate``) and ``_aborting``."""
+
+    def __init__(self, running: bool = True) -> None:
+        self._running = running
+        self._aborting = False
+
+
+class _Callback:
+    """joblib's batch callback as the backend sees it: it names its call."""
+
+    def __init__(self, parallel: _Call) -> None:
+        self.parallel = parallel
+        self.called: list = []
+
+    def __call__(self, future) -> None:
+        self.called.append(future)
+
+
+def touch_file(path: str) -> str:
+    open(path, "w").close()
+    return path
+
+
+def test_another_calls_end_never_pulls_the_executor_from_under_a_call(mec, tmp_path):
+    """joblib's ``terminate()`` names no call: the end of call A shut down every executor with
+    nothing pending, so call B, configured but not submitted yet (or between the lookup of its
+    executor and its submit), met a shut-down executor: ``RuntimeError``, raised in a callback
+    thread where it is lost, and B hung. Now an end only forgets the executors of calls that
+    have ended, never shuts one down; a submit that meets a shut-down executor anyway gets a
+    fresh one, unless its call aborts (then its batch is cancelled, never run)."""
+    from ipy_multiengine.joblib_backend import EngineBackend
+
+    backend = EngineBackend(client=mec)
+    b, ended = _Call(), _Call()
+    backend.configure(n_jobs=-1, parallel=ended)
+    ended._running = False
+    backend.configure(n_jobs=-1, parallel=b)
+    executor = backend._executors[b]
+    backend.terminate()  # call A ends: B is running, with nothing pending yet
+    assert not executor.is_shutdown
+    assert ended not in backend._executors and b in backend._executors  # an ended one forgotten
+    done = _Callback(b)
+    assert backend.submit(pid, callback=done).result(timeout=30) in set(mec.apply(pid))
+    assert len(done.called) == 1
+
+    executor.shutdown(wait=False)  # met shut down all the same: recovers with a fresh one
+    assert backend.submit(pid, callback=_Callback(b)).result(timeout=30) in set(mec.apply(pid))
+    assert backend._executors[b] is not executor
+
+    b._aborting = True  # B aborts (joblib sets the flag, then calls abort_everything)
+    backend.abort_everything()
+    assert b not in backend._executors
+    late = _Callback(b)
+    path = tmp_path / "late"
+    fut = backend.submit(lambda: touch_file(str(path)), callback=late)  # dispatched meanwhile
+    assert fut.cancelled() and late.called == [fut]  # joblib's callback ignores it (aborting)
+    assert b not in backend._executors  # no new executor for an aborting call
+    mec.apply(pid)  # (anything sent would have run by now: each engine runs in order)
+    assert not path.exists()
