@@ -59,6 +59,8 @@ FAST_LOST_GRACE = 2.0
 INTERRUPT_ACK = 1.0
 #: Operations that are the controller's own bookkeeping, never owed an interrupt.
 _NOT_INTERRUPTED = ("open", "ping")
+#: Messages a channel may still deliver, read at once, when its engine dies or is restarted.
+DRAIN_LIMIT = 1000
 #: Seconds between liveness polls of engines.
 POLL_INTERVAL = 0.5
 #: Default heartbeat period (s) for engines without a local process to poll: an engine that
@@ -330,6 +332,7 @@ class EngineConn:
         #: requests held back to keep this engine's order across the shell and the fast socket
         self.held: collections.deque[tuple[dict, Request, list]] = collections.deque()
         self.releasing = False
+        self.draining = False  # ``Controller._drain`` runs (it dispatches: never re-entered)
         self.rtt = 0.0  # seconds of a kernel_info round trip while connecting
         self.probe: Request | None = None  # a ping sent behind an unanswered fast operation
         #: messages of ours the engine's fast socket left unanswered for failing their signature
@@ -557,6 +560,7 @@ class Controller:
         conn = self._engines.get(eid)
         if conn is None:
             return
+        self._drain(conn)  # what it sent before, to its requests (a restart kills it next)
         conn.ready = False
         if not conn.dead:
             conn.state = state
@@ -1264,6 +1268,7 @@ class Controller:
         conn.state = "dead"
         conn.ready = False
         log.warning("engine %s %s", conn.eid, reason)
+        self._drain(conn)  # its last words, still unread, go to their requests first
         self._fail_all(conn, reason)
         self._publish(conn)
         if notify_later:
@@ -1284,6 +1289,36 @@ class Controller:
                 self.on_dead(conn.eid, conn.dead)
             except Exception:
                 log.exception("on_dead callback failed")
+
+    def _drain(self, conn: EngineConn) -> None:
+        """(loop) Route what ``conn``'s sockets hold unread (IOPub output, shell replies, fast
+        replies) before its requests fail: an engine's last words before it died (or was
+        restarted) had reached this process, but its death was noticed first. Non-blocking
+        reads, at most DRAIN_LIMIT messages a channel: never holds the loop."""
+        if conn.draining:
+            return
+        conn.draining = True
+        try:
+            for channel in ("iopub", "shell"):
+                sock = conn.sockets.get(channel)
+                if sock is None:
+                    continue
+                plain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+                for _ in range(DRAIN_LIMIT):
+                    try:
+                        frames = plain.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.ZMQError:  # empty (Again) or closed
+                        break
+                    self._on_frames(conn, channel, frames)
+                    frames = None  # type: ignore[assignment]  # (issue 11 item 11)
+                # reading EVENTS through the asyncio socket wakes its reader if we left some
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.get(zmq.EVENTS)
+            self._drain_fast(conn)
+        except Exception as exc:  # never lost: logged; the requests fail with the death below
+            log.error("engine %s: reading its last messages failed", conn.eid, exc_info=exc)
+        finally:
+            conn.draining = False
 
     def _fail_all(self, conn: EngineConn, reason: str) -> None:
         for _msg, req, _buffers in conn.held:  # failed below with the others, never sent now

@@ -555,3 +555,63 @@ def test_a_control_request_that_cannot_be_sent_to_one_engine_does_not_skip_the_o
         with pytest.raises(CompositeError):
             pr.get_result(timeout=20)
         assert mec.apply(lambda: 1) == [1, 1]
+
+
+# --------------------------------------------------------------------------- death, drained
+def test_an_engines_unread_last_words_reach_the_error_of_its_death(tmp_path):
+    """An engine printed and died; its output was in this process's IOPub socket when the
+    liveness poll noticed the death, before the reader had read it: the EngineError's result
+    missed it (the request failed first). Now the death reads what the sockets hold first."""
+    from faultlib import unread_last_words
+
+    from ipy_multiengine.errors import EngineError
+
+    with small_cluster(1) as (cluster, mec):
+        with (
+            unread_last_words(cluster, mec, 0, tmp_path) as state,
+            pytest.raises(CompositeError) as info,
+        ):
+            mec.execute(state["code"], timeout=30)
+        assert state.get("arrived"), "the last words never reached the controller's socket"
+        [err] = info.value.elist
+        assert isinstance(err, EngineError) and "killed by signal SIGKILL" in str(err), repr(err)
+        assert err.engine_id == 0 and err.result["stdout"] == "first\nlast words\n", err.result
+        assert info.value.results[0]["stdout"] == "first\nlast words\n"
+
+
+def test_output_unread_when_a_restart_begins_reaches_the_failed_request(tmp_path):
+    """A restart fails the requests in flight (``begin_restart``): output the engine had sent,
+    in this process's IOPub socket but not read yet, was dropped with them. Now it is read
+    first. White-box: the restart begins on the I/O thread while it blocks the reader."""
+    import zmq
+
+    from ipy_multiengine.errors import EngineError
+
+    go = tmp_path / "go"
+    code = (
+        "import os, time\nprint('first', flush=True)\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        "print('last words', flush=True)\ntime.sleep(60)\n"
+    )
+    with small_cluster(1) as (_cluster, mec):
+        first = threading.Event()
+        pr = mec.execute(code, block=False, listener=lambda e, t, c: first.set())
+        assert first.wait(30), "the cell's first line never came"
+        ctl = mec.controller
+        arrived = []
+
+        async def restart_with_output_unread() -> None:
+            go.touch()  # nothing else comes before the last words: the reader has all but them
+            sock = zmq.Socket.shadow(ctl._conn(0).sockets["iopub"].underlying)
+            arrived.append(bool(sock.poll(30_000, zmq.POLLIN)))
+            await ctl.begin_restart(0, "was restarted by the test")
+
+        _loop.run(restart_with_output_unread(), timeout=60)
+        assert arrived == [True], "the last words never reached the controller's socket"
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=10)
+        [err] = info.value.elist
+        assert isinstance(err, EngineError) and "was restarted by the test" in str(err)
+        assert err.result["stdout"] == "first\nlast words\n", err.result
+        mec.restart(0, timeout=60)
+        assert mec.apply(lambda: 1) == [1]
