@@ -187,6 +187,9 @@ class Request:
     held: bool = False  # waiting for the other path's earlier requests (see Controller._gate)
     overdue: bool = False  # a later fast request was answered: it fails if no reply comes soon
     heard: float = 0.0  # (monotonic) when its last output arrived
+    #: the engine's execution count for it (its ``execute_input``): the ``In [n]`` of an
+    #: execute whose engine dies before replying
+    number: int | None = None
 
 
 class RequestFuture(Future):
@@ -1527,6 +1530,10 @@ class Controller:
             "clear_output",
         ):
             req.outputs.append({"output_type": mtype, **content})
+        elif mtype == "execute_input":
+            count = content.get("execution_count")
+            req.number = count if isinstance(count, int) else None
+            return
         else:
             return
         if req.listener is not None:
@@ -2454,7 +2461,7 @@ def _death_error(conn: EngineConn, req: Request, reason: str, sent: bool = True)
     )
     result: dict | None = None
     if req.kind == "execute":
-        reply = {"status": "error", **(req.reply or {})}
+        reply = {"status": "error", "execution_count": req.number, **(req.reply or {})}
         result = wire.execute_record(conn.eid, req.code, reply, req.stdout, req.stderr, req.outputs)
     elif req.kind == "comm":
         result = {

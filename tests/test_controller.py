@@ -615,3 +615,27 @@ def test_output_unread_when_a_restart_begins_reaches_the_failed_request(tmp_path
         assert err.result["stdout"] == "first\nlast words\n", err.result
         mec.restart(0, timeout=60)
         assert mec.apply(lambda: 1) == [1]
+
+
+def test_an_engine_that_dies_in_a_cell_keeps_the_cells_in_number(tmp_path):
+    """The record of a cell whose engine died had ``number`` None although the engine had said
+    the cell's execution count (its ``execute_input``), so the traceback said "engine 0", not
+    "engine 0's In [n]". Now the record keeps it."""
+    from ipy_multiengine.errors import EngineError
+
+    with small_cluster(1) as (cluster, mec):
+        n = mec.execute("pass")[0]["number"]
+        first = threading.Event()  # its execute_input came before this, on the same socket
+        pr = mec.execute(
+            "print('first', flush=True); import time; time.sleep(60)",
+            block=False,
+            listener=lambda e, t, c: first.set(),
+        )
+        assert first.wait(30), "the cell's first line never came"
+        os.kill(engine_pid(cluster, 0), signal.SIGKILL)
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=30)
+        [err] = info.value.elist
+        assert isinstance(err, EngineError) and err.result["number"] == n + 1, err.result
+        shown = "\n".join(info.value._render_traceback_())
+        assert f"(the traceback of engine 0's In [{n + 1}])" in shown, shown
