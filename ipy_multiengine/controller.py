@@ -423,6 +423,11 @@ class Controller:
         self.init_code: list[str] = []
         #: called on the loop thread as ``on_dead(eid, reason)`` when an engine is found dead
         self.on_dead: Callable[[int, str], None] | None = None
+        #: called on the loop thread as ``own_output(eid)`` when an engine's process is found
+        #: ended: the end of what the process wrote itself (its log: a C library's message
+        #: before an abort reaches nothing else), labelled, or ""; added to the errors of the
+        #: requests its death fails. Must not block (a bounded read of a local file).
+        self.own_output: Callable[[int], str] | None = None
         self._curve_keys = zmq.curve_keypair() if zmq.has("curve") else None
         self._stall_watch: asyncio.Task | None = None
         self._last_tick = time.monotonic()
@@ -1215,7 +1220,7 @@ class Controller:
                     log.debug("liveness probe for engine %s failed: %s", conn.eid, exc)
                 if reason:
                     try:
-                        self._mark_dead(conn, reason)
+                        self._mark_dead(conn, reason, own_output=self._own_output(conn))
                     except Exception as exc:
                         log.error("engine %s: marking it dead failed", conn.eid, exc_info=exc)
                         self._fail_requests(conn, exc)
@@ -1264,7 +1269,22 @@ class Controller:
                 conn.ready = True
                 self._publish(conn)
 
-    def _mark_dead(self, conn: EngineConn, reason: str, notify_later: bool = False) -> None:
+    def _own_output(self, conn: EngineConn) -> str:
+        """(loop) What the owner's ``own_output`` says of ``conn``'s ended process, or ""."""
+        if self.own_output is None:
+            return ""
+        try:
+            return self.own_output(conn.eid) or ""
+        except Exception as exc:  # the death is reported all the same, without it
+            log.warning("engine %s: reading its own output failed: %s", conn.eid, exc)
+            return ""
+
+    def _mark_dead(
+        self, conn: EngineConn, reason: str, notify_later: bool = False, own_output: str = ""
+    ) -> None:
+        """``conn`` is dead (``reason``, also what calls to it say from now on): what its
+        sockets still hold is read, then its requests fail with ``EngineError``s saying why,
+        followed by ``own_output`` (the end of what its process wrote itself) when given."""
         if conn.dead:
             return
         conn.dead = reason
@@ -1272,7 +1292,7 @@ class Controller:
         conn.ready = False
         log.warning("engine %s %s", conn.eid, reason)
         self._drain(conn)  # its last words, still unread, go to their requests first
-        self._fail_all(conn, reason)
+        self._fail_all(conn, reason, own_output)
         self._publish(conn)
         if notify_later:
             asyncio.get_running_loop().call_soon(self._notify_dead, conn)
@@ -1323,12 +1343,12 @@ class Controller:
         finally:
             conn.draining = False
 
-    def _fail_all(self, conn: EngineConn, reason: str) -> None:
+    def _fail_all(self, conn: EngineConn, reason: str, own_output: str = "") -> None:
         for _msg, req, _buffers in conn.held:  # failed below with the others, never sent now
             req.held = False
         conn.held.clear()
         for req in list(conn.requests.values()):
-            self._finish(conn, req, exc=_death_error(conn, req, reason))
+            self._finish(conn, req, exc=_death_error(conn, req, reason, own_output=own_output))
 
     # ---------------------------------------------------------------- receiving (loop)
     async def _reader(self, conn: EngineConn, channel: str, sock: zmq.asyncio.Socket) -> None:
@@ -2450,10 +2470,13 @@ async def _wait_for(fut: Future, deadline: float, text: str, eid: int) -> Any:
         raise EngineError(text, eid) from None
 
 
-def _death_error(conn: EngineConn, req: Request, reason: str, sent: bool = True) -> EngineError:
+def _death_error(
+    conn: EngineConn, req: Request, reason: str, sent: bool = True, own_output: str = ""
+) -> EngineError:
     """The error of a request that the death of its engine (``reason``) fails, with what the
-    engine had sent for it by then (``result``: the last words of a crash); one never
-    ``sent`` (held back to keep the engine's order) does not claim it was running."""
+    engine had sent for it by then (``result``: the last words of a crash) and, after the
+    message, what its process wrote itself (``own_output``); one never ``sent`` (held back to
+    keep the engine's order) does not claim it was running."""
     what = (
         f" while running {req.code or req.op or req.kind!r}"
         if sent and (req.code or req.op)
@@ -2470,7 +2493,8 @@ def _death_error(conn: EngineConn, req: Request, reason: str, sent: bool = True)
             "stderr": "".join(req.stderr),
             "outputs": req.outputs,
         }
-    return EngineError(f"engine {conn.eid} {reason}{what}", conn.eid, _method(req), result)
+    text = f"engine {conn.eid} {reason}{what}" + (f"\n{own_output}" if own_output else "")
+    return EngineError(text, conn.eid, _method(req), result)
 
 
 def _set_sent(req: Request, tracker: Any) -> None:
