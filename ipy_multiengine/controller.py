@@ -1819,7 +1819,8 @@ class Controller:
                 "the engine, which is usable"
             )
         log.warning(text)
-        self._finish(conn, req, exc=error(text, conn.eid, _method(req)))
+        # what it printed before its reply went missing is kept (as for a death)
+        self._finish(conn, req, exc=error(text, conn.eid, _method(req), _partial_record(conn, req)))
 
     def _idle_overdue(self, conn: EngineConn, req: Request) -> None:
         if conn.requests.get(req.msg_id) is req and not req.idle:
@@ -2482,19 +2483,24 @@ def _death_error(
         if sent and (req.code or req.op)
         else ""
     )
-    result: dict | None = None
+    text = f"engine {conn.eid} {reason}{what}" + (f"\n{own_output}" if own_output else "")
+    return EngineError(text, conn.eid, _method(req), _partial_record(conn, req))
+
+
+def _partial_record(conn: EngineConn, req: Request) -> dict | None:
+    """What the engine had sent for a request that fails without its reply (its engine died,
+    its reply was lost): an execute's result record (status 'error'), an operation's output."""
     if req.kind == "execute":
         reply = {"status": "error", "execution_count": req.number, **(req.reply or {})}
-        result = wire.execute_record(conn.eid, req.code, reply, req.stdout, req.stderr, req.outputs)
-    elif req.kind == "comm":
-        result = {
+        return wire.execute_record(conn.eid, req.code, reply, req.stdout, req.stderr, req.outputs)
+    if req.kind == "comm":
+        return {
             "id": conn.eid,
             "stdout": "".join(req.stdout),
             "stderr": "".join(req.stderr),
             "outputs": req.outputs,
         }
-    text = f"engine {conn.eid} {reason}{what}" + (f"\n{own_output}" if own_output else "")
-    return EngineError(text, conn.eid, _method(req), result)
+    return None
 
 
 def _set_sent(req: Request, tracker: Any) -> None:

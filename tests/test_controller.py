@@ -146,7 +146,7 @@ def test_h05_failing_liveness_handling_fails_the_requests(mec, monkeypatch):
     conn = mec.controller._conn(0)  # white-box: the probe is swapped for the test
     probe = conn.liveness
 
-    def mark_dead(self, conn, reason):
+    def mark_dead(self, conn, reason, **_kw):
         raise RuntimeError("injected failure in _mark_dead")
 
     monkeypatch.setattr(Controller, "_mark_dead", mark_dead)
