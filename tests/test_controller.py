@@ -153,11 +153,18 @@ def test_h05_failing_liveness_handling_fails_the_requests(mec, monkeypatch):
     pr = mec.execute("import time; time.sleep(2)", targets=0, block=False)
     conn.liveness = lambda: "said dead by the test"
     try:
-        with pytest.raises(CompositeError, match="injected failure in _mark_dead"):
+        with pytest.raises(CompositeError, match="injected failure in _mark_dead") as info:
             pr.get_result(timeout=10)
     finally:
         conn.liveness = probe
         monkeypatch.undo()
+    # the real error, traceback included, is the cause of the EngineError that names the
+    # engine (it was replaced by that message alone)
+    cause = info.value.elist[0].__cause__
+    assert isinstance(cause, RuntimeError) and str(cause) == "injected failure in _mark_dead"
+    import traceback
+
+    assert "mark_dead" in [f.name for f in traceback.extract_tb(cause.__traceback__)]
     pr2 = mec.execute("import time; time.sleep(2)", targets=0, block=False)
     time.sleep(0)  # nothing to synchronise: the poller must still run (next line proves it)
     wait_for(lambda: pr2.ready(), 10, "the next request on engine 0")
