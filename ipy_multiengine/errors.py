@@ -405,6 +405,10 @@ class RestartError(EngineError):
     def __init__(self, message: str, errors: Mapping[int, BaseException]) -> None:
         super().__init__(message, next(iter(errors), None), "restart")
         self.errors: dict[int, BaseException] = dict(errors)
+        if self.errors:  # also once unpickled (``raise ... from`` sets it only where raised)
+            self.__cause__ = BaseExceptionGroup(
+                f"the restart of each of engines {list(self.errors)}", list(self.errors.values())
+            )
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return self._reduced(self.args[0], {eid: _carry(e) for eid, e in self.errors.items()})

@@ -294,6 +294,12 @@ def test_restart_error_with_members_that_do_not_pickle_survives_pickling():
     assert "UnpicklableError" not in shown
     again = _roundtrip(back)  # a stand-in pickles itself
     assert again.errors[0].traceback == back.errors[0].traceback
+    # a printed traceback shows every engine's error, also once unpickled (its cause, a group)
+    import traceback
+
+    assert list(back.__cause__.exceptions) == list(back.errors.values())
+    printed = "".join(traceback.format_exception(back))
+    assert "test_errors.TwoArgs: 1 and 2" in printed and "ValueError: plain" in printed
 
 
 def test_restart_error_whose_member_type_is_missing_where_it_is_loaded():
