@@ -604,6 +604,7 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             self.stop()
             raise
         controller.on_dead = self._on_dead
+        controller.own_output = self._own_output
         try:  # a bad configured client value (MultiEngineClient.targets...) stops what started
             self.client = MultiEngineClient.from_controller(controller, self, config=self.config)
         except BaseException:
@@ -612,6 +613,19 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         if self.write_file:
             self._write_cluster_file(path)
         return self.client
+
+    def _own_output(self, eid: int) -> str:
+        """(loop thread, the controller's ``own_output``) The last lines engine ``eid``'s
+        current kernel wrote to its log itself, under a label naming the log, or "": what a
+        process that died wrote to its own stderr (a C library's message before an abort)
+        reached nothing else."""
+        own = getattr(self.launcher, "own_output", None)
+        if own is None or eid not in self.managers:
+            return ""
+        text = own(eid)
+        if not text.strip():
+            return ""
+        return f"--- engine {eid}'s own output (log {self.log_file(eid)}) ---\n{text}"
 
     def _with_output(self, exc: EngineError) -> EngineError:
         """``exc`` with the engine's own stdout/stderr appended (why it never became ready)."""

@@ -59,6 +59,8 @@ FAST_LOST_GRACE = 2.0
 INTERRUPT_ACK = 1.0
 #: Operations that are the controller's own bookkeeping, never owed an interrupt.
 _NOT_INTERRUPTED = ("open", "ping")
+#: Messages a channel may still deliver, read at once, when its engine dies or is restarted.
+DRAIN_LIMIT = 1000
 #: Seconds between liveness polls of engines.
 POLL_INTERVAL = 0.5
 #: Default heartbeat period (s) for engines without a local process to poll: an engine that
@@ -185,6 +187,9 @@ class Request:
     held: bool = False  # waiting for the other path's earlier requests (see Controller._gate)
     overdue: bool = False  # a later fast request was answered: it fails if no reply comes soon
     heard: float = 0.0  # (monotonic) when its last output arrived
+    #: the engine's execution count for it (its ``execute_input``): the ``In [n]`` of an
+    #: execute whose engine dies before replying
+    number: int | None = None
 
 
 class RequestFuture(Future):
@@ -330,6 +335,7 @@ class EngineConn:
         #: requests held back to keep this engine's order across the shell and the fast socket
         self.held: collections.deque[tuple[dict, Request, list]] = collections.deque()
         self.releasing = False
+        self.draining = False  # ``Controller._drain`` runs (it dispatches: never re-entered)
         self.rtt = 0.0  # seconds of a kernel_info round trip while connecting
         self.probe: Request | None = None  # a ping sent behind an unanswered fast operation
         #: messages of ours the engine's fast socket left unanswered for failing their signature
@@ -417,6 +423,11 @@ class Controller:
         self.init_code: list[str] = []
         #: called on the loop thread as ``on_dead(eid, reason)`` when an engine is found dead
         self.on_dead: Callable[[int, str], None] | None = None
+        #: called on the loop thread as ``own_output(eid)`` when an engine's process is found
+        #: ended: the end of what the process wrote itself (its log: a C library's message
+        #: before an abort reaches nothing else), labelled, or ""; added to the errors of the
+        #: requests its death fails. Must not block (a bounded read of a local file).
+        self.own_output: Callable[[int], str] | None = None
         self._curve_keys = zmq.curve_keypair() if zmq.has("curve") else None
         self._stall_watch: asyncio.Task | None = None
         self._last_tick = time.monotonic()
@@ -557,6 +568,7 @@ class Controller:
         conn = self._engines.get(eid)
         if conn is None:
             return
+        self._drain(conn)  # what it sent before, to its requests (a restart kills it next)
         conn.ready = False
         if not conn.dead:
             conn.state = state
@@ -1208,7 +1220,7 @@ class Controller:
                     log.debug("liveness probe for engine %s failed: %s", conn.eid, exc)
                 if reason:
                     try:
-                        self._mark_dead(conn, reason)
+                        self._mark_dead(conn, reason, own_output=self._own_output(conn))
                     except Exception as exc:
                         log.error("engine %s: marking it dead failed", conn.eid, exc_info=exc)
                         self._fail_requests(conn, exc)
@@ -1257,14 +1269,30 @@ class Controller:
                 conn.ready = True
                 self._publish(conn)
 
-    def _mark_dead(self, conn: EngineConn, reason: str, notify_later: bool = False) -> None:
+    def _own_output(self, conn: EngineConn) -> str:
+        """(loop) What the owner's ``own_output`` says of ``conn``'s ended process, or ""."""
+        if self.own_output is None:
+            return ""
+        try:
+            return self.own_output(conn.eid) or ""
+        except Exception as exc:  # the death is reported all the same, without it
+            log.warning("engine %s: reading its own output failed: %s", conn.eid, exc)
+            return ""
+
+    def _mark_dead(
+        self, conn: EngineConn, reason: str, notify_later: bool = False, own_output: str = ""
+    ) -> None:
+        """``conn`` is dead (``reason``, also what calls to it say from now on): what its
+        sockets still hold is read, then its requests fail with ``EngineError``s saying why,
+        followed by ``own_output`` (the end of what its process wrote itself) when given."""
         if conn.dead:
             return
         conn.dead = reason
         conn.state = "dead"
         conn.ready = False
         log.warning("engine %s %s", conn.eid, reason)
-        self._fail_all(conn, reason)
+        self._drain(conn)  # its last words, still unread, go to their requests first
+        self._fail_all(conn, reason, own_output)
         self._publish(conn)
         if notify_later:
             asyncio.get_running_loop().call_soon(self._notify_dead, conn)
@@ -1285,12 +1313,42 @@ class Controller:
             except Exception:
                 log.exception("on_dead callback failed")
 
-    def _fail_all(self, conn: EngineConn, reason: str) -> None:
+    def _drain(self, conn: EngineConn) -> None:
+        """(loop) Route what ``conn``'s sockets hold unread (IOPub output, shell replies, fast
+        replies) before its requests fail: an engine's last words before it died (or was
+        restarted) had reached this process, but its death was noticed first. Non-blocking
+        reads, at most DRAIN_LIMIT messages a channel: never holds the loop."""
+        if conn.draining:
+            return
+        conn.draining = True
+        try:
+            for channel in ("iopub", "shell"):
+                sock = conn.sockets.get(channel)
+                if sock is None:
+                    continue
+                plain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+                for _ in range(DRAIN_LIMIT):
+                    try:
+                        frames = plain.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.ZMQError:  # empty (Again) or closed
+                        break
+                    self._on_frames(conn, channel, frames)
+                    frames = None  # type: ignore[assignment]  # (issue 11 item 11)
+                # reading EVENTS through the asyncio socket wakes its reader if we left some
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.get(zmq.EVENTS)
+            self._drain_fast(conn)
+        except Exception as exc:  # never lost: logged; the requests fail with the death below
+            log.error("engine %s: reading its last messages failed", conn.eid, exc_info=exc)
+        finally:
+            conn.draining = False
+
+    def _fail_all(self, conn: EngineConn, reason: str, own_output: str = "") -> None:
         for _msg, req, _buffers in conn.held:  # failed below with the others, never sent now
             req.held = False
         conn.held.clear()
         for req in list(conn.requests.values()):
-            self._finish(conn, req, exc=_death_error(conn, req, reason))
+            self._finish(conn, req, exc=_death_error(conn, req, reason, own_output=own_output))
 
     # ---------------------------------------------------------------- receiving (loop)
     async def _reader(self, conn: EngineConn, channel: str, sock: zmq.asyncio.Socket) -> None:
@@ -1492,6 +1550,10 @@ class Controller:
             "clear_output",
         ):
             req.outputs.append({"output_type": mtype, **content})
+        elif mtype == "execute_input":
+            count = content.get("execution_count")
+            req.number = count if isinstance(count, int) else None
+            return
         else:
             return
         if req.listener is not None:
@@ -1757,7 +1819,8 @@ class Controller:
                 "the engine, which is usable"
             )
         log.warning(text)
-        self._finish(conn, req, exc=error(text, conn.eid, _method(req)))
+        # what it printed before its reply went missing is kept (as for a death)
+        self._finish(conn, req, exc=error(text, conn.eid, _method(req), _partial_record(conn, req)))
 
     def _idle_overdue(self, conn: EngineConn, req: Request) -> None:
         if conn.requests.get(req.msg_id) is req and not req.idle:
@@ -2437,27 +2500,36 @@ async def _wait_for(fut: Future, deadline: float, text: str, eid: int) -> Any:
         raise EngineError(text, eid) from None
 
 
-def _death_error(conn: EngineConn, req: Request, reason: str, sent: bool = True) -> EngineError:
+def _death_error(
+    conn: EngineConn, req: Request, reason: str, sent: bool = True, own_output: str = ""
+) -> EngineError:
     """The error of a request that the death of its engine (``reason``) fails, with what the
-    engine had sent for it by then (``result``: the last words of a crash); one never
-    ``sent`` (held back to keep the engine's order) does not claim it was running."""
+    engine had sent for it by then (``result``: the last words of a crash) and, after the
+    message, what its process wrote itself (``own_output``); one never ``sent`` (held back to
+    keep the engine's order) does not claim it was running."""
     what = (
         f" while running {req.code or req.op or req.kind!r}"
         if sent and (req.code or req.op)
         else ""
     )
-    result: dict | None = None
+    text = f"engine {conn.eid} {reason}{what}" + (f"\n{own_output}" if own_output else "")
+    return EngineError(text, conn.eid, _method(req), _partial_record(conn, req))
+
+
+def _partial_record(conn: EngineConn, req: Request) -> dict | None:
+    """What the engine had sent for a request that fails without its reply (its engine died,
+    its reply was lost): an execute's result record (status 'error'), an operation's output."""
     if req.kind == "execute":
-        reply = {"status": "error", **(req.reply or {})}
-        result = wire.execute_record(conn.eid, req.code, reply, req.stdout, req.stderr, req.outputs)
-    elif req.kind == "comm":
-        result = {
+        reply = {"status": "error", "execution_count": req.number, **(req.reply or {})}
+        return wire.execute_record(conn.eid, req.code, reply, req.stdout, req.stderr, req.outputs)
+    if req.kind == "comm":
+        return {
             "id": conn.eid,
             "stdout": "".join(req.stdout),
             "stderr": "".join(req.stderr),
             "outputs": req.outputs,
         }
-    return EngineError(f"engine {conn.eid} {reason}{what}", conn.eid, _method(req), result)
+    return None
 
 
 def _set_sent(req: Request, tracker: Any) -> None:

@@ -8,6 +8,7 @@
      │    ├── CompositeError            one or more engines failed in one call (elist, results)
      │    ├── RemoteError               one engine raised (type, value, traceback; engine_id, item)
      │    │    └── RemoteTraceback      the same, its message showing the remote traceback
+     │    ├── UnpicklableError          stands in for an exception that did not survive pickling
      │    ├── EngineError               an engine died or could not be reached (engine_id)
      │    │    ├── RefusedError         a data message did not check: refused unread
      │    │    ├── RestartError         the restart of more than one engine failed (errors)
@@ -19,9 +20,13 @@
      │    └── TimeoutError (builtin TimeoutError)  a blocking call ran past its ``timeout``
 
 Context (the failing engine, item, option) is a constructor argument, never an attribute set
-afterwards, and every error pickles with its type, message and context (``__reduce__``), so it
-can cross processes. ``CompositeError`` renders the remote tracebacks in IPython through
-``_render_traceback_``.
+afterwards, and every error pickles with its type, message, context and notes (``__reduce__``),
+so it can cross processes. What an error holds (the exceptions of a ``RestartError``, the
+results of a ``CompositeError``, an ``EngineError``'s output record) crosses member by member:
+one that cannot be pickled, or not be rebuilt where it is loaded (its type missing there, a
+constructor taking other arguments), arrives as a stand-in naming its type and message (an
+``UnpicklableError`` for an exception, an ``Unpicklable`` for a value), never failing the whole
+error. ``CompositeError`` renders the remote tracebacks in IPython through ``_render_traceback_``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import builtins
 import pickle
 import re
+import reprlib
 import traceback as _traceback
 from collections.abc import Mapping
 from typing import Any
@@ -47,6 +53,8 @@ __all__ = [
     "RestartError",
     "TargetsError",
     "TimeoutError",
+    "Unpicklable",
+    "UnpicklableError",
 ]
 
 _builtin_timeout = builtins.TimeoutError
@@ -56,8 +64,189 @@ class MultiEngineError(Exception):
     """Base class of the errors raised by ipy_multiengine.
 
     A subclass with context takes it as constructor arguments and gives ``__reduce__`` those
-    arguments, so that ``pickle.loads(pickle.dumps(e))`` keeps type, message and context.
+    arguments (through ``_reduced``), so that ``pickle.loads(pickle.dumps(e))`` keeps type,
+    message, context and notes.
     """
+
+    def _reduced(self, *args: Any) -> tuple[Any, tuple[Any, ...]]:
+        """What ``__reduce__`` returns: rebuilt by its constructor from ``args`` (members that
+        hold foreign objects wrapped by ``_carry``), its ``add_note`` notes kept."""
+        notes = getattr(self, "__notes__", None)
+        return (_rebuilt, (type(self), args, list(notes) if notes else None))
+
+    def __copy__(self) -> Any:
+        """A shallow copy, holding the same members (``__reduce__`` pickles each on its own)."""
+        new = type(self).__new__(type(self), *self.args)
+        new.__dict__.update(self.__dict__)
+        return new
+
+
+class Unpicklable:
+    """Stands in, after a pickle round trip, for a value an error held that could not make it
+    (it does not pickle, or could not be rebuilt where it was loaded): ``type_name`` (with its
+    module) and ``text``, its repr (shortened)."""
+
+    def __init__(self, type_name: str, text: str) -> None:
+        self.type_name = type_name
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"<unpicklable {self.type_name}: {self.text}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Unpicklable) and (other.type_name, other.text) == (
+            self.type_name,
+            self.text,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.type_name, self.text))
+
+
+class UnpicklableError(MultiEngineError):
+    """Stands in, after a pickle round trip, for an exception an error held that could not make
+    it (it held something that does not pickle, or could not be rebuilt where it was loaded: its
+    type missing there, a constructor taking other arguments than its ``args``).
+
+    ``type_name`` is the original type (with its module unless a builtin); ``ename`` and
+    ``evalue`` are its own when it had them (an ``EngineError`` subclass says "EngineError"),
+    else its type name and message; ``traceback`` its formatted traceback lines; ``engine_id``
+    and ``method`` are its own when it had them (so that it fits in a ``CompositeError``'s
+    ``elist``, whose message stays the same)."""
+
+    def __init__(
+        self,
+        ename: str,
+        evalue: str,
+        traceback: list[str] | None = None,
+        engine_id: int | None = None,
+        method: str = "",
+        type_name: str | None = None,
+    ) -> None:
+        super().__init__(ename, evalue)
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = list(traceback or [])
+        self.engine_id = engine_id
+        self.method = method
+        self.type_name = type_name or ename
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return self._reduced(
+            self.ename, self.evalue, self.traceback, self.engine_id, self.method, self.type_name
+        )
+
+    def __str__(self) -> str:
+        return f"{self.ename}: {self.evalue}" if self.evalue else self.ename
+
+    def render_traceback(self) -> list[str]:
+        """The original's traceback lines, or a one-line summary when it had none."""
+        return self.traceback or [str(self)]
+
+    def _render_traceback_(self) -> list[str]:
+        return self.render_traceback()
+
+
+_PLAIN = frozenset({str, bytes, int, float, bool, type(None)})
+_short_repr = reprlib.Repr()
+_short_repr.maxstring = _short_repr.maxother = 200
+
+
+def _type_name(obj: Any) -> str:
+    cls = type(obj)
+    module = getattr(cls, "__module__", None)
+    qualname = getattr(cls, "__qualname__", cls.__name__)
+    return qualname if module in (None, "builtins") else f"{module}.{qualname}"
+
+
+class _Carried:
+    """One member of a pickled error, pickled on its own (``data``; None when it does not
+    pickle), with what its stand-in needs should it not load back: an exception's type name,
+    message, traceback lines, engine and method, or a value's type name and repr."""
+
+    def __init__(self, value: Any) -> None:
+        self.data: bytes | None = None
+        for dumps in (pickle.dumps, _cloudpickle_dumps):  # cloudpickle: lambdas, local classes
+            try:
+                self.data = dumps(value)
+                break
+            except Exception:
+                continue
+        self.type_name = _type_name(value)
+        self.exception = isinstance(value, BaseException)
+        self.engine_id = getattr(value, "engine_id", None) if self.exception else None
+        self.method = getattr(value, "method", "") if self.exception else ""
+        try:
+            self.text = str(value) if self.exception else _short_repr.repr(value)
+        except Exception as exc:  # a broken __str__/__repr__ must not stop the pickling
+            self.text = f"(its {'str' if self.exception else 'repr'} failed: {exc!r})"
+        # what a CompositeError's message shows of it (``[id:method]: ename: evalue``)
+        ename, evalue = getattr(value, "ename", None), getattr(value, "evalue", None)
+        self.ename = ename if self.exception and isinstance(ename, str) else self.type_name
+        self.evalue = evalue if self.exception and isinstance(evalue, str) else self.text
+        self.traceback: list[str] = []
+        if self.exception:
+            try:
+                text = "".join(_traceback.format_exception(value)).rstrip("\n")
+                self.traceback = text.splitlines()
+            except Exception:
+                self.traceback = []
+
+    def load(self) -> Any:
+        """The member itself, or its stand-in when it did not pickle or does not load here."""
+        if self.data is not None:
+            try:
+                return pickle.loads(self.data)
+            except Exception:
+                pass
+        if self.exception:
+            method = self.method if isinstance(self.method, str) else ""
+            eid = self.engine_id if isinstance(self.engine_id, int) else None
+            return UnpicklableError(
+                self.ename, self.evalue, self.traceback, eid, method, self.type_name
+            )
+        return Unpicklable(self.type_name, self.text)
+
+
+def _cloudpickle_dumps(value: Any) -> bytes:
+    import cloudpickle
+
+    data: bytes = cloudpickle.dumps(value, protocol=5)
+    return data
+
+
+def _carry(value: Any) -> Any:
+    """``value`` as an argument of a pickled error's ``__reduce__``: plain values as they are,
+    anything else pickled on its own, so that one that does not make it becomes a stand-in
+    (``Unpicklable``/``UnpicklableError``) instead of failing the whole error."""
+    return value if type(value) in _PLAIN else _Carried(value)
+
+
+def _carry_record(value: Any) -> Any:
+    """``_carry`` for a result record (a dict): value by value, so that one that does not make
+    it leaves the others (``stdout``, ``outputs``) intact."""
+    if type(value) is dict:
+        return {k: _carry(v) for k, v in value.items()}
+    return _carry(value)
+
+
+def _unwrap(arg: Any) -> Any:
+    if isinstance(arg, _Carried):
+        return arg.load()
+    if type(arg) is list:
+        return [a.load() if isinstance(a, _Carried) else a for a in arg]
+    if type(arg) is dict:
+        return {k: v.load() if isinstance(v, _Carried) else v for k, v in arg.items()}
+    return arg
+
+
+def _rebuilt(cls: type, args: tuple[Any, ...], notes: list[str] | None = None) -> Any:
+    """(unpickling) An error of type ``cls`` from its constructor ``args`` (carried members
+    loaded, or their stand-ins), with its notes."""
+    err = cls(*(_unwrap(a) for a in args))
+    if notes:
+        err.__notes__ = list(notes)
+    return err
 
 
 class TimeoutError(MultiEngineError, _builtin_timeout):
@@ -76,7 +265,7 @@ class ConfigError(MultiEngineError, ValueError):
         self.option = option
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (type(self), (self.args[0], self.option))
+        return self._reduced(self.args[0], self.option)
 
 
 class TargetsError(MultiEngineError, ValueError):
@@ -113,18 +302,15 @@ class RemoteError(MultiEngineError):
         self.result = result
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (
-            type(self),
-            (
-                self.ename,
-                self.evalue,
-                self.traceback,
-                self.engine_id,
-                self.method,
-                self.pickled,
-                self.result,
-                self.item,
-            ),
+        return self._reduced(
+            self.ename,
+            self.evalue,
+            self.traceback,
+            self.engine_id,
+            self.method,
+            self.pickled,
+            _carry_record(self.result),
+            self.item,
         )
 
     def for_engine(self, engine_id: int) -> RemoteError:
@@ -225,8 +411,8 @@ class EngineError(MultiEngineError):
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         if self.result is None:  # the constructor of a subclass may take no result
-            return (type(self), (self.args[0], self.engine_id, self.method))
-        return (type(self), (self.args[0], self.engine_id, self.method, self.result))
+            return self._reduced(self.args[0], self.engine_id, self.method)
+        return self._reduced(self.args[0], self.engine_id, self.method, _carry_record(self.result))
 
     def for_engine(self, engine_id: int) -> EngineError:
         """This error with ``engine_id`` set (a copy: context is given at construction)."""
@@ -255,22 +441,32 @@ class RestartError(EngineError):
     def __init__(self, message: str, errors: Mapping[int, BaseException]) -> None:
         super().__init__(message, next(iter(errors), None), "restart")
         self.errors: dict[int, BaseException] = dict(errors)
+        if self.errors:  # also once unpickled (``raise ... from`` sets it only where raised)
+            self.__cause__ = BaseExceptionGroup(
+                f"the restart of each of engines {list(self.errors)}", list(self.errors.values())
+            )
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (type(self), (self.args[0], self.errors))
+        return self._reduced(self.args[0], {eid: _carry(e) for eid, e in self.errors.items()})
 
     def for_engine(self, engine_id: int) -> EngineError:
         """That engine's own error (an ``EngineError`` of its message when it is another type)."""
         own = self.errors.get(engine_id)
         if isinstance(own, EngineError):
             return own
-        text = f"{type(own).__name__}: {own}" if own is not None else self.args[0]
+        if isinstance(own, UnpicklableError):  # its message names the original type
+            text = str(own)
+        else:
+            text = f"{type(own).__name__}: {own}" if own is not None else self.args[0]
         return EngineError(text, engine_id, "restart")
 
     def render_traceback(self) -> list[str]:
         lines = [f"RestartError: {self.args[0]}"]
         for eid, exc in self.errors.items():
             lines.append(f"[{eid}:restart]: ")
+            if isinstance(exc, UnpicklableError):  # the original's lines, not the stand-in's
+                lines.extend(exc.render_traceback())
+                continue
             lines.extend("".join(_traceback.format_exception(exc)).rstrip("\n").splitlines())
         return lines
 
@@ -296,15 +492,16 @@ class EngineStartTimeout(LauncherError, TimeoutError):
         self.missing = list(missing)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (type(self), (self.args[0], self.missing))
+        return self._reduced(self.args[0], self.missing)
 
     def for_engine(self, engine_id: int) -> EngineStartTimeout:
         """Itself: its engine is the one of ``missing`` (when only one is)."""
         return self
 
 
-#: what ``CompositeError.elist`` holds: one per failing engine
-EngineFailure = RemoteError | EngineError
+#: what ``CompositeError.elist`` holds: one per failing engine (a stand-in, after a pickle
+#: round trip, for one that did not make it)
+EngineFailure = RemoteError | EngineError | UnpicklableError
 
 
 class CompositeError(MultiEngineError):
@@ -329,7 +526,12 @@ class CompositeError(MultiEngineError):
         super().__init__(self._message())
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (type(self), (self.method, self.elist, self.results, self.collapse))
+        return self._reduced(
+            self.method,
+            [_carry(e) for e in self.elist],
+            [_carry(r) for r in self.results],
+            self.collapse,
+        )
 
     def collapsed(self) -> CompositeError:
         """This error, showing identical tracebacks once (a copy: context is given at

@@ -442,7 +442,11 @@ class PendingResult:
                 results.append(fut.result())
                 continue
             if not isinstance(exc, (RemoteError, EngineError)):
-                exc = EngineError(f"engine {eid}: {type(exc).__name__}: {exc}", eid, self.method)
+                # an error of our own I/O code: named for the engine, and kept (its traceback)
+                text = f"engine {eid}: {type(exc).__name__}: {exc}"
+                wrapped = EngineError(text, eid, self.method)
+                wrapped.__cause__ = exc
+                exc = wrapped
             if exc.engine_id is None:
                 exc = exc.for_engine(eid)
             errors.append(exc)

@@ -255,3 +255,46 @@ def check_interrupt_right_after_send(mec: Any, eids: list[int], rounds: int = 4)
         _settle(mec, eids)
         raise
     assert mec.apply(lambda: 7, targets=eids) == [7] * len(eids)  # usable after
+
+
+# ---------------------------------------------------------------------- death before reading
+@contextlib.contextmanager
+def unread_last_words(cluster: Cluster, mec: Any, eid: int, tmp_path: Path) -> Iterator[dict]:
+    """Engine ``eid`` dies with its last output in the controller's IOPub socket, unread.
+
+    Yields ``{"code": ...}``: a cell printing ``first``, then (once the go file exists)
+    ``last words``, then sleeping. The engine's liveness probe is swapped (white-box: it runs
+    on the I/O thread, so while it runs nothing reads a socket): once the controller has routed
+    ``first`` (nothing else comes until the go file), it touches the go file, waits until the
+    IOPub socket holds a message (the last words), kills the engine, waits for its exit, and
+    returns the real probe's reason. ``arrived`` then says whether the last words got there."""
+    go = tmp_path / f"go-{eid}"
+    code = (
+        "import os, time\nprint('first', flush=True)\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        "print('last words', flush=True)\ntime.sleep(60)\n"
+    )
+    state: dict[str, Any] = {"code": code}
+    conn = mec.controller._conn(eid)
+    real = conn.liveness
+
+    def probe() -> str | None:
+        # (a magic may hand the engine the cell without its final newline)
+        req = next((r for r in conn.requests.values() if str(go) in r.code), None)
+        if "arrived" in state or req is None or "first" not in "".join(req.stdout):
+            return real()
+        import zmq
+
+        go.touch()
+        sock = zmq.Socket.shadow(conn.sockets["iopub"].underlying)
+        state["arrived"] = bool(sock.poll(30_000, zmq.POLLIN))
+        proc = cluster.managers[eid].provisioner.process
+        proc.kill()
+        proc.wait(10)
+        return real()
+
+    conn.liveness = probe
+    try:
+        yield state
+    finally:
+        conn.liveness = real

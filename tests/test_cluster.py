@@ -1073,3 +1073,35 @@ def test_a_restart_stopped_by_ctrl_c_records_the_engines_that_came_back():
         launcher.restart = real
         mec.restart(0, timeout=60)
         assert mec.apply(lambda: 2) == [2, 2]
+
+
+def test_an_engine_that_dies_shows_what_its_process_wrote_itself():
+    """A local engine's process that wrote to its own stderr and died (a C library's message
+    before an abort): the text reached its log only, and the EngineError said "killed by
+    signal SIGABRT" alone, naming no log. Now the error ends with the last lines the current
+    kernel wrote to its log (not a previous kernel's: after a restart they are gone); what
+    calls to the dead engine say stays one line."""
+    from faultlib import small_cluster
+
+    from ipy_multiengine.errors import CompositeError
+
+    with small_cluster(1) as (cluster, mec):
+        log = cluster.log_file(0)
+        code = (
+            "import os, time\n"
+            "os.write(2, b'C-level last words\\n')\n"  # fd 2, as a C library writes
+            # ipykernel copies fd 2 to the log from a thread: wait (a file poll) until it has
+            f"while b'C-level last' not in open({str(log)!r}, 'rb').read(): time.sleep(0.005)\n"
+            "os.abort()\n"
+        )
+        with pytest.raises(CompositeError) as info:
+            mec.execute(code, timeout=30)
+        [err] = info.value.elist
+        assert str(err).startswith("engine 0 was killed by signal SIGABRT while running"), err
+        assert f"\n--- engine 0's own output (log {log}) ---\nC-level last words" in str(err)
+        assert "own output (log" in "\n".join(info.value._render_traceback_())  # %px shows it
+        assert mec.controller.dead(0) == "was killed by signal SIGABRT"
+        mec.restart(0, timeout=60)
+        with pytest.raises(CompositeError) as info:
+            mec.execute("import os; os.abort()", timeout=30)
+        assert "own output" not in str(info.value) and "C-level" not in str(info.value)

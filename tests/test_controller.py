@@ -146,18 +146,25 @@ def test_h05_failing_liveness_handling_fails_the_requests(mec, monkeypatch):
     conn = mec.controller._conn(0)  # white-box: the probe is swapped for the test
     probe = conn.liveness
 
-    def mark_dead(self, conn, reason):
+    def mark_dead(self, conn, reason, **_kw):
         raise RuntimeError("injected failure in _mark_dead")
 
     monkeypatch.setattr(Controller, "_mark_dead", mark_dead)
     pr = mec.execute("import time; time.sleep(2)", targets=0, block=False)
     conn.liveness = lambda: "said dead by the test"
     try:
-        with pytest.raises(CompositeError, match="injected failure in _mark_dead"):
+        with pytest.raises(CompositeError, match="injected failure in _mark_dead") as info:
             pr.get_result(timeout=10)
     finally:
         conn.liveness = probe
         monkeypatch.undo()
+    # the real error, traceback included, is the cause of the EngineError that names the
+    # engine (it was replaced by that message alone)
+    cause = info.value.elist[0].__cause__
+    assert isinstance(cause, RuntimeError) and str(cause) == "injected failure in _mark_dead"
+    import traceback
+
+    assert "mark_dead" in [f.name for f in traceback.extract_tb(cause.__traceback__)]
     pr2 = mec.execute("import time; time.sleep(2)", targets=0, block=False)
     time.sleep(0)  # nothing to synchronise: the poller must still run (next line proves it)
     wait_for(lambda: pr2.ready(), 10, "the next request on engine 0")
@@ -601,3 +608,87 @@ def test_interrupt_requests_interrupts_exactly_the_requests_it_names(mec, tmp_pa
     finally:
         go.touch()
         _loop.run(restore(1), timeout=10)
+
+
+# --------------------------------------------------------------------------- death, drained
+def test_an_engines_unread_last_words_reach_the_error_of_its_death(tmp_path):
+    """An engine printed and died; its output was in this process's IOPub socket when the
+    liveness poll noticed the death, before the reader had read it: the EngineError's result
+    missed it (the request failed first). Now the death reads what the sockets hold first."""
+    from faultlib import unread_last_words
+
+    from ipy_multiengine.errors import EngineError
+
+    with small_cluster(1) as (cluster, mec):
+        with (
+            unread_last_words(cluster, mec, 0, tmp_path) as state,
+            pytest.raises(CompositeError) as info,
+        ):
+            mec.execute(state["code"], timeout=30)
+        assert state.get("arrived"), "the last words never reached the controller's socket"
+        [err] = info.value.elist
+        assert isinstance(err, EngineError) and "killed by signal SIGKILL" in str(err), repr(err)
+        assert err.engine_id == 0 and err.result["stdout"] == "first\nlast words\n", err.result
+        assert info.value.results[0]["stdout"] == "first\nlast words\n"
+
+
+def test_output_unread_when_a_restart_begins_reaches_the_failed_request(tmp_path):
+    """A restart fails the requests in flight (``begin_restart``): output the engine had sent,
+    in this process's IOPub socket but not read yet, was dropped with them. Now it is read
+    first. White-box: the restart begins on the I/O thread while it blocks the reader."""
+    import zmq
+
+    from ipy_multiengine.errors import EngineError
+
+    go = tmp_path / "go"
+    code = (
+        "import os, time\nprint('first', flush=True)\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        "print('last words', flush=True)\ntime.sleep(60)\n"
+    )
+    with small_cluster(1) as (_cluster, mec):
+        first = threading.Event()
+        pr = mec.execute(code, block=False, listener=lambda e, t, c: first.set())
+        assert first.wait(30), "the cell's first line never came"
+        ctl = mec.controller
+        arrived = []
+
+        async def restart_with_output_unread() -> None:
+            go.touch()  # nothing else comes before the last words: the reader has all but them
+            sock = zmq.Socket.shadow(ctl._conn(0).sockets["iopub"].underlying)
+            arrived.append(bool(sock.poll(30_000, zmq.POLLIN)))
+            await ctl.begin_restart(0, "was restarted by the test")
+
+        _loop.run(restart_with_output_unread(), timeout=60)
+        assert arrived == [True], "the last words never reached the controller's socket"
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=10)
+        [err] = info.value.elist
+        assert isinstance(err, EngineError) and "was restarted by the test" in str(err)
+        assert err.result["stdout"] == "first\nlast words\n", err.result
+        mec.restart(0, timeout=60)
+        assert mec.apply(lambda: 1) == [1]
+
+
+def test_an_engine_that_dies_in_a_cell_keeps_the_cells_in_number(tmp_path):
+    """The record of a cell whose engine died had ``number`` None although the engine had said
+    the cell's execution count (its ``execute_input``), so the traceback said "engine 0", not
+    "engine 0's In [n]". Now the record keeps it."""
+    from ipy_multiengine.errors import EngineError
+
+    with small_cluster(1) as (cluster, mec):
+        n = mec.execute("pass")[0]["number"]
+        first = threading.Event()  # its execute_input came before this, on the same socket
+        pr = mec.execute(
+            "print('first', flush=True); import time; time.sleep(60)",
+            block=False,
+            listener=lambda e, t, c: first.set(),
+        )
+        assert first.wait(30), "the cell's first line never came"
+        os.kill(engine_pid(cluster, 0), signal.SIGKILL)
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=30)
+        [err] = info.value.elist
+        assert isinstance(err, EngineError) and err.result["number"] == n + 1, err.result
+        shown = "\n".join(info.value._render_traceback_())
+        assert f"(the traceback of engine 0's In [{n + 1}])" in shown, shown

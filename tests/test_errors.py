@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import importlib
 import inspect
+import os
 import pickle
 import pkgutil
 
@@ -258,3 +259,180 @@ def test_raise_exception_prints_where_the_engine_raised(mec):
         assert "\x1b[" not in text, "ANSI colours in a plain traceback"
         remote = raised.value if kind is errors.RemoteTraceback else raised.value.__cause__
         assert isinstance(remote, RemoteError) and remote.engine_id == 0
+
+
+# ------------------------------------------------------ members that do not survive pickling
+class TwoArgs(Exception):
+    """Pickles, but does not load back: its constructor takes other arguments than its args."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+
+
+class HoldsLock(Exception):
+    """Does not pickle at all: it holds a lock."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        import threading
+
+        self.lock = threading.Lock()
+
+
+def _raised(exc: BaseException) -> BaseException:
+    try:
+        raise exc
+    except BaseException as caught:
+        return caught
+
+
+def _stand_in_checks(back: BaseException, original: BaseException) -> None:
+    assert isinstance(back, errors.UnpicklableError), repr(back)
+    assert back.ename == back.type_name == f"test_errors.{type(original).__qualname__}"
+    assert back.evalue == str(original)
+    assert str(back) == f"{back.ename}: {original}"
+    # the original's own traceback, its raise line included
+    assert back.traceback[-1] == f"test_errors.{type(original).__qualname__}: {original}"
+    assert any("raise exc" in line for line in back.traceback), back.traceback
+
+
+def test_restart_error_with_members_that_do_not_pickle_survives_pickling():
+    """A RestartError holding an exception that did not load back (or did not pickle) failed
+    to unpickle (or pickle) as a whole; now that member arrives as a stand-in naming its type,
+    message and traceback, and the others as themselves."""
+    members = {
+        0: _raised(TwoArgs(1, 2)),
+        1: _raised(HoldsLock("held")),
+        2: EngineError("engine 2 failed to restart: no port", 2, "restart"),
+        3: _raised(ValueError("plain")),
+    }
+    e = errors.RestartError("the restart of engines [0, 1, 2, 3] failed: ...", members)
+    back = _roundtrip(e)
+    assert list(back.errors) == [0, 1, 2, 3] and back.engine_id == 0
+    _stand_in_checks(back.errors[0], members[0])
+    _stand_in_checks(back.errors[1], members[1])
+    assert type(back.errors[2]) is EngineError and back.errors[2].engine_id == 2
+    assert type(back.errors[3]) is ValueError and str(back.errors[3]) == "plain"
+    # what it says names the original types, not the stand-in's
+    assert str(back.for_engine(0)) == "test_errors.TwoArgs: 1 and 2"
+    shown = "\n".join(back.render_traceback())
+    assert "test_errors.HoldsLock: held" in shown and "raise exc" in shown
+    assert "UnpicklableError" not in shown
+    again = _roundtrip(back)  # a stand-in pickles itself
+    assert again.errors[0].traceback == back.errors[0].traceback
+    # a printed traceback shows every engine's error, also once unpickled (its cause, a group)
+    import traceback
+
+    assert list(back.__cause__.exceptions) == list(back.errors.values())
+    printed = "".join(traceback.format_exception(back))
+    assert "test_errors.TwoArgs: 1 and 2" in printed and "ValueError: plain" in printed
+
+
+def test_restart_error_whose_member_type_is_missing_where_it_is_loaded():
+    """Across processes: a member of a type the loading process cannot import (this test
+    module) arrives as a stand-in; before, the whole error failed to load there."""
+    import subprocess
+    import sys
+
+    e = errors.RestartError("restart failed", {1: _raised(KeyError("k")), 4: _raised(Missing())})
+    code = (
+        "import pickle, sys; e = pickle.loads(sys.stdin.buffer.read()); "
+        "print(type(e).__name__, e.engine_id, repr(e.errors[1]), e.errors[4])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(errors.__file__))  # not tests/
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=pickle.dumps(e),
+        capture_output=True,
+        env=env,
+        timeout=30,
+        cwd="/",
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().split("\n")[0] == (
+        "RestartError 1 KeyError('k') test_errors.Missing: it is only in the tests"
+    )
+
+
+class Missing(Exception):
+    def __init__(self):
+        super().__init__("it is only in the tests")
+
+
+def test_composite_error_with_members_and_results_that_do_not_pickle():
+    """A CompositeError holding an unpicklable result (a lock), one of a type that does not load
+    back, or an elist member that does not, failed to pickle or to load as a whole; now each
+    becomes its stand-in and the rest is intact (a lambda crosses through cloudpickle)."""
+    import threading
+
+    class OwnEngineError(EngineError):  # a local class: pickle cannot, cloudpickle can
+        pass
+
+    elist = [
+        RemoteError("ZeroDivisionError", "division by zero", ["tb"], 0, "apply"),
+        OwnEngineError("engine 1 died", 1, "apply"),
+    ]
+    lock = threading.Lock()
+    e = CompositeError("apply", elist, [None, None, lock, TwoArgs(3, 4), lambda: 7])
+    back = _roundtrip(e)
+    assert type(back.elist[0]) is RemoteError and back.elist[0].engine_id == 0
+    assert back.elist[1].engine_id == 1 and str(back.elist[1]) == "engine 1 died"
+    assert back.results[:2] == [None, None]
+    assert back.results[2] == errors.Unpicklable("_thread.lock", repr(lock))
+    assert repr(back.results[2]).startswith("<unpicklable _thread.lock: <unlocked")
+    # an exception as a result: its stand-in is an exception too
+    assert isinstance(back.results[3], errors.UnpicklableError)
+    assert str(back.results[3]) == "test_errors.TwoArgs: 3 and 4"
+    assert back.results[4]() == 7
+
+
+def test_composite_error_whose_elist_member_does_not_load_back_keeps_its_message():
+    class Strict(EngineError):
+        def __init__(self, message, engine_id, extra, more):  # __reduce__ gives 3 arguments
+            super().__init__(message, engine_id, "push")
+
+    e = CompositeError("push", [Strict("engine 3 refused", 3, "x", "y")], [None])
+    back = _roundtrip(e)
+    [member] = back.elist
+    assert isinstance(member, errors.UnpicklableError) and member.engine_id == 3
+    assert member.method == "push" and member.evalue == "engine 3 refused"
+    assert member.ename == "EngineError" and member.type_name.endswith("<locals>.Strict")
+    assert "engine 3 refused" in "\n".join(back._render_traceback_())
+
+
+def test_engine_and_remote_errors_with_a_result_that_does_not_pickle():
+    import threading
+
+    record = {"id": 0, "stdout": "last words\n", "stderr": "", "handle": threading.Lock()}
+    back = _roundtrip(EngineError("engine 0 died", 0, "execute", record))
+    assert back.result["stdout"] == "last words\n" and back.result["id"] == 0
+    assert isinstance(back.result["handle"], errors.Unpicklable)
+    back = _roundtrip(RemoteError("ValueError", "bad", ["tb"], 2, "apply", result=TwoArgs(5, 6)))
+    assert back.engine_id == 2 and str(back.result) == "test_errors.TwoArgs: 5 and 6"
+    back = _roundtrip(RemoteError("ValueError", "bad", ["tb"], 2, "apply", result=threading.Lock()))
+    assert back.result.type_name == "_thread.lock"
+
+
+def test_notes_survive_pickling():
+    """``add_note`` notes (a launcher adds one when stopping what started failed too) were
+    dropped by every error's ``__reduce__``."""
+    for e in (
+        LauncherError("could not start engines", None, "start"),
+        EngineError("engine 0 died", 0),
+        ConfigError("bad", "n"),
+        errors.RestartError("restart failed", {0: ValueError("v")}),
+        CompositeError("execute", [EngineError("x", 0)], [None]),
+    ):
+        e.add_note("stopping the engines that had started failed too: boom")
+        assert _roundtrip(e).__notes__ == e.__notes__, type(e)
+
+
+def test_copy_of_an_error_holds_the_same_members():
+    import copy
+    import threading
+
+    lock = threading.Lock()
+    e = CompositeError("apply", [EngineError("x", 0)], [lock])
+    c = copy.copy(e)
+    assert type(c) is CompositeError and c.results[0] is lock and str(c) == str(e)

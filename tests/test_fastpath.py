@@ -668,3 +668,57 @@ def test_replies_a_missed_fast_wake_up_left_unread_are_still_read(cluster, monke
         assert c.pull("__name__", targets=0, timeout=10) == ["__main__"]  # and later ones
     finally:
         c.close()
+
+
+def test_a_lost_fast_reply_keeps_what_the_operation_printed(mec, monkeypatch, tmp_path):
+    """An apply whose reply was lost failed with an EngineError without its output: what the
+    function had printed (it arrived, on IOPub) was dropped with the request. Now the error's
+    ``result`` keeps it, as for an engine's death."""
+    from ipy_multiengine import _loop, controller
+
+    monkeypatch.setattr(controller, "FAST_LOST_AFTER", 0.3)
+    monkeypatch.setattr(controller, "FAST_LOST_GRACE", 0.5)
+    mec.execute(
+        "import ipy_multiengine.engine as _e\n"
+        "_srv = _e._server[0]\n"
+        "def _drop_once(*args, _srv=_srv):\n"
+        "    del _srv._send  # this reply is dropped; the class's method answers the next\n"
+        "_srv._send = _drop_once\n"
+        "del _e, _srv, _drop_once\n",
+        targets=0,
+    )
+
+    go = tmp_path / "go"
+
+    def noisy(go=str(go)):
+        import os
+        import sys
+        import time
+
+        print("partial output", flush=True)
+        sys.stderr.write("a warning\n")
+        sys.stderr.flush()
+        while not os.path.exists(go):  # until its output has reached the controller
+            time.sleep(0.005)
+        return 5
+
+    lost = mec.apply(noisy, targets=0, block=False)
+    conn = mec.controller._conn(0)  # white-box: the request's output, read on the I/O thread
+
+    async def heard() -> bool:
+        seen = [("".join(r.stdout), "".join(r.stderr)) for r in conn.requests.values()]
+        return ("partial output\n", "a warning\n") in seen
+
+    wait_for(lambda: _loop.run(heard()), 20, "the apply's output to reach the controller")
+    go.touch()
+    with pytest.raises(CompositeError, match=r"engine 0 .*reply was lost") as info:
+        lost.get_result(timeout=10)
+    [err] = info.value.elist
+    assert isinstance(err, EngineError) and err.engine_id == 0
+    assert err.result == {
+        "id": 0,
+        "stdout": "partial output\n",
+        "stderr": "a warning\n",
+        "outputs": [],
+    }, err.result
+    assert mec.apply(lambda: 1, targets=0) == [1]

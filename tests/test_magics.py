@@ -1135,3 +1135,22 @@ def test_init_timeout_is_one_line_and_says_the_code_is_not_recorded(ip, mec):
     _cap, res = run(ip, "%result --timeout 30")
     assert res.success, res.error_in_exec
     assert mec.pull("done_init") == [1, 1, 1, 1]
+
+
+@pytest.mark.timeout(90)
+def test_px_shows_the_unread_last_words_of_an_engine_that_died(ip, tmp_path):
+    """%px on an engine that printed and died, its output still unread in this process's
+    IOPub socket when the death was noticed: the cell showed the error without the last words.
+    Now they are shown with it."""
+    from faultlib import small_cluster, unread_last_words
+
+    with small_cluster(1) as (cluster, mec2):
+        mec2.activate()
+        with unread_last_words(cluster, mec2, 0, tmp_path) as state:
+            cap, res = run(ip, "%%px --timeout 30\n" + state["code"])
+        assert state.get("arrived"), "the last words never reached the controller's socket"
+        assert isinstance(res.error_in_exec, CompositeError), res.error_in_exec
+        assert "killed by signal SIGKILL" in str(res.error_in_exec)
+        shown = cap.stdout + "".join(o.data.get("text/plain", "") for o in cap.outputs)
+        printed = shown.split("CompositeError:")[0]  # the error's message quotes the code
+        assert "first" in printed and "last words" in printed, shown

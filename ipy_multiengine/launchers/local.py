@@ -51,6 +51,8 @@ def kernel_args(km: Any) -> list[str]:
 
 #: the longest unix socket path Linux accepts (sun_path is 108 bytes with its NUL)
 UNIX_PATH_MAX = 107
+#: Bytes of an engine's log read for the output its process wrote itself before it died.
+OWN_OUTPUT_BYTES = 16384
 
 log = logging.getLogger("ipy_multiengine")
 
@@ -120,6 +122,8 @@ class LocalLauncher(Launcher):
         self.transport = transport
         self.key = secrets.token_hex(32)
         self.managers: dict[int, Any] = {}
+        #: each engine's log size when its current kernel started (its output begins there)
+        self._log_starts: dict[int, int] = {}
         #: the private directory of the unix sockets when the work directory's path is too long
         self.socket_dir: str | None = None
 
@@ -134,6 +138,24 @@ class LocalLauncher(Launcher):
         except OSError:
             return "(no output)"
 
+    def own_output(self, eid: int, lines: int = 20, limit: int = OWN_OUTPUT_BYTES) -> str:
+        """The last ``lines`` lines engine ``eid``'s current kernel wrote to its log (since its
+        last start or restart; at most ``limit`` bytes read: quick enough for the I/O loop),
+        or "" when it wrote none."""
+        start = self._log_starts.get(eid, 0)
+        try:
+            with open(self.log_file(eid), "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                begin = max(start, size - limit)
+                f.seek(begin)
+                data = f.read(limit)
+        except OSError:
+            return ""
+        text = data.decode(errors="replace").splitlines()
+        if begin > start and text:
+            text = text[1:]  # read from the middle of a line
+        return "\n".join(text[-lines:]).strip("\n")
+
     def _dir(self) -> str:
         if self.work_dir is None:
             if self.work_dir_base is not None:
@@ -146,6 +168,10 @@ class LocalLauncher(Launcher):
     def _open_log(self, eid: int, mode: str) -> Any:
         from ..engine_main import open_private
 
+        try:  # where the output of the kernel started now begins (``own_output``)
+            self._log_starts[eid] = os.path.getsize(self.log_file(eid)) if "a" in mode else 0
+        except OSError:
+            self._log_starts[eid] = 0
         return open_private(str(self.log_file(eid)), mode)
 
     def _remove_files(self) -> None:
