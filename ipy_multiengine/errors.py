@@ -378,7 +378,9 @@ class RemoteTraceback(RemoteError):
         """``exc`` with the message that shows its traceback (itself if it has it already)."""
         if isinstance(exc, RemoteTraceback):
             return exc
-        return cls(*exc.__reduce__()[1])
+        new = cls.__new__(cls, *exc.args)
+        new.__dict__.update(exc.__dict__)  # every member, and its notes
+        return new
 
     def __str__(self) -> str:
         head = super().__str__()

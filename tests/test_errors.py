@@ -436,3 +436,19 @@ def test_copy_of_an_error_holds_the_same_members():
     e = CompositeError("apply", [EngineError("x", 0)], [lock])
     c = copy.copy(e)
     assert type(c) is CompositeError and c.results[0] is lock and str(c) == str(e)
+
+
+def test_remote_traceback_of_keeps_every_member_and_pickles():
+    """``RemoteTraceback.of`` rebuilt the error from its ``__reduce__`` arguments, which hold
+    wrapped members since errors pickle each member on its own: it raised TypeError. It keeps
+    every member and note of the original now, and pickles as itself."""
+    err = RemoteError("ZeroDivisionError", "division by zero", ["tb line"], 3, "apply")
+    err.item = 7
+    err.add_note("a note")
+    rt = errors.RemoteTraceback.of(err)
+    assert type(rt) is errors.RemoteTraceback and rt.args == err.args
+    assert (rt.ename, rt.engine_id, rt.method, rt.item) == ("ZeroDivisionError", 3, "apply", 7)
+    assert rt.__notes__ == ["a note"] and "tb line" in str(rt)
+    back = pickle.loads(pickle.dumps(rt))
+    assert type(back) is errors.RemoteTraceback and str(back) == str(rt)
+    assert back.__notes__ == ["a note"] and back.engine_id == 3
