@@ -433,6 +433,19 @@ class RefusedError(EngineError):
     refused the reply). Never retried: a load-balanced map fails naming the engine."""
 
 
+class _Members(BaseExceptionGroup):
+    """The group of a ``RestartError``'s engines' errors (its ``__cause__``), pickled member by
+    member as the error's ``errors`` are: tblib's pickling support (distributed installs it)
+    pickles an exception's cause as it is, and one unpicklable member failed the whole error."""
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (_rebuilt_members, (self.message, [_carry(e) for e in self.exceptions]))
+
+
+def _rebuilt_members(message: str, members: list[Any]) -> _Members:
+    return _Members(message, [_unwrap(m) for m in members])
+
+
 class RestartError(EngineError):
     """The restart of several engines failed on more than one of them.
 
@@ -444,7 +457,7 @@ class RestartError(EngineError):
         super().__init__(message, next(iter(errors), None), "restart")
         self.errors: dict[int, BaseException] = dict(errors)
         if self.errors:  # also once unpickled (``raise ... from`` sets it only where raised)
-            self.__cause__ = BaseExceptionGroup(
+            self.__cause__ = _Members(
                 f"the restart of each of engines {list(self.errors)}", list(self.errors.values())
             )
 

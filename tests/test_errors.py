@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import builtins
+import copyreg
 import importlib
 import inspect
 import os
@@ -28,6 +29,25 @@ from ipy_multiengine.errors import (
 )
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def _own_pickling():
+    """Each error pickles by its own ``__reduce__`` here, whatever ran before in this process:
+    tblib's pickling support (distributed installs it, e.g. in test_docs' dask examples)
+    registers a reducer for every exception class defined by then, which pickles members,
+    causes and contexts its own way. The C pickler holds copyreg's table itself: it is emptied
+    of them in place, and restored."""
+    table = copyreg.dispatch_table
+    saved = {k: v for k, v in table.items() if isinstance(k, type) and issubclass(k, BaseException)}
+    for k in saved:
+        del table[k]
+    try:
+        yield
+    finally:  # as it was: what a test installed goes too
+        for k in [k for k in table if isinstance(k, type) and issubclass(k, BaseException)]:
+            del table[k]
+        table.update(saved)
 
 
 def _roundtrip(e: BaseException) -> BaseException:
@@ -452,3 +472,18 @@ def test_remote_traceback_of_keeps_every_member_and_pickles():
     back = pickle.loads(pickle.dumps(rt))
     assert type(back) is errors.RemoteTraceback and str(back) == str(rt)
     assert back.__notes__ == ["a note"] and back.engine_id == 3
+
+
+def test_restart_error_pickles_with_tblib_pickling_support_installed():
+    """distributed installs tblib's pickling support, which pickles an exception's cause as it
+    is: a RestartError's cause, the group of its engines' errors, failed the whole pickling
+    when one of them held a lock. The group pickles member by member too now."""
+    from tblib import pickling_support
+
+    members = {1: _raised(HoldsLock("held")), 2: _raised(ValueError("plain"))}
+    e = errors.RestartError("the restart of engines [1, 2] failed", members)
+    pickling_support.install(e, e.__cause__)  # the reducer for these types (as distributed)
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is errors.RestartError and list(back.errors) == [1, 2]
+    assert isinstance(back.errors[1], errors.UnpicklableError) and "held" in str(back.errors[1])
+    assert [str(m) for m in back.__cause__.exceptions] == [str(m) for m in back.errors.values()]
