@@ -154,15 +154,23 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
         return future
 
     def _submit(self, owner: Any, func: Any) -> cf.Future:
-        """``func`` on ``owner``'s executor; a cancelled future (never run) once it aborts."""
-        while (executor := self._executor_for(owner)) is not None:
-            try:
-                return executor.submit(func)
-            except RuntimeError:
-                if not executor.is_shutdown:
-                    raise
-                # shut down between the lookup and the submit: by its own call's abort (then
-                # no executor is made again), else the next one is made fresh
+        """``func`` on ``owner``'s executor; a cancelled future (never run) once it aborts; a
+        failed one when it cannot be sent (an argument that cannot be pickled, a closed
+        client): joblib sends its later batches from a done-callback, where a raised error is
+        only logged by ``concurrent.futures`` and the call would wait for the batch forever."""
+        try:
+            while (executor := self._executor_for(owner)) is not None:
+                try:
+                    return executor.submit(func)
+                except RuntimeError:
+                    if not executor.is_shutdown:
+                        raise
+                    # shut down between the lookup and the submit: by its own call's abort
+                    # (then no executor is made again), else the next one is made fresh
+        except Exception as exc:
+            failed: cf.Future = cf.Future()
+            failed.set_exception(exc)
+            return failed
         dropped: cf.Future = cf.Future()
         dropped.cancel()
         return dropped

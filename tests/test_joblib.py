@@ -417,3 +417,33 @@ def test_another_calls_end_never_pulls_the_executor_from_under_a_call(mec, tmp_p
     assert b not in backend._executors  # no new executor for an aborting call
     mec.apply(pid)  # (anything sent would have run by now: each engine runs in order)
     assert not path.exists()
+
+
+def test_a_batch_that_cannot_be_sent_fails_the_call_also_from_a_callback_thread(mec, engine_pids):
+    """joblib dispatches the batches after its first ones from the thread that completes a
+    batch (a done-callback): a batch that could not be sent there (an argument that cannot be
+    pickled) raised in that callback, where ``concurrent.futures`` only logs it, and the call
+    waited for that batch forever. It fails the call with its error now, as in the caller's
+    thread."""
+    import threading
+
+    items = [1] * 12 + [threading.Lock()] + [1] * 3  # far beyond the first dispatches
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            with joblib.parallel_config(backend="ipy_multiengine", n_jobs=2):
+                outcome["result"] = joblib.Parallel(batch_size=1)(
+                    joblib.delayed(abs)(x) for x in items
+                )
+        except BaseException as exc:  # what the call raised: checked below
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=run, daemon=True)
+    caller.start()
+    caller.join(30)
+    assert not caller.is_alive(), "the call hung on the batch it could not send"
+    assert isinstance(outcome.get("error"), TypeError), outcome
+    assert "lock" in str(outcome["error"])
+    with joblib.parallel_config(backend="ipy_multiengine", n_jobs=-1):  # the engines are usable
+        assert joblib.Parallel()(joblib.delayed(abs)(-i) for i in range(4)) == [0, 1, 2, 3]
