@@ -63,6 +63,9 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
             weakref.WeakKeyDictionary()
         )
         self._used: int | None = None  # engines per call, from the last configure
+        #: each call's own engine count (from its configure): a call that needs a new executor
+        #: (its own forgotten by another call's end, or shut down by its abort) keeps its n_jobs
+        self._sizes: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         #: guards ``_executors`` (callback threads submit while the caller's thread ends calls)
         self._lock = threading.Lock()
 
@@ -99,8 +102,9 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
             if _aborting(parallel):
                 return None
             eids = self._engines()
+            used = self._sizes.get(parallel, self._used) if parallel is not None else self._used
             executor = EngineExecutor(
-                self._client(), balanced=self.balanced, targets=eids[: self._used or len(eids)]
+                self._client(), balanced=self.balanced, targets=eids[: used or len(eids)]
             )
             if parallel is not None:
                 self._executors[parallel] = executor
@@ -135,8 +139,10 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
     ) -> int:
         self.parallel = parallel
         # n_jobs below the engines' number: only that many engines run batches at once
-        self._used = self._engines_for(n_jobs)
+        self._used = used = self._engines_for(n_jobs)
         with self._lock:
+            if parallel is not None:
+                self._sizes[parallel] = used
             old = self._executors.pop(parallel, None) if parallel is not None else None
         if old is not None:  # this same Parallel called again: its earlier call is over
             old.shutdown(wait=False, cancel_futures=True)

@@ -207,6 +207,31 @@ def test_positive_n_jobs_bounds_the_engines_used(mec, engine_pids):
     assert set(pids) <= engine_pids and len(set(pids)) <= 2, pids
 
 
+def test_a_reused_parallel_keeps_its_n_jobs_after_another_call(mec, engine_pids):
+    """``with Parallel(n_jobs=2) as p``: another call in the same ``parallel_config`` block (it
+    shares the backend) ended and its ``terminate()`` forgot p's idle executor; p's next call
+    made a new one with the engine count of the *last* configured call, so p ran on all four
+    engines. Each call keeps its own count now (also after an error shut its executor down)."""
+    with (
+        joblib.parallel_config(backend="ipy_multiengine"),
+        joblib.Parallel(n_jobs=2, batch_size=1) as p,
+    ):
+        first = p(joblib.delayed(slow_pid)(0.05) for i in range(12))
+        joblib.Parallel(n_jobs=-1)(joblib.delayed(abs)(-i) for i in range(8))
+        again = p(joblib.delayed(slow_pid)(0.05) for i in range(12))
+        with pytest.raises(KeyError):
+            p(joblib.delayed(fails_with_key_error)(i) for i in range(4))
+        after_error = p(joblib.delayed(slow_pid)(0.05) for i in range(12))
+    for pids in (first, again, after_error):
+        assert set(pids) <= engine_pids and len(set(pids)) <= 2, (first, again, after_error)
+
+
+def fails_with_key_error(i):
+    if i == 1:
+        raise KeyError(i)
+    return i
+
+
 def test_a_registration_bound_to_a_closed_client_neither_keeps_it_nor_uses_it(
     cluster, mec, engine_pids
 ):
