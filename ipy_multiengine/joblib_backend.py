@@ -189,9 +189,12 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
         interrupted on their engines (only those: other calls' batches, and whatever else the
         engines run or have queued, go on). It dispatches no more batches (``_submit``)."""
         # joblib has no argument naming the aborting call: Parallel._abort sets its
-        # ``_aborting`` flag just before calling this
+        # ``_aborting`` flag just before calling this. It is looked for among every configured
+        # call, not only those with an executor: one that aborts before it sent a batch may
+        # have none, and the last configured call (the fallback for a joblib that sets no
+        # flag) may be another one, still running
         with self._lock:
-            aborting = [p for p in list(self._executors) if _aborting(p)]
+            aborting = [p for p in {*self._sizes, *self._executors} if _aborting(p)]
             stopped = [
                 self._executors.pop(p, None)
                 for p in aborting or [getattr(self, "parallel", None)]

@@ -472,3 +472,36 @@ def test_a_batch_that_cannot_be_sent_fails_the_call_also_from_a_callback_thread(
     assert "lock" in str(outcome["error"])
     with joblib.parallel_config(backend="ipy_multiengine", n_jobs=-1):  # the engines are usable
         assert joblib.Parallel()(joblib.delayed(abs)(-i) for i in range(4)) == [0, 1, 2, 3]
+
+
+def boom_key(i):
+    raise KeyError(i)
+
+
+def no_items():
+    raise ValueError("no items")
+    yield  # a generator that fails as it is first consumed
+
+
+def test_an_abort_before_any_batch_stops_no_other_call(mec, engine_pids, tmp_path):
+    """A reused ``Parallel`` (``with Parallel() as p``) whose call failed before it sent any
+    batch (its iterator raised) had no executor (its earlier call's abort had dropped it):
+    ``abort_everything`` found no aborting call and stopped the *last configured* one, another
+    running call, whose batches were cancelled and interrupted (it raised ``CancelledError``).
+    Only a call flagged as aborting is stopped now."""
+    go = str(tmp_path / "go")
+    with (
+        joblib.parallel_config(backend="ipy_multiengine", n_jobs=-1),
+        joblib.Parallel() as p,
+    ):
+        with pytest.raises(KeyError):
+            p(joblib.delayed(boom_key)(i) for i in range(2))
+        other = joblib.Parallel(return_as="generator", batch_size=1)(
+            joblib.delayed(start_and_wait)(str(tmp_path / f"o{i}"), go) for i in range(4)
+        )
+        try:
+            with pytest.raises(ValueError, match="no items"):
+                p(joblib.delayed(abs)(x) for x in no_items())
+        finally:
+            open(go, "w").close()
+        assert list(other) == [go] * 4  # (before: CancelledError)
