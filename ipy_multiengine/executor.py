@@ -254,25 +254,31 @@ class EngineExecutor(cf.Executor):
         returns the futures of the tasks left running (their engine did not answer, or its
         helper, of an older version, cannot interrupt by name: a task not begun there is
         skipped all the same)."""
-        tasks, asked = self._interrupt_running(timeout)
+        if timeout is not None and not (timeout == timeout):  # refused before asking anything
+            raise ValueError("timeout must be a number of seconds or None, not nan")
+        running, asked = self._interrupt_running(timeout)
         # the controller answers by its own deadline: this bound is for a stalled I/O thread
         if not stdin.wait([asked], timeout=(INTERRUPT_ACK if timeout is None else timeout) + 5):
             asked.cancel()
-            return [t.future for t in tasks if not t.future.done()]
-        mine = {id(t.request): t.future for t in tasks}
+            return [t.future for t, _r in running if not t.future.done()]
+        mine = {id(r): t.future for t, r in running}
         return [mine[id(f)] for fs in asked.result().values() for f in fs if id(f) in mine]
 
-    def _interrupt_running(self, timeout: float | None = None) -> tuple[list[_Task], cf.Future]:
-        """Ask the engines to interrupt the tasks in flight now; (those tasks, the controller's
-        Future of what it could not interrupt). Does not wait."""
+    def _interrupt_running(
+        self, timeout: float | None = None
+    ) -> tuple[list[tuple[_Task, cf.Future]], cf.Future]:
+        """Ask the engines to interrupt the tasks in flight now; (those tasks with their
+        requests, the controller's Future of what it could not interrupt). Does not wait."""
         with self._lock:
-            tasks = [t for t in self._inflight.values() if t is not None and t.request is not None]
-            for task in tasks:
+            # each request read once, here: the completion thread drops it as its task ends
+            sent = [(t, t.request) for t in self._inflight.values() if t is not None]
+            running = [(t, r) for t, r in sent if r is not None]
+            for task, _request in running:
                 task.interrupted = True
-        requests = [t.request for t in tasks if t.request is not None]
+        requests = [r for _t, r in running]
         if timeout is None:
-            return tasks, self._controller.interrupt_requests(requests)
-        return tasks, self._controller.interrupt_requests(requests, timeout)
+            return running, self._controller.interrupt_requests(requests)
+        return running, self._controller.interrupt_requests(requests, timeout)
 
     def shutdown(
         self, wait: bool = True, *, cancel_futures: bool = False, interrupt: bool = False
@@ -294,7 +300,7 @@ class EngineExecutor(cf.Executor):
         for fut in dropped:  # outside the lock: their done-callbacks run here
             fut.cancel()
         if interrupt:
-            _tasks, asked = self._interrupt_running()  # its answer is not waited for
+            _running, asked = self._interrupt_running()  # its answer is not waited for
             asked.add_done_callback(_log_failure)
         if wait and getattr(self._on_worker, "active", False):
             if any(not f.done() for f in left):

@@ -63,6 +63,9 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
             weakref.WeakKeyDictionary()
         )
         self._used: int | None = None  # engines per call, from the last configure
+        #: each call's own engine count (from its configure): a call that needs a new executor
+        #: (its own forgotten by another call's end, or shut down by its abort) keeps its n_jobs
+        self._sizes: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         #: guards ``_executors`` (callback threads submit while the caller's thread ends calls)
         self._lock = threading.Lock()
 
@@ -99,8 +102,9 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
             if _aborting(parallel):
                 return None
             eids = self._engines()
+            used = self._sizes.get(parallel, self._used) if parallel is not None else self._used
             executor = EngineExecutor(
-                self._client(), balanced=self.balanced, targets=eids[: self._used or len(eids)]
+                self._client(), balanced=self.balanced, targets=eids[: used or len(eids)]
             )
             if parallel is not None:
                 self._executors[parallel] = executor
@@ -135,8 +139,10 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
     ) -> int:
         self.parallel = parallel
         # n_jobs below the engines' number: only that many engines run batches at once
-        self._used = self._engines_for(n_jobs)
+        self._used = used = self._engines_for(n_jobs)
         with self._lock:
+            if parallel is not None:
+                self._sizes[parallel] = used
             old = self._executors.pop(parallel, None) if parallel is not None else None
         if old is not None:  # this same Parallel called again: its earlier call is over
             old.shutdown(wait=False, cancel_futures=True)
@@ -154,15 +160,23 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
         return future
 
     def _submit(self, owner: Any, func: Any) -> cf.Future:
-        """``func`` on ``owner``'s executor; a cancelled future (never run) once it aborts."""
-        while (executor := self._executor_for(owner)) is not None:
-            try:
-                return executor.submit(func)
-            except RuntimeError:
-                if not executor.is_shutdown:
-                    raise
-                # shut down between the lookup and the submit: by its own call's abort (then
-                # no executor is made again), else the next one is made fresh
+        """``func`` on ``owner``'s executor; a cancelled future (never run) once it aborts; a
+        failed one when it cannot be sent (an argument that cannot be pickled, a closed
+        client): joblib sends its later batches from a done-callback, where a raised error is
+        only logged by ``concurrent.futures`` and the call would wait for the batch forever."""
+        try:
+            while (executor := self._executor_for(owner)) is not None:
+                try:
+                    return executor.submit(func)
+                except RuntimeError:
+                    if not executor.is_shutdown:
+                        raise
+                    # shut down between the lookup and the submit: by its own call's abort
+                    # (then no executor is made again), else the next one is made fresh
+        except Exception as exc:
+            failed: cf.Future = cf.Future()
+            failed.set_exception(exc)
+            return failed
         dropped: cf.Future = cf.Future()
         dropped.cancel()
         return dropped
@@ -175,9 +189,12 @@ class EngineBackend(AutoBatchingMixin, ParallelBackendBase):
         interrupted on their engines (only those: other calls' batches, and whatever else the
         engines run or have queued, go on). It dispatches no more batches (``_submit``)."""
         # joblib has no argument naming the aborting call: Parallel._abort sets its
-        # ``_aborting`` flag just before calling this
+        # ``_aborting`` flag just before calling this. It is looked for among every configured
+        # call, not only those with an executor: one that aborts before it sent a batch may
+        # have none, and the last configured call (the fallback for a joblib that sets no
+        # flag) may be another one, still running
         with self._lock:
-            aborting = [p for p in list(self._executors) if _aborting(p)]
+            aborting = [p for p in {*self._sizes, *self._executors} if _aborting(p)]
             stopped = [
                 self._executors.pop(p, None)
                 for p in aborting or [getattr(self, "parallel", None)]

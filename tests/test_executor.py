@@ -535,3 +535,21 @@ def test_interrupt_stops_only_this_executors_running_tasks(cluster, mec, tmp_pat
         for ex in (ours, theirs_0, theirs_1):
             ex.shutdown(wait=True)
         other.close()
+
+
+def test_interrupt_refuses_a_nan_timeout_before_interrupting(mec, tmp_path):
+    """``interrupt(timeout=nan)`` raised ``ValueError`` only after it had asked the engines:
+    the caller was told the call failed, and the task was interrupted all the same. It is
+    refused first now, with nothing interrupted."""
+    go = str(tmp_path / "go")
+    ex = mec.executor(targets=[0])
+    try:
+        task = ex.submit(start_and_wait, str(tmp_path / "t"), go)
+        wait_for((tmp_path / "t").exists, 30, "the task running on engine 0")
+        with pytest.raises(ValueError, match="nan"):
+            ex.interrupt(timeout=float("nan"))
+        open(go, "w").close()
+        assert task.result(timeout=30) == go  # (before: CancelledError)
+    finally:
+        open(go, "w").close()
+        ex.shutdown(wait=True)

@@ -207,6 +207,31 @@ def test_positive_n_jobs_bounds_the_engines_used(mec, engine_pids):
     assert set(pids) <= engine_pids and len(set(pids)) <= 2, pids
 
 
+def test_a_reused_parallel_keeps_its_n_jobs_after_another_call(mec, engine_pids):
+    """``with Parallel(n_jobs=2) as p``: another call in the same ``parallel_config`` block (it
+    shares the backend) ended and its ``terminate()`` forgot p's idle executor; p's next call
+    made a new one with the engine count of the *last* configured call, so p ran on all four
+    engines. Each call keeps its own count now (also after an error shut its executor down)."""
+    with (
+        joblib.parallel_config(backend="ipy_multiengine"),
+        joblib.Parallel(n_jobs=2, batch_size=1) as p,
+    ):
+        first = p(joblib.delayed(slow_pid)(0.05) for i in range(12))
+        joblib.Parallel(n_jobs=-1)(joblib.delayed(abs)(-i) for i in range(8))
+        again = p(joblib.delayed(slow_pid)(0.05) for i in range(12))
+        with pytest.raises(KeyError):
+            p(joblib.delayed(fails_with_key_error)(i) for i in range(4))
+        after_error = p(joblib.delayed(slow_pid)(0.05) for i in range(12))
+    for pids in (first, again, after_error):
+        assert set(pids) <= engine_pids and len(set(pids)) <= 2, (first, again, after_error)
+
+
+def fails_with_key_error(i):
+    if i == 1:
+        raise KeyError(i)
+    return i
+
+
 def test_a_registration_bound_to_a_closed_client_neither_keeps_it_nor_uses_it(
     cluster, mec, engine_pids
 ):
@@ -417,3 +442,66 @@ def test_another_calls_end_never_pulls_the_executor_from_under_a_call(mec, tmp_p
     assert b not in backend._executors  # no new executor for an aborting call
     mec.apply(pid)  # (anything sent would have run by now: each engine runs in order)
     assert not path.exists()
+
+
+def test_a_batch_that_cannot_be_sent_fails_the_call_also_from_a_callback_thread(mec, engine_pids):
+    """joblib dispatches the batches after its first ones from the thread that completes a
+    batch (a done-callback): a batch that could not be sent there (an argument that cannot be
+    pickled) raised in that callback, where ``concurrent.futures`` only logs it, and the call
+    waited for that batch forever. It fails the call with its error now, as in the caller's
+    thread."""
+    import threading
+
+    items = [1] * 12 + [threading.Lock()] + [1] * 3  # far beyond the first dispatches
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            with joblib.parallel_config(backend="ipy_multiengine", n_jobs=2):
+                outcome["result"] = joblib.Parallel(batch_size=1)(
+                    joblib.delayed(abs)(x) for x in items
+                )
+        except BaseException as exc:  # what the call raised: checked below
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=run, daemon=True)
+    caller.start()
+    caller.join(30)
+    assert not caller.is_alive(), "the call hung on the batch it could not send"
+    assert isinstance(outcome.get("error"), TypeError), outcome
+    assert "lock" in str(outcome["error"])
+    with joblib.parallel_config(backend="ipy_multiengine", n_jobs=-1):  # the engines are usable
+        assert joblib.Parallel()(joblib.delayed(abs)(-i) for i in range(4)) == [0, 1, 2, 3]
+
+
+def boom_key(i):
+    raise KeyError(i)
+
+
+def no_items():
+    raise ValueError("no items")
+    yield  # a generator that fails as it is first consumed
+
+
+def test_an_abort_before_any_batch_stops_no_other_call(mec, engine_pids, tmp_path):
+    """A reused ``Parallel`` (``with Parallel() as p``) whose call failed before it sent any
+    batch (its iterator raised) had no executor (its earlier call's abort had dropped it):
+    ``abort_everything`` found no aborting call and stopped the *last configured* one, another
+    running call, whose batches were cancelled and interrupted (it raised ``CancelledError``).
+    Only a call flagged as aborting is stopped now."""
+    go = str(tmp_path / "go")
+    with (
+        joblib.parallel_config(backend="ipy_multiengine", n_jobs=-1),
+        joblib.Parallel() as p,
+    ):
+        with pytest.raises(KeyError):
+            p(joblib.delayed(boom_key)(i) for i in range(2))
+        other = joblib.Parallel(return_as="generator", batch_size=1)(
+            joblib.delayed(start_and_wait)(str(tmp_path / f"o{i}"), go) for i in range(4)
+        )
+        try:
+            with pytest.raises(ValueError, match="no items"):
+                p(joblib.delayed(abs)(x) for x in no_items())
+        finally:
+            open(go, "w").close()
+        assert list(other) == [go] * 4  # (before: CancelledError)
