@@ -21,6 +21,7 @@ Rendering (documented in ``docs/magics.md``):
 
 from __future__ import annotations
 
+import ast
 import difflib
 import re
 import sys
@@ -87,10 +88,11 @@ def _split_line(line: str, parser: Any) -> tuple[str, str]:
             and attached is not None
             and attached.nargs != 0
             and not token.startswith("--")
-            and not _compiles(rest)
+            and (not _compiles(rest) or re.match(r"--(\s|$)", rest[m.end() :]))
         ):
             # `-t0`, `-ores`: argparse's short option with its value attached, on a line that
-            # is not code as it stands (`-t0 + 1` is: minus a name)
+            # is not code as it stands (`-t0 + 1` is: minus a name), or that ends the options
+            # with `--` (`-t0 -- -x` compiles, but as code nobody writes it)
             opts.extend((token[:2], token[2:]))
             rest = rest[m.end() :]
             continue
@@ -126,7 +128,8 @@ def _compiles(code: str) -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            compile(code, "<%px>", "exec", dont_inherit=True)
+            # top-level `await` too: the engines' IPython runs it (autoawait)
+            compile(code, "<%px>", "exec", ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
     except (SyntaxError, ValueError):
         return False
     return True

@@ -1115,6 +1115,26 @@ def test_a_short_option_with_its_value_attached_is_an_option(ip, mec):
     assert ip.run_line_magic("px", "--targets 2 -t0 + 1")[0]["input"]["raw"] == "-t0 + 1"
 
 
+def test_an_attached_short_option_before_double_dash_is_an_option(ip, mec):
+    """``%px -t0 -- -x``: the attached option, then ``--`` before code that starts with '-' (as
+    docs/magics.md says). The whole line compiles (``-t0 - (-(-x))``), so it went to every
+    engine as code: a NameError on each. An attached option followed by ``--`` is the option."""
+    ip.run_line_magic("px", "x = 3")
+    res = ip.run_line_magic("px", "-t0 -- -x")
+    assert [r["id"] for r in res] == [0] and res[0]["input"]["raw"] == "-x", res
+
+
+def test_code_with_top_level_await_that_starts_with_a_short_option_letter_is_code(ip, mec):
+    """The engines run top-level ``await`` (IPython's autoawait), but the line was checked as
+    plain Python: ``%px -total + await f()`` did not compile there, so ``-t otal`` was taken as
+    the option and the valid line refused as a usage error (unknown engines 'otal')."""
+    ip.run_line_magic("px", "import asyncio; total = 5")
+    res = ip.run_line_magic("px", "--targets 1 -total + await asyncio.sleep(0, 2)")
+    assert [r["id"] for r in res] == [1], res
+    assert res[0]["input"]["raw"] == "-total + await asyncio.sleep(0, 2)", res
+    assert res[0]["result"]["text/plain"] == "-3", res
+
+
 def test_pxdiff_unknown_target_is_a_one_line_usage_error(ip):
     """``%pxdiff x --targets 9`` raised the client's TargetsError with the magic's frames (a
     full traceback), where ``%px --targets 9`` says it in one line; now the same UsageError."""
