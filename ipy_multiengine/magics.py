@@ -650,7 +650,7 @@ class ParallelMagics(Magics):
         try:
             result = mec.on_start(code, timeout=timeout)
         except MultiEngineTimeout:
-            pr = mec.last_executed()
+            pr = self.last = mec.last_executed()  # %result (also a named set's) collects it
             left = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
             raise one_line(
                 MultiEngineTimeout(
@@ -660,6 +660,7 @@ class ParallelMagics(Magics):
                 )
             ) from None
         except CompositeError as err:  # what the engines printed, then the error
+            self.last = mec.last_executed()  # %result raises it again, as after a %px
             self._show_records(
                 [r for r in err.results if isinstance(r, dict)], "collect", group, same_output
             )

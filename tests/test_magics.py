@@ -1101,6 +1101,27 @@ def test_result_of_a_named_set_is_its_own_command_never_another_s(ip, mec):
         client_mod.deactivate("_even")
 
 
+def test_result_of_a_named_set_after_a_failed_or_timed_out_init_is_that_init(ip, mec):
+    """``%px_even --init`` that failed or timed out did not become the set's last command:
+    ``%result_even`` gave the set's command before (``%result`` gives the init's error again,
+    and the timeout's message says ``%result`` waits for its output). It is the init now."""
+    mec.activate(suffix="_even", targets=[0, 2])
+    try:
+        _cap, res = run(ip, "%px_even print('before')")
+        assert res.success, res.error_in_exec
+        _cap, res = run(ip, "%px_even --init 1/0")
+        assert isinstance(res.error_in_exec, CompositeError), res.error_in_exec
+        _cap, res = run(ip, "%result_even")
+        assert isinstance(res.error_in_exec, CompositeError), res.result
+        _cap, res = run(ip, "%px_even --init --timeout 0.2 import time; time.sleep(1); y = 7")
+        assert isinstance(res.error_in_exec, TimeoutError), res.error_in_exec
+        _cap, res = run(ip, "%result_even --timeout 30")
+        assert res.success, res.error_in_exec
+        assert [r["input"]["raw"] for r in res.result] == ["import time; time.sleep(1); y = 7"] * 4
+    finally:
+        client_mod.deactivate("_even")
+
+
 def test_a_short_option_with_its_value_attached_is_an_option(ip, mec):
     """``%px -t0 print(1)`` (argparse's ``-t 0``) went to every engine as the code ``-t0
     print(1)``, each failing with a SyntaxError; ``-ores`` likewise. A short option with its
