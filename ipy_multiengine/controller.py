@@ -1636,6 +1636,7 @@ class Controller:
                     interrupt=lambda: self.interrupt([conn.eid]),
                     future=req.future if req is not None else None,
                     before=before,
+                    listener=req.listener if req is not None else None,
                 )
             )
 
