@@ -203,8 +203,10 @@ class AutoPxTransformer:
         if word.startswith("%"):
             if word.lstrip("%") in self.local_magics:
                 return lines
-        elif word in self.local_magics - {"result"} and not re.match(
-            r"[=(\[.,:+\-*/%<>!&|^~@]", rest
+        elif word in self.local_magics - {"result"} and (
+            not re.match(r"[=(\[.,:+\-*/%<>!&|^~@]", rest)
+            # `px --targets 0 code`, `px -t0 code`: options, when not Python (`px - x` is)
+            or (rest.startswith("-") and len(code) == 1 and not _compiles(first))
         ):
             return lines  # automagic: `autopx`, `pxstatus`, `px code` (not `px = 1`, `px(...)`)
         return [f"%%{self.cell_magic}\n", *lines]

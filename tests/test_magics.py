@@ -840,6 +840,28 @@ def test_o10_autopx_keeps_every_extension_magic_local(ip, mec):
         mec.execute("del pxstatus")
 
 
+def test_autopx_px_with_options_is_the_local_magic_minus_code_stays_code(ip, mec):
+    """Under ``%autopx``, ``px --targets 0 CODE`` and ``px -t0 CODE`` (automagic ``%px`` with
+    its options, as typed outside autopx) were sent to every engine as code, because a word
+    followed by '-' may be a subtraction: a SyntaxError on each. A line that is not Python
+    as it stands is the magic; ``px - x`` (valid Python) still goes to the engines."""
+    mec.execute("px = 10; x = 3")
+    run(ip, "%autopx")
+    try:
+        for line in ("px --targets 0 print('zero')", "px -t0 print('zero')"):
+            cap, res = run(ip, line)
+            assert res.success, (line, res.error_in_exec)
+            assert [r["id"] for r in res.result] == [0], (line, res.result)
+            assert res.result[0]["stdout"] == "zero\n"
+        cap, res = run(ip, "px -x")
+        assert res.success, res.error_in_exec
+        shown = [o.data.get("text/plain", "") for o in cap.outputs]
+        assert [t.split(": ")[-1] for t in shown] == ["7"] * 4, shown
+    finally:
+        if magics_of(ip).transformer.enabled:
+            run(ip, "%autopx")
+
+
 @pytest.mark.parametrize(
     "typed", ["exit", "quit", "exit()", "quit()", "  exit  ", "# bye\nexit", "%exit"]
 )
