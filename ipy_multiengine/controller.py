@@ -1698,6 +1698,7 @@ class Controller:
                     interrupt=lambda: self.interrupt([conn.eid]),
                     future=req.future if req is not None else None,
                     before=before,
+                    listener=req.listener if req is not None else None,
                 )
             )
 

@@ -21,6 +21,7 @@ Rendering (documented in ``docs/magics.md``):
 
 from __future__ import annotations
 
+import ast
 import difflib
 import re
 import sys
@@ -87,10 +88,11 @@ def _split_line(line: str, parser: Any) -> tuple[str, str]:
             and attached is not None
             and attached.nargs != 0
             and not token.startswith("--")
-            and not _compiles(rest)
+            and (not _compiles(rest) or re.match(r"--(\s|$)", rest[m.end() :]))
         ):
             # `-t0`, `-ores`: argparse's short option with its value attached, on a line that
-            # is not code as it stands (`-t0 + 1` is: minus a name)
+            # is not code as it stands (`-t0 + 1` is: minus a name), or that ends the options
+            # with `--` (`-t0 -- -x` compiles, but as code nobody writes it)
             opts.extend((token[:2], token[2:]))
             rest = rest[m.end() :]
             continue
@@ -126,7 +128,8 @@ def _compiles(code: str) -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            compile(code, "<%px>", "exec", dont_inherit=True)
+            # top-level `await` too: the engines' IPython runs it (autoawait)
+            compile(code, "<%px>", "exec", ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
     except (SyntaxError, ValueError):
         return False
     return True
@@ -200,8 +203,10 @@ class AutoPxTransformer:
         if word.startswith("%"):
             if word.lstrip("%") in self.local_magics:
                 return lines
-        elif word in self.local_magics - {"result"} and not re.match(
-            r"[=(\[.,:+\-*/%<>!&|^~@]", rest
+        elif word in self.local_magics - {"result"} and (
+            not re.match(r"[=(\[.,:+\-*/%<>!&|^~@]", rest)
+            # `px --targets 0 code`, `px -t0 code`: options, when not Python (`px - x` is)
+            or (rest.startswith("-") and len(code) == 1 and not _compiles(first))
         ):
             return lines  # automagic: `autopx`, `pxstatus`, `px code` (not `px = 1`, `px(...)`)
         return [f"%%{self.cell_magic}\n", *lines]
@@ -647,7 +652,7 @@ class ParallelMagics(Magics):
         try:
             result = mec.on_start(code, timeout=timeout)
         except MultiEngineTimeout:
-            pr = mec.last_executed()
+            pr = self.last = mec.last_executed()  # %result (also a named set's) collects it
             left = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
             raise one_line(
                 MultiEngineTimeout(
@@ -657,6 +662,7 @@ class ParallelMagics(Magics):
                 )
             ) from None
         except CompositeError as err:  # what the engines printed, then the error
+            self.last = mec.last_executed()  # %result raises it again, as after a %px
             self._show_records(
                 [r for r in err.results if isinstance(r, dict)], "collect", group, same_output
             )

@@ -309,6 +309,14 @@ def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = 
         # pandas.concat would align them, filling NaN where a frame has no such column
         cols = "; ".join(f"{n}: {list(p.columns)}" for n, p in zip(names, parts, strict=True))
         raise TypeError(f"{what} hold DataFrames with different columns ({cols})")
+    levels = _LEVELS_OF.get(kind.name)
+    if levels is not None and any(levels(p) != levels(parts[0]) for p in parts):
+        # MultiIndex.append and pandas.concat keep the first part's levels: a deeper part's
+        # last levels were dropped, a flat one beside a MultiIndex made tuples and scalars
+        nums = ", ".join(f"{n}: {levels(p)}" for n, p in zip(names, parts, strict=True))
+        raise TypeError(
+            f"{what} hold {_a(kind.name)} each, of different numbers of index levels ({nums})"
+        )
     typed = _TYPE_OF.get(kind.name)
     if typed is not None and any(typed(p) != typed(parts[0]) for p in parts):
         # a join would fail naming a part by its index ("Schema at index 1"), or for pandas
@@ -374,7 +382,7 @@ def _check_integers(parts: Sequence[Any], joined: Any, names: list[Any], what: s
 
     after = _dtypes(joined)
     each = [_dtypes(p) for p in parts]
-    if any(len(d) != len(after) for d in each):  # indexes of different levels: tuples
+    if any(len(d) != len(after) for d in each):  # (parts of other levels are refused before)
         return
     for col, dtype in enumerate(after):
         before = [d[col] for d in each]
@@ -385,6 +393,14 @@ def _check_integers(parts: Sequence[Any], joined: Any, names: list[Any], what: s
                 f"{what} hold integers of no common integer type{label} ({dtypes}): joined "
                 f"they would be {dtype}, large values rounded; cast them to one dtype first"
             )
+
+
+#: the number of levels of these kinds' row labels, which must be the same in every part
+_LEVELS_OF: dict[str, Callable[[Any], int]] = {
+    "pandas Index": lambda p: p.nlevels,
+    "pandas Series": lambda p: p.index.nlevels,
+    "pandas DataFrame": lambda p: p.index.nlevels,
+}
 
 
 #: what must be the same in every part of these kinds: their column types or dtype

@@ -62,11 +62,13 @@ _watchers: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def watch(shower: Any) -> None:
-    """Tell ``shower`` before each prompt (``shower.before_prompt(eid)``, in the asking
-    thread): it shows what it holds back of that engine's output (a line without its newline,
-    a coalesced update, collected text), so that the question an engine printed before its
-    ``input()`` is on the screen when the user is asked. The text it returns is shown before
-    the prompt as the engine's (``[N] ...``). Held weakly; ``unwatch`` ends it."""
+    """Tell ``shower`` before each prompt of a request whose output it shows (the request's
+    listener is ``shower.listener``): ``shower.before_prompt(eid)``, in the asking thread. It
+    shows what it holds back of that engine's output (a line without its newline, a coalesced
+    update, collected text), so that the question an engine printed before its ``input()`` is
+    on the screen when the user is asked. The text it returns is shown before the prompt as
+    the engine's (``[N] ...``). Another call's prompt, on the same engine id, is none of its
+    business. Held weakly; ``unwatch`` ends it."""
     with _lock:
         _watchers.add(shower)
 
@@ -93,6 +95,7 @@ class InputRequest:
     interrupt: Callable[[], None]
     future: cf.Future | None = None  # the future of the request that asked, when known
     before: str = ""  # its output not shown yet (the controller takes it on its loop thread)
+    listener: Any = None  # what shows the asking request's output live, if anything (``watch``)
     posted: float = field(default_factory=time.monotonic)
 
     @property
@@ -213,7 +216,11 @@ def _ask(item: InputRequest) -> str:
     global asked
     asked += 1
     with _lock:
-        showers = list(_watchers)
+        showers = [
+            s
+            for s in _watchers
+            if item.listener is not None and getattr(s, "listener", None) == item.listener
+        ]
     before = item.pending_output() + "".join(s.before_prompt(item.eid) for s in showers)
     if before:
         prefix = f"[{item.eid}] "

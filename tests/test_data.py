@@ -536,6 +536,29 @@ def test_scatter_and_gather_pandas_index_by_rows(mec):
         assert list(back.names) == list(value.names)
 
 
+def test_gather_refuses_indexes_of_different_levels(mec):
+    """``MultiIndex.append`` (and ``pandas.concat`` for the rows' index) keeps the levels of the
+    first part: a 3-level MultiIndex gathered after a 2-level one lost its third level, and
+    beside a flat Index it became an Index of tuples and scalars. Refused, naming each
+    engine's number of levels, for an Index and for the row index of a Series or DataFrame."""
+    mec.execute("import pandas as pd")
+    two = "pd.MultiIndex.from_tuples([(1, 'a')])"
+    three = "pd.MultiIndex.from_tuples([(2, 'b', 3)])"
+    cases = [
+        (two, three),
+        (two, "pd.Index([5])"),
+        (f"pd.Series([1], index={two})", f"pd.Series([2], index={three})"),
+        (f"pd.DataFrame({{'v': [1]}}, index={two})", f"pd.DataFrame({{'v': [2]}}, index={three})"),
+    ]
+    for first, second in cases:
+        mec.execute(f"y = {first}", targets=0)
+        mec.execute(f"y = {second}", targets=1)
+        with pytest.raises(TypeError, match=r"different numbers of index levels \(0: 2, 1: [13]\)"):
+            mec.gather("y", targets=[0, 1])
+    mec.execute(f"y = {three}", targets=[0, 1])
+    assert mec.gather("y", targets=[0, 1]).nlevels == 3
+
+
 def test_gather_ignores_the_dtype_of_an_engine_with_no_items(mec):
     """An engine that got no items often holds ``np.array([])`` (float64): beside integer
     parts numpy's promotion made the whole gather float64, 2**62 + 1 rounded, and beside 2-D

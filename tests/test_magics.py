@@ -840,6 +840,28 @@ def test_o10_autopx_keeps_every_extension_magic_local(ip, mec):
         mec.execute("del pxstatus")
 
 
+def test_autopx_px_with_options_is_the_local_magic_minus_code_stays_code(ip, mec):
+    """Under ``%autopx``, ``px --targets 0 CODE`` and ``px -t0 CODE`` (automagic ``%px`` with
+    its options, as typed outside autopx) were sent to every engine as code, because a word
+    followed by '-' may be a subtraction: a SyntaxError on each. A line that is not Python
+    as it stands is the magic; ``px - x`` (valid Python) still goes to the engines."""
+    mec.execute("px = 10; x = 3")
+    run(ip, "%autopx")
+    try:
+        for line in ("px --targets 0 print('zero')", "px -t0 print('zero')"):
+            cap, res = run(ip, line)
+            assert res.success, (line, res.error_in_exec)
+            assert [r["id"] for r in res.result] == [0], (line, res.result)
+            assert res.result[0]["stdout"] == "zero\n"
+        cap, res = run(ip, "px -x")
+        assert res.success, res.error_in_exec
+        shown = [o.data.get("text/plain", "") for o in cap.outputs]
+        assert [t.split(": ")[-1] for t in shown] == ["7"] * 4, shown
+    finally:
+        if magics_of(ip).transformer.enabled:
+            run(ip, "%autopx")
+
+
 @pytest.mark.parametrize(
     "typed", ["exit", "quit", "exit()", "quit()", "  exit  ", "# bye\nexit", "%exit"]
 )
@@ -1101,6 +1123,27 @@ def test_result_of_a_named_set_is_its_own_command_never_another_s(ip, mec):
         client_mod.deactivate("_even")
 
 
+def test_result_of_a_named_set_after_a_failed_or_timed_out_init_is_that_init(ip, mec):
+    """``%px_even --init`` that failed or timed out did not become the set's last command:
+    ``%result_even`` gave the set's command before (``%result`` gives the init's error again,
+    and the timeout's message says ``%result`` waits for its output). It is the init now."""
+    mec.activate(suffix="_even", targets=[0, 2])
+    try:
+        _cap, res = run(ip, "%px_even print('before')")
+        assert res.success, res.error_in_exec
+        _cap, res = run(ip, "%px_even --init 1/0")
+        assert isinstance(res.error_in_exec, CompositeError), res.error_in_exec
+        _cap, res = run(ip, "%result_even")
+        assert isinstance(res.error_in_exec, CompositeError), res.result
+        _cap, res = run(ip, "%px_even --init --timeout 0.2 import time; time.sleep(1); y = 7")
+        assert isinstance(res.error_in_exec, TimeoutError), res.error_in_exec
+        _cap, res = run(ip, "%result_even --timeout 30")
+        assert res.success, res.error_in_exec
+        assert [r["input"]["raw"] for r in res.result] == ["import time; time.sleep(1); y = 7"] * 4
+    finally:
+        client_mod.deactivate("_even")
+
+
 def test_a_short_option_with_its_value_attached_is_an_option(ip, mec):
     """``%px -t0 print(1)`` (argparse's ``-t 0``) went to every engine as the code ``-t0
     print(1)``, each failing with a SyntaxError; ``-ores`` likewise. A short option with its
@@ -1113,6 +1156,26 @@ def test_a_short_option_with_its_value_attached_is_an_option(ip, mec):
     assert mec.pull("x", targets=1) == [5]
     ip.run_line_magic("px", "t0 = 2")
     assert ip.run_line_magic("px", "--targets 2 -t0 + 1")[0]["input"]["raw"] == "-t0 + 1"
+
+
+def test_an_attached_short_option_before_double_dash_is_an_option(ip, mec):
+    """``%px -t0 -- -x``: the attached option, then ``--`` before code that starts with '-' (as
+    docs/magics.md says). The whole line compiles (``-t0 - (-(-x))``), so it went to every
+    engine as code: a NameError on each. An attached option followed by ``--`` is the option."""
+    ip.run_line_magic("px", "x = 3")
+    res = ip.run_line_magic("px", "-t0 -- -x")
+    assert [r["id"] for r in res] == [0] and res[0]["input"]["raw"] == "-x", res
+
+
+def test_code_with_top_level_await_that_starts_with_a_short_option_letter_is_code(ip, mec):
+    """The engines run top-level ``await`` (IPython's autoawait), but the line was checked as
+    plain Python: ``%px -total + await f()`` did not compile there, so ``-t otal`` was taken as
+    the option and the valid line refused as a usage error (unknown engines 'otal')."""
+    ip.run_line_magic("px", "import asyncio; total = 5")
+    res = ip.run_line_magic("px", "--targets 1 -total + await asyncio.sleep(0, 2)")
+    assert [r["id"] for r in res] == [1], res
+    assert res[0]["input"]["raw"] == "-total + await asyncio.sleep(0, 2)", res
+    assert res[0]["result"]["text/plain"] == "-3", res
 
 
 def test_pxdiff_unknown_target_is_a_one_line_usage_error(ip):

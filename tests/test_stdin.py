@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -536,3 +537,56 @@ def test_one_line_px_shows_what_the_engine_printed_before_its_prompt(ip, mec, mo
     assert res.success, res.error_in_exec
     assert seen == [("[0] ", "[0] How many?\n")], seen
     assert mec.pull("n", targets=0) == [3]
+
+
+def test_a_prompt_shows_only_its_own_call_s_output_before_it(ip, mec, monkeypatch, tmp_path):
+    """Before each prompt every live output in the process was asked for "its" engine's text:
+    while a one-line ``%px`` on engines 0 and 1 still waited for engine 1, another thread's
+    ``mec.execute`` asking for input on engine 0 showed the ``%px``'s engine 0 output too, as
+    if engine 0 had printed it before that question (and the ``%px``'s own later prompt would
+    not). Only the asking call's output is shown before its prompt."""
+    import threading
+
+    from shell_helpers import magics_of
+
+    go = tmp_path / "go"
+    mec.execute("import os, time", targets=[0, 1])
+    mec.execute(
+        "def wait_for(path):\n"
+        "    end = time.monotonic() + 30\n"
+        "    while not os.path.exists(path) and time.monotonic() < end:\n"
+        "        time.sleep(0.01)\n",
+        targets=1,
+    )
+    mec.execute("def wait_for(path): pass", targets=0)  # engine 0 is done at once
+    screen, seen = _prompting_shell(ip, monkeypatch, notebook=False)
+
+    def fake_input(prompt=""):
+        seen.append((prompt, screen.getvalue()))
+        go.touch()  # engine 1 of the %px may finish now
+        return "t"
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    magics = magics_of(ip)
+    magics.last = None
+    other: list = []
+
+    def other_call() -> None:
+        end = time.monotonic() + 30
+        while magics.last is None and time.monotonic() < end:
+            threading.Event().wait(0.01)  # the %px is sent: this call runs after it on engine 0
+        try:
+            other.append(
+                mec.execute("print('other asks', flush=True); v = input('v? ')", targets=0)
+            )
+        except BaseException as exc:
+            other.append(exc)
+
+    thread = threading.Thread(target=other_call, daemon=True)
+    thread.start()
+    res = ip.run_cell(f"%px --targets 0,1 print('px output', flush=True); wait_for({str(go)!r})")
+    thread.join(30)
+    assert res.success, res.error_in_exec
+    assert other and not isinstance(other[0], BaseException), other
+    assert [p for p, _ in seen] == ["[0] v? "], seen
+    assert seen[0][1] == "[0] other asks\n", seen
