@@ -40,6 +40,7 @@ from . import stdin
 from .errors import CompositeError, MultiEngineError, NoClusterError, TargetsError
 from .errors import TimeoutError as MultiEngineTimeout
 from .render import (
+    LateShower,
     LiveOutput,
     ProgressBar,
     Renderer,
@@ -414,6 +415,16 @@ class ParallelMagics(Magics):
 
     # -- the client
     def client(self) -> Any:
+        """The client the magics run on (the bound one of a named set, else the active one,
+        else one connected to the running default cluster), told to show its engines' late
+        output here."""
+        mec = self._client()
+        shower = _SHOWERS.get(id(self._ip))
+        if shower is not None:
+            mec.controller.watch_late(shower)
+        return mec
+
+    def _client(self) -> Any:
         if self.bound is not None:
             if self.bound.closed:
                 raise UsageError("the client of these magics is closed; activate another one")
@@ -504,9 +515,23 @@ class ParallelMagics(Magics):
         args = parse_argstring(self.px, opt_text)
         if not code.strip():
             raise UsageError("%px needs code to run: %px CODE, or a %%px cell")
-        return self._run(code, args, line_form)
+        shower = _SHOWERS.get(id(self._ip))
+        if shower is None:
+            return self._run(code, args, line_form)
+        shower.placing += 1  # late output of earlier commands: shown first, and with this one
+        try:
+            return self._run(code, args, line_form, shower.show())
+        finally:
+            shower.placing -= 1
 
-    def _run(self, code: str, args: Any, line_form: bool) -> Any:
+    def _run(
+        self,
+        code: str,
+        args: Any,
+        line_form: bool,
+        shown: list[tuple[dict, dict]] | None = None,
+    ) -> Any:
+        """Run ``%px``/``%%px``; ``shown``: displays the cell showed before (late output)."""
         cfg = self.pxconfig_
         self.notice = ""
         mec = self.client()
@@ -564,7 +589,14 @@ class ParallelMagics(Magics):
             # a %%px cell's outputs are all its own: engine areas are laid out from the start
             owns_cell = not line_form and not args.local
             renderer = Renderer(
-                pr.eids, mode, self.notebook, group, same_output, owns_cell, shown_before=notice
+                pr.eids,
+                mode,
+                self.notebook,
+                group,
+                same_output,
+                owns_cell,
+                shown_before=notice,
+                displays_before=shown,
             )
             renderer.bars.append(progress)  # the cell's final layout keeps it
             live.start(renderer)
@@ -600,18 +632,23 @@ class ParallelMagics(Magics):
                     "%result waits for the output; mec.interrupt() stops them"
                 )
             )
+        shower = _SHOWERS.get(id(self._ip))
         try:
             result = pr.get_result()
         except CompositeError as err:
             # no Results List will be shown: every engine's stdout and Out first, then the error
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             live.close()
+            if shower is not None:
+                shower.keep(renderer, _records(err))
             raise self._failed(err, args, collapse) from None
         except BaseException:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             live.close()
             raise
         live.close()
+        if shower is not None:
+            shower.keep(renderer, result)
         if args.out:
             self._ip.user_ns[args.out] = result
         return result if mode == "results" else None
@@ -939,7 +976,15 @@ class ParallelMagics(Magics):
         return self.result(line)
 
 
+def _records(err: CompositeError) -> list[dict]:
+    """Every engine's execute record of a failed call: the failing engines' and the others'."""
+    failed = [getattr(e, "result", None) for e in err.elist]
+    return [r for r in [*err.results, *failed] if isinstance(r, dict)]
+
+
 _LOADED: dict[int, ParallelMagics] = {}
+#: per shell, what shows its engines' late output (one for the default and every named set)
+_SHOWERS: dict[int, LateShower] = {}
 #: named magic sets (``mec.activate(suffix='_even')``) per (shell, suffix), and their names
 _SETS: dict[tuple[int, str], ParallelMagics] = {}
 _SET_NAMES: set[str] = set()
@@ -1011,6 +1056,12 @@ def load(ip: Any) -> ParallelMagics:
     ip.register_magics(magics)
     ip.input_transformers_cleanup.append(magics.transformer)
     _LOADED[id(ip)] = magics
+    # late output (printed after its command finished) is shown before each cell runs (before
+    # its own output) and after it (before the next prompt); in a notebook, outside its own
+    # cell, only with a %px
+    shower = _SHOWERS[id(ip)] = LateShower(lambda: magics.notebook)
+    ip.events.register("pre_run_cell", shower.before_cell)
+    ip.events.register("post_run_cell", shower.after_cell)
     return magics
 
 
@@ -1021,6 +1072,11 @@ def unload(ip: Any) -> None:
     magics = _LOADED.pop(id(ip), None)
     if magics is None:
         return
+    shower = _SHOWERS.pop(id(ip), None)
+    if shower is not None:
+        shower.show()  # what waits is shown, not dropped
+        ip.events.unregister("pre_run_cell", shower.before_cell)
+        ip.events.unregister("post_run_cell", shower.after_cell)
     own = magics._own_client  # the client %px connected by itself: nobody else can close it
     magics._own_client = None
     if own is not None and not own.closed:
