@@ -533,14 +533,20 @@ class ParallelMagics(Magics):
     ) -> Any:
         """Run ``%px``/``%%px``; ``shown``: displays the cell showed before (late output)."""
         cfg = self.pxconfig_
+        if args.timeout is not None and args.block is False:
+            raise UsageError(
+                "--timeout bounds the wait of a blocking %px; with --noblock nothing waits: "
+                "%result --timeout S waits for the PendingResult"
+            )
         self.notice = ""
         mec = self.client()
         notice, self.notice = self.notice, ""
-        targets = (
-            cfg.targets
-            if args.targets is None
-            else parse_targets(args.targets, mec.get_ids(), getattr(mec, "groups", ()))
-        )
+        if args.targets is None:
+            targets = cfg.targets
+            if not args.init:  # (setup code runs on every engine)
+                self._check_default_targets(mec, targets)
+        else:
+            targets = parse_targets(args.targets, mec.get_ids(), getattr(mec, "groups", ()))
         block = (
             args.block
             if args.block is not None
@@ -653,6 +659,28 @@ class ParallelMagics(Magics):
             self._ip.user_ns[args.out] = result
         return result if mode == "results" else None
 
+    def _check_default_targets(self, mec: Any, targets: Any) -> None:
+        """The session's default targets (``%pxconfig --targets``, a named set's targets) still
+        name engines of the client: after the cluster shrank, say where they were set, not
+        only "unknown engine id" as if this line had named it."""
+        if targets is None:
+            return
+        try:
+            _resolve_targets(targets, mec.get_ids(), getattr(mec, "groups", None) or {})
+        except (ValueError, TypeError) as exc:
+            if self.bound is not None:
+                where = f"the targets of %{self.transformer.cell_magic} (mec.activate(targets=...))"
+                fix = "activate the set again with other targets"
+            elif "targets" in self.pxconfig_.overridden:
+                where = "%pxconfig --targets"
+                fix = "set them again with %pxconfig --targets T, or %pxconfig --targets default"
+            else:
+                where = "ParallelMagics.targets"
+                fix = "set them with %pxconfig --targets T, or %pxconfig --targets default"
+            raise UsageError(
+                f"{where} {targets!r}: {exc}; {fix} (or give --targets on this line)"
+            ) from None
+
     def _failed(self, err: CompositeError, args: Any, collapse: bool) -> CompositeError:
         """The error a failing cell raises: stored under ``--out``, grouped with ``--collapse``."""
         if collapse:
@@ -681,8 +709,16 @@ class ParallelMagics(Magics):
             )
         if not args.block and args.block is not None:
             raise UsageError("--init always blocks: setup code must have run before anything else")
+        outcome: BaseException | None = None
         try:
             result = mec.on_start(code, timeout=timeout)
+        except (MultiEngineTimeout, CompositeError) as exc:
+            outcome = exc
+        if args.local:  # here too, once the engines have run it, whatever they did (as --local)
+            self._run_local(code)
+        try:
+            if outcome is not None:
+                raise outcome
         except MultiEngineTimeout:
             pr = mec.last_executed()
             left = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]

@@ -1228,3 +1228,51 @@ def test_late_output_without_an_area_is_shown_with_the_next_px_in_a_notebook(ip,
     finally:
         flag.touch()
         mec.execute("_late.join(10)", targets=[0])
+
+
+# ---------------------------------------------------------------------- options not ignored
+def test_timeout_with_noblock_is_a_usage_error_before_anything_is_sent(ip, mec):
+    """``%px --timeout S --noblock`` returned a PendingResult and ignored the timeout (nothing
+    waits): a usage error now, saying what waits instead, and the code is not sent."""
+    _cap, res = run(ip, "%px --timeout 5 --noblock sent_anyway = 1")
+    assert isinstance(res.error_in_exec, UsageError), res.error_in_exec
+    assert "%result --timeout" in str(res.error_in_exec)
+    mec.execute("not_sent = 'sent_anyway' not in globals()")
+    assert mec.pull("not_sent") == [True] * 4
+
+
+def test_init_with_local_runs_the_setup_code_here_too(ip, mec):
+    """``%px --init --local CODE`` ran the setup code on the engines only (``--local`` was
+    ignored): it runs here too, once the engines have run it, as ``--local`` does."""
+    ip.user_ns.pop("INIT_HERE", None)
+    try:
+        _cap, res = run(ip, "%px --init --local INIT_HERE = 3")
+        assert res.success, res.error_in_exec
+        assert ip.user_ns.get("INIT_HERE") == 3
+        assert mec.pull("INIT_HERE") == [3] * 4
+        assert mec.on_start_code == ["INIT_HERE = 3"]
+    finally:
+        mec.clear_on_start()
+        ip.user_ns.pop("INIT_HERE", None)
+
+
+def test_pxconfig_targets_left_unknown_after_the_cluster_shrank_name_pxconfig(ip, mec):
+    """``%pxconfig --targets 1`` and then engine 1 left the cluster: every later ``%px`` failed
+    with the client's "unknown engine id 1", as if the line had named it. It names
+    ``%pxconfig --targets`` and how to set it again; ``--targets`` on the line still works."""
+    from faultlib import small_cluster
+
+    with small_cluster(2) as (_cluster, small):
+        small.activate()
+        try:
+            run(ip, "%pxconfig --targets 1")
+            small.controller.forget([1], "left the cluster")
+            _cap, res = run(ip, "%px shrunk = 1")
+            assert isinstance(res.error_in_exec, UsageError), res.error_in_exec
+            text = str(res.error_in_exec)
+            assert text.startswith("%pxconfig --targets [1]:") and "unknown engine id" in text
+            assert "%pxconfig --targets default" in text
+            _cap, res = run(ip, "%px --targets 0 shrunk = 1")
+            assert res.success, res.error_in_exec
+        finally:
+            mec.activate()
