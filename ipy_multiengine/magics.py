@@ -1095,7 +1095,9 @@ def load(ip: Any) -> ParallelMagics:
     # late output (printed after its command finished) is shown before each cell runs (before
     # its own output) and after it (before the next prompt); in a notebook, outside its own
     # cell, only with a %px
-    shower = _SHOWERS[id(ip)] = LateShower(lambda: magics.notebook)
+    terminal = sys.modules.get("IPython.terminal.interactiveshell")
+    at_prompt = terminal is not None and isinstance(ip, terminal.TerminalInteractiveShell)
+    shower = _SHOWERS[id(ip)] = LateShower(lambda: magics.notebook, at_prompt)
     ip.events.register("pre_run_cell", shower.before_cell)
     ip.events.register("post_run_cell", shower.after_cell)
     return magics
@@ -1110,7 +1112,7 @@ def unload(ip: Any) -> None:
         return
     shower = _SHOWERS.pop(id(ip), None)
     if shower is not None:
-        shower.show()  # what waits is shown, not dropped
+        shower.close()  # what waits is shown, not dropped
         ip.events.unregister("pre_run_cell", shower.before_cell)
         ip.events.unregister("post_run_cell", shower.after_cell)
     own = magics._own_client  # the client %px connected by itself: nobody else can close it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # signal's C module: no enum wrapping (7x faster)
 import contextlib
+import logging
 import re
 import signal
 import sys
@@ -1127,11 +1128,20 @@ class LateShower:
     waits for engines (``stdin.post``). ``show`` renders in the user's thread: in a terminal
     every queued output; in a notebook, output of a ``%%px`` cell whose engine areas are
     known (``keep``) is appended to that cell's area in place (``update_display``), the rest
-    only when ``place`` (a ``%px`` shows it with its own output)."""
+    only when ``place`` (a ``%px`` shows it with its own output).
 
-    def __init__(self, notebook: Any) -> None:
+    With ``at_prompt`` (a terminal IPython, which prints other threads' text above its prompt)
+    late output that comes while the prompt waits is printed at once, by a thread of its own,
+    not only when the next cell runs."""
+
+    def __init__(self, notebook: Any, at_prompt: bool = False) -> None:
         """``notebook()``: whether to render for a notebook now."""
         self._notebook = notebook
+        self._at_prompt = at_prompt
+        self._idle = False  # between two cells (the prompt waits): set by after_cell
+        self._wake = threading.Event()
+        self._printer: threading.Thread | None = None
+        self.closed = False
         self._lock = threading.Lock()
         self._render = threading.Lock()  # one show at a time (any waiting thread may serve one)
         self._queue: deque[tuple[int, str, int | None, str, dict]] = deque()
@@ -1149,6 +1159,8 @@ class LateShower:
         """(controller's thread) Queue one late output and ask a waiting thread to show it."""
         from . import stdin
 
+        if self.closed:
+            return
         size = _late_size((eid, msg_id, number, mtype, content))
         with self._lock:
             if self._size + size > LATE_PENDING_LIMIT:
@@ -1159,6 +1171,30 @@ class LateShower:
             post, self._posted = not self._posted, True
         if post:
             stdin.post(lambda: self.show(None))
+        if self._idle and self._at_prompt:
+            self._wake.set()
+            if self._printer is None:
+                self._printer = threading.Thread(
+                    target=self._print_at_prompt, name="ipy_multiengine late output", daemon=True
+                )
+                self._printer.start()
+
+    def _print_at_prompt(self) -> None:
+        """(its own thread) Print late output that comes while the terminal's prompt waits."""
+        while not self.closed:
+            self._wake.wait()
+            self._wake.clear()
+            if self._idle and not self.closed:
+                try:
+                    self.show(None)
+                except Exception:  # a closed stdout, say: shown with the next cell instead
+                    logging.getLogger("ipy_multiengine").exception("showing late output failed")
+
+    def close(self) -> None:
+        """Show what waits (it is not dropped), then take no more."""
+        self.show()
+        self.closed = True
+        self._wake.set()
 
     def keep(self, renderer: Renderer, records: list[Any]) -> None:
         """A finished ``%%px`` cell: late output of its ``records`` goes to its engine areas
@@ -1218,11 +1254,13 @@ class LateShower:
 
     def before_cell(self, _info: Any = None) -> None:
         """IPython's ``pre_run_cell``: show what came while the prompt waited."""
+        self._idle = False
         self.show(None)
 
     def after_cell(self, _result: Any = None) -> None:
         """IPython's ``post_run_cell``: show what came while the cell ran, before the prompt."""
         self.show(None)
+        self._idle = True
 
     @staticmethod
     def _append(area: _Area, content: dict) -> bool:
