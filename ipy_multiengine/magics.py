@@ -665,8 +665,12 @@ class ParallelMagics(Magics):
         only "unknown engine id" as if this line had named it."""
         if targets is None:
             return
+        # the groups (every engine's metadata) only for a value that may name one
+        plain = targets == "all" or isinstance(targets, int)
+        plain = plain or (isinstance(targets, list) and all(isinstance(t, int) for t in targets))
+        groups = None if plain else getattr(mec, "groups", None)
         try:
-            _resolve_targets(targets, mec.get_ids(), getattr(mec, "groups", None) or {})
+            _resolve_targets(targets, mec.get_ids(), groups)
         except (ValueError, TypeError) as exc:
             if self.bound is not None:
                 where = f"the targets of %{self.transformer.cell_magic} (mec.activate(targets=...))"
