@@ -22,6 +22,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -61,6 +62,13 @@ INTERRUPT_ACK = 1.0
 _NOT_INTERRUPTED = ("open", "ping")
 #: Messages a channel may still deliver, read at once, when its engine dies or is restarted.
 DRAIN_LIMIT = 1000
+#: Finished executes per engine whose late output (``wire.LateOutput``) is still routed to them
+#: by its parent msg_id (the oldest are forgotten: their output goes to the engine's latest).
+LATE_ROUTES = 256
+#: IOPub messages that are output of a request (kept on it, or late on its record).
+_OUTPUT_TYPES = frozenset(
+    ("stream", "display_data", "execute_result", "update_display_data", "error", "clear_output")
+)
 #: Seconds between liveness polls of engines.
 POLL_INTERVAL = 0.5
 #: Default heartbeat period (s) for engines without a local process to poll: an engine that
@@ -190,6 +198,7 @@ class Request:
     #: the engine's execution count for it (its ``execute_input``): the ``In [n]`` of an
     #: execute whose engine dies before replying
     number: int | None = None
+    silent: bool = False  # an execute whose output nobody keeps (no late output is its)
 
 
 class RequestFuture(Future):
@@ -346,6 +355,12 @@ class EngineConn:
         #: requests whose replies they were are lost)
         self.fast_dropped: list[Refusals] = []
         self.published_key: tuple | None = None  # what its last snapshot showed
+        #: finished executes' late output holders (weakly: a record the user dropped is freed),
+        #: by msg_id, and the latest one's: output parented to a finished request goes there
+        self.late_routes: collections.OrderedDict[str, tuple[int | None, Any]] = (
+            collections.OrderedDict()
+        )
+        self.latest: tuple[str, int | None, Any] | None = None
         #: (the static part of ``published_key``, the snapshot fields it determines)
         self.published_static: tuple[tuple, dict[str, Any]] | None = None
 
@@ -436,6 +451,8 @@ class Controller:
         self.stalls = 0
         self.longest_stall = 0.0
         self._to_connect: tuple[dict[int, dict], float] | None = (dict(engines), timeout)
+        #: (loop) who is told of late output (``watch_late``)
+        self._late_watchers: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def connect(self, keep_failed: bool = False) -> Controller:
         """Connect to the engines given to the constructor (blocks until each is ready, or
@@ -755,6 +772,7 @@ class Controller:
             wire.execute_content(INSTALL_CODE, silent=True),
             kind="execute",
             code=INSTALL_CODE,
+            silent=True,
         )
         opened_id, opened = self._send_comm_open(conn)
         try:
@@ -1171,8 +1189,12 @@ class Controller:
         self, delay: float, fn: Callable[..., None], conn: EngineConn, req: Request
     ) -> None:
         """``fn(conn, req)`` after ``delay`` seconds *of a running loop*: re-armed after a stall,
-        so that messages that arrived while the loop was stopped are read first; guarded."""
+        so that messages that arrived while the loop was stopped are read first; guarded.
+        ``req`` is held weakly: a request that finished meanwhile is not kept alive with its
+        result (whatever the user drops is freed), and ``fn`` has nothing to do for it."""
         armed = time.monotonic()
+        ref = weakref.ref(req)
+        del req
 
         def fire() -> None:
             self._check_stall()
@@ -1180,7 +1202,9 @@ class Controller:
             if awake < delay:
                 asyncio.get_running_loop().call_later(delay - awake, fire)
                 return
-            self._guarded(fn, conn, req)(conn, req)
+            req = ref()
+            if req is not None:
+                self._guarded(fn, conn, req)(conn, req)
 
         asyncio.get_running_loop().call_later(delay, fire)
 
@@ -1536,6 +1560,8 @@ class Controller:
             return
         req = conn.requests.get(parent)
         if req is None:
+            if mtype in _OUTPUT_TYPES:
+                self._late(conn, msg)
             return
         req.heard = time.monotonic()
         if mtype == "stream":
@@ -1565,6 +1591,50 @@ class Controller:
                 log.error("engine %s: output listener failed", conn.eid, exc_info=exc)
                 req.listener_error = exc
                 req.listener = None
+
+    def _late(self, conn: EngineConn, msg: dict) -> None:
+        """(loop) Output of ours whose request has finished: the engine printed it later (a
+        thread its code started; ipykernel labels such output with its latest request, or
+        with the one a thread chose by ``set_parent``). It is kept on that execute's record
+        (``record["late"]``), or on the engine's latest execute's when its request was no
+        execute (a data operation), and handed to the late watchers (``watch_late``) to show.
+        Output of another client's request is that client's."""
+        header = msg["parent_header"]
+        if header.get("session") != conn.session.session and header.get("comm_id") != conn.comm_id:
+            return
+        mtype, content = msg["msg_type"], msg["content"]
+        parent = header.get("msg_id", "")
+        route = conn.late_routes.get(parent)
+        if route is not None:
+            msg_id, (number, ref) = parent, route
+        elif conn.latest is not None:
+            msg_id, number, ref = conn.latest
+        else:
+            msg_id, number, ref = "", None, None
+        late = ref() if ref is not None else None
+        if late is not None:
+            late.add(mtype, content)
+        watchers = list(self._late_watchers)
+        for watcher in watchers:
+            try:
+                watcher(conn.eid, msg_id, number, mtype, content)
+            except Exception:  # no request to fail: said here, the others still told
+                log.exception("engine %s: a late output watcher failed", conn.eid)
+        if late is None and not watchers and mtype != "clear_output":
+            log.warning(
+                "engine %s printed output after its command%s had finished, and nothing "
+                "keeps or shows it (its result was dropped): %.200r",
+                conn.eid,
+                f" (In [{number}])" if number is not None else "",
+                content.get("text") if mtype == "stream" else mtype,
+            )
+
+    def watch_late(self, watcher: Callable[[int, str, int | None, str, dict], None]) -> None:
+        """Call ``watcher(eid, msg_id, number, msg_type, content)`` on the controller's thread
+        for each output an engine sends after its command finished (``_late``): it must only
+        queue it. ``msg_id``/``number``: the execute whose record keeps it ("", None: none).
+        Held weakly (a callable object, not a bound method), as long as it lives."""
+        _loop.call_soon(self._late_watchers.add, watcher)
 
     def _fast_buffers_check(self, conn: EngineConn, msg: dict) -> bool:
         """(loop) Whether a signed fast reply's buffers match the digest in its header; if not,
@@ -1633,6 +1703,13 @@ class Controller:
         result = wire.execute_record(
             conn.eid, req.code, content, req.stdout, req.stderr, req.outputs
         )
+        if not req.silent:
+            result["late"] = late = wire.LateOutput(req.msg_id, result["number"])
+            ref = weakref.ref(late)
+            conn.late_routes[req.msg_id] = (result["number"], ref)
+            while len(conn.late_routes) > LATE_ROUTES:
+                conn.late_routes.popitem(last=False)
+            conn.latest = (req.msg_id, result["number"], ref)
         if req.lost:
             result["output_lost"] = True
         if content.get("status") == "ok":
@@ -2198,7 +2275,13 @@ class Controller:
                 dict(content, allow_stdin=allow_stdin and "stdin_port" in conn.info),
             )
             return msg, self._new_request(
-                conn, "execute", msg["msg_id"], future=fut, code=code, listener=listener
+                conn,
+                "execute",
+                msg["msg_id"],
+                future=fut,
+                code=code,
+                listener=listener,
+                silent=silent,
             )
 
         return self._submit(build, list(eids), [[]] * len(eids))

@@ -41,6 +41,7 @@ from . import stdin
 from .errors import CompositeError, MultiEngineError, NoClusterError, TargetsError
 from .errors import TimeoutError as MultiEngineTimeout
 from .render import (
+    LateShower,
     LiveOutput,
     ProgressBar,
     Renderer,
@@ -419,6 +420,16 @@ class ParallelMagics(Magics):
 
     # -- the client
     def client(self) -> Any:
+        """The client the magics run on (the bound one of a named set, else the active one,
+        else one connected to the running default cluster), told to show its engines' late
+        output here."""
+        mec = self._client()
+        shower = _SHOWERS.get(id(self._ip))
+        if shower is not None:
+            mec.controller.watch_late(shower)
+        return mec
+
+    def _client(self) -> Any:
         if self.bound is not None:
             if self.bound.closed:
                 raise UsageError("the client of these magics is closed; activate another one")
@@ -509,18 +520,38 @@ class ParallelMagics(Magics):
         args = parse_argstring(self.px, opt_text)
         if not code.strip():
             raise UsageError("%px needs code to run: %px CODE, or a %%px cell")
-        return self._run(code, args, line_form)
+        shower = _SHOWERS.get(id(self._ip))
+        if shower is None:
+            return self._run(code, args, line_form)
+        shower.placing += 1  # late output of earlier commands: shown first, and with this one
+        try:
+            return self._run(code, args, line_form, shower.show())
+        finally:
+            shower.placing -= 1
 
-    def _run(self, code: str, args: Any, line_form: bool) -> Any:
+    def _run(
+        self,
+        code: str,
+        args: Any,
+        line_form: bool,
+        shown: list[tuple[dict, dict]] | None = None,
+    ) -> Any:
+        """Run ``%px``/``%%px``; ``shown``: displays the cell showed before (late output)."""
         cfg = self.pxconfig_
+        if args.timeout is not None and args.block is False:
+            raise UsageError(
+                "--timeout bounds the wait of a blocking %px; with --noblock nothing waits: "
+                "%result --timeout S waits for the PendingResult"
+            )
         self.notice = ""
         mec = self.client()
         notice, self.notice = self.notice, ""
-        targets = (
-            cfg.targets
-            if args.targets is None
-            else parse_targets(args.targets, mec.get_ids(), getattr(mec, "groups", ()))
-        )
+        if args.targets is None:
+            targets = cfg.targets
+            if not args.init:  # (setup code runs on every engine)
+                self._check_default_targets(mec, targets)
+        else:
+            targets = parse_targets(args.targets, mec.get_ids(), getattr(mec, "groups", ()))
         block = (
             args.block
             if args.block is not None
@@ -569,7 +600,14 @@ class ParallelMagics(Magics):
             # a %%px cell's outputs are all its own: engine areas are laid out from the start
             owns_cell = not line_form and not args.local
             renderer = Renderer(
-                pr.eids, mode, self.notebook, group, same_output, owns_cell, shown_before=notice
+                pr.eids,
+                mode,
+                self.notebook,
+                group,
+                same_output,
+                owns_cell,
+                shown_before=notice,
+                displays_before=shown,
             )
             renderer.bars.append(progress)  # the cell's final layout keeps it
             live.start(renderer)
@@ -605,21 +643,52 @@ class ParallelMagics(Magics):
                     "%result waits for the output; mec.interrupt() stops them"
                 )
             )
+        shower = _SHOWERS.get(id(self._ip))
         try:
             result = pr.get_result()
         except CompositeError as err:
             # no Results List will be shown: every engine's stdout and Out first, then the error
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             live.close()
+            if shower is not None:
+                shower.keep(renderer, _records(err))
             raise self._failed(err, args, collapse) from None
         except BaseException:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             live.close()
             raise
         live.close()
+        if shower is not None:
+            shower.keep(renderer, result)
         if args.out:
             self._ip.user_ns[args.out] = result
         return result if mode == "results" else None
+
+    def _check_default_targets(self, mec: Any, targets: Any) -> None:
+        """The session's default targets (``%pxconfig --targets``, a named set's targets) still
+        name engines of the client: after the cluster shrank, say where they were set, not
+        only "unknown engine id" as if this line had named it."""
+        if targets is None:
+            return
+        # the groups (every engine's metadata) only for a value that may name one
+        plain = targets == "all" or isinstance(targets, int)
+        plain = plain or (isinstance(targets, list) and all(isinstance(t, int) for t in targets))
+        groups = None if plain else getattr(mec, "groups", None)
+        try:
+            _resolve_targets(targets, mec.get_ids(), groups)
+        except (ValueError, TypeError) as exc:
+            if self.bound is not None:
+                where = f"the targets of %{self.transformer.cell_magic} (mec.activate(targets=...))"
+                fix = "activate the set again with other targets"
+            elif "targets" in self.pxconfig_.overridden:
+                where = "%pxconfig --targets"
+                fix = "set them again with %pxconfig --targets T, or %pxconfig --targets default"
+            else:
+                where = "ParallelMagics.targets"
+                fix = "set them with %pxconfig --targets T, or %pxconfig --targets default"
+            raise UsageError(
+                f"{where} {targets!r}: {exc}; {fix} (or give --targets on this line)"
+            ) from None
 
     def _failed(self, err: CompositeError, args: Any, collapse: bool) -> CompositeError:
         """The error a failing cell raises: stored under ``--out``, grouped with ``--collapse``."""
@@ -649,8 +718,16 @@ class ParallelMagics(Magics):
             )
         if not args.block and args.block is not None:
             raise UsageError("--init always blocks: setup code must have run before anything else")
+        outcome: BaseException | None = None
         try:
             result = mec.on_start(code, timeout=timeout)
+        except (MultiEngineTimeout, CompositeError) as exc:
+            outcome = exc
+        if args.local:  # here too, once the engines have run it, whatever they did (as --local)
+            self._run_local(code)
+        try:
+            if outcome is not None:
+                raise outcome
         except MultiEngineTimeout:
             pr = self.last = mec.last_executed()  # %result (also a named set's) collects it
             left = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
@@ -945,7 +1022,15 @@ class ParallelMagics(Magics):
         return self.result(line)
 
 
+def _records(err: CompositeError) -> list[dict]:
+    """Every engine's execute record of a failed call: the failing engines' and the others'."""
+    failed = [getattr(e, "result", None) for e in err.elist]
+    return [r for r in [*err.results, *failed] if isinstance(r, dict)]
+
+
 _LOADED: dict[int, ParallelMagics] = {}
+#: per shell, what shows its engines' late output (one for the default and every named set)
+_SHOWERS: dict[int, LateShower] = {}
 #: named magic sets (``mec.activate(suffix='_even')``) per (shell, suffix), and their names
 _SETS: dict[tuple[int, str], ParallelMagics] = {}
 _SET_NAMES: set[str] = set()
@@ -1017,6 +1102,14 @@ def load(ip: Any) -> ParallelMagics:
     ip.register_magics(magics)
     ip.input_transformers_cleanup.append(magics.transformer)
     _LOADED[id(ip)] = magics
+    # late output (printed after its command finished) is shown before each cell runs (before
+    # its own output) and after it (before the next prompt); in a notebook, outside its own
+    # cell, only with a %px
+    terminal = sys.modules.get("IPython.terminal.interactiveshell")
+    at_prompt = terminal is not None and isinstance(ip, terminal.TerminalInteractiveShell)
+    shower = _SHOWERS[id(ip)] = LateShower(lambda: magics.notebook, at_prompt)
+    ip.events.register("pre_run_cell", shower.before_cell)
+    ip.events.register("post_run_cell", shower.after_cell)
     return magics
 
 
@@ -1027,6 +1120,11 @@ def unload(ip: Any) -> None:
     magics = _LOADED.pop(id(ip), None)
     if magics is None:
         return
+    shower = _SHOWERS.pop(id(ip), None)
+    if shower is not None:
+        shower.close()  # what waits is shown, not dropped
+        ip.events.unregister("pre_run_cell", shower.before_cell)
+        ip.events.unregister("post_run_cell", shower.after_cell)
     own = magics._own_client  # the client %px connected by itself: nobody else can close it
     magics._own_client = None
     if own is not None and not own.closed:

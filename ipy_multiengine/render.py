@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # signal's C module: no enum wrapping (7x faster)
 import contextlib
+import logging
 import re
 import signal
 import sys
@@ -201,7 +202,8 @@ class _Area:
         for name, lines in segments:
             text = lines.text()
             text = text[:-1] if text.endswith("\n") else text  # a final newline adds no line
-            parts.append(f"[{name}:{eid}] {text}")
+            stream, _, mark = name.partition(" ")  # "stdout late": printed after it finished
+            parts.append(f"[{stream}:{eid}{' ' + mark if mark else ''}] {text}")
         return "\n".join(parts)
 
     def text(self) -> str:
@@ -224,7 +226,7 @@ class _Area:
         return self.render(self.eid, done)
 
     def bundle(self, text: str) -> tuple[dict, dict]:
-        names = [seg[0] for seg in self.segments] or ["stdout"]
+        names = [seg[0].partition(" ")[0] for seg in self.segments] or ["stdout"]
         return (
             _text_bundle(text),
             {
@@ -263,11 +265,13 @@ class Renderer:
         collapse: bool = False,
         owns_cell: bool = False,
         shown_before: str = "",
+        displays_before: list[tuple[dict, dict]] | None = None,
     ) -> None:
         """``owns_cell``: every output of the notebook cell from now on is this renderer's (a
         ``%%px`` cell): its layout is reserved at the start and laid out again at the end.
         ``shown_before``: stderr text the cell showed before (the magic's own notice), shown
-        again first when the cell is laid out again, which clears it."""
+        again first when the cell is laid out again, which clears it; ``displays_before``:
+        displays it showed before (earlier commands' late output), shown again after it."""
         self.eids = eids
         self.mode = mode  # 'stream' | 'collect' | 'results'
         self.notebook = notebook
@@ -294,6 +298,7 @@ class Renderer:
         self.foreign = False  # something else was shown in the cell: it is not re-laid
         self._kept = 0  # characters of frozen areas kept for the final layout
         self.shown_before = shown_before
+        self.displays_before = list(displays_before or [])
         #: progress bars shown in the cell (below its reserved displays): the final layout
         #: shows each again, in its last state, at the end, where it was
         self.bars: list[ProgressBar] = []
@@ -376,6 +381,7 @@ class Renderer:
         from . import stdin
 
         self._asked = stdin.asked
+        self._late = _late_shown[0]
         for eid in self.eids:
             ids: list[str | None] = [f"{self._uid}-{eid}-{kind}" for kind in ("a", "l", "r")]
             for did in ids:
@@ -392,8 +398,8 @@ class Renderer:
 
         from . import stdin
 
-        if self.foreign or stdin.asked != self._asked:
-            return
+        if self.foreign or stdin.asked != self._asked or _late_shown[0] != self._late:
+            return  # (an engine's prompt, earlier commands' late output: kept where they are)
         shown: list[tuple[dict, dict, str | None]] = []
         for eid in self.eids:
             area = self.areas.get(eid)
@@ -412,10 +418,12 @@ class Renderer:
             if bar.html is not None and bar.html.data:  # it keeps its id: later draws update it
                 shown.append((bar.html.data, {}, bar.html.display_id))
         self.slots = {}
-        clear_output(wait=bool(shown or self.shown_before))
+        clear_output(wait=bool(shown or self.shown_before or self.displays_before))
         if self.shown_before:
             sys.stderr.write(self.shown_before)
             sys.stderr.flush()  # before the displays: the kernel sends them in this order
+        for data, md in self.displays_before:
+            _display(data, md)
         for data, md, did in shown:
             _display(data, md, did)
 
@@ -1097,3 +1105,249 @@ def live_printer(eid: int) -> Any:
                 stdin.post(lambda: write(sys.stdout, str(text)))
 
     return listener
+
+
+#: Characters of late output a session holds until it is shown (more is counted, not kept).
+LATE_PENDING_LIMIT = 262144
+#: Finished cells whose engine areas late output is appended to in a notebook (the oldest
+#: are forgotten: their late output is shown with the next %px instead).
+LATE_AREAS = 64
+#: Late output displays made in a notebook so far: a ``%%px`` cell that saw one made while it
+#: ran is not laid out again at its end (that clears the cell, and would lose it).
+_late_shown = [0]
+
+
+class LateShower:
+    """Shows what engines print after their command has finished (a thread the code started,
+    a timer): the controller's late output (``Controller.watch_late``), labelled
+    ``[stdout:N late, In [n]]``. It is also kept on that command's record (``record["late"]``,
+    shown by ``%result``); this only shows it.
+
+    Called on the controller's thread, it only queues (at most ``LATE_PENDING_LIMIT``
+    characters; what does not fit is counted and said) and posts a ``show`` to a thread that
+    waits for engines (``stdin.post``). ``show`` renders in the user's thread: in a terminal
+    every queued output; in a notebook, output of a ``%%px`` cell whose engine areas are
+    known (``keep``) is appended to that cell's area in place (``update_display``), the rest
+    only when ``place`` (a ``%px`` shows it with its own output).
+
+    With ``at_prompt`` (a terminal IPython, which prints other threads' text above its prompt)
+    late output that comes while the prompt waits is printed at once, by a thread of its own,
+    not only when the next cell runs."""
+
+    def __init__(self, notebook: Any, at_prompt: bool = False) -> None:
+        """``notebook()``: whether to render for a notebook now."""
+        self._notebook = notebook
+        self._at_prompt = at_prompt
+        self._idle = False  # between two cells (the prompt waits): set by after_cell
+        self._wake = threading.Event()
+        self._printer: threading.Thread | None = None
+        self.closed = False
+        self._lock = threading.Lock()
+        self._render = threading.Lock()  # one show at a time (any waiting thread may serve one)
+        self._queue: deque[tuple[int, str, int | None, str, dict]] = deque()
+        self._size = 0
+        self._dropped: dict[int, int] = {}  # per engine: late messages not kept
+        self._posted = False
+        #: (engine, execute msg_id) -> that engine's area in the cell that ran it (a notebook)
+        self._areas: OrderedDict[tuple[int, str], _Area] = OrderedDict()
+        #: a %px is running: late output not placed in its own cell is shown with it
+        self.placing = 0
+
+    def __call__(
+        self, eid: int, msg_id: str, number: int | None, mtype: str, content: dict
+    ) -> None:
+        """(controller's thread) Queue one late output and ask a waiting thread to show it."""
+        from . import stdin
+
+        if self.closed:
+            return
+        size = _late_size((eid, msg_id, number, mtype, content))
+        with self._lock:
+            if self._size + size > LATE_PENDING_LIMIT:
+                self._dropped[eid] = self._dropped.get(eid, 0) + 1
+            else:
+                self._size += size
+                self._queue.append((eid, msg_id, number, mtype, content))
+            post, self._posted = not self._posted, True
+        if post:
+            stdin.post(lambda: self.show(None))
+        if self._idle and self._at_prompt:
+            self._wake.set()
+            if self._printer is None:
+                self._printer = threading.Thread(
+                    target=self._print_at_prompt, name="ipy_multiengine late output", daemon=True
+                )
+                self._printer.start()
+
+    def _print_at_prompt(self) -> None:
+        """(its own thread) Print late output that comes while the terminal's prompt waits."""
+        while not self.closed:
+            self._wake.wait()
+            self._wake.clear()
+            if self._idle and not self.closed:
+                try:
+                    self.show(None)
+                except Exception:  # a closed stdout, say: shown with the next cell instead
+                    logging.getLogger("ipy_multiengine").exception("showing late output failed")
+
+    def close(self) -> None:
+        """Show what waits (it is not dropped), then take no more."""
+        self.show()
+        self.closed = True
+        self._wake.set()
+
+    def keep(self, renderer: Renderer, records: list[Any]) -> None:
+        """A finished ``%%px`` cell: late output of its ``records`` goes to its engine areas
+        (a notebook's live areas, still shown in that cell)."""
+        if not (renderer.notebook and renderer.mode == "stream" and renderer.group != "order"):
+            return
+        for r in records:
+            late = r.get("late") if isinstance(r, dict) else None
+            area = renderer.areas.get(r.get("id")) if late is not None else None
+            if late is not None and area is not None and area.handle_id is not None:
+                with self._lock:
+                    self._areas[(r["id"], late.msg_id)] = area
+                    while len(self._areas) > LATE_AREAS:
+                        self._areas.popitem(last=False)
+
+    def show(self, place: bool | None = True) -> list[tuple[dict, dict]]:
+        """Show what is queued (user's thread). ``place``: also what cannot go to its own
+        cell's area (None: only while a %px runs, or in a terminal). Returns the displays it
+        made in the running cell (a notebook), for a ``%%px`` cell to show them again when it
+        lays itself out."""
+        notebook = bool(self._notebook())
+        made: list[tuple[dict, dict]] = []
+        if place is None:
+            place = not notebook or self.placing > 0
+        with self._render:
+            with self._lock:
+                self._posted = False
+                events, kept = list(self._queue), []
+                self._queue.clear()
+                dropped, self._dropped = self._dropped, {}
+                areas = dict(self._areas)
+            lines: dict[tuple[int, str, int | None], Lines] = {}
+            for event in events:
+                eid, msg_id, number, mtype, content = event
+                area = areas.get((eid, msg_id)) if notebook else None
+                if area is not None and mtype == "stream" and self._append(area, content):
+                    continue
+                if notebook and not place:
+                    kept.append(event)
+                    continue
+                self._show_one(event, notebook, lines, made)
+            for (eid, name, number), text in lines.items():
+                _print_late(eid, name, number, text.lines if text.lines[-1] else text.lines[:-1])
+            for eid, n in sorted(dropped.items()):
+                sys.stderr.write(
+                    f"[late:{eid}] {n} late message{'s' if n != 1 else ''} of engine {eid} not "
+                    f"shown (more than {LATE_PENDING_LIMIT} characters waited)\n"
+                )
+                sys.stderr.flush()
+            with self._lock:
+                self._size = sum(_late_size(e) for e in kept) + sum(
+                    _late_size(e) for e in self._queue
+                )
+                self._queue.extendleft(reversed(kept))
+            _late_shown[0] += len(made)
+        return made
+
+    def before_cell(self, _info: Any = None) -> None:
+        """IPython's ``pre_run_cell``: show what came while the prompt waited."""
+        self._idle = False
+        self.show(None)
+
+    def after_cell(self, _result: Any = None) -> None:
+        """IPython's ``post_run_cell``: show what came while the cell ran, before the prompt."""
+        self.show(None)
+        self._idle = True
+
+    @staticmethod
+    def _append(area: _Area, content: dict) -> bool:
+        """Append late stream text to its cell's area, in place; False if it would not fit."""
+        name = "stderr" if content.get("name") == "stderr" else "stdout"
+        segments = [[n, _copy_lines(lines)] for n, lines in area.segments]
+        area.write(f"{name} late", content.get("text", ""))
+        text = area.text()
+        if len(text) > AREA_LIMIT or area.handle_id is None:
+            area.segments = segments  # too long to update in place: shown as a new output
+            return False
+        _display(*area.bundle(text), area.handle_id, update=True)
+        area.shown = text
+        return True
+
+    @staticmethod
+    def _show_one(
+        event: tuple[int, str, int | None, str, dict],
+        notebook: bool,
+        lines: dict[tuple[int, str, int | None], Lines],
+        made: list[tuple[dict, dict]],
+    ) -> None:
+        eid, _msg_id, number, mtype, content = event
+        where = f" late, In [{number}]" if number is not None else " late"
+        if mtype in ("stream", "error"):
+            if mtype == "error":
+                name, text = "stderr", "\n".join(content.get("traceback") or []) + "\n"
+            else:
+                name = "stderr" if content.get("name") == "stderr" else "stdout"
+                text = content.get("text", "")
+            if notebook:
+                text = text[:-1] if text.endswith("\n") else text
+                bundle = _text_bundle(f"[{name}:{eid}{where}] {text}")
+                meta = {"engine": eid, "stream": name, "late": True, "text/plain": {"engine": eid}}
+                _display(bundle, meta)
+                made.append((bundle, meta))
+            else:
+                lines.setdefault((eid, name, number), Lines()).write(text)
+            return
+        if mtype not in ("display_data", "execute_result", "update_display_data"):
+            return  # clear_output: nothing of a finished command is cleared here
+        label = f"[output:{eid}{where}]"
+        data, md = _labelled(content.get("data") or {}, content.get("metadata"), eid, label)
+        md["late"] = True
+        remote_id = (content.get("transient") or {}).get("display_id")
+        if mtype == "update_display_data":
+            if notebook:  # the engine's display, wherever it is shown (a terminal cannot)
+                for local_id in _showing(eid, remote_id):
+                    _display(data, md, local_id, update=True)
+            return
+        for (e, name, n), held in list(lines.items()):  # text printed before it, first
+            if e == eid:
+                _print_late(e, name, n, held.lines if held.lines[-1] else held.lines[:-1])
+                del lines[(e, name, n)]
+        if notebook:
+            _label_line(label, data)
+            local_id = f"ipme-late-{eid}-{time.monotonic_ns():x}"
+            _display(data, md, local_id)
+            if _is_rich(data):
+                made.append(Renderer._label_bundle(eid, label))
+            made.append((data, md))
+            if remote_id is not None:
+                _remember(eid, remote_id, local_id)
+        else:
+            _display(data, md)
+
+
+def _late_size(event: tuple[int, str, int | None, str, dict]) -> int:
+    _eid, _msg_id, _number, mtype, content = event
+    if mtype == "stream":
+        return len(content.get("text", ""))
+    return 1 + sum(len(str(v)) for v in (content.get("data") or {}).values())
+
+
+def _copy_lines(lines: Lines) -> Lines:
+    copy = Lines()
+    copy.lines, copy._cr = list(lines.lines), lines._cr
+    return copy
+
+
+def _print_late(eid: int, name: str, number: int | None, lines: list[str]) -> None:
+    """Print late terminal lines of engine ``eid``, each labelled ``[stdout:N late, In [n]]``."""
+    if not lines:
+        return
+    out = sys.stderr if name == "stderr" else sys.stdout
+    where = f" late, In [{number}]" if number is not None else " late"
+    label = f"[{name}:{eid}{where}] "
+    with bars_cleared(out):
+        out.write("".join(label + line + "\n" for line in lines))
+        out.flush()

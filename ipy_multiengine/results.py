@@ -60,10 +60,33 @@ class ResultList(list[dict[str, Any]]):
                 named = _rich(out)
                 if named:
                     lines.append(f"[{eid}] Display[{n}]: {named}")
+            lines.extend(_late_lines(eid, n, r.get("late")))
         return "\n".join(lines)
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(repr(self))
+
+
+def _late_lines(eid: Any, n: Any, late: dict[str, Any] | None) -> list[str]:
+    """The Results List lines of what an engine printed after its command had finished
+    (``record["late"]``, e.g. a thread the code started): ``Late[n]``, ``LateErr[n]``,
+    ``LateDisplay[n]``, and how many late messages were not kept."""
+    if not late:
+        return []
+    lines = []
+    text = (late.get("stdout") or "").rstrip("\n")
+    if text:
+        lines.append(f"[{eid}] Late[{n}]: {text}")
+    err = (late.get("stderr") or "").rstrip("\n")
+    if err:
+        lines.append(f"[{eid}] LateErr[{n}]: {err}")
+    for out in late.get("outputs") or []:
+        named = _rich(out)
+        if named:
+            lines.append(f"[{eid}] LateDisplay[{n}]: {named}")
+    if late.get("dropped"):
+        lines.append(f"[{eid}] Late[{n}]: ... {late['dropped']} more late messages not kept")
+    return lines
 
 
 def _rich(out: dict[str, Any]) -> str:
@@ -308,6 +331,13 @@ class PendingResult:
     def outputs(self) -> list[list[dict[str, Any]]]:
         """Per engine, the rich outputs (``display_data``, ...) as Jupyter message contents."""
         return [_output(f, "outputs", []) for f in self.futures]
+
+    @property
+    def late(self) -> list[dict[str, Any]]:
+        """Per engine, what an execute's engine printed or displayed after it had finished (a
+        thread the code started): ``{"stdout", "stderr", "outputs", "dropped"}``, filled in as
+        it arrives (``record["late"]``); empty for other calls and engines not done yet."""
+        return [_output(f, "late", {}) for f in self.futures]
 
     # ------------------------------------------------------------------ metadata (issue 16.9)
     # times as this client saw them: submitted (the call), started (the engine said busy for

@@ -210,3 +210,29 @@ def test_o10_exit_and_extension_magics_under_autopx_in_a_terminal(term, mec):
     assert term.isalive()
     # the engines saw nothing but our own execute
     assert [r["number"] for r in mec.execute("pass")] == [n + 1 for n in numbers]
+
+
+def test_late_output_is_printed_while_the_prompt_waits(term, mec, tmp_path):
+    """Output an engine prints after its command finished (a thread) while the terminal's
+    prompt waits is printed then, labelled with its engine and as late, without waiting for
+    the next input; and only once."""
+    flag = tmp_path / "go"
+    code = (
+        "import os, threading, time\n"
+        "def _late_job():\n"
+        f"    while not os.path.exists({str(flag)!r}):\n"
+        "        time.sleep(0.005)\n"
+        "    print('done', flush=True)\n"
+        "_late = threading.Thread(target=_late_job, daemon=True)\n"
+        "_late.start()"
+    )
+    try:
+        out = send(term, f"%px --targets 0 exec({code!r})")
+        assert "<Results List>" in out, out
+        flag.touch()
+        term.expect(r"\[stdout:0 late, In \[\d+\]\] done")  # nothing typed meanwhile
+        out = send(term, "1 + 1")
+        assert "late" not in out, out
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=0)

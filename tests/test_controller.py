@@ -692,3 +692,98 @@ def test_an_engine_that_dies_in_a_cell_keeps_the_cells_in_number(tmp_path):
         assert isinstance(err, EngineError) and err.result["number"] == n + 1, err.result
         shown = "\n".join(info.value._render_traceback_())
         assert f"(the traceback of engine 0's In [{n + 1}])" in shown, shown
+
+
+# ---------------------------------------------------------------------- late output
+def _thread_printing(flags: list[Path], texts: list[str]) -> str:
+    """Engine code: a thread that prints ``texts[i]`` once ``flags[i]`` exists (the engine
+    polls for each), after the execute that started it has finished."""
+    steps = "".join(
+        f"    while not os.path.exists({str(f)!r}):\n        time.sleep(0.005)\n"
+        f"    print({t!r}, flush=True)\n"
+        for f, t in zip(flags, texts, strict=True)
+    )
+    return (
+        "import os, threading, time\n"
+        f"def _late_job():\n{steps}"
+        "_late = threading.Thread(target=_late_job, daemon=True)\n_late.start()"
+    )
+
+
+def _until(cond, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_late_output_is_kept_on_its_record_within_a_bound(mec, tmp_path, monkeypatch):
+    """What an engine prints after its execute finished was dropped (no request to route it
+    to). It is kept on that execute's record (``record["late"]``) up to ``LATE_LIMIT``
+    characters; more is counted (``dropped``) and said by the Results List, not kept."""
+    from ipy_multiengine import wire
+
+    monkeypatch.setattr(wire, "LATE_LIMIT", 30)
+    flags = [tmp_path / "one", tmp_path / "two"]
+    try:
+        r = mec.execute(_thread_printing(flags, ["a" * 20, "b" * 20]), targets=0)
+        assert r[0]["late"] == {"stdout": "", "stderr": "", "outputs": [], "dropped": 0}
+        assert mec.last.late == [r[0]["late"]]
+        flags[0].touch()
+        _until(lambda: r[0]["late"]["stdout"], "the first late line")
+        assert r[0]["late"]["stdout"] == "a" * 20 + "\n"
+        flags[1].touch()
+        _until(lambda: r[0]["late"]["dropped"], "the second late line, past the bound")
+        assert r[0]["late"]["stdout"] == "a" * 20 + "\n"
+        n = r[0]["number"]
+        assert f"[0] Late[{n}]: {'a' * 20}" in repr(r)
+        assert f"[0] Late[{n}]: ... 1 more late messages not kept" in repr(r)
+    finally:
+        for f in flags:
+            f.touch()
+        mec.execute("_late.join(10)", targets=0)
+
+
+def test_late_output_of_a_dropped_record_is_not_kept_alive_nor_lost_silently(
+    mec, tmp_path, monkeypatch, caplog
+):
+    """The controller holds a record's late output weakly: a result the user dropped is freed.
+    Late output arriving for it still reaches the late watchers, and with no watcher it is
+    logged as a warning, never dropped without a word."""
+    import gc
+    import logging
+    import weakref
+
+    flags = [tmp_path / "one", tmp_path / "two"]
+    seen: list[tuple] = []
+
+    class Watcher:
+        def __call__(self, *event):
+            seen.append(event)
+
+    watcher = Watcher()
+    try:
+        r = mec.execute(_thread_printing(flags, ["for the watcher", "for the log"]), targets=0)
+        late = weakref.ref(r[0]["late"])
+        mec.execute("pass", targets=1)  # %result's last command is another one now
+        del r
+        gc.collect()
+        assert late() is None, "the controller kept a dropped record's late output alive"
+        monkeypatch.setattr(mec.controller, "_late_watchers", weakref.WeakSet())
+        mec.controller.watch_late(watcher)
+        flags[0].touch()
+        _until(lambda: seen, "the watcher to be told")
+        assert seen[0][0] == 0 and seen[0][3:] == (
+            "stream",
+            {"name": "stdout", "text": "for the watcher\n"},
+        )
+        del watcher
+        gc.collect()
+        with caplog.at_level(logging.WARNING, logger="ipy_multiengine"):
+            flags[1].touch()
+            _until(lambda: "for the log" in caplog.text, "the warning")
+        assert "after its command" in caplog.text
+    finally:
+        for f in flags:
+            f.touch()
+        mec.execute("_late.join(10)", targets=0)

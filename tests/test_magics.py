@@ -1217,3 +1217,144 @@ def test_px_shows_the_unread_last_words_of_an_engine_that_died(ip, tmp_path):
         shown = cap.stdout + "".join(o.data.get("text/plain", "") for o in cap.outputs)
         printed = shown.split("CompositeError:")[0]  # the error's message quotes the code
         assert "first" in printed and "last words" in printed, shown
+
+
+# ---------------------------------------------------------------------- late output
+def _late_code(flag: Path, text: str = "done", first: str = "") -> str:
+    """Engine code that starts a thread printing ``text`` once ``flag`` exists (the engine
+    polls for it): output that comes after its command has finished."""
+    return (
+        "import os, threading, time\n"
+        f"{first}"
+        "def _late_job():\n"
+        f"    while not os.path.exists({str(flag)!r}):\n"
+        "        time.sleep(0.005)\n"
+        f"    print({text!r}, flush=True)\n"
+        "_late = threading.Thread(target=_late_job, daemon=True)\n"
+        "_late.start()"
+    )
+
+
+def _arrived(records: list, text: str = "done") -> None:
+    """Wait (bounded) until every record's late output holds ``text``."""
+    deadline = time.monotonic() + 15
+    while not all(text in (r.get("late") or {}).get("stdout", "") for r in records):
+        assert time.monotonic() < deadline, f"no late output arrived: {records!r}"
+        time.sleep(0.01)
+
+
+def test_output_after_its_command_finished_is_shown_before_the_next_prompt(ip, mec, tmp_path):
+    """A thread the code started printed after its command had finished (its request idle):
+    the controller dropped it. It is kept on that command's records (``%result`` shows it as
+    ``Late[n]``) and shown once, labelled with its engine and as late, when the next cell runs
+    (a terminal)."""
+    flag = tmp_path / "go"
+    try:
+        _cap, res = run(ip, "%%px --targets 0,1\n" + _late_code(flag))
+        assert res.success, res.error_in_exec
+        records = magics_of(ip).last.get_result()
+        n = records[0]["number"]
+        flag.touch()
+        _arrived(records)
+        cap, _ = run(ip, "x_local = 1")
+        assert f"[stdout:0 late, In [{n}]] done\n" in cap.stdout, cap.stdout
+        assert f"[stdout:1 late, In [{records[1]['number']}]] done\n" in cap.stdout
+        cap, _ = run(ip, "x_local = 2")
+        assert "late" not in cap.stdout, cap.stdout  # shown once
+        _cap, res = run(ip, "%result")
+        assert f"[0] Late[{n}]: done" in repr(res.result), repr(res.result)
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=[0, 1])
+
+
+def test_late_output_goes_to_its_cell_s_area_in_a_notebook(ip, mec, tmp_path):
+    """In a notebook the late output of a ``%%px`` cell is appended to that cell's engine
+    area in place (``update_display`` of its display id), not shown in the cell running now."""
+    magics_of(ip).notebook = True
+    flag = tmp_path / "go"
+    try:
+        cap1, res = run(ip, "%%px --targets 0\n" + _late_code(flag, first="print('first')\n"))
+        assert res.success, res.error_in_exec
+        areas = [o for o in cap1.outputs if o.metadata.get("stream") == "stdout"]
+        area_id = areas[-1].transient["display_id"]
+        flag.touch()
+        _arrived(magics_of(ip).last.get_result())
+        cap2, _ = run(ip, "x_local = 1")
+        updates = [o for o in cap2.outputs if (o.transient or {}).get("display_id") == area_id]
+        assert [o.update for o in updates] == [True], cap2.outputs
+        assert updates[0].data["text/plain"] == "[stdout:0] first\n[stdout:0 late] done"
+        assert len(cap2.outputs) == 1 and not cap2.stdout
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=[0])
+
+
+def test_late_output_without_an_area_is_shown_with_the_next_px_in_a_notebook(ip, mec, tmp_path):
+    """A one-line ``%px`` (its Results List has no area to update): its late output is not put
+    in an unrelated local cell, but shown labelled with the next ``%px``, before its output."""
+    magics_of(ip).notebook = True
+    flag = tmp_path / "go"
+    try:
+        run(ip, "%px --targets 0 exec(" + repr(_late_code(flag)) + ")")
+        records = magics_of(ip).last.get_result()
+        flag.touch()
+        _arrived(records)
+        cap, _ = run(ip, "x_local = 1")
+        assert not cap.outputs and not cap.stdout, (cap.outputs, cap.stdout)
+        cap, _ = run(ip, "%%px --targets 1\nprint('next')")
+        texts = [o.data.get("text/plain", "") for o in cap.outputs]
+        n = records[0]["number"]
+        assert texts[0] == f"[stdout:0 late, In [{n}]] done", texts
+        assert texts[-1] == "[stdout:1] next", texts
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=[0])
+
+
+# ---------------------------------------------------------------------- options not ignored
+def test_timeout_with_noblock_is_a_usage_error_before_anything_is_sent(ip, mec):
+    """``%px --timeout S --noblock`` returned a PendingResult and ignored the timeout (nothing
+    waits): a usage error now, saying what waits instead, and the code is not sent."""
+    _cap, res = run(ip, "%px --timeout 5 --noblock sent_anyway = 1")
+    assert isinstance(res.error_in_exec, UsageError), res.error_in_exec
+    assert "%result --timeout" in str(res.error_in_exec)
+    mec.execute("not_sent = 'sent_anyway' not in globals()")
+    assert mec.pull("not_sent") == [True] * 4
+
+
+def test_init_with_local_runs_the_setup_code_here_too(ip, mec):
+    """``%px --init --local CODE`` ran the setup code on the engines only (``--local`` was
+    ignored): it runs here too, once the engines have run it, as ``--local`` does."""
+    ip.user_ns.pop("INIT_HERE", None)
+    try:
+        _cap, res = run(ip, "%px --init --local INIT_HERE = 3")
+        assert res.success, res.error_in_exec
+        assert ip.user_ns.get("INIT_HERE") == 3
+        assert mec.pull("INIT_HERE") == [3] * 4
+        assert mec.on_start_code == ["INIT_HERE = 3"]
+    finally:
+        mec.clear_on_start()
+        ip.user_ns.pop("INIT_HERE", None)
+
+
+def test_pxconfig_targets_left_unknown_after_the_cluster_shrank_name_pxconfig(ip, mec):
+    """``%pxconfig --targets 1`` and then engine 1 left the cluster: every later ``%px`` failed
+    with the client's "unknown engine id 1", as if the line had named it. It names
+    ``%pxconfig --targets`` and how to set it again; ``--targets`` on the line still works."""
+    from faultlib import small_cluster
+
+    with small_cluster(2) as (_cluster, small):
+        small.activate()
+        try:
+            run(ip, "%pxconfig --targets 1")
+            small.controller.forget([1], "left the cluster")
+            _cap, res = run(ip, "%px shrunk = 1")
+            assert isinstance(res.error_in_exec, UsageError), res.error_in_exec
+            text = str(res.error_in_exec)
+            assert text.startswith("%pxconfig --targets [1]:") and "unknown engine id" in text
+            assert "%pxconfig --targets default" in text
+            _cap, res = run(ip, "%px --targets 0 shrunk = 1")
+            assert res.success, res.error_in_exec
+        finally:
+            mec.activate()
