@@ -557,6 +557,12 @@ class ParallelMagics(Magics):
             if args.block is not None
             else (cfg.block if cfg.block is not None else mec.block)
         )
+        if args.timeout is not None and not block and not args.init:  # (--init always blocks)
+            where = "%pxconfig --noblock" if cfg.block is not None else "the client's block = False"
+            raise UsageError(
+                f"--timeout bounds the wait of a blocking %px; this one does not block ({where}):"
+                " give --block too, or wait with %result --timeout S"
+            )
         timeout = cfg.timeout if args.timeout is None else _timeout_value(args.timeout)
         progress_after = (
             cfg.progress_after

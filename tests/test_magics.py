@@ -1323,6 +1323,25 @@ def test_timeout_with_noblock_is_a_usage_error_before_anything_is_sent(ip, mec):
     assert mec.pull("not_sent") == [True] * 4
 
 
+def test_timeout_with_a_nonblocking_default_is_a_usage_error_too(ip, mec):
+    """The same ``--timeout S`` when not blocking is the default (``%pxconfig --noblock``, the
+    client's ``block = False``): the line did not block and the timeout was ignored without a
+    word. A usage error naming where the default comes from; ``--block`` on the line works."""
+    run(ip, "%pxconfig --noblock")
+    _cap, res = run(ip, "%px --timeout 5 sent_anyway = 1")
+    assert isinstance(res.error_in_exec, UsageError), res.error_in_exec
+    assert "%pxconfig --noblock" in str(res.error_in_exec), res.error_in_exec
+    magics_of(ip).reset()
+    mec.block = False
+    _cap, res = run(ip, "%px --timeout 5 sent_anyway = 1")
+    assert isinstance(res.error_in_exec, UsageError), res.error_in_exec
+    assert "block = False" in str(res.error_in_exec), res.error_in_exec
+    _cap, res = run(ip, "%px --timeout 5 --block blocked = 1")
+    assert res.success, res.error_in_exec
+    mec.execute("not_sent = 'sent_anyway' not in globals()", block=True)
+    assert mec.pull(["not_sent", "blocked"], block=True) == [[True, 1]] * 4
+
+
 def test_init_with_local_runs_the_setup_code_here_too(ip, mec):
     """``%px --init --local CODE`` ran the setup code on the engines only (``--local`` was
     ignored): it runs here too, once the engines have run it, as ``--local`` does."""
