@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .targets import engine_range
@@ -1205,8 +1205,11 @@ class LateShower:
             late = r.get("late") if isinstance(r, dict) else None
             area = renderer.areas.get(r.get("id")) if late is not None else None
             if late is not None and area is not None and area.handle_id is not None:
+                # what it shows, not the parts frozen out of it (kept for the cell's own final
+                # layout, which is done): those would stay alive with it, megabytes a cell
+                kept = replace(area, frozen=[])
                 with self._lock:
-                    self._areas[(r["id"], late.msg_id)] = area
+                    self._areas[(r["id"], late.msg_id)] = kept
                     while len(self._areas) > LATE_AREAS:
                         self._areas.popitem(last=False)
 

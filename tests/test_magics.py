@@ -22,7 +22,7 @@ from shell_helpers import cell_outputs, magics_of, run
 from ipy_multiengine import client as client_mod
 from ipy_multiengine.errors import CompositeError, TimeoutError
 from ipy_multiengine.magics import parse_targets
-from ipy_multiengine.render import Lines
+from ipy_multiengine.render import AREA_LIMIT, Lines
 from ipy_multiengine.results import PendingResult, ResultList
 from ipy_multiengine.targets import engine_range
 
@@ -1285,6 +1285,36 @@ def test_late_output_goes_to_its_cell_s_area_in_a_notebook(ip, mec, tmp_path):
         assert [o.update for o in updates] == [True], cap2.outputs
         assert updates[0].data["text/plain"] == "[stdout:0] first\n[stdout:0 late] done"
         assert len(cap2.outputs) == 1 and not cap2.stdout
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=[0])
+
+
+def test_a_notebook_cell_s_printed_text_is_not_kept_alive_for_its_late_output(ip, mec, tmp_path):
+    """To append late output to a finished ``%%px`` cell's areas, the last 64 cells' areas were
+    kept whole: with every part frozen out of them (kept for the cell's own final layout, up to
+    4 MiB of text a cell), megabytes of printed text stayed alive after the cells were done.
+    Only what an area still shows is kept, and late output still goes there."""
+    from ipy_multiengine import magics as magics_mod
+
+    magics_of(ip).notebook = True
+    flag = tmp_path / "go"
+    much = "for i in range(20000):\n    print('x' * 60)\ntime.sleep(0.5)\nprint('tail')\n"
+    try:
+        _cap, res = run(ip, "%%px --targets 0\n" + _late_code(flag, first="import time\n" + much))
+        assert res.success, res.error_in_exec
+        shower = magics_mod._SHOWERS[id(ip)]
+        kept = [area for (eid, _msg_id), area in shower._areas.items() if eid == 0]
+        assert kept, "the cell's area is not kept for its late output"
+        held = sum(len(data["text/plain"]) for area in kept for data, _md in area.frozen)
+        held += sum(len(lines.text()) for area in kept for _name, lines in area.segments)
+        assert held < 2 * AREA_LIMIT, f"{held} characters of the cell's text kept alive"
+        area_id = kept[-1].handle_id
+        flag.touch()
+        _arrived(magics_of(ip).last.get_result())
+        cap2, _ = run(ip, "x_local = 1")
+        updates = [o for o in cap2.outputs if (o.transient or {}).get("display_id") == area_id]
+        assert [o.data["text/plain"] for o in updates] == ["[stdout:0] tail\n[stdout:0 late] done"]
     finally:
         flag.touch()
         mec.execute("_late.join(10)", targets=[0])
