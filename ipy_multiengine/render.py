@@ -1132,13 +1132,17 @@ class LateShower:
 
     With ``at_prompt`` (a terminal IPython, which prints other threads' text above its prompt)
     late output that comes while the prompt waits is printed at once, by a thread of its own,
-    not only when the next cell runs."""
+    not only when the next cell runs; in a notebook that thread appends to the cells' areas
+    while the kernel idles (the rest waits for a ``%px``). A notebook cell run again (its
+    ``cell_id``) cleared its areas: they are forgotten, its late output shown with a ``%px``."""
 
     def __init__(self, notebook: Any, at_prompt: bool = False) -> None:
         """``notebook()``: whether to render for a notebook now."""
         self._notebook = notebook
         self._at_prompt = at_prompt
         self._idle = False  # between two cells (the prompt waits): set by after_cell
+        self._depth = 0  # cells running (a cell's --local code runs one inside it)
+        self._cell: str | None = None  # the running notebook cell's id, when it has one
         self._wake = threading.Event()
         self._printer: threading.Thread | None = None
         self.closed = False
@@ -1148,8 +1152,9 @@ class LateShower:
         self._size = 0
         self._dropped: dict[int, int] = {}  # per engine: late messages not kept
         self._posted = False
-        #: (engine, execute msg_id) -> that engine's area in the cell that ran it (a notebook)
-        self._areas: OrderedDict[tuple[int, str], _Area] = OrderedDict()
+        #: (engine, execute msg_id) -> that engine's area in the cell that ran it (a notebook),
+        #: and that cell's id
+        self._areas: OrderedDict[tuple[int, str], tuple[_Area, str | None]] = OrderedDict()
         #: a %px is running: late output not placed in its own cell is shown with it
         self.placing = 0
 
@@ -1171,7 +1176,7 @@ class LateShower:
             post, self._posted = not self._posted, True
         if post:
             stdin.post(lambda: self.show(None))
-        if self._idle and self._at_prompt:
+        if self._idle and (self._at_prompt or self._notebook()):
             self._wake.set()
             if self._printer is None:
                 self._printer = threading.Thread(
@@ -1180,7 +1185,8 @@ class LateShower:
                 self._printer.start()
 
     def _print_at_prompt(self) -> None:
-        """(its own thread) Print late output that comes while the terminal's prompt waits."""
+        """(its own thread) Show late output that comes while the terminal's prompt waits, or
+        the notebook kernel idles (only what goes to its cell's area: ``show(None)``)."""
         while not self.closed:
             self._wake.wait()
             self._wake.clear()
@@ -1209,7 +1215,7 @@ class LateShower:
                 # layout, which is done): those would stay alive with it, megabytes a cell
                 kept = replace(area, frozen=[])
                 with self._lock:
-                    self._areas[(r["id"], late.msg_id)] = kept
+                    self._areas[(r["id"], late.msg_id)] = (kept, self._cell)
                     while len(self._areas) > LATE_AREAS:
                         self._areas.popitem(last=False)
 
@@ -1228,7 +1234,7 @@ class LateShower:
                 events, kept = list(self._queue), []
                 self._queue.clear()
                 dropped, self._dropped = self._dropped, {}
-                areas = dict(self._areas)
+                areas = {key: area for key, (area, _cell) in self._areas.items()}
             lines: dict[tuple[int, str, int | None], Lines] = {}
             for event in events:
                 eid, msg_id, number, mtype, content = event
@@ -1255,15 +1261,26 @@ class LateShower:
             _late_shown[0] += len(made)
         return made
 
-    def before_cell(self, _info: Any = None) -> None:
-        """IPython's ``pre_run_cell``: show what came while the prompt waited."""
+    def before_cell(self, info: Any = None) -> None:
+        """IPython's ``pre_run_cell``: show what came while the prompt waited. A notebook cell
+        run again has had its outputs cleared by the frontend, which ignores updates of them:
+        its areas are forgotten (their late output waits for a ``%px``, not sent to nowhere)."""
         self._idle = False
+        self._depth += 1
+        cell = getattr(info, "cell_id", None)
+        if self._depth == 1:
+            self._cell = cell
+            if cell is not None:
+                with self._lock:
+                    for key in [k for k, (_a, c) in self._areas.items() if c == cell]:
+                        del self._areas[key]
         self.show(None)
 
     def after_cell(self, _result: Any = None) -> None:
         """IPython's ``post_run_cell``: show what came while the cell ran, before the prompt."""
         self.show(None)
-        self._idle = True
+        self._depth = max(0, self._depth - 1)  # (an empty cell has no pre_run_cell)
+        self._idle = self._depth == 0
 
     @staticmethod
     def _append(area: _Area, content: dict) -> bool:

@@ -1278,9 +1278,10 @@ def test_late_output_goes_to_its_cell_s_area_in_a_notebook(ip, mec, tmp_path):
         assert res.success, res.error_in_exec
         areas = [o for o in cap1.outputs if o.metadata.get("stream") == "stdout"]
         area_id = areas[-1].transient["display_id"]
-        flag.touch()
-        _arrived(magics_of(ip).last.get_result())
-        cap2, _ = run(ip, "x_local = 1")
+        with capture_output() as cap2:  # while the kernel idles, or when the next cell runs
+            flag.touch()
+            _arrived(magics_of(ip).last.get_result())
+            ip.run_cell("x_local = 1")
         updates = [o for o in cap2.outputs if (o.transient or {}).get("display_id") == area_id]
         assert [o.update for o in updates] == [True], cap2.outputs
         assert updates[0].data["text/plain"] == "[stdout:0] first\n[stdout:0 late] done"
@@ -1304,17 +1305,75 @@ def test_a_notebook_cell_s_printed_text_is_not_kept_alive_for_its_late_output(ip
         _cap, res = run(ip, "%%px --targets 0\n" + _late_code(flag, first="import time\n" + much))
         assert res.success, res.error_in_exec
         shower = magics_mod._SHOWERS[id(ip)]
-        kept = [area for (eid, _msg_id), area in shower._areas.items() if eid == 0]
+        kept = [area for (eid, _msg_id), (area, _cell) in shower._areas.items() if eid == 0]
         assert kept, "the cell's area is not kept for its late output"
         held = sum(len(data["text/plain"]) for area in kept for data, _md in area.frozen)
         held += sum(len(lines.text()) for area in kept for _name, lines in area.segments)
         assert held < 2 * AREA_LIMIT, f"{held} characters of the cell's text kept alive"
         area_id = kept[-1].handle_id
-        flag.touch()
-        _arrived(magics_of(ip).last.get_result())
-        cap2, _ = run(ip, "x_local = 1")
+        with capture_output() as cap2:  # while the kernel idles, or when the next cell runs
+            flag.touch()
+            _arrived(magics_of(ip).last.get_result())
+            ip.run_cell("x_local = 1")
         updates = [o for o in cap2.outputs if (o.transient or {}).get("display_id") == area_id]
         assert [o.data["text/plain"] for o in updates] == ["[stdout:0] tail\n[stdout:0 late] done"]
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=[0])
+
+
+def test_late_output_comes_to_its_cell_s_area_while_the_notebook_kernel_is_idle(ip, mec, tmp_path):
+    """In a notebook, late output of a ``%%px`` cell was appended to its area only when some
+    cell ran next: while the kernel idled nothing showed it, and a user waiting for the thread's
+    text saw none. It is appended at once (as a terminal prints it above its prompt)."""
+    magics_of(ip).notebook = True
+    flag = tmp_path / "go"
+    try:
+        cap1, res = run(ip, "%%px --targets 0\n" + _late_code(flag, first="print('first')\n"))
+        assert res.success, res.error_in_exec
+        areas = [o for o in cap1.outputs if o.metadata.get("stream") == "stdout"]
+        area_id = areas[-1].transient["display_id"]
+        with capture_output() as idle:  # no cell runs
+            flag.touch()
+            deadline = time.monotonic() + 15
+            while not [o for o in idle.outputs if o.update]:
+                assert time.monotonic() < deadline, "nothing shown while the kernel idled"
+                time.sleep(0.01)
+        (update,) = idle.outputs
+        assert update.transient["display_id"] == area_id, update.transient
+        assert update.data["text/plain"] == "[stdout:0] first\n[stdout:0 late] done"
+        cap2, _ = run(ip, "x_local = 1")
+        assert not cap2.outputs and not cap2.stdout, (cap2.outputs, cap2.stdout)  # shown once
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=[0])
+
+
+def test_late_output_of_a_cell_run_again_is_not_sent_to_its_cleared_areas(ip, mec, tmp_path):
+    """A notebook cell ``%%px --targets 0`` started a thread, then was edited and run again
+    (``--targets 1``): the thread's later output still went to the first run's engine area, which
+    the frontend had cleared when the cell ran again (it ignores updates of such a display), so
+    it was shown nowhere, ever. The areas of a cell run again are forgotten: its late output is
+    shown with the next ``%px``, as output without an area is."""
+    magics_of(ip).notebook = True
+    flag = tmp_path / "go"
+    try:
+        with capture_output():
+            code = _late_code(flag, first="print('first')\n")
+            res = ip.run_cell("%%px --targets 0\n" + code, cell_id="cell-a")
+        assert res.success, res.error_in_exec
+        first = magics_of(ip).last.get_result()
+        n = first[0]["number"]
+        with capture_output():
+            res = ip.run_cell("%%px --targets 1\nprint('again')", cell_id="cell-a")
+        assert res.success, res.error_in_exec
+        flag.touch()
+        _arrived(first)
+        with capture_output() as cap:
+            ip.run_cell("x_local = 1", cell_id="cell-b")
+            ip.run_cell("%%px --targets 1\nprint('next')", cell_id="cell-c")
+        texts = [o.get("text/plain", "") for o in cell_outputs(cap)]
+        assert f"[stdout:0 late, In [{n}]] done" in texts, texts
     finally:
         flag.touch()
         mec.execute("_late.join(10)", targets=[0])
