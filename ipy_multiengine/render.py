@@ -1278,9 +1278,11 @@ class LateShower:
 
     def after_cell(self, _result: Any = None) -> None:
         """IPython's ``post_run_cell``: show what came while the cell ran, before the prompt."""
-        self.show(None)
-        self._depth = max(0, self._depth - 1)  # (an empty cell has no pre_run_cell)
-        self._idle = self._depth == 0
+        try:
+            self.show(None)
+        finally:
+            self._depth = max(0, self._depth - 1)  # (an empty cell has no pre_run_cell)
+            self._idle = self._depth == 0
 
     @staticmethod
     def _append(area: _Area, content: dict) -> bool:
