@@ -1112,6 +1112,9 @@ LATE_PENDING_LIMIT = 262144
 #: Finished cells whose engine areas late output is appended to in a notebook (the oldest
 #: are forgotten: their late output is shown with the next %px instead).
 LATE_AREAS = 64
+#: Engine areas kept for them in all (each at most ``AREA_LIMIT`` characters): past it older
+#: cells are forgotten first, the latest cell's areas are all kept (a large cluster).
+LATE_AREAS_MAX = 1024
 #: Late output displays made in a notebook so far: a ``%%px`` cell that saw one made while it
 #: ran is not laid out again at its end (that clears the cell, and would lose it).
 _late_shown = [0]
@@ -1155,6 +1158,8 @@ class LateShower:
         #: (engine, execute msg_id) -> that engine's area in the cell that ran it (a notebook),
         #: and that cell's id
         self._areas: OrderedDict[tuple[int, str], tuple[_Area, str | None]] = OrderedDict()
+        #: the keys of ``_areas`` per finished cell, oldest first (bounded by LATE_AREAS cells)
+        self._cells: deque[list[tuple[int, str]]] = deque()
         #: a %px is running: late output not placed in its own cell is shown with it
         self.placing = 0
 
@@ -1207,17 +1212,25 @@ class LateShower:
         (a notebook's live areas, still shown in that cell)."""
         if not (renderer.notebook and renderer.mode == "stream" and renderer.group != "order"):
             return
+        kept: dict[tuple[int, str], _Area] = {}
         for r in records:
             late = r.get("late") if isinstance(r, dict) else None
             area = renderer.areas.get(r.get("id")) if late is not None else None
             if late is not None and area is not None and area.handle_id is not None:
                 # what it shows, not the parts frozen out of it (kept for the cell's own final
                 # layout, which is done): those would stay alive with it, megabytes a cell
-                kept = replace(area, frozen=[])
-                with self._lock:
-                    self._areas[(r["id"], late.msg_id)] = (kept, self._cell)
-                    while len(self._areas) > LATE_AREAS:
-                        self._areas.popitem(last=False)
+                kept[(r["id"], late.msg_id)] = replace(area, frozen=[])
+        if not kept:
+            return
+        with self._lock:
+            for key, area in kept.items():
+                self._areas[key] = (area, self._cell)
+            self._cells.append(list(kept))
+            while len(self._cells) > LATE_AREAS or (
+                len(self._areas) > LATE_AREAS_MAX and len(self._cells) > 1
+            ):
+                for key in self._cells.popleft():
+                    self._areas.pop(key, None)
 
     def show(self, place: bool | None = True) -> list[tuple[dict, dict]]:
         """Show what is queued (user's thread). ``place``: also what cannot go to its own
@@ -1274,6 +1287,8 @@ class LateShower:
                 with self._lock:
                     for key in [k for k, (_a, c) in self._areas.items() if c == cell]:
                         del self._areas[key]
+                    cells = [[k for k in keys if k in self._areas] for keys in self._cells]
+                    self._cells = deque(keys for keys in cells if keys)
         self.show(None)
 
     def after_cell(self, _result: Any = None) -> None:

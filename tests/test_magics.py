@@ -1379,6 +1379,38 @@ def test_late_output_of_a_cell_run_again_is_not_sent_to_its_cleared_areas(ip, me
         mec.execute("_late.join(10)", targets=[0])
 
 
+def test_late_output_areas_are_remembered_for_the_last_64_cells_not_64_engine_areas(
+    ip, mec, tmp_path
+):
+    """The documented "last 64 cells are remembered" counted engine areas: with 3 engines a
+    cell, a cell 22 cells back was forgotten (and on a cluster of more than 64 engines, part of
+    the cell just run), its late output not put in its area. It counts cells."""
+    from ipy_multiengine.render import LATE_AREAS
+
+    magics_of(ip).notebook = True
+    flag = tmp_path / "go"
+    try:
+        cap1, res = run(ip, "%%px --targets 0\n" + _late_code(flag, first="print('first')\n"))
+        assert res.success, res.error_in_exec
+        first = magics_of(ip).last.get_result()
+        area_id = [o for o in cap1.outputs if o.metadata.get("stream") == "stdout"][-1].transient[
+            "display_id"
+        ]
+        later = LATE_AREAS // 3 + 1
+        for _ in range(later):  # other engines: the thread's output stays labelled with cell 1
+            _cap, res = run(ip, "%%px --targets 1:4\nprint('other')")
+            assert res.success, res.error_in_exec
+        with capture_output() as cap2:  # while the kernel idles, or when the next cell runs
+            flag.touch()
+            _arrived(first)
+            ip.run_cell("x_local = 1")
+        updates = [o for o in cap2.outputs if (o.transient or {}).get("display_id") == area_id]
+        assert [o.data["text/plain"] for o in updates] == ["[stdout:0] first\n[stdout:0 late] done"]
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=[0])
+
+
 def test_late_output_without_an_area_is_shown_with_the_next_px_in_a_notebook(ip, mec, tmp_path):
     """A one-line ``%px`` (its Results List has no area to update): its late output is not put
     in an unrelated local cell, but shown labelled with the next ``%px``, before its output."""
