@@ -487,3 +487,38 @@ def test_restart_error_pickles_with_tblib_pickling_support_installed():
     assert type(back) is errors.RestartError and list(back.errors) == [1, 2]
     assert isinstance(back.errors[1], errors.UnpicklableError) and "held" in str(back.errors[1])
     assert [str(m) for m in back.__cause__.exceptions] == [str(m) for m in back.errors.values()]
+
+
+def test_an_engine_error_raised_from_its_composite_pickles_once_under_tblib():
+    """``e.raise_exception()`` in the ``except`` block of a CompositeError raises its member
+    itself when it is an EngineError (an engine died): its ``__context__`` is then the
+    CompositeError that holds it, a cycle. Under tblib's pickling support (distributed pickles
+    a task's exception so), contexts are pickled too, and each member pickled on its own
+    copied the whole CompositeError into the member's pickle, again and again until the
+    recursion limit: 1 MB of results made a 109 MB pickle, 108 nested copies ending in a
+    stand-in. The cycle is pickled as a reference now, and comes back as the cycle."""
+    from tblib import pickling_support
+
+    member = EngineError("engine 0 died while running 'x'", 0)
+    composite = CompositeError("execute", [member], [None, b"r" * 1_000_000])
+    with pytest.raises(EngineError) as info:
+        try:
+            raise composite
+        except CompositeError as e:
+            e.raise_exception()
+    raised = info.value
+    assert raised is member and raised.__context__ is composite
+    pickling_support.install(raised, composite)  # as distributed does for a task's error
+    data = pickle.dumps(raised)
+    assert len(data) < 1_100_000  # the results once
+    back = pickle.loads(data)
+    assert type(back) is EngineError and str(back) == str(member)
+    outer = back.__context__
+    assert type(outer) is CompositeError and outer.results[1] == b"r" * 1_000_000
+    [inner] = outer.elist
+    assert type(inner) is EngineError and inner.__context__ is outer
+    # the CompositeError itself, pickled the same way
+    data = pickle.dumps(composite)
+    assert len(data) < 1_100_000
+    again = pickle.loads(data)
+    assert type(again) is CompositeError and again.elist[0].__context__ is again
