@@ -180,16 +180,18 @@ class _Carried:
                 continue
         self.type_name = _type_name(value)
         self.exception = isinstance(value, BaseException)
-        self.engine_id = getattr(value, "engine_id", None) if self.exception else None
-        self.method = getattr(value, "method", "") if self.exception else ""
+        # an exception's own context, read without trusting it: a ``__getattr__`` may raise
+        self.engine_id = _attr(value, "engine_id", None) if self.exception else None
+        self.method = _attr(value, "method", "") if self.exception else ""
         try:
             self.text = str(value) if self.exception else _short_repr.repr(value)
         except Exception as exc:  # a broken __str__/__repr__ must not stop the pickling
             self.text = f"(its {'str' if self.exception else 'repr'} failed: {exc!r})"
         # what a CompositeError's message shows of it (``[id:method]: ename: evalue``)
-        ename, evalue = getattr(value, "ename", None), getattr(value, "evalue", None)
-        self.ename = ename if self.exception and isinstance(ename, str) else self.type_name
-        self.evalue = evalue if self.exception and isinstance(evalue, str) else self.text
+        ename = _attr(value, "ename", None) if self.exception else None
+        evalue = _attr(value, "evalue", None) if self.exception else None
+        self.ename = ename if isinstance(ename, str) else self.type_name
+        self.evalue = evalue if isinstance(evalue, str) else self.text
         self.traceback: list[str] = []
         if self.exception:
             try:
@@ -212,6 +214,15 @@ class _Carried:
                 self.ename, self.evalue, self.traceback, eid, method, self.type_name
             )
         return Unpicklable(self.type_name, self.text)
+
+
+def _attr(obj: Any, name: str, default: Any) -> Any:
+    """``getattr(obj, name, default)``, also when its ``__getattr__`` raises something else
+    than AttributeError (a proxy to an object that is gone)."""
+    try:
+        return getattr(obj, name, default)
+    except Exception:
+        return default
 
 
 def _cloudpickle_dumps(value: Any) -> bytes:

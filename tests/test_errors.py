@@ -522,3 +522,33 @@ def test_an_engine_error_raised_from_its_composite_pickles_once_under_tblib():
     assert len(data) < 1_100_000
     again = pickle.loads(data)
     assert type(again) is CompositeError and again.elist[0].__context__ is again
+
+
+class Proxy:
+    """A stand-in for a remote object (an RPC proxy): any attribute it lacks raises."""
+
+    def __init__(self, name):
+        self.__dict__["name"] = name
+
+    def __getattr__(self, attr):
+        raise RuntimeError(f"remote object {self.name} is gone")
+
+    def __reduce__(self):
+        return (Proxy, (self.name,))
+
+
+class ProxyError(Exception):
+    def __getattr__(self, attr):
+        raise RuntimeError("no such attribute")
+
+
+def test_members_whose_getattr_raises_pickle():
+    """Carrying a member looked up ``ename``/``evalue``/``engine_id`` on it with ``getattr``: a
+    result or an exception whose ``__getattr__`` raises (not AttributeError) failed the whole
+    pickling with that error; it pickled before members were carried."""
+    e = CompositeError("apply", [EngineError("x", 0, "apply")], [Proxy("p"), None])
+    back = _roundtrip(e)
+    assert type(back.results[0]) is Proxy and back.results[0].name == "p"
+    held = errors.RestartError("restart failed", {0: ProxyError("gone"), 1: ValueError("v")})
+    back = _roundtrip(held)
+    assert type(back.errors[0]) is ProxyError and str(back.errors[0]) == "gone"
