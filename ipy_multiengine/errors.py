@@ -168,13 +168,24 @@ def _type_name(obj: Any) -> str:
 class _Carried:
     """One member of a pickled error, pickled on its own (``data``; None when it does not
     pickle), with what its stand-in needs should it not load back: an exception's type name,
-    message, traceback lines, engine and method, or a value's type name and repr."""
+    message, traceback lines, engine and method, or a value's type name and repr.
 
-    def __init__(self, value: Any) -> None:
+    For a pickle of protocol 5 the member's large buffers (NumPy arrays...) are kept apart, as
+    ``PickleBuffer``s of the original memory (``buffers``), which the outer pickle writes once
+    (or passes out of band): not copied into the member's pickle first, which doubled the
+    memory and time of pickling an error holding large results."""
+
+    def __init__(self, value: Any, protocol: int = 4) -> None:
         self.data: bytes | None = None
+        self.buffers: list[pickle.PickleBuffer] | None = None
         for dumps in (pickle.dumps, _cloudpickle_dumps):  # cloudpickle: lambdas, local classes
+            kept: list[pickle.PickleBuffer] = []
             try:
-                self.data = dumps(value)
+                if protocol >= 5:
+                    self.data = dumps(value, protocol=5, buffer_callback=_keeper(kept))
+                    self.buffers = kept or None
+                else:
+                    self.data = dumps(value, protocol=4)
                 break
             except Exception:
                 continue
@@ -204,7 +215,7 @@ class _Carried:
         """The member itself, or its stand-in when it did not pickle or does not load here."""
         if self.data is not None:
             try:
-                return pickle.loads(self.data)
+                return pickle.loads(self.data, buffers=self.buffers or ())
             except Exception:
                 pass
         if self.exception:
@@ -225,11 +236,26 @@ def _attr(obj: Any, name: str, default: Any) -> Any:
         return default
 
 
-def _cloudpickle_dumps(value: Any) -> bytes:
+def _cloudpickle_dumps(value: Any, protocol: int, buffer_callback: Any = None) -> bytes:
     import cloudpickle
 
-    data: bytes = cloudpickle.dumps(value, protocol=5)
+    data: bytes = cloudpickle.dumps(value, protocol=protocol, buffer_callback=buffer_callback)
     return data
+
+
+def _keeper(kept: list[pickle.PickleBuffer]) -> Any:
+    """A ``buffer_callback`` keeping the contiguous buffers apart (in ``kept``); any other is
+    written into the pickle itself (a pickle cannot take it out of band)."""
+
+    def keep(buf: pickle.PickleBuffer) -> bool:
+        try:
+            buf.raw()
+        except BufferError:
+            return True
+        kept.append(buf)
+        return False
+
+    return keep
 
 
 class _Member:
@@ -243,16 +269,16 @@ class _Member:
         self.value = value
         self.owner = owner
 
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[Any, ...]]:
         stack = _pickling()
         stack.append(self.owner)
         try:
-            return (_as_is, (_Carried(self.value),))
+            return (_as_is, (_Carried(self.value, protocol),))
         finally:
             stack.pop()
 
     def load(self) -> Any:
-        return self.value  # never pickled (a ``copy.deepcopy`` goes through ``__reduce__``)
+        return self.value  # never pickled (a ``copy.deepcopy`` goes through ``__reduce_ex__``)
 
 
 def _as_is(carried: _Carried) -> _Carried:
