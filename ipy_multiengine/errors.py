@@ -81,9 +81,13 @@ class MultiEngineError(Exception):
         return (_rebuilt, (type(self), args, list(notes) if notes else None))
 
     def __copy__(self) -> Any:
-        """A shallow copy, holding the same members (``__reduce__`` pickles each on its own)."""
+        """A shallow copy, holding the same members (``__reduce__`` pickles each on its own)
+        and the same explicit cause (a ``RestartError``'s is the group of its engines' errors,
+        made by its constructor, which a copy does not call)."""
         new = type(self).__new__(type(self), *self.args)
         new.__dict__.update(self.__dict__)
+        new.__cause__ = self.__cause__
+        new.__suppress_context__ = self.__suppress_context__
         return new
 
 

@@ -456,6 +456,15 @@ def test_copy_of_an_error_holds_the_same_members():
     e = CompositeError("apply", [EngineError("x", 0)], [lock])
     c = copy.copy(e)
     assert type(c) is CompositeError and c.results[0] is lock and str(c) == str(e)
+    # a RestartError's cause, the group of its engines' errors, is its constructor's: a copy
+    # kept none, and printed it showed no engine's error
+    import traceback
+
+    r = errors.RestartError("restart failed", {0: ValueError("v0"), 1: KeyError("k1")})
+    c = copy.copy(r)
+    assert c.__cause__ is r.__cause__ and c.errors == r.errors
+    printed = "".join(traceback.format_exception(c))
+    assert "ValueError: v0" in printed and "KeyError: 'k1'" in printed
 
 
 def test_remote_traceback_of_keeps_every_member_and_pickles():
