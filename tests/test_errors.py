@@ -586,3 +586,28 @@ def test_large_results_are_not_copied_into_their_members_pickle():
     e = CompositeError("apply", [EngineError("x", 0, "apply")], [big[::2]])
     for back in (pickle.loads(pickle.dumps(e)), pickle.loads(pickle.dumps(e, protocol=5))):
         assert (back.results[0] == big[::2]).all()
+
+
+@pytest.mark.timeout(120)
+def test_the_error_of_an_engine_that_died_raised_from_its_composite_pickles_under_tblib():
+    """The same cycle with a real engine's death: its EngineError (its result record, its
+    In [n]) raised by ``raise_exception`` in the ``except`` block of its CompositeError."""
+    from faultlib import small_cluster
+    from tblib import pickling_support
+
+    with small_cluster(1) as (_cluster, mec), pytest.raises(EngineError) as info:
+        try:
+            mec.execute("print('last words', flush=True); import os; os._exit(3)", timeout=60)
+        except CompositeError as e:
+            e.raise_exception()
+    raised = info.value
+    composite = raised.__context__
+    assert type(composite) is CompositeError and composite.elist == [raised]
+    pickling_support.install(raised, composite)
+    data = pickle.dumps(raised)
+    assert len(data) < 50_000, len(data)
+    back = pickle.loads(data)
+    assert type(back) is EngineError and str(back) == str(raised)
+    assert back.result["number"] == raised.result["number"]
+    [inner] = back.__context__.elist
+    assert inner.__context__ is back.__context__ and str(inner) == str(raised)
