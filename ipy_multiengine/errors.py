@@ -35,6 +35,7 @@ import builtins
 import pickle
 import re
 import reprlib
+import threading
 import traceback as _traceback
 from collections.abc import Mapping
 from typing import Any
@@ -70,14 +71,23 @@ class MultiEngineError(Exception):
 
     def _reduced(self, *args: Any) -> tuple[Any, tuple[Any, ...]]:
         """What ``__reduce__`` returns: rebuilt by its constructor from ``args`` (members that
-        hold foreign objects wrapped by ``_carry``), its ``add_note`` notes kept."""
+        hold foreign objects wrapped by ``_carry``), its ``add_note`` notes kept. Inside the
+        pickle of one of its own members (a member whose ``__context__`` is this error, which
+        tblib's pickling support pickles), a reference to it instead (``_back_reference``)."""
+        back = _cycle(self)
+        if back is not None:
+            return back
         notes = getattr(self, "__notes__", None)
         return (_rebuilt, (type(self), args, list(notes) if notes else None))
 
     def __copy__(self) -> Any:
-        """A shallow copy, holding the same members (``__reduce__`` pickles each on its own)."""
+        """A shallow copy, holding the same members (``__reduce__`` pickles each on its own)
+        and the same explicit cause (a ``RestartError``'s is the group of its engines' errors,
+        made by its constructor, which a copy does not call)."""
         new = type(self).__new__(type(self), *self.args)
         new.__dict__.update(self.__dict__)
+        new.__cause__ = self.__cause__
+        new.__suppress_context__ = self.__suppress_context__
         return new
 
 
@@ -162,28 +172,41 @@ def _type_name(obj: Any) -> str:
 class _Carried:
     """One member of a pickled error, pickled on its own (``data``; None when it does not
     pickle), with what its stand-in needs should it not load back: an exception's type name,
-    message, traceback lines, engine and method, or a value's type name and repr."""
+    message, traceback lines, engine and method, or a value's type name and repr.
 
-    def __init__(self, value: Any) -> None:
+    For a pickle of protocol 5 the member's large buffers (NumPy arrays...) are kept apart, as
+    ``PickleBuffer``s of the original memory (``buffers``), which the outer pickle writes once
+    (or passes out of band): not copied into the member's pickle first, which doubled the
+    memory and time of pickling an error holding large results."""
+
+    def __init__(self, value: Any, protocol: int = 4) -> None:
         self.data: bytes | None = None
+        self.buffers: list[pickle.PickleBuffer] | None = None
         for dumps in (pickle.dumps, _cloudpickle_dumps):  # cloudpickle: lambdas, local classes
+            kept: list[pickle.PickleBuffer] = []
             try:
-                self.data = dumps(value)
+                if protocol >= 5:
+                    self.data = dumps(value, protocol=5, buffer_callback=_keeper(kept))
+                    self.buffers = kept or None
+                else:
+                    self.data = dumps(value, protocol=4)
                 break
             except Exception:
                 continue
         self.type_name = _type_name(value)
         self.exception = isinstance(value, BaseException)
-        self.engine_id = getattr(value, "engine_id", None) if self.exception else None
-        self.method = getattr(value, "method", "") if self.exception else ""
+        # an exception's own context, read without trusting it: a ``__getattr__`` may raise
+        self.engine_id = _attr(value, "engine_id", None) if self.exception else None
+        self.method = _attr(value, "method", "") if self.exception else ""
         try:
             self.text = str(value) if self.exception else _short_repr.repr(value)
         except Exception as exc:  # a broken __str__/__repr__ must not stop the pickling
             self.text = f"(its {'str' if self.exception else 'repr'} failed: {exc!r})"
         # what a CompositeError's message shows of it (``[id:method]: ename: evalue``)
-        ename, evalue = getattr(value, "ename", None), getattr(value, "evalue", None)
-        self.ename = ename if self.exception and isinstance(ename, str) else self.type_name
-        self.evalue = evalue if self.exception and isinstance(evalue, str) else self.text
+        ename = _attr(value, "ename", None) if self.exception else None
+        evalue = _attr(value, "evalue", None) if self.exception else None
+        self.ename = ename if isinstance(ename, str) else self.type_name
+        self.evalue = evalue if isinstance(evalue, str) else self.text
         self.traceback: list[str] = []
         if self.exception:
             try:
@@ -196,7 +219,7 @@ class _Carried:
         """The member itself, or its stand-in when it did not pickle or does not load here."""
         if self.data is not None:
             try:
-                return pickle.loads(self.data)
+                return pickle.loads(self.data, buffers=self.buffers or ())
             except Exception:
                 pass
         if self.exception:
@@ -208,44 +231,193 @@ class _Carried:
         return Unpicklable(self.type_name, self.text)
 
 
-def _cloudpickle_dumps(value: Any) -> bytes:
+def _attr(obj: Any, name: str, default: Any) -> Any:
+    """``getattr(obj, name, default)``, also when its ``__getattr__`` raises something else
+    than AttributeError (a proxy to an object that is gone)."""
+    try:
+        return getattr(obj, name, default)
+    except Exception:
+        return default
+
+
+def _cloudpickle_dumps(value: Any, protocol: int, buffer_callback: Any = None) -> bytes:
     import cloudpickle
 
-    data: bytes = cloudpickle.dumps(value, protocol=5)
+    data: bytes = cloudpickle.dumps(value, protocol=protocol, buffer_callback=buffer_callback)
     return data
 
 
-def _carry(value: Any) -> Any:
-    """``value`` as an argument of a pickled error's ``__reduce__``: plain values as they are,
-    anything else pickled on its own, so that one that does not make it becomes a stand-in
-    (``Unpicklable``/``UnpicklableError``) instead of failing the whole error."""
-    return value if type(value) in _PLAIN else _Carried(value)
+def _keeper(kept: list[pickle.PickleBuffer]) -> Any:
+    """A ``buffer_callback`` keeping the contiguous buffers apart (in ``kept``); any other is
+    written into the pickle itself (a pickle cannot take it out of band)."""
+
+    def keep(buf: pickle.PickleBuffer) -> bool:
+        try:
+            buf.raw()
+        except BufferError:
+            return True
+        kept.append(buf)
+        return False
+
+    return keep
 
 
-def _carry_record(value: Any) -> Any:
+class _Member:
+    """A member of ``owner`` (an error being pickled), pickled on its own when the pickle that
+    ``owner.__reduce__`` started gets to it (``_Carried``), with ``owner`` marked as being
+    pickled meanwhile: a reference back to it from inside the member's own pickle (its
+    ``__context__``, under tblib's pickling support) becomes a ``_back_reference``, not another
+    copy of ``owner`` in each nested pickle until the recursion limit."""
+
+    def __init__(self, value: Any, owner: BaseException) -> None:
+        self.value = value
+        self.owner = owner
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[Any, ...]]:
+        stack = _pickling()
+        stack.append(self.owner)
+        try:
+            return (_as_is, (_Carried(self.value, protocol),))
+        finally:
+            stack.pop()
+
+    def load(self) -> Any:
+        return self.value  # never pickled (a ``copy.deepcopy`` goes through ``__reduce_ex__``)
+
+
+def _as_is(carried: _Carried) -> _Carried:
+    return carried
+
+
+def _carry(value: Any, owner: BaseException) -> Any:
+    """``value``, a member of ``owner``, as an argument of ``owner.__reduce__``: plain values as
+    they are, anything else pickled on its own, so that one that does not make it becomes a
+    stand-in (``Unpicklable``/``UnpicklableError``) instead of failing the whole error."""
+    return value if type(value) in _PLAIN else _Member(value, owner)
+
+
+def _carry_record(value: Any, owner: BaseException) -> Any:
     """``_carry`` for a result record (a dict): value by value, so that one that does not make
     it leaves the others (``stdout``, ``outputs``) intact."""
     if type(value) is dict:
-        return {k: _carry(v) for k, v in value.items()}
-    return _carry(value)
+        return {k: _carry(v, owner) for k, v in value.items()}
+    return _carry(value, owner)
+
+
+def _load(arg: Any) -> Any:
+    return arg.load() if isinstance(arg, (_Carried, _Member)) else arg
 
 
 def _unwrap(arg: Any) -> Any:
-    if isinstance(arg, _Carried):
-        return arg.load()
     if type(arg) is list:
-        return [a.load() if isinstance(a, _Carried) else a for a in arg]
+        return [_load(a) for a in arg]
     if type(arg) is dict:
-        return {k: v.load() if isinstance(v, _Carried) else v for k, v in arg.items()}
-    return arg
+        return {k: _load(v) for k, v in arg.items()}
+    return _load(arg)
+
+
+# The errors whose members are being pickled (each on its own, nested in the error's pickle),
+# and, loading, the slots of the errors whose members are being loaded: a member's pickle that
+# refers back to one of them refers to it by how many levels up it is (``_back_reference``).
+_nesting = threading.local()
+
+
+def _pickling() -> list[BaseException]:
+    stack: list[BaseException] | None = getattr(_nesting, "pickling", None)
+    if stack is None:
+        stack = _nesting.pickling = []
+    return stack
+
+
+def _loading() -> list[BaseException | None]:
+    stack: list[BaseException | None] | None = getattr(_nesting, "loading", None)
+    if stack is None:
+        stack = _nesting.loading = []
+    return stack
+
+
+def _cycle(err: BaseException) -> tuple[Any, tuple[Any, ...]] | None:
+    """``err``'s reduction as a reference back to it when the pickle of one of its members is
+    under way (a cycle: the member refers to ``err``), else None."""
+    stack = _pickling()
+    for up, owner in enumerate(reversed(stack)):
+        if owner is err:
+            try:
+                text = str(err)
+            except Exception:
+                text = ""
+            return (_back_reference, (up, type(err).__name__, text, _type_name(err)))
+    return None
+
+
+def _back_reference(up: int, ename: str, evalue: str, type_name: str) -> BaseException:
+    """(unpickling, inside the load of a member) The error ``up`` levels up, whose members are
+    being loaded: a stand-in now, replaced by the error itself once it is built (``_rebuilt``);
+    it stays a stand-in naming it when loaded outside it (a member's pickle loaded alone)."""
+    stack = _loading()
+    if up >= len(stack):
+        return UnpicklableError(ename, evalue, type_name=type_name)
+    i = len(stack) - 1 - up
+    slot = stack[i]
+    if slot is None:
+        slot = stack[i] = UnpicklableError(ename, evalue, type_name=type_name)
+    return slot
+
+
+def _put_back(err: BaseException, stand_in: BaseException) -> None:
+    """Replace ``stand_in`` by ``err`` wherever the members of ``err`` (and their causes,
+    contexts, groups and members, in lists and dicts) hold it."""
+    seen: set[int] = set()
+    todo: list[Any] = [err]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, BaseException):
+            for name in ("__cause__", "__context__"):
+                link = getattr(obj, name)
+                if link is stand_in:
+                    setattr(obj, name, err)
+                elif link is not None:
+                    todo.append(link)
+            if isinstance(obj, BaseExceptionGroup):
+                todo.extend(obj.exceptions)
+            todo.extend(v for v in vars(obj).values() if isinstance(v, (BaseException, list, dict)))
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                if v is stand_in:
+                    obj[i] = err
+                elif isinstance(v, (BaseException, list, dict)):
+                    todo.append(v)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                if v is stand_in:
+                    obj[k] = err
+                elif isinstance(v, (BaseException, list, dict)):
+                    todo.append(v)
+
+
+def _loaded_args(args: tuple[Any, ...]) -> tuple[list[Any], BaseException | None]:
+    """``args`` with their carried members loaded, and the stand-in that references back to
+    the error they belong to became meanwhile (None when none did)."""
+    stack = _loading()
+    stack.append(None)
+    try:
+        return [_unwrap(a) for a in args], stack[-1]
+    finally:
+        stack.pop()
 
 
 def _rebuilt(cls: type, args: tuple[Any, ...], notes: list[str] | None = None) -> Any:
     """(unpickling) An error of type ``cls`` from its constructor ``args`` (carried members
     loaded, or their stand-ins), with its notes."""
-    err = cls(*(_unwrap(a) for a in args))
+    loaded, stand_in = _loaded_args(args)
+    err = cls(*loaded)
     if notes:
         err.__notes__ = list(notes)
+    if stand_in is not None:
+        _put_back(err, stand_in)
     return err
 
 
@@ -309,7 +481,7 @@ class RemoteError(MultiEngineError):
             self.engine_id,
             self.method,
             self.pickled,
-            _carry_record(self.result),
+            _carry_record(self.result, self),
             self.item,
         )
 
@@ -414,7 +586,9 @@ class EngineError(MultiEngineError):
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         if self.result is None:  # the constructor of a subclass may take no result
             return self._reduced(self.args[0], self.engine_id, self.method)
-        return self._reduced(self.args[0], self.engine_id, self.method, _carry_record(self.result))
+        return self._reduced(
+            self.args[0], self.engine_id, self.method, _carry_record(self.result, self)
+        )
 
     def for_engine(self, engine_id: int) -> EngineError:
         """This error with ``engine_id`` set (a copy: context is given at construction)."""
@@ -439,11 +613,18 @@ class _Members(BaseExceptionGroup):
     pickles an exception's cause as it is, and one unpicklable member failed the whole error."""
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (_rebuilt_members, (self.message, [_carry(e) for e in self.exceptions]))
+        back = _cycle(self)
+        if back is not None:
+            return back
+        return (_rebuilt_members, (self.message, [_carry(e, self) for e in self.exceptions]))
 
 
 def _rebuilt_members(message: str, members: list[Any]) -> _Members:
-    return _Members(message, [_unwrap(m) for m in members])
+    loaded, stand_in = _loaded_args((members,))
+    group = _Members(message, loaded[0])
+    if stand_in is not None:
+        _put_back(group, stand_in)
+    return group
 
 
 class RestartError(EngineError):
@@ -462,7 +643,7 @@ class RestartError(EngineError):
             )
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return self._reduced(self.args[0], {eid: _carry(e) for eid, e in self.errors.items()})
+        return self._reduced(self.args[0], {eid: _carry(e, self) for eid, e in self.errors.items()})
 
     def for_engine(self, engine_id: int) -> EngineError:
         """That engine's own error (an ``EngineError`` of its message when it is another type)."""
@@ -543,8 +724,8 @@ class CompositeError(MultiEngineError):
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return self._reduced(
             self.method,
-            [_carry(e) for e in self.elist],
-            [_carry(r) for r in self.results],
+            [_carry(e, self) for e in self.elist],
+            [_carry(r, self) for r in self.results],
             self.collapse,
         )
 
