@@ -700,6 +700,15 @@ class EngineStartTimeout(LauncherError, TimeoutError):
 EngineFailure = RemoteError | EngineError | UnpicklableError
 
 
+def _first_line(text: Any) -> str:
+    """A message's first line, and how many non-blank ones follow: in a rendered header a line
+    per engine stays one line (a dead engine's message ends with up to 20 lines its process
+    wrote, shown again by its own traceback below)."""
+    first, *rest = str(text).split("\n")
+    more = len([line for line in rest if line.strip()])
+    return f"{first} (+{more} more line{'s' if more != 1 else ''} below)" if more else first
+
+
 class CompositeError(MultiEngineError):
     """One or more engines raised during one call.
 
@@ -734,10 +743,13 @@ class CompositeError(MultiEngineError):
         construction)."""
         return type(self)(self.method, self.elist, self.results, collapse=True)
 
-    def _message(self) -> str:
+    def _message(self, short: bool = False) -> str:
+        """The header: a line per failing engine; ``short``: each message's first line only
+        (when each engine's traceback, with all of it, follows)."""
         lines = [f"one or more exceptions from call to method: {self.method}"]
         for e in self.elist:
-            lines.append(f"[{e.engine_id}:{e.method}]: {e.ename}: {e.evalue}")
+            evalue = _first_line(e.evalue) if short else e.evalue
+            lines.append(f"[{e.engine_id}:{e.method}]: {e.ename}: {evalue}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -799,7 +811,7 @@ class CompositeError(MultiEngineError):
         raise err
 
     def _render_traceback_(self) -> list[str]:
-        head = f"CompositeError: {self._message()}"
+        head = f"CompositeError: {self._message(short=True)}"
         return [head, "", *self._tracebacks()]
 
 

@@ -611,3 +611,26 @@ def test_the_error_of_an_engine_that_died_raised_from_its_composite_pickles_unde
     assert back.result["number"] == raised.result["number"]
     [inner] = back.__context__.elist
     assert inner.__context__ is back.__context__ and str(inner) == str(raised)
+
+
+def test_rendered_composite_header_keeps_one_line_per_engine():
+    """A dead local engine's message ends with the last lines its process wrote: rendered (in
+    IPython) a CompositeError's header repeated them for each engine, above the tracebacks that
+    show them again (64 engines aborting: 1,280 header lines). The rendered header keeps each
+    message's first line and says how many follow; ``str`` keeps them all."""
+    own = "engine 0's log:\n  Fatal Python error: Aborted\n  line two\n"
+    e = CompositeError(
+        "execute",
+        [
+            EngineError(f"engine 0 died (exit code -6)\n{own}", 0),
+            RemoteError("ValueError", "x", [], 1),
+        ],
+    )
+    lines = "\n".join(e._render_traceback_()).splitlines()
+    header = lines[: lines.index("")]
+    assert header[1:] == [
+        "[0:execute]: EngineError: engine 0 died (exit code -6) (+3 more lines below)",
+        "[1:execute]: ValueError: x",
+    ], header
+    assert sum("Fatal Python error" in line for line in lines) == 1, lines
+    assert "Fatal Python error: Aborted" in str(e)
