@@ -386,10 +386,9 @@ def test_clear_output_arrives_in_order_with_the_output_before_it(mec):
         assert both[-1] == "clear_output" and "stream" in both, events
 
 
-def test_a_lost_fast_reply_fails_its_operation_and_releases_what_waited(mec, monkeypatch):
-    """A reply that never comes back (dropped for real on the engine, by a one-shot hook in
-    its fast server's send): the operation fails naming the engine once a ping behind it has
-    been answered, and the execute held behind it for order runs; the engine stays usable."""
+def _drop_next_fast_reply(mec, monkeypatch) -> None:
+    """Engine 0's next fast reply is dropped (the class's method answers the ones after), and
+    a lost reply is noticed within a second."""
     from ipy_multiengine import controller
 
     monkeypatch.setattr(controller, "FAST_LOST_AFTER", 0.3)
@@ -403,6 +402,14 @@ def test_a_lost_fast_reply_fails_its_operation_and_releases_what_waited(mec, mon
         "del _e, _srv, _drop_once\n",
         targets=0,
     )
+
+
+def test_a_lost_fast_reply_fails_its_operation_and_releases_what_waited(mec, monkeypatch):
+    """A reply that never comes back (dropped for real on the engine, by a one-shot hook in
+    its fast server's send): the operation fails naming the engine once a ping behind it has
+    been answered, and the execute held behind it for order runs; the engine stays usable."""
+
+    _drop_next_fast_reply(mec, monkeypatch)
     lost = mec.apply(int, 5, targets=0, block=False)
     t0 = time.monotonic()
     # held behind the apply (order): it runs once the apply is known lost
@@ -674,19 +681,9 @@ def test_a_lost_fast_reply_keeps_what_the_operation_printed(mec, monkeypatch, tm
     """An apply whose reply was lost failed with an EngineError without its output: what the
     function had printed (it arrived, on IOPub) was dropped with the request. Now the error's
     ``result`` keeps it, as for an engine's death."""
-    from ipy_multiengine import _loop, controller
+    from ipy_multiengine import _loop
 
-    monkeypatch.setattr(controller, "FAST_LOST_AFTER", 0.3)
-    monkeypatch.setattr(controller, "FAST_LOST_GRACE", 0.5)
-    mec.execute(
-        "import ipy_multiengine.engine as _e\n"
-        "_srv = _e._server[0]\n"
-        "def _drop_once(*args, _srv=_srv):\n"
-        "    del _srv._send  # this reply is dropped; the class's method answers the next\n"
-        "_srv._send = _drop_once\n"
-        "del _e, _srv, _drop_once\n",
-        targets=0,
-    )
+    _drop_next_fast_reply(mec, monkeypatch)
 
     go = tmp_path / "go"
 
