@@ -3,18 +3,31 @@ benchmarks.zmq_worker PORT``)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
+import time
 
 import zmq
 
 
+def _orphan_watch(parent: int) -> None:
+    """End this process once the benchmark that started it has ended without "stop" (a
+    thread, so that the measured loop stays one blocking recv, as a raw peer's is)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
+
+
 def main(port: int) -> None:
-    """Hold the last pushed buffer; send it back on ``pull``; ack every push."""
+    """Hold the last pushed buffer; send it back on ``pull``; ack every push; end on any
+    other command, or when the process that started it has ended."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.PAIR)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(f"tcp://127.0.0.1:{port}")
     held = None
+    threading.Thread(target=_orphan_watch, args=(os.getppid(),), daemon=True).start()
     while True:
         frames = s.recv_multipart(copy=False)
         cmd = frames[0].bytes
