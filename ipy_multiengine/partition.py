@@ -358,6 +358,8 @@ def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = 
         ) from exc
     if kind.name in _PANDAS_ROWS:
         _check_integers(parts, joined, names, what)
+    if kind.name in ("pandas DataFrame", "pandas Series"):  # their row labels, joined too
+        _check_integers([p.index for p in parts], joined.index, names, what, " in the row index")
     return joined
 
 
@@ -373,9 +375,12 @@ def _dtypes(value: Any) -> list[Any]:
     return [value.dtype]
 
 
-def _check_integers(parts: Sequence[Any], joined: Any, names: list[Any], what: str) -> None:
+def _check_integers(
+    parts: Sequence[Any], joined: Any, names: list[Any], what: str, where: str = ""
+) -> None:
     """Refuse a pandas join that made floats of integer columns: int64 beside uint64 (numpy's
-    or pandas' nullable ones) joins as float64, so values above 2**53 came back rounded."""
+    or pandas' nullable ones) joins as float64, so values above 2**53 came back rounded.
+    ``where`` says which labels were checked (the row index of a Series or DataFrame)."""
 
     def integer(dtype: Any) -> bool:
         return getattr(dtype, "kind", "") in ("b", "i", "u")
@@ -387,7 +392,7 @@ def _check_integers(parts: Sequence[Any], joined: Any, names: list[Any], what: s
     for col, dtype in enumerate(after):
         before = [d[col] for d in each]
         if getattr(dtype, "kind", "") == "f" and all(integer(d) for d in before):
-            label = f" in column {joined.columns[col]!r}" if hasattr(joined, "columns") else ""
+            label = f" in column {joined.columns[col]!r}" if hasattr(joined, "columns") else where
             dtypes = ", ".join(f"{n}: {d}" for n, d in zip(names, before, strict=True))
             raise TypeError(
                 f"{what} hold integers of no common integer type{label} ({dtypes}): joined "

@@ -520,6 +520,22 @@ def test_gather_refuses_pandas_integers_that_would_join_as_floats(mec):
     assert mec.gather("y", targets=[2, 0]).tolist() == [1, 2, True]
 
 
+def test_gather_refuses_row_labels_that_would_join_as_floats(mec):
+    """The row index of Series and DataFrames is joined too: int64 labels beside uint64 ones
+    came back as a float64 index, the label 2**62 + 1 rounded, without a word. Refused naming
+    the row index and each engine's dtype; a MultiIndex of such levels keeps its values."""
+    mec.execute("import numpy as np, pandas as pd")
+    mec.execute("ix = pd.Index(np.array([3], dtype=np.uint64))", targets=1)
+    mec.execute("ix = pd.Index([2**62 + 1])", targets=0)
+    for make in ("pd.Series([1], index=ix)", "pd.DataFrame({'v': [1]}, index=ix)"):
+        mec.execute(f"y = {make}", targets=[0, 1])
+        match = r"no common integer type in the row index \(0: int64, 1: uint64\)"
+        with pytest.raises(TypeError, match=match):
+            mec.gather("y", targets=[0, 1])
+    mec.execute("y = pd.Series([1], index=pd.MultiIndex.from_arrays([ix, ['a']]))", targets=[0, 1])
+    assert mec.gather("y", targets=[0, 1]).index[0] == (2**62 + 1, "a")
+
+
 def test_scatter_and_gather_pandas_index_by_rows(mec):
     """A pandas Index was refused as of no known kind (iterated, it gives its labels): an
     Index and a MultiIndex are split by rows into their own type and appended back."""
