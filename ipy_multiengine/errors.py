@@ -701,11 +701,15 @@ EngineFailure = RemoteError | EngineError | UnpicklableError
 
 
 def _first_line(text: Any) -> str:
-    """A message's first line, and how many non-blank ones follow: in a rendered header a line
-    per engine stays one line (a dead engine's message ends with up to 20 lines its process
-    wrote, shown again by its own traceback below)."""
-    first, *rest = str(text).split("\n")
-    more = len([line for line in rest if line.strip()])
+    """A message's first non-blank line, and how many non-blank ones follow: in a rendered
+    header a line per engine stays one line (a dead engine's message ends with up to 20 lines
+    its process wrote, shown again by its own traceback below). Any line break counts
+    (``\\r\\n``: a ``\\r`` left in would send the terminal's cursor back over the line), and
+    leading blank lines are skipped (numpy.testing's messages start with one)."""
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    first, more = lines[0], len(lines) - 1
     return f"{first} (+{more} more line{'s' if more != 1 else ''} below)" if more else first
 
 

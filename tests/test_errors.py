@@ -634,3 +634,26 @@ def test_rendered_composite_header_keeps_one_line_per_engine():
     ], header
     assert sum("Fatal Python error" in line for line in lines) == 1, lines
     assert "Fatal Python error: Aborted" in str(e)
+
+
+def test_rendered_composite_header_shows_each_messages_first_written_line():
+    """The rendered header kept what came before the first ``\\n``: a message that starts on a
+    new line (numpy.testing's assert_allclose: "\\nNot equal to tolerance...") showed nothing
+    but the count of lines below, and one ending its lines with ``\\r\\n`` kept a ``\\r`` that
+    sent the terminal's cursor back, the count written over the message."""
+    e = CompositeError(
+        "execute",
+        [
+            RemoteError("AssertionError", "\nNot equal to tolerance rtol=1e-07\n\nMax: 1", [], 0),
+            RemoteError("ValueError", "bad value\r\nsecond line\r\n", [], 1),
+            RemoteError("KeyError", "", [], 2),
+            RemoteError("OSError", "\n \n", [], 3),
+        ],
+    )
+    lines = "\n".join(e._render_traceback_()).split("\n")
+    assert lines[1:5] == [
+        "[0:execute]: AssertionError: Not equal to tolerance rtol=1e-07 (+1 more line below)",
+        "[1:execute]: ValueError: bad value (+1 more line below)",
+        "[2:execute]: KeyError: ",
+        "[3:execute]: OSError: ",
+    ], lines
