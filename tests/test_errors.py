@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import copyreg
 import importlib
 import inspect
 import os
 import pickle
 import pkgutil
+from collections.abc import Iterator
 
 import pytest
 
@@ -31,23 +33,41 @@ from ipy_multiengine.errors import (
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(autouse=True)
-def _own_pickling():
-    """Each error pickles by its own ``__reduce__`` here, whatever ran before in this process:
+@contextlib.contextmanager
+def _pickling_by_own_reduce() -> Iterator[None]:
+    """Each error pickles by its own ``__reduce__`` inside, whatever ran before in this process:
     tblib's pickling support (distributed installs it, e.g. in test_docs' dask examples)
     registers a reducer for every exception class defined by then, which pickles members,
     causes and contexts its own way. The C pickler holds copyreg's table itself: it is emptied
-    of them in place, and restored."""
+    of them in place, and restored whole (what a test installed goes, tblib's reducer for
+    tracebacks too: the files run after this one in its process pickle as they would alone)."""
     table = copyreg.dispatch_table
-    saved = {k: v for k, v in table.items() if isinstance(k, type) and issubclass(k, BaseException)}
-    for k in saved:
+    saved = dict(table)
+    for k in [k for k in table if isinstance(k, type) and issubclass(k, BaseException)]:
         del table[k]
     try:
         yield
-    finally:  # as it was: what a test installed goes too
-        for k in [k for k in table if isinstance(k, type) and issubclass(k, BaseException)]:
-            del table[k]
+    finally:
+        table.clear()
         table.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _own_pickling() -> Iterator[None]:
+    with _pickling_by_own_reduce():
+        yield
+
+
+def test_pickling_isolation_leaves_copyreg_as_it_found_it():
+    """tblib's ``install`` registers a reducer for tracebacks besides the exceptions' ones: the
+    isolation removed only exception classes, so after a test that installed it every later
+    file in the process (xdist runs several in one) could pickle tracebacks."""
+    from tblib import pickling_support
+
+    before = dict(copyreg.dispatch_table)
+    with _pickling_by_own_reduce():
+        pickling_support.install(_raised(ValueError("x")))
+    assert copyreg.dispatch_table == before
 
 
 def _roundtrip(e: BaseException) -> BaseException:
