@@ -37,7 +37,7 @@ import re
 import reprlib
 import threading
 import traceback as _traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -610,13 +610,32 @@ class RefusedError(EngineError):
 class _Members(BaseExceptionGroup):
     """The group of a ``RestartError``'s engines' errors (its ``__cause__``), pickled member by
     member as the error's ``errors`` are: tblib's pickling support (distributed installs it)
-    pickles an exception's cause as it is, and one unpicklable member failed the whole error."""
+    pickles an exception's cause as it is, and one unpicklable member failed the whole error.
+
+    Otherwise the group Python would make: of exceptions only, an ``ExceptionGroup``
+    (``except Exception`` catches it), and a printed traceback names it as Python's own (its
+    pickle names ``_rebuilt_members``, never the class)."""
+
+    def __new__(cls, message: str, exceptions: Sequence[BaseException]) -> _Members:
+        if cls is _Members and all(isinstance(e, Exception) for e in exceptions):
+            cls = _ExceptionMembers
+        return super().__new__(cls, message, exceptions)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         back = _cycle(self)
         if back is not None:
             return back
         return (_rebuilt_members, (self.message, [_carry(e, self) for e in self.exceptions]))
+
+
+class _ExceptionMembers(_Members, ExceptionGroup):
+    """A ``_Members`` of exceptions only."""
+
+
+for _cls, _shown in ((_Members, "BaseExceptionGroup"), (_ExceptionMembers, "ExceptionGroup")):
+    _cls.__module__ = "builtins"  # as a traceback and repr() print it
+    _cls.__name__ = _cls.__qualname__ = _shown
+del _cls, _shown
 
 
 def _rebuilt_members(message: str, members: list[Any]) -> _Members:

@@ -677,3 +677,24 @@ def test_rendered_composite_header_shows_each_messages_first_written_line():
         "[2:execute]: KeyError: ",
         "[3:execute]: OSError: ",
     ], lines
+
+
+def test_restart_error_cause_is_the_group_python_would_make():
+    """Since the cause group pickles member by member it was a ``BaseExceptionGroup`` subclass
+    even of ordinary exceptions: ``except Exception`` no longer caught it re-raised, it was no
+    ``ExceptionGroup``, and a printed traceback named it ``ipy_multiengine.errors._Members``.
+    It is what ``BaseExceptionGroup(...)`` gives, an ``ExceptionGroup`` of exceptions, printed
+    so, and it still pickles member by member."""
+    import traceback
+
+    e = errors.RestartError("m", {1: _raised(ValueError("a")), 2: _raised(OSError("b"))})
+    assert isinstance(e.__cause__, ExceptionGroup)
+    printed = "".join(traceback.format_exception(e))
+    assert "| ExceptionGroup: the restart of each of engines [1, 2]" in printed, printed
+    assert "_Members" not in printed
+    mixed = errors.RestartError("m", {1: _raised(ValueError("a")), 2: KeyboardInterrupt()})
+    assert not isinstance(mixed.__cause__, Exception)
+    assert "| BaseExceptionGroup: " in "".join(traceback.format_exception(mixed))
+    back = pickle.loads(pickle.dumps(e))
+    assert isinstance(back.__cause__, ExceptionGroup)
+    assert [str(m) for m in back.__cause__.exceptions] == ["a", "b"]
