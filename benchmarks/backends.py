@@ -571,7 +571,8 @@ class RawZmq(Backend):
             env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.zmq_worker", str(port)], env=env
+                    [sys.executable, "-m", "benchmarks.zmq_worker", str(port), str(os.getpid())],
+                    env=env,
                 )
             )
         for s in self.socks:

@@ -113,7 +113,9 @@ class RawZmq:
         self.sock = zmq.Context.instance().socket(zmq.PAIR)
         self.sock.linger = 0
         port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.worker = subprocess.Popen([sys.executable, "-m", "benchmarks.zmq_worker", str(port)])
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.zmq_worker", str(port), str(os.getpid())]
+        )
         self.big = np.ones(2**20 // 8)
         self.push()
 

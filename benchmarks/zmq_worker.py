@@ -19,7 +19,7 @@ def _orphan_watch(parent: int) -> None:
     os._exit(0)
 
 
-def main(port: int) -> None:
+def main(port: int, parent: int | None = None) -> None:
     """Hold the last pushed buffer; send it back on ``pull``; ack every push; end on any
     other command, or when the process that started it has ended."""
     ctx = zmq.Context()
@@ -27,7 +27,9 @@ def main(port: int) -> None:
     s.setsockopt(zmq.LINGER, 0)
     s.connect(f"tcp://127.0.0.1:{port}")
     held = None
-    threading.Thread(target=_orphan_watch, args=(os.getppid(),), daemon=True).start()
+    # the starter's pid, given: read here, it would be init's already if the starter died first
+    parent = os.getppid() if parent is None else parent
+    threading.Thread(target=_orphan_watch, args=(parent,), daemon=True).start()
     while True:
         frames = s.recv_multipart(copy=False)
         cmd = frames[0].bytes
@@ -47,4 +49,4 @@ def main(port: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else None)
