@@ -335,6 +335,10 @@ def join(parts: Sequence[Any], what: str = "parts", ids: Sequence[Any] | None = 
         # masked one stays (it makes the result masked)
         keep = [i for i, p in enumerate(parts) if len(p) or isinstance(p, numpy.ma.MaskedArray)]
         names, parts = [names[i] for i in keep], [parts[i] for i in keep]
+    if kind.name in _PANDAS_ROWS and any(len(p) for p in parts):
+        # the same for pandas: an empty float Series made int64 parts float64 (rounded)
+        keep = [i for i, p in enumerate(parts) if len(p)]
+        names, parts = [names[i] for i in keep], [parts[i] for i in keep]
     if kind.name == "NumPy array" and len({p.dtype for p in parts}) > 1:
         import numpy
 

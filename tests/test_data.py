@@ -575,6 +575,24 @@ def test_gather_refuses_indexes_of_different_levels(mec):
     assert mec.gather("y", targets=[0, 1]).nlevels == 3
 
 
+def test_gather_ignores_the_dtype_of_an_empty_pandas_part(mec):
+    """An engine with no rows often holds an empty float Series or DataFrame (``pd.Series([],
+    dtype=float)``, a filter that kept nothing): beside int64 parts pandas made the whole gather
+    float64, 2**62 + 1 rounded. An empty part adds no rows, so its dtypes do not decide the
+    result (as for NumPy arrays)."""
+    mec.execute("import pandas as pd")
+    mec.execute("y = pd.Series([2**62 + 1])", targets=[0, 1])
+    mec.execute("y = pd.Series([], dtype=float)", targets=2)
+    out = mec.gather("y", targets=[0, 1, 2])
+    assert out.dtype == "int64" and out.tolist() == [2**62 + 1] * 2
+    mec.execute("y = pd.DataFrame({'a': [2**62 + 1]})", targets=[0, 1])
+    mec.execute("y = pd.DataFrame({'a': pd.Series([], dtype=float)})", targets=2)
+    frame = mec.gather("y", targets=[0, 1, 2])
+    assert str(frame["a"].dtype) == "int64" and frame["a"].tolist() == [2**62 + 1] * 2
+    mec.execute("y = pd.Series([], dtype=float)", targets=[0, 1, 2])  # all empty: as pandas
+    assert len(mec.gather("y", targets=[0, 1, 2])) == 0
+
+
 def test_gather_ignores_the_dtype_of_an_engine_with_no_items(mec):
     """An engine that got no items often holds ``np.array([])`` (float64): beside integer
     parts numpy's promotion made the whole gather float64, 2**62 + 1 rounded, and beside 2-D
