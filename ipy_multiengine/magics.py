@@ -641,7 +641,7 @@ class ParallelMagics(Magics):
         if timed_out:
             renderer.mode = "collect" if renderer.mode == "results" else renderer.mode
             live.close()  # what came so far; later output stays on the PendingResult
-            left = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
+            left = pr.unfinished()
             raise one_line(
                 MultiEngineTimeout(
                     f"%px: engines {engine_range(left)} not done after {timeout:g} s; they keep "
@@ -736,7 +736,7 @@ class ParallelMagics(Magics):
                 raise outcome
         except MultiEngineTimeout:
             pr = self.last = mec.last_executed()  # %result (also a named set's) collects it
-            left = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
+            left = pr.unfinished()
             raise one_line(
                 MultiEngineTimeout(
                     f"%px --init: engines {engine_range(left)} not done after {timeout:g} s, so "
@@ -792,7 +792,7 @@ class ParallelMagics(Magics):
     ) -> None:
         """Ctrl-C / notebook interrupt: interrupt the engines still running, show their output
         (laid out by ``lay_out`` first if the Ctrl-C came before that)."""
-        running = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
+        running = pr.unfinished()
         end = time.monotonic() + INTERRUPT_GRACE
         try:
             # one interrupt is enough: it also reaches an engine that had not begun the code yet
@@ -817,7 +817,7 @@ class ParallelMagics(Magics):
         if renderer is not None and renderer.mode == "results":
             renderer.mode = "collect"  # there will be no Results List: show everything printed
         live.close()
-        still = [e for e, f in zip(pr.eids, pr.futures, strict=True) if not f.done()]
+        still = pr.unfinished()
         msg = (
             f"%px: interrupted engine{'s' if len(running) != 1 else ''} "
             f"{engine_range(running) or '-'}"

@@ -224,6 +224,10 @@ class PendingResult:
         """True once nothing this call sends is read from your objects any more."""
         return wait_sent(self.futures, 0) == []
 
+    def unfinished(self) -> list[int]:
+        """The engines whose part of this call has not finished yet, in target order."""
+        return [e for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
+
     def progress(self) -> tuple[int, int | None, list[int]]:
         """``(done, total, engines still busy)`` in the unit of ``progress_unit``: items of a
         map, bytes of a scatter or gather, else engines."""
@@ -280,7 +284,7 @@ class PendingResult:
         if self._interrupted_by == id(exc):
             return
         self._interrupted_by = id(exc)
-        running = [e for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
+        running = self.unfinished()
         if self._on_interrupt is not None and running:
             self._on_interrupt(running)
 
@@ -294,7 +298,7 @@ class PendingResult:
                 if not block:
                     return default
                 if not self.wait(timeout):
-                    left = [e for e, f in zip(self.eids, self.futures, strict=True) if not f.done()]
+                    left = self.unfinished()
                     raise TimeoutError(
                         f"{self.method} not finished after {timeout:g} s on engines {left}; "
                         "the result can still be collected later"
