@@ -63,7 +63,8 @@ _NOT_INTERRUPTED = ("open", "ping")
 #: Messages a channel may still deliver, read at once, when its engine dies or is restarted.
 DRAIN_LIMIT = 1000
 #: Finished executes per engine whose late output (``wire.LateOutput``) is still routed to them
-#: by its parent msg_id (the oldest are forgotten: their output goes to the engine's latest).
+#: by its parent msg_id (the oldest are forgotten: their output is then late output of an
+#: earlier command, kept on no record, never given to another command).
 LATE_ROUTES = 256
 #: IOPub messages that are output of a request (kept on it, or late on its record).
 _OUTPUT_TYPES = frozenset(
@@ -356,11 +357,10 @@ class EngineConn:
         self.fast_dropped: list[Refusals] = []
         self.published_key: tuple | None = None  # what its last snapshot showed
         #: finished executes' late output holders (weakly: a record the user dropped is freed),
-        #: by msg_id, and the latest one's: output parented to a finished request goes there
+        #: by msg_id: output parented to one of them goes there
         self.late_routes: collections.OrderedDict[str, tuple[int | None, Any]] = (
             collections.OrderedDict()
         )
-        self.latest: tuple[str, int | None, Any] | None = None
         #: (the static part of ``published_key``, the snapshot fields it determines)
         self.published_static: tuple[tuple, dict[str, Any]] | None = None
 
@@ -1596,19 +1596,18 @@ class Controller:
         """(loop) Output of ours whose request has finished: the engine printed it later (a
         thread its code started; ipykernel labels such output with its latest request, or
         with the one a thread chose by ``set_parent``). It is kept on that execute's record
-        (``record["late"]``), or on the engine's latest execute's when its request was no
-        execute (a data operation), and handed to the late watchers (``watch_late``) to show.
+        (``record["late"]``) and handed to the late watchers (``watch_late``) to show. When
+        its request kept no record (a silent execute, a data operation, the engine's setup) or
+        is too old to be routed (``LATE_ROUTES``), it is late output of an earlier command
+        (``msg_id`` "", ``number`` None), kept on no record: never given to another command.
         Output of another client's request is that client's."""
         header = msg["parent_header"]
         if header.get("session") != conn.session.session and header.get("comm_id") != conn.comm_id:
             return
         mtype, content = msg["msg_type"], msg["content"]
-        parent = header.get("msg_id", "")
-        route = conn.late_routes.get(parent)
+        route = conn.late_routes.get(header.get("msg_id", ""))
         if route is not None:
-            msg_id, (number, ref) = parent, route
-        elif conn.latest is not None:
-            msg_id, number, ref = conn.latest
+            msg_id, (number, ref) = header["msg_id"], route
         else:
             msg_id, number, ref = "", None, None
         late = ref() if ref is not None else None
@@ -1623,16 +1622,18 @@ class Controller:
         if late is None and not watchers and mtype != "clear_output":
             log.warning(
                 "engine %s printed output after its command%s had finished, and nothing "
-                "keeps or shows it (its result was dropped): %.200r",
+                "keeps or shows it (%s): %.200r",
                 conn.eid,
                 f" (In [{number}])" if number is not None else "",
+                "its result was dropped" if msg_id else "an earlier command, keeping no record",
                 content.get("text") if mtype == "stream" else mtype,
             )
 
     def watch_late(self, watcher: Callable[[int, str, int | None, str, dict], None]) -> None:
         """Call ``watcher(eid, msg_id, number, msg_type, content)`` on the controller's thread
         for each output an engine sends after its command finished (``_late``): it must only
-        queue it. ``msg_id``/``number``: the execute whose record keeps it ("", None: none).
+        queue it. ``msg_id``/``number``: the execute whose record keeps it ("", None: an
+        earlier command that cannot be told, to be labelled so).
         Held weakly (a callable object, not a bound method), as long as it lives."""
         _loop.call_soon(self._late_watchers.add, watcher)
 
@@ -1709,7 +1710,6 @@ class Controller:
             conn.late_routes[req.msg_id] = (result["number"], ref)
             while len(conn.late_routes) > LATE_ROUTES:
                 conn.late_routes.popitem(last=False)
-            conn.latest = (req.msg_id, result["number"], ref)
         if req.lost:
             result["output_lost"] = True
         if content.get("status") == "ok":
