@@ -187,6 +187,8 @@ class _Area:
     count: int = 0
     #: what was frozen out of it (past AREA_LIMIT), in order: (data, metadata) of each
     frozen: list[tuple[dict, dict]] = field(default_factory=list)
+    #: a late ``clear_output(wait=True)`` of its engine: emptied when its next late text comes
+    clear_waiting: bool = False
 
     def write(self, name: str, text: str) -> None:
         if not self.segments or self.segments[-1][0] != name:
@@ -1258,6 +1260,9 @@ class LateShower:
                 area = areas.get((eid, msg_id)) if notebook else None
                 if area is not None and mtype == "stream" and self._append(area, content):
                     continue
+                if area is not None and mtype == "clear_output":
+                    self._clear_area(area, bool(content.get("wait")))
+                    continue
                 if notebook and not place:
                     kept.append(event)
                     continue
@@ -1307,14 +1312,30 @@ class LateShower:
             self._idle = self._depth == 0
 
     @staticmethod
+    def _clear_area(area: _Area, wait: bool) -> None:
+        """A late ``clear_output`` of its engine: empty that engine's area of the cell, as the
+        engine asked (its other outputs, separate displays, stay); with ``wait`` when its next
+        late text comes, which then takes the cleared text's place (a progress loop)."""
+        if wait:
+            area.clear_waiting = True
+            return
+        area.segments, area.clear_waiting = [], False
+        if area.handle_id is not None:
+            _display({"text/plain": ""}, area.bundle("")[1], area.handle_id, update=True)
+            area.shown = ""
+
+    @staticmethod
     def _append(area: _Area, content: dict) -> bool:
         """Append late stream text to its cell's area, in place; False if it would not fit."""
         name = "stderr" if content.get("name") == "stderr" else "stdout"
         segments = [[n, _copy_lines(lines)] for n, lines in area.segments]
+        waiting = area.clear_waiting
+        if waiting:
+            area.segments, area.clear_waiting = [], False
         area.write(f"{name} late", content.get("text", ""))
         text = area.text()
         if len(text) > AREA_LIMIT or area.handle_id is None:
-            area.segments = segments  # too long to update in place: shown as a new output
+            area.segments, area.clear_waiting = segments, waiting  # shown as a new output
             return False
         _display(*area.bundle(text), area.handle_id, update=True)
         area.shown = text

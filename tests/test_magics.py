@@ -1417,6 +1417,58 @@ def test_late_output_goes_to_its_cell_s_area_in_a_notebook(ip, mec, tmp_path):
         mec.execute("_late.join(10)", targets=[0])
 
 
+def test_a_late_clear_output_empties_its_cell_s_area_in_a_notebook(ip, mec, tmp_path):
+    """A thread that shows its progress by ``clear_output(wait=True)`` + ``print`` after its
+    ``%%px`` cell finished: the late clear_output was ignored and every step was appended to
+    the cell's engine area. It empties that engine's area, as it does while the cell runs: the
+    area shows the last step (``wait=True``: once that comes), and nothing after a plain
+    ``clear_output()``."""
+    magics_of(ip).notebook = True
+    flags = [tmp_path / f"f{i}" for i in range(3)]
+    seen = _Seen()
+    mec.controller.watch_late(seen)
+    code = _late_steps(
+        [
+            (flags[0], "clear_output(wait=True); print('step 1', flush=True)"),
+            (flags[1], "clear_output(wait=True); print('step 2', flush=True)"),
+            (flags[2], "clear_output()"),
+        ]
+    )
+    try:
+        cap1, res = run(
+            ip,
+            "%%px --targets 0\nfrom IPython.display import clear_output\nprint('first')\n" + code,
+        )
+        assert res.success, res.error_in_exec
+        area_id = [o for o in cap1.outputs if o.metadata.get("stream") == "stdout"][-1].transient[
+            "display_id"
+        ]
+
+        def area_updates(cap) -> list[str]:
+            return [
+                o.data["text/plain"]
+                for o in cap.outputs
+                if o.update and (o.transient or {}).get("display_id") == area_id
+            ]
+
+        with capture_output() as cap2:
+            flags[0].touch()
+            seen.wait(2)
+            flags[1].touch()
+            seen.wait(4)
+            ip.run_cell("x_local = 1")
+        assert area_updates(cap2)[-1] == "[stdout:0 late] step 2", cap2.outputs
+        with capture_output() as cap3:
+            flags[2].touch()
+            seen.wait(5)
+            ip.run_cell("x_local = 2")
+        assert area_updates(cap3) == [""], cap3.outputs
+    finally:
+        for flag in flags:
+            flag.touch()
+        mec.execute("_late.join(10)", targets=0)
+
+
 def test_a_notebook_cell_s_printed_text_is_not_kept_alive_for_its_late_output(ip, mec, tmp_path):
     """To append late output to a finished ``%%px`` cell's areas, the last 64 cells' areas were
     kept whole: with every part frozen out of them (kept for the cell's own final layout, up to
