@@ -1130,8 +1130,9 @@ class LateShower:
     controller cannot tell which command it belongs to. It is also kept on that command's
     record (``record["late"]``, shown by ``%result``); this only shows it.
 
-    Called on the controller's thread, it only queues (at most ``LATE_PENDING_LIMIT``
-    characters; what does not fit is counted and said) and posts a ``show`` to a thread that
+    Called on the controller's thread, it only queues (a message that comes while less than
+    ``LATE_PENDING_LIMIT`` characters wait is held whole; the rest is counted and said, with
+    its size and commands) and posts a ``show`` to a thread that
     waits for engines (``stdin.post``). ``show`` renders in the user's thread: in a terminal
     every queued output; in a notebook, output of a ``%%px`` cell whose engine areas are
     known (``keep``) is appended to that cell's area in place (``update_display``), the rest
@@ -1272,9 +1273,8 @@ class LateShower:
                 _note(
                     f"[late:{eid}] {n} late message{'s' if n != 1 else ''} of engine {eid} "
                     f"({chars} characters; {', '.join(w[2:] for w in sorted(where))}) not "
-                    f"shown: more than "
-                    f"{LATE_PENDING_LIMIT} characters of late output waited to be shown "
-                    f"(a command's record keeps its own, record['late'], %result)",
+                    f"shown: more than {LATE_PENDING_LIMIT} characters of late output waited "
+                    "to be shown; %result shows what its command's record kept",
                     notebook,
                     made,
                 )
