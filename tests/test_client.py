@@ -559,3 +559,39 @@ def test_a_queued_request_cannot_be_cancelled_behind_the_engines_back(mec, tmp_p
     finally:
         mec.interrupt(0)
 
+
+def test_a_second_interrupt_right_after_the_first_stops_code_that_caught_it(mec, tmp_path):
+    """Two interrupts in quick succession (Ctrl-C pressed twice) of code whose ``except
+    KeyboardInterrupt:`` goes on working: the second must interrupt it again. (Before: an
+    interrupt within 1 s of the first was taken for the first one's late duplicate and did
+    nothing, while ``mec.interrupt()`` returned as if it had; the code slept on.) The late
+    duplicate of a plain fallback signal is still merged:
+    ``test_a_late_interrupt_does_not_hit_the_cleanup_the_plain_one_began``."""
+    began, caught = tmp_path / "began", tmp_path / "caught"
+    code = f"""
+import pathlib, time
+try:
+    pathlib.Path({str(began)!r}).touch()
+    time.sleep(30)
+except KeyboardInterrupt:
+    pathlib.Path({str(caught)!r}).touch()
+    time.sleep(30)
+"""
+    pr = mec.execute(code, targets=[1], block=False)
+    try:
+        for path in (began, caught):
+            deadline = time.monotonic() + 20
+            if path is caught:
+                mec.interrupt([1])
+            while not path.exists():
+                assert time.monotonic() < deadline, f"{path.name} never appeared"
+                time.sleep(0.005)
+        mec.interrupt([1])  # the caught one is cleaning up (sleeping) now: within the 1 s
+        t0 = time.monotonic()
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=5)
+        assert [e.ename for e in info.value.elist] == ["KeyboardInterrupt"]
+        assert time.monotonic() - t0 < 5
+    finally:
+        mec.interrupt([1])
+    assert mec.apply(lambda: 1, targets=[1]) == [1]
