@@ -1110,9 +1110,18 @@ class MultiEngineClient(Configurable):
         """What ``interrupt`` does (Ctrl-C in a wait comes here too): the controller interrupts
         what this client sent (``Controller.interrupt_sent``); engines it cannot ask so get the
         owner's plain interrupt."""
+        eids = [e for e in eids if not self._starting(e)]
         plain = self._controller.interrupt_sent(eids) if eids else []
         if plain:
             self.owner.interrupt(plain)
+
+    def _starting(self, eid: int) -> bool:
+        """Engine ``eid`` is being (re)started or connected: nothing of anybody's runs there yet
+        (its requests failed as its restart began), and a signal would kill a kernel still
+        starting (SIGINT before its handler is installed: the restart failed, the engine dead).
+        Its ``on_start`` code, once it runs, can be interrupted."""
+        st = self._controller.state(eid)
+        return not st.dead and not st.ready and not st.init_running
 
     def restart(self, targets: Any = None, timeout: float | None = 60.0) -> None:
         """Restart engines, keeping their ids: each gets a fresh process and an empty namespace,
