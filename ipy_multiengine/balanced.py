@@ -329,7 +329,7 @@ class BalancedMap:
         """Send nothing more; the chunks sent that no engine has begun are skipped there, those
         running finish (``mec.interrupt`` stops them); the map fails."""
         with self._lock:
-            if not self._stopped:
+            if not self._stopped and not self.future.done():
                 self._fail(
                     EngineError(
                         "the load-balanced map was interrupted before it finished",

@@ -300,6 +300,8 @@ class MultiEngineClient(Configurable):
         self._kept: PendingResult | None = None
         # %result: the last command executed (execute, %px), kept: output text, not data
         self._last_execute: PendingResult | None = None
+        #: this client's load-balanced maps, while referenced (an interrupt stops them first)
+        self._maps: weakref.WeakSet[BalancedMap] = weakref.WeakSet()
         self.closed = False
         # a client that is dropped without close() still closes its channels and engine comms;
         # the finalizer holds the controller only (nothing that leads back to this client)
@@ -924,7 +926,7 @@ class MultiEngineClient(Configurable):
         from .balanced import BalancedMap
 
         usable = [e for e in eids if self._controller.state(e).data_ok] or eids
-        return BalancedMap(
+        bm = BalancedMap(
             self._controller,
             usable,
             f,
@@ -935,7 +937,9 @@ class MultiEngineClient(Configurable):
             listener=listener,
             interrupt=self._interrupt_eids,  # the owner's interrupt, like mec.interrupt()
             star=star,
-        ).start()
+        )
+        self._maps.add(bm)
+        return bm.start()
 
     def _stop_balanced(self, bm: BalancedMap) -> None:
         bm.cancel()
@@ -1111,6 +1115,11 @@ class MultiEngineClient(Configurable):
         what this client sent (``Controller.interrupt_sent``); engines it cannot ask so get the
         owner's plain interrupt."""
         eids = [e for e in eids if not self._starting(e)]
+        # a balanced map on these engines is stopped first: one of its chunks answered while
+        # the interrupt is on its way would have the next chunk sent, and run, after it
+        for bm in list(self._maps):
+            if set(bm.eids) & set(eids):
+                bm.cancel()
         plain = self._controller.interrupt_sent(eids) if eids else []
         if plain:
             self.owner.interrupt(plain)

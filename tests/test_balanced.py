@@ -251,6 +251,48 @@ def test_a_stopped_balanced_map_skips_its_chunks_not_begun(mec, tmp_path, how):
         assert "ran-1" not in ran, ran  # at once after item 0 raised: then it is left to run)
 
 
+def test_interrupting_some_engines_of_a_balanced_map_sends_it_no_more_chunks(mec, tmp_path):
+    """``mec.interrupt([0])`` while a balanced map runs on engines 0 and 1: engine 0's item
+    takes 1 s to end after its KeyboardInterrupt (its cleanup); until its failure came back the
+    map kept sending engine 1 chunk after chunk, run after the interrupt (about 20 here). The
+    map stops at the interrupt: engine 1 runs at most the chunk it was running and the one
+    queued behind it, whose skip may come late."""
+    where = str(tmp_path)
+
+    def item(i):
+        import pathlib
+        import time
+
+        if i == 0:
+            pathlib.Path(where, "long").touch()
+            try:
+                time.sleep(30)
+            except KeyboardInterrupt:
+                time.sleep(1)  # cleanup
+                raise
+        with open(pathlib.Path(where, "log"), "a") as log:
+            log.write(f"{i}\n")
+        time.sleep(0.05)
+        return i
+
+    pr = mec.map(item, range(400), targets=[0, 1], balanced=True, chunksize=1, block=False)
+    log, long = tmp_path / "log", tmp_path / "long"
+    deadline = time.monotonic() + 20
+    while not (long.exists() and log.exists() and len(log.read_text().split()) >= 3):
+        assert time.monotonic() < deadline, "the map never got going"
+        time.sleep(0.01)
+    mec.interrupt([0])
+    at_interrupt = len(log.read_text().split())
+    with pytest.raises(CompositeError, match="interrupted"):
+        pr.get_result(timeout=20)
+    mec.execute("pass", targets=[0, 1], timeout=20)
+    after = len(log.read_text().split()) - at_interrupt
+    assert after <= 2, f"engine 1 ran {after} items of the map after the interrupt"
+    # nothing of the stopped map's is taken for the next one's results
+    twice = mec.map(lambda x: x * 2, range(50), targets=[0, 1], balanced=True, chunksize=1)
+    assert twice == [x * 2 for x in range(50)]
+
+
 def test_ctrl_c_of_a_blocking_balanced_map_is_collectable_from_mec_last(mec):
     """docs/troubleshooting-errors.md: the interrupted call's result can still be collected with
     mec.last.get_result(); a blocking balanced map is done (failed by its cancel) at once."""
