@@ -896,9 +896,20 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         kernelspec says) for local engines; over ssh, ``scancel --signal=INT``, the whole MPI
         job."""
         if self.launcher.can_restart:  # local: the kernel managers answer at once, do not wait
-            _loop.submit(self.launcher.interrupt(eids))
+            _loop.submit(self._interrupt(eids))
             return
-        _loop.run(self.launcher.interrupt(eids), timeout=60)
+        _loop.run(self._interrupt(eids), timeout=60)
+
+    async def _interrupt(self, eids: list[int]) -> None:
+        """(loop) The launcher's interrupt of ``eids``, except engines being restarted: their
+        new kernel may still be starting, and SIGINT then kills it (the restart failed, the
+        engine was left dead); nothing of anybody's runs there yet."""
+        restarting = [e for e in eids if (lock := self._restart_locks.get(e)) and lock.locked()]
+        if restarting:
+            log.info("engines %s are restarting: not interrupted", restarting)
+        left = [e for e in eids if e not in restarting]
+        if left:
+            await self.launcher.interrupt(left)
 
     def serve_requests(self) -> None:
         """Answer the requests other processes left for exactly this cluster's file (see

@@ -205,10 +205,17 @@ class Request:
 class RequestFuture(Future):
     """The future of one request to one engine. For a request whose frames are tracked
     (issue 11.2), ``sent`` is a second future that resolves, on the loop, with a zmq
-    ``MessageTracker`` (or None) once zmq holds the frames; otherwise ``sent`` is None."""
+    ``MessageTracker`` (or None) once zmq holds the frames; otherwise ``sent`` is None.
+
+    It is *running* from its creation: ``cancel()`` returns False, as for any call that may have
+    begun. A request handed to the engines cannot be taken back by a local flag: a cancelled
+    future (``cancel()`` True, "will not run") was finished here while its engine still ran it
+    later, and neither ``mec.interrupt()`` nor ``abort()`` named it any more. ``pr.abort()``
+    skips a request not begun, ``mec.interrupt()`` stops one that has."""
 
     def __init__(self, track: bool = False) -> None:
         super().__init__()
+        self.set_running_or_notify_cancel()
         self.sent: Future | None = Future() if track else None
         #: wall-clock times (``time.time()``, for display): submitted by the caller; started
         #: when the engine said busy for it (None if it never did: comm ops during an async
@@ -2463,6 +2470,14 @@ class Controller:
         """
         return _loop.run(self._abort(list(futures), timeout), timeout=timeout + 1)
 
+    def skip_requests(self, futures: list[Future], timeout: float = 10.0) -> Future:
+        """``abort`` without waiting (any thread, the loop's own included): the requests of
+        ``futures`` not begun yet are skipped by their engines, those running are left alone.
+        A Future of what ``abort`` returns; a failure to ask is logged, never raised."""
+        fut = _loop.submit(self._abort(list(futures), timeout))
+        fut.add_done_callback(_log_skip_failure)
+        return fut
+
     def interrupt_requests(self, futures: list[Future], timeout: float = INTERRUPT_ACK) -> Future:
         """Interrupt exactly the requests of ``futures`` and nothing else (not what else an
         engine runs or has queued, of this client's or another's): one an engine runs now is
@@ -2621,6 +2636,11 @@ def _set_sent(req: Request, tracker: Any) -> None:
     sent = getattr(req.future, "sent", None)
     if sent is not None and not sent.done():
         sent.set_result(tracker)
+
+
+def _log_skip_failure(fut: Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("skipping requests not begun failed: %r", fut.exception())
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

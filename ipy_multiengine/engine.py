@@ -218,13 +218,15 @@ class _Running:
     it as the request's error; elsewhere, in ipykernel's or IPython's own steps, it may be
     swallowed, by an event callback, or lose the reply), and whether an interrupt came outside
     that region (``owed``: raised as the user's code is entered next); ``hit``: a SIGINT was
-    handled (a KeyboardInterrupt raised) while it ran, the last one at ``hit_at``."""
+    handled (a KeyboardInterrupt raised) while it ran, the last one at ``hit_at``; ``plain``:
+    that one was not this helper's (``signalled``: a signal of ours is on its way), but the
+    plain kind (a client's fallback, a kernel manager's ``interrupt_kernel``)."""
 
-    __slots__ = ("hit", "hit_at", "msg_id", "origin", "owed", "region")
+    __slots__ = ("hit", "hit_at", "msg_id", "origin", "owed", "plain", "region", "signalled")
 
     def __init__(self, msg_id: str, origin: str) -> None:
         self.msg_id, self.origin = msg_id, origin
-        self.owed = self.region = self.hit = False
+        self.owed = self.region = self.hit = self.plain = self.signalled = False
         self.hit_at = 0.0
 
 
@@ -337,6 +339,7 @@ def _on_sigint(signum: int, frame: Any) -> None:
         running = _current[0]
         if running is not None:
             running.hit, running.hit_at = True, time.monotonic()
+            running.plain, running.signalled = not running.signalled, False
         _interrupt_seen.notify_all()
     raise KeyboardInterrupt
 
@@ -382,16 +385,19 @@ def _keep_signalling(kernel: Any, running: _Running) -> None:
                 # it got the first signal; more would look like more Ctrl-C presses
                 return
             try:
+                running.signalled = True
                 _interrupt_self(kernel)
             except OSError as exc:
                 _log.warning("ipy_multiengine: could not signal this engine again: %s", exc)
                 return
 
 
-#: Seconds after a KeyboardInterrupt was raised in a request within which an
-#: ``ime_interrupt_request`` for it does not signal it again: it is the same interrupt, whose
-#: client had also sent a plain signal because this engine's control thread answered after its
-#: 1 s wait (e.g. a C call held the GIL). A second one would hit the code's own cleanup.
+#: Seconds after a KeyboardInterrupt was raised in a request by a plain signal (not this
+#: helper's) within which an ``ime_interrupt_request`` for it does not signal it again: it is the
+#: same interrupt, whose client had also sent a plain signal because this engine's control
+#: thread answered after its 1 s wait (e.g. a C call held the GIL). A second one would hit the
+#: code's own cleanup. After a signal of this helper's, the next ``ime_interrupt_request`` is a
+#: second interrupt (the user's second Ctrl-C), and signals at once.
 INTERRUPT_MERGED = 1.0
 
 #: The code an execute runs instead of the user's when it is owed an interrupt (IPython
@@ -445,11 +451,16 @@ def _install_interrupt(kernel: Any) -> None:
                 )
             ):
                 reply["interrupted"] = running.msg_id
-                if running.hit and time.monotonic() - running.hit_at < INTERRUPT_MERGED:
+                if (
+                    running.hit
+                    and running.plain
+                    and time.monotonic() - running.hit_at < INTERRUPT_MERGED
+                ):
                     pass  # just interrupted: by its client's plain signal, sent as we were late
                 elif running.region:
                     try:
                         running.hit = False
+                        running.signalled = True
                         _interrupt_self(kernel)
                         threading.Thread(
                             target=_keep_signalling,

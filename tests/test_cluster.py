@@ -934,6 +934,53 @@ def test_an_interrupted_restart_leaves_the_engine_dead_saying_so():
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("route", ["mec.interrupt", "owner.interrupt"])
+def test_an_interrupt_during_a_restart_does_not_kill_the_new_kernel(route):
+    """``mec.interrupt()`` while an engine restarts (from another thread, or the owner's own
+    interrupt, as the plain fallback calls it): the engine's new kernel had just been spawned,
+    and the kernel manager's SIGINT killed it before its handler was installed; the restart
+    failed and the engine was left dead ("killed by signal SIGINT"). Nothing runs there yet:
+    nothing is interrupted, the restart ends and the engine works."""
+    import asyncio
+    import threading
+
+    with Cluster(n=1, profile=f"restart-interrupt-{route}", write_file=False) as mec:
+        launcher = mec.owner.launcher
+        real = launcher.restart
+        spawned, interrupted = threading.Event(), threading.Event()
+
+        async def spawn_then_wait(ids):
+            infos = await real(ids)  # the new kernel's process exists, still starting
+            spawned.set()
+            await asyncio.to_thread(interrupted.wait, 20)
+            return infos
+
+        launcher.restart = spawn_then_wait
+        errors: list[BaseException] = []
+
+        def restart() -> None:
+            try:
+                mec.restart(0, timeout=60)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=restart)
+        t.start()
+        try:
+            assert spawned.wait(30), "the restart never spawned the new kernel"
+            if route == "mec.interrupt":
+                mec.interrupt(0)
+            else:
+                mec.owner.interrupt([0])
+        finally:
+            interrupted.set()
+            t.join(60)
+        launcher.restart = real
+        assert not errors, errors
+        assert mec.apply(lambda: 5, timeout=30) == [5]
+
+
+@pytest.mark.timeout(120)
 def test_a_dead_engine_whose_restart_fails_says_so_and_auto_restart_tries_again():
     """An engine that died (here kill -9) is restarted by auto_restart; when that restart
     failed (the launcher raised once) the engine stayed dead for good, still saying it was
