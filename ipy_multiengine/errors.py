@@ -552,6 +552,9 @@ class RemoteTraceback(RemoteError):
             return exc
         new = cls.__new__(cls, *exc.args)
         new.__dict__.update(exc.__dict__)  # every member, and its notes
+        for name in ("__notes__", "traceback"):  # lists of its own: a note added to one of
+            if isinstance(getattr(exc, name, None), list):  # the two showed on the other
+                setattr(new, name, list(getattr(exc, name)))
         return new
 
     def __str__(self) -> str:

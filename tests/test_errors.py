@@ -503,6 +503,21 @@ def test_remote_traceback_of_keeps_every_member_and_pickles():
     assert back.__notes__ == ["a note"] and back.engine_id == 3
 
 
+def test_remote_traceback_of_has_notes_of_its_own():
+    """``RemoteTraceback.of`` shared the original's notes list: a note added to the one raised
+    by the executor (or ``raise_exception``) showed on the ``RemoteError`` of the
+    ``CompositeError`` too, and the other way round."""
+    err = RemoteError("ValueError", "bad", ["tb line"], 0, "apply")
+    err.add_note("first")
+    rt = errors.RemoteTraceback.of(err)
+    rt.add_note("added to the copy")
+    err.add_note("added to the original")
+    assert err.__notes__ == ["first", "added to the original"]
+    assert rt.__notes__ == ["first", "added to the copy"]
+    rt.traceback.append("more")
+    assert err.traceback == ["tb line"]
+
+
 def test_restart_error_pickles_with_tblib_pickling_support_installed():
     """distributed installs tblib's pickling support, which pickles an exception's cause as it
     is: a RestartError's cause, the group of its engines' errors, failed the whole pickling
