@@ -28,7 +28,6 @@ import inspect
 import itertools
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -42,7 +41,7 @@ import zmq
 import zmq.backend
 from IPython import get_ipython
 
-from . import serialize, wire
+from . import errors, serialize, wire
 
 TARGET = "ipy_multiengine"
 
@@ -946,9 +945,8 @@ def _error_reply(rid: Any, exc: BaseException, item: int | None) -> tuple[dict, 
         import traceback
 
         lines = traceback.format_exception(type(exc), exc, tb)
-    try:
-        pickled = [pickle.dumps(exc, protocol=5)]
-        pickle.loads(pickled[0])
+    try:  # its links apart where tblib would pickle them (one that does not: a stand-in)
+        pickled = [errors.dumps_error(exc)]
     except Exception:
         pickled = []
     reply = {

@@ -990,6 +990,23 @@ def _assert_each_engine_error_is_kept(err: BaseException) -> None:
     assert type(again) is RestartError and str(again) == str(err)
     texts = lambda e: {i: str(x) for i, x in e.errors.items()}  # noqa: E731
     assert texts(again) == texts(err)
+    # under tblib (which pickles causes) with a member that does not pickle: its cause, raised
+    # `from` a plain group, failed the whole error; the group the constructor makes carries
+    # each member on its own
+    import threading
+
+    from tblib import pickling_support
+    from test_errors import _pickling_by_own_reduce
+
+    err.errors[2].lock = threading.Lock()
+    try:
+        with _pickling_by_own_reduce():
+            pickling_support.install(err, err.__cause__)
+            again = pickle.loads(pickle.dumps(err))
+    finally:
+        del err.errors[2].lock
+    assert type(again.errors[0]) is RuntimeError and str(again.errors[0]) == str(err.errors[0])
+    assert str(again.__cause__.exceptions[1]) == "RuntimeError: no kernel for engine 2"
 
 
 @pytest.mark.timeout(150)

@@ -713,3 +713,139 @@ def test_restart_error_cause_is_the_group_python_would_make():
     back = pickle.loads(pickle.dumps(e))
     assert isinstance(back.__cause__, ExceptionGroup)
     assert [str(m) for m in back.__cause__.exceptions] == ["a", "b"]
+
+
+# ------------------------------------------------- links (cause, context) that do not pickle
+def _raised_from_unpicklable(kind: type = ValueError) -> BaseException:
+    """``kind('outer')`` raised while handling a KeyError that holds a lock."""
+    import threading
+
+    try:
+        try:
+            inner = KeyError("k")
+            inner.lock = threading.Lock()
+            raise inner
+        except KeyError:
+            raise kind("outer")  # noqa: B904 (its context is the point)
+    except BaseException as outer:
+        return outer
+
+
+def test_an_error_whose_context_does_not_pickle_arrives_under_tblib():
+    """Under tblib's pickling support (distributed installs it, on engines too) an exception's
+    context is pickled with it: one whose context held a lock failed as a whole, and the
+    engine sent no pickle (the client could not rebuild a type outside builtins). Each link
+    crosses on its own now: the error arrives with a stand-in naming the link's type."""
+    from tblib import pickling_support
+
+    pickling_support.install()
+    import zipfile
+
+    err = _raised_from_unpicklable(zipfile.BadZipFile)
+    with pytest.raises(TypeError, match="lock"):
+        pickle.dumps(err)  # what the engine did
+    back = pickle.loads(errors.dumps_error(err))
+    assert type(back) is zipfile.BadZipFile and str(back) == "outer"
+    link = back.__context__
+    assert isinstance(link, errors.UnpicklableError), repr(link)
+    assert (link.type_name, link.evalue) == ("KeyError", "'k'")
+    assert any("raise inner" in line for line in link.traceback), link.traceback
+    assert back.__traceback__ is not None and not back.__suppress_context__
+    # a cause too, and `from` suppresses the context as before
+    try:
+        raise RuntimeError("top") from err
+    except RuntimeError as top:
+        back = pickle.loads(errors.dumps_error(top))
+    assert type(back.__cause__) is zipfile.BadZipFile and back.__suppress_context__
+    assert isinstance(back.__cause__.__context__, errors.UnpicklableError)
+
+
+def test_members_whose_context_does_not_pickle_under_tblib():
+    """The same for what the client pickles: a RestartError's (or a CompositeError's) member
+    whose context does not pickle failed the member, which arrived as a stand-in of itself
+    (its type lost); only the link is one now."""
+    from tblib import pickling_support
+
+    pickling_support.install()
+    member = _raised_from_unpicklable()
+    engine_error = EngineError("engine 1 died", 1, "execute")
+    engine_error.__context__ = _raised_from_unpicklable(OSError)
+    for e in (
+        errors.RestartError("restart failed", {0: member, 1: engine_error}),
+        CompositeError("execute", [engine_error], [member]),
+    ):
+        back = pickle.loads(pickle.dumps(e))
+        kept = list(back.errors.values()) if isinstance(back, errors.RestartError) else []
+        kept += [*back.elist, *back.results] if isinstance(back, CompositeError) else []
+        assert {type(m) for m in kept} <= {ValueError, EngineError} and len(kept) == 2, kept
+        for m in kept:
+            chain = [m]
+            while chain[-1].__context__ is not None:
+                chain.append(chain[-1].__context__)
+            if type(m) is EngineError:
+                assert type(chain[1]) is OSError and str(chain[1]) == "outer", chain
+            stand_in = chain[-1]
+            assert isinstance(stand_in, errors.UnpicklableError), chain
+            assert (stand_in.type_name, stand_in.evalue) == ("KeyError", "'k'")
+
+
+def test_a_long_chain_of_contexts_pickles_under_tblib():
+    """tblib pickles each context inside the one before: 1,000 chained exceptions (a
+    recursive function re-raising in its ``except``) failed with RecursionError. They pickle
+    one after the other now, and come back as the same chain."""
+    from tblib import pickling_support
+
+    pickling_support.install()
+    prev = None
+    for i in range(1000):
+        try:
+            try:
+                if prev is not None:
+                    raise prev
+            finally:
+                raise ValueError(i)
+        except ValueError as e:
+            prev = e
+    with pytest.raises(RecursionError):
+        pickle.dumps(prev)
+    back = pickle.loads(errors.dumps_error(prev))
+    values = []
+    while back is not None:
+        values.append(back.args[0])
+        back = back.__context__
+    assert values == list(range(999, -1, -1))
+
+
+@pytest.mark.timeout(120)
+def test_an_engine_error_whose_context_does_not_pickle_keeps_its_type_under_tblib():
+    """An engine with tblib's pickling support (a dask worker in it installs it) whose code
+    raised while handling an exception holding a lock: the engine could not pickle the error,
+    so ``raise_exception`` and the executor raised a ``RemoteTraceback`` instead of the user's
+    type. The user's type arrives now, its context a stand-in naming the KeyError."""
+    import zipfile
+
+    from faultlib import small_cluster
+
+    code = (
+        "from tblib import pickling_support; pickling_support.install()\n"
+        "import threading, zipfile\n"
+        "def fails(x):\n"
+        "    try:\n"
+        "        inner = KeyError('k'); inner.lock = threading.Lock(); raise inner\n"
+        "    except KeyError:\n"
+        "        raise zipfile.BadZipFile(f'outer {x}')\n"
+    )
+    with small_cluster(1) as (_cluster, mec):
+        mec.execute(code)
+        fails = mec.pull_function("fails")[0]
+        with pytest.raises(CompositeError) as info:
+            mec.apply(fails, 1)
+        with pytest.raises(zipfile.BadZipFile, match="outer 1") as raised:
+            info.value.raise_exception()
+        with mec.executor() as pool, pytest.raises(zipfile.BadZipFile, match="outer 2") as again:
+            pool.submit(fails, 2).result(timeout=60)
+    for exc in (raised.value, again.value):
+        link = exc.__context__
+        assert isinstance(link, errors.UnpicklableError), repr(link)
+        assert (link.type_name, link.evalue) == ("KeyError", "'k'")
+        assert isinstance(exc.__cause__, errors.RemoteTraceback)
