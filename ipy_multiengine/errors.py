@@ -311,7 +311,9 @@ def dumps_error(exc: BaseException, protocol: int = 5) -> bytes:
         pickle.loads(data)
         return data
     except Exception:
-        return _cloudpickle_dumps(exc, protocol)
+        data = _cloudpickle_dumps(exc, protocol)
+        pickle.loads(data)
+        return data
 
 
 class _LinkSafe:
@@ -423,13 +425,16 @@ def _reduce_node(
     """(``_linked_reduction``) The next node pickled on its own (``reduced``: tblib's reduction
     of it, when already made), the exceptions it links to added as nodes."""
     exc = nodes[len(members)]
-    busy.add(id(exc))
     if reduced is None:
-        reduced = _tblib_reduction(exc, pickler)
+        try:
+            reduced = _tblib_reduction(exc, pickler)
+        except Exception:  # its __reduce__ raised: its stand-in
+            busy.add(id(exc))
     if reduced is None:  # pickled without its links, as the pickler would
         members.append(_Carried(exc, protocol, chain=False))
         links.append(None)
         return
+    busy.add(id(exc))
     func, args, *rest = reduced
     at: list[int | None] = []
     for link in (args[2], args[4]):

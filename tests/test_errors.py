@@ -849,3 +849,36 @@ def test_an_engine_error_whose_context_does_not_pickle_keeps_its_type_under_tbli
         assert isinstance(link, errors.UnpicklableError), repr(link)
         assert (link.type_name, link.evalue) == ("KeyError", "'k'")
         assert isinstance(exc.__cause__, errors.RemoteTraceback)
+
+
+class ReduceRaises(Exception):
+    def __reduce__(self):
+        raise RuntimeError("no reduction")
+
+
+def test_links_of_types_tblib_does_not_pickle_and_links_whose_reduce_raises():
+    """tblib installed for one type only pickles the links of that type's errors, the linked
+    exceptions as pickle does (without their own links): such a link arrived as a stand-in of
+    itself. A link whose ``__reduce__`` raised failed the whole error."""
+    import zipfile
+
+    from tblib import pickling_support
+
+    pickling_support.install(zipfile.BadZipFile)
+
+    def raised_from(inner):
+        try:
+            try:
+                raise inner
+            except Exception:
+                raise zipfile.BadZipFile("outer")  # noqa: B904
+        except Exception as outer:
+            return outer
+
+    back = pickle.loads(errors.dumps_error(raised_from(ValueError("v"))))
+    assert type(back) is zipfile.BadZipFile and type(back.__context__) is ValueError
+    assert str(back.__context__) == "v"
+    back = pickle.loads(errors.dumps_error(raised_from(ReduceRaises("r"))))
+    assert type(back) is zipfile.BadZipFile, repr(back)
+    assert isinstance(back.__context__, errors.UnpicklableError)
+    assert back.__context__.type_name == "test_errors.ReduceRaises"
