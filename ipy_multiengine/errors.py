@@ -329,11 +329,35 @@ class _LinkSafe:
         if isinstance(obj, BaseException):
             if id(obj) in _linking():  # inside its own pickle (it holds itself): a stand-in
                 return (UnpicklableError, _stand_in_args(obj))
+            if isinstance(obj, BaseExceptionGroup) and type(obj) in _GROUPS:
+                return _group_reduction(obj, getattr(self, "proto", 4))
             reduced = _linked_reduction(obj, self)
             if reduced is not None:
                 return reduced
         base = getattr(super(), "reducer_override", None)
         return NotImplemented if base is None else base(obj)
+
+
+#: the groups Python makes (a subclass may take other arguments): pickled member by member
+_GROUPS = (BaseExceptionGroup, ExceptionGroup)
+
+
+def _group_reduction(group: BaseExceptionGroup, protocol: int) -> tuple[Any, ...]:
+    """``group`` (an exception group of Python's own) with each of its exceptions pickled on its
+    own: one that does not pickle (an asyncio ``TaskGroup``'s task error holding a lock) failed
+    the whole group, which then arrived as nothing the client can ``except*``."""
+    notes = getattr(group, "__notes__", None)
+    members = [_Carried(e, protocol) for e in group.exceptions]
+    return (_regrouped, (group.message, members, list(notes) if isinstance(notes, list) else None))
+
+
+def _regrouped(message: str, members: list[_Carried], notes: list[str] | None) -> Any:
+    """(unpickling) The group of ``_group_reduction`` (an ``ExceptionGroup`` when each of its
+    exceptions, or their stand-ins, is an ``Exception``)."""
+    group = BaseExceptionGroup(message, [m.load() for m in members])
+    if notes:
+        group.__notes__ = list(notes)
+    return group
 
 
 class _LinkSafePickler(_LinkSafe, pickle.Pickler):
@@ -425,7 +449,9 @@ def _reduce_node(
     """(``_linked_reduction``) The next node pickled on its own (``reduced``: tblib's reduction
     of it, when already made), the exceptions it links to added as nodes."""
     exc = nodes[len(members)]
-    if reduced is None:
+    if type(exc) in _GROUPS:  # member by member, without links (``_group_reduction``)
+        reduced = None
+    elif reduced is None:
         try:
             reduced = _tblib_reduction(exc, pickler)
         except Exception:  # its __reduce__ raised: its stand-in

@@ -882,3 +882,33 @@ def test_links_of_types_tblib_does_not_pickle_and_links_whose_reduce_raises():
     assert type(back) is zipfile.BadZipFile, repr(back)
     assert isinstance(back.__context__, errors.UnpicklableError)
     assert back.__context__.type_name == "test_errors.ReduceRaises"
+
+
+def test_an_exception_group_with_a_member_that_does_not_pickle():
+    """An engine's ``ExceptionGroup`` (an asyncio ``TaskGroup``'s) with one exception that did
+    not pickle failed as a whole: the client got a ``RemoteTraceback``, nothing ``except*``
+    could match. Each member crosses on its own, also in nested groups and under tblib."""
+    import threading
+
+    from tblib import pickling_support
+
+    held = ValueError("held")
+    held.lock = threading.Lock()
+    group = ExceptionGroup("eg", [held, KeyError("k"), ExceptionGroup("inner", [_raised(held)])])
+    group.add_note("a note")
+    for tblib in (False, True):
+        if tblib:
+            pickling_support.install()
+        back = pickle.loads(errors.dumps_error(_raised(group)))
+        assert type(back) is ExceptionGroup and back.message == "eg", repr(back)
+        first, second, inner = back.exceptions
+        assert isinstance(first, errors.UnpicklableError) and first.type_name == "ValueError"
+        assert type(second) is KeyError and type(inner) is ExceptionGroup
+        assert isinstance(inner.exceptions[0], errors.UnpicklableError)
+        assert back.__notes__ == ["a note"]
+        try:
+            raise back
+        except* KeyError as caught:
+            assert [type(e) for e in caught.exceptions] == [KeyError]
+        except* Exception:
+            pass
