@@ -709,13 +709,12 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             raise failed[0][1]
         if failed:
             # each engine's own exception, traceback included: the mapping for code, the group
-            # for a printed traceback (a cause of only the first lost the others)
+            # for a printed traceback (its cause, made by the constructor: the group it makes
+            # pickles member by member, a plain one replacing it failed under tblib)
             raise RestartError(
                 f"the restart of engines {[e for e, _ in failed]} failed: "
                 + "; ".join(f"engine {e}: {str(x) or type(x).__name__}" for e, x in failed),
                 dict(failed),
-            ) from BaseExceptionGroup(
-                f"the restart of each of engines {[e for e, _ in failed]}", [x for _, x in failed]
             )
 
     async def _restart_one(self, eid: int, timeout: float, automatic: bool = False) -> None:

@@ -28,7 +28,6 @@ import inspect
 import itertools
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -42,7 +41,7 @@ import zmq
 import zmq.backend
 from IPython import get_ipython
 
-from . import serialize, wire
+from . import errors, serialize, wire
 
 TARGET = "ipy_multiengine"
 
@@ -54,6 +53,7 @@ def register() -> None:
     if not _registered[0]:
         _install_abort(ip.kernel)
         _install_interrupt(ip.kernel)
+        _install_crash_dump()
         import atexit
 
         atexit.register(_let_control_finish)  # runs before ipykernel's close (registered earlier)
@@ -64,6 +64,37 @@ def register() -> None:
 
 
 _original_hook: list = [None]
+
+
+def _install_crash_dump() -> None:
+    """A fatal signal (a segfault in C code, an abort) writes the Python traceback of the
+    crashing thread (``faulthandler``) to the process's own stderr, which launchers collect (a local
+    engine's log, shown in the ``EngineError`` of a dead engine). Without it Python writes
+    nothing; and ipykernel points fd 2 at a pipe read by a thread of the dying process, so a
+    dump written there (also by ``faulthandler.enable()`` in a cell: ipykernel's default for it)
+    was lost. An own copy of the original stderr: ipykernel closes its copy at shutdown, and a
+    crash after that would write into whatever file reused the number. A faulthandler already
+    enabled (``-X faulthandler``, PYTHONFAULTHANDLER, the user's own file) is left as it is."""
+    import faulthandler
+
+    captured = getattr(sys.stderr, "_original_stdstream_copy", None)  # ipykernel's fd capture
+    try:
+        own = os.dup(captured if isinstance(captured, int) else 2)
+    except OSError:  # no stderr at all
+        return
+    _crash_fd[0] = own
+    enable = faulthandler.enable
+
+    def enable_here(file: Any = own, all_threads: bool = True, **kwargs: Any) -> None:
+        enable(file=file, all_threads=all_threads, **kwargs)
+
+    faulthandler.enable = enable_here  # a cell's faulthandler.enable(): the real stderr too
+    if not faulthandler.is_enabled():  # the crashing thread only: the kernel's own are noise
+        enable(file=own, all_threads=False)
+
+
+#: the engine's own copy of its original stderr, where a crash's traceback goes
+_crash_fd: list = [None]
 
 #: Seconds an exiting engine gives ipykernel's control thread to finish a shutdown request.
 CONTROL_FINISH = 1.0
@@ -925,9 +956,8 @@ def _error_reply(rid: Any, exc: BaseException, item: int | None) -> tuple[dict, 
         import traceback
 
         lines = traceback.format_exception(type(exc), exc, tb)
-    try:
-        pickled = [pickle.dumps(exc, protocol=5)]
-        pickle.loads(pickled[0])
+    try:  # its links apart where tblib would pickle them (one that does not: a stand-in)
+        pickled = [errors.dumps_error(exc)]
     except Exception:
         pickled = []
     reply = {
