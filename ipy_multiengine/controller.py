@@ -1618,14 +1618,16 @@ class Controller:
         else:
             msg_id, number, ref = "", None, None
         late = ref() if ref is not None else None
-        if late is not None:
-            late.add(mtype, content)
+        # the watchers first: a record holding the output means it has been handed to be shown
+        # (a cell run once %result shows it finds it queued, not still on its way)
         watchers = list(self._late_watchers)
         for watcher in watchers:
             try:
                 watcher(conn.eid, msg_id, number, mtype, content)
             except Exception:  # no request to fail: said here, the others still told
                 log.exception("engine %s: a late output watcher failed", conn.eid)
+        if late is not None:
+            late.add(mtype, content)
         if late is None and not watchers and mtype != "clear_output":
             log.warning(
                 "engine %s printed output after its command%s had finished, and nothing "

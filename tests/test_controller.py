@@ -818,6 +818,31 @@ class _Watcher:
         return [(e[0], e[1], e[2], e[4].get("text")) for e in self.seen if e[3] == "stream"]
 
 
+def test_late_output_is_handed_to_the_watchers_before_its_record_holds_it(mec, tmp_path):
+    """A record held late output before the watchers were told of it: code that waited for the
+    record (then ran a cell, whose start shows what is queued) found nothing queued yet, and
+    the output was shown after that cell, outside it (a notebook test failed so under load).
+    The watchers are told first: when the record holds it, it is queued to be shown."""
+    flag = tmp_path / "go"
+    in_record: list[str] = []
+    records: list = []
+
+    def watcher(eid, msg_id, number, mtype, content):
+        if mtype == "stream" and records:
+            in_record.append(records[0][0]["late"]["stdout"])
+
+    mec.controller.watch_late(watcher)
+    try:
+        records.append(mec.execute(_thread_printing([flag], ["late text"]), targets=0))
+        flag.touch()
+        _until(lambda: in_record, "the watcher to be told")
+        assert in_record == [""], "the record held the output before the watcher was told"
+        _until(lambda: "late text" in records[0][0]["late"]["stdout"], "the record")
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=0)
+
+
 def test_late_output_of_a_silent_execute_is_not_given_to_the_previous_command(mec, tmp_path):
     """A silent execute keeps no record, so no late output route was made for it: what a
     thread it started printed later went to the engine's latest (previous) command, kept on
