@@ -207,6 +207,47 @@ def test_progress_is_drawn_by_the_waiting_thread_only(monkeypatch, notebook):
     assert drawers <= {threading.current_thread().name}, drawers
 
 
+def test_a_bar_first_drawn_while_a_prompt_is_asked_waits_for_the_prompt(monkeypatch):
+    """A prompt (an engine's ``input()``) asked before any bar existed took no lock: the
+    waiting thread's bar, first drawn meanwhile, was written where the prompt then went on
+    (``%px: 0%|...[0] name? typed``; test_stdin's prompt test failed so under load). The
+    prompt holds the bars' lock even when none is drawn: the bar comes after the answer."""
+    import io
+    import threading
+
+    import tqdm.std
+    from beyond_helpers import screen_lines
+
+    from ipy_multiengine import render
+
+    assert not getattr(tqdm.std.tqdm, "_instances", None), "a bar of another test is open"
+    screen = io.StringIO()
+    monkeypatch.setattr(render.sys, "stdout", screen)
+    monkeypatch.setattr(render.sys, "stderr", screen)
+    monkeypatch.setattr(render, "in_notebook", lambda shell=None: False)
+    asking, drawn = threading.Event(), threading.Event()
+    bar = render.ProgressBar("%px", 0.0, True)
+
+    def draw():
+        asking.wait(10)
+        bar(0, 2, [0, 1])  # the waiting thread's first draw
+        drawn.set()
+
+    drawer = threading.Thread(target=draw)
+    drawer.start()
+    try:
+        with render.bars_cleared(screen):
+            asking.set()
+            drawn.wait(1.0)  # bounded: with the lock held the bar cannot come before the answer
+            screen.write("[0] name? typed\n")
+        drawer.join(10)
+        assert drawn.is_set()
+    finally:
+        bar.close()
+    lines = screen_lines(screen.getvalue())
+    assert "[0] name? typed" in lines, lines
+
+
 def test_unfinished_gather_is_not_left_at_100_percent(monkeypatch):
     """A gather's total (bytes) is known only once every engine answered: a gather that timed
     out or was interrupted with engines still busy keeps an open total in the bar's final
