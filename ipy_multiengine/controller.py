@@ -66,6 +66,9 @@ DRAIN_LIMIT = 1000
 #: by its parent msg_id (the oldest are forgotten: their output is then late output of an
 #: earlier command, kept on no record, never given to another command).
 LATE_ROUTES = 256
+#: Data operations that run no code of the user's (no thread of theirs starts there): output
+#: the kernel labels with one is labelled as it was before it (``EngineConn.late_aliases``).
+_LABELLESS = frozenset({"push", "pull", "ping"})
 #: IOPub messages that are output of a request (kept on it, or late on its record).
 _OUTPUT_TYPES = frozenset(
     ("stream", "display_data", "execute_result", "update_display_data", "error", "clear_output")
@@ -368,6 +371,11 @@ class EngineConn:
         self.late_routes: collections.OrderedDict[str, tuple[int | None, Any]] = (
             collections.OrderedDict()
         )
+        #: the request the kernel labels a thread's output with (its latest shell or fast
+        #: request), as it labelled it before a push or pull; and, for each push or pull sent,
+        #: that label (``_LABELLESS``: the output is of the request before it)
+        self.late_label = ""
+        self.late_aliases: collections.OrderedDict[str, str] = collections.OrderedDict()
         #: (the static part of ``published_key``, the snapshot fields it determines)
         self.published_static: tuple[tuple, dict[str, Any]] | None = None
 
@@ -938,6 +946,7 @@ class Controller:
         msg = self._fast_msg(conn, conn.session.pack({"op": "ping"}))
         req = self._new_request(conn, "comm", msg["msg_id"], channel="fast", op="ping")
         conn.requests[req.msg_id] = req
+        _relabel(conn, req)
         self._send(conn, "fast", msg)
         return req
 
@@ -1604,17 +1613,20 @@ class Controller:
         thread its code started; ipykernel labels such output with its latest request, or
         with the one a thread chose by ``set_parent``). It is kept on that execute's record
         (``record["late"]``) and handed to the late watchers (``watch_late``) to show. When
-        its request kept no record (a silent execute, a data operation, the engine's setup) or
-        is too old to be routed (``LATE_ROUTES``), it is late output of an earlier command
+        its request kept no record (a silent execute, an apply, the engine's setup) or is
+        too old to be routed (``LATE_ROUTES``), it is late output of an earlier command
         (``msg_id`` "", ``number`` None), kept on no record: never given to another command.
+        Output labelled with a push or pull is labelled as before it (``_relabel``).
         Output of another client's request is that client's."""
         header = msg["parent_header"]
         if header.get("session") != conn.session.session and header.get("comm_id") != conn.comm_id:
             return
         mtype, content = msg["msg_type"], msg["content"]
-        route = conn.late_routes.get(header.get("msg_id", ""))
+        parent = header.get("msg_id", "")
+        parent = conn.late_aliases.get(parent, parent)
+        route = conn.late_routes.get(parent)
         if route is not None:
-            msg_id, (number, ref) = header["msg_id"], route
+            msg_id, (number, ref) = parent, route
         else:
             msg_id, number, ref = "", None, None
         late = ref() if ref is not None else None
@@ -2102,6 +2114,7 @@ class Controller:
         req = self._new_request(conn, kind, msg["msg_id"], channel=channel, **kw)
         if not req.future.done():
             conn.requests[req.msg_id] = req
+            _relabel(conn, req)
             try:
                 self._send(conn, channel, msg)
             except Exception as exc:  # not left waiting for a reply that cannot come
@@ -2119,6 +2132,7 @@ class Controller:
         )
         req = self._new_request(conn, "comm", msg["msg_id"], op="open")
         conn.requests[req.msg_id] = req
+        _relabel(conn, req)
         self._send(conn, "shell", msg)
         self._publish(conn)
         return req.msg_id, req.future
@@ -2210,6 +2224,7 @@ class Controller:
 
     def _send_one(self, conn: EngineConn, msg: dict, req: Request, buffers: list) -> None:
         req.sent = time.monotonic()
+        _relabel(conn, req)
         try:
             sending, tracker = self._send(conn, req.channel, msg, buffers)
         except Exception as exc:
@@ -2657,6 +2672,20 @@ async def _acall(fn: Callable[[], Any]) -> Any:
 def _short(code: str, width: int = 80) -> str:
     code = " ".join(code.split())
     return code if len(code) <= width else code[: width - 3] + "..."
+
+
+def _relabel(conn: EngineConn, req: Request) -> None:
+    """(loop) ``req`` is sent: the kernel labels a thread's output with it from now on (a
+    shell or fast request), unless it runs no code of the user's (``_LABELLESS``): output
+    labelled with that one is of the request before it (``_late``)."""
+    if req.channel not in ("shell", "fast"):
+        return
+    if req.kind == "comm" and req.op in _LABELLESS:
+        conn.late_aliases[req.msg_id] = conn.late_label
+        while len(conn.late_aliases) > LATE_ROUTES:
+            conn.late_aliases.popitem(last=False)
+    else:
+        conn.late_label = req.msg_id
 
 
 def _method(req: Request) -> str:

@@ -1212,3 +1212,47 @@ def test_a_segfaulting_engine_shows_the_python_traceback_of_the_crash(monkeypatc
             mec.restart(0, timeout=60)
         assert mec.apply(lambda: 5) == [5]
     assert not log.exists()
+
+
+def test_a_forked_child_s_crash_is_not_shown_as_the_engine_s(monkeypatch):
+    """A process the engine forks (multiprocessing's default on Linux) inherited the engine's
+    crash dump: a worker's segfault wrote its traceback into the engine's log only, and when
+    the engine died later of something else (SIGKILL: the OOM killer) its error showed that
+    traceback, "Fatal Python error: Segmentation fault", as the engine's own last words, in
+    place of the lines the engine wrote last. A forked child's dump goes to its own stderr now,
+    ipykernel's pipe (the cell shows it), and a crash's traceback is put first only for an
+    engine a fatal signal killed."""
+    from faultlib import small_cluster
+
+    from ipy_multiengine.errors import CompositeError
+
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)  # capture fds as for a user
+    code = (
+        "import ctypes, multiprocessing\n"
+        "def work():\n"
+        "    ctypes.string_at(0)\n"
+        "child = multiprocessing.get_context('fork').Process(target=work)\n"
+        "child.start(); child.join(); print('child exit', child.exitcode)\n"
+    )
+    with small_cluster(1) as (cluster, mec):
+        log = cluster.log_file(0)
+        pr = mec.execute(code, block=False)
+        [record] = pr.get_result(timeout=60)
+        assert record["stdout"] == f"child exit {-signal.SIGSEGV}\n"
+
+        def seen() -> bool:
+            return "in work" in record["stderr"] + (pr.late[0].get("stderr") or "")
+
+        wait_for(seen, 30, "the child's traceback in the cell's stderr")
+        last = (
+            "import os, signal, time\n"
+            "os.write(2, b''.join(b'later %d\\n' % i for i in range(25)))\n"  # as C code writes
+            f"while b'later 24' not in open({str(log)!r}, 'rb').read(): time.sleep(0.005)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n"
+        )
+        with pytest.raises(CompositeError) as info:
+            mec.execute(last, timeout=60)
+    text = str(info.value.elist[0])
+    assert "killed by signal SIGKILL" in text, text
+    own = text.split(f"--- engine 0's own output (log {log}) ---\n", 1)[1]
+    assert "Fatal Python error" not in own and own.endswith("later 24"), own

@@ -863,6 +863,37 @@ def test_late_output_of_a_silent_execute_is_not_given_to_the_previous_command(me
         mec.execute("_late.join(10)", targets=0)
 
 
+def test_late_output_after_a_push_or_pull_is_still_its_execute_s(mec, tmp_path):
+    """A push or pull (no code of the user's runs) becomes the kernel's latest request, so
+    ipykernel labels a thread's later output with it: that output went to no record and, in a
+    script, each message logged a warning (a training thread polled with ``pull``: every step
+    lost from ``record["late"]``). It is labelled as it was before the push or pull, with the
+    execute that started the thread. After an ``apply`` (which may have started the thread
+    itself) it stays output of an earlier command."""
+    flags = [tmp_path / "one", tmp_path / "two"]
+    watcher = _Watcher()
+    mec.controller.watch_late(watcher)
+    try:
+        started = mec.execute(_thread_printing(flags, ["after pull", "after apply"]), targets=0)
+        number = started[0]["number"]
+        mec.push({"late_x": 1}, targets=0)
+        assert mec.pull("late_x", targets=0) == [1]
+        flags[0].touch()
+        _until(lambda: watcher.texts(), "the late output")
+        [(eid, msg_id, n, text)] = watcher.texts()
+        assert (eid, n, text) == (0, number, "after pull\n") and msg_id
+        assert started[0]["late"]["stdout"] == "after pull\n"
+        assert mec.apply(lambda: 1, targets=0) == [1]
+        flags[1].touch()
+        _until(lambda: len(watcher.texts()) == 2, "the second late output")
+        assert watcher.texts()[1] == (0, "", None, "after apply\n")
+        assert started[0]["late"]["stdout"] == "after pull\n"
+    finally:
+        for flag in flags:
+            flag.touch()
+        mec.execute("_late.join(10)", targets=0)
+
+
 def test_late_output_of_a_forgotten_command_is_not_given_to_the_newest(mec, tmp_path, monkeypatch):
     """Past ``LATE_ROUTES`` finished executes an engine's oldest routes are forgotten: output
     parented to one went to the engine's newest command (kept on its record, labelled with its
