@@ -581,6 +581,44 @@ def test_ctrl_c_while_stop_closes_the_client_still_stops_the_engines_and_removes
     assert not file_left and not engine_left, (file_left, engine_left)
 
 
+#: for a daemon's interpreter: a pause between its cluster file and its "engines ready" line
+_SLOW_READY_LINE = """
+import sys
+if "ipy_multiengine.cli" in sys.orig_argv:  # `ipmulti start` (the daemon writes the file)
+    import time
+    import ipy_multiengine.cluster as _c
+
+    _write = _c.Cluster._write_cluster_file
+
+    def _write_then_pause(self, path):
+        _write(self, path)
+        time.sleep(1.5)
+
+    _c.Cluster._write_cluster_file = _write_then_pause
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_daemon_start_returns_once_its_log_says_its_engines_are_ready(tmp_path):
+    """`ipmulti start --daemon` returned once the cluster file named its daemon, which writes
+    "N engines ready" to its log only after that file: read when the start returned, the log
+    could say nothing yet (a daemon descheduled between the two, on a loaded box; here held
+    there 1.5 s). The start returns once the log says it too."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_READY_LINE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+    start = [*IPMULTI, "start", "-n", "1", "--profile", "dready", "--daemon"]
+    first = subprocess.run(start, env=env, capture_output=True, text=True, timeout=90)
+    try:
+        assert first.returncode == 0, first.stderr
+        assert "engines ready" in (cluster_dir() / "daemon-dready.log").read_text()
+    finally:
+        stopped = ipmulti("stop", "--profile", "dready")
+    assert stopped.returncode == 0, stopped.stderr
+
+
 @pytest.mark.timeout(120)
 def test_second_daemon_of_a_running_profile_leaves_the_owners_log_alone():
     """Every `ipmulti start --daemon` truncated `daemon-PROFILE.log` and sent its daemon's output
