@@ -245,6 +245,9 @@ def test_h13_kernel_shutdown_leaves_no_cluster_file():
     from jupyter_client.manager import KernelManager
 
     km = KernelManager(kernel_name="python3")
+    # the kernel's exit stops its engines: jupyter_client kills a kernel not gone after 5 s,
+    # before it removed its file, on a loaded box
+    km.shutdown_wait_time = 60.0
     km.start_kernel(env=dict(os.environ))
     kc = km.client()
     kc.start_channels()
