@@ -279,6 +279,7 @@ class BalancedMap:
         self._cursor = 0 if chunksize is None else self.total  # the next item not in a chunk
         self.tally = tally if tally is not None else Tally(len(items))
         self.future: cf.Future = cf.Future()
+        self.future.set_running_or_notify_cancel()  # as a request's: stop it with cancel()
         self.id = uuid.uuid4().hex  # on the engines, a Ctrl-C skips this map's queued chunks
         self._events: collections.deque = collections.deque()
         self._wake: cf.Future = cf.Future()
@@ -289,6 +290,7 @@ class BalancedMap:
         self._tries: collections.Counter[Any] = collections.Counter()
         self._inflight = {eid: 0 for eid in self.eids}
         self._held: dict[int, set[int]] = {eid: set() for eid in self.eids}  # chunks in flight
+        self._requests: dict[int, cf.Future] = {}  # chunk id -> its request, while in flight
         self._sent_at: dict[int, float] = {}
         self._last_reply = dict.fromkeys(self.eids, 0.0)
         self._alive = set(self.eids)
@@ -324,9 +326,10 @@ class BalancedMap:
         return self
 
     def cancel(self) -> None:
-        """Send nothing more (chunks in flight finish on their engines); the map fails."""
+        """Send nothing more; the chunks sent that no engine has begun are skipped there, those
+        running finish (``mec.interrupt`` stops them); the map fails."""
         with self._lock:
-            if not self._stopped:
+            if not self._stopped and not self.future.done():
                 self._fail(
                     EngineError(
                         "the load-balanced map was interrupted before it finished",
@@ -382,6 +385,7 @@ class BalancedMap:
             self._inflight[eid] += 1
             self.tally.start(eid)
             self._held[eid].add(ci)
+            self._requests[ci] = fut
             fut.add_done_callback(lambda fu, eid=eid, ci=ci: self._done(eid, ci, fu))
 
     def _argument(self, index: int) -> str:
@@ -427,9 +431,21 @@ class BalancedMap:
         self._frames = {}
         self._source = None
         self._items = None
+        self._skip_queued()
         if not self.future.done():
             self.future.set_exception(err)
         self._event(err)
+
+    def _skip_queued(self) -> None:
+        """The map has failed or was stopped: its chunks sent and not begun by their engines are
+        skipped there (the map's result is decided; run later, they would keep their engines
+        busy for nobody, with the side effects of the map's function). Does not wait: any
+        thread, the I/O thread's done-callbacks included."""
+        waiting = [f for f in self._requests.values() if not f.done()]
+        self._requests = {}
+        skip = getattr(self.controller, "skip_requests", None)
+        if waiting and skip is not None:
+            skip(waiting)
 
     # -- done-callbacks (I/O thread, or the caller's thread if already done)
     def _done(self, eid: int, ci: int, fu: cf.Future) -> None:
@@ -451,6 +467,7 @@ class BalancedMap:
         with self._lock:
             self._inflight[eid] -= 1
             self._held[eid].discard(ci)
+            self._requests.pop(ci, None)
             ok = not fu.cancelled() and fu.exception() is None
             self.tally.done(eid, self._chunks[ci][1] if ok and not self._stopped else 0)
             if self._stopped:

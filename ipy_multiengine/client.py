@@ -300,6 +300,8 @@ class MultiEngineClient(Configurable):
         self._kept: PendingResult | None = None
         # %result: the last command executed (execute, %px), kept: output text, not data
         self._last_execute: PendingResult | None = None
+        #: this client's load-balanced maps, while referenced (an interrupt stops them first)
+        self._maps: weakref.WeakSet[BalancedMap] = weakref.WeakSet()
         self.closed = False
         # a client that is dropped without close() still closes its channels and engine comms;
         # the finalizer holds the controller only (nothing that leads back to this client)
@@ -924,7 +926,7 @@ class MultiEngineClient(Configurable):
         from .balanced import BalancedMap
 
         usable = [e for e in eids if self._controller.state(e).data_ok] or eids
-        return BalancedMap(
+        bm = BalancedMap(
             self._controller,
             usable,
             f,
@@ -935,7 +937,9 @@ class MultiEngineClient(Configurable):
             listener=listener,
             interrupt=self._interrupt_eids,  # the owner's interrupt, like mec.interrupt()
             star=star,
-        ).start()
+        )
+        self._maps.add(bm)
+        return bm.start()
 
     def _stop_balanced(self, bm: BalancedMap) -> None:
         bm.cancel()
@@ -1110,9 +1114,23 @@ class MultiEngineClient(Configurable):
         """What ``interrupt`` does (Ctrl-C in a wait comes here too): the controller interrupts
         what this client sent (``Controller.interrupt_sent``); engines it cannot ask so get the
         owner's plain interrupt."""
+        eids = [e for e in eids if not self._starting(e)]
+        # a balanced map on these engines is stopped first: one of its chunks answered while
+        # the interrupt is on its way would have the next chunk sent, and run, after it
+        for bm in list(self._maps):
+            if set(bm.eids) & set(eids):
+                bm.cancel()
         plain = self._controller.interrupt_sent(eids) if eids else []
         if plain:
             self.owner.interrupt(plain)
+
+    def _starting(self, eid: int) -> bool:
+        """Engine ``eid`` is being (re)started or connected: nothing of anybody's runs there yet
+        (its requests failed as its restart began), and a signal would kill a kernel still
+        starting (SIGINT before its handler is installed: the restart failed, the engine dead).
+        Its ``on_start`` code, once it runs, can be interrupted."""
+        st = self._controller.state(eid)
+        return not st.dead and not st.ready and not st.init_running
 
     def restart(self, targets: Any = None, timeout: float | None = 60.0) -> None:
         """Restart engines, keeping their ids: each gets a fresh process and an empty namespace,

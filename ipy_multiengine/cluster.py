@@ -709,13 +709,12 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
             raise failed[0][1]
         if failed:
             # each engine's own exception, traceback included: the mapping for code, the group
-            # for a printed traceback (a cause of only the first lost the others)
+            # for a printed traceback (its cause, made by the constructor: the group it makes
+            # pickles member by member, a plain one replacing it failed under tblib)
             raise RestartError(
                 f"the restart of engines {[e for e, _ in failed]} failed: "
                 + "; ".join(f"engine {e}: {str(x) or type(x).__name__}" for e, x in failed),
                 dict(failed),
-            ) from BaseExceptionGroup(
-                f"the restart of each of engines {[e for e, _ in failed]}", [x for _, x in failed]
             )
 
     async def _restart_one(self, eid: int, timeout: float, automatic: bool = False) -> None:
@@ -896,9 +895,20 @@ class Cluster(Owner, Configurable, metaclass=_OwnerConfigurableMeta):
         kernelspec says) for local engines; over ssh, ``scancel --signal=INT``, the whole MPI
         job."""
         if self.launcher.can_restart:  # local: the kernel managers answer at once, do not wait
-            _loop.submit(self.launcher.interrupt(eids))
+            _loop.submit(self._interrupt(eids))
             return
-        _loop.run(self.launcher.interrupt(eids), timeout=60)
+        _loop.run(self._interrupt(eids), timeout=60)
+
+    async def _interrupt(self, eids: list[int]) -> None:
+        """(loop) The launcher's interrupt of ``eids``, except engines being restarted: their
+        new kernel may still be starting, and SIGINT then kills it (the restart failed, the
+        engine was left dead); nothing of anybody's runs there yet."""
+        restarting = [e for e in eids if (lock := self._restart_locks.get(e)) and lock.locked()]
+        if restarting:
+            log.info("engines %s are restarting: not interrupted", restarting)
+        left = [e for e in eids if e not in restarting]
+        if left:
+            await self.launcher.interrupt(left)
 
     def serve_requests(self) -> None:
         """Answer the requests other processes left for exactly this cluster's file (see

@@ -66,7 +66,8 @@ _NOT_INTERRUPTED = ("open", "ping")
 #: Messages a channel may still deliver, read at once, when its engine dies or is restarted.
 DRAIN_LIMIT = 1000
 #: Finished executes per engine whose late output (``wire.LateOutput``) is still routed to them
-#: by its parent msg_id (the oldest are forgotten: their output goes to the engine's latest).
+#: by its parent msg_id (the oldest are forgotten: their output is then late output of an
+#: earlier command, kept on no record, never given to another command).
 LATE_ROUTES = 256
 #: IOPub messages that are output of a request (kept on it, or late on its record).
 _OUTPUT_TYPES = frozenset(
@@ -207,10 +208,17 @@ class Request:
 class RequestFuture(Future):
     """The future of one request to one engine. For a request whose frames are tracked
     (issue 11.2), ``sent`` is a second future that resolves, on the loop, with a zmq
-    ``MessageTracker`` (or None) once zmq holds the frames; otherwise ``sent`` is None."""
+    ``MessageTracker`` (or None) once zmq holds the frames; otherwise ``sent`` is None.
+
+    It is *running* from its creation: ``cancel()`` returns False, as for any call that may have
+    begun. A request handed to the engines cannot be taken back by a local flag: a cancelled
+    future (``cancel()`` True, "will not run") was finished here while its engine still ran it
+    later, and neither ``mec.interrupt()`` nor ``abort()`` named it any more. ``pr.abort()``
+    skips a request not begun, ``mec.interrupt()`` stops one that has."""
 
     def __init__(self, track: bool = False) -> None:
         super().__init__()
+        self.set_running_or_notify_cancel()
         self.sent: Future | None = Future() if track else None
         #: wall-clock times (``time.time()``, for display): submitted by the caller; started
         #: when the engine said busy for it (None if it never did: comm ops during an async
@@ -361,11 +369,10 @@ class EngineConn:
         #: control requests whose status on IOPub calls back (``Controller._after_iopub``)
         self.iopub_barriers: dict[str, Callable[[], None]] = {}
         #: finished executes' late output holders (weakly: a record the user dropped is freed),
-        #: by msg_id, and the latest one's: output parented to a finished request goes there
+        #: by msg_id: output parented to one of them goes there
         self.late_routes: collections.OrderedDict[str, tuple[int | None, Any]] = (
             collections.OrderedDict()
         )
-        self.latest: tuple[str, int | None, Any] | None = None
         #: (the static part of ``published_key``, the snapshot fields it determines)
         self.published_static: tuple[tuple, dict[str, Any]] | None = None
 
@@ -1605,43 +1612,46 @@ class Controller:
         """(loop) Output of ours whose request has finished: the engine printed it later (a
         thread its code started; ipykernel labels such output with its latest request, or
         with the one a thread chose by ``set_parent``). It is kept on that execute's record
-        (``record["late"]``), or on the engine's latest execute's when its request was no
-        execute (a data operation), and handed to the late watchers (``watch_late``) to show.
+        (``record["late"]``) and handed to the late watchers (``watch_late``) to show. When
+        its request kept no record (a silent execute, a data operation, the engine's setup) or
+        is too old to be routed (``LATE_ROUTES``), it is late output of an earlier command
+        (``msg_id`` "", ``number`` None), kept on no record: never given to another command.
         Output of another client's request is that client's."""
         header = msg["parent_header"]
         if header.get("session") != conn.session.session and header.get("comm_id") != conn.comm_id:
             return
         mtype, content = msg["msg_type"], msg["content"]
-        parent = header.get("msg_id", "")
-        route = conn.late_routes.get(parent)
+        route = conn.late_routes.get(header.get("msg_id", ""))
         if route is not None:
-            msg_id, (number, ref) = parent, route
-        elif conn.latest is not None:
-            msg_id, number, ref = conn.latest
+            msg_id, (number, ref) = header["msg_id"], route
         else:
             msg_id, number, ref = "", None, None
         late = ref() if ref is not None else None
-        if late is not None:
-            late.add(mtype, content)
+        # the watchers first: a record holding the output means it has been handed to be shown
+        # (a cell run once %result shows it finds it queued, not still on its way)
         watchers = list(self._late_watchers)
         for watcher in watchers:
             try:
                 watcher(conn.eid, msg_id, number, mtype, content)
             except Exception:  # no request to fail: said here, the others still told
                 log.exception("engine %s: a late output watcher failed", conn.eid)
+        if late is not None:
+            late.add(mtype, content)
         if late is None and not watchers and mtype != "clear_output":
             log.warning(
                 "engine %s printed output after its command%s had finished, and nothing "
-                "keeps or shows it (its result was dropped): %.200r",
+                "keeps or shows it (%s): %.200r",
                 conn.eid,
                 f" (In [{number}])" if number is not None else "",
+                "its result was dropped" if msg_id else "an earlier command, keeping no record",
                 content.get("text") if mtype == "stream" else mtype,
             )
 
     def watch_late(self, watcher: Callable[[int, str, int | None, str, dict], None]) -> None:
         """Call ``watcher(eid, msg_id, number, msg_type, content)`` on the controller's thread
         for each output an engine sends after its command finished (``_late``): it must only
-        queue it. ``msg_id``/``number``: the execute whose record keeps it ("", None: none).
+        queue it. ``msg_id``/``number``: the execute whose record keeps it ("", None: an
+        earlier command that cannot be told, to be labelled so).
         Held weakly (a callable object, not a bound method), as long as it lives."""
         _loop.call_soon(self._late_watchers.add, watcher)
 
@@ -1718,7 +1728,6 @@ class Controller:
             conn.late_routes[req.msg_id] = (result["number"], ref)
             while len(conn.late_routes) > LATE_ROUTES:
                 conn.late_routes.popitem(last=False)
-            conn.latest = (req.msg_id, result["number"], ref)
         if req.lost:
             result["output_lost"] = True
         if content.get("status") == "ok":
@@ -2507,6 +2516,14 @@ class Controller:
         """
         return _loop.run(self._abort(list(futures), timeout), timeout=timeout + 1)
 
+    def skip_requests(self, futures: list[Future], timeout: float = 10.0) -> Future:
+        """``abort`` without waiting (any thread, the loop's own included): the requests of
+        ``futures`` not begun yet are skipped by their engines, those running are left alone.
+        A Future of what ``abort`` returns; a failure to ask is logged, never raised."""
+        fut = _loop.submit(self._abort(list(futures), timeout))
+        fut.add_done_callback(_log_skip_failure)
+        return fut
+
     def interrupt_requests(self, futures: list[Future], timeout: float = INTERRUPT_ACK) -> Future:
         """Interrupt exactly the requests of ``futures`` and nothing else (not what else an
         engine runs or has queued, of this client's or another's): one an engine runs now is
@@ -2665,6 +2682,11 @@ def _set_sent(req: Request, tracker: Any) -> None:
     sent = getattr(req.future, "sent", None)
     if sent is not None and not sent.done():
         sent.set_result(tracker)
+
+
+def _log_skip_failure(fut: Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("skipping requests not begun failed: %r", fut.exception())
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -28,7 +28,6 @@ import inspect
 import itertools
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -42,7 +41,7 @@ import zmq
 import zmq.backend
 from IPython import get_ipython
 
-from . import serialize, wire
+from . import errors, serialize, wire
 
 TARGET = "ipy_multiengine"
 
@@ -54,6 +53,7 @@ def register() -> None:
     if not _registered[0]:
         _install_abort(ip.kernel)
         _install_interrupt(ip.kernel)
+        _install_crash_dump()
         import atexit
 
         atexit.register(_let_control_finish)  # runs before ipykernel's close (registered earlier)
@@ -64,6 +64,37 @@ def register() -> None:
 
 
 _original_hook: list = [None]
+
+
+def _install_crash_dump() -> None:
+    """A fatal signal (a segfault in C code, an abort) writes the Python traceback of the
+    crashing thread (``faulthandler``) to the process's own stderr, which launchers collect (a local
+    engine's log, shown in the ``EngineError`` of a dead engine). Without it Python writes
+    nothing; and ipykernel points fd 2 at a pipe read by a thread of the dying process, so a
+    dump written there (also by ``faulthandler.enable()`` in a cell: ipykernel's default for it)
+    was lost. An own copy of the original stderr: ipykernel closes its copy at shutdown, and a
+    crash after that would write into whatever file reused the number. A faulthandler already
+    enabled (``-X faulthandler``, PYTHONFAULTHANDLER, the user's own file) is left as it is."""
+    import faulthandler
+
+    captured = getattr(sys.stderr, "_original_stdstream_copy", None)  # ipykernel's fd capture
+    try:
+        own = os.dup(captured if isinstance(captured, int) else 2)
+    except OSError:  # no stderr at all
+        return
+    _crash_fd[0] = own
+    enable = faulthandler.enable
+
+    def enable_here(file: Any = own, all_threads: bool = True, **kwargs: Any) -> None:
+        enable(file=file, all_threads=all_threads, **kwargs)
+
+    faulthandler.enable = enable_here  # a cell's faulthandler.enable(): the real stderr too
+    if not faulthandler.is_enabled():  # the crashing thread only: the kernel's own are noise
+        enable(file=own, all_threads=False)
+
+
+#: the engine's own copy of its original stderr, where a crash's traceback goes
+_crash_fd: list = [None]
 
 #: Seconds an exiting engine gives ipykernel's control thread to finish a shutdown request.
 CONTROL_FINISH = 1.0
@@ -218,13 +249,15 @@ class _Running:
     it as the request's error; elsewhere, in ipykernel's or IPython's own steps, it may be
     swallowed, by an event callback, or lose the reply), and whether an interrupt came outside
     that region (``owed``: raised as the user's code is entered next); ``hit``: a SIGINT was
-    handled (a KeyboardInterrupt raised) while it ran, the last one at ``hit_at``."""
+    handled (a KeyboardInterrupt raised) while it ran, the last one at ``hit_at``; ``plain``:
+    that one was not this helper's (``signalled``: a signal of ours is on its way), but the
+    plain kind (a client's fallback, a kernel manager's ``interrupt_kernel``)."""
 
-    __slots__ = ("hit", "hit_at", "msg_id", "origin", "owed", "region")
+    __slots__ = ("hit", "hit_at", "msg_id", "origin", "owed", "plain", "region", "signalled")
 
     def __init__(self, msg_id: str, origin: str) -> None:
         self.msg_id, self.origin = msg_id, origin
-        self.owed = self.region = self.hit = False
+        self.owed = self.region = self.hit = self.plain = self.signalled = False
         self.hit_at = 0.0
 
 
@@ -337,6 +370,7 @@ def _on_sigint(signum: int, frame: Any) -> None:
         running = _current[0]
         if running is not None:
             running.hit, running.hit_at = True, time.monotonic()
+            running.plain, running.signalled = not running.signalled, False
         _interrupt_seen.notify_all()
     raise KeyboardInterrupt
 
@@ -382,16 +416,19 @@ def _keep_signalling(kernel: Any, running: _Running) -> None:
                 # it got the first signal; more would look like more Ctrl-C presses
                 return
             try:
+                running.signalled = True
                 _interrupt_self(kernel)
             except OSError as exc:
                 _log.warning("ipy_multiengine: could not signal this engine again: %s", exc)
                 return
 
 
-#: Seconds after a KeyboardInterrupt was raised in a request within which an
-#: ``ime_interrupt_request`` for it does not signal it again: it is the same interrupt, whose
-#: client had also sent a plain signal because this engine's control thread answered after its
-#: 1 s wait (e.g. a C call held the GIL). A second one would hit the code's own cleanup.
+#: Seconds after a KeyboardInterrupt was raised in a request by a plain signal (not this
+#: helper's) within which an ``ime_interrupt_request`` for it does not signal it again: it is the
+#: same interrupt, whose client had also sent a plain signal because this engine's control
+#: thread answered after its 1 s wait (e.g. a C call held the GIL). A second one would hit the
+#: code's own cleanup. After a signal of this helper's, the next ``ime_interrupt_request`` is a
+#: second interrupt (the user's second Ctrl-C), and signals at once.
 INTERRUPT_MERGED = 1.0
 
 #: The code an execute runs instead of the user's when it is owed an interrupt (IPython
@@ -445,11 +482,16 @@ def _install_interrupt(kernel: Any) -> None:
                 )
             ):
                 reply["interrupted"] = running.msg_id
-                if running.hit and time.monotonic() - running.hit_at < INTERRUPT_MERGED:
+                if (
+                    running.hit
+                    and running.plain
+                    and time.monotonic() - running.hit_at < INTERRUPT_MERGED
+                ):
                     pass  # just interrupted: by its client's plain signal, sent as we were late
                 elif running.region:
                     try:
                         running.hit = False
+                        running.signalled = True
                         _interrupt_self(kernel)
                         threading.Thread(
                             target=_keep_signalling,
@@ -914,9 +956,8 @@ def _error_reply(rid: Any, exc: BaseException, item: int | None) -> tuple[dict, 
         import traceback
 
         lines = traceback.format_exception(type(exc), exc, tb)
-    try:
-        pickled = [pickle.dumps(exc, protocol=5)]
-        pickle.loads(pickled[0])
+    try:  # its links apart where tblib would pickle them (one that does not: a stand-in)
+        pickled = [errors.dumps_error(exc)]
     except Exception:
         pickled = []
     reply = {

@@ -26,12 +26,18 @@ results of a ``CompositeError``, an ``EngineError``'s output record) crosses mem
 one that cannot be pickled, or not be rebuilt where it is loaded (its type missing there, a
 constructor taking other arguments), arrives as a stand-in naming its type and message (an
 ``UnpicklableError`` for an exception, an ``Unpicklable`` for a value), never failing the whole
-error. ``CompositeError`` renders the remote tracebacks in IPython through ``_render_traceback_``.
+error. Where a reducer pickles exceptions with their links (tblib's, which distributed
+installs), the exceptions a member (or an engine's error, ``dumps_error``) links to as cause and
+context cross one by one too, each a stand-in if it must. ``CompositeError`` renders the
+remote tracebacks in IPython through ``_render_traceback_``.
 """
 
 from __future__ import annotations
 
 import builtins
+import copyreg
+import io
+import itertools
 import pickle
 import re
 import reprlib
@@ -179,20 +185,33 @@ class _Carried:
     (or passes out of band): not copied into the member's pickle first, which doubled the
     memory and time of pickling an error holding large results."""
 
-    def __init__(self, value: Any, protocol: int = 4) -> None:
+    def __init__(
+        self,
+        value: Any,
+        protocol: int = 4,
+        *,
+        like: Any = None,
+        fallback: Any = None,
+        chain: bool = True,
+    ) -> None:
+        """``like``: what ``value`` stands for, whose stand-in it gets (``value`` itself by
+        default); ``fallback``: pickled instead when ``value`` does not pickle; ``chain``: the
+        stand-in's traceback lines show the exceptions it was raised from (its links) too."""
         self.data: bytes | None = None
         self.buffers: list[pickle.PickleBuffer] | None = None
-        for dumps in (pickle.dumps, _cloudpickle_dumps):  # cloudpickle: lambdas, local classes
-            kept: list[pickle.PickleBuffer] = []
+        candidates = (value,) if fallback is None else (value, fallback)
+        for candidate, dumps in itertools.product(candidates, (_dumps, _cloudpickle_dumps)):
+            kept: list[pickle.PickleBuffer] = []  # cloudpickle: lambdas, local classes
             try:
                 if protocol >= 5:
-                    self.data = dumps(value, protocol=5, buffer_callback=_keeper(kept))
+                    self.data = dumps(candidate, protocol=5, buffer_callback=_keeper(kept))
                     self.buffers = kept or None
                 else:
-                    self.data = dumps(value, protocol=4)
+                    self.data = dumps(candidate, protocol=4)
                 break
             except Exception:
                 continue
+        value = value if like is None else like
         self.type_name = _type_name(value)
         self.exception = isinstance(value, BaseException)
         # an exception's own context, read without trusting it: a ``__getattr__`` may raise
@@ -210,7 +229,7 @@ class _Carried:
         self.traceback: list[str] = []
         if self.exception:
             try:
-                text = "".join(_traceback.format_exception(value)).rstrip("\n")
+                text = "".join(_formatted(value, chain)).rstrip("\n")
                 self.traceback = text.splitlines()
             except Exception:
                 self.traceback = []
@@ -231,6 +250,26 @@ class _Carried:
         return Unpicklable(self.type_name, self.text)
 
 
+def _formatted(exc: BaseException, chain: bool) -> list[str]:
+    """``exc``'s traceback as ``traceback.format_exception`` writes it; without ``chain``,
+    never looking at the exceptions it links to (that walks all of a long chain)."""
+    if chain:
+        return _traceback.format_exception(exc)
+    tb = exc.__traceback__
+    head = ["Traceback (most recent call last):\n", *_traceback.format_tb(tb)] if tb else []
+    name = type(exc).__qualname__
+    if type(exc).__module__ not in ("__main__", "builtins"):
+        name = f"{type(exc).__module__}.{name}"
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<exception str() failed>"
+    notes = getattr(exc, "__notes__", None)
+    notes = notes if isinstance(notes, list) else []
+    more = [f"{note}\n" for note in notes if isinstance(note, str)]
+    return [*head, f"{name}: {text}\n" if text else f"{name}\n", *more]
+
+
 def _attr(obj: Any, name: str, default: Any) -> Any:
     """``getattr(obj, name, default)``, also when its ``__getattr__`` raises something else
     than AttributeError (a proxy to an object that is gone)."""
@@ -240,11 +279,223 @@ def _attr(obj: Any, name: str, default: Any) -> Any:
         return default
 
 
+def _dumps(value: Any, protocol: int, buffer_callback: Any = None) -> bytes:
+    """``pickle.dumps``, each exception's links (cause, context) apart (``_LinkSafe``)."""
+    out = io.BytesIO()
+    _LinkSafePickler(out, protocol, buffer_callback=buffer_callback).dump(value)
+    return out.getvalue()
+
+
 def _cloudpickle_dumps(value: Any, protocol: int, buffer_callback: Any = None) -> bytes:
+    """``cloudpickle.dumps``, each exception's links apart (``_LinkSafe``)."""
     import cloudpickle
 
-    data: bytes = cloudpickle.dumps(value, protocol=protocol, buffer_callback=buffer_callback)
-    return data
+    global _LinkSafeCloudPickler
+    if _LinkSafeCloudPickler is None:
+        _LinkSafeCloudPickler = type(
+            "_LinkSafeCloudPickler", (_LinkSafe, cloudpickle.Pickler), {"__module__": __name__}
+        )
+    out = io.BytesIO()
+    _LinkSafeCloudPickler(out, protocol, buffer_callback=buffer_callback).dump(value)
+    return out.getvalue()
+
+
+def dumps_error(exc: BaseException, protocol: int = 5) -> bytes:
+    """The pickle of ``exc`` (an engine's error for its client): where a reducer pickles the
+    links of exceptions (tblib's pickling support, which distributed installs), each link
+    crosses on its own, and one that does not pickle (or not load back) arrives as an
+    ``UnpicklableError`` naming its type, not failing the whole error. Raises what pickling
+    ``exc`` itself raises when that fails."""
+    try:
+        data = _dumps(exc, protocol)
+        pickle.loads(data)
+        return data
+    except Exception:
+        data = _cloudpickle_dumps(exc, protocol)
+        pickle.loads(data)
+        return data
+
+
+class _LinkSafe:
+    """A pickler mixin: an exception that the pickler's reducer (tblib's) pickles with its
+    ``__cause__`` and ``__context__`` is pickled with the exceptions it links to, each on its
+    own (``_Carried``) and linked again by index when loaded (``_relinked``), so that one that
+    does not pickle becomes its stand-in, an ``UnpicklableError`` naming its type and message,
+    and the rest arrives. A chain of any length pickles (one after the other, not nested: tblib
+    pickled each link inside the one before until the recursion limit). Any other object is
+    pickled as the base pickler does."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, BaseException):
+            if id(obj) in _linking():  # inside its own pickle (it holds itself): a stand-in
+                return (UnpicklableError, _stand_in_args(obj))
+            if isinstance(obj, BaseExceptionGroup) and type(obj) in _GROUPS:
+                return _group_reduction(obj, getattr(self, "proto", 4))
+            reduced = _linked_reduction(obj, self)
+            if reduced is not None:
+                return reduced
+        base = getattr(super(), "reducer_override", None)
+        return NotImplemented if base is None else base(obj)
+
+
+#: the groups Python makes (a subclass may take other arguments): pickled member by member
+_GROUPS = (BaseExceptionGroup, ExceptionGroup)
+
+
+def _group_reduction(group: BaseExceptionGroup, protocol: int) -> tuple[Any, ...]:
+    """``group`` (an exception group of Python's own) with each of its exceptions pickled on its
+    own: one that does not pickle (an asyncio ``TaskGroup``'s task error holding a lock) failed
+    the whole group, which then arrived as nothing the client can ``except*``."""
+    notes = getattr(group, "__notes__", None)
+    members = [_Carried(e, protocol) for e in group.exceptions]
+    return (_regrouped, (group.message, members, list(notes) if isinstance(notes, list) else None))
+
+
+def _regrouped(message: str, members: list[_Carried], notes: list[str] | None) -> Any:
+    """(unpickling) The group of ``_group_reduction`` (an ``ExceptionGroup`` when each of its
+    exceptions, or their stand-ins, is an ``Exception``)."""
+    group = BaseExceptionGroup(message, [m.load() for m in members])
+    if notes:
+        group.__notes__ = list(notes)
+    return group
+
+
+class _LinkSafePickler(_LinkSafe, pickle.Pickler):
+    """``pickle.Pickler`` with ``_LinkSafe``."""
+
+
+_LinkSafeCloudPickler: Any = None
+
+#: tblib's loaders: their arguments are (func, args, cause, tb, context, suppress, notes, ...)
+_TBLIB_LOADERS = frozenset({"unpickle_exception", "unpickle_exception_with_attrs"})
+
+
+def _tblib_reduction(exc: BaseException, pickler: Any) -> tuple[Any, ...] | None:
+    """The pickler's reducer's reduction of ``exc`` when it is tblib's (links included)."""
+    table = getattr(pickler, "dispatch_table", None) or copyreg.dispatch_table
+    reduce = table.get(type(exc))
+    if reduce is None:
+        return None
+    reduced: Any = reduce(exc)
+    func = reduced[0] if isinstance(reduced, tuple) and len(reduced) >= 2 else None
+    if (
+        getattr(func, "__module__", None) == "tblib.pickling_support"
+        and getattr(func, "__name__", None) in _TBLIB_LOADERS
+        and isinstance(reduced[1], tuple)
+        and len(reduced[1]) >= 6
+    ):
+        return tuple(reduced)
+    return None
+
+
+def _linking() -> set[int]:
+    """The ids of the exceptions whose own pickles ``_linked_reduction`` is making."""
+    ids: set[int] | None = getattr(_nesting, "linking", None)
+    if ids is None:
+        ids = _nesting.linking = set()
+    return ids
+
+
+def _stand_in_args(exc: BaseException) -> tuple[Any, ...]:
+    try:
+        text = str(exc)
+    except Exception:
+        text = ""
+    return (_type_name(exc), text, [], None, "", _type_name(exc))
+
+
+class _Reduced:
+    """Pickles as ``reduction``: an exception's, its links taken out."""
+
+    def __init__(self, reduction: tuple[Any, ...]) -> None:
+        self.reduction = reduction
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self.reduction
+
+
+def _linked_reduction(root: BaseException, pickler: Any) -> tuple[Any, ...] | None:
+    """``root`` and the exceptions its links reach (while tblib pickles them with links) as
+    ``(_relinked, (members, links))``; None when the pickler does not pickle its links."""
+    first = _tblib_reduction(root, pickler)
+    if first is None:
+        return None
+    protocol = getattr(pickler, "proto", 4)
+    nodes: list[BaseException] = [root]
+    index = {id(root): 0}
+    members: list[_Carried] = []
+    links: list[tuple[int | None, int | None, bool] | None] = []
+    reduced: tuple[Any, ...] | None = first
+    busy = _linking()
+    try:
+        while len(members) < len(nodes):
+            _reduce_node(nodes, index, members, links, reduced, pickler, protocol, busy)
+            reduced = None
+    finally:
+        busy.difference_update(index)  # the ids of its nodes
+    return (_relinked, (members, links))
+
+
+def _reduce_node(
+    nodes: list[BaseException],
+    index: dict[int, int],
+    members: list[_Carried],
+    links: list[tuple[int | None, int | None, bool] | None],
+    reduced: tuple[Any, ...] | None,
+    pickler: Any,
+    protocol: int,
+    busy: set[int],
+) -> None:
+    """(``_linked_reduction``) The next node pickled on its own (``reduced``: tblib's reduction
+    of it, when already made), the exceptions it links to added as nodes."""
+    exc = nodes[len(members)]
+    if type(exc) in _GROUPS:  # member by member, without links (``_group_reduction``)
+        reduced = None
+    elif reduced is None:
+        try:
+            reduced = _tblib_reduction(exc, pickler)
+        except Exception:  # its __reduce__ raised: its stand-in
+            busy.add(id(exc))
+    if reduced is None:  # pickled without its links, as the pickler would
+        members.append(_Carried(exc, protocol, chain=False))
+        links.append(None)
+        return
+    busy.add(id(exc))
+    func, args, *rest = reduced
+    at: list[int | None] = []
+    for link in (args[2], args[4]):
+        if not isinstance(link, BaseException):
+            at.append(None)
+            continue
+        if id(link) not in index:
+            index[id(link)] = len(nodes)
+            nodes.append(link)
+        at.append(index[id(link)])
+    cut = (func, (*args[:2], None, args[3], None, *args[5:]), *rest)
+    bare = (func, (*args[:2], None, None, None, *args[5:]), *rest)  # its traceback too
+    members.append(
+        _Carried(_Reduced(cut), protocol, like=exc, fallback=_Reduced(bare), chain=False)
+    )
+    links.append((at[0], at[1], bool(args[5])))
+
+
+def _relinked(
+    members: list[_Carried], links: list[tuple[int | None, int | None, bool] | None]
+) -> BaseException:
+    """(unpickling) The exceptions of ``_linked_reduction`` (or their stand-ins), linked again;
+    the first of them."""
+    loaded = [m.load() for m in members]
+    for exc, link in zip(loaded, links, strict=True):
+        if link is None or not isinstance(exc, BaseException):
+            continue
+        cause, context, suppress = link
+        if cause is not None and isinstance(loaded[cause], BaseException):
+            exc.__cause__ = loaded[cause]
+        if context is not None and isinstance(loaded[context], BaseException):
+            exc.__context__ = loaded[context]
+        exc.__suppress_context__ = suppress
+    root: BaseException = loaded[0]
+    return root
 
 
 def _keeper(kept: list[pickle.PickleBuffer]) -> Any:
@@ -552,6 +803,9 @@ class RemoteTraceback(RemoteError):
             return exc
         new = cls.__new__(cls, *exc.args)
         new.__dict__.update(exc.__dict__)  # every member, and its notes
+        for name in ("__notes__", "traceback"):  # lists of its own: a note added to one of
+            if isinstance(getattr(exc, name, None), list):  # the two showed on the other
+                setattr(new, name, list(getattr(exc, name)))
         return new
 
     def __str__(self) -> str:

@@ -187,6 +187,8 @@ class _Area:
     count: int = 0
     #: what was frozen out of it (past AREA_LIMIT), in order: (data, metadata) of each
     frozen: list[tuple[dict, dict]] = field(default_factory=list)
+    #: a late ``clear_output(wait=True)`` of its engine: emptied when its next late text comes
+    clear_waiting: bool = False
 
     def write(self, name: str, text: str) -> None:
         if not self.segments or self.segments[-1][0] != name:
@@ -1107,7 +1109,8 @@ def live_printer(eid: int) -> Any:
     return listener
 
 
-#: Characters of late output a session holds until it is shown (more is counted, not kept).
+#: Characters of late output a session holds until it is shown: a message that comes while less
+#: waits is held whole (one large display is shown), later ones are counted and said, not kept.
 LATE_PENDING_LIMIT = 262144
 #: Finished cells whose engine areas late output is appended to in a notebook (the oldest
 #: are forgotten: their late output is shown with the next %px instead).
@@ -1123,11 +1126,13 @@ _late_shown = [0]
 class LateShower:
     """Shows what engines print after their command has finished (a thread the code started,
     a timer): the controller's late output (``Controller.watch_late``), labelled
-    ``[stdout:N late, In [n]]``. It is also kept on that command's record (``record["late"]``,
-    shown by ``%result``); this only shows it.
+    ``[stdout:N late, In [n]]``, or ``[stdout:N late, from an earlier command]`` when the
+    controller cannot tell which command it belongs to. It is also kept on that command's
+    record (``record["late"]``, shown by ``%result``); this only shows it.
 
-    Called on the controller's thread, it only queues (at most ``LATE_PENDING_LIMIT``
-    characters; what does not fit is counted and said) and posts a ``show`` to a thread that
+    Called on the controller's thread, it only queues (a message that comes while less than
+    ``LATE_PENDING_LIMIT`` characters wait is held whole; the rest is counted and said, with
+    its size and commands) and posts a ``show`` to a thread that
     waits for engines (``stdin.post``). ``show`` renders in the user's thread: in a terminal
     every queued output; in a notebook, output of a ``%%px`` cell whose engine areas are
     known (``keep``) is appended to that cell's area in place (``update_display``), the rest
@@ -1153,7 +1158,8 @@ class LateShower:
         self._render = threading.Lock()  # one show at a time (any waiting thread may serve one)
         self._queue: deque[tuple[int, str, int | None, str, dict]] = deque()
         self._size = 0
-        self._dropped: dict[int, int] = {}  # per engine: late messages not kept
+        #: per engine: late messages not kept, their characters, and the commands they were of
+        self._dropped: dict[int, tuple[int, int, set[str]]] = {}
         self._posted = False
         #: (engine, execute msg_id) -> that engine's area in the cell that ran it (a notebook),
         #: and that cell's id
@@ -1173,8 +1179,9 @@ class LateShower:
             return
         size = _late_size((eid, msg_id, number, mtype, content))
         with self._lock:
-            if self._size + size > LATE_PENDING_LIMIT:
-                self._dropped[eid] = self._dropped.get(eid, 0) + 1
+            if self._size >= LATE_PENDING_LIMIT:
+                n, chars, where = self._dropped.get(eid, (0, 0, set()))
+                self._dropped[eid] = (n + 1, chars + size, where | {_late_where(msg_id, number)})
             else:
                 self._size += size
                 self._queue.append((eid, msg_id, number, mtype, content))
@@ -1248,24 +1255,29 @@ class LateShower:
                 self._queue.clear()
                 dropped, self._dropped = self._dropped, {}
                 areas = {key: area for key, (area, _cell) in self._areas.items()}
-            lines: dict[tuple[int, str, int | None], Lines] = {}
+            lines: dict[tuple[int, str, str], Lines] = {}
             for event in events:
-                eid, msg_id, number, mtype, content = event
+                eid, msg_id, _number, mtype, content = event
                 area = areas.get((eid, msg_id)) if notebook else None
                 if area is not None and mtype == "stream" and self._append(area, content):
+                    continue
+                if area is not None and mtype == "clear_output":
+                    self._clear_area(area, bool(content.get("wait")))
                     continue
                 if notebook and not place:
                     kept.append(event)
                     continue
                 self._show_one(event, notebook, lines, made)
-            for (eid, name, number), text in lines.items():
-                _print_late(eid, name, number, text.lines if text.lines[-1] else text.lines[:-1])
-            for eid, n in sorted(dropped.items()):
-                sys.stderr.write(
-                    f"[late:{eid}] {n} late message{'s' if n != 1 else ''} of engine {eid} not "
-                    f"shown (more than {LATE_PENDING_LIMIT} characters waited)\n"
+            _flush_late(lines)
+            for eid, (n, chars, where) in sorted(dropped.items()):
+                _note(
+                    f"[late:{eid}] {n} late message{'s' if n != 1 else ''} of engine {eid} "
+                    f"({chars} characters; {', '.join(w[2:] for w in sorted(where))}) not "
+                    f"shown: more than {LATE_PENDING_LIMIT} characters of late output waited "
+                    "to be shown; %result shows what its command's record kept",
+                    notebook,
+                    made,
                 )
-                sys.stderr.flush()
             with self._lock:
                 self._size = sum(_late_size(e) for e in kept) + sum(
                     _late_size(e) for e in self._queue
@@ -1300,14 +1312,30 @@ class LateShower:
             self._idle = self._depth == 0
 
     @staticmethod
+    def _clear_area(area: _Area, wait: bool) -> None:
+        """A late ``clear_output`` of its engine: empty that engine's area of the cell, as the
+        engine asked (its other outputs, separate displays, stay); with ``wait`` when its next
+        late text comes, which then takes the cleared text's place (a progress loop)."""
+        if wait:
+            area.clear_waiting = True
+            return
+        area.segments, area.clear_waiting = [], False
+        if area.handle_id is not None:
+            _display({"text/plain": ""}, area.bundle("")[1], area.handle_id, update=True)
+            area.shown = ""
+
+    @staticmethod
     def _append(area: _Area, content: dict) -> bool:
         """Append late stream text to its cell's area, in place; False if it would not fit."""
         name = "stderr" if content.get("name") == "stderr" else "stdout"
         segments = [[n, _copy_lines(lines)] for n, lines in area.segments]
+        waiting = area.clear_waiting
+        if waiting:
+            area.segments, area.clear_waiting = [], False
         area.write(f"{name} late", content.get("text", ""))
         text = area.text()
         if len(text) > AREA_LIMIT or area.handle_id is None:
-            area.segments = segments  # too long to update in place: shown as a new output
+            area.segments, area.clear_waiting = segments, waiting  # shown as a new output
             return False
         _display(*area.bundle(text), area.handle_id, update=True)
         area.shown = text
@@ -1317,11 +1345,11 @@ class LateShower:
     def _show_one(
         event: tuple[int, str, int | None, str, dict],
         notebook: bool,
-        lines: dict[tuple[int, str, int | None], Lines],
+        lines: dict[tuple[int, str, str], Lines],
         made: list[tuple[dict, dict]],
     ) -> None:
-        eid, _msg_id, number, mtype, content = event
-        where = f" late, In [{number}]" if number is not None else " late"
+        eid, msg_id, number, mtype, content = event
+        where = " late" + _late_where(msg_id, number)
         if mtype in ("stream", "error"):
             if mtype == "error":
                 name, text = "stderr", "\n".join(content.get("traceback") or []) + "\n"
@@ -1335,7 +1363,10 @@ class LateShower:
                 _display(bundle, meta)
                 made.append((bundle, meta))
             else:
-                lines.setdefault((eid, name, number), Lines()).write(text)
+                key = (eid, name, where)
+                if key not in lines:  # what came before it first: stdout and stderr in order
+                    _flush_late(lines)
+                lines.setdefault(key, Lines()).write(text)
             return
         if mtype not in ("display_data", "execute_result", "update_display_data"):
             return  # clear_output: nothing of a finished command is cleared here
@@ -1348,10 +1379,7 @@ class LateShower:
                 for local_id in _showing(eid, remote_id):
                     _display(data, md, local_id, update=True)
             return
-        for (e, name, n), held in list(lines.items()):  # text printed before it, first
-            if e == eid:
-                _print_late(e, name, n, held.lines if held.lines[-1] else held.lines[:-1])
-                del lines[(e, name, n)]
+        _flush_late(lines)  # text printed before it, first
         if notebook:
             _label_line(label, data)
             local_id = f"ipme-late-{eid}-{time.monotonic_ns():x}"
@@ -1378,12 +1406,39 @@ def _copy_lines(lines: Lines) -> Lines:
     return copy
 
 
-def _print_late(eid: int, name: str, number: int | None, lines: list[str]) -> None:
-    """Print late terminal lines of engine ``eid``, each labelled ``[stdout:N late, In [n]]``."""
+def _late_where(msg_id: str, number: int | None) -> str:
+    """The label's part saying which command late output is of: ``, In [n]``, or that the
+    controller cannot tell (``msg_id`` "": a silent or data request, or a forgotten one)."""
+    if not msg_id:
+        return ", from an earlier command"
+    return f", In [{number}]" if number is not None else ""
+
+
+def _flush_late(lines: dict[tuple[int, str, str], Lines]) -> None:
+    """Print the late terminal text held in ``lines`` (in the order it came), and forget it."""
+    for (eid, name, where), text in lines.items():
+        _print_late(eid, name, where, text.lines if text.lines[-1] else text.lines[:-1])
+    lines.clear()
+
+
+def _note(text: str, notebook: bool, made: list[tuple[dict, dict]]) -> None:
+    """A note about late output (what was not shown): on stderr, or a notebook display."""
+    if notebook:
+        bundle = _text_bundle(text)
+        meta = {"stream": "stderr", "late": True}
+        _display(bundle, meta)
+        made.append((bundle, meta))
+    else:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
+def _print_late(eid: int, name: str, where: str, lines: list[str]) -> None:
+    """Print late terminal lines of engine ``eid``, each labelled ``[stdout:N late, In [n]]``
+    (``where``: `` late, In [n]``, see ``_late_where``)."""
     if not lines:
         return
     out = sys.stderr if name == "stderr" else sys.stdout
-    where = f" late, In [{number}]" if number is not None else " late"
     label = f"[{name}:{eid}{where}] "
     with bars_cleared(out):
         out.write("".join(label + line + "\n" for line in lines))

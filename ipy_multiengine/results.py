@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from . import stdin
+from . import stdin, wire
 from ._loop import check_timeout
 from .errors import (
     CompositeError,
@@ -85,7 +85,12 @@ def _late_lines(eid: Any, n: Any, late: dict[str, Any] | None) -> list[str]:
         if named:
             lines.append(f"[{eid}] LateDisplay[{n}]: {named}")
     if late.get("dropped"):
-        lines.append(f"[{eid}] Late[{n}]: ... {late['dropped']} more late messages not kept")
+        count, chars = late["dropped"], late.get("dropped_chars")
+        size = f" ({chars} characters)" if chars else ""
+        lines.append(
+            f"[{eid}] Late[{n}]: ... {count} more late message{'s' if count != 1 else ''}{size} "
+            f"not kept (past the {wire.LATE_LIMIT} characters a command keeps)"
+        )
     return lines
 
 
@@ -339,8 +344,9 @@ class PendingResult:
     @property
     def late(self) -> list[dict[str, Any]]:
         """Per engine, what an execute's engine printed or displayed after it had finished (a
-        thread the code started): ``{"stdout", "stderr", "outputs", "dropped"}``, filled in as
-        it arrives (``record["late"]``); empty for other calls and engines not done yet."""
+        thread the code started): ``{"stdout", "stderr", "outputs", "dropped",
+        "dropped_chars"}``, filled in as it arrives (``record["late"]``); empty for other calls
+        and engines not done yet."""
         return [_output(f, "late", {}) for f in self.futures]
 
     # ------------------------------------------------------------------ metadata (issue 16.9)

@@ -366,23 +366,24 @@ def execute_record(
     }
 
 
-#: Characters of late output (``LateOutput``) one execute's record keeps; what comes after is
-#: counted in its ``dropped``, not kept.
+#: Characters of late output (``LateOutput``) one execute's record keeps: a message that comes
+#: while it holds less is kept whole (one large display is kept); what comes after is counted
+#: in its ``dropped`` and ``dropped_chars``, not kept.
 LATE_LIMIT = 262144
 
 
 class LateOutput(dict):
     """``record["late"]``: what an engine printed or displayed for an execute after it had
     finished (a thread the code started, a timer), in the order it came: ``stdout`` and
-    ``stderr`` text, rich ``outputs`` (as in the record), and ``dropped``, the messages not
-    kept past ``LATE_LIMIT`` characters. Written on the controller's thread, which holds it
-    weakly: it lives as long as the record does. ``msg_id`` and ``number`` (the engine's
-    ``In [n]``) say which execute it belongs to."""
+    ``stderr`` text, rich ``outputs`` (as in the record), and ``dropped``/``dropped_chars``,
+    the messages not kept past ``LATE_LIMIT`` characters and their size. Written on the
+    controller's thread, which holds it weakly: it lives as long as the record does.
+    ``msg_id`` and ``number`` (the engine's ``In [n]``) say which execute it belongs to."""
 
     __slots__ = ("__weakref__", "msg_id", "number", "size")
 
     def __init__(self, msg_id: str = "", number: int | None = None) -> None:
-        super().__init__(stdout="", stderr="", outputs=[], dropped=0)
+        super().__init__(stdout="", stderr="", outputs=[], dropped=0, dropped_chars=0)
         self.msg_id = msg_id
         self.number = number
         self.size = 0
@@ -391,14 +392,16 @@ class LateOutput(dict):
         return (dict, (dict(self),))
 
     def add(self, mtype: str, content: dict) -> bool:
-        """(loop) Keep one late message; False when it is past the bound (counted dropped)."""
+        """(loop) Keep one late message; False when the bound was reached before it (it is
+        counted in ``dropped`` and ``dropped_chars``)."""
         if mtype == "stream":
             text = content.get("text", "")
             size = len(text)
         else:
             size = sum(len(str(v)) for v in (content.get("data") or {}).values()) + 1
-        if self.size + size > LATE_LIMIT:
+        if self.size >= LATE_LIMIT:
             self["dropped"] += 1
+            self["dropped_chars"] += size
             return False
         self.size += size
         if mtype == "stream":

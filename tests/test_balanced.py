@@ -209,6 +209,99 @@ def test_ctrl_c_of_a_balanced_map_does_not_run_its_queued_chunks(mec, monkeypatc
         watcher.join(5)
 
 
+def _chunk_waiting_for_its_skip(tmp_path):
+    """The mapped function of the skip tests (pickled by value): each item touches ``ran-<i>``;
+    item 0 raises once item 2 has begun (``fail``); items 0 and 2 (run first on engines 0 and
+    1, items 1 and 3 queued behind them) return only once their engine has been asked to skip a
+    request (its helper's set of aborted ids grew), or after 10 s (then the queued items run)."""
+    where = str(tmp_path)
+
+    def item(i, fail):
+        import pathlib
+        import time
+
+        from ipy_multiengine import engine
+
+        pathlib.Path(where, f"ran-{i}").touch()
+        if i in (0, 2):
+            before, end = len(engine._aborted), time.monotonic() + 10
+            if i == 0 and fail:
+                while not pathlib.Path(where, "ran-2").exists() and time.monotonic() < end:
+                    time.sleep(0.01)
+                raise ValueError("item 0 fails")
+            while len(engine._aborted) <= before and time.monotonic() < end:
+                time.sleep(0.01)
+        return i
+
+    return item
+
+
+@pytest.mark.parametrize("how", ["an item failed", "imap timed out"])
+def test_a_stopped_balanced_map_skips_its_chunks_not_begun(mec, tmp_path, how):
+    """A balanced map that failed (an item raised) or was stopped (imap's timeout) has each
+    engine's next chunk already queued there (fixed chunks: ``depth`` 2 per engine). Those
+    chunks must not run later, unasked, for a call that is over: they are skipped on the
+    engines. (Before: items 1 and 3 ran after the map had raised.)"""
+    item = _chunk_waiting_for_its_skip(tmp_path)
+    if how == "an item failed":
+        with pytest.raises(CompositeError, match="item 0 fails"):
+            mec.map(item, range(4), [True] * 4, targets=[0, 1], balanced=True, chunksize=1)
+    else:
+        from ipy_multiengine.errors import TimeoutError as MeTimeout
+
+        it = mec.imap(item, range(4), [False] * 4, targets=[0, 1], chunksize=1, timeout=2)
+        with pytest.raises(MeTimeout):
+            list(it)
+    # the engines' queues are in order: once this ran, anything queued before it has ended
+    mec.execute("pass", targets=[0, 1], timeout=30)
+    ran = sorted(p.name for p in tmp_path.glob("ran-*"))
+    assert "ran-3" not in ran, f"a chunk queued on engine 1 ran after the map ended: {ran}"
+    if how == "imap timed out":  # engine 0's queued chunk too (with a failure, it may begin
+        assert "ran-1" not in ran, ran  # at once after item 0 raised: then it is left to run)
+
+
+def test_interrupting_some_engines_of_a_balanced_map_sends_it_no_more_chunks(mec, tmp_path):
+    """``mec.interrupt([0])`` while a balanced map runs on engines 0 and 1: engine 0's item
+    takes 1 s to end after its KeyboardInterrupt (its cleanup); until its failure came back the
+    map kept sending engine 1 chunk after chunk, run after the interrupt (about 20 here). The
+    map stops at the interrupt: engine 1 runs at most the chunk it was running and the one
+    queued behind it, whose skip may come late."""
+    where = str(tmp_path)
+
+    def item(i):
+        import pathlib
+        import time
+
+        if i == 0:
+            pathlib.Path(where, "long").touch()
+            try:
+                time.sleep(30)
+            except KeyboardInterrupt:
+                time.sleep(1)  # cleanup
+                raise
+        with open(pathlib.Path(where, "log"), "a") as log:
+            log.write(f"{i}\n")
+        time.sleep(0.05)
+        return i
+
+    pr = mec.map(item, range(400), targets=[0, 1], balanced=True, chunksize=1, block=False)
+    log, long = tmp_path / "log", tmp_path / "long"
+    deadline = time.monotonic() + 20
+    while not (long.exists() and log.exists() and len(log.read_text().split()) >= 3):
+        assert time.monotonic() < deadline, "the map never got going"
+        time.sleep(0.01)
+    mec.interrupt([0])
+    at_interrupt = len(log.read_text().split())
+    with pytest.raises(CompositeError, match="interrupted"):
+        pr.get_result(timeout=20)
+    mec.execute("pass", targets=[0, 1], timeout=20)
+    after = len(log.read_text().split()) - at_interrupt
+    assert after <= 2, f"engine 1 ran {after} items of the map after the interrupt"
+    # nothing of the stopped map's is taken for the next one's results
+    twice = mec.map(lambda x: x * 2, range(50), targets=[0, 1], balanced=True, chunksize=1)
+    assert twice == [x * 2 for x in range(50)]
+
+
 def test_ctrl_c_of_a_blocking_balanced_map_is_collectable_from_mec_last(mec):
     """docs/troubleshooting-errors.md: the interrupted call's result can still be collected with
     mec.last.get_result(); a blocking balanced map is done (failed by its cancel) at once."""

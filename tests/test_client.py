@@ -522,3 +522,84 @@ except KeyboardInterrupt:  # the plain signal: now the late request comes, durin
             '_k.control_handlers["ime_interrupt_request"] = _ime_orig_interrupt', targets=[3]
         )
     assert mec.apply(lambda: 1, targets=[3]) == [1]
+
+
+@pytest.mark.parametrize("kind", ["execute", "apply"])
+@pytest.mark.parametrize("stop", ["interrupt", "abort"])
+def test_a_queued_request_cannot_be_cancelled_behind_the_engines_back(mec, tmp_path, kind, stop):
+    """``pr.futures[i].cancel()`` on a request queued behind a running one: a future cancelled
+    here promises it will not run, but its engine still had it and ran it later, and neither
+    ``mec.interrupt()`` nor ``pr.abort()`` named it any more (both skip requests done here). A
+    request's future is running from the start: ``cancel()`` is refused, and the request stays
+    interruptible and abortable."""
+    started, ran = tmp_path / "started", tmp_path / "ran"
+    first = mec.execute(
+        f"import pathlib, time; pathlib.Path({str(started)!r}).touch(); time.sleep(30)",
+        targets=0,
+        block=False,
+    )
+    if kind == "execute":
+        second = mec.execute(
+            f"import pathlib; pathlib.Path({str(ran)!r}).touch()", targets=0, block=False
+        )
+    else:
+        where = str(ran)
+        second = mec.apply(
+            lambda: __import__("pathlib").Path(where).touch(), targets=0, block=False
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while not started.exists():
+            assert time.monotonic() < deadline, "the first request never began"
+            time.sleep(0.01)
+        assert second.futures[0].cancel() is False  # it is the engine's now
+        assert not second.ready()
+        if stop == "abort":
+            second.abort()
+        mec.interrupt(0)
+        with pytest.raises(CompositeError, match="KeyboardInterrupt"):
+            first.get_result(timeout=10)
+        expected = "KeyboardInterrupt" if stop == "interrupt" else "Aborted"
+        with pytest.raises(CompositeError, match=expected):
+            second.get_result(timeout=10)
+        mec.execute("pass", targets=0, timeout=10)
+        assert not ran.exists(), "the request whose future was cancelled ran after all"
+    finally:
+        mec.interrupt(0)
+
+
+def test_a_second_interrupt_right_after_the_first_stops_code_that_caught_it(mec, tmp_path):
+    """Two interrupts in quick succession (Ctrl-C pressed twice) of code whose ``except
+    KeyboardInterrupt:`` goes on working: the second must interrupt it again. (Before: an
+    interrupt within 1 s of the first was taken for the first one's late duplicate and did
+    nothing, while ``mec.interrupt()`` returned as if it had; the code slept on.) The late
+    duplicate of a plain fallback signal is still merged:
+    ``test_a_late_interrupt_does_not_hit_the_cleanup_the_plain_one_began``."""
+    began, caught = tmp_path / "began", tmp_path / "caught"
+    code = f"""
+import pathlib, time
+try:
+    pathlib.Path({str(began)!r}).touch()
+    time.sleep(30)
+except KeyboardInterrupt:
+    pathlib.Path({str(caught)!r}).touch()
+    time.sleep(30)
+"""
+    pr = mec.execute(code, targets=[1], block=False)
+    try:
+        for path in (began, caught):
+            deadline = time.monotonic() + 20
+            if path is caught:
+                mec.interrupt([1])
+            while not path.exists():
+                assert time.monotonic() < deadline, f"{path.name} never appeared"
+                time.sleep(0.005)
+        mec.interrupt([1])  # the caught one is cleaning up (sleeping) now: within the 1 s
+        t0 = time.monotonic()
+        with pytest.raises(CompositeError) as info:
+            pr.get_result(timeout=5)
+        assert [e.ename for e in info.value.elist] == ["KeyboardInterrupt"]
+        assert time.monotonic() - t0 < 5
+    finally:
+        mec.interrupt([1])
+    assert mec.apply(lambda: 1, targets=[1]) == [1]

@@ -975,6 +975,53 @@ def test_an_interrupted_restart_leaves_the_engine_dead_saying_so():
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("route", ["mec.interrupt", "owner.interrupt"])
+def test_an_interrupt_during_a_restart_does_not_kill_the_new_kernel(route):
+    """``mec.interrupt()`` while an engine restarts (from another thread, or the owner's own
+    interrupt, as the plain fallback calls it): the engine's new kernel had just been spawned,
+    and the kernel manager's SIGINT killed it before its handler was installed; the restart
+    failed and the engine was left dead ("killed by signal SIGINT"). Nothing runs there yet:
+    nothing is interrupted, the restart ends and the engine works."""
+    import asyncio
+    import threading
+
+    with Cluster(n=1, profile=f"restart-interrupt-{route}", write_file=False) as mec:
+        launcher = mec.owner.launcher
+        real = launcher.restart
+        spawned, interrupted = threading.Event(), threading.Event()
+
+        async def spawn_then_wait(ids):
+            infos = await real(ids)  # the new kernel's process exists, still starting
+            spawned.set()
+            await asyncio.to_thread(interrupted.wait, 20)
+            return infos
+
+        launcher.restart = spawn_then_wait
+        errors: list[BaseException] = []
+
+        def restart() -> None:
+            try:
+                mec.restart(0, timeout=60)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=restart)
+        t.start()
+        try:
+            assert spawned.wait(30), "the restart never spawned the new kernel"
+            if route == "mec.interrupt":
+                mec.interrupt(0)
+            else:
+                mec.owner.interrupt([0])
+        finally:
+            interrupted.set()
+            t.join(60)
+        launcher.restart = real
+        assert not errors, errors
+        assert mec.apply(lambda: 5, timeout=30) == [5]
+
+
+@pytest.mark.timeout(120)
 def test_a_dead_engine_whose_restart_fails_says_so_and_auto_restart_tries_again():
     """An engine that died (here kill -9) is restarted by auto_restart; when that restart
     failed (the launcher raised once) the engine stayed dead for good, still saying it was
@@ -1031,6 +1078,23 @@ def _assert_each_engine_error_is_kept(err: BaseException) -> None:
     assert type(again) is RestartError and str(again) == str(err)
     texts = lambda e: {i: str(x) for i, x in e.errors.items()}  # noqa: E731
     assert texts(again) == texts(err)
+    # under tblib (which pickles causes) with a member that does not pickle: its cause, raised
+    # `from` a plain group, failed the whole error; the group the constructor makes carries
+    # each member on its own
+    import threading
+
+    from tblib import pickling_support
+    from test_errors import _pickling_by_own_reduce
+
+    err.errors[2].lock = threading.Lock()
+    try:
+        with _pickling_by_own_reduce():
+            pickling_support.install(err, err.__cause__)
+            again = pickle.loads(pickle.dumps(err))
+    finally:
+        del err.errors[2].lock
+    assert type(again.errors[0]) is RuntimeError and str(again.errors[0]) == str(err.errors[0])
+    assert str(again.__cause__.exceptions[1]) == "RuntimeError: no kernel for engine 2"
 
 
 @pytest.mark.timeout(150)
@@ -1145,4 +1209,47 @@ def test_an_engine_that_dies_shows_what_its_process_wrote_itself():
         mec.restart(0, timeout=60)
         with pytest.raises(CompositeError) as info:
             mec.execute("import os; os.abort()", timeout=30)
-        assert "own output" not in str(info.value) and "C-level" not in str(info.value)
+        # the restarted kernel's own output only: its abort's traceback, not the C library's
+        assert "C-level" not in str(info.value), info.value
+        assert "Fatal Python error: Aborted" in str(info.value)
+
+
+def _segfault(mec, prelude: str = "") -> str:
+    from ipy_multiengine.errors import CompositeError
+
+    mec.execute("def boom():\n    import ctypes\n    ctypes.string_at(0)\n")
+    with pytest.raises(CompositeError) as info:
+        mec.execute(prelude + "boom()", timeout=60)
+    [err] = info.value.elist
+    return str(err)
+
+
+def test_a_segfaulting_engine_shows_the_python_traceback_of_the_crash(monkeypatch):
+    """A segfault in C code killed the engine with "killed by signal SIGSEGV" and its log tail
+    alone: faulthandler was not enabled in the kernel, and one enabled in a cell
+    (``faulthandler.enable()``, which ipykernel points at fd 2, the pipe its own thread of the
+    dying process reads) wrote into that pipe, lost. The engine's helper enables it on the
+    process's own stderr, its private log, and the error shows the traceback from its
+    innermost frame, the user's ``boom``."""
+    from faultlib import small_cluster
+
+    # the engines capture fds as a user's do (ipykernel does not under pytest)
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    with small_cluster(1) as (cluster, mec):
+        log = cluster.log_file(0)
+        assert mec.execute(
+            "import os; print(os.path.islink('/proc/self/fd/2') and os.readlink('/proc/self/fd/2'))"
+        )[0]["stdout"].startswith("pipe:")
+        for prelude in ("", "import faulthandler; faulthandler.enable(); "):
+            text = _segfault(mec, prelude)
+            assert "was killed by signal SIGSEGV" in text, text
+            own = text.split(f"--- engine 0's own output (log {log}) ---\n", 1)[1]
+            lines = own.splitlines()
+            assert lines[0] == "Fatal Python error: Segmentation fault", own
+            assert any(line.endswith(" in string_at") for line in lines[:6]), own
+            assert any(line.endswith("line 3 in boom") for line in lines[:6]), own
+            assert len(lines) <= 22 and "more lines in the log" in lines[-1], own
+            assert os.stat(log).st_mode & 0o077 == 0 and os.stat(log.parent).st_mode & 0o077 == 0
+            mec.restart(0, timeout=60)
+        assert mec.apply(lambda: 5) == [5]
+    assert not log.exists()

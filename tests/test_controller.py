@@ -695,16 +695,19 @@ def test_an_engine_that_dies_in_a_cell_keeps_the_cells_in_number(tmp_path):
 
 
 # ---------------------------------------------------------------------- late output
-def _thread_printing(flags: list[Path], texts: list[str]) -> str:
+def _thread_printing(flags: list[Path], texts: list[str], own_parent: bool = False) -> str:
     """Engine code: a thread that prints ``texts[i]`` once ``flags[i]`` exists (the engine
-    polls for each), after the execute that started it has finished."""
-    steps = "".join(
+    polls for each), after the execute that started it has finished. ipykernel labels a
+    thread's output with its latest request; with ``own_parent`` the thread labels it with the
+    execute that started it (``set_thread_parent``, as ipywidgets' Output does)."""
+    own = "    sys.stdout.set_thread_parent(_parent)\n" if own_parent else ""
+    steps = own + "".join(
         f"    while not os.path.exists({str(f)!r}):\n        time.sleep(0.005)\n"
         f"    print({t!r}, flush=True)\n"
         for f, t in zip(flags, texts, strict=True)
     )
     return (
-        "import os, threading, time\n"
+        "import os, sys, threading, time\n_parent = sys.stdout.parent_header\n"
         f"def _late_job():\n{steps}"
         "_late = threading.Thread(target=_late_job, daemon=True)\n_late.start()"
     )
@@ -720,24 +723,37 @@ def _until(cond, what: str, timeout: float = 15.0) -> None:
 def test_late_output_is_kept_on_its_record_within_a_bound(mec, tmp_path, monkeypatch):
     """What an engine prints after its execute finished was dropped (no request to route it
     to). It is kept on that execute's record (``record["late"]``) up to ``LATE_LIMIT``
-    characters; more is counted (``dropped``) and said by the Results List, not kept."""
+    characters (a message that comes while it holds less is kept whole); more is counted
+    (``dropped``, ``dropped_chars``) and said by the Results List, not kept."""
     from ipy_multiengine import wire
 
     monkeypatch.setattr(wire, "LATE_LIMIT", 30)
-    flags = [tmp_path / "one", tmp_path / "two"]
+    flags = [tmp_path / "one", tmp_path / "two", tmp_path / "three"]
     try:
-        r = mec.execute(_thread_printing(flags, ["a" * 20, "b" * 20]), targets=0)
-        assert r[0]["late"] == {"stdout": "", "stderr": "", "outputs": [], "dropped": 0}
+        r = mec.execute(_thread_printing(flags, ["a" * 20, "b" * 20, "c" * 20]), targets=0)
+        assert r[0]["late"] == {
+            "stdout": "",
+            "stderr": "",
+            "outputs": [],
+            "dropped": 0,
+            "dropped_chars": 0,
+        }
         assert mec.last.late == [r[0]["late"]]
         flags[0].touch()
         _until(lambda: r[0]["late"]["stdout"], "the first late line")
         assert r[0]["late"]["stdout"] == "a" * 20 + "\n"
-        flags[1].touch()
-        _until(lambda: r[0]["late"]["dropped"], "the second late line, past the bound")
-        assert r[0]["late"]["stdout"] == "a" * 20 + "\n"
+        flags[1].touch()  # 21 characters kept: this one is still kept, whole
+        _until(lambda: "b" in r[0]["late"]["stdout"], "the second late line")
+        flags[2].touch()
+        _until(lambda: r[0]["late"]["dropped"], "the third late line, past the bound")
+        assert r[0]["late"]["stdout"] == "a" * 20 + "\n" + "b" * 20 + "\n"
+        assert r[0]["late"]["dropped_chars"] == 21
         n = r[0]["number"]
         assert f"[0] Late[{n}]: {'a' * 20}" in repr(r)
-        assert f"[0] Late[{n}]: ... 1 more late messages not kept" in repr(r)
+        assert (
+            f"[0] Late[{n}]: ... 1 more late message (21 characters) not kept (past the 30 "
+            "characters a command keeps)" in repr(r)
+        ), repr(r)
     finally:
         for f in flags:
             f.touch()
@@ -821,3 +837,84 @@ def test_another_client_s_abort_leaves_the_engine_busy_in_its_view(cluster, mec,
     assert running.get_result(timeout=10)[0]["status"] == "ok"
     with pytest.raises(CompositeError, match="Aborted"):
         queued.get_result(timeout=10)
+
+
+class _Watcher:
+    """A late output watcher (held weakly by the controller: keep a reference)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def __call__(self, *event) -> None:
+        self.seen.append(event)
+
+    def texts(self) -> list[tuple]:
+        return [(e[0], e[1], e[2], e[4].get("text")) for e in self.seen if e[3] == "stream"]
+
+
+def test_late_output_is_handed_to_the_watchers_before_its_record_holds_it(mec, tmp_path):
+    """A record held late output before the watchers were told of it: code that waited for the
+    record (then ran a cell, whose start shows what is queued) found nothing queued yet, and
+    the output was shown after that cell, outside it (a notebook test failed so under load).
+    The watchers are told first: when the record holds it, it is queued to be shown."""
+    flag = tmp_path / "go"
+    in_record: list[str] = []
+    records: list = []
+
+    def watcher(eid, msg_id, number, mtype, content):
+        if mtype == "stream" and records:
+            in_record.append(records[0][0]["late"]["stdout"])
+
+    mec.controller.watch_late(watcher)
+    try:
+        records.append(mec.execute(_thread_printing([flag], ["late text"]), targets=0))
+        flag.touch()
+        _until(lambda: in_record, "the watcher to be told")
+        assert in_record == [""], "the record held the output before the watcher was told"
+        _until(lambda: "late text" in records[0][0]["late"]["stdout"], "the record")
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=0)
+
+
+def test_late_output_of_a_silent_execute_is_not_given_to_the_previous_command(mec, tmp_path):
+    """A silent execute keeps no record, so no late output route was made for it: what a
+    thread it started printed later went to the engine's latest (previous) command, kept on
+    that record and shown as ``In [n]`` of it. It is shown as late output of an earlier
+    command (``msg_id`` "", ``number`` None), kept on no record."""
+    flag = tmp_path / "go"
+    watcher = _Watcher()
+    mec.controller.watch_late(watcher)
+    try:
+        before = mec.execute("x_before = 1", targets=0)
+        mec.execute(_thread_printing([flag], ["from the silent one"]), targets=0, silent=True)
+        flag.touch()
+        _until(lambda: watcher.texts(), "the late output")
+        assert watcher.texts() == [(0, "", None, "from the silent one\n")]
+        assert before[0]["late"]["stdout"] == "", "given to the command before the silent one"
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=0)
+
+
+def test_late_output_of_a_forgotten_command_is_not_given_to_the_newest(mec, tmp_path, monkeypatch):
+    """Past ``LATE_ROUTES`` finished executes an engine's oldest routes are forgotten: output
+    parented to one went to the engine's newest command (kept on its record, labelled with its
+    ``In [n]``), a silently wrong answer. It is late output of an earlier command now."""
+    from ipy_multiengine import controller
+
+    monkeypatch.setattr(controller, "LATE_ROUTES", 2)
+    flag = tmp_path / "go"
+    watcher = _Watcher()
+    mec.controller.watch_late(watcher)
+    try:
+        old = mec.execute(_thread_printing([flag], ["from the old one"], True), targets=0)
+        newer = [mec.execute(f"x_{i} = {i}", targets=0) for i in range(2)]
+        flag.touch()
+        _until(lambda: watcher.texts(), "the late output")
+        assert watcher.texts() == [(0, "", None, "from the old one\n")]
+        assert [r[0]["late"]["stdout"] for r in newer] == ["", ""]
+        assert old[0]["late"]["stdout"] == ""  # its route was forgotten: it cannot be told
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=0)

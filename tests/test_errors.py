@@ -503,6 +503,21 @@ def test_remote_traceback_of_keeps_every_member_and_pickles():
     assert back.__notes__ == ["a note"] and back.engine_id == 3
 
 
+def test_remote_traceback_of_has_notes_of_its_own():
+    """``RemoteTraceback.of`` shared the original's notes list: a note added to the one raised
+    by the executor (or ``raise_exception``) showed on the ``RemoteError`` of the
+    ``CompositeError`` too, and the other way round."""
+    err = RemoteError("ValueError", "bad", ["tb line"], 0, "apply")
+    err.add_note("first")
+    rt = errors.RemoteTraceback.of(err)
+    rt.add_note("added to the copy")
+    err.add_note("added to the original")
+    assert err.__notes__ == ["first", "added to the original"]
+    assert rt.__notes__ == ["first", "added to the copy"]
+    rt.traceback.append("more")
+    assert err.traceback == ["tb line"]
+
+
 def test_restart_error_pickles_with_tblib_pickling_support_installed():
     """distributed installs tblib's pickling support, which pickles an exception's cause as it
     is: a RestartError's cause, the group of its engines' errors, failed the whole pickling
@@ -698,3 +713,202 @@ def test_restart_error_cause_is_the_group_python_would_make():
     back = pickle.loads(pickle.dumps(e))
     assert isinstance(back.__cause__, ExceptionGroup)
     assert [str(m) for m in back.__cause__.exceptions] == ["a", "b"]
+
+
+# ------------------------------------------------- links (cause, context) that do not pickle
+def _raised_from_unpicklable(kind: type = ValueError) -> BaseException:
+    """``kind('outer')`` raised while handling a KeyError that holds a lock."""
+    import threading
+
+    try:
+        try:
+            inner = KeyError("k")
+            inner.lock = threading.Lock()
+            raise inner
+        except KeyError:
+            raise kind("outer")  # noqa: B904 (its context is the point)
+    except BaseException as outer:
+        return outer
+
+
+def test_an_error_whose_context_does_not_pickle_arrives_under_tblib():
+    """Under tblib's pickling support (distributed installs it, on engines too) an exception's
+    context is pickled with it: one whose context held a lock failed as a whole, and the
+    engine sent no pickle (the client could not rebuild a type outside builtins). Each link
+    crosses on its own now: the error arrives with a stand-in naming the link's type."""
+    from tblib import pickling_support
+
+    pickling_support.install()
+    import zipfile
+
+    err = _raised_from_unpicklable(zipfile.BadZipFile)
+    with pytest.raises(TypeError, match="lock"):
+        pickle.dumps(err)  # what the engine did
+    back = pickle.loads(errors.dumps_error(err))
+    assert type(back) is zipfile.BadZipFile and str(back) == "outer"
+    link = back.__context__
+    assert isinstance(link, errors.UnpicklableError), repr(link)
+    assert (link.type_name, link.evalue) == ("KeyError", "'k'")
+    assert any("raise inner" in line for line in link.traceback), link.traceback
+    assert back.__traceback__ is not None and not back.__suppress_context__
+    # a cause too, and `from` suppresses the context as before
+    try:
+        raise RuntimeError("top") from err
+    except RuntimeError as top:
+        back = pickle.loads(errors.dumps_error(top))
+    assert type(back.__cause__) is zipfile.BadZipFile and back.__suppress_context__
+    assert isinstance(back.__cause__.__context__, errors.UnpicklableError)
+
+
+def test_members_whose_context_does_not_pickle_under_tblib():
+    """The same for what the client pickles: a RestartError's (or a CompositeError's) member
+    whose context does not pickle failed the member, which arrived as a stand-in of itself
+    (its type lost); only the link is one now."""
+    from tblib import pickling_support
+
+    pickling_support.install()
+    member = _raised_from_unpicklable()
+    engine_error = EngineError("engine 1 died", 1, "execute")
+    engine_error.__context__ = _raised_from_unpicklable(OSError)
+    for e in (
+        errors.RestartError("restart failed", {0: member, 1: engine_error}),
+        CompositeError("execute", [engine_error], [member]),
+    ):
+        back = pickle.loads(pickle.dumps(e))
+        kept = list(back.errors.values()) if isinstance(back, errors.RestartError) else []
+        kept += [*back.elist, *back.results] if isinstance(back, CompositeError) else []
+        assert {type(m) for m in kept} <= {ValueError, EngineError} and len(kept) == 2, kept
+        for m in kept:
+            chain = [m]
+            while chain[-1].__context__ is not None:
+                chain.append(chain[-1].__context__)
+            if type(m) is EngineError:
+                assert type(chain[1]) is OSError and str(chain[1]) == "outer", chain
+            stand_in = chain[-1]
+            assert isinstance(stand_in, errors.UnpicklableError), chain
+            assert (stand_in.type_name, stand_in.evalue) == ("KeyError", "'k'")
+
+
+def test_a_long_chain_of_contexts_pickles_under_tblib():
+    """tblib pickles each context inside the one before: 1,000 chained exceptions (a
+    recursive function re-raising in its ``except``) failed with RecursionError. They pickle
+    one after the other now, and come back as the same chain."""
+    from tblib import pickling_support
+
+    pickling_support.install()
+    prev = None
+    for i in range(1000):
+        try:
+            try:
+                if prev is not None:
+                    raise prev
+            finally:
+                raise ValueError(i)
+        except ValueError as e:
+            prev = e
+    with pytest.raises(RecursionError):
+        pickle.dumps(prev)
+    back = pickle.loads(errors.dumps_error(prev))
+    values = []
+    while back is not None:
+        values.append(back.args[0])
+        back = back.__context__
+    assert values == list(range(999, -1, -1))
+
+
+@pytest.mark.timeout(120)
+def test_an_engine_error_whose_context_does_not_pickle_keeps_its_type_under_tblib():
+    """An engine with tblib's pickling support (a dask worker in it installs it) whose code
+    raised while handling an exception holding a lock: the engine could not pickle the error,
+    so ``raise_exception`` and the executor raised a ``RemoteTraceback`` instead of the user's
+    type. The user's type arrives now, its context a stand-in naming the KeyError."""
+    import zipfile
+
+    from faultlib import small_cluster
+
+    code = (
+        "from tblib import pickling_support; pickling_support.install()\n"
+        "import threading, zipfile\n"
+        "def fails(x):\n"
+        "    try:\n"
+        "        inner = KeyError('k'); inner.lock = threading.Lock(); raise inner\n"
+        "    except KeyError:\n"
+        "        raise zipfile.BadZipFile(f'outer {x}')\n"
+    )
+    with small_cluster(1) as (_cluster, mec):
+        mec.execute(code)
+        fails = mec.pull_function("fails")[0]
+        with pytest.raises(CompositeError) as info:
+            mec.apply(fails, 1)
+        with pytest.raises(zipfile.BadZipFile, match="outer 1") as raised:
+            info.value.raise_exception()
+        with mec.executor() as pool, pytest.raises(zipfile.BadZipFile, match="outer 2") as again:
+            pool.submit(fails, 2).result(timeout=60)
+    for exc in (raised.value, again.value):
+        link = exc.__context__
+        assert isinstance(link, errors.UnpicklableError), repr(link)
+        assert (link.type_name, link.evalue) == ("KeyError", "'k'")
+        assert isinstance(exc.__cause__, errors.RemoteTraceback)
+
+
+class ReduceRaises(Exception):
+    def __reduce__(self):
+        raise RuntimeError("no reduction")
+
+
+def test_links_of_types_tblib_does_not_pickle_and_links_whose_reduce_raises():
+    """tblib installed for one type only pickles the links of that type's errors, the linked
+    exceptions as pickle does (without their own links): such a link arrived as a stand-in of
+    itself. A link whose ``__reduce__`` raised failed the whole error."""
+    import zipfile
+
+    from tblib import pickling_support
+
+    pickling_support.install(zipfile.BadZipFile)
+
+    def raised_from(inner):
+        try:
+            try:
+                raise inner
+            except Exception:
+                raise zipfile.BadZipFile("outer")  # noqa: B904
+        except Exception as outer:
+            return outer
+
+    back = pickle.loads(errors.dumps_error(raised_from(ValueError("v"))))
+    assert type(back) is zipfile.BadZipFile and type(back.__context__) is ValueError
+    assert str(back.__context__) == "v"
+    back = pickle.loads(errors.dumps_error(raised_from(ReduceRaises("r"))))
+    assert type(back) is zipfile.BadZipFile, repr(back)
+    assert isinstance(back.__context__, errors.UnpicklableError)
+    assert back.__context__.type_name == "test_errors.ReduceRaises"
+
+
+def test_an_exception_group_with_a_member_that_does_not_pickle():
+    """An engine's ``ExceptionGroup`` (an asyncio ``TaskGroup``'s) with one exception that did
+    not pickle failed as a whole: the client got a ``RemoteTraceback``, nothing ``except*``
+    could match. Each member crosses on its own, also in nested groups and under tblib."""
+    import threading
+
+    from tblib import pickling_support
+
+    held = ValueError("held")
+    held.lock = threading.Lock()
+    group = ExceptionGroup("eg", [held, KeyError("k"), ExceptionGroup("inner", [_raised(held)])])
+    group.add_note("a note")
+    for tblib in (False, True):
+        if tblib:
+            pickling_support.install()
+        back = pickle.loads(errors.dumps_error(_raised(group)))
+        assert type(back) is ExceptionGroup and back.message == "eg", repr(back)
+        first, second, inner = back.exceptions
+        assert isinstance(first, errors.UnpicklableError) and first.type_name == "ValueError"
+        assert type(second) is KeyError and type(inner) is ExceptionGroup
+        assert isinstance(inner.exceptions[0], errors.UnpicklableError)
+        assert back.__notes__ == ["a note"]
+        try:
+            raise back
+        except* KeyError as caught:
+            assert [type(e) for e in caught.exceptions] == [KeyError]
+        except* Exception:
+            pass

@@ -1251,6 +1251,132 @@ def _arrived(records: list, text: str = "done") -> None:
         time.sleep(0.01)
 
 
+class _Seen:
+    """A late output watcher for a test to wait on (held weakly: keep a reference)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def __call__(self, *event) -> None:
+        self.events.append(event)
+
+    def wait(self, n: int) -> None:
+        deadline = time.monotonic() + 15
+        while len(self.events) < n:
+            assert time.monotonic() < deadline, f"{n} late outputs did not arrive: {self.events}"
+            time.sleep(0.01)
+
+
+def _late_steps(steps: list[tuple[Path, str]]) -> str:
+    """Engine code: a thread that runs each step's code once its flag exists (polled)."""
+    body = "".join(
+        f"    while not os.path.exists({str(f)!r}):\n        time.sleep(0.005)\n    {code}\n"
+        for f, code in steps
+    )
+    return (
+        "import os, sys, threading, time\nfrom IPython.display import display\n"
+        f"def _late_job():\n{body}"
+        "_late = threading.Thread(target=_late_job, daemon=True)\n_late.start()"
+    )
+
+
+def test_late_output_of_a_silent_execute_is_labelled_as_of_an_earlier_command(ip, mec, tmp_path):
+    """A thread started by a silent execute (no record, no route) printed later: that output
+    was labelled ``In [n]`` of the command before it, which did not print it. It is labelled
+    as late output of an earlier command."""
+    flag = tmp_path / "go"
+    seen = _Seen()
+    mec.controller.watch_late(seen)
+    try:
+        _cap, res = run(ip, "%px --targets 0 x_before = 1")
+        assert res.success, res.error_in_exec
+        mec.execute(_late_code(flag), targets=0, silent=True)
+        flag.touch()
+        seen.wait(1)
+        cap, _ = run(ip, "x_local = 1")
+        assert cap.stdout == "[stdout:0 late, from an earlier command] done\n", cap.stdout
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=0)
+
+
+def test_late_stdout_and_stderr_are_shown_in_the_order_they_came(ip, mec, tmp_path):
+    """Late text waiting to be shown was grouped by stream: stdout first, then stderr,
+    whatever the order the engine printed it in. It is printed in the order it came."""
+    import contextlib
+
+    flags = [tmp_path / f"f{i}" for i in range(3)]
+    seen = _Seen()
+    mec.controller.watch_late(seen)
+    code = _late_steps(
+        [
+            (flags[0], "print('one', flush=True)"),
+            (flags[1], "print('two', file=sys.stderr, flush=True)"),
+            (flags[2], "print('three', flush=True)"),
+        ]
+    )
+    try:
+        _cap, res = run(ip, "%%px --targets 0\n" + code)
+        assert res.success, res.error_in_exec
+        n = magics_of(ip).last.get_result()[0]["number"]
+        for i, flag in enumerate(flags):  # each one arrived before the next is printed
+            flag.touch()
+            seen.wait(i + 1)
+        both = io.StringIO()
+        with contextlib.redirect_stdout(both), contextlib.redirect_stderr(both):
+            ip.run_cell("x_local = 1")
+        assert both.getvalue() == (
+            f"[stdout:0 late, In [{n}]] one\n[stderr:0 late, In [{n}]] two\n"
+            f"[stdout:0 late, In [{n}]] three\n"
+        ), both.getvalue()
+    finally:
+        for flag in flags:
+            flag.touch()
+        mec.execute("_late.join(10)", targets=0)
+
+
+def test_one_late_display_larger_than_the_bound_is_shown_and_what_is_dropped_is_said(
+    ip, mec, tmp_path
+):
+    """Late output is bounded (256 KiB a record keeps, 256 KiB waiting to be shown): a single
+    late display larger than that was counted, never shown nor kept, and the note said
+    neither its size nor its command. A message that comes while less is held is kept whole;
+    what comes past the bound is said, with its size and command."""
+    from ipy_multiengine import render, wire
+
+    big = 300_000
+    assert big > wire.LATE_LIMIT and big > render.LATE_PENDING_LIMIT
+    flags = [tmp_path / "one", tmp_path / "two"]
+    seen = _Seen()
+    mec.controller.watch_late(seen)
+    shown = f"display({{'text/plain': 'x' * {big}}}, raw=True)"
+    code = _late_steps([(flags[0], shown), (flags[1], shown)])
+    try:
+        _cap, res = run(ip, "%%px --targets 0\n" + code)
+        assert res.success, res.error_in_exec
+        [record] = magics_of(ip).last.get_result()
+        n = record["number"]
+        for flag in flags:
+            flag.touch()
+        seen.wait(2)
+        assert len(record["late"]["outputs"]) == 1, "the first late display was not kept"
+        assert record["late"]["dropped"] == 1 and record["late"]["dropped_chars"] == big + 1
+        cap, _ = run(ip, "x_local = 1")
+        plains = [o.data.get("text/plain", "") for o in cap.outputs]
+        assert [p[-big:] == "x" * big for p in plains] == [True], "the display was not shown"
+        assert plains[0].startswith(f"[output:0 late, In [{n}]]"), plains[0][:80]
+        assert (
+            f"[late:0] 1 late message of engine 0 ({big + 1} characters; In [{n}]) not shown"
+            in cap.stderr
+        ), cap.stderr
+        text = repr(magics_of(ip).last.get_result())
+        assert f"[0] Late[{n}]: ... 1 more late message ({big + 1} characters) not kept" in text
+    finally:
+        for flag in flags:
+            flag.touch()
+        mec.execute("_late.join(10)", targets=0)
+
+
 def test_output_after_its_command_finished_is_shown_before_the_next_prompt(ip, mec, tmp_path):
     """A thread the code started printed after its command had finished (its request idle):
     the controller dropped it. It is kept on that command's records (``%result`` shows it as
@@ -1297,6 +1423,58 @@ def test_late_output_goes_to_its_cell_s_area_in_a_notebook(ip, mec, tmp_path):
     finally:
         flag.touch()
         mec.execute("_late.join(10)", targets=[0])
+
+
+def test_a_late_clear_output_empties_its_cell_s_area_in_a_notebook(ip, mec, tmp_path):
+    """A thread that shows its progress by ``clear_output(wait=True)`` + ``print`` after its
+    ``%%px`` cell finished: the late clear_output was ignored and every step was appended to
+    the cell's engine area. It empties that engine's area, as it does while the cell runs: the
+    area shows the last step (``wait=True``: once that comes), and nothing after a plain
+    ``clear_output()``."""
+    magics_of(ip).notebook = True
+    flags = [tmp_path / f"f{i}" for i in range(3)]
+    seen = _Seen()
+    mec.controller.watch_late(seen)
+    code = _late_steps(
+        [
+            (flags[0], "clear_output(wait=True); print('step 1', flush=True)"),
+            (flags[1], "clear_output(wait=True); print('step 2', flush=True)"),
+            (flags[2], "clear_output()"),
+        ]
+    )
+    try:
+        cap1, res = run(
+            ip,
+            "%%px --targets 0\nfrom IPython.display import clear_output\nprint('first')\n" + code,
+        )
+        assert res.success, res.error_in_exec
+        area_id = [o for o in cap1.outputs if o.metadata.get("stream") == "stdout"][-1].transient[
+            "display_id"
+        ]
+
+        def area_updates(cap) -> list[str]:
+            return [
+                o.data["text/plain"]
+                for o in cap.outputs
+                if o.update and (o.transient or {}).get("display_id") == area_id
+            ]
+
+        with capture_output() as cap2:
+            flags[0].touch()
+            seen.wait(2)
+            flags[1].touch()
+            seen.wait(4)
+            ip.run_cell("x_local = 1")
+        assert area_updates(cap2)[-1] == "[stdout:0 late] step 2", cap2.outputs
+        with capture_output() as cap3:
+            flags[2].touch()
+            seen.wait(5)
+            ip.run_cell("x_local = 2")
+        assert area_updates(cap3) == [""], cap3.outputs
+    finally:
+        for flag in flags:
+            flag.touch()
+        mec.execute("_late.join(10)", targets=0)
 
 
 def test_a_notebook_cell_s_printed_text_is_not_kept_alive_for_its_late_output(ip, mec, tmp_path):

@@ -154,7 +154,7 @@ class LocalLauncher(Launcher):
         text = data.decode(errors="replace").splitlines()
         if begin > start and text:
             text = text[1:]  # read from the middle of a line
-        return "\n".join(text[-lines:]).strip("\n")
+        return "\n".join(_last_words(text, lines)).strip("\n")
 
     def _dir(self) -> str:
         if self.work_dir is None:
@@ -507,3 +507,26 @@ class LocalLauncher(Launcher):
         """A launcher without kernel managers: another process stops these engines by their
         identities in the cluster file (see ``cluster.clean_stale``), not through it."""
         return cls(data["n"], kernel_name=data.get("kernel_name"))
+
+
+#: how the traceback a crashing engine's faulthandler writes begins (``engine._install_crash_dump``)
+FATAL_ERROR = "Fatal Python error: "
+
+
+def _last_words(text: list[str], lines: int) -> list[str]:
+    """The last ``lines`` lines of ``text``; when they end in a crash's traceback (faulthandler
+    prints the innermost frame first, the user's code, and the kernel's own frames below it),
+    the first ``lines`` lines of the traceback instead (of the crashing thread when it has every
+    thread's), after the last ``lines`` lines written before it (a C library's message before
+    its abort)."""
+    at = next((i for i in range(len(text) - 1, -1, -1) if text[i].startswith(FATAL_ERROR)), None)
+    if at is None:
+        return text[-lines:]
+    before, dump = text[:at][-lines:], text[at:]
+    current = next((i for i, line in enumerate(dump) if line.startswith("Current thread ")), None)
+    if current is not None:  # every thread's stack (all_threads): the crashing one's first
+        others = sum(line.startswith("Thread ") for line in dump[:current])
+        dump = [dump[0], f"  ({others} other threads' stacks in the log)", *dump[current:]]
+    if len(dump) > lines:
+        dump = [*dump[:lines], f"  ... ({len(dump) - lines} more lines in the log)"]
+    return [*before, *dump]
