@@ -693,7 +693,9 @@ def test_stopped_engines_exit_by_themselves_even_when_the_control_thread_flushes
     IOPub thread's end blocked for good, and the kernel manager SIGTERMed the engine 1.5 s
     later (one stop of 4 engines in five, here). The flush is made late on purpose; each
     engine records whether its control thread was still running when IOPub was stopped (the
-    window of that hang), which the engine helper's wait must rule out, and exits with 0."""
+    window of that hang), which the engine helper's wait must rule out, and exits with 0.
+    (Given 30 s to exit, not the default 3 s: an engine blocked for good is still SIGTERMed,
+    and one slow to exit on a loaded box, load 19 here once, is not taken for it.)"""
     # the engine's namespace is cleared at exit (IPython's atexit reset) before ipykernel's
     # close runs: what these functions use is bound as defaults, not looked up as globals
     late_flush = (
@@ -715,7 +717,7 @@ def test_stopped_engines_exit_by_themselves_even_when_the_control_thread_flushes
         "    stop()\n"
         "_app.iopub_thread.stop = _stop_noted\n"
     )
-    cluster = Cluster(n=2, profile="late-flush")
+    cluster = Cluster(n=2, profile="late-flush", shutdown_wait=30.0)
     mec = cluster.start()
     try:
         mec.execute(late_flush)
