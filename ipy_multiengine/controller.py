@@ -58,6 +58,9 @@ FAST_LOST_GRACE = 2.0
 #: Seconds ``interrupt_sent`` waits for engines to acknowledge; one that has not by then is
 #: also interrupted the plain way (its owner's signal or ``interrupt_request``).
 INTERRUPT_ACK = 1.0
+#: Seconds ``_after_iopub`` waits for IOPub to catch up (an engine's output before its
+#: ``input()`` shown before the prompt) before it goes on without.
+IOPUB_BARRIER_WAIT = 2.0
 #: Operations that are the controller's own bookkeeping, never owed an interrupt.
 _NOT_INTERRUPTED = ("open", "ping")
 #: Messages a channel may still deliver, read at once, when its engine dies or is restarted.
@@ -366,6 +369,8 @@ class EngineConn:
         #: requests whose replies they were are lost)
         self.fast_dropped: list[Refusals] = []
         self.published_key: tuple | None = None  # what its last snapshot showed
+        #: control requests whose status on IOPub calls back (``Controller._after_iopub``)
+        self.iopub_barriers: dict[str, Callable[[], None]] = {}
         #: finished executes' late output holders (weakly: a record the user dropped is freed),
         #: by msg_id: output parented to one of them goes there
         self.late_routes: collections.OrderedDict[str, tuple[int | None, Any]] = (
@@ -1537,6 +1542,10 @@ class Controller:
                     self._finish_comm(conn, req, data, msg.get("buffers") or [])
             return
         if mtype == "status":
+            barrier = conn.iopub_barriers.pop(parent, None)
+            if barrier is not None:  # IOPub has brought what came before it: nothing of the shell
+                barrier()
+                return
             state = content.get("execution_state")
             req = conn.requests.get(parent)
             # The engine's state follows its shell channel only: a control request (interrupt,
@@ -1801,7 +1810,42 @@ class Controller:
             )
 
         # the engine flushed its output to IOPub just before asking: let that arrive first
-        asyncio.get_running_loop().call_later(0.02, self._guarded(post, conn, req))
+        self._after_iopub(conn, self._guarded(post, conn, req))
+
+    def _after_iopub(self, conn: EngineConn, callback: Callable[[], None]) -> None:
+        """(loop) ``callback()`` once IOPub has brought everything ``conn``'s engine published
+        so far: IOPub is a connection of its own, so what came on another one (an
+        ``input_request`` on stdin, sent after the engine flushed its output) may be ahead of
+        it. A control request's status comes on IOPub behind all of that: ``usage_request``,
+        which every client of ours and the server keep apart from the shell's state
+        (``wire.CONTROL_MSG_TYPES``). At most IOPUB_BARRIER_WAIT s (a control thread that
+        does not answer: then as before, without the wait)."""
+        fired = False
+
+        def fire() -> None:
+            nonlocal fired
+            if not fired:
+                fired = True
+                callback()
+
+        if conn.dead or "control" not in conn.sockets:
+            fire()
+            return
+        msg = conn.session.msg("usage_request", {})
+        msg_id = msg["header"]["msg_id"]
+        conn.iopub_barriers[msg_id] = fire
+
+        def give_up() -> None:
+            if conn.iopub_barriers.pop(msg_id, None) is not None:
+                fire()
+
+        try:
+            self._send(conn, "control", msg)
+        except Exception as exc:  # not sent: no status will come
+            log.warning("engine %s: could not ask for its IOPub to catch up (%s)", conn.eid, exc)
+            give_up()
+            return
+        asyncio.get_running_loop().call_later(IOPUB_BARRIER_WAIT, give_up)
 
     def _drop_skipped(self, conn: EngineConn, later: Request, kinds: tuple[str, ...]) -> None:
         """Fail earlier requests of ``kinds`` that the engine passed over without a reply.

@@ -805,6 +805,40 @@ def test_late_output_of_a_dropped_record_is_not_kept_alive_nor_lost_silently(
         mec.execute("_late.join(10)", targets=0)
 
 
+def test_another_client_s_abort_leaves_the_engine_busy_in_its_view(cluster, mec, tmp_path):
+    """Our own control requests (``ime_abort_request``, ``ime_interrupt_request``) have busy
+    and idle statuses on IOPub, which every client of the engine sees: a client that did not
+    send them took them for the shell's (their types were not known as control ones), and
+    showed the engine idle while it still ran (``status()``, the lab panel)."""
+    from faultlib import held_code
+
+    go = tmp_path / "go"
+    other = MultiEngineClient(cluster.cluster_file)
+    try:
+        running = mec.execute(held_code(go), targets=0, block=False)
+        queued = mec.execute("x_aborted = 1", targets=0, block=False)
+        wait_for(lambda: other.engines[0]["state"] == "busy", 10, "engine 0 busy, seen by other")
+        queued.abort()  # an ime_abort_request on control; engine 0 runs on
+
+        async def caught_up() -> None:
+            import asyncio
+
+            # white-box: other's IOPub has brought everything engine 0 published so far
+            seen = asyncio.Event()
+            other.controller._after_iopub(other.controller._conn(0), seen.set)
+            await asyncio.wait_for(seen.wait(), 10)
+
+        _loop.run(caught_up(), timeout=15)
+        assert other.engines[0]["state"] == "busy", "a control request's idle read as the shell's"
+        assert not running.ready()
+    finally:
+        go.touch()
+        other.close()
+    assert running.get_result(timeout=10)[0]["status"] == "ok"
+    with pytest.raises(CompositeError, match="Aborted"):
+        queued.get_result(timeout=10)
+
+
 class _Watcher:
     """A late output watcher (held weakly by the controller: keep a reference)."""
 

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+from faultlib import held_code
 from IPython.utils.capture import capture_output
 from shell_helpers import cell_outputs, magics_of, run
 
@@ -84,12 +85,18 @@ def test_terminal_progress_counts_items_moves_and_is_cleared(mec, monkeypatch, c
     assert "40/40" in err and not any(ln.strip() for ln in screen_lines(err)), err
 
 
-def test_wait_interactive_honours_timeout(mec, capsys):
-    pr = mec.execute("import time; time.sleep(1.5)", block=False)
-    started = time.monotonic()
-    assert pr.wait_interactive(timeout=0.3) is False
-    assert time.monotonic() - started < 1.2
-    assert "0/4" in capsys.readouterr().err
+def test_wait_interactive_honours_timeout(mec, capsys, tmp_path):
+    go = tmp_path / "go"
+    pr = mec.execute(held_code(go), block=False)  # busy until the test says go (30 s at most)
+    try:
+        started = time.monotonic()
+        assert pr.wait_interactive(timeout=0.3) is False
+        took = time.monotonic() - started
+        # it returned at its timeout, not when the engines were done (30 s)
+        assert took < 0.3 + 5, f"wait_interactive(timeout=0.3) took {took:.2f} s"
+        assert "0/4" in capsys.readouterr().err
+    finally:
+        go.touch()
     assert pr.wait_interactive(timeout=30) is True
 
 
