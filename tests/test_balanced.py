@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from faultlib import make_hanger, marker, small_cluster
+from faultlib import make_hanger, marker, small_cluster, wait_for
 from wire_relay import relayed_client
 
 from ipy_multiengine import Cluster
@@ -291,6 +291,46 @@ def test_interrupting_some_engines_of_a_balanced_map_sends_it_no_more_chunks(mec
     # nothing of the stopped map's is taken for the next one's results
     twice = mec.map(lambda x: x * 2, range(50), targets=[0, 1], balanced=True, chunksize=1)
     assert twice == [x * 2 for x in range(50)]
+
+
+def test_a_done_callback_of_a_stopped_map_may_call_the_client(mec, tmp_path):
+    """``mec.interrupt([0])`` stops a balanced map on engines 0 and 1 in the caller's thread, so
+    the map's future fails there and its done-callbacks run there. One that calls the client
+    (here ``execute`` on engine 1) waits for the I/O thread, which meanwhile reads the reply of
+    the map's chunk on engine 1. Before, the callbacks ran holding the map's lock: that reply's
+    handling waited for it on the I/O thread, which read nothing more (every engine's replies,
+    heartbeats), and the callback's execute hung until its timeout."""
+    where = str(tmp_path)
+
+    def item(i):
+        import pathlib
+        import time
+
+        pathlib.Path(where, f"began-{i}").touch()
+        end = time.monotonic() + (30 if i == 0 else 20)  # item 0 is interrupted
+        while i in (0, 2) and not pathlib.Path(where, "go").exists() and time.monotonic() < end:
+            time.sleep(0.01)
+        return i
+
+    # items 0 and 2 run first, on engines 0 and 1 (1 and 3 are queued behind them)
+    pr = mec.map(item, range(4), targets=[0, 1], balanced=True, chunksize=1, block=False)
+    wait_for(lambda: all((tmp_path / f"began-{i}").exists() for i in (0, 2)), 20, "both items")
+    seen: list = []
+
+    def callback(_fut):
+        (tmp_path / "go").touch()  # engine 1's running chunk ends and answers now
+        try:
+            seen.append(mec.execute("1 + 1", targets=[1], timeout=8)[0]["result"])
+        except Exception as exc:
+            seen.append(exc)
+
+    pr.futures[0].add_done_callback(callback)
+    mec.interrupt([0])
+    assert len(seen) == 1 and not isinstance(seen[0], Exception), (
+        f"the callback's execute did not come back: {seen}"
+    )
+    with pytest.raises(CompositeError, match="interrupted"):
+        pr.get_result(timeout=20)
 
 
 def test_ctrl_c_of_a_blocking_balanced_map_is_collectable_from_mec_last(mec):
