@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 
 import pytest
@@ -331,6 +332,38 @@ def test_a_done_callback_of_a_stopped_map_may_call_the_client(mec, tmp_path):
     )
     with pytest.raises(CompositeError, match="interrupted"):
         pr.get_result(timeout=20)
+
+
+def test_interrupt_while_another_thread_starts_balanced_maps():
+    """``mec.interrupt()`` goes through this client's balanced maps (to stop them first) while
+    another thread may be starting one. It raised ``RuntimeError: Set changed size during
+    iteration`` (a ``WeakSet`` iterated while the other thread added to it): the interrupt was
+    not sent. Engine 1 is dead, so each interrupt here does only that walk (no message), many
+    times a second: before the fix it raised within a second."""
+    with small_cluster(2, auto_restart=False) as (_cluster, mec):
+        mec.send_signal("SIGKILL", targets=1)
+        wait_for(lambda: mec.controller.dead(1), 20, "engine 1 to be seen dead")
+        stop, made = threading.Event(), [0]
+
+        def start_maps():
+            kept = []  # alive, as a caller's PendingResults are
+            while not stop.is_set():
+                kept.append(mec.map(abs, [], targets=[0], balanced=True, block=False))
+                made[0] += 1
+                if len(kept) > 400:
+                    del kept[:200]
+
+        starter = threading.Thread(target=start_maps, daemon=True)
+        starter.start()
+        try:
+            wait_for(lambda: made[0] > 0, 20, "the first map")
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                mec.interrupt(1)
+        finally:
+            stop.set()
+            starter.join(10)
+        assert made[0] > 100, f"only {made[0]} maps were started meanwhile"
 
 
 def test_ctrl_c_of_a_blocking_balanced_map_is_collectable_from_mec_last(mec):
