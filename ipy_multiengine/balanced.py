@@ -352,10 +352,11 @@ class BalancedMap:
             self._outcome = (ok, value)
 
     def start(self) -> BalancedMap:
-        if not self.total:
-            self._decided = True
-            self.future.set_result([])
+        """Send the first chunks; nothing if the map was stopped already (by an interrupt
+        from another thread: the client lists a map before starting it)."""
         with self._locked():
+            if not self.total:
+                self._decide(True, [])
             try:
                 for eid in self.eids:
                     self._fill(eid)

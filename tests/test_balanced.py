@@ -14,7 +14,7 @@ from wire_relay import relayed_client
 
 from ipy_multiengine import Cluster
 from ipy_multiengine.balanced import AutoChunks, BalancedMap
-from ipy_multiengine.errors import CompositeError
+from ipy_multiengine.errors import CompositeError, EngineError
 from ipy_multiengine.results import PendingResult, Tally
 
 pytestmark = pytest.mark.timeout(90)
@@ -364,6 +364,20 @@ def test_interrupt_while_another_thread_starts_balanced_maps():
             stop.set()
             starter.join(10)
         assert made[0] > 100, f"only {made[0]} maps were started meanwhile"
+
+
+@pytest.mark.parametrize("items", [[], [(-1,), (-2,)]])
+def test_a_balanced_map_stopped_before_it_started(mec, items):
+    """The client lists a map before starting it, so that an interrupt from another thread
+    meanwhile stops it (``_interrupt_eids``). Started after that stop, it sends nothing and
+    keeps the stop's error. An empty one raised ``InvalidStateError`` from ``start`` (its
+    result set on a future already failed), out of the caller's ``mec.map``."""
+    bm = BalancedMap(mec.controller, [0], abs, items, chunksize=1)
+    bm.cancel()
+    assert bm.start() is bm
+    with pytest.raises(EngineError, match="interrupted"):
+        bm.future.result(timeout=0)
+    assert bm.tally.snapshot()[0] == 0 and not bm._inflight[0]
 
 
 def test_ctrl_c_of_a_blocking_balanced_map_is_collectable_from_mec_last(mec):
