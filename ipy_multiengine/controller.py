@@ -1550,10 +1550,15 @@ class Controller:
             req = conn.requests.get(parent)
             # The engine's state follows its shell channel only: a control request (interrupt,
             # shutdown, debug) is busy/idle while the shell may still be busy (issue 11.8).
+            # (another client's kernel_info is a probe, on either channel: it says nothing of
+            # what the shell runs, as for jupyter_server and our server's watcher)
             on_shell = (
                 req.channel == "shell"
                 if req is not None
-                else (msg["parent_header"].get("msg_type") not in CONTROL_MSG_TYPES)
+                else (
+                    msg["parent_header"].get("msg_type")
+                    not in (*CONTROL_MSG_TYPES, "kernel_info_request")
+                )
             )
             if state in ("busy", "idle") and not conn.dead and on_shell:
                 conn.state = state
@@ -1816,10 +1821,12 @@ class Controller:
         """(loop) ``callback()`` once IOPub has brought everything ``conn``'s engine published
         so far: IOPub is a connection of its own, so what came on another one (an
         ``input_request`` on stdin, sent after the engine flushed its output) may be ahead of
-        it. A control request's status comes on IOPub behind all of that: ``usage_request``,
-        which every client of ours and the server keep apart from the shell's state
-        (``wire.CONTROL_MSG_TYPES``). At most IOPUB_BARRIER_WAIT s (a control thread that
-        does not answer: then as before, without the wait)."""
+        it. A control request's status comes on IOPub behind all of that: a
+        ``kernel_info_request`` (cheap; every client of ours, our server's watcher,
+        jupyter_server and JupyterLab keep a probe's status apart from the shell's state: a
+        ``usage_request`` had a JupyterLab console on the engine show it idle while the cell
+        ran). At most IOPUB_BARRIER_WAIT s (a control thread that does not answer: then as
+        before, without the wait)."""
         fired = False
 
         def fire() -> None:
@@ -1831,7 +1838,7 @@ class Controller:
         if conn.dead or "control" not in conn.sockets:
             fire()
             return
-        msg = conn.session.msg("usage_request", {})
+        msg = conn.session.msg("kernel_info_request", {})
         msg_id = msg["header"]["msg_id"]
         conn.iopub_barriers[msg_id] = fire
 

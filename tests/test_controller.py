@@ -949,3 +949,52 @@ def test_late_output_of_a_forgotten_command_is_not_given_to_the_newest(mec, tmp_
     finally:
         flag.touch()
         mec.execute("_late.join(10)", targets=0)
+
+
+def test_the_iopub_barrier_of_a_prompt_is_a_request_nobody_takes_for_the_shell_s(
+    cluster, mec, tmp_path
+):
+    """Before an engine's prompt is shown, a control request's status on IOPub is awaited (what
+    the engine printed before asking comes first). It was a ``usage_request``, whose busy/idle
+    JupyterLab (a console on the engine) took for the shell's: the engine showed idle while its
+    cell ran. It is a ``kernel_info_request``, a probe jupyter_server and JupyterLab do not
+    track, and which another client of ours does not take for the shell's either."""
+    from faultlib import held_code
+    from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
+
+    untracked = MappingKernelManager.class_traits()["untracked_message_types"].default()
+    go = tmp_path / "go"
+    other = MultiEngineClient(cluster.cluster_file)
+    ctl = mec.controller
+    sent: list[tuple[str, str]] = []
+    real_send = ctl._send
+
+    def spy(conn, channel, msg, *a, **k):
+        sent.append((channel, msg["header"]["msg_type"]))
+        return real_send(conn, channel, msg, *a, **k)
+
+    try:
+        running = mec.execute(held_code(go), targets=0, block=False)
+        wait_for(lambda: other.engines[0]["state"] == "busy", 10, "engine 0 busy, seen by other")
+
+        async def barrier(controller) -> None:
+            import asyncio
+
+            seen = asyncio.Event()
+            controller._after_iopub(controller._conn(0), seen.set)
+            await asyncio.wait_for(seen.wait(), 10)
+
+        ctl._send = spy  # white-box: what the barrier sends
+        try:
+            _loop.run(barrier(ctl), timeout=15)
+        finally:
+            del ctl._send
+        _loop.run(barrier(other.controller), timeout=15)  # other has seen that status too
+        assert [t for ch, t in sent if ch == "control"] == ["kernel_info_request"], sent
+        assert "kernel_info_request" in untracked
+        assert other.engines[0]["state"] == "busy", "the barrier's idle read as the shell's"
+        assert not running.ready()
+    finally:
+        go.touch()
+        other.close()
+    assert running.get_result(timeout=10)[0]["status"] == "ok"

@@ -147,6 +147,23 @@ def test_panel_lists_the_clusters_engines(page):
         assert "tests (running)" in shown and "MB" in shown, shown
 
 
+def test_jupyterlab_does_not_take_our_control_requests_status_for_the_shell_s(page):
+    """JupyterLab's kernel connection ignores the statuses of the message types in its page
+    config's ``untracked_message_types`` (jupyter_server's list): ours were not in it, so a
+    console open on an engine showed it idle at an interrupt or abort naming its requests
+    while its cell still ran. The page JupyterLab runs with lists them."""
+    import json
+
+    from ipy_multiengine.wire import CONTROL_MSG_TYPES
+
+    _server, browser, _ = page
+    raw = browser.driver.execute_script(
+        "const n = document.getElementById('jupyter-config-data'); return n ? n.textContent : '';"
+    )
+    untracked = set(json.loads(raw).get("untracked_message_types") or [])
+    assert set(CONTROL_MSG_TYPES) | {"kernel_info_request"} <= untracked, sorted(untracked)
+
+
 def test_panel_interrupt_stops_a_px_cell(page):
     server, browser, notebook = page
     d = browser.driver

@@ -714,3 +714,17 @@ def test_a_watch_that_cannot_start_is_shown_and_retried_with_a_bound(cluster, mo
     finally:
         watcher.stop().result(10)
         path.unlink(missing_ok=True)
+
+
+async def test_our_control_requests_are_untracked_for_jupyterlab(jp_fetch, jp_serverapp):
+    """An interrupt or abort naming its requests (``ime_interrupt_request``,
+    ``ime_abort_request``, on control) has busy/idle statuses on IOPub: JupyterLab took them
+    for the shell's (a console on a running engine showed it idle). It ignores the types
+    jupyter_server does not track, which the extension extends with ours, in the page config
+    JupyterLab reads too."""
+    from ipy_multiengine.wire import CONTROL_MSG_TYPES
+
+    untracked = set(jp_serverapp.kernel_manager.untracked_message_types)
+    assert {"ime_interrupt_request", "ime_abort_request", "kernel_info_request"} <= untracked
+    assert set(CONTROL_MSG_TYPES) <= untracked
+    assert "execute_request" not in untracked  # the shell's own stay tracked

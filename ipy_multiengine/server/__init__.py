@@ -28,10 +28,33 @@ class MultiEngineExtension(ExtensionApp):
     )
 
     def initialize_settings(self) -> None:
+        self._untrack_control_types()
         self.watcher = Watcher(interval=self.scan_interval)
         self.settings["ipy_multiengine_watcher"] = self.watcher
         self.watcher.start()
         self.log.info("ipy_multiengine: watching clusters; API at ipy_multiengine/api/clusters")
+
+    def _untrack_control_types(self) -> None:
+        """Our control requests (an interrupt or abort naming its requests) have busy and idle
+        statuses on IOPub, seen by every client of the engine: JupyterLab (a console on an
+        engine) took them for the shell's and showed a running engine idle. It ignores the
+        types jupyter_server does not track (``untracked_message_types``, in its page config
+        too): ours join them."""
+        from ..wire import CONTROL_MSG_TYPES
+
+        server = self.serverapp
+        if server is None:
+            return
+        km = server.kernel_manager
+        untracked = list(getattr(km, "untracked_message_types", None) or [])
+        ours = sorted(
+            {*CONTROL_MSG_TYPES, *(t.replace("_request", "_reply") for t in CONTROL_MSG_TYPES)}
+        )
+        if hasattr(km, "untracked_message_types"):
+            km.untracked_message_types = [*untracked, *(t for t in ours if t not in untracked)]
+            page = server.web_app.settings.get("page_config_data")
+            if isinstance(page, dict) and "untracked_message_types" in page:
+                page["untracked_message_types"] = list(km.untracked_message_types)
 
     def initialize_handlers(self) -> None:
         from .handlers import handlers
