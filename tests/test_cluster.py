@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from faultlib import wait_for
+from faultlib import user_environ, wait_for
 
 from ipy_multiengine import Cluster, MultiEngineClient, NoClusterError
 from ipy_multiengine.cluster import cluster_dir, cluster_file_path
@@ -245,7 +245,7 @@ def test_h13_kernel_shutdown_leaves_no_cluster_file():
     from jupyter_client.manager import KernelManager
 
     km = KernelManager(kernel_name="python3")
-    km.start_kernel(env=dict(os.environ))
+    km.start_kernel(env=user_environ())
     kc = km.client()
     kc.start_channels()
     try:
@@ -1183,7 +1183,7 @@ def _segfault(mec, prelude: str = "") -> str:
     return str(err)
 
 
-def test_a_segfaulting_engine_shows_the_python_traceback_of_the_crash(monkeypatch):
+def test_a_segfaulting_engine_shows_the_python_traceback_of_the_crash():
     """A segfault in C code killed the engine with "killed by signal SIGSEGV" and its log tail
     alone: faulthandler was not enabled in the kernel, and one enabled in a cell
     (``faulthandler.enable()``, which ipykernel points at fd 2, the pipe its own thread of the
@@ -1192,8 +1192,6 @@ def test_a_segfaulting_engine_shows_the_python_traceback_of_the_crash(monkeypatc
     innermost frame, the user's ``boom``."""
     from faultlib import small_cluster
 
-    # the engines capture fds as a user's do (ipykernel does not under pytest)
-    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
     with small_cluster(1) as (cluster, mec):
         log = cluster.log_file(0)
         assert mec.execute(
