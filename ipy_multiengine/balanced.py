@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import logging
 import reprlib
 import threading
@@ -296,6 +297,11 @@ class BalancedMap:
         self._alive = set(self.eids)
         self._lock = threading.RLock()  # a future may complete inside _fill
         self._stopped = False
+        #: the map's outcome, decided under the lock: ``future`` is resolved (its done-callbacks
+        #: run) only once the lock is released (``_locked``)
+        self._decided = False
+        self._outcome: tuple[bool, Any] | None = None
+        self._depth = 0  # nesting of ``_locked`` in the thread holding the lock
 
     def progress(self) -> tuple[int, int]:
         """``(items done, items in the map)``: what a progress bar shows (any thread)."""
@@ -314,10 +320,43 @@ class BalancedMap:
             wake, self._wake = self._wake, cf.Future()
         wake.set_result(None)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The lock, for what may decide the map's outcome (``_decide``): ``future`` is resolved
+        after the outermost such block has released it. Its done-callbacks run in whichever
+        thread decided (the caller's, for ``cancel``) and may call the client: under the lock,
+        the I/O thread, handling any other chunk of the map meanwhile, waited for them (a
+        callback waiting for the engines hung, and so did every engine's traffic)."""
+        outcome = None
+        try:
+            with self._lock:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                    if not self._depth:
+                        outcome, self._outcome = self._outcome, None
+        finally:
+            if outcome is not None:
+                ok, value = outcome
+                if ok:
+                    self.future.set_result(value)
+                else:
+                    self.future.set_exception(value)
+
+    def _decide(self, ok: bool, value: Any) -> None:
+        """(lock held, within ``_locked``) The map's result (``ok``) or error, once."""
+        if not self._decided:
+            self._decided = True
+            self._outcome = (ok, value)
+
     def start(self) -> BalancedMap:
-        if not self.total:
-            self.future.set_result([])
-        with self._lock:
+        """Send the first chunks; nothing if the map was stopped already (by an interrupt
+        from another thread: the client lists a map before starting it)."""
+        with self._locked():
+            if not self.total:
+                self._decide(True, [])
             try:
                 for eid in self.eids:
                     self._fill(eid)
@@ -328,8 +367,8 @@ class BalancedMap:
     def cancel(self) -> None:
         """Send nothing more; the chunks sent that no engine has begun are skipped there, those
         running finish (``mec.interrupt`` stops them); the map fails."""
-        with self._lock:
-            if not self._stopped and not self.future.done():
+        with self._locked():
+            if not self._stopped and not self._decided:
                 self._fail(
                     EngineError(
                         "the load-balanced map was interrupted before it finished",
@@ -431,9 +470,8 @@ class BalancedMap:
         self._frames = {}
         self._source = None
         self._items = None
+        self._decide(False, err)
         self._skip_queued()
-        if not self.future.done():
-            self.future.set_exception(err)
         self._event(err)
 
     def _skip_queued(self) -> None:
@@ -452,13 +490,16 @@ class BalancedMap:
         """A chunk's future is done. Any exception here fails the map with it: raised in a
         done-callback it would be logged and dropped by ``concurrent.futures``, and the map
         would wait forever."""
-        try:
-            self._on_done(eid, ci, fu)
-        except BaseException as exc:
-            log.error(
-                "load-balanced map: handling chunk %s from engine %s failed", ci, eid, exc_info=exc
-            )
-            with self._lock:
+        with self._locked():
+            try:
+                self._on_done(eid, ci, fu)
+            except BaseException as exc:
+                log.error(
+                    "load-balanced map: handling chunk %s from engine %s failed",
+                    ci,
+                    eid,
+                    exc_info=exc,
+                )
                 if not self._stopped:
                     self._fail(exc)
 
@@ -496,7 +537,7 @@ class BalancedMap:
                         order = sorted(self._results, key=lambda c: self._chunks[c][0])
                     else:
                         order = self._order
-                    self.future.set_result([v for c in order for v in self._results[c]])
+                    self._decide(True, [v for c in order for v in self._results[c]])
                     self._results, self._items = {}, None
                     return
                 self._fill(eid)

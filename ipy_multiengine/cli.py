@@ -31,6 +31,9 @@ from .clusterfile import (
 )
 from .errors import MultiEngineError, NoClusterError
 
+#: What ``ipmulti start`` prints once its engines are ready (after its cluster file is written)
+READY = "engines ready, cluster file"
+
 
 class UsageError(MultiEngineError, ValueError):
     """A bad command-line argument: ``ipmulti: message`` and exit code 2."""
@@ -72,9 +75,7 @@ def _start(args: argparse.Namespace) -> int:
         print(f"ipmulti: could not start the cluster: {exc}", file=sys.stderr)
         return 1
     try:
-        print(
-            f"{len(mec.get_ids())} engines ready, cluster file {cluster.cluster_file}", flush=True
-        )
+        print(f"{len(mec.get_ids())} {READY} {cluster.cluster_file}", flush=True)
         if not args.quiet:
             print("Press Ctrl-C to stop.", flush=True)
         while not stop.wait(0.2) and not cluster.stop_requested:
@@ -162,7 +163,10 @@ def _start_daemon(args: argparse.Namespace) -> int:
             own_log.unlink(missing_ok=True)
             return 1
         try:
-            if (read_spec(path).get("owner") or {}).get("pid") == proc.pid:
+            # its cluster file names it once its engines are ready, and then it says so in its
+            # log: wait for both (a log read at once could say nothing yet)
+            owner = (read_spec(path).get("owner") or {}).get("pid")
+            if owner == proc.pid and READY.encode() in own_log.read_bytes():
                 os.replace(own_log, log)
                 print(path)
                 return 0

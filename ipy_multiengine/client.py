@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -300,8 +301,12 @@ class MultiEngineClient(Configurable):
         self._kept: PendingResult | None = None
         # %result: the last command executed (execute, %px), kept: output text, not data
         self._last_execute: PendingResult | None = None
-        #: this client's load-balanced maps, while referenced (an interrupt stops them first)
-        self._maps: weakref.WeakSet[BalancedMap] = weakref.WeakSet()
+        #: this client's load-balanced maps, while referenced (an interrupt stops them first),
+        #: by id. Any thread may start one while another interrupts: read and changed only
+        #: under its lock, with no weakref callbacks (a WeakSet, iterated while another thread
+        #: added to it or dropped a map, raised, and the interrupt was not sent)
+        self._maps: dict[int, weakref.ref[BalancedMap]] = {}
+        self._maps_lock = threading.Lock()
         self.closed = False
         # a client that is dropped without close() still closes its channels and engine comms;
         # the finalizer holds the controller only (nothing that leads back to this client)
@@ -938,7 +943,9 @@ class MultiEngineClient(Configurable):
             interrupt=self._interrupt_eids,  # the owner's interrupt, like mec.interrupt()
             star=star,
         )
-        self._maps.add(bm)
+        with self._maps_lock:
+            self._maps = {k: r for k, r in self._maps.items() if r() is not None}
+            self._maps[id(bm)] = weakref.ref(bm)
         return bm.start()
 
     def _stop_balanced(self, bm: BalancedMap) -> None:
@@ -1117,8 +1124,11 @@ class MultiEngineClient(Configurable):
         eids = [e for e in eids if not self._starting(e)]
         # a balanced map on these engines is stopped first: one of its chunks answered while
         # the interrupt is on its way would have the next chunk sent, and run, after it
-        for bm in list(self._maps):
-            if set(bm.eids) & set(eids):
+        with self._maps_lock:
+            refs = list(self._maps.values())
+        for ref in refs:
+            bm = ref()
+            if bm is not None and set(bm.eids) & set(eids):
                 bm.cancel()
         plain = self._controller.interrupt_sent(eids) if eids else []
         if plain:

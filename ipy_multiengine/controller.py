@@ -58,6 +58,9 @@ FAST_LOST_GRACE = 2.0
 #: Seconds ``interrupt_sent`` waits for engines to acknowledge; one that has not by then is
 #: also interrupted the plain way (its owner's signal or ``interrupt_request``).
 INTERRUPT_ACK = 1.0
+#: Seconds ``_after_iopub`` waits for IOPub to catch up (an engine's output before its
+#: ``input()`` shown before the prompt) before it goes on without.
+IOPUB_BARRIER_WAIT = 2.0
 #: Operations that are the controller's own bookkeeping, never owed an interrupt.
 _NOT_INTERRUPTED = ("open", "ping")
 #: Messages a channel may still deliver, read at once, when its engine dies or is restarted.
@@ -66,6 +69,9 @@ DRAIN_LIMIT = 1000
 #: by its parent msg_id (the oldest are forgotten: their output is then late output of an
 #: earlier command, kept on no record, never given to another command).
 LATE_ROUTES = 256
+#: Data operations that run no code of the user's (no thread of theirs starts there): output
+#: the kernel labels with one is labelled as it was before it (``EngineConn.late_aliases``).
+_LABELLESS = frozenset({"push", "pull", "ping"})
 #: IOPub messages that are output of a request (kept on it, or late on its record).
 _OUTPUT_TYPES = frozenset(
     ("stream", "display_data", "execute_result", "update_display_data", "error", "clear_output")
@@ -363,11 +369,18 @@ class EngineConn:
         #: requests whose replies they were are lost)
         self.fast_dropped: list[Refusals] = []
         self.published_key: tuple | None = None  # what its last snapshot showed
+        #: control requests whose status on IOPub calls back (``Controller._after_iopub``)
+        self.iopub_barriers: dict[str, Callable[[], None]] = {}
         #: finished executes' late output holders (weakly: a record the user dropped is freed),
         #: by msg_id: output parented to one of them goes there
         self.late_routes: collections.OrderedDict[str, tuple[int | None, Any]] = (
             collections.OrderedDict()
         )
+        #: the request the kernel labels a thread's output with (its latest shell or fast
+        #: request), as it labelled it before a push or pull; and, for each push or pull sent,
+        #: that label (``_LABELLESS``: the output is of the request before it)
+        self.late_label = ""
+        self.late_aliases: collections.OrderedDict[str, str] = collections.OrderedDict()
         #: (the static part of ``published_key``, the snapshot fields it determines)
         self.published_static: tuple[tuple, dict[str, Any]] | None = None
 
@@ -938,6 +951,7 @@ class Controller:
         msg = self._fast_msg(conn, conn.session.pack({"op": "ping"}))
         req = self._new_request(conn, "comm", msg["msg_id"], channel="fast", op="ping")
         conn.requests[req.msg_id] = req
+        _relabel(conn, req)
         self._send(conn, "fast", msg)
         return req
 
@@ -1528,6 +1542,10 @@ class Controller:
                     self._finish_comm(conn, req, data, msg.get("buffers") or [])
             return
         if mtype == "status":
+            barrier = conn.iopub_barriers.pop(parent, None)
+            if barrier is not None:  # IOPub has brought what came before it: nothing of the shell
+                barrier()
+                return
             state = content.get("execution_state")
             req = conn.requests.get(parent)
             # The engine's state follows its shell channel only: a control request (interrupt,
@@ -1604,28 +1622,33 @@ class Controller:
         thread its code started; ipykernel labels such output with its latest request, or
         with the one a thread chose by ``set_parent``). It is kept on that execute's record
         (``record["late"]``) and handed to the late watchers (``watch_late``) to show. When
-        its request kept no record (a silent execute, a data operation, the engine's setup) or
-        is too old to be routed (``LATE_ROUTES``), it is late output of an earlier command
+        its request kept no record (a silent execute, an apply, the engine's setup) or is
+        too old to be routed (``LATE_ROUTES``), it is late output of an earlier command
         (``msg_id`` "", ``number`` None), kept on no record: never given to another command.
+        Output labelled with a push or pull is labelled as before it (``_relabel``).
         Output of another client's request is that client's."""
         header = msg["parent_header"]
         if header.get("session") != conn.session.session and header.get("comm_id") != conn.comm_id:
             return
         mtype, content = msg["msg_type"], msg["content"]
-        route = conn.late_routes.get(header.get("msg_id", ""))
+        parent = header.get("msg_id", "")
+        parent = conn.late_aliases.get(parent, parent)
+        route = conn.late_routes.get(parent)
         if route is not None:
-            msg_id, (number, ref) = header["msg_id"], route
+            msg_id, (number, ref) = parent, route
         else:
             msg_id, number, ref = "", None, None
         late = ref() if ref is not None else None
-        if late is not None:
-            late.add(mtype, content)
+        # the watchers first: a record holding the output means it has been handed to be shown
+        # (a cell run once %result shows it finds it queued, not still on its way)
         watchers = list(self._late_watchers)
         for watcher in watchers:
             try:
                 watcher(conn.eid, msg_id, number, mtype, content)
             except Exception:  # no request to fail: said here, the others still told
                 log.exception("engine %s: a late output watcher failed", conn.eid)
+        if late is not None:
+            late.add(mtype, content)
         if late is None and not watchers and mtype != "clear_output":
             log.warning(
                 "engine %s printed output after its command%s had finished, and nothing "
@@ -1787,7 +1810,42 @@ class Controller:
             )
 
         # the engine flushed its output to IOPub just before asking: let that arrive first
-        asyncio.get_running_loop().call_later(0.02, self._guarded(post, conn, req))
+        self._after_iopub(conn, self._guarded(post, conn, req))
+
+    def _after_iopub(self, conn: EngineConn, callback: Callable[[], None]) -> None:
+        """(loop) ``callback()`` once IOPub has brought everything ``conn``'s engine published
+        so far: IOPub is a connection of its own, so what came on another one (an
+        ``input_request`` on stdin, sent after the engine flushed its output) may be ahead of
+        it. A control request's status comes on IOPub behind all of that: ``usage_request``,
+        which every client of ours and the server keep apart from the shell's state
+        (``wire.CONTROL_MSG_TYPES``). At most IOPUB_BARRIER_WAIT s (a control thread that
+        does not answer: then as before, without the wait)."""
+        fired = False
+
+        def fire() -> None:
+            nonlocal fired
+            if not fired:
+                fired = True
+                callback()
+
+        if conn.dead or "control" not in conn.sockets:
+            fire()
+            return
+        msg = conn.session.msg("usage_request", {})
+        msg_id = msg["header"]["msg_id"]
+        conn.iopub_barriers[msg_id] = fire
+
+        def give_up() -> None:
+            if conn.iopub_barriers.pop(msg_id, None) is not None:
+                fire()
+
+        try:
+            self._send(conn, "control", msg)
+        except Exception as exc:  # not sent: no status will come
+            log.warning("engine %s: could not ask for its IOPub to catch up (%s)", conn.eid, exc)
+            give_up()
+            return
+        asyncio.get_running_loop().call_later(IOPUB_BARRIER_WAIT, give_up)
 
     def _drop_skipped(self, conn: EngineConn, later: Request, kinds: tuple[str, ...]) -> None:
         """Fail earlier requests of ``kinds`` that the engine passed over without a reply.
@@ -2100,6 +2158,7 @@ class Controller:
         req = self._new_request(conn, kind, msg["msg_id"], channel=channel, **kw)
         if not req.future.done():
             conn.requests[req.msg_id] = req
+            _relabel(conn, req)
             try:
                 self._send(conn, channel, msg)
             except Exception as exc:  # not left waiting for a reply that cannot come
@@ -2117,6 +2176,7 @@ class Controller:
         )
         req = self._new_request(conn, "comm", msg["msg_id"], op="open")
         conn.requests[req.msg_id] = req
+        _relabel(conn, req)
         self._send(conn, "shell", msg)
         self._publish(conn)
         return req.msg_id, req.future
@@ -2208,6 +2268,7 @@ class Controller:
 
     def _send_one(self, conn: EngineConn, msg: dict, req: Request, buffers: list) -> None:
         req.sent = time.monotonic()
+        _relabel(conn, req)
         try:
             sending, tracker = self._send(conn, req.channel, msg, buffers)
         except Exception as exc:
@@ -2655,6 +2716,20 @@ async def _acall(fn: Callable[[], Any]) -> Any:
 def _short(code: str, width: int = 80) -> str:
     code = " ".join(code.split())
     return code if len(code) <= width else code[: width - 3] + "..."
+
+
+def _relabel(conn: EngineConn, req: Request) -> None:
+    """(loop) ``req`` is sent: the kernel labels a thread's output with it from now on (a
+    shell or fast request), unless it runs no code of the user's (``_LABELLESS``): output
+    labelled with that one is of the request before it (``_late``)."""
+    if req.channel not in ("shell", "fast"):
+        return
+    if req.kind == "comm" and req.op in _LABELLESS:
+        conn.late_aliases[req.msg_id] = conn.late_label
+        while len(conn.late_aliases) > LATE_ROUTES:
+            conn.late_aliases.popitem(last=False)
+    else:
+        conn.late_label = req.msg_id
 
 
 def _method(req: Request) -> str:

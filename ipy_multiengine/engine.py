@@ -77,7 +77,11 @@ def _install_crash_dump() -> None:
     dump written there (also by ``faulthandler.enable()`` in a cell: ipykernel's default for it)
     was lost. An own copy of the original stderr: ipykernel closes its copy at shutdown, and a
     crash after that would write into whatever file reused the number. A faulthandler already
-    enabled (``-X faulthandler``, PYTHONFAULTHANDLER, the user's own file) is left as it is."""
+    enabled (``-X faulthandler``, PYTHONFAULTHANDLER, the user's own file) is left as it is.
+
+    A process the engine forks (multiprocessing's workers) dumps to its own fd 2 instead,
+    ipykernel's pipe, which the engine forwards to the cell: in the engine's log a worker's
+    crash read as the engine's own last words when the engine died later of something else."""
     import faulthandler
 
     captured = getattr(sys.stderr, "_original_stdstream_copy", None)  # ipykernel's fd capture
@@ -86,14 +90,25 @@ def _install_crash_dump() -> None:
     except OSError:  # no stderr at all
         return
     _crash_fd[0] = own
+    engine = os.getpid()
     enable = faulthandler.enable
+    to_own = [False]  # whether the engine's faulthandler writes to ``own`` (we enabled it so)
 
-    def enable_here(file: Any = own, all_threads: bool = True, **kwargs: Any) -> None:
+    def enable_here(file: Any = None, all_threads: bool = True, **kwargs: Any) -> None:
+        if file is None:  # the real stderr: the engine's own copy of it, a child's fd 2
+            file = own if os.getpid() == engine else 2
         enable(file=file, all_threads=all_threads, **kwargs)
+        to_own[0] = file == own and os.getpid() == engine
+
+    def in_child() -> None:
+        if to_own[0] and faulthandler.is_enabled():
+            enable(file=2, all_threads=True)  # (a child just forked has one thread)
 
     faulthandler.enable = enable_here  # a cell's faulthandler.enable(): the real stderr too
     if not faulthandler.is_enabled():  # the crashing thread only: the kernel's own are noise
         enable(file=own, all_threads=False)
+        to_own[0] = True
+    os.register_at_fork(after_in_child=in_child)
 
 
 #: the engine's own copy of its original stderr, where a crash's traceback goes

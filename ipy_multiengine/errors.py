@@ -329,11 +329,11 @@ class _LinkSafe:
         if isinstance(obj, BaseException):
             if id(obj) in _linking():  # inside its own pickle (it holds itself): a stand-in
                 return (UnpicklableError, _stand_in_args(obj))
-            if isinstance(obj, BaseExceptionGroup) and type(obj) in _GROUPS:
-                return _group_reduction(obj, getattr(self, "proto", 4))
-            reduced = _linked_reduction(obj, self)
+            reduced = _linked_reduction(obj, self)  # a group too: its traceback and links
             if reduced is not None:
                 return reduced
+            if isinstance(obj, BaseExceptionGroup) and type(obj) in _GROUPS:
+                return _group_reduction(obj, getattr(self, "proto", 4))
         base = getattr(super(), "reducer_override", None)
         return NotImplemented if base is None else base(obj)
 
@@ -349,6 +349,22 @@ def _group_reduction(group: BaseExceptionGroup, protocol: int) -> tuple[Any, ...
     notes = getattr(group, "__notes__", None)
     members = [_Carried(e, protocol) for e in group.exceptions]
     return (_regrouped, (group.message, members, list(notes) if isinstance(notes, list) else None))
+
+
+class _CarriedList:
+    """Pickles as the list of ``members`` loaded, each on its own (its stand-in if it must):
+    the exceptions of a group that tblib pickles with its traceback and links."""
+
+    def __init__(self, members: list[_Carried]) -> None:
+        self.members = members
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_loaded, (self.members,))
+
+
+def _loaded(members: list[_Carried]) -> list[Any]:
+    """(unpickling) ``_CarriedList``'s members."""
+    return [m.load() for m in members]
 
 
 def _regrouped(message: str, members: list[_Carried], notes: list[str] | None) -> Any:
@@ -449,9 +465,7 @@ def _reduce_node(
     """(``_linked_reduction``) The next node pickled on its own (``reduced``: tblib's reduction
     of it, when already made), the exceptions it links to added as nodes."""
     exc = nodes[len(members)]
-    if type(exc) in _GROUPS:  # member by member, without links (``_group_reduction``)
-        reduced = None
-    elif reduced is None:
+    if reduced is None:
         try:
             reduced = _tblib_reduction(exc, pickler)
         except Exception:  # its __reduce__ raised: its stand-in
@@ -462,6 +476,12 @@ def _reduce_node(
         return
     busy.add(id(exc))
     func, args, *rest = reduced
+    if type(exc) in _GROUPS and isinstance(args[1], tuple) and len(args[1]) == 2:
+        # a group of Python's own: its exceptions each on their own (``_group_reduction``),
+        # its traceback and links as any node's
+        message, grouped = args[1]
+        carried = _CarriedList([_Carried(e, protocol) for e in grouped])
+        args = (args[0], (message, carried), *args[2:])
     at: list[int | None] = []
     for link in (args[2], args[4]):
         if not isinstance(link, BaseException):

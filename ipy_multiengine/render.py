@@ -779,15 +779,12 @@ def _collapse(blocks: list[tuple[list[int], str, Any]]) -> list[tuple[list[int],
 
 def bars_cleared(out: Any) -> Any:
     """Context for writing lines to ``out`` while a tqdm progress bar may be drawn on the
-    terminal: the bar is cleared first and redrawn below the text (``tqdm.external_write_mode``)."""
-    import contextlib
+    terminal: the bar is cleared first and redrawn below the text (``tqdm.external_write_mode``).
+    It holds tqdm's lock even when no bar is drawn yet: a bar another thread draws for the
+    first time meanwhile waits, instead of being written where the text (a prompt) goes on."""
+    from tqdm.std import tqdm
 
-    tqdm_mod = sys.modules.get("tqdm")
-    if tqdm_mod is None or not getattr(
-        tqdm_mod.tqdm, "_instances", None
-    ):  # tqdm: no public "any bar open?"
-        return contextlib.nullcontext()
-    return tqdm_mod.tqdm.external_write_mode(file=out)
+    return tqdm.external_write_mode(file=out)
 
 
 def interactive() -> bool:

@@ -58,7 +58,15 @@ def socket_paths(conn: dict) -> list[str]:
 
 #: Message types served on the control channel: their busy/idle says nothing of the shell.
 CONTROL_MSG_TYPES = frozenset(
-    {"interrupt_request", "shutdown_request", "debug_request", "usage_request"}
+    {
+        "interrupt_request",
+        "shutdown_request",
+        "debug_request",
+        "usage_request",
+        # the engine helper's own (``engine.py``): sent by one client, seen by every client
+        "ime_interrupt_request",
+        "ime_abort_request",
+    }
 )
 
 

@@ -125,6 +125,16 @@ def _touch_expr(tmp_path: Path, name: str) -> str:
     )
 
 
+def held_code(go: Path, seconds: float = 30) -> str:
+    """Engine code that runs until the file ``go`` exists (at most ``seconds``): a call whose
+    engines must still be busy when the test looks, however slow the box."""
+    return (
+        f"import os, time\n_held_until = time.monotonic() + {seconds}\n"
+        f"while not os.path.exists({str(go)!r}) and time.monotonic() < _held_until:\n"
+        "    time.sleep(0.01)\n"
+    )
+
+
 def hang_code(tmp_path: Path, name: str, seconds: float = 30, before: str = "") -> str:
     """Engine code that prints, touches its marker and then sleeps."""
     return (
@@ -202,7 +212,10 @@ def settle(mec: Any) -> None:
 
 
 # ---------------------------------------------------------------------- interrupt()
-#: Seconds an interrupted call may take to end (the sleeps it interrupts last 30 s).
+#: Seconds an interrupted call may take to end: far below the 30-60 s the sleeps it interrupts
+#: last, so one left to run to its end fails, and far above the time it takes (0.1-1.2 s, plus
+#: the 1 s INTERRUPT_ACK where the engine cannot answer), which a loaded box stretches (2 s
+#: bounds failed with 2.29 s): it measures that the interrupt stopped the call, not speed.
 INTERRUPT_DEADLINE = 10.0
 
 

@@ -245,6 +245,9 @@ def test_h13_kernel_shutdown_leaves_no_cluster_file():
     from jupyter_client.manager import KernelManager
 
     km = KernelManager(kernel_name="python3")
+    # the kernel's exit stops its engines: jupyter_client kills a kernel not gone after 5 s,
+    # before it removed its file, on a loaded box
+    km.shutdown_wait_time = 60.0
     km.start_kernel(env=user_environ())
     kc = km.client()
     kc.start_channels()
@@ -581,6 +584,44 @@ def test_ctrl_c_while_stop_closes_the_client_still_stops_the_engines_and_removes
     assert not file_left and not engine_left, (file_left, engine_left)
 
 
+#: for a daemon's interpreter: a pause between its cluster file and its "engines ready" line
+_SLOW_READY_LINE = """
+import sys
+if "ipy_multiengine.cli" in sys.orig_argv:  # `ipmulti start` (the daemon writes the file)
+    import time
+    import ipy_multiengine.cluster as _c
+
+    _write = _c.Cluster._write_cluster_file
+
+    def _write_then_pause(self, path):
+        _write(self, path)
+        time.sleep(1.5)
+
+    _c.Cluster._write_cluster_file = _write_then_pause
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_daemon_start_returns_once_its_log_says_its_engines_are_ready(tmp_path):
+    """`ipmulti start --daemon` returned once the cluster file named its daemon, which writes
+    "N engines ready" to its log only after that file: read when the start returned, the log
+    could say nothing yet (a daemon descheduled between the two, on a loaded box; here held
+    there 1.5 s). The start returns once the log says it too."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_READY_LINE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+    start = [*IPMULTI, "start", "-n", "1", "--profile", "dready", "--daemon"]
+    first = subprocess.run(start, env=env, capture_output=True, text=True, timeout=90)
+    try:
+        assert first.returncode == 0, first.stderr
+        assert "engines ready" in (cluster_dir() / "daemon-dready.log").read_text()
+    finally:
+        stopped = ipmulti("stop", "--profile", "dready")
+    assert stopped.returncode == 0, stopped.stderr
+
+
 @pytest.mark.timeout(120)
 def test_second_daemon_of_a_running_profile_leaves_the_owners_log_alone():
     """Every `ipmulti start --daemon` truncated `daemon-PROFILE.log` and sent its daemon's output
@@ -652,7 +693,9 @@ def test_stopped_engines_exit_by_themselves_even_when_the_control_thread_flushes
     IOPub thread's end blocked for good, and the kernel manager SIGTERMed the engine 1.5 s
     later (one stop of 4 engines in five, here). The flush is made late on purpose; each
     engine records whether its control thread was still running when IOPub was stopped (the
-    window of that hang), which the engine helper's wait must rule out, and exits with 0."""
+    window of that hang), which the engine helper's wait must rule out, and exits with 0.
+    (Given 30 s to exit, not the default 3 s: an engine blocked for good is still SIGTERMed,
+    and one slow to exit on a loaded box, load 19 here once, is not taken for it.)"""
     # the engine's namespace is cleared at exit (IPython's atexit reset) before ipykernel's
     # close runs: what these functions use is bound as defaults, not looked up as globals
     late_flush = (
@@ -674,7 +717,7 @@ def test_stopped_engines_exit_by_themselves_even_when_the_control_thread_flushes
         "    stop()\n"
         "_app.iopub_thread.stop = _stop_noted\n"
     )
-    cluster = Cluster(n=2, profile="late-flush")
+    cluster = Cluster(n=2, profile="late-flush", shutdown_wait=30.0)
     mec = cluster.start()
     try:
         mec.execute(late_flush)
@@ -1210,3 +1253,46 @@ def test_a_segfaulting_engine_shows_the_python_traceback_of_the_crash():
             mec.restart(0, timeout=60)
         assert mec.apply(lambda: 5) == [5]
     assert not log.exists()
+
+
+def test_a_forked_child_s_crash_is_not_shown_as_the_engine_s():
+    """A process the engine forks (multiprocessing's default on Linux) inherited the engine's
+    crash dump: a worker's segfault wrote its traceback into the engine's log only, and when
+    the engine died later of something else (SIGKILL: the OOM killer) its error showed that
+    traceback, "Fatal Python error: Segmentation fault", as the engine's own last words, in
+    place of the lines the engine wrote last. A forked child's dump goes to its own stderr now,
+    ipykernel's pipe (the cell shows it), and a crash's traceback is put first only for an
+    engine a fatal signal killed."""
+    from faultlib import small_cluster
+
+    from ipy_multiengine.errors import CompositeError
+
+    code = (
+        "import ctypes, multiprocessing\n"
+        "def work():\n"
+        "    ctypes.string_at(0)\n"
+        "child = multiprocessing.get_context('fork').Process(target=work)\n"
+        "child.start(); child.join(); print('child exit', child.exitcode)\n"
+    )
+    with small_cluster(1) as (cluster, mec):
+        log = cluster.log_file(0)
+        pr = mec.execute(code, block=False)
+        [record] = pr.get_result(timeout=60)
+        assert record["stdout"] == f"child exit {-signal.SIGSEGV}\n"
+
+        def seen() -> bool:
+            return "in work" in record["stderr"] + (pr.late[0].get("stderr") or "")
+
+        wait_for(seen, 30, "the child's traceback in the cell's stderr")
+        last = (
+            "import os, signal, time\n"
+            "os.write(2, b''.join(b'later %d\\n' % i for i in range(25)))\n"  # as C code writes
+            f"while b'later 24' not in open({str(log)!r}, 'rb').read(): time.sleep(0.005)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n"
+        )
+        with pytest.raises(CompositeError) as info:
+            mec.execute(last, timeout=60)
+    text = str(info.value.elist[0])
+    assert "killed by signal SIGKILL" in text, text
+    own = text.split(f"--- engine 0's own output (log {log}) ---\n", 1)[1]
+    assert "Fatal Python error" not in own and own.endswith("later 24"), own

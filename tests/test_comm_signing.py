@@ -139,7 +139,7 @@ def relayed_fast() -> Iterator[tuple]:
 
 
 def test_a_changed_request_pickle_on_the_fast_socket_is_refused_in_a_signed_answer(
-    relayed_fast, tmp_path
+    relayed_fast, tmp_path, monkeypatch
 ):
     """The push's pickle is rewritten on its way to the engine's fast socket: the signature
     still checks (it covers no buffer), the digest does not. The engine answers at once with a
@@ -147,6 +147,9 @@ def test_a_changed_request_pickle_on_the_fast_socket_is_refused_in_a_signed_answ
     from ipy_multiengine import controller
 
     mec, c, fast = relayed_fast
+    # no ping behind the push before 30 s: a refusal slower than the 1 s default (a loaded
+    # box, through the relay) is still told apart from a reply found lost
+    monkeypatch.setattr(controller, "FAST_LOST_AFTER", 30.0)
     proof = tmp_path / "ran-on-engine"
     c.push({"note": "Q" * 400})
     assert c.pull("note") == ["Q" * 400]

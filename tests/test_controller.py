@@ -805,6 +805,40 @@ def test_late_output_of_a_dropped_record_is_not_kept_alive_nor_lost_silently(
         mec.execute("_late.join(10)", targets=0)
 
 
+def test_another_client_s_abort_leaves_the_engine_busy_in_its_view(cluster, mec, tmp_path):
+    """Our own control requests (``ime_abort_request``, ``ime_interrupt_request``) have busy
+    and idle statuses on IOPub, which every client of the engine sees: a client that did not
+    send them took them for the shell's (their types were not known as control ones), and
+    showed the engine idle while it still ran (``status()``, the lab panel)."""
+    from faultlib import held_code
+
+    go = tmp_path / "go"
+    other = MultiEngineClient(cluster.cluster_file)
+    try:
+        running = mec.execute(held_code(go), targets=0, block=False)
+        queued = mec.execute("x_aborted = 1", targets=0, block=False)
+        wait_for(lambda: other.engines[0]["state"] == "busy", 10, "engine 0 busy, seen by other")
+        queued.abort()  # an ime_abort_request on control; engine 0 runs on
+
+        async def caught_up() -> None:
+            import asyncio
+
+            # white-box: other's IOPub has brought everything engine 0 published so far
+            seen = asyncio.Event()
+            other.controller._after_iopub(other.controller._conn(0), seen.set)
+            await asyncio.wait_for(seen.wait(), 10)
+
+        _loop.run(caught_up(), timeout=15)
+        assert other.engines[0]["state"] == "busy", "a control request's idle read as the shell's"
+        assert not running.ready()
+    finally:
+        go.touch()
+        other.close()
+    assert running.get_result(timeout=10)[0]["status"] == "ok"
+    with pytest.raises(CompositeError, match="Aborted"):
+        queued.get_result(timeout=10)
+
+
 class _Watcher:
     """A late output watcher (held weakly by the controller: keep a reference)."""
 
@@ -816,6 +850,31 @@ class _Watcher:
 
     def texts(self) -> list[tuple]:
         return [(e[0], e[1], e[2], e[4].get("text")) for e in self.seen if e[3] == "stream"]
+
+
+def test_late_output_is_handed_to_the_watchers_before_its_record_holds_it(mec, tmp_path):
+    """A record held late output before the watchers were told of it: code that waited for the
+    record (then ran a cell, whose start shows what is queued) found nothing queued yet, and
+    the output was shown after that cell, outside it (a notebook test failed so under load).
+    The watchers are told first: when the record holds it, it is queued to be shown."""
+    flag = tmp_path / "go"
+    in_record: list[str] = []
+    records: list = []
+
+    def watcher(eid, msg_id, number, mtype, content):
+        if mtype == "stream" and records:
+            in_record.append(records[0][0]["late"]["stdout"])
+
+    mec.controller.watch_late(watcher)
+    try:
+        records.append(mec.execute(_thread_printing([flag], ["late text"]), targets=0))
+        flag.touch()
+        _until(lambda: in_record, "the watcher to be told")
+        assert in_record == [""], "the record held the output before the watcher was told"
+        _until(lambda: "late text" in records[0][0]["late"]["stdout"], "the record")
+    finally:
+        flag.touch()
+        mec.execute("_late.join(10)", targets=0)
 
 
 def test_late_output_of_a_silent_execute_is_not_given_to_the_previous_command(mec, tmp_path):
@@ -835,6 +894,37 @@ def test_late_output_of_a_silent_execute_is_not_given_to_the_previous_command(me
         assert before[0]["late"]["stdout"] == "", "given to the command before the silent one"
     finally:
         flag.touch()
+        mec.execute("_late.join(10)", targets=0)
+
+
+def test_late_output_after_a_push_or_pull_is_still_its_execute_s(mec, tmp_path):
+    """A push or pull (no code of the user's runs) becomes the kernel's latest request, so
+    ipykernel labels a thread's later output with it: that output went to no record and, in a
+    script, each message logged a warning (a training thread polled with ``pull``: every step
+    lost from ``record["late"]``). It is labelled as it was before the push or pull, with the
+    execute that started the thread. After an ``apply`` (which may have started the thread
+    itself) it stays output of an earlier command."""
+    flags = [tmp_path / "one", tmp_path / "two"]
+    watcher = _Watcher()
+    mec.controller.watch_late(watcher)
+    try:
+        started = mec.execute(_thread_printing(flags, ["after pull", "after apply"]), targets=0)
+        number = started[0]["number"]
+        mec.push({"late_x": 1}, targets=0)
+        assert mec.pull("late_x", targets=0) == [1]
+        flags[0].touch()
+        _until(lambda: watcher.texts(), "the late output")
+        [(eid, msg_id, n, text)] = watcher.texts()
+        assert (eid, n, text) == (0, number, "after pull\n") and msg_id
+        assert started[0]["late"]["stdout"] == "after pull\n"
+        assert mec.apply(lambda: 1, targets=0) == [1]
+        flags[1].touch()
+        _until(lambda: len(watcher.texts()) == 2, "the second late output")
+        assert watcher.texts()[1] == (0, "", None, "after apply\n")
+        assert started[0]["late"]["stdout"] == "after pull\n"
+    finally:
+        for flag in flags:
+            flag.touch()
         mec.execute("_late.join(10)", targets=0)
 
 

@@ -912,3 +912,53 @@ def test_an_exception_group_with_a_member_that_does_not_pickle():
             assert [type(e) for e in caught.exceptions] == [KeyError]
         except* Exception:
             pass
+
+
+def test_an_exception_group_keeps_its_traceback_cause_and_context_under_tblib():
+    """Under tblib an engine's ``ExceptionGroup`` arrived without its own traceback, cause and
+    context (pickled member by member, only its message and notes were kept; tblib keeps them,
+    and did before): ``raise ExceptionGroup(...) from err`` lost ``err``. They arrive now, also
+    for a group that is the context of another error, its members each on their own still."""
+    import threading
+    import traceback
+
+    from tblib import pickling_support
+
+    pickling_support.install()
+    held = ValueError("held")
+    held.lock = threading.Lock()
+
+    def grouped() -> None:
+        try:
+            raise KeyError("handled")
+        except KeyError:
+            raise ExceptionGroup("eg", [_raised(held), _raised(OSError("o"))]) from _raised(
+                RuntimeError("the cause")
+            )
+
+    try:
+        grouped()
+    except ExceptionGroup as caught:
+        group = caught
+    try:
+        try:
+            raise group
+        except ExceptionGroup:
+            raise ValueError("after the group") from None
+    except ValueError as caught:
+        later = caught
+    back = pickle.loads(errors.dumps_error(group))
+    assert type(back) is ExceptionGroup and back.message == "eg", repr(back)
+    assert back.__traceback__ is not None
+    assert "grouped" in "".join(traceback.format_tb(back.__traceback__))
+    assert type(back.__cause__) is RuntimeError and str(back.__cause__) == "the cause"
+    assert type(back.__context__) is KeyError and back.__suppress_context__
+    first, second = back.exceptions
+    assert isinstance(first, errors.UnpicklableError) and first.type_name == "ValueError"
+    assert type(second) is OSError and second.__traceback__ is not None
+    again = pickle.loads(errors.dumps_error(later))
+    assert type(again) is ValueError and again.__suppress_context__
+    inner = again.__context__
+    assert type(inner) is ExceptionGroup and inner.__traceback__ is not None, repr(inner)
+    assert type(inner.__cause__) is RuntimeError
+    assert [type(e) for e in inner.exceptions] == [errors.UnpicklableError, OSError]

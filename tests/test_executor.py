@@ -125,7 +125,7 @@ def test_map_timeout_cancels_the_rest(mec, tmp_path):
     assert "0 pending" in repr(ex)
 
 
-def test_shutdown_waits_for_the_done_callbacks(mec):
+def test_shutdown_waits_for_the_done_callbacks(mec, tmp_path):
     # concurrent.futures wakes a future's waiters before it runs its done-callbacks (here on
     # the executor's completion thread): shutdown(wait=True) returned while they still ran.
     # The standard library's pools join their threads; so does this one now.
@@ -135,9 +135,13 @@ def test_shutdown_waits_for_the_done_callbacks(mec):
         time.sleep(0.5)  # a callback with some work to do: the window the old code left
         seen.append(fut.result())
 
+    release = tmp_path / "go"
     ex = mec.executor(targets=[0, 1])
+    # gated: a task done before add_done_callback has its callback run in this thread, and
+    # the test would pass with the old code too
     for _ in range(2):
-        ex.submit(pid).add_done_callback(callback)
+        ex.submit(block_until, str(release)).add_done_callback(callback)
+    release.touch()
     ex.shutdown(wait=True)
     assert len(seen) == 2, "shutdown(wait=True) returned before the done-callbacks ran"
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from faultlib import (
+    INTERRUPT_DEADLINE,
     CtrlC,
     SleepOnLoad,
     engine_pid,
@@ -223,7 +224,7 @@ def test_ctrl_c_in_blocking_call(call, tmp_path):
         assert t_raised is not None, "KeyboardInterrupt was swallowed"
         latency = t_raised - ctrl_c.sent_at
         measured("Ctrl-C to KeyboardInterrupt", latency)
-        assert latency < 2.0
+        assert latency < INTERRUPT_DEADLINE  # stopped by Ctrl-C, not by the 30 s hang
         # the engines were interrupted and are usable at once
         t0 = time.monotonic()
         assert [r["stdout"] for r in mec.execute("print('after')", timeout=10)] == ["after\n"] * 2
@@ -252,8 +253,9 @@ def test_ctrl_c_keeps_output_and_result_is_collectable(tmp_path):
 
 def test_frozen_engine_interrupt_restart_and_stop(tmp_path):
     """An engine blocking SIGINT in C code cannot be interrupted: the client's Ctrl-C still
-    returns within 2 s, the other engine stays usable, restart replaces the frozen engine, and
-    stop() does not hang on a SIGSTOPped engine."""
+    returns (after its INTERRUPT_ACK wait, not the engine's 60 s), the other engine stays
+    usable, restart replaces the frozen engine, and stop() does not hang on a SIGSTOPped
+    engine."""
     with small_cluster(2) as (cluster, mec):
         code = hang_code(
             tmp_path,
@@ -273,7 +275,7 @@ def test_frozen_engine_interrupt_restart_and_stop(tmp_path):
             )
         finally:
             ctrl_c.cancel()
-        assert raised and time.monotonic() - ctrl_c.sent_at < 2.0
+        assert raised and time.monotonic() - ctrl_c.sent_at < INTERRUPT_DEADLINE
         assert mec.execute("print(0)", targets=0, timeout=10)[0]["stdout"] == "0\n"
         with pytest.raises(TimeoutError):
             mec.execute("print(1)", targets=1, timeout=0.5)  # still frozen: timeout, not a hang
@@ -379,14 +381,19 @@ def test_forged_message_with_wrong_key_is_not_run(tmp_path):
 
         forged, plain, control = tmp_path / "forged", tmp_path / "plain", tmp_path / "control"
         socks = [send(b"not-the-key", forged), send(info["key"].encode(), plain, curve=False)]
-        mec.execute("pass")  # everything sent before this has been handled by the engine
+
+        def dropped() -> bool:
+            log = cluster.log_file(0).read_text()
+            return "Invalid Signature" in log or "Invalid Message" in log
+
+        # each message came on a connection of its own: the engine may read it after later
+        # requests of ours, so wait (to a deadline) until its log says it dropped the forged one
+        wait_for(dropped, 30, "the engine to log the forged message as dropped")
         socks.append(send(info["key"].encode(), control))  # the same path with the right key works
         wait_for(control.exists, 10, "the correctly signed message to run")
         mec.execute("pass")
         assert not forged.exists(), "a message signed with the wrong key was executed"
         assert not plain.exists(), "an unencrypted connection reached the engine"
-        log = cluster.log_file(0).read_text()
-        assert "Invalid Signature" in log or "Invalid Message" in log  # dropped and logged
         ctx.destroy(linger=0)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from faultlib import held_code, wait_for
 
 from ipy_multiengine import client
 from ipy_multiengine.controller import Controller
@@ -170,12 +171,22 @@ def test_reference_arguments_resolve_in_the_engine_namespace(mec):
     assert mec.apply(len, Reference("part")) == [2] * 4
 
 
-def test_pending_result_metadata_per_engine(mec, capsys):
+def test_pending_result_metadata_per_engine(mec, capsys, tmp_path):
+    go = tmp_path / "go"
     pr = mec.execute(
-        "import time, sys; print('out', engine_id); sys.stderr.write('err\\n'); time.sleep(0.2)",
+        "import time, sys; print('out', engine_id); sys.stderr.write('err\\n')\n"
+        + held_code(go)
+        + "time.sleep(0.2)",
         block=False,
     )
-    assert pr.wall_time is None and pr.serial_time is None and pr.elapsed >= 0
+    try:
+        assert pr.wall_time is None and pr.serial_time is None and pr.elapsed >= 0
+        # held until this client has seen every engine busy: then each ran 0.2 s more between
+        # the busy and the reply seen here, whatever the delivery delays (they came in
+        # 0.06 s of each other on a loaded box, seen as less than 0.2 s)
+        wait_for(lambda: all(s is not None for s in pr.started), 20, "the engines to be busy")
+    finally:
+        go.touch()
     pr.get_result(timeout=20)
     md = pr.metadata
     assert [m["engine_id"] for m in md] == [0, 1, 2, 3]
@@ -183,14 +194,13 @@ def test_pending_result_metadata_per_engine(mec, capsys):
         assert m["status"] == "ok" and m["error"] is None
         assert m["submitted"] <= m["started"] <= m["completed"]
         # started/completed are when this client received the engine's busy and its reply
-        # and idle (the client's clock, like submitted): the engine slept 0.2 s between
-        # sending them, but each arrives with its own delivery delay, so on a loaded machine
-        # the interval seen here can be shorter than 0.2 s by the difference of the delays
-        assert (m["completed"] - m["started"]).total_seconds() >= 0.15  # as seen here
+        # and idle (the client's clock, like submitted): the engine slept 0.2 s after it was
+        # let go, once its busy had been seen
+        assert (m["completed"] - m["started"]).total_seconds() >= 0.19  # as seen here
         assert m["stdout"] == f"out {m['engine_id']}\n" and m["stderr"] == "err\n"
     assert pr.submitted == [m["submitted"] for m in md] and pr.completed[0] == md[0]["completed"]
     assert 0.2 <= pr.wall_time < 10 and pr.elapsed == pr.wall_time
-    assert pr.serial_time >= 4 * 0.15 and pr.serial_time > pr.wall_time  # ran in parallel
+    assert pr.serial_time >= 4 * 0.19 and pr.serial_time > pr.wall_time  # ran in parallel
     pr.display_outputs()
     cap = capsys.readouterr()
     assert cap.out.splitlines() == [f"[stdout:{e}] out {e}" for e in range(4)]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from beyond_helpers import screen_lines
+from faultlib import held_code
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 from shell_helpers import cell_outputs, magics_of, run
@@ -142,12 +143,17 @@ def test_autopx_blocking_streams_and_keeps_local_magics(ip, mec):
 
 
 # ---------------------------------------------------------------------- %%px options
-def test_cell_streams_live_per_engine(ip):
-    stamps = []
+def test_cell_streams_live_per_engine(ip, tmp_path):
+    # the engine goes on only once the first line is on the screen: it must be shown while
+    # the engine still runs (not when it is done), however late it comes
+    go = tmp_path / "go"
+    written = []
 
     class Recorder(io.StringIO):
         def write(self, s):
-            stamps.append((time.monotonic(), s))
+            written.append(s)
+            if "[stdout:0] first" in s:
+                go.touch()
             return super().write(s)
 
     old, sys.stdout = sys.stdout, Recorder()
@@ -155,14 +161,16 @@ def test_cell_streams_live_per_engine(ip):
         ip.run_cell_magic(
             "px",
             "--targets 0",
-            "print('first', flush=True)\nimport time; time.sleep(1)\nprint('second')",
+            "print('first', flush=True)\n"
+            + held_code(go)
+            + "print('second', 'released' if os.path.exists("
+            + repr(str(go))
+            + ") else 'after 30 s')",
         )
-        end = time.monotonic()
     finally:
         sys.stdout = old
-    first = next(t for t, s in stamps if "[stdout:0] first" in s)
-    assert end - first > 0.5, "the first line must appear while the engine still runs"
-    assert any("[stdout:0] second" in s for _, s in stamps)
+    assert any("[stdout:0] first" in s for s in written), written
+    assert any("[stdout:0] second released" in s for s in written), written
 
 
 def test_cell_stdout_stderr_results(ip):

@@ -18,6 +18,7 @@ import uuid
 
 import pytest
 import tornado.httpclient
+from faultlib import INTERRUPT_DEADLINE
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
@@ -84,7 +85,7 @@ async def test_lists_the_session_cluster_and_its_engines(jp_fetch, mec, cluster)
     assert "interrupt" in c["can"] and "restart" not in c["can"]  # its owner takes no requests
 
 
-async def test_busy_engine_shows_code_and_interrupt_stops_it_within_2s(jp_fetch, mec):
+async def test_busy_engine_shows_code_and_interrupt_stops_it(jp_fetch, mec):
     key = "cluster-tests"
     await until(jp_fetch, lambda s: cluster_of(s, key), 10, "cluster-tests listed")
     pr = mec.execute("import time; time.sleep(60)", targets=[1], block=False)
@@ -99,10 +100,10 @@ async def test_busy_engine_shows_code_and_interrupt_stops_it_within_2s(jp_fetch,
     r = await api(jp_fetch, "clusters", key, "interrupt", method="POST", body={"ids": [1]})
     assert r == {"interrupted": [1]}
     with pytest.raises(Exception) as info:
-        await asyncio.to_thread(pr.get_result, timeout=5)
+        await asyncio.to_thread(pr.get_result, timeout=INTERRUPT_DEADLINE)
     took = time.monotonic() - t0
     assert "KeyboardInterrupt" in str(info.value), info.value
-    assert took < 2.0, f"the interrupt took {took:.2f} s"
+    assert took < INTERRUPT_DEADLINE, f"the interrupt took {took:.2f} s (the sleep: 60 s)"
     await until(
         jp_fetch,
         lambda s: cluster_of(s, key)["engines"][1]["state"] == "idle",

@@ -540,6 +540,48 @@ def test_one_line_px_shows_what_the_engine_printed_before_its_prompt(ip, mec, mo
     assert mec.pull("n", targets=0) == [3]
 
 
+def _lagging_iopub(mec, monkeypatch, lag: float) -> None:
+    """Deliver the engines' IOPub messages to ``mec``'s controller ``lag`` s late, in their
+    order (white-box): as when IOPub, a connection of its own, is behind the stdin channel."""
+    import collections
+
+    ctl = mec.controller
+    real = ctl._on_frames
+    queue: collections.deque = collections.deque()
+
+    def deliver() -> None:
+        real(*queue.popleft())
+
+    def lagging(conn, channel, frames):
+        if channel != "iopub":
+            return real(conn, channel, frames)
+        queue.append((conn, channel, frames))
+        asyncio.get_running_loop().call_later(lag, deliver)  # each delivers the oldest: in order
+
+    monkeypatch.setattr(ctl, "_on_frames", lagging)
+
+
+def test_the_question_is_shown_before_the_prompt_also_when_iopub_comes_late(ip, mec, monkeypatch):
+    """The question printed before ``input()`` comes on IOPub, the ``input_request`` on the
+    stdin channel: two connections, in no set order. The controller gave IOPub 20 ms (a sleep)
+    to catch up: when its messages came later (a loaded box, a remote engine), the prompt was
+    shown before the question. It waits until IOPub has brought what the engine published
+    before it asked."""
+    screen, seen = _prompting_shell(ip, monkeypatch, notebook=False)
+
+    def fake_input(prompt=""):
+        seen.append((prompt, screen.getvalue()))
+        return "3"
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    _lagging_iopub(mec, monkeypatch, 0.3)
+    res = ip.run_cell("%px --targets 0 print('How many?', flush=True); n = int(input())")
+    assert res.success, res.error_in_exec
+    assert seen == [("[0] ", "[0] How many?\n")], seen
+    monkeypatch.undo()
+    assert mec.pull("n", targets=0) == [3]
+
+
 def test_a_prompt_shows_only_its_own_call_s_output_before_it(ip, mec, monkeypatch, tmp_path):
     """Before each prompt every live output in the process was asked for "its" engine's text:
     while a one-line ``%px`` on engines 0 and 1 still waited for engine 1, another thread's

@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import uuid
 from collections.abc import Callable, Iterable
@@ -141,8 +142,13 @@ class LocalLauncher(Launcher):
     def own_output(self, eid: int, lines: int = 20, limit: int = OWN_OUTPUT_BYTES) -> str:
         """The last ``lines`` lines engine ``eid``'s current kernel wrote to its log (since its
         last start or restart; at most ``limit`` bytes read: quick enough for the I/O loop),
-        or "" when it wrote none."""
+        or "" when it wrote none. A crash's traceback is put first only when a fatal signal
+        killed the kernel: the log also holds what its children wrote to their stderr (a
+        worker's own crash), which is not the engine's."""
         start = self._log_starts.get(eid, 0)
+        proc = getattr(getattr(self.managers.get(eid), "provisioner", None), "process", None)
+        code = proc.poll() if proc is not None else None
+        crashed = proc is None or (code is not None and -code in FATAL_SIGNALS)
         try:
             with open(self.log_file(eid), "rb") as f:
                 size = f.seek(0, os.SEEK_END)
@@ -154,7 +160,7 @@ class LocalLauncher(Launcher):
         text = data.decode(errors="replace").splitlines()
         if begin > start and text:
             text = text[1:]  # read from the middle of a line
-        return "\n".join(_last_words(text, lines)).strip("\n")
+        return "\n".join(_last_words(text, lines) if crashed else text[-lines:]).strip("\n")
 
     def _dir(self) -> str:
         if self.work_dir is None:
@@ -511,6 +517,12 @@ class LocalLauncher(Launcher):
 
 #: how the traceback a crashing engine's faulthandler writes begins (``engine._install_crash_dump``)
 FATAL_ERROR = "Fatal Python error: "
+#: the signals faulthandler writes that traceback for
+FATAL_SIGNALS = frozenset(
+    int(getattr(signal, name))
+    for name in ("SIGSEGV", "SIGFPE", "SIGABRT", "SIGBUS", "SIGILL")
+    if hasattr(signal, name)
+)
 
 
 def _last_words(text: list[str], lines: int) -> list[str]:
