@@ -19,6 +19,7 @@ is lost or reordered. ``IPY_MULTIENGINE_FAST=0`` in the engine's environment kee
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # signal's C module (no stub)
+import codecs
 import collections
 import contextlib
 import contextvars
@@ -28,6 +29,7 @@ import inspect
 import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -54,6 +56,7 @@ def register() -> None:
         _install_abort(ip.kernel)
         _install_interrupt(ip.kernel)
         _install_crash_dump()
+        _install_fd_capture()
         import atexit
 
         atexit.register(_let_control_finish)  # runs before ipykernel's close (registered earlier)
@@ -110,6 +113,190 @@ def _install_crash_dump() -> None:
 
 #: the engine's own copy of its original stderr, where a crash's traceback goes
 _crash_fd: list = [None]
+
+
+class _FdCapture:
+    """ipykernel's capture of one of fd 1/2 (the output of C code and subprocesses), taken over
+    so that what was written to the fd is in the stream *before* the stream is flushed or
+    written to.
+
+    ipykernel points the fd at a pipe that a thread of its own reads into the stream whenever
+    it gets to it: output a cell wrote there just before it ended arrived after the request's
+    reply and idle (late: kept apart, or lost when the request kept no record; a fast
+    operation's not at all), and Python-level output written after it came first. Here the
+    pipe is read non-blocking under a lock by a thread that waits for data, and also by
+    :meth:`drain`, which the stream's ``write`` and ``flush`` call first, so the stream gets
+    the fd's bytes in the order they were written. The engine's log keeps its copy, as before.
+    """
+
+    #: chunks (64 KiB) one pass moves: a writer that never stops does not hold a print forever
+    PASS = 16
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.fid: int = stream._fid
+        self.copy: int = stream._original_stdstream_copy
+        self.lock = threading.RLock()
+        # a character split between two reads is one character (ipykernel: two U+FFFD)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pid = os.getpid()
+        self.write = type(stream).write.__get__(stream)  # the stream's own, not ours
+        self.readable = select.poll()
+        self.readable.register(self.fid, select.POLLIN)
+
+    def take_over(self) -> bool:
+        """Stop ipykernel's reader (as its ``close`` does: a NUL byte wakes it and it drops
+        what it read, nothing at this point) and start ours; False when that did not work."""
+        stream, old = self.stream, self.stream.watch_fd_thread
+        stream._should_watch = False
+        os.write(stream._original_stdstream_fd, b"\0")
+        old.join(2.0)
+        stream._should_watch = True
+        if old.is_alive():  # still busy: leave it, and ours unstarted
+            return False
+        with self.lock:  # whatever came with the NUL and after it
+            with contextlib.suppress(BlockingIOError):
+                os.set_blocking(self.fid, False)
+            self._pump(drop_nul=True)
+        thread = threading.Thread(target=self._watch, name=f"ipy_multiengine-{stream.name}")
+        thread.daemon = True
+        stream.watch_fd_thread = thread  # what ipykernel's close joins after its NUL byte
+        stream._ipy_multiengine_fd = self
+        thread.start()
+        return True
+
+    def _watch(self) -> None:
+        poller = select.poll()
+        poller.register(self.fid, select.POLLIN)
+        try:
+            while self.stream._should_watch:
+                poller.poll()
+                with self.lock:
+                    if not self.stream._should_watch:
+                        return  # ipykernel's close: its NUL byte woke us
+                    if not self._pump():
+                        return  # every writer closed the pipe
+        except Exception:
+            self.stream._exc = sys.exc_info()  # ipykernel's close prints it
+
+    def _pump(self, drop_nul: bool = False) -> bool:
+        """Forward what the pipe holds now, up to :attr:`PASS` chunks (the lock held); False
+        at its end."""
+        for _ in range(self.PASS):
+            try:
+                data = os.read(self.fid, 65536)
+            except BlockingIOError:
+                return True
+            if not data:
+                return False
+            if drop_nul:
+                data = data.replace(b"\0", b"")
+            text = self.decoder.decode(data)
+            if text:
+                self.stream._ipy_multiengine_writes += 1
+                self.write(text)
+            if data:
+                os.write(self.copy, data)
+        return True
+
+    def drain(self) -> None:
+        """Move everything written to the fd so far into the stream."""
+        if os.getpid() != self.pid or not self.stream._should_watch:
+            return  # a forked child (no reader of ours, the lock may be held forever); closed
+        with self.lock:  # held by our reader while it forwards what it read: wait for that
+            if self.readable.poll(0):
+                self._pump()
+
+
+@functools.cache
+def _draining(cls: Any) -> Any:
+    """``cls`` (an ipykernel ``OutStream``) whose ``write`` and ``flush`` first move what was
+    written to its fd into it (:meth:`_FdCapture.drain`), and that counts its writes."""
+
+    base_write = cls.write
+
+    class Draining(cls):
+        #: the capture of its fd (None: not captured)
+        _ipy_multiengine_fd: _FdCapture | None = None
+        #: how many writes it had: output leaves no other trace once ipykernel's timer flushed it
+        _ipy_multiengine_writes = 0
+
+        # ``write`` is a property: IPython's history tee sets ``stream.write`` to its wrapper of
+        # what it found there for each cell, then back, as an instance attribute that would
+        # hide a method of ours from then on; set, it wraps ours
+        @property
+        def write(self) -> Callable[[str], int | None]:
+            return self.__dict__.get("_ipy_multiengine_write") or self._draining_write
+
+        @write.setter
+        def write(self, value: Callable[[str], int | None]) -> None:
+            ours = getattr(value, "__self__", None) is self and getattr(
+                value, "__func__", None
+            ) in (base_write, Draining._draining_write)
+            self.__dict__["_ipy_multiengine_write"] = None if ours else value
+
+        @write.deleter
+        def write(self) -> None:
+            self.__dict__["_ipy_multiengine_write"] = None
+
+        def _draining_write(self, string: str) -> int | None:
+            if self._ipy_multiengine_fd is not None:
+                self._ipy_multiengine_fd.drain()
+            self._ipy_multiengine_writes += 1
+            return base_write(self, string)
+
+        def flush(self) -> None:
+            if self._ipy_multiengine_fd is not None:
+                self._ipy_multiengine_fd.drain()
+            super().flush()
+
+    Draining.__name__ = Draining.__qualname__ = cls.__name__
+    Draining.__module__ = cls.__module__
+    return Draining
+
+
+_fd_captures: list[_FdCapture] = []
+
+
+def _install_fd_capture() -> None:
+    """Make ipykernel's sys.stdout and sys.stderr count their writes and take over their
+    capture of fd 1 and 2 where it runs (see :class:`_FdCapture`)."""
+    for stream in (sys.stdout, sys.stderr):
+        if not all(hasattr(stream, name) for name in ("_buffers", "_flush_pending", "session")):
+            continue  # not an ipykernel OutStream
+        # a subclass, not instance attributes: IPython's history tee replaces the instance's
+        # write for each cell and puts back the one it found
+        stream.__class__ = _draining(type(stream))  # type: ignore[arg-type]
+        stream.__dict__.pop("write", None)  # the tee's of this cell: the property serves now
+        needs = ("_fid", "_original_stdstream_copy", "_original_stdstream_fd", "watch_fd_thread")
+        if not getattr(stream, "_should_watch", False) or not all(
+            hasattr(stream, name) for name in needs
+        ):
+            continue  # not capturing (capture_fd_output=False, another kernel), or unknown
+        try:
+            capture = _FdCapture(stream)
+            if capture.take_over():
+                _fd_captures.append(capture)
+        except Exception as exc:
+            _log.warning(
+                "ipy_multiengine: fd %s output stays as ipykernel reads it (%s)",
+                getattr(stream, "name", "?"),
+                exc,
+            )
+
+
+def _drain_fds() -> None:
+    """Everything written to fd 1 and 2 so far, into sys.stdout and sys.stderr."""
+    for capture in _fd_captures:
+        capture.drain()
+
+
+def _writes() -> int:
+    """How many writes sys.stdout and sys.stderr have had (where they count them)."""
+    return getattr(sys.stdout, "_ipy_multiengine_writes", 0) + getattr(
+        sys.stderr, "_ipy_multiengine_writes", 0
+    )
+
 
 #: Seconds an exiting engine gives ipykernel's control thread to finish a shutdown request.
 CONTROL_FINISH = 1.0
@@ -1180,6 +1367,7 @@ def _flush_pending_output() -> bool:
     IOPub thread even when nothing is buffered: two of those were ~0.5 ms of every op.
     """
     wrote = False
+    _drain_fds()
     for stream in (sys.stdout, sys.stderr):
         if getattr(stream, "_flush_pending", True) is False and not getattr(
             stream, "_buffers", True
@@ -1380,6 +1568,7 @@ class _FastServer:
         try:
             _set_parent(self.kernel, idents, msg)
             self.displayed = False
+            writes = _writes()
             began = time.time()
             started = time.monotonic()
             # as ipykernel's handlers (the C module's call: the enum wrapping of signal.signal
@@ -1413,10 +1602,12 @@ class _FastServer:
             reply["ran"] = time.monotonic() - started
             if self.unchecked:
                 self._tell_unchecked(idents, reply)
-            # an output flushed by ipykernel's timer (every flush_interval) leaves no trace: an
-            # operation that ran that long replies behind IOPub, as does one that printed
+            # an output flushed by ipykernel's timer (every flush_interval, also one that an
+            # earlier output started) leaves no trace but the streams' count of writes: an
+            # operation that wrote, or ran that long (streams that do not count), replies
+            # behind IOPub
             interval = getattr(sys.stdout, "flush_interval", 0.2)
-            wrote = _flush_pending_output() or self.displayed
+            wrote = _flush_pending_output() or _writes() != writes or self.displayed
             slow = time.monotonic() - started >= 0.5 * interval
             comm = _comms.get(data.get("comm_id", ""))
             if (wrote or slow) and comm is not None:

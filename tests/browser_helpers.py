@@ -35,7 +35,7 @@ from typing import Any
 
 import psutil
 import pytest
-from faultlib import wait_for
+from faultlib import user_environ, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -87,7 +87,9 @@ class LabServer:
         return f"http://127.0.0.1:{self.port}"
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)  # keeps the session's private JUPYTER_RUNTIME_DIR (conftest)
+        # keeps the session's private JUPYTER_RUNTIME_DIR (conftest); the kernels a user's
+        # server starts have no pytest variables
+        env = user_environ()
         env.update(
             JUPYTER_CONFIG_DIR=str(self.base / "config"),
             JUPYTER_DATA_DIR=str(self.base / "data"),

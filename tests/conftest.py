@@ -63,6 +63,30 @@ def kernel_children() -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _kernels_start_as_a_users():
+    """Every kernel started from this process (engines, nbclient's, the tests' own kernel
+    managers) gets an environment without ``PYTEST_CURRENT_TEST``, or its start fails saying
+    so: under it ipykernel leaves fd 1 and 2 uncaptured, unlike a user's kernels (start
+    yours with ``faultlib.user_environ()``; launchers drop it themselves)."""
+    from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+
+    finalize = KernelProvisionerBase._finalize_env
+
+    def checked(self, env: dict[str, str]) -> None:
+        finalize(self, env)
+        if "PYTEST_CURRENT_TEST" in env:
+            raise AssertionError(
+                "a kernel was started with PYTEST_CURRENT_TEST in its environment: it would "
+                "not capture fd output as a user's kernel does (start it with "
+                "faultlib.user_environ())"
+            )
+
+    KernelProvisionerBase._finalize_env = checked  # type: ignore[method-assign]
+    yield
+    KernelProvisionerBase._finalize_env = finalize  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _no_leftover_kernels():
     yield
     # a cluster stopped by the last test may still be exiting: give it a few seconds

@@ -5,6 +5,7 @@
 (sh -c) or, with -N, forwards the -L ports with asyncio."""
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -30,7 +31,10 @@ if host.startswith("bad"):
     sys.stderr.write(f"ssh: connect to host {host} port 22: Connection refused\n")
     sys.exit(255)
 if not N:
-    sys.exit(subprocess.call(["sh", "-c", " ".join(cmd)]))
+    # what a real sshd's session gets of ours: not pytest's variables (PYTEST_CURRENT_TEST would
+    # keep ipykernel from capturing the engines' fd 1 and 2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    sys.exit(subprocess.call(["sh", "-c", " ".join(cmd)], env=env))
 
 
 async def pipe(r, w):

@@ -24,6 +24,16 @@ from ipy_multiengine.errors import TimeoutError as EngineTimeout
 _profiles = itertools.count()
 
 
+def user_environ(**extra: str) -> dict[str, str]:
+    """This process's environment as a user's shell hands it to a kernel or a Jupyter server:
+    without pytest's variables (``PYTEST_CURRENT_TEST`` names the test running *here*; under it
+    ipykernel leaves fd 1 and 2 uncaptured, so a kernel started with it does not treat the
+    output of C code and subprocesses as a user's does), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(extra)
+    return env
+
+
 #: seconds a fixture waits for the engines to run its ``%reset -f`` (they may be busy with
 #: what an earlier test left running: then the fixture fails saying so, not the test timeout)
 RESET_WAIT = 45.0

@@ -603,3 +603,47 @@ except KeyboardInterrupt:
     finally:
         mec.interrupt([1])
     assert mec.apply(lambda: 1, targets=[1]) == [1]
+
+
+# ---------------------------------------------------------------------- fd-level output
+def test_output_of_c_code_and_subprocesses_reaches_the_caller(mec):
+    """Engines started from a test suite inherited its PYTEST_CURRENT_TEST, and ipykernel then
+    left fd 1 and 2 uncaptured: what C code and subprocesses wrote went to the engines' logs,
+    not to the caller (as it does with engines started anywhere else)."""
+    code = (
+        "import ctypes, os, subprocess, sys\n"
+        "os.write(1, b'fd 1\\n')\n"
+        "ctypes.CDLL(None).printf(b'printf %d\\n', 5); ctypes.CDLL(None).fflush(None)\n"
+        "subprocess.run([sys.executable, '-c', 'import os; os.write(2, b\"child 2\\\\n\")'])\n"
+        "subprocess.run(['echo', 'child 1'])\n"
+    )
+    for r in mec.execute(code):
+        assert r["stdout"] == "fd 1\nprintf 5\nchild 1\n", r
+        assert r["stderr"] == "child 2\n", r
+
+
+def test_output_written_to_an_fd_last_is_the_commands_own_and_in_order(mec):
+    """With fd 1 and 2 captured (as a user's engines do), ipykernel's thread copied what was
+    written there to the stream when it got to it: output written at the end of a command came
+    after its reply (missing from its result: kept apart as late, or lost with a warning for an
+    apply, whose fast reply went ahead of it) and Python's print after an fd write could come
+    first. Now the pipe is emptied into the stream before each write and flush."""
+
+    def last_words(i):
+        import os
+
+        os.write(1, b"apply %d\n" % i)
+        return i
+
+    for i in range(25):
+        for r in mec.execute(f"import os; os.write(1, b'end {i}\\n')"):
+            assert r["stdout"] == f"end {i}\n", (i, r)
+        for r in mec.execute("import os; print('a'); os.write(1, b'b\\n'); print('c')"):
+            assert r["stdout"] == "a\nb\nc\n", (i, r)
+        pr = mec.apply(last_words, i, block=False)
+        assert pr.get_result(timeout=30) == [i] * 4
+        assert [m["stdout"] for m in pr.metadata] == [f"apply {i}\n"] * 4, i
+    # a character split across two writes is one character, not two replacement characters
+    code = "import os, sys; e = 'é'.encode(); os.write(1, e[:1]); sys.stdout.flush(); "
+    for r in mec.execute(code + "os.write(1, e[1:])"):
+        assert r["stdout"] == "é", r

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from faultlib import wait_for
+from faultlib import user_environ, wait_for
 
 from ipy_multiengine import Cluster, MultiEngineClient, NoClusterError
 from ipy_multiengine.cluster import cluster_dir, cluster_file_path
@@ -248,7 +248,7 @@ def test_h13_kernel_shutdown_leaves_no_cluster_file():
     # the kernel's exit stops its engines: jupyter_client kills a kernel not gone after 5 s,
     # before it removed its file, on a loaded box
     km.shutdown_wait_time = 60.0
-    km.start_kernel(env=dict(os.environ))
+    km.start_kernel(env=user_environ())
     kc = km.client()
     kc.start_channels()
     try:
@@ -1226,7 +1226,7 @@ def _segfault(mec, prelude: str = "") -> str:
     return str(err)
 
 
-def test_a_segfaulting_engine_shows_the_python_traceback_of_the_crash(monkeypatch):
+def test_a_segfaulting_engine_shows_the_python_traceback_of_the_crash():
     """A segfault in C code killed the engine with "killed by signal SIGSEGV" and its log tail
     alone: faulthandler was not enabled in the kernel, and one enabled in a cell
     (``faulthandler.enable()``, which ipykernel points at fd 2, the pipe its own thread of the
@@ -1235,8 +1235,6 @@ def test_a_segfaulting_engine_shows_the_python_traceback_of_the_crash(monkeypatc
     innermost frame, the user's ``boom``."""
     from faultlib import small_cluster
 
-    # the engines capture fds as a user's do (ipykernel does not under pytest)
-    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
     with small_cluster(1) as (cluster, mec):
         log = cluster.log_file(0)
         assert mec.execute(
@@ -1257,7 +1255,7 @@ def test_a_segfaulting_engine_shows_the_python_traceback_of_the_crash(monkeypatc
     assert not log.exists()
 
 
-def test_a_forked_child_s_crash_is_not_shown_as_the_engine_s(monkeypatch):
+def test_a_forked_child_s_crash_is_not_shown_as_the_engine_s():
     """A process the engine forks (multiprocessing's default on Linux) inherited the engine's
     crash dump: a worker's segfault wrote its traceback into the engine's log only, and when
     the engine died later of something else (SIGKILL: the OOM killer) its error showed that
@@ -1269,7 +1267,6 @@ def test_a_forked_child_s_crash_is_not_shown_as_the_engine_s(monkeypatch):
 
     from ipy_multiengine.errors import CompositeError
 
-    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)  # capture fds as for a user
     code = (
         "import ctypes, multiprocessing\n"
         "def work():\n"

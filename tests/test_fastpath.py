@@ -723,8 +723,13 @@ def test_a_lost_fast_reply_keeps_what_the_operation_printed(mec, monkeypatch, tm
         import sys
         import time
 
-        print("partial output", flush=True)
-        sys.stderr.write("a warning\n")
+        from ipykernel.iostream import OutStream
+
+        # past the engine's count of writes (an operation that wrote replies on the comm,
+        # behind its output, and that reply is not dropped): output the engine did not see
+        OutStream.write(sys.stdout, "partial output\n")
+        sys.stdout.flush()
+        OutStream.write(sys.stderr, "a warning\n")
         sys.stderr.flush()
         while not os.path.exists(go):  # until its output has reached the controller
             time.sleep(0.005)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from faultlib import wait_for
+from faultlib import user_environ, wait_for
 from launcher_systems import NetnsHost, SlurmCluster, SSHKeys, SSHServer, Unavailable
 
 from ipy_multiengine import Cluster, CompositeError, MultiEngineClient
@@ -1019,7 +1019,7 @@ def two_kernels(tmp_path):
         km = KernelManager(
             kernel_name="python3", connection_file=str(tmp_path / f"kernel-{i}.json")
         )
-        km.start_kernel(extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        km.start_kernel(extra_arguments=["--HistoryManager.hist_file=:memory:"], env=user_environ())
         kms.append(km)
     yield kms
     for km in kms:
@@ -1228,3 +1228,17 @@ def test_cli_start_daemon_with_ssh_launcher(ssh_hosts):
         r = run("stop", "--profile", "test-cli-ssh")
     assert r.returncode == 0, r.stderr
     wait_no_engines(SSH_ENGINE_DIR)
+
+
+def test_engines_do_not_inherit_the_test_that_started_them(monkeypatch):
+    """pytest's PYTEST_CURRENT_TEST (the test of the process that starts engines) reached
+    them, and ipykernel then left their fd 1 and 2 uncaptured. An engine variable set on
+    purpose is kept."""
+    from ipy_multiengine.launchers.base import engine_environment
+
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/x.py::test (call)")
+    monkeypatch.setenv("PYTEST_VERSION", "9")
+    assert "PYTEST_CURRENT_TEST" not in engine_environment()
+    assert "PYTEST_CURRENT_TEST" not in engine_environment(base=dict(os.environ))
+    assert engine_environment()["PYTEST_VERSION"] == "9"  # tells nothing to ipykernel
+    assert engine_environment({"PYTEST_CURRENT_TEST": "mine"})["PYTEST_CURRENT_TEST"] == "mine"

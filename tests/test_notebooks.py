@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from faultlib import user_environ
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -51,9 +52,9 @@ def execute(nb, cwd: Path | None = None, allow_errors: bool = False, during=None
         resources={"metadata": {"path": str(cwd or ROOT)}},
     )
     if during is None:
-        client.execute()
+        client.execute(env=user_environ())
         return nb
-    with client.setup_kernel():
+    with client.setup_kernel(env=user_environ()):
         helper = threading.Thread(target=during, args=(client,), daemon=True)
         helper.start()
         for index, cell in enumerate(nb.cells):

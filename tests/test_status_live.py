@@ -10,6 +10,7 @@ import time
 
 import pytest
 from beyond_helpers import assert_gone
+from faultlib import user_environ
 from jupyter_client.manager import KernelManager
 
 pytestmark = pytest.mark.timeout(120)
@@ -18,7 +19,9 @@ pytestmark = pytest.mark.timeout(120)
 class Notebook:
     def __init__(self) -> None:
         self.km = KernelManager(kernel_name="python3")
-        self.km.start_kernel(extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        self.km.start_kernel(
+            extra_arguments=["--HistoryManager.hist_file=:memory:"], env=user_environ()
+        )
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)

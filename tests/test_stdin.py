@@ -24,6 +24,7 @@ import pytest
 pexpect = pytest.importorskip("pexpect")
 
 from beyond_helpers import assert_gone, screen_lines  # noqa: E402
+from faultlib import user_environ  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -285,7 +286,7 @@ def test_input_through_nbclient_with_a_scripted_reply(tmp_path):
         nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     try:
-        client.execute()
+        client.execute(env=user_environ())
     except nbclient.exceptions.CellTimeoutError as exc:
         # what was asked and what the engine logged: a hang is told apart from a lost reply
         pytest.fail(
@@ -327,7 +328,7 @@ def test_input_in_a_notebook_without_stdin_gives_the_engine_eof(tmp_path):
     ]
     nbclient.NotebookClient(
         nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
+    ).execute(env=user_environ())
     pids = [int(p) for p in re.findall(r"\d+", stdout_of(nb.cells[0]))]
     outs = nb.cells[1].outputs
     assert any(

@@ -234,13 +234,23 @@ def find_executable(name: str, near: str | None = None) -> str | None:
     return shutil.which(name)
 
 
+#: variables of the starting process that must not reach engines from ``base``: pytest's
+#: ``PYTEST_CURRENT_TEST`` names the test *this* process runs, and under it ipykernel leaves fd 1
+#: and 2 uncaptured (it guards against fighting pytest's capture in its own process), so the
+#: output of C code and subprocesses of engines started from a test suite went to their log
+#: instead of to the caller, unlike everywhere else.
+NOT_INHERITED = ("JPY_PARENT_PID", "PYTEST_CURRENT_TEST")
+
+
 def engine_environment(extra: dict | None = None, base: dict | None = None) -> dict:
-    """The one environment for engine processes: ``base`` (default: ours) plus malloc tunables
-    that speed up receives, this package importable, and ``extra``. Never our
-    ``JPY_PARENT_PID`` (jupyter_client sets its own, so engines die with this process)."""
+    """The one environment for engine processes: ``base`` (default: ours) without
+    :data:`NOT_INHERITED` (our ``JPY_PARENT_PID``: jupyter_client sets its own, so engines die
+    with this process), plus malloc tunables that speed up receives, this package importable,
+    and ``extra`` (which may set anything)."""
     env = dict(os.environ if base is None else base)
     env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-    env.pop("JPY_PARENT_PID", None)
+    for name in NOT_INHERITED:
+        env.pop(name, None)
     # the engines must import this very package, also when it runs from a source tree
     src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
