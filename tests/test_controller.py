@@ -849,7 +849,18 @@ class _Watcher:
         self.seen.append(event)
 
     def texts(self) -> list[tuple]:
-        return [(e[0], e[1], e[2], e[4].get("text")) for e in self.seen if e[3] == "stream"]
+        """(engine, msg_id, number, text) of each complete line printed late: a print may come
+        as two stream messages (its text and its newline, flushed apart by ipykernel's timer),
+        joined here when they are of the same command."""
+        joined: list[list] = []
+        for e in self.seen:
+            if e[3] != "stream":
+                continue
+            if joined and joined[-1][:3] == list(e[:3]) and not joined[-1][3].endswith("\n"):
+                joined[-1][3] += e[4].get("text", "")
+            else:
+                joined.append([*e[:3], e[4].get("text", "")])
+        return [tuple(j) for j in joined if j[3].endswith("\n")]
 
 
 def test_late_output_is_handed_to_the_watchers_before_its_record_holds_it(mec, tmp_path):
