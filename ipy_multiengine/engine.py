@@ -140,7 +140,9 @@ class _FdCapture:
         # a character split between two reads is one character (ipykernel: two U+FFFD)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pid = os.getpid()
-        self.write = type(stream).write.__get__(stream)  # the stream's own, not ours
+        # ipykernel's own write: ours would drain (re-entering this lock) and write what it
+        # read then ahead of what this pass read before it, reversing a long output's chunks
+        self.write = functools.partial(type(stream)._ipy_multiengine_base_write, stream)
         self.readable = select.poll()
         self.readable.register(self.fid, select.POLLIN)
 
@@ -216,6 +218,8 @@ def _draining(cls: Any) -> Any:
     base_write = cls.write
 
     class Draining(cls):
+        #: the write it extends (what the fd reader forwards with)
+        _ipy_multiengine_base_write = staticmethod(base_write)
         #: the capture of its fd (None: not captured)
         _ipy_multiengine_fd: _FdCapture | None = None
         #: how many writes it had: output leaves no other trace once ipykernel's timer flushed it

@@ -647,3 +647,13 @@ def test_output_written_to_an_fd_last_is_the_commands_own_and_in_order(mec):
     code = "import os, sys; e = 'é'.encode(); os.write(1, e[:1]); sys.stdout.flush(); "
     for r in mec.execute(code + "os.write(1, e[1:])"):
         assert r["stdout"] == "é", r
+
+
+def test_a_long_fd_output_keeps_its_order(mec):
+    """The fd reader forwarded what it read through the stream's draining write, which read the
+    pipe again (re-entering its lock) and wrote the newer bytes first: a subprocess's output
+    longer than one read (64 KiB) came out with its chunks in reverse order."""
+    code = "import subprocess; subprocess.run(['seq', '1', '200000']); print('done')"
+    want = "".join(f"{i}\n" for i in range(1, 200001)) + "done\n"
+    for r in mec.execute(code):
+        assert r["stdout"] == want, (len(r["stdout"]), r["stdout"][:40], r["stdout"][-40:])
