@@ -144,6 +144,8 @@ class _FdCapture:
         # read then ahead of what this pass read before it, reversing a long output's chunks
         self.write = functools.partial(type(stream)._ipy_multiengine_base_write, stream)
         self.readable = select.poll()
+        #: the thread in :meth:`drain` (None: none)
+        self.draining: int | None = None
         self.readable.register(self.fid, select.POLLIN)
 
     def take_over(self) -> bool:
@@ -205,9 +207,17 @@ class _FdCapture:
         """Move everything written to the fd so far into the stream."""
         if os.getpid() != self.pid or not self.stream._should_watch:
             return  # a forked child (no reader of ours, the lock may be held forever); closed
+        if self.draining == threading.get_ident():
+            # a signal handler's print, run inside this drain (in ``poll``, whose object is not
+            # re-entrant, or between a read and its write): what that drain reads comes after
+            return
         with self.lock:  # held by our reader while it forwards what it read: wait for that
-            if self.readable.poll(0):
-                self._pump()
+            self.draining = threading.get_ident()
+            try:
+                if self.readable.poll(0):
+                    self._pump()
+            finally:
+                self.draining = None
 
 
 @functools.cache

@@ -657,3 +657,26 @@ def test_a_long_fd_output_keeps_its_order(mec):
     want = "".join(f"{i}\n" for i in range(1, 200001)) + "done\n"
     for r in mec.execute(code):
         assert r["stdout"] == want, (len(r["stdout"]), r["stdout"][:40], r["stdout"][-40:])
+
+
+def test_printing_in_a_signal_handler_during_fd_output(mec):
+    """A signal handler that prints ran inside the engine's emptying of the fd pipe (the print
+    before it was waiting in ``poll``) and emptied it again: ``RuntimeError: concurrent poll()
+    invocation`` from the handler's print."""
+    code = (
+        "import os, signal\n"
+        "calls = []\n"
+        "signal.signal(signal.SIGALRM, lambda *a: calls.append(print('sig')))\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)\n"
+        "try:\n"
+        "    for i in range(20000):\n"
+        "        os.write(1, b'f'); print('p', end='')\n"
+        "finally:\n"
+        "    signal.setitimer(signal.ITIMER_REAL, 0)\n"
+        "    signal.signal(signal.SIGALRM, signal.SIG_DFL)\n"
+        "print('done', len(calls) > 0)\n"
+    )
+    r = mec.execute(code, targets=0)[0]
+    assert r["stdout"].endswith("done True\n"), r["stdout"][-200:]
+    body = r["stdout"].replace("sig\n", "")[: -len("done True\n")]
+    assert sorted(body) == sorted("fp" * 20000)
