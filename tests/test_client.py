@@ -678,5 +678,5 @@ def test_printing_in_a_signal_handler_during_fd_output(mec):
     )
     r = mec.execute(code, targets=0)[0]
     assert r["stdout"].endswith("done True\n"), r["stdout"][-200:]
-    body = r["stdout"].replace("sig\n", "")[: -len("done True\n")]
-    assert sorted(body) == sorted("fp" * 20000)
+    # nothing lost or doubled (a handler's print may come between the fd bytes)
+    assert (r["stdout"].count("f"), r["stdout"].count("p")) == (20000, 20000)
