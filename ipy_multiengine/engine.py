@@ -200,7 +200,10 @@ class _FdCapture:
                 self.stream._ipy_multiengine_writes += 1
                 self.write(text)
             if data:
-                os.write(self.copy, data)
+                # the log's copy is a copy: a full disk (or a log pipe nobody reads any more)
+                # must not stop the output, nor come out of the user's next print
+                with contextlib.suppress(OSError):
+                    os.write(self.copy, data)
         return True
 
     def drain(self) -> None:

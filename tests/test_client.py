@@ -7,7 +7,7 @@ import pickle
 import time
 
 import pytest
-from faultlib import check_interrupt_right_after_send, held_code
+from faultlib import check_interrupt_right_after_send, held_code, small_cluster
 
 from ipy_multiengine import client
 from ipy_multiengine.errors import CompositeError, EngineError, RemoteError, TimeoutError
@@ -680,3 +680,27 @@ def test_printing_in_a_signal_handler_during_fd_output(mec):
     assert r["stdout"].endswith("done True\n"), r["stdout"][-200:]
     # nothing lost or doubled (a handler's print may come between the fd bytes)
     assert (r["stdout"].count("f"), r["stdout"].count("p")) == (20000, 20000)
+
+
+def test_a_full_disk_under_the_engine_log_does_not_break_output():
+    """The fd reader also copies what it reads to the engine's log. When that write failed (a
+    full disk; a log pipe nobody reads any more) the error came out of the user's next
+    ``print``, and the reader stopped; ipykernel's own reader only stopped. Now the log copy is
+    given up for that chunk and the output still reaches the caller."""
+    code = (
+        "import os, subprocess, sys\n"
+        "cap = sys.stdout._ipy_multiengine_fd\n"
+        "saved, full = os.dup(cap.copy), os.open('/dev/full', os.O_WRONLY)\n"
+        "os.dup2(full, cap.copy)\n"
+        "try:\n"
+        "    for i in range(3):\n"
+        "        os.write(1, b'fd %d\\n' % i); print('py', i)\n"
+        "    subprocess.run(['seq', '1', '30000'])\n"
+        "finally:\n"
+        "    os.dup2(saved, cap.copy)\n"
+        "    os.close(saved), os.close(full)\n"
+    )
+    with small_cluster(1) as (_cluster, mec):
+        r = mec.execute(code, targets=0)[0]
+        lines = "".join(f"fd {i}\npy {i}\n" for i in range(3))
+        assert r["stdout"] == lines + "".join(f"{i}\n" for i in range(1, 30001)), r["stdout"][:200]
