@@ -131,6 +131,8 @@ class _FdCapture:
 
     #: chunks (64 KiB) one pass moves: a writer that never stops does not hold a print forever
     PASS = 16
+    #: seconds ipykernel's reader gets to stop when ours takes over
+    STOP_WAIT = 2.0
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -152,11 +154,26 @@ class _FdCapture:
         """Stop ipykernel's reader (as its ``close`` does: a NUL byte wakes it and it drops
         what it read, nothing at this point) and start ours; False when that did not work."""
         stream, old = self.stream, self.stream.watch_fd_thread
+        if not isinstance(old, threading.Thread):
+            # another ipykernel's reader: stopping it by ``_should_watch`` may not work, and
+            # nothing would read the pipe then (C code's output filling it blocks the engine)
+            _log.warning(
+                "ipy_multiengine: fd %s output stays as ipykernel reads it (its reader is %r)",
+                stream.name,
+                old,
+            )
+            return False
         stream._should_watch = False
         os.write(stream._original_stdstream_fd, b"\0")
-        old.join(2.0)
+        old.join(self.STOP_WAIT)
         stream._should_watch = True
-        if old.is_alive():  # still busy: leave it, and ours unstarted
+        if old.is_alive():  # it does not stop so: leave it, and ours unstarted
+            _log.warning(
+                "ipy_multiengine: ipykernel's fd %s reader did not stop within %g s; its output "
+                "stays as ipykernel reads it (fd output at the end of a command may come late)",
+                stream.name,
+                self.STOP_WAIT,
+            )
             return False
         with self.lock:  # whatever came with the NUL and after it
             with contextlib.suppress(BlockingIOError):
