@@ -133,6 +133,9 @@ class _FdCapture:
     PASS = 16
     #: seconds ipykernel's reader gets to stop when ours takes over
     STOP_WAIT = 2.0
+    #: bytes read but not yet copied to the log beyond which the log misses them (a log that
+    #: does not take writes: a pipe nobody reads, a terminal stopped by Ctrl-S)
+    LOG_BACKLOG = 64 << 20
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -148,6 +151,13 @@ class _FdCapture:
         self.readable = select.poll()
         #: the thread in :meth:`drain` (None: none)
         self.draining: int | None = None
+        # the log's copy is written by our reader alone, outside the lock: a log that blocks
+        # holds up that copy, not the prints that drain the pipe; drain wakes it for theirs
+        self.unlogged: list[bytes] = []
+        self.unlogged_size = 0
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
         self.readable.register(self.fid, select.POLLIN)
 
     def take_over(self) -> bool:
@@ -189,16 +199,31 @@ class _FdCapture:
     def _watch(self) -> None:
         poller = select.poll()
         poller.register(self.fid, select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
         try:
-            while self.stream._should_watch:
+            more = True
+            while more:
+                self._log_copy()
                 poller.poll()
                 with self.lock:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self.wake_r, 4096)
                     if not self.stream._should_watch:
-                        return  # ipykernel's close: its NUL byte woke us
-                    if not self._pump():
-                        return  # every writer closed the pipe
+                        break  # ipykernel's close: its NUL byte woke us
+                    more = self._pump()  # False: every writer closed the pipe
+            self._log_copy()
         except Exception:
             self.stream._exc = sys.exc_info()  # ipykernel's close prints it
+
+    def _log_copy(self) -> None:
+        """Write what was read so far to the log's copy (our reader only, the lock not held)."""
+        with self.lock:
+            chunks, self.unlogged, self.unlogged_size = self.unlogged, [], 0
+        for data in chunks:
+            # the log's copy is a copy: a full disk (or a log pipe nobody reads any more)
+            # must not stop the output, nor come out of the user's next print
+            with contextlib.suppress(OSError):
+                os.write(self.copy, data)
 
     def _pump(self, drop_nul: bool = False) -> bool:
         """Forward what the pipe holds now, up to :attr:`PASS` chunks (the lock held); False
@@ -216,11 +241,9 @@ class _FdCapture:
             if text:
                 self.stream._ipy_multiengine_writes += 1
                 self.write(text)
-            if data:
-                # the log's copy is a copy: a full disk (or a log pipe nobody reads any more)
-                # must not stop the output, nor come out of the user's next print
-                with contextlib.suppress(OSError):
-                    os.write(self.copy, data)
+            if data and self.unlogged_size < self.LOG_BACKLOG:
+                self.unlogged.append(data)
+                self.unlogged_size += len(data)
         return True
 
     def drain(self) -> None:
@@ -236,6 +259,8 @@ class _FdCapture:
             try:
                 if self.readable.poll(0):
                     self._pump()
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(self.wake_w, b"\0")  # our reader: the log's copy
             finally:
                 self.draining = None
 

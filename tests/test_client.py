@@ -704,3 +704,37 @@ def test_a_full_disk_under_the_engine_log_does_not_break_output():
         r = mec.execute(code, targets=0)[0]
         lines = "".join(f"fd {i}\npy {i}\n" for i in range(3))
         assert r["stdout"] == lines + "".join(f"{i}\n" for i in range(1, 30001)), r["stdout"][:200]
+
+
+def test_a_log_that_takes_no_writes_does_not_hold_up_prints():
+    """The fd reader wrote the log's copy while holding the lock each print waits for: with a
+    log that blocks (the engine's stdout a pipe nobody reads, a terminal stopped by Ctrl-S) the
+    first print after any fd output hung the engine; ipykernel's own reader only stalled the
+    fd output. The log's copy is written by the reader alone now, outside that lock."""
+    code = (
+        "import os, subprocess, sys\n"
+        "copy = sys.stdout._ipy_multiengine_fd.copy\n"
+        "saved, (r, w) = os.dup(copy), os.pipe()\n"
+        "os.set_blocking(w, False)\n"
+        "try:\n"
+        "    while True: os.write(w, b'x' * 4096)\n"
+        "except BlockingIOError:\n"
+        "    os.set_blocking(w, True)\n"
+        "os.dup2(w, copy)\n"
+        "try:\n"
+        "    subprocess.run(['echo', 'sub']); print('after')\n"
+        "    os.write(1, b'fd\\n'); print('end')\n"
+        "finally:\n"
+        "    os.dup2(saved, copy)\n"
+        "    os.set_blocking(r, False)\n"
+        "    while True:\n"  # the reader's stuck copy goes through, into this pipe
+        "        try: os.read(r, 1 << 16)\n"
+        "        except BlockingIOError: break\n"
+        "    os.close(saved), os.close(w), os.close(r)\n"
+    )
+    with small_cluster(1) as (_cluster, mec):
+        r = mec.execute(code, targets=0, timeout=20)[0]
+        assert r["stdout"] == "sub\nafter\nfd\nend\n"
+        assert mec.execute("import os; os.write(1, b'later\\n')", targets=0)[0]["stdout"] == (
+            "later\n"
+        )
