@@ -131,6 +131,11 @@ class _FdCapture:
 
     #: chunks (64 KiB) one pass moves: a writer that never stops does not hold a print forever
     PASS = 16
+    #: seconds ipykernel's reader gets to stop when ours takes over
+    STOP_WAIT = 2.0
+    #: bytes read but not yet copied to the log beyond which the log misses them (a log that
+    #: does not take writes: a pipe nobody reads, a terminal stopped by Ctrl-S)
+    LOG_BACKLOG = 64 << 20
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -140,19 +145,45 @@ class _FdCapture:
         # a character split between two reads is one character (ipykernel: two U+FFFD)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pid = os.getpid()
-        self.write = type(stream).write.__get__(stream)  # the stream's own, not ours
+        # ipykernel's own write: ours would drain (re-entering this lock) and write what it
+        # read then ahead of what this pass read before it, reversing a long output's chunks
+        self.write = functools.partial(type(stream)._ipy_multiengine_base_write, stream)
         self.readable = select.poll()
+        #: the thread in :meth:`drain` (None: none)
+        self.draining: int | None = None
+        # the log's copy is written by our reader alone, outside the lock: a log that blocks
+        # holds up that copy, not the prints that drain the pipe; drain wakes it for theirs
+        self.unlogged: list[bytes] = []
+        self.unlogged_size = 0
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
         self.readable.register(self.fid, select.POLLIN)
 
     def take_over(self) -> bool:
         """Stop ipykernel's reader (as its ``close`` does: a NUL byte wakes it and it drops
         what it read, nothing at this point) and start ours; False when that did not work."""
         stream, old = self.stream, self.stream.watch_fd_thread
+        if not isinstance(old, threading.Thread):
+            # another ipykernel's reader: stopping it by ``_should_watch`` may not work, and
+            # nothing would read the pipe then (C code's output filling it blocks the engine)
+            _log.warning(
+                "ipy_multiengine: fd %s output stays as ipykernel reads it (its reader is %r)",
+                stream.name,
+                old,
+            )
+            return False
         stream._should_watch = False
         os.write(stream._original_stdstream_fd, b"\0")
-        old.join(2.0)
+        old.join(self.STOP_WAIT)
         stream._should_watch = True
-        if old.is_alive():  # still busy: leave it, and ours unstarted
+        if old.is_alive():  # it does not stop so: leave it, and ours unstarted
+            _log.warning(
+                "ipy_multiengine: ipykernel's fd %s reader did not stop within %g s; its output "
+                "stays as ipykernel reads it (fd output at the end of a command may come late)",
+                stream.name,
+                self.STOP_WAIT,
+            )
             return False
         with self.lock:  # whatever came with the NUL and after it
             with contextlib.suppress(BlockingIOError):
@@ -168,16 +199,31 @@ class _FdCapture:
     def _watch(self) -> None:
         poller = select.poll()
         poller.register(self.fid, select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
         try:
-            while self.stream._should_watch:
+            more = True
+            while more:
+                self._log_copy()
                 poller.poll()
                 with self.lock:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self.wake_r, 4096)
                     if not self.stream._should_watch:
-                        return  # ipykernel's close: its NUL byte woke us
-                    if not self._pump():
-                        return  # every writer closed the pipe
+                        break  # ipykernel's close: its NUL byte woke us
+                    more = self._pump()  # False: every writer closed the pipe
+            self._log_copy()
         except Exception:
             self.stream._exc = sys.exc_info()  # ipykernel's close prints it
+
+    def _log_copy(self) -> None:
+        """Write what was read so far to the log's copy (our reader only, the lock not held)."""
+        with self.lock:
+            chunks, self.unlogged, self.unlogged_size = self.unlogged, [], 0
+        for data in chunks:
+            # the log's copy is a copy: a full disk (or a log pipe nobody reads any more)
+            # must not stop the output, nor come out of the user's next print
+            with contextlib.suppress(OSError):
+                os.write(self.copy, data)
 
     def _pump(self, drop_nul: bool = False) -> bool:
         """Forward what the pipe holds now, up to :attr:`PASS` chunks (the lock held); False
@@ -195,17 +241,28 @@ class _FdCapture:
             if text:
                 self.stream._ipy_multiengine_writes += 1
                 self.write(text)
-            if data:
-                os.write(self.copy, data)
+            if data and self.unlogged_size < self.LOG_BACKLOG:
+                self.unlogged.append(data)
+                self.unlogged_size += len(data)
         return True
 
     def drain(self) -> None:
         """Move everything written to the fd so far into the stream."""
         if os.getpid() != self.pid or not self.stream._should_watch:
             return  # a forked child (no reader of ours, the lock may be held forever); closed
+        if self.draining == threading.get_ident():
+            # a signal handler's print, run inside this drain (in ``poll``, whose object is not
+            # re-entrant, or between a read and its write): what that drain reads comes after
+            return
         with self.lock:  # held by our reader while it forwards what it read: wait for that
-            if self.readable.poll(0):
-                self._pump()
+            self.draining = threading.get_ident()
+            try:
+                if self.readable.poll(0):
+                    self._pump()
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(self.wake_w, b"\0")  # our reader: the log's copy
+            finally:
+                self.draining = None
 
 
 @functools.cache
@@ -216,6 +273,8 @@ def _draining(cls: Any) -> Any:
     base_write = cls.write
 
     class Draining(cls):
+        #: the write it extends (what the fd reader forwards with)
+        _ipy_multiengine_base_write = staticmethod(base_write)
         #: the capture of its fd (None: not captured)
         _ipy_multiengine_fd: _FdCapture | None = None
         #: how many writes it had: output leaves no other trace once ipykernel's timer flushed it

@@ -7,7 +7,7 @@ import pickle
 import time
 
 import pytest
-from faultlib import check_interrupt_right_after_send, held_code
+from faultlib import check_interrupt_right_after_send, held_code, small_cluster
 
 from ipy_multiengine import client
 from ipy_multiengine.errors import CompositeError, EngineError, RemoteError, TimeoutError
@@ -647,3 +647,94 @@ def test_output_written_to_an_fd_last_is_the_commands_own_and_in_order(mec):
     code = "import os, sys; e = 'é'.encode(); os.write(1, e[:1]); sys.stdout.flush(); "
     for r in mec.execute(code + "os.write(1, e[1:])"):
         assert r["stdout"] == "é", r
+
+
+def test_a_long_fd_output_keeps_its_order(mec):
+    """The fd reader forwarded what it read through the stream's draining write, which read the
+    pipe again (re-entering its lock) and wrote the newer bytes first: a subprocess's output
+    longer than one read (64 KiB) came out with its chunks in reverse order."""
+    code = "import subprocess; subprocess.run(['seq', '1', '200000']); print('done')"
+    want = "".join(f"{i}\n" for i in range(1, 200001)) + "done\n"
+    for r in mec.execute(code):
+        assert r["stdout"] == want, (len(r["stdout"]), r["stdout"][:40], r["stdout"][-40:])
+
+
+def test_printing_in_a_signal_handler_during_fd_output(mec):
+    """A signal handler that prints ran inside the engine's emptying of the fd pipe (the print
+    before it was waiting in ``poll``) and emptied it again: ``RuntimeError: concurrent poll()
+    invocation`` from the handler's print."""
+    code = (
+        "import os, signal\n"
+        "calls = []\n"
+        "signal.signal(signal.SIGALRM, lambda *a: calls.append(print('sig')))\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)\n"
+        "try:\n"
+        "    for i in range(20000):\n"
+        "        os.write(1, b'f'); print('p', end='')\n"
+        "finally:\n"
+        "    signal.setitimer(signal.ITIMER_REAL, 0)\n"
+        "    signal.signal(signal.SIGALRM, signal.SIG_DFL)\n"
+        "print('done', len(calls) > 0)\n"
+    )
+    r = mec.execute(code, targets=0)[0]
+    assert r["stdout"].endswith("done True\n"), r["stdout"][-200:]
+    # nothing lost or doubled (a handler's print may come between the fd bytes)
+    assert (r["stdout"].count("f"), r["stdout"].count("p")) == (20000, 20000)
+
+
+def test_a_full_disk_under_the_engine_log_does_not_break_output():
+    """The fd reader also copies what it reads to the engine's log. When that write failed (a
+    full disk; a log pipe nobody reads any more) the error came out of the user's next
+    ``print``, and the reader stopped; ipykernel's own reader only stopped. Now the log copy is
+    given up for that chunk and the output still reaches the caller."""
+    code = (
+        "import os, subprocess, sys\n"
+        "cap = sys.stdout._ipy_multiengine_fd\n"
+        "saved, full = os.dup(cap.copy), os.open('/dev/full', os.O_WRONLY)\n"
+        "os.dup2(full, cap.copy)\n"
+        "try:\n"
+        "    for i in range(3):\n"
+        "        os.write(1, b'fd %d\\n' % i); print('py', i)\n"
+        "    subprocess.run(['seq', '1', '30000'])\n"
+        "finally:\n"
+        "    os.dup2(saved, cap.copy)\n"
+        "    os.close(saved), os.close(full)\n"
+    )
+    with small_cluster(1) as (_cluster, mec):
+        r = mec.execute(code, targets=0)[0]
+        lines = "".join(f"fd {i}\npy {i}\n" for i in range(3))
+        assert r["stdout"] == lines + "".join(f"{i}\n" for i in range(1, 30001)), r["stdout"][:200]
+
+
+def test_a_log_that_takes_no_writes_does_not_hold_up_prints():
+    """The fd reader wrote the log's copy while holding the lock each print waits for: with a
+    log that blocks (the engine's stdout a pipe nobody reads, a terminal stopped by Ctrl-S) the
+    first print after any fd output hung the engine; ipykernel's own reader only stalled the
+    fd output. The log's copy is written by the reader alone now, outside that lock."""
+    code = (
+        "import os, subprocess, sys\n"
+        "copy = sys.stdout._ipy_multiengine_fd.copy\n"
+        "saved, (r, w) = os.dup(copy), os.pipe()\n"
+        "os.set_blocking(w, False)\n"
+        "try:\n"
+        "    while True: os.write(w, b'x' * 4096)\n"
+        "except BlockingIOError:\n"
+        "    os.set_blocking(w, True)\n"
+        "os.dup2(w, copy)\n"
+        "try:\n"
+        "    subprocess.run(['echo', 'sub']); print('after')\n"
+        "    os.write(1, b'fd\\n'); print('end')\n"
+        "finally:\n"
+        "    os.dup2(saved, copy)\n"
+        "    os.set_blocking(r, False)\n"
+        "    while True:\n"  # the reader's stuck copy goes through, into this pipe
+        "        try: os.read(r, 1 << 16)\n"
+        "        except BlockingIOError: break\n"
+        "    os.close(saved), os.close(w), os.close(r)\n"
+    )
+    with small_cluster(1) as (_cluster, mec):
+        r = mec.execute(code, targets=0, timeout=20)[0]
+        assert r["stdout"] == "sub\nafter\nfd\nend\n"
+        assert mec.execute("import os; os.write(1, b'later\\n')", targets=0)[0]["stdout"] == (
+            "later\n"
+        )

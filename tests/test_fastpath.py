@@ -755,3 +755,62 @@ def test_a_lost_fast_reply_keeps_what_the_operation_printed(mec, monkeypatch, tm
         "outputs": [],
     }, err.result
     assert mec.apply(lambda: 1, targets=0) == [1]
+
+
+class _OtherKernelsStream:
+    """An OutStream-like fd capture of another ipykernel: its reader thread (or a non-thread,
+    ``thread=False``) does not stop when ``_should_watch`` goes False."""
+
+    name = "stdout"
+
+    def __init__(self, thread: bool) -> None:
+        self._fid, self._original_stdstream_fd = os.pipe()
+        self._original_stdstream_copy = os.open(os.devnull, os.O_WRONLY)
+        self._should_watch = True
+        self.got: list[str] = []
+        self.stop = False
+        import threading
+
+        self.watch_fd_thread: object = threading.Thread(target=self._read, daemon=True)
+        if thread:
+            self.watch_fd_thread.start()  # type: ignore[attr-defined]
+        else:
+            self.watch_fd_thread = None
+
+    def _read(self) -> None:
+        while not self.stop:
+            self.got.append(os.read(self._fid, 1000).decode())
+
+    def write(self, text: str) -> int:
+        self.got.append(text)
+        return len(text)
+
+    def close(self) -> None:
+        self.stop = True
+        os.write(self._original_stdstream_fd, b"end")
+        if self.watch_fd_thread is not None:
+            self.watch_fd_thread.join(5)  # type: ignore[attr-defined]
+        for fd in (self._fid, self._original_stdstream_fd, self._original_stdstream_copy):
+            os.close(fd)
+
+
+@pytest.mark.parametrize("thread", [True, False])
+def test_an_fd_reader_that_does_not_stop_is_left_running_with_a_warning(
+    thread, monkeypatch, caplog
+):
+    """The engine takes over ipykernel 7.4's fd reader by the flag and NUL byte ipykernel's
+    own ``close`` uses. A reader that does not stop so (another ipykernel) was left silently,
+    and one that is not a thread made the takeover fail after it had cleared the flag, which
+    left fd output with nobody to read it. Now either is left running, with a warning."""
+    from ipy_multiengine import engine
+
+    monkeypatch.setattr(engine._FdCapture, "STOP_WAIT", 0.2)
+    stream = _OtherKernelsStream(thread)
+    stream.__class__ = engine._draining(_OtherKernelsStream)
+    try:
+        with caplog.at_level("WARNING", logger="ipy_multiengine"):
+            assert engine._FdCapture(stream).take_over() is False  # type: ignore[arg-type]
+        assert "stays as ipykernel reads it" in caplog.text
+        assert stream._should_watch is True and stream._ipy_multiengine_fd is None
+    finally:
+        stream.close()
